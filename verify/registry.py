@@ -1,0 +1,297 @@
+"""The method registry and the two base classes every method derives from.
+
+Adding a method = one class with ``name``, ``guarantee``, explicit keyword options in
+``__init__`` (each with a default) and either
+
+* ``lower_bounds(model, inputs, spec) -> [B, N]`` (deterministic bound methods, derive from
+  :class:`BoundMethod`: the status decision, the counterexample check at the clean input and the
+  batched radius bisection come for free), or
+* ``certify(model, inputs, prop, ...) -> list[Certificate]`` (anything else, derive from
+  :class:`Method`),
+
+decorated with :func:`register`. The module that defines it is listed in ``METHOD_MODULES``
+so that ``certify methods`` finds it without importing everything up front.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import time
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from .certificate import Certificate
+from .spec import InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+
+__all__ = [
+    "Method",
+    "BoundMethod",
+    "register",
+    "get_method",
+    "method_class",
+    "list_methods",
+    "UnknownMethodError",
+    "METHOD_MODULES",
+]
+
+# modules that register methods when imported (one per family, owned by its package)
+METHOD_MODULES = (
+    "relax.methods_bounds",  # interval, crown, deeppoly, alpha-crown
+    "relax.methods_lipschitz",  # lipschitz-global, lipschitz-local, lipschitz-sdp
+    "relax.methods_solvers",  # lp, milp, sdp
+    "relax.methods_bab",  # bab
+    "smoothing.methods",  # smoothing-*
+)
+
+_REGISTRY: dict[str, type["Method"]] = {}
+_loaded = False
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want a plain sentence
+        return str(self.args[0])
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{cls.__name__} needs a string class attribute 'name'")
+    if cls.guarantee not in ("deterministic", "probabilistic"):
+        raise TypeError(f"{cls.__name__}.guarantee must be 'deterministic' or 'probabilistic'")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise TypeError(f"method name {name!r} registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in METHOD_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # a family not built yet; any other import error raises
+            if e.name != mod:
+                raise
+    _loaded = True
+
+
+def list_methods() -> dict[str, type["Method"]]:
+    """All registered methods by name (sorted)."""
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def method_class(name: str) -> type["Method"]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def get_method(name: "str | Method", **options: Any) -> "Method":
+    """Instantiate a registered method with its keyword options (unknown options are an error
+    naming the option and listing the valid ones)."""
+    if isinstance(name, Method):
+        if options:
+            raise TypeError("options given together with a Method instance")
+        return name
+    cls = method_class(name)
+    valid = cls.option_names()
+    bad = [k for k in options if k not in valid]
+    if bad:
+        raise TypeError(f"method {name!r} has no option {bad[0]!r}; its options are: {', '.join(valid) or '(none)'}")
+    return cls(**options)
+
+
+class Method:
+    """Base class of all certification methods.
+
+    Subclasses set the class attributes and define ``__init__`` with explicit keyword
+    options (scikit-learn style: stored under the same attribute names).
+    """
+
+    name: ClassVar[str] = ""
+    guarantee: ClassVar[str] = "deterministic"
+    certifies: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+    #: norms this method supports for l_p balls, plus "box" for boxes
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1", "box")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind in kinds]
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        return {p.name: p.default for p in sig.parameters.values() if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k, None) for k in self.option_names()}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+    def check_input_set(self, inputs: InputSet) -> None:
+        kind = norm_name(inputs.p) if isinstance(inputs, LpBall) else "box"
+        if kind not in self.norms:
+            raise SpecError(f"method {self.name!r} does not support {kind} input sets (supports {', '.join(self.norms)})")
+
+    def certify(
+        self,
+        model: torch.nn.Module,
+        inputs: InputSet,
+        prop: OutputProperty,
+        *,
+        find_radius: bool = False,
+        max_radius: float | None = None,
+        timeout: float | None = None,
+    ) -> list[Certificate]:
+        """One Certificate per input of the batch.
+
+        Args:
+            model: the network (a ``torch.fx.GraphModule`` in eval mode on the device), mapping
+                ``[B, *input_shape] -> [B, K]``.
+            inputs: the batched input set (its tensors are on the model's device).
+            prop: the output property.
+            find_radius: also search the largest certified radius (l_p balls only); ``eps``
+                of ``inputs`` is then the radius asked about (0 for none).
+            max_radius: upper end of the radius search.
+            timeout: seconds for the whole batch; past it the answer is "unknown" with the
+                best bounds found.
+        """
+        raise NotImplementedError
+
+
+def _num_outputs(model: torch.nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    with torch.no_grad():
+        y = model(x)
+    if y.dim() != 2:
+        y = y.reshape(y.shape[0], -1)
+    return y, y.shape[1]
+
+
+def float_safety_margin(lower: Tensor) -> Tensor:
+    """The amount a lower bound must exceed 0 by before it counts as a proof.
+
+    Bounds computed in float32 carry round-off of order ``1e-7 * (sum of |terms|)``; we
+    demand ``lower > 1e-5 * (1 + |lower|)`` in float32 and ``1e-10 * (1 + |lower|)`` in
+    float64. Methods that track their own round-off may override
+    :meth:`BoundMethod.safety_margin`.
+    """
+    rel = 1e-5 if lower.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+    return rel * (1.0 + lower.abs())
+
+
+class BoundMethod(Method):
+    """A deterministic method defined by sound lower bounds on the property rows.
+
+    Subclasses implement :meth:`lower_bounds`. This class turns them into Certificates:
+
+    * ``falsified`` when the clean input (a point of the set) already violates the property
+      (the counterexample is that input, checked by a forward pass);
+    * ``certified`` when every group has a row whose lower bound exceeds the float-safety
+      margin;
+    * ``unknown`` otherwise.
+
+    With ``find_radius`` the largest certified l_p radius is found by bisection, all inputs of
+    the batch at once (``bisection_steps`` halvings of ``[0, max_radius]``).
+    """
+
+    guarantee = "deterministic"
+    certifies = "base"
+    bisection_steps: ClassVar[int] = 12
+
+    def lower_bounds(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> Tensor:
+        """Sound lower bounds ``[B, N]`` of ``C y + d`` over every point of ``inputs``."""
+        raise NotImplementedError
+
+    def safety_margin(self, lower: Tensor) -> Tensor:
+        return float_safety_margin(lower)
+
+    def proves(self, lower: Tensor, spec: LinearSpec) -> Tensor:
+        """Bool ``[B]``: the bounds prove the property after the float margin."""
+        ok = lower > self.safety_margin(lower)
+        rows = torch.where(ok, torch.ones_like(lower), -torch.ones_like(lower))
+        return spec.certified_by(rows, 0.0)
+
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        t0 = time.perf_counter()
+        self.check_input_set(inputs)
+        B = inputs.batch_size
+        x0 = inputs.midpoint()
+        y0, K = _num_outputs(model, x0)
+        spec = prop.linear(B, K, device=x0.device, dtype=y0.dtype)
+        labels = prop.labels()
+        pred = y0.argmax(dim=1)
+        clean_ok = spec.holds(y0)
+        is_ball = isinstance(inputs, LpBall)
+        norm = norm_name(inputs.p) if is_ball else "box"
+
+        lower = self.lower_bounds(model, inputs, spec)
+        proved = self.proves(lower, spec) & clean_ok
+        asked_eps = inputs.eps if is_ball else None
+
+        radius = torch.zeros(B, dtype=torch.float64)
+        if is_ball:
+            radius = torch.where(proved.cpu(), asked_eps.double().cpu(), radius)
+        if find_radius:
+            if not is_ball:
+                raise SpecError("find_radius needs an l_p ball input set")
+            hi_r = float(max_radius) if max_radius is not None else float(max(asked_eps.max().item() * 4, 1.0))
+            radius = self.bisect_radius(model, inputs, spec, clean_ok, hi_r, radius)
+
+        elapsed = time.perf_counter() - t0
+        certs = []
+        for b in range(B):
+            lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
+            status = "certified" if proved[b] else ("falsified" if not clean_ok[b] else "unknown")
+            cex = x0[b].detach().cpu() if status == "falsified" else None
+            certs.append(
+                Certificate(
+                    method=self.name,
+                    guarantee="deterministic",
+                    certifies="base",
+                    status=status,
+                    index=b,
+                    label=lab,
+                    prediction=int(pred[b]),
+                    norm=norm,
+                    eps=float(asked_eps[b]) if is_ball else None,
+                    radius=float(radius[b]),
+                    lower=lower[b].detach().cpu(),
+                    counterexample=cex,
+                    time_s=elapsed / B,
+                    details={"options": self.options()},
+                )
+            )
+        return certs
+
+    def bisect_radius(self, model, inputs: LpBall, spec: LinearSpec, clean_ok: Tensor, hi_r: float, known: Tensor) -> Tensor:
+        """Largest radius in ``[0, hi_r]`` that :meth:`lower_bounds` proves, per input
+        (batched bisection; ``known`` radii already proved are kept as a floor)."""
+        B = inputs.batch_size
+        lo = known.clone().double()
+        hi = torch.full((B,), hi_r, dtype=torch.float64)
+        hi = torch.maximum(hi, lo)
+        active = clean_ok.cpu().clone()
+        lo[~active] = 0.0
+        for _ in range(self.bisection_steps):
+            if not active.any():
+                break
+            mid = (lo + hi) / 2
+            eps = torch.where(active, mid, lo).to(inputs.eps)
+            ball = inputs.with_eps(eps)
+            ok = self.proves(self.lower_bounds(model, ball, spec), spec).cpu() & active
+            lo = torch.where(ok, mid, lo)
+            hi = torch.where(active & ~ok, mid, hi)
+        return lo
