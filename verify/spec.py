@@ -287,11 +287,12 @@ class LpBall(InputSet):
         else:
             g = torch.randn(shape, **kw).flatten(2)
             if self.p == 1.0:
-                g = g.sign() * torch.distributions.Exponential(1.0).sample(g.shape).to(g)
+                e = -torch.log(torch.rand(g.shape, **kw).clamp_min(1e-30))  # Exp(1), seeded
+                g = g.sign() * e
                 nrm = g.abs().sum(dim=2, keepdim=True)
             else:
                 nrm = g.norm(dim=2, keepdim=True)
-            r = torch.rand((n, c.shape[0], 1), **kw) ** (0.25)
+            r = torch.rand((n, c.shape[0], 1), **kw) ** 0.25  # radius skewed to the boundary
             d = (g / nrm.clamp_min(1e-30) * r).view(shape) * e
         return self._clip(c.unsqueeze(0) + d)
 
