@@ -287,8 +287,8 @@ class LpBall(InputSet):
         else:
             g = torch.randn(shape, **kw).flatten(2)
             if self.p == 1.0:
-                e = -torch.log(torch.rand(g.shape, **kw).clamp_min(1e-30))  # Exp(1), seeded
-                g = g.sign() * e
+                expo = -torch.log(torch.rand(g.shape, **kw).clamp_min(1e-30))  # Exp(1), seeded
+                g = g.sign() * expo
                 nrm = g.abs().sum(dim=2, keepdim=True)
             else:
                 nrm = g.norm(dim=2, keepdim=True)
