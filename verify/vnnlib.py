@@ -1,0 +1,581 @@
+"""VNN-LIB 1.0 reader (as used in VNN-COMP) and the competition's counterexample format.
+
+A VNN-LIB file describes the **violation** of a property: ``sat`` means some input in the
+input set drives the network into the described output region (a counterexample exists).
+
+Grammar accepted (SMT-LIB syntax, ``;`` starts a comment)::
+
+    (declare-const X_<i> Real)            inputs  X_0 .. X_{n-1} (flattened row-major)
+    (declare-const Y_<j> Real)            outputs Y_0 .. Y_{m-1}
+    (assert <formula>)                    top-level asserts are conjoined
+    <formula> := (<= t t) | (>= t t) | (and <formula>+) | (or <formula>+)
+    <t>       := X_i | Y_j | <number> | (- <number>)
+
+Atoms compare a ``Y`` with a constant or another ``Y`` (output constraints), or an ``X``
+with a constant (input bounds). ``and``/``or`` may nest arbitrarily; the whole conjunction
+is brought to disjunctive normal form (DNF). Input bounds may appear inside disjuncts
+(ACAS Xu prop 6 has an OR over two input regions): the result is one
+:class:`VnnlibProperty` per distinct input box, holding the disjuncts whose input part gives
+that box. The SMT-LIB commands ``set-logic``, ``set-info``, ``set-option``, ``check-sat``,
+``get-model`` and ``exit`` are accepted and ignored.
+
+Translation to :class:`verify.spec.Linear` (see the conventions in ``verify/spec.py``):
+each violation disjunct is one **group**, each output atom in it one **row** ``C_i y + d_i``
+written so that "atom satisfied" <=> "row <= 0":
+
+=================  =================  =====================
+atom               row                C_i, d_i
+=================  =================  =====================
+``(<= Y_0 Y_1)``   ``Y_0 - Y_1``      ``e_0 - e_1``, 0
+``(>= Y_0 3.5)``   ``3.5 - Y_0``      ``-e_0``, 3.5
+``(<= Y_2 1)``     ``Y_2 - 1``        ``e_2``, -1
+=================  =================  =====================
+
+The property then holds iff every group has a row ``> 0``. Atoms are non-strict, so a
+point with a row exactly 0 counts as a violation, and proving ``row > 0`` is what soundness
+asks. A disjunct without output atoms means every point of its box violates: it becomes a
+group with one row ``C = 0, d = 0``, which no method can prove (and any point of the box is
+a counterexample).
+
+Every ``X_i`` must end with a finite lower and upper bound in every box, and no box may be
+empty; malformed input raises :class:`VnnlibError` with ``file:line:col`` of the offending
+token. Parsing is regex-driven: the statements that make up nearly all of real files
+(``(declare-const ...)`` and ``(assert (<= X_i c))``) are matched whole, only nested
+formulas go through the general s-expression reader.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .spec import Box, Linear
+
+__all__ = [
+    "VnnlibError",
+    "VnnlibProperty",
+    "parse_vnnlib",
+    "read_instances",
+    "open_maybe_gz",
+    "resolve_maybe_gz",
+    "format_counterexample",
+    "write_counterexample",
+]
+
+#: a DNF larger than this (after multiplying out nested and/or) is refused
+MAX_DISJUNCTS = 100_000
+
+_IGNORED_COMMANDS = frozenset({"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"})
+
+_TOK = r"[^\s()]+"
+_WS = re.compile(r"\s*")
+_COMMENT = re.compile(r";[^\n]*")
+_NUM = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_VAR = re.compile(r"([XY])_(0|[1-9]\d*)")
+_IDENT_START = re.compile(r"[A-Za-z_]")
+_TOKEN = re.compile(r"\s*(?:(\()|(\))|(" + _TOK + "))")
+# whole statements matched in one go (the fast path; the same handlers as the general path)
+_FAST_DECL = re.compile(r"\(\s*declare-const\s+(" + _TOK + r")\s+(" + _TOK + r")\s*\)")
+_FAST_ATOM = re.compile(r"\(\s*assert\s*\(\s*(<=|>=)\s+(" + _TOK + r")\s+(" + _TOK + r")\s*\)\s*\)")
+
+
+class VnnlibError(ValueError):
+    """Malformed or unsupported VNN-LIB; the message is ``"<file>:<line>:<col>: <what>"``."""
+
+
+@dataclass
+class VnnlibProperty:
+    """One input box and the output violation it is paired with.
+
+    Attributes:
+        input_lo, input_hi: ``[n_in]`` bounds of the flattened input ``X`` (finite,
+            ``lo <= hi``).
+        spec: :class:`verify.spec.Linear` with ``C [N, n_out]``, ``d [N]``, ``groups [N]``:
+            the property holds iff every group has a row with ``C_i y + d_i > 0``.
+    """
+
+    input_lo: Tensor
+    input_hi: Tensor
+    spec: Linear
+
+    @property
+    def num_inputs(self) -> int:
+        return self.input_lo.shape[0]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.spec.C.shape[-1]
+
+    def box(self, shape: Sequence[int] | None = None) -> Box:
+        """The input set as a batch-of-one :class:`Box` ``[1, *shape]`` (``shape``
+        defaults to ``[n_in]``; row-major, as VNN-LIB numbers the inputs)."""
+        shape = tuple(shape) if shape is not None else (self.num_inputs,)
+        return Box(self.input_lo.reshape(1, *shape), self.input_hi.reshape(1, *shape))
+
+
+# ----------------------------------------------------------------------------------------
+# files
+
+
+def resolve_maybe_gz(path: str | os.PathLike) -> Path:
+    """``path`` if it exists, else ``path + ".gz"`` if that exists, else ``path`` unchanged."""
+    p = Path(path)
+    if not p.exists():
+        gz = p.with_name(p.name + ".gz")
+        if gz.exists():
+            return gz
+    return p
+
+
+def open_maybe_gz(path: str | os.PathLike, *, text: bool = True) -> str | bytes:
+    """Contents of ``x`` or, when only it exists, ``x.gz`` (gzip detected by its magic bytes).
+
+    Returns ``str`` (UTF-8) with ``text=True``, else ``bytes`` (e.g. for ``.onnx``).
+    """
+    p = resolve_maybe_gz(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (nor {Path(path).name}.gz)") from None
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode("utf-8-sig") if text else data
+
+
+def read_instances(csv_path: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """Rows ``(onnx_path, vnnlib_path, timeout_s)`` of a VNN-COMP ``instances.csv``.
+
+    Relative paths are resolved against the csv's folder; where only ``x.gz`` exists, that
+    path is returned. Blank lines, a missing trailing newline (the 2021 mnistfc list) and
+    CRLF endings are handled.
+    """
+    csv_path = Path(csv_path)
+    base = csv_path.parent
+    text = open_maybe_gz(csv_path)
+    rows: list[tuple[str, str, float]] = []
+    for lineno, rec in enumerate(csv.reader(io.StringIO(text)), start=1):
+        rec = [f.strip() for f in rec]
+        if not any(rec):
+            continue
+        if len(rec) != 3:
+            raise VnnlibError(f"{csv_path}:{lineno}:1: expected 3 fields (onnx, vnnlib, timeout), got {len(rec)}")
+        try:
+            timeout = float(rec[2])
+        except ValueError:
+            raise VnnlibError(f"{csv_path}:{lineno}:1: timeout {rec[2]!r} is not a number") from None
+        onnx, spec = (str(resolve_maybe_gz(os.path.normpath(base / f))) for f in rec[:2])
+        rows.append((onnx, spec, timeout))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# counterexamples
+
+
+def format_counterexample(x: Sequence[float] | Tensor | np.ndarray, y: Sequence[float] | Tensor | np.ndarray) -> str:
+    """VNN-COMP counterexample block ``((X_0 v)\\n (X_1 v)\\n ... (Y_0 v)\\n ...)`` + newline.
+
+    ``x`` and ``y`` are flattened row-major; values are written with ``repr(float)``
+    (shortest string that round-trips the float64 value).
+    """
+    xs = _flat_floats(x)
+    ys = _flat_floats(y)
+    items = [f"(X_{i} {v!r})" for i, v in enumerate(xs)] + [f"(Y_{j} {v!r})" for j, v in enumerate(ys)]
+    return "(" + "\n ".join(items) + ")\n"
+
+
+def write_counterexample(path: str | os.PathLike, x: Sequence[float] | Tensor, y: Sequence[float] | Tensor) -> None:
+    """Write a complete VNN-COMP result file: ``sat`` on line 1, then
+    :func:`format_counterexample`."""
+    Path(path).write_text("sat\n" + format_counterexample(x, y))
+
+
+def _flat_floats(v) -> list[float]:
+    if isinstance(v, Tensor):
+        v = v.detach().cpu().double().numpy()
+    a = np.asarray(v, dtype=np.float64).reshape(-1)
+    if not np.isfinite(a).all():
+        raise ValueError("counterexample contains a non-finite value")
+    return [float(t) for t in a]
+
+
+# ----------------------------------------------------------------------------------------
+# parser
+
+
+class _SList(list):
+    """A parenthesised list of nodes; ``pos`` is the offset of its ``(``. Tokens are
+    ``(str, offset)`` tuples."""
+
+    __slots__ = ("pos",)
+
+    def __init__(self, pos: int):
+        super().__init__()
+        self.pos = pos
+
+
+# atoms: ("X", var_index, is_upper, value, pos) ; ("Y", ((j, coef), ...), d, pos)
+
+
+class _Parser:
+    def __init__(self, text: str, name: str):
+        self.text = text
+        self.name = name
+        self.decl: dict[str, tuple[str, int]] = {}  # "X_3" -> ("X", 3)
+        self.decl_pos: dict[tuple[str, int], int] = {}
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+        self.lo_pos: list[int] = []
+        self.hi_pos: list[int] = []
+        self.top_rows: list[tuple] = []  # Y atoms asserted at top level (in every disjunct)
+        self.complex: list[tuple[list[list[tuple]], int]] = []  # (DNF, pos) of multi-disjunct asserts
+
+    # -- errors ---------------------------------------------------------------------------
+    def line_col(self, pos: int) -> tuple[int, int]:
+        """1-based line and column of the character at offset ``pos``."""
+        t = self.text
+        pos = max(0, min(pos, len(t)))
+        return t.count("\n", 0, pos) + 1, pos - (t.rfind("\n", 0, pos) + 1) + 1
+
+    def error(self, pos: int, what: str) -> VnnlibError:
+        line, col = self.line_col(pos)
+        return VnnlibError(f"{self.name}:{line}:{col}: {what}")
+
+    # -- statements -----------------------------------------------------------------------
+    def run(self) -> None:
+        text, n = self.text, len(self.text)
+        pos = _WS.match(text, 0).end()
+        fast_decl, fast_atom, ws = _FAST_DECL.match, _FAST_ATOM.match, _WS.match
+        while pos < n:
+            c = text[pos]
+            if c != "(":
+                if c == ")":
+                    raise self.error(pos, "unbalanced ')'")
+                tok = re.match(_TOK, text[pos:pos + 40]).group(0)
+                raise self.error(pos, f"expected '(' to start a command, got {tok!r}")
+            m = fast_atom(text, pos)
+            if m is not None:
+                atom = self.atom(m.group(1), (m.group(2), m.start(2)), (m.group(3), m.start(3)), m.start(1))
+                self.add_top_atom(atom)
+            else:
+                m = fast_decl(text, pos)
+                if m is not None:
+                    self.declare((m.group(1), m.start(1)), (m.group(2), m.start(2)))
+                else:
+                    node, end = self.read_sexpr(pos)
+                    self.command(node)
+                    pos = ws(text, end).end()
+                    continue
+            pos = ws(text, m.end()).end()
+
+    def read_sexpr(self, pos: int) -> tuple[_SList, int]:
+        """Read the s-expression whose ``(`` is at ``pos``; returns it and the end offset."""
+        text = self.text
+        tok = _TOKEN.match
+        stack: list[_SList] = []
+        while True:
+            m = tok(text, pos)
+            if m is None:  # only whitespace left
+                raise self.error(stack[-1].pos, "unbalanced '(': not closed before the end of the file")
+            pos = m.end()
+            if m.group(1):
+                lst = _SList(m.start(1))
+                if stack:
+                    stack[-1].append(lst)
+                stack.append(lst)
+            elif m.group(2):
+                done = stack.pop()
+                if not stack:
+                    return done, pos
+            else:
+                stack[-1].append((m.group(3), m.start(3)))
+
+    def command(self, node: _SList) -> None:
+        if not node or not isinstance(node[0], tuple):
+            raise self.error(node.pos, "expected a command such as (declare-const ...) or (assert ...)")
+        head, hpos = node[0]
+        if head == "declare-const":
+            if len(node) != 3 or not all(isinstance(a, tuple) for a in node[1:]):
+                raise self.error(hpos, "declare-const takes a name and a sort: (declare-const X_0 Real)")
+            self.declare(node[1], node[2])
+        elif head == "assert":
+            if len(node) != 2:
+                raise self.error(hpos, f"assert takes exactly one formula, got {len(node) - 1}")
+            dnf = self.dnf(node[1])
+            if len(dnf) == 1:
+                for atom in dnf[0]:
+                    self.add_top_atom(atom)
+            else:
+                self.complex.append((dnf, node.pos))
+        elif head in _IGNORED_COMMANDS:
+            pass
+        else:
+            raise self.error(hpos, f"unknown command {head!r}")
+
+    def declare(self, name_tok: tuple[str, int], sort_tok: tuple[str, int]) -> None:
+        name, npos = name_tok
+        sort, spos = sort_tok
+        m = _VAR.fullmatch(name)
+        if m is None:
+            raise self.error(npos, f"unsupported variable name {name!r}: VNN-LIB names inputs X_<i> and outputs Y_<j>")
+        if sort != "Real":
+            raise self.error(spos, f"unsupported sort {sort!r} for {name}: only Real")
+        if name in self.decl:
+            raise self.error(npos, f"{name} declared twice")
+        kind, idx = m.group(1), int(m.group(2))
+        self.decl[name] = (kind, idx)
+        self.decl_pos[(kind, idx)] = npos
+        if kind == "X" and idx >= len(self.lo):
+            grow = idx + 1 - len(self.lo)
+            self.lo += [-math.inf] * grow
+            self.hi += [math.inf] * grow
+            self.lo_pos += [-1] * grow
+            self.hi_pos += [-1] * grow
+
+    # -- formulas -------------------------------------------------------------------------
+    def term(self, node) -> tuple:
+        """A comparison operand: ("X", i) / ("Y", j) / ("c", value)."""
+        if isinstance(node, tuple):
+            s, pos = node
+            v = self.decl.get(s)
+            if v is not None:
+                return v
+            if _NUM.fullmatch(s):
+                x = float(s)
+                if not math.isfinite(x):
+                    raise self.error(pos, f"number {s!r} is out of range")
+                return ("c", x)
+            if _IDENT_START.match(s):
+                raise self.error(pos, f"undeclared variable {s!r}")
+            raise self.error(pos, f"bad number {s!r}")
+        if len(node) == 2 and isinstance(node[0], tuple) and node[0][0] == "-" and isinstance(node[1], tuple):
+            k, val = self.term(node[1])
+            if k == "c":  # SMT-LIB's negative literal (- 1.5)
+                return ("c", -val)
+        raise self.error(node.pos, "unsupported term: operands must be variables or numbers")
+
+    def atom(self, op: str, a_node, b_node, op_pos: int) -> tuple:
+        """The atom ``(op a b)`` normalised to ``p <= q``."""
+        a, b = self.term(a_node), self.term(b_node)
+        p, q = (a, b) if op == "<=" else (b, a)
+        kinds = (p[0], q[0])
+        if "X" in kinds:
+            if kinds == ("X", "c"):
+                return ("X", p[1], True, q[1], op_pos)  # X_i <= q
+            if kinds == ("c", "X"):
+                return ("X", q[1], False, p[1], op_pos)  # X_i >= p
+            raise self.error(op_pos, "unsupported atom: an input X may only be compared with a constant (box input sets)")
+        if kinds == ("c", "c"):
+            raise self.error(op_pos, "atom compares two constants")
+        coef: dict[int, float] = {}
+        d = 0.0
+        for (k, v), sign in ((p, 1.0), (q, -1.0)):
+            if k == "Y":
+                coef[v] = coef.get(v, 0.0) + sign
+            else:
+                d += sign * v
+        return ("Y", tuple(coef.items()), d, op_pos)
+
+    def dnf(self, node) -> list[list[tuple]]:
+        """Disjunctive normal form of a formula: a list of conjunctions (lists of atoms)."""
+        if isinstance(node, tuple):
+            raise self.error(node[1], f"expected a formula '(...)', got {node[0]!r}")
+        if not node:
+            raise self.error(node.pos, "empty expression '()'")
+        head = node[0]
+        if not isinstance(head, tuple):
+            raise self.error(node.pos, "expected an operator after '('")
+        op, pos = head
+        args = node[1:]
+        if op in ("<=", ">="):
+            if len(args) != 2:
+                raise self.error(pos, f"'{op}' takes 2 operands, got {len(args)}")
+            return [[self.atom(op, args[0], args[1], pos)]]
+        if op == "and":
+            if not args:
+                raise self.error(pos, "'and' needs at least one operand")
+            out: list[list[tuple]] = [[]]
+            for a in args:
+                da = self.dnf(a)
+                if len(out) * len(da) > MAX_DISJUNCTS:
+                    raise self.error(pos, f"more than {MAX_DISJUNCTS} disjuncts after expanding to DNF")
+                out = [c + e for c in out for e in da] if len(da) > 1 else [c + da[0] for c in out]
+            return out
+        if op == "or":
+            if not args:
+                raise self.error(pos, "'or' needs at least one operand")
+            out = []
+            for a in args:
+                out += self.dnf(a)
+                if len(out) > MAX_DISJUNCTS:
+                    raise self.error(pos, f"more than {MAX_DISJUNCTS} disjuncts after expanding to DNF")
+            return out
+        raise self.error(pos, f"unknown operator {op!r} (VNN-LIB 1.0 formulas use <=, >=, and, or)")
+
+    def add_top_atom(self, atom: tuple) -> None:
+        if atom[0] == "X":
+            _, i, upper, v, pos = atom
+            if upper:
+                if v < self.hi[i]:
+                    self.hi[i], self.hi_pos[i] = v, pos
+            elif v > self.lo[i]:
+                self.lo[i], self.lo_pos[i] = v, pos
+        else:
+            self.top_rows.append(atom)
+
+    # -- result ---------------------------------------------------------------------------
+    def check_indices(self, kind: str, expect: int | None, what: str) -> int:
+        idx = sorted(i for k, i in self.decl.values() if k == kind)
+        n = len(idx)
+        if n and idx[-1] != n - 1:
+            missing = next(i for i, j in enumerate(idx) if i != j)
+            raise self.error(self.decl_pos[(kind, idx[-1])], f"{kind}_{idx[-1]} declared but {kind}_{missing} is not (indices must be 0..n-1)")
+        if expect is not None and n != expect:
+            pos = self.decl_pos[(kind, idx[-1])] if n else 0
+            raise self.error(pos, f"the file declares {n} {what} but the network has {expect}")
+        return n
+
+    def properties(self, num_inputs: int | None, num_outputs: int | None, dtype: torch.dtype) -> list[VnnlibProperty]:
+        n_in = self.check_indices("X", num_inputs, "inputs")
+        n_out = self.check_indices("Y", num_outputs, "outputs")
+        if n_in == 0:
+            raise self.error(len(self.text), "no input variables X_i declared")
+        del self.lo[n_in:], self.hi[n_in:]
+
+        # the disjuncts: product over the multi-disjunct asserts, plus the top-level rows
+        disjuncts: list[list[tuple]] = [[]]
+        for dnf, apos in self.complex:
+            if len(disjuncts) * len(dnf) > MAX_DISJUNCTS:
+                raise self.error(apos, f"more than {MAX_DISJUNCTS} disjuncts after expanding to DNF")
+            disjuncts = [c + e for c in disjuncts for e in dnf]
+
+        # group disjuncts by their input box (first-appearance order)
+        boxes: dict[object, tuple[tuple, list[list[tuple]]]] = {}
+        for conj in disjuncts:
+            xs = [a for a in conj if a[0] == "X"]
+            ys = self.top_rows + [a for a in conj if a[0] == "Y"]
+            if xs:
+                lo, hi = list(self.lo), list(self.hi)
+                lp, hp = list(self.lo_pos), list(self.hi_pos)
+                for _, i, upper, v, pos in xs:
+                    if upper and v < hi[i]:
+                        hi[i], hp[i] = v, pos
+                    elif not upper and v > lo[i]:
+                        lo[i], lp[i] = v, pos
+                key = (tuple(lo), tuple(hi))
+                box = (lo, hi, lp, hp, xs[0][4])
+            else:
+                key = None
+                box = (self.lo, self.hi, self.lo_pos, self.hi_pos, None)
+            if key not in boxes:
+                boxes[key] = (box, [])
+            boxes[key][1].append(ys)
+
+        out = []
+        for (lo, hi, lp, hp, dpos), groups in boxes.values():
+            lo_a, hi_a = self.check_box(lo, hi, lp, hp, dpos)
+            out.append(VnnlibProperty(_outward(lo_a, dtype, down=True), _outward(hi_a, dtype, down=False), _linear(groups, n_out, dtype)))
+        return out
+
+    def check_box(self, lo, hi, lp, hp, dpos) -> tuple[np.ndarray, np.ndarray]:
+        lo_a = np.asarray(lo, dtype=np.float64)
+        hi_a = np.asarray(hi, dtype=np.float64)
+        where = "" if dpos is None else " (in the disjunct whose input bounds start at line {}, col {})".format(*self.line_col(dpos))
+        bad = ~np.isfinite(lo_a) | ~np.isfinite(hi_a)
+        if bad.any():
+            i = int(np.argmax(bad))
+            side = "lower and upper bound" if not (np.isfinite(lo_a[i]) or np.isfinite(hi_a[i])) else ("lower bound" if not np.isfinite(lo_a[i]) else "upper bound")
+            raise self.error(self.decl_pos[("X", i)], f"X_{i} has no {side}{where}: every input needs finite bounds")
+        empty = lo_a > hi_a
+        if empty.any():
+            i = int(np.argmax(empty))
+            raise self.error(max(lp[i], hp[i]), f"empty input box: X_{i} >= {float(lo_a[i])!r} and X_{i} <= {float(hi_a[i])!r}{where}")
+        return lo_a, hi_a
+
+
+def _outward(a: np.ndarray, dtype: torch.dtype, down: bool) -> Tensor:
+    """float64 bounds -> ``dtype``, rounded outward (lower bounds down, upper bounds up) so a
+    lower-precision box still encloses the file's box."""
+    t64 = torch.from_numpy(a)
+    t = t64.to(dtype)
+    if dtype == torch.float64:
+        return t
+    back = t.double()
+    bad = back > t64 if down else back < t64
+    if bad.any():
+        toward = torch.full_like(t, -math.inf if down else math.inf)
+        t = torch.where(bad, torch.nextafter(t, toward), t)
+    return t
+
+
+def _linear(groups: list[list[tuple]], n_out: int, dtype: torch.dtype) -> Linear:
+    """One group per violation disjunct, one row per output atom (``C = 0, d = 0`` for a
+    disjunct without output atoms)."""
+    n_rows = sum(max(1, len(g)) for g in groups)
+    C = np.zeros((n_rows, n_out))
+    d = np.zeros(n_rows)
+    gid = np.zeros(n_rows, dtype=np.int64)
+    r = 0
+    for g, atoms in enumerate(groups):
+        if not atoms:
+            gid[r] = g
+            r += 1
+            continue
+        for _, coef, const, _ in atoms:
+            for j, c in coef:
+                C[r, j] += c
+            d[r] = const
+            gid[r] = g
+            r += 1
+    return Linear(torch.from_numpy(C).to(dtype), torch.from_numpy(d).to(dtype), torch.from_numpy(gid))
+
+
+def parse_vnnlib(
+    path_or_text: str | bytes | os.PathLike,
+    *,
+    num_inputs: int | None = None,
+    num_outputs: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    name: str | None = None,
+) -> list[VnnlibProperty]:
+    """Parse a VNN-LIB file (``x.vnnlib``, ``x.vnnlib.gz``, or the text itself).
+
+    Args:
+        path_or_text: a path (``str``/``PathLike``; ``.gz`` read transparently, and ``x.gz``
+            used when only it exists), or the file's text (a ``str`` containing ``(`` or a
+            newline, or ``bytes``).
+        num_inputs, num_outputs: if given, the declared ``X``/``Y`` counts must match.
+        dtype: dtype of the returned tensors. Below float64 the box is rounded outward;
+            ``C``/``d`` are rounded to nearest (the verifier's float-safety margin covers it).
+        name: the file name used in error messages for text input (default ``<string>``).
+
+    Returns:
+        One :class:`VnnlibProperty` per distinct input box (usually exactly one), in order of
+        first appearance. The file is violated (``sat``) iff some property is violated at some
+        point of its box.
+
+    Raises:
+        VnnlibError: ``"<file>:<line>:<col>: <what>"``.
+    """
+    if isinstance(path_or_text, bytes):
+        text, fname = path_or_text.decode("utf-8-sig"), name or "<bytes>"
+    elif isinstance(path_or_text, str) and ("(" in path_or_text or "\n" in path_or_text):
+        text, fname = path_or_text, name or "<string>"
+    else:
+        text, fname = open_maybe_gz(path_or_text), name or str(path_or_text)
+    if ";" in text:
+        text = _COMMENT.sub("", text)  # keeps line breaks and the columns of every token
+    p = _Parser(text, fname)
+    p.run()
+    return p.properties(num_inputs, num_outputs, dtype)
