@@ -1,0 +1,401 @@
+"""The ``certify`` command line: ``methods``, ``run``, ``demo``, ``compare``.
+
+Every error (bad argument, missing file, unknown method or option, unsupported operator,
+malformed spec ...) prints ONE line ``certify: error: <cause>`` on stderr and exits with
+code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "parse_options", "CLIError"]
+
+BUILTIN_MODELS = {"digits-mlp": "plain", "digits-mlp-noise": "noise"}
+
+
+class CLIError(Exception):
+    """A usage error: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage + exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(message)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _coerce(method: str, key: str, text: str, default: Any) -> Any:
+    """Turn the text of ``--option key=text`` into the type of the option's default."""
+    low = text.strip().lower()
+    if isinstance(default, bool):
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise CLIError(f"option {key} of {method}: expected true/false, got {text!r}")
+    if low in ("none", "null"):
+        return None
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise CLIError(f"option {key} of {method}: expected {type(default).__name__}, got {text!r}") from None
+    if isinstance(default, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_options(pairs: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["k=v", "crown.k2=v2"]`` -> ``{method: {option: value}}``.
+
+    ``method.k=v`` sets an option of one method; ``k=v`` sets it for every listed method that
+    has option ``k`` (an error if none has it). Values take the type of the option's default.
+    """
+    from .registry import method_class
+
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for pair in pairs:
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--option expects key=value, got {pair!r}")
+        key = key.strip()
+        target, dot, name = key.rpartition(".")
+        targets = [target] if dot and target in out else list(methods)
+        name = name if dot and target in out else key
+        hit = False
+        for m in targets:
+            defaults = method_class(m).option_defaults()
+            if name in defaults:
+                out[m][name] = _coerce(m, name, val, defaults[name])
+                hit = True
+        if not hit:
+            opts = sorted({o for m in targets for o in method_class(m).option_names()})
+            where = targets[0] if len(targets) == 1 else ", ".join(targets)
+            raise CLIError(f"method {where!r} has no option {name!r}; its options are: {', '.join(opts) or '(none)'}")
+    return out
+
+
+def _check_methods(names: Sequence[str]) -> None:
+    from .registry import method_class
+
+    for m in names:
+        method_class(m)  # UnknownMethodError lists the available ones
+
+
+def _resolve_model(spec: str) -> Any:
+    """A model path (must exist) or a built-in name (``digits-mlp``, ``digits-mlp-noise``)."""
+    if spec in BUILTIN_MODELS:
+        from .digits_model import load_digits_mlp
+
+        return load_digits_mlp(BUILTIN_MODELS[spec])
+    p = Path(spec)
+    if not p.is_file():
+        raise CLIError(f"model file not found: {spec} (or use a built-in model: {', '.join(BUILTIN_MODELS)})")
+    return str(p)
+
+
+def _norm(text: str) -> float:
+    from .spec import parse_norm
+
+    return parse_norm(text)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise CLIError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not math.isfinite(v) or v < 0 for v in vals):
+        raise CLIError(f"{what}: expected non-negative numbers, got {text!r}")
+    return vals
+
+
+def _check_eps(eps: float | None) -> None:
+    if eps is not None and (not math.isfinite(eps) or eps < 0):
+        raise CLIError(f"--eps must be a finite number >= 0, got {eps:g}")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered methods with their options."""
+    from .registry import list_methods
+
+    methods = list_methods()
+    if not methods:
+        print("no methods registered")
+        return 0
+    w = max(len(n) for n in methods)
+    for name, cls in methods.items():
+        who = "f" if cls.certifies == "base" else "g (smoothed)"
+        print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms)}")
+        if cls.summary:
+            print(f"{'':<{w}}  {cls.summary}")
+        opts = ", ".join(f"{k}={v!r}" for k, v in cls.option_defaults().items())
+        print(f"{'':<{w}}  options: {opts or '(none)'}")
+    return 0
+
+
+def _vnncomp_answer(status: str) -> str:
+    return {"certified": "unsat", "falsified": "sat", "error": "error"}.get(status, "unknown")
+
+
+def _input_shape(net: Any, model_path: Any, n: int) -> tuple[int, ...]:
+    shape = getattr(net, "input_shape", None)
+    if shape is not None:
+        if math.prod(shape) != n:
+            raise CLIError(f"the VNN-LIB file has {n} inputs but the model's input shape {tuple(shape)} has {math.prod(shape)}")
+        return tuple(shape)
+    return (n,)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One method on a data set (l_p balls) or on a VNN-LIB property."""
+    import torch
+
+    from .api import certify
+    from .certificate import CertificateTable
+    from .report import format_text, summarize, summary_columns
+
+    _check_methods([args.method])
+    opts = parse_options(args.option or [], [args.method])[args.method]
+    if args.spec is None and args.eps is None:
+        raise CLIError("give --spec FILE.vnnlib, or --eps E with --data D")
+    if args.spec is not None and (args.eps is not None or args.data is not None):
+        raise CLIError("--spec cannot be combined with --eps/--data")
+    if args.eps is not None and args.data is None:
+        raise CLIError("--eps needs --data (e.g. --data digits)")
+    _check_eps(args.eps)
+    p = _norm(args.norm)
+    if args.timeout is not None and args.timeout <= 0:
+        raise CLIError(f"--timeout must be > 0, got {args.timeout:g}")
+    model = _resolve_model(args.model)
+    t0 = time.perf_counter()
+    table = CertificateTable()
+    if args.spec is not None:
+        from .model import load_model
+        from .vnnlib import parse_vnnlib
+
+        if not Path(args.spec).is_file() and not Path(args.spec + ".gz").is_file():
+            raise CLIError(f"spec file not found: {args.spec}")
+        props = parse_vnnlib(args.spec)
+        net = load_model(model, device=args.device)
+        for i, prop in enumerate(props):
+            shape = _input_shape(net, model, prop.num_inputs)
+            t = certify(net, prop.box(shape), prop.spec, args.method, timeout=args.timeout, device=args.device, **opts)
+            for c in t:
+                c.index = i
+                c.details["vnnlib"] = Path(args.spec).name
+                c.details["vnncomp_result"] = _vnncomp_answer(c.status)
+                print(f"property {i}: {_vnncomp_answer(c.status)} ({c.status}) in {c.time_s:.3f} s")
+            table.extend(t)
+        answers = [c.details["vnncomp_result"] for c in table]
+        overall = "sat" if "sat" in answers else "unsat" if answers and all(a == "unsat" for a in answers) else ("error" if "error" in answers else "unknown")
+        print(f"result: {overall}")
+    else:
+        from tqdm import tqdm
+
+        from .data import load_data
+
+        x, y = load_data(args.data, limit=args.limit)
+        if len(y) == 0:
+            raise CLIError(f"data {args.data!r} holds no inputs")
+        step = args.batch_size or len(y)
+        bar = tqdm(total=len(y), desc=args.method, unit="input", file=sys.stderr, disable=args.quiet or None)
+        for s in range(0, len(y), step):
+            t = certify(model, x[s : s + step], y[s : s + step], args.method, eps=args.eps, norm=p,
+                        find_radius=args.radius, max_radius=args.max_radius, timeout=args.timeout,
+                        device=args.device, **opts)
+            for c in t:
+                c.index += s
+            table.extend(t)
+            bar.update(len(t))
+        bar.close()
+        radii = sorted({0.0, float(torch.tensor(args.eps, dtype=torch.float32))})  # the ball's radius as the model sees it
+        print(format_text(summarize(table, radii), summary_columns(radii)))
+    counts = {s: sum(c.status == s for c in table) for s in ("certified", "falsified", "unknown", "abstain", "error")}
+    print(", ".join(f"{k} {v}" for k, v in counts.items() if v) + f"; {len(table)} rows in {time.perf_counter() - t0:.2f} s")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_json(str(out)) if out.suffix == ".json" else table.to_csv(str(out))
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The digits MLP, every registered method, certified accuracy vs radius."""
+    from .demo import run_demo
+
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    if methods:
+        _check_methods(methods)
+    norms = [n for n in args.norms.split(",") if n]
+    for n in norms:
+        _norm(n)
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    run_demo(out_dir=args.out, limit=args.limit, methods=methods, norms=norms, progress=not args.quiet)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several methods on the same inputs; CSV/JSON, PNG and Markdown report."""
+    from .compare import compare
+    from .data import load_data
+    from .executor import EXECUTORS
+    from .registry import list_methods, method_class
+    from .spec import norm_name
+
+    p = _norm(args.norm)
+    radii = _floats(args.radii, "--radii")
+    if args.methods in (None, "all"):
+        methods = [m for m, c in list_methods().items() if norm_name(p) in c.norms]
+    else:
+        methods = [m for m in args.methods.split(",") if m]
+        _check_methods(methods)
+    if not methods:
+        raise CLIError("no method to run")
+    opts = parse_options(args.option or [], methods)
+    if args.executor not in EXECUTORS:
+        raise CLIError(f"unknown executor {args.executor!r}; use {', '.join(EXECUTORS)}")
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise CLIError("executor 'ray' needs the ray package: pip install 'certify[ray]'") from None
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    model = _resolve_model(args.model)
+    x, y = load_data(args.data, limit=args.limit)
+    if len(y) == 0:
+        raise CLIError(f"data {args.data!r} holds no inputs")
+    res = compare(
+        model, x, y, methods, radii=radii, norm=p, out_dir=args.out, prefix=args.prefix, options=opts,
+        executor=args.executor, workers=args.workers, chunk_size=args.chunk_size, resume=args.resume,
+        find_radius=not args.no_radius, max_radius=args.max_radius, timeout=args.timeout, device=args.device,
+        attack=not args.no_attack, model_name=Path(args.model).name, progress=not args.quiet,
+    )
+    kinds = {method_class(m).certifies for m in res.table.methods()}
+    print(f"Certified accuracy ({norm_name(p)}, {len(y)} inputs of {args.data}); f = {Path(args.model).name}"
+          + ("; smoothing methods certify g = smoothed f" if "smoothed" in kinds else ""))
+    print(res.summary_text())
+    if res.attack:
+        print("PGD accuracy of f (upper bound): " + ", ".join(f"{r:g}: {a:.3f}" for r, a in res.attack.items()))
+    for b in res.beyond:
+        print(f"{b['method']}: attack success on g at {b['factor']}: {b['success']:.3f} of {b['attacked']} inputs")
+    for n in res.notes:
+        print(f"note: {n}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in res.files.values()))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    ap = _Parser(prog="certify", description="Robustness certificates for neural networks.", parents=[common])
+    sub = ap.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("methods", parents=[common], help="list the registered methods and their options")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("run", parents=[common], help="certify a data set or a VNN-LIB property with one method")
+    s.add_argument("--model", required=True, help="model file (.onnx, .pt holding a full nn.Module) or digits-mlp / digits-mlp-noise")
+    s.add_argument("--spec", help="VNN-LIB property file (certified = unsat, falsified = sat)")
+    s.add_argument("--eps", type=float, help="radius of the l_p balls around the data points")
+    s.add_argument("--norm", default="inf", help="1, 2 or inf (default inf)")
+    s.add_argument("--data", help="digits | mnist:<dir> | eran-mnist:<csv> | eran-cifar:<csv> | file.npz/.pt/.csv")
+    s.add_argument("--limit", type=int, help="first N inputs only")
+    s.add_argument("--method", required=True, help="a registered method (see: certify methods)")
+    s.add_argument("--option", action="append", metavar="K=V", help="a method option (repeatable)")
+    s.add_argument("--timeout", type=float, help="seconds per batch")
+    s.add_argument("--radius", action="store_true", help="also search the largest certified radius")
+    s.add_argument("--max-radius", type=float, help="upper end of the radius search")
+    s.add_argument("--batch-size", type=int, help="inputs per call (default: all at once)")
+    s.add_argument("--out", default="results.csv", help="results file, .csv or .json (default results.csv; '' for none)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", parents=[common], help="digits MLP, every registered method, certified accuracy vs radius")
+    s.add_argument("--out", default=".", help="directory for the CSV, PNG and report (default: here)")
+    s.add_argument("--limit", type=int, default=100, help="test digits (default 100)")
+    s.add_argument("--methods", help="comma-separated methods (default: all registered)")
+    s.add_argument("--norms", default="linf,l2", help="comma-separated norms (default linf,l2)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("compare", parents=[common], help="several methods on the same inputs, with report")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--methods", default="all", help="comma-separated methods (default: all that support --norm)")
+    s.add_argument("--radii", required=True, help="comma-separated radii for the table and the attack curve")
+    s.add_argument("--norm", default="inf")
+    s.add_argument("--limit", type=int)
+    s.add_argument("--out", default=".", help="output directory")
+    s.add_argument("--prefix", default="compare", help="file name prefix (default compare)")
+    s.add_argument("--option", action="append", metavar="[METHOD.]K=V")
+    s.add_argument("--executor", default="local", help="local | process | ray")
+    s.add_argument("--workers", type=int)
+    s.add_argument("--chunk-size", type=int)
+    s.add_argument("--resume", action="store_true", help="skip (method, index) pairs already in the results CSV")
+    s.add_argument("--timeout", type=float, help="seconds per chunk")
+    s.add_argument("--max-radius", type=float)
+    s.add_argument("--no-radius", action="store_true", help="certify at radius 0 only (no radius search)")
+    s.add_argument("--no-attack", action="store_true", help="skip the PGD curve")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_compare)
+    return ap
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError) and e.filename:
+        return f"no such file: {e.filename}"
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(msg.split())
+    return msg or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``certify`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise CLIError("choose a command: methods, run, demo, compare (certify -h for help)")
+        if getattr(args, "limit", None) is not None and args.limit < 0:
+            raise CLIError(f"--limit must be >= 0, got {args.limit}")
+        return int(args.func(args) or 0)
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except KeyboardInterrupt:
+        print("certify: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"certify: error: {_cause(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

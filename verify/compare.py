@@ -1,0 +1,276 @@
+"""Compare several methods on the same inputs, same model, same device.
+
+:func:`compare` runs every method on every input (in chunks, through :mod:`verify.executor`),
+appends the Certificates to ``<prefix>_results.csv`` as each chunk finishes (``resume=True``
+skips the ``(method, index)`` pairs already there), then writes ``<prefix>_results.json``,
+``<prefix>.png`` (certified accuracy vs radius, with the PGD accuracy of f as an empirical
+upper bound) and ``<prefix>.md`` (summary table, attack table, and for smoothing methods the
+attack success on g beyond the certified radius, at ``1.5 R`` and ``2 R``).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .certificate import CSV_COLUMNS, Certificate, CertificateTable
+from .executor import Task, execute
+from .registry import method_class
+from .report import check_certified_below_attack, format_markdown, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
+from .spec import LpBall, Robust, norm_name, parse_norm
+
+__all__ = ["compare", "CompareResult", "attack_curve", "beyond_radius_attack", "append_csv"]
+
+BEYOND_FACTORS = (1.5, 2.0)
+
+
+@dataclass
+class CompareResult:
+    """What :func:`compare` produced: the table, the PGD curve, the smoothing beyond-radius
+    rows, the files written and notes (methods skipped, attack unavailable, ...)."""
+
+    table: CertificateTable
+    radii: list[float]
+    attack: dict[float, float] | None = None
+    beyond: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary_text(self) -> str:
+        return format_text(summarize(self.table, self.radii), summary_columns(self.radii))
+
+
+def append_csv(path: Path, certs: Sequence[Certificate]) -> None:
+    """Append rows to a results CSV (writing the header if the file is new or empty)."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            w.writeheader()
+        for c in certs:
+            w.writerow(CertificateTable.csv_row(c))
+        f.flush()
+
+
+def _load_net(model: Any, device: str) -> nn.Module:
+    from .model import load_model
+
+    return load_model(model, device=device)
+
+
+@torch.no_grad()
+def _predict(net: nn.Module, x: Tensor, batch: int = 1024) -> Tensor:
+    return torch.cat([net(x[i : i + batch]).argmax(dim=1) for i in range(0, len(x), batch)])
+
+
+def attack_curve(
+    net: nn.Module, x: Tensor, labels: Tensor, radii: Sequence[float], norm: float,
+    steps: int = 40, restarts: int = 1, seed: int = 0,
+) -> dict[float, float]:
+    """PGD accuracy of ``f`` at each radius: the fraction of inputs classified correctly and
+    not broken by the attack (an empirical *upper* bound on robust accuracy)."""
+    from .attack import pgd_attack
+
+    correct = _predict(net, x) == labels
+    out: dict[float, float] = {}
+    for r in radii:
+        ok = correct.clone()
+        if r > 0 and ok.any():
+            idx = ok.nonzero().flatten()
+            ball = LpBall(x[idx], float(r), norm, 0.0, 1.0)
+            res = pgd_attack(net, ball, Robust(labels[idx]), steps=steps, restarts=restarts, seed=seed)
+            ok[idx] = ~torch.as_tensor(res.found, dtype=torch.bool).cpu()
+        out[float(r)] = ok.float().mean().item()
+    return out
+
+
+class _NoiseAveraged(nn.Module):
+    """``log mean_k softmax f(x + sigma * noise_k)``: a differentiable surrogate of the smoothed
+    classifier g, attacked by PGD (expectation over transformation, ``m`` fresh draws per call)."""
+
+    def __init__(self, net: nn.Module, sigma: float, m: int = 16) -> None:
+        super().__init__()
+        self.net, self.sigma, self.m = net, sigma, m
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.unsqueeze(0) + self.sigma * torch.randn((self.m, *x.shape), device=x.device, dtype=x.dtype)
+        p = torch.softmax(self.net(xs.flatten(0, 1)), dim=-1).view(self.m, x.shape[0], -1).mean(0)
+        return torch.log(p.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def _vote(net: nn.Module, x: Tensor, sigma: float, n: int, seed: int) -> Tensor:
+    """Majority class of ``f(x + N(0, sigma^2))`` over ``n`` draws, ``[B]`` (no abstention:
+    this is an empirical check, not a certificate)."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    counts = None
+    for i in range(0, n, 256):
+        k = min(256, n - i)
+        xs = x.unsqueeze(0) + sigma * torch.randn((k, *x.shape), generator=g, device=x.device, dtype=x.dtype)
+        y = net(xs.flatten(0, 1)).argmax(-1).view(k, x.shape[0])
+        c = torch.nn.functional.one_hot(y, net(x[:1]).shape[-1]).sum(0)
+        counts = c if counts is None else counts + c
+    return counts.argmax(-1)
+
+
+def beyond_radius_attack(
+    net: nn.Module, x: Tensor, table: CertificateTable, norm: float, sigma_of: Callable[[str], float | None],
+    factors: Sequence[float] = BEYOND_FACTORS, n_vote: int = 500, steps: int = 20, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """For each smoothing method (Gaussian noise, l2): attack g at ``factor * R`` around every
+    input it certified correctly with radius ``R > 0`` (PGD on a noise-averaged surrogate, then
+    a ``n_vote``-sample majority vote at the found point). Returns one row per (method, factor):
+    how many inputs were attacked and the fraction where g's vote changed."""
+    from .attack import pgd_attack
+
+    rows = []
+    for m in table.methods():
+        sub = [c for c in table.by_method(m) if c.certifies == "smoothed" and c.certified and c.correct and c.radius > 0]
+        sigma = sigma_of(m)
+        if not sub or sigma is None or norm != 2.0:
+            continue
+        idx = torch.tensor([c.index for c in sub])
+        lab = torch.tensor([c.label for c in sub])
+        R = torch.tensor([c.radius for c in sub], dtype=x.dtype)
+        surrogate = _NoiseAveraged(net, sigma)
+        for fac in factors:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                res = pgd_attack(surrogate, LpBall(x[idx], fac * R, norm, 0.0, 1.0), Robust(lab), steps=steps, restarts=1, seed=seed)
+            changed = _vote(net, res.x_adv.detach().to(x), sigma, n_vote, seed) != lab.to(x.device)
+            rows.append({"method": m, "factor": f"{fac:g} R", "attacked": len(sub), "success": changed.float().mean().item()})
+    return rows
+
+
+def _sigma_of(options: dict[str, dict[str, Any]]) -> Callable[[str], float | None]:
+    def f(m: str) -> float | None:
+        if "gaussian" not in m:
+            return None
+        sig = options.get(m, {}).get("sigma", method_class(m).option_defaults().get("sigma"))
+        return float(sig) if isinstance(sig, (int, float)) else None
+
+    return f
+
+
+def compare(
+    model: Any,
+    x: Tensor,
+    labels: Tensor,
+    methods: Sequence[str],
+    *,
+    radii: Sequence[float],
+    norm: float | str = math.inf,
+    out_dir: str | os.PathLike = ".",
+    prefix: str = "compare",
+    options: dict[str, dict[str, Any]] | None = None,
+    executor: str = "local",
+    workers: int | None = None,
+    chunk_size: int | None = None,
+    resume: bool = False,
+    find_radius: bool = True,
+    max_radius: float | None = None,
+    timeout: float | None = None,
+    device: str = "cpu",
+    attack: bool = True,
+    attack_steps: int = 40,
+    model_name: str = "f",
+    title: str | None = None,
+    progress: bool = True,
+) -> CompareResult:
+    """Run ``methods`` on ``x [N, *shape]`` / ``labels [N]`` and write the results and report.
+
+    Args:
+        model: a torch module or model path (each task loads it with :func:`verify.load_model`).
+        radii: radii of the summary table and the attack curve (the plot spans ``[0, max]``).
+        norm: the l_p norm of the balls; methods that do not support it are skipped (noted).
+        options: per-method keyword options ``{method: {option: value}}``.
+        executor, workers, chunk_size: see :mod:`verify.executor`; the default chunk is the whole
+            batch for ``local`` and ``N / workers`` otherwise.
+        resume: keep the rows of an existing ``<prefix>_results.csv`` and skip those
+            ``(method, index)`` pairs.
+        find_radius, max_radius: every method searches its largest certified radius.
+        attack: compute the PGD curve of f and, for smoothing, the beyond-radius attack.
+    """
+    from tqdm import tqdm
+
+    p = parse_norm(norm)
+    options = options or {}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{prefix}_results.csv"
+    res = CompareResult(CertificateTable(), [float(r) for r in radii])
+    N = len(labels)
+    wanted = set(methods)
+    done: set[tuple[str, int]] = set()
+    if resume and csv_path.exists() and csv_path.stat().st_size > 0:
+        old = CertificateTable.from_csv(str(csv_path))
+        done = {(c.method, c.index) for c in old if c.method in wanted and c.index < N}
+        res.notes.append(f"resumed: {len(done)} (method, input) pairs already in {csv_path.name}")
+    elif csv_path.exists():
+        csv_path.unlink()
+
+    run = []
+    for m in methods:
+        cls = method_class(m)
+        if norm_name(p) not in cls.norms:
+            res.notes.append(f"{m}: skipped, it does not support {norm_name(p)} balls (supports {', '.join(cls.norms)})")
+            continue
+        run.append(m)
+    n_workers = workers or (1 if executor == "local" else min(2, os.cpu_count() or 1))
+    step = chunk_size or (N if executor == "local" else max(1, math.ceil(N / n_workers)))
+    tasks = []
+    for m in run:
+        todo = [i for i in range(N) if (m, i) not in done]
+        for s in range(0, len(todo), step):
+            idx = todo[s : s + step]
+            tasks.append(Task(m, options.get(m, {}), model, x[idx], labels[idx], idx, 0.0, norm_name(p),
+                              find_radius, max_radius, timeout, device))
+    bar = tqdm(total=sum(len(t.indices) for t in tasks), desc=prefix, unit="input", file=sys.stderr, disable=None if progress else True)
+    for task, certs in execute(tasks, executor, workers):
+        append_csv(csv_path, certs)
+        bar.set_postfix_str(task.method)
+        bar.update(len(task.indices))
+        errs = [c for c in certs if c.status == "error"]
+        if errs:
+            res.notes.append(f"{task.method}: {len(errs)} inputs errored: {errs[0].details.get('error', '')}")
+    bar.close()
+
+    rows = CertificateTable.from_csv(str(csv_path)) if csv_path.exists() else CertificateTable()
+    keep = {m: i for i, m in enumerate(run)}
+    res.table = CertificateTable(sorted((c for c in rows if c.method in keep and c.index < N), key=lambda c: (keep[c.method], c.index)))
+    res.table.to_json(str(out / f"{prefix}_results.json"))
+    res.files.update(csv=csv_path, json=out / f"{prefix}_results.json")
+
+    if attack and N:
+        try:
+            net = _load_net(model, device)
+            xd, yd = x.to(device), labels.to(device)
+            res.attack = attack_curve(net, xd, yd, res.radii, p, steps=attack_steps)
+            res.beyond = beyond_radius_attack(net, xd, res.table, p, _sigma_of(options))
+        except ImportError as e:
+            res.notes.append(f"no PGD attack curve: {e}")
+        bad = check_certified_below_attack(res.table, res.attack or {})
+        res.notes += [f"UNSOUND? {b}" for b in bad]
+
+    png = plot_certified_accuracy(res.table, res.radii, out / f"{prefix}.png", attack_curve=res.attack, model_name=model_name, title=title)
+    sections = []
+    if res.beyond:
+        sections.append((
+            "Smoothing: attacks on g beyond the certified radius",
+            "PGD on a noise-averaged surrogate of g at 1.5 R and 2 R around each input that g certifies "
+            "correctly with radius R; success = the majority vote of f under noise changes at the found point.\n\n"
+            + format_markdown(res.beyond, [("method", "method"), ("factor", "radius"), ("attacked", "inputs"), ("success", "attack success")]),
+        ))
+    if res.notes:
+        sections.append(("Notes", "\n".join(f"- {n}" for n in res.notes)))
+    md = markdown_report(res.table, res.radii, png, res.attack, title=title or f"Comparison ({norm_name(p)})", model_name=model_name, sections=sections)
+    (out / f"{prefix}.md").write_text(md)
+    res.files.update(png=png, markdown=out / f"{prefix}.md")
+    return res

@@ -1,0 +1,161 @@
+"""Run certification tasks (one method on one chunk of inputs) in-process, in a process pool or
+on ray, yielding results as they finish so that callers can write them incrementally.
+
+* ``local`` -- sequential, in this process.
+* ``process`` -- :class:`concurrent.futures.ProcessPoolExecutor` (``spawn`` start method; each
+  worker uses ``cpu_count // workers`` torch threads).
+* ``ray`` -- ``ray.remote`` tasks (optional dependency: ``pip install 'certify[ray]'``).
+
+A task that raises does not stop the others: its inputs get ``status="error"`` Certificates
+whose ``details["error"]`` holds the message.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .certificate import Certificate
+
+__all__ = ["Task", "run_task", "execute", "EXECUTORS", "ExecutorError"]
+
+EXECUTORS = ("local", "process", "ray")
+
+
+class ExecutorError(RuntimeError):
+    """An executor cannot be used (unknown name, ray not installed, ...)."""
+
+
+@dataclass
+class Task:
+    """One method on one chunk of inputs.
+
+    Attributes:
+        method: registry name; ``options`` its keyword options.
+        model: a torch module or a model path (loaded by :func:`verify.certify`).
+        x: clean inputs ``[b, *shape]``; ``labels``: ``[b]``; ``indices``: their data-set positions.
+        eps, norm, find_radius, max_radius, timeout, device: as in :func:`verify.certify`.
+    """
+
+    method: str
+    options: dict[str, Any]
+    model: Any
+    x: Tensor
+    labels: Tensor
+    indices: list[int]
+    eps: float = 0.0
+    norm: str = "inf"
+    find_radius: bool = True
+    max_radius: float | None = None
+    timeout: float | None = None
+    device: str = "cpu"
+    tag: dict[str, Any] = field(default_factory=dict)
+
+
+def _error_certs(task: Task, err: BaseException, seconds: float) -> list[Certificate]:
+    from .registry import method_class
+
+    guarantee, certifies, conf = "deterministic", "base", 1.0
+    try:
+        cls = method_class(task.method)
+        guarantee, certifies = cls.guarantee, cls.certifies
+        if guarantee == "probabilistic":
+            alpha = task.options.get("alpha", cls.option_defaults().get("alpha", 0.001))
+            conf = 1.0 - float(alpha)
+    except Exception:  # the error may be the method itself (unknown name, bad alpha)
+        pass
+    msg = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+    return [
+        Certificate(
+            method=task.method, guarantee=guarantee, certifies=certifies, confidence=conf, status="error",
+            index=i, label=int(y), time_s=seconds / max(1, len(task.indices)), details={"error": msg},
+        )
+        for i, y in zip(task.indices, task.labels.tolist())
+    ]
+
+
+def run_task(task: Task) -> list[Certificate]:
+    """Certify one chunk; the Certificates carry the data-set ``index``. Exceptions become
+    ``status="error"`` Certificates."""
+    from .api import certify
+
+    t0 = time.perf_counter()
+    try:
+        table = certify(
+            task.model, task.x, task.labels, task.method, eps=task.eps, norm=task.norm,
+            find_radius=task.find_radius, max_radius=task.max_radius, timeout=task.timeout,
+            device=task.device, **task.options,
+        )
+    except Exception as e:  # reported per input, the other tasks go on
+        return _error_certs(task, e, time.perf_counter() - t0)
+    certs = list(table)
+    for c in certs:
+        c.index = task.indices[c.index]
+    return certs
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_task_dicts(task: Task) -> list[dict[str, Any]]:
+    return [c.to_dict() for c in run_task(task)]
+
+
+def execute(tasks: Iterable[Task], executor: str = "local", workers: int | None = None) -> Iterator[tuple[Task, list[Certificate]]]:
+    """Run ``tasks``; yield ``(task, certificates)`` as each finishes (order not guaranteed for
+    ``process`` and ``ray``)."""
+    tasks = list(tasks)
+    if executor not in EXECUTORS:
+        raise ExecutorError(f"unknown executor {executor!r}; use {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise ExecutorError(f"workers must be >= 1, got {workers}")
+    if executor == "local":
+        for t in tasks:
+            yield t, run_task(t)
+    elif executor == "process":
+        yield from _execute_process(tasks, workers or min(2, os.cpu_count() or 1))
+    else:
+        yield from _execute_ray(tasks, workers)
+
+
+def _execute_process(tasks: list[Task], workers: int) -> Iterator[tuple[Task, list[Certificate]]]:
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
+        pending = {pool.submit(_run_task_dicts, t): t for t in tasks}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                t = pending.pop(fut)
+                try:
+                    certs = [Certificate.from_dict(d) for d in fut.result()]
+                except Exception as e:  # a worker died (e.g. out of memory)
+                    certs = _error_certs(t, e, 0.0)
+                yield t, certs
+
+
+def _execute_ray(tasks: list[Task], workers: int | None) -> Iterator[tuple[Task, list[Certificate]]]:
+    try:
+        import ray  # type: ignore[import-not-found]
+    except ImportError:
+        raise ExecutorError("executor 'ray' needs the ray package: pip install 'certify[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(_run_task_dicts)
+    pending = {remote.remote(t): t for t in tasks}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            t = pending.pop(ref)
+            try:
+                certs = [Certificate.from_dict(d) for d in ray.get(ref)]
+            except Exception as e:
+                certs = _error_certs(t, e, 0.0)
+            yield t, certs
