@@ -1,0 +1,162 @@
+"""Public entry points: :func:`bounds` (bounds on ``C y + d``) and :func:`intermediate_bounds`
+(boxes of every pre-activation, for LP/MILP and branch-and-bound).
+
+Methods: ``"interval"`` (IBP), ``"crown"`` (CROWN backward pass, adaptive ReLU slopes),
+``"deeppoly"`` (the same pass with DeepPoly's slope choices, see
+:mod:`relax.ops.activation`), ``"alpha-crown"`` (optimised ReLU lower slopes,
+:mod:`relax.alpha`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from verify.spec import InputSet
+
+from .graph import BoundGraph, get_graph
+from .interval import interval_bounds
+
+__all__ = ["bounds", "lower_bounds", "intermediate_bounds", "METHODS", "prepare"]
+
+METHODS = ("interval", "crown", "deeppoly", "alpha-crown")
+
+
+def prepare(model: torch.nn.Module, input_set: InputSet, dtype: torch.dtype | None = None) -> tuple[BoundGraph, InputSet]:
+    """The (cached) bound graph of ``model`` and the input set, both in ``dtype`` (default:
+    the input set's dtype)."""
+    lo, _ = input_set.bounds()
+    dtype = dtype or lo.dtype
+    if lo.dtype != dtype:
+        input_set = input_set.to(dtype=dtype)
+    return get_graph(model, tuple(input_set.shape), dtype), input_set
+
+
+def _concretize_box(C: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Bounds of ``C y`` for ``y`` in ``[lo, hi]``: ``C [B, N, K]``, ``lo/hi [B, K]`` -> ``[B, N]``."""
+    m, r = (hi + lo) / 2, (hi - lo) / 2
+    c = torch.einsum("bnk,bk->bn", C, m)
+    d = torch.einsum("bnk,bk->bn", C.abs(), r)
+    return c - d, c + d
+
+
+def bounds(
+    model: torch.nn.Module,
+    input_set: InputSet,
+    C: Tensor | None = None,
+    d: Tensor | None = None,
+    method: str = "crown",
+    *,
+    dtype: torch.dtype | None = None,
+    max_elements: int = 2**25,
+    iterations: int = 20,
+    lr: float = 0.1,
+    optimize_intermediate: bool = True,
+    bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sound bounds on ``C y + d`` for every ``y = model(x)``, ``x`` in ``input_set``.
+
+    Args:
+        model: torch module / fx GraphModule mapping ``[B, *input_shape] -> [B, K]``.
+        input_set: a batched :class:`~verify.spec.InputSet`.
+        C: ``[B, N, K]`` (or ``[N, K]``) spec rows; ``None`` = identity (bounds on ``y``).
+        d: ``[B, N]`` offsets (default 0).
+        method: one of :data:`METHODS`.
+        dtype: compute dtype (e.g. ``torch.float64``); default the input set's.
+        max_elements: chunk the backward pass so that no coefficient tensor exceeds this
+            many elements (large nets get slower, not out of memory).
+        iterations, lr, optimize_intermediate: alpha-CROWN options (:func:`relax.alpha.alpha_crown`).
+        bound_overrides: ``{pre-activation node: (lo, hi)}`` per batch element, intersected
+            with the computed intermediate bounds (branch-and-bound splits; see
+            :func:`relax.linear.crown`).
+
+    Returns:
+        ``(lower, upper)``, each ``[B, N]`` (``[B, K]`` when ``C`` is None), in ``dtype``.
+    """
+    graph, input_set = prepare(model, input_set, dtype)
+    C, d = _spec(graph, input_set, C, d)
+    N = C.shape[1]
+    low = lower_bounds(graph, input_set, torch.cat([C, -C], dim=1), method, max_elements=max_elements,
+                       iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
+                       bound_overrides=bound_overrides)
+    return low[:, :N] + d, -low[:, N:] + d
+
+
+def _spec(graph: BoundGraph, input_set: InputSet, C: Tensor | None, d: Tensor | None) -> tuple[Tensor, Tensor]:
+    dt = graph.dtype
+    B = input_set.batch_size
+    K = graph.by_name[graph.output].shape[0]
+    dev = input_set.bounds()[0].device
+    if C is None:
+        C = torch.eye(K, dtype=dt, device=dev).expand(B, K, K)
+    C = C.to(dtype=dt, device=dev)
+    if C.dim() == 2:
+        C = C.expand(B, *C.shape)
+    if C.shape[0] != B or C.shape[2] != K:
+        raise ValueError(f"C must be [B={B}, N, K={K}], got {tuple(C.shape)}")
+    d = torch.zeros(C.shape[:2], dtype=dt, device=dev) if d is None else d.to(dtype=dt, device=dev).expand(C.shape[:2])
+    return C, d
+
+
+def lower_bounds(
+    graph: BoundGraph,
+    input_set: InputSet,
+    C: Tensor,
+    method: str = "crown",
+    *,
+    max_elements: int = 2**25,
+    iterations: int = 20,
+    lr: float = 0.1,
+    optimize_intermediate: bool = True,
+    early_stop: bool = False,
+    bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """Lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``) on a prepared graph (see
+    :func:`prepare`); the other arguments as in :func:`bounds`. ``early_stop`` (alpha-CROWN):
+    stop once every row of every input is positive."""
+    if method not in METHODS:
+        raise ValueError(f"unknown bound method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "interval":
+        with torch.no_grad():
+            lo, hi = input_set.bounds()
+            boxes = interval_bounds(graph, lo, hi, known=bound_overrides)
+            return _concretize_box(C, *boxes[graph.output])[0]
+    if method in ("crown", "deeppoly"):
+        from .linear import crown
+
+        with torch.no_grad():
+            return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides).lower
+    from .alpha import alpha_crown
+
+    return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
+                       max_elements=max_elements, early_stop=early_stop, bound_overrides=bound_overrides).lower.detach()
+
+
+def intermediate_bounds(
+    model: torch.nn.Module,
+    input_set: InputSet,
+    method: str = "crown",
+    *,
+    dtype: torch.dtype | None = None,
+    max_elements: int = 2**25,
+    bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Boxes ``{node name: (lo, hi)}`` (each ``[B, *shape]``) of every pre-activation: the
+    input of each ReLU / Sigmoid / Tanh / MaxPool node, in topological order. Node names are
+    those of the fx graph (``BoundGraph.preactivations()``).
+
+    ``method``: ``"interval"`` or ``"crown"`` / ``"deeppoly"`` (CROWN bounds intersected with
+    IBP, computed layer by layer). ``bound_overrides`` as in :func:`bounds`.
+    """
+    graph, input_set = prepare(model, input_set, dtype)
+    names = graph.preactivations()
+    with torch.no_grad():
+        if method == "interval":
+            lo, hi = input_set.bounds()
+            boxes = interval_bounds(graph, lo, hi, known=bound_overrides)
+            return {k: boxes[k] for k in names}
+        if method in ("crown", "deeppoly"):
+            from .linear import crown
+
+            res = crown(graph, input_set, None, mode=method, max_elements=max_elements, bound_overrides=bound_overrides)
+            return {k: res.intermediate[k] for k in names}
+    raise ValueError(f"intermediate_bounds: method must be interval, crown or deeppoly, got {method!r}")

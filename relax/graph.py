@@ -1,0 +1,256 @@
+"""From a ``torch.fx.GraphModule`` to a small DAG of bound nodes.
+
+:func:`build_graph` runs the module once on a batch-2 example (recording every node's value
+and shape, like ``torch.fx.passes.shape_prop.ShapeProp``), folds every node that does not
+depend on the input into a constant (``get_attr``, parameters, ``size`` queries, arithmetic on
+constants), and turns every remaining node into one rule object from :mod:`relax.ops` (looked
+up in ``relax.ops.RULES`` by module class / function / method name). A batch of 2 (not 1)
+lets us check that no op mixes the batch dimension (``squeeze()`` would drop a batch of 1).
+
+Shapes in a :class:`BoundGraph` are per example (no batch dimension). The network output is
+flattened to ``[K]``. Unknown ops raise :class:`UnsupportedOperatorError` naming op and node.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor
+
+__all__ = ["UnsupportedOperatorError", "BNode", "BoundGraph", "build_graph", "get_graph"]
+
+
+class UnsupportedOperatorError(ValueError):
+    """The graph contains an op that :mod:`relax` has no bound rule for."""
+
+
+@dataclass
+class BNode:
+    """One variable node: ``name``, its rule ``op``, the names of its variable inputs, and
+    per-example output shape ``shape``."""
+
+    name: str
+    op: Any  # relax.ops.Op
+    inputs: list[str]
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class BoundGraph:
+    """A DAG of bound nodes in topological order.
+
+    Attributes:
+        input_name: name of the (single) input node.
+        input_shape: per-example input shape.
+        nodes: variable nodes in topological order (the input is not among them).
+        output: name of the output node (its shape is ``[K]``).
+        dtype: dtype of the folded constants.
+    """
+
+    input_name: str
+    input_shape: tuple[int, ...]
+    nodes: list[BNode]
+    output: str
+    dtype: torch.dtype
+    by_name: dict[str, BNode] = field(default_factory=dict)
+    consumers: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_name = {n.name: n for n in self.nodes}
+        self.consumers = {self.input_name: []}
+        for n in self.nodes:
+            self.consumers.setdefault(n.name, [])
+            for i in n.inputs:
+                self.consumers[i].append(n.name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.input_shape if name == self.input_name else self.by_name[name].shape
+
+    def activations(self) -> list[BNode]:
+        """Nonlinear nodes (ReLU, Sigmoid, Tanh, MaxPool), in topological order."""
+        return [n for n in self.nodes if n.op.nonlinear]
+
+    def preactivations(self) -> list[str]:
+        """Names of the inputs of the nonlinear nodes, in topological order, without repeats."""
+        out: list[str] = []
+        for n in self.activations():
+            if n.inputs[0] not in out:
+                out.append(n.inputs[0])
+        return out
+
+    def ancestors(self, name: str) -> set[str]:
+        """Names of all nodes ``name`` depends on (itself included, input included)."""
+        seen, todo = {name}, [name]
+        while todo:
+            k = todo.pop()
+            if k == self.input_name:
+                continue
+            for i in self.by_name[k].inputs:
+                if i not in seen:
+                    seen.add(i)
+                    todo.append(i)
+        return seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Concrete evaluation of the bound graph, ``[N, *input_shape] -> [N, K]`` (a check
+        that the graph means the same as the module)."""
+        vals = {self.input_name: x}
+        for n in self.nodes:
+            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+        return vals[self.output]
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the module and keeps every node's value (tensors detached)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        v = super().run_node(n)
+        self.values[n.name] = v.detach() if isinstance(v, Tensor) else v
+        return v
+
+
+def _node_desc(n: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        return f"module {type(mod).__module__}.{type(mod).__name__} (node {n.name!r}, target {n.target!r})"
+    if n.op == "call_function":
+        fname = getattr(n.target, "__qualname__", None) or getattr(n.target, "__name__", str(n.target))
+        mod = getattr(n.target, "__module__", None) or ""
+        return f"function {mod + '.' if mod else ''}{fname} (node {n.name!r})"
+    return f"{n.op} {n.target!r} (node {n.name!r})"
+
+
+def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> BoundGraph:
+    """Turn a traced module into a :class:`BoundGraph`.
+
+    Args:
+        gm: a ``torch.fx.GraphModule`` (a plain ``nn.Module`` is traced with
+            ``torch.fx.symbolic_trace``), in eval mode.
+        input_shape: per-example input shape (no batch dimension).
+        dtype: dtype of the folded constants (default: the module's parameter dtype).
+
+    Raises:
+        UnsupportedOperatorError: an op without a rule, naming op and node.
+    """
+    from . import ops as _ops
+
+    if not isinstance(gm, torch.fx.GraphModule):
+        gm = torch.fx.symbolic_trace(gm)
+    params = list(gm.parameters()) + list(gm.buffers())
+    if dtype is None:
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    device = params[0].device if params else torch.device("cpu")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedOperatorError(f"the graph must have exactly one input, found {len(placeholders)}")
+    example = torch.rand((2, *input_shape), device=device, dtype=next((p.dtype for p in params if p.is_floating_point()), torch.float32))
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(example)
+    values = rec.values
+
+    variable: set[str] = set()
+    nodes: list[BNode] = []
+    input_name = placeholders[0].name
+    output_name = None
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            variable.add(n.name)
+            continue
+        if n.op == "output":
+            out = n.args[0]
+            if isinstance(out, (tuple, list)):
+                if len(out) != 1:
+                    raise UnsupportedOperatorError(f"the graph must have one output, found {len(out)}")
+                out = out[0]
+            if not isinstance(out, torch.fx.Node) or out.name not in variable:
+                raise UnsupportedOperatorError("the graph output does not depend on the input")
+            output_name = out.name
+            continue
+        deps = [a for a in n.all_input_nodes if a.name in variable]
+        if not deps or (n.op == "call_method" and n.target == "size") or (
+            n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape"
+        ):
+            continue  # a constant: its recorded value is used where needed
+        val = values[n.name]
+        if not isinstance(val, Tensor):
+            raise UnsupportedOperatorError(f"{_node_desc(n, gm)} returns a non-tensor that depends on the input")
+        if val.dim() == 0 or val.shape[0] != 2:
+            raise UnsupportedOperatorError(f"{_node_desc(n, gm)} changes the batch dimension")
+        variable.add(n.name)
+        rule = _ops.lookup_rule(n, gm)
+        if rule is None:
+            raise UnsupportedOperatorError(f"unsupported operator: {_node_desc(n, gm)}")
+        ctx = _ops.BuildContext(
+            node=n,
+            gm=gm,
+            values=values,
+            variable=variable,
+            out_shape=tuple(val.shape[1:]),
+            in_shapes={a.name: tuple(values[a.name].shape[1:]) for a in deps},
+            dtype=dtype,
+            desc=_node_desc(n, gm),
+        )
+        op, inputs = rule(ctx)
+        nodes.append(BNode(n.name, op, inputs, tuple(val.shape[1:])))
+    if output_name is None:
+        raise UnsupportedOperatorError("the graph has no output")
+    if output_name == input_name:
+        raise UnsupportedOperatorError("the graph output is its input")
+    # flatten the output to [K]
+    last = nodes[-1] if nodes and nodes[-1].name == output_name else next(m for m in nodes if m.name == output_name)
+    if len(last.shape) != 1:
+        flat = BNode(output_name + "__flat", _ops.Reshape(last.shape, (last.numel,)), [output_name], (last.numel,))
+        nodes.append(flat)
+        output_name = flat.name
+    g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype)
+    return g
+
+
+def _prune(nodes: list[BNode], output: str) -> list[BNode]:
+    """Drop variable nodes the output does not depend on."""
+    by = {n.name: n for n in nodes}
+    need, todo = {output}, [output]
+    while todo:
+        k = todo.pop()
+        if k in by:
+            for i in by[k].inputs:
+                if i not in need:
+                    need.add(i)
+                    todo.append(i)
+    return [n for n in nodes if n.name in need]
+
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _version(model: torch.nn.Module) -> tuple:
+    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def get_graph(model: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> BoundGraph:
+    """:func:`build_graph`, cached per (model, input shape, dtype); rebuilt when a parameter
+    or buffer of the model was modified in place (tensor version counters) or replaced."""
+    per = _CACHE.setdefault(model, {})
+    key = (tuple(input_shape), dtype)
+    ver = _version(model)
+    hit = per.get(key)
+    if hit is not None and hit[0] == ver and hit[2] == model.training:
+        return hit[1]
+    g = build_graph(model, tuple(input_shape), dtype)
+    per[key] = (ver, g, model.training)
+    return g

@@ -1,0 +1,36 @@
+"""Interval bound propagation (IBP; Gowal et al. 2018, Eq. (6)): each node's box from its
+inputs' boxes with the op's interval rule, batched over the inputs."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .graph import BoundGraph
+
+__all__ = ["interval_bounds"]
+
+
+def interval_bounds(
+    graph: BoundGraph,
+    lo: Tensor,
+    hi: Tensor,
+    known: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Boxes of every node.
+
+    Args:
+        graph: the bound graph.
+        lo, hi: input box ``[B, *input_shape]``.
+        known: optional tighter boxes ``{node: (lo, hi)}`` (``[B, *shape]``), intersected with
+            the propagated ones (sound: both enclose the node's values).
+
+    Returns:
+        ``{node: (lo, hi)}`` for the input and every node, each ``[B, *shape]``.
+    """
+    out = {graph.input_name: (lo, hi)}
+    for n in graph.nodes:
+        l, h = n.op.interval(*[out[i] for i in n.inputs])
+        if known is not None and n.name in known:
+            kl, kh = known[n.name]
+            l, h = l.maximum(kl), h.minimum(kh)
+        out[n.name] = (l, h)
+    return out

@@ -1,0 +1,336 @@
+"""Per-op bound rules and **the one place to add a layer type**: :data:`RULES`.
+
+``RULES`` maps an fx target -- a module class (``call_module``), a function
+(``call_function``) or a method name (``call_method``) -- to a *builder*
+``(ctx: BuildContext) -> (op, input_names)`` that reads the node's constant arguments and
+returns a rule object (:class:`~relax.ops.base.Op`) plus the names of its variable inputs.
+
+Adding a layer type = write an :class:`Op` (``forward``, ``interval``, ``backward``; or an
+:class:`Activation` with ``relax`` and ``backward_relaxed``) and add its builder here.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .activation import ReLU, Sigmoid, Tanh
+from .affine import Add, Conv, ElemAffine, Linear
+from .base import Activation, BuildContext, Op, Relaxation
+from .pool import MaxPool2d, avgpool_conv
+from .shape import Permute, Reshape
+
+__all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Linear", "Conv",
+           "ElemAffine", "Add", "Reshape", "Permute", "ReLU", "Sigmoid", "Tanh", "MaxPool2d"]
+
+
+def _pair(v: Any, n: int = 2) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _single_var(ctx: BuildContext) -> str:
+    vs = ctx.var_args()
+    if len(vs) != 1:
+        raise ctx.fail(f"expects one non-constant input, got {len(vs)}")
+    return vs[0].name
+
+
+def _first_in_shape(ctx: BuildContext) -> tuple[int, ...]:
+    return ctx.in_shapes[_single_var(ctx)]
+
+
+# ---------------------------------------------------------------- shape-only ops
+def b_reshape(ctx):
+    x = _single_var(ctx)
+    return Reshape(ctx.in_shapes[x], ctx.out_shape), [x]
+
+
+def b_dropout(ctx):
+    if ctx.node.op == "call_module" and ctx.module().training:
+        raise ctx.fail("Dropout in training mode (call model.eval())")
+    if ctx.node.op == "call_function" and ctx.node.kwargs.get("training", len(ctx.node.args) > 2 and ctx.node.args[2]):
+        raise ctx.fail("dropout with training=True")
+    return b_reshape(ctx)
+
+
+def b_permute(ctx):
+    x = _single_var(ctx)
+    nd = len(ctx.in_shapes[x]) + 1
+    n = ctx.node
+    if n.target in ("transpose", torch.transpose) or n.target == "swapaxes":
+        d0, d1 = (ctx.const(a) for a in n.args[1:3])
+        perm = list(range(nd))
+        d0, d1 = d0 % nd, d1 % nd
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    else:
+        dims = n.args[1:] if n.op == "call_method" else n.args[1:]
+        if len(dims) == 1 and isinstance(ctx.const(dims[0]), (list, tuple)):
+            dims = ctx.const(dims[0])
+        else:
+            dims = [ctx.const(d) for d in dims]
+        if "dims" in n.kwargs:
+            dims = ctx.const(n.kwargs["dims"])
+        perm = [int(d) % nd for d in dims]
+    if perm[0] != 0:
+        raise ctx.fail("permutes the batch dimension")
+    return Permute([p - 1 for p in perm[1:]]), [x]
+
+
+# ---------------------------------------------------------------- affine ops
+def b_linear_module(ctx):
+    m = ctx.module()
+    W = m.weight.detach().to(ctx.dtype)
+    b = None if m.bias is None else m.bias.detach().to(ctx.dtype)
+    return Linear(W, b), [_single_var(ctx)]
+
+
+def b_linear_fn(ctx):
+    n = ctx.node
+    args = list(n.args) + [None] * 3
+    x, W, b = args[0], n.kwargs.get("weight", args[1]), n.kwargs.get("bias", args[2])
+    if not ctx.is_var(x) or ctx.is_var(W) or (b is not None and ctx.is_var(b)):
+        raise ctx.fail("F.linear needs a variable input and constant weight/bias")
+    return Linear(ctx.const_tensor(W), None if b is None else ctx.const_tensor(b)), [x.name]
+
+
+def b_matmul(ctx):
+    a, b = ctx.node.args[:2]
+    if ctx.is_var(a) and not ctx.is_var(b):
+        W = ctx.const_tensor(b)
+        if W.dim() != 2:
+            raise ctx.fail("matmul by a constant needs a 2-D constant")
+        return Linear(W.t().contiguous(), None), [a.name]
+    raise ctx.fail("matmul needs a variable left operand and a constant 2-D right operand")
+
+
+def _conv(ctx, W, b, stride, padding, dilation, groups):
+    nd = W.dim() - 2
+    if isinstance(padding, str):
+        if padding != "valid":
+            raise ctx.fail(f"padding={padding!r}")
+        padding = 0
+    x = _single_var(ctx)
+    return Conv(W, b, _pair(stride, nd), _pair(padding, nd), _pair(dilation, nd), int(groups),
+                ctx.in_shapes[x], ctx.out_shape), [x]
+
+
+def b_conv_module(ctx):
+    m = ctx.module()
+    if m.padding_mode != "zeros":
+        raise ctx.fail(f"padding_mode={m.padding_mode!r}")
+    W = m.weight.detach().to(ctx.dtype)
+    b = None if m.bias is None else m.bias.detach().to(ctx.dtype)
+    return _conv(ctx, W, b, m.stride, m.padding, m.dilation, m.groups)
+
+
+def b_conv_fn(ctx):
+    n = ctx.node
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    defaults = [None, None, None, 1, 0, 1, 1]
+    vals = {k: (n.args[i] if i < len(n.args) else n.kwargs.get(k, defaults[i])) for i, k in enumerate(names)}
+    if ctx.is_var(vals["weight"]) or ctx.is_var(vals["bias"]):
+        raise ctx.fail("convolution with a non-constant weight")
+    W = ctx.const_tensor(vals["weight"])
+    b = None if vals["bias"] is None else ctx.const_tensor(vals["bias"])
+    return _conv(ctx, W, b, ctx.const(vals["stride"]), ctx.const(vals["padding"]), ctx.const(vals["dilation"]), ctx.const(vals["groups"]))
+
+
+def b_batchnorm(ctx):
+    m = ctx.module()
+    if m.training and m.track_running_stats:
+        raise ctx.fail("BatchNorm in training mode (call model.eval())")
+    if m.running_mean is None:
+        raise ctx.fail("BatchNorm without running statistics")
+    x = _single_var(ctx)
+    shape = ctx.in_shapes[x]
+    scale = (m.weight.detach() if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
+    shift = (m.bias.detach() if m.affine else torch.zeros_like(m.running_mean)) - m.running_mean * scale
+    view = (-1,) + (1,) * (len(shape) - 1)
+    return ElemAffine(scale.to(ctx.dtype).view(view), shift.to(ctx.dtype).view(view), shape), [x]
+
+
+def _const_per_example(ctx, c, shape) -> torch.Tensor:
+    """A constant operand broadcast against ``[batch, *shape]`` -> per-example tensor."""
+    t = torch.as_tensor(c).to(ctx.dtype)
+    if t.dim() > len(shape):
+        if t.dim() != len(shape) + 1 or t.shape[0] != 1:
+            raise ctx.fail("constant operand varies along the batch dimension")
+        t = t[0]
+    return t
+
+
+_BINARY_NAMES = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", torch.subtract: "sub",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", torch.multiply: "mul",
+    operator.truediv: "div", operator.itruediv: "div", torch.div: "div", torch.true_divide: "div",
+    "truediv": "div",
+}
+
+
+def b_binary(ctx):
+    """add / sub / mul / truediv (function or method), possibly reversed (``c - x``)."""
+    n = ctx.node
+    name = _BINARY_NAMES.get(n.target) if not isinstance(n.target, str) else _BINARY_NAMES.get(n.target, n.target)
+    a, b = n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+    if n.kwargs.get("rounding_mode") is not None:
+        raise ctx.fail("division with rounding_mode")
+    alpha = n.kwargs.get("alpha", 1)
+    if alpha != 1:
+        if ctx.is_var(b):
+            raise ctx.fail("alpha != 1 with two variable operands")
+        b = ctx.const(b) * alpha
+    va, vb = ctx.is_var(a), ctx.is_var(b)
+    out = ctx.out_shape
+    if va and vb:
+        if name in ("add", "sub"):
+            return Add([1.0, 1.0 if name == "add" else -1.0], [ctx.in_shapes[a.name], ctx.in_shapes[b.name]]), [a.name, b.name]
+        raise ctx.fail(f"{name} of two non-constant tensors is not linear")
+    if va:
+        x, c = a, _const_per_example(ctx, ctx.const(b), out)
+        if name == "add":
+            return ElemAffine(None, c, ctx.in_shapes[x.name]), [x.name]
+        if name == "sub":
+            return ElemAffine(None, -c, ctx.in_shapes[x.name]), [x.name]
+        if name == "mul":
+            return ElemAffine(c, None, ctx.in_shapes[x.name]), [x.name]
+        if name == "div":
+            return ElemAffine(1.0 / c, None, ctx.in_shapes[x.name]), [x.name]
+    else:
+        x, c = b, _const_per_example(ctx, ctx.const(a), out)
+        if name == "add":
+            return ElemAffine(None, c, ctx.in_shapes[x.name]), [x.name]
+        if name == "sub":
+            return ElemAffine(-torch.ones((), dtype=ctx.dtype), c, ctx.in_shapes[x.name]), [x.name]
+        if name == "mul":
+            return ElemAffine(c, None, ctx.in_shapes[x.name]), [x.name]
+    raise ctx.fail(f"{name} with this operand pattern")
+
+
+def b_neg(ctx):
+    x = _single_var(ctx)
+    return ElemAffine(-torch.ones((), dtype=ctx.dtype), None, ctx.in_shapes[x]), [x]
+
+
+# ---------------------------------------------------------------- pooling
+def b_avgpool(ctx):
+    n = ctx.node
+    if n.op == "call_module":
+        m = ctx.module()
+        k, s, p, ceil, cip, div = m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+    else:
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+        defaults = [None, None, None, 0, False, True, None]
+        v = {k_: (n.args[i] if i < len(n.args) else n.kwargs.get(k_, defaults[i])) for i, k_ in enumerate(names)}
+        k, s, p, ceil, cip, div = (ctx.const(v[x]) for x in names[1:])
+    k = _pair(k)
+    s = _pair(s) if s not in (None, []) else k
+    p = _pair(p)
+    x = _single_var(ctx)
+    C, H, W = ctx.in_shapes[x]
+    if any(pi > 0 for pi in p) and not cip and div is None:
+        raise ctx.fail("AvgPool2d with count_include_pad=False and padding")
+    floor_shape = tuple((d + 2 * pi - ki) // si + 1 for d, pi, ki, si in zip((H, W), p, k, s))
+    if ceil and tuple(ctx.out_shape[1:]) != floor_shape:
+        raise ctx.fail("AvgPool2d with ceil_mode changing the output size")
+    divisor = float(div) if div else float(k[0] * k[1])
+    return avgpool_conv(C, k, s, p, divisor, ctx.in_shapes[x], ctx.out_shape, ctx.dtype), [x]
+
+
+def b_maxpool(ctx):
+    n = ctx.node
+    if n.op == "call_module":
+        m = ctx.module()
+        k, s, p, d, ceil, ri = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
+    else:
+        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+        defaults = [None, None, None, 0, 1, False, False]
+        v = {k_: (n.args[i] if i < len(n.args) else n.kwargs.get(k_, defaults[i])) for i, k_ in enumerate(names)}
+        k, s, p, d, ceil, ri = (ctx.const(v[x]) for x in names[1:])
+    if ri:
+        raise ctx.fail("MaxPool2d with return_indices")
+    k = _pair(k)
+    s = _pair(s) if s not in (None, []) else k
+    p, d = _pair(p), _pair(d)
+    x = _single_var(ctx)
+    C, H, W = ctx.in_shapes[x]
+    floor_shape = tuple((h + 2 * pi - di * (ki - 1) - 1) // si + 1 for h, pi, di, ki, si in zip((H, W), p, d, k, s))
+    if tuple(ctx.out_shape[1:]) != floor_shape:
+        raise ctx.fail("MaxPool2d with ceil_mode changing the output size")
+    return MaxPool2d(k, s, p, d, ctx.in_shapes[x], ctx.out_shape), [x]
+
+
+# ---------------------------------------------------------------- activations
+def _act(cls):
+    def build(ctx):
+        return cls(), [_single_var(ctx)]
+
+    return build
+
+
+b_relu, b_sigmoid, b_tanh = _act(ReLU), _act(Sigmoid), _act(Tanh)
+
+
+#: fx target -> builder. Keys: module classes, functions, method names.
+RULES: dict[Any, Any] = {
+    # modules
+    nn.Linear: b_linear_module,
+    nn.Conv1d: b_conv_module,
+    nn.Conv2d: b_conv_module,
+    nn.ReLU: b_relu,
+    nn.Sigmoid: b_sigmoid,
+    nn.Tanh: b_tanh,
+    nn.BatchNorm1d: b_batchnorm,
+    nn.BatchNorm2d: b_batchnorm,
+    nn.AvgPool2d: b_avgpool,
+    nn.MaxPool2d: b_maxpool,
+    nn.Flatten: b_reshape,
+    nn.Unflatten: b_reshape,
+    nn.Identity: b_reshape,
+    nn.Dropout: b_dropout,
+    # functions
+    operator.add: b_binary, operator.sub: b_binary, operator.mul: b_binary, operator.truediv: b_binary,
+    operator.iadd: b_binary, operator.isub: b_binary, operator.imul: b_binary, operator.itruediv: b_binary,
+    torch.add: b_binary, torch.sub: b_binary, torch.subtract: b_binary, torch.mul: b_binary,
+    torch.multiply: b_binary, torch.div: b_binary, torch.true_divide: b_binary,
+    operator.neg: b_neg, torch.neg: b_neg,
+    torch.relu: b_relu, F.relu: b_relu,
+    torch.sigmoid: b_sigmoid, F.sigmoid: b_sigmoid,
+    torch.tanh: b_tanh, F.tanh: b_tanh,
+    torch.flatten: b_reshape, torch.reshape: b_reshape, torch.squeeze: b_reshape, torch.unsqueeze: b_reshape,
+    torch.permute: b_permute, torch.transpose: b_permute,
+    F.linear: b_linear_fn, torch.matmul: b_matmul, operator.matmul: b_matmul,
+    F.conv1d: b_conv_fn, F.conv2d: b_conv_fn,
+    F.avg_pool2d: b_avgpool, F.max_pool2d: b_maxpool,
+    F.dropout: b_dropout,
+    # methods
+    "add": b_binary, "sub": b_binary, "mul": b_binary, "div": b_binary, "truediv": b_binary,
+    "neg": b_neg,
+    "relu": b_relu, "sigmoid": b_sigmoid, "tanh": b_tanh,
+    "view": b_reshape, "reshape": b_reshape, "flatten": b_reshape, "squeeze": b_reshape,
+    "unsqueeze": b_reshape, "contiguous": b_reshape, "view_as": b_reshape, "reshape_as": b_reshape,
+    "permute": b_permute, "transpose": b_permute,
+}
+
+
+def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule):
+    """The builder for ``node`` or ``None``."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        for cls in type(mod).__mro__:  # subclasses of a supported module reuse its rule
+            if cls in RULES:
+                # a subclass with its own forward is a different op
+                if cls is not type(mod) and type(mod).forward is not cls.forward:
+                    return None
+                return RULES[cls]
+        return None
+    if node.op in ("call_function", "call_method"):
+        try:
+            return RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None

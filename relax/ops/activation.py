@@ -1,0 +1,186 @@
+"""Elementwise activations: ReLU, Sigmoid, Tanh.
+
+ReLU on ``[l, u]`` (Zhang et al. 2018, CROWN, Sec. 3.2 and Fig. 1; Singh et al. 2019,
+DeepPoly, Sec. 4): stable neurons are exact; an unstable one (``l < 0 < u``) gets the upper line
+``u (x - l) / (u - l)`` and a lower line ``alpha x`` with ``alpha in [0, 1]``. CROWN-adaptive
+and DeepPoly both take ``alpha = 1 if u > -l else 0`` (the smaller-area choice; DeepPoly
+Eq. (2)); alpha-CROWN optimises alpha (Xu et al. 2021, Eq. (5)).
+
+Sigmoid / Tanh (S-shaped: convex for ``x < 0``, concave for ``x > 0``). A slope ``k`` is chosen
+by a heuristic, then the intercept is the *exact* extreme of ``g(x) = f(x) - k x`` over
+``[l, u]``: ``g`` decreases, increases, decreases with turning points ``x1 < 0 < x2`` where
+``f'(x) = k`` (closed form), so ``min g = min(g(l), g(u), g(x1) if x1 in [l, u])`` and
+``max g = max(g(l), g(u), g(x2) if x2 in [l, u])``. Every slope thus gives a sound line, and the
+line is never looser than the tangent/secant construction with the same slope (the mixed-sign
+case of CROWN's Table 1 needs no separate soundness argument). Slopes:
+
+* ``crown`` (CROWN Sec. 3.3 / auto_LiRPA's BoundSigmoid idea): upper line = secant when
+  ``u <= 0``, tangent at the midpoint when ``l >= 0``; in the mixed case the secant if it stays
+  above ``f`` (its slope ``<= f'(u)``), else the tangent from a point ``d in [0, u]`` that passes
+  through ``(l, f(l))`` (found by bisection). The lower line is the mirror image.
+* ``deeppoly`` (DeepPoly Sec. 4.3): ``lambda = secant slope``, ``lambda' = min(f'(l), f'(u))``;
+  lower slope ``lambda`` if ``l > 0`` else ``lambda'``; upper slope ``lambda`` if ``u <= 0`` else
+  ``lambda'``.
+
+A relative round-off allowance ``4 eps (1 + |f| + |k x|)`` is subtracted from / added to the
+intercepts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Activation, Relaxation, sum_rows
+
+__all__ = ["ReLU", "Sigmoid", "Tanh"]
+
+
+class ReLU(Activation):
+    kind = "relu"
+    optimisable = True
+
+    def forward(self, x):
+        return torch.relu(x)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        return lo.clamp(min=0), hi.clamp(min=0)
+
+    def relax(self, lo, hi, mode="crown"):
+        unstable = (lo < 0) & (hi > 0)
+        active = lo >= 0
+        denom = torch.where(unstable, hi - lo, torch.ones_like(hi))
+        uw = torch.where(unstable, hi / denom, active.to(hi.dtype))
+        ub = torch.where(unstable, -lo * uw, torch.zeros_like(hi))
+        lw = torch.where(unstable, (hi > -lo).to(hi.dtype), active.to(hi.dtype))
+        return Relaxation(lw, torch.zeros_like(lw), uw, ub, extra=unstable)
+
+    def backward_relaxed(self, A, r, alpha=None):
+        lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
+        Ap, An = A.clamp(min=0), A.clamp(max=0)
+        return Ap * lw + An * r.uw, sum_rows(An * r.ub)
+
+    def alpha_slope(self, alpha, r):
+        return torch.where(r.extra, alpha, r.lw)
+
+    def alpha_init(self, r):
+        return r.lw.clone()
+
+
+class _SShaped(Activation):
+    """Common relaxation of sigmoid and tanh (see module docstring)."""
+
+    fprime0 = 1.0  # f'(0), the largest slope
+
+    def f(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def df(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def turning(self, k: Tensor) -> Tensor:
+        """``x2 > 0`` with ``f'(x2) = k`` for ``0 < k < f'(0)`` (``x1 = -x2``)."""
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.f(x)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        return self.f(lo), self.f(hi)
+
+    def intercepts(self, k: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``(min, max)`` of ``f(x) - k x`` over ``[lo, hi]`` (exact up to round-off, widened)."""
+        g_lo, g_hi = self.f(lo) - k * lo, self.f(hi) - k * hi
+        inner = (k > 0) & (k < self.fprime0)
+        kk = torch.where(inner, k, torch.full_like(k, self.fprime0 / 2))
+        x2 = self.turning(kk)
+        x1 = -x2
+        g1, g2 = self.f(x1) - k * x1, self.f(x2) - k * x2
+        big = torch.full_like(k, float("inf"))
+        gmin = torch.minimum(g_lo, g_hi)
+        gmin = torch.minimum(gmin, torch.where(inner & (x1 >= lo) & (x1 <= hi), g1, big))
+        gmax = torch.maximum(g_lo, g_hi)
+        gmax = torch.maximum(gmax, torch.where(inner & (x2 >= lo) & (x2 <= hi), g2, -big))
+        tol = 4 * torch.finfo(k.dtype).eps * (1 + self.fprime0 + k.abs() * torch.maximum(lo.abs(), hi.abs()))
+        return gmin - tol, gmax + tol
+
+    def _tangent_through(self, lo, hi, point, side, steps=24):
+        """Bisection for the tangent point ``d`` between 0 and ``side``'s end whose tangent
+        passes through ``(point, f(point))`` (only a slope heuristic: soundness comes from
+        :meth:`intercepts`)."""
+        fp = self.f(point)
+        if side == "upper":  # d in [0, hi]: smallest d with tangent(d)(lo) >= f(lo)
+            a, b = torch.zeros_like(hi), hi.clamp(min=0)
+            for _ in range(steps):
+                m = (a + b) / 2
+                ok = self.f(m) + self.df(m) * (point - m) >= fp
+                b = torch.where(ok, m, b)
+                a = torch.where(ok, a, m)
+            return b
+        a, b = lo.clamp(max=0), torch.zeros_like(lo)  # d in [lo, 0]: largest d with tangent(d)(hi) <= f(hi)
+        for _ in range(steps):
+            m = (a + b) / 2
+            ok = self.f(m) + self.df(m) * (point - m) <= fp
+            a = torch.where(ok, m, a)
+            b = torch.where(ok, b, m)
+        return a
+
+    def relax(self, lo, hi, mode="crown"):
+        m = (lo + hi) / 2
+        w = hi - lo
+        wide = w > 1e-6 * (1 + m.abs())
+        secant = torch.where(wide, (self.f(hi) - self.f(lo)) / torch.where(wide, w, torch.ones_like(w)), self.df(m))
+        if mode == "deeppoly":
+            kmin = torch.minimum(self.df(lo), self.df(hi))
+            kl = torch.where(lo > 0, secant, kmin)
+            ku = torch.where(hi <= 0, secant, kmin)
+        else:
+            tan_m = self.df(m)
+            # upper slope
+            ok_sec_u = secant <= self.df(hi)
+            du = self._tangent_through(lo, hi, lo, "upper")
+            ku = torch.where(hi <= 0, secant, torch.where(lo >= 0, tan_m, torch.where(ok_sec_u, secant, self.df(du))))
+            ok_sec_l = secant <= self.df(lo)
+            dl = self._tangent_through(lo, hi, hi, "lower")
+            kl = torch.where(lo >= 0, secant, torch.where(hi <= 0, tan_m, torch.where(ok_sec_l, secant, self.df(dl))))
+        lb, _ = self.intercepts(kl, lo, hi)
+        _, ub = self.intercepts(ku, lo, hi)
+        return Relaxation(kl, lb, ku, ub)
+
+
+class Sigmoid(_SShaped):
+    kind = "sigmoid"
+    fprime0 = 0.25
+
+    def f(self, x):
+        return torch.sigmoid(x)
+
+    def df(self, x):
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+    def turning(self, k):
+        # s (1 - s) = k, s2 = (1 + sqrt(1 - 4k)) / 2 > 1/2; x2 = log(s2 / (1 - s2)),
+        # 1 - s2 = 2k / (1 + sqrt(1 - 4k)) without cancellation.
+        # so x2 = 2 log(1 + r) - log(4k).
+        r = torch.sqrt((1 - 4 * k).clamp(min=0))
+        return 2 * torch.log1p(r) - torch.log(4 * k)
+
+
+class Tanh(_SShaped):
+    kind = "tanh"
+    fprime0 = 1.0
+
+    def f(self, x):
+        return torch.tanh(x)
+
+    def df(self, x):
+        t = torch.tanh(x)
+        return 1 - t * t
+
+    def turning(self, k):
+        # 1 - t^2 = k, t = sqrt(1 - k); x2 = atanh(t) = (log(1 + t) - log(1 - t)) / 2,
+        # 1 - t = k / (1 + t) without cancellation.
+        t = torch.sqrt((1 - k).clamp(min=0))
+        return 0.5 * (torch.log1p(t) - torch.log(k / (1 + t)))

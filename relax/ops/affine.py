@@ -1,0 +1,155 @@
+"""Affine ops: Linear, Conv1d/2d (and AvgPool as a depthwise conv), elementwise affine
+(BatchNorm in eval, add/sub/mul/div by a constant, neg), sum of two tensors.
+
+Interval rule of ``y = W x + b``: centre ``W m + b`` and radius ``|W| r`` (exact for one affine
+layer). Backward rule: ``A -> A W`` (the transpose; for conv the transposed convolution),
+bias ``A . b``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Op, sum_rows
+
+__all__ = ["Linear", "Conv", "ElemAffine", "Add", "unbroadcast"]
+
+
+def unbroadcast(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sum ``t [S, B, *out]`` down to ``[S, B, *shape]`` where ``shape`` broadcast to ``out``."""
+    lead = t.dim() - 2 - len(shape)
+    if lead > 0:
+        t = t.sum(dim=tuple(range(2, 2 + lead)))
+    dims = tuple(2 + i for i, s in enumerate(shape) if s == 1 and t.shape[2 + i] != 1)
+    if dims:
+        t = t.sum(dim=dims, keepdim=True)
+    return t
+
+
+class Linear(Op):
+    """``y = x W^T + b`` on the last dim; ``W: [out, in]``, ``b: [out]`` or ``None``."""
+
+    kind = "linear"
+
+    def __init__(self, W: Tensor, b: Tensor | None):
+        self.W, self.b = W, b
+        self._absWt: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.W, self.b)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        m, r = (hi + lo) / 2, (hi - lo) / 2
+        if self._absWt is None:
+            self._absWt = self.W.abs().t().contiguous()
+        c = F.linear(m, self.W, self.b)
+        d = r @ self._absWt
+        return c - d, c + d
+
+    def backward(self, A):
+        A_in = A @ self.W
+        bias = None if self.b is None else sum_rows(A * self.b)
+        return [A_in], bias
+
+
+class Conv(Op):
+    """``F.conv1d/conv2d`` with constant weight ``W [Cout, Cin/groups, *k]`` and bias."""
+
+    kind = "conv"
+
+    def __init__(self, W, b, stride, padding, dilation, groups, in_shape, out_shape):
+        self.W, self.b = W, b
+        self.nd = W.dim() - 2
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.conv = F.conv1d if self.nd == 1 else F.conv2d
+        self.convT = F.conv_transpose1d if self.nd == 1 else F.conv_transpose2d
+        # output_padding so that the transposed conv returns exactly the input size
+        self.out_pad = []
+        for i in range(self.nd):
+            k = W.shape[2 + i]
+            full = (out_shape[1 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + 1
+            self.out_pad.append(in_shape[1 + i] - full)
+        self._absW: Tensor | None = None
+
+    def _c(self, x, W, b):
+        return self.conv(x, W, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x):
+        return self._c(x, self.W, self.b)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        if self._absW is None:
+            self._absW = self.W.abs()
+        c = self._c((hi + lo) / 2, self.W, self.b)
+        d = self._c((hi - lo) / 2, self._absW, None)
+        return c - d, c + d
+
+    def backward(self, A):
+        S, B = A.shape[:2]
+        a = A.reshape(S * B, *self.out_shape)
+        a_in = self.convT(a, self.W, None, self.stride, self.padding, tuple(self.out_pad), self.groups, self.dilation)
+        A_in = a_in.reshape(S, B, *self.in_shape)
+        bias = None
+        if self.b is not None:
+            bias = sum_rows(A * self.b.view(-1, *([1] * self.nd)))
+        return [A_in], bias
+
+
+class ElemAffine(Op):
+    """``y = x * scale + shift`` elementwise; ``scale``/``shift`` broadcast to the per-example
+    output shape (BatchNorm in eval, +,-,*,/ by a constant, neg)."""
+
+    kind = "elementwise affine"
+
+    def __init__(self, scale: Tensor | None, shift: Tensor | None, in_shape: tuple[int, ...]):
+        self.scale, self.shift, self.in_shape = scale, shift, tuple(in_shape)
+
+    def forward(self, x):
+        y = x if self.scale is None else x * self.scale
+        return y if self.shift is None else y + self.shift
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        if self.scale is None:
+            c, d = (hi + lo) / 2, (hi - lo) / 2
+        else:
+            c, d = (hi + lo) / 2 * self.scale, (hi - lo) / 2 * self.scale.abs()
+        if self.shift is not None:
+            c = c + self.shift
+        return c - d, c + d
+
+    def backward(self, A):
+        A_in = A if self.scale is None else A * self.scale
+        A_in = unbroadcast(A_in, self.in_shape)
+        bias = None if self.shift is None else sum_rows(A * self.shift)
+        return [A_in], bias
+
+
+class Add(Op):
+    """``y = sum_i sign_i x_i`` of variable tensors (residual connections), with broadcasting."""
+
+    kind = "add"
+
+    def __init__(self, signs: list[float], in_shapes: list[tuple[int, ...]]):
+        self.signs, self.in_shapes = signs, in_shapes
+
+    def forward(self, *xs):
+        y = xs[0] * self.signs[0]
+        for s, x in zip(self.signs[1:], xs[1:]):
+            y = y + s * x
+        return y
+
+    def interval(self, *bnds):
+        lo = hi = None
+        for s, (l, h) in zip(self.signs, bnds):
+            a, b = (l, h) if s > 0 else (-h, -l)
+            lo = a if lo is None else lo + a
+            hi = b if hi is None else hi + b
+        return lo, hi
+
+    def backward(self, A):
+        return [unbroadcast(A if s > 0 else -A, sh) for s, sh in zip(self.signs, self.in_shapes)], None

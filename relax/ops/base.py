@@ -1,0 +1,141 @@
+"""Base classes of the per-op bound rules.
+
+Conventions (per example shapes ``*in``/``*out``, batch ``B``, spec rows ``S``):
+
+* ``forward(*xs)``: concrete evaluation, ``xs[i]: [N, *in_i] -> [N, *out]``.
+* ``interval(*bounds)``: interval rule (IBP), ``bounds[i] = (lo, hi)`` each ``[B, *in_i]``.
+* Affine ops: ``backward(A)`` with ``A: [S, B, *out]`` returns ``(A_ins, bias)``:
+  ``A_ins[i]: [S, B, *in_i]`` and ``bias: [S, B]`` (or ``None``) such that
+  ``A . op(x) = sum_i A_ins[i] . x_i + bias`` exactly (the transpose of the linear part, i.e.
+  a vector-Jacobian product batched over ``S * B``).
+* Nonlinear ops (:class:`Activation`) give a relaxation from the bounds of their input and
+  ``backward_relaxed(A, relax, alpha)`` returning ``(A_in, bias)`` with
+  ``A . op(x) >= A_in . x + bias`` for every ``x`` in the input bounds (a *lower* bound: the
+  backward pass only ever computes lower bounds; an upper bound is ``-lower(-A)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch import Tensor
+
+__all__ = ["Op", "Activation", "Relaxation", "BuildContext", "sum_rows"]
+
+
+def sum_rows(t: Tensor) -> Tensor:
+    """Sum over all dims after the first two: ``[S, B, ...] -> [S, B]``."""
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+class Op:
+    """A bound rule for one op type."""
+
+    nonlinear = False
+    kind = "op"
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype) -> "Op":
+        """A copy with constants in ``dtype`` (default: same op, constants are folded in
+        the graph's dtype already)."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass
+class Relaxation:
+    """Elementwise linear bounds ``lw x + lb <= f(x) <= uw x + ub``, each ``[B, *shape]``
+    (``lw`` may be replaced per spec row by an alpha ``[S, B, *shape]``)."""
+
+    lw: Tensor
+    lb: Tensor
+    uw: Tensor
+    ub: Tensor
+    extra: Any = None
+
+
+class Activation(Op):
+    """A nonlinear op relaxed by linear bounds (elementwise unless overridden)."""
+
+    nonlinear = True
+    #: whether alpha-CROWN has a free lower-slope parameter for this op
+    optimisable = False
+
+    def relax(self, lo: Tensor, hi: Tensor, mode: str = "crown") -> Relaxation:
+        raise NotImplementedError
+
+    def backward_relaxed(self, A: Tensor, r: Relaxation, alpha: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Lower bound of ``A . f(x)``: positive entries of ``A`` take the lower line, negative
+        ones the upper line. ``alpha`` (``[S, B, *shape]``) replaces ``lw`` when given."""
+        lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
+        Ap, An = A.clamp(min=0), A.clamp(max=0)
+        A_in = Ap * lw + An * r.uw
+        bias = sum_rows(Ap * r.lb + An * r.ub)
+        return A_in, bias
+
+    def alpha_slope(self, alpha: Tensor, r: Relaxation) -> Tensor:
+        raise NotImplementedError
+
+    def alpha_init(self, r: Relaxation) -> Tensor:
+        """Initial alpha ``[B, *shape]`` reproducing ``r.lw``."""
+        raise NotImplementedError
+
+
+@dataclass
+class BuildContext:
+    """What a rule builder sees: the fx node, the module, recorded example values (batch 2),
+    which nodes are variable, the per-example shapes, the constant dtype."""
+
+    node: torch.fx.Node
+    gm: torch.fx.GraphModule
+    values: dict[str, Any]
+    variable: set[str]
+    out_shape: tuple[int, ...]
+    in_shapes: dict[str, tuple[int, ...]]
+    dtype: torch.dtype
+    desc: str
+
+    def is_var(self, a: Any) -> bool:
+        return isinstance(a, torch.fx.Node) and a.name in self.variable
+
+    def const(self, a: Any) -> Any:
+        """Value of a constant argument (fx nodes resolved to their recorded values)."""
+        if isinstance(a, torch.fx.Node):
+            if a.name in self.variable:
+                from ..graph import UnsupportedOperatorError
+
+                raise UnsupportedOperatorError(f"{self.desc}: argument {a.name!r} must be a constant")
+            return self.values[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.const(x) for x in a)
+        return a
+
+    def const_tensor(self, a: Any) -> Tensor:
+        v = self.const(a)
+        return torch.as_tensor(v).to(self.dtype)
+
+    def module(self) -> torch.nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    def var_args(self) -> list[torch.fx.Node]:
+        return [a for a in self.node.all_input_nodes if a.name in self.variable]
+
+    def fail(self, why: str) -> Exception:
+        from ..graph import UnsupportedOperatorError
+
+        return UnsupportedOperatorError(f"unsupported operator: {self.desc}: {why}")
+
+
+Builder = Callable[[BuildContext], "tuple[Op, list[str]]"]
