@@ -44,7 +44,8 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
 
     def summary_text(self) -> str:
-        return format_text(summarize(self.table, self.radii), summary_columns(self.radii))
+        errors = any(c.status == "error" for c in self.table)
+        return format_text(summarize(self.table, self.radii), summary_columns(self.radii, errors=errors))
 
 
 def append_csv(path: Path, certs: Sequence[Certificate]) -> None:
@@ -63,6 +64,11 @@ def _load_net(model: Any, device: str) -> nn.Module:
     from .model import load_model
 
     return load_model(model, device=device)
+
+
+@torch.no_grad()
+def _num_classes(net: nn.Module, x: Tensor) -> int:
+    return net(x[:1]).shape[-1]
 
 
 @torch.no_grad()
@@ -85,9 +91,10 @@ def attack_curve(
         if r > 0 and ok.any():
             idx = ok.nonzero().flatten()
             ball = LpBall(x[idx], float(r), norm, 0.0, 1.0)
-            res = pgd_attack(net, ball, Robust(labels[idx]), steps=steps, restarts=restarts, seed=seed)
+            spec = Robust(labels[idx]).linear(len(idx), _num_classes(net, x), device=x.device, dtype=x.dtype)
+            res = pgd_attack(net, ball, spec, steps=steps, restarts=restarts, seed=seed)
             ok[idx] = ~torch.as_tensor(res.found, dtype=torch.bool).cpu()
-        out[float(r)] = ok.float().mean().item()
+        out[float(r)] = int(ok.sum()) / len(ok)
     return out
 
 
@@ -110,12 +117,13 @@ def _vote(net: nn.Module, x: Tensor, sigma: float, n: int, seed: int) -> Tensor:
     """Majority class of ``f(x + N(0, sigma^2))`` over ``n`` draws, ``[B]`` (no abstention:
     this is an empirical check, not a certificate)."""
     g = torch.Generator(device=x.device).manual_seed(seed)
+    K = _num_classes(net, x)
     counts = None
     for i in range(0, n, 256):
         k = min(256, n - i)
         xs = x.unsqueeze(0) + sigma * torch.randn((k, *x.shape), generator=g, device=x.device, dtype=x.dtype)
         y = net(xs.flatten(0, 1)).argmax(-1).view(k, x.shape[0])
-        c = torch.nn.functional.one_hot(y, net(x[:1]).shape[-1]).sum(0)
+        c = torch.nn.functional.one_hot(y, K).sum(0)
         counts = c if counts is None else counts + c
     return counts.argmax(-1)
 
@@ -143,7 +151,8 @@ def beyond_radius_attack(
         for fac in factors:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                res = pgd_attack(surrogate, LpBall(x[idx], fac * R, norm, 0.0, 1.0), Robust(lab), steps=steps, restarts=1, seed=seed)
+                spec = Robust(lab).linear(len(idx), _num_classes(net, x), device=x.device, dtype=x.dtype)
+                res = pgd_attack(surrogate, LpBall(x[idx], fac * R, norm, 0.0, 1.0), spec, steps=steps, restarts=1, seed=seed)
             changed = _vote(net, res.x_adv.detach().to(x), sigma, n_vote, seed) != lab.to(x.device)
             rows.append({"method": m, "factor": f"{fac:g} R", "attacked": len(sub), "success": changed.float().mean().item()})
     return rows

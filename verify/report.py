@@ -50,8 +50,9 @@ def summarize(table: CertificateTable, radii: Sequence[float] = ()) -> list[dict
     return rows
 
 
-def summary_columns(radii: Sequence[float] = ()) -> list[tuple[str, str]]:
-    """The default ``(key, heading)`` columns of a summary table."""
+def summary_columns(radii: Sequence[float] = (), errors: bool = False) -> list[tuple[str, str]]:
+    """The default ``(key, heading)`` columns of a summary table (``errors``: add the count of
+    ``status="error"`` rows)."""
     return [
         ("method", "method"),
         ("guarantee", "guarantee"),
@@ -63,6 +64,7 @@ def summary_columns(radii: Sequence[float] = ()) -> list[tuple[str, str]]:
         ("average_radius", "avg radius"),
         ("mean_time_s", "mean s/input"),
         ("median_time_s", "median s/input"),
+        *([("error", "errors")] if errors else []),
     ]
 
 
@@ -197,7 +199,7 @@ def plot_certified_accuracy(
 
 
 def check_certified_below_attack(
-    table: CertificateTable, attack_curve: AttackCurve, tol: float = 1e-9
+    table: CertificateTable, attack_curve: AttackCurve, tol: float = 1e-6
 ) -> list[str]:
     """Soundness check: for every method certifying ``f`` and every radius of the attack curve,
     certified accuracy must not exceed the attack (PGD) accuracy on the same inputs. Returns a
@@ -243,7 +245,8 @@ def markdown_report(
     given) with the soundness check, extra ``(heading, markdown)`` sections, and the PNG
     (linked by its file name, so keep the report beside it)."""
     out = [f"# {title}", "", _classifier_note(table, model_name), ""]
-    out += ["## Summary", "", format_markdown(summarize(table, radii), summary_columns(radii)), ""]
+    errors = any(c.status == "error" for c in table)
+    out += ["## Summary", "", format_markdown(summarize(table, radii), summary_columns(radii, errors)), ""]
     if attack_curve:
         rs = sorted(float(r) for r in attack_curve)
         out += ["## Empirical upper bound (PGD on f)", ""]

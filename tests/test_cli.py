@@ -1,0 +1,173 @@
+"""The certify command line, called in-process (``main([...])``) and once as the console script."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from verify.cli import main
+from verify.digits_model import load_digits_mlp
+from verify.registry import BoundMethod, list_methods, register
+
+
+@register
+class _TestInterval(BoundMethod):
+    """Interval bounds for Flatten/Linear/ReLU chains: the fallback while relax has no method."""
+
+    name = "test-interval"
+    summary = "interval bounds for Linear/ReLU chains (tests only)"
+    norms = ("linf", "l2", "box")
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def lower_bounds(self, model, inputs, spec):
+        lo, hi = inputs.bounds()
+        for node in model.graph.nodes:
+            if node.op != "call_module":
+                continue
+            m = model.get_submodule(node.target)
+            if isinstance(m, nn.Flatten):
+                lo, hi = lo.flatten(1), hi.flatten(1)
+            elif isinstance(m, nn.ReLU):
+                lo, hi = lo.clamp_min(0), hi.clamp_min(0)
+            elif isinstance(m, nn.Linear):
+                c, r = m((lo + hi) / 2), ((hi - lo) / 2) @ m.weight.abs().T
+                lo, hi = c - r, c + r
+            else:
+                raise ValueError(f"test-interval: unsupported module {type(m).__name__}")
+        c, r = (lo + hi) / 2, (hi - lo) / 2
+        return torch.einsum("bnk,bk->bn", spec.C, c) - torch.einsum("bnk,bk->bn", spec.C.abs(), r) + spec.d
+
+
+METHOD = "interval" if "interval" in list_methods() else "test-interval"
+REQUIRED = {"method", "status", "radius", "time_s", "guarantee", "certifies", "index", "label", "prediction", "eps", "norm"}
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("m") / "digits.pt"
+    torch.save(load_digits_mlp(), p)
+    return p
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("certify: error: ")
+    return err[0]
+
+
+def test_methods_lists_registered(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in list_methods().items():
+        assert name in out
+    assert "options:" in out and "scale=1.0" in out  # the test method's option and default
+
+
+def test_run_writes_csv(model_pt, tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    rc = main(["run", "--model", str(model_pt), "--data", "digits", "--limit", "12", "--eps", "0.01",
+               "--method", METHOD, "--radius", "--max-radius", "0.1", "--out", str(out), "-q"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 12 and REQUIRED <= set(rows[0])
+    assert {r["method"] for r in rows} == {METHOD} and [int(r["index"]) for r in rows] == list(range(12))
+    assert all(float(r["radius"]) >= 0 for r in rows)
+    text = capsys.readouterr().out
+    assert "cert@0.01" in text and f"12 rows" in text
+
+
+def test_run_vnnlib(model_pt, tmp_path, capsys):
+    # box of +-0.001 around a test digit; the violation: class 0 beats the label
+    from verify.data import digits
+
+    x, y = digits("test", limit=1)
+    lab, other = int(y[0]), (int(y[0]) + 1) % 10
+    lines = [f"(declare-const X_{i} Real)" for i in range(64)] + [f"(declare-const Y_{j} Real)" for j in range(10)]
+    for i, v in enumerate(x.flatten().tolist()):
+        lines += [f"(assert (>= X_{i} {max(0.0, v - 1e-3)}))", f"(assert (<= X_{i} {min(1.0, v + 1e-3)}))"]
+    lines.append(f"(assert (<= Y_{lab} Y_{other}))")
+    spec = tmp_path / "p.vnnlib"
+    spec.write_text("\n".join(lines))
+    out = tmp_path / "r.json"
+    assert main(["run", "--model", str(model_pt), "--spec", str(spec), "--method", METHOD, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "result: unsat" in text
+    rows = json.loads(out.read_text())
+    assert rows[0]["status"] == "certified" and rows[0]["details"]["vnncomp_result"] == "unsat"
+
+
+@pytest.mark.parametrize(
+    "args, cause",
+    [
+        (["--model", "missing.pt", "--data", "digits", "--eps", "0.1"], "model file not found"),
+        (["--model", "{pt}", "--data", "missing.npz", "--eps", "0.1"], "no such file"),
+        (["--model", "{pt}", "--data", "digits", "--eps", "-0.1"], "--eps must be"),
+        (["--model", "{pt}", "--data", "digits", "--eps", "0.1", "--norm", "l3"], "norm"),
+        (["--model", "{pt}", "--data", "digits", "--eps", "0.1", "--option", "nonsense=1"], "has no option 'nonsense'"),
+        (["--model", "{pt}", "--data", "digits", "--eps", "0.1", "--option", "novalue"], "key=value"),
+        (["--model", "{pt}", "--spec", "missing.vnnlib"], "spec file not found"),
+        (["--model", "{pt}", "--eps", "0.1"], "--eps needs --data"),
+    ],
+)
+def test_run_errors_one_line(model_pt, capsys, args, cause):
+    args = [a.replace("{pt}", str(model_pt)) for a in args]
+    assert main(["run", "--method", METHOD, *args]) == 2
+    assert cause in _err_line(capsys)
+
+
+def test_other_errors_one_line(model_pt, tmp_path, capsys):
+    assert main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", "no-such-method"]) == 2
+    assert "unknown method 'no-such-method'" in _err_line(capsys)
+    bad = tmp_path / "bad.vnnlib"
+    bad.write_text("(declare-const X_0 Real)\n(assert (<= X_0 oops))\n")
+    assert main(["run", "--model", str(model_pt), "--spec", str(bad), "--method", METHOD]) == 2
+    assert "bad.vnnlib" in _err_line(capsys)
+    assert main(["frobnicate"]) == 2
+    _err_line(capsys)
+    assert main(["compare", "--model", str(model_pt), "--data", "digits", "--radii", "0,0.1", "--executor", "ray", "--methods", METHOD]) in (0, 2)
+    capsys.readouterr()
+    with pytest.raises(ValueError):  # --debug: the traceback is not swallowed
+        main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--norm", "l3", "--method", METHOD, "--debug"])
+
+
+def test_console_script_error():
+    exe = Path(sys.executable).with_name("certify")
+    if not exe.exists():
+        pytest.skip("the certify console script is not installed in this environment")
+    r = subprocess.run([str(exe), "run", "--model", "missing.onnx", "--spec", "x.vnnlib", "--method", METHOD],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("certify: error: ")
+
+
+def test_compare_resume(model_pt, tmp_path, capsys):
+    base = ["compare", "--model", str(model_pt), "--data", "digits", "--methods", METHOD, "--radii", "0,0.01",
+            "--out", str(tmp_path), "--chunk-size", "4", "--no-attack", "--max-radius", "0.05", "-q"]
+    assert main([*base, "--limit", "8"]) == 0
+    assert main([*base, "--limit", "12", "--resume"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "compare_results.csv")))
+    assert sorted(int(r["index"]) for r in rows) == list(range(12))  # 8 kept, 4 new, none twice
+    assert (tmp_path / "compare.png").is_file() and "## Summary" in (tmp_path / "compare.md").read_text()
+    assert "resumed: 8" in capsys.readouterr().err
+
+
+def test_demo_small(tmp_path, capsys, monkeypatch):
+    import verify.demo as demo
+
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "smoothing-*", {**demo.DEMO_OPTIONS["smoothing-*"], "n": 500, "n0": 50})
+    assert main(["demo", "--limit", "10", "--out", str(tmp_path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "certified accuracy on 10 test digits" in out and "cert@0.01" in out and METHOD in out
+    for norm in ("linf", "l2"):
+        assert (tmp_path / f"demo_{norm}.png").is_file()
+        rows = list(csv.DictReader(open(tmp_path / f"demo_{norm}_results.csv")))
+        assert len(rows) == 10 * len({r["method"] for r in rows})
