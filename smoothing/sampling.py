@@ -1,0 +1,256 @@
+"""Batched Monte Carlo for smoothing: draw noise on the device, run the base model, count.
+
+One sweep serves a whole batch of inputs ``x [B, *shape]`` (images, vectors, embeddings: any
+shape) and several independent sample *streams* per input (e.g. CERTIFY's ``n0`` selection
+samples and ``n`` estimation samples). Samples are drawn in blocks of at most ``chunk``
+(from ``batch_size`` and a memory budget); blocks of several inputs are packed into one
+forward pass of at most ``chunk`` rows; outputs are reduced on the device (``bincount`` for
+class counts). No Python loop runs over samples.
+
+Randomness and repeatability:
+
+* ``share_noise=False`` (default): every (input, stream) has its own ``torch.Generator``
+  seeded from ``(seed, stream, the bytes of the input)``. The noise an input receives does
+  not depend on its position or on the other inputs of the batch, so a batch of 1 gives
+  exactly the noise of a batch of N, and seeded runs repeat. Identical inputs receive
+  identical noise (each certificate is still valid on its own).
+* ``share_noise=True``: one generator per stream, seeded from ``(seed, stream)``; sample ``j``
+  of every input of the batch uses the same noise vector. Each input's samples are still
+  i.i.d. from the noise, so each certificate keeps its ``1 - alpha`` guarantee, but the
+  failure events of different inputs are correlated (an unlucky noise draw hits them all).
+  Noise generation is paid once per batch instead of once per input (faster on CPU).
+
+The noise is fresh for every block: no tensor of noise is ever reused for a second block
+or a second stream.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .noise import Noise
+
+__all__ = [
+    "SamplingTimeout",
+    "chunk_size",
+    "seed_generator",
+    "input_generators",
+    "Perturb",
+    "monte_carlo",
+    "count_classes",
+]
+
+
+class SamplingTimeout(RuntimeError):
+    """The deadline passed during sampling."""
+
+
+def chunk_size(sample_numel: int, element_size: int = 4, batch_size: int = 1000, memory_mb: float | None = None) -> int:
+    """Rows per forward pass: ``batch_size``, capped so that the noisy inputs of one pass
+    (``rows * sample_numel * element_size`` bytes, counted twice for noise and model
+    activations of the first layer) fit in ``memory_mb`` mebibytes. At least 1."""
+    rows = int(batch_size)
+    if rows < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if memory_mb is not None:
+        if memory_mb <= 0:
+            raise ValueError(f"memory_mb must be positive, got {memory_mb}")
+        rows = min(rows, int(memory_mb * 2**20 // (2 * max(1, sample_numel) * element_size)))
+    return max(1, rows)
+
+
+def _digest(*parts: bytes) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def seed_generator(device: torch.device, *parts: bytes) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded by a hash of ``parts``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(_digest(*parts))
+    return g
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().contiguous()
+    return str(t.dtype).encode() + str(tuple(t.shape)).encode() + t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+
+
+def input_generators(x: Tensor, seed: int, stream: str) -> list[torch.Generator]:
+    """One generator per input ``x[b]`` seeded from ``(seed, stream, bytes of x[b])``."""
+    s = str(int(seed)).encode()
+    return [seed_generator(x.device, s, stream.encode(), _tensor_bytes(x[b])) for b in range(x.shape[0])]
+
+
+#: ``perturb(x_rows [S, *shape], params [S, *param_shape]) -> model inputs [S, *shape]``;
+#: ``None`` means additive noise ``x + params``.
+Perturb = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class _Block:
+    slot: int  # accumulator row (stream * B + b)
+    b: int  # input index
+    start: int  # position of the first sample within the slot
+    count: int
+    gen: torch.Generator | None  # independent mode
+    noise: Tensor | None = None  # shared mode: the block's noise [count, *param_shape]
+
+
+def monte_carlo(
+    model: torch.nn.Module,
+    x: Tensor,
+    noise: Noise,
+    nums: Sequence[int],
+    consume: Callable[[Tensor, Tensor, Tensor], None],
+    *,
+    seed: int = 0,
+    streams: Sequence[str] | None = None,
+    batch_size: int = 1000,
+    memory_mb: float | None = None,
+    share_noise: bool = False,
+    perturb: Perturb | None = None,
+    param_shape: tuple[int, ...] | None = None,
+    deadline: float | None = None,
+) -> None:
+    """Run the base model on noisy copies of every input, streaming outputs to ``consume``.
+
+    Args:
+        model: base model, ``[S, *shape] -> [S, K]`` (any trailing output shape is flattened).
+        x: clean inputs ``[B, *shape]`` on the model's device.
+        noise: the noise; drawn with shape ``[m, *param_shape]``.
+        nums: samples per stream (e.g. ``[n0, n]``); stream ``s`` of input ``b`` fills
+            accumulator slot ``s * B + b``.
+        consume: ``consume(slot [S] long, pos [S] long, out [S, K])`` for each forward
+            pass; ``pos`` is the index of each row's sample within its slot.
+        seed: base seed; streams are named ``streams[s]`` (default ``"s0", "s1", ...``).
+        batch_size, memory_mb: rows per forward pass, see :func:`chunk_size`.
+        share_noise: one noise stream for the whole batch (see module docstring).
+        perturb: how a noise sample acts on an input (default: added).
+        param_shape: shape of one noise sample (default ``x.shape[1:]``).
+        deadline: ``time.perf_counter()`` value after which :class:`SamplingTimeout` is raised.
+    """
+    B = x.shape[0]
+    shape = tuple(x.shape[1:])
+    pshape = shape if param_shape is None else tuple(param_shape)
+    numel = math.prod(shape)
+    chunk = chunk_size(numel, x.element_size(), batch_size, memory_mb)
+    names = list(streams) if streams is not None else [f"s{i}" for i in range(len(nums))]
+    if len(names) != len(nums):
+        raise ValueError("streams and nums differ in length")
+    dev, dt = x.device, x.dtype
+    sbytes = str(int(seed)).encode()
+
+    def groups():
+        """Yield lists of blocks whose counts add up to at most ``chunk``."""
+        cur: list[_Block] = []
+        used = 0
+        for s, (name, num) in enumerate(zip(names, nums)):
+            num = int(num)
+            if num <= 0:
+                continue
+            if share_noise:
+                gen = seed_generator(dev, sbytes, name.encode(), b"shared")
+                for start in range(0, num, chunk):
+                    m = min(chunk, num - start)
+                    nz = torch.empty((m, *pshape), device=dev, dtype=dt)
+                    noise.fill_(nz, gen)
+                    for b in range(B):
+                        if used + m > chunk:
+                            yield cur
+                            cur, used = [], 0
+                        cur.append(_Block(s * B + b, b, start, m, None, nz))
+                        used += m
+            else:
+                gens = input_generators(x, seed, name)
+                for b in range(B):
+                    for start in range(0, num, chunk):
+                        m = min(chunk, num - start)
+                        if used + m > chunk:
+                            yield cur
+                            cur, used = [], 0
+                        cur.append(_Block(s * B + b, b, start, m, gens[b]))
+                        used += m
+        if cur:
+            yield cur
+
+    for blocks in groups():
+        if deadline is not None and time.perf_counter() > deadline:
+            raise SamplingTimeout("sampling passed its deadline")
+        S = sum(bl.count for bl in blocks)
+        buf = torch.empty((S, *pshape), device=dev, dtype=dt)
+        a = 0
+        for bl in blocks:
+            part = buf[a : a + bl.count]
+            if bl.noise is not None:
+                part.copy_(bl.noise)
+            else:
+                noise.fill_(part, bl.gen)
+            if perturb is None:
+                part.add_(x[bl.b])
+            a += bl.count
+        counts = torch.tensor([bl.count for bl in blocks], device=dev)
+        slot = torch.repeat_interleave(torch.tensor([bl.slot for bl in blocks], device=dev), counts)
+        starts = torch.repeat_interleave(torch.tensor([bl.start for bl in blocks], device=dev), counts)
+        offs = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        pos = starts + torch.arange(S, device=dev) - offs
+        if perturb is None:
+            inp = buf
+        else:
+            bidx = torch.repeat_interleave(torch.tensor([bl.b for bl in blocks], device=dev), counts)
+            inp = perturb(x.index_select(0, bidx), buf)
+        out = model(inp)
+        consume(slot, pos, out.reshape(S, -1))
+
+
+def count_classes(
+    model: torch.nn.Module,
+    x: Tensor,
+    noise: Noise,
+    nums: Sequence[int],
+    *,
+    seed: int = 0,
+    streams: Sequence[str] | None = None,
+    batch_size: int = 1000,
+    memory_mb: float | None = None,
+    share_noise: bool = False,
+    perturb: Perturb | None = None,
+    param_shape: tuple[int, ...] | None = None,
+    deadline: float | None = None,
+) -> Tensor:
+    """Class counts of the base model's argmax under noise.
+
+    Returns:
+        ``[len(nums), B, K]`` int64 counts on ``x.device``: ``counts[s, b, c]`` is how many of
+        stream ``s``'s samples of input ``b`` the model put in class ``c``.
+    """
+    B = x.shape[0]
+    S = len(nums)
+    acc: dict[str, Tensor] = {}
+
+    def consume(slot: Tensor, pos: Tensor, out: Tensor) -> None:
+        K = out.shape[1]
+        if "c" not in acc:
+            acc["c"] = torch.zeros(S * B * K, dtype=torch.long, device=out.device)
+        pred = out.argmax(dim=1)
+        acc["c"] += torch.bincount(slot * K + pred, minlength=S * B * K)
+
+    with torch.inference_mode():
+        monte_carlo(
+            model, x, noise, nums, consume, seed=seed, streams=streams, batch_size=batch_size, memory_mb=memory_mb,
+            share_noise=share_noise, perturb=perturb, param_shape=param_shape, deadline=deadline,
+        )
+    if "c" not in acc:  # no samples at all: K from one clean forward pass
+        with torch.inference_mode():
+            K = model(x[:1]).reshape(1, -1).shape[1]
+        return torch.zeros(S, B, K, dtype=torch.long, device=x.device)
+    return acc["c"].view(S, B, -1)
