@@ -1,0 +1,422 @@
+"""Registered smoothing methods: ``smoothing-gaussian``, ``-laplace``, ``-uniform``, ``-topk``,
+``-rotation``, ``-translation``.
+
+Every method certifies the **smoothed** classifier ``g`` (``certifies="smoothed"``), with
+probability ``confidence = 1 - alpha`` over its own sampling (``guarantee="probabilistic"``).
+
+``certify(model, inputs, prop, find_radius=..., max_radius=..., timeout=...)``:
+
+* ``inputs``: an :class:`~verify.spec.LpBall` whose centre is the clean input and whose ``eps``
+  is the radius asked about (may be 0). Norms the noise cannot certify raise ``SpecError``.
+  The ball's domain is ignored: the certificate covers the whole ball, a superset.
+  For rotation / translation, ``eps`` is an angle in degrees / a shift in pixels.
+* ``prop``: :class:`~verify.spec.Robust` (``TopK`` for ``smoothing-topk``).
+* status: ``"abstain"`` when CERTIFY abstains (prediction -1); ``"certified"`` when the
+  prediction equals the label, the radius is ``>= eps`` and ``> 0``; else ``"unknown"`` with
+  ``details["reason"]`` (wrong class, radius < eps, timeout).
+* ``radius``: the certified radius of g's prediction at x (0 on abstain), whatever the label;
+  it is always computed in closed form, so ``find_radius`` changes nothing, and
+  ``max_radius`` caps it (the uncapped value stays in the details).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from verify.certificate import Certificate
+from verify.registry import Method, register
+from verify.spec import InputSet, LpBall, OutputProperty, Robust, SpecError, TopK, norm_name
+
+from .certify import certify as _certify
+from .noise import FLOAT_NOTE, GaussianNoise, LaplaceNoise, Noise, UniformNoise
+from .sampling import SamplingTimeout
+from .semantic import Rotation, SemanticTransform, Translation
+from .stats import SmoothingConfigError, check_n_alpha
+from .topk import certify_topk
+
+__all__ = [
+    "SmoothingGaussian",
+    "SmoothingLaplace",
+    "SmoothingUniform",
+    "SmoothingTopK",
+    "SmoothingRotation",
+    "SmoothingTranslation",
+]
+
+
+def _sparse_counts(row: torch.Tensor) -> dict[str, int]:
+    r = row.cpu()
+    nz = torch.nonzero(r).flatten().tolist()
+    return {str(c): int(r[c]) for c in nz}
+
+
+class _Smoothing(Method):
+    """Shared option handling and Certificate assembly."""
+
+    guarantee = "probabilistic"
+    certifies = "smoothed"
+    noise_cls: ClassVar[type[Noise] | None] = None
+
+    def _check_options(self) -> None:
+        if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
+            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.sigma!r}")
+        if int(self.n0) < 1:
+            raise SmoothingConfigError(f"{self.name}: n0 must be >= 1, got {self.n0}")
+        check_n_alpha(int(self.n), float(self.alpha), pb_bound=bool(getattr(self, "pb_bound", False)))
+        if int(self.batch_size) < 1:
+            raise SmoothingConfigError(f"{self.name}: batch_size must be >= 1, got {self.batch_size}")
+
+    # --- helpers
+    def _ball(self, inputs: InputSet) -> LpBall:
+        self.check_input_set(inputs)
+        if not isinstance(inputs, LpBall):
+            raise SpecError(f"method {self.name!r} needs an LpBall input set (centre = clean input, eps = radius asked)")
+        return inputs
+
+    @staticmethod
+    def _labels(prop: OutputProperty, B: int) -> torch.Tensor:
+        lab = prop.labels()
+        if lab is None:
+            raise SpecError("smoothing methods need a classification property (Robust or TopK)")
+        lab = lab.reshape(-1)
+        if lab.numel() == 1:
+            lab = lab.expand(B)
+        if lab.numel() != B:
+            raise SpecError(f"{lab.numel()} labels for a batch of {B}")
+        return lab.cpu()
+
+    def _base_details(self) -> dict[str, Any]:
+        return {
+            "options": self.options(),
+            "sigma_space": "model input space",
+            "float_soundness": FLOAT_NOTE,
+        }
+
+    def _timeout_certs(self, B, labels, eps, norm, elapsed, extra) -> list[Certificate]:
+        return [
+            Certificate(
+                method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.alpha),
+                status="unknown", index=b, label=int(labels[b]), prediction=None, norm=norm, eps=float(eps[b]),
+                radius=0.0, time_s=elapsed / B, details={**self._base_details(), **extra, "reason": "timeout"},
+            )
+            for b in range(B)
+        ]
+
+    def _assemble(self, res, labels, eps, norm, max_radius, elapsed, extra) -> list[Certificate]:
+        B = len(labels)
+        certs = []
+        for b in range(B):
+            pred = int(res.prediction[b])
+            r_unc = float(res.radius[b])
+            r = min(r_unc, float(max_radius)) if max_radius is not None else r_unc
+            e = float(eps[b])
+            lab = int(labels[b])
+            if pred < 0:
+                status, reason, r = "abstain", "CERTIFY abstained: pA_lower <= pB_upper", 0.0
+            elif pred != lab:
+                status, reason = "unknown", f"smoothed classifier predicts {pred}, not the label {lab}"
+            elif not (r > 0 and r >= e):
+                status, reason = "unknown", f"certified radius {r:.6g} < eps {e:.6g}"
+            else:
+                status, reason = "certified", ""
+            det = {
+                **self._base_details(),
+                **extra,
+                "pA_lower": float(res.pa_lower[b]),
+                "pB_upper": float(res.pb_upper[b]),
+                "counts": _sparse_counts(res.counts[b]),
+                "counts_selection": _sparse_counts(res.counts_selection[b]),
+                "n": res.n,
+                "n0": res.n0,
+                "alpha": res.alpha,
+                "pb_bound": res.pb_bound,
+                "radius_uncapped": r_unc,
+            }
+            if reason:
+                det["reason"] = reason
+            certs.append(
+                Certificate(
+                    method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.alpha),
+                    status=status, index=b, label=lab, prediction=pred, norm=norm, eps=e, radius=r,
+                    time_s=elapsed / B, details=det,
+                )
+            )
+        return certs
+
+
+class _NoiseSmoothing(_Smoothing):
+    """Additive-noise smoothing (Cohen et al. 2019 CERTIFY) with the noise of ``noise_cls``."""
+
+    def __init__(
+        self,
+        sigma: float = 0.25,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        pb_bound: bool = False,
+        batch_size: int = 1000,
+        memory_mb: float | None = None,
+        seed: int = 0,
+        share_noise: bool = False,
+    ) -> None:
+        self.sigma = sigma
+        self.n0 = n0
+        self.n = n
+        self.alpha = alpha
+        self.pb_bound = pb_bound
+        self.batch_size = batch_size
+        self.memory_mb = memory_mb
+        self.seed = seed
+        self.share_noise = share_noise
+        self._check_options()
+
+    def noise(self) -> Noise:
+        assert self.noise_cls is not None
+        return self.noise_cls(sigma=float(self.sigma))
+
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        t0 = time.perf_counter()
+        ball = self._ball(inputs)
+        norm = norm_name(ball.p)
+        x = ball.center
+        B = x.shape[0]
+        labels = self._labels(prop, B)
+        eps = ball.eps.detach().double().cpu().numpy()
+        nz = self.noise()
+        extra = {**nz.describe(), "radius_from": norm if norm in nz.direct_norms else f"{'/'.join(nz.direct_norms)} via dimension factor"}
+        try:
+            res = _certify(
+                model, x, nz, n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), norm=norm, pb_bound=bool(self.pb_bound),
+                seed=int(self.seed), batch_size=int(self.batch_size), memory_mb=self.memory_mb, share_noise=bool(self.share_noise),
+                deadline=None if timeout is None else t0 + float(timeout),
+            )
+        except SamplingTimeout:
+            return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
+        return self._assemble(res, labels, eps, norm, max_radius, time.perf_counter() - t0, extra)
+
+
+@register
+class SmoothingGaussian(_NoiseSmoothing):
+    """Gaussian smoothing (Cohen et al. 2019): l2 radius ``sigma Phi^-1(pA_lower)``; l_inf by
+    ``R_2 / sqrt(d)``; l1 by ``R_1 = R_2``."""
+
+    name = "smoothing-gaussian"
+    summary = "randomized smoothing, Gaussian noise (Cohen et al. 2019); l2 (l1, linf by conversion)"
+    norms = ("l2", "linf", "l1")
+    noise_cls = GaussianNoise
+
+
+@register
+class SmoothingLaplace(_NoiseSmoothing):
+    """Laplace smoothing (Teng et al. 2020): l1 radius ``-lambda log(2 (1 - pA_lower))``;
+    ``sigma`` is the per-coordinate std (``lambda = sigma / sqrt(2)``)."""
+
+    name = "smoothing-laplace"
+    summary = "randomized smoothing, Laplace noise (Teng et al. 2020); l1 (l2, linf by conversion)"
+    norms = ("l1", "l2", "linf")
+    noise_cls = LaplaceNoise
+
+
+@register
+class SmoothingUniform(_NoiseSmoothing):
+    """Uniform smoothing (Yang et al. 2020): l1 radius ``2 lambda (pA_lower - 1/2)``, l_inf
+    ``2 lambda (1 - (3/2 - pA_lower)^(1/d))``; ``sigma`` is the std (``lambda = sqrt(3) sigma``)."""
+
+    name = "smoothing-uniform"
+    summary = "randomized smoothing, uniform noise (Yang et al. 2020); l1, linf (l2 by conversion)"
+    norms = ("l1", "linf", "l2")
+    noise_cls = UniformNoise
+
+
+@register
+class SmoothingTopK(_Smoothing):
+    """Certified top-k under Gaussian smoothing (Jia et al. 2020). ``prop`` is
+    ``TopK(label, k)`` (``Robust(label)`` means k = 1). No selection stage (the label is
+    given): ``n0`` is unused but kept for a uniform option set. ``prediction`` is the label
+    when it is certified in the top-k, else the top-1 class of the counts."""
+
+    name = "smoothing-topk"
+    summary = "certified top-k under Gaussian smoothing (Jia et al. 2020); l2 (l1, linf by conversion)"
+    norms = ("l2", "linf", "l1")
+
+    def __init__(
+        self,
+        sigma: float = 0.25,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        batch_size: int = 1000,
+        memory_mb: float | None = None,
+        seed: int = 0,
+        share_noise: bool = False,
+    ) -> None:
+        self.sigma = sigma
+        self.n0 = n0
+        self.n = n
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.memory_mb = memory_mb
+        self.seed = seed
+        self.share_noise = share_noise
+        self._check_options()
+
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        from .noise import convert_radius
+
+        t0 = time.perf_counter()
+        ball = self._ball(inputs)
+        norm = norm_name(ball.p)
+        x = ball.center
+        B = x.shape[0]
+        if isinstance(prop, TopK):
+            k = prop.k
+        elif isinstance(prop, Robust):
+            k = 1
+        else:
+            raise SpecError(f"{self.name} needs a TopK (or Robust) property, got {type(prop).__name__}")
+        labels = self._labels(prop, B)
+        eps = ball.eps.detach().double().cpu().numpy()
+        d = math.prod(x.shape[1:])
+        extra = {"noise": "gaussian", "sigma": float(self.sigma), "k": k}
+        try:
+            out = certify_topk(
+                model, x, labels.to(x.device), k, float(self.sigma), n=int(self.n), alpha=float(self.alpha), seed=int(self.seed),
+                batch_size=int(self.batch_size), memory_mb=self.memory_mb, share_noise=bool(self.share_noise),
+                deadline=None if timeout is None else t0 + float(timeout),
+            )
+        except SamplingTimeout:
+            return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
+        radius = convert_radius(out["radius"], "l2", norm, d)
+        elapsed = time.perf_counter() - t0
+        certs = []
+        for b in range(B):
+            r_unc = float(radius[b])
+            r = min(r_unc, float(max_radius)) if max_radius is not None else r_unc
+            e, lab = float(eps[b]), int(labels[b])
+            ok = r > 0 and r >= e
+            det = {
+                **self._base_details(), **extra,
+                "pl_lower": float(out["pl_lower"][b]),
+                "p_upper_max": float(np.max(out["p_upper"][b])),
+                "counts": _sparse_counts(out["counts"][b]),
+                "top1": int(out["top1"][b]),
+                "n": int(self.n), "alpha": float(self.alpha), "radius_uncapped": r_unc,
+            }
+            if not ok:
+                det["reason"] = f"label {lab} certified in the top-{k} only up to radius {r:.6g} < eps {e:.6g}" if r > 0 else f"label {lab} not certified in the top-{k}"
+            certs.append(
+                Certificate(
+                    method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.alpha),
+                    status="certified" if ok else "unknown", index=b, label=lab,
+                    prediction=lab if ok else int(out["top1"][b]), norm=norm, eps=e, radius=r, time_s=elapsed / B, details=det,
+                )
+            )
+        return certs
+
+
+class _SemanticSmoothing(_Smoothing):
+    """Smoothing in a transformation's parameter space (Fischer et al. 2020); see
+    :mod:`smoothing.semantic` for exactly what is certified."""
+
+    transform_cls: ClassVar[type[SemanticTransform]]
+    #: no l_p ball of the *input* is certified: ``eps`` and the radius live in the transform's
+    #: parameter space (the ball's ``p`` is the norm of the parameter vector)
+    norms = ()
+
+    def _ball(self, inputs: InputSet) -> LpBall:
+        if not isinstance(inputs, LpBall):
+            raise SpecError(f"method {self.name!r} needs an LpBall whose centre is the image and whose eps is the "
+                            f"{self.transform_cls.name} asked about ({self.transform_cls.unit})")
+        return inputs
+
+    def __init__(
+        self,
+        sigma: float = 1.0,
+        interpolation: str = "bilinear",
+        padding: str = "zeros",
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        pb_bound: bool = False,
+        batch_size: int = 1000,
+        memory_mb: float | None = None,
+        seed: int = 0,
+        share_noise: bool = False,
+    ) -> None:
+        self.sigma = sigma
+        self.interpolation = interpolation
+        self.padding = padding
+        self.n0 = n0
+        self.n = n
+        self.alpha = alpha
+        self.pb_bound = pb_bound
+        self.batch_size = batch_size
+        self.memory_mb = memory_mb
+        self.seed = seed
+        self.share_noise = share_noise
+        self._check_options()
+        self.transform_cls(interpolation, padding)  # validates the two options
+
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        from .semantic import certify_semantic
+
+        t0 = time.perf_counter()
+        ball = self._ball(inputs)
+        tr = self.transform_cls(self.interpolation, self.padding)
+        pnorm = norm_name(ball.p)
+        norm = f"{tr.name}-{tr.unit}" + ("" if tr.params == 1 or pnorm == "l2" else f"-{pnorm}")
+        x = ball.center
+        if x.dim() not in (3, 4):
+            raise SpecError(f"{self.name} needs images [B, C, H, W] or [B, H, W], got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        labels = self._labels(prop, B)
+        eps = ball.eps.detach().double().cpu().numpy()
+        extra = {"noise": "gaussian", "sigma": float(self.sigma), "sigma_unit": tr.unit, **tr.describe(),
+                 "certifies_exactly": "argmax_c P_gamma(f(T_{theta+gamma}(x)) = c) is constant for |theta| < radius: the clean "
+                 "image transformed once by theta+gamma with this interpolation, then classified (no interpolation-error "
+                 "bound for already-transformed inputs, Fischer et al. 2020 Sec. 5)"}
+        try:
+            res = certify_semantic(
+                model, x, tr, float(self.sigma), n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), norm=pnorm,
+                pb_bound=bool(self.pb_bound), seed=int(self.seed), batch_size=int(self.batch_size), memory_mb=self.memory_mb,
+                share_noise=bool(self.share_noise), deadline=None if timeout is None else t0 + float(timeout),
+            )
+        except SamplingTimeout:
+            return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
+        certs = self._assemble(res, labels, eps, norm, max_radius, time.perf_counter() - t0, extra)
+        for c in certs:
+            c.details["sigma_space"] = f"transform parameter ({tr.unit})"
+        return certs
+
+
+@register
+class SmoothingRotation(_SemanticSmoothing):
+    """Rotation smoothing: Gaussian over the angle (``sigma`` in degrees); radius in degrees."""
+
+    name = "smoothing-rotation"
+    summary = "smoothing over the rotation angle (Fischer et al. 2020); radius in degrees"
+    transform_cls = Rotation
+
+    def __init__(self, sigma: float = 10.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
+                 n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
+                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = False) -> None:
+        super().__init__(sigma, interpolation, padding, n0, n, alpha, pb_bound, batch_size, memory_mb, seed, share_noise)
+
+
+@register
+class SmoothingTranslation(_SemanticSmoothing):
+    """Translation smoothing: Gaussian over ``(dx, dy)`` (``sigma`` in pixels); radius = l2
+    length of the shift in pixels."""
+
+    name = "smoothing-translation"
+    summary = "smoothing over the translation (Fischer et al. 2020); radius in pixels"
+    transform_cls = Translation
+
+    def __init__(self, sigma: float = 2.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
+                 n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
+                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = False) -> None:
+        super().__init__(sigma, interpolation, padding, n0, n, alpha, pb_bound, batch_size, memory_mb, seed, share_noise)
