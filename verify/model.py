@@ -1,0 +1,278 @@
+"""``load_model``: a torch module or an ONNX file -> one canonical ``torch.fx.GraphModule``.
+
+The returned graph module is in eval mode, on the requested device and dtype, and maps
+``[B, *input_shape]`` to ``[B, K]`` for any batch size ``B``. It carries two attributes:
+
+* ``gm.input_shape`` -- the per-example input shape (tuple, no batch dimension), or ``None``
+  when it is not known (a plain torch module without an ``input_shape`` attribute);
+* ``gm.source`` -- the file path or the class name the graph came from.
+
+ONNX files are converted by our own importer (:mod:`verify.onnx_import`), which emits only the
+node kinds of the canonical graph (``docs/ARCHITECTURE.md``). Torch modules are traced with
+``torch.fx.symbolic_trace`` and left as they are: :func:`check_canonical` checks a graph for
+callers that need the canonical node set (the bound engine does its own check).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = [
+    "load_model",
+    "ModelLoadError",
+    "UnsupportedOperatorError",
+    "onnx_input_shape",
+    "check_against_onnxruntime",
+    "check_canonical",
+]
+
+ONNX_SUFFIXES = (".onnx", ".onnx.gz")
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+class ModelLoadError(ValueError):
+    """A model cannot be loaded: missing or malformed file, several inputs, NaN weights, ..."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
+
+
+class UnsupportedOperatorError(ValueError):
+    """An operator (or attribute combination) outside the canonical graph; names op and node."""
+
+    def __init__(self, message: str):
+        super().__init__(_one_line(message))
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def load_model(
+    model: nn.Module | str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    check: bool = False,
+) -> fx.GraphModule:
+    """Load ``model`` as a canonical graph module mapping ``[B, *input_shape]`` to ``[B, K]``.
+
+    Args:
+        model: an ``nn.Module`` (traced with ``torch.fx.symbolic_trace``), a ``GraphModule``
+            (returned as is), or a path to ``.onnx`` / ``.onnx.gz`` / ``.pt`` (a pickled module).
+        device, dtype: where and in which floating precision the graph runs.
+        check: also verify the result -- ONNX files against onnxruntime (max abs diff <= 1e-4 on
+            random inputs), every graph with :func:`check_canonical`.
+
+    Raises:
+        ModelLoadError: missing or malformed file, NaN weights, untraceable module, ...
+        UnsupportedOperatorError: an ONNX operator outside the canonical graph.
+    """
+    if not dtype.is_floating_point:
+        raise ModelLoadError(f"dtype must be a floating-point type, got {dtype}")
+    if isinstance(model, (str, os.PathLike)):
+        gm = _load_path(Path(model), check)
+    elif isinstance(model, fx.GraphModule):
+        gm = model
+    elif isinstance(model, nn.Module):
+        gm = _trace(model, device, dtype)
+    else:
+        raise ModelLoadError(f"model must be an nn.Module or a path, got {type(model).__name__}")
+    gm = gm.to(device=device, dtype=dtype).eval()
+    set_attributes(gm, getattr(gm, "input_shape", None), getattr(gm, "source", type(gm).__name__))
+    if check:
+        check_canonical(gm)
+    return gm
+
+
+def set_attributes(gm: fx.GraphModule, input_shape: tuple[int, ...] | None, source: str) -> None:
+    """Attach ``gm.input_shape`` and ``gm.source`` so that they survive ``copy.deepcopy``."""
+    attrs = {"input_shape": _tuple_or_none(input_shape), "source": str(source)}
+    for k, v in attrs.items():
+        setattr(gm, k, v)
+    gm.meta.setdefault(_PRESERVED, {}).update(attrs)  # torch.fx re-sets these on deepcopy
+
+
+_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+
+
+def _load_path(path: Path, check: bool) -> fx.GraphModule:
+    """A file -> graph module (on cpu, float)."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    name = path.name.lower()
+    if name.endswith(ONNX_SUFFIXES):
+        from .onnx_import import import_onnx
+
+        gm = import_onnx(path)
+        if check:
+            diff = check_against_onnxruntime(gm, path, n=4)
+            if not diff <= 1e-4:
+                raise ModelLoadError(f"{path.name}: conversion differs from onnxruntime by {diff:.3g}")
+        return gm
+    if name.endswith(TORCH_SUFFIXES):
+        return _load_torch_file(path)
+    raise ModelLoadError(f"unknown model file type (expected .onnx, .onnx.gz, .pt or .pth): {path}")
+
+
+def _load_torch_file(path: Path) -> fx.GraphModule:
+    """A ``.pt`` file holding a full pickled ``nn.Module`` -> traced graph module."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ModelLoadError(f"cannot read torch file {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise ModelLoadError(f"{path} is a TorchScript module; save the full nn.Module instead")
+    if not isinstance(obj, nn.Module):
+        kind = "a state dict" if isinstance(obj, dict) else type(obj).__name__
+        raise ModelLoadError(f"{path} holds {kind}, not a full nn.Module (save it with torch.save(model))")
+    gm = obj if isinstance(obj, fx.GraphModule) else _trace(obj, "cpu", None)
+    set_attributes(gm, getattr(gm, "input_shape", None), str(path))
+    return gm
+
+
+def _trace(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> fx.GraphModule:
+    """``symbolic_trace`` in eval mode; the caller's module is copied first if ``.to`` would change it."""
+    if dtype is not None and _needs_move(model, torch.device(device), dtype):
+        model = copy.deepcopy(model)
+    model.eval()
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, ... on dynamic control flow
+        raise ModelLoadError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from e
+    set_attributes(gm, getattr(model, "input_shape", None), type(model).__name__)
+    return gm
+
+
+def _needs_move(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return any(t.device.type != device.type or (t.is_floating_point() and t.dtype != dtype) for t in tensors)
+
+
+def _tuple_or_none(shape) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def onnx_input_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """The per-example input shape of an ONNX file (leading batch dimension removed).
+
+    ``[1, 1, 28, 28] -> (1, 28, 28)``, ``[1, 1, 1, 5] -> (1, 1, 5)`` (ACAS Xu),
+    ``['N', 8] -> (8,)``; a rank-1 input ``[n]`` has no batch dimension: ``(n,)``.
+    """
+    from .onnx_import import input_shape_of, read_onnx
+
+    return input_shape_of(read_onnx(Path(path)))
+
+
+def check_against_onnxruntime(gm: fx.GraphModule, onnx_path: str | os.PathLike, n: int = 8, seed: int = 0) -> float:
+    """Max abs difference between ``gm`` and onnxruntime on ``n`` uniform [0, 1) inputs.
+
+    ``gm`` runs the ``n`` inputs as one batch ``[n, *input_shape]`` (so this also checks that
+    it is batch-agnostic); onnxruntime runs them one at a time with the file's own input shape.
+    """
+    from .onnx_import import run_onnxruntime
+
+    shape = onnx_input_shape(onnx_path)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *shape), generator=g, dtype=torch.float64)
+    ref = run_onnxruntime(Path(onnx_path), x.numpy())  # [n, K]
+    dev, dt = _device_dtype(gm)
+    with torch.no_grad():
+        y = gm(x.to(device=dev, dtype=dt))
+    y = y.detach().to("cpu", torch.float64).reshape(n, -1)
+    if y.shape != ref.shape:
+        return float("inf")
+    return float((y - torch.from_numpy(ref).to(torch.float64)).abs().max())
+
+
+def _device_dtype(gm: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the first float parameter or buffer (cpu / float32 if none)."""
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# the canonical node set (docs/ARCHITECTURE.md)
+
+CANONICAL_MODULES = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout,
+)
+_LINEAR_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}  # tensor op tensor allowed
+_CONST_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div, torch.matmul, F.linear}
+_SHAPE_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, F.relu, torch.flatten, torch.reshape, torch.permute,
+    torch.transpose, torch.squeeze, torch.unsqueeze,
+}
+CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size"}
+
+
+def check_canonical(gm: fx.GraphModule) -> None:
+    """Raise :class:`UnsupportedOperatorError` naming the first node outside the canonical graph.
+
+    Also checks that ``mul`` / ``div`` / ``matmul`` / ``linear`` have at most one operand that
+    depends on the input (the other one a constant), and that there is exactly one input.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedOperatorError(f"the graph has {len(placeholders)} inputs, the canonical graph has one")
+    modules = dict(gm.named_modules())
+    dynamic = set(placeholders)
+    for node in gm.graph.nodes:
+        deps = _operands(node, dynamic)
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if _is_shape_query(node):
+            continue
+        _check_node(node, modules, deps)
+        if deps:
+            dynamic.add(node)
+
+
+def _operands(node: fx.Node, dynamic: set[fx.Node]) -> list[fx.Node]:
+    """The operands of ``node`` that depend on the input, with repeats (``x * x`` gives two)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a in dynamic else None)
+    return found
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size(...)`` or ``x.shape``: resolved by shape propagation, not input-dependent."""
+    if node.op == "call_method":
+        return node.target == "size"
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] == ("shape",)
+
+
+def _check_node(node: fx.Node, modules: dict[str, nn.Module], deps: list[fx.Node]) -> None:
+    if node.op == "call_module":
+        mod = modules[node.target]
+        if not isinstance(mod, CANONICAL_MODULES):
+            _not_canonical(node, type(mod).__name__)
+    elif node.op == "call_method":
+        if node.target not in CANONICAL_METHODS:
+            _not_canonical(node, f"method {node.target}")
+    elif node.target in _CONST_FUNCTIONS:
+        if len(deps) > 1:
+            _not_canonical(node, f"{_fn_name(node.target)} of two input-dependent tensors")
+    elif node.target is operator.getitem:
+        if deps:  # indexing a shape tuple is a shape query; indexing a tensor is not canonical
+            _not_canonical(node, "getitem")
+    elif node.target not in _LINEAR_FUNCTIONS | _SHAPE_FUNCTIONS:
+        _not_canonical(node, _fn_name(node.target))
+
+
+def _fn_name(fn) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    return f"{mod}.{getattr(fn, '__name__', repr(fn))}".lstrip(".")
+
+
+def _not_canonical(node: fx.Node, what: str) -> None:
+    raise UnsupportedOperatorError(f"unsupported operator '{what}' at node '{node.name}' (not in the canonical graph)")

@@ -1,0 +1,790 @@
+"""Our ONNX -> canonical ``torch.fx.GraphModule`` converter (the front is :mod:`verify.model`).
+
+How it works. The ONNX nodes are visited in (topological) order. Every value is either
+
+* a **constant** -- a numpy array: an initializer, a ``Constant`` node, or the output of a node
+  whose inputs are all constants, folded here in numpy (so ``Shape -> Gather -> Unsqueeze ->
+  Concat -> Reshape`` chains end as constant reshape targets), or
+* **dynamic** -- an fx node that depends on the input. Each fx node is run once on a batch-1
+  example as it is created, so the ONNX shape of every dynamic value is known while converting
+  (``Shape`` of a dynamic value folds to a constant).
+
+Batch dimension. An input of rank >= 2 has a leading batch dimension (``[1, 784, 1]``,
+``['N', 8]``, ACAS Xu's ``[1, 1, 1, 5]``): ONNX axis ``a`` is torch axis ``a``, and an op that
+would move, merge or contract axis 0 is refused. A rank-1 input ``[n]`` has none: we add one, so
+ONNX axis ``a`` is torch axis ``a + 1``. Reshape / Flatten get ``-1`` as their leading torch
+dimension, so the graph runs for any batch size ``B``: ``[B, *input_shape] -> [B, K]``.
+
+Only canonical nodes are emitted (``docs/ARCHITECTURE.md``): Gemm / MatMul -> ``nn.Linear``
+(a constant bias ``Add`` right after a MatMul is folded into it), Conv -> ``nn.Conv1d/2d``,
+BatchNormalization -> ``nn.BatchNorm1d/2d``, pools -> ``nn.AvgPool2d`` / ``nn.MaxPool2d``, a
+zero ``Pad`` feeding a Conv / AveragePool -> its padding, activations -> modules, Add / Sub /
+Mul / Div -> ``operator`` functions, shape ops -> ``torch.reshape`` / ``permute`` / ``squeeze``
+/ ``unsqueeze`` / ``transpose`` / ``nn.Flatten``; Identity and Dropout vanish. Anything else:
+:class:`~verify.model.UnsupportedOperatorError` naming the op and the node.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import operator
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import Tensor, fx, nn
+
+from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
+
+__all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime"]
+
+_F64 = torch.float64  # construction precision; load_model casts to the requested dtype
+
+
+class _Pending:
+    """The output of a zero-valued constant ``Pad``: folded into the Conv / AveragePool after it."""
+
+    def __init__(self, x: fx.Node, pads: list[int], node: onnx.NodeProto):
+        self.x, self.pads, self.node = x, pads, node  # pads: spatial begins + ends
+
+
+Value = Union[fx.Node, np.ndarray, _Pending]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+
+def read_onnx(path: Path) -> onnx.ModelProto:
+    """Parse ``.onnx`` or ``.onnx.gz`` (decompressed in memory); ModelLoadError if it is not ONNX."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        if path.name.lower().endswith(".gz"):
+            model = onnx.load_from_string(gzip.decompress(path.read_bytes()))
+        else:
+            model = onnx.load(str(path))
+    except Exception as e:  # DecodeError, BadGzipFile, EOFError, ...
+        raise ModelLoadError(f"{path.name} is not an ONNX protobuf ({type(e).__name__}: {e})") from e
+    if not model.graph.node:
+        raise ModelLoadError(f"{path.name} is not an ONNX model (its graph has no nodes)")
+    return model
+
+
+def _graph_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The one real graph input (initializers listed as inputs, as in opset-8 files, are skipped)."""
+    inits = {t.name for t in model.graph.initializer}
+    ins = [i for i in model.graph.input if i.name not in inits]
+    if len(ins) != 1:
+        raise ModelLoadError(f"the ONNX graph has {len(ins)} inputs {[i.name for i in ins]}; exactly one is supported")
+    return ins[0]
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+    """Declared dims: ints, or a name (``dim_param``, possibly empty) for a symbolic dim."""
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
+
+
+def input_shape_of(model: onnx.ModelProto) -> tuple[int, ...]:
+    """Per-example input shape: drop the leading (batch) dim when the rank is >= 2."""
+    vi = _graph_input(model)
+    dims = _dims(vi)
+    per = dims[1:] if len(dims) >= 2 else dims
+    if not dims or any(not isinstance(d, int) or d <= 0 for d in per):
+        raise ModelLoadError(f"input '{vi.name}' has shape {dims}: need a fixed per-example shape")
+    return tuple(per)
+
+
+def run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
+    """onnxruntime outputs for inputs ``x [n, *input_shape]``, one example at a time -> ``[n, K]``."""
+    import onnxruntime as ort
+
+    model = read_onnx(path)
+    vi = _graph_input(model)
+    dims = _dims(vi)
+    feed = [d if isinstance(d, int) and d > 0 else 1 for d in dims] if len(dims) >= 2 else dims
+    np_dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # no warnings about initializers listed as inputs (opset 8 files)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out = [sess.run(None, {vi.name: xi.reshape(feed).astype(np_dtype)})[0].reshape(-1) for xi in x]
+    return np.stack(out).astype(np.float64)
+
+
+def import_onnx(path: Path) -> fx.GraphModule:
+    """Convert an ONNX file; sets ``gm.input_shape`` and ``gm.source``."""
+    model = read_onnx(path)
+    gm = _Converter(model).run()
+    set_attributes(gm, input_shape_of(model), str(path))
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------
+# the converter
+
+
+def _ident(s: str) -> str:
+    s = re.sub(r"\W", "_", s) or "v"
+    return "n_" + s if s[0].isdigit() else s
+
+
+_RESERVED = set(dir(fx.GraphModule)) | {"input_shape", "source"}
+
+
+class _Converter:
+    """Walks the ONNX graph and builds the fx graph (see the module docstring)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.graph = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[str, Value] = {}
+        self.example: dict[fx.Node, Tensor] = {}
+        self.uses = Counter(i for n in model.graph.node for i in n.input if i)
+        self.uses.update(o.name for o in model.graph.output)
+        self.input_shape = input_shape_of(model)
+        self.offset = 1 if len(_dims(_graph_input(model))) == 1 else 0  # torch axis = ONNX axis + offset
+
+    @property
+    def batched(self) -> bool:
+        """Does ONNX axis 0 hold the batch (so that no op may touch it)?"""
+        return self.offset == 0
+
+    def run(self) -> fx.GraphModule:
+        for t in self.model.graph.initializer:
+            self.env[t.name] = _checked(numpy_helper.to_array(t), f"initializer '{t.name}'")
+        x = self.graph.placeholder("x")
+        self.example[x] = torch.zeros((1, *self.input_shape), dtype=_F64)
+        self.env[_graph_input(self.model).name] = x
+        for node in self.model.graph.node:
+            self._convert(node)
+        self._add_output()
+        gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraph")
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return gm
+
+    def _convert(self, node: onnx.NodeProto) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            raise self.unsupported(node, f"domain '{node.domain}'")
+        for name in node.input:
+            if name and name not in self.env:
+                raise ModelLoadError(f"node '{_label(node)}' uses '{name}', which is not defined before it")
+        a = _attrs(node)
+        if all(isinstance(self.env[i], np.ndarray) for i in node.input if i) and node.op_type in _FOLD:
+            outs = np.asarray(_FOLD[node.op_type](self, node, a, [self.env[i] if i else None for i in node.input]))
+        elif node.op_type in _CONVERTERS:
+            outs = _CONVERTERS[node.op_type](self, node, a)
+        else:
+            raise self.unsupported(node, f"opset {self.opset}; not in the canonical graph")
+        outs = outs if isinstance(outs, list) else [outs]
+        for name in node.output[len(outs):]:
+            if self.uses[name]:
+                raise self.unsupported(node, f"its output '{name}' is used; only the first output is supported")
+        for name, v in zip(node.output, outs):
+            self.env[name] = v
+
+    def _add_output(self) -> None:
+        outs = self.model.graph.output
+        if len(outs) != 1:
+            raise ModelLoadError(f"the ONNX graph has {len(outs)} outputs; exactly one is supported")
+        v = self.env.get(outs[0].name)
+        if v is None or isinstance(v, np.ndarray):
+            raise ModelLoadError(f"the graph output '{outs[0].name}' does not depend on the input")
+        if isinstance(v, _Pending):
+            raise self.unsupported(v.node, "explicit padding at the output")
+        rank = self.example[v].dim()
+        if rank == 1:
+            v = self.fn(torch.reshape, v, (-1, 1), hint="output")
+        elif rank > 2:
+            v = self.fn(torch.flatten, v, 1, hint="output")
+        self.graph.output(v)
+
+    # -- errors and inputs ------------------------------------------------------------------
+
+    def unsupported(self, node: onnx.NodeProto, why: str) -> UnsupportedOperatorError:
+        return UnsupportedOperatorError(f"unsupported ONNX operator '{node.op_type}' at node '{_label(node)}' ({why})")
+
+    def arg(self, node: onnx.NodeProto, i: int) -> fx.Node | np.ndarray | None:
+        """Input ``i`` (None when absent); a pending Pad here is an unsupported explicit pad."""
+        if i >= len(node.input) or not node.input[i]:
+            return None
+        v = self.env[node.input[i]]
+        if isinstance(v, _Pending):
+            raise self.unsupported(v.node, f"explicit padding feeding a {node.op_type}; only a Conv or AveragePool absorbs it")
+        return v
+
+    def dyn(self, node: onnx.NodeProto, i: int = 0) -> fx.Node:
+        v = self.arg(node, i)
+        if not isinstance(v, fx.Node):
+            raise self.unsupported(node, f"input {i} must depend on the network input")
+        return v
+
+    def const(self, node: onnx.NodeProto, i: int, optional: bool = False) -> np.ndarray | None:
+        v = self.arg(node, i)
+        if v is None and optional:
+            return None
+        if not isinstance(v, np.ndarray):
+            raise self.unsupported(node, f"input {i} must be a constant (an initializer or a Constant node)")
+        return v
+
+    def padded(self, node: onnx.NodeProto) -> tuple[fx.Node, list[int] | None]:
+        """Input 0 and, if it comes from a zero Pad, that Pad's spatial pads (begins + ends)."""
+        v = self.env[node.input[0]]
+        if isinstance(v, _Pending):
+            return v.x, v.pads
+        return self.dyn(node, 0), None
+
+    def shape(self, v: fx.Node) -> tuple[int, ...]:
+        """The ONNX shape of a dynamic value (batch 1 where there is a batch dim)."""
+        return tuple(self.example[v].shape[self.offset :])
+
+    def axis(self, node: onnx.NodeProto, a: int, rank: int) -> int:
+        """ONNX axis ``a`` of a rank-``rank`` value -> torch axis; refuses the batch axis."""
+        if not -rank <= a < rank:
+            raise self.unsupported(node, f"axis {a} out of range for rank {rank}")
+        t = a % rank + self.offset
+        if t == 0:
+            raise self.unsupported(node, "it acts on the batch dimension")
+        return t
+
+    def require_batched(self, node: onnx.NodeProto, x: fx.Node, ranks: tuple[int, ...]) -> None:
+        if not self.batched or len(self.shape(x)) not in ranks:
+            raise self.unsupported(node, f"input shape {list(self.shape(x))}; expected rank {ranks} with a batch dim")
+
+    # -- emitting fx nodes ------------------------------------------------------------------
+
+    def emit(self, op: str, target, args: tuple, hint: str) -> fx.Node:
+        """Create an fx node and run it on the examples of its inputs."""
+        n = self.graph.create_node(op, target, args, {}, name=_ident(hint))
+        fn = self.root.get_submodule(target) if op == "call_module" else target
+        real = [self.example[a] if isinstance(a, fx.Node) else a for a in args]
+        try:
+            with torch.no_grad():
+                self.example[n] = fn(*real)
+        except RuntimeError as e:  # inconsistent shapes in the file (or a bug of ours)
+            shapes = [list(t.shape) for t in real if isinstance(t, Tensor)]
+            raise ModelLoadError(f"node '{hint}' does not run on inputs of shape {shapes}: {e}") from e
+        return n
+
+    def module(self, mod: nn.Module, x: fx.Node, node: onnx.NodeProto | str) -> fx.Node:
+        hint = node if isinstance(node, str) else _label(node)
+        name = self._free_name(_ident(hint))
+        self.root.add_module(name, mod.eval())
+        return self.emit("call_module", name, (x,), hint)
+
+    def fn(self, f: Callable, *args, hint: str) -> fx.Node:
+        return self.emit("call_function", f, args, hint)
+
+    def const_node(self, arr: np.ndarray, hint: str) -> fx.Node:
+        name = self._free_name("c_" + _ident(hint))
+        self.root.register_buffer(name, torch.as_tensor(np.array(arr, dtype=np.float64)))
+        n = self.graph.get_attr(name)
+        self.example[n] = getattr(self.root, name)
+        return n
+
+    def _free_name(self, name: str) -> str:
+        base, k = name, 0
+        while name in _RESERVED or hasattr(self.root, name):
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
+    def operand(self, node: onnx.NodeProto, c: np.ndarray, rank: int) -> float | fx.Node:
+        """A constant operand of a binary op on a rank-``rank`` (ONNX) dynamic value."""
+        extra = c.ndim - rank
+        if extra > 0:
+            if any(d != 1 for d in c.shape[:extra]):
+                raise self.unsupported(node, f"constant of shape {list(c.shape)} broadcasts beyond the input")
+            c = c.reshape(c.shape[extra:])
+        if self.batched and c.ndim == rank and rank > 0 and c.shape[0] != 1:
+            raise self.unsupported(node, f"constant of shape {list(c.shape)} spans the batch dimension")
+        if c.size == 1:
+            return float(c.reshape(()))
+        return self.const_node(c, _label(node))
+
+    def reshape(self, node: onnx.NodeProto, x: fx.Node, o: tuple[int, ...]) -> fx.Node:
+        """Batch-agnostic reshape of ``x`` to the ONNX shape ``o`` (leading torch dim -1)."""
+        if self.batched and (not o or o[0] != 1):
+            raise self.unsupported(node, f"reshape to {list(o)} merges or drops the batch dimension")
+        target = (-1, *o[1 - self.offset :])
+        if tuple(self.example[x].shape[1:]) == target[1:]:
+            return x
+        return self.fn(torch.reshape, x, target, hint=_label(node))
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for at in node.attribute:
+        v = helper.get_attribute_value(at)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        out[at.name] = v
+    return out
+
+
+def _checked(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise ModelLoadError(f"{what} contains NaN")
+    return arr
+
+
+def _f64(arr: np.ndarray) -> Tensor:
+    return torch.as_tensor(np.array(arr, dtype=np.float64))
+
+
+def _params(mod: nn.Module, **arrays: np.ndarray | None) -> nn.Module:
+    """Set parameters / buffers of ``mod`` (in float64) from numpy arrays."""
+    mod = mod.to(_F64)
+    for k, v in arrays.items():
+        if k in ("weight", "bias"):
+            setattr(mod, k, None if v is None else nn.Parameter(_f64(v)))
+        else:
+            setattr(mod, k, _f64(v))
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------
+# converters for dynamic inputs: (converter, node, attributes) -> value or list of values
+
+
+def _gemm(cv: _Converter, node, a) -> fx.Node:
+    x, w, c = cv.dyn(node), cv.const(node, 1), cv.const(node, 2, optional=True)
+    if a.get("transA", 0):
+        raise cv.unsupported(node, "transA=1")
+    if len(cv.shape(x)) != 2 or w.ndim != 2:
+        raise cv.unsupported(node, f"input shape {list(cv.shape(x))}; Gemm needs rank 2")
+    weight = a.get("alpha", 1.0) * (w if a.get("transB", 0) else w.T)  # [out, in]
+    bias = None
+    if c is not None:
+        if c.ndim == 2 and c.shape[0] != 1:
+            raise cv.unsupported(node, f"bias of shape {list(c.shape)} varies over rows")
+        bias = a.get("beta", 1.0) * np.broadcast_to(c.reshape(-1) if c.ndim == 2 else c, weight.shape[:1])
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    return cv.module(_params(lin, weight=weight, bias=bias), x, node)
+
+
+def _matmul(cv: _Converter, node, a) -> fx.Node:
+    left, right = cv.arg(node, 0), cv.arg(node, 1)
+    if isinstance(left, fx.Node) and isinstance(right, fx.Node):
+        raise cv.unsupported(node, "product of two input-dependent tensors")
+    if isinstance(left, fx.Node):  # x @ W: contracts the last axis of x
+        return _matmul_right(cv, node, left, right)
+    return _matmul_left(cv, node, left, cv.dyn(node, 1))
+
+
+def _matmul_right(cv: _Converter, node, x: fx.Node, w: np.ndarray) -> fx.Node:
+    r = len(cv.shape(x))
+    cv.axis(node, r - 1, r)
+    if w.ndim == 2:
+        return cv.module(_params(nn.Linear(*w.shape, bias=False), weight=w.T), x, node)
+    if w.ndim == 1:  # x @ v drops the last axis
+        y = cv.module(_params(nn.Linear(w.size, 1, bias=False), weight=w[None]), x, node)
+        return cv.fn(torch.squeeze, y, -1, hint=_label(node))
+    raise cv.unsupported(node, f"constant operand of rank {w.ndim}")
+
+
+def _matmul_left(cv: _Converter, node, w: np.ndarray, x: fx.Node) -> fx.Node:
+    """``W @ x``: a Linear over axis -2 of x (or over its only axis when x is a vector)."""
+    r = len(cv.shape(x))
+    if w.ndim != 2:
+        raise cv.unsupported(node, f"constant left operand of rank {w.ndim}")
+    cv.axis(node, r - 2 if r >= 2 else 0, r)
+    lin = _params(nn.Linear(w.shape[1], w.shape[0], bias=False), weight=w)
+    if r == 1:
+        return cv.module(lin, x, node)
+    xt = cv.fn(torch.transpose, x, -1, -2, hint=_label(node))
+    y = cv.module(lin, xt, node)
+    return cv.fn(torch.transpose, y, -1, -2, hint=_label(node))
+
+
+_BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}
+
+
+def _binary(cv: _Converter, node, a) -> fx.Node:
+    x, y = cv.arg(node, 0), cv.arg(node, 1)
+    op, f = node.op_type, _BINARY[node.op_type]
+    if isinstance(x, fx.Node) and isinstance(y, fx.Node):
+        if op in ("Mul", "Div"):
+            raise cv.unsupported(node, f"{op} of two input-dependent tensors")
+        return cv.fn(f, x, y, hint=_label(node))
+    if isinstance(x, fx.Node):
+        return _binary_const_right(cv, node, x, y, node.input[0])
+    if op in ("Add", "Mul"):  # commutative: c op y == y op c
+        return _binary_const_right(cv, node, y, x, node.input[1])
+    if op == "Div":
+        raise cv.unsupported(node, "division by an input-dependent tensor")
+    return cv.fn(f, cv.operand(node, x, len(cv.shape(y))), y, hint=_label(node))
+
+
+def _binary_const_right(cv: _Converter, node, x: fx.Node, c: np.ndarray, x_name: str) -> fx.Node:
+    """``x op c``: neutral constants vanish, a bias after a MatMul joins its Linear."""
+    s, op = cv.shape(x), node.op_type
+    keeps_shape = c.ndim <= len(s) and np.broadcast_shapes(s, c.shape) == s
+    if keeps_shape and np.all(c == (0 if op in ("Add", "Sub") else 1)):
+        return x
+    if op in ("Add", "Sub") and keeps_shape and _fuse_bias(cv, x, x_name, c if op == "Add" else -c):
+        return x
+    return cv.fn(_BINARY[op], x, cv.operand(node, c, len(s)), hint=_label(node))
+
+
+def _fuse_bias(cv: _Converter, x: fx.Node, x_name: str, c: np.ndarray) -> bool:
+    """Put ``c`` into the bias of the bias-free Linear producing ``x`` (if only one node uses ``x``)."""
+    if x.op != "call_module" or cv.uses[x_name] != 1:
+        return False
+    lin = cv.root.get_submodule(x.target)
+    if not isinstance(lin, nn.Linear) or lin.bias is not None:
+        return False
+    if c.size != lin.out_features or (c.ndim and c.shape[-1] != lin.out_features):
+        return False
+    lin.bias = nn.Parameter(_f64(c.reshape(-1)))
+    cv.example[x] = cv.example[x] + lin.bias.detach()
+    return True
+
+
+def _neg(cv: _Converter, node, a) -> fx.Node:
+    return cv.fn(operator.mul, cv.dyn(node), -1.0, hint=_label(node))
+
+
+def _activation(cls: type[nn.Module]) -> Callable:
+    def convert(cv: _Converter, node, a) -> fx.Node:
+        return cv.module(cls(), cv.dyn(node), node)
+
+    return convert
+
+
+def _spatial_pads(cv: _Converter, node, a, sizes, kernel, strides, dil) -> list[int]:
+    """ONNX pads (begins + ends) after resolving ``auto_pad``."""
+    k = len(kernel)
+    mode = a.get("auto_pad", "NOTSET")
+    if mode in ("NOTSET", ""):
+        return list(a.get("pads", [0] * 2 * k))
+    if mode == "VALID":
+        return [0] * 2 * k
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        raise cv.unsupported(node, f"auto_pad={mode}")
+    begins, ends = [], []
+    for n, kk, s, d in zip(sizes, kernel, strides, dil):
+        total = max((math.ceil(n / s) - 1) * s + (kk - 1) * d + 1 - n, 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else big)
+        ends.append(big if mode == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _symmetric(cv: _Converter, node, pads: list[int]) -> list[int]:
+    k = len(pads) // 2
+    if pads[:k] != pads[k:] or min(pads, default=0) < 0:
+        raise cv.unsupported(node, f"asymmetric or negative pads {pads}")
+    return pads[:k]
+
+
+def _conv(cv: _Converter, node, a) -> fx.Node:
+    x, pre = cv.padded(node)
+    w, b = cv.const(node, 1), cv.const(node, 2, optional=True)
+    k = w.ndim - 2
+    if k not in (1, 2):
+        raise cv.unsupported(node, f"{k}-D convolution")
+    cv.require_batched(node, x, (k + 2,))
+    strides, dil = list(a.get("strides", [1] * k)), list(a.get("dilations", [1] * k))
+    pads = _spatial_pads(cv, node, a, cv.shape(x)[2:], w.shape[2:], strides, dil)
+    if pre:
+        pads = [p + q for p, q in zip(pads, pre)]
+    group = a.get("group", 1)
+    cls = nn.Conv2d if k == 2 else nn.Conv1d
+    conv = cls(w.shape[1] * group, w.shape[0], tuple(w.shape[2:]), stride=tuple(strides),
+               padding=tuple(_symmetric(cv, node, pads)), dilation=tuple(dil), groups=group, bias=b is not None)
+    return cv.module(_params(conv, weight=w, bias=b), x, node)
+
+
+def _batchnorm(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    scale, bias, mean, var = (cv.const(node, i) for i in range(1, 5))
+    if a.get("training_mode", 0) or (cv.opset < 9 and a.get("spatial", 1) == 0):
+        raise cv.unsupported(node, "training mode or spatial=0")
+    cv.require_batched(node, x, (2, 3, 4))
+    cls = nn.BatchNorm2d if len(cv.shape(x)) == 4 else nn.BatchNorm1d
+    bn = cls(scale.size, eps=float(a.get("epsilon", 1e-5)))
+    return cv.module(_params(bn, weight=scale, bias=bias, running_mean=mean, running_var=var), x, node)
+
+
+def _pool(cv: _Converter, node, a) -> fx.Node:
+    """AveragePool / MaxPool (2-D) and their Global forms."""
+    x, pre = cv.padded(node) if node.op_type == "AveragePool" else (cv.dyn(node), None)
+    cv.require_batched(node, x, (4,))
+    sizes = cv.shape(x)[2:]
+    kernel = list(sizes) if node.op_type.startswith("Global") else list(a["kernel_shape"])
+    strides = list(a.get("strides", [1, 1]))
+    dil = list(a.get("dilations", [1, 1]))
+    pads = _spatial_pads(cv, node, a, sizes, kernel, strides, dil)
+    ceil = bool(a.get("ceil_mode", 0))
+    if node.op_type.endswith("MaxPool"):
+        return _maxpool(cv, node, x, kernel, strides, _symmetric(cv, node, pads), dil, ceil)
+    if dil != [1, 1]:
+        raise cv.unsupported(node, f"dilations {dil}")
+    include = bool(a.get("count_include_pad", 0))
+    if pre:
+        if any(pads) and not include:
+            raise cv.unsupported(node, "explicit Pad before a pool with count_include_pad=0 and its own pads")
+        pads, include = [p + q for p, q in zip(pads, pre)], True
+    padding = _pool_padding(cv, node, pads, kernel)
+    pool = nn.AvgPool2d(tuple(kernel), tuple(strides), padding, ceil_mode=ceil, count_include_pad=include)
+    return cv.module(pool, x, node)
+
+
+def _maxpool(cv: _Converter, node, x, kernel, strides, padding, dil, ceil) -> fx.Node:
+    _pool_padding(cv, node, padding + padding, kernel)
+    pool = nn.MaxPool2d(tuple(kernel), tuple(strides), tuple(padding), tuple(dil), ceil_mode=ceil)
+    return cv.module(pool, x, node)
+
+
+def _pool_padding(cv: _Converter, node, pads: list[int], kernel: list[int]) -> tuple[int, ...]:
+    padding = _symmetric(cv, node, pads)
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise cv.unsupported(node, f"padding {padding} exceeds half the kernel {kernel}")
+    return tuple(padding)
+
+
+def _flatten(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    s = cv.shape(x)
+    axis = a.get("axis", 1)
+    axis = axis + len(s) if axis < 0 else axis
+    o = (math.prod(s[:axis]), math.prod(s[axis:]))
+    if cv.batched and o[0] == 1:
+        return x if len(s) == 2 else cv.module(nn.Flatten(), x, node)
+    return cv.reshape(node, x, o)
+
+
+def _reshape(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    target = a["shape"] if cv.opset < 5 else cv.const(node, 1)
+    o = _reshape_target(cv.shape(x), [int(t) for t in np.ravel(target)], a.get("allowzero", 0))
+    if o is None:
+        raise cv.unsupported(node, f"cannot reshape {list(cv.shape(x))} to {list(np.ravel(target))}")
+    return cv.reshape(node, x, o)
+
+
+def _reshape_target(s: tuple[int, ...], t: list[int], allowzero: int) -> tuple[int, ...] | None:
+    """Resolve ONNX Reshape's 0 (copy) and -1 (infer) entries; None if impossible."""
+    o = [s[i] if d == 0 and not allowzero and i < len(s) else d for i, d in enumerate(t)]
+    n, known = math.prod(s), math.prod(d for d in o if d != -1)
+    if o.count(-1) > 1 or known == 0 or any(d < -1 for d in o):
+        return None
+    if -1 in o:
+        o[o.index(-1)] = n // known
+    return tuple(o) if math.prod(o) == n else None
+
+
+def _transpose(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    r = len(cv.shape(x))
+    perm = list(a.get("perm", range(r - 1, -1, -1)))
+    if perm == list(range(r)):
+        return x
+    full = perm if cv.batched else [0] + [p + 1 for p in perm]
+    if full[0] != 0:
+        raise cv.unsupported(node, f"perm {perm} moves the batch dimension")
+    return cv.fn(torch.permute, x, tuple(full), hint=_label(node))
+
+
+def _axes(cv: _Converter, node, a) -> list[int] | None:
+    """Squeeze / Unsqueeze axes: an attribute before opset 13, an input from 13 on."""
+    if cv.opset < 13:
+        return a.get("axes")
+    c = cv.const(node, 1, optional=True)
+    return None if c is None else [int(v) for v in np.ravel(c)]
+
+
+def _unsqueeze(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    axes = _axes(cv, node, a)
+    r = len(cv.shape(x)) + len(axes)
+    for ax in sorted(ax % r for ax in axes):
+        x = cv.fn(torch.unsqueeze, x, cv.axis(node, ax, r), hint=_label(node))
+    return x
+
+
+def _squeeze(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    s = cv.shape(x)
+    axes = _axes(cv, node, a)
+    if axes is None:
+        axes = [i for i, d in enumerate(s) if d == 1 and (i > 0 or not cv.batched)]
+    for ax in sorted((ax % len(s) for ax in axes), reverse=True):
+        if s[ax] != 1:
+            raise cv.unsupported(node, f"axis {ax} of shape {list(s)} is not 1")
+        x = cv.fn(torch.squeeze, x, cv.axis(node, ax, len(s)), hint=_label(node))
+    return x
+
+
+def _passthrough(cv: _Converter, node, a) -> fx.Node:
+    return cv.dyn(node)
+
+
+def _cast(cv: _Converter, node, a) -> fx.Node:
+    if not np.issubdtype(helper.tensor_dtype_to_np_dtype(a["to"]), np.floating):
+        raise cv.unsupported(node, "cast of the input to a non-float type")
+    return cv.dyn(node)
+
+
+def _pad(cv: _Converter, node, a) -> Value:
+    x = cv.dyn(node)
+    r = len(cv.shape(x))
+    if cv.opset < 11:
+        pads, value = list(a.get("pads", a.get("paddings", []))), a.get("value", 0.0)
+    else:
+        pads, value = [int(p) for p in cv.const(node, 1)], cv.const(node, 2, optional=True)
+        value = 0.0 if value is None else float(np.ravel(value)[0])
+        if cv.arg(node, 3) is not None:
+            raise cv.unsupported(node, "the axes input")
+    if not any(pads):
+        return x
+    if a.get("mode", "constant") != "constant" or value != 0 or min(pads) < 0:
+        raise cv.unsupported(node, f"mode={a.get('mode', 'constant')} value={value} pads={pads}")
+    if not cv.batched or r < 3 or any(pads[:2]) or any(pads[r : r + 2]):
+        raise cv.unsupported(node, f"pads {pads} outside the spatial dims")
+    return _Pending(x, pads[2:r] + pads[r + 2 :], node)
+
+
+def _shape(cv: _Converter, node, a) -> np.ndarray:
+    s = np.array(cv.shape(cv.dyn(node)), dtype=np.int64)
+    return s[a.get("start", 0) : a.get("end", len(s))]
+
+
+_CONVERTERS: dict[str, Callable] = {
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Add": _binary,
+    "Sub": _binary,
+    "Mul": _binary,
+    "Div": _binary,
+    "Neg": _neg,
+    "Relu": _activation(nn.ReLU),
+    "Sigmoid": _activation(nn.Sigmoid),
+    "Tanh": _activation(nn.Tanh),
+    "Conv": _conv,
+    "BatchNormalization": _batchnorm,
+    "AveragePool": _pool,
+    "MaxPool": _pool,
+    "GlobalAveragePool": _pool,
+    "GlobalMaxPool": _pool,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Identity": _passthrough,
+    "Dropout": _passthrough,
+    "Cast": _cast,
+    "Pad": _pad,
+    "Shape": _shape,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# constant folding in numpy: (converter, node, attributes, input arrays) -> array
+
+
+def _fold_constant(cv, node, a, ins) -> np.ndarray:
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in a:
+            return _checked(np.array(a[key]), f"Constant node '{_label(node)}'")
+    raise cv.unsupported(node, f"attributes {sorted(a)}")
+
+
+def _fold_slice(cv, node, a, ins) -> np.ndarray:
+    data = ins[0]
+    if cv.opset < 10:
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = ins[1], ins[2]
+        axes = ins[3] if len(ins) > 3 else None
+        steps = ins[4] if len(ins) > 4 else None
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    idx = [slice(None)] * data.ndim
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        idx[int(ax)] = slice(int(s), int(e), int(st))
+    return data[tuple(idx)]
+
+
+def _fold_squeeze(cv, node, a, ins) -> np.ndarray:
+    axes = a.get("axes") if cv.opset < 13 else (None if len(ins) < 2 or ins[1] is None else ins[1])
+    return np.squeeze(ins[0], axis=None if axes is None else tuple(int(v) for v in np.ravel(axes)))
+
+
+def _fold_unsqueeze(cv, node, a, ins) -> np.ndarray:
+    axes = a["axes"] if cv.opset < 13 else ins[1]
+    r = ins[0].ndim + len(np.ravel(axes))
+    return np.expand_dims(ins[0], tuple(sorted(int(v) % r for v in np.ravel(axes))))
+
+
+def _fold_reshape(cv, node, a, ins) -> np.ndarray:
+    t = a["shape"] if cv.opset < 5 else ins[1]
+    o = _reshape_target(ins[0].shape, [int(v) for v in np.ravel(t)], a.get("allowzero", 0))
+    if o is None:
+        raise cv.unsupported(node, f"cannot reshape {list(ins[0].shape)} to {list(np.ravel(t))}")
+    return ins[0].reshape(o)
+
+
+def _fold_div(cv, node, a, ins) -> np.ndarray:
+    x, y = ins
+    if np.issubdtype(x.dtype, np.integer):
+        return np.trunc(x / y).astype(x.dtype)
+    return x / y
+
+
+def _fold_flatten(cv, node, a, ins) -> np.ndarray:
+    axis = a.get("axis", 1) % max(ins[0].ndim, 1)
+    return ins[0].reshape(math.prod(ins[0].shape[:axis]), -1)
+
+
+def _fold_shape(cv, node, a, ins) -> np.ndarray:
+    s = np.array(ins[0].shape, dtype=np.int64)
+    return s[a.get("start", 0) : a.get("end", len(s))]
+
+
+def _fold_constant_of_shape(cv, node, a, ins) -> np.ndarray:
+    value = a.get("value", np.zeros(1, dtype=np.float32))
+    return np.full(tuple(int(v) for v in ins[0]), np.ravel(value)[0], dtype=value.dtype)
+
+
+_FOLD: dict[str, Callable] = {
+    "Constant": _fold_constant,
+    "Identity": lambda cv, n, a, ins: ins[0],
+    "Dropout": lambda cv, n, a, ins: ins[0],
+    "Cast": lambda cv, n, a, ins: ins[0].astype(helper.tensor_dtype_to_np_dtype(a["to"])),
+    "Add": lambda cv, n, a, ins: ins[0] + ins[1],
+    "Sub": lambda cv, n, a, ins: ins[0] - ins[1],
+    "Mul": lambda cv, n, a, ins: ins[0] * ins[1],
+    "Div": _fold_div,
+    "Neg": lambda cv, n, a, ins: -ins[0],
+    "Sqrt": lambda cv, n, a, ins: np.sqrt(ins[0]),
+    "Relu": lambda cv, n, a, ins: np.maximum(ins[0], 0),
+    "MatMul": lambda cv, n, a, ins: ins[0] @ ins[1],
+    "Concat": lambda cv, n, a, ins: np.concatenate(ins, axis=a["axis"]),
+    "Gather": lambda cv, n, a, ins: np.take(ins[0], ins[1], axis=a.get("axis", 0)),
+    "Unsqueeze": _fold_unsqueeze,
+    "Squeeze": _fold_squeeze,
+    "Reshape": _fold_reshape,
+    "Flatten": _fold_flatten,
+    "Transpose": lambda cv, n, a, ins: np.transpose(ins[0], a.get("perm")),
+    "Slice": _fold_slice,
+    "Shape": _fold_shape,
+    "ConstantOfShape": _fold_constant_of_shape,
+}
