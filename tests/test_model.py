@@ -266,6 +266,10 @@ def test_malformed_missing_and_nan_files(tmp_path):
         load_model(bad)
     with pytest.raises(ModelLoadError, match="not found"):
         load_model(tmp_path / "missing.onnx")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="no nodes"):
+        load_model(empty)
     badgz = tmp_path / "bad.onnx.gz"
     badgz.write_bytes(b"not gzip")
     with pytest.raises(ModelLoadError, match="not an ONNX protobuf"):
@@ -323,6 +327,7 @@ def test_torch_module_dtype_change_leaves_the_callers_module_alone():
     assert next(gm.parameters()).dtype == torch.float64 and next(net.parameters()).dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script. is deprecated")
 def test_pt_file_full_module_and_state_dict(tmp_path):
     net = small_net().eval()
     torch.save(net, tmp_path / "net.pt")
@@ -332,6 +337,18 @@ def test_pt_file_full_module_and_state_dict(tmp_path):
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ModelLoadError, match="state dict"):
         load_model(tmp_path / "sd.pt")
+    torch.jit.script(nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))
+    with pytest.raises(ModelLoadError, match="TorchScript"):
+        load_model(tmp_path / "ts.pt")
+
+
+def test_untraceable_module_is_a_load_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ModelLoadError, match="cannot trace Branchy"):
+        load_model(Branchy())
 
 
 def test_check_canonical_names_the_first_offending_node():

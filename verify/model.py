@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import operator
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,7 +125,10 @@ def _load_path(path: Path, check: bool) -> fx.GraphModule:
 def _load_torch_file(path: Path) -> fx.GraphModule:
     """A ``.pt`` file holding a full pickled ``nn.Module`` -> traced graph module."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a TorchScript archive is refused just below
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated")
+            obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a bad file
         raise ModelLoadError(f"cannot read torch file {path}: {type(e).__name__}: {e}") from e
     if isinstance(obj, torch.jit.ScriptModule):
