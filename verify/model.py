@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .errors import ModelLoadError, UnsupportedOperatorError
+
 __all__ = [
     "load_model",
     "ModelLoadError",
@@ -35,20 +37,6 @@ __all__ = [
 
 ONNX_SUFFIXES = (".onnx", ".onnx.gz")
 TORCH_SUFFIXES = (".pt", ".pth")
-
-
-class ModelLoadError(ValueError):
-    """A model cannot be loaded: missing or malformed file, several inputs, NaN weights, ..."""
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message))
-
-
-class UnsupportedOperatorError(ValueError):
-    """An operator (or attribute combination) outside the canonical graph; names op and node."""
-
-    def __init__(self, message: str):
-        super().__init__(_one_line(message))
 
 
 def _one_line(message: str) -> str:

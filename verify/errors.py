@@ -1,0 +1,27 @@
+"""Error types shared by the packages (light: imports nothing heavy).
+
+Every error message is one line naming the cause (the operator and node, the file and line).
+"""
+from __future__ import annotations
+
+__all__ = ["CertifyError", "UnsupportedOperatorError", "ModelLoadError"]
+
+
+def one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+class CertifyError(ValueError):
+    """Base of the errors the CLI reports as one line without a traceback."""
+
+    def __init__(self, message: object):
+        super().__init__(one_line(message))
+
+
+class UnsupportedOperatorError(CertifyError):
+    """An operator (or attribute combination) that a loader or a bound method has no rule
+    for; the message names the op and the node."""
+
+
+class ModelLoadError(CertifyError):
+    """A model cannot be loaded: missing or malformed file, several inputs, NaN weights, ..."""
