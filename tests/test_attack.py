@@ -1,0 +1,291 @@
+"""Attacks: closed-form checks on linear models, set membership, batch invariance,
+confirmation of counterexamples (forward pass, float64 re-run, onnxruntime)."""
+from __future__ import annotations
+
+import gzip
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from verify.attack import AttackResult, confirm_counterexample, confirm_with_onnxruntime, pgd_attack, random_attack
+from verify.spec import Box, Linear, LinearSpec, LpBall
+
+N_IN, K, G = 10, 4, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_model(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(N_IN, K).double()
+
+
+def make_set(kind: str, B: int, gen: torch.Generator, scale: float = 1.0):
+    c = torch.rand(B, N_IN, generator=gen, dtype=torch.float64) * 2 - 1
+    if kind == "box":
+        w = torch.rand(B, N_IN, generator=gen, dtype=torch.float64) * 0.5 * scale
+        return Box(c - w, c + w)
+    p = {"linf": math.inf, "l2": 2.0, "l1": 1.0}[kind]
+    return LpBall(c, (torch.rand(B, generator=gen, dtype=torch.float64) * 0.5 + 0.1) * scale, p)
+
+
+def min_over_set(a: torch.Tensor, s) -> torch.Tensor:
+    """Exact min of ``a[b] . x`` over set ``b``; ``a [B, n]`` -> ``[B]``."""
+    if isinstance(s, Box):
+        return torch.minimum(a * s.lo, a * s.hi).sum(dim=1)
+    dual = {math.inf: 1.0, 2.0: 2.0, 1.0: math.inf}[s.p]
+    return (a * s.center).sum(dim=1) - s.eps * a.norm(p=dual, dim=1)
+
+
+def closed_form_spec(model: nn.Linear, s, targets: torch.Tensor, gen: torch.Generator) -> LinearSpec:
+    """G one-row groups ``c_g . y + d_g`` whose exact minimum over the set is ``targets [B]``
+    (group 0 attains it, the others sit higher)."""
+    B = targets.shape[0]
+    Cm = torch.randn(B, G, K, generator=gen, dtype=torch.float64)
+    W, bias = model.weight.detach(), model.bias.detach()
+    a = Cm @ W  # [B, G, n]: row g = a_g . x + c_g . bias + d_g
+    mins = torch.stack([min_over_set(a[:, g], s) for g in range(G)], dim=1) + Cm @ bias
+    offsets = torch.rand(B, G, generator=gen, dtype=torch.float64) * 0.5
+    offsets[:, 0] = 0
+    d = targets.unsqueeze(1) + offsets - mins
+    return LinearSpec(Cm, d, torch.arange(G))
+
+
+@pytest.mark.parametrize("kind", ["box", "linf", "l2", "l1"])
+def test_pgd_matches_closed_form_minimum(kind):
+    gen = torch.Generator().manual_seed(1)
+    model = linear_model()
+    B = 8
+    s = make_set(kind, B, gen)
+    targets = torch.tensor([-0.05, 0.05, -0.2, 0.2, -0.01, 0.01, -1.0, 1e-6], dtype=torch.float64)
+    spec = closed_form_spec(model, s, targets, gen)
+    res = pgd_attack(model, s, spec, steps=50, restarts=3)
+    assert isinstance(res, AttackResult)
+    assert res.found.tolist() == (targets < 0).tolist()
+    # the point is in the set, so it can never beat the exact minimum
+    assert (res.margin >= targets - 1e-9).all()
+    assert (res.margin[res.found] <= 0).all()
+    assert s.contains(res.x_adv, tol=1e-12).all()
+    assert confirm_counterexample(model, s, spec, res.x_adv).tolist() == res.found.tolist()
+    # without early exit PGD reaches the exact minimum of a linear function (to 1e-6)
+    safe = targets > 0
+    assert torch.allclose(res.margin[safe], targets[safe], atol=1e-6, rtol=0)
+
+
+def test_pgd_never_reports_when_safe():
+    gen = torch.Generator().manual_seed(2)
+    model = linear_model(1)
+    for kind in ("box", "linf", "l2", "l1"):
+        s = make_set(kind, 6, gen)
+        targets = torch.rand(6, generator=gen, dtype=torch.float64) * 1e-3 + 1e-9
+        spec = closed_form_spec(model, s, targets, gen)
+        res = pgd_attack(model, s, spec, steps=30, restarts=4, seed=3)
+        assert not res.found.any()
+        assert (res.margin > 0).all()
+        ra = random_attack(model, s, spec, samples=300, chunk=64)
+        assert not ra.found.any() and (ra.margin >= targets - 1e-9).all()
+
+
+def mlp(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    """A small ReLU net whose decision changes within the unit cube (N(0, 1) weights)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(N_IN, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, K)).to(dtype)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_()
+                m.bias.normal_()
+    return net
+
+
+def robust_spec(model: nn.Module, x: torch.Tensor) -> LinearSpec:
+    with torch.no_grad():
+        lab = model(x).argmax(dim=1)
+    B = x.shape[0]
+    eye = torch.eye(K, dtype=torch.float64)
+    rows = [[j for j in range(K) if j != int(lab[b])] for b in range(B)]
+    C = torch.stack([eye[int(lab[b])] - eye[rows[b]] for b in range(B)])
+    return LinearSpec(C, torch.zeros(B, K - 1, dtype=torch.float64), torch.arange(K - 1))
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_balls_with_domain_stay_inside(p):
+    gen = torch.Generator().manual_seed(4)
+    model = mlp()
+    B = 6
+    center = torch.rand(B, N_IN, generator=gen, dtype=torch.float64)
+    center[:, :3] = torch.tensor([0.0, 1.0, 0.99])  # at / near the domain boundary
+    s = LpBall(center, 0.3, p, domain_lo=0.0, domain_hi=1.0)
+    spec = robust_spec(model, center)
+    pgd = pgd_attack(model, s, spec, steps=25, restarts=3)
+    rnd = random_attack(model, s, spec, samples=200)
+    for res in (pgd, rnd):
+        assert s.contains(res.x_adv, tol=1e-12).all()
+        assert (res.x_adv >= 0).all() and (res.x_adv <= 1).all()
+        assert confirm_counterexample(model, s, spec, res.x_adv).tolist() == res.found.tolist()
+    assert pgd.found.sum() >= max(rnd.found.sum(), 1)
+
+
+@pytest.mark.parametrize("kind", ["box", "l2", "l1"])
+def test_batch_of_one_equals_batch_of_n(kind):
+    gen = torch.Generator().manual_seed(5)
+    model = mlp(1)
+    B = 5
+    s = make_set(kind, B, gen, scale=0.4)
+    spec = robust_spec(model, s.midpoint())
+    for attack in (lambda m, i, sp: pgd_attack(m, i, sp, steps=20, restarts=3, seed=7), lambda m, i, sp: random_attack(m, i, sp, samples=100, chunk=30, seed=7)):
+        full = attack(model, s, spec)
+        assert full.found.any() and not full.found.all()  # a mix makes the check meaningful
+        for b in range(B):
+            one = attack(model, s.select([b]), spec.select([b]))
+            assert one.found.item() == full.found[b].item()
+            torch.testing.assert_close(one.x_adv[0], full.x_adv[b], atol=1e-12, rtol=0)
+            torch.testing.assert_close(one.margin[0], full.margin[b], atol=1e-12, rtol=0)
+
+
+def test_seeded_runs_repeat():
+    gen = torch.Generator().manual_seed(6)
+    model = mlp(2)
+    s = make_set("linf", 4, gen)
+    spec = robust_spec(model, s.midpoint())
+    a = pgd_attack(model, s, spec, steps=10, restarts=4, seed=11)
+    b = pgd_attack(model, s, spec, steps=10, restarts=4, seed=11)
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.found, b.found)
+    a = pgd_attack(model, s, spec, steps=10, restarts=2, seed=11, targeted=False)
+    assert confirm_counterexample(model, s, spec, a.x_adv).tolist() == a.found.tolist()
+    a = random_attack(model, s, spec, samples=50, seed=11)
+    b = random_attack(model, s, spec, samples=50, seed=11)
+    assert torch.equal(a.x_adv, b.x_adv)
+
+
+def test_float32_model_with_float64_set():
+    gen = torch.Generator().manual_seed(7)
+    model = mlp(3, torch.float32)
+    s = make_set("box", 4, gen)
+    spec = robust_spec(model, s.midpoint().float())
+    res = pgd_attack(model, s, spec, steps=20)
+    assert res.x_adv.dtype == torch.float64 and res.margin.dtype == torch.float64
+    assert s.contains(res.x_adv).all()
+    assert confirm_counterexample(model, s, spec, res.x_adv).tolist() == res.found.tolist()
+    assert next(model.parameters()).dtype == torch.float32  # the float64 re-run used a copy
+
+
+class DtypeLiar(nn.Module):
+    """Violates the property in float32 but not in float64: PGD (run in float32) sees a
+    counterexample that the float64 confirmation must reject."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1, dtype=torch.float32))
+
+    def forward(self, x):
+        s = (x * self.w).sum(dim=1, keepdim=True)
+        return s - 10.0 if x.dtype == torch.float32 else s + 10.0
+
+
+def test_never_found_unless_confirmed():
+    s = Box(torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    spec = Linear(torch.tensor([[1.0]])).linear(2, 1, dtype=torch.float64)  # violated iff y <= 0
+    for res in (pgd_attack(DtypeLiar(), s, spec, steps=5), random_attack(DtypeLiar(), s, spec, samples=20)):
+        assert not res.found.any()
+        assert (res.margin > 0).all()
+
+
+def test_confirm_counterexample_membership_and_tolerance():
+    model = linear_model()
+    lo = torch.full((1, N_IN), 100.0, dtype=torch.float64)
+    s = Box(lo, lo + 1)
+    spec = LinearSpec(torch.zeros(1, 1, K, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0]))
+    x = s.midpoint()
+    assert confirm_counterexample(model, s, spec, x).item()  # C = 0, d = 0: every point violates
+    assert confirm_counterexample(model, s, spec, s.hi + 101 * 1e-7 * 0.5).item()  # within 1e-7 relative
+    assert not confirm_counterexample(model, s, spec, s.hi + 1e-3).item()
+    assert not confirm_counterexample(model, s, spec, torch.full_like(x, float("nan"))).item()
+    spec_safe = LinearSpec(spec.C, torch.ones(1, 1, dtype=torch.float64), spec.groups)
+    assert not confirm_counterexample(model, s, spec_safe, x).item()
+    res = pgd_attack(model, s, spec, steps=3)
+    assert res.found.item() and res.margin.item() == 0
+
+
+def test_timeout_returns_points_in_the_set():
+    gen = torch.Generator().manual_seed(8)
+    model = mlp()
+    s = make_set("l2", 3, gen)
+    spec = robust_spec(model, s.midpoint())
+    res = pgd_attack(model, s, spec, steps=1000, timeout=0.0)
+    assert s.contains(res.x_adv, tol=1e-12).all()
+    with pytest.raises(ValueError):
+        pgd_attack(model, s, spec, restarts=0)
+
+
+def _onnx_linear(path, W: np.ndarray, b: np.ndarray) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = W.shape[1], W.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["X", "W", "B"], ["Y"], transB=1)],
+        "lin",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", k])],
+        [numpy_helper.from_array(W.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = model.SerializeToString()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_confirm_with_onnxruntime(tmp_path):
+    W = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    b = np.array([0.0, 0.5])
+    _onnx_linear(tmp_path / "m.onnx", W, b)
+    _onnx_linear(tmp_path / "z.onnx.gz", W, b)
+    # violated iff y0 >= y1, i.e. row y1 - y0 <= 0 (VNN-LIB (>= Y_0 Y_1))
+    spec = Linear(torch.tensor([[-1.0, 1.0]]))
+    x_bad = torch.tensor([1.0, 0.0, 0.0])  # y = (1, 0.5)
+    x_ok = torch.tensor([0.0, 0.0, 0.0])  # y = (0, 0.5)
+    for path in (tmp_path / "m.onnx", tmp_path / "z.onnx"):
+        assert confirm_with_onnxruntime(path, x_bad, spec)
+        assert not confirm_with_onnxruntime(path, x_ok, spec)
+    lspec = spec.linear(1, 2, dtype=torch.float64)
+    assert confirm_with_onnxruntime(tmp_path / "m.onnx", x_bad.view(1, 3), lspec)
+    box = Box(torch.zeros(1, 3), torch.full((1, 3), 0.5))
+    assert not confirm_with_onnxruntime(tmp_path / "m.onnx", x_bad, spec, inputs=box)  # outside the box
+    with pytest.raises(ValueError):
+        confirm_with_onnxruntime(tmp_path / "m.onnx", torch.zeros(4), spec)
+    # the attack's counterexample on the torch twin is confirmed by onnxruntime
+    twin = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        twin.weight.copy_(torch.from_numpy(W))
+        twin.bias.copy_(torch.from_numpy(b))
+    s = Box(torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
+    res = pgd_attack(twin, s, lspec, steps=10)
+    assert res.found.item()
+    assert confirm_with_onnxruntime(tmp_path / "m.onnx", res.x_adv[0], spec, inputs=s)
+
+
+@pytest.mark.parametrize("kind", ["box", "l1", "l2"])
+def test_image_shaped_inputs_and_fx_graph(kind):
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, K)).double()
+    model = torch.fx.symbolic_trace(net).eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    s = Box((x - 0.3).clamp(0, 1), (x + 0.3).clamp(0, 1)) if kind == "box" else LpBall(x, 1.0, 1.0 if kind == "l1" else 2.0, 0.0, 1.0)
+    spec = robust_spec(model, x)
+    res = pgd_attack(model, s, spec, steps=10, restarts=2)
+    assert res.x_adv.shape == x.shape
+    assert s.contains(res.x_adv, tol=1e-12).all()
+    assert confirm_counterexample(model, s, spec, res.x_adv).tolist() == res.found.tolist()

@@ -1,0 +1,413 @@
+"""Falsification: search for inputs in the set that violate the property.
+
+Every attack minimises the violation margin of :class:`verify.spec.LinearSpec`,
+``min over groups of max over rows of (C y + d)``, which is ``<= 0`` exactly at
+counterexamples. A result is reported as found only after :func:`confirm_counterexample`
+re-checks it: the point lies in the input set and a plain float64 forward pass violates the
+property (ARCHITECTURE.md, "falsified only with a counterexample a forward pass confirms").
+
+* :func:`pgd_attack` -- projected gradient descent (Madry et al. 2018) with random restarts
+  and one targeted lane per output group, all inputs and lanes in one batch ``[L*B, ...]``.
+* :func:`random_attack` -- uniform sampling inside the set (boundary-heavy for boxes).
+* :func:`confirm_counterexample`, :func:`confirm_with_onnxruntime` -- the checks.
+
+Randomness is drawn from a seeded ``torch.Generator`` and shared across the batch (every
+input gets the same random numbers, mapped into its own set), and inputs stop once they are
+falsified, so a seeded run gives input ``b`` the same answer whatever else is in the batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .spec import Box, InputSet, Linear, LinearSpec, LpBall, SpecError
+
+__all__ = [
+    "AttackResult",
+    "pgd_attack",
+    "random_attack",
+    "confirm_counterexample",
+    "confirm_with_onnxruntime",
+]
+
+#: relative tolerance of the set-membership check of a counterexample
+CONTAINS_RTOL = 1e-7
+#: l_1 PGD moves the top this fraction of coordinates (by |gradient|) per step
+L1_TOP_FRACTION = 0.01
+
+
+@dataclass
+class AttackResult:
+    """Outcome of an attack on a batch of ``B`` input sets.
+
+    Attributes:
+        found: ``[B]`` bool, a confirmed counterexample was found.
+        x_adv: ``[B, *shape]`` the best point per input (lowest margin), inside the set, in
+            the input set's dtype.
+        margin: ``[B]`` float64 :meth:`LinearSpec.violation_margin` at ``x_adv`` from a
+            float64 forward pass; ``<= 0`` means violated.
+    """
+
+    found: Tensor
+    x_adv: Tensor
+    margin: Tensor
+
+
+# ----------------------------------------------------------------------------------------
+# checks
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if torch.is_floating_point(t):
+            return t.dtype
+    return None
+
+
+def _float64_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` itself when all its floating tensors are float64, else a float64 deep copy
+    (the caller's model is left untouched)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.dtype == torch.float64 for t in tensors if torch.is_floating_point(t)):
+        return model
+    return copy.deepcopy(model).double()
+
+
+def _forward(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """``[n, *shape] -> [n, K]``."""
+    y = model(x)
+    return y.reshape(x.shape[0], -1)
+
+
+def _contains_tol(inputs: InputSet) -> float:
+    lo, hi = inputs.bounds()
+    scale = max(float(lo.abs().max()), float(hi.abs().max()), 1.0) if lo.numel() else 1.0
+    return CONTAINS_RTOL * scale
+
+
+def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(inside [B] bool, margin [B] float64)`` of points ``x [B, *shape]``."""
+    inside = inputs.contains(x.to(inputs.bounds()[0].dtype), tol=_contains_tol(inputs))
+    with torch.no_grad():
+        y = _forward(model64, x.detach().double())
+    margin = spec.to(dtype=torch.float64).violation_margin(y)
+    return inside, margin
+
+
+def confirm_counterexample(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> Tensor:
+    """Bool ``[B]``: ``x[b]`` lies in set ``b`` (within ``1e-7`` relative to the largest bound)
+    and a plain forward pass in float64 violates the property (margin ``<= 0``).
+
+    A float32 model is re-run in float64 on a deep copy; ``model`` is not modified.
+    """
+    inside, margin = _check(_float64_model(model), inputs, spec, x)
+    return inside & (margin <= 0)
+
+
+def confirm_with_onnxruntime(
+    onnx_path: str | os.PathLike, x: Tensor | np.ndarray, spec: LinearSpec | Linear, *, inputs: InputSet | None = None
+) -> bool:
+    """Whether onnxruntime, running the ONNX file (``.onnx`` or ``.onnx.gz``) on the single
+    input ``x`` (any shape with the right number of elements, row-major), gives outputs that
+    violate ``spec`` (a batch-of-one :class:`LinearSpec` or a :class:`Linear`).
+
+    With ``inputs`` (batch of one), ``x`` must also lie in that set. The check is exact
+    (margin ``<= 0``), stricter than VNN-COMP's 1e-3 output tolerance.
+    """
+    import onnxruntime as ort
+
+    from .vnnlib import open_maybe_gz
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(open_maybe_gz(onnx_path, text=False), opts, providers=["CPUExecutionProvider"])
+    ins = sess.get_inputs()
+    if len(ins) != 1:
+        raise ValueError(f"{onnx_path}: expected one graph input, found {len(ins)}")
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in ins[0].shape]
+    np_dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}.get(ins[0].type)
+    if np_dtype is None:
+        raise ValueError(f"{onnx_path}: unsupported input type {ins[0].type}")
+    xt = torch.as_tensor(x).detach().cpu().double()
+    if xt.numel() != math.prod(shape):
+        raise ValueError(f"{onnx_path}: input has {math.prod(shape)} elements, x has {xt.numel()}")
+    if inputs is not None:
+        if not bool(inputs.contains(xt.reshape(1, *inputs.shape).to(inputs.bounds()[0].dtype), tol=_contains_tol(inputs))[0]):
+            return False
+    y = sess.run(None, {ins[0].name: xt.numpy().astype(np_dtype).reshape(shape)})[0]
+    y = torch.from_numpy(np.asarray(y, dtype=np.float64)).reshape(1, -1)
+    if isinstance(spec, Linear):
+        spec = spec.linear(1, y.shape[1], dtype=torch.float64)
+    if spec.C.shape[0] != 1:
+        raise SpecError(f"confirm_with_onnxruntime checks one input, the spec has a batch of {spec.C.shape[0]}")
+    return bool(spec.to(dtype=torch.float64).violation_margin(y)[0] <= 0)
+
+
+# ----------------------------------------------------------------------------------------
+# sampling shared across the batch
+
+
+def _shared_points(inputs: InputSet, n: int, gen: torch.Generator, boundary: bool = False) -> Tensor:
+    """``n`` points per input set, ``[n, B, *shape]``, inside the sets. The random numbers
+    (``[n, 1, *shape]``) are the same for every input of the batch.
+
+    Boxes and l_inf balls: uniform per coordinate; with ``boundary`` half the coordinates
+    (at random) sit at a face, as in :meth:`LpBall.sample`. l_2: a uniform direction with
+    radius ``eps * u**(1/4)``; l_1: a Laplace direction (sign times Exp(1), l_1-normalised),
+    same radius law. Balls are then projected onto the domain.
+    """
+    lo, hi = inputs.bounds()
+    shape = (n, 1, *lo.shape[1:])
+    kw = dict(generator=gen, device=lo.device, dtype=lo.dtype)
+    if isinstance(inputs, Box) or (isinstance(inputs, LpBall) and math.isinf(inputs.p)):
+        u = torch.rand(shape, **kw)
+        if boundary:
+            corner = torch.rand(shape, **kw) < 0.5
+            u = torch.where(corner, (u > 0.5).to(u.dtype), u)
+        if isinstance(inputs, Box):
+            return lo + u * (hi - lo)
+        e = inputs._eps_view()
+        return inputs._clip(inputs.center + (2 * u - 1) * e)
+    if not isinstance(inputs, LpBall):
+        raise SpecError(f"attacks support Box and LpBall input sets, got {type(inputs).__name__}")
+    g = torch.randn(shape, **kw).flatten(2)
+    if inputs.p == 1.0:
+        g = g.sign() * -torch.log(torch.rand(g.shape, **kw).clamp_min(1e-30))
+        nrm = g.abs().sum(dim=2, keepdim=True)
+    else:
+        nrm = g.norm(dim=2, keepdim=True)
+    r = torch.rand((n, 1, 1), **kw) ** 0.25
+    d = (g / nrm.clamp_min(1e-30) * r).view(shape) * inputs._eps_view()
+    pts = inputs.center + d
+    return torch.stack([inputs.project(p) for p in pts])
+
+
+# ----------------------------------------------------------------------------------------
+# PGD
+
+
+def _step_direction(inputs: InputSet, g: Tensor, x: Tensor) -> Tensor:
+    """Descent direction per example from the gradient ``g [n, *shape]`` of the margin at
+    ``x``, scaled so that a step of size ``alpha`` is ``x - alpha * direction``:
+
+    * box / l_inf: ``radius * sign(g)`` (radius ``(hi - lo) / 2`` per coordinate for boxes);
+    * l_2: ``eps * g / ||g||_2``;
+    * l_1: sparse steepest descent (cf. SLIDE, Tramer & Boneh 2019): the top
+      ``L1_TOP_FRACTION`` of coordinates by ``|g|`` (at least one), skipping coordinates
+      that sit at the domain boundary and would be pushed out, each moved by ``eps / k``
+      along ``sign(g)`` -- an l_1 step of length ``eps``.
+    """
+    if isinstance(inputs, Box):
+        return (inputs.hi - inputs.lo) / 2 * g.sign()
+    e = inputs._eps_view()
+    if math.isinf(inputs.p):
+        return e * g.sign()
+    flat = g.flatten(1)
+    if inputs.p == 2.0:
+        return e * (flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)).view_as(g)
+    # l_1
+    score = flat.abs()
+    xf = x.flatten(1)
+    if inputs.domain_hi is not None:  # -g > 0 means the step increases x
+        score = torch.where((flat < 0) & (xf >= inputs.domain_hi.expand_as(x).flatten(1)), 0.0, score)
+    if inputs.domain_lo is not None:
+        score = torch.where((flat > 0) & (xf <= inputs.domain_lo.expand_as(x).flatten(1)), 0.0, score)
+    k = max(1, int(math.ceil(L1_TOP_FRACTION * flat.shape[1])))
+    top = score.topk(k, dim=1).indices
+    step = torch.zeros_like(flat)
+    step.scatter_(1, top, flat.gather(1, top).sign() / k)
+    return e * step.view_as(g)
+
+
+def _tile(inputs: InputSet, L: int) -> InputSet:
+    """The batch-``b`` set repeated ``L`` times, batch ``L*b`` (lane-major, matching
+    ``x [L, b, *shape].reshape(L*b, *shape)``)."""
+
+    def rep(t):
+        return t.unsqueeze(0).expand(L, *t.shape).reshape(L * t.shape[0], *t.shape[1:])
+
+    if isinstance(inputs, Box):
+        return Box(rep(inputs.lo), rep(inputs.hi))
+    b = inputs.batch_size
+
+    def dom(v):
+        if isinstance(v, Tensor) and v.dim() == inputs.center.dim() and v.shape[0] == b and b > 1:
+            return rep(v)
+        return v
+
+    return LpBall(rep(inputs.center), rep(inputs.eps), inputs.p, dom(inputs.domain_lo), dom(inputs.domain_hi))
+
+
+def pgd_attack(
+    model: torch.nn.Module,
+    inputs: InputSet,
+    spec: LinearSpec,
+    *,
+    steps: int = 50,
+    restarts: int = 5,
+    step_size: float | None = None,
+    seed: int = 0,
+    timeout: float | None = None,
+    targeted: bool = True,
+) -> AttackResult:
+    """Projected gradient descent on the violation margin, batched over inputs and restarts.
+
+    The margin ``min_g max_{i in g} row_i`` is concave in the group values, so descending it
+    directly can stall at a vertex that minimises the wrong group. With ``targeted`` (and
+    more than one group), every restart therefore runs once per group ``g`` (a "lane"),
+    descending ``max_{i in g} row_i`` only -- the per-class targeted attack of robustness
+    papers; ``L = R * G`` lanes, batch ``[L*B, *shape]``. Without it, ``L = R`` lanes descend
+    the margin itself. The best point of every lane is judged by the full margin.
+
+    Lanes of restart 0 start at the set's midpoint (the clean input of a ball), the others
+    at random points of the set (:func:`_shared_points`). Each step is
+    ``x <- project(x - alpha_t * direction(grad))`` (:func:`_step_direction`) with a cosine
+    schedule ``alpha_t = alpha_0 (1 + cos(pi t / steps)) / 2``. An input stops as soon as
+    one of its lanes reaches a negative margin; the run ends when all inputs have, after
+    ``steps``, or at ``timeout``.
+
+    Args:
+        model: network ``[n, *shape] -> [n, K]``; the attack runs in its floating dtype on
+            the inputs' device.
+        inputs: :class:`Box` or :class:`LpBall` (p in 1, 2, inf), batch ``B``.
+        spec: ``LinearSpec`` with ``C [B, N, K]``.
+        steps: gradient steps per lane.
+        restarts: ``R`` starting points per input (``>= 1``).
+        step_size: ``alpha_0`` as a fraction of the radius (eps, or half the box width per
+            coordinate); default ``5 / steps``, i.e. a mean step of ``2.5 * eps / steps``.
+        seed: seeds a ``torch.Generator`` on the inputs' device.
+        timeout: seconds; the best points so far are returned when it runs out.
+        targeted: one lane per (restart, group) instead of one per restart.
+
+    Returns:
+        :class:`AttackResult`; ``found`` only where :func:`confirm_counterexample` agrees.
+    """
+    t0 = time.perf_counter()
+    if restarts < 1 or steps < 0:
+        raise ValueError(f"need restarts >= 1 and steps >= 0, got {restarts}, {steps}")
+    in_dtype = inputs.bounds()[0].dtype
+    wdtype = _model_dtype(model) or in_dtype
+    work = inputs.to(dtype=wdtype)
+    spec_w = spec.to(dtype=wdtype)
+    dev = work.bounds()[0].device
+    B, shape, R = work.batch_size, work.shape, restarts
+    G = spec_w.num_groups
+    per = G if (targeted and G > 1) else 1  # lanes per restart
+    L = R * per
+    target = (torch.arange(L, device=dev) % G) if per > 1 else None
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    starts = [work.midpoint().unsqueeze(0).expand(per, *work.midpoint().shape)]
+    if R > 1:
+        starts.append(_shared_points(work, L - per, gen))
+    x = torch.cat(starts).detach().clone()  # [L, B, *shape]
+    best_m = torch.full((L, B), math.inf, dtype=wdtype, device=dev)
+    best_x = x.clone()
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    alpha0 = float(step_size) if step_size is not None else 5.0 / max(steps, 1)
+    cached: tuple | None = None
+
+    for t in range(steps + 1):
+        idx = active.nonzero().squeeze(1)
+        b = idx.numel()
+        if cached is None or cached[0] != b:  # the active set shrank
+            cached = (b, spec_w.select(idx), _tile(work.select(idx), L))
+        _, sub_spec, tiled = cached
+        xa = x[:, idx].requires_grad_(True)
+        with torch.enable_grad():
+            y = _forward(model, xa.reshape(L * b, *shape)).reshape(L, b, -1)
+            gm = sub_spec.group_max(sub_spec.values(y))  # [L, b, G]
+            m = gm.amin(dim=-1)  # [L, b]
+            loss = m if target is None else gm.gather(-1, target.view(L, 1, 1).expand(L, b, 1)).squeeze(-1)
+        md = m.detach()
+        better = md < best_m[:, idx]
+        best_m[:, idx] = torch.where(better, md, best_m[:, idx])
+        bview = better.view(L, b, *([1] * len(shape)))
+        best_x[:, idx] = torch.where(bview, xa.detach(), best_x[:, idx])
+        done = (best_m[:, idx] < 0).any(dim=0)
+        active[idx[done]] = False
+        if t == steps or not active.any() or (timeout is not None and time.perf_counter() - t0 > timeout):
+            break
+        if loss.requires_grad:
+            (g,) = torch.autograd.grad(loss.sum(), xa)
+        else:  # the margin does not depend on x (e.g. a row C = 0)
+            g = torch.zeros_like(xa)
+        alpha = alpha0 * 0.5 * (1.0 + math.cos(math.pi * t / steps))
+        xf = xa.detach().reshape(L * b, *shape)
+        xf = tiled.project(xf - alpha * _step_direction(tiled, g.reshape(L * b, *shape), xf))
+        x[:, idx] = xf.view(L, b, *shape)
+
+    return _finish(model, inputs, spec, best_x, best_m)
+
+
+def _finish(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, cand_x: Tensor, cand_m: Tensor) -> AttackResult:
+    """Pick the best candidate per input (``cand_x [R, B, *shape]``, ``cand_m [R, B]``),
+    project it in the input set's own dtype and confirm it in float64."""
+    B = cand_x.shape[1]
+    r = cand_m.argmin(dim=0)
+    x = cand_x[r, torch.arange(B, device=cand_x.device)]
+    x = inputs.project(x.detach().to(inputs.bounds()[0].dtype))
+    inside, margin = _check(_float64_model(model), inputs, spec, x)
+    return AttackResult(found=inside & (margin <= 0), x_adv=x, margin=margin)
+
+
+# ----------------------------------------------------------------------------------------
+# random sampling
+
+
+def random_attack(
+    model: torch.nn.Module,
+    inputs: InputSet,
+    spec: LinearSpec,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    chunk: int = 256,
+) -> AttackResult:
+    """Evaluate ``samples`` points per input: the midpoint, then random points of the set
+    (:func:`_shared_points` with ``boundary=True``), ``chunk`` points per input per forward
+    pass. Inputs stop at their first chunk with a negative margin.
+
+    Returns:
+        :class:`AttackResult` (the lowest-margin sample per input, confirmed in float64).
+    """
+    if samples < 1 or chunk < 1:
+        raise ValueError(f"need samples >= 1 and chunk >= 1, got {samples}, {chunk}")
+    in_dtype = inputs.bounds()[0].dtype
+    wdtype = _model_dtype(model) or in_dtype
+    work = inputs.to(dtype=wdtype)
+    spec_w = spec.to(dtype=wdtype)
+    dev = work.bounds()[0].device
+    B, shape = work.batch_size, work.shape
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    best_m = torch.full((B,), math.inf, dtype=wdtype, device=dev)
+    best_x = work.midpoint().clone()
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    done_n = 0
+    with torch.no_grad():
+        while done_n < samples and active.any():
+            n = min(chunk, samples - done_n)
+            if done_n == 0:
+                pts = torch.cat([work.midpoint().unsqueeze(0), _shared_points(work, n - 1, gen, boundary=True)]) if n > 1 else work.midpoint().unsqueeze(0)
+            else:
+                pts = _shared_points(work, n, gen, boundary=True)
+            done_n += n
+            idx = active.nonzero().squeeze(1)
+            b = idx.numel()
+            p = pts[:, idx]
+            m = spec_w.select(idx).violation_margin(_forward(model, p.reshape(n * b, *shape)).reshape(n, b, -1))
+            mi, arg = m.min(dim=0)
+            better = mi < best_m[idx]
+            best_m[idx] = torch.where(better, mi, best_m[idx])
+            chosen = p[arg, torch.arange(b, device=dev)]
+            best_x[idx] = torch.where(better.view(b, *([1] * len(shape))), chosen, best_x[idx])
+            active[idx[best_m[idx] < 0]] = False
+    return _finish(model, inputs, spec, best_x.unsqueeze(0), best_m.unsqueeze(0))
