@@ -14,6 +14,7 @@ def interval_bounds(
     lo: Tensor,
     hi: Tensor,
     known: dict[str, tuple[Tensor, Tensor]] | None = None,
+    upto: str | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Boxes of every node.
 
@@ -22,6 +23,7 @@ def interval_bounds(
         lo, hi: input box ``[B, *input_shape]``.
         known: optional tighter boxes ``{node: (lo, hi)}`` (``[B, *shape]``), intersected with
             the propagated ones (sound: both enclose the node's values).
+        upto: stop after this node.
 
     Returns:
         ``{node: (lo, hi)}`` for the input and every node, each ``[B, *shape]``.
@@ -33,4 +35,6 @@ def interval_bounds(
             kl, kh = known[n.name]
             l, h = l.maximum(kl), h.minimum(kh)
         out[n.name] = (l, h)
+        if n.name == upto:
+            break
     return out

@@ -53,6 +53,7 @@ class IntervalMethod(_Relax):
         self.max_elements = max_elements
 
 
+@register
 class CrownMethod(_Relax):
     """CROWN (Zhang et al. 2018): backward linear bounds with the spec pushed in."""
 
@@ -65,6 +66,7 @@ class CrownMethod(_Relax):
         self.max_elements = max_elements
 
 
+@register
 class DeepPolyMethod(_Relax):
     """DeepPoly (Singh et al. 2019) = the CROWN backward pass with DeepPoly's slope choices."""
 
@@ -77,6 +79,7 @@ class DeepPolyMethod(_Relax):
         self.max_elements = max_elements
 
 
+@register
 class AlphaCrownMethod(_Relax):
     """alpha-CROWN (Xu et al. 2021): CROWN with ReLU lower slopes optimised by Adam.
 

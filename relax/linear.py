@@ -1,0 +1,324 @@
+"""CROWN / DeepPoly backward linear bound propagation on a :class:`~relax.graph.BoundGraph`.
+
+One pass (Zhang et al. 2018, CROWN, Theorem 3.2; Singh et al. 2019, DeepPoly back-substitution)
+computes *lower* bounds of ``A0 . z_start`` for a batch of row vectors ``A0 [S, B, *shape]``:
+walking the graph backwards, affine ops map ``A`` through their transpose and nonlinear ops
+through their linear relaxation (lower line where ``A >= 0``, upper line where ``A < 0``), until
+``A . x + bias`` on the input is concretised over the input set (:func:`concretize`). An upper
+bound is minus the lower bound of ``-A``: we stack ``[C; -C]`` as rows, so one code path serves
+both and every row (and alpha) is independent.
+
+Intermediate bounds (the pre-activation boxes the relaxations need) come layer by layer from
+the same pass, started at each pre-activation node with rows ``+e_j`` and ``-e_j``, and are
+intersected with IBP boxes (both are sound, so their intersection is). Only the neurons that
+need it get rows: for a ReLU input, the neurons still unstable (``l < 0 < u``) under the
+current best box (a stable ReLU is exact whatever its bounds); for Sigmoid / Tanh / MaxPool
+inputs, all neurons. Rows are chosen per batch element (padded to the largest count).
+
+Memory: rows are processed in chunks so that no coefficient tensor exceeds ``max_elements``.
+
+**Branch-and-bound entry point.** :func:`crown` accepts ``bound_overrides = {node: (lo, hi)}``
+(``[B, *shape]``, per batch element = per domain): they are intersected with the computed box
+of that node before its relaxation is built, and the later layers are then bounded within the
+tighter box. A ReLU split "neuron j of node p inactive/active in domain b" is
+``hi[b, j] = 0`` / ``lo[b, j] = 0``. ``intermediate={node: (lo, hi)}`` instead *fixes* a node's
+box (skips computing it; used by alpha-CROWN and to re-use bounds across BaB steps). A domain
+whose box is empty (``lo > hi`` somewhere) is infeasible; its bounds are then vacuous.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from verify.spec import InputSet, LpBall, dual_norm
+
+from .graph import BoundGraph
+from .interval import interval_bounds
+from .ops import Linear, Relaxation, ReLU
+
+__all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "Rows", "AlphaFn"]
+
+#: ``alpha_fn(start_node, activation_node, rows) -> [S, B, *shape] | None``
+AlphaFn = Callable[[str, str, slice | None], "Tensor | None"]
+
+
+@dataclass
+class Rows:
+    """Start rows ``sign_s * e_{idx[s, b]}`` at a node (``idx [S, B]`` flat neuron indices,
+    ``sign [S]``) without building the dense one-hot tensor."""
+
+    idx: Tensor
+    sign: Tensor
+
+    def dense(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        S, B = self.idx.shape
+        n = math.prod(shape)
+        A = torch.zeros(S, B, n, dtype=dtype, device=self.idx.device)
+        A.scatter_(2, self.idx.unsqueeze(-1), self.sign.to(dtype).view(S, 1, 1).expand(S, B, 1))
+        return A.view(S, B, *shape)
+
+
+@dataclass
+class CrownResult:
+    """``lower [B, N]`` (None without a spec), the pre-activation boxes ``intermediate``
+    (``{node: (lo, hi)}``, ``[B, *shape]``) and the relaxations used."""
+
+    lower: Tensor | None
+    intermediate: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    relaxations: dict[str, Relaxation] = field(default_factory=dict)
+
+
+def concretize(A: Tensor, bias: Tensor, input_set: InputSet) -> Tensor:
+    """``min over x in input_set of A . x + bias``: ``A [S, B, *in]``, ``bias [S, B]`` -> ``[S, B]``.
+
+    Box / l_inf ball: ``A . m - |A| . r`` on the (domain-clipped) box. l_p ball (p = 1, 2):
+    Hoelder, ``A . c - eps ||A||_q`` with ``1/p + 1/q = 1``, and the box bound on the
+    enclosing clipped box; the larger of the two (both sound: the set lies in the ball and in
+    the box).
+    """
+    S, B = A.shape[:2]
+    A2 = A.reshape(S, B, -1)
+    lo, hi = input_set.bounds()
+    m, r = ((hi + lo) / 2).reshape(B, -1), ((hi - lo) / 2).reshape(B, -1)
+    val = torch.einsum("sbn,bn->sb", A2, m) - torch.einsum("sbn,bn->sb", A2.abs(), r)
+    if isinstance(input_set, LpBall) and not math.isinf(input_set.p):
+        q = dual_norm(input_set.p)
+        c = input_set.center.reshape(B, -1).to(A.dtype)
+        nq = A2.abs().amax(-1) if math.isinf(q) else A2.norm(p=q, dim=-1)
+        ball = torch.einsum("sbn,bn->sb", A2, c) - input_set.eps.to(A.dtype).view(1, B) * nq
+        val = torch.maximum(val, ball)
+    return val + bias
+
+
+def backward(
+    graph: BoundGraph,
+    start: str,
+    A0: Tensor | Rows,
+    relax: dict[str, Relaxation],
+    input_set: InputSet,
+    alphas: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """Lower bounds ``[S, B]`` of ``A0 . z_start`` over the input set.
+
+    Args:
+        start: node whose value the rows multiply.
+        A0: ``[S, B, *shape(start)]`` or :class:`Rows`.
+        relax: relaxation of every nonlinear ancestor of ``start``.
+        alphas: ``{activation node: [S, B, *shape]}`` lower slopes replacing the relaxation's.
+    """
+    anc = _ancestors(graph, start)
+    As: dict[str, Tensor] = {}
+    bias = None
+    node = graph.by_name[start]
+    if isinstance(A0, Rows):
+        if isinstance(node.op, Linear):  # rows of W directly: no one-hot product
+            W, b = node.op.W, node.op.b
+            sign = A0.sign.to(W.dtype).view(-1, 1, 1)
+            As[node.inputs[0]] = W[A0.idx] * sign
+            if b is not None:
+                bias = b[A0.idx] * sign.view(-1, 1)
+            start_done = True
+        else:
+            As[start] = A0.dense(node.shape, graph.dtype)
+            start_done = False
+    else:
+        As[start] = A0
+        start_done = False
+    for n in reversed(graph.nodes):
+        if n.name not in anc or (start_done and n.name == start):
+            continue
+        A = As.pop(n.name, None)
+        if A is None:
+            continue
+        if n.op.nonlinear:
+            alpha = None if alphas is None else alphas.get(n.name)
+            A_in, b = n.op.backward_relaxed(A, relax[n.name], alpha)
+            A_ins = [A_in]
+        else:
+            A_ins, b = n.op.backward(A)
+        if b is not None:
+            bias = b if bias is None else bias + b
+        for name, Ai in zip(n.inputs, A_ins):
+            if Ai is None:
+                continue
+            As[name] = Ai if name not in As else As[name] + Ai
+    A_in = As.pop(graph.input_name)
+    if bias is None:
+        bias = torch.zeros(A_in.shape[:2], dtype=A_in.dtype, device=A_in.device)
+    return concretize(A_in, bias, input_set)
+
+
+def _ancestors(graph: BoundGraph, name: str) -> set[str]:
+    cache = graph.__dict__.setdefault("_anc_cache", {})
+    if name not in cache:
+        cache[name] = graph.ancestors(name)
+    return cache[name]
+
+
+def rows_needed(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Which neurons of pre-activation ``node`` need linear bounds, per batch element.
+
+    Returns ``idx [R, B]`` (flat neuron indices, distinct per column; the first ``count_b``
+    are the needed ones) and ``valid [R, B]``. All neurons when a non-ReLU op consumes the
+    node, else the unstable ones (``lo < 0 < hi``).
+    """
+    B = lo.shape[0]
+    l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
+    n = l2.shape[1]
+    only_relu = all(isinstance(graph.by_name[c].op, ReLU) for c in graph.consumers[node])
+    if not only_relu:
+        idx = torch.arange(n, device=lo.device).view(n, 1).expand(n, B)
+        return idx, torch.ones(n, B, dtype=torch.bool, device=lo.device)
+    mask = (l2 < 0) & (h2 > 0)
+    counts = mask.sum(1)
+    R = int(counts.max()) if B else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :R]
+    valid = torch.arange(R, device=lo.device).view(R, 1) < counts.view(1, B)
+    return order.t().contiguous(), valid
+
+
+def _chunk(R: int, B: int, width: int, max_elements: int) -> int:
+    """Rows (per sign) per chunk: 2 * rows * B * width <= max_elements."""
+    return max(1, min(R, max_elements // max(1, 2 * B * width)))
+
+
+def _max_width(graph: BoundGraph, start: str) -> int:
+    anc = _ancestors(graph, start)
+    w = math.prod(graph.input_shape)
+    for k in anc:
+        if k != graph.input_name:
+            w = max(w, graph.by_name[k].numel)
+    return w
+
+
+def bound_node(
+    graph: BoundGraph,
+    node: str,
+    lo: Tensor,
+    hi: Tensor,
+    relax: dict[str, Relaxation],
+    input_set: InputSet,
+    max_elements: int,
+    rows: tuple[Tensor, Tensor] | None = None,
+    alpha_fn: AlphaFn | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
+    :func:`rows_needed` picks (or ``rows``). Returns the intersected box."""
+    B = lo.shape[0]
+    idx, valid = rows if rows is not None else rows_needed(graph, node, lo, hi)
+    R = idx.shape[0]
+    if R == 0:
+        return lo, hi
+    l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
+    step = _chunk(R, B, _max_width(graph, node), max_elements)
+    new_l, new_h = [], []
+    for s0 in range(0, R, step):
+        s1 = min(R, s0 + step)
+        sub = idx[s0:s1]
+        c = s1 - s0
+        sign = torch.cat([torch.ones(c), -torch.ones(c)]).to(device=lo.device)
+        A0 = Rows(torch.cat([sub, sub], 0), sign)
+        alphas = None
+        if alpha_fn is not None:
+            alphas = {}
+            for act in _acts_before(graph, node):
+                a = alpha_fn(node, act, slice(s0, s1))
+                if a is not None:
+                    alphas[act] = a
+        low = backward(graph, node, A0, relax, input_set, alphas)  # [2c, B]
+        new_l.append(low[:c])
+        new_h.append(-low[c:])
+    nl, nh = torch.cat(new_l, 0).t(), torch.cat(new_h, 0).t()  # [B, R]
+    it, vt = idx.t(), valid.t()
+    gl, gh = l2.gather(1, it), h2.gather(1, it)
+    nl = torch.where(vt, torch.maximum(gl, nl), gl)
+    nh = torch.where(vt, torch.minimum(gh, nh), gh)
+    return l2.scatter(1, it, nl).view_as(lo), h2.scatter(1, it, nh).view_as(hi)
+
+
+def _acts_before(graph: BoundGraph, node: str) -> list[str]:
+    anc = _ancestors(graph, node)
+    return [n.name for n in graph.activations() if n.name in anc]
+
+
+def crown(
+    graph: BoundGraph,
+    input_set: InputSet,
+    C: Tensor | None,
+    mode: str = "crown",
+    *,
+    max_elements: int = 2**25,
+    bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
+    intermediate: dict[str, tuple[Tensor, Tensor]] | None = None,
+    alpha_fn: AlphaFn | None = None,
+    rows: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> CrownResult:
+    """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
+
+    Args:
+        graph, input_set: the bound graph and the batched input set.
+        C: ``[B, N, K]`` rows on the output (``None``: intermediate bounds only).
+        mode: slope rules of the relaxations (:mod:`relax.ops.activation`).
+        max_elements: chunk size limit of the coefficient tensors.
+        bound_overrides: ``{node: (lo, hi)}`` intersected with the node's computed box
+            (branch-and-bound splits, see the module docstring).
+        intermediate: ``{node: (lo, hi)}`` boxes used as given (not recomputed).
+        alpha_fn: alpha provider (alpha-CROWN), see :data:`AlphaFn`; start node ``"__out__"``
+            denotes the spec rows.
+        rows: ``{node: (idx, valid)}`` fixed row choice per pre-activation (alpha-CROWN).
+
+    Returns:
+        :class:`CrownResult`. ``lower`` is intersected with the IBP bound of ``C y``.
+    """
+    lo_in, hi_in = input_set.bounds()
+    known: dict[str, tuple[Tensor, Tensor]] = {}
+    ov = bound_overrides or {}
+    relax: dict[str, Relaxation] = {}
+    inter: dict[str, tuple[Tensor, Tensor]] = {}
+    for p in graph.preactivations():
+        if intermediate is not None and p in intermediate:
+            l, h = intermediate[p]
+        elif p == graph.input_name:
+            l, h = lo_in, hi_in
+        else:
+            boxes = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)
+            l, h = boxes[p]
+            if p in ov:
+                l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
+            l, h = bound_node(graph, p, l, h, relax, input_set, max_elements,
+                              rows=None if rows is None else rows.get(p), alpha_fn=alpha_fn)
+        if p in ov:
+            l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
+        known[p] = (l, h)
+        inter[p] = (l, h)
+        for c in graph.consumers[p]:
+            cn = graph.by_name[c]
+            if cn.op.nonlinear:
+                relax[c] = cn.op.relax(l, h, mode)
+    if C is None:
+        return CrownResult(None, inter, relax)
+    B, N, K = C.shape
+    out = graph.output
+    boxes = interval_bounds(graph, lo_in, hi_in, known=known)
+    ol, oh = boxes[out]
+    m, r = (oh + ol) / 2, (oh - ol) / 2
+    ibp_low = torch.einsum("bnk,bk->bn", C, m) - torch.einsum("bnk,bk->bn", C.abs(), r)
+    At = C.transpose(0, 1)  # [N, B, K]
+    step = max(1, min(N, max_elements // max(1, B * _max_width(graph, out))))
+    parts = []
+    for s0 in range(0, N, step):
+        s1 = min(N, s0 + step)
+        alphas = None
+        if alpha_fn is not None:
+            alphas = {}
+            for act in _acts_before(graph, out):
+                a = alpha_fn("__out__", act, slice(s0, s1))
+                if a is not None:
+                    alphas[act] = a
+        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas))
+    low = torch.cat(parts, 0).t()
+    return CrownResult(torch.maximum(low, ibp_low), inter, relax)
