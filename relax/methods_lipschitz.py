@@ -1,0 +1,218 @@
+"""Registered Lipschitz-margin methods: ``lipschitz-global``, ``lipschitz-sdp``, ``lipschitz-local``.
+
+All three certify the network ``f`` (``certifies="base"``, deterministic) by the margin
+argument of :func:`relax.lipschitz.certified_radius`: a property row ``r(x) = c^T f(x) + d``
+with clean margin ``m = r(x_0)`` (float64 forward pass) and a Lipschitz bound ``L_c`` of
+``c^T f`` w.r.t. ``||.||_p`` satisfies ``r(x) >= m - L_c ||x - x_0||_p``, so the lower bound on
+the ball of radius ``eps`` is ``m - L_c eps`` (these are the ``lower`` fields of the
+certificates) and the largest certified radius is ``min_groups max_rows m / L_c``.
+
+* ``lipschitz-global`` and ``lipschitz-sdp``: ``L_c`` does not depend on ``eps``; the radius is
+  reported in closed form whether or not ``find_radius`` is asked (capped at ``max_radius``).
+* ``lipschitz-local``: ``L_c(eps)`` is valid only on the ball of radius ``eps``; a radius ``r``
+  counts only if ``m - L_c(r) r`` proves the property, found by a batched bisection that starts
+  from the global radius (always certified, since ``L_c(r) <= L_c^global``).
+
+Box input sets are treated as the l_inf ball around their midpoint with radius the largest
+half-width (a superset, so sound). Every method works on the dense float64 form
+(:func:`relax.affine_net.to_feedforward`); ``lipschitz-global`` also has a module-level path for
+networks whose dense layers would exceed ``dense_limit`` entries.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from verify.certificate import Certificate
+from verify.registry import BoundMethod, register
+from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+
+from . import lipschitz as lip
+from .affine_net import FeedForwardNet, to_feedforward
+
+__all__ = ["LipschitzGlobal", "LipschitzSDP", "LipschitzLocal"]
+
+_FF_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _cached(model: torch.nn.Module, key: tuple, build):
+    try:
+        slot = _FF_CACHE.setdefault(model, {})
+    except TypeError:  # not weak-referenceable
+        return build()
+    fp = _fingerprint(model)
+    hit = slot.get(key)
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    val = build()
+    slot[key] = (fp, val)
+    return val
+
+
+def _input_shape(model: torch.nn.Module, inputs: InputSet) -> tuple[int, ...]:
+    return tuple(inputs.shape)
+
+
+def _ball_view(inputs: InputSet) -> tuple[Tensor, Tensor, float]:
+    """``(x0 [B, *shape], eps [B] float64, p)``: the l_p ball enclosing the input set."""
+    if isinstance(inputs, LpBall):
+        return inputs.center, inputs.eps.double().cpu(), float(inputs.p)
+    lo, hi = inputs.bounds()
+    x0 = (lo + hi) / 2
+    eps = ((hi.double() - lo.double()) / 2).flatten(1).amax(dim=1).cpu() * (1 + 1e-12)
+    return x0, eps, math.inf
+
+
+class _LipschitzMethod(BoundMethod):
+    """Shared machinery: dense form, float64 margins, certificates from ``(m, L)``."""
+
+    #: Lipschitz constants independent of eps (closed-form radius)
+    eps_independent = True
+
+    # -- to be provided by subclasses ------------------------------------------------------
+    def row_lipschitz(self, model: torch.nn.Module, inputs: InputSet, C: Tensor, p: float) -> tuple[Tensor, dict]:
+        """Lipschitz bounds ``[B, N]`` (float64, CPU) of the rows ``C [B, N, K]`` w.r.t. ``||.||_p``
+        valid on ``inputs`` (globally for eps-independent methods), and JSON details."""
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------------------
+    def dense(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> FeedForwardNet:
+        def build() -> FeedForwardNet:
+            with torch.no_grad():
+                net = to_feedforward(model, input_shape)
+            return net.to(dtype=torch.float64, device="cpu")
+
+        return _cached(model, ("ff", input_shape), build)
+
+    def margins(self, model: torch.nn.Module, x0: Tensor, spec: LinearSpec) -> Tensor:
+        """Row values ``C f(x_0) + d`` ``[B, N]`` from a float64 forward pass (CPU)."""
+        m64 = _cached(model, ("f64",), lambda: copy.deepcopy(model).double().eval())
+        dev = next(iter(m64.parameters()), torch.zeros(())).device
+        with torch.no_grad():
+            y = m64(x0.to(device=dev, dtype=torch.float64)).reshape(x0.shape[0], -1)
+        return spec.to(device="cpu", dtype=torch.float64).values(y.cpu())
+
+    def lower_bounds(self, model, inputs, spec):
+        x0, eps, p = _ball_view(inputs)
+        spec64 = spec.to(device="cpu", dtype=torch.float64)
+        L, _ = self.row_lipschitz(model, inputs, spec64.C, p)
+        m = self.margins(model, x0, spec)
+        return m - L * eps.unsqueeze(1)
+
+    # -- the certificate -------------------------------------------------------------------
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        t0 = time.perf_counter()
+        self.check_input_set(inputs)
+        if find_radius and not isinstance(inputs, LpBall):
+            raise SpecError("find_radius needs an l_p ball input set")
+        B = inputs.batch_size
+        x0, eps, p = _ball_view(inputs)
+        with torch.no_grad():
+            y_nat = model(x0)
+        y_nat = y_nat.reshape(B, -1)
+        K = y_nat.shape[1]
+        spec = prop.linear(B, K, device=x0.device, dtype=y_nat.dtype)
+        spec64 = spec.to(device="cpu", dtype=torch.float64)
+        clean_ok = spec.holds(y_nat).cpu()
+        m = self.margins(model, x0, spec64)
+        labels = prop.labels()
+        pred = y_nat.argmax(dim=1).cpu()
+
+        L, details = self.row_lipschitz(model, inputs, spec64.C, p)
+        lower = m - L * eps.unsqueeze(1)
+        proved = self.proves(lower, spec64).cpu() & clean_ok
+        if self.eps_independent:
+            radius = lip.certified_radius(m, L, spec64.groups, self.safety_margin(m))
+            # the closed form is exact for these bounds; keep it consistent with the eps verdict
+            radius = torch.where(proved, torch.maximum(radius, eps), radius)
+        else:
+            radius = torch.where(proved, eps, torch.zeros_like(eps))
+            if find_radius:
+                radius, L_r = self.search_radius(model, inputs, spec64, m, clean_ok, radius, max_radius, timeout, t0)
+                details = {**details, "lipschitz_at_radius": L_r.tolist()}
+        radius = torch.where(clean_ok, radius, torch.zeros_like(radius))
+        if max_radius is not None:
+            radius = radius.clamp(max=float(max_radius))
+        radius = torch.nan_to_num(radius, posinf=torch.finfo(torch.float64).max)
+
+        elapsed = time.perf_counter() - t0
+        norm = norm_name(inputs.p) if isinstance(inputs, LpBall) else "box"
+        certs = []
+        for b in range(B):
+            lab = None
+            if labels is not None:
+                lab = int(labels[b] if labels.numel() > 1 else labels[0])
+            status = "certified" if proved[b] else ("falsified" if not clean_ok[b] else "unknown")
+            det = {"options": self.options(), "lipschitz": L[b].tolist(), "margin": m[b].tolist(),
+                   "lipschitz_norm": norm_name(p)}
+            det.update({k: (v[b] if isinstance(v, list) and len(v) == B else v) for k, v in details.items()})
+            certs.append(Certificate(
+                method=self.name, guarantee="deterministic", certifies="base", status=status, index=b,
+                label=lab, prediction=int(pred[b]), norm=norm,
+                eps=float(inputs.eps[b]) if isinstance(inputs, LpBall) else None,
+                radius=float(radius[b]), lower=lower[b], counterexample=x0[b].detach().cpu() if status == "falsified" else None,
+                time_s=elapsed / B, details=det))
+        return certs
+
+    def search_radius(self, model, inputs, spec64, m, clean_ok, known, max_radius, timeout, t0):  # pragma: no cover
+        raise NotImplementedError
+
+
+@register
+class LipschitzGlobal(_LipschitzMethod):
+    """Margin / global Lipschitz bound (product of exact layer operator norms).
+
+    Options:
+        conv_bound: ``"auto"`` (dense exact norms when every dense layer has at most
+            ``dense_limit`` entries, else the module-level bound with ``"fourier"``),
+            ``"exact-dense"`` (always the dense form), ``"fourier"`` (module level, exact SVD of
+            the kernel's Fourier blocks, Sedghi et al. 2019) or ``"gram"`` (module level, Gram
+            iteration bound of each Fourier block, Delattre et al. 2023).
+        dense_limit: largest ``n_out * n_in`` of a dense layer for ``"auto"``.
+        combine_norms: also use the other norms' chains via the l_1/l_2/l_inf inequalities.
+    """
+
+    name = "lipschitz-global"
+    summary = "margin / product of exact layer norms (difference row in the last layer)"
+    norms = ("linf", "l2", "l1", "box")
+
+    def __init__(self, conv_bound: str = "auto", dense_limit: int = 20_000_000, combine_norms: bool = True) -> None:
+        if conv_bound not in ("auto", "exact-dense", "fourier", "gram"):
+            raise ValueError(f"conv_bound must be 'auto', 'exact-dense', 'fourier' or 'gram', got {conv_bound!r}")
+        self.conv_bound = conv_bound
+        self.dense_limit = int(dense_limit)
+        self.combine_norms = bool(combine_norms)
+
+    def use_dense(self, model, input_shape) -> bool:
+        if self.conv_bound == "exact-dense":
+            return True
+        if self.conv_bound in ("fourier", "gram"):
+            return False
+        size = _cached(model, ("size", input_shape), lambda: lip.dense_size(model, input_shape))
+        return size <= self.dense_limit
+
+    def row_lipschitz(self, model, inputs, C, p):
+        shape = _input_shape(model, inputs)
+        if self.use_dense(model, shape):
+            net = self.dense(model, shape)
+            L = lip.global_lipschitz(net, C, p, combine=self.combine_norms)
+            return L.cpu(), {"bound": "global-dense"}
+        cb = "fourier" if self.conv_bound == "auto" else self.conv_bound
+        if self.combine_norms:
+            chains = {r: lip.module_global_lipschitz(model, shape, C, r, cb) for r in (1.0, 2.0, math.inf)}
+            n_in = int(math.prod(shape))
+            L = lip.combine_norms(chains, n_in)[float(p)]
+        else:
+            L = lip.module_global_lipschitz(model, shape, C, p, cb)
+        return L.cpu(), {"bound": f"global-modules-{cb}"}
