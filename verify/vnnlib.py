@@ -48,7 +48,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import itertools
 import math
 import os
 import re
