@@ -124,7 +124,7 @@ def train_noise_augmented(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss) * B
+            tot += float(loss.detach()) * B
             correct += int((logits.argmax(1) == yy).sum()) // m
             seen += B
         model.eval()
