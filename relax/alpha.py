@@ -22,6 +22,7 @@ intermediate boxes are re-used (much cheaper per iteration, usually a bit looser
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -82,6 +83,7 @@ def alpha_crown(
     lr_decay: float = 0.98,
     optimize_intermediate: bool = True,
     early_stop: bool = False,
+    stop_fn: Callable[[Tensor], Tensor] | None = None,
     max_elements: int = 2**25,
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> AlphaResult:
@@ -91,14 +93,20 @@ def alpha_crown(
         iterations: Adam steps (after the CROWN initialisation).
         lr, lr_decay: Adam learning rate and its per-step exponential decay.
         optimize_intermediate: also optimise the alphas of the intermediate bounds.
-        early_stop: stop as soon as every row of every batch element is > 0.
+        early_stop: stop optimising a batch element once it is done: ``stop_fn(lower [B, N])
+            -> Bool [B]`` (default: every row > 0). A done element's bounds are frozen, so a
+            batch gives the same bounds as its elements one by one (up to round-off).
         max_elements, bound_overrides: as in :func:`relax.linear.crown`.
     """
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides)
     best = init.lower.clone()
     relus = [n.name for n in graph.activations() if isinstance(n.op, ReLU)]
-    if iterations <= 0 or not relus or (early_stop and bool((best > 0).all())):
+    if stop_fn is None:
+        def stop_fn(low: Tensor) -> Tensor:
+            return (low > 0).all(dim=1)
+    done_b = stop_fn(best) if early_stop else torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
+    if iterations <= 0 or not relus or bool(done_b.all()):
         return AlphaResult(best, init.lower, 0, init.intermediate)
 
     # fixed bounds: the CROWN boxes (and the user's overrides) are intersected every iteration
@@ -155,14 +163,15 @@ def alpha_crown(
                 alpha_fn=alpha_fn, rows=plan,
             )
             low = res.lower
-            best = torch.maximum(best, low.detach())
+            best = torch.where(done_b.unsqueeze(1), best, torch.maximum(best, low.detach()))
             done = it + 1
-            if early_stop and bool((best > 0).all()):
-                break
+            if early_stop:
+                done_b = done_b | stop_fn(best)
+                if bool(done_b.all()):
+                    break
             if it == iterations - 1:
                 break
-            active = ~(best > 0).all(dim=1, keepdim=True) if early_stop else torch.ones_like(best, dtype=torch.bool)
-            loss = -(low * active).sum()
+            loss = -(low * (~done_b).unsqueeze(1)).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         opt.step(grads)
     return AlphaResult(best, init.lower, done, init.intermediate, alphas)

@@ -108,11 +108,13 @@ def lower_bounds(
     lr: float = 0.1,
     optimize_intermediate: bool = True,
     early_stop: bool = False,
+    stop_fn=None,
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``) on a prepared graph (see
     :func:`prepare`); the other arguments as in :func:`bounds`. ``early_stop`` (alpha-CROWN):
-    stop once every row of every input is positive."""
+    stop optimising an input once ``stop_fn(lower [B, N]) -> Bool [B]`` (default: every row
+    positive)."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; use one of {', '.join(METHODS)}")
     if method == "interval":
@@ -128,7 +130,7 @@ def lower_bounds(
     from .alpha import alpha_crown
 
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
-                       max_elements=max_elements, early_stop=early_stop, bound_overrides=bound_overrides).lower.detach()
+                       max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides).lower.detach()
 
 
 def intermediate_bounds(

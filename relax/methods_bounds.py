@@ -85,7 +85,8 @@ class AlphaCrownMethod(_Relax):
 
     Options: ``iterations`` Adam steps with learning rate ``lr``; ``optimize_intermediate``
     also optimises the slopes used for the intermediate bounds (as auto_LiRPA's default);
-    ``early_stop`` stops once every row of every input is positive (enough to certify).
+    ``early_stop`` stops optimising an input once its bounds prove the property (after the
+    float-safety margin); its bounds are then frozen, so batch of 1 == batch of N.
     Never looser than CROWN (the best bound per row is kept).
     """
 
@@ -110,5 +111,11 @@ class AlphaCrownMethod(_Relax):
         self.early_stop = early_stop
 
     def lower_bounds(self, model, inputs, spec):
+        d = spec.d
+
+        def stop_fn(low: Tensor) -> Tensor:  # the property is proved for this input
+            return self.proves(low + d.to(low.dtype), spec)
+
         return self._lower(model, inputs, spec, iterations=self.iterations, lr=self.lr,
-                           optimize_intermediate=self.optimize_intermediate, early_stop=self.early_stop)
+                           optimize_intermediate=self.optimize_intermediate, early_stop=self.early_stop,
+                           stop_fn=stop_fn)

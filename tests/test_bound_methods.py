@@ -51,7 +51,9 @@ def test_radius_is_certified(setup, name, p):
     certs = m.certify(net, LpBall(x, 0.0, p, 0.0, 1.0), Robust(y), find_radius=True, max_radius=1.0)
     r = torch.tensor([c.radius for c in certs])
     assert (r > 0).all()
-    again = m.certify(net, LpBall(x, r.float() * 0.999, p, 0.0, 1.0), Robust(y))
+    # the same eps the bisection proved (bound methods are deterministic; alpha-CROWN is not
+    # monotone in eps, so a smaller eps is not guaranteed to be proved as well)
+    again = m.certify(net, LpBall(x, r.float(), p, 0.0, 1.0), Robust(y))
     assert all(c.status == "certified" for c in again)
 
 
