@@ -1,0 +1,611 @@
+"""The triangle LP relaxation of a ReLU network (Ehlers 2017 "Planet", Sec. 3; Wong & Kolter 2018,
+Eq. 2), and the sparse network encoding it shares with the exact MILP of :mod:`relax.milp`.
+
+For a chain network in dense form (:func:`relax.affine_net.to_feedforward`)::
+
+    a_{-1} = x,   z_k = W_k a_{k-1} + b_k,   a_k = relu(z_k)   (k = 0..L-1),   y = W_L a_{L-1} + b_L
+
+and pre-activation bounds ``l_k <= z_k <= u_k`` valid on the input set, each neuron is encoded by
+
+* stably inactive (``u <= 0``): no variable, ``a = 0``;
+* stably active (``l >= 0``): one variable ``a`` with ``a = W a_prev + b`` and ``l <= a <= u``;
+* unstable (``l < 0 < u``): variables ``z in [l, u]``, ``a in [0, u]`` with ``z = W a_prev + b``,
+  ``a >= z`` and the upper triangle side ``a <= u (z - l) / (u - l)`` (LP), or a binary ``delta``
+  with ``a <= z - l (1 - delta)``, ``a <= u delta`` (MILP, Tjeng et al. 2019 Eq. 5).
+
+The input set enters as column bounds (a box; an l_inf ball intersected with the domain box) plus,
+for an l_1 ball, ``x = c + p - q``, ``p, q >= 0``, ``sum(p + q) <= eps``.
+
+Every property row ``C_i y + d_i`` is minimised over the LP (HiGHS, built once per input and
+re-solved with the next cost: warm-started from the previous basis). The reported bound is the
+*safe dual bound* of :func:`relax.solvers.safe_dual_bound` -- a lower bound of the LP optimum that
+holds regardless of the solver's tolerances (the simplex objective itself is not used). With
+``refine=True`` the pre-activation bounds of every hidden layer after the first are re-tightened
+by LP (min and max of each unstable ``z_j`` over the relaxation of the layers before it), the
+refinement ERAN applies (Singh et al. 2019, "Boosting robustness certification", Sec. 4).
+
+Initial pre-activation bounds come from :func:`relax.bounds.intermediate_bounds` (CROWN) when that
+module is present, intersected with interval bounds computed here; bounds from float32 passes are
+widened by ``1e-6 (1 + |b|)`` before use.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from verify.spec import Box, InputSet, LinearSpec, LpBall
+
+from .affine_net import FeedForwardNet, to_feedforward
+from .solvers import LinearProgram, make_backend, resolve_solver
+
+__all__ = [
+    "UnsupportedNetworkError",
+    "InputRegion",
+    "NetEncoding",
+    "regions_of",
+    "relu_net",
+    "interval_bounds",
+    "initial_bounds",
+    "encode",
+    "tighten_bounds",
+    "lp_lower_bounds",
+    "LpResult",
+]
+
+
+class UnsupportedNetworkError(ValueError):
+    """The network is not a chain of affine layers and ReLUs (what LP/MILP/SDP encode)."""
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class InputRegion:
+    """One example's input set in flattened coordinates.
+
+    Attributes:
+        lo, hi: ``[n0]`` box (for a ball: the ball's box enclosure clipped to the domain).
+        p: ``inf`` for boxes and l_inf balls, ``1.0`` for an l_1 ball (adds the l_1 rows).
+        center: ``[n0]`` ball center (``None`` for a box).
+        eps: ball radius (``None`` for a box).
+    """
+
+    lo: np.ndarray
+    hi: np.ndarray
+    p: float = math.inf
+    center: np.ndarray | None = None
+    eps: float | None = None
+
+
+def regions_of(inputs: InputSet) -> list[InputRegion]:
+    """Per-example :class:`InputRegion` of a batched box or l_inf / l_1 ball."""
+    lo, hi = inputs.bounds()
+    lo = lo.detach().double().cpu().reshape(lo.shape[0], -1).numpy()
+    hi = hi.detach().double().cpu().reshape(hi.shape[0], -1).numpy()
+    if isinstance(inputs, LpBall):
+        if inputs.p == 2.0:
+            raise UnsupportedNetworkError("l_2 balls are not polyhedral: the LP/MILP encodings support boxes, l_inf and l_1 balls")
+        c = inputs.center.detach().double().cpu().reshape(lo.shape[0], -1).numpy()
+        eps = inputs.eps.detach().double().cpu().numpy()
+        return [InputRegion(lo[b], hi[b], inputs.p, c[b], float(eps[b])) for b in range(lo.shape[0])]
+    return [InputRegion(lo[b], hi[b]) for b in range(lo.shape[0])]
+
+
+def relu_net(model: torch.nn.Module | FeedForwardNet, input_shape: tuple[int, ...]) -> FeedForwardNet:
+    """The dense float64 form of ``model``; raises :class:`UnsupportedNetworkError` unless every
+    activation is a ReLU."""
+    net = model if isinstance(model, FeedForwardNet) else to_feedforward(model, tuple(input_shape))
+    bad = sorted({a for a in net.activations if a != "relu"})
+    if bad:
+        raise UnsupportedNetworkError(f"only ReLU networks are encoded exactly; this one has {', '.join(bad)}")
+    net = net.to(dtype=torch.float64, device="cpu")
+    for layer in net.layers:
+        layer.W, layer.b = layer.W.detach(), layer.b.detach()
+    return net
+
+
+# ------------------------------------------------------------------------------------------
+# intermediate bounds
+
+
+def interval_bounds(net: FeedForwardNet, regions: list[InputRegion]) -> list[tuple[Tensor, Tensor]]:
+    """Interval (IBP) bounds of every hidden pre-activation, ``[(l_k [B, n_k], u_k)]``, float64.
+
+    For an l_1 ball the first layer also uses ``|W (x - c)| <= eps max_j |W_ij|``."""
+    lo = torch.from_numpy(np.stack([r.lo for r in regions]))
+    hi = torch.from_numpy(np.stack([r.hi for r in regions]))
+    out = []
+    for k, layer in enumerate(net.layers[:-1]):
+        W, b = layer.W, layer.b
+        mid, rad = (lo + hi) / 2, (hi - lo) / 2
+        zc = mid @ W.T + b
+        zr = rad @ W.abs().T
+        zl, zu = zc - zr, zc + zr
+        if k == 0:
+            for i, r in enumerate(regions):
+                if r.p == 1.0 and r.center is not None:
+                    c = torch.from_numpy(r.center) @ W.T + b
+                    e = r.eps * W.abs().amax(dim=1)
+                    zl[i] = torch.maximum(zl[i], c - e)
+                    zu[i] = torch.minimum(zu[i], c + e)
+        out.append((zl, zu))
+        lo, hi = torch.relu(zl), torch.relu(zu)
+    return out
+
+
+def _widen(t: Tensor, down: bool) -> Tensor:
+    t = t.double()
+    d = 1e-6 * (1.0 + t.abs())
+    return t - d if down else t + d
+
+
+def initial_bounds(
+    model: torch.nn.Module, net: FeedForwardNet, inputs: InputSet, method: str = "crown"
+) -> tuple[list[tuple[Tensor, Tensor]], str]:
+    """Pre-activation bounds ``[(l_k [B, n_k], u_k)]`` (float64) of the ReLU inputs and the name of
+    the method that produced them.
+
+    ``method="interval"`` uses :func:`interval_bounds` only. Otherwise ``method`` ("crown",
+    "alpha-crown", ...) is passed to ``relax.bounds.intermediate_bounds`` (the k-th pre-activation
+    node of the graph is the k-th activation of ``net``); its float32 bounds are widened by
+    ``1e-6 (1 + |b|)`` and intersected with the interval bounds. If that module is missing or
+    fails, the interval bounds are used and the returned name says why.
+    """
+    ib = interval_bounds(net, regions_of(inputs))
+    if method == "interval":
+        return ib, "interval"
+    try:
+        from .bounds import intermediate_bounds
+    except ImportError:
+        return ib, "interval (relax.bounds not available)"
+    try:
+        got = list(intermediate_bounds(model, inputs, method=method).values())
+    except Exception as e:  # a bound engine failure must not stop an exact method: fall back
+        return ib, f"interval ({method} failed: {type(e).__name__}: {e})"
+    if len(got) != len(ib):
+        return ib, f"interval ({method} gave {len(got)} pre-activation boxes for {len(ib)} activations)"
+    out = []
+    B = ib[0][0].shape[0] if ib else 0
+    for (l0, u0), (l1, u1) in zip(ib, got):
+        l1 = _widen(l1.detach().cpu().reshape(B, -1), True)
+        u1 = _widen(u1.detach().cpu().reshape(B, -1), False)
+        if l1.shape != l0.shape:
+            return ib, f"interval ({method} bounds have shape {tuple(l1.shape)}, expected {tuple(l0.shape)})"
+        out.append((torch.maximum(l0, l1), torch.minimum(u0, u1)))
+    return out, f"{method}+interval"
+
+
+# ------------------------------------------------------------------------------------------
+# encoding
+
+
+class _Builder:
+    """Accumulates columns (bounds, integrality) and rows (COO triplets, two-sided bounds)."""
+
+    def __init__(self) -> None:
+        self.col_lo: list[np.ndarray] = []
+        self.col_hi: list[np.ndarray] = []
+        self.col_int: list[np.ndarray] = []
+        self.n = 0
+        self.ri: list[np.ndarray] = []
+        self.rj: list[np.ndarray] = []
+        self.rv: list[np.ndarray] = []
+        self.row_lo: list[np.ndarray] = []
+        self.row_hi: list[np.ndarray] = []
+        self.m = 0
+
+    def cols(self, lo, hi, integer: bool = False) -> np.ndarray:
+        lo = np.atleast_1d(np.asarray(lo, dtype=np.float64))
+        hi = np.atleast_1d(np.asarray(hi, dtype=np.float64))
+        idx = np.arange(self.n, self.n + len(lo))
+        self.col_lo.append(lo)
+        self.col_hi.append(hi)
+        self.col_int.append(np.full(len(lo), integer))
+        self.n += len(lo)
+        return idx
+
+    def rows(self, M: sp.spmatrix, lo, hi) -> np.ndarray:
+        """Add rows ``lo <= M x <= hi``; ``M`` is ``[r, n_cols_so_far]`` (fewer columns ok)."""
+        M = sp.coo_matrix(M)
+        r = M.shape[0]
+        self.ri.append(M.row + self.m)
+        self.rj.append(M.col)
+        self.rv.append(M.data.astype(np.float64))
+        self.row_lo.append(np.broadcast_to(np.asarray(lo, dtype=np.float64), (r,)).copy())
+        self.row_hi.append(np.broadcast_to(np.asarray(hi, dtype=np.float64), (r,)).copy())
+        idx = np.arange(self.m, self.m + r)
+        self.m += r
+        return idx
+
+    def build(self, integer: bool) -> LinearProgram:
+        cat = lambda xs, dt=np.float64: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dtype=dt)  # noqa: E731
+        A = sp.csr_matrix((cat(self.rv), (cat(self.ri, np.int64), cat(self.rj, np.int64))), shape=(self.m, self.n))
+        A.sum_duplicates()
+        col_int = cat(self.col_int, bool)
+        return LinearProgram(
+            A=A,
+            row_lo=cat(self.row_lo),
+            row_hi=cat(self.row_hi),
+            col_lo=cat(self.col_lo),
+            col_hi=cat(self.col_hi),
+            c=np.zeros(self.n),
+            integer=col_int if integer and col_int.any() else None,
+        )
+
+
+@dataclass
+class NetEncoding:
+    """The encoded network (LP or MILP) and where each quantity lives.
+
+    Attributes:
+        lp: the problem (zero objective; set one with :meth:`expr`).
+        x_cols: ``[n0]`` input columns.
+        act_cols: per encoded hidden layer, ``[n_k]`` column of each post-activation (``-1``: the
+            neuron is stably inactive and fixed to 0).
+        z_cols: per layer, column of the pre-activation of unstable neurons (``-1`` elsewhere).
+        delta_cols: per layer, binary column of unstable neurons in a MILP (``-1`` elsewhere).
+        eps_col: column of the radius variable (minimum-distortion problems) or ``-1``.
+        l1_cols: ``(p_cols, q_cols)`` of an l_1 ball, or ``None``.
+        bounds: the pre-activation bounds used, ``[(l_k [n_k], u_k)]`` numpy float64.
+        n_hidden: number of encoded hidden layers.
+        center: ``[n0]`` ball center (for :meth:`point`), or ``None``.
+    """
+
+    lp: LinearProgram
+    x_cols: np.ndarray
+    act_cols: list[np.ndarray]
+    z_cols: list[np.ndarray]
+    delta_cols: list[np.ndarray]
+    eps_col: int
+    l1_cols: tuple[np.ndarray, np.ndarray] | None
+    bounds: list[tuple[np.ndarray, np.ndarray]]
+    n_hidden: int
+    center: np.ndarray | None = None
+    stats: dict = field(default_factory=dict)
+
+    def input_cols(self, k: int) -> np.ndarray:
+        """Column of each component of the input of layer ``k`` (``-1`` = constant 0)."""
+        return self.x_cols if k == 0 else self.act_cols[k - 1]
+
+    def expr(self, k: int, W: np.ndarray, b: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """``W a_{k-1} + b`` as ``(M [m, n_cols], const [m])`` over the columns (``a_{-1} = x``).
+
+        ``W``: ``[m, n_{k-1}]``; ``b``: ``[m]``."""
+        cols = self.input_cols(k)
+        alive = cols >= 0
+        Wa = np.asarray(W, dtype=np.float64)[:, alive]
+        M = sp.csr_matrix(Wa)
+        M = sp.csr_matrix((M.data, cols[alive][M.indices], M.indptr), shape=(Wa.shape[0], self.lp.num_cols))
+        return M, np.asarray(b, dtype=np.float64).copy()
+
+    def point(self, net: FeedForwardNet, x: np.ndarray, eps: float | None = None, extra: dict[int, float] | None = None) -> np.ndarray:
+        """A full column assignment for input ``x [n0]`` (an MILP start): activations by a
+        forward pass, ``delta = [z > 0]``, ``p, q`` from ``x - c``; ``extra`` sets more columns."""
+        v = np.zeros(self.lp.num_cols)
+        v[self.x_cols] = x
+        a = x
+        for k in range(self.n_hidden):
+            z = net.layers[k].W.numpy() @ a + net.layers[k].b.numpy()
+            a = np.maximum(z, 0.0)
+            ac, zc, dc = self.act_cols[k], self.z_cols[k], self.delta_cols[k]
+            v[ac[ac >= 0]] = a[ac >= 0]
+            v[zc[zc >= 0]] = z[zc >= 0]
+            v[dc[dc >= 0]] = (z[dc >= 0] > 0).astype(np.float64)
+        if self.l1_cols is not None and self.center is not None:
+            d = x - self.center
+            v[self.l1_cols[0]] = np.maximum(d, 0)
+            v[self.l1_cols[1]] = np.maximum(-d, 0)
+        if self.eps_col >= 0 and eps is not None:
+            v[self.eps_col] = eps
+        for j, val in (extra or {}).items():
+            v[j] = val
+        return np.clip(v, self.lp.col_lo, self.lp.col_hi)
+
+
+def encode(
+    net: FeedForwardNet,
+    region: InputRegion,
+    bounds: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    n_hidden: int | None = None,
+    integer: bool = False,
+    distortion: tuple[float, float] | None = None,
+) -> NetEncoding:
+    """Encode ``net`` over ``region`` as an LP (triangle) or MILP (big-M) -- see the module docstring.
+
+    Args:
+        net: dense ReLU network.
+        region: the input set of one example.
+        bounds: ``[(l_k [n_k], u_k)]`` valid pre-activation bounds for every hidden layer.
+        n_hidden: encode only the first ``n_hidden`` hidden layers (for bound refinement).
+        integer: MILP (binary ``delta`` per unstable neuron) instead of the triangle LP.
+        distortion: ``(p, eps_max)``: add a radius column ``eps in [0, eps_max]`` with
+            ``||x - center||_p <= eps`` (p = inf or 1) instead of the fixed radius of ``region``.
+    """
+    L = len(net.activations)
+    n_hidden = L if n_hidden is None else n_hidden
+    bld = _Builder()
+    x_cols = bld.cols(region.lo, region.hi)
+    n0 = len(x_cols)
+    eps_col = -1
+    l1 = None
+    if distortion is not None:
+        p, emax = distortion
+        if region.center is None:
+            raise ValueError("encode: distortion needs a region with a center")
+        eps_col = int(bld.cols([0.0], [emax])[0])
+        c = region.center
+        I = np.arange(n0)
+        if math.isinf(p):
+            # x_i - eps <= c_i  and  x_i + eps >= c_i
+            M1 = sp.coo_matrix((np.r_[np.ones(n0), -np.ones(n0)], (np.r_[I, I], np.r_[x_cols, np.full(n0, eps_col)])), shape=(n0, bld.n))
+            bld.rows(M1, -np.inf, c)
+            M2 = sp.coo_matrix((np.r_[np.ones(n0), np.ones(n0)], (np.r_[I, I], np.r_[x_cols, np.full(n0, eps_col)])), shape=(n0, bld.n))
+            bld.rows(M2, c, np.inf)
+        elif p == 1.0:
+            l1 = _l1_rows(bld, x_cols, c, emax, eps_col)
+        else:
+            raise ValueError(f"encode: distortion norm must be inf or 1, got {p}")
+    elif region.p == 1.0:
+        l1 = _l1_rows(bld, x_cols, region.center, region.eps, -1)
+
+    act_cols: list[np.ndarray] = []
+    z_cols: list[np.ndarray] = []
+    d_cols: list[np.ndarray] = []
+    used = []
+    n_unstable = 0
+    prev = x_cols
+    for k in range(n_hidden):
+        W = net.layers[k].W.numpy()
+        b = net.layers[k].b.numpy()
+        l, u = (np.asarray(t, dtype=np.float64) for t in bounds[k])
+        used.append((l, u))
+        alive = prev >= 0
+        Wa = sp.csr_matrix(W[:, alive])
+        pc = prev[alive]
+        n_k = W.shape[0]
+        act = np.full(n_k, -1, dtype=np.int64)
+        zc = np.full(n_k, -1, dtype=np.int64)
+        dc = np.full(n_k, -1, dtype=np.int64)
+        on = l >= 0
+        unst = (l < 0) & (u > 0)
+        n_unstable += int(unst.sum())
+        # stably active: a = W a_prev + b, a in [l, u]
+        ja = np.flatnonzero(on)
+        if len(ja):
+            act[ja] = bld.cols(l[ja], u[ja])
+            M = _with_unit(Wa[ja], pc, act[ja], -1.0, bld.n)
+            bld.rows(M, b[ja], b[ja])  # a - W a_prev = b
+        ju = np.flatnonzero(unst)
+        if len(ju):
+            lu, uu = l[ju], u[ju]
+            zc[ju] = bld.cols(lu, uu)
+            act[ju] = bld.cols(np.zeros(len(ju)), uu)
+            r = np.arange(len(ju))
+            bld.rows(_with_unit(Wa[ju], pc, zc[ju], -1.0, bld.n), b[ju], b[ju])  # z - W a_prev = b
+            # a - z >= 0
+            bld.rows(sp.coo_matrix((np.r_[np.ones(len(ju)), -np.ones(len(ju))], (np.r_[r, r], np.r_[act[ju], zc[ju]])), shape=(len(ju), bld.n)), 0.0, np.inf)
+            if integer:
+                dc[ju] = bld.cols(np.zeros(len(ju)), np.ones(len(ju)), integer=True)
+                # a - z - l delta <= -l      (a <= z - l (1 - delta))
+                M = sp.coo_matrix((np.r_[np.ones(len(ju)), -np.ones(len(ju)), -lu], (np.r_[r, r, r], np.r_[act[ju], zc[ju], dc[ju]])), shape=(len(ju), bld.n))
+                bld.rows(M, -np.inf, -lu)
+                # a - u delta <= 0
+                M = sp.coo_matrix((np.r_[np.ones(len(ju)), -uu], (np.r_[r, r], np.r_[act[ju], dc[ju]])), shape=(len(ju), bld.n))
+                bld.rows(M, -np.inf, 0.0)
+            else:
+                s = uu / (uu - lu)
+                # a - s z <= -s l
+                M = sp.coo_matrix((np.r_[np.ones(len(ju)), -s], (np.r_[r, r], np.r_[act[ju], zc[ju]])), shape=(len(ju), bld.n))
+                bld.rows(M, -np.inf, -s * lu)
+        act_cols.append(act)
+        z_cols.append(zc)
+        d_cols.append(dc)
+        prev = act
+    lp = bld.build(integer)
+    enc = NetEncoding(lp, x_cols, act_cols, z_cols, d_cols, eps_col, l1, used, n_hidden, region.center)
+    enc.stats = {"columns": lp.num_cols, "rows": lp.num_rows, "nonzeros": int(lp.A.nnz), "unstable": n_unstable}
+    return enc
+
+
+def _with_unit(Wsub: sp.csr_matrix, prev_cols: np.ndarray, unit_cols: np.ndarray, sign: float, n: int) -> sp.coo_matrix:
+    """Rows ``unit - W a_prev`` (``sign=-1`` on W) over all ``n`` columns."""
+    C = sp.coo_matrix(Wsub)
+    r = C.shape[0]
+    rows = np.r_[C.row, np.arange(r)]
+    cols = np.r_[prev_cols[C.col], unit_cols]
+    vals = np.r_[sign * C.data, np.ones(r)]
+    return sp.coo_matrix((vals, (rows, cols)), shape=(r, n))
+
+
+def _l1_rows(bld: _Builder, x_cols: np.ndarray, c: np.ndarray, eps: float, eps_col: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x = c + p - q``, ``p, q in [0, eps]``, ``sum(p + q) <= eps`` (or ``<= eps_col``)."""
+    n0 = len(x_cols)
+    pc = bld.cols(np.zeros(n0), np.full(n0, eps))
+    qc = bld.cols(np.zeros(n0), np.full(n0, eps))
+    I = np.arange(n0)
+    M = sp.coo_matrix((np.r_[np.ones(n0), -np.ones(n0), np.ones(n0)], (np.r_[I, I, I], np.r_[x_cols, pc, qc])), shape=(n0, bld.n))
+    bld.rows(M, c, c)
+    vals = np.ones(2 * n0)
+    cols = np.r_[pc, qc]
+    if eps_col >= 0:
+        M = sp.coo_matrix((np.r_[vals, -1.0], (np.zeros(2 * n0 + 1, dtype=np.int64), np.r_[cols, eps_col])), shape=(1, bld.n))
+        bld.rows(M, -np.inf, 0.0)
+    else:
+        M = sp.coo_matrix((vals, (np.zeros(2 * n0, dtype=np.int64), cols)), shape=(1, bld.n))
+        bld.rows(M, -np.inf, eps)
+    return pc, qc
+
+
+# ------------------------------------------------------------------------------------------
+# LP bound refinement and property bounds
+
+
+def tighten_bounds(
+    net: FeedForwardNet,
+    region: InputRegion,
+    bounds: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    solver: str = "auto",
+    layers: list[int] | None = None,
+    deadline: float | None = None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """Re-tighten pre-activation bounds of unstable neurons by LP, layer by layer.
+
+    For layer ``k`` the triangle LP of layers ``0..k-1`` (with the already refined bounds) is
+    built once; for every unstable neuron ``j`` it is solved for ``min z_j`` and ``max z_j``
+    (warm-started cost changes). New bounds are safe dual bounds intersected with the old ones.
+
+    Args:
+        layers: hidden-layer indices to refine (default: all but the first for box / l_inf inputs,
+            where interval bounds of layer 0 are exact; all for l_1 balls).
+        deadline: ``time.perf_counter()`` value after which refinement stops (bounds stay valid).
+
+    Returns:
+        The refined bounds and stats (LPs solved, neurons stabilised, seconds).
+    """
+    t0 = time.perf_counter()
+    bounds = [(l.copy(), u.copy()) for l, u in bounds]
+    L = len(bounds)
+    if layers is None:
+        layers = list(range(0 if region.p == 1.0 else 1, L))
+    n_lp = 0
+    before = sum(int(((l < 0) & (u > 0)).sum()) for l, u in bounds)
+    for k in layers:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        l, u = bounds[k]
+        unst = np.flatnonzero((l < 0) & (u > 0))
+        if len(unst) == 0:
+            continue
+        enc = encode(net, region, bounds, n_hidden=k)
+        M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
+        be = make_backend(enc.lp, solver)
+        for j in unst:
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            row = M.getrow(j).toarray().ravel()
+            be.set_objective(-row, -const[j])  # max z_j
+            r = be.solve()
+            n_lp += 1
+            if r.status == "optimal" and math.isfinite(r.bound):
+                u[j] = min(u[j], -r.bound)
+            if u[j] <= 0:
+                continue
+            be.set_objective(row, const[j])  # min z_j
+            r = be.solve()
+            n_lp += 1
+            if r.status == "optimal" and math.isfinite(r.bound):
+                l[j] = max(l[j], r.bound)
+        bounds[k] = (l, np.maximum(u, l))
+    after = sum(int(((l < 0) & (u > 0)).sum()) for l, u in bounds)
+    return bounds, {"lps": n_lp, "unstable_before": before, "unstable_after": after, "time_s": time.perf_counter() - t0}
+
+
+def _output_rows(net: FeedForwardNet, C: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``C y + d`` as ``(C W_L [N, n_{L-1}], C b_L + d [N])``."""
+    WL, bL = net.layers[-1].W.numpy(), net.layers[-1].b.numpy()
+    return C @ WL, C @ bL + d
+
+
+@dataclass
+class LpResult:
+    """Output of :func:`lp_lower_bounds`.
+
+    Attributes:
+        lower: ``[B, N]`` float64 sound lower bounds of the rows ``C y + d`` (``-inf`` where the
+            LP failed).
+        details: one dict per example (bound method, refinement stats, LP statuses, sizes).
+        bounds: per example, the pre-activation bounds used.
+    """
+
+    lower: Tensor
+    details: list[dict]
+    bounds: list[list[tuple[np.ndarray, np.ndarray]]]
+
+
+def lp_lower_bounds(
+    model: torch.nn.Module | FeedForwardNet,
+    inputs: InputSet,
+    spec: LinearSpec,
+    *,
+    bounds_method: str = "crown",
+    refine: bool = False,
+    solver: str = "auto",
+    time_limit: float | None = None,
+    net: FeedForwardNet | None = None,
+    bounds: list[list[tuple[np.ndarray, np.ndarray]]] | None = None,
+) -> LpResult:
+    """Sound lower bounds of every property row over the triangle LP relaxation.
+
+    Args:
+        model: the network (fx graph / module, or already a :class:`FeedForwardNet`).
+        inputs: batched box or l_inf / l_1 ball, ``[B, *shape]``.
+        spec: ``C [B, N, K]``, ``d [B, N]``.
+        bounds_method: intermediate bounds (see :func:`initial_bounds`).
+        refine: LP re-tightening of the hidden layers (see :func:`tighten_bounds`).
+        solver: "auto" | "highs" | "gurobi".
+        time_limit: seconds per example (refinement stops early; each LP has the rest).
+        net: the dense form, if already extracted.
+        bounds: per example, pre-activation bounds to use instead of :func:`initial_bounds`.
+
+    Returns:
+        :class:`LpResult` with ``lower [B, N]`` float64.
+    """
+    solver_name = resolve_solver(solver)
+    if net is None:
+        net = relu_net(model, inputs.shape)
+    if isinstance(model, FeedForwardNet):
+        bounds_method = "interval"
+    regions = regions_of(inputs)
+    if bounds is None:
+        ib, used = initial_bounds(model, net, inputs, bounds_method)
+    else:
+        used = "given"
+    C = spec.C.detach().double().cpu().numpy()
+    d = spec.d.detach().double().cpu().numpy()
+    B, N = d.shape
+    lower = np.full((B, N), -np.inf)
+    details, all_bounds = [], []
+    for bi, reg in enumerate(regions):
+        t0 = time.perf_counter()
+        deadline = None if time_limit is None else t0 + time_limit
+        if bounds is None:
+            bnds = [(l[bi].numpy().copy(), u[bi].numpy().copy()) for l, u in ib]
+        else:
+            bnds = [(l.copy(), u.copy()) for l, u in bounds[bi]]
+        det: dict = {"bounds": used, "solver": solver_name}
+        if refine:
+            bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
+        enc = encode(net, reg, bnds)
+        det["lp"] = enc.stats
+        Cw, cd = _output_rows(net, C[bi], d[bi])
+        M, const = enc.expr(len(net.layers) - 1, Cw, cd)
+        be = make_backend(enc.lp, solver_name)
+        statuses = []
+        for i in range(N):
+            be.set_objective(M.getrow(i).toarray().ravel(), const[i])
+            rest = None if deadline is None else max(deadline - time.perf_counter(), 0.1)
+            r = be.solve(time_limit=rest)
+            statuses.append(r.status)
+            if r.status == "optimal":
+                lower[bi, i] = r.bound
+            elif r.status == "infeasible":
+                # an empty relaxation means the input set is empty or the bounds are wrong:
+                # never read as a proof
+                lower[bi, i] = -np.inf
+        det["lp_status"] = sorted(set(statuses))
+        if any(s != "optimal" for s in statuses):
+            det["reason"] = f"LP status {', '.join(sorted(set(statuses)))} on some rows (their bound is -inf)"
+        det["time_s"] = time.perf_counter() - t0
+        details.append(det)
+        all_bounds.append(bnds)
+    return LpResult(torch.from_numpy(lower), details, all_bounds)

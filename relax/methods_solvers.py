@@ -1,0 +1,215 @@
+"""Registered solver-based methods: ``lp`` (triangle LP), ``milp`` (exact, Tjeng et al. 2019) and
+``sdp`` (Raghunathan et al. 2018). All three take the network in dense chain form
+(:func:`relax.affine_net.to_feedforward`) and support ReLU networks only.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from verify.certificate import Certificate
+from verify.registry import BoundMethod, Method, register
+from verify.spec import InputSet, Linear, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+
+from .lp import lp_lower_bounds, relu_net
+from .milp import milp_verify, minimum_distortion
+from .sdp import sdp_lower_bounds
+from .solvers import SolverError
+
+__all__ = ["LpMethod", "MilpMethod", "SdpMethod"]
+
+
+def _net_for(method, model, shape):
+    """Dense form cached on the method instance for the last model (bisection calls again)."""
+    key = (id(model), tuple(shape))
+    cache = getattr(method, "_net_cache", None)
+    if cache is not None and cache[0] == key and cache[1] is model:
+        return cache[2]
+    net = relu_net(model, shape)
+    method._net_cache = (key, model, net)
+    return net
+
+
+@register
+class LpMethod(BoundMethod):
+    """Triangle LP relaxation (Planet / Wong & Kolter) solved by HiGHS or Gurobi; the bounds are
+    safe dual bounds (valid whatever the solver's tolerances)."""
+
+    name = "lp"
+    summary = "triangle LP relaxation (Ehlers 2017; Wong & Kolter 2018), HiGHS/Gurobi, safe dual bounds"
+    norms = ("linf", "l1", "box")
+    bisection_steps = 10
+
+    def __init__(self, bounds_method: str = "crown", refine: bool = False, solver: str = "auto", time_limit: float | None = None):
+        self.bounds_method = bounds_method
+        self.refine = refine
+        self.solver = solver
+        self.time_limit = time_limit
+
+    def lower_bounds(self, model, inputs, spec):
+        net = _net_for(self, model, inputs.shape)
+        res = lp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, solver=self.solver, time_limit=self.time_limit, net=net)
+        return res.lower.to(device=spec.C.device)
+
+
+@register
+class SdpMethod(BoundMethod):
+    """SDP relaxation of Raghunathan, Steinhardt & Liang (2018) in cvxpy (Clarabel / SCS), with a
+    verified dual bound (eigenvalue-corrected). Small networks only (``P`` is n x n with n = 1 +
+    inputs + unstable neurons). With ``lp_first`` (default) rows the triangle LP already proves
+    keep the LP's safe bound and skip the SDP."""
+
+    name = "sdp"
+    summary = "SDP relaxation (Raghunathan et al. 2018), cvxpy + Clarabel/SCS, eigenvalue-checked dual bound"
+    norms = ("linf", "box")
+    bisection_steps = 8
+
+    def __init__(self, solver: str = "clarabel", bounds_method: str = "crown", refine: bool = False, triangle: bool = True, lp_first: bool = True):
+        self.solver = solver
+        self.bounds_method = bounds_method
+        self.refine = refine
+        self.triangle = triangle
+        self.lp_first = lp_first
+
+    def lower_bounds(self, model, inputs, spec):
+        net = _net_for(self, model, inputs.shape)
+        res = sdp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, triangle=self.triangle, solver=self.solver, lp_first=self.lp_first, net=net)
+        return res.lower.to(device=spec.C.device)
+
+
+def _domain_of(inputs: InputSet) -> tuple[Tensor, Tensor] | None:
+    if not isinstance(inputs, LpBall) or inputs.domain_lo is None or inputs.domain_hi is None:
+        return None
+    c = inputs.center
+    return inputs.domain_lo.expand_as(c), inputs.domain_hi.expand_as(c)
+
+
+@register
+class MilpMethod(Method):
+    """Exact verification by MILP (Tjeng, Xiao & Tedrake 2019): "certified", "falsified" with a
+    counterexample confirmed by float32 and float64 forward passes, or "unknown" at the time limit
+    with the best dual bound. With ``find_radius`` the exact minimum adversarial distortion is
+    computed directly (no bisection): ``radius`` is a margin below the MILP dual bound, and
+    ``details["exact_radius"]`` brackets the true minimum distortion."""
+
+    name = "milp"
+    guarantee = "deterministic"
+    certifies = "base"
+    summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion"
+    norms = ("linf", "l1", "box")
+
+    def __init__(
+        self,
+        solver: str = "auto",
+        bounds_method: str = "crown",
+        refine: bool = True,
+        time_limit: float = 120.0,
+        attack: bool = True,
+        margin: float = 1e-4,
+        threads: int = 1,
+    ):
+        self.solver = solver
+        self.bounds_method = bounds_method
+        self.refine = refine
+        self.time_limit = time_limit
+        self.attack = attack
+        self.margin = margin
+        self.threads = threads
+
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        t_all = time.perf_counter()
+        self.check_input_set(inputs)
+        B = inputs.batch_size
+        x0 = inputs.midpoint()
+        with torch.no_grad():
+            y0 = model(x0).reshape(B, -1)
+        K = y0.shape[1]
+        spec = prop.linear(B, K, device=x0.device, dtype=y0.dtype)
+        labels = prop.labels()
+        pred = y0.argmax(dim=1)
+        clean_ok = spec.holds(y0)
+        is_ball = isinstance(inputs, LpBall)
+        norm = norm_name(inputs.p) if is_ball else "box"
+        if find_radius and not is_ball:
+            raise SpecError("find_radius needs an l_p ball input set")
+        net = _net_for(self, model, inputs.shape)
+        certs: list[Certificate] = []
+        for b in range(B):
+            t0 = time.perf_counter()
+            left = None if timeout is None else max(timeout - (t0 - t_all), 0.0) / (B - b)
+            tl = self.time_limit if left is None else min(self.time_limit, left)
+            in_b = inputs.select([b])
+            spec_b = spec.select([b])
+            lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
+            det: dict = {"options": self.options()}
+            eps = float(inputs.eps[b]) if is_ball else None
+            lower = None
+            cex = None
+            radius = 0.0
+            if not bool(clean_ok[b]):
+                status, cex = "falsified", x0[b].detach().cpu()
+                det["reason"] = "the clean input violates the property"
+            else:
+                try:
+                    out = milp_verify(
+                        model, in_b, spec_b, bounds_method=self.bounds_method, refine=self.refine, solver=self.solver,
+                        time_limit=tl, attack=self.attack, margin=self.margin, threads=self.threads, net=net,
+                    )[0]
+                    status, cex, lower = out.status, out.counterexample, out.row_lower
+                    det.update(out.details)
+                    det["group_lower"] = out.group_lower.tolist()
+                    det["group_upper"] = out.group_upper.tolist()
+                except SolverError as e:
+                    status = "unknown"
+                    det["reason"] = f"solver: {e}"
+                if is_ball and status == "certified":
+                    radius = eps
+                if find_radius:
+                    radius = self._radius(model, inputs, spec_b, b, tl, max_radius, det, radius)
+            certs.append(
+                Certificate(
+                    method=self.name,
+                    guarantee="deterministic",
+                    certifies="base",
+                    status=status,
+                    index=b,
+                    label=lab,
+                    prediction=int(pred[b]),
+                    norm=norm,
+                    eps=eps,
+                    radius=float(radius),
+                    lower=None if lower is None else [float(v) for v in lower],
+                    counterexample=None if cex is None else cex.reshape(inputs.shape),
+                    time_s=time.perf_counter() - t0,
+                    details=det,
+                )
+            )
+        return certs
+
+    def _radius(self, model, inputs: LpBall, spec_b: LinearSpec, b: int, tl: float, max_radius, det: dict, radius: float) -> float:
+        """Exact minimum distortion of example ``b``; returns the certified radius."""
+        dom = _domain_of(inputs)
+        prop = Linear(spec_b.C[0].detach().double().cpu(), spec_b.d[0].detach().double().cpu(), spec_b.groups.cpu())
+        try:
+            _, res = minimum_distortion(
+                model, inputs.center[b : b + 1], prop, norm=inputs.p,
+                domain=None if dom is None else (dom[0][b : b + 1], dom[1][b : b + 1]),
+                timeout=tl, solver=self.solver, bounds_method=self.bounds_method, refine=self.refine,
+                eps_max=max_radius, threads=self.threads, return_details=True,
+            )
+        except (SolverError, ValueError) as e:
+            det["exact_radius"] = {"error": str(e)}
+            return radius
+        r = res[0]
+        det["exact_radius"] = {
+            "lower": r.lower, "upper": r.value, "gap": r.gap, "status": r.status, "eps_max": r.eps_max,
+            "time_s": r.details.get("time_s"),
+        }
+        cr = r.certified_radius
+        if not math.isfinite(cr):
+            cr = float(max_radius) if max_radius is not None else r.eps_max
+        return max(radius, cr)

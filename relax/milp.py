@@ -1,0 +1,715 @@
+"""Exact verification of ReLU networks by mixed-integer linear programming (Tjeng, Xiao & Tedrake,
+"Evaluating robustness of neural networks with mixed integer programming", ICLR 2019), and the
+exact minimum adversarial distortion for l_inf / l_1 (l_2 with an MIQP solver).
+
+Encoding (see :func:`relax.lp.encode` with ``integer=True``): big-M constraints per unstable ReLU
+with the tightest pre-activation bounds available (CROWN when ``relax.bounds`` is present, then
+LP re-tightening, :func:`relax.lp.tighten_bounds`); stable neurons are fixed (inactive ones
+removed, active ones linear). Max-pooling is not encoded (the dense form rejects it).
+
+Groups (``LinearSpec`` semantics): the property is violated iff some group ``g`` has every row
+``C_i y + d_i <= 0``. For each group one MILP decides it::
+
+    t_g* = min_{x in set} max_{i in g} (C_i y(x) + d_i)
+         = min t  s.t.  C_i y(x) + d_i <= t  (i in g),  x in set,  network constraints
+
+The group is violated iff ``t_g* <= 0`` and proved iff ``t_g* > 0``. For a robustness property
+(one row per group) this is the minimum of each margin. Groups already proved by the triangle LP
+(safe dual bounds) are skipped; the rest are solved in order of the attack's margin with early
+termination (HiGHS MIP interrupt callback) as soon as the dual bound exceeds ``margin`` (proved)
+or a solution with ``t <= 0`` appears (a candidate counterexample).
+
+Soundness and tolerances:
+
+* "certified" needs every group's MILP dual bound ``> margin`` (default ``1e-4``, in the units of
+  the property rows) or an LP safe bound ``> 1e-9``. The MILP dual bound is HiGHS's
+  branch-and-bound bound; its node LPs are solved to feasibility tolerances ``1e-7`` and integrality
+  is enforced to ``1e-7``. Integrality and primal slack only enlarge the feasible set (they can
+  only lower the bound, i.e. err on the safe side); the margin covers dual-feasibility error of the
+  node LPs. This is "exact within solver tolerance", not a rational-arithmetic proof.
+* "falsified" only after the MILP's input point (or the attack's) violates the property in a plain
+  forward pass of the torch model in float32 *and* float64 and lies in the input set; if not, small
+  repairs are tried (projection onto the set, small signed-gradient steps), else "unknown".
+* Solver failures, infeasible relaxations and time limits give "unknown" with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robust, parse_norm
+
+from .affine_net import FeedForwardNet
+from .lp import (
+    InputRegion,
+    NetEncoding,
+    _output_rows,
+    encode,
+    initial_bounds,
+    lp_lower_bounds,
+    regions_of,
+    relu_net,
+    tighten_bounds,
+)
+from .solvers import LinearProgram, SolverError, make_backend, resolve_solver
+
+__all__ = [
+    "MilpOutcome",
+    "DistortionResult",
+    "milp_verify",
+    "minimum_distortion",
+    "pgd_attack",
+    "confirm_violation",
+]
+
+
+# ------------------------------------------------------------------------------------------
+# forward-pass checks and a small attack
+
+
+_DOUBLE_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _double(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``model`` (cached per model object)."""
+    m = _DOUBLE_COPIES.get(model)
+    if m is None:
+        m = copy.deepcopy(model).double().eval()
+        _DOUBLE_COPIES[model] = m
+    return m
+
+
+def _model_dtype(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in list(model.parameters()) + list(model.buffers()):
+        if torch.is_floating_point(p):
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+def _margins(model: torch.nn.Module, x: Tensor, spec: LinearSpec, dtype: torch.dtype) -> Tensor:
+    """Group maxima ``[B, G]`` of the rows at ``x`` evaluated in ``dtype``."""
+    m = _double(model) if dtype == torch.float64 else model
+    dev = _model_dtype(model)[1]
+    with torch.no_grad():
+        y = m(x.to(device=dev, dtype=dtype)).reshape(x.shape[0], -1)
+    return spec.to(device=dev, dtype=dtype).group_max(spec.to(device=dev, dtype=dtype).values(y))
+
+
+def confirm_violation(
+    model: torch.nn.Module, x: Tensor, spec: LinearSpec, inputs: InputSet | None, group: int | None = None
+) -> tuple[bool, Tensor, str]:
+    """Whether ``x [1, *shape]`` violates the property (some group with all rows ``<= 0``, or
+    ``group`` if given) in float32 and float64 forward passes and lies in ``inputs``.
+
+    If not, tries the projection onto ``inputs`` and small signed-gradient steps that lower the
+    group's largest row (step sizes 1e-7 .. 1e-3 of the set's width). Returns
+    ``(confirmed, point, note)``.
+    """
+    x = x.detach().double()
+    if inputs is not None:
+        lo, hi = inputs.bounds()
+        width = float((hi - lo).abs().max().item()) or 1.0
+    else:
+        width = 1.0
+
+    def ok(xc: Tensor) -> bool:
+        if inputs is not None and not bool(inputs.to(dtype=torch.float64).contains(xc, tol=0.0).all()):
+            return False
+        for dt in (torch.float32, torch.float64):
+            gm = _margins(model, xc, spec, dt)
+            v = gm[0, group] if group is not None else gm[0].min()
+            if not bool(v <= 0):
+                return False
+        return True
+
+    proj = (lambda z: inputs.to(dtype=torch.float64).project(z)) if inputs is not None else (lambda z: z)
+    cands = [x]
+    if inputs is not None:
+        cands.append(proj(x))
+    for xc in cands:
+        if ok(xc):
+            return True, xc, "confirmed"
+    # gradient repair on the float64 model
+    m64 = _double(model)
+    dev = _model_dtype(model)[1]
+    xg = cands[-1].clone().to(dev).requires_grad_(True)
+    s64 = spec.to(device=dev, dtype=torch.float64)
+    gmax = s64.group_max(s64.values(m64(xg).reshape(1, -1)))
+    obj = gmax[0, group] if group is not None else gmax[0].min()
+    (g,) = torch.autograd.grad(obj, xg)
+    g = g.sign().detach()
+    for step in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
+        xc = proj((cands[-1].to(dev) - step * width * g).detach())
+        if ok(xc):
+            return True, xc, f"confirmed after a signed-gradient step of {step:g} x width"
+    return False, cands[-1], "the solver's point does not violate the property in a float32/float64 forward pass"
+
+
+def pgd_attack(
+    model: torch.nn.Module,
+    inputs: InputSet,
+    spec: LinearSpec,
+    *,
+    steps: int = 40,
+    restarts: int = 2,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Projected gradient descent on ``spec.violation_margin`` (min over groups of the max row).
+
+    Returns ``(x [B, *shape], margin [B])``: the lowest-margin point found per example (a
+    violation iff ``margin <= 0``; confirm with :func:`confirm_violation`). Signed-gradient steps
+    for boxes / l_inf, normalised-gradient steps for l_1 / l_2; restart 0 starts at the midpoint,
+    the others at random points of the set.
+    """
+    dtype, dev = _model_dtype(model)
+    inputs = inputs.to(device=dev, dtype=dtype)
+    spec = spec.to(device=dev, dtype=dtype)
+    lo, hi = inputs.bounds()
+    B = inputs.batch_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    signed = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
+    width = (hi - lo).flatten(1).amax(dim=1).clamp_min(1e-12)
+    if isinstance(inputs, LpBall):
+        width = torch.maximum(width, inputs.eps)
+    best_x = inputs.midpoint().clone()
+    with torch.no_grad():
+        best_m = spec.violation_margin(model(best_x).reshape(B, -1))
+    for r in range(restarts):
+        x = inputs.midpoint().clone() if r == 0 else inputs.sample(1, generator=gen)[0].to(dtype)
+        for t in range(steps):
+            alpha = (2.5 / steps) * width * (1 - t / (steps + 1))
+            x = x.detach().requires_grad_(True)
+            m = spec.violation_margin(model(x).reshape(B, -1))
+            (g,) = torch.autograd.grad(m.sum(), x)
+            with torch.no_grad():
+                better = m < best_m
+                best_m = torch.where(better, m, best_m)
+                best_x[better] = x[better].detach()
+                a = alpha.view(-1, *([1] * (x.dim() - 1)))
+                if signed:
+                    step = a * g.sign()
+                    if not isinstance(inputs, LpBall):
+                        step = step * ((hi - lo) / width.view(-1, *([1] * (x.dim() - 1))))
+                else:
+                    gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (x.dim() - 1)))
+                    step = a * g / gn
+                x = inputs.project(x - step)
+        with torch.no_grad():
+            m = spec.violation_margin(model(x).reshape(B, -1))
+            better = m < best_m
+            best_m = torch.where(better, m, best_m)
+            best_x[better] = x[better]
+    return best_x.detach(), best_m.detach()
+
+
+# ------------------------------------------------------------------------------------------
+# the verification MILP
+
+
+@dataclass
+class MilpOutcome:
+    """Result of :func:`milp_verify` for one example.
+
+    Attributes:
+        status: "certified" | "falsified" | "unknown".
+        group_lower: ``[G]`` lower bounds of ``t_g* = min_x max_{i in g} row_i`` (MILP dual bound,
+            or the LP safe bound for groups the LP proved; ``-inf`` if nothing is known).
+        group_upper: ``[G]`` values of the best solutions found (``inf`` if none).
+        row_lower: ``[N]`` sound per-row lower bounds (LP safe bounds, raised to the MILP bound for
+            single-row groups).
+        counterexample: ``[*shape]`` confirmed violating input, or ``None``.
+        details: JSON-serialisable facts (bounds, sizes, per-group solver status, reasons).
+    """
+
+    status: str
+    group_lower: np.ndarray
+    group_upper: np.ndarray
+    row_lower: np.ndarray
+    counterexample: Tensor | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _add_spec_rows(enc: NetEncoding, net: FeedForwardNet, C: np.ndarray, d: np.ndarray, with_t: bool) -> tuple[LinearProgram, np.ndarray, int, np.ndarray, np.ndarray]:
+    """Append the rows ``C_i y + d_i (- t) <= 0`` (initially free) and a column ``t``.
+
+    Returns ``(lp, row_index [N], t_col, M [N, n] over the old columns, const [N])``."""
+    Cw, cd = _output_rows(net, C, d)
+    M, const = enc.expr(len(net.layers) - 1, Cw, cd)
+    lp = enc.lp
+    n = lp.num_cols
+    N = M.shape[0]
+    t_col = -1
+    if with_t:
+        t_col = n
+        Mt = sp.hstack([M, sp.csr_matrix(-np.ones((N, 1)))]).tocsr()
+        A = sp.vstack([sp.hstack([lp.A, sp.csr_matrix((lp.num_rows, 1))]), Mt]).tocsr()
+        col_lo = np.r_[lp.col_lo, -1e7]
+        col_hi = np.r_[lp.col_hi, np.inf]
+        integer = None if lp.integer is None else np.r_[lp.integer, False]
+    else:
+        A = sp.vstack([lp.A, M]).tocsr()
+        col_lo, col_hi, integer = lp.col_lo.copy(), lp.col_hi.copy(), lp.integer
+    rows = np.arange(lp.num_rows, lp.num_rows + N)
+    new = LinearProgram(
+        A=A,
+        row_lo=np.r_[lp.row_lo, np.full(N, -np.inf)],
+        row_hi=np.r_[lp.row_hi, np.full(N, np.inf)],
+        col_lo=col_lo,
+        col_hi=col_hi,
+        c=np.zeros(A.shape[1]),
+        integer=integer,
+    )
+    return new, rows, t_col, M, const
+
+
+def milp_verify(
+    model: torch.nn.Module,
+    inputs: InputSet,
+    spec: LinearSpec,
+    *,
+    bounds_method: str = "crown",
+    refine: bool = True,
+    solver: str = "auto",
+    time_limit: float | None = 120.0,
+    attack: bool = True,
+    margin: float = 1e-4,
+    exact: bool = False,
+    threads: int = 1,
+    net: FeedForwardNet | None = None,
+) -> list[MilpOutcome]:
+    """Decide the property on every example of ``inputs`` exactly (within tolerance).
+
+    Args:
+        model: fx graph / torch module of a ReLU chain network ``[B, *shape] -> [B, K]``.
+        inputs: batched box or l_inf / l_1 ball.
+        spec: ``C [B, N, K]``, ``d [B, N]``, ``groups [N]``.
+        bounds_method: initial pre-activation bounds (:func:`relax.lp.initial_bounds`).
+        refine: LP re-tightening of the hidden layers' bounds before the MILP.
+        solver: "auto" | "highs" | "gurobi".
+        time_limit: seconds per example (attack, bounds and MILPs together); ``None`` = none.
+        attack: run :func:`pgd_attack` first (a quick falsification and the MILP start).
+        margin: a group counts as proved when its MILP dual bound exceeds this (row units).
+        exact: solve every group to optimality (no early stop, gap 1e-9; all groups even after
+            a violation) -- ``group_lower`` / ``group_upper`` then bracket ``t_g*`` tightly.
+        threads: solver threads.
+
+    Returns:
+        One :class:`MilpOutcome` per example.
+    """
+    solver_name = resolve_solver(solver)
+    if net is None:
+        net = relu_net(model, inputs.shape)
+    B = inputs.batch_size
+    groups = spec.groups.cpu().numpy()
+    G = int(groups.max()) + 1 if len(groups) else 0
+    C = spec.C.detach().double().cpu().numpy()
+    d = spec.d.detach().double().cpu().numpy()
+    regions = regions_of(inputs)
+    t_start = time.perf_counter()
+
+    x_att, m_att = None, None
+    if attack:
+        x_att, m_att = pgd_attack(model, inputs, spec)
+    with torch.no_grad():
+        gm_att = None
+        if x_att is not None:
+            gm_att = _margins(model, x_att, spec, torch.float64).cpu().numpy()  # [B, G]
+    ib, used = initial_bounds(model, net, inputs, bounds_method)
+    outs: list[MilpOutcome] = []
+    for b in range(B):
+        t0 = time.perf_counter()
+        deadline = None if time_limit is None else t0 + time_limit
+        det: dict = {"bounds": used, "solver": solver_name, "margin": margin}
+        gl = np.full(G, -np.inf)
+        gu = np.full(G, np.inf)
+        in_b = inputs.select([b])
+        spec_b = spec.select([b])
+        # 1. attack
+        if x_att is not None and float(m_att[b]) <= 0:
+            ok, xc, note = confirm_violation(model, x_att[b : b + 1], spec_b, in_b)
+            if ok:
+                gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
+                det.update(found_by="attack", note=note, time_s=time.perf_counter() - t0)
+                outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), np.full(len(groups), -np.inf), xc[0].float().cpu(), det))
+                continue
+        # 2. bounds
+        bnds = [(l[b].numpy().copy(), u[b].numpy().copy()) for l, u in ib]
+        try:
+            if refine:
+                bnds, det["refine"] = tighten_bounds(net, regions[b], bnds, solver=solver_name, deadline=deadline)
+            # 3. LP screen (safe bounds) with the final bounds
+            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver_name, net=net, bounds=[bnds])
+        except SolverError as e:
+            det["reason"] = f"solver: {e}"
+            outs.append(MilpOutcome("unknown", gl, gu, np.full(len(groups), -np.inf), None, det))
+            continue
+        row_lower = lpres.lower[0].numpy().copy()
+        for g in range(G):
+            gl[g] = row_lower[groups == g].max()
+        lp_proved = gl > 1e-9
+        det["lp_proved_groups"] = int(lp_proved.sum())
+        # 4. MILP per remaining group
+        enc = encode(net, regions[b], bnds, integer=True)
+        det["milp"] = dict(enc.stats)
+        lp, rows, t_col, M, const = _add_spec_rows(enc, net, C[b], d[b], with_t=True)
+        try:
+            be = make_backend(lp, solver_name, threads=threads)
+        except SolverError as e:
+            det["reason"] = f"solver: {e}"
+            outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
+            continue
+        cost = np.zeros(lp.num_cols)
+        cost[t_col] = 1.0
+        be.set_objective(cost)
+        todo = [g for g in range(G) if not lp_proved[g] or exact]
+        if gm_att is not None:
+            todo.sort(key=lambda g: gm_att[b, g])
+        per_group: dict = {}
+        status, cex, reasons = "certified", None, []
+        x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else regions[b].center if regions[b].center is not None else (regions[b].lo + regions[b].hi) / 2
+        for g in todo:
+            sel = np.flatnonzero(groups == g)
+            be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
+            be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -const[sel])
+            be.set_col_bounds([t_col], [max(gl[g], -1e7) if math.isfinite(gl[g]) else -1e7], [np.inf])
+            vals = np.asarray(M[sel] @ enc.point(net, x_start) [: M.shape[1]] + const[sel]).ravel()
+            start = np.r_[enc.point(net, x_start), max(vals.max(), gl[g] if math.isfinite(gl[g]) else -1e7)]
+            rest = None if deadline is None else deadline - time.perf_counter()
+            if rest is not None and rest <= 0:
+                per_group[g] = "not run (time limit)"
+                status = "unknown"
+                reasons.append("time limit before all groups were solved")
+                break
+            if exact:
+                r = be.solve(time_limit=rest, start=start, rel_gap=0.0, abs_gap=1e-9)
+            else:
+                r = be.solve(time_limit=rest, start=start, stop_bound_above=margin, stop_primal_below=0.0)
+            per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
+            if r.status == "infeasible":
+                # the relaxation cannot be empty for a non-empty input set: report, never prove
+                status = "unknown"
+                reasons.append(f"group {g}: MILP infeasible (input set empty or bounds invalid)")
+                continue
+            if r.status == "error":
+                status = "unknown"
+                reasons.append(f"group {g}: solver error {r.message}")
+                continue
+            if math.isfinite(r.bound):
+                gl[g] = max(gl[g], r.bound)
+            gu[g] = min(gu[g], r.objective)
+            if gl[g] > margin or lp_proved[g]:
+                continue
+            if r.x is not None and r.objective <= 0:
+                xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *inputs.shape)
+                ok, xc, note = confirm_violation(model, xs, spec_b, in_b, group=g)
+                if ok:
+                    cex = xc[0].float().cpu()
+                    status = "falsified"
+                    det["found_by"] = "milp"
+                    det["note"] = note
+                    if not exact:
+                        break
+                    continue
+                reasons.append(f"group {g}: {note}")
+            if status != "falsified":
+                status = "unknown"
+                if r.status in ("time_limit",):
+                    reasons.append(f"group {g}: time limit (dual bound {r.bound:.4g})")
+                elif r.status == "optimal":
+                    reasons.append(f"group {g}: optimum {r.objective:.4g} within the margin {margin:g} of 0")
+        for g in range(G):
+            if (groups == g).sum() == 1 and math.isfinite(gl[g]):
+                i = int(np.flatnonzero(groups == g)[0])
+                row_lower[i] = max(row_lower[i], gl[g] if gl[g] > -1e7 else -np.inf)
+        if status == "certified" and not all(gl[g] > margin or lp_proved[g] for g in range(G)):
+            status = "unknown"
+        det["groups"] = {str(k): v for k, v in per_group.items()}
+        if reasons and status != "falsified":
+            det["reason"] = "; ".join(reasons)
+        det["time_s"] = time.perf_counter() - t0
+        outs.append(MilpOutcome(status, gl, gu, row_lower, cex, det))
+    return outs
+
+
+# ------------------------------------------------------------------------------------------
+# minimum adversarial distortion
+
+
+@dataclass
+class DistortionResult:
+    """Exact minimum distortion of one example (within solver tolerance).
+
+    Attributes:
+        value: distance of the closest confirmed adversarial example found (``inf`` if none
+            exists within ``eps_max``): an upper bound on the true minimum ``d*``.
+        lower: the MILP dual bound, a lower bound on ``d*`` (within solver tolerance); a sound
+            certified radius is anything strictly below it (:attr:`certified_radius`).
+        eps_max: the radius the big-M bounds were computed for.
+        status: "optimal" (``value - lower <= 1e-4 (1 + value)`` ... see ``gap``), "time_limit",
+            "no_adversarial" (none within ``eps_max``) or "error".
+        counterexample: ``[*shape]`` the adversarial input at distance ``value``.
+    """
+
+    value: float
+    lower: float
+    eps_max: float
+    status: str
+    counterexample: Tensor | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        return self.value - self.lower
+
+    @property
+    def certified_radius(self) -> float:
+        """``max(0, lower (1 - 1e-5) - 1e-6)``: below the MILP dual bound by a margin for the
+        solver's dual tolerance."""
+        if math.isnan(self.lower):
+            return 0.0
+        if math.isinf(self.lower):
+            return math.inf if self.lower > 0 else 0.0
+        return max(0.0, self.lower * (1 - 1e-5) - 1e-6)
+
+
+def _lp_norm(v: np.ndarray, p: float) -> float:
+    return float(np.abs(v).max()) if math.isinf(p) else float(np.linalg.norm(v, ord=p))
+
+
+def _domain_radius(c: np.ndarray, dlo: np.ndarray, dhi: np.ndarray, p: float) -> float:
+    far = np.maximum(c - dlo, dhi - c)
+    return _lp_norm(far, p)
+
+
+def minimum_distortion(
+    model: torch.nn.Module,
+    x: Tensor,
+    labels: Tensor | int | OutputProperty,
+    norm: str | float = "inf",
+    domain: tuple[float | Tensor, float | Tensor] | None = (0.0, 1.0),
+    timeout: float | None = 60.0,
+    *,
+    solver: str = "auto",
+    bounds_method: str = "crown",
+    refine: bool = True,
+    eps_max: float | None = None,
+    threads: int = 1,
+    return_details: bool = False,
+) -> Tensor | tuple[Tensor, list[DistortionResult]]:
+    """Exact minimum adversarial distortion ``d* = min {||x' - x||_p : x' in domain, property
+    violated at x'}`` by MILP (Tjeng et al. 2019, Sec. 4: "minimum adversarial distortion").
+
+    Per group ``g`` of the property one MILP ``min eps s.t. ||x' - x||_p <= eps, all rows of g
+    <= 0``; ``d* = min_g``. Groups run in order of the clean margins; each later group gets the
+    best distance so far as an upper bound on ``eps`` (often making it infeasible at once). The
+    big-M bounds are valid on the ball of radius ``eps_max`` = the distance of a PGD adversarial
+    example (searched on a doubling radius grid), or the whole domain when none is found, or the
+    given ``eps_max`` (then ``d* > eps_max`` is reported as "no_adversarial" with
+    ``lower = eps_max``).
+
+    Tolerance: ``value`` is the distance of an input confirmed adversarial by a float32 and float64
+    forward pass (an upper bound on ``d*``, at most ~1e-6 above the MILP optimum after the repair
+    steps of :func:`confirm_violation`); ``lower`` is the MILP dual bound (relative gap 1e-5), a
+    lower bound on ``d*`` up to the solver's tolerances. Every sound certified radius ``r`` obeys
+    ``r < d* <= value``.
+
+    Args:
+        model: ReLU chain network ``[B, *shape] -> [B, K]``.
+        x: clean inputs ``[B, *shape]``.
+        labels: ``[B]`` labels (Robust property) or any output property.
+        norm: "inf" or 1; 2 needs an MIQP solver (Gurobi; HiGHS raises SolverError).
+        domain: valid input range ``(lo, hi)`` (floats or tensors broadcastable to ``x``) or ``None`` (then ``eps_max`` or an attack
+            must bound the search).
+        timeout: seconds per example.
+        return_details: also return the :class:`DistortionResult` list.
+
+    Returns:
+        ``values [B]`` float64 (and the details when asked).
+    """
+    p = parse_norm(norm)
+    solver_name = resolve_solver(solver)
+    if p == 2.0 and solver_name != "gurobi":
+        raise SolverError("minimum l_2 distortion is a mixed-integer QP; HiGHS has no MIQP (install gurobipy with a licence and use solver='gurobi')")
+    prop = labels if isinstance(labels, OutputProperty) else Robust(labels)
+    dtype, dev = _model_dtype(model)
+    x = x.to(device=dev, dtype=dtype)
+    B = x.shape[0]
+    shape = tuple(x.shape[1:])
+    net = relu_net(model, shape)
+    with torch.no_grad():
+        y0 = model(x).reshape(B, -1)
+    spec = prop.linear(B, y0.shape[1], device=dev, dtype=torch.float64)
+    if domain is None:
+        dlo = dhi = None
+    else:
+        dlo = torch.as_tensor(domain[0], dtype=torch.float64).to(dev).expand(x.shape).to(dtype)
+        dhi = torch.as_tensor(domain[1], dtype=torch.float64).to(dev).expand(x.shape).to(dtype)
+    results = []
+    for b in range(B):
+        dl = None if dlo is None else dlo[b : b + 1]
+        dh = None if dhi is None else dhi[b : b + 1]
+        results.append(_distortion_one(model, net, x[b : b + 1], spec.select([b]), p, dl, dh, timeout, solver_name, bounds_method, refine, eps_max, threads))
+    vals = torch.tensor([r.value for r in results], dtype=torch.float64)
+    return (vals, results) if return_details else vals
+
+
+def _attack_radius(model, x, spec, p, top, dl, dh, c) -> tuple[float, Tensor | None]:
+    """Smallest PGD-adversarial distance found: radii ``top 2^-k`` (k = 10..0) in one batch, then
+    8 radii between the first success and half of it. Returns ``(distance, point)`` of a
+    confirmed adversarial input, or ``(inf, None)``."""
+    best_val, best_x = math.inf, None
+    radii = [top * 2.0**-k for k in range(10, -1, -1)]
+    for rnd in range(2):
+        R = len(radii)
+        ball = LpBall(x.expand(R, *x.shape[1:]).clone(), torch.tensor(radii, dtype=x.dtype), p, dl, dh)
+        specR = LinearSpec(spec.C.expand(R, -1, -1), spec.d.expand(R, -1), spec.groups)
+        xa, ma = pgd_attack(model, ball, specR, steps=40, restarts=2)
+        hit = None
+        for i in range(R):
+            if float(ma[i]) <= 0:
+                ok, xc, _ = confirm_violation(model, xa[i : i + 1], spec, ball.select([i]))
+                if ok:
+                    dist = _lp_norm(xc.double().cpu().reshape(-1).numpy() - c, p)
+                    if dist < best_val:
+                        best_val, best_x = dist, xc
+                    hit = i
+                    break
+        if hit is None or rnd == 1:
+            break
+        e = radii[hit]
+        radii = list(np.linspace(e / 2, e, 9)[:-1])
+    return best_val, best_x
+
+
+def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds_method, refine, eps_max, threads) -> DistortionResult:
+    """:func:`minimum_distortion` for one example ``x [1, *shape]``; ``dl, dh``: domain
+    ``[1, *shape]`` or ``None``."""
+    t0 = time.perf_counter()
+    deadline = None if timeout is None else t0 + timeout
+    c = x.double().cpu().reshape(-1).numpy()
+    n0 = len(c)
+    dlo = np.full(n0, -np.inf) if dl is None else dl.double().cpu().reshape(-1).numpy()
+    dhi = np.full(n0, np.inf) if dh is None else dh.double().cpu().reshape(-1).numpy()
+    det: dict = {"norm": "linf" if math.isinf(p) else f"l{int(p)}", "solver": solver_name}
+    groups = spec.groups.cpu().numpy()
+    G = int(groups.max()) + 1
+    gm0 = _margins(model, x, spec, torch.float64)[0].cpu().numpy()
+    if (gm0 <= 0).any() and confirm_violation(model, x, spec, None)[0]:
+        return DistortionResult(0.0, 0.0, 0.0, "optimal", x[0].cpu(), {"note": "the clean input already violates the property"})
+    dom_r = _domain_radius(c, dlo, dhi, p)
+    # 1. attack on a doubling radius grid -> eps_max
+    best_val, best_x = math.inf, None
+    top = eps_max if eps_max is not None else dom_r
+    if not math.isfinite(top):
+        raise ValueError("minimum_distortion: give a finite domain or eps_max")
+    best_val, best_x = _attack_radius(model, x, spec, p, top, dl, dh, c)
+    det["attack_distance"] = best_val
+    emax = min(top, best_val) if math.isfinite(best_val) else top
+    emax = float(emax)
+    det["eps_max"] = emax
+    # 2. bounds valid on the ball of radius emax
+    ball = LpBall(x, emax, p if p != 2.0 else math.inf, dl, dh)
+    if p == 2.0:
+        ball = LpBall(x, emax, math.inf, dl, dh)  # box enclosure of the l_2 ball
+    ib, used = initial_bounds(model, net, ball, bounds_method)
+    det["bounds"] = used
+    reg = regions_of(ball)[0]
+    bnds = [(l[0].numpy().copy(), u[0].numpy().copy()) for l, u in ib]
+    if refine:
+        bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
+    # 3. one MILP per group
+    C = spec.C[0].detach().double().cpu().numpy()
+    dd = spec.d[0].detach().double().cpu().numpy()
+    if p == 2.0:
+        enc = encode(net, reg, bnds, integer=True)
+    else:
+        enc = encode(net, reg, bnds, integer=True, distortion=(p, emax))
+    lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
+    det["milp"] = dict(enc.stats)
+    be = make_backend(lp, solver_name, threads=threads)
+    cost = np.zeros(lp.num_cols)
+    if p == 2.0:
+        cost[enc.x_cols] = -2 * c
+        be.set_objective(cost, float(c @ c), qdiag=(enc.x_cols, np.ones(n0)))
+    else:
+        cost[enc.eps_col] = 1.0
+        be.set_objective(cost)
+    order = np.argsort(gm0)
+    glow = np.zeros(G)  # lower bound of each group's minimum distance (0 = nothing known)
+    per_group = {}
+    timed_out = False
+    for g in order:
+        g = int(g)
+        sel = np.flatnonzero(groups == g)
+        be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
+        be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -const[sel])
+        cutoff = min(best_val, emax)
+        if p != 2.0:
+            be.set_col_bounds([enc.eps_col], [0.0], [cutoff])
+        start = None
+        if best_x is not None:
+            xb = best_x.double().cpu().reshape(-1).numpy()
+            if _margins(model, best_x, spec, torch.float64)[0, g] <= 0:
+                dist = _lp_norm(xb - c, p)
+                sp_ = enc.point(net, xb, eps=dist)
+                if np.all(lp.A[rows[sel]] @ sp_ <= -const[sel] + 1e-9):
+                    start = sp_
+        rest = None if deadline is None else deadline - time.perf_counter()
+        if rest is not None and rest <= 0:
+            timed_out = True
+            per_group[g] = "not run (time limit)"
+            continue
+        r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7)
+        per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
+        if r.status == "infeasible":
+            glow[g] = cutoff
+            continue
+        if r.status == "error":
+            timed_out = True
+            continue
+        if r.status != "optimal":
+            timed_out = True
+        bound = r.bound if p != 2.0 else math.sqrt(max(r.bound, 0.0))
+        glow[g] = max(0.0, min(bound, cutoff)) if math.isfinite(bound) else 0.0
+        if r.x is not None:
+            xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *x.shape[1:])
+            dom = None
+            if dl is not None:
+                dom = Box(dl.double().cpu().expand_as(xs).clone(), dh.double().cpu().expand_as(xs).clone())
+            ok, xc, note = confirm_violation(model, xs, spec, dom, group=g)
+            if not ok:
+                # push slightly away from the center (the optimum sits on a decision boundary)
+                for gamma in (1e-6, 1e-5, 1e-4, 1e-3):
+                    xt = torch.from_numpy(c).reshape_as(xs) + (1 + gamma) * (xs - torch.from_numpy(c).reshape_as(xs))
+                    if dom is not None:
+                        xt = dom.project(xt)
+                    ok, xc, note = confirm_violation(model, xt, spec, dom, group=g)
+                    if ok:
+                        break
+            if ok:
+                dist = _lp_norm(xc.double().cpu().reshape(-1).numpy() - c, p)
+                if dist < best_val:
+                    best_val, best_x = dist, xc
+            else:
+                per_group[g]["note"] = note
+    lower = float(min(glow.min(), best_val)) if G else math.inf
+    if not math.isfinite(best_val) and not timed_out:
+        status = "no_adversarial"
+        lower = emax if eps_max is not None else lower
+        if eps_max is None:
+            lower = math.inf if all(isinstance(v, dict) and v["status"] == "infeasible" for v in per_group.values()) else lower
+    elif timed_out:
+        status = "time_limit"
+    else:
+        status = "optimal"
+    det["groups"] = {str(k): v for k, v in per_group.items()}
+    det["time_s"] = time.perf_counter() - t0
+    return DistortionResult(best_val, lower, emax, status, None if best_x is None else best_x[0].float().cpu(), det)
