@@ -1,0 +1,120 @@
+"""Branch-and-bound (complete verification): the shared result type, the property in tensor
+form, batched counterexample search on a dense ReLU net.
+
+Conventions (see :class:`verify.spec.LinearSpec`): rows ``C y + d`` (``C [N, K]``, ``d [N]``)
+with a group per row; the property holds at ``y`` iff every group has a row ``> 0``. The
+*margin* of a domain is ``min over groups of max over rows in the group`` of the rows' lower
+bounds: the domain is proved when it exceeds the float-safety margin, and a point ``x`` is a
+counterexample when the margin of its exact output is ``<= 0``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .beta import ReluNet
+
+__all__ = ["BabResult", "RowSpec", "pgd_boxes"]
+
+
+@dataclass
+class BabResult:
+    """Outcome of one branch-and-bound run on one input box and one property.
+
+    Attributes:
+        status: ``"certified"``, ``"falsified"`` or ``"unknown"``.
+        counterexample: flattened input ``[n_0]`` (float64) with ``status="falsified"``.
+        lower: a lower bound of the property margin over the whole box (``> 0`` when
+            certified; for unknown, the best bound reached; ``-inf`` if none).
+        domains: number of domains bounded.
+        time_s: wall time.
+        reason: why the search stopped (``"proved"``, ``"counterexample"``, ``"timeout"``,
+            ``"memory"``, ...).
+    """
+
+    status: str
+    counterexample: Tensor | None = None
+    lower: float = -math.inf
+    domains: int = 0
+    time_s: float = 0.0
+    reason: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class RowSpec:
+    """One property in tensor form: ``C [N, K]``, ``d [N]``, ``groups [N]`` (long)."""
+
+    C: Tensor
+    d: Tensor
+    groups: Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.groups.max()) + 1
+
+    def group_max(self, rows: Tensor) -> Tensor:
+        """``[..., N] -> [..., G]``: max of the rows of each group."""
+        out = torch.full((*rows.shape[:-1], self.num_groups), -math.inf, dtype=rows.dtype)
+        return out.scatter_reduce(-1, self.groups.expand_as(rows), rows, reduce="amax")
+
+    def margin(self, rows: Tensor) -> Tensor:
+        """``[..., N] -> [...]``: min over groups of the group max (> 0 iff it holds)."""
+        return self.group_max(rows).amin(-1)
+
+    def values(self, y: Tensor) -> Tensor:
+        """Rows at outputs ``y [B, K]`` -> ``[B, N]``."""
+        return y.to(self.C.dtype) @ self.C.T + self.d
+
+    def batch(self, B: int) -> tuple[Tensor, Tensor]:
+        """``C [B, N, K]`` and ``d [B, N]`` (expanded views)."""
+        return self.C.unsqueeze(0).expand(B, -1, -1), self.d.unsqueeze(0).expand(B, -1)
+
+    def to(self, dtype: torch.dtype) -> "RowSpec":
+        return RowSpec(self.C.to(dtype), self.d.to(dtype), self.groups)
+
+
+def pgd_boxes(
+    net: ReluNet,
+    spec: RowSpec,
+    lo: Tensor,
+    hi: Tensor,
+    steps: int = 20,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Projected signed-gradient descent on the property margin inside each box.
+
+    Args:
+        lo, hi: ``[B, n_0]`` boxes.
+
+    Returns:
+        ``x [B, n_0]`` the best point found per box and its exact margin ``[B]`` (``<= 0``:
+        a counterexample, still to be confirmed on the original model).
+    """
+    B = lo.shape[0]
+    best_x = (lo + hi) / 2
+    with torch.no_grad():
+        best_m = spec.margin(spec.values(net.forward(best_x)))
+    width = hi - lo
+    for _ in range(restarts):
+        x = lo + torch.rand(lo.shape, dtype=lo.dtype, generator=generator) * width
+        for t in range(steps):
+            x = x.detach().requires_grad_(True)
+            m = spec.margin(spec.values(net.forward(x)))
+            (g,) = torch.autograd.grad(m.sum(), x)
+            with torch.no_grad():
+                better = m < best_m
+                best_m = torch.where(better, m.detach(), best_m)
+                best_x = torch.where(better.unsqueeze(1), x.detach(), best_x)
+                step = width * (0.25 * (1 - t / steps) + 0.01)
+                x = torch.min(torch.max(x - step * g.sign(), lo), hi)
+        with torch.no_grad():
+            m = spec.margin(spec.values(net.forward(x)))
+            better = m < best_m
+            best_m = torch.where(better, m, best_m)
+            best_x = torch.where(better.unsqueeze(1), x, best_x)
+    return best_x.detach(), best_m.detach()

@@ -1,0 +1,246 @@
+"""Input-space branch-and-bound for low-dimensional inputs (ACAS Xu: 5 inputs).
+
+A domain is a sub-box of the input box. Each round pops the ``batch_size`` worst boxes
+(smallest margin lower bound), halves each along one dimension, bounds all children in one
+batch and drops the proved ones; the rest go back to the queue. Counterexamples are sought
+on the way: the centre and the CROWN minimiser corner of every child are evaluated exactly,
+and PGD runs on the worst boxes every few rounds.
+
+Bounds per child: :func:`relax.beta.refined_bounds` (forward linear bounds, then backward
+CROWN only for the neurons still unstable), intersected with the parent's intermediate bounds
+(a child box lies inside its parent), and a backward CROWN pass for the property rows.
+
+Branching: the dimension with the largest ``|A_i| (hi_i - lo_i)``, ``A`` the input
+coefficients of the CROWN lower bound of the row closest to proving the worst group (the
+"smear" heuristic of Kochenderfer's Reluplex/ACAS line, with CROWN coefficients in place of
+the gradient, as in alpha-beta-CROWN's input split).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from .bab import BabResult, RowSpec, pgd_boxes
+from .beta import Bounds, ReluNet, backward_bound, forward_bounds, intermediate_bounds, refined_bounds
+
+__all__ = ["input_bab", "bound_boxes"]
+
+
+def bound_boxes(
+    net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None = None, mode: str = "refined"
+) -> tuple[Tensor, Tensor, Bounds]:
+    """Lower bounds of the property rows over each box.
+
+    Args:
+        lo, hi: ``[B, n_0]``; prior: intermediate bounds valid on each box (or None).
+        mode: intermediate bounds by ``"refined"`` (:func:`relax.beta.refined_bounds`,
+            CROWN-tight, cheap), ``"crown"`` (full backward passes) or ``"forward"`` (loose).
+
+    Returns:
+        ``lower [B, N]``, ``A_in [B, N, n_0]`` and the intermediate bounds used.
+    """
+    C, d = spec.batch(lo.shape[0])
+    if mode == "refined":
+        pre = refined_bounds(net, lo, hi, prior)
+    elif mode == "forward":
+        pre = forward_bounds(net, lo, hi, prior)
+    elif mode == "crown":
+        pre = intermediate_bounds(net, lo, hi, prior)
+    else:
+        raise ValueError(f"unknown bounding mode {mode!r}: use 'refined', 'crown' or 'forward'")
+    lower, info = backward_bound(net, C, d, lo, hi, pre)
+    return lower, info["A_in"], pre
+
+
+def _branch_dim(spec: RowSpec, lower: Tensor, A: Tensor, lo: Tensor, hi: Tensor, root_w: Tensor, rel_weight: float = 0.5) -> Tensor:
+    """Split dimension per box ``[B]``: normalised smear (``|A_i| w_i`` of the row closest to
+    proving the worst group) plus ``rel_weight`` times the normalised relative width
+    ``w_i / root_w_i``; the second term keeps a dimension the final linear bound hardly sees
+    (but that keeps inner ReLUs unstable) from never being split."""
+    gmax = spec.group_max(lower)  # [B, G]
+    g_worst = gmax.argmin(-1)  # [B]
+    in_group = spec.groups.unsqueeze(0) == g_worst.unsqueeze(1)  # [B, N]
+    row = torch.where(in_group, lower, torch.full_like(lower, -math.inf)).argmax(-1)  # [B]
+    a = A[torch.arange(A.shape[0]), row]  # [B, n_0]
+    w = hi - lo
+    smear = a.abs() * w
+    rel = w / torch.where(root_w > 0, root_w, torch.ones_like(root_w))
+    score = smear / smear.amax(1, keepdim=True).clamp_min(1e-300) + rel_weight * rel / rel.amax(1, keepdim=True).clamp_min(1e-300)
+    score = torch.where(w > 0, score, torch.full_like(score, -1.0))
+    return score.argmax(-1)
+
+
+def _split(
+    net: ReluNet, spec: RowSpec, p_lo: Tensor, p_hi: Tensor, p_low: Tensor, p_A: Tensor, p_pre: Bounds, mode: str, branching: str, root_w: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Bounds]:
+    """Halve each of the ``k`` boxes along one dimension and bound the ``2k`` children.
+
+    ``branching="smear"`` picks the dimension by :func:`_branch_dim`; ``"strong"`` bounds the
+    children of every candidate dimension (all of them for ``n_0 <= 8``, else the 3 best by
+    smear plus the widest), scores them with cheap forward bounds and keeps the split whose
+    worse child is best (strong branching); only the chosen children get full bounds.
+
+    Returns:
+        children ``lo, hi [2k, n_0]``, their ``lower [2k, N]``, ``A_in`` and intermediate bounds.
+    """
+    k, n0 = p_lo.shape
+    if branching == "smear":
+        cand = _branch_dim(spec, p_low, p_A, p_lo, p_hi, root_w).unsqueeze(0)  # [1, k]
+    elif branching == "strong":
+        if n0 <= 8:
+            cand = torch.arange(n0).unsqueeze(1).expand(n0, k)
+        else:
+            gmax = spec.group_max(p_low).argmin(-1)
+            sm = (p_A.abs().amax(1) * (p_hi - p_lo))
+            top = sm.topk(min(3, n0), dim=1).indices.T
+            cand = torch.cat([top, (p_hi - p_lo).argmax(1).unsqueeze(0)])
+    else:
+        raise ValueError(f"unknown branching {branching!r}: use 'strong' or 'smear'")
+    D = cand.shape[0]
+    ar = torch.arange(k).repeat(D)
+    dims = cand.reshape(-1)  # [D*k]
+    lo_r, hi_r = p_lo.repeat(D, 1), p_hi.repeat(D, 1)
+    mid = (lo_r[torch.arange(D * k), dims] + hi_r[torch.arange(D * k), dims]) / 2
+    c_lo = torch.cat([lo_r, lo_r.clone()])
+    c_hi = torch.cat([hi_r.clone(), hi_r])
+    j = torch.arange(D * k)
+    c_hi[j, dims] = mid
+    c_lo[D * k + j, dims] = mid
+    c_prior = [(l.repeat(2 * D, 1), u.repeat(2 * D, 1)) for l, u in p_pre]
+    if D == 1:
+        lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, mode)
+    else:
+        # score the candidates with cheap forward bounds, bound the chosen children properly
+        lower, _, c_pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, "forward")
+        cm = spec.margin(lower).view(2, D, k)
+        score = torch.minimum(cm[0], cm[1]) + 1e-3 * torch.maximum(cm[0], cm[1])
+        flat = (p_hi - p_lo).T.gather(0, cand) <= 0  # [D, k] zero-width candidates
+        score = torch.where(flat, torch.full_like(score, -math.inf), score)
+        best = score.argmax(0)  # [k]
+        pick = torch.cat([best * k + torch.arange(k), D * k + best * k + torch.arange(k)])
+        c_lo, c_hi = c_lo[pick], c_hi[pick]
+        lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, [(l[pick], u[pick]) for l, u in c_pre], mode)
+    return c_lo, c_hi, lower, A, pre
+
+
+def input_bab(
+    net: ReluNet,
+    spec: RowSpec,
+    lo: Tensor,
+    hi: Tensor,
+    *,
+    timeout: float = 60.0,
+    batch_size: int = 512,
+    max_domains: int = 300_000,
+    mode: str = "refined",
+    margin: float = 1e-9,
+    pgd_every: int = 5,
+    branching: str = "smear",
+    check_point=None,
+    seed: int = 0,
+) -> BabResult:
+    """Decide the property on the box ``[lo, hi]`` (``[n_0]`` each) by input splitting.
+
+    Args:
+        net: the network as dense layers (float64 recommended).
+        spec: the property rows.
+        timeout: seconds; past it the result is ``unknown`` with the best bound.
+        batch_size: boxes popped per round (each gives two children).
+        max_domains: queue limit; beyond it the search stops with ``unknown``.
+        mode: bounding mode of :func:`bound_boxes`.
+        margin: a box is proved when its margin lower bound exceeds this.
+        branching: ``"strong"`` or ``"smear"`` (see :func:`_split`).
+        pgd_every: run PGD on the worst boxes every this many rounds (0: never).
+        check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original
+            model (default: the dense net itself).
+        seed: for the random restarts of PGD.
+
+    Returns:
+        :class:`BabResult`; ``falsified`` only with a counterexample ``check_point`` accepted.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    gen = torch.Generator().manual_seed(seed)
+    dt = net.dtype
+    spec = spec.to(dt)
+    lo, hi = lo.to(dt).reshape(1, -1), hi.to(dt).reshape(1, -1)
+    check = check_point or (lambda x: bool(spec.margin(spec.values(net.forward(x.unsqueeze(0))))[0] <= 0))
+    rejected = 0
+
+    def try_points(xs: Tensor, ms: Tensor) -> Tensor | None:
+        nonlocal rejected
+        cand = (ms <= 0).nonzero().squeeze(1)
+        for i in cand[torch.argsort(ms[cand])][:8].tolist():
+            if check(xs[i]):
+                return xs[i]
+            rejected += 1
+        return None
+
+    def finish(status: str, reason: str, lower: float, cex: Tensor | None = None) -> BabResult:
+        return BabResult(status, cex, lower, n_bounded, time.perf_counter() - t0, reason, {"rounds": rounds, "rejected_cex": rejected})
+
+    n_bounded, rounds = 0, 0
+    # root: bound, attack
+    with torch.no_grad():
+        lower, A, pre = bound_boxes(net, spec, lo, hi, None, mode)
+    n_bounded += 1
+    m = spec.margin(lower)
+    if bool(m[0] > margin):
+        return finish("certified", "proved", float(m[0]))
+    x, xm = pgd_boxes(net, spec, lo, hi, steps=50, restarts=5, generator=gen)
+    cex = try_points(x, xm)
+    if cex is not None:
+        return finish("falsified", "counterexample", -math.inf, cex)
+
+    # queue: boxes, their margin bound, and their intermediate bounds (priors for children)
+    q_lo, q_hi, q_low, q_A, q_pre = lo, hi, lower, A, pre
+    while True:
+        if q_lo.shape[0] == 0:
+            return finish("certified", "proved", margin)
+        if time.perf_counter() > deadline:
+            return finish("unknown", "timeout", float(spec.margin(q_low).min()))
+        if q_lo.shape[0] > max_domains:
+            return finish("unknown", "memory", float(spec.margin(q_low).min()))
+        rounds += 1
+        k = min(batch_size, q_lo.shape[0])
+        order = torch.argsort(spec.margin(q_low))
+        take, keep = order[:k], order[k:]
+        p_lo, p_hi, p_low, p_A = q_lo[take], q_hi[take], q_low[take], q_A[take]
+        p_pre = [(l[take], u[take]) for l, u in q_pre]
+        q_lo, q_hi, q_low, q_A = q_lo[keep], q_hi[keep], q_low[keep], q_A[keep]
+        q_pre = [(l[keep], u[keep]) for l, u in q_pre]
+
+        with torch.no_grad():
+            c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, mode, branching, hi - lo)
+        n_bounded += c_lo.shape[0]
+        cm = spec.margin(lower)
+
+        # counterexample candidates: centres and the minimiser corners of the worst rows
+        with torch.no_grad():
+            open_ = ~(cm > margin)
+            if open_.any():
+                idx = open_.nonzero().squeeze(1)
+                a = A[idx]  # [b, N, n0]
+                corners = torch.where(a > 0, c_lo[idx].unsqueeze(1), c_hi[idx].unsqueeze(1))  # [b, N, n0]
+                pts = torch.cat([(c_lo[idx] + c_hi[idx]) / 2, corners.reshape(-1, corners.shape[-1])])
+                pm = spec.margin(spec.values(net.forward(pts)))
+                cex = try_points(pts, pm)
+                if cex is not None:
+                    return finish("falsified", "counterexample", -math.inf, cex)
+        if pgd_every and rounds % pgd_every == 0 and open_.any():
+            idx = open_.nonzero().squeeze(1)
+            worst = idx[torch.argsort(cm[idx])[:64]]
+            x, xm = pgd_boxes(net, spec, c_lo[worst], c_hi[worst], steps=20, restarts=1, generator=gen)
+            cex = try_points(x, xm)
+            if cex is not None:
+                return finish("falsified", "counterexample", -math.inf, cex)
+
+        keep_c = open_.nonzero().squeeze(1)
+        q_lo = torch.cat([q_lo, c_lo[keep_c]])
+        q_hi = torch.cat([q_hi, c_hi[keep_c]])
+        q_low = torch.cat([q_low, lower[keep_c]])
+        q_A = torch.cat([q_A, A[keep_c]])
+        q_pre = [(torch.cat([ql, l[keep_c]]), torch.cat([qu, u[keep_c]])) for (ql, qu), (l, u) in zip(q_pre, pre)]

@@ -1,0 +1,370 @@
+"""Batched CROWN / alpha-CROWN / beta-CROWN on dense ReLU networks, for branch-and-bound.
+
+The network is the textbook chain (see :mod:`relax.affine_net`)::
+
+    z_1 = W_0 x + b_0,   a_k = relu(z_k),   z_{k+1} = W_k a_k + b_k,   y = z_L
+
+Every function works on a *batch of domains* (leading dimension ``B``): each domain has its
+own input box ``[lo, hi]`` (``[B, n_0]``), its own pre-activation bounds ``pre[k-1] = (l_k,
+u_k)`` (``[B, n_k]``, k = 1..L-1) and, in ReLU branch-and-bound, its own split signs
+``splits[k-1]`` (``[B, n_k]``, +1 = "z_k >= 0", -1 = "z_k <= 0", 0 = free).
+
+* CROWN (Zhang et al. 2018): one backward pass of linear relaxations; the lower ReLU slope is
+  the adaptive 0/1 choice, the upper one the triangle chord ``u / (u - l)``.
+* alpha-CROWN (Xu et al. 2021): the lower slopes ``alpha in [0, 1]`` (one per output row and
+  neuron) are optimised by projected gradient ascent on the bound.
+* beta-CROWN (Wang et al. 2021, Eq. (6)-(8)): a split constraint ``s z_j >= 0`` enters the
+  backward pass through a Lagrange multiplier ``beta_j >= 0``: the coefficient on ``z_k``
+  gets ``- beta_j s_j`` added. Any ``beta >= 0`` gives a sound bound; the betas are optimised
+  jointly with the alphas. The split neurons themselves are stable under the clamped bounds
+  (``l = 0`` or ``u = 0``), so the bound also uses the "override" form of the split.
+
+All bounds are computed in the dtype of the network (float64 by default): sound up to
+round-off far below the float-safety margin of :mod:`verify.registry`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ReluNet", "NotReluNetError", "backward_bound", "intermediate_bounds", "forward_bounds", "refined_bounds", "optimize_bound", "Bounds"]
+
+#: per-layer (l_k, u_k) bounds of the pre-activations, each ``[B, n_k]``
+Bounds = list[tuple[Tensor, Tensor]]
+
+
+class NotReluNetError(ValueError):
+    """The model is not a chain of affine layers and ReLUs."""
+
+
+@dataclass
+class ReluNet:
+    """Dense ReLU network. ``Ws[k]``: ``[n_{k+1}, n_k]``, ``bs[k]``: ``[n_{k+1}]``; a ReLU
+    follows every layer but the last. ``input_shape``: the model's per-example input shape."""
+
+    Ws: list[Tensor]
+    bs: list[Tensor]
+    input_shape: tuple[int, ...]
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype = torch.float64) -> "ReluNet":
+        """Collapse a canonical graph (``model.input_shape`` set) into dense layers.
+
+        Raises:
+            NotReluNetError: not a chain, or an activation other than ReLU.
+        """
+        from .affine_net import NotFeedForwardError, to_feedforward
+
+        try:
+            ff = to_feedforward(model)
+        except NotFeedForwardError as e:
+            raise NotReluNetError(str(e)) from e
+        if any(a != "relu" for a in ff.activations):
+            raise NotReluNetError(f"activations {sorted(set(ff.activations))}: only ReLU is supported")
+        return cls([l.W.detach().to(dtype) for l in ff.layers], [l.b.detach().to(dtype) for l in ff.layers], tuple(ff.input_shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.Ws[0].dtype
+
+    @property
+    def n_in(self) -> int:
+        return self.Ws[0].shape[1]
+
+    @property
+    def sizes(self) -> list[int]:
+        """Widths of the ReLU layers ``[n_1, ..., n_{L-1}]``."""
+        return [W.shape[0] for W in self.Ws[:-1]]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, n_0]`` (or ``[B, *input_shape]``) -> ``y [B, K]``."""
+        z = x.reshape(x.shape[0], -1).to(self.dtype)
+        for k, (W, b) in enumerate(zip(self.Ws, self.bs)):
+            z = z @ W.T + b
+            if k < len(self.Ws) - 1:
+                z = torch.relu(z)
+        return z
+
+
+def _relax(l: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ReLU relaxation on ``[l, u]``: (unstable mask, default lower slope, upper slope, upper
+    intercept), each ``[B, n]``: ``slope_lo * z <= relu(z) <= slope_up * z + icpt``."""
+    unstable = (l < 0) & (u > 0)
+    active = (l >= 0).to(l.dtype)
+    denom = torch.where(unstable, u - l, torch.ones_like(u))
+    s_up = torch.where(unstable, u / denom, active)
+    icpt = torch.where(unstable, -s_up * l, torch.zeros_like(l))
+    s_lo = torch.where(unstable, (u > -l).to(l.dtype), active)
+    return unstable, s_lo, s_up, icpt
+
+
+def backward_bound(
+    net: ReluNet,
+    C: Tensor,
+    d: Tensor | None,
+    lo: Tensor,
+    hi: Tensor,
+    pre: Bounds,
+    upto: int | None = None,
+    alphas: list[Tensor] | None = None,
+    betas: list[Tensor] | None = None,
+    splits: list[Tensor] | None = None,
+    keep_lambdas: bool = False,
+) -> tuple[Tensor, dict]:
+    """Sound lower bound of ``C z_upto + d`` over the domains (one CROWN backward pass).
+
+    Args:
+        C: ``[B, N, n_upto]`` (or ``[1, N, n_upto]``, broadcast); ``d``: ``[B, N]`` or None.
+        lo, hi: input boxes ``[B, n_0]``.
+        pre: bounds of ``z_1 .. z_{upto-1}`` (at least ``upto - 1`` entries).
+        upto: layer index 1..L of the bounded pre-activation (default L = the output).
+        alphas: per ReLU layer ``[B, N, n_k]`` lower slopes in [0, 1] (None: adaptive CROWN).
+        betas, splits: per ReLU layer ``[B, N, n_k] >= 0`` and ``[B, n_k]`` in {-1, 0, 1}.
+        keep_lambdas: also return the coefficients on each ``a_k`` (for branching scores).
+
+    Returns:
+        ``lower [B, N]`` and a dict with ``A_in [B, N, n_0]`` (coefficients on x: the lower
+        bound is ``A_in x + c`` minimised over the box) and, if asked, ``lambdas[k-1]``.
+    """
+    L = len(net.Ws)
+    upto = L if upto is None else upto
+    B = lo.shape[0]
+    A = C
+    c = torch.zeros(B, C.shape[1], dtype=lo.dtype) if d is None else d
+    lambdas: list[Tensor | None] = [None] * (L - 1)
+    for k in range(upto - 1, 0, -1):
+        c = c + A @ net.bs[k]
+        A = A @ net.Ws[k]  # coefficient on a_k: [B, N, n_k]
+        if keep_lambdas:
+            lambdas[k - 1] = A
+        l, u = pre[k - 1]
+        unstable, s_lo, s_up, icpt = _relax(l, u)
+        if alphas is not None and alphas[k - 1] is not None:
+            s_lo = torch.where(unstable.unsqueeze(1), alphas[k - 1], s_lo.unsqueeze(1))
+        else:
+            s_lo = s_lo.unsqueeze(1)
+        An = A.clamp(max=0)
+        c = c + (An @ icpt.unsqueeze(-1)).squeeze(-1)
+        A = A * torch.where(A < 0, s_up.unsqueeze(1), s_lo)
+        if betas is not None and betas[k - 1] is not None:
+            A = A - betas[k - 1] * splits[k - 1].unsqueeze(1).to(A.dtype)
+    c = c + A @ net.bs[0]
+    A = A @ net.Ws[0]  # [B, N, n_0]
+    center, rad = (lo + hi) / 2, (hi - lo) / 2
+    lower = c + (A @ center.unsqueeze(-1)).squeeze(-1) - (A.abs() @ rad.unsqueeze(-1)).squeeze(-1)
+    return lower, {"A_in": A, "lambdas": lambdas}
+
+
+def _clamp_split(l: Tensor, u: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor]:
+    if s is None:
+        return l, u
+    l = torch.where(s > 0, l.clamp(min=0), l)
+    u = torch.where(s < 0, u.clamp(max=0), u)
+    return l, u
+
+
+def intermediate_bounds(
+    net: ReluNet,
+    lo: Tensor,
+    hi: Tensor,
+    prior: Bounds | None = None,
+    splits: list[Tensor] | None = None,
+    start: int = 1,
+    alpha_steps: int = 0,
+    lr: float = 0.25,
+) -> Bounds:
+    """CROWN (or alpha-CROWN with ``alpha_steps > 0``) bounds of every pre-activation layer.
+
+    Layers ``< start`` are taken from ``prior``; later ones are recomputed and intersected with
+    ``prior`` when given (both are sound). Split signs clamp the bounds (``l = 0`` / ``u = 0``).
+
+    Returns:
+        ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
+    """
+    pre: Bounds = []
+    B = lo.shape[0]
+    for m in range(1, len(net.Ws)):
+        s = splits[m - 1] if splits is not None else None
+        if m < start and prior is not None:
+            pre.append(_clamp_split(*prior[m - 1], s))
+            continue
+        n = net.sizes[m - 1]
+        eye = torch.eye(n, dtype=lo.dtype)
+        C = torch.cat([eye, -eye]).unsqueeze(0).expand(B, 2 * n, n)
+        if alpha_steps > 0 and m > 1:
+            lb, _, _ = optimize_bound(net, C, None, lo, hi, pre, steps=alpha_steps, lr_alpha=lr, upto=m)
+        else:
+            with torch.no_grad():
+                lb, _ = backward_bound(net, C, None, lo, hi, pre, upto=m)
+        l, u = lb[:, :n], -lb[:, n:]
+        if prior is not None:
+            l, u = torch.maximum(l, prior[m - 1][0]), torch.minimum(u, prior[m - 1][1])
+        pre.append(_clamp_split(l, u, s))
+    return pre
+
+
+def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = None) -> Bounds:
+    """Pre-activation bounds by forward linear propagation (CROWN-forward / symbolic
+    intervals): every ``z_k`` is sandwiched between two affine functions of ``x``
+    (``[B, n_k, n_0 + 1]`` each), concretised over the box. Costs ``O(n_k n_{k-1} n_0)`` per
+    domain and layer instead of the backward pass's ``O(n_k n_{k-1} n_k)``: the right choice
+    for low-dimensional inputs (ACAS Xu: ``n_0 = 5``) when thousands of boxes are bounded at
+    once. Intersected with ``prior`` (e.g. a parent box's bounds) when given.
+
+    Returns:
+        ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
+    """
+    B = lo.shape[0]
+    center, rad = (lo + hi) / 2, (hi - lo) / 2
+
+    def concretize(A: Tensor, c: Tensor, upper: bool) -> Tensor:
+        mid = (A * center.unsqueeze(1)).sum(-1) + c
+        spread = (A.abs() * rad.unsqueeze(1)).sum(-1)
+        return mid + spread if upper else mid - spread
+
+    W0, b0 = net.Ws[0], net.bs[0]
+    Al = W0.unsqueeze(0).expand(B, -1, -1)
+    cl = b0.unsqueeze(0).expand(B, -1)
+    Au, cu = Al, cl
+    pre: Bounds = []
+    for k in range(1, len(net.Ws)):
+        l, u = concretize(Al, cl, False), concretize(Au, cu, True)
+        if prior is not None:
+            l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
+        pre.append((l, u))
+        if k == len(net.Ws) - 1:
+            break
+        _, s_lo, s_up, icpt = _relax(l, u)
+        # relu(z) >= s_lo * z >= s_lo * (Al x + cl);  relu(z) <= s_up * z + icpt <= s_up * (Au x + cu) + icpt
+        Rl, rl = Al * s_lo.unsqueeze(-1), cl * s_lo
+        Ru, ru = Au * s_up.unsqueeze(-1), cu * s_up + icpt
+        W, b = net.Ws[k], net.bs[k]
+        Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+        Al, cl = Wp @ Rl + Wn @ Ru, rl @ Wp.T + ru @ Wn.T + b
+        Au, cu = Wp @ Ru + Wn @ Rl, ru @ Wp.T + rl @ Wn.T + b
+    return pre
+
+
+def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = None, splits: list[Tensor] | None = None) -> Bounds:
+    """CROWN-quality pre-activation bounds at a fraction of the cost: layer by layer, forward
+    linear bounds (intersected with ``prior``) decide which neurons are unstable, and only
+    those get a backward CROWN pass (one two-row pass per unstable (box, neuron) pair).
+
+    A stable neuron's bounds never enter a relaxation (its ReLU is exactly linear), so the
+    result is as tight as :func:`intermediate_bounds` where it matters, and usually tighter
+    thanks to ``prior``. On small input boxes few neurons are unstable (ACAS Xu: 1-7 %),
+    which makes this 10-50x cheaper than a full backward pass per layer.
+
+    Returns:
+        ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
+    """
+    B = lo.shape[0]
+    center, rad = (lo + hi) / 2, (hi - lo) / 2
+    W0, b0 = net.Ws[0], net.bs[0]
+    Al = W0.unsqueeze(0).expand(B, -1, -1)
+    cl = b0.unsqueeze(0).expand(B, -1)
+    Au, cu = Al, cl
+    pre: Bounds = []
+    for k in range(1, len(net.Ws)):
+        l = (Al @ center.unsqueeze(-1)).squeeze(-1) + cl - (Al.abs() @ rad.unsqueeze(-1)).squeeze(-1)
+        u = (Au @ center.unsqueeze(-1)).squeeze(-1) + cu + (Au.abs() @ rad.unsqueeze(-1)).squeeze(-1)
+        if prior is not None:
+            l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
+        s = splits[k - 1] if splits is not None else None
+        l, u = _clamp_split(l, u, s)
+        unst = (l < 0) & (u > 0)
+        if k > 1 and bool(unst.any()):
+            bi, ni = unst.nonzero(as_tuple=True)  # one backward "domain" per unstable neuron
+            E = torch.zeros(bi.shape[0], 2, l.shape[1], dtype=lo.dtype)
+            E[torch.arange(bi.shape[0]), 0, ni] = 1.0
+            E[torch.arange(bi.shape[0]), 1, ni] = -1.0
+            sub = [(pl[bi], pu[bi]) for pl, pu in pre]
+            lb, _ = backward_bound(net, E, None, lo[bi], hi[bi], sub, upto=k)
+            l = l.clone()
+            u = u.clone()
+            l[bi, ni] = torch.maximum(l[bi, ni], lb[:, 0])
+            u[bi, ni] = torch.minimum(u[bi, ni], -lb[:, 1])
+            l, u = _clamp_split(l, u, s)
+        pre.append((l, u))
+        if k == len(net.Ws) - 1:
+            break
+        _, s_lo, s_up, icpt = _relax(l, u)
+        Rl, rl = Al * s_lo.unsqueeze(-1), cl * s_lo
+        Ru, ru = Au * s_up.unsqueeze(-1), cu * s_up + icpt
+        W, b = net.Ws[k], net.bs[k]
+        Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+        Al, cl = Wp @ Rl + Wn @ Ru, rl @ Wp.T + ru @ Wn.T + b
+        Au, cu = Wp @ Ru + Wn @ Rl, ru @ Wp.T + rl @ Wn.T + b
+    return pre
+
+
+def optimize_bound(
+    net: ReluNet,
+    C: Tensor,
+    d: Tensor | None,
+    lo: Tensor,
+    hi: Tensor,
+    pre: Bounds,
+    alphas: list[Tensor] | None = None,
+    betas: list[Tensor] | None = None,
+    splits: list[Tensor] | None = None,
+    steps: int = 20,
+    lr_alpha: float = 0.1,
+    lr_beta: float = 0.05,
+    upto: int | None = None,
+    deadline: float | None = None,
+    stop_margin: float | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+    """alpha(-beta)-CROWN: maximise the lower bound of ``C z + d`` over slopes (and betas).
+
+    Adam ascent on ``sum(lower)``, alphas projected to [0, 1] and betas to ``>= 0``; every
+    iterate is a sound bound, so the best one per row is returned. ``stop_margin``: stop
+    early once every row of every domain exceeds it.
+
+    Returns:
+        ``best_lower [B, N]``, the alphas (``[B, N, n_k]`` per layer) and betas at the end.
+    """
+    L = len(net.Ws) if upto is None else upto
+    B, N = lo.shape[0], C.shape[1]
+    nl = L - 1
+    if alphas is None:
+        alphas = []
+        for k in range(nl):
+            l, u = pre[k]
+            alphas.append((u > -l).to(lo.dtype).unsqueeze(1).expand(B, N, -1).clone())
+    alphas = [a.detach().clone().requires_grad_(True) for a in alphas[:nl]]
+    params = [{"params": alphas, "lr": lr_alpha}]
+    if splits is not None:
+        if betas is None:
+            betas = [torch.zeros(B, N, s.shape[1], dtype=lo.dtype) for s in splits[:nl]]
+        betas = [b.detach().clone().requires_grad_(True) for b in betas[:nl]]
+        params.append({"params": betas, "lr": lr_beta})
+    with torch.no_grad():
+        best, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
+    if steps <= 0:
+        return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
+    opt = torch.optim.Adam(params)
+    for _ in range(steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
+        with torch.no_grad():
+            best = torch.maximum(best, lower)
+            if stop_margin is not None and bool((best > stop_margin).all()):
+                break
+        opt.zero_grad(set_to_none=True)
+        (-lower.sum()).backward()
+        opt.step()
+        with torch.no_grad():
+            for a in alphas:
+                a.clamp_(0.0, 1.0)
+            if betas is not None:
+                for b in betas:
+                    b.clamp_(min=0.0)
+    with torch.no_grad():
+        lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
+        best = torch.maximum(best, lower)
+    return best.detach(), [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
