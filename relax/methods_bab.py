@@ -1,0 +1,198 @@
+"""Registered method ``bab``: complete verification (attack, incomplete bounds, branch-and-bound).
+
+Per input of the batch, within the time budget (``timeout`` split evenly over the inputs):
+
+1. falsification: :func:`verify.attack.random_attack` and :func:`verify.attack.pgd_attack`;
+2. a quick proof: CROWN, then alpha-CROWN (on the dense form, :mod:`relax.beta`);
+3. branch-and-bound: input splitting (:func:`relax.bab_input.input_bab`) for inputs of at
+   most ``input_split_max_dim`` dimensions, ReLU splitting with beta-CROWN
+   (:func:`relax.bab_relu.relu_bab`) otherwise (``split="auto"``).
+
+``falsified`` only with a counterexample that a float64 forward pass of the model confirms
+(:func:`verify.attack.confirm_counterexample`); ``certified`` only when every BaB domain is
+proved with the margin ``margin``; otherwise ``unknown`` with the best margin lower bound in
+``details["margin_lower"]``.
+
+Networks that are not a chain of affine layers and ReLUs (skip connections, sigmoid) get
+steps 1 and 2 only, the latter with the graph bound engine (``alpha-crown`` method).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+
+from verify.certificate import Certificate
+from verify.registry import Method, get_method, register
+from verify.spec import Box, InputSet, LpBall, OutputProperty, SpecError, norm_name
+
+from .bab import BabResult, RowSpec
+from .beta import NotReluNetError, ReluNet, intermediate_bounds, optimize_bound
+
+__all__ = ["BabMethod", "run_bab"]
+
+
+@register
+class BabMethod(Method):
+    """Complete verification by attack + (alpha-)CROWN + branch-and-bound.
+
+    Args:
+        split: ``"auto"``, ``"input"`` or ``"relu"``.
+        batch_size: domains per BaB round (input split: boxes; ReLU split: domains).
+        input_split_max_dim: largest input dimension for which ``"auto"`` splits inputs.
+        attack_steps, attack_restarts: PGD budget before BaB.
+        random_samples: random-attack samples before PGD.
+        relu_steps: alpha/beta optimisation steps per ReLU-BaB round.
+        margin: a domain counts as proved when its margin lower bound exceeds this.
+        seed: seeds the attacks.
+    """
+
+    name = "bab"
+    guarantee = "deterministic"
+    certifies = "base"
+    summary = "complete: attack, alpha-CROWN, then input-split or beta-CROWN ReLU-split branch-and-bound"
+    norms = ("linf", "box")
+
+    def __init__(
+        self,
+        split: str = "auto",
+        batch_size: int | None = None,
+        input_split_max_dim: int = 16,
+        attack_steps: int = 50,
+        attack_restarts: int = 5,
+        random_samples: int = 1000,
+        relu_steps: int = 10,
+        margin: float = 1e-6,
+        seed: int = 0,
+    ) -> None:
+        if split not in ("auto", "input", "relu"):
+            raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
+        self.split = split
+        self.batch_size = batch_size
+        self.input_split_max_dim = input_split_max_dim
+        self.attack_steps = attack_steps
+        self.attack_restarts = attack_restarts
+        self.random_samples = random_samples
+        self.relu_steps = relu_steps
+        self.margin = margin
+        self.seed = seed
+
+    def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
+        if find_radius:
+            raise SpecError("method 'bab' decides one input set; it does not search radii (use eps)")
+        self.check_input_set(inputs)
+        t0 = time.perf_counter()
+        B = inputs.batch_size
+        x0 = inputs.midpoint()
+        with torch.no_grad():
+            y0 = model(x0).reshape(B, -1)
+        spec = prop.linear(B, y0.shape[1], device=x0.device, dtype=y0.dtype)
+        labels = prop.labels()
+        is_ball = isinstance(inputs, LpBall)
+        try:
+            net: ReluNet | None = ReluNet.from_model(model)
+        except NotReluNetError:
+            net = None
+        certs = []
+        for b in range(B):
+            left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
+            tb = time.perf_counter()
+            res = run_bab(model, inputs.select([b]), spec.select([b]), net, self, timeout=left)
+            status = res.status
+            lab = None if labels is None else int(labels[b] if labels.numel() > 1 else labels[0])
+            certs.append(
+                Certificate(
+                    method=self.name,
+                    guarantee="deterministic",
+                    certifies="base",
+                    status=status,
+                    index=b,
+                    label=lab,
+                    prediction=int(y0[b].argmax()),
+                    norm=norm_name(inputs.p) if is_ball else "box",
+                    eps=float(inputs.eps[b]) if is_ball else None,
+                    radius=float(inputs.eps[b]) if (is_ball and status == "certified") else 0.0,
+                    counterexample=None if res.counterexample is None else res.counterexample.reshape(inputs.shape).cpu(),
+                    time_s=time.perf_counter() - tb,
+                    details={
+                        "options": self.options(),
+                        "stage": res.details.get("stage", ""),
+                        "reason": res.reason,
+                        "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower),
+                        "domains": res.domains,
+                    },
+                )
+            )
+        return certs
+
+
+def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None, opts: BabMethod, timeout: float | None = None) -> BabResult:
+    """The full pipeline on one input set (batch of one) and its ``LinearSpec``.
+
+    Returns:
+        :class:`BabResult` with ``details["stage"]`` naming the step that decided.
+    """
+    from verify.attack import confirm_counterexample, pgd_attack, random_attack
+
+    t0 = time.perf_counter()
+    deadline = math.inf if timeout is None else t0 + timeout
+    left = lambda: max(0.0, deadline - time.perf_counter())  # noqa: E731
+
+    def done(res: BabResult, stage: str) -> BabResult:
+        res.details["stage"] = stage
+        res.time_s = time.perf_counter() - t0
+        return res
+
+    # 1. attacks
+    r = random_attack(model, inputs, spec, samples=opts.random_samples, seed=opts.seed)
+    if not bool(r.found[0]):
+        r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=opts.attack_restarts, seed=opts.seed, timeout=min(left(), 30.0))
+    if bool(r.found[0]):
+        return done(BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample"), "attack")
+
+    lo, hi = inputs.bounds()
+    lo, hi = lo.reshape(-1).double(), hi.reshape(-1).double()
+    if net is None:
+        return done(_graph_bounds(model, inputs, spec, opts), "alpha-crown")
+
+    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups)
+    shape = inputs.shape
+    in_set = inputs
+
+    def check(x: Tensor) -> bool:
+        return bool(confirm_counterexample(model, in_set, spec, x.reshape(1, *shape).to(lo.dtype))[0])
+
+    # 2. incomplete: CROWN, then alpha-CROWN
+    pre = intermediate_bounds(net, lo[None], hi[None])
+    C, d = rs.batch(1)
+    low, _, _ = optimize_bound(net, C, d, lo[None], hi[None], pre, steps=0)
+    if bool(rs.margin(low)[0] > opts.margin):
+        return done(BabResult("certified", None, float(rs.margin(low)[0]), 1, reason="proved"), "crown")
+    if left() <= 0:
+        return done(BabResult("unknown", None, float(rs.margin(low)[0]), 1, reason="timeout"), "crown")
+
+    # 3. branch and bound
+    split = opts.split
+    if split == "auto":
+        split = "input" if lo.numel() <= opts.input_split_max_dim else "relu"
+    budget = left() if math.isfinite(left()) else 3600.0
+    if split == "input":
+        from .bab_input import input_bab
+
+        res = input_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 512, margin=opts.margin, check_point=check, seed=opts.seed)
+    else:
+        from .bab_relu import relu_bab
+
+        res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin, check_point=check, seed=opts.seed)
+    return done(res, f"bab-{split}")
+
+
+def _graph_bounds(model, inputs: InputSet, spec, opts: BabMethod) -> BabResult:
+    """alpha-CROWN on the graph (non-chain or non-ReLU networks): certified or unknown."""
+    m = get_method("alpha-crown")
+    low = m.lower_bounds(model, inputs, spec)
+    ok = bool(m.proves(low, spec)[0])
+    marg = float(spec.group_max(low).amin(-1)[0])
+    return BabResult("certified" if ok else "unknown", None, marg, 1, reason="proved" if ok else "incomplete")
