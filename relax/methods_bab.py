@@ -2,11 +2,12 @@
 
 Per input of the batch, within the time budget (``timeout`` split evenly over the inputs):
 
-1. falsification: :func:`verify.attack.random_attack` and :func:`verify.attack.pgd_attack`;
-2. a quick proof: CROWN, then alpha-CROWN (on the dense form, :mod:`relax.beta`);
+1. falsification by :func:`verify.attack.random_attack`;
+2. a quick proof: CROWN (on the dense form, :mod:`relax.beta`), then a time-capped PGD
+   (at most 10 % of the budget);
 3. branch-and-bound: input splitting (:func:`relax.bab_input.input_bab`) for inputs of at
    most ``input_split_max_dim`` dimensions, ReLU splitting with beta-CROWN
-   (:func:`relax.bab_relu.relu_bab`) otherwise (``split="auto"``).
+   (:func:`relax.bab_relu.relu_bab`, its root runs alpha-CROWN) otherwise (``split="auto"``).
 
 ``falsified`` only with a counterexample that a float64 forward pass of the model confirms
 (:func:`verify.attack.confirm_counterexample`); ``certified`` only when every BaB domain is
@@ -145,31 +146,48 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
         res.time_s = time.perf_counter() - t0
         return res
 
-    # 1. attacks
-    r = random_attack(model, inputs, spec, samples=opts.random_samples, seed=opts.seed)
-    if not bool(r.found[0]):
-        r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=opts.attack_restarts, seed=opts.seed, timeout=min(left(), 30.0))
-    if bool(r.found[0]):
-        return done(BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample"), "attack")
-
     lo, hi = inputs.bounds()
     lo, hi = lo.reshape(-1).double(), hi.reshape(-1).double()
-    if net is None:
-        return done(_graph_bounds(model, inputs, spec, opts), "alpha-crown")
-
-    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups)
     shape = inputs.shape
-    in_set = inputs
 
     def check(x: Tensor) -> bool:
-        return bool(confirm_counterexample(model, in_set, spec, x.reshape(1, *shape).to(lo.dtype))[0])
+        return bool(confirm_counterexample(model, inputs, spec, x.reshape(1, *shape).to(lo.dtype))[0])
 
-    # 2. incomplete: CROWN, then alpha-CROWN
+    # the attacks run on the dense form when there is one (much faster than the graph);
+    # whatever they find is confirmed on the model itself
+    fast = model if net is None else _DenseModule(net, shape)
+
+    def attack(kind: str) -> BabResult | None:
+        if kind == "random":
+            r = random_attack(fast, inputs.to(dtype=torch.float64) if net is not None else inputs, spec, samples=opts.random_samples, seed=opts.seed)
+        else:
+            budget = min(left() * 0.1, 10.0)
+            r = pgd_attack(fast, inputs.to(dtype=torch.float64) if net is not None else inputs, spec, steps=opts.attack_steps,
+                           restarts=opts.attack_restarts, seed=opts.seed, timeout=budget)
+        if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
+            return BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample")
+        return None
+
+    # 1. cheap attack
+    res = attack("random")
+    if res is not None:
+        return done(res, "attack")
+    if net is None:
+        res = attack("pgd")
+        return done(res if res is not None else _graph_bounds(model, inputs, spec, opts), "attack" if res is not None else "alpha-crown")
+
+    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups)
+
+    # 2. incomplete: CROWN
     pre = intermediate_bounds(net, lo[None], hi[None])
     C, d = rs.batch(1)
     low, _, _ = optimize_bound(net, C, d, lo[None], hi[None], pre, steps=0)
     if bool(rs.margin(low)[0] > opts.margin):
         return done(BabResult("certified", None, float(rs.margin(low)[0]), 1, reason="proved"), "crown")
+    # PGD (time-capped), then BaB (whose root runs alpha-CROWN)
+    res = attack("pgd")
+    if res is not None:
+        return done(res, "attack")
     if left() <= 0:
         return done(BabResult("unknown", None, float(rs.margin(low)[0]), 1, reason="timeout"), "crown")
 
@@ -187,6 +205,18 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
 
         res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin, check_point=check, seed=opts.seed)
     return done(res, f"bab-{split}")
+
+
+class _DenseModule(torch.nn.Module):
+    """The dense form as a module ``[B, *shape] -> [B, K]`` (float64), for fast attacks."""
+
+    def __init__(self, net: ReluNet, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("_w0", net.Ws[0])  # gives the attack the module's dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.forward(x.reshape(x.shape[0], -1))
 
 
 def _graph_bounds(model, inputs: InputSet, spec, opts: BabMethod) -> BabResult:
