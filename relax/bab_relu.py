@@ -153,21 +153,24 @@ def relu_bab(
         be = [b.to(dt) for b in p["betas"]]
         sc = _scores(net, spec, p_lo, p_hi, p["pre"], al, be, p["splits"], p["low"])
         best, flat = sc.max(1)
-        # a domain with no unstable ReLU left is a single linear region; its bound is the LP
-        # optimum up to the beta optimisation's accuracy. If still not proved, look for a
-        # counterexample there, else drop it and give up on "certified" (the answer can then
-        # only be falsified or unknown)
+        # a domain with no unstable ReLU left is a single linear region: decide it exactly
+        # with one LP per group (counterexample, proved, or -- solver trouble -- give up)
         exhausted = torch.isinf(best)
         if exhausted.any():
             ex = exhausted.nonzero().squeeze(1)
-            cex = try_points(corners(p_lo[ex], p_hi[ex], [(l[ex], u[ex]) for l, u in p["pre"]], [a[ex] for a in al], [b[ex] for b in be], [s[ex] for s in p["splits"]]))
-            if cex is not None:
-                return finish("falsified", "counterexample", -math.inf, cex)
-            gave_up = True
-            gave_up_bound = min(gave_up_bound, float(spec.margin(p["low"][ex]).min()))
+            for i in ex.tolist():
+                verdict, x = _decide_region(net, spec, lo[0], hi[0], [(l[i], u[i]) for l, u in p["pre"]], [s_[i] for s_ in p["splits"]], margin)
+                if x is not None:
+                    cex = try_points(x.unsqueeze(0))
+                    if cex is not None:
+                        return finish("falsified", "counterexample", -math.inf, cex)
+                if verdict != "proved":
+                    gave_up = True
+                    gave_up_bound = min(gave_up_bound, float(spec.margin(p["low"][i : i + 1]).min()))
             rest = (~exhausted).nonzero().squeeze(1)
             p = _select(p, rest)
             best, flat = best[rest], flat[rest]
+            al, be = [a[rest] for a in al], [b[rest] for b in be]
             k = rest.numel()
             if k == 0:
                 continue
@@ -206,6 +209,60 @@ def relu_bab(
         ch["low"], ch["alphas"], ch["betas"] = low, [a.float() for a in al2], [b.float() for b in be2]
         ch = _select(ch, open_.nonzero().squeeze(1))
         q = _cat(q, ch)
+
+
+def _decide_region(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre, splits, margin: float) -> tuple[str, Tensor | None]:
+    """Decide the property on one linear region (every ReLU fixed by a split or by its
+    bounds) exactly: per group ``g``, the LP ``min t s.t. row_i(x) <= t (i in g)``, ``x`` in
+    the box and on the region's side of every ReLU. ``t* > 0`` for every group proves the
+    region (with a 1e-6 relative slack for the solver's tolerance); an LP solution with
+    ``t* <= 0`` is a counterexample candidate; an infeasible region is empty (proved).
+
+    Returns:
+        ``("proved" | "candidate" | "unknown", x or None)``.
+    """
+    import numpy as np
+    from scipy.optimize import linprog
+
+    n0 = lo.shape[0]
+    M = torch.eye(n0, dtype=net.dtype)
+    c = torch.zeros(n0, dtype=net.dtype)
+    A_ub, b_ub = [], []
+    for k, (W, b) in enumerate(zip(net.Ws[:-1], net.bs[:-1])):
+        M, c = W @ M, W @ c + b  # z_k = M x + c
+        l, u = pre[k]
+        active = (splits[k] > 0) | (l >= 0)
+        # active: -z <= 0 ; inactive: z <= 0
+        sign = torch.where(active, -torch.ones_like(l), torch.ones_like(l))
+        A_ub.append(sign.unsqueeze(1) * M)
+        b_ub.append(-sign * c)
+        M, c = M * active.unsqueeze(1).to(M.dtype), c * active.to(c.dtype)
+    M, c = net.Ws[-1] @ M, net.Ws[-1] @ c + net.bs[-1]
+    R, r = spec.C @ M, spec.C @ c + spec.d  # rows = R x + r
+    A0 = torch.cat(A_ub).numpy()
+    b0 = torch.cat(b_ub).numpy()
+    bounds = [(float(a), float(b_)) for a, b_ in zip(lo, hi)] + [(None, None)]
+    verdict, cand = "proved", None
+    for g in range(spec.num_groups):
+        rows = (spec.groups == g).nonzero().squeeze(1)
+        A = np.vstack([np.hstack([A0, np.zeros((A0.shape[0], 1))]), np.hstack([R[rows].numpy(), -np.ones((len(rows), 1))])])
+        b_ = np.concatenate([b0, -r[rows].numpy()])
+        obj = np.zeros(n0 + 1)
+        obj[-1] = 1.0
+        res = linprog(obj, A_ub=A, b_ub=b_, bounds=bounds, method="highs")
+        if res.status == 2:  # infeasible: no point of the box lies in this region
+            return "proved", None
+        if res.status != 0:
+            verdict = "unknown"
+            continue
+        t = float(res.fun)
+        scale = 1.0 + float(np.abs(R[rows].numpy()).sum(1).max() * np.abs(np.concatenate([lo.numpy(), hi.numpy()])).max() + np.abs(r[rows].numpy()).max())
+        if t > margin + 1e-6 * scale:
+            continue
+        verdict = "candidate" if t <= 0 else "unknown"
+        if cand is None:
+            cand = torch.from_numpy(res.x[:n0]).to(net.dtype)
+    return verdict, cand
 
 
 def _select(q: dict, idx: Tensor) -> dict:

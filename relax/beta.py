@@ -50,8 +50,9 @@ class ReluNet:
     input_shape: tuple[int, ...]
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype = torch.float64) -> "ReluNet":
-        """Collapse a canonical graph (``model.input_shape`` set) into dense layers.
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype = torch.float64, input_shape: tuple[int, ...] | None = None) -> "ReluNet":
+        """Collapse a canonical graph into dense layers (``input_shape`` defaults to
+        ``model.input_shape``).
 
         Raises:
             NotReluNetError: not a chain, or an activation other than ReLU.
@@ -59,7 +60,7 @@ class ReluNet:
         from .affine_net import NotFeedForwardError, to_feedforward
 
         try:
-            ff = to_feedforward(model)
+            ff = to_feedforward(model, input_shape or getattr(model, "input_shape", None) or None)
         except NotFeedForwardError as e:
             raise NotReluNetError(str(e)) from e
         if any(a != "relu" for a in ff.activations):

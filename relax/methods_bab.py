@@ -93,7 +93,7 @@ class BabMethod(Method):
         labels = prop.labels()
         is_ball = isinstance(inputs, LpBall)
         try:
-            net: ReluNet | None = ReluNet.from_model(model)
+            net: ReluNet | None = ReluNet.from_model(model, input_shape=tuple(inputs.shape))
         except NotReluNetError:
             net = None
         certs = []
