@@ -149,7 +149,20 @@ class _Smoothing(Method):
 
 
 class _NoiseSmoothing(_Smoothing):
-    """Additive-noise smoothing (Cohen et al. 2019 CERTIFY) with the noise of ``noise_cls``."""
+    """Additive-noise smoothing (Cohen et al. 2019 CERTIFY) with the noise of ``noise_cls``.
+
+    Options:
+        sigma: per-coordinate noise std in the model's input space.
+        n0, n: selection / estimation samples per input.
+        alpha: failure probability; ``confidence = 1 - alpha``. ``(n, alpha)`` pairs that can
+            never certify are rejected (:func:`smoothing.stats.check_n_alpha`).
+        pb_bound: bound pB separately (Bonferroni ``alpha/2`` each; larger radii when the
+            probability mass is spread over several classes).
+        batch_size, memory_mb: rows per forward pass, capped by a memory budget in MiB.
+        seed: runs repeat exactly; the noise of an input depends on (seed, its bytes) only.
+        share_noise: one noise stream for the whole batch (faster on CPU; every certificate
+            keeps its guarantee, but failures of different inputs are correlated).
+    """
 
     def __init__(
         self,
