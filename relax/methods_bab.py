@@ -4,7 +4,7 @@ Per input of the batch, within the time budget (``timeout`` split evenly over th
 
 1. falsification by :func:`verify.attack.random_attack`;
 2. a quick proof: CROWN (on the dense form, :mod:`relax.beta`), then a time-capped PGD
-   (at most 10 % of the budget);
+   (at most 5 % of the budget, 5 s);
 3. branch-and-bound: input splitting (:func:`relax.bab_input.input_bab`) for inputs of at
    most ``input_split_max_dim`` dimensions, ReLU splitting with beta-CROWN
    (:func:`relax.bab_relu.relu_bab`, its root runs alpha-CROWN) otherwise (``split="auto"``).
@@ -161,7 +161,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
         if kind == "random":
             r = random_attack(fast, inputs.to(dtype=torch.float64) if net is not None else inputs, spec, samples=opts.random_samples, seed=opts.seed)
         else:
-            budget = min(left() * 0.1, 10.0)
+            budget = min(left() * 0.05, 5.0)
             r = pgd_attack(fast, inputs.to(dtype=torch.float64) if net is not None else inputs, spec, steps=opts.attack_steps,
                            restarts=opts.attack_restarts, seed=opts.seed, timeout=budget)
         if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
