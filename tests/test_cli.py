@@ -171,3 +171,19 @@ def test_demo_small(tmp_path, capsys, monkeypatch):
         assert (tmp_path / f"demo_{norm}.png").is_file()
         rows = list(csv.DictReader(open(tmp_path / f"demo_{norm}_results.csv")))
         assert len(rows) == 10 * len({r["method"] for r in rows})
+
+
+def test_process_executor_matches_local(tmp_path):
+    """Workers are fresh processes: they see only methods registered by the package."""
+    if "interval" not in list_methods():
+        pytest.skip("needs a method registered by the package (relax 'interval')")
+    from verify.compare import compare
+    from verify.data import digits
+
+    x, y = digits("test", limit=6)
+    net = load_digits_mlp()
+    kw = dict(radii=[0.0, 0.01], norm="inf", max_radius=0.05, attack=False, progress=False)
+    loc = compare(net, x, y, ["interval"], out_dir=tmp_path / "a", **kw)
+    pro = compare(net, x, y, ["interval"], out_dir=tmp_path / "b", executor="process", workers=2, chunk_size=3, **kw)
+    assert [c.index for c in pro.table] == list(range(6))
+    assert [c.radius for c in pro.table] == pytest.approx([c.radius for c in loc.table], abs=1e-6)

@@ -8,6 +8,7 @@ import pytest
 from verify.certificate import Certificate, CertificateTable
 from verify.report import (
     check_certified_below_attack,
+    check_certified_per_input,
     format_markdown,
     format_text,
     html_report,
@@ -81,3 +82,11 @@ def test_empty_method_nan():
     t = CertificateTable([Certificate("interval", "deterministic", "unknown", label=None, prediction=1, time_s=0.0)])
     rows = summarize(t, [0.0])
     assert math.isnan(rows[0]["clean_accuracy"]) and "-" in format_text(rows)
+
+
+def test_certified_per_input(table):
+    # crown certifies input 0 with radius 0.3 and input 1 with 0.1
+    assert check_certified_per_input(table, {0.25: [True, False, False, False]}) == []
+    bad = check_certified_per_input(table, {0.25: [False, True, True, True], 0.09: [True, False, True, True]})
+    assert [b.split(":")[0] for b in bad] == ["crown", "crown"]
+    assert "input 0" in bad[0] and "input 1" in bad[1]

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from .certificate import CSV_COLUMNS, Certificate, CertificateTable
 from .executor import Task, execute
 from .registry import method_class
-from .report import check_certified_below_attack, format_markdown, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
+from .report import check_certified_per_input, format_markdown, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
 from .spec import LpBall, Robust, norm_name, parse_norm
 
-__all__ = ["compare", "CompareResult", "attack_curve", "beyond_radius_attack", "append_csv"]
+__all__ = ["compare", "CompareResult", "attack_curve", "attack_robust", "beyond_radius_attack", "append_csv"]
 
 BEYOND_FACTORS = (1.5, 2.0)
 
@@ -42,6 +42,7 @@ class CompareResult:
     beyond: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    violations: list[str] | None = None
 
     def summary_text(self) -> str:
         errors = any(c.status == "error" for c in self.table)
@@ -82,10 +83,19 @@ def attack_curve(
 ) -> dict[float, float]:
     """PGD accuracy of ``f`` at each radius: the fraction of inputs classified correctly and
     not broken by the attack (an empirical *upper* bound on robust accuracy)."""
+    robust = attack_robust(net, x, labels, radii, norm, steps, restarts, seed)
+    return {r: int(ok.sum()) / len(ok) for r, ok in robust.items()}
+
+
+def attack_robust(
+    net: nn.Module, x: Tensor, labels: Tensor, radii: Sequence[float], norm: float,
+    steps: int = 40, restarts: int = 1, seed: int = 0,
+) -> dict[float, Tensor]:
+    """Per radius, bool ``[N]``: input classified correctly and PGD found no counterexample."""
     from .attack import pgd_attack
 
-    correct = _predict(net, x) == labels
-    out: dict[float, float] = {}
+    correct = (_predict(net, x) == labels).cpu()
+    out: dict[float, Tensor] = {}
     for r in radii:
         ok = correct.clone()
         if r > 0 and ok.any():
@@ -94,7 +104,7 @@ def attack_curve(
             spec = Robust(labels[idx]).linear(len(idx), _num_classes(net, x), device=x.device, dtype=x.dtype)
             res = pgd_attack(net, ball, spec, steps=steps, restarts=restarts, seed=seed)
             ok[idx] = ~torch.as_tensor(res.found, dtype=torch.bool).cpu()
-        out[float(r)] = int(ok.sum()) / len(ok)
+        out[float(r)] = ok
     return out
 
 
@@ -179,6 +189,7 @@ def compare(
     out_dir: str | os.PathLike = ".",
     prefix: str = "compare",
     options: dict[str, dict[str, Any]] | None = None,
+    limits: dict[str, int] | None = None,
     executor: str = "local",
     workers: int | None = None,
     chunk_size: int | None = None,
@@ -200,6 +211,8 @@ def compare(
         radii: radii of the summary table and the attack curve (the plot spans ``[0, max]``).
         norm: the l_p norm of the balls; methods that do not support it are skipped (noted).
         options: per-method keyword options ``{method: {option: value}}``.
+        limits: per-method cap ``{method: k}``: that method runs on the first ``k`` inputs only
+            (for slow exact methods; the tables show each method's ``n``).
         executor, workers, chunk_size: see :mod:`verify.executor`; the default chunk is the whole
             batch for ``local`` and ``N / workers`` otherwise.
         resume: keep the rows of an existing ``<prefix>_results.csv`` and skip those
@@ -235,12 +248,13 @@ def compare(
     n_workers = workers or (1 if executor == "local" else min(2, os.cpu_count() or 1))
     step = chunk_size or (N if executor == "local" else max(1, math.ceil(N / n_workers)))
     tasks = []
+    limits = limits or {}
     for m in run:
-        todo = [i for i in range(N) if (m, i) not in done]
+        todo = [i for i in range(min(N, limits.get(m, N))) if (m, i) not in done]
         for s in range(0, len(todo), step):
             idx = todo[s : s + step]
             tasks.append(Task(m, options.get(m, {}), model, x[idx], labels[idx], idx, 0.0, norm_name(p),
-                              find_radius, max_radius, timeout, device))
+                              find_radius, max_radius, timeout, device, grid=list(res.radii)))
     bar = tqdm(total=sum(len(t.indices) for t in tasks), desc=prefix, unit="input", file=sys.stderr, disable=None if progress else True)
     for task, certs in execute(tasks, executor, workers):
         append_csv(csv_path, certs)
@@ -253,7 +267,9 @@ def compare(
 
     rows = CertificateTable.from_csv(str(csv_path)) if csv_path.exists() else CertificateTable()
     keep = {m: i for i, m in enumerate(run)}
-    res.table = CertificateTable(sorted((c for c in rows if c.method in keep and c.index < N), key=lambda c: (keep[c.method], c.index)))
+    res.table = CertificateTable(sorted(
+        (c for c in rows if c.method in keep and c.index < min(N, limits.get(c.method, N))), key=lambda c: (keep[c.method], c.index)
+    ))
     res.table.to_json(str(out / f"{prefix}_results.json"))
     res.files.update(csv=csv_path, json=out / f"{prefix}_results.json")
 
@@ -261,12 +277,13 @@ def compare(
         try:
             net = _load_net(model, device)
             xd, yd = x.to(device), labels.to(device)
-            res.attack = attack_curve(net, xd, yd, res.radii, p, steps=attack_steps)
+            robust = attack_robust(net, xd, yd, res.radii, p, steps=attack_steps)
+            res.attack = {r: int(ok.sum()) / len(ok) for r, ok in robust.items()}
+            res.violations = check_certified_per_input(res.table, robust)
+            res.notes += [f"UNSOUND? {b}" for b in res.violations]
             res.beyond = beyond_radius_attack(net, xd, res.table, p, _sigma_of(options))
         except ImportError as e:
             res.notes.append(f"no PGD attack curve: {e}")
-        bad = check_certified_below_attack(res.table, res.attack or {})
-        res.notes += [f"UNSOUND? {b}" for b in bad]
 
     png = plot_certified_accuracy(res.table, res.radii, out / f"{prefix}.png", attack_curve=res.attack, model_name=model_name, title=title)
     sections = []
@@ -279,7 +296,8 @@ def compare(
         ))
     if res.notes:
         sections.append(("Notes", "\n".join(f"- {n}" for n in res.notes)))
-    md = markdown_report(res.table, res.radii, png, res.attack, title=title or f"Comparison ({norm_name(p)})", model_name=model_name, sections=sections)
+    md = markdown_report(res.table, res.radii, png, res.attack, title=title or f"Comparison ({norm_name(p)})",
+                         model_name=model_name, sections=sections, violations=res.violations)
     (out / f"{prefix}.md").write_text(md)
     res.files.update(png=png, markdown=out / f"{prefix}.md")
     return res

@@ -40,6 +40,10 @@ class Task:
         model: a torch module or a model path (loaded by :func:`verify.certify`).
         x: clean inputs ``[b, *shape]``; ``labels``: ``[b]``; ``indices``: their data-set positions.
         eps, norm, find_radius, max_radius, timeout, device: as in :func:`verify.certify`.
+        grid: radii to fall back on when the method refuses ``find_radius`` (it decides one
+            set at a time, e.g. branch and bound): it certifies at each radius in increasing
+            order, inputs dropping out at their first failure; ``radius`` is then the largest
+            grid radius certified (``details["radius_search"] = "grid"``).
     """
 
     method: str
@@ -54,7 +58,7 @@ class Task:
     max_radius: float | None = None
     timeout: float | None = None
     device: str = "cpu"
-    tag: dict[str, Any] = field(default_factory=dict)
+    grid: list[float] | None = None
 
 
 def _error_certs(task: Task, err: BaseException, seconds: float) -> list[Certificate]:
@@ -83,20 +87,57 @@ def run_task(task: Task) -> list[Certificate]:
     """Certify one chunk; the Certificates carry the data-set ``index``. Exceptions become
     ``status="error"`` Certificates."""
     from .api import certify
+    from .spec import SpecError
 
     t0 = time.perf_counter()
     try:
-        table = certify(
-            task.model, task.x, task.labels, task.method, eps=task.eps, norm=task.norm,
-            find_radius=task.find_radius, max_radius=task.max_radius, timeout=task.timeout,
-            device=task.device, **task.options,
-        )
+        try:
+            certs = list(certify(
+                task.model, task.x, task.labels, task.method, eps=task.eps, norm=task.norm,
+                find_radius=task.find_radius, max_radius=task.max_radius, timeout=task.timeout,
+                device=task.device, **task.options,
+            ))
+        except SpecError:
+            if not (task.find_radius and task.grid):
+                raise
+            certs = _grid_certify(task)
     except Exception as e:  # reported per input, the other tasks go on
         return _error_certs(task, e, time.perf_counter() - t0)
-    certs = list(table)
     for c in certs:
         c.index = task.indices[c.index]
     return certs
+
+
+def _grid_certify(task: Task) -> list[Certificate]:
+    """Largest certified radius on ``task.grid`` for a method without a radius search."""
+    from .api import certify
+
+    best: dict[int, Certificate] = {}
+    alive = list(range(len(task.indices)))
+    spent = [0.0] * len(alive)
+    for r in sorted(r for r in task.grid or () if r > 0):
+        if not alive:
+            break
+        table = certify(task.model, task.x[alive], task.labels[alive], task.method, eps=r, norm=task.norm,
+                        timeout=task.timeout, device=task.device, **task.options)
+        still = []
+        for pos, c in zip(alive, table):
+            spent[pos] += c.time_s
+            if c.status == "certified":
+                c.radius = max(c.radius, c.eps if c.eps is not None else r)
+                still.append(pos)
+            elif pos in best:  # certified at the previous radius, not at this one
+                best[pos].details["grid_next"] = {"eps": r, "status": c.status}
+            if c.status == "certified" or pos not in best:
+                best[pos] = c
+        alive = still
+    out = []
+    for pos in range(len(task.indices)):
+        c = best[pos]
+        c.index, c.time_s = pos, spent[pos]
+        c.details["radius_search"] = "grid"
+        out.append(c)
+    return out
 
 
 def _init_worker(threads: int) -> None:
