@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: small models gain little from more, and on a busy machine more threads run many times slower)")
 
     ap = _Parser(prog="certify", description="Robustness certificates for neural networks.", parents=[common])
     sub = ap.add_subparsers(dest="command", parser_class=_Parser)
@@ -384,6 +386,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError("choose a command: methods, run, demo, compare (certify -h for help)")
         if getattr(args, "limit", None) is not None and args.limit < 0:
             raise CLIError(f"--limit must be >= 0, got {args.limit}")
+        if args.threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
+        if args.command != "methods":
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2

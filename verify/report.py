@@ -155,8 +155,9 @@ def plot_certified_accuracy(
 
     r_max = max([float(r) for r in radii] + [1e-9])
     grid = [r_max * i / 200 for i in range(201)]
-    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=110)
     methods = table.methods()
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=110)
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     n_max = max((len(table.by_method(m)) for m in methods), default=0)
     kinds = set()
     for i, m in enumerate(methods):
@@ -171,7 +172,7 @@ def plot_certified_accuracy(
             grid,
             acc,
             linestyle="--" if prob else "-",
-            color=f"C{i % 10}",
+            color=cmap(i % cmap.N),
             linewidth=1.8,
             label=f"{m} ({classifier_label(first.certifies)}{conf}{n_note})",
         )
@@ -186,13 +187,14 @@ def plot_certified_accuracy(
     ax.grid(alpha=0.3)
     if title is None:
         parts = []
+        f_name = "f" if model_name == "f" else f"f = {model_name}"
         if "base" in kinds or not kinds:
-            parts.append(f"solid: deterministic, certifies f = {model_name}")
+            parts.append(f"solid: deterministic, certifies {f_name}")
         if "smoothed" in kinds:
-            parts.append(f"dashed: probabilistic, certifies g = smoothed {model_name}")
+            parts.append("dashed: probabilistic, certifies g = smoothed f")
         title = "Certified accuracy vs radius\n" + "\n".join(parts)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
