@@ -23,8 +23,9 @@ from torch import Tensor
 __all__ = ["UnsupportedOperatorError", "BNode", "BoundGraph", "build_graph", "get_graph"]
 
 
-class UnsupportedOperatorError(ValueError):
-    """The graph contains an op that :mod:`relax` has no bound rule for."""
+# the project's shared error type (a ValueError), re-exported here: the graph contains an op
+# that :mod:`relax` has no bound rule for; the message names the op and the node
+from verify.errors import UnsupportedOperatorError  # noqa: E402
 
 
 @dataclass

@@ -38,7 +38,7 @@ from verify.spec import InputSet, LpBall, dual_norm
 
 from .graph import BoundGraph
 from .interval import interval_bounds
-from .ops import Linear, Relaxation, ReLU
+from .ops import Relaxation, ReLU
 
 __all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "Rows", "AlphaFn"]
 
@@ -114,20 +114,18 @@ def backward(
     As: dict[str, Tensor] = {}
     bias = None
     node = graph.by_name[start]
+    start_done = False
     if isinstance(A0, Rows):
-        if isinstance(node.op, Linear):  # rows of W directly: no one-hot product
-            W, b = node.op.W, node.op.b
-            sign = A0.sign.to(W.dtype).view(-1, 1, 1)
-            As[node.inputs[0]] = W[A0.idx] * sign
-            if b is not None:
-                bias = b[A0.idx] * sign.view(-1, 1)
+        rows_fn = getattr(node.op, "backward_rows", None)
+        got = rows_fn(A0.idx, A0.sign) if rows_fn is not None else None
+        if got is not None:  # rows of the op's matrix directly: no one-hot product
+            (A_in,), bias = got
+            As[node.inputs[0]] = A_in
             start_done = True
         else:
             As[start] = A0.dense(node.shape, graph.dtype)
-            start_done = False
     else:
         As[start] = A0
-        start_done = False
     for n in reversed(graph.nodes):
         if n.name not in anc or (start_done and n.name == start):
             continue

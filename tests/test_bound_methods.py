@@ -11,6 +11,11 @@ from verify.registry import get_method, list_methods
 from verify.spec import LpBall, Robust
 
 METHODS = [m for m in ("interval", "crown", "deeppoly", "alpha-crown") if m in list_methods()]
+OPTIONS = {"alpha-crown": {"iterations": 5}}  # keeps the bisection tests short
+
+
+def method(name):
+    return get_method(name, **OPTIONS.get(name, {}))
 
 
 def _net():
@@ -32,14 +37,14 @@ def setup():
 @pytest.mark.parametrize("name", METHODS)
 def test_trivially_robust_is_certified(setup, name):
     net, x, y = setup
-    certs = get_method(name).certify(net, LpBall(x, 1e-5, "inf", 0.0, 1.0), Robust(y))
+    certs = method(name).certify(net, LpBall(x, 1e-5, "inf", 0.0, 1.0), Robust(y))
     assert [c.status for c in certs] == ["certified"] * len(x)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_big_eps_is_unknown(setup, name):
     net, x, y = setup
-    certs = get_method(name).certify(net, LpBall(x, 10.0, "inf"), Robust(y))
+    certs = method(name).certify(net, LpBall(x, 10.0, "inf"), Robust(y))
     assert all(c.status == "unknown" for c in certs)
 
 
@@ -47,7 +52,7 @@ def test_big_eps_is_unknown(setup, name):
 @pytest.mark.parametrize("p", ["inf", 2])
 def test_radius_is_certified(setup, name, p):
     net, x, y = setup
-    m = get_method(name)
+    m = method(name)
     certs = m.certify(net, LpBall(x, 0.0, p, 0.0, 1.0), Robust(y), find_radius=True, max_radius=1.0)
     r = torch.tensor([c.radius for c in certs])
     assert (r > 0).all()
@@ -60,7 +65,7 @@ def test_radius_is_certified(setup, name, p):
 @pytest.mark.parametrize("name", METHODS)
 def test_batch_of_one_equals_batch(setup, name):
     net, x, y = setup
-    m = get_method(name)
+    m = method(name)
     ball = LpBall(x, 0.05, "inf", 0.0, 1.0)
     full = torch.stack([torch.as_tensor(c.lower) for c in m.certify(net, ball, Robust(y))])
     single = torch.stack([torch.as_tensor(m.certify(net, ball.select([i]), Robust(y[i : i + 1]))[0].lower) for i in range(len(x))])

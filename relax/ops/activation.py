@@ -57,8 +57,8 @@ class ReLU(Activation):
 
     def backward_relaxed(self, A, r, alpha=None):
         lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
-        Ap, An = A.clamp(min=0), A.clamp(max=0)
-        return Ap * lw + An * r.uw, sum_rows(An * r.ub)
+        neg = A < 0
+        return A * torch.where(neg, r.uw, lw), sum_rows(torch.where(neg, A, 0.0) * r.ub)
 
     def alpha_slope(self, alpha, r):
         return torch.where(r.extra, alpha, r.lw)

@@ -16,6 +16,13 @@ from .base import Op, sum_rows
 __all__ = ["Linear", "Conv", "ElemAffine", "Add", "unbroadcast"]
 
 
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
 def unbroadcast(t: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Sum ``t [S, B, *out]`` down to ``[S, B, *shape]`` where ``shape`` broadcast to ``out``."""
     lead = t.dim() - 2 - len(shape)
@@ -53,6 +60,15 @@ class Linear(Op):
         bias = None if self.b is None else sum_rows(A * self.b)
         return [A_in], bias
 
+    def backward_rows(self, idx: Tensor, sign: Tensor):
+        """Backward of the one-hot rows ``sign_s e_{idx[s, b]}`` (``idx [S, B]``): rows of ``W``."""
+        if self.W.dim() != 2 or idx.dim() != 2:
+            return None
+        sg = sign.to(self.W.dtype).view(-1, 1)
+        A_in = self.W[idx] * sg.unsqueeze(-1)
+        bias = None if self.b is None else self.b[idx] * sg
+        return [A_in], bias
+
 
 class Conv(Op):
     """``F.conv1d/conv2d`` with constant weight ``W [Cout, Cin/groups, *k]`` and bias."""
@@ -73,6 +89,33 @@ class Conv(Op):
             full = (out_shape[1 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k - 1) + 1
             self.out_pad.append(in_shape[1 + i] - full)
         self._absW: Tensor | None = None
+        self._dense: Tensor | None = None
+        n_in, n_out = _prod(in_shape), _prod(out_shape)
+        self.use_dense = n_in * n_out <= self.DENSE_LIMIT
+
+    #: small convolutions are applied as a dense [out, in] matrix in the backward pass
+    #: (a matmul beats conv_transpose on CPU by ~5x there)
+    DENSE_LIMIT = 2**20
+
+    def dense(self) -> Tensor:
+        """The convolution (without bias) as a matrix ``[out, in]``."""
+        if self._dense is None:
+            n_in = _prod(self.in_shape)
+            eye = torch.eye(n_in, dtype=self.W.dtype, device=self.W.device).view(n_in, *self.in_shape)
+            self._dense = self._c(eye, self.W, None).reshape(n_in, -1).t().contiguous()
+        return self._dense
+
+    def backward_rows(self, idx: Tensor, sign: Tensor):
+        if not self.use_dense:
+            return None
+        M = self.dense()
+        sg = sign.to(M.dtype).view(-1, 1)
+        A_in = (M[idx] * sg.unsqueeze(-1)).view(*idx.shape, *self.in_shape)
+        bias = None
+        if self.b is not None:
+            per = self.b.view(-1, 1).expand(self.b.shape[0], _prod(self.out_shape[1:])).reshape(-1)
+            bias = per[idx] * sg
+        return [A_in], bias
 
     def _c(self, x, W, b):
         return self.conv(x, W, b, self.stride, self.padding, self.dilation, self.groups)
@@ -90,13 +133,14 @@ class Conv(Op):
 
     def backward(self, A):
         S, B = A.shape[:2]
-        a = A.reshape(S * B, *self.out_shape)
-        a_in = self.convT(a, self.W, None, self.stride, self.padding, tuple(self.out_pad), self.groups, self.dilation)
-        A_in = a_in.reshape(S, B, *self.in_shape)
         bias = None
         if self.b is not None:
             bias = sum_rows(A * self.b.view(-1, *([1] * self.nd)))
-        return [A_in], bias
+        if self.use_dense:
+            return [(A.reshape(S, B, -1) @ self.dense()).view(S, B, *self.in_shape)], bias
+        a = A.reshape(S * B, *self.out_shape)
+        a_in = self.convT(a, self.W, None, self.stride, self.padding, tuple(self.out_pad), self.groups, self.dilation)
+        return [a_in.reshape(S, B, *self.in_shape)], bias
 
 
 class ElemAffine(Op):
