@@ -108,6 +108,24 @@ def _resolve_model(spec: str) -> Any:
     return str(p)
 
 
+def _check_model_data(model: Any, x: Any, data: str, device: str) -> Any:
+    """Load the model and run it on one input of the data set; a clear error if the shapes
+    do not fit. Returns the loaded graph module."""
+    import torch
+
+    from .model import load_model
+
+    net = load_model(model, device=device)
+    try:
+        with torch.no_grad():
+            y = net(x[:1].to(device))
+    except Exception as e:
+        raise CLIError(f"the model does not accept inputs of shape {tuple(x.shape[1:])} from {data!r}: {_cause(e)}") from None
+    if y.dim() != 2 or y.shape[0] != 1:
+        raise CLIError(f"the model maps one input to shape {tuple(y.shape)}; expected [1, classes]")
+    return net
+
+
 def _norm(text: str) -> float:
     from .spec import parse_norm
 
@@ -143,7 +161,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     w = max(len(n) for n in methods)
     for name, cls in methods.items():
         who = "f" if cls.certifies == "base" else "g (smoothed)"
-        print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms)}")
+        print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms) or '- (semantic)'}")
         if cls.summary:
             print(f"{'':<{w}}  {cls.summary}")
         opts = ", ".join(f"{k}={v!r}" for k, v in cls.option_defaults().items())
@@ -180,6 +198,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--spec cannot be combined with --eps/--data")
     if args.eps is not None and args.data is None:
         raise CLIError("--eps needs --data (e.g. --data digits)")
+    if args.spec is not None and args.radius:
+        raise CLIError("--radius searches l_p radii around data points; it does not apply to --spec")
     _check_eps(args.eps)
     p = _norm(args.norm)
     if args.timeout is not None and args.timeout <= 0:
@@ -215,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         x, y = load_data(args.data, limit=args.limit)
         if len(y) == 0:
             raise CLIError(f"data {args.data!r} holds no inputs")
+        model = _check_model_data(model, x, args.data, args.device)
         step = args.batch_size or len(y)
         bar = tqdm(total=len(y), desc=args.method, unit="input", file=sys.stderr, disable=args.quiet or None)
         for s in range(0, len(y), step):
@@ -285,6 +306,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     x, y = load_data(args.data, limit=args.limit)
     if len(y) == 0:
         raise CLIError(f"data {args.data!r} holds no inputs")
+    _check_model_data(model, x, args.data, args.device)
     res = compare(
         model, x, y, methods, radii=radii, norm=p, out_dir=args.out, prefix=args.prefix, options=opts,
         executor=args.executor, workers=args.workers, chunk_size=args.chunk_size, resume=args.resume,

@@ -233,8 +233,8 @@ def compare(
     done: set[tuple[str, int]] = set()
     if resume and csv_path.exists() and csv_path.stat().st_size > 0:
         old = CertificateTable.from_csv(str(csv_path))
-        done = {(c.method, c.index) for c in old if c.method in wanted and c.index < N}
-        res.notes.append(f"resumed: {len(done)} (method, input) pairs already in {csv_path.name}")
+        done = {(c.method, c.index) for c in old if c.method in wanted and c.index < N and c.status != "error"}
+        res.notes.append(f"resumed: {len(done)} (method, input) pairs already in {csv_path.name} (errors are retried)")
     elif csv_path.exists():
         csv_path.unlink()
 
@@ -267,9 +267,8 @@ def compare(
 
     rows = CertificateTable.from_csv(str(csv_path)) if csv_path.exists() else CertificateTable()
     keep = {m: i for i, m in enumerate(run)}
-    res.table = CertificateTable(sorted(
-        (c for c in rows if c.method in keep and c.index < min(N, limits.get(c.method, N))), key=lambda c: (keep[c.method], c.index)
-    ))
+    last = {(c.method, c.index): c for c in rows if c.method in keep and c.index < min(N, limits.get(c.method, N))}
+    res.table = CertificateTable(sorted(last.values(), key=lambda c: (keep[c.method], c.index)))
     res.table.to_json(str(out / f"{prefix}_results.json"))
     res.files.update(csv=csv_path, json=out / f"{prefix}_results.json")
 
