@@ -76,6 +76,27 @@ class RowSpec:
     def to(self, dtype: torch.dtype) -> "RowSpec":
         return RowSpec(self.C.to(dtype), self.d.to(dtype), self.groups)
 
+    def with_averages(self, max_rows: int = 6) -> "RowSpec":
+        """The same property with extra rows: in every group of 2..``max_rows`` rows, the
+        average of each pair and of the whole group (just the whole group's average for larger
+        groups). A convex combination of a group's rows is at most their max, so it may stand
+        in for the group -- and its CROWN bound is often positive where no single row's is
+        (rows that take turns being the largest across the box). Margins are unchanged: all
+        rows of a group ``<= 0`` iff all rows and averages are."""
+        C, d, g = [self.C], [self.d], [self.groups]
+        for grp in range(self.num_groups):
+            rows = (self.groups == grp).nonzero().squeeze(1).tolist()
+            if len(rows) < 2:
+                continue
+            combos = [rows] + ([[i, j] for a, i in enumerate(rows) for j in rows[a + 1 :]] if len(rows) <= max_rows else [])
+            if len(rows) == 2:
+                combos = [rows]
+            for c in combos:
+                C.append(self.C[c].mean(0, keepdim=True))
+                d.append(self.d[c].mean(0, keepdim=True))
+                g.append(torch.tensor([grp]))
+        return RowSpec(torch.cat(C), torch.cat(d), torch.cat(g))
+
 
 def pgd_boxes(
     net: ReluNet,

@@ -80,8 +80,8 @@ def _split(
 
     ``branching="smear"`` picks the dimension by :func:`_branch_dim`; ``"strong"`` bounds the
     children of every candidate dimension (all of them for ``n_0 <= 8``, else the 3 best by
-    smear plus the widest), scores them with cheap forward bounds and keeps the split whose
-    worse child is best (strong branching); only the chosen children get full bounds.
+    smear plus the widest), bounds all their children and keeps the split whose worse child
+    is best (strong branching; the chosen children keep the bounds computed here).
 
     Returns:
         children ``lo, hi [2k, n_0]``, their ``lower [2k, N]``, ``A_in`` and intermediate bounds.
@@ -113,16 +113,15 @@ def _split(
     if D == 1:
         lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, mode)
     else:
-        # score the candidates with cheap forward bounds, bound the chosen children properly
-        lower, _, c_pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, "forward")
+        lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, mode)
         cm = spec.margin(lower).view(2, D, k)
         score = torch.minimum(cm[0], cm[1]) + 1e-3 * torch.maximum(cm[0], cm[1])
         flat = (p_hi - p_lo).T.gather(0, cand) <= 0  # [D, k] zero-width candidates
         score = torch.where(flat, torch.full_like(score, -math.inf), score)
         best = score.argmax(0)  # [k]
         pick = torch.cat([best * k + torch.arange(k), D * k + best * k + torch.arange(k)])
-        c_lo, c_hi = c_lo[pick], c_hi[pick]
-        lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, [(l[pick], u[pick]) for l, u in c_pre], mode)
+        c_lo, c_hi, lower, A = c_lo[pick], c_hi[pick], lower[pick], A[pick]
+        pre = [(l[pick], u[pick]) for l, u in pre]
     return c_lo, c_hi, lower, A, pre
 
 
@@ -138,7 +137,7 @@ def input_bab(
     mode: str = "refined",
     margin: float = 1e-9,
     pgd_every: int = 5,
-    branching: str = "smear",
+    branching: str = "mixed",
     check_point=None,
     seed: int = 0,
 ) -> BabResult:
@@ -152,7 +151,8 @@ def input_bab(
         max_domains: queue limit; beyond it the search stops with ``unknown``.
         mode: bounding mode of :func:`bound_boxes`.
         margin: a box is proved when its margin lower bound exceeds this.
-        branching: ``"strong"`` or ``"smear"`` (see :func:`_split`).
+        branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
+            for the worst quarter of each batch, smear for the rest).
         pgd_every: run PGD on the worst boxes every this many rounds (0: never).
         check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original
             model (default: the dense net itself).
@@ -214,7 +214,17 @@ def input_bab(
         q_pre = [(l[keep], u[keep]) for l, u in q_pre]
 
         with torch.no_grad():
-            c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, mode, branching, hi - lo)
+            if branching == "mixed":  # strong branching on the worst quarter, smear on the rest
+                ks = max(1, k // 4)
+                parts = [
+                    _split(net, spec, p_lo[sl], p_hi[sl], p_low[sl], p_A[sl], [(l[sl], u[sl]) for l, u in p_pre], mode, br, hi - lo)
+                    for sl, br in ((slice(0, ks), "strong"), (slice(ks, k), "smear"))
+                    if sl.stop > sl.start
+                ]
+                c_lo, c_hi, lower, A = (torch.cat([pt[i] for pt in parts]) for i in range(4))
+                pre = [(torch.cat([pt[4][j][0] for pt in parts]), torch.cat([pt[4][j][1] for pt in parts])) for j in range(len(p_pre))]
+            else:
+                c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, mode, branching, hi - lo)
         n_bounded += c_lo.shape[0]
         cm = spec.margin(lower)
 

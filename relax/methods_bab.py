@@ -176,7 +176,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
         res = attack("pgd")
         return done(res if res is not None else _graph_bounds(model, inputs, spec, opts), "attack" if res is not None else "alpha-crown")
 
-    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups)
+    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
 
     # 2. incomplete: CROWN
     pre = intermediate_bounds(net, lo[None], hi[None])

@@ -238,3 +238,16 @@ def test_real_instances(shared_dir, folder, onnx, vnnlib, expect):
             assert bool(confirm_counterexample(net, p.box(net.input_shape).to(dtype=torch.float64), spec, x)[0])
     overall = "falsified" if "falsified" in statuses else ("certified" if all(s == "certified" for s in statuses) else "unknown")
     assert overall == expect
+
+
+def test_group_averages_keep_the_margin():
+    g = torch.Generator().manual_seed(4)
+    C = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    d = torch.randn(7, generator=g, dtype=torch.float64)
+    rs = RowSpec(C, d, torch.tensor([0, 0, 0, 1, 2, 2, 2]))
+    ra = rs.with_averages()
+    assert ra.C.shape[0] > rs.C.shape[0] and ra.num_groups == rs.num_groups
+    y = torch.randn(1000, 5, generator=g, dtype=torch.float64)
+    m, ma = rs.margin(rs.values(y)), ra.margin(ra.values(y))
+    assert ((m > 0) == (ma > 0)).all()
+    assert torch.allclose(m.clamp(max=0), ma.clamp(max=0))
