@@ -4,7 +4,7 @@
 appends the Certificates to ``<prefix>_results.csv`` as each chunk finishes (``resume=True``
 skips the ``(method, index)`` pairs already there), then writes ``<prefix>_results.json``,
 ``<prefix>.png`` (certified accuracy vs radius, with the PGD accuracy of f as an empirical
-upper bound) and ``<prefix>.md`` (summary table, attack table, and for smoothing methods the
+upper bound), ``<prefix>.html`` (table and PNG in one file) and ``<prefix>.md`` (summary table, attack table, and for smoothing methods the
 attack success on g beyond the certified radius, at ``1.5 R`` and ``2 R``).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .certificate import CSV_COLUMNS, Certificate, CertificateTable
 from .executor import Task, execute
 from .registry import method_class
-from .report import check_certified_per_input, format_markdown, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
+from .report import check_certified_per_input, format_markdown, html_report, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
 from .spec import LpBall, Robust, norm_name, parse_norm
 
 __all__ = ["compare", "CompareResult", "attack_curve", "attack_robust", "beyond_radius_attack", "append_csv"]
@@ -298,5 +298,7 @@ def compare(
     md = markdown_report(res.table, res.radii, png, res.attack, title=title or f"Comparison ({norm_name(p)})",
                          model_name=model_name, sections=sections, violations=res.violations)
     (out / f"{prefix}.md").write_text(md)
-    res.files.update(png=png, markdown=out / f"{prefix}.md")
+    page = html_report(res.table, res.radii, png, title=title or f"Comparison ({norm_name(p)})", model_name=model_name)
+    (out / f"{prefix}.html").write_text(page)
+    res.files.update(png=png, markdown=out / f"{prefix}.md", html=out / f"{prefix}.html")
     return res
