@@ -122,3 +122,10 @@ def test_certified_by_requires_every_group():
     spec = LinearSpec(torch.zeros(1, 3, 2), torch.zeros(1, 3), torch.tensor([0, 0, 1]))
     assert spec.certified_by(torch.tensor([[-1.0, 0.5, 0.1]])).item()
     assert not spec.certified_by(torch.tensor([[-1.0, 0.5, -0.1]])).item()
+
+
+def test_float32_radius_is_rounded_up_so_the_asked_ball_is_inside():
+    ball = LpBall(torch.zeros(1, 2), 0.01)
+    assert ball.eps.dtype == torch.float32
+    assert float(ball.eps[0]) >= 0.01  # float32(0.01) would be 0.0099999998
+    assert float(ball.eps[0]) - 0.01 < 1e-8

@@ -198,7 +198,7 @@ class LpBall(InputSet):
         if self.center.dim() < 2:
             raise SpecError("LpBall: center needs a batch dimension, shape [B, *input_shape]")
         self.p = parse_norm(self.p)
-        eps = torch.as_tensor(self.eps, dtype=self.center.dtype, device=self.center.device)
+        eps = _round_up(self.eps, self.center.dtype, self.center.device)
         if eps.dim() == 0:
             eps = eps.expand(self.center.shape[0]).clone()
         if eps.shape != (self.center.shape[0],):
@@ -311,6 +311,18 @@ class LpBall(InputSet):
         def mv(v):
             return v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else v
         return LpBall(mv(self.center), mv(self.eps), self.p, mv(self.domain_lo), mv(self.domain_hi))
+
+
+def _round_up(value: Tensor | float, dtype: torch.dtype, device) -> Tensor:
+    """``value`` in ``dtype``, rounded up where the conversion lost precision, so that a ball
+    proved at the stored radius contains the ball asked for (0.01 in float32 is 0.0099999998;
+    we store 0.0100000007)."""
+    exact = torch.as_tensor(value, dtype=torch.float64, device=device) if not torch.is_tensor(value) or not value.dtype == dtype else value
+    if exact.dtype == dtype:
+        return exact.to(device)
+    low = exact.to(dtype)
+    up = torch.nextafter(low, torch.full_like(low, math.inf))
+    return torch.where(low.to(exact.dtype) < exact, up, low)
 
 
 def _project_l1(d: Tensor, eps: Tensor) -> Tensor:
