@@ -196,6 +196,7 @@ def relu_bab(
             steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=deadline,
         )
         n_bounded += 2 * k
+        low = torch.maximum(low, ch["low"])  # a child lies inside its parent: the parent's bound holds
         # a child whose split contradicts its bounds (l > u somewhere) is empty: drop it
         infeasible = torch.zeros(2 * k, dtype=torch.bool)
         for l, u in ch["pre"]:
