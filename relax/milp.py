@@ -21,8 +21,9 @@ or a solution with ``t <= 0`` appears (a candidate counterexample).
 
 Soundness and tolerances:
 
-* "certified" needs every group's MILP dual bound ``> margin`` (default ``1e-4``, in the units of
-  the property rows) or an LP safe bound ``> 1e-9``. The MILP dual bound is HiGHS's
+* "certified" needs, for every group, an LP safe bound ``> 1e-9`` or a MILP proof that
+  ``t_g* >= margin`` (default ``1e-4``, in the units of the property rows): the MILP runs with the
+  cutoff ``margin`` (nodes whose LP bound reaches it are pruned) and no primal heuristics. The MILP dual bound is HiGHS's
   branch-and-bound bound; its node LPs are solved to feasibility tolerances ``1e-7`` and integrality
   is enforced to ``1e-7``. Integrality and primal slack only enlarge the feasible set (they can
   only lower the bound, i.e. err on the safe side); the margin covers dual-feasibility error of the
@@ -251,7 +252,7 @@ def _add_spec_rows(enc: NetEncoding, net: FeedForwardNet, C: np.ndarray, d: np.n
         t_col = n
         Mt = sp.hstack([M, sp.csr_matrix(-np.ones((N, 1)))]).tocsr()
         A = sp.vstack([sp.hstack([lp.A, sp.csr_matrix((lp.num_rows, 1))]), Mt]).tocsr()
-        col_lo = np.r_[lp.col_lo, -1e7]
+        col_lo = np.r_[lp.col_lo, -np.inf]  # set per group from valid row bounds
         col_hi = np.r_[lp.col_hi, np.inf]
         integer = None if lp.integer is None else np.r_[lp.integer, False]
     else:
@@ -268,6 +269,19 @@ def _add_spec_rows(enc: NetEncoding, net: FeedForwardNet, C: np.ndarray, d: np.n
         integer=integer,
     )
     return new, rows, t_col, M, const
+
+
+def _proved(lower: float, lp_proved: bool, margin: float) -> bool:
+    """A group is proved by its LP safe bound (> 1e-9) or a MILP bound ``>= margin``."""
+    return bool(lp_proved) or lower >= margin
+
+
+def _interval_rows(M: sp.csr_matrix, const: np.ndarray, lp: LinearProgram) -> np.ndarray:
+    """Lower bounds of the rows ``M v + const`` over the column box of ``lp`` (``[N]``)."""
+    n = M.shape[1]
+    lo, hi = lp.col_lo[:n], lp.col_hi[:n]
+    Mp, Mn = M.maximum(0), M.minimum(0)
+    return np.asarray(Mp @ lo + Mn @ hi + const).ravel()
 
 
 def milp_verify(
@@ -374,14 +388,26 @@ def milp_verify(
             todo.sort(key=lambda g: gm_att[b, g])
         per_group: dict = {}
         status, cex, reasons = "certified", None, []
-        x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else regions[b].center if regions[b].center is not None else (regions[b].lo + regions[b].hi) / 2
+        reg = regions[b]
+        x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
+        v_start = enc.point(net, x_start)
+        # the encoding must contain this point of the input set (else the bounds are invalid)
+        Av = enc.lp.A @ v_start
+        tol = 1e-6 * (1 + np.abs(Av))
+        if np.any(Av < enc.lp.row_lo - tol) or np.any(Av > enc.lp.row_hi + tol):
+            det["reason"] = "the pre-activation bounds exclude a point of the input set (invalid bounds)"
+            det["time_s"] = time.perf_counter() - t0
+            outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
+            continue
+        row_vals = np.asarray(M @ v_start + const).ravel()
+        row_floor = _interval_rows(M, const, enc.lp)  # valid lower bounds of every row
         for g in todo:
             sel = np.flatnonzero(groups == g)
+            t_lo = max(gl[g], row_floor[sel].max())
             be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
             be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -const[sel])
-            be.set_col_bounds([t_col], [max(gl[g], -1e7) if math.isfinite(gl[g]) else -1e7], [np.inf])
-            vals = np.asarray(M[sel] @ enc.point(net, x_start) [: M.shape[1]] + const[sel]).ravel()
-            start = np.r_[enc.point(net, x_start), max(vals.max(), gl[g] if math.isfinite(gl[g]) else -1e7)]
+            be.set_col_bounds([t_col], [t_lo], [np.inf])
+            t_start = max(row_vals[sel].max(), t_lo)
             rest = None if deadline is None else deadline - time.perf_counter()
             if rest is not None and rest <= 0:
                 per_group[g] = "not run (time limit)"
@@ -389,23 +415,28 @@ def milp_verify(
                 reasons.append("time limit before all groups were solved")
                 break
             if exact:
-                r = be.solve(time_limit=rest, start=start, rel_gap=0.0, abs_gap=1e-9)
+                r = be.solve(time_limit=rest, start=np.r_[v_start, t_start], rel_gap=0.0, abs_gap=1e-9)
             else:
-                r = be.solve(time_limit=rest, start=start, stop_bound_above=margin, stop_primal_below=0.0)
+                # proof mode: only solutions with t < margin matter (cutoff prunes the rest),
+                # no primal heuristics; stop at the first t <= 0 (a candidate counterexample)
+                start = np.r_[v_start, t_start] if t_start < margin else None
+                r = be.solve(time_limit=rest, start=start, stop_bound_above=margin, stop_primal_below=0.0, cutoff=margin, heuristics=False)
             per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
             if r.status == "infeasible":
-                # the relaxation cannot be empty for a non-empty input set: report, never prove
+                # the encoding holds a point of the set (checked above): an empty MILP means
+                # solver trouble; report, never prove
                 status = "unknown"
-                reasons.append(f"group {g}: MILP infeasible (input set empty or bounds invalid)")
+                reasons.append(f"group {g}: MILP reported infeasible")
                 continue
             if r.status == "error":
                 status = "unknown"
                 reasons.append(f"group {g}: solver error {r.message}")
                 continue
-            if math.isfinite(r.bound):
-                gl[g] = max(gl[g], r.bound)
+            bound = r.bound if exact else min(r.bound, margin)  # nodes past the cutoff were pruned
+            if math.isfinite(bound):
+                gl[g] = max(gl[g], bound)
             gu[g] = min(gu[g], r.objective)
-            if gl[g] > margin or lp_proved[g]:
+            if _proved(gl[g], lp_proved[g], margin):
                 continue
             if r.x is not None and r.objective <= 0:
                 xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *inputs.shape)
@@ -421,15 +452,15 @@ def milp_verify(
                 reasons.append(f"group {g}: {note}")
             if status != "falsified":
                 status = "unknown"
-                if r.status in ("time_limit",):
+                if r.status == "time_limit":
                     reasons.append(f"group {g}: time limit (dual bound {r.bound:.4g})")
                 elif r.status == "optimal":
                     reasons.append(f"group {g}: optimum {r.objective:.4g} within the margin {margin:g} of 0")
         for g in range(G):
             if (groups == g).sum() == 1 and math.isfinite(gl[g]):
                 i = int(np.flatnonzero(groups == g)[0])
-                row_lower[i] = max(row_lower[i], gl[g] if gl[g] > -1e7 else -np.inf)
-        if status == "certified" and not all(gl[g] > margin or lp_proved[g] for g in range(G)):
+                row_lower[i] = max(row_lower[i], gl[g])
+        if status == "certified" and not all(_proved(gl[g], lp_proved[g], margin) for g in range(G)):
             status = "unknown"
         det["groups"] = {str(k): v for k, v in per_group.items()}
         if reasons and status != "falsified":

@@ -94,8 +94,8 @@ class SolveResult:
     """Outcome of one solve.
 
     Attributes:
-        status: ``"optimal"``, ``"infeasible"``, ``"time_limit"``, ``"interrupted"`` (our own
-            early stop), ``"unbounded"`` or ``"error"``.
+        status: ``"optimal"``, ``"infeasible"``, ``"cutoff"`` (no solution below the cutoff),
+            ``"time_limit"``, ``"interrupted"`` (our own early stop), ``"unbounded"`` or ``"error"``.
         objective: value of the best primal solution found (``inf`` if none).
         bound: a lower bound on the minimum (LP: :func:`safe_dual_bound`; MILP: the solver's
             dual bound; ``-inf`` if none is known).
@@ -216,6 +216,8 @@ class Backend:
         start: np.ndarray | None = None,
         rel_gap: float = 1e-4,
         abs_gap: float = 1e-6,
+        cutoff: float | None = None,
+        heuristics: bool = True,
     ) -> SolveResult:
         """Solve the current model.
 
@@ -226,6 +228,10 @@ class Backend:
                 is found.
             start: MILP start ``[n]`` (a full feasible assignment), optional.
             rel_gap, abs_gap: MILP termination gaps.
+            cutoff: MILP only: only solutions with objective ``< cutoff`` are of interest; nodes
+                whose bound reaches it are pruned. If none exists the status is ``"cutoff"``
+                and ``bound = cutoff`` (the minimum is ``>= cutoff``).
+            heuristics: MILP only: primal heuristics on (off when only a proof is wanted).
         """
         raise NotImplementedError
 
@@ -344,16 +350,26 @@ class HighsBackend(Backend):
         self.lp.row_hi[idx] = hi
 
     def _interrupt(self, e) -> None:
+        # highspy keeps data_in.user_interrupt between runs: set it explicitly on every call
         s = self._stop
         d = e.data_out
+        stop = False
         if s.get("above") is not None and d.mip_dual_bound > s["above"]:
             s["why"] = "dual bound above threshold"
-            e.interrupt()
+            stop = True
         elif s.get("below") is not None and d.mip_primal_bound <= s["below"]:
             s["why"] = "primal solution below threshold"
-            e.interrupt()
+            stop = True
+        e.interrupt(stop)
 
-    def solve(self, time_limit=None, stop_bound_above=None, stop_primal_below=None, start=None, rel_gap=1e-4, abs_gap=1e-6):
+    _HEURISTICS = (
+        "mip_heuristic_run_feasibility_jump",
+        "mip_heuristic_run_rins",
+        "mip_heuristic_run_rens",
+        "mip_heuristic_run_root_reduced_cost",
+    )
+
+    def solve(self, time_limit=None, stop_bound_above=None, stop_primal_below=None, start=None, rel_gap=1e-4, abs_gap=1e-6, cutoff=None, heuristics=True):
         h = self.h
         t0 = time.perf_counter()
         h.setOptionValue("time_limit", float(time_limit) if time_limit is not None else INF)
@@ -361,6 +377,10 @@ class HighsBackend(Backend):
         if mip:
             h.setOptionValue("mip_rel_gap", float(rel_gap))
             h.setOptionValue("mip_abs_gap", float(abs_gap))
+            h.setOptionValue("objective_bound", float(cutoff) if cutoff is not None else INF)
+            h.setOptionValue("mip_heuristic_effort", 0.05 if heuristics else 0.0)
+            for o in self._HEURISTICS:
+                h.setOptionValue(o, bool(heuristics))
             self._stop = {"above": stop_bound_above, "below": stop_primal_below}
             if (stop_bound_above is not None or stop_primal_below is not None) and not self._cb_on:
                 h.cbMipInterrupt.subscribe(self._interrupt)
@@ -390,6 +410,8 @@ class HighsBackend(Backend):
                     res.bound = res.objective
             if status == "infeasible":
                 res.bound = INF
+                if cutoff is not None:
+                    res.status, res.bound = "cutoff", float(cutoff)
             res.extra = {"mip_gap": float(info.mip_gap), "nodes": int(info.mip_node_count)}
             if self._stop.get("why"):
                 res.extra["stopped"] = self._stop["why"]
@@ -468,7 +490,7 @@ class GurobiBackend(Backend):
         self.lp.row_lo[idx] = lo
         self.lp.row_hi[idx] = hi
 
-    def solve(self, time_limit=None, stop_bound_above=None, stop_primal_below=None, start=None, rel_gap=1e-4, abs_gap=1e-6):
+    def solve(self, time_limit=None, stop_bound_above=None, stop_primal_below=None, start=None, rel_gap=1e-4, abs_gap=1e-6, cutoff=None, heuristics=True):
         GRB, m = self._GRB, self.m
         t0 = time.perf_counter()
         m.Params.TimeLimit = float(time_limit) if time_limit is not None else GRB.INFINITY
@@ -478,6 +500,8 @@ class GurobiBackend(Backend):
         if mip:
             m.Params.MIPGap = float(rel_gap)
             m.Params.MIPGapAbs = float(abs_gap)
+            m.Params.Cutoff = float(cutoff) if cutoff is not None else GRB.INFINITY
+            m.Params.Heuristics = 0.05 if heuristics else 0.0
             if start is not None:
                 self.x.Start = np.asarray(start, dtype=np.float64)
                 if self.lp.num_rows:
@@ -506,6 +530,7 @@ class GurobiBackend(Backend):
             GRB.UNBOUNDED: "unbounded",
             GRB.TIME_LIMIT: "time_limit",
             GRB.INTERRUPTED: "interrupted",
+            GRB.CUTOFF: "cutoff",
         }.get(st, "error")
         res = SolveResult(status, message=f"gurobi status {st}", extra=dict(why))
         if m.SolCount > 0:
@@ -516,6 +541,10 @@ class GurobiBackend(Backend):
                 res.bound = float(m.ObjBound)
             if status == "infeasible":
                 res.bound = INF
+                if cutoff is not None:
+                    res.status = "cutoff"
+            if res.status == "cutoff":
+                res.bound = float(cutoff)
         elif status == "optimal":
             y = np.array(self._cons.Pi) if self._cons is not None else np.zeros(0)
             res.bound = safe_dual_bound(self.lp, self.lp.c, y, self.lp.offset)

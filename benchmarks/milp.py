@@ -1,0 +1,135 @@
+"""Exact MILP verification (method ``milp``, HiGHS) on the VNN-COMP 2021 mnistfc 256x2 instances.
+
+Reads ``<shared>/benchmarks/vnncomp/2021/mnistfc/mnistfc_instances.csv`` (30 instances of
+``mnist-net_256x2.onnx``, l_inf eps 0.03 / 0.05, 120 s timeout each), loads the ONNX network with
+:func:`verify.model.load_model` and each property with :func:`verify.vnnlib.parse_vnnlib`, and
+runs ``MilpMethod.certify`` with the instance's timeout. Counterexamples are re-checked with
+onnxruntime. Prints a Markdown table and writes it to ``benchmarks/out/milp.md``.
+
+Usage::
+
+    .venv/bin/python benchmarks/milp.py [--shared ../shared] [--limit N] [--net mnist-net_256x2.onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from relax.methods_solvers import MilpMethod  # noqa: E402
+from verify.model import load_model  # noqa: E402
+from verify.vnnlib import parse_vnnlib, read_instances  # noqa: E402
+
+RESULT = {"certified": "unsat", "falsified": "sat", "unknown": "timeout/unknown", "error": "error"}
+
+
+def _onnx_check(onnx_path: Path, x: np.ndarray, spec, shape) -> str:
+    """Re-evaluate a counterexample with onnxruntime: "ok" if it violates the property there."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime missing"
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    y = sess.run(None, {inp.name: x.reshape(1, *shape).astype(np.float32)})[0].reshape(1, -1)
+    s = spec.linear(1, y.shape[1], dtype=torch.float64)
+    return "ok" if not bool(s.holds(torch.from_numpy(y).double())[0]) else "NOT violated"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared data directory")
+    ap.add_argument("--net", default="mnist-net_256x2.onnx")
+    ap.add_argument("--limit", type=int, default=None, help="first N instances only")
+    ap.add_argument("--timeout", type=float, default=None, help="override the per-instance timeout")
+    ap.add_argument("--solver", default="highs")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "milp.md"))
+    args = ap.parse_args(argv)
+
+    bench = Path(args.shared) / "benchmarks" / "vnncomp" / "2021" / "mnistfc"
+    if not bench.is_dir():
+        print(f"no mnistfc benchmark under {bench}", file=sys.stderr)
+        return 2
+    inst = [(o, v, t) for o, v, t in read_instances(bench / "mnistfc_instances.csv") if Path(o).name == args.net]
+    if args.limit:
+        inst = inst[: args.limit]
+    torch.set_num_threads(1)
+    gm = load_model(bench / args.net)
+    shape = tuple(gm.input_shape)
+    rows = []
+    for onnx, vnn, tmo in inst:
+        timeout = args.timeout or float(tmo)
+        props = parse_vnnlib(bench / Path(vnn).name)
+        t0 = time.perf_counter()
+        statuses, notes, cert = [], [], None
+        for prop in props:  # one input box per file here
+            box = prop.box(shape)
+            m = MilpMethod(solver=args.solver, time_limit=timeout)
+            left = timeout - (time.perf_counter() - t0)
+            cert = m.certify(gm, box.to(dtype=torch.float32), prop.spec, timeout=left)[0]
+            statuses.append(cert.status)
+            if cert.status == "falsified":
+                x = np.asarray(cert.counterexample, dtype=np.float32).reshape(-1)
+                notes.append("ort " + _onnx_check(bench / Path(onnx).name, x, prop.spec, shape))
+                break
+            if cert.status != "certified":
+                break
+        elapsed = time.perf_counter() - t0
+        status = "falsified" if "falsified" in statuses else ("certified" if statuses and all(s == "certified" for s in statuses) else "unknown")
+        det = cert.details if cert is not None else {}
+        ref = det.get("refine", {})
+        rows.append(
+            {
+                "instance": Path(vnn).stem,
+                "result": RESULT[status],
+                "time_s": elapsed,
+                "timeout": timeout,
+                "unstable": f"{ref.get('unstable_before', '?')}->{ref.get('unstable_after', '?')}",
+                "lp_proved": det.get("lp_proved_groups", ""),
+                "milp_groups": len(det.get("groups", {})),
+                "bounds": det.get("bounds", ""),
+                "note": "; ".join(notes + ([det["reason"]] if det.get("reason") else []))[:80],
+            }
+        )
+        r = rows[-1]
+        print(f"{r['instance']:>16}  {r['result']:>16}  {r['time_s']:7.1f}s  unstable {r['unstable']:>10}  {r['note']}", flush=True)
+
+    times = [r["time_s"] for r in rows]
+    solved = [r for r in rows if r["result"] in ("sat", "unsat")]
+    in_time = [r for r in solved if r["time_s"] <= r["timeout"]]
+    lines = [
+        f"# milp on mnistfc {args.net} (solver {args.solver}, {len(rows)} instances)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/milp.py{' --limit ' + str(args.limit) if args.limit else ''}`",
+        "",
+        "| instance | result | time (s) | unstable (CROWN -> LP-refined) | groups proved by LP | MILPs run | note |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['instance']} | {r['result']} | {r['time_s']:.1f} | {r['unstable']} | {r['lp_proved']} | {r['milp_groups']} | {r['note']} |")
+    lines += [
+        "",
+        f"- decided: {len(solved)}/{len(rows)} (unsat {sum(r['result'] == 'unsat' for r in rows)}, sat {sum(r['result'] == 'sat' for r in rows)}); "
+        f"within their timeout: {len(in_time)}/{len(rows)}",
+        f"- time: median {statistics.median(times):.1f} s, total {sum(times):.1f} s, max {max(times):.1f} s" if times else "- no instances",
+        f"- bounds: {rows[0]['bounds'] if rows else ''}; torch threads 1, HiGHS threads 1",
+    ]
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
