@@ -4,7 +4,8 @@ mnistfc (mnist-net_256x2/4/6, 15 images x eps 0.03 / 0.05) and eran (mnist_relu_
 0.015, ffnnSIGMOID__Point_6x200 eps 0.012; the first 15 instances of each). Per method:
 
 * ``B=1 ms``: wall time of one input alone (median of ``--runs`` runs per instance, then the
-  median over the instances);
+  median over the instances); ``cpu ms`` the same in process CPU time (robust to other jobs
+  on a shared machine; with ``--threads 1`` it is the uncontended single-thread time);
 * ``B=15 ms/input``: one call on all instances of the row as one batch (median of runs) / 15;
 * ``verified``: instances proved alone (after the float-safety margin);
 * ``mean lb``: mean over instances of the worst property row's lower bound (tightness).
@@ -81,12 +82,14 @@ def make_inputs(props, shape):
 
 
 def timed(fn, runs):
-    ts, out = [], None
+    """(median wall s, median process-CPU s, last result)."""
+    ts, cs, out = [], [], None
     for _ in range(runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts), out
+        cs.append(time.process_time() - c)
+    return statistics.median(ts), statistics.median(cs), out
 
 
 def main() -> None:
@@ -104,8 +107,8 @@ def main() -> None:
         "alpha-crown (early stop)": AlphaCrownMethod(early_stop=True),
     }
     lines = [
-        "| net | eps | method | B=1 ms | B=15 ms/input | verified | mean lb | auto_LiRPA B=1 ms |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| net | eps | method | B=1 ms | B=1 cpu ms | B=15 ms/input | B=15 cpu ms/input | verified | mean lb | auto_LiRPA B=1 ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     for net_name, label, path, props in load_rows(shared, args.quick):
@@ -115,16 +118,18 @@ def main() -> None:
         n = len(props)
         for mname, m in methods.items():
             m.lower_bounds(model, box.select([0]), spec.select([0]))  # warm-up (graph build)
-            singles, lbs, verified = [], [], 0
+            singles, cpus, lbs, verified = [], [], [], 0
             for i in range(n):
-                t, low = timed(lambda: m.lower_bounds(model, box.select([i]), spec.select([i])), args.runs)
+                t, c, low = timed(lambda: m.lower_bounds(model, box.select([i]), spec.select([i])), args.runs)
                 singles.append(t)
+                cpus.append(c)
                 verified += int(m.proves(low, spec.select([i]))[0])
                 lbs.append(float(spec.select([i]).group_max(low).min()))
-            tb, _ = timed(lambda: m.lower_bounds(model, box, spec), args.runs)
+            tb, cb, _ = timed(lambda: m.lower_bounds(model, box, spec), args.runs)
             target = TARGETS.get((net_name, mname.split(" ")[0]))
             line = (f"| {net_name} | {label.removeprefix('eps ')} | {mname} | {1000 * statistics.median(singles):.1f} | "
-                    f"{1000 * tb / n:.1f} | {verified}/{n} | {statistics.mean(lbs):.3f} | "
+                    f"{1000 * statistics.median(cpus):.1f} | {1000 * tb / n:.1f} | {1000 * cb / n:.1f} | {verified}/{n} | "
+                    f"{statistics.mean(lbs):.3f} | "
                     f"{'' if target is None or 'early' in mname else f'{target:g}'} |")
             lines.append(line)
             print(line, flush=True)

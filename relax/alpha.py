@@ -7,8 +7,8 @@ where intermediate bounds are recomputed with their own alphas at every iteratio
 
 * one alpha per (start, ReLU node, output row, batch element, neuron): the spec rows
   (``[N, B, *shape]``, start ``"__out__"``) and, with ``optimize_intermediate=True``, every
-  pre-activation's ``+e_j`` / ``-e_j`` rows (``[2, R, B, *shape]`` for its ``R`` unstable
-  neurons); ReLUs only (Sigmoid/Tanh/MaxPool keep their CROWN relaxation);
+  pre-activation's ``+e_j`` / ``-e_j`` rows (``[2, T, *shape]`` for its ``T`` unstable
+  (neuron, batch element) pairs); ReLUs only (Sigmoid/Tanh/MaxPool keep their CROWN relaxation);
 * the loss is minus the sum of the spec rows' lower bounds (intermediate alphas get their
   gradient through the relaxations that depend on the intermediate bounds);
 * intermediate boxes are intersected at every iteration with the initial CROWN boxes, and the
@@ -117,9 +117,9 @@ def alpha_crown(
         for p in graph.preactivations():
             if p == graph.input_name or not _acts_before(graph, p):
                 continue
-            idx, valid = rows_needed(graph, p, *fixed[p])
+            idx, bidx = rows_needed(graph, p, *fixed[p])
             if idx.shape[0] > 0:
-                plan[p] = (idx, valid)
+                plan[p] = (idx, bidx)
                 starts.append(p)
 
     N = C.shape[1]
@@ -131,9 +131,13 @@ def alpha_crown(
         for act in _acts_before(graph, node):
             if act not in relus:
                 continue
-            lw = init.relaxations[act].lw  # [B, *shape]
-            lead = (N,) if s == "__out__" else (2, plan[s][0].shape[0])
-            a = lw.detach().unsqueeze(0).expand(*lead, *lw.shape).clone().requires_grad_(True)
+            lw = init.relaxations[act].lw.detach()  # [B, *shape]
+            if s == "__out__":
+                a = lw.unsqueeze(0).expand(N, *lw.shape).clone()
+            else:  # virtual batch of the (neuron, batch element) pairs, see linear.bound_node
+                lw = lw[plan[s][1]]
+                a = lw.unsqueeze(0).expand(2, *lw.shape).clone()
+            a.requires_grad_(True)
             alphas[s][act] = a
             params.append(a)
     if not params:
@@ -143,9 +147,7 @@ def alpha_crown(
         a = alphas.get(start, {}).get(act)
         if a is None:
             return None
-        if start == "__out__":
-            return a if sl is None else a[sl]
-        return torch.cat([a[0, sl], a[1, sl]], 0) if sl is not None else torch.cat([a[0], a[1]], 0)
+        return a[sl] if start == "__out__" else a[:, sl]
 
     overrides = dict(fixed)
     if bound_overrides:

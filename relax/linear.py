@@ -13,7 +13,8 @@ the same pass, started at each pre-activation node with rows ``+e_j`` and ``-e_j
 intersected with IBP boxes (both are sound, so their intersection is). Only the neurons that
 need it get rows: for a ReLU input, the neurons still unstable (``l < 0 < u``) under the
 current best box (a stable ReLU is exact whatever its bounds); for Sigmoid / Tanh / MaxPool
-inputs, all neurons. Rows are chosen per batch element (padded to the largest count).
+inputs, all neurons. The (neuron, batch element) pairs form a virtual batch (no padding). A
+pre-activation one affine layer from a box input keeps its (exact) IBP box.
 
 Memory: rows are processed in chunks so that no coefficient tensor exceeds ``max_elements``.
 
@@ -40,7 +41,7 @@ from .graph import BoundGraph
 from .interval import interval_bounds
 from .ops import Relaxation, ReLU
 
-__all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "Rows", "AlphaFn"]
+__all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "Rows", "AlphaFn"]
 
 #: ``alpha_fn(start_node, activation_node, rows) -> [S, B, *shape] | None``
 AlphaFn = Callable[[str, str, slice | None], "Tensor | None"]
@@ -158,30 +159,28 @@ def _ancestors(graph: BoundGraph, name: str) -> set[str]:
 
 
 def rows_needed(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Which neurons of pre-activation ``node`` need linear bounds, per batch element.
+    """Which neurons of pre-activation ``node`` need linear bounds.
 
-    Returns ``idx [R, B]`` (flat neuron indices, distinct per column; the first ``count_b``
-    are the needed ones) and ``valid [R, B]``. All neurons when a non-ReLU op consumes the
-    node, else the unstable ones (``lo < 0 < hi``).
+    Returns flat pairs ``(idx [T], bidx [T])``: neuron ``idx[t]`` of batch element ``bidx[t]``.
+    All neurons when a non-ReLU op consumes the node, else the unstable ones (``lo < 0 < hi``).
     """
     B = lo.shape[0]
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
-    n = l2.shape[1]
     only_relu = all(isinstance(graph.by_name[c].op, ReLU) for c in graph.consumers[node])
-    if not only_relu:
-        idx = torch.arange(n, device=lo.device).view(n, 1).expand(n, B)
-        return idx, torch.ones(n, B, dtype=torch.bool, device=lo.device)
-    mask = (l2 < 0) & (h2 > 0)
-    counts = mask.sum(1)
-    R = int(counts.max()) if B else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :R]
-    valid = torch.arange(R, device=lo.device).view(R, 1) < counts.view(1, B)
-    return order.t().contiguous(), valid
+    mask = (l2 < 0) & (h2 > 0) if only_relu else torch.ones_like(l2, dtype=torch.bool)
+    bidx, idx = mask.nonzero(as_tuple=True)
+    return idx, bidx
 
 
-def _chunk(R: int, B: int, width: int, max_elements: int) -> int:
-    """Rows (per sign) per chunk: 2 * rows * B * width <= max_elements."""
-    return max(1, min(R, max_elements // max(1, 2 * B * width)))
+def _select_relax(r: Relaxation, bidx: Tensor) -> Relaxation:
+    def sel(v):
+        if isinstance(v, Tensor):
+            return v[bidx]
+        if isinstance(v, tuple):
+            return tuple(sel(x) for x in v)
+        return v
+
+    return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
 
 
 def _max_width(graph: BoundGraph, start: str) -> int:
@@ -191,6 +190,27 @@ def _max_width(graph: BoundGraph, start: str) -> int:
         if k != graph.input_name:
             w = max(w, graph.by_name[k].numel)
     return w
+
+
+def ibp_is_exact(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
+    """Whether IBP already gives the exact box of ``node``: a box input set, and ``node``
+    reached from the input by a chain of affine ops of which at most one mixes coordinates
+    (Linear / Conv); CROWN's bound is then the same and is skipped."""
+    if isinstance(input_set, LpBall) and not math.isinf(input_set.p):
+        return False
+    from .ops import Conv, ElemAffine, Linear, Permute, Reshape
+
+    mixing, k = 0, node
+    while k != graph.input_name:
+        n = graph.by_name[k]
+        if len(n.inputs) != 1:
+            return False
+        if isinstance(n.op, (Linear, Conv)):
+            mixing += 1
+        elif not isinstance(n.op, (ElemAffine, Reshape, Permute)):
+            return False
+        k = n.inputs[0]
+    return mixing <= 1
 
 
 def bound_node(
@@ -205,37 +225,43 @@ def bound_node(
     alpha_fn: AlphaFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
-    :func:`rows_needed` picks (or ``rows``). Returns the intersected box."""
+    :func:`rows_needed` picks (or ``rows``). Returns the intersected box.
+
+    The ``T`` (neuron, batch element) pairs form a *virtual batch*: rows ``+e`` and ``-e`` of
+    pair ``t`` are ``A0[0, t]`` and ``A0[1, t]``, with the relaxations and the input set
+    gathered per pair, so no work is padded when batch elements have different numbers of
+    unstable neurons. Alphas for these rows are ``[2, T, *shape]``.
+    """
     B = lo.shape[0]
-    idx, valid = rows if rows is not None else rows_needed(graph, node, lo, hi)
-    R = idx.shape[0]
-    if R == 0:
+    idx, bidx = rows if rows is not None else rows_needed(graph, node, lo, hi)
+    T = idx.shape[0]
+    if T == 0:
         return lo, hi
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
-    step = _chunk(R, B, _max_width(graph, node), max_elements)
+    step = max(1, min(T, max_elements // max(1, 2 * _max_width(graph, node))))
+    acts = _acts_before(graph, node)
+    sign = torch.tensor([1.0, -1.0], device=lo.device)
     new_l, new_h = [], []
-    for s0 in range(0, R, step):
-        s1 = min(R, s0 + step)
-        sub = idx[s0:s1]
-        c = s1 - s0
-        sign = torch.cat([torch.ones(c), -torch.ones(c)]).to(device=lo.device)
-        A0 = Rows(torch.cat([sub, sub], 0), sign)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        bsel = bidx[t0:t1]
+        rel = {a: _select_relax(relax[a], bsel) for a in acts}
         alphas = None
         if alpha_fn is not None:
             alphas = {}
-            for act in _acts_before(graph, node):
-                a = alpha_fn(node, act, slice(s0, s1))
+            for act in acts:
+                a = alpha_fn(node, act, slice(t0, t1))
                 if a is not None:
                     alphas[act] = a
-        low = backward(graph, node, A0, relax, input_set, alphas)  # [2c, B]
-        new_l.append(low[:c])
-        new_h.append(-low[c:])
-    nl, nh = torch.cat(new_l, 0).t(), torch.cat(new_h, 0).t()  # [B, R]
-    it, vt = idx.t(), valid.t()
-    gl, gh = l2.gather(1, it), h2.gather(1, it)
-    nl = torch.where(vt, torch.maximum(gl, nl), gl)
-    nh = torch.where(vt, torch.minimum(gh, nh), gh)
-    return l2.scatter(1, it, nl).view_as(lo), h2.scatter(1, it, nh).view_as(hi)
+        sub = idx[t0:t1]
+        low = backward(graph, node, Rows(torch.stack([sub, sub]), sign), rel, input_set.select(bsel), alphas)  # [2, c]
+        new_l.append(low[0])
+        new_h.append(-low[1])
+    nl, nh = torch.cat(new_l), torch.cat(new_h)
+    gl, gh = l2[bidx, idx], h2[bidx, idx]
+    l2 = l2.index_put((bidx, idx), torch.maximum(gl, nl))
+    h2 = h2.index_put((bidx, idx), torch.minimum(gh, nh))
+    return l2.view_as(lo), h2.view_as(hi)
 
 
 def _acts_before(graph: BoundGraph, node: str) -> list[str]:
@@ -267,7 +293,7 @@ def crown(
         intermediate: ``{node: (lo, hi)}`` boxes used as given (not recomputed).
         alpha_fn: alpha provider (alpha-CROWN), see :data:`AlphaFn`; start node ``"__out__"``
             denotes the spec rows.
-        rows: ``{node: (idx, valid)}`` fixed row choice per pre-activation (alpha-CROWN).
+        rows: ``{node: (idx, bidx)}`` fixed row choice per pre-activation (alpha-CROWN).
 
     Returns:
         :class:`CrownResult`. ``lower`` is intersected with the IBP bound of ``C y``.
@@ -282,6 +308,8 @@ def crown(
             l, h = intermediate[p]
         elif p == graph.input_name:
             l, h = lo_in, hi_in
+        elif ibp_is_exact(graph, p, input_set):
+            l, h = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)[p]
         else:
             boxes = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)
             l, h = boxes[p]
