@@ -81,9 +81,12 @@ class _LipschitzMethod(BoundMethod):
     eps_independent = True
 
     # -- to be provided by subclasses ------------------------------------------------------
-    def row_lipschitz(self, model: torch.nn.Module, inputs: InputSet, C: Tensor, p: float) -> tuple[Tensor, dict]:
-        """Lipschitz bounds ``[B, N]`` (float64, CPU) of the rows ``C [B, N, K]`` w.r.t. ``||.||_p``
-        valid on ``inputs`` (globally for eps-independent methods), and JSON details."""
+    def row_lipschitz(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, p: float,
+                      margins: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Lipschitz bounds ``[B, N]`` (float64, CPU) of the rows ``spec.C [B, N, K]`` w.r.t.
+        ``||.||_p`` valid on ``inputs`` (globally for eps-independent methods), and JSON details.
+        ``margins [B, N]`` (clean row values) let a method skip rows that cannot change the
+        radius."""
         raise NotImplementedError
 
     # -- helpers ---------------------------------------------------------------------------
@@ -106,8 +109,8 @@ class _LipschitzMethod(BoundMethod):
     def lower_bounds(self, model, inputs, spec):
         x0, eps, p = _ball_view(inputs)
         spec64 = spec.to(device="cpu", dtype=torch.float64)
-        L, _ = self.row_lipschitz(model, inputs, spec64.C, p)
         m = self.margins(model, x0, spec)
+        L, _ = self.row_lipschitz(model, inputs, spec64, p, m)
         return m - L * eps.unsqueeze(1)
 
     # -- the certificate -------------------------------------------------------------------
@@ -129,7 +132,7 @@ class _LipschitzMethod(BoundMethod):
         labels = prop.labels()
         pred = y_nat.argmax(dim=1).cpu()
 
-        L, details = self.row_lipschitz(model, inputs, spec64.C, p)
+        L, details = self.row_lipschitz(model, inputs, spec64, p, m)
         lower = m - L * eps.unsqueeze(1)
         proved = self.proves(lower, spec64).cpu() & clean_ok
         if self.eps_independent:
@@ -202,7 +205,8 @@ class LipschitzGlobal(_LipschitzMethod):
         size = _cached(model, ("size", input_shape), lambda: lip.dense_size(model, input_shape))
         return size <= self.dense_limit
 
-    def row_lipschitz(self, model, inputs, C, p):
+    def row_lipschitz(self, model, inputs, spec, p, margins=None):
+        C = spec.C
         shape = _input_shape(model, inputs)
         if self.use_dense(model, shape):
             net = self.dense(model, shape)
@@ -281,7 +285,8 @@ class LipschitzLocal(_LipschitzMethod):
                     pre = out
         return pre
 
-    def row_lipschitz(self, model, inputs, C, p):
+    def row_lipschitz(self, model, inputs, spec, p, margins=None):
+        C = spec.C
         shape = _input_shape(model, inputs)
         net = self.dense(model, shape)
         Lg = lip.global_lipschitz(net, C, p)
@@ -296,7 +301,7 @@ class LipschitzLocal(_LipschitzMethod):
         safety = self.safety_margin(m)
         Lg = lip.global_lipschitz(net, spec64.C, inputs.p).cpu()
         lo = torch.maximum(known, lip.certified_radius(m, Lg, groups, safety))
-        L0, _ = self.row_lipschitz(model, inputs.with_eps(torch.zeros_like(inputs.eps)), spec64.C, inputs.p)
+        L0, _ = self.row_lipschitz(model, inputs.with_eps(torch.zeros_like(inputs.eps)), spec64, inputs.p)
         hi = torch.maximum(lip.certified_radius(m, L0, groups, safety), lo)
         if max_radius is not None:
             hi = hi.clamp(max=float(max_radius))
@@ -310,7 +315,7 @@ class LipschitzLocal(_LipschitzMethod):
             mid = torch.where(active, (lo + hi) / 2, lo)
             idx = active.nonzero().flatten()
             sub = inputs.select(idx).with_eps(mid[idx].to(inputs.eps))
-            L, _ = self.row_lipschitz(model, sub, spec64.C[idx], inputs.p)
+            L, _ = self.row_lipschitz(model, sub, spec64.select(idx), inputs.p)
             lower = m[idx] - L * mid[idx].unsqueeze(1)
             ok = self.proves(lower, spec64.select(idx)).cpu()
             ok_full = torch.zeros_like(active)
@@ -320,3 +325,104 @@ class LipschitzLocal(_LipschitzMethod):
             L_at[idx[ok]] = L[ok]
             active = active & (hi - lo > 1e-9 * hi)
         return lo, L_at
+
+
+@register
+class LipschitzSDP(_LipschitzMethod):
+    """Margin / LipSDP-Neuron bound (Fazlyab et al. 2019) of each property row, verified in
+    float64 (:mod:`relax.lipsdp`), combined with the global bounds.
+
+    LipSDP bounds the l2 constant ``L_2`` of ``c^T f``; the l_inf / l_1 constants use
+    ``L_inf <= sqrt(n) L_2`` and ``L_1 <= L_2``, and every norm keeps the smaller of that and
+    the global product bound (so the radius is never below ``lipschitz-global``'s). A row whose
+    SDP cannot be verified (solver failure, size limit, time limit) keeps the global bound.
+
+    Options:
+        solver: ``"auto"`` (Clarabel for LMIs of size <= 40, SCS above: Clarabel's cost grows
+            with the cube of the PSD cone's ``n(n+1)/2``), ``"clarabel"`` or ``"scs"``.
+        eps: solver tolerance (default ``1e-8`` Clarabel, ``1e-5`` SCS; the verification step
+            makes any answer sound, the tolerance only sets how tight).
+        max_iters: solver iteration cap.
+        lazy: solve only the rows that decide the radius: repeatedly take, per input, the group
+            with the smallest radius under the current bounds and solve its unsolved rows,
+            until every deciding group is solved. The radii equal those of solving every row;
+            ``lower`` of rows never solved use the global bound.
+        max_lmi_size: larger reduced LMIs (``sum of hidden widths + 1``) are not attempted.
+        time_limit: seconds of SDP solving per ``certify`` call; rows left use the global bound.
+    """
+
+    name = "lipschitz-sdp"
+    summary = "margin / LipSDP-Neuron per property row (verified), min with the global bound"
+    norms = ("linf", "l2", "l1", "box")
+
+    def __init__(self, solver: str = "auto", eps: float | None = None, max_iters: int = 20_000, lazy: bool = True,
+                 max_lmi_size: int = 600, time_limit: float | None = None) -> None:
+        if solver not in ("auto", "clarabel", "scs"):
+            raise ValueError(f"solver must be 'auto', 'clarabel' or 'scs', got {solver!r}")
+        self.solver = solver
+        self.eps = eps
+        self.max_iters = int(max_iters)
+        self.lazy = bool(lazy)
+        self.max_lmi_size = int(max_lmi_size)
+        self.time_limit = time_limit
+
+    def _row_solver(self, model, net: FeedForwardNet, shape):
+        from .lipsdp import RowSolver
+
+        size = sum(l.n_out for l in net.layers[:-1]) + 1
+        solver = self.solver if self.solver != "auto" else ("clarabel" if size <= 40 else "scs")
+        key = ("sdp", shape, solver, self.eps, self.max_iters)
+        return _cached(model, key, lambda: RowSolver(net, solver=solver, eps=self.eps, max_iters=self.max_iters)), size, solver
+
+    def row_lipschitz(self, model, inputs, spec, p, margins=None):
+        t0 = time.perf_counter()
+        shape = _input_shape(model, inputs)
+        net = self.dense(model, shape)
+        C = spec.C
+        B, N, K = C.shape
+        chains = {r: lip.global_lipschitz(net, C, r, combine=False).cpu() for r in (1.0, 2.0, math.inf)}
+        n_in = net.n_in
+
+        def combined(sdp2: Tensor | None) -> Tensor:
+            c2 = chains[2.0] if sdp2 is None else torch.where(torch.isnan(sdp2), chains[2.0], torch.minimum(chains[2.0], sdp2))
+            return lip.combine_norms({1.0: chains[1.0], 2.0: c2, math.inf: chains[math.inf]}, n_in)[float(p)]
+
+        if not net.activations:  # affine network: the global bound is exact
+            return combined(None), {"bound": "global (affine network)"}
+        bad = [a for a in net.activations if a not in lip.ACT_LIPSCHITZ]
+        rs, size, solver = self._row_solver(model, net, shape)
+        if bad or size > self.max_lmi_size:
+            return combined(None), {"bound": f"global (LMI size {size} > max_lmi_size {self.max_lmi_size})"}
+        flat = C.reshape(B * N, K)
+
+        def current() -> Tensor:
+            return combined(torch.from_numpy(rs.known(flat)).view(B, N))
+
+        if not self.lazy or margins is None:
+            todo = torch.ones(B * N, dtype=torch.bool)
+            if margins is not None:
+                todo = (margins.reshape(-1) > 0)
+            rs.solve(flat[todo]) if todo.any() else None
+        else:
+            while True:
+                if self.time_limit is not None and time.perf_counter() - t0 > self.time_limit:
+                    break
+                need = _deciding_rows(margins, current(), spec.groups, torch.from_numpy(rs.is_solved(flat)).view(B, N))
+                if not need.any():
+                    break
+                rs.solve(flat[need.reshape(-1)])
+        solved = torch.from_numpy(rs.is_solved(flat)).view(B, N)
+        L = current()
+        return L, {"bound": f"lipsdp-{solver}", "lmi_size": size, "rows_solved": solved.sum(dim=1).tolist()}
+
+
+def _deciding_rows(m: Tensor, L: Tensor, groups: Tensor, solved: Tensor) -> Tensor:
+    """Bool ``[B, N]``: unsolved rows with positive margin in the group that currently decides
+    each input's radius (the group with the smallest ``max_row m / L``)."""
+    r = torch.where(m > 0, m / L.clamp_min(1e-300), torch.zeros_like(m))
+    G = int(groups.max()) + 1
+    gval = torch.full((m.shape[0], G), -math.inf, dtype=r.dtype).scatter_reduce(1, groups.expand_as(r), r, reduce="amax")
+    g_star = gval.argmin(dim=1)  # [B]
+    in_g = groups.unsqueeze(0) == g_star.unsqueeze(1)  # [B, N]
+    decided = gval.gather(1, g_star.unsqueeze(1)).squeeze(1) <= 0  # no positive row: radius 0 anyway
+    return in_g & ~solved & (m > 0) & ~decided.unsqueeze(1)

@@ -17,7 +17,7 @@ from torch import nn
 from relax import lipschitz as lip
 from relax.affine_net import to_feedforward
 from verify.registry import get_method
-from verify.spec import Box, Linear, LpBall, Robust
+from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 
 NORMS = [1.0, 2.0, math.inf]
 
@@ -181,7 +181,8 @@ def test_cnn_global_method_bounds_gradients():
     for p in NORMS:
         emp = max_grad_norm(flat, C[0], p, torch.zeros(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64), n=60, steps=6)
         for cb in ("exact-dense", "fourier", "gram"):
-            L, _ = get_method("lipschitz-global", conv_bound=cb).row_lipschitz(g, LpBall(x, 0.1, p), C.unsqueeze(0), p)
+            spec = LinearSpec(C.unsqueeze(0), torch.zeros(1, 1, dtype=torch.float64), torch.arange(1))
+            L, _ = get_method("lipschitz-global", conv_bound=cb).row_lipschitz(g, LpBall(x, 0.1, p), spec, p)
             assert float(L[0, 0]) >= emp, (p, cb, float(L[0, 0]), emp)
 
 

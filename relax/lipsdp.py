@@ -1,0 +1,436 @@
+"""LipSDP-Neuron (Fazlyab, Robey, Hassani, Morari & Pappas 2019) for the rows ``c^T f`` of a
+feed-forward network, with a float64 verification of every solver answer.
+
+**The LMI** (Fazlyab et al. 2019, Thm. 2, with the output term ``W_l^T c c^T W_l`` for one
+row). Activations are slope-restricted in ``[alpha, beta] = [0, beta_k]`` (ReLU and tanh:
+``beta = 1``; sigmoid: ``beta = 1/4``). With hidden layers ``z_k = act(W_{k-1} z_{k-1} + b)``,
+``k = 1..l``, ``z_0 = x`` (``n_0``), ``w = W_l^T c`` and diagonal ``T_k >= 0``, the
+block-tridiagonal matrix (blocks ``x, z_1, ..., z_l``)::
+
+    M(rho, T) = [[ -rho I          beta_1 W_0^T T_1                                   ],
+                 [ beta_1 T_1 W_0  -2 T_1            beta_2 W_1^T T_2                 ],
+                 [                 beta_2 T_2 W_1    -2 T_2              ...          ],
+                 [                                   ...     -2 T_l + w w^T           ]]
+
+``M <= 0`` implies ``|c^T f(x) - c^T f(x')| <= sqrt(rho) ||x - x'||_2`` (the slope
+quadratic constraint ``dphi (beta dv - dphi) >= 0`` weighted by ``2 T_k``, S-procedure). With
+``alpha = 0`` the ``-2 alpha beta W^T T W`` blocks of the paper vanish.
+
+**Reduction** (exact, for speed). The input block ``-rho I`` couples only to ``z_1`` through
+``beta_1 W_0^T T_1``; its Schur complement is ``(beta_1^2 / rho) T_1 W_0 W_0^T T_1``, which only
+depends on ``G = W_0 W_0^T``. Writing ``G = R^T R`` with ``R [r, n_1]`` (``r = rank G <= n_1``)
+gives the equivalent LMI of size ``r + n_1 + ... + n_l`` with ``R`` in place of ``W_0``:
+for a 784-50-10 network a 100 x 100 LMI instead of 834 x 834.
+
+**Soundness.** A solver's ``(rho, T)`` is never trusted: first-order solvers (SCS) can stop
+slightly infeasible, below the optimum. :func:`verify_rho` projects ``T`` to ``>= 0`` (with a
+tiny floor), computes the smallest ``rho`` that makes *this* ``T`` feasible in closed form
+(``rho*(T) = beta_1^2 lambda_max(Q^T (-H)^{-1} Q)``, ``H`` the hidden block, ``Q = [T_1 R^T; 0]``),
+then inflates it until the *full, unreduced* ``M`` built in float64 numpy passes an
+eigenvalue check ``lambda_max(M) <= -tau`` with ``tau = 1e-10 ||M||_F`` (well above the
+``O(n eps ||M||)`` backward error of ``eigvalsh``). Only then is ``sqrt(rho)`` reported (rounded
+up); otherwise the caller falls back to the global bound.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .affine_net import FeedForwardNet
+from .lipschitz import ACT_LIPSCHITZ, ROUND_UP
+
+__all__ = ["LipSDPResult", "LipSDP", "lipsdp_matrix", "verify_rho", "lipsdp_rows"]
+
+
+@dataclass
+class LipSDPResult:
+    """One row's answer.
+
+    Attributes:
+        L: verified l2 Lipschitz bound of ``c^T f`` (``sqrt(rho)`` rounded up), or ``None``
+            when no feasible point could be verified.
+        rho_solver: the solver's ``rho`` for the row (rescaled), unverified.
+        rho: the verified ``rho`` (``L^2`` before rounding), or ``None``.
+        status: solver status string.
+        time_s: wall time of solve + verification.
+    """
+
+    L: float | None
+    rho_solver: float | None
+    rho: float | None
+    status: str
+    time_s: float
+    info: dict = field(default_factory=dict)
+
+
+def _betas(net: FeedForwardNet) -> list[float]:
+    for a in net.activations:
+        if a not in ACT_LIPSCHITZ:
+            raise ValueError(f"LipSDP: activation {a!r} is not slope-restricted in a known interval")
+    return [ACT_LIPSCHITZ[a] for a in net.activations]
+
+
+def lipsdp_matrix(net: FeedForwardNet, w: np.ndarray, ts: list[np.ndarray], rho: float) -> np.ndarray:
+    """The full (unreduced) LipSDP-Neuron matrix ``M(rho, T)`` in float64.
+
+    Args:
+        w: ``[n_l]`` last-layer row ``W_l^T c``.
+        ts: ``[t_1 [n_1], ..., t_l [n_l]]`` diagonals of ``T_k``.
+    Returns:
+        ``[n_0 + sum n_k, n_0 + sum n_k]`` symmetric matrix.
+    """
+    betas = _betas(net)
+    Ws = [net.layers[k].W.detach().cpu().double().numpy() for k in range(len(net.activations))]
+    sizes = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(off[-1])
+    M = np.zeros((n, n))
+    M[: sizes[0], : sizes[0]] = -rho * np.eye(sizes[0])
+    for k, (W, t, b) in enumerate(zip(Ws, ts, betas)):
+        i0, i1 = off[k], off[k + 1]  # block of z_k (input side)
+        j0, j1 = off[k + 1], off[k + 2]  # block of z_{k+1}
+        blk = b * (W.T * t[None, :])  # beta W^T T  [n_k, n_{k+1}]
+        M[i0:i1, j0:j1] = blk
+        M[j0:j1, i0:i1] = blk.T
+        M[j0:j1, j0:j1] += np.diag(-2.0 * t)
+    M[off[-2]:, off[-2]:] += np.outer(w, w)
+    return M
+
+
+def _weights(net: FeedForwardNet) -> list[np.ndarray]:
+    return [net.layers[k].W.detach().cpu().double().numpy() for k in range(len(net.activations))]
+
+
+def lipsdp_matrix_u(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], rho: float) -> np.ndarray:
+    """``S M(rho, T) S`` with ``S = blockdiag(I, U_1, ..., U_l)``, ``U_k = T_k^{-1} = diag(u_k)``:
+    the LipSDP matrix in the inverse multipliers (bounded even when some ``t_k`` are huge)::
+
+        [[ -rho I          beta_1 W_0^T                                       ],
+         [ beta_1 W_0      -2 U_1          beta_2 U_1 W_1^T                   ],
+         [                 beta_2 W_1 U_1  -2 U_2     ...                     ],
+         [                                 ...        -2 U_l + U_l w w^T U_l  ]]
+
+    For ``u_k > 0`` it is negative semidefinite iff ``M(rho, U^{-1})`` is (congruence).
+    """
+    betas = _betas(net)
+    Ws = _weights(net)
+    sizes = [Ws[0].shape[1]] + [W.shape[0] for W in Ws]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(off[-1])
+    M = np.zeros((n, n))
+    M[: sizes[0], : sizes[0]] = -rho * np.eye(sizes[0])
+    for k, (W, b) in enumerate(zip(Ws, betas)):
+        i0, i1, j0, j1 = off[k], off[k + 1], off[k + 1], off[k + 2]
+        blk = b * W.T if k == 0 else b * (us[k - 1][:, None] * W.T)  # [n_k, n_{k+1}]
+        M[i0:i1, j0:j1] = blk
+        M[j0:j1, i0:i1] = blk.T
+        M[j0:j1, j0:j1] += np.diag(-2.0 * us[k])
+    uw = us[-1] * w
+    M[off[-2]:, off[-2]:] += np.outer(uw, uw)
+    return M
+
+
+def _n_matrix(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.ndarray], sigma: float) -> np.ndarray:
+    """The reduced LMI matrix ``N(sigma, U)`` of :class:`LipSDP` (size ``sum n_k + 1``)."""
+    sizes = [W.shape[0] for W in Ws]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(off[-1]) + 1
+    N = np.zeros((n, n))
+    for k in range(len(sizes)):
+        N[off[k]:off[k + 1], off[k]:off[k + 1]] = np.diag(-2.0 * us[k])
+        if k + 1 < len(sizes):
+            blk = betas[k + 1] * (us[k][:, None] * Ws[k + 1].T)
+            N[off[k]:off[k + 1], off[k + 1]:off[k + 2]] = blk
+            N[off[k + 1]:off[k + 2], off[k]:off[k + 1]] = blk.T
+    n1 = sizes[0]
+    if sigma:
+        N[:n1, :n1] += betas[0] ** 2 * sigma * (Ws[0] @ Ws[0].T)
+    N[off[-2]:off[-1], -1] = us[-1] * w
+    N[-1, off[-2]:off[-1]] = us[-1] * w
+    N[-1, -1] = -1.0
+    return N
+
+
+def feasible_point(Ws: list[np.ndarray], betas: list[float], w: np.ndarray) -> list[np.ndarray]:
+    """Inverse multipliers ``u_k = a_k 1`` with ``N(0, U) < 0`` strictly, in closed form.
+
+    ``v^T N(0, aI) v`` is at most the quadratic form of the scalar tridiagonal matrix with
+    diagonal ``(-2 a_1, ..., -2 a_l, -1)`` and off-diagonals ``(beta_2 a_1 ||W_1||, ...,
+    a_l ||w||)`` in ``(||v_1||, ..., ||v_l||, |s|)``; its LDL^T pivots ``d_{l+1} = -1``,
+    ``d_k = -2 a_k + (off_k)^2 / |d_{k+1}|`` stay negative for ``a_k = |d_{k+1}| / (beta^2 ||W_k||^2)``
+    (half the largest admissible value), giving ``d_k = -a_k``.
+    """
+    norms = [float(np.linalg.norm(W, 2)) for W in Ws]
+    l = len(Ws)
+    a = [0.0] * l
+    d_next = 1.0  # |d_{k+1}|
+    coupling = [max(float(np.linalg.norm(w)), 1e-300)] + [max(betas[k + 1] * norms[k + 1], 1e-300) for k in range(l - 2, -1, -1)]
+    for idx, k in enumerate(range(l - 1, -1, -1)):
+        c = coupling[idx]
+        a[k] = d_next / c**2
+        d_next = a[k]  # -2a + a^2 c^2 / d_next = -a
+    return [np.full(W.shape[0], a[k]) for k, W in enumerate(Ws)]
+
+
+def verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, check_full: bool = True) -> tuple[float | None, dict]:
+    """See :func:`_verify_rho`; runs LAPACK single-threaded (much faster on a shared, loaded CPU)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return _verify_rho(net, w, us, check_full=check_full)
+    with threadpool_limits(1):
+        return _verify_rho(net, w, us, check_full=check_full)
+
+
+def _verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, check_full: bool = True) -> tuple[float | None, dict]:
+    """The smallest verified ``rho`` for the inverse multipliers ``us`` (any source), or ``None``.
+
+    1. ``u_k <- max(u_k, 0)``; ``U <- (1 - theta) U + theta U_f`` for ``theta = 0`` and then
+       increasing values: a first-order solver may stop slightly infeasible, and ``N`` is affine
+       in ``U``, so moving towards the strictly feasible :func:`feasible_point` restores
+       ``N(0, U) < 0`` with a margin.
+    2. ``rho* = beta_1^2 lambda_max((-H)^{-1/2} G' (-H)^{-1/2})``, ``H = N(0, U)``,
+       ``G' = blockdiag(W_0 W_0^T, 0)``: the least ``rho`` feasible for this ``U``.
+    3. ``rho = rho* (1 + delta)`` for increasing ``delta`` until the full congruent matrix
+       :func:`lipsdp_matrix_u` passes ``eigvalsh(M).max() <= -1e-10 ||M||_F``; if no ``delta``
+       passes, the next ``theta``.
+
+    Returns:
+        ``(rho, info)``; ``rho`` is ``None`` if no attempt passed.
+    """
+    betas = _betas(net)
+    Ws = _weights(net)
+    us = [np.maximum(np.nan_to_num(np.asarray(u, dtype=np.float64), nan=0.0, posinf=0.0), 0.0) for u in us]
+    uf = feasible_point(Ws, betas, w)
+    info: dict = {"attempts": 0}
+    n1 = Ws[0].shape[0]
+    for theta in (0.0, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0):
+        ut = [(1 - theta) * u + theta * f for u, f in zip(us, uf)]
+        H = _n_matrix(Ws, betas, w, ut, 0.0)
+        lam, V = np.linalg.eigh(-H)
+        if lam[0] <= 1e-12 * lam[-1]:
+            continue
+        Q = np.zeros((H.shape[0], Ws[0].shape[1]))
+        Q[:n1] = Ws[0]
+        S = (V.T @ Q) / np.sqrt(lam)[:, None]
+        rho_star = betas[0] ** 2 * float(np.linalg.svd(S, compute_uv=False)[0] ** 2) if S.size else 0.0
+        rho_star = max(rho_star, 1e-300)
+
+        def passes(delta: float) -> tuple[bool, float, float]:
+            M = lipsdp_matrix_u(net, w, ut, rho_star * (1 + delta))
+            tau = 1e-10 * float(np.linalg.norm(M))
+            top = float(np.linalg.eigvalsh(M)[-1])
+            return top <= -tau, top, tau
+
+        if not check_full:
+            return rho_star * (1 + 1e-9), {**info, "theta": theta, "delta": 1e-9, "rho_star": rho_star}
+        deltas = (1e-9, 1e-7, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+        for i, delta in enumerate(deltas):
+            info["attempts"] += 1
+            ok, top, tau = passes(delta)
+            if not ok:
+                continue
+            if i > 0:  # geometric bisection between the last failing and this passing delta
+                lo_d, hi_d = deltas[i - 1], delta
+                for _ in range(3):
+                    mid = math.sqrt(lo_d * hi_d)
+                    info["attempts"] += 1
+                    ok_m, top_m, tau_m = passes(mid)
+                    if ok_m:
+                        hi_d, top, tau = mid, top_m, tau_m
+                    else:
+                        lo_d = mid
+                delta = hi_d
+            return rho_star * (1 + delta), {**info, "theta": theta, "delta": delta, "rho_star": rho_star, "lambda_max": top, "tau": tau}
+    return None, {**info, "reason": "no verified rho"}
+
+
+class LipSDP:
+    """LipSDP-Neuron of one network in cvxpy, in the reduced *inverse-multiplier* form, compiled
+    once and re-solved per row (the row enters only through a parameter, so cvxpy's DPP cache
+    reuses the canonicalisation).
+
+    The reduced form: for ``T_k > 0`` and ``rho > 0``, congruence of ``M`` with
+    ``blockdiag(I, U_1, ..., U_l)``, ``U_k = T_k^{-1}``, turns every block linear in ``U``
+    (``U_{k-1} (beta_k W_{k-1}^T T_k) U_k = beta_k U_{k-1} W_{k-1}^T``, ``U_k (-2 T_k) U_k = -2 U_k``);
+    a Schur complement on the input block ``-rho I`` (coupled to ``z_1`` by the constant
+    ``beta_1 W_0^T``) adds ``beta_1^2 sigma W_0 W_0^T``, ``sigma = 1/rho``; and one on the output
+    term ``(U_l w)(U_l w)^T`` adds a row. So ``M(rho, T) <= 0`` iff::
+
+        N(sigma, U) = [[ -2 U_1 + beta_1^2 sigma G   beta_2 U_1 W_1^T                         ],
+                       [ beta_2 W_1 U_1              -2 U_2          ...                      ],
+                       [                              ...            -2 U_l      U_l w        ],
+                       [                                             w^T U_l     -1           ]] <= 0
+
+    with ``G = W_0 W_0^T``; maximise ``sigma``. The LMI has size ``n_1 + ... + n_l + 1``
+    (independent of the input dimension: 51 x 51 for a 784-50-10 network instead of 844 x 844)
+    and stays block-tridiagonal, so Clarabel's chordal decomposition splits it into cliques of
+    two consecutive layers. The answer is mapped back to ``T = U^{-1}`` and verified on the
+    full ``M`` by :func:`verify_rho`.
+
+    Args:
+        net: dense float64 network with activations in {relu, sigmoid, tanh}.
+        solver: ``"clarabel"`` (interior point, default) or ``"scs"`` (first order).
+        eps: solver tolerance (SCS ``eps_abs``/``eps_rel``; Clarabel gap/feasibility tolerances).
+        max_iters: solver iteration cap.
+        warm_start: SCS only, start each row from the previous row's solution.
+    """
+
+    def __init__(self, net: FeedForwardNet, solver: str = "clarabel", eps: float = 1e-8, max_iters: int = 100_000,
+                 warm_start: bool = True) -> None:
+        import cvxpy as cp
+
+        self.net = net
+        self.solver = solver.lower()
+        if self.solver not in ("clarabel", "scs"):
+            raise ValueError(f"LipSDP solver must be 'clarabel' or 'scs', got {solver!r}")
+        self.eps = eps
+        self.max_iters = max_iters
+        self.warm_start = warm_start
+        self.betas = _betas(net)
+        if not net.activations:
+            raise ValueError("LipSDP needs at least one hidden layer")
+        Ws = _weights(net)
+        sizes = [W.shape[0] for W in Ws]
+        self.size = sum(sizes) + 1
+        G = Ws[0] @ Ws[0].T
+        # preconditioning (a change of variables, exact): u_k = a_k * v_k with a_k from the
+        # closed-form feasible point for a unit row, and sigma = tau / s with s the squared naive
+        # bound for a unit row, so the solver sees variables of order one
+        e = np.zeros(sizes[-1])
+        e[0] = 1.0
+        self.a = [float(f[0]) for f in feasible_point(Ws, self.betas, e)]
+        self.s = float(np.prod([(b * np.linalg.norm(W, 2)) ** 2 for b, W in zip(self.betas, Ws)]))
+        self.tau = cp.Variable(nonneg=True)
+        self.v = [cp.Variable(n, nonneg=True) for n in sizes]
+        self.w = cp.Parameter(sizes[-1])
+        dims = sizes + [1]
+        L = len(sizes)
+        blocks: list[list] = [[np.zeros((di, dj)) for dj in dims] for di in dims]
+        for k in range(L):
+            blocks[k][k] = -2 * self.a[k] * cp.diag(self.v[k])
+            if k + 1 < L:
+                blk = (self.betas[k + 1] * self.a[k]) * (cp.diag(self.v[k]) @ Ws[k + 1].T)  # [n_k, n_{k+1}]
+                blocks[k][k + 1] = blk
+                blocks[k + 1][k] = blk.T
+        blocks[0][0] = blocks[0][0] + self.tau * ((self.betas[0] ** 2 / self.s) * G)
+        col = cp.reshape(self.a[-1] * cp.multiply(self.v[-1], self.w), (sizes[-1], 1), order="F")
+        blocks[L - 1][L] = col
+        blocks[L][L - 1] = col.T
+        blocks[L][L] = -np.ones((1, 1))
+        N = cp.bmat(blocks)
+        self.problem = cp.Problem(cp.Maximize(self.tau), [(N + N.T) / 2 << 0])
+
+    def _solve_kwargs(self) -> dict:
+        import cvxpy as cp
+
+        if self.solver == "scs":
+            return dict(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=self.max_iters, warm_start=self.warm_start)
+        kw = dict(solver=cp.CLARABEL, tol_gap_abs=self.eps, tol_gap_rel=self.eps, tol_feas=self.eps, max_iter=min(self.max_iters, 500))
+        try:  # the supernodal faer backend is much faster on the dense PSD-cone blocks
+            import clarabel
+
+            if hasattr(clarabel.DefaultSettings(), "direct_solve_method"):
+                kw["direct_solve_method"] = "faer"
+        except Exception:  # pragma: no cover
+            pass
+        return kw
+
+    def solve_row(self, w: np.ndarray, verify: bool = True) -> LipSDPResult:
+        """LipSDP for the row with last-layer vector ``w = W_l^T c`` ``[n_l]``."""
+        t0 = time.perf_counter()
+        nw = float(np.linalg.norm(w))
+        if nw == 0.0:
+            return LipSDPResult(0.0, 0.0, 0.0, "zero row", time.perf_counter() - t0)
+        self.w.value = w / nw
+        try:
+            self.problem.solve(**self._solve_kwargs())
+            status = str(self.problem.status)
+        except Exception as e:  # solver failure: no certificate from this row
+            return LipSDPResult(None, None, None, f"solver error: {type(e).__name__}: {e}", time.perf_counter() - t0)
+        us = [None if v.value is None else a * np.asarray(v.value, dtype=np.float64) for a, v in zip(self.a, self.v)]
+        sig = None if self.tau.value is None else float(self.tau.value) / self.s
+        # homogeneity: M(s^2 rho, s^2 T; s w) = s^2 M(rho, T; w) with s = ||w||
+        rho_s = nw**2 / sig if sig is not None and sig > 0 else None
+        if any(u is None for u in us) or rho_s is None:
+            return LipSDPResult(None, rho_s, None, status, time.perf_counter() - t0)
+        if not verify:
+            return LipSDPResult(math.sqrt(rho_s), rho_s, None, status + " (unverified)", time.perf_counter() - t0)
+        # (sigma, U) solve the problem for w / ||w||; for w: rho = ||w||^2 / sigma, U = U' / ||w||^2
+        rho_v, info = verify_rho(self.net, w, [u / nw**2 for u in us])
+        L = None if rho_v is None else math.sqrt(rho_v) * (1 + ROUND_UP)
+        return LipSDPResult(L, rho_s, rho_v, status, time.perf_counter() - t0, info)
+
+
+def _row_key(v: np.ndarray) -> bytes:
+    """Exact key of a last-layer row up to sign (``c`` and ``-c`` give ``v`` and ``-v`` exactly)."""
+    nz = np.flatnonzero(v)
+    key_v = v if (nz.size == 0 or v[nz[0]] > 0) else -v
+    return (key_v + 0.0).tobytes()  # + 0.0 folds -0.0 into 0.0
+
+
+class RowSolver:
+    """Verified LipSDP l2 bounds of rows ``c^T f``, solved on demand and memoised by row.
+
+    Args:
+        net: dense float64 network (at least one hidden layer).
+        solver, eps, max_iters: as :class:`LipSDP`.
+    """
+
+    def __init__(self, net: FeedForwardNet, solver: str = "clarabel", eps: float | None = None, max_iters: int = 100_000) -> None:
+        self.net = net
+        self.solver = solver
+        self.eps = eps if eps is not None else (1e-8 if solver == "clarabel" else 1e-5)
+        self.max_iters = max_iters
+        self._prob: LipSDP | None = None
+        self.results: dict[bytes, LipSDPResult] = {}
+        self.W_L = net.layers[-1].W.detach().cpu().double()
+
+    @property
+    def problem(self) -> LipSDP:
+        if self._prob is None:
+            self._prob = LipSDP(self.net, solver=self.solver, eps=self.eps, max_iters=self.max_iters)
+        return self._prob
+
+    def rows(self, C: Tensor) -> np.ndarray:
+        """Last-layer vectors ``W_L^T c`` ``[R, n_l]`` of rows ``C [R, K]``."""
+        return (C.detach().cpu().double() @ self.W_L).numpy()
+
+    def known(self, C: Tensor) -> np.ndarray:
+        """``[R]`` verified bounds already computed (``nan`` where not solved or unverified)."""
+        return np.array([self._value(self.results.get(_row_key(v))) for v in self.rows(C)])
+
+    def is_solved(self, C: Tensor) -> np.ndarray:
+        return np.array([_row_key(v) in self.results for v in self.rows(C)], dtype=bool)
+
+    @staticmethod
+    def _value(res: LipSDPResult | None) -> float:
+        return np.nan if res is None or res.L is None else float(res.L)
+
+    def solve(self, C: Tensor) -> np.ndarray:
+        """Solve (once per row up to sign) and return ``[R]`` bounds (``nan`` = no verified bound)."""
+        out = []
+        for v in self.rows(C):
+            k = _row_key(v)
+            if k not in self.results:
+                self.results[k] = self.problem.solve_row(v)
+            out.append(self._value(self.results[k]))
+        return np.array(out)
+
+
+def lipsdp_rows(net: FeedForwardNet, C: Tensor, *, solver: str = "clarabel", eps: float | None = None,
+                max_iters: int = 100_000) -> tuple[Tensor, list[LipSDPResult]]:
+    """Verified LipSDP l2 bounds for rows ``C [R, K]``; rows equal up to sign are solved once.
+
+    Returns:
+        ``(L [R] float64, results)``: ``L = nan`` where no verified bound exists (the caller
+        falls back to the global bound); ``results`` per unique row, in order of appearance.
+    """
+    rs = RowSolver(net, solver=solver, eps=eps, max_iters=max_iters)
+    L = rs.solve(C)
+    return torch.from_numpy(L), list(rs.results.values())
