@@ -27,7 +27,7 @@ from torch import Tensor
 
 from verify.certificate import Certificate
 from verify.registry import Method, get_method, register
-from verify.spec import Box, InputSet, LpBall, OutputProperty, SpecError, norm_name
+from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
 from .bab import BabResult, RowSpec
 from .beta import NotReluNetError, ReluNet, intermediate_bounds, optimize_bound
