@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -44,6 +45,13 @@ def _onnx_check(onnx_path: Path, x: np.ndarray, spec, shape) -> str:
     return "ok" if not bool(s.holds(torch.from_numpy(y).double())[0]) else "NOT violated"
 
 
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared data directory")
@@ -62,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         inst = inst[: args.limit]
     torch.set_num_threads(1)
+    load0 = _load()
     gm = load_model(bench / args.net)
     shape = tuple(gm.input_shape)
     rows = []
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout = args.timeout or float(tmo)
         props = parse_vnnlib(bench / Path(vnn).name)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         statuses, notes, cert = [], [], None
         for prop in props:  # one input box per file here
             box = prop.box(shape)
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             if cert.status != "certified":
                 break
         elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - c0
         status = "falsified" if "falsified" in statuses else ("certified" if statuses and all(s == "certified" for s in statuses) else "unknown")
         det = cert.details if cert is not None else {}
         ref = det.get("refine", {})
@@ -91,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "instance": Path(vnn).stem,
                 "result": RESULT[status],
                 "time_s": elapsed,
+                "cpu_s": cpu,
                 "timeout": timeout,
                 "unstable": f"{ref.get('unstable_before', '?')}->{ref.get('unstable_after', '?')}",
                 "lp_proved": det.get("lp_proved_groups", ""),
@@ -100,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         r = rows[-1]
-        print(f"{r['instance']:>16}  {r['result']:>16}  {r['time_s']:7.1f}s  unstable {r['unstable']:>10}  {r['note']}", flush=True)
+        print(f"{r['instance']:>16}  {r['result']:>16}  {r['time_s']:7.1f}s (cpu {r['cpu_s']:6.1f}s)  unstable {r['unstable']:>10}  {r['note']}", flush=True)
 
     times = [r["time_s"] for r in rows]
+    cpus = [r["cpu_s"] for r in rows]
     solved = [r for r in rows if r["result"] in ("sat", "unsat")]
     in_time = [r for r in solved if r["time_s"] <= r["timeout"]]
     lines = [
@@ -110,16 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `.venv/bin/python benchmarks/milp.py{' --limit ' + str(args.limit) if args.limit else ''}`",
         "",
-        "| instance | result | time (s) | unstable (CROWN -> LP-refined) | groups proved by LP | MILPs run | note |",
-        "|---|---|---:|---|---:|---:|---|",
+        "| instance | result | wall (s) | cpu (s) | unstable (CROWN -> LP-refined) | groups proved by LP | MILPs run | note |",
+        "|---|---|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['instance']} | {r['result']} | {r['time_s']:.1f} | {r['unstable']} | {r['lp_proved']} | {r['milp_groups']} | {r['note']} |")
+        lines.append(f"| {r['instance']} | {r['result']} | {r['time_s']:.1f} | {r['cpu_s']:.1f} | {r['unstable']} | {r['lp_proved']} | {r['milp_groups']} | {r['note']} |")
     lines += [
         "",
         f"- decided: {len(solved)}/{len(rows)} (unsat {sum(r['result'] == 'unsat' for r in rows)}, sat {sum(r['result'] == 'sat' for r in rows)}); "
         f"within their timeout: {len(in_time)}/{len(rows)}",
-        f"- time: median {statistics.median(times):.1f} s, total {sum(times):.1f} s, max {max(times):.1f} s" if times else "- no instances",
+        f"- wall time: median {statistics.median(times):.1f} s, total {sum(times):.1f} s, max {max(times):.1f} s; "
+        f"cpu time: median {statistics.median(cpus):.1f} s, total {sum(cpus):.1f} s, max {max(cpus):.1f} s" if times else "- no instances",
+        f"- machine load average (1 min) at start / end: {load0} / {_load()} on {os.cpu_count()} cores",
         f"- bounds: {rows[0]['bounds'] if rows else ''}; torch threads 1, HiGHS threads 1",
     ]
     text = "\n".join(lines) + "\n"

@@ -163,51 +163,76 @@ def pgd_attack(
     restarts: int = 2,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Projected gradient descent on ``spec.violation_margin`` (min over groups of the max row).
+    """Projected gradient descent (Madry et al. 2018) on the violation margin.
 
-    Returns ``(x [B, *shape], margin [B])``: the lowest-margin point found per example (a
-    violation iff ``margin <= 0``; confirm with :func:`confirm_violation`). Signed-gradient steps
-    for boxes / l_inf, normalised-gradient steps for l_1 / l_2; restart 0 starts at the midpoint,
-    the others at random points of the set.
+    One lane per group ``g`` (minimising that group's largest row) plus one lane on
+    ``spec.violation_margin`` (min over groups), all lanes and inputs in one batch. Signed-gradient
+    steps for boxes / l_inf, normalised-gradient steps for l_1 / l_2; restart 0 starts at the
+    midpoint, the others at random points of the set.
+
+    Returns ``(x [B, *shape], margin [B])``: per example the point of lowest violation margin
+    found (a violation iff ``margin <= 0``; confirm with :func:`confirm_violation`).
     """
     dtype, dev = _model_dtype(model)
     inputs = inputs.to(device=dev, dtype=dtype)
     spec = spec.to(device=dev, dtype=dtype)
-    lo, hi = inputs.bounds()
     B = inputs.batch_size
+    G = spec.num_groups
+    lanes = G + 1 if G > 1 else 1
+    idx = [b for _ in range(lanes) for b in range(B)]  # lane-major: row l*B + b
+    lset = inputs.select(idx) if lanes > 1 else inputs
+    lspec = spec.select(idx) if lanes > 1 else spec
+    lane_of = torch.arange(lanes, device=dev).repeat_interleave(B)
+    lo, hi = lset.bounds()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     signed = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
     width = (hi - lo).flatten(1).amax(dim=1).clamp_min(1e-12)
-    if isinstance(inputs, LpBall):
-        width = torch.maximum(width, inputs.eps)
+    if isinstance(lset, LpBall):
+        width = torch.maximum(width, lset.eps)
+    shape1 = (-1, *([1] * (lo.dim() - 1)))
+
+    def objective(y: Tensor) -> tuple[Tensor, Tensor]:
+        gmx = lspec.group_max(lspec.values(y))  # [L*B, G]
+        overall = gmx.amin(dim=1)
+        if lanes == 1:
+            return overall, overall
+        per = gmx.gather(1, lane_of.clamp(max=G - 1).view(-1, 1)).squeeze(1)
+        return torch.where(lane_of < G, per, overall), overall
+
     best_x = inputs.midpoint().clone()
     with torch.no_grad():
         best_m = spec.violation_margin(model(best_x).reshape(B, -1))
+
+    def keep(x: Tensor, overall: Tensor) -> None:
+        nonlocal best_m
+        m = overall.view(lanes, B)
+        mv, li = m.min(dim=0)
+        better = mv < best_m
+        if better.any():
+            xs = x.view(lanes, B, *x.shape[1:])[li, torch.arange(B, device=dev)]
+            best_x[better] = xs[better].detach()
+            best_m = torch.where(better, mv, best_m)
+
     for r in range(restarts):
-        x = inputs.midpoint().clone() if r == 0 else inputs.sample(1, generator=gen)[0].to(dtype)
+        x = lset.midpoint().clone() if r == 0 else lset.sample(1, generator=gen)[0].to(dtype)
         for t in range(steps):
             alpha = (2.5 / steps) * width * (1 - t / (steps + 1))
             x = x.detach().requires_grad_(True)
-            m = spec.violation_margin(model(x).reshape(B, -1))
-            (g,) = torch.autograd.grad(m.sum(), x)
+            obj, overall = objective(model(x).reshape(x.shape[0], -1))
+            (g,) = torch.autograd.grad(obj.sum(), x)
             with torch.no_grad():
-                better = m < best_m
-                best_m = torch.where(better, m, best_m)
-                best_x[better] = x[better].detach()
-                a = alpha.view(-1, *([1] * (x.dim() - 1)))
+                keep(x, overall)
+                a = alpha.view(shape1)
                 if signed:
                     step = a * g.sign()
-                    if not isinstance(inputs, LpBall):
-                        step = step * ((hi - lo) / width.view(-1, *([1] * (x.dim() - 1))))
+                    if not isinstance(lset, LpBall):
+                        step = step * ((hi - lo) / width.view(shape1))
                 else:
-                    gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (x.dim() - 1)))
+                    gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape1)
                     step = a * g / gn
-                x = inputs.project(x - step)
+                x = lset.project(x - step)
         with torch.no_grad():
-            m = spec.violation_margin(model(x).reshape(B, -1))
-            better = m < best_m
-            best_m = torch.where(better, m, best_m)
-            best_x[better] = x[better]
+            keep(x, objective(model(x).reshape(x.shape[0], -1))[1])
     return best_x.detach(), best_m.detach()
 
 
