@@ -192,6 +192,14 @@ def float_safety_margin(lower: Tensor) -> Tensor:
     return rel * (1.0 + lower.abs())
 
 
+def _float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 deep copy of ``model`` (attributes such as ``input_shape`` kept)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    return m.to(torch.float64)
+
+
 class BoundMethod(Method):
     """A deterministic method defined by sound lower bounds on the property rows.
 
@@ -218,6 +226,35 @@ class BoundMethod(Method):
     def safety_margin(self, lower: Tensor) -> Tensor:
         return float_safety_margin(lower)
 
+    #: a float32 proof whose best group bound is below this fraction of (1 + |lower|) is
+    #: re-checked with the model and bounds in float64
+    recheck_fraction: ClassVar[float] = 1e-3
+
+    def checked_bounds(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> tuple[Tensor, Tensor]:
+        """Lower bounds ``[B, N]`` and proved ``[B]``, with borderline float32 proofs confirmed
+        in float64.
+
+        Round-off in a float32 bound computation grows with the magnitude of the terms summed,
+        not with the result; a proof that clears the safety margin by little is therefore
+        recomputed on a float64 copy of the model and kept only if it still holds there.
+        """
+        lower = self.lower_bounds(model, inputs, spec)
+        proved = self.proves(lower, spec)
+        if lower.dtype == torch.float64 or not bool(proved.any()):
+            return lower, proved
+        best = spec.group_max(lower).amin(dim=-1)
+        scale = 1.0 + lower.abs().amax(dim=-1)
+        borderline = proved & (best <= self.recheck_fraction * scale)
+        if bool(borderline.any()):
+            idx = borderline.nonzero().squeeze(1)
+            model64 = _float64_copy(model)
+            low64 = self.lower_bounds(model64, inputs.select(idx).to(dtype=torch.float64), spec.select(idx).to(dtype=torch.float64))
+            proved = proved.clone()
+            proved[idx] = self.proves(low64, spec.select(idx).to(dtype=torch.float64)).to(proved.device)
+            lower = lower.clone()
+            lower[idx] = torch.minimum(lower[idx], low64.to(lower.dtype))
+        return lower, proved
+
     def proves(self, lower: Tensor, spec: LinearSpec) -> Tensor:
         """Bool ``[B]``: the bounds prove the property after the float margin."""
         ok = lower > self.safety_margin(lower)
@@ -237,8 +274,8 @@ class BoundMethod(Method):
         is_ball = isinstance(inputs, LpBall)
         norm = norm_name(inputs.p) if is_ball else "box"
 
-        lower = self.lower_bounds(model, inputs, spec)
-        proved = self.proves(lower, spec) & clean_ok
+        lower, proved = self.checked_bounds(model, inputs, spec)
+        proved = proved & clean_ok
         asked_eps = inputs.eps if is_ball else None
 
         radius = torch.zeros(B, dtype=torch.float64)
@@ -289,9 +326,10 @@ class BoundMethod(Method):
             if not active.any():
                 break
             mid = (lo + hi) / 2
-            eps = torch.where(active, mid, lo).to(inputs.eps)
-            ball = inputs.with_eps(eps)
-            ok = self.proves(self.lower_bounds(model, ball, spec), spec).cpu() & active
-            lo = torch.where(ok, mid, lo)
+            # float64 radii: LpBall rounds them *up* to the model dtype, and the radius kept on
+            # success is the one actually proved (never the unrounded midpoint)
+            ball = inputs.with_eps(torch.where(active, mid, lo).to(inputs.eps.device))
+            ok = self.checked_bounds(model, ball, spec)[1].cpu() & active
+            lo = torch.where(ok, ball.eps.double().cpu(), lo)
             hi = torch.where(active & ~ok, mid, hi)
         return lo
