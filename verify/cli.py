@@ -387,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-attack", action="store_true", help="skip the PGD curve")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_compare)
+
+    from .vnncomp import add_vnncomp_parser, run_vnncomp_command
+
+    s = add_vnncomp_parser(sub)
+    s.set_defaults(func=run_vnncomp_command)
     return ap
 
 
@@ -405,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise CLIError("choose a command: methods, run, demo, compare (certify -h for help)")
+            raise CLIError("choose a command: methods, run, demo, compare, vnncomp (certify -h for help)")
         if getattr(args, "limit", None) is not None and args.limit < 0:
             raise CLIError(f"--limit must be >= 0, got {args.limit}")
         if args.threads < 1:

@@ -1,0 +1,19 @@
+"""`certify vnncomp` is wired into the CLI."""
+from pathlib import Path
+
+from verify.cli import main
+
+
+def test_vnncomp_command_runs_the_test_benchmark(shared_dir, tmp_path, capsys):
+    folder = shared_dir / "benchmarks" / "vnncomp" / "2021" / "test"
+    out = tmp_path / "r.csv"
+    assert main(["vnncomp", str(folder), "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "instances 5" in text and out.exists()
+
+
+def test_vnncomp_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    code = main(["vnncomp", str(tmp_path / "nope"), "--out", str(tmp_path / "r.csv"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
