@@ -156,6 +156,13 @@ def _n_matrix(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[
     return N
 
 
+def _jacobi(M: np.ndarray) -> np.ndarray:
+    """``d = |diag M|^{-1/2}`` (1 where the diagonal is 0): ``D M D`` has unit diagonal
+    magnitudes, so a tolerance relative to its norm is meaningful for every block."""
+    a = np.abs(np.diag(M))
+    return np.where(a > 0, 1.0 / np.sqrt(np.where(a > 0, a, 1.0)), 1.0)
+
+
 def feasible_point(Ws: list[np.ndarray], betas: list[float], w: np.ndarray) -> list[np.ndarray]:
     """Inverse multipliers ``u_k = a_k 1`` with ``N(0, U) < 0`` strictly, in closed form.
 
@@ -177,13 +184,22 @@ def feasible_point(Ws: list[np.ndarray], betas: list[float], w: np.ndarray) -> l
     return [np.full(W.shape[0], a[k]) for k, W in enumerate(Ws)]
 
 
-def verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, check_full: bool = True) -> tuple[float | None, dict]:
-    """See :func:`_verify_rho`; runs LAPACK single-threaded (much faster on a shared, loaded CPU)."""
+def single_thread():
+    """Context limiting BLAS/LAPACK (and OpenMP) pools to one thread. The dense linear algebra
+    here is small (at most a few thousand rows); on a shared, loaded CPU multi-threaded
+    LAPACK calls were measured 10-200x slower than single-threaded ones."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover
-        return _verify_rho(net, w, us, check_full=check_full)
-    with threadpool_limits(1):
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
+def verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, check_full: bool = True) -> tuple[float | None, dict]:
+    """See :func:`_verify_rho` (run single-threaded)."""
+    with single_thread():
         return _verify_rho(net, w, us, check_full=check_full)
 
 
@@ -197,8 +213,10 @@ def _verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, che
     2. ``rho* = beta_1^2 lambda_max((-H)^{-1/2} G' (-H)^{-1/2})``, ``H = N(0, U)``,
        ``G' = blockdiag(W_0 W_0^T, 0)``: the least ``rho`` feasible for this ``U``.
     3. ``rho = rho* (1 + delta)`` for increasing ``delta`` until the full congruent matrix
-       :func:`lipsdp_matrix_u` passes ``eigvalsh(M).max() <= -1e-10 ||M||_F``; if no ``delta``
-       passes, the next ``theta``.
+       :func:`lipsdp_matrix_u` ``M``, scaled to unit diagonal (``D M D``, ``D = |diag M|^{-1/2}``:
+       a congruence, so the sign is kept, and the blocks, whose scales differ by orders of
+       magnitude, become comparable), passes ``eigvalsh(DMD).max() <= -1e-10 ||DMD||_F``;
+       if no ``delta`` passes, the next ``theta``.
 
     Returns:
         ``(rho, info)``; ``rho`` is ``None`` if no attempt passed.
@@ -209,22 +227,26 @@ def _verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, che
     uf = feasible_point(Ws, betas, w)
     info: dict = {"attempts": 0}
     n1 = Ws[0].shape[0]
-    for theta in (0.0, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0):
+    for theta in _THETAS:
         ut = [(1 - theta) * u + theta * f for u, f in zip(us, uf)]
         H = _n_matrix(Ws, betas, w, ut, 0.0)
-        lam, V = np.linalg.eigh(-H)
+        dh = _jacobi(H)
+        lam, V = np.linalg.eigh(-(dh[:, None] * H * dh[None, :]))  # -D H D, D = diag(|H_ii|^-1/2)
         if lam[0] <= 1e-12 * lam[-1]:
             continue
         Q = np.zeros((H.shape[0], Ws[0].shape[1]))
         Q[:n1] = Ws[0]
-        S = (V.T @ Q) / np.sqrt(lam)[:, None]
+        # Q^T (-H)^{-1} Q = (D Q)^T (-D H D)^{-1} (D Q)
+        S = (V.T @ (dh[:, None] * Q)) / np.sqrt(lam)[:, None]
         rho_star = betas[0] ** 2 * float(np.linalg.svd(S, compute_uv=False)[0] ** 2) if S.size else 0.0
         rho_star = max(rho_star, 1e-300)
 
         def passes(delta: float) -> tuple[bool, float, float]:
             M = lipsdp_matrix_u(net, w, ut, rho_star * (1 + delta))
-            tau = 1e-10 * float(np.linalg.norm(M))
-            top = float(np.linalg.eigvalsh(M)[-1])
+            d = _jacobi(M)  # congruence with a positive diagonal keeps the sign of M
+            Ms = d[:, None] * M * d[None, :]
+            tau = 1e-10 * float(np.linalg.norm(Ms))
+            top = float(np.linalg.eigvalsh(Ms)[-1])
             return top <= -tau, top, tau
 
         if not check_full:
@@ -248,6 +270,82 @@ def _verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, che
                 delta = hi_d
             return rho_star * (1 + delta), {**info, "theta": theta, "delta": delta, "rho_star": rho_star, "lambda_max": top, "tau": tau}
     return None, {**info, "reason": "no verified rho"}
+
+
+_THETAS = (0.0, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0)
+
+
+def _strictly_feasible(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The first ``(1 - theta) U + theta U_f`` (``theta`` in ``_THETAS``) with ``N(0, U) < 0``."""
+    us = [np.maximum(np.nan_to_num(np.asarray(u, dtype=np.float64), nan=0.0, posinf=0.0), 0.0) for u in us]
+    uf = feasible_point(Ws, betas, w)
+    for theta in _THETAS:
+        ut = [(1 - theta) * u + theta * f for u, f in zip(us, uf)]
+        if math.isfinite(rho_star(Ws, betas, w, ut)[0]):
+            return ut
+    return None
+
+
+def rho_star(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.ndarray],
+             grad: bool = False) -> tuple[float, list[np.ndarray] | None]:
+    """``rho*(U) = beta_1^2 lambda_max(Q^T (-H)^{-1} Q)``, the least ``rho`` with
+    ``M(rho, U^{-1}) <= 0`` (``H = N(0, U)``, ``Q = [W_0; 0]``), and optionally its gradient in
+    ``U``: with ``y`` the top eigenvector and ``z = (-H)^{-1} Q y``, ``d rho* = beta_1^2 z^T dH z``.
+    Returns ``(inf, None)`` when ``H`` is not negative definite. Not a certificate by itself:
+    :func:`verify_rho` checks the final point.
+    """
+    H = _n_matrix(Ws, betas, w, us, 0.0)
+    dh = _jacobi(H)
+    lam, V = np.linalg.eigh(-(dh[:, None] * H * dh[None, :]))
+    if lam[0] <= 1e-12 * lam[-1]:
+        return math.inf, None
+    n1 = Ws[0].shape[0]
+    DQ = np.zeros((H.shape[0], Ws[0].shape[1]))
+    DQ[:n1] = dh[:n1, None] * Ws[0]
+    S = (V.T @ DQ) / np.sqrt(lam)[:, None]
+    _, sv, yt = np.linalg.svd(S, full_matrices=False)
+    rho = betas[0] ** 2 * float(sv[0] ** 2)
+    if not grad:
+        return rho, None
+    z = dh * (V @ ((V.T @ (DQ @ yt[0])) / lam))  # (-H)^{-1} Q y
+    sizes = [W.shape[0] for W in Ws]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    g = []
+    for k in range(len(sizes)):
+        zk = z[off[k]:off[k + 1]]
+        gk = -2.0 * zk**2
+        if k + 1 < len(sizes):
+            gk += 2.0 * betas[k + 1] * zk * (Ws[k + 1].T @ z[off[k + 1]:off[k + 2]])
+        else:
+            gk += 2.0 * zk * w * z[-1]
+        g.append(betas[0] ** 2 * gk)
+    return rho, g
+
+
+def polish(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.ndarray], iters: int = 50,
+           step: float = 0.5) -> tuple[list[np.ndarray], float]:
+    """Lower ``rho*(U)`` by normalised gradient steps on ``log u`` with backtracking (a cheap
+    first-order refinement of any strictly feasible ``U``; every accepted point keeps
+    ``N(0, U) < 0``). Returns the best ``U`` and its ``rho*``."""
+    best_u = [np.asarray(u, dtype=np.float64).copy() for u in us]
+    best, g = rho_star(Ws, betas, w, best_u, grad=True)
+    if not math.isfinite(best) or g is None:
+        return best_u, best
+    for _ in range(iters):
+        gl = np.concatenate([u * gi for u, gi in zip(best_u, g)])
+        scale = float(np.abs(gl).max())
+        if scale == 0 or step < 1e-6:
+            break
+        dx = -step * gl / scale
+        offs = np.cumsum([0] + [len(u) for u in best_u])
+        cand = [u * np.exp(dx[offs[k]:offs[k + 1]]) for k, u in enumerate(best_u)]
+        r, gc = rho_star(Ws, betas, w, cand, grad=True)
+        if r < best:
+            best_u, best, g = cand, r, gc
+            step *= 1.3
+        else:
+            step *= 0.4
+    return best_u, best
 
 
 class LipSDP:
@@ -282,13 +380,12 @@ class LipSDP:
     """
 
     def __init__(self, net: FeedForwardNet, solver: str = "clarabel", eps: float = 1e-8, max_iters: int = 100_000,
-                 warm_start: bool = True) -> None:
-        import cvxpy as cp
-
+                 warm_start: bool = True, polish_iters: int | None = None) -> None:
         self.net = net
         self.solver = solver.lower()
-        if self.solver not in ("clarabel", "scs"):
-            raise ValueError(f"LipSDP solver must be 'clarabel' or 'scs', got {solver!r}")
+        if self.solver not in ("clarabel", "scs", "first-order"):
+            raise ValueError(f"LipSDP solver must be 'clarabel', 'scs' or 'first-order', got {solver!r}")
+        self.polish_iters = polish_iters
         self.eps = eps
         self.max_iters = max_iters
         self.warm_start = warm_start
@@ -296,8 +393,13 @@ class LipSDP:
         if not net.activations:
             raise ValueError("LipSDP needs at least one hidden layer")
         Ws = _weights(net)
+        self.Ws = Ws
         sizes = [W.shape[0] for W in Ws]
         self.size = sum(sizes) + 1
+        if self.solver == "first-order":
+            return
+        import cvxpy as cp
+
         G = Ws[0] @ Ws[0].T
         # preconditioning (a change of variables, exact): u_k = a_k * v_k with a_k from the
         # closed-form feasible point for a unit row, and sigma = tau / s with s the squared naive
@@ -342,29 +444,44 @@ class LipSDP:
         return kw
 
     def solve_row(self, w: np.ndarray, verify: bool = True) -> LipSDPResult:
-        """LipSDP for the row with last-layer vector ``w = W_l^T c`` ``[n_l]``."""
+        """LipSDP for the row with last-layer vector ``w = W_l^T c`` ``[n_l]``: solve (cvxpy or
+        the closed-form start), polish, verify."""
         t0 = time.perf_counter()
         nw = float(np.linalg.norm(w))
         if nw == 0.0:
             return LipSDPResult(0.0, 0.0, 0.0, "zero row", time.perf_counter() - t0)
-        self.w.value = w / nw
-        try:
-            self.problem.solve(**self._solve_kwargs())
-            status = str(self.problem.status)
-        except Exception as e:  # solver failure: no certificate from this row
-            return LipSDPResult(None, None, None, f"solver error: {type(e).__name__}: {e}", time.perf_counter() - t0)
-        us = [None if v.value is None else a * np.asarray(v.value, dtype=np.float64) for a, v in zip(self.a, self.v)]
-        sig = None if self.tau.value is None else float(self.tau.value) / self.s
-        # homogeneity: M(s^2 rho, s^2 T; s w) = s^2 M(rho, T; w) with s = ||w||
-        rho_s = nw**2 / sig if sig is not None and sig > 0 else None
-        if any(u is None for u in us) or rho_s is None:
-            return LipSDPResult(None, rho_s, None, status, time.perf_counter() - t0)
-        if not verify:
-            return LipSDPResult(math.sqrt(rho_s), rho_s, None, status + " (unverified)", time.perf_counter() - t0)
-        # (sigma, U) solve the problem for w / ||w||; for w: rho = ||w||^2 / sigma, U = U' / ||w||^2
-        rho_v, info = verify_rho(self.net, w, [u / nw**2 for u in us])
+        with single_thread():
+            us, rho_s, status = None, None, self.solver
+            if self.solver != "first-order":
+                self.w.value = w / nw
+                try:
+                    self.problem.solve(**self._solve_kwargs())
+                    status = str(self.problem.status)
+                    vals = [v.value for v in self.v]
+                    if all(v is not None for v in vals) and self.tau.value is not None and self.tau.value > 0:
+                        # (sigma, U) solve the problem for w / ||w||; for w (homogeneity
+                        # M(s^2 rho, s^2 T; s w) = s^2 M(rho, T; w)): rho = ||w||^2 / sigma, U = U' / ||w||^2
+                        us = [a * np.asarray(v, dtype=np.float64) / nw**2 for a, v in zip(self.a, vals)]
+                        rho_s = nw**2 * self.s / float(self.tau.value)
+                except Exception as e:  # solver failure: continue from the closed-form point
+                    status = f"solver error: {type(e).__name__}: {e}"
+                if not verify:
+                    L = None if rho_s is None else math.sqrt(rho_s)
+                    return LipSDPResult(L, rho_s, None, status + " (unverified)", time.perf_counter() - t0)
+            Ws, betas = self.Ws, self.betas
+            if us is None:
+                us = feasible_point(Ws, betas, w)
+            iters = self.polish_iters if self.polish_iters is not None else (100 if self.solver == "first-order" else 20)
+            info_p: dict = {}
+            if iters > 0:
+                start = _strictly_feasible(Ws, betas, w, us)
+                if start is not None:
+                    r0 = rho_star(Ws, betas, w, start)[0]
+                    us, r1 = polish(Ws, betas, w, start, iters=iters)
+                    info_p = {"polish_from": r0, "polish_to": r1}
+            rho_v, info = _verify_rho(self.net, w, us)
         L = None if rho_v is None else math.sqrt(rho_v) * (1 + ROUND_UP)
-        return LipSDPResult(L, rho_s, rho_v, status, time.perf_counter() - t0, info)
+        return LipSDPResult(L, rho_s, rho_v, status, time.perf_counter() - t0, {**info, **info_p})
 
 
 def _row_key(v: np.ndarray) -> bytes:
@@ -382,11 +499,13 @@ class RowSolver:
         solver, eps, max_iters: as :class:`LipSDP`.
     """
 
-    def __init__(self, net: FeedForwardNet, solver: str = "clarabel", eps: float | None = None, max_iters: int = 100_000) -> None:
+    def __init__(self, net: FeedForwardNet, solver: str = "clarabel", eps: float | None = None, max_iters: int = 100_000,
+                 polish_iters: int | None = None) -> None:
         self.net = net
         self.solver = solver
-        self.eps = eps if eps is not None else (1e-8 if solver == "clarabel" else 1e-5)
+        self.eps = eps if eps is not None else (1e-8 if solver == "clarabel" else 1e-4)
         self.max_iters = max_iters
+        self.polish_iters = polish_iters
         self._prob: LipSDP | None = None
         self.results: dict[bytes, LipSDPResult] = {}
         self.W_L = net.layers[-1].W.detach().cpu().double()
@@ -394,7 +513,7 @@ class RowSolver:
     @property
     def problem(self) -> LipSDP:
         if self._prob is None:
-            self._prob = LipSDP(self.net, solver=self.solver, eps=self.eps, max_iters=self.max_iters)
+            self._prob = LipSDP(self.net, solver=self.solver, eps=self.eps, max_iters=self.max_iters, polish_iters=self.polish_iters)
         return self._prob
 
     def rows(self, C: Tensor) -> np.ndarray:
@@ -424,13 +543,13 @@ class RowSolver:
 
 
 def lipsdp_rows(net: FeedForwardNet, C: Tensor, *, solver: str = "clarabel", eps: float | None = None,
-                max_iters: int = 100_000) -> tuple[Tensor, list[LipSDPResult]]:
+                max_iters: int = 100_000, polish_iters: int | None = None) -> tuple[Tensor, list[LipSDPResult]]:
     """Verified LipSDP l2 bounds for rows ``C [R, K]``; rows equal up to sign are solved once.
 
     Returns:
         ``(L [R] float64, results)``: ``L = nan`` where no verified bound exists (the caller
         falls back to the global bound); ``results`` per unique row, in order of appearance.
     """
-    rs = RowSolver(net, solver=solver, eps=eps, max_iters=max_iters)
+    rs = RowSolver(net, solver=solver, eps=eps, max_iters=max_iters, polish_iters=polish_iters)
     L = rs.solve(C)
     return torch.from_numpy(L), list(rs.results.values())

@@ -338,16 +338,22 @@ class LipschitzSDP(_LipschitzMethod):
     SDP cannot be verified (solver failure, size limit, time limit) keeps the global bound.
 
     Options:
-        solver: ``"auto"`` (Clarabel for LMIs of size <= 40, SCS above: Clarabel's cost grows
-            with the cube of the PSD cone's ``n(n+1)/2``), ``"clarabel"`` or ``"scs"``.
-        eps: solver tolerance (default ``1e-8`` Clarabel, ``1e-5`` SCS; the verification step
+        solver: ``"auto"``, ``"clarabel"`` (interior point), ``"scs"`` (first-order conic) or
+            ``"first-order"`` (no conic solver: the closed-form strictly feasible multipliers of
+            :func:`relax.lipsdp.feasible_point`, improved by :func:`relax.lipsdp.polish`).
+            ``"auto"`` picks by the reduced LMI size ``n = sum of hidden widths + 1``: Clarabel
+            for ``n <= 60`` (its cost grows like ``(n^2/2)^3``: 4.6 s per row at n = 51 here),
+            SCS for ``n <= 300``, first-order above.
+        eps: solver tolerance (default ``1e-8`` Clarabel, ``1e-4`` SCS; the verification step
             makes any answer sound, the tolerance only sets how tight).
         max_iters: solver iteration cap.
+        polish_iters: gradient steps on the multipliers after the solver (default 20; 100 for
+            ``"first-order"``); 0 disables.
         lazy: solve only the rows that decide the radius: repeatedly take, per input, the group
             with the smallest radius under the current bounds and solve its unsolved rows,
             until every deciding group is solved. The radii equal those of solving every row;
             ``lower`` of rows never solved use the global bound.
-        max_lmi_size: larger reduced LMIs (``sum of hidden widths + 1``) are not attempted.
+        max_lmi_size: larger reduced LMIs are not attempted (global bound).
         time_limit: seconds of SDP solving per ``certify`` call; rows left use the global bound.
     """
 
@@ -355,13 +361,15 @@ class LipschitzSDP(_LipschitzMethod):
     summary = "margin / LipSDP-Neuron per property row (verified), min with the global bound"
     norms = ("linf", "l2", "l1", "box")
 
-    def __init__(self, solver: str = "auto", eps: float | None = None, max_iters: int = 20_000, lazy: bool = True,
-                 max_lmi_size: int = 600, time_limit: float | None = None) -> None:
-        if solver not in ("auto", "clarabel", "scs"):
-            raise ValueError(f"solver must be 'auto', 'clarabel' or 'scs', got {solver!r}")
+    def __init__(self, solver: str = "auto", eps: float | None = None, max_iters: int = 20_000,
+                 polish_iters: int | None = None, lazy: bool = True, max_lmi_size: int = 2000,
+                 time_limit: float | None = None) -> None:
+        if solver not in ("auto", "clarabel", "scs", "first-order"):
+            raise ValueError(f"solver must be 'auto', 'clarabel', 'scs' or 'first-order', got {solver!r}")
         self.solver = solver
         self.eps = eps
         self.max_iters = int(max_iters)
+        self.polish_iters = polish_iters
         self.lazy = bool(lazy)
         self.max_lmi_size = int(max_lmi_size)
         self.time_limit = time_limit
@@ -370,9 +378,12 @@ class LipschitzSDP(_LipschitzMethod):
         from .lipsdp import RowSolver
 
         size = sum(l.n_out for l in net.layers[:-1]) + 1
-        solver = self.solver if self.solver != "auto" else ("clarabel" if size <= 40 else "scs")
-        key = ("sdp", shape, solver, self.eps, self.max_iters)
-        return _cached(model, key, lambda: RowSolver(net, solver=solver, eps=self.eps, max_iters=self.max_iters)), size, solver
+        solver = self.solver
+        if solver == "auto":
+            solver = "clarabel" if size <= 60 else ("scs" if size <= 300 else "first-order")
+        key = ("sdp", shape, solver, self.eps, self.max_iters, self.polish_iters)
+        build = lambda: RowSolver(net, solver=solver, eps=self.eps, max_iters=self.max_iters, polish_iters=self.polish_iters)  # noqa: E731
+        return _cached(model, key, build), size, solver
 
     def row_lipschitz(self, model, inputs, spec, p, margins=None):
         t0 = time.perf_counter()
