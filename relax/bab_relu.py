@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .bab import BabResult, RowSpec, pgd_boxes
-from .beta import Bounds, ReluNet, backward_bound, intermediate_bounds, optimize_bound
+from .beta import Bounds, ReluNet, backward_bound, intermediate_bounds, optimize_bound, refined_bounds
 
 __all__ = ["relu_bab"]
 
@@ -108,7 +108,13 @@ def relu_bab(
         return torch.where(a > 0, lo_b.unsqueeze(1), hi_b.unsqueeze(1)).reshape(-1, lo_b.shape[1])
 
     # root: alpha-CROWN intermediate bounds and final bound
-    pre = intermediate_bounds(net, lo, hi, alpha_steps=intermediate_steps)
+    # alpha-CROWN intermediate bounds only for nets small enough to afford them
+    if max(net.sizes) > 1024:  # wide (e.g. convolutional) layers: forward + unstable-only CROWN
+        pre = refined_bounds(net, lo, hi)
+    else:
+        pre = intermediate_bounds(net, lo, hi, alpha_steps=intermediate_steps, deadline=t0 + 0.3 * timeout)
+    if time.perf_counter() > deadline:
+        return finish("unknown", "timeout", -math.inf)
     C, d = spec.batch(1)
     lower, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
     n_bounded += 1

@@ -176,11 +176,13 @@ def intermediate_bounds(
     start: int = 1,
     alpha_steps: int = 0,
     lr: float = 0.25,
+    deadline: float | None = None,
 ) -> Bounds:
     """CROWN (or alpha-CROWN with ``alpha_steps > 0``) bounds of every pre-activation layer.
 
     Layers ``< start`` are taken from ``prior``; later ones are recomputed and intersected with
     ``prior`` when given (both are sound). Split signs clamp the bounds (``l = 0`` / ``u = 0``).
+    Past ``deadline`` (``time.perf_counter()`` seconds) the alpha steps are skipped.
 
     Returns:
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
@@ -195,8 +197,8 @@ def intermediate_bounds(
         n = net.sizes[m - 1]
         eye = torch.eye(n, dtype=lo.dtype)
         C = torch.cat([eye, -eye]).unsqueeze(0).expand(B, 2 * n, n)
-        if alpha_steps > 0 and m > 1:
-            lb, _, _ = optimize_bound(net, C, None, lo, hi, pre, steps=alpha_steps, lr_alpha=lr, upto=m)
+        if alpha_steps > 0 and m > 1 and (deadline is None or time.perf_counter() < deadline):
+            lb, _, _ = optimize_bound(net, C, None, lo, hi, pre, steps=alpha_steps, lr_alpha=lr, upto=m, deadline=deadline)
         else:
             with torch.no_grad():
                 lb, _ = backward_bound(net, C, None, lo, hi, pre, upto=m)
