@@ -248,6 +248,10 @@ def _decide_region(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre, spl
     R, r = spec.C @ M, spec.C @ c + spec.d  # rows = R x + r
     A0 = torch.cat(A_ub).numpy()
     b0 = torch.cat(b_ub).numpy()
+    # widen the region by a small slack: a region that is empty only within the solver's
+    # feasibility tolerance stays feasible, so "infeasible" below means robustly empty and
+    # every other verdict is about a superset of the region (sound)
+    b0 = b0 + 1e-6 * (1.0 + np.abs(b0))
     bounds = [(float(a), float(b_)) for a, b_ in zip(lo, hi)] + [(None, None)]
     verdict, cand = "proved", None
     for g in range(spec.num_groups):
@@ -257,7 +261,7 @@ def _decide_region(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre, spl
         obj = np.zeros(n0 + 1)
         obj[-1] = 1.0
         res = linprog(obj, A_ub=A, b_ub=b_, bounds=bounds, method="highs")
-        if res.status == 2:  # infeasible: no point of the box lies in this region
+        if res.status == 2:  # infeasible even with the slack: no point of the box lies in this region
             return "proved", None
         if res.status != 0:
             verdict = "unknown"
