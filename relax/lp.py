@@ -166,6 +166,12 @@ def initial_bounds(
         from .bounds import intermediate_bounds
     except ImportError:
         return ib, "interval (relax.bounds not available)"
+    used = method
+    if method not in ("crown", "deeppoly"):
+        # relax.bounds gives boxes for interval / crown / deeppoly; optimised (alpha) bounds of
+        # the intermediate layers are not exposed, and LP refinement supersedes them anyway
+        used = f"crown (for {method})"
+        method = "crown"
     try:
         got = list(intermediate_bounds(model, inputs, method=method).values())
     except Exception as e:  # a bound engine failure must not stop an exact method: fall back
@@ -180,7 +186,7 @@ def initial_bounds(
         if l1.shape != l0.shape:
             return ib, f"interval ({method} bounds have shape {tuple(l1.shape)}, expected {tuple(l0.shape)})"
         out.append((torch.maximum(l0, l1), torch.minimum(u0, u1)))
-    return out, f"{method}+interval"
+    return out, f"{used}+interval"
 
 
 # ------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ class SdpMethod(BoundMethod):
     norms = ("linf", "box")
     bisection_steps = 8
 
-    def __init__(self, solver: str = "clarabel", bounds_method: str = "crown", refine: bool = False, triangle: bool = True, lp_first: bool = True):
+    def __init__(self, solver: str = "auto", bounds_method: str = "crown", refine: bool = False, triangle: bool = True, lp_first: bool = True):
         self.solver = solver
         self.bounds_method = bounds_method
         self.refine = refine

@@ -154,6 +154,20 @@ def confirm_violation(
     return False, cands[-1], "the solver's point does not violate the property in a float32/float64 forward pass"
 
 
+class _one_thread:
+    """Run a block with one torch intra-op thread (restored after). The attacks here are many
+    tiny ops; on a busy machine torch's thread pool makes them 10-20x slower (measured)."""
+
+    def __enter__(self) -> None:
+        self.prev = torch.get_num_threads()
+        if self.prev != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.prev != 1:
+            torch.set_num_threads(self.prev)
+
+
 def pgd_attack(
     model: torch.nn.Module,
     inputs: InputSet,
@@ -173,6 +187,11 @@ def pgd_attack(
     Returns ``(x [B, *shape], margin [B])``: per example the point of lowest violation margin
     found (a violation iff ``margin <= 0``; confirm with :func:`confirm_violation`).
     """
+    with _one_thread():
+        return _pgd(model, inputs, spec, steps, restarts, seed)
+
+
+def _pgd(model, inputs, spec, steps, restarts, seed) -> tuple[Tensor, Tensor]:
     dtype, dev = _model_dtype(model)
     inputs = inputs.to(device=dev, dtype=dtype)
     spec = spec.to(device=dev, dtype=dtype)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,12 @@ from .lp import UnsupportedNetworkError, initial_bounds, regions_of, relu_net, t
 
 __all__ = ["SdpResult", "SdpProblem", "sdp_lower_bounds", "SDP_SOLVERS"]
 
-SDP_SOLVERS = ("clarabel", "scs")
+SDP_SOLVERS = ("auto", "clarabel", "scs")
+#: "auto" uses Clarabel (interior point, accurate; its dense PSD block costs O(n^6)) up to this
+#: side of P and SCS (first order, eps 1e-4) above it -- the verified bound absorbs SCS's
+#: inaccuracy (measured: 20x faster at n = 65, bound 3% weaker)
+AUTO_CLARABEL_MAX_N = 30
+SCS_OPTIONS = {"eps_abs": 1e-4, "eps_rel": 1e-4, "max_iters": 5000}
 #: rows whose triangle-LP bound is already this far above 0 are not sent to the SDP (lp_first)
 LP_FIRST_MARGIN = 1e-6
 
@@ -205,7 +211,7 @@ def sdp_lower_bounds(
     bounds_method: str = "crown",
     refine: bool = False,
     triangle: bool = True,
-    solver: str = "clarabel",
+    solver: str = "auto",
     lp_first: bool = False,
     net: FeedForwardNet | None = None,
 ) -> SdpResult:
@@ -218,7 +224,7 @@ def sdp_lower_bounds(
         bounds_method: pre-activation bounds (:func:`relax.lp.initial_bounds`).
         refine: LP re-tightening of those bounds first.
         triangle: add the triangle LP constraint (tighter; see the module docstring).
-        solver: "clarabel" or "scs" (through cvxpy).
+        solver: "auto", "clarabel" or "scs" (through cvxpy); see ``AUTO_CLARABEL_MAX_N``.
         lp_first: solve the triangle LP first and skip the SDP for rows it already proves
             (their bound is the LP's safe bound; both are sound). A speed option for the method.
 
@@ -260,6 +266,9 @@ def sdp_lower_bounds(
         rowsC = C[bi] @ WL  # [N, n_{L-1}]
         const = C[bi] @ bL + d[bi]
         obj = prob.last.T @ rowsC.T  # [n, N]: row i of the spec as a function of v = P[:, 0]
+        use = solver if solver != "auto" else ("clarabel" if n <= AUTO_CLARABEL_MAX_N else "scs")
+        det["solver"] = use
+        kw = {"solver": cp.CLARABEL} if use == "clarabel" else {"solver": cp.SCS, **SCS_OPTIONS}
         statuses = []
         skip = np.zeros(N, dtype=bool)
         if lp_first:
@@ -276,7 +285,9 @@ def sdp_lower_bounds(
             c0[:n] = obj[:, i]  # column 0 of P (column-major vec)
             cpar.value = c0
             try:
-                problem.solve(solver=cp.CLARABEL if solver == "clarabel" else cp.SCS)
+                with warnings.catch_warnings():  # "inaccurate" is fine: the bound is verified
+                    warnings.simplefilter("ignore")
+                    problem.solve(**kw)
                 st = problem.status
             except cp.error.SolverError as e:
                 st = f"solver error: {e}"

@@ -19,6 +19,16 @@ from verify.registry import get_method, list_methods
 from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Small nets: torch's intra-op thread pool only costs time on a shared machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _net(n_in: int, hidden: int, n_out: int, seed: int, scale: float = 1.0) -> torch.fx.GraphModule:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
@@ -255,7 +265,7 @@ def test_l2_distortion_needs_an_miqp_solver():
 def test_exact_radius_bounds_every_registered_certified_radius():
     """Certified radius of every deterministic method <= exact minimum distortion (MILP)."""
     gm = _net(4, 10, 3, 7, scale=2.0)
-    x = torch.rand(8, 4, generator=torch.Generator().manual_seed(8))
+    x = torch.rand(16, 4, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         lab = gm(x).argmax(1)
     exact, det = minimum_distortion(gm, x, lab, "inf", return_details=True, timeout=60)
