@@ -18,8 +18,10 @@ venv: $(BIN)/certify
 demo: venv
 	$(BIN)/certify demo
 
+# one torch/BLAS thread per process: the models are small and the 2-core CI machine also runs
+# subprocesses; --durations lists the slowest tests so the suite stays well inside CI's budget
 test: venv
-	$(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest tests --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info
