@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for onnx, vnn, tmo in inst:
         timeout = args.timeout or float(tmo)
-        props = parse_vnnlib(bench / Path(vnn).name)
+        props = parse_vnnlib(bench / Path(vnn).name, dtype=torch.float32)  # box rounded outward
         t0 = time.perf_counter()
         c0 = time.process_time()
         statuses, notes, cert = [], [], None
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             box = prop.box(shape)
             m = MilpMethod(solver=args.solver, time_limit=timeout)
             left = timeout - (time.perf_counter() - t0)
-            cert = m.certify(gm, box.to(dtype=torch.float32), prop.spec, timeout=left)[0]
+            cert = m.certify(gm, box, prop.spec, timeout=left)[0]
             statuses.append(cert.status)
             if cert.status == "falsified":
                 x = np.asarray(cert.counterexample, dtype=np.float32).reshape(-1)

@@ -531,11 +531,14 @@ class LpResult:
             LP failed).
         details: one dict per example (bound method, refinement stats, LP statuses, sizes).
         bounds: per example, the pre-activation bounds used.
+        points: per example, ``[N, n0]`` the input part of each row's LP optimum (the midpoint
+            of the box where the LP failed) -- good attack starts.
     """
 
     lower: Tensor
     details: list[dict]
     bounds: list[list[tuple[np.ndarray, np.ndarray]]]
+    points: list[np.ndarray] = field(default_factory=list)
 
 
 def lp_lower_bounds(
@@ -580,7 +583,7 @@ def lp_lower_bounds(
     d = spec.d.detach().double().cpu().numpy()
     B, N = d.shape
     lower = np.full((B, N), -np.inf)
-    details, all_bounds = [], []
+    details, all_bounds, points = [], [], []
     for bi, reg in enumerate(regions):
         t0 = time.perf_counter()
         deadline = None if time_limit is None else t0 + time_limit
@@ -597,6 +600,7 @@ def lp_lower_bounds(
         M, const = enc.expr(len(net.layers) - 1, Cw, cd)
         be = make_backend(enc.lp, solver_name)
         statuses = []
+        pts = np.tile((reg.lo + reg.hi) / 2, (N, 1))
         for i in range(N):
             be.set_objective(M.getrow(i).toarray().ravel(), const[i])
             rest = None if deadline is None else max(deadline - time.perf_counter(), 0.1)
@@ -604,6 +608,7 @@ def lp_lower_bounds(
             statuses.append(r.status)
             if r.status == "optimal":
                 lower[bi, i] = r.bound
+                pts[i] = np.clip(r.x[enc.x_cols], reg.lo, reg.hi)
             elif r.status == "infeasible":
                 # an empty relaxation means the input set is empty or the bounds are wrong:
                 # never read as a proof
@@ -614,4 +619,5 @@ def lp_lower_bounds(
         det["time_s"] = time.perf_counter() - t0
         details.append(det)
         all_bounds.append(bnds)
-    return LpResult(torch.from_numpy(lower), details, all_bounds)
+        points.append(pts)
+    return LpResult(torch.from_numpy(lower), details, all_bounds, points)

@@ -255,6 +255,47 @@ def _pgd(model, inputs, spec, steps, restarts, seed) -> tuple[Tensor, Tensor]:
     return best_x.detach(), best_m.detach()
 
 
+def _pgd_from_points(model, inputs1: InputSet, spec1: LinearSpec, starts: Tensor, groups: list[int], steps: int = 50) -> tuple[Tensor, Tensor]:
+    """PGD for one example from given start points (e.g. LP relaxation optima), start ``s``
+    minimising the largest row of group ``groups[s]``. ``starts [S, *shape]``. Returns the best
+    point of each lane and its violation margin (min over groups), ``([S, *shape], [S])``."""
+    with _one_thread():
+        dtype, dev = _model_dtype(model)
+        S = starts.shape[0]
+        lset = inputs1.to(device=dev, dtype=dtype).select([0] * S)
+        lspec = spec1.to(device=dev, dtype=dtype).select([0] * S)
+        gidx = torch.tensor(groups, device=dev).view(-1, 1)
+        lo, hi = lset.bounds()
+        x = lset.project(starts.to(device=dev, dtype=dtype))
+        best_x, best_m = x.clone(), torch.full((S,), math.inf, dtype=dtype, device=dev)
+        width = (hi - lo).flatten(1).amax(dim=1).clamp_min(1e-12)
+        if isinstance(lset, LpBall):
+            width = torch.maximum(width, lset.eps)
+        shape1 = (-1, *([1] * (lo.dim() - 1)))
+        signed = not isinstance(lset, LpBall) or math.isinf(lset.p)
+        for t in range(steps + 1):
+            x = x.detach().requires_grad_(True)
+            gmx = lspec.group_max(lspec.values(model(x).reshape(S, -1)))
+            overall = gmx.amin(dim=1)
+            with torch.no_grad():
+                better = overall < best_m
+                best_m = torch.where(better, overall, best_m)
+                best_x[better] = x[better].detach()
+            if t == steps:
+                break
+            (g,) = torch.autograd.grad(gmx.gather(1, gidx).sum(), x)
+            with torch.no_grad():
+                a = ((1.0 / steps) * width * (1 - t / (steps + 1))).view(shape1)
+                if signed:
+                    step = a * g.sign()
+                    if not isinstance(lset, LpBall):
+                        step = step * ((hi - lo) / width.view(shape1))
+                else:
+                    step = a * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape1)
+                x = lset.project(x - step)
+        return best_x.detach(), best_m.detach()
+
+
 # ------------------------------------------------------------------------------------------
 # the verification MILP
 
@@ -354,7 +395,7 @@ def milp_verify(
         solver: "auto" | "highs" | "gurobi".
         time_limit: seconds per example (attack, bounds and MILPs together); ``None`` = none.
         attack: run :func:`pgd_attack` first (a quick falsification and the MILP start).
-        margin: a group counts as proved when its MILP dual bound exceeds this (row units).
+        margin: a group counts as proved when the MILP shows ``t_g* >= margin`` (row units).
         exact: solve every group to optimality (no early stop, gap 1e-9; all groups even after
             a violation) -- ``group_lower`` / ``group_upper`` then bracket ``t_g*`` tightly.
         threads: solver threads.
@@ -371,7 +412,6 @@ def milp_verify(
     C = spec.C.detach().double().cpu().numpy()
     d = spec.d.detach().double().cpu().numpy()
     regions = regions_of(inputs)
-    t_start = time.perf_counter()
 
     x_att, m_att = None, None
     if attack:
@@ -414,6 +454,26 @@ def milp_verify(
             gl[g] = row_lower[groups == g].max()
         lp_proved = gl > 1e-9
         det["lp_proved_groups"] = int(lp_proved.sum())
+        # 3b. attack from the LP optima of the open groups (a violation often sits near them);
+        #     their margins also order the groups (likely violations first)
+        open_g = [g for g in range(G) if not lp_proved[g]]
+        g_order = {g: (gm_att[b, g] if gm_att is not None else 0.0) for g in range(G)}
+        if attack and open_g and not exact:
+            pts = lpres.points[0]
+            rows_of = [int(np.flatnonzero(groups == g)[np.argmax(row_lower[groups == g])]) for g in open_g]
+            starts = torch.from_numpy(pts[rows_of]).reshape(len(open_g), *inputs.shape)
+            xl, ml = _pgd_from_points(model, in_b, spec_b, starts, open_g)
+            gmx = _margins(model, xl, spec_b, torch.float64).cpu().numpy()  # [S, G]
+            for k, g in enumerate(open_g):
+                g_order[g] = min(g_order[g], float(gmx[k, g]))
+            k = int(torch.argmin(ml))
+            if float(ml[k]) <= 0:
+                ok, xc, note = confirm_violation(model, xl[k : k + 1], spec_b, in_b)
+                if ok:
+                    gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
+                    det.update(found_by="attack from an LP optimum", note=note, time_s=time.perf_counter() - t0)
+                    outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), row_lower, xc[0].float().cpu(), det))
+                    continue
         # 4. MILP per remaining group
         enc = encode(net, regions[b], bnds, integer=True)
         det["milp"] = dict(enc.stats)
@@ -428,8 +488,7 @@ def milp_verify(
         cost[t_col] = 1.0
         be.set_objective(cost)
         todo = [g for g in range(G) if not lp_proved[g] or exact]
-        if gm_att is not None:
-            todo.sort(key=lambda g: gm_att[b, g])
+        todo.sort(key=lambda g: g_order[g])
         per_group: dict = {}
         status, cex, reasons = "certified", None, []
         reg = regions[b]
