@@ -314,7 +314,12 @@ class LipschitzLocal(_LipschitzMethod):
                 break
             mid = torch.where(active, (lo + hi) / 2, lo)
             idx = active.nonzero().flatten()
-            sub = inputs.select(idx).with_eps(mid[idx].to(inputs.eps))
+            # float64 radii are rounded *up* by LpBall, so L is valid on a ball containing the
+            # one of radius r_used, and r_used (not the unrounded midpoint) is what is claimed
+            sub = inputs.select(idx).with_eps(mid[idx].to(device=inputs.eps.device))
+            r_used = sub.eps.double().cpu()
+            mid = mid.clone()
+            mid[idx] = torch.maximum(mid[idx], r_used.to(mid.dtype))
             L, _ = self.row_lipschitz(model, sub, spec64.select(idx), inputs.p)
             lower = m[idx] - L * mid[idx].unsqueeze(1)
             ok = self.proves(lower, spec64.select(idx)).cpu()
