@@ -16,20 +16,27 @@ block-tridiagonal matrix (blocks ``x, z_1, ..., z_l``)::
 quadratic constraint ``dphi (beta dv - dphi) >= 0`` weighted by ``2 T_k``, S-procedure). With
 ``alpha = 0`` the ``-2 alpha beta W^T T W`` blocks of the paper vanish.
 
-**Reduction** (exact, for speed). The input block ``-rho I`` couples only to ``z_1`` through
-``beta_1 W_0^T T_1``; its Schur complement is ``(beta_1^2 / rho) T_1 W_0 W_0^T T_1``, which only
-depends on ``G = W_0 W_0^T``. Writing ``G = R^T R`` with ``R [r, n_1]`` (``r = rank G <= n_1``)
-gives the equivalent LMI of size ``r + n_1 + ... + n_l`` with ``R`` in place of ``W_0``:
-for a 784-50-10 network a 100 x 100 LMI instead of 834 x 834.
+**Reduction** (exact, for speed; :class:`LipSDP`). For ``T_k > 0``, ``rho > 0``: a congruence
+with ``blockdiag(I, T_1^{-1}, ..., T_l^{-1})`` makes every block linear in ``U_k = T_k^{-1}``, a
+Schur complement eliminates the input block (coupled to ``z_1`` by the constant ``beta_1 W_0^T``,
+contributing ``beta_1^2 W_0 W_0^T / rho``) and another one linearises the output term. The LMI
+in ``(sigma = 1/rho, U)`` has size ``n_1 + ... + n_l + 1``, independent of the input dimension
+(51 x 51 for a 784-50-10 network instead of 844 x 844; a straightforward formulation did not
+finish in 21 minutes with Clarabel, this one takes ~5 s per row) and stays block-tridiagonal
+(Clarabel's chordal decomposition splits it into cliques of two consecutive layers).
 
-**Soundness.** A solver's ``(rho, T)`` is never trusted: first-order solvers (SCS) can stop
-slightly infeasible, below the optimum. :func:`verify_rho` projects ``T`` to ``>= 0`` (with a
-tiny floor), computes the smallest ``rho`` that makes *this* ``T`` feasible in closed form
-(``rho*(T) = beta_1^2 lambda_max(Q^T (-H)^{-1} Q)``, ``H`` the hidden block, ``Q = [T_1 R^T; 0]``),
-then inflates it until the *full, unreduced* ``M`` built in float64 numpy passes an
-eigenvalue check ``lambda_max(M) <= -tau`` with ``tau = 1e-10 ||M||_F`` (well above the
-``O(n eps ||M||)`` backward error of ``eigvalsh``). Only then is ``sqrt(rho)`` reported (rounded
-up); otherwise the caller falls back to the global bound.
+**Soundness.** A solver's answer is never trusted: first-order solvers (SCS) can stop slightly
+infeasible, below the optimum (measured on a random 2-10-30-20-2 net: SCS at eps 1e-4 51.53,
+Clarabel 52.434). :func:`verify_rho` projects ``U`` to ``>= 0``, moves it towards a strictly
+feasible closed-form point (:func:`feasible_point`) only as far as needed, computes the least
+``rho`` feasible for that ``U`` (:func:`rho_star`), and inflates ``rho`` until the full,
+unreduced LipSDP matrix (in the congruent form :func:`lipsdp_matrix_u`, with the input block
+``-rho I_{n_0}``), rebuilt in float64 numpy and scaled to unit diagonal, passes
+``eigvalsh(M).max() <= -1e-10 ||M||_F`` (well above the ``O(n eps ||M||)`` backward error of
+``eigvalsh``). Only then is ``sqrt(rho)`` reported, rounded up; otherwise the caller falls back
+to the global bound. :func:`polish` (gradient steps on ``log U``) improves any strictly feasible
+``U`` cheaply; with ``solver="first-order"`` it is the whole solver (for LMIs too large for the
+conic solvers, e.g. the 513 x 513 LMI of a 784-256-256-10 net).
 """
 from __future__ import annotations
 
