@@ -42,7 +42,22 @@ def _onnx_check(onnx_path: Path, x: np.ndarray, spec, shape) -> str:
     inp = sess.get_inputs()[0]
     y = sess.run(None, {inp.name: x.reshape(1, *shape).astype(np.float32)})[0].reshape(1, -1)
     s = spec.linear(1, y.shape[1], dtype=torch.float64)
-    return "ok" if not bool(s.holds(torch.from_numpy(y).double())[0]) else "NOT violated"
+    return "violated" if not bool(s.holds(torch.from_numpy(y).double())[0]) else "NOT violated"
+
+
+def _majority(shared: Path) -> dict[str, str]:
+    """``{vnnlib name: "sat" | "unsat"}`` of the published 2021 majority for this network, if the
+    claims file is in the shared directory."""
+    path = shared / "benchmarks" / "vnncomp2021_instance_claims.csv"
+    out: dict[str, str] = {}
+    if path.is_file():
+        import csv
+
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["benchmark"] == "mnistfc":
+                    out[(r["onnx"], r["vnnlib"])] = r["majority"]
+    return out
 
 
 def _load() -> str:
@@ -72,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     load0 = _load()
     gm = load_model(bench / args.net)
+    majority = _majority(Path(args.shared))
     shape = tuple(gm.input_shape)
     rows = []
     for onnx, vnn, tmo in inst:
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             statuses.append(cert.status)
             if cert.status == "falsified":
                 x = np.asarray(cert.counterexample, dtype=np.float32).reshape(-1)
-                notes.append("ort " + _onnx_check(bench / Path(onnx).name, x, prop.spec, shape))
+                notes.append(f"found by {cert.details.get('found_by', '?')}; onnxruntime: " + _onnx_check(bench / Path(onnx).name, x, prop.spec, shape))
                 break
             if cert.status != "certified":
                 break
@@ -101,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "instance": Path(vnn).stem,
                 "result": RESULT[status],
+                "majority": majority.get((args.net, Path(vnn).name), "?"),
                 "time_s": elapsed,
                 "cpu_s": cpu,
                 "timeout": timeout,
@@ -112,26 +129,28 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         r = rows[-1]
-        print(f"{r['instance']:>16}  {r['result']:>16}  {r['time_s']:7.1f}s (cpu {r['cpu_s']:6.1f}s)  unstable {r['unstable']:>10}  {r['note']}", flush=True)
+        print(f"{r['instance']:>16}  {r['result']:>16} (majority {r['majority']:>5})  {r['time_s']:7.1f}s (cpu {r['cpu_s']:6.1f}s)  unstable {r['unstable']:>10}  {r['note']}", flush=True)
 
     times = [r["time_s"] for r in rows]
     cpus = [r["cpu_s"] for r in rows]
     solved = [r for r in rows if r["result"] in ("sat", "unsat")]
     in_time = [r for r in solved if r["time_s"] <= r["timeout"]]
+    disagree = [r["instance"] for r in solved if r["majority"] in ("sat", "unsat") and r["majority"] != r["result"]]
     lines = [
         f"# milp on mnistfc {args.net} (solver {args.solver}, {len(rows)} instances)",
         "",
         f"Command: `.venv/bin/python benchmarks/milp.py{' --limit ' + str(args.limit) if args.limit else ''}`",
         "",
-        "| instance | result | wall (s) | cpu (s) | unstable (CROWN -> LP-refined) | groups proved by LP | MILPs run | note |",
-        "|---|---|---:|---:|---|---:|---:|---|",
+        "| instance | result | 2021 majority | wall (s) | cpu (s) | unstable (CROWN -> LP-refined) | groups proved by LP | MILPs run | note |",
+        "|---|---|---|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['instance']} | {r['result']} | {r['time_s']:.1f} | {r['cpu_s']:.1f} | {r['unstable']} | {r['lp_proved']} | {r['milp_groups']} | {r['note']} |")
+        lines.append(f"| {r['instance']} | {r['result']} | {r['majority']} | {r['time_s']:.1f} | {r['cpu_s']:.1f} | {r['unstable']} | {r['lp_proved']} | {r['milp_groups']} | {r['note']} |")
     lines += [
         "",
         f"- decided: {len(solved)}/{len(rows)} (unsat {sum(r['result'] == 'unsat' for r in rows)}, sat {sum(r['result'] == 'sat' for r in rows)}); "
         f"within their timeout: {len(in_time)}/{len(rows)}",
+        f"- disagreements with the published 2021 majority: {', '.join(disagree) if disagree else 'none'}",
         f"- wall time: median {statistics.median(times):.1f} s, total {sum(times):.1f} s, max {max(times):.1f} s; "
         f"cpu time: median {statistics.median(cpus):.1f} s, total {sum(cpus):.1f} s, max {max(cpus):.1f} s" if times else "- no instances",
         f"- machine load average (1 min) at start / end: {load0} / {_load()} on {os.cpu_count()} cores",

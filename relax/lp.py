@@ -1,5 +1,6 @@
-"""The triangle LP relaxation of a ReLU network (Ehlers 2017 "Planet", Sec. 3; Wong & Kolter 2018,
-Eq. 2), and the sparse network encoding it shares with the exact MILP of :mod:`relax.milp`.
+"""The triangle LP relaxation of a ReLU network (the linear approximation of Ehlers 2017, "Planet";
+the convex outer polytope of Wong & Kolter 2018), and the sparse network encoding it shares with
+the exact MILP of :mod:`relax.milp`.
 
 For a chain network in dense form (:func:`relax.affine_net.to_feedforward`)::
 
@@ -11,7 +12,7 @@ and pre-activation bounds ``l_k <= z_k <= u_k`` valid on the input set, each neu
 * stably active (``l >= 0``): one variable ``a`` with ``a = W a_prev + b`` and ``l <= a <= u``;
 * unstable (``l < 0 < u``): variables ``z in [l, u]``, ``a in [0, u]`` with ``z = W a_prev + b``,
   ``a >= z`` and the upper triangle side ``a <= u (z - l) / (u - l)`` (LP), or a binary ``delta``
-  with ``a <= z - l (1 - delta)``, ``a <= u delta`` (MILP, Tjeng et al. 2019 Eq. 5).
+  with ``a <= z - l (1 - delta)``, ``a <= u delta`` (the big-M MILP of Tjeng et al. 2019).
 
 The input set enters as column bounds (a box; an l_inf ball intersected with the domain box) plus,
 for an l_1 ball, ``x = c + p - q``, ``p, q >= 0``, ``sum(p + q) <= eps``.
@@ -22,7 +23,7 @@ re-solved with the next cost: warm-started from the previous basis). The reporte
 holds regardless of the solver's tolerances (the simplex objective itself is not used). With
 ``refine=True`` the pre-activation bounds of every hidden layer after the first are re-tightened
 by LP (min and max of each unstable ``z_j`` over the relaxation of the layers before it), the
-refinement ERAN applies (Singh et al. 2019, "Boosting robustness certification", Sec. 4).
+refinement ERAN applies (Singh et al. 2019, "Boosting robustness certification of neural networks").
 
 Initial pre-activation bounds come from :func:`relax.bounds.intermediate_bounds` (CROWN) when that
 module is present, intersected with interval bounds computed here; bounds from float32 passes are

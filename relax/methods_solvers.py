@@ -36,8 +36,13 @@ def _net_for(method, model, shape):
 
 @register
 class LpMethod(BoundMethod):
-    """Triangle LP relaxation (Planet / Wong & Kolter) solved by HiGHS or Gurobi; the bounds are
-    safe dual bounds (valid whatever the solver's tolerances)."""
+    """Triangle LP relaxation (Planet / Wong & Kolter) solved by HiGHS or Gurobi.
+
+    Soundness: each row's bound is the Neumaier-Shcherbina safe dual bound of the LP
+    (:func:`relax.solvers.safe_dual_bound`), a float64 lower bound that does not rely on the
+    solver's ~1e-7 feasibility tolerances (the simplex objective itself is never used); a row
+    counts as proved when it exceeds the registry's float64 margin ``1e-10 (1 + |lower|)``.
+    Intermediate bounds from float32 bound passes are widened by ``1e-6 (1 + |b|)``."""
 
     name = "lp"
     summary = "triangle LP relaxation (Ehlers 2017; Wong & Kolter 2018), HiGHS/Gurobi, safe dual bounds"

@@ -639,7 +639,7 @@ def minimum_distortion(
     return_details: bool = False,
 ) -> Tensor | tuple[Tensor, list[DistortionResult]]:
     """Exact minimum adversarial distortion ``d* = min {||x' - x||_p : x' in domain, property
-    violated at x'}`` by MILP (Tjeng et al. 2019, Sec. 4: "minimum adversarial distortion").
+    violated at x'}`` by MILP (the "minimum adversarial distortion" of Tjeng et al. 2019).
 
     Per group ``g`` of the property one MILP ``min eps s.t. ||x' - x||_p <= eps, all rows of g
     <= 0``; ``d* = min_g``. Groups run in order of the clean margins; each later group gets the

@@ -1,11 +1,13 @@
 """The SDP relaxation of ReLU networks (Raghunathan, Steinhardt & Liang, "Semidefinite relaxations
-for certifying robustness to adversarial examples", NeurIPS 2018, Sec. 3), with a sound bound.
+for certifying robustness to adversarial examples", NeurIPS 2018, arXiv:1811.01057), with a sound
+bound.
 
 Lift ``v = [1, x, a_unstable]`` (inputs and the unstable post-activations) to ``P = v v^T`` and
 relax ``rank P = 1`` to ``P >= 0`` (PSD). Stable neurons are substituted exactly: an inactive one
 is 0, an active one equals its pre-activation, so every pre-activation is an affine function
 ``z_j = Z_j v`` and products of two such functions are linear in ``P``. With pre-activation bounds
-``l <= z <= u`` the constraints are (their Eq. 5--7 and the bound constraints of Sec. 3.2):
+``l <= z <= u`` the constraints are (the paper's ReLU constraints ``a >= 0``, ``a >= z``,
+``a (a - z) = 0`` and its quadratic bound constraints, lifted):
 
 * ``P_00 = 1``;
 * input box: ``l <= P_0x <= u``, ``diag(P_xx) <= (l + u) * P_0x - l * u``;

@@ -12,7 +12,7 @@ Gurobi both keep the basis, so the re-solves are warm-started).
 Sound LP bounds (:func:`safe_dual_bound`): a simplex optimum carries the solver's feasibility
 tolerances (~1e-7), so its objective value is not a proof. Any row-multiplier vector ``y`` gives a
 valid lower bound by weak duality when every column is boxed (Neumaier & Shcherbina, "Safe bounds
-in linear and mixed-integer programming", Math. Prog. 2004, Sec. 2)::
+in linear and mixed-integer programming", Math. Programming 99, 2004)::
 
     c^T x = y^T (A x) + (c - A^T y)^T x
           >= sum_i min(y_i row_lo_i, y_i row_hi_i) + sum_j min(r_j col_lo_j, r_j col_hi_j)
