@@ -96,6 +96,28 @@ def _check_methods(names: Sequence[str]) -> None:
         method_class(m)  # UnknownMethodError lists the available ones
 
 
+def _limits(text: str | None, methods: Sequence[str]) -> dict[str, int]:
+    """``"milp=5,sdp=0"`` -> ``{"milp": 5, "sdp": 0}``; a glob (``bab*``) applies to every match."""
+    import fnmatch
+
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, k = item.partition("=")
+        try:
+            n = int(k)
+        except ValueError:
+            n = -1
+        if not eq or n < 0:
+            raise CLIError(f"--limits: expected METHOD=K with K >= 0, got {item.strip()!r}")
+        hits = [m for m in methods if fnmatch.fnmatch(m, name.strip())]
+        if not hits:
+            raise CLIError(f"--limits: {name.strip()!r} matches none of the methods run ({', '.join(methods)})")
+        out.update({m: n for m in hits})
+    return out
+
+
 def _resolve_model(spec: str) -> Any:
     """A model path (must exist) or a built-in name (``digits-mlp``, ``digits-mlp-noise``)."""
     if spec in BUILTIN_MODELS:
@@ -293,6 +315,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not methods:
         raise CLIError("no method to run")
     opts = parse_options(args.option or [], methods)
+    limits = _limits(args.limits, methods)
+    methods = [m for m in methods if limits.get(m) != 0]
     if args.executor not in EXECUTORS:
         raise CLIError(f"unknown executor {args.executor!r}; use {', '.join(EXECUTORS)}")
     if args.executor == "ray":
@@ -308,7 +332,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise CLIError(f"data {args.data!r} holds no inputs")
     _check_model_data(model, x, args.data, args.device)
     res = compare(
-        model, x, y, methods, radii=radii, norm=p, out_dir=args.out, prefix=args.prefix, options=opts,
+        model, x, y, methods, radii=radii, norm=p, out_dir=args.out, prefix=args.prefix, options=opts, limits=limits,
         executor=args.executor, workers=args.workers, chunk_size=args.chunk_size, resume=args.resume,
         find_radius=not args.no_radius, max_radius=args.max_radius, timeout=args.timeout, device=args.device,
         attack=not args.no_attack, model_name=Path(args.model).name, progress=not args.quiet,
@@ -374,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--radii", required=True, help="comma-separated radii for the table and the attack curve")
     s.add_argument("--norm", default="inf")
     s.add_argument("--limit", type=int)
+    s.add_argument("--limits", metavar="METHOD=K,...",
+                   help="per-method caps: METHOD runs on the first K inputs only (0 = not run; globs like bab* allowed), e.g. milp=5,sdp=0")
     s.add_argument("--out", default=".", help="output directory")
     s.add_argument("--prefix", default="compare", help="file name prefix (default compare)")
     s.add_argument("--option", action="append", metavar="[METHOD.]K=V")
