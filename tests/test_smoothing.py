@@ -136,6 +136,61 @@ def test_samplers_match_their_moments_and_stay_finite():
     assert torch.isfinite(t.abs().mul(-2.0).clamp(min=-1.0 + tiny).log1p().mul(sign).mul(-lap.scale)).all()
 
 
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("noise", [GaussianNoise(sigma=0.3), LaplaceNoise(sigma=0.3), UniformNoise(sigma=0.3)], ids=lambda n: n.name)
+def test_noisy_inputs_of_every_pass_are_fresh_iid_draws(noise, share):
+    """``monte_carlo`` fills one reused input buffer in place (noise drawn into it, the input
+    added in place). Record every noisy row the model sees (3 inputs, 2 streams, passes of 128
+    rows, so blocks straddle passes) and check: right mean and variance per (input, stream),
+    the noise's own distribution (KS), no row ever repeated, no correlation between neighbouring
+    samples, between the same row of consecutive passes, between streams, or (independent mode)
+    between inputs."""
+    from scipy.stats import kstest, laplace, uniform
+
+    from smoothing.sampling import monte_carlo
+
+    B, d, nums = 3, 40, [300, 1000]
+    x = torch.linspace(-1, 1, B * d).reshape(B, d)
+    rows = {s: torch.full((B, n, d), float("nan")) for s, n in enumerate(nums)}
+    passes = []
+
+    def consume(slot, pos, out):
+        passes.append(int(slot.numel()))
+        for sl in slot.unique().tolist():
+            m = slot == sl
+            rows[sl // B][sl % B, pos[m]] = out[m].clone()  # out is a view of the reused buffer
+
+    with torch.inference_mode():
+        monte_carlo(torch.nn.Identity(), x, noise, nums, consume, seed=5, batch_size=128, share_noise=share)
+    assert max(passes) <= 128 and sum(passes) == B * sum(nums)
+    dist = {"gaussian": norm(0, noise.scale), "laplace": laplace(0, noise.scale),
+            "uniform": uniform(-noise.scale, 2 * noise.scale)}[noise.name]
+    zs = {}
+    for s, n in enumerate(nums):
+        assert not torch.isnan(rows[s]).any()  # every (input, stream, position) filled once
+        z = (rows[s] - x[:, None, :]).double()  # [B, n, d] noise
+        zs[s] = z
+        for b in range(B):
+            zb = z[b].reshape(-1).numpy()
+            assert abs(zb.mean()) < 5 * noise.sigma / math.sqrt(zb.size)
+            assert zb.std() == pytest.approx(noise.sigma, rel=6 * math.sqrt(2 / zb.size) + 0.02)
+            assert kstest(zb, dist.cdf).pvalue > 1e-4
+            # fresh: no sample vector repeated, neighbours and pass-to-pass uncorrelated
+            assert torch.unique(z[b], dim=0).shape[0] == n
+            for lag in (1, 128):
+                if n > lag:
+                    c = np.corrcoef(z[b, :-lag].reshape(-1), z[b, lag:].reshape(-1))[0, 1]
+                    assert abs(c) < 5 / math.sqrt((n - lag) * d)
+        if not share:
+            c = np.corrcoef(z[0].reshape(-1), z[1].reshape(-1))[0, 1]
+            assert abs(c) < 5 / math.sqrt(n * d)
+        else:  # one noise stream shared by the inputs of the batch (rounding of the add aside)
+            assert torch.allclose(z[0], z[1], atol=1e-6)
+    m = min(nums)
+    c = np.corrcoef(zs[0][:, :m].reshape(-1), zs[1][:, :m].reshape(-1))[0, 1]  # selection vs estimation
+    assert abs(c) < 5 / math.sqrt(B * m * d)
+
+
 def test_topk_reduces_to_cohen_for_k1_and_grows_with_k():
     rng = np.random.default_rng(0)
     B, K = 200, 10
