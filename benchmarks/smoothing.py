@@ -9,9 +9,15 @@
 2. CERTIFY (n0 = 100, n = 10,000, alpha = 0.001) 500 images from 8000-9999 (every 4th) and
    report certified accuracy at l2 radius 0.25, 0.5, 0.75, 1.0, 1.5; the first ``--big`` (20)
    of them also with n = 100,000.
-3. Throughput: samples/s of CERTIFY against plain batched forward passes of the same model on
-   the same device (same rows per pass), interleaved in one run; median of ``--repeats``
-   runs, with independent per-input noise (default) and with ``share_noise=True``.
+3. Throughput (on ``--threads`` (1) torch threads): CERTIFY against the fair baseline, plain
+   ``model(batch)`` on a pre-made batch of the same size, same model, device and total rows
+   (every CERTIFY pass is checked to have exactly ``batch`` rows); baseline and CERTIFY run back
+   to back in alternating order, ``--repeats`` (7) times, ratio = median of the per-repeat
+   ratios; with a breakdown (forward / noise / counting / other, ms per 10,000 samples), for the
+   small CNN (10 images x (100 + 1,000) samples, batch 1000) and a ResNet-20 on 28x28 (1 image
+   x (100 + 100), batch 100), each with independent per-input noise (default) and with
+   ``share_noise=True``. Short runs and many repeats: on a shared machine the load changes
+   within seconds, and a ratio is only as good as the two runs it compares.
 
 Prints a Markdown table and writes ``benchmarks/out/smoothing.md`` (gitignored).
 """
@@ -72,31 +78,112 @@ def cert_acc(pred: np.ndarray, radius: np.ndarray, y: np.ndarray, r: float) -> f
     return float(np.mean((pred == y) & (radius >= r) & (radius > 0)))
 
 
-def throughput(net: nn.Module, x: torch.Tensor, n: int, batch_size: int, repeats: int, share: bool) -> dict:
-    """Interleaved runs: CERTIFY on ``x`` (n0 = 100, n) vs plain forward passes of the same
-    number of rows in batches of ``batch_size``. Returns medians and the median ratio."""
+class _Block(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN, identity or 1x1 conv-BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + self.short(x))
+
+
+def resnet20() -> nn.Module:
+    """ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels) for 1x28x28 inputs; seeded
+    random weights, eval mode: used for timing only (the cost of a pass does not depend on
+    the weights)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            layers.append(_Block(cin, cout, stride if i == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers).eval()
+
+
+class _PassSizes(nn.Module):
+    """Wraps a model and records the rows of every forward pass (used once, untimed, to check
+    that CERTIFY's passes have exactly the baseline's batch size)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.sizes = net, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
+def throughput(net: nn.Module, x: torch.Tensor, n: int, batch_size: int, repeats: int, share: bool, n0: int = 100) -> dict:
+    """CERTIFY on ``x [B, ...]`` (``n0 + n`` samples per input, ``batch_size`` rows per pass)
+    against the fair baseline: ``net(batch)`` on one pre-made batch of ``batch_size`` noisy
+    copies of the same images, as many passes as CERTIFY runs rows (checked: every CERTIFY
+    pass has exactly ``batch_size`` rows). Each repeat runs both back to back, in alternating
+    order (baseline first on even repeats); the ratio of a repeat is CERTIFY time / baseline
+    time, and the result is the median over repeats.
+
+    Each repeat also times the parts CERTIFY adds, on the same number of rows: ``noise`` =
+    ``normal_`` into a reused ``[batch_size, ...]`` buffer plus the in-place ``add_`` of the
+    image; ``count`` = ``argmax`` + ``bincount`` of a pre-made ``[batch_size, K]`` output;
+    ``other`` = CERTIFY - forward - noise - count (Python, per-input generators, statistics).
+    All in ms per 10,000 samples."""
     noise = GaussianNoise(sigma=0.25)
-    rows = x.shape[0] * (n + 100)
-    plain_in = torch.rand(batch_size, *x.shape[1:])
-    nb = max(1, rows // batch_size)
-    rates_c, rates_p, ratios, cpu_ratios = [], [], [], []
+    B = x.shape[0]
+    rows = B * (n0 + n)
+    if n % batch_size or (B * n0) % batch_size or batch_size % n0:
+        raise ValueError(f"choose B*n0 and n multiples of batch_size (and n0 | batch_size): B={B} n0={n0} n={n} batch={batch_size}")
+    nb = rows // batch_size
+    g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        net(plain_in)
-        certify(net, x[:1], noise, n0=100, n=batch_size, alpha=0.001, batch_size=batch_size, share_noise=share)  # warm-up
-        for _ in range(repeats):
+        batch = x[torch.arange(batch_size) % B] + noise.sample((batch_size, *x.shape[1:]), generator=g)  # pre-made
+        buf = torch.empty_like(batch)
+        logits = net(batch)
+        K = logits.shape[1]
+        slot = torch.zeros(batch_size, dtype=torch.long)
+        wrapped = _PassSizes(net)
+        certify(wrapped, x, noise, n0=n0, n=n, alpha=0.001, batch_size=batch_size, share_noise=share)  # warm-up + check
+        if set(wrapped.sizes) != {batch_size} or len(wrapped.sizes) != nb:
+            raise AssertionError(f"CERTIFY passes {sorted(set(wrapped.sizes))} x {len(wrapped.sizes)}, expected {nb} x {batch_size}")
+        res: dict[str, list[float]] = {k: [] for k in ("plain", "certify", "cpu_plain", "cpu_certify", "noise", "count")}
+
+        def plain() -> None:
             t, c = time.perf_counter(), time.process_time()
             for _ in range(nb):
-                net(plain_in).argmax(1)
-            tp, cp = (time.perf_counter() - t) / (nb * batch_size), (time.process_time() - c) / (nb * batch_size)
+                net(batch)
+            res["plain"].append(time.perf_counter() - t)
+            res["cpu_plain"].append(time.process_time() - c)
+
+        def cert() -> None:
             t, c = time.perf_counter(), time.process_time()
-            certify(net, x, noise, n0=100, n=n, alpha=0.001, batch_size=batch_size, share_noise=share)
-            tc, cc = (time.perf_counter() - t) / rows, (time.process_time() - c) / rows
-            rates_p.append(1 / tp)
-            rates_c.append(1 / tc)
-            ratios.append(tc / tp)
-            cpu_ratios.append(cc / cp)
-    return {"plain": statistics.median(rates_p), "certify": statistics.median(rates_c), "ratio": statistics.median(ratios),
-            "ratios": ratios, "cpu_ratio": statistics.median(cpu_ratios)}
+            certify(net, x, noise, n0=n0, n=n, alpha=0.001, batch_size=batch_size, share_noise=share)
+            res["certify"].append(time.perf_counter() - t)
+            res["cpu_certify"].append(time.process_time() - c)
+
+        for r in range(repeats):
+            for f in (plain, cert) if r % 2 == 0 else (cert, plain):
+                f()
+            t = time.perf_counter()
+            for _ in range(nb):
+                noise.fill_(buf, g).add_(x[0])
+            res["noise"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(nb):
+                torch.bincount(slot * K + logits.argmax(1), minlength=K)
+            res["count"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    ratios = [c / p for c, p in zip(res["certify"], res["plain"])]
+    per10k = 1e7 / rows  # seconds per run -> ms per 10,000 samples
+    fwd, nz, cnt = med["plain"] * per10k, med["noise"] * per10k, med["count"] * per10k
+    return {"plain": rows / med["plain"], "certify": rows / med["certify"], "ratio": statistics.median(ratios),
+            "ratios": ratios, "min_ratio": min(res["certify"]) / min(res["plain"]), "cpu_ratio": statistics.median([c / p for c, p in zip(res["cpu_certify"], res["cpu_plain"])]),
+            "fwd_ms": fwd, "noise_ms": nz, "count_ms": cnt, "certify_ms": med["certify"] * per10k,
+            "other_ms": med["certify"] * per10k - fwd - nz - cnt, "rows": rows, "passes": nb}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,13 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, default=20, help="how many of the images also get n-big")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tp-images", type=int, default=10, help="images per throughput run")
+    ap.add_argument("--repeats", type=int, default=21, help="throughput repeats (baseline + CERTIFY pairs)")
+    ap.add_argument("--tp-images", type=int, default=10, help="images per throughput run (small CNN; batch = --batch-size)")
+    ap.add_argument("--tp-n", type=int, default=1000, help="n per image in a throughput run (short runs, many repeats: "
+                    "the machine is shared, so each ratio compares two runs under about the same load)")
+    ap.add_argument("--tp-resnet-images", type=int, default=1, help="images per ResNet-20 throughput run (0: skip)")
+    ap.add_argument("--tp-resnet-n", type=int, default=100)
+    ap.add_argument("--tp-resnet-batch", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the throughput step")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     ap.add_argument("--throughput-only", action="store_true", help="skip the certified-accuracy table (models are cached in benchmarks/out)")
     a = ap.parse_args(argv)
     if a.quick:
         a.num, a.n, a.n_big, a.big, a.epochs, a.repeats, a.tp_images = 40, 1000, 5000, 5, 2, 2, 2
+        a.batch_size, a.tp_resnet_n, a.tp_resnet_batch = 200, 100, 100
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
@@ -155,22 +249,37 @@ def main(argv: list[str] | None = None) -> int:
                 acc_s = " | ".join(f"{v:.3f} (n={a.n:,}: {s:.3f})" for v, s in zip(acc, small))
             lines.append(f"| {sigma:g} | {n:,} | {m} | {clean_m:.3f} | {float(np.mean(pred < 0)):.3f} | {acc_s} | {dt / m:.2f}s |")
             log(lines[-1])
-    lines += ["", "## CERTIFY throughput vs plain forward passes (same model, device, rows per pass)", "",
-              f"{a.tp_images} images x (100 + {a.n:,}) samples per run, batch {a.batch_size} rows, {a.repeats} interleaved runs; "
-              "ratio = CERTIFY time / plain forward time per row (median over runs); the CPU-time ratio uses this process's CPU time, less sensitive to other load.", "",
-              "| noise streams | plain fwd samples/s | CERTIFY samples/s | ratio (median) | ratios (all runs) | CPU-time ratio (median) |", "|---|---|---|---|---|---|"]
-    net = nets[a.sigmas[0]]
-    for share in (False, True):
-        tp = throughput(net, xt[: a.tp_images], a.n, a.batch_size, a.repeats, share)
-        label = "shared across the batch (share_noise=True)" if share else "independent per input (default)"
-        lines.append(f"| {label} | {tp['plain']:,.0f} | {tp['certify']:,.0f} | {tp['ratio']:.3f} | "
-                     + ", ".join(f"{r:.2f}" for r in tp["ratios"]) + f" | {tp['cpu_ratio']:.3f} |")
-        log(lines[-1])
+    torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()
+    lines += ["", f"## CERTIFY throughput vs plain forward passes ({a.threads} torch thread(s), same model, device, rows per pass)", "",
+              f"Baseline: `model(batch)` on one pre-made batch of noisy copies of the same images, as many rows as CERTIFY "
+              f"evaluates; CERTIFY n0=100, alpha=0.001, every pass exactly `batch` rows (checked). {a.repeats} repeats, "
+              "baseline and CERTIFY back to back in alternating order; ratio = CERTIFY time / baseline time of the same "
+              "repeat, median over repeats; CPU-time ratio the same with this process's CPU time; fastest-run ratio = "
+              "fastest CERTIFY / fastest baseline (other load only slows runs down). Breakdown in ms per "
+              "10,000 samples (medians): forward = baseline, noise = `normal_` + in-place add into a reused buffer, "
+              "count = argmax + bincount, other = the rest of CERTIFY.", "",
+              "| model | noise streams | images x (n0 + n) | batch | plain fwd samples/s | CERTIFY samples/s | ratio (median) "
+              "| ratios (all repeats) | CPU-time ratio | fastest-run ratio | forward ms | noise ms | count ms | other ms |",
+              "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    configs = [("small CNN (sigma 0.25 model)", nets[a.sigmas[0]], a.tp_images, a.tp_n, a.batch_size),
+               ("ResNet-20 (random weights)", resnet20(), a.tp_resnet_images, a.tp_resnet_n, a.tp_resnet_batch)]
+    for label_m, net, imgs, n_tp, bs in configs:
+        if label_m.startswith("ResNet") and a.tp_resnet_images <= 0:
+            continue
+        for share in (False, True):
+            tp = throughput(net, xt[:imgs], n_tp, bs, a.repeats, share)
+            label = "shared (share_noise=True)" if share else "independent per input (default)"
+            lines.append(f"| {label_m} | {label} | {imgs} x (100 + {n_tp:,}) | {bs} | {tp['plain']:,.0f} | {tp['certify']:,.0f} | "
+                         f"**{tp['ratio']:.3f}** | " + ", ".join(f"{r:.3f}" for r in tp["ratios"]) + f" | {tp['cpu_ratio']:.3f} | {tp['min_ratio']:.3f} | "
+                         f"{tp['fwd_ms']:.1f} | {tp['noise_ms']:.1f} | {tp['count_ms']:.2f} | {tp['other_ms']:.1f} |")
+            log(lines[-1])
+    lines += ["", f"Load average at the start of this section (1/5/15 min): {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}."]
     load = os.getloadavg()
     lines += ["", f"Load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
               f"{os.cpu_count()} cores (other processes share the machine; absolute samples/s vary with it, the "
               "interleaved ratio much less).",
-              "", f"Total time {time.perf_counter() - t_all:.0f}s. Command: `.venv/bin/python -m benchmarks.smoothing"
+              "", f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Total time {time.perf_counter() - t_all:.0f}s. Command: `.venv/bin/python -m benchmarks.smoothing"
               + (" --quick" if a.quick else "") + (" --throughput-only" if a.throughput_only else "") + "`"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -15,10 +15,17 @@ Randomness and repeatability:
   exactly the noise of a batch of N, and seeded runs repeat. Identical inputs receive
   identical noise (each certificate is still valid on its own).
 * ``share_noise=True``: one generator per stream, seeded from ``(seed, stream)``; sample ``j``
-  of every input of the batch uses the same noise vector. Each input's samples are still
-  i.i.d. from the noise, so each certificate keeps its ``1 - alpha`` guarantee, but the
-  failure events of different inputs are correlated (an unlucky noise draw hits them all).
-  Noise generation is paid once per batch instead of once per input (faster on CPU).
+  of every input of the batch uses the same noise vector. Why each certificate keeps its
+  guarantee exactly: for any one input ``x_b``, its selection and estimation draws are i.i.d.
+  from the noise, the two streams are independent of each other, and neither depends on
+  ``x_b`` or on the other inputs' results -- which is all CERTIFY's proof uses (the estimation
+  count is Binomial(n, pA) given the selected class), so ``P(certificate of x_b wrong) <= alpha``
+  for every ``b``. What is lost is independence *between* inputs: failures are correlated (an
+  unlucky draw hits them all), so the number of wrong certificates in a batch is not
+  Binomial; its mean is still ``<= alpha B`` and ``P(any wrong) <= alpha B`` (union bound),
+  but a certified accuracy measured on the batch has a larger variance. Noise generation is
+  paid once per batch instead of once per input (on CPU the draw costs ~15% of a small MNIST
+  CNN's forward pass; shared across 10 inputs, ~1.5%).
 
 The noise is fresh for every block: no noise draw is ever reused for a second block or a
 second stream. Memory: one input buffer of ``chunk`` rows is allocated per call and reused by
