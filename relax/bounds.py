@@ -122,11 +122,20 @@ def lower_bounds(
             lo, hi = input_set.bounds()
             boxes = interval_bounds(graph, lo, hi, known=bound_overrides)
             return _concretize_box(C, *boxes[graph.output])[0]
+    from .relu_chain import chain_alpha_crown, chain_crown, chain_of
+
+    # ReLU chains (fully connected nets): the same bounds with each input's stable neurons pruned
+    chain = chain_of(graph) if bound_overrides is None else None
     if method in ("crown", "deeppoly"):
         from .linear import crown
 
         with torch.no_grad():
+            if chain is not None:  # DeepPoly's ReLU slopes are CROWN's
+                return chain_crown(chain, input_set, C, max_elements=max_elements)
             return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides).lower
+    if chain is not None:
+        return chain_alpha_crown(chain, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
+                                 early_stop=early_stop, stop_fn=stop_fn, max_elements=max_elements).detach()
     from .alpha import alpha_crown
 
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
