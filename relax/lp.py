@@ -158,9 +158,14 @@ def initial_bounds(
     "alpha-crown", ...) is passed to ``relax.bounds.intermediate_bounds`` (the k-th pre-activation
     node of the graph is the k-th activation of ``net``); its float32 bounds are widened by
     ``1e-6 (1 + |b|)`` and intersected with the interval bounds. If that module is missing or
-    fails, the interval bounds are used and the returned name says why.
+    fails, the interval bounds are used and the returned name says why. ``inputs`` may be an
+    l_2 ball (for the minimum l_2 distortion): the interval bounds then use its box enclosure.
     """
-    ib = interval_bounds(net, regions_of(inputs))
+    if isinstance(inputs, LpBall) and inputs.p == 2.0:
+        # interval bounds on the ball's box enclosure; CROWN below sees the l_2 ball itself
+        ib = interval_bounds(net, regions_of(Box(*inputs.bounds())))
+    else:
+        ib = interval_bounds(net, regions_of(inputs))
     if method == "interval":
         return ib, "interval"
     try:
@@ -594,19 +599,22 @@ def lp_lower_bounds(
             bnds = [(l.copy(), u.copy()) for l, u in bounds[bi]]
         det: dict = {"bounds": used, "solver": solver_name}
         if refine:
-            bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
+            bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver, deadline=deadline)
         enc = encode(net, reg, bnds)
         det["lp"] = enc.stats
         Cw, cd = _output_rows(net, C[bi], d[bi])
         M, const = enc.expr(len(net.layers) - 1, Cw, cd)
-        be = make_backend(enc.lp, solver_name)
-        statuses = []
+        be = make_backend(enc.lp, solver)  # "auto": Gurobi if the LP fits its licence, else HiGHS
+        det["solver"] = be.name
+        statuses, messages = [], set()
         pts = np.tile((reg.lo + reg.hi) / 2, (N, 1))
         for i in range(N):
             be.set_objective(M.getrow(i).toarray().ravel(), const[i])
             rest = None if deadline is None else max(deadline - time.perf_counter(), 0.1)
             r = be.solve(time_limit=rest)
             statuses.append(r.status)
+            if r.status == "error" and r.message:
+                messages.add(r.message)
             if r.status == "optimal":
                 lower[bi, i] = r.bound
                 pts[i] = np.clip(r.x[enc.x_cols], reg.lo, reg.hi)
@@ -616,7 +624,8 @@ def lp_lower_bounds(
                 lower[bi, i] = -np.inf
         det["lp_status"] = sorted(set(statuses))
         if any(s != "optimal" for s in statuses):
-            det["reason"] = f"LP status {', '.join(sorted(set(statuses)))} on some rows (their bound is -inf)"
+            det["reason"] = f"LP status {', '.join(sorted(set(statuses)))} on some rows (their bound is -inf)" + (
+                f": {'; '.join(sorted(messages))}" if messages else "")
         det["time_s"] = time.perf_counter() - t0
         details.append(det)
         all_bounds.append(bnds)

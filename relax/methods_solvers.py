@@ -99,13 +99,19 @@ class MilpMethod(Method):
     counterexample confirmed by float32 and float64 forward passes, or "unknown" at the time limit
     with the best dual bound. With ``find_radius`` the exact minimum adversarial distortion is
     computed directly (no bisection): ``radius`` is a margin below the MILP dual bound, and
-    ``details["exact_radius"]`` brackets the true minimum distortion."""
+    ``details["exact_radius"]`` brackets the true minimum distortion (``lower``, ``upper`` = the
+    distance of a confirmed adversarial example, ``status``).
+
+    l_2 balls need a mixed-integer QP (Gurobi): the ball is decided through the minimum l_2
+    distortion (certified iff the certified radius, a margin below the MIQP dual bound, reaches
+    ``eps``; falsified iff a confirmed adversarial example lies in the ball). Without Gurobi, or
+    when the model exceeds its licence, the answer is "unknown" with the reason in ``details``."""
 
     name = "milp"
     guarantee = "deterministic"
     certifies = "base"
-    summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion"
-    norms = ("linf", "l1", "box")
+    summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion; l2 = MIQP (Gurobi)"
+    norms = ("linf", "l2", "l1", "box")
 
     def __init__(
         self,
@@ -139,6 +145,7 @@ class MilpMethod(Method):
         clean_ok = spec.holds(y0)
         is_ball = isinstance(inputs, LpBall)
         norm = norm_name(inputs.p) if is_ball else "box"
+        l2 = is_ball and inputs.p == 2.0
         if find_radius and not is_ball:
             raise SpecError("find_radius needs an l_p ball input set")
         net = _net_for(self, model, inputs.shape)
@@ -158,6 +165,8 @@ class MilpMethod(Method):
             if not bool(clean_ok[b]):
                 status, cex = "falsified", x0[b].detach().cpu()
                 det["reason"] = "the clean input violates the property"
+            elif l2:
+                status, cex, radius = self._l2(model, inputs, in_b, spec_b, b, eps, tl, find_radius, max_radius, det)
             else:
                 try:
                     out = milp_verify(
@@ -174,7 +183,9 @@ class MilpMethod(Method):
                 if is_ball and status == "certified":
                     radius = eps
                 if find_radius:
-                    radius = self._radius(model, inputs, spec_b, b, tl, max_radius, det, radius)
+                    r = self._distortion(model, inputs, spec_b, b, tl, max_radius, det)
+                    if r is not None:
+                        radius = max(radius, self._certified_radius(r, max_radius))
             certs.append(
                 Certificate(
                     method=self.name,
@@ -195,8 +206,33 @@ class MilpMethod(Method):
             )
         return certs
 
-    def _radius(self, model, inputs: LpBall, spec_b: LinearSpec, b: int, tl: float, max_radius, det: dict, radius: float) -> float:
-        """Exact minimum distortion of example ``b``; returns the certified radius."""
+    def _l2(self, model, inputs: LpBall, in_b: LpBall, spec_b: LinearSpec, b: int, eps: float, tl: float, find_radius: bool, max_radius, det: dict):
+        """Decide the l_2 ball of example ``b`` (and its radius) by the minimum l_2 distortion
+        (MIQP). Without ``find_radius`` the search stops at a radius slightly above ``eps``.
+        Returns ``(status, counterexample, radius)``."""
+        emax = max_radius if find_radius else eps * (1 + 1e-4) + 1e-6
+        if emax is not None:
+            emax = max(float(emax), eps * (1 + 1e-4) + 1e-6)
+        r = self._distortion(model, inputs, spec_b, b, tl, emax, det)
+        if r is None:
+            det["reason"] = f"exact l_2: {det['exact_radius']['error']}"
+            return "unknown", None, 0.0
+        cr = self._certified_radius(r, emax)
+        if r.counterexample is not None and r.value <= eps:
+            xc = r.counterexample.reshape(1, *inputs.shape)
+            if bool(in_b.to(dtype=torch.float64).contains(xc.double(), tol=0.0)[0]):
+                return "falsified", r.counterexample, 0.0
+        if cr >= eps:
+            return "certified", None, cr if find_radius else eps
+        det["reason"] = (
+            f"exact l_2: {r.details.get('reason', r.status)}" if r.status in ("error", "time_limit")
+            else f"exact l_2: minimum distortion in [{r.lower:.6g}, {r.value:.6g}], not decided at eps {eps:g} within the margins"
+        )
+        return "unknown", None, cr if find_radius else 0.0
+
+    def _distortion(self, model, inputs: LpBall, spec_b: LinearSpec, b: int, tl: float, eps_max, det: dict):
+        """Exact minimum distortion of example ``b`` (``None`` on a solver error, which goes to
+        ``det["exact_radius"]["error"]``)."""
         dom = _domain_of(inputs)
         prop = Linear(spec_b.C[0].detach().double().cpu(), spec_b.d[0].detach().double().cpu(), spec_b.groups.cpu())
         try:
@@ -204,17 +240,23 @@ class MilpMethod(Method):
                 model, inputs.center[b : b + 1], prop, norm=inputs.p,
                 domain=None if dom is None else (dom[0][b : b + 1], dom[1][b : b + 1]),
                 timeout=tl, solver=self.solver, bounds_method=self.bounds_method, refine=self.refine,
-                eps_max=max_radius, threads=self.threads, return_details=True,
+                eps_max=eps_max, threads=self.threads, return_details=True,
             )
         except (SolverError, ValueError) as e:
             det["exact_radius"] = {"error": str(e)}
-            return radius
+            return None
         r = res[0]
         det["exact_radius"] = {
             "lower": r.lower, "upper": r.value, "gap": r.gap, "status": r.status, "eps_max": r.eps_max,
-            "time_s": r.details.get("time_s"),
+            "time_s": r.details.get("time_s"), "solver": r.details.get("solver"),
         }
+        if "reason" in r.details:
+            det["exact_radius"]["reason"] = r.details["reason"]
+        return r
+
+    @staticmethod
+    def _certified_radius(r, max_radius) -> float:
         cr = r.certified_radius
         if not math.isfinite(cr):
             cr = float(max_radius) if max_radius is not None else r.eps_max
-        return max(radius, cr)
+        return cr

@@ -356,6 +356,14 @@ def _add_spec_rows(enc: NetEncoding, net: FeedForwardNet, C: np.ndarray, d: np.n
     return new, rows, t_col, M, const
 
 
+def _join_errors(errors: list[tuple[int, str]]) -> str:
+    """``"groups 0, 1: <message>; group 3: <other message>"`` (one entry per distinct message)."""
+    by: dict[str, list[int]] = {}
+    for g, msg in errors:
+        by.setdefault(msg, []).append(int(g))
+    return "; ".join(f"group{'s' if len(gs) > 1 else ''} {', '.join(map(str, sorted(gs)))}: {m}" for m, gs in by.items())
+
+
 def _proved(lower: float, lp_proved: bool, margin: float) -> bool:
     """A group is proved by its LP safe bound (> 1e-9) or a MILP bound ``>= margin``."""
     return bool(lp_proved) or lower >= margin
@@ -403,7 +411,7 @@ def milp_verify(
     Returns:
         One :class:`MilpOutcome` per example.
     """
-    solver_name = resolve_solver(solver)
+    solver_name = resolve_solver(solver)  # validates; "auto" is decided per model by make_backend
     if net is None:
         net = relu_net(model, inputs.shape)
     B = inputs.batch_size
@@ -442,9 +450,9 @@ def milp_verify(
         bnds = [(l[b].numpy().copy(), u[b].numpy().copy()) for l, u in ib]
         try:
             if refine:
-                bnds, det["refine"] = tighten_bounds(net, regions[b], bnds, solver=solver_name, deadline=deadline)
+                bnds, det["refine"] = tighten_bounds(net, regions[b], bnds, solver=solver, deadline=deadline)
             # 3. LP screen (safe bounds) with the final bounds
-            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver_name, net=net, bounds=[bnds])
+            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver, net=net, bounds=[bnds])
         except SolverError as e:
             det["reason"] = f"solver: {e}"
             outs.append(MilpOutcome("unknown", gl, gu, np.full(len(groups), -np.inf), None, det))
@@ -479,11 +487,14 @@ def milp_verify(
         det["milp"] = dict(enc.stats)
         lp, rows, t_col, M, const = _add_spec_rows(enc, net, C[b], d[b], with_t=True)
         try:
-            be = make_backend(lp, solver_name, threads=threads)
+            be = make_backend(lp, solver, threads=threads)
         except SolverError as e:
             det["reason"] = f"solver: {e}"
             outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
             continue
+        det["solver"] = be.name
+        if be.name == "gurobi":
+            det["milp"].update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
         cost = np.zeros(lp.num_cols)
         cost[t_col] = 1.0
         be.set_objective(cost)
@@ -491,6 +502,7 @@ def milp_verify(
         todo.sort(key=lambda g: g_order[g])
         per_group: dict = {}
         status, cex, reasons = "certified", None, []
+        errors: list[tuple[int, str]] = []
         reg = regions[b]
         x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
         v_start = enc.point(net, x_start)
@@ -533,7 +545,7 @@ def milp_verify(
                 continue
             if r.status == "error":
                 status = "unknown"
-                reasons.append(f"group {g}: solver error {r.message}")
+                errors.append((g, r.message))
                 continue
             bound = r.bound if exact else min(r.bound, margin)  # nodes past the cutoff were pruned
             if math.isfinite(bound):
@@ -566,6 +578,8 @@ def milp_verify(
         if status == "certified" and not all(_proved(gl[g], lp_proved[g], margin) for g in range(G)):
             status = "unknown"
         det["groups"] = {str(k): v for k, v in per_group.items()}
+        if errors:
+            reasons.append("solver error " + _join_errors(errors))
         if reasons and status != "falsified":
             det["reason"] = "; ".join(reasons)
         det["time_s"] = time.perf_counter() - t0
@@ -690,7 +704,7 @@ def minimum_distortion(
     for b in range(B):
         dl = None if dlo is None else dlo[b : b + 1]
         dh = None if dhi is None else dhi[b : b + 1]
-        results.append(_distortion_one(model, net, x[b : b + 1], spec.select([b]), p, dl, dh, timeout, solver_name, bounds_method, refine, eps_max, threads))
+        results.append(_distortion_one(model, net, x[b : b + 1], spec.select([b]), p, dl, dh, timeout, solver, bounds_method, refine, eps_max, threads))
     vals = torch.tensor([r.value for r in results], dtype=torch.float64)
     return (vals, results) if return_details else vals
 
@@ -732,7 +746,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     n0 = len(c)
     dlo = np.full(n0, -np.inf) if dl is None else dl.double().cpu().reshape(-1).numpy()
     dhi = np.full(n0, np.inf) if dh is None else dh.double().cpu().reshape(-1).numpy()
-    det: dict = {"norm": "linf" if math.isinf(p) else f"l{int(p)}", "solver": solver_name}
+    det: dict = {"norm": "linf" if math.isinf(p) else f"l{int(p)}", "solver": resolve_solver(solver_name)}
     groups = spec.groups.cpu().numpy()
     G = int(groups.max()) + 1
     gm0 = _margins(model, x, spec, torch.float64)[0].cpu().numpy()
@@ -749,13 +763,12 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     emax = min(top, best_val) if math.isfinite(best_val) else top
     emax = float(emax)
     det["eps_max"] = emax
-    # 2. bounds valid on the ball of radius emax
-    ball = LpBall(x, emax, p if p != 2.0 else math.inf, dl, dh)
-    if p == 2.0:
-        ball = LpBall(x, emax, math.inf, dl, dh)  # box enclosure of the l_2 ball
+    # 2. bounds valid on the ball of radius emax (for l_2: CROWN on the l_2 ball, intervals
+    #    and the LP refinement on its box enclosure, which contains it)
+    ball = LpBall(x, emax, p, dl, dh)
     ib, used = initial_bounds(model, net, ball, bounds_method)
     det["bounds"] = used
-    reg = regions_of(ball)[0]
+    reg = regions_of(LpBall(x, emax, math.inf, dl, dh) if p == 2.0 else ball)[0]
     bnds = [(l[0].numpy().copy(), u[0].numpy().copy()) for l, u in ib]
     if refine:
         bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
@@ -768,7 +781,15 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
         enc = encode(net, reg, bnds, integer=True, distortion=(p, emax))
     lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
     det["milp"] = dict(enc.stats)
-    be = make_backend(lp, solver_name, threads=threads)
+    try:
+        be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, eliminate=True, quadratic=p == 2.0)
+    except SolverError as e:
+        det["reason"] = f"solver: {e}"
+        det["time_s"] = time.perf_counter() - t0
+        return DistortionResult(best_val, 0.0, emax, "error", None if best_x is None else best_x[0].float().cpu(), det)
+    det["solver"] = be.name
+    if be.name == "gurobi":
+        det["milp"].update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
     cost = np.zeros(lp.num_cols)
     if p == 2.0:
         cost[enc.x_cols] = -2 * c
@@ -780,6 +801,10 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     glow = np.zeros(G)  # lower bound of each group's minimum distance (0 = nothing known)
     per_group = {}
     timed_out = False
+    errors: list[tuple[int, str]] = []
+    # one MILP per group (measured on the digits MLP: a single MILP over all groups with a
+    # binary per group is up to 5x faster on some l_inf inputs but far slower on others, and
+    # its big-M output rows make the l_2 MIQP time out; per group is the predictable choice)
     for g in order:
         g = int(g)
         sel = np.flatnonzero(groups == g)
@@ -801,13 +826,15 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             timed_out = True
             per_group[g] = "not run (time limit)"
             continue
-        r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7)
+        # l_2: the objective is the squared distance; solutions at distance >= cutoff (where the
+        # bounds may not hold, outside the l_2 ball of radius emax) are pruned by the solver
+        r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7, cutoff=cutoff**2 if p == 2.0 else None)
         per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
-        if r.status == "infeasible":
+        if r.status in ("infeasible", "cutoff"):
             glow[g] = cutoff
             continue
         if r.status == "error":
-            timed_out = True
+            errors.append((g, r.message))
             continue
         if r.status != "optimal":
             timed_out = True
@@ -835,11 +862,14 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             else:
                 per_group[g]["note"] = note
     lower = float(min(glow.min(), best_val)) if G else math.inf
-    if not math.isfinite(best_val) and not timed_out:
+    if errors:
+        status = "error"
+        det["reason"] = "solver error: " + _join_errors(errors)
+    elif not math.isfinite(best_val) and not timed_out:
         status = "no_adversarial"
         lower = emax if eps_max is not None else lower
         if eps_max is None:
-            lower = math.inf if all(isinstance(v, dict) and v["status"] == "infeasible" for v in per_group.values()) else lower
+            lower = math.inf if all(isinstance(v, dict) and v["status"] in ("infeasible", "cutoff") for v in per_group.values()) else lower
     elif timed_out:
         status = "time_limit"
     else:

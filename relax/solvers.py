@@ -1,5 +1,8 @@
 """A small common interface over the LP/MILP solvers: HiGHS (highspy, always there) and Gurobi
-(gurobipy, optional, used when it imports and its licence starts).
+(gurobipy, optional, used when it imports and its licence starts; ``solver="auto"`` uses it only
+for models that fit the licence -- gurobipy's pip licence allows 2000 variables and 2000
+constraints, 200 variables once the objective is quadratic -- and HiGHS otherwise). Gurobi also
+solves the mixed-integer QPs of the minimum l_2 distortion, which HiGHS cannot.
 
 The problem form is the textbook one, built from scipy.sparse matrices::
 
@@ -21,7 +24,12 @@ with ``r = c - A^T y``. We evaluate it in float64 with the solver's duals (signs
 no multiplier multiplies an infinite side) and subtract ``1e-9 * (1 + sum of |terms|)`` for the
 round-off of that sum: the result is a lower bound of the LP *whatever the solver's tolerances*.
 MILP dual bounds come from the solver's branch-and-bound and are trusted only up to its
-tolerances; callers add their own margin (see :mod:`relax.milp`).
+tolerances; callers add their own margin (see :mod:`relax.milp`). For a convex diagonal QP the
+same bound holds with the quadratic columns' terms minimised in closed form.
+
+To fit a size-limited licence the Gurobi backend substitutes, in MILPs, the columns that an
+equality row defines (pre-activations, stably active neurons): an equivalent model with one
+variable per input and two per unstable neuron (:func:`_eliminate_defined_columns`).
 """
 from __future__ import annotations
 
@@ -41,6 +49,9 @@ __all__ = [
     "HighsBackend",
     "GurobiBackend",
     "gurobi_available",
+    "gurobi_size_limits",
+    "gurobi_fits",
+    "PIP_LICENCE_LIMITS",
     "resolve_solver",
     "make_backend",
     "safe_dual_bound",
@@ -113,13 +124,20 @@ class SolveResult:
     extra: dict = field(default_factory=dict)
 
 
-def safe_dual_bound(lp: LinearProgram, c: np.ndarray, y: np.ndarray | None, offset: float = 0.0) -> float:
-    """Rigorous lower bound of ``min c^T x + offset`` over the LP from any row multipliers ``y``.
+def safe_dual_bound(
+    lp: LinearProgram, c: np.ndarray, y: np.ndarray | None, offset: float = 0.0, qdiag: tuple[np.ndarray, np.ndarray] | None = None
+) -> float:
+    """Rigorous lower bound of ``min c^T x + offset (+ sum_j w_j x_j^2)`` over the LP from any row
+    multipliers ``y``.
 
     ``y [m]``: row duals in the convention "reduced cost = c - A^T y" (HiGHS and Gurobi for a
     minimisation). Multipliers on a side that is infinite are set to 0 (any such vector is
     dual-feasible for the boxed problem). Returns ``-inf`` when a reduced cost meets an infinite
     column bound. See the module docstring for the formula and the round-off margin.
+
+    ``qdiag = (cols, w)`` with ``w >= 0`` (a convex diagonal QP): the term of such a column is
+    ``min_{x_j in [lo_j, hi_j]} w_j x_j^2 + r_j x_j`` (at the clipped stationary point), still a
+    lower bound by weak duality of the Lagrangian.
     """
     m = lp.num_rows
     y = np.zeros(m) if y is None else np.asarray(y, dtype=np.float64).copy()
@@ -129,12 +147,24 @@ def safe_dual_bound(lp: LinearProgram, c: np.ndarray, y: np.ndarray | None, offs
     row_terms = np.where(y > 0, y * np.where(np.isfinite(lp.row_lo), lp.row_lo, 0.0), 0.0) + np.where(
         y < 0, y * np.where(np.isfinite(lp.row_hi), lp.row_hi, 0.0), 0.0
     )
-    pos, neg = r > 0, r < 0
+    quad = np.zeros(len(r), dtype=bool)
+    qterms = np.zeros(0)
+    if qdiag is not None:
+        qc = np.asarray(qdiag[0], dtype=np.int64)
+        w = np.asarray(qdiag[1], dtype=np.float64)
+        if np.any(w < 0):
+            return -INF
+        quad[qc] = w > 0
+        qc, w = qc[w > 0], w[w > 0]
+        lo, hi = lp.col_lo[qc], lp.col_hi[qc]
+        xs = np.clip(-r[qc] / (2 * w), lo, hi)  # finite: w > 0
+        qterms = w * xs * xs + r[qc] * xs
+    pos, neg = (r > 0) & ~quad, (r < 0) & ~quad
     if np.any(pos & ~np.isfinite(lp.col_lo)) or np.any(neg & ~np.isfinite(lp.col_hi)):
         return -INF
     col_terms = np.where(pos, r * np.where(pos, lp.col_lo, 0.0), 0.0) + np.where(neg, r * np.where(neg, lp.col_hi, 0.0), 0.0)
-    total = float(row_terms.sum() + col_terms.sum() + offset)
-    size = float(np.abs(row_terms).sum() + np.abs(col_terms).sum() + abs(offset))
+    total = float(row_terms.sum() + col_terms.sum() + qterms.sum() + offset)
+    size = float(np.abs(row_terms).sum() + np.abs(col_terms).sum() + np.abs(qterms).sum() + abs(offset))
     if not math.isfinite(total):
         return -INF
     return total - 1e-9 * (1.0 + size)
@@ -145,11 +175,18 @@ def safe_dual_bound(lp: LinearProgram, c: np.ndarray, y: np.ndarray | None, offs
 
 
 _gurobi_state: tuple[bool, str] | None = None
+_gurobi_limits: dict[str, int] | None = None
+
+#: the size limits of gurobipy's pip licence (measured with gurobipy 13.0.3: a model with 2001
+#: variables or 2001 linear constraints fails with error 10010 "Model too large for
+#: size-limited license"; a model with a quadratic term fails above 200 variables in total)
+PIP_LICENCE_LIMITS = {"variables": 2000, "constraints": 2000, "quadratic_variables": 200}
 
 
 def gurobi_available() -> tuple[bool, str]:
-    """``(ok, reason)``: gurobipy imports and a licence environment starts."""
-    global _gurobi_state
+    """``(ok, reason)``: gurobipy imports and a licence environment starts. Also probes whether
+    the licence is size-limited (the pip licence; see :func:`gurobi_size_limits`)."""
+    global _gurobi_state, _gurobi_limits
     if _gurobi_state is None:
         try:
             import gurobipy as gp  # noqa: F401
@@ -157,8 +194,19 @@ def gurobi_available() -> tuple[bool, str]:
             env = gp.Env(empty=True)
             env.setParam("OutputFlag", 0)
             env.start()
-            env.dispose()
-            _gurobi_state = (True, "gurobipy licence ok")
+            probe = gp.Model(env=env)
+            try:
+                probe.addMVar(PIP_LICENCE_LIMITS["variables"] + 1, lb=0.0, ub=1.0)
+                probe.optimize()
+                _gurobi_state = (True, "gurobipy licence ok (not size-limited)")
+            except gp.GurobiError as e:
+                if getattr(e, "errno", None) != 10010:
+                    raise
+                _gurobi_limits = dict(PIP_LICENCE_LIMITS)
+                _gurobi_state = (True, "gurobipy size-limited licence (pip): at most 2000 variables and 2000 constraints, 200 variables with quadratic terms")
+            finally:
+                probe.dispose()
+                env.dispose()
         except ImportError:
             _gurobi_state = (False, "gurobipy is not installed")
         except Exception as e:  # licence errors are gurobipy.GurobiError
@@ -166,8 +214,28 @@ def gurobi_available() -> tuple[bool, str]:
     return _gurobi_state
 
 
+def gurobi_size_limits() -> dict[str, int] | None:
+    """The size limits of the Gurobi licence (``PIP_LICENCE_LIMITS`` for the size-limited pip
+    licence), or ``None`` when Gurobi is unavailable or not size-limited."""
+    gurobi_available()
+    return None if _gurobi_limits is None else dict(_gurobi_limits)
+
+
+def gurobi_fits(variables: int, constraints: int, quadratic: bool = False) -> bool:
+    """Whether a model of that size may be solved under the Gurobi licence (``True`` when the
+    licence has no size limit)."""
+    lim = gurobi_size_limits()
+    if lim is None:
+        return True
+    vmax = lim["quadratic_variables"] if quadratic else lim["variables"]
+    return variables <= vmax and constraints <= lim["constraints"]
+
+
 def resolve_solver(solver: str) -> str:
-    """``"auto"`` -> ``"gurobi"`` when available else ``"highs"``; checks explicit names."""
+    """``"auto"`` -> ``"gurobi"`` when available else ``"highs"``; checks explicit names.
+
+    (With ``"auto"``, :func:`make_backend` still uses HiGHS for a model that exceeds a
+    size-limited Gurobi licence.)"""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if solver == "auto":
@@ -179,10 +247,26 @@ def resolve_solver(solver: str) -> str:
     return solver
 
 
-def make_backend(lp: LinearProgram, solver: str = "auto", threads: int = 1) -> "Backend":
-    """A backend holding ``lp`` for repeated solves."""
+def make_backend(
+    lp: LinearProgram, solver: str = "auto", threads: int = 1, *, keep: np.ndarray | None = None,
+    eliminate: bool | None = None, quadratic: bool = False,
+) -> "Backend":
+    """A backend holding ``lp`` for repeated solves.
+
+    ``solver="auto"``: Gurobi when it is available and the model fits its licence (after the
+    column elimination of :class:`GurobiBackend`), else HiGHS. An explicit ``"gurobi"`` always
+    builds the Gurobi model; a licence size error then comes back from ``solve`` as
+    ``status="error"`` with Gurobi's message. ``keep``, ``eliminate``: see :class:`GurobiBackend`;
+    ``quadratic``: the objective will get a quadratic term (stricter licence limit; HiGHS has no
+    MIQP, so ``"auto"`` keeps Gurobi even when it does not fit)."""
     name = resolve_solver(solver)
-    return GurobiBackend(lp, threads) if name == "gurobi" else HighsBackend(lp, threads)
+    if name == "gurobi":
+        be = GurobiBackend(lp, threads, keep=keep, eliminate=eliminate)
+        if solver == "auto" and not quadratic and not be.fits():
+            be.close()
+            return HighsBackend(lp, threads)
+        return be
+    return HighsBackend(lp, threads)
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,6 +288,13 @@ class Backend:
 
     def set_col_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
         raise NotImplementedError
+
+    def fits(self, quadratic: bool | None = None) -> bool:
+        """Whether the model fits the solver's licence (always, except a size-limited Gurobi)."""
+        return True
+
+    def close(self) -> None:
+        """Free the solver's model (optional)."""
 
     def set_row_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
         raise NotImplementedError
@@ -432,45 +523,242 @@ class HighsBackend(Backend):
         return res
 
 
+def _eliminate_defined_columns(lp: LinearProgram, keep: np.ndarray | None) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray, dict[int, int]]:
+    """Substitute continuous columns that an equality row defines (``z - W a_prev = b``: the
+    pre-activation of an unstable neuron, the output of a stably active one) by that row's
+    affine expression in the remaining columns. The problem is equivalent (same feasible set of
+    the remaining columns, same objective): the eliminated column's bounds become the bounds of
+    its defining row. This keeps a MILP of a ReLU network small enough for a size-limited
+    licence (Gurobi's pip licence: 2000 variables, 200 with a quadratic objective).
+
+    Rows are visited in order; in each equality row the continuous, non-``keep`` column with the
+    largest index among those of magnitude >= half the row's largest is eliminated, provided it
+    is not already used by an earlier substitution (so no back-substitution is ever needed).
+
+    Returns ``(kept [n_k], S [n, n_k], s0 [n], defining {row: column})`` with
+    ``x = S x_kept + s0``.
+    """
+    A = sp.csr_matrix(lp.A, dtype=np.float64)
+    m, n = A.shape
+    integer = lp.integer if lp.integer is not None else np.zeros(n, dtype=bool)
+    protected = integer.copy()
+    if keep is not None:
+        protected[np.asarray(keep, dtype=np.int64)] = True
+    eq = np.isfinite(lp.row_lo) & (lp.row_lo == lp.row_hi)
+    elim = np.zeros(n, dtype=bool)
+    used = np.zeros(n, dtype=bool)
+    T: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    s0 = np.zeros(n)
+    defining: dict[int, int] = {}
+    w = np.zeros(n)
+    for r in np.flatnonzero(eq):
+        cols = A.indices[A.indptr[r] : A.indptr[r + 1]]
+        vals = A.data[A.indptr[r] : A.indptr[r + 1]]
+        const = 0.0
+        w[:] = 0.0
+        for j, v in zip(cols, vals):
+            if elim[j]:
+                ti, tv = T[j]
+                w[ti] += v * tv
+                const += v * s0[j]
+            else:
+                w[j] += v
+        nz = np.flatnonzero(w)
+        if len(nz) == 0:
+            continue
+        cand = nz[~protected[nz] & ~used[nz]]
+        if len(cand) == 0:
+            continue
+        big = np.abs(w[cand]) >= 0.5 * np.abs(w[nz]).max()
+        if not big.any():
+            continue
+        j = int(cand[big].max())
+        wj = w[j]
+        rest = nz[nz != j]
+        T[j] = (rest, -w[rest] / wj)
+        s0[j] = (lp.row_lo[r] - const) / wj
+        elim[j] = True
+        used[rest] = True
+        defining[int(r)] = j
+    kept = np.flatnonzero(~elim)
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[kept] = np.arange(len(kept))
+    ri = [kept]
+    ci = [np.arange(len(kept))]
+    vi = [np.ones(len(kept))]
+    for j, (ti, tv) in T.items():
+        ri.append(np.full(len(ti), j))
+        ci.append(pos[ti])
+        vi.append(tv)
+    S = sp.csr_matrix((np.concatenate(vi), (np.concatenate(ri), np.concatenate(ci))), shape=(n, len(kept)))
+    return kept, S, s0, defining
+
+
 class GurobiBackend(Backend):
-    """Gurobi through gurobipy (optional). Licence-size limits surface as ``status="error"``."""
+    """Gurobi through gurobipy (optional). Licence-size limits surface as ``status="error"``
+    with Gurobi's message (see also :meth:`fits`).
+
+    Rows become native Gurobi constraints (one for an equality or a one-sided row, two for a
+    two-sided row, none for a free row), so the model has exactly one variable per column.
+
+    ``eliminate`` (default: for MIPs): substitute the columns defined by equality rows
+    (:func:`_eliminate_defined_columns`) -- an equivalent, smaller model; columns in ``keep``
+    (e.g. those that will get quadratic costs) are never eliminated. LP bounds are then the
+    solver's (a safe dual bound needs the original rows), so pure LPs are not eliminated by
+    default."""
 
     name = "gurobi"
 
-    def __init__(self, lp: LinearProgram, threads: int = 1) -> None:
+    def __init__(self, lp: LinearProgram, threads: int = 1, *, keep: np.ndarray | None = None, eliminate: bool | None = None) -> None:
         import gurobipy as gp
         from gurobipy import GRB
 
         super().__init__(lp)
         self._gp, self._GRB = gp, GRB
+        n = lp.num_cols
+        if eliminate is None:
+            eliminate = lp.is_mip
+        if eliminate:
+            self.kept, self.S, self.s0, self.defining = _eliminate_defined_columns(lp, keep)
+        else:
+            self.kept, self.S, self.s0, self.defining = np.arange(n), sp.identity(n, format="csr"), np.zeros(n), {}
+        self.eliminated = len(self.kept) < n
+        self.pos = np.full(n, -1, dtype=np.int64)
+        self.pos[self.kept] = np.arange(len(self.kept))
+        self._row_of = {j: r for r, j in self.defining.items()}
+        A = sp.csr_matrix(lp.A, dtype=np.float64)
+        m_rows = lp.num_rows
+        if self.eliminated:
+            # other rows: A S x + A s0; a defining row (identically 0 = 0 after substitution)
+            # becomes the eliminated column's expression S_j x + s0_j, bounded like the column
+            drows = np.fromiter(self.defining.keys(), dtype=np.int64, count=len(self.defining))
+            dcols = np.fromiter(self.defining.values(), dtype=np.int64, count=len(self.defining))
+            keep_rows = np.ones(m_rows)
+            keep_rows[drows] = 0.0
+            P = sp.csr_matrix((np.ones(len(drows)), (drows, dcols)), shape=(m_rows, n))
+            self.Ar = sp.csr_matrix(sp.diags(keep_rows) @ (A @ self.S) + P @ self.S)
+            self.Ar.eliminate_zeros()
+            self.shift = np.asarray(A @ self.s0).ravel()
+            self.shift[drows] = 0.0
+        else:
+            self.Ar, self.shift = A, np.zeros(m_rows)
         env = gp.Env(empty=True)
         env.setParam("OutputFlag", 0)
         env.start()
+        self.env = env
         m = gp.Model(env=env)
         m.Params.Threads = int(threads)
         m.Params.IntFeasTol = 1e-7
-        vtype = np.where(lp.integer, GRB.BINARY, GRB.CONTINUOUS) if lp.is_mip else GRB.CONTINUOUS
-        lo = np.asarray(lp.col_lo, dtype=np.float64)
-        hi = np.asarray(lp.col_hi, dtype=np.float64)
-        x = m.addMVar(lp.num_cols, lb=np.where(np.isfinite(lo), lo, -GRB.INFINITY), ub=np.where(np.isfinite(hi), hi, GRB.INFINITY), vtype=vtype)
-        # every row as "A x - s = 0" with a range variable s in [row_lo, row_hi]: row bounds
-        # then change like column bounds, and the equality's dual is the row multiplier
-        A = sp.csr_matrix(lp.A)
-        rlo = np.asarray(lp.row_lo, dtype=np.float64)
-        rhi = np.asarray(lp.row_hi, dtype=np.float64)
-        self.s = m.addMVar(lp.num_rows, lb=np.where(np.isfinite(rlo), rlo, -GRB.INFINITY), ub=np.where(np.isfinite(rhi), rhi, GRB.INFINITY))
-        self._cons = m.addConstr(A @ x - self.s == 0) if lp.num_rows else None
-        m.setObjective(gp.LinExpr() + float(lp.offset))
-        self.m, self.x = m, x
+        lo = np.asarray(lp.col_lo, dtype=np.float64)[self.kept]
+        hi = np.asarray(lp.col_hi, dtype=np.float64)[self.kept]
+        if lp.is_mip:
+            vtype = np.where(lp.integer[self.kept], GRB.BINARY, GRB.CONTINUOUS)
+        else:
+            vtype = GRB.CONTINUOUS
+        self.m = m
+        self.x = m.addMVar(len(self.kept), lb=np.where(np.isfinite(lo), lo, -GRB.INFINITY), ub=np.where(np.isfinite(hi), hi, GRB.INFINITY), vtype=vtype)
+        self._vars = self.x.tolist()
+        m.update()
+        self._eq: dict[int, object] = {}
+        self._hi: dict[int, object] = {}
+        self._lo: dict[int, object] = {}
+        rlo, rhi = self._row_bounds_reduced()
+        self._add_rows(np.arange(lp.num_rows), rlo, rhi)
+        self._q: tuple[np.ndarray, np.ndarray] | None = None
         self.set_objective(lp.c, lp.offset)
 
+    # --- sizes and licence
+    @property
+    def num_vars(self) -> int:
+        return len(self.kept)
+
+    @property
+    def num_constraints(self) -> int:
+        return len(self._eq) + len(self._hi) + len(self._lo)
+
+    def fits(self, quadratic: bool | None = None) -> bool:
+        """Whether the model fits the licence's size limits (:func:`gurobi_fits`)."""
+        q = self._q is not None if quadratic is None else quadratic
+        return gurobi_fits(self.num_vars, self.num_constraints, q)
+
+    def close(self) -> None:
+        self.m.dispose()
+        self.env.dispose()
+
+    # --- rows
+    def _row_bounds_reduced(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds of every reduced row: the original bounds minus the substitution constant, and
+        for a defining row the bounds of the column it eliminated."""
+        lo = self.lp.row_lo - self.shift
+        hi = self.lp.row_hi - self.shift
+        for r, j in self.defining.items():
+            lo[r] = self.lp.col_lo[j] - self.s0[j]
+            hi[r] = self.lp.col_hi[j] - self.s0[j]
+        return lo, hi
+
+    def _expr(self, r: int):
+        a, b = self.Ar.indptr[r], self.Ar.indptr[r + 1]
+        return self._gp.LinExpr(self.Ar.data[a:b].tolist(), [self._vars[j] for j in self.Ar.indices[a:b]])
+
+    def _add_rows(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Initial rows, in three matrix calls (equalities, upper sides, lower sides)."""
+        GRB = self._GRB
+        fl, fh = np.isfinite(lo), np.isfinite(hi)
+        eq = fl & fh & (lo == hi)
+        for mask, sense, rhs, store in ((eq, GRB.EQUAL, lo, self._eq), (fh & ~eq, GRB.LESS_EQUAL, hi, self._hi), (fl & ~eq, GRB.GREATER_EQUAL, lo, self._lo)):
+            rows = idx[mask]
+            if len(rows) == 0:
+                continue
+            cons = self.m.addMConstr(self.Ar[rows], self.x, sense, rhs[mask])
+            for r, c in zip(rows, cons.tolist()):
+                store[int(r)] = c
+        self.m.update()
+
+    def _set_row(self, r: int, lo: float, hi: float) -> None:
+        """Make reduced row ``r`` read ``lo <= a_r x <= hi`` (adds / removes constraints)."""
+        GRB, m = self._GRB, self.m
+        if math.isfinite(lo) and lo == hi:
+            for store in (self._hi, self._lo):
+                if r in store:
+                    m.remove(store.pop(r))
+            if r in self._eq:
+                self._eq[r].RHS = lo
+            else:
+                self._eq[r] = m.addLConstr(self._expr(r), GRB.EQUAL, lo)
+            return
+        if r in self._eq:
+            m.remove(self._eq.pop(r))
+        for val, store, sense in ((hi, self._hi, GRB.LESS_EQUAL), (lo, self._lo, GRB.GREATER_EQUAL)):
+            if math.isfinite(val):
+                if r in store:
+                    store[r].RHS = val
+                else:
+                    store[r] = m.addLConstr(self._expr(r), sense, val)
+            elif r in store:
+                m.remove(store.pop(r))
+
+    def _row_duals(self) -> np.ndarray:
+        y = np.zeros(self.lp.num_rows)
+        for store in (self._eq, self._hi, self._lo):
+            if store:
+                rows = np.fromiter(store.keys(), dtype=np.int64, count=len(store))
+                y[rows] += np.array(self.m.getAttr("Pi", list(store.values())))
+        return y
+
+    # --- the Backend interface
     def set_objective(self, c, offset=0.0, qdiag=None):
         c = np.asarray(c, dtype=np.float64)
-        obj = c @ self.x + float(offset)
+        cr = np.asarray(self.S.T @ c).ravel() if self.eliminated else c
+        obj = cr @ self.x + float(offset) + float(c @ self.s0)
+        self._q = None
         if qdiag is not None:
             cols, w = np.asarray(qdiag[0], dtype=np.int64), np.asarray(qdiag[1], dtype=np.float64)
-            xs = self.x[cols]
+            rc = self.pos[cols]
+            if np.any(rc < 0):
+                raise SolverError("internal: a column with a quadratic cost was eliminated; pass it in keep=")
+            xs = self.x[rc]
             obj = obj + xs @ sp.diags(w) @ xs
+            self._q = (cols, w)
         self.m.setObjective(obj, self._GRB.MINIMIZE)
         self.lp.c, self.lp.offset = c, float(offset)
 
@@ -479,18 +767,29 @@ class GurobiBackend(Backend):
         idx = np.asarray(idx, dtype=np.int64)
         lo = np.asarray(lo, dtype=np.float64)
         hi = np.asarray(hi, dtype=np.float64)
-        self.x[idx].lb = np.where(np.isfinite(lo), lo, -GRB.INFINITY)
-        self.x[idx].ub = np.where(np.isfinite(hi), hi, GRB.INFINITY)
         self.lp.col_lo[idx] = lo
         self.lp.col_hi[idx] = hi
+        rc = self.pos[idx]
+        k = rc >= 0
+        if k.any():
+            v = self.x[rc[k]]
+            v.lb = np.where(np.isfinite(lo[k]), lo[k], -GRB.INFINITY)
+            v.ub = np.where(np.isfinite(hi[k]), hi[k], GRB.INFINITY)
+        if (~k).any():
+            for j in idx[~k]:
+                r = self._row_of[int(j)]
+                self._set_row(r, float(self.lp.col_lo[j] - self.s0[j]), float(self.lp.col_hi[j] - self.s0[j]))
 
     def set_row_bounds(self, idx, lo, hi):
-        GRB = self._GRB
         idx = np.asarray(idx, dtype=np.int64)
         lo = np.asarray(lo, dtype=np.float64)
         hi = np.asarray(hi, dtype=np.float64)
-        self.s[idx].lb = np.where(np.isfinite(lo), lo, -GRB.INFINITY)
-        self.s[idx].ub = np.where(np.isfinite(hi), hi, GRB.INFINITY)
+        for r, a, b in zip(idx, lo, hi):
+            if int(r) in self.defining:
+                if not (a == b == self.lp.row_lo[r] == self.lp.row_hi[r]):
+                    raise SolverError("internal: the bounds of a row that defines an eliminated column cannot change")
+                continue
+            self._set_row(int(r), float(a - self.shift[r]), float(b - self.shift[r]))
         self.lp.row_lo[idx] = lo
         self.lp.row_hi[idx] = hi
 
@@ -506,10 +805,7 @@ class GurobiBackend(Backend):
             m.Params.MIPGapAbs = float(abs_gap)
             m.Params.Cutoff = float(cutoff) if cutoff is not None else GRB.INFINITY
             m.Params.Heuristics = 0.05 if heuristics else 0.0
-            if start is not None:
-                self.x.Start = np.asarray(start, dtype=np.float64)
-                if self.lp.num_rows:
-                    self.s.Start = self.lp.A @ np.asarray(start, dtype=np.float64)
+            self.x.Start = np.asarray(start, dtype=np.float64)[self.kept] if start is not None else np.full(self.num_vars, GRB.UNDEFINED)
 
             def cb(model, where):
                 if where == GRB.Callback.MIP:
@@ -525,7 +821,9 @@ class GurobiBackend(Backend):
         try:
             m.optimize(cb) if (cb is not None and (stop_bound_above is not None or stop_primal_below is not None)) else m.optimize()
         except self._gp.GurobiError as e:
-            return SolveResult("error", message=f"Gurobi: {e}", time_s=time.perf_counter() - t0)
+            res = SolveResult("error", message=f"Gurobi: {e}", time_s=time.perf_counter() - t0)
+            res.extra = {"gurobi_errno": getattr(e, "errno", None), "variables": self.num_vars, "constraints": self.num_constraints}
+            return res
         st = m.Status
         status = {
             GRB.OPTIMAL: "optimal",
@@ -539,7 +837,8 @@ class GurobiBackend(Backend):
         res = SolveResult(status, message=f"gurobi status {st}", extra=dict(why))
         if m.SolCount > 0:
             res.objective = float(m.ObjVal)
-            res.x = np.array(self.x.X)
+            xr = np.array(self.x.X)
+            res.x = np.asarray(self.S @ xr).ravel() + self.s0 if self.eliminated else xr
         if mip:
             if status in ("optimal", "time_limit", "interrupted"):
                 res.bound = float(m.ObjBound)
@@ -550,8 +849,13 @@ class GurobiBackend(Backend):
             if res.status == "cutoff":
                 res.bound = float(cutoff)
         elif status == "optimal":
-            y = np.array(self._cons.Pi) if self._cons is not None else np.zeros(0)
-            res.bound = safe_dual_bound(self.lp, self.lp.c, y, self.lp.offset)
+            if self.eliminated:
+                # no safe bound without the original rows' multipliers: the solver's optimum
+                # (trusted up to its tolerances, like a MILP dual bound)
+                res.bound = res.objective
+                res.extra["bound"] = "solver optimum (eliminated columns)"
+            else:
+                res.bound = safe_dual_bound(self.lp, self.lp.c, self._row_duals(), self.lp.offset, qdiag=self._q)
         elif status == "infeasible":
             res.bound = INF
         res.time_s = time.perf_counter() - t0

@@ -222,7 +222,7 @@ def test_falsified_counterexample_is_confirmed_and_in_the_set():
 
 @pytest.mark.parametrize("norm", ["inf", 1])
 def test_minimum_distortion_matches_a_dense_grid_on_2d(norm):
-    gm = _net(2, 10, 3, 3, scale=4.0)
+    gm = _net(2, 10, 3, 0, scale=4.0)  # three classes on the unit square (seed 3 has one)
     g = torch.linspace(0, 1, 401)
     X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
     with torch.no_grad():
@@ -231,6 +231,7 @@ def test_minimum_distortion_matches_a_dense_grid_on_2d(norm):
     with torch.no_grad():
         lab = gm(x).argmax(1)
     vals, det = minimum_distortion(gm, x, lab, norm, return_details=True, timeout=60)
+    checked = 0
     for b in range(3):
         other = pred != lab[b]
         dist = (X[other] - x[b]).abs()
@@ -252,14 +253,22 @@ def test_minimum_distortion_matches_a_dense_grid_on_2d(norm):
                 assert int(gm(xc).argmax(1)) != int(lab[b]) or float(gm(xc)[0, lab[b]] - gm(xc)[0].topk(2).values[1]) <= 0
             d = (xc[0].double() - x[b].double()).abs()
             assert float(d.max() if norm == "inf" else d.sum()) == pytest.approx(float(vals[b]), abs=1e-6)
+            checked += 1
+    assert checked >= 2
 
 
 def test_l2_distortion_needs_an_miqp_solver():
-    if solvers.gurobi_available()[0]:
-        pytest.skip("gurobi is available here")
+    """HiGHS has no MIQP: the exact l_2 distortion raises, and the milp method on an l_2 ball
+    says "unknown" with the reason (never certified)."""
     gm = _net(2, 6, 3, 0)
     with pytest.raises(SolverError, match="MIQP"):
         minimum_distortion(gm, torch.rand(1, 2), torch.tensor([0]), norm=2, solver="highs")
+    x = torch.rand(3, 2, generator=torch.Generator().manual_seed(0))
+    _, lab = _spec(gm, x)
+    for find in (False, True):
+        for c in get_method("milp", solver="highs").certify(gm, LpBall(x, 0.05, 2, 0.0, 1.0), Robust(lab), find_radius=find, max_radius=1.0):
+            assert c.status == "unknown" and c.radius == 0.0
+            assert "MIQP" in c.details["reason"]
 
 
 def test_exact_radius_bounds_every_registered_certified_radius():
