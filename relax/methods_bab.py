@@ -25,7 +25,6 @@ import time
 import torch
 from torch import Tensor
 
-from verify.certificate import Certificate
 from verify.registry import Method, get_method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
@@ -103,29 +102,17 @@ class BabMethod(Method):
             res = run_bab(model, inputs.select([b]), spec.select([b]), net, self, timeout=left)
             status = res.status
             lab = None if labels is None else int(labels[b] if labels.numel() > 1 else labels[0])
-            certs.append(
-                Certificate(
-                    method=self.name,
-                    guarantee="deterministic",
-                    certifies="base",
-                    status=status,
-                    index=b,
-                    label=lab,
-                    prediction=int(y0[b].argmax()),
-                    norm=norm_name(inputs.p) if is_ball else "box",
-                    eps=float(inputs.eps[b]) if is_ball else None,
-                    radius=float(inputs.eps[b]) if (is_ball and status == "certified") else 0.0,
-                    counterexample=None if res.counterexample is None else res.counterexample.reshape(inputs.shape).cpu(),
-                    time_s=time.perf_counter() - tb,
-                    details={
-                        "options": self.options(),
-                        "stage": res.details.get("stage", ""),
-                        "reason": res.reason,
-                        "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower),
-                        "domains": res.domains,
-                    },
-                )
-            )
+            certs.append(self.make_certificate(
+                status, b, label=lab, prediction=int(y0[b].argmax()), norm=norm_name(inputs.p) if is_ball else "box",
+                eps=float(inputs.eps[b]) if is_ball else None,
+                radius=float(inputs.eps[b]) if (is_ball and status == "certified") else 0.0,
+                counterexample=None if res.counterexample is None else res.counterexample.reshape(inputs.shape).cpu(),
+                time_s=time.perf_counter() - tb,
+                details={
+                    "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
+                    "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
+                },
+            ))
         return certs
 
 

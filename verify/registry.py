@@ -141,6 +141,11 @@ class Method:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
 
+    def make_certificate(self, status: str, index: int, **fields: Any) -> Certificate:
+        """A :class:`Certificate` of this method: name, guarantee and what it certifies come
+        from the class; ``fields`` are the other Certificate fields."""
+        return Certificate(method=self.name, guarantee=self.guarantee, certifies=self.certifies, status=status, index=index, **fields)
+
     def check_input_set(self, inputs: InputSet) -> None:
         kind = norm_name(inputs.p) if isinstance(inputs, LpBall) else "box"
         if kind not in self.norms:
@@ -293,24 +298,11 @@ class BoundMethod(Method):
             lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
             status = "certified" if proved[b] else ("falsified" if not clean_ok[b] else "unknown")
             cex = x0[b].detach().cpu() if status == "falsified" else None
-            certs.append(
-                Certificate(
-                    method=self.name,
-                    guarantee="deterministic",
-                    certifies="base",
-                    status=status,
-                    index=b,
-                    label=lab,
-                    prediction=int(pred[b]),
-                    norm=norm,
-                    eps=float(asked_eps[b]) if is_ball else None,
-                    radius=float(radius[b]),
-                    lower=lower[b].detach().cpu(),
-                    counterexample=cex,
-                    time_s=elapsed / B,
-                    details={"options": self.options()},
-                )
-            )
+            certs.append(self.make_certificate(
+                status, b, label=lab, prediction=int(pred[b]), norm=norm, eps=float(asked_eps[b]) if is_ball else None,
+                radius=float(radius[b]), lower=lower[b].detach().cpu(), counterexample=cex, time_s=elapsed / B,
+                details={"options": self.options()},
+            ))
         return certs
 
     def bisect_radius(self, model, inputs: LpBall, spec: LinearSpec, clean_ok: Tensor, hi_r: float, known: Tensor) -> Tensor:
