@@ -11,11 +11,11 @@
    of them also with n = 100,000.
 3. Throughput (on ``--threads`` (1) torch threads): CERTIFY against the fair baseline, plain
    ``model(batch)`` on a pre-made batch of the same size, same model, device and total rows
-   (every CERTIFY pass is checked to have exactly ``batch`` rows); baseline and CERTIFY run back
-   to back in alternating order, ``--repeats`` (7) times, ratio = median of the per-repeat
-   ratios; with a breakdown (forward / noise / counting / other, ms per 10,000 samples), for the
-   small CNN (10 images x (100 + 1,000) samples, batch 1000) and a ResNet-20 on 28x28 (1 image
-   x (100 + 100), batch 100), each with independent per-input noise (default) and with
+   (every CERTIFY pass is checked to have exactly ``batch`` rows); baseline, CERTIFY, baseline
+   back to back, ``--repeats`` (21) times, ratio = median of the per-repeat ratios, with an A/A
+   control (baseline vs baseline) for the noise floor; with a breakdown (forward / noise /
+   counting / other, ms per 10,000 samples), for the small CNN (10 images x (100 + 1,000)
+   samples, batch 1000) and a ResNet-20 on 28x28 (1 image x (100 + 100), batch 100), each with independent per-input noise (default) and with
    ``share_noise=True``. Short runs and many repeats: on a shared machine the load changes
    within seconds, and a ratio is only as good as the two runs it compares.
 
@@ -120,19 +120,29 @@ class _PassSizes(nn.Module):
         return self.net(x)
 
 
+def _quartiles(v: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(v, n=4)
+    return q[0], q[2]
+
+
 def throughput(net: nn.Module, x: torch.Tensor, n: int, batch_size: int, repeats: int, share: bool, n0: int = 100) -> dict:
     """CERTIFY on ``x [B, ...]`` (``n0 + n`` samples per input, ``batch_size`` rows per pass)
     against the fair baseline: ``net(batch)`` on one pre-made batch of ``batch_size`` noisy
     copies of the same images, as many passes as CERTIFY runs rows (checked: every CERTIFY
-    pass has exactly ``batch_size`` rows). Each repeat runs both back to back, in alternating
-    order (baseline first on even repeats); the ratio of a repeat is CERTIFY time / baseline
-    time, and the result is the median over repeats.
+    pass has exactly ``batch_size`` rows).
+
+    Each repeat runs baseline, CERTIFY, baseline back to back (A-B-A, cancels a linear drift of
+    the machine's load); its ratio is CERTIFY time / mean of the two baseline times; the result
+    is the median over repeats, with the quartiles. The A/A control (second baseline / first
+    baseline of a repeat, same work twice) shows how far a ratio moves by noise alone. The same
+    with this process's CPU time, and the fastest-run ratio (fastest CERTIFY / fastest baseline;
+    other load only ever slows a run down).
 
     Each repeat also times the parts CERTIFY adds, on the same number of rows: ``noise`` =
     ``normal_`` into a reused ``[batch_size, ...]`` buffer plus the in-place ``add_`` of the
     image; ``count`` = ``argmax`` + ``bincount`` of a pre-made ``[batch_size, K]`` output;
-    ``other`` = CERTIFY - forward - noise - count (Python, per-input generators, statistics).
-    All in ms per 10,000 samples."""
+    ``other`` = CERTIFY - forward - noise - count (Python, per-input generators, statistics,
+    and measurement noise). All in ms per 10,000 samples (medians)."""
     noise = GaussianNoise(sigma=0.25)
     B = x.shape[0]
     rows = B * (n0 + n)
@@ -150,24 +160,26 @@ def throughput(net: nn.Module, x: torch.Tensor, n: int, batch_size: int, repeats
         certify(wrapped, x, noise, n0=n0, n=n, alpha=0.001, batch_size=batch_size, share_noise=share)  # warm-up + check
         if set(wrapped.sizes) != {batch_size} or len(wrapped.sizes) != nb:
             raise AssertionError(f"CERTIFY passes {sorted(set(wrapped.sizes))} x {len(wrapped.sizes)}, expected {nb} x {batch_size}")
-        res: dict[str, list[float]] = {k: [] for k in ("plain", "certify", "cpu_plain", "cpu_certify", "noise", "count")}
+        keys = ("plain1", "certify", "plain2", "cpu_plain1", "cpu_certify", "cpu_plain2", "noise", "count")
+        res: dict[str, list[float]] = {k: [] for k in keys}
+
+        def timed(name: str, f) -> None:
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            res[name].append(time.perf_counter() - t)
+            res["cpu_" + name].append(time.process_time() - c)
 
         def plain() -> None:
-            t, c = time.perf_counter(), time.process_time()
             for _ in range(nb):
                 net(batch)
-            res["plain"].append(time.perf_counter() - t)
-            res["cpu_plain"].append(time.process_time() - c)
 
         def cert() -> None:
-            t, c = time.perf_counter(), time.process_time()
             certify(net, x, noise, n0=n0, n=n, alpha=0.001, batch_size=batch_size, share_noise=share)
-            res["certify"].append(time.perf_counter() - t)
-            res["cpu_certify"].append(time.process_time() - c)
 
-        for r in range(repeats):
-            for f in (plain, cert) if r % 2 == 0 else (cert, plain):
-                f()
+        for _ in range(repeats):
+            timed("plain1", plain)
+            timed("certify", cert)
+            timed("plain2", plain)
             t = time.perf_counter()
             for _ in range(nb):
                 noise.fill_(buf, g).add_(x[0])
@@ -176,14 +188,21 @@ def throughput(net: nn.Module, x: torch.Tensor, n: int, batch_size: int, repeats
             for _ in range(nb):
                 torch.bincount(slot * K + logits.argmax(1), minlength=K)
             res["count"].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in res.items()}
-    ratios = [c / p for c, p in zip(res["certify"], res["plain"])]
+    base = [(a + b) / 2 for a, b in zip(res["plain1"], res["plain2"])]
+    cpu_base = [(a + b) / 2 for a, b in zip(res["cpu_plain1"], res["cpu_plain2"])]
+    ratios = [c / p for c, p in zip(res["certify"], base)]
+    aa = [b / a for a, b in zip(res["plain1"], res["plain2"])]
     per10k = 1e7 / rows  # seconds per run -> ms per 10,000 samples
-    fwd, nz, cnt = med["plain"] * per10k, med["noise"] * per10k, med["count"] * per10k
-    return {"plain": rows / med["plain"], "certify": rows / med["certify"], "ratio": statistics.median(ratios),
-            "ratios": ratios, "min_ratio": min(res["certify"]) / min(res["plain"]), "cpu_ratio": statistics.median([c / p for c, p in zip(res["cpu_certify"], res["cpu_plain"])]),
-            "fwd_ms": fwd, "noise_ms": nz, "count_ms": cnt, "certify_ms": med["certify"] * per10k,
-            "other_ms": med["certify"] * per10k - fwd - nz - cnt, "rows": rows, "passes": nb}
+    fwd = statistics.median(base) * per10k
+    nz, cnt = statistics.median(res["noise"]) * per10k, statistics.median(res["count"]) * per10k
+    cert_ms = statistics.median(res["certify"]) * per10k
+    return {"plain": rows / statistics.median(base), "certify": rows / statistics.median(res["certify"]),
+            "ratio": statistics.median(ratios), "ratio_q": _quartiles(ratios), "ratios": ratios,
+            "aa": statistics.median(aa), "aa_q": _quartiles(aa),
+            "cpu_ratio": statistics.median([c / p for c, p in zip(res["cpu_certify"], cpu_base)]),
+            "min_ratio": min(res["certify"]) / min(res["plain1"] + res["plain2"]),
+            "fwd_ms": fwd, "noise_ms": nz, "count_ms": cnt, "certify_ms": cert_ms,
+            "other_ms": cert_ms - fwd - nz - cnt, "rows": rows, "passes": nb}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, default=20, help="how many of the images also get n-big")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=21, help="throughput repeats (baseline + CERTIFY pairs)")
+    ap.add_argument("--repeats", type=int, default=21, help="throughput repeats (baseline, CERTIFY, baseline)")
     ap.add_argument("--tp-images", type=int, default=10, help="images per throughput run (small CNN; batch = --batch-size)")
     ap.add_argument("--tp-n", type=int, default=1000, help="n per image in a throughput run (short runs, many repeats: "
                     "the machine is shared, so each ratio compares two runs under about the same load)")
@@ -253,15 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     lines += ["", f"## CERTIFY throughput vs plain forward passes ({a.threads} torch thread(s), same model, device, rows per pass)", "",
               f"Baseline: `model(batch)` on one pre-made batch of noisy copies of the same images, as many rows as CERTIFY "
-              f"evaluates; CERTIFY n0=100, alpha=0.001, every pass exactly `batch` rows (checked). {a.repeats} repeats, "
-              "baseline and CERTIFY back to back in alternating order; ratio = CERTIFY time / baseline time of the same "
-              "repeat, median over repeats; CPU-time ratio the same with this process's CPU time; fastest-run ratio = "
-              "fastest CERTIFY / fastest baseline (other load only slows runs down). Breakdown in ms per "
-              "10,000 samples (medians): forward = baseline, noise = `normal_` + in-place add into a reused buffer, "
-              "count = argmax + bincount, other = the rest of CERTIFY.", "",
+              f"evaluates; CERTIFY n0=100, alpha=0.001, every pass exactly `batch` rows (checked). {a.repeats} repeats of "
+              "baseline, CERTIFY, baseline back to back; ratio = CERTIFY time / mean of the two baseline times, median "
+              "[quartiles] over repeats; A/A = second / first baseline of a repeat (same work: the noise floor of a ratio); "
+              "CPU-time ratio the same with this process's CPU time; fastest-run ratio = fastest CERTIFY / fastest "
+              "baseline. Breakdown in ms per 10,000 samples (medians): forward = baseline, noise = `normal_` + in-place "
+              "add into a reused buffer, count = argmax + bincount, other = the rest of CERTIFY (and noise).", "",
               "| model | noise streams | images x (n0 + n) | batch | plain fwd samples/s | CERTIFY samples/s | ratio (median) "
-              "| ratios (all repeats) | CPU-time ratio | fastest-run ratio | forward ms | noise ms | count ms | other ms |",
-              "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "| ratio quartiles | A/A median [quartiles] | CPU-time ratio | fastest-run ratio | forward ms | noise ms | count ms | other ms |",
+              "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     configs = [("small CNN (sigma 0.25 model)", nets[a.sigmas[0]], a.tp_images, a.tp_n, a.batch_size),
                ("ResNet-20 (random weights)", resnet20(), a.tp_resnet_images, a.tp_resnet_n, a.tp_resnet_batch)]
     for label_m, net, imgs, n_tp, bs in configs:
@@ -271,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             tp = throughput(net, xt[:imgs], n_tp, bs, a.repeats, share)
             label = "shared (share_noise=True)" if share else "independent per input (default)"
             lines.append(f"| {label_m} | {label} | {imgs} x (100 + {n_tp:,}) | {bs} | {tp['plain']:,.0f} | {tp['certify']:,.0f} | "
-                         f"**{tp['ratio']:.3f}** | " + ", ".join(f"{r:.3f}" for r in tp["ratios"]) + f" | {tp['cpu_ratio']:.3f} | {tp['min_ratio']:.3f} | "
+                         f"**{tp['ratio']:.3f}** | {tp['ratio_q'][0]:.3f}-{tp['ratio_q'][1]:.3f} | {tp['aa']:.3f} "
+                         f"[{tp['aa_q'][0]:.3f}-{tp['aa_q'][1]:.3f}] | {tp['cpu_ratio']:.3f} | {tp['min_ratio']:.3f} | "
                          f"{tp['fwd_ms']:.1f} | {tp['noise_ms']:.1f} | {tp['count_ms']:.2f} | {tp['other_ms']:.1f} |")
             log(lines[-1])
     lines += ["", f"Load average at the start of this section (1/5/15 min): {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}."]
