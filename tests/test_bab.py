@@ -251,3 +251,23 @@ def test_group_averages_keep_the_margin():
     m, ma = rs.margin(rs.values(y)), ra.margin(ra.values(y))
     assert ((m > 0) == (ma > 0)).all()
     assert torch.allclose(m.clamp(max=0), ma.clamp(max=0))
+
+
+def test_without_dead_is_the_same_function_on_the_box():
+    """Pruning the ReLUs dead on the root box keeps the network's values on every point of it."""
+    from relax.beta import ReluNet, intermediate_bounds
+
+    g = torch.Generator().manual_seed(0)
+    Ws = [torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(30, 30, generator=g, dtype=torch.float64) / 4,
+          torch.randn(3, 30, generator=g, dtype=torch.float64)]
+    bs = [torch.randn(30, generator=g, dtype=torch.float64) - 1.0, torch.randn(30, generator=g, dtype=torch.float64) - 1.0,
+          torch.zeros(3, dtype=torch.float64)]
+    net = ReluNet(Ws, bs, (8,))
+    lo = torch.rand(1, 8, generator=g, dtype=torch.float64)
+    hi = lo + 0.1
+    pre = intermediate_bounds(net, lo, hi)
+    small, pre2 = net.without_dead(pre)
+    assert sum(small.sizes) < sum(net.sizes)  # something was dead
+    assert all(l.shape[1] == n for (l, _), n in zip(pre2, small.sizes))
+    x = lo + torch.rand(2000, 8, generator=g, dtype=torch.float64) * (hi - lo)
+    assert torch.allclose(small.forward(x), net.forward(x), atol=1e-12)
