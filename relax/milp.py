@@ -637,6 +637,11 @@ def _domain_radius(c: np.ndarray, dlo: np.ndarray, dhi: np.ndarray, p: float) ->
     return _lp_norm(far, p)
 
 
+#: :func:`minimum_distortion` re-computes the bounds and the MILP for the remaining groups once an
+#: adversarial example closer than this fraction of the current radius is known
+SHRINK_REBUILD = 0.97
+
+
 def minimum_distortion(
     model: torch.nn.Module,
     x: Tensor,
@@ -763,40 +768,44 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     emax = min(top, best_val) if math.isfinite(best_val) else top
     emax = float(emax)
     det["eps_max"] = emax
-    # 2. bounds valid on the ball of radius emax (for l_2: CROWN on the l_2 ball, intervals
-    #    and the LP refinement on its box enclosure, which contains it)
-    ball = LpBall(x, emax, p, dl, dh)
-    ib, used = initial_bounds(model, net, ball, bounds_method)
-    det["bounds"] = used
-    reg = regions_of(LpBall(x, emax, math.inf, dl, dh) if p == 2.0 else ball)[0]
-    bnds = [(l[0].numpy().copy(), u[0].numpy().copy()) for l, u in ib]
-    if refine:
-        bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
-    # 3. one MILP per group
+    # 2. bounds valid on the ball of radius R (first R = emax; for l_2: CROWN on the l_2 ball,
+    #    intervals and the LP refinement on its box enclosure, which contains it) and the MILP
     C = spec.C[0].detach().double().cpu().numpy()
     dd = spec.d[0].detach().double().cpu().numpy()
-    if p == 2.0:
-        enc = encode(net, reg, bnds, integer=True)
-    else:
-        enc = encode(net, reg, bnds, integer=True, distortion=(p, emax))
-    lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
-    det["milp"] = dict(enc.stats)
-    try:
+
+    def build(radius: float):
+        ball = LpBall(x, radius, p, dl, dh)
+        ib, used = initial_bounds(model, net, ball, bounds_method)
+        reg = regions_of(LpBall(x, radius, math.inf, dl, dh) if p == 2.0 else ball)[0]
+        bnds = [(l[0].numpy().copy(), u[0].numpy().copy()) for l, u in ib]
+        ref = None
+        if refine:
+            bnds, ref = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
+        enc = encode(net, reg, bnds, integer=True) if p == 2.0 else encode(net, reg, bnds, integer=True, distortion=(p, radius))
+        lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
         be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, eliminate=True, quadratic=p == 2.0)
+        cost = np.zeros(lp.num_cols)
+        if p == 2.0:
+            cost[enc.x_cols] = -2 * c
+            be.set_objective(cost, float(c @ c), qdiag=(enc.x_cols, np.ones(n0)))
+        else:
+            cost[enc.eps_col] = 1.0
+            be.set_objective(cost)
+        stats = dict(enc.stats)
+        if be.name == "gurobi":
+            stats.update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
+        return enc, lp, rows, const, be, used, ref, stats
+
+    try:
+        enc, lp, rows, const, be, det["bounds"], ref, det["milp"] = build(emax)
     except SolverError as e:
         det["reason"] = f"solver: {e}"
         det["time_s"] = time.perf_counter() - t0
         return DistortionResult(best_val, 0.0, emax, "error", None if best_x is None else best_x[0].float().cpu(), det)
+    R = emax  # the radius the current bounds are valid for
+    if ref is not None:
+        det["refine"] = ref
     det["solver"] = be.name
-    if be.name == "gurobi":
-        det["milp"].update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
-    cost = np.zeros(lp.num_cols)
-    if p == 2.0:
-        cost[enc.x_cols] = -2 * c
-        be.set_objective(cost, float(c @ c), qdiag=(enc.x_cols, np.ones(n0)))
-    else:
-        cost[enc.eps_col] = 1.0
-        be.set_objective(cost)
     order = np.argsort(gm0)
     glow = np.zeros(G)  # lower bound of each group's minimum distance (0 = nothing known)
     per_group = {}
@@ -810,7 +819,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
         sel = np.flatnonzero(groups == g)
         be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
         be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -const[sel])
-        cutoff = min(best_val, emax)
+        cutoff = min(best_val, R)
         if p != 2.0:
             be.set_col_bounds([enc.eps_col], [0.0], [cutoff])
         start = None
@@ -827,7 +836,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             per_group[g] = "not run (time limit)"
             continue
         # l_2: the objective is the squared distance; solutions at distance >= cutoff (where the
-        # bounds may not hold, outside the l_2 ball of radius emax) are pruned by the solver
+        # bounds may not hold, outside the l_2 ball of radius R) are pruned by the solver
         r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7, cutoff=cutoff**2 if p == 2.0 else None)
         per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
         if r.status in ("infeasible", "cutoff"):
@@ -861,6 +870,16 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
                     best_val, best_x = dist, xc
             else:
                 per_group[g]["note"] = note
+        # the remaining groups only need the ball of radius best_val: when it is clearly
+        # smaller than the one the bounds were computed for, tighter bounds (fewer unstable
+        # neurons, smaller big-M constants) pay for the rebuild
+        if best_val < SHRINK_REBUILD * R and g != int(order[-1]) and (deadline is None or time.perf_counter() < deadline):
+            try:
+                enc, lp, rows, const, be, _, _, stats = build(best_val)
+                R = best_val
+                det.setdefault("rebuilt", []).append({"radius": R, **stats})
+            except SolverError:
+                pass
     lower = float(min(glow.min(), best_val)) if G else math.inf
     if errors:
         status = "error"

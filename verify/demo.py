@@ -13,6 +13,13 @@ Demo options keep the run short on 2 CPU cores (smoothing with n = 5,000 samples
 100,000, which caps its l2 radius near 0.75 at sigma 0.25); they are applied only to methods that
 have the option. Slow exact methods run on the first few digits only or not at all
 (``DEMO_LIMITS``); each table shows every method's ``n``.
+
+After each norm's summary the demo prints (and appends to ``demo_<norm>.md``) a per-input table
+for the digits ``milp`` ran on: the exact minimum adversarial distortion of f (``milp`` with
+``find_radius``; l_2 is a mixed-integer QP and needs Gurobi, otherwise the column says so) beside
+every method's certified radius on that digit, and each method's mean certified/exact ratio
+(:func:`verify.report.exact_comparison`). A deterministic radius above the distance of a
+confirmed adversarial example would be unsound: the demo prints such cases as ``UNSOUND``.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from .compare import compare
 from .data import digits
 from .digits_model import NOISE_SIGMA, load_digits_mlp
 from .registry import list_methods
+from .report import exact_comparison
 from .spec import norm_name, parse_norm
 
 __all__ = ["run_demo", "DEMO_NORMS", "DEMO_OPTIONS", "demo_options"]
@@ -45,20 +53,82 @@ DEMO_OPTIONS: dict[str, dict[str, Any]] = {
 
 #: default caps on the inputs of slow exact methods (first k test digits; 0 = not run unless
 #: named with --methods). Measured on 2 busy cores with the radius search: lp ~0.5 s/input,
-#: milp ~1-2 s/input, bab ~3-8 s/input
-#: (radius on the table's grid), sdp minutes per input.
-DEMO_LIMITS: dict[str, int] = {"lp": 20, "lipschitz-sdp": 0, "milp": 5, "sdp": 0, "bab*": 5}
+#: milp ~1-2 s/input with Gurobi (l_inf MILP and l_2 MIQP; HiGHS: ~5-9 s/input in l_inf),
+#: bab ~3-8 s/input (radius on the table's grid), sdp minutes per input.
+DEMO_LIMITS: dict[str, int] = {"lp": 20, "lipschitz-sdp": 0, "milp": 10, "sdp": 0, "bab*": 5}
+
+#: caps that replace ``DEMO_LIMITS`` when Gurobi is not available (HiGHS is slower on the MILP)
+DEMO_LIMITS_WITHOUT_GUROBI: dict[str, int] = {"milp": 5}
 
 #: seconds per method and norm (the timeout a method gets for the whole batch)
 DEMO_TIMEOUT = 45.0
 
+#: at most this many digits (columns) in the exact-radius table
+EXACT_TABLE_MAX = 20
+
+
+def gurobi_status() -> tuple[bool, str]:
+    """``(available, reason)`` of the Gurobi solver (:func:`relax.solvers.gurobi_available`)."""
+    try:
+        from relax.solvers import gurobi_available
+    except ImportError as e:  # pragma: no cover - relax is part of the package
+        return False, f"relax.solvers unavailable: {e}"
+    return gurobi_available()
+
 
 def demo_limit(method: str, limit: int) -> int:
-    """The number of inputs ``method`` runs on in the demo (``DEMO_LIMITS``, else ``limit``)."""
-    for pattern, k in DEMO_LIMITS.items():
+    """The number of inputs ``method`` runs on in the demo (``DEMO_LIMITS``, else ``limit``;
+    also at most ``DEMO_LIMITS_WITHOUT_GUROBI`` when Gurobi is not available)."""
+    k = limit
+    for pattern, cap in DEMO_LIMITS.items():
         if fnmatch.fnmatch(method, pattern):
-            return min(k, limit)
-    return limit
+            k = min(cap, limit)
+            break
+    if not gurobi_status()[0]:
+        for pattern, cap in DEMO_LIMITS_WITHOUT_GUROBI.items():
+            if fnmatch.fnmatch(method, pattern):
+                k = min(k, cap)
+                break
+    return k
+
+
+def _exact_section(res, key: str, labels, names: Sequence[str], limits: dict[str, int], limit: int, gurobi: tuple[bool, str], print_fn) -> Any:
+    """Print the per-input exact-radius table of one norm (the first ``EXACT_TABLE_MAX`` digits
+    milp ran on), append it to ``demo_<norm>.md``, and return the
+    :class:`verify.report.ExactComparison` (``None`` when milp was not asked for)."""
+    if "milp" not in names:
+        return None
+    k = limits.get("milp", limit)
+    missing = None
+    if not any(c.method == "milp" for c in res.table):
+        missing = "needs Gurobi (MIQP)" if key == "l2" and not gurobi[0] else "milp did not run"
+    idx = list(range(min(k, limit, EXACT_TABLE_MAX)))
+    ex = exact_comparison(res.table, idx, "milp", missing=missing, labels=[int(v) for v in labels[: len(idx)]])
+    head = (f"exact minimum adversarial distortion ({key}) of f on the first {len(idx)} digits beside each method's certified radius"
+            + (f" [exact l_2: {gurobi[1]}]" if key == "l2" and not gurobi[0] else ""))
+    print_fn(f"\n-- {head}")
+    print_fn(ex.text())
+    print_fn("(g): smoothing radius of g = smoothed f, may exceed f's exact radius; others certify f and must not.")
+    if ex.violations:
+        for v in ex.violations:
+            msg = f"UNSOUND: {v}"
+            print_fn(msg)
+            print(msg, file=sys.stderr)
+    else:
+        n_ok = sum(1 for e in ex.exact.values() if math.isfinite(e["upper"]))
+        if n_ok:
+            print_fn(f"check: no deterministic certified radius exceeds the exact radius ({n_ok} digits with a confirmed adversarial example)")
+    md = res.files.get("markdown")
+    if md is not None and Path(md).is_file():
+        body = [f"\n## Exact radius beside every method's certified radius ({key})", "", ex.note, "", ex.markdown(), ""]
+        if ex.violations:
+            body += ["**UNSOUND** (deterministic radius above the distance of a confirmed adversarial example):", ""]
+            body += [f"- {v}" for v in ex.violations] + [""]
+        elif any(math.isfinite(e["upper"]) for e in ex.exact.values()):
+            body += ["No deterministic certified radius exceeds the exact radius (tolerance 1e-6 relative).", ""]
+        with open(md, "a") as f:
+            f.write("\n".join(body))
+    return ex
 
 
 def demo_options(method: str) -> dict[str, Any]:
@@ -80,7 +150,8 @@ def run_demo(
     progress: bool = True,
     print_fn=print,
 ) -> dict[str, Any]:
-    """Run the demo; returns ``{norm: CompareResult}`` (plus ``"seconds"``).
+    """Run the demo; returns ``{norm: CompareResult}`` plus ``"exact"`` (``{norm:
+    ExactComparison}``, the per-input exact-radius tables) and ``"seconds"``.
 
     ``methods``: the methods to run (default: every registered one); methods named here run
     on all ``limit`` inputs, the default set applies ``DEMO_LIMITS``."""
@@ -92,11 +163,14 @@ def run_demo(
     names = [m for m in names if m not in skipped]
     x, y = digits("test", limit=limit)
     net = load_digits_mlp("noise")
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"exact": {}}
+    gurobi = gurobi_status()
     for n in norms:
         key = norm_name(parse_norm(n))
         cfg = DEMO_NORMS[key]
         ms = [m for m in names if key in registered[m].norms]
+        if key == "l2" and not gurobi[0] and "milp" in ms:
+            ms.remove("milp")  # the exact l_2 radius is an MIQP: the exact table says why it is missing
         if not ms:
             print_fn(f"\n{key}: no registered method supports it")
             continue
@@ -120,6 +194,9 @@ def run_demo(
         for note in res.notes:
             print(f"note: {note}", file=sys.stderr)
         results[key] = res
+        ex = _exact_section(res, key, y, names, limits, len(y), gurobi, print_fn)
+        if ex is not None:
+            results["exact"][key] = ex
     if skipped:
         print_fn(f"\nnot run (too slow for the demo; name them with --methods): {', '.join(skipped)}")
     capped = {m: k for m, k in limits.items() if 0 < k < limit}

@@ -14,6 +14,7 @@ import html
 import math
 import os
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,10 @@ __all__ = [
     "html_report",
     "check_certified_below_attack",
     "check_certified_per_input",
+    "check_certified_below_exact",
+    "exact_radius_of",
+    "ExactComparison",
+    "exact_comparison",
     "classifier_label",
 ]
 
@@ -310,3 +315,180 @@ def html_report(
         f"<h1>{html.escape(title)}</h1><p>{html.escape(_classifier_note(table, model_name))}</p>"
         f"<table border='1' cellspacing='0' cellpadding='3'><tr>{head}</tr>{body}</table>{img}</body></html>"
     )
+
+
+# ------------------------------------------------------------------------------------------
+# exact radius beside every method's certified radius
+
+
+#: relative tolerance of :func:`check_certified_below_exact` (radii are float32-rounded)
+EXACT_RTOL = 1e-6
+
+
+def _num(v: Any) -> float:
+    """A float from a details value (CSV round trips store inf / nan as strings)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _short_reason(msg: str) -> str:
+    m = msg.lower()
+    if "miqp" in m or "mixed-integer qp" in m or "gurobipy is not installed" in m or "gurobipy licence:" in m:
+        return "needs Gurobi (MIQP)"
+    if "too large" in m or "size-limited" in m:
+        return "exceeds the Gurobi licence size"
+    return msg if len(msg) <= 40 else msg[:37] + "..."
+
+
+def exact_radius_of(c: Any) -> dict[str, Any]:
+    """The exact minimum adversarial distortion recorded by an exact method's Certificate
+    (``details["exact_radius"]`` of ``milp`` with ``find_radius``), as
+    ``{"lower", "upper", "status", "text", "exact"}``: ``upper`` is the distance of a confirmed
+    adversarial example (an upper bound on the true minimum ``d*``), ``lower`` the solver's dual
+    bound; ``exact`` is ``upper`` when the two agree (status optimal), else ``nan``; ``text``
+    is the cell of the table (a value, an interval, ``"> r"`` when no adversarial example
+    exists within the search radius, or why it is missing)."""
+    if c is None:
+        return {"lower": math.nan, "upper": math.nan, "status": "missing", "text": "", "exact": math.nan}
+    if c.label is not None and not c.correct:
+        return {"lower": 0.0, "upper": 0.0, "status": "misclassified", "text": "0 (wrong)", "exact": 0.0}
+    er = c.details.get("exact_radius")
+    if not isinstance(er, dict):
+        why = c.details.get("reason", "no exact radius recorded")
+        return {"lower": math.nan, "upper": math.nan, "status": "error", "text": "n/a: " + _short_reason(str(why)), "exact": math.nan}
+    if "error" in er:
+        return {"lower": math.nan, "upper": math.nan, "status": "error", "text": "n/a: " + _short_reason(str(er["error"])), "exact": math.nan}
+    lo, up, st = _num(er.get("lower")), _num(er.get("upper")), str(er.get("status"))
+    out = {"lower": lo, "upper": up, "status": st, "exact": math.nan}
+    if st == "optimal" and math.isfinite(up):
+        out["exact"] = up
+        out["text"] = f"{up:.4f}"
+    elif st == "no_adversarial":
+        out["text"] = f"> {lo:.4g}" if math.isfinite(lo) else "none"
+    elif st == "error":
+        out["text"] = "n/a: " + _short_reason(str(er.get("reason", "solver error")))
+    elif math.isfinite(up):
+        out["text"] = f"[{lo:.4f}, {up:.4f}]"
+    else:
+        out["text"] = f">= {lo:.4f}" if math.isfinite(lo) else "n/a"
+    return out
+
+
+def check_certified_below_exact(table: CertificateTable, exact: Mapping[int, Mapping[str, Any]], rtol: float = EXACT_RTOL) -> list[str]:
+    """Soundness check against the exact minimum distortion: no method certifying ``f`` may
+    certify input ``i`` with a radius above ``exact[i]["upper"]``, the distance of a confirmed
+    adversarial example (``rtol`` covers float32 rounding). Smoothing (certifies ``g``) is
+    skipped: its radius is about the smoothed classifier and may exceed f's. Returns the
+    violations (empty when consistent)."""
+    bad = []
+    for c in table:
+        if c.certifies != "base" or c.index not in exact or not (c.certified and (c.label is None or c.correct)):
+            continue
+        up = exact[c.index]["upper"]
+        if math.isfinite(up) and c.radius > up * (1 + rtol) + rtol:
+            bad.append(f"{c.method}: input {c.index} certified with radius {c.radius:.6g} > {up:.6g}, "
+                       "the distance of a confirmed adversarial example (exact minimum distortion)")
+    return bad
+
+
+@dataclass
+class ExactComparison:
+    """Per-input table: the exact minimum distortion beside every method's certified radius,
+    a last row with each method's mean ``certified / exact`` ratio, and the soundness check.
+
+    ``rows`` / ``columns``: one row per input (and the ratio row). :meth:`text` and
+    :meth:`markdown` print it transposed -- one line per method, one column per input, the ratio
+    last -- which stays narrow with many methods."""
+
+    rows: list[dict[str, Any]]
+    columns: list[tuple[str, str]]
+    violations: list[str]
+    exact: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    def transposed(self) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        inputs, summary = self.rows[:-1], self.rows[-1]
+        cols = [("what", "radius on input")] + [(f"i{k}", r["input"]) for k, r in enumerate(inputs)] + [("ratio", "mean certified/exact")]
+        out = []
+        for key, head in self.columns[1:]:
+            row = {"what": head, "ratio": "" if key == "label" else summary.get(key, "")}
+            row.update({f"i{k}": r.get(key, "") for k, r in enumerate(inputs)})
+            out.append(row)
+        return out, cols
+
+    def text(self) -> str:
+        return format_text(*self.transposed())
+
+    def markdown(self) -> str:
+        return format_markdown(*self.transposed())
+
+
+def _radius_cell(c: Any) -> str:
+    if c is None:
+        return ""
+    if c.status == "abstain":
+        return "abstain"
+    if c.label is not None and not c.correct:
+        return "wrong"
+    if c.status == "error":
+        return "error"
+    r = c.radius if c.certified else 0.0
+    return f"{r:.4f}"
+
+
+def exact_comparison(
+    table: CertificateTable,
+    indices: Sequence[int],
+    exact_method: str = "milp",
+    missing: str | None = None,
+    labels: Sequence[int] | None = None,
+) -> ExactComparison:
+    """The exact radius (from ``exact_method``'s certificates, see :func:`exact_radius_of`) beside
+    every method's certified radius on the inputs ``indices``.
+
+    ``missing``: why there is no exact method in ``table`` (the exact column then says so, e.g.
+    ``"needs Gurobi (MIQP)"``; never a made-up value). ``labels``: the true labels of
+    ``indices`` (else taken from the certificates). Smoothing columns are marked ``(g)``: they
+    certify the smoothed classifier and may exceed the exact radius of f."""
+    by = {(c.method, c.index): c for c in table}
+    methods = table.methods()
+    kind = {m: table.by_method(m)[0].certifies for m in methods}
+    exact: dict[int, dict[str, Any]] = {}
+    for i in indices:
+        if missing is not None and exact_method not in methods:
+            exact[i] = {"lower": math.nan, "upper": math.nan, "status": "missing", "text": f"n/a: {missing}", "exact": math.nan}
+        else:
+            exact[i] = exact_radius_of(by.get((exact_method, i)))
+    head = {m: f"{m} (g)" if kind[m] == "smoothed" else m for m in methods}
+    columns = [("input", "input"), ("label", "label"), ("exact", "exact (milp)")] + [(m, head[m]) for m in methods]
+    rows = []
+    ratio_sum = {m: 0.0 for m in methods}
+    ratio_n = {m: 0 for m in methods}
+    for k, i in enumerate(indices):
+        lab = labels[k] if labels is not None else next((by[(m, i)].label for m in methods if (m, i) in by), None)
+        row: dict[str, Any] = {"input": str(i), "label": "" if lab is None else str(lab), "exact": exact[i]["text"]}
+        e = exact[i]["exact"]
+        for m in methods:
+            c = by.get((m, i))
+            row[m] = _radius_cell(c)
+            if c is not None and math.isfinite(e) and e > 0 and c.correct:
+                ratio_sum[m] += (c.radius if c.certified else 0.0) / e
+                ratio_n[m] += 1
+        rows.append(row)
+    ratios = {m: ratio_sum[m] / ratio_n[m] for m in methods if ratio_n[m]}
+    n_exact = sum(1 for i in indices if math.isfinite(exact[i]["exact"]) and exact[i]["exact"] > 0)
+    summary: dict[str, Any] = {"input": "mean certified/exact", "label": "", "exact": f"(n={n_exact} inputs)" if n_exact else "n/a"}
+    for m in methods:
+        summary[m] = f"{ratios[m]:.3f}" if m in ratios else "-"
+    rows.append(summary)
+    bad = check_certified_below_exact(table, exact)
+    note = ("exact (milp): the minimum adversarial distortion of f (value = distance of a confirmed adversarial example, "
+            "the MILP/MIQP dual bound agrees within 1e-5; [a, b]: bracket at the time limit; > r: none within the search radius r). "
+            "One row per method: its certified radius on each input (0: not certified; wrong: the classifier misclassifies it) "
+            "and its mean certified/exact ratio over the inputs with an exact value. "
+            "Deterministic radii certify f and can never exceed the exact radius; (g) rows are smoothing radii for "
+            "g = smoothed f, which may exceed it without contradiction.")
+    return ExactComparison(rows, columns, bad, exact, ratios, note)
