@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.cpu_count()} cores (other processes share the machine; absolute samples/s vary with it, the "
               "interleaved ratio much less).",
               "", f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Total time {time.perf_counter() - t_all:.0f}s. Command: `.venv/bin/python -m benchmarks.smoothing"
-              + (" --quick" if a.quick else "") + (" --throughput-only" if a.throughput_only else "") + "`"]
+              + "".join(" " + v for v in (sys.argv[1:] if argv is None else argv)) + "`"]
     text = "\n".join(lines) + "\n"
     print(text)
     OUT.mkdir(exist_ok=True)
