@@ -783,7 +783,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             bnds, ref = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
         enc = encode(net, reg, bnds, integer=True) if p == 2.0 else encode(net, reg, bnds, integer=True, distortion=(p, radius))
         lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
-        be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, eliminate=True, quadratic=p == 2.0)
+        be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, quadratic=p == 2.0)
         cost = np.zeros(lp.num_cols)
         if p == 2.0:
             cost[enc.x_cols] = -2 * c
