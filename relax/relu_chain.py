@@ -148,6 +148,15 @@ def _padded_index(mask: Tensor) -> Tensor:
     return torch.where(idx < n, idx, torch.full_like(idx, n))
 
 
+def _take(Wp: Tensor, rows: Tensor, cols: Tensor | None) -> Tensor:
+    """Per input ``b``: padded weights ``Wp`` at rows ``rows[b]`` and columns ``cols[b]`` (all
+    real columns when None): ``[B, r, c]``."""
+    if rows.shape[0] == 1:  # one input: two index_selects beat advanced indexing
+        out = Wp.index_select(0, rows[0])
+        return (out[:, :-1] if cols is None else out.index_select(1, cols[0])).unsqueeze(0)
+    return Wp[:, :-1][rows] if cols is None else Wp[rows.unsqueeze(2), cols.unsqueeze(1)]
+
+
 def _gather(v: Tensor, idx: Tensor) -> Tensor:
     """``v [B, n]`` at ``idx [B, m]`` (pad index ``n`` -> 0)."""
     return F.pad(v, (0, 1)).gather(1, idx)
@@ -188,8 +197,7 @@ def _layer(net: ReluChain, k: int, l: Tensor, u: Tensor, prev: Tensor | None, ca
     hit = None if cache is None else cache.get(("layer", k))
     if hit is None:
         alive = _padded_index(u > 0)
-        Wp = net.Wp[k - 1]
-        W = Wp[:, :-1][alive] if prev is None else Wp[alive.unsqueeze(2), prev.unsqueeze(1)]  # [B, m_k, m_{k-1} or n_0]
+        W = _take(net.Wp[k - 1], alive, prev)  # [B, m_k, m_{k-1} or n_0]
         hit = (alive, W, net.bp[k - 1][alive])
         if cache is not None:
             cache[("layer", k)] = hit
@@ -240,11 +248,7 @@ def _start_rows(net: ReluChain, k: int, idx: Tensor, layers: list[_Layer], cache
         if ("rows", k) not in cache:
             cache[("rows", k)] = _start_rows(net, k, idx, layers)
         return cache[("rows", k)]
-    Wp = net.Wp[k - 1]
-    if k == 1:
-        A = Wp[:, :-1][idx]
-    else:
-        A = Wp[idx.unsqueeze(2), layers[k - 2].alive.unsqueeze(1)]
+    A = _take(net.Wp[k - 1], idx, None if k == 1 else layers[k - 2].alive)
     c = net.bp[k - 1][idx]
     return torch.cat([A, -A], 1), torch.cat([c, -c], 1)
 
