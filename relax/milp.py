@@ -601,8 +601,11 @@ class DistortionResult:
         lower: the MILP dual bound, a lower bound on ``d*`` (within solver tolerance); a sound
             certified radius is anything strictly below it (:attr:`certified_radius`).
         eps_max: the radius the big-M bounds were computed for.
-        status: "optimal" (``value - lower <= 1e-4 (1 + value)`` ... see ``gap``), "time_limit",
-            "no_adversarial" (none within ``eps_max``) or "error".
+        status: "optimal" (``value - lower <= 1e-4 (1 + value)``, see ``gap``), "time_limit",
+            "no_adversarial" (none within ``eps_max``, or anywhere in the domain: ``lower = inf``),
+            "unconfirmed" (a MILP optimum closer than ``value`` failed the forward-pass check:
+            ``[lower, value]`` still brackets ``d*``) or "error" (solver / licence error, reason in
+            ``details``).
         counterexample: ``[*shape]`` the adversarial input at distance ``value``.
     """
 
@@ -837,7 +840,8 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             continue
         # l_2: the objective is the squared distance; solutions at distance >= cutoff (where the
         # bounds may not hold, outside the l_2 ball of radius R) are pruned by the solver
-        r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7, cutoff=cutoff**2 if p == 2.0 else None)
+        # (the l_2 cutoff is widened by 1e-6 so that points at distance exactly R stay in)
+        r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7, cutoff=(cutoff * (1 + 1e-6) + 1e-9) ** 2 if p == 2.0 else None)
         per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
         if r.status in ("infeasible", "cutoff"):
             glow[g] = cutoff
@@ -881,18 +885,22 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             except SolverError:
                 pass
     lower = float(min(glow.min(), best_val)) if G else math.inf
+    all_pruned = len(per_group) == G and all(isinstance(v, dict) and v["status"] in ("infeasible", "cutoff") for v in per_group.values())
     if errors:
         status = "error"
         det["reason"] = "solver error: " + _join_errors(errors)
-    elif not math.isfinite(best_val) and not timed_out:
-        status = "no_adversarial"
-        lower = emax if eps_max is not None else lower
-        if eps_max is None:
-            lower = math.inf if all(isinstance(v, dict) and v["status"] in ("infeasible", "cutoff") for v in per_group.values()) else lower
     elif timed_out:
         status = "time_limit"
-    else:
+    elif not math.isfinite(best_val) and all_pruned:
+        # every group's MILP is empty below the radius: none within eps_max (or the domain)
+        status = "no_adversarial"
+        lower = emax if eps_max is not None else math.inf
+    elif math.isfinite(best_val) and best_val - lower <= 1e-4 * (1 + best_val):
         status = "optimal"
+    else:
+        # a MILP optimum below the best confirmed distance that no forward pass confirms
+        status = "unconfirmed"
+        det["reason"] = "a MILP solution closer than any confirmed adversarial example was not confirmed by a forward pass"
     det["groups"] = {str(k): v for k, v in per_group.items()}
     det["time_s"] = time.perf_counter() - t0
     return DistortionResult(best_val, lower, emax, status, None if best_x is None else best_x[0].float().cpu(), det)

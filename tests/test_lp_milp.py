@@ -346,3 +346,21 @@ def test_time_limit_gives_unknown_with_bound():
     assert out.status in ("unknown", "certified")  # certified only if the LP alone proves it
     if out.status == "unknown":
         assert "time limit" in out.details["reason"]
+
+
+def test_an_unconfirmed_milp_solution_never_reads_as_no_adversarial(monkeypatch):
+    """If no forward pass confirms the MILP's adversarial point, the result must not claim "none
+    within eps_max": the MILP bound stays the lower bound and the status says so."""
+    import relax.milp as milp_mod
+
+    gm = _net(2, 10, 3, 0, scale=4.0)
+    x = torch.rand(3, 2, generator=torch.Generator().manual_seed(4))
+    _, lab = _spec(gm, x)
+    exact = minimum_distortion(gm, x, lab, "inf", eps_max=1.0)
+    monkeypatch.setattr(milp_mod, "confirm_violation", lambda model, xs, *a, **k: (False, xs, "simulated: not confirmed"))
+    vals, det = minimum_distortion(gm, x, lab, "inf", eps_max=1.0, return_details=True)
+    for b in range(3):
+        if math.isinf(exact[b]):
+            continue
+        assert det[b].status == "unconfirmed" and math.isinf(vals[b])
+        assert det[b].lower <= exact[b] + 1e-9 and det[b].certified_radius <= exact[b]

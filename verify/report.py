@@ -362,7 +362,7 @@ def exact_radius_of(c: Any) -> dict[str, Any]:
         return {"lower": math.nan, "upper": math.nan, "status": "error", "text": "n/a: " + _short_reason(str(er["error"])), "exact": math.nan}
     lo, up, st = _num(er.get("lower")), _num(er.get("upper")), str(er.get("status"))
     out = {"lower": lo, "upper": up, "status": st, "exact": math.nan}
-    if st == "optimal" and math.isfinite(up):
+    if st == "optimal" and math.isfinite(up) and up - lo <= 1e-4 * (1 + up):
         out["exact"] = up
         out["text"] = f"{up:.4f}"
     elif st == "no_adversarial":
