@@ -596,11 +596,12 @@ def _eliminate_defined_columns(lp: LinearProgram, keep: np.ndarray | None) -> tu
 
 
 def _constraint_count(lo: np.ndarray, hi: np.ndarray) -> int:
-    """Native constraints of rows ``lo <= a x <= hi``: one per equality or one-sided row, two per
-    two-sided row, none per free row (the layout of :class:`GurobiBackend`)."""
+    """Native constraints of rows ``lo <= a x <= hi`` in the layout of :class:`GurobiBackend`
+    (one per equality or one-sided row, two per two-sided row), counting a free row as one: it
+    may get a bound later (the property rows of :mod:`relax.milp` do)."""
     fl, fh = np.isfinite(lo), np.isfinite(hi)
     eq = fl & fh & (lo == hi)
-    return int(eq.sum() + (fl & ~eq).sum() + (fh & ~eq).sum())
+    return int(eq.sum() + (fl & ~eq).sum() + (fh & ~eq).sum() + (~fl & ~fh).sum())
 
 
 class GurobiBackend(Backend):
@@ -692,9 +693,11 @@ class GurobiBackend(Backend):
         return len(self._eq) + len(self._hi) + len(self._lo)
 
     def fits(self, quadratic: bool | None = None) -> bool:
-        """Whether the model fits the licence's size limits (:func:`gurobi_fits`)."""
+        """Whether the model fits the licence's size limits (:func:`gurobi_fits`), counting each
+        currently free row as a constraint it may become."""
         q = self._q is not None if quadratic is None else quadratic
-        return gurobi_fits(self.num_vars, self.num_constraints, q)
+        free = self.lp.num_rows - len(set(self._eq) | set(self._hi) | set(self._lo))
+        return gurobi_fits(self.num_vars, self.num_constraints + free, q)
 
     def close(self) -> None:
         self.m.dispose()
