@@ -352,17 +352,24 @@ def _pass(
     return ChainResult(torch.maximum(low, ibp_low), boxes, layers)
 
 
-def _per_input(input_set: InputSet, per_input: bool | None) -> bool:
-    """One input at a time on the CPU (no padding: the alive counts of a batch's inputs differ
-    by 10x and more), the padded batch elsewhere (a GPU hides the padding)."""
+#: weights (multiply-adds per row) from which a net is bounded one input at a time on the CPU
+PER_INPUT_MIN_WEIGHTS = 100_000
+
+
+def _per_input(net: ReluChain, input_set: InputSet, per_input: bool | None) -> bool:
+    """One input at a time on the CPU for nets with many weights (no padding: the alive counts
+    of a batch's inputs differ by 10x and more; mnistfc: 3x faster), the padded batch for small
+    nets (Python overhead per input dominates: 20-30x slower one by one on the digits MLP) and
+    on other devices (a GPU hides the padding)."""
     if per_input is not None:
         return per_input
-    return input_set.bounds()[0].device.type == "cpu" and input_set.batch_size > 1
+    big = sum(W.numel() for W in net.Ws) >= PER_INPUT_MIN_WEIGHTS
+    return big and input_set.bounds()[0].device.type == "cpu" and input_set.batch_size > 1
 
 
 def chain_crown(net: ReluChain, input_set: InputSet, C: Tensor, max_elements: int = 2**25, per_input: bool | None = None) -> Tensor:
     """CROWN lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``) on a ReLU chain."""
-    if _per_input(input_set, per_input):
+    if _per_input(net, input_set, per_input):
         return torch.cat([_pass(net, input_set.select([i]), C[i : i + 1], max_elements).lower for i in range(C.shape[0])])
     return _pass(net, input_set, C, max_elements).lower
 
@@ -389,7 +396,7 @@ def chain_alpha_crown(
             return (low > 0).all(dim=1)
     kw = dict(iterations=iterations, lr=lr, lr_decay=lr_decay, optimize_intermediate=optimize_intermediate,
               early_stop=early_stop, max_elements=max_elements)
-    if not _per_input(input_set, per_input):
+    if not _per_input(net, input_set, per_input):
         return _alpha(net, input_set, C, stop_fn=stop_fn, **kw)
     # CPU: one input at a time (grouping inputs of similar sizes was measured: no faster)
     out = []
