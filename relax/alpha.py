@@ -2,8 +2,10 @@
 ``alpha`` of every unstable ReLU is a free parameter in ``[0, 1]``; the CROWN bound is a
 differentiable function of the alphas and is maximised by projected Adam.
 
-What is optimised (the same strategy as auto_LiRPA's ``CROWN-Optimized`` with its defaults,
-where intermediate bounds are recomputed with their own alphas at every iteration):
+What is optimised (with ``optimize_intermediate=True``, our default, the strategy of
+auto_LiRPA's ``CROWN-Optimized`` with ``enable_opt_interm_bounds=True``: intermediate bounds are
+recomputed with their own alphas at every iteration; auto_LiRPA's own default is
+``optimize_intermediate=False``, output-layer alphas only):
 
 * one alpha per (start, ReLU node, output row, batch element, neuron): the spec rows
   (``[N, B, *shape]``, start ``"__out__"``) and, with ``optimize_intermediate=True``, every

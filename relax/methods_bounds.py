@@ -84,7 +84,8 @@ class AlphaCrownMethod(_Relax):
     """alpha-CROWN (Xu et al. 2021): CROWN with ReLU lower slopes optimised by Adam.
 
     Options: ``iterations`` Adam steps with learning rate ``lr``; ``optimize_intermediate``
-    also optimises the slopes used for the intermediate bounds (as auto_LiRPA's default);
+    also optimises the slopes used for the intermediate bounds (tighter, several times slower;
+    auto_LiRPA's default is ``False``: output-layer slopes only, CROWN intermediate bounds);
     ``early_stop`` stops optimising an input once its bounds prove the property (after the
     float-safety margin); its bounds are then frozen, so batch of 1 == batch of N.
     Never looser than CROWN (the best bound per row is kept).
