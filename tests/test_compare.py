@@ -75,10 +75,20 @@ def test_certified_accuracy_below_attack_accuracy(compared):
 
 
 @pytest.mark.parametrize("limits, cause", [("milp", "expected METHOD=K"), ("milp=-1", "expected METHOD=K"),
-                                           ("nosuch=2", "matches none of the methods")])
+                                           ("nosuch=2", "matches no registered method")])
 def test_bad_limits_one_line(limits, cause, tmp_path, capsys):
+    """A malformed cap or an unknown method name: one line naming the cause (a registered method
+    that is simply not run, e.g. sdp here, is accepted)."""
     args = ["compare", "--model", "digits-mlp-noise", "--data", "digits", "--limit", "2", "--radii", "0",
             "--methods", "interval,milp", "--limits", limits, "--out", str(tmp_path), "-q"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and cause in err
+
+
+def test_limits_for_a_method_not_run_are_ignored(tmp_path):
+    args = ["compare", "--model", "digits-mlp-noise", "--data", "digits", "--limit", "2", "--radii", "0",
+            "--methods", "interval", "--limits", "interval=1,sdp=0", "--out", str(tmp_path), "--no-attack", "-q"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "compare_results.csv")))
+    assert [r["method"] for r in rows] == ["interval"]  # capped at 1 input

@@ -97,8 +97,12 @@ def _check_methods(names: Sequence[str]) -> None:
 
 
 def _limits(text: str | None, methods: Sequence[str]) -> dict[str, int]:
-    """``"milp=5,sdp=0"`` -> ``{"milp": 5, "sdp": 0}``; a glob (``bab*``) applies to every match."""
+    """``"milp=5,sdp=0"`` -> ``{"milp": 5, "sdp": 0}``; a glob (``bab*``) applies to every match.
+    A registered method that is not run (e.g. it lacks the norm) is ignored; an unknown name is an
+    error."""
     import fnmatch
+
+    from .registry import list_methods
 
     out: dict[str, int] = {}
     for item in (text or "").split(","):
@@ -112,8 +116,8 @@ def _limits(text: str | None, methods: Sequence[str]) -> dict[str, int]:
         if not eq or n < 0:
             raise CLIError(f"--limits: expected METHOD=K with K >= 0, got {item.strip()!r}")
         hits = [m for m in methods if fnmatch.fnmatch(m, name.strip())]
-        if not hits:
-            raise CLIError(f"--limits: {name.strip()!r} matches none of the methods run ({', '.join(methods)})")
+        if not hits and not any(fnmatch.fnmatch(m, name.strip()) for m in list_methods()):
+            raise CLIError(f"--limits: {name.strip()!r} matches no registered method (see: certify methods)")
         out.update({m: n for m in hits})
     return out
 
