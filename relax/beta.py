@@ -232,6 +232,19 @@ def intermediate_bounds(
     return pre
 
 
+def _forward_step(net: ReluNet, k: int, l: Tensor, u: Tensor, Al: Tensor, cl: Tensor, Au: Tensor, cu: Tensor):
+    """Affine bounds ``Al x + cl <= z_k <= Au x + cu`` (``[B, n_k, n_0]``, ``[B, n_k]``) through
+    the ReLU relaxation on ``[l, u]`` and layer ``k``: the same for ``z_{k+1}``.
+    ``relu(z) >= s_lo z >= s_lo (Al x + cl)``; ``relu(z) <= s_up z + icpt <= s_up (Au x + cu) + icpt``
+    (slopes are >= 0); then ``W = W+ + W-`` picks the lower or upper side per sign."""
+    _, s_lo, s_up, icpt = _relax(l, u)
+    Rl, rl = Al * s_lo.unsqueeze(-1), cl * s_lo
+    Ru, ru = Au * s_up.unsqueeze(-1), cu * s_up + icpt
+    W, b = net.Ws[k], net.bs[k]
+    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
+    return Wp @ Rl + Wn @ Ru, rl @ Wp.T + ru @ Wn.T + b, Wp @ Ru + Wn @ Rl, ru @ Wp.T + rl @ Wn.T + b
+
+
 def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = None) -> Bounds:
     """Pre-activation bounds by forward linear propagation (CROWN-forward / symbolic
     intervals): every ``z_k`` is sandwiched between two affine functions of ``x``
@@ -263,14 +276,7 @@ def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         pre.append((l, u))
         if k == len(net.Ws) - 1:
             break
-        _, s_lo, s_up, icpt = _relax(l, u)
-        # relu(z) >= s_lo * z >= s_lo * (Al x + cl);  relu(z) <= s_up * z + icpt <= s_up * (Au x + cu) + icpt
-        Rl, rl = Al * s_lo.unsqueeze(-1), cl * s_lo
-        Ru, ru = Au * s_up.unsqueeze(-1), cu * s_up + icpt
-        W, b = net.Ws[k], net.bs[k]
-        Wp, Wn = W.clamp(min=0), W.clamp(max=0)
-        Al, cl = Wp @ Rl + Wn @ Ru, rl @ Wp.T + ru @ Wn.T + b
-        Au, cu = Wp @ Ru + Wn @ Rl, ru @ Wp.T + rl @ Wn.T + b
+        Al, cl, Au, cu = _forward_step(net, k, l, u, Al, cl, Au, cu)
     return pre
 
 
@@ -317,13 +323,7 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         pre.append((l, u))
         if k == len(net.Ws) - 1:
             break
-        _, s_lo, s_up, icpt = _relax(l, u)
-        Rl, rl = Al * s_lo.unsqueeze(-1), cl * s_lo
-        Ru, ru = Au * s_up.unsqueeze(-1), cu * s_up + icpt
-        W, b = net.Ws[k], net.bs[k]
-        Wp, Wn = W.clamp(min=0), W.clamp(max=0)
-        Al, cl = Wp @ Rl + Wn @ Ru, rl @ Wp.T + ru @ Wn.T + b
-        Au, cu = Wp @ Ru + Wn @ Rl, ru @ Wp.T + rl @ Wn.T + b
+        Al, cl, Au, cu = _forward_step(net, k, l, u, Al, cl, Au, cu)
     return pre
 
 
