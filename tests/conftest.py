@@ -32,3 +32,13 @@ def shared_dir() -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tests' nets are small: torch's intra-op thread pool only costs time on a shared
+    2-core machine. One thread per test module (restored after it)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

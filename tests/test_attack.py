@@ -16,14 +16,6 @@ from verify.spec import Box, Linear, LinearSpec, LpBall
 N_IN, K, G = 10, 4, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def linear_model(seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)

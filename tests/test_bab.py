@@ -16,13 +16,6 @@ from relax.beta import ReluNet, backward_bound, forward_bounds, intermediate_bou
 from verify import Box, Linear, certify
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _mlp(seed: int, sizes=(2, 16, 16, 3)) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)

@@ -6,21 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import verify.demo as demo
 from verify.certificate import Certificate, CertificateTable
 from verify.report import check_certified_below_exact, exact_comparison, exact_radius_of
 
 METHODS = ["interval", "crown", "lipschitz-global", "milp", "smoothing-gaussian"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _run(tmp_path, monkeypatch, gurobi=None):

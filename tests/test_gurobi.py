@@ -21,18 +21,11 @@ from relax.milp import _add_spec_rows, milp_verify, minimum_distortion
 from relax.solvers import LinearProgram, make_backend, safe_dual_bound
 from verify.attack import pgd_attack
 from verify.registry import get_method, list_methods
-from verify.spec import Box, LpBall, Robust
+from verify.spec import LpBall, Robust
 
 _OK, _WHY = solvers.gurobi_available()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"Gurobi unavailable: {_WHY}")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _net(n_in: int, hidden: int, n_out: int, seed: int, scale: float = 1.0, layers: int = 2) -> torch.fx.GraphModule:

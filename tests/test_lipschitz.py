@@ -22,14 +22,6 @@ from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 NORMS = [1.0, 2.0, math.inf]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------
 # helpers (also used by tests/test_lipschitz_sdp.py)

@@ -18,14 +18,6 @@ from verify.registry import get_method
 from verify.spec import LpBall, Robust
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster on the shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _dense(net, shape):
     with torch.no_grad():

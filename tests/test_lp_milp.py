@@ -20,14 +20,6 @@ from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small nets: torch's intra-op thread pool only costs time on a shared machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 def _net(n_in: int, hidden: int, n_out: int, seed: int, scale: float = 1.0) -> torch.fx.GraphModule:
     torch.manual_seed(seed)

@@ -15,14 +15,6 @@ from verify.spec import LpBall, Robust
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small nets: torch's intra-op thread pool only costs time on a shared machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 def _net(seed: int, n_in: int = 3, hidden: int = 8, n_out: int = 3) -> torch.fx.GraphModule:
     torch.manual_seed(seed)

@@ -21,14 +21,6 @@ from verify.vnnlib import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def decls(n_in: int, n_out: int) -> str:
     return "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in)) + "".join(
