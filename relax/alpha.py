@@ -35,7 +35,7 @@ from .graph import BoundGraph
 from .linear import _acts_before, crown, rows_needed
 from .ops import ReLU
 
-__all__ = ["AlphaResult", "alpha_crown"]
+__all__ = ["AlphaResult", "alpha_crown", "all_rows_positive", "ProjectedAdam"]
 
 
 @dataclass
@@ -50,7 +50,7 @@ class AlphaResult:
     alphas: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
-class _Adam:
+class ProjectedAdam:
     """Adam (Kingma & Ba 2015) with exponential learning-rate decay and projection onto
     ``[0, 1]`` (a few lines instead of importing ``torch.optim``, whose first import costs
     seconds)."""
@@ -73,6 +73,11 @@ class _Adam:
             p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
             p.clamp_(0.0, 1.0)
         self.lr *= self.decay
+
+
+def all_rows_positive(low: Tensor) -> Tensor:
+    """Default early-stop test: ``low [B, N]`` -> Bool ``[B]``, every row's bound positive."""
+    return (low > 0).all(dim=1)
 
 
 def alpha_crown(
@@ -105,8 +110,7 @@ def alpha_crown(
     best = init.lower.clone()
     relus = [n.name for n in graph.activations() if isinstance(n.op, ReLU)]
     if stop_fn is None:
-        def stop_fn(low: Tensor) -> Tensor:
-            return (low > 0).all(dim=1)
+        stop_fn = all_rows_positive
     done_b = stop_fn(best) if early_stop else torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
     if iterations <= 0 or not relus or bool(done_b.all()):
         return AlphaResult(best, init.lower, 0, init.intermediate)
@@ -156,7 +160,7 @@ def alpha_crown(
         for k, (l, h) in bound_overrides.items():
             if k not in overrides:
                 overrides[k] = (l, h)
-    opt = _Adam(params, lr, lr_decay)
+    opt = ProjectedAdam(params, lr, lr_decay)
     done = 0
     for it in range(iterations):
         with torch.enable_grad():

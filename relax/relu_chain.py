@@ -40,6 +40,7 @@ from torch import Tensor
 
 from verify.spec import InputSet, LpBall
 
+from .alpha import ProjectedAdam, all_rows_positive
 from .graph import BoundGraph
 from .linear import concretize
 from .ops import ElemAffine, Linear, ReLU, Reshape
@@ -233,6 +234,13 @@ def _concretize(A: Tensor, c: Tensor, input_set: InputSet, center: Tensor, rad: 
     return c + torch.bmm(A, center.unsqueeze(2)).squeeze(2) - torch.bmm(A.abs(), rad.unsqueeze(2)).squeeze(2)
 
 
+def _ibp_input(net: ReluChain, center: Tensor, rad: Tensor) -> tuple[Tensor, Tensor]:
+    """Box of ``z_1 = W_0 x + b_0`` over the input box ``center +- rad`` (exact)."""
+    m = F.linear(center, net.Ws[0], net.bs[0])
+    r = rad @ net.absWt[0]
+    return m - r, m + r
+
+
 def _ibp(net: ReluChain, k: int, l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """IBP box of ``z_{k+1}`` from the box of ``z_k`` (k >= 1) through relu and layer k."""
     lo, hi = l.clamp(min=0), u.clamp(min=0)
@@ -311,17 +319,14 @@ def _pass(
             layers.append(_layer(net, k, l, u, layers[-1].alive if layers else None, cache))
             continue
         if k == 1:
-            m = F.linear(center, net.Ws[0], net.bs[0])
-            r = rad @ net.absWt[0]
-            l, u = m - r, m + r
+            l, u = _ibp_input(net, center, rad)
         else:
             l, u = _ibp(net, k - 1, *boxes[-1])
         if fixed is not None:
             l, u = l.maximum(fixed[k - 1][0]), u.minimum(fixed[k - 1][1])
         if not (k == 1 and box_input):
-            idx = plan[k - 1] if plan is not None else None
-            if idx is None and (plan is None or k == 1):
-                idx = _padded_index((l < 0) & (u > 0))
+            # rows: the plan's (alpha-CROWN; None = no unstable neuron), else the unstable ones
+            idx = plan[k - 1] if plan is not None and k > 1 else _padded_index((l < 0) & (u > 0))
             if idx is not None and bool((idx < l.shape[1]).any()):
                 al = None if alphas is None else alphas.get(k)
                 nl, nu = _bound_rows(net, k, idx, layers, input_set, center, rad, max_elements, al, cache)
@@ -337,9 +342,7 @@ def _pass(
         ol, ou = _ibp(net, net.depth - 1, *boxes[-1])
     else:
         A = torch.bmm(C, net.Ws[0].expand(B, *net.Ws[0].shape))
-        m = F.linear(center, net.Ws[0], net.bs[0])
-        r = rad @ net.absWt[0]
-        ol, ou = m - r, m + r
+        ol, ou = _ibp_input(net, center, rad)
     c = C @ net.bs[-1]
     width = max([A.shape[2]] + [L.W.shape[2] for L in layers])
     parts = []
@@ -392,8 +395,7 @@ def chain_alpha_crown(
     :func:`relax.alpha.alpha_crown` (``stop_fn`` sees the whole batch's ``[B, N]`` bounds)."""
     B, N = C.shape[:2]
     if stop_fn is None:
-        def stop_fn(low: Tensor) -> Tensor:
-            return (low > 0).all(dim=1)
+        stop_fn = all_rows_positive
     kw = dict(iterations=iterations, lr=lr, lr_decay=lr_decay, optimize_intermediate=optimize_intermediate,
               early_stop=early_stop, max_elements=max_elements)
     if not _per_input(net, input_set, per_input):
@@ -413,13 +415,9 @@ def chain_alpha_crown(
 def _alpha(
     net: ReluChain, input_set: InputSet, C: Tensor, *, iterations: int, lr: float, lr_decay: float,
     optimize_intermediate: bool, early_stop: bool, stop_fn: Callable[[Tensor], Tensor], max_elements: int,
-    init: ChainResult | None = None,
 ) -> Tensor:
-    from .alpha import _Adam
-
-    if init is None:
-        with torch.no_grad():
-            init = _pass(net, input_set, C, max_elements)
+    with torch.no_grad():
+        init = _pass(net, input_set, C, max_elements)
     best = init.lower.clone()
     B = best.shape[0]
     done_b = stop_fn(best) if early_stop else torch.zeros(B, dtype=torch.bool, device=best.device)
@@ -439,7 +437,7 @@ def _alpha(
     params = [a for v in alphas.values() for a in v]
     for a in params:
         a.requires_grad_(True)
-    opt = _Adam(params, lr, lr_decay)
+    opt = ProjectedAdam(params, lr, lr_decay)
     # the alive sets of the CROWN boxes hold for every iteration (boxes are intersected with them)
     cache = {("layer", k + 1): (L.alive, L.W, L.b) for k, L in enumerate(init.layers)}
     for it in range(iterations):
