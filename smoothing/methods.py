@@ -94,6 +94,8 @@ class _Smoothing(Method):
             "options": self.options(),
             "sigma_space": "model input space",
             "float_soundness": FLOAT_NOTE,
+            "noise_streams": ("shared by the inputs of the batch: each certificate holds with probability 1 - alpha, "
+                              "failures of different inputs are correlated") if self.share_noise else "independent per input",
         }
 
     def _timeout_certs(self, B, labels, eps, norm, elapsed, extra) -> list[Certificate]:
@@ -159,9 +161,12 @@ class _NoiseSmoothing(_Smoothing):
         pb_bound: bound pB separately (Bonferroni ``alpha/2`` each; larger radii when the
             probability mass is spread over several classes).
         batch_size, memory_mb: rows per forward pass, capped by a memory budget in MiB.
-        seed: runs repeat exactly; the noise of an input depends on (seed, its bytes) only.
-        share_noise: one noise stream for the whole batch (faster on CPU; every certificate
-            keeps its guarantee, but failures of different inputs are correlated).
+        seed: runs repeat exactly; the noise of an input does not depend on the other inputs
+            of the batch (it depends on the seed, and with ``share_noise=False`` on its bytes).
+        share_noise: one noise stream for the whole batch (default: the draw is paid once per
+            batch; every certificate keeps its 1 - alpha guarantee, but failures of different
+            inputs are correlated); ``False``: independent noise per input
+            (:mod:`smoothing.sampling` explains both).
     """
 
     def __init__(
@@ -174,7 +179,7 @@ class _NoiseSmoothing(_Smoothing):
         batch_size: int = 1000,
         memory_mb: float | None = None,
         seed: int = 0,
-        share_noise: bool = False,
+        share_noise: bool = True,
     ) -> None:
         self.sigma = sigma
         self.n0 = n0
@@ -265,7 +270,7 @@ class SmoothingTopK(_Smoothing):
         batch_size: int = 1000,
         memory_mb: float | None = None,
         seed: int = 0,
-        share_noise: bool = False,
+        share_noise: bool = True,
     ) -> None:
         self.sigma = sigma
         self.n0 = n0
@@ -358,7 +363,7 @@ class _SemanticSmoothing(_Smoothing):
         batch_size: int = 1000,
         memory_mb: float | None = None,
         seed: int = 0,
-        share_noise: bool = False,
+        share_noise: bool = True,
     ) -> None:
         self.sigma = sigma
         self.interpolation = interpolation
@@ -416,7 +421,7 @@ class SmoothingRotation(_SemanticSmoothing):
 
     def __init__(self, sigma: float = 10.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
                  n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
-                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = False) -> None:
+                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = True) -> None:
         super().__init__(sigma, interpolation, padding, n0, n, alpha, pb_bound, batch_size, memory_mb, seed, share_noise)
 
 
@@ -431,5 +436,5 @@ class SmoothingTranslation(_SemanticSmoothing):
 
     def __init__(self, sigma: float = 2.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
                  n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
-                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = False) -> None:
+                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = True) -> None:
         super().__init__(sigma, interpolation, padding, n0, n, alpha, pb_bound, batch_size, memory_mb, seed, share_noise)

@@ -77,7 +77,7 @@ def percentile_bounds(
     seed: int = 0,
     batch_size: int = 1000,
     memory_mb: float | None = None,
-    share_noise: bool = False,
+    share_noise: bool = True,
     deadline: float | None = None,
 ) -> RegressionBounds:
     """Certified bounds on the percentile-smoothed regressor over the l2 ball of radius ``eps``.

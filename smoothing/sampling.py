@@ -9,23 +9,31 @@ class counts). No Python loop runs over samples.
 
 Randomness and repeatability:
 
-* ``share_noise=False`` (default): every (input, stream) has its own ``torch.Generator``
-  seeded from ``(seed, stream, the bytes of the input)``. The noise an input receives does
-  not depend on its position or on the other inputs of the batch, so a batch of 1 gives
-  exactly the noise of a batch of N, and seeded runs repeat. Identical inputs receive
-  identical noise (each certificate is still valid on its own).
-* ``share_noise=True``: one generator per stream, seeded from ``(seed, stream)``; sample ``j``
-  of every input of the batch uses the same noise vector. Why each certificate keeps its
-  guarantee exactly: for any one input ``x_b``, its selection and estimation draws are i.i.d.
-  from the noise, the two streams are independent of each other, and neither depends on
-  ``x_b`` or on the other inputs' results -- which is all CERTIFY's proof uses (the estimation
-  count is Binomial(n, pA) given the selected class), so ``P(certificate of x_b wrong) <= alpha``
-  for every ``b``. What is lost is independence *between* inputs: failures are correlated (an
-  unlucky draw hits them all), so the number of wrong certificates in a batch is not
-  Binomial; its mean is still ``<= alpha B`` and ``P(any wrong) <= alpha B`` (union bound),
-  but a certified accuracy measured on the batch has a larger variance. Noise generation is
-  paid once per batch instead of once per input (on CPU the draw costs ~15% of a small MNIST
-  CNN's forward pass; shared across 10 inputs, ~1.5%).
+* ``share_noise=True`` (default): one generator per stream, seeded from ``(seed, stream)``;
+  sample ``j`` of every input of the batch uses the same noise vector. Why each certificate
+  keeps its guarantee exactly: for any one input ``x_b``, its selection and estimation draws
+  are i.i.d. from the noise, the two streams are independent of each other, and neither
+  depends on ``x_b`` or on the other inputs' results -- which is all CERTIFY's proof uses
+  (Cohen et al. 2019, Prop. 2: the estimation count is Binomial(n, pA) given the selected
+  class), so ``P(certificate of x_b wrong) <= alpha`` for every ``b``, exactly as with
+  independent noise: the joint law of one input's counts is the same in both modes. The
+  noise of an input depends on ``(seed, stream, chunk size)`` only, not on the other inputs:
+  a batch of 1 gives exactly the certificate of a batch of N, and seeded runs repeat.
+  What is lost is independence *between* inputs (and between calls with the same seed):
+  failures are correlated (an unlucky draw hits them all), so the number of wrong
+  certificates among ``B`` inputs is not Binomial(B, alpha); its mean is still
+  ``<= alpha B`` and ``P(any wrong) <= alpha B`` (union bound), but a certified accuracy
+  measured on a dataset has a larger Monte-Carlo variance. Why it is the default: the
+  draw itself is the cost of CERTIFY on a CPU. torch's ``normal_`` costs ~3.4 ns per
+  coordinate, ~15% of a small MNIST CNN's forward pass on one thread, more than the 5%
+  budget, and no exact sampler in torch or numpy is fast enough to fit (benchmarks/RESULTS.md
+  section 5); shared across ``B`` inputs the draw costs ``1/B`` of that.
+* ``share_noise=False``: every (input, stream) has its own ``torch.Generator`` seeded from
+  ``(seed, stream, the bytes of the input)``: independent noise for different inputs (use
+  it for experiments that pool many inputs as independent trials, e.g. an empirical check
+  of the failure rate). The noise an input receives does not depend on its position or on
+  the other inputs of the batch. Identical inputs receive identical noise (each
+  certificate is still valid on its own).
 
 The noise is fresh for every block: no noise draw is ever reused for a second block or a
 second stream. Memory: one input buffer of ``chunk`` rows is allocated per call and reused by
@@ -129,7 +137,7 @@ def monte_carlo(
     streams: Sequence[str] | None = None,
     batch_size: int = 1000,
     memory_mb: float | None = None,
-    share_noise: bool = False,
+    share_noise: bool = True,
     perturb: Perturb | None = None,
     param_shape: tuple[int, ...] | None = None,
     deadline: float | None = None,
@@ -148,7 +156,8 @@ def monte_carlo(
             you keep beyond the call.
         seed: base seed; streams are named ``streams[s]`` (default ``"s0", "s1", ...``).
         batch_size, memory_mb: rows per forward pass, see :func:`chunk_size`.
-        share_noise: one noise stream for the whole batch (see module docstring).
+        share_noise: one noise stream for the whole batch (default; see module docstring);
+            ``False``: independent noise per input.
         perturb: how a noise sample acts on an input (default: added).
         param_shape: shape of one noise sample (default ``x.shape[1:]``).
         deadline: ``time.perf_counter()`` value after which :class:`SamplingTimeout` is raised.
@@ -243,7 +252,7 @@ def count_classes(
     streams: Sequence[str] | None = None,
     batch_size: int = 1000,
     memory_mb: float | None = None,
-    share_noise: bool = False,
+    share_noise: bool = True,
     perturb: Perturb | None = None,
     param_shape: tuple[int, ...] | None = None,
     deadline: float | None = None,

@@ -141,7 +141,7 @@ def certify_semantic(
     seed: int = 0,
     batch_size: int = 1000,
     memory_mb: float | None = None,
-    share_noise: bool = False,
+    share_noise: bool = True,
     deadline: float | None = None,
 ) -> CertifyResult:
     """CERTIFY in the parameter space of ``transform`` (``sigma`` in degrees or pixels).

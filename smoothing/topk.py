@@ -103,7 +103,7 @@ def certify_topk(
     seed: int = 0,
     batch_size: int = 1000,
     memory_mb: float | None = None,
-    share_noise: bool = False,
+    share_noise: bool = True,
     deadline: float | None = None,
 ) -> dict[str, np.ndarray | Tensor]:
     """Certify that ``labels[b]`` is in the top-k of the Gaussian-smoothed classifier.

@@ -245,7 +245,9 @@ def _failures(res, true_r, true_cls):
 def test_gaussian_certified_radius_exceeds_true_radius_in_at_most_alpha_of_trials(pb_bound):
     T, alpha, sigma = 1500, 0.05, 0.5
     model, x, true_r, true_cls = _trials(T, 8, sigma, seed=5)
-    res = certify(model, x, GaussianNoise(sigma=sigma), n0=10, n=100, alpha=alpha, pb_bound=pb_bound, seed=0, batch_size=4000)
+    # independent noise per input: the T trials are independent, so the failure count is binomial
+    res = certify(model, x, GaussianNoise(sigma=sigma), n0=10, n=100, alpha=alpha, pb_bound=pb_bound, seed=0, batch_size=4000,
+                  share_noise=False)
     fails, answered = _failures(res, true_r, true_cls)
     assert answered > T // 2
     assert binomtest(fails, T, alpha, alternative="greater").pvalue > 1e-3, f"{fails}/{T} failures"
@@ -256,6 +258,28 @@ def test_gaussian_certified_radius_exceeds_true_radius_in_at_most_alpha_of_trial
     assert binomtest(bad, T, alpha, alternative="greater").pvalue < 1e-6
 
 
+def test_shared_noise_default_keeps_each_certificate_valid():
+    """Default (noise shared by the inputs of a batch): each input position's certificate must
+    fail in at most alpha of independent runs (a fresh seed per run), as with independent noise;
+    within a run the positions share noise, so each position is tested on its own (Bonferroni)."""
+    R, P, alpha, sigma = 300, 5, 0.05, 0.5
+    model, x, true_r, true_cls = _trials(R * P, 8, sigma, seed=11)
+    fails = np.zeros(P, dtype=int)
+    pooled = 0
+    for r in range(R):
+        sl = slice(r * P, (r + 1) * P)
+        res = certify(model, x[sl], GaussianNoise(sigma=sigma), n0=10, n=100, alpha=alpha, seed=1000 + r, batch_size=4000)
+        pred = res.prediction.numpy()
+        ok_cls = true_cls[sl]
+        bad = (pred >= 0) & ((pred != ok_cls) | (res.radius > true_r[sl]))
+        fails += bad
+        naive_n = res.counts.numpy()[np.arange(P), res.counts_selection.argmax(1).numpy()]
+        pooled += int(((pred == ok_cls) & (sigma * norm.ppf(np.clip(naive_n / 100, 1e-9, 1 - 1e-9)) > true_r[sl])).sum())
+    for p_ in range(P):
+        assert binomtest(int(fails[p_]), R, alpha, alternative="greater").pvalue > 1e-3 / P, f"position {p_}: {fails[p_]}/{R}"
+    assert pooled > 3 * alpha * R * P  # power: the point estimate of pA instead of its lower bound fails far more often
+
+
 @pytest.mark.parametrize("noise,norm_", [(LaplaceNoise(scale=0.5), "l1"), (UniformNoise(scale=0.5), "l1"), (UniformNoise(scale=0.5), "linf")])
 def test_laplace_and_uniform_radii_valid_in_1d(noise, norm_):
     """1-D threshold classifier f(z) = 1[z > 0]: g = f and the true radius is |x|."""
@@ -263,7 +287,7 @@ def test_laplace_and_uniform_radii_valid_in_1d(noise, norm_):
     g = torch.Generator().manual_seed(7)
     x = torch.empty(T, 1).uniform_(0.02, 0.45, generator=g) * torch.where(torch.rand(T, 1, generator=g) < 0.5, -1.0, 1.0)
     model = _Linear2(torch.ones(1), 0.0)
-    res = certify(model, x, noise, n0=10, n=100, alpha=alpha, norm=norm_, seed=1, batch_size=4000)
+    res = certify(model, x, noise, n0=10, n=100, alpha=alpha, norm=norm_, seed=1, batch_size=4000, share_noise=False)
     fails, answered = _failures(res, x.abs().squeeze(1).double().numpy(), (x.squeeze(1) > 0).long().numpy())
     assert answered > T // 3
     assert binomtest(fails, T, alpha, alternative="greater").pvalue > 1e-3, f"{fails}/{T} failures"
