@@ -14,8 +14,8 @@
    (every CERTIFY pass is checked to have exactly ``batch`` rows); baseline, CERTIFY, baseline
    back to back, ``--repeats`` (21) times, ratio = median of the per-repeat ratios, with an A/A
    control (baseline vs baseline) for the noise floor; with a breakdown (forward / noise /
-   counting / other, ms per 10,000 samples), for the small CNN (10 images x (100 + 1,000)
-   samples, batch 1000) and a ResNet-20 on 28x28 (1 image x (100 + 100), batch 100), each with
+   counting / other, ms per 10,000 samples), for the small CNN (10 and 100 images per call,
+   each x (100 + 1,000) samples, batch 1000) and a ResNet-20 on 28x28 (1 image x (100 + 100), batch 100), each with
    the default noise shared by the inputs of a batch and with independent per-input noise
    (``share_noise=False``). Short runs and many repeats: on a shared machine the load changes
    within seconds, and a ratio is only as good as the two runs it compares.
@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=21, help="throughput repeats (baseline, CERTIFY, baseline)")
-    ap.add_argument("--tp-images", type=int, default=10, help="images per throughput run (small CNN; batch = --batch-size)")
+    ap.add_argument("--tp-images", type=int, nargs="+", default=[10, 100],
+                    help="images per CERTIFY call in the throughput runs (small CNN; batch = --batch-size); the draw of "
+                    "shared noise is paid once per call, so its share of the cost falls with the images per call")
     ap.add_argument("--tp-n", type=int, default=1000, help="n per image in a throughput run (short runs, many repeats: "
                     "the machine is shared, so each ratio compares two runs under about the same load)")
     ap.add_argument("--tp-resnet-images", type=int, default=1, help="images per ResNet-20 throughput run (0: skip)")
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-only", action="store_true", help="skip the certified-accuracy table (models are cached in benchmarks/out)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.num, a.n, a.n_big, a.big, a.epochs, a.repeats, a.tp_images = 40, 1000, 5000, 5, 2, 2, 2
+        a.num, a.n, a.n_big, a.big, a.epochs, a.repeats, a.tp_images = 40, 1000, 5000, 5, 2, 2, [2]
         a.batch_size, a.tp_resnet_n, a.tp_resnet_batch = 200, 100, 100
 
     def log(s: str) -> None:
@@ -282,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
               "| model | noise streams | images x (n0 + n) | batch | plain fwd samples/s | CERTIFY samples/s | ratio (median) "
               "| ratio quartiles | A/A median [quartiles] | CPU-time ratio | fastest-run ratio | forward ms | noise ms | count ms | other ms |",
               "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    configs = [("small CNN (sigma 0.25 model)", nets[a.sigmas[0]], a.tp_images, a.tp_n, a.batch_size),
-               ("ResNet-20 (random weights)", resnet20(), a.tp_resnet_images, a.tp_resnet_n, a.tp_resnet_batch)]
+    configs = [("small CNN (sigma 0.25 model)", nets[a.sigmas[0]], k, a.tp_n, a.batch_size) for k in a.tp_images]
+    configs.append(("ResNet-20 (random weights)", resnet20(), a.tp_resnet_images, a.tp_resnet_n, a.tp_resnet_batch))
     for label_m, net, imgs, n_tp, bs in configs:
         if label_m.startswith("ResNet") and a.tp_resnet_images <= 0:
             continue
