@@ -137,6 +137,7 @@ def backward_bound(
     betas: list[Tensor] | None = None,
     splits: list[Tensor] | None = None,
     keep_lambdas: bool = False,
+    relaxed: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, dict]:
     """Sound lower bound of ``C z_upto + d`` over the domains (one CROWN backward pass).
 
@@ -148,6 +149,8 @@ def backward_bound(
         alphas: per ReLU layer ``[B, N, n_k]`` lower slopes in [0, 1] (None: adaptive CROWN).
         betas, splits: per ReLU layer ``[B, N, n_k] >= 0`` and ``[B, n_k]`` in {-1, 0, 1}.
         keep_lambdas: also return the coefficients on each ``a_k`` (for branching scores).
+        relaxed: ``_relax(*pre[k-1])`` per layer, when the caller has it already (saves
+            recomputing it for many passes over the same domains).
 
     Returns:
         ``lower [B, N]`` and a dict with ``A_in [B, N, n_0]`` (coefficients on x: the lower
@@ -164,8 +167,7 @@ def backward_bound(
         A = A @ net.Ws[k]  # coefficient on a_k: [B, N, n_k]
         if keep_lambdas:
             lambdas[k - 1] = A
-        l, u = pre[k - 1]
-        unstable, s_lo, s_up, icpt = _relax(l, u)
+        unstable, s_lo, s_up, icpt = _relax(*pre[k - 1]) if relaxed is None else relaxed[k - 1]
         if alphas is not None and alphas[k - 1] is not None:
             s_lo = torch.where(unstable.unsqueeze(1), alphas[k - 1], s_lo.unsqueeze(1))
         else:
@@ -232,17 +234,41 @@ def intermediate_bounds(
     return pre
 
 
-def _forward_step(net: ReluNet, k: int, l: Tensor, u: Tensor, Al: Tensor, cl: Tensor, Au: Tensor, cu: Tensor):
-    """Affine bounds ``Al x + cl <= z_k <= Au x + cu`` (``[B, n_k, n_0]``, ``[B, n_k]``) through
-    the ReLU relaxation on ``[l, u]`` and layer ``k``: the same for ``z_{k+1}``.
+def _forward_init(net: ReluNet, B: int) -> Tensor:
+    """Affine bounds of ``z_1`` in the packed form of :func:`_forward_step`: ``[B, n_0 + 1, 2 n_1]``
+    (rows: the coefficients on ``x`` and the constant; columns: lower side, then upper side)."""
+    F = torch.cat([net.Ws[0].T, net.bs[0].unsqueeze(0)])  # [n_0 + 1, n_1]
+    return torch.cat([F, F], 1).unsqueeze(0).expand(B, -1, -1)
+
+
+def _forward_concretize(F: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """``l, u [B, n]``: the packed affine bounds ``F [B, n_0 + 1, 2 n]`` minimised / maximised over the boxes."""
+    n = F.shape[2] // 2
+    ones = torch.ones_like(lo[:, :1])
+    center = torch.cat([(lo + hi) / 2, ones], 1).unsqueeze(1)  # [B, 1, n_0 + 1]
+    rad = torch.cat([(hi - lo) / 2, 0 * ones], 1).unsqueeze(1)
+    mid = (center @ F).squeeze(1)
+    spread = (rad @ F.abs()).squeeze(1)
+    return mid[:, :n] - spread[:, :n], mid[:, n:] + spread[:, n:]
+
+
+def _forward_step(net: ReluNet, k: int, l: Tensor, u: Tensor, F: Tensor, relaxed: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """Packed affine bounds ``F [B, n_0 + 1, 2 n_k]`` of ``z_k`` (``Al x + cl <= z_k <= Au x +
+    cu``: lower side in the first ``n_k`` columns, the constant in the last row) through the
+    ReLU relaxation on ``[l, u]`` and layer ``k``: the same for ``z_{k+1}``.
     ``relu(z) >= s_lo z >= s_lo (Al x + cl)``; ``relu(z) <= s_up z + icpt <= s_up (Au x + cu) + icpt``
-    (slopes are >= 0); then ``W = W+ + W-`` picks the lower or upper side per sign."""
-    _, s_lo, s_up, icpt = _relax(l, u)
-    Rl, rl = Al * s_lo.unsqueeze(-1), cl * s_lo
-    Ru, ru = Au * s_up.unsqueeze(-1), cu * s_up + icpt
+    (slopes are >= 0); then ``W = W+ + W-`` picks the lower or upper side per sign -- one
+    ``[B (n_0 + 1), 2 n_k] @ [2 n_k, 2 n_{k+1}]`` product for both sides. ``relaxed``:
+    ``_relax(l, u)`` if already computed."""
+    _, s_lo, s_up, icpt = _relax(l, u) if relaxed is None else relaxed
+    R = F * torch.cat([s_lo, s_up], 1).unsqueeze(1)
+    R[:, -1, l.shape[1]:] += icpt
     W, b = net.Ws[k], net.bs[k]
-    Wp, Wn = W.clamp(min=0), W.clamp(max=0)
-    return Wp @ Rl + Wn @ Ru, rl @ Wp.T + ru @ Wn.T + b, Wp @ Ru + Wn @ Rl, ru @ Wp.T + rl @ Wn.T + b
+    Wp, Wn = W.T.clamp(min=0), W.T.clamp(max=0)
+    Wbig = torch.cat([torch.cat([Wp, Wn], 1), torch.cat([Wn, Wp], 1)])  # [2 n_k, 2 n_{k+1}]
+    out = R @ Wbig
+    out[:, -1] += torch.cat([b, b])
+    return out
 
 
 def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = None) -> Bounds:
@@ -256,27 +282,16 @@ def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
     Returns:
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
     """
-    B = lo.shape[0]
-    center, rad = (lo + hi) / 2, (hi - lo) / 2
-
-    def concretize(A: Tensor, c: Tensor, upper: bool) -> Tensor:
-        mid = (A * center.unsqueeze(1)).sum(-1) + c
-        spread = (A.abs() * rad.unsqueeze(1)).sum(-1)
-        return mid + spread if upper else mid - spread
-
-    W0, b0 = net.Ws[0], net.bs[0]
-    Al = W0.unsqueeze(0).expand(B, -1, -1)
-    cl = b0.unsqueeze(0).expand(B, -1)
-    Au, cu = Al, cl
+    F = _forward_init(net, lo.shape[0])
     pre: Bounds = []
     for k in range(1, len(net.Ws)):
-        l, u = concretize(Al, cl, False), concretize(Au, cu, True)
+        l, u = _forward_concretize(F, lo, hi)
         if prior is not None:
             l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
         pre.append((l, u))
         if k == len(net.Ws) - 1:
             break
-        Al, cl, Au, cu = _forward_step(net, k, l, u, Al, cl, Au, cu)
+        F = _forward_step(net, k, l, u, F)
     return pre
 
 
@@ -293,16 +308,11 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
     Returns:
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
     """
-    B = lo.shape[0]
-    center, rad = (lo + hi) / 2, (hi - lo) / 2
-    W0, b0 = net.Ws[0], net.bs[0]
-    Al = W0.unsqueeze(0).expand(B, -1, -1)
-    cl = b0.unsqueeze(0).expand(B, -1)
-    Au, cu = Al, cl
+    F = _forward_init(net, lo.shape[0])
     pre: Bounds = []
+    rel: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # _relax of each finished layer
     for k in range(1, len(net.Ws)):
-        l = (Al @ center.unsqueeze(-1)).squeeze(-1) + cl - (Al.abs() @ rad.unsqueeze(-1)).squeeze(-1)
-        u = (Au @ center.unsqueeze(-1)).squeeze(-1) + cu + (Au.abs() @ rad.unsqueeze(-1)).squeeze(-1)
+        l, u = _forward_concretize(F, lo, hi)
         if prior is not None:
             l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
         s = splits[k - 1] if splits is not None else None
@@ -314,7 +324,8 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
             E[torch.arange(bi.shape[0]), 0, ni] = 1.0
             E[torch.arange(bi.shape[0]), 1, ni] = -1.0
             sub = [(pl[bi], pu[bi]) for pl, pu in pre]
-            lb, _ = backward_bound(net, E, None, lo[bi], hi[bi], sub, upto=k)
+            sub_rel = [tuple(t[bi] for t in r) for r in rel]
+            lb, _ = backward_bound(net, E, None, lo[bi], hi[bi], sub, upto=k, relaxed=sub_rel)
             l = l.clone()
             u = u.clone()
             l[bi, ni] = torch.maximum(l[bi, ni], lb[:, 0])
@@ -323,7 +334,8 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         pre.append((l, u))
         if k == len(net.Ws) - 1:
             break
-        Al, cl, Au, cu = _forward_step(net, k, l, u, Al, cl, Au, cu)
+        rel.append(_relax(l, u))
+        F = _forward_step(net, k, l, u, F, rel[-1])
     return pre
 
 
