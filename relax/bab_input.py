@@ -55,11 +55,22 @@ def bound_boxes(
     return lower, info["A_in"], pre
 
 
-def _branch_dim(spec: RowSpec, lower: Tensor, A: Tensor, lo: Tensor, hi: Tensor, root_w: Tensor, rel_weight: float = 0.5) -> Tensor:
+def _rel_width(lo: Tensor, hi: Tensor, root_w: Tensor) -> Tensor:
+    """``[B, n_0]``: widths relative to the root box's (zero-width root dimensions: 0)."""
+    w = hi - lo
+    return torch.where(root_w > 0, w / torch.where(root_w > 0, root_w, torch.ones_like(root_w)), torch.zeros_like(w))
+
+
+def _branch_dim(
+    spec: RowSpec, lower: Tensor, A: Tensor, lo: Tensor, hi: Tensor, root_w: Tensor, rel_weight: float = 0.5, max_aspect: float = 64.0
+) -> Tensor:
     """Split dimension per box ``[B]``: normalised smear (``|A_i| w_i`` of the row closest to
     proving the worst group) plus ``rel_weight`` times the normalised relative width
     ``w_i / root_w_i``; the second term keeps a dimension the final linear bound hardly sees
-    (but that keeps inner ReLUs unstable) from never being split."""
+    (but that keeps inner ReLUs unstable) from never being split. Beyond that, a box whose
+    relative widths differ by more than ``max_aspect`` is split along its relatively widest
+    dimension: otherwise the smear (zero for a dimension whose only effect is through
+    unstable ReLUs) can halve the other dimensions forever while the bound stays loose."""
     gmax = spec.group_max(lower)  # [B, G]
     g_worst = gmax.argmin(-1)  # [B]
     in_group = spec.groups.unsqueeze(0) == g_worst.unsqueeze(1)  # [B, N]
@@ -67,28 +78,33 @@ def _branch_dim(spec: RowSpec, lower: Tensor, A: Tensor, lo: Tensor, hi: Tensor,
     a = A[torch.arange(A.shape[0]), row]  # [B, n_0]
     w = hi - lo
     smear = a.abs() * w
-    rel = w / torch.where(root_w > 0, root_w, torch.ones_like(root_w))
+    rel = _rel_width(lo, hi, root_w)
     score = smear / smear.amax(1, keepdim=True).clamp_min(1e-300) + rel_weight * rel / rel.amax(1, keepdim=True).clamp_min(1e-300)
     score = torch.where(w > 0, score, torch.full_like(score, -1.0))
-    return score.argmax(-1)
+    dim = score.argmax(-1)
+    rmax, widest = rel.max(1)
+    return torch.where(rel.gather(1, dim.unsqueeze(1)).squeeze(1) * max_aspect < rmax, widest, dim)
 
 
 def _split(
-    net: ReluNet, spec: RowSpec, p_lo: Tensor, p_hi: Tensor, p_low: Tensor, p_A: Tensor, p_pre: Bounds, mode: str, branching: str, root_w: Tensor
+    net: ReluNet, spec: RowSpec, p_lo: Tensor, p_hi: Tensor, p_low: Tensor, p_A: Tensor, p_pre: Bounds, mode: str, branching: str, root_w: Tensor,
+    max_aspect: float = 64.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Bounds]:
     """Halve each of the ``k`` boxes along one dimension and bound the ``2k`` children.
 
     ``branching="smear"`` picks the dimension by :func:`_branch_dim`; ``"strong"`` bounds the
     children of every candidate dimension (all of them for ``n_0 <= 8``, else the 3 best by
-    smear plus the widest), bounds all their children and keeps the split whose worse child
-    is best (strong branching; the chosen children keep the bounds computed here).
+    smear plus the relatively widest), bounds all their children and keeps the split whose
+    worse child is best (strong branching; the chosen children keep the bounds computed here).
+    Either way a dimension more than ``max_aspect`` times narrower (relative to the root box)
+    than the box's widest is not split.
 
     Returns:
         children ``lo, hi [2k, n_0]``, their ``lower [2k, N]``, ``A_in`` and intermediate bounds.
     """
     k, n0 = p_lo.shape
     if branching == "smear":
-        cand = _branch_dim(spec, p_low, p_A, p_lo, p_hi, root_w).unsqueeze(0)  # [1, k]
+        cand = _branch_dim(spec, p_low, p_A, p_lo, p_hi, root_w, max_aspect=max_aspect).unsqueeze(0)  # [1, k]
     elif branching == "strong":
         if n0 <= 8:
             cand = torch.arange(n0).unsqueeze(1).expand(n0, k)
@@ -96,7 +112,7 @@ def _split(
             gmax = spec.group_max(p_low).argmin(-1)
             sm = (p_A.abs().amax(1) * (p_hi - p_lo))
             top = sm.topk(min(3, n0), dim=1).indices.T
-            cand = torch.cat([top, (p_hi - p_lo).argmax(1).unsqueeze(0)])
+            cand = torch.cat([top, _rel_width(p_lo, p_hi, root_w).argmax(1).unsqueeze(0)])
     else:
         raise ValueError(f"unknown branching {branching!r}: use 'strong' or 'smear'")
     D = cand.shape[0]
@@ -116,7 +132,10 @@ def _split(
         lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, mode)
         cm = spec.margin(lower).view(2, D, k)
         score = torch.minimum(cm[0], cm[1]) + 1e-3 * torch.maximum(cm[0], cm[1])
-        flat = (p_hi - p_lo).T.gather(0, cand) <= 0  # [D, k] zero-width candidates
+        rel = _rel_width(p_lo, p_hi, root_w)
+        c_rel = rel.T.gather(0, cand)  # [D, k]
+        # zero-width candidates, and (see _branch_dim) ones far narrower than the widest
+        flat = ((p_hi - p_lo).T.gather(0, cand) <= 0) | (c_rel * max_aspect < rel.amax(1).unsqueeze(0))
         score = torch.where(flat, torch.full_like(score, -math.inf), score)
         best = score.argmax(0)  # [k]
         pick = torch.cat([best * k + torch.arange(k), D * k + best * k + torch.arange(k)])
@@ -138,6 +157,7 @@ def input_bab(
     margin: float = 1e-9,
     pgd_every: int = 5,
     branching: str = "mixed",
+    max_aspect: float = 64.0,
     check_point=None,
     seed: int = 0,
 ) -> BabResult:
@@ -153,6 +173,8 @@ def input_bab(
         margin: a box is proved when its margin lower bound exceeds this.
         branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
             for the worst quarter of each batch, smear for the rest).
+        max_aspect: largest ratio of two relative widths of a box before its relatively
+            widest dimension is split regardless of the branching score (see :func:`_branch_dim`).
         pgd_every: run PGD on the worst boxes every this many rounds (0: never).
         check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original
             model (default: the dense net itself).
@@ -217,14 +239,14 @@ def input_bab(
             if branching == "mixed":  # strong branching on the worst quarter, smear on the rest
                 ks = max(1, k // 4)
                 parts = [
-                    _split(net, spec, p_lo[sl], p_hi[sl], p_low[sl], p_A[sl], [(l[sl], u[sl]) for l, u in p_pre], mode, br, hi - lo)
+                    _split(net, spec, p_lo[sl], p_hi[sl], p_low[sl], p_A[sl], [(l[sl], u[sl]) for l, u in p_pre], mode, br, hi - lo, max_aspect)
                     for sl, br in ((slice(0, ks), "strong"), (slice(ks, k), "smear"))
                     if sl.stop > sl.start
                 ]
                 c_lo, c_hi, lower, A = (torch.cat([pt[i] for pt in parts]) for i in range(4))
                 pre = [(torch.cat([pt[4][j][0] for pt in parts]), torch.cat([pt[4][j][1] for pt in parts])) for j in range(len(p_pre))]
             else:
-                c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, mode, branching, hi - lo)
+                c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, mode, branching, hi - lo, max_aspect)
         n_bounded += c_lo.shape[0]
         cm = spec.margin(lower)
 

@@ -152,7 +152,7 @@ def _grid_truth(net: ReluNet, C, d, groups, lo, hi, n=161):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("bab", ["input", "relu"])
+@pytest.mark.parametrize("bab", ["input", "input-square", "relu"])
 def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
     model = _mlp(10 + seed)
     net = _dense(model, 2)
@@ -166,8 +166,11 @@ def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
     for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
         d = torch.full((2,), d0, dtype=torch.float64)
         rs = RowSpec(C, d, groups)
-        run = input_bab if bab == "input" else relu_bab
-        res = run(net, rs, lo, hi, timeout=20.0)
+        if bab == "relu":
+            res = relu_bab(net, rs, lo, hi, timeout=20.0)
+        else:  # "input-square": smear branching held to near-square boxes by the aspect cap
+            opts = {"branching": "smear", "max_aspect": 2.0} if bab == "input-square" else {}
+            res = input_bab(net, rs, lo, hi, timeout=20.0, **opts)
         assert res.status != ("certified" if truth == "sat" else "falsified"), (truth, res)
         if res.status == "falsified":
             x = res.counterexample
@@ -175,6 +178,22 @@ def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
             assert float(rs.margin(rs.values(net.forward(x[None])))[0]) <= 0
         assert res.status == ("certified" if truth == "unsat" else "falsified"), (truth, res.status, res.reason)
 
+
+
+def test_branch_dim_splits_a_dimension_the_bound_ignores_once_the_box_is_too_flat():
+    """A dimension with zero input coefficient (its effect only through unstable ReLUs) is
+    still split once its relative width exceeds ``max_aspect`` times another's."""
+    from relax.bab_input import _branch_dim
+
+    rs = RowSpec(torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.tensor([0]))
+    root_w = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    lo = torch.zeros(2, 3, dtype=torch.float64)
+    hi = torch.tensor([[2.0**-3, 2.0**-3, 2.0**-2], [2.0**-9, 2.0**-3, 2.0**-8]], dtype=torch.float64)
+    A = torch.tensor([[[1.0, 0.0, 1.0]], [[1.0, 0.0, 1.0]]], dtype=torch.float64)  # dim 1 unseen
+    lower = torch.full((2, 1), -1.0, dtype=torch.float64)
+    dims = _branch_dim(rs, lower, A, lo, hi, root_w, max_aspect=16.0)
+    assert dims[0] != 1  # aspect 1: the smear decides
+    assert dims[1] == 1  # dim 1 is 2^6 times wider (relatively) than dim 0: it is split
 
 def test_bab_method_never_certifies_a_falsifiable_property():
     model = _mlp(21, (4, 24, 24, 3))
