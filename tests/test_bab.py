@@ -195,6 +195,27 @@ def test_branch_dim_splits_a_dimension_the_bound_ignores_once_the_box_is_too_fla
     assert dims[0] != 1  # aspect 1: the smear decides
     assert dims[1] == 1  # dim 1 is 2^6 times wider (relatively) than dim 0: it is split
 
+
+def test_alpha_on_open_boxes_only_raises_bounds_and_stays_sound():
+    """The alpha-CROWN pass on the open children keeps every row bound at least CROWN's and
+    below the rows' values at sampled points of each box."""
+    from relax.bab_input import _alpha_nearest, bound_boxes
+
+    net = _dense(_mlp(7, (3, 20, 20, 4)), 3)
+    C = torch.tensor([[1.0, -1.0, 0, 0], [1.0, 0, -1.0, 0], [0, 1.0, 0, -1.0], [0, 0, 1.0, -1.0]], dtype=torch.float64)
+    rs = RowSpec(C, torch.zeros(4, dtype=torch.float64), torch.tensor([0, 0, 1, 1])).with_averages()
+    g = torch.Generator().manual_seed(2)
+    lo = torch.rand(32, 3, generator=g, dtype=torch.float64) * 2 - 1
+    hi = lo + 0.4 * torch.rand(32, 3, generator=g, dtype=torch.float64)
+    lower, _, pre = bound_boxes(net, rs, lo, hi)
+    cm = rs.margin(lower)
+    new, ncm = _alpha_nearest(net, rs, lo, hi, pre, lower, cm, 0.0, 1.0, 10)
+    assert (new >= lower).all() and (ncm >= cm).all()
+    assert bool((new > lower + 1e-6).any())  # it does something on this net
+    x = lo + torch.rand(2000, 32, 3, generator=g, dtype=torch.float64) * (hi - lo)
+    vals = rs.values(net.forward(x.reshape(-1, 3))).reshape(2000, 32, -1)
+    assert (vals >= new - 1e-9).all()
+
 def test_bab_method_never_certifies_a_falsifiable_property():
     model = _mlp(21, (4, 24, 24, 3))
     lo, hi = -torch.ones(8, 4), torch.ones(8, 4)
