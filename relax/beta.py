@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ReluNet", "NotReluNetError", "backward_bound", "intermediate_bounds", "forward_bounds", "refined_bounds", "optimize_bound", "Bounds"]
+__all__ = ["ReluNet", "NotReluNetError", "BestIterate", "backward_bound", "intermediate_bounds", "forward_bounds", "refined_bounds", "optimize_bound", "Bounds"]
 
 #: per-layer (l_k, u_k) bounds of the pre-activations, each ``[B, n_k]``
 Bounds = list[tuple[Tensor, Tensor]]
@@ -355,15 +355,21 @@ def optimize_bound(
     upto: int | None = None,
     deadline: float | None = None,
     stop_margin: float | None = None,
+    track: "BestIterate | None" = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
     """alpha(-beta)-CROWN: maximise the lower bound of ``C z + d`` over slopes (and betas).
 
     Adam ascent on ``sum(lower)``, alphas projected to [0, 1] and betas to ``>= 0``; every
     iterate is a sound bound, so the best one per row is returned. ``stop_margin``: stop
-    early once every row of every domain exceeds it.
+    early once every row of every domain exceeds it. ``track``: a :class:`BestIterate` that
+    receives, per row, the parameters of that row's best iterate (rows are independent
+    problems with their own alphas and betas, so re-evaluating them with
+    :func:`backward_bound`, e.g. in float64 after optimising in float32, gives back each
+    row's best bound).
 
     Returns:
-        ``best_lower [B, N]``, the alphas (``[B, N, n_k]`` per layer) and betas at the end.
+        ``best_lower [B, N]``, the alphas (``[B, N, n_k]`` per layer) and betas at the end
+        (the end, not the best: as a warm start for children they keep Adam's progress).
     """
     L = len(net.Ws) if upto is None else upto
     B, N = lo.shape[0], C.shape[1]
@@ -384,12 +390,15 @@ def optimize_bound(
         best, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
     if steps <= 0:
         return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
+    keep = track.start(best, alphas, betas) if track is not None else None
     opt = torch.optim.Adam(params)
     for _ in range(steps):
         if deadline is not None and time.perf_counter() > deadline:
             break
         lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
         with torch.no_grad():
+            if keep is not None:
+                keep.update(lower, alphas, betas)
             best = torch.maximum(best, lower)
             if stop_margin is not None and bool((best > stop_margin).all()):
                 break
@@ -404,5 +413,32 @@ def optimize_bound(
                     b.clamp_(min=0.0)
     with torch.no_grad():
         lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
+        if keep is not None:
+            keep.update(lower, alphas, betas)
         best = torch.maximum(best, lower)
     return best.detach(), [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
+
+
+class BestIterate:
+    """Filled by :func:`optimize_bound`: per row (domain, output row), the best bound seen
+    (``lower [B, N]``) and the alphas / betas (``[B, N, n_k]`` per layer) that gave it."""
+
+    lower: Tensor
+    alphas: list[Tensor]
+    betas: list[Tensor] | None
+
+    def start(self, lower: Tensor, alphas: list[Tensor], betas: list[Tensor] | None) -> "BestIterate":
+        self.lower = lower.detach().clone()
+        self.alphas = [a.detach().clone() for a in alphas]
+        self.betas = None if betas is None else [b.detach().clone() for b in betas]
+        return self
+
+    def update(self, lower: Tensor, alphas: list[Tensor], betas: list[Tensor] | None) -> None:
+        better = lower > self.lower  # [B, N]
+        if not bool(better.any()):
+            return
+        self.lower = torch.where(better, lower, self.lower)
+        m = better.unsqueeze(-1)
+        self.alphas = [torch.where(m, a.detach(), k) for a, k in zip(alphas, self.alphas)]
+        if betas is not None and self.betas is not None:
+            self.betas = [torch.where(m, b.detach(), k) for b, k in zip(betas, self.betas)]

@@ -152,8 +152,10 @@ def _grid_truth(net: ReluNet, C, d, groups, lo, hi, n=161):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("bab", ["input", "input-square", "relu"])
+@pytest.mark.parametrize("bab", ["input", "input-square", "relu", "relu-float64"])
 def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
+    """``relu`` optimises the children in float32 (the default) and proves in float64;
+    ``relu-float64`` does everything in float64; ``input-square``: see below."""
     model = _mlp(10 + seed)
     net = _dense(model, 2)
     lo = torch.tensor([-1.0, -1.0], dtype=torch.float64)
@@ -166,8 +168,8 @@ def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
     for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
         d = torch.full((2,), d0, dtype=torch.float64)
         rs = RowSpec(C, d, groups)
-        if bab == "relu":
-            res = relu_bab(net, rs, lo, hi, timeout=20.0)
+        if bab.startswith("relu"):
+            res = relu_bab(net, rs, lo, hi, timeout=20.0, fast_dtype=torch.float64 if bab == "relu-float64" else torch.float32)
         else:  # "input-square": smear branching held to near-square boxes by the aspect cap
             opts = {"branching": "smear", "max_aspect": 2.0} if bab == "input-square" else {}
             res = input_bab(net, rs, lo, hi, timeout=20.0, **opts)
@@ -336,3 +338,35 @@ def test_without_dead_is_the_same_function_on_the_box():
     assert all(l.shape[1] == n for (l, _), n in zip(pre2, small.sizes))
     x = lo + torch.rand(2000, 8, generator=g, dtype=torch.float64) * (hi - lo)
     assert torch.allclose(small.forward(x), net.forward(x), atol=1e-12)
+
+
+def test_domain_queue_pops_smallest_margins_and_keeps_every_domain():
+    """The preallocated queue of ReLU BaB: pops in margin order, loses and duplicates
+    nothing across pushes that outgrow and compact its storage, and stays within max_slots."""
+    from relax.bab_relu import _DomainQueue
+
+    g = torch.Generator().manual_seed(0)
+
+    def batch(ids):
+        ids = torch.as_tensor(ids, dtype=torch.float64)
+        m = ids.shape[0]
+        return {"low": ids.unsqueeze(1).repeat(1, 2), "pre": [(ids.unsqueeze(1), ids.unsqueeze(1) + 1)],
+                "alphas": [ids.reshape(m, 1, 1).repeat(1, 2, 3).float()], "betas": [torch.zeros(m, 2, 3)],
+                "splits": [torch.zeros(m, 3, dtype=torch.int8)]}
+
+    q = _DomainQueue(batch([5.0]), lambda low: low.min(1).values, max_slots=40)
+    ref = {5.0}
+    for _ in range(30):
+        new = torch.randint(0, 1000, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).double().unique()
+        new = [float(v) for v in new if float(v) not in ref]
+        q.push(batch(new))
+        ref |= set(new)
+        assert len(q) == len(ref)
+        k = min(3, len(q))
+        out = q.pop(k)
+        got = sorted(float(v) for v in out["low"][:, 0])
+        assert got == sorted(ref)[:k]  # the k smallest margins
+        assert torch.equal(out["pre"][0][0][:, 0], out["low"][:, 0]) and torch.equal(out["alphas"][0][:, 0, 0].double(), out["low"][:, 0])
+        ref -= set(got)
+        assert q.min_margin() == (min(ref) if ref else math.inf)
+        assert q._store[0].shape[0] <= max(40, len(ref) + 8)
