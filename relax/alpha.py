@@ -31,11 +31,12 @@ from torch import Tensor
 
 from verify.spec import InputSet
 
+from .adam import ProjectedAdam
 from .graph import BoundGraph
 from .linear import _acts_before, crown, rows_needed
 from .ops import ReLU
 
-__all__ = ["AlphaResult", "alpha_crown", "all_rows_positive", "ProjectedAdam"]
+__all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
 
 
 @dataclass
@@ -48,31 +49,6 @@ class AlphaResult:
     iterations: int
     intermediate: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     alphas: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-
-
-class ProjectedAdam:
-    """Adam (Kingma & Ba 2015) with exponential learning-rate decay and projection onto
-    ``[0, 1]`` (a few lines instead of importing ``torch.optim``, whose first import costs
-    seconds)."""
-
-    def __init__(self, params: list[Tensor], lr: float, decay: float, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.decay, self.b1, self.b2, self.eps = params, lr, decay, betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads) -> None:
-        self.t += 1
-        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            if g is None:
-                continue
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
-            p.clamp_(0.0, 1.0)
-        self.lr *= self.decay
 
 
 def all_rows_positive(low: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .bab import BabResult, RowSpec, pgd_boxes
-from .alpha import ProjectedAdam
+from .adam import ProjectedAdam
 from .beta import Bounds, ReluNet, backward_bound, forward_bounds, intermediate_bounds, refined_bounds
 
 __all__ = ["input_bab", "bound_boxes"]
@@ -149,7 +149,7 @@ def _split(
 def _alpha_bound(net: ReluNet, C: Tensor, d: Tensor, lo: Tensor, hi: Tensor, pre: Bounds, steps: int, lr: float = 0.5) -> Tensor:
     """alpha-CROWN lower bound of ``C [B, R, K] y + d [B, R]``: ``steps`` projected Adam steps
     on the lower ReLU slopes from CROWN's, best bound per row over all iterates (each is
-    sound). :class:`relax.alpha.ProjectedAdam`, not ``torch.optim`` (whose first import
+    sound). :class:`relax.adam.ProjectedAdam`, not ``torch.optim`` (whose first import
     costs over a second per process)."""
     B, R = C.shape[:2]
     alphas = [(u > -l).to(lo.dtype).unsqueeze(1).expand(B, R, -1).clone().requires_grad_(True) for l, u in pre]

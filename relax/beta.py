@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .adam import ProjectedAdam
+
 __all__ = ["ReluNet", "NotReluNetError", "BestIterate", "backward_bound", "intermediate_bounds", "forward_bounds", "refined_bounds", "optimize_bound", "Bounds"]
 
 #: per-layer (l_k, u_k) bounds of the pre-activations, each ``[B, n_k]``
@@ -380,18 +382,17 @@ def optimize_bound(
             l, u = pre[k]
             alphas.append((u > -l).to(lo.dtype).unsqueeze(1).expand(B, N, -1).clone())
     alphas = [a.detach().clone().requires_grad_(True) for a in alphas[:nl]]
-    params = [{"params": alphas, "lr": lr_alpha}]
     if splits is not None:
         if betas is None:
             betas = [torch.zeros(B, N, s.shape[1], dtype=lo.dtype) for s in splits[:nl]]
         betas = [b.detach().clone().requires_grad_(True) for b in betas[:nl]]
-        params.append({"params": betas, "lr": lr_beta})
     with torch.no_grad():
         best, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
     if steps <= 0:
         return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
     keep = track.start(best, alphas, betas) if track is not None else None
-    opt = torch.optim.Adam(params)
+    opt_a = ProjectedAdam(alphas, lr_alpha, decay=1.0)  # alphas in [0, 1]
+    opt_b = None if betas is None else ProjectedAdam(betas, lr_beta, decay=1.0, upper=None)  # betas >= 0
     for _ in range(steps):
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -402,15 +403,10 @@ def optimize_bound(
             best = torch.maximum(best, lower)
             if stop_margin is not None and bool((best > stop_margin).all()):
                 break
-        opt.zero_grad(set_to_none=True)
-        (-lower.sum()).backward()
-        opt.step()
-        with torch.no_grad():
-            for a in alphas:
-                a.clamp_(0.0, 1.0)
-            if betas is not None:
-                for b in betas:
-                    b.clamp_(min=0.0)
+        grads = torch.autograd.grad(-lower.sum(), alphas + (betas or []), allow_unused=True)
+        opt_a.step(grads[: len(alphas)])
+        if opt_b is not None:
+            opt_b.step(grads[len(alphas) :])
     with torch.no_grad():
         lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
         if keep is not None:

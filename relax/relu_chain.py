@@ -40,7 +40,8 @@ from torch import Tensor
 
 from verify.spec import InputSet, LpBall
 
-from .alpha import ProjectedAdam, all_rows_positive
+from .adam import ProjectedAdam
+from .alpha import all_rows_positive
 from .graph import BoundGraph
 from .linear import concretize
 from .ops import ElemAffine, Linear, ReLU, Reshape
