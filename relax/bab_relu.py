@@ -164,7 +164,9 @@ def relu_bab(
             return finish("unknown", "memory", min(gave_up_bound, q.min_margin()))
         rounds += 1
         k = min(batch_size, M)
-        p = q.pop(k)
+        # best-first; with the queue near its memory budget, the domains closest to proved
+        # first, so that the queue shrinks (the depth-first fallback of alpha-beta-CROWN)
+        p = q.pop(k, easiest=M > 0.8 * max_domains)
         p_lo, p_hi = lo.expand(k, -1), hi.expand(k, -1)
         al, be = p["alphas"], p["betas"]
         sc = _scores(net_f, spec_f, p_lo.to(fdt), p_hi.to(fdt), _cast(p["pre"], fdt), al, be, p["splits"], p["low"].to(fdt))
@@ -343,9 +345,13 @@ class _DomainQueue:
     def min_margin(self) -> float:
         return float(self._margins().min()) if len(self) else math.inf
 
-    def pop(self, k: int) -> dict:
-        """The ``k`` open domains with the smallest margin bound (removed from the queue)."""
-        idx = torch.topk(self._margins(), k, largest=False).indices
+    def pop(self, k: int, easiest: bool = False) -> dict:
+        """The ``k`` open domains with the smallest margin bound (``easiest``: the largest,
+        i.e. closest to proved), removed from the queue."""
+        m = self._margins()
+        if easiest:
+            m = torch.where(torch.isinf(m), torch.full_like(m, -math.inf), m)
+        idx = torch.topk(m, k, largest=easiest).indices
         out = _from_leaves([t[idx] for t in self._store], self._nl)
         self._alive[idx] = False
         return out

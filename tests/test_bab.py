@@ -369,4 +369,8 @@ def test_domain_queue_pops_smallest_margins_and_keeps_every_domain():
         assert torch.equal(out["pre"][0][0][:, 0], out["low"][:, 0]) and torch.equal(out["alphas"][0][:, 0, 0].double(), out["low"][:, 0])
         ref -= set(got)
         assert q.min_margin() == (min(ref) if ref else math.inf)
+        if len(q) >= 2:  # the easiest (largest margin) first, and back
+            top = q.pop(2, easiest=True)
+            assert sorted(float(v) for v in top["low"][:, 0]) == sorted(ref)[-2:]
+            q.push(top)
         assert q._store[0].shape[0] <= max(40, len(ref) + 8)
