@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 
 from .bab import BabResult, RowSpec, pgd_boxes
-from .adam import ProjectedAdam
-from .beta import Bounds, ReluNet, backward_bound, forward_bounds, intermediate_bounds, refined_bounds
+from .beta import Bounds, ReluNet, backward_bound, forward_bounds, intermediate_bounds, optimize_bound, refined_bounds
 
 __all__ = ["input_bab", "bound_boxes"]
 
@@ -146,25 +145,6 @@ def _split(
     return c_lo, c_hi, lower, A, pre
 
 
-def _alpha_bound(net: ReluNet, C: Tensor, d: Tensor, lo: Tensor, hi: Tensor, pre: Bounds, steps: int, lr: float = 0.5) -> Tensor:
-    """alpha-CROWN lower bound of ``C [B, R, K] y + d [B, R]``: ``steps`` projected Adam steps
-    on the lower ReLU slopes from CROWN's, best bound per row over all iterates (each is
-    sound). :class:`relax.adam.ProjectedAdam`, not ``torch.optim`` (whose first import
-    costs over a second per process)."""
-    B, R = C.shape[:2]
-    alphas = [(u > -l).to(lo.dtype).unsqueeze(1).expand(B, R, -1).clone().requires_grad_(True) for l, u in pre]
-    opt = ProjectedAdam(alphas, lr, decay=1.0)
-    best = torch.full((B, R), -math.inf, dtype=lo.dtype)
-    for t in range(steps + 1):
-        with torch.enable_grad():
-            lower, _ = backward_bound(net, C, d, lo, hi, pre, alphas=alphas)
-            grads = torch.autograd.grad(-lower.sum(), alphas) if t < steps else None
-        best = torch.maximum(best, lower.detach())
-        if grads is not None:
-            opt.step(grads)
-    return best
-
-
 def _alpha_nearest(
     net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, lower: Tensor, cm: Tensor, margin: float, frac: float, steps: int,
     rows_per_group: int = 1,
@@ -192,7 +172,9 @@ def _alpha_nearest(
         top = low[:, rows].topk(min(rows_per_group, rows.numel()), dim=1).indices
         idx.append(rows[top])
     idx = torch.cat(idx, 1)  # [n, R]
-    low2 = _alpha_bound(net, spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre], steps)
+    with torch.enable_grad():  # the alpha-CROWN of relax.beta, from CROWN's slopes; every iterate is sound
+        low2, _, _ = optimize_bound(net, spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre],
+                                    steps=steps, lr_alpha=0.5)
     lower = lower.clone()
     lower[near] = low.scatter_reduce(1, idx, low2, reduce="amax")
     return lower, spec.margin(lower)

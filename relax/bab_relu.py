@@ -108,14 +108,13 @@ def relu_bab(
             rejected += 1
         return None
 
-    def corners(lo_b: Tensor, hi_b: Tensor, pre_b, al, be, sp) -> Tensor:
-        """Minimiser corners of the linear bounds (computed in the fast dtype), taken from the
-        exact boxes ``lo_b, hi_b``."""
-        C, d = spec_f.batch(lo_b.shape[0])
+    def corners(m: int, pre_f: Bounds, al, be, sp) -> Tensor:
+        """Minimiser corners of ``m`` domains' linear bounds (computed in the fast dtype from
+        ``pre_f``), taken from the exact box."""
+        C, d = spec_f.batch(m)
         with torch.no_grad():
-            _, info = backward_bound(net_f, C, d, lo_b.to(fdt), hi_b.to(fdt), _cast(pre_b, fdt), None, al, be, sp)
-        a = info["A_in"]
-        return torch.where(a > 0, lo_b.unsqueeze(1), hi_b.unsqueeze(1)).reshape(-1, lo_b.shape[1])
+            _, info = backward_bound(net_f, C, d, lo_f.expand(m, -1), hi_f.expand(m, -1), pre_f, None, al, be, sp)
+        return torch.where(info["A_in"] > 0, lo, hi).reshape(-1, lo.shape[1])
 
     # root: alpha-CROWN intermediate bounds and final bound
     # alpha-CROWN intermediate bounds only for nets small enough to afford them
@@ -129,12 +128,13 @@ def relu_bab(
     fdt = dt if fast_dtype is None else fast_dtype
     net_f = net if fdt == dt else ReluNet([W.to(fdt) for W in net.Ws], [b.to(fdt) for b in net.bs], net.input_shape)
     spec_f = spec.to(fdt)
+    lo_f, hi_f = lo.to(fdt), hi.to(fdt)
     C, d = spec.batch(1)
     lower, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
     n_bounded += 1
     if bool(spec.margin(lower)[0] > margin):
         return finish("certified", "proved", float(spec.margin(lower)[0]))
-    cex = try_points(corners(lo, hi, pre, [a.to(fdt) for a in alphas], None, None))
+    cex = try_points(corners(1, _cast(pre, fdt), [a.to(fdt) for a in alphas], None, None))
     if cex is None:
         x, _ = pgd_boxes(net, spec, lo, hi, steps=50, restarts=3, generator=gen)
         cex = try_points(x)
@@ -167,9 +167,8 @@ def relu_bab(
         # best-first; with the queue near its memory budget, the domains closest to proved
         # first, so that the queue shrinks (the depth-first fallback of alpha-beta-CROWN)
         p = q.pop(k, easiest=M > 0.8 * max_domains)
-        p_lo, p_hi = lo.expand(k, -1), hi.expand(k, -1)
         al, be = p["alphas"], p["betas"]
-        sc = _scores(net_f, spec_f, p_lo.to(fdt), p_hi.to(fdt), _cast(p["pre"], fdt), al, be, p["splits"], p["low"].to(fdt))
+        sc = _scores(net_f, spec_f, lo_f.expand(k, -1), hi_f.expand(k, -1), _cast(p["pre"], fdt), al, be, p["splits"], p["low"].to(fdt))
         best, flat = sc.max(1)
         # a domain with no unstable ReLU left is a single linear region: decide it exactly
         # with one LP per group (counterexample, proved, or -- solver trouble -- give up)
@@ -210,8 +209,9 @@ def relu_bab(
         c_lo, c_hi = lo.expand(2 * k, -1), hi.expand(2 * k, -1)
         C, d = spec_f.batch(2 * k)
         best_it = BestIterate()
+        ch_pre_f = _cast(ch["pre"], fdt)
         _, al2, be2 = optimize_bound(
-            net_f, C, d, c_lo.to(fdt), c_hi.to(fdt), _cast(ch["pre"], fdt), ch["alphas"], ch["betas"], ch["splits"],
+            net_f, C, d, lo_f.expand(2 * k, -1), hi_f.expand(2 * k, -1), ch_pre_f, ch["alphas"], ch["betas"], ch["splits"],
             steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=deadline, track=best_it,
         )
         # the proving bound: each row's best parameters, evaluated in the network's dtype
@@ -228,7 +228,7 @@ def relu_bab(
         open_ = ~(spec.margin(low) > margin) & ~infeasible
         if open_.any():
             idx = open_.nonzero().squeeze(1)
-            cex = try_points(corners(c_lo[idx], c_hi[idx], [(l[idx], u[idx]) for l, u in ch["pre"]], [a[idx] for a in al2], [b[idx] for b in be2], [s[idx] for s in ch["splits"]]))
+            cex = try_points(corners(idx.numel(), [(l[idx], u[idx]) for l, u in ch_pre_f], [a[idx] for a in al2], [b[idx] for b in be2], [s[idx] for s in ch["splits"]]))
             if cex is not None:
                 return finish("falsified", "counterexample", -math.inf, cex)
         ch["low"], ch["alphas"], ch["betas"] = low, al2, be2
@@ -299,13 +299,8 @@ def _cast(pre: Bounds, dtype: torch.dtype) -> Bounds:
 
 
 def _select(q: dict, idx: Tensor) -> dict:
-    return {
-        "low": q["low"][idx],
-        "pre": [(l[idx], u[idx]) for l, u in q["pre"]],
-        "alphas": [a[idx] for a in q["alphas"]],
-        "betas": [b[idx] for b in q["betas"]],
-        "splits": [s[idx] for s in q["splits"]],
-    }
+    """The domains ``idx`` of a domain batch."""
+    return _from_leaves([t[idx] for t in _leaves(q)], len(q["pre"]))
 
 
 def _leaves(q: dict) -> list[Tensor]:
@@ -338,19 +333,18 @@ class _DomainQueue:
     def __len__(self) -> int:
         return int(self._alive[: self._used].sum())
 
-    def _margins(self) -> Tensor:
+    def _margins(self, dead: float) -> Tensor:
+        """Margins of the written slots, ``dead`` for the free ones."""
         m = self._margin(self._store[0][: self._used])
-        return torch.where(self._alive[: self._used], m, torch.full_like(m, math.inf))
+        return torch.where(self._alive[: self._used], m, torch.full_like(m, dead))
 
     def min_margin(self) -> float:
-        return float(self._margins().min()) if len(self) else math.inf
+        return float(self._margins(math.inf).min()) if len(self) else math.inf
 
     def pop(self, k: int, easiest: bool = False) -> dict:
         """The ``k`` open domains with the smallest margin bound (``easiest``: the largest,
         i.e. closest to proved), removed from the queue."""
-        m = self._margins()
-        if easiest:
-            m = torch.where(torch.isinf(m), torch.full_like(m, -math.inf), m)
+        m = self._margins(-math.inf if easiest else math.inf)
         idx = torch.topk(m, k, largest=easiest).indices
         out = _from_leaves([t[idx] for t in self._store], self._nl)
         self._alive[idx] = False

@@ -386,21 +386,30 @@ def optimize_bound(
         if betas is None:
             betas = [torch.zeros(B, N, s.shape[1], dtype=lo.dtype) for s in splits[:nl]]
         betas = [b.detach().clone().requires_grad_(True) for b in betas[:nl]]
-    with torch.no_grad():
-        best, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
     if steps <= 0:
+        with torch.no_grad():
+            best, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
         return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
-    keep = track.start(best, alphas, betas) if track is not None else None
+    best: Tensor | None = None
     opt_a = ProjectedAdam(alphas, lr_alpha, decay=1.0)  # alphas in [0, 1]
     opt_b = None if betas is None else ProjectedAdam(betas, lr_beta, decay=1.0, upper=None)  # betas >= 0
+
+    def record(lower: Tensor) -> Tensor:
+        """The best bound so far (and, with ``track``, each row's best parameters)."""
+        if track is not None:
+            if best is None:
+                track.start(lower, alphas, betas)
+            else:
+                track.update(lower, alphas, betas)
+        return lower.detach() if best is None else torch.maximum(best, lower.detach())
+
+    # the first step's bound is that of the starting parameters: each iterate is evaluated once
     for _ in range(steps):
         if deadline is not None and time.perf_counter() > deadline:
             break
         lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
         with torch.no_grad():
-            if keep is not None:
-                keep.update(lower, alphas, betas)
-            best = torch.maximum(best, lower)
+            best = record(lower)
             if stop_margin is not None and bool((best > stop_margin).all()):
                 break
         grads = torch.autograd.grad(-lower.sum(), alphas + (betas or []), allow_unused=True)
@@ -409,10 +418,8 @@ def optimize_bound(
             opt_b.step(grads[len(alphas) :])
     with torch.no_grad():
         lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
-        if keep is not None:
-            keep.update(lower, alphas, betas)
-        best = torch.maximum(best, lower)
-    return best.detach(), [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
+        best = record(lower)
+    return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
 
 
 class BestIterate:
