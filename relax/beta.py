@@ -390,6 +390,9 @@ def optimize_bound(
         with torch.no_grad():
             best, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
         return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
+    relaxed = [_relax(*pre[k]) for k in range(nl)]  # the bounds are fixed: relax once, not per step
+    if splits is not None:
+        splits = [s.to(lo.dtype) for s in splits]  # cast once, not per step
     best: Tensor | None = None
     opt_a = ProjectedAdam(alphas, lr_alpha, decay=1.0)  # alphas in [0, 1]
     opt_b = None if betas is None else ProjectedAdam(betas, lr_beta, decay=1.0, upper=None)  # betas >= 0
@@ -407,7 +410,7 @@ def optimize_bound(
     for _ in range(steps):
         if deadline is not None and time.perf_counter() > deadline:
             break
-        lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
+        lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits, relaxed=relaxed)
         with torch.no_grad():
             best = record(lower)
             if stop_margin is not None and bool((best > stop_margin).all()):
@@ -417,7 +420,7 @@ def optimize_bound(
         if opt_b is not None:
             opt_b.step(grads[len(alphas) :])
     with torch.no_grad():
-        lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits)
+        lower, _ = backward_bound(net, C, d, lo, hi, pre, L, alphas, betas, splits, relaxed=relaxed)
         best = record(lower)
     return best, [a.detach() for a in alphas], None if betas is None else [b.detach() for b in betas]
 
