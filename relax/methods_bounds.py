@@ -104,12 +104,7 @@ class AlphaCrownMethod(_Relax):
         optimize_intermediate: bool = True,
         early_stop: bool = True,
     ):
-        self.dtype = dtype
-        self.max_elements = max_elements
-        self.iterations = iterations
-        self.lr = lr
-        self.optimize_intermediate = optimize_intermediate
-        self.early_stop = early_stop
+        self._store_options(locals())
 
     def lower_bounds(self, model, inputs, spec):
         d = spec.d

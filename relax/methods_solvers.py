@@ -50,10 +50,7 @@ class LpMethod(BoundMethod):
     bisection_steps = 10
 
     def __init__(self, bounds_method: str = "crown", refine: bool = False, solver: str = "auto", time_limit: float | None = None):
-        self.bounds_method = bounds_method
-        self.refine = refine
-        self.solver = solver
-        self.time_limit = time_limit
+        self._store_options(locals())
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
@@ -74,11 +71,7 @@ class SdpMethod(BoundMethod):
     bisection_steps = 8
 
     def __init__(self, solver: str = "auto", bounds_method: str = "crown", refine: bool = False, triangle: bool = True, lp_first: bool = True):
-        self.solver = solver
-        self.bounds_method = bounds_method
-        self.refine = refine
-        self.triangle = triangle
-        self.lp_first = lp_first
+        self._store_options(locals())
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
@@ -123,13 +116,7 @@ class MilpMethod(Method):
         margin: float = 1e-4,
         threads: int = 1,
     ):
-        self.solver = solver
-        self.bounds_method = bounds_method
-        self.refine = refine
-        self.time_limit = time_limit
-        self.attack = attack
-        self.margin = margin
-        self.threads = threads
+        self._store_options(locals())
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         t_all = time.perf_counter()

@@ -181,15 +181,7 @@ class _NoiseSmoothing(_Smoothing):
         seed: int = 0,
         share_noise: bool = True,
     ) -> None:
-        self.sigma = sigma
-        self.n0 = n0
-        self.n = n
-        self.alpha = alpha
-        self.pb_bound = pb_bound
-        self.batch_size = batch_size
-        self.memory_mb = memory_mb
-        self.seed = seed
-        self.share_noise = share_noise
+        self._store_options(locals())
         self._check_options()
 
     def noise(self) -> Noise:
@@ -272,14 +264,7 @@ class SmoothingTopK(_Smoothing):
         seed: int = 0,
         share_noise: bool = True,
     ) -> None:
-        self.sigma = sigma
-        self.n0 = n0
-        self.n = n
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.memory_mb = memory_mb
-        self.seed = seed
-        self.share_noise = share_noise
+        self._store_options(locals())
         self._check_options()
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
@@ -365,17 +350,7 @@ class _SemanticSmoothing(_Smoothing):
         seed: int = 0,
         share_noise: bool = True,
     ) -> None:
-        self.sigma = sigma
-        self.interpolation = interpolation
-        self.padding = padding
-        self.n0 = n0
-        self.n = n
-        self.alpha = alpha
-        self.pb_bound = pb_bound
-        self.batch_size = batch_size
-        self.memory_mb = memory_mb
-        self.seed = seed
-        self.share_noise = share_noise
+        self._store_options(locals())
         self._check_options()
         self.transform_cls(interpolation, padding)  # validates the two options
 

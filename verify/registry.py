@@ -113,7 +113,8 @@ class Method:
     """Base class of all certification methods.
 
     Subclasses set the class attributes and define ``__init__`` with explicit keyword
-    options (scikit-learn style: stored under the same attribute names).
+    options (scikit-learn style: stored under the same attribute names, e.g. by
+    ``self._store_options(locals())``).
     """
 
     name: ClassVar[str] = ""
@@ -136,6 +137,12 @@ class Method:
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k, None) for k in self.option_names()}
+
+    def _store_options(self, values: dict[str, Any]) -> None:
+        """Store every ``__init__`` option under its own name; call as
+        ``self._store_options(locals())`` first thing in ``__init__``."""
+        for k in self.option_names():
+            setattr(self, k, values[k])
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
