@@ -67,6 +67,9 @@ def relu_bab(
     check_point=None,
     seed: int = 0,
     fast_dtype: torch.dtype | None = torch.float32,
+    refine_layers: int = 0,
+    refine_fraction: float = 0.5,
+    refine_solve_time: float = 1.0,
 ) -> BabResult:
     """Decide the property on the box ``[lo, hi]`` (``[n_0]`` each) by splitting ReLUs.
 
@@ -80,6 +83,12 @@ def relu_bab(
         check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original model.
         fast_dtype: dtype of the children's optimisation and of the branching scores (None:
             the network's); proving bounds are recomputed in the network's dtype.
+        refine_layers: when the root is neither proved nor falsified, tighten the root's
+            pre-activation bounds of hidden layers ``1..refine_layers`` by MILP
+            (:func:`relax.refine.refine_bounds`), recompute the later layers' alpha-CROWN bounds
+            from them and the root bound, then branch (0: off).
+        refine_fraction: share of ``timeout`` the MILP refinement may use.
+        refine_solve_time: seconds per MILP of the refinement (its dual bound is used).
 
     Returns:
         :class:`BabResult`.
@@ -93,9 +102,10 @@ def relu_bab(
     check = check_point or (lambda x: bool(spec.margin(spec.values(net.forward(x.unsqueeze(0))))[0] <= 0))
     N, nl = spec.C.shape[0], len(net.sizes)
     n_bounded, rounds, rejected = 0, 0, 0
+    extra: dict = {}
 
     def finish(status: str, reason: str, lower: float, cex: Tensor | None = None) -> BabResult:
-        return BabResult(status, cex, lower, n_bounded, time.perf_counter() - t0, reason, {"rounds": rounds, "rejected_cex": rejected})
+        return BabResult(status, cex, lower, n_bounded, time.perf_counter() - t0, reason, {"rounds": rounds, "rejected_cex": rejected, **extra})
 
     def try_points(xs: Tensor) -> Tensor | None:
         nonlocal rejected
@@ -126,9 +136,9 @@ def relu_bab(
         return finish("unknown", "timeout", -math.inf)
     net, pre = net.without_dead(pre)  # every domain lies in the root box: dead stays dead
     fdt = dt if fast_dtype is None else fast_dtype
-    net_f = net if fdt == dt else ReluNet([W.to(fdt) for W in net.Ws], [b.to(fdt) for b in net.bs], net.input_shape)
     spec_f = spec.to(fdt)
     lo_f, hi_f = lo.to(fdt), hi.to(fdt)
+    net_f = _in_dtype(net, fdt)
     C, d = spec.batch(1)
     lower, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
     n_bounded += 1
@@ -140,6 +150,24 @@ def relu_bab(
         cex = try_points(x)
     if cex is not None:
         return finish("falsified", "counterexample", -math.inf, cex)
+    if refine_layers > 0 and time.perf_counter() < deadline:
+        # MILP-tightened root bounds: every domain's relaxation gets tighter, and neurons
+        # that become stable are never branched on
+        from .refine import refine_bounds
+
+        stop = min(deadline, time.perf_counter() + refine_fraction * timeout)
+        pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time)
+        pre = intermediate_bounds(net, lo, hi, prior=pre, start=refine_layers + 2, alpha_steps=intermediate_steps, deadline=deadline)
+        extra["refine"]["unstable_per_layer_final"] = [int(((l < 0) & (u > 0)).sum()) for l, u in pre]
+        net, pre = net.without_dead(pre)
+        net_f = _in_dtype(net, fdt)
+        low2, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
+        lower = torch.maximum(lower, low2)  # both bound the same box
+        n_bounded += 1
+        if bool(spec.margin(lower)[0] > margin):
+            return finish("certified", "proved", float(spec.margin(lower)[0]))
+        if time.perf_counter() > deadline:
+            return finish("unknown", "timeout", float(spec.margin(lower)[0]))
 
     splits = [torch.zeros(1, n, dtype=torch.int8) for n in net.sizes]
     betas = [torch.zeros(1, N, n, dtype=fdt) for n in net.sizes]
@@ -291,6 +319,11 @@ def _decide_region(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre, spl
         if cand is None:
             cand = torch.from_numpy(res.x[:n0]).to(net.dtype)
     return verdict, cand
+
+
+def _in_dtype(net: ReluNet, dtype: torch.dtype) -> ReluNet:
+    """``net`` with its weights in ``dtype`` (itself when already so)."""
+    return net if net.dtype == dtype else ReluNet([W.to(dtype) for W in net.Ws], [b.to(dtype) for b in net.bs], net.input_shape)
 
 
 def _cast(pre: Bounds, dtype: torch.dtype) -> Bounds:

@@ -461,6 +461,18 @@ def _l1_rows(bld: _Builder, x_cols: np.ndarray, c: np.ndarray, eps: float, eps_c
 # LP bound refinement and property bounds
 
 
+#: relative and absolute widening of a MILP dual bound used as a pre-activation bound: the
+#: solver's branch-and-bound bound is exact only up to the feasibility / optimality tolerances
+#: of its node LPs (~1e-7 here), unlike the LP's safe dual bound
+MILP_BOUND_SLACK = (1e-6, 1e-5)
+
+
+def _milp_widen(bound: float) -> float:
+    """A MILP dual bound lowered by :data:`MILP_BOUND_SLACK` (a lower bound stays one)."""
+    rel, ab = MILP_BOUND_SLACK
+    return bound - rel * abs(bound) - ab
+
+
 def tighten_bounds(
     net: FeedForwardNet,
     region: InputRegion,
@@ -469,57 +481,108 @@ def tighten_bounds(
     solver: str = "auto",
     layers: list[int] | None = None,
     deadline: float | None = None,
+    integer: bool = False,
+    solve_time_limit: float | None = None,
+    order: str = "index",
+    rel_gap: float = 1e-4,
+    abs_gap: float = 1e-6,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
-    """Re-tighten pre-activation bounds of unstable neurons by LP, layer by layer.
+    """Re-tighten pre-activation bounds of unstable neurons by LP (or MILP), layer by layer.
 
-    For layer ``k`` the triangle LP of layers ``0..k-1`` (with the already refined bounds) is
-    built once; for every unstable neuron ``j`` it is solved for ``min z_j`` and ``max z_j``
-    (warm-started cost changes). New bounds are safe dual bounds intersected with the old ones.
+    For layer ``k`` the triangle LP (``integer=True``: the big-M MILP, one binary per unstable
+    ReLU) of layers ``0..k-1`` with the already refined bounds is built once; for every
+    unstable neuron ``j`` it is solved for ``min z_j`` and ``max z_j`` (warm-started cost
+    changes). New bounds are intersected with the old ones (never loosened):
+
+    * LP: the safe dual bound of an optimal solve (rigorous whatever the tolerances);
+    * MILP: the solver's dual (best) bound -- also of a solve stopped at ``solve_time_limit`` or
+      the deadline, where the incumbent is *not* a bound -- widened by :data:`MILP_BOUND_SLACK`.
 
     Args:
         layers: hidden-layer indices to refine (default: all but the first for box / l_inf inputs,
             where interval bounds of layer 0 are exact; all for l_1 balls).
         deadline: ``time.perf_counter()`` value after which refinement stops (bounds stay valid).
+        integer: MILP instead of LP.
+        solve_time_limit: seconds per solve (``None``: up to the deadline).
+        order: ``"index"`` or ``"score"`` (within a layer, largest ``-l u`` first: the neurons
+            whose triangle relaxation is loosest, so a deadline cuts the least useful ones).
+        rel_gap, abs_gap: MILP termination gaps (the dual bound is used either way).
 
     Returns:
-        The refined bounds and stats (LPs solved, neurons stabilised, seconds).
+        The refined bounds and stats (solves, solves stopped at a time limit, neurons stabilised
+        -- total and per layer -- seconds, solvers used).
     """
+    if order not in ("index", "score"):
+        raise ValueError(f"order must be 'index' or 'score', got {order!r}")
     t0 = time.perf_counter()
     bounds = [(l.copy(), u.copy()) for l, u in bounds]
     L = len(bounds)
     if layers is None:
         layers = list(range(0 if region.p == 1.0 else 1, L))
-    n_lp = 0
-    before = sum(int(((l < 0) & (u > 0)).sum()) for l, u in bounds)
+    n_lp, n_limit = 0, 0
+    unstable = lambda lu: int(((lu[0] < 0) & (lu[1] > 0)).sum())  # noqa: E731
+    per_layer_before = [unstable(b) for b in bounds]
+    solvers: set[str] = set()
+    stopped = False
+
+    def new_bound(r) -> float | None:
+        """The valid lower bound of a solve's minimum, or ``None``."""
+        nonlocal n_limit
+        if not integer:
+            return r.bound if r.status == "optimal" and math.isfinite(r.bound) else None
+        if r.status in ("time_limit", "interrupted"):
+            n_limit += 1
+        if r.status in ("optimal", "time_limit", "interrupted") and math.isfinite(r.bound):
+            return _milp_widen(r.bound)
+        return None
+
+    def limit() -> float | None:
+        rest = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+        if solve_time_limit is None:
+            return rest
+        return solve_time_limit if rest is None else min(solve_time_limit, rest)
+
     for k in layers:
-        if deadline is not None and time.perf_counter() > deadline:
+        if stopped or (deadline is not None and time.perf_counter() > deadline):
+            stopped = True
             break
         l, u = bounds[k]
         unst = np.flatnonzero((l < 0) & (u > 0))
         if len(unst) == 0:
             continue
-        enc = encode(net, region, bounds, n_hidden=k)
+        if order == "score":
+            unst = unst[np.argsort(-(-l[unst] * u[unst]), kind="stable")]
+        enc = encode(net, region, bounds, n_hidden=k, integer=integer)
         M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
         be = make_backend(enc.lp, solver)
+        solvers.add(be.name)
         for j in unst:
             if deadline is not None and time.perf_counter() > deadline:
+                stopped = True
                 break
             row = M.getrow(j).toarray().ravel()
-            be.set_objective(-row, -const[j])  # max z_j
-            r = be.solve()
+            be.set_objective(-row, -const[j])  # max z_j = -min(-z_j)
+            r = be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap)
             n_lp += 1
-            if r.status == "optimal" and math.isfinite(r.bound):
-                u[j] = min(u[j], -r.bound)
+            v = new_bound(r)
+            if v is not None:
+                u[j] = min(u[j], -v)
             if u[j] <= 0:
                 continue
             be.set_objective(row, const[j])  # min z_j
-            r = be.solve()
+            r = be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap)
             n_lp += 1
-            if r.status == "optimal" and math.isfinite(r.bound):
-                l[j] = max(l[j], r.bound)
+            v = new_bound(r)
+            if v is not None:
+                l[j] = max(l[j], v)
+        be.close()
         bounds[k] = (l, np.maximum(u, l))
-    after = sum(int(((l < 0) & (u > 0)).sum()) for l, u in bounds)
-    return bounds, {"lps": n_lp, "unstable_before": before, "unstable_after": after, "time_s": time.perf_counter() - t0}
+    per_layer_after = [unstable(b) for b in bounds]
+    return bounds, {
+        "lps": n_lp, "time_limited": n_limit, "unstable_before": sum(per_layer_before), "unstable_after": sum(per_layer_after),
+        "unstable_per_layer_before": per_layer_before, "unstable_per_layer_after": per_layer_after,
+        "solvers": sorted(solvers), "stopped_at_deadline": stopped, "time_s": time.perf_counter() - t0,
+    }
 
 
 def _output_rows(net: FeedForwardNet, C: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

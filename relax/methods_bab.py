@@ -45,6 +45,12 @@ class BabMethod(Method):
         attack_steps, attack_restarts: PGD budget before BaB.
         random_samples: random-attack samples before PGD.
         relu_steps: alpha/beta optimisation steps per ReLU-BaB round.
+        refine_layers: ReLU split only: tighten the root's pre-activation bounds of hidden
+            layers ``1..refine_layers`` by MILP before branching (:mod:`relax.refine`); ``None``
+            ("auto"): 2 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
+        refine_min_depth: hidden layers from which "auto" refines.
+        refine_fraction: share of the BaB time budget the refinement may use.
+        refine_solve_time: seconds per MILP of the refinement.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
     """
@@ -66,6 +72,10 @@ class BabMethod(Method):
         relu_steps: int = 10,
         margin: float = 1e-6,
         seed: int = 0,
+        refine_layers: int | None = None,
+        refine_min_depth: int = 4,
+        refine_fraction: float = 0.5,
+        refine_solve_time: float = 1.0,
     ) -> None:
         if split not in ("auto", "input", "relu"):
             raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
@@ -78,6 +88,14 @@ class BabMethod(Method):
         self.relu_steps = relu_steps
         self.margin = margin
         self.seed = seed
+        if refine_layers is not None and refine_layers < 0:
+            raise ValueError(f"refine_layers must be >= 0 or None (auto), got {refine_layers}")
+        if not 0.0 <= refine_fraction <= 1.0:
+            raise ValueError(f"refine_fraction must be in [0, 1], got {refine_fraction}")
+        self.refine_layers = refine_layers
+        self.refine_min_depth = refine_min_depth
+        self.refine_fraction = refine_fraction
+        self.refine_solve_time = refine_solve_time
 
     def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
         if find_radius:
@@ -111,6 +129,7 @@ class BabMethod(Method):
                 details={
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
+                    **({"refine": res.details["refine"]} if "refine" in res.details else {}),
                 },
             ))
         return certs
@@ -190,7 +209,12 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
     else:
         from .bab_relu import relu_bab
 
-        res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin, check_point=check, seed=opts.seed)
+        refine = opts.refine_layers
+        if refine is None:
+            refine = 2 if len(net.sizes) >= opts.refine_min_depth else 0
+        res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin,
+                       check_point=check, seed=opts.seed, refine_layers=refine, refine_fraction=opts.refine_fraction,
+                       refine_solve_time=opts.refine_solve_time)
     return done(res, f"bab-{split}")
 
 

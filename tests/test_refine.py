@@ -1,0 +1,189 @@
+"""MILP refinement of intermediate bounds (relax/refine.py): refined bounds lie inside the old
+ones, contain every reachable pre-activation (sampled points and the exact per-neuron extrema
+of an exact MILP), use the solver's dual bound and never its incumbent, and branch-and-bound
+with refinement agrees with a ground truth."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import relax.lp as lp_mod
+from relax.bab import RowSpec
+from relax.bab_relu import relu_bab
+from relax.beta import ReluNet, intermediate_bounds
+from relax.lp import InputRegion, encode
+from relax.refine import _feedforward, refine_bounds
+from relax.solvers import HighsBackend, SolveResult
+
+
+def _net(seed: int, sizes=(6, 12, 12, 12, 12, 3)) -> ReluNet:
+    g = torch.Generator().manual_seed(seed)
+    Ws = [torch.randn(sizes[i + 1], sizes[i], generator=g, dtype=torch.float64) / math.sqrt(sizes[i]) * 1.5 for i in range(len(sizes) - 1)]
+    bs = [torch.randn(sizes[i + 1], generator=g, dtype=torch.float64) * 0.3 for i in range(len(sizes) - 1)]
+    return ReluNet(Ws, bs, (sizes[0],))
+
+
+def _box(n: int, seed: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + seed)
+    c = torch.rand(1, n, generator=g, dtype=torch.float64) - 0.5
+    return c - radius, c + radius
+
+
+def _unstable(pre) -> list[int]:
+    return [int(((l < 0) & (u > 0)).sum()) for l, u in pre]
+
+
+def _samples(net: ReluNet, lo, hi, n=20000, seed=0) -> list[torch.Tensor]:
+    """Pre-activations ``[n, n_k]`` of every hidden layer at random points and corners of the box."""
+    g = torch.Generator().manual_seed(seed)
+    x = lo + torch.rand(n, lo.shape[-1], generator=g, dtype=lo.dtype) * (hi - lo)
+    x[: n // 4] = torch.where(torch.rand(n // 4, lo.shape[-1], generator=g) < 0.5, lo, hi)
+    out, a = [], x
+    for W, b in zip(net.Ws[:-1], net.bs[:-1]):
+        z = a @ W.T + b
+        out.append(z)
+        a = torch.relu(z)
+    return out
+
+
+def _exact_extrema(net: ReluNet, lo, hi, pre) -> dict[tuple[int, int], tuple[float, float]]:
+    """Exact ``(min z_j, max z_j)`` over the box of every neuron unstable in ``pre`` (layers >= 1),
+    each as the pre-activation of the input of an optimal MILP solution (a reachable value),
+    with the MILP's own optimum checked against it."""
+    ff = _feedforward(net)
+    reg = InputRegion(lo.reshape(-1).numpy(), hi.reshape(-1).numpy())
+    b = [(l.reshape(-1).numpy(), u.reshape(-1).numpy()) for l, u in pre]
+    out = {}
+    for k in range(1, len(pre)):
+        enc = encode(ff, reg, b, n_hidden=k, integer=True)
+        M, const = enc.expr(k, net.Ws[k].numpy(), net.bs[k].numpy())
+        be = HighsBackend(enc.lp)
+        for j in np.flatnonzero((b[k][0] < 0) & (b[k][1] > 0)):
+            row = M.getrow(j).toarray().ravel()
+            vals = []
+            for sign in (1.0, -1.0):
+                be.set_objective(sign * row, sign * const[j])
+                r = be.solve(rel_gap=0.0, abs_gap=0.0)
+                assert r.status == "optimal"
+                x = torch.from_numpy(r.x[enc.x_cols]).reshape(1, -1)
+                z = _samples_at(net, x)[k][0, j].item()
+                assert abs(z - sign * r.objective) < 1e-6
+                vals.append(z)
+            out[(k, int(j))] = (vals[0], vals[1])
+    return out
+
+
+def _samples_at(net: ReluNet, x: torch.Tensor) -> list[torch.Tensor]:
+    out, a = [], x
+    for W, b in zip(net.Ws[:-1], net.bs[:-1]):
+        z = a @ W.T + b
+        out.append(z)
+        a = torch.relu(z)
+    return out
+
+
+def _check_contains(new, zs, extrema, tol=1e-9) -> None:
+    for k, ((l, u), z) in enumerate(zip(new, zs)):
+        assert (z >= l - tol).all() and (z <= u + tol).all(), f"layer {k}: a sampled pre-activation lies outside the refined bounds"
+    for (k, j), (zmin, zmax) in extrema.items():
+        l, u = new[k][0][0, j].item(), new[k][1][0, j].item()
+        assert l <= zmin + tol and zmax <= u + tol, (k, j, l, u, zmin, zmax)
+
+
+@pytest.fixture(scope="module", params=[(9, 0.2)], ids=["net9-r0.2"])
+def case(request):
+    """A net with 4 hidden layers of 12 on a box in 6-D, its CROWN bounds (40-50 unstable
+    ReLUs), sampled pre-activations and the exact per-neuron extrema."""
+    seed, radius = request.param
+    net = _net(seed)
+    lo, hi = _box(6, 7, radius)
+    pre = intermediate_bounds(net, lo, hi)  # CROWN
+    assert sum(_unstable(pre)[1:]) > 10  # something to refine
+    return net, lo, hi, pre, _samples(net, lo, hi), _exact_extrema(net, lo, hi, pre)
+
+
+def test_refined_bounds_are_inside_the_old_and_contain_the_exact_range(case):
+    net, lo, hi, pre, zs, extrema = case
+    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver="highs", rel_gap=0.0)
+    assert st["lps"] > 0 and not st["stopped_at_deadline"]
+    for (l0, u0), (l1, u1) in zip(pre, new):
+        assert l1.shape == l0.shape and l1.dtype == l0.dtype
+        assert (l1 >= l0).all() and (u1 <= u0).all() and (l1 <= u1).all()
+    assert torch.equal(new[0][0], pre[0][0]) and torch.equal(new[0][1], pre[0][1])  # layer 0 untouched
+    _check_contains(new, zs, extrema)
+    # solved to optimality, the refinement of layer 1 is the exact range (up to the safety
+    # slack; later layers' MILPs use refined, not exact, bounds of the layers before: exact too)
+    for (k, j), (zmin, zmax) in extrema.items():
+        l, u = new[k][0][0, j].item(), new[k][1][0, j].item()
+        if zmax > 0:
+            assert u <= zmax + 1e-3 * (1 + abs(zmax)), (k, j, u, zmax)
+        if zmin < 0 < u:
+            assert l >= zmin - 1e-3 * (1 + abs(zmin)), (k, j, l, zmin)
+    assert _unstable(new) != _unstable(pre)  # strictly tighter than CROWN: neurons stabilised
+
+
+@pytest.mark.parametrize("solver", ["highs", "auto"])
+def test_tiny_time_limit_keeps_bounds_valid(case, solver):
+    """MILPs stopped after 3 ms (most of them before optimality) must still give valid bounds."""
+    net, lo, hi, pre, zs, extrema = case
+    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, solve_time_limit=3e-3)
+    _check_contains(new, zs, extrema)
+    # a deadline already past: nothing is solved, nothing changes
+    same, st = refine_bounds(net, lo, hi, pre, layers=3, deadline=0.0)
+    assert st["lps"] == 0 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(pre, same))
+
+
+class _StoppedEarly(HighsBackend):
+    """Solves to optimality, then reports a solve stopped at its time limit: an incumbent worse
+    than the optimum by 0.5 (not a bound) and a valid dual bound 0.25 below the optimum."""
+
+    def solve(self, **kw) -> SolveResult:
+        r = super().solve(rel_gap=0.0, abs_gap=0.0)
+        assert r.status == "optimal"
+        return SolveResult("time_limit", objective=r.objective + 0.5, bound=r.objective - 0.25, x=r.x)
+
+
+def test_uses_the_dual_bound_not_the_incumbent_of_a_stopped_milp(case, monkeypatch):
+    net, lo, hi, pre, zs, extrema = case
+    monkeypatch.setattr(lp_mod, "make_backend", lambda lp, solver="auto", **kw: _StoppedEarly(lp))
+    new, st = refine_bounds(net, lo, hi, pre, layers=1)
+    assert st["time_limited"] == st["lps"] > 0
+    _check_contains(new, zs, extrema)
+    # the bound used is the dual bound: 0.25 (plus slack) beyond the exact extremum, unless the
+    # old bound was tighter; using the incumbent would put it 0.5 inside
+    for (k, j), (zmin, zmax) in extrema.items():
+        if k == 1:  # later layers' MILPs use these loosened bounds: their optimum moves
+            u0 = pre[k][1][0, j].item()
+            u = new[k][1][0, j].item()
+            assert u == pytest.approx(min(u0, zmax + 0.25), abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_bab_with_refinement_agrees_with_ground_truth(seed):
+    """A 2-D net with three hidden layers of 16: the grid minimum of the margin (with a
+    Lipschitz slack) gives a property that holds and one that fails; BaB with MILP refinement
+    of layers 1-2 (reached in both: the root neither proves nor falsifies them; 50 ms per MILP,
+    so many stop at the limit) must certify the first and falsify the second."""
+    net = _net(20 + seed, sizes=(2, 16, 16, 16, 3))
+    lo = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    hi = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    groups = torch.tensor([0, 1])
+    n = 161
+    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
+    rs0 = RowSpec(C, torch.zeros(2, dtype=torch.float64), groups)
+    gmin = float(rs0.margin(rs0.values(net.forward(pts))).min())
+    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
+    slack = lip * (2.0 / (n - 1)) / math.sqrt(2)
+    for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
+        rs = RowSpec(C, torch.full((2,), d0, dtype=torch.float64), groups)
+        res = relu_bab(net, rs, lo, hi, timeout=20.0, refine_layers=2, refine_solve_time=0.05)
+        assert "refine" in res.details and res.details["refine"]["lps"] > 0
+        if res.status == "falsified":
+            x = res.counterexample
+            assert ((x >= lo) & (x <= hi)).all()
+            assert float(rs.margin(rs.values(net.forward(x[None])))[0]) <= 0
+        assert res.status == ("certified" if truth == "unsat" else "falsified"), (truth, res.status, res.reason)
