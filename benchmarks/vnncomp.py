@@ -10,6 +10,7 @@ Examples::
     python benchmarks/vnncomp.py acasxu                              # all 186, 116 s each
     python benchmarks/vnncomp.py acasxu --select prop_1. --timeout-scale 0.25
     python benchmarks/vnncomp.py mnistfc --select 256x2 --timeout-scale 0.5
+    python benchmarks/vnncomp.py mnistfc --select 256x6 --option refine_layers=0   # no MILP refinement
 """
 from __future__ import annotations
 
@@ -41,13 +42,18 @@ def main() -> int:
     ap.add_argument("--select", default=None, help="only instances whose 'onnx,vnnlib' contain this text")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/vnncomp_<benchmark>.csv")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--option", action="append", default=[], metavar="K=V", help="an option of method bab (repeatable), e.g. refine_layers=0")
     args = ap.parse_args()
+    from verify.cli import parse_options
+
+    options = parse_options(args.option, ["bab"])["bab"]
     sh = shared_dir()
     folder = sh / "benchmarks" / "vnncomp" / args.year / args.benchmark
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"vnncomp_{args.benchmark}.csv"
     claims = sh / "benchmarks" / "vnncomp2021_instance_claims.csv"
     rows = run_benchmark(folder, out=out, timeout_scale=args.timeout_scale, limit=args.limit, resume=args.resume,
-                         claims=claims if args.year == "2021" and claims.is_file() else None, select=args.select)
+                         claims=claims if args.year == "2021" and claims.is_file() else None, select=args.select,
+                         options=options)
     s = summarize_rows(rows)
     print(format_summary(s))
     print(f"results: {out}")
