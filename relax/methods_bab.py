@@ -51,6 +51,9 @@ class BabMethod(Method):
         refine_min_depth: hidden layers from which "auto" refines.
         refine_fraction: share of the BaB time budget the refinement may use.
         refine_solve_time: seconds per MILP of the refinement.
+        refine_after: with refinement on, share of the BaB time budget first given to BaB
+            without it (instances it decides quickly skip the refinement's cost; 0: refine at
+            once). The refining run gets the rest of the budget.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
     """
@@ -76,6 +79,7 @@ class BabMethod(Method):
         refine_min_depth: int = 4,
         refine_fraction: float = 0.5,
         refine_solve_time: float = 1.0,
+        refine_after: float = 0.1,
     ) -> None:
         if split not in ("auto", "input", "relu"):
             raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
@@ -96,6 +100,9 @@ class BabMethod(Method):
         self.refine_min_depth = refine_min_depth
         self.refine_fraction = refine_fraction
         self.refine_solve_time = refine_solve_time
+        if not 0.0 <= refine_after < 1.0:
+            raise ValueError(f"refine_after must be in [0, 1), got {refine_after}")
+        self.refine_after = refine_after
 
     def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
         if find_radius:
@@ -212,9 +219,18 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
         refine = opts.refine_layers
         if refine is None:
             refine = 2 if len(net.sizes) >= opts.refine_min_depth else 0
-        res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin,
-                       check_point=check, seed=opts.seed, refine_layers=refine, refine_fraction=opts.refine_fraction,
-                       refine_solve_time=opts.refine_solve_time)
+        kw: dict = dict(batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin, check_point=check, seed=opts.seed)
+        if refine > 0 and opts.refine_after > 0:
+            # plain BaB first: what it decides quickly never pays for the refinement
+            first = relu_bab(net, rs, lo, hi, timeout=opts.refine_after * budget, **kw)
+            if first.status != "unknown":
+                return done(first, f"bab-{split}")
+            budget = max(left(), 0.0) if math.isfinite(left()) else budget - first.time_s
+        res = relu_bab(net, rs, lo, hi, timeout=budget, refine_layers=refine, refine_fraction=opts.refine_fraction,
+                       refine_solve_time=opts.refine_solve_time, **kw)
+        if refine > 0 and opts.refine_after > 0:
+            res.domains += first.domains
+            res.details["plain_bab_first"] = {"status": first.status, "reason": first.reason, "time_s": first.time_s}
     return done(res, f"bab-{split}")
 
 

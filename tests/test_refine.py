@@ -187,3 +187,34 @@ def test_bab_with_refinement_agrees_with_ground_truth(seed):
             assert ((x >= lo) & (x <= hi)).all()
             assert float(rs.margin(rs.values(net.forward(x[None])))[0]) <= 0
         assert res.status == ("certified" if truth == "unsat" else "falsified"), (truth, res.status, res.reason)
+
+
+@pytest.mark.parametrize("refine_after", [1e-6, 0.1])
+def test_bab_method_with_refinement_decides_correctly(refine_after):
+    """The ``bab`` method's path with refinement (a short plain BaB first, then BaB with MILP
+    refinement on the rest of the budget) on a 2-D net with three hidden layers."""
+    from torch import nn
+
+    from verify import Box, Linear, certify
+
+    net = _net(24, sizes=(2, 16, 16, 16, 3))
+    layers: list[nn.Module] = []
+    for W, b in zip(net.Ws, net.bs):
+        lin = nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        layers += [lin, nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).eval()
+    lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    n = 161
+    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
+    C = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        gmin = float((model(pts) @ C.T).min())
+    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
+    slack = lip * (2.0 / (n - 1)) / math.sqrt(2)
+    for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
+        c = certify(model, Box(lo, hi), Linear(C, torch.tensor([d0], dtype=torch.float64)), "bab", split="relu", refine_layers=2,
+                    refine_after=refine_after, refine_solve_time=0.05, timeout=20, dtype=torch.float64)[0]
+        assert c.status == ("certified" if truth == "unsat" else "falsified"), (truth, c.status, c.details)
