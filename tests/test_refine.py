@@ -41,12 +41,7 @@ def _samples(net: ReluNet, lo, hi, n=20000, seed=0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = lo + torch.rand(n, lo.shape[-1], generator=g, dtype=lo.dtype) * (hi - lo)
     x[: n // 4] = torch.where(torch.rand(n // 4, lo.shape[-1], generator=g) < 0.5, lo, hi)
-    out, a = [], x
-    for W, b in zip(net.Ws[:-1], net.bs[:-1]):
-        z = a @ W.T + b
-        out.append(z)
-        a = torch.relu(z)
-    return out
+    return _samples_at(net, x)
 
 
 def _exact_extrema(net: ReluNet, lo, hi, pre) -> dict[tuple[int, int], tuple[float, float]]:
@@ -77,6 +72,7 @@ def _exact_extrema(net: ReluNet, lo, hi, pre) -> dict[tuple[int, int], tuple[flo
 
 
 def _samples_at(net: ReluNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Pre-activations ``[n, n_k]`` of every hidden layer at the points ``x [n, n_0]``."""
     out, a = [], x
     for W, b in zip(net.Ws[:-1], net.bs[:-1]):
         z = a @ W.T + b
