@@ -70,6 +70,7 @@ def relu_bab(
     refine_layers: int = 0,
     refine_fraction: float = 0.5,
     refine_solve_time: float = 1.0,
+    refine_workers: int = 1,
 ) -> BabResult:
     """Decide the property on the box ``[lo, hi]`` (``[n_0]`` each) by splitting ReLUs.
 
@@ -84,11 +85,13 @@ def relu_bab(
         fast_dtype: dtype of the children's optimisation and of the branching scores (None:
             the network's); proving bounds are recomputed in the network's dtype.
         refine_layers: when the root is neither proved nor falsified, tighten the root's
-            pre-activation bounds of hidden layers ``1..refine_layers`` by MILP
-            (:func:`relax.refine.refine_bounds`), recompute the later layers' alpha-CROWN bounds
-            from them and the root bound, then branch (0: off).
+            pre-activation bounds of hidden layers ``1..refine_layers`` by MILP, one layer at a
+            time, each followed by alpha-CROWN on the later layers
+            (:func:`relax.refine.refine_bounds`), then recompute the root bound and branch
+            (0: off).
         refine_fraction: share of ``timeout`` the MILP refinement may use.
         refine_solve_time: seconds per MILP of the refinement (its dual bound is used).
+        refine_workers: MILPs of the refinement solved in parallel (threads).
 
     Returns:
         :class:`BabResult`.
@@ -156,9 +159,8 @@ def relu_bab(
         from .refine import refine_bounds
 
         stop = min(deadline, time.perf_counter() + refine_fraction * timeout)
-        pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time)
-        pre = intermediate_bounds(net, lo, hi, prior=pre, start=refine_layers + 2, alpha_steps=intermediate_steps, deadline=deadline)
-        extra["refine"]["unstable_per_layer_final"] = [int(((l < 0) & (u > 0)).sum()) for l, u in pre]
+        pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time,
+                                             workers=refine_workers, alpha_steps=intermediate_steps)
         net, pre = net.without_dead(pre)
         net_f = _in_dtype(net, fdt)
         low2, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)

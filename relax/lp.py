@@ -32,7 +32,9 @@ widened by ``1e-6 (1 + |b|)`` before use.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -486,6 +488,7 @@ def tighten_bounds(
     order: str = "index",
     rel_gap: float = 1e-4,
     abs_gap: float = 1e-6,
+    workers: int = 1,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """Re-tighten pre-activation bounds of unstable neurons by LP (or MILP), layer by layer.
 
@@ -507,10 +510,13 @@ def tighten_bounds(
         order: ``"index"`` or ``"score"`` (within a layer, largest ``-l u`` first: the neurons
             whose triangle relaxation is loosest, so a deadline cuts the least useful ones).
         rel_gap, abs_gap: MILP termination gaps (the dual bound is used either way).
+        workers: solver threads, each with its own copy of the layer's model, taking the
+            neurons in ``order`` (HiGHS and Gurobi release the GIL while solving).
 
     Returns:
-        The refined bounds and stats (solves, solves stopped at a time limit, neurons stabilised
-        -- total and per layer -- seconds, solvers used).
+        The refined bounds and stats (solves, solves stopped at a time limit, MILP solves
+        stopped once the neuron was proved stable, neurons stabilised -- total and per layer --
+        seconds, solvers used).
     """
     if order not in ("index", "score"):
         raise ValueError(f"order must be 'index' or 'score', got {order!r}")
@@ -519,19 +525,26 @@ def tighten_bounds(
     L = len(bounds)
     if layers is None:
         layers = list(range(0 if region.p == 1.0 else 1, L))
-    n_lp, n_limit = 0, 0
+    counts = {"lps": 0, "time_limited": 0, "stopped_stable": 0}
     unstable = lambda lu: int(((lu[0] < 0) & (lu[1] > 0)).sum())  # noqa: E731
     per_layer_before = [unstable(b) for b in bounds]
     solvers: set[str] = set()
     stopped = False
+    lock = threading.Lock()
+    # MILP: a solve may stop once its dual bound proves the neuron stable (max z_j <= 0 or
+    # min z_j >= 0, also after widening: 1e-4 > the widening near 0); a stable neuron needs no
+    # relaxation, so how tight its bound is matters little
+    stop_stable = 1e-4 if integer else None
 
     def new_bound(r) -> float | None:
-        """The valid lower bound of a solve's minimum, or ``None``."""
-        nonlocal n_limit
+        """The valid lower bound of a solve's minimum, or ``None`` (counts the solve)."""
+        kind = "stopped_stable" if r.extra.get("stopped") else "time_limited" if r.status in ("time_limit", "interrupted") else None
+        with lock:
+            counts["lps"] += 1
+            if integer and kind:
+                counts[kind] += 1
         if not integer:
             return r.bound if r.status == "optimal" and math.isfinite(r.bound) else None
-        if r.status in ("time_limit", "interrupted"):
-            n_limit += 1
         if r.status in ("optimal", "time_limit", "interrupted") and math.isfinite(r.bound):
             return _milp_widen(r.bound)
         return None
@@ -541,6 +554,34 @@ def tighten_bounds(
         if solve_time_limit is None:
             return rest
         return solve_time_limit if rest is None else min(solve_time_limit, rest)
+
+    def worker(lp: LinearProgram, M, const: np.ndarray, l: np.ndarray, u: np.ndarray, todo) -> bool:
+        """Bound the neurons ``todo`` yields (shared by the workers of a layer) on a model of
+        its own; ``False`` when the deadline stopped it."""
+        be = make_backend(lp, solver)
+        with lock:
+            solvers.add(be.name)
+        try:
+            while True:
+                with lock:
+                    j = next(todo, None)
+                if j is None:
+                    return True
+                if deadline is not None and time.perf_counter() > deadline:
+                    return False
+                row = M.getrow(j).toarray().ravel()
+                be.set_objective(-row, -const[j])  # max z_j = -min(-z_j)
+                v = new_bound(be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap, stop_bound_above=stop_stable))
+                if v is not None:
+                    u[j] = min(u[j], -v)
+                if u[j] <= 0:
+                    continue
+                be.set_objective(row, const[j])  # min z_j
+                v = new_bound(be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap, stop_bound_above=stop_stable))
+                if v is not None:
+                    l[j] = max(l[j], v)
+        finally:
+            be.close()
 
     for k in layers:
         if stopped or (deadline is not None and time.perf_counter() > deadline):
@@ -554,32 +595,18 @@ def tighten_bounds(
             unst = unst[np.argsort(-(-l[unst] * u[unst]), kind="stable")]
         enc = encode(net, region, bounds, n_hidden=k, integer=integer)
         M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
-        be = make_backend(enc.lp, solver)
-        solvers.add(be.name)
-        for j in unst:
-            if deadline is not None and time.perf_counter() > deadline:
-                stopped = True
-                break
-            row = M.getrow(j).toarray().ravel()
-            be.set_objective(-row, -const[j])  # max z_j = -min(-z_j)
-            r = be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap)
-            n_lp += 1
-            v = new_bound(r)
-            if v is not None:
-                u[j] = min(u[j], -v)
-            if u[j] <= 0:
-                continue
-            be.set_objective(row, const[j])  # min z_j
-            r = be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap)
-            n_lp += 1
-            v = new_bound(r)
-            if v is not None:
-                l[j] = max(l[j], v)
-        be.close()
+        todo = iter(unst.tolist())
+        n_workers = max(1, min(int(workers), len(unst)))
+        if n_workers == 1:
+            finished = [worker(enc.lp, M, const, l, u, todo)]
+        else:  # the solvers release the GIL while they solve: threads run in parallel
+            with ThreadPoolExecutor(n_workers) as pool:
+                finished = list(pool.map(lambda _: worker(enc.lp, M, const, l, u, todo), range(n_workers)))
+        stopped = not all(finished)
         bounds[k] = (l, np.maximum(u, l))
     per_layer_after = [unstable(b) for b in bounds]
     return bounds, {
-        "lps": n_lp, "time_limited": n_limit, "unstable_before": sum(per_layer_before), "unstable_after": sum(per_layer_after),
+        **counts, "unstable_before": sum(per_layer_before), "unstable_after": sum(per_layer_after),
         "unstable_per_layer_before": per_layer_before, "unstable_per_layer_after": per_layer_after,
         "solvers": sorted(solvers), "stopped_at_deadline": stopped, "time_s": time.perf_counter() - t0,
     }

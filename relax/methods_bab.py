@@ -20,6 +20,7 @@ steps 1 and 2 only, the latter with the graph bound engine (``alpha-crown`` meth
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -51,6 +52,8 @@ class BabMethod(Method):
         refine_min_depth: hidden layers from which "auto" refines.
         refine_fraction: share of the BaB time budget the refinement may use.
         refine_solve_time: seconds per MILP of the refinement.
+        refine_workers: MILPs of the refinement solved in parallel (threads; the solvers
+            release the GIL); ``None``: one per CPU core this process may use, at most 4.
         refine_after: with refinement on, share of the BaB time budget first given to BaB
             without it (instances it decides quickly skip the refinement's cost; 0: refine at
             once). The refining run gets the rest of the budget.
@@ -80,6 +83,7 @@ class BabMethod(Method):
         refine_fraction: float = 0.5,
         refine_solve_time: float = 1.0,
         refine_after: float = 0.1,
+        refine_workers: int | None = None,
     ) -> None:
         if split not in ("auto", "input", "relu"):
             raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
@@ -103,6 +107,9 @@ class BabMethod(Method):
         if not 0.0 <= refine_after < 1.0:
             raise ValueError(f"refine_after must be in [0, 1), got {refine_after}")
         self.refine_after = refine_after
+        if refine_workers is not None and refine_workers < 1:
+            raise ValueError(f"refine_workers must be >= 1 or None (auto), got {refine_workers}")
+        self.refine_workers = refine_workers
 
     def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
         if find_radius:
@@ -227,11 +234,20 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
                 return done(first, f"bab-{split}")
             budget = max(left(), 0.0) if math.isfinite(left()) else budget - first.time_s
         res = relu_bab(net, rs, lo, hi, timeout=budget, refine_layers=refine, refine_fraction=opts.refine_fraction,
-                       refine_solve_time=opts.refine_solve_time, **kw)
+                       refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or _cores(4), **kw)
         if refine > 0 and opts.refine_after > 0:
             res.domains += first.domains
             res.details["plain_bab_first"] = {"status": first.status, "reason": first.reason, "time_s": first.time_s}
     return done(res, f"bab-{split}")
+
+
+def _cores(cap: int) -> int:
+    """CPU cores this process may run on, at most ``cap``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(cap, n))
 
 
 class _DenseModule(torch.nn.Module):

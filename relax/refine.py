@@ -7,7 +7,9 @@ neuron that refinement makes stable is one ReLU fewer to branch on, and each tig
 tightens every domain's relaxation. For layers ``k = 1..r`` in turn (layer 0 is exact from the
 box), every unstable neuron's ``max z_j`` and ``min z_j`` are bounded over the MILP of the
 hidden layers ``0..k-1`` with the already refined bounds (:func:`relax.lp.tighten_bounds` with
-``integer=True``). Soundness: only the solver's dual bound is used (also when a solve stops at
+``integer=True``); then alpha-CROWN recomputes the layers after ``k`` from the refined ones, so
+that layer ``k + 1`` starts with fewer unstable neurons (on mnistfc 256x6 refinement cascades:
+a tighter layer 2 stabilises much of layers 3-5). Soundness: only the solver's dual bound is used (also when a solve stops at
 its time limit: the incumbent is not a bound), widened by :data:`relax.lp.MILP_BOUND_SLACK` and
 intersected with the old bounds, then rounded outwards to the bounds' dtype.
 """
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .affine_net import AffineLayer, FeedForwardNet
-from .beta import Bounds, ReluNet
+from .beta import Bounds, ReluNet, intermediate_bounds
 from .lp import InputRegion, tighten_bounds
 
 __all__ = ["refine_bounds"]
@@ -54,6 +56,8 @@ def refine_bounds(
     solver: str = "auto",
     integer: bool = True,
     rel_gap: float = 1e-3,
+    workers: int = 1,
+    alpha_steps: int | None = None,
 ) -> tuple[Bounds, dict]:
     """Tighten ``pre`` for the unstable neurons of hidden layers ``1..layers`` by MILP.
 
@@ -71,23 +75,43 @@ def refine_bounds(
         integer: MILP (default) or the triangle LP (for comparison).
         rel_gap: MILP relative gap at which a solve stops (its dual bound is used either way;
             a bound within 0.1 % of the extremum is as useful as the extremum).
+        workers: MILPs solved in parallel (threads, one model copy each).
+        alpha_steps: after each refined layer, recompute the bounds of all later layers by
+            alpha-CROWN with this many steps (:func:`relax.beta.intermediate_bounds`; not
+            stopped by ``deadline``), intersected with the old ones: the next layer's MILPs
+            then only cover the neurons still unstable, on tighter big-M bounds. ``None``:
+            later layers keep their bounds.
 
     Returns:
         ``(pre', stats)``: bounds with ``l_k <= l'_k <= u'_k <= u_k`` (same shapes and dtype as
-        ``pre``) and :func:`relax.lp.tighten_bounds`'s stats.
+        ``pre``) and :func:`relax.lp.tighten_bounds`'s stats summed over the layers.
     """
     t0 = time.perf_counter()
     todo = list(range(1, min(layers, len(pre) - 1) + 1))
+    stats: dict = {"lps": 0, "time_limited": 0, "stopped_stable": 0, "solvers": [], "stopped_at_deadline": False,
+                   "unstable_per_layer_before": [int(((l < 0) & (u > 0)).sum()) for l, u in pre]}
     if not todo:
-        return pre, {"lps": 0, "time_s": 0.0}
+        return pre, {**stats, "time_s": 0.0}
     region = InputRegion(lo.detach().double().cpu().reshape(-1).numpy(), hi.detach().double().cpu().reshape(-1).numpy())
-    b64 = [(l.detach().double().cpu().reshape(-1).numpy(), u.detach().double().cpu().reshape(-1).numpy()) for l, u in pre]
-    new, stats = tighten_bounds(_feedforward(net), region, b64, solver=solver, layers=todo, deadline=deadline, integer=integer,
-                                solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4)
-    out: Bounds = []
-    for (l, u), (nl, nu) in zip(pre, new):
+    ff = _feedforward(net)
+    out: Bounds = list(pre)
+    for k in todo:
+        if deadline is not None and time.perf_counter() > deadline:
+            stats["stopped_at_deadline"] = True
+            break
+        b64 = [(l.detach().double().cpu().reshape(-1).numpy(), u.detach().double().cpu().reshape(-1).numpy()) for l, u in out]
+        new, st = tighten_bounds(ff, region, b64, solver=solver, layers=[k], deadline=deadline, integer=integer,
+                                 solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4, workers=workers)
+        (l, u), (nl, nu) = out[k], new[k]
         nl_t = _outward(torch.from_numpy(np.ascontiguousarray(nl)), l.dtype, down=True).reshape(l.shape).to(l.device)
         nu_t = _outward(torch.from_numpy(np.ascontiguousarray(nu)), u.dtype, down=False).reshape(u.shape).to(u.device)
-        out.append((torch.maximum(l, nl_t), torch.minimum(u, nu_t)))
+        out[k] = (torch.maximum(l, nl_t), torch.minimum(u, nu_t))
+        for key in ("lps", "time_limited", "stopped_stable"):
+            stats[key] += st[key]
+        stats["solvers"] = sorted(set(stats["solvers"]) | set(st["solvers"]))
+        stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
+        if alpha_steps is not None and k + 1 < len(out):
+            out = intermediate_bounds(net, lo.reshape(1, -1), hi.reshape(1, -1), prior=out, start=k + 2, alpha_steps=alpha_steps)
+    stats["unstable_per_layer_after"] = [int(((l < 0) & (u > 0)).sum()) for l, u in out]
     stats["time_s"] = time.perf_counter() - t0
     return out, stats

@@ -5,6 +5,7 @@ with refinement agrees with a ground truth."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -119,6 +120,60 @@ def test_refined_bounds_are_inside_the_old_and_contain_the_exact_range(case):
         if zmin < 0 < u:
             assert l >= zmin - 1e-3 * (1 + abs(zmin)), (k, j, l, zmin)
     assert _unstable(new) != _unstable(pre)  # strictly tighter than CROWN: neurons stabilised
+
+
+def test_alpha_crown_between_layers_keeps_bounds_valid(case):
+    """With ``alpha_steps`` the layers after each refined one are recomputed by alpha-CROWN
+    from the refined bounds: still inside the old bounds, still containing every reachable
+    pre-activation, and tighter than refining without the recomputation."""
+    net, lo, hi, pre, zs, extrema = case
+    plain, _ = refine_bounds(net, lo, hi, pre, layers=2, solver="highs")
+    new, st = refine_bounds(net, lo, hi, pre, layers=2, solver="highs", alpha_steps=5)
+    for (l0, u0), (l1, u1) in zip(pre, new):
+        assert (l1 >= l0).all() and (u1 <= u0).all()
+    _check_contains(new, zs, extrema)
+    assert st["unstable_per_layer_after"] == _unstable(new)
+    assert sum(_unstable(new)[3:]) < sum(_unstable(plain)[3:])  # layer 3 (not refined) tightened
+
+
+@pytest.mark.parametrize("solver", ["highs", "auto"])
+def test_early_stop_once_stable_keeps_the_verdicts(case, solver, monkeypatch):
+    """A MILP stops once its dual bound proves the neuron stable: the same neurons end up
+    stable as when every solve runs to optimality, and the bounds stay valid."""
+    net, lo, hi, pre, zs, extrema = case
+    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    assert st["stopped_stable"] > 0
+    _check_contains(new, zs, extrema)
+    original = lp_mod.make_backend
+
+    def no_early_stop(lp, solver="auto", **kw):
+        be = original(lp, solver, **kw)
+        solve = be.solve
+        be.solve = lambda **k: solve(**{**k, "stop_bound_above": None})
+        return be
+
+    monkeypatch.setattr(lp_mod, "make_backend", no_early_stop)
+    full, st_full = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    assert st_full["stopped_stable"] == 0
+    for (l, u), (lf, uf) in zip(new, full):
+        assert torch.equal(l > 0, lf > 0) and torch.equal(u <= 0, uf <= 0)
+
+
+@pytest.mark.parametrize("solver", ["highs", "auto"])
+def test_parallel_workers_give_the_serial_bounds(case, solver):
+    """Two solver threads share a layer's neurons: every neuron's MILP is the same as in the
+    serial run (each thread has its own copy of the layer's model), so are the bounds, up to
+    the gap at which a solve may stop; with a deadline both stop and the bounds stay valid."""
+    net, lo, hi, pre, zs, extrema = case
+    serial, st1 = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    par, st2 = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0, workers=2)
+    assert st2["lps"] == st1["lps"] > 0 and not st2["stopped_at_deadline"]
+    for (l1, u1), (l2, u2) in zip(serial, par):  # up to the MILP's absolute gap (1e-4)
+        torch.testing.assert_close(l2, l1, rtol=0, atol=2e-4)
+        torch.testing.assert_close(u2, u1, rtol=0, atol=2e-4)
+    cut, st3 = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, workers=2, solve_time_limit=3e-3,
+                             deadline=time.perf_counter() + 0.05)
+    _check_contains(cut, zs, extrema)
 
 
 @pytest.mark.parametrize("solver", ["highs", "auto"])
