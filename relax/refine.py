@@ -8,10 +8,13 @@ tightens every domain's relaxation. For layers ``k = 1..r`` in turn (layer 0 is 
 box), every unstable neuron's ``max z_j`` and ``min z_j`` are bounded over the MILP of the
 hidden layers ``0..k-1`` with the already refined bounds (:func:`relax.lp.tighten_bounds` with
 ``integer=True``); then alpha-CROWN recomputes the layers after ``k`` from the refined ones, so
-that layer ``k + 1`` starts with fewer unstable neurons (on mnistfc 256x6 refinement cascades:
-a tighter layer 2 stabilises much of layers 3-5). Soundness: only the solver's dual bound is used (also when a solve stops at
-its time limit: the incumbent is not a bound), widened by :data:`relax.lp.MILP_BOUND_SLACK` and
-intersected with the old bounds, then rounded outwards to the bounds' dtype.
+that layer ``k + 1`` starts with fewer unstable neurons. The gain cascades: on mnistfc 256x6
+prop_13_0.03 the unstable neurons of layers 3-5 go from 84, 256, 256 to 26, 0, 7 once layers
+1-2 are refined.
+
+Soundness: only the solver's dual bound is used (also when a solve stops at its time limit:
+the incumbent is not a bound), widened by :data:`relax.lp.MILP_BOUND_SLACK` and intersected
+with the old bounds, then rounded outwards to the bounds' dtype.
 """
 from __future__ import annotations
 
