@@ -597,11 +597,8 @@ def tighten_bounds(
         M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
         todo = iter(unst.tolist())
         n_workers = max(1, min(int(workers), len(unst)))
-        if n_workers == 1:
-            finished = [worker(enc.lp, M, const, l, u, todo)]
-        else:  # the solvers release the GIL while they solve: threads run in parallel
-            with ThreadPoolExecutor(n_workers) as pool:
-                finished = list(pool.map(lambda _: worker(enc.lp, M, const, l, u, todo), range(n_workers)))
+        with ThreadPoolExecutor(n_workers) as pool:  # the solvers release the GIL while solving
+            finished = list(pool.map(lambda _: worker(enc.lp, M, const, l, u, todo), range(n_workers)))
         stopped = not all(finished)
         bounds[k] = (l, np.maximum(u, l))
     per_layer_after = [unstable(b) for b in bounds]
