@@ -71,6 +71,7 @@ def relu_bab(
     refine_fraction: float = 0.5,
     refine_solve_time: float = 1.0,
     refine_workers: int = 1,
+    refine_after: float = 0.0,
 ) -> BabResult:
     """Decide the property on the box ``[lo, hi]`` (``[n_0]`` each) by splitting ReLUs.
 
@@ -89,9 +90,12 @@ def relu_bab(
             time, each followed by alpha-CROWN on the later layers
             (:func:`relax.refine.refine_bounds`), then recompute the root bound and branch
             (0: off).
-        refine_fraction: share of ``timeout`` the MILP refinement may use.
+        refine_fraction: share of the time left at its start that the MILP refinement may use.
         refine_solve_time: seconds per MILP of the refinement (its dual bound is used).
         refine_workers: MILPs of the refinement solved in parallel (threads).
+        refine_after: with refinement on, share of ``timeout`` first spent branching without
+            it (what plain BaB decides quickly never pays for the refinement); then the root
+            is refined and branching restarts from it (0: refine at once).
 
     Returns:
         :class:`BabResult`.
@@ -121,9 +125,9 @@ def relu_bab(
             rejected += 1
         return None
 
-    def corners(m: int, pre_f: Bounds, al, be, sp) -> Tensor:
+    def corners(net_f: ReluNet, m: int, pre_f: Bounds, al, be, sp) -> Tensor:
         """Minimiser corners of ``m`` domains' linear bounds (computed in the fast dtype from
-        ``pre_f``), taken from the exact box."""
+        ``pre_f``, on ``net_f``: the net in that dtype), taken from the exact box."""
         C, d = spec_f.batch(m)
         with torch.no_grad():
             _, info = backward_bound(net_f, C, d, lo_f.expand(m, -1), hi_f.expand(m, -1), pre_f, None, al, be, sp)
@@ -147,22 +151,125 @@ def relu_bab(
     n_bounded += 1
     if bool(spec.margin(lower)[0] > margin):
         return finish("certified", "proved", float(spec.margin(lower)[0]))
-    cex = try_points(corners(1, _cast(pre, fdt), [a.to(fdt) for a in alphas], None, None))
+    cex = try_points(corners(net_f, 1, _cast(pre, fdt), [a.to(fdt) for a in alphas], None, None))
     if cex is None:
         x, _ = pgd_boxes(net, spec, lo, hi, steps=50, restarts=3, generator=gen)
         cex = try_points(x)
     if cex is not None:
         return finish("falsified", "counterexample", -math.inf, cex)
-    if refine_layers > 0 and time.perf_counter() < deadline:
+
+    def branch(net: ReluNet, pre: Bounds, lower: Tensor, alphas: list[Tensor], until: float) -> BabResult:
+        """Best-first branching from the root (its ``pre``, bound ``lower`` and slopes) until
+        every domain is proved, a counterexample is found, or ``until`` passes."""
+        nonlocal n_bounded, rounds
+        net_f = _in_dtype(net, fdt)
+        splits = [torch.zeros(1, n, dtype=torch.int8) for n in net.sizes]
+        betas = [torch.zeros(1, N, n, dtype=fdt) for n in net.sizes]
+        alphas = [a.to(fdt) for a in alphas]
+        per_domain = 4 * (2 * N * sum(net.sizes)) + 8 * (2 * sum(net.sizes)) + sum(net.sizes) + 8 * N
+        max_domains = max(int(max_memory_mb * 2**20 / per_domain), 2 * batch_size)
+        offsets = [0]
+        for n in net.sizes:
+            offsets.append(offsets[-1] + n)
+
+        gave_up, gave_up_bound = False, math.inf
+        q = _DomainQueue({"low": lower, "pre": pre, "alphas": alphas, "betas": betas, "splits": splits}, spec.margin, max_domains)
+        while True:
+            M = len(q)
+            if M == 0:
+                if gave_up:
+                    return finish("unknown", "exhausted", gave_up_bound)
+                return finish("certified", "proved", margin)
+            if time.perf_counter() > until:
+                return finish("unknown", "timeout", min(gave_up_bound, q.min_margin()))
+            if M > max_domains:
+                return finish("unknown", "memory", min(gave_up_bound, q.min_margin()))
+            rounds += 1
+            k = min(batch_size, M)
+            # best-first; with the queue near its memory budget, the domains closest to proved
+            # first, so that the queue shrinks (the depth-first fallback of alpha-beta-CROWN)
+            p = q.pop(k, easiest=M > 0.8 * max_domains)
+            al, be = p["alphas"], p["betas"]
+            sc = _scores(net_f, spec_f, lo_f.expand(k, -1), hi_f.expand(k, -1), _cast(p["pre"], fdt), al, be, p["splits"], p["low"].to(fdt))
+            best, flat = sc.max(1)
+            # a domain with no unstable ReLU left is a single linear region: decide it exactly
+            # with one LP per group (counterexample, proved, or -- solver trouble -- give up)
+            exhausted = torch.isinf(best)
+            if exhausted.any():
+                ex = exhausted.nonzero().squeeze(1)
+                for i in ex.tolist():
+                    verdict, x = _decide_region(net, spec, lo[0], hi[0], [(l[i], u[i]) for l, u in p["pre"]], [s_[i] for s_ in p["splits"]], margin)
+                    if x is not None:
+                        cex = try_points(x.unsqueeze(0))
+                        if cex is not None:
+                            return finish("falsified", "counterexample", -math.inf, cex)
+                    if verdict != "proved":
+                        gave_up = True
+                        gave_up_bound = min(gave_up_bound, float(spec.margin(p["low"][i : i + 1]).min()))
+                rest = (~exhausted).nonzero().squeeze(1)
+                p = _select(p, rest)
+                best, flat = best[rest], flat[rest]
+                al, be = [a[rest] for a in al], [b[rest] for b in be]
+                k = rest.numel()
+                if k == 0:
+                    continue
+            layer = torch.bucketize(flat, torch.tensor(offsets[1:]), right=True)
+            # children: [0:k] active (z >= 0), [k:2k] inactive (z <= 0)
+            ch = _select(p, torch.cat([torch.arange(k), torch.arange(k)]))
+            for li in range(nl):
+                sel = (layer == li).nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                j = flat[sel] - offsets[li]
+                s = ch["splits"][li]
+                s[sel, j] = 1
+                s[k + sel, j] = -1
+                l, u = ch["pre"][li]
+                l[sel, j] = l[sel, j].clamp(min=0)
+                u[k + sel, j] = u[k + sel, j].clamp(max=0)
+            c_lo, c_hi = lo.expand(2 * k, -1), hi.expand(2 * k, -1)
+            C, d = spec_f.batch(2 * k)
+            best_it = BestIterate()
+            ch_pre_f = _cast(ch["pre"], fdt)
+            _, al2, be2 = optimize_bound(
+                net_f, C, d, lo_f.expand(2 * k, -1), hi_f.expand(2 * k, -1), ch_pre_f, ch["alphas"], ch["betas"], ch["splits"],
+                steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=until, track=best_it,
+            )
+            # the proving bound: each row's best parameters, evaluated in the network's dtype
+            C, d = spec.batch(2 * k)
+            with torch.no_grad():
+                low, _ = backward_bound(net, C, d, c_lo, c_hi, ch["pre"], None, [a.to(dt) for a in best_it.alphas],
+                                        [b.to(dt) for b in best_it.betas], ch["splits"])
+            n_bounded += 2 * k
+            low = torch.maximum(low, ch["low"])  # a child lies inside its parent: the parent's bound holds
+            # a child whose split contradicts its bounds (l > u somewhere) is empty: drop it
+            infeasible = torch.zeros(2 * k, dtype=torch.bool)
+            for l, u in ch["pre"]:
+                infeasible |= (l > u + 1e-9).any(1)
+            open_ = ~(spec.margin(low) > margin) & ~infeasible
+            if open_.any():
+                idx = open_.nonzero().squeeze(1)
+                cex = try_points(corners(net_f, idx.numel(), [(l[idx], u[idx]) for l, u in ch_pre_f], [a[idx] for a in al2], [b[idx] for b in be2], [s[idx] for s in ch["splits"]]))
+                if cex is not None:
+                    return finish("falsified", "counterexample", -math.inf, cex)
+            ch["low"], ch["alphas"], ch["betas"] = low, al2, be2
+            q.push(_select(ch, open_.nonzero().squeeze(1)))
+
+    if refine_layers > 0 and refine_after > 0:
+        # plain BaB first: what it decides quickly never pays for the refinement
+        first = branch(net, pre, lower, alphas, until=min(deadline, t0 + refine_after * timeout))
+        if first.status != "unknown" or time.perf_counter() > deadline:
+            return first
+        extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains}
+    if refine_layers > 0:
         # MILP-tightened root bounds: every domain's relaxation gets tighter, and neurons
-        # that become stable are never branched on
+        # that become stable are never branched on; branching restarts from the root
         from .refine import refine_bounds
 
-        stop = min(deadline, time.perf_counter() + refine_fraction * timeout)
+        stop = min(deadline, time.perf_counter() + refine_fraction * max(deadline - time.perf_counter(), 0.0))
         pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time,
                                              workers=refine_workers, alpha_steps=intermediate_steps)
         net, pre = net.without_dead(pre)
-        net_f = _in_dtype(net, fdt)
         low2, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
         lower = torch.maximum(lower, low2)  # both bound the same box
         n_bounded += 1
@@ -170,99 +277,7 @@ def relu_bab(
             return finish("certified", "proved", float(spec.margin(lower)[0]))
         if time.perf_counter() > deadline:
             return finish("unknown", "timeout", float(spec.margin(lower)[0]))
-
-    splits = [torch.zeros(1, n, dtype=torch.int8) for n in net.sizes]
-    betas = [torch.zeros(1, N, n, dtype=fdt) for n in net.sizes]
-    alphas = [a.to(fdt) for a in alphas]
-    per_domain = 4 * (2 * N * sum(net.sizes)) + 8 * (2 * sum(net.sizes)) + sum(net.sizes) + 8 * N
-    max_domains = max(int(max_memory_mb * 2**20 / per_domain), 2 * batch_size)
-    offsets = [0]
-    for n in net.sizes:
-        offsets.append(offsets[-1] + n)
-
-    gave_up, gave_up_bound = False, math.inf
-    q = _DomainQueue({"low": lower, "pre": pre, "alphas": alphas, "betas": betas, "splits": splits}, spec.margin, max_domains)
-    while True:
-        M = len(q)
-        if M == 0:
-            if gave_up:
-                return finish("unknown", "exhausted", gave_up_bound)
-            return finish("certified", "proved", margin)
-        if time.perf_counter() > deadline:
-            return finish("unknown", "timeout", min(gave_up_bound, q.min_margin()))
-        if M > max_domains:
-            return finish("unknown", "memory", min(gave_up_bound, q.min_margin()))
-        rounds += 1
-        k = min(batch_size, M)
-        # best-first; with the queue near its memory budget, the domains closest to proved
-        # first, so that the queue shrinks (the depth-first fallback of alpha-beta-CROWN)
-        p = q.pop(k, easiest=M > 0.8 * max_domains)
-        al, be = p["alphas"], p["betas"]
-        sc = _scores(net_f, spec_f, lo_f.expand(k, -1), hi_f.expand(k, -1), _cast(p["pre"], fdt), al, be, p["splits"], p["low"].to(fdt))
-        best, flat = sc.max(1)
-        # a domain with no unstable ReLU left is a single linear region: decide it exactly
-        # with one LP per group (counterexample, proved, or -- solver trouble -- give up)
-        exhausted = torch.isinf(best)
-        if exhausted.any():
-            ex = exhausted.nonzero().squeeze(1)
-            for i in ex.tolist():
-                verdict, x = _decide_region(net, spec, lo[0], hi[0], [(l[i], u[i]) for l, u in p["pre"]], [s_[i] for s_ in p["splits"]], margin)
-                if x is not None:
-                    cex = try_points(x.unsqueeze(0))
-                    if cex is not None:
-                        return finish("falsified", "counterexample", -math.inf, cex)
-                if verdict != "proved":
-                    gave_up = True
-                    gave_up_bound = min(gave_up_bound, float(spec.margin(p["low"][i : i + 1]).min()))
-            rest = (~exhausted).nonzero().squeeze(1)
-            p = _select(p, rest)
-            best, flat = best[rest], flat[rest]
-            al, be = [a[rest] for a in al], [b[rest] for b in be]
-            k = rest.numel()
-            if k == 0:
-                continue
-        layer = torch.bucketize(flat, torch.tensor(offsets[1:]), right=True)
-        # children: [0:k] active (z >= 0), [k:2k] inactive (z <= 0)
-        ch = _select(p, torch.cat([torch.arange(k), torch.arange(k)]))
-        ar = torch.arange(k)
-        for li in range(nl):
-            sel = (layer == li).nonzero().squeeze(1)
-            if sel.numel() == 0:
-                continue
-            j = flat[sel] - offsets[li]
-            s = ch["splits"][li]
-            s[sel, j] = 1
-            s[k + sel, j] = -1
-            l, u = ch["pre"][li]
-            l[sel, j] = l[sel, j].clamp(min=0)
-            u[k + sel, j] = u[k + sel, j].clamp(max=0)
-        c_lo, c_hi = lo.expand(2 * k, -1), hi.expand(2 * k, -1)
-        C, d = spec_f.batch(2 * k)
-        best_it = BestIterate()
-        ch_pre_f = _cast(ch["pre"], fdt)
-        _, al2, be2 = optimize_bound(
-            net_f, C, d, lo_f.expand(2 * k, -1), hi_f.expand(2 * k, -1), ch_pre_f, ch["alphas"], ch["betas"], ch["splits"],
-            steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=deadline, track=best_it,
-        )
-        # the proving bound: each row's best parameters, evaluated in the network's dtype
-        C, d = spec.batch(2 * k)
-        with torch.no_grad():
-            low, _ = backward_bound(net, C, d, c_lo, c_hi, ch["pre"], None, [a.to(dt) for a in best_it.alphas],
-                                    [b.to(dt) for b in best_it.betas], ch["splits"])
-        n_bounded += 2 * k
-        low = torch.maximum(low, ch["low"])  # a child lies inside its parent: the parent's bound holds
-        # a child whose split contradicts its bounds (l > u somewhere) is empty: drop it
-        infeasible = torch.zeros(2 * k, dtype=torch.bool)
-        for l, u in ch["pre"]:
-            infeasible |= (l > u + 1e-9).any(1)
-        open_ = ~(spec.margin(low) > margin) & ~infeasible
-        if open_.any():
-            idx = open_.nonzero().squeeze(1)
-            cex = try_points(corners(idx.numel(), [(l[idx], u[idx]) for l, u in ch_pre_f], [a[idx] for a in al2], [b[idx] for b in be2], [s[idx] for s in ch["splits"]]))
-            if cex is not None:
-                return finish("falsified", "counterexample", -math.inf, cex)
-        ch["low"], ch["alphas"], ch["betas"] = low, al2, be2
-        q.push(_select(ch, open_.nonzero().squeeze(1)))
+    return branch(net, pre, lower, alphas, until=deadline)
 
 
 def _decide_region(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre, splits, margin: float) -> tuple[str, Tensor | None]:

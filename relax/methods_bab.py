@@ -50,13 +50,13 @@ class BabMethod(Method):
             layers ``1..refine_layers`` by MILP before branching (:mod:`relax.refine`); ``None``
             ("auto"): 2 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
         refine_min_depth: hidden layers from which "auto" refines.
-        refine_fraction: share of the BaB time budget the refinement may use.
+        refine_fraction: share of the time left when refinement starts that it may use.
         refine_solve_time: seconds per MILP of the refinement.
         refine_workers: MILPs of the refinement solved in parallel (threads; the solvers
             release the GIL); ``None``: one per CPU core this process may use, at most 4.
         refine_after: with refinement on, share of the BaB time budget first given to BaB
             without it (instances it decides quickly skip the refinement's cost; 0: refine at
-            once). The refining run gets the rest of the budget.
+            once); then the root is refined and branching restarts from it.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
     """
@@ -143,7 +143,7 @@ class BabMethod(Method):
                 details={
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
-                    **({"refine": res.details["refine"]} if "refine" in res.details else {}),
+                    **{k: res.details[k] for k in ("refine", "plain_bab_first") if k in res.details},
                 },
             ))
         return certs
@@ -226,18 +226,10 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
         refine = opts.refine_layers
         if refine is None:
             refine = 2 if len(net.sizes) >= opts.refine_min_depth else 0
-        kw: dict = dict(batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin, check_point=check, seed=opts.seed)
-        if refine > 0 and opts.refine_after > 0:
-            # plain BaB first: what it decides quickly never pays for the refinement
-            first = relu_bab(net, rs, lo, hi, timeout=opts.refine_after * budget, **kw)
-            if first.status != "unknown":
-                return done(first, f"bab-{split}")
-            budget = max(left(), 0.0) if math.isfinite(left()) else budget - first.time_s
-        res = relu_bab(net, rs, lo, hi, timeout=budget, refine_layers=refine, refine_fraction=opts.refine_fraction,
-                       refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or _cores(4), **kw)
-        if refine > 0 and opts.refine_after > 0:
-            res.domains += first.domains
-            res.details["plain_bab_first"] = {"status": first.status, "reason": first.reason, "time_s": first.time_s}
+        res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin,
+                       check_point=check, seed=opts.seed, refine_layers=refine, refine_fraction=opts.refine_fraction,
+                       refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or _cores(4),
+                       refine_after=opts.refine_after)
     return done(res, f"bab-{split}")
 
 

@@ -269,3 +269,6 @@ def test_bab_method_with_refinement_decides_correctly(refine_after):
         c = certify(model, Box(lo, hi), Linear(C, torch.tensor([d0], dtype=torch.float64)), "bab", split="relu", refine_layers=2,
                     refine_after=refine_after, refine_solve_time=0.05, timeout=20, dtype=torch.float64)[0]
         assert c.status == ("certified" if truth == "unsat" else "falsified"), (truth, c.status, c.details)
+        if truth == "unsat" and refine_after < 1e-3:
+            # the plain phase ends at once; the refined phase starts from the same root
+            assert c.details["plain_bab_first"]["reason"] == "timeout" and c.details["refine"]["lps"] > 0, c.details
