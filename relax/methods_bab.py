@@ -20,12 +20,12 @@ steps 1 and 2 only, the latter with the graph bound engine (``alpha-crown`` meth
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
 from torch import Tensor
 
+from verify.executor import usable_cores
 from verify.registry import Method, get_method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
@@ -228,18 +228,9 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
             refine = 2 if len(net.sizes) >= opts.refine_min_depth else 0
         res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin,
                        check_point=check, seed=opts.seed, refine_layers=refine, refine_fraction=opts.refine_fraction,
-                       refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or _cores(4),
+                       refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or usable_cores(4),
                        refine_after=opts.refine_after)
     return done(res, f"bab-{split}")
-
-
-def _cores(cap: int) -> int:
-    """CPU cores this process may run on, at most ``cap``."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(cap, n))
 
 
 class _DenseModule(torch.nn.Module):

@@ -92,3 +92,13 @@ def test_limits_for_a_method_not_run_are_ignored(tmp_path):
     assert main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "compare_results.csv")))
     assert [r["method"] for r in rows] == ["interval"]  # capped at 1 input
+
+
+def test_usable_cores_respects_the_cap_and_the_machine():
+    import os
+
+    from verify.executor import usable_cores
+
+    n = usable_cores()
+    assert 1 <= n <= (os.cpu_count() or 1)
+    assert usable_cores(1) == 1 and usable_cores(10**6) == n

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .certificate import CSV_COLUMNS, Certificate, CertificateTable
-from .executor import Task, execute
+from .executor import Task, execute, usable_cores
 from .registry import method_class
 from .report import check_certified_per_input, format_markdown, html_report, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
 from .spec import LpBall, Robust, norm_name, parse_norm
@@ -245,7 +245,7 @@ def compare(
             res.notes.append(f"{m}: skipped, it does not support {norm_name(p)} balls (supports {', '.join(cls.norms)})")
             continue
         run.append(m)
-    n_workers = workers or (1 if executor == "local" else min(2, os.cpu_count() or 1))
+    n_workers = workers or (1 if executor == "local" else usable_cores(2))
     step = chunk_size or (N if executor == "local" else max(1, math.ceil(N / n_workers)))
     tasks = []
     limits = limits or {}

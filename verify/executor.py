@@ -3,7 +3,7 @@ on ray, yielding results as they finish so that callers can write them increment
 
 * ``local`` -- sequential, in this process.
 * ``process`` -- :class:`concurrent.futures.ProcessPoolExecutor` (``spawn`` start method; each
-  worker uses ``cpu_count // workers`` torch threads).
+  worker uses ``cores // workers`` torch threads).
 * ``ray`` -- ``ray.remote`` tasks (optional dependency: ``pip install 'certify[ray]'``).
 
 A task that raises does not stop the others: its inputs get ``status="error"`` Certificates
@@ -22,9 +22,19 @@ from torch import Tensor
 
 from .certificate import Certificate
 
-__all__ = ["Task", "run_task", "execute", "EXECUTORS", "ExecutorError"]
+__all__ = ["Task", "run_task", "execute", "usable_cores", "EXECUTORS", "ExecutorError"]
 
 EXECUTORS = ("local", "process", "ray")
+
+
+def usable_cores(cap: int | None = None) -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one), at most
+    ``cap``; at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, n if cap is None else min(cap, n))
 
 
 class ExecutorError(RuntimeError):
@@ -160,7 +170,7 @@ def execute(tasks: Iterable[Task], executor: str = "local", workers: int | None 
         for t in tasks:
             yield t, run_task(t)
     elif executor == "process":
-        yield from _execute_process(tasks, workers or min(2, os.cpu_count() or 1))
+        yield from _execute_process(tasks, workers or usable_cores(2))
     else:
         yield from _execute_ray(tasks, workers)
 
@@ -168,7 +178,7 @@ def execute(tasks: Iterable[Task], executor: str = "local", workers: int | None 
 def _execute_process(tasks: list[Task], workers: int) -> Iterator[tuple[Task, list[Certificate]]]:
     import multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
         pending = {pool.submit(_run_task_dicts, t): t for t in tasks}
         while pending:
