@@ -266,9 +266,20 @@ def relu_bab(
         # that become stable are never branched on; branching restarts from the root
         from .refine import refine_bounds
 
+        def root_proved(p: Bounds) -> bool:
+            """Whether the root bound with the bounds refined so far proves the property (then
+            the later layers need no MILPs)."""
+            nonlocal n_bounded, lower
+            low, _, _ = optimize_bound(net, C, d, lo, hi, p, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
+            n_bounded += 1
+            lower = torch.maximum(lower, low)  # every bound of the root box holds
+            return bool(spec.margin(lower)[0] > margin)
+
         stop = min(deadline, time.perf_counter() + refine_fraction * max(deadline - time.perf_counter(), 0.0))
         pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time,
-                                             workers=refine_workers, alpha_steps=intermediate_steps)
+                                             workers=refine_workers, alpha_steps=intermediate_steps, stop_if=root_proved)
+        if extra["refine"]["stopped_by_check"]:
+            return finish("certified", "proved", float(spec.margin(lower)[0]))
         net, pre = net.without_dead(pre)
         low2, alphas, _ = optimize_bound(net, C, d, lo, hi, pre, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
         lower = torch.maximum(lower, low2)  # both bound the same box

@@ -19,6 +19,7 @@ with the old bounds, then rounded outwards to the bounds' dtype.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ def refine_bounds(
     rel_gap: float = 1e-3,
     workers: int = 1,
     alpha_steps: int | None = None,
+    stop_if: Callable[[Bounds], bool] | None = None,
 ) -> tuple[Bounds, dict]:
     """Tighten ``pre`` for the unstable neurons of hidden layers ``1..layers`` by MILP.
 
@@ -84,6 +86,9 @@ def refine_bounds(
             stopped by ``deadline``), intersected with the old ones: the next layer's MILPs
             then only cover the neurons still unstable, on tighter big-M bounds. ``None``:
             later layers keep their bounds.
+        stop_if: called with the bounds after each refined layer but the last (e.g. "the root
+            is proved with them"); refinement stops when it returns True
+            (``stats["stopped_by_check"]``).
 
     Returns:
         ``(pre', stats)``: bounds with ``l_k <= l'_k <= u'_k <= u_k`` (same shapes and dtype as
@@ -92,7 +97,7 @@ def refine_bounds(
     t0 = time.perf_counter()
     todo = list(range(1, min(layers, len(pre) - 1) + 1))
     stats: dict = {"lps": 0, "time_limited": 0, "stopped_stable": 0, "solvers": [], "stopped_at_deadline": False,
-                   "unstable_per_layer_before": [int(((l < 0) & (u > 0)).sum()) for l, u in pre]}
+                   "stopped_by_check": False, "unstable_per_layer_before": [int(((l < 0) & (u > 0)).sum()) for l, u in pre]}
     if not todo:
         return pre, {**stats, "time_s": 0.0}
     region = InputRegion(lo.detach().double().cpu().reshape(-1).numpy(), hi.detach().double().cpu().reshape(-1).numpy())
@@ -115,6 +120,9 @@ def refine_bounds(
         stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
         if alpha_steps is not None and k + 1 < len(out):
             out = intermediate_bounds(net, lo.reshape(1, -1), hi.reshape(1, -1), prior=out, start=k + 2, alpha_steps=alpha_steps)
+        if stop_if is not None and k != todo[-1] and not st["stopped_at_deadline"] and stop_if(out):
+            stats["stopped_by_check"] = True
+            break
     stats["unstable_per_layer_after"] = [int(((l < 0) & (u > 0)).sum()) for l, u in out]
     stats["time_s"] = time.perf_counter() - t0
     return out, stats

@@ -187,6 +187,26 @@ def test_tiny_time_limit_keeps_bounds_valid(case, solver):
     assert st["lps"] == 0 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(pre, same))
 
 
+def test_stop_if_ends_refinement_after_the_layer_that_satisfies_it(case):
+    """``stop_if`` sees the bounds after each refined layer but the last; once it returns
+    True no later layer is solved, and the bounds so far stay valid."""
+    net, lo, hi, pre, zs, extrema = case
+    seen = []
+
+    def stop_after_first(p):
+        seen.append(_unstable(p))
+        return True
+
+    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver="highs", stop_if=stop_after_first)
+    one, st1 = refine_bounds(net, lo, hi, pre, layers=1, solver="highs")
+    assert st["stopped_by_check"] and len(seen) == 1 and st["lps"] == st1["lps"] > 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(new, one))
+    _check_contains(new, zs, extrema)
+    calls = []
+    _, st3 = refine_bounds(net, lo, hi, pre, layers=3, solver="highs", stop_if=lambda p: calls.append(1) is not None)
+    assert not st3["stopped_by_check"] and len(calls) == 2 and st3["lps"] > st1["lps"]  # never after the last layer
+
+
 class _StoppedEarly(HighsBackend):
     """Solves to optimality, then reports a solve stopped at its time limit: an incumbent worse
     than the optimum by 0.5 (not a bound) and a valid dual bound 0.25 below the optimum."""
@@ -238,6 +258,28 @@ def test_bab_with_refinement_agrees_with_ground_truth(seed):
             assert ((x >= lo) & (x <= hi)).all()
             assert float(rs.margin(rs.values(net.forward(x[None])))[0]) <= 0
         assert res.status == ("certified" if truth == "unsat" else "falsified"), (truth, res.status, res.reason)
+
+
+def test_bab_stops_refining_once_the_root_is_proved():
+    """With three layers to refine, the root bound is checked after each refined layer: a
+    property that the first layer's MILPs already prove (true by a Lipschitz-certified grid
+    minimum) is certified without solving the later layers."""
+    net = _net(24, sizes=(2, 16, 16, 16, 3))
+    lo, hi = -torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    groups = torch.tensor([0, 1])
+    n = 161
+    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
+    rs0 = RowSpec(C, torch.zeros(2, dtype=torch.float64), groups)
+    gmin = float(rs0.margin(rs0.values(net.forward(pts))).min())
+    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
+    offset = 2.0
+    assert offset > lip * (2.0 / (n - 1)) / math.sqrt(2)  # the true minimum margin is positive
+    rs = RowSpec(C, torch.full((2,), -gmin + offset, dtype=torch.float64), groups)
+    res = relu_bab(net, rs, lo, hi, timeout=60.0, refine_layers=3, refine_solve_time=5.0)
+    assert res.status == "certified" and res.details["refine"]["stopped_by_check"], res.details
+    _, st_full = refine_bounds(net, lo, hi, intermediate_bounds(net, lo[None], hi[None], alpha_steps=10), layers=3, alpha_steps=10)
+    assert 0 < res.details["refine"]["lps"] < st_full["lps"]  # the later layers' MILPs were not solved
 
 
 @pytest.mark.parametrize("refine_after", [1e-6, 0.1])
