@@ -48,7 +48,7 @@ class BabMethod(Method):
         relu_steps: alpha/beta optimisation steps per ReLU-BaB round.
         refine_layers: ReLU split only: tighten the root's pre-activation bounds of hidden
             layers ``1..refine_layers`` by MILP before branching (:mod:`relax.refine`); ``None``
-            ("auto"): 2 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
+            ("auto"): 3 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
         refine_min_depth: hidden layers from which "auto" refines.
         refine_fraction: share of the time left when refinement starts that it may use.
         refine_solve_time: seconds per MILP of the refinement.
@@ -225,7 +225,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
 
         refine = opts.refine_layers
         if refine is None:
-            refine = 2 if len(net.sizes) >= opts.refine_min_depth else 0
+            refine = 3 if len(net.sizes) >= opts.refine_min_depth else 0
         res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin,
                        check_point=check, seed=opts.seed, refine_layers=refine, refine_fraction=opts.refine_fraction,
                        refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or usable_cores(4),
