@@ -232,6 +232,17 @@ def test_uses_the_dual_bound_not_the_incumbent_of_a_stopped_milp(case, monkeypat
             assert u == pytest.approx(min(u0, zmax + 0.25), abs=1e-4)
 
 
+def _grid_margin_min(net: ReluNet, C: torch.Tensor, groups: torch.Tensor, n: int = 161) -> tuple[float, float]:
+    """``(grid minimum of the spec margin over [-1, 1]^2, Lipschitz slack)``: the true minimum
+    over the square lies in ``[gmin - slack, gmin]`` (slack = Lipschitz bound of the rows times
+    half the grid cell's diagonal)."""
+    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
+    rs0 = RowSpec(C, torch.zeros(C.shape[0], dtype=torch.float64), groups)
+    gmin = float(rs0.margin(rs0.values(net.forward(pts))).min())
+    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
+    return gmin, lip * (2.0 / (n - 1)) / math.sqrt(2)
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_bab_with_refinement_agrees_with_ground_truth(seed):
     """A 2-D net with three hidden layers of 16: the grid minimum of the margin (with a
@@ -243,12 +254,7 @@ def test_bab_with_refinement_agrees_with_ground_truth(seed):
     hi = torch.tensor([1.0, 1.0], dtype=torch.float64)
     C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     groups = torch.tensor([0, 1])
-    n = 161
-    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
-    rs0 = RowSpec(C, torch.zeros(2, dtype=torch.float64), groups)
-    gmin = float(rs0.margin(rs0.values(net.forward(pts))).min())
-    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
-    slack = lip * (2.0 / (n - 1)) / math.sqrt(2)
+    gmin, slack = _grid_margin_min(net, C, groups)
     for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
         rs = RowSpec(C, torch.full((2,), d0, dtype=torch.float64), groups)
         res = relu_bab(net, rs, lo, hi, timeout=20.0, refine_layers=2, refine_solve_time=0.05)
@@ -268,13 +274,9 @@ def test_bab_stops_refining_once_the_root_is_proved():
     lo, hi = -torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     groups = torch.tensor([0, 1])
-    n = 161
-    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
-    rs0 = RowSpec(C, torch.zeros(2, dtype=torch.float64), groups)
-    gmin = float(rs0.margin(rs0.values(net.forward(pts))).min())
-    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
+    gmin, slack = _grid_margin_min(net, C, groups)
     offset = 2.0
-    assert offset > lip * (2.0 / (n - 1)) / math.sqrt(2)  # the true minimum margin is positive
+    assert offset > slack  # the true minimum margin is positive
     rs = RowSpec(C, torch.full((2,), -gmin + offset, dtype=torch.float64), groups)
     res = relu_bab(net, rs, lo, hi, timeout=60.0, refine_layers=3, refine_solve_time=5.0)
     assert res.status == "certified" and res.details["refine"]["stopped_by_check"], res.details
@@ -300,13 +302,8 @@ def test_bab_method_with_refinement_decides_correctly(refine_after):
         layers += [lin, nn.ReLU()]
     model = nn.Sequential(*layers[:-1]).eval()
     lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
-    n = 161
-    pts = torch.cartesian_prod(torch.linspace(-1, 1, n, dtype=torch.float64), torch.linspace(-1, 1, n, dtype=torch.float64))
     C = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)
-    with torch.no_grad():
-        gmin = float((model(pts) @ C.T).min())
-    lip = math.prod(float(torch.linalg.matrix_norm(W, ord=2)) for W in net.Ws[:-1]) * float(torch.linalg.matrix_norm(C @ net.Ws[-1], ord=2))
-    slack = lip * (2.0 / (n - 1)) / math.sqrt(2)
+    gmin, slack = _grid_margin_min(net, C, torch.tensor([0]))  # the model computes net.forward
     for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
         c = certify(model, Box(lo, hi), Linear(C, torch.tensor([d0], dtype=torch.float64)), "bab", split="relu", refine_layers=2,
                     refine_after=refine_after, refine_solve_time=0.05, timeout=20, dtype=torch.float64)[0]
