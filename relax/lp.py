@@ -558,7 +558,7 @@ def tighten_bounds(
     def worker(lp: LinearProgram, M, const: np.ndarray, l: np.ndarray, u: np.ndarray, todo) -> bool:
         """Bound the neurons ``todo`` yields (shared by the workers of a layer) on a model of
         its own; ``False`` when the deadline stopped it."""
-        be = make_backend(lp, solver)
+        be = make_backend(lp, solver, bound_focus=integer)  # only the dual bound of each MILP is used
         with lock:
             solvers.add(be.name)
         try:

@@ -85,7 +85,8 @@ def test_lp_and_qp_bounds_match_highs_and_are_safe():
 
 def test_column_elimination_gives_the_same_milp():
     """The Gurobi MILP with the defined columns substituted (default for MIPs) has the optimum of
-    the full model, and of HiGHS."""
+    the full model, and of HiGHS; so has the bound-focused model (no cuts, MIPFocus=3), whose
+    dual bound is the optimum too."""
     gm = _net(4, 12, 3, 1, scale=2.0)
     net = relu_net(gm, (4,))
     x = torch.rand(1, 4, generator=torch.Generator().manual_seed(0))
@@ -100,8 +101,8 @@ def test_column_elimination_gives_the_same_milp():
     cost = np.zeros(lp.num_cols)
     cost[t_col] = 1.0
     vals = []
-    for solver, elim in (("highs", None), ("gurobi", False), ("gurobi", True)):
-        be = make_backend(copy.deepcopy(lp), solver, eliminate=elim)
+    for solver, elim, focus in (("highs", None, False), ("gurobi", False, False), ("gurobi", True, False), ("gurobi", True, True)):
+        be = make_backend(copy.deepcopy(lp), solver, eliminate=elim, bound_focus=focus)
         if elim:
             assert be.num_vars < lp.num_cols
         be.set_objective(cost)
@@ -113,8 +114,9 @@ def test_column_elimination_gives_the_same_milp():
         assert r.x.shape == (lp.num_cols,)
         Ax = lp.A @ r.x
         assert np.all(Ax >= lp.row_lo - 1e-6) and np.all(Ax[: enc.lp.num_rows] <= lp.row_hi[: enc.lp.num_rows] + 1e-6)
+        assert r.bound == pytest.approx(r.objective, abs=1e-6)
         vals.append(r.objective)
-    assert vals[1] == pytest.approx(vals[0], abs=1e-6) and vals[2] == pytest.approx(vals[0], abs=1e-6)
+    assert all(v == pytest.approx(vals[0], abs=1e-6) for v in vals[1:])
 
 
 # ------------------------------------------------------------------------------------------
