@@ -30,8 +30,10 @@ from .beta import BestIterate, Bounds, ReluNet, backward_bound, intermediate_bou
 __all__ = ["relu_bab"]
 
 
-def _scores(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, alphas, betas, splits, lower: Tensor) -> Tensor:
-    """BaBSR-style branching scores ``[B, sum n_k]`` (``-inf`` for stable or split ReLUs)."""
+def _layer_scores(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, alphas, betas, splits, lower: Tensor) -> list[Tensor]:
+    """BaBSR-style scores ``[B, n_k]`` per hidden layer (``-inf`` for stable or split ReLUs):
+    how much the upper relaxation's intercept of each unstable ReLU lowers the bound of the
+    rows not yet proved (Bunel et al. 2020), with a tiny tie-break by ``min(u, -l)``."""
     B = lo.shape[0]
     C, d = spec.batch(B)
     with torch.no_grad():
@@ -46,7 +48,12 @@ def _scores(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, al
         sc = ((-lam).clamp(min=0) * w.unsqueeze(-1)).sum(1) * icpt
         sc = sc + 1e-6 * ((lam.abs() * w.unsqueeze(-1)).sum(1) * torch.minimum(u, -l)).clamp(min=0)
         out.append(torch.where(unst, sc, torch.full_like(sc, -math.inf)))
-    return torch.cat(out, 1)
+    return out
+
+
+def _scores(net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, alphas, betas, splits, lower: Tensor) -> Tensor:
+    """:func:`_layer_scores` of all hidden layers side by side, ``[B, sum n_k]``."""
+    return torch.cat(_layer_scores(net, spec, lo, hi, pre, alphas, betas, splits, lower), 1)
 
 
 def relu_bab(
@@ -269,15 +276,24 @@ def relu_bab(
         def root_proved(p: Bounds) -> bool:
             """Whether the root bound with the bounds refined so far proves the property (then
             the later layers need no MILPs)."""
-            nonlocal n_bounded, lower
-            low, _, _ = optimize_bound(net, C, d, lo, hi, p, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
+            nonlocal n_bounded, lower, alphas
+            low, alphas, _ = optimize_bound(net, C, d, lo, hi, p, steps=root_steps, lr_alpha=lr_alpha, deadline=deadline)
             n_bounded += 1
             lower = torch.maximum(lower, low)  # every bound of the root box holds
             return bool(spec.margin(lower)[0] > margin)
 
+        def impact(p: Bounds) -> list[Tensor]:
+            """Refine first the neurons whose relaxation costs the root bound most: the
+            branching score with the root's latest slopes (measured on mnistfc 256x6
+            prop_0_0.03, benchmarks/RESULTS.md section 4: a better root bound after the same
+            refinement time than loosest-first, and than a score that also credits a neuron's
+            effect on the later layers' bounds)."""
+            return _layer_scores(net, spec, lo, hi, p, alphas, None, [torch.zeros_like(l) for l, _ in p], lower)
+
         stop = min(deadline, time.perf_counter() + refine_fraction * max(deadline - time.perf_counter(), 0.0))
         pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time,
-                                             workers=refine_workers, alpha_steps=intermediate_steps, stop_if=root_proved)
+                                             workers=refine_workers, alpha_steps=intermediate_steps, stop_if=root_proved,
+                                             priority=impact)
         if extra["refine"]["stopped_by_check"]:
             return finish("certified", "proved", float(spec.margin(lower)[0]))
         net, pre = net.without_dead(pre)

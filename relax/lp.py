@@ -489,6 +489,7 @@ def tighten_bounds(
     rel_gap: float = 1e-4,
     abs_gap: float = 1e-6,
     workers: int = 1,
+    priority: list[np.ndarray | None] | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """Re-tighten pre-activation bounds of unstable neurons by LP (or MILP), layer by layer.
 
@@ -509,6 +510,9 @@ def tighten_bounds(
         solve_time_limit: seconds per solve (``None``: up to the deadline).
         order: ``"index"`` or ``"score"`` (within a layer, largest ``-l u`` first: the neurons
             whose triangle relaxation is loosest, so a deadline cuts the least useful ones).
+        priority: per hidden layer ``[n_k]`` (or ``None``): when given for a layer, its
+            neurons are solved in decreasing priority instead (ties keep ``order``), e.g. by
+            how much their relaxation costs the bound being proved.
         rel_gap, abs_gap: MILP termination gaps (the dual bound is used either way).
         workers: solver threads, each with its own copy of the layer's model, taking the
             neurons in ``order`` (HiGHS and Gurobi release the GIL while solving).
@@ -593,6 +597,8 @@ def tighten_bounds(
             continue
         if order == "score":
             unst = unst[np.argsort(-(-l[unst] * u[unst]), kind="stable")]
+        if priority is not None and priority[k] is not None:
+            unst = unst[np.argsort(-priority[k][unst], kind="stable")]
         enc = encode(net, region, bounds, n_hidden=k, integer=integer)
         M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
         todo = iter(unst.tolist())

@@ -63,6 +63,7 @@ def refine_bounds(
     workers: int = 1,
     alpha_steps: int | None = None,
     stop_if: Callable[[Bounds], bool] | None = None,
+    priority: Callable[[Bounds], list[Tensor]] | None = None,
 ) -> tuple[Bounds, dict]:
     """Tighten ``pre`` for the unstable neurons of hidden layers ``1..layers`` by MILP.
 
@@ -89,6 +90,10 @@ def refine_bounds(
         stop_if: called with the bounds after each refined layer but the last (e.g. "the root
             is proved with them"); refinement stops when it returns True
             (``stats["stopped_by_check"]``).
+        priority: called with the current bounds before each refined layer; returns per hidden
+            layer a ``[1, n_k]`` (or ``[n_k]``) score: that layer's neurons are solved in
+            decreasing score (so the deadline cuts the least important ones). ``None``: the
+            loosest triangle relaxation (largest ``-l u``) first.
 
     Returns:
         ``(pre', stats)``: bounds with ``l_k <= l'_k <= u'_k <= u_k`` (same shapes and dtype as
@@ -108,8 +113,10 @@ def refine_bounds(
             stats["stopped_at_deadline"] = True
             break
         b64 = [(l.detach().double().cpu().reshape(-1).numpy(), u.detach().double().cpu().reshape(-1).numpy()) for l, u in out]
+        prio = None if priority is None else [p.detach().double().cpu().reshape(-1).numpy() for p in priority(out)]
         new, st = tighten_bounds(ff, region, b64, solver=solver, layers=[k], deadline=deadline, integer=integer,
-                                 solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4, workers=workers)
+                                 solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4, workers=workers,
+                                 priority=prio)
         (l, u), (nl, nu) = out[k], new[k]
         nl_t = _outward(torch.from_numpy(np.ascontiguousarray(nl)), l.dtype, down=True).reshape(l.shape).to(l.device)
         nu_t = _outward(torch.from_numpy(np.ascontiguousarray(nu)), u.dtype, down=False).reshape(u.shape).to(u.device)

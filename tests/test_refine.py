@@ -207,6 +207,40 @@ def test_stop_if_ends_refinement_after_the_layer_that_satisfies_it(case):
     assert not st3["stopped_by_check"] and len(calls) == 2 and st3["lps"] > st1["lps"]  # never after the last layer
 
 
+def test_priority_sets_the_order_of_the_solves_and_keeps_bounds_valid(case, monkeypatch):
+    """With ``priority`` the unstable neurons of a layer are solved in decreasing priority
+    (so a deadline cuts the least important ones); the bounds are as valid as without."""
+    net, lo, hi, pre, zs, extrema = case
+    g = torch.Generator().manual_seed(3)
+    prio = [torch.rand(l.shape, generator=g, dtype=l.dtype) for l, _ in pre]
+    seen: list[np.ndarray] = []
+    original = lp_mod.make_backend
+
+    def recording(lp, solver="auto", **kw):
+        be = original(lp, solver, **kw)
+        set_objective = be.set_objective
+        be.set_objective = lambda c, offset=0.0, **k: (seen.append(np.asarray(c).copy()), set_objective(c, offset, **k))[1]
+        return be
+
+    monkeypatch.setattr(lp_mod, "make_backend", recording)
+    calls = []
+    new, st = refine_bounds(net, lo, hi, pre, layers=1, solver="highs", priority=lambda p: calls.append(1) or prio)
+    assert len(calls) == 1 and st["lps"] > 0
+    _check_contains(new, zs, extrema)
+    # which neuron each "max z_j" solve was for: its objective is minus row j of layer 1's expression
+    ff = _feedforward(net)
+    b = [(l.reshape(-1).numpy(), u.reshape(-1).numpy()) for l, u in pre]
+    enc = encode(ff, InputRegion(lo.reshape(-1).numpy(), hi.reshape(-1).numpy()), b, n_hidden=1, integer=True)
+    M, _ = enc.expr(1, net.Ws[1].numpy(), net.bs[1].numpy())
+    rows = M.toarray()
+    maxed = [j for c in seen for j in range(rows.shape[0]) if np.allclose(c, -rows[j])]
+    l1, u1 = b[1]
+    unstable = np.flatnonzero((l1 < 0) & (u1 > 0))
+    assert sorted(maxed) == sorted(unstable.tolist())
+    p1 = prio[1].reshape(-1).numpy()
+    assert maxed == sorted(maxed, key=lambda j: -p1[j])
+
+
 class _StoppedEarly(HighsBackend):
     """Solves to optimality, then reports a solve stopped at its time limit: an incumbent worse
     than the optimum by 0.5 (not a bound) and a valid dual bound 0.25 below the optimum."""
