@@ -10,7 +10,10 @@ hidden layers ``0..k-1`` with the already refined bounds (:func:`relax.lp.tighte
 ``integer=True``); then alpha-CROWN recomputes the layers after ``k`` from the refined ones, so
 that layer ``k + 1`` starts with fewer unstable neurons. The gain cascades: on mnistfc 256x6
 prop_13_0.03 the unstable neurons of layers 3-5 go from 84, 256, 256 to 26, 0, 7 once layers
-1-2 are refined.
+1-2 are refined. Within a layer, the neurons are solved in the order a caller's ``priority`` gives
+(branch-and-bound passes the branching score at the root: the neurons whose relaxation costs the
+bound most first), so a deadline cuts the least useful MILPs; the MILPs themselves run without
+cutting planes (:class:`relax.solvers.GurobiBackend` ``bound_focus``).
 
 Soundness: only the solver's dual bound is used (also when a solve stops at its time limit:
 the incumbent is not a bound), widened by :data:`relax.lp.MILP_BOUND_SLACK` and intersected
