@@ -31,14 +31,6 @@ def prepare(model: torch.nn.Module, input_set: InputSet, dtype: torch.dtype | No
     return get_graph(model, tuple(input_set.shape), dtype), input_set
 
 
-def _concretize_box(C: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Bounds of ``C y`` for ``y`` in ``[lo, hi]``: ``C [B, N, K]``, ``lo/hi [B, K]`` -> ``[B, N]``."""
-    m, r = (hi + lo) / 2, (hi - lo) / 2
-    c = torch.einsum("bnk,bk->bn", C, m)
-    d = torch.einsum("bnk,bk->bn", C.abs(), r)
-    return c - d, c + d
-
-
 def bounds(
     model: torch.nn.Module,
     input_set: InputSet,
@@ -121,7 +113,9 @@ def lower_bounds(
         with torch.no_grad():
             lo, hi = input_set.bounds()
             boxes = interval_bounds(graph, lo, hi, known=bound_overrides)
-            return _concretize_box(C, *boxes[graph.output])[0]
+            from .linear import box_row_bounds
+
+            return box_row_bounds(C, *boxes[graph.output])
     from .relu_chain import chain_alpha_crown, chain_crown, chain_of
 
     # ReLU chains (fully connected nets): the same bounds with each input's stable neurons pruned

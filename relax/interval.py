@@ -1,10 +1,13 @@
 """Interval bound propagation (IBP; Gowal et al. 2018, Eq. (6)): each node's box from its
-inputs' boxes with the op's interval rule, batched over the inputs."""
+inputs' boxes with the op's interval rule, batched over the inputs. Every box is widened by the
+round-off bound of its rule (:func:`relax.roundoff.forward_error`), so it encloses the node's
+exact values."""
 from __future__ import annotations
 
 from torch import Tensor
 
 from .graph import BoundGraph
+from .roundoff import forward_error, sum_length
 
 __all__ = ["interval_bounds"]
 
@@ -30,7 +33,11 @@ def interval_bounds(
     """
     out = {graph.input_name: (lo, hi)}
     for n in graph.nodes:
-        l, h = n.op.interval(*[out[i] for i in n.inputs])
+        ins = [out[i] for i in n.inputs]
+        l, h = n.op.interval(*ins)
+        err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))
+        if err is not None:
+            l, h = l - err, h + err
         if known is not None and n.name in known:
             kl, kh = known[n.name]
             l, h = l.maximum(kl), h.minimum(kh)

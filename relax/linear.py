@@ -18,6 +18,12 @@ pre-activation one affine layer from a box input keeps its (exact) IBP box.
 
 Memory: rows are processed in chunks so that no coefficient tensor exceeds ``max_elements``.
 
+**Round-off.** Every bound returned here holds for the exact network on the exact input set: each
+backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.roundoff.backward_weight`,
+from the boxes of the node's inputs), the concretisation adds its own, and the total (times
+:data:`relax.roundoff.SAFETY`) is subtracted from the lower bound; interval boxes are widened the
+same way (:mod:`relax.interval`).
+
 **Branch-and-bound entry point.** :func:`crown` accepts ``bound_overrides = {node: (lo, hi)}``
 (``[B, *shape]``, per batch element = per domain): they are intersected with the computed box
 of that node before its relaxation is built, and the later layers are then bounded within the
@@ -40,6 +46,8 @@ from verify.spec import InputSet, LpBall, dual_norm
 from .graph import BoundGraph
 from .interval import interval_bounds
 from .ops import Relaxation, ReLU
+from .ops.base import sum_rows
+from .roundoff import SAFETY, backward_weight, concretize_error, gamma, max_abs, sum_length
 
 __all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "Rows", "AlphaFn"]
 
@@ -102,6 +110,7 @@ def backward(
     relax: dict[str, Relaxation],
     input_set: InputSet,
     alphas: dict[str, Tensor] | None = None,
+    weights: dict[str, Tensor | None] | None = None,
 ) -> Tensor:
     """Lower bounds ``[S, B]`` of ``A0 . z_start`` over the input set.
 
@@ -110,10 +119,13 @@ def backward(
         A0: ``[S, B, *shape(start)]`` or :class:`Rows`.
         relax: relaxation of every nonlinear ancestor of ``start``.
         alphas: ``{activation node: [S, B, *shape]}`` lower slopes replacing the relaxation's.
+        weights: ``{node: [B, *shape]}`` round-off weights (:func:`node_weights`); the bound
+            is then lowered by its round-off bound (a bound of the exact computation).
     """
     anc = _ancestors(graph, start)
     As: dict[str, Tensor] = {}
     bias = None
+    err = None
     node = graph.by_name[start]
     start_done = False
     if isinstance(A0, Rows):
@@ -123,6 +135,9 @@ def backward(
             (A_in,), bias = got
             As[node.inputs[0]] = A_in
             start_done = True
+            w = None if weights is None else weights.get(start)
+            if w is not None:
+                err = w.reshape(w.shape[0], -1).gather(1, A0.idx.t()).t()
         else:
             As[start] = A0.dense(node.shape, graph.dtype)
     else:
@@ -133,6 +148,10 @@ def backward(
         A = As.pop(n.name, None)
         if A is None:
             continue
+        w = None if weights is None else weights.get(n.name)
+        if w is not None:
+            e = sum_rows(A.detach().abs() * w)
+            err = e if err is None else err + e
         if n.op.nonlinear:
             alpha = None if alphas is None else alphas.get(n.name)
             A_in, b = n.op.backward_relaxed(A, relax[n.name], alpha)
@@ -148,7 +167,35 @@ def backward(
     A_in = As.pop(graph.input_name)
     if bias is None:
         bias = torch.zeros(A_in.shape[:2], dtype=A_in.dtype, device=A_in.device)
-    return concretize(A_in, bias, input_set)
+    low = concretize(A_in, bias, input_set)
+    if weights is None:
+        return low
+    S, B = A_in.shape[:2]
+    lo, hi = input_set.bounds()
+    eps = input_set.eps if isinstance(input_set, LpBall) and not math.isinf(input_set.p) else None
+    e = concretize_error(A_in.detach().abs().reshape(S, B, -1), lo.reshape(B, -1), hi.reshape(B, -1), eps)
+    err = e if err is None else err + e
+    return low - SAFETY * err - torch.finfo(low.dtype).tiny
+
+
+def node_weights(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], weights: dict[str, Tensor | None]) -> None:
+    """Add to ``weights`` the round-off weight (:func:`relax.roundoff.backward_weight`) of every
+    node whose own and input boxes are in ``boxes`` and that has none yet."""
+    for n in graph.nodes:
+        if n.name in weights or n.name not in boxes or any(i not in boxes for i in n.inputs):
+            continue
+        ins = [boxes[i] for i in n.inputs]
+        n_terms = sum_length([b[0].shape[1:] for b in ins], n.shape)
+        weights[n.name] = backward_weight(n.op, ins, n_terms, ins[0][0].dtype)
+
+
+def box_row_bounds(C: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Lower bounds ``[B, N]`` of ``C y`` over ``y`` in ``[lo, hi]`` (``C [B, N, K]``, boxes
+    ``[B, K]``), lowered by the round-off bound of the two sums."""
+    m, r = (hi + lo) / 2, (hi - lo) / 2
+    low = torch.einsum("bnk,bk->bn", C, m) - torch.einsum("bnk,bk->bn", C.abs(), r)
+    err = gamma(C.shape[-1] + 2, C.dtype) * torch.einsum("bnk,bk->bn", C.abs(), max_abs(lo, hi))
+    return low - SAFETY * err - torch.finfo(low.dtype).tiny
 
 
 def _ancestors(graph: BoundGraph, name: str) -> set[str]:
@@ -223,6 +270,7 @@ def bound_node(
     max_elements: int,
     rows: tuple[Tensor, Tensor] | None = None,
     alpha_fn: AlphaFn | None = None,
+    weights: dict[str, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
     :func:`rows_needed` picks (or ``rows``). Returns the intersected box.
@@ -254,7 +302,8 @@ def bound_node(
                 if a is not None:
                     alphas[act] = a
         sub = idx[t0:t1]
-        low = backward(graph, node, Rows(torch.stack([sub, sub]), sign), rel, input_set.select(bsel), alphas)  # [2, c]
+        wsel = None if weights is None else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
+        low = backward(graph, node, Rows(torch.stack([sub, sub]), sign), rel, input_set.select(bsel), alphas, wsel)  # [2, c]
         new_l.append(low[0])
         new_h.append(-low[1])
     nl, nh = torch.cat(new_l), torch.cat(new_h)
@@ -303,6 +352,7 @@ def crown(
     ov = bound_overrides or {}
     relax: dict[str, Relaxation] = {}
     inter: dict[str, tuple[Tensor, Tensor]] = {}
+    weights: dict[str, Tensor | None] = {}
     for p in graph.preactivations():
         if intermediate is not None and p in intermediate:
             l, h = intermediate[p]
@@ -312,11 +362,12 @@ def crown(
             l, h = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)[p]
         else:
             boxes = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)
+            node_weights(graph, boxes, weights)
             l, h = boxes[p]
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
             l, h = bound_node(graph, p, l, h, relax, input_set, max_elements,
-                              rows=None if rows is None else rows.get(p), alpha_fn=alpha_fn)
+                              rows=None if rows is None else rows.get(p), alpha_fn=alpha_fn, weights=weights)
         if p in ov:
             l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
         known[p] = (l, h)
@@ -330,9 +381,8 @@ def crown(
     B, N, K = C.shape
     out = graph.output
     boxes = interval_bounds(graph, lo_in, hi_in, known=known)
-    ol, oh = boxes[out]
-    m, r = (oh + ol) / 2, (oh - ol) / 2
-    ibp_low = torch.einsum("bnk,bk->bn", C, m) - torch.einsum("bnk,bk->bn", C.abs(), r)
+    node_weights(graph, boxes, weights)
+    ibp_low = box_row_bounds(C, *boxes[out])
     At = C.transpose(0, 1)  # [N, B, K]
     step = max(1, min(N, max_elements // max(1, B * _max_width(graph, out))))
     parts = []
@@ -345,6 +395,6 @@ def crown(
                 a = alpha_fn("__out__", act, slice(s0, s1))
                 if a is not None:
                     alphas[act] = a
-        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas))
+        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights))
     low = torch.cat(parts, 0).t()
     return CrownResult(torch.maximum(low, ibp_low), inter, relax)

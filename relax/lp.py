@@ -181,7 +181,7 @@ def initial_bounds(
         used = f"crown (for {method})"
         method = "crown"
     try:
-        got = list(intermediate_bounds(model, inputs, method=method).values())
+        got = list(intermediate_bounds(model, inputs, method=method, dtype=torch.float64).values())
     except Exception as e:  # a bound engine failure must not stop an exact method: fall back
         return ib, f"interval ({method} failed: {type(e).__name__}: {e})"
     if len(got) != len(ib):

@@ -364,6 +364,19 @@ def _join_errors(errors: list[tuple[int, str]]) -> str:
     return "; ".join(f"group{'s' if len(gs) > 1 else ''} {', '.join(map(str, sorted(gs)))}: {m}" for m, gs in by.items())
 
 
+def _encoding_contains(lp: LinearProgram, v: np.ndarray) -> bool:
+    """Whether the encoding's rows and columns admit the point ``v`` (a network evaluation at a
+    point of the input set): if not, some pre-activation bound excludes a point it must
+    contain, and no bound or radius from this encoding may be trusted. The tolerance scales
+    with the terms of each row (float64 evaluation of the point)."""
+    Av = lp.A @ v
+    tol = 1e-9 * (1 + abs(lp.A) @ np.abs(v))
+    if np.any(Av < lp.row_lo - tol) or np.any(Av > lp.row_hi + tol):
+        return False
+    ctol = 1e-9 * (1 + np.abs(v))
+    return not (np.any(v < lp.col_lo - ctol) or np.any(v > lp.col_hi + ctol))
+
+
 def _proved(lower: float, lp_proved: bool, margin: float) -> bool:
     """A group is proved by its LP safe bound (> 1e-9) or a MILP bound ``>= margin``."""
     return bool(lp_proved) or lower >= margin
@@ -507,9 +520,7 @@ def milp_verify(
         x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
         v_start = enc.point(net, x_start)
         # the encoding must contain this point of the input set (else the bounds are invalid)
-        Av = enc.lp.A @ v_start
-        tol = 1e-6 * (1 + np.abs(Av))
-        if np.any(Av < enc.lp.row_lo - tol) or np.any(Av > enc.lp.row_hi + tol):
+        if not _encoding_contains(enc.lp, v_start):
             det["reason"] = "the pre-activation bounds exclude a point of the input set (invalid bounds)"
             det["time_s"] = time.perf_counter() - t0
             outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
@@ -785,6 +796,16 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
         if refine:
             bnds, ref = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
         enc = encode(net, reg, bnds, integer=True) if p == 2.0 else encode(net, reg, bnds, integer=True, distortion=(p, radius))
+        # points of the ball (the centre, the best adversarial example) must satisfy the
+        # encoding, else its pre-activation bounds are invalid and so would be any radius
+        probes = [(c, 0.0)]
+        if best_x is not None:
+            xb = best_x.double().cpu().reshape(-1).numpy()
+            if _lp_norm(xb - c, p) <= radius:
+                probes.append((xb, _lp_norm(xb - c, p)))
+        for xp, dist in probes:
+            if not _encoding_contains(enc.lp, enc.point(net, xp, eps=None if p == 2.0 else dist)):
+                raise SolverError("the pre-activation bounds exclude a point of the input set (invalid bounds)")
         lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
         be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, quadratic=p == 2.0)
         cost = np.zeros(lp.num_cols)

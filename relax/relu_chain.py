@@ -26,7 +26,11 @@ learning-rate decay; best bound per row kept, so never looser than CROWN; early 
 an input's bounds).
 
 Soundness does not depend on the pruning being tight: a neuron is dropped only when its box
-says ``u <= 0``, and the boxes are sound bounds.
+says ``u <= 0``, and the boxes are sound bounds. Round-off is bounded as in :mod:`relax.linear`
+(:mod:`relax.roundoff`): every IBP box is widened by ``gamma_n (|W| M + |b|)``, every backward
+pass accumulates ``gamma_n |A| (|W| M + |b| + |intercept|)`` per layer (``M``: the magnitude
+of the layer's input on its box) and its concretisation's error, and returns its lower bound
+minus ``SAFETY`` times that sum; so the bounds hold for the exact network.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ from .alpha import all_rows_positive
 from .graph import BoundGraph
 from .linear import concretize
 from .ops import ElemAffine, Linear, ReLU, Reshape
+from .roundoff import SAFETY, gamma
 
 __all__ = ["ReluChain", "chain_of", "chain_crown", "chain_alpha_crown"]
 
@@ -56,11 +61,20 @@ class ReluChain:
 
     Ws: list[Tensor]
     bs: list[Tensor]
+    #: round-off bound of the folded first-layer bias ``b + W shift`` ([n_1]), zeros if none
+    fold_err: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.Wp = [F.pad(W, (0, 1, 0, 1)) for W in self.Ws]
         self.bp = [F.pad(b, (0, 1)) for b in self.bs]
         self.absWt = [W.abs().t().contiguous() for W in self.Ws]
+        # |b| per layer (the first also carries the fold's round-off), padded like bp
+        abs_b = [b.abs() for b in self.bs]
+        if self.fold_err is not None:
+            abs_b[0] = abs_b[0] + self.fold_err
+        self.abs_b = abs_b
+        self.abs_bp = [F.pad(b, (0, 1)) for b in abs_b]
+        self.gammas = [gamma(max(W.shape), W.dtype) for W in self.Ws]
 
     @property
     def depth(self) -> int:
@@ -91,6 +105,7 @@ def _extract(graph: BoundGraph) -> ReluChain | None:
     prev = graph.input_name
     Ws: list[Tensor] = []
     bs: list[Tensor] = []
+    fold_err = None
     want_relu = False
     for n in graph.nodes:
         if n.inputs != [prev]:
@@ -115,6 +130,7 @@ def _extract(graph: BoundGraph) -> ReluChain | None:
             W = op.W.to(dt)
             b = torch.zeros(W.shape[0], dtype=dt, device=dev) if op.b is None else op.b.to(dt)
             if not Ws:
+                fold_err = gamma(n0 + 1, dt) * (W.abs() @ shift.abs() + b.abs())
                 W, b = W * scale.unsqueeze(0), b + W @ shift
             Ws.append(W)
             bs.append(b)
@@ -134,7 +150,7 @@ def _extract(graph: BoundGraph) -> ReluChain | None:
         K = Ws[-1].shape[0]
         Ws.append(torch.eye(K, dtype=dt, device=dev))
         bs.append(torch.zeros(K, dtype=dt, device=dev))
-    return ReluChain(Ws, bs)
+    return ReluChain(Ws, bs, fold_err)
 
 
 # ----------------------------------------------------------------------------- per-input layers
@@ -178,6 +194,8 @@ class _Layer:
     icpt: Tensor
     b: Tensor
     W: Tensor
+    #: round-off weight ``gamma_n (|W| M_prev + |b| + |icpt|)`` per alive neuron ``[B, m_k]``
+    err_w: Tensor | None = None
 
 
 def _relax(l: Tensor, u: Tensor, alive: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -192,10 +210,12 @@ def _relax(l: Tensor, u: Tensor, alive: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return unstable, lo, up, icpt
 
 
-def _layer(net: ReluChain, k: int, l: Tensor, u: Tensor, prev: Tensor | None, cache: dict | None = None) -> _Layer:
+def _layer(net: ReluChain, k: int, l: Tensor, u: Tensor, prev: Tensor | None, prev_mag: Tensor,
+           cache: dict | None = None) -> _Layer:
     """Layer ``k`` (1-based) from its box ``l, u [B, n_k]``; ``prev``: alive indices of layer
-    ``k - 1`` (None for k = 1). ``cache``: alive set and gathered weights kept across calls
-    whose boxes only shrink (alpha-CROWN iterations: a dead neuron stays dead)."""
+    ``k - 1`` (None for k = 1); ``prev_mag``: magnitude bound of that layer's output on those
+    indices (of the input for k = 1). ``cache``: alive set and gathered weights kept across
+    calls whose boxes only shrink (alpha-CROWN iterations: a dead neuron stays dead)."""
     hit = None if cache is None else cache.get(("layer", k))
     if hit is None:
         alive = _padded_index(u > 0)
@@ -205,17 +225,28 @@ def _layer(net: ReluChain, k: int, l: Tensor, u: Tensor, prev: Tensor | None, ca
             cache[("layer", k)] = hit
     alive, W, b = hit
     unstable, lo, up, icpt = _relax(l, u, alive)
-    return _Layer(alive, unstable, lo, up, icpt, b, W)
+    with torch.no_grad():
+        terms = torch.bmm(W.abs(), prev_mag.unsqueeze(2)).squeeze(2) + net.abs_bp[k - 1][alive] + icpt.abs()
+        err_w = net.gammas[k - 1] * terms
+    return _Layer(alive, unstable, lo, up, icpt, b, W, err_w)
+
+
+def _out_mag(layer: _Layer, l: Tensor, u: Tensor) -> Tensor:
+    """Magnitude bound of the relu outputs of a layer on its alive indices ``[B, m]``."""
+    return _gather(torch.maximum(l.abs(), u.abs()), layer.alive)
 
 
 def _backward(
     A: Tensor, c: Tensor, layers: list[_Layer], input_set: InputSet, alphas: list[Tensor | None] | None,
-    center: Tensor, rad: Tensor,
+    center: Tensor, rad: Tensor, err0: Tensor | None = None,
 ) -> Tensor:
     """Lower bound ``[B, R]`` of rows with coefficients ``A [B, R, m_j]`` on the alive
-    ``a_j`` of the last of ``layers`` (constant ``c [B, R]``), back to the input."""
+    ``a_j`` of the last of ``layers`` (constant ``c [B, R]``), back to the input, lowered by
+    the round-off bound of the pass (``err0 [B, R]``: round-off already in ``A`` and ``c``)."""
+    err = torch.zeros_like(c) if err0 is None else err0
     for j in range(len(layers) - 1, -1, -1):
         L = layers[j]
+        err = err + torch.bmm(A.detach().abs(), L.err_w.unsqueeze(2)).squeeze(2)
         lo = L.lo.unsqueeze(1)
         a = None if alphas is None else alphas[j]
         if a is not None:
@@ -225,7 +256,11 @@ def _backward(
         A = A * lo + An * (L.up.unsqueeze(1) - lo)
         c = c + torch.bmm(An, L.icpt.unsqueeze(2)).squeeze(2) + torch.bmm(A, L.b.unsqueeze(2)).squeeze(2)
         A = torch.bmm(A, L.W)
-    return _concretize(A, c, input_set, center, rad)
+    mag = center.abs() + rad
+    if isinstance(input_set, LpBall) and not math.isinf(input_set.p):
+        mag = mag + input_set.eps.to(mag.dtype).view(-1, 1)
+    err = err + gamma(A.shape[2], A.dtype) * torch.bmm(A.detach().abs(), mag.unsqueeze(2)).squeeze(2)
+    return _concretize(A, c, input_set, center, rad) - SAFETY * err - torch.finfo(c.dtype).tiny
 
 
 def _concretize(A: Tensor, c: Tensor, input_set: InputSet, center: Tensor, rad: Tensor) -> Tensor:
@@ -236,18 +271,22 @@ def _concretize(A: Tensor, c: Tensor, input_set: InputSet, center: Tensor, rad: 
 
 
 def _ibp_input(net: ReluChain, center: Tensor, rad: Tensor) -> tuple[Tensor, Tensor]:
-    """Box of ``z_1 = W_0 x + b_0`` over the input box ``center +- rad`` (exact)."""
+    """Box of ``z_1 = W_0 x + b_0`` over the input box ``center +- rad`` (exact up to the
+    round-off it is widened by)."""
     m = F.linear(center, net.Ws[0], net.bs[0])
     r = rad @ net.absWt[0]
-    return m - r, m + r
+    w = net.gammas[0] * ((center.abs() + rad) @ net.absWt[0] + net.abs_b[0])
+    return m - r - w, m + r + w
 
 
 def _ibp(net: ReluChain, k: int, l: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """IBP box of ``z_{k+1}`` from the box of ``z_k`` (k >= 1) through relu and layer k."""
+    """IBP box of ``z_{k+1}`` from the box of ``z_k`` (k >= 1) through relu and layer k,
+    widened by its round-off bound."""
     lo, hi = l.clamp(min=0), u.clamp(min=0)
     m = F.linear((hi + lo) / 2, net.Ws[k], net.bs[k])
     r = ((hi - lo) / 2) @ net.absWt[k]
-    return m - r, m + r
+    w = net.gammas[k] * (hi @ net.absWt[k] + net.abs_b[k])
+    return m - r - w, m + r + w
 
 
 def _start_rows(net: ReluChain, k: int, idx: Tensor, layers: list[_Layer], cache: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -317,7 +356,7 @@ def _pass(
         if fixed is not None and plan is None:  # boxes given: only the output rows are bounded
             l, u = fixed[k - 1]
             boxes.append((l, u))
-            layers.append(_layer(net, k, l, u, layers[-1].alive if layers else None, cache))
+            layers.append(_layer(net, k, l, u, *_prev(layers, boxes, center, rad), cache))
             continue
         if k == 1:
             l, u = _ibp_input(net, center, rad)
@@ -335,7 +374,7 @@ def _pass(
             if fixed is not None:
                 l, u = l.maximum(fixed[k - 1][0]), u.minimum(fixed[k - 1][1])
         boxes.append((l, u))
-        layers.append(_layer(net, k, l, u, layers[-1].alive if layers else None, cache))
+        layers.append(_layer(net, k, l, u, *_prev(layers, boxes, center, rad), cache))
     # the output rows
     if layers:
         Lw = net.Wp[-1][:-1]  # [K, n_{L-1} + 1]: zero last column for the pads
@@ -345,15 +384,30 @@ def _pass(
         A = torch.bmm(C, net.Ws[0].expand(B, *net.Ws[0].shape))
         ol, ou = _ibp_input(net, center, rad)
     c = C @ net.bs[-1]
+    # round-off of A = C W_L and c = C b_L: gamma_K |C| (|W_L| M + |b_L|)
+    prev_mag = _out_mag(layers[-1], *boxes[-1]) if layers else center.abs() + rad
+    Wl = net.Wp[-1][:-1][:, layers[-1].alive].permute(1, 0, 2) if layers else net.Ws[0].expand(B, *net.Ws[0].shape)
+    t_out = torch.bmm(Wl.abs(), prev_mag.unsqueeze(2)).squeeze(2) + net.abs_b[-1]
+    err0 = gamma(C.shape[2], C.dtype) * torch.bmm(C.abs(), t_out.unsqueeze(2)).squeeze(2)
     width = max([A.shape[2]] + [L.W.shape[2] for L in layers])
     parts = []
     for sl in _chunks(C.shape[1], B, width, max_elements):
         al = None if alphas is None else [None if a is None else a[:, sl] for a in alphas.get("out", [])] or None
-        parts.append(_backward(A[:, sl], c[:, sl], layers, input_set, al, center, rad))
+        parts.append(_backward(A[:, sl], c[:, sl], layers, input_set, al, center, rad, err0[:, sl]))
     low = torch.cat(parts, 1)
     om, orad = (ou + ol) / 2, (ou - ol) / 2
     ibp_low = torch.bmm(C, om.unsqueeze(2)).squeeze(2) - torch.bmm(C.abs(), orad.unsqueeze(2)).squeeze(2)
+    ibp_err = gamma(C.shape[2], C.dtype) * torch.bmm(C.abs(), torch.maximum(ol.abs(), ou.abs()).unsqueeze(2)).squeeze(2)
+    ibp_low = ibp_low - SAFETY * ibp_err - torch.finfo(C.dtype).tiny
     return ChainResult(torch.maximum(low, ibp_low), boxes, layers)
+
+
+def _prev(layers: list[_Layer], boxes: list[tuple[Tensor, Tensor]], center: Tensor, rad: Tensor) -> tuple[Tensor | None, Tensor]:
+    """Alive indices and output magnitudes of the layer before the next one (the input's
+    magnitude before the first)."""
+    if not layers:
+        return None, center.abs() + rad
+    return layers[-1].alive, _out_mag(layers[-1], *boxes[-2])
 
 
 #: weights (multiply-adds per row) from which a net is bounded one input at a time on the CPU

@@ -168,7 +168,21 @@ def safe_dual_bound(
     size = float(np.abs(row_terms).sum() + np.abs(col_terms).sum() + np.abs(qterms).sum() + abs(offset))
     if not math.isfinite(total):
         return -INF
-    return total - 1e-9 * (1.0 + size)
+    return total - 1e-9 * (1.0 + size) - _reduced_cost_roundoff(lp, c, y)
+
+
+def _reduced_cost_roundoff(lp: LinearProgram, c: np.ndarray, y: np.ndarray) -> float:
+    """Bound on the effect of the float64 round-off of ``r = c - A^T y`` on the dual bound:
+    ``|fl(r_j) - r_j| <= gamma_n (|c_j| + (|A|^T |y|)_j)`` (Higham Eq. (3.5), ``n`` the
+    column's length), times the column's largest bound. ``r_j`` is often the difference of
+    large terms that cancel, so the terms, not ``|r_j|``, set the error (x2 for the other sums)."""
+    A = lp.A.tocsc() if hasattr(lp.A, "tocsc") else sp.csc_matrix(lp.A)
+    n = int(np.diff(A.indptr).max()) + 2 if A.shape[1] else 2
+    g = (n + 2) * 2.0**-53
+    mag = np.maximum(np.abs(lp.col_lo), np.abs(lp.col_hi))
+    mag = np.where(np.isfinite(mag), mag, 0.0)
+    terms = np.abs(np.asarray(c, dtype=np.float64)) + abs(A).T @ np.abs(y)
+    return 2.0 * g / (1 - g) * float(terms @ mag)
 
 
 # ------------------------------------------------------------------------------------------

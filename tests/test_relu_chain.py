@@ -134,7 +134,9 @@ def test_public_api_uses_the_chain_and_early_stop_matches_batch():
     ball = LpBall(x, 0.05, float("inf"))
     lo, hi = bounds(net, ball, method="crown")
     graph, b = prepare(net, ball)
-    assert torch.allclose(lo, crown(graph, b, torch.eye(3).expand(5, 3, 3)).lower, atol=1e-5)
+    # float32: both engines subtract a worst-case round-off allowance, computed per engine
+    # (relax.roundoff), so they agree to that allowance here, not to the round-off itself
+    assert torch.allclose(lo, crown(graph, b, torch.eye(3).expand(5, 3, 3)).lower, atol=1e-3)
     C = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     full = lower_bounds(graph, b, C, "alpha-crown", iterations=10, early_stop=True)
     each = torch.cat([lower_bounds(graph, b.select([i]), C[i : i + 1], "alpha-crown", iterations=10, early_stop=True) for i in range(5)])

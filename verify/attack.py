@@ -103,12 +103,35 @@ def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tens
 
 def confirm_counterexample(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> Tensor:
     """Bool ``[B]``: ``x[b]`` lies in set ``b`` (within ``1e-7`` relative to the largest bound)
-    and a plain forward pass in float64 violates the property (margin ``<= 0``).
+    and the property is violated (margin ``<= 0``) both by a plain forward pass in float64 and
+    by the model in its own dtype run on ``x[b]`` alone -- the check a user makes. (A batched
+    float32 pass can round differently from a single-input one: on a near-tie the two disagree
+    in sign.)
 
     A float32 model is re-run in float64 on a deep copy; ``model`` is not modified.
     """
     inside, margin = _check(_float64_model(model), inputs, spec, x)
-    return inside & (margin <= 0)
+    ok = inside & (margin <= 0)
+    if bool(ok.any()):
+        own = own_dtype_margins(model, spec, x, ok)
+        ok = ok & (own <= 0)
+    return ok
+
+
+def own_dtype_margins(model: torch.nn.Module, spec: LinearSpec, x: Tensor, which: Tensor | None = None) -> Tensor:
+    """Violation margins ``[B]`` (float64; ``<= 0``: violated) of ``x [B, *shape]`` by the model
+    in its own dtype and device, one input per forward pass; entries not in ``which`` are
+    ``+inf``."""
+    dtype = _model_dtype(model) or torch.float32
+    dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), x.device)
+    out = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    s64 = spec.to(dtype=torch.float64)
+    idx = range(x.shape[0]) if which is None else which.nonzero().flatten().tolist()
+    with torch.no_grad():
+        for b in idx:
+            y = _forward(model, x[b : b + 1].detach().to(device=dev, dtype=dtype)).double().cpu()
+            out[b] = s64.select([b]).to(device="cpu").violation_margin(y)[0]
+    return out
 
 
 def confirm_with_onnxruntime(

@@ -288,6 +288,14 @@ class BoundMethod(Method):
 
         lower, proved = self.checked_bounds(model, inputs, spec)
         proved = proved & clean_ok
+        # "falsified" needs the clean input confirmed as a counterexample the way a user checks
+        # it (one input through the model in its dtype, and in float64); a batched pass alone
+        # can flip the sign of a near-tie
+        falsified = ~clean_ok
+        if bool(falsified.any()):
+            from .attack import confirm_counterexample
+
+            falsified = falsified & confirm_counterexample(model, inputs, spec, x0).to(falsified.device)
         asked_eps = inputs.eps if is_ball else None
 
         radius = torch.zeros(B, dtype=torch.float64)
@@ -303,7 +311,7 @@ class BoundMethod(Method):
         certs = []
         for b in range(B):
             lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
-            status = "certified" if proved[b] else ("falsified" if not clean_ok[b] else "unknown")
+            status = "certified" if proved[b] else ("falsified" if falsified[b] else "unknown")
             cex = x0[b].detach().cpu() if status == "falsified" else None
             certs.append(self.make_certificate(
                 status, b, label=lab, prediction=int(pred[b]), norm=norm, eps=float(asked_eps[b]) if is_ball else None,

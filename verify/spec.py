@@ -236,9 +236,16 @@ class LpBall(InputSet):
         return x
 
     def bounds(self) -> tuple[Tensor, Tensor]:
-        # every l_p ball with p >= 1 lies inside the l_inf ball of the same radius
+        """The enclosing box, rounded outward: every l_p ball with p >= 1 lies inside the l_inf
+        ball of the same radius, and ``center -/+ eps`` rounded to nearest can lie inside the
+        exact ``center -/+ eps`` (for ``eps`` below half a float step of the centre the box
+        would collapse onto the centre); one step outward encloses the exact value."""
         e = self._eps_view()
-        return self._clip(self.center - e), self._clip(self.center + e)
+        lo, hi = self.center - e, self.center + e
+        moved = e > 0
+        lo = torch.where(moved, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
+        hi = torch.where(moved, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
+        return self._clip(lo), self._clip(hi)
 
     def midpoint(self) -> Tensor:
         return self.center

@@ -147,10 +147,15 @@ def b_batchnorm(ctx):
         raise ctx.fail("BatchNorm without running statistics")
     x = _single_var(ctx)
     shape = ctx.in_shapes[x]
-    scale = (m.weight.detach() if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
-    shift = (m.bias.detach() if m.affine else torch.zeros_like(m.running_mean)) - m.running_mean * scale
+    # folded in the graph's dtype from the exact parameters (folding in float32 and casting
+    # the result would bake float32 round-off into a float64 graph)
+    var, mean = m.running_var.detach().to(ctx.dtype), m.running_mean.detach().to(ctx.dtype)
+    weight = m.weight.detach().to(ctx.dtype) if m.affine else torch.ones_like(var)
+    bias = m.bias.detach().to(ctx.dtype) if m.affine else torch.zeros_like(mean)
+    scale = weight / torch.sqrt(var + m.eps)
+    shift = bias - mean * scale
     view = (-1,) + (1,) * (len(shape) - 1)
-    return ElemAffine(scale.to(ctx.dtype).view(view), shift.to(ctx.dtype).view(view), shape), [x]
+    return ElemAffine(scale.view(view), shift.view(view), shape), [x]
 
 
 def _const_per_example(ctx, c, shape) -> torch.Tensor:

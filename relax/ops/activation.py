@@ -37,6 +37,7 @@ __all__ = ["ReLU", "Sigmoid", "Tanh"]
 
 class ReLU(Activation):
     kind = "relu"
+    exact_forward = True
     optimisable = True
 
     def forward(self, x):

@@ -35,6 +35,10 @@ class Op:
 
     nonlinear = False
     kind = "op"
+    #: the interval rule only compares or moves values (no rounding: see :mod:`relax.roundoff`)
+    exact_forward = False
+    #: the backward rule only rearranges coefficients (no sums)
+    moves_only = False
 
     def forward(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError

@@ -14,6 +14,8 @@ class Reshape(Op):
     """Per-example ``in_shape -> out_shape`` (same element order)."""
 
     kind = "reshape"
+    exact_forward = True
+    moves_only = True
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
@@ -33,6 +35,8 @@ class Permute(Op):
     """Per-example permutation ``perm`` of the non-batch dims."""
 
     kind = "permute"
+    exact_forward = True
+    moves_only = True
 
     def __init__(self, perm: list[int]):
         self.perm = list(perm)

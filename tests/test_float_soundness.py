@@ -1,0 +1,130 @@
+"""Soundness under floating point: the cases of issue 17 that gave false answers.
+
+Each test builds a network whose exact (real-arithmetic) behaviour is known in closed form and
+checks that no method certifies a ball that holds a float64-confirmed counterexample, and that
+"falsified" needs a counterexample that a single-input forward pass confirms.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from verify.registry import get_method
+from verify.spec import LpBall, Robust
+
+BOUND_METHODS = ["interval", "crown", "deeppoly", "alpha-crown", "lp", "milp", "sdp"]
+
+
+def _linear_net(W, b) -> torch.fx.GraphModule:
+    lin = nn.Linear(len(W[0]), len(W))
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(W, dtype=torch.float32))
+        lin.bias.copy_(torch.tensor(b, dtype=torch.float32))
+    gm = torch.fx.symbolic_trace(nn.Sequential(lin).eval())
+    gm.input_shape = (len(W[0]),)
+    return gm
+
+
+def test_input_box_is_rounded_outward():
+    """eps below half a float32 step of the centre: the box must not collapse onto it."""
+    c = torch.tensor([[0.5, 0.3, 1e6]])
+    ball = LpBall(c, 1e-8, math.inf)
+    lo, hi = ball.bounds()
+    exact_lo = c.double() - 1e-8
+    exact_hi = c.double() + 1e-8
+    assert (lo.double() <= exact_lo).all() and (hi.double() >= exact_hi).all()
+    # zero radius stays the point itself
+    lo0, hi0 = LpBall(c, 0.0, math.inf).bounds()
+    assert torch.equal(lo0, c) and torch.equal(hi0, c)
+
+
+@pytest.mark.parametrize("method", BOUND_METHODS)
+def test_tiny_ball_around_a_steep_margin_is_not_certified(method):
+    """``y0 = 1e6 (x0 - x1) + 0.01``, ``y1 = 0`` at (0.5, 0.5), l_inf eps 1e-8: the point
+    (0.5 - 1e-8, 0.5 + 1e-8) has margin -0.01 (the old float32 box collapsed onto the centre
+    and every bound method certified)."""
+    gm = _linear_net([[1e6, -1e6], [0.0, 0.0]], [0.01, 0.0])
+    ball = LpBall(torch.tensor([[0.5, 0.5]]), 1e-8, math.inf, 0.0, 1.0)
+    x_bad = torch.tensor([[0.5 - 1e-8, 0.5 + 1e-8]], dtype=torch.float64)
+    with torch.no_grad():
+        y = torch.nn.functional.linear(x_bad, gm.get_submodule('0').weight.double(), gm.get_submodule('0').bias.double())
+    assert float(y[0, 0] - y[0, 1]) < 0  # the witness: exact arithmetic on the float32 weights
+    cert = get_method(method).certify(gm, ball, Robust(torch.tensor([0])))[0]
+    assert cert.status != "certified"
+
+
+def test_milp_radius_is_below_the_exact_one_on_a_steep_net():
+    """Exact l_inf minimum distortion of ``1e6 (x0 - x1) + 0.01 > 0`` at (0.5, 0.5) is
+    ``0.01 / 2e6 = 5e-9``; no certified radius may exceed it."""
+    gm = _linear_net([[1e6, -1e6], [0.0, 0.0]], [0.01, 0.0])
+    w = gm.get_submodule('0').weight.detach().double()
+    exact = float(gm.get_submodule('0').bias.detach().double()[0]) / float(w[0].abs().sum())
+    ball = LpBall(torch.tensor([[0.5, 0.5]]), 0.0, math.inf, 0.0, 1.0)
+    for method in ("milp", "crown", "lp"):
+        cert = get_method(method).certify(gm, ball, Robust(torch.tensor([0])), find_radius=True, max_radius=1e-3)[0]
+        assert cert.radius <= exact * (1 + 1e-6), f"{method}: radius {cert.radius} > exact {exact}"
+
+
+MEAN = 0.789  # a running mean whose float32 fold errs by +0.8 on the margin (fold - exact)
+
+
+def _bn_net(bias: float) -> nn.Module:
+    """x -> BN(x) on one feature; running variance tiny, so the folded scale is ~3.2e7: the
+    fold ``shift = bias - mean * scale`` cancels terms of ~2.5e7, and a float32 fold moves the
+    margin near the mean by +0.8."""
+    lin = nn.Linear(1, 2)
+    bn = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        lin.bias.zero_()
+        bn.running_mean.copy_(torch.tensor([MEAN, 0.0]))
+        bn.running_var.copy_(torch.tensor([1e-10, 1.0]))
+        bn.weight.copy_(torch.tensor([1e5, 0.0]))
+        bn.bias.copy_(torch.tensor([bias, 0.0]))
+    return nn.Sequential(lin, bn).eval()
+
+
+def _bn_exact_margin(net: nn.Module, x: float) -> float:
+    """``y0 - y1`` at ``x`` in exact arithmetic on the float32 parameters (float64 suffices:
+    the error is ~1e-16 relative to terms of 3e7)."""
+    bn = net[1]
+    s = float(bn.weight[0].double()) / math.sqrt(float(bn.running_var[0].double()) + bn.eps)
+    return (x - float(bn.running_mean[0].double())) * s + float(bn.bias[0].double())
+
+
+def test_batchnorm_is_folded_in_the_graph_dtype():
+    """``crown`` on a float32 model with BatchNorm, ``dtype="float64"`` and the default: folding
+    in float32 (then casting) made the bound 0.8 too optimistic; the ball holds an exact
+    counterexample."""
+    centre = torch.tensor([[MEAN + 1e-7]], dtype=torch.float32)
+    eps = 1e-9
+    x_bad = float(centre.double()) - eps
+    net0 = _bn_net(0.0)
+    bias = torch.tensor(-_bn_exact_margin(net0, x_bad) - 0.01, dtype=torch.float32).item()
+    net = _bn_net(bias)
+    assert _bn_exact_margin(net, x_bad) < 0 < _bn_exact_margin(net, float(centre.double()))
+    gm = torch.fx.symbolic_trace(net)
+    gm.input_shape = (1,)
+    ball = LpBall(centre, eps, math.inf)
+    for dt in ("float64", None):
+        cert = get_method("crown", dtype=dt).certify(gm, ball, Robust(torch.tensor([0])))[0]
+        assert cert.status != "certified", f"crown dtype={dt} certified a ball with a counterexample"
+
+
+def test_falsified_needs_a_confirmed_counterexample():
+    """``y0 = 3 x``, ``y1 = 1`` at x = fl32(1/3): float32 gives y0 == y1 (margin 0, violated)
+    but the exact margin is +3e-8 > 0: the clean input is not a counterexample."""
+    gm = _linear_net([[3.0], [0.0]], [0.0, 1.0])
+    x = torch.tensor([[1.0 / 3.0]], dtype=torch.float32)
+    with torch.no_grad():
+        y32 = gm(x)
+    exact = 3 * float(x.double()) - 1
+    assert exact > 0
+    if float(y32[0, 0] - y32[0, 1]) > 0:
+        pytest.skip("this platform's float32 matmul does not round 3 * fl32(1/3) to 1")
+    for method in ("interval", "crown", "lp"):
+        cert = get_method(method).certify(gm, LpBall(x, 0.0, math.inf), Robust(torch.tensor([0])))[0]
+        assert cert.status != "falsified", f"{method} returned the clean input as a counterexample"
