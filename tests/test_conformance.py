@@ -178,3 +178,49 @@ def test_runs_on_given_device(name):
     dev = torch.device("cpu")
     certs = get_method(name, **_options(name)).certify(gm.to(dev), ball.to(device=dev), prop)
     assert len(certs) == 2
+
+
+def _fuzz_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_soundness.py"
+    spec = importlib.util.spec_from_file_location("fuzz_soundness", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_soundness"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def large_weight_cases():
+    """ReLU MLPs with weights of scale 1e3 (outputs ~1e9), centres near a decision tie and on a
+    corner, each with a float64-confirmed counterexample (exact MILP minimum distortion)."""
+    fz = _fuzz_module()
+    out = []
+    for kind, seed in (("tie", 5), ("random", 6)):
+        gm, shape = fz.make_net("mlp", 1e3, seed)
+        x0 = fz.make_centre(kind, gm, shape, seed + 7)
+        with torch.no_grad():
+            prop = Robust(gm(x0).argmax(1))
+        w = fz.find_witness(gm, "mlp", x0, prop, math.inf)
+        assert w.x is not None and w.dist > 0, "no counterexample found: the case cannot catch anything"
+        out.append((fz, gm, x0, prop, w))
+    return out
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if list_methods()[m].guarantee == "deterministic"])
+def test_sound_at_weight_scale_1e3_and_float32_resolution(name, large_weight_cases):
+    """No method certifies a ball that holds the counterexample (radius 1.001x its distance),
+    and radii near float32 resolution (1e-9) are answered without a false verdict."""
+    cls = list_methods()[name]
+    if "linf" not in cls.norms:
+        pytest.skip(f"{name} certifies no l_inf ball")
+    for fz, gm, x0, prop, w in large_weight_cases:
+        for eps in (1e-9, w.dist * (1 + 1e-3)):
+            ball = LpBall(x0, eps, math.inf, 0.0, 1.0)
+            opts = {k: v for k, v in fz.FAST_OPTIONS.get(name, {}).items() if k in cls.option_names()}
+            cert = get_method(name, **opts).certify(gm, ball, prop)[0]
+            verdict = fz.judge(cert.status, cert.counterexample, ball, gm, prop, w, eps)
+            assert verdict == "ok", f"{name}: {verdict} at eps {eps:g} (counterexample at distance {w.dist:g})"
