@@ -19,8 +19,10 @@ u_k)`` (``[B, n_k]``, k = 1..L-1) and, in ReLU branch-and-bound, its own split s
   jointly with the alphas. The split neurons themselves are stable under the clamped bounds
   (``l = 0`` or ``u = 0``), so the bound also uses the "override" form of the split.
 
-All bounds are computed in the dtype of the network (float64 by default): sound up to
-round-off far below the float-safety margin of :mod:`verify.registry`.
+All bounds are computed in the dtype of the network (float64 by default) and hold for the exact
+network: the backward pass accumulates the round-off bound of its sums (``gamma_n`` times the
+sum of the absolute values of their terms, :mod:`relax.roundoff`) and subtracts it, and the
+forward linear bounds carry an error bound per affine function that widens their boxes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .adam import ProjectedAdam
+from .roundoff import SAFETY, gamma
 
 __all__ = ["ReluNet", "NotReluNetError", "BestIterate", "backward_bound", "intermediate_bounds", "forward_bounds", "refined_bounds", "optimize_bound", "Bounds"]
 
@@ -164,7 +167,13 @@ def backward_bound(
     A = C
     c = torch.zeros(B, C.shape[1], dtype=lo.dtype) if d is None else d
     lambdas: list[Tensor | None] = [None] * (L - 1)
+    err = torch.zeros(B, C.shape[1], dtype=lo.dtype)
+    m_in = torch.maximum(lo.abs(), hi.abs())
     for k in range(upto - 1, 0, -1):
+        # round-off of A b_k and A W_k: gamma_n |A| (|W_k| M_k + |b_k|), M_k bounding |a_k|
+        l_k, u_k = pre[k - 1]
+        m_k = torch.maximum(l_k.abs(), u_k.abs())
+        err = err + _roundoff(A, m_k @ net.Ws[k].abs().T + net.bs[k].abs(), max(net.Ws[k].shape))
         c = c + A @ net.bs[k]
         A = A @ net.Ws[k]  # coefficient on a_k: [B, N, n_k]
         if keep_lambdas:
@@ -175,15 +184,26 @@ def backward_bound(
         else:
             s_lo = s_lo.unsqueeze(1)
         An = A.clamp(max=0)
+        err = err + _roundoff(An, icpt.abs() + m_k, icpt.shape[-1])
         c = c + (An @ icpt.unsqueeze(-1)).squeeze(-1)
         A = A * torch.where(A < 0, s_up.unsqueeze(1), s_lo)
         if betas is not None and betas[k - 1] is not None:
             A = A - betas[k - 1] * splits[k - 1].unsqueeze(1).to(A.dtype)
+    err = err + _roundoff(A, m_in @ net.Ws[0].abs().T + net.bs[0].abs(), max(net.Ws[0].shape))
     c = c + A @ net.bs[0]
     A = A @ net.Ws[0]  # [B, N, n_0]
+    err = err + _roundoff(A, m_in, A.shape[-1])
     center, rad = (lo + hi) / 2, (hi - lo) / 2
     lower = c + (A @ center.unsqueeze(-1)).squeeze(-1) - (A.abs() @ rad.unsqueeze(-1)).squeeze(-1)
+    lower = lower - SAFETY * err - torch.finfo(lower.dtype).tiny
     return lower, {"A_in": A, "lambdas": lambdas}
+
+
+def _roundoff(A: Tensor, terms: Tensor, n: int) -> Tensor:
+    """``gamma_n |A| . terms``: ``A [B or 1, N, m]``, ``terms [B, m]`` -> ``[B, N]`` (no
+    gradient: the round-off bound is a constant of the optimisation)."""
+    with torch.no_grad():
+        return gamma(n, A.dtype) * (A.detach().abs() @ terms.unsqueeze(-1)).squeeze(-1)
 
 
 def _clamp_split(l: Tensor, u: Tensor, s: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -243,15 +263,42 @@ def _forward_init(net: ReluNet, B: int) -> Tensor:
     return torch.cat([F, F], 1).unsqueeze(0).expand(B, -1, -1)
 
 
-def _forward_concretize(F: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """``l, u [B, n]``: the packed affine bounds ``F [B, n_0 + 1, 2 n]`` minimised / maximised over the boxes."""
+def _forward_concretize(F: Tensor, lo: Tensor, hi: Tensor, E: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``l, u [B, n]``: the packed affine bounds ``F [B, n_0 + 1, 2 n]`` minimised / maximised
+    over the boxes, widened by the round-off of the sums and by ``E [B, 2 n]`` (the error bound
+    of each computed affine function, :func:`_forward_error`)."""
     n = F.shape[2] // 2
     ones = torch.ones_like(lo[:, :1])
     center = torch.cat([(lo + hi) / 2, ones], 1).unsqueeze(1)  # [B, 1, n_0 + 1]
     rad = torch.cat([(hi - lo) / 2, 0 * ones], 1).unsqueeze(1)
     mid = (center @ F).squeeze(1)
     spread = (rad @ F.abs()).squeeze(1)
-    return mid[:, :n] - spread[:, :n], mid[:, n:] + spread[:, n:]
+    w = gamma(F.shape[1], F.dtype) * (_input_mag(lo, hi) @ F.abs()).squeeze(1)
+    if E is not None:
+        w = w + E
+    w = SAFETY * w
+    return mid[:, :n] - spread[:, :n] - w[:, :n], mid[:, n:] + spread[:, n:] + w[:, n:]
+
+
+def _input_mag(lo: Tensor, hi: Tensor) -> Tensor:
+    """``[B, 1, n_0 + 1]``: ``max(|lo|, |hi|)`` and 1 for the constant row."""
+    return torch.cat([torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo[:, :1])], 1).unsqueeze(1)
+
+
+def _forward_error(net: ReluNet, k: int, l: Tensor, u: Tensor, F: Tensor, E: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Error bound ``[B, 2 n_{k+1}]`` of the affine functions :func:`_forward_step` computes from
+    ``F`` (whose own error bound is ``E [B, 2 n_k]``): the inherited error through the
+    (non-negative) slopes and ``|W|``, plus ``gamma_n`` times the magnitude of the summed terms."""
+    _, s_lo, s_up, icpt = _relax(l, u)
+    slopes = torch.cat([s_lo, s_up], 1)
+    absW = net.Ws[k].abs().T  # [n_k, n_{k+1}]
+    mag = (_input_mag(lo, hi) @ F.abs()).squeeze(1) * slopes  # |relaxed term| per column
+    mag[:, l.shape[1]:] += icpt.abs()
+    inherited = E * slopes
+    g = gamma(2 * absW.shape[0] + 1, F.dtype)
+    n = l.shape[1]
+    out_lo = (inherited[:, :n] + inherited[:, n:]) @ absW + g * ((mag[:, :n] + mag[:, n:]) @ absW + net.bs[k].abs())
+    return torch.cat([out_lo, out_lo], 1)
 
 
 def _forward_step(net: ReluNet, k: int, l: Tensor, u: Tensor, F: Tensor, relaxed: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
@@ -285,14 +332,16 @@ def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
     """
     F = _forward_init(net, lo.shape[0])
+    ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype)  # error bound of each affine function
     pre: Bounds = []
     for k in range(1, len(net.Ws)):
-        l, u = _forward_concretize(F, lo, hi)
+        l, u = _forward_concretize(F, lo, hi, ferr)
         if prior is not None:
             l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
         pre.append((l, u))
         if k == len(net.Ws) - 1:
             break
+        ferr = _forward_error(net, k, l, u, F, ferr, lo, hi)
         F = _forward_step(net, k, l, u, F)
     return pre
 
@@ -311,10 +360,11 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
     """
     F = _forward_init(net, lo.shape[0])
+    ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype)  # error bound of each affine function
     pre: Bounds = []
     rel: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # _relax of each finished layer
     for k in range(1, len(net.Ws)):
-        l, u = _forward_concretize(F, lo, hi)
+        l, u = _forward_concretize(F, lo, hi, ferr)
         if prior is not None:
             l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
         s = splits[k - 1] if splits is not None else None
@@ -337,6 +387,7 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         if k == len(net.Ws) - 1:
             break
         rel.append(_relax(l, u))
+        ferr = _forward_error(net, k, l, u, F, ferr, lo, hi)
         F = _forward_step(net, k, l, u, F, rel[-1])
     return pre
 
