@@ -77,6 +77,15 @@ class ReluNet:
         return self.Ws[0].dtype
 
     @property
+    def abs_WT(self) -> list[Tensor]:
+        """``|W_k|^T`` per layer (cached; for the round-off bounds)."""
+        cache = self.__dict__.get("_abs_WT")
+        if cache is None or cache[0] is not self.Ws[0]:
+            cache = (self.Ws[0], [W.abs().T.contiguous() for W in self.Ws])
+            self.__dict__["_abs_WT"] = cache
+        return cache[1]
+
+    @property
     def n_in(self) -> int:
         return self.Ws[0].shape[1]
 
@@ -173,7 +182,7 @@ def backward_bound(
         # round-off of A b_k and A W_k: gamma_n |A| (|W_k| M_k + |b_k|), M_k bounding |a_k|
         l_k, u_k = pre[k - 1]
         m_k = torch.maximum(l_k.abs(), u_k.abs())
-        err = err + _roundoff(A, m_k @ net.Ws[k].abs().T + net.bs[k].abs(), max(net.Ws[k].shape))
+        err = err + _roundoff(A, m_k @ net.abs_WT[k] + net.bs[k].abs(), max(net.Ws[k].shape))
         c = c + A @ net.bs[k]
         A = A @ net.Ws[k]  # coefficient on a_k: [B, N, n_k]
         if keep_lambdas:
@@ -189,7 +198,7 @@ def backward_bound(
         A = A * torch.where(A < 0, s_up.unsqueeze(1), s_lo)
         if betas is not None and betas[k - 1] is not None:
             A = A - betas[k - 1] * splits[k - 1].unsqueeze(1).to(A.dtype)
-    err = err + _roundoff(A, m_in @ net.Ws[0].abs().T + net.bs[0].abs(), max(net.Ws[0].shape))
+    err = err + _roundoff(A, m_in @ net.abs_WT[0] + net.bs[0].abs(), max(net.Ws[0].shape))
     c = c + A @ net.bs[0]
     A = A @ net.Ws[0]  # [B, N, n_0]
     err = err + _roundoff(A, m_in, A.shape[-1])
@@ -263,39 +272,39 @@ def _forward_init(net: ReluNet, B: int) -> Tensor:
     return torch.cat([F, F], 1).unsqueeze(0).expand(B, -1, -1)
 
 
-def _forward_concretize(F: Tensor, lo: Tensor, hi: Tensor, E: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _forward_concretize(F: Tensor, lo: Tensor, hi: Tensor, E: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``l, u [B, n]``: the packed affine bounds ``F [B, n_0 + 1, 2 n]`` minimised / maximised
     over the boxes, widened by the round-off of the sums and by ``E [B, 2 n]`` (the error bound
-    of each computed affine function, :func:`_forward_error`)."""
+    of each computed affine function, :func:`_forward_error`); and ``mag [B, 2 n]``, the sum
+    of the absolute values of each function's terms on the box."""
     n = F.shape[2] // 2
     ones = torch.ones_like(lo[:, :1])
     center = torch.cat([(lo + hi) / 2, ones], 1).unsqueeze(1)  # [B, 1, n_0 + 1]
     rad = torch.cat([(hi - lo) / 2, 0 * ones], 1).unsqueeze(1)
+    Fa = F.abs()
     mid = (center @ F).squeeze(1)
-    spread = (rad @ F.abs()).squeeze(1)
-    w = gamma(F.shape[1], F.dtype) * (_input_mag(lo, hi) @ F.abs()).squeeze(1)
+    spread = (rad @ Fa).squeeze(1)
+    mag = (center.abs() @ Fa).squeeze(1) + spread  # (|center| + rad, 1) . |F|
+    w = gamma(F.shape[1], F.dtype) * mag
     if E is not None:
         w = w + E
     w = SAFETY * w
-    return mid[:, :n] - spread[:, :n] - w[:, :n], mid[:, n:] + spread[:, n:] + w[:, n:]
+    return mid[:, :n] - spread[:, :n] - w[:, :n], mid[:, n:] + spread[:, n:] + w[:, n:], mag
 
 
-def _input_mag(lo: Tensor, hi: Tensor) -> Tensor:
-    """``[B, 1, n_0 + 1]``: ``max(|lo|, |hi|)`` and 1 for the constant row."""
-    return torch.cat([torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo[:, :1])], 1).unsqueeze(1)
-
-
-def _forward_error(net: ReluNet, k: int, l: Tensor, u: Tensor, F: Tensor, E: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def _forward_error(net: ReluNet, k: int, l: Tensor, u: Tensor, mag: Tensor, E: Tensor,
+                   relaxed: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Error bound ``[B, 2 n_{k+1}]`` of the affine functions :func:`_forward_step` computes from
-    ``F`` (whose own error bound is ``E [B, 2 n_k]``): the inherited error through the
-    (non-negative) slopes and ``|W|``, plus ``gamma_n`` times the magnitude of the summed terms."""
-    _, s_lo, s_up, icpt = _relax(l, u)
+    ``F`` (term magnitudes ``mag [B, 2 n_k]`` from :func:`_forward_concretize`, error bound
+    ``E [B, 2 n_k]``): the inherited error through the (non-negative) slopes and ``|W|``, plus
+    ``gamma_n`` times the magnitude of the summed terms."""
+    _, s_lo, s_up, icpt = _relax(l, u) if relaxed is None else relaxed
     slopes = torch.cat([s_lo, s_up], 1)
-    absW = net.Ws[k].abs().T  # [n_k, n_{k+1}]
-    mag = (_input_mag(lo, hi) @ F.abs()).squeeze(1) * slopes  # |relaxed term| per column
+    absW = net.abs_WT[k]  # [n_k, n_{k+1}]
+    mag = mag * slopes  # |relaxed term| per column
     mag[:, l.shape[1]:] += icpt.abs()
     inherited = E * slopes
-    g = gamma(2 * absW.shape[0] + 1, F.dtype)
+    g = gamma(2 * absW.shape[0] + 1, mag.dtype)
     n = l.shape[1]
     out_lo = (inherited[:, :n] + inherited[:, n:]) @ absW + g * ((mag[:, :n] + mag[:, n:]) @ absW + net.bs[k].abs())
     return torch.cat([out_lo, out_lo], 1)
@@ -335,13 +344,13 @@ def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
     ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype)  # error bound of each affine function
     pre: Bounds = []
     for k in range(1, len(net.Ws)):
-        l, u = _forward_concretize(F, lo, hi, ferr)
+        l, u, mag = _forward_concretize(F, lo, hi, ferr)
         if prior is not None:
             l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
         pre.append((l, u))
         if k == len(net.Ws) - 1:
             break
-        ferr = _forward_error(net, k, l, u, F, ferr, lo, hi)
+        ferr = _forward_error(net, k, l, u, mag, ferr)
         F = _forward_step(net, k, l, u, F)
     return pre
 
@@ -364,7 +373,7 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
     pre: Bounds = []
     rel: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # _relax of each finished layer
     for k in range(1, len(net.Ws)):
-        l, u = _forward_concretize(F, lo, hi, ferr)
+        l, u, mag = _forward_concretize(F, lo, hi, ferr)
         if prior is not None:
             l, u = torch.maximum(l, prior[k - 1][0]), torch.minimum(u, prior[k - 1][1])
         s = splits[k - 1] if splits is not None else None
@@ -387,7 +396,7 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         if k == len(net.Ws) - 1:
             break
         rel.append(_relax(l, u))
-        ferr = _forward_error(net, k, l, u, F, ferr, lo, hi)
+        ferr = _forward_error(net, k, l, u, mag, ferr, rel[-1])
         F = _forward_step(net, k, l, u, F, rel[-1])
     return pre
 

@@ -128,3 +128,31 @@ def test_falsified_needs_a_confirmed_counterexample():
     for method in ("interval", "crown", "lp"):
         cert = get_method(method).certify(gm, LpBall(x, 0.0, math.inf), Robust(torch.tensor([0])))[0]
         assert cert.status != "falsified", f"{method} returned the clean input as a counterexample"
+
+
+def _absorbing_net() -> torch.fx.GraphModule:
+    """``y0 = relu(1e8 - x) - relu(1e8 - 8)``, ``y1 = 7.8``: in float32 ``1e8 - x`` rounds to
+    ``1e8`` for ``0 <= x < 4`` (the float32 model computes margin +0.2 everywhere); the exact
+    margin is ``0.2 - x``."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[-1.0], [0.0]]))
+        net[0].bias.copy_(torch.tensor([1e8, 1e8 - 8]))
+        net[2].weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+        net[2].bias.copy_(torch.tensor([0.0, 7.8]))
+    gm = torch.fx.symbolic_trace(net.eval())
+    gm.input_shape = (1,)
+    return gm
+
+
+@pytest.mark.parametrize("method", ["interval", "crown", "deeppoly", "alpha-crown", "lp", "milp"])
+def test_round_off_of_large_terms_does_not_certify(method):
+    """Round-off that scales with the terms (1e8), not with the bound (0.2): the ball
+    [0, 0.35] around 0.1 holds x = 0.3 with exact margin -0.1 (float32 IBP gave [0.2, 0.2])."""
+    gm = _absorbing_net()
+    x_bad = 0.3
+    exact = (1e8 - x_bad) - (1e8 - 8) - float(torch.tensor(7.8, dtype=torch.float32).double())
+    assert exact < 0
+    ball = LpBall(torch.tensor([[0.1]]), 0.25, math.inf, 0.0, 1.0)
+    cert = get_method(method).certify(gm, ball, Robust(torch.tensor([0])))[0]
+    assert cert.status != "certified"

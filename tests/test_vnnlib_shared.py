@@ -1,7 +1,10 @@
-"""Parse every VNN-LIB file of ../shared/benchmarks/vnncomp and every instance list.
+"""Parse every VNN-LIB file and instance list of the benchmark folders named in
+``EXPECTED_INSTANCES`` under ../shared/benchmarks/vnncomp.
 
 Skips without ../shared (see ``tests/conftest.py``). The total parse time is printed
-(``pytest -s``) and bounded.
+(``pytest -s``) and bounded. The 2022-2024 sets added later (nn4sys with up to 120,000
+disjuncts per file, YOLO, ViT, ...) are the subject of their own issue and tests; listing a
+folder here opts it in.
 """
 from __future__ import annotations
 
@@ -32,6 +35,12 @@ EXPECTED_INSTANCES = {
 }
 
 
+def _known(root: Path, path: Path) -> bool:
+    """``path`` lies in one of the benchmark folders of :data:`EXPECTED_INSTANCES`."""
+    parts = path.relative_to(root).parts
+    return len(parts) > 2 and parts[1] in EXPECTED_INSTANCES
+
+
 @pytest.fixture(scope="module")
 def vnncomp(shared_dir: Path) -> Path:
     d = shared_dir / "benchmarks" / "vnncomp"
@@ -42,7 +51,7 @@ def vnncomp(shared_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def parsed(vnncomp: Path) -> dict[Path, list]:
-    files = sorted(p for p in vnncomp.rglob("*") if p.name.endswith((".vnnlib", ".vnnlib.gz")))
+    files = sorted(p for p in vnncomp.rglob("*") if p.name.endswith((".vnnlib", ".vnnlib.gz")) and _known(vnncomp, p))
     t0 = time.perf_counter()
     out = {f: parse_vnnlib(f) for f in files}
     dt = time.perf_counter() - t0
@@ -103,7 +112,7 @@ def _io_sizes(onnx_path: str) -> tuple[int, int]:
 
 
 def test_instance_lists_match_files_and_networks(vnncomp, parsed):
-    lists = sorted(vnncomp.rglob("*instances.csv"))
+    lists = sorted(p for p in vnncomp.rglob("*instances.csv") if _known(vnncomp, p))
     assert len(lists) == len(EXPECTED_INSTANCES)
     sizes: dict[str, tuple[int, int]] = {}
     by_path = {str(k): v for k, v in parsed.items()}
