@@ -40,6 +40,10 @@ __all__ = [
     "VNNCOMP_ATOL",
     "VNNCOMP_RTOL",
     "InstanceResult",
+    "Runner",
+    "onnx_runner",
+    "torch_runner",
+    "Confirmation",
     "project_into_box",
     "confirm",
     "decide",
@@ -219,8 +223,6 @@ def decide(
             (None: no budget). Box ``i`` of ``n`` gets ``(deadline - now) / (n - i)``.
         t0: start time of the instance (loading included) for ``time_s``.
     """
-    from .api import certify
-
     t0 = time.perf_counter() if t0 is None else t0
     shape = tuple(getattr(net, "input_shape", None) or (props[0].num_inputs,))
     answers: list[str] = []
@@ -235,19 +237,15 @@ def decide(
                 res.certificates.append(_not_started(method, i))
                 continue
             share = left / (len(props) - i)
-        c = certify(net, p.box(shape), p.spec, method, timeout=share, device=device, **(options or {}))[0]
+        c, ok = _run_box(net, p, shape, runner, method, share, device, options)
         c.index = i
         res.certificates.append(c)
         res.per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
         stages.append(str(c.details.get("stage", "")))
-        if c.status == "falsified" and c.counterexample is not None:
-            ok = confirm(runner, c.counterexample, p.input_lo, p.input_hi, p.spec)
-            if ok.ok:
-                c.counterexample = ok.x.reshape(shape).tolist()
-                c.details["confirmed_by"] = runner.kind
-                res.result, res.x, res.y, res.stage = "sat", ok.x.tolist(), ok.y.tolist(), stages[-1]
-                break
-            _unconfirmed(c, ok.why)
+        if ok is not None:
+            res.result, res.x, res.y, res.stage = "sat", ok.x.tolist(), ok.y.tolist(), stages[-1]
+            break
+        if "unconfirmed_counterexample" in c.details:
             res.per_box[-1]["note"] = c.details["note"]
         answers.append(_box_answer(c.status, c.details.get("reason")))
     else:
@@ -256,6 +254,27 @@ def decide(
     for c in res.certificates:
         c.details["vnncomp_result"] = "sat" if c.status == "falsified" else _box_answer(c.status, c.details.get("reason"))
     return res
+
+
+def _run_box(net: torch.nn.Module, p: Any, shape: tuple[int, ...], runner: Runner, method: str, timeout: float | None,
+             device: str, options: dict | None) -> tuple[Any, Confirmation | None]:
+    """Run the method on one box; a counterexample it reports is projected and confirmed.
+    Returns the certificate and, for a confirmed counterexample, the :class:`Confirmation`."""
+    from .api import certify
+
+    c = certify(net, p.box(shape), p.spec, method, timeout=timeout, device=device, **(options or {}))[0]
+    if c.status != "falsified":
+        return c, None
+    if c.counterexample is None:
+        _unconfirmed(c, "the method gave no point")
+        return c, None
+    ok = confirm(runner, c.counterexample, p.input_lo, p.input_hi, p.spec)
+    if not ok.ok:
+        _unconfirmed(c, ok.why)
+        return c, None
+    c.counterexample = ok.x.reshape(shape).tolist()
+    c.details["confirmed_by"] = runner.kind
+    return c, ok
 
 
 def _unconfirmed(c: Any, why: str) -> None:

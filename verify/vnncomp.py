@@ -29,7 +29,6 @@ import csv
 import os
 import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
