@@ -239,3 +239,21 @@ def test_run_instance_sh_accepts_relative_paths(ulp_instance, tmp_path):
                        cwd=onnx_path.parent, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     _check_sat_file((onnx_path.parent / "res" / "out.txt").read_text(), onnx_path)
+
+
+def test_run_spec_with_a_torch_model_confirms_in_its_dtype(ulp_instance, tmp_path, capsys):
+    """Without an ONNX file the point is projected into the box in the model's float32 and
+    confirmed by a single-input forward pass; the result file has X and Y."""
+    _, spec = ulp_instance
+    net = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        net.bias.zero_()
+    pt = tmp_path / "id.pt"
+    torch.save(net, pt)
+    rf = tmp_path / "r.txt"
+    code = cli_main(["run", "--model", str(pt), "--spec", str(spec), "--method", "bab", "--timeout", "20",
+                     "--result-file", str(rf), "--out", ""])
+    assert code == 0 and "result: sat" in capsys.readouterr().out
+    word, vals = _parse_result(rf.read_text())
+    assert word == "sat" and ULP_BOX[0] <= vals["X_0"] <= ULP_BOX[1] and vals["Y_0"] == vals["X_0"] == 1000.0
