@@ -204,6 +204,7 @@ def test_vnncomp_writes_counterexamples_and_exits_nonzero_on_errors(ulp_instance
     code = cli_main(["vnncomp", str(bench), "--out", str(tmp_path / "r2.csv"), "--quiet"])
     cap = capsys.readouterr()
     assert code == 1 and "errors 1" in cap.out and "missing.onnx" in cap.err
+    assert "r2_counterexamples" in cap.out and (tmp_path / "r2_counterexamples").is_dir()
 
 
 def test_vnncomp_exit_zero_without_errors(ulp_instance, tmp_path):

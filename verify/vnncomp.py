@@ -267,6 +267,8 @@ def run_vnncomp_command(args: argparse.Namespace) -> int:
     s = summarize_rows(rows)
     print(format_summary(s))
     print(f"results: {args.out}")
+    if any(r.get("counterexample") for r in rows):
+        print(f"counterexamples (VNN-COMP result files): {counterexample_dir(args.out)}")
     for r in rows:
         if r["result"] == "error":
             print(f"certify: error in {r['onnx']},{r['vnnlib']}: {r['detail']}", file=sys.stderr)
