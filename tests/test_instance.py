@@ -151,7 +151,7 @@ def test_disjuncts_share_one_time_budget(ulp_instance, tmp_path, monkeypatch, ca
     elapsed = time.perf_counter() - t0
     assert len(calls) == 2 and all(t is not None and t < budget for t in calls)
     assert calls[0] <= budget / 2 and sum(calls) <= budget
-    assert elapsed < budget + 0.5
+    assert elapsed < budget + 1.5  # the old run --spec slept 2 x budget
 
 
 def test_spent_budget_leaves_later_boxes_unstarted(ulp_instance, tmp_path, monkeypatch):

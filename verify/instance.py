@@ -325,7 +325,9 @@ def run_instance(
         vnnlib: path to the VNN-LIB file (``.gz`` read transparently) or its text.
         method: the registered method run on each box (``bab`` for the competition).
         options: keyword options of the method.
-        threads: torch intra-op threads (None: leave as is).
+        threads: torch intra-op threads (None: leave as is). One is best for the competition:
+            the bounded tensors are small, and on a busy machine two threads were measured 15x
+            slower.
         raise_errors: let a load / parse / method error propagate (the CLI reports it) instead
             of returning ``error``.
     """

@@ -12,8 +12,8 @@ nothing done; ``--resume`` skips the instances already in the CSV) and prints a 
 counts of verified / falsified / unknown / errors, total and median time. After a ``sat``
 the instance's result file (``sat`` + counterexample, VNN-COMP form) is written into the
 folder ``<out stem>_counterexamples`` next to the CSV; the row's ``counterexample`` column
-names it (relative to the CSV's folder). The command exits 1 when a row errored. With a claims CSV
-(``--claims``, the format of ``vnncomp2021_instance_claims.csv``) every answer is compared
+names it (relative to the CSV's folder). The command exits 1 when a row errored. With a
+claims CSV (``--claims``, the format of ``vnncomp2021_instance_claims.csv``) every answer is compared
 with the published majority; an ``unsat`` where the majority says ``sat`` (or the reverse) is
 flagged as a possible wrong answer.
 
