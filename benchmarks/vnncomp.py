@@ -57,7 +57,7 @@ def main() -> int:
     s = summarize_rows(rows)
     print(format_summary(s))
     print(f"results: {out}")
-    return 1 if s["flagged"] else 0
+    return 1 if s["flagged"] or s["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -195,17 +195,26 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vnncomp_answer(status: str) -> str:
-    return {"certified": "unsat", "falsified": "sat", "error": "error"}.get(status, "unknown")
+def _run_spec(args: argparse.Namespace, model: Any, opts: dict[str, Any]) -> list:
+    """``run --spec``: the instance driver shared with ``certify vnncomp`` and run_instance.sh
+    (:func:`verify.instance.run_instance`): one time budget for the whole file, counterexamples
+    projected into the box and confirmed by onnxruntime (ONNX models) or a single-input forward
+    pass. Prints one line per input box and the answer; ``--result-file`` gets the VNN-COMP
+    result file (after ``sat`` the counterexample with X and Y)."""
+    from .instance import run_instance, write_result_file
 
-
-def _input_shape(net: Any, model_path: Any, n: int) -> tuple[int, ...]:
-    shape = getattr(net, "input_shape", None)
-    if shape is not None:
-        if math.prod(shape) != n:
-            raise CLIError(f"the VNN-LIB file has {n} inputs but the model's input shape {tuple(shape)} has {math.prod(shape)}")
-        return tuple(shape)
-    return (n,)
+    if not Path(args.spec).is_file() and not Path(args.spec + ".gz").is_file():
+        raise CLIError(f"spec file not found: {args.spec}")
+    res = run_instance(model, args.spec, args.timeout, method=args.method, options=opts, threads=None,
+                       device=args.device, raise_errors=True)
+    for c in res.certificates:
+        c.details["vnnlib"] = Path(args.spec).name
+        print(f"property {c.index}: {c.details['vnncomp_result']} ({c.status}) in {c.time_s:.3f} s")
+    print(f"result: {res.result}")
+    if args.result_file:
+        write_result_file(args.result_file, res)
+        print(f"wrote {args.result_file}")
+    return res.certificates
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -224,6 +233,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--spec cannot be combined with --eps/--data")
     if args.eps is not None and args.data is None:
         raise CLIError("--eps needs --data (e.g. --data digits)")
+    if args.result_file and args.spec is None:
+        raise CLIError("--result-file is for --spec runs")
     if args.spec is not None and args.radius:
         raise CLIError("--radius searches l_p radii around data points; it does not apply to --spec")
     _check_eps(args.eps)
@@ -234,25 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     table = CertificateTable()
     if args.spec is not None:
-        from .model import load_model
-        from .vnnlib import parse_vnnlib
-
-        if not Path(args.spec).is_file() and not Path(args.spec + ".gz").is_file():
-            raise CLIError(f"spec file not found: {args.spec}")
-        props = parse_vnnlib(args.spec)
-        net = load_model(model, device=args.device)
-        for i, prop in enumerate(props):
-            shape = _input_shape(net, model, prop.num_inputs)
-            t = certify(net, prop.box(shape), prop.spec, args.method, timeout=args.timeout, device=args.device, **opts)
-            for c in t:
-                c.index = i
-                c.details["vnnlib"] = Path(args.spec).name
-                c.details["vnncomp_result"] = _vnncomp_answer(c.status)
-                print(f"property {i}: {_vnncomp_answer(c.status)} ({c.status}) in {c.time_s:.3f} s")
-            table.extend(t)
-        answers = [c.details["vnncomp_result"] for c in table]
-        overall = "sat" if "sat" in answers else "unsat" if answers and all(a == "unsat" for a in answers) else ("error" if "error" in answers else "unknown")
-        print(f"result: {overall}")
+        table.extend(_run_spec(args, model, opts))
     else:
         from tqdm import tqdm
 
@@ -380,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="first N inputs only")
     s.add_argument("--method", required=True, help="a registered method (see: certify methods)")
     s.add_argument("--option", action="append", metavar="K=V", help="a method option (repeatable)")
-    s.add_argument("--timeout", type=float, help="seconds per batch")
+    s.add_argument("--timeout", type=float, help="seconds per batch (with --spec: for the whole file, loading included)")
+    s.add_argument("--result-file", help="with --spec: write the VNN-COMP result file (the answer; after sat the counterexample, X and Y)")
     s.add_argument("--radius", action="store_true", help="also search the largest certified radius")
     s.add_argument("--max-radius", type=float, help="upper end of the radius search")
     s.add_argument("--batch-size", type=int, help="inputs per call (default: all at once)")

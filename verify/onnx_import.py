@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 
-__all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime"]
+__all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
 
 _F64 = torch.float64  # construction precision; load_model casts to the requested dtype
 
@@ -100,21 +100,52 @@ def input_shape_of(model: onnx.ModelProto) -> tuple[int, ...]:
     return tuple(per)
 
 
-def run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
-    """onnxruntime outputs for inputs ``x [n, *input_shape]``, one example at a time -> ``[n, K]``."""
-    import onnxruntime as ort
+class OnnxRuntimeModel:
+    """The ONNX file run by onnxruntime on the CPU with one thread, one example at a time and in
+    the file's own input dtype: the way the VNN-COMP organisers check a counterexample. The one
+    place in the package that runs onnxruntime (model conversion checks, counterexample checks).
 
-    model = read_onnx(path)
-    vi = _graph_input(model)
-    dims = _dims(vi)
-    feed = [d if isinstance(d, int) and d > 0 else 1 for d in dims] if len(dims) >= 2 else dims
-    np_dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # no warnings about initializers listed as inputs (opset 8 files)
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out = [sess.run(None, {vi.name: xi.reshape(feed).astype(np_dtype)})[0].reshape(-1) for xi in x]
-    return np.stack(out).astype(np.float64)
+    Attributes:
+        input_dtype: numpy dtype of the graph input (what every ``x`` is cast to).
+        feed_shape: the shape one example is fed with (symbolic / zero dims become 1).
+    """
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        from .vnnlib import resolve_maybe_gz
+
+        model = read_onnx(resolve_maybe_gz(path))
+        vi = _graph_input(model)
+        dims = _dims(vi)
+        self.name = vi.name
+        self.feed_shape = [d if isinstance(d, int) and d > 0 else 1 for d in dims] if len(dims) >= 2 else dims
+        self.input_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # no warnings about initializers listed as inputs (opset 8 files)
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    @property
+    def num_inputs(self) -> int | None:
+        """Elements of one example (None if the file leaves a dim of a rank-1 input open)."""
+        return math.prod(self.feed_shape) if all(isinstance(d, int) and d > 0 for d in self.feed_shape) else None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Outputs for inputs ``x [n, *input_shape]`` (or ``[n, numel]``) -> float64 ``[n, K]``."""
+        x = np.asarray(x)
+        n = self.num_inputs
+        if n is not None and x.size != x.shape[0] * n:
+            raise ValueError(f"the ONNX input has {n} elements per example, got {x.size // max(1, x.shape[0])}")
+        feed = self.feed_shape
+        out = [self.session.run(None, {self.name: xi.reshape(feed).astype(self.input_dtype)})[0].reshape(-1) for xi in x]
+        return np.stack(out).astype(np.float64)
+
+
+def run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
+    """onnxruntime outputs for inputs ``x [n, *input_shape]``, one example at a time -> ``[n, K]``
+    (see :class:`OnnxRuntimeModel`)."""
+    return OnnxRuntimeModel(path)(x)
 
 
 def import_onnx(path: Path) -> fx.GraphModule:

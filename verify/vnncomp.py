@@ -1,17 +1,19 @@
 """VNN-COMP runner: one instance (the competition's ``run_instance.sh`` interface) or a whole
 benchmark folder (``certify vnncomp``).
 
-One instance = an ONNX network and a VNN-LIB file with a timeout. The file may hold several
-input boxes (disjuncts): the answer is ``sat`` as soon as one box has a counterexample that
-onnxruntime confirms, ``unsat`` only when every box is proved, otherwise ``timeout`` (the time
-ran out) or ``unknown``. The result file holds that word on its first line and, after
-``sat``, the counterexample ``((X_0 v) ... (Y_0 v) ...)`` with X flattened row-major and Y
-the onnxruntime output on that X.
+One instance = an ONNX network and a VNN-LIB file with a timeout, decided by
+:func:`verify.instance.run_instance` (the driver ``certify run --spec`` uses too: one time
+budget per instance, counterexamples projected into the box and confirmed by onnxruntime).
+The result file holds the answer on its first line and, after ``sat``, the counterexample
+``((X_0 v) ... (Y_0 v) ...)`` with X flattened row-major and Y the onnxruntime output on X.
 
 A benchmark run appends one CSV row per instance as soon as it is decided (a killed run loses
 nothing done; ``--resume`` skips the instances already in the CSV) and prints a summary:
-counts of verified / falsified / unknown / errors, total and median time. With a claims CSV
-(``--claims``, the format of ``vnncomp2021_instance_claims.csv``) every answer is compared
+counts of verified / falsified / unknown / errors, total and median time. After a ``sat``
+the instance's result file (``sat`` + counterexample, VNN-COMP form) is written into the
+folder ``<out stem>_counterexamples`` next to the CSV; the row's ``counterexample`` column
+names it (relative to the CSV's folder). The command exits 1 when a row errored. With a
+claims CSV (``--claims``, the format of ``vnncomp2021_instance_claims.csv``) every answer is compared
 with the published majority; an ``unsat`` where the majority says ``sat`` (or the reverse) is
 flagged as a possible wrong answer.
 
@@ -24,16 +26,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import sys
-import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .instance import InstanceResult, run_instance, write_result_file
+
 __all__ = [
+    "CSV_COLUMNS",
     "InstanceResult",
     "run_instance",
     "write_result_file",
@@ -46,131 +48,7 @@ __all__ = [
 ]
 
 #: columns of the results CSV, in order
-CSV_COLUMNS = ["benchmark", "onnx", "vnnlib", "result", "time_s", "timeout_s", "stage", "claim", "flag", "detail"]
-
-
-@dataclass
-class InstanceResult:
-    """``result`` is ``sat`` / ``unsat`` / ``timeout`` / ``unknown`` / ``error``; ``x``, ``y``
-    (lists of floats) hold the confirmed counterexample with ``sat``."""
-
-    result: str
-    time_s: float
-    x: list[float] | None = None
-    y: list[float] | None = None
-    stage: str = ""
-    detail: str = ""
-    per_box: list[dict] = field(default_factory=list)
-
-
-def _ort_session(onnx_path: str):
-    import onnxruntime as ort
-
-    from .vnnlib import open_maybe_gz
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(open_maybe_gz(onnx_path, text=False), opts, providers=["CPUExecutionProvider"])
-
-
-def _ort_output(sess, x) -> "list[float] | None":
-    """onnxruntime output (flattened float64 list) on the single input ``x``, cast to the
-    graph's input dtype; None if the model takes another number of inputs."""
-    import numpy as np
-
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
-    np_dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}.get(inp.type, np.float32)
-    xa = np.asarray(x, dtype=np.float64).reshape(-1)
-    if xa.size != math.prod(shape):
-        return None
-    y = sess.run(None, {inp.name: xa.astype(np_dtype).reshape(shape)})[0]
-    return [float(v) for v in np.asarray(y, dtype=np.float64).reshape(-1)]
-
-
-def _onnx_confirms(sess, x: list[float], lo, hi, spec_linear) -> tuple[bool, list[float] | None]:
-    """Is ``x`` inside the box (1e-4 absolute, the competition tolerance is looser) and does
-    onnxruntime's output violate the property (margin <= 0)? Returns (ok, y)."""
-    import torch
-
-    xt = torch.tensor(x, dtype=torch.float64)
-    if bool(((xt < lo.double() - 1e-6) | (xt > hi.double() + 1e-6)).any()):
-        return False, None
-    y = _ort_output(sess, x)
-    if y is None:
-        return False, None
-    ls = spec_linear.linear(1, len(y), dtype=torch.float64)
-    margin = float(ls.violation_margin(torch.tensor([y], dtype=torch.float64))[0])
-    return margin <= 0, y
-
-
-def run_instance(onnx_path: str, vnnlib_path: str, timeout: float, *, options: dict | None = None, threads: int | None = 1) -> InstanceResult:
-    """Decide one VNN-COMP instance within ``timeout`` seconds (loading included).
-
-    Args:
-        options: keyword options of the ``bab`` method (see ``certify methods``).
-        threads: torch intra-op threads (None: leave as is). One is best here: the bounded
-            tensors are small, and on a busy machine two threads were measured 15x slower.
-    """
-    import numpy as np
-    import torch
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    from .api import certify
-    from .model import load_model
-    from .vnnlib import parse_vnnlib
-
-    t0 = time.perf_counter()
-    deadline = t0 + timeout
-    try:
-        net = load_model(onnx_path)
-        props = parse_vnnlib(vnnlib_path)
-        sess = _ort_session(onnx_path)
-    except Exception as e:  # a file we cannot read is an error, never a guess
-        return InstanceResult("error", time.perf_counter() - t0, detail=f"{type(e).__name__}: {e}"[:300])
-    shape = tuple(net.input_shape) if getattr(net, "input_shape", None) else (props[0].num_inputs,)
-    answers, stages, per_box = [], [], []
-    for i, p in enumerate(props):
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            answers.append("timeout")
-            continue
-        # later boxes get an even share of what is left (a box that finishes early donates)
-        share = left / (len(props) - i)
-        c = certify(net, p.box(shape), p.spec, "bab", timeout=share, **(options or {}))[0]
-        per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
-        stages.append(str(c.details.get("stage", "")))
-        if c.status == "falsified":
-            x = np.asarray(c.counterexample, dtype=np.float64).reshape(-1)
-            x32 = x.astype(np.float32).astype(np.float64)  # what the float32 checker will see
-            for cand in (x32, x):
-                ok, y = _onnx_confirms(sess, cand.tolist(), p.input_lo, p.input_hi, p.spec)
-                if ok:
-                    return InstanceResult("sat", time.perf_counter() - t0, cand.tolist(), y, stage=stages[-1], per_box=per_box)
-            answers.append("unknown")  # our forward pass and onnxruntime disagree: no claim
-            per_box[-1]["note"] = "counterexample not confirmed by onnxruntime"
-        elif c.status == "certified":
-            answers.append("unsat")
-        else:
-            answers.append("timeout" if c.details.get("reason") == "timeout" else "unknown")
-    elapsed = time.perf_counter() - t0
-    if answers and all(a == "unsat" for a in answers):
-        return InstanceResult("unsat", elapsed, stage=",".join(sorted(set(stages))), per_box=per_box)
-    res = "timeout" if "timeout" in answers else "unknown"
-    return InstanceResult(res, elapsed, stage=",".join(sorted(set(stages))), per_box=per_box)
-
-
-def write_result_file(path: str | os.PathLike, res: InstanceResult) -> None:
-    """The competition result file: the answer word, then the counterexample after ``sat``."""
-    from .vnnlib import format_counterexample
-
-    text = res.result + "\n"
-    if res.result == "sat":
-        text += format_counterexample(res.x, res.y)
-    Path(path).write_text(text)
+CSV_COLUMNS = ["benchmark", "onnx", "vnnlib", "result", "time_s", "timeout_s", "stage", "claim", "flag", "detail", "counterexample"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,6 +94,28 @@ def _done_keys(out_csv: Path) -> set[tuple[str, str]]:
         return set()
     with open(out_csv, newline="") as f:
         return {_key(r["onnx"], r["vnnlib"]) for r in csv.DictReader(f) if r.get("result")}
+
+
+def _header(out_csv: Path) -> list[str]:
+    """The column names of an existing results CSV (an older file may lack some)."""
+    with open(out_csv, newline="") as f:
+        return next(csv.reader(f), None) or CSV_COLUMNS
+
+
+def counterexample_dir(out_csv: str | os.PathLike) -> Path:
+    """Where :func:`run_benchmark` writes the result files of ``sat`` instances."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(out_csv.stem + "_counterexamples")
+
+
+def _save_counterexample(out_csv: Path, onnx: str, vnnlib: str, res: InstanceResult) -> str:
+    """Write a ``sat`` instance's result file; its path relative to the CSV's folder, or ''."""
+    if res.result != "sat":
+        return ""
+    strip = lambda s: Path(s).name.removesuffix(".gz").rsplit(".", 1)[0]  # noqa: E731
+    path = counterexample_dir(out_csv) / f"{strip(onnx)}__{strip(vnnlib)}.counterexample"
+    write_result_file(path, res)
+    return str(path.relative_to(out_csv.parent))
 
 
 def _flag(result: str, claim: str) -> str:
@@ -270,8 +170,9 @@ def run_benchmark(
         raise FileExistsError(f"{out} exists: pass --resume to continue it, or choose another --out")
     written = []
     out.parent.mkdir(parents=True, exist_ok=True)
+    columns = CSV_COLUMNS if new_file else _header(out)
     with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", restval="")
         if new_file:
             w.writeheader()
             f.flush()
@@ -293,6 +194,7 @@ def run_benchmark(
                 "claim": claim,
                 "flag": _flag(res.result, claim),
                 "detail": res.detail,
+                "counterexample": _save_counterexample(out, onnx, vnnlib, res),
             }
             w.writerow(row)
             f.flush()
@@ -351,8 +253,8 @@ def add_vnncomp_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_vnncomp_command(args: argparse.Namespace) -> int:
-    """Run the ``vnncomp`` sub-command; prints the summary; returns the exit code (1 when an
-    answer disagrees with the published majority)."""
+    """Run the ``vnncomp`` sub-command; prints the summary; returns the exit code: 1 when a
+    row errored or an answer disagrees with the published majority, else 0."""
     if args.timeout_scale <= 0:
         print(f"error: --timeout-scale must be > 0, got {args.timeout_scale:g}", file=sys.stderr)
         return 2
@@ -365,7 +267,12 @@ def run_vnncomp_command(args: argparse.Namespace) -> int:
     s = summarize_rows(rows)
     print(format_summary(s))
     print(f"results: {args.out}")
-    return 1 if s["flagged"] else 0
+    if any(r.get("counterexample") for r in rows):
+        print(f"counterexamples (VNN-COMP result files): {counterexample_dir(args.out)}")
+    for r in rows:
+        if r["result"] == "error":
+            print(f"certify: error in {r['onnx']},{r['vnnlib']}: {r['detail']}", file=sys.stderr)
+    return 1 if s["flagged"] or s["errors"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

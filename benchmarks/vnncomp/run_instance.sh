@@ -12,6 +12,9 @@ if [ "$VERSION" != "v1" ]; then
     echo "expected version v1, got $VERSION" >&2
     exit 2
 fi
+# relative paths are relative to the caller's folder: make them absolute before the cd below
+abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$PWD/$1" ;; esac; }
+ONNX=$(abspath "$ONNX"); VNNLIB=$(abspath "$VNNLIB"); RESULT=$(abspath "$RESULT")
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${CERTIFY_PYTHON:-$REPO/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3

@@ -1,0 +1,260 @@
+"""The one instance driver (verify/instance.py) behind `certify run --spec`, `certify vnncomp`
+and run_instance.sh: one time budget per instance, counterexamples projected into the box in
+the model's dtype and confirmed by onnxruntime, VNN-COMP result files from every path,
+relative paths in run_instance.sh, a non-zero exit when a row errored. Tiny ONNX files are
+written here with onnx.helper."""
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from verify.certificate import Certificate, CertificateTable
+from verify.cli import main as cli_main
+from verify.instance import VNNCOMP_ATOL, project_into_box, run_instance
+from verify.vnncomp import run_benchmark
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _onnx_identity(path: Path) -> Path:
+    """``y = (x0, 0)`` for one float32 input ``[1, 1]``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    W = np.array([[1.0, 0.0]], dtype=np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "id",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(W, "W")],
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def _spec(boxes: list[tuple[float, float]], out_atom: str) -> str:
+    """VNN-LIB over X_0 (one disjunct per box) and Y_0, Y_1."""
+    txt = "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+    if len(boxes) == 1:
+        txt += f"(assert (>= X_0 {boxes[0][0]}))\n(assert (<= X_0 {boxes[0][1]}))\n"
+    else:
+        txt += "(assert (or " + " ".join(f"(and (>= X_0 {lo}) (<= X_0 {hi}))" for lo, hi in boxes) + "))\n"
+    return txt + f"(assert {out_atom})\n"
+
+
+# The float32 box [999.9999, 1000.00004] holds the float32 values 999.99994 and 1000.0; the
+# upper bound rounds to nearest to 1000.000061, 2.1e-5 outside (within VNN-COMP's 1e-4, far
+# beyond the old 1e-6 check). Only x = 1000.0 violates (Y_0 >= 999.99997) in the box.
+ULP_BOX = (999.9999, 1000.00004)
+ULP_ATOM = "(>= Y_0 999.99997)"
+
+
+@pytest.fixture()
+def ulp_instance(tmp_path: Path) -> tuple[Path, Path]:
+    onnx_path = _onnx_identity(tmp_path / "id.onnx")
+    spec = tmp_path / "ulp.vnnlib"
+    spec.write_text(_spec([ULP_BOX], ULP_ATOM))
+    return onnx_path, spec
+
+
+def _parse_result(text: str) -> tuple[str, dict[str, float]]:
+    vals = {m.group(1): float(m.group(2)) for m in re.finditer(r"\((X_\d+|Y_\d+)\s+([-+0-9.eE]+)\)", text)}
+    return text.splitlines()[0].strip(), vals
+
+
+def _check_sat_file(text: str, onnx_path: Path) -> None:
+    """The file is a VNN-COMP sat answer that onnxruntime confirms exactly, X inside the box."""
+    import onnxruntime as ort
+
+    word, vals = _parse_result(text)
+    assert word == "sat" and set(vals) == {"X_0", "Y_0", "Y_1"}
+    assert text.startswith("sat\n((X_0 ") and "\n (Y_0 " in text
+    x = vals["X_0"]
+    assert ULP_BOX[0] <= x <= ULP_BOX[1]
+    y = ort.InferenceSession(str(onnx_path)).run(None, {"X": np.array([[x]], dtype=np.float32)})[0].reshape(-1)
+    assert y[0] == vals["Y_0"] and y[0] >= 999.99997
+
+
+# ---------------------------------------------------------------------------------------- projection
+
+
+def test_project_into_box_clamps_in_the_final_dtype():
+    # float32(0.1) = 0.100000001 > 0.1: clamping in float64 first, then casting, leaves the box
+    x = project_into_box([0.1, -0.1, 0.05], [0.0, -0.1, 0.0], [0.1, 0.0, 0.1], np.float32)
+    assert x.dtype == np.float32
+    assert float(x[0]) <= 0.1 and float(x[1]) >= -0.1 and float(x[2]) == float(np.float32(0.05))
+    assert float(x[0]) == float(np.nextafter(np.float32(0.1), np.float32(0)))
+    # a box thinner than one float32 step: the nearest value, within the competition's tolerance
+    t = project_into_box([5.0], [1000.00001], [1000.00002], np.float32)
+    assert abs(float(t[0]) - 1000.00001) <= VNNCOMP_ATOL
+    # float64 models: nothing to round
+    assert project_into_box([0.1], [0.0], [0.1], np.float64)[0] == 0.1
+
+
+def test_counterexample_one_ulp_outside_is_projected_and_sat(ulp_instance):
+    """The issue's case: bab's float32 counterexample lies just outside the box; the old
+    vnncomp check (1e-6) answered unknown, the driver projects it and answers sat."""
+    onnx_path, spec = ulp_instance
+    r = run_instance(str(onnx_path), str(spec), 20)
+    assert r.result == "sat", r.per_box
+    assert ULP_BOX[0] <= r.x[0] <= ULP_BOX[1] and r.x[0] == 1000.0 and r.y == [1000.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------- time budget
+
+
+def _stub_certify(calls: list, status: str = "unknown", counterexample=None):
+    """A ``certify`` that records the timeout it gets and uses all of it."""
+
+    def certify(net, inputs, prop, method, *, timeout=None, **kw):
+        calls.append(timeout)
+        time.sleep(timeout or 0.0)
+        c = Certificate(method=str(method), guarantee="deterministic", status=status, norm="box",
+                        counterexample=counterexample, time_s=timeout or 0.0,
+                        details={"reason": "timeout" if status == "unknown" else "counterexample"})
+        t = CertificateTable()
+        t.extend([c])
+        return t
+
+    return certify
+
+
+@pytest.mark.parametrize("path", ["run --spec", "vnncomp"])
+def test_disjuncts_share_one_time_budget(ulp_instance, tmp_path, monkeypatch, capsys, path):
+    onnx_path, _ = ulp_instance
+    spec = tmp_path / "two.vnnlib"
+    spec.write_text(_spec([(0.0, 1.0), (2.0, 3.0)], "(>= Y_0 10000.0)"))
+    calls: list = []
+    monkeypatch.setattr("verify.api.certify", _stub_certify(calls))
+    budget = 1.0
+    t0 = time.perf_counter()
+    if path == "run --spec":
+        code = cli_main(["run", "--model", str(onnx_path), "--spec", str(spec), "--method", "interval",
+                         "--timeout", str(budget), "--out", ""])
+        assert code == 0 and "result: timeout" in capsys.readouterr().out
+    else:
+        assert run_instance(str(onnx_path), str(spec), budget).result == "timeout"
+    elapsed = time.perf_counter() - t0
+    assert len(calls) == 2 and all(t is not None and t < budget for t in calls)
+    assert calls[0] <= budget / 2 and sum(calls) <= budget
+    assert elapsed < budget + 1.5  # the old run --spec slept 2 x budget
+
+
+def test_spent_budget_leaves_later_boxes_unstarted(ulp_instance, tmp_path, monkeypatch):
+    onnx_path, _ = ulp_instance
+    spec = tmp_path / "two.vnnlib"
+    spec.write_text(_spec([(0.0, 1.0), (2.0, 3.0)], "(>= Y_0 10000.0)"))
+    calls: list = []
+    stub = _stub_certify(calls)
+    monkeypatch.setattr("verify.api.certify", lambda *a, timeout=None, **k: stub(*a, timeout=2 * timeout, **k))
+    r = run_instance(str(onnx_path), str(spec), 0.5)
+    assert r.result == "timeout" and len(calls) == 1
+    assert [c.details["vnncomp_result"] for c in r.certificates] == ["timeout", "timeout"]
+
+
+def test_unconfirmed_counterexample_is_no_claim(ulp_instance, monkeypatch, capsys):
+    """A method's 'falsified' whose point onnxruntime does not confirm is unknown on every
+    path (the old `run --spec` trusted the method's torch check)."""
+    onnx_path, spec = ulp_instance
+    monkeypatch.setattr("verify.api.certify", _stub_certify([], "falsified", counterexample=[[999.9999]]))
+    assert cli_main(["run", "--model", str(onnx_path), "--spec", str(spec), "--method", "interval", "--out", ""]) == 0
+    out = capsys.readouterr().out
+    assert "result: unknown" in out and "result: sat" not in out
+    assert run_instance(str(onnx_path), str(spec), 5).result == "unknown"
+
+
+# ---------------------------------------------------------------------------------------- result files
+
+
+def test_run_spec_writes_the_vnncomp_result_file(ulp_instance, tmp_path, capsys):
+    onnx_path, spec = ulp_instance
+    rf = tmp_path / "out" / "result.txt"
+    code = cli_main(["run", "--model", str(onnx_path), "--spec", str(spec), "--method", "bab", "--timeout", "20",
+                     "--result-file", str(rf), "--out", str(tmp_path / "r.json")])
+    assert code == 0 and "result: sat" in capsys.readouterr().out
+    _check_sat_file(rf.read_text(), onnx_path)
+
+
+def test_vnncomp_writes_counterexamples_and_exits_nonzero_on_errors(ulp_instance, tmp_path, capsys):
+    onnx_path, spec = ulp_instance
+    bench = onnx_path.parent
+    (bench / "instances.csv").write_text("id.onnx,ulp.vnnlib,20\nmissing.onnx,ulp.vnnlib,20\n")
+    out = tmp_path / "res" / "r.csv"
+    rows = run_benchmark(bench, out=out, progress=False)
+    assert [r["result"] for r in rows] == ["sat", "error"]
+    with open(out, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert got[0]["counterexample"] and not got[1]["counterexample"]
+    _check_sat_file((out.parent / got[0]["counterexample"]).read_text(), onnx_path)
+    # the command: exit 1 with an errored row, the cause on stderr
+    code = cli_main(["vnncomp", str(bench), "--out", str(tmp_path / "r2.csv"), "--quiet"])
+    cap = capsys.readouterr()
+    assert code == 1 and "errors 1" in cap.out and "missing.onnx" in cap.err
+    assert "r2_counterexamples" in cap.out and (tmp_path / "r2_counterexamples").is_dir()
+
+
+def test_vnncomp_exit_zero_without_errors(ulp_instance, tmp_path):
+    onnx_path, _ = ulp_instance
+    (onnx_path.parent / "instances.csv").write_text("id.onnx,ulp.vnnlib,20\n")
+    assert cli_main(["vnncomp", str(onnx_path.parent), "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+
+
+def test_resume_into_a_csv_without_the_counterexample_column(ulp_instance, tmp_path):
+    onnx_path, _ = ulp_instance
+    bench = onnx_path.parent
+    (bench / "instances.csv").write_text("id.onnx,ulp.vnnlib,20\nid.onnx,ulp2.vnnlib,20\n")
+    (bench / "ulp2.vnnlib").write_text(_spec([ULP_BOX], "(>= Y_0 10000.0)"))
+    old_cols = ["benchmark", "onnx", "vnnlib", "result", "time_s", "timeout_s", "stage", "claim", "flag", "detail"]
+    out = tmp_path / "old.csv"
+    out.write_text(",".join(old_cols) + "\n" + f"{bench.name},id.onnx,ulp.vnnlib,sat,1.0,20,,,,\n")
+    rows = run_benchmark(bench, out=out, resume=True, progress=False)
+    assert [r["vnnlib"] for r in rows] == ["ulp2.vnnlib"]
+    with open(out, newline="") as f:
+        got = list(csv.reader(f))
+    assert all(len(r) == len(old_cols) for r in got) and got[-1][3] == "unsat"
+
+
+# ---------------------------------------------------------------------------------------- run_instance.sh
+
+
+def test_run_instance_sh_accepts_relative_paths(ulp_instance, tmp_path):
+    onnx_path, spec = ulp_instance
+    script = REPO / "benchmarks" / "vnncomp" / "run_instance.sh"
+    env = {"CERTIFY_PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    (onnx_path.parent / "res").mkdir()
+    p = subprocess.run(["bash", str(script), "v1", "toy", onnx_path.name, spec.name, "res/out.txt", "30"],
+                       cwd=onnx_path.parent, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    _check_sat_file((onnx_path.parent / "res" / "out.txt").read_text(), onnx_path)
+
+
+def test_run_spec_with_a_torch_model_confirms_in_its_dtype(ulp_instance, tmp_path, capsys):
+    """Without an ONNX file the point is projected into the box in the model's float32 and
+    confirmed by a single-input forward pass; the result file has X and Y."""
+    _, spec = ulp_instance
+    net = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        net.bias.zero_()
+    pt = tmp_path / "id.pt"
+    torch.save(net, pt)
+    rf = tmp_path / "r.txt"
+    code = cli_main(["run", "--model", str(pt), "--spec", str(spec), "--method", "bab", "--timeout", "20",
+                     "--result-file", str(rf), "--out", ""])
+    assert code == 0 and "result: sat" in capsys.readouterr().out
+    word, vals = _parse_result(rf.read_text())
+    assert word == "sat" and ULP_BOX[0] <= vals["X_0"] <= ULP_BOX[1] and vals["Y_0"] == vals["X_0"] == 1000.0

@@ -1,0 +1,366 @@
+"""One VNN-LIB instance, decided the same way by every front door: ``certify run --spec``,
+``certify vnncomp`` and the competition script ``benchmarks/vnncomp/run_instance.sh``.
+
+An instance is a model (ONNX file, or a torch model for ``run --spec``), a VNN-LIB file and a
+time budget. The file holds one or more input boxes (disjuncts); the answer is
+
+* ``sat`` as soon as one box has a counterexample that survives :func:`confirm`: the point
+  is projected into the box in the dtype the model takes, run as the competition runs it
+  (onnxruntime for ONNX files), and its output violates the property;
+* ``unsat`` when every box is proved;
+* otherwise ``error`` (a box errored), ``timeout`` (the budget ran out) or ``unknown``.
+
+There is ONE budget per instance, loading included: each box gets an even share of the time
+left when it starts (a box that finishes early leaves its time to the later ones), never the
+whole timeout again.
+
+The competition's counterexample check (the organisers' ``SCORING/counterexamples.py`` of
+vnncomp2023_results, ``COUNTEREXAMPLE_ATOL = 1e-4``, ``COUNTEREXAMPLE_RTOL = 1e-3``): the
+written X must lie in the box up to ``1e-4`` absolute per coordinate, the written Y must
+match onnxruntime's output on X up to ``1e-3`` relative (l_inf), and Y must meet one
+disjunct's output atoms up to ``1e-4``. We are stricter where it costs nothing: X is
+projected exactly into the box whenever the model's dtype has a value in it (the ``1e-4``
+only covers boxes thinner than one float step), Y is onnxruntime's own output, and the
+violation must hold with no tolerance (margin ``<= 0``), so a ``sat`` is a real
+counterexample of the model as onnxruntime runs it, not only one the checker accepts.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "VNNCOMP_ATOL",
+    "VNNCOMP_RTOL",
+    "InstanceResult",
+    "Runner",
+    "onnx_runner",
+    "torch_runner",
+    "Confirmation",
+    "project_into_box",
+    "confirm",
+    "decide",
+    "run_instance",
+    "format_result",
+    "write_result_file",
+]
+
+#: VNN-COMP checker: absolute tolerance on the input box and on the violated property
+#: (``COUNTEREXAMPLE_ATOL``, vnncomp2023_results/SCORING/counterexamples.py)
+VNNCOMP_ATOL = 1e-4
+#: VNN-COMP checker: relative l_inf tolerance between the written Y and onnxruntime's output
+#: (``COUNTEREXAMPLE_RTOL``); we write onnxruntime's output itself
+VNNCOMP_RTOL = 1e-3
+
+
+@dataclass
+class InstanceResult:
+    """``result`` is ``sat`` / ``unsat`` / ``timeout`` / ``unknown`` / ``error``; ``x``, ``y``
+    (flat lists of floats) hold the confirmed counterexample with ``sat``: X exactly as the
+    model is fed (projected into the box, in the model's dtype), Y the model's output on it.
+
+    ``certificates`` holds one :class:`~verify.certificate.Certificate` per box that was
+    started (``index`` = box number); ``per_box`` a short summary of each."""
+
+    result: str
+    time_s: float
+    x: list[float] | None = None
+    y: list[float] | None = None
+    stage: str = ""
+    detail: str = ""
+    per_box: list[dict] = field(default_factory=list)
+    certificates: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------
+# counterexamples
+
+
+def _inward(b: np.ndarray, dtype: np.dtype, up: bool) -> np.ndarray:
+    """float64 bounds ``b`` as ``dtype`` values rounded into the box: a lower bound (``up``)
+    to the smallest ``dtype`` value ``>= b``, an upper bound to the largest ``<= b``."""
+    bd = b.astype(dtype)
+    out = bd.astype(np.float64) < b if up else bd.astype(np.float64) > b
+    if out.any():
+        bd = np.where(out, np.nextafter(bd, np.array(np.inf if up else -np.inf, dtype=dtype)), bd)
+    return bd
+
+
+def project_into_box(x: Any, lo: Any, hi: Any, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """``x`` (flattened) cast to ``dtype`` and clamped into ``[lo, hi]`` **in** ``dtype``.
+
+    Clamping in float64 and casting afterwards is not enough: the cast rounds to nearest and
+    may leave the box by one ulp. Here the box's bounds are first rounded inward to ``dtype``
+    values, so the result lies in ``[lo, hi]`` exactly. Where the box is thinner than one
+    ``dtype`` step (no such value inside), the coordinate becomes ``lo`` rounded to nearest.
+
+    Returns:
+        ``[n]`` array of ``dtype``.
+    """
+    dtype = np.dtype(dtype)
+    lo64 = np.asarray(lo, dtype=np.float64).reshape(-1)
+    hi64 = np.asarray(hi, dtype=np.float64).reshape(-1)
+    xd = np.asarray(x, dtype=np.float64).reshape(-1).astype(dtype)
+    lo_d, hi_d = _inward(lo64, dtype, up=True), _inward(hi64, dtype, up=False)
+    thin = lo_d > hi_d
+    out = np.minimum(np.maximum(xd, lo_d), hi_d)
+    return np.where(thin, lo64.astype(dtype), out)
+
+
+@dataclass
+class Runner:
+    """The model as the user checks it, on one input: ``fn(x [1, n] float64) -> y [1, K]``
+    float64, fed in ``input_dtype``; ``kind`` is ``onnxruntime`` or ``torch``."""
+
+    fn: Callable[[np.ndarray], np.ndarray]
+    input_dtype: np.dtype
+    kind: str
+
+
+def onnx_runner(onnx_path: str | os.PathLike) -> Runner:
+    """onnxruntime on the ONNX file, as the VNN-COMP checker runs it."""
+    from .onnx_import import OnnxRuntimeModel
+
+    m = OnnxRuntimeModel(onnx_path)
+    return Runner(m, m.input_dtype, "onnxruntime")
+
+
+def torch_runner(net: torch.nn.Module, input_shape: tuple[int, ...]) -> Runner:
+    """A torch model, one input at a time in the dtype of its parameters (no ONNX file)."""
+    dt = next((t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()), torch.float32)
+    dev = next((t.device for t in net.parameters()), torch.device("cpu"))
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            y = net(torch.from_numpy(np.asarray(x)).to(device=dev, dtype=dt).reshape(1, *input_shape))
+        return y.detach().to("cpu", torch.float64).reshape(1, -1).numpy()
+
+    return Runner(fn, np.dtype(str(dt).removeprefix("torch.")), "torch")
+
+
+@dataclass
+class Confirmation:
+    """Outcome of :func:`confirm`: ``ok`` iff ``x`` is in the box (within :data:`VNNCOMP_ATOL`,
+    exactly when ``dtype`` allows) and ``margin <= 0`` on the runner's output ``y``."""
+
+    ok: bool
+    x: np.ndarray
+    y: np.ndarray | None
+    margin: float
+    why: str = ""
+
+
+def confirm(runner: Runner, x: Any, lo: Any, hi: Any, spec) -> Confirmation:
+    """Project ``x`` into the box ``[lo, hi]`` in the runner's input dtype, run the model and
+    check that the output violates ``spec`` (a :class:`~verify.spec.Linear`) exactly."""
+    xp = project_into_box(x, lo, hi, runner.input_dtype).astype(np.float64)
+    lo64 = np.asarray(lo, dtype=np.float64).reshape(-1)
+    hi64 = np.asarray(hi, dtype=np.float64).reshape(-1)
+    if not np.isfinite(xp).all() or ((xp < lo64 - VNNCOMP_ATOL) | (xp > hi64 + VNNCOMP_ATOL)).any():
+        return Confirmation(False, xp, None, math.inf, "outside the input box")
+    y = np.asarray(runner.fn(xp.reshape(1, -1)), dtype=np.float64).reshape(-1)
+    if not np.isfinite(y).all():
+        return Confirmation(False, xp, y, math.inf, "non-finite output")
+    ls = spec.linear(1, y.size, dtype=torch.float64)
+    margin = float(ls.violation_margin(torch.from_numpy(y).reshape(1, -1))[0])
+    why = "" if margin <= 0 else f"{runner.kind} output does not violate the property (margin {margin:.3g})"
+    return Confirmation(margin <= 0, xp, y, margin, why)
+
+
+# ----------------------------------------------------------------------------------------
+# the driver
+
+
+def _box_answer(status: str, reason: Any) -> str:
+    if status == "certified":
+        return "unsat"
+    if status == "error":
+        return "error"
+    return "timeout" if reason == "timeout" else "unknown"
+
+
+def _overall(answers: list[str]) -> str:
+    """Combine the per-box answers of an instance without a confirmed counterexample."""
+    if answers and all(a == "unsat" for a in answers):
+        return "unsat"
+    for word in ("error", "timeout"):
+        if word in answers:
+            return word
+    return "unknown"
+
+
+def _not_started(method: str, index: int) -> Any:
+    from .certificate import Certificate
+
+    return Certificate(method=method, guarantee="deterministic", status="unknown", index=index, norm="box",
+                       details={"reason": "timeout", "note": "not started: the instance's time budget was spent"})
+
+
+def decide(
+    net: torch.nn.Module,
+    props: list,
+    runner: Runner,
+    *,
+    method: str = "bab",
+    options: dict | None = None,
+    deadline: float | None = None,
+    device: str = "cpu",
+    t0: float | None = None,
+) -> InstanceResult:
+    """Decide the boxes ``props`` (:class:`~verify.vnnlib.VnnlibProperty`) of one instance.
+
+    Args:
+        net: the loaded model (``net.input_shape`` gives the box's shape).
+        runner: how a counterexample is confirmed (:func:`onnx_runner` / :func:`torch_runner`).
+        deadline: ``time.perf_counter()`` value by which the instance must be decided
+            (None: no budget). Box ``i`` of ``n`` gets ``(deadline - now) / (n - i)``.
+        t0: start time of the instance (loading included) for ``time_s``.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    shape = tuple(getattr(net, "input_shape", None) or (props[0].num_inputs,))
+    answers: list[str] = []
+    stages: list[str] = []
+    res = InstanceResult("unknown", 0.0)
+    for i, p in enumerate(props):
+        share = None
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                answers.append("timeout")
+                res.certificates.append(_not_started(method, i))
+                continue
+            share = left / (len(props) - i)
+        c, ok = _run_box(net, p, shape, runner, method, share, device, options)
+        c.index = i
+        res.certificates.append(c)
+        res.per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
+        stages.append(str(c.details.get("stage", "")))
+        if ok is not None:
+            res.result, res.x, res.y, res.stage = "sat", ok.x.tolist(), ok.y.tolist(), stages[-1]
+            break
+        if "unconfirmed_counterexample" in c.details:
+            res.per_box[-1]["note"] = c.details["note"]
+        answers.append(_box_answer(c.status, c.details.get("reason")))
+    else:
+        res.result, res.stage = _overall(answers), ",".join(sorted(set(stages)))
+    res.time_s = time.perf_counter() - t0
+    for c in res.certificates:
+        c.details["vnncomp_result"] = "sat" if c.status == "falsified" else _box_answer(c.status, c.details.get("reason"))
+    return res
+
+
+def _run_box(net: torch.nn.Module, p: Any, shape: tuple[int, ...], runner: Runner, method: str, timeout: float | None,
+             device: str, options: dict | None) -> tuple[Any, Confirmation | None]:
+    """Run the method on one box; a counterexample it reports is projected and confirmed.
+    Returns the certificate and, for a confirmed counterexample, the :class:`Confirmation`."""
+    from .api import certify
+
+    c = certify(net, p.box(shape), p.spec, method, timeout=timeout, device=device, **(options or {}))[0]
+    if c.status != "falsified":
+        return c, None
+    if c.counterexample is None:
+        _unconfirmed(c, "the method gave no point")
+        return c, None
+    ok = confirm(runner, c.counterexample, p.input_lo, p.input_hi, p.spec)
+    if not ok.ok:
+        _unconfirmed(c, ok.why)
+        return c, None
+    c.counterexample = ok.x.reshape(shape).tolist()
+    c.details["confirmed_by"] = runner.kind
+    return c, ok
+
+
+def _unconfirmed(c: Any, why: str) -> None:
+    """A method's counterexample that the runner does not confirm: no claim (``unknown``)."""
+    c.status = "unknown"
+    c.details["note"] = f"counterexample not confirmed: {why}"
+    c.details["unconfirmed_counterexample"] = c.counterexample
+    c.counterexample = None
+
+
+def _is_onnx(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith((".onnx", ".onnx.gz"))
+
+
+def _prepare(model: Any, vnnlib: Any, device: str) -> tuple[torch.nn.Module, list, Runner]:
+    """Load the model and the spec; check that their input counts agree; build the runner."""
+    from .model import load_model
+    from .vnnlib import parse_vnnlib, resolve_maybe_gz
+
+    if _is_onnx(model):
+        model = str(resolve_maybe_gz(model))
+    net = load_model(model, device=device)
+    props = parse_vnnlib(vnnlib)
+    n = props[0].num_inputs
+    shape = getattr(net, "input_shape", None)
+    if shape is not None and math.prod(shape) != n:
+        raise ValueError(f"the VNN-LIB file has {n} inputs but the model's input shape {tuple(shape)} has {math.prod(shape)}")
+    runner = onnx_runner(model) if _is_onnx(model) else torch_runner(net, tuple(shape or (n,)))
+    return net, props, runner
+
+
+def run_instance(
+    model: Any,
+    vnnlib: Any,
+    timeout: float | None,
+    *,
+    method: str = "bab",
+    options: dict | None = None,
+    threads: int | None = 1,
+    device: str = "cpu",
+    raise_errors: bool = False,
+) -> InstanceResult:
+    """Decide one instance within ``timeout`` seconds (loading included; None: no limit).
+
+    Args:
+        model: an ONNX path (counterexamples confirmed by onnxruntime), another model path or
+            a torch module (confirmed by a single-input forward pass in the model's dtype).
+        vnnlib: path to the VNN-LIB file (``.gz`` read transparently) or its text.
+        method: the registered method run on each box (``bab`` for the competition).
+        options: keyword options of the method.
+        threads: torch intra-op threads (None: leave as is). One is best for the competition:
+            the bounded tensors are small, and on a busy machine two threads were measured 15x
+            slower.
+        raise_errors: let a load / parse / method error propagate (the CLI reports it) instead
+            of returning ``error``.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    deadline = None if timeout is None else t0 + timeout
+    try:
+        net, props, runner = _prepare(model, vnnlib, device)
+        return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0)
+    except Exception as e:  # an instance we cannot run is an error, never a guess
+        if raise_errors:
+            raise
+        return InstanceResult("error", time.perf_counter() - t0, detail=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+
+
+# ----------------------------------------------------------------------------------------
+# result files
+
+
+def format_result(res: InstanceResult) -> str:
+    """The competition result file's text: the answer word, then after ``sat`` the
+    counterexample ``((X_0 v)\\n (X_1 v)\\n ... (Y_0 v)\\n ...)``."""
+    from .vnnlib import format_counterexample
+
+    text = res.result + "\n"
+    if res.result == "sat":
+        text += format_counterexample(res.x, res.y)
+    return text
+
+
+def write_result_file(path: str | os.PathLike, res: InstanceResult) -> None:
+    """Write :func:`format_result` to ``path`` (folders created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(format_result(res))
