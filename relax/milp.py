@@ -382,6 +382,25 @@ def _proved(lower: float, lp_proved: bool, margin: float) -> bool:
     return bool(lp_proved) or lower >= margin
 
 
+#: a MILP proof needs ``t_g* >= max(margin, MILP_TOLERANCE * magnitude)``: the node LPs are solved
+#: to absolute tolerances (~1e-7) on rows whose terms can be large, so the dual bound's error
+#: scales with the magnitude of the group's terms (``|M| max(|lo|, |hi|) + |const|``)
+MILP_TOLERANCE = 1e-6
+
+
+def _group_margins(M: sp.csr_matrix, const: np.ndarray, lp: LinearProgram, groups: np.ndarray, margin: float) -> np.ndarray:
+    """``[G]``: the proof margin of each group, ``max(margin, MILP_TOLERANCE * magnitude)``."""
+    n = M.shape[1]
+    big = np.maximum(np.abs(lp.col_lo[:n]), np.abs(lp.col_hi[:n]))
+    big = np.where(np.isfinite(big), big, 0.0)
+    mag = np.asarray(abs(M) @ big + np.abs(const)).ravel()
+    G = int(groups.max()) + 1
+    out = np.full(G, float(margin))
+    for g in range(G):
+        out[g] = max(margin, MILP_TOLERANCE * float(mag[groups == g].max()))
+    return out
+
+
 def _interval_rows(M: sp.csr_matrix, const: np.ndarray, lp: LinearProgram) -> np.ndarray:
     """Lower bounds of the rows ``M v + const`` over the column box of ``lp`` (``[N]``)."""
     n = M.shape[1]
@@ -527,6 +546,8 @@ def milp_verify(
             continue
         row_vals = np.asarray(M @ v_start + const).ravel()
         row_floor = _interval_rows(M, const, enc.lp)  # valid lower bounds of every row
+        gmargin = _group_margins(M, const, enc.lp, groups, margin)
+        det["group_margins"] = gmargin.tolist()
         for g in todo:
             sel = np.flatnonzero(groups == g)
             t_lo = max(gl[g], row_floor[sel].max())
@@ -545,8 +566,9 @@ def milp_verify(
             else:
                 # proof mode: only solutions with t < margin matter (cutoff prunes the rest),
                 # no primal heuristics; stop at the first t <= 0 (a candidate counterexample)
-                start = np.r_[v_start, t_start] if t_start < margin else None
-                r = be.solve(time_limit=rest, start=start, stop_bound_above=margin, stop_primal_below=0.0, cutoff=margin, heuristics=False)
+                mg = float(gmargin[g])
+                start = np.r_[v_start, t_start] if t_start < mg else None
+                r = be.solve(time_limit=rest, start=start, stop_bound_above=mg, stop_primal_below=0.0, cutoff=mg, heuristics=False)
             per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
             if r.status == "infeasible":
                 # the encoding holds a point of the set (checked above): an empty MILP means
@@ -558,11 +580,11 @@ def milp_verify(
                 status = "unknown"
                 errors.append((g, r.message))
                 continue
-            bound = r.bound if exact else min(r.bound, margin)  # nodes past the cutoff were pruned
+            bound = r.bound if exact else min(r.bound, float(gmargin[g]))  # nodes past the cutoff were pruned
             if math.isfinite(bound):
                 gl[g] = max(gl[g], bound)
             gu[g] = min(gu[g], r.objective)
-            if _proved(gl[g], lp_proved[g], margin):
+            if _proved(gl[g], lp_proved[g], float(gmargin[g])):
                 continue
             if r.x is not None and r.objective <= 0:
                 xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *inputs.shape)
@@ -586,7 +608,7 @@ def milp_verify(
             if (groups == g).sum() == 1 and math.isfinite(gl[g]):
                 i = int(np.flatnonzero(groups == g)[0])
                 row_lower[i] = max(row_lower[i], gl[g])
-        if status == "certified" and not all(_proved(gl[g], lp_proved[g], margin) for g in range(G)):
+        if status == "certified" and not all(_proved(gl[g], lp_proved[g], float(gmargin[g])) for g in range(G)):
             status = "unknown"
         det["groups"] = {str(k): v for k, v in per_group.items()}
         if errors:
