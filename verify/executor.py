@@ -105,7 +105,7 @@ def run_task(task: Task) -> list[Certificate]:
             certs = list(certify(
                 task.model, task.x, task.labels, task.method, eps=task.eps, norm=task.norm,
                 find_radius=task.find_radius, max_radius=task.max_radius, timeout=task.timeout,
-                device=task.device, **task.options,
+                device=task.device, method_options=task.options,
             ))
         except SpecError:
             if not (task.find_radius and task.grid):
@@ -129,7 +129,7 @@ def _grid_certify(task: Task) -> list[Certificate]:
         if not alive:
             break
         table = certify(task.model, task.x[alive], task.labels[alive], task.method, eps=r, norm=task.norm,
-                        timeout=task.timeout, device=task.device, **task.options)
+                        timeout=task.timeout, device=task.device, method_options=task.options)
         still = []
         for pos, c in zip(alive, table):
             spent[pos] += c.time_s

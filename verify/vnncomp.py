@@ -140,7 +140,7 @@ def run_instance(onnx_path: str, vnnlib_path: str, timeout: float, *, options: d
             continue
         # later boxes get an even share of what is left (a box that finishes early donates)
         share = left / (len(props) - i)
-        c = certify(net, p.box(shape), p.spec, "bab", timeout=share, **(options or {}))[0]
+        c = certify(net, p.box(shape), p.spec, "bab", timeout=share, method_options=options)[0]
         per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
         stages.append(str(c.details.get("stage", "")))
         if c.status == "falsified":
