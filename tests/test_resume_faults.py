@@ -1,0 +1,134 @@
+"""Results that survive faults (issue 17): resumed rows are keyed by model, norm, data and
+options; a partial last CSV row is dropped; process workers die with their parent."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from verify.cli import main
+from verify.compare import compare
+from verify.resume import ResumeError, drop_partial_last_row
+
+KW = dict(radii=[0.0, 0.01], max_radius=0.05, attack=False, progress=False)
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.fixture()
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 4, generator=g)
+    return x, _net(0)(x).argmax(1)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------- keyed resume
+
+
+def test_resume_refuses_other_model_norm_or_data(tmp_path, data):
+    x, y = data
+    compare(_net(0), x, y, ["interval"], out_dir=tmp_path, **KW)
+    with pytest.raises(ResumeError, match="another model"):
+        compare(_net(1), x, y, ["interval"], out_dir=tmp_path, resume=True, **KW)
+    with pytest.raises(ResumeError, match="l2 norm|linf norm"):
+        compare(_net(0), x, y, ["interval"], out_dir=tmp_path, resume=True, norm=2, **KW)
+    with pytest.raises(ResumeError, match="input 0 differs"):
+        compare(_net(0), x.flip(0), y.flip(0), ["interval"], out_dir=tmp_path, resume=True, **KW)
+    # the same model, norm and data (more of it) resumes
+    x2 = torch.cat([x, torch.rand(2, 4)])
+    res = compare(_net(0), x2, _net(0)(x2).argmax(1), ["interval"], out_dir=tmp_path, resume=True, **KW)
+    assert [c.index for c in res.table] == list(range(8)) and any("resumed: 6" in n for n in res.notes)
+
+
+def test_resume_recomputes_a_method_whose_options_changed(tmp_path, data):
+    x, y = data
+    compare(_net(0), x, y, ["interval", "crown"], out_dir=tmp_path, **KW)
+    res = compare(_net(0), x, y, ["interval", "crown"], out_dir=tmp_path, resume=True,
+                  options={"crown": {"dtype": "float64"}}, **KW)
+    assert any("recomputed crown" in n for n in res.notes) and any("resumed: 6" in n for n in res.notes)
+    crown = [r for r in _rows(tmp_path / "compare_results.csv") if r["method"] == "crown"]
+    assert len(crown) == 6 and all('"dtype": "float64"' in r["details"] for r in crown)
+
+
+def test_cli_resume_into_another_models_folder(tmp_path, capsys):
+    nets = []
+    for seed in (0, 1):
+        p = tmp_path / f"net{seed}.pt"
+        torch.save(nn.Sequential(nn.Flatten(), _net_digits(seed)), p)
+        nets.append(p)
+    base = ["compare", "--data", "digits", "--limit", "4", "--methods", "interval", "--radii", "0,0.01",
+            "--out", str(tmp_path / "out"), "--no-attack", "-q"]
+    assert main([*base, "--model", str(nets[0])]) == 0
+    capsys.readouterr()
+    assert main([*base, "--model", str(nets[1]), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0] and "another model" in err[0]
+
+
+def _net_digits(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+# --------------------------------------------------------------------- partial last rows
+
+
+def test_drop_partial_last_row(tmp_path):
+    p = tmp_path / "r.csv"
+    whole = 'a,b,c\r\n1,"x,y",3\r\n'
+    p.write_text(whole, newline="")
+    assert drop_partial_last_row(p) is None and p.read_bytes() == whole.encode()
+    for tail in ('4,"{""k"": 1', "4,5", '4,5,"unterminated\nquote'):
+        p.write_text(whole + tail, newline="")
+        with pytest.warns(UserWarning, match="r.csv: dropped a partial last row"):
+            assert drop_partial_last_row(p)
+        assert p.read_bytes() == whole.encode()
+
+
+def test_compare_resume_after_a_partial_row(tmp_path, data):
+    x, y = data
+    compare(_net(0), x[:4], y[:4], ["interval"], out_dir=tmp_path, **KW)
+    path = tmp_path / "compare_results.csv"
+    rows = path.read_text()
+    last = rows.splitlines()[-1]
+    with open(path, "a") as f:  # a kill in the middle of writing the row of input 4
+        f.write(last.replace(",3,", ",4,", 1)[: len(last) // 2])
+    with pytest.warns(UserWarning, match="compare_results.csv: dropped a partial last row"):
+        res = compare(_net(0), x, y, ["interval"], out_dir=tmp_path, resume=True, **KW)
+    assert [c.index for c in res.table] == list(range(6)) and any("resumed: 4" in n for n in res.notes)
+    assert sorted(int(r["index"]) for r in _rows(path)) == list(range(6))
+
+
+def test_vnncomp_resume_after_a_partial_row(tmp_path):
+    from test_vnncomp import _onnx_mlp, _vnnlib
+    from verify.vnncomp import CSV_COLUMNS, run_benchmark
+
+    d = tmp_path / "toy"
+    d.mkdir()
+    _onnx_mlp(d / "net0.onnx", 0)
+    box = [(-1.0, 1.0), (-1.0, 1.0)]
+    for name in ("a", "b"):
+        (d / f"{name}.vnnlib").write_text(_vnnlib([box], "(>= Y_0 10000.0)"))
+    (d / "instances.csv").write_text("net0.onnx,a.vnnlib,5\nnet0.onnx,b.vnnlib,5\n")
+    out = tmp_path / "res.csv"
+    run_benchmark(d, out=out, limit=1, progress=False)
+    with open(out, "a") as f:  # the row of b.vnnlib, cut by a kill
+        f.write("toy,net0.onnx,b.vnnlib,uns")
+    with pytest.warns(UserWarning, match="res.csv: dropped a partial last row"):
+        new = run_benchmark(d, out=out, resume=True, progress=False)
+    assert [r["vnnlib"] for r in new] == ["b.vnnlib"]
+    with open(out, newline="") as f:
+        raw = list(csv.reader(f))
+    assert all(len(r) == len(CSV_COLUMNS) for r in raw)  # no 13-field row
+    assert [r[2] for r in raw[1:]] == ["a.vnnlib", "b.vnnlib"]
