@@ -3,6 +3,12 @@ options; a partial last CSV row is dropped; process workers die with their paren
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from verify.cli import main
 from verify.compare import compare
 from verify.resume import ResumeError, drop_partial_last_row
 
+REPO = Path(__file__).resolve().parent.parent
 KW = dict(radii=[0.0, 0.01], max_radius=0.05, attack=False, progress=False)
 
 
@@ -132,3 +139,68 @@ def test_vnncomp_resume_after_a_partial_row(tmp_path):
         raw = list(csv.reader(f))
     assert all(len(r) == len(CSV_COLUMNS) for r in raw)  # no 13-field row
     assert [r[2] for r in raw[1:]] == ["a.vnnlib", "b.vnnlib"]
+
+
+# --------------------------------------------------------------------- workers die with the parent
+
+SLEEPY = """
+import os, time
+from torch import nn
+
+class Sleepy(nn.Module):
+    '''Writes its pid, then sleeps for minutes (while torch.fx traces it in a worker).'''
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with open(os.environ["SLEEPY_PIDFILE"], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(300)
+        return self.lin(x)
+"""
+
+DRIVER = """
+import torch, sleepy
+from verify.executor import Task, execute
+task = Task("interval", {}, sleepy.Sleepy(), torch.rand(1, 4), torch.tensor([0]), [0], find_radius=False)
+for _ in execute([task], "process", 1):
+    pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_process_workers_die_with_parent(tmp_path):
+    (tmp_path / "sleepy.py").write_text(SLEEPY)
+    pidfile = tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "SLEEPY_PIDFILE": str(pidfile), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DRIVER)], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while worker is None and time.monotonic() < deadline and parent.poll() is None:
+            text = pidfile.read_text() if pidfile.exists() else ""
+            worker = int(text.split()[0]) if text.strip() else None
+            time.sleep(0.2)
+        assert worker is not None, "the worker never started its task"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
