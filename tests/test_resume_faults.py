@@ -204,3 +204,37 @@ def test_process_workers_die_with_parent(tmp_path):
             parent.kill()
         if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+WATCHDOG = """
+import os, sys, time
+import verify.executor as ex
+ex._set_pdeathsig = lambda sig: False  # as where prctl is missing: the watchdog alone
+parent = os.getpid()
+child = os.fork()
+if child == 0:
+    ex.die_with_parent(parent, poll_s=0.1)
+    with open(sys.argv[1], "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(300)
+    os._exit(0)
+while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():
+    time.sleep(0.05)
+os._exit(0)  # the parent dies without a word to its child
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, forks")
+def test_watchdog_ends_a_worker_without_prctl(tmp_path):
+    pidfile = tmp_path / "pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", textwrap.dedent(WATCHDOG), str(pidfile)], env=env, timeout=120, check=True)
+    child = int(pidfile.read_text())
+    try:
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the watchdog did not end the orphaned worker"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
