@@ -18,9 +18,9 @@ from verify.registry import BoundMethod, register
 from verify.spec import Box, Linear, LpBall, SpecError
 
 
-@register
 class _BrokenMethod(BoundMethod):
-    """Always raises: every row of a run errors (tests only)."""
+    """Always raises: every row of a run errors (registered only inside the test that uses it:
+    other test modules run every registered method)."""
 
     name = "test-broken"
     norms = ("linf", "l2", "box")
@@ -227,7 +227,16 @@ def test_cuda_without_cuda(net_x_lab):
         verify.certify(net, x, lab, "interval", eps=0.01, device="gpu7")
 
 
-def test_compare_every_row_errored_exits_2(model_pt, tmp_path, capsys):
+@pytest.fixture()
+def broken_method():
+    from verify import registry
+
+    register(_BrokenMethod)
+    yield _BrokenMethod.name
+    registry._REGISTRY.pop(_BrokenMethod.name, None)
+
+
+def test_compare_every_row_errored_exits_2(model_pt, tmp_path, capsys, broken_method):
     rc = main(["compare", "--model", str(model_pt), "--data", "digits", "--limit", "2", "--methods", "test-broken",
                "--radii", "0,0.01", "--out", str(tmp_path), "--no-attack", "-q"])
     assert rc == 2
