@@ -83,6 +83,13 @@ def test_cli_resume_into_another_models_folder(tmp_path, capsys):
     assert len(err) == 1 and "cannot resume" in err[0] and "another model" in err[0]
 
 
+def test_model_digest_any_dtype():
+    from verify.resume import model_digest
+
+    a, b = _net(0).to(torch.bfloat16), _net(1).to(torch.bfloat16)  # numpy has no bfloat16
+    assert model_digest(a) == model_digest(_net(0).to(torch.bfloat16)) != model_digest(b)
+
+
 def _net_digits(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))

@@ -62,8 +62,9 @@ def _sha(data: bytes) -> str:
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
+    """dtype, shape and raw bytes (any dtype, bfloat16 included, on any device)."""
     t = t.detach().to("cpu").contiguous()
-    return f"{t.dtype}{tuple(t.shape)}".encode() + t.numpy().tobytes()
+    return f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def model_digest(model: Any) -> str:
