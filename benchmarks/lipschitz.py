@@ -134,7 +134,7 @@ def main() -> None:
         for method in METHODS:
             opts = {"time_limit": args.sdp_time_limit} if method == "lipschitz-sdp" else {}
             t0 = time.perf_counter()
-            table = certify(model, x, y, method=method, norm=args.norm, find_radius=True, **opts)
+            table = certify(model, x, y, method=method, norm=args.norm, find_radius=True, method_options=opts)
             dt = time.perf_counter() - t0
             radii = [c.radius for c in table]
             acc = sum(c.correct for c in table) / len(table)

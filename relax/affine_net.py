@@ -142,6 +142,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     chain_node = None
     chain_dim = n_in
     chain_shape = tuple(input_shape)
+    constants: set[str] = set()  # nodes computed from parameters/buffers only (e.g. ``W.t()``)
 
     def basis(shape: tuple[int, ...], n: int) -> Tensor:
         return torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)]).view(n + 1, *shape)
@@ -189,6 +190,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
             for part in node.target.split("."):
                 obj = getattr(obj, part)
             env[node.name] = obj
+            constants.add(node.name)
             continue
         args, kwargs = load(node.args, node.name), load(node.kwargs, node.name)
         if node.op == "call_module":
@@ -201,24 +203,24 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
         else:  # pragma: no cover
             raise NotFeedForwardError(f"unexpected fx node kind {node.op!r} at {node.name!r}")
         v = env[node.name]
-        if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] != chain_dim + 1 and any(
-            isinstance(a, Tensor) and a.dim() >= 1 and a.shape[0] == chain_dim + 1 for a in _flat(args)
-        ):
-            raise NotFeedForwardError(f"node {node.name!r} changes the batch dimension; not a per-example affine map")
+        if _input_dependent(node, constants):
+            if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] != chain_dim + 1:
+                raise NotFeedForwardError(f"node {node.name!r} changes the batch dimension; not a per-example affine map")
+        else:
+            constants.add(node.name)
     if not layers:
         raise NotFeedForwardError("the graph has no output")
     _check_affine_runs(gm, layers, acts, tuple(input_shape))
     return FeedForwardNet(tuple(input_shape), layers, acts)
 
 
-def _flat(args) -> list:
-    out = []
-    for a in args if isinstance(args, (tuple, list)) else [args]:
-        if isinstance(a, (tuple, list)):
-            out.extend(_flat(a))
-        else:
-            out.append(a)
-    return out
+def _input_dependent(node: torch.fx.Node, constants: set[str]) -> bool:
+    """Whether ``node`` reads a value computed from the network input (a constant such as
+    ``W.t()`` may have any leading dimension; only input-dependent values must keep the
+    basis batch as their first dimension)."""
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
+    return any(n.name not in constants for n in found)
 
 
 def _extract(val: Tensor) -> AffineLayer:

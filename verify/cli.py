@@ -129,6 +129,8 @@ def _resolve_model(spec: str) -> Any:
 
         return load_digits_mlp(BUILTIN_MODELS[spec])
     p = Path(spec)
+    if p.is_dir():
+        raise CLIError(f"the model path is a directory, not a file: {spec} (give a .onnx or .pt file)")
     if not p.is_file():
         raise CLIError(f"model file not found: {spec} (or use a built-in model: {', '.join(BUILTIN_MODELS)})")
     return str(p)
@@ -171,6 +173,14 @@ def _floats(text: str, what: str) -> list[float]:
 def _check_eps(eps: float | None) -> None:
     if eps is not None and (not math.isfinite(eps) or eps < 0):
         raise CLIError(f"--eps must be a finite number >= 0, got {eps:g}")
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Each of the numeric flags ``names`` (attribute names) is > 0 where given."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise CLIError(f"--{name.replace('_', '-')} must be > 0, got {v:g}")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -239,8 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--radius searches l_p radii around data points; it does not apply to --spec")
     _check_eps(args.eps)
     p = _norm(args.norm)
-    if args.timeout is not None and args.timeout <= 0:
-        raise CLIError(f"--timeout must be > 0, got {args.timeout:g}")
+    _check_positive(args, "timeout", "max_radius", "batch_size")
     model = _resolve_model(args.model)
     t0 = time.perf_counter()
     table = CertificateTable()
@@ -260,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s in range(0, len(y), step):
             t = certify(model, x[s : s + step], y[s : s + step], args.method, eps=args.eps, norm=p,
                         find_radius=args.radius, max_radius=args.max_radius, timeout=args.timeout,
-                        device=args.device, **opts)
+                        device=args.device, method_options=opts)
             for c in t:
                 c.index += s
             table.extend(t)
@@ -323,6 +332,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise CLIError("executor 'ray' needs the ray package: pip install 'certify[ray]'") from None
     if args.workers is not None and args.workers < 1:
         raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    _check_positive(args, "timeout", "max_radius", "chunk_size")
+    _check_method_options(opts)
     model = _resolve_model(args.model)
     x, y = load_data(args.data, limit=args.limit)
     if len(y) == 0:
@@ -345,7 +356,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for n in res.notes:
         print(f"note: {n}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in res.files.values()))
-    return 0
+    return _compare_exit_code(res.table)
+
+
+def _check_method_options(opts: dict[str, dict[str, Any]]) -> None:
+    """Every method's options have values of the right type and range (before any work)."""
+    from .registry import get_method
+
+    for m, o in opts.items():
+        get_method(m, **o)
+
+
+def _compare_exit_code(table: Any) -> int:
+    """0 when no row errored, 1 when some did (the table and notes say which); every row
+    errored: the one-line error of the first, exit 2."""
+    errors = [c for c in table if c.status == "error"]
+    if errors and len(errors) == len(table):
+        raise CLIError(f"every row errored ({len(errors)} rows); first: {errors[0].method}: {errors[0].details.get('error', '')}")
+    if errors:
+        print(f"certify: {len(errors)} of {len(table)} rows errored (see the notes above)", file=sys.stderr)
+    return 1 if errors else 0
 
 
 # ----------------------------------------------------------------------------- parser

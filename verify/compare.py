@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .certificate import CSV_COLUMNS, Certificate, CertificateTable
 from .executor import Task, execute, usable_cores
 from .registry import method_class
+from .resume import ResumeError, RunKey, drop_partial_last_row, input_digests, model_digest, settings_digest
 from .report import check_certified_per_input, format_markdown, html_report, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns
 from .spec import LpBall, Robust, norm_name, parse_norm
 
@@ -178,6 +179,41 @@ def _sigma_of(options: dict[str, dict[str, Any]]) -> Callable[[str], float | Non
     return f
 
 
+def _read_rows(csv_path: Path) -> CertificateTable:
+    """The rows of a results CSV; a malformed row is an error naming the file."""
+    try:
+        return CertificateTable.from_csv(str(csv_path))
+    except (ValueError, KeyError, TypeError, csv.Error) as e:
+        raise ResumeError(f"{csv_path}: cannot read the results: {type(e).__name__}: {e}") from None
+
+
+def _resumed_pairs(csv_path: Path, key: RunKey, wanted: set[str], N: int, notes: list[str]) -> tuple[set[tuple[str, int]], RunKey]:
+    """The ``(method, index)`` pairs of ``csv_path`` that a resumed run keeps, and the file's
+    run key.
+
+    A partial last row is dropped; rows computed on another model, norm or data are refused
+    (:class:`ResumeError`); a method whose options or radius settings changed is recomputed
+    (its rows are removed from the file)."""
+    msg = drop_partial_last_row(csv_path)
+    if msg:
+        notes.append(msg)
+    old_key = RunKey.load(csv_path)
+    key.check_resumable(old_key, csv_path)
+    assert old_key is not None  # check_resumable refuses a file without a key
+    rows = _read_rows(csv_path)
+    changed = {m for m in wanted if m in old_key.methods and old_key.methods[m] != key.methods[m]}
+    changed |= {c.method for c in rows if c.method in wanted and c.method not in old_key.methods}
+    if changed:
+        rows = CertificateTable([c for c in rows if c.method not in changed])
+        tmp = csv_path.with_name(csv_path.name + ".tmp")
+        rows.to_csv(str(tmp))
+        os.replace(tmp, csv_path)
+        notes.append(f"recomputed {', '.join(sorted(changed))}: options or radius settings differ from the resumed rows")
+    done = {(c.method, c.index) for c in rows if c.method in wanted and c.index < N and c.status != "error"}
+    notes.append(f"resumed: {len(done)} (method, input) pairs already in {csv_path.name} (errors are retried)")
+    return done, old_key
+
+
 def compare(
     model: Any,
     x: Tensor,
@@ -229,14 +265,15 @@ def compare(
     csv_path = out / f"{prefix}_results.csv"
     res = CompareResult(CertificateTable(), [float(r) for r in radii])
     N = len(labels)
-    wanted = set(methods)
+    settings = {m: {"options": options.get(m, {}), "find_radius": find_radius, "max_radius": max_radius} for m in methods}
+    key = RunKey(model_digest(model), norm_name(p), input_digests(x, labels), {m: settings_digest(v) for m, v in settings.items()})
     done: set[tuple[str, int]] = set()
+    old_key = None
     if resume and csv_path.exists() and csv_path.stat().st_size > 0:
-        old = CertificateTable.from_csv(str(csv_path))
-        done = {(c.method, c.index) for c in old if c.method in wanted and c.index < N and c.status != "error"}
-        res.notes.append(f"resumed: {len(done)} (method, input) pairs already in {csv_path.name} (errors are retried)")
-    elif csv_path.exists():
-        csv_path.unlink()
+        done, old_key = _resumed_pairs(csv_path, key, set(methods), N, res.notes)
+    else:
+        csv_path.unlink(missing_ok=True)
+    key.merged(old_key).save(csv_path)
 
     run = []
     for m in methods:
@@ -265,7 +302,7 @@ def compare(
             res.notes.append(f"{task.method}: {len(errs)} inputs errored: {errs[0].details.get('error', '')}")
     bar.close()
 
-    rows = CertificateTable.from_csv(str(csv_path)) if csv_path.exists() else CertificateTable()
+    rows = _read_rows(csv_path) if csv_path.exists() else CertificateTable()
     keep = {m: i for i, m in enumerate(run)}
     last = {(c.method, c.index): c for c in rows if c.method in keep and c.index < min(N, limits.get(c.method, N))}
     res.table = CertificateTable(sorted(last.values(), key=lambda c: (keep[c.method], c.index)))

@@ -4,7 +4,7 @@ Every error message is one line naming the cause (the operator and node, the fil
 """
 from __future__ import annotations
 
-__all__ = ["CertifyError", "UnsupportedOperatorError", "ModelLoadError"]
+__all__ = ["CertifyError", "UnsupportedOperatorError", "ModelLoadError", "OptionError"]
 
 
 def one_line(message: object) -> str:
@@ -25,3 +25,8 @@ class UnsupportedOperatorError(CertifyError):
 
 class ModelLoadError(CertifyError):
     """A model cannot be loaded: missing or malformed file, several inputs, NaN weights, ..."""
+
+
+class OptionError(CertifyError):
+    """A method option or a ``certify()`` argument has a value of the wrong type or out of its
+    range; the message names the option and the value."""

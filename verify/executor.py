@@ -105,7 +105,7 @@ def run_task(task: Task) -> list[Certificate]:
             certs = list(certify(
                 task.model, task.x, task.labels, task.method, eps=task.eps, norm=task.norm,
                 find_radius=task.find_radius, max_radius=task.max_radius, timeout=task.timeout,
-                device=task.device, **task.options,
+                device=task.device, method_options=task.options,
             ))
         except SpecError:
             if not (task.find_radius and task.grid):
@@ -129,7 +129,7 @@ def _grid_certify(task: Task) -> list[Certificate]:
         if not alive:
             break
         table = certify(task.model, task.x[alive], task.labels[alive], task.method, eps=r, norm=task.norm,
-                        timeout=task.timeout, device=task.device, **task.options)
+                        timeout=task.timeout, device=task.device, method_options=task.options)
         still = []
         for pos, c in zip(alive, table):
             spent[pos] += c.time_s
@@ -150,8 +150,50 @@ def _grid_certify(task: Task) -> list[Certificate]:
     return out
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int | None = None) -> None:
+    """Set the worker's torch threads and tie its life to the parent process ``parent``."""
     torch.set_num_threads(threads)
+    if parent is not None:
+        die_with_parent(parent)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """End this process when the process ``parent`` dies, even by ``kill -9``.
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``);
+    everywhere a daemon thread also polls the parent pid every ``poll_s`` seconds (the fallback
+    where prctl is missing) and exits when this process has been re-parented.
+    """
+    import signal
+    import threading
+
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="certify-parent-watchdog", daemon=True).start()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)`` through ctypes; False where it is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _run_task_dicts(task: Task) -> list[dict[str, Any]]:
@@ -179,7 +221,7 @@ def _execute_process(tasks: list[Task], workers: int) -> Iterator[tuple[Task, li
     import multiprocessing as mp
 
     threads = max(1, usable_cores() // workers)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
         pending = {pool.submit(_run_task_dicts, t): t for t in tasks}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)

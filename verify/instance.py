@@ -262,7 +262,7 @@ def _run_box(net: torch.nn.Module, p: Any, shape: tuple[int, ...], runner: Runne
     Returns the certificate and, for a confirmed counterexample, the :class:`Confirmation`."""
     from .api import certify
 
-    c = certify(net, p.box(shape), p.spec, method, timeout=timeout, device=device, **(options or {}))[0]
+    c = certify(net, p.box(shape), p.spec, method, timeout=timeout, device=device, method_options=options or {})[0]
     if c.status != "falsified":
         return c, None
     if c.counterexample is None:

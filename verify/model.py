@@ -33,6 +33,7 @@ __all__ = [
     "onnx_input_shape",
     "check_against_onnxruntime",
     "check_canonical",
+    "check_device",
 ]
 
 ONNX_SUFFIXES = (".onnx", ".onnx.gz")
@@ -63,12 +64,13 @@ def load_model(
         ModelLoadError: missing or malformed file, NaN weights, untraceable module, ...
         UnsupportedOperatorError: an ONNX operator outside the canonical graph.
     """
-    if not dtype.is_floating_point:
-        raise ModelLoadError(f"dtype must be a floating-point type, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelLoadError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    device = check_device(device)
     if isinstance(model, (str, os.PathLike)):
         gm = _load_path(Path(model), check)
     elif isinstance(model, fx.GraphModule):
-        gm = model
+        gm = copy.deepcopy(model) if _would_change(model, device, dtype) else model
     elif isinstance(model, nn.Module):
         gm = _trace(model, device, dtype)
     else:
@@ -93,6 +95,8 @@ _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_p
 
 def _load_path(path: Path, check: bool) -> fx.GraphModule:
     """A file -> graph module (on cpu, float)."""
+    if path.is_dir():
+        raise ModelLoadError(f"the model path is a directory, not a file: {path} (give a .onnx or .pt file)")
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     name = path.name.lower()
@@ -130,8 +134,9 @@ def _load_torch_file(path: Path) -> fx.GraphModule:
 
 
 def _trace(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> fx.GraphModule:
-    """``symbolic_trace`` in eval mode; the caller's module is copied first if ``.to`` would change it."""
-    if dtype is not None and _needs_move(model, torch.device(device), dtype):
+    """``symbolic_trace`` in eval mode; the caller's module is copied first if ``.to`` or
+    ``.eval()`` would change it (the traced graph shares its submodules)."""
+    if dtype is not None and _would_change(model, torch.device(device), dtype):
         model = copy.deepcopy(model)
     model.eval()
     try:
@@ -140,6 +145,28 @@ def _trace(model: nn.Module, device: torch.device | str, dtype: torch.dtype | No
         raise ModelLoadError(f"torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from e
     set_attributes(gm, getattr(model, "input_shape", None), type(model).__name__)
     return gm
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``; a clear error when it is malformed or not available
+    here (``cuda`` on a machine without CUDA, an index past the last GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {str(device)!r} requested but MPS is not available on this machine")
+    return dev
+
+
+def _would_change(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``model.to(device, dtype).eval()`` would modify ``model`` in place."""
+    return model.training or any(m.training for m in model.modules()) or _needs_move(model, device, dtype)
 
 
 def _needs_move(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:

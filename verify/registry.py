@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 import time
 from typing import Any, Callable, ClassVar
 
@@ -106,7 +107,63 @@ def get_method(name: "str | Method", **options: Any) -> "Method":
     bad = [k for k in options if k not in valid]
     if bad:
         raise TypeError(f"method {name!r} has no option {bad[0]!r}; its options are: {', '.join(valid) or '(none)'}")
+    defaults = cls.option_defaults()
+    for key, value in options.items():
+        check_option(name, key, value, defaults[key])
     return cls(**options)
+
+
+#: numeric options that must be > 0 wherever a method has them (``None`` stays allowed where
+#: it is the default: "no limit" / "automatic")
+POSITIVE_OPTIONS = frozenset({
+    "lr", "sigma", "n", "n0", "batch_size", "max_elements", "time_limit", "threads", "max_iters",
+    "memory_mb", "refine_workers", "max_lmi_size", "dense_limit", "refine_solve_time", "input_split_max_dim",
+})
+#: numeric options that are fractions: ``name -> (low, high, low_open, high_open)``
+FRACTION_OPTIONS = {"alpha": (0.0, 1.0, True, True), "refine_fraction": (0.0, 1.0, False, False)}
+
+
+def check_option(method: str, key: str, value: Any, default: Any) -> None:
+    """Refuse an option value of the wrong type (judged from the default's type) or out of its
+    range: every number must be >= 0 and not NaN, :data:`POSITIVE_OPTIONS` > 0,
+    :data:`FRACTION_OPTIONS` inside their interval. Raises :class:`~verify.errors.OptionError`
+    naming the option and the value."""
+    from .errors import OptionError
+
+    def fail(expected: str) -> None:
+        raise OptionError(f"option {key} of {method}: expected {expected}, got {value!r}")
+
+    if value is None:  # the method's own reading: no limit / automatic
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(default, bool) and isinstance(value, bool)):
+            fail(type(default).__name__ if default is not None else "a number")
+        return
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            fail("a string")
+        return
+    if isinstance(default, int) and not isinstance(value, numbers.Integral):
+        fail("an integer")
+    if isinstance(default, float) and not isinstance(value, numbers.Real):
+        fail("a number")
+    if default is None and key in POSITIVE_OPTIONS and not isinstance(value, numbers.Real):
+        fail("a number")
+    if isinstance(value, numbers.Real):
+        _check_option_range(key, float(value), fail)
+
+
+def _check_option_range(key: str, v: float, fail: Callable[[str], None]) -> None:
+    if math.isnan(v):
+        fail("a number, not NaN")
+    if key in FRACTION_OPTIONS:
+        lo, hi, lo_open, hi_open = FRACTION_OPTIONS[key]
+        if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
+            fail(f"a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    elif key in POSITIVE_OPTIONS and not v > 0:
+        fail("a value > 0")
+    elif v < 0:
+        fail("a value >= 0")
 
 
 class Method:

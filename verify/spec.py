@@ -77,11 +77,45 @@ def dual_norm(p: float) -> float:
     return {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[float(p)]
 
 
-def _check_finite(name: str, t: Tensor) -> None:
+def _check_finite(name: str, t: Tensor, allow_inf: bool = True) -> None:
+    """A float tensor without NaN (and, with ``allow_inf=False``, without +-inf)."""
     if not torch.is_floating_point(t):
         raise SpecError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if torch.isnan(t).any():
         raise SpecError(f"{name} contains NaN")
+    if not allow_inf and torch.isinf(t).any():
+        raise SpecError(f"{name} contains inf in {int(torch.isinf(t).sum())} entries; inputs must be finite")
+
+
+def _check_meets_domain(ball: "LpBall") -> None:
+    """Refuse a ball that does not meet its domain (an empty input set: every answer about
+    it, a counterexample above all, would be meaningless). The l_p distance from the centre
+    to the domain box is computed in float64 and compared with the radius."""
+    if ball.domain_lo is None and ball.domain_hi is None:
+        return
+    c = ball.center.double()
+    gap = torch.zeros_like(c)
+    if ball.domain_lo is not None:
+        gap = gap + (ball.domain_lo.double() - c).clamp_min(0)
+    if ball.domain_hi is not None:
+        gap = gap + (c - ball.domain_hi.double()).clamp_min(0)
+    dist = gap.flatten(1).norm(p=ball.p, dim=1)
+    bad = (dist > ball.eps.double()).nonzero().flatten()
+    if bad.numel():
+        b = int(bad[0])
+        raise SpecError(
+            f"LpBall: the ball of example {b} (radius {float(ball.eps[b]):g}) does not meet the input domain "
+            f"[{_describe(ball.domain_lo)}, {_describe(ball.domain_hi)}]: its centre is {float(dist[b]):g} away "
+            f"in {norm_name(ball.p)} ({bad.numel()} of {c.shape[0]} examples)"
+        )
+
+
+def _describe(v: Tensor | None) -> str:
+    """A domain end for a message: the value if it is one number, else its range."""
+    if v is None:
+        return "unbounded"
+    lo, hi = float(v.min()), float(v.max())
+    return f"{lo:g}" if lo == hi else f"{lo:g}..{hi:g}"
 
 
 class InputSet:
@@ -133,8 +167,8 @@ class Box(InputSet):
             self.lo = self.lo.float()
         if not torch.is_floating_point(self.hi):
             self.hi = self.hi.to(self.lo.dtype)
-        _check_finite("Box.lo", self.lo)
-        _check_finite("Box.hi", self.hi)
+        _check_finite("Box.lo", self.lo, allow_inf=False)
+        _check_finite("Box.hi", self.hi, allow_inf=False)
         if self.lo.shape != self.hi.shape:
             raise SpecError(f"Box: lo has shape {tuple(self.lo.shape)} but hi has {tuple(self.hi.shape)}")
         if self.lo.dim() < 2:
@@ -194,7 +228,7 @@ class LpBall(InputSet):
         self.center = torch.as_tensor(self.center)
         if not torch.is_floating_point(self.center):
             self.center = self.center.float()
-        _check_finite("LpBall.center", self.center)
+        _check_finite("LpBall.center", self.center, allow_inf=False)
         if self.center.dim() < 2:
             raise SpecError("LpBall: center needs a batch dimension, shape [B, *input_shape]")
         self.p = parse_norm(self.p)
@@ -216,6 +250,7 @@ class LpBall(InputSet):
                 setattr(self, name, v)
         if self.domain_lo is not None and self.domain_hi is not None and (self.domain_lo > self.domain_hi).any():
             raise SpecError("LpBall: domain_lo > domain_hi")
+        _check_meets_domain(self)
 
     @property
     def batch_size(self) -> int:  # type: ignore[override]

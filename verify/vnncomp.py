@@ -152,6 +152,7 @@ def run_benchmark(
     """
     from tqdm import tqdm
 
+    from .resume import drop_partial_last_row
     from .vnnlib import read_instances
 
     csv_path = find_instances_csv(path)
@@ -160,6 +161,8 @@ def run_benchmark(
     if select:
         rows = [r for r in rows if select in f"{Path(r[0]).name},{Path(r[1]).name}"]
     out = Path(out)
+    if resume:
+        drop_partial_last_row(out)  # a kill during a write: never append to half a row
     done = _done_keys(out) if resume else set()
     rows = [r for r in rows if _key(r[0], r[1]) not in done]
     if limit is not None:
