@@ -225,9 +225,15 @@ def _layer(net: ReluChain, k: int, l: Tensor, u: Tensor, prev: Tensor | None, pr
             cache[("layer", k)] = hit
     alive, W, b = hit
     unstable, lo, up, icpt = _relax(l, u, alive)
-    with torch.no_grad():
-        terms = torch.bmm(W.abs(), prev_mag.unsqueeze(2)).squeeze(2) + net.abs_bp[k - 1][alive] + icpt.abs()
-        err_w = net.gammas[k - 1] * terms
+    # the round-off weight: computed once per cache (boxes within a cache only shrink, so the
+    # magnitudes of the first boxes bound every later pass's)
+    err_w = None if cache is None else cache.get(("err_w", k))
+    if err_w is None:
+        with torch.no_grad():
+            terms = torch.bmm(W.abs(), prev_mag.unsqueeze(2)).squeeze(2) + net.abs_bp[k - 1][alive] + icpt.abs()
+            err_w = net.gammas[k - 1] * terms
+        if cache is not None:
+            cache[("err_w", k)] = err_w
     return _Layer(alive, unstable, lo, up, icpt, b, W, err_w)
 
 
@@ -495,6 +501,7 @@ def _alpha(
     opt = ProjectedAdam(params, lr, lr_decay)
     # the alive sets of the CROWN boxes hold for every iteration (boxes are intersected with them)
     cache = {("layer", k + 1): (L.alive, L.W, L.b) for k, L in enumerate(init.layers)}
+    cache.update({("err_w", k + 1): L.err_w for k, L in enumerate(init.layers)})
     for it in range(iterations):
         with torch.enable_grad():
             res = _pass(net, input_set, C, max_elements, fixed=fixed, plan=plan if optimize_intermediate else None,
