@@ -377,6 +377,21 @@ def _encoding_contains(lp: LinearProgram, v: np.ndarray) -> bool:
     return not (np.any(v < lp.col_lo - ctol) or np.any(v > lp.col_hi + ctol))
 
 
+def _bounds_contain(net: FeedForwardNet, bnds: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> bool:
+    """Whether every pre-activation of ``net`` at the input ``x [n0]`` (float64 forward pass)
+    lies within its bounds ``bnds[k] = (l_k, u_k)``, up to the round-off of the pass (a
+    tolerance on the sum of the absolute values of the terms)."""
+    a = x
+    for k, (l, u) in enumerate(bnds):
+        W, b = net.layers[k].W.double().numpy(), net.layers[k].b.double().numpy()
+        z = W @ a + b
+        tol = 1e-9 * (np.abs(W) @ np.abs(a) + np.abs(b)) + 1e-300
+        if np.any(z < np.asarray(l).ravel() - tol) or np.any(z > np.asarray(u).ravel() + tol):
+            return False
+        a = np.maximum(z, 0.0)
+    return True
+
+
 def _proved(lower: float, lp_proved: bool, margin: float) -> bool:
     """A group is proved by its LP safe bound (> 1e-9) or a MILP bound ``>= margin``."""
     return bool(lp_proved) or lower >= margin
@@ -539,7 +554,7 @@ def milp_verify(
         x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
         v_start = enc.point(net, x_start)
         # the encoding must contain this point of the input set (else the bounds are invalid)
-        if not _encoding_contains(enc.lp, v_start):
+        if not _bounds_contain(net, bnds, x_start) or not _encoding_contains(enc.lp, v_start):
             det["reason"] = "the pre-activation bounds exclude a point of the input set (invalid bounds)"
             det["time_s"] = time.perf_counter() - t0
             outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
@@ -826,7 +841,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             if _lp_norm(xb - c, p) <= radius:
                 probes.append((xb, _lp_norm(xb - c, p)))
         for xp, dist in probes:
-            if not _encoding_contains(enc.lp, enc.point(net, xp, eps=None if p == 2.0 else dist)):
+            if not _bounds_contain(net, bnds, xp) or not _encoding_contains(enc.lp, enc.point(net, xp, eps=None if p == 2.0 else dist)):
                 raise SolverError("the pre-activation bounds exclude a point of the input set (invalid bounds)")
         lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
         be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, quadratic=p == 2.0)

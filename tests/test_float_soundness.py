@@ -156,3 +156,31 @@ def test_round_off_of_large_terms_does_not_certify(method):
     ball = LpBall(torch.tensor([[0.1]]), 0.25, math.inf, 0.0, 1.0)
     cert = get_method(method).certify(gm, ball, Robust(torch.tensor([0])))[0]
     assert cert.status != "certified"
+
+
+def test_milp_radius_search_refuses_bounds_that_exclude_the_ball(monkeypatch):
+    """Item 3: the minimum-distortion search must check that its encoding contains points of
+    the ball (as status mode does). Pre-activation bounds that wrongly call every first-layer
+    neuron dead encode another network; the old search certified a radius from it."""
+    import relax.milp as milp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    gm = torch.fx.symbolic_trace(net)
+    gm.input_shape = (3,)
+    x = torch.rand(1, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (net[0](x) > 0).any()  # some first-layer neuron is active at the centre
+    real = milp.initial_bounds
+
+    def wrong(model, ff, inputs, method="crown"):
+        ib, used = real(model, ff, inputs, method)
+        (l, u), rest = ib[0], ib[1:]
+        return [(torch.minimum(l, torch.full_like(l, -2.0)), torch.full_like(u, -1.0)), *rest], used
+
+    monkeypatch.setattr(milp, "initial_bounds", wrong)
+    with torch.no_grad():
+        label = gm(x).argmax(1)
+    cert = get_method("milp", refine=False).certify(gm, LpBall(x, 0.0, math.inf, 0.0, 1.0), Robust(label),
+                                                     find_radius=True, max_radius=1.0)[0]
+    assert cert.radius == 0.0, f"radius {cert.radius} from an encoding that excludes the centre"
