@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall
 
 from .adam import ProjectedAdam
@@ -391,6 +392,7 @@ def chain_alpha_crown(
     stop_fn: Callable[[Tensor], Tensor] | None = None,
     max_elements: int = 2**25,
     per_input: bool | None = None,
+    deadline: Deadline | None = None,
 ) -> Tensor:
     """alpha-CROWN lower bounds ``[B, N]`` of ``C y`` on a ReLU chain; the options as in
     :func:`relax.alpha.alpha_crown` (``stop_fn`` sees the whole batch's ``[B, N]`` bounds)."""
@@ -398,7 +400,7 @@ def chain_alpha_crown(
     if stop_fn is None:
         stop_fn = all_rows_positive
     kw = dict(iterations=iterations, lr=lr, lr_decay=lr_decay, optimize_intermediate=optimize_intermediate,
-              early_stop=early_stop, max_elements=max_elements)
+              early_stop=early_stop, max_elements=max_elements, deadline=deadline)
     if not _per_input(net, input_set, per_input):
         return _alpha(net, input_set, C, stop_fn=stop_fn, **kw)
     # CPU: one input at a time (grouping inputs of similar sizes was measured: no faster)
@@ -416,6 +418,7 @@ def chain_alpha_crown(
 def _alpha(
     net: ReluChain, input_set: InputSet, C: Tensor, *, iterations: int, lr: float, lr_decay: float,
     optimize_intermediate: bool, early_stop: bool, stop_fn: Callable[[Tensor], Tensor], max_elements: int,
+    deadline: Deadline | None = None,
 ) -> Tensor:
     with torch.no_grad():
         init = _pass(net, input_set, C, max_elements)
@@ -442,6 +445,8 @@ def _alpha(
     # the alive sets of the CROWN boxes hold for every iteration (boxes are intersected with them)
     cache = {("layer", k + 1): (L.alive, L.W, L.b) for k, L in enumerate(init.layers)}
     for it in range(iterations):
+        if deadline is not None and deadline.expired():  # best so far (>= CROWN's bounds)
+            break
         with torch.enable_grad():
             res = _pass(net, input_set, C, max_elements, fixed=fixed, plan=plan if optimize_intermediate else None,
                         alphas=alphas, cache=cache)
