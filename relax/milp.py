@@ -46,6 +46,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robust, parse_norm
 
 from .affine_net import FeedForwardNet
@@ -421,6 +422,8 @@ def milp_verify(
     d = spec.d.detach().double().cpu().numpy()
     regions = regions_of(inputs)
 
+    # the examples share the batch's time from here on (attack and bounds included)
+    call = Deadline(None if time_limit is None else time_limit * B)
     x_att, m_att = None, None
     if attack:
         x_att, m_att = pgd_attack(model, inputs, spec)
@@ -432,7 +435,7 @@ def milp_verify(
     outs: list[MilpOutcome] = []
     for b in range(B):
         t0 = time.perf_counter()
-        deadline = None if time_limit is None else t0 + time_limit
+        deadline = call.share(B - b).at
         det: dict = {"bounds": used, "solver": solver_name, "margin": margin}
         gl = np.full(G, -np.inf)
         gu = np.full(G, np.inf)
@@ -452,7 +455,7 @@ def milp_verify(
             if refine:
                 bnds, det["refine"] = tighten_bounds(net, regions[b], bnds, solver=solver, deadline=deadline)
             # 3. LP screen (safe bounds) with the final bounds
-            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver, net=net, bounds=[bnds])
+            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver, net=net, bounds=[bnds], deadline=Deadline.until(deadline))
         except SolverError as e:
             det["reason"] = f"solver: {e}"
             outs.append(MilpOutcome("unknown", gl, gu, np.full(len(groups), -np.inf), None, det))
