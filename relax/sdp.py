@@ -67,9 +67,21 @@ LP_FIRST_MARGIN = 1e-6
 SETUP_SECONDS_PER_ENTRY = 2e-5
 
 
+#: seconds the first ``import cvxpy`` of a process may take (measured 2-5 s on a loaded 2-core machine)
+CVXPY_IMPORT_SECONDS = 5.0
+
+
+def cvxpy_import_estimate() -> float:
+    """Seconds still needed to import cvxpy in this process (0 once imported)."""
+    import sys
+
+    return 0.0 if "cvxpy" in sys.modules else CVXPY_IMPORT_SECONDS
+
+
 def sdp_setup_estimate(n: int) -> float:
-    """Estimated seconds to build, compile and run a first solver iteration for an ``n x n`` P."""
-    return SETUP_SECONDS_PER_ENTRY * n * n + 0.05
+    """Estimated seconds to build, compile and run a first solver iteration for an ``n x n`` P
+    (plus importing cvxpy, the first time)."""
+    return SETUP_SECONDS_PER_ENTRY * n * n + 0.05 + cvxpy_import_estimate()
 
 
 def _time_limit_kw(use: str, seconds: float | None) -> dict:
