@@ -332,15 +332,18 @@ def rho_star(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[n
 
 
 def polish(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.ndarray], iters: int = 50,
-           step: float = 0.5) -> tuple[list[np.ndarray], float]:
+           step: float = 0.5, deadline: Deadline | None = None) -> tuple[list[np.ndarray], float]:
     """Lower ``rho*(U)`` by normalised gradient steps on ``log u`` with backtracking (a cheap
     first-order refinement of any strictly feasible ``U``; every accepted point keeps
-    ``N(0, U) < 0``). Returns the best ``U`` and its ``rho*``."""
+    ``N(0, U) < 0``). Returns the best ``U`` and its ``rho*``; no step starts after
+    ``deadline``."""
     best_u = [np.asarray(u, dtype=np.float64).copy() for u in us]
     best, g = rho_star(Ws, betas, w, best_u, grad=True)
     if not math.isfinite(best) or g is None:
         return best_u, best
     for _ in range(iters):
+        if deadline is not None and deadline.expired():
+            break
         gl = np.concatenate([u * gi for u, gi in zip(best_u, g)])
         scale = float(np.abs(gl).max())
         if scale == 0 or step < 1e-6:
@@ -498,11 +501,31 @@ class LipSDP:
                 start = _strictly_feasible(Ws, betas, w, us)
                 if start is not None:
                     r0 = rho_star(Ws, betas, w, start)[0]
-                    us, r1 = polish(Ws, betas, w, start, iters=iters)
+                    # polishing stops in time for the verification (which must run to the end)
+                    until = None if time_limit is None else Deadline(time_limit - row_estimate(self.net))
+                    us, r1 = polish(Ws, betas, w, start, iters=iters, deadline=until)
                     info_p = {"polish_from": r0, "polish_to": r1}
             rho_v, info = _verify_rho(self.net, w, us)
         L = None if rho_v is None else math.sqrt(rho_v) * (1 + ROUND_UP)
         return LipSDPResult(L, rho_s, rho_v, status, time.perf_counter() - t0, {**info, **info_p})
+
+
+_EIGH_128: list[float] = []
+
+
+def row_estimate(net: FeedForwardNet) -> float:
+    """Estimated seconds to verify one row (:func:`_verify_rho`: about eight symmetric
+    eigendecompositions of the full LipSDP matrix), from a timed 128 x 128 ``eigh`` scaled by n^3."""
+    if not _EIGH_128:
+        a = np.random.default_rng(0).standard_normal((128, 128))
+        times = []
+        for _ in range(3):  # the first call pays LAPACK's set-up
+            t0 = time.perf_counter()
+            np.linalg.eigh(a + a.T)
+            times.append(time.perf_counter() - t0)
+        _EIGH_128.append(min(times))
+    n = net.n_in + sum(l.n_out for l in net.layers[:-1]) + 1
+    return 8 * _EIGH_128[0] * (n / 128) ** 3
 
 
 def _row_key(v: np.ndarray) -> bytes:
@@ -564,7 +587,7 @@ class RowSolver:
         for v in self.rows(C):
             k = _row_key(v)
             if k not in self.results or (k in self.partial and k not in fresh):
-                if deadline is not None and not deadline.affords(last):
+                if deadline is not None and not deadline.affords(last or row_estimate(self.net)):
                     out.append(self._value(self.results.get(k)))
                     continue
                 t0 = time.perf_counter()
