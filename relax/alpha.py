@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet
 
 from .adam import ProjectedAdam
@@ -69,6 +70,7 @@ def alpha_crown(
     stop_fn: Callable[[Tensor], Tensor] | None = None,
     max_elements: int = 2**25,
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
+    deadline: Deadline | None = None,
 ) -> AlphaResult:
     """Optimised lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``).
 
@@ -80,6 +82,8 @@ def alpha_crown(
             -> Bool [B]`` (default: every row > 0). A done element's bounds are frozen, so a
             batch gives the same bounds as its elements one by one (up to round-off).
         max_elements, bound_overrides: as in :func:`relax.linear.crown`.
+        deadline: no step starts after it (the CROWN bounds come first, so the result is
+            always sound: the best over the steps done).
     """
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides)
@@ -139,6 +143,8 @@ def alpha_crown(
     opt = ProjectedAdam(params, lr, lr_decay)
     done = 0
     for it in range(iterations):
+        if deadline is not None and deadline.expired():
+            break
         with torch.enable_grad():
             res = crown(
                 graph, input_set, C, "crown", max_elements=max_elements,

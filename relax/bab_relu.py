@@ -158,8 +158,10 @@ def relu_bab(
     n_bounded += 1
     if bool(spec.margin(lower)[0] > margin):
         return finish("certified", "proved", float(spec.margin(lower)[0]))
+    if time.perf_counter() > deadline:  # the root bound is the answer so far
+        return finish("unknown", "timeout", float(spec.margin(lower)[0]))
     cex = try_points(corners(net_f, 1, _cast(pre, fdt), [a.to(fdt) for a in alphas], None, None))
-    if cex is None:
+    if cex is None and time.perf_counter() < deadline:
         x, _ = pgd_boxes(net, spec, lo, hi, steps=50, restarts=3, generator=gen)
         cex = try_points(x)
     if cex is not None:
@@ -180,15 +182,19 @@ def relu_bab(
             offsets.append(offsets[-1] + n)
 
         gave_up, gave_up_bound = False, math.inf
+        round_s, t_round = 0.0, None  # the last round's time: a round that would end past ``until`` is not started
         q = _DomainQueue({"low": lower, "pre": pre, "alphas": alphas, "betas": betas, "splits": splits}, spec.margin, max_domains)
         while True:
+            if t_round is not None:
+                round_s = time.perf_counter() - t_round
             M = len(q)
             if M == 0:
                 if gave_up:
                     return finish("unknown", "exhausted", gave_up_bound)
                 return finish("certified", "proved", margin)
-            if time.perf_counter() > until:
+            if time.perf_counter() + round_s > until:
                 return finish("unknown", "timeout", min(gave_up_bound, q.min_margin()))
+            t_round = time.perf_counter()
             if M > max_domains:
                 return finish("unknown", "memory", min(gave_up_bound, q.min_margin()))
             rounds += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet
 
 from .graph import BoundGraph, get_graph
@@ -102,11 +103,13 @@ def lower_bounds(
     early_stop: bool = False,
     stop_fn=None,
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
+    deadline: Deadline | None = None,
 ) -> Tensor:
     """Lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``) on a prepared graph (see
     :func:`prepare`); the other arguments as in :func:`bounds`. ``early_stop`` (alpha-CROWN):
     stop optimising an input once ``stop_fn(lower [B, N]) -> Bool [B]`` (default: every row
-    positive)."""
+    positive). ``deadline`` (alpha-CROWN): no optimisation step starts after it (the bounds are
+    then the best of the steps done, at least CROWN's)."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; use one of {', '.join(METHODS)}")
     if method == "interval":
@@ -129,11 +132,12 @@ def lower_bounds(
             return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides).lower
     if chain is not None:
         return chain_alpha_crown(chain, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
-                                 early_stop=early_stop, stop_fn=stop_fn, max_elements=max_elements).detach()
+                                 early_stop=early_stop, stop_fn=stop_fn, max_elements=max_elements, deadline=deadline).detach()
     from .alpha import alpha_crown
 
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
-                       max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides).lower.detach()
+                       max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides,
+                       deadline=deadline).lower.detach()
 
 
 def intermediate_bounds(

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
+
 from .affine_net import FeedForwardNet
 from .lipschitz import ACT_LIPSCHITZ, ROUND_UP
 
@@ -330,15 +332,18 @@ def rho_star(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[n
 
 
 def polish(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.ndarray], iters: int = 50,
-           step: float = 0.5) -> tuple[list[np.ndarray], float]:
+           step: float = 0.5, deadline: Deadline | None = None) -> tuple[list[np.ndarray], float]:
     """Lower ``rho*(U)`` by normalised gradient steps on ``log u`` with backtracking (a cheap
     first-order refinement of any strictly feasible ``U``; every accepted point keeps
-    ``N(0, U) < 0``). Returns the best ``U`` and its ``rho*``."""
+    ``N(0, U) < 0``). Returns the best ``U`` and its ``rho*``; no step starts after
+    ``deadline``."""
     best_u = [np.asarray(u, dtype=np.float64).copy() for u in us]
     best, g = rho_star(Ws, betas, w, best_u, grad=True)
     if not math.isfinite(best) or g is None:
         return best_u, best
     for _ in range(iters):
+        if deadline is not None and deadline.expired():
+            break
         gl = np.concatenate([u * gi for u, gi in zip(best_u, g)])
         scale = float(np.abs(gl).max())
         if scale == 0 or step < 1e-6:
@@ -396,6 +401,9 @@ class LipSDP:
         self.eps = eps
         self.max_iters = max_iters
         self.warm_start = warm_start
+        #: seconds of one solver iteration in the last solve: a time limit is checked between
+        #: iterations, so a solve is given its time limit minus one iteration
+        self.iter_s = 0.0
         self.betas = _betas(net)
         if not net.activations:
             raise ValueError("LipSDP needs at least one hidden layer")
@@ -435,11 +443,12 @@ class LipSDP:
         N = cp.bmat(blocks)
         self.problem = cp.Problem(cp.Maximize(self.tau), [(N + N.T) / 2 << 0])
 
-    def _solve_kwargs(self) -> dict:
+    def _solve_kwargs(self, time_limit: float | None = None) -> dict:
         import cvxpy as cp
 
         if self.solver == "scs":
-            return dict(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=self.max_iters, warm_start=self.warm_start)
+            kw = dict(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=self.max_iters, warm_start=self.warm_start)
+            return kw if time_limit is None else {**kw, "time_limit_secs": float(time_limit)}
         kw = dict(solver=cp.CLARABEL, tol_gap_abs=self.eps, tol_gap_rel=self.eps, tol_feas=self.eps, max_iter=min(self.max_iters, 500))
         try:  # the supernodal faer backend is much faster on the dense PSD-cone blocks
             import clarabel
@@ -448,11 +457,14 @@ class LipSDP:
                 kw["direct_solve_method"] = "faer"
         except Exception:  # pragma: no cover
             pass
+        if time_limit is not None:
+            kw["time_limit"] = float(time_limit)
         return kw
 
-    def solve_row(self, w: np.ndarray, verify: bool = True) -> LipSDPResult:
+    def solve_row(self, w: np.ndarray, verify: bool = True, time_limit: float | None = None) -> LipSDPResult:
         """LipSDP for the row with last-layer vector ``w = W_l^T c`` ``[n_l]``: solve (cvxpy or
-        the closed-form start), polish, verify."""
+        the closed-form start), polish, verify. ``time_limit``: seconds for the solver (a solve
+        stopped there gives multipliers that are verified like any other)."""
         t0 = time.perf_counter()
         nw = float(np.linalg.norm(w))
         if nw == 0.0:
@@ -462,7 +474,12 @@ class LipSDP:
             if self.solver != "first-order":
                 self.w.value = w / nw
                 try:
-                    self.problem.solve(**self._solve_kwargs())
+                    # the first solve (iteration time unknown) gets half the time left
+                    tl = None if time_limit is None else max(time_limit - self.iter_s if self.iter_s else time_limit / 2, 1e-3)
+                    self.problem.solve(**self._solve_kwargs(tl))
+                    st = self.problem.solver_stats
+                    if st is not None and st.solve_time and st.num_iters:
+                        self.iter_s = float(st.solve_time) / max(int(st.num_iters), 1)
                     status = str(self.problem.status)
                     vals = [v.value for v in self.v]
                     if all(v is not None for v in vals) and self.tau.value is not None and self.tau.value > 0:
@@ -484,11 +501,31 @@ class LipSDP:
                 start = _strictly_feasible(Ws, betas, w, us)
                 if start is not None:
                     r0 = rho_star(Ws, betas, w, start)[0]
-                    us, r1 = polish(Ws, betas, w, start, iters=iters)
+                    # polishing stops in time for the verification (which must run to the end)
+                    until = None if time_limit is None else Deadline(time_limit - row_estimate(self.net))
+                    us, r1 = polish(Ws, betas, w, start, iters=iters, deadline=until)
                     info_p = {"polish_from": r0, "polish_to": r1}
             rho_v, info = _verify_rho(self.net, w, us)
         L = None if rho_v is None else math.sqrt(rho_v) * (1 + ROUND_UP)
         return LipSDPResult(L, rho_s, rho_v, status, time.perf_counter() - t0, {**info, **info_p})
+
+
+_EIGH_128: list[float] = []
+
+
+def row_estimate(net: FeedForwardNet) -> float:
+    """Estimated seconds to verify one row (:func:`_verify_rho`: about eight symmetric
+    eigendecompositions of the full LipSDP matrix), from a timed 128 x 128 ``eigh`` scaled by n^3."""
+    if not _EIGH_128:
+        a = np.random.default_rng(0).standard_normal((128, 128))
+        times = []
+        for _ in range(3):  # the first call pays LAPACK's set-up
+            t0 = time.perf_counter()
+            np.linalg.eigh(a + a.T)
+            times.append(time.perf_counter() - t0)
+        _EIGH_128.append(min(times))
+    n = net.n_in + sum(l.n_out for l in net.layers[:-1]) + 1
+    return 8 * _EIGH_128[0] * (n / 128) ** 3
 
 
 def _row_key(v: np.ndarray) -> bytes:
@@ -515,6 +552,7 @@ class RowSolver:
         self.polish_iters = polish_iters
         self._prob: LipSDP | None = None
         self.results: dict[bytes, LipSDPResult] = {}
+        self.partial: set[bytes] = set()  # rows whose solve a deadline cut short (solved again later)
         self.W_L = net.layers[-1].W.detach().cpu().double()
 
     @property
@@ -532,19 +570,33 @@ class RowSolver:
         return np.array([self._value(self.results.get(_row_key(v))) for v in self.rows(C)])
 
     def is_solved(self, C: Tensor) -> np.ndarray:
-        return np.array([_row_key(v) in self.results for v in self.rows(C)], dtype=bool)
+        """``[R]``: solved (in a later call, rows a deadline cut short count as not solved)."""
+        return np.array([(k := _row_key(v)) in self.results and k not in self.partial for v in self.rows(C)], dtype=bool)
 
     @staticmethod
     def _value(res: LipSDPResult | None) -> float:
         return np.nan if res is None or res.L is None else float(res.L)
 
-    def solve(self, C: Tensor) -> np.ndarray:
-        """Solve (once per row up to sign) and return ``[R]`` bounds (``nan`` = no verified bound)."""
-        out = []
+    def solve(self, C: Tensor, deadline: Deadline | None = None) -> np.ndarray:
+        """Solve (once per row up to sign) and return ``[R]`` bounds (``nan`` = no verified bound).
+
+        ``deadline``: a row starts only if the time left exceeds the last row's time; the solver
+        gets the time left (rows not started stay ``nan``)."""
+        out, last = [], 0.0
+        fresh = set()
         for v in self.rows(C):
             k = _row_key(v)
-            if k not in self.results:
-                self.results[k] = self.problem.solve_row(v)
+            if k not in self.results or (k in self.partial and k not in fresh):
+                if deadline is not None and not deadline.affords(last or row_estimate(self.net)):
+                    out.append(self._value(self.results.get(k)))
+                    continue
+                t0 = time.perf_counter()
+                self.results[k] = self.problem.solve_row(v, time_limit=None if deadline is None else deadline.limit())
+                last = time.perf_counter() - t0
+                fresh.add(k)
+                self.partial.discard(k)
+                if deadline is not None and deadline.expired():
+                    self.partial.add(k)
             out.append(self._value(self.results[k]))
         return np.array(out)
 

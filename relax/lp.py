@@ -42,6 +42,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall
 
 from .affine_net import FeedForwardNet, to_feedforward
@@ -651,6 +652,7 @@ def lp_lower_bounds(
     time_limit: float | None = None,
     net: FeedForwardNet | None = None,
     bounds: list[list[tuple[np.ndarray, np.ndarray]]] | None = None,
+    deadline: Deadline | None = None,
 ) -> LpResult:
     """Sound lower bounds of every property row over the triangle LP relaxation.
 
@@ -664,6 +666,8 @@ def lp_lower_bounds(
         time_limit: seconds per example (refinement stops early; each LP has the rest).
         net: the dense form, if already extracted.
         bounds: per example, pre-activation bounds to use instead of :func:`initial_bounds`.
+        deadline: for the whole batch, shared evenly by the examples not yet done; each LP
+            gets the time left and no LP starts after it (rows not solved keep ``-inf``).
 
     Returns:
         :class:`LpResult` with ``lower [B, N]`` float64.
@@ -683,9 +687,11 @@ def lp_lower_bounds(
     B, N = d.shape
     lower = np.full((B, N), -np.inf)
     details, all_bounds, points = [], [], []
+    batch_deadline = Deadline.of(deadline)
     for bi, reg in enumerate(regions):
         t0 = time.perf_counter()
-        deadline = None if time_limit is None else t0 + time_limit
+        mine = batch_deadline.share(B - bi)  # this example's share of the time left
+        deadline = mine.at if time_limit is None else min(t0 + time_limit, mine.at or math.inf)
         if bounds is None:
             bnds = [(l[bi].numpy().copy(), u[bi].numpy().copy()) for l, u in ib]
         else:
@@ -702,8 +708,11 @@ def lp_lower_bounds(
         statuses, messages = [], set()
         pts = np.tile((reg.lo + reg.hi) / 2, (N, 1))
         for i in range(N):
+            if deadline is not None and time.perf_counter() >= deadline:
+                statuses.append("time_limit")  # not solved: the row keeps -inf
+                continue
             be.set_objective(M.getrow(i).toarray().ravel(), const[i])
-            rest = None if deadline is None else max(deadline - time.perf_counter(), 0.1)
+            rest = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
             r = be.solve(time_limit=rest)
             statuses.append(r.status)
             if r.status == "error" and r.message:

@@ -117,4 +117,4 @@ class AlphaCrownMethod(_Relax):
 
         return self._lower(model, inputs, spec, iterations=self.iterations, lr=self.lr,
                            optimize_intermediate=self.optimize_intermediate, early_stop=self.early_stop,
-                           stop_fn=stop_fn)
+                           stop_fn=stop_fn, deadline=self.deadline)

@@ -30,11 +30,13 @@ import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
+from verify.deadline import Deadline
 from verify.registry import BoundMethod, register
 from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
 
 from . import lipschitz as lip
 from .affine_net import FeedForwardNet, to_feedforward
+from .sdp import cvxpy_import_estimate
 
 __all__ = ["LipschitzGlobal", "LipschitzSDP", "LipschitzLocal"]
 
@@ -115,7 +117,14 @@ class _LipschitzMethod(BoundMethod):
 
     # -- the certificate -------------------------------------------------------------------
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        t0 = time.perf_counter()
+        self._deadline = Deadline(timeout)  # read by row_lipschitz (LipSDP rows) via self.deadline
+        try:
+            return self._certify_lipschitz(model, inputs, prop, find_radius, max_radius, timeout)
+        finally:
+            self._deadline = None
+
+    def _certify_lipschitz(self, model, inputs, prop, find_radius, max_radius, timeout):
+        t0 = self._deadline.start
         self.check_input_set(inputs)
         if find_radius and not isinstance(inputs, LpBall):
             raise SpecError("find_radius needs an l_p ball input set")
@@ -416,24 +425,31 @@ class LipschitzSDP(_LipschitzMethod):
         rs, size, solver = self._row_solver(model, net, shape)
         if bad or size > self.max_lmi_size:
             return combined(None), {"bound": f"global (LMI size {size} > max_lmi_size {self.max_lmi_size})"}
+        if solver != "first-order" and rs._prob is None and not self.deadline.affords(cvxpy_import_estimate()):
+            return combined(None), {"bound": "global (no time left to import cvxpy for LipSDP)"}
         flat = C.reshape(B * N, K)
 
         def current() -> Tensor:
             return combined(torch.from_numpy(rs.known(flat)).view(B, N))
 
+        # the certify() deadline and the time_limit option, whichever comes first
+        dl = self.deadline
+        if self.time_limit is not None:
+            dl = Deadline.until(min(t0 + self.time_limit, dl.at if dl.at is not None else math.inf))
         if not self.lazy or margins is None:
             todo = torch.ones(B * N, dtype=torch.bool)
             if margins is not None:
                 todo = (margins.reshape(-1) > 0)
-            rs.solve(flat[todo]) if todo.any() else None
+            rs.solve(flat[todo], deadline=dl) if todo.any() else None
         else:
-            while True:
-                if self.time_limit is not None and time.perf_counter() - t0 > self.time_limit:
-                    break
+            while not dl.expired():
                 need = _deciding_rows(margins, current(), spec.groups, torch.from_numpy(rs.is_solved(flat)).view(B, N))
                 if not need.any():
                     break
-                rs.solve(flat[need.reshape(-1)])
+                before = int(rs.is_solved(flat).sum())
+                rs.solve(flat[need.reshape(-1)], deadline=dl)
+                if int(rs.is_solved(flat).sum()) == before:  # no row fitted in the time left
+                    break
         solved = torch.from_numpy(rs.is_solved(flat)).view(B, N)
         L = current()
         return L, {"bound": f"lipsdp-{solver}", "lmi_size": size, "rows_solved": solved.sum(dim=1).tolist()}

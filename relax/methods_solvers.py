@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
+from verify.deadline import Deadline
 from verify.registry import BoundMethod, Method, register
 from verify.spec import InputSet, Linear, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
 
@@ -54,7 +55,8 @@ class LpMethod(BoundMethod):
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
-        res = lp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, solver=self.solver, time_limit=self.time_limit, net=net)
+        res = lp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, solver=self.solver,
+                              time_limit=self.time_limit, net=net, deadline=self.deadline)
         return res.lower.to(device=spec.C.device)
 
 
@@ -75,7 +77,8 @@ class SdpMethod(BoundMethod):
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
-        res = sdp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, triangle=self.triangle, solver=self.solver, lp_first=self.lp_first, net=net)
+        res = sdp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, triangle=self.triangle, solver=self.solver, lp_first=self.lp_first, net=net,
+                               deadline=self.deadline)
         return res.lower.to(device=spec.C.device)
 
 
@@ -119,7 +122,8 @@ class MilpMethod(Method):
         self._store_options(locals())
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        t_all = time.perf_counter()
+        deadline = Deadline(timeout)
+        t_all = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
         x0 = inputs.midpoint()
@@ -143,9 +147,9 @@ class MilpMethod(Method):
         net = _net_for(self, model, inputs.shape)
         certs: list[Certificate] = []
         for b in range(B):
-            t0 = time.perf_counter()
-            left = None if timeout is None else max(timeout - (t0 - t_all), 0.0) / (B - b)
-            tl = self.time_limit if left is None else min(self.time_limit, left)
+            t0 = time.perf_counter() if b else t_all  # the set-up counts towards the first example
+            mine = deadline.share(B - b)  # this example's share of the time left
+            tl = mine.limit(self.time_limit)
             in_b = inputs.select([b])
             spec_b = spec.select([b])
             lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
@@ -174,8 +178,10 @@ class MilpMethod(Method):
                     det["reason"] = f"solver: {e}"
                 if is_ball and status == "certified":
                     radius = eps
-                if find_radius:
-                    r = self._distortion(model, inputs, spec_b, b, tl, max_radius, det)
+                if find_radius and mine.expired():
+                    det["exact_radius"] = {"error": "time limit before the radius search"}
+                elif find_radius:
+                    r = self._distortion(model, inputs, spec_b, b, mine.limit(self.time_limit), max_radius, det)
                     if r is not None:
                         radius = max(radius, self._certified_radius(r, max_radius))
             certs.append(

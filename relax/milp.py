@@ -46,6 +46,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robust, parse_norm
 
 from .affine_net import FeedForwardNet
@@ -468,6 +469,8 @@ def milp_verify(
     d = spec.d.detach().double().cpu().numpy()
     regions = regions_of(inputs)
 
+    # the examples share the batch's time from here on (attack and bounds included)
+    call = Deadline(None if time_limit is None else time_limit * B)
     x_att, m_att = None, None
     if attack:
         x_att, m_att = pgd_attack(model, inputs, spec)
@@ -479,7 +482,7 @@ def milp_verify(
     outs: list[MilpOutcome] = []
     for b in range(B):
         t0 = time.perf_counter()
-        deadline = None if time_limit is None else t0 + time_limit
+        deadline = call.share(B - b).at
         det: dict = {"bounds": used, "solver": solver_name, "margin": margin}
         gl = np.full(G, -np.inf)
         gu = np.full(G, np.inf)
@@ -499,11 +502,13 @@ def milp_verify(
             if refine:
                 bnds, det["refine"] = tighten_bounds(net, regions[b], bnds, solver=solver, deadline=deadline)
             # 3. LP screen (safe bounds) with the final bounds
-            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver, net=net, bounds=[bnds])
+            t_lp = time.perf_counter()
+            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver, net=net, bounds=[bnds], deadline=Deadline.until(deadline))
         except SolverError as e:
             det["reason"] = f"solver: {e}"
             outs.append(MilpOutcome("unknown", gl, gu, np.full(len(groups), -np.inf), None, det))
             continue
+        t_lp = time.perf_counter() - t_lp  # ~ the cost of encoding and building the MILP too
         row_lower = lpres.lower[0].numpy().copy()
         for g in range(G):
             gl[g] = row_lower[groups == g].max()
@@ -529,7 +534,12 @@ def milp_verify(
                     det.update(found_by="attack from an LP optimum", note=note, time_s=time.perf_counter() - t0)
                     outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), row_lower, xc[0].float().cpu(), det))
                     continue
-        # 4. MILP per remaining group
+        # 4. MILP per remaining group (not started when building it would pass the deadline)
+        if deadline is not None and deadline - time.perf_counter() < t_lp and not bool(lp_proved.all()):
+            det["reason"] = "time limit before the MILP"
+            det["time_s"] = time.perf_counter() - t0
+            outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
+            continue
         enc = encode(net, regions[b], bnds, integer=True)
         det["milp"] = dict(enc.stats)
         lp, rows, t_col, M, const = _add_spec_rows(enc, net, C[b], d[b], with_t=True)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall
 
 from .adam import ProjectedAdam
@@ -451,6 +452,7 @@ def chain_alpha_crown(
     stop_fn: Callable[[Tensor], Tensor] | None = None,
     max_elements: int = 2**25,
     per_input: bool | None = None,
+    deadline: Deadline | None = None,
 ) -> Tensor:
     """alpha-CROWN lower bounds ``[B, N]`` of ``C y`` on a ReLU chain; the options as in
     :func:`relax.alpha.alpha_crown` (``stop_fn`` sees the whole batch's ``[B, N]`` bounds)."""
@@ -458,7 +460,7 @@ def chain_alpha_crown(
     if stop_fn is None:
         stop_fn = all_rows_positive
     kw = dict(iterations=iterations, lr=lr, lr_decay=lr_decay, optimize_intermediate=optimize_intermediate,
-              early_stop=early_stop, max_elements=max_elements)
+              early_stop=early_stop, max_elements=max_elements, deadline=deadline)
     if not _per_input(net, input_set, per_input):
         return _alpha(net, input_set, C, stop_fn=stop_fn, **kw)
     # CPU: one input at a time (grouping inputs of similar sizes was measured: no faster)
@@ -476,6 +478,7 @@ def chain_alpha_crown(
 def _alpha(
     net: ReluChain, input_set: InputSet, C: Tensor, *, iterations: int, lr: float, lr_decay: float,
     optimize_intermediate: bool, early_stop: bool, stop_fn: Callable[[Tensor], Tensor], max_elements: int,
+    deadline: Deadline | None = None,
 ) -> Tensor:
     with torch.no_grad():
         init = _pass(net, input_set, C, max_elements)
@@ -503,6 +506,8 @@ def _alpha(
     cache = {("layer", k + 1): (L.alive, L.W, L.b) for k, L in enumerate(init.layers)}
     cache.update({("err_w", k + 1): L.err_w for k, L in enumerate(init.layers)})
     for it in range(iterations):
+        if deadline is not None and deadline.expired():  # best so far (>= CROWN's bounds)
+            break
         with torch.enable_grad():
             res = _pass(net, input_set, C, max_elements, fixed=fixed, plan=plan if optimize_intermediate else None,
                         alphas=alphas, cache=cache)

@@ -45,6 +45,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet, LinearSpec, LpBall
 
 from .affine_net import FeedForwardNet
@@ -60,6 +61,36 @@ AUTO_CLARABEL_MAX_N = 30
 SCS_OPTIONS = {"eps_abs": 1e-4, "eps_rel": 1e-4, "max_iters": 5000}
 #: rows whose triangle-LP bound is already this far above 0 are not sent to the SDP (lp_first)
 LP_FIRST_MARGIN = 1e-6
+#: seconds per entry of P (n^2) that building and compiling the cvxpy problem and SCS's set-up
+#: take (none of it interruptible), an upper estimate from measurements (see
+#: :func:`sdp_setup_estimate`; mnistfc 256x2, n = 891: a 30 s deadline still ended after 40 s
+#: with 2e-5); a deadline that leaves less time skips the SDP (its rows stay unknown)
+SETUP_SECONDS_PER_ENTRY = 5e-5
+
+
+#: seconds the first ``import cvxpy`` of a process may take (measured 2-5 s on a loaded 2-core machine)
+CVXPY_IMPORT_SECONDS = 5.0
+
+
+def cvxpy_import_estimate() -> float:
+    """Seconds still needed to import cvxpy in this process (0 once imported)."""
+    import sys
+
+    return 0.0 if "cvxpy" in sys.modules else CVXPY_IMPORT_SECONDS
+
+
+def sdp_setup_estimate(n: int) -> float:
+    """Estimated seconds to build, compile and run a first solver iteration for an ``n x n`` P
+    (plus importing cvxpy, the first time)."""
+    return SETUP_SECONDS_PER_ENTRY * n * n + 0.05 + cvxpy_import_estimate()
+
+
+def _time_limit_kw(use: str, seconds: float | None) -> dict:
+    """The solver's own time limit option (Clarabel ``time_limit``, SCS ``time_limit_secs``); a
+    solve stopped there still returns multipliers, whose dual bound is verified like any other."""
+    if seconds is None:
+        return {}
+    return {"time_limit": seconds} if use == "clarabel" else {"time_limit_secs": seconds}
 
 
 class _Rows:
@@ -216,6 +247,7 @@ def sdp_lower_bounds(
     solver: str = "auto",
     lp_first: bool = False,
     net: FeedForwardNet | None = None,
+    deadline: Deadline | None = None,
 ) -> SdpResult:
     """Sound lower bounds of every property row over the SDP relaxation (l_inf balls and boxes).
 
@@ -229,6 +261,9 @@ def sdp_lower_bounds(
         solver: "auto", "clarabel" or "scs" (through cvxpy); see ``AUTO_CLARABEL_MAX_N``.
         lp_first: solve the triangle LP first and skip the SDP for rows it already proves
             (their bound is the LP's safe bound; both are sound). A speed option for the method.
+        deadline: for the whole batch (shared by the examples left); each solve gets the
+            solver's time limit, no solve starts after it, and the SDP is skipped when the time
+            left is below :func:`sdp_setup_estimate` (rows not solved stay ``-inf``).
 
     Returns:
         :class:`SdpResult` with ``lower [B, N]`` (``-inf`` where the solver failed).
@@ -251,12 +286,20 @@ def sdp_lower_bounds(
     WL, bL = net.layers[-1].W.numpy(), net.layers[-1].b.numpy()
     lower = np.full((B, N), -np.inf)
     details = []
+    batch_deadline = Deadline.of(deadline)
     for bi, reg in enumerate(regions):
         t0 = time.perf_counter()
+        mine = batch_deadline.share(B - bi)
         bnds = [(l[bi].numpy().copy(), u[bi].numpy().copy()) for l, u in ib]
         det: dict = {"bounds": used, "solver": solver, "triangle": triangle}
         if refine:
-            bnds, det["refine"] = tighten_bounds(net, reg, bnds)
+            bnds, det["refine"] = tighten_bounds(net, reg, bnds, deadline=mine.at)
+        n_est = 1 + reg.lo.size + sum(int(((l < 0) & (u > 0)).sum()) for l, u in bnds)
+        if not mine.affords(sdp_setup_estimate(n_est)):
+            det["reason"] = f"not run: the SDP (n ~ {n_est}) needs about {sdp_setup_estimate(n_est):.1f} s, {mine.remaining():.1f} s left"
+            det["time_s"] = time.perf_counter() - t0
+            details.append(det)
+            continue
         prob = build_sdp(net, reg.lo, reg.hi, bnds, triangle)
         det["sdp"] = prob.stats
         n = prob.n
@@ -276,12 +319,15 @@ def sdp_lower_bounds(
         if lp_first:
             from .lp import lp_lower_bounds
 
-            lpl = lp_lower_bounds(net, inputs.select([bi]), spec.select([bi]), net=net, bounds=[bnds]).lower[0].numpy()
+            lpl = lp_lower_bounds(net, inputs.select([bi]), spec.select([bi]), net=net, bounds=[bnds], deadline=mine).lower[0].numpy()
             skip = lpl > LP_FIRST_MARGIN
             lower[bi, skip] = lpl[skip]
             det["rows_proved_by_lp"] = int(skip.sum())
         for i in range(N):
             if skip[i]:
+                continue
+            if mine.expired():
+                statuses.append("not run (time limit)")
                 continue
             c0 = np.zeros(n * n)
             c0[:n] = obj[:, i]  # column 0 of P (column-major vec)
@@ -289,7 +335,7 @@ def sdp_lower_bounds(
             try:
                 with warnings.catch_warnings():  # "inaccurate" is fine: the bound is verified
                     warnings.simplefilter("ignore")
-                    problem.solve(**kw)
+                    problem.solve(**kw, **_time_limit_kw(use, mine.limit()))
                 st = problem.status
             except cp.error.SolverError as e:
                 st = f"solver error: {e}"

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .certificate import Certificate
+from .deadline import Deadline
 from .spec import InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
 
 __all__ = [
@@ -88,8 +89,24 @@ def list_methods() -> dict[str, type["Method"]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def _load_until(name: str) -> None:
+    """Import the method families one by one until ``name`` is registered (a first
+    ``certify()`` then pays for one family's imports, not all: they count towards its timeout)."""
+    for mod in METHOD_MODULES:
+        if name in _REGISTRY:
+            return
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
 def method_class(name: str) -> type["Method"]:
-    _load_all()
+    if name not in _REGISTRY:
+        _load_until(name)
+    if name not in _REGISTRY:
+        _load_all()
     if name not in _REGISTRY:
         raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -330,8 +347,24 @@ class BoundMethod(Method):
         rows = torch.where(ok, torch.ones_like(lower), -torch.ones_like(lower))
         return spec.certified_by(rows, 0.0)
 
+    @property
+    def deadline(self) -> Deadline:
+        """The deadline of the running :meth:`certify` call (unlimited outside one): subclasses
+        pass it to their long loops and solvers inside :meth:`lower_bounds`."""
+        return getattr(self, "_deadline", None) or Deadline(None)
+
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        t0 = time.perf_counter()
+        """See :meth:`Method.certify`. With ``timeout`` the bound computations and the radius
+        bisection stop at the deadline: bounds finished so far are kept (each is sound), the
+        radius is the largest one proved so far, and what is not proved is "unknown"."""
+        self._deadline = Deadline(timeout)
+        try:
+            return self._certify_until(model, inputs, prop, find_radius, max_radius, self._deadline)
+        finally:
+            self._deadline = None
+
+    def _certify_until(self, model, inputs, prop, find_radius, max_radius, deadline: Deadline) -> list[Certificate]:
+        t0 = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
         x0 = inputs.midpoint()
@@ -373,7 +406,7 @@ class BoundMethod(Method):
             certs.append(self.make_certificate(
                 status, b, label=lab, prediction=int(pred[b]), norm=norm, eps=float(asked_eps[b]) if is_ball else None,
                 radius=float(radius[b]), lower=lower[b].detach().cpu(), counterexample=cex, time_s=elapsed / B,
-                details={"options": self.options()},
+                details={"options": self.options(), **_deadline_details(deadline)},
             ))
         return certs
 
@@ -386,9 +419,12 @@ class BoundMethod(Method):
         hi = torch.maximum(hi, lo)
         active = clean_ok.cpu().clone()
         lo[~active] = 0.0
+        deadline, step_s = self.deadline, 0.0
         for _ in range(self.bisection_steps):
-            if not active.any():
+            # a step that would end past the deadline is not started (the last one's time as estimate)
+            if not active.any() or not deadline.affords(step_s):
                 break
+            t_step = time.perf_counter()
             mid = (lo + hi) / 2
             # float64 radii: LpBall rounds them *up* to the model dtype, and the radius kept on
             # success is the one actually proved (never the unrounded midpoint)
@@ -396,4 +432,12 @@ class BoundMethod(Method):
             ok = self.checked_bounds(model, ball, spec)[1].cpu() & active
             lo = torch.where(ok, ball.eps.double().cpu(), lo)
             hi = torch.where(active & ~ok, mid, hi)
+            step_s = time.perf_counter() - t_step
         return lo
+
+
+def _deadline_details(deadline: Deadline) -> dict[str, Any]:
+    """``details`` entries of a certificate computed under a deadline (none without one)."""
+    if deadline.seconds is None:
+        return {}
+    return {"timeout": deadline.seconds, "deadline_expired": deadline.expired()}

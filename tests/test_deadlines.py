@@ -1,0 +1,207 @@
+"""Deadlines (issue 17): every method answers within ``timeout`` (plus a little), with a sound
+anytime answer, and the time a certificate reports covers the whole ``certify()`` call.
+
+Each problem below takes many times its deadline without one (measured on the 2-core test
+machine: alpha-CROWN with 500 steps ~12 s, the LP radius search ~7 s, the MILP radius search
+~3-18 s, the SDP radius search ~5-13 s, 1000 CROWN bisection steps ~30 s), so these tests fail on
+code that does not stop at the deadline. The set-up tests slow the set-up down on purpose.
+The smoothing test passes on the old code too (its sampling loop already had a deadline).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from verify import certify
+from verify.deadline import Deadline, DeadlineExpired
+from verify.registry import get_method, list_methods
+from verify.spec import LpBall, Robust
+
+#: allowed time past the deadline (the issue's target: 1 s or 5 %)
+SLACK = 1.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _imported():
+    """Import every method family (and cvxpy) first: process start-up, not part of the deadlines."""
+    list_methods()
+    import cvxpy  # noqa: F401
+
+
+def _mlp(sizes: list[int], seed: int = 0) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1]).eval()
+
+
+def _problem(sizes: list[int], seed: int = 1):
+    net = _mlp(sizes)
+    torch.manual_seed(seed)
+    x = torch.rand(1, sizes[0])
+    with torch.no_grad():
+        label = net(x).argmax(dim=1)
+    return net, x, label
+
+
+def _no_violation_sampled(net, x: torch.Tensor, label: torch.Tensor, eps: float, n: int = 4000) -> bool:
+    """No sampled point of the l_inf ball (in [0, 1]) changes the prediction."""
+    if eps <= 0:
+        return True
+    torch.manual_seed(3)
+    pts = (x + eps * (2 * torch.rand(n, x.shape[1]) - 1)).clamp(0, 1)
+    corners = (x + eps * torch.sign(torch.randn(n, x.shape[1]))).clamp(0, 1)
+    with torch.no_grad():
+        return bool((net(torch.cat([pts, corners])).argmax(dim=1) == label).all())
+
+
+def _timed(net, x, label, method: str, eps: float, timeout: float, **kw):
+    t0 = time.perf_counter()
+    table = certify(net, x, label, method, eps=eps, timeout=timeout, **kw)
+    return table[0], time.perf_counter() - t0
+
+
+def _check_sound(cert, net, x, label) -> None:
+    assert cert.status in ("certified", "unknown")
+    if cert.status == "certified":
+        assert _no_violation_sampled(net, x, label, cert.eps)
+    assert _no_violation_sampled(net, x, label, cert.radius)
+
+
+def test_deadline_object():
+    d = Deadline(None)
+    assert d.remaining() == math.inf and not d.expired() and d.limit() is None and d.at is None
+    assert d.limit(3.0) == 3.0
+    d = Deadline(0.2)
+    assert 0.0 < d.remaining() <= 0.2 and not d.expired() and d.affords(0.01) and not d.affords(1.0)
+    assert d.share(4).remaining() <= 0.05 + 1e-6
+    assert abs(Deadline.until(d.at).remaining() - d.remaining()) < 0.01
+    e = Deadline(0.0)
+    assert e.expired() and e.remaining() == 0.0 and e.limit() == pytest.approx(1e-3)
+    with pytest.raises(DeadlineExpired):
+        e.check()
+
+
+def test_alpha_crown_steps_stop_at_deadline():
+    net, x, label = _problem([20, 100, 100, 100, 10])
+    cert, wall = _timed(net, x, label, "alpha-crown", 0.3, 0.5, iterations=500, early_stop=False)
+    assert wall <= 0.5 + SLACK
+    _check_sound(cert, net, x, label)
+    assert cert.details["deadline_expired"]
+
+
+def test_bisection_stops_at_deadline_with_best_radius():
+    net, x, label = _problem([20, 50, 50, 10])
+    m = get_method("crown")
+    m.bisection_steps = 1_000  # ~30 s without a deadline
+    cert, wall = _timed(net, x, label, m, 0.0, 0.5, find_radius=True, max_radius=1.0)
+    assert wall <= 0.5 + SLACK
+    _check_sound(cert, net, x, label)
+    assert cert.radius > 0  # the radius proved before the deadline is kept
+    full = get_method("crown").certify(*_loaded(net, x, label, 0.0), find_radius=True, max_radius=1.0)[0]
+    assert cert.radius <= full.radius * (1 + 1e-6) + 1e-3  # never more than the bisection proves
+
+
+def _loaded(net, x, label, eps):
+    from verify.model import load_model
+
+    return load_model(net), LpBall(x, eps, math.inf, 0.0, 1.0), Robust(label)
+
+
+def test_lp_radius_search_stops_at_deadline():
+    net, x, label = _problem([20, 100, 100, 100, 10])
+    cert, wall = _timed(net, x, label, "lp", 0.05, 0.5, find_radius=True)
+    assert wall <= 0.5 + SLACK
+    _check_sound(cert, net, x, label)
+
+
+def test_lp_rows_stop_at_deadline_keep_sound_bounds():
+    """A deadline that passes during the row LPs: rows not solved stay -inf, never proved."""
+    from relax.lp import lp_lower_bounds
+
+    gm, ball, prop = _loaded(*_problem([20, 100, 100, 100, 10]), 0.05)
+    spec = prop.linear(1, 10)
+    full = lp_lower_bounds(gm, ball, spec).lower
+    cut = lp_lower_bounds(gm, ball, spec, deadline=Deadline(0.0)).lower
+    assert torch.isinf(cut).all() and (cut <= full).all()
+    assert "time_limit" in lp_lower_bounds(gm, ball, spec, deadline=Deadline(0.0)).details[0]["lp_status"]
+
+
+def test_milp_radius_search_within_deadline():
+    net, x, label = _problem([20, 100, 100, 100, 10])
+    cert, wall = _timed(net, x, label, "milp", 0.05, 1.0, find_radius=True)
+    assert wall <= 1.0 + SLACK
+    _check_sound(cert, net, x, label)
+
+
+def test_sdp_stops_at_deadline():
+    net, x, label = _problem([10, 20, 20, 3])
+    cert, wall = _timed(net, x, label, "sdp", 0.01, 0.5, find_radius=True)
+    assert wall <= 0.5 + SLACK
+    _check_sound(cert, net, x, label)
+
+
+def test_sdp_skipped_when_setup_exceeds_time_left():
+    """An SDP whose set-up alone is estimated above the time left is not started."""
+    from relax.sdp import sdp_lower_bounds
+
+    gm, ball, prop = _loaded(*_problem([10, 20, 20, 3]), 0.3)
+    res = sdp_lower_bounds(gm, ball, prop.linear(1, 3), deadline=Deadline(1e-4))
+    assert torch.isinf(res.lower).all()
+    assert "not run" in res.details[0]["reason"]
+
+
+def test_lipschitz_sdp_rows_stop_at_deadline():
+    """LipSDP rows (Clarabel, ~25 s for this net without a deadline) stop at the deadline; the
+    answer keeps the global Lipschitz bound where no row was solved (sound either way)."""
+    net, x, label = _problem([8, 32, 32, 4], seed=0)
+    cert, wall = _timed(net, x, label, "lipschitz-sdp", 0.01, 4.0, solver="clarabel")
+    assert wall <= 4.0 + SLACK
+    _check_sound(cert, net, x, label)
+
+
+def test_smoothing_sampling_stops_at_deadline():
+    net, x, label = _problem([20, 100, 100, 10])
+    cert, wall = _timed(net, x, label, "smoothing-gaussian", 0.0, 0.5, n=10**8, batch_size=1000)
+    assert wall <= 0.5 + SLACK
+    assert cert.status in ("unknown", "abstain") and cert.radius == 0.0
+
+
+def _slowed(monkeypatch, owner, name: str, seconds: float) -> None:
+    """Make ``owner.name`` (a set-up step) take ``seconds`` longer."""
+    fn = getattr(owner, name)
+
+    def slow(*a, **k):
+        time.sleep(seconds)
+        return fn(*a, **k)
+
+    monkeypatch.setattr(owner, name, slow)
+
+
+def test_bab_reports_its_setup_and_stays_within_deadline(monkeypatch):
+    """The dense-form conversion is part of bab's budget and of its reported time."""
+    from relax import beta
+
+    _slowed(monkeypatch, beta.ReluNet, "from_model", 0.6)
+    net, x, label = _problem([20, 100, 100, 100, 10])
+    cert, wall = _timed(net, x, label, "bab", 0.3, 1.0)
+    assert wall <= 1.0 + SLACK
+    assert cert.status in ("unknown", "falsified", "certified")
+    assert cert.time_s >= 0.9 * wall - 0.05  # the whole call, set-up included
+
+
+def test_time_s_and_timeout_cover_the_whole_call(monkeypatch):
+    """Loading the model inside certify() counts in ``time_s`` and in the timeout."""
+    import verify.model
+
+    _slowed(monkeypatch, verify.model, "load_model", 0.5)
+    net, x, label = _problem([20, 100, 100, 100, 10])
+    t0 = time.perf_counter()
+    table = certify(net, x.repeat(3, 1), label.repeat(3), "alpha-crown", eps=0.3, timeout=0.8, iterations=500, early_stop=False)
+    wall = time.perf_counter() - t0
+    assert wall <= 0.8 + SLACK
+    assert sum(c.time_s for c in table) >= 0.9 * wall - 0.02
