@@ -174,9 +174,9 @@ def backward_bound(
     upto = L if upto is None else upto
     B = lo.shape[0]
     A = C
-    c = torch.zeros(B, C.shape[1], dtype=lo.dtype) if d is None else d
+    c = torch.zeros(B, C.shape[1], dtype=lo.dtype, device=lo.device) if d is None else d
     lambdas: list[Tensor | None] = [None] * (L - 1)
-    err = torch.zeros(B, C.shape[1], dtype=lo.dtype)
+    err = torch.zeros(B, C.shape[1], dtype=lo.dtype, device=lo.device)
     m_in = torch.maximum(lo.abs(), hi.abs())
     for k in range(upto - 1, 0, -1):
         # round-off of A b_k and A W_k: gamma_n |A| (|W_k| M_k + |b_k|), M_k bounding |a_k|
@@ -341,7 +341,7 @@ def forward_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
     """
     F = _forward_init(net, lo.shape[0])
-    ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype)  # error bound of each affine function
+    ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype, device=F.device)  # error bound of each affine function
     pre: Bounds = []
     for k in range(1, len(net.Ws)):
         l, u, mag = _forward_concretize(F, lo, hi, ferr)
@@ -369,7 +369,7 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         ``[(l_k, u_k)]`` for k = 1..L-1, each ``[B, n_k]``.
     """
     F = _forward_init(net, lo.shape[0])
-    ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype)  # error bound of each affine function
+    ferr = torch.zeros(F.shape[0], F.shape[2], dtype=F.dtype, device=F.device)  # error bound of each affine function
     pre: Bounds = []
     rel: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # _relax of each finished layer
     for k in range(1, len(net.Ws)):
@@ -381,7 +381,7 @@ def refined_bounds(net: ReluNet, lo: Tensor, hi: Tensor, prior: Bounds | None = 
         unst = (l < 0) & (u > 0)
         if k > 1 and bool(unst.any()):
             bi, ni = unst.nonzero(as_tuple=True)  # one backward "domain" per unstable neuron
-            E = torch.zeros(bi.shape[0], 2, l.shape[1], dtype=lo.dtype)
+            E = torch.zeros(bi.shape[0], 2, l.shape[1], dtype=lo.dtype, device=lo.device)
             E[torch.arange(bi.shape[0]), 0, ni] = 1.0
             E[torch.arange(bi.shape[0]), 1, ni] = -1.0
             sub = [(pl[bi], pu[bi]) for pl, pu in pre]
@@ -444,7 +444,7 @@ def optimize_bound(
     alphas = [a.detach().clone().requires_grad_(True) for a in alphas[:nl]]
     if splits is not None:
         if betas is None:
-            betas = [torch.zeros(B, N, s.shape[1], dtype=lo.dtype) for s in splits[:nl]]
+            betas = [torch.zeros(B, N, s.shape[1], dtype=lo.dtype, device=lo.device) for s in splits[:nl]]
         betas = [b.detach().clone().requires_grad_(True) for b in betas[:nl]]
     if steps <= 0:
         with torch.no_grad():
