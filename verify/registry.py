@@ -291,8 +291,9 @@ class BoundMethod(Method):
 
     Subclasses implement :meth:`lower_bounds`. This class turns them into Certificates:
 
-    * ``falsified`` when the clean input (a point of the set) already violates the property
-      (the counterexample is that input, checked by a forward pass);
+    * ``falsified`` when the clean input (a point of the set) already violates the property,
+      confirmed one input at a time in the model's dtype and in float64
+      (:func:`verify.attack.confirm_counterexample`; the counterexample is that input);
     * ``certified`` when every group has a row whose lower bound exceeds the float-safety
       margin;
     * ``unknown`` otherwise.
@@ -320,9 +321,11 @@ class BoundMethod(Method):
         """Lower bounds ``[B, N]`` and proved ``[B]``, with borderline float32 proofs confirmed
         in float64.
 
-        Round-off in a float32 bound computation grows with the magnitude of the terms summed,
-        not with the result; a proof that clears the safety margin by little is therefore
-        recomputed on a float64 copy of the model and kept only if it still holds there.
+        The engines of :mod:`relax` return bounds that already account for their round-off
+        (:mod:`relax.roundoff`), so a float32 proof is sound as it stands; this recheck is a
+        second line for methods whose bounds do not track round-off: a float32 proof that
+        clears the safety margin by little is recomputed on a float64 copy of the model and
+        kept only if it still holds there.
         """
         lower = self.lower_bounds(model, inputs, spec)
         proved = self.proves(lower, spec)
