@@ -297,7 +297,8 @@ def relu_bab(
             return _layer_scores(net, spec, lo, hi, p, alphas, None, [torch.zeros_like(l) for l, _ in p], lower)
 
         stop = min(deadline, time.perf_counter() + refine_fraction * max(deadline - time.perf_counter(), 0.0))
-        pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, solve_time_limit=refine_solve_time,
+        pre, extra["refine"] = refine_bounds(net, lo, hi, pre, layers=refine_layers, deadline=stop, alpha_deadline=deadline,
+                                             solve_time_limit=refine_solve_time,
                                              workers=refine_workers, alpha_steps=intermediate_steps, stop_if=root_proved,
                                              priority=impact)
         if extra["refine"]["stopped_by_check"]:

@@ -59,6 +59,7 @@ def refine_bounds(
     *,
     layers: int = 2,
     deadline: float | None = None,
+    alpha_deadline: float | None = None,
     solve_time_limit: float | None = None,
     solver: str = "auto",
     integer: bool = True,
@@ -87,7 +88,8 @@ def refine_bounds(
         workers: MILPs solved in parallel (threads, one model copy each).
         alpha_steps: after each refined layer, recompute the bounds of all later layers by
             alpha-CROWN with this many steps (:func:`relax.beta.intermediate_bounds`; not
-            stopped by ``deadline``), intersected with the old ones: the next layer's MILPs
+            stopped by ``deadline`` but by ``alpha_deadline``, past which they are CROWN
+            bounds), intersected with the old ones: the next layer's MILPs
             then only cover the neurons still unstable, on tighter big-M bounds. ``None``:
             later layers keep their bounds.
         stop_if: called with the bounds after each refined layer but the last (e.g. "the root
@@ -129,7 +131,8 @@ def refine_bounds(
         stats["solvers"] = sorted(set(stats["solvers"]) | set(st["solvers"]))
         stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
         if alpha_steps is not None and k + 1 < len(out):
-            out = intermediate_bounds(net, lo.reshape(1, -1), hi.reshape(1, -1), prior=out, start=k + 2, alpha_steps=alpha_steps)
+            out = intermediate_bounds(net, lo.reshape(1, -1), hi.reshape(1, -1), prior=out, start=k + 2, alpha_steps=alpha_steps,
+                                      deadline=alpha_deadline)
         if stop_if is not None and k != todo[-1] and not st["stopped_at_deadline"] and stop_if(out):
             stats["stopped_by_check"] = True
             break
