@@ -184,3 +184,21 @@ def test_milp_radius_search_refuses_bounds_that_exclude_the_ball(monkeypatch):
     cert = get_method("milp", refine=False).certify(gm, LpBall(x, 0.0, math.inf, 0.0, 1.0), Robust(label),
                                                      find_radius=True, max_radius=1.0)[0]
     assert cert.radius == 0.0, f"radius {cert.radius} from an encoding that excludes the centre"
+
+
+def test_narrowing_an_input_set_encloses_it():
+    """A float64 box or ball (a VNN-LIB spec) converted for a float32 model must not shrink:
+    round to nearest can move ``lo`` up or ``hi`` down by half a float32 step."""
+    from verify.spec import Box
+
+    lo = torch.tensor([[0.1, 0.3, 1 / 3, 0.7]], dtype=torch.float64)
+    hi = lo + 1e-9
+    b32 = Box(lo, hi).to(dtype=torch.float32)
+    assert (b32.lo.double() <= lo).all() and (b32.hi.double() >= hi).all()
+    for p in (math.inf, 2.0, 1.0):
+        b = LpBall(lo, 1e-9, p, 0.0, 1.0).to(dtype=torch.float32)
+        # the old ball lies in the new one iff eps_new >= eps_old + ||c_new - c_old||_p
+        d = (b.center.double() - lo).flatten(1)
+        shift = float(d.abs().amax() if math.isinf(p) else d.norm(p=p))
+        assert shift > 0  # the centre did move: the case can fail
+        assert float(b.eps.double()) >= 1e-9 + shift

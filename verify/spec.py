@@ -203,7 +203,10 @@ class Box(InputSet):
         return Box(self.lo[index], self.hi[index])
 
     def to(self, device=None, dtype=None) -> "Box":
-        return Box(self.lo.to(device=device, dtype=dtype), self.hi.to(device=device, dtype=dtype))
+        """The box on ``device`` in ``dtype``; a conversion to a coarser dtype rounds ``lo``
+        down and ``hi`` up, so the new box encloses the old one (a float64 VNN-LIB box for a
+        float32 model)."""
+        return Box(_convert_outward(self.lo, device, dtype, down=True), _convert_outward(self.hi, device, dtype, down=False))
 
 
 @dataclass
@@ -350,9 +353,35 @@ class LpBall(InputSet):
         return LpBall(self.center, eps, self.p, self.domain_lo, self.domain_hi)
 
     def to(self, device=None, dtype=None) -> "LpBall":
-        def mv(v):
-            return v.to(device=device, dtype=dtype) if isinstance(v, Tensor) else v
-        return LpBall(mv(self.center), mv(self.eps), self.p, mv(self.domain_lo), mv(self.domain_hi))
+        """The ball on ``device`` in ``dtype``. A conversion to a coarser dtype moves the centre
+        by its rounding ``delta``; the radius then grows by ``||delta||_p`` (rounded up) and
+        the domain bounds round outward, so the new set encloses the old one."""
+        def mv(v, down: bool):
+            return _convert_outward(v, device, dtype, down) if isinstance(v, Tensor) else v
+
+        center = self.center.to(device=device, dtype=dtype)
+        eps = self.eps
+        if center.dtype != self.center.dtype:
+            delta = (center.to(self.center.dtype) - self.center.to(center.device)).flatten(1)
+            shift = delta.abs().amax(dim=1) if math.isinf(self.p) else delta.norm(p=self.p, dim=1)
+            if bool((shift > 0).any()):
+                eps = eps.to(center.device) + shift
+                eps = torch.where(shift > 0, torch.nextafter(eps, torch.full_like(eps, math.inf)), eps)
+        return LpBall(center, _round_up(eps, center.dtype, center.device), self.p, mv(self.domain_lo, True), mv(self.domain_hi, False))
+
+
+def _convert_outward(t: Tensor, device, dtype: torch.dtype | None, down: bool) -> Tensor:
+    """``t`` on ``device`` in ``dtype``, rounded down (``down``) or up where the conversion
+    lost precision (to nearest, it may move either way)."""
+    new = t.to(device=device, dtype=dtype)
+    if new.dtype == t.dtype:
+        return new
+    back = new.to(t.dtype)
+    ref = t.to(back.device)
+    moved = back > ref if down else back < ref
+    if bool(moved.any()):
+        new = torch.where(moved, torch.nextafter(new, torch.full_like(new, -math.inf if down else math.inf)), new)
+    return new
 
 
 def _round_up(value: Tensor | float, dtype: torch.dtype, device) -> Tensor:
