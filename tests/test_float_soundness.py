@@ -91,8 +91,8 @@ def _bn_exact_margin(net: nn.Module, x: float) -> float:
     """``y0 - y1`` at ``x`` in exact arithmetic on the float32 parameters (float64 suffices:
     the error is ~1e-16 relative to terms of 3e7)."""
     bn = net[1]
-    s = float(bn.weight[0].double()) / math.sqrt(float(bn.running_var[0].double()) + bn.eps)
-    return (x - float(bn.running_mean[0].double())) * s + float(bn.bias[0].double())
+    s = float(bn.weight[0].detach().double()) / math.sqrt(float(bn.running_var[0].double()) + bn.eps)
+    return (x - float(bn.running_mean[0].double())) * s + float(bn.bias[0].detach().double())
 
 
 def test_batchnorm_is_folded_in_the_graph_dtype():
