@@ -222,6 +222,13 @@ def _dual_bound(prob: SdpProblem, c0: np.ndarray, nu: np.ndarray, lam: np.ndarra
     lmin = float(np.linalg.eigvalsh(S)[0])
     # eigvalsh is backward stable: its error is at most ~ n * eps * ||S||; count it against us
     lmin -= 1e-13 * prob.n * float(np.linalg.norm(S))
+    # so is the round-off of forming S: each entry errs by at most gamma_k times the sum of the
+    # absolute values of its terms (Higham Eq. (3.5)); the entries are often differences of
+    # large terms, so ||S|| does not bound it. Weyl: lambda_min moves by at most ||dS||_F.
+    mag = np.abs(c0) + abs(prob.E).T @ np.abs(nu) + abs(prob.G).T @ lam
+    k = int(max(np.diff(sp.csc_matrix(prob.E).indptr).max(initial=0), np.diff(sp.csc_matrix(prob.G).indptr).max(initial=0))) + 3
+    g = k * 2.0**-53 / (1 - k * 2.0**-53)
+    lmin -= 2 * g * float(np.linalg.norm(mag))
     terms = np.r_[-nu * prob.e, -lam * prob.h]
     corr = min(0.0, lmin) * prob.trace_bound
     total = float(terms.sum()) + corr
