@@ -103,25 +103,24 @@ class _LipschitzMethod(BoundMethod):
 
     def margins(self, model: torch.nn.Module, x0: Tensor, spec: LinearSpec) -> Tensor:
         """Lower bounds ``[B, N]`` (float64, CPU) of the exact row values ``C f(x_0) + d``: the
-        float64 forward pass's values, and where the network has a bound graph, the interval
-        pass on the point ``x_0`` whose boxes are widened by their round-off
-        (:mod:`relax.roundoff`) -- the forward pass alone errs by ``gamma_n`` times the sum of
-        the absolute values of its terms, which large weights make larger than the margin."""
-        m64 = _cached(model, ("f64",), lambda: copy.deepcopy(model).double().eval())
-        dev = next(iter(m64.parameters()), torch.zeros(())).device
-        with torch.no_grad():
-            y = m64(x0.to(device=dev, dtype=torch.float64)).reshape(x0.shape[0], -1)
-        spec64 = spec.to(device="cpu", dtype=torch.float64)
-        vals = spec64.values(y.cpu())
+        interval pass on the point ``x_0`` whose boxes are widened by their round-off
+        (:mod:`relax.roundoff`) -- a float64 forward pass alone errs by ``gamma_n`` times the
+        sum of the absolute values of its terms, which large weights make larger than the
+        margin. A network without a bound graph falls back to that forward pass."""
         try:
             from .bounds import bounds
 
             point = LpBall(x0.detach().to(torch.float64), 0.0, math.inf)
             low, _ = bounds(model, point, spec.C.to(dtype=torch.float64), spec.d.to(dtype=torch.float64),
                             method="interval", dtype=torch.float64)
+            return low.cpu()
         except UnsupportedOperatorError:
-            return vals
-        return torch.minimum(vals, low.cpu())
+            pass
+        m64 = _cached(model, ("f64",), lambda: copy.deepcopy(model).double().eval())
+        dev = next(iter(m64.parameters()), torch.zeros(())).device
+        with torch.no_grad():
+            y = m64(x0.to(device=dev, dtype=torch.float64)).reshape(x0.shape[0], -1)
+        return spec.to(device="cpu", dtype=torch.float64).values(y.cpu())
 
     def lower_bounds(self, model, inputs, spec):
         x0, eps, p = _ball_view(inputs)

@@ -28,6 +28,37 @@ def shared_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    """The digits MLP saved as a ``.pt`` file (a model path for the CLI)."""
+    from verify.digits_model import load_digits_mlp
+
+    p = tmp_path_factory.mktemp("m") / "digits.pt"
+    torch.save(load_digits_mlp(), p)
+    return p
+
+
+def err_line(capsys) -> str:
+    """The CLI's one error line on stderr (asserted to be exactly one ``certify: error:`` line)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("certify: error: ")
+    return err[0]
+
+
+def load_fuzz():
+    """``benchmarks/fuzz_soundness.py`` as a module (the generator and judge of the soundness
+    fuzz, used by the fuzz slice and the conformance suite)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("fuzz_soundness", REPO / "benchmarks" / "fuzz_soundness.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_soundness"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

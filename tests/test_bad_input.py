@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import verify
+from conftest import err_line as _err_line
 from verify.cli import main
 from verify.digits_model import load_digits_mlp
 from verify.errors import ModelLoadError, OptionError
@@ -44,18 +45,6 @@ def net_x_lab():
     return net, x, net(x).argmax(1)
 
 
-@pytest.fixture(scope="module")
-def model_pt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("m") / "digits.pt"
-    torch.save(load_digits_mlp(), p)
-    return p
-
-
-def _err_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("certify: error: ")
-    return err[0]
 
 
 # --------------------------------------------------------------------- the dtype collision

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import err_line as _err_line
 from verify.cli import main
 from verify.digits_model import load_digits_mlp
 from verify.registry import BoundMethod, list_methods, register
@@ -50,18 +51,6 @@ METHOD = "interval" if "interval" in list_methods() else "test-interval"
 REQUIRED = {"method", "status", "radius", "time_s", "guarantee", "certifies", "index", "label", "prediction", "eps", "norm"}
 
 
-@pytest.fixture(scope="module")
-def model_pt(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("m") / "digits.pt"
-    torch.save(load_digits_mlp(), p)
-    return p
-
-
-def _err_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("certify: error: ")
-    return err[0]
 
 
 def test_methods_lists_registered(capsys):

@@ -180,24 +180,13 @@ def test_runs_on_given_device(name):
     assert len(certs) == 2
 
 
-def _fuzz_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_soundness.py"
-    spec = importlib.util.spec_from_file_location("fuzz_soundness", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_soundness"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def large_weight_cases():
     """ReLU MLPs with weights of scale 1e3 (outputs ~1e9), centres near a decision tie and on a
     corner, each with a float64-confirmed counterexample (exact MILP minimum distortion)."""
-    fz = _fuzz_module()
+    from conftest import load_fuzz
+
+    fz = load_fuzz()
     out = []
     for kind, seed in (("tie", 5), ("random", 6)):
         gm, shape = fz.make_net("mlp", 1e3, seed)

@@ -4,22 +4,9 @@ known counterexample; no deterministic method may certify a ball holding that co
 or return an unconfirmed one. The full run (3,000+ cases) is recorded in benchmarks/RESULTS.md."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_soundness.py"
-
-
-def _fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_soundness", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_soundness"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
+from conftest import load_fuzz as _fuzz
 
 FAST = ["interval", "crown", "deeppoly", "alpha-crown", "lipschitz-global", "lipschitz-local", "lp"]
 
