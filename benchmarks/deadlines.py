@@ -5,6 +5,9 @@ Runs every registered method through :func:`verify.certify` with timeouts of 2, 
 * ``small``: an own tiny ReLU MLP (8-32-32-4, seeded), an l_inf ball of radius 0.1;
 * ``medium``: VNN-COMP 2021 mnistfc ``mnist-net_256x2.onnx``;
 * ``large``: ``mnist-net_256x6.onnx``;
+* on request (``--nets cnn cifar``): the convolutional nets ``cnn`` (VNN-COMP 2021 verivital
+  ``Convnet_maxpool.onnx``) and ``cifar`` (oval21 ``cifar_base_kw.onnx``), each on the box of one
+  of its properties;
 
 (the mnistfc nets from ``<shared>/benchmarks/vnncomp/2021/mnistfc``, skipped when that folder is
 absent; their input set is the l_inf ball of radius 0.03 in [0, 1] around the midpoint of the box
@@ -37,8 +40,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the packages, not benchmarks/smoothing.py
-NETS = ("small", "medium", "large")
+NETS = ("small", "medium", "large", "cnn", "cifar")
 ONNX = {"medium": "mnist-net_256x2.onnx", "large": "mnist-net_256x6.onnx"}
+#: convolutional nets (not in the default run): the box of a VNN-COMP 2021 property as the input set
+CNNS = {
+    "cnn": ("verivital", "Convnet_maxpool.onnx", "specs/maxpool_specs/prop_0_0.004.vnnlib"),
+    "cifar": ("oval21", "nets/cifar_base_kw.onnx", "vnnlib/cifar_base_kw-img4549-eps0.00392156862745098.vnnlib"),
+}
 
 
 # ---------------------------------------------------------------------------------- child side
@@ -57,6 +65,17 @@ def _problem(net: str, shared: Path):
         gm = load_model(mlp)
         x = torch.rand(1, 8)
         eps = 0.1
+    elif net in CNNS:
+        from verify.spec import Box
+        from verify.vnnlib import parse_vnnlib
+
+        folder = shared / "benchmarks" / "vnncomp" / "2021" / CNNS[net][0]
+        gm = load_model(folder / CNNS[net][1])
+        lo, hi = parse_vnnlib(folder / CNNS[net][2], dtype=torch.float32)[0].box(tuple(gm.input_shape)).bounds()
+        box = Box(lo.reshape(1, *gm.input_shape), hi.reshape(1, *gm.input_shape))
+        with torch.no_grad():
+            label = int(gm((lo + hi).reshape(1, *gm.input_shape) / 2).argmax(dim=1)[0])
+        return gm, box, Robust(torch.tensor([label]))
     else:
         from verify.vnnlib import parse_vnnlib
 
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "NET"), help=argparse.SUPPRESS)
     ap.add_argument("--timeouts", type=float, nargs="+", default=[2.0, 5.0, 30.0])
-    ap.add_argument("--nets", nargs="+", default=list(NETS), choices=NETS)
+    ap.add_argument("--nets", nargs="+", default=["small", "medium", "large"], choices=NETS)
     ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     ap.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared data directory")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "deadlines.md"))

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affine_net import FeedForwardNet
+from .roundoff import SAFETY, gamma
 
 __all__ = [
     "ROUND_UP",
@@ -169,7 +170,10 @@ def global_lipschitz(net: FeedForwardNet, C: Tensor, p: float, *, combine: bool 
     """
     p = float(p)
     W_L = net.layers[-1].W
-    V = C.to(W_L) @ W_L  # [..., n_L] = (W_L^T c)^T
+    Cw = C.to(W_L)
+    V = Cw @ W_L  # [..., n_L] = (W_L^T c)^T
+    # |fl(V) - V| <= gamma_K |C| |W_L| (Higham Eq. 3.5): bound |V| by |fl(V)| plus that
+    V = V.abs() + gamma(Cw.shape[-1], V.dtype) * (Cw.abs() @ W_L.abs())
     norms = (p,) if not combine else _NORMS
     chains = {}
     for r in norms:
@@ -193,8 +197,9 @@ def interval_bounds(net: FeedForwardNet, lo: Tensor, hi: Tensor) -> list[tuple[T
         lo, hi: ``[B, n_0]`` (or ``[B, *input_shape]``) input box, float64.
     Returns:
         ``[(l_k, u_k)]`` for ``k < L``, each ``[B, n_{k+1}]``, float64. Directed rounding is not
-        used; the bounds are widened by a relative ``1e-12`` plus ``1e-300`` after each layer,
-        which dominates float64 round-off for layers up to ~10^3 inputs.
+        used; each layer's box is widened by ``SAFETY gamma_{n+2} (|W| max(|l|, |u|) + |b|)``, a
+        bound on the round-off of its sums that scales with the summed terms
+        (:mod:`relax.roundoff`), plus ``1e-300``.
     """
     l = lo.reshape(lo.shape[0], -1).double()
     u = hi.reshape(hi.shape[0], -1).double()
@@ -202,9 +207,11 @@ def interval_bounds(net: FeedForwardNet, lo: Tensor, hi: Tensor) -> list[tuple[T
     for k, act in enumerate(net.activations):
         W, b = net.layers[k].W.to(l), net.layers[k].b.to(l)
         mid, rad = (u + l) / 2, (u - l) / 2
+        absW = W.abs()
         c = mid @ W.T + b
-        r = rad @ W.abs().T
-        slack = 1e-12 * (c.abs() + r) * max(1, W.shape[1] // 1000 + 1) + 1e-300
+        r = rad @ absW.T
+        terms = torch.maximum(l.abs(), u.abs()) @ absW.T + b.abs()
+        slack = SAFETY * gamma(W.shape[1] + 2, l.dtype) * terms + 1e-300
         pl, pu = c - r - slack, c + r + slack
         out.append((pl, pu))
         l, u = _act(act, pl), _act(act, pu)  # all three activations are monotone
@@ -280,8 +287,10 @@ def local_lipschitz(
     q = dual_norm(p)
     Ld = len(net.layers) - 1
     W_L = net.layers[-1].W
-    g = C.to(W_L) @ W_L  # [B, N, n_L]
-    glo, ghi = g, g
+    Cw = C.to(W_L)
+    g = Cw @ W_L  # [B, N, n_L]
+    g_err = SAFETY * gamma(Cw.shape[-1] + 2, g.dtype) * (Cw.abs() @ W_L.abs())
+    glo, ghi = g - g_err, g + g_err
     w0_norm = None
     for k in range(Ld - 1, -1, -1):
         l, u = pre_bounds[k]
@@ -289,16 +298,21 @@ def local_lipschitz(
         glo, ghi = _interval_scale(glo, ghi, s_lo.unsqueeze(1), s_hi.unsqueeze(1))
         W = net.layers[k].W.to(W_L)
         mid, rad = (ghi + glo) / 2, (ghi - glo) / 2
+        absW = W.abs()
         cm = mid @ W
-        cr = rad @ W.abs()
+        # the radius also covers the round-off of both sums: gamma_n (|mid| + rad) |W|
+        # (Higham Eq. 3.5; the terms, not the possibly cancelled result)
+        err = SAFETY * gamma(W.shape[0] + 2, W.dtype) * ((mid.abs() + rad) @ absW)
+        cr = rad @ absW + err
         if k == 0 and p == 2.0:
             w0_norm = operator_norm(W, 2.0)
-            tri = cm.norm(dim=-1) + w0_norm * rad.norm(dim=-1)
+            tri = cm.norm(dim=-1) + w0_norm * rad.norm(dim=-1) + err.norm(dim=-1)
         glo, ghi = cm - cr, cm + cr
     box = _vec_norm(torch.maximum(glo.abs(), ghi.abs()), q)
     if w0_norm is not None:
         box = torch.minimum(box, tri)
-    # round-off of the interval sums: relative 1e-12 per layer on the magnitudes involved
+    # the sums' round-off is inside the radii; what is left are the elementwise products of
+    # _interval_scale and the final norm (a few ulps each, relative to the nonnegative values)
     return box * (1 + 1e-11 * (Ld + 1))
 
 
@@ -482,20 +496,32 @@ def module_global_lipschitz(model: torch.fx.GraphModule, input_shape: tuple[int,
     ShapeProp(gm).propagate(torch.zeros(1, *input_shape, dtype=dt))
     head = 1.0  # product over finished runs and activations
     run = 1.0  # norm bound of the current affine run
+    run_abs = 1.0  # bound on the norm of the run with |W| in place of W (for its round-off)
+    steps, widest = 0, 1  # products in the current run, longest sum they form
     last_act = None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            widest = max(widest, int(np.prod(meta.shape[1:])))
         act = _activation_of(node, modules)
         if act is not None:
             head *= run * ACT_LIPSCHITZ[act]
-            run = 1.0
+            run, run_abs, steps = 1.0, 1.0, 0
             last_act = node
             continue
         in_node = node.args[0] if node.args else None
         in_shape = tuple(in_node.meta["tensor_meta"].shape[1:]) if isinstance(in_node, torch.fx.Node) and "tensor_meta" in in_node.meta else ()
+        if in_shape:
+            widest = max(widest, int(np.prod(in_shape)))
         if node.op == "call_module":
-            run *= _module_norm(modules[node.target], in_shape, p, conv_bound)
+            norm = _module_norm(modules[node.target], in_shape, p, conv_bound)
+            run *= norm
+            # || |W| ||_{p->p} = ||W||_{p->p} for p = 1, inf; for p = 2 it is at most
+            # ||W||_F <= sqrt(rank) ||W||_2
+            run_abs *= norm * (math.sqrt(max(1, int(np.prod(in_shape)) if in_shape else widest)) if p == 2.0 else 1.0)
+            steps += 1
         elif node.op == "call_function" and node.target in _SHAPE_FUNCS:
             pass
         elif node.op == "call_method" and node.target in _SHAPE_METHODS:
@@ -506,11 +532,13 @@ def module_global_lipschitz(model: torch.fx.GraphModule, input_shape: tuple[int,
             if len(nodes) != 1:
                 raise NotImplementedError(f"node {node.name!r}: {node.target} of two tensors (a residual?) is not supported by the module-level bound")
             if node.target in (operator.mul, torch.mul):
-                run *= float(torch.as_tensor(consts[0]).abs().max())
+                f = float(torch.as_tensor(consts[0]).abs().max())
+                run, run_abs, steps = run * f, run_abs * f, steps + 1
             elif node.target in (operator.truediv, torch.div):
                 if node.args[0] is not nodes[0]:
                     raise NotImplementedError(f"node {node.name!r}: division by a tensor is not affine")
-                run *= 1.0 / float(torch.as_tensor(consts[0]).abs().min())
+                f = 1.0 / float(torch.as_tensor(consts[0]).abs().min())
+                run, run_abs, steps = run * f, run_abs * f, steps + 1
         else:
             raise NotImplementedError(f"node {node.name!r} ({node.op} {node.target}) not supported by the module-level bound")
     # exact J^T c of the tail by autograd in float64
@@ -524,7 +552,11 @@ def module_global_lipschitz(model: torch.fx.GraphModule, input_shape: tuple[int,
     (out * Cf).sum().backward()
     V = a.grad.reshape(Cf.shape[0], -1)
     q = dual_norm(p)
-    L = _vec_norm(V.detach(), q) * head * (1 + 4 * ROUND_UP)
+    # the vector-Jacobian product is a chain of `steps` products: its round-off is at most
+    # steps gamma_n |W_1|^T ... |W_m|^T |c| (Higham Eq. 3.5 per product), in norm at most
+    # steps gamma_n run_abs ||c||_q, added to the computed norm
+    vjp_err = SAFETY * max(steps, 1) * gamma(widest + 2, torch.float64) * run_abs * _vec_norm(Cf, q)
+    L = (_vec_norm(V.detach(), q) + vjp_err) * head * (1 + 4 * ROUND_UP)
     return L.reshape(C.shape[:-1])
 
 

@@ -51,7 +51,8 @@ from torch import Tensor
 from verify.deadline import Deadline
 
 from .affine_net import FeedForwardNet
-from .lipschitz import ACT_LIPSCHITZ, ROUND_UP
+from .lipschitz import ACT_LIPSCHITZ, ROUND_UP, chain_norms
+from .roundoff import SAFETY, gamma
 
 __all__ = ["LipSDPResult", "LipSDP", "lipsdp_matrix", "verify_rho", "lipsdp_rows"]
 
@@ -165,6 +166,23 @@ def _n_matrix(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[
     return N
 
 
+def _formation_error(M: np.ndarray, d: np.ndarray, uw: np.ndarray, u_last: np.ndarray) -> float:
+    """Bound on ``||fl(D M D) - D M D||_2`` from forming :func:`lipsdp_matrix_u` and scaling it.
+
+    Every entry of ``M`` is one product of at most three factors, except the last block's
+    diagonal ``-2 u_i + (u_i w_i)^2``, a sum of two; with the scaling by ``d_i d_j`` each entry
+    errs by at most ``8 u`` times the sum of its terms' magnitudes (Higham Sec. 3.1), and the
+    spectral norm of the error is at most its Frobenius norm. The diagonal terms are taken
+    whole so that a cancelling diagonal (a tiny ``|M_ii|``, a huge ``d_i``) is covered.
+    """
+    terms = np.abs(M)
+    k = len(u_last)
+    idx = np.arange(M.shape[0] - k, M.shape[0])
+    terms[idx, idx] = 2.0 * u_last + uw * uw
+    unit = np.finfo(np.float64).eps / 2
+    return 8 * unit * float(np.linalg.norm(d[:, None] * terms * d[None, :]))
+
+
 def _jacobi(M: np.ndarray) -> np.ndarray:
     """``d = |diag M|^{-1/2}`` (1 where the diagonal is 0): ``D M D`` has unit diagonal
     magnitudes, so a tolerance relative to its norm is meaningful for every block."""
@@ -224,7 +242,8 @@ def _verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, che
     3. ``rho = rho* (1 + delta)`` for increasing ``delta`` until the full congruent matrix
        :func:`lipsdp_matrix_u` ``M``, scaled to unit diagonal (``D M D``, ``D = |diag M|^{-1/2}``:
        a congruence, so the sign is kept, and the blocks, whose scales differ by orders of
-       magnitude, become comparable), passes ``eigvalsh(DMD).max() <= -1e-10 ||DMD||_F``;
+       magnitude, become comparable), passes ``eigvalsh(DMD).max() <= -(1e-10 ||DMD||_F + e)`` with ``e`` the
+       bound on forming ``DMD`` (:func:`_formation_error`);
        if no ``delta`` passes, the next ``theta``.
 
     Returns:
@@ -254,7 +273,7 @@ def _verify_rho(net: FeedForwardNet, w: np.ndarray, us: list[np.ndarray], *, che
             M = lipsdp_matrix_u(net, w, ut, rho_star * (1 + delta))
             d = _jacobi(M)  # congruence with a positive diagonal keeps the sign of M
             Ms = d[:, None] * M * d[None, :]
-            tau = 1e-10 * float(np.linalg.norm(Ms))
+            tau = 1e-10 * float(np.linalg.norm(Ms)) + _formation_error(M, d, ut[-1] * w, ut[-1])
             top = float(np.linalg.eigvalsh(Ms)[-1])
             return top <= -tau, top, tau
 
@@ -598,7 +617,17 @@ class RowSolver:
                 if deadline is not None and deadline.expired():
                     self.partial.add(k)
             out.append(self._value(self.results[k]))
-        return np.array(out)
+        return np.array(out) + self._row_error(C)
+
+    def _row_error(self, C: Tensor) -> np.ndarray:
+        """``[R]``: how much the bound of the exact row ``W_L^T c`` may exceed that of the computed
+        one: ``||fl(w) - w||_2 <= gamma_K || |c| |W_L| ||_2`` (Higham Eq. 3.5) times the hidden
+        layers' l2 Lipschitz product."""
+        if not hasattr(self, "_hidden_l2"):
+            self._hidden_l2 = math.prod(chain_norms(self.net, 2.0))
+        Cd = C.detach().cpu().double()
+        terms = (Cd.abs() @ self.W_L.abs()).norm(dim=-1).numpy()
+        return SAFETY * gamma(Cd.shape[-1] + 2, torch.float64) * terms * self._hidden_l2
 
 
 def lipsdp_rows(net: FeedForwardNet, C: Tensor, *, solver: str = "clarabel", eps: float | None = None,

@@ -202,3 +202,74 @@ def test_narrowing_an_input_set_encloses_it():
         shift = float(d.abs().amax() if math.isinf(p) else d.norm(p=p))
         assert shift > 0  # the centre did move: the case can fail
         assert float(b.eps.double()) >= 1e-9 + shift
+
+
+# ------------------------------------------------------------------------------------------
+# Lipschitz bounds: round-off that scales with the cancelling terms, not with the result
+
+
+def _cancelling_net():
+    """1 input -> 3 ReLUs -> 3 outputs. Hidden pre-activations ``x * w_h + b_h`` and the row
+    ``c = (1, 1, 1)`` on the outputs both sum ``1e16 + 1 - 1e16``: exactly 1, computed in float64
+    from left to right as 0."""
+    from fractions import Fraction
+
+    from relax.affine_net import AffineLayer, FeedForwardNet
+
+    W0 = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
+    b0 = torch.zeros(3, dtype=torch.float64)
+    W1 = torch.tensor([[1e16, 0.0, 0.0], [1.0, 0.0, 0.0], [-1e16, 0.0, 0.0]], dtype=torch.float64)
+    b1 = torch.zeros(3, dtype=torch.float64)
+    net = FeedForwardNet((1,), [AffineLayer(W0, b0), AffineLayer(W1, b1)], ["relu"])
+    C = torch.ones(1, 1, 3, dtype=torch.float64)
+    # exact gradient of c^T f for x > 0 (every ReLU active): c^T W1 W0
+    exact = sum(Fraction(float(C[0, 0, i])) * Fraction(float(W1[i, 0])) for i in range(3)) * Fraction(1)
+    return net, C, float(exact)
+
+
+def test_lipschitz_bounds_cover_cancelling_sums():
+    from relax import lipschitz as lip
+
+    net, C, exact = _cancelling_net()
+    assert exact == 1.0
+    assert float((C[0] @ net.layers[1].W)[0, 0]) != exact  # float64 gets it wrong: the case is real
+    assert float(lip.global_lipschitz(net, C[0], 2.0)[0]) >= exact
+    lo = torch.tensor([[0.5]], dtype=torch.float64)
+    pre = lip.interval_bounds(net, lo, lo + 0.25)
+    assert float(lip.local_lipschitz(net, C, 2.0, pre)[0, 0]) >= exact
+    assert float(lip.local_lipschitz(net, C, math.inf, pre)[0, 0]) >= exact
+
+
+def test_lipschitz_interval_pass_covers_cancelling_sums():
+    """A hidden pre-activation ``1e16 x0 + x1 - 1e16 x2`` at (1, 1, 1): exactly 1, float64 gives 0."""
+    from relax import lipschitz as lip
+    from relax.affine_net import AffineLayer, FeedForwardNet
+
+    W0 = torch.tensor([[1e16, 1.0, -1e16]], dtype=torch.float64)
+    net = FeedForwardNet((3,), [AffineLayer(W0, torch.zeros(1, dtype=torch.float64)),
+                                AffineLayer(torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))], ["relu"])
+    x = torch.ones(1, 3, dtype=torch.float64)
+    (l, u), = lip.interval_bounds(net, x, x)
+    assert float(l[0, 0]) <= 1.0 <= float(u[0, 0])
+
+
+def test_module_lipschitz_tail_covers_cancelling_sums():
+    from relax import lipschitz as lip
+
+    net, C, exact = _cancelling_net()
+    l0, l1 = nn.Linear(1, 3), nn.Linear(3, 3)
+    with torch.no_grad():
+        l0.weight.copy_(net.layers[0].W.float()); l0.bias.zero_()
+        l1.weight.copy_(net.layers[1].W.float()); l1.bias.zero_()
+    gm = torch.fx.symbolic_trace(nn.Sequential(l0, nn.ReLU(), l1).double().eval())
+    for p in (1.0, 2.0, math.inf):
+        assert float(lip.module_global_lipschitz(gm, (1,), C[0], p)[0]) >= exact
+
+
+def test_lipsdp_row_covers_cancelling_last_layer():
+    pytest.importorskip("cvxpy")
+    from relax.lipsdp import lipsdp_rows
+
+    net, C, exact = _cancelling_net()
+    L, _ = lipsdp_rows(net, C[0])
+    assert math.isnan(float(L[0])) or float(L[0]) >= exact
