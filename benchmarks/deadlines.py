@@ -5,9 +5,9 @@ Runs every registered method through :func:`verify.certify` with timeouts of 2, 
 * ``small``: an own tiny ReLU MLP (8-32-32-4, seeded), an l_inf ball of radius 0.1;
 * ``medium``: VNN-COMP 2021 mnistfc ``mnist-net_256x2.onnx``;
 * ``large``: ``mnist-net_256x6.onnx``;
-* on request (``--nets cnn cifar``): the convolutional nets ``cnn`` (VNN-COMP 2021 verivital
-  ``Convnet_maxpool.onnx``) and ``cifar`` (oval21 ``cifar_base_kw.onnx``), each on the box of one
-  of its properties;
+* on request (``--nets cnn cifar cifar-wide``): the convolutional nets ``cnn`` (VNN-COMP 2021
+  verivital ``Convnet_maxpool.onnx``), ``cifar`` and ``cifar-wide`` (oval21 ``cifar_base_kw.onnx``,
+  ``cifar_wide_kw.onnx``), each on the box of one of its properties;
 
 (the mnistfc nets from ``<shared>/benchmarks/vnncomp/2021/mnistfc``, skipped when that folder is
 absent; their input set is the l_inf ball of radius 0.03 in [0, 1] around the midpoint of the box
@@ -40,12 +40,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the packages, not benchmarks/smoothing.py
-NETS = ("small", "medium", "large", "cnn", "cifar")
+NETS = ("small", "medium", "large", "cnn", "cifar", "cifar-wide")
 ONNX = {"medium": "mnist-net_256x2.onnx", "large": "mnist-net_256x6.onnx"}
 #: convolutional nets (not in the default run): the box of a VNN-COMP 2021 property as the input set
 CNNS = {
     "cnn": ("verivital", "Convnet_maxpool.onnx", "specs/maxpool_specs/prop_0_0.004.vnnlib"),
     "cifar": ("oval21", "nets/cifar_base_kw.onnx", "vnnlib/cifar_base_kw-img4549-eps0.00392156862745098.vnnlib"),
+    "cifar-wide": ("oval21", "nets/cifar_wide_kw.onnx", "vnnlib/cifar_wide_kw-img5619-eps0.03215686274509805.vnnlib"),
 }
 
 

@@ -130,6 +130,8 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
             raise ValueError("to_feedforward: give input_shape (the model has no input_shape attribute)")
     gm = _float64_copy(model)
     modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:  # refuse unsupported nodes before any basis is allocated
+        _activation_of(node, modules)
 
     n_in = 1
     for s in input_shape:

@@ -34,7 +34,7 @@ from verify.spec import InputSet
 
 from .adam import ProjectedAdam
 from .graph import BoundGraph
-from .linear import _acts_before, crown, rows_needed
+from .linear import _acts_before, crown, rows_needed, skips_linear_bounds
 from .ops import ReLU
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
@@ -101,7 +101,7 @@ def alpha_crown(
     starts = ["__out__"]
     if optimize_intermediate:
         for p in graph.preactivations():
-            if p == graph.input_name or not _acts_before(graph, p):
+            if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set):
                 continue
             idx, bidx = rows_needed(graph, p, *fixed[p])
             if idx.shape[0] > 0:

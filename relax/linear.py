@@ -49,7 +49,8 @@ from .ops import Relaxation, ReLU
 from .ops.base import sum_rows
 from .roundoff import SAFETY, backward_weight, concretize_error, gamma, max_abs, sum_length
 
-__all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "Rows", "AlphaFn"]
+__all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "skips_linear_bounds",
+           "Rows", "AlphaFn"]
 
 #: ``alpha_fn(start_node, activation_node, rows) -> [S, B, *shape] | None``
 AlphaFn = Callable[[str, str, slice | None], "Tensor | None"]
@@ -111,8 +112,10 @@ def backward(
     input_set: InputSet,
     alphas: dict[str, Tensor] | None = None,
     weights: dict[str, Tensor | None] | None = None,
+    extra: dict[str, Tensor] | None = None,
+    record: dict[str, Tensor | None] | None = None,
 ) -> Tensor:
-    """Lower bounds ``[S, B]`` of ``A0 . z_start`` over the input set.
+    """Lower bounds ``[S, B]`` of ``A0 . z_start + sum_p extra[p] . z_p`` over the input set.
 
     Args:
         start: node whose value the rows multiply.
@@ -121,6 +124,10 @@ def backward(
         alphas: ``{activation node: [S, B, *shape]}`` lower slopes replacing the relaxation's.
         weights: ``{node: [B, *shape]}`` round-off weights (:func:`node_weights`); the bound
             is then lowered by its round-off bound (a bound of the exact computation).
+        extra: ``{node: [S, B, *shape]}`` coefficients on ancestors of ``start`` added to the
+            expression (beta-CROWN's Lagrangian terms of split constraints, Wang et al. 2021).
+        record: ``{node: None}``; filled with the (detached) coefficients ``[S, B, *shape]``
+            reaching each listed node (branching scores).
     """
     anc = _ancestors(graph, start)
     As: dict[str, Tensor] = {}
@@ -146,8 +153,12 @@ def backward(
         if n.name not in anc or (start_done and n.name == start):
             continue
         A = As.pop(n.name, None)
+        if extra is not None and n.name in extra:
+            A = extra[n.name] if A is None else A + extra[n.name]
         if A is None:
             continue
+        if record is not None and n.name in record:
+            record[n.name] = A.detach()
         w = None if weights is None else weights.get(n.name)
         if w is not None:
             e = sum_rows(A.detach().abs() * w)
@@ -260,6 +271,21 @@ def ibp_is_exact(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
     return mixing <= 1
 
 
+def _monotone_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Tensor, Tensor]] | set[str]") -> bool:
+    """``node`` is a monotone elementwise op (ReLU, sigmoid, tanh) of a node whose box is
+    known: its interval box ``[f(l), f(u)]`` is then at least as tight as linear bounds through
+    the op's relaxation (whose lines stay above ``f`` up to ``u`` and below it down to ``l``),
+    so none are computed (e.g. a ReLU output feeding a max-pooling)."""
+    n = graph.by_name[node]
+    return getattr(n.op, "monotone", False) and len(n.inputs) == 1 and n.inputs[0] in known
+
+
+def skips_linear_bounds(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
+    """Whether :func:`crown` takes ``node``'s box from the interval rule alone (so alpha-CROWN
+    plans no rows for it)."""
+    return ibp_is_exact(graph, node, input_set) or _monotone_of_known(graph, node, set(graph.preactivations()))
+
+
 def bound_node(
     graph: BoundGraph,
     node: str,
@@ -329,6 +355,8 @@ def crown(
     intermediate: dict[str, tuple[Tensor, Tensor]] | None = None,
     alpha_fn: AlphaFn | None = None,
     rows: dict[str, tuple[Tensor, Tensor]] | None = None,
+    out_extra: dict[str, Tensor] | None = None,
+    out_record: dict[str, Tensor | None] | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -343,6 +371,8 @@ def crown(
         alpha_fn: alpha provider (alpha-CROWN), see :data:`AlphaFn`; start node ``"__out__"``
             denotes the spec rows.
         rows: ``{node: (idx, bidx)}`` fixed row choice per pre-activation (alpha-CROWN).
+        out_extra, out_record: :func:`backward`'s ``extra`` / ``record`` for the spec rows
+            (``[N, B, *shape]``).
 
     Returns:
         :class:`CrownResult`. ``lower`` is intersected with the IBP bound of ``C y``.
@@ -358,7 +388,7 @@ def crown(
             l, h = intermediate[p]
         elif p == graph.input_name:
             l, h = lo_in, hi_in
-        elif ibp_is_exact(graph, p, input_set):
+        elif ibp_is_exact(graph, p, input_set) or _monotone_of_known(graph, p, known):
             l, h = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)[p]
         else:
             boxes = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)
@@ -395,6 +425,12 @@ def crown(
                 a = alpha_fn("__out__", act, slice(s0, s1))
                 if a is not None:
                     alphas[act] = a
-        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights))
+        ex = None if out_extra is None else {k: v[s0:s1] for k, v in out_extra.items()}
+        rec = None if out_record is None else dict.fromkeys(out_record)
+        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights, ex, rec))
+        if rec is not None:
+            for k, v in rec.items():
+                if v is not None:
+                    out_record[k] = v if out_record[k] is None or s0 == 0 else torch.cat([out_record[k], v])
     low = torch.cat(parts, 0).t()
     return CrownResult(torch.maximum(low, ibp_low), inter, relax)

@@ -354,8 +354,9 @@ def certified_radius(margin: Tensor, L: Tensor, groups: Tensor, safety: Tensor |
 
 
 def dense_size(model: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> int:
-    """Largest ``n_in * n_out`` of an affine run's dense matrix (what :func:`to_feedforward`
-    would allocate per layer), from one shape-propagating forward pass."""
+    """Largest ``n_in * n_out`` of an affine run's dense matrix, or of the basis batch
+    ``n * n`` it is evaluated on (what :func:`to_feedforward` would allocate per layer), from
+    one shape-propagating forward pass."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     from .affine_net import _activation_of
@@ -372,6 +373,7 @@ def dense_size(model: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> int
         worst = max(worst, numel * n_run_in)
         if _activation_of(node, modules) is not None:
             n_run_in = numel
+            worst = max(worst, numel * numel)
     return worst
 
 

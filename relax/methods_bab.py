@@ -58,6 +58,8 @@ class BabMethod(Method):
         refine_after: with refinement on, share of the BaB time budget first given to BaB
             without it (instances it decides quickly skip the refinement's cost; 0: refine at
             once); then the root is refined and branching restarts from it.
+        dense_limit: largest matrix (numbers) of the dense ReLU form BaB works on; larger
+            networks are bounded on the graph instead.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
     """
@@ -85,6 +87,7 @@ class BabMethod(Method):
         refine_solve_time: float = 1.0,
         refine_after: float = 0.1,
         refine_workers: int | None = None,
+        dense_limit: int = 2**26,
     ) -> None:
         if split not in ("auto", "input", "relu"):
             raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
@@ -111,6 +114,9 @@ class BabMethod(Method):
         if refine_workers is not None and refine_workers < 1:
             raise ValueError(f"refine_workers must be >= 1 or None (auto), got {refine_workers}")
         self.refine_workers = refine_workers
+        if dense_limit < 1:
+            raise ValueError(f"dense_limit must be >= 1, got {dense_limit}")
+        self.dense_limit = int(dense_limit)
 
     def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
         if find_radius:
@@ -124,10 +130,7 @@ class BabMethod(Method):
         spec = prop.linear(B, y0.shape[1], device=x0.device, dtype=y0.dtype)
         labels = prop.labels()
         is_ball = isinstance(inputs, LpBall)
-        try:
-            net: ReluNet | None = ReluNet.from_model(model, input_shape=tuple(inputs.shape))
-        except NotReluNetError:
-            net = None
+        net = _dense_form(model, tuple(inputs.shape), self.dense_limit)
         certs = []
         for b in range(B):
             left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
@@ -148,6 +151,21 @@ class BabMethod(Method):
                 },
             ))
         return certs
+
+
+def _dense_form(model, input_shape: tuple[int, ...], limit: int) -> ReluNet | None:
+    """The dense ReLU form, or None when the network has none (not a ReLU chain, a max-pooling)
+    or when it would hold more than ``limit`` numbers in one matrix (checked before it is
+    built: expanding e.g. a 32x27x27 convolution output takes gigabytes and many seconds)."""
+    from .affine_net import NotFeedForwardError
+    from .lipschitz import dense_size
+
+    try:
+        if dense_size(model, input_shape) > limit:
+            return None
+        return ReluNet.from_model(model, input_shape=input_shape)
+    except (NotReluNetError, NotFeedForwardError):
+        return None
 
 
 def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None, opts: BabMethod, timeout: float | None = None) -> BabResult:
@@ -195,7 +213,10 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
         return done(res, "attack")
     if net is None:
         res = attack("pgd")
-        return done(res if res is not None else _graph_bounds(model, inputs, spec, opts, left()), "attack" if res is not None else "graph-bounds")
+        if res is not None:
+            return done(res, "attack")
+        res = _graph_bab(model, inputs, spec, opts, left(), check)
+        return done(res, res.details.get("stage", "graph-bab"))
 
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
 
@@ -246,19 +267,27 @@ class _DenseModule(torch.nn.Module):
         return self.net.forward(x.reshape(x.shape[0], -1))
 
 
-def _graph_bounds(model, inputs: InputSet, spec, opts: BabMethod, time_left: float) -> BabResult:
-    """CROWN, then (with at least 30 s left) alpha-CROWN, on the graph (non-chain or
-    non-ReLU networks): certified or unknown. alpha-CROWN has no deadline of its own, so it
-    is skipped when little time is left."""
-    low = None
-    for name, need in (("crown", 0.0), ("alpha-crown", 30.0)):
-        if name != "crown" and time_left < need:
-            break
-        m = get_method(name)
-        t0 = time.perf_counter()
-        m._deadline = Deadline(time_left)  # alpha-CROWN's steps stop there
-        low = m.lower_bounds(model, inputs, spec)
-        time_left -= time.perf_counter() - t0
-        if bool(m.proves(low, spec)[0]):
-            return BabResult("certified", None, float(spec.group_max(low).amin(-1)[0]), 1, reason="proved")
-    return BabResult("unknown", None, float(spec.group_max(low).amin(-1)[0]), 1, reason="incomplete")
+def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float, check_point=None) -> BabResult:
+    """alpha-CROWN on the graph, then ReLU-split beta-CROWN branch-and-bound on it
+    (:mod:`relax.bab_graph`): networks without a dense ReLU form (residual connections,
+    max-pooling, convolutions too large to expand, other activations beside ReLUs)."""
+    from .alpha import alpha_crown
+    from .bab_graph import graph_relu_bab, relu_inputs
+    from .bounds import prepare
+
+    t0 = time.perf_counter()
+    graph, x_set = prepare(model, inputs, torch.float64)
+    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
+    C, d = rs.batch(1)
+    root = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True,
+                       stop_fn=lambda low: rs.margin(low + d) > opts.margin, deadline=Deadline(time_left))
+    low = float(rs.margin(root.lower + d)[0])
+    if low > opts.margin:
+        return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
+    left = time_left - (time.perf_counter() - t0)
+    if not relu_inputs(graph) or left <= 0:
+        return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
+    res = graph_relu_bab(graph, x_set, rs, root.intermediate, timeout=left, batch_size=opts.batch_size or 32,
+                         steps=opts.relu_steps, margin=opts.margin, check_point=check_point)
+    res.details["stage"] = "graph-bab"
+    return res

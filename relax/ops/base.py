@@ -39,6 +39,10 @@ class Op:
     exact_forward = False
     #: the backward rule only rearranges coefficients (no sums)
     moves_only = False
+    #: elementwise and nondecreasing, with relaxation lines that never cross the function: the
+    #: interval rule on its input's box is then at least as tight as any linear bound
+    #: through the op (so the engine does not compute linear bounds for its output)
+    monotone = False
 
     def forward(self, *xs: Tensor) -> Tensor:
         raise NotImplementedError

@@ -1,0 +1,144 @@
+"""ReLU-split branch-and-bound on the bound graph (networks without a dense ReLU form).
+
+Ground truth: the exact l_inf minimum distortion ``d*`` by MILP. For residual networks it is
+computed on an equivalent chain (``h + relu(B h + b)`` with ``h >= 0`` equals
+``[I I] relu([h; B h + b])``), so the graph search on the residual network must certify the
+ball of radius ``0.9 d*`` (completeness) and never certify the one of radius ``1.1 d*``
+(soundness).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from verify import certify
+from verify.spec import LpBall, Robust
+
+pytest.importorskip("highspy")
+
+
+class _Residual(nn.Module):
+    def __init__(self, n: int, w: int, k: int) -> None:
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(n, w), nn.Linear(w, w), nn.Linear(w, k)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h + torch.relu(self.b(h))
+        return self.o(h)
+
+
+def _as_chain(r: _Residual) -> nn.Sequential:
+    """The same function as a chain of Linear/ReLU layers."""
+    w = r.a.out_features
+    l2 = nn.Linear(w, 2 * w)
+    out = nn.Linear(2 * w, r.o.out_features)
+    with torch.no_grad():
+        l2.weight.copy_(torch.cat([torch.eye(w), r.b.weight]))
+        l2.bias.copy_(torch.cat([torch.zeros(w), r.b.bias]))
+        out.weight.copy_(torch.cat([r.o.weight, r.o.weight], dim=1))
+        out.bias.copy_(r.o.bias)
+    return nn.Sequential(r.a, nn.ReLU(), l2, nn.ReLU(), out).eval()
+
+
+def _exact_distance(net: nn.Module, x0: torch.Tensor, label: int) -> float | None:
+    """``d*`` (None when the whole domain [0, 1]^n keeps the label)."""
+    from relax.milp import minimum_distortion
+
+    vals, res = minimum_distortion(net, x0, Robust(torch.tensor([label])), math.inf, (0.0, 1.0), timeout=60, return_details=True)
+    r = res[0]
+    if r.status == "no_adversarial":
+        return None
+    assert r.status == "optimal"
+    return float(r.lower)
+
+
+def _spread(first: nn.Linear, factor: float = 8.0) -> None:
+    """Scale the first layer so that the domain [0, 1]^n maps to a wide range (several classes)."""
+    with torch.no_grad():
+        first.weight.mul_(factor)
+        first.bias.sub_(first.weight.sum(1) * 0.5)
+
+
+def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict) -> list[str]:
+    torch.manual_seed(100 + seed)
+    d = None
+    for _ in range(20):  # a centre with an adversarial example in the domain
+        x0 = torch.rand(1, n_in)
+        with torch.no_grad():
+            label = int(net(x0).argmax())
+            assert torch.allclose(net(x0), chain(x0), atol=1e-5)
+        d = _exact_distance(chain, x0, label)
+        if d is not None:
+            break
+    assert d is not None, "no centre with an adversarial example: the test nets are too flat"
+    statuses = []
+    for f in (0.9, 1.1):
+        c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                    method_options=options)[0]
+        if f > 1:
+            assert c.status != "certified", f"certified a ball of radius 1.1 d* (seed {seed})"
+        else:
+            assert c.status == "certified", f"radius 0.9 d*: {c.status} ({c.details.get('reason')}, seed {seed})"
+            assert c.details["stage"].startswith("graph"), c.details["stage"]
+        statuses.append(c.status)
+    return statuses
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_residual_net_decided_against_exact_milp(seed):
+    torch.manual_seed(seed)
+    r = _Residual(6, 10, 3).eval()
+    _spread(r.a)
+    _check(r, _as_chain(r), 6, seed, {})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mlp_through_the_graph_decided_against_exact_milp(seed):
+    """``dense_limit=1`` forbids the dense form: the graph search decides MLPs too."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    _spread(net[0], 16.0)
+    _check(net, net, 6, seed, {"dense_limit": 1})
+
+
+def test_split_domains_bound_below_every_sample():
+    """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits."""
+    from relax.bab import RowSpec
+    from relax.bab_graph import bound_domains, relu_inputs
+    from relax.bounds import prepare
+    from relax.linear import crown
+
+    torch.manual_seed(7)
+    r = _Residual(4, 8, 3).eval().double()
+    x0 = torch.full((1, 4), 0.5, dtype=torch.float64)
+    ball = LpBall(x0, 0.3, math.inf, 0.0, 1.0)
+    graph, xs = prepare(r, ball, torch.float64)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    rs = RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]))
+    root = crown(graph, xs, None).intermediate
+    relus = relu_inputs(graph)
+    D = 6
+    g = torch.Generator().manual_seed(0)
+    splits = {p: torch.randint(-1, 2, (D, math.prod(graph.shape(p))), generator=g).to(torch.int8) for _, p in relus}
+    low, infeasible, _, _ = bound_domains(graph, xs, rs, root, splits, steps=5)
+    # samples, with the pre-activations of every ReLU
+    x = 0.2 + 0.6 * torch.rand(20000, 4, dtype=torch.float64)
+    pre_a = r.a(x)
+    pre_b = r.b(torch.relu(pre_a))
+    y = r(x)
+    pres = dict(zip([p for _, p in relus], [pre_a, pre_b]))
+    vals = y @ C.T
+    for dom in range(D):
+        inside = torch.ones(x.shape[0], dtype=torch.bool)
+        for p, s in splits.items():
+            z = pres[p]
+            inside &= ((s[dom] == 0) | ((s[dom] > 0) & (z >= 0)) | ((s[dom] < 0) & (z <= 0))).all(1)
+        if bool(infeasible[dom]):
+            assert not bool(inside.any())
+            continue
+        if bool(inside.any()):
+            assert (vals[inside] >= low[dom] - 1e-9).all()
