@@ -67,7 +67,9 @@ class BabMethod(Method):
     name = "bab"
     guarantee = "deterministic"
     certifies = "base"
-    summary = "complete: attack, alpha-CROWN, then input-split or beta-CROWN ReLU-split branch-and-bound"
+    summary = ("complete for ReLU networks: attack, alpha-CROWN, then input-split or beta-CROWN ReLU-split "
+               "branch-and-bound (dense, or on the graph for residual / pooling nets; max-pooling and "
+               "sigmoid/tanh are not split: unknown possible)")
     norms = ("linf", "box")
 
     def __init__(
