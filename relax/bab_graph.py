@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -75,11 +76,14 @@ def bound_domains(
     root: dict[str, tuple[Tensor, Tensor]],
     splits: dict[str, Tensor],
     *,
+    alphas0: dict[str, Tensor] | None = None,
+    betas0: dict[str, Tensor] | None = None,
     steps: int = 10,
-    lr: float = 0.1,
+    lr_alpha: float = 0.1,
+    lr_beta: float = 0.05,
     deadline: float = math.inf,
     recompute: bool = True,
-) -> tuple[Tensor, Tensor, dict[str, Tensor | None], dict[str, tuple[Tensor, Tensor]]]:
+) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
     Args:
@@ -87,16 +91,16 @@ def bound_domains(
         rs: the property rows (``C [N, K]``, ``d [N]``).
         root: root pre-activation boxes ``{node: (lo, hi)}``, ``[1, *shape]``.
         splits: ``{relu input node: [D, n] int8}`` split signs (0 = not split).
-        steps: alpha/beta Adam steps after the CROWN pass (stopped at ``deadline``,
+        alphas0, betas0: starting slopes ``{relu node: [D, N, n]}`` and multipliers
+            ``{relu input node: [D, N, n]}`` (the parents'; default CROWN's slopes and 0).
+        steps: alpha/beta Adam steps after the first pass (stopped at ``deadline``,
             a ``time.perf_counter()`` value).
         recompute: recompute the pre-activation boxes of every domain by CROWN within its
             split boxes (tighter, one linear pass per unstable neuron); else use the split
             root boxes as they are.
 
     Returns:
-        ``(rows [D, N], infeasible [D], A, boxes)``: lower bounds of ``C y + d`` per domain
-        (the best over the steps), the domains found empty, the rows' coefficients
-        ``[N, D, *shape]`` on each ReLU output (from the CROWN pass) and the domains' boxes.
+        :class:`DomainBounds`.
     """
     D = next(iter(splits.values())).shape[0]
     shapes = {p: graph.shape(p) for p in root}
@@ -107,48 +111,84 @@ def bound_domains(
     boxes = {p: (l.expand(D, *l.shape[1:]), h.expand(D, *h.shape[1:])) for p, (l, h) in boxes.items()}
     x_set = inputs.select(torch.zeros(D, dtype=torch.long))
     C, d = rs.batch(D)
-    C = C.to(graph.dtype)
-    d = d.to(graph.dtype)
-    relus = relu_inputs(graph)
-    record: dict[str, Tensor | None] = {r: None for r, _ in relus}
-    with torch.no_grad():
-        if recompute:
-            res = crown(graph, x_set, C, bound_overrides=boxes, out_record=record)
-            boxes = res.intermediate
-            for l, h in boxes.values():
-                infeasible |= (l > h).reshape(D, -1).any(1)
-        else:
-            res = crown(graph, x_set, C, intermediate=boxes, out_record=record)
-    best = res.lower + d
-    if steps <= 0 or time.perf_counter() >= deadline:
-        return best, infeasible, record, boxes
+    C, d = C.to(graph.dtype), d.to(graph.dtype)
     N = C.shape[1]
+    relus = relu_inputs(graph)
+    if recompute:
+        with torch.no_grad():
+            boxes = crown(graph, x_set, None, bound_overrides=boxes).intermediate
+        for l, h in boxes.values():
+            infeasible |= (l > h).reshape(D, -1).any(1)
+    relax_lw = {}
+    with torch.no_grad():
+        for r, p in relus:
+            relax_lw[r] = graph.by_name[r].op.relax(*boxes[p]).lw  # [D, *shape]
     alphas = {}
     for r, _ in relus:
-        lw = res.relaxations[r].lw.detach()  # [D, *shape]
-        alphas[r] = lw.unsqueeze(0).expand(N, *lw.shape).clone().requires_grad_(True)
-    betas = {p: torch.zeros(N, D, s.shape[1], dtype=graph.dtype, requires_grad=True) for p, s in splits.items() if bool((s != 0).any())}
+        if alphas0 is not None and r in alphas0:
+            a = alphas0[r].to(graph.dtype).transpose(0, 1).reshape(N, D, *graph.shape(r))
+        else:
+            a = relax_lw[r].unsqueeze(0).expand(N, D, *graph.shape(r))
+        alphas[r] = a.clone().requires_grad_(True)
+    betas = {}
+    for p, sp in splits.items():
+        if not bool((sp != 0).any()):
+            continue
+        b = betas0[p].to(graph.dtype).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=graph.dtype)
+        betas[p] = (b * (sp != 0).unsqueeze(0)).clone().requires_grad_(True)
     signs = {p: splits[p].to(graph.dtype).unsqueeze(0) for p in betas}
-    params = list(alphas.values())
-    opt_a = ProjectedAdam(params, lr, 0.98)
-    opt_b = ProjectedAdam(list(betas.values()), lr, 0.98, upper=None) if betas else None
+    record: dict[str, Tensor | None] = {r: None for r, _ in relus}
+    record[graph.input_name] = None
 
     def alpha_fn(start: str, act: str, sl):
         a = alphas.get(act)
         return None if a is None or start != "__out__" else a[sl]
 
+    def bound(rec=None) -> Tensor:
+        extra = {p: -(b * signs[p]).reshape(N, D, *shapes[p]) for p, b in betas.items()}
+        return crown(graph, x_set, C, intermediate=boxes, alpha_fn=alpha_fn, out_extra=extra, out_record=rec).lower + d
+
+    with torch.no_grad():
+        best = bound(record)
+    best_a = {r: a.detach().clone() for r, a in alphas.items()}
+    best_b = {p: b.detach().clone() for p, b in betas.items()}
+    params = list(alphas.values()) + list(betas.values())
+    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 0.98)
+    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 0.98, upper=None) if betas else None
     for _ in range(steps):
         if time.perf_counter() >= deadline:
             break
         with torch.enable_grad():
-            extra = {p: -(b * signs[p]).reshape(N, D, *shapes[p]) for p, b in betas.items()}
-            low = crown(graph, x_set, C, intermediate=boxes, alpha_fn=alpha_fn, out_extra=extra).lower + d
-            best = torch.maximum(best, low.detach())
-            grads = torch.autograd.grad(-low.sum(), params + list(betas.values()), allow_unused=True)
-        opt_a.step(grads[: len(params)])
+            low = bound()
+            grads = torch.autograd.grad(-low.sum(), params, allow_unused=True)
+        better = rs.margin(low.detach()) > rs.margin(best)  # [D]: keep each domain's best iterate
+        best = torch.where(better.unsqueeze(1), low.detach(), best)
+        for r, a in alphas.items():
+            best_a[r] = torch.where(better.view(1, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
+        for p, b in betas.items():
+            best_b[p] = torch.where(better.view(1, D, 1), b.detach(), best_b[p])
+        opt_a.step(grads[: len(alphas)])
         if opt_b is not None:
-            opt_b.step(grads[len(params):])
-    return best, infeasible, record, boxes
+            opt_b.step(grads[len(alphas):])
+    return DomainBounds(best, infeasible, record, boxes,
+                        {r: a.reshape(N, D, -1).transpose(0, 1).float() for r, a in best_a.items()},
+                        {p: b.transpose(0, 1).float() for p, b in best_b.items()})
+
+
+@dataclass
+class DomainBounds:
+    """What :func:`bound_domains` found for ``D`` domains: ``rows [D, N]`` lower bounds of
+    ``C y + d`` (each domain's best iterate), ``infeasible [D]``, ``record`` (the rows'
+    coefficients ``[N, D, *shape]`` on each ReLU output and on the input, first pass),
+    ``boxes`` (``[D, *shape]`` per pre-activation), and the best iterate's ``alphas``
+    (``{relu node: [D, N, n]}``) and ``betas`` (``{relu input node: [D, N, n]}``), float32."""
+
+    rows: Tensor
+    infeasible: Tensor
+    record: dict[str, Tensor | None]
+    boxes: dict[str, tuple[Tensor, Tensor]]
+    alphas: dict[str, Tensor]
+    betas: dict[str, Tensor]
 
 
 def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]],
@@ -260,31 +300,47 @@ def _leaf_bound(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[st
     return low[0]
 
 
-def _branch(relus: list[tuple[str, str]], boxes: dict[str, tuple[Tensor, Tensor]], splits: dict[str, Tensor],
-            A: dict[str, Tensor | None]) -> tuple[list[str | None], Tensor]:
-    """Per domain the (node, neuron) to split next: ``([D] node names or None, [D] indices)``."""
-    D = next(iter(splits.values())).shape[0]
+def _branch(relus: list[tuple[str, str]], db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor]:
+    """Per domain the (node, neuron) to split next: ``([D] node names or None, [D] indices)``.
+    Rows of groups already proved do not count in the score."""
+    D = db.rows.shape[0]
+    weight = (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(D, -1))  # [D, N]
     best_score = torch.full((D,), -1.0, dtype=torch.float64)
     best_node: list[str | None] = [None] * D
     best_idx = torch.zeros(D, dtype=torch.long)
     for r, p in relus:
-        l, h = boxes[p]
+        l, h = db.boxes[p]
         l, h = l.reshape(D, -1).double(), h.reshape(D, -1).double()
         unstable = (l < 0) & (h > 0) & (splits[p] == 0)
         if not bool(unstable.any()):
             continue
-        Ar = A.get(r)
-        a = torch.zeros_like(l) if Ar is None else Ar.reshape(Ar.shape[0], D, -1).double().sum(0)
+        Ar = db.record.get(r)
+        if Ar is None:
+            a_neg = a_abs = torch.zeros_like(l)
+        else:
+            Ar = Ar.reshape(Ar.shape[0], D, -1).double() * weight.t().unsqueeze(-1)
+            a_neg, a_abs = (-Ar).clamp_min(0).sum(0), Ar.abs().sum(0)
         inter = (-l * h / (h - l).clamp_min(1e-30)).clamp_min(0)
-        score = (-a).clamp_min(0) * inter + 1e-3 * a.abs() * torch.minimum(h, -l) + 1e-9 * inter
+        score = a_neg * inter + 1e-3 * a_abs * torch.minimum(h, -l) + 1e-9 * inter
         score = torch.where(unstable, score, torch.full_like(score, -1.0))
-        s, i = score.max(1)
-        better = s > best_score
-        best_score = torch.where(better, s, best_score)
-        best_idx = torch.where(better, i, best_idx)
+        sc, idx = score.max(1)
+        better = sc > best_score
+        best_score = torch.where(better, sc, best_score)
+        best_idx = torch.where(better, idx, best_idx)
         for dd in better.nonzero().flatten().tolist():
             best_node[dd] = p
     return best_node, best_idx
+
+
+def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
+    """Minimisers of the domains' linear bounds over the input box, ``[N * D, *input_shape]``:
+    candidate counterexamples (corners of the box)."""
+    A = db.record.get(graph.input_name)
+    lo, hi = inputs.bounds()
+    if A is None:
+        return lo.reshape(1, *graph.input_shape)
+    A = A.reshape(-1, *graph.input_shape)
+    return torch.where(A > 0, lo.to(A.dtype), hi.to(A.dtype))
 
 
 def graph_relu_bab(
@@ -294,19 +350,22 @@ def graph_relu_bab(
     root: dict[str, tuple[Tensor, Tensor]],
     *,
     timeout: float,
+    root_alphas: dict[str, Tensor] | None = None,
     batch_size: int = 32,
     steps: int = 10,
     margin: float = 1e-6,
-    max_domains: int = 100_000,
+    max_memory_mb: float = 1500.0,
     check_point=None,
 ) -> BabResult:
-    """ReLU-split BaB from the root boxes ``root`` (alpha-CROWN's, ``[1, *shape]``).
+    """ReLU-split BaB from the root boxes ``root`` (``[1, *shape]``) and slopes ``root_alphas``
+    (``{relu node: [N, 1, *shape]}``, alpha-CROWN's for the spec rows; optional).
 
-    ``certified`` when every domain's bound exceeds ``margin`` or is infeasible; otherwise
-    ``unknown`` at the deadline (``reason="timeout"``), when the queue would exceed
-    ``max_domains`` (``"memory"``) or when only fully split domains remain unproved
-    (``"exhausted"``). ``check_point(x [n_in]) -> bool`` confirms the candidate counterexamples
-    of fully split domains (:func:`_leaf_lp`); the attacks are the caller's.
+    ``certified`` when every domain's bound exceeds ``margin`` or is infeasible; ``falsified``
+    when a candidate (corners of the domains' linear bounds, LP minimisers of fully split
+    domains) passes ``check_point(x [n_in]) -> bool``; otherwise ``unknown`` at the deadline
+    (``reason="timeout"``), when the queue would exceed ``max_memory_mb`` (``"memory"``) or when
+    only fully split domains remain unproved (``"exhausted"``). Children inherit their parent's
+    slopes and multipliers (the new split's multiplier starts at 0).
     """
     t0 = time.perf_counter()
     deadline = t0 + timeout
@@ -315,68 +374,103 @@ def graph_relu_bab(
         return BabResult("unknown", None, -math.inf, 0, reason="no ReLU to split")
     nodes = [p for _, p in relus]
     sizes = {p: math.prod(graph.shape(p)) for p in nodes}
-    # the queue: split signs per node [Q, n_p] and each domain's bound [Q]
-    queue = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in nodes}
-    low, infeasible, A, boxes = bound_domains(graph, inputs, rs, root, queue, steps=0, deadline=deadline)
-    qlow = rs.margin(low)
-    if bool(infeasible[0]) or bool(qlow[0] > margin):
-        return BabResult("certified", None, float(qlow[0]), 1, time.perf_counter() - t0, reason="proved")
-    node, idx = _branch(relus, boxes, queue, A)
-    qnode, qidx = node, idx
+    N = rs.C.shape[0]
+    per_domain = sum(sizes.values()) * (1 + 8 * N) + 64  # int8 splits, float32 alphas and betas
+    max_domains = max(int(max_memory_mb * 2**20 / per_domain), 4 * batch_size)
+    checked = 0
+
+    def falsify(xs: Tensor) -> Tensor | None:
+        nonlocal checked
+        if check_point is None:
+            return None
+        with torch.no_grad():
+            ms = rs.margin(graph.forward(xs.to(graph.dtype)).reshape(xs.shape[0], -1).double() @ rs.C.T.double() + rs.d.double())
+        for i in torch.argsort(ms)[: 4].tolist():
+            if float(ms[i]) > 0:
+                break
+            checked += 1
+            if check_point(xs[i].reshape(-1).double()):
+                return xs[i].reshape(-1).double()
+        return None
+
+    def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
+        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": checked})
+
+    splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in nodes}
+    alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
+    db = bound_domains(graph, inputs, rs, root, splits, alphas0=alphas0, steps=0, deadline=deadline, recompute=False)
     bounded = 1
+    m = rs.margin(db.rows)
+    if bool(db.infeasible[0]) or bool(m[0] > margin):
+        return result("certified", "proved", float(m[0]))
+    x = falsify(_corners(graph, inputs, db))
+    if x is not None:
+        return result("falsified", "counterexample", -math.inf, x)
+    node, idx = _branch(relus, db, splits, rs)
+    q = {"splits": splits, "alphas": db.alphas, "betas": {p: torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m,
+         "node": node, "idx": idx}
     worst_leaf = math.inf
     last_round = 0.0  # a round starts only if one as long as the last still fits
     recompute = True  # per-domain CROWN boxes, while a round costs under 5 % of the budget
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:
-        if time.perf_counter() + last_round >= deadline:
-            lower = min(float(qlow.min()), worst_leaf) if qlow.numel() else worst_leaf
-            return BabResult("unknown", None, lower, bounded, time.perf_counter() - t0, reason="timeout")
-        Q = qlow.shape[0]
+        Q = q["low"].shape[0]
         if Q == 0:
             if math.isfinite(worst_leaf):
-                return BabResult("unknown", None, worst_leaf, bounded, time.perf_counter() - t0, reason="exhausted")
-            return BabResult("certified", None, margin, bounded, time.perf_counter() - t0, reason="proved")
-        if Q + batch_size > max_domains:
-            return BabResult("unknown", None, float(qlow.min()), bounded, time.perf_counter() - t0, reason="memory")
+                return result("unknown", "exhausted", worst_leaf)
+            return result("certified", "proved", margin)
+        if time.perf_counter() + last_round >= deadline:
+            return result("unknown", "timeout", min(float(q["low"].min()), worst_leaf))
+        if Q + cap > max_domains:
+            return result("unknown", "memory", min(float(q["low"].min()), worst_leaf))
         k = min(cap, Q)
-        pick = torch.topk(-qlow, k).indices
+        pick = torch.topk(-q["low"], k).indices
         keep = torch.ones(Q, dtype=torch.bool)
         keep[pick] = False
         # children: every picked domain twice, the chosen neuron set to +1 / -1
-        child = {p: queue[p][pick].repeat(2, 1) for p in nodes}
+        child = {p: q["splits"][p][pick].repeat(2, 1) for p in nodes}
         for j, b in enumerate(pick.tolist()):
-            p = qnode[b]
-            child[p][j, qidx[b]] = 1
-            child[p][j + k, qidx[b]] = -1
+            p = q["node"][b]
+            child[p][j, q["idx"][b]] = 1
+            child[p][j + k, q["idx"][b]] = -1
+        c_alphas = {r: a[pick].repeat(2, 1, 1) for r, a in q["alphas"].items()}
+        c_betas = {p: b[pick].repeat(2, 1, 1) for p, b in q["betas"].items()}
         t_round = time.perf_counter()
-        low, infeasible, A, boxes = bound_domains(graph, inputs, rs, root, child, steps=steps, deadline=deadline, recompute=recompute)
+        db = bound_domains(graph, inputs, rs, root, child, alphas0=c_alphas, betas0=c_betas, steps=steps, deadline=deadline,
+                           recompute=recompute)
+        bounded += 2 * k
+        x = falsify(_corners(graph, inputs, db))
+        if x is not None:
+            return result("falsified", "counterexample", -math.inf, x)
+        m = rs.margin(db.rows)
+        open_ = ~db.infeasible & ~(m > margin)
+        cnode, cidx = _branch(relus, db, child, rs)
+        leaf = torch.tensor([n is None for n in cnode]) & open_
+        for j in leaf.nonzero().flatten().tolist():  # every ReLU fixed: the exact LP multipliers
+            one = {p: v[j] for p, v in child.items()}
+            one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in db.boxes.items()}
+            lp = _leaf_lp(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline else None
+            if lp is not None:
+                for xc in lp[1]:
+                    if check_point is not None and check_point(xc):
+                        return result("falsified", "counterexample", -math.inf, xc)
+                if float(rs.margin(_leaf_bound(graph, inputs, rs, one, one_boxes, lp[0]))) > margin:
+                    continue
+            worst_leaf = min(worst_leaf, float(m[j]))
+        open_ &= ~leaf
+        sel = open_.nonzero().flatten()
+        kept = keep.nonzero().flatten()
+        full_betas = {p: db.betas[p] if p in db.betas else torch.zeros(2 * k, N, sizes[p]) for p in nodes}
+        q = {
+            "splits": {p: torch.cat([q["splits"][p][kept], child[p][sel]]) for p in nodes},
+            "alphas": {r: torch.cat([q["alphas"][r][kept], db.alphas[r][sel]]) for r in q["alphas"]},
+            "betas": {p: torch.cat([q["betas"][p][kept], full_betas[p][sel]]) for p in nodes},
+            "low": torch.cat([q["low"][kept], m[sel]]),
+            "node": [q["node"][i] for i in kept.tolist()] + [cnode[i] for i in sel.tolist()],
+            "idx": torch.cat([q["idx"][kept], cidx[sel]]),
+        }
         last_round = time.perf_counter() - t_round
         if recompute and last_round > 0.05 * timeout:
             recompute = False
         elif last_round < 0.02 * timeout:
             cap = min(batch_size, 2 * cap)
-        bounded += 2 * k
-        m = rs.margin(low)
-        open_ = ~infeasible & ~(m > margin)
-        cnode, cidx = _branch(relus, boxes, child, A)
-        leaf = torch.tensor([n is None for n in cnode]) & open_
-        for j in leaf.nonzero().flatten().tolist():  # every ReLU fixed: the exact LP multipliers
-            one = {p: v[j] for p, v in child.items()}
-            one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in boxes.items()}
-            lp = _leaf_lp(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline else None
-            if lp is not None:
-                for x in lp[1]:
-                    if check_point is not None and check_point(x):
-                        return BabResult("falsified", x, -math.inf, bounded, time.perf_counter() - t0, reason="counterexample")
-                mj = float(rs.margin(_leaf_bound(graph, inputs, rs, one, one_boxes, lp[0])))
-                if mj > margin:
-                    continue
-            worst_leaf = min(worst_leaf, float(m[j]))
-        open_ &= ~leaf
-        sel = open_.nonzero().flatten()
-        queue = {p: torch.cat([queue[p][keep], child[p][sel]]) for p in nodes}
-        qlow = torch.cat([qlow[keep], m[sel]])
-        kept = keep.nonzero().flatten().tolist()
-        qnode = [qnode[i] for i in kept] + [cnode[i] for i in sel.tolist()]
-        qidx = torch.cat([qidx[keep], cidx[sel]])

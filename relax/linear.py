@@ -176,6 +176,8 @@ def backward(
                 continue
             As[name] = Ai if name not in As else As[name] + Ai
     A_in = As.pop(graph.input_name)
+    if record is not None and graph.input_name in record:
+        record[graph.input_name] = A_in.detach()
     if bias is None:
         bias = torch.zeros(A_in.shape[:2], dtype=A_in.dtype, device=A_in.device)
     low = concretize(A_in, bias, input_set)

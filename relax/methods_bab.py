@@ -289,7 +289,8 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     left = time_left - (time.perf_counter() - t0)
     if not relu_inputs(graph) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
-    res = graph_relu_bab(graph, x_set, rs, root.intermediate, timeout=left, batch_size=opts.batch_size or 32,
+    root_alphas = (root.alphas or {}).get("__out__") if hasattr(root, "alphas") else None
+    res = graph_relu_bab(graph, x_set, rs, root.intermediate, timeout=left, batch_size=opts.batch_size or 32, root_alphas=root_alphas,
                          steps=opts.relu_steps, margin=opts.margin, check_point=check_point)
     res.details["stage"] = "graph-bab"
     return res

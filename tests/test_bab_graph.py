@@ -124,7 +124,8 @@ def test_split_domains_bound_below_every_sample():
     D = 6
     g = torch.Generator().manual_seed(0)
     splits = {p: torch.randint(-1, 2, (D, math.prod(graph.shape(p))), generator=g).to(torch.int8) for _, p in relus}
-    low, infeasible, _, _ = bound_domains(graph, xs, rs, root, splits, steps=5)
+    db = bound_domains(graph, xs, rs, root, splits, steps=5)
+    low, infeasible = db.rows, db.infeasible
     # samples, with the pre-activations of every ReLU
     x = 0.2 + 0.6 * torch.rand(20000, 4, dtype=torch.float64)
     pre_a = r.a(x)
