@@ -53,10 +53,26 @@ def relu_inputs(graph: BoundGraph) -> list[tuple[str, str]]:
     return [(n.name, n.inputs[0]) for n in graph.nodes if isinstance(n.op, ReLU)]
 
 
-def _split_boxes(root: dict[str, tuple[Tensor, Tensor]], splits: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Root boxes ``[1, *shape]`` intersected with the splits ``[D, n]`` -> ``[D, *shape]``."""
+def interval_inputs(graph: BoundGraph) -> list[tuple[str, str]]:
+    """``[(activation node, its input node)]`` of the other nonlinear ops (sigmoid, tanh,
+    max-pooling), whose inputs are split by halving their interval."""
+    relu_in = {p for _, p in relu_inputs(graph)}
+    return [(n.name, n.inputs[0]) for n in graph.activations() if not isinstance(n.op, ReLU) and n.inputs[0] not in relu_in]
+
+
+def _split_boxes(root: dict[str, tuple[Tensor, Tensor]], splits: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
+                 ivals: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Root boxes ``[1, *shape]`` intersected with the sign splits ``[D, n]`` and the interval
+    splits ``(lo [D, n], hi [D, n])`` -> ``[D, *shape]``."""
     out = {}
     for p, (l, h) in root.items():
+        if ivals is not None and p in ivals:
+            il, ih = ivals[p]
+            D = il.shape[0]
+            lf = torch.maximum(l.reshape(1, -1), il.to(l.dtype))
+            hf = torch.minimum(h.reshape(1, -1), ih.to(h.dtype))
+            out[p] = (lf.reshape(D, *shapes[p]), hf.reshape(D, *shapes[p]))
+            continue
         if p not in splits:
             out[p] = (l, h)
             continue
@@ -83,6 +99,7 @@ def bound_domains(
     lr_beta: float = 0.05,
     deadline: float = math.inf,
     recompute: bool = True,
+    ivals: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -98,13 +115,15 @@ def bound_domains(
         recompute: recompute the pre-activation boxes of every domain by CROWN within its
             split boxes (tighter, one linear pass per unstable neuron); else use the split
             root boxes as they are.
+        ivals: interval splits ``{input node of a sigmoid / tanh / max-pooling: (lo [D, n],
+            hi [D, n])}`` intersected with the boxes.
 
     Returns:
         :class:`DomainBounds`.
     """
-    D = next(iter(splits.values())).shape[0]
+    D = next(iter(splits.values())).shape[0] if splits else next(iter(ivals.values()))[0].shape[0]
     shapes = {p: graph.shape(p) for p in root}
-    boxes = _split_boxes(root, splits, shapes)
+    boxes = _split_boxes(root, splits, shapes, ivals)
     infeasible = torch.zeros(D, dtype=torch.bool)
     for l, h in boxes.values():
         infeasible |= (l > h).reshape(l.shape[0], -1).any(1).expand(D)
@@ -114,6 +133,7 @@ def bound_domains(
     C, d = C.to(graph.dtype), d.to(graph.dtype)
     N = C.shape[1]
     relus = relu_inputs(graph)
+    others = interval_inputs(graph)
     if recompute:
         with torch.no_grad():
             boxes = crown(graph, x_set, None, bound_overrides=boxes).intermediate
@@ -137,7 +157,7 @@ def bound_domains(
         b = betas0[p].to(graph.dtype).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=graph.dtype)
         betas[p] = (b * (sp != 0).unsqueeze(0)).clone().requires_grad_(True)
     signs = {p: splits[p].to(graph.dtype).unsqueeze(0) for p in betas}
-    record: dict[str, Tensor | None] = {r: None for r, _ in relus}
+    record: dict[str, Tensor | None] = {r: None for r, _ in relus + others}
     record[graph.input_name] = None
 
     def alpha_fn(start: str, act: str, sl):
@@ -155,7 +175,7 @@ def bound_domains(
     params = list(alphas.values()) + list(betas.values())
     opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 0.98)
     opt_b = ProjectedAdam(list(betas.values()), lr_beta, 0.98, upper=None) if betas else None
-    for _ in range(steps):
+    for _ in range(steps if params else 0):
         if time.perf_counter() >= deadline:
             break
         with torch.enable_grad():
@@ -300,9 +320,16 @@ def _leaf_bound(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[st
     return low[0]
 
 
-def _branch(relus: list[tuple[str, str]], db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor]:
-    """Per domain the (node, neuron) to split next: ``([D] node names or None, [D] indices)``.
-    Rows of groups already proved do not count in the score."""
+def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor, Tensor]:
+    """Per domain the (node, neuron) to split next and where: ``([D] node names or None,
+    [D] indices, [D] split points)``; the point is NaN for a ReLU (split at 0 into the two
+    signs), the middle of the box for the input of another nonlinear op.
+
+    Scores: a ReLU's BaBSR score (see the module docstring); for a sigmoid / tanh input,
+    ``|A_j|`` times the largest gap between the upper and lower relaxation lines over the box;
+    for a max-pooling input, its width times the mean ``|A|`` of the pooling's outputs. Rows of
+    groups already proved do not count."""
+    relus = relu_inputs(graph)
     D = db.rows.shape[0]
     weight = (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(D, -1))  # [D, N]
     best_score = torch.full((D,), -1.0, dtype=torch.float64)
@@ -329,7 +356,39 @@ def _branch(relus: list[tuple[str, str]], db: "DomainBounds", splits: dict[str, 
         best_idx = torch.where(better, idx, best_idx)
         for dd in better.nonzero().flatten().tolist():
             best_node[dd] = p
-    return best_node, best_idx
+    best_t = torch.full((D,), math.nan, dtype=torch.float64)
+    for a, p in interval_inputs(graph):
+        l, h = db.boxes[p]
+        l, h = l.reshape(D, -1).double(), h.reshape(D, -1).double()
+        width = h - l
+        splittable = width > 1e-7 * (1 + torch.maximum(l.abs(), h.abs()))
+        if not bool(splittable.any()):
+            continue
+        Aa = db.record.get(a)
+        Aa = None if Aa is None else Aa.reshape(Aa.shape[0], D, -1).double() * weight.t().unsqueeze(-1)
+        op = graph.by_name[a].op
+        if Aa is not None and Aa.shape[-1] == l.shape[1]:  # elementwise
+            r = op.relax(l, h)
+            dw = (r.uw - r.lw).double()
+            db_ = (r.ub - r.lb).double()
+            gap = torch.maximum(dw * l + db_, dw * h + db_).clamp_min(0)
+            score = Aa.abs().sum(0) * gap
+        else:
+            a_mean = torch.zeros(D, 1, dtype=torch.float64) if Aa is None else Aa.abs().sum(0).mean(1, keepdim=True)
+            score = a_mean * width
+        score = torch.where(splittable, score + 1e-12 * width, torch.full_like(score, -1.0))
+        sc, idx = score.max(1)
+        better = sc > best_score
+        best_score = torch.where(better, sc, best_score)
+        best_idx = torch.where(better, idx, best_idx)
+        mid = ((l + h) / 2).gather(1, idx.unsqueeze(1)).squeeze(1)
+        best_t = torch.where(better, mid, best_t)
+        for dd in better.nonzero().flatten().tolist():
+            best_node[dd] = p
+    for dd, n in enumerate(best_node):  # a ReLU chosen after an interval node
+        if n is not None and n in splits:
+            best_t[dd] = math.nan
+    return best_node, best_idx, best_t
 
 
 def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
@@ -370,12 +429,14 @@ def graph_relu_bab(
     t0 = time.perf_counter()
     deadline = t0 + timeout
     relus = relu_inputs(graph)
-    if not relus:
-        return BabResult("unknown", None, -math.inf, 0, reason="no ReLU to split")
+    inodes = [p for _, p in interval_inputs(graph)]
+    if not relus and not inodes:
+        return BabResult("unknown", None, -math.inf, 0, reason="nothing to split")
     nodes = [p for _, p in relus]
-    sizes = {p: math.prod(graph.shape(p)) for p in nodes}
+    sizes = {p: math.prod(graph.shape(p)) for p in nodes + inodes}
     N = rs.C.shape[0]
-    per_domain = sum(sizes.values()) * (1 + 8 * N) + 64  # int8 splits, float32 alphas and betas
+    # int8 splits, float32 alphas and betas per ReLU input; float64 boxes per interval-split input
+    per_domain = sum(sizes[p] for p in nodes) * (1 + 8 * N) + 16 * sum(sizes[p] for p in inodes) + 64
     max_domains = max(int(max_memory_mb * 2**20 / per_domain), 4 * batch_size)
     checked = 0
 
@@ -397,8 +458,10 @@ def graph_relu_bab(
         return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": checked})
 
     splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in nodes}
+    ivals = {p: (torch.full((1, sizes[p]), -math.inf, dtype=torch.float64), torch.full((1, sizes[p]), math.inf, dtype=torch.float64))
+             for p in inodes}
     alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
-    db = bound_domains(graph, inputs, rs, root, splits, alphas0=alphas0, steps=0, deadline=deadline, recompute=False)
+    db = bound_domains(graph, inputs, rs, root, splits, alphas0=alphas0, steps=0, deadline=deadline, recompute=False, ivals=ivals)
     bounded = 1
     m = rs.margin(db.rows)
     if bool(db.infeasible[0]) or bool(m[0] > margin):
@@ -406,9 +469,9 @@ def graph_relu_bab(
     x = falsify(_corners(graph, inputs, db))
     if x is not None:
         return result("falsified", "counterexample", -math.inf, x)
-    node, idx = _branch(relus, db, splits, rs)
-    q = {"splits": splits, "alphas": db.alphas, "betas": {p: torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m,
-         "node": node, "idx": idx}
+    node, idx, tsplit = _branch(graph, db, splits, rs)
+    q = {"splits": splits, "ivals": ivals, "alphas": db.alphas, "betas": {p: torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m,
+         "node": node, "idx": idx, "t": tsplit}
     worst_leaf = math.inf
     last_round = 0.0  # a round starts only if one as long as the last still fits
     recompute = True  # per-domain CROWN boxes, while a round costs under 5 % of the budget
@@ -429,27 +492,33 @@ def graph_relu_bab(
         keep[pick] = False
         # children: every picked domain twice, the chosen neuron set to +1 / -1
         child = {p: q["splits"][p][pick].repeat(2, 1) for p in nodes}
+        c_ivals = {p: (lo[pick].repeat(2, 1), hi[pick].repeat(2, 1)) for p, (lo, hi) in q["ivals"].items()}
         for j, b in enumerate(pick.tolist()):
-            p = q["node"][b]
-            child[p][j, q["idx"][b]] = 1
-            child[p][j + k, q["idx"][b]] = -1
+            p, i = q["node"][b], int(q["idx"][b])
+            if p in child:  # ReLU: the two signs
+                child[p][j, i] = 1
+                child[p][j + k, i] = -1
+            else:  # another op's input: the two halves of its interval
+                t = float(q["t"][b])
+                c_ivals[p][1][j, i] = t
+                c_ivals[p][0][j + k, i] = t
         c_alphas = {r: a[pick].repeat(2, 1, 1) for r, a in q["alphas"].items()}
         c_betas = {p: b[pick].repeat(2, 1, 1) for p, b in q["betas"].items()}
         t_round = time.perf_counter()
         db = bound_domains(graph, inputs, rs, root, child, alphas0=c_alphas, betas0=c_betas, steps=steps, deadline=deadline,
-                           recompute=recompute)
+                           recompute=recompute, ivals=c_ivals)
         bounded += 2 * k
         x = falsify(_corners(graph, inputs, db))
         if x is not None:
             return result("falsified", "counterexample", -math.inf, x)
         m = rs.margin(db.rows)
         open_ = ~db.infeasible & ~(m > margin)
-        cnode, cidx = _branch(relus, db, child, rs)
+        cnode, cidx, ct = _branch(graph, db, child, rs)
         leaf = torch.tensor([n is None for n in cnode]) & open_
         for j in leaf.nonzero().flatten().tolist():  # every ReLU fixed: the exact LP multipliers
             one = {p: v[j] for p, v in child.items()}
             one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in db.boxes.items()}
-            lp = _leaf_lp(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline else None
+            lp = _leaf_lp(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline and not inodes else None
             if lp is not None:
                 for xc in lp[1]:
                     if check_point is not None and check_point(xc):
@@ -463,6 +532,9 @@ def graph_relu_bab(
         full_betas = {p: db.betas[p] if p in db.betas else torch.zeros(2 * k, N, sizes[p]) for p in nodes}
         q = {
             "splits": {p: torch.cat([q["splits"][p][kept], child[p][sel]]) for p in nodes},
+            "ivals": {p: (torch.cat([q["ivals"][p][0][kept], c_ivals[p][0][sel]]), torch.cat([q["ivals"][p][1][kept], c_ivals[p][1][sel]]))
+                      for p in inodes},
+            "t": torch.cat([q["t"][kept], ct[sel]]),
             "alphas": {r: torch.cat([q["alphas"][r][kept], db.alphas[r][sel]]) for r in q["alphas"]},
             "betas": {p: torch.cat([q["betas"][p][kept], full_betas[p][sel]]) for p in nodes},
             "low": torch.cat([q["low"][kept], m[sel]]),
