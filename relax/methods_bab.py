@@ -274,7 +274,7 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     (:mod:`relax.bab_graph`): networks without a dense ReLU form (residual connections,
     max-pooling, convolutions too large to expand, other activations beside ReLUs)."""
     from .alpha import alpha_crown
-    from .bab_graph import graph_relu_bab, interval_inputs, relu_inputs
+    from .bab_graph import graph_input_bab, graph_relu_bab, interval_inputs, relu_inputs
     from .bounds import prepare
 
     t0 = time.perf_counter()
@@ -287,6 +287,13 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     if low > opts.margin:
         return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
     left = time_left - (time.perf_counter() - t0)
+    n_in = math.prod(graph.input_shape)
+    box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
+    if left > 0 and box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
+        res = graph_input_bab(graph, x_set, rs, timeout=left, batch_size=opts.batch_size or 256, margin=opts.margin,
+                              check_point=check_point)
+        res.details["stage"] = "graph-bab-input"
+        return res
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
     root_alphas = (root.alphas or {}).get("__out__") if hasattr(root, "alphas") else None
