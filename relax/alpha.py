@@ -43,7 +43,8 @@ __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
 @dataclass
 class AlphaResult:
     """``lower [B, N]`` best bounds, ``crown_lower`` the CROWN bounds it started from,
-    ``iterations`` run, the CROWN intermediate boxes and the final alphas."""
+    ``iterations`` run, the intermediate boxes (CROWN's intersected with every step's) and the
+    final alphas."""
 
     lower: Tensor
     crown_lower: Tensor
@@ -88,7 +89,7 @@ def alpha_crown(
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides)
     best = init.lower.clone()
-    relus = [n.name for n in graph.activations() if isinstance(n.op, ReLU)]
+    relus = [n.name for n in graph.activations() if n.op.optimisable]  # ReLU, sigmoid, tanh
     if stop_fn is None:
         stop_fn = all_rows_positive
     done_b = stop_fn(best) if early_stop else torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
@@ -117,7 +118,7 @@ def alpha_crown(
         for act in _acts_before(graph, node):
             if act not in relus:
                 continue
-            lw = init.relaxations[act].lw.detach()  # [B, *shape]
+            lw = graph.by_name[act].op.alpha_init(init.relaxations[act]).detach()  # [B, *shape(, 2)]
             if s == "__out__":
                 a = lw.unsqueeze(0).expand(N, *lw.shape).clone()
             else:  # virtual batch of the (neuron, batch element) pairs, see linear.bound_node
@@ -142,6 +143,7 @@ def alpha_crown(
                 overrides[k] = (l, h)
     opt = ProjectedAdam(params, lr, lr_decay)
     done = 0
+    boxes = dict(init.intermediate)  # tightened by every step (each step's boxes are sound)
     for it in range(iterations):
         if deadline is not None and deadline.expired():
             break
@@ -153,6 +155,9 @@ def alpha_crown(
                 alpha_fn=alpha_fn, rows=plan,
             )
             low = res.lower
+            if optimize_intermediate:
+                boxes = {k: (torch.maximum(boxes[k][0], l.detach()), torch.minimum(boxes[k][1], h.detach()))
+                         for k, (l, h) in res.intermediate.items() if k in boxes}
             best = torch.where(done_b.unsqueeze(1), best, torch.maximum(best, low.detach()))
             done = it + 1
             if early_stop:
@@ -164,4 +169,4 @@ def alpha_crown(
             loss = -(low * (~done_b).unsqueeze(1)).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         opt.step(grads)
-    return AlphaResult(best, init.lower, done, init.intermediate, alphas)
+    return AlphaResult(best, init.lower, done, boxes, alphas)

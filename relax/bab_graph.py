@@ -108,7 +108,8 @@ def bound_domains(
         rs: the property rows (``C [N, K]``, ``d [N]``).
         root: root pre-activation boxes ``{node: (lo, hi)}``, ``[1, *shape]``.
         splits: ``{relu input node: [D, n] int8}`` split signs (0 = not split).
-        alphas0, betas0: starting slopes ``{relu node: [D, N, n]}`` and multipliers
+        alphas0, betas0: starting slopes ``{activation node: [D, N, n]}`` (``n`` the numbers
+            per row: a ReLU's slopes, a sigmoid's / tanh's slope pairs) and multipliers
             ``{relu input node: [D, N, n]}`` (the parents'; default CROWN's slopes and 0).
         steps: alpha/beta Adam steps after the first pass (stopped at ``deadline``,
             a ``time.perf_counter()`` value).
@@ -139,17 +140,17 @@ def bound_domains(
             boxes = crown(graph, x_set, None, bound_overrides=boxes).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
-    relax_lw = {}
-    with torch.no_grad():
-        for r, p in relus:
-            relax_lw[r] = graph.by_name[r].op.relax(*boxes[p]).lw  # [D, *shape]
     alphas = {}
-    for r, _ in relus:
-        if alphas0 is not None and r in alphas0:
-            a = alphas0[r].to(graph.dtype).transpose(0, 1).reshape(N, D, *graph.shape(r))
+    for n in graph.activations():  # ReLU slopes [N, D, *shape], sigmoid / tanh slope pairs [N, D, *shape, 2]
+        if not n.op.optimisable:
+            continue
+        with torch.no_grad():
+            init = n.op.alpha_init(n.op.relax(*boxes[n.inputs[0]]))  # [D, *shape(, 2)]
+        if alphas0 is not None and n.name in alphas0:
+            a = alphas0[n.name].to(graph.dtype).transpose(0, 1).reshape(N, D, *init.shape[1:])
         else:
-            a = relax_lw[r].unsqueeze(0).expand(N, D, *graph.shape(r))
-        alphas[r] = a.clone().requires_grad_(True)
+            a = init.unsqueeze(0).expand(N, *init.shape)
+        alphas[n.name] = a.clone().requires_grad_(True)
     betas = {}
     for p, sp in splits.items():
         if not bool((sp != 0).any()):

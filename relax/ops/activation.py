@@ -21,6 +21,8 @@ case of CROWN's Table 1 needs no separate soundness argument). Slopes:
 * ``deeppoly`` (DeepPoly Sec. 4.3): ``lambda = secant slope``, ``lambda' = min(f'(l), f'(u))``;
   lower slope ``lambda`` if ``l > 0`` else ``lambda'``; upper slope ``lambda`` if ``u <= 0`` else
   ``lambda'``.
+* alpha-CROWN: both slopes are free parameters in ``[0, 1]`` (any slope is sound, see above),
+  started from the ``crown`` slopes and optimised per spec row.
 
 A relative round-off allowance ``4 eps (1 + |f| + |k x|)`` is subtracted from / added to the
 intercepts.
@@ -149,7 +151,25 @@ class _SShaped(Activation):
             kl = torch.where(lo >= 0, secant, torch.where(hi <= 0, tan_m, torch.where(ok_sec_l, secant, self.df(dl))))
         lb, _ = self.intercepts(kl, lo, hi)
         _, ub = self.intercepts(ku, lo, hi)
-        return Relaxation(kl, lb, ku, ub)
+        return Relaxation(kl, lb, ku, ub, extra=(lo, hi))
+
+    optimisable = True
+
+    def alpha_init(self, r: Relaxation) -> Tensor:
+        """Both slopes over ``f'(0)``, ``[B, *shape, 2]`` (lower, upper), in ``[0, 1]`` like a
+        ReLU's alpha: alpha-CROWN optimises them freely, since :meth:`intercepts` makes a sound
+        line of any slope."""
+        return torch.stack([r.lw, r.uw], -1) / self.fprime0
+
+    def backward_relaxed(self, A, r, alpha=None):
+        if alpha is None:
+            return super().backward_relaxed(A, r)
+        lo, hi = r.extra
+        kl, ku = alpha[..., 0] * self.fprime0, alpha[..., 1] * self.fprime0  # [S, B, *shape]
+        lb, _ = self.intercepts(kl, lo, hi)
+        _, ub = self.intercepts(ku, lo, hi)
+        Ap, An = A.clamp(min=0), A.clamp(max=0)
+        return Ap * kl + An * ku, sum_rows(Ap * lb + An * ub)
 
 
 class Sigmoid(_SShaped):
