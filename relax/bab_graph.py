@@ -26,7 +26,8 @@ The search is anytime: it stops at the deadline with the smallest domain bound a
 bound, or when the domain queue exceeds its memory cap. A round starts only when one as long as
 the last still fits before the deadline; rounds start with one domain and double up to
 ``batch_size`` while they take under 2 % of the budget, and the per-domain recomputation of the
-boxes is dropped once a round takes over 5 % (large networks).
+boxes is dropped once a round takes over 5 % or the recomputation over half a round (large
+networks, where more domains on the root's boxes pay better).
 """
 from __future__ import annotations
 
@@ -135,11 +136,13 @@ def bound_domains(
     N = C.shape[1]
     relus = relu_inputs(graph)
     others = interval_inputs(graph)
+    t_boxes = time.perf_counter()
     if recompute:
         with torch.no_grad():
             boxes = crown(graph, x_set, None, bound_overrides=boxes).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
+    t_boxes = time.perf_counter() - t_boxes
     alphas = {}
     for n in graph.activations():  # ReLU slopes [N, D, *shape], sigmoid / tanh slope pairs [N, D, *shape, 2]
         if not n.op.optimisable:
@@ -193,7 +196,7 @@ def bound_domains(
             opt_b.step(grads[len(alphas):])
     return DomainBounds(best, infeasible, record, boxes,
                         {r: a.reshape(N, D, -1).transpose(0, 1).float() for r, a in best_a.items()},
-                        {p: b.transpose(0, 1).float() for p, b in best_b.items()})
+                        {p: b.transpose(0, 1).float() for p, b in best_b.items()}, t_boxes)
 
 
 @dataclass
@@ -202,7 +205,8 @@ class DomainBounds:
     ``C y + d`` (each domain's best iterate), ``infeasible [D]``, ``record`` (the rows'
     coefficients ``[N, D, *shape]`` on each ReLU output and on the input, first pass),
     ``boxes`` (``[D, *shape]`` per pre-activation), and the best iterate's ``alphas``
-    (``{relu node: [D, N, n]}``) and ``betas`` (``{relu input node: [D, N, n]}``), float32."""
+    (``{relu node: [D, N, n]}``) and ``betas`` (``{relu input node: [D, N, n]}``), float32, and
+    the seconds the boxes' recomputation took."""
 
     rows: Tensor
     infeasible: Tensor
@@ -210,6 +214,7 @@ class DomainBounds:
     boxes: dict[str, tuple[Tensor, Tensor]]
     alphas: dict[str, Tensor]
     betas: dict[str, Tensor]
+    boxes_s: float = 0.0  # seconds spent recomputing the boxes
 
 
 def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]],
@@ -475,7 +480,7 @@ def graph_relu_bab(
          "node": node, "idx": idx, "t": tsplit}
     worst_leaf = math.inf
     last_round = 0.0  # a round starts only if one as long as the last still fits
-    recompute = True  # per-domain CROWN boxes, while a round costs under 5 % of the budget
+    recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:
         Q = q["low"].shape[0]
@@ -543,8 +548,8 @@ def graph_relu_bab(
             "idx": torch.cat([q["idx"][kept], cidx[sel]]),
         }
         last_round = time.perf_counter() - t_round
-        if recompute and last_round > 0.05 * timeout:
-            recompute = False
+        if recompute and (last_round > 0.05 * timeout or db.boxes_s > 0.5 * last_round):
+            recompute = False  # large networks: more domains with the root's boxes pay better
         elif last_round < 0.02 * timeout:
             cap = min(batch_size, 2 * cap)
 
