@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verify.spec import InputSet
+from verify.spec import InputSet, LpBall
 
 from .adam import ProjectedAdam
 from .bab import BabResult, RowSpec
@@ -234,7 +234,6 @@ def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, 
         ``({node: [N, n] beta}, [candidate x [n_in]])``.
     """
     import numpy as np
-    from scipy.optimize import linprog
 
     if any(not isinstance(n.op, ReLU) for n in graph.activations()):
         return None
@@ -264,6 +263,9 @@ def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, 
             where.append((p, j))
     Y = vals[graph.output].reshape(n_in + 1, -1).double()
     lo, hi = (b.reshape(-1).double().numpy() for b in inputs.bounds())
+    ball = None
+    if isinstance(inputs, LpBall) and not math.isinf(inputs.p):
+        ball = (inputs.center.reshape(-1).double().numpy(), float(inputs.eps.reshape(-1)[0]), float(inputs.p))
     A_ub = np.array(rows_A) if rows_A else None
     b_ub = np.array(rows_b) if rows_b else None
     betas = {p: torch.zeros(rs.C.shape[0], sp.numel(), dtype=graph.dtype) for p, sp in split.items()}
@@ -272,9 +274,9 @@ def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, 
         c_row = rs.C[i].double()
         obj = ((Y[1:] - Y[0]) @ c_row).numpy()
         const = float(Y[0] @ c_row + rs.d[i])
-        res = linprog(obj, A_ub=A_ub, b_ub=b_ub, bounds=list(zip(lo, hi)), method="highs")
+        res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball)
         if res.status == 2 and A_ub is not None:  # no point meets the splits: Farkas multipliers
-            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi)
+            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball)
             if lam is None:
                 return None
             lam, gap = lam
@@ -285,33 +287,78 @@ def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, 
             continue
         if res.status != 0:
             return None
-        if A_ub is not None:
-            lam = np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
-            for (p, j), v in zip(where, lam):
+        if res.lam is not None:
+            for (p, j), v in zip(where, res.lam):
                 betas[p][i, j] = float(v)
         if res.fun + const <= 0:
             cands.append(torch.as_tensor(res.x, dtype=torch.float64))
     return betas, cands
 
 
-def _infeasibility_multipliers(A_ub, b_ub, lo, hi) -> tuple["np.ndarray", float] | None:
+@dataclass
+class _LeafSolution:
+    status: int  # 0 optimal, 2 infeasible, other: failed
+    fun: float = math.nan
+    x: "np.ndarray | None" = None
+    lam: "np.ndarray | None" = None  # multipliers (>= 0) of the rows of A_ub
+
+
+def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False) -> _LeafSolution:
+    """``min c . x`` over the box ``[lo, hi]``, ``A_ub x <= b_ub`` and, with ``ball = (centre,
+    eps, p)`` (``p`` 1 or 2), ``||x - centre||_p <= eps``: HiGHS for the LP, cvxpy (Clarabel) for
+    the l_2 cone. ``extra_var``: the last entry of ``c`` / column of ``A_ub`` is a free variable
+    ``t <= 1`` (the phase-1 problem)."""
+    import numpy as np
+
+    n = len(lo)
+    if ball is None:
+        from scipy.optimize import linprog
+
+        bounds = list(zip(lo, hi)) + ([(None, 1.0)] if extra_var else [])
+        res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs")
+        lam = None if res.status != 0 or A_ub is None else np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
+        return _LeafSolution(res.status, float(res.fun) if res.status == 0 else math.nan, res.x, lam)
+    import cvxpy as cp
+
+    centre, eps, p = ball
+    z = cp.Variable(n + (1 if extra_var else 0))
+    x = z[:n]
+    cons = [x >= lo, x <= hi, cp.norm(x - centre, p) <= eps]
+    if extra_var:
+        cons.append(z[n] <= 1.0)
+    split = None
+    if A_ub is not None:
+        split = A_ub @ z <= b_ub
+        cons.append(split)
+    prob = cp.Problem(cp.Minimize(c @ z), cons)
+    try:
+        prob.solve(solver=cp.CLARABEL)
+    except cp.error.SolverError:
+        return _LeafSolution(1)
+    if prob.status == cp.INFEASIBLE:
+        return _LeafSolution(2)
+    if prob.status != cp.OPTIMAL:
+        return _LeafSolution(1)
+    lam = None if split is None else np.maximum(np.asarray(split.dual_value, dtype=np.float64), 0.0)
+    return _LeafSolution(0, float(prob.value), np.asarray(z.value, dtype=np.float64), lam)
+
+
+def _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball=None) -> tuple["np.ndarray", float] | None:
     """For ``{x in [lo, hi] : A_ub x <= b_ub}`` empty (the rows are ``-s_j z_j(x) <= 0``):
     ``lambda >= 0`` summing to 1 and ``gap > 0`` such that ``sum_j lambda_j s_j z_j(x) <= -gap``
     on the whole box, from the phase-1 LP ``max t`` s.t. ``A_ub x + t <= b_ub`` (its optimum is
     ``-gap`` and its dual is ``lambda``, Farkas). Used only to choose multipliers: the bound
     they give is computed by the engine."""
     import numpy as np
-    from scipy.optimize import linprog
 
     m, n = A_ub.shape
     A1 = np.hstack([A_ub, np.ones((m, 1))])
     c = np.zeros(n + 1)
     c[-1] = -1.0
-    res = linprog(c, A_ub=A1, b_ub=b_ub, bounds=list(zip(lo, hi)) + [(None, 1.0)], method="highs")
-    if res.status != 0 or -res.fun >= 0:
+    res = _solve_leaf(c, A1, b_ub, lo, hi, ball, extra_var=True)
+    if res.status != 0 or -res.fun >= 0 or res.lam is None:
         return None
-    lam = np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
-    return lam, float(res.fun)
+    return res.lam, float(res.fun)
 
 
 def _leaf_bound(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, Tensor],
@@ -404,8 +451,19 @@ def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
     lo, hi = inputs.bounds()
     if A is None:
         return lo.reshape(1, *graph.input_shape)
-    A = A.reshape(-1, *graph.input_shape)
-    return torch.where(A > 0, lo.to(A.dtype), hi.to(A.dtype))
+    A = A.reshape(A.shape[0] * A.shape[1], -1)
+    lo, hi = lo.reshape(1, -1).to(A.dtype), hi.reshape(1, -1).to(A.dtype)
+    if isinstance(inputs, LpBall) and not math.isinf(inputs.p):  # the ball's minimiser, in the domain
+        c = inputs.center.reshape(1, -1).to(A.dtype)
+        eps = float(inputs.eps.reshape(-1)[0])
+        if inputs.p == 2.0:
+            x = c - eps * A / A.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        else:
+            i = A.abs().argmax(1)
+            x = c.expand_as(A).clone()
+            x[torch.arange(A.shape[0]), i] -= eps * A[torch.arange(A.shape[0]), i].sign()
+        return torch.minimum(torch.maximum(x, lo), hi).reshape(-1, *graph.input_shape)
+    return torch.where(A > 0, lo, hi).reshape(-1, *graph.input_shape)
 
 
 def graph_relu_bab(

@@ -70,7 +70,7 @@ class BabMethod(Method):
     summary = ("complete for ReLU networks: attack, alpha-CROWN, then input-split or beta-CROWN ReLU-split "
                "branch-and-bound (dense, or on the graph for residual / pooling nets; max-pooling and "
                "sigmoid/tanh are not split: unknown possible)")
-    norms = ("linf", "box")
+    norms = ("linf", "l2", "l1", "box")
 
     def __init__(
         self,
@@ -132,7 +132,9 @@ class BabMethod(Method):
         spec = prop.linear(B, y0.shape[1], device=x0.device, dtype=y0.dtype)
         labels = prop.labels()
         is_ball = isinstance(inputs, LpBall)
-        net = _dense_form(model, tuple(inputs.shape), self.dense_limit)
+        # the dense engine bounds boxes; l_1 / l_2 balls are branched on the graph (dual-norm
+        # concretisation of every linear bound)
+        net = None if (is_ball and not math.isinf(inputs.p)) else _dense_form(model, tuple(inputs.shape), self.dense_limit)
         certs = []
         for b in range(B):
             left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)

@@ -44,11 +44,11 @@ def _as_chain(r: _Residual) -> nn.Sequential:
     return nn.Sequential(r.a, nn.ReLU(), l2, nn.ReLU(), out).eval()
 
 
-def _exact_distance(net: nn.Module, x0: torch.Tensor, label: int) -> float | None:
-    """``d*`` (None when the whole domain [0, 1]^n keeps the label)."""
+def _exact_distance(net: nn.Module, x0: torch.Tensor, label: int, p: float = math.inf) -> float | None:
+    """``d*`` in l_p, p = inf or 1 (None when the whole domain [0, 1]^n keeps the label)."""
     from relax.milp import minimum_distortion
 
-    vals, res = minimum_distortion(net, x0, Robust(torch.tensor([label])), math.inf, (0.0, 1.0), timeout=60, return_details=True)
+    vals, res = minimum_distortion(net, x0, Robust(torch.tensor([label])), p, (0.0, 1.0), timeout=60, return_details=True)
     r = res[0]
     if r.status == "no_adversarial":
         return None
@@ -63,7 +63,7 @@ def _spread(first: nn.Linear, factor: float = 8.0) -> None:
         first.bias.sub_(first.weight.sum(1) * 0.5)
 
 
-def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict) -> list[str]:
+def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict, p: float = math.inf) -> list[str]:
     torch.manual_seed(100 + seed)
     d = None
     for _ in range(20):  # a centre with an adversarial example in the domain
@@ -71,13 +71,13 @@ def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict
         with torch.no_grad():
             label = int(net(x0).argmax())
             assert torch.allclose(net(x0), chain(x0), atol=1e-5)
-        d = _exact_distance(chain, x0, label)
+        d = _exact_distance(chain, x0, label, p)
         if d is not None:
             break
     assert d is not None, "no centre with an adversarial example: the test nets are too flat"
     statuses = []
     for f in (0.9, 1.1):
-        c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+        c = certify(net, LpBall(x0, d * f, p, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
                     method_options=options)[0]
         if f > 1:
             assert c.status != "certified", f"certified a ball of radius 1.1 d* (seed {seed})"
@@ -94,6 +94,15 @@ def test_residual_net_decided_against_exact_milp(seed):
     r = _Residual(6, 10, 3).eval()
     _spread(r.a)
     _check(r, _as_chain(r), 6, seed, {})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_l1_balls_decided_against_exact_milp(seed):
+    """l_1 balls (dual-norm concretisation, l_1 constraint in the leaves' LPs) on a residual net."""
+    torch.manual_seed(seed)
+    r = _Residual(6, 10, 3).eval()
+    _spread(r.a)
+    _check(r, _as_chain(r), 6, seed, {}, p=1.0)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -196,6 +205,31 @@ def test_low_dimensional_nets_are_split_on_the_input(act):
             with torch.no_grad():
                 xc = torch.as_tensor(near.counterexample, dtype=torch.float32).reshape(1, 2)
                 assert int(net(xc).argmax()) != label and float((xc - x0).abs().max()) <= w / 2 + 1e-6
+        decided += 1
+    assert decided >= 2
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_l2_balls_on_2d_nets_against_a_grid(act):
+    """l_2 balls: never certified beyond a violating grid point, decided at half its distance."""
+    g = torch.linspace(0, 1, 401)
+    X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    decided = 0
+    for seed in range(3):
+        net = _small(act, seed=seed)
+        torch.manual_seed(70 + seed)
+        x0 = torch.rand(1, 2)
+        with torch.no_grad():
+            label = int(net(x0).argmax())
+            bad = net(X).argmax(1) != label
+        if not bool(bad.any()):
+            continue
+        w = float((X[bad] - x0).norm(dim=1).min())
+        prop = Robust(torch.tensor([label]))
+        far = certify(net, LpBall(x0, w * 1.01, 2.0, 0.0, 1.0), prop, "bab", timeout=30)[0]
+        assert far.status != "certified"
+        near = certify(net, LpBall(x0, w / 2, 2.0, 0.0, 1.0), prop, "bab", timeout=30)[0]
+        assert near.status in ("certified", "falsified"), (act, seed, near.details.get("reason"))
         decided += 1
     assert decided >= 2
 
