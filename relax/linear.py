@@ -82,13 +82,14 @@ class CrownResult:
     relaxations: dict[str, Relaxation] = field(default_factory=dict)
 
 
-def concretize(A: Tensor, bias: Tensor, input_set: InputSet) -> Tensor:
+def concretize(A: Tensor, bias: Tensor, input_set: InputSet, clipped_ball: bool = False) -> Tensor:
     """``min over x in input_set of A . x + bias``: ``A [S, B, *in]``, ``bias [S, B]`` -> ``[S, B]``.
 
     Box / l_inf ball: ``A . m - |A| . r`` on the (domain-clipped) box. l_p ball (p = 1, 2):
-    Hoelder, ``A . c - eps ||A||_q`` with ``1/p + 1/q = 1``, and the box bound on the
-    enclosing clipped box; the larger of the two (both sound: the set lies in the ball and in
-    the box).
+    Hoelder, ``A . c - eps ||A||_q`` with ``1/p + 1/q = 1``, the box bound on the enclosing
+    clipped box and, with ``clipped_ball`` (the spec rows' pass: the intermediate rows are too
+    many for its cost) when a domain clips the ball, the dual bound on ball and box together
+    (:func:`ball_box_dual`); the largest (all sound: the set lies in each).
     """
     S, B = A.shape[:2]
     A2 = A.reshape(S, B, -1)
@@ -101,7 +102,63 @@ def concretize(A: Tensor, bias: Tensor, input_set: InputSet) -> Tensor:
         nq = A2.abs().amax(-1) if math.isinf(q) else A2.norm(p=q, dim=-1)
         ball = torch.einsum("sbn,bn->sb", A2, c) - input_set.eps.to(A.dtype).view(1, B) * nq
         val = torch.maximum(val, ball)
+        if clipped_ball and (input_set.domain_lo is not None or input_set.domain_hi is not None):
+            eps = input_set.eps.to(A.dtype).view(1, B, 1)
+            val = torch.maximum(val, ball_box_dual(A2, c, eps, lo.reshape(B, -1).to(A.dtype), hi.reshape(B, -1).to(A.dtype), input_set.p))
     return val + bias
+
+
+def ball_box_dual(A: Tensor, c: Tensor, eps: Tensor, lo: Tensor, hi: Tensor, p: float) -> Tensor:
+    """Lower bound ``[S, B]`` of ``min A . x`` over the l_p ball ``||x - c||_p <= eps`` *intersected*
+    with the box ``[lo, hi]`` (a ball clipped by the input domain), by Lagrangian duality: for
+    any ``mu >= 0``
+
+    * ``p = 1``: ``sum_i min_{x_i in [lo_i, hi_i]} (a_i x_i + mu |x_i - c_i|) - mu eps``
+      (each term at ``lo_i``, ``hi_i`` or the clamped centre); ``mu`` is the ``|a_i|`` at which the
+      greedy fill of the budget ``eps`` (largest ``|a_i|`` first, each up to its bound) stops,
+      which makes the bound the exact minimum;
+    * ``p = 2``: ``sum_i min_{x_i} (a_i x_i + mu (x_i - c_i)^2) - mu eps^2`` with the minimiser
+      ``clamp(c_i - a_i / (2 mu), lo_i, hi_i)``; ``mu`` by bisection on ``||x(mu) - c|| = eps``.
+
+    Any ``mu`` gives a sound bound (weak duality), so ``mu`` is chosen without gradients. Shapes:
+    ``A [S, B, n]``, ``c, lo, hi [B, n]``, ``eps [1, B, 1]``. The round-off of the sums
+    (``gamma_n`` times their terms' magnitudes) is subtracted.
+    """
+    from .roundoff import gamma as _gamma
+
+    n = A.shape[-1]
+    c, lo, hi = c.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
+    cc = torch.minimum(torch.maximum(c, lo), hi)
+    with torch.no_grad():
+        Ad = A.detach()
+        if p == 1.0:
+            cap = torch.where(Ad > 0, cc - lo, hi - cc).clamp_min(0) + (cc - c).abs()
+            a_abs, order = Ad.abs().sort(-1, descending=True)
+            filled = cap.expand_as(Ad).gather(-1, order).cumsum(-1)
+            k = (filled < eps).sum(-1, keepdim=True).clamp(max=n - 1)
+            mu = torch.where((filled[..., -1:] < eps), torch.zeros_like(k, dtype=A.dtype), a_abs.gather(-1, k))
+        else:
+            tiny = torch.finfo(A.dtype).tiny
+            lo_mu = torch.full(Ad.shape[:-1] + (1,), tiny, dtype=A.dtype, device=A.device).log()
+            hi_mu = (Ad.norm(dim=-1, keepdim=True) / (2 * eps.clamp_min(tiny)) + tiny).log() + 1.0
+            for _ in range(40):
+                mid = (lo_mu + hi_mu) / 2
+                x = torch.minimum(torch.maximum(c - Ad / (2 * mid.exp()), lo), hi)
+                big = ((x - c) ** 2).sum(-1, keepdim=True) > eps ** 2  # mu too small
+                lo_mu = torch.where(big, mid, lo_mu)
+                hi_mu = torch.where(big, hi_mu, mid)
+            mu = hi_mu.exp()
+    if p == 1.0:
+        cand = torch.stack([A * lo + mu * (lo - c).abs(), A * hi + mu * (hi - c).abs(), A * cc + mu * (cc - c).abs()])
+        terms = cand.amin(0)
+        val = terms.sum(-1) - (mu * eps).squeeze(-1)
+        mag = terms.abs().sum(-1) + (mu * eps).squeeze(-1)
+    else:
+        x = torch.minimum(torch.maximum(c - A.detach() / (2 * mu), lo), hi)
+        terms = A * x + mu * (x - c) ** 2
+        val = terms.sum(-1) - (mu * eps ** 2).squeeze(-1)
+        mag = (A * x).abs().sum(-1) + (mu * (x - c) ** 2).sum(-1) + (mu * eps ** 2).squeeze(-1)
+    return val - 3 * _gamma(n + 4, A.dtype) * mag.detach()
 
 
 def backward(
@@ -114,6 +171,7 @@ def backward(
     weights: dict[str, Tensor | None] | None = None,
     extra: dict[str, Tensor] | None = None,
     record: dict[str, Tensor | None] | None = None,
+    clipped_ball: bool = False,
 ) -> Tensor:
     """Lower bounds ``[S, B]`` of ``A0 . z_start + sum_p extra[p] . z_p`` over the input set.
 
@@ -128,6 +186,8 @@ def backward(
             expression (beta-CROWN's Lagrangian terms of split constraints, Wang et al. 2021).
         record: ``{node: None}``; filled with the (detached) coefficients ``[S, B, *shape]``
             reaching each listed node (branching scores).
+        clipped_ball: concretise l_1 / l_2 balls clipped by their domain exactly
+            (:func:`concretize`).
     """
     anc = _ancestors(graph, start)
     As: dict[str, Tensor] = {}
@@ -180,7 +240,7 @@ def backward(
         record[graph.input_name] = A_in.detach()
     if bias is None:
         bias = torch.zeros(A_in.shape[:2], dtype=A_in.dtype, device=A_in.device)
-    low = concretize(A_in, bias, input_set)
+    low = concretize(A_in, bias, input_set, clipped_ball)
     if weights is None:
         return low
     S, B = A_in.shape[:2]
@@ -429,7 +489,7 @@ def crown(
                     alphas[act] = a
         ex = None if out_extra is None else {k: v[s0:s1] for k, v in out_extra.items()}
         rec = None if out_record is None else dict.fromkeys(out_record)
-        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights, ex, rec))
+        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights, ex, rec, clipped_ball=True))
         if rec is not None:
             for k, v in rec.items():
                 if v is not None:

@@ -67,9 +67,9 @@ class BabMethod(Method):
     name = "bab"
     guarantee = "deterministic"
     certifies = "base"
-    summary = ("complete for ReLU networks: attack, alpha-CROWN, then input-split or beta-CROWN ReLU-split "
-               "branch-and-bound (dense, or on the graph for residual / pooling nets; max-pooling and "
-               "sigmoid/tanh are not split: unknown possible)")
+    summary = ("complete for ReLU networks (l_inf, l_1, l_2 balls, boxes): attack, alpha-CROWN, then input-split "
+               "or beta-CROWN ReLU-split branch-and-bound (dense, or on the graph for residual / pooling nets); "
+               "sigmoid / tanh / max-pooling inputs split by intervals (unknown possible)")
     norms = ("linf", "l2", "l1", "box")
 
     def __init__(

@@ -273,3 +273,29 @@ def test_interval_split_domains_bound_below_every_sample():
             assert not bool(inside.any())
         elif bool(inside.any()):
             assert (vals[inside] >= db.rows[dom] - 1e-9).all()
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_ball_clipped_by_the_domain_is_concretised_exactly(p):
+    """The dual bound of a linear function over an l_p ball clipped by a box lies below the exact
+    minimum (LP / SOCP) and within 1e-6 of it."""
+    cp = pytest.importorskip("cvxpy")
+    import numpy as np
+
+    from relax.linear import ball_box_dual
+
+    g = torch.Generator().manual_seed(int(p))
+    n, S, B = 12, 5, 3
+    A = torch.randn(S, B, n, dtype=torch.float64, generator=g)
+    c = torch.rand(B, n, dtype=torch.float64, generator=g)
+    lo, hi = torch.zeros(B, n, dtype=torch.float64), torch.ones(B, n, dtype=torch.float64)
+    eps = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)
+    got = ball_box_dual(A, c, eps.view(1, B, 1), lo, hi, p)
+    for s in range(S):
+        for b in range(B):
+            x = cp.Variable(n)
+            prob = cp.Problem(cp.Minimize(A[s, b].numpy() @ x), [x >= 0, x <= 1, cp.norm(x - c[b].numpy(), p) <= float(eps[b])])
+            prob.solve(solver=cp.CLARABEL)
+            exact = float(prob.value)
+            assert float(got[s, b]) <= exact + 1e-7
+            assert float(got[s, b]) >= exact - 1e-5 * (1 + abs(exact))
