@@ -1,26 +1,30 @@
-"""ReLU-split branch-and-bound on the bound graph: any network whose nonlinearities the graph
-engine relaxes (residual connections, convolutions, max-pooling, sigmoid / tanh layers beside
-ReLUs), without a dense form.
+"""Branch-and-bound on the bound graph: any network whose nonlinearities the graph engine
+relaxes (residual connections, convolutions, max-pooling, sigmoid / tanh), without a dense form,
+on boxes and on l_inf, l_1 and l_2 balls.
 
-A *domain* fixes the sign of some ReLU inputs: ``s_j = +1`` (``z_j >= 0``, the ReLU is the
-identity) or ``s_j = -1`` (``z_j <= 0``, it is zero). Domains are bounded in batches along the
-graph engine's batch dimension (:func:`relax.linear.crown`, one batch element per domain):
+A *domain* narrows some pre-activations: a ReLU input gets a sign ``s_j = +1`` (``z_j >= 0``,
+the ReLU is the identity) or ``s_j = -1`` (``z_j <= 0``, it is zero); the input of a sigmoid,
+tanh or max-pooling gets half of its interval. Domains are bounded in batches along the graph
+engine's batch dimension (:func:`relax.linear.crown`, one batch element per domain):
 
-* every pre-activation box is the root's alpha-CROWN box intersected with the domain's splits
-  (``lo_j = 0`` / ``hi_j = 0``; a split leaves earlier layers' boxes valid, and the root boxes stay
-  valid for every domain, so none is recomputed);
-* the spec rows are bounded by CROWN with optimised ReLU slopes (alpha) and, for each split,
-  a Lagrange multiplier ``beta_j >= 0`` of its constraint ``s_j z_j >= 0`` (beta-CROWN, Wang et
-  al. 2021, Eq. 6): the bound of ``c^T f(x) - sum_j beta_j s_j z_j(x)`` is a lower bound of
-  ``c^T f`` on the domain for any ``beta >= 0``, and Adam ascends it. Once every unstable ReLU of
-  a domain is split the network is affine there and the best ``beta`` makes the bound the exact
-  minimum over the domain (LP duality);
-* a domain whose box becomes empty somewhere is infeasible and is dropped.
+* every pre-activation box is the root's (alpha-CROWN) box intersected with the domain's
+  splits, then, while affordable, recomputed by CROWN within them (the later layers tighten);
+* the spec rows are bounded by CROWN with optimised slopes (alpha: ReLU, sigmoid, tanh) and,
+  for each ReLU split, a Lagrange multiplier ``beta_j >= 0`` of its constraint ``s_j z_j >= 0``
+  (beta-CROWN, Wang et al. 2021, Eq. 6): the bound of ``c^T f(x) - sum_j beta_j s_j z_j(x)`` is a
+  lower bound of ``c^T f`` on the domain for any ``beta >= 0``, and Adam ascends it. Children
+  start from their parent's slopes and multipliers;
+* a domain whose box becomes empty somewhere is infeasible and is dropped;
+* a domain whose ReLUs are all fixed is affine: :mod:`relax.bab_leaf` solves its LP (SOCP for
+  l_2) for the exact multipliers, which the engine turns into the domain's bound (LP duality:
+  the bound is then the exact minimum), and tries the minimisers as counterexamples.
 
 Branching: per domain, the unsplit unstable ReLU with the largest BaBSR-style score
 (Bunel et al. 2020): the intercept ``-l u / (u - l)`` of its upper relaxation line weighted by
-how much the spec rows lose through it (``max(-A_j, 0)`` with ``A_j`` the rows' coefficient on
-the ReLU output), with a small share of ``|A_j| min(u, -l)`` to order the rest.
+how much the unproved spec rows lose through it (``max(-A_j, 0)`` with ``A_j`` the rows'
+coefficient on the ReLU output), with a small share of ``|A_j| min(u, -l)`` to order the rest;
+sigmoid / tanh inputs score ``|A_j|`` times their relaxation's gap, max-pooling inputs their
+width. Inputs of at most a few coordinates are split instead (:func:`graph_input_bab`).
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
 bound, or when the domain queue exceeds its memory cap. A round starts only when one as long as
@@ -42,6 +46,7 @@ from verify.spec import InputSet, LpBall
 
 from .adam import ProjectedAdam
 from .bab import BabResult, RowSpec
+from .bab_leaf import leaf_multipliers, leaf_bound
 from .graph import BoundGraph
 from .linear import crown
 from .ops import ReLU
@@ -217,162 +222,6 @@ class DomainBounds:
     boxes_s: float = 0.0  # seconds spent recomputing the boxes
 
 
-def _leaf_lp(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]],
-             max_inputs: int = 4096) -> tuple[dict[str, Tensor], list[Tensor]] | None:
-    """Optimal multipliers of a domain whose ReLUs are all fixed (by splits or by their boxes).
-
-    The network is affine on such a domain; per spec row, the LP ``min row(x)`` over the input
-    box and the split constraints ``s_j z_j(x) >= 0`` (HiGHS) gives the multipliers of those
-    constraints, which are the best ``beta`` (LP duality). They are returned for the engine to
-    turn into a bound (the LP value itself is not used as a proof), with the LP minimisers whose
-    value is ``<= 0`` as candidate counterexamples. ``None`` when the domain is not of this kind
-    (other nonlinear ops, more than ``max_inputs`` inputs) or an LP fails.
-
-    Args:
-        split: ``{relu input node: [n] int8}``; boxes: ``{node: (lo, hi)}`` ``[1, *shape]``.
-    Returns:
-        ``({node: [N, n] beta}, [candidate x [n_in]])``.
-    """
-    import numpy as np
-
-    if any(not isinstance(n.op, ReLU) for n in graph.activations()):
-        return None
-    n_in = math.prod(graph.input_shape)
-    if n_in > max_inputs:
-        return None
-    masks = {}
-    for r, p in relu_inputs(graph):
-        l, h = boxes[p][0].reshape(-1), boxes[p][1].reshape(-1)
-        s = split[p]
-        masks[r] = ((s > 0) | ((s == 0) & (l >= 0))).to(graph.dtype)
-    X = torch.cat([torch.zeros(1, n_in, dtype=graph.dtype), torch.eye(n_in, dtype=graph.dtype)]).reshape(n_in + 1, *graph.input_shape)
-    vals = {graph.input_name: X}
-    with torch.no_grad():
-        for n in graph.nodes:
-            if n.name in masks:
-                vals[n.name] = vals[n.inputs[0]] * masks[n.name].reshape(1, *n.shape)
-            else:
-                vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
-    rows_A, rows_b, where = [], [], []
-    for p, sp in split.items():
-        P = vals[p].reshape(n_in + 1, -1).double()
-        for j in (sp != 0).nonzero().flatten().tolist():
-            sj = float(sp[j])
-            rows_A.append((-sj * (P[1:, j] - P[0, j])).numpy())
-            rows_b.append(sj * float(P[0, j]))
-            where.append((p, j))
-    Y = vals[graph.output].reshape(n_in + 1, -1).double()
-    lo, hi = (b.reshape(-1).double().numpy() for b in inputs.bounds())
-    ball = None
-    if isinstance(inputs, LpBall) and not math.isinf(inputs.p):
-        ball = (inputs.center.reshape(-1).double().numpy(), float(inputs.eps.reshape(-1)[0]), float(inputs.p))
-    A_ub = np.array(rows_A) if rows_A else None
-    b_ub = np.array(rows_b) if rows_b else None
-    betas = {p: torch.zeros(rs.C.shape[0], sp.numel(), dtype=graph.dtype) for p, sp in split.items()}
-    cands = []
-    for i in range(rs.C.shape[0]):
-        c_row = rs.C[i].double()
-        obj = ((Y[1:] - Y[0]) @ c_row).numpy()
-        const = float(Y[0] @ c_row + rs.d[i])
-        res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball)
-        if res.status == 2 and A_ub is not None:  # no point meets the splits: Farkas multipliers
-            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball)
-            if lam is None:
-                return None
-            lam, gap = lam
-            fmin = const + float(np.minimum(obj * lo, obj * hi).sum())
-            scale = 2.0 * (abs(fmin) + 1.0) / gap  # f - scale g >= fmin + scale gap > 0
-            for (p, j), v in zip(where, lam):
-                betas[p][i, j] = scale * float(v)
-            continue
-        if res.status != 0:
-            return None
-        if res.lam is not None:
-            for (p, j), v in zip(where, res.lam):
-                betas[p][i, j] = float(v)
-        if res.fun + const <= 0:
-            cands.append(torch.as_tensor(res.x, dtype=torch.float64))
-    return betas, cands
-
-
-@dataclass
-class _LeafSolution:
-    status: int  # 0 optimal, 2 infeasible, other: failed
-    fun: float = math.nan
-    x: "np.ndarray | None" = None
-    lam: "np.ndarray | None" = None  # multipliers (>= 0) of the rows of A_ub
-
-
-def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False) -> _LeafSolution:
-    """``min c . x`` over the box ``[lo, hi]``, ``A_ub x <= b_ub`` and, with ``ball = (centre,
-    eps, p)`` (``p`` 1 or 2), ``||x - centre||_p <= eps``: HiGHS for the LP, cvxpy (Clarabel) for
-    the l_2 cone. ``extra_var``: the last entry of ``c`` / column of ``A_ub`` is a free variable
-    ``t <= 1`` (the phase-1 problem)."""
-    import numpy as np
-
-    n = len(lo)
-    if ball is None:
-        from scipy.optimize import linprog
-
-        bounds = list(zip(lo, hi)) + ([(None, 1.0)] if extra_var else [])
-        res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs")
-        lam = None if res.status != 0 or A_ub is None else np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
-        return _LeafSolution(res.status, float(res.fun) if res.status == 0 else math.nan, res.x, lam)
-    import cvxpy as cp
-
-    centre, eps, p = ball
-    z = cp.Variable(n + (1 if extra_var else 0))
-    x = z[:n]
-    cons = [x >= lo, x <= hi, cp.norm(x - centre, p) <= eps]
-    if extra_var:
-        cons.append(z[n] <= 1.0)
-    split = None
-    if A_ub is not None:
-        split = A_ub @ z <= b_ub
-        cons.append(split)
-    prob = cp.Problem(cp.Minimize(c @ z), cons)
-    try:
-        prob.solve(solver=cp.CLARABEL)
-    except cp.error.SolverError:
-        return _LeafSolution(1)
-    if prob.status == cp.INFEASIBLE:
-        return _LeafSolution(2)
-    if prob.status != cp.OPTIMAL:
-        return _LeafSolution(1)
-    lam = None if split is None else np.maximum(np.asarray(split.dual_value, dtype=np.float64), 0.0)
-    return _LeafSolution(0, float(prob.value), np.asarray(z.value, dtype=np.float64), lam)
-
-
-def _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball=None) -> tuple["np.ndarray", float] | None:
-    """For ``{x in [lo, hi] : A_ub x <= b_ub}`` empty (the rows are ``-s_j z_j(x) <= 0``):
-    ``lambda >= 0`` summing to 1 and ``gap > 0`` such that ``sum_j lambda_j s_j z_j(x) <= -gap``
-    on the whole box, from the phase-1 LP ``max t`` s.t. ``A_ub x + t <= b_ub`` (its optimum is
-    ``-gap`` and its dual is ``lambda``, Farkas). Used only to choose multipliers: the bound
-    they give is computed by the engine."""
-    import numpy as np
-
-    m, n = A_ub.shape
-    A1 = np.hstack([A_ub, np.ones((m, 1))])
-    c = np.zeros(n + 1)
-    c[-1] = -1.0
-    res = _solve_leaf(c, A1, b_ub, lo, hi, ball, extra_var=True)
-    if res.status != 0 or -res.fun >= 0 or res.lam is None:
-        return None
-    return res.lam, float(res.fun)
-
-
-def _leaf_bound(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, Tensor],
-                boxes: dict[str, tuple[Tensor, Tensor]], betas: dict[str, Tensor]) -> Tensor:
-    """``[N]`` lower bounds of the rows on one fully split domain with the given multipliers
-    (the engine's bound, round-off included)."""
-    C, d = rs.batch(1)
-    N = C.shape[1]
-    extra = {p: -(b * split[p].to(b.dtype).unsqueeze(0)).reshape(N, 1, *graph.shape(p)) for p, b in betas.items()}
-    with torch.no_grad():
-        low = crown(graph, inputs, C.to(graph.dtype), intermediate=boxes, out_extra=extra).lower + d.to(graph.dtype)
-    return low[0]
-
-
 def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor, Tensor]:
     """Per domain the (node, neuron) to split next and where: ``([D] node names or None,
     [D] indices, [D] split points)``; the point is NaN for a ReLU (split at 0 into the two
@@ -533,7 +382,27 @@ def graph_relu_bab(
     x = falsify(_corners(graph, inputs, db))
     if x is not None:
         return result("falsified", "counterexample", -math.inf, x)
+    def settle_leaf(sp: dict[str, Tensor], dbs: DomainBounds, j: int) -> tuple[str, Tensor | None]:
+        """Domain ``j`` with every ReLU fixed: "proved" by its exact multipliers, "falsified"
+        (with the point), or "open" (other ops, or no solution in time)."""
+        one = {p: v[j] for p, v in sp.items()}
+        one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in dbs.boxes.items()}
+        lp = leaf_multipliers(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline and not inodes else None
+        if lp is None:
+            return "open", None
+        for xc in lp[1]:
+            if check_point is not None and check_point(xc):
+                return "falsified", xc
+        if float(rs.margin(leaf_bound(graph, inputs, rs, one, one_boxes, lp[0]))) > margin:
+            return "proved", None
+        return "open", None
+
     node, idx, tsplit = _branch(graph, db, splits, rs)
+    if node[0] is None:  # nothing to split at the root
+        status, x = settle_leaf(splits, db, 0)
+        if status == "falsified":
+            return result("falsified", "counterexample", -math.inf, x)
+        return result("certified", "proved", margin) if status == "proved" else result("unknown", "exhausted", float(m[0]))
     q = {"splits": splits, "ivals": ivals, "alphas": db.alphas, "betas": {p: torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m,
          "node": node, "idx": idx, "t": tsplit}
     worst_leaf = math.inf
@@ -579,17 +448,12 @@ def graph_relu_bab(
         open_ = ~db.infeasible & ~(m > margin)
         cnode, cidx, ct = _branch(graph, db, child, rs)
         leaf = torch.tensor([n is None for n in cnode]) & open_
-        for j in leaf.nonzero().flatten().tolist():  # every ReLU fixed: the exact LP multipliers
-            one = {p: v[j] for p, v in child.items()}
-            one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in db.boxes.items()}
-            lp = _leaf_lp(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline and not inodes else None
-            if lp is not None:
-                for xc in lp[1]:
-                    if check_point is not None and check_point(xc):
-                        return result("falsified", "counterexample", -math.inf, xc)
-                if float(rs.margin(_leaf_bound(graph, inputs, rs, one, one_boxes, lp[0]))) > margin:
-                    continue
-            worst_leaf = min(worst_leaf, float(m[j]))
+        for j in leaf.nonzero().flatten().tolist():
+            status, x = settle_leaf(child, db, j)
+            if status == "falsified":
+                return result("falsified", "counterexample", -math.inf, x)
+            if status == "open":
+                worst_leaf = min(worst_leaf, float(m[j]))
         open_ &= ~leaf
         sel = open_.nonzero().flatten()
         kept = keep.nonzero().flatten()
