@@ -177,7 +177,8 @@ def test_exact_l2_distortion_bounds_every_deterministic_radius_and_the_attack():
         assert d.lower <= d.value + 1e-9 and d.value - d.lower <= 1e-4 * (1 + d.value)
         assert d.details["milp"]["solver_variables"] <= 200  # fits the pip licence's MIQP limit
     # every deterministic method's certified l_2 radius is below the exact one
-    names = [n for n, c in list_methods().items() if c.guarantee == "deterministic" and "l2" in c.norms and n != "milp"]
+    # (bab decides one ball, it does not search radii: checked below at fixed radii)
+    names = [n for n, c in list_methods().items() if c.guarantee == "deterministic" and "l2" in c.norms and n not in ("milp", "bab")]
     assert "crown" in names
     ball = LpBall(x, 0.0, 2, 0.0, 1.0)
     for name in names:
@@ -190,6 +191,14 @@ def test_exact_l2_distortion_bounds_every_deterministic_radius_and_the_attack():
     for b, c in enumerate(certs):
         assert c.status == "certified"
         assert c.radius <= exact[b] + 1e-9 and c.radius >= det[b].lower - 1e-4
+    # bab decides l_2 balls completely: certified at 0.9 d*, never at 1.1 d*
+    for f in (0.9, 1.1):
+        certs = get_method("bab").certify(gm, LpBall(x, exact.double() * f, 2, 0.0, 1.0), Robust(lab), timeout=60)
+        for b, c in enumerate(certs):
+            if f < 1:
+                assert c.status == "certified", (b, c.status, c.details.get("reason"))
+            else:
+                assert c.status != "certified", (b, float(exact[b]))
     # an independent l_2 PGD attack never finds an adversarial example closer than the exact radius
     spec = Robust(lab).linear(6, 3)
     for r in (0.25, 0.5, 1.0, 2.0):
