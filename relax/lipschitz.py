@@ -357,19 +357,26 @@ def dense_size(model: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> int
     """Largest ``n_in * n_out`` of an affine run's dense matrix, or of the basis batch
     ``n * n`` it is evaluated on (what :func:`to_feedforward` would allocate per layer), from
     one shape-propagating forward pass."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     from .affine_net import _activation_of
 
     gm = model
     x = torch.zeros(1, *input_shape, dtype=next(iter(gm.parameters()), torch.zeros(())).dtype)
-    ShapeProp(gm).propagate(x)
+    sizes: dict[str, int] = {}
+
+    class _Sizes(torch.fx.Interpreter):  # a plain run recording each node's per-example size
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.dim() >= 1:
+                sizes[n.name] = int(np.prod(out.shape[1:]))
+            return out
+
+    with torch.no_grad():
+        _Sizes(gm).run(x)
     modules = dict(gm.named_modules())
     n_run_in = int(np.prod(input_shape))
     worst = 0
     for node in gm.graph.nodes:
-        meta = node.meta.get("tensor_meta")
-        numel = int(np.prod(meta.shape[1:])) if meta is not None and hasattr(meta, "shape") else 0
+        numel = sizes.get(node.name, 0)
         worst = max(worst, numel * n_run_in)
         if _activation_of(node, modules) is not None:
             n_run_in = numel

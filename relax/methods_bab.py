@@ -272,9 +272,11 @@ class _DenseModule(torch.nn.Module):
 
 
 def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float, check_point=None) -> BabResult:
-    """alpha-CROWN on the graph, then ReLU-split beta-CROWN branch-and-bound on it
-    (:mod:`relax.bab_graph`): networks without a dense ReLU form (residual connections,
-    max-pooling, convolutions too large to expand, other activations beside ReLUs)."""
+    """alpha-CROWN on the graph, then branch-and-bound on it (:mod:`relax.bab_graph`): input
+    splitting for boxes of at most ``input_split_max_dim`` coordinates, else ReLU-sign and
+    interval splitting with beta-CROWN bounds. For networks without a dense ReLU form (residual
+    connections, max-pooling, convolutions too large to expand, sigmoid / tanh) and l_1 / l_2
+    balls."""
     from .alpha import alpha_crown
     from .bab_graph import graph_input_bab, graph_relu_bab, interval_inputs, relu_inputs
     from .bounds import prepare
@@ -298,7 +300,7 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
         return res
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
-    root_alphas = (root.alphas or {}).get("__out__") if hasattr(root, "alphas") else None
+    root_alphas = root.alphas.get("__out__")
     res = graph_relu_bab(graph, x_set, rs, root.intermediate, timeout=left, batch_size=opts.batch_size or 32, root_alphas=root_alphas,
                          steps=opts.relu_steps, margin=opts.margin, check_point=check_point)
     res.details["stage"] = "graph-bab"
