@@ -146,8 +146,12 @@ def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False) -> _LeafSo
         split = A_ub @ z <= b_ub
         cons.append(split)
     prob = cp.Problem(cp.Minimize(c @ z), cons)
+    import warnings
+
     try:
-        prob.solve(solver=cp.CLARABEL)
+        with warnings.catch_warnings():  # an inaccurate solution is refused below, not used
+            warnings.simplefilter("ignore")
+            prob.solve(solver=cp.CLARABEL)
     except cp.error.SolverError:
         return _LeafSolution(1)
     if prob.status == cp.INFEASIBLE:
