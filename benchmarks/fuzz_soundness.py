@@ -259,7 +259,7 @@ def judge(status: str, cex, ball: LpBall, gm: nn.Module, prop: Robust, w: Witnes
             return "false_falsified"
         x = torch.as_tensor(cex).reshape(1, *ball.shape).double()
         b64 = ball.to(dtype=torch.float64)
-        if not bool(b64.contains(x, tol=1e-7)[0]) or not _violates(gm, prop, x):
+        if not bool(b64.contains(x, tol=1e-14)[0]) or not _violates(gm, prop, x):
             return "false_falsified"
     return "ok"
 

@@ -178,7 +178,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
     Returns:
         :class:`BabResult` with ``details["stage"]`` naming the step that decided.
     """
-    from verify.attack import confirm_counterexample, pgd_attack, random_attack
+    from verify.attack import confirm_counterexample, pgd_attack, project_into, random_attack
 
     t0 = time.perf_counter()
     deadline = math.inf if timeout is None else t0 + timeout
@@ -187,6 +187,8 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
     def done(res: BabResult, stage: str) -> BabResult:
         res.details["stage"] = stage
         res.time_s = time.perf_counter() - t0
+        if res.counterexample is not None:  # the point check() confirmed: the candidate projected into the set
+            res.counterexample = project_into(inputs, res.counterexample.reshape(1, *shape)).reshape(-1)
         return res
 
     lo, hi = inputs.bounds()
@@ -194,7 +196,9 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
     shape = inputs.shape
 
     def check(x: Tensor) -> bool:
-        return bool(confirm_counterexample(model, inputs, spec, x.reshape(1, *shape).to(lo.dtype))[0])
+        """Candidates (float arithmetic on outward-rounded boxes) are projected into the set in
+        float64 first; the projected point is what is confirmed and reported."""
+        return bool(confirm_counterexample(model, inputs, spec, project_into(inputs, x.reshape(1, *shape)))[0])
 
     # the attacks run on the dense form when there is one (much faster than the graph);
     # whatever they find is confirmed on the model itself

@@ -200,7 +200,8 @@ def test_confirm_counterexample_membership_and_tolerance():
     spec = LinearSpec(torch.zeros(1, 1, K, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0]))
     x = s.midpoint()
     assert confirm_counterexample(model, s, spec, x).item()  # C = 0, d = 0: every point violates
-    assert confirm_counterexample(model, s, spec, s.hi + 101 * 1e-7 * 0.5).item()  # within 1e-7 relative
+    assert confirm_counterexample(model, s, spec, s.hi + 101 * 2.0**-52).item()  # a unit of round-off out: tolerated
+    assert not confirm_counterexample(model, s, spec, s.hi + 101 * 1e-9).item()  # outside: not a counterexample
     assert not confirm_counterexample(model, s, spec, s.hi + 1e-3).item()
     assert not confirm_counterexample(model, s, spec, torch.full_like(x, float("nan"))).item()
     spec_safe = LinearSpec(spec.C, torch.ones(1, 1, dtype=torch.float64), spec.groups)

@@ -273,3 +273,39 @@ def test_lipsdp_row_covers_cancelling_last_layer():
     net, C, exact = _cancelling_net()
     L, _ = lipsdp_rows(net, C[0])
     assert math.isnan(float(L[0])) or float(L[0]) >= exact
+
+
+@pytest.mark.parametrize("seed,scale", [(11006, 1000.0), (11018, 1.0)])
+def test_falsified_only_with_a_point_inside_the_ball(seed, scale):
+    """Near-tie centres with eps 1e-9 (found by the fuzz): the old membership tolerance (1e-7
+    relative) let a point ~1e-7 away count as a counterexample of a ball of radius 1e-9."""
+    from conftest import load_fuzz
+
+    fz = load_fuzz()
+    gm, shape = fz.make_net("mlp", scale, seed)
+    x0 = fz.make_centre("tie", gm, shape, seed)
+    with torch.no_grad():
+        label = int(gm(x0).argmax())
+    ball = LpBall(x0, 1e-9, math.inf, 0.0, 1.0)
+    for method in ("bab", "milp"):
+        c = get_method(method).certify(gm, ball, Robust(torch.tensor([label])), timeout=5)[0]
+        if c.status == "falsified":
+            x = torch.as_tensor(c.counterexample, dtype=torch.float64).reshape(1, *shape)
+            assert bool(ball.to(dtype=torch.float64).contains(x, tol=1e-14)[0]), method
+
+
+@pytest.mark.parametrize("method", ["bab", "milp", "crown"])
+def test_counterexample_lies_in_the_float64_box_the_user_gave(method):
+    """A float64 box whose lower end 0.3 is not a float32 number: the float32 model is bounded on
+    the float32 enclosure (down to 0.29999998), but a counterexample must lie in the user's box.
+    ``y0 = x, y1 = 0.3 + 1e-6``: every x in [0.3, 0.300001) violates "class 0"."""
+    from verify import certify
+    from verify.spec import Box
+
+    gm = _linear_net([[1.0], [0.0]], [0.0, 0.3 + 1e-6])
+    box = Box(torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([[0.5]], dtype=torch.float64))
+    c = certify(gm, box, Robust(torch.tensor([0])), method, timeout=20)[0]
+    assert c.status != "certified"
+    if c.status == "falsified":
+        x = float(torch.as_tensor(c.counterexample).reshape(-1)[0])
+        assert 0.3 <= x <= 0.5, x

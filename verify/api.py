@@ -70,12 +70,15 @@ def certify(
     _check_call_args(timeout, max_radius, batch_size)
     m = get_method(method, **_merge_options(method_options, options))
     net = load_model(model, device=device, dtype=dtype)
+    user_set = inputs if isinstance(inputs, InputSet) else None
     inputs = _input_set(inputs, eps, norm, domain, device, dtype)
+    user_set = inputs if user_set is None else user_set
     prop = as_property(prop)
     B = inputs.batch_size
     if B == 0:
         raise SpecError("the inputs hold no examples (batch size 0)")
-    _check_property(prop, B, _num_outputs(net, inputs))
+    K = _num_outputs(net, inputs)
+    _check_property(prop, B, K)
     step = batch_size or B
     table = CertificateTable()
     for start in range(0, B, step):
@@ -89,8 +92,28 @@ def certify(
             c.index = i
             if setup_s:  # the set-up of the call, shared by the first chunk's certificates
                 c.time_s = (c.time_s or 0.0) + setup_s / len(certs)
+            if c.status == "falsified" and c.counterexample is not None:
+                _confirm_in_user_set(net, user_set.select([i]), _select_prop(prop, [i], B), K, c)
         table.extend(certs)
     return table
+
+
+def _confirm_in_user_set(net: torch.nn.Module, user_set: InputSet, prop: OutputProperty, K: int, cert) -> None:
+    """A method works on the enclosure of the user's set in the model's dtype (rounded outward),
+    so its counterexample may lie just outside the user's set. Project it into that set (float64)
+    and confirm it there; otherwise the answer becomes "unknown" (a counterexample must lie in
+    the set the user gave)."""
+    from .attack import confirm_counterexample, project_into
+
+    x = torch.as_tensor(cert.counterexample, dtype=torch.float64).reshape(1, *user_set.shape)
+    xp = project_into(user_set, x.to(user_set.bounds()[0].device))
+    spec = prop.linear(1, K, dtype=torch.float64)
+    if bool(confirm_counterexample(net, user_set, spec, xp)[0]):
+        cert.counterexample = xp.reshape(user_set.shape).cpu().tolist()
+        return
+    cert.status = "unknown"
+    cert.counterexample = None
+    cert.details = {**(cert.details or {}), "rejected_counterexample": "not confirmed inside the given input set"}
 
 
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -35,10 +35,13 @@ __all__ = [
     "random_attack",
     "confirm_counterexample",
     "confirm_with_onnxruntime",
+    "project_into",
 ]
 
-#: relative tolerance of the set-membership check of a counterexample
-CONTAINS_RTOL = 1e-7
+#: relative tolerance of the set-membership check of a counterexample, in float64: a few units
+#: of round-off of the set's own arithmetic (a counterexample is a float64 point *in* the set;
+#: candidates are projected into it first, :func:`project_into`)
+CONTAINS_RTOL = 8 * 2.0**-52
 #: l_1 PGD moves the top this fraction of coordinates (by |gradient|) per step
 L1_TOP_FRACTION = 0.01
 
@@ -92,9 +95,33 @@ def _contains_tol(inputs: InputSet) -> float:
     return CONTAINS_RTOL * scale
 
 
+def project_into(inputs: InputSet, x: Tensor) -> Tensor:
+    """``x [B, *shape]`` moved into the sets (float64): clamped into a box or an l_inf ball
+    (``c -/+ eps`` computed in float64, then the domain), pulled towards the centre of an l_1 /
+    l_2 ball that it leaves (then clamped into the domain, which holds the centre). Points
+    inside stay where they are (up to the float64 conversion)."""
+    x = x.detach().double()
+    if isinstance(inputs, Box):
+        return torch.minimum(torch.maximum(x, inputs.lo.double()), inputs.hi.double())
+    assert isinstance(inputs, LpBall)
+    c = inputs.center.double()
+    eps = inputs.eps.double().view(-1, *([1] * (c.dim() - 1)))
+    lo, hi = c - eps, c + eps
+    if inputs.domain_lo is not None:
+        lo = torch.maximum(lo, torch.as_tensor(inputs.domain_lo, dtype=torch.float64).expand_as(c))
+    if inputs.domain_hi is not None:
+        hi = torch.minimum(hi, torch.as_tensor(inputs.domain_hi, dtype=torch.float64).expand_as(c))
+    if not math.isinf(inputs.p):
+        d = (x - c).flatten(1)
+        n = d.norm(p=inputs.p, dim=1).view_as(eps)
+        shrink = torch.where(n > eps, eps / n.clamp_min(1e-300) * (1 - 4 * 2.0**-52), torch.ones_like(n))
+        x = c + (x - c) * shrink
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
 def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(inside [B] bool, margin [B] float64)`` of points ``x [B, *shape]``."""
-    inside = inputs.contains(x.to(inputs.bounds()[0].dtype), tol=_contains_tol(inputs))
+    """``(inside [B] bool, margin [B] float64)`` of points ``x [B, *shape]`` (membership in float64)."""
+    inside = inputs.to(dtype=torch.float64).contains(x.detach().double(), tol=_contains_tol(inputs))
     with torch.no_grad():
         y = _forward(model64, x.detach().double())
     margin = spec.to(dtype=torch.float64).violation_margin(y)
@@ -102,8 +129,9 @@ def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tens
 
 
 def confirm_counterexample(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> Tensor:
-    """Bool ``[B]``: ``x[b]`` lies in set ``b`` (within ``1e-7`` relative to the largest bound)
-    and the property is violated (margin ``<= 0``) both by a plain forward pass in float64 and
+    """Bool ``[B]``: ``x[b]`` lies in set ``b`` (in float64, within a few units of round-off:
+    :data:`CONTAINS_RTOL`; project candidates first, :func:`project_into`) and the property is
+    violated (margin ``<= 0``) both by a plain forward pass in float64 and
     by the model in its own dtype run on ``x[b]`` alone -- the check a user makes. (A batched
     float32 pass can round differently from a single-input one: on a near-tie the two disagree
     in sign.)
@@ -153,7 +181,7 @@ def confirm_with_onnxruntime(
     if ort_model.num_inputs is not None and xt.numel() != ort_model.num_inputs:
         raise ValueError(f"{onnx_path}: input has {ort_model.num_inputs} elements, x has {xt.numel()}")
     if inputs is not None:
-        if not bool(inputs.contains(xt.reshape(1, *inputs.shape).to(inputs.bounds()[0].dtype), tol=_contains_tol(inputs))[0]):
+        if not bool(inputs.to(dtype=torch.float64).contains(xt.reshape(1, *inputs.shape), tol=_contains_tol(inputs))[0]):
             return False
     y = torch.from_numpy(ort_model(xt.numpy().reshape(1, -1)))
     if isinstance(spec, Linear):
