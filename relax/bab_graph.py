@@ -293,6 +293,26 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     return best_node, best_idx, best_t
 
 
+def _try_candidates(graph: BoundGraph, rs: RowSpec, xs: Tensor, check_point, tries: int = 4) -> tuple[Tensor | None, int]:
+    """Evaluate candidate points ``xs [M, *input_shape]`` on the graph and confirm the ``tries``
+    most violating ones with ``check_point``: ``(the first confirmed point [n_in] or None,
+    how many were checked)``."""
+    if check_point is None or xs.shape[0] == 0:
+        return None, 0
+    with torch.no_grad():
+        y = graph.forward(xs.reshape(-1, *graph.input_shape).to(graph.dtype)).reshape(xs.shape[0], -1)
+        ms = rs.margin(y.double() @ rs.C.T.double() + rs.d.double())
+    n = 0
+    for i in torch.argsort(ms)[:tries].tolist():
+        if float(ms[i]) > 0:
+            break
+        n += 1
+        x = xs[i].reshape(-1).double()
+        if check_point(x):
+            return x, n
+    return None, n
+
+
 def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
     """Minimisers of the domains' linear bounds over the input box, ``[N * D, *input_shape]``:
     candidate counterexamples (corners of the box)."""
@@ -355,17 +375,9 @@ def graph_relu_bab(
 
     def falsify(xs: Tensor) -> Tensor | None:
         nonlocal checked
-        if check_point is None:
-            return None
-        with torch.no_grad():
-            ms = rs.margin(graph.forward(xs.to(graph.dtype)).reshape(xs.shape[0], -1).double() @ rs.C.T.double() + rs.d.double())
-        for i in torch.argsort(ms)[: 4].tolist():
-            if float(ms[i]) > 0:
-                break
-            checked += 1
-            if check_point(xs[i].reshape(-1).double()):
-                return xs[i].reshape(-1).double()
-        return None
+        x, n = _try_candidates(graph, rs, xs, check_point)
+        checked += n
+        return x
 
     def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
         return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": checked})
@@ -515,17 +527,9 @@ def graph_input_bab(
 
     def falsify(xs: Tensor) -> Tensor | None:
         nonlocal checked
-        if check_point is None or xs.shape[0] == 0:
-            return None
-        with torch.no_grad():
-            ms = rs.margin(graph.forward(xs.reshape(-1, *shape)).reshape(xs.shape[0], -1).double() @ rs.C.T.double() + rs.d.double())
-        for i in torch.argsort(ms)[:4].tolist():
-            if float(ms[i]) > 0:
-                break
-            checked += 1
-            if check_point(xs[i].double()):
-                return xs[i].double()
-        return None
+        x, n = _try_candidates(graph, rs, xs, check_point)
+        checked += n
+        return x
 
     def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
         return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": checked, "split": "input"})
