@@ -257,7 +257,7 @@ def judge(status: str, cex, ball: LpBall, gm: nn.Module, prop: Robust, w: Witnes
     if status == "falsified":
         if cex is None:
             return "false_falsified"
-        x = torch.as_tensor(cex).reshape(1, *ball.shape).double()
+        x = torch.as_tensor(cex, dtype=torch.float64).reshape(1, *ball.shape)
         b64 = ball.to(dtype=torch.float64)
         if not bool(b64.contains(x, tol=1e-14)[0]) or not _violates(gm, prop, x):
             return "false_falsified"

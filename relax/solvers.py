@@ -685,7 +685,11 @@ class GurobiBackend(Backend):
         self.env = env
         m = gp.Model(env=env)
         m.Params.Threads = int(threads)
-        m.Params.IntFeasTol = 1e-7
+        # the tightest tolerances Gurobi accepts: a big-M of 1e8 (weights of scale 1e3) turns an
+        # integrality slack of 1e-7 into ReLU outputs off by 10 (a false l_2 distance was found so)
+        m.Params.IntFeasTol = 1e-9
+        m.Params.FeasibilityTol = 1e-9
+        m.Params.NumericFocus = 2
         if bound_focus:
             m.Params.Cuts = 0
             m.Params.MIPFocus = 3

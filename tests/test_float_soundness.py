@@ -307,5 +307,5 @@ def test_counterexample_lies_in_the_float64_box_the_user_gave(method):
     c = certify(gm, box, Robust(torch.tensor([0])), method, timeout=20)[0]
     assert c.status != "certified"
     if c.status == "falsified":
-        x = float(torch.as_tensor(c.counterexample).reshape(-1)[0])
+        x = float(torch.as_tensor(c.counterexample, dtype=torch.float64).reshape(-1)[0])
         assert 0.3 <= x <= 0.5, x
