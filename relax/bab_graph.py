@@ -293,24 +293,30 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     return best_node, best_idx, best_t
 
 
-def _try_candidates(graph: BoundGraph, rs: RowSpec, xs: Tensor, check_point, tries: int = 4) -> tuple[Tensor | None, int]:
-    """Evaluate candidate points ``xs [M, *input_shape]`` on the graph and confirm the ``tries``
-    most violating ones with ``check_point``: ``(the first confirmed point [n_in] or None,
-    how many were checked)``."""
-    if check_point is None or xs.shape[0] == 0:
-        return None, 0
-    with torch.no_grad():
-        y = graph.forward(xs.reshape(-1, *graph.input_shape).to(graph.dtype)).reshape(xs.shape[0], -1)
-        ms = rs.margin(y.double() @ rs.C.T.double() + rs.d.double())
-    n = 0
-    for i in torch.argsort(ms)[:tries].tolist():
-        if float(ms[i]) > 0:
-            break
-        n += 1
-        x = xs[i].reshape(-1).double()
-        if check_point(x):
-            return x, n
-    return None, n
+class _Candidates:
+    """Confirms candidate counterexamples: evaluates points ``xs [M, *input_shape]`` on the graph
+    and passes the ``tries`` most violating ones to ``check_point``; counts what it checked."""
+
+    def __init__(self, graph: BoundGraph, rs: RowSpec, check_point, tries: int = 4) -> None:
+        self.graph, self.rs, self.check_point, self.tries = graph, rs, check_point, tries
+        self.checked = 0
+
+    def __call__(self, xs: Tensor) -> Tensor | None:
+        """The first confirmed point ``[n_in]`` (float64), or None."""
+        if self.check_point is None or xs.shape[0] == 0:
+            return None
+        g, rs = self.graph, self.rs
+        with torch.no_grad():
+            y = g.forward(xs.reshape(-1, *g.input_shape).to(g.dtype)).reshape(xs.shape[0], -1)
+            ms = rs.margin(y.double() @ rs.C.T.double() + rs.d.double())
+        for i in torch.argsort(ms)[: self.tries].tolist():
+            if float(ms[i]) > 0:
+                break
+            self.checked += 1
+            x = xs[i].reshape(-1).double()
+            if self.check_point(x):
+                return x
+        return None
 
 
 def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
@@ -371,16 +377,11 @@ def graph_relu_bab(
     # int8 splits, float32 alphas and betas per ReLU input; float64 boxes per interval-split input
     per_domain = sum(sizes[p] for p in nodes) * (1 + 8 * N) + 16 * sum(sizes[p] for p in inodes) + 64
     max_domains = max(int(max_memory_mb * 2**20 / per_domain), 4 * batch_size)
-    checked = 0
 
-    def falsify(xs: Tensor) -> Tensor | None:
-        nonlocal checked
-        x, n = _try_candidates(graph, rs, xs, check_point)
-        checked += n
-        return x
+    falsify = _Candidates(graph, rs, check_point)
 
     def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
-        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": checked})
+        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": falsify.checked})
 
     splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in nodes}
     ivals = {p: (torch.full((1, sizes[p]), -math.inf, dtype=torch.float64), torch.full((1, sizes[p]), math.inf, dtype=torch.float64))
@@ -514,8 +515,7 @@ def graph_input_bab(
     deadline = t0 + timeout
     lo0, hi0 = (b.reshape(1, -1).to(graph.dtype) for b in inputs.bounds())
     shape = graph.input_shape
-    C1, d1 = rs.batch(1)
-    checked, bounded = 0, 0
+    bounded = 0
 
     def bound(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor | None]:
         D = lo.shape[0]
@@ -525,14 +525,10 @@ def graph_input_bab(
             res = crown(graph, Box(lo.reshape(D, *shape), hi.reshape(D, *shape)), C.to(graph.dtype), out_record=rec)
         return res.lower + d.to(graph.dtype), rec[graph.input_name]
 
-    def falsify(xs: Tensor) -> Tensor | None:
-        nonlocal checked
-        x, n = _try_candidates(graph, rs, xs, check_point)
-        checked += n
-        return x
+    falsify = _Candidates(graph, rs, check_point)
 
     def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
-        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": checked, "split": "input"})
+        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": falsify.checked, "split": "input"})
 
     lo, hi = lo0, hi0
     rows, A = bound(lo, hi)
