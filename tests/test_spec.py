@@ -129,3 +129,21 @@ def test_float32_radius_is_rounded_up_so_the_asked_ball_is_inside():
     assert ball.eps.dtype == torch.float32
     assert float(ball.eps[0]) >= 0.01  # float32(0.01) would be 0.0099999998
     assert float(ball.eps[0]) - 0.01 < 1e-8
+
+
+def test_ball_box_follows_changes_of_the_ball():
+    """``LpBall.bounds`` keeps its last box for repeated calls, but never a stale one: an
+    in-place change of the centre or radius, a new centre, or a write into the returned box
+    gives a fresh box."""
+    ball = LpBall(torch.zeros(1, 3), 0.5, math.inf)
+    lo, hi = ball.bounds()
+    assert ball.bounds()[0] is lo
+    ball.center.add_(1.0)
+    assert torch.all(ball.bounds()[0] > 0.4)
+    ball.eps.mul_(2.0)
+    assert torch.all(ball.bounds()[1] > 1.9)
+    ball.center = torch.full((1, 3), -5.0)
+    assert torch.all(ball.bounds()[1] < -3.9)
+    lo, _ = ball.bounds()
+    lo.fill_(7.0)
+    assert torch.all(ball.bounds()[0] < -5.9)

@@ -278,12 +278,21 @@ class LpBall(InputSet):
         ball of the same radius, and ``center -/+ eps`` rounded to nearest can lie inside the
         exact ``center -/+ eps`` (for ``eps`` below half a float step of the centre the box
         would collapse onto the centre); one step outward encloses the exact value."""
+        parts = (self.center, self.eps, self.domain_lo, self.domain_hi)
+        versions = tuple(t._version if isinstance(t, Tensor) else t for t in parts)
+        memo = self.__dict__.get("_bounds_memo")  # the engines ask once per pass: keep the last box
+        if (memo is not None and all(a is b for a, b in zip(memo[0], parts)) and memo[1] == versions
+                and memo[3] == (memo[2][0]._version, memo[2][1]._version)):  # nobody wrote into it
+            return memo[2]
         e = self._eps_view()
         lo, hi = self.center - e, self.center + e
         moved = e > 0
         lo = torch.where(moved, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
         hi = torch.where(moved, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
-        return self._clip(lo), self._clip(hi)
+        box = (self._clip(lo), self._clip(hi))
+        if not (box[0].requires_grad or box[1].requires_grad):
+            self.__dict__["_bounds_memo"] = (parts, versions, box, (box[0]._version, box[1]._version))
+        return box
 
     def midpoint(self) -> Tensor:
         return self.center
