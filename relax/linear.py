@@ -419,6 +419,7 @@ def crown(
     rows: dict[str, tuple[Tensor, Tensor]] | None = None,
     out_extra: dict[str, Tensor] | None = None,
     out_record: dict[str, Tensor | None] | None = None,
+    fixed: dict | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -435,10 +436,18 @@ def crown(
         rows: ``{node: (idx, bidx)}`` fixed row choice per pre-activation (alpha-CROWN).
         out_extra, out_record: :func:`backward`'s ``extra`` / ``record`` for the spec rows
             (``[N, B, *shape]``).
+        fixed: a dict the caller keeps across calls that differ only in ``alpha_fn`` /
+            ``out_extra`` (alpha / beta optimisation steps) while ``intermediate`` fixes every
+            pre-activation box: the relaxations, round-off weights and interval bound of the
+            rows are computed on the first call and reused (they depend on the boxes only).
 
     Returns:
-        :class:`CrownResult`. ``lower`` is intersected with the IBP bound of ``C y``.
+        :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
+        (with the linear bound's gradient).
     """
+    if fixed is not None and "relax" in fixed:
+        relax, weights, inter, ibp_low = fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"]
+        return _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
     lo_in, hi_in = input_set.bounds()
     known: dict[str, tuple[Tensor, Tensor]] = {}
     ov = bound_overrides or {}
@@ -470,11 +479,22 @@ def crown(
                 relax[c] = cn.op.relax(l, h, mode)
     if C is None:
         return CrownResult(None, inter, relax)
-    B, N, K = C.shape
     out = graph.output
     boxes = interval_bounds(graph, lo_in, hi_in, known=known)
     node_weights(graph, boxes, weights)
     ibp_low = box_row_bounds(C, *boxes[out])
+    if fixed is not None and intermediate is not None and all(p in intermediate for p in graph.preactivations()):
+        fixed.update(relax=relax, weights=weights, inter=inter, ibp_low=ibp_low)
+    return _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
+
+
+def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None],
+               inter: dict[str, tuple[Tensor, Tensor]], ibp_low: Tensor, max_elements: int, alpha_fn: AlphaFn | None,
+               out_extra: dict[str, Tensor] | None, out_record: dict[str, Tensor | None] | None) -> CrownResult:
+    """:func:`crown`'s last step: the backward pass of the spec rows ``C [B, N, K]`` (in chunks),
+    intersected with their interval bound ``ibp_low [B, N]``."""
+    B, N, K = C.shape
+    out = graph.output
     At = C.transpose(0, 1)  # [N, B, K]
     step = max(1, min(N, max_elements // max(1, B * _max_width(graph, out))))
     parts = []
@@ -495,4 +515,8 @@ def crown(
                 if v is not None:
                     out_record[k] = v if out_record[k] is None or s0 == 0 else torch.cat([out_record[k], v])
     low = torch.cat(parts, 0).t()
-    return CrownResult(torch.maximum(low, ibp_low), inter, relax)
+    # the value is max(linear, interval); the gradient always that of the linear bound, so that an
+    # optimiser of slopes / multipliers is not stuck where the interval bound is ahead at the start
+    # (x - x is exactly 0 for finite x: the value is the max itself, not a re-rounded sum)
+    grad_path = torch.where(torch.isfinite(low), low - low.detach(), torch.zeros_like(low))
+    return CrownResult(torch.maximum(low, ibp_low).detach() + grad_path, inter, relax)
