@@ -111,6 +111,7 @@ def _activation_of(node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+@torch.no_grad()  # a dense view of constants: no autograd graph over the basis evaluation
 def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[int, ...] | None = None) -> FeedForwardNet:
     """Collapse a canonical graph into dense affine layers and activations (float64).
 

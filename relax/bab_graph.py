@@ -51,7 +51,7 @@ from .graph import BoundGraph
 from .linear import crown
 from .ops import ReLU
 
-__all__ = ["graph_relu_bab", "graph_input_bab", "bound_domains", "relu_inputs", "interval_inputs"]
+__all__ = ["graph_relu_bab", "graph_input_bab", "bound_domains", "relu_inputs", "interval_inputs", "relu_scores"]
 
 
 def relu_inputs(graph: BoundGraph) -> list[tuple[str, str]]:
@@ -106,6 +106,7 @@ def bound_domains(
     deadline: float = math.inf,
     recompute: bool = True,
     ivals: dict[str, tuple[Tensor, Tensor]] | None = None,
+    fast: BoundGraph | None = None,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -124,6 +125,8 @@ def bound_domains(
             root boxes as they are.
         ivals: interval splits ``{input node of a sigmoid / tanh / max-pooling: (lo [D, n],
             hi [D, n])}`` intersected with the boxes.
+        fast: the same network in a faster dtype (float32) for the optimisation steps; the
+            returned bounds are then one pass of ``graph`` with each row's best parameters.
 
     Returns:
         :class:`DomainBounds`.
@@ -148,14 +151,22 @@ def bound_domains(
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
     t_boxes = time.perf_counter() - t_boxes
+    # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
+    # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
+    # that counts is one last pass on ``graph`` with each row's best parameters
+    g_opt = graph if fast is None else fast
+    dt = g_opt.dtype
+    x_opt = x_set if fast is None else x_set.to(dtype=dt)
+    b_opt = boxes if fast is None else {p: (l.to(dt), h.to(dt)) for p, (l, h) in boxes.items()}
+    C_opt, d_opt = C.to(dt), d.to(dt)
     alphas = {}
-    for n in graph.activations():  # ReLU slopes [N, D, *shape], sigmoid / tanh slope pairs [N, D, *shape, 2]
+    for n in g_opt.activations():  # ReLU slopes [N, D, *shape], sigmoid / tanh slope pairs [N, D, *shape, 2]
         if not n.op.optimisable:
             continue
         with torch.no_grad():
-            init = n.op.alpha_init(n.op.relax(*boxes[n.inputs[0]]))  # [D, *shape(, 2)]
+            init = n.op.alpha_init(n.op.relax(*b_opt[n.inputs[0]]))  # [D, *shape(, 2)]
         if alphas0 is not None and n.name in alphas0:
-            a = alphas0[n.name].to(graph.dtype).transpose(0, 1).reshape(N, D, *init.shape[1:])
+            a = alphas0[n.name].to(dt).transpose(0, 1).reshape(N, D, *init.shape[1:])
         else:
             a = init.unsqueeze(0).expand(N, *init.shape)
         alphas[n.name] = a.clone().requires_grad_(True)
@@ -163,42 +174,49 @@ def bound_domains(
     for p, sp in splits.items():
         if not bool((sp != 0).any()):
             continue
-        b = betas0[p].to(graph.dtype).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=graph.dtype)
+        b = betas0[p].to(dt).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=dt)
         betas[p] = (b * (sp != 0).unsqueeze(0)).clone().requires_grad_(True)
-    signs = {p: splits[p].to(graph.dtype).unsqueeze(0) for p in betas}
+    signs = {p: splits[p].to(dt).unsqueeze(0) for p in betas}
     record: dict[str, Tensor | None] = {r: None for r, _ in relus + others}
     record[graph.input_name] = None
 
-    def alpha_fn(start: str, act: str, sl):
-        a = alphas.get(act)
-        return None if a is None or start != "__out__" else a[sl]
+    def bound(g: BoundGraph, xs: InputSet, bx, Cx: Tensor, dx: Tensor, al: dict[str, Tensor], be: dict[str, Tensor],
+              fixed: dict, rec=None) -> Tensor:
+        extra = {p: -(b * signs[p].to(b.dtype)).reshape(N, D, *shapes[p]) for p, b in be.items()}
+        afn = lambda start, act, sl: None if (act not in al or start != "__out__") else al[act][sl]  # noqa: E731
+        return crown(g, xs, Cx, intermediate=bx, alpha_fn=afn, out_extra=extra, out_record=rec, fixed=fixed).lower + dx
 
-    def bound(rec=None) -> Tensor:
-        extra = {p: -(b * signs[p]).reshape(N, D, *shapes[p]) for p, b in betas.items()}
-        return crown(graph, x_set, C, intermediate=boxes, alpha_fn=alpha_fn, out_extra=extra, out_record=rec).lower + d
-
-    with torch.no_grad():
-        best = bound(record)
-    best_a = {r: a.detach().clone() for r, a in alphas.items()}
-    best_b = {p: b.detach().clone() for p, b in betas.items()}
+    fixed_opt: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
     params = list(alphas.values()) + list(betas.values())
-    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 0.98)
-    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 0.98, upper=None) if betas else None
-    for _ in range(steps if params else 0):
-        if time.perf_counter() >= deadline:
+    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 1.0)  # no decay: children go on from their parents' slopes
+    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 1.0, upper=None) if betas else None
+    n_steps = steps if params else 0
+    best = best_a = best_b = None
+    for i in range(n_steps + 1):  # n_steps updates, each followed by an evaluation
+        if i > 0 and time.perf_counter() >= deadline:
             break
-        with torch.enable_grad():
-            low = bound()
-            grads = torch.autograd.grad(-low.sum(), params, allow_unused=True)
-        better = rs.margin(low.detach()) > rs.margin(best)  # [D]: keep each domain's best iterate
-        best = torch.where(better.unsqueeze(1), low.detach(), best)
-        for r, a in alphas.items():
-            best_a[r] = torch.where(better.view(1, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
-        for p, b in betas.items():
-            best_b[p] = torch.where(better.view(1, D, 1), b.detach(), best_b[p])
-        opt_a.step(grads[: len(alphas)])
-        if opt_b is not None:
-            opt_b.step(grads[len(alphas):])
+        update = i < n_steps
+        with torch.enable_grad() if update else torch.no_grad():
+            low = bound(g_opt, x_opt, b_opt, C_opt, d_opt, alphas, betas, fixed_opt, record if (i == 0 and fast is None) else None)
+            grads = torch.autograd.grad(-low.sum(), params, allow_unused=True) if update else None
+        low = low.detach()
+        if best is None:
+            best, best_a, best_b = low, {r: a.detach().clone() for r, a in alphas.items()}, {p: b.detach().clone() for p, b in betas.items()}
+        else:
+            better = (low > best).t()  # [N, D]: rows are independent problems, each keeps its best iterate
+            best = torch.where(better.t(), low, best)
+            for r, a in alphas.items():
+                best_a[r] = torch.where(better.view(N, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
+            for p, b in betas.items():
+                best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
+        if update:
+            opt_a.step(grads[: len(alphas)])
+            if opt_b is not None:
+                opt_b.step(grads[len(alphas):])
+    if fast is not None:  # the sound bound: each row's best parameters on the network itself
+        with torch.no_grad():
+            best = bound(graph, x_set, boxes, C, d, {r: a.to(graph.dtype) for r, a in best_a.items()},
+                         {p: b.to(graph.dtype) for p, b in best_b.items()}, {}, record)
     return DomainBounds(best, infeasible, record, boxes,
                         {r: a.reshape(N, D, -1).transpose(0, 1).float() for r, a in best_a.items()},
                         {p: b.transpose(0, 1).float() for p, b in best_b.items()}, t_boxes)
@@ -222,22 +240,14 @@ class DomainBounds:
     boxes_s: float = 0.0  # seconds spent recomputing the boxes
 
 
-def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor, Tensor]:
-    """Per domain the (node, neuron) to split next and where: ``([D] node names or None,
-    [D] indices, [D] split points)``; the point is NaN for a ReLU (split at 0 into the two
-    signs), the middle of the box for the input of another nonlinear op.
-
-    Scores: a ReLU's BaBSR score (see the module docstring); for a sigmoid / tanh input,
-    ``|A_j|`` times the largest gap between the upper and lower relaxation lines over the box;
-    for a max-pooling input, its width times the mean ``|A|`` of the pooling's outputs. Rows of
-    groups already proved do not count."""
-    relus = relu_inputs(graph)
+def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> dict[str, Tensor]:
+    """BaBSR-style scores ``{relu input node: [D, n]}`` of the unsplit unstable ReLUs (-1 for the
+    others; nodes without any left out): the intercept of the upper relaxation line weighted by
+    how much the unproved rows lose through it (see the module docstring)."""
     D = db.rows.shape[0]
     weight = (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(D, -1))  # [D, N]
-    best_score = torch.full((D,), -1.0, dtype=torch.float64)
-    best_node: list[str | None] = [None] * D
-    best_idx = torch.zeros(D, dtype=torch.long)
-    for r, p in relus:
+    out = {}
+    for r, p in relu_inputs(graph):
         l, h = db.boxes[p]
         l, h = l.reshape(D, -1).double(), h.reshape(D, -1).double()
         unstable = (l < 0) & (h > 0) & (splits[p] == 0)
@@ -251,7 +261,25 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
             a_neg, a_abs = (-Ar).clamp_min(0).sum(0), Ar.abs().sum(0)
         inter = (-l * h / (h - l).clamp_min(1e-30)).clamp_min(0)
         score = a_neg * inter + 1e-3 * a_abs * torch.minimum(h, -l) + 1e-9 * inter
-        score = torch.where(unstable, score, torch.full_like(score, -1.0))
+        out[p] = torch.where(unstable, score, torch.full_like(score, -1.0))
+    return out
+
+
+def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor, Tensor]:
+    """Per domain the (node, neuron) to split next and where: ``([D] node names or None,
+    [D] indices, [D] split points)``; the point is NaN for a ReLU (split at 0 into the two
+    signs), the middle of the box for the input of another nonlinear op.
+
+    Scores: a ReLU's BaBSR score (see the module docstring); for a sigmoid / tanh input,
+    ``|A_j|`` times the largest gap between the upper and lower relaxation lines over the box;
+    for a max-pooling input, its width times the mean ``|A|`` of the pooling's outputs. Rows of
+    groups already proved do not count."""
+    D = db.rows.shape[0]
+    weight = (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(D, -1))  # [D, N]
+    best_score = torch.full((D,), -1.0, dtype=torch.float64)
+    best_node: list[str | None] = [None] * D
+    best_idx = torch.zeros(D, dtype=torch.long)
+    for p, score in relu_scores(graph, db, splits, rs).items():
         sc, idx = score.max(1)
         better = sc > best_score
         best_score = torch.where(better, sc, best_score)
@@ -341,6 +369,42 @@ def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
     return torch.where(A > 0, lo, hi).reshape(-1, *graph.input_shape)
 
 
+class _DomainStore:
+    """The open domains' tensors (first dimension: domain) in buffers that double when full:
+    :meth:`take` removes entries by moving the last ones into their places and :meth:`add`
+    appends, so a round costs O(domains moved), not O(queue) (a queue of 10^5 domains is
+    otherwise copied every round)."""
+
+    def __init__(self, fields: dict[str, Tensor]) -> None:
+        self.n = next(iter(fields.values())).shape[0]
+        self.buf = {k: v.clone() for k, v in fields.items()}
+
+    def get(self, key: str) -> Tensor:
+        return self.buf[key][: self.n]
+
+    def take(self, idx: Tensor) -> dict[str, Tensor]:
+        """The entries ``idx`` (distinct), removed from the store."""
+        out = {k: v[idx] for k, v in self.buf.items()}
+        k, n = idx.numel(), self.n
+        gone = torch.zeros(n, dtype=torch.bool)
+        gone[idx] = True
+        holes = idx[idx < n - k]
+        movers = (n - k) + (~gone[n - k:]).nonzero().flatten()
+        for v in self.buf.values():
+            v[holes] = v[movers]
+        self.n = n - k
+        return out
+
+    def add(self, fields: dict[str, Tensor]) -> None:
+        m = next(iter(fields.values())).shape[0]
+        if self.n + m > next(iter(self.buf.values())).shape[0]:
+            cap = max(2 * (self.n + m), 64)
+            self.buf = {k: torch.cat([v[: self.n], v.new_empty((cap - self.n, *v.shape[1:]))]) for k, v in self.buf.items()}
+        for k, v in fields.items():
+            self.buf[k][self.n: self.n + m] = v
+        self.n += m
+
+
 def graph_relu_bab(
     graph: BoundGraph,
     inputs: InputSet,
@@ -354,6 +418,7 @@ def graph_relu_bab(
     margin: float = 1e-6,
     max_memory_mb: float = 1500.0,
     check_point=None,
+    fast: BoundGraph | None = None,
 ) -> BabResult:
     """ReLU-split BaB from the root boxes ``root`` (``[1, *shape]``) and slopes ``root_alphas``
     (``{relu node: [N, 1, *shape]}``, alpha-CROWN's for the spec rows; optional).
@@ -363,7 +428,8 @@ def graph_relu_bab(
     domains) passes ``check_point(x [n_in]) -> bool``; otherwise ``unknown`` at the deadline
     (``reason="timeout"``), when the queue would exceed ``max_memory_mb`` (``"memory"``) or when
     only fully split domains remain unproved (``"exhausted"``). Children inherit their parent's
-    slopes and multipliers (the new split's multiplier starts at 0).
+    slopes and multipliers (the new split's multiplier starts at 0). ``fast``: the network in
+    float32 for the optimisation steps (:func:`bound_domains`).
     """
     t0 = time.perf_counter()
     deadline = t0 + timeout
@@ -416,47 +482,50 @@ def graph_relu_bab(
         if status == "falsified":
             return result("falsified", "counterexample", -math.inf, x)
         return result("certified", "proved", margin) if status == "proved" else result("unknown", "exhausted", float(m[0]))
-    q = {"splits": splits, "ivals": ivals, "alphas": db.alphas, "betas": {p: torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m,
-         "node": node, "idx": idx, "t": tsplit}
+    names = nodes + inodes  # a domain's next split: node names[k] (-1: none, a leaf)
+    code = lambda ns: torch.tensor([-1 if n is None else names.index(n) for n in ns], dtype=torch.long)  # noqa: E731
+    q = _DomainStore({**{f"s:{p}": splits[p] for p in nodes}, **{f"l:{p}": ivals[p][0] for p in inodes},
+                      **{f"h:{p}": ivals[p][1] for p in inodes}, **{f"a:{r}": a for r, a in db.alphas.items()},
+                      **{f"b:{p}": torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m, "rows": db.rows, "node": code(node), "idx": idx,
+                      "t": tsplit})
     worst_leaf = math.inf
     last_round = 0.0  # a round starts only if one as long as the last still fits
     recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:
-        Q = q["low"].shape[0]
+        Q = q.n
         if Q == 0:
             if math.isfinite(worst_leaf):
                 return result("unknown", "exhausted", worst_leaf)
             return result("certified", "proved", margin)
         if time.perf_counter() + last_round >= deadline:
-            return result("unknown", "timeout", min(float(q["low"].min()), worst_leaf))
+            return result("unknown", "timeout", min(float(q.get("low").min()), worst_leaf))
         if Q + cap > max_domains:
-            return result("unknown", "memory", min(float(q["low"].min()), worst_leaf))
+            return result("unknown", "memory", min(float(q.get("low").min()), worst_leaf))
         k = min(cap, Q)
-        pick = torch.topk(-q["low"], k).indices
-        keep = torch.ones(Q, dtype=torch.bool)
-        keep[pick] = False
+        par = q.take(torch.topk(-q.get("low"), k).indices)
         # children: every picked domain twice, the chosen neuron set to +1 / -1
-        child = {p: q["splits"][p][pick].repeat(2, 1) for p in nodes}
-        c_ivals = {p: (lo[pick].repeat(2, 1), hi[pick].repeat(2, 1)) for p, (lo, hi) in q["ivals"].items()}
-        for j, b in enumerate(pick.tolist()):
-            p, i = q["node"][b], int(q["idx"][b])
+        child = {p: par[f"s:{p}"].repeat(2, 1) for p in nodes}
+        c_ivals = {p: (par[f"l:{p}"].repeat(2, 1), par[f"h:{p}"].repeat(2, 1)) for p in inodes}
+        for j, (kn, i) in enumerate(zip(par["node"].tolist(), par["idx"].tolist())):
+            p = names[kn]
             if p in child:  # ReLU: the two signs
                 child[p][j, i] = 1
                 child[p][j + k, i] = -1
             else:  # another op's input: the two halves of its interval
-                t = float(q["t"][b])
+                t = float(par["t"][j])
                 c_ivals[p][1][j, i] = t
                 c_ivals[p][0][j + k, i] = t
-        c_alphas = {r: a[pick].repeat(2, 1, 1) for r, a in q["alphas"].items()}
-        c_betas = {p: b[pick].repeat(2, 1, 1) for p, b in q["betas"].items()}
+        c_alphas = {r: par[f"a:{r}"].repeat(2, 1, 1) for r in db.alphas}
+        c_betas = {p: par[f"b:{p}"].repeat(2, 1, 1) for p in nodes}
         t_round = time.perf_counter()
         db = bound_domains(graph, inputs, rs, root, child, alphas0=c_alphas, betas0=c_betas, steps=steps, deadline=deadline,
-                           recompute=recompute, ivals=c_ivals)
+                           recompute=recompute, ivals=c_ivals, fast=fast)
         bounded += 2 * k
         x = falsify(_corners(graph, inputs, db))
         if x is not None:
             return result("falsified", "counterexample", -math.inf, x)
+        db.rows = torch.maximum(db.rows, par["rows"].repeat(2, 1))  # a child lies in its parent: the parent's bounds hold
         m = rs.margin(db.rows)
         open_ = ~db.infeasible & ~(m > margin)
         cnode, cidx, ct = _branch(graph, db, child, rs)
@@ -469,19 +538,11 @@ def graph_relu_bab(
                 worst_leaf = min(worst_leaf, float(m[j]))
         open_ &= ~leaf
         sel = open_.nonzero().flatten()
-        kept = keep.nonzero().flatten()
-        full_betas = {p: db.betas[p] if p in db.betas else torch.zeros(2 * k, N, sizes[p]) for p in nodes}
-        q = {
-            "splits": {p: torch.cat([q["splits"][p][kept], child[p][sel]]) for p in nodes},
-            "ivals": {p: (torch.cat([q["ivals"][p][0][kept], c_ivals[p][0][sel]]), torch.cat([q["ivals"][p][1][kept], c_ivals[p][1][sel]]))
-                      for p in inodes},
-            "t": torch.cat([q["t"][kept], ct[sel]]),
-            "alphas": {r: torch.cat([q["alphas"][r][kept], db.alphas[r][sel]]) for r in q["alphas"]},
-            "betas": {p: torch.cat([q["betas"][p][kept], full_betas[p][sel]]) for p in nodes},
-            "low": torch.cat([q["low"][kept], m[sel]]),
-            "node": [q["node"][i] for i in kept.tolist()] + [cnode[i] for i in sel.tolist()],
-            "idx": torch.cat([q["idx"][kept], cidx[sel]]),
-        }
+        if sel.numel():
+            q.add({**{f"s:{p}": child[p][sel] for p in nodes}, **{f"l:{p}": c_ivals[p][0][sel] for p in inodes},
+                   **{f"h:{p}": c_ivals[p][1][sel] for p in inodes}, **{f"a:{r}": a[sel] for r, a in db.alphas.items()},
+                   **{f"b:{p}": (db.betas[p][sel] if p in db.betas else torch.zeros(sel.numel(), N, sizes[p])) for p in nodes},
+                   "low": m[sel], "rows": db.rows[sel], "node": code([cnode[i] for i in sel.tolist()]), "idx": cidx[sel], "t": ct[sel]})
         last_round = time.perf_counter() - t_round
         if recompute and (last_round > 0.05 * timeout or db.boxes_s > 0.5 * last_round):
             recompute = False  # large networks: more domains with the root's boxes pay better

@@ -284,6 +284,7 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     from .alpha import alpha_crown
     from .bab_graph import graph_input_bab, graph_relu_bab, interval_inputs, relu_inputs
     from .bounds import prepare
+    from .graph import get_graph
 
     t0 = time.perf_counter()
     graph, x_set = prepare(model, inputs, torch.float64)
@@ -304,8 +305,45 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
         return res
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
-    root_alphas = root.alphas.get("__out__")
-    res = graph_relu_bab(graph, x_set, rs, root.intermediate, timeout=left, batch_size=opts.batch_size or 32, root_alphas=root_alphas,
-                         steps=opts.relu_steps, margin=opts.margin, check_point=check_point)
-    res.details["stage"] = "graph-bab"
+    deadline = time.perf_counter() + left
+    fast = get_graph(model, tuple(graph.input_shape), torch.float32) if graph.dtype == torch.float64 else None
+    boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
+
+    def branch(until: float) -> BabResult:
+        r = graph_relu_bab(graph, x_set, rs, boxes, timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64,
+                           root_alphas=root_alphas, steps=opts.relu_steps, margin=opts.margin, check_point=check_point, fast=fast)
+        r.details["stage"] = "graph-bab"
+        return r
+
+    hidden = len(relu_inputs(graph))
+    refine = opts.refine_layers
+    if refine is None:
+        refine = 3 if (hidden >= opts.refine_min_depth and not interval_inputs(graph)) else 0
+    if refine <= 0:
+        return branch(deadline)
+    extra = {}
+    if opts.refine_after > 0:  # plain branching first: what it decides quickly never pays for the MILPs
+        first = branch(time.perf_counter() + opts.refine_after * left)
+        if first.status != "unknown" or time.perf_counter() >= deadline:
+            return first
+        extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains}
+    from .refine import refine_graph_root
+
+    stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
+    got = refine_graph_root(graph, model, x_set, rs, boxes, root_alphas, layers=refine, deadline=stop, alpha_deadline=deadline,
+                            margin=opts.margin, solve_time_limit=opts.refine_solve_time, workers=opts.refine_workers or usable_cores(4))
+    if got is not None:
+        boxes, root_alphas, refined_low, extra["refine"] = got
+        low = max(low, refined_low)
+        if low <= opts.margin and time.perf_counter() < deadline:  # the root within the refined boxes
+            again = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True, bound_overrides=boxes,
+                                stop_fn=lambda lw: rs.margin(lw + d) > opts.margin, deadline=Deadline(max(0.0, deadline - time.perf_counter())))
+            low = max(low, float(rs.margin(again.lower + d)[0]))
+            boxes = {**boxes, **{p: (torch.maximum(boxes[p][0], l), torch.minimum(boxes[p][1], h))
+                                 for p, (l, h) in again.intermediate.items() if p in boxes}}
+            root_alphas = again.alphas.get("__out__", root_alphas)
+        if low > opts.margin:
+            return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-refine", **extra})
+    res = branch(deadline)
+    res.details.update(extra)
     return res

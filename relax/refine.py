@@ -21,6 +21,7 @@ with the old bounds, then rounded outwards to the bounds' dtype.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -32,7 +33,7 @@ from .affine_net import AffineLayer, FeedForwardNet
 from .beta import Bounds, ReluNet, intermediate_bounds
 from .lp import InputRegion, tighten_bounds
 
-__all__ = ["refine_bounds"]
+__all__ = ["refine_bounds", "refine_graph_root"]
 
 
 def _feedforward(net: ReluNet) -> FeedForwardNet:
@@ -52,7 +53,7 @@ def _outward(t64: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
 
 
 def refine_bounds(
-    net: ReluNet,
+    net: "ReluNet | FeedForwardNet",
     lo: Tensor,
     hi: Tensor,
     pre: Bounds,
@@ -68,11 +69,13 @@ def refine_bounds(
     alpha_steps: int | None = None,
     stop_if: Callable[[Bounds], bool] | None = None,
     priority: Callable[[Bounds], list[Tensor]] | None = None,
+    recompute: Callable[[Bounds, int], Bounds] | None = None,
 ) -> tuple[Bounds, dict]:
     """Tighten ``pre`` for the unstable neurons of hidden layers ``1..layers`` by MILP.
 
     Args:
-        net: dense ReLU net (``Ws[k] [n_{k+1}, n_k]``).
+        net: dense ReLU net (``Ws[k] [n_{k+1}, n_k]``), or the dense view of a graph
+            (:func:`relax.affine_net.to_feedforward`, ReLU activations only) with ``recompute``.
         lo, hi: the input box, ``[n_0]`` or ``[1, n_0]``.
         pre: valid pre-activation bounds of one domain, ``[(l_k [1, n_k], u_k [1, n_k])]`` for
             every hidden layer.
@@ -95,6 +98,9 @@ def refine_bounds(
         stop_if: called with the bounds after each refined layer but the last (e.g. "the root
             is proved with them"); refinement stops when it returns True
             (``stats["stopped_by_check"]``).
+        recompute: ``recompute(bounds, k) -> bounds`` after refining hidden layer ``k``: the
+            later layers' bounds from the refined ones (each intersected with the old; e.g.
+            alpha-CROWN on the bound graph). Replaces ``alpha_steps``'s dense recomputation.
         priority: called with the current bounds before each refined layer; returns per hidden
             layer a ``[1, n_k]`` (or ``[n_k]``) score: that layer's neurons are solved in
             decreasing score (so the deadline cuts the least important ones). ``None``: the
@@ -111,7 +117,7 @@ def refine_bounds(
     if not todo:
         return pre, {**stats, "time_s": 0.0}
     region = InputRegion(lo.detach().double().cpu().reshape(-1).numpy(), hi.detach().double().cpu().reshape(-1).numpy())
-    ff = _feedforward(net)
+    ff = net if isinstance(net, FeedForwardNet) else _feedforward(net)
     out: Bounds = list(pre)
     for k in todo:
         if deadline is not None and time.perf_counter() > deadline:
@@ -130,7 +136,9 @@ def refine_bounds(
             stats[key] += st[key]
         stats["solvers"] = sorted(set(stats["solvers"]) | set(st["solvers"]))
         stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
-        if alpha_steps is not None and k + 1 < len(out):
+        if recompute is not None and k + 1 < len(out):
+            out = recompute(out, k)
+        elif alpha_steps is not None and k + 1 < len(out):
             out = intermediate_bounds(net, lo.reshape(1, -1), hi.reshape(1, -1), prior=out, start=k + 2, alpha_steps=alpha_steps,
                                       deadline=alpha_deadline)
         if stop_if is not None and k != todo[-1] and not st["stopped_at_deadline"] and stop_if(out):
@@ -139,3 +147,98 @@ def refine_bounds(
     stats["unstable_per_layer_after"] = [int(((l < 0) & (u > 0)).sum()) for l, u in out]
     stats["time_s"] = time.perf_counter() - t0
     return out, stats
+
+
+def refine_graph_root(
+    graph,
+    model: torch.nn.Module,
+    x_set,
+    rs,
+    root: dict[str, tuple[Tensor, Tensor]],
+    root_alphas: dict[str, Tensor] | None,
+    *,
+    layers: int,
+    deadline: float,
+    alpha_deadline: float,
+    margin: float,
+    solve_time_limit: float | None = None,
+    workers: int = 1,
+    alpha_steps: int = 20,
+    dense_limit: int = 2**24,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor] | None, float, dict] | None:
+    """MILP refinement of the root boxes of a ReLU network on the bound graph (before
+    branch-and-bound, :func:`relax.bab_graph.graph_relu_bab`).
+
+    The MILPs encode the network's dense view (:func:`relax.affine_net.to_feedforward`, one
+    matrix per affine chain, built once); after each refined layer alpha-CROWN on the graph
+    recomputes every later box within the refined ones (``bound_overrides``) and the root's
+    spec bound, which stops the refinement once it proves the property. Neurons are refined in
+    the order of their branching score at the root (:func:`relax.bab_graph.relu_scores`).
+
+    Args:
+        graph, model, x_set: the bound graph, the model it came from, the input set (batch 1).
+        rs: the property rows; root: ``{pre-activation node: (lo, hi) [1, *shape]}``;
+        root_alphas: the root's spec-row slopes (alpha-CROWN's ``"__out__"`` alphas).
+        layers: hidden layers ``1..layers`` refined; deadline: for the MILPs;
+        alpha_deadline: for the recomputation; margin: a bound above it proves the root.
+        dense_limit: largest matrix (numbers) of the dense view; larger networks (wide
+            convolutions, whose expansion alone takes seconds) are not refined.
+
+    Returns:
+        ``(boxes, alphas, root margin lower bound, stats)``, or None when the network has no
+        dense ReLU view matching its graph (residual connections, other activations).
+    """
+    from verify.deadline import Deadline
+
+    from .affine_net import NotFeedForwardError, to_feedforward
+    from .alpha import alpha_crown
+    from .bab_graph import bound_domains, interval_inputs, relu_inputs, relu_scores
+
+    nodes = [p for _, p in relu_inputs(graph)]
+    if interval_inputs(graph) or not nodes:
+        return None
+    from .lipschitz import dense_size
+
+    if not isinstance(model, torch.fx.GraphModule):
+        model = torch.fx.symbolic_trace(model)
+    try:
+        if dense_size(model, tuple(graph.input_shape)) > dense_limit:
+            return None
+        ff = to_feedforward(model, tuple(graph.input_shape))
+    except (NotFeedForwardError, ValueError):
+        return None
+    if ff.activations != ["relu"] * len(nodes) or [layer.n_out for layer in ff.layers[:-1]] != [math.prod(graph.shape(p)) for p in nodes]:
+        return None
+    shapes = {p: graph.shape(p) for p in nodes}
+    C, d = rs.batch(1)
+    C, d = C.to(graph.dtype), d.to(graph.dtype)
+    state = {"alphas": root_alphas, "lower": -math.inf, "boxes": dict(root)}
+
+    def as_boxes(b: Bounds) -> dict[str, tuple[Tensor, Tensor]]:
+        boxes = dict(state["boxes"])
+        boxes.update({p: (l.reshape(1, *shapes[p]), u.reshape(1, *shapes[p])) for p, (l, u) in zip(nodes, b)})
+        return boxes
+
+    def recompute(b: Bounds, k: int) -> Bounds:
+        res = alpha_crown(graph, x_set, C, iterations=alpha_steps, bound_overrides=as_boxes(b), early_stop=True,
+                          stop_fn=lambda low: rs.margin(low + d) > margin, deadline=Deadline(max(0.0, alpha_deadline - time.perf_counter())))
+        state["lower"] = max(state["lower"], float(rs.margin(res.lower + d)[0]))  # every pass bounds the same root
+        state["alphas"] = res.alphas.get("__out__", state["alphas"])
+        state["boxes"].update({p: (torch.maximum(state["boxes"][p][0], l), torch.minimum(state["boxes"][p][1], h))
+                               for p, (l, h) in res.intermediate.items() if p in state["boxes"]})
+        return [(torch.maximum(l, state["boxes"][p][0].reshape(1, -1)), torch.minimum(u, state["boxes"][p][1].reshape(1, -1)))
+                for p, (l, u) in zip(nodes, b)]
+
+    def priority(b: Bounds) -> list[Tensor]:
+        splits = {p: torch.zeros(1, math.prod(shapes[p]), dtype=torch.int8) for p in nodes}
+        al = None if state["alphas"] is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in state["alphas"].items()}
+        db = bound_domains(graph, x_set, rs, as_boxes(b), splits, alphas0=al, steps=0, recompute=False)
+        sc = relu_scores(graph, db, splits, rs)
+        return [sc.get(p, torch.full((1, math.prod(shapes[p])), -1.0, dtype=torch.float64)) for p in nodes]
+
+    lo, hi = x_set.bounds()
+    pre = [(root[p][0].reshape(1, -1), root[p][1].reshape(1, -1)) for p in nodes]
+    out, stats = refine_bounds(ff, lo.reshape(1, -1), hi.reshape(1, -1), pre, layers=layers, deadline=deadline,
+                               solve_time_limit=solve_time_limit, workers=workers, stop_if=lambda b: state["lower"] > margin,
+                               priority=priority, recompute=recompute)
+    return as_boxes(out), state["alphas"], state["lower"], stats

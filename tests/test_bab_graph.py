@@ -63,7 +63,7 @@ def _spread(first: nn.Linear, factor: float = 8.0) -> None:
         first.bias.sub_(first.weight.sum(1) * 0.5)
 
 
-def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict, p: float = math.inf) -> list[str]:
+def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict, p: float = math.inf) -> list:
     torch.manual_seed(100 + seed)
     d = None
     for _ in range(20):  # a centre with an adversarial example in the domain
@@ -84,7 +84,7 @@ def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict
         else:
             assert c.status == "certified", f"radius 0.9 d*: {c.status} ({c.details.get('reason')}, seed {seed})"
             assert c.details["stage"].startswith("graph"), c.details["stage"]
-        statuses.append(c.status)
+        statuses.append(c)
     return statuses
 
 
@@ -114,9 +114,12 @@ def test_mlp_through_the_graph_decided_against_exact_milp(seed):
     _check(net, net, 6, seed, {"dense_limit": 1})
 
 
-def test_split_domains_bound_below_every_sample():
-    """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_split_domains_bound_below_every_sample(fast):
+    """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits
+    (``fast``: slopes and multipliers optimised on the float32 graph, bound in float64)."""
     from relax.bab import RowSpec
+    from relax.graph import get_graph
     from relax.bab_graph import bound_domains, relu_inputs
     from relax.bounds import prepare
     from relax.linear import crown
@@ -133,7 +136,7 @@ def test_split_domains_bound_below_every_sample():
     D = 6
     g = torch.Generator().manual_seed(0)
     splits = {p: torch.randint(-1, 2, (D, math.prod(graph.shape(p))), generator=g).to(torch.int8) for _, p in relus}
-    db = bound_domains(graph, xs, rs, root, splits, steps=5)
+    db = bound_domains(graph, xs, rs, root, splits, steps=5, fast=get_graph(r, (4,), torch.float32) if fast else None)
     low, infeasible = db.rows, db.infeasible
     # samples, with the pre-activations of every ReLU
     x = 0.2 + 0.6 * torch.rand(20000, 4, dtype=torch.float64)
@@ -296,3 +299,78 @@ def test_ball_clipped_by_the_domain_is_concretised_exactly(p):
             exact = float(prob.value)
             assert float(got[s, b]) <= exact + 1e-7
             assert float(got[s, b]) >= exact - 1e-5 * (1 + abs(exact))
+
+
+def test_domain_store_keeps_every_entry():
+    """Entries taken come out with their own values; the rest stay, through buffer growth."""
+    from relax.bab_graph import _DomainStore
+
+    g = torch.Generator().manual_seed(3)
+    ref = {i: float(i) for i in range(5)}
+    q = _DomainStore({"id": torch.arange(5), "v": torch.arange(5, dtype=torch.float64).unsqueeze(1).repeat(1, 3)})
+    nxt = 5
+    for _ in range(200):
+        n_take = int(torch.randint(0, q.n + 1, (1,), generator=g))
+        idx = torch.randperm(q.n, generator=g)[:n_take]
+        got = q.take(idx)
+        for i, v in zip(got["id"].tolist(), got["v"][:, 0].tolist()):
+            assert ref.pop(i) == v
+        m = int(torch.randint(0, 40, (1,), generator=g))
+        ids = torch.arange(nxt, nxt + m)
+        q.add({"id": ids, "v": ids.double().unsqueeze(1).repeat(1, 3)})
+        ref.update({i: float(i) for i in ids.tolist()})
+        nxt += m
+        assert sorted(q.get("id").tolist()) == sorted(ref)
+        assert torch.equal(q.get("v")[:, 0], q.get("id").double())
+
+
+def test_graph_root_refinement_contains_every_sample():
+    """MILP refinement of the root boxes on the graph (dense view for the MILPs, alpha-CROWN on
+    the graph in between): the refined boxes lie inside the old ones, contain the pre-activations
+    of sampled inputs, and are tighter somewhere."""
+    from relax.bab import RowSpec
+    from relax.bab_graph import relu_inputs
+    from relax.bounds import prepare
+    from relax.linear import crown
+    from relax.refine import refine_graph_root
+    import time
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval().double()
+    gm = torch.fx.symbolic_trace(net)
+    ball = LpBall(torch.full((1, 5), 0.5, dtype=torch.float64), 0.4, math.inf, 0.0, 1.0)
+    graph, xs = prepare(gm, ball, torch.float64)
+    rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                 torch.tensor([0, 0]))
+    root = crown(graph, xs, None).intermediate
+    far = time.perf_counter() + 60
+    got = refine_graph_root(graph, gm, xs, rs, root, None, layers=3, deadline=far, alpha_deadline=far, margin=1e9)
+    assert got is not None
+    boxes, _, _, stats = got
+    assert stats["lps"] > 0
+    x = 0.1 + 0.8 * torch.rand(20000, 5, dtype=torch.float64)
+    pres, h = [], x
+    for layer in net:
+        h = layer(h)
+        if isinstance(layer, nn.Linear):
+            pres.append(h)
+    tighter = False
+    for (_, p), z in zip(relu_inputs(graph), pres):
+        (l0, h0), (l1, h1) = root[p], boxes[p]
+        assert (l1 >= l0).all() and (h1 <= h0).all()
+        assert (z >= l1 - 1e-9).all() and (z <= h1 + 1e-9).all()
+        tighter |= bool((l1 > l0 + 1e-6).any() or (h1 < h0 - 1e-6).any())
+    assert tighter
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_deep_mlp_with_graph_refinement_decided_against_exact_milp(seed):
+    """The graph search with MILP-refined root boxes (at once: ``refine_after=0``) decides deep
+    MLPs as the exact MILP says."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    _spread(net[0], 16.0)
+    certs = _check(net, net, 5, seed, {"dense_limit": 1, "split": "relu", "refine_layers": 2, "refine_after": 0.0})
+    assert certs[0].details["stage"] == "graph-alpha-crown" or "refine" in certs[0].details  # proved at the root, or refined
