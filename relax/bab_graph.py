@@ -197,7 +197,8 @@ def bound_domains(
             break
         update = i < n_steps
         with torch.enable_grad() if update else torch.no_grad():
-            low = bound(g_opt, x_opt, b_opt, C_opt, d_opt, alphas, betas, fixed_opt, record if (i == 0 and fast is None) else None)
+            # the branching scores use the coefficients of the last iterate (what the children go on from)
+            low = bound(g_opt, x_opt, b_opt, C_opt, d_opt, alphas, betas, fixed_opt, None if update else record)
             grads = torch.autograd.grad(-low.sum(), params, allow_unused=True) if update else None
         low = low.detach()
         if best is None:
@@ -216,10 +217,15 @@ def bound_domains(
     if fast is not None:  # the sound bound: each row's best parameters on the network itself
         with torch.no_grad():
             best = bound(graph, x_set, boxes, C, d, {r: a.to(graph.dtype) for r, a in best_a.items()},
-                         {p: b.to(graph.dtype) for p, b in best_b.items()}, {}, record)
+                         {p: b.to(graph.dtype) for p, b in best_b.items()}, {}, record if record[graph.input_name] is None else None)
+    elif record[graph.input_name] is None:  # stopped by the deadline before the last evaluation
+        with torch.no_grad():
+            bound(graph, x_set, boxes, C, d, alphas, betas, fixed_opt, record)
+    # children go on from the last iterate (Adam's progress), the proving bound uses each row's best
+    end_a, end_b = {r: a.detach() for r, a in alphas.items()}, {p: b.detach() for p, b in betas.items()}
     return DomainBounds(best, infeasible, record, boxes,
-                        {r: a.reshape(N, D, -1).transpose(0, 1).float() for r, a in best_a.items()},
-                        {p: b.transpose(0, 1).float() for p, b in best_b.items()}, t_boxes)
+                        {r: a.reshape(N, D, -1).transpose(0, 1).float() for r, a in end_a.items()},
+                        {p: b.transpose(0, 1).float() for p, b in end_b.items()}, t_boxes)
 
 
 @dataclass

@@ -285,6 +285,7 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     from .bab_graph import graph_input_bab, graph_relu_bab, interval_inputs, relu_inputs
     from .bounds import prepare
     from .graph import get_graph
+    from .graph_prune import dead_relus, prune_boxes, prune_graph
 
     t0 = time.perf_counter()
     graph, x_set = prepare(model, inputs, torch.float64)
@@ -310,8 +311,11 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
 
     def branch(until: float) -> BabResult:
-        r = graph_relu_bab(graph, x_set, rs, boxes, timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64,
-                           root_alphas=root_alphas, steps=opts.relu_steps, margin=opts.margin, check_point=check_point, fast=fast)
+        keep = dead_relus(graph, boxes)  # dead at the root: dead in every domain
+        alphas = None if root_alphas is None else {r: (a[..., keep[r]] if r in keep else a) for r, a in root_alphas.items()}
+        r = graph_relu_bab(prune_graph(graph, keep), x_set, rs, prune_boxes(graph, keep, boxes), timeout=max(0.0, until - time.perf_counter()),
+                           batch_size=opts.batch_size or 64, root_alphas=alphas, steps=opts.relu_steps, margin=opts.margin,
+                           check_point=check_point, fast=None if fast is None else prune_graph(fast, keep))
         r.details["stage"] = "graph-bab"
         return r
 

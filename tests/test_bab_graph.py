@@ -374,3 +374,28 @@ def test_deep_mlp_with_graph_refinement_decided_against_exact_milp(seed):
     _spread(net[0], 16.0)
     certs = _check(net, net, 5, seed, {"dense_limit": 1, "split": "relu", "refine_layers": 2, "refine_after": 0.0})
     assert certs[0].details["stage"] == "graph-alpha-crown" or "refine" in certs[0].details  # proved at the root, or refined
+
+
+def test_pruned_graph_is_the_same_function_on_the_root_box():
+    """Dead ReLUs removed (rows before, columns after): same outputs on the box, same CROWN
+    bounds, fewer neurons."""
+    from relax.bounds import prepare
+    from relax.graph_prune import dead_relus, prune_boxes, prune_graph
+    from relax.linear import crown
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval().double()
+    with torch.no_grad():
+        net[0].bias.sub_(0.6)  # many neurons dead on the box
+    ball = LpBall(torch.full((1, 4), 0.5, dtype=torch.float64), 0.1, math.inf, 0.0, 1.0)
+    graph, xs = prepare(torch.fx.symbolic_trace(net), ball, torch.float64)
+    boxes = crown(graph, xs, None).intermediate
+    keep = dead_relus(graph, boxes)
+    assert keep and sum(int((~k).sum()) for k in keep.values()) > 0
+    small = prune_graph(graph, keep)
+    x = 0.4 + 0.2 * torch.rand(5000, 4, dtype=torch.float64)
+    assert torch.allclose(small.forward(x), graph.forward(x), atol=1e-12)
+    C = torch.eye(3, dtype=torch.float64).unsqueeze(0)
+    full = crown(graph, xs, C, intermediate=boxes).lower
+    pruned = crown(small, xs, C, intermediate=prune_boxes(graph, keep, boxes)).lower
+    assert torch.allclose(full, pruned, atol=1e-9)
