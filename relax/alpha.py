@@ -72,6 +72,7 @@ def alpha_crown(
     max_elements: int = 2**25,
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
     deadline: Deadline | None = None,
+    intermediate: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> AlphaResult:
     """Optimised lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``).
 
@@ -85,9 +86,15 @@ def alpha_crown(
         max_elements, bound_overrides: as in :func:`relax.linear.crown`.
         deadline: no step starts after it (the CROWN bounds come first, so the result is
             always sound: the best over the steps done).
+        intermediate: every pre-activation box given (``{node: (lo, hi)}``, ``[B, *shape]``,
+            e.g. a parent domain's): only the spec rows' slopes are optimised, over these boxes.
     """
+    fixed_pass: dict | None = None
+    if intermediate is not None:
+        optimize_intermediate, fixed_pass = False, {}
     with torch.no_grad():
-        init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides)
+        init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides,
+                     intermediate=intermediate, fixed=fixed_pass)
     best = init.lower.clone()
     relus = [n.name for n in graph.activations() if n.op.optimisable]  # ReLU, sigmoid, tanh
     if stop_fn is None:
@@ -152,7 +159,7 @@ def alpha_crown(
                 graph, input_set, C, "crown", max_elements=max_elements,
                 bound_overrides=overrides,
                 intermediate=None if optimize_intermediate else fixed,
-                alpha_fn=alpha_fn, rows=plan,
+                alpha_fn=alpha_fn, rows=plan, fixed=fixed_pass,
             )
             low = res.lower
             if optimize_intermediate:

@@ -1,6 +1,6 @@
 """Branch-and-bound on the bound graph: any network whose nonlinearities the graph engine
-relaxes (residual connections, convolutions, max-pooling, sigmoid / tanh), without a dense form,
-on boxes and on l_inf, l_1 and l_2 balls.
+relaxes (dense chains, residual connections, convolutions, max-pooling, sigmoid / tanh), on
+boxes and on l_inf, l_1 and l_2 balls.
 
 A *domain* narrows some pre-activations: a ReLU input gets a sign ``s_j = +1`` (``z_j >= 0``,
 the ReLU is the identity) or ``s_j = -1`` (``z_j <= 0``, it is zero); the input of a sigmoid,
@@ -12,8 +12,13 @@ engine's batch dimension (:func:`relax.linear.crown`, one batch element per doma
 * the spec rows are bounded by CROWN with optimised slopes (alpha: ReLU, sigmoid, tanh) and,
   for each ReLU split, a Lagrange multiplier ``beta_j >= 0`` of its constraint ``s_j z_j >= 0``
   (beta-CROWN, Wang et al. 2021, Eq. 6): the bound of ``c^T f(x) - sum_j beta_j s_j z_j(x)`` is a
-  lower bound of ``c^T f`` on the domain for any ``beta >= 0``, and Adam ascends it. Children
-  start from their parent's slopes and multipliers;
+  lower bound of ``c^T f`` on the domain for any ``beta >= 0``, and Adam ascends it (without
+  learning-rate decay). Each row keeps its best iterate; children go on from their parent's
+  last iterate (Adam's progress) and are never bounded below their parent. With ``fast`` (the
+  network in float32) the steps run in float32 and the bound that counts is one float64 pass
+  with each row's best parameters;
+* ReLUs dead at the root (``u <= 0``) are removed from the graph before the search
+  (:mod:`relax.graph_prune`, done by the caller);
 * a domain whose box becomes empty somewhere is infeasible and is dropped;
 * a domain whose ReLUs are all fixed is affine: :mod:`relax.bab_leaf` solves its LP (SOCP for
   l_2) for the exact multipliers, which the engine turns into the domain's bound (LP duality:
@@ -22,9 +27,9 @@ engine's batch dimension (:func:`relax.linear.crown`, one batch element per doma
 Branching: per domain, the unsplit unstable ReLU with the largest BaBSR-style score
 (Bunel et al. 2020): the intercept ``-l u / (u - l)`` of its upper relaxation line weighted by
 how much the unproved spec rows lose through it (``max(-A_j, 0)`` with ``A_j`` the rows'
-coefficient on the ReLU output), with a small share of ``|A_j| min(u, -l)`` to order the rest;
+coefficient on the ReLU output under the last iterate's parameters), with a small share of ``|A_j| min(u, -l)`` to order the rest;
 sigmoid / tanh inputs score ``|A_j|`` times their relaxation's gap, max-pooling inputs their
-width. Inputs of at most a few coordinates are split instead (:func:`graph_input_bab`).
+width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab_input`).
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
 bound, or when the domain queue exceeds its memory cap. A round starts only when one as long as
@@ -51,7 +56,7 @@ from .graph import BoundGraph
 from .linear import crown
 from .ops import ReLU
 
-__all__ = ["graph_relu_bab", "graph_input_bab", "bound_domains", "relu_inputs", "interval_inputs", "relu_scores"]
+__all__ = ["graph_relu_bab", "bound_domains", "relu_inputs", "interval_inputs", "relu_scores"]
 
 
 def relu_inputs(graph: BoundGraph) -> list[tuple[str, str]]:
@@ -231,11 +236,11 @@ def bound_domains(
 @dataclass
 class DomainBounds:
     """What :func:`bound_domains` found for ``D`` domains: ``rows [D, N]`` lower bounds of
-    ``C y + d`` (each domain's best iterate), ``infeasible [D]``, ``record`` (the rows'
-    coefficients ``[N, D, *shape]`` on each ReLU output and on the input, first pass),
-    ``boxes`` (``[D, *shape]`` per pre-activation), and the best iterate's ``alphas``
-    (``{relu node: [D, N, n]}``) and ``betas`` (``{relu input node: [D, N, n]}``), float32, and
-    the seconds the boxes' recomputation took."""
+    ``C y + d`` (each row's best iterate), ``infeasible [D]``, ``record`` (the rows'
+    coefficients ``[N, D, *shape]`` on each ReLU output and on the input, last iterate),
+    ``boxes`` (``[D, *shape]`` per pre-activation), and the last iterate's ``alphas``
+    (``{relu node: [D, N, n]}``) and ``betas`` (``{relu input node: [D, N, n]}``), float32, for
+    the children to go on from, and the seconds the boxes' recomputation took."""
 
     rows: Tensor
     infeasible: Tensor
@@ -554,93 +559,3 @@ def graph_relu_bab(
             recompute = False  # large networks: more domains with the root's boxes pay better
         elif last_round < 0.02 * timeout:
             cap = min(batch_size, 2 * cap)
-
-
-def graph_input_bab(
-    graph: BoundGraph,
-    inputs: InputSet,
-    rs: RowSpec,
-    *,
-    timeout: float,
-    batch_size: int = 256,
-    margin: float = 1e-6,
-    max_domains: int = 200_000,
-    check_point=None,
-) -> BabResult:
-    """Input-split BaB on the graph for low-dimensional inputs (any supported op).
-
-    A domain is a sub-box of the input box (an l_inf ball's box); CROWN bounds a batch of them
-    at once (each with its own intermediate boxes). Each round halves the ``batch_size`` domains
-    with the smallest bound along the coordinate with the largest ``|A_i| * width_i`` (``A`` the
-    unproved rows' coefficients on the input: the share of the bound's gap that coordinate
-    carries) and tries the children's centres and bound minimisers as counterexamples. Sound
-    for any supported network; complete up to float resolution (the boxes shrink to points).
-    """
-    from verify.spec import Box
-
-    t0 = time.perf_counter()
-    deadline = t0 + timeout
-    lo0, hi0 = (b.reshape(1, -1).to(graph.dtype) for b in inputs.bounds())
-    shape = graph.input_shape
-    bounded = 0
-
-    def bound(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor | None]:
-        D = lo.shape[0]
-        C, d = rs.batch(D)
-        rec: dict[str, Tensor | None] = {graph.input_name: None}
-        with torch.no_grad():
-            res = crown(graph, Box(lo.reshape(D, *shape), hi.reshape(D, *shape)), C.to(graph.dtype), out_record=rec)
-        return res.lower + d.to(graph.dtype), rec[graph.input_name]
-
-    falsify = _Candidates(graph, rs, check_point)
-
-    def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
-        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": falsify.checked, "split": "input"})
-
-    lo, hi = lo0, hi0
-    rows, A = bound(lo, hi)
-    bounded = 1
-    low = rs.margin(rows)
-    last_round = 0.0
-    while True:
-        open_ = ~(low > margin)
-        lo, hi, low, rows, A = lo[open_], hi[open_], low[open_], rows[open_], None if A is None else A[:, open_]
-        Q = lo.shape[0]
-        if Q == 0:
-            return result("certified", "proved", margin)
-        if time.perf_counter() + last_round >= deadline:
-            return result("unknown", "timeout", float(low.min()))
-        if Q + batch_size > max_domains:
-            return result("unknown", "memory", float(low.min()))
-        t_round = time.perf_counter()
-        k = min(batch_size, Q)
-        pick = torch.topk(-low, k).indices
-        keep = torch.ones(Q, dtype=torch.bool)
-        keep[pick] = False
-        width = (hi[pick] - lo[pick])
-        if A is not None:
-            w = (~(rs.group_max(rows[pick]) > margin)).to(A.dtype).gather(1, rs.groups.expand(k, -1))  # [k, N]
-            gain = (A[:, pick].reshape(A.shape[0], k, -1).abs() * w.t().unsqueeze(-1)).sum(0) * width
-        else:
-            gain = width
-        dim = torch.where(width > 0, gain + 1e-12 * width, torch.full_like(gain, -1.0)).argmax(1)  # [k]
-        if bool((width.gather(1, dim.unsqueeze(1)) <= 0).any()):
-            return result("unknown", "exhausted", float(low.min()))
-        mid = ((lo[pick] + hi[pick]) / 2).gather(1, dim.unsqueeze(1))
-        c_lo, c_hi = lo[pick].repeat(2, 1), hi[pick].repeat(2, 1)
-        ar = torch.arange(k)
-        c_hi[ar, dim] = mid.squeeze(1)
-        c_lo[ar + k, dim] = mid.squeeze(1)
-        c_rows, c_A = bound(c_lo, c_hi)
-        bounded += 2 * k
-        cands = [(c_lo + c_hi) / 2]
-        if c_A is not None:
-            cands.append(torch.where(c_A.reshape(c_A.shape[0], 2 * k, -1) > 0, c_lo, c_hi).reshape(-1, c_lo.shape[1]))
-        x = falsify(torch.cat(cands))
-        if x is not None:
-            return result("falsified", "counterexample", -math.inf, x)
-        lo, hi = torch.cat([lo[keep], c_lo]), torch.cat([hi[keep], c_hi])
-        rows = torch.cat([rows[keep], c_rows])
-        low = rs.margin(rows)
-        A = None if (A is None or c_A is None) else torch.cat([A[:, keep], c_A], dim=1)
-        last_round = time.perf_counter() - t_round

@@ -27,7 +27,57 @@ from torch import Tensor
 from .bab import BabResult, RowSpec, pgd_boxes
 from .beta import Bounds, ReluNet, backward_bound, forward_bounds, intermediate_bounds, optimize_bound, refined_bounds
 
-__all__ = ["input_bab", "bound_boxes"]
+__all__ = ["input_bab", "bound_boxes", "GraphBoxes"]
+
+
+class GraphBoxes:
+    """A bound graph as the input-split search sees a network: ``forward`` on flat inputs
+    ``[B, n_0]``, CROWN bounds of the property rows over a batch of boxes (:meth:`bound`) and
+    a few alpha-CROWN steps on given rows over given intermediate boxes (:meth:`optimize`).
+    Intermediate boxes travel as a list over ``graph.preactivations()`` of flat ``[B, n]``
+    pairs (a child's prior is its parent's boxes)."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.dtype = graph.dtype
+        self.names = graph.preactivations()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph.forward(x.reshape(x.shape[0], *self.graph.input_shape)).reshape(x.shape[0], -1)
+
+    def _set(self, lo: Tensor, hi: Tensor):
+        from verify.spec import Box
+
+        shape = self.graph.input_shape
+        return Box(lo.reshape(lo.shape[0], *shape), hi.reshape(hi.shape[0], *shape))
+
+    def _boxes(self, pre: Bounds | None) -> dict[str, tuple[Tensor, Tensor]] | None:
+        if pre is None:
+            return None
+        g = self.graph
+        return {p: (l.reshape(l.shape[0], *g.shape(p)), u.reshape(u.shape[0], *g.shape(p))) for p, (l, u) in zip(self.names, pre)}
+
+    def bound(self, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None) -> tuple[Tensor, Tensor, Bounds]:
+        """``lower [B, N]`` of the rows over each box, ``A_in [B, N, n_0]`` (the rows' input
+        coefficients), and the boxes' intermediate bounds (intersected with ``prior``)."""
+        from .linear import crown
+
+        g, B = self.graph, lo.shape[0]
+        C, d = spec.batch(B)
+        rec: dict[str, Tensor | None] = {g.input_name: None}
+        res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec)
+        A = rec[g.input_name]
+        A = A.reshape(A.shape[0], B, -1).transpose(0, 1) if A is not None else torch.zeros(B, C.shape[1], lo.shape[1], dtype=g.dtype)
+        pre = [(res.intermediate[p][0].reshape(B, -1), res.intermediate[p][1].reshape(B, -1)) for p in self.names]
+        return res.lower + d.to(g.dtype), A, pre
+
+    def optimize(self, C: Tensor, d: Tensor, lo: Tensor, hi: Tensor, pre: Bounds, steps: int, lr: float) -> Tensor:
+        """alpha-CROWN lower bounds ``[B, R]`` of the rows ``C [B, R, K] y + d`` over the boxes
+        with their intermediate bounds ``pre`` fixed (``steps`` slope updates)."""
+        from .alpha import alpha_crown
+
+        res = alpha_crown(self.graph, self._set(lo, hi), C.to(self.dtype), iterations=steps, lr=lr, intermediate=self._boxes(pre))
+        return res.lower.detach() + d.to(self.dtype)
 
 
 def bound_boxes(
@@ -43,6 +93,8 @@ def bound_boxes(
     Returns:
         ``lower [B, N]``, ``A_in [B, N, n_0]`` and the intermediate bounds used.
     """
+    if isinstance(net, GraphBoxes):
+        return net.bound(spec, lo, hi, prior)
     C, d = spec.batch(lo.shape[0])
     if mode == "refined":
         pre = refined_bounds(net, lo, hi, prior)
@@ -172,9 +224,12 @@ def _alpha_nearest(
         top = low[:, rows].topk(min(rows_per_group, rows.numel()), dim=1).indices
         idx.append(rows[top])
     idx = torch.cat(idx, 1)  # [n, R]
-    with torch.enable_grad():  # the alpha-CROWN of relax.beta, from CROWN's slopes; every iterate is sound
-        low2, _, _ = optimize_bound(net, spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre],
-                                    steps=steps, lr_alpha=0.5)
+    if isinstance(net, GraphBoxes):
+        low2 = net.optimize(spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre], steps, 0.5)
+    else:
+        with torch.enable_grad():  # the alpha-CROWN of relax.beta, from CROWN's slopes; every iterate is sound
+            low2, _, _ = optimize_bound(net, spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre],
+                                        steps=steps, lr_alpha=0.5)
     lower = lower.clone()
     lower[near] = low.scatter_reduce(1, idx, low2, reduce="amax")
     return lower, spec.margin(lower)
@@ -261,11 +316,15 @@ def input_bab(
 
     # queue: boxes, their margin bound, and their intermediate bounds (priors for children)
     q_lo, q_hi, q_low, q_A, q_pre = lo, hi, lower, A, pre
+    round_s, t_round = 0.0, None  # a round starts only if one as long as the last still fits
     while True:
+        if t_round is not None:
+            round_s = time.perf_counter() - t_round
         if q_lo.shape[0] == 0:
             return finish("certified", "proved", margin)
-        if time.perf_counter() > deadline:
+        if time.perf_counter() + round_s > deadline:
             return finish("unknown", "timeout", float(spec.margin(q_low).min()))
+        t_round = time.perf_counter()
         if q_lo.shape[0] > max_domains:
             return finish("unknown", "memory", float(spec.margin(q_low).min()))
         rounds += 1

@@ -1,21 +1,23 @@
-"""Registered method ``bab``: complete verification (attack, incomplete bounds, branch-and-bound).
+"""Registered method ``bab``: complete verification (attack, incomplete bounds, branch-and-bound)
+on the bound graph, for every network the graph engine bounds.
 
 Per input of the batch, within the time budget (``timeout`` split evenly over the inputs):
 
-1. falsification by :func:`verify.attack.random_attack`;
-2. a quick proof: CROWN (on the dense form, :mod:`relax.beta`), then a time-capped PGD
-   (at most 5 % of the budget, 5 s);
-3. branch-and-bound: input splitting (:func:`relax.bab_input.input_bab`) for inputs of at
-   most ``input_split_max_dim`` dimensions, ReLU splitting with beta-CROWN
-   (:func:`relax.bab_relu.relu_bab`, its root runs alpha-CROWN) otherwise (``split="auto"``).
+1. falsification by :func:`verify.attack.random_attack`, then a time-capped PGD (at most 5 %
+   of the budget, 5 s);
+2. a quick proof: alpha-CROWN on the graph (:func:`relax.alpha.alpha_crown`);
+3. branch-and-bound: input splitting (:func:`relax.bab_input.input_bab` on
+   :class:`relax.bab_input.GraphBoxes`) for boxes of at most ``input_split_max_dim``
+   coordinates; otherwise ReLU splitting with beta-CROWN and interval splitting of sigmoid /
+   tanh / max-pooling inputs (:func:`relax.bab_graph.graph_relu_bab`) on the graph without
+   the ReLUs dead at the root (:mod:`relax.graph_prune`); for networks of at least
+   ``refine_min_depth`` ReLU layers, after ``refine_after`` of the budget, the root boxes are
+   tightened by MILP (:func:`relax.refine.refine_graph_root`) and the search restarts.
 
 ``falsified`` only with a counterexample that a float64 forward pass of the model confirms
 (:func:`verify.attack.confirm_counterexample`); ``certified`` only when every BaB domain is
 proved with the margin ``margin``; otherwise ``unknown`` with the best margin lower bound in
 ``details["margin_lower"]``.
-
-Networks that are not a chain of affine layers and ReLUs (skip connections, sigmoid) get
-steps 1 and 2 only, the latter with the graph bound engine (``alpha-crown`` method).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ from verify.registry import Method, get_method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
 from .bab import BabResult, RowSpec
-from .beta import NotReluNetError, ReluNet, optimize_bound, refined_bounds
 
 __all__ = ["BabMethod", "run_bab"]
 
@@ -58,8 +59,8 @@ class BabMethod(Method):
         refine_after: with refinement on, share of the BaB time budget first given to BaB
             without it (instances it decides quickly skip the refinement's cost; 0: refine at
             once); then the root is refined and branching restarts from it.
-        dense_limit: largest matrix (numbers) of the dense ReLU form BaB works on; larger
-            networks are bounded on the graph instead.
+        dense_limit: largest matrix (numbers) of the dense view that the MILP refinement
+            builds; networks with larger affine runs are not refined.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
     """
@@ -89,7 +90,7 @@ class BabMethod(Method):
         refine_solve_time: float = 1.0,
         refine_after: float = 0.1,
         refine_workers: int | None = None,
-        dense_limit: int = 2**26,
+        dense_limit: int = 2**24,
     ) -> None:
         if split not in ("auto", "input", "relu"):
             raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
@@ -132,14 +133,11 @@ class BabMethod(Method):
         spec = prop.linear(B, y0.shape[1], device=x0.device, dtype=y0.dtype)
         labels = prop.labels()
         is_ball = isinstance(inputs, LpBall)
-        # the dense engine bounds boxes; l_1 / l_2 balls are branched on the graph (dual-norm
-        # concretisation of every linear bound)
-        net = None if (is_ball and not math.isinf(inputs.p)) else _dense_form(model, tuple(inputs.shape), self.dense_limit)
         certs = []
         for b in range(B):
             left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
             tb = time.perf_counter() if b else t0  # the first input's time includes the set-up
-            res = run_bab(model, inputs.select([b]), spec.select([b]), net, self, timeout=left)
+            res = run_bab(model, inputs.select([b]), spec.select([b]), self, timeout=left)
             status = res.status
             lab = None if labels is None else int(labels[b] if labels.numel() > 1 else labels[0])
             certs.append(self.make_certificate(
@@ -157,22 +155,7 @@ class BabMethod(Method):
         return certs
 
 
-def _dense_form(model, input_shape: tuple[int, ...], limit: int) -> ReluNet | None:
-    """The dense ReLU form, or None when the network has none (not a ReLU chain, a max-pooling)
-    or when it would hold more than ``limit`` numbers in one matrix (checked before it is
-    built: expanding e.g. a 32x27x27 convolution output takes gigabytes and many seconds)."""
-    from .affine_net import NotFeedForwardError
-    from .lipschitz import dense_size
-
-    try:
-        if dense_size(model, input_shape) > limit:
-            return None
-        return ReluNet.from_model(model, input_shape=input_shape)
-    except (NotReluNetError, NotFeedForwardError):
-        return None
-
-
-def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None, opts: BabMethod, timeout: float | None = None) -> BabResult:
+def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, timeout: float | None = None) -> BabResult:
     """The full pipeline on one input set (batch of one) and its ``LinearSpec``.
 
     Returns:
@@ -183,6 +166,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
     t0 = time.perf_counter()
     deadline = math.inf if timeout is None else t0 + timeout
     left = lambda: max(0.0, deadline - time.perf_counter())  # noqa: E731
+    shape = inputs.shape
 
     def done(res: BabResult, stage: str) -> BabResult:
         res.details["stage"] = stage
@@ -191,88 +175,46 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, net: ReluNet | None,
             res.counterexample = project_into(inputs, res.counterexample.reshape(1, *shape)).reshape(-1)
         return res
 
-    lo, hi = inputs.bounds()
-    lo, hi = lo.reshape(-1).double(), hi.reshape(-1).double()
-    shape = inputs.shape
-
     def check(x: Tensor) -> bool:
         """Candidates (float arithmetic on outward-rounded boxes) are projected into the set in
         float64 first; the projected point is what is confirmed and reported."""
         return bool(confirm_counterexample(model, inputs, spec, project_into(inputs, x.reshape(1, *shape)))[0])
 
-    # the attacks run on the dense form when there is one (much faster than the graph);
-    # whatever they find is confirmed on the model itself
-    fast = model if net is None else _DenseModule(net, shape)
+    # the attacks run on the bound graph in float64 (a float32 model can round a violation of
+    # 1e-7 away); what they find is confirmed on the model itself
+    from .bounds import prepare
+
+    graph, x64 = prepare(model, inputs, torch.float64)
+    net64 = _GraphModule(graph)
 
     def attack(kind: str) -> BabResult | None:
         if kind == "random":
-            r = random_attack(fast, inputs.to(dtype=torch.float64) if net is not None else inputs, spec, samples=opts.random_samples, seed=opts.seed)
+            r = random_attack(net64, x64, spec, samples=opts.random_samples, seed=opts.seed)
         else:
-            budget = min(left() * 0.05, 5.0)
-            r = pgd_attack(fast, inputs.to(dtype=torch.float64) if net is not None else inputs, spec, steps=opts.attack_steps,
-                           restarts=opts.attack_restarts, seed=opts.seed, timeout=budget)
+            r = pgd_attack(net64, x64, spec, steps=opts.attack_steps, restarts=opts.attack_restarts, seed=opts.seed,
+                           timeout=min(left() * 0.05, 5.0))
         if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
             return BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample")
         return None
 
-    # 1. cheap attack
-    res = attack("random")
-    if res is not None:
-        return done(res, "attack")
-    if net is None:
-        res = attack("pgd")
+    for kind in ("random", "pgd"):
+        res = attack(kind)
         if res is not None:
             return done(res, "attack")
-        res = _graph_bab(model, inputs, spec, opts, left(), check)
-        return done(res, res.details.get("stage", "graph-bab"))
-
-    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
-
-    # 2. incomplete: CROWN
-    pre = refined_bounds(net, lo[None], hi[None])  # CROWN-tight where it matters, cheap on wide layers
-    C, d = rs.batch(1)
-    low, _, _ = optimize_bound(net, C, d, lo[None], hi[None], pre, steps=0)
-    if bool(rs.margin(low)[0] > opts.margin):
-        return done(BabResult("certified", None, float(rs.margin(low)[0]), 1, reason="proved"), "crown")
-    # PGD (time-capped), then BaB (whose root runs alpha-CROWN)
-    res = attack("pgd")
-    if res is not None:
-        return done(res, "attack")
-    if left() <= 0:
-        return done(BabResult("unknown", None, float(rs.margin(low)[0]), 1, reason="timeout"), "crown")
-
-    # 3. branch and bound
-    split = opts.split
-    if split == "auto":
-        split = "input" if lo.numel() <= opts.input_split_max_dim else "relu"
-    budget = left() if math.isfinite(left()) else 3600.0
-    if split == "input":
-        from .bab_input import input_bab
-
-        res = input_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 512, margin=opts.margin, check_point=check, seed=opts.seed)
-    else:
-        from .bab_relu import relu_bab
-
-        refine = opts.refine_layers
-        if refine is None:
-            refine = 3 if len(net.sizes) >= opts.refine_min_depth else 0
-        res = relu_bab(net, rs, lo, hi, timeout=budget, batch_size=opts.batch_size or 64, steps=opts.relu_steps, margin=opts.margin,
-                       check_point=check, seed=opts.seed, refine_layers=refine, refine_fraction=opts.refine_fraction,
-                       refine_solve_time=opts.refine_solve_time, refine_workers=opts.refine_workers or usable_cores(4),
-                       refine_after=opts.refine_after)
-    return done(res, f"bab-{split}")
+    res = _graph_bab(model, inputs, spec, opts, left(), check)
+    return done(res, res.details.get("stage", "graph-bab"))
 
 
-class _DenseModule(torch.nn.Module):
-    """The dense form as a module ``[B, *shape] -> [B, K]`` (float64), for fast attacks."""
+class _GraphModule(torch.nn.Module):
+    """A bound graph as a module ``[B, *shape] -> [B, K]`` in the graph's dtype (for attacks)."""
 
-    def __init__(self, net: ReluNet, shape: tuple[int, ...]) -> None:
+    def __init__(self, graph) -> None:
         super().__init__()
-        self.net = net
-        self.register_buffer("_w0", net.Ws[0])  # gives the attack the module's dtype
+        self.graph = graph
+        self.register_buffer("_dtype_tag", torch.zeros((), dtype=graph.dtype))  # gives the attacks the module's dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.forward(x.reshape(x.shape[0], -1))
+        return self.graph.forward(x.to(self.graph.dtype)).reshape(x.shape[0], -1)
 
 
 def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float, check_point=None) -> BabResult:
@@ -282,7 +224,7 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     connections, max-pooling, convolutions too large to expand, sigmoid / tanh) and l_1 / l_2
     balls."""
     from .alpha import alpha_crown
-    from .bab_graph import graph_input_bab, graph_relu_bab, interval_inputs, relu_inputs
+    from .bab_graph import graph_relu_bab, interval_inputs, relu_inputs
     from .bounds import prepare
     from .graph import get_graph
     from .graph_prune import dead_relus, prune_boxes, prune_graph
@@ -300,8 +242,11 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     n_in = math.prod(graph.input_shape)
     box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
     if left > 0 and box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
-        res = graph_input_bab(graph, x_set, rs, timeout=left, batch_size=opts.batch_size or 256, margin=opts.margin,
-                              check_point=check_point)
+        from .bab_input import GraphBoxes, input_bab
+
+        lo, hi = (b.reshape(-1) for b in x_set.bounds())
+        res = input_bab(GraphBoxes(graph), rs, lo, hi, timeout=left, batch_size=opts.batch_size or 512, margin=opts.margin,
+                        check_point=check_point, seed=opts.seed)
         res.details["stage"] = "graph-bab-input"
         return res
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
@@ -335,7 +280,8 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
 
     stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
     got = refine_graph_root(graph, model, x_set, rs, boxes, root_alphas, layers=refine, deadline=stop, alpha_deadline=deadline,
-                            margin=opts.margin, solve_time_limit=opts.refine_solve_time, workers=opts.refine_workers or usable_cores(4))
+                            margin=opts.margin, solve_time_limit=opts.refine_solve_time, workers=opts.refine_workers or usable_cores(4),
+                            dense_limit=opts.dense_limit)
     if got is not None:
         boxes, root_alphas, refined_low, extra["refine"] = got
         low = max(low, refined_low)

@@ -107,11 +107,11 @@ def test_l1_balls_decided_against_exact_milp(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_mlp_through_the_graph_decided_against_exact_milp(seed):
-    """``dense_limit=1`` forbids the dense form: the graph search decides MLPs too."""
+    """The graph search decides MLPs (ReLU splitting forced: the inputs are low-dimensional)."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
     _spread(net[0], 16.0)
-    _check(net, net, 6, seed, {"dense_limit": 1})
+    _check(net, net, 6, seed, {"split": "relu"})
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -198,9 +198,9 @@ def test_low_dimensional_nets_are_split_on_the_input(act):
             continue
         prop = Robust(torch.tensor([label]))
         far = certify(net, LpBall(x0, min(w * 1.01, 1.0), math.inf, 0.0, 1.0), prop, "bab", timeout=30,
-                      method_options={"dense_limit": 1})[0]
+                      method_options={})[0]
         assert far.status != "certified"
-        near = certify(net, LpBall(x0, w / 2, math.inf, 0.0, 1.0), prop, "bab", timeout=30, method_options={"dense_limit": 1})[0]
+        near = certify(net, LpBall(x0, w / 2, math.inf, 0.0, 1.0), prop, "bab", timeout=30, method_options={})[0]
         # the grid's witness bounds d* from above only: a closer violation the grid missed
         # makes "falsified" right; "unknown" is what the split must avoid
         assert near.status in ("certified", "falsified"), (act, seed, near.details.get("reason"))
@@ -372,7 +372,7 @@ def test_deep_mlp_with_graph_refinement_decided_against_exact_milp(seed):
     net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
                         nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     _spread(net[0], 16.0)
-    certs = _check(net, net, 5, seed, {"dense_limit": 1, "split": "relu", "refine_layers": 2, "refine_after": 0.0})
+    certs = _check(net, net, 5, seed, {"split": "relu", "refine_layers": 2, "refine_after": 0.0})
     assert certs[0].details["stage"] == "graph-alpha-crown" or "refine" in certs[0].details  # proved at the root, or refined
 
 
