@@ -233,22 +233,24 @@ def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float,
     graph, x_set = prepare(model, inputs, torch.float64)
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
+    n_in = math.prod(graph.input_shape)
+    box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
+    if box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
+        # input splitting starts from CROWN on the whole box (alpha-CROWN's root costs more
+        # than the first rounds of splitting)
+        from .bab_input import GraphBoxes, input_bab
+
+        lo, hi = (b.reshape(-1) for b in x_set.bounds())
+        res = input_bab(GraphBoxes(graph), rs, lo, hi, timeout=time_left, batch_size=opts.batch_size or 512, margin=opts.margin,
+                        check_point=check_point, seed=opts.seed)
+        res.details["stage"] = "graph-bab-input" if res.domains > 1 else "graph-crown"
+        return res
     root = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True,
                        stop_fn=lambda low: rs.margin(low + d) > opts.margin, deadline=Deadline(time_left))
     low = float(rs.margin(root.lower + d)[0])
     if low > opts.margin:
         return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
     left = time_left - (time.perf_counter() - t0)
-    n_in = math.prod(graph.input_shape)
-    box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
-    if left > 0 and box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
-        from .bab_input import GraphBoxes, input_bab
-
-        lo, hi = (b.reshape(-1) for b in x_set.bounds())
-        res = input_bab(GraphBoxes(graph), rs, lo, hi, timeout=left, batch_size=opts.batch_size or 512, margin=opts.margin,
-                        check_point=check_point, seed=opts.seed)
-        res.details["stage"] = "graph-bab-input"
-        return res
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
     deadline = time.perf_counter() + left
