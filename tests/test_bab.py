@@ -4,14 +4,14 @@ behaviour, and a few real VNN-COMP instances from ../shared."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from relax.bab import RowSpec
+from relax.bab import BabResult, RowSpec
 from relax.bab_input import input_bab
-from relax.bab_relu import relu_bab
 from relax.beta import ReluNet, backward_bound, forward_bounds, intermediate_bounds, optimize_bound, refined_bounds
 from verify import Box, Linear, certify
 
@@ -152,10 +152,11 @@ def _grid_truth(net: ReluNet, C, d, groups, lo, hi, n=161):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("bab", ["input", "input-square", "relu", "relu-float64"])
+@pytest.mark.parametrize("bab", ["input", "input-square", "input-graph", "relu"])
 def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
-    """``relu`` optimises the children in float32 (the default) and proves in float64;
-    ``relu-float64`` does everything in float64; ``input-square``: see below."""
+    """``input`` / ``input-square``: input splitting on the dense form (the latter held to
+    near-square boxes, see below); ``input-graph``: the same search on the bound graph;
+    ``relu``: the ``bab`` method with ReLU splitting (on the graph)."""
     model = _mlp(10 + seed)
     net = _dense(model, 2)
     lo = torch.tensor([-1.0, -1.0], dtype=torch.float64)
@@ -168,8 +169,16 @@ def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
     for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
         d = torch.full((2,), d0, dtype=torch.float64)
         rs = RowSpec(C, d, groups)
-        if bab.startswith("relu"):
-            res = relu_bab(net, rs, lo, hi, timeout=20.0, fast_dtype=torch.float64 if bab == "relu-float64" else torch.float32)
+        if bab == "relu":
+            c = certify(model.double(), Box(lo[None], hi[None]), Linear(C, d), "bab", split="relu", timeout=20, dtype=torch.float64)[0]
+            x = None if c.counterexample is None else torch.as_tensor(c.counterexample, dtype=torch.float64).reshape(-1)
+            res = BabResult(c.status, x, reason=c.details.get("reason", ""))
+        elif bab == "input-graph":
+            from relax.bab_input import GraphBoxes
+            from relax.bounds import prepare
+
+            graph, _ = prepare(model.double(), Box(lo[None], hi[None]), torch.float64)
+            res = input_bab(GraphBoxes(graph), rs, lo, hi, timeout=20.0)
         else:  # "input-square": smear branching held to near-square boxes by the aspect cap
             opts = {"branching": "smear", "max_aspect": 2.0} if bab == "input-square" else {}
             res = input_bab(net, rs, lo, hi, timeout=20.0, **opts)
@@ -255,16 +264,17 @@ def test_timeout_gives_unknown_with_best_bound():
         ys = net.forward(lo + torch.rand(50000, 10, dtype=torch.float64) * (hi - lo))
     d = torch.tensor([-float((ys @ C.T).min()) + 1e-3], dtype=torch.float64)
     rs = RowSpec(C, d, torch.tensor([0]))
-    for run in (input_bab, relu_bab):
-        res = run(net, rs, lo, hi, timeout=0.5)
-        assert res.status in ("unknown", "falsified")
-        if res.status == "unknown":
-            assert res.reason in ("timeout", "memory")
-            assert math.isfinite(res.lower) and res.lower <= 0
-            assert res.time_s < 10
-    c = certify(model, Box(lo[None].float(), hi[None].float()), Linear(C, d), "bab", timeout=0.5)[0]
-    assert c.status in ("unknown", "falsified")
-    assert "margin_lower" in c.details
+    res = input_bab(net, rs, lo, hi, timeout=0.5)
+    assert res.status in ("unknown", "falsified")
+    if res.status == "unknown":
+        assert res.reason in ("timeout", "memory")
+        assert math.isfinite(res.lower) and res.lower <= 0
+        assert res.time_s < 10
+    for split in ("auto", "relu"):
+        t = time.perf_counter()
+        c = certify(model, Box(lo[None].float(), hi[None].float()), Linear(C, d), "bab", timeout=0.5, split=split)[0]
+        assert c.status in ("unknown", "falsified")
+        assert "margin_lower" in c.details and time.perf_counter() - t < 10
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,37 +350,3 @@ def test_without_dead_is_the_same_function_on_the_box():
     assert torch.allclose(small.forward(x), net.forward(x), atol=1e-12)
 
 
-def test_domain_queue_pops_smallest_margins_and_keeps_every_domain():
-    """The preallocated queue of ReLU BaB: pops in margin order, loses and duplicates
-    nothing across pushes that outgrow and compact its storage, and stays within max_slots."""
-    from relax.bab_relu import _DomainQueue
-
-    g = torch.Generator().manual_seed(0)
-
-    def batch(ids):
-        ids = torch.as_tensor(ids, dtype=torch.float64)
-        m = ids.shape[0]
-        return {"low": ids.unsqueeze(1).repeat(1, 2), "pre": [(ids.unsqueeze(1), ids.unsqueeze(1) + 1)],
-                "alphas": [ids.reshape(m, 1, 1).repeat(1, 2, 3).float()], "betas": [torch.zeros(m, 2, 3)],
-                "splits": [torch.zeros(m, 3, dtype=torch.int8)]}
-
-    q = _DomainQueue(batch([5.0]), lambda low: low.min(1).values, max_slots=40)
-    ref = {5.0}
-    for _ in range(30):
-        new = torch.randint(0, 1000, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).double().unique()
-        new = [float(v) for v in new if float(v) not in ref]
-        q.push(batch(new))
-        ref |= set(new)
-        assert len(q) == len(ref)
-        k = min(3, len(q))
-        out = q.pop(k)
-        got = sorted(float(v) for v in out["low"][:, 0])
-        assert got == sorted(ref)[:k]  # the k smallest margins
-        assert torch.equal(out["pre"][0][0][:, 0], out["low"][:, 0]) and torch.equal(out["alphas"][0][:, 0, 0].double(), out["low"][:, 0])
-        ref -= set(got)
-        assert q.min_margin() == (min(ref) if ref else math.inf)
-        if len(q) >= 2:  # the easiest (largest margin) first, and back
-            top = q.pop(2, easiest=True)
-            assert sorted(float(v) for v in top["low"][:, 0]) == sorted(ref)[-2:]
-            q.push(top)
-        assert q._store[0].shape[0] <= max(40, len(ref) + 8)

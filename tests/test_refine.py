@@ -13,7 +13,6 @@ import torch
 
 import relax.lp as lp_mod
 from relax.bab import RowSpec
-from relax.bab_relu import relu_bab
 from relax.beta import ReluNet, intermediate_bounds
 from relax.lp import InputRegion, encode
 from relax.refine import _feedforward, refine_bounds
@@ -277,6 +276,20 @@ def _grid_margin_min(net: ReluNet, C: torch.Tensor, groups: torch.Tensor, n: int
     return gmin, lip * (2.0 / (n - 1)) / math.sqrt(2)
 
 
+def _module(net: ReluNet):
+    """The dense net as a float64 ``nn.Sequential`` (the model ``bab`` works on)."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for W, b in zip(net.Ws, net.bs):
+        lin = nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
 @pytest.mark.parametrize("seed", [4, 5])
 def test_bab_with_refinement_agrees_with_ground_truth(seed):
     """A 2-D net with three hidden layers of 16: the grid minimum of the margin (with a
@@ -289,33 +302,47 @@ def test_bab_with_refinement_agrees_with_ground_truth(seed):
     C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     groups = torch.tensor([0, 1])
     gmin, slack = _grid_margin_min(net, C, groups)
+    from verify import Box, Linear, certify
+
+    model = _module(net)
     for truth, d0 in (("unsat", -gmin + slack + 0.02), ("sat", -gmin - 0.02)):
         rs = RowSpec(C, torch.full((2,), d0, dtype=torch.float64), groups)
-        res = relu_bab(net, rs, lo, hi, timeout=20.0, refine_layers=2, refine_solve_time=0.05)
-        assert "refine" in res.details and res.details["refine"]["lps"] > 0
-        if res.status == "falsified":
-            x = res.counterexample
+        c = certify(model, Box(lo[None], hi[None]), Linear(C, rs.d), "bab", split="relu", refine_layers=2, refine_after=0.0,
+                    refine_solve_time=0.05, timeout=20, dtype=torch.float64)[0]
+        if c.status == "falsified":
+            x = torch.as_tensor(c.counterexample, dtype=torch.float64).reshape(-1)
             assert ((x >= lo) & (x <= hi)).all()
             assert float(rs.margin(rs.values(net.forward(x[None])))[0]) <= 0
-        assert res.status == ("certified" if truth == "unsat" else "falsified"), (truth, res.status, res.reason)
+        else:  # decided by the search: the root was refined first
+            assert c.details["stage"] == "graph-alpha-crown" or c.details["refine"]["lps"] > 0, c.details
+        assert c.status == ("certified" if truth == "unsat" else "falsified"), (truth, c.status, c.details)
 
 
-def test_bab_stops_refining_once_the_root_is_proved():
-    """With three layers to refine, the root bound is checked after each refined layer: a
-    property that the first layer's MILPs already prove (true by a Lipschitz-certified grid
-    minimum) is certified without solving the later layers."""
+def test_graph_refinement_stops_once_the_root_is_proved():
+    """After each refined layer (but the last) the root bound, recomputed within the refined
+    boxes, is checked: with a margin every bound exceeds, refinement stops after the first
+    layer and solves fewer MILPs than with one no bound reaches."""
+    from relax.bab_graph import relu_inputs
+    from relax.bounds import prepare
+    from relax.linear import crown
+    from relax.refine import refine_graph_root
+    from verify import Box
+
     net = _net(24, sizes=(2, 16, 16, 16, 3))
-    lo, hi = -torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
-    groups = torch.tensor([0, 1])
-    gmin, slack = _grid_margin_min(net, C, groups)
-    offset = 2.0
-    assert offset > slack  # the true minimum margin is positive
-    rs = RowSpec(C, torch.full((2,), -gmin + offset, dtype=torch.float64), groups)
-    res = relu_bab(net, rs, lo, hi, timeout=60.0, refine_layers=3, refine_solve_time=5.0)
-    assert res.status == "certified" and res.details["refine"]["stopped_by_check"], res.details
-    _, st_full = refine_bounds(net, lo, hi, intermediate_bounds(net, lo[None], hi[None], alpha_steps=10), layers=3, alpha_steps=10)
-    assert 0 < res.details["refine"]["lps"] < st_full["lps"]  # the later layers' MILPs were not solved
+    model = torch.fx.symbolic_trace(_module(net))
+    graph, xs = prepare(model, Box(-torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)), torch.float64)
+    rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.tensor([0]))
+    root = crown(graph, xs, None).intermediate
+    far = time.perf_counter() + 60
+    runs = {}
+    for margin in (-1e9, 1e9):
+        boxes, _, low, st = refine_graph_root(graph, model, xs, rs, root, None, layers=3, deadline=far, alpha_deadline=far, margin=margin,
+                                              solve_time_limit=5.0)
+        runs[margin] = st
+        for _, p in relu_inputs(graph):  # never looser than the boxes it started from
+            assert (boxes[p][0] >= root[p][0]).all() and (boxes[p][1] <= root[p][1]).all()
+    assert runs[-1e9]["stopped_by_check"] and not runs[1e9]["stopped_by_check"]
+    assert 0 < runs[-1e9]["lps"] < runs[1e9]["lps"]
 
 
 @pytest.mark.parametrize("refine_after", [1e-6, 0.1])
