@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .beta import ReluNet
 
 __all__ = ["BabResult", "RowSpec", "pgd_boxes"]
 
@@ -99,7 +98,7 @@ class RowSpec:
 
 
 def pgd_boxes(
-    net: ReluNet,
+    net,
     spec: RowSpec,
     lo: Tensor,
     hi: Tensor,

@@ -6,10 +6,10 @@ batch and drops the proved ones; the rest go back to the queue. Counterexamples 
 on the way: the centre and the CROWN minimiser corner of every child are evaluated exactly,
 and PGD runs on the worst boxes every few rounds.
 
-Bounds per child: :func:`relax.beta.refined_bounds` (forward linear bounds, then backward
-CROWN only for the neurons still unstable), intersected with the parent's intermediate bounds
-(a child box lies inside its parent), and a backward CROWN pass for the property rows;
-the children still open then get a few alpha-CROWN steps on the best row of each group.
+Bounds per child, on the bound graph (:class:`GraphBoxes`): CROWN intermediate boxes (linear
+bounds only for the neurons unstable under the interval boxes) intersected with the parent's
+(a child box lies inside its parent), and a backward CROWN pass for the property rows; the
+children still open then get a few alpha-CROWN steps on the best row of each group.
 
 Branching: the dimension with the largest ``|A_i| (hi_i - lo_i)``, ``A`` the input
 coefficients of the CROWN lower bound of the row closest to proving the worst group (the
@@ -25,7 +25,10 @@ import torch
 from torch import Tensor
 
 from .bab import BabResult, RowSpec, pgd_boxes
-from .beta import Bounds, ReluNet, backward_bound, forward_bounds, intermediate_bounds, optimize_bound, refined_bounds
+
+#: intermediate boxes of a batch of boxes: per pre-activation node (graph order), ``(lo, hi)``
+#: flattened to ``[B, n]``
+Bounds = list[tuple[Tensor, Tensor]]
 
 __all__ = ["input_bab", "bound_boxes", "GraphBoxes"]
 
@@ -80,32 +83,16 @@ class GraphBoxes:
         return res.lower.detach() + d.to(self.dtype)
 
 
-def bound_boxes(
-    net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None = None, mode: str = "refined"
-) -> tuple[Tensor, Tensor, Bounds]:
-    """Lower bounds of the property rows over each box.
+def bound_boxes(net: GraphBoxes, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None = None) -> tuple[Tensor, Tensor, Bounds]:
+    """Lower bounds of the property rows over each box (:meth:`GraphBoxes.bound`).
 
     Args:
         lo, hi: ``[B, n_0]``; prior: intermediate bounds valid on each box (or None).
-        mode: intermediate bounds by ``"refined"`` (:func:`relax.beta.refined_bounds`,
-            CROWN-tight, cheap), ``"crown"`` (full backward passes) or ``"forward"`` (loose).
 
     Returns:
         ``lower [B, N]``, ``A_in [B, N, n_0]`` and the intermediate bounds used.
     """
-    if isinstance(net, GraphBoxes):
-        return net.bound(spec, lo, hi, prior)
-    C, d = spec.batch(lo.shape[0])
-    if mode == "refined":
-        pre = refined_bounds(net, lo, hi, prior)
-    elif mode == "forward":
-        pre = forward_bounds(net, lo, hi, prior)
-    elif mode == "crown":
-        pre = intermediate_bounds(net, lo, hi, prior)
-    else:
-        raise ValueError(f"unknown bounding mode {mode!r}: use 'refined', 'crown' or 'forward'")
-    lower, info = backward_bound(net, C, d, lo, hi, pre)
-    return lower, info["A_in"], pre
+    return net.bound(spec, lo, hi, prior)
 
 
 def _rel_width(lo: Tensor, hi: Tensor, root_w: Tensor) -> Tensor:
@@ -140,7 +127,7 @@ def _branch_dim(
 
 
 def _split(
-    net: ReluNet, spec: RowSpec, p_lo: Tensor, p_hi: Tensor, p_low: Tensor, p_A: Tensor, p_pre: Bounds, mode: str, branching: str, root_w: Tensor,
+    net: GraphBoxes, spec: RowSpec, p_lo: Tensor, p_hi: Tensor, p_low: Tensor, p_A: Tensor, p_pre: Bounds, branching: str, root_w: Tensor,
     max_aspect: float = 64.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Bounds]:
     """Halve each of the ``k`` boxes along one dimension and bound the ``2k`` children.
@@ -179,10 +166,8 @@ def _split(
     c_hi[j, dims] = mid
     c_lo[D * k + j, dims] = mid
     c_prior = [(l.repeat(2 * D, 1), u.repeat(2 * D, 1)) for l, u in p_pre]
-    if D == 1:
-        lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, mode)
-    else:
-        lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior, mode)
+    lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior)
+    if D > 1:
         cm = spec.margin(lower).view(2, D, k)
         score = torch.minimum(cm[0], cm[1]) + 1e-3 * torch.maximum(cm[0], cm[1])
         rel = _rel_width(p_lo, p_hi, root_w)
@@ -198,7 +183,7 @@ def _split(
 
 
 def _alpha_nearest(
-    net: ReluNet, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, lower: Tensor, cm: Tensor, margin: float, frac: float, steps: int,
+    net: GraphBoxes, spec: RowSpec, lo: Tensor, hi: Tensor, pre: Bounds, lower: Tensor, cm: Tensor, margin: float, frac: float, steps: int,
     rows_per_group: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """alpha-CROWN (``steps`` slope updates) on the open boxes closest to proved (the best
@@ -224,19 +209,14 @@ def _alpha_nearest(
         top = low[:, rows].topk(min(rows_per_group, rows.numel()), dim=1).indices
         idx.append(rows[top])
     idx = torch.cat(idx, 1)  # [n, R]
-    if isinstance(net, GraphBoxes):
-        low2 = net.optimize(spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre], steps, 0.5)
-    else:
-        with torch.enable_grad():  # the alpha-CROWN of relax.beta, from CROWN's slopes; every iterate is sound
-            low2, _, _ = optimize_bound(net, spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre],
-                                        steps=steps, lr_alpha=0.5)
+    low2 = net.optimize(spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre], steps, 0.5)
     lower = lower.clone()
     lower[near] = low.scatter_reduce(1, idx, low2, reduce="amax")
     return lower, spec.margin(lower)
 
 
 def input_bab(
-    net: ReluNet,
+    net: GraphBoxes,
     spec: RowSpec,
     lo: Tensor,
     hi: Tensor,
@@ -244,7 +224,6 @@ def input_bab(
     timeout: float = 60.0,
     batch_size: int = 512,
     max_domains: int = 300_000,
-    mode: str = "refined",
     margin: float = 1e-9,
     pgd_every: int = 5,
     branching: str = "mixed",
@@ -257,12 +236,11 @@ def input_bab(
     """Decide the property on the box ``[lo, hi]`` (``[n_0]`` each) by input splitting.
 
     Args:
-        net: the network as dense layers (float64 recommended).
+        net: the network's bound graph (float64 recommended), as :class:`GraphBoxes`.
         spec: the property rows.
         timeout: seconds; past it the result is ``unknown`` with the best bound.
         batch_size: boxes popped per round (each gives two children).
         max_domains: queue limit; beyond it the search stops with ``unknown``.
-        mode: bounding mode of :func:`bound_boxes`.
         margin: a box is proved when its margin lower bound exceeds this.
         branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
             for the worst quarter of each batch, smear for the rest).
@@ -304,7 +282,7 @@ def input_bab(
     n_bounded, rounds = 0, 0
     # root: bound, attack
     with torch.no_grad():
-        lower, A, pre = bound_boxes(net, spec, lo, hi, None, mode)
+        lower, A, pre = bound_boxes(net, spec, lo, hi, None)
     n_bounded += 1
     m = spec.margin(lower)
     if bool(m[0] > margin):
@@ -340,14 +318,14 @@ def input_bab(
             if branching == "mixed":  # strong branching on the worst quarter, smear on the rest
                 ks = max(1, k // 4)
                 parts = [
-                    _split(net, spec, p_lo[sl], p_hi[sl], p_low[sl], p_A[sl], [(l[sl], u[sl]) for l, u in p_pre], mode, br, hi - lo, max_aspect)
+                    _split(net, spec, p_lo[sl], p_hi[sl], p_low[sl], p_A[sl], [(l[sl], u[sl]) for l, u in p_pre], br, hi - lo, max_aspect)
                     for sl, br in ((slice(0, ks), "strong"), (slice(ks, k), "smear"))
                     if sl.stop > sl.start
                 ]
                 c_lo, c_hi, lower, A = (torch.cat([pt[i] for pt in parts]) for i in range(4))
                 pre = [(torch.cat([pt[4][j][0] for pt in parts]), torch.cat([pt[4][j][1] for pt in parts])) for j in range(len(p_pre))]
             else:
-                c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, mode, branching, hi - lo, max_aspect)
+                c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, branching, hi - lo, max_aspect)
         n_bounded += c_lo.shape[0]
         cm = spec.margin(lower)
         if alpha_steps > 0:

@@ -69,7 +69,7 @@ class BabMethod(Method):
     guarantee = "deterministic"
     certifies = "base"
     summary = ("complete for ReLU networks (l_inf, l_1, l_2 balls, boxes): attack, alpha-CROWN, then input-split "
-               "or beta-CROWN ReLU-split branch-and-bound (dense, or on the graph for residual / pooling nets); "
+               "or beta-CROWN ReLU-split branch-and-bound on the bound graph (MILP-refined roots for deep nets); "
                "sigmoid / tanh / max-pooling inputs split by intervals (unknown possible)")
     norms = ("linf", "l2", "l1", "box")
 
@@ -218,11 +218,10 @@ class _GraphModule(torch.nn.Module):
 
 
 def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float, check_point=None) -> BabResult:
-    """alpha-CROWN on the graph, then branch-and-bound on it (:mod:`relax.bab_graph`): input
-    splitting for boxes of at most ``input_split_max_dim`` coordinates, else ReLU-sign and
-    interval splitting with beta-CROWN bounds. For networks without a dense ReLU form (residual
-    connections, max-pooling, convolutions too large to expand, sigmoid / tanh) and l_1 / l_2
-    balls."""
+    """Branch-and-bound on the bound graph: input splitting (:mod:`relax.bab_input`) for boxes
+    of at most ``input_split_max_dim`` coordinates; else alpha-CROWN at the root, then ReLU-sign
+    and interval splitting with beta-CROWN bounds (:mod:`relax.bab_graph`), for deep ReLU nets
+    with MILP-refined root boxes (:func:`relax.refine.refine_graph_root`)."""
     from .alpha import alpha_crown
     from .bab_graph import graph_relu_bab, interval_inputs, relu_inputs
     from .bounds import prepare

@@ -1,5 +1,5 @@
 """MILP refinement of the intermediate (pre-activation) bounds of the first hidden layers of a
-dense ReLU net, before branch-and-bound (the 2021 alpha-beta-CROWN configuration for the deeper
+ReLU network with a dense view, before branch-and-bound (the 2021 alpha-beta-CROWN configuration for the deeper
 mnistfc nets; the MILP is the big-M encoding of Tjeng et al. 2019, :func:`relax.lp.encode`).
 
 Branch-and-bound keeps the root's pre-activation bounds ``pre`` for every domain, so each
@@ -7,7 +7,8 @@ neuron that refinement makes stable is one ReLU fewer to branch on, and each tig
 tightens every domain's relaxation. For layers ``k = 1..r`` in turn (layer 0 is exact from the
 box), every unstable neuron's ``max z_j`` and ``min z_j`` are bounded over the MILP of the
 hidden layers ``0..k-1`` with the already refined bounds (:func:`relax.lp.tighten_bounds` with
-``integer=True``); then alpha-CROWN recomputes the layers after ``k`` from the refined ones, so
+``integer=True``); then alpha-CROWN on the bound graph recomputes the layers after ``k`` within
+the refined ones (:func:`refine_graph_root`), so
 that layer ``k + 1`` starts with fewer unstable neurons. The gain cascades: on mnistfc 256x6
 prop_13_0.03 the unstable neurons of layers 3-5 go from 84, 256, 256 to 26, 0, 7 once layers
 1-2 are refined. Within a layer, the neurons are solved in the order a caller's ``priority`` gives
@@ -29,17 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .affine_net import AffineLayer, FeedForwardNet
-from .beta import Bounds, ReluNet, intermediate_bounds
+from .affine_net import FeedForwardNet
+
+#: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
+Bounds = list[tuple[Tensor, Tensor]]
 from .lp import InputRegion, tighten_bounds
 
 __all__ = ["refine_bounds", "refine_graph_root"]
-
-
-def _feedforward(net: ReluNet) -> FeedForwardNet:
-    """``net`` as the float64 CPU :class:`FeedForwardNet` that :mod:`relax.lp` encodes."""
-    layers = [AffineLayer(W.detach().double().cpu(), b.detach().double().cpu()) for W, b in zip(net.Ws, net.bs)]
-    return FeedForwardNet((net.n_in,), layers, ["relu"] * (len(layers) - 1))
 
 
 def _outward(t64: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
@@ -53,20 +50,18 @@ def _outward(t64: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
 
 
 def refine_bounds(
-    net: "ReluNet | FeedForwardNet",
+    net: FeedForwardNet,
     lo: Tensor,
     hi: Tensor,
     pre: Bounds,
     *,
     layers: int = 2,
     deadline: float | None = None,
-    alpha_deadline: float | None = None,
     solve_time_limit: float | None = None,
     solver: str = "auto",
     integer: bool = True,
     rel_gap: float = 1e-3,
     workers: int = 1,
-    alpha_steps: int | None = None,
     stop_if: Callable[[Bounds], bool] | None = None,
     priority: Callable[[Bounds], list[Tensor]] | None = None,
     recompute: Callable[[Bounds, int], Bounds] | None = None,
@@ -74,8 +69,7 @@ def refine_bounds(
     """Tighten ``pre`` for the unstable neurons of hidden layers ``1..layers`` by MILP.
 
     Args:
-        net: dense ReLU net (``Ws[k] [n_{k+1}, n_k]``), or the dense view of a graph
-            (:func:`relax.affine_net.to_feedforward`, ReLU activations only) with ``recompute``.
+        net: the dense view of a ReLU network (:func:`relax.affine_net.to_feedforward`).
         lo, hi: the input box, ``[n_0]`` or ``[1, n_0]``.
         pre: valid pre-activation bounds of one domain, ``[(l_k [1, n_k], u_k [1, n_k])]`` for
             every hidden layer.
@@ -89,18 +83,13 @@ def refine_bounds(
         rel_gap: MILP relative gap at which a solve stops (its dual bound is used either way;
             a bound within 0.1 % of the extremum is as useful as the extremum).
         workers: MILPs solved in parallel (threads, one model copy each).
-        alpha_steps: after each refined layer, recompute the bounds of all later layers by
-            alpha-CROWN with this many steps (:func:`relax.beta.intermediate_bounds`; not
-            stopped by ``deadline`` but by ``alpha_deadline``, past which they are CROWN
-            bounds), intersected with the old ones: the next layer's MILPs
-            then only cover the neurons still unstable, on tighter big-M bounds. ``None``:
-            later layers keep their bounds.
         stop_if: called with the bounds after each refined layer but the last (e.g. "the root
             is proved with them"); refinement stops when it returns True
             (``stats["stopped_by_check"]``).
         recompute: ``recompute(bounds, k) -> bounds`` after refining hidden layer ``k``: the
             later layers' bounds from the refined ones (each intersected with the old; e.g.
-            alpha-CROWN on the bound graph). Replaces ``alpha_steps``'s dense recomputation.
+            alpha-CROWN on the bound graph, :func:`refine_graph_root`); ``None``: the later
+            layers keep their bounds.
         priority: called with the current bounds before each refined layer; returns per hidden
             layer a ``[1, n_k]`` (or ``[n_k]``) score: that layer's neurons are solved in
             decreasing score (so the deadline cuts the least important ones). ``None``: the
@@ -117,7 +106,7 @@ def refine_bounds(
     if not todo:
         return pre, {**stats, "time_s": 0.0}
     region = InputRegion(lo.detach().double().cpu().reshape(-1).numpy(), hi.detach().double().cpu().reshape(-1).numpy())
-    ff = net if isinstance(net, FeedForwardNet) else _feedforward(net)
+    ff = net
     out: Bounds = list(pre)
     for k in todo:
         if deadline is not None and time.perf_counter() > deadline:
@@ -138,9 +127,6 @@ def refine_bounds(
         stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
         if recompute is not None and k + 1 < len(out):
             out = recompute(out, k)
-        elif alpha_steps is not None and k + 1 < len(out):
-            out = intermediate_bounds(net, lo.reshape(1, -1), hi.reshape(1, -1), prior=out, start=k + 2, alpha_steps=alpha_steps,
-                                      deadline=alpha_deadline)
         if stop_if is not None and k != todo[-1] and not st["stopped_at_deadline"] and stop_if(out):
             stats["stopped_by_check"] = True
             break

@@ -13,17 +13,49 @@ import torch
 
 import relax.lp as lp_mod
 from relax.bab import RowSpec
-from relax.beta import ReluNet, intermediate_bounds
+from relax.affine_net import AffineLayer, FeedForwardNet
 from relax.lp import InputRegion, encode
-from relax.refine import _feedforward, refine_bounds
+from relax.refine import refine_bounds
 from relax.solvers import HighsBackend, SolveResult
 
 
-def _net(seed: int, sizes=(6, 12, 12, 12, 12, 3)) -> ReluNet:
+class DenseNet:
+    """A test net: dense layers ``Ws[k] [n_{k+1}, n_k]``, ``bs[k]`` with ReLUs between."""
+
+    def __init__(self, Ws: list[torch.Tensor], bs: list[torch.Tensor], input_shape: tuple[int, ...]) -> None:
+        self.Ws, self.bs, self.input_shape = Ws, bs, input_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.reshape(x.shape[0], -1)
+        for k, (W, b) in enumerate(zip(self.Ws, self.bs)):
+            z = z @ W.T + b
+            if k < len(self.Ws) - 1:
+                z = torch.relu(z)
+        return z
+
+
+def _feedforward(net: DenseNet) -> FeedForwardNet:
+    return FeedForwardNet(net.input_shape, [AffineLayer(W, b) for W, b in zip(net.Ws, net.bs)], ["relu"] * (len(net.Ws) - 1))
+
+
+def intermediate_bounds(net: DenseNet, lo: torch.Tensor, hi: torch.Tensor, overrides: dict | None = None) -> list:
+    """CROWN boxes ``[(l [1, n_k], u [1, n_k])]`` of the hidden layers, on the bound graph
+    (``overrides``: ``{hidden layer: (l, u)}`` intersected first)."""
+    from relax.bounds import intermediate_bounds as graph_boxes
+    from verify import Box
+
+    model = torch.fx.symbolic_trace(_module(net))
+    names = [n.name for n in model.graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(n.target), torch.nn.Linear)][:-1]
+    ov = None if overrides is None else {names[k]: (l, u) for k, (l, u) in overrides.items()}
+    boxes = graph_boxes(model, Box(lo.reshape(1, -1), hi.reshape(1, -1)), "crown", dtype=torch.float64, bound_overrides=ov)
+    return [(boxes[n][0].reshape(1, -1), boxes[n][1].reshape(1, -1)) for n in names]
+
+
+def _net(seed: int, sizes=(6, 12, 12, 12, 12, 3)) -> DenseNet:
     g = torch.Generator().manual_seed(seed)
     Ws = [torch.randn(sizes[i + 1], sizes[i], generator=g, dtype=torch.float64) / math.sqrt(sizes[i]) * 1.5 for i in range(len(sizes) - 1)]
     bs = [torch.randn(sizes[i + 1], generator=g, dtype=torch.float64) * 0.3 for i in range(len(sizes) - 1)]
-    return ReluNet(Ws, bs, (sizes[0],))
+    return DenseNet(Ws, bs, (sizes[0],))
 
 
 def _box(n: int, seed: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +68,7 @@ def _unstable(pre) -> list[int]:
     return [int(((l < 0) & (u > 0)).sum()) for l, u in pre]
 
 
-def _samples(net: ReluNet, lo, hi, n=20000, seed=0) -> list[torch.Tensor]:
+def _samples(net: DenseNet, lo, hi, n=20000, seed=0) -> list[torch.Tensor]:
     """Pre-activations ``[n, n_k]`` of every hidden layer at random points and corners of the box."""
     g = torch.Generator().manual_seed(seed)
     x = lo + torch.rand(n, lo.shape[-1], generator=g, dtype=lo.dtype) * (hi - lo)
@@ -44,7 +76,7 @@ def _samples(net: ReluNet, lo, hi, n=20000, seed=0) -> list[torch.Tensor]:
     return _samples_at(net, x)
 
 
-def _exact_extrema(net: ReluNet, lo, hi, pre) -> dict[tuple[int, int], tuple[float, float]]:
+def _exact_extrema(net: DenseNet, lo, hi, pre) -> dict[tuple[int, int], tuple[float, float]]:
     """Exact ``(min z_j, max z_j)`` over the box of every neuron unstable in ``pre`` (layers >= 1),
     each as the pre-activation of the input of an optimal MILP solution (a reachable value),
     with the MILP's own optimum checked against it."""
@@ -71,7 +103,7 @@ def _exact_extrema(net: ReluNet, lo, hi, pre) -> dict[tuple[int, int], tuple[flo
     return out
 
 
-def _samples_at(net: ReluNet, x: torch.Tensor) -> list[torch.Tensor]:
+def _samples_at(net: DenseNet, x: torch.Tensor) -> list[torch.Tensor]:
     """Pre-activations ``[n, n_k]`` of every hidden layer at the points ``x [n, n_0]``."""
     out, a = [], x
     for W, b in zip(net.Ws[:-1], net.bs[:-1]):
@@ -103,7 +135,7 @@ def case(request):
 
 def test_refined_bounds_are_inside_the_old_and_contain_the_exact_range(case):
     net, lo, hi, pre, zs, extrema = case
-    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver="highs", rel_gap=0.0)
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver="highs", rel_gap=0.0)
     assert st["lps"] > 0 and not st["stopped_at_deadline"]
     for (l0, u0), (l1, u1) in zip(pre, new):
         assert l1.shape == l0.shape and l1.dtype == l0.dtype
@@ -121,13 +153,18 @@ def test_refined_bounds_are_inside_the_old_and_contain_the_exact_range(case):
     assert _unstable(new) != _unstable(pre)  # strictly tighter than CROWN: neurons stabilised
 
 
-def test_alpha_crown_between_layers_keeps_bounds_valid(case):
-    """With ``alpha_steps`` the layers after each refined one are recomputed by alpha-CROWN
-    from the refined bounds: still inside the old bounds, still containing every reachable
+def test_recomputation_between_layers_keeps_bounds_valid(case):
+    """With ``recompute`` the layers after each refined one are recomputed (CROWN on the graph
+    within the refined boxes): still inside the old bounds, still containing every reachable
     pre-activation, and tighter than refining without the recomputation."""
     net, lo, hi, pre, zs, extrema = case
-    plain, _ = refine_bounds(net, lo, hi, pre, layers=2, solver="highs")
-    new, st = refine_bounds(net, lo, hi, pre, layers=2, solver="highs", alpha_steps=5)
+
+    def recompute(b, k):
+        got = intermediate_bounds(net, lo, hi, {j: b[j] for j in range(k + 1)})
+        return [(torch.maximum(l0, l1), torch.minimum(u0, u1)) for (l0, u0), (l1, u1) in zip(b, got)]
+
+    plain, _ = refine_bounds(_feedforward(net), lo, hi, pre, layers=2, solver="highs")
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=2, solver="highs", recompute=recompute)
     for (l0, u0), (l1, u1) in zip(pre, new):
         assert (l1 >= l0).all() and (u1 <= u0).all()
     _check_contains(new, zs, extrema)
@@ -140,7 +177,7 @@ def test_early_stop_once_stable_keeps_the_verdicts(case, solver, monkeypatch):
     """A MILP stops once its dual bound proves the neuron stable: the same neurons end up
     stable as when every solve runs to optimality, and the bounds stay valid."""
     net, lo, hi, pre, zs, extrema = case
-    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
     assert st["stopped_stable"] > 0
     _check_contains(new, zs, extrema)
     original = lp_mod.make_backend
@@ -152,7 +189,7 @@ def test_early_stop_once_stable_keeps_the_verdicts(case, solver, monkeypatch):
         return be
 
     monkeypatch.setattr(lp_mod, "make_backend", no_early_stop)
-    full, st_full = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    full, st_full = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
     assert st_full["stopped_stable"] == 0
     for (l, u), (lf, uf) in zip(new, full):
         assert torch.equal(l > 0, lf > 0) and torch.equal(u <= 0, uf <= 0)
@@ -164,13 +201,13 @@ def test_parallel_workers_give_the_serial_bounds(case, solver):
     serial run (each thread has its own copy of the layer's model), so are the bounds, up to
     the gap at which a solve may stop; with a deadline both stop and the bounds stay valid."""
     net, lo, hi, pre, zs, extrema = case
-    serial, st1 = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
-    par, st2 = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, rel_gap=0.0, workers=2)
+    serial, st1 = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    par, st2 = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0, workers=2)
     assert st2["lps"] == st1["lps"] > 0 and not st2["stopped_at_deadline"]
     for (l1, u1), (l2, u2) in zip(serial, par):  # up to the MILP's absolute gap (1e-4)
         torch.testing.assert_close(l2, l1, rtol=0, atol=2e-4)
         torch.testing.assert_close(u2, u1, rtol=0, atol=2e-4)
-    cut, st3 = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, workers=2, solve_time_limit=3e-3,
+    cut, st3 = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, workers=2, solve_time_limit=3e-3,
                              deadline=time.perf_counter() + 0.05)
     _check_contains(cut, zs, extrema)
 
@@ -179,10 +216,10 @@ def test_parallel_workers_give_the_serial_bounds(case, solver):
 def test_tiny_time_limit_keeps_bounds_valid(case, solver):
     """MILPs stopped after 3 ms (most of them before optimality) must still give valid bounds."""
     net, lo, hi, pre, zs, extrema = case
-    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver=solver, solve_time_limit=3e-3)
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, solve_time_limit=3e-3)
     _check_contains(new, zs, extrema)
     # a deadline already past: nothing is solved, nothing changes
-    same, st = refine_bounds(net, lo, hi, pre, layers=3, deadline=0.0)
+    same, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, deadline=0.0)
     assert st["lps"] == 0 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(pre, same))
 
 
@@ -196,13 +233,13 @@ def test_stop_if_ends_refinement_after_the_layer_that_satisfies_it(case):
         seen.append(_unstable(p))
         return True
 
-    new, st = refine_bounds(net, lo, hi, pre, layers=3, solver="highs", stop_if=stop_after_first)
-    one, st1 = refine_bounds(net, lo, hi, pre, layers=1, solver="highs")
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver="highs", stop_if=stop_after_first)
+    one, st1 = refine_bounds(_feedforward(net), lo, hi, pre, layers=1, solver="highs")
     assert st["stopped_by_check"] and len(seen) == 1 and st["lps"] == st1["lps"] > 0
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(new, one))
     _check_contains(new, zs, extrema)
     calls = []
-    _, st3 = refine_bounds(net, lo, hi, pre, layers=3, solver="highs", stop_if=lambda p: calls.append(1) is not None)
+    _, st3 = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver="highs", stop_if=lambda p: calls.append(1) is not None)
     assert not st3["stopped_by_check"] and len(calls) == 2 and st3["lps"] > st1["lps"]  # never after the last layer
 
 
@@ -223,7 +260,7 @@ def test_priority_sets_the_order_of_the_solves_and_keeps_bounds_valid(case, monk
 
     monkeypatch.setattr(lp_mod, "make_backend", recording)
     calls = []
-    new, st = refine_bounds(net, lo, hi, pre, layers=1, solver="highs", priority=lambda p: calls.append(1) or prio)
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=1, solver="highs", priority=lambda p: calls.append(1) or prio)
     assert len(calls) == 1 and st["lps"] > 0
     _check_contains(new, zs, extrema)
     # which neuron each "max z_j" solve was for: its objective is minus row j of layer 1's expression
@@ -253,7 +290,7 @@ class _StoppedEarly(HighsBackend):
 def test_uses_the_dual_bound_not_the_incumbent_of_a_stopped_milp(case, monkeypatch):
     net, lo, hi, pre, zs, extrema = case
     monkeypatch.setattr(lp_mod, "make_backend", lambda lp, solver="auto", **kw: _StoppedEarly(lp))
-    new, st = refine_bounds(net, lo, hi, pre, layers=1)
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=1)
     assert st["time_limited"] == st["lps"] > 0
     _check_contains(new, zs, extrema)
     # the bound used is the dual bound: 0.25 (plus slack) beyond the exact extremum, unless the
@@ -265,7 +302,7 @@ def test_uses_the_dual_bound_not_the_incumbent_of_a_stopped_milp(case, monkeypat
             assert u == pytest.approx(min(u0, zmax + 0.25), abs=1e-4)
 
 
-def _grid_margin_min(net: ReluNet, C: torch.Tensor, groups: torch.Tensor, n: int = 161) -> tuple[float, float]:
+def _grid_margin_min(net: DenseNet, C: torch.Tensor, groups: torch.Tensor, n: int = 161) -> tuple[float, float]:
     """``(grid minimum of the spec margin over [-1, 1]^2, Lipschitz slack)``: the true minimum
     over the square lies in ``[gmin - slack, gmin]`` (slack = Lipschitz bound of the rows times
     half the grid cell's diagonal)."""
@@ -276,7 +313,7 @@ def _grid_margin_min(net: ReluNet, C: torch.Tensor, groups: torch.Tensor, n: int
     return gmin, lip * (2.0 / (n - 1)) / math.sqrt(2)
 
 
-def _module(net: ReluNet):
+def _module(net: DenseNet):
     """The dense net as a float64 ``nn.Sequential`` (the model ``bab`` works on)."""
     from torch import nn
 
