@@ -386,19 +386,10 @@ def test_graph_refinement_stops_once_the_root_is_proved():
 def test_bab_method_with_refinement_decides_correctly(refine_after):
     """The ``bab`` method's path with refinement (a short plain BaB first, then BaB with MILP
     refinement on the rest of the budget) on a 2-D net with three hidden layers."""
-    from torch import nn
-
     from verify import Box, Linear, certify
 
     net = _net(24, sizes=(2, 16, 16, 16, 3))
-    layers: list[nn.Module] = []
-    for W, b in zip(net.Ws, net.bs):
-        lin = nn.Linear(W.shape[1], W.shape[0]).double()
-        with torch.no_grad():
-            lin.weight.copy_(W)
-            lin.bias.copy_(b)
-        layers += [lin, nn.ReLU()]
-    model = nn.Sequential(*layers[:-1]).eval()
+    model = _module(net)
     lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
     C = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)
     gmin, slack = _grid_margin_min(net, C, torch.tensor([0]))  # the model computes net.forward
