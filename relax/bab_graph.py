@@ -477,7 +477,7 @@ def graph_relu_bab(
         (with the point), or "open" (other ops, or no solution in time)."""
         one = {p: v[j] for p, v in sp.items()}
         one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in dbs.boxes.items()}
-        lp = leaf_multipliers(graph, inputs, rs, one, one_boxes) if time.perf_counter() < deadline and not inodes else None
+        lp = leaf_multipliers(graph, inputs, rs, one, one_boxes, deadline=deadline) if time.perf_counter() < deadline and not inodes else None
         if lp is None:
             return "open", None
         for xc in lp[1]:

@@ -33,7 +33,7 @@ def _relu_inputs(graph: BoundGraph) -> list[tuple[str, str]]:
 
 
 def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]],
-             max_inputs: int = 4096) -> tuple[dict[str, Tensor], list[Tensor]] | None:
+             max_inputs: int = 4096, deadline: float = math.inf) -> tuple[dict[str, Tensor], list[Tensor]] | None:
     """Optimal multipliers of a domain whose ReLUs are all fixed (by splits or by their boxes).
 
     The network is affine on such a domain; per spec row, the LP ``min row(x)`` over the input
@@ -45,6 +45,8 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
 
     Args:
         split: ``{relu input node: [n] int8}``; boxes: ``{node: (lo, hi)}`` ``[1, *shape]``.
+        deadline: ``time.perf_counter()`` value; each solve gets the time left as its limit
+            (a solve cut short gives ``None``).
     Returns:
         ``({node: [N, n] beta}, [candidate x [n_in]])``.
     """
@@ -89,9 +91,9 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
         c_row = rs.C[i].double()
         obj = ((Y[1:] - Y[0]) @ c_row).numpy()
         const = float(Y[0] @ c_row + rs.d[i])
-        res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball)
+        res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball, deadline=deadline)
         if res.status == 2 and A_ub is not None:  # no point meets the splits: Farkas multipliers
-            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball)
+            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball, deadline)
             if lam is None:
                 return None
             lam, gap = lam
@@ -118,19 +120,25 @@ class _LeafSolution:
     lam: "np.ndarray | None" = None  # multipliers (>= 0) of the rows of A_ub
 
 
-def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False) -> _LeafSolution:
+def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False, deadline: float = math.inf) -> _LeafSolution:
     """``min c . x`` over the box ``[lo, hi]``, ``A_ub x <= b_ub`` and, with ``ball = (centre,
     eps, p)`` (``p`` 1 or 2), ``||x - centre||_p <= eps``: HiGHS for the LP, cvxpy (Clarabel) for
     the l_2 cone. ``extra_var``: the last entry of ``c`` / column of ``A_ub`` is a free variable
-    ``t <= 1`` (the phase-1 problem)."""
+    ``t <= 1`` (the phase-1 problem); no solution (status 1) once ``deadline`` passes."""
+    import time
+
     import numpy as np
 
     n = len(lo)
+    limit = deadline - time.perf_counter()
+    if limit <= 0:
+        return _LeafSolution(1)
+    opts = {} if math.isinf(limit) else {"time_limit": limit}
     if ball is None:
         from scipy.optimize import linprog
 
         bounds = list(zip(lo, hi)) + ([(None, 1.0)] if extra_var else [])
-        res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs")
+        res = linprog(c, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs", options=opts)
         lam = None if res.status != 0 or A_ub is None else np.maximum(-np.asarray(res.ineqlin.marginals), 0.0)
         return _LeafSolution(res.status, float(res.fun) if res.status == 0 else math.nan, res.x, lam)
     import cvxpy as cp
@@ -151,7 +159,7 @@ def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False) -> _LeafSo
     try:
         with warnings.catch_warnings():  # an inaccurate solution is refused below, not used
             warnings.simplefilter("ignore")
-            prob.solve(solver=cp.CLARABEL)
+            prob.solve(solver=cp.CLARABEL, **opts)
     except cp.error.SolverError:
         return _LeafSolution(1)
     if prob.status == cp.INFEASIBLE:
@@ -162,7 +170,7 @@ def _solve_leaf(c, A_ub, b_ub, lo, hi, ball, extra_var: bool = False) -> _LeafSo
     return _LeafSolution(0, float(prob.value), np.asarray(z.value, dtype=np.float64), lam)
 
 
-def _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball=None) -> tuple["np.ndarray", float] | None:
+def _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball=None, deadline: float = math.inf) -> tuple["np.ndarray", float] | None:
     """For ``{x in [lo, hi] : A_ub x <= b_ub}`` empty (the rows are ``-s_j z_j(x) <= 0``):
     ``lambda >= 0`` summing to 1 and ``gap > 0`` such that ``sum_j lambda_j s_j z_j(x) <= -gap``
     on the whole box, from the phase-1 LP ``max t`` s.t. ``A_ub x + t <= b_ub`` (its optimum is
@@ -174,7 +182,7 @@ def _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball=None) -> tuple["np.ndarr
     A1 = np.hstack([A_ub, np.ones((m, 1))])
     c = np.zeros(n + 1)
     c[-1] = -1.0
-    res = _solve_leaf(c, A1, b_ub, lo, hi, ball, extra_var=True)
+    res = _solve_leaf(c, A1, b_ub, lo, hi, ball, extra_var=True, deadline=deadline)
     if res.status != 0 or -res.fun >= 0 or res.lam is None:
         return None
     return res.lam, float(res.fun)
