@@ -61,8 +61,7 @@ class ReLU(Activation):
 
     def backward_relaxed(self, A, r, alpha=None):
         lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
-        neg = A < 0
-        return A * torch.where(neg, r.uw, lw), sum_rows(torch.where(neg, A, 0.0) * r.ub)
+        return A * torch.where(A < 0, r.uw, lw), sum_rows(A.clamp(max=0) * r.ub)
 
     def alpha_slope(self, alpha, r):
         return torch.where(r.extra, alpha, r.lw)
