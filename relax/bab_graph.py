@@ -207,14 +207,17 @@ def bound_domains(
             grads = torch.autograd.grad(-low.sum(), params, allow_unused=True) if update else None
         low = low.detach()
         if best is None:
-            best, best_a, best_b = low, {r: a.detach().clone() for r, a in alphas.items()}, {p: b.detach().clone() for p, b in betas.items()}
+            best = low
+            if fast is not None:  # the proving pass re-evaluates each row's best parameters
+                best_a, best_b = {r: a.detach().clone() for r, a in alphas.items()}, {p: b.detach().clone() for p, b in betas.items()}
         else:
             better = (low > best).t()  # [N, D]: rows are independent problems, each keeps its best iterate
             best = torch.where(better.t(), low, best)
-            for r, a in alphas.items():
-                best_a[r] = torch.where(better.view(N, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
-            for p, b in betas.items():
-                best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
+            if fast is not None:
+                for r, a in alphas.items():
+                    best_a[r] = torch.where(better.view(N, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
+                for p, b in betas.items():
+                    best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
         if update:
             opt_a.step(grads[: len(alphas)])
             if opt_b is not None:
@@ -251,12 +254,19 @@ class DomainBounds:
     boxes_s: float = 0.0  # seconds spent recomputing the boxes
 
 
-def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> dict[str, Tensor]:
+def _unproved_rows(db: "DomainBounds", rs: RowSpec) -> Tensor:
+    """``[D, N]``: 1 for the rows of groups not yet proved, else 0 (their losses count)."""
+    return (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(db.rows.shape[0], -1))
+
+
+def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec,
+                weight: Tensor | None = None) -> dict[str, Tensor]:
     """BaBSR-style scores ``{relu input node: [D, n]}`` of the unsplit unstable ReLUs (-1 for the
     others; nodes without any left out): the intercept of the upper relaxation line weighted by
-    how much the unproved rows lose through it (see the module docstring)."""
+    how much the unproved rows lose through it (see the module docstring). ``weight``:
+    :func:`_unproved_rows` when the caller has it."""
     D = db.rows.shape[0]
-    weight = (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(D, -1))  # [D, N]
+    weight = _unproved_rows(db, rs) if weight is None else weight
     out = {}
     for r, p in relu_inputs(graph):
         l, h = db.boxes[p]
@@ -286,11 +296,11 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     for a max-pooling input, its width times the mean ``|A|`` of the pooling's outputs. Rows of
     groups already proved do not count."""
     D = db.rows.shape[0]
-    weight = (~(rs.group_max(db.rows) > 0)).to(torch.float64).gather(1, rs.groups.expand(D, -1))  # [D, N]
+    weight = _unproved_rows(db, rs)
     best_score = torch.full((D,), -1.0, dtype=torch.float64)
     best_node: list[str | None] = [None] * D
     best_idx = torch.zeros(D, dtype=torch.long)
-    for p, score in relu_scores(graph, db, splits, rs).items():
+    for p, score in relu_scores(graph, db, splits, rs, weight).items():
         sc, idx = score.max(1)
         better = sc > best_score
         best_score = torch.where(better, sc, best_score)

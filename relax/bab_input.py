@@ -30,7 +30,7 @@ from .bab import BabResult, RowSpec, pgd_boxes
 #: flattened to ``[B, n]``
 Bounds = list[tuple[Tensor, Tensor]]
 
-__all__ = ["input_bab", "bound_boxes", "GraphBoxes"]
+__all__ = ["input_bab", "GraphBoxes"]
 
 
 class GraphBoxes:
@@ -69,8 +69,7 @@ class GraphBoxes:
         C, d = spec.batch(B)
         rec: dict[str, Tensor | None] = {g.input_name: None}
         res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec)
-        A = rec[g.input_name]
-        A = A.reshape(A.shape[0], B, -1).transpose(0, 1) if A is not None else torch.zeros(B, C.shape[1], lo.shape[1], dtype=g.dtype)
+        A = rec[g.input_name].reshape(C.shape[1], B, -1).transpose(0, 1)  # every pass records the input's coefficients
         pre = [(res.intermediate[p][0].reshape(B, -1), res.intermediate[p][1].reshape(B, -1)) for p in self.names]
         return res.lower + d.to(g.dtype), A, pre
 
@@ -81,18 +80,6 @@ class GraphBoxes:
 
         res = alpha_crown(self.graph, self._set(lo, hi), C.to(self.dtype), iterations=steps, lr=lr, intermediate=self._boxes(pre))
         return res.lower.detach() + d.to(self.dtype)
-
-
-def bound_boxes(net: GraphBoxes, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None = None) -> tuple[Tensor, Tensor, Bounds]:
-    """Lower bounds of the property rows over each box (:meth:`GraphBoxes.bound`).
-
-    Args:
-        lo, hi: ``[B, n_0]``; prior: intermediate bounds valid on each box (or None).
-
-    Returns:
-        ``lower [B, N]``, ``A_in [B, N, n_0]`` and the intermediate bounds used.
-    """
-    return net.bound(spec, lo, hi, prior)
 
 
 def _rel_width(lo: Tensor, hi: Tensor, root_w: Tensor) -> Tensor:
@@ -149,14 +136,12 @@ def _split(
         if n0 <= 8:
             cand = torch.arange(n0).unsqueeze(1).expand(n0, k)
         else:
-            gmax = spec.group_max(p_low).argmin(-1)
             sm = (p_A.abs().amax(1) * (p_hi - p_lo))
             top = sm.topk(min(3, n0), dim=1).indices.T
             cand = torch.cat([top, _rel_width(p_lo, p_hi, root_w).argmax(1).unsqueeze(0)])
     else:
         raise ValueError(f"unknown branching {branching!r}: use 'strong' or 'smear'")
     D = cand.shape[0]
-    ar = torch.arange(k).repeat(D)
     dims = cand.reshape(-1)  # [D*k]
     lo_r, hi_r = p_lo.repeat(D, 1), p_hi.repeat(D, 1)
     mid = (lo_r[torch.arange(D * k), dims] + hi_r[torch.arange(D * k), dims]) / 2
@@ -166,7 +151,7 @@ def _split(
     c_hi[j, dims] = mid
     c_lo[D * k + j, dims] = mid
     c_prior = [(l.repeat(2 * D, 1), u.repeat(2 * D, 1)) for l, u in p_pre]
-    lower, A, pre = bound_boxes(net, spec, c_lo, c_hi, c_prior)
+    lower, A, pre = net.bound(spec, c_lo, c_hi, c_prior)
     if D > 1:
         cm = spec.margin(lower).view(2, D, k)
         score = torch.minimum(cm[0], cm[1]) + 1e-3 * torch.maximum(cm[0], cm[1])
@@ -282,7 +267,7 @@ def input_bab(
     n_bounded, rounds = 0, 0
     # root: bound, attack
     with torch.no_grad():
-        lower, A, pre = bound_boxes(net, spec, lo, hi, None)
+        lower, A, pre = net.bound(spec, lo, hi, None)
     n_bounded += 1
     m = spec.margin(lower)
     if bool(m[0] > margin):

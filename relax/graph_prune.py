@@ -13,7 +13,6 @@ sums) are kept as they are. A layer keeps at least one neuron.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .graph import BNode, BoundGraph

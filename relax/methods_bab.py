@@ -30,7 +30,7 @@ from torch import Tensor
 
 from verify.deadline import Deadline
 from verify.executor import usable_cores
-from verify.registry import Method, get_method, register
+from verify.registry import Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
 from .bab import BabResult, RowSpec
@@ -213,7 +213,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, tim
     res = attack("pgd")
     if res is not None:
         return done(res, "attack")
-    res = _graph_bab(model, inputs, spec, opts, left(), check)
+    res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check)
     return done(res, res.details.get("stage", "graph-bab"))
 
 
@@ -229,20 +229,20 @@ class _GraphModule(torch.nn.Module):
         return self.graph.forward(x.to(self.graph.dtype)).reshape(x.shape[0], -1)
 
 
-def _graph_bab(model, inputs: InputSet, spec, opts: BabMethod, time_left: float, check_point=None) -> BabResult:
+def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opts: BabMethod, time_left: float,
+               check_point=None) -> BabResult:
     """Branch-and-bound on the bound graph: input splitting (:mod:`relax.bab_input`) for boxes
     of at most ``input_split_max_dim`` coordinates; else alpha-CROWN at the root, then ReLU-sign
     and interval splitting with beta-CROWN bounds (:mod:`relax.bab_graph`), for deep ReLU nets
-    with MILP-refined root boxes (:func:`relax.refine.refine_graph_root`)."""
+    with MILP-refined root boxes (:func:`relax.refine.refine_graph_root`). ``graph`` / ``x_set``:
+    the float64 bound graph and input set (:func:`relax.bounds.prepare`); ``rs``: the property
+    rows with group averages."""
     from .alpha import alpha_crown
     from .bab_graph import graph_relu_bab, interval_inputs, relu_inputs
-    from .bounds import prepare
     from .graph import get_graph
     from .graph_prune import dead_relus, prune_boxes, prune_graph
 
     t0 = time.perf_counter()
-    graph, x_set = prepare(model, inputs, torch.float64)
-    rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
     n_in = math.prod(graph.input_shape)
     box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)

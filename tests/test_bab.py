@@ -108,7 +108,7 @@ def test_branch_dim_splits_a_dimension_the_bound_ignores_once_the_box_is_too_fla
 def test_alpha_on_open_boxes_only_raises_bounds_and_stays_sound():
     """The alpha-CROWN pass on the open children keeps every row bound at least CROWN's and
     below the rows' values at sampled points of each box."""
-    from relax.bab_input import _alpha_nearest, bound_boxes
+    from relax.bab_input import _alpha_nearest
 
     net = _dense(_mlp(7, (3, 20, 20, 4)), 3)
     C = torch.tensor([[1.0, -1.0, 0, 0], [1.0, 0, -1.0, 0], [0, 1.0, 0, -1.0], [0, 0, 1.0, -1.0]], dtype=torch.float64)
@@ -116,7 +116,7 @@ def test_alpha_on_open_boxes_only_raises_bounds_and_stays_sound():
     g = torch.Generator().manual_seed(2)
     lo = torch.rand(32, 3, generator=g, dtype=torch.float64) * 2 - 1
     hi = lo + 0.4 * torch.rand(32, 3, generator=g, dtype=torch.float64)
-    lower, _, pre = bound_boxes(net, rs, lo, hi)
+    lower, _, pre = net.bound(rs, lo, hi, None)
     cm = rs.margin(lower)
     new, ncm = _alpha_nearest(net, rs, lo, hi, pre, lower, cm, 0.0, 1.0, 10)
     assert (new >= lower).all() and (ncm >= cm).all()

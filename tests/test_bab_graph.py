@@ -63,6 +63,24 @@ def _spread(first: nn.Linear, factor: float = 8.0) -> None:
         first.bias.sub_(first.weight.sum(1) * 0.5)
 
 
+def _two_rows():
+    """``y_0 - y_1`` and ``y_0 - y_2`` as two groups (both must be positive)."""
+    from relax.bab import RowSpec
+
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    return C, RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]))
+
+
+def _obeys(splits: dict, pres: dict, dom: int, n: int) -> torch.Tensor:
+    """``[n]``: which samples have the ReLU signs of domain ``dom`` (``pres``: node -> ``[n, m]``
+    pre-activations)."""
+    inside = torch.ones(n, dtype=torch.bool)
+    for p, s in splits.items():
+        z, s = pres[p].reshape(n, -1), s[dom]
+        inside &= ((s == 0) | ((s > 0) & (z >= 0)) | ((s < 0) & (z <= 0))).all(1)
+    return inside
+
+
 def _check(net: nn.Module, chain: nn.Module, n_in: int, seed: int, options: dict, p: float = math.inf) -> list:
     torch.manual_seed(100 + seed)
     d = None
@@ -118,7 +136,6 @@ def test_mlp_through_the_graph_decided_against_exact_milp(seed):
 def test_split_domains_bound_below_every_sample(fast):
     """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits
     (``fast``: slopes and multipliers optimised on the float32 graph, bound in float64)."""
-    from relax.bab import RowSpec
     from relax.graph import get_graph
     from relax.bab_graph import bound_domains, relu_inputs
     from relax.bounds import prepare
@@ -129,8 +146,7 @@ def test_split_domains_bound_below_every_sample(fast):
     x0 = torch.full((1, 4), 0.5, dtype=torch.float64)
     ball = LpBall(x0, 0.3, math.inf, 0.0, 1.0)
     graph, xs = prepare(r, ball, torch.float64)
-    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
-    rs = RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]))
+    C, rs = _two_rows()
     root = crown(graph, xs, None).intermediate
     relus = relu_inputs(graph)
     D = 6
@@ -146,10 +162,7 @@ def test_split_domains_bound_below_every_sample(fast):
     pres = dict(zip([p for _, p in relus], [pre_a, pre_b]))
     vals = y @ C.T
     for dom in range(D):
-        inside = torch.ones(x.shape[0], dtype=torch.bool)
-        for p, s in splits.items():
-            z = pres[p]
-            inside &= ((s[dom] == 0) | ((s[dom] > 0) & (z >= 0)) | ((s[dom] < 0) & (z <= 0))).all(1)
+        inside = _obeys(splits, pres, dom, x.shape[0])
         if bool(infeasible[dom]):
             assert not bool(inside.any())
             continue
@@ -237,7 +250,6 @@ def test_l2_balls_on_2d_nets_against_a_grid(act):
 def test_interval_split_domains_bound_below_every_sample():
     """Domains that halve sigmoid and max-pooling inputs: each bound holds for the samples
     whose pre-activations lie in the domain's intervals."""
-    from relax.bab import RowSpec
     from relax.bab_graph import bound_domains, interval_inputs
     from relax.bounds import prepare
     from relax.linear import crown
@@ -247,8 +259,7 @@ def test_interval_split_domains_bound_below_every_sample():
     x0 = torch.full((1, 1, 6, 6), 0.5, dtype=torch.float64)
     ball = LpBall(x0, 0.4, math.inf, 0.0, 1.0)
     graph, xs = prepare(net, ball, torch.float64)
-    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
-    rs = RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]))
+    C, rs = _two_rows()
     root = crown(graph, xs, None).intermediate
     D = 4
     ivals = {}
@@ -406,7 +417,6 @@ def test_cnn_split_domains_bound_below_samples_and_pgd_points():
     layer, slopes and multipliers optimised on the float32 graph: every domain's float64 bound
     lies below the rows at 10,000 sampled inputs and at PGD minimisers of the rows that obey the
     domain's splits."""
-    from relax.bab import RowSpec
     from relax.bab_graph import bound_domains, relu_inputs
     from relax.bounds import prepare
     from relax.graph import get_graph
@@ -419,8 +429,7 @@ def test_cnn_split_domains_bound_below_samples_and_pgd_points():
     ball = LpBall(x0, 0.1, math.inf, 0.0, 1.0)  # small: tight bounds, so a wrong one shows
     gm = torch.fx.symbolic_trace(net)
     graph, xs = prepare(gm, ball, torch.float64)
-    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
-    rs = RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]))
+    C, rs = _two_rows()
     root = crown(graph, xs, None).intermediate
     relus = relu_inputs(graph)
     D = 6
@@ -451,11 +460,9 @@ def test_cnn_split_domains_bound_below_samples_and_pgd_points():
                 pre.append(h.reshape(x.shape[0], -1))
         vals = h @ C.T
     checked = 0
+    pres = {p: z for (_, p), z in zip(relus, pre)}
     for dom in range(D):
-        inside = torch.ones(x.shape[0], dtype=torch.bool)
-        for (_, p), z in zip(relus, pre):
-            s = splits[p][dom]
-            inside &= ((s == 0) | ((s > 0) & (z >= 0)) | ((s < 0) & (z <= 0))).all(1)
+        inside = _obeys(splits, pres, dom, x.shape[0])
         if bool(db.infeasible[dom]):
             assert not bool(inside.any())
         elif bool(inside.any()):
