@@ -34,7 +34,8 @@ from verify.spec import InputSet
 
 from .adam import ProjectedAdam
 from .graph import BoundGraph
-from .linear import _acts_before, crown, rows_needed, skips_linear_bounds
+from .graph_prune import dead_relus, prune_boxes, prune_graph
+from .linear import CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
 from .ops import ReLU
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
@@ -73,6 +74,7 @@ def alpha_crown(
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
     deadline: Deadline | None = None,
     intermediate: dict[str, tuple[Tensor, Tensor]] | None = None,
+    prune: bool = False,
 ) -> AlphaResult:
     """Optimised lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``).
 
@@ -88,13 +90,19 @@ def alpha_crown(
             always sound: the best over the steps done).
         intermediate: every pre-activation box given (``{node: (lo, hi)}``, ``[B, *shape]``,
             e.g. a parent domain's): only the spec rows' slopes are optimised, over these boxes.
+        prune: the ReLU neurons dead in every batch element under the CROWN boxes are removed
+            from the graph before the optimisation (:func:`relax.linear.crown`'s ``prune``; the
+            same bounds, smaller products). The result's ``intermediate`` and ``alphas`` are
+            then those of the pruned graph.
     """
     fixed_pass: dict | None = None
     if intermediate is not None:
         optimize_intermediate, fixed_pass = False, {}
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides,
-                     intermediate=intermediate, fixed=fixed_pass)
+                     intermediate=intermediate, fixed=fixed_pass, prune=prune)
+    if prune:
+        graph, init, bound_overrides = _pruned(graph, init, bound_overrides)
     best = init.lower.clone()
     relus = [n.name for n in graph.activations() if n.op.optimisable]  # ReLU, sigmoid, tanh
     if stop_fn is None:
@@ -177,3 +185,15 @@ def alpha_crown(
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         opt.step(grads)
     return AlphaResult(best, init.lower, done, boxes, alphas)
+
+
+def _pruned(graph: BoundGraph, init: CrownResult, overrides: dict[str, tuple[Tensor, Tensor]] | None
+            ) -> tuple[BoundGraph, CrownResult, dict[str, tuple[Tensor, Tensor]] | None]:
+    """The graph without the ReLU neurons dead under ``init``'s boxes, with ``init``'s boxes and
+    relaxations and the ``overrides`` restricted to the kept neurons."""
+    keep = dead_relus(graph, init.intermediate)
+    if not keep:
+        return graph, init, overrides
+    relax = {k: (_keep_neurons(r, keep[k].to(r.lw.device)) if k in keep else r) for k, r in init.relaxations.items()}
+    pruned = CrownResult(init.lower, prune_boxes(graph, keep, init.intermediate), relax)
+    return prune_graph(graph, keep), pruned, (None if overrides is None else prune_boxes(graph, keep, overrides))

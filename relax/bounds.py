@@ -8,6 +8,8 @@ Methods: ``"interval"`` (IBP), ``"crown"`` (CROWN backward pass, adaptive ReLU s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -119,26 +121,43 @@ def lower_bounds(
             from .linear import box_row_bounds
 
             return box_row_bounds(C, *boxes[graph.output])
-    from .relu_chain import chain_alpha_crown, chain_crown, chain_of
+    from .alpha import alpha_crown, all_rows_positive
+    from .linear import crown
 
-    # ReLU chains (fully connected nets): the same bounds with each input's stable neurons pruned
-    chain = chain_of(graph) if bound_overrides is None else None
-    if method in ("crown", "deeppoly"):
-        from .linear import crown
+    if _one_at_a_time(graph, input_set):  # each input's own dead ReLUs pruned (relax.linear.crown's prune)
+        B, N = C.shape[:2]
+        parts = []
+        for b in range(B):
+            def stop_b(low: Tensor, b: int = b) -> Tensor:  # stop_fn sees the whole batch's [B, N] bounds
+                full = torch.full((B, N), -math.inf, dtype=low.dtype, device=low.device)
+                full[b] = low[0]
+                return (stop_fn or all_rows_positive)(full)[b:b + 1]
 
+            ov = None if bound_overrides is None else {k: (l[b:b + 1], h[b:b + 1]) for k, (l, h) in bound_overrides.items()}
+            parts.append(lower_bounds(graph, input_set.select([b]), C[b:b + 1], method, max_elements=max_elements,
+                                      iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
+                                      early_stop=early_stop, stop_fn=stop_b, bound_overrides=ov, deadline=deadline))
+        return torch.cat(parts)
+    if method in ("crown", "deeppoly"):  # DeepPoly's ReLU slopes are CROWN's
         with torch.no_grad():
-            if chain is not None:  # DeepPoly's ReLU slopes are CROWN's
-                return chain_crown(chain, input_set, C, max_elements=max_elements)
-            return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides).lower
-    if chain is not None:
-        return chain_alpha_crown(chain, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
-                                 early_stop=early_stop, stop_fn=stop_fn, max_elements=max_elements, deadline=deadline).detach()
-    from .alpha import alpha_crown
-
+            return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides, prune=True).lower
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
                        max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides,
-                       deadline=deadline).lower.detach()
+                       deadline=deadline, prune=True).lower.detach()
 
+
+#: graphs with at least this many weights in dense layers are bounded one input at a time on
+#: the CPU (each input's own dead ReLUs pruned); smaller ones, and any graph on a GPU, as one batch
+PER_INPUT_MIN_WEIGHTS = 100_000
+
+
+def _one_at_a_time(graph: BoundGraph, input_set: InputSet) -> bool:
+    from .graph_prune import prunable_relus
+    from .ops import Linear
+
+    if input_set.batch_size <= 1 or input_set.bounds()[0].device.type != "cpu" or not prunable_relus(graph):
+        return False
+    return sum(n.op.W.numel() for n in graph.nodes if isinstance(n.op, Linear)) >= PER_INPUT_MIN_WEIGHTS
 
 def intermediate_bounds(
     model: torch.nn.Module,

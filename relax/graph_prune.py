@@ -18,7 +18,7 @@ from torch import Tensor
 from .graph import BNode, BoundGraph
 from .ops import Linear, ReLU
 
-__all__ = ["dead_relus", "prune_graph", "prune_boxes"]
+__all__ = ["dead_relus", "prune_graph", "prune_boxes", "prunable_relus"]
 
 
 def _prunable(graph: BoundGraph, relu: BNode) -> bool:
@@ -31,6 +31,11 @@ def _prunable(graph: BoundGraph, relu: BNode) -> bool:
     cons = graph.consumers[relu.name]
     return bool(cons) and all(isinstance(graph.by_name[c].op, Linear) and graph.by_name[c].op.W.dim() == 2
                               and graph.by_name[c].inputs == [relu.name] for c in cons)
+
+
+def prunable_relus(graph: BoundGraph) -> list[str]:
+    """The ReLU nodes whose dead neurons :func:`prune_graph` can remove."""
+    return [n.name for n in graph.nodes if isinstance(n.op, ReLU) and _prunable(graph, n)]
 
 
 def dead_relus(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
@@ -65,14 +70,16 @@ def prune_graph(graph: BoundGraph, keep: dict[str, Tensor]) -> BoundGraph:
     for n in graph.nodes:
         op, shape = n.op, n.shape
         if n.name in rows or n.name in cols:
-            W, b = op.W, op.b
+            W, b, absWt = op.W, op.b, op._absWt  # |W|^T of the interval rule, sliced rather than recomputed
             if n.name in cols:
-                W = W[:, cols[n.name].to(W.device)]
+                c = cols[n.name].to(W.device)
+                W, absWt = W[:, c], (None if absWt is None else absWt[c])
             if n.name in rows:
                 m = rows[n.name].to(W.device)
-                W, b = W[m], (None if b is None else b[m])
+                W, b, absWt = W[m], (None if b is None else b[m]), (None if absWt is None else absWt[:, m])
                 shape = (int(m.sum()),)
             op = Linear(W.contiguous(), b)
+            op._absWt = None if absWt is None else absWt.contiguous()
         elif n.name in keep:
             shape = (int(keep[n.name].sum()),)
         nodes.append(BNode(n.name, op, list(n.inputs), shape))

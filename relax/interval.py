@@ -18,6 +18,7 @@ def interval_bounds(
     hi: Tensor,
     known: dict[str, tuple[Tensor, Tensor]] | None = None,
     upto: str | None = None,
+    done: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Boxes of every node.
 
@@ -27,12 +28,18 @@ def interval_bounds(
         known: optional tighter boxes ``{node: (lo, hi)}`` (``[B, *shape]``), intersected with
             the propagated ones (sound: both enclose the node's values).
         upto: stop after this node.
+        done: boxes of nodes computed before (an earlier call's result), taken as they are.
 
     Returns:
         ``{node: (lo, hi)}`` for the input and every node, each ``[B, *shape]``.
     """
     out = {graph.input_name: (lo, hi)}
     for n in graph.nodes:
+        if done is not None and n.name in done:
+            out[n.name] = done[n.name]
+            if n.name == upto:
+                break
+            continue
         ins = [out[i] for i in n.inputs]
         l, h = n.op.interval(*ins)
         err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))

@@ -129,6 +129,8 @@ def ball_box_dual(A: Tensor, c: Tensor, eps: Tensor, lo: Tensor, hi: Tensor, p: 
     n = A.shape[-1]
     c, lo, hi = c.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
     cc = torch.minimum(torch.maximum(c, lo), hi)
+    zero = eps <= 0  # a point: the plain ball bound is exact there; -inf here (computed with eps 1, kept finite)
+    eps = torch.where(zero, torch.ones_like(eps), eps)
     with torch.no_grad():
         Ad = A.detach()
         if p == 1.0:
@@ -158,7 +160,8 @@ def ball_box_dual(A: Tensor, c: Tensor, eps: Tensor, lo: Tensor, hi: Tensor, p: 
         terms = A * x + mu * (x - c) ** 2
         val = terms.sum(-1) - (mu * eps ** 2).squeeze(-1)
         mag = (A * x).abs().sum(-1) + (mu * (x - c) ** 2).sum(-1) + (mu * eps ** 2).squeeze(-1)
-    return val - 3 * _gamma(n + 4, A.dtype) * mag.detach()
+    val = val - 3 * _gamma(n + 4, A.dtype) * mag.detach()
+    return torch.where(zero.squeeze(-1), torch.full_like(val, -math.inf), val)
 
 
 def backward(
@@ -204,7 +207,8 @@ def backward(
             start_done = True
             w = None if weights is None else weights.get(start)
             if w is not None:
-                err = w.reshape(w.shape[0], -1).gather(1, A0.idx.t()).t()
+                w = w.reshape(w.shape[0], -1)
+                err = w.expand(A0.idx.shape[1], -1).gather(1, A0.idx.t()).t()  # a batch of one serves every row
         else:
             As[start] = A0.dense(node.shape, graph.dtype)
     else:
@@ -240,8 +244,21 @@ def backward(
         record[graph.input_name] = A_in.detach()
     if bias is None:
         bias = torch.zeros(A_in.shape[:2], dtype=A_in.dtype, device=A_in.device)
+    S, B = A_in.shape[:2]
+    if input_set.batch_size == 1 and B > 1:  # rows of one input (a virtual batch): fold them into S
+        A_in, bias = A_in.reshape(S * B, 1, *A_in.shape[2:]), bias.reshape(S * B, 1)
+        if err is not None:
+            err = err.expand(S, B).reshape(S * B, 1)
+        return backward_tail(A_in, bias, err, input_set, clipped_ball, weights is not None).view(S, B)
+    return backward_tail(A_in, bias, err, input_set, clipped_ball, weights is not None)
+
+
+def backward_tail(A_in: Tensor, bias: Tensor, err: Tensor | None, input_set: InputSet, clipped_ball: bool, rounded: bool) -> Tensor:
+    """:func:`backward`'s last step: ``A_in . x + bias`` (``A_in [S, B, *in]``, ``bias [S, B]``)
+    concretised over the input set, lowered by the round-off ``err [S, B]`` accumulated so far
+    and the concretisation's own when ``rounded``."""
     low = concretize(A_in, bias, input_set, clipped_ball)
-    if weights is None:
+    if not rounded:
         return low
     S, B = A_in.shape[:2]
     lo, hi = input_set.bounds()
@@ -376,12 +393,14 @@ def bound_node(
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
     step = max(1, min(T, max_elements // max(1, 2 * _max_width(graph, node))))
     acts = _acts_before(graph, node)
+    # one input: its relaxations, round-off weights and input set serve every row by broadcasting
+    shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
     sign = torch.tensor([1.0, -1.0], device=lo.device)
     new_l, new_h = [], []
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         bsel = bidx[t0:t1]
-        rel = {a: _select_relax(relax[a], bsel) for a in acts}
+        rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
         alphas = None
         if alpha_fn is not None:
             alphas = {}
@@ -390,8 +409,9 @@ def bound_node(
                 if a is not None:
                     alphas[act] = a
         sub = idx[t0:t1]
-        wsel = None if weights is None else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
-        low = backward(graph, node, Rows(torch.stack([sub, sub]), sign), rel, input_set.select(bsel), alphas, wsel)  # [2, c]
+        wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
+        low = backward(graph, node, Rows(torch.stack([sub, sub]), sign), rel, input_set if shared else input_set.select(bsel),
+                       alphas, weights if shared else wsel)  # [2, c]
         new_l.append(low[0])
         new_h.append(-low[1])
     nl, nh = torch.cat(new_l), torch.cat(new_h)
@@ -420,6 +440,7 @@ def crown(
     out_extra: dict[str, Tensor] | None = None,
     out_record: dict[str, Tensor | None] | None = None,
     fixed: dict | None = None,
+    prune: bool = False,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -440,6 +461,11 @@ def crown(
             ``out_extra`` (alpha / beta optimisation steps) while ``intermediate`` fixes every
             pre-activation box: the relaxations, round-off weights and interval bound of the
             rows are computed on the first call and reused (they depend on the boxes only).
+        prune: drop each ReLU neuron dead in every batch element (``u <= 0``) from the graph as
+            soon as its box is known (:mod:`relax.graph_prune`), so that the later layers' passes
+            multiply smaller matrices (one input at a time: its own dead neurons). The bounds
+            are the same (a dead ReLU is an exact zero); not with ``alpha_fn`` / ``rows`` /
+            ``out_extra`` / ``out_record`` / ``fixed`` (their tensors have the full shapes).
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -448,21 +474,27 @@ def crown(
     if fixed is not None and "relax" in fixed:
         relax, weights, inter, ibp_low = fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"]
         return _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
+    if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None):
+        raise ValueError("crown: prune=True works with plain CROWN passes only")
     lo_in, hi_in = input_set.bounds()
     known: dict[str, tuple[Tensor, Tensor]] = {}
     ov = bound_overrides or {}
     relax: dict[str, Relaxation] = {}
+    relax_full: dict[str, Relaxation] = {}  # as built, before any pruning (returned)
     inter: dict[str, tuple[Tensor, Tensor]] = {}
     weights: dict[str, Tensor | None] = {}
-    for p in graph.preactivations():
+    ibp: dict[str, tuple[Tensor, Tensor]] = {}  # interval boxes computed so far
+    full_graph = graph
+    for p in full_graph.preactivations():
         if intermediate is not None and p in intermediate:
             l, h = intermediate[p]
         elif p == graph.input_name:
             l, h = lo_in, hi_in
         elif ibp_is_exact(graph, p, input_set) or _monotone_of_known(graph, p, known):
-            l, h = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)[p]
+            ibp = interval_bounds(graph, lo_in, hi_in, known=known, upto=p, done=ibp)
+            l, h = ibp[p]
         else:
-            boxes = interval_bounds(graph, lo_in, hi_in, known=known, upto=p)
+            boxes = ibp = interval_bounds(graph, lo_in, hi_in, known=known, upto=p, done=ibp)
             node_weights(graph, boxes, weights)
             l, h = boxes[p]
             if p in ov:
@@ -473,19 +505,62 @@ def crown(
             l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
         known[p] = (l, h)
         inter[p] = (l, h)
+        if p in ibp:  # no box computed so far depends on p's (topological order)
+            ibp[p] = (l, h)
         for c in graph.consumers[p]:
             cn = graph.by_name[c]
             if cn.op.nonlinear:
-                relax[c] = cn.op.relax(l, h, mode)
+                relax[c] = relax_full[c] = cn.op.relax(l, h, mode)
+        if prune:
+            graph = _prune_dead(graph, p, known, relax, weights, ibp)
     if C is None:
-        return CrownResult(None, inter, relax)
+        return CrownResult(None, inter, relax_full)
     out = graph.output
-    boxes = interval_bounds(graph, lo_in, hi_in, known=known)
+    boxes = interval_bounds(graph, lo_in, hi_in, known=known, done=ibp)
     node_weights(graph, boxes, weights)
     ibp_low = box_row_bounds(C, *boxes[out])
     if fixed is not None and intermediate is not None and all(p in intermediate for p in graph.preactivations()):
         fixed.update(relax=relax, weights=weights, inter=inter, ibp_low=ibp_low)
-    return _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
+    res = _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
+    res.relaxations = relax_full
+    return res
+
+
+def _prune_dead(graph: BoundGraph, p: str, known: dict[str, tuple[Tensor, Tensor]], relax: dict[str, Relaxation],
+                weights: dict[str, Tensor | None], ibp: dict[str, tuple[Tensor, Tensor]]) -> BoundGraph:
+    """``graph`` without the neurons of the ReLUs after pre-activation ``p`` that are dead in
+    every batch element of ``known[p]``; ``known``, ``relax``, ``weights`` and the interval boxes
+    ``ibp`` restricted to the kept neurons in place (the ReLU's box and the round-off weights of
+    the ops after it are dropped, to be recomputed on the smaller ops)."""
+    from .graph_prune import dead_relus, prune_graph
+
+    keep = dead_relus(graph, {p: known[p]})
+    if not keep:
+        return graph
+    for r, k in keep.items():
+        k = k.to(known[p][0].device)
+        l, h = known[p]
+        known[p] = (l[:, k], h[:, k])
+        if p in ibp:
+            ibp[p] = known[p]
+        ibp.pop(r, None)
+        if r in relax:
+            relax[r] = _keep_neurons(relax[r], k)
+        for name in (p, r):
+            if weights.get(name) is not None:
+                weights[name] = weights[name][:, k]
+        for c in graph.consumers[r]:
+            weights.pop(c, None)
+            ibp.pop(c, None)
+    return prune_graph(graph, keep)
+
+
+def _keep_neurons(r: Relaxation, keep: Tensor) -> Relaxation:
+    """A relaxation of a flat layer (fields ``[B, n]``) restricted to the neurons ``keep [n]``."""
+    def sel(v):
+        return v[:, keep] if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == keep.shape[0] else v
+
+    return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
 
 
 def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None],

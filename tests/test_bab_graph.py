@@ -312,6 +312,28 @@ def test_ball_clipped_by_the_domain_is_concretised_exactly(p):
             assert float(got[s, b]) >= exact - 1e-5 * (1 + abs(exact))
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_zero_radius_clipped_ball_is_finite(p):
+    """A ball of radius 0 (the start of a radius search) is a point: CROWN's bound must be finite
+    and below the value there (the clipped-ball dual was NaN: inf * 0 at eps = 0)."""
+    from relax.bounds import prepare
+    from relax.linear import crown
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        net[0].bias.fill_(1.0)  # active ReLUs: the rows reach the input
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ball = LpBall(x, torch.zeros(2, dtype=torch.float64), p, 0.0, 1.0)
+    graph, s = prepare(net, ball, torch.float64)
+    C = 1e4 * torch.eye(3, dtype=torch.float64).expand(2, 3, 3)  # large rows: ||A|| / eps overflows
+    low = crown(graph, s, C).lower
+    assert torch.isfinite(low).all()
+    with torch.no_grad():
+        y = 1e4 * net(x)
+    assert (low <= y + 1e-6).all() and (low >= y - 1e-2).all()
+
+
 def test_domain_store_keeps_every_entry():
     """Entries taken come out with their own values; the rest stay, through buffer growth."""
     from relax.bab_graph import _DomainStore

@@ -78,6 +78,8 @@ class Activation(Op):
     """A nonlinear op relaxed by linear bounds (elementwise unless overridden)."""
 
     nonlinear = True
+    #: the relaxation acts per coordinate (a batch of one broadcasts against many rows' batches)
+    elementwise = True
     #: whether alpha-CROWN has a free lower-slope parameter for this op
     optimisable = False
 

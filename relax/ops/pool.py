@@ -20,6 +20,7 @@ __all__ = ["MaxPool2d", "avgpool_conv"]
 class MaxPool2d(Activation):
     kind = "maxpool2d"
     exact_forward = True
+    elementwise = False
 
     def __init__(self, kernel, stride, padding, dilation, in_shape, out_shape):
         self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
