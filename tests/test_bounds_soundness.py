@@ -70,6 +70,26 @@ class Functional(nn.Module):
         return y.view(-1, 6)
 
 
+class Moves(nn.Module):
+    """Value-moving ops (slices, cat, expand, nearest upsampling, padding, index_select, flip)
+    and a transposed convolution, as the 2022-2024 networks use them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 12)
+        self.up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(2 * 4 * 4 + 3 * 4 * 4 + 4, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x)).view(-1, 3, 2, 2)
+        a = torch.cat([h[:, 1:], h[:, :1].expand(-1, 1, 2, 2) * 2.0], 1)  # [3, 2, 2]
+        u = F.interpolate(a, scale_factor=2, mode="nearest")  # [3, 4, 4]
+        t = torch.relu(self.up(h))  # [2, 4, 4]
+        p = F.pad(h[:, :, :, ::2], (1, 0, 0, 0), value=0.5)  # [3, 2, 2]
+        g = torch.index_select(p.flatten(1), 1, torch.tensor([0, 5, 5, 11])).flip(1)
+        return self.fc(torch.cat([t.flatten(1), u.flatten(1), g], 1))
+
+
 def make_nets():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -90,7 +110,9 @@ def make_nets():
     res = Residual()
     res.bn.running_var.uniform_(0.5, 2.0)
     fun = Functional()
+    moves = Moves()
     nets = {
+        "moves": (moves, (6,)),
         "mlp": (mlp, (10,)),
         "cnn": (cnn, (1, 8, 8)),
         "sigmoid_tanh": (sig, (8,)),
@@ -315,6 +337,13 @@ def test_unsupported_operator_names_op_and_node():
     with pytest.raises(UnsupportedOperatorError, match="mul"):
         bounds(Square(), Box(torch.zeros(1, 3), torch.ones(1, 3)), method="crown")
     assert issubclass(UnsupportedOperatorError, ValueError)
+
+    class Bilinear(nn.Module):  # averages entries: must not be mistaken for a selection
+        def forward(self, x):
+            return F.interpolate(x.view(-1, 1, 2, 4), scale_factor=2, mode="bilinear").flatten(1)
+
+    with pytest.raises(UnsupportedOperatorError, match="interpolate.*not a selection"):
+        bounds(Bilinear(), Box(torch.zeros(1, 8), torch.ones(1, 8)), method="crown")
 
 
 def test_graph_forward_matches_module():

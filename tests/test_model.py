@@ -249,9 +249,9 @@ def test_unsupported_operator_names_op_and_node(tmp_path):
         ([node("Gemm", ["x", "W"], ["y"], transA=1)], {"W": rand(4, 4)}, "transA"),
         ([node("Mul", ["x", "x"], ["y"])], {}, "two input-dependent"),
         ([node("Transpose", ["x"], ["y"], perm=[1, 0, 2, 3])], {}, "batch"),
-        ([node("Pad", ["x", "pads"], ["y"])], {"pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}, "padding"),
+        ([node("Pad", ["x", "pads"], ["y"])], {"pads": np.array([1, 0, 0, 0, 0, 0, 0, 0], np.int64)}, "outside the spatial dims"),
     ],
-    ids=["conv-asymmetric-pads", "gemm-transA", "mul-xx", "transpose-batch", "pad-alone"],
+    ids=["conv-asymmetric-pads", "gemm-transA", "mul-xx", "transpose-batch", "pad-batch"],
 )
 def test_unsupported_attribute_combinations(tmp_path, nodes, inits, why):
     path = make_onnx(tmp_path, nodes, [1, 1, 4, 4], inits, opset=11)

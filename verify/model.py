@@ -223,15 +223,19 @@ def _device_dtype(gm: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 CANONICAL_MODULES = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout,
+    nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ConvTranspose2d, nn.Upsample,
 )
 _LINEAR_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}  # tensor op tensor allowed
 _CONST_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div, torch.matmul, F.linear}
 _SHAPE_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, F.relu, torch.flatten, torch.reshape, torch.permute,
     torch.transpose, torch.squeeze, torch.unsqueeze,
+    # value-moving ops (relax.ops.Select): indexing, concatenation, repetition, padding, nearest upsampling
+    operator.getitem, torch.cat, torch.concat, torch.index_select, torch.narrow, torch.flip, torch.tile,
+    torch.Tensor.expand, F.pad, F.interpolate,
 }
-CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size"}
+CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
+                     "expand", "narrow", "flip", "index_select", "repeat"}
 
 
 def check_canonical(gm: fx.GraphModule) -> None:
@@ -281,9 +285,6 @@ def _check_node(node: fx.Node, modules: dict[str, nn.Module], deps: list[fx.Node
     elif node.target in _CONST_FUNCTIONS:
         if len(deps) > 1:
             _not_canonical(node, f"{_fn_name(node.target)} of two input-dependent tensors")
-    elif node.target is operator.getitem:
-        if deps:  # indexing a shape tuple is a shape query; indexing a tensor is not canonical
-            _not_canonical(node, "getitem")
     elif node.target not in _LINEAR_FUNCTIONS | _SHAPE_FUNCTIONS:
         _not_canonical(node, _fn_name(node.target))
 

@@ -18,9 +18,13 @@ dimension, so the graph runs for any batch size ``B``: ``[B, *input_shape] -> [B
 Only canonical nodes are emitted (``docs/ARCHITECTURE.md``): Gemm / MatMul -> ``nn.Linear``
 (a constant bias ``Add`` right after a MatMul is folded into it), Conv -> ``nn.Conv1d/2d``,
 BatchNormalization -> ``nn.BatchNorm1d/2d``, pools -> ``nn.AvgPool2d`` / ``nn.MaxPool2d``, a
-zero ``Pad`` feeding a Conv / AveragePool -> its padding, activations -> modules, Add / Sub /
-Mul / Div -> ``operator`` functions, shape ops -> ``torch.reshape`` / ``permute`` / ``squeeze``
-/ ``unsqueeze`` / ``transpose`` / ``nn.Flatten``; Identity and Dropout vanish. Anything else:
+zero ``Pad`` feeding a Conv / AveragePool -> its padding (feeding anything else -> ``F.pad``),
+activations -> modules, Add / Sub / Mul / Div -> ``operator`` functions, shape ops ->
+``torch.reshape`` / ``permute`` / ``squeeze`` / ``unsqueeze`` / ``transpose`` / ``nn.Flatten``;
+Slice / Gather (constant indices) / Split -> tensor indexing, Concat -> ``torch.cat`` (constant
+operands repeated along the batch), Expand -> ``Tensor.expand``, Resize / Upsample (nearest,
+integer factors, a coordinate rule equal to ``i // factor``) -> ``F.interpolate``, ConvTranspose
+-> ``nn.ConvTranspose2d``; Identity and Dropout vanish. Anything else:
 :class:`~verify.model.UnsupportedOperatorError` naming the op and the node.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
@@ -231,7 +236,7 @@ class _Converter:
         if v is None or isinstance(v, np.ndarray):
             raise ModelLoadError(f"the graph output '{outs[0].name}' does not depend on the input")
         if isinstance(v, _Pending):
-            raise self.unsupported(v.node, "explicit padding at the output")
+            v = self.materialise(v)
         rank = self.example[v].dim()
         if rank == 1:
             v = self.fn(torch.reshape, v, (-1, 1), hint="output")
@@ -249,9 +254,18 @@ class _Converter:
         if i >= len(node.input) or not node.input[i]:
             return None
         v = self.env[node.input[i]]
-        if isinstance(v, _Pending):
-            raise self.unsupported(v.node, f"explicit padding feeding a {node.op_type}; only a Conv or AveragePool absorbs it")
+        if isinstance(v, _Pending):  # not absorbed by a Conv / AveragePool: an explicit zero pad
+            v = self.env[node.input[i]] = self.materialise(v)
         return v
+
+    def materialise(self, p: _Pending) -> fx.Node:
+        """A pending zero Pad as its own op (``F.pad``: last dim first)."""
+        k = len(p.pads) // 2
+        begins, ends = p.pads[:k], p.pads[k:]
+        torch_pads: list[int] = []
+        for b, e in zip(reversed(begins), reversed(ends)):
+            torch_pads += [int(b), int(e)]
+        return self.fn(F.pad, p.x, tuple(torch_pads), hint=_label(p.node))
 
     def dyn(self, node: onnx.NodeProto, i: int = 0) -> fx.Node:
         v = self.arg(node, i)
@@ -296,8 +310,14 @@ class _Converter:
     def emit(self, op: str, target, args: tuple, hint: str) -> fx.Node:
         """Create an fx node and run it on the examples of its inputs."""
         n = self.graph.create_node(op, target, args, {}, name=_ident(hint))
-        fn = self.root.get_submodule(target) if op == "call_module" else target
-        real = [self.example[a] if isinstance(a, fx.Node) else a for a in args]
+        if op == "call_module":
+            fn = self.root.get_submodule(target)
+        elif op == "call_method":
+            def fn(obj, *rest):
+                return getattr(obj, target)(*rest)
+        else:
+            fn = target
+        real = fx.node.map_arg(args, lambda a: self.example[a])  # nested (a list for torch.cat) too
         try:
             with torch.no_grad():
                 self.example[n] = fn(*real)
@@ -697,6 +717,203 @@ def _shape(cv: _Converter, node, a) -> np.ndarray:
     return s[a.get("start", 0) : a.get("end", len(s))]
 
 
+def c_shape(p: np.ndarray, batched: bool) -> tuple[int, ...]:
+    """Per-example shape of a constant operand (without its batch axis of 1 when batched)."""
+    return tuple(p.shape[1:]) if batched else tuple(p.shape)
+
+
+def _slice_key(cv: _Converter, node, x: fx.Node, axes, starts, ends, steps) -> tuple | None:
+    """A torch index tuple for ONNX Slice (None when it selects everything)."""
+    r = len(cv.shape(x))
+    key: list = [slice(None)] * (r + cv.offset)
+    changed = False
+    for ax, st, en, sp in zip(axes, starts, ends, steps):
+        ax, st, en, sp = int(ax), int(st), int(en), int(sp)
+        if sp <= 0:
+            raise cv.unsupported(node, f"step {sp} (only positive steps)")
+        dim = cv.shape(x)[ax % r] if -r <= ax < r else None
+        if dim is None:
+            raise cv.unsupported(node, f"axis {ax} out of range for rank {r}")
+        if slice(st, en, sp).indices(dim) == (0, dim, 1):
+            continue
+        key[cv.axis(node, ax, r)] = slice(st, en, sp)
+        changed = True
+    return tuple(key) if changed else None
+
+
+def _slice(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    if cv.opset < 10:
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes, steps = list(a.get("axes", range(len(starts)))), [1] * len(starts)
+    else:
+        starts, ends = np.ravel(cv.const(node, 1)), np.ravel(cv.const(node, 2))
+        axes = cv.const(node, 3, optional=True)
+        steps = cv.const(node, 4, optional=True)
+        axes = range(len(starts)) if axes is None else np.ravel(axes)
+        steps = [1] * len(starts) if steps is None else np.ravel(steps)
+    key = _slice_key(cv, node, x, axes, starts, ends, steps)
+    return x if key is None else cv.fn(operator.getitem, x, key, hint=_label(node))
+
+
+def _gather(cv: _Converter, node, a) -> fx.Node:
+    x, idx = cv.dyn(node), cv.const(node, 1)
+    s = cv.shape(x)
+    ax = int(a.get("axis", 0))
+    t = cv.axis(node, ax, len(s))
+    dim = s[ax % len(s)]
+    idx = np.asarray(idx, dtype=np.int64)
+    if ((idx < -dim) | (idx >= dim)).any():
+        raise cv.unsupported(node, f"indices out of range for axis {ax} of size {dim}")
+    idx = idx % dim
+    key = (slice(None),) * t + ((int(idx),) if idx.ndim == 0 else ([int(i) for i in idx.ravel()],))
+    y = cv.fn(operator.getitem, x, key, hint=_label(node))
+    if idx.ndim <= 1:
+        return y
+    k = ax % len(s)
+    return cv.reshape(node, y, tuple(s[:k]) + tuple(idx.shape) + tuple(s[k + 1:]))
+
+
+def _concat(cv: _Converter, node, a) -> fx.Node:
+    parts = [cv.arg(node, i) for i in range(len(node.input))]
+    dyn = [p for p in parts if isinstance(p, fx.Node)]
+    r = len(cv.shape(dyn[0]))
+    t = cv.axis(node, int(a["axis"]), r)
+    nodes = []
+    for i, p in enumerate(parts):
+        if p is None:
+            continue
+        if isinstance(p, np.ndarray):
+            if p.ndim != r or (cv.batched and p.shape[0] != 1):
+                raise cv.unsupported(node, f"constant input {i} of shape {list(p.shape)}")
+            if 0 in p.shape:
+                continue
+            c = cv.const_node(p if cv.batched else p[None], _label(node))  # [1, *shape], repeated along the batch
+            size = cv.emit("call_method", "size", (dyn[0], 0), _label(node))
+            p = cv.emit("call_method", "expand", (c, size, *c_shape(p, cv.batched)), _label(node))
+        nodes.append(p)
+    return nodes[0] if len(nodes) == 1 else cv.fn(torch.cat, nodes, t, hint=_label(node))
+
+
+def _split(cv: _Converter, node, a) -> list:
+    x = cv.dyn(node)
+    s = cv.shape(x)
+    ax = int(a.get("axis", 0))
+    dim = s[ax % len(s)]
+    sizes = a.get("split") if cv.opset < 13 else cv.const(node, 1, optional=True)
+    n_out = len(node.output)
+    if sizes is None:
+        n = int(a.get("num_outputs", n_out))
+        step = -(-dim // n)
+        sizes = [min(step, dim - k * step) for k in range(n)]
+    sizes = [int(v) for v in np.ravel(sizes)]
+    if sum(sizes) != dim:
+        raise cv.unsupported(node, f"split sizes {sizes} do not add up to {dim}")
+    outs, start = [], 0
+    for k, sz in enumerate(sizes):
+        key = _slice_key(cv, node, x, [ax], [start], [start + sz], [1])
+        outs.append(x if key is None else cv.fn(operator.getitem, x, key, hint=f"{_label(node)}_{k}"))
+        start += sz
+    return outs
+
+
+def _expand(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    s = cv.shape(x)
+    tgt = [int(v) for v in np.ravel(cv.const(node, 1))]
+    try:
+        o = tuple(np.broadcast_shapes(tuple(s), tuple(tgt)))
+    except ValueError:
+        raise cv.unsupported(node, f"cannot expand {list(s)} to {tgt}") from None
+    if len(o) != len(s) or (cv.batched and o[0] != s[0]):
+        raise cv.unsupported(node, f"expanding {list(s)} to {list(o)} changes the rank or the batch")
+    if o == tuple(s):
+        return x
+    return cv.fn(torch.Tensor.expand, x, (-1, *o[1 - cv.offset:]), hint=_label(node))
+
+
+def _nearest_factors(cv: _Converter, node, a, in_sizes, out_sizes) -> list[int]:
+    """Integer upsampling factors of a nearest-neighbour Resize / Upsample, after checking that
+    its coordinate rule maps output ``i`` to input ``i // factor`` on every axis."""
+    mode = a.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "nearest":
+        raise cv.unsupported(node, f"mode={mode} (only nearest is a selection of input entries)")
+    ctm = a.get("coordinate_transformation_mode", b"half_pixel" if node.op_type == "Resize" else b"asymmetric")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    nm = a.get("nearest_mode", b"round_prefer_floor")
+    nm = nm.decode() if isinstance(nm, bytes) else nm
+    factors = []
+    for n_in, n_out in zip(in_sizes, out_sizes):
+        if n_out % n_in:
+            raise cv.unsupported(node, f"non-integer scale {n_out}/{n_in}")
+        f = n_out // n_in
+        i = np.arange(n_out, dtype=np.float64)
+        if ctm == "asymmetric":
+            xo = i / f
+        elif ctm in ("half_pixel", "pytorch_half_pixel"):
+            xo = (i + 0.5) / f - 0.5
+        elif ctm == "tf_half_pixel_for_nn":
+            xo = (i + 0.5) / f
+        elif ctm == "align_corners":
+            xo = i * (n_in - 1) / max(n_out - 1, 1)
+        else:
+            raise cv.unsupported(node, f"coordinate_transformation_mode={ctm}")
+        rounding = {"floor": np.floor, "ceil": np.ceil,
+                    "round_prefer_floor": lambda v: np.ceil(v - 0.5), "round_prefer_ceil": lambda v: np.floor(v + 0.5)}
+        if nm not in rounding:
+            raise cv.unsupported(node, f"nearest_mode={nm}")
+        src = np.clip(rounding[nm](xo), 0, n_in - 1)
+        if not np.array_equal(src, np.arange(n_out) // f):
+            raise cv.unsupported(node, f"coordinate rule {ctm}/{nm} is not i // {f}")
+        factors.append(f)
+    return factors
+
+
+def _resize(cv: _Converter, node, a) -> fx.Node:
+    """Resize / Upsample, nearest neighbour with integer factors on the spatial dims."""
+    x = cv.dyn(node)
+    s = cv.shape(x)
+    if node.op_type == "Upsample":
+        scales = a.get("scales") if cv.opset < 9 else cv.const(node, 1)
+        sizes = None
+    else:
+        scales = cv.const(node, 2, optional=True) if len(node.input) > 2 else None
+        sizes = cv.const(node, 3, optional=True) if len(node.input) > 3 else None
+        if scales is not None and np.size(scales) == 0:
+            scales = None
+    if sizes is not None:
+        out = [int(v) for v in np.ravel(sizes)]
+    elif scales is not None:
+        out = [int(math.floor(d * float(f))) for d, f in zip(s, np.ravel(scales))]
+    else:
+        raise cv.unsupported(node, "neither scales nor sizes")
+    if len(out) != len(s) or not cv.batched or len(s) != 4 or out[:2] != list(s[:2]):
+        raise cv.unsupported(node, f"resizing {list(s)} to {out} (only the spatial dims of an NCHW tensor)")
+    f = _nearest_factors(cv, node, a, s[2:], out[2:])
+    return cv.fn(F.interpolate, x, None, tuple(float(v) for v in f), "nearest", hint=_label(node))
+
+
+def _conv_transpose(cv: _Converter, node, a) -> fx.Node:
+    x = cv.dyn(node)
+    w, b = cv.const(node, 1), cv.const(node, 2, optional=True)
+    k = w.ndim - 2
+    if k != 2:
+        raise cv.unsupported(node, f"{k}-D transposed convolution")
+    cv.require_batched(node, x, (4,))
+    strides, dil = list(a.get("strides", [1] * k)), list(a.get("dilations", [1] * k))
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", ""):
+        raise cv.unsupported(node, f"auto_pad={a['auto_pad']}")
+    if "output_shape" in a:
+        raise cv.unsupported(node, "the output_shape attribute")
+    pads = _symmetric(cv, node, list(a.get("pads", [0] * 2 * k)))
+    out_pad = list(a.get("output_padding", [0] * k))
+    group = a.get("group", 1)
+    conv = nn.ConvTranspose2d(w.shape[0], w.shape[1] * group, tuple(w.shape[2:]), stride=tuple(strides), padding=tuple(pads),
+                              output_padding=tuple(out_pad), groups=group, bias=b is not None, dilation=tuple(dil))
+    return cv.module(_params(conv, weight=w, bias=b), x, node)
+
+
 _CONVERTERS: dict[str, Callable] = {
     "Gemm": _gemm,
     "MatMul": _matmul,
@@ -724,6 +941,14 @@ _CONVERTERS: dict[str, Callable] = {
     "Cast": _cast,
     "Pad": _pad,
     "Shape": _shape,
+    "Slice": _slice,
+    "Gather": _gather,
+    "Concat": _concat,
+    "Split": _split,
+    "Expand": _expand,
+    "Resize": _resize,
+    "Upsample": _resize,
+    "ConvTranspose": _conv_transpose,
 }
 
 

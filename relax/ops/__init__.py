@@ -10,6 +10,7 @@ Adding a layer type = write an :class:`Op` (``forward``, ``interval``, ``backwar
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -19,13 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .activation import ReLU, Sigmoid, Tanh
-from .affine import Add, Conv, ElemAffine, Linear
+from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear
 from .base import Activation, BuildContext, Op, Relaxation
 from .pool import MaxPool2d, avgpool_conv
-from .shape import Permute, Reshape
+from .shape import Permute, Reshape, Select
 
-__all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Linear", "Conv",
-           "ElemAffine", "Add", "Reshape", "Permute", "ReLU", "Sigmoid", "Tanh", "MaxPool2d"]
+__all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Linear", "Conv", "ConvTranspose",
+           "ElemAffine", "Add", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh", "MaxPool2d"]
 
 
 def _pair(v: Any, n: int = 2) -> tuple[int, ...]:
@@ -78,6 +79,65 @@ def b_permute(ctx):
     if perm[0] != 0:
         raise ctx.fail("permutes the batch dimension")
     return Permute([p - 1 for p in perm[1:]]), [x]
+
+
+#: exact in float64 for flat positions below 2**52; the second probe adds this shift
+_PROBE_SHIFT = float(2**40)
+
+
+def b_select(ctx):
+    """Any op that only copies entries of its variable inputs or constants (slicing, gather with
+    constant indices, cat, expand, repeat, nearest upsampling, constant padding, flip, ...):
+    run it on *probes* -- inputs whose entries are their own flat positions (the inputs'
+    positions numbered one after the other), then again shifted by ``2**40``. Outputs that moved
+    with the shift are copies of the entry their value names; the others are constants."""
+    n = ctx.node
+    xs = list(dict.fromkeys(a.name for a in ctx.var_args()))
+    if not xs:
+        raise ctx.fail("no variable input")
+    shapes = [ctx.in_shapes[x] for x in xs]
+    sizes = [math.prod(sh) for sh in shapes]
+    if sum(sizes) >= 2**40:
+        raise ctx.fail("inputs too large to index")
+    offsets = [sum(sizes[:k]) for k in range(len(xs))]
+
+    def run(flat: torch.Tensor) -> torch.Tensor:
+        probes = {x: flat[off:off + sz].reshape(1, *sh).expand(2, *sh) for x, sz, off, sh in zip(xs, sizes, offsets, shapes)}
+
+        def val(a):
+            if isinstance(a, torch.fx.Node):
+                return probes[a.name] if a.name in probes else ctx.values[a.name]
+            return a
+
+        args = torch.fx.node.map_aggregate(n.args, val)
+        kwargs = torch.fx.node.map_aggregate(n.kwargs, val)
+        with torch.no_grad():
+            if n.op == "call_module":
+                out = ctx.module()(*args, **kwargs)
+            elif n.op == "call_method":
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:
+                out = n.target(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, *ctx.out_shape):
+            raise ctx.fail("does not keep the batch dimension")
+        out = out.to(torch.float64).reshape(2, -1)
+        if not torch.equal(out[0], out[1]):
+            raise ctx.fail("mixes the examples of a batch")
+        return out[0]
+
+    pos = torch.arange(sum(sizes), dtype=torch.float64)
+    a, b = run(pos), run(pos + _PROBE_SHIFT)
+    from_input = (b - a) == _PROBE_SHIFT
+    index = torch.where(from_input, a, torch.zeros_like(a))
+    bad = bool(((index != index.round()) | (index < 0) | (index >= sum(sizes))).any())
+    if not bad:  # a third probe, shuffled: a selection must move its values the same way
+        shuffled = torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 3 + 0.5
+        c = run(shuffled)
+        bad = not torch.equal(torch.where(from_input, shuffled[index.long()], a), c)
+    if bad:
+        raise ctx.fail("is not a selection of its input entries (only value-moving ops are bounded this way)")
+    const = torch.where(from_input, torch.zeros_like(a), a).to(ctx.dtype)
+    return Select(index.long(), from_input, const, shapes, ctx.out_shape), xs
 
 
 # ---------------------------------------------------------------- affine ops
@@ -137,6 +197,17 @@ def b_conv_fn(ctx):
     W = ctx.const_tensor(vals["weight"])
     b = None if vals["bias"] is None else ctx.const_tensor(vals["bias"])
     return _conv(ctx, W, b, ctx.const(vals["stride"]), ctx.const(vals["padding"]), ctx.const(vals["dilation"]), ctx.const(vals["groups"]))
+
+
+def b_conv_transpose_module(ctx):
+    m = ctx.module()
+    if m.padding_mode != "zeros":
+        raise ctx.fail(f"padding_mode={m.padding_mode!r}")
+    W = m.weight.detach().to(ctx.dtype)
+    b = None if m.bias is None else m.bias.detach().to(ctx.dtype)
+    x = _single_var(ctx)
+    return ConvTranspose(W, b, _pair(m.stride), _pair(m.padding), _pair(m.output_padding), _pair(m.dilation), int(m.groups),
+                         ctx.in_shapes[x], ctx.out_shape), [x]
 
 
 def b_batchnorm(ctx):
@@ -286,6 +357,7 @@ RULES: dict[Any, Any] = {
     nn.Linear: b_linear_module,
     nn.Conv1d: b_conv_module,
     nn.Conv2d: b_conv_module,
+    nn.ConvTranspose2d: b_conv_transpose_module,
     nn.ReLU: b_relu,
     nn.Sigmoid: b_sigmoid,
     nn.Tanh: b_tanh,
@@ -312,7 +384,14 @@ RULES: dict[Any, Any] = {
     F.conv1d: b_conv_fn, F.conv2d: b_conv_fn,
     F.avg_pool2d: b_avgpool, F.max_pool2d: b_maxpool,
     F.dropout: b_dropout,
+    operator.getitem: b_select, torch.cat: b_select, torch.concat: b_select, torch.index_select: b_select,
+    torch.narrow: b_select, torch.flip: b_select, torch.roll: b_select, torch.tile: b_select,
+    torch.repeat_interleave: b_select, F.interpolate: b_select, F.pad: b_select,
+    nn.Upsample: b_select, nn.ZeroPad2d: b_select, nn.ConstantPad1d: b_select, nn.ConstantPad2d: b_select,
+    torch.Tensor.expand: b_select,
     # methods
+    "expand": b_select, "expand_as": b_select, "repeat": b_select, "narrow": b_select, "flip": b_select,
+    "index_select": b_select, "__getitem__": b_select,
     "add": b_binary, "sub": b_binary, "mul": b_binary, "div": b_binary, "truediv": b_binary,
     "neg": b_neg,
     "relu": b_relu, "sigmoid": b_sigmoid, "tanh": b_tanh,

@@ -143,6 +143,32 @@ class Conv(Op):
         return [a_in.reshape(S, B, *self.in_shape)], bias
 
 
+class ConvTranspose(Conv):
+    """``F.conv_transpose2d`` with constant weight ``W [Cin, Cout/groups, *k]``, bias,
+    ``output_padding``; its backward rule is the adjoint, a plain convolution (which returns
+    exactly the input size: ``output_padding < stride``)."""
+
+    kind = "conv_transpose"
+
+    def __init__(self, W, b, stride, padding, output_padding, dilation, groups, in_shape, out_shape):
+        super().__init__(W, b, stride, padding, dilation, groups, in_shape, out_shape)
+        self.output_padding = tuple(output_padding)
+
+    def _c(self, x, W, b):
+        return F.conv_transpose2d(x, W, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+    def backward(self, A):
+        S, B = A.shape[:2]
+        bias = None
+        if self.b is not None:
+            bias = sum_rows(A * self.b.view(-1, 1, 1))
+        if self.use_dense:
+            return [(A.reshape(S, B, -1) @ self.dense()).view(S, B, *self.in_shape)], bias
+        a = A.reshape(S * B, *self.out_shape)
+        a_in = F.conv2d(a, self.W, None, self.stride, self.padding, self.dilation, self.groups)
+        return [a_in.reshape(S, B, *self.in_shape)], bias
+
+
 class ElemAffine(Op):
     """``y = x * scale + shift`` elementwise; ``scale``/``shift`` broadcast to the per-example
     output shape (BatchNorm in eval, +,-,*,/ by a constant, neg)."""
