@@ -156,6 +156,9 @@ def alpha_crown(
         for k, (l, h) in bound_overrides.items():
             if k not in overrides:
                 overrides[k] = (l, h)
+    # with the boxes fixed, every step's relaxations, round-off weights and interval bound of the
+    # rows are the same: computed on the first step, reused after (relax.linear.crown's ``fixed``)
+    step_cache = fixed_pass if fixed_pass is not None else ({} if not optimize_intermediate else None)
     opt = ProjectedAdam(params, lr, lr_decay)
     done = 0
     boxes = dict(init.intermediate)  # tightened by every step (each step's boxes are sound)
@@ -167,7 +170,7 @@ def alpha_crown(
                 graph, input_set, C, "crown", max_elements=max_elements,
                 bound_overrides=overrides,
                 intermediate=None if optimize_intermediate else fixed,
-                alpha_fn=alpha_fn, rows=plan, fixed=fixed_pass,
+                alpha_fn=alpha_fn, rows=plan, fixed=step_cache,
             )
             low = res.lower
             if optimize_intermediate:
