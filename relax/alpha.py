@@ -36,7 +36,6 @@ from .adam import ProjectedAdam
 from .graph import BoundGraph
 from .graph_prune import dead_relus, prune_boxes, prune_graph
 from .linear import CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
-from .ops import ReLU
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
 

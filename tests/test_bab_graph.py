@@ -291,7 +291,6 @@ def test_ball_clipped_by_the_domain_is_concretised_exactly(p):
     """The dual bound of a linear function over an l_p ball clipped by a box lies below the exact
     minimum (LP / SOCP) and within 1e-6 of it."""
     cp = pytest.importorskip("cvxpy")
-    import numpy as np
 
     from relax.linear import ball_box_dual
 

@@ -18,8 +18,6 @@ What is guaranteed (tested strictly) and what is not:
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
