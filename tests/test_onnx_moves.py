@@ -81,3 +81,13 @@ def test_slice_with_negative_step_is_refused(tmp_path):
     path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, **extra})
     with pytest.raises(UnsupportedOperatorError, match="Slice.*step -1"):
         load_model(path)
+
+
+def test_leading_dim_above_one_is_data_not_batch(tmp_path):
+    """An input ``[3, 4]`` (nn4sys' pensieve has ``[12, 8]``) has no batch dim: the converted
+    graph takes ``[B, 3, 4]`` and may act on ONNX axis 0."""
+    nodes = [node("MatMul", ["x", "W"], ["m"]), node("Slice", ["m", "st", "en", "ax"], ["y"])]
+    path = make_onnx(tmp_path, nodes, [3, 4], {"W": rand(4, 2), "st": np.array([1], I64), "en": np.array([3], I64),
+                                               "ax": np.array([0], I64)})
+    gm = assert_matches_ort(path)
+    assert gm.input_shape == (3, 4)

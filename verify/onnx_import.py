@@ -9,10 +9,11 @@ How it works. The ONNX nodes are visited in (topological) order. Every value is 
   example as it is created, so the ONNX shape of every dynamic value is known while converting
   (``Shape`` of a dynamic value folds to a constant).
 
-Batch dimension. An input of rank >= 2 has a leading batch dimension (``[1, 784, 1]``,
-``['N', 8]``, ACAS Xu's ``[1, 1, 1, 5]``): ONNX axis ``a`` is torch axis ``a``, and an op that
-would move, merge or contract axis 0 is refused. A rank-1 input ``[n]`` has none: we add one, so
-ONNX axis ``a`` is torch axis ``a + 1``. Reshape / Flatten get ``-1`` as their leading torch
+Batch dimension. An input of rank >= 2 whose leading dim is 1 or symbolic has a leading batch
+dimension (``[1, 784, 1]``, ``['N', 8]``, ACAS Xu's ``[1, 1, 1, 5]``): ONNX axis ``a`` is torch
+axis ``a``, and an op that would move, merge or contract axis 0 is refused. A rank-1 input
+``[n]``, or one with a leading dim above 1 (``[12, 8]``), has none: we add one, so ONNX axis
+``a`` is torch axis ``a + 1``. Reshape / Flatten get ``-1`` as their leading torch
 dimension, so the graph runs for any batch size ``B``: ``[B, *input_shape] -> [B, K]``.
 
 Only canonical nodes are emitted (``docs/ARCHITECTURE.md``): Gemm / MatMul -> ``nn.Linear``
@@ -95,11 +96,18 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
 
 
+def has_batch_dim(dims: list[int | str]) -> bool:
+    """Whether the leading input dim is a batch: rank >= 2 and that dim symbolic or 1 (a leading
+    dim of 12 -- nn4sys' pensieve ``[12, 8]`` -- is data)."""
+    return len(dims) >= 2 and (not isinstance(dims[0], int) or dims[0] <= 1)
+
+
 def input_shape_of(model: onnx.ModelProto) -> tuple[int, ...]:
-    """Per-example input shape: drop the leading (batch) dim when the rank is >= 2."""
+    """Per-example input shape: without the leading batch dim when there is one
+    (:func:`has_batch_dim`)."""
     vi = _graph_input(model)
     dims = _dims(vi)
-    per = dims[1:] if len(dims) >= 2 else dims
+    per = dims[1:] if has_batch_dim(dims) else dims
     if not dims or any(not isinstance(d, int) or d <= 0 for d in per):
         raise ModelLoadError(f"input '{vi.name}' has shape {dims}: need a fixed per-example shape")
     return tuple(per)
@@ -186,7 +194,7 @@ class _Converter:
         self.uses = Counter(i for n in model.graph.node for i in n.input if i)
         self.uses.update(o.name for o in model.graph.output)
         self.input_shape = input_shape_of(model)
-        self.offset = 1 if len(_dims(_graph_input(model))) == 1 else 0  # torch axis = ONNX axis + offset
+        self.offset = 0 if has_batch_dim(_dims(_graph_input(model))) else 1  # torch axis = ONNX axis + offset
 
     @property
     def batched(self) -> bool:
