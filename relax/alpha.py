@@ -169,7 +169,7 @@ def alpha_crown(
                 graph, input_set, C, "crown", max_elements=max_elements,
                 bound_overrides=overrides,
                 intermediate=None if optimize_intermediate else fixed,
-                alpha_fn=alpha_fn, rows=plan, fixed=step_cache,
+                alpha_fn=alpha_fn, rows=plan, fixed=step_cache, roundoff_weights=init.weights,
             )
             low = res.lower
             if optimize_intermediate:
@@ -197,5 +197,6 @@ def _pruned(graph: BoundGraph, init: CrownResult, overrides: dict[str, tuple[Ten
     if not keep:
         return graph, init, overrides
     relax = {k: (_keep_neurons(r, keep[k].to(r.lw.device)) if k in keep else r) for k, r in init.relaxations.items()}
-    pruned = CrownResult(init.lower, prune_boxes(graph, keep, init.intermediate), relax)
+    # the pass pruned the same neurons as it went, so its round-off weights fit the pruned graph
+    pruned = CrownResult(init.lower, prune_boxes(graph, keep, init.intermediate), relax, init.weights)
     return prune_graph(graph, keep), pruned, (None if overrides is None else prune_boxes(graph, keep, overrides))

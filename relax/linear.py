@@ -80,6 +80,8 @@ class CrownResult:
     lower: Tensor | None
     intermediate: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     relaxations: dict[str, Relaxation] = field(default_factory=dict)
+    #: the round-off weights of the nodes (:func:`node_weights`) of the graph the pass ended on
+    weights: dict[str, Tensor | None] = field(default_factory=dict)
 
 
 def concretize(A: Tensor, bias: Tensor, input_set: InputSet, clipped_ball: bool = False) -> Tensor:
@@ -441,6 +443,7 @@ def crown(
     out_record: dict[str, Tensor | None] | None = None,
     fixed: dict | None = None,
     prune: bool = False,
+    roundoff_weights: dict[str, Tensor | None] | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -466,6 +469,9 @@ def crown(
             multiply smaller matrices (one input at a time: its own dead neurons). The bounds
             are the same (a dead ReLU is an exact zero); not with ``alpha_fn`` / ``rows`` /
             ``out_extra`` / ``out_record`` / ``fixed`` (their tensors have the full shapes).
+        roundoff_weights: round-off weights to use instead of computing them (a result's
+            ``weights`` from boxes that contain this pass's: the weights grow with the boxes'
+            magnitudes, so they stay upper bounds; alpha-CROWN's steps reuse the first pass's).
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -482,7 +488,7 @@ def crown(
     relax: dict[str, Relaxation] = {}
     relax_full: dict[str, Relaxation] = {}  # as built, before any pruning (returned)
     inter: dict[str, tuple[Tensor, Tensor]] = {}
-    weights: dict[str, Tensor | None] = {}
+    weights: dict[str, Tensor | None] = dict(roundoff_weights or {})
     ibp: dict[str, tuple[Tensor, Tensor]] = {}  # interval boxes computed so far
     full_graph = graph
     for p in full_graph.preactivations():
@@ -514,7 +520,7 @@ def crown(
         if prune:
             graph = _prune_dead(graph, p, known, relax, weights, ibp)
     if C is None:
-        return CrownResult(None, inter, relax_full)
+        return CrownResult(None, inter, relax_full, weights)
     out = graph.output
     boxes = interval_bounds(graph, lo_in, hi_in, known=known, done=ibp)
     node_weights(graph, boxes, weights)
@@ -522,7 +528,7 @@ def crown(
     if fixed is not None and intermediate is not None and all(p in intermediate for p in graph.preactivations()):
         fixed.update(relax=relax, weights=weights, inter=inter, ibp_low=ibp_low)
     res = _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
-    res.relaxations = relax_full
+    res.relaxations, res.weights = relax_full, weights
     return res
 
 
