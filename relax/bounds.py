@@ -159,6 +159,7 @@ def _one_at_a_time(graph: BoundGraph, input_set: InputSet) -> bool:
         return False
     return sum(n.op.W.numel() for n in graph.nodes if isinstance(n.op, Linear)) >= PER_INPUT_MIN_WEIGHTS
 
+
 def intermediate_bounds(
     model: torch.nn.Module,
     input_set: InputSet,

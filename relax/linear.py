@@ -480,7 +480,8 @@ def crown(
     if fixed is not None and "relax" in fixed:
         relax, weights, inter, ibp_low = fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"]
         return _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
-    if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None):
+    if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
+                  or roundoff_weights is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
     lo_in, hi_in = input_set.bounds()
     known: dict[str, tuple[Tensor, Tensor]] = {}

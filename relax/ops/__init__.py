@@ -178,12 +178,16 @@ def _conv(ctx, W, b, stride, padding, dilation, groups):
                 ctx.in_shapes[x], ctx.out_shape), [x]
 
 
-def b_conv_module(ctx):
+def _conv_module_params(ctx):
+    """Weight and bias of a (transposed) convolution module, in the graph's dtype."""
     m = ctx.module()
     if m.padding_mode != "zeros":
         raise ctx.fail(f"padding_mode={m.padding_mode!r}")
-    W = m.weight.detach().to(ctx.dtype)
-    b = None if m.bias is None else m.bias.detach().to(ctx.dtype)
+    return m, m.weight.detach().to(ctx.dtype), None if m.bias is None else m.bias.detach().to(ctx.dtype)
+
+
+def b_conv_module(ctx):
+    m, W, b = _conv_module_params(ctx)
     return _conv(ctx, W, b, m.stride, m.padding, m.dilation, m.groups)
 
 
@@ -200,11 +204,7 @@ def b_conv_fn(ctx):
 
 
 def b_conv_transpose_module(ctx):
-    m = ctx.module()
-    if m.padding_mode != "zeros":
-        raise ctx.fail(f"padding_mode={m.padding_mode!r}")
-    W = m.weight.detach().to(ctx.dtype)
-    b = None if m.bias is None else m.bias.detach().to(ctx.dtype)
+    m, W, b = _conv_module_params(ctx)
     x = _single_var(ctx)
     return ConvTranspose(W, b, _pair(m.stride), _pair(m.padding), _pair(m.output_padding), _pair(m.dilation), int(m.groups),
                          ctx.in_shapes[x], ctx.out_shape), [x]
