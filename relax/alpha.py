@@ -99,7 +99,7 @@ def alpha_crown(
         optimize_intermediate, fixed_pass = False, {}
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides,
-                     intermediate=intermediate, fixed=fixed_pass, prune=prune)
+                     intermediate=intermediate, fixed=fixed_pass, prune=prune, deadline=deadline)
     if prune:
         graph, init, bound_overrides = _pruned(graph, init, bound_overrides)
     best = init.lower.clone()
@@ -169,7 +169,7 @@ def alpha_crown(
                 graph, input_set, C, "crown", max_elements=max_elements,
                 bound_overrides=overrides,
                 intermediate=None if optimize_intermediate else fixed,
-                alpha_fn=alpha_fn, rows=plan, fixed=step_cache, roundoff_weights=init.weights,
+                alpha_fn=alpha_fn, rows=plan, fixed=step_cache, roundoff_weights=init.weights, deadline=deadline,
             )
             low = res.lower
             if optimize_intermediate:

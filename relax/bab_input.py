@@ -40,10 +40,18 @@ class GraphBoxes:
     Intermediate boxes travel as a list over ``graph.preactivations()`` of flat ``[B, n]``
     pairs (a child's prior is its parent's boxes)."""
 
-    def __init__(self, graph) -> None:
+    def __init__(self, graph, deadline: float = math.inf) -> None:
         self.graph = graph
         self.dtype = graph.dtype
         self.names = graph.preactivations()
+        # perf_counter time after which a CROWN pass stops tightening intermediate boxes (its
+        # bounds stay sound), so that no pass of a large network runs past the search's deadline
+        self.deadline = deadline
+
+    def _deadline(self):
+        from verify.deadline import Deadline
+
+        return None if math.isinf(self.deadline) else Deadline.until(self.deadline)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.graph.forward(x.reshape(x.shape[0], *self.graph.input_shape)).reshape(x.shape[0], -1)
@@ -68,7 +76,7 @@ class GraphBoxes:
         g, B = self.graph, lo.shape[0]
         C, d = spec.batch(B)
         rec: dict[str, Tensor | None] = {g.input_name: None}
-        res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec)
+        res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec, deadline=self._deadline())
         A = rec[g.input_name].reshape(C.shape[1], B, -1).transpose(0, 1)  # every pass records the input's coefficients
         pre = [(res.intermediate[p][0].reshape(B, -1), res.intermediate[p][1].reshape(B, -1)) for p in self.names]
         return res.lower + d.to(g.dtype), A, pre
@@ -78,7 +86,8 @@ class GraphBoxes:
         with their intermediate bounds ``pre`` fixed (``steps`` slope updates)."""
         from .alpha import alpha_crown
 
-        res = alpha_crown(self.graph, self._set(lo, hi), C.to(self.dtype), iterations=steps, lr=lr, intermediate=self._boxes(pre))
+        res = alpha_crown(self.graph, self._set(lo, hi), C.to(self.dtype), iterations=steps, lr=lr, intermediate=self._boxes(pre),
+                          deadline=self._deadline())
         return res.lower.detach() + d.to(self.dtype)
 
 

@@ -110,8 +110,9 @@ def lower_bounds(
     """Lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``) on a prepared graph (see
     :func:`prepare`); the other arguments as in :func:`bounds`. ``early_stop`` (alpha-CROWN):
     stop optimising an input once ``stop_fn(lower [B, N]) -> Bool [B]`` (default: every row
-    positive). ``deadline`` (alpha-CROWN): no optimisation step starts after it (the bounds are
-    then the best of the steps done, at least CROWN's)."""
+    positive). ``deadline``: no alpha-CROWN step starts after it (the bounds are then the best
+    of the steps done, at least CROWN's), and a CROWN pass stops tightening intermediate boxes
+    there (the rest keep their interval boxes)."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; use one of {', '.join(METHODS)}")
     if method == "interval":
@@ -140,7 +141,8 @@ def lower_bounds(
         return torch.cat(parts)
     if method in ("crown", "deeppoly"):  # DeepPoly's ReLU slopes are CROWN's
         with torch.no_grad():
-            return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides, prune=True).lower
+            return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides, prune=True,
+                         deadline=deadline).lower
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
                        max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides,
                        deadline=deadline, prune=True).lower.detach()

@@ -35,12 +35,14 @@ whose box is empty (``lo > hi`` somewhere) is infeasible; its bounds are then va
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall, dual_norm
 
 from .graph import BoundGraph
@@ -378,9 +380,11 @@ def bound_node(
     rows: tuple[Tensor, Tensor] | None = None,
     alpha_fn: AlphaFn | None = None,
     weights: dict[str, Tensor | None] | None = None,
+    deadline: Deadline | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
-    :func:`rows_needed` picks (or ``rows``). Returns the intersected box.
+    :func:`rows_needed` picks (or ``rows``). Returns the intersected box. No chunk of rows starts
+    after ``deadline`` (the rows not reached keep their given box).
 
     The ``T`` (neuron, batch element) pairs form a *virtual batch*: rows ``+e`` and ``-e`` of
     pair ``t`` are ``A0[0, t]`` and ``A0[1, t]``, with the relaxations and the input set
@@ -399,7 +403,13 @@ def bound_node(
     shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
     sign = torch.tensor([1.0, -1.0], device=lo.device)
     new_l, new_h = [], []
-    for t0 in range(0, T, step):
+    t0, max_step = 0, step
+    if deadline is not None and deadline.seconds is not None:
+        step = min(step, 32)  # under a deadline chunks start small and grow while they stay short
+    while t0 < T:
+        if deadline is not None and deadline.expired():
+            break
+        t_chunk = time.perf_counter()
         t1 = min(T, t0 + step)
         bsel = bidx[t0:t1]
         rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
@@ -416,7 +426,15 @@ def bound_node(
                        alphas, weights if shared else wsel)  # [2, c]
         new_l.append(low[0])
         new_h.append(-low[1])
+        if deadline is not None and deadline.seconds is not None:  # chunks of at most ~1 s (or 5 % of what is left)
+            per_row = (time.perf_counter() - t_chunk) / (t1 - t0)
+            target = min(1.0, 0.05 * deadline.remaining())
+            step = int(max(1, min(max_step, target / max(per_row, 1e-9))))
+        t0 = t1
+    if not new_l:
+        return lo, hi
     nl, nh = torch.cat(new_l), torch.cat(new_h)
+    idx, bidx = idx[:nl.shape[0]], bidx[:nl.shape[0]]
     gl, gh = l2[bidx, idx], h2[bidx, idx]
     l2 = l2.index_put((bidx, idx), torch.maximum(gl, nl))
     h2 = h2.index_put((bidx, idx), torch.minimum(gh, nh))
@@ -444,6 +462,7 @@ def crown(
     fixed: dict | None = None,
     prune: bool = False,
     roundoff_weights: dict[str, Tensor | None] | None = None,
+    deadline: Deadline | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -472,6 +491,8 @@ def crown(
         roundoff_weights: round-off weights to use instead of computing them (a result's
             ``weights`` from boxes that contain this pass's: the weights grow with the boxes'
             magnitudes, so they stay upper bounds; alpha-CROWN's steps reuse the first pass's).
+        deadline: after it, no more linear bounds of intermediate neurons are computed (those
+            not reached keep their interval boxes: sound, looser); the spec rows' pass still runs.
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -507,7 +528,7 @@ def crown(
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
             l, h = bound_node(graph, p, l, h, relax, input_set, max_elements,
-                              rows=None if rows is None else rows.get(p), alpha_fn=alpha_fn, weights=weights)
+                              rows=None if rows is None else rows.get(p), alpha_fn=alpha_fn, weights=weights, deadline=deadline)
         if p in ov:
             l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
         known[p] = (l, h)

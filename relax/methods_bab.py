@@ -206,8 +206,8 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, tim
 
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
-    with torch.no_grad():
-        low = float(rs.margin(crown(graph, x64, C).lower + d)[0])
+    with torch.no_grad():  # a large network's pass stops tightening at a third of the budget
+        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() / 3)).lower + d)[0])
     if low > opts.margin:
         return done(BabResult("certified", None, low, 1, reason="proved"), "crown")
     res = attack("pgd")
@@ -252,7 +252,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
         from .bab_input import GraphBoxes, input_bab
 
         lo, hi = (b.reshape(-1) for b in x_set.bounds())
-        res = input_bab(GraphBoxes(graph), rs, lo, hi, timeout=time_left, batch_size=opts.batch_size or 512, margin=opts.margin,
+        res = input_bab(GraphBoxes(graph, deadline=t0 + time_left), rs, lo, hi, timeout=time_left, batch_size=opts.batch_size or 512, margin=opts.margin,
                         check_point=check_point, seed=opts.seed)
         res.details["stage"] = "graph-bab-input" if res.domains > 1 else "graph-crown"
         return res

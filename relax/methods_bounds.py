@@ -40,7 +40,7 @@ class _Relax(BoundMethod):
         return low + spec.d.to(graph.dtype)
 
     def lower_bounds(self, model, inputs, spec):
-        return self._lower(model, inputs, spec)
+        return self._lower(model, inputs, spec, deadline=self.deadline)
 
 
 @register

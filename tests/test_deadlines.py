@@ -259,3 +259,32 @@ def test_relu_output_bounds_come_from_the_interval_rule():
     with torch.no_grad():
         ys = net.double()(xs.reshape(-1, 1, 28, 28)).reshape(200, 2, 10)
     assert (ys >= fast[None] - 1e-9).all()
+
+
+def test_one_crown_pass_stops_tightening_at_its_deadline():
+    """A single CROWN pass on a large network (the cGAN generators took minutes) stops computing
+    linear bounds of intermediate neurons at the deadline: the rest keep their interval boxes,
+    so the answer is on time, sound, and looser than the full pass."""
+    from relax.bounds import prepare
+    from relax.linear import crown
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 2 * 6 * 6), torch.nn.ReLU(), torch.nn.Unflatten(1, (2, 6, 6)),
+                              torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 12 * 12, 3)).double().eval()
+    x = torch.rand(1, 8, dtype=torch.float64)
+    graph, s = prepare(net, LpBall(x, 0.3, "inf"), torch.float64)
+    C = torch.eye(3, dtype=torch.float64).unsqueeze(0)
+    t = time.perf_counter()
+    full = crown(graph, s, C)
+    t_full = time.perf_counter() - t
+    t = time.perf_counter()
+    cut = crown(graph, s, C, deadline=Deadline(t_full / 20))
+    t_cut = time.perf_counter() - t
+    assert t_cut < t_full / 2, (t_cut, t_full)
+    assert (cut.lower <= full.lower + 1e-9).all() and (cut.lower < full.lower - 1e-6).any()
+    pts = s.sample(3000, generator=torch.Generator().manual_seed(1))  # [n, 1, 8]
+    with torch.no_grad():
+        ys = net(pts.reshape(-1, 8))
+    assert (ys >= cut.lower - 1e-9).all()
