@@ -281,6 +281,8 @@ def input_bab(
     m = spec.margin(lower)
     if bool(m[0] > margin):
         return finish("certified", "proved", float(m[0]))
+    if time.perf_counter() >= deadline:  # a large network's root pass used the whole budget
+        return finish("unknown", "timeout", float(m[0]))
     x, xm = pgd_boxes(net, spec, lo, hi, steps=50, restarts=5, generator=gen)
     cex = try_points(x, xm)
     if cex is not None:
