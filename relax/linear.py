@@ -558,20 +558,17 @@ def _prune_dead(graph: BoundGraph, p: str, known: dict[str, tuple[Tensor, Tensor
                 weights: dict[str, Tensor | None], ibp: dict[str, tuple[Tensor, Tensor]]) -> BoundGraph:
     """``graph`` without the neurons of the ReLUs after pre-activation ``p`` that are dead in
     every batch element of ``known[p]``; ``known``, ``relax``, ``weights`` and the interval boxes
-    ``ibp`` restricted to the kept neurons in place (the ReLU's box and the round-off weights of
-    the ops after it are dropped, to be recomputed on the smaller ops)."""
-    from .graph_prune import dead_relus, prune_graph
+    ``ibp`` restricted to the kept neurons in place (the round-off weights and interval boxes of
+    the ops after the ReLU are dropped, to be recomputed on the smaller ops)."""
+    from .graph_prune import dead_relus, prune_boxes, prune_graph
 
     keep = dead_relus(graph, {p: known[p]})
     if not keep:
         return graph
+    known.update(prune_boxes(graph, keep, {p: known[p]}))
+    ibp.update(prune_boxes(graph, keep, {k: ibp[k] for k in [p, *keep] if k in ibp}))
     for r, k in keep.items():
         k = k.to(known[p][0].device)
-        l, h = known[p]
-        known[p] = (l[:, k], h[:, k])
-        if p in ibp:
-            ibp[p] = known[p]
-        ibp.pop(r, None)
         if r in relax:
             relax[r] = _keep_neurons(relax[r], k)
         for name in (p, r):

@@ -71,6 +71,17 @@ def _two_rows():
     return C, RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 1]))
 
 
+def _root(net, x0: torch.Tensor, eps: float):
+    """Bound graph, input set, the two rows of :func:`_two_rows` and the root's CROWN boxes for
+    the l_inf ball of radius ``eps`` around ``x0`` inside ``[0, 1]`` (float64)."""
+    from relax.bounds import prepare
+    from relax.linear import crown
+
+    graph, xs = prepare(net, LpBall(x0, eps, math.inf, 0.0, 1.0), torch.float64)
+    C, rs = _two_rows()
+    return graph, xs, C, rs, crown(graph, xs, None).intermediate
+
+
 def _obeys(splits: dict, pres: dict, dom: int, n: int) -> torch.Tensor:
     """``[n]``: which samples have the ReLU signs of domain ``dom`` (``pres``: node -> ``[n, m]``
     pre-activations)."""
@@ -138,16 +149,11 @@ def test_split_domains_bound_below_every_sample(fast):
     (``fast``: slopes and multipliers optimised on the float32 graph, bound in float64)."""
     from relax.graph import get_graph
     from relax.bab_graph import bound_domains, relu_inputs
-    from relax.bounds import prepare
-    from relax.linear import crown
 
     torch.manual_seed(7)
     r = _Residual(4, 8, 3).eval().double()
     x0 = torch.full((1, 4), 0.5, dtype=torch.float64)
-    ball = LpBall(x0, 0.3, math.inf, 0.0, 1.0)
-    graph, xs = prepare(r, ball, torch.float64)
-    C, rs = _two_rows()
-    root = crown(graph, xs, None).intermediate
+    graph, xs, C, rs, root = _root(r, x0, 0.3)
     relus = relu_inputs(graph)
     D = 6
     g = torch.Generator().manual_seed(0)
@@ -251,16 +257,11 @@ def test_interval_split_domains_bound_below_every_sample():
     """Domains that halve sigmoid and max-pooling inputs: each bound holds for the samples
     whose pre-activations lie in the domain's intervals."""
     from relax.bab_graph import bound_domains, interval_inputs
-    from relax.bounds import prepare
-    from relax.linear import crown
 
     torch.manual_seed(11)
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).eval().double()
     x0 = torch.full((1, 1, 6, 6), 0.5, dtype=torch.float64)
-    ball = LpBall(x0, 0.4, math.inf, 0.0, 1.0)
-    graph, xs = prepare(net, ball, torch.float64)
-    C, rs = _two_rows()
-    root = crown(graph, xs, None).intermediate
+    graph, xs, C, rs, root = _root(net, x0, 0.4)
     D = 4
     ivals = {}
     for _, p in interval_inputs(graph):
@@ -439,19 +440,14 @@ def test_cnn_split_domains_bound_below_samples_and_pgd_points():
     lies below the rows at 10,000 sampled inputs and at PGD minimisers of the rows that obey the
     domain's splits."""
     from relax.bab_graph import bound_domains, relu_inputs
-    from relax.bounds import prepare
     from relax.graph import get_graph
-    from relax.linear import crown
 
     torch.manual_seed(13)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(),
                         nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval().double()
     x0 = torch.full((1, 1, 7, 7), 0.5, dtype=torch.float64)
-    ball = LpBall(x0, 0.1, math.inf, 0.0, 1.0)  # small: tight bounds, so a wrong one shows
     gm = torch.fx.symbolic_trace(net)
-    graph, xs = prepare(gm, ball, torch.float64)
-    C, rs = _two_rows()
-    root = crown(graph, xs, None).intermediate
+    graph, xs, C, rs, root = _root(gm, x0, 0.1)  # small radius: tight bounds, so a wrong one shows
     relus = relu_inputs(graph)
     D = 6
     g = torch.Generator().manual_seed(1)
