@@ -68,7 +68,8 @@ def interval_inputs(graph: BoundGraph) -> list[tuple[str, str]]:
     """``[(activation node, its input node)]`` of the other nonlinear ops (sigmoid, tanh,
     max-pooling), whose inputs are split by halving their interval."""
     relu_in = {p for _, p in relu_inputs(graph)}
-    return [(n.name, n.inputs[0]) for n in graph.activations() if not isinstance(n.op, ReLU) and n.inputs[0] not in relu_in]
+    return [(n.name, n.inputs[0]) for n in graph.activations()
+            if not isinstance(n.op, ReLU) and len(n.inputs) == 1 and n.inputs[0] not in relu_in]
 
 
 def _split_boxes(root: dict[str, tuple[Tensor, Tensor]], splits: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],

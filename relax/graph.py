@@ -83,11 +83,9 @@ class BoundGraph:
 
     def preactivations(self) -> list[str]:
         """Names of the inputs of the nonlinear nodes, in topological order, without repeats."""
-        out: list[str] = []
-        for n in self.activations():
-            if n.inputs[0] not in out:
-                out.append(n.inputs[0])
-        return out
+        pre = {i for n in self.activations() for i in n.inputs}
+        order = [self.input_name] + [n.name for n in self.nodes]
+        return [k for k in order if k in pre]
 
     def ancestors(self, name: str) -> set[str]:
         """Names of all nodes ``name`` depends on (itself included, input included)."""
@@ -206,8 +204,12 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
             dtype=dtype,
             desc=_node_desc(n, gm),
         )
-        op, inputs = rule(ctx)
-        nodes.append(BNode(n.name, op, inputs, tuple(val.shape[1:])))
+        built = rule(ctx)
+        if isinstance(built, _ops.Expansion):
+            nodes.extend(_expand(n.name, built))
+        else:
+            op, inputs = built
+            nodes.append(BNode(n.name, op, inputs, tuple(val.shape[1:])))
     if output_name is None:
         raise UnsupportedOperatorError("the graph has no output")
     if output_name == input_name:
@@ -220,6 +222,16 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
         output_name = flat.name
     g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype)
     return g
+
+
+def _expand(name: str, e: "Any") -> list[BNode]:
+    """The bound nodes of an :class:`relax.ops.Expansion` of node ``name``."""
+    out = []
+    for i, (suffix, op, inputs, shape) in enumerate(e.steps):
+        own = name if i == len(e.steps) - 1 else f"{name}__{suffix}"
+        ins = [f"{name}{k}" if k.startswith("__") else k for k in inputs]
+        out.append(BNode(own, op, ins, tuple(shape)))
+    return out
 
 
 def _prune(nodes: list[BNode], output: str) -> list[BNode]:

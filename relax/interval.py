@@ -4,6 +4,9 @@ round-off bound of its rule (:func:`relax.roundoff.forward_error`), so it enclos
 exact values."""
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .graph import BoundGraph
@@ -45,6 +48,9 @@ def interval_bounds(
         err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))
         if err is not None:
             l, h = l - err, h + err
+        if n.op.nonlinear or not getattr(n.op, "exact_forward", False):  # inf - inf (unbounded inputs) is unbounded
+            l = torch.nan_to_num(l, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+            h = torch.nan_to_num(h, nan=math.inf, posinf=math.inf, neginf=-math.inf)
         if known is not None and n.name in known:
             kl, kh = known[n.name]
             l, h = l.maximum(kl), h.minimum(kh)

@@ -234,7 +234,7 @@ def backward(
         if n.op.nonlinear:
             alpha = None if alphas is None else alphas.get(n.name)
             A_in, b = n.op.backward_relaxed(A, relax[n.name], alpha)
-            A_ins = [A_in]
+            A_ins = A_in if isinstance(A_in, list) else [A_in]
         else:
             A_ins, b = n.op.backward(A)
         if b is not None:
@@ -289,7 +289,8 @@ def box_row_bounds(C: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     m, r = (hi + lo) / 2, (hi - lo) / 2
     low = torch.einsum("bnk,bk->bn", C, m) - torch.einsum("bnk,bk->bn", C.abs(), r)
     err = gamma(C.shape[-1] + 2, C.dtype) * torch.einsum("bnk,bk->bn", C.abs(), max_abs(lo, hi))
-    return low - SAFETY * err - torch.finfo(low.dtype).tiny
+    low = low - SAFETY * err - torch.finfo(low.dtype).tiny
+    return torch.nan_to_num(low, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # unbounded boxes: inf - inf
 
 
 def _ancestors(graph: BoundGraph, name: str) -> set[str]:
@@ -537,8 +538,8 @@ def crown(
             ibp[p] = (l, h)
         for c in graph.consumers[p]:
             cn = graph.by_name[c]
-            if cn.op.nonlinear:
-                relax[c] = relax_full[c] = cn.op.relax(l, h, mode)
+            if cn.op.nonlinear and all(i in known for i in cn.inputs):  # a product waits for both inputs
+                relax[c] = relax_full[c] = cn.op.relax_inputs([known[i] for i in cn.inputs], mode)
         if prune:
             graph = _prune_dead(graph, p, known, relax, weights, ibp)
     if C is None:

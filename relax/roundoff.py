@@ -69,11 +69,17 @@ def term_magnitude(op, in_boxes: list[tuple[Tensor, Tensor]]) -> Tensor:
     symmetric boxes ``[-M, M]``, ``M = max(|lo|, |hi|)`` (gives ``|W| M + |b|``). Nonlinear
     ops also carry relaxation intercepts of the size of their input: ``T`` gains ``M`` (or,
     when the shape changes, ``T`` is doubled)."""
+    own = getattr(op, "term_magnitude", None)
+    if own is not None and len(in_boxes) == 1:  # an elementwise function with its own bound
+        with torch.no_grad():
+            return own(*in_boxes[0])
     mags = [max_abs(l, h) for l, h in in_boxes]
     with torch.no_grad():
         l, h = op.interval(*[(-m, m) for m in mags])
     T = max_abs(l, h)
-    if op.nonlinear:
+    if op.nonlinear and len(in_boxes) > 1:  # a product: planes of both operands and their intercepts
+        T = 3 * T
+    elif op.nonlinear:
         T = T + (mags[0] if mags[0].shape == T.shape else T)
     return T
 
@@ -81,10 +87,10 @@ def term_magnitude(op, in_boxes: list[tuple[Tensor, Tensor]]) -> Tensor:
 def forward_error(op, in_boxes: list[tuple[Tensor, Tensor]], out_box: tuple[Tensor, Tensor], n: int) -> Tensor | None:
     """How far an interval rule's output box may lie inside the exact one, ``[B, *out]``, or
     None when the rule is exact in floating point (comparisons, moves)."""
-    if getattr(op, "exact_forward", False):
+    if getattr(op, "exact_forward", False) or getattr(op, "interval_rounded", False):
         return None
     dtype = out_box[0].dtype
-    if op.nonlinear:  # a library function of one argument: a few ulps of its value
+    if op.nonlinear and len(in_boxes) == 1:  # a library function of one argument: a few ulps of its value
         return 4 * unit_roundoff(dtype) * max_abs(*out_box)
     return gamma(n, dtype) * term_magnitude(op, in_boxes)
 
@@ -94,7 +100,10 @@ def backward_weight(op, in_boxes: list[tuple[Tensor, Tensor]], n: int, dtype: to
     ``A`` adds to a bound is at most ``sum(|A| * weight)``; None for pure rearrangements."""
     if getattr(op, "moves_only", False):
         return None
-    return gamma(n, dtype) * term_magnitude(op, in_boxes)
+    w = gamma(n, dtype) * term_magnitude(op, in_boxes)
+    # an infinite weight (a pole in the box) comes with infinite intercepts, which make every
+    # bound with a nonzero coefficient there -inf already; a finite stand-in avoids 0 * inf
+    return torch.nan_to_num(w, nan=torch.finfo(w.dtype).max, posinf=torch.finfo(w.dtype).max)
 
 
 def concretize_error(absA: Tensor, lo: Tensor, hi: Tensor, eps: Tensor | None = None) -> Tensor:

@@ -224,9 +224,18 @@ def _device_dtype(gm: nn.Module) -> tuple[torch.device, torch.dtype]:
 CANONICAL_MODULES = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ConvTranspose2d, nn.Upsample,
+    nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Softmax,
 )
-_LINEAR_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub}  # tensor op tensor allowed
-_CONST_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, torch.div, torch.matmul, F.linear}
+# tensor op tensor allowed: sums, and products / quotients (relax.ops.Product, bilinear planes)
+_LINEAR_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub, operator.mul, operator.truediv, torch.mul, torch.div,
+                     torch.matmul, torch.maximum, torch.minimum}
+_CONST_FUNCTIONS = {F.linear}
+# elementwise functions with a relaxation (relax.ops.elementwise), reductions, softmax
+_NONLINEAR_FUNCTIONS = {
+    torch.exp, torch.log, torch.sqrt, torch.reciprocal, torch.sin, torch.cos, torch.abs, torch.sign, torch.floor,
+    torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip, F.hardtanh, torch.sum, torch.mean, torch.softmax,
+    F.softmax,
+}
 _SHAPE_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, F.relu, torch.flatten, torch.reshape, torch.permute,
     torch.transpose, torch.squeeze, torch.unsqueeze,
@@ -235,14 +244,15 @@ _SHAPE_FUNCTIONS = {
     torch.Tensor.expand, F.pad, F.interpolate,
 }
 CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
-                     "expand", "narrow", "flip", "index_select", "repeat"}
+                     "expand", "narrow", "flip", "index_select", "repeat", "exp", "log", "sqrt", "reciprocal", "sin",
+                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax"}
 
 
 def check_canonical(gm: fx.GraphModule) -> None:
     """Raise :class:`UnsupportedOperatorError` naming the first node outside the canonical graph.
 
-    Also checks that ``mul`` / ``div`` / ``matmul`` / ``linear`` have at most one operand that
-    depends on the input (the other one a constant), and that there is exactly one input.
+    Also checks that ``F.linear`` has one operand that depends on the input (weight and bias
+    constant), and that there is exactly one input.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -285,7 +295,7 @@ def _check_node(node: fx.Node, modules: dict[str, nn.Module], deps: list[fx.Node
     elif node.target in _CONST_FUNCTIONS:
         if len(deps) > 1:
             _not_canonical(node, f"{_fn_name(node.target)} of two input-dependent tensors")
-    elif node.target not in _LINEAR_FUNCTIONS | _SHAPE_FUNCTIONS:
+    elif node.target not in _LINEAR_FUNCTIONS | _SHAPE_FUNCTIONS | _NONLINEAR_FUNCTIONS:
         _not_canonical(node, _fn_name(node.target))
 
 

@@ -439,8 +439,11 @@ def _gemm(cv: _Converter, node, a) -> fx.Node:
 
 def _matmul(cv: _Converter, node, a) -> fx.Node:
     left, right = cv.arg(node, 0), cv.arg(node, 1)
-    if isinstance(left, fx.Node) and isinstance(right, fx.Node):
-        raise cv.unsupported(node, "product of two input-dependent tensors")
+    if isinstance(left, fx.Node) and isinstance(right, fx.Node):  # attention: a product (bilinear bounds)
+        rl, rr = len(cv.shape(left)), len(cv.shape(right))
+        if rl != rr or rl < 2:
+            raise cv.unsupported(node, f"product of input-dependent tensors of ranks {rl} and {rr}")
+        return cv.fn(torch.matmul, left, right, hint=_label(node))
     if isinstance(left, fx.Node):  # x @ W: contracts the last axis of x
         return _matmul_right(cv, node, left, right)
     return _matmul_left(cv, node, left, cv.dyn(node, 1))
@@ -477,16 +480,17 @@ _BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div":
 def _binary(cv: _Converter, node, a) -> fx.Node:
     x, y = cv.arg(node, 0), cv.arg(node, 1)
     op, f = node.op_type, _BINARY[node.op_type]
-    if isinstance(x, fx.Node) and isinstance(y, fx.Node):
-        if op in ("Mul", "Div"):
-            raise cv.unsupported(node, f"{op} of two input-dependent tensors")
+    if isinstance(x, fx.Node) and isinstance(y, fx.Node):  # Mul / Div: a product (bilinear bounds)
+        if op in ("Mul", "Div") and len(cv.shape(x)) != len(cv.shape(y)):
+            raise cv.unsupported(node, f"{op} of input-dependent tensors of ranks {len(cv.shape(x))} and {len(cv.shape(y))}")
         return cv.fn(f, x, y, hint=_label(node))
     if isinstance(x, fx.Node):
         return _binary_const_right(cv, node, x, y, node.input[0])
     if op in ("Add", "Mul"):  # commutative: c op y == y op c
         return _binary_const_right(cv, node, y, x, node.input[1])
-    if op == "Div":
-        raise cv.unsupported(node, "division by an input-dependent tensor")
+    if op == "Div":  # c / y = c * (1 / y)
+        r = cv.fn(torch.reciprocal, y, hint=_label(node))
+        return cv.fn(operator.mul, r, cv.operand(node, x, len(cv.shape(y))), hint=_label(node))
     return cv.fn(f, cv.operand(node, x, len(cv.shape(y))), y, hint=_label(node))
 
 
@@ -522,6 +526,84 @@ def _neg(cv: _Converter, node, a) -> fx.Node:
 def _activation(cls: type[nn.Module]) -> Callable:
     def convert(cv: _Converter, node, a) -> fx.Node:
         return cv.module(cls(), cv.dyn(node), node)
+
+    return convert
+
+
+def _unary(f: Callable) -> Callable:
+    """An elementwise function of one input-dependent tensor (relaxed in relax.ops.elementwise)."""
+    def convert(cv: _Converter, node, a) -> fx.Node:
+        return cv.fn(f, cv.dyn(node), hint=_label(node))
+
+    return convert
+
+
+def _pow(cv: _Converter, node, a) -> fx.Node:
+    e = cv.const(node, 1)
+    if e.size != 1:
+        raise cv.unsupported(node, f"exponent of shape {list(e.shape)}")
+    return cv.fn(torch.pow, cv.dyn(node), float(e.reshape(())), hint=_label(node))
+
+
+def _clip(cv: _Converter, node, a) -> fx.Node:
+    if cv.opset < 11:
+        lo, hi = a.get("min"), a.get("max")
+    else:
+        lo, hi = cv.const(node, 1, optional=True), cv.const(node, 2, optional=True)
+        lo = None if lo is None else float(np.ravel(lo)[0])
+        hi = None if hi is None else float(np.ravel(hi)[0])
+    return cv.fn(torch.clamp, cv.dyn(node), lo, hi, hint=_label(node))
+
+
+def _leaky_relu(cv: _Converter, node, a) -> fx.Node:
+    return cv.fn(F.leaky_relu, cv.dyn(node), float(a.get("alpha", 0.01)), hint=_label(node))
+
+
+def _softmax(cv: _Converter, node, a) -> fx.Node:
+    """Softmax over one axis (opset >= 13), or over the flattened axes from ``axis`` on (before)."""
+    x = cv.dyn(node)
+    r = len(cv.shape(x))
+    axis = a.get("axis", -1 if cv.opset >= 13 else 1) % r
+    t = cv.axis(node, axis, r)
+    if cv.opset >= 13 or axis == r - 1:
+        return cv.fn(torch.softmax, x, t, hint=_label(node))
+    flat = cv.fn(torch.flatten, x, t, hint=_label(node))
+    y = cv.fn(torch.softmax, flat, -1, hint=_label(node))
+    return cv.fn(torch.reshape, y, (-1, *cv.example[x].shape[1:]), hint=_label(node))
+
+
+def _reduce(f: Callable) -> Callable:
+    """ReduceSum / ReduceMean over constant axes (never the batch)."""
+    def convert(cv: _Converter, node, a) -> fx.Node:
+        x = cv.dyn(node)
+        r = len(cv.shape(x))
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(v) for v in np.ravel(cv.const(node, 1))]
+        if axes is None or len(axes) == 0:
+            if a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(r))
+        dims = tuple(cv.axis(node, int(ax), r) for ax in axes)
+        return cv.fn(f, x, dims, bool(a.get("keepdims", 1)), hint=_label(node))
+
+    return convert
+
+
+def _max_min(f: Callable) -> Callable:
+    """Max / Min of two tensors (one may be a constant)."""
+    def convert(cv: _Converter, node, a) -> fx.Node:
+        if len(node.input) != 2:
+            raise cv.unsupported(node, f"{len(node.input)} operands (two are supported)")
+        x, y = cv.arg(node, 0), cv.arg(node, 1)
+        if not isinstance(x, fx.Node):
+            x, y = y, x
+        if not isinstance(y, fx.Node):
+            y = cv.operand(node, y, len(cv.shape(x)))
+            if isinstance(y, float):  # max(x, c) = clamp(x, min=c)
+                bounds = (y, None) if f is torch.maximum else (None, y)
+                return cv.fn(torch.clamp, x, *bounds, hint=_label(node))
+        return cv.fn(f, x, y, hint=_label(node))
 
     return convert
 
@@ -957,6 +1039,23 @@ _CONVERTERS: dict[str, Callable] = {
     "Resize": _resize,
     "Upsample": _resize,
     "ConvTranspose": _conv_transpose,
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Sqrt": _unary(torch.sqrt),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Sin": _unary(torch.sin),
+    "Cos": _unary(torch.cos),
+    "Abs": _unary(torch.abs),
+    "Sign": _unary(torch.sign),
+    "Floor": _unary(torch.floor),
+    "Pow": _pow,
+    "Clip": _clip,
+    "LeakyRelu": _leaky_relu,
+    "Softmax": _softmax,
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMean": _reduce(torch.mean),
+    "Max": _max_min(torch.maximum),
+    "Min": _max_min(torch.minimum),
 }
 
 
@@ -1039,6 +1138,20 @@ _FOLD: dict[str, Callable] = {
     "Div": _fold_div,
     "Neg": lambda cv, n, a, ins: -ins[0],
     "Sqrt": lambda cv, n, a, ins: np.sqrt(ins[0]),
+    "Exp": lambda cv, n, a, ins: np.exp(ins[0]),
+    "Log": lambda cv, n, a, ins: np.log(ins[0]),
+    "Sin": lambda cv, n, a, ins: np.sin(ins[0]),
+    "Cos": lambda cv, n, a, ins: np.cos(ins[0]),
+    "Abs": lambda cv, n, a, ins: np.abs(ins[0]),
+    "Sign": lambda cv, n, a, ins: np.sign(ins[0]),
+    "Floor": lambda cv, n, a, ins: np.floor(ins[0]),
+    "Reciprocal": lambda cv, n, a, ins: 1 / ins[0],
+    "Pow": lambda cv, n, a, ins: np.power(ins[0], ins[1]),
+    "Max": lambda cv, n, a, ins: np.maximum.reduce(ins),
+    "Min": lambda cv, n, a, ins: np.minimum.reduce(ins),
+    "Equal": lambda cv, n, a, ins: np.equal(ins[0], ins[1]),
+    "Where": lambda cv, n, a, ins: np.where(ins[0], ins[1], ins[2]),
+    "Range": lambda cv, n, a, ins: np.arange(ins[0], ins[1], ins[2]),
     "Relu": lambda cv, n, a, ins: np.maximum(ins[0], 0),
     "MatMul": lambda cv, n, a, ins: ins[0] @ ins[1],
     "Concat": lambda cv, n, a, ins: np.concatenate(ins, axis=a["axis"]),

@@ -20,13 +20,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .activation import ReLU, Sigmoid, Tanh
-from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear
-from .base import Activation, BuildContext, Op, Relaxation
+from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear, Reduce
+from .base import Activation, BuildContext, Expansion, Op, Relaxation, as_const
+from .elementwise import Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, Power, Reciprocal, Sign, Sin, Sqrt
 from .pool import MaxPool2d, avgpool_conv
+from .product import Product
 from .shape import Permute, Reshape, Select
 
-__all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Linear", "Conv", "ConvTranspose",
-           "ElemAffine", "Add", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh", "MaxPool2d"]
+__all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Expansion", "Linear", "Conv",
+           "ConvTranspose", "ElemAffine", "Add", "Reduce", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh",
+           "MaxPool2d", "Elementwise", "Exp", "Log", "Sqrt", "Reciprocal", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip",
+           "Sign", "Floor", "Product"]
 
 
 def _pair(v: Any, n: int = 2) -> tuple[int, ...]:
@@ -145,7 +149,8 @@ def b_linear_module(ctx):
     m = ctx.module()
     W = m.weight.detach().to(ctx.dtype)
     b = None if m.bias is None else m.bias.detach().to(ctx.dtype)
-    return Linear(W, b), [_single_var(ctx)]
+    x = _single_var(ctx)
+    return Linear(W, b, len(ctx.in_shapes[x])), [x]
 
 
 def b_linear_fn(ctx):
@@ -154,16 +159,27 @@ def b_linear_fn(ctx):
     x, W, b = args[0], n.kwargs.get("weight", args[1]), n.kwargs.get("bias", args[2])
     if not ctx.is_var(x) or ctx.is_var(W) or (b is not None and ctx.is_var(b)):
         raise ctx.fail("F.linear needs a variable input and constant weight/bias")
-    return Linear(ctx.const_tensor(W), None if b is None else ctx.const_tensor(b)), [x.name]
+    return Linear(ctx.const_tensor(W), None if b is None else ctx.const_tensor(b), len(ctx.in_shapes[x.name])), [x.name]
+
+
+def _product(ctx, a, b, matmul: bool):
+    """``a * b`` / ``a @ b`` of two variable tensors (same per-example rank, so that the batch
+    dims align)."""
+    sa, sb = ctx.in_shapes[a.name], ctx.in_shapes[b.name]
+    if len(sa) != len(sb) or (matmul and len(sa) < 2):
+        raise ctx.fail(f"product of variable tensors of per-example shapes {list(sa)} and {list(sb)}")
+    return Product(matmul, sa, sb), [a.name, b.name]
 
 
 def b_matmul(ctx):
     a, b = ctx.node.args[:2]
+    if ctx.is_var(a) and ctx.is_var(b):
+        return _product(ctx, a, b, matmul=True)
     if ctx.is_var(a) and not ctx.is_var(b):
         W = ctx.const_tensor(b)
         if W.dim() != 2:
             raise ctx.fail("matmul by a constant needs a 2-D constant")
-        return Linear(W.t().contiguous(), None), [a.name]
+        return Linear(W.t().contiguous(), None, len(ctx.in_shapes[a.name])), [a.name]
     raise ctx.fail("matmul needs a variable left operand and a constant 2-D right operand")
 
 
@@ -231,7 +247,7 @@ def b_batchnorm(ctx):
 
 def _const_per_example(ctx, c, shape) -> torch.Tensor:
     """A constant operand broadcast against ``[batch, *shape]`` -> per-example tensor."""
-    t = torch.as_tensor(c).to(ctx.dtype)
+    t = as_const(c, ctx.dtype)
     if t.dim() > len(shape):
         if t.dim() != len(shape) + 1 or t.shape[0] != 1:
             raise ctx.fail("constant operand varies along the batch dimension")
@@ -265,7 +281,13 @@ def b_binary(ctx):
     if va and vb:
         if name in ("add", "sub"):
             return Add([1.0, 1.0 if name == "add" else -1.0], [ctx.in_shapes[a.name], ctx.in_shapes[b.name]]), [a.name, b.name]
-        raise ctx.fail(f"{name} of two non-constant tensors is not linear")
+        if name == "mul":
+            return _product(ctx, a, b, matmul=False)
+        if name == "div":  # a * (1 / b)
+            sb = ctx.in_shapes[b.name]
+            prod, _ = _product(ctx, a, b, matmul=False)
+            return Expansion([("reciprocal", Reciprocal(), [b.name], sb), ("product", prod, [a.name, "__reciprocal"], out)])
+        raise ctx.fail(f"{name} of two non-constant tensors")
     if va:
         x, c = a, _const_per_example(ctx, ctx.const(b), out)
         if name == "add":
@@ -349,6 +371,131 @@ def _act(cls):
 
 
 b_relu, b_sigmoid, b_tanh = _act(ReLU), _act(Sigmoid), _act(Tanh)
+b_exp, b_log, b_sqrt, b_reciprocal = _act(Exp), _act(Log), _act(Sqrt), _act(Reciprocal)
+b_sin, b_cos, b_abs, b_sign, b_floor = _act(Sin), _act(Cos), _act(Abs), _act(Sign), _act(Floor)
+
+
+def _arg(ctx, i: int, name: str, default: Any = None) -> Any:
+    n = ctx.node
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def b_pow(ctx):
+    """``x ** c`` for a constant ``c``: an integer 2..8, 1, 0.5 (sqrt) or -1 (reciprocal)."""
+    x = _single_var(ctx)
+    if not ctx.is_var(ctx.node.args[0]):
+        raise ctx.fail("a constant raised to a variable power")
+    c = ctx.const(_arg(ctx, 1, "exponent"))
+    c = as_const(c, torch.float64)
+    c = float(c.reshape(-1)[0]) if c.numel() == 1 else None
+    if c == 1.0:
+        return Reshape(ctx.in_shapes[x], ctx.out_shape), [x]
+    if c == 0.5:
+        return Sqrt(), [x]
+    if c == -1.0:
+        return Reciprocal(), [x]
+    if c is not None and c == int(c) and 2 <= c <= 8:
+        return Power(int(c)), [x]
+    raise ctx.fail(f"power with exponent {c} (supported: 0.5, -1, 1 and integers 2..8)")
+
+
+def b_leaky_relu(ctx):
+    x = _single_var(ctx)
+    slope = ctx.module().negative_slope if ctx.node.op == "call_module" else ctx.const(_arg(ctx, 1, "negative_slope", 0.01))
+    return LeakyReLU(float(slope)), [x]
+
+
+def b_clamp(ctx):
+    x = _single_var(ctx)
+    n = ctx.node
+    if n.op == "call_module":
+        m = ctx.module()
+        low, high = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val)
+    elif n.target in (F.hardtanh,):
+        low, high = ctx.const(_arg(ctx, 1, "min_val", -1.0)), ctx.const(_arg(ctx, 2, "max_val", 1.0))
+    else:
+        low, high = ctx.const(_arg(ctx, 1, "min")), ctx.const(_arg(ctx, 2, "max"))
+    for v in (low, high):
+        if v is not None and as_const(v, torch.float64).numel() != 1:
+            raise ctx.fail("clamp with tensor bounds")
+    low = None if low is None else float(as_const(low, torch.float64))
+    high = None if high is None else float(as_const(high, torch.float64))
+    return Clip(low, high), [x]
+
+
+def b_reduce(ctx):
+    """``sum`` / ``mean`` over per-example dims (never the batch)."""
+    x = _single_var(ctx)
+    shape = ctx.in_shapes[x]
+    dim = ctx.const(_arg(ctx, 1, "dim"))
+    keepdim = bool(ctx.const(_arg(ctx, 2, "keepdim", False)))
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        raise ctx.fail("reduces the batch dimension")
+    dims = [int(d) % (len(shape) + 1) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+    if 0 in dims:
+        raise ctx.fail("reduces the batch dimension")
+    dims = [d - 1 for d in dims]
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    scale = 1.0 / math.prod(shape[d] for d in dims) if name == "mean" else 1.0
+    return Reduce(tuple(dims), keepdim, scale, shape), [x]
+
+
+def b_softmax(ctx):
+    """``softmax(x)_i = 1 / sum_j exp(x_j - x_i)`` along one dim: differences (linear, exact 0 on
+    the diagonal), exp, a sum and a reciprocal of a value ``>= 1`` -- no product of two bounded
+    quantities, hence tighter than ``exp(x_i) / sum_j exp(x_j)`` (Wei et al. 2023, "Convex bounds
+    on the softmax function")."""
+    x = _single_var(ctx)
+    s = ctx.in_shapes[x]
+    if ctx.node.op == "call_module":
+        dim = ctx.module().dim
+    else:
+        dim = ctx.const(_arg(ctx, 1, "dim"))
+    if dim is None:
+        raise ctx.fail("softmax without dim")
+    d = int(dim) % (len(s) + 1) - 1
+    if d < 0:
+        raise ctx.fail("softmax over the batch dimension")
+    n = s[d]
+    si = s[:d + 1] + (1,) + s[d + 1:]  # x_i at dim d
+    sj = s[:d] + (1,) + s[d:]  # x_j at dim d + 1
+    pair = s[:d] + (n, n) + s[d + 1:]
+    return Expansion([
+        ("xi", Reshape(s, si), [x], si),
+        ("xj", Reshape(s, sj), [x], sj),
+        ("diff", Add([1.0, -1.0], [sj, si]), ["__xj", "__xi"], pair),
+        ("exp", Exp(), ["__diff"], pair),
+        ("sum", Reduce((d + 1,), False, 1.0, pair), ["__exp"], s),
+        ("softmax", Reciprocal(), ["__sum"], s),
+    ])
+
+
+def b_max_min(ctx):
+    """``maximum(a, b) = a + relu(b - a)``, ``minimum(a, b) = a - relu(a - b)`` (a constant
+    operand: ``c + relu(x - c)``)."""
+    n = ctx.node
+    is_max = n.target in (torch.maximum, "maximum")
+    a, b = n.args[0], _arg(ctx, 1, "other")
+    out = ctx.out_shape
+    if ctx.is_var(a) and ctx.is_var(b):
+        sa = ctx.in_shapes[a.name]
+        first, second = (b.name, a.name) if is_max else (a.name, b.name)
+        return Expansion([
+            ("diff", Add([1.0, -1.0], [ctx.in_shapes[first], ctx.in_shapes[second]]), [first, second], out),
+            ("relu", ReLU(), ["__diff"], out),
+            ("out", Add([1.0, 1.0 if is_max else -1.0], [sa, out]), [a.name, "__relu"], out),
+        ])
+    x, c = (a, b) if ctx.is_var(a) else (b, a)
+    if not isinstance(c, torch.fx.Node) and not isinstance(c, torch.Tensor):
+        return Clip(float(c), None) if is_max else Clip(None, float(c)), [x.name]
+    c = _const_per_example(ctx, ctx.const(c), out)
+    sx = ctx.in_shapes[x.name]
+    sign = 1.0 if is_max else -1.0  # max: c + relu(x - c); min: c - relu(c - x)
+    return Expansion([
+        ("shift", ElemAffine(torch.full((), sign, dtype=ctx.dtype), -sign * c, sx), [x.name], out),
+        ("relu", ReLU(), ["__shift"], out),
+        ("out", ElemAffine(torch.full((), sign, dtype=ctx.dtype), c, out), ["__relu"], out),
+    ])
 
 
 #: fx target -> builder. Keys: module classes, functions, method names.
@@ -369,6 +516,10 @@ RULES: dict[Any, Any] = {
     nn.Unflatten: b_reshape,
     nn.Identity: b_reshape,
     nn.Dropout: b_dropout,
+    nn.LeakyReLU: b_leaky_relu,
+    nn.Hardtanh: b_clamp,
+    nn.ReLU6: b_clamp,
+    nn.Softmax: b_softmax,
     # functions
     operator.add: b_binary, operator.sub: b_binary, operator.mul: b_binary, operator.truediv: b_binary,
     operator.iadd: b_binary, operator.isub: b_binary, operator.imul: b_binary, operator.itruediv: b_binary,
@@ -389,6 +540,11 @@ RULES: dict[Any, Any] = {
     torch.repeat_interleave: b_select, F.interpolate: b_select, F.pad: b_select,
     nn.Upsample: b_select, nn.ZeroPad2d: b_select, nn.ConstantPad1d: b_select, nn.ConstantPad2d: b_select,
     torch.Tensor.expand: b_select,
+    torch.exp: b_exp, torch.log: b_log, torch.sqrt: b_sqrt, torch.reciprocal: b_reciprocal, torch.sin: b_sin,
+    torch.cos: b_cos, torch.abs: b_abs, torch.sign: b_sign, torch.floor: b_floor, torch.pow: b_pow, operator.pow: b_pow,
+    F.leaky_relu: b_leaky_relu, torch.clamp: b_clamp, torch.clip: b_clamp, F.hardtanh: b_clamp,
+    torch.sum: b_reduce, torch.mean: b_reduce, torch.softmax: b_softmax, F.softmax: b_softmax,
+    torch.maximum: b_max_min, torch.minimum: b_max_min,
     # methods
     "expand": b_select, "expand_as": b_select, "repeat": b_select, "narrow": b_select, "flip": b_select,
     "index_select": b_select, "__getitem__": b_select,
@@ -398,6 +554,9 @@ RULES: dict[Any, Any] = {
     "view": b_reshape, "reshape": b_reshape, "flatten": b_reshape, "squeeze": b_reshape,
     "unsqueeze": b_reshape, "contiguous": b_reshape, "view_as": b_reshape, "reshape_as": b_reshape,
     "permute": b_permute, "transpose": b_permute,
+    "exp": b_exp, "log": b_log, "sqrt": b_sqrt, "reciprocal": b_reciprocal, "sin": b_sin, "cos": b_cos, "abs": b_abs,
+    "sign": b_sign, "floor": b_floor, "pow": b_pow, "clamp": b_clamp, "clip": b_clamp, "sum": b_reduce, "mean": b_reduce,
+    "softmax": b_softmax, "maximum": b_max_min, "minimum": b_max_min, "matmul": b_matmul,
 }
 
 

@@ -7,13 +7,15 @@ bias ``A . b``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Op, sum_rows
 
-__all__ = ["Linear", "Conv", "ElemAffine", "Add", "unbroadcast"]
+__all__ = ["Linear", "Conv", "ElemAffine", "Add", "Reduce", "unbroadcast"]
 
 
 def _prod(shape) -> int:
@@ -39,8 +41,8 @@ class Linear(Op):
 
     kind = "linear"
 
-    def __init__(self, W: Tensor, b: Tensor | None):
-        self.W, self.b = W, b
+    def __init__(self, W: Tensor, b: Tensor | None, in_rank: int = 1):
+        self.W, self.b, self.in_rank = W, b, in_rank
         self._absWt: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,8 +63,9 @@ class Linear(Op):
         return [A_in], bias
 
     def backward_rows(self, idx: Tensor, sign: Tensor):
-        """Backward of the one-hot rows ``sign_s e_{idx[s, b]}`` (``idx [S, B]``): rows of ``W``."""
-        if self.W.dim() != 2 or idx.dim() != 2:
+        """Backward of the one-hot rows ``sign_s e_{idx[s, b]}`` (``idx [S, B]``): rows of ``W``
+        (only for a vector input; on ``[..., in]`` the flat index also names the leading position)."""
+        if self.W.dim() != 2 or idx.dim() != 2 or self.in_rank != 1:
             return None
         sg = sign.to(self.W.dtype).view(-1, 1)
         A_in = self.W[idx] * sg.unsqueeze(-1)
@@ -223,3 +226,41 @@ class Add(Op):
 
     def backward(self, A):
         return [unbroadcast(A if s > 0 else -A, sh) for s, sh in zip(self.signs, self.in_shapes)], None
+
+
+class Reduce(Op):
+    """``y = scale * sum of x over dims`` (per-example ``dims``; ``keepdim`` as in ``torch.sum``):
+    ReduceSum, and ReduceMean with ``scale = 1 / count``."""
+
+    kind = "reduce"
+    #: each end of the interval rule is widened by the round-off of its own sum
+    interval_rounded = True
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, scale: float, in_shape: tuple[int, ...]):
+        self.dims, self.keepdim, self.scale, self.in_shape = tuple(sorted(dims)), keepdim, float(scale), tuple(in_shape)
+        if self.scale <= 0:
+            raise ValueError("Reduce needs a positive scale")
+
+    def _sum(self, x: Tensor, lead: int) -> Tensor:
+        y = x.sum(dim=tuple(d + lead for d in self.dims), keepdim=self.keepdim)
+        return y if self.scale == 1.0 else y * self.scale
+
+    def forward(self, x):
+        return self._sum(x, 1)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        n = math.prod(self.in_shape[d] for d in self.dims) + 2
+        u = torch.finfo(lo.dtype).eps / 2
+        g = 2 * n * u / (1 - n * u)  # twice gamma_n (Higham Eq. (3.5)) for the sum and the scaling
+        return self._sum(lo, 1) - g * self._sum(lo.abs(), 1), self._sum(hi, 1) + g * self._sum(hi.abs(), 1)
+
+    def backward(self, A):
+        if not self.keepdim:
+            for d in self.dims:
+                A = A.unsqueeze(d + 2)
+        A_in = A.expand(*A.shape[:2], *self.in_shape)
+        return [A_in * self.scale if self.scale != 1.0 else A_in.contiguous()], None
+
+    def __repr__(self) -> str:
+        return f"Reduce(dims={list(self.dims)}, keepdim={self.keepdim}, scale={self.scale:g})"

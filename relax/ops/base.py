@@ -10,7 +10,8 @@ Conventions (per example shapes ``*in``/``*out``, batch ``B``, spec rows ``S``):
   a vector-Jacobian product batched over ``S * B``).
 * Nonlinear ops (:class:`Activation`) give a relaxation from the bounds of their input and
   ``backward_relaxed(A, relax, alpha)`` returning ``(A_in, bias)`` with
-  ``A . op(x) >= A_in . x + bias`` for every ``x`` in the input bounds (a *lower* bound: the
+  ``A . op(x) >= A_in . x + bias`` for every ``x`` in the input bounds (an op of several inputs
+  returns a list ``A_in`` and its relaxation comes from ``relax_inputs``) (a *lower* bound: the
   backward pass only ever computes lower bounds; an upper bound is ``-lower(-A)``).
 """
 from __future__ import annotations
@@ -22,7 +23,13 @@ import torch
 import torch.fx
 from torch import Tensor
 
-__all__ = ["Op", "Activation", "Relaxation", "BuildContext", "sum_rows"]
+__all__ = ["Op", "Activation", "Relaxation", "BuildContext", "Expansion", "as_const", "sum_rows"]
+
+
+def as_const(v: Any, dtype: torch.dtype) -> Tensor:
+    """A constant as a tensor of ``dtype``; Python numbers convert directly (through float32,
+    the default dtype, ``0.3`` would lose its float64 digits)."""
+    return v.to(dtype) if isinstance(v, Tensor) else torch.as_tensor(v, dtype=dtype)
 
 
 def sum_rows(t: Tensor) -> Tensor:
@@ -86,6 +93,12 @@ class Activation(Op):
     def relax(self, lo: Tensor, hi: Tensor, mode: str = "crown") -> Relaxation:
         raise NotImplementedError
 
+    def relax_inputs(self, boxes: list[tuple[Tensor, Tensor]], mode: str = "crown") -> Relaxation:
+        """The relaxation from the boxes of all inputs (one for an elementwise function; ops
+        of several inputs, like a product, override this)."""
+        (lo, hi), = boxes
+        return self.relax(lo, hi, mode)
+
     def backward_relaxed(self, A: Tensor, r: Relaxation, alpha: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Lower bound of ``A . f(x)``: positive entries of ``A`` take the lower line, negative
         ones the upper line. ``alpha`` (``[S, B, *shape]``) replaces ``lw`` when given."""
@@ -133,8 +146,7 @@ class BuildContext:
         return a
 
     def const_tensor(self, a: Any) -> Tensor:
-        v = self.const(a)
-        return torch.as_tensor(v).to(self.dtype)
+        return as_const(self.const(a), self.dtype)
 
     def module(self) -> torch.nn.Module:
         return self.gm.get_submodule(self.node.target)
@@ -146,6 +158,16 @@ class BuildContext:
         from ..graph import UnsupportedOperatorError
 
         return UnsupportedOperatorError(f"unsupported operator: {self.desc}: {why}")
+
+
+@dataclass
+class Expansion:
+    """What a builder returns for an op bounded as several bound nodes (softmax, division of two
+    tensors): ``steps = [(suffix, op, input names, per-example shape)]`` in order; step ``i`` is
+    the node ``f"{node}__{suffix}"``, except the last, which takes the node's own name. Inputs
+    name the op's variable inputs or earlier steps (``"__" + suffix``)."""
+
+    steps: list[tuple[str, Op, list[str], tuple[int, ...]]]
 
 
 Builder = Callable[[BuildContext], "tuple[Op, list[str]]"]

@@ -1,0 +1,456 @@
+"""Elementwise nonlinear functions beyond ReLU / sigmoid / tanh: exp, log, reciprocal, sqrt,
+integer powers, sin, cos, abs, leaky ReLU, clip, sign and floor.
+
+**One recipe for every relaxation.** A slope ``k`` is chosen by a heuristic, then the intercepts
+are the *exact* minimum and maximum of ``g(x) = f(x) - k x`` over ``[l, u]`` (:meth:`Elementwise.extremes`):
+``g`` is extreme at an end of the interval or at a point inside where ``f'(x) = k`` or ``f`` has
+a kink or a jump; each function lists these *candidate points* in closed form
+(:meth:`Elementwise.candidates`; extra candidates are harmless, a missing one would not be).
+So ``k x + min g <= f(x) <= k x + max g`` on ``[l, u]`` for every slope: soundness does not rest
+on the heuristic, and alpha-CROWN may move the slopes freely (as for sigmoid / tanh in
+:mod:`relax.ops.activation`). The interval rule is the same computation with ``k = 0``.
+
+Slopes (CROWN-style, Zhang et al. 2018 Sec. 3.3): where ``f`` is convex on ``[l, u]`` the lower
+line is the tangent at the midpoint and the upper line the secant (the tightest upper line of a
+convex function); mirrored where concave; otherwise both lines take the secant slope. For convex
+(concave) pieces alpha-CROWN optimises the tangent's slope within ``[f'(l), f'(u)]``.
+
+Poles and domains: ``1/x`` on an interval containing 0, ``log`` / ``sqrt`` below 0 give unbounded
+lines (``-inf`` / ``+inf`` intercepts, never NaN), so bounds through them are vacuous, not wrong.
+Round-off: each value of ``g`` is widened by ``8 eps`` times the magnitude of its two terms.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Activation, Relaxation, sum_rows
+
+__all__ = ["Elementwise", "Exp", "Log", "Reciprocal", "Sqrt", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip", "Sign",
+           "Floor"]
+
+_TWO_PI = 2 * math.pi
+
+
+def _finite(t: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+
+
+class Elementwise(Activation):
+    """An elementwise function relaxed by the recipe of the module docstring. Subclasses give
+    ``f``, ``df`` (a one-sided derivative at kinks), :meth:`candidates` and, where it is known,
+    :meth:`curvature`."""
+
+    #: the interval rule widens each end by its own round-off (relax.roundoff adds nothing)
+    interval_rounded = True
+
+    def f(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def df(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def candidates(self, k: Tensor, lo: Tensor, hi: Tensor) -> list[Tensor]:
+        """Points where ``f'(x) = k`` or ``f`` is not differentiable (outside ``[lo, hi]`` or NaN
+        where there is none); together with ``lo`` and ``hi`` they hold the extremes of ``f - k x``."""
+        return []
+
+    def curvature(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``+1`` where ``f`` is convex on ``[lo, hi]``, ``-1`` where concave, ``0`` otherwise."""
+        return torch.zeros_like(lo)
+
+    def forward(self, x):
+        return self.f(x)
+
+    # ------------------------------------------------------------------ extremes of f - k x
+    def extremes(self, k: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``(min, max)`` of ``f(x) - k x`` over ``[lo, hi]`` (broadcast shapes), widened by the
+        round-off allowance; ``-inf`` / ``+inf`` where unbounded or undefined."""
+        def kx(x):  # 0 * inf is 0 here (the slope-0 line of the interval rule)
+            return torch.where(k == 0, torch.zeros_like(k), k * x)
+
+        def g(x):
+            return self.f(x) - kx(x)
+
+        pts = [lo, hi]
+        for c in self.candidates(k, lo, hi):
+            inside = (c >= lo) & (c <= hi)  # NaN is never inside
+            pts.append(torch.where(inside, c, lo))
+        eps = 8 * torch.finfo(lo.dtype).eps
+        lows, highs = [], []
+        for x in pts:  # each value widened by its own round-off (ulps of its two terms)
+            fx, kxx = self.f(x), kx(x)
+            tol = eps * (fx.abs() + kxx.abs())
+            lows.append(fx - kxx - tol)
+            highs.append(fx - kxx + tol)
+        gmin = torch.stack(torch.broadcast_tensors(*lows)).amin(0)
+        gmax = torch.stack(torch.broadcast_tensors(*highs)).amax(0)
+        return self._widen(gmin, gmax, torch.zeros_like(gmin))
+
+    @staticmethod
+    def _widen(gmin: Tensor, gmax: Tensor, mag: Tensor) -> tuple[Tensor, Tensor]:
+        """Widen by ``8 eps mag`` (plus the smallest normal number); NaN becomes unbounded."""
+        tol = 8 * torch.finfo(gmin.dtype).eps * mag + torch.finfo(gmin.dtype).tiny
+        inf = torch.full_like(gmin, math.inf)
+        gmin = torch.where(torch.isnan(gmin) | torch.isnan(tol), -inf, gmin - tol)
+        gmax = torch.where(torch.isnan(gmax) | torch.isnan(tol), inf, gmax + tol)
+        return gmin, gmax
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        return self.extremes(torch.zeros_like(lo), lo, hi)
+
+    # ------------------------------------------------------------------ slopes and lines
+    def _secant(self, lo: Tensor, hi: Tensor) -> Tensor:
+        m, w = (lo + hi) / 2, hi - lo
+        wide = w > 1e-6 * (1 + m.abs())
+        sec = (self.f(hi) - self.f(lo)) / torch.where(wide, w, torch.ones_like(w))
+        return _finite(torch.where(wide, sec, self.df(m)))
+
+    def _slope_range(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``[f'(lo), f'(hi)]`` sorted (the tangents' slopes on a convex or concave piece)."""
+        a, b = _finite(self.df(lo)), _finite(self.df(hi))
+        return torch.minimum(a, b), torch.maximum(a, b)
+
+    def relax(self, lo, hi, mode="crown"):
+        curv = self.curvature(lo, hi)
+        sec = self._secant(lo, hi)
+        tan = _finite(self.df((lo + hi) / 2))
+        kl = torch.where(curv > 0, tan, sec)
+        ku = torch.where(curv < 0, tan, sec)
+        lb, _ = self.extremes(kl, lo, hi)
+        _, ub = self.extremes(ku, lo, hi)
+        kmin, kmax = self._slope_range(lo, hi)
+        return Relaxation(kl, lb, ku, ub, extra=(lo, hi, curv, kmin, kmax))
+
+    def term_magnitude(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """Bound on ``|f(x)| + |k x|`` over the box for the slopes the relaxations use (within
+        ``f'`` at the ends, the secant and 1), for :mod:`relax.roundoff`."""
+        fl, fh = self.interval((lo, hi))
+        k = torch.stack([self.df(lo).abs(), self.df(hi).abs(), self._secant(lo, hi).abs(), torch.ones_like(lo)]).amax(0)
+        k = torch.where(torch.isnan(k), torch.full_like(k, math.inf), k)
+        return torch.maximum(fl.abs(), fh.abs()) + k * torch.maximum(lo.abs(), hi.abs())
+
+    @property
+    def optimisable(self) -> bool:  # type: ignore[override]
+        return type(self).curvature is not Elementwise.curvature
+
+    def alpha_init(self, r: Relaxation) -> Tensor:
+        """Where convex (concave), the lower (upper) slope as a fraction of ``[f'(l), f'(u)]``."""
+        _, _, curv, kmin, kmax = r.extra
+        k = torch.where(curv < 0, r.uw, r.lw)
+        span = kmax - kmin
+        return torch.where(span > 0, (k - kmin) / torch.where(span > 0, span, torch.ones_like(span)),
+                           torch.full_like(k, 0.5)).clamp(0, 1)
+
+    def backward_relaxed(self, A, r, alpha=None):
+        lw, lb, uw, ub = r.lw, r.lb, r.uw, r.ub
+        if alpha is not None:
+            lo, hi, curv, kmin, kmax = r.extra
+            k = kmin + alpha * (kmax - kmin)  # [S, B, *shape]
+            kmn, kmx = self.extremes(k, lo, hi)
+            lw, lb = torch.where(curv > 0, k, lw), torch.where(curv > 0, kmn, lb)
+            uw, ub = torch.where(curv < 0, k, uw), torch.where(curv < 0, kmx, ub)
+        Ap, An = A.clamp(min=0), A.clamp(max=0)
+        # 0 * inf is 0 here: an unbounded intercept counts only where its line is used
+        bias = torch.where(Ap > 0, Ap * lb, torch.zeros_like(Ap)) + torch.where(An < 0, An * ub, torch.zeros_like(An))
+        return Ap * lw + An * uw, sum_rows(bias)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _Convex(Elementwise):
+    def curvature(self, lo, hi):
+        return torch.ones_like(lo)
+
+
+class _Concave(Elementwise):
+    def curvature(self, lo, hi):
+        return -torch.ones_like(lo)
+
+
+class Exp(_Convex):
+    kind = "exp"
+    monotone = True
+
+    def f(self, x):
+        return torch.exp(x)
+
+    def df(self, x):
+        return torch.exp(x)
+
+    def candidates(self, k, lo, hi):
+        return [torch.log(k)]  # NaN / -inf for k <= 0: no stationary point
+
+
+class Log(_Concave):
+    """Natural logarithm; unbounded below where ``lo <= 0``."""
+
+    kind = "log"
+    monotone = True
+
+    def f(self, x):
+        return torch.log(x)
+
+    def df(self, x):
+        return 1 / x
+
+    def candidates(self, k, lo, hi):
+        return [1 / k]
+
+
+class Sqrt(_Concave):
+    kind = "sqrt"
+    monotone = True
+
+    def f(self, x):
+        return torch.sqrt(x)  # NaN below 0: vacuous lines there
+
+    def df(self, x):
+        return 0.5 / torch.sqrt(x)
+
+    def candidates(self, k, lo, hi):
+        return [torch.where(k > 0, 0.25 / (k * k), torch.full_like(k, math.nan))]
+
+
+class Reciprocal(Elementwise):
+    """``1 / x``: convex for ``x > 0``, concave for ``x < 0``, unbounded on an interval that
+    contains 0."""
+
+    kind = "reciprocal"
+
+    def f(self, x):
+        return 1 / x
+
+    def df(self, x):
+        return -1 / (x * x)
+
+    def candidates(self, k, lo, hi):
+        r = torch.sqrt(-1 / k)  # NaN for k > 0
+        return [r, -r]
+
+    def curvature(self, lo, hi):
+        return torch.where(lo > 0, 1.0, torch.where(hi < 0, -1.0, 0.0)).to(lo.dtype)
+
+    def extremes(self, k, lo, hi):
+        gmin, gmax = super().extremes(k, lo, hi)
+        pole = (lo <= 0) & (hi >= 0)
+        inf = torch.full_like(gmin, math.inf)
+        return torch.where(pole, -inf, gmin), torch.where(pole, inf, gmax)
+
+
+class Power(Elementwise):
+    """``x ** n`` for an integer ``n >= 2`` (convex for even ``n``; odd ``n``: convex for
+    ``x >= 0``, concave for ``x <= 0``)."""
+
+    kind = "pow"
+
+    def __init__(self, n: int):
+        if int(n) != n or n < 2:
+            raise ValueError(f"Power needs an integer exponent >= 2, got {n}")
+        self.n = int(n)
+        self.monotone = self.n % 2 == 1
+
+    def f(self, x):
+        return x ** self.n
+
+    def df(self, x):
+        return self.n * x ** (self.n - 1)
+
+    def candidates(self, k, lo, hi):
+        r = (k.abs() / self.n) ** (1.0 / (self.n - 1))
+        return [r, -r]
+
+    def curvature(self, lo, hi):
+        if self.n % 2 == 0:
+            return torch.ones_like(lo)
+        return torch.where(lo >= 0, 1.0, torch.where(hi <= 0, -1.0, 0.0)).to(lo.dtype)
+
+    def __repr__(self) -> str:
+        return f"Power({self.n})"
+
+
+class _Periodic(Elementwise):
+    """sin / cos: stationary points in closed form within a few periods; wider intervals use
+    ``|f| <= 1`` (``f - k x`` within ``[-1, 1] - k [lo, hi]``)."""
+
+    def base_points(self, k: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def candidates(self, k, lo, hi):
+        m0 = torch.floor(lo / _TWO_PI)
+        out = []
+        for b in self.base_points(k):
+            for j in range(-1, 4):
+                out.append(b + _TWO_PI * (m0 + j))
+        return out
+
+    def extremes(self, k, lo, hi):
+        gmin, gmax = super().extremes(k, lo, hi)
+        kl, kh = k * lo, k * hi
+        crude_min = -1 - torch.maximum(kl, kh)
+        crude_max = 1 - torch.minimum(kl, kh)
+        crude_min, crude_max = self._widen(crude_min, crude_max, 1 + torch.maximum(kl.abs(), kh.abs()))
+        narrow = (hi - lo) <= 2 * _TWO_PI  # every stationary point is listed
+        gmin = torch.where(narrow, torch.maximum(gmin, crude_min), crude_min)
+        gmax = torch.where(narrow, torch.minimum(gmax, crude_max), crude_max)
+        return gmin, gmax
+
+
+class Sin(_Periodic):
+    kind = "sin"
+
+    def f(self, x):
+        return torch.sin(x)
+
+    def df(self, x):
+        return torch.cos(x)
+
+    def base_points(self, k):
+        a = torch.acos(k)  # NaN for |k| > 1
+        return [a, -a]
+
+
+class Cos(_Periodic):
+    kind = "cos"
+
+    def f(self, x):
+        return torch.cos(x)
+
+    def df(self, x):
+        return -torch.sin(x)
+
+    def base_points(self, k):
+        a = torch.asin(-k)
+        return [a, math.pi - a]
+
+
+class Abs(_Convex):
+    kind = "abs"
+    exact_forward = True
+
+    def f(self, x):
+        return x.abs()
+
+    def df(self, x):
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    def candidates(self, k, lo, hi):
+        return [torch.zeros_like(lo)]
+
+
+class LeakyReLU(Elementwise):
+    """``x`` for ``x >= 0``, ``slope x`` below (convex for ``slope <= 1``)."""
+
+    kind = "leaky_relu"
+    exact_forward = False
+
+    def __init__(self, slope: float):
+        self.slope = float(slope)
+        self.monotone = self.slope >= 0
+
+    def f(self, x):
+        return torch.where(x >= 0, x, self.slope * x)
+
+    def df(self, x):
+        return torch.where(x >= 0, 1.0, self.slope).to(x.dtype)
+
+    def candidates(self, k, lo, hi):
+        return [torch.zeros_like(lo)]
+
+    def curvature(self, lo, hi):
+        return torch.full_like(lo, 1.0 if self.slope <= 1 else -1.0)
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU({self.slope})"
+
+
+class Clip(Elementwise):
+    """``min(max(x, low), high)`` (either end may be ``None``)."""
+
+    kind = "clip"
+    exact_forward = True
+    monotone = True
+
+    def __init__(self, low: float | None, high: float | None):
+        self.low, self.high = low, high
+
+    def f(self, x):
+        return torch.clamp(x, self.low, self.high)
+
+    def df(self, x):
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if self.low is not None:
+            inside &= x >= self.low
+        if self.high is not None:
+            inside &= x <= self.high
+        return inside.to(x.dtype)
+
+    def candidates(self, k, lo, hi):
+        return [torch.full_like(lo, float(v)) for v in (self.low, self.high) if v is not None]
+
+    def __repr__(self) -> str:
+        return f"Clip({self.low}, {self.high})"
+
+
+class Sign(Elementwise):
+    """``sign(x)`` (``-1, 0, 1``; binarised networks). On each side of 0 ``f - k x`` is linear, so
+    its extremes are at ``lo``, ``hi`` and the limits ``-1, 0, +1`` at 0 (bounds over the closure,
+    hence sound)."""
+
+    kind = "sign"
+    exact_forward = True
+    monotone = True
+
+    def f(self, x):
+        return torch.sign(x)
+
+    def df(self, x):
+        return torch.zeros_like(x)
+
+    def extremes(self, k, lo, hi):
+        g_lo, g_hi = self.f(lo) - k * lo, self.f(hi) - k * hi
+        gmin, gmax = torch.minimum(g_lo, g_hi), torch.maximum(g_lo, g_hi)
+        zero_in = (lo <= 0) & (hi >= 0)
+        left = zero_in & (lo < 0)  # values -1 approached from the left of 0
+        right = zero_in & (hi > 0)
+        gmin = torch.where(left, torch.minimum(gmin, -torch.ones_like(gmin)), gmin)
+        gmin = torch.where(zero_in, torch.minimum(gmin, torch.zeros_like(gmin)), gmin)
+        gmax = torch.where(right, torch.maximum(gmax, torch.ones_like(gmax)), gmax)
+        gmax = torch.where(zero_in, torch.maximum(gmax, torch.zeros_like(gmax)), gmax)
+        mag = 1 + torch.maximum((k * lo).abs(), (k * hi).abs())
+        return self._widen(gmin, gmax, mag)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        return torch.sign(lo), torch.sign(hi)  # nondecreasing, exact
+
+
+class Floor(Elementwise):
+    """``floor(x)``: ``x - 1 < floor(x) <= x`` and ``floor(lo) <= floor(x) <= floor(hi)``, so
+    ``f - k x`` is bounded by the extremes of two linear functions on ``[lo, hi]``."""
+
+    kind = "floor"
+    exact_forward = True
+    monotone = True
+
+    def f(self, x):
+        return torch.floor(x)
+
+    def df(self, x):
+        return torch.zeros_like(x)
+
+    def extremes(self, k, lo, hi):
+        kl, kh = k * lo, k * hi
+        a_lo, a_hi = (1 - k) * lo, (1 - k) * hi  # x - k x at the ends
+        gmin = torch.maximum(torch.minimum(a_lo, a_hi) - 1, torch.floor(lo) - torch.maximum(kl, kh))
+        gmax = torch.minimum(torch.maximum(a_lo, a_hi), torch.floor(hi) - torch.minimum(kl, kh))
+        mag = 1 + torch.maximum(lo.abs(), hi.abs()) * (1 + k.abs())
+        return self._widen(gmin, gmax, mag)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        return torch.floor(lo), torch.floor(hi)

@@ -1,0 +1,163 @@
+"""Relaxations of the elementwise functions (relax.ops.elementwise) and of the product of two
+activations (relax.ops.product), checked on dense grids and samples in float64: every line of any
+slope, the interval rule, the alpha-optimised lines and the McCormick planes must enclose the
+function on the whole interval; poles and domains give unbounded, never NaN, lines."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from relax.bounds import bounds
+from relax.graph import build_graph
+from relax.ops import Abs, Clip, Cos, Exp, Floor, LeakyReLU, Log, Power, Product, Reciprocal, Sign, Sin, Sqrt
+from verify.spec import Box
+
+D = torch.float64
+
+
+def _intervals(positive: bool = False, n: int = 400):
+    g = torch.Generator().manual_seed(0)
+    lo = torch.randn(n, generator=g, dtype=D) * 3
+    w = torch.rand(n, generator=g, dtype=D) * torch.tensor([0.01, 1.0, 8.0, 30.0], dtype=D).repeat(n // 4)
+    special_lo = torch.tensor([-2.0, 0.0, -1e-3, 1.0, -7.0, 0.5], dtype=D)
+    special_w = torch.tensor([4.0, 1.0, 2e-3, 0.0, 14.0, 1e-9], dtype=D)
+    lo, w = torch.cat([lo, special_lo]), torch.cat([w, special_w])
+    if positive:
+        lo = lo.abs() + 1e-3
+    return lo, lo + w
+
+
+OPS = {
+    "exp": (Exp(), False), "log": (Log(), True), "sqrt": (Sqrt(), True), "reciprocal+": (Reciprocal(), True),
+    "pow2": (Power(2), False), "pow3": (Power(3), False), "pow4": (Power(4), False), "sin": (Sin(), False),
+    "cos": (Cos(), False), "abs": (Abs(), False), "leaky": (LeakyReLU(0.1), False), "clip": (Clip(-0.5, 1.0), False),
+    "sign": (Sign(), False), "floor": (Floor(), False),
+}
+
+
+def _grid(lo, hi, n=3001):
+    t = torch.linspace(0, 1, n, dtype=D).view(-1, 1)
+    return torch.cat([lo + t * (hi - lo), lo.view(1, -1), hi.view(1, -1)])
+
+
+def _check_lines(op, lo, hi, k, gmin, gmax, x=None):
+    x = _grid(lo, hi) if x is None else x
+    fx = op.forward(x)
+    ok = torch.isfinite(fx)
+    assert not torch.isnan(gmin).any() and not torch.isnan(gmax).any()
+    below = (k * x + gmin <= fx + 1e-12) | ~ok
+    above = (k * x + gmax >= fx - 1e-12) | ~ok
+    assert below.all(), f"{op}: lower line above f at {x[~below][:3]}"
+    assert above.all(), f"{op}: upper line below f at {x[~above][:3]}"
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_any_slope_gives_enclosing_lines(name):
+    op, positive = OPS[name]
+    lo, hi = _intervals(positive)
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.0, 0.5, 3.0):
+        k = torch.randn(lo.shape, generator=g, dtype=D) * scale
+        gmin, gmax = op.extremes(k, lo, hi)
+        _check_lines(op, lo, hi, k, gmin, gmax)
+    r = op.relax(lo.view(1, -1), hi.view(1, -1))
+    x = _grid(lo, hi)
+    fx = op.forward(x)
+    assert (r.lw * x + r.lb <= fx + 1e-12).all() and (r.uw * x + r.ub >= fx - 1e-12).all()
+    il, ih = op.interval((lo, hi))
+    assert (il <= fx.amin(0) + 1e-12).all() and (ih >= fx.amax(0) - 1e-12).all()
+
+
+@pytest.mark.parametrize("name", [n for n, (op, _) in OPS.items() if op.optimisable])
+def test_optimised_slopes_give_enclosing_lines(name):
+    """alpha-CROWN's lines (any alpha in [0, 1]) through backward_relaxed: A = +1 gives the
+    lower line, A = -1 the upper line."""
+    op, positive = OPS[name]
+    lo, hi = _intervals(positive)
+    r = op.relax(lo.view(1, -1), hi.view(1, -1))
+    x = _grid(lo, hi)
+    fx = op.forward(x)
+    for a in (0.0, 0.3, 1.0):
+        n = lo.numel()
+        alpha = torch.full((n, 1, n), a, dtype=D)  # [S, B, n]
+        for s in range(2):
+            A = (1.0 if s == 0 else -1.0) * torch.eye(n, dtype=D).unsqueeze(1)  # row j picks neuron j: [S, B, n]
+            A_in, bias = op.backward_relaxed(A, r, alpha)
+            w, b = A_in.diagonal(dim1=0, dim2=2).squeeze(0), bias.squeeze(1)  # line slope, intercept per neuron
+            if s == 0:
+                assert (w * x + b <= fx + 1e-10).all(), (name, a)
+            else:
+                assert (-(w * x + b) >= fx - 1e-10).all(), (name, a)
+
+
+def test_poles_and_domains_are_unbounded_not_nan():
+    lo = torch.tensor([-1.0, -2.0, 0.0, -1.0], dtype=D)
+    hi = torch.tensor([1.0, -0.0, 2.0, 3.0], dtype=D)
+    l, h = Reciprocal().interval((lo, hi))
+    assert torch.isinf(l[:3]).all() and torch.isinf(h[:3]).all() and not torch.isnan(l).any()
+    r = Reciprocal().relax(lo.view(1, -1), hi.view(1, -1))
+    assert (r.lb[0, :3] == -math.inf).all() and (r.ub[0, :3] == math.inf).all()
+    l, h = Log().interval((lo, hi))
+    assert l[0] == -math.inf and l[2] == -math.inf and not torch.isnan(l).any() and not torch.isnan(h).any()
+    # an unbounded intercept times a zero coefficient adds nothing (no 0 * inf)
+    A = torch.zeros(1, 1, 4, dtype=D)
+    A[0, 0, 3] = 1.0
+    r = Reciprocal().relax(torch.tensor([[0.5, -1.0, 1.0, 2.0]], dtype=D), torch.tensor([[1.0, 1.0, 2.0, 3.0]], dtype=D))
+    _, bias = Reciprocal().backward_relaxed(A, r)
+    assert torch.isfinite(bias).all()
+
+
+@pytest.mark.parametrize("matmul", [False, True], ids=["mul", "matmul"])
+def test_product_planes_and_interval_enclose_samples(matmul):
+    g = torch.Generator().manual_seed(2)
+    shape_x, shape_y = ((2, 3, 4), (2, 4, 5)) if matmul else ((2, 3, 4), (2, 1, 4))
+    B, S, n = 3, 6, 4000
+    lx = torch.randn(B, *shape_x, generator=g, dtype=D)
+    ux = lx + torch.rand(B, *shape_x, generator=g, dtype=D)
+    ly = torch.randn(B, *shape_y, generator=g, dtype=D)
+    uy = ly + torch.rand(B, *shape_y, generator=g, dtype=D) * 2
+    op = Product(matmul, shape_x, shape_y)
+    xs = lx + (ux - lx) * torch.rand(n, B, *shape_x, generator=g, dtype=D)
+    ys = ly + (uy - ly) * torch.rand(n, B, *shape_y, generator=g, dtype=D)
+    corners = [(a, b) for a in (lx, ux) for b in (ly, uy)]
+    xs = torch.cat([xs] + [a.unsqueeze(0) for a, _ in corners])
+    ys = torch.cat([ys] + [b.unsqueeze(0) for _, b in corners])
+    z = op.forward(xs, ys)  # [n, B, *out]
+    il, ih = op.interval((lx, ux), (ly, uy))
+    assert (il <= z.amin(0) + 1e-12).all() and (ih >= z.amax(0) - 1e-12).all()
+    r = op.relax_inputs([(lx, ux), (ly, uy)])
+    A = torch.randn(S, B, *z.shape[2:], generator=g, dtype=D)
+    (Ax, Ay), bias = op.backward_relaxed(A, r)
+    low = torch.einsum("sb...,nb...->nsb", A, z)
+    lin = torch.einsum("sb...,nb...->nsb", Ax, xs) + torch.einsum("sb...,nb...->nsb", Ay, ys) + bias
+    assert (lin <= low + 1e-10).all()
+
+
+def test_softmax_bounds_enclose_samples_and_stay_in_unit_interval():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1)).double()
+    x = torch.rand(2, 4, dtype=D)
+    S = Box(x - 0.2, x + 0.2)
+    lo, hi = bounds(net, S, method="crown")
+    pts = S.sample(20000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = net(pts.reshape(-1, 4)).reshape(20000, 2, 6)
+    assert (lo <= y.amin(0) + 1e-12).all() and (hi >= y.amax(0) - 1e-12).all()
+    assert (lo >= -1e-9).all() and (hi <= 1 + 1e-9).all()
+    g = build_graph(torch.fx.symbolic_trace(net), (4,), D)
+    assert torch.allclose(g.forward(x), net(x), rtol=0, atol=1e-15)
+
+
+def test_python_scalar_constants_keep_float64_digits():
+    """``x * 0.3`` in a float64 graph multiplies by the float64 0.3, not float32's (which
+    differs by 1e-8 relative; dividing by a constant multiplies by its reciprocal: one ulp)."""
+    class Scale(nn.Module):
+        def forward(self, x):
+            return torch.exp(x * 0.3 - 0.7) + torch.clamp(x, 0.1, 0.9) / 0.7
+
+    x = torch.rand(3, 5, dtype=D)
+    g = build_graph(torch.fx.symbolic_trace(Scale()), (5,), D)
+    assert torch.allclose(g.forward(x), Scale()(x), rtol=1e-15, atol=0)
