@@ -435,6 +435,8 @@ def bound_node(
     if not new_l:
         return lo, hi
     nl, nh = torch.cat(new_l), torch.cat(new_h)
+    nl = torch.nan_to_num(nl, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # undefined (inf - inf): no information
+    nh = torch.nan_to_num(nh, nan=math.inf, posinf=math.inf, neginf=-math.inf)
     idx, bidx = idx[:nl.shape[0]], bidx[:nl.shape[0]]
     gl, gh = l2[bidx, idx], h2[bidx, idx]
     l2 = l2.index_put((bidx, idx), torch.maximum(gl, nl))

@@ -83,3 +83,17 @@ def test_pow_with_a_fractional_exponent_is_refused(tmp_path):
     path = make_onnx(tmp_path, head + [node("Pow", ["m", "e"], ["y"])], [1, 12], {**inits, "e": np.array(1.5, F32)})
     with pytest.raises(UnsupportedOperatorError, match="exponent 1.5"):
         bounds(load_model(path), Box(torch.zeros(1, 12), torch.ones(1, 12)), method="crown")
+
+
+def test_graph_that_moves_its_leading_unit_dim_treats_it_as_data(tmp_path):
+    """ml4acopf's linear nets transpose ``[1, n]`` to ``[n, 1]``: the leading 1 is then data (the
+    conversion is retried with it inside each example) and the result matches onnxruntime."""
+    head, inits = _head()
+    nodes = [node("Transpose", ["m"], ["tm"], perm=[1, 0]), node("MatMul", ["L", "tm"], ["p"]),
+             node("Sin", ["p"], ["q"]), node("Transpose", ["q"], ["y"], perm=[1, 0])]
+    path = make_onnx(tmp_path, head[:1] + nodes, [1, 12], {"W": inits["W"], "L": rand(5, 12)})
+    gm = assert_matches_ort(path)
+    assert gm.input_shape == (12,)
+    x = torch.rand(2, 12, dtype=torch.float64)
+    lo, hi = bounds(gm.double(), Box(x - 0.05, x + 0.05), method="crown")
+    assert lo.shape == (2, 5) and torch.isfinite(lo).all()

@@ -164,7 +164,17 @@ def run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
 def import_onnx(path: Path) -> fx.GraphModule:
     """Convert an ONNX file; sets ``gm.input_shape`` and ``gm.source``."""
     model = read_onnx(path)
-    gm = _Converter(model).run()
+    try:
+        gm = _Converter(model).run()
+    except UnsupportedOperatorError as e:
+        # a graph that moves its leading size-1 dim (a Transpose of [1, n]) treats it as data:
+        # convert it again with that dim as part of each example (exact either way)
+        if "batch dimension" not in str(e) or not has_batch_dim(_dims(_graph_input(model))):
+            raise
+        try:
+            gm = _Converter(model, leading_is_data=True).run()
+        except UnsupportedOperatorError:
+            raise e from None
     set_attributes(gm, input_shape_of(model), str(path))
     return gm
 
@@ -184,8 +194,9 @@ _RESERVED = set(dir(fx.GraphModule)) | {"input_shape", "source"}
 class _Converter:
     """Walks the ONNX graph and builds the fx graph (see the module docstring)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, leading_is_data: bool = False):
         self.model = model
+        self.leading_is_data = leading_is_data
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.graph = fx.Graph()
         self.root = nn.Module()
@@ -194,7 +205,8 @@ class _Converter:
         self.uses = Counter(i for n in model.graph.node for i in n.input if i)
         self.uses.update(o.name for o in model.graph.output)
         self.input_shape = input_shape_of(model)
-        self.offset = 0 if has_batch_dim(_dims(_graph_input(model))) else 1  # torch axis = ONNX axis + offset
+        batched = has_batch_dim(_dims(_graph_input(model))) and not leading_is_data
+        self.offset = 0 if batched else 1  # torch axis = ONNX axis + offset
 
     @property
     def batched(self) -> bool:
@@ -206,6 +218,8 @@ class _Converter:
             self.env[t.name] = _checked(numpy_helper.to_array(t), f"initializer '{t.name}'")
         x = self.graph.placeholder("x")
         self.example[x] = torch.zeros((1, *self.input_shape), dtype=_F64)
+        if self.leading_is_data:  # the ONNX leading dim (of size 1) becomes torch dim 1
+            x = self.fn(torch.unsqueeze, x, 1, hint="leading_dim")
         self.env[_graph_input(self.model).name] = x
         for node in self.model.graph.node:
             self._convert(node)
@@ -1152,6 +1166,7 @@ _FOLD: dict[str, Callable] = {
     "Equal": lambda cv, n, a, ins: np.equal(ins[0], ins[1]),
     "Where": lambda cv, n, a, ins: np.where(ins[0], ins[1], ins[2]),
     "Range": lambda cv, n, a, ins: np.arange(ins[0], ins[1], ins[2]),
+    "Expand": lambda cv, n, a, ins: np.broadcast_to(ins[0], np.broadcast_shapes(ins[0].shape, tuple(int(v) for v in ins[1]))),
     "Relu": lambda cv, n, a, ins: np.maximum(ins[0], 0),
     "MatMul": lambda cv, n, a, ins: ins[0] @ ins[1],
     "Concat": lambda cv, n, a, ins: np.concatenate(ins, axis=a["axis"]),

@@ -441,10 +441,11 @@ def b_reduce(ctx):
 
 
 def b_softmax(ctx):
-    """``softmax(x)_i = 1 / sum_j exp(x_j - x_i)`` along one dim: differences (linear, exact 0 on
-    the diagonal), exp, a sum and a reciprocal of a value ``>= 1`` -- no product of two bounded
-    quantities, hence tighter than ``exp(x_i) / sum_j exp(x_j)`` (Wei et al. 2023, "Convex bounds
-    on the softmax function")."""
+    """``softmax(x)_i = 1 / (1 + sum_{j != i} exp(x_j - x_i))`` along one dim: the differences
+    are one linear map (no diagonal: the ``exp(0) = 1`` term is the constant 1, so even the
+    interval rule keeps the sum ``>= 1``), then exp, a sum and a reciprocal -- no product of two
+    bounded quantities, hence tighter than ``exp(x_i) / sum_j exp(x_j)`` (Wei et al. 2023,
+    "Convex bounds on the softmax function")."""
     x = _single_var(ctx)
     s = ctx.in_shapes[x]
     if ctx.node.op == "call_module":
@@ -457,17 +458,35 @@ def b_softmax(ctx):
     if d < 0:
         raise ctx.fail("softmax over the batch dimension")
     n = s[d]
-    si = s[:d + 1] + (1,) + s[d + 1:]  # x_i at dim d
-    sj = s[:d] + (1,) + s[d:]  # x_j at dim d + 1
-    pair = s[:d] + (n, n) + s[d + 1:]
-    return Expansion([
-        ("xi", Reshape(s, si), [x], si),
-        ("xj", Reshape(s, sj), [x], sj),
-        ("diff", Add([1.0, -1.0], [sj, si]), ["__xj", "__xi"], pair),
-        ("exp", Exp(), ["__diff"], pair),
-        ("sum", Reduce((d + 1,), False, 1.0, pair), ["__exp"], s),
-        ("softmax", Reciprocal(), ["__sum"], s),
-    ])
+    if n == 1:
+        return Expansion([("one", ElemAffine(torch.zeros((), dtype=ctx.dtype), torch.ones((), dtype=ctx.dtype), s), [x], s)])
+    W = torch.zeros(n, n - 1, n, dtype=ctx.dtype)  # row (i, k): x_j - x_i for the k-th j != i
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        W[i, torch.arange(n - 1), torch.tensor(others)] = 1.0
+        W[i, :, i] = -1.0
+    perm = list(range(len(s)))
+    perm.append(perm.pop(d))  # softmax dim last
+    inv = [perm.index(k) for k in range(len(s))]
+    sl = tuple(s[k] for k in perm)  # [..., n]
+    steps = []
+    src = x
+    if d != len(s) - 1:
+        steps.append(("last", Permute(perm), [x], sl))
+        src = "__last"
+    pair = sl[:-1] + (n * (n - 1),)
+    grid = sl[:-1] + (n, n - 1)
+    steps += [
+        ("diff", Linear(W.reshape(n * (n - 1), n), None, len(sl)), [src], pair),
+        ("grid", Reshape(pair, grid), ["__diff"], grid),
+        ("exp", Exp(), ["__grid"], grid),
+        ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__exp"], sl),
+        ("plus1", ElemAffine(None, torch.ones((), dtype=ctx.dtype), sl), ["__sum"], sl),
+        ("recip", Reciprocal(), ["__plus1"], sl),
+    ]
+    if d != len(s) - 1:
+        steps.append(("back", Permute(inv), ["__recip"], s))
+    return Expansion(steps)
 
 
 def b_max_min(ctx):

@@ -177,6 +177,8 @@ class ElemAffine(Op):
     output shape (BatchNorm in eval, +,-,*,/ by a constant, neg)."""
 
     kind = "elementwise affine"
+    #: each end is mapped on its own and widened by its own round-off
+    interval_rounded = True
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, in_shape: tuple[int, ...]):
         self.scale, self.shift, self.in_shape = scale, shift, tuple(in_shape)
@@ -186,14 +188,19 @@ class ElemAffine(Op):
         return y if self.shift is None else y + self.shift
 
     def interval(self, bnd):
-        lo, hi = bnd
-        if self.scale is None:
-            c, d = (hi + lo) / 2, (hi - lo) / 2
-        else:
-            c, d = (hi + lo) / 2 * self.scale, (hi - lo) / 2 * self.scale.abs()
+        lo, hi = bnd  # the ends mapped directly: exact per end, and unbounded ends stay unbounded
+        if self.scale is not None:
+            a, b = lo * self.scale, hi * self.scale
+            lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+            if self.scale.numel() > 0 and bool((self.scale == 0).any()):  # 0 * inf is 0
+                lo, hi = torch.nan_to_num(lo, nan=0.0, posinf=math.inf, neginf=-math.inf), torch.nan_to_num(hi, nan=0.0, posinf=math.inf, neginf=-math.inf)
+        u4 = 2 * torch.finfo(lo.dtype).eps  # 4 u: one product and one sum per end (gamma_2, rounded up)
         if self.shift is not None:
-            c = c + self.shift
-        return c - d, c + d
+            el, eh = u4 * (lo.abs() + self.shift.abs()), u4 * (hi.abs() + self.shift.abs())
+            lo, hi = lo + self.shift, hi + self.shift
+        else:
+            el, eh = u4 * lo.abs(), u4 * hi.abs()
+        return lo - el, hi + eh
 
     def backward(self, A):
         A_in = A if self.scale is None else A * self.scale

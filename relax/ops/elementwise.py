@@ -80,11 +80,15 @@ class Elementwise(Activation):
             pts.append(torch.where(inside, c, lo))
         eps = 8 * torch.finfo(lo.dtype).eps
         lows, highs = [], []
+        big = torch.finfo(lo.dtype).max
         for x in pts:  # each value widened by its own round-off (ulps of its two terms)
             fx, kxx = self.f(x), kx(x)
-            tol = eps * (fx.abs() + kxx.abs())
-            lows.append(fx - kxx - tol)
-            highs.append(fx - kxx + tol)
+            gx, tol = fx - kxx, eps * (fx.abs() + kxx.abs())
+            low, high = gx - tol, gx + tol
+            # an overflowed value (+-inf, widened: NaN) is bounded by the largest float on its
+            # side; an undefined one (NaN itself: outside the domain) is unbounded
+            lows.append(torch.where(torch.isnan(gx), -math.inf, torch.where(torch.isnan(low), big, low)))
+            highs.append(torch.where(torch.isnan(gx), math.inf, torch.where(torch.isnan(high), -big, high)))
         gmin = torch.stack(torch.broadcast_tensors(*lows)).amin(0)
         gmax = torch.stack(torch.broadcast_tensors(*highs)).amax(0)
         return self._widen(gmin, gmax, torch.zeros_like(gmin))
@@ -98,9 +102,13 @@ class Elementwise(Activation):
         gmax = torch.where(torch.isnan(gmax) | torch.isnan(tol), inf, gmax + tol)
         return gmin, gmax
 
+    #: ``f >= 0`` everywhere (the interval's lower end is clamped at 0 after its round-off widening)
+    nonnegative = False
+
     def interval(self, bnd):
         lo, hi = bnd
-        return self.extremes(torch.zeros_like(lo), lo, hi)
+        l, h = self.extremes(torch.zeros_like(lo), lo, hi)
+        return (l.clamp_min(0) if self.nonnegative else l), h
 
     # ------------------------------------------------------------------ slopes and lines
     def _secant(self, lo: Tensor, hi: Tensor) -> Tensor:
@@ -175,6 +183,7 @@ class _Concave(Elementwise):
 class Exp(_Convex):
     kind = "exp"
     monotone = True
+    nonnegative = True
 
     def f(self, x):
         return torch.exp(x)
@@ -205,6 +214,7 @@ class Log(_Concave):
 class Sqrt(_Concave):
     kind = "sqrt"
     monotone = True
+    nonnegative = True
 
     def f(self, x):
         return torch.sqrt(x)  # NaN below 0: vacuous lines there
@@ -253,6 +263,7 @@ class Power(Elementwise):
             raise ValueError(f"Power needs an integer exponent >= 2, got {n}")
         self.n = int(n)
         self.monotone = self.n % 2 == 1
+        self.nonnegative = self.n % 2 == 0
 
     def f(self, x):
         return x ** self.n
@@ -331,6 +342,7 @@ class Cos(_Periodic):
 class Abs(_Convex):
     kind = "abs"
     exact_forward = True
+    nonnegative = True
 
     def f(self, x):
         return x.abs()
