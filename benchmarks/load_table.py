@@ -111,8 +111,9 @@ def main() -> None:
             except Exception as e:  # a table row, not a crash: report and go on
                 r = {"net": Path(onnx_rel).name, "load": f"error: {type(e).__name__}: {str(e)[:80]}"}
             diff = r.get("max_diff")
+            diff_cell = "" if diff is None else f"{diff:.1e} ({r['scale']:.2g})"
             crown_cell = f"{r['crown_s']:.2f} ({'yes' if r['crown_finite'] else 'no'})" if "crown_s" in r else ""
-            print(f"| {s.split('/')[-1]} | {r['net']} | {r.get('load', '')} | {'' if diff is None else f"{diff:.1e} ({r['scale']:.2g})"} "
+            print(f"| {s.split('/')[-1]} | {r['net']} | {r.get('load', '')} | {diff_cell} "
                   f"| {r.get('load_s', 0):.2f} | {r.get('graph', '')} | {r.get('graph_s', 0):.2f} | {crown_cell} |", flush=True)
 
 
