@@ -82,8 +82,9 @@ class BoundGraph:
         return [n for n in self.nodes if n.op.nonlinear]
 
     def preactivations(self) -> list[str]:
-        """Names of the inputs of the nonlinear nodes, in topological order, without repeats."""
-        pre = {i for n in self.activations() for i in n.inputs}
+        """Names of the inputs of the nonlinear nodes (and of ops whose box comes from their
+        input's, ``box_from_input``), in topological order, without repeats."""
+        pre = {i for n in self.nodes if n.op.nonlinear or getattr(n.op, "box_from_input", False) for i in n.inputs}
         order = [self.input_name] + [n.name for n in self.nodes]
         return [k for k in order if k in pre]
 

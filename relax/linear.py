@@ -359,9 +359,12 @@ def _monotone_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Ten
     """``node`` is a monotone elementwise op (ReLU, sigmoid, tanh) of a node whose box is
     known: its interval box ``[f(l), f(u)]`` is then at least as tight as linear bounds through
     the op's relaxation (whose lines stay above ``f`` up to ``u`` and below it down to ``l``),
-    so none are computed (e.g. a ReLU output feeding a max-pooling)."""
+    so none are computed (e.g. a ReLU output feeding a max-pooling). Likewise an op marked
+    ``box_from_input`` (softmax's pairwise differences: n - 1 times the rows of their input)
+    takes the interval image of its input's linear bounds."""
     n = graph.by_name[node]
-    return getattr(n.op, "monotone", False) and len(n.inputs) == 1 and n.inputs[0] in known
+    cheap = getattr(n.op, "monotone", False) or getattr(n.op, "box_from_input", False)
+    return cheap and len(n.inputs) == 1 and n.inputs[0] in known
 
 
 def skips_linear_bounds(graph: BoundGraph, node: str, input_set: InputSet) -> bool:

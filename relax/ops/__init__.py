@@ -475,12 +475,14 @@ def b_softmax(ctx):
         steps.append(("last", Permute(perm), [x], sl))
         src = "__last"
     pair = sl[:-1] + (n * (n - 1),)
+    diff = Linear(W.reshape(n * (n - 1), n), None, len(sl))
+    diff.box_from_input = True  # bound the n scores linearly, their n (n - 1) differences by intervals
     grid = sl[:-1] + (n, n - 1)
     steps += [
-        ("diff", Linear(W.reshape(n * (n - 1), n), None, len(sl)), [src], pair),
-        ("grid", Reshape(pair, grid), ["__diff"], grid),
-        ("exp", Exp(), ["__grid"], grid),
-        ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__exp"], sl),
+        ("diff", diff, [src], pair),
+        ("exp", Exp(), ["__diff"], pair),
+        ("grid", Reshape(pair, grid), ["__exp"], grid),
+        ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__grid"], sl),
         ("plus1", ElemAffine(None, torch.ones((), dtype=ctx.dtype), sl), ["__sum"], sl),
         ("recip", Reciprocal(), ["__plus1"], sl),
     ]
