@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))  # before this folder: benchmarks/smoothing.py is 
 from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
-FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh")
+FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -75,6 +75,33 @@ class _Residual(nn.Module):
         return self.out(h + torch.relu(self.mid(h)))
 
 
+class _Smooth(nn.Module):
+    """sin, exp(-|h|), sign and squares on slices of one hidden layer."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(n_in, 8), nn.Linear(8, n_out)
+
+    def forward(self, x):
+        h = self.inp(x)
+        z = torch.cat([torch.sin(h[:, :2]), torch.exp(-torch.abs(h[:, 2:4])), torch.sign(h[:, 4:6]), h[:, 6:8] ** 2], 1)
+        return self.out(z)
+
+
+class _Attention(nn.Module):
+    """One self-attention head on two tokens: softmax(Q K^T) V, products of activations."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.inp, self.q, self.k, self.v = nn.Linear(n_in, 6), nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.out = nn.Linear(6, n_out)
+
+    def forward(self, x):
+        t = self.inp(x).view(-1, 2, 3)
+        att = torch.softmax(torch.matmul(self.q(t), self.k(t).transpose(1, 2)), dim=-1)
+        return self.out(torch.matmul(att, self.v(t)).flatten(1))
+
+
 def make_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:
     """A random float32 network of ``family`` with every weight and bias multiplied by
     ``scale`` (outputs then scale like ``scale ** depth``): ``(traced module, input shape)``.
@@ -98,6 +125,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "residual":
         shape = (3,)
         net = _Residual(3, 6, 3)
+    elif family in ("smooth", "attention"):
+        shape = (3,)
+        net = _Smooth(3, 3) if family == "smooth" else _Attention(3, 3)
     else:
         shape = (3,)
         act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(family, nn.ReLU)
@@ -264,13 +294,14 @@ def judge(status: str, cex, ball: LpBall, gm: nn.Module, prop: Robust, w: Witnes
     return "ok"
 
 
-def cases(n_nets: int, seed: int, scales: tuple[float, ...] = SCALES) -> Iterator[tuple[str, float, int, str, float]]:
+def cases(n_nets: int, seed: int, scales: tuple[float, ...] = SCALES,
+          families: tuple[str, ...] = FAMILIES) -> Iterator[tuple[str, float, int, str, float]]:
     """``(family, scale, net seed, centre kind, norm)`` tuples, cycling through every family,
     scale, centre kind and norm."""
     k = 0
     for i in range(n_nets):
-        fam = FAMILIES[i % len(FAMILIES)]
-        scale = scales[(i // len(FAMILIES) + i) % len(scales)]
+        fam = families[i % len(families)]
+        scale = scales[(i // len(families) + i) % len(scales)]
         for c in CENTRES:
             p = NORMS[k % len(NORMS)]
             k += 1
@@ -278,7 +309,7 @@ def cases(n_nets: int, seed: int, scales: tuple[float, ...] = SCALES) -> Iterato
 
 
 def run(n_nets: int, seed: int = 0, methods: list[str] | None = None, out=None, log=None, slow_every: int = 3,
-        scales: tuple[float, ...] = SCALES) -> dict:
+        scales: tuple[float, ...] = SCALES, families: tuple[str, ...] = FAMILIES) -> dict:
     """Run the fuzz; return ``{method: Counter}`` of outcomes (``cases``, ``certified``,
     ``falsified``, ``false_certified``, ``false_falsified``, ``refused``) plus ``"_details"``:
     the list of false answers."""
@@ -286,7 +317,7 @@ def run(n_nets: int, seed: int = 0, methods: list[str] | None = None, out=None, 
     methods = methods or all_det
     table: dict = defaultdict(Counter)
     false: list[dict] = []
-    for idx, (fam, scale, nseed, ckind, p) in enumerate(cases(n_nets, seed, scales)):
+    for idx, (fam, scale, nseed, ckind, p) in enumerate(cases(n_nets, seed, scales, families)):
         gm, shape = make_net(fam, scale, nseed)
         x0 = make_centre(ckind, gm, shape, nseed + 7)
         with torch.no_grad():
@@ -343,6 +374,7 @@ def main() -> None:
     ap.add_argument("--nets", type=int, default=48, help="networks (each with 4 centres)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="", help="comma-separated (default: every deterministic method)")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated network families")
     ap.add_argument("--slow-every", type=int, default=3, help="run the slow methods on every k-th ball")
     ap.add_argument("--out", default="benchmarks/out/fuzz_soundness.jsonl")
     a = ap.parse_args()
@@ -350,7 +382,8 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(a.out, "w") as f:
-        res = run(a.nets, a.seed, [m for m in a.methods.split(",") if m] or None, out=f, log=sys.stderr, slow_every=a.slow_every)
+        res = run(a.nets, a.seed, [m for m in a.methods.split(",") if m] or None, out=f, log=sys.stderr, slow_every=a.slow_every,
+                  families=tuple(x for x in a.families.split(",") if x))
     print(markdown(res))
     print(f"\n{a.nets} networks x {len(CENTRES)} centres, seed {a.seed}, {time.time() - t0:.0f} s")
     for row in res["_details"][:50]:

@@ -248,15 +248,21 @@ def test_unsupported_operator_names_op_and_node(tmp_path):
         ([node("Conv", ["x", "W"], ["y"], pads=[0, 0, 1, 1])], {"W": rand(2, 1, 2, 2)}, "asymmetric"),
         ([node("Gemm", ["x", "W"], ["y"], transA=1)], {"W": rand(4, 4)}, "transA"),
         ([node("Flatten", ["x"], ["f"]), node("Mul", ["x", "f"], ["y"])], {}, "ranks 4 and 2"),
-        ([node("Transpose", ["x"], ["y"], perm=[1, 0, 2, 3])], {}, "batch"),
         ([node("Pad", ["x", "pads"], ["y"])], {"pads": np.array([1, 0, 0, 0, 0, 0, 0, 0], np.int64)}, "outside the spatial dims"),
     ],
-    ids=["conv-asymmetric-pads", "gemm-transA", "mul-xx", "transpose-batch", "pad-batch"],
+    ids=["conv-asymmetric-pads", "gemm-transA", "mul-ranks", "pad-batch"],
 )
 def test_unsupported_attribute_combinations(tmp_path, nodes, inits, why):
     path = make_onnx(tmp_path, nodes, [1, 1, 4, 4], inits, opset=11)
     with pytest.raises(UnsupportedOperatorError, match=why):
         load_model(path)
+
+
+def test_transpose_of_the_leading_unit_dim_makes_it_data(tmp_path):
+    """A graph that moves its leading dim of size 1 is converted with that dim inside each
+    example (and still matches onnxruntime)."""
+    path = make_onnx(tmp_path, [node("Transpose", ["x"], ["y"], perm=[1, 0, 2, 3])], [1, 1, 4, 4], opset=11)
+    assert_matches_ort(path)
 
 
 def test_malformed_missing_and_nan_files(tmp_path):

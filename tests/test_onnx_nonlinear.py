@@ -97,3 +97,18 @@ def test_graph_that_moves_its_leading_unit_dim_treats_it_as_data(tmp_path):
     x = torch.rand(2, 12, dtype=torch.float64)
     lo, hi = bounds(gm.double(), Box(x - 0.05, x + 0.05), method="crown")
     assert lo.shape == (2, 5) and torch.isfinite(lo).all()
+
+
+def test_conv_on_a_unit_leading_dim_of_an_unbatched_graph(tmp_path):
+    """nn4sys pensieve_big_parallel: input ``[12, 8]`` (no batch dim), a row reshaped to
+    ``[1, 1, 8]`` and convolved: the leading 1 is part of the example."""
+    nodes = [node("Slice", ["x", "st", "en", "ax"], ["r"]), node("Reshape", ["r", "shp"], ["t"]),
+             node("Conv", ["t", "cw", "cb"], ["c"]), node("Relu", ["c"], ["y"])]
+    inits = {"st": np.array([1], I64), "en": np.array([2], I64), "ax": np.array([0], I64),
+             "shp": np.array([1, 1, 8], I64), "cw": rand(4, 1, 3), "cb": rand(4)}
+    path = make_onnx(tmp_path, nodes, [2, 8], inits)
+    gm = assert_matches_ort(path)
+    assert gm.input_shape == (2, 8)
+    x = torch.rand(2, 2, 8, dtype=torch.float64)
+    lo, hi = bounds(gm.double(), Box(x - 0.05, x + 0.05), method="crown")
+    assert lo.shape == (2, 24) and torch.isfinite(lo).all()

@@ -654,6 +654,19 @@ def _conv(cv: _Converter, node, a) -> fx.Node:
     k = w.ndim - 2
     if k not in (1, 2):
         raise cv.unsupported(node, f"{k}-D convolution")
+    unit_lead = not cv.batched and len(cv.shape(x)) == k + 2 and cv.shape(x)[0] == 1
+    if unit_lead:  # an example-internal leading 1 (pensieve's [12, 8] input reshaped to [1, 1, 8])
+        x = cv.fn(torch.squeeze, x, 1, hint=_label(node))
+        cv.offset -= 1
+        try:
+            y = _conv_on(cv, node, a, x, pre, w, b, k)
+        finally:
+            cv.offset += 1
+        return cv.fn(torch.unsqueeze, y, 1, hint=_label(node))
+    return _conv_on(cv, node, a, x, pre, w, b, k)
+
+
+def _conv_on(cv: _Converter, node, a, x: fx.Node, pre, w: np.ndarray, b, k: int) -> fx.Node:
     cv.require_batched(node, x, (k + 2,))
     strides, dil = list(a.get("strides", [1] * k)), list(a.get("dilations", [1] * k))
     pads = _spatial_pads(cv, node, a, cv.shape(x)[2:], w.shape[2:], strides, dil)
