@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall
 
 from .adam import ProjectedAdam
@@ -153,7 +154,8 @@ def bound_domains(
     t_boxes = time.perf_counter()
     if recompute:
         with torch.no_grad():
-            boxes = crown(graph, x_set, None, bound_overrides=boxes).intermediate
+            boxes = crown(graph, x_set, None, bound_overrides=boxes,
+                          deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
     t_boxes = time.perf_counter() - t_boxes

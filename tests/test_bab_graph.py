@@ -143,6 +143,27 @@ def test_mlp_through_the_graph_decided_against_exact_milp(seed):
     _check(net, net, 6, seed, {"split": "relu"})
 
 
+def test_domain_boxes_recomputation_stops_at_the_deadline():
+    """bound_domains' CROWN pass over the domains' boxes honours the deadline (a resnet_4b
+    instance ran 85 s of a 30 s budget there): past it, no pre-activation after the first is
+    tightened by linear bounds: the second ReLU input keeps its interval box."""
+    import time
+
+    from relax.bab_graph import bound_domains, relu_inputs
+
+    torch.manual_seed(7)
+    r = _Residual(4, 8, 3).eval().double()
+    graph, xs, C, rs, root = _root(r, torch.full((1, 4), 0.5, dtype=torch.float64), 0.3)
+    (_, p1), (_, p2) = relu_inputs(graph)
+    g = torch.Generator().manual_seed(0)
+    splits = {p1: torch.randint(-1, 2, (6, math.prod(graph.shape(p1))), generator=g).to(torch.int8)}
+    on_time = bound_domains(graph, xs, rs, root, splits, steps=0)
+    late = bound_domains(graph, xs, rs, root, splits, steps=0, deadline=time.perf_counter())
+    (lo_t, hi_t), (lo_l, hi_l) = on_time.boxes[p2], late.boxes[p2]
+    assert (lo_l <= lo_t).all() and (hi_l >= hi_t).all()
+    assert bool((lo_l < lo_t).any() or (hi_l > hi_t).any())  # in time, linear bounds tighten it
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_split_domains_bound_below_every_sample(fast):
     """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits
