@@ -126,6 +126,7 @@ def alpha_crown(
     N = C.shape[1]
     alphas: dict[str, dict[str, Tensor]] = {}
     params = []
+    used = 0  # slope elements so far (the optimiser keeps two more copies)
     for s in starts:
         alphas[s] = {}
         node = graph.output if s == "__out__" else s
@@ -133,11 +134,18 @@ def alpha_crown(
             if act not in relus:
                 continue
             lw = graph.by_name[act].op.alpha_init(init.relaxations[act]).detach()  # [B, *shape(, 2)]
+            # memory bound: slopes per spec row while they fit in max_elements, else one set
+            # shared by all rows ([1, B, ...]); an intermediate start whose per-row slopes do
+            # not fit keeps CROWN's slopes
             if s == "__out__":
-                a = lw.unsqueeze(0).expand(N, *lw.shape).clone()
+                rows = N if used + N * lw.numel() <= max_elements else 1
+                a = lw.unsqueeze(0).expand(rows, *lw.shape).clone()
             else:  # virtual batch of the (neuron, batch element) pairs, see linear.bound_node
+                if used + 2 * plan[s][1].numel() * (lw.numel() // max(1, lw.shape[0])) > max_elements:
+                    continue
                 lw = lw[plan[s][1]]
                 a = lw.unsqueeze(0).expand(2, *lw.shape).clone()
+            used += a.numel()
             a.requires_grad_(True)
             alphas[s][act] = a
             params.append(a)
@@ -148,7 +156,9 @@ def alpha_crown(
         a = alphas.get(start, {}).get(act)
         if a is None:
             return None
-        return a[sl] if start == "__out__" else a[:, sl]
+        if start == "__out__":
+            return a if a.shape[0] == 1 else a[sl]  # one shared set broadcasts over the rows
+        return a[:, sl]
 
     overrides = dict(fixed)
     if bound_overrides:

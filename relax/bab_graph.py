@@ -187,6 +187,10 @@ def bound_domains(
     signs = {p: splits[p].to(dt).unsqueeze(0) for p in betas}
     record: dict[str, Tensor | None] = {r: None for r, _ in relus + others}
     record[graph.input_name] = None
+    if time.perf_counter() >= deadline:  # the boxes took the budget: vacuous bounds, no more passes
+        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype), infeasible, record, boxes,
+                            {r: a.detach().reshape(N, D, -1).transpose(0, 1).float() for r, a in alphas.items()},
+                            {p: b.detach().transpose(0, 1).float() for p, b in betas.items()}, t_boxes)
 
     def bound(g: BoundGraph, xs: InputSet, bx, Cx: Tensor, dx: Tensor, al: dict[str, Tensor], be: dict[str, Tensor],
               fixed: dict, rec=None) -> Tensor:
@@ -399,8 +403,9 @@ class _DomainStore:
     appends, so a round costs O(domains moved), not O(queue) (a queue of 10^5 domains is
     otherwise copied every round)."""
 
-    def __init__(self, fields: dict[str, Tensor]) -> None:
+    def __init__(self, fields: dict[str, Tensor], max_n: int | None = None) -> None:
         self.n = next(iter(fields.values())).shape[0]
+        self.max_n = max_n  # the buffers never grow beyond this many domains
         self.buf = {k: v.clone() for k, v in fields.items()}
 
     def get(self, key: str) -> Tensor:
@@ -423,6 +428,8 @@ class _DomainStore:
         m = next(iter(fields.values())).shape[0]
         if self.n + m > next(iter(self.buf.values())).shape[0]:
             cap = max(2 * (self.n + m), 64)
+            if self.max_n is not None:
+                cap = max(self.n + m, min(cap, self.max_n))
             self.buf = {k: torch.cat([v[: self.n], v.new_empty((cap - self.n, *v.shape[1:]))]) for k, v in self.buf.items()}
         for k, v in fields.items():
             self.buf[k][self.n: self.n + m] = v
@@ -464,9 +471,11 @@ def graph_relu_bab(
     nodes = [p for _, p in relus]
     sizes = {p: math.prod(graph.shape(p)) for p in nodes + inodes}
     N = rs.C.shape[0]
-    # int8 splits, float32 alphas and betas per ReLU input; float64 boxes per interval-split input
-    per_domain = sum(sizes[p] for p in nodes) * (1 + 8 * N) + 16 * sum(sizes[p] for p in inodes) + 64
-    max_domains = max(int(max_memory_mb * 2**20 / per_domain), 4 * batch_size)
+    # int8 splits, float32 alphas and betas per ReLU input; float64 boxes and float32 slope pairs
+    # per interval-split input; the store's buffers double when full (twice the bytes at worst)
+    per_domain = sum(sizes[p] for p in nodes) * (1 + 8 * N) + sum(sizes[p] for p in inodes) * (16 + 8 * N) + 64
+    max_domains = max(int(max_memory_mb * 2**20 / (2 * per_domain)), 4)
+    batch_size = max(1, min(batch_size, max_domains // 4))  # a round's children fit beside the queue
 
     falsify = _Candidates(graph, rs, check_point)
 
@@ -511,7 +520,7 @@ def graph_relu_bab(
     q = _DomainStore({**{f"s:{p}": splits[p] for p in nodes}, **{f"l:{p}": ivals[p][0] for p in inodes},
                       **{f"h:{p}": ivals[p][1] for p in inodes}, **{f"a:{r}": a for r, a in db.alphas.items()},
                       **{f"b:{p}": torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m, "rows": db.rows, "node": code(node), "idx": idx,
-                      "t": tsplit})
+                      "t": tsplit}, max_n=max_domains + 2 * batch_size)
     worst_leaf = math.inf
     last_round = 0.0  # a round starts only if one as long as the last still fits
     recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
@@ -546,6 +555,8 @@ def graph_relu_bab(
         db = bound_domains(graph, inputs, rs, root, child, alphas0=c_alphas, betas0=c_betas, steps=steps, deadline=deadline,
                            recompute=recompute, ivals=c_ivals, fast=fast)
         bounded += 2 * k
+        if time.perf_counter() >= deadline:  # the round ran into the deadline: its bounds may be vacuous
+            return result("unknown", "timeout", min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, worst_leaf))
         x = falsify(_corners(graph, inputs, db))
         if x is not None:
             return result("falsified", "counterexample", -math.inf, x)

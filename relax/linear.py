@@ -409,7 +409,7 @@ def bound_node(
     new_l, new_h = [], []
     t0, max_step = 0, step
     if deadline is not None and deadline.seconds is not None:
-        step = min(step, 32)  # under a deadline chunks start small and grow while they stay short
+        step = min(step, 8)  # under a deadline chunks start small and grow while they stay short
     while t0 < T:
         if deadline is not None and deadline.expired():
             break
