@@ -404,3 +404,32 @@ def test_chunking_gives_the_same_bounds():
         assert torch.allclose(a[0], b[0], atol=1e-10) and torch.allclose(a[1], b[1], atol=1e-10)
     finally:
         net.float()
+
+
+@pytest.mark.parametrize("net_name", ["mlp", "smooth"])
+def test_alpha_crown_with_shared_slopes_under_a_memory_cap(net_name):
+    """With ``max_elements`` too small for slopes per spec row, alpha-CROWN shares one set of
+    slopes across the rows (and leaves intermediate rows at CROWN's slopes): its bounds stay
+    between CROWN's and the sampled values."""
+    from relax.alpha import alpha_crown
+    from relax.linear import crown
+
+    net, shape = NETS[net_name]
+    net = net.double()
+    try:
+        S = input_sets(shape, torch.float64)["linf"]
+        graph, xs = prepare(net, S)
+        K = graph.by_name[graph.output].numel
+        C, d = spec_rows(K, S.batch_size, torch.float64)
+        base = crown(graph, xs, C).lower
+        small = alpha_crown(graph, xs, C, iterations=8, max_elements=64)
+        full = alpha_crown(graph, xs, C, iterations=8)
+        assert (small.lower >= base - 1e-12).all() and (full.lower >= base - 1e-12).all()
+        assert any(a.shape[0] == 1 for a in small.alphas["__out__"].values())  # what did not fit is shared
+        assert all(a.shape[0] == C.shape[1] for a in full.alphas["__out__"].values())
+        pts = S.sample(10_000, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            v = values(net, C, torch.zeros_like(d), pts)
+        assert (small.lower <= v.amin(0) + 1e-9).all()
+    finally:
+        net.float()
