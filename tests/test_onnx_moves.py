@@ -46,12 +46,18 @@ def test_converts_and_bounds_soundly(tmp_path, case):
     head, inits = _head()
     nodes, extra = CASES[case]
     path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, **extra})
-    gm = assert_matches_ort(path)
+    assert_crown_holds(assert_matches_ort(path), 0.1)
+
+
+def assert_crown_holds(gm, radius: float) -> None:
+    """CROWN's bounds of ``gm`` (float64, input ``[12]``) on boxes of ``radius`` around two
+    random points are finite and contain 5,000 sampled outputs."""
     net = gm.double()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 12, generator=g, dtype=torch.float64)
-    lo, hi = bounds(net, Box(x - 0.1, x + 0.1), method="crown")
-    pts = x.unsqueeze(0) + (torch.rand(5000, 2, 12, generator=g, dtype=torch.float64) - 0.5) * 0.2
+    lo, hi = bounds(net, Box(x - radius, x + radius), method="crown")
+    assert torch.isfinite(lo).all() and torch.isfinite(hi).all()
+    pts = x.unsqueeze(0) + (torch.rand(5000, 2, 12, generator=g, dtype=torch.float64) - 0.5) * 2 * radius
     with torch.no_grad():
         ys = net(pts.reshape(-1, 12)).reshape(5000, 2, -1)
     assert (ys >= lo - 1e-9).all() and (ys <= hi + 1e-9).all()
