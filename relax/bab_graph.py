@@ -174,7 +174,8 @@ def bound_domains(
         with torch.no_grad():
             init = n.op.alpha_init(n.op.relax(*b_opt[n.inputs[0]]))  # [D, *shape(, 2)]
         if alphas0 is not None and n.name in alphas0:
-            a = alphas0[n.name].to(dt).transpose(0, 1).reshape(N, D, *init.shape[1:])
+            a0 = alphas0[n.name].to(dt).transpose(0, 1)  # [N, D, n]; N = 1: one set shared by the rows (alpha_crown's memory cap)
+            a = a0.expand(N, *a0.shape[1:]).reshape(N, D, *init.shape[1:])
         else:
             a = init.unsqueeze(0).expand(N, *init.shape)
         alphas[n.name] = a.clone().requires_grad_(True)

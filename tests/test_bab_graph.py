@@ -164,6 +164,23 @@ def test_domain_boxes_recomputation_stops_at_the_deadline():
     assert bool((lo_l < lo_t).any() or (hi_l > hi_t).any())  # in time, linear bounds tighten it
 
 
+def test_domains_start_from_slopes_shared_by_the_rows():
+    """Root slopes that alpha-CROWN shared across the spec rows (``[D, 1, n]``, its memory cap)
+    start every row (an ml4acopf instance failed on the reshape): with no steps the bounds equal
+    those from CROWN's slopes given per row."""
+    from relax.bab_graph import bound_domains, relu_inputs
+
+    torch.manual_seed(7)
+    r = _Residual(4, 8, 3).eval().double()
+    graph, xs, C, rs, root = _root(r, torch.full((1, 4), 0.5, dtype=torch.float64), 0.3)
+    g = torch.Generator().manual_seed(0)
+    splits = {p: torch.randint(-1, 2, (3, math.prod(graph.shape(p))), generator=g).to(torch.int8) for _, p in relu_inputs(graph)}
+    first = bound_domains(graph, xs, rs, root, splits, steps=0)
+    shared = {a: t[:, :1].clone() for a, t in first.alphas.items()}  # [D, 1, n]
+    again = bound_domains(graph, xs, rs, root, splits, alphas0=shared, steps=0)
+    assert torch.allclose(first.rows, again.rows, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_split_domains_bound_below_every_sample(fast):
     """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits
