@@ -190,7 +190,8 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, tim
 
     def attack(kind: str) -> BabResult | None:
         if kind == "random":
-            r = random_attack(_GraphModule(graph), x64, spec, samples=opts.random_samples, seed=opts.seed)
+            r = random_attack(_GraphModule(graph), x64, spec, samples=opts.random_samples, seed=opts.seed,
+                              timeout=min(left() * 0.05, 5.0))
         else:
             r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=opts.attack_restarts, seed=opts.seed,
                            timeout=min(left() * 0.05, 5.0))

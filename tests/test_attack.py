@@ -282,3 +282,25 @@ def test_image_shaped_inputs_and_fx_graph(kind):
     assert res.x_adv.shape == x.shape
     assert s.contains(res.x_adv, tol=1e-12).all()
     assert confirm_counterexample(model, s, spec, res.x_adv).tolist() == res.found.tolist()
+
+
+def test_random_attack_stops_at_its_timeout():
+    """Each forward pass of this model takes 50 ms: 100,000 samples in chunks of 256 would take
+    minutes, a 0.3 s timeout stops it after a few small chunks (carvana's UNet: 47 s of a 10 s
+    budget before)."""
+    import time
+
+    gen = torch.Generator().manual_seed(3)
+    inner = mlp(2)
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return inner(x)
+
+    s = make_set("linf", 2, gen)
+    spec = robust_spec(inner, s.midpoint())
+    t = time.perf_counter()
+    r = random_attack(Slow(), s, spec, samples=100_000, chunk=256, timeout=0.3)
+    assert time.perf_counter() - t < 1.5
+    assert r.x_adv.shape[-1] == s.midpoint().shape[-1]

@@ -51,6 +51,10 @@ CASES = {
                 node("Flatten", ["b"], ["bf"]), node("Concat", ["a", "bf"], ["y"], axis=1)], {"rax": np.array([1], I64)}),
     "mul-div-two-tensors": ([node("Sigmoid", ["m"], ["s"]), node("Mul", ["m", "s"], ["a"]), node("Add", ["s", "one"], ["d"]),
                              node("Div", ["m", "d"], ["b"]), node("Concat", ["a", "b"], ["y"], axis=1)], {"one": np.array(1.0, F32)}),
+    # operands of different ranks broadcast from the right, never against the batch
+    "broadcast-ranks": ([node("ReduceSum", ["t", "rax"], ["r"], keepdims=0), node("Mul", ["t", "r"], ["a"]),
+                         node("Add", ["r", "t"], ["b"]), node("Max", ["t", "r"], ["c"]), node("Concat", ["a", "b", "c"], ["y"], axis=1)],
+                        {"rax": np.array([1], I64)}),
     "attention": ([node("Transpose", ["t"], ["tt"], perm=[0, 2, 1]), node("MatMul", ["t", "tt"], ["qk"]),
                    node("Softmax", ["qk"], ["att"], axis=2), node("MatMul", ["att", "t"], ["y"])], {}),
 }

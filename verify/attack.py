@@ -411,10 +411,12 @@ def random_attack(
     samples: int = 1000,
     seed: int = 0,
     chunk: int = 256,
+    timeout: float | None = None,
 ) -> AttackResult:
     """Evaluate ``samples`` points per input: the midpoint, then random points of the set
     (:func:`_shared_points` with ``boundary=True``), ``chunk`` points per input per forward
-    pass. Inputs stop at their first chunk with a negative margin.
+    pass. Inputs stop at their first chunk with a negative margin. With ``timeout`` (seconds)
+    no chunk starts after it; chunks then start at 8 points and grow while they stay short.
 
     Returns:
         :class:`AttackResult` (the lowest-margin sample per input, confirmed in float64).
@@ -432,9 +434,14 @@ def random_attack(
     best_x = work.midpoint().clone()
     active = torch.ones(B, dtype=torch.bool, device=dev)
     done_n = 0
+    t0 = time.perf_counter()
+    size = chunk if timeout is None else min(chunk, 8)
     with torch.no_grad():
         while done_n < samples and active.any():
-            n = min(chunk, samples - done_n)
+            if timeout is not None and done_n and time.perf_counter() - t0 >= timeout:
+                break
+            n = min(size, samples - done_n)
+            t_chunk = time.perf_counter()
             if done_n == 0:
                 pts = torch.cat([work.midpoint().unsqueeze(0), _shared_points(work, n - 1, gen, boundary=True)]) if n > 1 else work.midpoint().unsqueeze(0)
             else:
@@ -450,4 +457,8 @@ def random_attack(
             chosen = p[arg, torch.arange(b, device=dev)]
             best_x[idx] = torch.where(better.view(b, *([1] * len(shape))), chosen, best_x[idx])
             active[idx[best_m[idx] < 0]] = False
+            if timeout is not None:  # the next chunk takes at most ~1/4 of what is left
+                per_point = (time.perf_counter() - t_chunk) / n
+                left = timeout - (time.perf_counter() - t0)
+                size = int(max(1, min(chunk, 0.25 * left / max(per_point, 1e-9))))
     return _finish(model, inputs, spec, best_x.unsqueeze(0), best_m.unsqueeze(0))

@@ -202,6 +202,7 @@ class _Converter:
         self.root = nn.Module()
         self.env: dict[str, Value] = {}
         self.example: dict[fx.Node, Tensor] = {}
+        self.integral: set[fx.Node] = set()  # dynamic values known to hold integers (ONNX int / bool types)
         self.uses = Counter(i for n in model.graph.node for i in n.input if i)
         self.uses.update(o.name for o in model.graph.output)
         self.input_shape = input_shape_of(model)
@@ -244,11 +245,27 @@ class _Converter:
         else:
             raise self.unsupported(node, f"opset {self.opset}; not in the canonical graph")
         outs = outs if isinstance(outs, list) else [outs]
+        if node.op_type in _KEEPS_INTEGERS and self._integer_operands(node):
+            self.integral.update(o for o in outs if isinstance(o, fx.Node))
         for name in node.output[len(outs):]:
             if self.uses[name]:
                 raise self.unsupported(node, f"its output '{name}' is used; only the first output is supported")
         for name, v in zip(node.output, outs):
             self.env[name] = v
+
+    def _integer_operands(self, node: onnx.NodeProto) -> bool:
+        """Do the data operands of ``node`` hold integers (dynamic ones known integral, constants
+        integer-valued)? Index / shape operands (Gather, Slice, Reshape, ...) are not data."""
+        data = node.input if node.op_type in _INTEGER_ARITHMETIC else node.input[:1]
+        for name in data:
+            v = self.env.get(name) if name else None
+            if isinstance(v, _Pending):
+                v = v.x
+            if isinstance(v, fx.Node) and v not in self.integral:
+                return False
+            if isinstance(v, np.ndarray) and not _integer_valued(v):
+                return False
+        return True
 
     def _add_output(self) -> None:
         outs = self.model.graph.output
@@ -384,6 +401,16 @@ class _Converter:
             return float(c.reshape(()))
         return self.const_node(c, _label(node))
 
+    def align(self, x: fx.Node, y: fx.Node, hint: str) -> tuple[fx.Node, fx.Node]:
+        """Two input-dependent operands of a broadcasting op, the one of lower ONNX rank given
+        leading unit dims after the batch dim (torch would align it with the batch instead)."""
+        rx, ry = len(self.shape(x)), len(self.shape(y))
+        for _ in range(ry - rx):
+            x = self.fn(torch.unsqueeze, x, 1, hint=hint)
+        for _ in range(rx - ry):
+            y = self.fn(torch.unsqueeze, y, 1, hint=hint)
+        return x, y
+
     def reshape(self, node: onnx.NodeProto, x: fx.Node, o: tuple[int, ...]) -> fx.Node:
         """Batch-agnostic reshape of ``x`` to the ONNX shape ``o`` (leading torch dim -1)."""
         if self.batched and (not o or o[0] != 1):
@@ -495,9 +522,7 @@ def _binary(cv: _Converter, node, a) -> fx.Node:
     x, y = cv.arg(node, 0), cv.arg(node, 1)
     op, f = node.op_type, _BINARY[node.op_type]
     if isinstance(x, fx.Node) and isinstance(y, fx.Node):  # Mul / Div: a product (bilinear bounds)
-        if op in ("Mul", "Div") and len(cv.shape(x)) != len(cv.shape(y)):
-            raise cv.unsupported(node, f"{op} of input-dependent tensors of ranks {len(cv.shape(x))} and {len(cv.shape(y))}")
-        return cv.fn(f, x, y, hint=_label(node))
+        return cv.fn(f, *cv.align(x, y, _label(node)), hint=_label(node))
     if isinstance(x, fx.Node):
         return _binary_const_right(cv, node, x, y, node.input[0])
     if op in ("Add", "Mul"):  # commutative: c op y == y op c
@@ -544,10 +569,14 @@ def _activation(cls: type[nn.Module]) -> Callable:
     return convert
 
 
-def _unary(f: Callable) -> Callable:
-    """An elementwise function of one input-dependent tensor (relaxed in relax.ops.elementwise)."""
+def _unary(f: Callable, integers: bool = False) -> Callable:
+    """An elementwise function of one input-dependent tensor (relaxed in relax.ops.elementwise);
+    ``integers``: its values are integers (sign, floor)."""
     def convert(cv: _Converter, node, a) -> fx.Node:
-        return cv.fn(f, cv.dyn(node), hint=_label(node))
+        y = cv.fn(f, cv.dyn(node), hint=_label(node))
+        if integers:
+            cv.integral.add(y)
+        return y
 
     return convert
 
@@ -617,6 +646,8 @@ def _max_min(f: Callable) -> Callable:
             if isinstance(y, float):  # max(x, c) = clamp(x, min=c)
                 bounds = (y, None) if f is torch.maximum else (None, y)
                 return cv.fn(torch.clamp, x, *bounds, hint=_label(node))
+        else:
+            x, y = cv.align(x, y, _label(node))
         return cv.fn(f, x, y, hint=_label(node))
 
     return convert
@@ -648,21 +679,37 @@ def _symmetric(cv: _Converter, node, pads: list[int]) -> list[int]:
     return pads[:k]
 
 
+def _unit_leading(convert: Callable) -> Callable:
+    """Run a converter of an op whose first ONNX axis is the batch (Conv, pools, BatchNorm, Pad,
+    Resize, ConvTranspose) on a graph without a batch dim whose operand has a leading ONNX dim of
+    1 (pensieve's [12, 8] input reshaped to [1, 1, 8]; carvana after its Gather of the batch):
+    that dim is dropped, the op converted as if it were the batch, and the dim put back."""
+    def convert_unit(cv: _Converter, node, a) -> Value:
+        name = node.input[0]
+        v = cv.env.get(name)
+        base = v.x if isinstance(v, _Pending) else v
+        if cv.batched or not isinstance(base, fx.Node) or cv.shape(base)[:1] != (1,):
+            return convert(cv, node, a)
+        hint = _label(node)
+        inner = cv.fn(torch.squeeze, cv.arg(node, 0), 1, hint=hint)
+        cv.env[name], cv.offset = inner, cv.offset - 1
+        try:
+            y = convert(cv, node, a)
+            if isinstance(y, _Pending):
+                y = cv.materialise(y)
+        finally:
+            cv.env[name], cv.offset = v, cv.offset + 1
+        return cv.fn(torch.unsqueeze, y, 1, hint=hint)
+
+    return convert_unit
+
+
 def _conv(cv: _Converter, node, a) -> fx.Node:
     x, pre = cv.padded(node)
     w, b = cv.const(node, 1), cv.const(node, 2, optional=True)
     k = w.ndim - 2
     if k not in (1, 2):
         raise cv.unsupported(node, f"{k}-D convolution")
-    unit_lead = not cv.batched and len(cv.shape(x)) == k + 2 and cv.shape(x)[0] == 1
-    if unit_lead:  # an example-internal leading 1 (pensieve's [12, 8] input reshaped to [1, 1, 8])
-        x = cv.fn(torch.squeeze, x, 1, hint=_label(node))
-        cv.offset -= 1
-        try:
-            y = _conv_on(cv, node, a, x, pre, w, b, k)
-        finally:
-            cv.offset += 1
-        return cv.fn(torch.unsqueeze, y, 1, hint=_label(node))
     return _conv_on(cv, node, a, x, pre, w, b, k)
 
 
@@ -804,10 +851,152 @@ def _passthrough(cv: _Converter, node, a) -> fx.Node:
     return cv.dyn(node)
 
 
+# -- integer and boolean values --------------------------------------------------------------
+# ONNX integer and bool tensors that depend on the input are carried as float tensors holding
+# their values (a bool as 0 / 1); ``cv.integral`` remembers which dynamic values hold integers.
+# Each op below is a composition of relaxed elementwise functions that is exact on every input:
+#   [t > 0] = relu(sign(t)),  [t >= 0] = 1 - relu(sign(-t)),  trunc(x) = floor(relu(x)) - floor(relu(-x)),
+#   [a == b] = 1 - min(|a - b|, 1) for integers, 1 - |sign(a - b)| for any floats.
+
+
+def _integer_valued(v: np.ndarray) -> bool:
+    if v.dtype == np.bool_ or np.issubdtype(v.dtype, np.integer):
+        return True
+    return bool(np.issubdtype(v.dtype, np.floating) and np.all(np.isfinite(v)) and np.all(v == np.round(v)))
+
+
+def _integral(cv: _Converter, x: fx.Node) -> fx.Node:
+    cv.integral.add(x)
+    return x
+
+
+def _one_minus(cv: _Converter, x: fx.Node, hint: str) -> fx.Node:
+    return cv.fn(operator.sub, 1.0, x, hint=hint)
+
+
+def _step(cv: _Converter, t: fx.Node, strict: bool, hint: str) -> fx.Node:
+    """``[t > 0]`` (strict) or ``[t >= 0]`` as 0 / 1."""
+    if strict:
+        return _integral(cv, cv.fn(torch.relu, cv.fn(torch.sign, t, hint=hint), hint=hint))
+    neg = cv.fn(torch.sign, cv.fn(operator.mul, t, -1.0, hint=hint), hint=hint)
+    return _integral(cv, _one_minus(cv, cv.fn(torch.relu, neg, hint=hint), hint))
+
+
+def _equal_values(cv: _Converter, x: fx.Node, y: fx.Node | float, integers: bool, hint: str) -> fx.Node:
+    """``[x == y]`` as 0 / 1 (``y`` broadcast against ``x``)."""
+    d = cv.fn(operator.sub, x, y, hint=hint)
+    if integers:  # |d| is 0 or >= 1
+        far = cv.fn(torch.clamp, cv.fn(torch.abs, d, hint=hint), None, 1.0, hint=hint)
+    else:  # float subtraction is 0 only for equal operands (IEEE, gradual underflow)
+        far = cv.fn(torch.abs, cv.fn(torch.sign, d, hint=hint), hint=hint)
+    return _integral(cv, _one_minus(cv, far, hint))
+
+
 def _cast(cv: _Converter, node, a) -> fx.Node:
-    if not np.issubdtype(helper.tensor_dtype_to_np_dtype(a["to"]), np.floating):
-        raise cv.unsupported(node, "cast of the input to a non-float type")
-    return cv.dyn(node)
+    """Cast: floats and integers keep their value; float -> integer truncates toward zero;
+    anything -> bool is ``x != 0``."""
+    x = cv.dyn(node)
+    to = helper.tensor_dtype_to_np_dtype(a["to"])
+    hint = _label(node)
+    if to == np.bool_:
+        if x in cv.integral:  # |x| >= 1 or 0
+            return _integral(cv, cv.fn(torch.clamp, cv.fn(torch.abs, x, hint=hint), None, 1.0, hint=hint))
+        return _integral(cv, cv.fn(torch.abs, cv.fn(torch.sign, x, hint=hint), hint=hint))
+    if np.issubdtype(to, np.floating) or x in cv.integral:
+        return x
+    if not np.issubdtype(to, np.integer):
+        raise cv.unsupported(node, f"cast to {to}")
+    up = cv.fn(torch.floor, cv.fn(torch.relu, x, hint=hint), hint=hint)
+    down = cv.fn(torch.floor, cv.fn(torch.relu, cv.fn(operator.mul, x, -1.0, hint=hint), hint=hint), hint=hint)
+    return _integral(cv, cv.fn(operator.sub, up, down, hint=hint))
+
+
+def _equal(cv: _Converter, node, a) -> fx.Node:
+    x, y = cv.arg(node, 0), cv.arg(node, 1)
+    if not isinstance(x, fx.Node):
+        x, y = y, x
+    integers = x in cv.integral and (y in cv.integral if isinstance(y, fx.Node) else _integer_valued(y))
+    if isinstance(y, np.ndarray):
+        y = cv.operand(node, y, len(cv.shape(x)))
+    else:
+        x, y = cv.align(x, y, _label(node))
+    return _equal_values(cv, x, y, integers, _label(node))
+
+
+def _compare(greater: bool, strict: bool) -> Callable:
+    """Greater / Less / GreaterOrEqual / LessOrEqual as a step of the difference."""
+    def convert(cv: _Converter, node, a) -> fx.Node:
+        x, y = cv.arg(node, 0), cv.arg(node, 1)
+        hint = _label(node)
+        if isinstance(x, fx.Node) and isinstance(y, fx.Node):
+            d = cv.fn(operator.sub, *cv.align(x, y, hint), hint=hint)
+        elif isinstance(x, fx.Node):
+            d = cv.fn(operator.sub, x, cv.operand(node, y, len(cv.shape(x))), hint=hint)
+        else:
+            d = cv.fn(operator.sub, cv.operand(node, x, len(cv.shape(y))), y, hint=hint)
+        if not greater:
+            d = cv.fn(operator.mul, d, -1.0, hint=hint)
+        return _step(cv, d, strict, hint)
+
+    return convert
+
+
+def _not(cv: _Converter, node, a) -> fx.Node:
+    return _integral(cv, _one_minus(cv, cv.dyn(node), _label(node)))
+
+
+#: the most classes ArgMax compares pairwise (C (C - 1) steps)
+ARGMAX_MAX_CLASSES = 64
+
+
+def _argmax(cv: _Converter, node, a) -> fx.Node:
+    """ArgMax along one axis: ``sum_k k [x_k wins]``, where ``x_k`` wins when it is at least every
+    other entry and strictly above those of lower index (the first maximum; the last one with
+    ``select_last_index``); "wins" is the AND ``relu(sum of bits - (C - 2))`` of its C - 1 steps."""
+    x = cv.dyn(node)
+    s = cv.shape(x)
+    ax = int(a.get("axis", 0))
+    t = cv.axis(node, ax, len(s))
+    n = s[ax % len(s)]
+    hint = _label(node)
+    if n > ARGMAX_MAX_CLASSES:
+        raise cv.unsupported(node, f"{n} classes (at most {ARGMAX_MAX_CLASSES})")
+    last = bool(a.get("select_last_index", 0))
+    entry = [cv.fn(operator.getitem, x, (slice(None),) * t + (slice(k, k + 1),), hint=hint) for k in range(n)]
+    index = cv.fn(operator.mul, entry[0], 0.0, hint=hint)
+    for k in range(1, n):
+        bits = [_step(cv, cv.fn(operator.sub, entry[k], entry[j], hint=hint), (j > k) if last else (j < k), hint)
+                for j in range(n) if j != k]
+        wins = bits[0]
+        for b in bits[1:]:
+            wins = cv.fn(operator.add, wins, b, hint=hint)
+        if len(bits) > 1:
+            wins = cv.fn(torch.relu, cv.fn(operator.sub, wins, float(len(bits) - 1), hint=hint), hint=hint)
+        index = cv.fn(operator.add, index, wins if k == 1 else cv.fn(operator.mul, wins, float(k), hint=hint), hint=hint)
+    if not a.get("keepdims", 1):
+        index = cv.fn(torch.squeeze, index, t, hint=hint)
+    return _integral(cv, index)
+
+
+def _onehot(cv: _Converter, node, a) -> fx.Node:
+    """OneHot of integer indices: ``off + (on - off) [i == v]`` for v < depth (negative indices
+    count from the end), stacked along ``axis``."""
+    idx = cv.dyn(node)
+    hint = _label(node)
+    if idx not in cv.integral:
+        raise cv.unsupported(node, "indices that are not known to hold integers")
+    depth = int(np.ravel(cv.const(node, 1))[0])
+    off, on = (float(v) for v in np.ravel(cv.const(node, 2))[:2])
+    r = len(cv.shape(idx)) + 1
+    t = cv.axis(node, int(a.get("axis", -1)), r)
+    cols = []
+    for v in range(depth):
+        hit = cv.fn(operator.add, _equal_values(cv, idx, float(v), True, hint),
+                    _equal_values(cv, idx, float(v - depth), True, hint), hint=hint)
+        col = cv.fn(operator.add, cv.fn(operator.mul, hit, on - off, hint=hint), off, hint=hint)
+        cols.append(cv.fn(torch.unsqueeze, col, t, hint=hint))
+    y = cols[0] if depth == 1 else cv.fn(torch.cat, cols, t, hint=hint)
+    return _integral(cv, y) if float(off).is_integer() and float(on).is_integer() else y
 
 
 def _pad(cv: _Converter, node, a) -> Value:
@@ -1042,12 +1231,12 @@ _CONVERTERS: dict[str, Callable] = {
     "Relu": _activation(nn.ReLU),
     "Sigmoid": _activation(nn.Sigmoid),
     "Tanh": _activation(nn.Tanh),
-    "Conv": _conv,
-    "BatchNormalization": _batchnorm,
-    "AveragePool": _pool,
-    "MaxPool": _pool,
-    "GlobalAveragePool": _pool,
-    "GlobalMaxPool": _pool,
+    "Conv": _unit_leading(_conv),
+    "BatchNormalization": _unit_leading(_batchnorm),
+    "AveragePool": _unit_leading(_pool),
+    "MaxPool": _unit_leading(_pool),
+    "GlobalAveragePool": _unit_leading(_pool),
+    "GlobalMaxPool": _unit_leading(_pool),
     "Flatten": _flatten,
     "Reshape": _reshape,
     "Transpose": _transpose,
@@ -1056,16 +1245,16 @@ _CONVERTERS: dict[str, Callable] = {
     "Identity": _passthrough,
     "Dropout": _passthrough,
     "Cast": _cast,
-    "Pad": _pad,
+    "Pad": _unit_leading(_pad),
     "Shape": _shape,
     "Slice": _slice,
     "Gather": _gather,
     "Concat": _concat,
     "Split": _split,
     "Expand": _expand,
-    "Resize": _resize,
-    "Upsample": _resize,
-    "ConvTranspose": _conv_transpose,
+    "Resize": _unit_leading(_resize),
+    "Upsample": _unit_leading(_resize),
+    "ConvTranspose": _unit_leading(_conv_transpose),
     "Exp": _unary(torch.exp),
     "Log": _unary(torch.log),
     "Sqrt": _unary(torch.sqrt),
@@ -1073,8 +1262,8 @@ _CONVERTERS: dict[str, Callable] = {
     "Sin": _unary(torch.sin),
     "Cos": _unary(torch.cos),
     "Abs": _unary(torch.abs),
-    "Sign": _unary(torch.sign),
-    "Floor": _unary(torch.floor),
+    "Sign": _unary(torch.sign, integers=True),
+    "Floor": _unary(torch.floor, integers=True),
     "Pow": _pow,
     "Clip": _clip,
     "LeakyRelu": _leaky_relu,
@@ -1083,7 +1272,22 @@ _CONVERTERS: dict[str, Callable] = {
     "ReduceMean": _reduce(torch.mean),
     "Max": _max_min(torch.maximum),
     "Min": _max_min(torch.minimum),
+    "ArgMax": _argmax,
+    "OneHot": _onehot,
+    "Equal": _equal,
+    "Greater": _compare(True, True),
+    "GreaterOrEqual": _compare(True, False),
+    "Less": _compare(False, True),
+    "LessOrEqual": _compare(False, False),
+    "Not": _not,
 }
+
+#: ops whose output holds integers when their data operands do (``_Converter._integer_operands``)
+_KEEPS_INTEGERS = {"Transpose", "Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split",
+                   "Expand", "Identity", "Dropout", "Neg", "Abs", "Relu", "Max", "Min", "ReduceSum", "Add", "Sub",
+                   "Mul", "Pad", "MaxPool"}
+#: of those, the ops all of whose operands are data (the rest: only the first)
+_INTEGER_ARITHMETIC = {"Concat", "Max", "Min", "Add", "Sub", "Mul"}
 
 
 # ---------------------------------------------------------------------------------------------
