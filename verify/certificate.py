@@ -2,8 +2,9 @@
 
 A Certificate answers one (input, property) question. Deterministic methods certify the
 network ``f`` itself (``certifies="base"``); randomized smoothing certifies the smoothed
-classifier ``g`` (``certifies="smoothed"``) with probability ``confidence = 1 - alpha``.
-Tables and plots never branch on the method: they read these fields.
+classifier ``g`` (``certifies="smoothed"``) with probability ``confidence = 1 - alpha``; the
+inverse task certifies that f keeps the property on a fraction of the set
+(``certifies="fraction"``). Tables and plots never branch on the method: they read these fields.
 """
 from __future__ import annotations
 
