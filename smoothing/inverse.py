@@ -118,6 +118,7 @@ def estimate_invariance(
     seed: int = 0,
     batch_size: int = 1000,
     memory_mb: float | None = None,
+    share_noise: bool = True,
     deadline: float | None = None,
 ) -> InvarianceEstimate:
     """Estimate ``P_{x' ~ D(S)}(argmax f(x') = reference)`` for every set of the batch.
@@ -128,6 +129,9 @@ def estimate_invariance(
         reference: ``[B]`` classes (default: ``argmax f`` at the midpoint / centre).
         n: samples per set.
         alpha: the interval holds with probability ``>= 1 - alpha`` per input.
+        share_noise: the inputs of the batch use the same uniform draws (default; each
+            interval keeps its level, see :mod:`smoothing.sampling`); ``False``: independent
+            draws per input.
     """
     packed, kind, desc = _pack(inputs)
     shape = tuple(inputs.shape)
@@ -147,7 +151,7 @@ def estimate_invariance(
 
     counts = count_classes(
         model, packed, sampler, [n], seed=seed, streams=["inverse"], batch_size=batch_size, memory_mb=memory_mb,
-        perturb=perturb, param_shape=(sampler.param_dim,), deadline=deadline,
+        share_noise=share_noise, perturb=perturb, param_shape=(sampler.param_dim,), deadline=deadline,
     )[0]
     ref = reference.to(counts.device).reshape(-1).long()
     agree = counts.gather(1, ref.view(-1, 1)).squeeze(1).cpu().numpy()

@@ -21,6 +21,7 @@ both sides and the ``m`` outputs). Where no such index exists the bound is ``-in
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ from torch import Tensor
 from .noise import GaussianNoise
 from .sampling import monte_carlo
 
-__all__ = ["RegressionBounds", "order_statistic_indices", "percentile_bounds"]
+__all__ = ["RegressionBounds", "order_statistic_indices", "sample_outputs", "bounds_from_samples", "percentile_bounds"]
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RegressionBounds:
     k_up: int | None
 
 
+@functools.lru_cache(maxsize=1024)
 def order_statistic_indices(n: int, p_low: float, p_up: float, alpha_side: float) -> tuple[int | None, int | None]:
     """1-based order statistic indices ``(k_low, k_up)`` (``None`` when none is valid): with
     probability ``>= 1 - alpha_side`` each, ``y_(k_low) <= h_{p_low}`` and ``y_(k_up) >= h_{p_up}``."""
@@ -63,6 +65,69 @@ def order_statistic_indices(n: int, p_low: float, p_up: float, alpha_side: float
     ok_up = np.nonzero(cdf_up >= 1.0 - alpha_side)[0]
     k_up = int(ks[ok_up[0]]) if ok_up.size else None
     return k_low, k_up
+
+
+def sample_outputs(
+    model: torch.nn.Module,
+    x: Tensor,
+    sigma: float,
+    n: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 1000,
+    memory_mb: float | None = None,
+    share_noise: bool = True,
+    deadline: float | None = None,
+) -> np.ndarray:
+    """The outputs ``f(x + delta)``, ``delta ~ N(0, sigma^2 I)``, sorted per input and output.
+
+    Args:
+        model: regressor ``[S, *shape] -> [S, m]`` (or ``[S]``).
+        x: ``[B, *shape]``.
+
+    Returns:
+        ``[B, n, m]`` float64, ascending along the sample axis (the order statistics
+        ``y_(1) <= ... <= y_(n)`` of every input and output). The noise of an input does not
+        depend on the other inputs (:mod:`smoothing.sampling`), so any split of a batch gives
+        the same samples.
+    """
+    noise = GaussianNoise(sigma=sigma)
+    B = x.shape[0]
+    store: dict[str, Tensor] = {}
+
+    def consume(slot: Tensor, pos: Tensor, out: Tensor) -> None:
+        if "y" not in store:
+            store["y"] = torch.empty(B, n, out.shape[1], dtype=out.dtype, device=out.device)
+        store["y"][slot, pos] = out
+
+    with torch.inference_mode():
+        monte_carlo(model, x, noise, [n], consume, seed=seed, streams=["regression"], batch_size=batch_size,
+                    memory_mb=memory_mb, share_noise=share_noise, deadline=deadline)
+    return store["y"].double().sort(dim=1).values.cpu().numpy()
+
+
+def bounds_from_samples(y: np.ndarray, sigma: float, eps: float, percentile: float, alpha: float) -> RegressionBounds:
+    """Chiang et al. 2020, Thm. 1 with order-statistic confidence bounds, from sorted samples.
+
+    Args:
+        y: ``[B, n, m]`` sorted samples of :func:`sample_outputs`.
+        eps: l2 radius (0: bounds on ``h_p(x)`` itself).
+        alpha: the ``2 m`` one-sided bounds of all ``B`` inputs' outputs hold together with
+            probability ``>= 1 - alpha`` per input (``alpha / (2 m)`` each).
+    """
+    if not 0 < percentile < 1:
+        raise ValueError(f"percentile must be in (0, 1), got {percentile}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    B, n, m = y.shape
+    z = _normal.ppf(percentile)
+    p_low = float(_normal.cdf(z - eps / sigma))
+    p_up = float(_normal.cdf(z + eps / sigma))
+    k_low, k_up = order_statistic_indices(n, p_low, p_up, alpha / (2 * m))
+    lower = y[:, k_low - 1, :] if k_low is not None else np.full((B, m), -np.inf)
+    upper = y[:, k_up - 1, :] if k_up is not None else np.full((B, m), np.inf)
+    k_est = min(n, max(1, int(np.ceil(percentile * n))))
+    return RegressionBounds(lower, upper, y[:, k_est - 1, :], percentile, float(eps), float(sigma), n, alpha, k_low, k_up)
 
 
 def percentile_bounds(
@@ -94,25 +159,6 @@ def percentile_bounds(
         raise ValueError(f"percentile must be in (0, 1), got {percentile}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    noise = GaussianNoise(sigma=sigma)
-    B = x.shape[0]
-    store: dict[str, Tensor] = {}
-
-    def consume(slot: Tensor, pos: Tensor, out: Tensor) -> None:
-        if "y" not in store:
-            store["y"] = torch.empty(B, n, out.shape[1], dtype=out.dtype, device=out.device)
-        store["y"][slot, pos] = out
-
-    with torch.inference_mode():
-        monte_carlo(model, x, noise, [n], consume, seed=seed, streams=["regression"], batch_size=batch_size,
-                    memory_mb=memory_mb, share_noise=share_noise, deadline=deadline)
-    y = store["y"].double().sort(dim=1).values.cpu().numpy()  # [B, n, m]
-    m = y.shape[2]
-    z = _normal.ppf(percentile)
-    p_low = float(_normal.cdf(z - eps / sigma))
-    p_up = float(_normal.cdf(z + eps / sigma))
-    k_low, k_up = order_statistic_indices(n, p_low, p_up, alpha / (2 * m))
-    lower = y[:, k_low - 1, :] if k_low is not None else np.full((B, m), -np.inf)
-    upper = y[:, k_up - 1, :] if k_up is not None else np.full((B, m), np.inf)
-    k_est = min(n, max(1, int(np.ceil(percentile * n))))
-    return RegressionBounds(lower, upper, y[:, k_est - 1, :], percentile, float(eps), float(sigma), n, alpha, k_low, k_up)
+    y = sample_outputs(model, x, sigma, n, seed=seed, batch_size=batch_size, memory_mb=memory_mb,
+                       share_noise=share_noise, deadline=deadline)
+    return bounds_from_samples(y, sigma, eps, percentile, alpha)

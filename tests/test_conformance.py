@@ -31,6 +31,8 @@ FAST_OPTIONS: dict[str, dict] = {
     "smoothing-topk": dict(n0=64, n=2000, alpha=0.01),
     "smoothing-rotation": dict(n0=64, n=1000, alpha=0.01),
     "smoothing-translation": dict(n0=64, n=1000, alpha=0.01),
+    "smoothing-regression": dict(n=1000, alpha=0.01),
+    "smoothing-invariance": dict(n=1000, alpha=0.01),
     "alpha-crown": dict(iterations=5),
 }
 SLOW = {"milp", "bab", "sdp", "lipschitz-sdp", "lp"}  # run on fewer inputs

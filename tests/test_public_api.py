@@ -14,6 +14,25 @@ def test_public_names_are_pinned():
         assert getattr(verify, name) is not None
 
 
+#: the Certificate's fields are the columns of every results CSV / JSON: a change is a format change
+CERTIFICATE_FIELDS = [
+    "method", "guarantee", "status", "certifies", "confidence", "index", "label", "prediction", "norm", "eps", "radius",
+    "lower", "upper", "counterexample", "time_s", "details",
+    "output_lower", "output_upper", "estimate", "estimate_lower", "estimate_upper",  # issue 20: regression, inverse task
+]
+
+
+def test_certificate_fields_are_pinned():
+    from dataclasses import fields
+
+    from verify.certificate import CERTIFIES, CSV_COLUMNS
+
+    assert [f.name for f in fields(verify.Certificate)] == CERTIFICATE_FIELDS == CSV_COLUMNS
+    assert CERTIFIES == ("base", "smoothed", "fraction")
+    old = verify.Certificate(method="m", guarantee="deterministic", status="unknown")  # the new fields are optional
+    assert old.output_lower is None and old.estimate is None
+
+
 def test_import_is_light():
     """Importing the front door must not pull in ONNX or solver stacks."""
     import subprocess

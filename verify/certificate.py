@@ -2,8 +2,9 @@
 
 A Certificate answers one (input, property) question. Deterministic methods certify the
 network ``f`` itself (``certifies="base"``); randomized smoothing certifies the smoothed
-classifier ``g`` (``certifies="smoothed"``) with probability ``confidence = 1 - alpha``.
-Tables and plots never branch on the method: they read these fields.
+classifier ``g`` (``certifies="smoothed"``) with probability ``confidence = 1 - alpha``; the
+inverse task certifies that f keeps the property on a fraction of the set
+(``certifies="fraction"``). Tables and plots never branch on the method: they read these fields.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Iterator, Sequence
 
-__all__ = ["Certificate", "CertificateTable", "STATUSES", "GUARANTEES"]
+__all__ = ["Certificate", "CertificateTable", "STATUSES", "GUARANTEES", "CERTIFIES"]
 
 STATUSES = ("certified", "falsified", "unknown", "abstain", "error")
 GUARANTEES = ("deterministic", "probabilistic")
-CERTIFIES = ("base", "smoothed")
+CERTIFIES = ("base", "smoothed", "fraction")
+#: list-valued fields (JSON-encoded in their CSV cell); ``details`` is a JSON object
+LIST_FIELDS = ("lower", "upper", "counterexample", "output_lower", "output_upper")
 
 
 def _jsonable(v: Any) -> Any:
@@ -49,7 +52,10 @@ class Certificate:
         method: registry name of the method (``"crown"``, ``"smoothing-gaussian"``, ...).
         guarantee: ``"deterministic"`` (holds for every point of the set) or
             ``"probabilistic"`` (holds with probability ``confidence`` over the sampling).
-        certifies: ``"base"`` (the network f) or ``"smoothed"`` (the smoothed classifier g).
+        certifies: ``"base"`` (the network f), ``"smoothed"`` (the smoothed classifier g, or the
+            smoothed regressor of ``smoothing-regression``) or ``"fraction"`` (the probability that
+            f keeps the property at a random point of the set: the inverse task, not a claim about
+            every point).
         status: ``"certified"`` (proved), ``"falsified"`` (a counterexample that a forward
             pass confirms), ``"unknown"``, ``"abstain"`` (smoothing could not decide the
             class) or ``"error"``.
@@ -64,6 +70,12 @@ class Certificate:
         counterexample: an input (nested list) violating the property, with ``status="falsified"``.
         time_s: wall time spent on this input (a batch's time is split evenly).
         details: method-specific, JSON-serialisable facts (options, solver status, ...).
+        output_lower, output_upper: bounds on each output of what is certified, for every point
+            of the set (lists of length K; ``smoothing-regression``: the smoothed regressor's
+            outputs), when a method has them; ``lower``/``upper`` stay the property rows' bounds.
+        estimate, estimate_lower, estimate_upper: an estimated probability and its two-sided
+            confidence interval at level ``confidence`` (``smoothing-invariance``: the
+            probability that the property holds at a random point of the set).
     """
 
     method: str
@@ -82,6 +94,11 @@ class Certificate:
     counterexample: list | None = None
     time_s: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    output_lower: list[float] | None = None
+    output_upper: list[float] | None = None
+    estimate: float | None = None
+    estimate_lower: float | None = None
+    estimate_upper: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -96,11 +113,41 @@ class Certificate:
             raise ValueError(f"Certificate.radius must be >= 0, got {self.radius}")
         if self.guarantee == "deterministic" and self.confidence != 1.0:
             raise ValueError("a deterministic certificate has confidence 1.0")
-        for name in ("lower", "upper", "counterexample"):
+        for name in LIST_FIELDS:
             v = getattr(self, name)
             if v is not None and hasattr(v, "tolist"):
                 setattr(self, name, v.tolist())
+        for name in ("lower", "upper"):  # "inf" / "-inf" strings of a JSON or CSV round trip
+            v = getattr(self, name)
+            if isinstance(v, list):
+                setattr(self, name, [_unjson_float(x) for x in v])
         self.details = _jsonable(self.details)
+        self._check_output_bounds()
+        self._check_estimate()
+
+    def _check_output_bounds(self) -> None:
+        """``output_lower <= output_upper`` elementwise, as float lists (``"inf"`` strings from a
+        JSON or CSV round trip become floats again)."""
+        lo, hi = self.output_lower, self.output_upper
+        if lo is None and hi is None:
+            return
+        if lo is None or hi is None or len(lo) != len(hi):
+            raise ValueError("Certificate.output_lower and output_upper must be given together, with one entry per output")
+        self.output_lower, self.output_upper = [float(v) for v in lo], [float(v) for v in hi]
+        if any(not (a <= b) for a, b in zip(self.output_lower, self.output_upper)):
+            raise ValueError("Certificate.output_lower must be <= output_upper (and not NaN) for every output")
+
+    def _check_estimate(self) -> None:
+        """``0 <= estimate_lower <= estimate <= estimate_upper <= 1`` where given."""
+        vals = [self.estimate_lower, self.estimate, self.estimate_upper]
+        given = [float(v) for v in vals if v is not None]
+        if not given:
+            return
+        if len(given) != 3:
+            raise ValueError("Certificate.estimate, estimate_lower and estimate_upper must be given together")
+        if not (0.0 <= given[0] <= given[1] <= given[2] <= 1.0):
+            raise ValueError(f"Certificate estimate: need 0 <= lower <= estimate <= upper <= 1, got {given}")
+        self.estimate_lower, self.estimate, self.estimate_upper = given
 
     @property
     def certified(self) -> bool:
@@ -221,7 +268,7 @@ class CertificateTable(Sequence[Certificate]):
                         d[k] = None if k not in ("details",) else {}
                         continue
                     t = str(types[k])
-                    if k in ("lower", "upper", "counterexample", "details"):
+                    if k in LIST_FIELDS or k == "details":
                         d[k] = json.loads(v)
                     elif "float" in t:
                         d[k] = float(v)

@@ -175,6 +175,39 @@ def _check_eps(eps: float | None) -> None:
         raise CLIError(f"--eps must be a finite number >= 0, got {eps:g}")
 
 
+def _output_property(args: argparse.Namespace) -> Any:
+    """``--output-lower`` / ``--output-upper`` as an :class:`~verify.spec.OutputBounds` property
+    (one number for every output, or one per output), or ``None`` when neither is given."""
+    if args.output_lower is None and args.output_upper is None:
+        return None
+    import torch
+
+    from .spec import OutputBounds
+
+    def values(text: str | None, flag: str) -> Any:
+        if text is None:
+            return None
+        try:
+            vals = [float(v) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise CLIError(f"{flag}: expected a number or comma-separated numbers, got {text!r}") from None
+        if not vals or not all(math.isfinite(v) for v in vals):
+            raise CLIError(f"{flag}: expected finite numbers, got {text!r}")
+        return vals[0] if len(vals) == 1 else torch.tensor(vals, dtype=torch.float64)
+
+    return OutputBounds(values(args.output_lower, "--output-lower"), values(args.output_upper, "--output-upper"))
+
+
+def _print_task_rows(table: Any, limit: int = 10) -> None:
+    """The output intervals / estimates of the first ``limit`` certificates that have them."""
+    from .report import TASK_COLUMNS, format_text, task_rows
+
+    rows = task_rows(table)
+    if rows:
+        print(f"per input ({min(limit, len(rows))} of {len(rows)}):")
+        print(format_text(rows[:limit], TASK_COLUMNS))
+
+
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
     """Each of the numeric flags ``names`` (attribute names) is > 0 where given."""
     for name in names:
@@ -196,7 +229,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 0
     w = max(len(n) for n in methods)
     for name, cls in methods.items():
-        who = "f" if cls.certifies == "base" else "g (smoothed)"
+        who = {"base": "f", "smoothed": "g (smoothed)", "fraction": "f (P on set)"}.get(cls.certifies, cls.certifies)
         print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms) or '- (semantic)'}")
         if cls.summary:
             print(f"{'':<{w}}  {cls.summary}")
@@ -247,6 +280,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--result-file is for --spec runs")
     if args.spec is not None and args.radius:
         raise CLIError("--radius searches l_p radii around data points; it does not apply to --spec")
+    if args.spec is not None and (args.output_lower is not None or args.output_upper is not None):
+        raise CLIError("--output-lower/--output-upper state the property of --data runs; a VNN-LIB file states its own")
+    out_prop = _output_property(args)
     _check_eps(args.eps)
     p = _norm(args.norm)
     _check_positive(args, "timeout", "max_radius", "batch_size")
@@ -267,7 +303,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         step = args.batch_size or len(y)
         bar = tqdm(total=len(y), desc=args.method, unit="input", file=sys.stderr, disable=args.quiet or None)
         for s in range(0, len(y), step):
-            t = certify(model, x[s : s + step], y[s : s + step], args.method, eps=args.eps, norm=p,
+            target = y[s : s + step] if out_prop is None else out_prop
+            t = certify(model, x[s : s + step], target, args.method, eps=args.eps, norm=p,
                         find_radius=args.radius, max_radius=args.max_radius, timeout=args.timeout,
                         device=args.device, method_options=opts)
             for c in t:
@@ -277,6 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.close()
         radii = sorted({0.0, float(torch.tensor(args.eps, dtype=torch.float32))})  # the ball's radius as the model sees it
         print(format_text(summarize(table, radii), summary_columns(radii)))
+        _print_task_rows(table)
     counts = {s: sum(c.status == s for c in table) for s in ("certified", "falsified", "unknown", "abstain", "error")}
     print(", ".join(f"{k} {v}" for k, v in counts.items() if v) + f"; {len(table)} rows in {time.perf_counter() - t0:.2f} s")
     if args.out:
@@ -347,7 +385,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     kinds = {method_class(m).certifies for m in res.table.methods()}
     print(f"Certified accuracy ({norm_name(p)}, {len(y)} inputs of {args.data}); f = {Path(args.model).name}"
-          + ("; smoothing methods certify g = smoothed f" if "smoothed" in kinds else ""))
+          + ("; smoothing methods certify g = smoothed f" if "smoothed" in kinds else "")
+          + ("; P on set: f keeps the label on a fraction of the set" if "fraction" in kinds else ""))
     print(res.summary_text())
     if res.attack:
         print("PGD accuracy of f (upper bound): " + ", ".join(f"{r:g}: {a:.3f}" for r, a in res.attack.items()))
@@ -408,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--radius", action="store_true", help="also search the largest certified radius")
     s.add_argument("--max-radius", type=float, help="upper end of the radius search")
     s.add_argument("--batch-size", type=int, help="inputs per call (default: all at once)")
+    s.add_argument("--output-lower", metavar="V[,V...]",
+                   help="property: every output > V (one number, or one per output) instead of the data labels; e.g. for a regressor")
+    s.add_argument("--output-upper", metavar="V[,V...]", help="property: every output < V (with or without --output-lower)")
     s.add_argument("--out", default="results.csv", help="results file, .csv or .json (default results.csv; '' for none)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_run)

@@ -187,6 +187,12 @@ def _read_rows(csv_path: Path) -> CertificateTable:
         raise ResumeError(f"{csv_path}: cannot read the results: {type(e).__name__}: {e}") from None
 
 
+def _csv_header(csv_path: Path) -> list[str]:
+    """The column names of an existing results CSV."""
+    with open(csv_path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
 def _resumed_pairs(csv_path: Path, key: RunKey, wanted: set[str], N: int, notes: list[str]) -> tuple[set[tuple[str, int]], RunKey]:
     """The ``(method, index)`` pairs of ``csv_path`` that a resumed run keeps, and the file's
     run key.
@@ -203,12 +209,13 @@ def _resumed_pairs(csv_path: Path, key: RunKey, wanted: set[str], N: int, notes:
     rows = _read_rows(csv_path)
     changed = {m for m in wanted if m in old_key.methods and old_key.methods[m] != key.methods[m]}
     changed |= {c.method for c in rows if c.method in wanted and c.method not in old_key.methods}
-    if changed:
+    if changed or _csv_header(csv_path) != CSV_COLUMNS:  # an older file lacks the newer columns
         rows = CertificateTable([c for c in rows if c.method not in changed])
         tmp = csv_path.with_name(csv_path.name + ".tmp")
         rows.to_csv(str(tmp))
         os.replace(tmp, csv_path)
-        notes.append(f"recomputed {', '.join(sorted(changed))}: options or radius settings differ from the resumed rows")
+        if changed:
+            notes.append(f"recomputed {', '.join(sorted(changed))}: options or radius settings differ from the resumed rows")
     done = {(c.method, c.index) for c in rows if c.method in wanted and c.index < N and c.status != "error"}
     notes.append(f"resumed: {len(done)} (method, input) pairs already in {csv_path.name} (errors are retried)")
     return done, old_key

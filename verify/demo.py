@@ -20,6 +20,13 @@ for the digits ``milp`` ran on: the exact minimum adversarial distortion of f (`
 every method's certified radius on that digit, and each method's mean certified/exact ratio
 (:func:`verify.report.exact_comparison`). A deterministic radius above the distance of a
 confirmed adversarial example would be unsound: the demo prints such cases as ``UNSOUND``.
+
+Last, the two tasks whose answer is not a radius (``DEMO_TASKS``, first ``TASK_DIGITS`` digits):
+``smoothing-regression`` prints each digit's certified interval of the median-smoothed label logit
+beside the largest upper bound of the other logits (l2 ball), ``smoothing-invariance`` the
+estimated probability that f keeps the label at a uniform random point of an l_inf ball, with its
+confidence interval; both are written to ``demo_tasks_results.csv``. (Both also run in the tables
+above, where their radius is the largest checked radius certified.)
 """
 from __future__ import annotations
 
@@ -41,15 +48,23 @@ __all__ = ["run_demo", "DEMO_NORMS", "DEMO_OPTIONS", "demo_options"]
 
 #: per norm: the radii of the table (and the PGD curve), and the upper end of the radius search
 DEMO_NORMS: dict[str, dict[str, Any]] = {
-    "linf": {"radii": [0.0, 0.025, 0.05, 0.1, 0.15], "max_radius": 0.25},
-    "l2": {"radii": [0.0, 0.25, 0.5, 0.75, 1.0], "max_radius": 2.0},
-    "l1": {"radii": [0.0, 0.5, 1.0, 2.0, 3.0], "max_radius": 6.0},
+    "linf": {"radii": [0.0, 0.025, 0.05, 0.1, 0.15], "max_radius": 0.25, "radius_steps": 10},
+    "l2": {"radii": [0.0, 0.25, 0.5, 0.75, 1.0], "max_radius": 2.0, "radius_steps": 8},
+    "l1": {"radii": [0.0, 0.5, 1.0, 2.0, 3.0], "max_radius": 6.0, "radius_steps": 12},
 }
+# radius_steps: the checked radii of smoothing-regression / -invariance (max_radius * i / steps)
+# then include the table's radii
 
-#: demo options by method-name pattern; only options a method has are used
+#: demo options by method-name pattern; only options a method has are used (later patterns win)
 DEMO_OPTIONS: dict[str, dict[str, Any]] = {
     "smoothing-*": {"sigma": NOISE_SIGMA, "n0": 100, "n": 5_000, "alpha": 0.001, "seed": 0},
+    "smoothing-invariance": {"n": 1_000, "min_probability": 0.95},
 }
+
+#: the output interval and the estimate beside the tables: ``method -> (norm, eps)``, on the
+#: first ``TASK_DIGITS`` test digits
+DEMO_TASKS: dict[str, tuple[str, float]] = {"smoothing-regression": ("l2", 0.25), "smoothing-invariance": ("linf", 0.4)}
+TASK_DIGITS = 5
 
 #: default caps on the inputs of slow exact methods (first k test digits; 0 = not run unless
 #: named with --methods). Measured on 2 busy cores with the radius search: lp ~0.5 s/input,
@@ -108,7 +123,8 @@ def _exact_section(res, key: str, labels, names: Sequence[str], limits: dict[str
             + (f" [exact l_2: {gurobi[1]}]" if key == "l2" and not gurobi[0] else ""))
     print_fn(f"\n-- {head}")
     print_fn(ex.text())
-    print_fn("(g): smoothing radius of g = smoothed f, may exceed f's exact radius; others certify f and must not.")
+    print_fn("(g): smoothing radius of g = smoothed f, may exceed f's exact radius; (P): f keeps the label on a fraction "
+             "of the ball only, may exceed it too; others certify f and must not.")
     if ex.violations:
         for v in ex.violations:
             msg = f"UNSOUND: {v}"
@@ -131,15 +147,56 @@ def _exact_section(res, key: str, labels, names: Sequence[str], limits: dict[str
     return ex
 
 
-def demo_options(method: str) -> dict[str, Any]:
-    """The demo's options for ``method``, filtered to the options it has."""
+def demo_options(method: str, norm: str | None = None) -> dict[str, Any]:
+    """The demo's options for ``method``, filtered to the options it has (with ``norm``, its
+    ``radius_steps`` from ``DEMO_NORMS`` as well)."""
     cls = list_methods()[method]
     have = cls.option_defaults()
     out: dict[str, Any] = {}
     for pattern, opts in DEMO_OPTIONS.items():
         if fnmatch.fnmatch(method, pattern):
             out.update({k: v for k, v in opts.items() if k in have})
+    if norm is not None and "radius_steps" in have:
+        out["radius_steps"] = DEMO_NORMS[norm]["radius_steps"]
     return out
+
+
+def _tasks_section(net: Any, x: Any, y: Any, names: Sequence[str], out_dir: str | Path, print_fn) -> Any:
+    """The output interval of ``smoothing-regression`` and the estimate of ``smoothing-invariance``
+    (``DEMO_TASKS``) on the first ``TASK_DIGITS`` digits: printed, and written to
+    ``demo_tasks_results.csv``. Returns the :class:`CertificateTable` (``None`` when neither
+    method is run)."""
+    from .api import certify
+    from .certificate import CertificateTable
+    from .report import TASK_COLUMNS, format_text, task_rows
+
+    run = [m for m in DEMO_TASKS if m in names]
+    if not run:
+        return None
+    k = min(TASK_DIGITS, len(y))
+    table = CertificateTable()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    print_fn(f"\n== regression and the inverse task on the first {k} test digits, f = digits-mlp-noise")
+    for m in run:
+        norm, eps = DEMO_TASKS[m]
+        opts = demo_options(m)
+        t = certify(net, x[:k], y[:k], m, eps=eps, norm=norm, method_options=opts)
+        print_fn(_task_heading(m, norm, eps, opts, t[0].confidence))
+        print_fn(format_text(task_rows(t), TASK_COLUMNS))
+        table.extend(t)
+    path = Path(out_dir) / "demo_tasks_results.csv"
+    table.to_csv(str(path))
+    return table
+
+
+def _task_heading(method: str, norm: str, eps: float, opts: dict[str, Any], confidence: float) -> str:
+    if method == "smoothing-regression":
+        return (f"{method} ({norm} ball, eps {eps:g}; sigma {opts.get('sigma')}, n {opts.get('n')}): bounds on the median of "
+                f"each logit under noise at every point of the ball, together with probability {confidence:g}; certified "
+                f"when the label's lower bound beats every other logit's upper bound")
+    return (f"{method} ({norm} ball, eps {eps:g}; n {opts.get('n')}): P(f keeps the label at a uniform random point of the "
+            f"ball) with its {confidence:g} interval; certified when the interval's lower end >= {opts.get('min_probability')} "
+            f"(a fraction of the ball, not every point)")
 
 
 def run_demo(
@@ -151,7 +208,9 @@ def run_demo(
     print_fn=print,
 ) -> dict[str, Any]:
     """Run the demo; returns ``{norm: CompareResult}`` plus ``"exact"`` (``{norm:
-    ExactComparison}``, the per-input exact-radius tables) and ``"seconds"``.
+    ExactComparison}``, the per-input exact-radius tables), ``"tasks"`` (the
+    :class:`CertificateTable` of the regression / inverse-task section, when it ran) and
+    ``"seconds"``.
 
     ``methods``: the methods to run (default: every registered one); methods named here run
     on all ``limit`` inputs, the default set applies ``DEMO_LIMITS``."""
@@ -175,11 +234,13 @@ def run_demo(
             print_fn(f"\n{key}: no registered method supports it")
             continue
         t0 = time.perf_counter()
+        fraction = any(registered[m].certifies == "fraction" for m in ms)
         title = (f"Digits MLP ({len(y)} test digits), {key}: certified accuracy vs radius\n"
-                 f"solid: deterministic, certify f; dashed: probabilistic, certify g = smoothed f (sigma {NOISE_SIGMA:g})")
+                 f"solid: deterministic, certify f; dashed: probabilistic, certify g = smoothed f (sigma {NOISE_SIGMA:g})"
+                 + ("; dash-dot: f keeps the label on a fraction of the ball" if fraction else ""))
         res = compare(
             net, x, y, ms, radii=cfg["radii"], norm=key, out_dir=out_dir, prefix=f"demo_{key}",
-            options={m: demo_options(m) for m in ms}, limits=limits, executor="local", find_radius=True,
+            options={m: demo_options(m, key) for m in ms}, limits=limits, executor="local", find_radius=True,
             max_radius=cfg["max_radius"], timeout=DEMO_TIMEOUT, attack=True,
             model_name="digits-mlp-noise", title=title, progress=progress,
         )
@@ -197,6 +258,9 @@ def run_demo(
         ex = _exact_section(res, key, y, names, limits, len(y), gurobi, print_fn)
         if ex is not None:
             results["exact"][key] = ex
+    tasks = _tasks_section(net, x, y, names, out_dir, print_fn)
+    if tasks is not None:
+        results["tasks"] = tasks
     if skipped:
         print_fn(f"\nnot run (too slow for the demo; name them with --methods): {', '.join(skipped)}")
     capped = {m: k for m, k in limits.items() if 0 < k < limit}
@@ -204,6 +268,8 @@ def run_demo(
         print_fn("run on the first k digits only: " + ", ".join(f"{m} (k={k})" for m, k in capped.items()))
     secs = time.perf_counter() - t_start
     files = [str(f) for r in results.values() if hasattr(r, "files") for f in (r.files["csv"], r.files["png"], r.files["markdown"])]
+    if tasks is not None:
+        files.append(str(Path(out_dir) / "demo_tasks_results.csv"))
     print_fn(f"\nwrote {', '.join(files)}\ndemo took {secs:.1f} s")
     results["seconds"] = secs
     return results

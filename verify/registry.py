@@ -45,7 +45,8 @@ METHOD_MODULES = (
     "relax.methods_lipschitz",  # lipschitz-global, lipschitz-local, lipschitz-sdp
     "relax.methods_solvers",  # lp, milp, sdp
     "relax.methods_bab",  # bab
-    "smoothing.methods",  # smoothing-*
+    "smoothing.methods",  # smoothing-gaussian, -laplace, -uniform, -topk, -rotation, -translation
+    "smoothing.methods_tasks",  # smoothing-regression, smoothing-invariance
 )
 
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -135,9 +136,13 @@ def get_method(name: "str | Method", **options: Any) -> "Method":
 POSITIVE_OPTIONS = frozenset({
     "lr", "sigma", "n", "n0", "batch_size", "max_elements", "time_limit", "threads", "max_iters",
     "memory_mb", "refine_workers", "max_lmi_size", "dense_limit", "refine_solve_time", "input_split_max_dim",
+    "radius_steps",
 })
 #: numeric options that are fractions: ``name -> (low, high, low_open, high_open)``
-FRACTION_OPTIONS = {"alpha": (0.0, 1.0, True, True), "refine_fraction": (0.0, 1.0, False, False)}
+FRACTION_OPTIONS = {
+    "alpha": (0.0, 1.0, True, True), "refine_fraction": (0.0, 1.0, False, False),
+    "percentile": (0.0, 1.0, True, True), "min_probability": (0.0, 1.0, True, True),
+}
 
 
 def check_option(method: str, key: str, value: Any, default: Any) -> None:

@@ -35,14 +35,17 @@ __all__ = [
     "ExactComparison",
     "exact_comparison",
     "classifier_label",
+    "task_rows",
+    "TASK_COLUMNS",
 ]
 
 AttackCurve = Mapping[float, float]
 
 
 def classifier_label(certifies: str) -> str:
-    """``"base" -> "f"``, ``"smoothed" -> "g, smoothed"`` (used in legends and tables)."""
-    return "g, smoothed" if certifies == "smoothed" else "f"
+    """``"base" -> "f"``, ``"smoothed" -> "g, smoothed"``, ``"fraction" -> "f, P on set"`` (used in
+    legends and tables)."""
+    return {"smoothed": "g, smoothed", "fraction": "f, P on set"}.get(certifies, "f")
 
 
 def summarize(table: CertificateTable, radii: Sequence[float] = ()) -> list[dict[str, Any]]:
@@ -72,6 +75,37 @@ def summary_columns(radii: Sequence[float] = (), errors: bool = False) -> list[t
         ("median_time_s", "median s/input"),
         *([("error", "errors")] if errors else []),
     ]
+
+
+#: the columns of :func:`task_rows`
+TASK_COLUMNS = [("method", "method"), ("input", "input"), ("label", "label"), ("eps", "eps"),
+                ("result", "bounds / estimate"), ("status", "status")]
+
+
+def task_rows(table: CertificateTable, limit: int | None = None) -> list[dict[str, Any]]:
+    """One row per certificate that carries output bounds or an estimate (``smoothing-regression``,
+    ``smoothing-invariance``), at most ``limit``: the interval or the estimate with its confidence
+    interval in one readable cell (columns :data:`TASK_COLUMNS`)."""
+    rows = []
+    for c in table:
+        if c.output_lower is None and c.estimate is None:
+            continue
+        rows.append({"method": c.method, "input": str(c.index), "label": "" if c.label is None else str(c.label),
+                     "eps": "" if c.eps is None else f"{c.eps:.4g}", "result": _task_cell(c), "status": c.status})
+    return rows if limit is None else rows[:limit]
+
+
+def _task_cell(c: Any) -> str:
+    """``P = e in [lo, hi]`` for an estimate; for output bounds the label's output and the largest
+    upper bound of the others (a classifier's logits), else the first outputs' intervals."""
+    if c.estimate is not None:
+        return f"P = {c.estimate:.4f} in [{c.estimate_lower:.4f}, {c.estimate_upper:.4f}]"
+    lo, hi = c.output_lower, c.output_upper
+    if c.label is not None and 1 < len(lo) and 0 <= c.label < len(lo):
+        others = max(v for k, v in enumerate(hi) if k != c.label)
+        return f"y{c.label} in [{lo[c.label]:.4g}, {hi[c.label]:.4g}], others <= {others:.4g}"
+    cells = [f"y{k} in [{lo[k]:.4g}, {hi[k]:.4g}]" for k in range(min(len(lo), 4))]
+    return ", ".join(cells) + (", ..." if len(lo) > 4 else "")
 
 
 def _cell(v: Any) -> str:
@@ -176,7 +210,7 @@ def plot_certified_accuracy(
         ax.plot(
             grid,
             acc,
-            linestyle="--" if prob else "-",
+            linestyle="-." if first.certifies == "fraction" else ("--" if prob else "-"),
             color=cmap(i % cmap.N),
             linewidth=1.8,
             label=f"{m} ({classifier_label(first.certifies)}{conf}{n_note})",
@@ -197,6 +231,8 @@ def plot_certified_accuracy(
             parts.append(f"solid: deterministic, certifies {f_name}")
         if "smoothed" in kinds:
             parts.append("dashed: probabilistic, certifies g = smoothed f")
+        if "fraction" in kinds:
+            parts.append("dash-dot: P(f keeps the label on the set) >= a level, not every point")
         title = "Certified accuracy vs radius\n" + "\n".join(parts)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
@@ -256,6 +292,12 @@ def _classifier_note(table: CertificateTable, model_name: str) -> str:
         notes.append(
             f"Probabilistic methods certify the smoothed classifier g (a majority vote of f under noise), not f, "
             f"with probability at least {conf:g} over the sampling; their radii say nothing about f."
+        )
+    if "fraction" in kinds:
+        conf = min(c.confidence for c in table if c.certifies == "fraction")
+        notes.append(
+            f"The inverse task (P on set) certifies, with probability at least {conf:g}, that f keeps the label on at least "
+            f"a given fraction of the set (its min_probability), not on every point: an attack may break such inputs."
         )
     return " ".join(notes)
 
@@ -462,7 +504,7 @@ def exact_comparison(
             exact[i] = {"lower": math.nan, "upper": math.nan, "status": "missing", "text": f"n/a: {missing}", "exact": math.nan}
         else:
             exact[i] = exact_radius_of(by.get((exact_method, i)))
-    head = {m: f"{m} (g)" if kind[m] == "smoothed" else m for m in methods}
+    head = {m: f"{m} (g)" if kind[m] == "smoothed" else (f"{m} (P)" if kind[m] == "fraction" else m) for m in methods}
     columns = [("input", "input"), ("label", "label"), ("exact", "exact (milp)")] + [(m, head[m]) for m in methods]
     rows = []
     ratio_sum = {m: 0.0 for m in methods}
@@ -490,5 +532,6 @@ def exact_comparison(
             "One row per method: its certified radius on each input (0: not certified; wrong: the classifier misclassifies it) "
             "and its mean certified/exact ratio over the inputs with an exact value. "
             "Deterministic radii certify f and can never exceed the exact radius; (g) rows are smoothing radii for "
-            "g = smoothed f, which may exceed it without contradiction.")
+            "g = smoothed f, which may exceed it without contradiction; (P) rows claim that f keeps the label on a "
+            "fraction of the ball only, and may exceed it too.")
     return ExactComparison(rows, columns, bad, exact, ratios, note)

@@ -635,7 +635,8 @@ class OutputBounds(OutputProperty):
         for v, sign in ((self.lower, 1.0), (self.upper, -1.0)):
             if v is None:
                 continue
-            v = v.to(device=device, dtype=dtype).expand(batch_size, num_outputs) if v.dim() < 2 else v.to(device=device, dtype=dtype)
+            fits = v.dim() == 0 or (v.dim() == 1 and v.shape[0] == num_outputs)
+            v = v.to(device=device, dtype=dtype).expand(batch_size, num_outputs) if fits else v.to(device=device, dtype=dtype)
             if v.shape != (batch_size, num_outputs):
                 raise SpecError(f"OutputBounds: bound shape {tuple(v.shape)} does not match [{batch_size}, {num_outputs}]")
             Cs.append(sign * eye.expand(batch_size, num_outputs, num_outputs))
