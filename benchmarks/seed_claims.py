@@ -94,7 +94,9 @@ class Settings:
     curve_digits: int | None = None
     curve_methods: tuple[str, ...] = ("interval", "lipschitz-global", "lipschitz-local", "crown", "alpha-crown")
     pgd_steps: int = 100
-    pgd_restarts: int = 5
+    #: one restart: with more, `pgd_attack` can report fewer counterexamples (its best lane's point
+    #: may end one float32 step outside the ball and fail the float64 membership check)
+    pgd_restarts: int = 1
     smoothing_n: int = 10_000
 
     @classmethod
@@ -390,13 +392,25 @@ def run_curves(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {"inputs": len(y)}
     for nm, radii in CURVE_RADII.items():
         p = math.inf if nm == "linf" else 2.0
-        robust = attack_robust(net, x, y, radii, p, steps=s.pgd_steps, restarts=s.pgd_restarts, seed=0)
+        raw = attack_robust(net, x, y, radii, p, steps=s.pgd_steps, restarts=s.pgd_restarts, seed=0)
+        robust = nested_robust(raw)
         tables = {m: certify(net, x, y, method=m, norm=p, find_radius=True, max_radius=CURVE_CAP[nm]) for m in s.curve_methods}
         tables["smoothing-gaussian"] = certify(net, x, y, method="smoothing-gaussian", norm=p, sigma=NOISE_SIGMA,
                                                n=s.smoothing_n, alpha=ALPHA, seed=0)
-        out[nm] = {"radii": radii, "pgd": [int(robust[float(r)].sum()) / len(y) for r in radii],
-                   "robust": {float(r): robust[float(r)].tolist() for r in radii}, "tables": tables,
+        out[nm] = {"radii": radii, "pgd": [sum(robust[float(r)]) / len(y) for r in radii],
+                   "pgd_raw": [int(raw[float(r)].sum()) / len(y) for r in radii], "robust": robust, "tables": tables,
                    "methods": {m: _curve_of(t, radii) for m, t in tables.items()}}
+    return out
+
+
+def nested_robust(raw: dict[float, torch.Tensor]) -> dict[float, list[bool]]:
+    """Per radius, per input: not broken by the attack at this radius or any smaller one (the
+    ball of radius r holds every smaller ball, so a counterexample there is one at r too)."""
+    out: dict[float, list[bool]] = {}
+    ok = None
+    for r in sorted(raw):
+        ok = raw[r].clone() if ok is None else ok & raw[r]
+        out[float(r)] = ok.tolist()
     return out
 
 
@@ -641,7 +655,8 @@ def md_curves(res: dict[str, Any]) -> str:
         cur = res[nm]
         rows = [[f"{m} ({'f' if c['certifies'] == 'base' else 'g, not checked'})"] + [f"{v:.3f}" for v in c["acc"]]
                 for m, c in cur["methods"].items()]
-        rows.append(["**PGD accuracy of f**"] + [f"**{v:.3f}**" for v in cur["pgd"]])
+        rows.append(["PGD accuracy of f, each radius attacked on its own"] + [f"{v:.3f}" for v in cur["pgd_raw"]])
+        rows.append(["**PGD accuracy of f** (broken at some r' <= r counts as broken)"] + [f"**{v:.3f}**" for v in cur["pgd"]])
         parts.append(f"{nm} ({res['inputs']} test digits):\n\n" + _table(["method"] + [f"@{r:g}" for r in cur["radii"]], rows))
     return "\n\n".join(parts)
 
@@ -697,7 +712,10 @@ CLAIMS = [
           run_lipschitz_exact, check_lipschitz_exact, md_lipschitz),
     Claim(6, "curves", "Certified accuracy is at most empirical (PGD) accuracy",
           "Digits MLP (noise), first test digits; deterministic methods with `find_radius`, the suite's PGD "
-          "(`verify.compare.attack_robust`, targeted, one lane per class). Checked for every method certifying f: "
+          "(`verify.compare.attack_robust`, targeted, one lane per class, one restart); an input the attack breaks at "
+          "some radius counts as broken at every larger one (with five restarts `pgd_attack` reported fewer "
+          "counterexamples here, not more: a best point one float32 step outside the ball fails its float64 "
+          "membership check, and the input stops there). Checked for every method certifying f: "
           "certified accuracy <= PGD accuracy at every radius, and no input certified at radius R is broken by PGD "
           "at r <= R. `smoothing-gaussian` certifies g, another classifier: shown, not checked against PGD on f.",
           run_curves, check_curves, md_curves),

@@ -171,3 +171,10 @@ def test_curves_check_raises_on_contradictions(quick):
     g_only = copy.deepcopy(res)
     g_only["linf"]["methods"]["smoothing-gaussian"]["acc"] = [1.0] * len(g_only["linf"]["radii"])
     sc.check_curves(g_only)
+
+
+def test_nested_robust_breaks_every_larger_radius():
+    import torch
+
+    raw = {0.2: torch.tensor([False, True, True]), 0.1: torch.tensor([True, False, True])}
+    assert sc.nested_robust(raw) == {0.1: [True, False, True], 0.2: [False, False, True]}
