@@ -4,7 +4,7 @@ Every error message is one line naming the cause (the operator and node, the fil
 """
 from __future__ import annotations
 
-__all__ = ["CertifyError", "UnsupportedOperatorError", "ModelLoadError", "OptionError"]
+__all__ = ["CertifyError", "UnsupportedOperatorError", "IntegerInputsNeeded", "ModelLoadError", "OptionError"]
 
 
 def one_line(message: object) -> str:
@@ -21,6 +21,16 @@ class CertifyError(ValueError):
 class UnsupportedOperatorError(CertifyError):
     """An operator (or attribute combination) that a loader or a bound method has no rule
     for; the message names the op and the node."""
+
+
+class IntegerInputsNeeded(UnsupportedOperatorError):
+    """The network uses the integer part of some inputs (ONNX ``Cast`` to an integer type) where
+    a constant is needed (slice starts, scatter indices, ...): it is converted per integer value
+    of those inputs (:mod:`verify.integer_inputs`). ``coords``: their flat input indices."""
+
+    def __init__(self, message: str, coords: list[int]):
+        super().__init__(message)
+        self.coords = coords
 
 
 class ModelLoadError(CertifyError):

@@ -36,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import IntegerInputsNeeded
+
 __all__ = [
     "VNNCOMP_ATOL",
     "VNNCOMP_RTOL",
@@ -336,7 +338,14 @@ def run_instance(
     t0 = time.perf_counter()
     deadline = None if timeout is None else t0 + timeout
     try:
-        net, props, runner = _prepare(model, vnnlib, device)
+        try:
+            net, props, runner = _prepare(model, vnnlib, device)
+        except IntegerInputsNeeded:  # not one static graph: one per integer value of some inputs
+            if not _is_onnx(model):
+                raise
+            from .integer_inputs import decide_by_cases
+
+            return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0)
         return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0)
     except Exception as e:  # an instance we cannot run is an error, never a guess
         if raise_errors:

@@ -45,6 +45,7 @@ from onnx import helper, numpy_helper
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .errors import IntegerInputsNeeded
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 
 __all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
@@ -161,21 +162,29 @@ def run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
     return OnnxRuntimeModel(path)(x)
 
 
-def import_onnx(path: Path) -> fx.GraphModule:
-    """Convert an ONNX file; sets ``gm.input_shape`` and ``gm.source``."""
-    model = read_onnx(path)
+def import_onnx(path: Path | onnx.ModelProto, integer_inputs: dict[int, int] | None = None,
+                source: str | None = None) -> fx.GraphModule:
+    """Convert an ONNX file (or a model read by :func:`read_onnx`); sets ``gm.input_shape`` and
+    ``gm.source``.
+
+    ``integer_inputs``: ``{flat input index: integer}``; a Cast to an integer type of exactly
+    those inputs becomes that constant (the graph is then exact where each such input ``x_i``
+    satisfies ``trunc(x_i) = integer``). Without it such a Cast whose value is needed as a
+    constant raises :class:`~verify.errors.IntegerInputsNeeded` naming the inputs.
+    """
+    model = path if isinstance(path, onnx.ModelProto) else read_onnx(path)
     try:
-        gm = _Converter(model).run()
+        gm = _Converter(model, integer_inputs=integer_inputs).run()
     except UnsupportedOperatorError as e:
         # a graph that moves its leading size-1 dim (a Transpose of [1, n]) treats it as data:
         # convert it again with that dim as part of each example (exact either way)
         if "batch dimension" not in str(e) or not has_batch_dim(_dims(_graph_input(model))):
             raise
         try:
-            gm = _Converter(model, leading_is_data=True).run()
+            gm = _Converter(model, leading_is_data=True, integer_inputs=integer_inputs).run()
         except UnsupportedOperatorError:
             raise e from None
-    set_attributes(gm, input_shape_of(model), str(path))
+    set_attributes(gm, input_shape_of(model), source or str(path if not isinstance(path, onnx.ModelProto) else "onnx"))
     return gm
 
 
@@ -194,9 +203,19 @@ _RESERVED = set(dir(fx.GraphModule)) | {"input_shape", "source"}
 class _Converter:
     """Walks the ONNX graph and builds the fx graph (see the module docstring)."""
 
-    def __init__(self, model: onnx.ModelProto, leading_is_data: bool = False):
+    def __init__(self, model: onnx.ModelProto, leading_is_data: bool = False, integer_inputs: dict[int, int] | None = None):
         self.model = model
         self.leading_is_data = leading_is_data
+        self.integer_inputs = integer_inputs or {}
+        # dynamic values that are exact copies of input entries: their flat input indices (ONNX shape)
+        self.coords: dict[fx.Node, np.ndarray] = {}
+        # dynamic values computed from the integer part of inputs: those inputs' flat indices
+        self.int_deps: dict[fx.Node, frozenset[int]] = {}
+        # input entries whose value (beyond its integer part) a dynamic value may depend on, as a
+        # bit mask (bit i: flat input index i)
+        self.float_deps: dict[fx.Node, int] = {}
+        # names of constants computed from ``integer_inputs`` (their values change with them)
+        self.from_integers: set[str] = set()
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.graph = fx.Graph()
         self.root = nn.Module()
@@ -221,11 +240,16 @@ class _Converter:
         self.example[x] = torch.zeros((1, *self.input_shape), dtype=_F64)
         if self.leading_is_data:  # the ONNX leading dim (of size 1) becomes torch dim 1
             x = self.fn(torch.unsqueeze, x, 1, hint="leading_dim")
+        onnx_shape = (1, *self.input_shape) if has_batch_dim(_dims(_graph_input(self.model))) else self.input_shape
+        self.coords[x] = np.arange(math.prod(self.input_shape)).reshape(onnx_shape)
+        self.float_deps[x] = (1 << math.prod(self.input_shape)) - 1
         self.env[_graph_input(self.model).name] = x
         for node in self.model.graph.node:
             self._convert(node)
-        self._add_output()
+        out = self._add_output()
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraph")
+        # the fixed inputs the output depends on only through their integer part
+        gm.integer_part_only = tuple(sorted(c for c in self.integer_inputs if not self.float_deps[out] >> c & 1))
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
@@ -240,11 +264,12 @@ class _Converter:
         a = _attrs(node)
         if all(isinstance(self.env[i], np.ndarray) for i in node.input if i) and node.op_type in _FOLD:
             outs = np.asarray(_FOLD[node.op_type](self, node, a, [self.env[i] if i else None for i in node.input]))
-        elif node.op_type in _CONVERTERS:
-            outs = _CONVERTERS[node.op_type](self, node, a)
+            if any(i in self.from_integers for i in node.input):
+                self.from_integers.update(node.output)
         else:
-            raise self.unsupported(node, f"opset {self.opset}; not in the canonical graph")
+            outs = self._convert_dynamic(node, a)
         outs = outs if isinstance(outs, list) else [outs]
+        self._track_inputs(node, a, outs)
         if node.op_type in _KEEPS_INTEGERS and self._integer_operands(node):
             self.integral.update(o for o in outs if isinstance(o, fx.Node))
         for name in node.output[len(outs):]:
@@ -252,6 +277,49 @@ class _Converter:
                 raise self.unsupported(node, f"its output '{name}' is used; only the first output is supported")
         for name, v in zip(node.output, outs):
             self.env[name] = v
+
+    def _convert_dynamic(self, node: onnx.NodeProto, a: dict) -> Value | list:
+        deps = frozenset().union(*(self.int_deps.get(v, frozenset()) for v in self._dynamic_inputs(node)))
+        try:
+            if node.op_type not in _CONVERTERS:
+                raise self.unsupported(node, f"opset {self.opset}; not in the canonical graph")
+            return _CONVERTERS[node.op_type](self, node, a)
+        except UnsupportedOperatorError as e:
+            if not deps or isinstance(e, IntegerInputsNeeded):
+                raise
+            raise IntegerInputsNeeded(f"{e}: it uses the integer part of inputs {sorted(deps)}", sorted(deps)) from None
+
+    def _dynamic_inputs(self, node: onnx.NodeProto) -> list[fx.Node]:
+        vals = [self.env[i] for i in node.input if i]
+        return [v.x if isinstance(v, _Pending) else v for v in vals if isinstance(v, (fx.Node, _Pending))]
+
+    def _track_inputs(self, node: onnx.NodeProto, a: dict, outs: list) -> None:
+        """Carry the integer-input dependencies to the outputs, and the input indices of values
+        that merely move input entries (folding the index arrays as the op folds constants)."""
+        ins = self._dynamic_inputs(node)
+        deps = frozenset().union(*(self.int_deps.get(v, frozenset()) for v in ins))
+        fdeps = 0
+        for v in ins:
+            fdeps |= self.float_deps.get(v, 0)
+        for o in outs:
+            if not isinstance(o, fx.Node):
+                continue
+            if deps:
+                self.int_deps[o] = self.int_deps.get(o, frozenset()) | deps
+            if o not in self.float_deps:  # a new value (not an input passed through)
+                self.float_deps[o] = fdeps
+        if len(outs) != 1 or not isinstance(outs[0], fx.Node) or outs[0] in self.coords or node.op_type not in _MOVES_ENTRIES:
+            return
+        first = self.env[node.input[0]]
+        if first not in self.coords or any(isinstance(self.env[i], fx.Node) or i in self.from_integers for i in node.input[1:] if i):
+            return
+        if node.op_type in ("Cast", "Identity", "Dropout"):
+            if node.op_type != "Cast" or np.issubdtype(helper.tensor_dtype_to_np_dtype(a["to"]), np.floating):
+                self.coords[outs[0]] = self.coords[first]
+            return
+        ins_np = [self.coords[first]] + [self.env[i] if i else None for i in node.input[1:]]
+        self.coords[outs[0]] = np.asarray(_FOLD[node.op_type](self, node, a, ins_np))
+        self.float_deps[outs[0]] = _bit_mask(self.coords[outs[0]])
 
     def _integer_operands(self, node: onnx.NodeProto) -> bool:
         """Do the data operands of ``node`` hold integers (dynamic ones known integral, constants
@@ -267,7 +335,7 @@ class _Converter:
                 return False
         return True
 
-    def _add_output(self) -> None:
+    def _add_output(self) -> fx.Node:
         outs = self.model.graph.output
         if len(outs) != 1:
             raise ModelLoadError(f"the ONNX graph has {len(outs)} outputs; exactly one is supported")
@@ -276,12 +344,15 @@ class _Converter:
             raise ModelLoadError(f"the graph output '{outs[0].name}' does not depend on the input")
         if isinstance(v, _Pending):
             v = self.materialise(v)
+        deps = self.float_deps.get(v, 0)
         rank = self.example[v].dim()
         if rank == 1:
             v = self.fn(torch.reshape, v, (-1, 1), hint="output")
         elif rank > 2:
             v = self.fn(torch.flatten, v, 1, hint="output")
         self.graph.output(v)
+        self.float_deps[v] = deps
+        return v
 
     # -- errors and inputs ------------------------------------------------------------------
 
@@ -419,6 +490,15 @@ class _Converter:
         if tuple(self.example[x].shape[1:]) == target[1:]:
             return x
         return self.fn(torch.reshape, x, target, hint=_label(node))
+
+
+def _bit_mask(indices: np.ndarray) -> int:
+    """The int whose bits ``indices`` are set."""
+    if indices.size == 0:
+        return 0
+    bits = np.zeros(int(indices.max()) + 1, dtype=bool)
+    bits[indices.ravel()] = True
+    return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -798,9 +878,11 @@ def _reshape_target(s: tuple[int, ...], t: list[int], allowzero: int) -> tuple[i
     """Resolve ONNX Reshape's 0 (copy) and -1 (infer) entries; None if impossible."""
     o = [s[i] if d == 0 and not allowzero and i < len(s) else d for i, d in enumerate(t)]
     n, known = math.prod(s), math.prod(d for d in o if d != -1)
-    if o.count(-1) > 1 or known == 0 or any(d < -1 for d in o):
+    if o.count(-1) > 1 or any(d < -1 for d in o):
         return None
     if -1 in o:
+        if known == 0:
+            return None
         o[o.index(-1)] = n // known
     return tuple(o) if math.prod(o) == n else None
 
@@ -906,9 +988,18 @@ def _cast(cv: _Converter, node, a) -> fx.Node:
         return x
     if not np.issubdtype(to, np.integer):
         raise cv.unsupported(node, f"cast to {to}")
+    coords = cv.coords.get(x)
+    if coords is not None and all(int(c) in cv.integer_inputs for c in coords.ravel()):
+        fixed = np.vectorize(lambda c: cv.integer_inputs[int(c)], otypes=[np.int64])(coords)
+        cv.from_integers.add(node.output[0])
+        return fixed.astype(to)
     up = cv.fn(torch.floor, cv.fn(torch.relu, x, hint=hint), hint=hint)
     down = cv.fn(torch.floor, cv.fn(torch.relu, cv.fn(operator.mul, x, -1.0, hint=hint), hint=hint), hint=hint)
-    return _integral(cv, cv.fn(operator.sub, up, down, hint=hint))
+    y = _integral(cv, cv.fn(operator.sub, up, down, hint=hint))
+    if coords is not None:  # the integer part of inputs only
+        cv.int_deps[y] = frozenset(int(c) for c in coords.ravel())
+        cv.float_deps[y] = 0
+    return y
 
 
 def _equal(cv: _Converter, node, a) -> fx.Node:
@@ -1282,6 +1373,9 @@ _CONVERTERS: dict[str, Callable] = {
     "Not": _not,
 }
 
+#: ops that only move entries of their first operand (their folds apply to index arrays too)
+_MOVES_ENTRIES = {"Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Dropout", "Cast"}
+
 #: ops whose output holds integers when their data operands do (``_Converter._integer_operands``)
 _KEEPS_INTEGERS = {"Transpose", "Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split",
                    "Expand", "Identity", "Dropout", "Neg", "Abs", "Relu", "Max", "Min", "ReduceSum", "Add", "Sub",
@@ -1358,6 +1452,16 @@ def _fold_constant_of_shape(cv, node, a, ins) -> np.ndarray:
     return np.full(tuple(int(v) for v in ins[0]), np.ravel(value)[0], dtype=value.dtype)
 
 
+def _fold_scatternd(cv, node, a, ins) -> np.ndarray:
+    data, idx, upd = ins
+    if a.get("reduction", b"none") not in (b"none", "none"):
+        raise cv.unsupported(node, f"reduction {a['reduction']}")
+    k = idx.shape[-1]
+    out = np.array(data, copy=True)
+    out[tuple(idx.reshape(-1, k).T)] = upd.reshape(-1, *data.shape[k:])
+    return out
+
+
 _FOLD: dict[str, Callable] = {
     "Constant": _fold_constant,
     "Identity": lambda cv, n, a, ins: ins[0],
@@ -1396,4 +1500,5 @@ _FOLD: dict[str, Callable] = {
     "Slice": _fold_slice,
     "Shape": _fold_shape,
     "ConstantOfShape": _fold_constant_of_shape,
+    "ScatterND": _fold_scatternd,
 }
