@@ -4,19 +4,20 @@ LP, MILP, SDP and Lipschitz methods want the network in the textbook form
 
     z_0 = x (flattened),   z_{k+1} = act_k(W_k z_k + b_k),   y = W_L z_L + b_L
 
-This module extracts that form from any canonical ``torch.fx.GraphModule`` (see
-docs/ARCHITECTURE.md) whose nonlinearities form a chain: every maximal run of affine nodes
-between two activations (Linear, Conv, BatchNorm, AvgPool, Flatten/Reshape, Sub/Div by
-constants, ...) is collapsed into one dense matrix by evaluating the run on the basis vectors
-(``W e_i = g(e_i) - g(0)``), in float64. Residual additions *inside* an affine run are fine;
-a skip connection around an activation is not a chain and raises :class:`NotFeedForwardError`.
+This module extracts that form from the engine's bound graph (:mod:`relax.graph`, the one view
+of a network the bound methods use) when its nonlinearities form a chain: every maximal run of
+affine ops between two activations (Linear, Conv, BatchNorm, AvgPool, reshapes, elementwise
+affine maps, ...) is collapsed into one dense matrix by evaluating the run's rules on the basis
+vectors (``W e_i = g(e_i) - g(0)``), in float64. Residual additions *inside* an affine run are
+fine; a skip connection around an activation is not a chain and raises :class:`NotFeedForwardError`.
+(:func:`_activation_of` names the activations of an fx graph for the Lipschitz bounds' own walk.)
 
 The dense form is exact (no relaxation), so it is a faithful model for exact methods; it costs
 ``O(n_out * n_in)`` memory per layer, which suits the small and medium nets those methods target.
 """
 from __future__ import annotations
 
-import operator
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -111,119 +112,105 @@ def _activation_of(node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _activation_name(op, node: str) -> str | None:
+    """``"relu"`` / ``"sigmoid"`` / ``"tanh"`` for those ops of the bound graph, None for affine
+    ops; any other nonlinear op is refused."""
+    from .ops import ReLU, Sigmoid, Tanh
+    from .ops.pool import MaxPool2d
+
+    for cls, name in ((ReLU, "relu"), (Sigmoid, "sigmoid"), (Tanh, "tanh")):
+        if isinstance(op, cls):
+            return name
+    if isinstance(op, MaxPool2d):
+        raise NotFeedForwardError(f"max-pooling node {node!r} is not affine nor elementwise; not supported in the dense form")
+    if op.nonlinear:
+        raise NotFeedForwardError(f"{type(op).__name__} node {node!r} is not affine nor a ReLU / sigmoid / tanh; "
+                                  "not supported in the dense form")
+    return None
+
+
 @torch.no_grad()  # a dense view of constants: no autograd graph over the basis evaluation
 def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[int, ...] | None = None) -> FeedForwardNet:
-    """Collapse a canonical graph into dense affine layers and activations (float64).
+    """Collapse a network into dense affine layers and activations (float64): the affine runs of
+    the bound graph (:func:`relax.graph.get_graph`, the engine's one view of the network) are
+    evaluated on basis vectors, ``W e_i = g(e_i) - g(0)``, by the ops' own ``forward``.
 
     Args:
-        model: fx GraphModule (or a traceable module) mapping ``[B, *input_shape] -> [B, K]``.
+        model: a canonical module mapping ``[B, *input_shape] -> [B, K]``.
         input_shape: per-example input shape; defaults to ``model.input_shape``.
 
     Raises:
-        NotFeedForwardError: a skip connection around an activation, a max-pool, or an
-            activation whose input is not the current chain value.
+        NotFeedForwardError: a skip connection around an activation, a max-pool or another
+            nonlinear op than ReLU / sigmoid / tanh.
     """
-    if not isinstance(model, torch.fx.GraphModule):
-        model = torch.fx.symbolic_trace(model)
+    from .graph import get_graph
+
     if input_shape is None:
         input_shape = tuple(getattr(model, "input_shape", ()))
         if not input_shape:
             raise ValueError("to_feedforward: give input_shape (the model has no input_shape attribute)")
-    gm = _float64_copy(model)
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:  # refuse unsupported nodes before any basis is allocated
-        _activation_of(node, modules)
-
-    n_in = 1
-    for s in input_shape:
-        n_in *= s
+    graph = get_graph(model, tuple(input_shape), torch.float64)
+    names = {n.name: _activation_name(n.op, n.name) for n in graph.nodes}  # refuse before any work
     layers: list[AffineLayer] = []
     acts: list[str] = []
-    # rows of the basis batch: row 0 is g(0), row i is g(e_i); the "chain value" is the node
-    # whose value is currently expressed this way
-    env: dict[str, object] = {}
-    chain_node = None
-    chain_dim = n_in
-    chain_shape = tuple(input_shape)
-    constants: set[str] = set()  # nodes computed from parameters/buffers only (e.g. ``W.t()``)
-
-    def basis(shape: tuple[int, ...], n: int) -> Tensor:
-        return torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)]).view(n + 1, *shape)
-
-    def load(a, user=None):
-        def get(n):
-            if n.name not in env:
-                raise NotFeedForwardError(
-                    f"node {user!r} uses {n.name!r} from before an activation (a skip connection); not a chain"
-                )
-            return env[n.name]
-
-        return torch.fx.graph.map_arg(a, get)
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node.name] = basis(chain_shape, n_in)
-            chain_node = node
+    src, shape, run = graph.input_name, tuple(input_shape), []  # the chain value and the run after it
+    for n in graph.nodes:
+        if names[n.name] is None:
+            run.append(n)
             continue
-        if node.op == "output":
-            out = load(node.args[0], node.name)
-            if isinstance(out, (tuple, list)):
-                if len(out) != 1:
-                    raise NotFeedForwardError("the model has more than one output")
-                out = out[0]
-            layers.append(_extract(out))
-            break
-        act = _activation_of(node, modules)
-        if act is not None:
-            src = node.args[0]
-            if src.name not in env or not isinstance(env[src.name], Tensor) or env[src.name].shape[0] != chain_dim + 1:
-                raise NotFeedForwardError(f"activation node {node.name!r} does not act on the chain value")
-            val = env[src.name]
-            layers.append(_extract(val))
-            acts.append(act)
-            shape = tuple(val.shape[1:])
-            n = layers[-1].n_out
-            # every other live value computed from the old basis is now stale
-            env = {k: v for k, v in env.items() if not (isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == chain_dim + 1)}
-            env[node.name] = basis(shape, n)
-            chain_dim = n
-            continue
-        if node.op == "get_attr":
-            obj = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            env[node.name] = obj
-            constants.add(node.name)
-            continue
-        args, kwargs = load(node.args, node.name), load(node.kwargs, node.name)
-        if node.op == "call_module":
-            env[node.name] = modules[node.target](*args, **kwargs)
-        elif node.op == "call_function":
-            env[node.name] = node.target(*args, **kwargs)
-        elif node.op == "call_method":
-            self_obj, *rest = args
-            env[node.name] = getattr(self_obj, node.target)(*rest, **kwargs)
-        else:  # pragma: no cover
-            raise NotFeedForwardError(f"unexpected fx node kind {node.op!r} at {node.name!r}")
-        v = env[node.name]
-        if _input_dependent(node, constants):
-            if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] != chain_dim + 1:
-                raise NotFeedForwardError(f"node {node.name!r} changes the batch dimension; not a per-example affine map")
-        else:
-            constants.add(node.name)
-    if not layers:
-        raise NotFeedForwardError("the graph has no output")
-    _check_affine_runs(gm, layers, acts, tuple(input_shape))
+        layers.append(_dense_run(run, src, shape, n.inputs[0]))
+        acts.append(names[n.name])
+        src, shape, run = n.name, n.shape, []
+    layers.append(_dense_run(run, src, shape, graph.output))
+    _check_affine_runs(graph, model, layers, acts, tuple(input_shape))
     return FeedForwardNet(tuple(input_shape), layers, acts)
 
 
-def _input_dependent(node: torch.fx.Node, constants: set[str]) -> bool:
-    """Whether ``node`` reads a value computed from the network input (a constant such as
-    ``W.t()`` may have any leading dimension; only input-dependent values must keep the
-    basis batch as their first dimension)."""
-    found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
-    return any(n.name not in constants for n in found)
+def _dense_run(run: list, src: str, shape: tuple[int, ...], out: str) -> AffineLayer:
+    """The affine map from ``src`` (``shape``) to ``out`` computed by the ops of ``run``: on the
+    input basis (``W e_i = g(e_i) - g(0)``) when it is at most as wide as the output, else by
+    batched vector-Jacobian products of the output basis (the rows of ``W``)."""
+
+    def g(z: Tensor) -> Tensor:
+        env = {src: z}
+        for n in run:
+            missing = [i for i in n.inputs if i not in env]
+            if missing:
+                raise NotFeedForwardError(f"node {n.name!r} uses {missing[0]!r} from before an activation (a skip connection); "
+                                          "not a chain")
+            env[n.name] = n.op.forward(*[env[i] for i in n.inputs])
+        if out not in env:
+            raise NotFeedForwardError(f"{out!r} is computed from before the last activation; not a chain")
+        return env[out]
+
+    if len(run) == 1 and run[0].name == out and _is_dense(run[0].op) and len(shape) == 1:  # W itself
+        W = run[0].op.W.to(torch.float64)
+        b = run[0].op.b
+        return AffineLayer(W.clone(), torch.zeros(W.shape[0], dtype=torch.float64) if b is None else b.to(torch.float64).clone(),
+                           tuple(run[0].shape))
+    n_out = math.prod(next((n.shape for n in run if n.name == out), shape))
+    if n_out >= math.prod(shape):
+        return _extract(g(_basis(shape)))
+    with torch.enable_grad():
+        z = torch.zeros(1, *shape, dtype=torch.float64, requires_grad=True)
+        y = g(z)
+        rows = torch.eye(n_out, dtype=torch.float64).reshape(n_out, 1, *y.shape[1:])
+        (Wt,) = torch.autograd.grad(y, z, grad_outputs=rows, is_grads_batched=True)
+    return AffineLayer(Wt.reshape(n_out, -1).contiguous(), y.detach().reshape(-1).clone(), tuple(y.shape[1:]))
+
+
+def _is_dense(op) -> bool:
+    from .ops import Linear
+
+    return isinstance(op, Linear) and op.W.dim() == 2
+
+
+def _basis(shape: tuple[int, ...]) -> Tensor:
+    """``[n + 1, *shape]``: zero, then the unit vectors (float64)."""
+    n = math.prod(shape)
+    b = torch.zeros(n + 1, n, dtype=torch.float64)
+    b[1:].fill_diagonal_(1.0)
+    return b.view(n + 1, *shape)
 
 
 def _extract(val: Tensor) -> AffineLayer:
@@ -234,23 +221,22 @@ def _extract(val: Tensor) -> AffineLayer:
     return AffineLayer(W, b, tuple(val.shape[1:]))
 
 
-def _float64_copy(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    import copy
-
-    gm = copy.deepcopy(model).to(torch.float64).eval()
-    return gm
-
-
-def _check_affine_runs(gm, layers, acts, input_shape) -> None:
-    """Guard against a non-affine node hidden inside a run (e.g. an unsupported op that is
-    neither recognised as activation nor affine): compare the dense form with the graph on
-    random inputs; a mismatch means the extraction is not faithful."""
+def _check_affine_runs(graph, model: nn.Module, layers, acts, input_shape) -> None:
+    """Guard against a wrong split into runs (and, for a float64 module, a rule whose
+    ``forward`` is not the module's op): compare the dense form with the bound graph's own
+    evaluation and the module on random inputs, to 1e-9 relative. (A float32 module's own
+    round-off can exceed any tolerance relative to its output.)"""
     x = torch.rand(4, *input_shape, dtype=torch.float64) * 2 - 1
-    with torch.no_grad():
-        ref = gm(x).reshape(4, -1)
     net = FeedForwardNet(input_shape, layers, acts)
     got = net.forward(x)
-    err = (ref - got).abs().max().item()
-    scale = 1.0 + ref.abs().max().item()
-    if not err <= 1e-9 * scale * max(1, len(layers)) * 100:
-        raise NotFeedForwardError(f"the graph is not a chain of affine maps and activations (dense form differs by {err:.3g})")
+    p = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    with torch.no_grad():
+        checks = [graph.forward(x).reshape(4, -1)]
+        if p is not None and p.dtype == torch.float64:
+            checks.append(model(x).reshape(4, -1))
+    for ref in checks:
+        rel = 1e-9
+        err = (ref - got).abs().max().item()
+        scale = 1.0 + ref.abs().max().item()
+        if not err <= rel * scale * max(1, len(layers)) * 100:
+            raise NotFeedForwardError(f"the dense form differs from the network by {err:.3g}: not a chain of affine maps and activations")
