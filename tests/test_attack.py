@@ -323,19 +323,23 @@ def _corner_outside_ball(n: int, eps: float, seed: int) -> LpBall:
 
 def test_float32_ball_counterexample_at_the_rounded_corner_is_found():
     """``y = sum(x)`` (float32), violated iff ``y <= thr``: only a sliver at the lower corner of the
-    exact ball violates (margin -1e-4 there), and float32 PGD ends one float32 step beyond that
-    corner. The point projected into the exact ball (float64) is a counterexample; it must be
-    reported, inside the set and confirmed (the float32 projection lost it)."""
-    n = 10
+    exact ball violates (margin -1e-4 there); PGD and corner samples of the random attack end
+    one float32 step beyond that corner. The point projected into the exact ball (float64) is a
+    counterexample; it must be reported, inside the set and confirmed (the float32 projection
+    lost it)."""
+    n = 2
     ball = _corner_outside_ball(n, 0.05, seed=0)
     model = nn.Linear(n, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
     exact_min = float((ball.center.double() - ball.eps.double()).sum())
     spec = LinearSpec(torch.ones(1, 1, 1, dtype=torch.float64), torch.tensor([[-(exact_min + 1e-4)]], dtype=torch.float64), torch.tensor([0]))
-    for restarts in (1, 3):
-        res = pgd_attack(model, ball, spec, steps=10, restarts=restarts)
-        assert res.found.item(), restarts
+    attacks = {"pgd, 1 restart": lambda: pgd_attack(model, ball, spec, steps=10, restarts=1),
+               "pgd, 3 restarts": lambda: pgd_attack(model, ball, spec, steps=10, restarts=3),
+               "random": lambda: random_attack(model, ball, spec, samples=200, chunk=50)}
+    for name, attack in attacks.items():
+        res = attack()
+        assert res.found.item(), name
         assert ball.to(dtype=torch.float64).contains(res.x_adv.double())[0]
         assert confirm_counterexample(model, ball, spec, res.x_adv).item()
         assert res.margin.item() == pytest.approx(-1e-4, abs=1e-6)
