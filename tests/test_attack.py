@@ -304,3 +304,91 @@ def test_random_attack_stops_at_its_timeout():
     r = random_attack(Slow(), s, spec, samples=100_000, chunk=256, timeout=0.3)
     assert time.perf_counter() - t < 1.5
     assert r.x_adv.shape[-1] == s.midpoint().shape[-1]
+
+
+# ----------------------------------------------------------------------------------------
+# float32 sets: candidates are projected into the exact set in float64, never lost
+
+
+def _corner_outside_ball(n: int, eps: float, seed: int) -> LpBall:
+    """A float32 l_inf ball whose float32 lower corner ``fl32(c - eps)`` lies outside the exact
+    ball ``c -/+ eps`` (in float64) in at least one coordinate; batch of one, ``[1, n]``."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 0.5 + 0.5 * torch.rand(1, n, generator=gen, dtype=torch.float32)
+    ball = LpBall(c, eps, math.inf)
+    corner32 = ball.center - ball.eps.view(-1, 1)  # float32 arithmetic, rounded to nearest
+    assert not ball.to(dtype=torch.float64).contains(corner32.double())[0]  # the premise of the test
+    return ball
+
+
+def test_float32_ball_counterexample_at_the_rounded_corner_is_found():
+    """``y = sum(x)`` (float32), violated iff ``y <= thr``: only a sliver at the lower corner of the
+    exact ball violates (margin -1e-4 there); PGD and corner samples of the random attack end
+    one float32 step beyond that corner. The point projected into the exact ball (float64) is a
+    counterexample; it must be reported, inside the set and confirmed (the float32 projection
+    lost it)."""
+    n = 2
+    ball = _corner_outside_ball(n, 0.05, seed=0)
+    model = nn.Linear(n, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    exact_min = float((ball.center.double() - ball.eps.double()).sum())
+    spec = LinearSpec(torch.ones(1, 1, 1, dtype=torch.float64), torch.tensor([[-(exact_min + 1e-4)]], dtype=torch.float64), torch.tensor([0]))
+    attacks = {"pgd, 1 restart": lambda: pgd_attack(model, ball, spec, steps=10, restarts=1),
+               "pgd, 3 restarts": lambda: pgd_attack(model, ball, spec, steps=10, restarts=3),
+               "random": lambda: random_attack(model, ball, spec, samples=200, chunk=50)}
+    for name, attack in attacks.items():
+        res = attack()
+        assert res.found.item(), name
+        assert ball.to(dtype=torch.float64).contains(res.x_adv.double())[0]
+        assert confirm_counterexample(model, ball, spec, res.x_adv).item()
+        assert res.margin.item() == pytest.approx(-1e-4, abs=1e-6)
+
+
+def _digits_setup(limit: int):
+    """The shipped digits MLP (float32) and its correctly classified test digits among the first
+    ``limit``: ``(net, x [n, 1, 8, 8] float32, labels [n], indices into the test split [n])``."""
+    from verify.data import digits
+    from verify.digits_model import load_digits_mlp
+
+    x, y = digits("test", limit=limit)
+    net = load_digits_mlp("noise")
+    with torch.no_grad():
+        ok = net(x).argmax(dim=1) == y
+    return net, x[ok], y[ok], ok.nonzero().flatten()
+
+
+def test_digit_21_keeps_its_counterexample_with_restarts():
+    """Test digit 21 at l_inf 0.05: with 3 restarts one lane reached a float64 margin of -0.027,
+    but the input stopped on its float32 margin and the returned point lay one float32 step
+    outside the ball, so nothing was reported."""
+    from verify.spec import Robust
+
+    net, x, y, idx = _digits_setup(22)
+    assert 21 in idx.tolist()
+    x, y = x[idx == 21], y[idx == 21]
+    ball = LpBall(x, 0.05, math.inf, 0.0, 1.0)
+    spec = Robust(y).linear(1, 10, dtype=x.dtype)
+    for restarts in (1, 3, 5):
+        res = pgd_attack(net, ball, spec, steps=100, restarts=restarts, seed=0)
+        assert res.found.item(), restarts
+        assert ball.to(dtype=torch.float64).contains(res.x_adv.double())[0]
+        assert confirm_counterexample(net, ball, spec, res.x_adv).item()
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_more_restarts_never_find_fewer(eps):
+    """Restart 0 of a 5-restart run follows the same lanes as a 1-restart run, and an input stops
+    only on a confirmed counterexample, so everything 1 restart finds, 5 find too (first 60 test
+    digits; before the fix 5 restarts lost 1 of 3 at eps 0.05 and 7 of 11 at 0.1)."""
+    from verify.spec import Robust
+
+    net, x, y, _ = _digits_setup(60)
+    ball = LpBall(x, eps, math.inf, 0.0, 1.0)
+    spec = Robust(y).linear(len(y), 10, dtype=x.dtype)
+    one = pgd_attack(net, ball, spec, steps=40, restarts=1, seed=0)
+    five = pgd_attack(net, ball, spec, steps=40, restarts=5, seed=0)
+    assert one.found.any()
+    assert (five.found | ~one.found).all(), (one.found & ~five.found).nonzero().flatten().tolist()
+    for res in (one, five):
+        assert confirm_counterexample(net, ball, spec, res.x_adv).tolist() == res.found.tolist()

@@ -52,10 +52,12 @@ class AttackResult:
 
     Attributes:
         found: ``[B]`` bool, a confirmed counterexample was found.
-        x_adv: ``[B, *shape]`` the best point per input (lowest margin), inside the set, in
-            the input set's dtype.
+        x_adv: ``[B, *shape]`` float64, inside the set (candidates are projected into its
+            exact bounds in float64, :func:`project_into`): the confirmed counterexample where
+            ``found``, else the lowest-margin point checked.
         margin: ``[B]`` float64 :meth:`LinearSpec.violation_margin` at ``x_adv`` from a
-            float64 forward pass; ``<= 0`` means violated.
+            float64 forward pass; ``<= 0`` means violated (``found`` also needs the model's own
+            dtype to agree, :func:`confirm_counterexample`).
     """
 
     found: Tensor
@@ -146,11 +148,13 @@ def confirm_counterexample(model: torch.nn.Module, inputs: InputSet, spec: Linea
     return ok
 
 
-def own_dtype_margins(model: torch.nn.Module, spec: LinearSpec, x: Tensor, which: Tensor | None = None) -> Tensor:
+def own_dtype_margins(
+    model: torch.nn.Module, spec: LinearSpec, x: Tensor, which: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     """Violation margins ``[B]`` (float64; ``<= 0``: violated) of ``x [B, *shape]`` by the model
     in its own dtype and device, one input per forward pass; entries not in ``which`` are
-    ``+inf``."""
-    dtype = _model_dtype(model) or torch.float32
+    ``+inf``. ``dtype``: the dtype of a model without floating tensors (default float32)."""
+    dtype = _model_dtype(model) or dtype or torch.float32
     dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), x.device)
     out = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
     s64 = spec.to(dtype=torch.float64)
@@ -310,9 +314,12 @@ def pgd_attack(
     Lanes of restart 0 start at the set's midpoint (the clean input of a ball), the others
     at random points of the set (:func:`_shared_points`). Each step is
     ``x <- project(x - alpha_t * direction(grad))`` (:func:`_step_direction`) with a cosine
-    schedule ``alpha_t = alpha_0 (1 + cos(pi t / steps)) / 2``. An input stops as soon as
-    one of its lanes reaches a negative margin; the run ends when all inputs have, after
-    ``steps``, or at ``timeout``.
+    schedule ``alpha_t = alpha_0 (1 + cos(pi t / steps)) / 2``. Whenever lanes reach a margin
+    ``<= 0`` in the working dtype, their points are projected into the set in float64 and
+    confirmed (:class:`_BestPoints`); an input stops on its first confirmed counterexample (a
+    float32 step can leave the exact set, a near-tie can flip sign: an unconfirmed hit stops
+    nothing). The run ends when all inputs have stopped, after ``steps``, or at ``timeout``;
+    then every lane's lowest-margin point of the inputs still open is checked the same way.
 
     Args:
         model: network ``[n, *shape] -> [n, K]``; the attack runs in its floating dtype on
@@ -328,7 +335,8 @@ def pgd_attack(
         targeted: one lane per (restart, group) instead of one per restart.
 
     Returns:
-        :class:`AttackResult`; ``found`` only where :func:`confirm_counterexample` agrees.
+        :class:`AttackResult`; ``found`` only with a point that passes
+        :func:`confirm_counterexample`'s checks (``x_adv``, float64).
     """
     t0 = time.perf_counter()
     if restarts < 1 or steps < 0:
@@ -352,6 +360,7 @@ def pgd_attack(
     best_m = torch.full((L, B), math.inf, dtype=wdtype, device=dev)
     best_x = x.clone()
     active = torch.ones(B, dtype=torch.bool, device=dev)
+    record = _BestPoints(model, inputs, spec)
     alpha0 = float(step_size) if step_size is not None else 5.0 / max(steps, 1)
     cached: tuple | None = None
 
@@ -372,8 +381,9 @@ def pgd_attack(
         best_m[:, idx] = torch.where(better, md, best_m[:, idx])
         bview = better.view(L, b, *([1] * len(shape)))
         best_x[:, idx] = torch.where(bview, xa.detach(), best_x[:, idx])
-        done = (best_m[:, idx] < 0).any(dim=0)
-        active[idx[done]] = False
+        hit = md <= 0
+        if bool(hit.any()):  # an input stops only on a confirmed point
+            active[idx[record.offer(idx, xa.detach(), hit).to(dev)]] = False
         if t == steps or not active.any() or (timeout is not None and time.perf_counter() - t0 > timeout):
             break
         if loss.requires_grad:
@@ -385,18 +395,108 @@ def pgd_attack(
         xf = tiled.project(xf - alpha * _step_direction(tiled, g.reshape(L * b, *shape), xf))
         x[:, idx] = xf.view(L, b, *shape)
 
-    return _finish(model, inputs, spec, best_x, best_m)
+    return _settle(record, best_x)
 
 
-def _finish(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, cand_x: Tensor, cand_m: Tensor) -> AttackResult:
-    """Pick the best candidate per input (``cand_x [R, B, *shape]``, ``cand_m [R, B]``),
-    project it in the input set's own dtype and confirm it in float64."""
-    B = cand_x.shape[1]
-    r = cand_m.argmin(dim=0)
-    x = cand_x[r, torch.arange(B, device=cand_x.device)]
-    x = inputs.project(x.detach().to(inputs.bounds()[0].dtype))
-    inside, margin = _check(_float64_model(model), inputs, spec, x)
-    return AttackResult(found=inside & (margin <= 0), x_adv=x, margin=margin)
+def _settle(record: _BestPoints, best_x: Tensor) -> AttackResult:
+    """Offer every lane's best point ``best_x [L, B, *shape]`` of the inputs not yet done."""
+    rest = (~record.found).nonzero().flatten()
+    if rest.numel():
+        record.offer(rest, best_x[:, rest.to(best_x.device)])
+    return record.result()
+
+
+class _BestPoints:
+    """The attacks' record per input set (batch ``B``): the best point checked so far, projected
+    into the set in float64 (:func:`project_into`), and whether it is a confirmed counterexample.
+
+    Candidates come from float arithmetic in the model's dtype on outward-rounded sets, so they
+    can sit a rounding step outside the set; :meth:`offer` projects every one into the set's
+    exact (float64) bounds and runs :func:`confirm_counterexample`'s checks on the projected
+    point, which is what is kept and reported. A confirmed point is never replaced.
+
+    Attributes:
+        x: ``[B, *shape]`` float64, inside the sets.
+        margin: ``[B]`` float64 violation margin at ``x`` (plain float64 forward pass); ``+inf``
+            until a candidate with a finite margin was offered.
+        found: ``[B]`` bool, ``x`` is a confirmed counterexample.
+    """
+
+    def __init__(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> None:
+        self.model, self.model64 = model, _float64_model(model)
+        self.dtype = _model_dtype(model) or inputs.bounds()[0].dtype  # the attacks' working dtype
+        self.inputs, self.spec = inputs, spec
+        self.x = project_into(inputs, inputs.midpoint())
+        B, dev = inputs.batch_size, self.x.device
+        self.margin = torch.full((B,), math.inf, dtype=torch.float64, device=dev)
+        self.found = torch.zeros(B, dtype=torch.bool, device=dev)
+
+    def offer(self, idx: Tensor, cand: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Check candidates ``cand [n, b, *shape]`` (any float dtype) for the inputs ``idx [b]``,
+        only where ``mask [n, b]`` (default: all). Per input not yet done, the confirmed
+        projected candidate of lowest float64 margin becomes its counterexample; failing that,
+        the lowest-margin one replaces ``x`` if it beats ``margin``.
+
+        Returns:
+            ``found[idx]``, ``[b]`` bool.
+        """
+        n, b = cand.shape[:2]
+        todo = ~self.found[idx].view(1, b).expand(n, b)
+        mask = todo if mask is None else mask & todo
+        lane, col = mask.nonzero(as_tuple=True)
+        if lane.numel() == 0:
+            return self.found[idx]
+        xp, margin = self._project_and_check(idx[col], cand[lane, col])
+        where = torch.full((n, b), -1, dtype=torch.long, device=lane.device)  # [n, b] row of xp
+        where[lane, col] = torch.arange(lane.numel(), device=lane.device)
+        score = torch.full((n, b), math.inf, dtype=torch.float64, device=lane.device)
+        score[lane, col] = margin.to(lane.device)
+        self._confirm_best(idx, xp, margin, where, score.clone())
+        self._keep_lowest(idx, xp, margin, where, score)
+        return self.found[idx]
+
+    def _project_and_check(self, owner: Tensor, pts: Tensor) -> tuple[Tensor, Tensor]:
+        """Points ``pts [k, *shape]`` of the sets ``owner [k]`` projected into them in float64,
+        ``[k, *shape]``, and their float64 margins ``[k]`` (``+inf`` where not inside or NaN)."""
+        sets = self.inputs.select(owner)
+        xp = project_into(sets, pts)
+        inside, margin = _check(self.model64, sets, self.spec.select(owner), xp)
+        return xp, torch.where(inside & ~margin.isnan(), margin, math.inf)
+
+    def _confirm_best(self, idx: Tensor, xp: Tensor, margin: Tensor, where: Tensor, score: Tensor) -> None:
+        """Per input, try the violating candidates (``score [n, b] <= 0``) in order of margin
+        with the model in its own dtype (:func:`own_dtype_margins`) until one is confirmed."""
+        cols = torch.arange(score.shape[1], device=score.device)
+        while True:
+            low, lane = score.min(dim=0)  # [b]
+            try_ = low <= 0
+            if not bool(try_.any()):
+                return
+            c, pos = cols[try_], where[lane[try_], cols[try_]]
+            own = own_dtype_margins(self.model, self.spec.select(idx[c]), xp[pos], dtype=self.dtype).to(score.device)
+            ok = own <= 0
+            self._set(idx[c[ok]], xp[pos[ok]], margin[pos[ok]], found=True)
+            score[lane[c], c] = math.inf  # tried
+            score[:, c[ok]] = math.inf  # done
+
+    def _keep_lowest(self, idx: Tensor, xp: Tensor, margin: Tensor, where: Tensor, score: Tensor) -> None:
+        """Per input not done, the candidate of lowest margin replaces ``x`` if it beats it."""
+        low, lane = score.min(dim=0)  # [b]
+        better = (low < self.margin[idx]) & ~self.found[idx]
+        if bool(better.any()):
+            c = better.nonzero().flatten()
+            pos = where[lane[c], c]
+            self._set(idx[c], xp[pos], margin[pos], found=False)
+
+    def _set(self, which: Tensor, x: Tensor, margin: Tensor, found: bool) -> None:
+        """Record ``x [k, *shape]`` (float64, in the sets) and ``margin [k]`` for inputs ``which [k]``."""
+        self.x[which] = x.to(self.x.device)
+        self.margin[which] = margin.to(self.margin.device)
+        self.found[which] = found
+
+    def result(self) -> AttackResult:
+        """The record as an :class:`AttackResult` (copies)."""
+        return AttackResult(found=self.found.clone(), x_adv=self.x.clone(), margin=self.margin.clone())
 
 
 # ----------------------------------------------------------------------------------------
@@ -415,11 +515,14 @@ def random_attack(
 ) -> AttackResult:
     """Evaluate ``samples`` points per input: the midpoint, then random points of the set
     (:func:`_shared_points` with ``boundary=True``), ``chunk`` points per input per forward
-    pass. Inputs stop at their first chunk with a negative margin. With ``timeout`` (seconds)
-    no chunk starts after it; chunks then start at 8 points and grow while they stay short.
+    pass. Samples with a margin ``<= 0`` in the model's dtype are projected into the set in
+    float64 and confirmed (:class:`_BestPoints`); an input stops at its first chunk with a
+    confirmed counterexample. With ``timeout`` (seconds) no chunk starts after it; chunks then
+    start at 8 points and grow while they stay short.
 
     Returns:
-        :class:`AttackResult` (the lowest-margin sample per input, confirmed in float64).
+        :class:`AttackResult`: per input the confirmed counterexample, else the lowest-margin
+        sample (projected into the set, margin from a float64 forward pass).
     """
     if samples < 1 or chunk < 1:
         raise ValueError(f"need samples >= 1 and chunk >= 1, got {samples}, {chunk}")
@@ -433,6 +536,7 @@ def random_attack(
     best_m = torch.full((B,), math.inf, dtype=wdtype, device=dev)
     best_x = work.midpoint().clone()
     active = torch.ones(B, dtype=torch.bool, device=dev)
+    record = _BestPoints(model, inputs, spec)
     done_n = 0
     t0 = time.perf_counter()
     size = chunk if timeout is None else min(chunk, 8)
@@ -456,9 +560,11 @@ def random_attack(
             best_m[idx] = torch.where(better, mi, best_m[idx])
             chosen = p[arg, torch.arange(b, device=dev)]
             best_x[idx] = torch.where(better.view(b, *([1] * len(shape))), chosen, best_x[idx])
-            active[idx[best_m[idx] < 0]] = False
+            hit = m <= 0
+            if bool(hit.any()):  # an input stops only on a confirmed point
+                active[idx[record.offer(idx, p, hit).to(dev)]] = False
             if timeout is not None:  # the next chunk takes at most ~1/4 of what is left
                 per_point = (time.perf_counter() - t_chunk) / n
                 left = timeout - (time.perf_counter() - t0)
                 size = int(max(1, min(chunk, 0.25 * left / max(per_point, 1e-9))))
-    return _finish(model, inputs, spec, best_x.unsqueeze(0), best_m.unsqueeze(0))
+    return _settle(record, best_x.unsqueeze(0))
