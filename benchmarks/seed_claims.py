@@ -94,8 +94,7 @@ class Settings:
     curve_digits: int | None = None
     curve_methods: tuple[str, ...] = ("interval", "lipschitz-global", "lipschitz-local", "crown", "alpha-crown")
     pgd_steps: int = 100
-    #: one restart: with more, `pgd_attack` can report fewer counterexamples (its best lane's point
-    #: may end one float32 step outside the ball and fail the float64 membership check)
+    #: one restart: on this MLP five find the same counterexamples (benchmarks/attack_strength.py)
     pgd_restarts: int = 1
     smoothing_n: int = 10_000
 
@@ -713,9 +712,7 @@ CLAIMS = [
     Claim(6, "curves", "Certified accuracy is at most empirical (PGD) accuracy",
           "Digits MLP (noise), first test digits; deterministic methods with `find_radius`, the suite's PGD "
           "(`verify.compare.attack_robust`, targeted, one lane per class, one restart); an input the attack breaks at "
-          "some radius counts as broken at every larger one (with five restarts `pgd_attack` reported fewer "
-          "counterexamples here, not more: a best point one float32 step outside the ball fails its float64 "
-          "membership check, and the input stops there). Checked for every method certifying f: "
+          "some radius counts as broken at every larger one. Checked for every method certifying f: "
           "certified accuracy <= PGD accuracy at every radius, and no input certified at radius R is broken by PGD "
           "at r <= R. `smoothing-gaussian` certifies g, another classifier: shown, not checked against PGD on f.",
           run_curves, check_curves, md_curves),
