@@ -4,7 +4,8 @@ inside its specification's box, and become a bound graph? One markdown row per n
 For each distinct network of each set's ``instances.csv``, the first instance's VNN-LIB file
 gives the input box; ``n`` points drawn uniformly in it (plus its two corners) go through the
 converted graph (float64) and through onnxruntime, and the largest absolute difference is
-reported. Then the bound graph is built (:func:`relax.graph.build_graph`) and one CROWN pass
+reported (a network that uses the integer part of inputs as indices is converted for the integer
+case of the box's lower corner, and the points take that case's values there). Then the bound graph is built (:func:`relax.graph.build_graph`) and one CROWN pass
 run on the box with a deadline (``--crown-seconds``). Times are wall-clock seconds of each step.
 
 Examples::
@@ -31,8 +32,10 @@ from relax.graph import build_graph  # noqa: E402
 from relax.linear import crown  # noqa: E402
 from verify.deadline import Deadline  # noqa: E402
 from verify.model import UnsupportedOperatorError, load_model  # noqa: E402
-from verify.onnx_import import run_onnxruntime  # noqa: E402
-from verify.vnnlib import parse_vnnlib, read_instances  # noqa: E402
+from verify.errors import IntegerInputsNeeded  # noqa: E402
+from verify.integer_inputs import integer_inputs_of  # noqa: E402
+from verify.onnx_import import import_onnx, read_onnx, run_onnxruntime  # noqa: E402
+from verify.vnnlib import parse_vnnlib, read_instances, resolve_maybe_gz  # noqa: E402
 
 SETS_NEW = ["2022/carvana_unet_2022", "2022/collins_rul_cnn", "2022/rl_benchmarks", "2024/cctsdb_yolo_2023", "2024/cgan_2023",
             "2024/ml4acopf_2024", "2024/nn4sys_2023", "2024/safenlp", "2024/traffic_signs_recognition_2023", "2024/vit_2023",
@@ -51,19 +54,28 @@ def _first_op(msg: str) -> str:
 
 def one_net(folder: Path, onnx_rel: str, vnnlib_rel: str, n: int, crown_seconds: float) -> dict:
     row = {"net": Path(onnx_rel).name.replace(".onnx.gz", "").replace(".onnx", "")}
+    props = parse_vnnlib(folder / vnnlib_rel)
+    lo, hi = props[0].input_lo.double().numpy(), props[0].input_hi.double().numpy()
     t = time.perf_counter()
+    fixed: dict[int, int] = {}
     try:
         gm = load_model(folder / onnx_rel)
+    except IntegerInputsNeeded:  # one graph per integer case: the case of the box's lower corner
+        proto = read_onnx(resolve_maybe_gz(folder / onnx_rel))
+        fixed = {c: int(np.trunc(np.float32(lo[c]))) for c in integer_inputs_of(proto, lo)}
+        gm = load_model(import_onnx(proto, integer_inputs=fixed))
+        row["case"] = f"inputs {sorted(fixed)} fixed at {sorted(set(fixed.values()))}"
     except UnsupportedOperatorError as e:
         row.update(load=f"no: {_first_op(str(e))}", load_s=time.perf_counter() - t)
         return row
     row["load_s"] = time.perf_counter() - t
     shape = tuple(gm.input_shape)
-    props = parse_vnnlib(folder / vnnlib_rel)
-    lo, hi = props[0].input_lo.numpy(), props[0].input_hi.numpy()
     rng = np.random.default_rng(0)
     x = lo + (hi - lo) * rng.random((n, lo.size))
-    x = np.concatenate([x, lo[None], hi[None]]).reshape(-1, *shape)
+    x = np.concatenate([x, lo[None], hi[None]])
+    for c, k in fixed.items():  # the case's part of the box
+        x[:, c] = min(max(float(k), lo[c]), hi[c])
+    x = x.reshape(-1, *shape)
     ref = run_onnxruntime(folder / onnx_rel, x.astype(np.float32).astype(np.float64))
     with torch.no_grad():
         y = gm.double()(torch.from_numpy(x.astype(np.float32).astype(np.float64))).reshape(len(x), -1).numpy()
@@ -113,7 +125,8 @@ def main() -> None:
             diff = r.get("max_diff")
             diff_cell = "" if diff is None else f"{diff:.1e} ({r['scale']:.2g})"
             crown_cell = f"{r['crown_s']:.2f} ({'yes' if r['crown_finite'] else 'no'})" if "crown_s" in r else ""
-            print(f"| {s.split('/')[-1]} | {r['net']} | {r.get('load', '')} | {diff_cell} "
+            load = r.get("load", "") + (f" ({r['case']})" if "case" in r else "")
+            print(f"| {s.split('/')[-1]} | {r['net']} | {load} | {diff_cell} "
                   f"| {r.get('load_s', 0):.2f} | {r.get('graph', '')} | {r.get('graph_s', 0):.2f} | {crown_cell} |", flush=True)
 
 
