@@ -205,21 +205,17 @@ def _tasks_section(net: Any, x: Any, y: Any, names: Sequence[str], out_dir: str 
     return table
 
 
-def _denoised_section(x: Any, y: Any, names: Sequence[str], out_dir: str | Path, print_fn) -> list[dict[str, Any]] | None:
-    """Denoised smoothing beside plain and noise-trained smoothing (``DENOISED_VARIANTS``) on the
-    demo's digits, l2: certified accuracy at the l2 table's radii and the base classifier's
-    accuracy under noise (the mean fraction of the ``n`` noisy samples classified as the label).
-    Printed and written to ``demo_denoised_results.csv``; returns the rows (``None`` when
-    ``smoothing-denoised`` is not run)."""
+def denoised_comparison(x: Any, y: Any, radii: Sequence[float], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per ``DENOISED_VARIANTS`` entry on digits ``x [B, 1, 8, 8]``, labels ``y [B]``:
+    certified accuracy at each l2 radius (``cert@r``), the base classifier's accuracy under noise
+    (``acc_under_noise``: the mean fraction of the ``n`` estimation samples classified as the
+    label) and the seconds. ``options``: smoothing options replacing the demo's
+    (:func:`demo_options`), the same for every variant."""
     from .api import certify
-    from .report import format_text
 
-    if "smoothing-denoised" not in names:
-        return None
-    radii = DEMO_NORMS["l2"]["radii"]
     rows = []
     for variant, kind, method, extra in DENOISED_VARIANTS:
-        opts = {**demo_options(method), **extra}
+        opts = {**demo_options(method), **(options or {}), **extra}
         t0 = time.perf_counter()
         table = certify(load_digits_mlp(kind), x, y, method, eps=0.0, norm="l2", method_options=opts)
         row: dict[str, Any] = {"variant": variant, "model": f"digits-mlp{'-noise' if kind == 'noise' else ''}", "method": method,
@@ -227,12 +223,29 @@ def _denoised_section(x: Any, y: Any, names: Sequence[str], out_dir: str | Path,
         row.update({f"cert@{r:g}": a for r, a in zip(radii, table.certified_accuracy(radii))})
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
+    return rows
+
+
+def format_denoised(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`denoised_comparison` as an aligned text table."""
+    from .report import format_text
+
+    cells = [{k: (f"{v:.2f}" if k == "seconds" else f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    return format_text(cells, [(k, k) for k in rows[0]])
+
+
+def _denoised_section(x: Any, y: Any, names: Sequence[str], out_dir: str | Path, print_fn) -> list[dict[str, Any]] | None:
+    """:func:`denoised_comparison` at the l2 table's radii with the demo's options: printed and
+    written to ``demo_denoised_results.csv``; returns the rows (``None`` when
+    ``smoothing-denoised`` is not run)."""
+    if "smoothing-denoised" not in names:
+        return None
+    rows = denoised_comparison(x, y, DEMO_NORMS["l2"]["radii"])
     opts = demo_options("smoothing-gaussian")
     print_fn(f"\n== denoised smoothing (Salman et al. 2020) on {len(y)} test digits, l2, sigma {opts.get('sigma')}, "
              f"n {opts.get('n')}: certified accuracy of g = smoothed base classifier; acc_under_noise: the base classifier "
              f"on x + noise")
-    cells = [{k: (f"{v:.2f}" if k == "seconds" else f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-    print_fn(format_text(cells, [(k, k) for k in rows[0]]))
+    print_fn(format_denoised(rows))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(out_dir) / "demo_denoised_results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
