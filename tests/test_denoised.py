@@ -246,3 +246,21 @@ def test_input_shape_the_denoiser_does_not_take_is_one_line(capsys):
     # the identity takes any shape
     certs = get_method("smoothing-denoised", **{**FAST, "denoiser": "identity"}).certify(net, LpBall(x, 0.1, 2), Robust(torch.tensor([0, 1])))
     assert len(certs) == 2
+
+
+def test_demo_compares_the_four_variants(tmp_path, monkeypatch):
+    import verify.demo as demo
+
+    monkeypatch.setitem(demo.DEMO_OPTIONS, "smoothing-*", {**demo.DEMO_OPTIONS["smoothing-*"], "n": 500, "n0": 50})
+    lines: list[str] = []
+    res = demo.run_demo(out_dir=tmp_path, limit=40, methods=["smoothing-denoised"], norms=("l2",), progress=False,
+                        print_fn=lines.append)
+    rows = res["denoised"]
+    assert [r["variant"] for r in rows] == [v[0] for v in demo.DENOISED_VARIANTS]
+    assert [r["denoiser"] for r in rows] == ["-", "digits-mse", "digits-stability", "-"]
+    acc = {r["variant"]: r["acc_under_noise"] for r in rows}
+    assert acc["D_stab + plain f"] > acc["plain f smoothed"] + 0.05 and acc["D_mse + plain f"] > acc["plain f smoothed"] + 0.03
+    assert all(0 <= r["cert@0.5"] <= r["cert@0.25"] <= r["cert@0"] <= 1 for r in rows)
+    saved = list(csv.DictReader(open(tmp_path / "demo_denoised_results.csv")))
+    assert [s["variant"] for s in saved] == list(acc) and float(saved[2]["cert@0.25"]) == pytest.approx(rows[2]["cert@0.25"])
+    assert any("denoised smoothing (Salman et al. 2020) on 40 test digits" in s for s in lines)
