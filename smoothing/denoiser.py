@@ -220,8 +220,8 @@ def load_denoiser(spec: str | Path) -> tuple[nn.Module, dict]:
         cfg = obj["config"]
         net = ResidualDenoiser(tuple(cfg["input_shape"]), int(cfg["hidden"]), cfg["domain"])
         net.load_state_dict(obj["state_dict"])
-    except Exception as e:  # torch / pickle / key errors of a foreign file
+    except Exception as e:  # torch / pickle / key errors of a foreign file (their messages run to many lines)
         raise ValueError(f"denoiser file {path} is not one written by smoothing.denoiser.save_denoiser "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({type(e).__name__} while reading it)") from None
     meta = {**obj.get("meta", {}), "name": name, "input_shape": tuple(net.input_shape)}
     return net.eval(), meta

@@ -231,6 +231,9 @@ def test_unknown_or_malformed_denoiser_is_one_line(tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, bad)
     with pytest.raises(SmoothingConfigError, match="not one written by smoothing.denoiser.save_denoiser"):
         get_method("smoothing-denoised", denoiser=str(bad))
+    bad.write_text("not a torch file")
+    with pytest.raises(SmoothingConfigError, match=r"save_denoiser \(UnpicklingError while reading it\)$"):
+        get_method("smoothing-denoised", denoiser=str(bad))
     rc = main(["run", "--model", "digits-mlp", "--data", "digits", "--limit", "2", "--eps", "0.1", "--norm", "2",
                "--method", "smoothing-denoised", "--option", "denoiser=nope"])
     assert rc == 2 and "denoiser 'nope' is neither identity" in err_line(capsys)
