@@ -26,6 +26,7 @@ from verify.spec import LpBall, Robust, norm_name
 
 FAST_OPTIONS: dict[str, dict] = {
     "smoothing-gaussian": dict(n0=64, n=2000, alpha=0.01),
+    "smoothing-denoised": dict(n0=64, n=2000, alpha=0.01, denoiser="identity"),  # the bundled ones take 8x8 inputs
     "smoothing-laplace": dict(n0=64, n=2000, alpha=0.01),
     "smoothing-uniform": dict(n0=64, n=2000, alpha=0.01),
     "smoothing-topk": dict(n0=64, n=2000, alpha=0.01),

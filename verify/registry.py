@@ -45,7 +45,7 @@ METHOD_MODULES = (
     "relax.methods_lipschitz",  # lipschitz-global, lipschitz-local, lipschitz-sdp
     "relax.methods_solvers",  # lp, milp, sdp
     "relax.methods_bab",  # bab
-    "smoothing.methods",  # smoothing-gaussian, -laplace, -uniform, -topk, -rotation, -translation
+    "smoothing.methods",  # smoothing-gaussian, -denoised, -laplace, -uniform, -topk, -rotation, -translation
     "smoothing.methods_tasks",  # smoothing-regression, smoothing-invariance
 )
 
