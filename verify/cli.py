@@ -1,4 +1,4 @@
-"""The ``certify`` command line: ``methods``, ``run``, ``demo``, ``compare``.
+"""The ``certify`` command line: ``methods``, ``run``, ``demo``, ``compare``, ``vnncomp``, ``train``.
 
 Every error (bad argument, missing file, unknown method or option, unsupported operator,
 malformed spec ...) prints ONE line ``certify: error: <cause>`` on stderr and exits with
@@ -488,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add_vnncomp_parser(sub)
     s.set_defaults(func=run_vnncomp_command)
+
+    from .train_cli import add_train_parser
+
+    add_train_parser(sub, common)
     return ap
 
 
@@ -506,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise CLIError("choose a command: methods, run, demo, compare, vnncomp (certify -h for help)")
+            raise CLIError("choose a command: methods, run, demo, compare, vnncomp, train (certify -h for help)")
         if getattr(args, "limit", None) is not None and args.limit < 0:
             raise CLIError(f"--limit must be >= 0, got {args.limit}")
         if args.threads < 1:
