@@ -16,4 +16,12 @@ def test_vnncomp_missing_folder_is_a_one_line_error(tmp_path, capsys):
     code = main(["vnncomp", str(tmp_path / "nope"), "--out", str(tmp_path / "r.csv"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error" in err
+    assert len(err.splitlines()) == 1 and err.startswith("certify: error: ")
+
+
+def test_vnncomp_takes_the_common_options(tmp_path, capsys):
+    """``--threads`` and ``-q`` like every sub-command; a bad value is a one-line error."""
+    code = main(["vnncomp", str(tmp_path), "--threads", "0", "-q"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "certify: error: --threads must be >= 1, got 0"

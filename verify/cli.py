@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .vnncomp import add_vnncomp_parser, run_vnncomp_command
 
-    s = add_vnncomp_parser(sub)
+    s = add_vnncomp_parser(sub, parents=(common,))
     s.set_defaults(func=run_vnncomp_command)
 
     from .train_cli import add_train_parser

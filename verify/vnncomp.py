@@ -135,6 +135,7 @@ def run_benchmark(
     select: str | None = None,
     options: dict | None = None,
     progress: bool = True,
+    threads: int = 1,
 ) -> list[dict]:
     """Run every instance of a benchmark, appending a row to ``out`` after each one.
 
@@ -182,7 +183,7 @@ def run_benchmark(
         bar = tqdm(rows, desc=bench, unit="inst", file=sys.stderr, disable=not progress)
         for onnx, vnnlib, to in bar:
             try:
-                res = run_instance(onnx, vnnlib, to * timeout_scale, options=options)
+                res = run_instance(onnx, vnnlib, to * timeout_scale, options=options, threads=threads)
             except Exception as e:  # never let one instance end the run
                 res = InstanceResult("error", 0.0, detail=f"{type(e).__name__}: {e} | {traceback.format_exc(limit=2)[-200:]}")
             claim = claim_of.get(_key(onnx, vnnlib), "")
@@ -240,9 +241,10 @@ def format_summary(s: dict) -> str:
 # command line
 
 
-def add_vnncomp_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``vnncomp`` sub-command to an argparse ``subparsers`` object."""
-    p = subparsers.add_parser("vnncomp", help="run a VNN-COMP benchmark folder (instances.csv + onnx + vnnlib)",
+def add_vnncomp_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentParser:
+    """Add the ``vnncomp`` sub-command to an argparse ``subparsers`` object (``parents``: the
+    CLI's common options, ``--debug``, ``--quiet``, ``--threads``)."""
+    p = subparsers.add_parser("vnncomp", parents=list(parents), help="run a VNN-COMP benchmark folder (instances.csv + onnx + vnnlib)",
                               description="Run every instance of a VNN-COMP benchmark with method 'bab', appending to a CSV.")
     p.add_argument("path", help="benchmark folder or its instances.csv")
     p.add_argument("--out", default="vnncomp_results.csv", help="results CSV (appended row by row)")
@@ -251,7 +253,9 @@ def add_vnncomp_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="skip instances already in --out")
     p.add_argument("--select", default=None, help="only instances whose 'onnx,vnnlib' names contain this text")
     p.add_argument("--claims", default=None, help="published per-instance claims CSV to compare with")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not parents:
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--threads", type=int, default=1, help="torch threads per instance (default 1)")
     return p
 
 
@@ -259,13 +263,16 @@ def run_vnncomp_command(args: argparse.Namespace) -> int:
     """Run the ``vnncomp`` sub-command; prints the summary; returns the exit code: 1 when a
     row errored or an answer disagrees with the published majority, else 0."""
     if args.timeout_scale <= 0:
-        print(f"error: --timeout-scale must be > 0, got {args.timeout_scale:g}", file=sys.stderr)
+        print(f"certify: error: --timeout-scale must be > 0, got {args.timeout_scale:g}", file=sys.stderr)
+        return 2
+    if args.threads < 1:
+        print(f"certify: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     try:
         rows = run_benchmark(args.path, out=args.out, timeout_scale=args.timeout_scale, limit=args.limit, resume=args.resume,
-                             claims=args.claims, select=args.select, progress=not args.quiet)
+                             claims=args.claims, select=args.select, progress=not args.quiet, threads=args.threads)
     except (FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"certify: error: {e}", file=sys.stderr)
         return 2
     s = summarize_rows(rows)
     print(format_summary(s))
