@@ -112,12 +112,15 @@ def _box_range(lo: Tensor, hi: Tensor, bx: tuple[Tensor, Tensor], by: tuple[Tens
     return torch.stack(mins).min(0).values, torch.stack(maxs).max(0).values
 
 
-def _location_box(t0: Tensor, t1: Tensor, px: Tensor, py: Tensor, H: int, W: int):
+Box = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _location_box(t0: Tensor, t1: Tensor, px: Tensor, py: Tensor, H: int, W: int) -> Box:
     """Index-coordinate boxes of ``A(theta) p`` for ``theta in [t0, t1]`` (radians, ``[N]``),
     every pixel centre ``p``: ``((x0, x1), (y0, y1))``, each ``[N, P]``."""
     cl, ch, sl, sh = (v.unsqueeze(1) for v in _trig_interval(t0, t1))
 
-    def mul(lo, hi, p):  # interval [lo, hi] times the scalar p
+    def mul(lo: Tensor, hi: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:  # interval [lo, hi] times p
         a, b = lo * p, hi * p
         return torch.minimum(a, b), torch.maximum(a, b)
 
