@@ -1,0 +1,152 @@
+"""Sound rotation certificates (Fischer et al. 2020, Sec. 4-5): the interpolation-error bound,
+the tail statement over sampled angles, and the combined certificate of ``smoothing-rotation``."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from smoothing.rotation_error import _box_bounds, composition_error, exceed_probability, rotation_error_bound
+from smoothing.semantic import certify_rotation_sound, rotate, sound_rotation_radius
+from verify.data import load_data
+from verify.registry import get_method
+from verify.spec import LpBall, Robust
+
+
+def _digits(k: int) -> torch.Tensor:
+    return load_data("digits", limit=k)[0]
+
+
+def _measured_max(x: torch.Tensor, betas: torch.Tensor, G: float, steps: int) -> float:
+    """Largest ||R_b(R_g x) - R_{b+g} x||_2 over a dense gamma grid, with the suite's real
+    (float32 grid_sample) rotation. ``x [C, H, W]``, ``betas [m]``."""
+    gam = torch.linspace(-G, G, steps)
+    worst = 0.0
+    for b in betas.tolist():
+        xs = x.unsqueeze(0).expand(steps, *x.shape)
+        twice = rotate(rotate(xs, gam), torch.full((steps,), b))
+        once = rotate(xs, gam + b)
+        worst = max(worst, float((twice - once).flatten(1).norm(dim=1).max()))
+    return worst
+
+
+@pytest.mark.parametrize("idx", [0, 1, 2, 3])
+def test_error_bound_covers_dense_grid_and_half_of_it_does_not(idx):
+    x = _digits(4)[idx]
+    betas = torch.randn(12, generator=torch.Generator().manual_seed(idx)) * 10.0
+    E, lower = rotation_error_bound(x, betas, 6.0)
+    meas = _measured_max(x, betas, 6.0, 1201)
+    assert lower <= meas + 1e-4 and meas <= E
+    assert E / 2 < meas  # a halved bound would be caught by the dense grid
+    assert E <= meas + 0.05  # and the bound is reasonably tight (tol 0.02 + slack)
+
+
+def test_box_bounds_contain_points_inside_the_box():
+    x = _digits(1)[0].double()
+    g0, g1 = torch.tensor([0.01, -0.05]), torch.tensor([0.03, -0.02])
+    beta = torch.tensor([0.2, -0.4])
+    ub = _box_bounds(x, beta, g0, g1)
+    for k in range(2):
+        gs = torch.linspace(float(g0[k]), float(g1[k]), 101) * 180 / math.pi
+        pts = composition_error(x, torch.full((101,), float(beta[k]) * 180 / math.pi), gs)
+        assert float(pts.max()) <= float(ub[k]) + 1e-12
+
+
+def test_composition_error_matches_rotate():
+    x = _digits(1)[0]
+    b, g = torch.tensor([7.3, -12.0, 0.0]), torch.tensor([4.1, 9.0, 5.0])
+    xs = x.unsqueeze(0).expand(3, *x.shape)
+    ref = (rotate(rotate(xs, g), b) - rotate(xs, b + g)).flatten(1).norm(dim=1)
+    assert torch.allclose(composition_error(x, b, g).float(), ref, atol=1e-5)
+    assert float(composition_error(x, b, g)[2]) < 1e-6  # beta = 0 composes exactly
+
+
+def test_exceed_probability_is_a_valid_tail_bound():
+    """Uniform errors: P(U > max of m) = 1 - max; it exceeds q in about alpha of the trials."""
+    m, alpha, trials = 50, 0.1, 20000
+    q = exceed_probability(m, alpha)
+    mx = np.random.default_rng(0).random((trials, m)).max(1)
+    freq = float(((1 - mx) > q).mean())
+    assert abs(freq - alpha) < 0.015
+    assert float(((1 - mx) > q / 2).mean()) > alpha + 0.05  # a smaller q would not hold
+
+
+def test_sound_radius_formula():
+    pa = np.array([0.99, 0.9, 0.6])
+    r = sound_rotation_radius(pa, 0.0, np.array([0.1, 0.1, 1.0]), 10.0, 0.5)
+    from scipy.stats import norm
+    assert r[0] == pytest.approx(10 * math.sqrt(norm.ppf(0.99) ** 2 - 0.04))
+    assert r[2] == 0.0
+    assert sound_rotation_radius(pa, 0.05, np.array([0.1] * 3), 10.0, 0.5)[0] < r[0]
+
+
+class _Energy(nn.Module):
+    """Class 1 iff ||z||_2^2 > t: interpolation blur lowers the energy, so the attacked image
+    is genuinely harder than the clean one rotated once."""
+
+    def __init__(self, t: float) -> None:
+        super().__init__()
+        self.t = t
+
+    def forward(self, z):
+        e = z.flatten(1).pow(2).sum(1)
+        return torch.stack([self.t - e, e - self.t], 1)
+
+
+def _p_class(model, z: torch.Tensor, c: int, sigma: float, sigma_l2: float, n: int, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    beta = torch.randn(n, generator=g) * sigma
+    zs = rotate(z.unsqueeze(0).expand(n, *z.shape), beta) + sigma_l2 * torch.randn(n, *z.shape, generator=g)
+    return float((model(zs).argmax(1) == c).double().mean())
+
+
+def _violations(f, xi: torch.Tensor, c: int, r: float, sigma: float, sl2: float, seed: int) -> int:
+    """Grid points gamma in [-r, r] where the smoothed classifier of the real attacked image
+    R_gamma(x) (20k samples, 0.01 slack) does not give ``c``."""
+    bad = 0
+    for gam in np.linspace(-r, r, 5):
+        z = rotate(xi.unsqueeze(0), torch.tensor([gam], dtype=torch.float32))[0]
+        bad += _p_class(f, z, c, sigma, sl2, 20000, seed) < 0.5 - 0.01
+    return bad
+
+
+def test_certificate_holds_on_the_real_attacked_image():
+    """Where the certificate says cA up to radius r, the smoothed classifier of R_gamma(x)
+    gives cA for gamma on a grid of [-r, r]; the same check flags an over-claimed radius."""
+    x = _digits(6)
+    sigma, sl2 = 5.0, 0.3
+    wrong, certified, caught = 0, 0, 0
+    for i in range(6):
+        xi = x[i]
+        base = float(xi.pow(2).sum()) + 64 * sl2 ** 2
+        f = _Energy(base - 8.5)  # class 1 at x with a margin the certificate can use
+        res = certify_rotation_sound(f, xi.unsqueeze(0), sigma, sl2, np.array([4.0]), n0=50, n=2000, alpha=0.01, n_err=200)
+        r, c = float(res.radius[0]), int(res.prediction[0])
+        if r > 0:
+            certified += 1
+            wrong += _violations(f, xi, c, r, sigma, sl2, 1 + i)
+        # negative control: a thin margin and a claimed 25 degrees are caught by the same check
+        caught += _violations(_Energy(base - 4.0), xi, 1, 25.0, sigma, sl2, 1 + i) > 0
+    assert certified >= 2
+    assert wrong == 0
+    assert caught >= 2
+
+
+def test_method_details_and_old_behaviour():
+    x, y = load_data("digits", limit=2)
+    from verify.digits_model import load_digits_mlp
+
+    m = load_digits_mlp("noise").eval()
+    snd = get_method("smoothing-rotation", n=500, n0=50, alpha=0.01, n_err=50).certify(m, LpBall(x, 1.0, 2), Robust(y))
+    old = get_method("smoothing-rotation", n=500, n0=50, alpha=0.01, sound=False).certify(m, LpBall(x, 1.0, 2), Robust(y))
+    d = snd[0].details
+    assert d["sound"] and "R_gamma(x)" in d["certifies_exactly"] and d["E"] >= d["E_lower"] > 0
+    assert d["alpha_pA"] + d["alpha_error"] == pytest.approx(0.01) and snd[0].confidence == pytest.approx(0.99)
+    assert all(c.radius <= 1.0 for c in snd)  # capped at the bounded range
+    assert "NOT the smoothed" in old[0].details["certifies_exactly"] and "E" not in old[0].details
+    with pytest.raises(ValueError):
+        get_method("smoothing-rotation", interpolation="nearest")
+    get_method("smoothing-rotation", interpolation="nearest", sound=False)
