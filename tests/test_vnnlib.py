@@ -282,9 +282,9 @@ def test_count_mismatch_errors():
 
 
 def test_dnf_blowup_is_refused():
-    n = 17  # 2**17 > 100000 disjuncts
+    n = 20  # 2**20 > 1,000,000 disjuncts
     text = decls(1, 2) + box(1) + "(assert (and " + " ".join("(or (<= Y_0 0) (<= Y_1 0))" for _ in range(n)) + "))"
-    with pytest.raises(VnnlibError, match="more than 100000 disjuncts"):
+    with pytest.raises(VnnlibError, match="more than 1000000 disjuncts"):
         parse_vnnlib(text)
 
 
@@ -368,3 +368,32 @@ def test_semantics_matches_violation_margin():
     assert s.violation_margin(y).item() <= 0 and not s.holds(y).item()
     y = torch.tensor([[2.0, 1.0, 0.75]])
     assert s.violation_margin(y).item() > 0 and s.holds(y).item()
+
+
+@pytest.mark.parametrize("odd_atom", ["", " (<= Y_0 Y_1)", " (>= X_0 -inf)", " (>= X_0 1e999)"])
+def test_clause_by_clause_path_equals_the_general_parser(odd_atom):
+    """Large ``(assert (or (and ...) ...))`` blocks (nn4sys: 1.3 million atoms) are matched clause
+    by clause; the properties are those of the general parser, and a clause it does not take
+    (a Y-Y atom, a non-finite number) sends the whole assert to the general parser."""
+    import verify.vnnlib as vl
+
+    rng = np.random.default_rng(5)
+    clauses = []
+    for k in range(40):
+        lo = [float(v) for v in rng.uniform(-2, 2, 2).round(4)]
+        atoms = f"(>= X_0 {lo[0]!r}) (<= X_0 {lo[0] + 0.5!r}) (>= X_1 {lo[1]:.3e}) (<= X_1 {lo[1] + 1!r}) "
+        atoms += f"(<= Y_{k % 2} {float(rng.normal()):.6f})" if k % 3 else f"(>= Y_1 -{abs(float(rng.normal()))!r})"
+        clauses.append(f"(and {atoms}{odd_atom if k == 7 else ''})")
+    text = decls(2, 2) + "(assert (or\n  " + "\n  ".join(clauses) + "))\n"
+    if "inf" in odd_atom or "999" in odd_atom:  # the general parser's error, at the atom
+        with pytest.raises(VnnlibError, match=r"<string>:13:\d+: (bad number '-inf'|number '1e999' is out of range)"):
+            parse_vnnlib(text)
+        return
+    fast, general = vl._Parser(text, "t"), vl._Parser(text, "t", fast=False)
+    fast.run(), general.run()
+    assert fast.used_fast == (odd_atom == "")
+    a, b = fast.properties(None, None, torch.float64), general.properties(None, None, torch.float64)
+    assert len(a) == len(b) == 40
+    for p, q in zip(a, b):
+        assert torch.equal(p.input_lo, q.input_lo) and torch.equal(p.input_hi, q.input_hi)
+        assert torch.equal(p.spec.C, q.spec.C) and torch.equal(p.spec.d, q.spec.d) and torch.equal(p.spec.groups, q.spec.groups)

@@ -72,8 +72,9 @@ __all__ = [
     "write_counterexample",
 ]
 
-#: a DNF larger than this (after multiplying out nested and/or) is refused
-MAX_DISJUNCTS = 100_000
+#: a DNF larger than this (after multiplying out nested and/or) is refused (nn4sys' lindex_60000
+#: has 120,000 disjuncts)
+MAX_DISJUNCTS = 1_000_000
 
 _IGNORED_COMMANDS = frozenset({"set-logic", "set-info", "set-option", "check-sat", "get-model", "exit"})
 
@@ -87,6 +88,14 @@ _TOKEN = re.compile(r"\s*(?:(\()|(\))|(" + _TOK + "))")
 # whole statements matched in one go (the fast path; the same handlers as the general path)
 _FAST_DECL = re.compile(r"\(\s*declare-const\s+(" + _TOK + r")\s+(" + _TOK + r")\s*\)")
 _FAST_ATOM = re.compile(r"\(\s*assert\s*\(\s*(<=|>=)\s+(" + _TOK + r")\s+(" + _TOK + r")\s*\)\s*\)")
+# (assert (or (and ATOM ...) ...)) with plain atoms: the clauses matched one by one, their atoms
+# found in C (nn4sys: 1.3 million atoms in one assert)
+_FAST_OR_HEAD = re.compile(r"\(\s*assert\s*\(\s*or\b")
+_PLAIN_ATOM = r"\(\s*(?:<=|>=)\s+" + _TOK + r"\s+" + _TOK + r"\s*\)"
+_FAST_CLAUSE = re.compile(r"\s*\(\s*and((?:\s*" + _PLAIN_ATOM + r")+)\s*\)")
+_ATOM_PARTS = re.compile(r"\(\s*(<=|>=)\s+(" + _TOK + r")\s+(" + _TOK + r")\s*\)")
+_CLOSE2 = re.compile(r"\s*\)\s*\)")
+_NUM_START = frozenset("0123456789+-.")
 
 
 class VnnlibError(ValueError):
@@ -228,9 +237,11 @@ class _SList(list):
 
 
 class _Parser:
-    def __init__(self, text: str, name: str):
+    def __init__(self, text: str, name: str, fast: bool = True):
         self.text = text
         self.name = name
+        self.fast = fast  # clause-by-clause matching of large (or (and ...)) asserts
+        self.used_fast = False
         self.decl: dict[str, tuple[str, int]] = {}  # "X_3" -> ("X", 3)
         self.decl_pos: dict[tuple[str, int], int] = {}
         self.lo: list[float] = []
@@ -263,6 +274,10 @@ class _Parser:
                     raise self.error(pos, "unbalanced ')'")
                 tok = re.match(_TOK, text[pos:pos + 40]).group(0)
                 raise self.error(pos, f"expected '(' to start a command, got {tok!r}")
+            end = self.fast_or(pos) if self.fast and text.startswith("(assert", pos) else None
+            if end is not None:
+                pos = ws(text, end).end()
+                continue
             m = fast_atom(text, pos)
             if m is not None:
                 atom = self.atom(m.group(1), (m.group(2), m.start(2)), (m.group(3), m.start(3)), m.start(1))
@@ -277,6 +292,62 @@ class _Parser:
                     pos = ws(text, end).end()
                     continue
             pos = ws(text, m.end()).end()
+
+    def fast_or(self, pos: int) -> int | None:
+        """``(assert (or (and ATOM ...) ...))`` whose atoms compare a declared variable with a
+        finite number: parsed clause by clause with regular expressions; returns the end offset,
+        or None (anything else: the general path parses it and reports errors)."""
+        text = self.text
+        m = _FAST_OR_HEAD.match(text, pos)
+        if m is None:
+            return None
+        dnf: list[list[tuple]] = []
+        p = m.end()
+        while True:
+            c = _FAST_CLAUSE.match(text, p)
+            if c is None:
+                break
+            conj = self.plain_atoms(_ATOM_PARTS.findall(text, c.start(1), c.end(1)), c.start(1))
+            if conj is None:
+                return None
+            dnf.append(conj)
+            if len(dnf) > MAX_DISJUNCTS:
+                return None
+            p = c.end()
+        close = _CLOSE2.match(text, p)
+        if close is None or not dnf:
+            return None
+        self.used_fast = True
+        if len(dnf) == 1:
+            for atom in dnf[0]:
+                self.add_top_atom(atom)
+        else:
+            self.complex.append((dnf, pos))
+        return close.end()
+
+    def plain_atoms(self, parts: list[tuple[str, str, str]], pos: int) -> list[tuple] | None:
+        """Atoms ``(op VAR NUM)`` as :meth:`atom` normalises them (positions: the clause's);
+        None if one is anything else."""
+        decl = self.decl
+        out = []
+        for op, a, b in parts:
+            var = decl.get(a)
+            if var is None or b in decl:
+                return None
+            if b[0] not in _NUM_START or "_" in b:  # what float() takes beyond SMT numbers: inf, nan, 1_0
+                return None
+            try:
+                v = float(b)
+            except ValueError:
+                return None
+            if not math.isfinite(v):
+                return None
+            upper = op == "<="
+            if var[0] == "X":
+                out.append(("X", var[1], upper, v, pos))
+            else:  # Y_j <= v: Y_j - v <= 0;  Y_j >= v: v - Y_j <= 0
+                out.append(("Y", ((var[1], 1.0 if upper else -1.0),), -v if upper else v, pos))
+        return out
 
     def read_sexpr(self, pos: int) -> tuple[_SList, int]:
         """Read the s-expression whose ``(`` is at ``pos``; returns it and the end offset."""
@@ -490,13 +561,16 @@ class _Parser:
     def check_box(self, lo, hi, lp, hp, dpos) -> tuple[np.ndarray, np.ndarray]:
         lo_a = np.asarray(lo, dtype=np.float64)
         hi_a = np.asarray(hi, dtype=np.float64)
-        where = "" if dpos is None else " (in the disjunct whose input bounds start at line {}, col {})".format(*self.line_col(dpos))
         bad = ~np.isfinite(lo_a) | ~np.isfinite(hi_a)
+        empty = lo_a > hi_a
+        if not (bad.any() or empty.any()):
+            return lo_a, hi_a
+        # the position of a disjunct is found only for an error (it scans the text)
+        where = "" if dpos is None else " (in the disjunct whose input bounds start at line {}, col {})".format(*self.line_col(dpos))
         if bad.any():
             i = int(np.argmax(bad))
             side = "lower and upper bound" if not (np.isfinite(lo_a[i]) or np.isfinite(hi_a[i])) else ("lower bound" if not np.isfinite(lo_a[i]) else "upper bound")
             raise self.error(self.decl_pos[("X", i)], f"X_{i} has no {side}{where}: every input needs finite bounds")
-        empty = lo_a > hi_a
         if empty.any():
             i = int(np.argmax(empty))
             raise self.error(max(lp[i], hp[i]), f"empty input box: X_{i} >= {float(lo_a[i])!r} and X_{i} <= {float(hi_a[i])!r}{where}")
@@ -576,5 +650,13 @@ def parse_vnnlib(
     if ";" in text:
         text = _COMMENT.sub("", text)  # keeps line breaks and the columns of every token
     p = _Parser(text, fname)
+    try:
+        p.run()
+        return p.properties(num_inputs, num_outputs, dtype)
+    except VnnlibError:
+        if not p.used_fast:
+            raise
+    # the fast path keeps a clause's position for its atoms: the general one names the atom
+    p = _Parser(text, fname, fast=False)
     p.run()
     return p.properties(num_inputs, num_outputs, dtype)
