@@ -258,3 +258,23 @@ def test_run_spec_with_a_torch_model_confirms_in_its_dtype(ulp_instance, tmp_pat
     assert code == 0 and "result: sat" in capsys.readouterr().out
     word, vals = _parse_result(rf.read_text())
     assert word == "sat" and ULP_BOX[0] <= vals["X_0"] <= ULP_BOX[1] and vals["Y_0"] == vals["X_0"] == 1000.0
+
+
+@pytest.mark.parametrize("with_violation", [False, True])
+def test_many_boxes_are_bounded_together_first(tmp_path, with_violation):
+    """An instance with many boxes (nn4sys: up to 60,000) is first bounded by CROWN on all boxes
+    at once; what that proves is unsat without a per-box search, and a box that holds a
+    violation is still found (sat, confirmed)."""
+    onnx_path = _onnx_identity(tmp_path / "id.onnx")
+    boxes = [(float(k), k + 0.5) for k in range(30)]
+    if with_violation:
+        boxes[17] = (100.0, 101.0)
+    spec = tmp_path / "many.vnnlib"
+    spec.write_text(_spec(boxes, "(>= Y_0 50.0)"))
+    res = run_instance(onnx_path, spec, 60)
+    if with_violation:
+        assert res.result == "sat" and 100.0 <= res.x[0] <= 101.0
+        assert [c.details.get("stage") for c in res.certificates[:17]] == ["batched-crown"] * 17
+    else:
+        assert res.result == "unsat"
+        assert len(res.certificates) == 30 and all(c.details.get("stage") == "batched-crown" for c in res.certificates)
