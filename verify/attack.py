@@ -395,14 +395,24 @@ def pgd_attack(
         xf = tiled.project(xf - alpha * _step_direction(tiled, g.reshape(L * b, *shape), xf))
         x[:, idx] = xf.view(L, b, *shape)
 
-    return _settle(record, best_x)
+    return _settle(record, best_x, best_m)
 
 
-def _settle(record: _BestPoints, best_x: Tensor) -> AttackResult:
-    """Offer every lane's best point ``best_x [L, B, *shape]`` of the inputs not yet done."""
+#: spec-row numbers that one candidate check may copy (float64: 8 bytes each)
+CHECK_ELEMENTS = 2**24
+
+
+def _settle(record: _BestPoints, best_x: Tensor, best_m: Tensor) -> AttackResult:
+    """For the inputs not yet done, offer the lanes' best points ``best_x [L, B, *shape]`` that
+    violate in the working dtype (``best_m [L, B] <= 0``) and each input's lowest-margin lane
+    (checking every lane copies the spec rows per lane: 27 GB on an ml4acopf spec)."""
     rest = (~record.found).nonzero().flatten()
     if rest.numel():
-        record.offer(rest, best_x[:, rest.to(best_x.device)])
+        r = rest.to(best_m.device)
+        bm = best_m[:, r]
+        mask = bm <= 0
+        mask[bm.argmin(dim=0), torch.arange(r.numel(), device=bm.device)] = True
+        record.offer(rest, best_x[:, r], mask)
     return record.result()
 
 
@@ -457,7 +467,14 @@ class _BestPoints:
 
     def _project_and_check(self, owner: Tensor, pts: Tensor) -> tuple[Tensor, Tensor]:
         """Points ``pts [k, *shape]`` of the sets ``owner [k]`` projected into them in float64,
-        ``[k, *shape]``, and their float64 margins ``[k]`` (``+inf`` where not inside or NaN)."""
+        ``[k, *shape]``, and their float64 margins ``[k]`` (``+inf`` where not inside or NaN), in
+        chunks whose copies of the spec rows hold at most :data:`CHECK_ELEMENTS` numbers (an
+        ml4acopf spec has 3.4 million per input: 27 GB for all lanes at once)."""
+        step = max(1, CHECK_ELEMENTS // max(1, self.spec.C[0].numel()))
+        parts = [self._project_and_check_chunk(owner[s : s + step], pts[s : s + step]) for s in range(0, owner.numel(), step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _project_and_check_chunk(self, owner: Tensor, pts: Tensor) -> tuple[Tensor, Tensor]:
         sets = self.inputs.select(owner)
         xp = project_into(sets, pts)
         inside, margin = _check(self.model64, sets, self.spec.select(owner), xp)
@@ -567,4 +584,4 @@ def random_attack(
                 per_point = (time.perf_counter() - t_chunk) / n
                 left = timeout - (time.perf_counter() - t0)
                 size = int(max(1, min(chunk, 0.25 * left / max(per_point, 1e-9))))
-    return _settle(record, best_x.unsqueeze(0))
+    return _settle(record, best_x.unsqueeze(0), best_m.unsqueeze(0))
