@@ -44,11 +44,13 @@ def make_onnx(tmp_path, nodes, in_shape, inits=None, opset=13, name="m.onnx", in
 
 
 def assert_matches_ort(path, atol=1e-5):
-    """Converted graph == onnxruntime for batch sizes 1 and 7; returns the graph module."""
+    """Converted graph == onnxruntime for batch sizes 1 and 7, to ``atol`` relative to
+    ``max(1, max |output|)`` (onnxruntime rounds to float32: exp's outputs of ~20 differ by ~1e-5
+    absolute); returns the graph module."""
     gm = load_model(path)
     check_canonical(gm)
     for n in (1, 7):
-        assert check_against_onnxruntime(gm, path, n=n, seed=n) <= atol
+        assert check_against_onnxruntime(gm, path, n=n, seed=n, relative=True) <= atol
     x = torch.rand(7, *gm.input_shape)
     assert gm(x).dim() == 2 and gm(x).shape[0] == 7
     return gm
