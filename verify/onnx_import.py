@@ -964,14 +964,18 @@ def _step(cv: _Converter, t: fx.Node, strict: bool, hint: str) -> fx.Node:
     return _integral(cv, _one_minus(cv, cv.fn(torch.relu, neg, hint=hint), hint))
 
 
+def _nonzero(cv: _Converter, d: fx.Node, integers: bool, hint: str) -> fx.Node:
+    """``[d != 0]`` as 0 / 1: ``min(|d|, 1)`` for integers (``|d|`` is 0 or >= 1), else ``|sign(d)|``."""
+    if integers:
+        return _integral(cv, cv.fn(torch.clamp, cv.fn(torch.abs, d, hint=hint), None, 1.0, hint=hint))
+    return _integral(cv, cv.fn(torch.abs, cv.fn(torch.sign, d, hint=hint), hint=hint))
+
+
 def _equal_values(cv: _Converter, x: fx.Node, y: fx.Node | float, integers: bool, hint: str) -> fx.Node:
-    """``[x == y]`` as 0 / 1 (``y`` broadcast against ``x``)."""
+    """``[x == y]`` as 0 / 1 (``y`` broadcast against ``x``); float subtraction is 0 only for
+    equal operands (IEEE, gradual underflow)."""
     d = cv.fn(operator.sub, x, y, hint=hint)
-    if integers:  # |d| is 0 or >= 1
-        far = cv.fn(torch.clamp, cv.fn(torch.abs, d, hint=hint), None, 1.0, hint=hint)
-    else:  # float subtraction is 0 only for equal operands (IEEE, gradual underflow)
-        far = cv.fn(torch.abs, cv.fn(torch.sign, d, hint=hint), hint=hint)
-    return _integral(cv, _one_minus(cv, far, hint))
+    return _integral(cv, _one_minus(cv, _nonzero(cv, d, integers, hint), hint))
 
 
 def _cast(cv: _Converter, node, a) -> fx.Node:
@@ -981,9 +985,7 @@ def _cast(cv: _Converter, node, a) -> fx.Node:
     to = helper.tensor_dtype_to_np_dtype(a["to"])
     hint = _label(node)
     if to == np.bool_:
-        if x in cv.integral:  # |x| >= 1 or 0
-            return _integral(cv, cv.fn(torch.clamp, cv.fn(torch.abs, x, hint=hint), None, 1.0, hint=hint))
-        return _integral(cv, cv.fn(torch.abs, cv.fn(torch.sign, x, hint=hint), hint=hint))
+        return _nonzero(cv, x, x in cv.integral, hint)
     if np.issubdtype(to, np.floating) or x in cv.integral:
         return x
     if not np.issubdtype(to, np.integer):
