@@ -21,8 +21,16 @@ case of CROWN's Table 1 needs no separate soundness argument). Slopes:
 * ``deeppoly`` (DeepPoly Sec. 4.3): ``lambda = secant slope``, ``lambda' = min(f'(l), f'(u))``;
   lower slope ``lambda`` if ``l > 0`` else ``lambda'``; upper slope ``lambda`` if ``u <= 0`` else
   ``lambda'``.
-* alpha-CROWN: both slopes are free parameters in ``[0, 1]`` (any slope is sound, see above),
-  started from the ``crown`` slopes and optimised per spec row.
+* alpha-CROWN: both slopes are free parameters, any slope being sound (see above). They are
+  optimised as fractions ``alpha in [0, 1]`` of the range of ``f'`` on ``[l, u]``:
+  ``k = k_min + alpha (k_max - k_min)`` with ``k_min = min(f'(l), f'(u))`` and ``k_max = f'`` at
+  the point of ``[l, u]`` nearest 0 (``f'`` is unimodal). Every tangent / secant slope of the
+  heuristics lies in that range (mean value theorem), and an optimiser step of a given size then
+  moves a saturated neuron's slope (``f' ~ 1e-3``) as much, relatively, as a central one's; steps
+  in units of ``f'(0)`` instead overshoot the slopes of saturated neurons, the intermediate bounds
+  get looser than CROWN's at the first step and their slopes stop receiving gradient. Started
+  from the ``crown`` slopes, optimised per spec row (like auto_LiRPA's tangent points, Xu et
+  al. 2020, scaled to the interval).
 
 A relative round-off allowance ``4 eps (1 + |f| + |k x|)`` is subtracted from / added to the
 intercepts.
@@ -150,21 +158,29 @@ class _SShaped(Activation):
             kl = torch.where(lo >= 0, secant, torch.where(hi <= 0, tan_m, torch.where(ok_sec_l, secant, self.df(dl))))
         lb, _ = self.intercepts(kl, lo, hi)
         _, ub = self.intercepts(ku, lo, hi)
-        return Relaxation(kl, lb, ku, ub, extra=(lo, hi))
+        kmin = torch.minimum(self.df(lo), self.df(hi))
+        kmax = self.df(torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi))
+        return Relaxation(kl, lb, ku, ub, extra=(lo, hi, kmin, kmax))
 
     optimisable = True
 
     def alpha_init(self, r: Relaxation) -> Tensor:
-        """Both slopes over ``f'(0)``, ``[B, *shape, 2]`` (lower, upper), in ``[0, 1]`` like a
-        ReLU's alpha: alpha-CROWN optimises them freely, since :meth:`intercepts` makes a sound
-        line of any slope."""
-        return torch.stack([r.lw, r.uw], -1) / self.fprime0
+        """Both slopes as fractions of ``[k_min, k_max]`` (module docstring), ``[B, *shape, 2]``
+        (lower, upper), in ``[0, 1]`` like a ReLU's alpha; alpha-CROWN optimises them freely,
+        since :meth:`intercepts` makes a sound line of any slope."""
+        _, _, kmin, kmax = r.extra
+        span = kmax - kmin
+        pos = span > 0
+        frac = lambda k: torch.where(pos, (k - kmin) / torch.where(pos, span, torch.ones_like(span)),  # noqa: E731
+                                     torch.full_like(k, 0.5)).clamp(0, 1)
+        return torch.stack([frac(r.lw), frac(r.uw)], -1)
 
     def backward_relaxed(self, A, r, alpha=None):
         if alpha is None:
             return super().backward_relaxed(A, r)
-        lo, hi = r.extra
-        kl, ku = alpha[..., 0] * self.fprime0, alpha[..., 1] * self.fprime0  # [S, B, *shape]
+        lo, hi, kmin, kmax = r.extra
+        span = kmax - kmin
+        kl, ku = kmin + alpha[..., 0] * span, kmin + alpha[..., 1] * span  # [S, B, *shape]
         lb, _ = self.intercepts(kl, lo, hi)
         _, ub = self.intercepts(ku, lo, hi)
         Ap, An = A.clamp(min=0), A.clamp(max=0)
