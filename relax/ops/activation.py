@@ -103,19 +103,23 @@ class _SShaped(Activation):
 
     def intercepts(self, k: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` of ``f(x) - k x`` over ``[lo, hi]`` (exact up to round-off, widened)."""
+        return self.intercept(k, lo, hi, lower=True), self.intercept(k, lo, hi, lower=False)
+
+    def intercept(self, k: Tensor, lo: Tensor, hi: Tensor, lower: bool) -> Tensor:
+        """``min`` (``lower``) or ``max`` of ``g(x) = f(x) - k x`` over ``[lo, hi]``: the ends and
+        the turning point ``x1 = -x2 < 0`` (a minimum of ``g``) or ``x2 > 0`` (a maximum) where it
+        lies in the interval; widened by a round-off allowance."""
         g_lo, g_hi = self.f(lo) - k * lo, self.f(hi) - k * hi
         inner = (k > 0) & (k < self.fprime0)
-        kk = torch.where(inner, k, torch.full_like(k, self.fprime0 / 2))
-        x2 = self.turning(kk)
-        x1 = -x2
-        g1, g2 = self.f(x1) - k * x1, self.f(x2) - k * x2
-        big = torch.full_like(k, float("inf"))
-        gmin = torch.minimum(g_lo, g_hi)
-        gmin = torch.minimum(gmin, torch.where(inner & (x1 >= lo) & (x1 <= hi), g1, big))
-        gmax = torch.maximum(g_lo, g_hi)
-        gmax = torch.maximum(gmax, torch.where(inner & (x2 >= lo) & (x2 <= hi), g2, -big))
+        x = self.turning(torch.where(inner, k, torch.full_like(k, self.fprime0 / 2)))
+        if lower:
+            x = -x
+        g_x = self.f(x) - k * x
+        use = inner & (x >= lo) & (x <= hi)
         tol = 4 * torch.finfo(k.dtype).eps * (1 + self.fprime0 + k.abs() * torch.maximum(lo.abs(), hi.abs()))
-        return gmin - tol, gmax + tol
+        if lower:
+            return torch.minimum(torch.minimum(g_lo, g_hi), torch.where(use, g_x, torch.full_like(k, float("inf")))) - tol
+        return torch.maximum(torch.maximum(g_lo, g_hi), torch.where(use, g_x, torch.full_like(k, -float("inf")))) + tol
 
     def _tangent_through(self, lo, hi, point, side, steps=24):
         """Bisection for the tangent point ``d`` between 0 and ``side``'s end whose tangent
@@ -156,8 +160,8 @@ class _SShaped(Activation):
             ok_sec_l = secant <= self.df(lo)
             dl = self._tangent_through(lo, hi, hi, "lower")
             kl = torch.where(lo >= 0, secant, torch.where(hi <= 0, tan_m, torch.where(ok_sec_l, secant, self.df(dl))))
-        lb, _ = self.intercepts(kl, lo, hi)
-        _, ub = self.intercepts(ku, lo, hi)
+        lb = self.intercept(kl, lo, hi, lower=True)
+        ub = self.intercept(ku, lo, hi, lower=False)
         kmin = torch.minimum(self.df(lo), self.df(hi))
         kmax = self.df(torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi))
         return Relaxation(kl, lb, ku, ub, extra=(lo, hi, kmin, kmax))
@@ -181,8 +185,8 @@ class _SShaped(Activation):
         lo, hi, kmin, kmax = r.extra
         span = kmax - kmin
         kl, ku = kmin + alpha[..., 0] * span, kmin + alpha[..., 1] * span  # [S, B, *shape]
-        lb, _ = self.intercepts(kl, lo, hi)
-        _, ub = self.intercepts(ku, lo, hi)
+        lb = self.intercept(kl, lo, hi, lower=True)
+        ub = self.intercept(ku, lo, hi, lower=False)
         Ap, An = A.clamp(min=0), A.clamp(max=0)
         return Ap * kl + An * ku, sum_rows(Ap * lb + An * ub)
 
