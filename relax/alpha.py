@@ -74,6 +74,7 @@ def alpha_crown(
     deadline: Deadline | None = None,
     intermediate: dict[str, tuple[Tensor, Tensor]] | None = None,
     prune: bool = False,
+    stall: tuple[int, float] | None = None,
 ) -> AlphaResult:
     """Optimised lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``).
 
@@ -89,6 +90,9 @@ def alpha_crown(
             always sound: the best over the steps done).
         intermediate: every pre-activation box given (``{node: (lo, hi)}``, ``[B, *shape]``,
             e.g. a parent domain's): only the spec rows' slopes are optimised, over these boxes.
+        stall: ``(window, tolerance)``: stop early once the summed shortfall of the best bounds
+            below 0 (``sum(min(best, 0))``) improved by less than ``tolerance`` times its size
+            over the last ``window`` steps (for long runs: ``iterations`` is then a cap).
         prune: the ReLU neurons dead in every batch element under the CROWN boxes are removed
             from the graph before the optimisation (:func:`relax.linear.crown`'s ``prune``; the
             same bounds, smaller products). The result's ``intermediate`` and ``alphas`` are
@@ -171,6 +175,7 @@ def alpha_crown(
     opt = ProjectedAdam(params, lr, lr_decay)
     done = 0
     boxes = dict(init.intermediate)  # tightened by every step (each step's boxes are sound)
+    shortfall: list[float] = []  # sum(min(best, 0)) after each step, for ``stall``
     for it in range(iterations):
         if deadline is not None and deadline.expired():
             break
@@ -191,12 +196,25 @@ def alpha_crown(
                 done_b = done_b | stop_fn(best)
                 if bool(done_b.all()):
                     break
-            if it == iterations - 1:
+            if it == iterations - 1 or _stalled(shortfall, best, stall):
                 break
             loss = -(low * (~done_b).unsqueeze(1)).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         opt.step(grads)
     return AlphaResult(best, init.lower, done, boxes, alphas)
+
+
+def _stalled(history: list[float], best: Tensor, stall: tuple[int, float] | None) -> bool:
+    """Record ``sum(min(best, 0))`` and say whether it improved by less than ``tolerance``
+    times its size over the last ``window`` records."""
+    if stall is None:
+        return False
+    window, tol = stall
+    history.append(float(best.clamp(max=0).sum()))
+    if len(history) <= window:
+        return False
+    gain = history[-1] - history[-1 - window]
+    return gain < tol * abs(history[-1])
 
 
 def _pruned(graph: BoundGraph, init: CrownResult, overrides: dict[str, tuple[Tensor, Tensor]] | None

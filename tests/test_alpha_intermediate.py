@@ -72,3 +72,17 @@ def test_intersection_value_is_exact_and_gradient_goes_through():
     assert l.tolist() == [0.3, 0.1, 1.0, 2.0] and h.tolist() == [0.7, 0.5, 2.0, 3.0]
     (l.sum() + h.sum()).backward()
     assert lo.grad.tolist() == [1.0, 1.0, 0.0, 1.0] and hi.grad.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_stall_stops_a_long_run_once_the_bound_stops_improving():
+    net = _net(nn.Sigmoid, 3, widths=(6, 10, 10, 3), scale=1.0)
+    x0 = torch.rand(1, 6, dtype=torch.float64)
+    box = Box(x0 - 0.05, x0 + 0.05)
+    C = -torch.eye(3, dtype=torch.float64).unsqueeze(0)  # rows -y: negative bounds, a shortfall to shrink
+    graph, xs = prepare(net, box, torch.float64)
+    full = alpha_crown(graph, xs, C, iterations=150)
+    short = alpha_crown(graph, xs, C, iterations=150, stall=(10, 0.01))
+    assert 10 < short.iterations < full.iterations == 150
+    # what the early stop leaves out is less than the tolerance allows per window, a few times over
+    gap = float((full.lower - short.lower).sum())
+    assert 0 <= gap <= 0.05 * float(full.lower.clamp(max=0).abs().sum())
