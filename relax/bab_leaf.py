@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ from .bab import RowSpec
 from .graph import BoundGraph
 from .linear import crown
 from .ops import ReLU
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["leaf_multipliers", "leaf_bound"]
 
@@ -59,7 +63,7 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
         return None
     masks = {}
     for r, p in _relu_inputs(graph):
-        l, h = boxes[p][0].reshape(-1), boxes[p][1].reshape(-1)
+        l = boxes[p][0].reshape(-1)
         s = split[p]
         masks[r] = ((s > 0) | ((s == 0) & (l >= 0))).to(graph.dtype)
     X = torch.cat([torch.zeros(1, n_in, dtype=graph.dtype), torch.eye(n_in, dtype=graph.dtype)]).reshape(n_in + 1, *graph.input_shape)

@@ -57,7 +57,6 @@ import operator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affine_net import FeedForwardNet

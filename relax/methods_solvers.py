@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
 from verify.deadline import Deadline
 from verify.registry import BoundMethod, Method, register
-from verify.spec import InputSet, Linear, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError, norm_name
 
 from .lp import lp_lower_bounds, relu_net
 from .milp import milp_verify, minimum_distortion

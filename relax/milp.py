@@ -51,7 +51,6 @@ from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robus
 
 from .affine_net import FeedForwardNet
 from .lp import (
-    InputRegion,
     NetEncoding,
     _output_rows,
     encode,

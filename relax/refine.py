@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from .affine_net import FeedForwardNet
+from .lp import InputRegion, tighten_bounds
 
 #: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
 Bounds = list[tuple[Tensor, Tensor]]
-from .lp import InputRegion, tighten_bounds
 
 __all__ = ["refine_bounds", "refine_graph_root"]
 
