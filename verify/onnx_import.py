@@ -926,6 +926,8 @@ def _axes(cv: _Converter, node, a) -> list[int] | None:
 def _unsqueeze(cv: _Converter, node, a) -> fx.Node:
     x = cv.dyn(node)
     axes = _axes(cv, node, a)
+    if axes is None:
+        raise cv.unsupported(node, "no axes")
     r = len(cv.shape(x)) + len(axes)
     for ax in sorted(ax % r for ax in axes):
         x = cv.fn(torch.unsqueeze, x, cv.axis(node, ax, r), hint=_label(node))
