@@ -33,6 +33,7 @@ from __future__ import annotations
 import gzip
 import math
 import operator
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -124,7 +125,7 @@ class OnnxRuntimeModel:
         feed_shape: the shape one example is fed with (symbolic / zero dims become 1).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         import onnxruntime as ort
 
         from .vnnlib import resolve_maybe_gz
