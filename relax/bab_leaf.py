@@ -97,10 +97,10 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
         const = float(Y[0] @ c_row + rs.d[i])
         res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball, deadline=deadline)
         if res.status == 2 and A_ub is not None:  # no point meets the splits: Farkas multipliers
-            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball, deadline)
-            if lam is None:
+            farkas = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball, deadline)
+            if farkas is None:
                 return None
-            lam, gap = lam
+            lam, gap = farkas
             fmin = const + float(np.minimum(obj * lo, obj * hi).sum())
             scale = 2.0 * (abs(fmin) + 1.0) / gap  # f - scale g >= fmin + scale gap > 0
             for (p, j), v in zip(where, lam):
@@ -200,5 +200,5 @@ def leaf_bound(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str
     N = C.shape[1]
     extra = {p: -(b * split[p].to(b.dtype).unsqueeze(0)).reshape(N, 1, *graph.shape(p)) for p, b in betas.items()}
     with torch.no_grad():
-        low = crown(graph, inputs, C.to(graph.dtype), intermediate=boxes, out_extra=extra).lower + d.to(graph.dtype)
+        low = crown(graph, inputs, C.to(graph.dtype), intermediate=boxes, out_extra=extra).spec_lower() + d.to(graph.dtype)
     return low[0]
