@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 
 if TYPE_CHECKING:
     from gurobipy import Constr
@@ -305,7 +306,7 @@ class Backend:
         (MIQP; Gurobi only)."""
         raise NotImplementedError
 
-    def set_col_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    def set_col_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         raise NotImplementedError
 
     def fits(self, quadratic: bool | None = None) -> bool:
@@ -445,7 +446,7 @@ class HighsBackend(Backend):
         self.lp.c = c
         self.lp.offset = float(offset)
 
-    def set_col_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    def set_col_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         idx = np.asarray(idx, dtype=np.int32)
         lo = np.asarray(lo, dtype=np.float64)
         hi = np.asarray(hi, dtype=np.float64)
