@@ -107,6 +107,14 @@ class MilpMethod(Method):
     certifies = "base"
     summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion; l2 = MIQP (Gurobi)"
     norms = ("linf", "l2", "l1", "box")
+    # the options (Method._store_options)
+    solver: str
+    bounds_method: str
+    refine: bool
+    time_limit: float
+    attack: bool
+    margin: float
+    threads: int
 
     def __init__(
         self,
