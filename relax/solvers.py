@@ -390,7 +390,7 @@ def _highs_status(st, is_mip: bool) -> str:
         return "unbounded"
     if st == S.kTimeLimit:
         return "time_limit"
-    if st in (S.kInterrupt, S.kHighsInterrupt,  # type: ignore[attr-defined]  # in highspy, not in its stubs
+    if st in (S.kInterrupt, S.kHighsInterrupt,  # type: ignore[attr-defined, unused-ignore]  # in highspy 1.16, not in its stubs
               S.kObjectiveBound, S.kObjectiveTarget, S.kSolutionLimit):
         return "interrupted"
     if st == S.kIterationLimit:
