@@ -1,11 +1,11 @@
-# certify: the two commands are `make demo` and `make test`.
+# certify: the two commands are `make demo` and `make test` (`make check`: ruff and mypy).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch 2.13.0 is pinned first so that pip takes the CPU wheel instead of a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test check venv clean
 
 $(BIN)/certify: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,10 @@ demo: venv
 test: venv
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest tests --durations=15
 
+# lint (ruff: pyflakes and syntax errors) and type checks (mypy); settings in pyproject.toml
+check: venv
+	$(BIN)/ruff check verify relax smoothing tests benchmarks
+	$(BIN)/mypy verify relax smoothing
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

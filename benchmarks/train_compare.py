@@ -42,7 +42,6 @@ import time
 import torch
 
 from verify import certify
-from verify.certificate import CertificateTable
 from verify.data import digits
 from verify.spec import norm_name, parse_norm
 from verify.train import TrainConfig, build_mlp, train_model

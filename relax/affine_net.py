@@ -155,11 +155,12 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     acts: list[str] = []
     src, shape, run = graph.input_name, tuple(input_shape), []  # the chain value and the run after it
     for n in graph.nodes:
-        if names[n.name] is None:
+        act = names[n.name]
+        if act is None:
             run.append(n)
             continue
         layers.append(_dense_run(run, src, shape, n.inputs[0]))
-        acts.append(names[n.name])
+        acts.append(act)
         src, shape, run = n.name, n.shape, []
     layers.append(_dense_run(run, src, shape, graph.output))
     _check_affine_runs(graph, model, layers, acts, tuple(input_shape))

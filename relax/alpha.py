@@ -106,13 +106,14 @@ def alpha_crown(
                      intermediate=intermediate, fixed=fixed_pass, prune=prune, deadline=deadline)
     if prune:
         graph, init, bound_overrides = _pruned(graph, init, bound_overrides)
-    best = init.lower.clone()
+    crown_lower = init.spec_lower()
+    best = crown_lower.clone()
     relus = [n.name for n in graph.activations() if n.op.optimisable]  # ReLU, sigmoid, tanh
     if stop_fn is None:
         stop_fn = all_rows_positive
     done_b = stop_fn(best) if early_stop else torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
     if iterations <= 0 or not relus or bool(done_b.all()):
-        return AlphaResult(best, init.lower, 0, init.intermediate)
+        return AlphaResult(best, crown_lower, 0, init.intermediate)
 
     # fixed bounds: the CROWN boxes (and the user's overrides) are intersected every iteration
     fixed = dict(init.intermediate)
@@ -154,7 +155,7 @@ def alpha_crown(
             alphas[s][act] = a
             params.append(a)
     if not params:
-        return AlphaResult(best, init.lower, 0, init.intermediate)
+        return AlphaResult(best, crown_lower, 0, init.intermediate)
 
     def alpha_fn(start: str, act: str, sl: slice | None):
         a = alphas.get(start, {}).get(act)
@@ -186,7 +187,7 @@ def alpha_crown(
                 intermediate=None if optimize_intermediate else fixed,
                 alpha_fn=alpha_fn, rows=plan, fixed=step_cache, roundoff_weights=init.weights, deadline=deadline,
             )
-            low = res.lower
+            low = res.spec_lower()
             if optimize_intermediate:
                 boxes = {k: (torch.maximum(boxes[k][0], l.detach()), torch.minimum(boxes[k][1], h.detach()))
                          for k, (l, h) in res.intermediate.items() if k in boxes}
@@ -201,7 +202,7 @@ def alpha_crown(
             loss = -(low * (~done_b).unsqueeze(1)).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         opt.step(grads)
-    return AlphaResult(best, init.lower, done, boxes, alphas)
+    return AlphaResult(best, crown_lower, done, boxes, alphas)
 
 
 def _stalled(history: list[float], best: Tensor, stall: tuple[int, float] | None) -> bool:

@@ -115,7 +115,6 @@ def pgd_boxes(
         ``x [B, n_0]`` the best point found per box and its exact margin ``[B]`` (``<= 0``:
         a counterexample, still to be confirmed on the original model).
     """
-    B = lo.shape[0]
     best_x = (lo + hi) / 2
     with torch.no_grad():
         best_m = spec.margin(spec.values(net.forward(best_x)))

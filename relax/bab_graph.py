@@ -138,7 +138,11 @@ def bound_domains(
     Returns:
         :class:`DomainBounds`.
     """
-    D = next(iter(splits.values())).shape[0] if splits else next(iter(ivals.values()))[0].shape[0]
+    if splits:
+        D = next(iter(splits.values())).shape[0]
+    else:
+        assert ivals  # a domain has ReLU splits or interval splits
+        D = next(iter(ivals.values()))[0].shape[0]
     shapes = {p: graph.shape(p) for p in root}
     boxes = _split_boxes(root, splits, shapes, ivals)
     infeasible = torch.zeros(D, dtype=torch.bool)
@@ -197,14 +201,16 @@ def bound_domains(
               fixed: dict, rec=None) -> Tensor:
         extra = {p: -(b * signs[p].to(b.dtype)).reshape(N, D, *shapes[p]) for p, b in be.items()}
         afn = lambda start, act, sl: None if (act not in al or start != "__out__") else al[act][sl]  # noqa: E731
-        return crown(g, xs, Cx, intermediate=bx, alpha_fn=afn, out_extra=extra, out_record=rec, fixed=fixed).lower + dx
+        return crown(g, xs, Cx, intermediate=bx, alpha_fn=afn, out_extra=extra, out_record=rec, fixed=fixed).spec_lower() + dx
 
     fixed_opt: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
     params = list(alphas.values()) + list(betas.values())
     opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 1.0)  # no decay: children go on from their parents' slopes
     opt_b = ProjectedAdam(list(betas.values()), lr_beta, 1.0, upper=None) if betas else None
     n_steps = steps if params else 0
-    best = best_a = best_b = None
+    best: Tensor | None = None
+    best_a: dict[str, Tensor] = {}  # set by the first evaluation (with fast)
+    best_b: dict[str, Tensor] = {}
     for i in range(n_steps + 1):  # n_steps updates, each followed by an evaluation
         if i > 0 and time.perf_counter() >= deadline:
             break
@@ -227,6 +233,7 @@ def bound_domains(
                 for p, b in betas.items():
                     best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
         if update:
+            assert grads is not None
             opt_a.step(grads[: len(alphas)])
             if opt_b is not None:
                 opt_b.step(grads[len(alphas):])
@@ -237,6 +244,7 @@ def bound_domains(
     elif record[graph.input_name] is None:  # stopped by the deadline before the last evaluation
         with torch.no_grad():
             bound(graph, x_set, boxes, C, d, alphas, betas, fixed_opt, record)
+    assert best is not None  # the first evaluation always runs
     # children go on from the last iterate (Adam's progress), the proving bound uses each row's best
     end_a, end_b = {r: a.detach() for r, a in alphas.items()}, {p: b.detach() for p, b in betas.items()}
     return DomainBounds(best, infeasible, record, boxes,

@@ -77,9 +77,11 @@ class GraphBoxes:
         C, d = spec.batch(B)
         rec: dict[str, Tensor | None] = {g.input_name: None}
         res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec, deadline=self._deadline())
-        A = rec[g.input_name].reshape(C.shape[1], B, -1).transpose(0, 1)  # every pass records the input's coefficients
+        A_rec = rec[g.input_name]
+        assert A_rec is not None  # every pass records the input's coefficients
+        A = A_rec.reshape(C.shape[1], B, -1).transpose(0, 1)
         pre = [(res.intermediate[p][0].reshape(B, -1), res.intermediate[p][1].reshape(B, -1)) for p in self.names]
-        return res.lower + d.to(g.dtype), A, pre
+        return res.spec_lower() + d.to(g.dtype), A, pre
 
     def optimize(self, C: Tensor, d: Tensor, lo: Tensor, hi: Tensor, pre: Bounds, steps: int, lr: float) -> Tensor:
         """alpha-CROWN lower bounds ``[B, R]`` of the rows ``C [B, R, K] y + d`` over the boxes
@@ -197,12 +199,12 @@ def _alpha_nearest(
         return lower, cm
     near = open_[torch.argsort(cm[open_], descending=True)[:n]]
     low = lower[near]
-    idx = []  # [n, r] row indices per group
+    per_group = []  # [n, r] row indices per group
     for g in range(spec.num_groups):
         rows = (spec.groups == g).nonzero().squeeze(1)
         top = low[:, rows].topk(min(rows_per_group, rows.numel()), dim=1).indices
-        idx.append(rows[top])
-    idx = torch.cat(idx, 1)  # [n, R]
+        per_group.append(rows[top])
+    idx = torch.cat(per_group, 1)  # [n, R]
     low2 = net.optimize(spec.C[idx], spec.d[idx], lo[near], hi[near], [(l[near], u[near]) for l, u in pre], steps, 0.5)
     lower = lower.clone()
     lower[near] = low.scatter_reduce(1, idx, low2, reduce="amax")
@@ -318,7 +320,8 @@ def input_bab(
                     for sl, br in ((slice(0, ks), "strong"), (slice(ks, k), "smear"))
                     if sl.stop > sl.start
                 ]
-                c_lo, c_hi, lower, A = (torch.cat([pt[i] for pt in parts]) for i in range(4))
+                quads = [pt[:4] for pt in parts]  # (lo, hi, lower, A) of each part
+                c_lo, c_hi, lower, A = (torch.cat([q[i] for q in quads]) for i in range(4))
                 pre = [(torch.cat([pt[4][j][0] for pt in parts]), torch.cat([pt[4][j][1] for pt in parts])) for j in range(len(p_pre))]
             else:
                 c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, branching, hi - lo, max_aspect)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ from .bab import RowSpec
 from .graph import BoundGraph
 from .linear import crown
 from .ops import ReLU
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["leaf_multipliers", "leaf_bound"]
 
@@ -59,7 +63,7 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
         return None
     masks = {}
     for r, p in _relu_inputs(graph):
-        l, h = boxes[p][0].reshape(-1), boxes[p][1].reshape(-1)
+        l = boxes[p][0].reshape(-1)
         s = split[p]
         masks[r] = ((s > 0) | ((s == 0) & (l >= 0))).to(graph.dtype)
     X = torch.cat([torch.zeros(1, n_in, dtype=graph.dtype), torch.eye(n_in, dtype=graph.dtype)]).reshape(n_in + 1, *graph.input_shape)
@@ -93,10 +97,10 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
         const = float(Y[0] @ c_row + rs.d[i])
         res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball, deadline=deadline)
         if res.status == 2 and A_ub is not None:  # no point meets the splits: Farkas multipliers
-            lam = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball, deadline)
-            if lam is None:
+            farkas = _infeasibility_multipliers(A_ub, b_ub, lo, hi, ball, deadline)
+            if farkas is None:
                 return None
-            lam, gap = lam
+            lam, gap = farkas
             fmin = const + float(np.minimum(obj * lo, obj * hi).sum())
             scale = 2.0 * (abs(fmin) + 1.0) / gap  # f - scale g >= fmin + scale gap > 0
             for (p, j), v in zip(where, lam):
@@ -196,5 +200,5 @@ def leaf_bound(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: dict[str
     N = C.shape[1]
     extra = {p: -(b * split[p].to(b.dtype).unsqueeze(0)).reshape(N, 1, *graph.shape(p)) for p, b in betas.items()}
     with torch.no_grad():
-        low = crown(graph, inputs, C.to(graph.dtype), intermediate=boxes, out_extra=extra).lower + d.to(graph.dtype)
+        low = crown(graph, inputs, C.to(graph.dtype), intermediate=boxes, out_extra=extra).spec_lower() + d.to(graph.dtype)
     return low[0]

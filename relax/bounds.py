@@ -142,7 +142,7 @@ def lower_bounds(
     if method in ("crown", "deeppoly"):  # DeepPoly's ReLU slopes are CROWN's
         with torch.no_grad():
             return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides, prune=True,
-                         deadline=deadline).lower
+                         deadline=deadline).spec_lower()
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
                        max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides,
                        deadline=deadline, prune=True).lower.detach()

@@ -125,12 +125,12 @@ class _Recorder(torch.fx.Interpreter):
 
 def _node_desc(n: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
     if n.op == "call_module":
-        mod = gm.get_submodule(n.target)
+        mod = gm.get_submodule(str(n.target))
         return f"module {type(mod).__module__}.{type(mod).__name__} (node {n.name!r}, target {n.target!r})"
     if n.op == "call_function":
         fname = getattr(n.target, "__qualname__", None) or getattr(n.target, "__name__", str(n.target))
-        mod = getattr(n.target, "__module__", None) or ""
-        return f"function {mod + '.' if mod else ''}{fname} (node {n.name!r})"
+        where = getattr(n.target, "__module__", None) or ""
+        return f"function {where + '.' if where else ''}{fname} (node {n.name!r})"
     return f"{n.op} {n.target!r} (node {n.name!r})"
 
 

@@ -72,8 +72,8 @@ def prune_graph(graph: BoundGraph, keep: dict[str, Tensor]) -> BoundGraph:
         if n.name in rows or n.name in cols:
             W, b, absWt = op.W, op.b, op._absWt  # |W|^T of the interval rule, sliced rather than recomputed
             if n.name in cols:
-                c = cols[n.name].to(W.device)
-                W, absWt = W[:, c], (None if absWt is None else absWt[c])
+                kc = cols[n.name].to(W.device)
+                W, absWt = W[:, kc], (None if absWt is None else absWt[kc])
             if n.name in rows:
                 m = rows[n.name].to(W.device)
                 W, b, absWt = W[m], (None if b is None else b[m]), (None if absWt is None else absWt[:, m])

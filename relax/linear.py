@@ -85,6 +85,11 @@ class CrownResult:
     #: the round-off weights of the nodes (:func:`node_weights`) of the graph the pass ended on
     weights: dict[str, Tensor | None] = field(default_factory=dict)
 
+    def spec_lower(self) -> Tensor:
+        """``lower`` of a pass that had spec rows ``C``."""
+        assert self.lower is not None, "crown ran without spec rows"
+        return self.lower
+
 
 def concretize(A: Tensor, bias: Tensor, input_set: InputSet, clipped_ball: bool = False) -> Tensor:
     """``min over x in input_set of A . x + bias``: ``A [S, B, *in]``, ``bias [S, B]`` -> ``[S, B]``.
@@ -527,8 +532,9 @@ def crown(
         (with the linear bound's gradient).
     """
     if fixed is not None and "relax" in fixed:
-        relax, weights, inter, ibp_low = fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"]
-        return _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
+        assert C is not None  # fixed is filled by a call with spec rows, and the calls differ in alpha_fn / out_extra only
+        return _spec_rows(graph, input_set, C, fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"], max_elements,
+                          alpha_fn, out_extra, out_record)
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
                   or roundoff_weights is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
@@ -600,8 +606,9 @@ def _prune_dead(graph: BoundGraph, p: str, known: dict[str, tuple[Tensor, Tensor
         if r in relax:
             relax[r] = _keep_neurons(relax[r], k)
         for name in (p, r):
-            if weights.get(name) is not None:
-                weights[name] = weights[name][:, k]
+            w = weights.get(name)
+            if w is not None:
+                weights[name] = w[:, k]
         for c in graph.consumers[r]:
             weights.pop(c, None)
             ibp.pop(c, None)
@@ -638,10 +645,11 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
         ex = None if out_extra is None else {k: v[s0:s1] for k, v in out_extra.items()}
         rec = None if out_record is None else dict.fromkeys(out_record)
         parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights, ex, rec, clipped_ball=True))
-        if rec is not None:
+        if rec is not None and out_record is not None:  # rec is None iff out_record is
             for k, v in rec.items():
                 if v is not None:
-                    out_record[k] = v if out_record[k] is None or s0 == 0 else torch.cat([out_record[k], v])
+                    prev = out_record[k]
+                    out_record[k] = v if prev is None or s0 == 0 else torch.cat([prev, v])
     low = torch.cat(parts, 0).t()
     # the value is max(linear, interval); the gradient always that of the linear bound, so that an
     # optimiser of slopes / multipliers is not stuck where the interval bound is ahead at the start

@@ -57,7 +57,6 @@ import operator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .affine_net import FeedForwardNet
@@ -146,12 +145,13 @@ def combine_norms(chains: dict[float, Tensor], n_in: int) -> dict[float, Tensor]
         (2.0, math.inf): math.sqrt(n_in), (1.0, math.inf): float(n_in), (1.0, 2.0): math.sqrt(n_in),
         (math.inf, 2.0): 1.0, (math.inf, 1.0): 1.0, (2.0, 1.0): 1.0,
     }
-    out = {}
+    out: dict[float, Tensor] = {}
     for p in _NORMS:
-        best = None
+        best: Tensor | None = None
         for r, L in chains.items():
             cand = L if r == p else L * factor[(r, p)] * (1 + ROUND_UP)
             best = cand if best is None else torch.minimum(best, cand)
+        assert best is not None  # chains is not empty
         out[p] = best
     return out
 
@@ -465,6 +465,7 @@ def _module_norm(m: nn.Module, in_shape: tuple[int, ...], p: float, conv_bound: 
         return v * (1 + ROUND_UP)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         scale = m.weight.detach().double() if m.affine else torch.ones(m.num_features, dtype=torch.float64)
+        assert m.running_var is not None  # a BatchNorm that tracks running statistics
         scale = scale / torch.sqrt(m.running_var.double() + m.eps)
         return scale.abs().max().item() * (1 + ROUND_UP)
     if isinstance(m, nn.AvgPool2d):
@@ -559,6 +560,7 @@ def module_global_lipschitz(model: torch.fx.GraphModule, input_shape: tuple[int,
     a = torch.zeros(Cf.shape[0], *a_shape, dtype=torch.float64, requires_grad=True)
     out = _run_tail(g64, last_act.name if last_act is not None else None, a)
     (out * Cf).sum().backward()
+    assert a.grad is not None
     V = a.grad.reshape(Cf.shape[0], -1)
     q = dual_norm(p)
     # the vector-Jacobian product is a chain of `steps` products: its round-off is at most

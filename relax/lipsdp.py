@@ -372,6 +372,7 @@ def polish(Ws: list[np.ndarray], betas: list[float], w: np.ndarray, us: list[np.
         cand = [u * np.exp(dx[offs[k]:offs[k + 1]]) for k, u in enumerate(best_u)]
         r, gc = rho_star(Ws, betas, w, cand, grad=True)
         if r < best:
+            assert gc is not None  # r is finite
             best_u, best, g = cand, r, gc
             step *= 1.3
         else:

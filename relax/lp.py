@@ -91,9 +91,9 @@ class InputRegion:
 
 def regions_of(inputs: InputSet) -> list[InputRegion]:
     """Per-example :class:`InputRegion` of a batched box or l_inf / l_1 ball."""
-    lo, hi = inputs.bounds()
-    lo = lo.detach().double().cpu().reshape(lo.shape[0], -1).numpy()
-    hi = hi.detach().double().cpu().reshape(hi.shape[0], -1).numpy()
+    lo_t, hi_t = inputs.bounds()
+    lo = lo_t.detach().double().cpu().reshape(lo_t.shape[0], -1).numpy()
+    hi = hi_t.detach().double().cpu().reshape(hi_t.shape[0], -1).numpy()
     if isinstance(inputs, LpBall):
         if inputs.p == 2.0:
             raise UnsupportedNetworkError("l_2 balls are not polyhedral: the LP/MILP encodings support boxes, l_inf and l_1 balls")
@@ -135,7 +135,7 @@ def interval_bounds(net: FeedForwardNet, regions: list[InputRegion]) -> list[tup
         zl, zu = zc - zr, zc + zr
         if k == 0:
             for i, r in enumerate(regions):
-                if r.p == 1.0 and r.center is not None:
+                if r.p == 1.0 and r.center is not None and r.eps is not None:
                     c = torch.from_numpy(r.center) @ W.T + b
                     e = r.eps * W.abs().amax(dim=1)
                     zl[i] = torch.maximum(zl[i], c - e)
@@ -152,7 +152,7 @@ def _widen(t: Tensor, down: bool) -> Tensor:
 
 
 def initial_bounds(
-    model: torch.nn.Module, net: FeedForwardNet, inputs: InputSet, method: str = "crown"
+    model: torch.nn.Module | FeedForwardNet, net: FeedForwardNet, inputs: InputSet, method: str = "crown"
 ) -> tuple[list[tuple[Tensor, Tensor]], str]:
     """Pre-activation bounds ``[(l_k [B, n_k], u_k)]`` (float64) of the ReLU inputs and the name of
     the method that produced them.
@@ -163,13 +163,15 @@ def initial_bounds(
     ``1e-6 (1 + |b|)`` and intersected with the interval bounds. If that module is missing or
     fails, the interval bounds are used and the returned name says why. ``inputs`` may be an
     l_2 ball (for the minimum l_2 distortion): the interval bounds then use its box enclosure.
+    A :class:`FeedForwardNet` ``model`` (no graph to run the bound engine on) gets the interval
+    bounds.
     """
     if isinstance(inputs, LpBall) and inputs.p == 2.0:
         # interval bounds on the ball's box enclosure; CROWN below sees the l_2 ball itself
         ib = interval_bounds(net, regions_of(Box(*inputs.bounds())))
     else:
         ib = interval_bounds(net, regions_of(inputs))
-    if method == "interval":
+    if method == "interval" or isinstance(model, FeedForwardNet):
         return ib, "interval"
     try:
         from .bounds import intermediate_bounds
@@ -370,6 +372,7 @@ def encode(
         else:
             raise ValueError(f"encode: distortion norm must be inf or 1, got {p}")
     elif region.p == 1.0:
+        assert region.center is not None and region.eps is not None  # an l_1 ball
         l1 = _l1_rows(bld, x_cols, region.center, region.eps, -1)
 
     act_cols: list[np.ndarray] = []
@@ -598,8 +601,9 @@ def tighten_bounds(
             continue
         if order == "score":
             unst = unst[np.argsort(-(-l[unst] * u[unst]), kind="stable")]
-        if priority is not None and priority[k] is not None:
-            unst = unst[np.argsort(-priority[k][unst], kind="stable")]
+        prio_k = None if priority is None else priority[k]
+        if prio_k is not None:
+            unst = unst[np.argsort(-prio_k[unst], kind="stable")]
         enc = encode(net, region, bounds, n_hidden=k, integer=integer)
         M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
         todo = iter(unst.tolist())
@@ -691,14 +695,14 @@ def lp_lower_bounds(
     for bi, reg in enumerate(regions):
         t0 = time.perf_counter()
         mine = batch_deadline.share(B - bi)  # this example's share of the time left
-        deadline = mine.at if time_limit is None else min(t0 + time_limit, mine.at or math.inf)
+        ex_deadline = mine.at if time_limit is None else min(t0 + time_limit, mine.at or math.inf)
         if bounds is None:
             bnds = [(l[bi].numpy().copy(), u[bi].numpy().copy()) for l, u in ib]
         else:
             bnds = [(l.copy(), u.copy()) for l, u in bounds[bi]]
         det: dict = {"bounds": used, "solver": solver_name}
         if refine:
-            bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver, deadline=deadline)
+            bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver, deadline=ex_deadline)
         enc = encode(net, reg, bnds)
         det["lp"] = enc.stats
         Cw, cd = _output_rows(net, C[bi], d[bi])
@@ -708,16 +712,17 @@ def lp_lower_bounds(
         statuses, messages = [], set()
         pts = np.tile((reg.lo + reg.hi) / 2, (N, 1))
         for i in range(N):
-            if deadline is not None and time.perf_counter() >= deadline:
+            if ex_deadline is not None and time.perf_counter() >= ex_deadline:
                 statuses.append("time_limit")  # not solved: the row keeps -inf
                 continue
             be.set_objective(M.getrow(i).toarray().ravel(), const[i])
-            rest = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+            rest = None if ex_deadline is None else max(ex_deadline - time.perf_counter(), 1e-3)
             r = be.solve(time_limit=rest)
             statuses.append(r.status)
             if r.status == "error" and r.message:
                 messages.add(r.message)
             if r.status == "optimal":
+                assert r.x is not None  # an optimal solve has its point
                 lower[bi, i] = r.bound
                 pts[i] = np.clip(r.x[enc.x_cols], reg.lo, reg.hi)
             elif r.status == "infeasible":

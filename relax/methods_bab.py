@@ -133,7 +133,7 @@ class BabMethod(Method):
             y0 = model(x0).reshape(B, -1)
         spec = prop.linear(B, y0.shape[1], device=x0.device, dtype=y0.dtype)
         labels = prop.labels()
-        is_ball = isinstance(inputs, LpBall)
+        ball = inputs if isinstance(inputs, LpBall) else None
         certs = []
         for b in range(B):
             left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
@@ -142,9 +142,9 @@ class BabMethod(Method):
             status = res.status
             lab = None if labels is None else int(labels[b] if labels.numel() > 1 else labels[0])
             certs.append(self.make_certificate(
-                status, b, label=lab, prediction=int(y0[b].argmax()), norm=norm_name(inputs.p) if is_ball else "box",
-                eps=float(inputs.eps[b]) if is_ball else None,
-                radius=float(inputs.eps[b]) if (is_ball and status == "certified") else 0.0,
+                status, b, label=lab, prediction=int(y0[b].argmax()), norm=norm_name(ball.p) if ball is not None else "box",
+                eps=float(ball.eps[b]) if ball is not None else None,
+                radius=float(ball.eps[b]) if (ball is not None and status == "certified") else 0.0,
                 counterexample=None if res.counterexample is None else res.counterexample.reshape(inputs.shape).cpu(),
                 time_s=time.perf_counter() - tb,
                 details={
@@ -208,7 +208,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, tim
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
     with torch.no_grad():  # a large network's pass stops tightening at a third of the budget
-        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() / 3)).lower + d)[0])
+        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() / 3)).spec_lower() + d)[0])
     if low > opts.margin:
         return done(BabResult("certified", None, low, 1, reason="proved"), "crown")
     res = attack("pgd")

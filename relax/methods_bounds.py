@@ -32,6 +32,9 @@ def _dtype(v) -> torch.dtype | None:
 
 class _Relax(BoundMethod):
     _method = ""
+    # options of every subclass
+    dtype: torch.dtype | str | None
+    max_elements: int
 
     def _lower(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, **kw) -> Tensor:
         graph, inputs = prepare(model, inputs, _dtype(self.dtype) or torch.float64)

@@ -24,7 +24,6 @@ import copy
 import math
 import time
 import weakref
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +32,7 @@ from verify.certificate import Certificate
 from verify.deadline import Deadline
 from verify.errors import UnsupportedOperatorError
 from verify.registry import BoundMethod, register
-from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+from verify.spec import InputSet, LinearSpec, LpBall, SpecError, norm_name
 
 from . import lipschitz as lip
 from .affine_net import FeedForwardNet, to_feedforward

@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
 from verify.deadline import Deadline
 from verify.registry import BoundMethod, Method, register
-from verify.spec import InputSet, Linear, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError, norm_name
 
 from .lp import lp_lower_bounds, relu_net
 from .milp import milp_verify, minimum_distortion
@@ -108,6 +107,14 @@ class MilpMethod(Method):
     certifies = "base"
     summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion; l2 = MIQP (Gurobi)"
     norms = ("linf", "l2", "l1", "box")
+    # the options (Method._store_options)
+    solver: str
+    bounds_method: str
+    refine: bool
+    time_limit: float
+    attack: bool
+    margin: float
+    threads: int
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -51,7 +52,6 @@ from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robus
 
 from .affine_net import FeedForwardNet
 from .lp import (
-    InputRegion,
     NetEncoding,
     _output_rows,
     encode,
@@ -61,7 +61,7 @@ from .lp import (
     relu_net,
     tighten_bounds,
 )
-from .solvers import LinearProgram, SolverError, make_backend, resolve_solver
+from .solvers import GurobiBackend, LinearProgram, SolverError, make_backend, resolve_solver
 
 __all__ = [
     "MilpOutcome",
@@ -489,7 +489,7 @@ def milp_verify(
         in_b = inputs.select([b])
         spec_b = spec.select([b])
         # 1. attack
-        if x_att is not None and float(m_att[b]) <= 0:
+        if x_att is not None and m_att is not None and float(m_att[b]) <= 0:
             ok, xc, note = confirm_violation(model, x_att[b : b + 1], spec_b, in_b)
             if ok:
                 gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
@@ -550,7 +550,7 @@ def milp_verify(
             outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
             continue
         det["solver"] = be.name
-        if be.name == "gurobi":
+        if isinstance(be, GurobiBackend):  # be.name == "gurobi"
             det["milp"].update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
         cost = np.zeros(lp.num_cols)
         cost[t_col] = 1.0
@@ -863,7 +863,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             cost[enc.eps_col] = 1.0
             be.set_objective(cost)
         stats = dict(enc.stats)
-        if be.name == "gurobi":
+        if isinstance(be, GurobiBackend):  # be.name == "gurobi"
             stats.update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
         return enc, lp, rows, const, be, used, ref, stats
 
@@ -879,7 +879,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     det["solver"] = be.name
     order = np.argsort(gm0)
     glow = np.zeros(G)  # lower bound of each group's minimum distance (0 = nothing known)
-    per_group = {}
+    per_group: dict[int, Any] = {}
     timed_out = False
     errors: list[tuple[int, str]] = []
     # one MILP per group (measured on the digits MLP: a single MILP over all groups with a

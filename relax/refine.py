@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .affine_net import FeedForwardNet
+from .lp import InputRegion, tighten_bounds
 
 #: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
 Bounds = list[tuple[Tensor, Tensor]]
-from .lp import InputRegion, tighten_bounds
 
 __all__ = ["refine_bounds", "refine_graph_root"]
 
@@ -113,7 +113,7 @@ def refine_bounds(
             stats["stopped_at_deadline"] = True
             break
         b64 = [(l.detach().double().cpu().reshape(-1).numpy(), u.detach().double().cpu().reshape(-1).numpy()) for l, u in out]
-        prio = None if priority is None else [p.detach().double().cpu().reshape(-1).numpy() for p in priority(out)]
+        prio: list[np.ndarray | None] | None = None if priority is None else [p.detach().double().cpu().reshape(-1).numpy() for p in priority(out)]
         new, st = tighten_bounds(ff, region, b64, solver=solver, layers=[k], deadline=deadline, integer=integer,
                                  solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4, workers=workers,
                                  priority=prio)
@@ -198,7 +198,7 @@ def refine_graph_root(
     shapes = {p: graph.shape(p) for p in nodes}
     C, d = rs.batch(1)
     C, d = C.to(graph.dtype), d.to(graph.dtype)
-    state = {"alphas": root_alphas, "lower": -math.inf, "boxes": dict(root)}
+    state: dict[str, Any] = {"alphas": root_alphas, "lower": -math.inf, "boxes": dict(root)}
 
     def as_boxes(b: Bounds) -> dict[str, tuple[Tensor, Tensor]]:
         boxes = dict(state["boxes"])

@@ -37,10 +37,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from gurobipy import Constr
 
 __all__ = [
     "LinearProgram",
@@ -302,7 +306,7 @@ class Backend:
         (MIQP; Gurobi only)."""
         raise NotImplementedError
 
-    def set_col_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    def set_col_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         raise NotImplementedError
 
     def fits(self, quadratic: bool | None = None) -> bool:
@@ -386,7 +390,8 @@ def _highs_status(st, is_mip: bool) -> str:
         return "unbounded"
     if st == S.kTimeLimit:
         return "time_limit"
-    if st in (S.kInterrupt, S.kHighsInterrupt, S.kObjectiveBound, S.kObjectiveTarget, S.kSolutionLimit):
+    if st in (S.kInterrupt, S.kHighsInterrupt,  # type: ignore[attr-defined, unused-ignore]  # in highspy 1.16, not in its stubs
+              S.kObjectiveBound, S.kObjectiveTarget, S.kSolutionLimit):
         return "interrupted"
     if st == S.kIterationLimit:
         return "time_limit"
@@ -422,7 +427,7 @@ class HighsBackend(Backend):
         hl.a_matrix_.start_ = A.indptr.astype(np.int32)
         hl.a_matrix_.index_ = A.indices.astype(np.int32)
         hl.a_matrix_.value_ = A.data
-        if lp.is_mip:
+        if lp.is_mip and lp.integer is not None:
             hl.integrality_ = [highspy.HighsVarType.kInteger if v else highspy.HighsVarType.kContinuous for v in lp.integer]
         st = h.passModel(hl)
         if st == highspy.HighsStatus.kError:
@@ -441,7 +446,7 @@ class HighsBackend(Backend):
         self.lp.c = c
         self.lp.offset = float(offset)
 
-    def set_col_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    def set_col_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         idx = np.asarray(idx, dtype=np.int32)
         lo = np.asarray(lo, dtype=np.float64)
         hi = np.asarray(hi, dtype=np.float64)
@@ -695,7 +700,8 @@ class GurobiBackend(Backend):
             m.Params.MIPFocus = 3
         lo = np.asarray(lp.col_lo, dtype=np.float64)[self.kept]
         hi = np.asarray(lp.col_hi, dtype=np.float64)[self.kept]
-        if lp.is_mip:
+        vtype: np.ndarray | str
+        if lp.is_mip and lp.integer is not None:
             vtype = np.where(lp.integer[self.kept], GRB.BINARY, GRB.CONTINUOUS)
         else:
             vtype = GRB.CONTINUOUS
@@ -703,9 +709,9 @@ class GurobiBackend(Backend):
         self.x = m.addMVar(len(self.kept), lb=np.where(np.isfinite(lo), lo, -GRB.INFINITY), ub=np.where(np.isfinite(hi), hi, GRB.INFINITY), vtype=vtype)
         self._vars = self.x.tolist()
         m.update()
-        self._eq: dict[int, object] = {}
-        self._hi: dict[int, object] = {}
-        self._lo: dict[int, object] = {}
+        self._eq: dict[int, Constr] = {}
+        self._hi: dict[int, Constr] = {}
+        self._lo: dict[int, Constr] = {}
         rlo, rhi = self._row_bounds_reduced()
         self._add_rows(np.arange(lp.num_rows), rlo, rhi)
         self._q: tuple[np.ndarray, np.ndarray] | None = None

@@ -62,6 +62,15 @@ class _Smoothing(Method):
     guarantee = "probabilistic"
     certifies = "smoothed"
     noise_cls: ClassVar[type[Noise] | None] = None
+    # the options every subclass stores (Method._store_options)
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    batch_size: int
+    memory_mb: float | None
+    seed: int
+    share_noise: bool
 
     def _check_options(self) -> None:
         if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
@@ -171,6 +180,8 @@ class _NoiseSmoothing(_Smoothing):
             (:mod:`smoothing.sampling` explains both).
     """
 
+    pb_bound: bool
+
     def __init__(
         self,
         sigma: float = 0.25,
@@ -260,6 +271,7 @@ class SmoothingDenoised(_NoiseSmoothing):
     summary = "denoised smoothing (Salman et al. 2020): Gaussian smoothing of f(D(.)), a denoiser before f; l2 (l1, linf by conversion)"
     norms = ("l2", "linf", "l1")
     noise_cls = GaussianNoise
+    denoiser: str
 
     def __init__(
         self,
@@ -408,6 +420,9 @@ class _SemanticSmoothing(_Smoothing):
     #: no l_p ball of the *input* is certified: ``eps`` and the radius live in the transform's
     #: parameter space (the ball's ``p`` is the norm of the parameter vector)
     norms = ()
+    interpolation: str
+    padding: str
+    pb_bound: bool
 
     def _ball(self, inputs: InputSet) -> LpBall:
         if not isinstance(inputs, LpBall):
@@ -485,6 +500,11 @@ class SmoothingRotation(_SemanticSmoothing):
     name = "smoothing-rotation"
     summary = "smoothing over the rotation angle (Fischer et al. 2020) with the interpolation-error bound; radius in degrees"
     transform_cls = Rotation
+    sound: bool
+    sigma_l2: float
+    n_err: int
+    err_tol: float
+    max_angle: float | None
 
     def __init__(self, sigma: float = 10.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
                  n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,

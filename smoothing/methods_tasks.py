@@ -111,6 +111,14 @@ class _SampledTask(Method):
     """Options and Certificate assembly shared by the two methods."""
 
     guarantee = "probabilistic"
+    # the options both store (Method._store_options)
+    n: int
+    alpha: float
+    radius_steps: int
+    batch_size: int
+    memory_mb: float | None
+    seed: int
+    share_noise: bool
 
     def _check_common(self) -> None:
         """Refuse option values that cannot work (also when the class is built directly, not
@@ -163,6 +171,8 @@ class SmoothingRegression(_SampledTask):
     certifies = "smoothed"
     summary = "median smoothing of the outputs (Chiang et al. 2020): output bounds over an l2 ball; certified when they imply the property"
     norms = ("l2",)
+    sigma: float
+    percentile: float
 
     def __init__(
         self,
@@ -297,6 +307,8 @@ class SmoothingInvariance(_SampledTask):
     summary = "the inverse task: P(f keeps the label at a uniform random point of the set) with a Clopper-Pearson interval"
     norms = ("linf", "l2", "l1", "box")
 
+    min_probability: float
+
     def __init__(
         self,
         min_probability: float = 0.99,
@@ -351,13 +363,14 @@ class SmoothingInvariance(_SampledTask):
         out: list[dict] = [{} for _ in radii]
         for (r, count), idx in groups.items():
             sub = inputs.select(idx)
-            sets = sub.with_eps(r) if r is not None else sub
+            ball = sub.with_eps(r) if r is not None and isinstance(sub, LpBall) else None  # radii belong to balls
+            sets = sub if ball is None else ball
             est = estimate_invariance(
                 model, sets, reference=torch.tensor([labels[b] for b in idx]), n=int(self.n), alpha=float(self.alpha) / count,
                 seed=int(self.seed), batch_size=int(self.batch_size), memory_mb=self.memory_mb,
                 share_noise=bool(self.share_noise), deadline=deadline,
             )
-            used = [float(e) for e in sets.eps.double().cpu()] if r is not None else [None] * len(idx)
+            used = [float(e) for e in ball.eps.double().cpu()] if ball is not None else [None] * len(idx)
             for j, b in enumerate(idx):
                 out[b][r] = {"eps": used[j], "estimate": float(est.estimate[j]), "lower": float(est.lower[j]),
                              "upper": float(est.upper[j]), "lower_one_sided": float(est.lower_one_sided[j]),

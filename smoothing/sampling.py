@@ -48,13 +48,12 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .noise import Noise
 
 __all__ = [
     "SamplingTimeout",
@@ -65,6 +64,13 @@ __all__ = [
     "monte_carlo",
     "count_classes",
 ]
+
+
+class NoiseSource(Protocol):
+    """What the sampler draws from: a :class:`~smoothing.noise.Noise`, or any object that fills
+    a tensor in place (:class:`smoothing.inverse.UnitSampler`)."""
+
+    def fill_(self, out: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
 
 class SamplingTimeout(RuntimeError):
@@ -129,7 +135,7 @@ class _Block:
 def monte_carlo(
     model: torch.nn.Module,
     x: Tensor,
-    noise: Noise,
+    noise: NoiseSource,
     nums: Sequence[int],
     consume: Callable[[Tensor, Tensor, Tensor], None],
     *,
@@ -245,7 +251,7 @@ def monte_carlo(
 def count_classes(
     model: torch.nn.Module,
     x: Tensor,
-    noise: Noise,
+    noise: NoiseSource,
     nums: Sequence[int],
     *,
     seed: int = 0,

@@ -14,7 +14,6 @@ certification. Everything is seeded (data order, noise) by ``seed``.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 

@@ -222,7 +222,6 @@ def test_timeout_returns_points_in_the_set():
 
 
 def _onnx_linear(path, W: np.ndarray, b: np.ndarray) -> None:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     n, k = W.shape[1], W.shape[0]

@@ -71,7 +71,7 @@ def test_run_writes_csv(model_pt, tmp_path, capsys):
     assert {r["method"] for r in rows} == {METHOD} and [int(r["index"]) for r in rows] == list(range(12))
     assert all(float(r["radius"]) >= 0 for r in rows)
     text = capsys.readouterr().out
-    assert "cert@0.01" in text and f"12 rows" in text
+    assert "cert@0.01" in text and "12 rows" in text
 
 
 def test_run_vnnlib(model_pt, tmp_path, capsys):

@@ -1,5 +1,4 @@
 """`certify vnncomp` is wired into the CLI."""
-from pathlib import Path
 
 from verify.cli import main
 

@@ -259,8 +259,10 @@ def test_module_lipschitz_tail_covers_cancelling_sums():
     net, C, exact = _cancelling_net()
     l0, l1 = nn.Linear(1, 3), nn.Linear(3, 3)
     with torch.no_grad():
-        l0.weight.copy_(net.layers[0].W.float()); l0.bias.zero_()
-        l1.weight.copy_(net.layers[1].W.float()); l1.bias.zero_()
+        l0.weight.copy_(net.layers[0].W.float())
+        l0.bias.zero_()
+        l1.weight.copy_(net.layers[1].W.float())
+        l1.bias.zero_()
     gm = torch.fx.symbolic_trace(nn.Sequential(l0, nn.ReLU(), l1).double().eval())
     for p in (1.0, 2.0, math.inf):
         assert float(lip.module_global_lipschitz(gm, (1,), C[0], p)[0]) >= exact

@@ -162,10 +162,7 @@ def test_group_semantics_multi_row_group():
     """One group of two rows: violated iff both rows <= 0 somewhere; the MILP value is
     min_x max(row_0, row_1), checked on a dense grid."""
     gm = _net(2, 8, 3, 5, scale=3.0)
-    x = torch.tensor([[0.5, 0.5]])
     box = Box(torch.zeros(1, 2), torch.ones(1, 2))
-    with torch.no_grad():
-        y0 = gm(x)[0]
     # rows: y0 - y1 + a, y0 - y2 + a  in one group; plus a single-row group y1 - y2 + 5
     C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
     g = torch.linspace(0, 1, 301)

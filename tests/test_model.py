@@ -200,6 +200,15 @@ def test_squeeze_unsqueeze_axes_as_inputs_opset13(tmp_path):
     assert_matches_ort(path)
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_unsqueeze_without_axes_is_unsupported_not_a_crash(tmp_path, opset):
+    """Unsqueeze needs its axes (attribute before opset 13, input from 13 on); a file without
+    them is refused by name (it used to raise TypeError: len(None))."""
+    path = make_onnx(tmp_path, [node("Unsqueeze", ["x"], ["u"]), node("Flatten", ["u"], ["y"])], [1, 3, 4], opset=opset)
+    with pytest.raises(UnsupportedOperatorError, match="'Unsqueeze'.*no axes"):
+        load_model(path)
+
+
 def test_zero_pad_folds_into_conv_and_avgpool(tmp_path):
     nodes = [
         node("Pad", ["x", "pads"], ["p"], mode="constant"),

@@ -1,5 +1,4 @@
 """BoundMethod's decisions: float64 re-check of borderline proofs, radii that were proved."""
-import math
 
 import pytest
 import torch

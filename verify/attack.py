@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,7 +211,7 @@ def _shared_points(inputs: InputSet, n: int, gen: torch.Generator, boundary: boo
     """
     lo, hi = inputs.bounds()
     shape = (n, 1, *lo.shape[1:])
-    kw = dict(generator=gen, device=lo.device, dtype=lo.dtype)
+    kw: dict[str, Any] = dict(generator=gen, device=lo.device, dtype=lo.dtype)
     if isinstance(inputs, Box) or (isinstance(inputs, LpBall) and math.isinf(inputs.p)):
         u = torch.rand(shape, **kw)
         if boundary:
@@ -251,6 +252,7 @@ def _step_direction(inputs: InputSet, g: Tensor, x: Tensor) -> Tensor:
     """
     if isinstance(inputs, Box):
         return (inputs.hi - inputs.lo) / 2 * g.sign()
+    assert isinstance(inputs, LpBall)  # the other input set
     e = inputs._eps_view()
     if math.isinf(inputs.p):
         return e * g.sign()
@@ -280,6 +282,7 @@ def _tile(inputs: InputSet, L: int) -> InputSet:
 
     if isinstance(inputs, Box):
         return Box(rep(inputs.lo), rep(inputs.hi))
+    assert isinstance(inputs, LpBall)  # the other input set
     b = inputs.batch_size
 
     def dom(v):

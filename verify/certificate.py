@@ -192,7 +192,7 @@ class CertificateTable(Sequence[Certificate]):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return CertificateTable(self._rows[i])
         return self._rows[i]

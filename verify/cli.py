@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="certify", description="Robustness certificates for neural networks.", parents=[common])
     sub = ap.add_subparsers(dest="command", parser_class=_Parser)
 
-    s = sub.add_parser("methods", parents=[common], help="list the registered methods and their options")
+    s: argparse.ArgumentParser = sub.add_parser("methods", parents=[common], help="list the registered methods and their options")
     s.set_defaults(func=cmd_methods)
 
     s = sub.add_parser("run", parents=[common], help="certify a data set or a VNN-LIB property with one method")

@@ -129,13 +129,14 @@ def _vote(net: nn.Module, x: Tensor, sigma: float, n: int, seed: int) -> Tensor:
     this is an empirical check, not a certificate)."""
     g = torch.Generator(device=x.device).manual_seed(seed)
     K = _num_classes(net, x)
-    counts = None
+    counts: Tensor | None = None
     for i in range(0, n, 256):
         k = min(256, n - i)
         xs = x.unsqueeze(0) + sigma * torch.randn((k, *x.shape), generator=g, device=x.device, dtype=x.dtype)
         y = net(xs.flatten(0, 1)).argmax(-1).view(k, x.shape[0])
         c = torch.nn.functional.one_hot(y, K).sum(0)
         counts = c if counts is None else counts + c
+    assert counts is not None  # n >= 1 draws
     return counts.argmax(-1)
 
 

@@ -245,7 +245,7 @@ def _execute_process(tasks: list[Task], workers: int) -> Iterator[tuple[Task, li
 
 def _execute_ray(tasks: list[Task], workers: int | None) -> Iterator[tuple[Task, list[Certificate]]]:
     try:
-        import ray  # type: ignore[import-not-found]
+        import ray
     except ImportError:
         raise ExecutorError("executor 'ray' needs the ray package: pip install 'certify[ray]'") from None
     if not ray.is_initialized():

@@ -290,7 +290,7 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 def _check_node(node: fx.Node, modules: dict[str, nn.Module], deps: list[fx.Node]) -> None:
     if node.op == "call_module":
-        mod = modules[node.target]
+        mod = modules[str(node.target)]
         if not isinstance(mod, CANONICAL_MODULES):
             _not_canonical(node, type(mod).__name__)
     elif node.op == "call_method":

@@ -33,10 +33,11 @@ from __future__ import annotations
 import gzip
 import math
 import operator
+import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Literal, Sequence, Union, overload
 
 import numpy as np
 import onnx
@@ -111,7 +112,7 @@ def input_shape_of(model: onnx.ModelProto) -> tuple[int, ...]:
     per = dims[1:] if has_batch_dim(dims) else dims
     if not dims or any(not isinstance(d, int) or d <= 0 for d in per):
         raise ModelLoadError(f"input '{vi.name}' has shape {dims}: need a fixed per-example shape")
-    return tuple(per)
+    return tuple(d for d in per if isinstance(d, int))  # all of them (checked above)
 
 
 class OnnxRuntimeModel:
@@ -124,7 +125,7 @@ class OnnxRuntimeModel:
         feed_shape: the shape one example is fed with (symbolic / zero dims become 1).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         import onnxruntime as ort
 
         from .vnnlib import resolve_maybe_gz
@@ -143,7 +144,8 @@ class OnnxRuntimeModel:
     @property
     def num_inputs(self) -> int | None:
         """Elements of one example (None if the file leaves a dim of a rank-1 input open)."""
-        return math.prod(self.feed_shape) if all(isinstance(d, int) and d > 0 for d in self.feed_shape) else None
+        dims = [d for d in self.feed_shape if isinstance(d, int) and d > 0]
+        return math.prod(dims) if len(dims) == len(self.feed_shape) else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Outputs for inputs ``x [n, *input_shape]`` (or ``[n, numel]``) -> float64 ``[n, K]``."""
@@ -249,7 +251,7 @@ class _Converter:
         out = self._add_output()
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraph")
         # the fixed inputs the output depends on only through their integer part
-        gm.integer_part_only = tuple(sorted(c for c in self.integer_inputs if not self.float_deps[out] >> c & 1))
+        setattr(gm, "integer_part_only", tuple(sorted(c for c in self.integer_inputs if not self.float_deps[out] >> c & 1)))
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
@@ -262,6 +264,7 @@ class _Converter:
             if name and name not in self.env:
                 raise ModelLoadError(f"node '{_label(node)}' uses '{name}', which is not defined before it")
         a = _attrs(node)
+        outs: Value | list[Value]
         if all(isinstance(self.env[i], np.ndarray) for i in node.input if i) and node.op_type in _FOLD:
             outs = np.asarray(_FOLD[node.op_type](self, node, a, [self.env[i] if i else None for i in node.input]))
             if any(i in self.from_integers for i in node.input):
@@ -311,7 +314,7 @@ class _Converter:
         if len(outs) != 1 or not isinstance(outs[0], fx.Node) or outs[0] in self.coords or node.op_type not in _MOVES_ENTRIES:
             return
         first = self.env[node.input[0]]
-        if first not in self.coords or any(isinstance(self.env[i], fx.Node) or i in self.from_integers for i in node.input[1:] if i):
+        if not isinstance(first, fx.Node) or first not in self.coords or any(isinstance(self.env[i], fx.Node) or i in self.from_integers for i in node.input[1:] if i):
             return
         if node.op_type in ("Cast", "Identity", "Dropout"):
             if node.op_type != "Cast" or np.issubdtype(helper.tensor_dtype_to_np_dtype(a["to"]), np.floating):
@@ -383,6 +386,12 @@ class _Converter:
             raise self.unsupported(node, f"input {i} must depend on the network input")
         return v
 
+    @overload
+    def const(self, node: onnx.NodeProto, i: int, optional: Literal[False] = False) -> np.ndarray: ...
+
+    @overload
+    def const(self, node: onnx.NodeProto, i: int, optional: bool) -> np.ndarray | None: ...
+
     def const(self, node: onnx.NodeProto, i: int, optional: bool = False) -> np.ndarray | None:
         v = self.arg(node, i)
         if v is None and optional:
@@ -420,11 +429,13 @@ class _Converter:
     def emit(self, op: str, target, args: tuple, hint: str) -> fx.Node:
         """Create an fx node and run it on the examples of its inputs."""
         n = self.graph.create_node(op, target, args, {}, name=_ident(hint))
+        fn: Callable
         if op == "call_module":
             fn = self.root.get_submodule(target)
         elif op == "call_method":
-            def fn(obj, *rest):
+            def method(obj, *rest):
                 return getattr(obj, target)(*rest)
+            fn = method
         else:
             fn = target
         real = fx.node.map_arg(args, lambda a: self.example[a])  # nested (a list for torch.cat) too
@@ -534,6 +545,7 @@ def _params(mod: nn.Module, **arrays: np.ndarray | None) -> nn.Module:
         if k in ("weight", "bias"):
             setattr(mod, k, None if v is None else nn.Parameter(_f64(v)))
         else:
+            assert v is not None, k  # only weight and bias are optional
             setattr(mod, k, _f64(v))
     return mod
 
@@ -566,15 +578,15 @@ def _matmul(cv: _Converter, node, a) -> fx.Node:
             raise cv.unsupported(node, f"product of input-dependent tensors of ranks {rl} and {rr}")
         return cv.fn(torch.matmul, left, right, hint=_label(node))
     if isinstance(left, fx.Node):  # x @ W: contracts the last axis of x
-        return _matmul_right(cv, node, left, right)
-    return _matmul_left(cv, node, left, cv.dyn(node, 1))
+        return _matmul_right(cv, node, left, cv.const(node, 1))
+    return _matmul_left(cv, node, cv.const(node, 0), cv.dyn(node, 1))
 
 
 def _matmul_right(cv: _Converter, node, x: fx.Node, w: np.ndarray) -> fx.Node:
     r = len(cv.shape(x))
     cv.axis(node, r - 1, r)
     if w.ndim == 2:
-        return cv.module(_params(nn.Linear(*w.shape, bias=False), weight=w.T), x, node)
+        return cv.module(_params(nn.Linear(w.shape[0], w.shape[1], bias=False), weight=w.T), x, node)
     if w.ndim == 1:  # x @ v drops the last axis
         y = cv.module(_params(nn.Linear(w.size, 1, bias=False), weight=w[None]), x, node)
         return cv.fn(torch.squeeze, y, -1, hint=_label(node))
@@ -604,13 +616,14 @@ def _binary(cv: _Converter, node, a) -> fx.Node:
     if isinstance(x, fx.Node) and isinstance(y, fx.Node):  # Mul / Div: a product (bilinear bounds)
         return cv.fn(f, *cv.align(x, y, _label(node)), hint=_label(node))
     if isinstance(x, fx.Node):
-        return _binary_const_right(cv, node, x, y, node.input[0])
+        return _binary_const_right(cv, node, x, cv.const(node, 1), node.input[0])
+    c, y = cv.const(node, 0), cv.dyn(node, 1)
     if op in ("Add", "Mul"):  # commutative: c op y == y op c
-        return _binary_const_right(cv, node, y, x, node.input[1])
+        return _binary_const_right(cv, node, y, c, node.input[1])
     if op == "Div":  # c / y = c * (1 / y)
         r = cv.fn(torch.reciprocal, y, hint=_label(node))
-        return cv.fn(operator.mul, r, cv.operand(node, x, len(cv.shape(y))), hint=_label(node))
-    return cv.fn(f, cv.operand(node, x, len(cv.shape(y))), y, hint=_label(node))
+        return cv.fn(operator.mul, r, cv.operand(node, c, len(cv.shape(y))), hint=_label(node))
+    return cv.fn(f, cv.operand(node, c, len(cv.shape(y))), y, hint=_label(node))
 
 
 def _binary_const_right(cv: _Converter, node, x: fx.Node, c: np.ndarray, x_name: str) -> fx.Node:
@@ -628,7 +641,7 @@ def _fuse_bias(cv: _Converter, x: fx.Node, x_name: str, c: np.ndarray) -> bool:
     """Put ``c`` into the bias of the bias-free Linear producing ``x`` (if only one node uses ``x``)."""
     if x.op != "call_module" or cv.uses[x_name] != 1:
         return False
-    lin = cv.root.get_submodule(x.target)
+    lin = cv.root.get_submodule(str(x.target))
     if not isinstance(lin, nn.Linear) or lin.bias is not None:
         return False
     if c.size != lin.out_features or (c.ndim and c.shape[-1] != lin.out_features):
@@ -721,14 +734,15 @@ def _max_min(f: Callable) -> Callable:
         x, y = cv.arg(node, 0), cv.arg(node, 1)
         if not isinstance(x, fx.Node):
             x, y = y, x
-        if not isinstance(y, fx.Node):
-            y = cv.operand(node, y, len(cv.shape(x)))
-            if isinstance(y, float):  # max(x, c) = clamp(x, min=c)
-                bounds = (y, None) if f is torch.maximum else (None, y)
-                return cv.fn(torch.clamp, x, *bounds, hint=_label(node))
-        else:
-            x, y = cv.align(x, y, _label(node))
-        return cv.fn(f, x, y, hint=_label(node))
+        assert isinstance(x, fx.Node)  # not folded: an operand depends on the input
+        if isinstance(y, fx.Node):
+            return cv.fn(f, *cv.align(x, y, _label(node)), hint=_label(node))
+        assert isinstance(y, np.ndarray)
+        c = cv.operand(node, y, len(cv.shape(x)))
+        if isinstance(c, float):  # max(x, c) = clamp(x, min=c)
+            bounds = (c, None) if f is torch.maximum else (None, c)
+            return cv.fn(torch.clamp, x, *bounds, hint=_label(node))
+        return cv.fn(f, x, c, hint=_label(node))
 
     return convert
 
@@ -770,6 +784,7 @@ def _unit_leading(convert: Callable) -> Callable:
         base = v.x if isinstance(v, _Pending) else v
         if cv.batched or not isinstance(base, fx.Node) or cv.shape(base)[:1] != (1,):
             return convert(cv, node, a)
+        assert v is not None  # base is a Node
         hint = _label(node)
         inner = cv.fn(torch.squeeze, cv.arg(node, 0), 1, hint=hint)
         cv.env[name], cv.offset = inner, cv.offset - 1
@@ -802,7 +817,8 @@ def _conv_on(cv: _Converter, node, a, x: fx.Node, pre, w: np.ndarray, b, k: int)
     group = a.get("group", 1)
     cls = nn.Conv2d if k == 2 else nn.Conv1d
     conv = cls(w.shape[1] * group, w.shape[0], tuple(w.shape[2:]), stride=tuple(strides),
-               padding=tuple(_symmetric(cv, node, pads)), dilation=tuple(dil), groups=group, bias=b is not None)
+               padding=tuple(_symmetric(cv, node, pads)),  # type: ignore[arg-type]  # a k-tuple for a k-D conv
+               dilation=tuple(dil), groups=group, bias=b is not None)
     return cv.module(_params(conv, weight=w, bias=b), x, node)
 
 
@@ -837,7 +853,8 @@ def _pool(cv: _Converter, node, a) -> fx.Node:
             raise cv.unsupported(node, "explicit Pad before a pool with count_include_pad=0 and its own pads")
         pads, include = [p + q for p, q in zip(pads, pre)], True
     padding = _pool_padding(cv, node, pads, kernel)
-    pool = nn.AvgPool2d(tuple(kernel), tuple(strides), padding, ceil_mode=ceil, count_include_pad=include)
+    pool = nn.AvgPool2d(tuple(kernel), tuple(strides), padding,  # type: ignore[arg-type]  # 2-tuples (rank 4 checked)
+                        ceil_mode=ceil, count_include_pad=include)
     return cv.module(pool, x, node)
 
 
@@ -910,6 +927,8 @@ def _axes(cv: _Converter, node, a) -> list[int] | None:
 def _unsqueeze(cv: _Converter, node, a) -> fx.Node:
     x = cv.dyn(node)
     axes = _axes(cv, node, a)
+    if axes is None:
+        raise cv.unsupported(node, "no axes")
     r = len(cv.shape(x)) + len(axes)
     for ax in sorted(ax % r for ax in axes):
         x = cv.fn(torch.unsqueeze, x, cv.axis(node, ax, r), hint=_label(node))
@@ -1008,12 +1027,16 @@ def _equal(cv: _Converter, node, a) -> fx.Node:
     x, y = cv.arg(node, 0), cv.arg(node, 1)
     if not isinstance(x, fx.Node):
         x, y = y, x
-    integers = x in cv.integral and (y in cv.integral if isinstance(y, fx.Node) else _integer_valued(y))
-    if isinstance(y, np.ndarray):
-        y = cv.operand(node, y, len(cv.shape(x)))
+    assert isinstance(x, fx.Node)  # not folded: an operand depends on the input
+    other: fx.Node | float
+    if isinstance(y, fx.Node):
+        integers = x in cv.integral and y in cv.integral
+        x, other = cv.align(x, y, _label(node))
     else:
-        x, y = cv.align(x, y, _label(node))
-    return _equal_values(cv, x, y, integers, _label(node))
+        assert isinstance(y, np.ndarray)
+        integers = x in cv.integral and _integer_valued(y)
+        other = cv.operand(node, y, len(cv.shape(x)))
+    return _equal_values(cv, x, other, integers, _label(node))
 
 
 def _compare(greater: bool, strict: bool) -> Callable:
@@ -1024,9 +1047,10 @@ def _compare(greater: bool, strict: bool) -> Callable:
         if isinstance(x, fx.Node) and isinstance(y, fx.Node):
             d = cv.fn(operator.sub, *cv.align(x, y, hint), hint=hint)
         elif isinstance(x, fx.Node):
-            d = cv.fn(operator.sub, x, cv.operand(node, y, len(cv.shape(x))), hint=hint)
+            d = cv.fn(operator.sub, x, cv.operand(node, cv.const(node, 1), len(cv.shape(x))), hint=hint)
         else:
-            d = cv.fn(operator.sub, cv.operand(node, x, len(cv.shape(y))), y, hint=hint)
+            y = cv.dyn(node, 1)
+            d = cv.fn(operator.sub, cv.operand(node, cv.const(node, 0), len(cv.shape(y))), y, hint=hint)
         if not greater:
             d = cv.fn(operator.mul, d, -1.0, hint=hint)
         return _step(cv, d, strict, hint)
@@ -1142,15 +1166,19 @@ def _slice_key(cv: _Converter, node, x: fx.Node, axes, starts, ends, steps) -> t
 
 def _slice(cv: _Converter, node, a) -> fx.Node:
     x = cv.dyn(node)
+    starts: Sequence[int] | np.ndarray
+    ends: Sequence[int] | np.ndarray
+    axes: Sequence[int] | np.ndarray
+    steps: Sequence[int] | np.ndarray
     if cv.opset < 10:
         starts, ends = list(a["starts"]), list(a["ends"])
         axes, steps = list(a.get("axes", range(len(starts)))), [1] * len(starts)
     else:
         starts, ends = np.ravel(cv.const(node, 1)), np.ravel(cv.const(node, 2))
-        axes = cv.const(node, 3, optional=True)
-        steps = cv.const(node, 4, optional=True)
-        axes = range(len(starts)) if axes is None else np.ravel(axes)
-        steps = [1] * len(starts) if steps is None else np.ravel(steps)
+        axes_c = cv.const(node, 3, optional=True)
+        steps_c = cv.const(node, 4, optional=True)
+        axes = range(len(starts)) if axes_c is None else np.ravel(axes_c)
+        steps = [1] * len(starts) if steps_c is None else np.ravel(steps_c)
     key = _slice_key(cv, node, x, axes, starts, ends, steps)
     return x if key is None else cv.fn(operator.getitem, x, key, hint=_label(node))
 
@@ -1258,7 +1286,7 @@ def _nearest_factors(cv: _Converter, node, a, in_sizes, out_sizes) -> list[int]:
             xo = i * (n_in - 1) / max(n_out - 1, 1)
         else:
             raise cv.unsupported(node, f"coordinate_transformation_mode={ctm}")
-        rounding = {"floor": np.floor, "ceil": np.ceil,
+        rounding: dict[str, Callable[[np.ndarray], np.ndarray]] = {"floor": np.floor, "ceil": np.ceil,
                     "round_prefer_floor": lambda v: np.ceil(v - 0.5), "round_prefer_ceil": lambda v: np.floor(v + 0.5)}
         if nm not in rounding:
             raise cv.unsupported(node, f"nearest_mode={nm}")
@@ -1308,7 +1336,8 @@ def _conv_transpose(cv: _Converter, node, a) -> fx.Node:
     pads = _symmetric(cv, node, list(a.get("pads", [0] * 2 * k)))
     out_pad = list(a.get("output_padding", [0] * k))
     group = a.get("group", 1)
-    conv = nn.ConvTranspose2d(w.shape[0], w.shape[1] * group, tuple(w.shape[2:]), stride=tuple(strides), padding=tuple(pads),
+    conv = nn.ConvTranspose2d(w.shape[0], w.shape[1] * group, tuple(w.shape[2:]), stride=tuple(strides),
+                              padding=tuple(pads),  # type: ignore[arg-type]  # a 2-tuple (k == 2 checked)
                               output_padding=tuple(out_pad), groups=group, bias=b is not None, dilation=tuple(dil))
     return cv.module(_params(conv, weight=w, bias=b), x, node)
 

@@ -309,7 +309,7 @@ class BoundMethod(Method):
 
     guarantee = "deterministic"
     certifies = "base"
-    bisection_steps: ClassVar[int] = 12
+    bisection_steps: int = 12  # a class default; a method may make it an option
 
     def lower_bounds(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> Tensor:
         """Sound lower bounds ``[B, N]`` of ``C y + d`` over every point of ``inputs``."""
@@ -397,10 +397,10 @@ class BoundMethod(Method):
         asked_eps = inputs.eps if is_ball else None
 
         radius = torch.zeros(B, dtype=torch.float64)
-        if is_ball:
+        if asked_eps is not None:  # a ball
             radius = torch.where(proved.cpu(), asked_eps.double().cpu(), radius)
         if find_radius:
-            if not is_ball:
+            if asked_eps is None:
                 raise SpecError("find_radius needs an l_p ball input set")
             hi_r = float(max_radius) if max_radius is not None else float(max(asked_eps.max().item() * 4, 1.0))
             radius = self.bisect_radius(model, inputs, spec, clean_ok, hi_r, radius)
@@ -412,7 +412,7 @@ class BoundMethod(Method):
             status = "certified" if proved[b] else ("falsified" if falsified[b] else "unknown")
             cex = x0[b].detach().cpu() if status == "falsified" else None
             certs.append(self.make_certificate(
-                status, b, label=lab, prediction=int(pred[b]), norm=norm, eps=float(asked_eps[b]) if is_ball else None,
+                status, b, label=lab, prediction=int(pred[b]), norm=norm, eps=float(asked_eps[b]) if asked_eps is not None else None,
                 radius=float(radius[b]), lower=lower[b].detach().cpu(), counterexample=cex, time_s=elapsed / B,
                 details={"options": self.options(), **_deadline_details(deadline)},
             ))

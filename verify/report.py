@@ -16,9 +16,12 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .certificate import CertificateTable
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "summarize",
@@ -264,7 +267,7 @@ def check_certified_below_attack(
 
 
 def check_certified_per_input(
-    table: CertificateTable, robust: Mapping[float, Sequence[bool]], rtol: float = 1e-6
+    table: CertificateTable, robust: Mapping[float, Sequence[bool] | Tensor], rtol: float = 1e-6
 ) -> list[str]:
     """Per-input soundness check against an attack on ``f``: ``robust[r][i]`` is False when the
     attack broke input ``i`` (data-set index) at radius ``r`` (or f misclassifies it). No method

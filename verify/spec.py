@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -221,11 +222,16 @@ class LpBall(InputSet):
             ``center``); ``None`` means unbounded. Images in [0, 1] use ``(0.0, 1.0)``.
     """
 
+    # the types after __post_init__; the constructor also takes the forms of the docstring
     center: Tensor
-    eps: Tensor | float
+    eps: Tensor
     p: float = math.inf
-    domain_lo: Tensor | float | None = None
-    domain_hi: Tensor | float | None = None
+    domain_lo: Tensor | None = None
+    domain_hi: Tensor | None = None
+
+    if TYPE_CHECKING:
+        def __init__(self, center: Tensor, eps: Tensor | float, p: float | str = math.inf,
+                     domain_lo: Tensor | float | None = None, domain_hi: Tensor | float | None = None) -> None: ...
 
     def __post_init__(self) -> None:
         self.center = torch.as_tensor(self.center)
@@ -331,7 +337,7 @@ class LpBall(InputSet):
         soundness checks, which want points near the boundary."""
         c = self.center
         shape = (n, *c.shape)
-        kw = dict(generator=generator, device=c.device, dtype=c.dtype)
+        kw: dict[str, Any] = dict(generator=generator, device=c.device, dtype=c.dtype)
         e = self.eps.view(1, -1, *([1] * (c.dim() - 1)))
         if math.isinf(self.p):
             u = torch.rand(shape, **kw) * 2 - 1
@@ -514,16 +520,19 @@ class Robust(OutputProperty):
     ``label``: int or ``[B]`` long tensor.
     """
 
-    label: Tensor | int
+    label: Tensor  # after __post_init__; the constructor also takes an int
+
+    if TYPE_CHECKING:
+        def __init__(self, label: Tensor | int) -> None: ...
 
     def __post_init__(self) -> None:
         self.label = _labels_tensor(self.label, "Robust")
 
     def labels(self) -> Tensor:
-        return self.label  # type: ignore[return-value]
+        return self.label
 
     def linear(self, batch_size: int, num_outputs: int, device=None, dtype=torch.float32) -> LinearSpec:
-        lab = self.label.to(device)  # type: ignore[union-attr]
+        lab = self.label.to(device)
         if lab.numel() == 1 and batch_size > 1:
             lab = lab.expand(batch_size)
         if lab.shape != (batch_size,):
@@ -545,8 +554,11 @@ class TopK(OutputProperty):
     """``label`` is among the ``k`` largest outputs: for every set S of ``k`` other classes,
     some ``j`` in S has ``y[label] > y[j]`` (one group per S; fine for small K and k)."""
 
-    label: Tensor | int
+    label: Tensor  # after __post_init__; the constructor also takes an int
     k: int = 1
+
+    if TYPE_CHECKING:
+        def __init__(self, label: Tensor | int, k: int = 1) -> None: ...
 
     def __post_init__(self) -> None:
         self.label = _labels_tensor(self.label, "TopK")
@@ -555,7 +567,7 @@ class TopK(OutputProperty):
         self.k = int(self.k)
 
     def labels(self) -> Tensor:
-        return self.label  # type: ignore[return-value]
+        return self.label
 
     def linear(self, batch_size: int, num_outputs: int, device=None, dtype=torch.float32) -> LinearSpec:
         base = Robust(self.label).linear(batch_size, num_outputs, device, dtype)
@@ -599,7 +611,8 @@ class Linear(OutputProperty):
         _check_finite("Linear.d", self.d)
 
     def linear(self, batch_size: int, num_outputs: int, device=None, dtype=torch.float32) -> LinearSpec:
-        C, d = self.C, self.d
+        C, d, groups = self.C, self.d, self.groups
+        assert d is not None and groups is not None  # set by __post_init__
         if C.shape[-1] != num_outputs:
             raise SpecError(f"Linear: C has {C.shape[-1]} columns but the network has {num_outputs} outputs")
         if C.dim() == 2:
@@ -608,7 +621,7 @@ class Linear(OutputProperty):
             d = d.expand(batch_size, *d.shape)
         if C.shape[0] != batch_size or d.shape[0] != batch_size:
             raise SpecError(f"Linear: batch of C/d is {C.shape[0]}/{d.shape[0]}, inputs {batch_size}")
-        return LinearSpec(C.to(device=device, dtype=dtype), d.to(device=device, dtype=dtype), self.groups.to(device))
+        return LinearSpec(C.to(device=device, dtype=dtype), d.to(device=device, dtype=dtype), groups.to(device))
 
 
 @dataclass
@@ -616,8 +629,11 @@ class OutputBounds(OutputProperty):
     """Regression property ``lower <= y <= upper`` (each a float, ``[K]`` or ``[B, K]``;
     ``None`` for no bound on that side). Strict inequalities are what is proved."""
 
-    lower: Tensor | float | None = None
-    upper: Tensor | float | None = None
+    lower: Tensor | None = None  # after __post_init__; the constructor also takes floats
+    upper: Tensor | None = None
+
+    if TYPE_CHECKING:
+        def __init__(self, lower: Tensor | float | None = None, upper: Tensor | float | None = None) -> None: ...
 
     def __post_init__(self) -> None:
         if self.lower is None and self.upper is None:

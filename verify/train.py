@@ -274,7 +274,7 @@ def train_model(net: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *, progr
     net.train()
     try:
         for epoch in range(cfg.epochs):
-            t0, tot, correct, seen = time.perf_counter(), 0.0, 0, 0
+            t0, tot, correct, seen = time.perf_counter(), 0.0, 0.0, 0
             perm = torch.randperm(len(y), generator=gen)
             for s, i in enumerate(range(0, len(y), cfg.batch_size)):
                 idx = perm[i : i + cfg.batch_size]

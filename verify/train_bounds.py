@@ -55,7 +55,7 @@ def mlp_layers(net: nn.Module) -> list[nn.Linear]:
             or not all(isinstance(m, nn.ReLU) for m in relus)):
         names = " -> ".join(type(m).__name__ for m in mods) or "(empty)"
         raise NotAnMLPError(f"certified training needs a chain [Flatten] Linear ReLU ... Linear, got {names}")
-    return linears
+    return [m for m in linears if isinstance(m, nn.Linear)]  # all of them (checked above)
 
 
 def margin_rows(y: Tensor, classes: int, dtype: torch.dtype | None = None) -> Tensor:

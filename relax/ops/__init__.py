@@ -584,11 +584,11 @@ RULES: dict[Any, Any] = {
 def lookup_rule(node: torch.fx.Node, gm: torch.fx.GraphModule):
     """The builder for ``node`` or ``None``."""
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        mod = gm.get_submodule(str(node.target))
         for cls in type(mod).__mro__:  # subclasses of a supported module reuse its rule
             if cls in RULES:
                 # a subclass with its own forward is a different op
-                if cls is not type(mod) and type(mod).forward is not cls.forward:
+                if cls is not type(mod) and type(mod).forward is not getattr(cls, "forward", None):
                     return None
                 return RULES[cls]
         return None

@@ -51,7 +51,7 @@ class Op:
     #: through the op (so the engine does not compute linear bounds for its output)
     monotone = False
 
-    def forward(self, *xs: Tensor) -> Tensor:
+    def forward(self, *xs: Any, **kwargs: Any) -> Tensor:  # each op takes its own number of tensors
         raise NotImplementedError
 
     def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -149,7 +149,7 @@ class BuildContext:
         return as_const(self.const(a), self.dtype)
 
     def module(self) -> torch.nn.Module:
-        return self.gm.get_submodule(self.node.target)
+        return self.gm.get_submodule(str(self.node.target))
 
     def var_args(self) -> list[torch.fx.Node]:
         return [a for a in self.node.all_input_nodes if a.name in self.variable]
