@@ -49,6 +49,8 @@ class BabMethod(Method):
         attack_steps, attack_restarts: PGD budget before BaB.
         random_samples: random-attack samples before PGD.
         relu_steps: alpha/beta optimisation steps per ReLU-BaB round.
+        branch_candidates: ReLUs whose children are bounded before one is split (filtered
+            smart branching, De Palma et al. 2021); 1: the BaBSR-style score alone.
         refine_layers: ReLU split only: tighten the root's pre-activation bounds of hidden
             layers ``1..refine_layers`` by MILP before branching (:mod:`relax.refine`); ``None``
             ("auto"): 3 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
@@ -83,6 +85,7 @@ class BabMethod(Method):
         attack_restarts: int = 5,
         random_samples: int = 1000,
         relu_steps: int = 10,
+        branch_candidates: int = 3,
         margin: float = 1e-6,
         seed: int = 0,
         refine_layers: int | None = None,
@@ -102,6 +105,9 @@ class BabMethod(Method):
         self.attack_restarts = attack_restarts
         self.random_samples = random_samples
         self.relu_steps = relu_steps
+        if branch_candidates < 1:
+            raise ValueError(f"branch_candidates must be >= 1, got {branch_candidates}")
+        self.branch_candidates = int(branch_candidates)
         self.margin = margin
         self.seed = seed
         if refine_layers is not None and refine_layers < 0:
@@ -281,7 +287,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
         alphas = None if root_alphas is None else {r: (a[..., keep[r]] if r in keep else a) for r, a in root_alphas.items()}
         r = graph_relu_bab(prune_graph(graph, keep), x_set, rs, prune_boxes(graph, keep, boxes), timeout=max(0.0, until - time.perf_counter()),
                            batch_size=opts.batch_size or 64, root_alphas=alphas, steps=opts.relu_steps, margin=opts.margin,
-                           check_point=check_point, fast=None if fast is None else prune_graph(fast, keep))
+                           check_point=check_point, fast=None if fast is None else prune_graph(fast, keep),
+                           candidates=opts.branch_candidates)
         r.details["stage"] = "graph-bab"
         return r
 
