@@ -391,12 +391,13 @@ def run_instance(
     try:
         try:
             net, props, runner = _prepare(model, vnnlib, device, deadline)
-        except IntegerInputsNeeded:  # not one static graph: one per integer value of some inputs
+        except IntegerInputsNeeded as e:  # not one static graph: one per integer value of some inputs
             if not _is_onnx(model):
                 raise
             from .integer_inputs import decide_by_cases
 
-            return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0)
+            return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0,
+                                   needed=e)
         return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0)
     except VnnlibTimeout:  # the file was not read in time
         return InstanceResult("timeout", time.perf_counter() - t0, stage="read",
