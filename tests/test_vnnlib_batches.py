@@ -30,9 +30,10 @@ def _outward_ref(v: float, dtype: torch.dtype, down: bool) -> float:
 
 
 def per_box_reference(text: str, dtype: torch.dtype) -> list[VnnlibProperty]:
-    """The boxes of ``text`` read one at a time: disjuncts grouped by their input box (first
-    appearance), each box rounded outward and its ``Linear`` built row by row."""
-    p = vl._Parser(text, "t")
+    """The boxes of ``text`` read one at a time: the atoms by the general parser (s-expressions;
+    nothing in bulk), disjuncts grouped by their input box (first appearance), each box rounded
+    outward and its ``Linear`` built row by row."""
+    p = vl._Parser(text, "t", fast=False)
     p.run()
     n_out = p.check_indices("Y", None, "outputs")
     disjuncts: list[list[tuple]] = [[]]
@@ -146,8 +147,17 @@ def points_like(rng: random.Random, n_boxes: int, n_in: int) -> str:
     return _decls(n_in, 1) + "(assert (or\n  " + "\n  ".join(clauses) + "\n))\n"
 
 
+def two_blocks(rng: random.Random, n: int) -> str:
+    """Two large disjunctions (input boxes, output atoms): their product is the DNF."""
+    boxes = " ".join(f"(and (>= X_0 {k}) (<= X_0 {k + rng.random()!r}) (>= X_1 -1) (<= X_1 {rng.choice(['0', '-0.0', '1'])}))"
+                     for k in range(n))
+    outs = " ".join(f"(and ({rng.choice(['<=', '>='])} Y_{k % 2} {rng.uniform(-1, 1)!r}))" for k in range(5))
+    return _decls(2, 2) + f"(assert (or {boxes}))\n(assert (or {outs}))\n"
+
+
 CASES = {
     "lindex": lambda rng: lindex_like(rng, 3000),
+    "two-blocks": lambda rng: two_blocks(rng, 200),
     "mixed-fast": lambda rng: mixed(rng, 400, y_pairs=False),
     "mixed-general": lambda rng: mixed(rng, 400, y_pairs=True),
     "points": lambda rng: points_like(rng, 500, 12),
@@ -164,6 +174,14 @@ def test_batches_equal_the_per_box_reading(case, dtype):
     if case == "lindex":  # boxes with more disjuncts form further batches, interleaved with the first
         assert [b.C.shape[1] for b in props.batches][:2] == [2, 3]
         assert len(props.batches[0]) > len(props.batches[1]) > 0
+
+
+@pytest.mark.parametrize("case", ["lindex", "mixed-fast", "points"])
+def test_blocks_too_large_for_bulk_give_the_same_boxes(monkeypatch, case):
+    """A disjunction with more clause bounds than ``_BLOCK_CELLS`` is read disjunct by disjunct."""
+    text = CASES[case](random.Random(f"{case}"))
+    monkeypatch.setattr(vl, "_BLOCK_CELLS", 0)
+    assert_same_boxes(parse_vnnlib(text), per_box_reference(text, torch.float64))
 
 
 def test_float32_batches_enclose_the_file_box():
@@ -246,7 +264,7 @@ def test_a_past_deadline_stops_the_reading():
 
 # ---------------------------------------------------------------------------------------- shared data
 
-NN4SYS = ["lindex_10000", "cardinality_0_2120_128", "pensieve_parallel_0", "lindex_1"]
+NN4SYS = ["lindex_10000", "cardinality_0_500_128", "cardinality_0_1_128", "pensieve_parallel_0", "lindex_1"]
 
 
 @pytest.mark.shared

@@ -47,7 +47,11 @@ Every ``X_i`` must end with a finite lower and upper bound in every box, and no 
 empty; malformed input raises :class:`VnnlibError` with ``file:line:col`` of the offending
 token. Parsing is regex-driven: the statements that make up nearly all of real files
 (``(declare-const ...)`` and ``(assert (<= X_i c))``) are matched whole, only nested
-formulas go through the general s-expression reader.
+formulas go through the general s-expression reader. A large ``(assert (or (and ATOM ...)
+...))`` whose atoms all compare a variable with a number (nn4sys: 1.3 million atoms) is read
+into arrays, and when it is the file's only disjunction its boxes and specs are built from
+them in bulk (the same boxes, order and rows as the general path, which a file with an error
+goes through for the error's position).
 """
 from __future__ import annotations
 
@@ -359,6 +363,36 @@ class _SList(list):
 # atoms: ("X", var_index, is_upper, value, pos) ; ("Y", ((j, coef), ...), d, pos)
 
 
+@dataclass
+class _Block:
+    """The ``D`` clauses of a large ``(assert (or (and ATOM ...) ...))`` whose ``A`` atoms all
+    compare a variable with a number, as arrays (:meth:`_Parser.fast_or`).
+
+    Attributes:
+        clause: ``[A]`` clause of each atom (non-decreasing: the atoms in file order).
+        is_x, var, upper, val: ``[A]`` input atom?, the variable's index, ``<=``?, the number.
+        pos: ``[D]`` offset of each clause's atoms (the position its atoms report).
+    """
+
+    clause: np.ndarray
+    is_x: np.ndarray
+    var: np.ndarray
+    upper: np.ndarray
+    val: np.ndarray
+    pos: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def dnf(self) -> list[list[tuple]]:
+        """The clauses as atom lists (the tuples :meth:`_Parser.atom` gives)."""
+        where = self.pos[self.clause].tolist()
+        atoms = [("X", i, u, v, w) if x else (("Y", ((i, 1.0),), -v, w) if u else ("Y", ((i, -1.0),), v, w))
+                 for x, i, u, v, w in zip(self.is_x.tolist(), self.var.tolist(), self.upper.tolist(), self.val.tolist(), where)]
+        ends = np.cumsum(np.bincount(self.clause, minlength=len(self))).tolist()
+        return [atoms[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+
 class _Parser:
     def __init__(self, text: str, name: str, fast: bool = True, deadline: float | None = None):
         self.text = text
@@ -367,13 +401,15 @@ class _Parser:
         self.fast = fast  # clause-by-clause matching of large (or (and ...)) asserts
         self.used_fast = False
         self.decl: dict[str, tuple[str, int]] = {}  # "X_3" -> ("X", 3)
+        self.codes: dict[str, int] = {}  # "X_3" -> 3, "Y_2" -> -3 (the fast path's lookup)
         self.decl_pos: dict[tuple[str, int], int] = {}
         self.lo: list[float] = []
         self.hi: list[float] = []
         self.lo_pos: list[int] = []
         self.hi_pos: list[int] = []
         self.top_rows: list[tuple] = []  # Y atoms asserted at top level (in every disjunct)
-        self.complex: list[tuple[list[list[tuple]], int]] = []  # (DNF, pos) of multi-disjunct asserts
+        # (DNF, pos) of the multi-disjunct asserts; large plain ones as a _Block
+        self.complex: list[tuple[list[list[tuple]] | _Block, int]] = []
 
     # -- errors ---------------------------------------------------------------------------
     def line_col(self, pos: int) -> tuple[int, int]:
@@ -429,8 +465,8 @@ class _Parser:
     def fast_or(self, pos: int) -> int | None:
         """``(assert (or (and ATOM ...) ...))`` whose atoms compare a declared variable with a
         finite number: the clauses matched one by one with regular expressions, their atoms read
-        all at once; returns the end offset, or None (anything else: the general path parses it
-        and reports errors)."""
+        all at once into a :class:`_Block`; returns the end offset, or None (anything else: the
+        general path parses it and reports errors)."""
         text = self.text
         m = _FAST_OR_HEAD.match(text, pos)
         if m is None:
@@ -453,39 +489,39 @@ class _Parser:
         close = _CLOSE2.match(text, p)
         if close is None or not starts:
             return None
-        atoms = self.plain_atoms(_ATOM_PARTS.findall(text, starts[0], p), np.repeat(starts, counts).tolist())
-        if atoms is None:
+        block = self.plain_atoms(_ATOM_PARTS.findall(text, starts[0], p), starts, counts)
+        if block is None:
             return None
         self.used_fast = True
-        ends = np.cumsum(counts).tolist()
-        dnf = [atoms[a:b] for a, b in zip([0] + ends[:-1], ends)]
-        if len(dnf) == 1:
-            for atom in dnf[0]:
+        if len(block) == 1:
+            for atom in block.dnf()[0]:
                 self.add_top_atom(atom)
         else:
-            self.complex.append((dnf, pos))
+            self.complex.append((block, pos))
         return close.end()
 
-    def plain_atoms(self, parts: list[tuple[str, str, str]], where: list[int]) -> list[tuple] | None:
-        """Atoms ``(op VAR NUM)`` as :meth:`atom` normalises them, ``where[k]`` the position of
-        atom ``k`` (its clause's); None if their number differs or one is anything else."""
-        if len(parts) != len(where):
+    def plain_atoms(self, parts: list[tuple[str, str, str]], starts: list[int], counts: list[int]) -> _Block | None:
+        """The atoms ``(op VAR NUM)`` of clauses at ``starts`` with ``counts`` atoms each, as a
+        :class:`_Block`; None if their number differs or one is anything else."""
+        if len(parts) != sum(counts):
             return None
-        get = self.decl.get
-        var = [get(a) for _, a, _ in parts]
+        if len(self.codes) != len(self.decl):  # X_i -> i, Y_j -> -1 - j
+            self.codes = {k: i if kind == "X" else -1 - i for k, (kind, i) in self.decl.items()}
+        get = self.codes.get
+        code = [get(a) for _, a, _ in parts]
         # what float() takes beyond SMT numbers: inf, nan, 1_0
-        if None in var or not all(b[0] in _NUM_START and "_" not in b for _, _, b in parts):
+        if None in code or not all(b[0] in _NUM_START and "_" not in b for _, _, b in parts):
             return None
         try:
-            vals = [float(b) for _, _, b in parts]
+            val = np.array([float(b) for _, _, b in parts], dtype=np.float64)
         except ValueError:
             return None
-        if not all(map(math.isfinite, vals)):
+        if not np.isfinite(val).all():
             return None
-        # X_i <= v: ("X", i, upper, v); Y_j <= v: Y_j - v <= 0;  Y_j >= v: v - Y_j <= 0
-        return [("X", k[1], op == "<=", v, w) if k[0] == "X" else
-                (("Y", ((k[1], 1.0),), -v, w) if op == "<=" else ("Y", ((k[1], -1.0),), v, w))
-                for (op, _, _), k, v, w in zip(parts, var, vals, where)]
+        c = np.array(code, dtype=np.int64)
+        clause = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        upper = np.array([op == "<=" for op, _, _ in parts], dtype=bool)
+        return _Block(clause, c >= 0, np.where(c >= 0, c, -1 - c), upper, val, np.array(starts, dtype=np.int64))
 
     def read_sexpr(self, pos: int) -> tuple[_SList, int]:
         """Read the s-expression whose ``(`` is at ``pos``; returns it and the end offset."""
@@ -666,6 +702,10 @@ class _Parser:
         if n_in == 0:
             raise self.error(len(self.text), "no input variables X_i declared")
         del self.lo[n_in:], self.hi[n_in:]
+        if len(self.complex) == 1 and isinstance(self.complex[0][0], _Block):
+            done = self.block_properties(self.complex[0][0], n_out, dtype)
+            if done is not None:
+                return done
         boxes = self.group_boxes(self.disjuncts())
         lo_a, hi_a = self.check_boxes(boxes)
         lo_t, hi_t = _outward(lo_a, dtype, down=True), _outward(hi_a, dtype, down=False)
@@ -680,6 +720,25 @@ class _Parser:
             batches.append(VnnlibBoxes(lo, hi, C, d, gid, ix))
         return VnnlibProperties(batches)
 
+    def block_properties(self, block: _Block, n_out: int, dtype: torch.dtype) -> VnnlibProperties | None:
+        """:meth:`properties` of a file whose one multi-disjunct assert is ``block``, in bulk: the
+        same boxes, order, batches and rows. None where the general path is needed: a box
+        with a missing bound or empty (its error names the atom), or more than
+        :data:`_BLOCK_CELLS` clause bounds."""
+        if len(block) * len(self.lo) > _BLOCK_CELLS:
+            return None
+        self.check_time()
+        lo, hi = _clause_bounds(block, np.array(self.lo), np.array(self.hi))
+        has_x = np.bincount(block.clause[block.is_x], minlength=len(block)) > 0
+        box_of, first = _first_appearance(lo, hi, has_x)
+        lo, hi = lo[first], hi[first]
+        if (~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi)).any():
+            return None
+        self.check_time()
+        lo_t, hi_t = _outward(lo, dtype, down=True), _outward(hi, dtype, down=False)
+        specs = _block_specs(block, box_of, len(first), _top_matrix(self.top_rows, n_out), dtype, self.check_time)
+        return VnnlibProperties([VnnlibBoxes(lo_t[ix], hi_t[ix], C, d, gid, ix) for C, d, gid, ix in specs])
+
     def disjuncts(self) -> list[list[tuple]]:
         """The file's disjuncts: the product over the multi-disjunct asserts (atom lists)."""
         out: list[list[tuple]] = [[]]
@@ -687,7 +746,7 @@ class _Parser:
             if len(out) * len(dnf) > MAX_DISJUNCTS:
                 raise self.error(apos, f"more than {MAX_DISJUNCTS} disjuncts after expanding to DNF")
             self.check_time()
-            out = [c + e for c in out for e in dnf]
+            out = [c + e for c in out for e in (dnf.dnf() if isinstance(dnf, _Block) else dnf)]
         return out
 
     def group_boxes(self, disjuncts: list[list[tuple]]) -> list[tuple[tuple, list[list[tuple]]]]:
@@ -760,6 +819,110 @@ class _Parser:
             i = int(np.argmax(empty))
             raise self.error(max(lp[i], hp[i]), f"empty input box: X_{i} >= {float(lo_a[i])!r} and X_{i} <= {float(hi_a[i])!r}{where}")
         return lo_a, hi_a
+
+
+#: the most clause bounds (clauses x inputs) a _Block is read with in bulk (more: the general path)
+_BLOCK_CELLS = 1 << 22
+
+
+def _clause_bounds(block: _Block, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each clause's box: the top-level bounds ``lo, hi [n_in]`` tightened by the clause's input
+    atoms, ``[D, n_in]`` each."""
+    x = block.is_x
+    cl, var, val, up = block.clause[x], block.var[x], block.val[x], block.upper[x]
+    return (_tightened(lo, len(block), cl[~up], var[~up], val[~up], np.maximum),
+            _tightened(hi, len(block), cl[up], var[up], val[up], np.minimum))
+
+
+def _tightened(top: np.ndarray, D: int, cl: np.ndarray, var: np.ndarray, val: np.ndarray, extreme: np.ufunc) -> np.ndarray:
+    """``[D, n_in]``: row ``c`` is ``top`` with input ``i`` moved to the ``extreme`` of it and the
+    atoms ``val`` with ``(cl, var) = (c, i)``. Of equal values the first is kept (top, then the
+    atoms in order), as the scan ``if v > cur: cur = v`` keeps it (0.0 and -0.0 differ in sign)."""
+    out = np.tile(top, (D, 1))
+    if not len(val):
+        return out
+    flat = cl * len(top) + var
+    best = out.copy()
+    extreme.at(best, (cl, var), val)
+    best = best.take(flat)
+    hit = (val == best) & (out.take(flat) != best)
+    where, first = np.unique(flat[hit], return_index=True)
+    np.put(out, where, val[hit][first])
+    return out
+
+
+def _first_appearance(lo: np.ndarray, hi: np.ndarray, has_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clauses with equal boxes ``lo, hi [D, n_in]`` (as floats: -0.0 == 0.0) are one box; the
+    clauses without input atoms are one box of their own. Returns ``box_of [D]`` (boxes
+    numbered in order of first appearance) and each box's first clause ``[M]``."""
+    key = np.concatenate([lo + 0.0, hi + 0.0, (~has_x)[:, None].astype(np.float64)], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[order] = np.arange(len(first))
+    return rank[inverse.reshape(-1)], first[order]
+
+
+def _top_matrix(top: list[tuple], n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-level output atoms as rows: ``C [T, n_out]``, ``d [T]``."""
+    C, d = np.zeros((len(top), n_out)), np.zeros(len(top))
+    for t, (_, coef, const, _) in enumerate(top):
+        for j, c in coef:
+            C[t, j] += c
+        d[t] = const
+    return C, d
+
+
+def _block_specs(block: _Block, box_of: np.ndarray, M: int, top: tuple[np.ndarray, np.ndarray], dtype: torch.dtype,
+                 tick: Callable[[], None]) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The specs of the ``M`` boxes of ``block`` (clause ``c`` in box ``box_of[c]``), one batch per
+    row structure in order of first appearance: ``(C [m, N, n_out], d [m, N], groups [N],
+    boxes [m])``. A clause is one group: the top-level rows ``top``, then its output atoms in
+    order (one row ``C = 0, d = 0`` if both are none); :func:`_linear_batch` in bulk."""
+    C_top, d_top = top
+    T, D = len(d_top), len(block)
+    y = ~block.is_x
+    ycl = block.clause[y]
+    y_count = np.bincount(ycl, minlength=D)
+    rows = np.maximum(1, T + y_count)  # [D]
+    corder = np.argsort(box_of, kind="stable")  # the clauses box by box, each box's in file order
+    per_box = np.bincount(box_of, minlength=M)
+    start = np.cumsum(per_box) - per_box  # [M] each box's first place in corder
+    j_of = np.empty(D, dtype=np.int64)  # a clause's group number in its box
+    j_of[corder] = np.arange(D) - start[box_of[corder]]
+    structure = rows[corder].astype(np.int64).tobytes()
+    same: dict[bytes, list[int]] = {}
+    for b, (s, k) in enumerate(zip(start.tolist(), per_box.tolist())):
+        same.setdefault(structure[8 * s: 8 * (s + k)], []).append(b)
+    batch_of = np.empty(M, dtype=np.int64)
+    for n, boxes in enumerate(same.values()):
+        batch_of[boxes] = n
+    ry = np.arange(len(ycl)) - (np.cumsum(y_count) - y_count)[ycl]  # an output atom's row in its clause (after T)
+    ab = batch_of[box_of[ycl]]
+    aorder = np.argsort(ab, kind="stable")
+    cut = np.searchsorted(ab[aorder], np.arange(len(same) + 1))
+    yvar, yup, yval = block.var[y], block.upper[y], block.val[y]
+    local = np.empty(M, dtype=np.int64)
+    out = []
+    for n, (key, boxes) in enumerate(same.items()):
+        tick()
+        B = np.array(boxes, dtype=np.int64)
+        R = np.frombuffer(key, dtype=np.int64)
+        O = np.cumsum(R) - R  # first row of each group
+        C = np.zeros((len(B), int(R.sum()), C_top.shape[1]))
+        d = np.zeros(C.shape[:2])
+        if T:
+            at = (O[:, None] + np.arange(T)).reshape(-1)
+            C[:, at] = np.tile(C_top, (len(R), 1))
+            d[:, at] = np.tile(d_top, len(R))
+        local[B] = np.arange(len(B))
+        a = aorder[cut[n]:cut[n + 1]]
+        bi, r = local[box_of[ycl[a]]], O[j_of[ycl[a]]] + T + ry[a]
+        np.add.at(C, (bi, r, yvar[a]), np.where(yup[a], 1.0, -1.0))
+        d[bi, r] = np.where(yup[a], -yval[a], yval[a])  # Y_j <= v: Y_j - v;  Y_j >= v: v - Y_j
+        gid = np.repeat(np.arange(len(R), dtype=np.int64), R)
+        out.append((torch.from_numpy(C).to(dtype), torch.from_numpy(d).to(dtype), torch.from_numpy(gid), torch.from_numpy(B)))
+    return out
 
 
 def _outward(a: np.ndarray, dtype: torch.dtype, down: bool) -> Tensor:
