@@ -218,15 +218,15 @@ class VnnlibProperties(Sequence[VnnlibProperty]):
         """Batch per-box properties (boxes with the same ``C`` shape and ``groups`` together)."""
         if isinstance(props, VnnlibProperties):
             return props
+        rows = [_rows(p.spec) for p in props]
         same: dict[tuple, list[int]] = {}
-        for i, p in enumerate(props):
-            same.setdefault((tuple(p.spec.C.shape), tuple(p.spec.groups.tolist())), []).append(i)
+        for i, (C, _, g) in enumerate(rows):
+            same.setdefault((tuple(C.shape), tuple(g.tolist())), []).append(i)
         batches = []
         for idx in same.values():
-            ps = [props[i] for i in idx]
-            batches.append(VnnlibBoxes(torch.stack([p.input_lo for p in ps]), torch.stack([p.input_hi for p in ps]),
-                                       torch.stack([p.spec.C for p in ps]), torch.stack([p.spec.d for p in ps]),
-                                       ps[0].spec.groups, torch.tensor(idx, dtype=torch.long)))
+            C, d, g = (torch.stack(t) for t in zip(*(rows[i] for i in idx)))
+            batches.append(VnnlibBoxes(torch.stack([props[i].input_lo for i in idx]), torch.stack([props[i].input_hi for i in idx]),
+                                       C, d, g[0], torch.tensor(idx, dtype=torch.long)))
         return cls(batches)
 
     def __len__(self) -> int:
@@ -257,6 +257,12 @@ class VnnlibProperties(Sequence[VnnlibProperty]):
     @property
     def num_outputs(self) -> int:
         return self.batches[0].num_outputs
+
+
+def _rows(spec: Linear) -> tuple[Tensor, Tensor, Tensor]:
+    """``C [N, n_out]``, ``d [N]``, ``groups [N]`` of a per-box spec."""
+    assert spec.d is not None and spec.groups is not None  # set by Linear.__post_init__
+    return spec.C, spec.d, spec.groups
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,14 +471,16 @@ class _Parser:
     def fast_or(self, pos: int) -> int | None:
         """``(assert (or (and ATOM ...) ...))`` whose atoms compare a declared variable with a
         finite number: the clauses matched one by one with regular expressions, their atoms read
-        all at once into a :class:`_Block`; returns the end offset, or None (anything else: the
-        general path parses it and reports errors)."""
+        256 clauses at a time into a :class:`_Block`; returns the end offset, or None (anything
+        else: the general path parses it and reports errors)."""
         text = self.text
         m = _FAST_OR_HEAD.match(text, pos)
         if m is None:
             return None
         starts: list[int] = []  # offset of each clause's atoms, and how many it has
         counts: list[int] = []
+        parts: list[tuple[np.ndarray, ...]] = []  # the atoms of clauses 0 .. done - 1
+        done = 0
         match, count = _FAST_CLAUSE.match, text.count
         p = m.end()
         while True:
@@ -481,17 +489,22 @@ class _Parser:
                 break
             starts.append(c.start(1))
             counts.append(count("(", c.start(1), c.end(1)))  # one '(' per atom: tokens hold none
+            p = c.end()
             if len(starts) > MAX_DISJUNCTS:
                 return None
-            if not len(starts) & 255:
+            if len(starts) - done == 256:
+                if not self.read_atoms(parts, text, starts[done], p, sum(counts[done:])):
+                    return None
+                done = len(starts)
                 self.check_time()
-            p = c.end()
         close = _CLOSE2.match(text, p)
         if close is None or not starts:
             return None
-        block = self.plain_atoms(_ATOM_PARTS.findall(text, starts[0], p), starts, counts)
-        if block is None:
+        if done < len(starts) and not self.read_atoms(parts, text, starts[done], p, sum(counts[done:])):
             return None
+        code, upper, val = (np.concatenate(a) for a in zip(*parts))
+        clause = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        block = _Block(clause, code >= 0, np.where(code >= 0, code, -1 - code), upper, val, np.array(starts, dtype=np.int64))
         self.used_fast = True
         if len(block) == 1:
             for atom in block.dnf()[0]:
@@ -500,28 +513,28 @@ class _Parser:
             self.complex.append((block, pos))
         return close.end()
 
-    def plain_atoms(self, parts: list[tuple[str, str, str]], starts: list[int], counts: list[int]) -> _Block | None:
-        """The atoms ``(op VAR NUM)`` of clauses at ``starts`` with ``counts`` atoms each, as a
-        :class:`_Block`; None if their number differs or one is anything else."""
-        if len(parts) != sum(counts):
-            return None
-        if len(self.codes) != len(self.decl):  # X_i -> i, Y_j -> -1 - j
+    def read_atoms(self, parts: list[tuple[np.ndarray, ...]], text: str, start: int, end: int, n: int) -> bool:
+        """Append the ``n`` atoms ``(op VAR NUM)`` of ``text[start:end]`` to ``parts`` as arrays
+        ``[n]``: the variable (``X_i``: ``i``, ``Y_j``: ``-1 - j``), whether ``op`` is ``<=``, the
+        number; False if there are not ``n`` or one is anything else."""
+        found = _ATOM_PARTS.findall(text, start, end)
+        if len(found) != n:
+            return False
+        if len(self.codes) != len(self.decl):
             self.codes = {k: i if kind == "X" else -1 - i for k, (kind, i) in self.decl.items()}
         get = self.codes.get
-        code = [get(a) for _, a, _ in parts]
+        code = [get(a) for _, a, _ in found]
         # what float() takes beyond SMT numbers: inf, nan, 1_0
-        if None in code or not all(b[0] in _NUM_START and "_" not in b for _, _, b in parts):
-            return None
+        if None in code or not all(b[0] in _NUM_START and "_" not in b for _, _, b in found):
+            return False
         try:
-            val = np.array([float(b) for _, _, b in parts], dtype=np.float64)
+            val = np.array([float(b) for _, _, b in found], dtype=np.float64)
         except ValueError:
-            return None
+            return False
         if not np.isfinite(val).all():
-            return None
-        c = np.array(code, dtype=np.int64)
-        clause = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        upper = np.array([op == "<=" for op, _, _ in parts], dtype=bool)
-        return _Block(clause, c >= 0, np.where(c >= 0, c, -1 - c), upper, val, np.array(starts, dtype=np.int64))
+            return False
+        parts.append((np.array(code, dtype=np.int64), np.array([op == "<=" for op, _, _ in found], dtype=bool), val))
+        return True
 
     def read_sexpr(self, pos: int) -> tuple[_SList, int]:
         """Read the s-expression whose ``(`` is at ``pos``; returns it and the end offset."""
@@ -772,10 +785,9 @@ class _Parser:
         lo, hi = list(self.lo), list(self.hi)
         for _, i, upper, v, _ in xs:
             if upper:
-                if v < hi[i]:
-                    hi[i] = v
-            elif v > lo[i]:
-                lo[i] = v
+                hi[i] = min(hi[i], v)
+            else:
+                lo[i] = max(lo[i], v)
         return tuple(lo), tuple(hi)
 
     def box_of(self, xs: list[tuple]) -> tuple:
