@@ -14,7 +14,13 @@ import torch
 
 import verify.vnnlib as vl
 from verify.spec import Linear
-from verify.vnnlib import VnnlibBoxes, VnnlibProperties, VnnlibProperty, VnnlibTimeout, parse_vnnlib
+from verify.vnnlib import (
+    VnnlibBoxes,
+    VnnlibProperties,
+    VnnlibProperty,
+    VnnlibTimeout,
+    parse_vnnlib,
+)
 
 # ---------------------------------------------------------------------------------------- reference
 

@@ -51,7 +51,6 @@ class Conversions:
         self.proto = proto
         self.needed: dict[tuple[tuple[int, int], ...], IntegerInputsNeeded] = {} if needed is None else {(): needed}
         self.graphs: dict[tuple[tuple[int, int], ...], Any] = {}
-        self.converted = 0  # conversions actually run
 
     def __call__(self, fixed: dict[int, int]) -> Any:
         """The graph module with inputs ``fixed`` (``{flat index: integer}``); raises the
@@ -62,7 +61,6 @@ class Conversions:
         if key in self.needed:
             raise self.needed[key]
         if key not in self.graphs:
-            self.converted += 1
             try:
                 gm = import_onnx(self.proto, integer_inputs=dict(key))
             except IntegerInputsNeeded as e:
