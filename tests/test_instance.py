@@ -278,3 +278,38 @@ def test_many_boxes_are_bounded_together_first(tmp_path, with_violation):
     else:
         assert res.result == "unsat"
         assert len(res.certificates) == 30 and all(c.details.get("stage") == "batched-crown" for c in res.certificates)
+
+
+class _SlowMatch:
+    """A compiled pattern whose ``match`` takes at least ``delay`` seconds."""
+
+    def __init__(self, pattern, delay: float):
+        self.pattern, self.delay = pattern, delay
+
+    def match(self, *args):
+        time.sleep(self.delay)
+        return self.pattern.match(*args)
+
+
+@pytest.mark.parametrize("path", ["run_instance", "raise_errors", "run --spec"])
+def test_a_file_not_read_in_time_is_a_timeout_on_time(tmp_path, monkeypatch, capsys, path):
+    """Reading counts in the instance's budget and stops at its deadline: the answer is timeout
+    soon after the budget, not after the whole file. The clause matcher is slowed to 2 ms a
+    clause (3,000 clauses: at least 6 s to read) so that no machine reads the file in time."""
+    import verify.vnnlib as vl
+
+    onnx_path = _onnx_identity(tmp_path / "id.onnx")
+    spec = tmp_path / "slow.vnnlib"
+    spec.write_text(_spec([(float(k), k + 0.5) for k in range(3000)], "(>= Y_0 50000.0)"))
+    monkeypatch.setattr(vl, "_FAST_CLAUSE", _SlowMatch(vl._FAST_CLAUSE, 0.002))
+    budget = 0.5
+    t0 = time.perf_counter()
+    if path == "run --spec":
+        rf = tmp_path / "result.txt"
+        code = cli_main(["run", "--model", str(onnx_path), "--spec", str(spec), "--method", "bab", "--timeout", str(budget),
+                         "--out", "", "--result-file", str(rf)])
+        assert code == 0 and "result: timeout" in capsys.readouterr().out and rf.read_text() == "timeout\n"
+    else:
+        res = run_instance(str(onnx_path), str(spec), budget, raise_errors=path == "raise_errors")
+        assert res.result == "timeout" and res.stage == "read" and not res.certificates
+    assert time.perf_counter() - t0 < budget + 3.0

@@ -126,3 +126,23 @@ def test_too_many_cases_is_a_one_line_error(tmp_path, monkeypatch):
     assert res.result == "error" and "8 integer cases (at most 3)" in res.detail
     with pytest.raises(UnsupportedOperatorError, match="8 integer cases"):
         run_instance(_model(tmp_path), _vnnlib(tmp_path, 0.0, 7.9, 2.5), 60, raise_errors=True)
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.01])
+def test_each_conversion_is_done_once(tmp_path, monkeypatch, leak):
+    """One instance converts the network once without fixed inputs (at loading) and once per
+    case it needs: point cases need only the first case's graph (to see that the output
+    depends on the position's integer part only), graph cases every case's."""
+    import verify.onnx_import as oi
+
+    real, calls = oi.import_onnx, []
+
+    def counting(*args, integer_inputs=None, **kw):
+        calls.append(tuple(sorted((integer_inputs or {}).items())))
+        return real(*args, integer_inputs=integer_inputs, **kw)
+
+    monkeypatch.setattr(oi, "import_onnx", counting)
+    res = run_instance(_model(tmp_path, leak), _vnnlib(tmp_path, 0.0, 7.9, 100.0), 60, raise_errors=True)
+    assert res.result == "unsat" if leak == 0.0 else res.result in ("unsat", "unknown", "timeout")
+    cases = [((N, k),) for k in range(8)]
+    assert calls == [()] + (cases[:1] if leak == 0.0 else cases)

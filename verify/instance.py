@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from .errors import IntegerInputsNeeded
+from .vnnlib import VnnlibTimeout
 
 __all__ = [
     "VNNCOMP_ATOL",
@@ -207,7 +209,7 @@ def _not_started(method: str, index: int) -> Any:
 
 def decide(
     net: torch.nn.Module,
-    props: list,
+    props: Sequence[Any],
     runner: Runner,
     *,
     method: str = "bab",
@@ -216,7 +218,8 @@ def decide(
     device: str = "cpu",
     t0: float | None = None,
 ) -> InstanceResult:
-    """Decide the boxes ``props`` (:class:`~verify.vnnlib.VnnlibProperty`) of one instance.
+    """Decide the boxes ``props`` (:class:`~verify.vnnlib.VnnlibProperties`, or a list of
+    :class:`~verify.vnnlib.VnnlibProperty`) of one instance.
 
     Args:
         net: the loaded model (``net.input_shape`` gives the box's shape).
@@ -231,7 +234,7 @@ def decide(
     stages: list[str] = []
     res = InstanceResult("unknown", 0.0)
     proved = _batched_crown(net, props, shape, device, deadline) if method == "bab" and len(props) >= BATCHED_MIN_BOXES else {}
-    for i, p in enumerate(props):
+    for i in range(len(props)):
         if i in proved:
             res.certificates.append(proved[i])
             res.per_box.append({"status": "certified", "reason": None, "time_s": round(proved[i].time_s, 3)})
@@ -246,7 +249,7 @@ def decide(
                 res.certificates.append(_not_started(method, i))
                 continue
             share = left / (len(props) - i)
-        c, ok = _run_box(net, p, shape, runner, method, share, device, options)
+        c, ok = _run_box(net, props[i], shape, runner, method, share, device, options)
         c.index = i
         res.certificates.append(c)
         res.per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
@@ -271,39 +274,35 @@ BATCHED_MIN_BOXES = 8
 BATCHED_CHUNK = 4096
 
 
-def _batched_crown(net: torch.nn.Module, props: list, shape: tuple[int, ...], device: str, deadline: float | None) -> dict[int, Any]:
-    """CROWN on all boxes of an instance at once (chunks of boxes with the same spec rows),
-    within 80 % of the time left: ``{box index: certified Certificate}``. The boxes it proves need
-    no per-box search (nn4sys: 10,000-60,000 boxes a file, each a few milliseconds alone)."""
+def _batched_crown(net: torch.nn.Module, props: Sequence[Any], shape: tuple[int, ...], device: str,
+                   deadline: float | None) -> dict[int, Any]:
+    """CROWN on all boxes of an instance at once (chunks of a batch of boxes with the same spec
+    rows, :class:`~verify.vnnlib.VnnlibBoxes`), within 80 % of the time left: ``{box index:
+    certified Certificate}``. The boxes it proves need no per-box search (nn4sys: 10,000-60,000
+    boxes a file, each a few milliseconds alone)."""
     from .api import certify
-    from .spec import Box, Linear
+    from .vnnlib import VnnlibProperties
 
     t0 = time.perf_counter()
     budget = None if deadline is None else 0.8 * (deadline - t0)
-    same_rows: dict[tuple, list[int]] = {}
-    for i, p in enumerate(props):
-        same_rows.setdefault((tuple(p.spec.C.shape), tuple(p.spec.groups.tolist())), []).append(i)
     out: dict[int, Any] = {}
     size = 16  # chunks start small and grow while they take at most a fifth of what is left
-    for idx in same_rows.values():
+    for batch in VnnlibProperties.from_properties(props).batches:
         s = 0
-        while s < len(idx):
+        while s < len(batch):
             left = None if budget is None else budget - (time.perf_counter() - t0)
             if left is not None and left <= 0:
                 return out
-            part = idx[s : s + size]
-            s += len(part)
+            rows = slice(s, min(s + size, len(batch)))
+            s = rows.stop
             t_chunk = time.perf_counter()
-            box = Box(torch.stack([props[i].input_lo for i in part]).reshape(len(part), *shape),
-                      torch.stack([props[i].input_hi for i in part]).reshape(len(part), *shape))
-            spec = Linear(torch.stack([props[i].spec.C for i in part]), torch.stack([props[i].spec.d for i in part]),
-                          props[part[0]].spec.groups)
-            for i, c in zip(part, certify(net, box, spec, "crown", timeout=left, device=device)):
+            certs = certify(net, batch.box(shape, rows), batch.spec(rows), "crown", timeout=left, device=device)
+            for i, c in zip(batch.index[rows].tolist(), certs):
                 if c.status == "certified":
                     c.index = i
                     c.details["stage"] = "batched-crown"
                     out[i] = c
-            per_box = (time.perf_counter() - t_chunk) / len(part)
+            per_box = (time.perf_counter() - t_chunk) / (rows.stop - rows.start)
             room = BATCHED_CHUNK if left is None else 0.2 * left / max(per_box, 1e-9)
             size = int(max(1, min(BATCHED_CHUNK, room)))
     return out
@@ -342,16 +341,17 @@ def _is_onnx(model: Any) -> bool:
     return isinstance(model, (str, os.PathLike)) and str(model).lower().endswith((".onnx", ".onnx.gz"))
 
 
-def _prepare(model: Any, vnnlib: Any, device: str) -> tuple[torch.nn.Module, list, Runner]:
-    """Load the model and the spec; check that their input counts agree; build the runner."""
+def _prepare(model: Any, vnnlib: Any, device: str, deadline: float | None) -> tuple[torch.nn.Module, Any, Runner]:
+    """Load the model and the spec (:class:`~verify.vnnlib.VnnlibProperties`, read by
+    ``deadline``); check that their input counts agree; build the runner."""
     from .model import load_model
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
 
     if _is_onnx(model):
         model = str(resolve_maybe_gz(model))
     net = load_model(model, device=device)
-    props = parse_vnnlib(vnnlib)
-    n = props[0].num_inputs
+    props = parse_vnnlib(vnnlib, deadline=deadline)
+    n = props.num_inputs
     shape = getattr(net, "input_shape", None)
     if shape is not None and math.prod(shape) != n:
         raise ValueError(f"the VNN-LIB file has {n} inputs but the model's input shape {tuple(shape)} has {math.prod(shape)}")
@@ -390,14 +390,18 @@ def run_instance(
     deadline = None if timeout is None else t0 + timeout
     try:
         try:
-            net, props, runner = _prepare(model, vnnlib, device)
-        except IntegerInputsNeeded:  # not one static graph: one per integer value of some inputs
+            net, props, runner = _prepare(model, vnnlib, device, deadline)
+        except IntegerInputsNeeded as e:  # not one static graph: one per integer value of some inputs
             if not _is_onnx(model):
                 raise
             from .integer_inputs import decide_by_cases
 
-            return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0)
+            return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0,
+                                   needed=e)
         return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0)
+    except VnnlibTimeout:  # the file was not read in time
+        return InstanceResult("timeout", time.perf_counter() - t0, stage="read",
+                              detail="the VNN-LIB file was not read within the time budget")
     except Exception as e:  # an instance we cannot run is an error, never a guess
         if raise_errors:
             raise

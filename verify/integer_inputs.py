@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import IntegerInputsNeeded, UnsupportedOperatorError
 
-__all__ = ["MAX_CASES", "integer_inputs_of", "case_values", "case_bounds", "decide_by_cases"]
+__all__ = ["MAX_CASES", "Conversions", "integer_inputs_of", "case_values", "case_bounds", "decide_by_cases"]
 
 #: the most cases one box may need
 MAX_CASES = 100_000
@@ -37,15 +37,50 @@ MAX_CASES = 100_000
 F32 = np.float32
 
 
-def integer_inputs_of(proto: Any, lo: np.ndarray) -> list[int]:
-    """Flat indices of the inputs whose integer part the network needs as constants (found by
-    converting with the ones found so far fixed at their value at ``lo``)."""
-    from .onnx_import import import_onnx
+class Conversions:
+    """The conversions of one ONNX model with some inputs fixed to integers
+    (:func:`verify.onnx_import.import_onnx` with ``integer_inputs``), each done once: the last
+    :data:`KEEP` graphs are kept, and every :class:`~verify.errors.IntegerInputsNeeded` a
+    conversion raised (raised again, the conversion is not redone)."""
 
+    #: graphs kept (the box's first case is asked for by the search for the integer inputs, by
+    #: the check for point cases and by the first case's search)
+    KEEP = 2
+
+    def __init__(self, proto: Any, needed: IntegerInputsNeeded | None = None):
+        self.proto = proto
+        self.needed: dict[tuple[tuple[int, int], ...], IntegerInputsNeeded] = {} if needed is None else {(): needed}
+        self.graphs: dict[tuple[tuple[int, int], ...], Any] = {}
+
+    def __call__(self, fixed: dict[int, int]) -> Any:
+        """The graph module with inputs ``fixed`` (``{flat index: integer}``); raises the
+        conversion's :class:`~verify.errors.IntegerInputsNeeded` (again)."""
+        from .onnx_import import import_onnx
+
+        key = tuple(sorted(fixed.items()))
+        if key in self.needed:
+            raise self.needed[key]
+        if key not in self.graphs:
+            try:
+                gm = import_onnx(self.proto, integer_inputs=dict(key))
+            except IntegerInputsNeeded as e:
+                self.needed[key] = e
+                raise
+            self.graphs[key] = gm
+            while len(self.graphs) > self.KEEP:
+                del self.graphs[next(iter(self.graphs))]
+        return self.graphs[key]
+
+
+def integer_inputs_of(proto: Any, lo: np.ndarray, conversions: Conversions | None = None) -> list[int]:
+    """Flat indices of the inputs whose integer part the network needs as constants (found by
+    converting with the ones found so far fixed at their value at ``lo`` ``[n_in]``); the
+    conversions go through ``conversions`` when given (each done once per instance)."""
+    convert = conversions or Conversions(proto)
     found: list[int] = []
     while True:
         try:
-            import_onnx(proto, integer_inputs={c: _trunc32(lo[c]) for c in found})
+            convert({c: _trunc32(lo[c]) for c in found})
             return found
         except IntegerInputsNeeded as e:
             new = [c for c in e.coords if c not in found]
@@ -75,22 +110,24 @@ def case_bounds(k: int, lo: float, hi: float) -> tuple[float, float]:
 
 
 def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | None, deadline: float | None,
-                    device: str, t0: float) -> Any:
+                    device: str, t0: float, needed: IntegerInputsNeeded | None = None) -> Any:
     """Decide an instance (ONNX ``model``, VNN-LIB ``vnnlib``) case by case (module docstring);
-    returns an :class:`~verify.instance.InstanceResult`."""
+    returns an :class:`~verify.instance.InstanceResult`. ``needed``: what converting the model
+    without fixed inputs raised, if that was tried already (it is not tried again)."""
     from .instance import InstanceResult, _overall, onnx_runner
     from .onnx_import import read_onnx
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
 
     path = resolve_maybe_gz(model)
     proto = read_onnx(path)
-    props = parse_vnnlib(vnnlib)
+    props = parse_vnnlib(vnnlib, deadline=deadline)
     runner = onnx_runner(path)
+    convert = Conversions(proto, needed)
     res = InstanceResult("unknown", 0.0, stage="integer-cases")
     answers = []
     for i, p in enumerate(props):
         share = None if deadline is None else (deadline - time.perf_counter()) / (len(props) - i)
-        answer, conf, cert = _decide_box(proto, p, runner, method, options, share, device, i)
+        answer, conf, cert = _decide_box(convert, p, runner, method, options, share, device, i)
         res.certificates.append(cert)
         res.per_box.append({"status": cert.status, "reason": cert.details.get("reason"), "time_s": round(cert.time_s, 3)})
         if conf is not None:
@@ -105,22 +142,21 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     return res
 
 
-def _decide_box(proto: Any, p: Any, runner: Any, method: str, options: dict | None, budget: float | None, device: str,
-                index: int) -> tuple[str, Any, Any]:
+def _decide_box(convert: Conversions, p: Any, runner: Any, method: str, options: dict | None, budget: float | None,
+                device: str, index: int) -> tuple[str, Any, Any]:
     """One box: ``(answer, confirmation of a counterexample or None, Certificate)``."""
     from .certificate import Certificate
-    from .onnx_import import import_onnx
 
     t0 = time.perf_counter()
     until = None if budget is None else t0 + budget
     lo, hi = p.input_lo.double().numpy(), p.input_hi.double().numpy()
-    coords = integer_inputs_of(proto, lo)
+    coords = integer_inputs_of(convert.proto, lo, convert)
     values = case_values(lo, hi, coords)
     n_cases = math.prod(len(v) for v in values)
     if n_cases > MAX_CASES:
         raise UnsupportedOperatorError(f"the network uses the integer part of inputs {coords} as indices; this box has "
                                        f"{n_cases} integer cases (at most {MAX_CASES})")
-    first = import_onnx(proto, integer_inputs={c: v[0] for c, v in zip(coords, values)})
+    first = convert({c: v[0] for c, v in zip(coords, values)})
     others = np.ones(lo.size, dtype=bool)
     others[coords] = False
     points = set(coords) <= set(first.integer_part_only) and bool((lo[others] == hi[others]).all())
@@ -131,7 +167,7 @@ def _decide_box(proto: Any, p: Any, runner: Any, method: str, options: dict | No
             answers.append("timeout")
             break
         left = None if until is None else (until - time.perf_counter()) / (n_cases - done)
-        answer, conf = decide(proto, p, runner, coords, k, lo, hi, method, options, left, device)
+        answer, conf = decide(convert, p, runner, coords, k, lo, hi, method, options, left, device)
         done += 1
         if conf is not None:
             break
@@ -148,7 +184,7 @@ def _decide_box(proto: Any, p: Any, runner: Any, method: str, options: dict | No
     return answer, conf, cert
 
 
-def _point_case(proto, p, runner, coords, k, lo, hi, method, options, left, device) -> tuple[str, Any]:
+def _point_case(convert, p, runner, coords, k, lo, hi, method, options, left, device) -> tuple[str, Any]:
     """The network is constant on the case: run it once, at the case's integers clamped into the box."""
     from .instance import confirm
 
@@ -159,13 +195,12 @@ def _point_case(proto, p, runner, coords, k, lo, hi, method, options, left, devi
     return ("sat", ok) if ok.ok else ("unsat", None)
 
 
-def _graph_case(proto, p, runner, coords, k, lo, hi, method, options, left, device) -> tuple[str, Any]:
+def _graph_case(convert, p, runner, coords, k, lo, hi, method, options, left, device) -> tuple[str, Any]:
     """The case's part of the box, decided by ``method`` on the case's graph."""
     from .instance import _box_answer, _run_box
     from .model import load_model
-    from .onnx_import import import_onnx
 
-    gm = load_model(import_onnx(proto, integer_inputs=dict(zip(coords, k))), device=device)
+    gm = load_model(convert(dict(zip(coords, k))), device=device)
     clo, chi = p.input_lo.clone().double(), p.input_hi.clone().double()
     for c, v in zip(coords, k):
         a, b = case_bounds(v, lo[c], hi[c])
