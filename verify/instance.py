@@ -255,6 +255,7 @@ def decide(
         res.per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
         stages.append(str(c.details.get("stage", "")))
         if ok is not None:
+            assert ok.y is not None  # a confirmed counterexample has its output
             res.result, res.x, res.y, res.stage = "sat", ok.x.tolist(), ok.y.tolist(), stages[-1]
             break
         if "unconfirmed_counterexample" in c.details:
@@ -419,6 +420,7 @@ def format_result(res: InstanceResult) -> str:
 
     text = res.result + "\n"
     if res.result == "sat":
+        assert res.x is not None and res.y is not None  # sat comes with the counterexample
         text += format_counterexample(res.x, res.y)
     return text
 

@@ -173,7 +173,7 @@ def _decide_box(convert: Conversions, p: Any, runner: Any, method: str, options:
             break
         answers.append(answer)
     status = "falsified" if conf is not None else ("certified" if done == n_cases and all(a == "unsat" for a in answers) else "unknown")
-    details = {"stage": "integer-cases", "integer_inputs": coords, "cases": n_cases, "cases_decided": done,
+    details: dict[str, Any] = {"stage": "integer-cases", "integer_inputs": coords, "cases": n_cases, "cases_decided": done,
                "case_kind": "point (network run per case)" if points else f"graph ({method} per case)"}
     if status == "unknown":
         details["reason"] = "timeout" if "timeout" in answers else "unknown"
@@ -206,5 +206,5 @@ def _graph_case(convert, p, runner, coords, k, lo, hi, method, options, left, de
         a, b = case_bounds(v, lo[c], hi[c])
         clo[c], chi[c] = a, b
     pk = replace(p, input_lo=clo.to(p.input_lo.dtype), input_hi=chi.to(p.input_hi.dtype))
-    c, ok = _run_box(gm, pk, tuple(gm.input_shape), runner, method, left, device, options)
+    c, ok = _run_box(gm, pk, tuple(getattr(gm, "input_shape")), runner, method, left, device, options)
     return _box_answer(c.status, c.details.get("reason")), ok

@@ -65,7 +65,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -111,6 +111,13 @@ _FAST_CLAUSE = re.compile(r"\s*\(\s*and((?:\s*" + _PLAIN_ATOM + r")+)\s*\)")
 _ATOM_PARTS = re.compile(r"\(\s*(<=|>=)\s+(" + _TOK + r")\s+(" + _TOK + r")\s*\)")
 _CLOSE2 = re.compile(r"\s*\)\s*\)")
 _NUM_START = frozenset("0123456789+-.")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    """The position after the whitespace at ``pos`` (``\\s*`` always matches)."""
+    m = _WS.match(text, pos)
+    assert m is not None
+    return m.end()
 
 
 class VnnlibError(ValueError):
@@ -279,6 +286,14 @@ def resolve_maybe_gz(path: str | os.PathLike) -> Path:
     return p
 
 
+@overload
+def open_maybe_gz(path: str | os.PathLike, *, text: Literal[True] = True) -> str: ...
+
+
+@overload
+def open_maybe_gz(path: str | os.PathLike, *, text: Literal[False]) -> bytes: ...
+
+
 def open_maybe_gz(path: str | os.PathLike, *, text: bool = True) -> str | bytes:
     """Contents of ``x`` or, when only it exists, ``x.gz`` (gzip detected by its magic bytes).
 
@@ -436,8 +451,8 @@ class _Parser:
     # -- statements -----------------------------------------------------------------------
     def run(self) -> None:
         text, n = self.text, len(self.text)
-        pos = _WS.match(text, 0).end()
-        fast_decl, fast_atom, ws = _FAST_DECL.match, _FAST_ATOM.match, _WS.match
+        pos = _skip_ws(text, 0)
+        fast_decl, fast_atom, ws = _FAST_DECL.match, _FAST_ATOM.match, _skip_ws
         count = 0
         while pos < n:
             count += 1
@@ -447,11 +462,12 @@ class _Parser:
             if c != "(":
                 if c == ")":
                     raise self.error(pos, "unbalanced ')'")
-                tok = re.match(_TOK, text[pos:pos + 40]).group(0)
-                raise self.error(pos, f"expected '(' to start a command, got {tok!r}")
+                tok_m = re.match(_TOK, text[pos:pos + 40])
+                assert tok_m is not None  # text[pos] is neither whitespace nor a bracket
+                raise self.error(pos, f"expected '(' to start a command, got {tok_m.group(0)!r}")
             end = self.fast_or(pos) if self.fast and text.startswith("(assert", pos) else None
             if end is not None:
-                pos = ws(text, end).end()
+                pos = ws(text, end)
                 continue
             m = fast_atom(text, pos)
             if m is not None:
@@ -464,9 +480,9 @@ class _Parser:
                 else:
                     node, end = self.read_sexpr(pos)
                     self.command(node)
-                    pos = ws(text, end).end()
+                    pos = ws(text, end)
                     continue
-            pos = ws(text, m.end()).end()
+            pos = ws(text, m.end())
 
     def fast_or(self, pos: int) -> int | None:
         """``(assert (or (and ATOM ...) ...))`` whose atoms compare a declared variable with a
