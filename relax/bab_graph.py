@@ -358,6 +358,10 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     return best_node, best_idx, best_t
 
 
+#: children bounded in one pass of filtered smart branching (a round bounds up to 2 x 64)
+FSB_CHILDREN_PER_PASS = 128
+
+
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
                            choice: tuple[list[str | None], Tensor, Tensor], domains: Tensor, candidates: int,
                            deadline: float) -> tuple[list[str | None], Tensor, Tensor]:
@@ -370,6 +374,12 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     count as proved. Returns ``choice`` with those domains' ReLU choices replaced."""
     node, idx, tsplit = choice
     sel = [d for d in domains.tolist() if node[d] is not None and node[d] in splits]
+    per_pass = max(1, FSB_CHILDREN_PER_PASS // (2 * max(1, candidates)))
+    if len(sel) > per_pass:  # the children of one pass stay as many as a round's
+        for start in range(0, len(sel), per_pass):
+            choice = _filtered_smart_branch(graph, inputs, rs, db, splits, choice, torch.tensor(sel[start:start + per_pass]),
+                                            candidates, deadline)
+        return choice
     scores = relu_scores(graph, db, splits, rs)
     if not sel or not scores or candidates < 2 or time.perf_counter() >= deadline:
         return choice

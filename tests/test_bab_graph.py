@@ -559,3 +559,22 @@ def test_mlp_decided_against_exact_milp_with_babsr_alone(seed):
     net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
     _spread(net[0], 16.0)
     _check(net, net, 6, seed, {"split": "relu", "branch_candidates": 1})
+
+
+def test_filtered_smart_branching_in_chunks_chooses_as_in_one_pass(monkeypatch):
+    import relax.bab_graph as bg
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval().double()
+    graph, xs, C, rs, root = _root(net, torch.full((1, 6), 0.5, dtype=torch.float64), 0.2)
+    first = bg.relu_inputs(graph)[0][1]
+    D = 4
+    splits = {p: torch.zeros(D, math.prod(graph.shape(p)), dtype=torch.int8) for _, p in bg.relu_inputs(graph)}
+    splits[first][:, 0] = torch.tensor([1, -1, 1, -1], dtype=torch.int8)
+    splits[first][:, 1] = torch.tensor([1, 1, -1, -1], dtype=torch.int8)
+    db = bg.bound_domains(graph, xs, rs, root, splits, steps=0, recompute=False)
+    plain = bg._branch(graph, db, splits, rs)
+    whole = bg._filtered_smart_branch(graph, xs, rs, db, splits, plain, torch.arange(D), 3, math.inf)
+    monkeypatch.setattr(bg, "FSB_CHILDREN_PER_PASS", 6)  # one domain a pass
+    chunked = bg._filtered_smart_branch(graph, xs, rs, db, splits, plain, torch.arange(D), 3, math.inf)
+    assert whole[0] == chunked[0] and torch.equal(whole[1], chunked[1])
