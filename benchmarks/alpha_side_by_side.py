@@ -1,7 +1,7 @@
 """alpha-CROWN's bound on VNN-COMP instances by two source trees, alternated per instance.
 
 Per instance (the first input box of the VNN-LIB file, float64) each tree computes
-``relax.alpha.alpha_crown`` with its defaults (20 steps, intermediate bounds optimised) in a fresh
+``relax.bounds.alpha.alpha_crown`` with its defaults (20 steps, intermediate bounds optimised) in a fresh
 process; a line per run goes to the output CSV at once: the worst spec row's lower bound
 ``lb_min`` (> 0: the box is proved), the mean over the rows, and the seconds of the call.
 
@@ -27,7 +27,7 @@ def one(onnx: str, vnnlib: str, iterations: int) -> dict:
     """The bound of the first box of ``vnnlib`` on ``onnx`` with the tree on ``sys.path``."""
     import torch
 
-    from relax.alpha import alpha_crown
+    from relax.bounds.alpha import alpha_crown
     from relax.bounds import prepare
     from verify.model import load_model
     from verify.spec import Box

@@ -2,7 +2,7 @@
 
 For each of the first ``--n`` correctly classified test digits:
 
-* l_1: the exact minimum distortion ``d*`` by MILP (:func:`relax.milp.minimum_distortion`), then
+* l_1: the exact minimum distortion ``d*`` by MILP (:func:`relax.exact.milp.minimum_distortion`), then
   ``bab`` on the balls of radius ``0.9 d*`` (must be certified) and ``1.1 d*`` (must not be;
   a counterexample is expected);
 * l_2: the exact ``d*`` by MIQP when Gurobi can solve it (licence and size), with the same two
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from relax.milp import minimum_distortion  # noqa: E402
+from relax.exact.milp import minimum_distortion  # noqa: E402
 from verify import certify  # noqa: E402
 from verify.attack import pgd_attack  # noqa: E402
 from verify.data import digits  # noqa: E402

@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from relax.bab import RowSpec
     from relax.bounds import prepare
-    from relax.linear import crown
+    from relax.bounds.crown import crown
     from verify.model import load_model
     from verify.vnnlib import parse_vnnlib
 

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from relax.methods_bounds import AlphaCrownMethod, CrownMethod, IntervalMethod  # noqa: E402
+from relax.methods.bounds import AlphaCrownMethod, CrownMethod, IntervalMethod  # noqa: E402
 from verify.model import load_model  # noqa: E402
 from verify.spec import Box, LinearSpec  # noqa: E402
 from verify.vnnlib import parse_vnnlib, read_instances  # noqa: E402

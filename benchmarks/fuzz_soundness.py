@@ -5,7 +5,7 @@ points, on corners and faces of the domain [0, 1] and near decision ties, l_inf 
 balls with radii from 0 and 1e-9 up to just above the distance of the closest known
 counterexample. A *witness* is a point of the domain that violates the property in a float64
 forward pass (and in the model's own dtype): the exact MILP minimum distortion's point for
-ReLU MLPs under l_inf / l_1 (:func:`relax.milp.minimum_distortion`), else the closest point a
+ReLU MLPs under l_inf / l_1 (:func:`relax.exact.milp.minimum_distortion`), else the closest point a
 PGD radius search finds. With ``r`` the witness's distance, every ball of radius ``>= r``
 contains it, so
 
@@ -233,7 +233,7 @@ def find_witness(gm: nn.Module, family: str, x0: torch.Tensor, prop: Robust, p: 
         return Witness(x0.double(), 0.0, 0.0, "clean")
     if family in ("mlp", "bn") and not p == 2.0:
         try:
-            from relax.milp import minimum_distortion
+            from relax.exact.milp import minimum_distortion
 
             vals, res = minimum_distortion(gm, x0, prop, p, (0.0, 1.0), timeout=milp_timeout, return_details=True)
             r = res[0]

@@ -88,9 +88,9 @@ def models(names: list[str], n: int, n_mnist: int):
 
 def one_row_times(net: nn.Module) -> list[str]:
     """Time one LipSDP row per solver on the 784-50-10 net (the size target)."""
-    from relax.affine_net import to_feedforward
+    from relax.ir.dense import to_feedforward
     from relax.lipschitz import global_lipschitz
-    from relax.lipsdp import LipSDP
+    from relax.lipschitz.sdp import LipSDP
 
     with torch.no_grad():
         ff = to_feedforward(torch.fx.symbolic_trace(net), (1, 28, 28))

@@ -5,7 +5,7 @@ For each distinct network of each set's ``instances.csv``, the first instance's 
 gives the input box; ``n`` points drawn uniformly in it (plus its two corners) go through the
 converted graph (float64) and through onnxruntime, and the largest absolute difference is
 reported (a network that uses the integer part of inputs as indices is converted for the integer
-case of the box's lower corner, and the points take that case's values there). Then the bound graph is built (:func:`relax.graph.build_graph`) and one CROWN pass
+case of the box's lower corner, and the points take that case's values there). Then the bound graph is built (:func:`relax.ir.graph.build_graph`) and one CROWN pass
 run on the box with a deadline (``--crown-seconds``). Times are wall-clock seconds of each step.
 
 Examples::
@@ -28,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from relax.graph import build_graph  # noqa: E402
-from relax.linear import crown  # noqa: E402
+from relax.ir.graph import build_graph  # noqa: E402
+from relax.bounds.crown import crown  # noqa: E402
 from verify.deadline import Deadline  # noqa: E402
 from verify.model import UnsupportedOperatorError, load_model  # noqa: E402
 from verify.errors import IntegerInputsNeeded  # noqa: E402

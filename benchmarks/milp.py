@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from relax.methods_solvers import MilpMethod  # noqa: E402
+from relax.methods.solvers import MilpMethod  # noqa: E402
 from verify.model import load_model  # noqa: E402
 from verify.vnnlib import parse_vnnlib, read_instances  # noqa: E402
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from relax.affine_net import NotFeedForwardError, to_feedforward
+from relax.ir.dense import NotFeedForwardError, to_feedforward
 
 
 class Residual(nn.Module):

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relax.alpha import alpha_crown
+from relax.bounds.alpha import alpha_crown
 from relax.bounds import prepare
-from relax.linear import crown, intersect_keeping_gradient
+from relax.bounds.crown import crown, intersect_keeping_gradient
 from verify.spec import Box
 
 

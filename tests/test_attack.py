@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from verify.attack import AttackResult, confirm_counterexample, confirm_with_onnxruntime, pgd_attack, random_attack
+from verify.attack import (
+    AttackResult,
+    confirm_counterexample,
+    confirm_with_onnxruntime,
+    pgd_attack,
+    random_attack,
+    repair_counterexample,
+)
 from verify.spec import Box, Linear, LinearSpec, LpBall
 
 N_IN, K, G = 10, 4, 3
@@ -407,3 +414,42 @@ def test_candidate_checks_in_small_chunks_give_the_same_answer(monkeypatch):
     b = pgd_attack(model, s, spec, steps=10, restarts=3, seed=2)
     assert torch.equal(a.found, b.found)
     assert torch.allclose(a.x_adv, b.x_adv, atol=1e-12) and torch.allclose(a.margin, b.margin, atol=1e-9)
+
+
+def test_a_solver_point_on_the_boundary_is_repaired_into_a_counterexample():
+    """A point exactly on the decision boundary (margin 0 up to round-off, as an LP / MILP optimum
+    sits) is moved by a tiny signed-gradient step to a confirmed counterexample inside the set; a
+    point far from any violation is never called one."""
+    model = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        model.bias.zero_()
+    spec = LinearSpec(torch.tensor([[[1.0, -1.0]]], dtype=torch.float64), torch.tensor([[1e-9]], dtype=torch.float64),
+                      torch.tensor([0]))  # y0 - y1 + 1e-9: violated iff y1 >= y0 + 1e-9
+    box = Box(torch.tensor([[0.0, 0.0]], dtype=torch.float64), torch.tensor([[1.0, 1.0]], dtype=torch.float64))
+    on_boundary = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    assert not bool(confirm_counterexample(model, box, spec, on_boundary)[0])
+    ok, x, note = repair_counterexample(model, box, spec, on_boundary, group=0)
+    assert ok and "step" in note
+    assert bool(confirm_counterexample(model, box, spec, x)[0]) and bool(box.contains(x).all())
+    ok, _, _ = repair_counterexample(model, box, spec, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    assert not ok
+    # no set: the point itself, unmoved
+    ok, x, _ = repair_counterexample(model, None, spec, on_boundary)
+    assert not ok and torch.equal(x, on_boundary)
+
+
+def test_pgd_from_given_starts_projects_them_and_descends_the_chosen_group():
+    """``starts`` replace the midpoint and random restarts (projected into the set first); a
+    start outside the set still yields a point inside it, and lanes targeting the violable group
+    find the closed-form counterexample from a start next to it."""
+    gen = torch.Generator().manual_seed(5)
+    model = linear_model(2)
+    s = make_set("linf", 1, gen)
+    spec = closed_form_spec(model, s, torch.tensor([-0.05], dtype=torch.float64), gen)
+    far = s.center + 10.0  # outside the ball
+    res = pgd_attack(model, s, spec, steps=30, starts=far.unsqueeze(0), start_groups=[0])
+    assert bool(res.found[0]) and bool(s.contains(res.x_adv, tol=1e-12).all())
+    assert float(res.margin[0]) <= 0
+    res_other = pgd_attack(model, s, spec, steps=0, starts=s.center.unsqueeze(0), start_groups=[1])
+    assert float(res_other.margin[0]) >= float(res.margin[0])

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from relax.bab import BabResult, RowSpec
-from relax.bab_input import input_bab
-from relax.bab_input import GraphBoxes
+from relax.bab.input_split import input_bab
+from relax.bab.input_split import GraphBoxes
 from verify import Box, Linear, certify
 
 
@@ -92,7 +92,7 @@ def test_bab_agrees_with_ground_truth_on_2d_nets(seed, bab):
 def test_branch_dim_splits_a_dimension_the_bound_ignores_once_the_box_is_too_flat():
     """A dimension with zero input coefficient (its effect only through unstable ReLUs) is
     still split once its relative width exceeds ``max_aspect`` times another's."""
-    from relax.bab_input import _branch_dim
+    from relax.bab.input_split import _branch_dim
 
     rs = RowSpec(torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.tensor([0]))
     root_w = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
@@ -108,7 +108,7 @@ def test_branch_dim_splits_a_dimension_the_bound_ignores_once_the_box_is_too_fla
 def test_alpha_on_open_boxes_only_raises_bounds_and_stays_sound():
     """The alpha-CROWN pass on the open children keeps every row bound at least CROWN's and
     below the rows' values at sampled points of each box."""
-    from relax.bab_input import _alpha_nearest
+    from relax.bab.input_split import _alpha_nearest
 
     net = _dense(_mlp(7, (3, 20, 20, 4)), 3)
     C = torch.tensor([[1.0, -1.0, 0, 0], [1.0, 0, -1.0, 0], [0, 1.0, 0, -1.0], [0, 0, 1.0, -1.0]], dtype=torch.float64)

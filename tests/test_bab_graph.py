@@ -46,7 +46,7 @@ def _as_chain(r: _Residual) -> nn.Sequential:
 
 def _exact_distance(net: nn.Module, x0: torch.Tensor, label: int, p: float = math.inf) -> float | None:
     """``d*`` in l_p, p = inf or 1 (None when the whole domain [0, 1]^n keeps the label)."""
-    from relax.milp import minimum_distortion
+    from relax.exact.milp import minimum_distortion
 
     vals, res = minimum_distortion(net, x0, Robust(torch.tensor([label])), p, (0.0, 1.0), timeout=60, return_details=True)
     r = res[0]
@@ -75,7 +75,7 @@ def _root(net, x0: torch.Tensor, eps: float):
     """Bound graph, input set, the two rows of :func:`_two_rows` and the root's CROWN boxes for
     the l_inf ball of radius ``eps`` around ``x0`` inside ``[0, 1]`` (float64)."""
     from relax.bounds import prepare
-    from relax.linear import crown
+    from relax.bounds.crown import crown
 
     graph, xs = prepare(net, LpBall(x0, eps, math.inf, 0.0, 1.0), torch.float64)
     C, rs = _two_rows()
@@ -149,7 +149,7 @@ def test_domain_boxes_recomputation_stops_at_the_deadline():
     tightened by linear bounds: the second ReLU input keeps its interval box."""
     import time
 
-    from relax.bab_graph import bound_domains, relu_inputs
+    from relax.bab.activation_split import bound_domains, relu_inputs
 
     torch.manual_seed(7)
     r = _Residual(4, 8, 3).eval().double()
@@ -168,7 +168,7 @@ def test_domains_start_from_slopes_shared_by_the_rows():
     """Root slopes that alpha-CROWN shared across the spec rows (``[D, 1, n]``, its memory cap)
     start every row (an ml4acopf instance failed on the reshape): with no steps the bounds equal
     those from CROWN's slopes given per row."""
-    from relax.bab_graph import bound_domains, relu_inputs
+    from relax.bab.activation_split import bound_domains, relu_inputs
 
     torch.manual_seed(7)
     r = _Residual(4, 8, 3).eval().double()
@@ -185,8 +185,8 @@ def test_domains_start_from_slopes_shared_by_the_rows():
 def test_split_domains_bound_below_every_sample(fast):
     """Each domain's bound holds for sampled inputs whose ReLU signs match the domain's splits
     (``fast``: slopes and multipliers optimised on the float32 graph, bound in float64)."""
-    from relax.graph import get_graph
-    from relax.bab_graph import bound_domains, relu_inputs
+    from relax.ir.graph import get_graph
+    from relax.bab.activation_split import bound_domains, relu_inputs
 
     torch.manual_seed(7)
     r = _Residual(4, 8, 3).eval().double()
@@ -294,7 +294,7 @@ def test_l2_balls_on_2d_nets_against_a_grid(act):
 def test_interval_split_domains_bound_below_every_sample():
     """Domains that halve sigmoid and max-pooling inputs: each bound holds for the samples
     whose pre-activations lie in the domain's intervals."""
-    from relax.bab_graph import bound_domains, interval_inputs
+    from relax.bab.activation_split import bound_domains, interval_inputs
 
     torch.manual_seed(11)
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)).eval().double()
@@ -331,7 +331,7 @@ def test_ball_clipped_by_the_domain_is_concretised_exactly(p):
     minimum (LP / SOCP) and within 1e-6 of it."""
     cp = pytest.importorskip("cvxpy")
 
-    from relax.linear import ball_box_dual
+    from relax.bounds.crown import ball_box_dual
 
     g = torch.Generator().manual_seed(int(p))
     n, S, B = 12, 5, 3
@@ -355,7 +355,7 @@ def test_zero_radius_clipped_ball_is_finite(p):
     """A ball of radius 0 (the start of a radius search) is a point: CROWN's bound must be finite
     and below the value there (the clipped-ball dual was NaN: inf * 0 at eps = 0)."""
     from relax.bounds import prepare
-    from relax.linear import crown
+    from relax.bounds.crown import crown
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double().eval()
@@ -374,7 +374,7 @@ def test_zero_radius_clipped_ball_is_finite(p):
 
 def test_domain_store_keeps_every_entry():
     """Entries taken come out with their own values; the rest stay, through buffer growth."""
-    from relax.bab_graph import _DomainStore
+    from relax.bab.activation_split import _DomainStore
 
     g = torch.Generator().manual_seed(3)
     ref = {i: float(i) for i in range(5)}
@@ -400,10 +400,10 @@ def test_graph_root_refinement_contains_every_sample():
     the graph in between): the refined boxes lie inside the old ones, contain the pre-activations
     of sampled inputs, and are tighter somewhere."""
     from relax.bab import RowSpec
-    from relax.bab_graph import relu_inputs
+    from relax.bab.activation_split import relu_inputs
     from relax.bounds import prepare
-    from relax.linear import crown
-    from relax.refine import refine_graph_root
+    from relax.bounds.crown import crown
+    from relax.bab.tighten import refine_graph_root
     import time
 
     torch.manual_seed(5)
@@ -451,8 +451,8 @@ def test_pruned_graph_is_the_same_function_on_the_root_box():
     """Dead ReLUs removed (rows before, columns after): same outputs on the box, same CROWN
     bounds, fewer neurons."""
     from relax.bounds import prepare
-    from relax.graph_prune import dead_relus, prune_boxes, prune_graph
-    from relax.linear import crown
+    from relax.ir.prune import dead_relus, prune_boxes, prune_graph
+    from relax.bounds.crown import crown
 
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval().double()
@@ -477,8 +477,8 @@ def test_cnn_split_domains_bound_below_samples_and_pgd_points():
     layer, slopes and multipliers optimised on the float32 graph: every domain's float64 bound
     lies below the rows at 10,000 sampled inputs and at PGD minimisers of the rows that obey the
     domain's splits."""
-    from relax.bab_graph import bound_domains, relu_inputs
-    from relax.graph import get_graph
+    from relax.bab.activation_split import bound_domains, relu_inputs
+    from relax.ir.graph import get_graph
 
     torch.manual_seed(13)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(),
@@ -529,7 +529,7 @@ def test_cnn_split_domains_bound_below_samples_and_pgd_points():
 def test_filtered_smart_branching_takes_the_candidate_with_the_best_worse_child():
     """The FSB choice's worse child bounds at least as high as the BaBSR choice's (both
     children bounded the same way, independently of the function under test)."""
-    from relax.bab_graph import _branch, _filtered_smart_branch, bound_domains, relu_inputs
+    from relax.bab.activation_split import _branch, _filtered_smart_branch, bound_domains, relu_inputs
 
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval().double()
@@ -562,7 +562,7 @@ def test_mlp_decided_against_exact_milp_with_babsr_alone(seed):
 
 
 def test_filtered_smart_branching_in_chunks_chooses_as_in_one_pass(monkeypatch):
-    import relax.bab_graph as bg
+    import relax.bab.activation_split as bg
 
     torch.manual_seed(4)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval().double()

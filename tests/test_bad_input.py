@@ -177,7 +177,7 @@ def test_cli_vnnlib_output_count_mismatch(model_pt, tmp_path, capsys):
 def test_matmul_transpose_net_in_dense_methods():
     """``torch.matmul(x, W.t())`` with W of shape [n_in + 1, n_in]: the constant ``W.t()`` was
     taken for a value that changed the batch dimension of the basis batch."""
-    from relax.affine_net import to_feedforward
+    from relax.ir.dense import to_feedforward
 
     class MatmulNet(nn.Module):
         def __init__(self) -> None:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from relax.bounds import bounds, intermediate_bounds, prepare
-from relax.graph import UnsupportedOperatorError, build_graph
+from relax.ir.graph import UnsupportedOperatorError, build_graph
 from verify.spec import Box, LpBall
 
 METHODS = ("interval", "crown", "deeppoly", "alpha-crown")
@@ -89,7 +89,7 @@ class Moves(nn.Module):
 
 
 class Smooth(nn.Module):
-    """The elementwise functions of relax.ops.elementwise (exp, log, sqrt, reciprocal, powers,
+    """The elementwise functions of relax.ir.ops.elementwise (exp, log, sqrt, reciprocal, powers,
     sin, cos, abs, leaky ReLU, clamp, sign, floor), each on a slice of one hidden layer."""
 
     def __init__(self):
@@ -343,7 +343,7 @@ def test_bound_overrides_are_sound_on_the_split_domain():
 def test_sigmoid_tanh_relaxation_sound_on_dense_grid():
     """The linear bounds of sigmoid / tanh hold on a dense grid of every interval, in the
     convex, concave and mixed-sign cases."""
-    from relax.ops import Sigmoid, Tanh
+    from relax.ir.ops import Sigmoid, Tanh
 
     torch.manual_seed(0)
     lo = torch.cat([torch.randn(300) * 4, torch.tensor([-30.0, -1e-4, 0.0, 2.0, -5.0])]).double()
@@ -411,8 +411,8 @@ def test_alpha_crown_with_shared_slopes_under_a_memory_cap(net_name):
     """With ``max_elements`` too small for slopes per spec row, alpha-CROWN shares one set of
     slopes across the rows (and leaves intermediate rows at CROWN's slopes): its bounds stay
     between CROWN's and the sampled values."""
-    from relax.alpha import alpha_crown
-    from relax.linear import crown
+    from relax.bounds.alpha import alpha_crown
+    from relax.bounds.crown import crown
 
     net, shape = NETS[net_name]
     net = net.double()

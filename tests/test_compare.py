@@ -97,7 +97,7 @@ def test_limits_for_a_method_not_run_are_ignored(tmp_path):
 def test_usable_cores_respects_the_cap_and_the_machine():
     import os
 
-    from verify.executor import usable_cores
+    from verify.resources import usable_cores
 
     n = usable_cores()
     assert 1 <= n <= (os.cpu_count() or 1)

@@ -121,7 +121,7 @@ def test_lp_radius_search_stops_at_deadline():
 
 def test_lp_rows_stop_at_deadline_keep_sound_bounds():
     """A deadline that passes during the row LPs: rows not solved stay -inf, never proved."""
-    from relax.lp import lp_lower_bounds
+    from relax.exact.lp import lp_lower_bounds
 
     gm, ball, prop = _loaded(*_problem([20, 100, 100, 100, 10]), 0.05)
     spec = prop.linear(1, 10)
@@ -147,7 +147,7 @@ def test_sdp_stops_at_deadline():
 
 def test_sdp_skipped_when_setup_exceeds_time_left():
     """An SDP whose set-up alone is estimated above the time left is not started."""
-    from relax.sdp import sdp_lower_bounds
+    from relax.exact.sdp import sdp_lower_bounds
 
     gm, ball, prop = _loaded(*_problem([10, 20, 20, 3]), 0.3)
     res = sdp_lower_bounds(gm, ball, prop.linear(1, 3), deadline=Deadline(1e-4))
@@ -234,8 +234,8 @@ def test_max_pooling_cnn_answers_on_time(method):
 def test_relu_output_bounds_come_from_the_interval_rule():
     """The interval box of a ReLU output is at least as tight as linear bounds through its
     relaxation: skipping them keeps every output bound at least as tight (and sound)."""
-    from relax import linear
-    from relax.graph import get_graph
+    from relax.bounds import crown as linear
+    from relax.ir.graph import get_graph
 
     torch.manual_seed(3)
     net = _pool_cnn(channels=2, seed=3)
@@ -266,7 +266,7 @@ def test_one_crown_pass_stops_tightening_at_its_deadline():
     linear bounds of intermediate neurons at the deadline: the rest keep their interval boxes,
     so the answer is on time, sound, and looser than the full pass."""
     from relax.bounds import prepare
-    from relax.linear import crown
+    from relax.bounds.crown import crown
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 2 * 6 * 6), torch.nn.ReLU(), torch.nn.Unflatten(1, (2, 6, 6)),

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relax.bab_graph import relu_inputs
+from relax.bab.activation_split import relu_inputs
 from relax.bounds import prepare
-from relax.linear import crown
+from relax.bounds.crown import crown
 from verify.spec import Box
 
 DT = torch.float64

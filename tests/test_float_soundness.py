@@ -162,7 +162,7 @@ def test_milp_radius_search_refuses_bounds_that_exclude_the_ball(monkeypatch):
     """Item 3: the minimum-distortion search must check that its encoding contains points of
     the ball (as status mode does). Pre-activation bounds that wrongly call every first-layer
     neuron dead encode another network; the old search certified a radius from it."""
-    import relax.milp as milp
+    import relax.exact.milp as milp
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
@@ -214,7 +214,7 @@ def _cancelling_net():
     from left to right as 0."""
     from fractions import Fraction
 
-    from relax.affine_net import AffineLayer, FeedForwardNet
+    from relax.ir.dense import AffineLayer, FeedForwardNet
 
     W0 = torch.tensor([[1.0], [1.0], [1.0]], dtype=torch.float64)
     b0 = torch.zeros(3, dtype=torch.float64)
@@ -243,7 +243,7 @@ def test_lipschitz_bounds_cover_cancelling_sums():
 def test_lipschitz_interval_pass_covers_cancelling_sums():
     """A hidden pre-activation ``1e16 x0 + x1 - 1e16 x2`` at (1, 1, 1): exactly 1, float64 gives 0."""
     from relax import lipschitz as lip
-    from relax.affine_net import AffineLayer, FeedForwardNet
+    from relax.ir.dense import AffineLayer, FeedForwardNet
 
     W0 = torch.tensor([[1e16, 1.0, -1e16]], dtype=torch.float64)
     net = FeedForwardNet((3,), [AffineLayer(W0, torch.zeros(1, dtype=torch.float64)),
@@ -270,7 +270,7 @@ def test_module_lipschitz_tail_covers_cancelling_sums():
 
 def test_lipsdp_row_covers_cancelling_last_layer():
     pytest.importorskip("cvxpy")
-    from relax.lipsdp import lipsdp_rows
+    from relax.lipschitz.sdp import lipsdp_rows
 
     net, C, exact = _cancelling_net()
     L, _ = lipsdp_rows(net, C[0])

@@ -1,4 +1,4 @@
-"""The Gurobi path of relax.lp / relax.milp / relax.solvers, checked against HiGHS and brute force.
+"""The Gurobi path of relax.exact.lp / relax.exact.milp / relax.solvers, checked against HiGHS and brute force.
 
 Runs only where gurobipy imports and its licence starts (the pip licence is enough: every model
 here is small); otherwise every test skips with the reason. The licence-size tests need the
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from relax import solvers
-from relax.lp import encode, lp_lower_bounds, regions_of, relu_net
-from relax.milp import _add_spec_rows, milp_verify, minimum_distortion
+from relax.exact.lp import encode, lp_lower_bounds, regions_of, relu_net
+from relax.exact.milp import _add_spec_rows, milp_verify, minimum_distortion
 from relax.solvers import LinearProgram, make_backend, safe_dual_bound
 from verify.attack import pgd_attack
 from verify.registry import get_method, list_methods
@@ -91,7 +91,7 @@ def test_column_elimination_gives_the_same_milp():
     net = relu_net(gm, (4,))
     x = torch.rand(1, 4, generator=torch.Generator().manual_seed(0))
     ball = LpBall(x, 0.2, "inf", 0.0, 1.0)
-    from relax.lp import initial_bounds
+    from relax.exact.lp import initial_bounds
 
     ib, _ = initial_bounds(gm, net, ball, "interval")
     bnds = [(l[0].numpy(), u[0].numpy()) for l, u in ib]

@@ -2,7 +2,7 @@
 
 * every bound >= the largest gradient dual norm found by sampling and by gradient ascent;
 * every certified radius <= the minimal distortion of tiny 2-D nets found by a fine ray search
-  (and by ``relax.milp.minimum_distortion`` when that module exists);
+  (and by ``relax.exact.milp.minimum_distortion`` when that module exists);
 * conv bounds (Fourier blocks, Gram iteration) >= the exact operator norm of the dense matrix.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from relax import lipschitz as lip
-from relax.affine_net import to_feedforward
+from relax.ir.dense import to_feedforward
 from verify.registry import get_method
 from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 
@@ -197,7 +197,7 @@ def _tiny_nets():
 
 def _milp_distortion():
     try:
-        from relax.milp import minimum_distortion  # noqa: F401
+        from relax.exact.milp import minimum_distortion  # noqa: F401
     except Exception:
         return None
     return minimum_distortion
@@ -251,7 +251,7 @@ def test_lower_bounds_hold_on_samples_and_box():
 def test_milp_minimum_distortion_if_available():
     md = _milp_distortion()
     if md is None:
-        pytest.skip("relax.milp.minimum_distortion has not landed yet")
+        pytest.skip("relax.exact.milp.minimum_distortion has not landed yet")
     net = fx(_tiny_nets()[0].float())  # the MILP engine runs float32 models
     x = torch.rand(3, 2) * 2 - 1
     with torch.no_grad():

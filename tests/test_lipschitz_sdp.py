@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from relax import lipschitz as lip
-from relax import lipsdp
-from relax.affine_net import to_feedforward
+from relax.lipschitz import sdp as lipsdp
+from relax.ir.dense import to_feedforward
 from test_lipschitz import NORMS, fx, max_grad_norm, random_mlp, ray_min_distortion
 from verify.registry import get_method
 from verify.spec import LpBall, Robust

@@ -1,4 +1,4 @@
-"""relax.lp / relax.milp / relax.solvers: soundness, tightness order, exactness against brute force,
+"""relax.exact.lp / relax.exact.milp / relax.solvers: soundness, tightness order, exactness against brute force,
 minimum distortion, group semantics, solver failures."""
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from relax import solvers
-from relax.lp import lp_lower_bounds
-from relax.milp import milp_verify, minimum_distortion
+from relax.exact.lp import lp_lower_bounds
+from relax.exact.milp import milp_verify, minimum_distortion
 from relax.solvers import LinearProgram, SolverError, make_backend, resolve_solver, safe_dual_bound
+from verify.attack import AttackResult, pgd_attack
 from verify.registry import get_method, list_methods
 from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 
@@ -106,7 +107,7 @@ def test_crown_le_lp_le_milp_exact_and_sound(p):
 
 def _region_brute_force(W, b, box_lo, box_hi, c_rows, grid=150):
     """Exact min over a 2-D box of each row ``c_rows @ net(x)`` by an LP over every activation
-    region a dense grid visits (scipy's linprog, independent of relax.lp)."""
+    region a dense grid visits (scipy's linprog, independent of relax.exact.lp)."""
     g0 = np.linspace(box_lo[0], box_hi[0], grid)
     g1 = np.linspace(box_lo[1], box_hi[1], grid)
     X = np.stack(np.meshgrid(g0, g1, indexing="ij"), -1).reshape(-1, 2)
@@ -340,13 +341,19 @@ def test_time_limit_gives_unknown_with_bound():
 def test_an_unconfirmed_milp_solution_never_reads_as_no_adversarial(monkeypatch):
     """If no forward pass confirms the MILP's adversarial point, the result must not claim "none
     within eps_max": the MILP bound stays the lower bound and the status says so."""
-    import relax.milp as milp_mod
+    import relax.exact.milp as milp_mod
 
     gm = _net(2, 10, 3, 0, scale=4.0)
     x = torch.rand(3, 2, generator=torch.Generator().manual_seed(4))
     _, lab = _spec(gm, x)
     exact = minimum_distortion(gm, x, lab, "inf", eps_max=1.0)
-    monkeypatch.setattr(milp_mod, "confirm_violation", lambda model, xs, *a, **k: (False, xs, "simulated: not confirmed"))
+    monkeypatch.setattr(milp_mod, "repair_counterexample", lambda model, inputs, spec, xs, *a, **k: (False, xs, "simulated: not confirmed"))
+
+    def attack_confirming_nothing(*a, **k):
+        res = pgd_attack(*a, **k)
+        return AttackResult(torch.zeros_like(res.found), res.x_adv, res.margin)
+
+    monkeypatch.setattr(milp_mod, "pgd_attack", attack_confirming_nothing)
     vals, det = minimum_distortion(gm, x, lab, "inf", eps_max=1.0, return_details=True)
     for b in range(3):
         if math.isinf(exact[b]):

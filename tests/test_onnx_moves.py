@@ -1,7 +1,7 @@
 """ONNX Slice, Gather, Concat (with constants), Split, Expand, Resize / Upsample (nearest), an
 explicit Pad feeding a Concat, and ConvTranspose: converted graph == onnxruntime, and CROWN's
 bounds on the converted graph contain 10,000 sampled outputs (the bound rules:
-relax.ops.Select, relax.ops.ConvTranspose; their PGD checks are in test_bounds_soundness)."""
+relax.ir.ops.Select, relax.ir.ops.ConvTranspose; their PGD checks are in test_bounds_soundness)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,5 @@
-"""Relaxations of the elementwise functions (relax.ops.elementwise) and of the product of two
-activations (relax.ops.product), checked on dense grids and samples in float64: every line of any
+"""Relaxations of the elementwise functions (relax.ir.ops.elementwise) and of the product of two
+activations (relax.ir.ops.product), checked on dense grids and samples in float64: every line of any
 slope, the interval rule, the alpha-optimised lines and the McCormick planes must enclose the
 function on the whole interval; poles and domains give unbounded, never NaN, lines."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 from relax.bounds import bounds
-from relax.graph import build_graph
-from relax.ops import Abs, Clip, Cos, Exp, Floor, LeakyReLU, Log, Power, Product, Reciprocal, Sign, Sin, Sqrt
+from relax.ir.graph import build_graph
+from relax.ir.ops import Abs, Clip, Cos, Exp, Floor, LeakyReLU, Log, Power, Product, Reciprocal, Sign, Sin, Sqrt
 from verify.spec import Box
 
 D = torch.float64

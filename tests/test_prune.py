@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 import relax.bounds as rb
-from relax.alpha import alpha_crown
+from relax.bounds.alpha import alpha_crown
 from relax.bounds import bounds, lower_bounds, prepare
-from relax.graph_prune import prunable_relus
-from relax.linear import crown
+from relax.ir.prune import prunable_relus
+from relax.bounds.crown import crown
 from verify.spec import Box, LpBall
 
 

@@ -41,3 +41,16 @@ def test_import_is_light():
     code = "import sys, verify; print(','.join(m for m in ('onnx','onnxruntime','cvxpy','highspy','matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import verify loaded {out}"
+
+
+def test_the_public_relax_and_smoothing_surfaces_are_pinned():
+    import relax.bounds
+    import relax.ir.graph
+    import smoothing
+
+    assert relax.bounds.__all__ == ["bounds", "lower_bounds", "intermediate_bounds", "METHODS", "prepare"]
+    assert "build_graph" in relax.ir.graph.__all__
+    assert sorted(smoothing.__all__) == sorted([
+        "CertifyResult", "PredictResult", "certify", "predict", "Noise", "GaussianNoise", "LaplaceNoise",
+        "UniformNoise", "get_noise", "FLOAT_NOTE", "SmoothingConfigError", "check_n_alpha", "cp_lower",
+        "cp_upper", "cp_interval", "min_samples"])

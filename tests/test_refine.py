@@ -1,4 +1,4 @@
-"""MILP refinement of intermediate bounds (relax/refine.py): refined bounds lie inside the old
+"""MILP refinement of intermediate bounds (relax/bab/tighten.py): refined bounds lie inside the old
 ones, contain every reachable pre-activation (sampled points and the exact per-neuron extrema
 of an exact MILP), use the solver's dual bound and never its incumbent, and branch-and-bound
 with refinement agrees with a ground truth."""
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import relax.lp as lp_mod
+import relax.exact.lp as lp_mod
 from relax.bab import RowSpec
-from relax.affine_net import AffineLayer, FeedForwardNet
-from relax.lp import InputRegion, encode
-from relax.refine import refine_bounds
+from relax.ir.dense import AffineLayer, FeedForwardNet
+from relax.exact.lp import InputRegion, encode
+from relax.bab.tighten import refine_bounds
 from relax.solvers import HighsBackend, SolveResult
 
 
@@ -359,10 +359,10 @@ def test_graph_refinement_stops_once_the_root_is_proved():
     """After each refined layer (but the last) the root bound, recomputed within the refined
     boxes, is checked: with a margin every bound exceeds, refinement stops after the first
     layer and solves fewer MILPs than with one no bound reaches."""
-    from relax.bab_graph import relu_inputs
+    from relax.bab.activation_split import relu_inputs
     from relax.bounds import prepare
-    from relax.linear import crown
-    from relax.refine import refine_graph_root
+    from relax.bounds.crown import crown
+    from relax.bab.tighten import refine_graph_root
     from verify import Box
 
     net = _net(24, sizes=(2, 16, 16, 16, 3))

@@ -66,3 +66,24 @@ def test_unknown_method_and_option_messages():
         method_class("nope")
     with pytest.raises(TypeError, match="has no option 'iters'"):
         get_method("crown", iters=3)
+
+
+def test_a_missing_method_family_is_an_error(monkeypatch):
+    """A family module listed in METHOD_MODULES that does not import is an error, never a method
+    set that silently lacks it."""
+    from verify import registry
+
+    monkeypatch.setattr(registry, "METHOD_MODULES", registry.METHOD_MODULES + ("relax.methods.no_such_family",))
+    monkeypatch.setattr(registry, "_loaded", False)
+    with pytest.raises(ModuleNotFoundError, match="no_such_family"):
+        registry.list_methods()
+
+
+def test_the_registered_method_names_are_pinned():
+    from verify.registry import list_methods
+
+    assert set(list_methods()) == {
+        "interval", "crown", "deeppoly", "alpha-crown", "lipschitz-global", "lipschitz-local",
+        "lipschitz-sdp", "lp", "milp", "sdp", "bab", "smoothing-gaussian", "smoothing-denoised",
+        "smoothing-laplace", "smoothing-uniform", "smoothing-topk", "smoothing-rotation",
+        "smoothing-translation", "smoothing-regression", "smoothing-invariance"}

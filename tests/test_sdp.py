@@ -1,4 +1,4 @@
-"""relax.sdp: the Raghunathan et al. SDP bound is sound (checked against the exact MILP value and
+"""relax.exact.sdp: the Raghunathan et al. SDP bound is sound (checked against the exact MILP value and
 for arbitrary multipliers), and compared with CROWN and the triangle LP on the same instances."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from relax.lp import initial_bounds, lp_lower_bounds, regions_of, relu_net
-from relax.milp import milp_verify
-from relax.sdp import _dual_bound, build_sdp, sdp_lower_bounds
+from relax.exact.lp import initial_bounds, lp_lower_bounds, regions_of, relu_net
+from relax.exact.milp import milp_verify
+from relax.exact.sdp import _dual_bound, build_sdp, sdp_lower_bounds
 from verify.registry import get_method
 from verify.spec import LpBall, Robust
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from relax.bounds import bounds, prepare
-from relax.interval import interval_bounds
-from relax.linear import crown
+from relax.bounds.interval import interval_bounds
+from relax.bounds.crown import crown
 from verify import certify
 from verify.attack import pgd_attack
 from verify.cli import main
@@ -106,7 +106,7 @@ def test_ibp_equals_the_suites_interval_bounds(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_crown_ibp_equals_the_suites_crown_on_ibp_boxes(seed):
     """CROWN-IBP = the suite's CROWN pass given the IBP boxes of the pre-activations
-    (``relax.linear.crown(intermediate=...)``), which returns max(linear bound, IBP bound)."""
+    (``relax.bounds.crown.crown(intermediate=...)``), which returns max(linear bound, IBP bound)."""
     net, x, y = _random_case(seed, hidden=(20, 16, 12))
     ball = LpBall(x, 0.03, math.inf, 0.0, 1.0)
     graph, ball = prepare(net, ball, torch.float64)

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "pgd_attack",
     "random_attack",
     "confirm_counterexample",
+    "repair_counterexample",
     "confirm_with_onnxruntime",
     "project_into",
 ]
@@ -165,6 +166,50 @@ def own_dtype_margins(
             y = _forward(model, x[b : b + 1].detach().to(device=dev, dtype=dtype)).double().cpu()
             out[b] = s64.select([b]).to(device="cpu").violation_margin(y)[0]
     return out
+
+
+#: step sizes (fractions of the set's width) of :func:`repair_counterexample`
+REPAIR_STEPS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
+
+
+def repair_counterexample(
+    model: torch.nn.Module, inputs: InputSet | None, spec: LinearSpec, x: Tensor, group: int | None = None
+) -> tuple[bool, Tensor, str]:
+    """A solver's candidate ``x [1, *shape]`` turned into a confirmed counterexample if it can be.
+
+    An LP / MILP solution violates the property only up to the solver's tolerances, and a
+    decision-boundary optimum sits on a tie. Tried in order, each checked by
+    :func:`confirm_counterexample`: ``x`` projected into the set (:func:`project_into`), then
+    signed-gradient steps of :data:`REPAIR_STEPS` times the set's width from it, descending the
+    float64 model's largest row of ``group`` (default: the violation margin). ``inputs=None``
+    checks ``x`` itself (no set to move in).
+
+    Returns:
+        ``(confirmed, point [1, *shape] float64, note)``; the point is the last one tried when
+        nothing was confirmed.
+    """
+    dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), x.device)
+    x, spec = x.detach().to(device=dev, dtype=torch.float64), spec.to(device=dev)
+    if inputs is None:
+        ok = bool(confirm_counterexample(model, Box(x, x), spec, x)[0])
+        return ok, x, "confirmed" if ok else "the point does not violate the property in a forward pass"
+    sets = inputs.to(device=dev, dtype=torch.float64)
+    xp = project_into(sets, x)
+    if bool(confirm_counterexample(model, sets, spec, xp)[0]):
+        return True, xp, "confirmed"
+    lo, hi = sets.bounds()
+    width = float((hi - lo).abs().max()) or 1.0
+    model64, s64 = _float64_model(model), spec.to(dtype=torch.float64)
+    xg = xp.clone().requires_grad_(True)
+    with torch.enable_grad():
+        gm = s64.group_max(s64.values(_forward(model64, xg)))
+        objective = gm[0, group] if group is not None else gm[0].min()
+        (g,) = torch.autograd.grad(objective, xg)
+    for step in REPAIR_STEPS:
+        xc = project_into(sets, xp - step * width * g.sign())
+        if bool(confirm_counterexample(model, sets, spec, xc)[0]):
+            return True, xc, f"confirmed after a signed-gradient step of {step:g} x width"
+    return False, xp, "the solver's point does not violate the property in a float32/float64 forward pass"
 
 
 def confirm_with_onnxruntime(
@@ -304,6 +349,8 @@ def pgd_attack(
     seed: int = 0,
     timeout: float | None = None,
     targeted: bool = True,
+    starts: Tensor | None = None,
+    start_groups: Sequence[int] | None = None,
 ) -> AttackResult:
     """Projected gradient descent on the violation margin, batched over inputs and restarts.
 
@@ -336,6 +383,11 @@ def pgd_attack(
         seed: seeds a ``torch.Generator`` on the inputs' device.
         timeout: seconds; the best points so far are returned when it runs out.
         targeted: one lane per (restart, group) instead of one per restart.
+        starts: ``[S, B, *shape]`` start points (e.g. optima of a relaxation, where violations
+            often sit nearby), projected into the sets; they replace the midpoint and random
+            restarts (``restarts`` and ``targeted`` are then ignored): ``L = S`` lanes.
+        start_groups: with ``starts``, ``[S]`` group that lane ``s`` descends (its largest
+            row); default: every lane descends the margin.
 
     Returns:
         :class:`AttackResult`; ``found`` only with a point that passes
@@ -356,10 +408,16 @@ def pgd_attack(
     target = (torch.arange(L, device=dev) % G) if per > 1 else None
     gen = torch.Generator(device=dev).manual_seed(seed)
 
-    starts = [work.midpoint().unsqueeze(0).expand(per, *work.midpoint().shape)]
-    if R > 1:
-        starts.append(_shared_points(work, L - per, gen))
-    x = torch.cat(starts).detach().clone()  # [L, B, *shape]
+    if starts is not None:
+        L = starts.shape[0]
+        target = None if start_groups is None else torch.as_tensor(list(start_groups), dtype=torch.long, device=dev)
+        flat = starts.to(device=dev, dtype=wdtype).reshape(L * B, *shape)
+        x = _tile(work, L).project(flat).view(L, B, *shape).detach().clone()
+    else:
+        first = [work.midpoint().unsqueeze(0).expand(per, *work.midpoint().shape)]
+        if R > 1:
+            first.append(_shared_points(work, L - per, gen))
+        x = torch.cat(first).detach().clone()  # [L, B, *shape]
     best_m = torch.full((L, B), math.inf, dtype=wdtype, device=dev)
     best_x = x.clone()
     active = torch.ones(B, dtype=torch.bool, device=dev)

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .certificate import CSV_COLUMNS, Certificate, CertificateTable
-from .executor import Task, execute, usable_cores
+from .executor import Task, execute
+from .resources import usable_cores
 from .registry import method_class
 from .resume import ResumeError, RunKey, drop_partial_last_row, input_digests, model_digest, settings_digest
 from .report import check_certified_per_input, format_markdown, html_report, format_text, markdown_report, plot_certified_accuracy, summarize, summary_columns

@@ -21,20 +21,11 @@ import torch
 from torch import Tensor
 
 from .certificate import Certificate
+from .resources import usable_cores
 
-__all__ = ["Task", "run_task", "execute", "usable_cores", "EXECUTORS", "ExecutorError"]
+__all__ = ["Task", "run_task", "execute", "EXECUTORS", "ExecutorError"]
 
 EXECUTORS = ("local", "process", "ray")
-
-
-def usable_cores(cap: int | None = None) -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one), at most
-    ``cap``; at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, n if cap is None else min(cap, n))
 
 
 class ExecutorError(RuntimeError):

@@ -230,11 +230,11 @@ CANONICAL_MODULES = (
     nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ConvTranspose2d, nn.Upsample,
     nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Softmax,
 )
-# tensor op tensor allowed: sums, and products / quotients (relax.ops.Product, bilinear planes)
+# tensor op tensor allowed: sums, and products / quotients (relax.ir.ops.Product, bilinear planes)
 _LINEAR_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub, operator.mul, operator.truediv, torch.mul, torch.div,
                      torch.matmul, torch.maximum, torch.minimum}
 _CONST_FUNCTIONS = {F.linear}
-# elementwise functions with a relaxation (relax.ops.elementwise), reductions, softmax
+# elementwise functions with a relaxation (relax.ir.ops.elementwise), reductions, softmax
 _NONLINEAR_FUNCTIONS = {
     torch.exp, torch.log, torch.sqrt, torch.reciprocal, torch.sin, torch.cos, torch.abs, torch.sign, torch.floor,
     torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip, F.hardtanh, torch.sum, torch.mean, torch.softmax,
@@ -243,7 +243,7 @@ _NONLINEAR_FUNCTIONS = {
 _SHAPE_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, F.relu, torch.flatten, torch.reshape, torch.permute,
     torch.transpose, torch.squeeze, torch.unsqueeze,
-    # value-moving ops (relax.ops.Select): indexing, concatenation, repetition, padding, nearest upsampling
+    # value-moving ops (relax.ir.ops.Select): indexing, concatenation, repetition, padding, nearest upsampling
     operator.getitem, torch.cat, torch.concat, torch.index_select, torch.narrow, torch.flip, torch.tile,
     torch.Tensor.expand, F.pad, F.interpolate,
 }

@@ -663,7 +663,7 @@ def _activation(cls: type[nn.Module]) -> Callable:
 
 
 def _unary(f: Callable, integers: bool = False) -> Callable:
-    """An elementwise function of one input-dependent tensor (relaxed in relax.ops.elementwise);
+    """An elementwise function of one input-dependent tensor (relaxed in relax.ir.ops.elementwise);
     ``integers``: its values are integers (sign, floor)."""
     def convert(cv: _Converter, node, a) -> fx.Node:
         y = cv.fn(f, cv.dyn(node), hint=_label(node))

@@ -41,10 +41,10 @@ __all__ = [
 
 # modules that register methods when imported (one per family, owned by its package)
 METHOD_MODULES = (
-    "relax.methods_bounds",  # interval, crown, deeppoly, alpha-crown
-    "relax.methods_lipschitz",  # lipschitz-global, lipschitz-local, lipschitz-sdp
-    "relax.methods_solvers",  # lp, milp, sdp
-    "relax.methods_bab",  # bab
+    "relax.methods.bounds",  # interval, crown, deeppoly, alpha-crown
+    "relax.methods.lipschitz",  # lipschitz-global, lipschitz-local, lipschitz-sdp
+    "relax.methods.solvers",  # lp, milp, sdp
+    "relax.methods.bab",  # bab
     "smoothing.methods",  # smoothing-gaussian, -denoised, -laplace, -uniform, -topk, -rotation, -translation
     "smoothing.methods_tasks",  # smoothing-regression, smoothing-invariance
 )
@@ -75,12 +75,8 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    for mod in METHOD_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a family not built yet; any other import error raises
-            if e.name != mod:
-                raise
+    for mod in METHOD_MODULES:  # a missing family is an error, never silently dropped
+        importlib.import_module(mod)
     _loaded = True
 
 
@@ -327,7 +323,7 @@ class BoundMethod(Method):
         in float64.
 
         The engines of :mod:`relax` return bounds that already account for their round-off
-        (:mod:`relax.roundoff`), so a float32 proof is sound as it stands; this recheck is a
+        (:mod:`relax.bounds.roundoff`), so a float32 proof is sound as it stands; this recheck is a
         second line for methods whose bounds do not track round-off: a float32 proof that
         clears the safety margin by little is recomputed on a float64 copy of the model and
         kept only if it still holds there.

@@ -1,8 +1,8 @@
 """The triangle LP relaxation of a ReLU network (the linear approximation of Ehlers 2017, "Planet";
 the convex outer polytope of Wong & Kolter 2018), and the sparse network encoding it shares with
-the exact MILP of :mod:`relax.milp`.
+the exact MILP of :mod:`relax.exact.milp`.
 
-For a chain network in dense form (:func:`relax.affine_net.to_feedforward`)::
+For a chain network in dense form (:func:`relax.ir.dense.to_feedforward`)::
 
     a_{-1} = x,   z_k = W_k a_{k-1} + b_k,   a_k = relu(z_k)   (k = 0..L-1),   y = W_L a_{L-1} + b_L
 
@@ -45,8 +45,8 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall
 
-from .affine_net import FeedForwardNet, to_feedforward
-from .solvers import LinearProgram, make_backend, resolve_solver
+from relax.ir.dense import FeedForwardNet, to_feedforward
+from relax.solvers import LinearProgram, make_backend, resolve_solver
 
 __all__ = [
     "UnsupportedNetworkError",
@@ -174,7 +174,7 @@ def initial_bounds(
     if method == "interval" or isinstance(model, FeedForwardNet):
         return ib, "interval"
     try:
-        from .bounds import intermediate_bounds
+        from relax.bounds import intermediate_bounds
     except ImportError:
         return ib, "interval (relax.bounds not available)"
     used = method

@@ -3,8 +3,8 @@
 
 Methods: ``"interval"`` (IBP), ``"crown"`` (CROWN backward pass, adaptive ReLU slopes),
 ``"deeppoly"`` (the same pass with DeepPoly's slope choices, see
-:mod:`relax.ops.activation`), ``"alpha-crown"`` (optimised ReLU lower slopes,
-:mod:`relax.alpha`).
+:mod:`relax.ir.ops.activation`), ``"alpha-crown"`` (optimised ReLU lower slopes,
+:mod:`relax.bounds.alpha`).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import InputSet
 
-from .graph import BoundGraph, get_graph
-from .interval import interval_bounds
+from relax.ir.graph import BoundGraph, get_graph
+from relax.bounds.interval import interval_bounds
 
 __all__ = ["bounds", "lower_bounds", "intermediate_bounds", "METHODS", "prepare"]
 
@@ -59,10 +59,10 @@ def bounds(
         dtype: compute dtype (e.g. ``torch.float64``); default the input set's.
         max_elements: chunk the backward pass so that no coefficient tensor exceeds this
             many elements (large nets get slower, not out of memory).
-        iterations, lr, optimize_intermediate: alpha-CROWN options (:func:`relax.alpha.alpha_crown`).
+        iterations, lr, optimize_intermediate: alpha-CROWN options (:func:`relax.bounds.alpha.alpha_crown`).
         bound_overrides: ``{pre-activation node: (lo, hi)}`` per batch element, intersected
             with the computed intermediate bounds (branch-and-bound splits; see
-            :func:`relax.linear.crown`).
+            :func:`relax.bounds.crown.crown`).
 
     Returns:
         ``(lower, upper)``, each ``[B, N]`` (``[B, K]`` when ``C`` is None), in ``dtype``.
@@ -119,13 +119,13 @@ def lower_bounds(
         with torch.no_grad():
             lo, hi = input_set.bounds()
             boxes = interval_bounds(graph, lo, hi, known=bound_overrides)
-            from .linear import box_row_bounds
+            from relax.bounds.crown import box_row_bounds
 
             return box_row_bounds(C, *boxes[graph.output])
-    from .alpha import alpha_crown, all_rows_positive
-    from .linear import crown
+    from relax.bounds.alpha import alpha_crown, all_rows_positive
+    from relax.bounds.crown import crown
 
-    if _one_at_a_time(graph, input_set):  # each input's own dead ReLUs pruned (relax.linear.crown's prune)
+    if _one_at_a_time(graph, input_set):  # each input's own dead ReLUs pruned (relax.bounds.crown.crown's prune)
         B, N = C.shape[:2]
         parts = []
         for b in range(B):
@@ -154,8 +154,8 @@ PER_INPUT_MIN_WEIGHTS = 100_000
 
 
 def _one_at_a_time(graph: BoundGraph, input_set: InputSet) -> bool:
-    from .graph_prune import prunable_relus
-    from .ops import Linear
+    from relax.ir.prune import prunable_relus
+    from relax.ir.ops import Linear
 
     if input_set.batch_size <= 1 or input_set.bounds()[0].device.type != "cpu" or not prunable_relus(graph):
         return False
@@ -186,7 +186,7 @@ def intermediate_bounds(
             boxes = interval_bounds(graph, lo, hi, known=bound_overrides)
             return {k: boxes[k] for k in names}
         if method in ("crown", "deeppoly"):
-            from .linear import crown
+            from relax.bounds.crown import crown
 
             res = crown(graph, input_set, None, mode=method, max_elements=max_elements, bound_overrides=bound_overrides)
             return {k: res.intermediate[k] for k in names}

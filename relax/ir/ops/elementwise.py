@@ -8,7 +8,7 @@ a kink or a jump; each function lists these *candidate points* in closed form
 (:meth:`Elementwise.candidates`; extra candidates are harmless, a missing one would not be).
 So ``k x + min g <= f(x) <= k x + max g`` on ``[l, u]`` for every slope: soundness does not rest
 on the heuristic, and alpha-CROWN may move the slopes freely (as for sigmoid / tanh in
-:mod:`relax.ops.activation`). The interval rule is the same computation with ``k = 0``.
+:mod:`relax.ir.ops.activation`). The interval rule is the same computation with ``k = 0``.
 
 Slopes (CROWN-style, Zhang et al. 2018 Sec. 3.3): where ``f`` is convex on ``[l, u]`` the lower
 line is the tangent at the midpoint and the upper line the secant (the tightest upper line of a
@@ -43,7 +43,7 @@ class Elementwise(Activation):
     ``f``, ``df`` (a one-sided derivative at kinks), :meth:`candidates` and, where it is known,
     :meth:`curvature`."""
 
-    #: the interval rule widens each end by its own round-off (relax.roundoff adds nothing)
+    #: the interval rule widens each end by its own round-off (relax.bounds.roundoff adds nothing)
     interval_rounded = True
 
     def f(self, x: Tensor) -> Tensor:
@@ -135,7 +135,7 @@ class Elementwise(Activation):
 
     def term_magnitude(self, lo: Tensor, hi: Tensor) -> Tensor:
         """Bound on ``|f(x)| + |k x|`` over the box for the slopes the relaxations use (within
-        ``f'`` at the ends, the secant and 1), for :mod:`relax.roundoff`."""
+        ``f'`` at the ends, the secant and 1), for :mod:`relax.bounds.roundoff`."""
         fl, fh = self.interval((lo, hi))
         k = torch.stack([self.df(lo).abs(), self.df(hi).abs(), self._secant(lo, hi).abs(), torch.ones_like(lo)]).amax(0)
         k = torch.where(torch.isnan(k), torch.full_like(k, math.inf), k)

@@ -3,7 +3,7 @@
 ``RULES`` maps an fx target -- a module class (``call_module``), a function
 (``call_function``) or a method name (``call_method``) -- to a *builder*
 ``(ctx: BuildContext) -> (op, input_names)`` that reads the node's constant arguments and
-returns a rule object (:class:`~relax.ops.base.Op`) plus the names of its variable inputs.
+returns a rule object (:class:`~relax.ir.ops.base.Op`) plus the names of its variable inputs.
 
 Adding a layer type = write an :class:`Op` (``forward``, ``interval``, ``backward``; or an
 :class:`Activation` with ``relax`` and ``backward_relaxed``) and add its builder here.

@@ -2,9 +2,9 @@
 "Evaluating robustness of neural networks with mixed integer programming", ICLR 2019), and the
 exact minimum adversarial distortion for l_inf / l_1 (l_2 with an MIQP solver).
 
-Encoding (see :func:`relax.lp.encode` with ``integer=True``): big-M constraints per unstable ReLU
+Encoding (see :func:`relax.exact.lp.encode` with ``integer=True``): big-M constraints per unstable ReLU
 with the tightest pre-activation bounds available (CROWN when ``relax.bounds`` is present, then
-LP re-tightening, :func:`relax.lp.tighten_bounds`); stable neurons are fixed (inactive ones
+LP re-tightening, :func:`relax.exact.lp.tighten_bounds`); stable neurons are fixed (inactive ones
 removed, active ones linear). Max-pooling is not encoded (the dense form rejects it).
 
 Groups (``LinearSpec`` semantics): the property is violated iff some group ``g`` has every row
@@ -47,11 +47,12 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from verify.attack import pgd_attack, repair_counterexample
 from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robust, parse_norm
 
-from .affine_net import FeedForwardNet
-from .lp import (
+from relax.ir.dense import FeedForwardNet
+from relax.exact.lp import (
     NetEncoding,
     _output_rows,
     encode,
@@ -61,20 +62,21 @@ from .lp import (
     relu_net,
     tighten_bounds,
 )
-from .solvers import GurobiBackend, LinearProgram, SolverError, make_backend, resolve_solver
+from relax.solvers import GurobiBackend, LinearProgram, SolverError, make_backend, resolve_solver
 
 __all__ = [
     "MilpOutcome",
     "DistortionResult",
     "milp_verify",
     "minimum_distortion",
-    "pgd_attack",
-    "confirm_violation",
 ]
 
 
 # ------------------------------------------------------------------------------------------
-# forward-pass checks and a small attack
+# forward passes (the attacks and the counterexample checks are verify.attack's)
+
+#: PGD steps from the LP optima of the open groups (they start near a violation if there is one)
+LP_START_STEPS = 50
 
 
 _DOUBLE_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -105,56 +107,6 @@ def _margins(model: torch.nn.Module, x: Tensor, spec: LinearSpec, dtype: torch.d
     return spec.to(device=dev, dtype=dtype).group_max(spec.to(device=dev, dtype=dtype).values(y))
 
 
-def confirm_violation(
-    model: torch.nn.Module, x: Tensor, spec: LinearSpec, inputs: InputSet | None, group: int | None = None
-) -> tuple[bool, Tensor, str]:
-    """Whether ``x [1, *shape]`` violates the property (some group with all rows ``<= 0``, or
-    ``group`` if given) in float32 and float64 forward passes and lies in ``inputs``.
-
-    If not, tries the projection onto ``inputs`` and small signed-gradient steps that lower the
-    group's largest row (step sizes 1e-7 .. 1e-3 of the set's width). Returns
-    ``(confirmed, point, note)``.
-    """
-    x = x.detach().double()
-    if inputs is not None:
-        lo, hi = inputs.bounds()
-        width = float((hi - lo).abs().max().item()) or 1.0
-    else:
-        width = 1.0
-
-    def ok(xc: Tensor) -> bool:
-        if inputs is not None and not bool(inputs.to(dtype=torch.float64).contains(xc, tol=0.0).all()):
-            return False
-        for dt in (torch.float32, torch.float64):
-            gm = _margins(model, xc, spec, dt)
-            v = gm[0, group] if group is not None else gm[0].min()
-            if not bool(v <= 0):
-                return False
-        return True
-
-    proj = (lambda z: inputs.to(dtype=torch.float64).project(z)) if inputs is not None else (lambda z: z)
-    cands = [x]
-    if inputs is not None:
-        cands.append(proj(x))
-    for xc in cands:
-        if ok(xc):
-            return True, xc, "confirmed"
-    # gradient repair on the float64 model
-    m64 = _double(model)
-    dev = _model_dtype(model)[1]
-    xg = cands[-1].clone().to(dev).requires_grad_(True)
-    s64 = spec.to(device=dev, dtype=torch.float64)
-    gmax = s64.group_max(s64.values(m64(xg).reshape(1, -1)))
-    obj = gmax[0, group] if group is not None else gmax[0].min()
-    (g,) = torch.autograd.grad(obj, xg)
-    g = g.sign().detach()
-    for step in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
-        xc = proj((cands[-1].to(dev) - step * width * g).detach())
-        if ok(xc):
-            return True, xc, f"confirmed after a signed-gradient step of {step:g} x width"
-    return False, cands[-1], "the solver's point does not violate the property in a float32/float64 forward pass"
-
-
 class _one_thread:
     """Run a block with one torch intra-op thread (restored after). The attacks here are many
     tiny ops; on a busy machine torch's thread pool makes them 10-20x slower (measured)."""
@@ -168,133 +120,6 @@ class _one_thread:
         if self.prev != 1:
             torch.set_num_threads(self.prev)
 
-
-def pgd_attack(
-    model: torch.nn.Module,
-    inputs: InputSet,
-    spec: LinearSpec,
-    *,
-    steps: int = 40,
-    restarts: int = 2,
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Projected gradient descent (Madry et al. 2018) on the violation margin.
-
-    One lane per group ``g`` (minimising that group's largest row) plus one lane on
-    ``spec.violation_margin`` (min over groups), all lanes and inputs in one batch. Signed-gradient
-    steps for boxes / l_inf, normalised-gradient steps for l_1 / l_2; restart 0 starts at the
-    midpoint, the others at random points of the set.
-
-    Returns ``(x [B, *shape], margin [B])``: per example the point of lowest violation margin
-    found (a violation iff ``margin <= 0``; confirm with :func:`confirm_violation`).
-    """
-    with _one_thread():
-        return _pgd(model, inputs, spec, steps, restarts, seed)
-
-
-def _pgd(model, inputs, spec, steps, restarts, seed) -> tuple[Tensor, Tensor]:
-    dtype, dev = _model_dtype(model)
-    inputs = inputs.to(device=dev, dtype=dtype)
-    spec = spec.to(device=dev, dtype=dtype)
-    B = inputs.batch_size
-    G = spec.num_groups
-    lanes = G + 1 if G > 1 else 1
-    idx = [b for _ in range(lanes) for b in range(B)]  # lane-major: row l*B + b
-    lset = inputs.select(idx) if lanes > 1 else inputs
-    lspec = spec.select(idx) if lanes > 1 else spec
-    lane_of = torch.arange(lanes, device=dev).repeat_interleave(B)
-    lo, hi = lset.bounds()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    signed = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
-    width = (hi - lo).flatten(1).amax(dim=1).clamp_min(1e-12)
-    if isinstance(lset, LpBall):
-        width = torch.maximum(width, lset.eps)
-    shape1 = (-1, *([1] * (lo.dim() - 1)))
-
-    def objective(y: Tensor) -> tuple[Tensor, Tensor]:
-        gmx = lspec.group_max(lspec.values(y))  # [L*B, G]
-        overall = gmx.amin(dim=1)
-        if lanes == 1:
-            return overall, overall
-        per = gmx.gather(1, lane_of.clamp(max=G - 1).view(-1, 1)).squeeze(1)
-        return torch.where(lane_of < G, per, overall), overall
-
-    best_x = inputs.midpoint().clone()
-    with torch.no_grad():
-        best_m = spec.violation_margin(model(best_x).reshape(B, -1))
-
-    def keep(x: Tensor, overall: Tensor) -> None:
-        nonlocal best_m
-        m = overall.view(lanes, B)
-        mv, li = m.min(dim=0)
-        better = mv < best_m
-        if better.any():
-            xs = x.view(lanes, B, *x.shape[1:])[li, torch.arange(B, device=dev)]
-            best_x[better] = xs[better].detach()
-            best_m = torch.where(better, mv, best_m)
-
-    for r in range(restarts):
-        x = lset.midpoint().clone() if r == 0 else lset.sample(1, generator=gen)[0].to(dtype)
-        for t in range(steps):
-            alpha = (2.5 / steps) * width * (1 - t / (steps + 1))
-            x = x.detach().requires_grad_(True)
-            obj, overall = objective(model(x).reshape(x.shape[0], -1))
-            (g,) = torch.autograd.grad(obj.sum(), x)
-            with torch.no_grad():
-                keep(x, overall)
-                a = alpha.view(shape1)
-                if signed:
-                    step = a * g.sign()
-                    if not isinstance(lset, LpBall):
-                        step = step * ((hi - lo) / width.view(shape1))
-                else:
-                    gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape1)
-                    step = a * g / gn
-                x = lset.project(x - step)
-        with torch.no_grad():
-            keep(x, objective(model(x).reshape(x.shape[0], -1))[1])
-    return best_x.detach(), best_m.detach()
-
-
-def _pgd_from_points(model, inputs1: InputSet, spec1: LinearSpec, starts: Tensor, groups: list[int], steps: int = 50) -> tuple[Tensor, Tensor]:
-    """PGD for one example from given start points (e.g. LP relaxation optima), start ``s``
-    minimising the largest row of group ``groups[s]``. ``starts [S, *shape]``. Returns the best
-    point of each lane and its violation margin (min over groups), ``([S, *shape], [S])``."""
-    with _one_thread():
-        dtype, dev = _model_dtype(model)
-        S = starts.shape[0]
-        lset = inputs1.to(device=dev, dtype=dtype).select([0] * S)
-        lspec = spec1.to(device=dev, dtype=dtype).select([0] * S)
-        gidx = torch.tensor(groups, device=dev).view(-1, 1)
-        lo, hi = lset.bounds()
-        x = lset.project(starts.to(device=dev, dtype=dtype))
-        best_x, best_m = x.clone(), torch.full((S,), math.inf, dtype=dtype, device=dev)
-        width = (hi - lo).flatten(1).amax(dim=1).clamp_min(1e-12)
-        if isinstance(lset, LpBall):
-            width = torch.maximum(width, lset.eps)
-        shape1 = (-1, *([1] * (lo.dim() - 1)))
-        signed = not isinstance(lset, LpBall) or math.isinf(lset.p)
-        for t in range(steps + 1):
-            x = x.detach().requires_grad_(True)
-            gmx = lspec.group_max(lspec.values(model(x).reshape(S, -1)))
-            overall = gmx.amin(dim=1)
-            with torch.no_grad():
-                better = overall < best_m
-                best_m = torch.where(better, overall, best_m)
-                best_x[better] = x[better].detach()
-            if t == steps:
-                break
-            (g,) = torch.autograd.grad(gmx.gather(1, gidx).sum(), x)
-            with torch.no_grad():
-                a = ((1.0 / steps) * width * (1 - t / (steps + 1))).view(shape1)
-                if signed:
-                    step = a * g.sign()
-                    if not isinstance(lset, LpBall):
-                        step = step * ((hi - lo) / width.view(shape1))
-                else:
-                    step = a * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view(shape1)
-                x = lset.project(x - step)
-        return best_x.detach(), best_m.detach()
 
 
 # ------------------------------------------------------------------------------------------
@@ -446,7 +271,7 @@ def milp_verify(
         model: fx graph / torch module of a ReLU chain network ``[B, *shape] -> [B, K]``.
         inputs: batched box or l_inf / l_1 ball.
         spec: ``C [B, N, K]``, ``d [B, N]``, ``groups [N]``.
-        bounds_method: initial pre-activation bounds (:func:`relax.lp.initial_bounds`).
+        bounds_method: initial pre-activation bounds (:func:`relax.exact.lp.initial_bounds`).
         refine: LP re-tightening of the hidden layers' bounds before the MILP.
         solver: "auto" | "highs" | "gurobi".
         time_limit: seconds per example (attack, bounds and MILPs together); ``None`` = none.
@@ -471,13 +296,13 @@ def milp_verify(
 
     # the examples share the batch's time from here on (attack and bounds included)
     call = Deadline(None if time_limit is None else time_limit * B)
-    x_att, m_att = None, None
+    attacked = None
+    gm_att = None
     if attack:
-        x_att, m_att = pgd_attack(model, inputs, spec)
-    with torch.no_grad():
-        gm_att = None
-        if x_att is not None:
-            gm_att = _margins(model, x_att, spec, torch.float64).cpu().numpy()  # [B, G]
+        with _one_thread():
+            attacked = pgd_attack(model, inputs, spec, steps=40, restarts=2, seed=0)
+        with torch.no_grad():
+            gm_att = _margins(model, attacked.x_adv, spec, torch.float64).cpu().numpy()  # [B, G]
     ib, used = initial_bounds(model, net, inputs, bounds_method)
     outs: list[MilpOutcome] = []
     for b in range(B):
@@ -489,13 +314,12 @@ def milp_verify(
         in_b = inputs.select([b])
         spec_b = spec.select([b])
         # 1. attack
-        if x_att is not None and m_att is not None and float(m_att[b]) <= 0:
-            ok, xc, note = confirm_violation(model, x_att[b : b + 1], spec_b, in_b)
-            if ok:
-                gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
-                det.update(found_by="attack", note=note, time_s=time.perf_counter() - t0)
-                outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), np.full(len(groups), -np.inf), xc[0].float().cpu(), det))
-                continue
+        if attacked is not None and bool(attacked.found[b]):
+            xc = attacked.x_adv[b : b + 1]
+            gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
+            det.update(found_by="attack", note="confirmed", time_s=time.perf_counter() - t0)
+            outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), np.full(len(groups), -np.inf), xc[0].float().cpu(), det))
+            continue
         # 2. bounds
         bnds = [(l[b].numpy().copy(), u[b].numpy().copy()) for l, u in ib]
         try:
@@ -521,19 +345,17 @@ def milp_verify(
         if attack and open_g and not exact:
             pts = lpres.points[0]
             rows_of = [int(np.flatnonzero(groups == g)[np.argmax(row_lower[groups == g])]) for g in open_g]
-            starts = torch.from_numpy(pts[rows_of]).reshape(len(open_g), *inputs.shape)
-            xl, ml = _pgd_from_points(model, in_b, spec_b, starts, open_g)
-            gmx = _margins(model, xl, spec_b, torch.float64).cpu().numpy()  # [S, G]
-            for k, g in enumerate(open_g):
-                g_order[g] = min(g_order[g], float(gmx[k, g]))
-            k = int(torch.argmin(ml))
-            if float(ml[k]) <= 0:
-                ok, xc, note = confirm_violation(model, xl[k : k + 1], spec_b, in_b)
-                if ok:
-                    gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
-                    det.update(found_by="attack from an LP optimum", note=note, time_s=time.perf_counter() - t0)
-                    outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), row_lower, xc[0].float().cpu(), det))
-                    continue
+            starts = torch.from_numpy(pts[rows_of]).reshape(len(open_g), 1, *inputs.shape)
+            with _one_thread():
+                near = pgd_attack(model, in_b, spec_b, steps=LP_START_STEPS, step_size=2.0 / LP_START_STEPS,
+                                  starts=starts, start_groups=open_g)
+            gmx = _margins(model, near.x_adv, spec_b, torch.float64)[0].cpu().numpy()  # [G]
+            for g in open_g:
+                g_order[g] = min(g_order[g], float(gmx[g]))
+            if bool(near.found[0]):
+                det.update(found_by="attack from an LP optimum", note="confirmed", time_s=time.perf_counter() - t0)
+                outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), row_lower, near.x_adv[0].float().cpu(), det))
+                continue
         # 4. MILP per remaining group (not started when building it would pass the deadline)
         if deadline is not None and deadline - time.perf_counter() < t_lp and not bool(lp_proved.all()):
             det["reason"] = "time limit before the MILP"
@@ -561,7 +383,7 @@ def milp_verify(
         status, cex, reasons = "certified", None, []
         errors: list[tuple[int, str]] = []
         reg = regions[b]
-        x_start = x_att[b].double().cpu().reshape(-1).numpy() if x_att is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
+        x_start = attacked.x_adv[b].double().cpu().reshape(-1).numpy() if attacked is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
         v_start = enc.point(net, x_start)
         # the encoding must contain this point of the input set (else the bounds are invalid)
         if not _bounds_contain(net, bnds, x_start) or not _encoding_contains(enc.lp, v_start):
@@ -613,7 +435,7 @@ def milp_verify(
                 continue
             if r.x is not None and r.objective <= 0:
                 xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *inputs.shape)
-                ok, xc, note = confirm_violation(model, xs, spec_b, in_b, group=g)
+                ok, xc, note = repair_counterexample(model, in_b, spec_b, xs, group=g)
                 if ok:
                     cex = xc[0].float().cpu()
                     status = "falsified"
@@ -731,7 +553,7 @@ def minimum_distortion(
 
     Tolerance: ``value`` is the distance of an input confirmed adversarial by a float32 and float64
     forward pass (an upper bound on ``d*``, at most ~1e-6 above the MILP optimum after the repair
-    steps of :func:`confirm_violation`); ``lower`` is the MILP dual bound (relative gap 1e-5), a
+    steps of :func:`verify.attack.repair_counterexample`); ``lower`` is the MILP dual bound (relative gap 1e-5), a
     lower bound on ``d*`` up to the solver's tolerances. Every sound certified radius ``r`` obeys
     ``r < d* <= value``.
 
@@ -785,17 +607,17 @@ def _attack_radius(model, x, spec, p, top, dl, dh, c) -> tuple[float, Tensor | N
         R = len(radii)
         ball = LpBall(x.expand(R, *x.shape[1:]).clone(), torch.tensor(radii, dtype=x.dtype), p, dl, dh)
         specR = LinearSpec(spec.C.expand(R, -1, -1), spec.d.expand(R, -1), spec.groups)
-        xa, ma = pgd_attack(model, ball, specR, steps=40, restarts=2)
+        with _one_thread():
+            res = pgd_attack(model, ball, specR, steps=40, restarts=2, seed=0)
         hit = None
         for i in range(R):
-            if float(ma[i]) <= 0:
-                ok, xc, _ = confirm_violation(model, xa[i : i + 1], spec, ball.select([i]))
-                if ok:
-                    dist = _lp_norm(xc.double().cpu().reshape(-1).numpy() - c, p)
-                    if dist < best_val:
-                        best_val, best_x = dist, xc
-                    hit = i
-                    break
+            if bool(res.found[i]):
+                xc = res.x_adv[i : i + 1]
+                dist = _lp_norm(xc.double().cpu().reshape(-1).numpy() - c, p)
+                if dist < best_val:
+                    best_val, best_x = dist, xc
+                hit = i
+                break
         if hit is None or rnd == 1:
             break
         e = radii[hit]
@@ -816,7 +638,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     groups = spec.groups.cpu().numpy()
     G = int(groups.max()) + 1
     gm0 = _margins(model, x, spec, torch.float64)[0].cpu().numpy()
-    if (gm0 <= 0).any() and confirm_violation(model, x, spec, None)[0]:
+    if (gm0 <= 0).any() and repair_counterexample(model, None, spec, x)[0]:
         return DistortionResult(0.0, 0.0, 0.0, "optimal", x[0].cpu(), {"note": "the clean input already violates the property"})
     dom_r = _domain_radius(c, dlo, dhi, p)
     # 1. attack on a doubling radius grid -> eps_max
@@ -926,14 +748,14 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
             dom = None
             if dl is not None:
                 dom = Box(dl.double().cpu().expand_as(xs).clone(), dh.double().cpu().expand_as(xs).clone())
-            ok, xc, note = confirm_violation(model, xs, spec, dom, group=g)
+            ok, xc, note = repair_counterexample(model, dom, spec, xs, group=g)
             if not ok:
                 # push slightly away from the center (the optimum sits on a decision boundary)
                 for gamma in (1e-6, 1e-5, 1e-4, 1e-3):
                     xt = torch.from_numpy(c).reshape_as(xs) + (1 + gamma) * (xs - torch.from_numpy(c).reshape_as(xs))
                     if dom is not None:
                         xt = dom.project(xt)
-                    ok, xc, note = confirm_violation(model, xt, spec, dom, group=g)
+                    ok, xc, note = repair_counterexample(model, dom, spec, xt, group=g)
                     if ok:
                         break
             if ok:

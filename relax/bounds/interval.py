@@ -1,6 +1,6 @@
 """Interval bound propagation (IBP; Gowal et al. 2018, Eq. (6)): each node's box from its
 inputs' boxes with the op's interval rule, batched over the inputs. Every box is widened by the
-round-off bound of its rule (:func:`relax.roundoff.forward_error`), so it encloses the node's
+round-off bound of its rule (:func:`relax.bounds.roundoff.forward_error`), so it encloses the node's
 exact values."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import torch
 from torch import Tensor
 
-from .graph import BoundGraph
-from .roundoff import forward_error, sum_length
+from relax.ir.graph import BoundGraph
+from relax.bounds.roundoff import forward_error, sum_length
 
 __all__ = ["interval_bounds"]
 

@@ -21,10 +21,10 @@ from torch import Tensor
 
 from verify.spec import InputSet, LpBall
 
-from .bab import RowSpec
-from .graph import BoundGraph
-from .linear import crown
-from .ops import ReLU
+from relax.bab import RowSpec
+from relax.ir.graph import BoundGraph
+from relax.bounds.crown import crown
+from relax.ir.ops import ReLU
 
 if TYPE_CHECKING:
     import numpy as np

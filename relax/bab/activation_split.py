@@ -5,7 +5,7 @@ boxes and on l_inf, l_1 and l_2 balls.
 A *domain* narrows some pre-activations: a ReLU input gets a sign ``s_j = +1`` (``z_j >= 0``,
 the ReLU is the identity) or ``s_j = -1`` (``z_j <= 0``, it is zero); the input of a sigmoid,
 tanh or max-pooling gets half of its interval. Domains are bounded in batches along the graph
-engine's batch dimension (:func:`relax.linear.crown`, one batch element per domain):
+engine's batch dimension (:func:`relax.bounds.crown.crown`, one batch element per domain):
 
 * every pre-activation box is the root's (alpha-CROWN) box intersected with the domain's
   splits, then, while affordable, recomputed by CROWN within them (the later layers tighten);
@@ -18,9 +18,9 @@ engine's batch dimension (:func:`relax.linear.crown`, one batch element per doma
   network in float32) the steps run in float32 and the bound that counts is one float64 pass
   with each row's best parameters;
 * ReLUs dead at the root (``u <= 0``) are removed from the graph before the search
-  (:mod:`relax.graph_prune`, done by the caller);
+  (:mod:`relax.ir.prune`, done by the caller);
 * a domain whose box becomes empty somewhere is infeasible and is dropped;
-* a domain whose ReLUs are all fixed is affine: :mod:`relax.bab_leaf` solves its LP (SOCP for
+* a domain whose ReLUs are all fixed is affine: :mod:`relax.bab.leaf` solves its LP (SOCP for
   l_2) for the exact multipliers, which the engine turns into the domain's bound (LP duality:
   the bound is then the exact minimum), and tries the minimisers as counterexamples.
 
@@ -29,7 +29,7 @@ Branching: per domain, the unsplit unstable ReLU with the largest BaBSR-style sc
 how much the unproved spec rows lose through it (``max(-A_j, 0)`` with ``A_j`` the rows'
 coefficient on the ReLU output under the last iterate's parameters), with a small share of ``|A_j| min(u, -l)`` to order the rest;
 sigmoid / tanh inputs score ``|A_j|`` times their relaxation's gap, max-pooling inputs their
-width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab_input`).
+width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab.input_split`).
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
 bound, or when the domain queue exceeds its memory cap. A round starts only when one as long as
@@ -50,12 +50,12 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall
 
-from .adam import ProjectedAdam
-from .bab import BabResult, RowSpec
-from .bab_leaf import leaf_multipliers, leaf_bound
-from .graph import BoundGraph
-from .linear import crown
-from .ops import ReLU
+from relax.bounds.adam import ProjectedAdam
+from relax.bab import BabResult, RowSpec
+from relax.bab.leaf import leaf_multipliers, leaf_bound
+from relax.ir.graph import BoundGraph
+from relax.bounds.crown import crown
+from relax.ir.ops import ReLU
 
 __all__ = ["graph_relu_bab", "bound_domains", "relu_inputs", "interval_inputs", "relu_scores"]
 

@@ -32,10 +32,10 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import InputSet
 
-from .adam import ProjectedAdam
-from .graph import BoundGraph
-from .graph_prune import dead_relus, prune_boxes, prune_graph
-from .linear import CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
+from relax.bounds.adam import ProjectedAdam
+from relax.ir.graph import BoundGraph
+from relax.ir.prune import dead_relus, prune_boxes, prune_graph
+from relax.bounds.crown import CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
 
@@ -85,7 +85,7 @@ def alpha_crown(
         early_stop: stop optimising a batch element once it is done: ``stop_fn(lower [B, N])
             -> Bool [B]`` (default: every row > 0). A done element's bounds are frozen, so a
             batch gives the same bounds as its elements one by one (up to round-off).
-        max_elements, bound_overrides: as in :func:`relax.linear.crown`.
+        max_elements, bound_overrides: as in :func:`relax.bounds.crown.crown`.
         deadline: no step starts after it (the CROWN bounds come first, so the result is
             always sound: the best over the steps done).
         intermediate: every pre-activation box given (``{node: (lo, hi)}``, ``[B, *shape]``,
@@ -94,7 +94,7 @@ def alpha_crown(
             below 0 (``sum(min(best, 0))``) improved by less than ``tolerance`` times its size
             over the last ``window`` steps (for long runs: ``iterations`` is then a cap).
         prune: the ReLU neurons dead in every batch element under the CROWN boxes are removed
-            from the graph before the optimisation (:func:`relax.linear.crown`'s ``prune``; the
+            from the graph before the optimisation (:func:`relax.bounds.crown.crown`'s ``prune``; the
             same bounds, smaller products). The result's ``intermediate`` and ``alphas`` are
             then those of the pruned graph.
     """
@@ -171,7 +171,7 @@ def alpha_crown(
             if k not in overrides:
                 overrides[k] = (l, h)
     # with the boxes fixed, every step's relaxations, round-off weights and interval bound of the
-    # rows are the same: computed on the first step, reused after (relax.linear.crown's ``fixed``)
+    # rows are the same: computed on the first step, reused after (relax.bounds.crown.crown's ``fixed``)
     step_cache = fixed_pass if fixed_pass is not None else ({} if not optimize_intermediate else None)
     opt = ProjectedAdam(params, lr, lr_decay)
     done = 0

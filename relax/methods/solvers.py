@@ -1,6 +1,6 @@
 """Registered solver-based methods: ``lp`` (triangle LP), ``milp`` (exact, Tjeng et al. 2019) and
 ``sdp`` (Raghunathan et al. 2018). All three take the network in dense chain form
-(:func:`relax.affine_net.to_feedforward`) and support ReLU networks only.
+(:func:`relax.ir.dense.to_feedforward`) and support ReLU networks only.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from verify.deadline import Deadline
 from verify.registry import BoundMethod, Method, register
 from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError, norm_name
 
-from .lp import lp_lower_bounds, relu_net
-from .milp import milp_verify, minimum_distortion
-from .sdp import sdp_lower_bounds
-from .solvers import SolverError
+from relax.exact.lp import lp_lower_bounds, relu_net
+from relax.exact.milp import milp_verify, minimum_distortion
+from relax.exact.sdp import sdp_lower_bounds
+from relax.solvers import SolverError
 
 __all__ = ["LpMethod", "MilpMethod", "SdpMethod"]
 

@@ -4,7 +4,7 @@ LP, MILP, SDP and Lipschitz methods want the network in the textbook form
 
     z_0 = x (flattened),   z_{k+1} = act_k(W_k z_k + b_k),   y = W_L z_L + b_L
 
-This module extracts that form from the engine's bound graph (:mod:`relax.graph`, the one view
+This module extracts that form from the engine's bound graph (:mod:`relax.ir.graph`, the one view
 of a network the bound methods use) when its nonlinearities form a chain: every maximal run of
 affine ops between two activations (Linear, Conv, BatchNorm, AvgPool, reshapes, elementwise
 affine maps, ...) is collapsed into one dense matrix by evaluating the run's rules on the basis
@@ -115,8 +115,8 @@ def _activation_of(node, modules: dict[str, nn.Module]) -> str | None:
 def _activation_name(op, node: str) -> str | None:
     """``"relu"`` / ``"sigmoid"`` / ``"tanh"`` for those ops of the bound graph, None for affine
     ops; any other nonlinear op is refused."""
-    from .ops import ReLU, Sigmoid, Tanh
-    from .ops.pool import MaxPool2d
+    from relax.ir.ops import ReLU, Sigmoid, Tanh
+    from relax.ir.ops.pool import MaxPool2d
 
     for cls, name in ((ReLU, "relu"), (Sigmoid, "sigmoid"), (Tanh, "tanh")):
         if isinstance(op, cls):
@@ -132,7 +132,7 @@ def _activation_name(op, node: str) -> str | None:
 @torch.no_grad()  # a dense view of constants: no autograd graph over the basis evaluation
 def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[int, ...] | None = None) -> FeedForwardNet:
     """Collapse a network into dense affine layers and activations (float64): the affine runs of
-    the bound graph (:func:`relax.graph.get_graph`, the engine's one view of the network) are
+    the bound graph (:func:`relax.ir.graph.get_graph`, the engine's one view of the network) are
     evaluated on basis vectors, ``W e_i = g(e_i) - g(0)``, by the ops' own ``forward``.
 
     Args:
@@ -143,7 +143,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
         NotFeedForwardError: a skip connection around an activation, a max-pool or another
             nonlinear op than ReLU / sigmoid / tanh.
     """
-    from .graph import get_graph
+    from relax.ir.graph import get_graph
 
     if input_shape is None:
         input_shape = tuple(getattr(model, "input_shape", ()))
@@ -201,7 +201,7 @@ def _dense_run(run: list, src: str, shape: tuple[int, ...], out: str) -> AffineL
 
 
 def _is_dense(op) -> bool:
-    from .ops import Linear
+    from relax.ir.ops import Linear
 
     return isinstance(op, Linear) and op.W.dim() == 2
 

@@ -24,7 +24,7 @@ with ``r = c - A^T y``. We evaluate it in float64 with the solver's duals (signs
 no multiplier multiplies an infinite side) and subtract ``1e-9 * (1 + sum of |terms|)`` for the
 round-off of that sum: the result is a lower bound of the LP *whatever the solver's tolerances*.
 MILP dual bounds come from the solver's branch-and-bound and are trusted only up to its
-tolerances; callers add their own margin (see :mod:`relax.milp`). For a convex diagonal QP the
+tolerances; callers add their own margin (see :mod:`relax.exact.milp`). For a convex diagonal QP the
 same bound holds with the quadratic columns' terms minimised in closed form.
 
 To fit a size-limited licence the Gurobi backend substitutes, in a MILP that would not fit
@@ -618,7 +618,7 @@ def _eliminate_defined_columns(lp: LinearProgram, keep: np.ndarray | None) -> tu
 def _constraint_count(lo: np.ndarray, hi: np.ndarray) -> int:
     """Native constraints of rows ``lo <= a x <= hi`` in the layout of :class:`GurobiBackend`
     (one per equality or one-sided row, two per two-sided row), counting a free row as one: it
-    may get a bound later (the property rows of :mod:`relax.milp` do)."""
+    may get a bound later (the property rows of :mod:`relax.exact.milp` do)."""
     fl, fh = np.isfinite(lo), np.isfinite(hi)
     eq = fl & fh & (lo == hi)
     return int(eq.sum() + (fl & ~eq).sum() + (fh & ~eq).sum() + (~fl & ~fh).sum())

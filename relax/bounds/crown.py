@@ -1,4 +1,4 @@
-"""CROWN / DeepPoly backward linear bound propagation on a :class:`~relax.graph.BoundGraph`.
+"""CROWN / DeepPoly backward linear bound propagation on a :class:`~relax.ir.graph.BoundGraph`.
 
 One pass (Zhang et al. 2018, CROWN, Theorem 3.2; Singh et al. 2019, DeepPoly back-substitution)
 computes *lower* bounds of ``A0 . z_start`` for a batch of row vectors ``A0 [S, B, *shape]``:
@@ -19,10 +19,10 @@ pre-activation one affine layer from a box input keeps its (exact) IBP box.
 Memory: rows are processed in chunks so that no coefficient tensor exceeds ``max_elements``.
 
 **Round-off.** Every bound returned here holds for the exact network on the exact input set: each
-backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.roundoff.backward_weight`,
+backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.bounds.roundoff.backward_weight`,
 from the boxes of the node's inputs), the concretisation adds its own, and the total (times
-:data:`relax.roundoff.SAFETY`) is subtracted from the lower bound; interval boxes are widened the
-same way (:mod:`relax.interval`).
+:data:`relax.bounds.roundoff.SAFETY`) is subtracted from the lower bound; interval boxes are widened the
+same way (:mod:`relax.bounds.interval`).
 
 **Branch-and-bound entry point.** :func:`crown` accepts ``bound_overrides = {node: (lo, hi)}``
 (``[B, *shape]``, per batch element = per domain): they are intersected with the computed box
@@ -45,11 +45,11 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall, dual_norm
 
-from .graph import BoundGraph
-from .interval import interval_bounds
-from .ops import Relaxation, ReLU
-from .ops.base import sum_rows
-from .roundoff import SAFETY, backward_weight, concretize_error, gamma, max_abs, sum_length
+from relax.ir.graph import BoundGraph
+from relax.bounds.interval import interval_bounds
+from relax.ir.ops import Relaxation, ReLU
+from relax.ir.ops.base import sum_rows
+from relax.bounds.roundoff import SAFETY, backward_weight, concretize_error, gamma, max_abs, sum_length
 
 __all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "skips_linear_bounds",
            "Rows", "AlphaFn"]
@@ -133,7 +133,7 @@ def ball_box_dual(A: Tensor, c: Tensor, eps: Tensor, lo: Tensor, hi: Tensor, p: 
     ``A [S, B, n]``, ``c, lo, hi [B, n]``, ``eps [1, B, 1]``. The round-off of the sums
     (``gamma_n`` times their terms' magnitudes) is subtracted.
     """
-    from .roundoff import gamma as _gamma
+    from relax.bounds.roundoff import gamma as _gamma
 
     n = A.shape[-1]
     c, lo, hi = c.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
@@ -278,7 +278,7 @@ def backward_tail(A_in: Tensor, bias: Tensor, err: Tensor | None, input_set: Inp
 
 
 def node_weights(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], weights: dict[str, Tensor | None]) -> None:
-    """Add to ``weights`` the round-off weight (:func:`relax.roundoff.backward_weight`) of every
+    """Add to ``weights`` the round-off weight (:func:`relax.bounds.roundoff.backward_weight`) of every
     node whose own and input boxes are in ``boxes`` and that has none yet."""
     for n in graph.nodes:
         if n.name in weights or n.name not in boxes or any(i not in boxes for i in n.inputs):
@@ -366,7 +366,7 @@ def ibp_is_exact(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
     (Linear / Conv); CROWN's bound is then the same and is skipped."""
     if isinstance(input_set, LpBall) and not math.isinf(input_set.p):
         return False
-    from .ops import Conv, ElemAffine, Linear, Permute, Reshape
+    from relax.ir.ops import Conv, ElemAffine, Linear, Permute, Reshape
 
     mixing, k = 0, node
     while k != graph.input_name:
@@ -502,7 +502,7 @@ def crown(
     Args:
         graph, input_set: the bound graph and the batched input set.
         C: ``[B, N, K]`` rows on the output (``None``: intermediate bounds only).
-        mode: slope rules of the relaxations (:mod:`relax.ops.activation`).
+        mode: slope rules of the relaxations (:mod:`relax.ir.ops.activation`).
         max_elements: chunk size limit of the coefficient tensors.
         bound_overrides: ``{node: (lo, hi)}`` intersected with the node's computed box
             (branch-and-bound splits, see the module docstring).
@@ -517,7 +517,7 @@ def crown(
             pre-activation box: the relaxations, round-off weights and interval bound of the
             rows are computed on the first call and reused (they depend on the boxes only).
         prune: drop each ReLU neuron dead in every batch element (``u <= 0``) from the graph as
-            soon as its box is known (:mod:`relax.graph_prune`), so that the later layers' passes
+            soon as its box is known (:mod:`relax.ir.prune`), so that the later layers' passes
             multiply smaller matrices (one input at a time: its own dead neurons). The bounds
             are the same (a dead ReLU is an exact zero); not with ``alpha_fn`` / ``rows`` /
             ``out_extra`` / ``out_record`` / ``fixed`` (their tensors have the full shapes).
@@ -594,7 +594,7 @@ def _prune_dead(graph: BoundGraph, p: str, known: dict[str, tuple[Tensor, Tensor
     every batch element of ``known[p]``; ``known``, ``relax``, ``weights`` and the interval boxes
     ``ibp`` restricted to the kept neurons in place (the round-off weights and interval boxes of
     the ops after the ReLU are dropped, to be recomputed on the smaller ops)."""
-    from .graph_prune import dead_relus, prune_boxes, prune_graph
+    from relax.ir.prune import dead_relus, prune_boxes, prune_graph
 
     keep = dead_relus(graph, {p: known[p]})
     if not keep:

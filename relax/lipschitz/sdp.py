@@ -50,9 +50,9 @@ from torch import Tensor
 
 from verify.deadline import Deadline
 
-from .affine_net import FeedForwardNet
-from .lipschitz import ACT_LIPSCHITZ, ROUND_UP, chain_norms
-from .roundoff import SAFETY, gamma
+from relax.ir.dense import FeedForwardNet
+from relax.lipschitz import ACT_LIPSCHITZ, ROUND_UP, chain_norms
+from relax.bounds.roundoff import SAFETY, gamma
 
 __all__ = ["LipSDPResult", "LipSDP", "lipsdp_matrix", "verify_rho", "lipsdp_rows"]
 

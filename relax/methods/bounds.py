@@ -4,7 +4,7 @@ Each is a :class:`verify.registry.BoundMethod`: it returns lower bounds ``[B, N]
 property rows ``C y + d``; status, clean-input check and radius bisection come from the base.
 
 Float safety: every bound the engines return holds for the exact network on the exact input set
-(their round-off is bounded and subtracted, :mod:`relax.roundoff`; the input box is rounded
+(their round-off is bounded and subtracted, :mod:`relax.bounds.roundoff`; the input box is rounded
 outward). By default the bounds are computed in float64 (``dtype=None``): the network's float32
 weights are then used exactly and the round-off allowance is negligible, at about the cost of
 float32 on a CPU (mnistfc 256x6: 0.49 s vs 0.42 s for CROWN, 8 inputs). ``dtype="float32"``
@@ -19,7 +19,7 @@ from torch import Tensor
 from verify.registry import BoundMethod, register
 from verify.spec import InputSet, LinearSpec
 
-from .bounds import lower_bounds, prepare
+from relax.bounds import lower_bounds, prepare
 
 __all__ = ["IntervalMethod", "CrownMethod", "DeepPolyMethod", "AlphaCrownMethod"]
 

@@ -42,7 +42,7 @@ class Op:
 
     nonlinear = False
     kind = "op"
-    #: the interval rule only compares or moves values (no rounding: see :mod:`relax.roundoff`)
+    #: the interval rule only compares or moves values (no rounding: see :mod:`relax.bounds.roundoff`)
     exact_forward = False
     #: the backward rule only rearranges coefficients (no sums)
     moves_only = False

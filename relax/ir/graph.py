@@ -3,8 +3,8 @@
 :func:`build_graph` runs the module once on a batch-2 example (recording every node's value
 and shape, like ``torch.fx.passes.shape_prop.ShapeProp``), folds every node that does not
 depend on the input into a constant (``get_attr``, parameters, ``size`` queries, arithmetic on
-constants), and turns every remaining node into one rule object from :mod:`relax.ops` (looked
-up in ``relax.ops.RULES`` by module class / function / method name). A batch of 2 (not 1)
+constants), and turns every remaining node into one rule object from :mod:`relax.ir.ops` (looked
+up in ``relax.ir.ops.RULES`` by module class / function / method name). A batch of 2 (not 1)
 lets us check that no op mixes the batch dimension (``squeeze()`` would drop a batch of 1).
 
 Shapes in a :class:`BoundGraph` are per example (no batch dimension). The network output is
@@ -34,7 +34,7 @@ class BNode:
     per-example output shape ``shape``."""
 
     name: str
-    op: Any  # relax.ops.Op
+    op: Any  # relax.ir.ops.Op
     inputs: list[str]
     shape: tuple[int, ...]
 
@@ -146,8 +146,7 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     Raises:
         UnsupportedOperatorError: an op without a rule, naming op and node.
     """
-    from . import ops as _ops
-
+    from relax.ir import ops as _ops
     if not isinstance(gm, torch.fx.GraphModule):
         gm = torch.fx.symbolic_trace(gm)
     params = list(gm.parameters()) + list(gm.buffers())
@@ -226,7 +225,7 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
 
 
 def _expand(name: str, e: "Any") -> list[BNode]:
-    """The bound nodes of an :class:`relax.ops.Expansion` of node ``name``."""
+    """The bound nodes of an :class:`relax.ir.ops.Expansion` of node ``name``."""
     out = []
     for i, (suffix, op, inputs, shape) in enumerate(e.steps):
         own = name if i == len(e.steps) - 1 else f"{name}__{suffix}"

@@ -1,7 +1,7 @@
 """Lipschitz bounds on the rows ``c^T f(x)`` of a network, global and local, and the radius
 they certify.
 
-Setting (dense form of :mod:`relax.affine_net`, all float64)::
+Setting (dense form of :mod:`relax.ir.dense`, all float64)::
 
     z_0 = x (flattened, n_0),  z_{k+1} = act_k(W_k z_k + b_k)  (k < L),  f(x) = W_L z_L + b_L
 
@@ -59,8 +59,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .affine_net import FeedForwardNet
-from .roundoff import SAFETY, gamma
+from relax.ir.dense import FeedForwardNet
+from relax.bounds.roundoff import SAFETY, gamma
 
 __all__ = [
     "ROUND_UP",
@@ -199,7 +199,7 @@ def interval_bounds(net: FeedForwardNet, lo: Tensor, hi: Tensor) -> list[tuple[T
         ``[(l_k, u_k)]`` for ``k < L``, each ``[B, n_{k+1}]``, float64. Directed rounding is not
         used; each layer's box is widened by ``SAFETY gamma_{n+2} (|W| max(|l|, |u|) + |b|)``, a
         bound on the round-off of its sums that scales with the summed terms
-        (:mod:`relax.roundoff`), plus ``1e-300``.
+        (:mod:`relax.bounds.roundoff`), plus ``1e-300``.
     """
     l = lo.reshape(lo.shape[0], -1).double()
     u = hi.reshape(hi.shape[0], -1).double()
@@ -357,7 +357,7 @@ def dense_size(model: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> int
     """Largest ``n_in * n_out`` of an affine run's dense matrix, or of the basis batch
     ``n * n`` it is evaluated on (what :func:`to_feedforward` would allocate per layer), from
     one shape-propagating forward pass."""
-    from .affine_net import _activation_of
+    from relax.ir.dense import _activation_of
 
     gm = model
     x = torch.zeros(1, *input_shape, dtype=next(iter(gm.parameters()), torch.zeros(())).dtype)
@@ -498,7 +498,7 @@ def module_global_lipschitz(model: torch.fx.GraphModule, input_shape: tuple[int,
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
-    from .affine_net import _activation_of
+    from relax.ir.dense import _activation_of
 
     gm = model
     modules = dict(gm.named_modules())

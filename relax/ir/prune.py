@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .graph import BNode, BoundGraph
-from .ops import Linear, ReLU
+from relax.ir.graph import BNode, BoundGraph
+from relax.ir.ops import Linear, ReLU
 
 __all__ = ["dead_relus", "prune_graph", "prune_boxes", "prunable_relus"]
 

@@ -1,12 +1,12 @@
 """MILP refinement of the intermediate (pre-activation) bounds of the first hidden layers of a
 ReLU network with a dense view, before branch-and-bound (the 2021 alpha-beta-CROWN configuration for the deeper
-mnistfc nets; the MILP is the big-M encoding of Tjeng et al. 2019, :func:`relax.lp.encode`).
+mnistfc nets; the MILP is the big-M encoding of Tjeng et al. 2019, :func:`relax.exact.lp.encode`).
 
 Branch-and-bound keeps the root's pre-activation bounds ``pre`` for every domain, so each
 neuron that refinement makes stable is one ReLU fewer to branch on, and each tighter bound
 tightens every domain's relaxation. For layers ``k = 1..r`` in turn (layer 0 is exact from the
 box), every unstable neuron's ``max z_j`` and ``min z_j`` are bounded over the MILP of the
-hidden layers ``0..k-1`` with the already refined bounds (:func:`relax.lp.tighten_bounds` with
+hidden layers ``0..k-1`` with the already refined bounds (:func:`relax.exact.lp.tighten_bounds` with
 ``integer=True``); then alpha-CROWN on the bound graph recomputes the layers after ``k`` within
 the refined ones (:func:`refine_graph_root`), so
 that layer ``k + 1`` starts with fewer unstable neurons. The gain cascades: on mnistfc 256x6
@@ -17,7 +17,7 @@ bound most first), so a deadline cuts the least useful MILPs; the MILPs themselv
 cutting planes (:class:`relax.solvers.GurobiBackend` ``bound_focus``).
 
 Soundness: only the solver's dual bound is used (also when a solve stops at its time limit:
-the incumbent is not a bound), widened by :data:`relax.lp.MILP_BOUND_SLACK` and intersected
+the incumbent is not a bound), widened by :data:`relax.exact.lp.MILP_BOUND_SLACK` and intersected
 with the old bounds, then rounded outwards to the bounds' dtype.
 """
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .affine_net import FeedForwardNet
-from .lp import InputRegion, tighten_bounds
+from relax.ir.dense import FeedForwardNet
+from relax.exact.lp import InputRegion, tighten_bounds
 
 #: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
 Bounds = list[tuple[Tensor, Tensor]]
@@ -69,7 +69,7 @@ def refine_bounds(
     """Tighten ``pre`` for the unstable neurons of hidden layers ``1..layers`` by MILP.
 
     Args:
-        net: the dense view of a ReLU network (:func:`relax.affine_net.to_feedforward`).
+        net: the dense view of a ReLU network (:func:`relax.ir.dense.to_feedforward`).
         lo, hi: the input box, ``[n_0]`` or ``[1, n_0]``.
         pre: valid pre-activation bounds of one domain, ``[(l_k [1, n_k], u_k [1, n_k])]`` for
             every hidden layer.
@@ -97,7 +97,7 @@ def refine_bounds(
 
     Returns:
         ``(pre', stats)``: bounds with ``l_k <= l'_k <= u'_k <= u_k`` (same shapes and dtype as
-        ``pre``) and :func:`relax.lp.tighten_bounds`'s stats summed over the layers.
+        ``pre``) and :func:`relax.exact.lp.tighten_bounds`'s stats summed over the layers.
     """
     t0 = time.perf_counter()
     todo = list(range(1, min(layers, len(pre) - 1) + 1))
@@ -153,13 +153,13 @@ def refine_graph_root(
     dense_limit: int = 2**24,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor] | None, float, dict] | None:
     """MILP refinement of the root boxes of a ReLU network on the bound graph (before
-    branch-and-bound, :func:`relax.bab_graph.graph_relu_bab`).
+    branch-and-bound, :func:`relax.bab.activation_split.graph_relu_bab`).
 
-    The MILPs encode the network's dense view (:func:`relax.affine_net.to_feedforward`, one
+    The MILPs encode the network's dense view (:func:`relax.ir.dense.to_feedforward`, one
     matrix per affine chain, built once); after each refined layer alpha-CROWN on the graph
     recomputes every later box within the refined ones (``bound_overrides``) and the root's
     spec bound, which stops the refinement once it proves the property. Neurons are refined in
-    the order of their branching score at the root (:func:`relax.bab_graph.relu_scores`).
+    the order of their branching score at the root (:func:`relax.bab.activation_split.relu_scores`).
 
     Args:
         graph, model, x_set: the bound graph, the model it came from, the input set (batch 1).
@@ -176,14 +176,14 @@ def refine_graph_root(
     """
     from verify.deadline import Deadline
 
-    from .affine_net import NotFeedForwardError, to_feedforward
-    from .alpha import alpha_crown
-    from .bab_graph import bound_domains, interval_inputs, relu_inputs, relu_scores
+    from relax.ir.dense import NotFeedForwardError, to_feedforward
+    from relax.bounds.alpha import alpha_crown
+    from relax.bab.activation_split import bound_domains, interval_inputs, relu_inputs, relu_scores
 
     nodes = [p for _, p in relu_inputs(graph)]
     if interval_inputs(graph) or not nodes:
         return None
-    from .lipschitz import dense_size
+    from relax.lipschitz import dense_size
 
     if not isinstance(model, torch.fx.GraphModule):
         model = torch.fx.symbolic_trace(model)

@@ -15,7 +15,7 @@ certificates) and the largest certified radius is ``min_groups max_rows m / L_c`
 
 Box input sets are treated as the l_inf ball around their midpoint with radius the largest
 half-width (a superset, so sound). Every method works on the dense float64 form
-(:func:`relax.affine_net.to_feedforward`); ``lipschitz-global`` also has a module-level path for
+(:func:`relax.ir.dense.to_feedforward`); ``lipschitz-global`` also has a module-level path for
 networks whose dense layers would exceed ``dense_limit`` entries.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ from verify.errors import UnsupportedOperatorError
 from verify.registry import BoundMethod, register
 from verify.spec import InputSet, LinearSpec, LpBall, SpecError, norm_name
 
-from . import lipschitz as lip
-from .affine_net import FeedForwardNet, to_feedforward
-from .sdp import cvxpy_import_estimate
+from relax import lipschitz as lip
+from relax.ir.dense import FeedForwardNet, to_feedforward
+from relax.exact.sdp import cvxpy_import_estimate
 
 __all__ = ["LipschitzGlobal", "LipschitzSDP", "LipschitzLocal"]
 
@@ -103,11 +103,11 @@ class _LipschitzMethod(BoundMethod):
     def margins(self, model: torch.nn.Module, x0: Tensor, spec: LinearSpec) -> Tensor:
         """Lower bounds ``[B, N]`` (float64, CPU) of the exact row values ``C f(x_0) + d``: the
         interval pass on the point ``x_0`` whose boxes are widened by their round-off
-        (:mod:`relax.roundoff`) -- a float64 forward pass alone errs by ``gamma_n`` times the
+        (:mod:`relax.bounds.roundoff`) -- a float64 forward pass alone errs by ``gamma_n`` times the
         sum of the absolute values of its terms, which large weights make larger than the
         margin. A network without a bound graph falls back to that forward pass."""
         try:
-            from .bounds import bounds
+            from relax.bounds import bounds
 
             point = LpBall(x0.detach().to(torch.float64), 0.0, math.inf)
             low, _ = bounds(model, point, spec.C.to(dtype=torch.float64), spec.d.to(dtype=torch.float64),
@@ -296,7 +296,7 @@ class LipschitzLocal(_LipschitzMethod):
         pre = lip.interval_bounds(net, lo, hi)
         if self.bounds == "crown":
             try:
-                from .bounds import intermediate_bounds
+                from relax.bounds import intermediate_bounds
 
                 ib = intermediate_bounds(model, inputs, "crown", dtype=torch.float64)
             except (ImportError, NotImplementedError, ValueError):
@@ -364,7 +364,7 @@ class LipschitzLocal(_LipschitzMethod):
 @register
 class LipschitzSDP(_LipschitzMethod):
     """Margin / LipSDP-Neuron bound (Fazlyab et al. 2019) of each property row, verified in
-    float64 (:mod:`relax.lipsdp`), combined with the global bounds.
+    float64 (:mod:`relax.lipschitz.sdp`), combined with the global bounds.
 
     LipSDP bounds the l2 constant ``L_2`` of ``c^T f``; the l_inf / l_1 constants use
     ``L_inf <= sqrt(n) L_2`` and ``L_1 <= L_2``, and every norm keeps the smaller of that and
@@ -374,7 +374,7 @@ class LipschitzSDP(_LipschitzMethod):
     Options:
         solver: ``"auto"``, ``"clarabel"`` (interior point), ``"scs"`` (first-order conic) or
             ``"first-order"`` (no conic solver: the closed-form strictly feasible multipliers of
-            :func:`relax.lipsdp.feasible_point`, improved by :func:`relax.lipsdp.polish`).
+            :func:`relax.lipschitz.sdp.feasible_point`, improved by :func:`relax.lipschitz.sdp.polish`).
             ``"auto"`` picks by the reduced LMI size ``n = sum of hidden widths + 1``: Clarabel
             for ``n <= 60`` (its cost grows like ``(n^2/2)^3``: 4.6 s per row at n = 51 here),
             SCS for ``n <= 300``, first-order above.
@@ -409,7 +409,7 @@ class LipschitzSDP(_LipschitzMethod):
         self.time_limit = time_limit
 
     def _row_solver(self, model, net: FeedForwardNet, shape):
-        from .lipsdp import RowSolver
+        from relax.lipschitz.sdp import RowSolver
 
         size = sum(l.n_out for l in net.layers[:-1]) + 1
         solver = self.solver

@@ -6,14 +6,14 @@ Per input of the batch, within the time budget (``timeout`` split evenly over th
 1. falsification by :func:`verify.attack.random_attack` (on the float64 graph);
 2. a quick proof by one CROWN pass, then a time-capped PGD on the model (at most 5 % of the
    budget, 5 s);
-3. branch-and-bound: input splitting (:func:`relax.bab_input.input_bab` on
-   :class:`relax.bab_input.GraphBoxes`) for boxes of at most ``input_split_max_dim``
+3. branch-and-bound: input splitting (:func:`relax.bab.input_split.input_bab` on
+   :class:`relax.bab.input_split.GraphBoxes`) for boxes of at most ``input_split_max_dim``
    coordinates; otherwise alpha-CROWN at the root (at most 30 % of the budget), then ReLU
    splitting with beta-CROWN and interval splitting of sigmoid /
-   tanh / max-pooling inputs (:func:`relax.bab_graph.graph_relu_bab`) on the graph without
-   the ReLUs dead at the root (:mod:`relax.graph_prune`); for networks of at least
+   tanh / max-pooling inputs (:func:`relax.bab.activation_split.graph_relu_bab`) on the graph without
+   the ReLUs dead at the root (:mod:`relax.ir.prune`); for networks of at least
    ``refine_min_depth`` ReLU layers, after ``refine_after`` of the budget, the root boxes are
-   tightened by MILP (:func:`relax.refine.refine_graph_root`) and the search restarts.
+   tightened by MILP (:func:`relax.bab.tighten.refine_graph_root`) and the search restarts.
 
 ``falsified`` only with a counterexample that a float64 forward pass of the model confirms
 (:func:`verify.attack.confirm_counterexample`); ``certified`` only when every BaB domain is
@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from verify.deadline import Deadline
-from verify.executor import usable_cores
+from verify.resources import usable_cores
 from verify.registry import Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
-from .bab import BabResult, RowSpec
+from relax.bab import BabResult, RowSpec
 
 __all__ = ["BabMethod", "run_bab"]
 
@@ -52,7 +52,7 @@ class BabMethod(Method):
         branch_candidates: ReLUs whose children are bounded before one is split (filtered
             smart branching, De Palma et al. 2021); 1: the BaBSR-style score alone.
         refine_layers: ReLU split only: tighten the root's pre-activation bounds of hidden
-            layers ``1..refine_layers`` by MILP before branching (:mod:`relax.refine`); ``None``
+            layers ``1..refine_layers`` by MILP before branching (:mod:`relax.bab.tighten`); ``None``
             ("auto"): 3 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
         refine_min_depth: hidden layers from which "auto" refines.
         refine_fraction: share of the time left when refinement starts that it may use.
@@ -190,7 +190,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, tim
     # random points are evaluated on the bound graph in float64 (a float32 model can round a
     # violation of 1e-7 away: ACAS Xu prop_7); PGD's gradient steps run on the model itself
     # (float64 convolutions cost 2-3x); whatever they find is confirmed on the model
-    from .bounds import prepare
+    from relax.bounds import prepare
 
     graph, x64 = prepare(model, inputs, torch.float64)
 
@@ -209,7 +209,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, tim
     if res is not None:
         return done(res, "attack")
     # a quick proof (one CROWN pass costs less than PGD), then PGD, then branch-and-bound
-    from .linear import crown
+    from relax.bounds.crown import crown
 
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
@@ -238,16 +238,16 @@ class _GraphModule(torch.nn.Module):
 
 def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opts: BabMethod, time_left: float,
                check_point=None) -> BabResult:
-    """Branch-and-bound on the bound graph: input splitting (:mod:`relax.bab_input`) for boxes
+    """Branch-and-bound on the bound graph: input splitting (:mod:`relax.bab.input_split`) for boxes
     of at most ``input_split_max_dim`` coordinates; else alpha-CROWN at the root, then ReLU-sign
-    and interval splitting with beta-CROWN bounds (:mod:`relax.bab_graph`), for deep ReLU nets
-    with MILP-refined root boxes (:func:`relax.refine.refine_graph_root`). ``graph`` / ``x_set``:
+    and interval splitting with beta-CROWN bounds (:mod:`relax.bab.activation_split`), for deep ReLU nets
+    with MILP-refined root boxes (:func:`relax.bab.tighten.refine_graph_root`). ``graph`` / ``x_set``:
     the float64 bound graph and input set (:func:`relax.bounds.prepare`); ``rs``: the property
     rows with group averages."""
-    from .alpha import alpha_crown
-    from .bab_graph import graph_relu_bab, interval_inputs, relu_inputs
-    from .graph import get_graph
-    from .graph_prune import dead_relus, prune_boxes, prune_graph
+    from relax.bounds.alpha import alpha_crown
+    from relax.bab.activation_split import graph_relu_bab, interval_inputs, relu_inputs
+    from relax.ir.graph import get_graph
+    from relax.ir.prune import dead_relus, prune_boxes, prune_graph
 
     t0 = time.perf_counter()
     C, d = rs.batch(1)
@@ -256,7 +256,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     if box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
         # input splitting starts from CROWN on the whole box (alpha-CROWN's root costs more
         # than the first rounds of splitting)
-        from .bab_input import GraphBoxes, input_bab
+        from relax.bab.input_split import GraphBoxes, input_bab
 
         lo, hi = (b.reshape(-1) for b in x_set.bounds())
         res = input_bab(GraphBoxes(graph, deadline=t0 + time_left), rs, lo, hi, timeout=time_left, batch_size=opts.batch_size or 512, margin=opts.margin,
@@ -304,7 +304,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
         if first.status != "unknown" or time.perf_counter() >= deadline:
             return first
         extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains}
-    from .refine import refine_graph_root
+    from relax.bab.tighten import refine_graph_root
 
     stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
     got = refine_graph_root(graph, model, x_set, rs, boxes, root_alphas, layers=refine, deadline=stop, alpha_deadline=deadline,

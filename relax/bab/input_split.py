@@ -24,7 +24,7 @@ import time
 import torch
 from torch import Tensor
 
-from .bab import BabResult, RowSpec, pgd_boxes
+from relax.bab import BabResult, RowSpec, pgd_boxes
 
 #: intermediate boxes of a batch of boxes: per pre-activation node (graph order), ``(lo, hi)``
 #: flattened to ``[B, n]``
@@ -71,7 +71,7 @@ class GraphBoxes:
     def bound(self, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None) -> tuple[Tensor, Tensor, Bounds]:
         """``lower [B, N]`` of the rows over each box, ``A_in [B, N, n_0]`` (the rows' input
         coefficients), and the boxes' intermediate bounds (intersected with ``prior``)."""
-        from .linear import crown
+        from relax.bounds.crown import crown
 
         g, B = self.graph, lo.shape[0]
         C, d = spec.batch(B)
@@ -86,7 +86,7 @@ class GraphBoxes:
     def optimize(self, C: Tensor, d: Tensor, lo: Tensor, hi: Tensor, pre: Bounds, steps: int, lr: float) -> Tensor:
         """alpha-CROWN lower bounds ``[B, R]`` of the rows ``C [B, R, K] y + d`` over the boxes
         with their intermediate bounds ``pre`` fixed (``steps`` slope updates)."""
-        from .alpha import alpha_crown
+        from relax.bounds.alpha import alpha_crown
 
         res = alpha_crown(self.graph, self._set(lo, hi), C.to(self.dtype), iterations=steps, lr=lr, intermediate=self._boxes(pre),
                           deadline=self._deadline())

@@ -48,8 +48,8 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import InputSet, LinearSpec, LpBall
 
-from .affine_net import FeedForwardNet
-from .lp import UnsupportedNetworkError, initial_bounds, regions_of, relu_net, tighten_bounds
+from relax.ir.dense import FeedForwardNet
+from relax.exact.lp import UnsupportedNetworkError, initial_bounds, regions_of, relu_net, tighten_bounds
 
 __all__ = ["SdpResult", "SdpProblem", "sdp_lower_bounds", "SDP_SOLVERS"]
 
@@ -262,7 +262,7 @@ def sdp_lower_bounds(
         model: ReLU chain network (or its dense form).
         inputs: batched box or l_inf ball ``[B, *shape]``.
         spec: ``C [B, N, K]``, ``d [B, N]``.
-        bounds_method: pre-activation bounds (:func:`relax.lp.initial_bounds`).
+        bounds_method: pre-activation bounds (:func:`relax.exact.lp.initial_bounds`).
         refine: LP re-tightening of those bounds first.
         triangle: add the triangle LP constraint (tighter; see the module docstring).
         solver: "auto", "clarabel" or "scs" (through cvxpy); see ``AUTO_CLARABEL_MAX_N``.
@@ -324,7 +324,7 @@ def sdp_lower_bounds(
         statuses = []
         skip = np.zeros(N, dtype=bool)
         if lp_first:
-            from .lp import lp_lower_bounds
+            from relax.exact.lp import lp_lower_bounds
 
             lpl = lp_lower_bounds(net, inputs.select([bi]), spec.select([bi]), net=net, bounds=[bnds], deadline=mine).lower[0].numpy()
             skip = lpl > LP_FIRST_MARGIN
