@@ -2,7 +2,7 @@
 VNN-COMP instances, alternated per instance so that both meet the same machine load.
 
 Each instance runs once per arm in a fresh process (`python -m verify.cli run -q --method M
---timeout T`), the arm that goes first alternating from one instance to the next; a line per run
+--timeout T`; M is `--method`, default bab), the arm that goes first alternating from one instance to the next; a line per run
 goes to the output CSV at once (instance, arm, status, process wall seconds, `time_s` reported),
 and a summary per arm is printed at the end.
 
@@ -50,11 +50,12 @@ def read_list(path: Path, every: int, start: int) -> list[tuple[Path, Path, floa
     return rows
 
 
-def run_one(tree: Path, options: list[str], onnx: Path, vnnlib: Path, timeout: float, python: str) -> tuple[str, float, str]:
+def run_one(tree: Path, options: list[str], onnx: Path, vnnlib: Path, timeout: float, python: str,
+            method: str = "bab") -> tuple[str, float, str]:
     """One `certify run` in ``tree``: (status, process wall seconds, reported time_s)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.csv"
-        cmd = [python, "-m", "verify.cli", "run", "-q", "--model", str(onnx), "--spec", str(vnnlib), "--method", "bab",
+        cmd = [python, "-m", "verify.cli", "run", "-q", "--model", str(onnx), "--spec", str(vnnlib), "--method", method,
                "--timeout", f"{timeout:g}", "--out", str(out), *options]
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
         t0 = time.perf_counter()
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start", type=int, default=0, help="first instance (0-based line)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--method", default="bab", help="the method every arm runs (default bab)")
     a = ap.parse_args(argv)
     arms = [parse_arm(t) for t in a.arm]
     if len(arms) < 2:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             order = arms[i % len(arms):] + arms[: i % len(arms)]
             for name, tree, opts in order:
                 started = time.strftime("%H:%M:%S", time.gmtime())
-                status, wall, time_s = run_one(tree, opts, onnx, vnn, T, a.python)
+                status, wall, time_s = run_one(tree, opts, onnx, vnn, T, a.python, a.method)
                 w.writerow([i, onnx.name, vnn.name, name, status, f"{wall:.2f}", time_s, f"{T:g}", started])
                 f.flush()
                 tot = totals[name]
