@@ -14,6 +14,7 @@ so that ``certify methods`` finds it without importing everything up front.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import math
@@ -27,6 +28,7 @@ from torch import Tensor
 from .certificate import Certificate
 from .deadline import Deadline
 from .spec import InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
+from .status_rule import enforce_status_rule
 
 __all__ = [
     "Method",
@@ -184,13 +186,46 @@ def _check_option_range(key: str, v: float, fail: Callable[[str], None]) -> None
         fail("a value >= 0")
 
 
+def _under_status_rule(certify: Callable[..., list[Certificate]]) -> Callable[..., list[Certificate]]:
+    """``certify`` whose answers pass :func:`verify.status_rule.enforce_status_rule` once, at the
+    outermost call (a subclass's ``certify`` calling its parent's is checked once)."""
+
+    @functools.wraps(certify)
+    def checked(self: "Method", model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, **kwargs: Any) -> list[Certificate]:
+        outer = not getattr(self, "_in_certify", False)
+        self._in_certify = True
+        try:
+            certs = certify(self, model, inputs, prop, **kwargs)
+        finally:
+            if outer:
+                self._in_certify = False
+        return enforce_status_rule(model, inputs, prop, certs) if outer else certs
+
+    checked._under_status_rule = True  # type: ignore[attr-defined]
+    return checked
+
+
 class Method:
     """Base class of all certification methods.
 
     Subclasses set the class attributes and define ``__init__`` with explicit keyword
     options (scikit-learn style: stored under the same attribute names, e.g. by
     ``self._store_options(locals())``).
+
+    The status rule is not the methods' to repeat: every ``certify`` a subclass defines is
+    wrapped at class creation so that its Certificates pass
+    :func:`verify.status_rule.enforce_status_rule` ("falsified" only with a confirmed
+    counterexample, no "certified" contradicted at the set's centre).
     """
+
+    #: set while a ``certify`` call runs (the status rule runs at the outermost one)
+    _in_certify: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("certify")
+        if own is not None and not getattr(own, "_under_status_rule", False):
+            setattr(cls, "certify", _under_status_rule(own))
 
     name: ClassVar[str] = ""
     guarantee: ClassVar[str] = "deterministic"

@@ -47,7 +47,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from verify.attack import pgd_attack, repair_counterexample
+from verify.attack import AttackResult, pgd_attack, repair_counterexample
 from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robust, parse_norm
 
@@ -275,7 +275,7 @@ def milp_verify(
         refine: LP re-tightening of the hidden layers' bounds before the MILP.
         solver: "auto" | "highs" | "gurobi".
         time_limit: seconds per example (attack, bounds and MILPs together); ``None`` = none.
-        attack: run :func:`pgd_attack` first (a quick falsification and the MILP start).
+        attack: run :func:`verify.attack.pgd_attack` first (a quick falsification and the MILP start).
         margin: a group counts as proved when the MILP shows ``t_g* >= margin`` (row units).
         exact: solve every group to optimality (no early stop, gap 1e-9; all groups even after
             a violation) -- ``group_lower`` / ``group_upper`` then bracket ``t_g*`` tightly.
@@ -288,183 +288,277 @@ def milp_verify(
     if net is None:
         net = relu_net(model, inputs.shape)
     B = inputs.batch_size
-    groups = spec.groups.cpu().numpy()
-    G = int(groups.max()) + 1 if len(groups) else 0
-    C = spec.C.detach().double().cpu().numpy()
-    d = spec.d.detach().double().cpu().numpy()
-    regions = regions_of(inputs)
-
     # the examples share the batch's time from here on (attack and bounds included)
     call = Deadline(None if time_limit is None else time_limit * B)
-    attacked = None
-    gm_att = None
+    attacked, gm_att = None, None
     if attack:
         with _one_thread():
             attacked = pgd_attack(model, inputs, spec, steps=40, restarts=2, seed=0)
         with torch.no_grad():
             gm_att = _margins(model, attacked.x_adv, spec, torch.float64).cpu().numpy()  # [B, G]
     ib, used = initial_bounds(model, net, inputs, bounds_method)
+    groups = spec.groups.cpu().numpy()
+    run = _MilpRun(
+        model=model, net=net, inputs=inputs, spec=spec, groups=groups, G=int(groups.max()) + 1 if len(groups) else 0,
+        C=spec.C.detach().double().cpu().numpy(), d=spec.d.detach().double().cpu().numpy(), regions=regions_of(inputs),
+        solver=solver, solver_name=solver_name, margin=margin, exact=exact, refine=refine, threads=threads,
+        attack=attack, attacked=attacked, gm_att=gm_att, initial=ib, bounds_used=used,
+    )
     outs: list[MilpOutcome] = []
     for b in range(B):
-        t0 = time.perf_counter()
-        deadline = call.share(B - b).at
-        det: dict = {"bounds": used, "solver": solver_name, "margin": margin}
-        gl = np.full(G, -np.inf)
-        gu = np.full(G, np.inf)
-        in_b = inputs.select([b])
-        spec_b = spec.select([b])
-        # 1. attack
-        if attacked is not None and bool(attacked.found[b]):
-            xc = attacked.x_adv[b : b + 1]
-            gmx = _margins(model, xc, spec_b, torch.float64)[0].cpu().numpy()
-            det.update(found_by="attack", note="confirmed", time_s=time.perf_counter() - t0)
-            outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), np.full(len(groups), -np.inf), xc[0].float().cpu(), det))
-            continue
-        # 2. bounds
-        bnds = [(l[b].numpy().copy(), u[b].numpy().copy()) for l, u in ib]
-        try:
-            if refine:
-                bnds, det["refine"] = tighten_bounds(net, regions[b], bnds, solver=solver, deadline=deadline)
-            # 3. LP screen (safe bounds) with the final bounds
-            t_lp = time.perf_counter()
-            lpres = lp_lower_bounds(net, in_b, spec_b, solver=solver, net=net, bounds=[bnds], deadline=Deadline.until(deadline))
-        except SolverError as e:
-            det["reason"] = f"solver: {e}"
-            outs.append(MilpOutcome("unknown", gl, gu, np.full(len(groups), -np.inf), None, det))
-            continue
-        t_lp = time.perf_counter() - t_lp  # ~ the cost of encoding and building the MILP too
-        row_lower = lpres.lower[0].numpy().copy()
-        for g in range(G):
-            gl[g] = row_lower[groups == g].max()
-        lp_proved = gl > 1e-9
-        det["lp_proved_groups"] = int(lp_proved.sum())
-        # 3b. attack from the LP optima of the open groups (a violation often sits near them);
-        #     their margins also order the groups (likely violations first)
-        open_g = [g for g in range(G) if not lp_proved[g]]
-        g_order = {g: (gm_att[b, g] if gm_att is not None else 0.0) for g in range(G)}
-        if attack and open_g and not exact:
-            pts = lpres.points[0]
-            rows_of = [int(np.flatnonzero(groups == g)[np.argmax(row_lower[groups == g])]) for g in open_g]
-            starts = torch.from_numpy(pts[rows_of]).reshape(len(open_g), 1, *inputs.shape)
-            with _one_thread():
-                near = pgd_attack(model, in_b, spec_b, steps=LP_START_STEPS, step_size=2.0 / LP_START_STEPS,
-                                  starts=starts, start_groups=open_g)
-            gmx = _margins(model, near.x_adv, spec_b, torch.float64)[0].cpu().numpy()  # [G]
-            for g in open_g:
-                g_order[g] = min(g_order[g], float(gmx[g]))
-            if bool(near.found[0]):
-                det.update(found_by="attack from an LP optimum", note="confirmed", time_s=time.perf_counter() - t0)
-                outs.append(MilpOutcome("falsified", gl, np.minimum(gu, gmx), row_lower, near.x_adv[0].float().cpu(), det))
-                continue
-        # 4. MILP per remaining group (not started when building it would pass the deadline)
-        if deadline is not None and deadline - time.perf_counter() < t_lp and not bool(lp_proved.all()):
-            det["reason"] = "time limit before the MILP"
-            det["time_s"] = time.perf_counter() - t0
-            outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
-            continue
-        enc = encode(net, regions[b], bnds, integer=True)
-        det["milp"] = dict(enc.stats)
-        lp, rows, t_col, M, const = _add_spec_rows(enc, net, C[b], d[b], with_t=True)
-        try:
-            be = make_backend(lp, solver, threads=threads)
-        except SolverError as e:
-            det["reason"] = f"solver: {e}"
-            outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
-            continue
-        det["solver"] = be.name
-        if isinstance(be, GurobiBackend):  # be.name == "gurobi"
-            det["milp"].update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
-        cost = np.zeros(lp.num_cols)
-        cost[t_col] = 1.0
-        be.set_objective(cost)
-        todo = [g for g in range(G) if not lp_proved[g] or exact]
-        todo.sort(key=lambda g: g_order[g])
-        per_group: dict = {}
-        status, cex, reasons = "certified", None, []
-        errors: list[tuple[int, str]] = []
-        reg = regions[b]
-        x_start = attacked.x_adv[b].double().cpu().reshape(-1).numpy() if attacked is not None else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2)
-        v_start = enc.point(net, x_start)
-        # the encoding must contain this point of the input set (else the bounds are invalid)
-        if not _bounds_contain(net, bnds, x_start) or not _encoding_contains(enc.lp, v_start):
-            det["reason"] = "the pre-activation bounds exclude a point of the input set (invalid bounds)"
-            det["time_s"] = time.perf_counter() - t0
-            outs.append(MilpOutcome("unknown", gl, gu, row_lower, None, det))
-            continue
-        row_vals = np.asarray(M @ v_start + const).ravel()
-        row_floor = _interval_rows(M, const, enc.lp)  # valid lower bounds of every row
-        gmargin = _group_margins(M, const, enc.lp, groups, margin)
-        det["group_margins"] = gmargin.tolist()
-        for g in todo:
-            sel = np.flatnonzero(groups == g)
-            t_lo = max(gl[g], row_floor[sel].max())
-            be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
-            be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -const[sel])
-            be.set_col_bounds([t_col], [t_lo], [np.inf])
-            t_start = max(row_vals[sel].max(), t_lo)
-            rest = None if deadline is None else deadline - time.perf_counter()
-            if rest is not None and rest <= 0:
-                per_group[g] = "not run (time limit)"
-                status = "unknown"
-                reasons.append("time limit before all groups were solved")
-                break
-            if exact:
-                r = be.solve(time_limit=rest, start=np.r_[v_start, t_start], rel_gap=0.0, abs_gap=1e-9)
-            else:
-                # proof mode: only solutions with t < margin matter (cutoff prunes the rest),
-                # no primal heuristics; stop at the first t <= 0 (a candidate counterexample)
-                mg = float(gmargin[g])
-                start = np.r_[v_start, t_start] if t_start < mg else None
-                r = be.solve(time_limit=rest, start=start, stop_bound_above=mg, stop_primal_below=0.0, cutoff=mg, heuristics=False)
-            per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
-            if r.status == "infeasible":
-                # the encoding holds a point of the set (checked above): an empty MILP means
-                # solver trouble; report, never prove
-                status = "unknown"
-                reasons.append(f"group {g}: MILP reported infeasible")
-                continue
-            if r.status == "error":
-                status = "unknown"
-                errors.append((g, r.message))
-                continue
-            bound = r.bound if exact else min(r.bound, float(gmargin[g]))  # nodes past the cutoff were pruned
-            if math.isfinite(bound):
-                gl[g] = max(gl[g], bound)
-            gu[g] = min(gu[g], r.objective)
-            if _proved(gl[g], lp_proved[g], float(gmargin[g])):
-                continue
-            if r.x is not None and r.objective <= 0:
-                xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *inputs.shape)
-                ok, xc, note = repair_counterexample(model, in_b, spec_b, xs, group=g)
-                if ok:
-                    cex = xc[0].float().cpu()
-                    status = "falsified"
-                    det["found_by"] = "milp"
-                    det["note"] = note
-                    if not exact:
-                        break
-                    continue
-                reasons.append(f"group {g}: {note}")
-            if status != "falsified":
-                status = "unknown"
-                if r.status == "time_limit":
-                    reasons.append(f"group {g}: time limit (dual bound {r.bound:.4g})")
-                elif r.status == "optimal":
-                    reasons.append(f"group {g}: optimum {r.objective:.4g} within the margin {margin:g} of 0")
-        for g in range(G):
-            if (groups == g).sum() == 1 and math.isfinite(gl[g]):
-                i = int(np.flatnonzero(groups == g)[0])
-                row_lower[i] = max(row_lower[i], gl[g])
-        if status == "certified" and not all(_proved(gl[g], lp_proved[g], float(gmargin[g])) for g in range(G)):
-            status = "unknown"
-        det["groups"] = {str(k): v for k, v in per_group.items()}
-        if errors:
-            reasons.append("solver error " + _join_errors(errors))
-        if reasons and status != "falsified":
-            det["reason"] = "; ".join(reasons)
-        det["time_s"] = time.perf_counter() - t0
-        outs.append(MilpOutcome(status, gl, gu, row_lower, cex, det))
+        outs.append(_verify_example(run, b, call.share(B - b).at))
     return outs
+
+
+@dataclass
+class _MilpRun:
+    """What the examples of one :func:`milp_verify` call share (the batch's attack and bounds)."""
+
+    model: torch.nn.Module
+    net: FeedForwardNet
+    inputs: InputSet
+    spec: LinearSpec
+    groups: np.ndarray  # [N] group of each row
+    G: int
+    C: np.ndarray  # [B, N, K]
+    d: np.ndarray  # [B, N]
+    regions: list
+    solver: str
+    solver_name: str
+    margin: float
+    exact: bool
+    refine: bool
+    threads: int
+    attack: bool
+    attacked: AttackResult | None  # the batch's PGD (confirmed counterexamples where found)
+    gm_att: np.ndarray | None  # [B, G] group margins at the attack's points
+    initial: list  # per layer (lower [B, n], upper [B, n]) pre-activation bounds
+    bounds_used: str
+
+
+@dataclass
+class _Example:
+    """One example's running record: its sets, what is known of each group, the details."""
+
+    b: int
+    t0: float
+    deadline: float | None
+    in_b: InputSet
+    spec_b: LinearSpec
+    gl: np.ndarray  # [G] lower bounds of t_g*
+    gu: np.ndarray  # [G] values of solutions found
+    det: dict
+
+    def outcome(self, status: str, row_lower: np.ndarray, cex: Tensor | None = None) -> MilpOutcome:
+        self.det.setdefault("time_s", time.perf_counter() - self.t0)
+        return MilpOutcome(status, self.gl, self.gu, row_lower, cex, self.det)
+
+
+def _verify_example(run: _MilpRun, b: int, deadline: float | None) -> MilpOutcome:
+    """Stages for example ``b``: the batch attack's counterexample, the (refined) bounds and the LP
+    screen, PGD from the LP optima, then one MILP per group the LP left open."""
+    ex = _Example(b, time.perf_counter(), deadline, run.inputs.select([b]), run.spec.select([b]),
+                  np.full(run.G, -np.inf), np.full(run.G, np.inf),
+                  {"bounds": run.bounds_used, "solver": run.solver_name, "margin": run.margin})
+    no_rows = np.full(len(run.groups), -np.inf)
+    if run.attacked is not None and bool(run.attacked.found[b]):
+        return _falsified(run, ex, run.attacked.x_adv[b : b + 1], "attack", no_rows)
+    screened = _lp_screen(run, ex)
+    if screened is None:
+        return ex.outcome("unknown", no_rows)
+    bnds, lpres, t_lp = screened
+    row_lower = lpres.lower[0].numpy().copy()
+    for g in range(run.G):
+        ex.gl[g] = row_lower[run.groups == g].max()
+    lp_proved = ex.gl > 1e-9
+    ex.det["lp_proved_groups"] = int(lp_proved.sum())
+    g_order, found = _attack_from_lp_optima(run, ex, lpres, row_lower, lp_proved)
+    if found is not None:
+        return _falsified(run, ex, found, "attack from an LP optimum", row_lower)
+    # the MILPs are not started when building them would pass the deadline
+    if deadline is not None and deadline - time.perf_counter() < t_lp and not bool(lp_proved.all()):
+        ex.det["reason"] = "time limit before the MILP"
+        return ex.outcome("unknown", row_lower)
+    return _solve_groups(run, ex, bnds, row_lower, lp_proved, g_order)
+
+
+def _falsified(run: _MilpRun, ex: _Example, x: Tensor, found_by: str, row_lower: np.ndarray) -> MilpOutcome:
+    """The outcome for a confirmed counterexample ``x [1, *shape]`` found by an attack."""
+    gmx = _margins(run.model, x, ex.spec_b, torch.float64)[0].cpu().numpy()
+    ex.gu = np.minimum(ex.gu, gmx)
+    ex.det.update(found_by=found_by, note="confirmed")
+    return ex.outcome("falsified", row_lower, x[0].float().cpu())
+
+
+def _lp_screen(run: _MilpRun, ex: _Example) -> tuple[list, Any, float] | None:
+    """The example's pre-activation bounds (LP-refined with ``refine``) and the LP's safe lower
+    bounds of the rows: ``(bounds, LP result, seconds of the LP)``; ``None`` on solver trouble
+    (the reason in ``ex.det``)."""
+    b = ex.b
+    bnds = [(lo[b].numpy().copy(), hi[b].numpy().copy()) for lo, hi in run.initial]
+    try:
+        if run.refine:
+            bnds, ex.det["refine"] = tighten_bounds(run.net, run.regions[b], bnds, solver=run.solver, deadline=ex.deadline)
+        t_lp = time.perf_counter()
+        lpres = lp_lower_bounds(run.net, ex.in_b, ex.spec_b, solver=run.solver, net=run.net, bounds=[bnds],
+                                deadline=Deadline.until(ex.deadline))
+    except SolverError as e:
+        ex.det["reason"] = f"solver: {e}"
+        return None
+    return bnds, lpres, time.perf_counter() - t_lp  # ~ the cost of encoding and building the MILP too
+
+
+def _attack_from_lp_optima(
+    run: _MilpRun, ex: _Example, lpres: Any, row_lower: np.ndarray, lp_proved: np.ndarray
+) -> tuple[dict[int, float], Tensor | None]:
+    """PGD from the LP optima of the open groups (a violation often sits near them). Returns the
+    order of the groups for the MILPs (lowest margin seen first: likely violations first) and a
+    confirmed counterexample ``[1, *shape]`` or ``None``."""
+    open_g = [g for g in range(run.G) if not lp_proved[g]]
+    g_order = {g: (float(run.gm_att[ex.b, g]) if run.gm_att is not None else 0.0) for g in range(run.G)}
+    if not (run.attack and open_g and not run.exact):
+        return g_order, None
+    groups, pts = run.groups, lpres.points[0]
+    rows_of = [int(np.flatnonzero(groups == g)[np.argmax(row_lower[groups == g])]) for g in open_g]
+    starts = torch.from_numpy(pts[rows_of]).reshape(len(open_g), 1, *run.inputs.shape)
+    with _one_thread():
+        near = pgd_attack(run.model, ex.in_b, ex.spec_b, steps=LP_START_STEPS, step_size=2.0 / LP_START_STEPS,
+                          starts=starts, start_groups=open_g)
+    gmx = _margins(run.model, near.x_adv, ex.spec_b, torch.float64)[0].cpu().numpy()  # [G]
+    for g in open_g:
+        g_order[g] = min(g_order[g], float(gmx[g]))
+    return g_order, (near.x_adv if bool(near.found[0]) else None)
+
+
+def _solve_groups(
+    run: _MilpRun, ex: _Example, bnds: list, row_lower: np.ndarray, lp_proved: np.ndarray, g_order: dict[int, float]
+) -> MilpOutcome:
+    """Encode the MILP of example ``ex.b`` once and solve it per open group (lowest ``g_order``
+    first): proved when every group's optimum clears its margin, falsified by a confirmed
+    solution point, unknown otherwise (reasons in the details)."""
+    b, det = ex.b, ex.det
+    enc = encode(run.net, run.regions[b], bnds, integer=True)
+    det["milp"] = dict(enc.stats)
+    lp, rows, t_col, M, const = _add_spec_rows(enc, run.net, run.C[b], run.d[b], with_t=True)
+    try:
+        be = make_backend(lp, run.solver, threads=run.threads)
+    except SolverError as e:
+        det["reason"] = f"solver: {e}"
+        return ex.outcome("unknown", row_lower)
+    det["solver"] = be.name
+    if isinstance(be, GurobiBackend):  # be.name == "gurobi"
+        det["milp"].update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
+    cost = np.zeros(lp.num_cols)
+    cost[t_col] = 1.0
+    be.set_objective(cost)
+    reg = run.regions[b]
+    x_start = (run.attacked.x_adv[b].double().cpu().reshape(-1).numpy() if run.attacked is not None
+               else (reg.center if reg.center is not None else (reg.lo + reg.hi) / 2))
+    v_start = enc.point(run.net, x_start)
+    # the encoding must contain this point of the input set (else the bounds are invalid)
+    if not _bounds_contain(run.net, bnds, x_start) or not _encoding_contains(enc.lp, v_start):
+        det["reason"] = "the pre-activation bounds exclude a point of the input set (invalid bounds)"
+        return ex.outcome("unknown", row_lower)
+    loop = _GroupLoop(run, ex, be, rows, t_col, M, const, enc, v_start, lp_proved)
+    for g in sorted((g for g in range(run.G) if not lp_proved[g] or run.exact), key=lambda g: g_order[g]):
+        if not loop.solve(g):
+            break
+    return loop.finish(row_lower)
+
+
+class _GroupLoop:
+    """The per-group MILPs of one example on one backend, and what they establish."""
+
+    def __init__(self, run: _MilpRun, ex: _Example, be: Any, rows: np.ndarray, t_col: int, M: Any, const: np.ndarray,
+                 enc: NetEncoding, v_start: np.ndarray, lp_proved: np.ndarray) -> None:
+        self.run, self.ex, self.be, self.rows, self.t_col, self.const = run, ex, be, rows, t_col, const
+        self.enc, self.v_start, self.lp_proved = enc, v_start, lp_proved
+        self.row_vals = np.asarray(M @ v_start + const).ravel()
+        self.row_floor = _interval_rows(M, const, enc.lp)  # valid lower bounds of every row
+        self.gmargin = _group_margins(M, const, enc.lp, run.groups, run.margin)
+        ex.det["group_margins"] = self.gmargin.tolist()
+        self.status = "certified"
+        self.cex: Tensor | None = None
+        self.reasons: list[str] = []
+        self.errors: list[tuple[int, str]] = []
+        self.per_group: dict = {}
+
+    def _run_milp(self, g: int, rest: float | None) -> Any:
+        """Solve group ``g``'s MILP ``min t s.t. every row of g <= t`` within ``rest`` seconds."""
+        be, rows, sel, ex = self.be, self.rows, np.flatnonzero(self.run.groups == g), self.ex
+        t_lo = max(ex.gl[g], self.row_floor[sel].max())
+        be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
+        be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -self.const[sel])
+        be.set_col_bounds([self.t_col], [t_lo], [np.inf])
+        t_start = max(self.row_vals[sel].max(), t_lo)
+        if self.run.exact:
+            return be.solve(time_limit=rest, start=np.r_[self.v_start, t_start], rel_gap=0.0, abs_gap=1e-9)
+        # proof mode: only solutions with t < margin matter (cutoff prunes the rest), no primal
+        # heuristics; stop at the first t <= 0 (a candidate counterexample)
+        mg = float(self.gmargin[g])
+        start = np.r_[self.v_start, t_start] if t_start < mg else None
+        return be.solve(time_limit=rest, start=start, stop_bound_above=mg, stop_primal_below=0.0, cutoff=mg, heuristics=False)
+
+    def solve(self, g: int) -> bool:
+        """Solve group ``g`` and record what it shows; ``False``: stop (deadline or, outside exact
+        mode, a confirmed counterexample)."""
+        run, ex = self.run, self.ex
+        rest = None if ex.deadline is None else ex.deadline - time.perf_counter()
+        if rest is not None and rest <= 0:
+            self.per_group[g] = "not run (time limit)"
+            self.status = "unknown"
+            self.reasons.append("time limit before all groups were solved")
+            return False
+        r = self._run_milp(g, rest)
+        self.per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
+        if r.status in ("infeasible", "error"):
+            # the encoding holds a point of the set (checked before): an empty MILP means solver
+            # trouble; report, never prove
+            self.status = "unknown"
+            if r.status == "error":
+                self.errors.append((g, r.message))
+            else:
+                self.reasons.append(f"group {g}: MILP reported infeasible")
+            return True
+        bound = r.bound if run.exact else min(r.bound, float(self.gmargin[g]))  # nodes past the cutoff were pruned
+        if math.isfinite(bound):
+            ex.gl[g] = max(ex.gl[g], bound)
+        ex.gu[g] = min(ex.gu[g], r.objective)
+        if _proved(ex.gl[g], self.lp_proved[g], float(self.gmargin[g])):
+            return True
+        if r.x is not None and r.objective <= 0:
+            xs = torch.from_numpy(r.x[self.enc.x_cols]).reshape(1, *run.inputs.shape)
+            ok, xc, note = repair_counterexample(run.model, ex.in_b, ex.spec_b, xs, group=g)
+            if ok:
+                self.cex, self.status = xc[0].float().cpu(), "falsified"
+                ex.det.update(found_by="milp", note=note)
+                return run.exact
+            self.reasons.append(f"group {g}: {note}")
+        if self.status != "falsified":
+            self.status = "unknown"
+            if r.status == "time_limit":
+                self.reasons.append(f"group {g}: time limit (dual bound {r.bound:.4g})")
+            elif r.status == "optimal":
+                self.reasons.append(f"group {g}: optimum {r.objective:.4g} within the margin {run.margin:g} of 0")
+        return True
+
+    def finish(self, row_lower: np.ndarray) -> MilpOutcome:
+        """The example's outcome; single-row groups raise their row's lower bound to the MILP's."""
+        run, ex, groups = self.run, self.ex, self.run.groups
+        for g in range(run.G):
+            if (groups == g).sum() == 1 and math.isfinite(ex.gl[g]):
+                i = int(np.flatnonzero(groups == g)[0])
+                row_lower[i] = max(row_lower[i], ex.gl[g])
+        status = self.status
+        if status == "certified" and not all(_proved(ex.gl[g], self.lp_proved[g], float(self.gmargin[g])) for g in range(run.G)):
+            status = "unknown"
+        ex.det["groups"] = {str(k): v for k, v in self.per_group.items()}
+        if self.errors:
+            self.reasons.append("solver error " + _join_errors(self.errors))
+        if self.reasons and status != "falsified":
+            ex.det["reason"] = "; ".join(self.reasons)
+        ex.det["time_s"] = time.perf_counter() - ex.t0
+        return MilpOutcome(status, ex.gl, ex.gu, row_lower, self.cex, ex.det)
 
 
 # ------------------------------------------------------------------------------------------
