@@ -721,170 +721,203 @@ def _attack_radius(model, x, spec, p, top, dl, dh, c) -> tuple[float, Tensor | N
 
 def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds_method, refine, eps_max, threads) -> DistortionResult:
     """:func:`minimum_distortion` for one example ``x [1, *shape]``; ``dl, dh``: domain
-    ``[1, *shape]`` or ``None``."""
+    ``[1, *shape]`` or ``None``. A PGD distance on a radius grid bounds the search, then one MILP
+    per group (:class:`_DistortionSearch`)."""
     t0 = time.perf_counter()
     deadline = None if timeout is None else t0 + timeout
     c = x.double().cpu().reshape(-1).numpy()
-    n0 = len(c)
-    dlo = np.full(n0, -np.inf) if dl is None else dl.double().cpu().reshape(-1).numpy()
-    dhi = np.full(n0, np.inf) if dh is None else dh.double().cpu().reshape(-1).numpy()
+    dlo = np.full(len(c), -np.inf) if dl is None else dl.double().cpu().reshape(-1).numpy()
+    dhi = np.full(len(c), np.inf) if dh is None else dh.double().cpu().reshape(-1).numpy()
     det: dict = {"norm": "linf" if math.isinf(p) else f"l{int(p)}", "solver": resolve_solver(solver_name)}
-    groups = spec.groups.cpu().numpy()
-    G = int(groups.max()) + 1
     gm0 = _margins(model, x, spec, torch.float64)[0].cpu().numpy()
     if (gm0 <= 0).any() and repair_counterexample(model, None, spec, x)[0]:
         return DistortionResult(0.0, 0.0, 0.0, "optimal", x[0].cpu(), {"note": "the clean input already violates the property"})
-    dom_r = _domain_radius(c, dlo, dhi, p)
     # 1. attack on a doubling radius grid -> eps_max
-    best_val, best_x = math.inf, None
-    top = eps_max if eps_max is not None else dom_r
+    top = eps_max if eps_max is not None else _domain_radius(c, dlo, dhi, p)
     if not math.isfinite(top):
         raise ValueError("minimum_distortion: give a finite domain or eps_max")
     best_val, best_x = _attack_radius(model, x, spec, p, top, dl, dh, c)
     det["attack_distance"] = best_val
-    emax = min(top, best_val) if math.isfinite(best_val) else top
-    emax = float(emax)
+    emax = float(min(top, best_val) if math.isfinite(best_val) else top)
     det["eps_max"] = emax
-    # 2. bounds valid on the ball of radius R (first R = emax; for l_2: CROWN on the l_2 ball,
-    #    intervals and the LP refinement on its box enclosure, which contains it) and the MILP
-    C = spec.C[0].detach().double().cpu().numpy()
-    dd = spec.d[0].detach().double().cpu().numpy()
+    # 2. bounds valid on the ball of radius emax and the MILP, then one MILP per group
+    search = _DistortionSearch(model, net, x, spec, p, dl, dh, deadline, solver_name, bounds_method, refine, threads,
+                               best_val, best_x, det)
+    try:
+        search.build(emax, first=True)
+    except SolverError as e:
+        det["reason"] = f"solver: {e}"
+        det["time_s"] = time.perf_counter() - t0
+        return DistortionResult(best_val, 0.0, emax, "error", None if best_x is None else best_x[0].float().cpu(), det)
+    # one MILP per group (measured on the digits MLP: a single MILP over all groups with a
+    # binary per group is up to 5x faster on some l_inf inputs but far slower on others, and
+    # its big-M output rows make the l_2 MIQP time out; per group is the predictable choice)
+    order = [int(g) for g in np.argsort(gm0)]
+    for g in order:
+        search.solve(g, last=g == order[-1])
+    result = search.result(emax, eps_max)
+    det["time_s"] = time.perf_counter() - t0
+    return result
 
-    def build(radius: float):
-        ball = LpBall(x, radius, p, dl, dh)
-        ib, used = initial_bounds(model, net, ball, bounds_method)
-        reg = regions_of(LpBall(x, radius, math.inf, dl, dh) if p == 2.0 else ball)[0]
-        bnds = [(l[0].numpy().copy(), u[0].numpy().copy()) for l, u in ib]
+
+class _DistortionSearch:
+    """The per-group MILPs of :func:`minimum_distortion` for one example, on bounds valid for the
+    ball of radius ``R`` around ``x`` (rebuilt on a smaller ball when a closer adversarial
+    example shrinks the search enough: :data:`SHRINK_REBUILD`)."""
+
+    def __init__(self, model, net, x, spec, p, dl, dh, deadline, solver_name, bounds_method, refine, threads,
+                 best_val: float, best_x: Tensor | None, det: dict) -> None:
+        self.model, self.net, self.x, self.spec, self.p, self.dl, self.dh = model, net, x, spec, p, dl, dh
+        self.deadline, self.solver_name, self.bounds_method, self.refine, self.threads = deadline, solver_name, bounds_method, refine, threads
+        self.c = x.double().cpu().reshape(-1).numpy()
+        self.C = spec.C[0].detach().double().cpu().numpy()
+        self.d = spec.d[0].detach().double().cpu().numpy()
+        self.groups = spec.groups.cpu().numpy()
+        self.G = int(self.groups.max()) + 1
+        self.best_val, self.best_x, self.det = best_val, best_x, det
+        self.glow = np.zeros(self.G)  # lower bound of each group's minimum distance (0 = nothing known)
+        self.per_group: dict[int, Any] = {}
+        self.timed_out = False
+        self.errors: list[tuple[int, str]] = []
+
+    def build(self, radius: float, first: bool = False) -> None:
+        """Bounds valid on the ball of ``radius`` (for l_2: CROWN on the l_2 ball, intervals and the
+        LP refinement on its box enclosure, which contains it), the MILP and its backend."""
+        x, p, c, net = self.x, self.p, self.c, self.net
+        ball = LpBall(x, radius, p, self.dl, self.dh)
+        ib, used = initial_bounds(self.model, net, ball, self.bounds_method)
+        reg = regions_of(LpBall(x, radius, math.inf, self.dl, self.dh) if p == 2.0 else ball)[0]
+        bnds = [(lo[0].numpy().copy(), hi[0].numpy().copy()) for lo, hi in ib]
         ref = None
-        if refine:
-            bnds, ref = tighten_bounds(net, reg, bnds, solver=solver_name, deadline=deadline)
+        if self.refine:
+            bnds, ref = tighten_bounds(net, reg, bnds, solver=self.solver_name, deadline=self.deadline)
         enc = encode(net, reg, bnds, integer=True) if p == 2.0 else encode(net, reg, bnds, integer=True, distortion=(p, radius))
-        # points of the ball (the centre, the best adversarial example) must satisfy the
-        # encoding, else its pre-activation bounds are invalid and so would be any radius
-        probes = [(c, 0.0)]
-        if best_x is not None:
-            xb = best_x.double().cpu().reshape(-1).numpy()
-            if _lp_norm(xb - c, p) <= radius:
-                probes.append((xb, _lp_norm(xb - c, p)))
-        for xp, dist in probes:
-            if not _bounds_contain(net, bnds, xp) or not _encoding_contains(enc.lp, enc.point(net, xp, eps=None if p == 2.0 else dist)):
-                raise SolverError("the pre-activation bounds exclude a point of the input set (invalid bounds)")
-        lp, rows, _, M, const = _add_spec_rows(enc, net, C, dd, with_t=False)
-        be = make_backend(lp, solver_name, threads=threads, keep=enc.x_cols, quadratic=p == 2.0)
+        self._check_probes(enc, bnds, radius)
+        lp, rows, _, _, const = _add_spec_rows(enc, net, self.C, self.d, with_t=False)
+        be = make_backend(lp, self.solver_name, threads=self.threads, keep=enc.x_cols, quadratic=p == 2.0)
         cost = np.zeros(lp.num_cols)
         if p == 2.0:
             cost[enc.x_cols] = -2 * c
-            be.set_objective(cost, float(c @ c), qdiag=(enc.x_cols, np.ones(n0)))
+            be.set_objective(cost, float(c @ c), qdiag=(enc.x_cols, np.ones(len(c))))
         else:
             cost[enc.eps_col] = 1.0
             be.set_objective(cost)
         stats = dict(enc.stats)
         if isinstance(be, GurobiBackend):  # be.name == "gurobi"
             stats.update(solver_variables=be.num_vars, solver_constraints=be.num_constraints)
-        return enc, lp, rows, const, be, used, ref, stats
+        self.enc, self.lp, self.rows, self.const, self.be, self.R = enc, lp, rows, const, be, radius
+        if first:
+            self.det["bounds"], self.det["milp"], self.det["solver"] = used, stats, be.name
+            if ref is not None:
+                self.det["refine"] = ref
+        else:
+            self.det.setdefault("rebuilt", []).append({"radius": radius, **stats})
 
-    try:
-        enc, lp, rows, const, be, det["bounds"], ref, det["milp"] = build(emax)
-    except SolverError as e:
-        det["reason"] = f"solver: {e}"
-        det["time_s"] = time.perf_counter() - t0
-        return DistortionResult(best_val, 0.0, emax, "error", None if best_x is None else best_x[0].float().cpu(), det)
-    R = emax  # the radius the current bounds are valid for
-    if ref is not None:
-        det["refine"] = ref
-    det["solver"] = be.name
-    order = np.argsort(gm0)
-    glow = np.zeros(G)  # lower bound of each group's minimum distance (0 = nothing known)
-    per_group: dict[int, Any] = {}
-    timed_out = False
-    errors: list[tuple[int, str]] = []
-    # one MILP per group (measured on the digits MLP: a single MILP over all groups with a
-    # binary per group is up to 5x faster on some l_inf inputs but far slower on others, and
-    # its big-M output rows make the l_2 MIQP time out; per group is the predictable choice)
-    for g in order:
-        g = int(g)
-        sel = np.flatnonzero(groups == g)
+    def _check_probes(self, enc: NetEncoding, bnds: list, radius: float) -> None:
+        """Points of the ball (the centre, the best adversarial example) must satisfy the encoding,
+        else its pre-activation bounds are invalid and so would be any radius."""
+        c, p, net = self.c, self.p, self.net
+        probes = [(c, 0.0)]
+        if self.best_x is not None:
+            xb = self.best_x.double().cpu().reshape(-1).numpy()
+            if _lp_norm(xb - c, p) <= radius:
+                probes.append((xb, _lp_norm(xb - c, p)))
+        for xp, dist in probes:
+            if not _bounds_contain(net, bnds, xp) or not _encoding_contains(enc.lp, enc.point(net, xp, eps=None if p == 2.0 else dist)):
+                raise SolverError("the pre-activation bounds exclude a point of the input set (invalid bounds)")
+
+    def _start(self, g: int, sel: np.ndarray) -> np.ndarray | None:
+        """The best adversarial example as a MILP start for group ``g`` when it violates ``g``."""
+        if self.best_x is None or _margins(self.model, self.best_x, self.spec, torch.float64)[0, g] > 0:
+            return None
+        xb = self.best_x.double().cpu().reshape(-1).numpy()
+        point = self.enc.point(self.net, xb, eps=_lp_norm(xb - self.c, self.p))
+        return point if np.all(self.lp.A[self.rows[sel]] @ point <= -self.const[sel] + 1e-9) else None
+
+    def solve(self, g: int, last: bool) -> None:
+        """Group ``g``'s MILP ``min ||x' - x||_p s.t. every row of g <= 0`` below the best distance
+        so far; a solution point, confirmed, becomes the best adversarial example."""
+        be, rows, sel, p = self.be, self.rows, np.flatnonzero(self.groups == g), self.p
         be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
-        be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -const[sel])
-        cutoff = min(best_val, R)
+        be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -self.const[sel])
+        cutoff = min(self.best_val, self.R)
         if p != 2.0:
-            be.set_col_bounds([enc.eps_col], [0.0], [cutoff])
-        start = None
-        if best_x is not None:
-            xb = best_x.double().cpu().reshape(-1).numpy()
-            if _margins(model, best_x, spec, torch.float64)[0, g] <= 0:
-                dist = _lp_norm(xb - c, p)
-                sp_ = enc.point(net, xb, eps=dist)
-                if np.all(lp.A[rows[sel]] @ sp_ <= -const[sel] + 1e-9):
-                    start = sp_
-        rest = None if deadline is None else deadline - time.perf_counter()
+            be.set_col_bounds([self.enc.eps_col], [0.0], [cutoff])
+        start = self._start(g, sel)
+        rest = None if self.deadline is None else self.deadline - time.perf_counter()
         if rest is not None and rest <= 0:
-            timed_out = True
-            per_group[g] = "not run (time limit)"
-            continue
+            self.timed_out = True
+            self.per_group[g] = "not run (time limit)"
+            return
         # l_2: the objective is the squared distance; solutions at distance >= cutoff (where the
         # bounds may not hold, outside the l_2 ball of radius R) are pruned by the solver
         # (the l_2 cutoff is widened by 1e-6 so that points at distance exactly R stay in)
         r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7, cutoff=(cutoff * (1 + 1e-6) + 1e-9) ** 2 if p == 2.0 else None)
-        per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
+        self.per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
         if r.status in ("infeasible", "cutoff"):
-            glow[g] = cutoff
-            continue
+            self.glow[g] = cutoff
+            return
         if r.status == "error":
-            errors.append((g, r.message))
-            continue
+            self.errors.append((g, r.message))
+            return
         if r.status != "optimal":
-            timed_out = True
+            self.timed_out = True
         bound = r.bound if p != 2.0 else math.sqrt(max(r.bound, 0.0))
-        glow[g] = max(0.0, min(bound, cutoff)) if math.isfinite(bound) else 0.0
+        self.glow[g] = max(0.0, min(bound, cutoff)) if math.isfinite(bound) else 0.0
         if r.x is not None:
-            xs = torch.from_numpy(r.x[enc.x_cols]).reshape(1, *x.shape[1:])
-            dom = None
-            if dl is not None:
-                dom = Box(dl.double().cpu().expand_as(xs).clone(), dh.double().cpu().expand_as(xs).clone())
-            ok, xc, note = repair_counterexample(model, dom, spec, xs, group=g)
-            if not ok:
-                # push slightly away from the center (the optimum sits on a decision boundary)
-                for gamma in (1e-6, 1e-5, 1e-4, 1e-3):
-                    xt = torch.from_numpy(c).reshape_as(xs) + (1 + gamma) * (xs - torch.from_numpy(c).reshape_as(xs))
-                    if dom is not None:
-                        xt = dom.project(xt)
-                    ok, xc, note = repair_counterexample(model, dom, spec, xt, group=g)
-                    if ok:
-                        break
-            if ok:
-                dist = _lp_norm(xc.double().cpu().reshape(-1).numpy() - c, p)
-                if dist < best_val:
-                    best_val, best_x = dist, xc
-            else:
-                per_group[g]["note"] = note
+            self._take_solution(g, torch.from_numpy(r.x[self.enc.x_cols]).reshape(1, *self.x.shape[1:]))
         # the remaining groups only need the ball of radius best_val: when it is clearly
         # smaller than the one the bounds were computed for, tighter bounds (fewer unstable
         # neurons, smaller big-M constants) pay for the rebuild
-        if best_val < SHRINK_REBUILD * R and g != int(order[-1]) and (deadline is None or time.perf_counter() < deadline):
+        if self.best_val < SHRINK_REBUILD * self.R and not last and (self.deadline is None or time.perf_counter() < self.deadline):
             try:
-                enc, lp, rows, const, be, _, _, stats = build(best_val)
-                R = best_val
-                det.setdefault("rebuilt", []).append({"radius": R, **stats})
+                self.build(self.best_val)
             except SolverError:
                 pass
-    lower = float(min(glow.min(), best_val)) if G else math.inf
-    all_pruned = len(per_group) == G and all(isinstance(v, dict) and v["status"] in ("infeasible", "cutoff") for v in per_group.values())
-    if errors:
-        status = "error"
-        det["reason"] = "solver error: " + _join_errors(errors)
-    elif timed_out:
-        status = "time_limit"
-    elif not math.isfinite(best_val) and all_pruned:
-        # every group's MILP is empty below the radius: none within eps_max (or the domain)
-        status = "no_adversarial"
-        lower = emax if eps_max is not None else math.inf
-    elif math.isfinite(best_val) and best_val - lower <= 1e-4 * (1 + best_val):
-        status = "optimal"
-    else:
-        # a MILP optimum below the best confirmed distance that no forward pass confirms
-        status = "unconfirmed"
-        det["reason"] = "a MILP solution closer than any confirmed adversarial example was not confirmed by a forward pass"
-    det["groups"] = {str(k): v for k, v in per_group.items()}
-    det["time_s"] = time.perf_counter() - t0
-    return DistortionResult(best_val, lower, emax, status, None if best_x is None else best_x[0].float().cpu(), det)
+
+    def _take_solution(self, g: int, xs: Tensor) -> None:
+        """Confirm the MILP's point ``xs [1, *shape]`` (repaired, else pushed slightly away from
+        the centre: the optimum sits on a decision boundary) and keep it if it is closer."""
+        dom = None
+        if self.dl is not None:
+            dom = Box(self.dl.double().cpu().expand_as(xs).clone(), self.dh.double().cpu().expand_as(xs).clone())
+        ok, xc, note = repair_counterexample(self.model, dom, self.spec, xs, group=g)
+        if not ok:
+            centre = torch.from_numpy(self.c).reshape_as(xs)
+            for gamma in (1e-6, 1e-5, 1e-4, 1e-3):
+                xt = centre + (1 + gamma) * (xs - centre)
+                if dom is not None:
+                    xt = dom.project(xt)
+                ok, xc, note = repair_counterexample(self.model, dom, self.spec, xt, group=g)
+                if ok:
+                    break
+        if ok:
+            dist = _lp_norm(xc.double().cpu().reshape(-1).numpy() - self.c, self.p)
+            if dist < self.best_val:
+                self.best_val, self.best_x = dist, xc
+        else:
+            self.per_group[g]["note"] = note
+
+    def result(self, emax: float, eps_max: float | None) -> DistortionResult:
+        """The distance, its lower bound and the status from what the groups showed."""
+        best_val, G, det = self.best_val, self.G, self.det
+        lower = float(min(self.glow.min(), best_val)) if G else math.inf
+        all_pruned = len(self.per_group) == G and all(
+            isinstance(v, dict) and v["status"] in ("infeasible", "cutoff") for v in self.per_group.values())
+        if self.errors:
+            status = "error"
+            det["reason"] = "solver error: " + _join_errors(self.errors)
+        elif self.timed_out:
+            status = "time_limit"
+        elif not math.isfinite(best_val) and all_pruned:
+            # every group's MILP is empty below the radius: none within eps_max (or the domain)
+            status = "no_adversarial"
+            lower = emax if eps_max is not None else math.inf
+        elif math.isfinite(best_val) and best_val - lower <= 1e-4 * (1 + best_val):
+            status = "optimal"
+        else:
+            # a MILP optimum below the best confirmed distance that no forward pass confirms
+            status = "unconfirmed"
+            det["reason"] = "a MILP solution closer than any confirmed adversarial example was not confirmed by a forward pass"
+        det["groups"] = {str(k): v for k, v in self.per_group.items()}
+        return DistortionResult(best_val, lower, emax, status, None if self.best_x is None else self.best_x[0].float().cpu(), det)
