@@ -6,6 +6,7 @@ written here with onnx.helper."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -187,6 +188,10 @@ def test_run_spec_writes_the_vnncomp_result_file(ulp_instance, tmp_path, capsys)
                      "--result-file", str(rf), "--out", str(tmp_path / "r.json")])
     assert code == 0 and "result: sat" in capsys.readouterr().out
     _check_sat_file(rf.read_text(), onnx_path)
+    rec = json.loads((tmp_path / "r.json").read_text())  # the instance's record holds the same counterexample
+    text = rf.read_text()
+    assert rec["result"] == "sat" and all(f"(X_{i} {v!r})" in text for i, v in enumerate(rec["x"]))
+    assert all(f"(Y_{j} {v!r})" in text for j, v in enumerate(rec["y"]))
 
 
 def test_vnncomp_writes_counterexamples_and_exits_nonzero_on_errors(ulp_instance, tmp_path, capsys):

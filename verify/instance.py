@@ -54,6 +54,10 @@ __all__ = [
     "run_instance",
     "format_result",
     "write_result_file",
+    "INSTANCE_COLUMNS",
+    "box_answers",
+    "instance_row",
+    "summary_line",
 ]
 
 #: VNN-COMP checker: absolute tolerance on the input box and on the violated property
@@ -71,7 +75,8 @@ class InstanceResult:
     model is fed (projected into the box, in the model's dtype), Y the model's output on it.
 
     ``certificates`` holds one :class:`~verify.certificate.Certificate` per box that was
-    started (``index`` = box number); ``per_box`` a short summary of each."""
+    started (``index`` = box number); ``per_box`` a short summary of each; ``boxes`` the number
+    of boxes in the file (0 when it was not read)."""
 
     result: str
     time_s: float
@@ -81,6 +86,7 @@ class InstanceResult:
     detail: str = ""
     per_box: list[dict] = field(default_factory=list)
     certificates: list = field(default_factory=list)
+    boxes: int = 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def decide(
     shape = tuple(getattr(net, "input_shape", None) or (props[0].num_inputs,))
     answers: list[str] = []
     stages: list[str] = []
-    res = InstanceResult("unknown", 0.0)
+    res = InstanceResult("unknown", 0.0, boxes=len(props))
     proved = _batched_crown(net, props, shape, device, deadline) if method == "bab" and len(props) >= BATCHED_MIN_BOXES else {}
     for i in range(len(props)):
         if i in proved:
@@ -430,3 +436,56 @@ def write_result_file(path: str | os.PathLike, res: InstanceResult) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(format_result(res))
+
+
+# ----------------------------------------------------------------------------------------
+# one answer per instance (``certify run --spec``)
+
+#: the columns of an instance row (:func:`instance_row`), in order
+INSTANCE_COLUMNS = ["model", "vnnlib", "method", "result", "time_s", "timeout_s", "boxes", "box_answers", "stage",
+                    "detail", "x", "y"]
+
+
+def box_answers(res: InstanceResult) -> dict[str, int]:
+    """How many boxes got each answer (``unsat``, ``sat``, ``unknown``, ``timeout``, ``error``),
+    from the certificates' ``vnncomp_result``; boxes never reached (after a ``sat``) are absent."""
+    out: dict[str, int] = {}
+    for c in res.certificates:
+        word = str(c.details.get("vnncomp_result", "unknown"))
+        out[word] = out.get(word, 0) + 1
+    return out
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {word}" for word, n in counts.items())
+
+
+def summary_line(res: InstanceResult, name: str) -> str:
+    """The instance's answer on one line: ``result: unsat in 9.870 s (p.vnnlib, 60000 boxes:
+    60000 unsat)``; after ``sat`` the box that gave the counterexample."""
+    counts = _counts_text(box_answers(res))
+    where = f"{name}, {res.boxes} box{'es' if res.boxes != 1 else ''}" + (f": {counts}" if counts else "")
+    if res.result == "sat" and res.certificates:
+        where += f"; counterexample in box {res.certificates[-1].index}"
+    elif res.detail:
+        where += f"; {res.detail}"
+    return f"result: {res.result} in {res.time_s:.3f} s ({where})"
+
+
+def instance_row(res: InstanceResult, *, model: str, vnnlib: str, method: str, timeout: float | None) -> dict[str, Any]:
+    """One record per instance (:data:`INSTANCE_COLUMNS`): the answer, its time, the box counts
+    and, after ``sat``, the counterexample ``x`` (as fed to the model) and ``y`` (lists)."""
+    return {
+        "model": model,
+        "vnnlib": vnnlib,
+        "method": method,
+        "result": res.result,
+        "time_s": round(res.time_s, 3),
+        "timeout_s": timeout,
+        "boxes": res.boxes,
+        "box_answers": _counts_text(box_answers(res)),
+        "stage": res.stage,
+        "detail": res.detail,
+        "x": res.x,
+        "y": res.y,
+    }

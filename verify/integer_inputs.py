@@ -123,7 +123,7 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     props = parse_vnnlib(vnnlib, deadline=deadline)
     runner = onnx_runner(path)
     convert = Conversions(proto, needed)
-    res = InstanceResult("unknown", 0.0, stage="integer-cases")
+    res = InstanceResult("unknown", 0.0, stage="integer-cases", boxes=len(props))
     answers = []
     for i, p in enumerate(props):
         share = None if deadline is None else (deadline - time.perf_counter()) / (len(props) - i)
