@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import IntegerInputsNeeded
+from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .vnnlib import VnnlibTimeout
 
 __all__ = [
@@ -349,20 +349,23 @@ def _is_onnx(model: Any) -> bool:
 
 
 def _prepare(model: Any, vnnlib: Any, device: str, deadline: float | None) -> tuple[torch.nn.Module, Any, Runner]:
-    """Load the model and the spec (:class:`~verify.vnnlib.VnnlibProperties`, read by
-    ``deadline``); check that their input counts agree; build the runner."""
+    """Load the model (:class:`~verify.errors.ModelLoadTimeout` past ``deadline``) and the spec
+    (:class:`~verify.vnnlib.VnnlibProperties`, :class:`~verify.vnnlib.VnnlibTimeout` past it);
+    check that their input counts agree; build the runner."""
     from .model import load_model
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
 
     if _is_onnx(model):
         model = str(resolve_maybe_gz(model))
-    net = load_model(model, device=device)
+    net = load_model(model, device=device, deadline=deadline)
     props = parse_vnnlib(vnnlib, deadline=deadline)
     n = props.num_inputs
     shape = getattr(net, "input_shape", None)
     if shape is not None and math.prod(shape) != n:
         raise ValueError(f"the VNN-LIB file has {n} inputs but the model's input shape {tuple(shape)} has {math.prod(shape)}")
     runner = onnx_runner(model) if _is_onnx(model) else torch_runner(net, tuple(shape or (n,)))
+    if deadline is not None and time.perf_counter() > deadline:
+        raise ModelLoadTimeout(f"{Path(str(model)).name}: onnxruntime session not ready by the deadline")
     return net, props, runner
 
 
@@ -409,6 +412,8 @@ def run_instance(
     except VnnlibTimeout:  # the file was not read in time
         return InstanceResult("timeout", time.perf_counter() - t0, stage="read",
                               detail="the VNN-LIB file was not read within the time budget")
+    except ModelLoadTimeout as e:  # the model was not loaded in time
+        return InstanceResult("timeout", time.perf_counter() - t0, stage="load", detail=str(e))
     except Exception as e:  # an instance we cannot run is an error, never a guess
         if raise_errors:
             raise
@@ -464,7 +469,9 @@ def summary_line(res: InstanceResult, name: str) -> str:
     """The instance's answer on one line: ``result: unsat in 9.870 s (p.vnnlib, 60000 boxes:
     60000 unsat)``; after ``sat`` the box that gave the counterexample."""
     counts = _counts_text(box_answers(res))
-    where = f"{name}, {res.boxes} box{'es' if res.boxes != 1 else ''}" + (f": {counts}" if counts else "")
+    where = name
+    if res.boxes:  # 0: the file was not read (the model was not loaded in time, ...)
+        where += f", {res.boxes} box{'es' if res.boxes != 1 else ''}" + (f": {counts}" if counts else "")
     if res.result == "sat" and res.certificates:
         where += f"; counterexample in box {res.certificates[-1].index}"
     elif res.detail:

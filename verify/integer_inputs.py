@@ -41,14 +41,17 @@ class Conversions:
     """The conversions of one ONNX model with some inputs fixed to integers
     (:func:`verify.onnx_import.import_onnx` with ``integer_inputs``), each done once: the last
     :data:`KEEP` graphs are kept, and every :class:`~verify.errors.IntegerInputsNeeded` a
-    conversion raised (raised again, the conversion is not redone)."""
+    conversion raised (raised again, the conversion is not redone). ``deadline`` (a
+    ``perf_counter`` value, None: none): a conversion still running then stops with
+    :class:`~verify.errors.ModelLoadTimeout`."""
 
     #: graphs kept (the box's first case is asked for by the search for the integer inputs, by
     #: the check for point cases and by the first case's search)
     KEEP = 2
 
-    def __init__(self, proto: Any, needed: IntegerInputsNeeded | None = None):
+    def __init__(self, proto: Any, needed: IntegerInputsNeeded | None = None, deadline: float | None = None):
         self.proto = proto
+        self.deadline = deadline
         self.needed: dict[tuple[tuple[int, int], ...], IntegerInputsNeeded] = {} if needed is None else {(): needed}
         self.graphs: dict[tuple[tuple[int, int], ...], Any] = {}
 
@@ -62,7 +65,7 @@ class Conversions:
             raise self.needed[key]
         if key not in self.graphs:
             try:
-                gm = import_onnx(self.proto, integer_inputs=dict(key))
+                gm = import_onnx(self.proto, integer_inputs=dict(key), deadline=self.deadline)
             except IntegerInputsNeeded as e:
                 self.needed[key] = e
                 raise
@@ -122,7 +125,7 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     proto = read_onnx(path)
     props = parse_vnnlib(vnnlib, deadline=deadline)
     runner = onnx_runner(path)
-    convert = Conversions(proto, needed)
+    convert = Conversions(proto, needed, deadline)
     res = InstanceResult("unknown", 0.0, stage="integer-cases", boxes=len(props))
     answers = []
     for i, p in enumerate(props):
