@@ -131,6 +131,54 @@ def test_run_vnnlib_per_box(model_pt, tmp_path, capsys):
     assert all(r["status"] == "certified" and r["details"]["vnncomp_result"] == "unsat" for r in rows)
 
 
+def test_run_vnnlib_per_box_csv(model_pt, tmp_path, capsys):
+    """A CSV of boxes holds one certificate row per box (read back by CertificateTable)."""
+    from verify.certificate import CertificateTable
+
+    spec = _digit_spec(tmp_path, boxes=3)
+    out = tmp_path / "boxes.csv"
+    assert main(["run", "-q", "--per-box", "--model", str(model_pt), "--spec", str(spec), "--method", METHOD,
+                 "--out", str(out)]) == 0
+    rows = CertificateTable.from_csv(str(out))
+    assert [c.index for c in rows] == [0, 1, 2] and all(c.details["vnncomp_result"] == "unsat" for c in rows)
+    assert all(c.details["vnnlib"] == "p.vnnlib" for c in rows)
+
+
+class _InterruptedInterval(_TestInterval):
+    """test-interval that is interrupted (Ctrl-C) on its third call; registered by the fixture
+    below only, so that no run over every method meets it."""
+
+    name = "test-interrupted"
+    calls = 0
+
+    def lower_bounds(self, model, inputs, spec):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            raise KeyboardInterrupt
+        return super().lower_bounds(model, inputs, spec)
+
+
+@pytest.fixture()
+def interrupted_method():
+    from verify import registry
+
+    register(_InterruptedInterval)
+    _InterruptedInterval.calls = 0
+    yield _InterruptedInterval.name
+    registry._REGISTRY.pop(_InterruptedInterval.name, None)
+
+
+def test_run_vnnlib_per_box_csv_is_written_as_it_goes(model_pt, tmp_path, capsys, interrupted_method):
+    """An interrupted run keeps the rows of the boxes decided before the interruption."""
+    spec = _digit_spec(tmp_path, boxes=5)
+    out = tmp_path / "boxes.csv"
+    assert main(["run", "-q", "--per-box", "--model", str(model_pt), "--spec", str(spec), "--method", interrupted_method,
+                 "--out", str(out)]) == 130
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["index"] for r in rows] == ["0", "1"] and all(r["status"] == "certified" for r in rows)
+
+
 def test_per_box_needs_spec(model_pt, capsys):
     assert main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", METHOD, "--per-box"]) == 2
     assert "--per-box is for --spec runs" in _err_line(capsys)

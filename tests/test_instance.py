@@ -318,3 +318,11 @@ def test_a_file_not_read_in_time_is_a_timeout_on_time(tmp_path, monkeypatch, cap
         res = run_instance(str(onnx_path), str(spec), budget, raise_errors=path == "raise_errors")
         assert res.result == "timeout" and res.stage == "read" and not res.certificates
     assert time.perf_counter() - t0 < budget + 3.0
+
+
+def test_on_box_gets_each_box_as_it_is_decided(ulp_instance):
+    """run_instance(on_box=) hands over every box's final certificate, in box order, with its answer."""
+    onnx_path, spec = ulp_instance
+    seen: list = []
+    res = run_instance(str(onnx_path), str(spec), 20, method="bab", on_box=lambda c: seen.append((c.index, c.details["vnncomp_result"])))
+    assert res.result == "sat" and seen == [(c.index, c.details["vnncomp_result"]) for c in res.certificates] and seen[-1][1] == "sat"

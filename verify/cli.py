@@ -244,32 +244,67 @@ def _run_spec(args: argparse.Namespace, model: Any, opts: dict[str, Any]) -> int
     projected into the box and confirmed by onnxruntime (ONNX models) or a single-input forward
     pass. A VNN-LIB file is ONE property, however many input boxes it has: the answer is one line
     (``-q``: nothing else) and ``--out`` gets one record; ``--per-box`` also prints a line per box
-    and writes one row per box instead. ``--result-file`` gets the VNN-COMP result file (after
-    ``sat`` the counterexample with X and Y)."""
+    and writes one row per box instead (a CSV as the boxes are decided). ``--result-file`` gets the
+    VNN-COMP result file (after ``sat`` the counterexample with X and Y)."""
+    import contextlib
+
     from .instance import run_instance, summary_line, write_result_file
 
     if not Path(args.spec).is_file() and not Path(args.spec + ".gz").is_file():
         raise CLIError(f"spec file not found: {args.spec}")
-    res = run_instance(model, args.spec, args.timeout, method=args.method, options=opts, threads=None,
-                       device=args.device, raise_errors=True)
     name = Path(args.spec).name
-    for c in res.certificates:
-        c.details["vnnlib"] = name
-    if args.per_box:
-        for c in res.certificates:
-            print(f"property {c.index}: {c.details['vnncomp_result']} ({c.status}) in {c.time_s:.3f} s")
+    out = Path(args.out) if args.out else None
+    per_box = _PerBox(name, out if out is not None and out.suffix != ".json" else None) if args.per_box else None
+    with per_box or contextlib.nullcontext():
+        res = run_instance(model, args.spec, args.timeout, method=args.method, options=opts, threads=None,
+                           device=args.device, raise_errors=True, on_box=per_box)
     print(summary_line(res, name))
     if res.result == "sat" and not args.quiet:
         print(f"counterexample: x = {_short_list(res.x)}, y = {_short_list(res.y)}")
     written = [args.result_file] if args.result_file else []
     if args.result_file:
         write_result_file(args.result_file, res)
-    if args.out:
-        _write_spec_out(Path(args.out), res, args, model)
+    if out is not None:
+        _write_spec_out(out, res, args, model)
         written.append(args.out)
     if written and not args.quiet:
         print("wrote " + ", ".join(written))
     return 0
+
+
+class _PerBox:
+    """``run --spec --per-box``: as each box is decided, print its line and append its
+    certificate to the CSV ``out`` (flushed, so that an interrupted run keeps the boxes done)."""
+
+    def __init__(self, vnnlib: str, out: Path | None):
+        self.vnnlib, self.out = vnnlib, out
+        self.file: Any = None
+        self.writer: Any = None
+
+    def __enter__(self) -> "_PerBox":
+        import csv
+
+        from .certificate import CSV_COLUMNS
+
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out, "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=CSV_COLUMNS)
+            self.writer.writeheader()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def __call__(self, c: Any) -> None:
+        from .certificate import CertificateTable
+
+        c.details["vnnlib"] = self.vnnlib
+        print(f"property {c.index}: {c.details['vnncomp_result']} ({c.status}) in {c.time_s:.3f} s")
+        if self.writer is not None:
+            self.writer.writerow(CertificateTable.csv_row(c))
+            self.file.flush()
 
 
 def _short_list(v: Sequence[float] | None, head: int = 8) -> str:
@@ -281,7 +316,7 @@ def _short_list(v: Sequence[float] | None, head: int = 8) -> str:
 
 def _write_spec_out(out: Path, res: Any, args: argparse.Namespace, model: Any) -> None:
     """``--out`` of a ``--spec`` run: the instance record (.csv: one row, .json: one object), or
-    with ``--per-box`` one row / object per box (the boxes' certificates)."""
+    with ``--per-box`` one object per box in a .json (a .csv of boxes is written by :class:`_PerBox`)."""
     import csv
     import json
 
@@ -290,8 +325,8 @@ def _write_spec_out(out: Path, res: Any, args: argparse.Namespace, model: Any) -
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.per_box:
-        table = CertificateTable(res.certificates)
-        table.to_json(str(out)) if out.suffix == ".json" else table.to_csv(str(out))
+        if out.suffix == ".json":
+            CertificateTable(res.certificates).to_json(str(out))
         return
     name = Path(model).name if isinstance(model, str) else args.model
     row = instance_row(res, model=name, vnnlib=Path(args.spec).name, method=args.method, timeout=args.timeout)

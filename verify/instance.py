@@ -223,6 +223,7 @@ def decide(
     deadline: float | None = None,
     device: str = "cpu",
     t0: float | None = None,
+    on_box: Callable[[Any], None] | None = None,
 ) -> InstanceResult:
     """Decide the boxes ``props`` (:class:`~verify.vnnlib.VnnlibProperties`, or a list of
     :class:`~verify.vnnlib.VnnlibProperty`) of one instance.
@@ -233,6 +234,8 @@ def decide(
         deadline: ``time.perf_counter()`` value by which the instance must be decided
             (None: no budget). Box ``i`` of ``n`` gets ``(deadline - now) / (n - i)``.
         t0: start time of the instance (loading included) for ``time_s``.
+        on_box: called with each box's certificate as soon as it is final (box order), e.g.
+            to write it out as the run goes.
     """
     t0 = time.perf_counter() if t0 is None else t0
     shape = tuple(getattr(net, "input_shape", None) or (props[0].num_inputs,))
@@ -242,7 +245,7 @@ def decide(
     proved = _batched_crown(net, props, shape, device, deadline) if method == "bab" and len(props) >= BATCHED_MIN_BOXES else {}
     for i in range(len(props)):
         if i in proved:
-            res.certificates.append(proved[i])
+            _record(res, proved[i], on_box)
             res.per_box.append({"status": "certified", "reason": None, "time_s": round(proved[i].time_s, 3)})
             stages.append("batched-crown")
             answers.append("unsat")
@@ -252,12 +255,12 @@ def decide(
             left = deadline - time.perf_counter()
             if left <= 0:
                 answers.append("timeout")
-                res.certificates.append(_not_started(method, i))
+                _record(res, _not_started(method, i), on_box)
                 continue
             share = left / (len(props) - i)
         c, ok = _run_box(net, props[i], shape, runner, method, share, device, options)
         c.index = i
-        res.certificates.append(c)
+        _record(res, c, on_box)
         res.per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
         stages.append(str(c.details.get("stage", "")))
         if ok is not None:
@@ -270,9 +273,16 @@ def decide(
     else:
         res.result, res.stage = _overall(answers), ",".join(sorted(set(stages)))
     res.time_s = time.perf_counter() - t0
-    for c in res.certificates:
-        c.details["vnncomp_result"] = "sat" if c.status == "falsified" else _box_answer(c.status, c.details.get("reason"))
     return res
+
+
+def _record(res: InstanceResult, c: Any, on_box: Callable[[Any], None] | None) -> None:
+    """Add a box's final certificate to ``res`` with its answer (``details["vnncomp_result"]``)
+    and hand it to ``on_box``."""
+    c.details["vnncomp_result"] = "sat" if c.status == "falsified" else _box_answer(c.status, c.details.get("reason"))
+    res.certificates.append(c)
+    if on_box is not None:
+        on_box(c)
 
 
 #: an instance with at least this many boxes first bounds them all together by CROWN
@@ -379,6 +389,7 @@ def run_instance(
     threads: int | None = 1,
     device: str = "cpu",
     raise_errors: bool = False,
+    on_box: Callable[[Any], None] | None = None,
 ) -> InstanceResult:
     """Decide one instance within ``timeout`` seconds (loading included; None: no limit).
 
@@ -393,6 +404,7 @@ def run_instance(
             slower.
         raise_errors: let a load / parse / method error propagate (the CLI reports it) instead
             of returning ``error``.
+        on_box: called with each box's certificate once it is final (see :func:`decide`).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -407,8 +419,9 @@ def run_instance(
             from .integer_inputs import decide_by_cases
 
             return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0,
-                                   needed=e)
-        return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0)
+                                   needed=e, on_box=on_box)
+        return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0,
+                      on_box=on_box)
     except VnnlibTimeout:  # the file was not read in time
         return InstanceResult("timeout", time.perf_counter() - t0, stage="read",
                               detail="the VNN-LIB file was not read within the time budget")

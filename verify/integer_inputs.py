@@ -23,7 +23,7 @@ import itertools
 import math
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -113,10 +113,12 @@ def case_bounds(k: int, lo: float, hi: float) -> tuple[float, float]:
 
 
 def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | None, deadline: float | None,
-                    device: str, t0: float, needed: IntegerInputsNeeded | None = None) -> Any:
+                    device: str, t0: float, needed: IntegerInputsNeeded | None = None,
+                    on_box: Callable[[Any], None] | None = None) -> Any:
     """Decide an instance (ONNX ``model``, VNN-LIB ``vnnlib``) case by case (module docstring);
     returns an :class:`~verify.instance.InstanceResult`. ``needed``: what converting the model
-    without fixed inputs raised, if that was tried already (it is not tried again)."""
+    without fixed inputs raised, if that was tried already (it is not tried again). ``on_box``
+    gets each box's certificate at the end (a box's answer word needs the instance's)."""
     from .instance import InstanceResult, _overall, onnx_runner
     from .onnx_import import read_onnx
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
@@ -142,6 +144,8 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     res.time_s = time.perf_counter() - t0
     for c in res.certificates:
         c.details["vnncomp_result"] = "sat" if c.status == "falsified" else ("unsat" if c.status == "certified" else res.result)
+        if on_box is not None:
+            on_box(c)
     return res
 
 
