@@ -150,10 +150,14 @@ class _InterruptedInterval(_TestInterval):
 
     name = "test-interrupted"
     calls = 0
+    watch: Path | None = None  # a file whose lines are counted when the interruption comes
+    lines_then = -1
 
     def lower_bounds(self, model, inputs, spec):
         type(self).calls += 1
         if type(self).calls == 3:
+            if self.watch is not None:
+                type(self).lines_then = len(self.watch.read_text().splitlines())
             raise KeyboardInterrupt
         return super().lower_bounds(model, inputs, spec)
 
@@ -163,20 +167,26 @@ def interrupted_method():
     from verify import registry
 
     register(_InterruptedInterval)
-    _InterruptedInterval.calls = 0
+    _InterruptedInterval.calls, _InterruptedInterval.watch, _InterruptedInterval.lines_then = 0, None, -1
     yield _InterruptedInterval.name
     registry._REGISTRY.pop(_InterruptedInterval.name, None)
 
 
-def test_run_vnnlib_per_box_csv_is_written_as_it_goes(model_pt, tmp_path, capsys, interrupted_method):
-    """An interrupted run keeps the rows of the boxes decided before the interruption."""
+def test_run_vnnlib_per_box_csv_is_written_as_it_goes(model_pt, tmp_path, capsys, interrupted_method, monkeypatch):
+    """The rows of the boxes decided are in the file while the run goes on (flushed at once with
+    FLUSH_S = 0), and an interrupted run keeps them."""
+    from verify.cli import _PerBox
+
+    monkeypatch.setattr(_PerBox, "FLUSH_S", 0.0)
     spec = _digit_spec(tmp_path, boxes=5)
     out = tmp_path / "boxes.csv"
+    _InterruptedInterval.watch = out
     assert main(["run", "-q", "--per-box", "--model", str(model_pt), "--spec", str(spec), "--method", interrupted_method,
                  "--out", str(out)]) == 130
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["index"] for r in rows] == ["0", "1"] and all(r["status"] == "certified" for r in rows)
+    assert _InterruptedInterval.lines_then == 3  # the header and two rows were on disk before the third box
 
 
 def test_per_box_needs_spec(model_pt, capsys):
