@@ -70,7 +70,20 @@ def run_one(tree: Path, options: list[str], onnx: Path, vnnlib: Path, timeout: f
             rows = list(csv.DictReader(f))
         if not rows:
             return "error", wall, ""
-        return rows[0].get("status", "?"), wall, rows[0].get("time_s", "")
+        return _status(rows[0]), wall, rows[0].get("time_s", "")
+
+
+#: the instance answer of `run --spec` (one row per instance since 5e5d887) in the words of the
+#: per-box certificate rows that older trees write
+_AS_STATUS = {"unsat": "certified", "sat": "falsified", "timeout": "unknown", "unknown": "unknown", "error": "error"}
+
+
+def _status(row: dict[str, str]) -> str:
+    """A result row's status: an instance row's ``result`` as a certificate status, or (older
+    trees) the first box's ``status``."""
+    if "result" in row:
+        return _AS_STATUS.get(row["result"], "?")
+    return row.get("status", "?")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,24 +74,124 @@ def test_run_writes_csv(model_pt, tmp_path, capsys):
     assert "cert@0.01" in text and "12 rows" in text
 
 
-def test_run_vnnlib(model_pt, tmp_path, capsys):
-    # box of +-0.001 around a test digit; the violation: class 0 beats the label
+def _digit_spec(tmp_path, boxes: int = 1) -> Path:
+    """A VNN-LIB file with ``boxes`` boxes of +-0.001 around a test digit (a disjunction when
+    more than one); the violation: the next class beats the label."""
     from verify.data import digits
 
     x, y = digits("test", limit=1)
     lab, other = int(y[0]), (int(y[0]) + 1) % 10
     lines = [f"(declare-const X_{i} Real)" for i in range(64)] + [f"(declare-const Y_{j} Real)" for j in range(10)]
-    for i, v in enumerate(x.flatten().tolist()):
-        lines += [f"(assert (>= X_{i} {max(0.0, v - 1e-3)}))", f"(assert (<= X_{i} {min(1.0, v + 1e-3)}))"]
+    clauses = []
+    for b in range(boxes):
+        w = 1e-3 * (b + 1)
+        atoms = [f"(>= X_{i} {max(0.0, v - w)}) (<= X_{i} {min(1.0, v + w)})" for i, v in enumerate(x.flatten().tolist())]
+        clauses.append("(and " + " ".join(atoms) + ")")
+    lines.append(f"(assert (or {' '.join(clauses)}))")
     lines.append(f"(assert (<= Y_{lab} Y_{other}))")
     spec = tmp_path / "p.vnnlib"
     spec.write_text("\n".join(lines))
+    return spec
+
+
+def test_run_vnnlib(model_pt, tmp_path, capsys):
+    # one record for the instance (the JSON of --out), not a list of boxes
+    spec = _digit_spec(tmp_path)
     out = tmp_path / "r.json"
     assert main(["run", "--model", str(model_pt), "--spec", str(spec), "--method", METHOD, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "result: unsat" in text
+    rec = json.loads(out.read_text())
+    assert rec["result"] == "unsat" and rec["boxes"] == 1 and rec["box_answers"] == "1 unsat" and rec["x"] is None
+
+
+def test_run_vnnlib_quiet_one_line(model_pt, tmp_path, capsys):
+    """A VNN-LIB file is one property: ``-q`` prints one line however many boxes it has, and
+    the CSV holds one row for the instance."""
+    spec = _digit_spec(tmp_path, boxes=12)
+    out = tmp_path / "r.csv"
+    assert main(["run", "-q", "--model", str(model_pt), "--spec", str(spec), "--method", METHOD, "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("result: unsat in ") and "12 boxes: 12 unsat" in lines[0]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["result"] == "unsat" and rows[0]["boxes"] == "12" and rows[0]["vnnlib"] == "p.vnnlib"
+
+
+def test_run_vnnlib_per_box(model_pt, tmp_path, capsys):
+    """``--per-box`` keeps the per-box detail: a line per box and one certificate row per box."""
+    spec = _digit_spec(tmp_path, boxes=3)
+    out = tmp_path / "r.json"
+    assert main(["run", "-q", "--per-box", "--model", str(model_pt), "--spec", str(spec), "--method", METHOD,
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["property 0", "property 1", "property 2", "result"]
     rows = json.loads(out.read_text())
-    assert rows[0]["status"] == "certified" and rows[0]["details"]["vnncomp_result"] == "unsat"
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert all(r["status"] == "certified" and r["details"]["vnncomp_result"] == "unsat" for r in rows)
+
+
+def test_run_vnnlib_per_box_csv(model_pt, tmp_path, capsys):
+    """A CSV of boxes holds one certificate row per box (read back by CertificateTable)."""
+    from verify.certificate import CertificateTable
+
+    spec = _digit_spec(tmp_path, boxes=3)
+    out = tmp_path / "boxes.csv"
+    assert main(["run", "-q", "--per-box", "--model", str(model_pt), "--spec", str(spec), "--method", METHOD,
+                 "--out", str(out)]) == 0
+    rows = CertificateTable.from_csv(str(out))
+    assert [c.index for c in rows] == [0, 1, 2] and all(c.details["vnncomp_result"] == "unsat" for c in rows)
+    assert all(c.details["vnnlib"] == "p.vnnlib" for c in rows)
+
+
+class _InterruptedInterval(_TestInterval):
+    """test-interval that is interrupted (Ctrl-C) on its third call; registered by the fixture
+    below only, so that no run over every method meets it."""
+
+    name = "test-interrupted"
+    calls = 0
+    watch: Path | None = None  # a file whose lines are counted when the interruption comes
+    lines_then = -1
+
+    def lower_bounds(self, model, inputs, spec):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            if self.watch is not None:
+                type(self).lines_then = len(self.watch.read_text().splitlines())
+            raise KeyboardInterrupt
+        return super().lower_bounds(model, inputs, spec)
+
+
+@pytest.fixture()
+def interrupted_method():
+    from verify import registry
+
+    register(_InterruptedInterval)
+    _InterruptedInterval.calls, _InterruptedInterval.watch, _InterruptedInterval.lines_then = 0, None, -1
+    yield _InterruptedInterval.name
+    registry._REGISTRY.pop(_InterruptedInterval.name, None)
+
+
+def test_run_vnnlib_per_box_csv_is_written_as_it_goes(model_pt, tmp_path, capsys, interrupted_method, monkeypatch):
+    """The rows of the boxes decided are in the file while the run goes on (flushed at once with
+    FLUSH_S = 0), and an interrupted run keeps them."""
+    from verify.cli import _PerBox
+
+    monkeypatch.setattr(_PerBox, "FLUSH_S", 0.0)
+    spec = _digit_spec(tmp_path, boxes=5)
+    out = tmp_path / "boxes.csv"
+    _InterruptedInterval.watch = out
+    assert main(["run", "-q", "--per-box", "--model", str(model_pt), "--spec", str(spec), "--method", interrupted_method,
+                 "--out", str(out)]) == 130
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["index"] for r in rows] == ["0", "1"] and all(r["status"] == "certified" for r in rows)
+    assert _InterruptedInterval.lines_then == 3  # the header and two rows were on disk before the third box
+
+
+def test_per_box_needs_spec(model_pt, capsys):
+    assert main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", METHOD, "--per-box"]) == 2
+    assert "--per-box is for --spec runs" in _err_line(capsys)
 
 
 @pytest.mark.parametrize(

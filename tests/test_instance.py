@@ -6,6 +6,7 @@ written here with onnx.helper."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -187,6 +188,10 @@ def test_run_spec_writes_the_vnncomp_result_file(ulp_instance, tmp_path, capsys)
                      "--result-file", str(rf), "--out", str(tmp_path / "r.json")])
     assert code == 0 and "result: sat" in capsys.readouterr().out
     _check_sat_file(rf.read_text(), onnx_path)
+    rec = json.loads((tmp_path / "r.json").read_text())  # the instance's record holds the same counterexample
+    text = rf.read_text()
+    assert rec["result"] == "sat" and all(f"(X_{i} {v!r})" in text for i, v in enumerate(rec["x"]))
+    assert all(f"(Y_{j} {v!r})" in text for j, v in enumerate(rec["y"]))
 
 
 def test_vnncomp_writes_counterexamples_and_exits_nonzero_on_errors(ulp_instance, tmp_path, capsys):
@@ -313,3 +318,11 @@ def test_a_file_not_read_in_time_is_a_timeout_on_time(tmp_path, monkeypatch, cap
         res = run_instance(str(onnx_path), str(spec), budget, raise_errors=path == "raise_errors")
         assert res.result == "timeout" and res.stage == "read" and not res.certificates
     assert time.perf_counter() - t0 < budget + 3.0
+
+
+def test_on_box_gets_each_box_as_it_is_decided(ulp_instance):
+    """run_instance(on_box=) hands over every box's final certificate, in box order, with its answer."""
+    onnx_path, spec = ulp_instance
+    seen: list = []
+    res = run_instance(str(onnx_path), str(spec), 20, method="bab", on_box=lambda c: seen.append((c.index, c.details["vnncomp_result"])))
+    assert res.result == "sat" and seen == [(c.index, c.details["vnncomp_result"]) for c in res.certificates] and seen[-1][1] == "sat"

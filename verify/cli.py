@@ -238,26 +238,113 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_spec(args: argparse.Namespace, model: Any, opts: dict[str, Any]) -> list:
+def _run_spec(args: argparse.Namespace, model: Any, opts: dict[str, Any]) -> int:
     """``run --spec``: the instance driver shared with ``certify vnncomp`` and run_instance.sh
     (:func:`verify.instance.run_instance`): one time budget for the whole file, counterexamples
     projected into the box and confirmed by onnxruntime (ONNX models) or a single-input forward
-    pass. Prints one line per input box and the answer; ``--result-file`` gets the VNN-COMP
-    result file (after ``sat`` the counterexample with X and Y)."""
-    from .instance import run_instance, write_result_file
+    pass. A VNN-LIB file is ONE property, however many input boxes it has: the answer is one line
+    (``-q``: nothing else) and ``--out`` gets one record; ``--per-box`` also prints a line per box
+    and writes one row per box instead (a CSV as the boxes are decided). ``--result-file`` gets the
+    VNN-COMP result file (after ``sat`` the counterexample with X and Y)."""
+    import contextlib
+
+    from .instance import run_instance, summary_line, write_result_file
 
     if not Path(args.spec).is_file() and not Path(args.spec + ".gz").is_file():
         raise CLIError(f"spec file not found: {args.spec}")
-    res = run_instance(model, args.spec, args.timeout, method=args.method, options=opts, threads=None,
-                       device=args.device, raise_errors=True)
-    for c in res.certificates:
-        c.details["vnnlib"] = Path(args.spec).name
-        print(f"property {c.index}: {c.details['vnncomp_result']} ({c.status}) in {c.time_s:.3f} s")
-    print(f"result: {res.result}")
+    name = Path(args.spec).name
+    out = Path(args.out) if args.out else None
+    per_box = _PerBox(name, out if out is not None and out.suffix != ".json" else None) if args.per_box else None
+    with per_box or contextlib.nullcontext():
+        res = run_instance(model, args.spec, args.timeout, method=args.method, options=opts, threads=None,
+                           device=args.device, raise_errors=True, on_box=per_box)
+    print(summary_line(res, name))
+    if res.result == "sat" and not args.quiet:
+        print(f"counterexample: x = {_short_list(res.x)}, y = {_short_list(res.y)}")
+    written = [args.result_file] if args.result_file else []
     if args.result_file:
         write_result_file(args.result_file, res)
-        print(f"wrote {args.result_file}")
-    return res.certificates
+    if out is not None:
+        _write_spec_out(out, res, args, model)
+        written.append(args.out)
+    if written and not args.quiet:
+        print("wrote " + ", ".join(written))
+    return 0
+
+
+class _PerBox:
+    """``run --spec --per-box``: as each box is decided, print its line and append its
+    certificate to the CSV ``out``. An interrupted run keeps the boxes done: the file is flushed
+    at most :attr:`FLUSH_S` after a row (a flush per row cost 1 s on 60,000 boxes) and closed,
+    so flushed, when the run ends or raises (Ctrl-C)."""
+
+    #: seconds a written row may wait in the buffer
+    FLUSH_S = 0.1
+
+    def __init__(self, vnnlib: str, out: Path | None):
+        self.vnnlib, self.out = vnnlib, out
+        self.file: Any = None
+        self.writer: Any = None
+        self.flushed = time.perf_counter()
+
+    def __enter__(self) -> "_PerBox":
+        import csv
+
+        from .certificate import CSV_COLUMNS
+
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out, "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=CSV_COLUMNS)
+            self.writer.writeheader()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def __call__(self, c: Any) -> None:
+        from .certificate import CertificateTable
+
+        c.details["vnnlib"] = self.vnnlib
+        print(f"property {c.index}: {c.details['vnncomp_result']} ({c.status}) in {c.time_s:.3f} s")
+        if self.writer is not None:
+            self.writer.writerow(CertificateTable.csv_row(c))
+            if time.perf_counter() - self.flushed >= self.FLUSH_S:
+                self.file.flush()
+                self.flushed = time.perf_counter()
+
+
+def _short_list(v: Sequence[float] | None, head: int = 8) -> str:
+    """``[a, b, ... (n values)]``: the first ``head`` values of a counterexample vector."""
+    v = list(v or [])
+    text = ", ".join(f"{x:.6g}" for x in v[:head])
+    return f"[{text}]" if len(v) <= head else f"[{text}, ... ({len(v)} values)]"
+
+
+def _write_spec_out(out: Path, res: Any, args: argparse.Namespace, model: Any) -> None:
+    """``--out`` of a ``--spec`` run: the instance record (.csv: one row, .json: one object), or
+    with ``--per-box`` one object per box in a .json (a .csv of boxes is written by :class:`_PerBox`)."""
+    import csv
+    import json
+
+    from .certificate import CertificateTable
+    from .instance import INSTANCE_COLUMNS, instance_row
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.per_box:
+        if out.suffix == ".json":
+            CertificateTable(res.certificates).to_json(str(out))
+        return
+    name = Path(model).name if isinstance(model, str) else args.model
+    row = instance_row(res, model=name, vnnlib=Path(args.spec).name, method=args.method, timeout=args.timeout)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(row, indent=1) + "\n")
+        return
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=INSTANCE_COLUMNS)
+        w.writeheader()
+        w.writerow({k: "" if v is None else (json.dumps(v) if isinstance(v, list) else v) for k, v in row.items()})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -278,6 +365,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--eps needs --data (e.g. --data digits)")
     if args.result_file and args.spec is None:
         raise CLIError("--result-file is for --spec runs")
+    if args.per_box and args.spec is None:
+        raise CLIError("--per-box is for --spec runs")
     if args.spec is not None and args.radius:
         raise CLIError("--radius searches l_p radii around data points; it does not apply to --spec")
     if args.spec is not None and (args.output_lower is not None or args.output_upper is not None):
@@ -287,34 +376,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     p = _norm(args.norm)
     _check_positive(args, "timeout", "max_radius", "batch_size")
     model = _resolve_model(args.model)
+    if args.spec is not None:
+        return _run_spec(args, model, opts)
     t0 = time.perf_counter()
     table = CertificateTable()
-    if args.spec is not None:
-        table.extend(_run_spec(args, model, opts))
-    else:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        from .data import load_data
+    from .data import load_data
 
-        x, y = load_data(args.data, limit=args.limit)
-        if len(y) == 0:
-            raise CLIError(f"data {args.data!r} holds no inputs")
-        model = _check_model_data(model, x, args.data, args.device)
-        step = args.batch_size or len(y)
-        bar = tqdm(total=len(y), desc=args.method, unit="input", file=sys.stderr, disable=args.quiet or None)
-        for s in range(0, len(y), step):
-            target = y[s : s + step] if out_prop is None else out_prop
-            t = certify(model, x[s : s + step], target, args.method, eps=args.eps, norm=p,
-                        find_radius=args.radius, max_radius=args.max_radius, timeout=args.timeout,
-                        device=args.device, method_options=opts)
-            for c in t:
-                c.index += s
-            table.extend(t)
-            bar.update(len(t))
-        bar.close()
-        radii = sorted({0.0, float(torch.tensor(args.eps, dtype=torch.float32))})  # the ball's radius as the model sees it
-        print(format_text(summarize(table, radii), summary_columns(radii)))
-        _print_task_rows(table)
+    x, y = load_data(args.data, limit=args.limit)
+    if len(y) == 0:
+        raise CLIError(f"data {args.data!r} holds no inputs")
+    model = _check_model_data(model, x, args.data, args.device)
+    step = args.batch_size or len(y)
+    bar = tqdm(total=len(y), desc=args.method, unit="input", file=sys.stderr, disable=args.quiet or None)
+    for s in range(0, len(y), step):
+        target = y[s : s + step] if out_prop is None else out_prop
+        t = certify(model, x[s : s + step], target, args.method, eps=args.eps, norm=p,
+                    find_radius=args.radius, max_radius=args.max_radius, timeout=args.timeout,
+                    device=args.device, method_options=opts)
+        for c in t:
+            c.index += s
+        table.extend(t)
+        bar.update(len(t))
+    bar.close()
+    radii = sorted({0.0, float(torch.tensor(args.eps, dtype=torch.float32))})  # the ball's radius as the model sees it
+    print(format_text(summarize(table, radii), summary_columns(radii)))
+    _print_task_rows(table)
     counts = {s: sum(c.status == s for c in table) for s in ("certified", "falsified", "unknown", "abstain", "error")}
     print(", ".join(f"{k} {v}" for k, v in counts.items() if v) + f"; {len(table)} rows in {time.perf_counter() - t0:.2f} s")
     if args.out:
@@ -444,13 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", metavar="K=V", help="a method option (repeatable)")
     s.add_argument("--timeout", type=float, help="seconds per batch (with --spec: for the whole file, loading included)")
     s.add_argument("--result-file", help="with --spec: write the VNN-COMP result file (the answer; after sat the counterexample, X and Y)")
+    s.add_argument("--per-box", action="store_true",
+                   help="with --spec: also print a line per input box, and --out gets one row per box instead of one per instance")
     s.add_argument("--radius", action="store_true", help="also search the largest certified radius")
     s.add_argument("--max-radius", type=float, help="upper end of the radius search")
     s.add_argument("--batch-size", type=int, help="inputs per call (default: all at once)")
     s.add_argument("--output-lower", metavar="V[,V...]",
                    help="property: every output > V (one number, or one per output) instead of the data labels; e.g. for a regressor")
     s.add_argument("--output-upper", metavar="V[,V...]", help="property: every output < V (with or without --output-lower)")
-    s.add_argument("--out", default="results.csv", help="results file, .csv or .json (default results.csv; '' for none)")
+    s.add_argument("--out", default="results.csv",
+                   help="results file, .csv or .json (default results.csv; '' for none); with --spec one record for the instance")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_run)
 

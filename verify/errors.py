@@ -4,7 +4,7 @@ Every error message is one line naming the cause (the operator and node, the fil
 """
 from __future__ import annotations
 
-__all__ = ["CertifyError", "UnsupportedOperatorError", "IntegerInputsNeeded", "ModelLoadError", "OptionError"]
+__all__ = ["CertifyError", "UnsupportedOperatorError", "IntegerInputsNeeded", "ModelLoadError", "ModelLoadTimeout", "OptionError"]
 
 
 def one_line(message: object) -> str:
@@ -35,6 +35,14 @@ class IntegerInputsNeeded(UnsupportedOperatorError):
 
 class ModelLoadError(CertifyError):
     """A model cannot be loaded: missing or malformed file, several inputs, NaN weights, ..."""
+
+
+class ModelLoadTimeout(TimeoutError):
+    """The model was not loaded (read, converted, moved) by the deadline given to
+    :func:`verify.model.load_model` / :func:`verify.onnx_import.import_onnx`."""
+
+    def __init__(self, message: object):
+        super().__init__(one_line(message))
 
 
 class OptionError(CertifyError):

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import IntegerInputsNeeded
+from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .vnnlib import VnnlibTimeout
 
 __all__ = [
@@ -54,6 +54,10 @@ __all__ = [
     "run_instance",
     "format_result",
     "write_result_file",
+    "INSTANCE_COLUMNS",
+    "box_answers",
+    "instance_row",
+    "summary_line",
 ]
 
 #: VNN-COMP checker: absolute tolerance on the input box and on the violated property
@@ -71,7 +75,8 @@ class InstanceResult:
     model is fed (projected into the box, in the model's dtype), Y the model's output on it.
 
     ``certificates`` holds one :class:`~verify.certificate.Certificate` per box that was
-    started (``index`` = box number); ``per_box`` a short summary of each."""
+    started (``index`` = box number); ``per_box`` a short summary of each; ``boxes`` the number
+    of boxes in the file (0 when it was not read)."""
 
     result: str
     time_s: float
@@ -81,6 +86,7 @@ class InstanceResult:
     detail: str = ""
     per_box: list[dict] = field(default_factory=list)
     certificates: list = field(default_factory=list)
+    boxes: int = 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,6 +223,7 @@ def decide(
     deadline: float | None = None,
     device: str = "cpu",
     t0: float | None = None,
+    on_box: Callable[[Any], None] | None = None,
 ) -> InstanceResult:
     """Decide the boxes ``props`` (:class:`~verify.vnnlib.VnnlibProperties`, or a list of
     :class:`~verify.vnnlib.VnnlibProperty`) of one instance.
@@ -227,16 +234,18 @@ def decide(
         deadline: ``time.perf_counter()`` value by which the instance must be decided
             (None: no budget). Box ``i`` of ``n`` gets ``(deadline - now) / (n - i)``.
         t0: start time of the instance (loading included) for ``time_s``.
+        on_box: called with each box's certificate as soon as it is final (box order), e.g.
+            to write it out as the run goes.
     """
     t0 = time.perf_counter() if t0 is None else t0
     shape = tuple(getattr(net, "input_shape", None) or (props[0].num_inputs,))
     answers: list[str] = []
     stages: list[str] = []
-    res = InstanceResult("unknown", 0.0)
+    res = InstanceResult("unknown", 0.0, boxes=len(props))
     proved = _batched_crown(net, props, shape, device, deadline) if method == "bab" and len(props) >= BATCHED_MIN_BOXES else {}
     for i in range(len(props)):
         if i in proved:
-            res.certificates.append(proved[i])
+            _record(res, proved[i], on_box)
             res.per_box.append({"status": "certified", "reason": None, "time_s": round(proved[i].time_s, 3)})
             stages.append("batched-crown")
             answers.append("unsat")
@@ -246,12 +255,12 @@ def decide(
             left = deadline - time.perf_counter()
             if left <= 0:
                 answers.append("timeout")
-                res.certificates.append(_not_started(method, i))
+                _record(res, _not_started(method, i), on_box)
                 continue
             share = left / (len(props) - i)
         c, ok = _run_box(net, props[i], shape, runner, method, share, device, options)
         c.index = i
-        res.certificates.append(c)
+        _record(res, c, on_box)
         res.per_box.append({"status": c.status, "reason": c.details.get("reason"), "time_s": round(c.time_s, 3)})
         stages.append(str(c.details.get("stage", "")))
         if ok is not None:
@@ -264,9 +273,16 @@ def decide(
     else:
         res.result, res.stage = _overall(answers), ",".join(sorted(set(stages)))
     res.time_s = time.perf_counter() - t0
-    for c in res.certificates:
-        c.details["vnncomp_result"] = "sat" if c.status == "falsified" else _box_answer(c.status, c.details.get("reason"))
     return res
+
+
+def _record(res: InstanceResult, c: Any, on_box: Callable[[Any], None] | None) -> None:
+    """Add a box's final certificate to ``res`` with its answer (``details["vnncomp_result"]``)
+    and hand it to ``on_box``."""
+    c.details["vnncomp_result"] = "sat" if c.status == "falsified" else _box_answer(c.status, c.details.get("reason"))
+    res.certificates.append(c)
+    if on_box is not None:
+        on_box(c)
 
 
 #: an instance with at least this many boxes first bounds them all together by CROWN
@@ -343,20 +359,23 @@ def _is_onnx(model: Any) -> bool:
 
 
 def _prepare(model: Any, vnnlib: Any, device: str, deadline: float | None) -> tuple[torch.nn.Module, Any, Runner]:
-    """Load the model and the spec (:class:`~verify.vnnlib.VnnlibProperties`, read by
-    ``deadline``); check that their input counts agree; build the runner."""
+    """Load the model (:class:`~verify.errors.ModelLoadTimeout` past ``deadline``) and the spec
+    (:class:`~verify.vnnlib.VnnlibProperties`, :class:`~verify.vnnlib.VnnlibTimeout` past it);
+    check that their input counts agree; build the runner."""
     from .model import load_model
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
 
     if _is_onnx(model):
         model = str(resolve_maybe_gz(model))
-    net = load_model(model, device=device)
+    net = load_model(model, device=device, deadline=deadline)
     props = parse_vnnlib(vnnlib, deadline=deadline)
     n = props.num_inputs
     shape = getattr(net, "input_shape", None)
     if shape is not None and math.prod(shape) != n:
         raise ValueError(f"the VNN-LIB file has {n} inputs but the model's input shape {tuple(shape)} has {math.prod(shape)}")
     runner = onnx_runner(model) if _is_onnx(model) else torch_runner(net, tuple(shape or (n,)))
+    if deadline is not None and time.perf_counter() > deadline:
+        raise ModelLoadTimeout(f"{Path(str(model)).name}: onnxruntime session not ready by the deadline")
     return net, props, runner
 
 
@@ -370,6 +389,7 @@ def run_instance(
     threads: int | None = 1,
     device: str = "cpu",
     raise_errors: bool = False,
+    on_box: Callable[[Any], None] | None = None,
 ) -> InstanceResult:
     """Decide one instance within ``timeout`` seconds (loading included; None: no limit).
 
@@ -384,6 +404,7 @@ def run_instance(
             slower.
         raise_errors: let a load / parse / method error propagate (the CLI reports it) instead
             of returning ``error``.
+        on_box: called with each box's certificate once it is final (see :func:`decide`).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -398,11 +419,14 @@ def run_instance(
             from .integer_inputs import decide_by_cases
 
             return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0,
-                                   needed=e)
-        return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0)
+                                   needed=e, on_box=on_box)
+        return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0,
+                      on_box=on_box)
     except VnnlibTimeout:  # the file was not read in time
         return InstanceResult("timeout", time.perf_counter() - t0, stage="read",
                               detail="the VNN-LIB file was not read within the time budget")
+    except ModelLoadTimeout as e:  # the model was not loaded in time
+        return InstanceResult("timeout", time.perf_counter() - t0, stage="load", detail=str(e))
     except Exception as e:  # an instance we cannot run is an error, never a guess
         if raise_errors:
             raise
@@ -430,3 +454,58 @@ def write_result_file(path: str | os.PathLike, res: InstanceResult) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(format_result(res))
+
+
+# ----------------------------------------------------------------------------------------
+# one answer per instance (``certify run --spec``)
+
+#: the columns of an instance row (:func:`instance_row`), in order
+INSTANCE_COLUMNS = ["model", "vnnlib", "method", "result", "time_s", "timeout_s", "boxes", "box_answers", "stage",
+                    "detail", "x", "y"]
+
+
+def box_answers(res: InstanceResult) -> dict[str, int]:
+    """How many boxes got each answer (``unsat``, ``sat``, ``unknown``, ``timeout``, ``error``),
+    from the certificates' ``vnncomp_result``; boxes never reached (after a ``sat``) are absent."""
+    out: dict[str, int] = {}
+    for c in res.certificates:
+        word = str(c.details.get("vnncomp_result", "unknown"))
+        out[word] = out.get(word, 0) + 1
+    return out
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {word}" for word, n in counts.items())
+
+
+def summary_line(res: InstanceResult, name: str) -> str:
+    """The instance's answer on one line: ``result: unsat in 9.870 s (p.vnnlib, 60000 boxes:
+    60000 unsat)``; after ``sat`` the box that gave the counterexample."""
+    counts = _counts_text(box_answers(res))
+    where = name
+    if res.boxes:  # 0: the file was not read (the model was not loaded in time, ...)
+        where += f", {res.boxes} box{'es' if res.boxes != 1 else ''}" + (f": {counts}" if counts else "")
+    if res.result == "sat" and res.certificates:
+        where += f"; counterexample in box {res.certificates[-1].index}"
+    elif res.detail:
+        where += f"; {res.detail}"
+    return f"result: {res.result} in {res.time_s:.3f} s ({where})"
+
+
+def instance_row(res: InstanceResult, *, model: str, vnnlib: str, method: str, timeout: float | None) -> dict[str, Any]:
+    """One record per instance (:data:`INSTANCE_COLUMNS`): the answer, its time, the box counts
+    and, after ``sat``, the counterexample ``x`` (as fed to the model) and ``y`` (lists)."""
+    return {
+        "model": model,
+        "vnnlib": vnnlib,
+        "method": method,
+        "result": res.result,
+        "time_s": round(res.time_s, 3),
+        "timeout_s": timeout,
+        "boxes": res.boxes,
+        "box_answers": _counts_text(box_answers(res)),
+        "stage": res.stage,
+        "detail": res.detail,
+        "x": res.x,
+        "y": res.y,
+    }

@@ -23,7 +23,7 @@ import itertools
 import math
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,14 +41,17 @@ class Conversions:
     """The conversions of one ONNX model with some inputs fixed to integers
     (:func:`verify.onnx_import.import_onnx` with ``integer_inputs``), each done once: the last
     :data:`KEEP` graphs are kept, and every :class:`~verify.errors.IntegerInputsNeeded` a
-    conversion raised (raised again, the conversion is not redone)."""
+    conversion raised (raised again, the conversion is not redone). ``deadline`` (a
+    ``perf_counter`` value, None: none): a conversion still running then stops with
+    :class:`~verify.errors.ModelLoadTimeout`."""
 
     #: graphs kept (the box's first case is asked for by the search for the integer inputs, by
     #: the check for point cases and by the first case's search)
     KEEP = 2
 
-    def __init__(self, proto: Any, needed: IntegerInputsNeeded | None = None):
+    def __init__(self, proto: Any, needed: IntegerInputsNeeded | None = None, deadline: float | None = None):
         self.proto = proto
+        self.deadline = deadline
         self.needed: dict[tuple[tuple[int, int], ...], IntegerInputsNeeded] = {} if needed is None else {(): needed}
         self.graphs: dict[tuple[tuple[int, int], ...], Any] = {}
 
@@ -62,7 +65,7 @@ class Conversions:
             raise self.needed[key]
         if key not in self.graphs:
             try:
-                gm = import_onnx(self.proto, integer_inputs=dict(key))
+                gm = import_onnx(self.proto, integer_inputs=dict(key), deadline=self.deadline)
             except IntegerInputsNeeded as e:
                 self.needed[key] = e
                 raise
@@ -110,10 +113,12 @@ def case_bounds(k: int, lo: float, hi: float) -> tuple[float, float]:
 
 
 def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | None, deadline: float | None,
-                    device: str, t0: float, needed: IntegerInputsNeeded | None = None) -> Any:
+                    device: str, t0: float, needed: IntegerInputsNeeded | None = None,
+                    on_box: Callable[[Any], None] | None = None) -> Any:
     """Decide an instance (ONNX ``model``, VNN-LIB ``vnnlib``) case by case (module docstring);
     returns an :class:`~verify.instance.InstanceResult`. ``needed``: what converting the model
-    without fixed inputs raised, if that was tried already (it is not tried again)."""
+    without fixed inputs raised, if that was tried already (it is not tried again). ``on_box``
+    gets each box's certificate at the end (a box's answer word needs the instance's)."""
     from .instance import InstanceResult, _overall, onnx_runner
     from .onnx_import import read_onnx
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
@@ -122,8 +127,8 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     proto = read_onnx(path)
     props = parse_vnnlib(vnnlib, deadline=deadline)
     runner = onnx_runner(path)
-    convert = Conversions(proto, needed)
-    res = InstanceResult("unknown", 0.0, stage="integer-cases")
+    convert = Conversions(proto, needed, deadline)
+    res = InstanceResult("unknown", 0.0, stage="integer-cases", boxes=len(props))
     answers = []
     for i, p in enumerate(props):
         share = None if deadline is None else (deadline - time.perf_counter()) / (len(props) - i)
@@ -139,6 +144,8 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     res.time_s = time.perf_counter() - t0
     for c in res.certificates:
         c.details["vnncomp_result"] = "sat" if c.status == "falsified" else ("unsat" if c.status == "certified" else res.result)
+        if on_box is not None:
+            on_box(c)
     return res
 
 

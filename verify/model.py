@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import operator
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -24,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import ModelLoadError, UnsupportedOperatorError
+from .errors import ModelLoadError, ModelLoadTimeout, UnsupportedOperatorError
 
 __all__ = [
     "load_model",
     "ModelLoadError",
+    "ModelLoadTimeout",
     "UnsupportedOperatorError",
     "onnx_input_shape",
     "check_against_onnxruntime",
@@ -50,6 +52,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     check: bool = False,
+    deadline: float | None = None,
 ) -> fx.GraphModule:
     """Load ``model`` as a canonical graph module mapping ``[B, *input_shape]`` to ``[B, K]``.
 
@@ -59,8 +62,11 @@ def load_model(
         device, dtype: where and in which floating precision the graph runs.
         check: also verify the result -- ONNX files against onnxruntime (max abs diff <= 1e-4 on
             random inputs), every graph with :func:`check_canonical`.
+        deadline: a ``time.perf_counter()`` value by which the model must be loaded (None: no
+            limit); ONNX files check it between nodes (:func:`verify.onnx_import.import_onnx`).
 
     Raises:
+        ModelLoadTimeout: the deadline passed before the model was loaded.
         ModelLoadError: missing or malformed file, NaN weights, untraceable module, ...
         UnsupportedOperatorError: an ONNX operator outside the canonical graph.
     """
@@ -68,7 +74,7 @@ def load_model(
         raise ModelLoadError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     device = check_device(device)
     if isinstance(model, (str, os.PathLike)):
-        gm = _load_path(Path(model), check)
+        gm = _load_path(Path(model), check, deadline)
     elif isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model) if _would_change(model, device, dtype) else model
     elif isinstance(model, nn.Module):
@@ -76,6 +82,7 @@ def load_model(
     else:
         raise ModelLoadError(f"model must be an nn.Module or a path, got {type(model).__name__}")
     gm = gm.to(device=device, dtype=dtype).eval()
+    _check_deadline(deadline, model)
     set_attributes(gm, getattr(gm, "input_shape", None), getattr(gm, "source", type(gm).__name__))
     if check:
         check_canonical(gm)
@@ -93,8 +100,15 @@ def set_attributes(gm: fx.GraphModule, input_shape: tuple[int, ...] | None, sour
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
 
-def _load_path(path: Path, check: bool) -> fx.GraphModule:
-    """A file -> graph module (on cpu, float)."""
+def _check_deadline(deadline: float | None, model: object) -> None:
+    """Raise :class:`ModelLoadTimeout` if the ``perf_counter`` value ``deadline`` has passed."""
+    if deadline is not None and time.perf_counter() > deadline:
+        name = Path(model).name if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        raise ModelLoadTimeout(f"{name}: not loaded by the deadline")
+
+
+def _load_path(path: Path, check: bool, deadline: float | None = None) -> fx.GraphModule:
+    """A file -> graph module (on cpu, float), by ``deadline`` (a ``perf_counter`` value)."""
     if path.is_dir():
         raise ModelLoadError(f"the model path is a directory, not a file: {path} (give a .onnx or .pt file)")
     if not path.is_file():
@@ -103,7 +117,7 @@ def _load_path(path: Path, check: bool) -> fx.GraphModule:
     if name.endswith(ONNX_SUFFIXES):
         from .onnx_import import import_onnx
 
-        gm = import_onnx(path)
+        gm = import_onnx(path, deadline=deadline)
         if check:
             diff = check_against_onnxruntime(gm, path, n=4)
             if not diff <= 1e-4:

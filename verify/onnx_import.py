@@ -46,7 +46,8 @@ from onnx import helper, numpy_helper
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from .errors import IntegerInputsNeeded
+from .deadline import Deadline
+from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 
 __all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
@@ -165,25 +166,33 @@ def run_onnxruntime(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def import_onnx(path: Path | onnx.ModelProto, integer_inputs: dict[int, int] | None = None,
-                source: str | None = None) -> fx.GraphModule:
+                source: str | None = None, deadline: float | None = None) -> fx.GraphModule:
     """Convert an ONNX file (or a model read by :func:`read_onnx`); sets ``gm.input_shape`` and
     ``gm.source``.
+
+    ``deadline``: a ``time.perf_counter()`` value (None: no limit); checked after reading the
+    file, between initializers, between nodes and around building the graph module, so that a
+    large model stops within about one node's work of it with :class:`~verify.errors.ModelLoadTimeout`.
 
     ``integer_inputs``: ``{flat input index: integer}``; a Cast to an integer type of exactly
     those inputs becomes that constant (the graph is then exact where each such input ``x_i``
     satisfies ``trunc(x_i) = integer``). Without it such a Cast whose value is needed as a
     constant raises :class:`~verify.errors.IntegerInputsNeeded` naming the inputs.
     """
+    name = "onnx model" if isinstance(path, onnx.ModelProto) else Path(path).name
+    clock = _Clock(Deadline.until(deadline), name)
+    clock.tick("before reading the file")
     model = path if isinstance(path, onnx.ModelProto) else read_onnx(path)
+    clock.tick("after reading the file")
     try:
-        gm = _Converter(model, integer_inputs=integer_inputs).run()
+        gm = _Converter(model, integer_inputs=integer_inputs, clock=clock).run()
     except UnsupportedOperatorError as e:
         # a graph that moves its leading size-1 dim (a Transpose of [1, n]) treats it as data:
         # convert it again with that dim as part of each example (exact either way)
         if "batch dimension" not in str(e) or not has_batch_dim(_dims(_graph_input(model))):
             raise
         try:
-            gm = _Converter(model, leading_is_data=True, integer_inputs=integer_inputs).run()
+            gm = _Converter(model, leading_is_data=True, integer_inputs=integer_inputs, clock=clock).run()
         except UnsupportedOperatorError:
             raise e from None
     set_attributes(gm, input_shape_of(model), source or str(path if not isinstance(path, onnx.ModelProto) else "onnx"))
@@ -202,11 +211,28 @@ def _ident(s: str) -> str:
 _RESERVED = set(dir(fx.GraphModule)) | {"input_shape", "source"}
 
 
+class _Clock:
+    """The import's deadline: :meth:`tick` raises :class:`~verify.errors.ModelLoadTimeout` once it
+    has passed, naming the model and how far the import got (``where``, a text or a function
+    making it: only called when the deadline has passed, so a tick per node costs one clock read)."""
+
+    def __init__(self, deadline: Deadline, name: str):
+        self.deadline, self.name = deadline, name
+
+    def tick(self, where: str | Callable[[], str]) -> None:
+        """Raise :class:`~verify.errors.ModelLoadTimeout` if the deadline has passed."""
+        if self.deadline.expired():
+            text = where if isinstance(where, str) else where()
+            raise ModelLoadTimeout(f"{self.name}: not converted by the deadline (stopped {text})")
+
+
 class _Converter:
     """Walks the ONNX graph and builds the fx graph (see the module docstring)."""
 
-    def __init__(self, model: onnx.ModelProto, leading_is_data: bool = False, integer_inputs: dict[int, int] | None = None):
+    def __init__(self, model: onnx.ModelProto, leading_is_data: bool = False, integer_inputs: dict[int, int] | None = None,
+                 clock: _Clock | None = None):
         self.model = model
+        self.clock = clock or _Clock(Deadline(None), "onnx model")
         self.leading_is_data = leading_is_data
         self.integer_inputs = integer_inputs or {}
         # dynamic values that are exact copies of input entries: their flat input indices (ONNX shape)
@@ -236,7 +262,9 @@ class _Converter:
         return self.offset == 0
 
     def run(self) -> fx.GraphModule:
+        tick = self.clock.tick
         for t in self.model.graph.initializer:
+            tick(lambda: f"at initializer '{t.name}'")
             self.env[t.name] = _checked(numpy_helper.to_array(t), f"initializer '{t.name}'")
         x = self.graph.placeholder("x")
         self.example[x] = torch.zeros((1, *self.input_shape), dtype=_F64)
@@ -246,15 +274,19 @@ class _Converter:
         self.coords[x] = np.arange(math.prod(self.input_shape)).reshape(onnx_shape)
         self.float_deps[x] = (1 << math.prod(self.input_shape)) - 1
         self.env[_graph_input(self.model).name] = x
-        for node in self.model.graph.node:
+        nodes = self.model.graph.node
+        for i, node in enumerate(nodes):
+            tick(lambda: f"at node {i} of {len(nodes)}, '{_label(node)}'")
             self._convert(node)
         out = self._add_output()
+        tick("before building the graph module")
         gm = fx.GraphModule(self.root, self.graph, class_name="OnnxGraph")
         # the fixed inputs the output depends on only through their integer part
         setattr(gm, "integer_part_only", tuple(sorted(c for c in self.integer_inputs if not self.float_deps[out] >> c & 1)))
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
+        tick("after building the graph module")
         return gm
 
     def _convert(self, node: onnx.NodeProto) -> None:
@@ -445,6 +477,7 @@ class _Converter:
         except RuntimeError as e:  # inconsistent shapes in the file (or a bug of ours)
             shapes = [list(t.shape) for t in real if isinstance(t, Tensor)]
             raise ModelLoadError(f"node '{hint}' does not run on inputs of shape {shapes}: {e}") from e
+        self.clock.tick(lambda: f"after '{hint}'")  # one ONNX node may emit several expensive steps
         return n
 
     def module(self, mod: nn.Module, x: fx.Node, node: onnx.NodeProto | str) -> fx.Node:
