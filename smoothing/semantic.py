@@ -242,6 +242,9 @@ def _certify_sound(
     gen = torch.Generator().manual_seed(int(seed) + 7919)
     searches = []
     for b in range(len(x4)):
+        if dl.expired():  # not even the set-up of the remaining searches
+            searches.append(ErrorSearch.incomplete(0.0, "deadline passed before this input's search"))
+            continue
         betas = torch.randn(n_err, P, generator=gen, dtype=torch.float64) * sigma
         searches.append(error(x4[b], betas.squeeze(1) if P == 1 else betas, float(max_range[b]), dl))
     E = np.array([s.E for s in searches])
