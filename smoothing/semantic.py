@@ -223,8 +223,8 @@ def _certify_sound(
     any transform whose composition error ``error(x [C, H, W], betas [n_err, P], range, deadline)``
     bounds; see :func:`certify_rotation_sound`. The whole call, sampling and every error search,
     shares ``deadline``: sampling past it raises :class:`~smoothing.sampling.SamplingTimeout`; an
-    error search past it leaves its inputs with ``E = inf``, radius 0 and ``extra["complete"]``
-    False (no certificate rests on a partial bound). ``scale`` multiplies the l2 radius before
+    error search past it leaves its inputs with ``E = inf``, radius 0 and
+    ``extra["searches"][b].complete`` False (no certificate rests on a partial bound). ``scale`` multiplies the l2 radius before
     the cap at ``max_range`` (``1 / sqrt(2)`` for an linf radius of a 2-d shift)."""
     x4, _ = _as4d(x)
     shape = tuple(x4.shape[1:])
