@@ -465,7 +465,7 @@ class _SemanticSmoothing(_Smoothing):
         extra = {"noise": "gaussian", "sigma": float(self.sigma), "sigma_unit": tr.unit, **tr.describe(),
                  "certifies_exactly": "argmax_c P_gamma(f(T_{theta+gamma}(x)) = c) is constant for |theta| < radius: the clean "
                  "image transformed once by theta+gamma with this interpolation, then classified; NOT the smoothed "
-                 "classifier of an already-transformed image (no interpolation-error bound; smoothing-rotation sound=True has "
+                 "classifier of an already-transformed image (no interpolation-error bound; sound=True has "
                  "one, Fischer et al. 2020 Sec. 4-5)"}
         try:
             res = certify_semantic(
@@ -481,8 +481,85 @@ class _SemanticSmoothing(_Smoothing):
         return certs
 
 
+class _SoundSemantic(_SemanticSmoothing):
+    """The sound mode shared by ``smoothing-rotation`` and ``-translation`` (Fischer et al. 2020,
+    Sec. 4-5): l2 noise ``sigma_l2`` after the random transform, the composition error bounded
+    over ``n_err`` sampled parameters, ``alpha`` split in halves between the ``pA`` bound and the
+    error statement, the radius capped at the range the error was bounded on, ``max(eps,
+    <range option>)``. The timeout covers sampling and the error search: a search cut by it leaves
+    the input ``unknown`` (radius 0, ``E = inf``, reason "timeout"), never certified on part of a
+    bound. Bilinear, zero padding only."""
+
+    sound: bool
+    sigma_l2: float
+    n_err: int
+    #: the option naming the attacker's range the error is bounded on
+    range_option: ClassVar[str]
+
+    def _check_sound(self) -> None:
+        if self.interpolation != "bilinear" or self.padding != "zeros":
+            raise ValueError(f"{self.name} sound=True bounds the error of bilinear {self.transform_cls.name} with zero padding "
+                             f"only (got {self.interpolation!r}, {self.padding!r}); use sound=False for the single-transform "
+                             "certificate")
+        if not (isinstance(self.sigma_l2, (int, float)) and self.sigma_l2 > 0 and math.isfinite(self.sigma_l2)):
+            raise SmoothingConfigError(f"{self.name}: sigma_l2 must be a positive number, got {self.sigma_l2!r}")
+        if int(self.n_err) < 1 or not getattr(self, "err_tol", 1.0) > 0:
+            raise SmoothingConfigError(f"{self.name}: n_err must be >= 1 and err_tol > 0")
+        if self.pb_bound:
+            raise SmoothingConfigError(f"{self.name}: sound=True uses the one-sided pA bound (pb_bound=False)")
+        check_n_alpha(int(self.n), float(self.alpha) / 2)
+
+    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+        if not self.sound:
+            return super().certify(model, inputs, prop, find_radius=find_radius, max_radius=max_radius, timeout=timeout)
+        return self._certify_sound(model, inputs, prop, max_radius, timeout)
+
+    def _sound_extra(self) -> dict[str, Any]:
+        """Details every certificate of the sound mode carries."""
+        raise NotImplementedError
+
+    def _run_sound(self, model, x: torch.Tensor, rng: np.ndarray, pnorm: str, deadline: float | None):
+        """The certificate computation: a CertifyResult whose ``extra`` has ``searches``."""
+        raise NotImplementedError
+
+    def _certify_sound(self, model, inputs, prop, max_radius, timeout) -> list[Certificate]:
+        t0 = time.perf_counter()
+        ball = self._ball(inputs)
+        x = ball.center
+        if x.dim() not in (3, 4):
+            raise SpecError(f"{self.name} needs images [B, C, H, W] or [B, H, W], got shape {tuple(x.shape)}")
+        tr = self.transform_cls(self.interpolation, self.padding)
+        pnorm = norm_name(ball.p)
+        if tr.params > 1 and pnorm not in ("l2", "linf"):
+            raise SpecError(f"{self.name} sound=True states the radius in l2 or linf of the shift, got {pnorm}")
+        norm = f"{tr.name}-{tr.unit}" + ("" if tr.params == 1 or pnorm == "l2" else f"-{pnorm}")
+        B = x.shape[0]
+        labels = self._labels(prop, B)
+        eps = ball.eps.detach().double().cpu().numpy() * np.ones(B)
+        rng = np.maximum(eps, float(getattr(self, self.range_option) or 0.0))
+        extra = {"sigma": float(self.sigma), "sigma_unit": tr.unit, "sigma_l2": float(self.sigma_l2), "sound": True,
+                 **tr.describe(), **self._sound_extra()}
+        try:
+            res = self._run_sound(model, x, rng, pnorm, None if timeout is None else t0 + float(timeout))
+        except SamplingTimeout:
+            cut = {**extra, "error_search": "not started", "error_bound_complete": False}
+            return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, cut)
+        certs = self._assemble(res, labels, eps, norm, max_radius, time.perf_counter() - t0, extra)
+        for b, c in enumerate(certs):
+            srch = res.extra["searches"][b]
+            c.details.update({"sigma_space": f"transform parameter ({tr.unit}) and model input space (l2)",
+                              "alpha": float(self.alpha), "alpha_pA": float(self.alpha) / 2, "alpha_error": float(self.alpha) / 2,
+                              "E": float(srch.E), "E_lower": float(srch.lower), "q": float(res.extra["q"]),
+                              f"error_range_{tr.unit}": float(rng[b]), "error_bound_complete": bool(srch.complete),
+                              "error_search": srch.progress})
+            if not srch.complete and c.status != "abstain":
+                c.status, c.radius = "unknown", 0.0
+                c.details["reason"] = "timeout: interpolation-error bound incomplete (no certificate on a partial bound)"
+        return certs
+
+
 @register
-class SmoothingRotation(_SemanticSmoothing):
+class SmoothingRotation(_SoundSemantic):
     """Rotation smoothing: Gaussian over the angle (``sigma`` in degrees); radius in degrees.
 
     ``sound=True`` (default): the certificate covers the real, interpolated attacked image
@@ -492,6 +569,8 @@ class SmoothingRotation(_SemanticSmoothing):
     (:func:`smoothing.semantic.certify_rotation_sound`); ``alpha`` is split in halves between the
     ``pA`` bound and the error statement. The radius is capped at the range the error was bounded
     on: ``max(eps, max_angle)`` (``max_angle`` defaults to eps). Bilinear, zero padding only.
+    The timeout bounds the error search too: refinement cut by it keeps the last complete round's
+    (looser, still sound) bound; a first round cut by it leaves the input ``unknown``.
     ``sound=False``: the former certificate for the clean image rotated once by ``theta + beta``
     (no l2 noise, no interpolation-error bound), kept for comparison. Being sound by default means
     the default never claims more than it proves; the old statement is opt-in.
@@ -500,9 +579,7 @@ class SmoothingRotation(_SemanticSmoothing):
     name = "smoothing-rotation"
     summary = "smoothing over the rotation angle (Fischer et al. 2020) with the interpolation-error bound; radius in degrees"
     transform_cls = Rotation
-    sound: bool
-    sigma_l2: float
-    n_err: int
+    range_option = "max_angle"
     err_tol: float
     max_angle: float | None
 
@@ -516,69 +593,68 @@ class SmoothingRotation(_SemanticSmoothing):
         if sound:
             self._check_sound()
 
-    def _check_sound(self) -> None:
-        if self.interpolation != "bilinear" or self.padding != "zeros":
-            raise ValueError("smoothing-rotation sound=True bounds the error of bilinear rotation with zero padding only "
-                             f"(got {self.interpolation!r}, {self.padding!r}); use sound=False for the single-rotation certificate")
-        if not (isinstance(self.sigma_l2, (int, float)) and self.sigma_l2 > 0 and math.isfinite(self.sigma_l2)):
-            raise SmoothingConfigError(f"{self.name}: sigma_l2 must be a positive number, got {self.sigma_l2!r}")
-        if int(self.n_err) < 1 or not self.err_tol > 0:
-            raise SmoothingConfigError(f"{self.name}: n_err must be >= 1 and err_tol > 0")
-        if self.pb_bound:
-            raise SmoothingConfigError(f"{self.name}: sound=True uses the one-sided pA bound (pb_bound=False)")
-        check_n_alpha(int(self.n), float(self.alpha) / 2)
+    def _sound_extra(self) -> dict[str, Any]:
+        return {"noise": "gaussian angle + gaussian l2",
+                "certifies_exactly": "g(z) = argmax_c P(f(R_beta(z) + delta) = c), beta ~ N(0, sigma^2) deg, delta ~ N(0, "
+                "sigma_l2^2 I), is cA at every z = R_gamma(x), |gamma| <= radius: x rotated once by the attacker with this "
+                "interpolation; interpolation error of R_beta(R_gamma x) vs R_{beta+gamma} x bounded by E (interval branch and "
+                "bound) for n_err sampled beta, tail probability q (Fischer et al. 2020, Sec. 4-5); confidence 1 - alpha with "
+                "alpha/2 for pA and alpha/2 for the error statement; radius capped at the bounded range"}
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        if not self.sound:
-            return super().certify(model, inputs, prop, find_radius=find_radius, max_radius=max_radius, timeout=timeout)
-        return self._certify_sound(model, inputs, prop, max_radius, timeout)
-
-    def _certify_sound(self, model, inputs, prop, max_radius, timeout) -> list[Certificate]:
+    def _run_sound(self, model, x, rng, pnorm, deadline):
         from .semantic import certify_rotation_sound
 
-        t0 = time.perf_counter()
-        ball = self._ball(inputs)
-        x = ball.center
-        if x.dim() not in (3, 4):
-            raise SpecError(f"{self.name} needs images [B, C, H, W] or [B, H, W], got shape {tuple(x.shape)}")
-        B = x.shape[0]
-        labels = self._labels(prop, B)
-        eps = ball.eps.detach().double().cpu().numpy() * np.ones(B)
-        rng = np.maximum(eps, float(self.max_angle or 0.0))
-        extra = {"noise": "gaussian angle + gaussian l2", "sigma": float(self.sigma), "sigma_unit": "deg",
-                 "sigma_l2": float(self.sigma_l2), "sound": True, **Rotation(self.interpolation, self.padding).describe(),
-                 "certifies_exactly": "g(z) = argmax_c P(f(R_beta(z) + delta) = c), beta ~ N(0, sigma^2) deg, delta ~ N(0, "
-                 "sigma_l2^2 I), is cA at every z = R_gamma(x), |gamma| <= radius: x rotated once by the attacker with this "
-                 "interpolation; interpolation error of R_beta(R_gamma x) vs R_{beta+gamma} x bounded by E (interval branch and "
-                 "bound) for n_err sampled beta, tail probability q (Fischer et al. 2020, Sec. 4-5); confidence 1 - alpha with "
-                 "alpha/2 for pA and alpha/2 for the error statement; radius capped at the bounded range"}
-        try:
-            res = certify_rotation_sound(
-                model, x, float(self.sigma), float(self.sigma_l2), rng, n0=int(self.n0), n=int(self.n), alpha=float(self.alpha),
-                n_err=int(self.n_err), err_tol=float(self.err_tol), seed=int(self.seed), batch_size=int(self.batch_size),
-                memory_mb=self.memory_mb, share_noise=bool(self.share_noise), deadline=None if timeout is None else t0 + float(timeout),
-            )
-        except SamplingTimeout:
-            return self._timeout_certs(B, labels, eps, "rotation-deg", time.perf_counter() - t0, extra)
-        certs = self._assemble(res, labels, eps, "rotation-deg", max_radius, time.perf_counter() - t0, extra)
-        for b, c in enumerate(certs):
-            c.details.update({"sigma_space": "angle (deg) and model input space (l2)", "alpha": float(self.alpha),
-                              "alpha_pA": float(self.alpha) / 2, "alpha_error": float(self.alpha) / 2,
-                              "E": float(res.extra["E"][b]), "E_lower": float(res.extra["E_lower"][b]),
-                              "q": float(res.extra["q"]), "error_range_deg": float(rng[b])})
-        return certs
+        return certify_rotation_sound(
+            model, x, float(self.sigma), float(self.sigma_l2), rng, n0=int(self.n0), n=int(self.n), alpha=float(self.alpha),
+            n_err=int(self.n_err), err_tol=float(self.err_tol), seed=int(self.seed), batch_size=int(self.batch_size),
+            memory_mb=self.memory_mb, share_noise=bool(self.share_noise), deadline=deadline,
+        )
 
 
 @register
-class SmoothingTranslation(_SemanticSmoothing):
+class SmoothingTranslation(_SoundSemantic):
     """Translation smoothing: Gaussian over ``(dx, dy)`` (``sigma`` in pixels); radius = l2
-    length of the shift in pixels."""
+    (or linf) length of the shift in pixels.
+
+    ``sound=True`` (default): the certificate covers the real, interpolated attacked image
+    ``T_gamma(x)`` for every shift ``||gamma|| <= radius`` (Fischer et al. 2020, Sec. 4-5, as for
+    rotations): l2 noise ``sigma_l2`` after the random shift; the composition error of two
+    bilinear shifts is maximised exactly over the square ``||gamma||_inf <= max(eps, max_shift)``
+    for ``n_err`` sampled shifts (:mod:`smoothing.translation_error`); same confidence split and
+    cap as ``smoothing-rotation``. Bilinear, zero padding only. ``sound=False``: the
+    single-translation certificate (the clean image shifted once by ``theta + beta``).
+    """
 
     name = "smoothing-translation"
-    summary = "smoothing over the translation (Fischer et al. 2020); radius in pixels"
+    summary = "smoothing over the translation (Fischer et al. 2020) with the interpolation-error bound; radius in pixels"
     transform_cls = Translation
+    range_option = "max_shift"
+    max_shift: float | None
 
     def __init__(self, sigma: float = 2.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
                  n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
-                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = True) -> None:
-        super().__init__(sigma, interpolation, padding, n0, n, alpha, pb_bound, batch_size, memory_mb, seed, share_noise)
+                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = True, sound: bool = True,
+                 sigma_l2: float = 0.25, n_err: int = 1000, max_shift: float | None = None) -> None:
+        self._store_options(locals())
+        self._check_options()
+        self.transform_cls(interpolation, padding)
+        if sound:
+            self._check_sound()
+
+    def _sound_extra(self) -> dict[str, Any]:
+        return {"noise": "gaussian shift + gaussian l2",
+                "certifies_exactly": "g(z) = argmax_c P(f(T_beta(z) + delta) = c), beta ~ N(0, sigma^2 I_2) px, delta ~ N(0, "
+                "sigma_l2^2 I), is cA at every z = T_gamma(x), ||gamma|| <= radius: x shifted once by the attacker with this "
+                "interpolation; the error of T_beta(T_gamma x) vs T_{beta+gamma} x (sub-pixel shifts do not compose) is "
+                "maximised exactly (piece corners) over ||gamma||_inf <= the bounded range for n_err sampled beta, tail "
+                "probability q (Fischer et al. 2020, Sec. 4-5); confidence 1 - alpha with alpha/2 for pA and alpha/2 for "
+                "the error statement; radius capped at the bounded range"}
+
+    def _run_sound(self, model, x, rng, pnorm, deadline):
+        from .semantic import certify_translation_sound
+
+        return certify_translation_sound(
+            model, x, float(self.sigma), float(self.sigma_l2), rng, norm=pnorm, n0=int(self.n0), n=int(self.n),
+            alpha=float(self.alpha), n_err=int(self.n_err), seed=int(self.seed), batch_size=int(self.batch_size),
+            memory_mb=self.memory_mb, share_noise=bool(self.share_noise), deadline=deadline,
+        )

@@ -34,11 +34,15 @@ sampling grid of :func:`~smoothing.semantic.rotate`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["FLOAT_SLACK", "rotation_error_bound", "composition_error", "exceed_probability"]
+from verify.deadline import Deadline
+
+__all__ = ["FLOAT_SLACK", "ErrorSearch", "rotation_error_search", "rotation_error_bound", "composition_error",
+           "exceed_probability"]
 
 #: per-pixel allowance (relative to ``max|x|``) for float32 rounding of the sampling grid
 FLOAT_SLACK = 1e-4
@@ -182,19 +186,65 @@ def _box_bounds(x: Tensor, beta: Tensor, g0: Tensor, g1: Tensor) -> Tensor:
     return worst.flatten(1).norm(dim=1)
 
 
-def rotation_error_bound(
+@dataclass
+class ErrorSearch:
+    """Outcome of an interpolation-error search under a deadline.
+
+    Attributes:
+        E: the sound bound on the error over every sampled parameter and the whole attacker's
+            range (float allowance included); ``inf`` when ``complete`` is False.
+        lower: the largest exact error evaluated (a lower bound on the true maximum).
+        complete: every sampled parameter's whole range was bounded at least once. Only then
+            is ``E`` a bound; a certificate may use the search only when this is True.
+        rounds: refinement rounds finished (0 for searches without refinement).
+        refined: the search ran to its own end (False: it stopped at the deadline, and a
+            complete ``E`` is looser than the untimed one).
+        progress: what was done, in words (for the certificate details).
+    """
+
+    E: float
+    lower: float
+    complete: bool
+    rounds: int
+    refined: bool
+    progress: str
+
+    @classmethod
+    def incomplete(cls, lower: float, progress: str) -> "ErrorSearch":
+        """The deadline passed before every range was bounded: no bound at all."""
+        return cls(math.inf, lower, False, 0, False, progress)
+
+
+def _evaluate(x: Tensor, beta: Tensor, g0: Tensor, g1: Tensor, chunk: int, dl: Deadline) -> tuple[Tensor | None, float]:
+    """Interval bounds of the boxes (``[N]`` each, radians) and the largest exact error at the
+    box midpoints, ``chunk`` boxes at a time; ``(None, best)`` if the deadline passes first."""
+    ubs, best = [], 0.0
+    for i in range(0, len(beta), chunk):
+        if dl.expired():
+            return None, best
+        b, lo, hi = beta[i:i + chunk], g0[i:i + chunk], g1[i:i + chunk]
+        ubs.append(_box_bounds(x, b, lo, hi))
+        best = max(best, float(composition_error(x, b * 180 / math.pi, (lo + hi) / 2 * 180 / math.pi).max()))
+    return torch.cat(ubs), best
+
+
+def rotation_error_search(
     x: Tensor,
     betas: Tensor,
     max_angle: float,
     *,
     tol: float = 0.02,
     max_rounds: int = 12,
-    chunk: int = 4096,
-) -> tuple[float, float]:
+    chunk: int = 256,
+    deadline: Deadline | float | None = None,
+) -> ErrorSearch:
     """Upper bound ``E >= max_j max_{|gamma| <= max_angle} ||R_{beta_j}(R_gamma x) - R_{beta_j+gamma} x||_2``.
 
     Branch and bound over ``gamma`` boxes for every sampled ``beta_j`` (Fischer et al. 2020,
-    Sec. 5, interval bound of the interpolation error refined over the attacker's range).
+    Sec. 5, interval bound of the interpolation error refined over the attacker's range). The
+    deadline is checked before every chunk of boxes. Stopped in the first round (some range not
+    yet bounded): incomplete, ``E = inf``. Stopped later: the bounds of the boxes still waiting
+    to be split cover their unfinished children, so ``E`` is complete (only looser).
 
     Args:
         x: ``[C, H, W]`` (or ``[H, W]``) image.
@@ -202,11 +252,12 @@ def rotation_error_bound(
         max_angle: the attacker's range ``G`` in degrees (``>= 0``).
         tol: stop refining a box once its bound is within ``tol`` (l2) of the best exact error.
         max_rounds: number of halvings at most; the result stays an upper bound when it stops.
-        chunk: boxes evaluated per tensor call (memory).
+        chunk: boxes evaluated per tensor call (memory, and how often the deadline is checked).
+        deadline: a :class:`~verify.deadline.Deadline`, or seconds from now (``None``: none).
     Returns:
-        ``(E, lower)``: the sound bound (with the float allowance) and the largest exact error
-        seen (a lower bound on the true maximum; ``E >= lower``).
+        an :class:`ErrorSearch`.
     """
+    dl = Deadline.of(deadline)
     x = x.detach().double().cpu()
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -215,19 +266,21 @@ def rotation_error_bound(
     b = betas.detach().double().cpu().reshape(-1) * (math.pi / 180)
     slack = FLOAT_SLACK * float(x.abs().max()) * math.sqrt(x.numel())
     if G == 0 or len(b) == 0:
-        return slack, 0.0
+        return ErrorSearch(slack, 0.0, True, 0, True, "empty range: no interpolation error")
     r_max = math.hypot(H / 2, W / 2)
     pieces = max(1, math.ceil(2 * G / (0.3 / r_max)))  # location boxes well under a pixel
     edges = torch.linspace(-G, G, pieces + 1, dtype=torch.float64)
     beta = b.repeat_interleave(pieces)
     g0, g1 = edges[:-1].repeat(len(b)), edges[1:].repeat(len(b))
-    best, done = 0.0, 0.0
+    best, done, waiting = 0.0, 0.0, 0.0  # waiting: the largest bound of a box being split
     for rnd in range(max_rounds + 1):
-        ub = torch.cat([_box_bounds(x, beta[i:i + chunk], g0[i:i + chunk], g1[i:i + chunk]) for i in range(0, len(beta), chunk)])
-        mid = (g0 + g1) / 2
-        exact = torch.cat([composition_error(x, beta[i:i + chunk] * 180 / math.pi, mid[i:i + chunk] * 180 / math.pi)
-                           for i in range(0, len(beta), chunk)])
-        best = max(best, float(exact.max()))
+        ub, seen = _evaluate(x, beta, g0, g1, chunk, dl)
+        best = max(best, seen)
+        if ub is None:
+            if rnd == 0:
+                return ErrorSearch.incomplete(best, f"deadline passed in the first round of {len(beta)} angle boxes")
+            return ErrorSearch(max(done, waiting, best) + slack, best, True, rnd, False,
+                               f"deadline passed in refinement round {rnd}: bound of round {rnd - 1} kept")
         keep = ub > best + tol
         done = max(done, float(ub[~keep].max()) if bool((~keep).any()) else 0.0)
         if not bool(keep.any()):
@@ -235,10 +288,19 @@ def rotation_error_bound(
         if rnd == max_rounds:
             done = max(done, float(ub[keep].max()))
             break
+        waiting = float(ub[keep].max())
         beta, g0, g1 = beta[keep], g0[keep], g1[keep]
         m = (g0 + g1) / 2
         beta, g0, g1 = beta.repeat(2), torch.cat([g0, m]), torch.cat([m, g1])
-    return max(done, best) + slack, best
+    return ErrorSearch(max(done, best) + slack, best, True, rnd + 1, True, f"refined in {rnd + 1} rounds")
+
+
+def rotation_error_bound(x: Tensor, betas: Tensor, max_angle: float, *, tol: float = 0.02, max_rounds: int = 12,
+                         chunk: int = 256) -> tuple[float, float]:
+    """:func:`rotation_error_search` without a deadline: ``(E, lower)``, the sound bound (with
+    the float allowance) and the largest exact error seen (``E >= lower``)."""
+    res = rotation_error_search(x, betas, max_angle, tol=tol, max_rounds=max_rounds, chunk=chunk)
+    return res.E, res.lower
 
 
 def exceed_probability(m: int, alpha: float) -> float:

@@ -3,15 +3,17 @@ the tail statement over sampled angles, and the combined certificate of ``smooth
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from smoothing.rotation_error import _box_bounds, composition_error, exceed_probability, rotation_error_bound
+from smoothing.rotation_error import _box_bounds, composition_error, exceed_probability, rotation_error_bound, rotation_error_search
 from smoothing.semantic import certify_rotation_sound, rotate, sound_rotation_radius
 from verify.data import load_data
+from verify.deadline import Deadline
 from verify.registry import get_method
 from verify.spec import LpBall, Robust
 
@@ -150,3 +152,65 @@ def test_method_details_and_old_behaviour():
     with pytest.raises(ValueError):
         get_method("smoothing-rotation", interpolation="nearest")
     get_method("smoothing-rotation", interpolation="nearest", sound=False)
+
+
+# --- the deadline covers the error search (issue 20, item 3)
+
+
+def test_error_search_deadline_is_sound_and_anytime():
+    """No time: incomplete, E = inf. Cut during refinement: a complete bound, never below the
+    untimed one. Generous: identical to the untimed search."""
+    x = _digits(2)[1]
+    betas = torch.randn(120, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10.0
+    full = rotation_error_search(x, betas, 5.0)
+    assert full.complete and full.refined and (full.E, full.lower) == rotation_error_bound(x, betas, 5.0)
+    none = rotation_error_search(x, betas, 5.0, deadline=0.0)
+    assert not none.complete and none.E == math.inf
+    roomy = rotation_error_search(x, betas, 5.0, deadline=600.0)
+    assert (roomy.E, roomy.lower, roomy.rounds) == (full.E, full.lower, full.rounds)
+    t0 = time.perf_counter()
+    cut = rotation_error_search(x, betas, 5.0, deadline=Deadline(0.6 * _elapsed(lambda: rotation_error_search(x, betas, 5.0))))
+    wall = time.perf_counter() - t0
+    assert cut.E >= full.E and (cut.complete or cut.E == math.inf)
+    assert wall < 2.0
+
+
+def _elapsed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _timed_certify(method, model, x, y, timeout):
+    t0 = time.perf_counter()
+    certs = method.certify(model, LpBall(x, 2.0, 2), Robust(y), timeout=timeout)
+    return certs, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("name", ["smoothing-rotation", "smoothing-translation"])
+def test_sound_mode_answers_within_its_timeout(name):
+    """A search of ~10 s per input (n_err large) cut by timeouts of 0.05-0.5 s: the answer comes
+    within the timeout plus 0.3 s (a chunk of the search, measured ~0.05 s), every input
+    unknown with reason timeout; a generous timeout gives the untimed answer."""
+    from verify.digits_model import load_digits_mlp
+
+    x, y = load_data("digits", limit=3)
+    model = load_digits_mlp("noise").eval()
+    fast = dict(n=500, n0=50, alpha=0.01)
+    slow = get_method(name, n_err=200_000, **fast)
+    const = _Energy(-1.0)  # always class 1: pA is high, only the error search can stop a certificate
+    ones = torch.ones(3, dtype=torch.long)
+    _timed_certify(slow, const, x[:1], ones[:1], 0.01)  # lazy imports out of the measurement
+    for timeout in (0.05, 0.2, 0.5):
+        certs, wall = _timed_certify(slow, const, x, ones, timeout)
+        assert wall <= timeout + 0.3, (timeout, wall)
+        for c in certs:  # (a loaded machine may cut the sampling already: prediction None)
+            assert c.status == "unknown" and c.radius == 0.0 and c.prediction in (1, None)
+            assert c.details["reason"].startswith("timeout") and c.details["error_bound_complete"] is False
+        if timeout == 0.5:  # the search, not the sampling, was cut
+            assert all(c.prediction == 1 and c.details["E"] == math.inf for c in certs)
+    m = get_method(name, n_err=50, **fast)
+    untimed = m.certify(model, LpBall(x, 2.0, 2), Robust(y))
+    roomy = m.certify(model, LpBall(x, 2.0, 2), Robust(y), timeout=600.0)
+    assert [(c.status, c.radius, c.details["E"]) for c in roomy] == [(c.status, c.radius, c.details["E"]) for c in untimed]
+    assert all(c.details["error_bound_complete"] for c in untimed)

@@ -180,7 +180,7 @@ def test_rotate_and_translate_geometry():
 
 @pytest.mark.parametrize("name,unit", [("smoothing-rotation", "rotation-deg"), ("smoothing-translation", "translation-px")])
 def test_semantic_methods_radius_in_parameter_units(name, unit):
-    extra = {"sound": False} if name == "smoothing-rotation" else {}
+    extra = {"sound": False}
     m = get_method(name, sigma=5.0, n0=20, n=300, alpha=0.01, interpolation="nearest", **extra)
     c = m.certify(_Const(1), LpBall(_images(2), 3.0, 2), Robust(1))
     assert [x.status for x in c] == ["certified", "certified"]
