@@ -345,8 +345,10 @@ class SmoothingZhang(_NoiseSmoothing):
     ``sigma`` is the per-coordinate std (as for every noise here); ``k`` the integer exponent,
     ``0 <= k < d - 1`` (``k = 0``: Gaussian, up to the discretisation of the bound). l2 radius
     direct, l_inf ``R_2 / sqrt(d)`` (for a rotation-invariant noise the corners of the l_inf ball are
-    its worst points), l1 ``R_2``. ``grid_intervals`` / ``grid_cells`` set the discretisation
-    (finer: slower, slightly larger radii; never less sound). The paper's mixed
+    its worst points), l1 ``R_2``. ``grid_intervals`` (l2 radius intervals) / ``grid_cells`` (cells
+    of the cosine; ``grid_cells // 6`` of the norm) set the discretisation (finer: slower, slightly
+    larger radii; never less sound); the thresholds are computed once per ``(d, k, sigma)``
+    (about 10 s at the defaults, cached). The paper's mixed
     ``||.||_inf`` / ``||.||_2`` family for l_inf is not implemented (see :mod:`smoothing.zhang`).
     """
 
@@ -371,7 +373,7 @@ class SmoothingZhang(_NoiseSmoothing):
         seed: int = 0,
         share_noise: bool = True,
         grid_intervals: int = 150,
-        grid_cells: int = 400,
+        grid_cells: int = 1000,
     ) -> None:
         self._store_options(locals())
         self._check_options()
@@ -381,7 +383,7 @@ class SmoothingZhang(_NoiseSmoothing):
             raise SmoothingConfigError(f"{self.name}: grid_intervals must be >= 1 and grid_cells >= 8")
 
     def noise(self) -> Noise:
-        grid = ZhangGrid(radius_cells=max(8, int(self.grid_cells) * 2 // 5), t_cells=int(self.grid_cells),
+        grid = ZhangGrid(radius_cells=max(8, int(self.grid_cells) // 6), t_cells=int(self.grid_cells),
                          intervals=int(self.grid_intervals))
         return ZhangNoise(sigma=float(self.sigma), k=int(self.k), grid=grid)
 

@@ -79,7 +79,7 @@ class ZhangGrid:
     """
 
     radius_cells: int = 160
-    t_cells: int = 400
+    t_cells: int = 1000
     intervals: int = 150
     max_radius: float = 4.5
 
@@ -90,6 +90,7 @@ def _levels(n: int) -> np.ndarray:
     return np.concatenate([[0.0], lv, [1.0]])
 
 
+@lru_cache(maxsize=8)
 def _cells(d: int, k: int, s: float, grid: ZhangGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cells ``(r_lo [Nr], r_hi [Nr], t_lo [Nt], mass [Nr, Nt])`` of ``(R, t)`` under ``pi_0``.
 
