@@ -344,8 +344,8 @@ class SmoothingZhang(_NoiseSmoothing):
 
     ``sigma`` is the per-coordinate std (as for every noise here); ``k`` the integer exponent,
     ``0 <= k < d - 1`` (``k = 0``: Gaussian, up to the discretisation of the bound). l2 radius
-    direct, l_inf ``R_2 / sqrt(d)`` (for a rotation-invariant noise the corners of the l_inf ball are
-    its worst points), l1 ``R_2``. ``grid_intervals`` (l2 radius intervals) / ``grid_cells`` (cells
+    direct, l_inf ``R_2 / sqrt(d)`` (the l_inf ball lies in that l_2 ball; its corners are on the
+    sphere), l1 ``R_2``. ``grid_intervals`` (l2 radius intervals) / ``grid_cells`` (cells
     of the cosine; ``grid_cells // 6`` of the norm) set the discretisation (finer: slower, slightly
     larger radii; never less sound); the thresholds are computed once per ``(d, k, sigma)``
     (about 10 s at the defaults, cached). The paper's mixed

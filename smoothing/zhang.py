@@ -8,7 +8,9 @@ optimization based framework", NeurIPS 2020 (arXiv 2002.09169).
     pi_0(z) ~ ||z||_2^(-k) exp(-||z||_2^2 / (2 s^2)),   z in R^d,  0 <= k < d - 1,
 
 a Gaussian whose mass is pulled in from the thin shell ``||z|| ~ s sqrt(d)`` by the ``||z||^-k``
-factor (``k = 0``: the Gaussian). ``R = ||z||`` has the law ``s chi_{d-k}`` and the direction is
+factor (``k = 0``: the Gaussian); the paper's remedy for the thin-shell concentration of Gaussian
+noise in high dimension (its section and equation numbers could not be checked here: the text
+of the paper was not available, only its abstract and experiment section). ``R = ||z||`` has the law ``s chi_{d-k}`` and the direction is
 uniform, independent of ``R``.
 
 **Bound.** For a shift ``delta`` the paper lower-bounds the smoothed top-class probability at
@@ -37,8 +39,9 @@ computed once per interval. The l_2 radius ``rho_J`` is certified when ``pA_lowe
 intervals ``[rho_{j-1}, rho_j]``, ``j <= J`` (no monotonicity in ``rho`` is assumed). No Monte
 Carlo is involved, so the certificate's confidence is the Clopper-Pearson one of CERTIFY.
 l_inf and l_1 radii by the dimension factor (``R_inf = R_2 / sqrt(d)``, ``R_1 = R_2``): the l_inf
-ball of radius ``R_2 / sqrt(d)`` lies in the l_2 ball of radius ``R_2``; for a rotation-invariant
-noise that is also where the worst perturbation of the l_inf ball lies (its corners).
+ball of radius ``R_2 / sqrt(d)`` lies in the l_2 ball of radius ``R_2`` (its corners are on that
+sphere, so for a rotation-invariant noise the conversion loses nothing when the bound decreases
+with ``||delta||_2``; soundness does not depend on that).
 
 **Not implemented.** The paper's l_inf proposal (a family that mixes ``||z||_inf`` and
 ``||z||_2``) and its l_inf certificate: that family is not rotation invariant, its likelihood
