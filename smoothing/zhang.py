@@ -121,7 +121,9 @@ def _log_ratio_lower(r_lo, r_hi, t, rho0, rho1, k, s):
         if k == 0:
             return gauss
         v = np.stack([1.0 / r_lo, 1.0 / r_hi])[:, :, None]  # 1/R; 1/0 = inf
-        q = np.max([np.nan_to_num(1.0 - 2.0 * rho * T * v + rho * rho * v * v, nan=np.inf) for rho in (rho0, rho1)], axis=0)
+        # q = R'^2 / R^2 = (1 - rho t v)^2 + (rho v)^2 (1 - t^2) >= 0 in floating point too
+        q = np.max([np.nan_to_num((1.0 - rho * T * v) ** 2 + (rho * v) ** 2 * (1.0 - T * T), nan=np.inf)
+                    for rho in (rho0, rho1)], axis=0)
         q = q.max(axis=0)
         return gauss - 0.5 * k * np.log(q)
 
@@ -136,7 +138,7 @@ def interval_threshold(d: int, k: int, s: float, rho0: float, rho1: float, grid:
     threshold is the smallest of these, plus a float margin (:data:`MASS_MARGIN`).
     """
     r_lo, r_hi, t_lo, mass = _cells(d, k, s, grid)
-    logy = _log_ratio_lower(r_lo, r_hi, t_lo, rho0, rho1, k, s).ravel()
+    logy = np.nan_to_num(_log_ratio_lower(r_lo, r_hi, t_lo, rho0, rho1, k, s).ravel(), nan=-np.inf, posinf=np.inf)
     order = np.argsort(logy, kind="stable")
     y, m = np.exp(logy[order]), mass.ravel()[order]
     below = np.concatenate([[0.0], np.cumsum(m)[:-1]])  # C_i
