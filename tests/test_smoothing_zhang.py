@@ -10,6 +10,8 @@
 * soundness in l_inf: a half-space classifier, the corners of the certified l_inf ball first,
   then random points of the ball, keeps probability >= 1/2 (and the same check catches a radius 20%
   above the exact Gaussian one);
+* coverage at alpha by simulation: CERTIFY on a half-space classifier, wrong radii in at most alpha
+  of independent inputs;
 * the registered method: listed, l_inf = l2 / sqrt(d), bad k refused.
 """
 from __future__ import annotations
@@ -176,6 +178,31 @@ def test_interval_threshold_is_at_least_the_exact_gaussian_one():
     for rho0, rho1 in [(0.0, 0.1), (0.5, 0.55), (1.0, 1.2)]:
         th = interval_threshold(d, 0, sigma, rho0, rho1, FAST)
         assert th >= stats.norm.cdf(rho1 / sigma) - 1e-9
+
+
+def test_certify_coverage_at_alpha_by_simulation():
+    """CERTIFY end to end on a half-space classifier (the smoothed classifier of a half-space under
+    a symmetric noise is the same half-space, so the true l2 radius is the distance to it):
+    certificates with a radius above that distance occur in at most alpha of independent inputs."""
+    d, alpha, T = 8, 0.1, 240
+    w = torch.zeros(d, dtype=torch.float64)
+    w[0] = 1.0
+    net = torch.nn.Linear(d, 2).double()
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.zero_()
+        net.weight[1] = w  # class 1 iff x_0 > 0
+    dist = torch.linspace(0.1, 1.2, T, dtype=torch.float64)
+    x = torch.zeros(T, d, dtype=torch.float64)
+    x[:, 0] = -dist  # class 0, at distance dist from the hyperplane
+    x[:, 1] = torch.arange(T, dtype=torch.float64)  # distinct inputs -> independent noise streams
+    m = get_method("smoothing-zhang", sigma=0.5, k=4, n0=30, n=300, alpha=alpha, share_noise=False,
+                   grid_intervals=60, grid_cells=160)
+    certs = m.certify(net, LpBall(x, 0.0, 2), Robust(0))
+    radius = np.array([c.radius if c.prediction == 0 else 0.0 for c in certs])
+    wrong = int(np.sum(radius > dist.numpy()))
+    assert np.mean(radius > 0) > 0.5  # the check has something to check
+    assert stats.binomtest(wrong, T, alpha, alternative="greater").pvalue > 1e-3
 
 
 # --- the registered method
