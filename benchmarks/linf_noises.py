@@ -2,9 +2,9 @@
 (R_1 / d), uniform (direct l_inf) and the ||z||^-k exp(-||z||^2/2s^2) noise of Zhang et al. 2020
 (``smoothing-zhang``, R_2 / sqrt(d)) at several k.
 
-    .venv/bin/python -m benchmarks.linf_noises            # 100 test digits, n = 10,000 (~10 min on 2 cores)
-    .venv/bin/python -m benchmarks.linf_noises --n 100000 # ~75 min
-    .venv/bin/python -m benchmarks.linf_noises --quick    # 30 digits (~2 min)
+    .venv/bin/python -m benchmarks.linf_noises            # 100 test digits, n = 10,000 (~4 min on 2 cores)
+    .venv/bin/python -m benchmarks.linf_noises --n 100000 # ~11 min (the table of the report)
+    .venv/bin/python -m benchmarks.linf_noises --quick    # 30 digits (~1 min)
 
 Same model (``digits-mlp-noise``, trained with Gaussian noise sigma 0.25), same inputs, same
 n0 / n / alpha / seed, every noise at the same per-coordinate std ``--sigma`` (0.25). Prints a
