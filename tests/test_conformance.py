@@ -29,6 +29,7 @@ FAST_OPTIONS: dict[str, dict] = {
     "smoothing-denoised": dict(n0=64, n=2000, alpha=0.01, denoiser="identity"),  # the bundled ones take 8x8 inputs
     "smoothing-laplace": dict(n0=64, n=2000, alpha=0.01),
     "smoothing-uniform": dict(n0=64, n=2000, alpha=0.01),
+    "smoothing-zhang": dict(n0=64, n=2000, alpha=0.01, k=8, grid_intervals=40, grid_cells=100),
     "smoothing-topk": dict(n0=64, n=2000, alpha=0.01),
     "smoothing-rotation": dict(n0=64, n=1000, alpha=0.01),
     "smoothing-translation": dict(n0=64, n=1000, alpha=0.01),

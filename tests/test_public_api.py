@@ -52,5 +52,5 @@ def test_the_public_relax_and_smoothing_surfaces_are_pinned():
     assert "build_graph" in relax.ir.graph.__all__
     assert sorted(smoothing.__all__) == sorted([
         "CertifyResult", "PredictResult", "certify", "predict", "Noise", "GaussianNoise", "LaplaceNoise",
-        "UniformNoise", "get_noise", "FLOAT_NOTE", "SmoothingConfigError", "check_n_alpha", "cp_lower",
+        "UniformNoise", "ZhangNoise", "get_noise", "FLOAT_NOTE", "SmoothingConfigError", "check_n_alpha", "cp_lower",
         "cp_upper", "cp_interval", "min_samples"])

@@ -87,4 +87,4 @@ def test_the_registered_method_names_are_pinned():
         "interval", "crown", "deeppoly", "alpha-crown", "lipschitz-global", "lipschitz-local",
         "lipschitz-sdp", "lp", "milp", "sdp", "bab", "smoothing-gaussian", "smoothing-denoised",
         "smoothing-laplace", "smoothing-uniform", "smoothing-topk", "smoothing-rotation",
-        "smoothing-translation", "smoothing-regression", "smoothing-invariance"}
+        "smoothing-translation", "smoothing-regression", "smoothing-invariance", "smoothing-zhang"}

@@ -47,7 +47,7 @@ METHOD_MODULES = (
     "relax.methods.lipschitz",  # lipschitz-global, lipschitz-local, lipschitz-sdp
     "relax.methods.solvers",  # lp, milp, sdp
     "relax.methods.bab",  # bab
-    "smoothing.methods",  # smoothing-gaussian, -denoised, -laplace, -uniform, -topk, -rotation, -translation
+    "smoothing.methods",  # smoothing-gaussian, -denoised, -laplace, -uniform, -zhang, -topk, -rotation, -translation
     "smoothing.methods_tasks",  # smoothing-regression, smoothing-invariance
 )
 
