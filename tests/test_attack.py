@@ -13,11 +13,11 @@ from torch import nn
 from verify.attack import (
     AttackResult,
     confirm_counterexample,
-    confirm_with_onnxruntime,
     pgd_attack,
     random_attack,
     repair_counterexample,
 )
+from verify.confirm import confirm, onnx_runner
 from verify.spec import Box, Linear, LinearSpec, LpBall
 
 N_IN, K, G = 10, 4, 3
@@ -247,33 +247,34 @@ def _onnx_linear(path, W: np.ndarray, b: np.ndarray) -> None:
         f.write(data)
 
 
-def test_confirm_with_onnxruntime(tmp_path):
+def test_the_users_check_runs_onnxruntime_on_the_file(tmp_path):
+    """verify.confirm with onnxruntime: the point projected into the box in the file's input dtype,
+    the output violating the property exactly; .onnx and .onnx.gz alike; an attack's counterexample
+    on the torch twin passes it."""
     W = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     b = np.array([0.0, 0.5])
     _onnx_linear(tmp_path / "m.onnx", W, b)
     _onnx_linear(tmp_path / "z.onnx.gz", W, b)
     # violated iff y0 >= y1, i.e. row y1 - y0 <= 0 (VNN-LIB (>= Y_0 Y_1))
     spec = Linear(torch.tensor([[-1.0, 1.0]]))
-    x_bad = torch.tensor([1.0, 0.0, 0.0])  # y = (1, 0.5)
-    x_ok = torch.tensor([0.0, 0.0, 0.0])  # y = (0, 0.5)
-    for path in (tmp_path / "m.onnx", tmp_path / "z.onnx"):
-        assert confirm_with_onnxruntime(path, x_bad, spec)
-        assert not confirm_with_onnxruntime(path, x_ok, spec)
-    lspec = spec.linear(1, 2, dtype=torch.float64)
-    assert confirm_with_onnxruntime(tmp_path / "m.onnx", x_bad.view(1, 3), lspec)
-    box = Box(torch.zeros(1, 3), torch.full((1, 3), 0.5))
-    assert not confirm_with_onnxruntime(tmp_path / "m.onnx", x_bad, spec, inputs=box)  # outside the box
-    with pytest.raises(ValueError):
-        confirm_with_onnxruntime(tmp_path / "m.onnx", torch.zeros(4), spec)
-    # the attack's counterexample on the torch twin is confirmed by onnxruntime
+    lo, hi = np.zeros(3), np.ones(3)
+    for path in (tmp_path / "m.onnx", tmp_path / "z.onnx.gz"):
+        runner = onnx_runner(path)
+        assert runner.kind == "onnxruntime"
+        assert confirm(runner, [1.0, 0.0, 0.0], lo, hi, spec).ok  # y = (1, 0.5)
+        assert not confirm(runner, [0.0, 0.0, 0.0], lo, hi, spec).ok  # y = (0, 0.5)
+    runner = onnx_runner(tmp_path / "m.onnx")
+    # outside the box [0, 0.4]^3: projected to (0.4, 0, 0), y = (0.4, 0.5), not a violation
+    c = confirm(runner, [1.0, 0.0, 0.0], lo, np.full(3, 0.4), spec)
+    assert not c.ok and 0.39 < c.x[0] <= 0.4 and "does not violate" in c.why  # rounded into the box
     twin = nn.Linear(3, 2).double()
     with torch.no_grad():
         twin.weight.copy_(torch.from_numpy(W))
         twin.bias.copy_(torch.from_numpy(b))
     s = Box(torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64))
-    res = pgd_attack(twin, s, lspec, steps=10)
+    res = pgd_attack(twin, s, spec.linear(1, 2, dtype=torch.float64), steps=10)
     assert res.found.item()
-    assert confirm_with_onnxruntime(tmp_path / "m.onnx", res.x_adv[0], spec, inputs=s)
+    assert confirm(runner, res.x_adv[0].numpy(), lo, hi, spec).ok
 
 
 @pytest.mark.parametrize("kind", ["box", "l1", "l2"])

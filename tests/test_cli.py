@@ -47,7 +47,7 @@ class _TestInterval(BoundMethod):
         return torch.einsum("bnk,bk->bn", spec.C, c) - torch.einsum("bnk,bk->bn", spec.C.abs(), r) + spec.d
 
 
-METHOD = "interval" if "interval" in list_methods() else "test-interval"
+METHOD = "interval"
 REQUIRED = {"method", "status", "radius", "time_s", "guarantee", "certifies", "index", "label", "prediction", "eps", "norm"}
 
 
@@ -272,8 +272,6 @@ def test_demo_small(tmp_path, capsys, monkeypatch):
 
 def test_process_executor_matches_local(tmp_path):
     """Workers are fresh processes: they see only methods registered by the package."""
-    if "interval" not in list_methods():
-        pytest.skip("needs a method registered by the package (relax 'interval')")
     from verify.compare import compare
     from verify.data import digits
 
@@ -290,8 +288,6 @@ def test_ray_executor_matches_local(tmp_path):
     """A local Ray instance gives the same table as the in-process run, a deterministic and a
     probabilistic method (seeded per input, so chunking does not change the smoothing counts)."""
     ray = pytest.importorskip("ray", reason="ray is an optional extra: pip install 'certify[ray]'")
-    if "interval" not in list_methods() or "smoothing-gaussian" not in list_methods():
-        pytest.skip("needs the package's interval and smoothing-gaussian methods")
     from verify.compare import compare
     from verify.data import digits
 

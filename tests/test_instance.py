@@ -19,7 +19,8 @@ import torch
 
 from verify.certificate import Certificate, CertificateTable
 from verify.cli import main as cli_main
-from verify.instance import VNNCOMP_ATOL, project_into_box, run_instance
+from verify.confirm import VNNCOMP_ATOL, project_into_box
+from verify.instance import run_instance
 from verify.vnncomp import run_benchmark
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,8 @@ The layers, lowest first (a module belongs to the first layer with a matching pr
     verify vocabulary   verify.spec, verify.errors, verify.deadline, verify.certificate,
                         verify.resources
     verify loading      verify.vnnlib, verify.onnx_import, verify.model
-    verify base         verify.attack (the one falsifier), verify.status_rule, verify.registry
+    verify base         verify.attack (the one falsifier), verify.confirm (the user's check),
+                        verify.status_rule, verify.registry
     relax.ir            the bound graph, its op rules, pruning, the dense view
     relax.bounds        interval / CROWN / alpha-CROWN, round-off;  relax.solvers (LP/MILP backends)
     relax.exact         LP, MILP, SDP;  relax.lipschitz
@@ -30,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verify vocabulary", ("verify.spec", "verify.errors", "verify.deadline", "verify.certificate",
                            "verify.resources")),
     ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.model")),
-    ("verify base", ("verify.attack", "verify.status_rule", "verify.registry")),
+    ("verify base", ("verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
     ("relax.ir", ("relax.ir",)),
     ("relax.bounds", ("relax.bounds", "relax.solvers")),
     ("relax.exact", ("relax.exact", "relax.lipschitz")),

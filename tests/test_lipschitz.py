@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from relax import lipschitz as lip
+from relax.exact.milp import minimum_distortion
 from relax.ir.dense import to_feedforward
 from verify.registry import get_method
 from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
@@ -195,14 +196,6 @@ def _tiny_nets():
     return [random_mlp([2, 16, 16, 3], "relu", seed=s, scale=2.0) for s in (0, 1)] + [random_mlp([2, 12, 3], "sigmoid", seed=5, scale=3.0)]
 
 
-def _milp_distortion():
-    try:
-        from relax.exact.milp import minimum_distortion  # noqa: F401
-    except Exception:
-        return None
-    return minimum_distortion
-
-
 @pytest.mark.parametrize("p", NORMS)
 def test_radius_below_min_distortion_2d(p):
     g = torch.Generator().manual_seed(7)
@@ -248,10 +241,8 @@ def test_lower_bounds_hold_on_samples_and_box():
         assert (vals >= lower.unsqueeze(0) - 1e-12).all()
 
 
-def test_milp_minimum_distortion_if_available():
-    md = _milp_distortion()
-    if md is None:
-        pytest.skip("relax.exact.milp.minimum_distortion has not landed yet")
+def test_lipschitz_radii_never_exceed_the_milp_minimum_distortion():
+    md = minimum_distortion
     net = fx(_tiny_nets()[0].float())  # the MILP engine runs float32 models
     x = torch.rand(3, 2) * 2 - 1
     with torch.no_grad():

@@ -88,3 +88,13 @@ def test_the_registered_method_names_are_pinned():
         "lipschitz-sdp", "lp", "milp", "sdp", "bab", "smoothing-gaussian", "smoothing-denoised",
         "smoothing-laplace", "smoothing-uniform", "smoothing-topk", "smoothing-rotation",
         "smoothing-translation", "smoothing-regression", "smoothing-invariance", "smoothing-zhang"}
+
+
+def test_cost_and_completeness_are_class_metadata():
+    """Demos and tests size their runs by ``cost``; ``certify methods`` shows it and completeness."""
+    from verify.registry import METHOD_MODULES, list_methods
+
+    ours = {n: c for n, c in list_methods().items() if c.__module__ in METHOD_MODULES}
+    assert {c.cost for c in ours.values()} <= {"fast", "slow", "very slow"}
+    assert {n for n, c in ours.items() if c.complete} == {"milp", "bab"}
+    assert {n for n, c in ours.items() if c.cost == "very slow"} == {"sdp", "lipschitz-sdp"}

@@ -9,7 +9,10 @@ property (ARCHITECTURE.md, "falsified only with a counterexample a forward pass 
 * :func:`pgd_attack` -- projected gradient descent (Madry et al. 2018) with random restarts
   and one targeted lane per output group, all inputs and lanes in one batch ``[L*B, ...]``.
 * :func:`random_attack` -- uniform sampling inside the set (boundary-heavy for boxes).
-* :func:`confirm_counterexample`, :func:`confirm_with_onnxruntime` -- the checks.
+* :func:`confirm_counterexample` -- the check of a candidate (float64 membership, float64 and
+  own-dtype forward passes); :func:`repair_counterexample` -- a solver's point made one.
+  (The user's check of an answer that leaves the suite, onnxruntime for ONNX files, is
+  :func:`verify.confirm.confirm`.)
 
 Randomness is drawn from a seeded ``torch.Generator`` and shared across the batch (every
 input gets the same random numbers, mapped into its own set), and inputs stop once they are
@@ -19,16 +22,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .spec import Box, InputSet, Linear, LinearSpec, LpBall, SpecError
+from .spec import Box, InputSet, LinearSpec, LpBall, SpecError
 
 __all__ = [
     "AttackResult",
@@ -36,7 +37,6 @@ __all__ = [
     "random_attack",
     "confirm_counterexample",
     "repair_counterexample",
-    "confirm_with_onnxruntime",
     "project_into",
 ]
 
@@ -210,35 +210,6 @@ def repair_counterexample(
         if bool(confirm_counterexample(model, sets, spec, xc)[0]):
             return True, xc, f"confirmed after a signed-gradient step of {step:g} x width"
     return False, xp, "the solver's point does not violate the property in a float32/float64 forward pass"
-
-
-def confirm_with_onnxruntime(
-    onnx_path: str | os.PathLike, x: Tensor | np.ndarray, spec: LinearSpec | Linear, *, inputs: InputSet | None = None
-) -> bool:
-    """Whether onnxruntime, running the ONNX file (``.onnx`` or ``.onnx.gz``) on the single
-    input ``x`` (any shape with the right number of elements, row-major), gives outputs that
-    violate ``spec`` (a batch-of-one :class:`LinearSpec` or a :class:`Linear`).
-
-    With ``inputs`` (batch of one), ``x`` must also lie in that set. The check is exact
-    (margin ``<= 0``), stricter than the VNN-COMP checker's 1e-4 tolerance on the property
-    (:data:`verify.instance.VNNCOMP_ATOL`). onnxruntime runs as in
-    :class:`verify.onnx_import.OnnxRuntimeModel`.
-    """
-    from .onnx_import import OnnxRuntimeModel
-
-    ort_model = OnnxRuntimeModel(onnx_path)
-    xt = torch.as_tensor(x).detach().cpu().double()
-    if ort_model.num_inputs is not None and xt.numel() != ort_model.num_inputs:
-        raise ValueError(f"{onnx_path}: input has {ort_model.num_inputs} elements, x has {xt.numel()}")
-    if inputs is not None:
-        if not bool(inputs.to(dtype=torch.float64).contains(xt.reshape(1, *inputs.shape), tol=_contains_tol(inputs))[0]):
-            return False
-    y = torch.from_numpy(ort_model(xt.numpy().reshape(1, -1)))
-    if isinstance(spec, Linear):
-        spec = spec.linear(1, y.shape[1], dtype=torch.float64)
-    if spec.C.shape[0] != 1:
-        raise SpecError(f"confirm_with_onnxruntime checks one input, the spec has a batch of {spec.C.shape[0]}")
-    return bool(spec.to(dtype=torch.float64).violation_margin(y)[0] <= 0)
 
 
 # ----------------------------------------------------------------------------------------

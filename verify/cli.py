@@ -230,7 +230,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     w = max(len(n) for n in methods)
     for name, cls in methods.items():
         who = {"base": "f", "smoothed": "g (smoothed)", "fraction": "f (P on set)"}.get(cls.certifies, cls.certifies)
-        print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms) or '- (semantic)'}")
+        cost = f"{cls.cost}, complete" if cls.complete else cls.cost
+        print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms) or '- (semantic)'}  ({cost})")
         if cls.summary:
             print(f"{'':<{w}}  {cls.summary}")
         opts = ", ".join(f"{k}={v!r}" for k, v in cls.option_defaults().items())

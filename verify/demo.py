@@ -82,11 +82,12 @@ DENOISED_VARIANTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("noise-trained f", "noise", "smoothing-gaussian", {}),
 ]
 
-#: default caps on the inputs of slow exact methods (first k test digits; 0 = not run unless
-#: named with --methods). Measured on 2 busy cores with the radius search: lp ~0.5 s/input,
-#: milp ~1-2 s/input with Gurobi (l_inf MILP and l_2 MIQP; HiGHS: ~5-9 s/input in l_inf),
-#: bab ~3-8 s/input (radius on the table's grid), sdp minutes per input.
-DEMO_LIMITS: dict[str, int] = {"lp": 20, "lipschitz-sdp": 0, "milp": 10, "sdp": 0, "bab*": 5}
+#: default caps on the inputs of the methods whose ``cost`` is "slow" (first k test digits).
+#: Measured on 2 busy cores with the radius search: lp ~0.5 s/input, milp ~1-2 s/input with
+#: Gurobi (l_inf MILP and l_2 MIQP; HiGHS: ~5-9 s/input in l_inf), bab ~3-8 s/input (radius on
+#: the table's grid). Methods whose ``cost`` is "very slow" (the SDPs: minutes per input) are not
+#: run unless named with --methods.
+DEMO_LIMITS: dict[str, int] = {"lp": 20, "milp": 10, "bab*": 5}
 
 #: caps that replace ``DEMO_LIMITS`` when Gurobi is not available (HiGHS is slower on the MILP)
 DEMO_LIMITS_WITHOUT_GUROBI: dict[str, int] = {"milp": 5}
@@ -108,8 +109,12 @@ def gurobi_status() -> tuple[bool, str]:
 
 
 def demo_limit(method: str, limit: int) -> int:
-    """The number of inputs ``method`` runs on in the demo (``DEMO_LIMITS``, else ``limit``;
-    also at most ``DEMO_LIMITS_WITHOUT_GUROBI`` when Gurobi is not available)."""
+    """The number of inputs ``method`` runs on in the demo: 0 for a "very slow" method,
+    ``DEMO_LIMITS``, else ``limit``; also at most ``DEMO_LIMITS_WITHOUT_GUROBI`` when Gurobi is not
+    available."""
+    cls = list_methods().get(method)
+    if cls is not None and cls.cost == "very slow":
+        return 0
     k = limit
     for pattern, cap in DEMO_LIMITS.items():
         if fnmatch.fnmatch(method, pattern):

@@ -119,7 +119,8 @@ def decide_by_cases(model: Any, vnnlib: Any, *, method: str, options: dict | Non
     returns an :class:`~verify.instance.InstanceResult`. ``needed``: what converting the model
     without fixed inputs raised, if that was tried already (it is not tried again). ``on_box``
     gets each box's certificate at the end (a box's answer word needs the instance's)."""
-    from .instance import InstanceResult, _overall, onnx_runner
+    from .confirm import onnx_runner
+    from .instance import InstanceResult, _overall
     from .onnx_import import read_onnx
     from .vnnlib import parse_vnnlib, resolve_maybe_gz
 
@@ -193,7 +194,7 @@ def _decide_box(convert: Conversions, p: Any, runner: Any, method: str, options:
 
 def _point_case(convert, p, runner, coords, k, lo, hi, method, options, left, device) -> tuple[str, Any]:
     """The network is constant on the case: run it once, at the case's integers clamped into the box."""
-    from .instance import confirm
+    from .confirm import confirm
 
     x = lo.copy()
     for c, v in zip(coords, k):

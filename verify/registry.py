@@ -233,6 +233,12 @@ class Method:
     summary: ClassVar[str] = ""
     #: norms this method supports for l_p balls, plus "box" for boxes
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1", "box")
+    #: cost per input on a small net: "fast" (bound propagation, sampling: a batch in seconds),
+    #: "slow" (LP / MILP / branch-and-bound: seconds to minutes per input) or "very slow" (SDPs:
+    #: minutes per input); demos and tests size their runs by it
+    cost: ClassVar[str] = "fast"
+    #: decides every property of the networks it accepts, given the time (MILP, branch-and-bound)
+    complete: ClassVar[bool] = False
 
     @classmethod
     def option_names(cls) -> list[str]:

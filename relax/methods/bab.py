@@ -69,6 +69,8 @@ class BabMethod(Method):
     """
 
     name = "bab"
+    cost = "slow"
+    complete = True
     guarantee = "deterministic"
     certifies = "base"
     summary = ("complete for ReLU networks (l_inf, l_1, l_2 balls, boxes): attack, alpha-CROWN, then input-split "

@@ -392,6 +392,7 @@ class LipschitzSDP(_LipschitzMethod):
     """
 
     name = "lipschitz-sdp"
+    cost = "very slow"
     summary = "margin / LipSDP-Neuron per property row (verified), min with the global bound"
     norms = ("linf", "l2", "l1", "box")
 

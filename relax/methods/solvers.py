@@ -45,6 +45,7 @@ class LpMethod(BoundMethod):
     Intermediate bounds from float32 bound passes are widened by ``1e-6 (1 + |b|)``."""
 
     name = "lp"
+    cost = "slow"
     summary = "triangle LP relaxation (Ehlers 2017; Wong & Kolter 2018), HiGHS/Gurobi, safe dual bounds"
     norms = ("linf", "l1", "box")
     bisection_steps = 10
@@ -67,6 +68,7 @@ class SdpMethod(BoundMethod):
     keep the LP's safe bound and skip the SDP."""
 
     name = "sdp"
+    cost = "very slow"
     summary = "SDP relaxation (Raghunathan et al. 2018), cvxpy + Clarabel/SCS, eigenvalue-checked dual bound"
     norms = ("linf", "box")
     bisection_steps = 8
@@ -103,6 +105,8 @@ class MilpMethod(Method):
     when the model exceeds its licence, the answer is "unknown" with the reason in ``details``."""
 
     name = "milp"
+    cost = "slow"
+    complete = True
     guarantee = "deterministic"
     certifies = "base"
     summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion; l2 = MIQP (Gurobi)"
