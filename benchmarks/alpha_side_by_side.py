@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from side_by_side import parse_arm, rotated  # the sibling script: arms and their alternation
+
 
 def one(onnx: str, vnnlib: str, iterations: int) -> dict:
     """The bound of the first box of ``vnnlib`` on ``onnx`` with the tree on ``sys.path``."""
@@ -59,13 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if a.pairs is None or a.out is None or len(a.arm) < 2:
         raise SystemExit("give --pairs, --out and at least two --arm NAME=TREE")
-    arms = [(t.partition("=")[0], Path(t.partition("=")[2]).resolve()) for t in a.arm]
+    arms = [parse_arm(t)[:2] for t in a.arm]
     pairs = [line.strip().split(",") for line in a.pairs.read_text().splitlines() if line.strip()]
     with open(a.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["instance", "onnx", "vnnlib", "arm", "lb_min", "lb_mean", "seconds"])
         for i, (onnx, vnn) in enumerate(pairs):
-            for name, tree in arms[i % len(arms):] + arms[: i % len(arms)]:
+            for name, tree in rotated(arms, i):
                 env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
                 r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", onnx, vnn, "--iterations", str(a.iterations)],
                                    cwd=tree, env=env, capture_output=True, text=True)

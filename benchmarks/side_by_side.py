@@ -39,6 +39,12 @@ def parse_arm(text: str) -> tuple[str, Path, list[str]]:
     return name, Path(tree).resolve(), args
 
 
+def rotated(arms: list, i: int) -> list:
+    """The arms in the order instance ``i`` runs them: the first arm alternates per instance."""
+    k = i % len(arms)
+    return arms[k:] + arms[:k]
+
+
 def read_list(path: Path, every: int, start: int) -> list[tuple[Path, Path, float]]:
     """Rows ``onnx, vnnlib, timeout`` of a VNN-COMP instance list (paths relative to its folder)."""
     rows = []
@@ -108,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         w.writerow(["instance", "onnx", "vnnlib", "arm", "status", "wall_s", "time_s", "timeout_s", "started_utc"])
         for i, (onnx, vnn, t_list) in enumerate(rows):
             T = a.timeout if a.timeout is not None else t_list * a.timeout_scale
-            order = arms[i % len(arms):] + arms[: i % len(arms)]
-            for name, tree, opts in order:
+            for name, tree, opts in rotated(arms, i):
                 started = time.strftime("%H:%M:%S", time.gmtime())
                 status, wall, time_s = run_one(tree, opts, onnx, vnn, T, a.python, a.method)
                 w.writerow([i, onnx.name, vnn.name, name, status, f"{wall:.2f}", time_s, f"{T:g}", started])
