@@ -302,7 +302,8 @@ def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor]
     return out
 
 
-def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec) -> tuple[list[str | None], Tensor, Tensor]:
+def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec,
+            scores: dict[str, Tensor] | None = None) -> tuple[list[str | None], Tensor, Tensor]:
     """Per domain the (node, neuron) to split next and where: ``([D] node names or None,
     [D] indices, [D] split points)``; the point is NaN for a ReLU (split at 0 into the two
     signs), the middle of the box for the input of another nonlinear op.
@@ -310,13 +311,15 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     Scores: a ReLU's BaBSR score (see the module docstring); for a sigmoid / tanh input,
     ``|A_j|`` times the largest gap between the upper and lower relaxation lines over the box;
     for a max-pooling input, its width times the mean ``|A|`` of the pooling's outputs. Rows of
-    groups already proved do not count."""
+    groups already proved do not count. ``scores``: :func:`relu_scores` when the caller has them."""
     D = db.rows.shape[0]
     weight = _unproved_rows(db, rs)
+    if scores is None:
+        scores = relu_scores(graph, db, splits, rs, weight)
     best_score = torch.full((D,), -1.0, dtype=torch.float64)
     best_node: list[str | None] = [None] * D
     best_idx = torch.zeros(D, dtype=torch.long)
-    for p, score in relu_scores(graph, db, splits, rs, weight).items():
+    for p, score in scores.items():
         sc, idx = score.max(1)
         better = sc > best_score
         best_score = torch.where(better, sc, best_score)
@@ -364,23 +367,25 @@ FSB_CHILDREN_PER_PASS = 128
 
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
                            choice: tuple[list[str | None], Tensor, Tensor], domains: Tensor, candidates: int,
-                           deadline: float) -> tuple[list[str | None], Tensor, Tensor]:
+                           deadline: float, scores: dict[str, Tensor] | None = None) -> tuple[list[str | None], Tensor, Tensor]:
     """Filtered smart branching (De Palma et al. 2021, "Improved branch and bound for neural
     network verification via Lagrangian decomposition", Sec. 5): for each of ``domains`` whose
     choice is a ReLU, the ``candidates`` unsplit ReLUs with the largest BaBSR scores are tried,
     each child of each candidate bounded by one CROWN pass on the domain's boxes with its
     parent's last slopes and multipliers (no optimisation; one batch of ``2 * candidates`` per
     domain); the candidate whose worse child has the larger margin is taken. Infeasible children
-    count as proved. Returns ``choice`` with those domains' ReLU choices replaced."""
+    count as proved. Returns ``choice`` with those domains' ReLU choices replaced. ``scores``:
+    :func:`relu_scores` of ``db`` when the caller has them (as :func:`_branch` did)."""
     node, idx, tsplit = choice
     sel = [d for d in domains.tolist() if node[d] is not None and node[d] in splits]
     per_pass = max(1, FSB_CHILDREN_PER_PASS // (2 * max(1, candidates)))
+    if scores is None:
+        scores = relu_scores(graph, db, splits, rs)
     if len(sel) > per_pass:  # the children of one pass stay as many as a round's
         for start in range(0, len(sel), per_pass):
             choice = _filtered_smart_branch(graph, inputs, rs, db, splits, choice, torch.tensor(sel[start:start + per_pass]),
-                                            candidates, deadline)
+                                            candidates, deadline, scores)
         return choice
-    scores = relu_scores(graph, db, splits, rs)
     if not sel or not scores or candidates < 2 or time.perf_counter() >= deadline:
         return choice
     names = list(scores)
@@ -589,10 +594,11 @@ def graph_relu_bab(
             return "proved", None
         return "open", None
 
-    node, idx, tsplit = _branch(graph, db, splits, rs)
+    scores = relu_scores(graph, db, splits, rs)
+    node, idx, tsplit = _branch(graph, db, splits, rs, scores)
     if candidates > 1:
         node, idx, tsplit = _filtered_smart_branch(graph, inputs, rs, db, splits, (node, idx, tsplit), torch.zeros(1, dtype=torch.long),
-                                                   candidates, deadline)
+                                                   candidates, deadline, scores)
     if node[0] is None:  # nothing to split at the root
         status, x = settle_leaf(splits, db, 0)
         if status == "falsified":
@@ -646,10 +652,11 @@ def graph_relu_bab(
         db.rows = torch.maximum(db.rows, par["rows"].repeat(2, 1))  # a child lies in its parent: the parent's bounds hold
         m = rs.margin(db.rows)
         open_ = ~db.infeasible & ~(m > margin)
-        cnode, cidx, ct = _branch(graph, db, child, rs)
+        scores = relu_scores(graph, db, child, rs)
+        cnode, cidx, ct = _branch(graph, db, child, rs, scores)
         if candidates > 1:
             cnode, cidx, ct = _filtered_smart_branch(graph, inputs, rs, db, child, (cnode, cidx, ct), open_.nonzero().flatten(),
-                                                     candidates, deadline)
+                                                     candidates, deadline, scores)
         leaf = torch.tensor([n is None for n in cnode]) & open_
         for j in leaf.nonzero().flatten().tolist():
             status, x = settle_leaf(child, db, j)
