@@ -36,6 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -529,68 +530,12 @@ def tighten_bounds(
     if order not in ("index", "score"):
         raise ValueError(f"order must be 'index' or 'score', got {order!r}")
     t0 = time.perf_counter()
-    bounds = [(l.copy(), u.copy()) for l, u in bounds]
-    L = len(bounds)
+    bounds = [(lo.copy(), hi.copy()) for lo, hi in bounds]
     if layers is None:
-        layers = list(range(0 if region.p == 1.0 else 1, L))
-    counts = {"lps": 0, "time_limited": 0, "stopped_stable": 0}
-    unstable = lambda lu: int(((lu[0] < 0) & (lu[1] > 0)).sum())  # noqa: E731
-    per_layer_before = [unstable(b) for b in bounds]
-    solvers: set[str] = set()
+        layers = list(range(0 if region.p == 1.0 else 1, len(bounds)))
+    per_layer_before = [_unstable_count(b) for b in bounds]
+    solves = _NeuronSolves(solver, deadline, integer, solve_time_limit, rel_gap, abs_gap)
     stopped = False
-    lock = threading.Lock()
-    # MILP: a solve may stop once its dual bound proves the neuron stable (max z_j <= 0 or
-    # min z_j >= 0, also after widening: 1e-4 > the widening near 0); a stable neuron needs no
-    # relaxation, so how tight its bound is matters little
-    stop_stable = 1e-4 if integer else None
-
-    def new_bound(r) -> float | None:
-        """The valid lower bound of a solve's minimum, or ``None`` (counts the solve)."""
-        kind = "stopped_stable" if r.extra.get("stopped") else "time_limited" if r.status in ("time_limit", "interrupted") else None
-        with lock:
-            counts["lps"] += 1
-            if integer and kind:
-                counts[kind] += 1
-        if not integer:
-            return r.bound if r.status == "optimal" and math.isfinite(r.bound) else None
-        if r.status in ("optimal", "time_limit", "interrupted") and math.isfinite(r.bound):
-            return _milp_widen(r.bound)
-        return None
-
-    def limit() -> float | None:
-        rest = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
-        if solve_time_limit is None:
-            return rest
-        return solve_time_limit if rest is None else min(solve_time_limit, rest)
-
-    def worker(lp: LinearProgram, M, const: np.ndarray, l: np.ndarray, u: np.ndarray, todo) -> bool:
-        """Bound the neurons ``todo`` yields (shared by the workers of a layer) on a model of
-        its own; ``False`` when the deadline stopped it."""
-        be = make_backend(lp, solver, bound_focus=integer)  # only the dual bound of each MILP is used
-        with lock:
-            solvers.add(be.name)
-        try:
-            while True:
-                with lock:
-                    j = next(todo, None)
-                if j is None:
-                    return True
-                if deadline is not None and time.perf_counter() > deadline:
-                    return False
-                row = M.getrow(j).toarray().ravel()
-                be.set_objective(-row, -const[j])  # max z_j = -min(-z_j)
-                v = new_bound(be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap, stop_bound_above=stop_stable))
-                if v is not None:
-                    u[j] = min(u[j], -v)
-                if u[j] <= 0:
-                    continue
-                be.set_objective(row, const[j])  # min z_j
-                v = new_bound(be.solve(time_limit=limit(), rel_gap=rel_gap, abs_gap=abs_gap, stop_bound_above=stop_stable))
-                if v is not None:
-                    l[j] = max(l[j], v)
-        finally:
-            be.close()
-
     for k in layers:
         if stopped or (deadline is not None and time.perf_counter() > deadline):
             stopped = True
@@ -609,15 +554,88 @@ def tighten_bounds(
         todo = iter(unst.tolist())
         n_workers = max(1, min(int(workers), len(unst)))
         with ThreadPoolExecutor(n_workers) as pool:  # the solvers release the GIL while solving
-            finished = list(pool.map(lambda _: worker(enc.lp, M, const, l, u, todo), range(n_workers)))
+            finished = list(pool.map(lambda _: solves.worker(enc.lp, M, const, l, u, todo), range(n_workers)))
         stopped = not all(finished)
         bounds[k] = (l, np.maximum(u, l))
-    per_layer_after = [unstable(b) for b in bounds]
+    per_layer_after = [_unstable_count(b) for b in bounds]
     return bounds, {
-        **counts, "unstable_before": sum(per_layer_before), "unstable_after": sum(per_layer_after),
+        **solves.counts, "unstable_before": sum(per_layer_before), "unstable_after": sum(per_layer_after),
         "unstable_per_layer_before": per_layer_before, "unstable_per_layer_after": per_layer_after,
-        "solvers": sorted(solvers), "stopped_at_deadline": stopped, "time_s": time.perf_counter() - t0,
+        "solvers": sorted(solves.solvers), "stopped_at_deadline": stopped, "time_s": time.perf_counter() - t0,
     }
+
+
+def _unstable_count(lu: tuple[np.ndarray, np.ndarray]) -> int:
+    return int(((lu[0] < 0) & (lu[1] > 0)).sum())
+
+
+class _NeuronSolves:
+    """The LP / MILP solves of :func:`tighten_bounds`: per neuron ``max z_j`` then ``min z_j`` on
+    a backend of each worker's own, the valid bound each solve gives, and the counts (shared by
+    the workers of a layer under a lock)."""
+
+    def __init__(self, solver: str, deadline: float | None, integer: bool, solve_time_limit: float | None,
+                 rel_gap: float, abs_gap: float) -> None:
+        self.solver, self.deadline, self.integer = solver, deadline, integer
+        self.solve_time_limit, self.rel_gap, self.abs_gap = solve_time_limit, rel_gap, abs_gap
+        self.counts = {"lps": 0, "time_limited": 0, "stopped_stable": 0}
+        self.solvers: set[str] = set()
+        self.lock = threading.Lock()
+        # MILP: a solve may stop once its dual bound proves the neuron stable (max z_j <= 0 or
+        # min z_j >= 0, also after widening: 1e-4 > the widening near 0); a stable neuron needs
+        # no relaxation, so how tight its bound is matters little
+        self.stop_stable = 1e-4 if integer else None
+
+    def new_bound(self, r: Any) -> float | None:
+        """The valid lower bound of a solve's minimum, or ``None`` (counts the solve)."""
+        kind = "stopped_stable" if r.extra.get("stopped") else "time_limited" if r.status in ("time_limit", "interrupted") else None
+        with self.lock:
+            self.counts["lps"] += 1
+            if self.integer and kind:
+                self.counts[kind] += 1
+        if not self.integer:
+            return r.bound if r.status == "optimal" and math.isfinite(r.bound) else None
+        if r.status in ("optimal", "time_limit", "interrupted") and math.isfinite(r.bound):
+            return _milp_widen(r.bound)
+        return None
+
+    def limit(self) -> float | None:
+        """Seconds for the next solve: the per-solve limit, at most the time left."""
+        rest = None if self.deadline is None else max(self.deadline - time.perf_counter(), 1e-3)
+        if self.solve_time_limit is None:
+            return rest
+        return self.solve_time_limit if rest is None else min(self.solve_time_limit, rest)
+
+    def _solve(self, be: Any, row: np.ndarray, c: float) -> float | None:
+        be.set_objective(row, c)
+        return self.new_bound(be.solve(time_limit=self.limit(), rel_gap=self.rel_gap, abs_gap=self.abs_gap,
+                                       stop_bound_above=self.stop_stable))
+
+    def worker(self, lp: LinearProgram, M: Any, const: np.ndarray, l: np.ndarray, u: np.ndarray, todo: Any) -> bool:
+        """Bound the neurons ``todo`` yields (shared by the workers of a layer) on a model of its
+        own, tightening ``l``, ``u`` in place; ``False`` when the deadline stopped it."""
+        be = make_backend(lp, self.solver, bound_focus=self.integer)  # only the dual bound of each MILP is used
+        with self.lock:
+            self.solvers.add(be.name)
+        try:
+            while True:
+                with self.lock:
+                    j = next(todo, None)
+                if j is None:
+                    return True
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    return False
+                row = M.getrow(j).toarray().ravel()
+                v = self._solve(be, -row, -const[j])  # max z_j = -min(-z_j)
+                if v is not None:
+                    u[j] = min(u[j], -v)
+                if u[j] <= 0:
+                    continue
+                v = self._solve(be, row, const[j])  # min z_j
+                if v is not None:
+                    l[j] = max(l[j], v)
+        finally:
+            be.close()
 
 
 def _output_rows(net: FeedForwardNet, C: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
