@@ -372,23 +372,10 @@ def pgd_attack(
     work = inputs.to(dtype=wdtype)
     spec_w = spec.to(dtype=wdtype)
     dev = work.bounds()[0].device
-    B, shape, R = work.batch_size, work.shape, restarts
+    B, shape = work.batch_size, work.shape
     G = spec_w.num_groups
-    per = G if (targeted and G > 1) else 1  # lanes per restart
-    L = R * per
-    target = (torch.arange(L, device=dev) % G) if per > 1 else None
-    gen = torch.Generator(device=dev).manual_seed(seed)
-
-    if starts is not None:
-        L = starts.shape[0]
-        target = None if start_groups is None else torch.as_tensor(list(start_groups), dtype=torch.long, device=dev)
-        flat = starts.to(device=dev, dtype=wdtype).reshape(L * B, *shape)
-        x = _tile(work, L).project(flat).view(L, B, *shape).detach().clone()
-    else:
-        first = [work.midpoint().unsqueeze(0).expand(per, *work.midpoint().shape)]
-        if R > 1:
-            first.append(_shared_points(work, L - per, gen))
-        x = torch.cat(first).detach().clone()  # [L, B, *shape]
+    x, target = _start_lanes(work, G, restarts, targeted, seed, starts, start_groups)  # [L, B, *shape]
+    L = x.shape[0]
     best_m = torch.full((L, B), math.inf, dtype=wdtype, device=dev)
     best_x = x.clone()
     active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -428,6 +415,27 @@ def pgd_attack(
         x[:, idx] = xf.view(L, b, *shape)
 
     return _settle(record, best_x, best_m)
+
+
+def _start_lanes(work: InputSet, G: int, restarts: int, targeted: bool, seed: int, starts: Tensor | None,
+                 start_groups: Sequence[int] | None) -> tuple[Tensor, Tensor | None]:
+    """The lanes' start points ``[L, B, *shape]`` and the group each lane descends (``[L]``, or
+    ``None``: the margin): given ``starts`` projected into the sets, else per restart one lane per
+    group (``targeted``) or one lane, restart 0 at the midpoint and the others at random points."""
+    dev, shape, B = work.bounds()[0].device, work.shape, work.batch_size
+    if starts is not None:
+        L = starts.shape[0]
+        target = None if start_groups is None else torch.as_tensor(list(start_groups), dtype=torch.long, device=dev)
+        flat = starts.to(device=dev, dtype=work.bounds()[0].dtype).reshape(L * B, *shape)
+        return _tile(work, L).project(flat).view(L, B, *shape).detach().clone(), target
+    per = G if (targeted and G > 1) else 1  # lanes per restart
+    L = restarts * per
+    target = (torch.arange(L, device=dev) % G) if per > 1 else None
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    first = [work.midpoint().unsqueeze(0).expand(per, *work.midpoint().shape)]
+    if restarts > 1:
+        first.append(_shared_points(work, L - per, gen))
+    return torch.cat(first).detach().clone(), target
 
 
 #: spec-row numbers that one candidate check may copy (float64: 8 bytes each)
