@@ -87,3 +87,28 @@ def test_the_rule_runs_once_per_outermost_call(monkeypatch):
 @pytest.mark.parametrize("name", sorted(list_methods()))
 def test_every_registered_method_answers_through_the_rule(name):
     assert getattr(list_methods()[name].certify, "_under_status_rule", False)
+
+
+def test_the_rule_holds_for_one_method_object_used_from_two_threads():
+    """The outermost-call bookkeeping is per thread: a call running in another thread does not
+    make this one skip the rule."""
+    import threading
+
+    rogue = Rogue([("falsified", [0.8, 0.2], "base")])
+    inside = threading.Event()
+    release = threading.Event()
+    real = Rogue.certify.__wrapped__
+
+    def slow(self, *a, **k):
+        inside.set()
+        release.wait(5)
+        return real(self, *a, **k)
+
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("other", registry._under_status_rule(slow)(rogue, _model(), _ball([0.8, 0.2]), Robust(0))))
+    t.start()
+    inside.wait(5)
+    (c,) = rogue.certify(_model(), _ball([0.8, 0.2]), Robust(0))
+    release.set()
+    t.join()
+    assert c.status == "unknown" and out["other"][0].status == "unknown"

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import math
 import numbers
+import threading
 import time
 from typing import Any, Callable, ClassVar
 
@@ -186,19 +187,31 @@ def _check_option_range(key: str, v: float, fail: Callable[[str], None]) -> None
         fail("a value >= 0")
 
 
+_THIS_THREAD = threading.local()
+
+
+def _running_certify() -> set[int]:
+    """Ids of the Method objects whose ``certify`` runs in this thread (per thread, so that one
+    object used from two threads at once still applies the rule to each call)."""
+    if not hasattr(_THIS_THREAD, "running"):
+        _THIS_THREAD.running = set()
+    return _THIS_THREAD.running
+
+
 def _under_status_rule(certify: Callable[..., list[Certificate]]) -> Callable[..., list[Certificate]]:
     """``certify`` whose answers pass :func:`verify.status_rule.enforce_status_rule` once, at the
     outermost call (a subclass's ``certify`` calling its parent's is checked once)."""
 
     @functools.wraps(certify)
     def checked(self: "Method", model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, **kwargs: Any) -> list[Certificate]:
-        outer = not getattr(self, "_in_certify", False)
-        self._in_certify = True
+        running = _running_certify()
+        outer = id(self) not in running
+        running.add(id(self))
         try:
             certs = certify(self, model, inputs, prop, **kwargs)
         finally:
             if outer:
-                self._in_certify = False
+                running.discard(id(self))
         return enforce_status_rule(model, inputs, prop, certs) if outer else certs
 
     checked._under_status_rule = True  # type: ignore[attr-defined]
@@ -217,9 +230,6 @@ class Method:
     :func:`verify.status_rule.enforce_status_rule` ("falsified" only with a confirmed
     counterexample, no "certified" contradicted at the set's centre).
     """
-
-    #: set while a ``certify`` call runs (the status rule runs at the outermost one)
-    _in_certify: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
