@@ -265,8 +265,6 @@ def compare(
         find_radius, max_radius: every method searches its largest certified radius.
         attack: compute the PGD curve of f and, for smoothing, the beyond-radius attack.
     """
-    from tqdm import tqdm
-
     p = parse_norm(norm)
     options = options or {}
     out = Path(out_dir)
@@ -284,32 +282,17 @@ def compare(
         csv_path.unlink(missing_ok=True)
     key.merged(old_key).save(csv_path)
 
-    run = []
-    for m in methods:
-        cls = method_class(m)
-        if norm_name(p) not in cls.norms:
-            res.notes.append(f"{m}: skipped, it does not support {norm_name(p)} balls (supports {', '.join(cls.norms)})")
-            continue
-        run.append(m)
-    n_workers = workers or (1 if executor == "local" else usable_cores(2))
-    step = chunk_size or (N if executor == "local" else max(1, math.ceil(N / n_workers)))
-    tasks = []
+    run = _supported(methods, p, res.notes)
     limits = limits or {}
+    step = chunk_size or (N if executor == "local" else max(1, math.ceil(N / (workers or usable_cores(2)))))
+    tasks = []
     for m in run:
         todo = [i for i in range(min(N, limits.get(m, N))) if (m, i) not in done]
         for s in range(0, len(todo), step):
             idx = todo[s : s + step]
             tasks.append(Task(m, options.get(m, {}), model, x[idx], labels[idx], idx, 0.0, norm_name(p),
                               find_radius, max_radius, timeout, device, grid=list(res.radii)))
-    bar = tqdm(total=sum(len(t.indices) for t in tasks), desc=prefix, unit="input", file=sys.stderr, disable=None if progress else True)
-    for task, certs in execute(tasks, executor, workers):
-        append_csv(csv_path, certs)
-        bar.set_postfix_str(task.method)
-        bar.update(len(task.indices))
-        errs = [c for c in certs if c.status == "error"]
-        if errs:
-            res.notes.append(f"{task.method}: {len(errs)} inputs errored: {errs[0].details.get('error', '')}")
-    bar.close()
+    _execute_into(csv_path, tasks, executor, workers, prefix, progress, res.notes)
 
     rows = _read_rows(csv_path) if csv_path.exists() else CertificateTable()
     keep = {m: i for i, m in enumerate(run)}
@@ -317,19 +300,59 @@ def compare(
     res.table = CertificateTable(sorted(last.values(), key=lambda c: (keep[c.method], c.index)))
     res.table.to_json(str(out / f"{prefix}_results.json"))
     res.files.update(csv=csv_path, json=out / f"{prefix}_results.json")
-
     if attack and N:
-        try:
-            net = _load_net(model, device)
-            xd, yd = x.to(device), labels.to(device)
-            robust = attack_robust(net, xd, yd, res.radii, p, steps=attack_steps)
-            res.attack = {r: int(ok.sum()) / len(ok) for r, ok in robust.items()}
-            res.violations = check_certified_per_input(res.table, robust)
-            res.notes += [f"UNSOUND? {b}" for b in res.violations]
-            res.beyond = beyond_radius_attack(net, xd, res.table, p, _sigma_of(options))
-        except ImportError as e:
-            res.notes.append(f"no PGD attack curve: {e}")
+        _attack_curves(res, model, x, labels, p, device, attack_steps, options)
+    _write_reports(res, out, prefix, p, model_name, title)
+    return res
 
+
+def _supported(methods: Sequence[str], p: float, notes: list[str]) -> list[str]:
+    """The methods that take l_p balls of this norm (a note for each that does not)."""
+    run = []
+    for m in methods:
+        cls = method_class(m)
+        if norm_name(p) not in cls.norms:
+            notes.append(f"{m}: skipped, it does not support {norm_name(p)} balls (supports {', '.join(cls.norms)})")
+            continue
+        run.append(m)
+    return run
+
+
+def _execute_into(csv_path: Path, tasks: list[Task], executor: str, workers: int | None, prefix: str, progress: bool,
+                  notes: list[str]) -> None:
+    """Run the tasks, appending each task's certificates to the CSV as it finishes (a progress
+    bar over inputs; a note per task with errors)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(t.indices) for t in tasks), desc=prefix, unit="input", file=sys.stderr, disable=None if progress else True)
+    for task, certs in execute(tasks, executor, workers):
+        append_csv(csv_path, certs)
+        bar.set_postfix_str(task.method)
+        bar.update(len(task.indices))
+        errs = [c for c in certs if c.status == "error"]
+        if errs:
+            notes.append(f"{task.method}: {len(errs)} inputs errored: {errs[0].details.get('error', '')}")
+    bar.close()
+
+
+def _attack_curves(res: CompareResult, model: Any, x: Tensor, labels: Tensor, p: float, device: str, attack_steps: int,
+                   options: dict[str, dict[str, Any]]) -> None:
+    """The PGD accuracy curve of f, the per-input check of the certificates against it, and the
+    beyond-radius attack on smoothed certificates."""
+    try:
+        net = _load_net(model, device)
+        xd, yd = x.to(device), labels.to(device)
+        robust = attack_robust(net, xd, yd, res.radii, p, steps=attack_steps)
+        res.attack = {r: int(ok.sum()) / len(ok) for r, ok in robust.items()}
+        res.violations = check_certified_per_input(res.table, robust)
+        res.notes += [f"UNSOUND? {b}" for b in res.violations]
+        res.beyond = beyond_radius_attack(net, xd, res.table, p, _sigma_of(options))
+    except ImportError as e:
+        res.notes.append(f"no PGD attack curve: {e}")
+
+
+def _write_reports(res: CompareResult, out: Path, prefix: str, p: float, model_name: str, title: str | None) -> None:
+    """The plot, the markdown and the HTML report (their paths into ``res.files``)."""
     png = plot_certified_accuracy(res.table, res.radii, out / f"{prefix}.png", attack_curve=res.attack, model_name=model_name, title=title)
     sections = []
     if res.beyond:
@@ -347,4 +370,3 @@ def compare(
     page = html_report(res.table, res.radii, png, title=title or f"Comparison ({norm_name(p)})", model_name=model_name)
     (out / f"{prefix}.html").write_text(page)
     res.files.update(png=png, markdown=out / f"{prefix}.md", html=out / f"{prefix}.html")
-    return res
