@@ -48,7 +48,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -168,84 +168,95 @@ def monte_carlo(
         param_shape: shape of one noise sample (default ``x.shape[1:]``).
         deadline: ``time.perf_counter()`` value after which :class:`SamplingTimeout` is raised.
     """
-    B = x.shape[0]
     shape = tuple(x.shape[1:])
     pshape = shape if param_shape is None else tuple(param_shape)
-    numel = math.prod(shape)
-    chunk = chunk_size(numel, x.element_size(), batch_size, memory_mb)
+    chunk = chunk_size(math.prod(shape), x.element_size(), batch_size, memory_mb)
     names = list(streams) if streams is not None else [f"s{i}" for i in range(len(nums))]
     if len(names) != len(nums):
         raise ValueError("streams and nums differ in length")
-    dev, dt = x.device, x.dtype
-    sbytes = str(int(seed)).encode()
-
-    def groups():
-        """Yield lists of blocks whose counts add up to at most ``chunk``."""
-        cur: list[_Block] = []
-        used = 0
-        for s, (name, num) in enumerate(zip(names, nums)):
-            num = int(num)
-            if num <= 0:
-                continue
-            if share_noise:
-                gen = seed_generator(dev, sbytes, name.encode(), b"shared")
-                for start in range(0, num, chunk):
-                    m = min(chunk, num - start)
-                    nz = torch.empty((m, *pshape), device=dev, dtype=dt)
-                    noise.fill_(nz, gen)
-                    for b in range(B):
-                        if used + m > chunk:
-                            yield cur
-                            cur, used = [], 0
-                        cur.append(_Block(s * B + b, b, start, m, None, nz))
-                        used += m
-            else:
-                gens = input_generators(x, seed, name)
-                for b in range(B):
-                    for start in range(0, num, chunk):
-                        m = min(chunk, num - start)
-                        if used + m > chunk:
-                            yield cur
-                            cur, used = [], 0
-                        cur.append(_Block(s * B + b, b, start, m, gens[b]))
-                        used += m
-        if cur:
-            yield cur
-
     buf: Tensor | None = None  # one input buffer, reused by every pass (no allocation per pass)
-    for blocks in groups():
+    for blocks in _passes(x, noise, names, nums, chunk, pshape, seed, share_noise):
         if deadline is not None and time.perf_counter() > deadline:
             raise SamplingTimeout("sampling passed its deadline")
         S = sum(bl.count for bl in blocks)
         if buf is None:
-            buf = torch.empty((chunk, *pshape), device=dev, dtype=dt)
+            buf = torch.empty((chunk, *pshape), device=x.device, dtype=x.dtype)
         rows = buf[:S]
-        a = 0
-        for bl in blocks:
-            part = rows[a : a + bl.count]
-            if bl.noise is not None:  # shared noise: one fused copy-and-add
-                if perturb is None:
-                    torch.add(bl.noise, x[bl.b], out=part)
-                else:
-                    part.copy_(bl.noise)
-            else:
-                noise.fill_(part, bl.gen)  # fresh draw, in place
-                if perturb is None:
-                    part.add_(x[bl.b])
-            a += bl.count
-        # row bookkeeping on the host (a few small numpy ops), one transfer each
-        cnt = np.fromiter((bl.count for bl in blocks), dtype=np.int64, count=len(blocks))
-        first = np.cumsum(cnt) - cnt  # row of each block's first sample
-        slot = torch.from_numpy(np.repeat(np.fromiter((bl.slot for bl in blocks), dtype=np.int64, count=len(blocks)), cnt)).to(dev)
-        start = np.fromiter((bl.start for bl in blocks), dtype=np.int64, count=len(blocks))
-        pos = torch.from_numpy(np.arange(S, dtype=np.int64) + np.repeat(start - first, cnt)).to(dev)
-        if perturb is None:
-            inp = rows
-        else:
-            bidx = torch.from_numpy(np.repeat(np.fromiter((bl.b for bl in blocks), dtype=np.int64, count=len(blocks)), cnt)).to(dev)
-            inp = perturb(x.index_select(0, bidx), rows)
+        _fill_rows(rows, blocks, x, noise, perturb is None)
+        slot, pos, bidx = _row_index(blocks, S, x.device)
+        inp = rows if perturb is None else perturb(x.index_select(0, bidx), rows)
         out = model(inp)
         consume(slot, pos, out.reshape(S, -1))
+
+
+def _passes(x: Tensor, noise: NoiseSource, names: list[str], nums: Sequence[int], chunk: int, pshape: tuple[int, ...],
+            seed: int, share_noise: bool) -> Iterator[list["_Block"]]:
+    """The forward passes: lists of blocks (one input's consecutive samples of one stream) whose
+    counts add up to at most ``chunk``. Shared noise is drawn here, once per stream and chunk;
+    independent noise is drawn into the rows later, from each input's own generator."""
+    B, dev, dt = x.shape[0], x.device, x.dtype
+    sbytes = str(int(seed)).encode()
+    cur: list[_Block] = []
+    used = 0
+    for s, (name, num) in enumerate(zip(names, nums)):
+        num = int(num)
+        if num <= 0:
+            continue
+        if share_noise:
+            gen = seed_generator(dev, sbytes, name.encode(), b"shared")
+            for start in range(0, num, chunk):
+                m = min(chunk, num - start)
+                nz = torch.empty((m, *pshape), device=dev, dtype=dt)
+                noise.fill_(nz, gen)
+                for b in range(B):
+                    if used + m > chunk:
+                        yield cur
+                        cur, used = [], 0
+                    cur.append(_Block(s * B + b, b, start, m, None, nz))
+                    used += m
+        else:
+            gens = input_generators(x, seed, name)
+            for b in range(B):
+                for start in range(0, num, chunk):
+                    m = min(chunk, num - start)
+                    if used + m > chunk:
+                        yield cur
+                        cur, used = [], 0
+                    cur.append(_Block(s * B + b, b, start, m, gens[b]))
+                    used += m
+    if cur:
+        yield cur
+
+
+def _fill_rows(rows: Tensor, blocks: list["_Block"], x: Tensor, noise: NoiseSource, add: bool) -> None:
+    """Write the pass's noisy inputs into ``rows [S, *shape]`` (or the bare noise, ``add=False``,
+    for a perturbation that applies it itself)."""
+    a = 0
+    for bl in blocks:
+        part = rows[a : a + bl.count]
+        if bl.noise is not None:  # shared noise: one fused copy-and-add
+            if add:
+                torch.add(bl.noise, x[bl.b], out=part)
+            else:
+                part.copy_(bl.noise)
+        else:
+            noise.fill_(part, bl.gen)  # fresh draw, in place
+            if add:
+                part.add_(x[bl.b])
+        a += bl.count
+
+
+def _row_index(blocks: list["_Block"], S: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of the pass: its accumulator slot, its sample's index within the slot and its
+    input, ``[S]`` each (host bookkeeping with a few small numpy ops, one transfer each)."""
+    k = len(blocks)
+    cnt = np.fromiter((bl.count for bl in blocks), dtype=np.int64, count=k)
+    first = np.cumsum(cnt) - cnt  # row of each block's first sample
+    slot = torch.from_numpy(np.repeat(np.fromiter((bl.slot for bl in blocks), dtype=np.int64, count=k), cnt)).to(dev)
+    start = np.fromiter((bl.start for bl in blocks), dtype=np.int64, count=k)
+    pos = torch.from_numpy(np.arange(S, dtype=np.int64) + np.repeat(start - first, cnt)).to(dev)
+    bidx = torch.from_numpy(np.repeat(np.fromiter((bl.b for bl in blocks), dtype=np.int64, count=k), cnt)).to(dev)
+    return slot, pos, bidx
 
 
 def count_classes(
