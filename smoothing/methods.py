@@ -33,6 +33,9 @@ from verify.spec import InputSet, LpBall, OutputProperty, Robust, SpecError, Top
 
 from .certify import certify as _certify
 from .denoiser import load_denoiser
+from .options import (
+    ClassifierOptions, DenoisedOptions, NoiseOptions, RotationOptions, SemanticOptions, TranslationOptions, ZhangOptions,
+)
 from .noise import FLOAT_NOTE, GaussianNoise, LaplaceNoise, Noise, UniformNoise
 from .sampling import SamplingTimeout
 from .semantic import Rotation, SemanticTransform, Translation
@@ -64,7 +67,7 @@ class _Smoothing(Method):
     guarantee = "probabilistic"
     certifies = "smoothed"
     noise_cls: ClassVar[type[Noise] | None] = None
-    # the options every subclass stores (Method._store_options)
+    Options = ClassifierOptions
     sigma: float
     n0: int
     n: int
@@ -74,14 +77,12 @@ class _Smoothing(Method):
     seed: int
     share_noise: bool
 
-    def _check_options(self) -> None:
-        if not (isinstance(self.sigma, (int, float)) and self.sigma > 0 and math.isfinite(self.sigma)):
+    def setup(self) -> None:
+        """Refuse a sigma of inf and ``(n, alpha)`` pairs that can never certify
+        (:func:`smoothing.stats.check_n_alpha`); types and ranges are the Options' checks."""
+        if not math.isfinite(self.sigma):
             raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.sigma!r}")
-        if int(self.n0) < 1:
-            raise SmoothingConfigError(f"{self.name}: n0 must be >= 1, got {self.n0}")
         check_n_alpha(int(self.n), float(self.alpha), pb_bound=bool(getattr(self, "pb_bound", False)))
-        if int(self.batch_size) < 1:
-            raise SmoothingConfigError(f"{self.name}: batch_size must be >= 1, got {self.batch_size}")
 
     # --- helpers
     def _ball(self, inputs: InputSet) -> LpBall:
@@ -182,22 +183,8 @@ class _NoiseSmoothing(_Smoothing):
             (:mod:`smoothing.sampling` explains both).
     """
 
+    Options = NoiseOptions
     pb_bound: bool
-
-    def __init__(
-        self,
-        sigma: float = 0.25,
-        n0: int = 100,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        pb_bound: bool = False,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-    ) -> None:
-        self._store_options(locals())
-        self._check_options()
 
     def noise(self) -> Noise:
         assert self.noise_cls is not None
@@ -275,23 +262,12 @@ class SmoothingDenoised(_NoiseSmoothing):
     noise_cls = GaussianNoise
     denoiser: str
 
-    def __init__(
-        self,
-        sigma: float = 0.25,
-        denoiser: str = "digits-stability",
-        n0: int = 100,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        pb_bound: bool = False,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-    ) -> None:
-        self._store_options(locals())
-        self._check_options()
+    Options = DenoisedOptions
+
+    def setup(self) -> None:
+        super().setup()
         try:
-            self._denoiser, self._denoiser_meta = load_denoiser(denoiser)
+            self._denoiser, self._denoiser_meta = load_denoiser(self.denoiser)
         except ValueError as e:
             raise SmoothingConfigError(f"{self.name}: option denoiser: {e}") from None
 
@@ -360,27 +336,12 @@ class SmoothingZhang(_NoiseSmoothing):
     grid_intervals: int
     grid_cells: int
 
-    def __init__(
-        self,
-        sigma: float = 0.25,
-        k: int = 0,
-        n0: int = 100,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        pb_bound: bool = False,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-        grid_intervals: int = 150,
-        grid_cells: int = 1000,
-    ) -> None:
-        self._store_options(locals())
-        self._check_options()
-        if not (int(k) == k and k >= 0):
-            raise SmoothingConfigError(f"{self.name}: k must be a non-negative integer, got {k!r}")
-        if int(grid_intervals) < 1 or int(grid_cells) < 8:
-            raise SmoothingConfigError(f"{self.name}: grid_intervals must be >= 1 and grid_cells >= 8")
+    Options = ZhangOptions
+
+    def setup(self) -> None:
+        super().setup()
+        if int(self.grid_cells) < 8:
+            raise SmoothingConfigError(f"{self.name}: grid_cells must be >= 8, got {self.grid_cells}")
 
     def noise(self) -> Noise:
         grid = ZhangGrid(radius_cells=max(8, int(self.grid_cells) // 6), t_cells=int(self.grid_cells),
@@ -405,19 +366,6 @@ class SmoothingTopK(_Smoothing):
     summary = "certified top-k under Gaussian smoothing (Jia et al. 2020); l2 (l1, linf by conversion)"
     norms = ("l2", "linf", "l1")
 
-    def __init__(
-        self,
-        sigma: float = 0.25,
-        n0: int = 100,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-    ) -> None:
-        self._store_options(locals())
-        self._check_options()
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         from .noise import convert_radius
@@ -491,23 +439,7 @@ class _SemanticSmoothing(_Smoothing):
                             f"{self.transform_cls.name} asked about ({self.transform_cls.unit})")
         return inputs
 
-    def __init__(
-        self,
-        sigma: float = 1.0,
-        interpolation: str = "bilinear",
-        padding: str = "zeros",
-        n0: int = 100,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        pb_bound: bool = False,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-    ) -> None:
-        self._store_options(locals())
-        self._check_options()
-        self.transform_cls(interpolation, padding)  # validates the two options
+    Options = SemanticOptions
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         from .semantic import certify_semantic
@@ -556,6 +488,11 @@ class _SoundSemantic(_SemanticSmoothing):
     n_err: int
     #: the option naming the attacker's range the error is bounded on
     range_option: ClassVar[str]
+
+    def setup(self) -> None:
+        super().setup()
+        if self.sound:
+            self._check_sound()
 
     def _check_sound(self) -> None:
         if self.interpolation != "bilinear" or self.padding != "zeros":
@@ -644,15 +581,7 @@ class SmoothingRotation(_SoundSemantic):
     err_tol: float
     max_angle: float | None
 
-    def __init__(self, sigma: float = 10.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
-                 n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
-                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = True, sound: bool = True,
-                 sigma_l2: float = 0.25, n_err: int = 1000, err_tol: float = 0.02, max_angle: float | None = None) -> None:
-        self._store_options(locals())
-        self._check_options()
-        self.transform_cls(interpolation, padding)
-        if sound:
-            self._check_sound()
+    Options = RotationOptions
 
     def _sound_extra(self) -> dict[str, Any]:
         return {"noise": "gaussian angle + gaussian l2",
@@ -692,15 +621,7 @@ class SmoothingTranslation(_SoundSemantic):
     range_option = "max_shift"
     max_shift: float | None
 
-    def __init__(self, sigma: float = 2.0, interpolation: str = "bilinear", padding: str = "zeros", n0: int = 100,
-                 n: int = 100_000, alpha: float = 0.001, pb_bound: bool = False, batch_size: int = 1000,
-                 memory_mb: float | None = None, seed: int = 0, share_noise: bool = True, sound: bool = True,
-                 sigma_l2: float = 0.25, n_err: int = 1000, max_shift: float | None = None) -> None:
-        self._store_options(locals())
-        self._check_options()
-        self.transform_cls(interpolation, padding)
-        if sound:
-            self._check_sound()
+    Options = TranslationOptions
 
     def _sound_extra(self) -> dict[str, Any]:
         return {"noise": "gaussian shift + gaussian l2",

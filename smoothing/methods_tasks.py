@@ -44,6 +44,7 @@ from verify.registry import Method, float_safety_margin, register
 from verify.spec import InputSet, LinearSpec, LpBall, OutputProperty, Robust, SpecError, norm_name
 
 from .inverse import estimate_invariance
+from .options import InvarianceOptions, RegressionOptions
 from .regression import bounds_from_samples, sample_outputs
 from .sampling import SamplingTimeout
 from .stats import SmoothingConfigError, cp_interval
@@ -111,7 +112,6 @@ class _SampledTask(Method):
     """Options and Certificate assembly shared by the two methods."""
 
     guarantee = "probabilistic"
-    # the options both store (Method._store_options)
     n: int
     alpha: float
     radius_steps: int
@@ -119,16 +119,6 @@ class _SampledTask(Method):
     memory_mb: float | None
     seed: int
     share_noise: bool
-
-    def _check_common(self) -> None:
-        """Refuse option values that cannot work (also when the class is built directly, not
-        through :func:`verify.registry.get_method`)."""
-        for key in ("n", "radius_steps", "batch_size"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SmoothingConfigError(f"{self.name}: {key} must be an integer >= 1, got {v!r}")
-        if not 0.0 < float(self.alpha) < 1.0:
-            raise SmoothingConfigError(f"{self.name}: alpha must be in (0, 1), got {self.alpha!r}")
 
     def _base_details(self, radii_count: int) -> dict[str, Any]:
         return {
@@ -174,24 +164,11 @@ class SmoothingRegression(_SampledTask):
     sigma: float
     percentile: float
 
-    def __init__(
-        self,
-        sigma: float = 0.25,
-        percentile: float = 0.5,
-        n: int = 10_000,
-        alpha: float = 0.001,
-        radius_steps: int = 8,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-    ) -> None:
-        self._store_options(locals())
-        self._check_common()
-        if not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
-            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {sigma!r}")
-        if not 0.0 < float(percentile) < 1.0:
-            raise SmoothingConfigError(f"{self.name}: percentile must be in (0, 1), got {percentile!r}")
+    Options = RegressionOptions
+
+    def setup(self) -> None:
+        if not math.isfinite(self.sigma):
+            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.sigma!r}")
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         """See :meth:`verify.registry.Method.certify`; ``inputs`` is an l2 :class:`LpBall`."""
@@ -309,21 +286,7 @@ class SmoothingInvariance(_SampledTask):
 
     min_probability: float
 
-    def __init__(
-        self,
-        min_probability: float = 0.99,
-        n: int = 10_000,
-        alpha: float = 0.001,
-        radius_steps: int = 8,
-        batch_size: int = 1000,
-        memory_mb: float | None = None,
-        seed: int = 0,
-        share_noise: bool = True,
-    ) -> None:
-        self._store_options(locals())
-        self._check_common()
-        if not 0.0 < float(min_probability) < 1.0:
-            raise SmoothingConfigError(f"{self.name}: min_probability must be in (0, 1), got {min_probability!r}")
+    Options = InvarianceOptions
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         """See :meth:`verify.registry.Method.certify`; ``prop`` is :class:`~verify.spec.Robust`."""

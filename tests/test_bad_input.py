@@ -26,9 +26,6 @@ class _BrokenMethod(BoundMethod):
     name = "test-broken"
     norms = ("linf", "l2", "box")
 
-    def __init__(self) -> None:
-        pass
-
     def lower_bounds(self, model, inputs, spec):
         raise RuntimeError("broken on purpose")
 

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,13 @@ from torch import nn
 from conftest import err_line as _err_line
 from verify.cli import main
 from verify.digits_model import load_digits_mlp
+from verify.options import Options, option
 from verify.registry import BoundMethod, list_methods, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ScaleOptions(Options):
+    scale: float = option(1.0, "a test option")
 
 
 @register
@@ -25,8 +32,7 @@ class _TestInterval(BoundMethod):
     summary = "interval bounds for Linear/ReLU chains (tests only)"
     norms = ("linf", "l2", "box")
 
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = scale
+    Options = _ScaleOptions
 
     def lower_bounds(self, model, inputs, spec):
         lo, hi = inputs.bounds()

@@ -4,7 +4,7 @@ inside functions) goes to a module of the same layer or of a layer below.
 The layers, lowest first (a module belongs to the first layer with a matching prefix):
 
     verify vocabulary   verify.spec, verify.errors, verify.deadline, verify.certificate,
-                        verify.resources
+                        verify.resources, verify.options
     verify loading      verify.vnnlib, verify.onnx_import, verify.model
     verify base         verify.attack (the one falsifier), verify.confirm (the user's check),
                         verify.status_rule, verify.registry
@@ -29,7 +29,7 @@ PACKAGES = ("verify", "relax", "smoothing")
 # (layer name, module prefixes); lowest first. Modules in one tuple share a layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verify vocabulary", ("verify.spec", "verify.errors", "verify.deadline", "verify.certificate",
-                           "verify.resources")),
+                           "verify.resources", "verify.options")),
     ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.model")),
     ("verify base", ("verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
     ("relax.ir", ("relax.ir",)),

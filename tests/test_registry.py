@@ -13,9 +13,6 @@ class _Fake(BoundMethod):
 
     name = "fake-borderline"
 
-    def __init__(self):
-        pass
-
     def lower_bounds(self, model, inputs, spec):
         value = 1e-4 if inputs.midpoint().dtype == torch.float32 else -1.0
         return torch.full(spec.d.shape, value, dtype=inputs.midpoint().dtype)
@@ -26,7 +23,7 @@ class _Radius(BoundMethod):
 
     name = "fake-radius"
 
-    def __init__(self):
+    def setup(self):
         self.seen = []
 
     def lower_bounds(self, model, inputs, spec):

@@ -23,10 +23,11 @@ from torch import nn
 from conftest import err_line
 from smoothing.methods_tasks import checked_radii, largest_certified_radius, row_bounds
 from smoothing.regression import order_statistic_indices, percentile_bounds
-from smoothing.stats import SmoothingConfigError, cp_interval
+from smoothing.stats import cp_interval
 from verify import certify
 from verify.certificate import Certificate, CertificateTable
 from verify.cli import main
+from verify.errors import OptionError
 from verify.registry import get_method, list_methods
 from verify.spec import Box, Linear, LpBall, OutputBounds, Robust, SpecError, TopK
 
@@ -292,7 +293,7 @@ def test_bad_inputs_are_refused_with_one_cause():
                               ("smoothing-invariance", {"radius_steps": 0}, "radius_steps")):
         with pytest.raises(ValueError, match=cause):
             get_method(name, **opts)
-    with pytest.raises(SmoothingConfigError, match="n must be an integer"):
+    with pytest.raises(OptionError, match="option n of smoothing-invariance: expected a value > 0, got 0"):
         list_methods()["smoothing-invariance"](n=0)
 
 

@@ -2,12 +2,16 @@
 answers of a rogue method are caught, right ones pass unchanged."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
 from verify import registry
 from verify.certificate import Certificate
+from verify.options import Options, option
 from verify.registry import Method, list_methods
 from verify.spec import LpBall, Robust
 
@@ -21,13 +25,17 @@ def _model() -> nn.Module:
     return m.eval()
 
 
+@dataclass(frozen=True, kw_only=True)
+class _AnswerOptions(Options):
+    answers: Any = option((), "the planted answers")
+
+
 class Rogue(Method):
     """Answers whatever the test plants: ``answers`` is a list of (status, counterexample, certifies)."""
 
     name = "rogue"
 
-    def __init__(self, answers=()):
-        self.answers = list(answers)
+    Options = _AnswerOptions
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         return [Certificate(method=self.name, guarantee="deterministic" if how == "base" else "probabilistic",
@@ -49,7 +57,7 @@ def _ball(*centres, eps=0.1):
 
 def test_a_false_falsification_becomes_unknown():
     ball = _ball([0.8, 0.2], [0.8, 0.2])  # label 0 holds on the whole ball
-    certs = Rogue([("falsified", [0.8, 0.2], "base"), ("falsified", None, "base")]).certify(_model(), ball, Robust(0))
+    certs = Rogue(answers=[("falsified", [0.8, 0.2], "base"), ("falsified", None, "base")]).certify(_model(), ball, Robust(0))
     assert [c.status for c in certs] == ["unknown", "unknown"]
     assert all(c.counterexample is None and "status_rule" in c.details for c in certs)
 
@@ -57,7 +65,7 @@ def test_a_false_falsification_becomes_unknown():
 def test_a_true_counterexample_just_outside_is_projected_and_kept():
     ball = _ball([0.52, 0.48], eps=0.05)  # x = (0.47, 0.53) violates label 0 and is inside
     outside = [0.47 - 1e-6, 0.53 + 1e-6]  # a rounding step outside the ball
-    (c,) = Rogue([("falsified", outside, "base")]).certify(_model(), ball, Robust(0))
+    (c,) = Rogue(answers=[("falsified", outside, "base")]).certify(_model(), ball, Robust(0))
     assert c.status == "falsified"
     x = torch.tensor(c.counterexample, dtype=torch.float64).reshape(1, 2)
     assert bool(ball.to(dtype=torch.float64).contains(x, tol=0.0)[0]) and float(x[0, 0]) <= float(x[0, 1])
@@ -65,14 +73,14 @@ def test_a_true_counterexample_just_outside_is_projected_and_kept():
 
 def test_a_certificate_contradicted_at_the_centre_is_an_error():
     ball = _ball([0.2, 0.8], [0.8, 0.2])  # the first centre is misclassified for label 0
-    certs = Rogue([("certified", None, "base"), ("certified", None, "base")]).certify(_model(), ball, Robust(0))
+    certs = Rogue(answers=[("certified", None, "base"), ("certified", None, "base")]).certify(_model(), ball, Robust(0))
     assert [c.status for c in certs] == ["error", "certified"]
     assert "unsound" in certs[0].details["status_rule"]
 
 
 def test_claims_about_the_smoothed_classifier_pass_unchanged():
     ball = _ball([0.2, 0.8])
-    (c,) = Rogue([("certified", None, "smoothed")]).certify(_model(), ball, Robust(0))
+    (c,) = Rogue(answers=[("certified", None, "smoothed")]).certify(_model(), ball, Robust(0))
     assert c.status == "certified"
 
 
@@ -80,7 +88,7 @@ def test_the_rule_runs_once_per_outermost_call(monkeypatch):
     calls = []
     real = registry.enforce_status_rule
     monkeypatch.setattr(registry, "enforce_status_rule", lambda *a: calls.append(1) or real(*a))
-    RogueChild([("unknown", None, "base")]).certify(_model(), _ball([0.8, 0.2]), Robust(0))
+    RogueChild(answers=[("unknown", None, "base")]).certify(_model(), _ball([0.8, 0.2]), Robust(0))
     assert len(calls) == 1
 
 
@@ -94,7 +102,7 @@ def test_the_rule_holds_for_one_method_object_used_from_two_threads():
     make this one skip the rule."""
     import threading
 
-    rogue = Rogue([("falsified", [0.8, 0.2], "base")])
+    rogue = Rogue(answers=[("falsified", [0.8, 0.2], "base")])
     inside = threading.Event()
     release = threading.Event()
     real = Rogue.certify.__wrapped__

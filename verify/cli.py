@@ -7,12 +7,13 @@ code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from .options import OptionInfo
 
 __all__ = ["main", "build_parser", "parse_options", "CLIError"]
 
@@ -33,37 +34,39 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _coerce(method: str, key: str, text: str, default: Any) -> Any:
-    """Turn the text of ``--option key=text`` into the type of the option's default."""
+def _coerce(method: str, info: OptionInfo, text: str) -> Any:
+    """Turn the text of ``--option key=text`` into a value of the option's declared type
+    (``none`` / ``null`` where the type admits none); the type and range are checked when the
+    method is built."""
     low = text.strip().lower()
-    if isinstance(default, bool):
+    if low in ("none", "null") and info.admits_none:
+        return None
+    kinds = info.kinds
+    for kind in (bool, int, float):
+        if kind in kinds:
+            try:
+                return _parse_scalar(kind, low)
+            except ValueError:
+                if len(kinds) == 1:
+                    raise CLIError(f"option {info.name} of {method}: expected {info.expected_text}, got {text!r}") from None
+    return text
+
+
+def _parse_scalar(kind: type, low: str) -> Any:
+    if kind is bool:
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise CLIError(f"option {key} of {method}: expected true/false, got {text!r}")
-    if low in ("none", "null"):
-        return None
-    try:
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-    except ValueError:
-        raise CLIError(f"option {key} of {method}: expected {type(default).__name__}, got {text!r}") from None
-    if isinstance(default, str):
-        return text
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        raise ValueError(low)
+    return kind(low)
 
 
 def parse_options(pairs: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["k=v", "crown.k2=v2"]`` -> ``{method: {option: value}}``.
 
     ``method.k=v`` sets an option of one method; ``k=v`` sets it for every listed method that
-    has option ``k`` (an error if none has it). Values take the type of the option's default.
+    has option ``k`` (an error if none has it). Values take the option's declared type.
     """
     from .registry import method_class
 
@@ -78,9 +81,9 @@ def parse_options(pairs: Sequence[str], methods: Sequence[str]) -> dict[str, dic
         name = name if dot and target in out else key
         hit = False
         for m in targets:
-            defaults = method_class(m).option_defaults()
-            if name in defaults:
-                out[m][name] = _coerce(m, name, val, defaults[name])
+            options = method_class(m).Options
+            if name in options.names():
+                out[m][name] = _coerce(m, options.info(name), val)
                 hit = True
         if not hit:
             opts = sorted({o for m in targets for o in method_class(m).option_names()})
@@ -220,10 +223,11 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """List the registered methods with their options."""
-    from .registry import list_methods
+    """List the registered methods (those named, or all) with every option: its default, type,
+    range and what it does."""
+    from .registry import list_methods, method_class
 
-    methods = list_methods()
+    methods = {n: method_class(n) for n in args.names} if args.names else list_methods()
     if not methods:
         print("no methods registered")
         return 0
@@ -234,8 +238,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name:<{w}}  {cls.guarantee:<13}  certifies {who:<12}  norms {','.join(cls.norms) or '- (semantic)'}  ({cost})")
         if cls.summary:
             print(f"{'':<{w}}  {cls.summary}")
-        opts = ", ".join(f"{k}={v!r}" for k, v in cls.option_defaults().items())
-        print(f"{'':<{w}}  options: {opts or '(none)'}")
+        infos = cls.Options.infos()
+        print(f"{'':<{w}}  options:{'' if infos else ' (none)'}")
+        width = max((len(f"{i.name}={i.default!r}") for i in infos), default=0)
+        for i in infos:
+            kind = ", ".join(t for t in (i.type_text, i.range_text) if t)
+            print(f"{'':<{w}}    {f'{i.name}={i.default!r}':<{width}}  ({kind}) {i.help}")
     return 0
 
 
@@ -520,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", parser_class=_Parser)
 
     s: argparse.ArgumentParser = sub.add_parser("methods", parents=[common], help="list the registered methods and their options")
+    s.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
     s.set_defaults(func=cmd_methods)
 
     s = sub.add_parser("run", parents=[common], help="certify a data set or a VNN-LIB property with one method")

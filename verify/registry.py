@@ -1,7 +1,8 @@
 """The method registry and the two base classes every method derives from.
 
-Adding a method = one class with ``name``, ``guarantee``, explicit keyword options in
-``__init__`` (each with a default) and either
+Adding a method = one class with ``name``, ``guarantee``, its options declared once as a frozen
+dataclass ``Options`` (:mod:`verify.options`: type, default, range and help of each; the
+registry, the CLI and ``certify methods`` read them from there) and either
 
 * ``lower_bounds(model, inputs, spec) -> [B, N]`` (deterministic bound methods, derive from
   :class:`BoundMethod`: the status decision, the counterexample check at the clean input and the
@@ -17,8 +18,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import math
-import numbers
 import threading
 import time
 from typing import Any, Callable, ClassVar
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from .certificate import Certificate
 from .deadline import Deadline
+from .options import Options
 from .spec import InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
 from .status_rule import enforce_status_rule
 
@@ -114,7 +114,8 @@ def method_class(name: str) -> type["Method"]:
 
 def get_method(name: "str | Method", **options: Any) -> "Method":
     """Instantiate a registered method with its keyword options (unknown options are an error
-    naming the option and listing the valid ones)."""
+    naming the option and listing the valid ones; values are checked against the method's
+    :class:`~verify.options.Options`)."""
     if isinstance(name, Method):
         if options:
             raise TypeError("options given together with a Method instance")
@@ -124,67 +125,7 @@ def get_method(name: "str | Method", **options: Any) -> "Method":
     bad = [k for k in options if k not in valid]
     if bad:
         raise TypeError(f"method {name!r} has no option {bad[0]!r}; its options are: {', '.join(valid) or '(none)'}")
-    defaults = cls.option_defaults()
-    for key, value in options.items():
-        check_option(name, key, value, defaults[key])
     return cls(**options)
-
-
-#: numeric options that must be > 0 wherever a method has them (``None`` stays allowed where
-#: it is the default: "no limit" / "automatic")
-POSITIVE_OPTIONS = frozenset({
-    "lr", "sigma", "n", "n0", "batch_size", "max_elements", "time_limit", "threads", "max_iters",
-    "memory_mb", "refine_workers", "max_lmi_size", "dense_limit", "refine_solve_time", "input_split_max_dim",
-    "radius_steps",
-})
-#: numeric options that are fractions: ``name -> (low, high, low_open, high_open)``
-FRACTION_OPTIONS = {
-    "alpha": (0.0, 1.0, True, True), "refine_fraction": (0.0, 1.0, False, False),
-    "percentile": (0.0, 1.0, True, True), "min_probability": (0.0, 1.0, True, True),
-}
-
-
-def check_option(method: str, key: str, value: Any, default: Any) -> None:
-    """Refuse an option value of the wrong type (judged from the default's type) or out of its
-    range: every number must be >= 0 and not NaN, :data:`POSITIVE_OPTIONS` > 0,
-    :data:`FRACTION_OPTIONS` inside their interval. Raises :class:`~verify.errors.OptionError`
-    naming the option and the value."""
-    from .errors import OptionError
-
-    def fail(expected: str) -> None:
-        raise OptionError(f"option {key} of {method}: expected {expected}, got {value!r}")
-
-    if value is None:  # the method's own reading: no limit / automatic
-        return
-    if isinstance(default, bool) or isinstance(value, bool):
-        if not (isinstance(default, bool) and isinstance(value, bool)):
-            fail(type(default).__name__ if default is not None else "a number")
-        return
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            fail("a string")
-        return
-    if isinstance(default, int) and not isinstance(value, numbers.Integral):
-        fail("an integer")
-    if isinstance(default, float) and not isinstance(value, numbers.Real):
-        fail("a number")
-    if default is None and key in POSITIVE_OPTIONS and not isinstance(value, numbers.Real):
-        fail("a number")
-    if isinstance(value, numbers.Real):
-        _check_option_range(key, float(value), fail)
-
-
-def _check_option_range(key: str, v: float, fail: Callable[[str], None]) -> None:
-    if math.isnan(v):
-        fail("a number, not NaN")
-    if key in FRACTION_OPTIONS:
-        lo, hi, lo_open, hi_open = FRACTION_OPTIONS[key]
-        if (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
-            fail(f"a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
-    elif key in POSITIVE_OPTIONS and not v > 0:
-        fail("a value > 0")
-    elif v < 0:
-        fail("a value >= 0")
 
 
 _THIS_THREAD = threading.local()
@@ -218,12 +159,18 @@ def _under_status_rule(certify: Callable[..., list[Certificate]]) -> Callable[..
     return checked
 
 
+def _signature(options: type[Options]) -> inspect.Signature:
+    """The keyword-only signature ``(*, name=default, ...)`` of a method with these options."""
+    return inspect.Signature([inspect.Parameter(i.name, inspect.Parameter.KEYWORD_ONLY, default=i.default, annotation=i.type)
+                              for i in options.infos()])
+
+
 class Method:
     """Base class of all certification methods.
 
-    Subclasses set the class attributes and define ``__init__`` with explicit keyword
-    options (scikit-learn style: stored under the same attribute names, e.g. by
-    ``self._store_options(locals())``).
+    Subclasses set the class attributes and declare their options as a frozen dataclass
+    ``Options`` (:mod:`verify.options`; scikit-learn style: each is stored under its own name,
+    ``self.sigma``); checks that involve several options go in :meth:`setup`.
 
     The status rule is not the methods' to repeat: every ``certify`` a subclass defines is
     wrapped at class creation so that its Certificates pass
@@ -236,6 +183,10 @@ class Method:
         own = cls.__dict__.get("certify")
         if own is not None and not getattr(own, "_under_status_rule", False):
             setattr(cls, "certify", _under_status_rule(own))
+        if "__init__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: declare the options in an Options dataclass and checks in setup(), "
+                            "not an __init__ (verify.options)")
+        cls.__signature__ = _signature(cls.Options)  # type: ignore[attr-defined]  # help(), IDEs
 
     name: ClassVar[str] = ""
     guarantee: ClassVar[str] = "deterministic"
@@ -250,25 +201,40 @@ class Method:
     #: decides every property of the networks it accepts, given the time (MILP, branch-and-bound)
     complete: ClassVar[bool] = False
 
+    #: the method's options (a frozen dataclass; :mod:`verify.options`): names, types,
+    #: defaults, ranges and help text are read from it by the registry and the CLI
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, **options: Any) -> None:
+        """Build the method from its keyword options: they are checked against :attr:`Options`
+        (type, range; :class:`~verify.errors.OptionError` naming the option), kept as
+        ``self.opts`` and stored under their own names (``self.sigma``), then :meth:`setup`
+        runs."""
+        try:
+            opts = self.Options(**options)
+        except TypeError as e:  # an unknown keyword
+            raise TypeError(f"{self.name or type(self).__name__}: {e}; its options are: "
+                            f"{', '.join(self.option_names()) or '(none)'}") from None
+        opts.check(self.name or type(self).__name__)
+        self.opts = opts
+        for key, value in opts.as_dict().items():
+            setattr(self, key, value)
+        self.setup()
+
+    def setup(self) -> None:
+        """Checks that involve several options, and state derived from them (a loaded denoiser);
+        called once by ``__init__`` after the options are stored. Nothing by default."""
+
     @classmethod
     def option_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind in kinds]
+        return cls.Options.names()
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
-        sig = inspect.signature(cls.__init__)
-        return {p.name: p.default for p in sig.parameters.values() if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        return cls.Options.defaults()
 
     def options(self) -> dict[str, Any]:
-        return {k: getattr(self, k, None) for k in self.option_names()}
-
-    def _store_options(self, values: dict[str, Any]) -> None:
-        """Store every ``__init__`` option under its own name; call as
-        ``self._store_options(locals())`` first thing in ``__init__``."""
-        for k in self.option_names():
-            setattr(self, k, values[k])
+        return self.opts.as_dict()
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

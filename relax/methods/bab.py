@@ -24,18 +24,49 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from verify.deadline import Deadline
 from verify.resources import usable_cores
+from verify.options import Options, option
 from verify.registry import Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
 from relax.bab import BabResult, RowSpec
 
-__all__ = ["BabMethod", "run_bab"]
+__all__ = ["BabMethod", "BabOptions", "run_bab"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BabOptions(Options):
+    """Options of :class:`BabMethod` (its docstring explains each)."""
+
+    split: str = option("auto", "what is split: input (boxes of the input), relu (activations), auto (input for "
+                        "inputs of at most input_split_max_dim numbers)", choices=("auto", "input", "relu"))
+    batch_size: int | None = option(None, "domains bounded per round (none: 512 boxes with input split, 64 domains with relu split)", positive=True)
+    input_split_max_dim: int = option(16, "largest input dimension for which split=auto splits inputs", positive=True)
+    attack_steps: int = option(50, "PGD steps before branching")
+    attack_restarts: int = option(5, "PGD restarts before branching")
+    random_samples: int = option(1000, "random-attack samples before PGD")
+    relu_steps: int = option(10, "alpha / beta optimisation steps per ReLU-split round")
+    branch_candidates: int = option(3, "ReLUs whose children are bounded before one is split (filtered smart "
+                                    "branching); 1: the BaBSR-style score alone", positive=True)
+    margin: float = option(1e-6, "a domain counts as proved when its margin lower bound exceeds this")
+    seed: int = option(0, "seeds the attacks")
+    refine_layers: int | None = option(None, "relu split: hidden layers whose root bounds MILP tightens first (none: "
+                                       "3 for nets of at least refine_min_depth hidden layers, else 0)")
+    refine_min_depth: int = option(4, "hidden layers from which refine_layers=none refines")
+    refine_fraction: float = option(0.5, "share of the time left that the refinement may use",
+                                    interval=(0.0, 1.0, "closed"))
+    refine_solve_time: float = option(1.0, "seconds per MILP of the refinement", positive=True)
+    refine_after: float = option(0.1, "share of the time first given to branching without refinement",
+                                 interval=(0.0, 1.0, "right-open"))
+    refine_workers: int | None = option(None, "MILPs of the refinement solved in parallel (none: one per usable "
+                                        "core, at most 4)", positive=True)
+    dense_limit: int = option(2**24, "largest matrix (numbers) of the dense view the refinement builds", positive=True)
 
 
 @register
@@ -78,57 +109,24 @@ class BabMethod(Method):
                "sigmoid / tanh / max-pooling inputs split by intervals (unknown possible)")
     norms = ("linf", "l2", "l1", "box")
 
-    def __init__(
-        self,
-        split: str = "auto",
-        batch_size: int | None = None,
-        input_split_max_dim: int = 16,
-        attack_steps: int = 50,
-        attack_restarts: int = 5,
-        random_samples: int = 1000,
-        relu_steps: int = 10,
-        branch_candidates: int = 3,
-        margin: float = 1e-6,
-        seed: int = 0,
-        refine_layers: int | None = None,
-        refine_min_depth: int = 4,
-        refine_fraction: float = 0.5,
-        refine_solve_time: float = 1.0,
-        refine_after: float = 0.1,
-        refine_workers: int | None = None,
-        dense_limit: int = 2**24,
-    ) -> None:
-        if split not in ("auto", "input", "relu"):
-            raise ValueError(f"split must be 'auto', 'input' or 'relu', got {split!r}")
-        self.split = split
-        self.batch_size = batch_size
-        self.input_split_max_dim = input_split_max_dim
-        self.attack_steps = attack_steps
-        self.attack_restarts = attack_restarts
-        self.random_samples = random_samples
-        self.relu_steps = relu_steps
-        if branch_candidates < 1:
-            raise ValueError(f"branch_candidates must be >= 1, got {branch_candidates}")
-        self.branch_candidates = int(branch_candidates)
-        self.margin = margin
-        self.seed = seed
-        if refine_layers is not None and refine_layers < 0:
-            raise ValueError(f"refine_layers must be >= 0 or None (auto), got {refine_layers}")
-        if not 0.0 <= refine_fraction <= 1.0:
-            raise ValueError(f"refine_fraction must be in [0, 1], got {refine_fraction}")
-        self.refine_layers = refine_layers
-        self.refine_min_depth = refine_min_depth
-        self.refine_fraction = refine_fraction
-        self.refine_solve_time = refine_solve_time
-        if not 0.0 <= refine_after < 1.0:
-            raise ValueError(f"refine_after must be in [0, 1), got {refine_after}")
-        self.refine_after = refine_after
-        if refine_workers is not None and refine_workers < 1:
-            raise ValueError(f"refine_workers must be >= 1 or None (auto), got {refine_workers}")
-        self.refine_workers = refine_workers
-        if dense_limit < 1:
-            raise ValueError(f"dense_limit must be >= 1, got {dense_limit}")
-        self.dense_limit = int(dense_limit)
+    Options = BabOptions
+    split: str
+    batch_size: int | None
+    input_split_max_dim: int
+    attack_steps: int
+    attack_restarts: int
+    random_samples: int
+    relu_steps: int
+    branch_candidates: int
+    margin: float
+    seed: int
+    refine_layers: int | None
+    refine_min_depth: int
+    refine_fraction: float
+    refine_solve_time: float
+    refine_after: float
+    refine_workers: int | None
+    dense_limit: int
 
     def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
         if find_radius:

@@ -13,28 +13,63 @@ option for devices where float64 is slow). ``BoundMethod``'s float-safety margin
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from verify.errors import OptionError
+from verify.options import Options, option
 from verify.registry import BoundMethod, register
 from verify.spec import InputSet, LinearSpec
 
 from relax.bounds import lower_bounds, prepare
 
-__all__ = ["IntervalMethod", "CrownMethod", "DeepPolyMethod", "AlphaCrownMethod"]
+__all__ = ["IntervalMethod", "CrownMethod", "DeepPolyMethod", "AlphaCrownMethod", "BoundOptions", "AlphaCrownOptions"]
+
+
+_DTYPES = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}
 
 
 def _dtype(v) -> torch.dtype | None:
     if v is None or isinstance(v, torch.dtype):
         return v
-    return {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}[str(v)]
+    return _DTYPES[str(v)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundOptions(Options):
+    """Options of every bound-propagation method."""
+
+    dtype: torch.dtype | str | None = option(
+        None, "dtype of the bound computation: float64 (default when none: exact float32 weights, negligible "
+        "round-off allowance) or float32 (sound too; looser on deep nets)")
+    max_elements: int = option(2**25, "largest coefficient tensor (numbers) a backward pass may build; "
+                               "larger passes are cut into chunks", positive=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaCrownOptions(BoundOptions):
+    """alpha-CROWN's optimisation (Xu et al. 2021)."""
+
+    iterations: int = option(20, "Adam steps on the ReLU lower slopes")
+    lr: float = option(0.1, "Adam learning rate", positive=True)
+    optimize_intermediate: bool = option(True, "also optimise the slopes used for the intermediate bounds "
+                                         "(tighter, several times slower)")
+    early_stop: bool = option(True, "stop optimising an input once its bounds prove the property")
 
 
 class _Relax(BoundMethod):
     _method = ""
+    Options = BoundOptions
     # options of every subclass
     dtype: torch.dtype | str | None
     max_elements: int
+
+    def setup(self) -> None:
+        if isinstance(self.dtype, str) and self.dtype not in _DTYPES:
+            raise OptionError(f"option dtype of {self.name}: expected one of {', '.join(_DTYPES)} or a torch dtype, "
+                              f"got {self.dtype!r}")
 
     def _lower(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, **kw) -> Tensor:
         graph, inputs = prepare(model, inputs, _dtype(self.dtype) or torch.float64)
@@ -54,10 +89,6 @@ class IntervalMethod(_Relax):
     summary = "interval bound propagation (IBP): one forward pass with boxes; fastest, loosest"
     _method = "interval"
 
-    def __init__(self, dtype: torch.dtype | str | None = None, max_elements: int = 2**25):
-        self.dtype = dtype
-        self.max_elements = max_elements
-
 
 @register
 class CrownMethod(_Relax):
@@ -67,10 +98,6 @@ class CrownMethod(_Relax):
     summary = "CROWN linear bound propagation (backward, adaptive ReLU slopes, spec matrix pushed in)"
     _method = "crown"
 
-    def __init__(self, dtype: torch.dtype | str | None = None, max_elements: int = 2**25):
-        self.dtype = dtype
-        self.max_elements = max_elements
-
 
 @register
 class DeepPolyMethod(_Relax):
@@ -79,10 +106,6 @@ class DeepPolyMethod(_Relax):
     name = "deeppoly"
     summary = "DeepPoly back-substitution (CROWN pass with DeepPoly's ReLU/sigmoid/tanh slope rules)"
     _method = "deeppoly"
-
-    def __init__(self, dtype: torch.dtype | str | None = None, max_elements: int = 2**25):
-        self.dtype = dtype
-        self.max_elements = max_elements
 
 
 @register
@@ -100,17 +123,11 @@ class AlphaCrownMethod(_Relax):
     name = "alpha-crown"
     summary = "alpha-CROWN: CROWN with ReLU lower slopes optimised by gradient ascent (never looser than CROWN)"
     _method = "alpha-crown"
-
-    def __init__(
-        self,
-        dtype: torch.dtype | str | None = None,
-        max_elements: int = 2**25,
-        iterations: int = 20,
-        lr: float = 0.1,
-        optimize_intermediate: bool = True,
-        early_stop: bool = True,
-    ):
-        self._store_options(locals())
+    Options = AlphaCrownOptions
+    iterations: int
+    lr: float
+    optimize_intermediate: bool
+    early_stop: bool
 
     def lower_bounds(self, model, inputs, spec):
         d = spec.d

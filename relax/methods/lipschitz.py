@@ -24,6 +24,7 @@ import copy
 import math
 import time
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from torch import Tensor
 from verify.certificate import Certificate
 from verify.deadline import Deadline
 from verify.errors import UnsupportedOperatorError
+from verify.options import Options, option
 from verify.registry import BoundMethod, register
 from verify.spec import InputSet, LinearSpec, LpBall, SpecError, norm_name
 
@@ -74,6 +76,36 @@ def _ball_view(inputs: InputSet) -> tuple[Tensor, Tensor, float]:
     x0 = (lo + hi) / 2
     eps = ((hi.double() - lo.double()) / 2).flatten(1).amax(dim=1).cpu() * (1 + 1e-12)
     return x0, eps, math.inf
+
+
+@dataclass(frozen=True, kw_only=True)
+class LipschitzGlobalOptions(Options):
+    conv_bound: str = option("auto", "norms of convolutions: exact-dense (dense matrices), fourier (exact SVD of the "
+                             "kernel's Fourier blocks), gram (Gram iteration bound), auto (dense up to dense_limit)",
+                             choices=("auto", "exact-dense", "fourier", "gram"))
+    dense_limit: int = option(20_000_000, "largest n_out * n_in of a dense layer for conv_bound=auto", positive=True)
+    combine_norms: bool = option(True, "also use the other norms' chains via the l_1 / l_2 / l_inf inequalities")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LipschitzLocalOptions(Options):
+    bounds: str = option("crown", "pre-activation bounds that fix the stable neurons' slopes", choices=("crown", "interval"))
+    bisection_steps: int = option(16, "halvings of the radius interval with find_radius")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LipschitzSdpOptions(Options):
+    solver: str = option("auto", "clarabel (interior point), scs (first-order conic), first-order (no conic solver), "
+                         "auto (by LMI size)", choices=("auto", "clarabel", "scs", "first-order"))
+    eps: float | None = option(None, "solver tolerance (none: 1e-8 clarabel, 1e-4 scs); the verification step makes "
+                               "any answer sound")
+    max_iters: int = option(20_000, "solver iteration cap", positive=True)
+    polish_iters: int | None = option(None, "gradient steps on the multipliers after the solver (none: 20, or 100 "
+                                      "for first-order); 0 disables")
+    lazy: bool = option(True, "solve only the rows that decide the radius")
+    max_lmi_size: int = option(2000, "larger reduced LMIs are not attempted (global bound)", positive=True)
+    time_limit: float | None = option(None, "seconds of SDP solving per certify call; rows left use the global bound",
+                                      positive=True)
 
 
 class _LipschitzMethod(BoundMethod):
@@ -215,12 +247,10 @@ class LipschitzGlobal(_LipschitzMethod):
     summary = "margin / product of exact layer norms (difference row in the last layer)"
     norms = ("linf", "l2", "l1", "box")
 
-    def __init__(self, conv_bound: str = "auto", dense_limit: int = 20_000_000, combine_norms: bool = True) -> None:
-        if conv_bound not in ("auto", "exact-dense", "fourier", "gram"):
-            raise ValueError(f"conv_bound must be 'auto', 'exact-dense', 'fourier' or 'gram', got {conv_bound!r}")
-        self.conv_bound = conv_bound
-        self.dense_limit = int(dense_limit)
-        self.combine_norms = bool(combine_norms)
+    Options = LipschitzGlobalOptions
+    conv_bound: str
+    dense_limit: int
+    combine_norms: bool
 
     def use_dense(self, model, input_shape) -> bool:
         if self.conv_bound == "exact-dense":
@@ -273,11 +303,9 @@ class LipschitzLocal(_LipschitzMethod):
     norms = ("linf", "l2", "l1", "box")
     eps_independent = False
 
-    def __init__(self, bounds: str = "crown", bisection_steps: int = 16) -> None:
-        if bounds not in ("crown", "interval"):
-            raise ValueError(f"bounds must be 'crown' or 'interval', got {bounds!r}")
-        self.bounds = bounds
-        self.bisection_steps = int(bisection_steps)
+    Options = LipschitzLocalOptions
+    bounds: str
+    bisection_steps: int  # an option here, a class default in BoundMethod
 
     def pre_bounds(self, model, net: FeedForwardNet, inputs: InputSet) -> list[tuple[Tensor, Tensor]]:
         """Pre-activation boxes ``[B, n_{k+1}]`` (float64, CPU) valid on the convex hull of the
@@ -392,18 +420,14 @@ class LipschitzSDP(_LipschitzMethod):
     summary = "margin / LipSDP-Neuron per property row (verified), min with the global bound"
     norms = ("linf", "l2", "l1", "box")
 
-    def __init__(self, solver: str = "auto", eps: float | None = None, max_iters: int = 20_000,
-                 polish_iters: int | None = None, lazy: bool = True, max_lmi_size: int = 2000,
-                 time_limit: float | None = None) -> None:
-        if solver not in ("auto", "clarabel", "scs", "first-order"):
-            raise ValueError(f"solver must be 'auto', 'clarabel', 'scs' or 'first-order', got {solver!r}")
-        self.solver = solver
-        self.eps = eps
-        self.max_iters = int(max_iters)
-        self.polish_iters = polish_iters
-        self.lazy = bool(lazy)
-        self.max_lmi_size = int(max_lmi_size)
-        self.time_limit = time_limit
+    Options = LipschitzSdpOptions
+    solver: str
+    eps: float | None
+    max_iters: int
+    polish_iters: int | None
+    lazy: bool
+    max_lmi_size: int
+    time_limit: float | None
 
     def _row_solver(self, model, net: FeedForwardNet, shape):
         from relax.lipschitz.sdp import RowSolver

@@ -6,21 +6,58 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
 from verify.deadline import Deadline
+from verify.options import Options, option
 from verify.registry import BoundMethod, Method, register
 from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError, norm_name
 
 from relax.exact.lp import lp_lower_bounds, relu_net
 from relax.exact.milp import milp_verify, minimum_distortion
 from relax.exact.sdp import sdp_lower_bounds
-from relax.solvers import SolverError
+from relax.solvers import SOLVERS, SolverError
 
-__all__ = ["LpMethod", "MilpMethod", "SdpMethod"]
+__all__ = ["LpMethod", "MilpMethod", "SdpMethod", "LpOptions", "MilpOptions", "SdpOptions"]
+
+_BOUNDS_HELP = "the bound method of the pre-activation bounds the relaxation starts from (crown, interval, alpha-crown, ...)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RelaxationOptions(Options):
+    """Options of the LP / MILP / SDP relaxations."""
+
+    solver: str = option("auto", "LP / MILP solver: gurobi when licensed (auto), else highs", choices=SOLVERS)
+    bounds_method: str = option("crown", _BOUNDS_HELP)
+    refine: bool = option(False, "tighten the pre-activation bounds by LPs, layer by layer, first")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LpOptions(_RelaxationOptions):
+    time_limit: float | None = option(None, "seconds per LP (none: no limit beyond the timeout)", positive=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MilpOptions(_RelaxationOptions):
+    refine: bool = option(True, "tighten the pre-activation bounds by LPs, layer by layer, before the MILP")
+    time_limit: float | None = option(120.0, "seconds per MILP (none: no limit beyond the timeout)", positive=True)
+    attack: bool = option(True, "PGD from the centre and from LP optima before the MILP")
+    margin: float = option(1e-4, "a property counts as proved when the MILP's dual bound exceeds this")
+    threads: int = option(1, "solver threads", positive=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SdpOptions(Options):
+    solver: str = option("auto", "conic solver through cvxpy: clarabel (interior point), scs (first order), "
+                         "auto (by size)", choices=("auto", "clarabel", "scs"))
+    bounds_method: str = option("crown", _BOUNDS_HELP)
+    refine: bool = option(False, "tighten the pre-activation bounds by LPs first")
+    triangle: bool = option(True, "add the triangle (LP) constraints to the SDP")
+    lp_first: bool = option(True, "rows the triangle LP proves keep its safe bound and skip the SDP")
 
 
 def _net_for(method, model, shape):
@@ -50,8 +87,11 @@ class LpMethod(BoundMethod):
     norms = ("linf", "l1", "box")
     bisection_steps = 10
 
-    def __init__(self, bounds_method: str = "crown", refine: bool = False, solver: str = "auto", time_limit: float | None = None):
-        self._store_options(locals())
+    Options = LpOptions
+    bounds_method: str
+    refine: bool
+    solver: str
+    time_limit: float | None
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
@@ -73,8 +113,12 @@ class SdpMethod(BoundMethod):
     norms = ("linf", "box")
     bisection_steps = 8
 
-    def __init__(self, solver: str = "auto", bounds_method: str = "crown", refine: bool = False, triangle: bool = True, lp_first: bool = True):
-        self._store_options(locals())
+    Options = SdpOptions
+    solver: str
+    bounds_method: str
+    refine: bool
+    triangle: bool
+    lp_first: bool
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
@@ -111,26 +155,14 @@ class MilpMethod(Method):
     certifies = "base"
     summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion; l2 = MIQP (Gurobi)"
     norms = ("linf", "l2", "l1", "box")
-    # the options (Method._store_options)
+    Options = MilpOptions
     solver: str
     bounds_method: str
     refine: bool
-    time_limit: float
+    time_limit: float | None
     attack: bool
     margin: float
     threads: int
-
-    def __init__(
-        self,
-        solver: str = "auto",
-        bounds_method: str = "crown",
-        refine: bool = True,
-        time_limit: float = 120.0,
-        attack: bool = True,
-        margin: float = 1e-4,
-        threads: int = 1,
-    ):
-        self._store_options(locals())
 
     def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
         deadline = Deadline(timeout)
