@@ -196,8 +196,8 @@ class _NoiseSmoothing(_Smoothing):
         denoiser in front)."""
         return model, {}
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        t0 = time.perf_counter()
+    def decide(self, model, inputs, prop, call):
+        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
         ball = self._ball(inputs)
         norm = norm_name(ball.p)
         x = ball.center
@@ -348,11 +348,11 @@ class SmoothingZhang(_NoiseSmoothing):
                          intervals=int(self.grid_intervals))
         return ZhangNoise(sigma=float(self.sigma), k=int(self.k), grid=grid)
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         d = math.prod(self._ball(inputs).center.shape[1:])
         if not d - int(self.k) > 1:
             raise SpecError(f"{self.name}: k={self.k} needs inputs of more than k + 1 coordinates, got {d}")
-        return super().certify(model, inputs, prop, find_radius=find_radius, max_radius=max_radius, timeout=timeout)
+        return super().decide(model, inputs, prop, call)
 
 
 @register
@@ -367,10 +367,10 @@ class SmoothingTopK(_Smoothing):
     norms = ("l2", "linf", "l1")
 
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         from .noise import convert_radius
 
-        t0 = time.perf_counter()
+        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
         ball = self._ball(inputs)
         norm = norm_name(ball.p)
         x = ball.center
@@ -441,10 +441,10 @@ class _SemanticSmoothing(_Smoothing):
 
     Options = SemanticOptions
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         from .semantic import certify_semantic
 
-        t0 = time.perf_counter()
+        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
         ball = self._ball(inputs)
         tr = self.transform_cls(self.interpolation, self.padding)
         pnorm = norm_name(ball.p)
@@ -507,10 +507,10 @@ class _SoundSemantic(_SemanticSmoothing):
             raise SmoothingConfigError(f"{self.name}: sound=True uses the one-sided pA bound (pb_bound=False)")
         check_n_alpha(int(self.n), float(self.alpha) / 2)
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         if not self.sound:
-            return super().certify(model, inputs, prop, find_radius=find_radius, max_radius=max_radius, timeout=timeout)
-        return self._certify_sound(model, inputs, prop, max_radius, timeout)
+            return super().decide(model, inputs, prop, call)
+        return self._certify_sound(model, inputs, prop, call.max_radius, call.timeout, call.deadline.start)
 
     def _sound_extra(self) -> dict[str, Any]:
         """Details every certificate of the sound mode carries."""
@@ -520,8 +520,7 @@ class _SoundSemantic(_SemanticSmoothing):
         """The certificate computation: a CertifyResult whose ``extra`` has ``searches``."""
         raise NotImplementedError
 
-    def _certify_sound(self, model, inputs, prop, max_radius, timeout) -> list[Certificate]:
-        t0 = time.perf_counter()
+    def _certify_sound(self, model, inputs, prop, max_radius, timeout, t0: float) -> list[Certificate]:
         ball = self._ball(inputs)
         x = ball.center
         if x.dim() not in (3, 4):

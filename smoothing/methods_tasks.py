@@ -170,9 +170,9 @@ class SmoothingRegression(_SampledTask):
         if not math.isfinite(self.sigma):
             raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.sigma!r}")
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``inputs`` is an l2 :class:`LpBall`."""
-        t0 = time.perf_counter()
+        t0, timeout, find_radius, max_radius = call.deadline.start, call.timeout, call.find_radius, call.max_radius
         ball = _l2_ball(self, inputs)
         B = ball.batch_size
         labels = _labels_or_none(prop, B)
@@ -288,9 +288,9 @@ class SmoothingInvariance(_SampledTask):
 
     Options = InvarianceOptions
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``prop`` is :class:`~verify.spec.Robust`."""
-        t0 = time.perf_counter()
+        t0, timeout, find_radius, max_radius = call.deadline.start, call.timeout, call.find_radius, call.max_radius
         self.check_input_set(inputs)
         if not isinstance(prop, Robust):
             raise SpecError(f"{self.name} needs a Robust(label) property (the class whose probability is estimated), "

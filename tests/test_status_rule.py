@@ -37,7 +37,7 @@ class Rogue(Method):
 
     Options = _AnswerOptions
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         return [Certificate(method=self.name, guarantee="deterministic" if how == "base" else "probabilistic",
                             confidence=1.0 if how == "base" else 0.999, certifies=how, status=status, index=b,
                             counterexample=cex)
@@ -47,8 +47,8 @@ class Rogue(Method):
 class RogueChild(Rogue):
     name = "rogue-child"
 
-    def certify(self, model, inputs, prop, **kwargs):
-        return super().certify(model, inputs, prop, **kwargs)
+    def decide(self, model, inputs, prop, call):
+        return super().decide(model, inputs, prop, call)
 
 
 def _ball(*centres, eps=0.1):
@@ -84,39 +84,40 @@ def test_claims_about_the_smoothed_classifier_pass_unchanged():
     assert c.status == "certified"
 
 
-def test_the_rule_runs_once_per_outermost_call(monkeypatch):
+def test_the_rule_runs_once_per_call(monkeypatch):
     calls = []
     real = registry.enforce_status_rule
-    monkeypatch.setattr(registry, "enforce_status_rule", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(registry, "enforce_status_rule", lambda *a, **k: calls.append(1) or real(*a, **k))
     RogueChild(answers=[("unknown", None, "base")]).certify(_model(), _ball([0.8, 0.2]), Robust(0))
     assert len(calls) == 1
 
 
 @pytest.mark.parametrize("name", sorted(list_methods()))
-def test_every_registered_method_answers_through_the_rule(name):
-    assert getattr(list_methods()[name].certify, "_under_status_rule", False)
+def test_every_registered_method_answers_through_the_one_pipeline(name):
+    assert list_methods()[name].certify is Method.certify
 
 
-def test_the_rule_holds_for_one_method_object_used_from_two_threads():
-    """The outermost-call bookkeeping is per thread: a call running in another thread does not
-    make this one skip the rule."""
-    import threading
+def test_a_method_cannot_replace_the_pipeline():
+    with pytest.raises(TypeError, match="define decide"):
+        class _Bypass(Method):  # noqa: F841
+            def certify(self, model, inputs, prop, **kwargs):
+                return []
 
-    rogue = Rogue(answers=[("falsified", [0.8, 0.2], "base")])
-    inside = threading.Event()
-    release = threading.Event()
-    real = Rogue.certify.__wrapped__
 
-    def slow(self, *a, **k):
-        inside.set()
-        release.wait(5)
-        return real(self, *a, **k)
+def test_the_rule_reuses_the_methods_clean_outputs(monkeypatch):
+    """A method that computed the outputs at the centres (``call.clean()``) hands them to the
+    rule: no second batched forward pass."""
+    passes = []
+    model = _model()
+    model.register_forward_hook(lambda m, i, o: passes.append(i[0].shape[0]))
 
-    out = {}
-    t = threading.Thread(target=lambda: out.setdefault("other", registry._under_status_rule(slow)(rogue, _model(), _ball([0.8, 0.2]), Robust(0))))
-    t.start()
-    inside.wait(5)
-    (c,) = rogue.certify(_model(), _ball([0.8, 0.2]), Robust(0))
-    release.set()
-    t.join()
-    assert c.status == "unknown" and out["other"][0].status == "unknown"
+    class _Clean(Rogue):
+        def decide(self, model, inputs, prop, call):
+            call.clean()
+            return super().decide(model, inputs, prop, call)
+
+    for cls in (Rogue, _Clean):
+        passes.clear()
+        certs = cls(answers=[("certified", None, "base")] * 2).certify(model, _ball([0.8, 0.2], [0.7, 0.3]), Robust(0))
+        assert [c.status for c in certs] == ["certified"] * 2
+        assert passes == [2], (cls.__name__, passes)  # one batched pass at the two centres, either way

@@ -7,20 +7,19 @@ registry, the CLI and ``certify methods`` read them from there) and either
 * ``lower_bounds(model, inputs, spec) -> [B, N]`` (deterministic bound methods, derive from
   :class:`BoundMethod`: the status decision, the counterexample check at the clean input and the
   batched radius bisection come for free), or
-* ``certify(model, inputs, prop, ...) -> list[Certificate]`` (anything else, derive from
-  :class:`Method`),
+* ``decide(model, inputs, prop, call) -> list[Certificate]`` (anything else, derive from
+  :class:`Method`; ``call`` is the :class:`CertifyCall`: radius search, deadline, clean outputs),
 
 decorated with :func:`register`. The module that defines it is listed in ``METHOD_MODULES``
 so that ``certify methods`` finds it without importing everything up front.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
-import threading
 import time
-from typing import Any, Callable, ClassVar
+import typing
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -128,35 +127,46 @@ def get_method(name: "str | Method", **options: Any) -> "Method":
     return cls(**options)
 
 
-_THIS_THREAD = threading.local()
+class CertifyCall:
+    """One :meth:`Method.certify` call as the method's :meth:`Method.decide` sees it.
 
+    The clean-input quantities are computed at most once, on first use, and shared with the
+    status rule (which then needs no forward pass of its own).
 
-def _running_certify() -> set[int]:
-    """Ids of the Method objects whose ``certify`` runs in this thread (per thread, so that one
-    object used from two threads at once still applies the rule to each call)."""
-    if not hasattr(_THIS_THREAD, "running"):
-        _THIS_THREAD.running = set()
-    return _THIS_THREAD.running
+    Attributes:
+        model, inputs, prop: the call's arguments (``inputs`` holds ``B`` sets).
+        find_radius, max_radius: the radius search asked for.
+        deadline: started when ``certify`` was entered, with the call's ``timeout``.
+    """
 
+    def __init__(self, model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, find_radius: bool,
+                 max_radius: float | None, deadline: Deadline) -> None:
+        self.model, self.inputs, self.prop = model, inputs, prop
+        self.find_radius, self.max_radius, self.deadline = find_radius, max_radius, deadline
+        self._clean: tuple[Tensor, Tensor] | None = None
 
-def _under_status_rule(certify: Callable[..., list[Certificate]]) -> Callable[..., list[Certificate]]:
-    """``certify`` whose answers pass :func:`verify.status_rule.enforce_status_rule` once, at the
-    outermost call (a subclass's ``certify`` calling its parent's is checked once)."""
+    @property
+    def timeout(self) -> float | None:
+        return self.deadline.seconds
 
-    @functools.wraps(certify)
-    def checked(self: "Method", model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, **kwargs: Any) -> list[Certificate]:
-        running = _running_certify()
-        outer = id(self) not in running
-        running.add(id(self))
-        try:
-            certs = certify(self, model, inputs, prop, **kwargs)
-        finally:
-            if outer:
-                running.discard(id(self))
-        return enforce_status_rule(model, inputs, prop, certs) if outer else certs
+    def clean(self) -> tuple[Tensor, Tensor]:
+        """The sets' centres ``x0 [B, *input_shape]`` and the model's outputs there ``y0 [B, K]``
+        (one batched forward pass, no gradient)."""
+        if self._clean is None:
+            x0 = self.inputs.midpoint()
+            with torch.no_grad():
+                y0 = self.model(x0)
+            self._clean = x0, y0.reshape(y0.shape[0], -1)
+        return self._clean
 
-    checked._under_status_rule = True  # type: ignore[attr-defined]
-    return checked
+    def spec(self) -> LinearSpec:
+        """The property's rows ``C [B, N, K]``, ``d [B, N]`` in the outputs' dtype and device."""
+        x0, y0 = self.clean()
+        return self.prop.linear(self.inputs.batch_size, y0.shape[1], device=x0.device, dtype=y0.dtype)
+
+    def centre_outputs(self) -> Tensor | None:
+        """``y0`` when a method already computed it (for the status rule), else ``None``."""
+        return None if self._clean is None else self._clean[1]
 
 
 def _signature(options: type[Options]) -> inspect.Signature:
@@ -172,17 +182,18 @@ class Method:
     ``Options`` (:mod:`verify.options`; scikit-learn style: each is stored under its own name,
     ``self.sigma``); checks that involve several options go in :meth:`setup`.
 
-    The status rule is not the methods' to repeat: every ``certify`` a subclass defines is
-    wrapped at class creation so that its Certificates pass
+    ``certify`` is the one pipeline and is not overridden: it starts the deadline, hands a
+    :class:`CertifyCall` to the method's :meth:`decide`, and passes the answers through
     :func:`verify.status_rule.enforce_status_rule` ("falsified" only with a confirmed
-    counterexample, no "certified" contradicted at the set's centre).
+    counterexample, no "certified" contradicted at the set's centre), so no method repeats the
+    rule or can skip it.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("certify")
-        if own is not None and not getattr(own, "_under_status_rule", False):
-            setattr(cls, "certify", _under_status_rule(own))
+        if "certify" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: define decide(model, inputs, prop, call), not certify (certify is the "
+                            "pipeline every method shares: deadline, decide, status rule)")
         if "__init__" in cls.__dict__:
             raise TypeError(f"{cls.__name__}: declare the options in an Options dataclass and checks in setup(), "
                             "not an __init__ (verify.options)")
@@ -250,6 +261,7 @@ class Method:
         if kind not in self.norms:
             raise SpecError(f"method {self.name!r} does not support {kind} input sets (supports {', '.join(self.norms)})")
 
+    @typing.final
     def certify(
         self,
         model: torch.nn.Module,
@@ -273,15 +285,14 @@ class Method:
             timeout: seconds for the whole batch; past it the answer is "unknown" with the
                 best bounds found.
         """
+        call = CertifyCall(model, inputs, prop, find_radius, max_radius, Deadline(timeout))
+        certs = self.decide(model, inputs, prop, call)
+        return enforce_status_rule(model, inputs, prop, certs, centre_outputs=call.centre_outputs())
+
+    def decide(self, model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, call: CertifyCall) -> list[Certificate]:
+        """The method's answers, one Certificate per input of ``inputs`` (see :meth:`certify`;
+        ``call`` holds the radius search, the deadline and the shared clean outputs)."""
         raise NotImplementedError
-
-
-def _num_outputs(model: torch.nn.Module, x: Tensor) -> tuple[Tensor, int]:
-    with torch.no_grad():
-        y = model(x)
-    if y.dim() != 2:
-        y = y.reshape(y.shape[0], -1)
-    return y, y.shape[1]
 
 
 def float_safety_margin(lower: Tensor) -> Tensor:
@@ -374,44 +385,45 @@ class BoundMethod(Method):
         pass it to their long loops and solvers inside :meth:`lower_bounds`."""
         return getattr(self, "_deadline", None) or Deadline(None)
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
+    def decide(self, model, inputs, prop, call):
         """See :meth:`Method.certify`. With ``timeout`` the bound computations and the radius
         bisection stop at the deadline: bounds finished so far are kept (each is sound), the
         radius is the largest one proved so far, and what is not proved is "unknown"."""
-        self._deadline = Deadline(timeout)
+        self._deadline = call.deadline
         try:
-            return self._certify_until(model, inputs, prop, find_radius, max_radius, self._deadline)
+            return self._decide_until(call)
         finally:
             self._deadline = None
 
-    def _certify_until(self, model, inputs, prop, find_radius, max_radius, deadline: Deadline) -> list[Certificate]:
+    def _decide_until(self, call: CertifyCall) -> list[Certificate]:
+        model, inputs, prop, find_radius, max_radius, deadline = (
+            call.model, call.inputs, call.prop, call.find_radius, call.max_radius, call.deadline)
         t0 = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
-        x0 = inputs.midpoint()
-        y0, K = _num_outputs(model, x0)
-        spec = prop.linear(B, K, device=x0.device, dtype=y0.dtype)
+        x0, y0 = call.clean()
+        spec = call.spec()
         labels = prop.labels()
         pred = y0.argmax(dim=1)
         clean_ok = spec.holds(y0)
-        is_ball = isinstance(inputs, LpBall)
-        norm = norm_name(inputs.p) if is_ball else "box"
+        ball = inputs if isinstance(inputs, LpBall) else None
+        norm = norm_name(ball.p) if ball is not None else "box"
 
         lower, proved = self.checked_bounds(model, inputs, spec)
         proved = proved & clean_ok
         # the clean input as the counterexample; the status rule (verify.status_rule) keeps
         # "falsified" only where single-input passes confirm it (a batched pass can flip a near-tie)
         falsified = ~clean_ok
-        asked_eps = inputs.eps if is_ball else None
+        asked_eps = ball.eps if ball is not None else None
 
         radius = torch.zeros(B, dtype=torch.float64)
         if asked_eps is not None:  # a ball
             radius = torch.where(proved.cpu(), asked_eps.double().cpu(), radius)
         if find_radius:
-            if asked_eps is None:
+            if ball is None or asked_eps is None:
                 raise SpecError("find_radius needs an l_p ball input set")
             hi_r = float(max_radius) if max_radius is not None else float(max(asked_eps.max().item() * 4, 1.0))
-            radius = self.bisect_radius(model, inputs, spec, clean_ok, hi_r, radius)
+            radius = self.bisect_radius(model, ball, spec, clean_ok, hi_r, radius)
 
         elapsed = time.perf_counter() - t0
         certs = []

@@ -27,14 +27,16 @@ from .spec import InputSet, LinearSpec, OutputProperty
 __all__ = ["enforce_status_rule"]
 
 
-def _spec_and_centres(model: torch.nn.Module, inputs: InputSet, prop: OutputProperty) -> tuple[LinearSpec, torch.Tensor, torch.Tensor]:
-    """From one batched forward pass at the sets' centres: the property's rows (``C [B, N, K]``,
-    float64, on the inputs' device), the violation margins ``[B]`` and the scale ``[B]`` of the
-    rows' summed terms (``max_i |C_i| |y| + |d_i|``: the size of a rounding difference between two
-    forward passes)."""
+def _spec_and_centres(model: torch.nn.Module, inputs: InputSet, prop: OutputProperty,
+                      y0: torch.Tensor | None) -> tuple[LinearSpec, torch.Tensor, torch.Tensor]:
+    """From the batched outputs at the sets' centres (``y0 [B, K]``; one forward pass when
+    ``None``): the property's rows (``C [B, N, K]``, float64, on the inputs' device), the violation
+    margins ``[B]`` and the scale ``[B]`` of the rows' summed terms (``max_i |C_i| |y| + |d_i|``:
+    the size of a rounding difference between two forward passes)."""
     x0 = inputs.midpoint()
-    with torch.no_grad():
-        y0 = model(x0)
+    if y0 is None:
+        with torch.no_grad():
+            y0 = model(x0)
     y = y0.reshape(y0.shape[0], -1).double()
     spec = prop.linear(inputs.batch_size, y.shape[1], device=x0.device, dtype=torch.float64)
     scale = ((spec.C.abs() @ y.abs().unsqueeze(-1)).squeeze(-1) + spec.d.abs()).amax(dim=1)
@@ -90,16 +92,19 @@ def _check_certified(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec,
 
 
 def enforce_status_rule(
-    model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, certs: Sequence[Certificate]
+    model: torch.nn.Module, inputs: InputSet, prop: OutputProperty, certs: Sequence[Certificate],
+    centre_outputs: torch.Tensor | None = None,
 ) -> list[Certificate]:
     """Check (and where needed downgrade, in place) the statuses of ``certs``, one per input of
-    the batch ``inputs`` (``cert.index`` = its position), for ``prop``. Returns them as a list."""
+    the batch ``inputs`` (``cert.index`` = its position), for ``prop``. Returns them as a list.
+    ``centre_outputs [B, K]``: the model's batched outputs at the sets' centres when the caller
+    has them (they are only screened: every verdict comes from the single-input confirmation)."""
     certs = list(certs)
     falsified = [c for c in certs if c.status == "falsified"]
     certified = [c for c in certs if c.status == "certified" and c.certifies == "base"]
     if not falsified and not certified:
         return certs
-    spec, centre_margin, scale = _spec_and_centres(model, inputs, prop)
+    spec, centre_margin, scale = _spec_and_centres(model, inputs, prop, centre_outputs)
     if falsified:
         _check_falsified(model, inputs, spec, falsified)
     if certified:

@@ -32,7 +32,8 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.resources import usable_cores
 from verify.options import Options, option
-from verify.registry import Method, register
+from verify.certificate import Certificate
+from verify.registry import CertifyCall, Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
 
 from relax.bab import BabResult, RowSpec
@@ -128,16 +129,14 @@ class BabMethod(Method):
     refine_workers: int | None
     dense_limit: int
 
-    def certify(self, model, inputs: InputSet, prop: OutputProperty, *, find_radius=False, max_radius=None, timeout=None):
-        if find_radius:
+    def decide(self, model, inputs: InputSet, prop: OutputProperty, call: CertifyCall) -> list[Certificate]:
+        if call.find_radius:
             raise SpecError("method 'bab' decides one input set; it does not search radii (use eps)")
-        t0 = time.perf_counter()  # the set-up below (forward pass, dense form) is in the budget
+        t0, timeout = call.deadline.start, call.timeout  # the set-up below (forward pass, dense form) is in the budget
         self.check_input_set(inputs)
         B = inputs.batch_size
-        x0 = inputs.midpoint()
-        with torch.no_grad():
-            y0 = model(x0).reshape(B, -1)
-        spec = prop.linear(B, y0.shape[1], device=x0.device, dtype=y0.dtype)
+        _, y0 = call.clean()
+        spec = call.spec()
         labels = prop.labels()
         ball = inputs if isinstance(inputs, LpBall) else None
         certs = []

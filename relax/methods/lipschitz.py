@@ -33,7 +33,7 @@ from verify.certificate import Certificate
 from verify.deadline import Deadline
 from verify.errors import UnsupportedOperatorError
 from verify.options import Options, option
-from verify.registry import BoundMethod, register
+from verify.registry import BoundMethod, CertifyCall, register
 from verify.spec import InputSet, LinearSpec, LpBall, SpecError, norm_name
 
 from relax import lipschitz as lip
@@ -161,25 +161,23 @@ class _LipschitzMethod(BoundMethod):
         return m - L * eps.unsqueeze(1)
 
     # -- the certificate -------------------------------------------------------------------
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        self._deadline = Deadline(timeout)  # read by row_lipschitz (LipSDP rows) via self.deadline
+    def decide(self, model, inputs, prop, call):
+        self._deadline = call.deadline  # read by row_lipschitz (LipSDP rows) via self.deadline
         try:
-            return self._certify_lipschitz(model, inputs, prop, find_radius, max_radius, timeout)
+            return self._certify_lipschitz(call)
         finally:
             self._deadline = None
 
-    def _certify_lipschitz(self, model, inputs, prop, find_radius, max_radius, timeout):
-        t0 = self._deadline.start
+    def _certify_lipschitz(self, call: CertifyCall) -> list[Certificate]:
+        model, inputs, prop, find_radius = call.model, call.inputs, call.prop, call.find_radius
+        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
         self.check_input_set(inputs)
         if find_radius and not isinstance(inputs, LpBall):
             raise SpecError("find_radius needs an l_p ball input set")
         B = inputs.batch_size
         x0, eps, p = _ball_view(inputs)
-        with torch.no_grad():
-            y_nat = model(x0)
-        y_nat = y_nat.reshape(B, -1)
-        K = y_nat.shape[1]
-        spec = prop.linear(B, K, device=x0.device, dtype=y_nat.dtype)
+        _, y_nat = call.clean()  # at the same centres: _ball_view's x0 is inputs.midpoint()
+        spec = call.spec()
         spec64 = spec.to(device="cpu", dtype=torch.float64)
         clean_ok = spec.holds(y_nat).cpu()
         m = self.margins(model, x0, spec64)
@@ -221,7 +219,8 @@ class _LipschitzMethod(BoundMethod):
                 method=self.name, guarantee="deterministic", certifies="base", status=status, index=b,
                 label=lab, prediction=int(pred[b]), norm=norm,
                 eps=float(inputs.eps[b]) if isinstance(inputs, LpBall) else None,
-                radius=float(radius[b]), lower=lower[b], counterexample=x0[b].detach().cpu() if status == "falsified" else None,
+                radius=float(radius[b]), lower=lower[b].tolist(),
+                counterexample=x0[b].detach().cpu().tolist() if status == "falsified" else None,
                 time_s=elapsed / B, details=det))
         return certs
 

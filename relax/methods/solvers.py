@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
-from verify.deadline import Deadline
 from verify.options import Options, option
 from verify.registry import BoundMethod, Method, register
 from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError, norm_name
@@ -164,16 +163,13 @@ class MilpMethod(Method):
     margin: float
     threads: int
 
-    def certify(self, model, inputs, prop, *, find_radius=False, max_radius=None, timeout=None):
-        deadline = Deadline(timeout)
+    def decide(self, model, inputs, prop, call):
+        find_radius, max_radius, deadline = call.find_radius, call.max_radius, call.deadline
         t_all = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
-        x0 = inputs.midpoint()
-        with torch.no_grad():
-            y0 = model(x0).reshape(B, -1)
-        K = y0.shape[1]
-        spec = prop.linear(B, K, device=x0.device, dtype=y0.dtype)
+        x0, y0 = call.clean()
+        spec = call.spec()
         labels = prop.labels()
         pred = y0.argmax(dim=1)
         clean_ok = spec.holds(y0)
