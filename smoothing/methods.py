@@ -103,6 +103,14 @@ class _Smoothing(Method):
             raise SpecError(f"{lab.numel()} labels for a batch of {B}")
         return lab.cpu()
 
+    def _sampling(self, *, selection: bool = True) -> dict[str, Any]:
+        """The sampling options as keywords of the smoothing functions (``n0`` with
+        ``selection``)."""
+        kw: dict[str, Any] = {"n": int(self.n), "alpha": float(self.alpha), "seed": int(self.seed),
+                              "batch_size": int(self.batch_size), "memory_mb": self.memory_mb,
+                              "share_noise": bool(self.share_noise)}
+        return {"n0": int(self.n0), **kw} if selection else kw
+
     def _base_details(self) -> dict[str, Any]:
         return {
             "options": self.options(),
@@ -210,8 +218,7 @@ class _NoiseSmoothing(_Smoothing):
                  "radius_from": norm if norm in nz.direct_norms else f"{'/'.join(nz.direct_norms)} via dimension factor"}
         try:
             res = _certify(
-                model, x, nz, n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), norm=norm, pb_bound=bool(self.pb_bound),
-                seed=int(self.seed), batch_size=int(self.batch_size), memory_mb=self.memory_mb, share_noise=bool(self.share_noise),
+                model, x, nz, norm=norm, pb_bound=bool(self.pb_bound), **self._sampling(),
                 deadline=None if timeout is None else t0 + float(timeout),
             )
         except SamplingTimeout:
@@ -387,8 +394,7 @@ class SmoothingTopK(_Smoothing):
         extra = {"noise": "gaussian", "sigma": float(self.sigma), "k": k}
         try:
             out = certify_topk(
-                model, x, labels.to(x.device), k, float(self.sigma), n=int(self.n), alpha=float(self.alpha), seed=int(self.seed),
-                batch_size=int(self.batch_size), memory_mb=self.memory_mb, share_noise=bool(self.share_noise),
+                model, x, labels.to(x.device), k, float(self.sigma), **self._sampling(selection=False),
                 deadline=None if timeout is None else t0 + float(timeout),
             )
         except SamplingTimeout:
@@ -462,9 +468,8 @@ class _SemanticSmoothing(_Smoothing):
                  "one, Fischer et al. 2020 Sec. 4-5)"}
         try:
             res = certify_semantic(
-                model, x, tr, float(self.sigma), n0=int(self.n0), n=int(self.n), alpha=float(self.alpha), norm=pnorm,
-                pb_bound=bool(self.pb_bound), seed=int(self.seed), batch_size=int(self.batch_size), memory_mb=self.memory_mb,
-                share_noise=bool(self.share_noise), deadline=None if timeout is None else t0 + float(timeout),
+                model, x, tr, float(self.sigma), norm=pnorm, pb_bound=bool(self.pb_bound), **self._sampling(),
+                deadline=None if timeout is None else t0 + float(timeout),
             )
         except SamplingTimeout:
             return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
@@ -594,9 +599,8 @@ class SmoothingRotation(_SoundSemantic):
         from .semantic import certify_rotation_sound
 
         return certify_rotation_sound(
-            model, x, float(self.sigma), float(self.sigma_l2), rng, n0=int(self.n0), n=int(self.n), alpha=float(self.alpha),
-            n_err=int(self.n_err), err_tol=float(self.err_tol), seed=int(self.seed), batch_size=int(self.batch_size),
-            memory_mb=self.memory_mb, share_noise=bool(self.share_noise), deadline=deadline,
+            model, x, float(self.sigma), float(self.sigma_l2), rng, n_err=int(self.n_err), err_tol=float(self.err_tol),
+            **self._sampling(), deadline=deadline,
         )
 
 
@@ -635,7 +639,6 @@ class SmoothingTranslation(_SoundSemantic):
         from .semantic import certify_translation_sound
 
         return certify_translation_sound(
-            model, x, float(self.sigma), float(self.sigma_l2), rng, norm=pnorm, n0=int(self.n0), n=int(self.n),
-            alpha=float(self.alpha), n_err=int(self.n_err), seed=int(self.seed), batch_size=int(self.batch_size),
-            memory_mb=self.memory_mb, share_noise=bool(self.share_noise), deadline=deadline,
+            model, x, float(self.sigma), float(self.sigma_l2), rng, norm=pnorm, n_err=int(self.n_err), **self._sampling(),
+            deadline=deadline,
         )
