@@ -517,13 +517,27 @@ class _SoundSemantic(_SemanticSmoothing):
             return super().decide(model, inputs, prop, call)
         return self._certify_sound(model, inputs, prop, call.max_radius, call.timeout, call.deadline.start)
 
+    #: the ``noise`` and ``certifies_exactly`` entries of every sound-mode certificate
+    sound_noise: ClassVar[str]
+    sound_statement: ClassVar[str]
+
     def _sound_extra(self) -> dict[str, Any]:
         """Details every certificate of the sound mode carries."""
+        return {"noise": self.sound_noise, "certifies_exactly": self.sound_statement}
+
+    def _sound_keywords(self, pnorm: str) -> dict[str, Any]:
+        """The transform's own keywords of its sound certificate function."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _sound_function() -> Any:
+        """The sound certificate function of :mod:`smoothing.semantic` (imported when used)."""
         raise NotImplementedError
 
     def _run_sound(self, model, x: torch.Tensor, rng: np.ndarray, pnorm: str, deadline: float | None):
         """The certificate computation: a CertifyResult whose ``extra`` has ``searches``."""
-        raise NotImplementedError
+        return self._sound_function()(model, x, float(self.sigma), float(self.sigma_l2), rng, n_err=int(self.n_err),
+                                      **self._sound_keywords(pnorm), **self._sampling(), deadline=deadline)
 
     def _certify_sound(self, model, inputs, prop, max_radius, timeout, t0: float) -> list[Certificate]:
         ball = self._ball(inputs)
@@ -587,21 +601,22 @@ class SmoothingRotation(_SoundSemantic):
 
     Options = RotationOptions
 
-    def _sound_extra(self) -> dict[str, Any]:
-        return {"noise": "gaussian angle + gaussian l2",
-                "certifies_exactly": "g(z) = argmax_c P(f(R_beta(z) + delta) = c), beta ~ N(0, sigma^2) deg, delta ~ N(0, "
-                "sigma_l2^2 I), is cA at every z = R_gamma(x), |gamma| <= radius: x rotated once by the attacker with this "
-                "interpolation; interpolation error of R_beta(R_gamma x) vs R_{beta+gamma} x bounded by E (interval branch and "
-                "bound) for n_err sampled beta, tail probability q (Fischer et al. 2020, Sec. 4-5); confidence 1 - alpha with "
-                "alpha/2 for pA and alpha/2 for the error statement; radius capped at the bounded range"}
+    sound_noise = "gaussian angle + gaussian l2"
+    sound_statement = (
+        "g(z) = argmax_c P(f(R_beta(z) + delta) = c), beta ~ N(0, sigma^2) deg, delta ~ N(0, sigma_l2^2 I), is cA at every "
+        "z = R_gamma(x), |gamma| <= radius: x rotated once by the attacker with this interpolation; interpolation error of "
+        "R_beta(R_gamma x) vs R_{beta+gamma} x bounded by E (interval branch and bound) for n_err sampled beta, tail "
+        "probability q (Fischer et al. 2020, Sec. 4-5); confidence 1 - alpha with alpha/2 for pA and alpha/2 for the error "
+        "statement; radius capped at the bounded range")
 
-    def _run_sound(self, model, x, rng, pnorm, deadline):
+    def _sound_keywords(self, pnorm: str) -> dict[str, Any]:
+        return {"err_tol": float(self.err_tol)}
+
+    @staticmethod
+    def _sound_function() -> Any:
         from .semantic import certify_rotation_sound
 
-        return certify_rotation_sound(
-            model, x, float(self.sigma), float(self.sigma_l2), rng, n_err=int(self.n_err), err_tol=float(self.err_tol),
-            **self._sampling(), deadline=deadline,
-        )
+        return certify_rotation_sound
 
 
 @register
@@ -626,19 +641,19 @@ class SmoothingTranslation(_SoundSemantic):
 
     Options = TranslationOptions
 
-    def _sound_extra(self) -> dict[str, Any]:
-        return {"noise": "gaussian shift + gaussian l2",
-                "certifies_exactly": "g(z) = argmax_c P(f(T_beta(z) + delta) = c), beta ~ N(0, sigma^2 I_2) px, delta ~ N(0, "
-                "sigma_l2^2 I), is cA at every z = T_gamma(x), ||gamma|| <= radius: x shifted once by the attacker with this "
-                "interpolation; the error of T_beta(T_gamma x) vs T_{beta+gamma} x (sub-pixel shifts do not compose) is "
-                "maximised exactly (piece corners) over ||gamma||_inf <= the bounded range for n_err sampled beta, tail "
-                "probability q (Fischer et al. 2020, Sec. 4-5); confidence 1 - alpha with alpha/2 for pA and alpha/2 for "
-                "the error statement; radius capped at the bounded range"}
+    sound_noise = "gaussian shift + gaussian l2"
+    sound_statement = (
+        "g(z) = argmax_c P(f(T_beta(z) + delta) = c), beta ~ N(0, sigma^2 I_2) px, delta ~ N(0, sigma_l2^2 I), is cA at "
+        "every z = T_gamma(x), ||gamma|| <= radius: x shifted once by the attacker with this interpolation; the error of "
+        "T_beta(T_gamma x) vs T_{beta+gamma} x (sub-pixel shifts do not compose) is maximised exactly (piece corners) over "
+        "||gamma||_inf <= the bounded range for n_err sampled beta, tail probability q (Fischer et al. 2020, Sec. 4-5); "
+        "confidence 1 - alpha with alpha/2 for pA and alpha/2 for the error statement; radius capped at the bounded range")
 
-    def _run_sound(self, model, x, rng, pnorm, deadline):
+    def _sound_keywords(self, pnorm: str) -> dict[str, Any]:
+        return {"norm": pnorm}
+
+    @staticmethod
+    def _sound_function() -> Any:
         from .semantic import certify_translation_sound
 
-        return certify_translation_sound(
-            model, x, float(self.sigma), float(self.sigma_l2), rng, norm=pnorm, n_err=int(self.n_err), **self._sampling(),
-            deadline=deadline,
-        )
+        return certify_translation_sound
