@@ -175,20 +175,8 @@ class _Smoothing(Method):
 class _NoiseSmoothing(_Smoothing):
     """Additive-noise smoothing (Cohen et al. 2019 CERTIFY) with the noise of ``noise_cls``.
 
-    Options:
-        sigma: per-coordinate noise std in the model's input space.
-        n0, n: selection / estimation samples per input.
-        alpha: failure probability; ``confidence = 1 - alpha``. ``(n, alpha)`` pairs that can
-            never certify are rejected (:func:`smoothing.stats.check_n_alpha`).
-        pb_bound: bound pB separately (Bonferroni ``alpha/2`` each; larger radii when the
-            probability mass is spread over several classes).
-        batch_size, memory_mb: rows per forward pass, capped by a memory budget in MiB.
-        seed: runs repeat exactly; the noise of an input does not depend on the other inputs
-            of the batch (it depends on the seed, and with ``share_noise=False`` on its bytes).
-        share_noise: one noise stream for the whole batch (default: the draw is paid once per
-            batch; every certificate keeps its 1 - alpha guarantee, but failures of different
-            inputs are correlated); ``False``: independent noise per input
-            (:mod:`smoothing.sampling` explains both).
+    Options: :class:`smoothing.options.NoiseOptions` (``certify methods smoothing-gaussian`` explains
+    each); :mod:`smoothing.sampling` explains the two kinds of noise streams (``share_noise``).
     """
 
     Options = NoiseOptions

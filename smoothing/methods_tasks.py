@@ -147,14 +147,7 @@ class SmoothingRegression(_SampledTask):
     """Median (percentile) smoothing of the model's outputs (Chiang et al. 2020): certified
     bounds on every output of the smoothed regressor over an l2 ball, and the property they
     imply. See the module docstring for the exact statement.
-
-    Options:
-        sigma: Gaussian noise std in the model's input space.
-        percentile: ``p`` of ``h_p`` in (0, 1); 0.5 is median smoothing.
-        n: noise samples per input (shared by every checked radius).
-        alpha: failure probability of the whole certificate; ``confidence = 1 - alpha``.
-        radius_steps: grid radii checked by ``find_radius``.
-        batch_size, memory_mb, seed, share_noise: sampling (see :mod:`smoothing.sampling`).
+    Options: :class:`smoothing.options.RegressionOptions` (``certify methods smoothing-regression``).
     """
 
     name = "smoothing-regression"
@@ -270,13 +263,7 @@ class SmoothingInvariance(_SampledTask):
     """The inverse task: the probability that f keeps the label at a random point of the set,
     estimated by sampling with a Clopper-Pearson interval (:func:`smoothing.inverse.estimate_invariance`).
     See the module docstring for the exact statement.
-
-    Options:
-        min_probability: the level the interval's lower end must reach for "certified".
-        n: samples per set and checked radius.
-        alpha: failure probability of the whole certificate; ``confidence = 1 - alpha``.
-        radius_steps: grid radii checked by ``find_radius``.
-        batch_size, memory_mb, seed, share_noise: sampling (see :mod:`smoothing.sampling`).
+    Options: :class:`smoothing.options.InvarianceOptions` (``certify methods smoothing-invariance``).
     """
 
     name = "smoothing-invariance"
