@@ -144,6 +144,7 @@ class CertifyCall:
         self.model, self.inputs, self.prop = model, inputs, prop
         self.find_radius, self.max_radius, self.deadline = find_radius, max_radius, deadline
         self._clean: tuple[Tensor, Tensor] | None = None
+        self._labels: list[int] | None = None
 
     @property
     def timeout(self) -> float | None:
@@ -163,6 +164,25 @@ class CertifyCall:
         """The property's rows ``C [B, N, K]``, ``d [B, N]`` in the outputs' dtype and device."""
         x0, y0 = self.clean()
         return self.prop.linear(self.inputs.batch_size, y0.shape[1], device=x0.device, dtype=y0.dtype)
+
+    @property
+    def norm(self) -> str:
+        """``"l2"`` / ``"linf"`` / ``"l1"`` for an l_p ball, ``"box"`` for a box (the Certificate's
+        ``norm``)."""
+        return norm_name(self.inputs.p) if isinstance(self.inputs, LpBall) else "box"
+
+    def eps(self, b: int) -> float | None:
+        """The radius asked about for input ``b`` of a ball (``None`` for a box)."""
+        return float(self.inputs.eps[b]) if isinstance(self.inputs, LpBall) else None
+
+    def label(self, b: int) -> int | None:
+        """The label of input ``b`` when the property has one (``Robust``, ``TopK``), else ``None``."""
+        if self._labels is None:
+            labels = self.prop.labels()
+            self._labels = [] if labels is None else labels.reshape(-1).tolist()
+        if not self._labels:
+            return None
+        return int(self._labels[b] if len(self._labels) > 1 else self._labels[0])
 
     def centre_outputs(self) -> Tensor | None:
         """``y0`` when a method already computed it (for the status rule), else ``None``."""
@@ -396,18 +416,16 @@ class BoundMethod(Method):
             self._deadline = None
 
     def _decide_until(self, call: CertifyCall) -> list[Certificate]:
-        model, inputs, prop, find_radius, max_radius, deadline = (
-            call.model, call.inputs, call.prop, call.find_radius, call.max_radius, call.deadline)
+        model, inputs, find_radius, max_radius, deadline = (
+            call.model, call.inputs, call.find_radius, call.max_radius, call.deadline)
         t0 = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
         x0, y0 = call.clean()
         spec = call.spec()
-        labels = prop.labels()
         pred = y0.argmax(dim=1)
         clean_ok = spec.holds(y0)
         ball = inputs if isinstance(inputs, LpBall) else None
-        norm = norm_name(ball.p) if ball is not None else "box"
 
         lower, proved = self.checked_bounds(model, inputs, spec)
         proved = proved & clean_ok
@@ -428,11 +446,10 @@ class BoundMethod(Method):
         elapsed = time.perf_counter() - t0
         certs = []
         for b in range(B):
-            lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
             status = "certified" if proved[b] else ("falsified" if falsified[b] else "unknown")
             cex = x0[b].detach().cpu() if status == "falsified" else None
             certs.append(self.make_certificate(
-                status, b, label=lab, prediction=int(pred[b]), norm=norm, eps=float(asked_eps[b]) if asked_eps is not None else None,
+                status, b, label=call.label(b), prediction=int(pred[b]), norm=call.norm, eps=call.eps(b),
                 radius=float(radius[b]), lower=lower[b].detach().cpu(), counterexample=cex, time_s=elapsed / B,
                 details={"options": self.options(), **_deadline_details(deadline)},
             ))

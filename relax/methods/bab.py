@@ -34,7 +34,7 @@ from verify.resources import usable_cores
 from verify.options import Options, option
 from verify.certificate import Certificate
 from verify.registry import CertifyCall, Method, register
-from verify.spec import InputSet, LpBall, OutputProperty, SpecError, norm_name
+from verify.spec import InputSet, LpBall, OutputProperty, SpecError
 
 from relax.bab import BabResult, RowSpec
 
@@ -137,19 +137,15 @@ class BabMethod(Method):
         B = inputs.batch_size
         _, y0 = call.clean()
         spec = call.spec()
-        labels = prop.labels()
-        ball = inputs if isinstance(inputs, LpBall) else None
         certs = []
         for b in range(B):
             left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
             tb = time.perf_counter() if b else t0  # the first input's time includes the set-up
             res = run_bab(model, inputs.select([b]), spec.select([b]), self, timeout=left)
-            status = res.status
-            lab = None if labels is None else int(labels[b] if labels.numel() > 1 else labels[0])
+            status, eps = res.status, call.eps(b)
             certs.append(self.make_certificate(
-                status, b, label=lab, prediction=int(y0[b].argmax()), norm=norm_name(ball.p) if ball is not None else "box",
-                eps=float(ball.eps[b]) if ball is not None else None,
-                radius=float(ball.eps[b]) if (ball is not None and status == "certified") else 0.0,
+                status, b, label=call.label(b), prediction=int(y0[b].argmax()), norm=call.norm, eps=eps,
+                radius=eps if (eps is not None and status == "certified") else 0.0,
                 counterexample=None if res.counterexample is None else res.counterexample.reshape(inputs.shape).cpu(),
                 time_s=time.perf_counter() - tb,
                 details={

@@ -169,7 +169,7 @@ class _LipschitzMethod(BoundMethod):
             self._deadline = None
 
     def _certify_lipschitz(self, call: CertifyCall) -> list[Certificate]:
-        model, inputs, prop, find_radius = call.model, call.inputs, call.prop, call.find_radius
+        model, inputs, find_radius = call.model, call.inputs, call.find_radius
         t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
         self.check_input_set(inputs)
         if find_radius and not isinstance(inputs, LpBall):
@@ -181,7 +181,6 @@ class _LipschitzMethod(BoundMethod):
         spec64 = spec.to(device="cpu", dtype=torch.float64)
         clean_ok = spec.holds(y_nat).cpu()
         m = self.margins(model, x0, spec64)
-        labels = prop.labels()
         pred = y_nat.argmax(dim=1).cpu()
 
         # the clean input as the counterexample; the status rule (verify.status_rule) keeps
@@ -205,20 +204,14 @@ class _LipschitzMethod(BoundMethod):
         radius = torch.nan_to_num(radius, posinf=torch.finfo(torch.float64).max)
 
         elapsed = time.perf_counter() - t0
-        norm = norm_name(inputs.p) if isinstance(inputs, LpBall) else "box"
         certs = []
         for b in range(B):
-            lab = None
-            if labels is not None:
-                lab = int(labels[b] if labels.numel() > 1 else labels[0])
             status = "certified" if proved[b] else ("falsified" if falsified[b] else "unknown")
             det = {"options": self.options(), "lipschitz": L[b].tolist(), "margin": m[b].tolist(),
                    "lipschitz_norm": norm_name(p)}
             det.update({k: (v[b] if isinstance(v, list) and len(v) == B else v) for k, v in details.items()})
-            certs.append(Certificate(
-                method=self.name, guarantee="deterministic", certifies="base", status=status, index=b,
-                label=lab, prediction=int(pred[b]), norm=norm,
-                eps=float(inputs.eps[b]) if isinstance(inputs, LpBall) else None,
+            certs.append(self.make_certificate(
+                status, b, label=call.label(b), prediction=int(pred[b]), norm=call.norm, eps=call.eps(b),
                 radius=float(radius[b]), lower=lower[b].tolist(),
                 counterexample=x0[b].detach().cpu().tolist() if status == "falsified" else None,
                 time_s=elapsed / B, details=det))

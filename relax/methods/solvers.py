@@ -14,7 +14,7 @@ from torch import Tensor
 from verify.certificate import Certificate
 from verify.options import Options, option
 from verify.registry import BoundMethod, Method, register
-from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError, norm_name
+from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError
 
 from relax.exact.lp import lp_lower_bounds, relu_net
 from relax.exact.milp import milp_verify, minimum_distortion
@@ -170,7 +170,6 @@ class MilpMethod(Method):
         B = inputs.batch_size
         x0, y0 = call.clean()
         spec = call.spec()
-        labels = prop.labels()
         pred = y0.argmax(dim=1)
         clean_ok = spec.holds(y0)
         clean_bad = ~clean_ok  # confirmed one input at a time (own dtype and float64)
@@ -179,7 +178,6 @@ class MilpMethod(Method):
 
             clean_bad = clean_bad & confirm_counterexample(model, inputs, spec, x0).to(clean_bad.device)
         is_ball = isinstance(inputs, LpBall)
-        norm = norm_name(inputs.p) if is_ball else "box"
         l2 = is_ball and inputs.p == 2.0
         if find_radius and not is_ball:
             raise SpecError("find_radius needs an l_p ball input set")
@@ -191,9 +189,8 @@ class MilpMethod(Method):
             tl = mine.limit(self.time_limit)
             in_b = inputs.select([b])
             spec_b = spec.select([b])
-            lab = int(labels[b] if labels.numel() > 1 else labels[0]) if labels is not None else None
             det: dict = {"options": self.options()}
-            eps = float(inputs.eps[b]) if is_ball else None
+            eps = call.eps(b)
             lower = None
             cex = None
             radius = 0.0
@@ -230,9 +227,9 @@ class MilpMethod(Method):
                     certifies="base",
                     status=status,
                     index=b,
-                    label=lab,
+                    label=call.label(b),
                     prediction=int(pred[b]),
-                    norm=norm,
+                    norm=call.norm,
                     eps=eps,
                     radius=float(radius),
                     lower=None if lower is None else [float(v) for v in lower],
