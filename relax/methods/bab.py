@@ -239,84 +239,117 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     with MILP-refined root boxes (:func:`relax.bab.tighten.refine_graph_root`). ``graph`` / ``x_set``:
     the float64 bound graph and input set (:func:`relax.bounds.prepare`); ``rs``: the property
     rows with group averages."""
-    from relax.bounds.alpha import alpha_crown
-    from relax.bab.activation_split import graph_relu_bab, interval_inputs, relu_inputs
-    from relax.ir.graph import get_graph
-    from relax.ir.prune import dead_relus, prune_boxes, prune_graph
+    from relax.bab.activation_split import interval_inputs, relu_inputs
 
     t0 = time.perf_counter()
-    C, d = rs.batch(1)
     n_in = math.prod(graph.input_shape)
     box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
     if box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
-        # input splitting starts from CROWN on the whole box (alpha-CROWN's root costs more
-        # than the first rounds of splitting)
-        from relax.bab.input_split import GraphBoxes, input_bab
-
-        lo, hi = (b.reshape(-1) for b in x_set.bounds())
-        res = input_bab(GraphBoxes(graph, deadline=t0 + time_left), rs, lo, hi, timeout=time_left, batch_size=opts.batch_size or 512, margin=opts.margin,
-                        check_point=check_point, seed=opts.seed)
-        res.details["stage"] = "graph-bab-input" if res.domains > 1 else "graph-crown"
-        return res
-    # The root's alpha-CROWN: with ReLUs to split, 20 steps in at most 30 % of the budget (the
-    # search does the rest). Without (sigmoid / tanh nets: only interval splits, which gain
-    # little on wide layers), the root's optimised intermediate bounds are the main lever:
-    # up to 200 steps in at most 70 % of the budget, until the bound stops improving.
-    splits_relus = bool(relu_inputs(graph))
-    root = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20 if splits_relus else 200, early_stop=True,
-                       stop_fn=lambda low: rs.margin(low + d) > opts.margin,
-                       deadline=Deadline((0.3 if splits_relus else 0.7) * time_left),
-                       stall=None if splits_relus else (10, 0.01))
-    low = float(rs.margin(root.lower + d)[0])
+        return _input_split_bab(graph, x_set, rs, opts, t0 + time_left, check_point)
+    root = _root_alpha_crown(graph, x_set, rs, opts, time_left)
+    low = float(rs.margin(root.lower + rs.batch(1)[1])[0])
     if low > opts.margin:
         return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
     left = time_left - (time.perf_counter() - t0)
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
     deadline = time.perf_counter() + left
-    fast = get_graph(model, tuple(graph.input_shape), torch.float32) if graph.dtype == torch.float64 else None
+    search = _ActivationSearch(model, graph, x_set, rs, opts, check_point)
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
-
-    def branch(until: float) -> BabResult:
-        keep = dead_relus(graph, boxes)  # dead at the root: dead in every domain
-        alphas = None if root_alphas is None else {r: (a[..., keep[r]] if r in keep else a) for r, a in root_alphas.items()}
-        r = graph_relu_bab(prune_graph(graph, keep), x_set, rs, prune_boxes(graph, keep, boxes), timeout=max(0.0, until - time.perf_counter()),
-                           batch_size=opts.batch_size or 64, root_alphas=alphas, steps=opts.relu_steps, margin=opts.margin,
-                           check_point=check_point, fast=None if fast is None else prune_graph(fast, keep),
-                           candidates=opts.branch_candidates)
-        r.details["stage"] = "graph-bab"
-        return r
-
     hidden = len(relu_inputs(graph))
     refine = opts.refine_layers
     if refine is None:
         refine = 3 if (hidden >= opts.refine_min_depth and not interval_inputs(graph)) else 0
     if refine <= 0:
-        return branch(deadline)
-    extra = {}
+        return search.branch(deadline, boxes, root_alphas)
+    extra: dict = {}
     if opts.refine_after > 0:  # plain branching first: what it decides quickly never pays for the MILPs
-        first = branch(time.perf_counter() + opts.refine_after * left)
+        first = search.branch(time.perf_counter() + opts.refine_after * left, boxes, root_alphas)
         if first.status != "unknown" or time.perf_counter() >= deadline:
             return first
         extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains}
-    from relax.bab.tighten import refine_graph_root
+    return search.refine_then_branch(deadline, boxes, root_alphas, low, refine, extra)
 
-    stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
-    got = refine_graph_root(graph, model, x_set, rs, boxes, root_alphas, layers=refine, deadline=stop, alpha_deadline=deadline,
-                            margin=opts.margin, solve_time_limit=opts.refine_solve_time, workers=opts.refine_workers or usable_cores(4),
-                            dense_limit=opts.dense_limit)
-    if got is not None:
-        boxes, root_alphas, refined_low, extra["refine"] = got
-        low = max(low, refined_low)
-        if low <= opts.margin and time.perf_counter() < deadline:  # the root within the refined boxes
-            again = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True, bound_overrides=boxes,
-                                stop_fn=lambda lw: rs.margin(lw + d) > opts.margin, deadline=Deadline(max(0.0, deadline - time.perf_counter())))
-            low = max(low, float(rs.margin(again.lower + d)[0]))
-            boxes = {**boxes, **{p: (torch.maximum(boxes[p][0], l), torch.minimum(boxes[p][1], h))
-                                 for p, (l, h) in again.intermediate.items() if p in boxes}}
-            root_alphas = again.alphas.get("__out__", root_alphas)
-        if low > opts.margin:
-            return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-refine", **extra})
-    res = branch(deadline)
-    res.details.update(extra)
+
+def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, deadline: float, check_point) -> BabResult:
+    """Input splitting from CROWN on the whole box (alpha-CROWN's root costs more than the first
+    rounds of splitting), until the ``perf_counter`` value ``deadline``."""
+    from relax.bab.input_split import GraphBoxes, input_bab
+
+    lo, hi = (b.reshape(-1) for b in x_set.bounds())
+    res = input_bab(GraphBoxes(graph, deadline=deadline), rs, lo, hi, timeout=max(0.0, deadline - time.perf_counter()),
+                    batch_size=opts.batch_size or 512, margin=opts.margin, check_point=check_point, seed=opts.seed)
+    res.details["stage"] = "graph-bab-input" if res.domains > 1 else "graph-crown"
     return res
+
+
+def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, time_left: float):
+    """The root's alpha-CROWN. With ReLUs to split: 20 steps in at most 30 % of the budget (the
+    search does the rest). Without (sigmoid / tanh nets: only interval splits, which gain little
+    on wide layers), the root's optimised intermediate bounds are the main lever: up to 200 steps
+    in at most 70 % of the budget, until the bound stops improving."""
+    from relax.bab.activation_split import relu_inputs
+    from relax.bounds.alpha import alpha_crown
+
+    C, d = rs.batch(1)
+    splits_relus = bool(relu_inputs(graph))
+    return alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20 if splits_relus else 200, early_stop=True,
+                       stop_fn=lambda low: rs.margin(low + d) > opts.margin,
+                       deadline=Deadline((0.3 if splits_relus else 0.7) * time_left),
+                       stall=None if splits_relus else (10, 0.01))
+
+
+class _ActivationSearch:
+    """ReLU-sign and interval splitting from a root (its intermediate boxes and output slopes),
+    optionally after MILP refinement of the root's boxes."""
+
+    def __init__(self, model, graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, check_point) -> None:
+        from relax.ir.graph import get_graph
+
+        self.model, self.graph, self.x_set, self.rs, self.opts, self.check_point = model, graph, x_set, rs, opts, check_point
+        self.fast = get_graph(model, tuple(graph.input_shape), torch.float32) if graph.dtype == torch.float64 else None
+
+    def branch(self, until: float, boxes, root_alphas) -> BabResult:
+        """Branch until the ``perf_counter`` value ``until`` on the graph pruned of the ReLUs dead
+        at the root (dead there: dead in every domain)."""
+        from relax.bab.activation_split import graph_relu_bab
+        from relax.ir.prune import dead_relus, prune_boxes, prune_graph
+
+        graph, opts = self.graph, self.opts
+        keep = dead_relus(graph, boxes)
+        alphas = None if root_alphas is None else {r: (a[..., keep[r]] if r in keep else a) for r, a in root_alphas.items()}
+        r = graph_relu_bab(prune_graph(graph, keep), self.x_set, self.rs, prune_boxes(graph, keep, boxes),
+                           timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64, root_alphas=alphas,
+                           steps=opts.relu_steps, margin=opts.margin, check_point=self.check_point,
+                           fast=None if self.fast is None else prune_graph(self.fast, keep), candidates=opts.branch_candidates)
+        r.details["stage"] = "graph-bab"
+        return r
+
+    def refine_then_branch(self, deadline: float, boxes, root_alphas, low: float, layers: int, extra: dict) -> BabResult:
+        """MILP-refine the root's boxes of the first ``layers`` hidden layers (within
+        ``refine_fraction`` of the time left), re-run alpha-CROWN inside them, then branch."""
+        from relax.bab.tighten import refine_graph_root
+        from relax.bounds.alpha import alpha_crown
+
+        graph, x_set, rs, opts = self.graph, self.x_set, self.rs, self.opts
+        C, d = rs.batch(1)
+        stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
+        got = refine_graph_root(graph, self.model, x_set, rs, boxes, root_alphas, layers=layers, deadline=stop,
+                                alpha_deadline=deadline, margin=opts.margin, solve_time_limit=opts.refine_solve_time,
+                                workers=opts.refine_workers or usable_cores(4), dense_limit=opts.dense_limit)
+        if got is not None:
+            boxes, root_alphas, refined_low, extra["refine"] = got
+            low = max(low, refined_low)
+            if low <= opts.margin and time.perf_counter() < deadline:  # the root within the refined boxes
+                again = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True, bound_overrides=boxes,
+                                    stop_fn=lambda lw: rs.margin(lw + d) > opts.margin,
+                                    deadline=Deadline(max(0.0, deadline - time.perf_counter())))
+                low = max(low, float(rs.margin(again.lower + d)[0]))
+                boxes = {**boxes, **{p: (torch.maximum(boxes[p][0], l), torch.minimum(boxes[p][1], h))
+                                     for p, (l, h) in again.intermediate.items() if p in boxes}}
+                root_alphas = again.alphas.get("__out__", root_alphas)
+            if low > opts.margin:
+                return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-refine", **extra})
+        res = self.branch(deadline, boxes, root_alphas)
+        res.details.update(extra)
+        return res
