@@ -607,7 +607,6 @@ class _ReluSearch:
                  timeout: float, steps: int, margin: float, check_point, fast: BoundGraph | None, candidates: int) -> None:
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + timeout
-        self.timeout = timeout
         self.graph, self.inputs, self.rs, self.root = graph, inputs, rs, root
         self.steps, self.margin, self.check_point, self.fast, self.candidates = steps, margin, check_point, fast, candidates
         self.nodes = [p for _, p in relu_inputs(graph)]
