@@ -333,14 +333,8 @@ def pgd_attack(
     the margin itself. The best point of every lane is judged by the full margin.
 
     Lanes of restart 0 start at the set's midpoint (the clean input of a ball), the others
-    at random points of the set (:func:`_shared_points`). Each step is
-    ``x <- project(x - alpha_t * direction(grad))`` (:func:`_step_direction`) with a cosine
-    schedule ``alpha_t = alpha_0 (1 + cos(pi t / steps)) / 2``. Whenever lanes reach a margin
-    ``<= 0`` in the working dtype, their points are projected into the set in float64 and
-    confirmed (:class:`_BestPoints`); an input stops on its first confirmed counterexample (a
-    float32 step can leave the exact set, a near-tie can flip sign: an unconfirmed hit stops
-    nothing). The run ends when all inputs have stopped, after ``steps``, or at ``timeout``;
-    then every lane's lowest-margin point of the inputs still open is checked the same way.
+    at random points of the set (:func:`_shared_points`). The steps, the confirmation of
+    violating points and when the run stops: :class:`_PgdLanes`.
 
     Args:
         model: network ``[n, *shape] -> [n, K]``; the attack runs in its floating dtype on
@@ -371,50 +365,77 @@ def pgd_attack(
     wdtype = _model_dtype(model) or in_dtype
     work = inputs.to(dtype=wdtype)
     spec_w = spec.to(dtype=wdtype)
-    dev = work.bounds()[0].device
-    B, shape = work.batch_size, work.shape
-    G = spec_w.num_groups
-    x, target = _start_lanes(work, G, restarts, targeted, seed, starts, start_groups)  # [L, B, *shape]
-    L = x.shape[0]
-    best_m = torch.full((L, B), math.inf, dtype=wdtype, device=dev)
-    best_x = x.clone()
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    record = _BestPoints(model, inputs, spec)
-    alpha0 = float(step_size) if step_size is not None else 5.0 / max(steps, 1)
-    cached: tuple | None = None
+    x, target = _start_lanes(work, spec_w.num_groups, restarts, targeted, seed, starts, start_groups)  # [L, B, *shape]
+    lanes = _PgdLanes(model, work, spec_w, x, target, wdtype, _BestPoints(model, inputs, spec))
+    lanes.descend(steps, float(step_size) if step_size is not None else 5.0 / max(steps, 1), t0, timeout)
+    return _settle(lanes.record, lanes.best_x, lanes.best_m)
 
-    for t in range(steps + 1):
-        idx = active.nonzero().squeeze(1)
-        b = idx.numel()
-        if cached is None or cached[0] != b:  # the active set shrank
-            cached = (b, spec_w.select(idx), _tile(work.select(idx), L))
-        _, sub_spec, tiled = cached
-        xa = x[:, idx].requires_grad_(True)
-        with torch.enable_grad():
-            y = _forward(model, xa.reshape(L * b, *shape)).reshape(L, b, -1)
-            gm = sub_spec.group_max(sub_spec.values(y))  # [L, b, G]
-            m = gm.amin(dim=-1)  # [L, b]
-            loss = m if target is None else gm.gather(-1, target.view(L, 1, 1).expand(L, b, 1)).squeeze(-1)
-        md = m.detach()
-        better = md < best_m[:, idx]
-        best_m[:, idx] = torch.where(better, md, best_m[:, idx])
-        bview = better.view(L, b, *([1] * len(shape)))
-        best_x[:, idx] = torch.where(bview, xa.detach(), best_x[:, idx])
+
+class _PgdLanes:
+    """PGD's lanes on the batch: points ``x [L, B, *shape]`` in the working dtype, the group each
+    lane descends (``target [L]``; ``None``: the margin), each lane's best point ``best_x`` and
+    margin ``best_m [L, B]`` so far, the inputs still ``active [B]``, and the ``record`` of
+    checked points (:class:`_BestPoints`).
+
+    Each step is ``x <- project(x - alpha_t * direction(grad))`` (:func:`_step_direction`) with
+    a cosine schedule ``alpha_t = alpha_0 (1 + cos(pi t / steps)) / 2``. Whenever lanes reach a
+    margin ``<= 0`` in the working dtype, their points are projected into the set in float64
+    and confirmed (:class:`_BestPoints`); an input stops on its first confirmed counterexample
+    (a float32 step can leave the exact set, a near-tie can flip sign: an unconfirmed hit stops
+    nothing). The run ends when all inputs have stopped, after ``steps``, or at the timeout;
+    then (:func:`_settle`) every lane's lowest-margin point of the inputs still open is checked
+    the same way.
+    """
+
+    def __init__(self, model: torch.nn.Module, work: InputSet, spec: LinearSpec, x: Tensor, target: Tensor | None,
+                 wdtype: torch.dtype, record: "_BestPoints") -> None:
+        self.model, self.work, self.spec, self.x, self.target, self.record = model, work, spec, x, target, record
+        self.dev = work.bounds()[0].device
+        L, B = x.shape[0], work.batch_size
+        self.best_m = torch.full((L, B), math.inf, dtype=wdtype, device=self.dev)
+        self.best_x = x.clone()
+        self.active = torch.ones(B, dtype=torch.bool, device=self.dev)
+
+    def descend(self, steps: int, alpha0: float, t0: float, timeout: float | None) -> None:
+        """``steps`` steps of the active inputs' lanes (evaluated once more after the last)."""
+        L, shape = self.x.shape[0], self.work.shape
+        cached: tuple | None = None
+        for t in range(steps + 1):
+            idx = self.active.nonzero().squeeze(1)
+            b = idx.numel()
+            if cached is None or cached[0] != b:  # the active set shrank
+                cached = (b, self.spec.select(idx), _tile(self.work.select(idx), L))
+            _, sub_spec, tiled = cached
+            xa = self.x[:, idx].requires_grad_(True)
+            with torch.enable_grad():
+                y = _forward(self.model, xa.reshape(L * b, *shape)).reshape(L, b, -1)
+                gm = sub_spec.group_max(sub_spec.values(y))  # [L, b, G]
+                m = gm.amin(dim=-1)  # [L, b]
+                loss = m if self.target is None else gm.gather(-1, self.target.view(L, 1, 1).expand(L, b, 1)).squeeze(-1)
+            self._keep(idx, xa.detach(), m.detach())
+            if t == steps or not self.active.any() or (timeout is not None and time.perf_counter() - t0 > timeout):
+                break
+            if loss.requires_grad:
+                (g,) = torch.autograd.grad(loss.sum(), xa)
+            else:  # the margin does not depend on x (e.g. a row C = 0)
+                g = torch.zeros_like(xa)
+            alpha = alpha0 * 0.5 * (1.0 + math.cos(math.pi * t / steps))
+            xf = xa.detach().reshape(L * b, *shape)
+            xf = tiled.project(xf - alpha * _step_direction(tiled, g.reshape(L * b, *shape), xf))
+            self.x[:, idx] = xf.view(L, b, *shape)
+
+    def _keep(self, idx: Tensor, xd: Tensor, md: Tensor) -> None:
+        """The lanes' points ``xd [L, b, *shape]`` of the inputs ``idx [b]`` with margins
+        ``md [L, b]``: each lane's best so far, and the violating ones offered to the record
+        (the inputs confirmed stop)."""
+        L, b = md.shape
+        better = md < self.best_m[:, idx]
+        self.best_m[:, idx] = torch.where(better, md, self.best_m[:, idx])
+        bview = better.view(L, b, *([1] * len(self.work.shape)))
+        self.best_x[:, idx] = torch.where(bview, xd, self.best_x[:, idx])
         hit = md <= 0
         if bool(hit.any()):  # an input stops only on a confirmed point
-            active[idx[record.offer(idx, xa.detach(), hit).to(dev)]] = False
-        if t == steps or not active.any() or (timeout is not None and time.perf_counter() - t0 > timeout):
-            break
-        if loss.requires_grad:
-            (g,) = torch.autograd.grad(loss.sum(), xa)
-        else:  # the margin does not depend on x (e.g. a row C = 0)
-            g = torch.zeros_like(xa)
-        alpha = alpha0 * 0.5 * (1.0 + math.cos(math.pi * t / steps))
-        xf = xa.detach().reshape(L * b, *shape)
-        xf = tiled.project(xf - alpha * _step_direction(tiled, g.reshape(L * b, *shape), xf))
-        x[:, idx] = xf.view(L, b, *shape)
-
-    return _settle(record, best_x, best_m)
+            self.active[idx[self.record.offer(idx, xd, hit).to(self.dev)]] = False
 
 
 def _start_lanes(work: InputSet, G: int, restarts: int, targeted: bool, seed: int, starts: Tensor | None,

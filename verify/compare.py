@@ -285,21 +285,10 @@ def compare(
     run = _supported(methods, p, res.notes)
     limits = limits or {}
     step = chunk_size or (N if executor == "local" else max(1, math.ceil(N / (workers or usable_cores(2)))))
-    tasks = []
-    for m in run:
-        todo = [i for i in range(min(N, limits.get(m, N))) if (m, i) not in done]
-        for s in range(0, len(todo), step):
-            idx = todo[s : s + step]
-            tasks.append(Task(m, options.get(m, {}), model, x[idx], labels[idx], idx, 0.0, norm_name(p),
-                              find_radius, max_radius, timeout, device, grid=list(res.radii)))
+    tasks = [Task(m, options.get(m, {}), model, x[idx], labels[idx], idx, 0.0, norm_name(p), find_radius, max_radius, timeout, device,
+                  grid=list(res.radii)) for m, idx in _chunks(run, done, N, limits, step)]
     _execute_into(csv_path, tasks, executor, workers, prefix, progress, res.notes)
-
-    rows = _read_rows(csv_path) if csv_path.exists() else CertificateTable()
-    keep = {m: i for i, m in enumerate(run)}
-    last = {(c.method, c.index): c for c in rows if c.method in keep and c.index < min(N, limits.get(c.method, N))}
-    res.table = CertificateTable(sorted(last.values(), key=lambda c: (keep[c.method], c.index)))
-    res.table.to_json(str(out / f"{prefix}_results.json"))
-    res.files.update(csv=csv_path, json=out / f"{prefix}_results.json")
+    _collect(res, csv_path, run, N, limits, out / f"{prefix}_results.json")
     if attack and N:
         _attack_curves(res, model, x, labels, p, device, attack_steps, options)
     _write_reports(res, out, prefix, p, model_name, title)
@@ -316,6 +305,28 @@ def _supported(methods: Sequence[str], p: float, notes: list[str]) -> list[str]:
             continue
         run.append(m)
     return run
+
+
+def _chunks(run: list[str], done: set[tuple[str, int]], N: int, limits: dict[str, int], step: int) -> list[tuple[str, list[int]]]:
+    """The work left as ``(method, input indices)`` chunks of at most ``step`` inputs: each
+    method's first ``limits[m]`` inputs (all ``N`` by default) not already ``done``."""
+    chunks = []
+    for m in run:
+        todo = [i for i in range(min(N, limits.get(m, N))) if (m, i) not in done]
+        for s in range(0, len(todo), step):
+            chunks.append((m, todo[s : s + step]))
+    return chunks
+
+
+def _collect(res: CompareResult, csv_path: Path, run: list[str], N: int, limits: dict[str, int], json_path: Path) -> None:
+    """``res.table``: the CSV's last row per (method, input) of the methods run, in their order
+    and within their limits; written to ``json_path`` too."""
+    rows = _read_rows(csv_path) if csv_path.exists() else CertificateTable()
+    keep = {m: i for i, m in enumerate(run)}
+    last = {(c.method, c.index): c for c in rows if c.method in keep and c.index < min(N, limits.get(c.method, N))}
+    res.table = CertificateTable(sorted(last.values(), key=lambda c: (keep[c.method], c.index)))
+    res.table.to_json(str(json_path))
+    res.files.update(csv=csv_path, json=json_path)
 
 
 def _execute_into(csv_path: Path, tasks: list[Task], executor: str, workers: int | None, prefix: str, progress: bool,

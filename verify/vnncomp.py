@@ -153,21 +153,10 @@ def run_benchmark(
     """
     from tqdm import tqdm
 
-    from .resume import drop_partial_last_row
-    from .vnnlib import read_instances
-
     csv_path = find_instances_csv(path)
     bench = csv_path.parent.name
-    rows = read_instances(csv_path)
-    if select:
-        rows = [r for r in rows if select in f"{Path(r[0]).name},{Path(r[1]).name}"]
     out = Path(out)
-    if resume:
-        drop_partial_last_row(out)  # a kill during a write: never append to half a row
-    done = _done_keys(out) if resume else set()
-    rows = [r for r in rows if _key(r[0], r[1]) not in done]
-    if limit is not None:
-        rows = rows[:limit]
+    rows = _instances_to_run(csv_path, out, select=select, resume=resume, limit=limit)
     claim_of = load_claims(claims)
     new_file = not out.is_file() or out.stat().st_size == 0
     if not resume and not new_file:
@@ -182,24 +171,7 @@ def run_benchmark(
             f.flush()
         bar = tqdm(rows, desc=bench, unit="inst", file=sys.stderr, disable=not progress)
         for onnx, vnnlib, to in bar:
-            try:
-                res = run_instance(onnx, vnnlib, to * timeout_scale, options=options, threads=threads)
-            except Exception as e:  # never let one instance end the run
-                res = InstanceResult("error", 0.0, detail=f"{type(e).__name__}: {e} | {traceback.format_exc(limit=2)[-200:]}")
-            claim = claim_of.get(_key(onnx, vnnlib), "")
-            row = {
-                "benchmark": bench,
-                "onnx": Path(onnx).name,
-                "vnnlib": Path(vnnlib).name,
-                "result": res.result,
-                "time_s": f"{res.time_s:.3f}",
-                "timeout_s": f"{to * timeout_scale:g}",
-                "stage": res.stage,
-                "claim": claim,
-                "flag": _flag(res.result, claim),
-                "detail": res.detail,
-                "counterexample": _save_counterexample(out, onnx, vnnlib, res),
-            }
+            row, res = _run_row(bench, out, onnx, vnnlib, to * timeout_scale, claim_of.get(_key(onnx, vnnlib), ""), options, threads)
             w.writerow(row)
             f.flush()
             os.fsync(f.fileno())
@@ -207,6 +179,49 @@ def run_benchmark(
             bar.set_postfix_str(f"{row['vnnlib']}: {res.result} {res.time_s:.1f}s")
         bar.close()
     return written
+
+
+def _instances_to_run(csv_path: Path, out: Path, *, select: str | None, resume: bool, limit: int | None) -> list:
+    """The instances ``(onnx, vnnlib, timeout)`` of the list ``csv_path`` to run: those whose
+    names contain ``select``, without those already in ``out`` (``resume``; a half-written last
+    row is dropped first), at most ``limit``."""
+    from .resume import drop_partial_last_row
+    from .vnnlib import read_instances
+
+    rows = read_instances(csv_path)
+    if select:
+        rows = [r for r in rows if select in f"{Path(r[0]).name},{Path(r[1]).name}"]
+    if resume:
+        drop_partial_last_row(out)  # a kill during a write: never append to half a row
+    done = _done_keys(out) if resume else set()
+    rows = [r for r in rows if _key(r[0], r[1]) not in done]
+    if limit is not None:
+        rows = rows[:limit]
+    return rows
+
+
+def _run_row(bench: str, out: Path, onnx: str, vnnlib: str, timeout: float, claim: str, options: dict | None,
+             threads: int) -> tuple[dict, InstanceResult]:
+    """Run one instance (an exception becomes an ``error`` result): its CSV row (keyed by
+    :data:`CSV_COLUMNS`) and result; a ``sat`` answer's result file is written next to ``out``."""
+    try:
+        res = run_instance(onnx, vnnlib, timeout, options=options, threads=threads)
+    except Exception as e:  # never let one instance end the run
+        res = InstanceResult("error", 0.0, detail=f"{type(e).__name__}: {e} | {traceback.format_exc(limit=2)[-200:]}")
+    row = {
+        "benchmark": bench,
+        "onnx": Path(onnx).name,
+        "vnnlib": Path(vnnlib).name,
+        "result": res.result,
+        "time_s": f"{res.time_s:.3f}",
+        "timeout_s": f"{timeout:g}",
+        "stage": res.stage,
+        "claim": claim,
+        "flag": _flag(res.result, claim),
+        "detail": res.detail,
+        "counterexample": _save_counterexample(out, onnx, vnnlib, res),
+    }
+    return row, res
 
 
 def summarize_rows(rows: list[dict]) -> dict:

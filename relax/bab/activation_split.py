@@ -98,6 +98,167 @@ def _split_boxes(root: dict[str, tuple[Tensor, Tensor]], splits: dict[str, Tenso
     return out
 
 
+@dataclass
+class _Pass:
+    """What a bounding pass over ``D`` domains needs: the graph, the input set repeated ``D``
+    times, the pre-activation boxes ``{node: (lo, hi)}`` (``[D, *shape]``) and the property rows
+    ``C [D, N, K]``, ``d [D, N]`` (all in the graph's dtype)."""
+
+    graph: BoundGraph
+    x_set: InputSet
+    boxes: dict[str, tuple[Tensor, Tensor]]
+    C: Tensor
+    d: Tensor
+
+    def on(self, fast: BoundGraph) -> "_Pass":
+        """The same pass on ``fast`` (the network in another dtype)."""
+        dt = fast.dtype
+        return _Pass(fast, self.x_set.to(dtype=dt), {p: (l.to(dt), h.to(dt)) for p, (l, h) in self.boxes.items()},
+                     self.C.to(dt), self.d.to(dt))
+
+
+def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[str, tuple[Tensor, Tensor]],
+                 splits: dict[str, Tensor], ivals: dict[str, tuple[Tensor, Tensor]] | None, recompute: bool,
+                 deadline: float) -> tuple[_Pass, Tensor, float]:
+    """The domains' :class:`_Pass` (boxes: the root's within the splits, recomputed by CROWN when
+    ``recompute``), ``infeasible [D]`` (an empty box somewhere) and the recomputation's seconds."""
+    if splits:
+        D = next(iter(splits.values())).shape[0]
+    else:
+        assert ivals  # a domain has ReLU splits or interval splits
+        D = next(iter(ivals.values()))[0].shape[0]
+    shapes = {p: graph.shape(p) for p in root}
+    boxes = _split_boxes(root, splits, shapes, ivals)
+    infeasible = torch.zeros(D, dtype=torch.bool)
+    for l, h in boxes.values():
+        infeasible |= (l > h).reshape(l.shape[0], -1).any(1).expand(D)
+    boxes = {p: (l.expand(D, *l.shape[1:]), h.expand(D, *h.shape[1:])) for p, (l, h) in boxes.items()}
+    x_set = inputs.select(torch.zeros(D, dtype=torch.long))
+    C, d = rs.batch(D)
+    C, d = C.to(graph.dtype), d.to(graph.dtype)
+    t_boxes = time.perf_counter()
+    if recompute:
+        with torch.no_grad():
+            boxes = crown(graph, x_set, None, bound_overrides=boxes,
+                          deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
+        for l, h in boxes.values():
+            infeasible |= (l > h).reshape(D, -1).any(1)
+    return _Pass(graph, x_set, boxes, C, d), infeasible, time.perf_counter() - t_boxes
+
+
+def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) -> dict[str, Tensor]:
+    """The slopes to optimise, ``{activation node: [N, D, *shape(, 2)]}`` (ReLU slopes, sigmoid /
+    tanh slope pairs; leaves with gradients): the parents' ``alphas0`` (``[D, N or 1, n]``; one
+    set shared by the rows is alpha_crown's memory cap) or the relaxations' initial ones."""
+    dt = ps.graph.dtype
+    alphas = {}
+    for n in ps.graph.activations():
+        if not n.op.optimisable:
+            continue
+        with torch.no_grad():
+            init = n.op.alpha_init(n.op.relax(*ps.boxes[n.inputs[0]]))  # [D, *shape(, 2)]
+        if alphas0 is not None and n.name in alphas0:
+            a0 = alphas0[n.name].to(dt).transpose(0, 1)  # [N or 1, D, n]
+            a = a0.expand(N, *a0.shape[1:]).reshape(N, D, *init.shape[1:])
+        else:
+            a = init.unsqueeze(0).expand(N, *init.shape)
+        alphas[n.name] = a.clone().requires_grad_(True)
+    return alphas
+
+
+def _start_multipliers(splits: dict[str, Tensor], betas0: dict[str, Tensor] | None, N: int, D: int,
+                       dt: torch.dtype) -> dict[str, Tensor]:
+    """The multipliers to optimise, ``{relu input node with a split: [N, D, n]}`` (leaves with
+    gradients): the parents' ``betas0`` (``[D, N, n]``) or 0, and 0 where a neuron is not split."""
+    betas = {}
+    for p, sp in splits.items():
+        if not bool((sp != 0).any()):
+            continue
+        b = betas0[p].to(dt).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=dt)
+        betas[p] = (b * (sp != 0).unsqueeze(0)).clone().requires_grad_(True)
+    return betas
+
+
+@dataclass
+class _SplitLagrangian:
+    """beta-CROWN's objective on ``D`` domains and ``N`` rows: the CROWN lower bound of
+    ``c^T f(x) - sum_j beta_j s_j z_j(x)`` with the slopes ``alphas`` and the multipliers
+    ``betas`` of the split constraints ``s_j z_j >= 0`` (signs ``{relu input node: [1, D, n]}``)."""
+
+    signs: dict[str, Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    N: int
+    D: int
+
+    def lower(self, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
+              record: dict[str, Tensor | None] | None = None) -> Tensor:
+        """``[D, N]`` lower bounds of the rows ``C y + d``; ``fixed``: :func:`crown`'s cache of the
+        boxes' relaxations (the boxes do not change across the steps); ``record``: filled with
+        the rows' coefficients."""
+        N, D = self.N, self.D
+        extra = {p: -(b * self.signs[p].to(b.dtype)).reshape(N, D, *self.shapes[p]) for p, b in betas.items()}
+        afn = lambda start, act, sl: None if (act not in alphas or start != "__out__") else alphas[act][sl]  # noqa: E731
+        return crown(ps.graph, ps.x_set, ps.C, intermediate=ps.boxes, alpha_fn=afn, out_extra=extra, out_record=record,
+                     fixed=fixed).spec_lower() + ps.d
+
+
+def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
+            record: dict[str, Tensor | None], *, steps: int, lr_alpha: float, lr_beta: float, deadline: float,
+            keep_params: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """Adam ascent of the bound on the slopes and multipliers (in place; no learning-rate decay:
+    children go on from their parents' last iterate): ``steps`` updates, each followed by an
+    evaluation, none started after ``deadline``; the last evaluation fills ``record`` (the
+    branching scores use the last iterate's coefficients).
+
+    Returns:
+        each row's best bound ``[D, N]`` over the evaluations and, with ``keep_params``, each
+        row's best slopes and multipliers (else empty dicts).
+    """
+    N, D = lagrangian.N, lagrangian.D
+    params = list(alphas.values()) + list(betas.values())
+    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 1.0)
+    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 1.0, upper=None) if betas else None
+    n_steps = steps if params else 0
+    best: Tensor | None = None
+    best_a: dict[str, Tensor] = {}  # set by the first evaluation (with keep_params)
+    best_b: dict[str, Tensor] = {}
+    for i in range(n_steps + 1):
+        if i > 0 and time.perf_counter() >= deadline:
+            break
+        update = i < n_steps
+        with torch.enable_grad() if update else torch.no_grad():
+            low = lagrangian.lower(ps, alphas, betas, fixed, None if update else record)
+            grads = torch.autograd.grad(-low.sum(), params, allow_unused=True) if update else None
+        low = low.detach()
+        if best is None:
+            best = low
+            if keep_params:
+                best_a, best_b = {r: a.detach().clone() for r, a in alphas.items()}, {p: b.detach().clone() for p, b in betas.items()}
+        else:
+            better = (low > best).t()  # [N, D]: rows are independent problems, each keeps its best iterate
+            best = torch.where(better.t(), low, best)
+            if keep_params:
+                for r, a in alphas.items():
+                    best_a[r] = torch.where(better.view(N, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
+                for p, b in betas.items():
+                    best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
+        if update:
+            assert grads is not None
+            opt_a.step(grads[: len(alphas)])
+            if opt_b is not None:
+                opt_b.step(grads[len(alphas):])
+    assert best is not None  # the first evaluation always runs
+    return best, best_a, best_b
+
+
+def _domain_major(alphas: dict[str, Tensor], betas: dict[str, Tensor], N: int, D: int
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The slopes and multipliers ``[N, D, ...]`` as the children start from them: detached,
+    ``[D, N, n]``, float32."""
+    return ({r: a.detach().reshape(N, D, -1).transpose(0, 1).float() for r, a in alphas.items()},
+            {p: b.detach().transpose(0, 1).float() for p, b in betas.items()})
+
+
 def bound_domains(
     graph: BoundGraph,
     inputs: InputSet,
@@ -138,118 +299,34 @@ def bound_domains(
     Returns:
         :class:`DomainBounds`.
     """
-    if splits:
-        D = next(iter(splits.values())).shape[0]
-    else:
-        assert ivals  # a domain has ReLU splits or interval splits
-        D = next(iter(ivals.values()))[0].shape[0]
-    shapes = {p: graph.shape(p) for p in root}
-    boxes = _split_boxes(root, splits, shapes, ivals)
-    infeasible = torch.zeros(D, dtype=torch.bool)
-    for l, h in boxes.values():
-        infeasible |= (l > h).reshape(l.shape[0], -1).any(1).expand(D)
-    boxes = {p: (l.expand(D, *l.shape[1:]), h.expand(D, *h.shape[1:])) for p, (l, h) in boxes.items()}
-    x_set = inputs.select(torch.zeros(D, dtype=torch.long))
-    C, d = rs.batch(D)
-    C, d = C.to(graph.dtype), d.to(graph.dtype)
-    N = C.shape[1]
-    relus = relu_inputs(graph)
-    others = interval_inputs(graph)
-    t_boxes = time.perf_counter()
-    if recompute:
-        with torch.no_grad():
-            boxes = crown(graph, x_set, None, bound_overrides=boxes,
-                          deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
-        for l, h in boxes.values():
-            infeasible |= (l > h).reshape(D, -1).any(1)
-    t_boxes = time.perf_counter() - t_boxes
+    exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline)
+    D, N = exact.C.shape[:2]
     # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
     # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
     # that counts is one last pass on ``graph`` with each row's best parameters
-    g_opt = graph if fast is None else fast
-    dt = g_opt.dtype
-    x_opt = x_set if fast is None else x_set.to(dtype=dt)
-    b_opt = boxes if fast is None else {p: (l.to(dt), h.to(dt)) for p, (l, h) in boxes.items()}
-    C_opt, d_opt = C.to(dt), d.to(dt)
-    alphas = {}
-    for n in g_opt.activations():  # ReLU slopes [N, D, *shape], sigmoid / tanh slope pairs [N, D, *shape, 2]
-        if not n.op.optimisable:
-            continue
-        with torch.no_grad():
-            init = n.op.alpha_init(n.op.relax(*b_opt[n.inputs[0]]))  # [D, *shape(, 2)]
-        if alphas0 is not None and n.name in alphas0:
-            a0 = alphas0[n.name].to(dt).transpose(0, 1)  # [N, D, n]; N = 1: one set shared by the rows (alpha_crown's memory cap)
-            a = a0.expand(N, *a0.shape[1:]).reshape(N, D, *init.shape[1:])
-        else:
-            a = init.unsqueeze(0).expand(N, *init.shape)
-        alphas[n.name] = a.clone().requires_grad_(True)
-    betas = {}
-    for p, sp in splits.items():
-        if not bool((sp != 0).any()):
-            continue
-        b = betas0[p].to(dt).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=dt)
-        betas[p] = (b * (sp != 0).unsqueeze(0)).clone().requires_grad_(True)
-    signs = {p: splits[p].to(dt).unsqueeze(0) for p in betas}
-    record: dict[str, Tensor | None] = {r: None for r, _ in relus + others}
+    ps = exact if fast is None else exact.on(fast)
+    alphas = _start_slopes(ps, alphas0, N, D)
+    betas = _start_multipliers(splits, betas0, N, D, ps.graph.dtype)
+    lagrangian = _SplitLagrangian({p: splits[p].to(ps.graph.dtype).unsqueeze(0) for p in betas},
+                                  {p: graph.shape(p) for p in betas}, N, D)
+    record: dict[str, Tensor | None] = {r: None for r, _ in relu_inputs(graph) + interval_inputs(graph)}
     record[graph.input_name] = None
     if time.perf_counter() >= deadline:  # the boxes took the budget: vacuous bounds, no more passes
-        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype), infeasible, record, boxes,
-                            {r: a.detach().reshape(N, D, -1).transpose(0, 1).float() for r, a in alphas.items()},
-                            {p: b.detach().transpose(0, 1).float() for p, b in betas.items()}, t_boxes)
-
-    def bound(g: BoundGraph, xs: InputSet, bx, Cx: Tensor, dx: Tensor, al: dict[str, Tensor], be: dict[str, Tensor],
-              fixed: dict, rec=None) -> Tensor:
-        extra = {p: -(b * signs[p].to(b.dtype)).reshape(N, D, *shapes[p]) for p, b in be.items()}
-        afn = lambda start, act, sl: None if (act not in al or start != "__out__") else al[act][sl]  # noqa: E731
-        return crown(g, xs, Cx, intermediate=bx, alpha_fn=afn, out_extra=extra, out_record=rec, fixed=fixed).spec_lower() + dx
-
-    fixed_opt: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
-    params = list(alphas.values()) + list(betas.values())
-    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 1.0)  # no decay: children go on from their parents' slopes
-    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 1.0, upper=None) if betas else None
-    n_steps = steps if params else 0
-    best: Tensor | None = None
-    best_a: dict[str, Tensor] = {}  # set by the first evaluation (with fast)
-    best_b: dict[str, Tensor] = {}
-    for i in range(n_steps + 1):  # n_steps updates, each followed by an evaluation
-        if i > 0 and time.perf_counter() >= deadline:
-            break
-        update = i < n_steps
-        with torch.enable_grad() if update else torch.no_grad():
-            # the branching scores use the coefficients of the last iterate (what the children go on from)
-            low = bound(g_opt, x_opt, b_opt, C_opt, d_opt, alphas, betas, fixed_opt, None if update else record)
-            grads = torch.autograd.grad(-low.sum(), params, allow_unused=True) if update else None
-        low = low.detach()
-        if best is None:
-            best = low
-            if fast is not None:  # the proving pass re-evaluates each row's best parameters
-                best_a, best_b = {r: a.detach().clone() for r, a in alphas.items()}, {p: b.detach().clone() for p, b in betas.items()}
-        else:
-            better = (low > best).t()  # [N, D]: rows are independent problems, each keeps its best iterate
-            best = torch.where(better.t(), low, best)
-            if fast is not None:
-                for r, a in alphas.items():
-                    best_a[r] = torch.where(better.view(N, D, *([1] * (a.dim() - 2))), a.detach(), best_a[r])
-                for p, b in betas.items():
-                    best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
-        if update:
-            assert grads is not None
-            opt_a.step(grads[: len(alphas)])
-            if opt_b is not None:
-                opt_b.step(grads[len(alphas):])
+        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype), infeasible, record, exact.boxes,
+                            *_domain_major(alphas, betas, N, D), boxes_s)
+    fixed: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
+    best, best_a, best_b = _ascend(lagrangian, ps, alphas, betas, fixed, record, steps=steps, lr_alpha=lr_alpha,
+                                   lr_beta=lr_beta, deadline=deadline, keep_params=fast is not None)
     if fast is not None:  # the sound bound: each row's best parameters on the network itself
         with torch.no_grad():
-            best = bound(graph, x_set, boxes, C, d, {r: a.to(graph.dtype) for r, a in best_a.items()},
-                         {p: b.to(graph.dtype) for p, b in best_b.items()}, {}, record if record[graph.input_name] is None else None)
+            best = lagrangian.lower(exact, {r: a.to(graph.dtype) for r, a in best_a.items()},
+                                    {p: b.to(graph.dtype) for p, b in best_b.items()}, {},
+                                    record if record[graph.input_name] is None else None)
     elif record[graph.input_name] is None:  # stopped by the deadline before the last evaluation
         with torch.no_grad():
-            bound(graph, x_set, boxes, C, d, alphas, betas, fixed_opt, record)
-    assert best is not None  # the first evaluation always runs
+            lagrangian.lower(exact, alphas, betas, fixed, record)
     # children go on from the last iterate (Adam's progress), the proving bound uses each row's best
-    end_a, end_b = {r: a.detach() for r, a in alphas.items()}, {p: b.detach() for p, b in betas.items()}
-    return DomainBounds(best, infeasible, record, boxes,
-                        {r: a.reshape(N, D, -1).transpose(0, 1).float() for r, a in end_a.items()},
-                        {p: b.transpose(0, 1).float() for p, b in end_b.items()}, t_boxes)
+    return DomainBounds(best, infeasible, record, exact.boxes, *_domain_major(alphas, betas, N, D), boxes_s)
 
 
 @dataclass
@@ -519,6 +596,170 @@ class _DomainStore:
         self.n += m
 
 
+class _ReluSearch:
+    """The state of one :func:`graph_relu_bab` run: the split nodes, the deadline, the domains
+    bounded, the worst fully split domain left open, and the result's bookkeeping.
+
+    A domain's next split is a node ``names[k]`` (ReLU inputs first, then interval-split
+    inputs; ``k = -1``: none, a leaf), a neuron and, for an interval split, the split point."""
+
+    def __init__(self, graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[str, tuple[Tensor, Tensor]], *,
+                 timeout: float, steps: int, margin: float, check_point, fast: BoundGraph | None, candidates: int) -> None:
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + timeout
+        self.graph, self.inputs, self.rs, self.root = graph, inputs, rs, root
+        self.steps, self.margin, self.check_point, self.fast, self.candidates = steps, margin, check_point, fast, candidates
+        self.nodes = [p for _, p in relu_inputs(graph)]
+        self.inodes = [p for _, p in interval_inputs(graph)]
+        self.names = self.nodes + self.inodes
+        self.sizes = {p: math.prod(graph.shape(p)) for p in self.names}
+        self.N = rs.C.shape[0]
+        self.falsify = _Candidates(graph, rs, check_point)
+        self.bounded = 0
+        self.worst_leaf = math.inf  # the smallest margin of a fully split domain left open
+        self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
+
+    def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
+        return BabResult(status, x, lower, self.bounded, time.perf_counter() - self.t0, reason,
+                         {"candidates_checked": self.falsify.checked})
+
+    def store_limits(self, max_memory_mb: float, batch_size: int) -> tuple[int, int]:
+        """``(max_domains, batch_size)``: the open domains that fit in ``max_memory_mb`` and the
+        domains per round (a round's children fit beside the queue)."""
+        sizes, N = self.sizes, self.N
+        # int8 splits, float32 alphas and betas per ReLU input; float64 boxes and float32 slope pairs
+        # per interval-split input; the store's buffers double when full (twice the bytes at worst)
+        per_domain = sum(sizes[p] for p in self.nodes) * (1 + 8 * N) + sum(sizes[p] for p in self.inodes) * (16 + 8 * N) + 64
+        max_domains = max(int(max_memory_mb * 2**20 / (2 * per_domain)), 4)
+        return max_domains, max(1, min(batch_size, max_domains // 4))
+
+    def code(self, ns: list[str | None]) -> Tensor:
+        """``[D]``: the index in ``names`` of each domain's next split node (-1: none)."""
+        return torch.tensor([-1 if n is None else self.names.index(n) for n in ns], dtype=torch.long)
+
+    def entries(self, splits: dict[str, Tensor], ivals: dict[str, tuple[Tensor, Tensor]], alphas: dict[str, Tensor],
+                betas: dict[str, Tensor], low: Tensor, rows: Tensor, choice: tuple[list[str | None], Tensor, Tensor]
+                ) -> dict[str, Tensor]:
+        """The store's fields of some domains (first dimension: domain): splits, interval splits,
+        slopes, multipliers (every ReLU input), margin ``low``, ``rows`` bounds and next split."""
+        node, idx, t = choice
+        return {**{f"s:{p}": splits[p] for p in self.nodes}, **{f"l:{p}": ivals[p][0] for p in self.inodes},
+                **{f"h:{p}": ivals[p][1] for p in self.inodes}, **{f"a:{r}": a for r, a in alphas.items()},
+                **{f"b:{p}": betas[p] for p in self.nodes}, "low": low, "rows": rows, "node": self.code(node), "idx": idx, "t": t}
+
+    def choose(self, db: "DomainBounds", splits: dict[str, Tensor], domains: Tensor) -> tuple[list[str | None], Tensor, Tensor]:
+        """Each domain's next split (:func:`_branch`), by filtered smart branching for ``domains``."""
+        scores = relu_scores(self.graph, db, splits, self.rs)
+        choice = _branch(self.graph, db, splits, self.rs, scores)
+        if self.candidates > 1:
+            choice = _filtered_smart_branch(self.graph, self.inputs, self.rs, db, splits, choice, domains, self.candidates,
+                                            self.deadline, scores)
+        return choice
+
+    def settle_leaf(self, sp: dict[str, Tensor], dbs: "DomainBounds", j: int) -> tuple[str, Tensor | None]:
+        """Domain ``j`` with every ReLU fixed: "proved" by its exact multipliers, "falsified"
+        (with the point), or "open" (other ops, or no solution in time)."""
+        graph, inputs, rs = self.graph, self.inputs, self.rs
+        one = {p: v[j] for p, v in sp.items()}
+        one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in dbs.boxes.items()}
+        lp = (leaf_multipliers(graph, inputs, rs, one, one_boxes, deadline=self.deadline)
+              if time.perf_counter() < self.deadline and not self.inodes else None)
+        if lp is None:
+            return "open", None
+        for xc in lp[1]:
+            if self.check_point is not None and self.check_point(xc):
+                return "falsified", xc
+        if float(rs.margin(leaf_bound(graph, inputs, rs, one, one_boxes, lp[0]))) > self.margin:
+            return "proved", None
+        return "open", None
+
+    def start(self, root_alphas: dict[str, Tensor] | None, max_domains: int, batch_size: int) -> BabResult | _DomainStore:
+        """Bound the root domain: its result when that decides, else the store with it."""
+        sizes, N = self.sizes, self.N
+        splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in self.nodes}
+        ivals = {p: (torch.full((1, sizes[p]), -math.inf, dtype=torch.float64), torch.full((1, sizes[p]), math.inf, dtype=torch.float64))
+                 for p in self.inodes}
+        alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
+        db = bound_domains(self.graph, self.inputs, self.rs, self.root, splits, alphas0=alphas0, steps=0, deadline=self.deadline,
+                           recompute=False, ivals=ivals)
+        self.bounded = 1
+        self.alpha_names = list(db.alphas)
+        m = self.rs.margin(db.rows)
+        if bool(db.infeasible[0]) or bool(m[0] > self.margin):
+            return self.result("certified", "proved", float(m[0]))
+        x = self.falsify(_corners(self.graph, self.inputs, db))
+        if x is not None:
+            return self.result("falsified", "counterexample", -math.inf, x)
+        choice = self.choose(db, splits, torch.zeros(1, dtype=torch.long))
+        if choice[0][0] is None:  # nothing to split at the root
+            status, x = self.settle_leaf(splits, db, 0)
+            if status == "falsified":
+                return self.result("falsified", "counterexample", -math.inf, x)
+            return self.result("certified", "proved", self.margin) if status == "proved" else self.result("unknown", "exhausted", float(m[0]))
+        return _DomainStore(self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p]) for p in self.nodes}, m, db.rows,
+                                         choice), max_n=max_domains + 2 * batch_size)
+
+    def children(self, par: dict[str, Tensor], k: int
+                 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor], dict[str, Tensor]]:
+        """The ``2k`` children of the ``k`` domains ``par`` (the store's fields): every domain
+        twice, its chosen ReLU set to +1 / -1 or its chosen interval halved (first copies: the
+        lower half), with their parent's slopes and multipliers. Returns the splits, interval
+        splits, slopes and multipliers (``[2k, ...]``)."""
+        child = {p: par[f"s:{p}"].repeat(2, 1) for p in self.nodes}
+        c_ivals = {p: (par[f"l:{p}"].repeat(2, 1), par[f"h:{p}"].repeat(2, 1)) for p in self.inodes}
+        for j, (kn, i) in enumerate(zip(par["node"].tolist(), par["idx"].tolist())):
+            p = self.names[kn]
+            if p in child:  # ReLU: the two signs
+                child[p][j, i] = 1
+                child[p][j + k, i] = -1
+            else:  # another op's input: the two halves of its interval
+                t = float(par["t"][j])
+                c_ivals[p][1][j, i] = t
+                c_ivals[p][0][j + k, i] = t
+        c_alphas = {r: par[f"a:{r}"].repeat(2, 1, 1) for r in self.alpha_names}
+        c_betas = {p: par[f"b:{p}"].repeat(2, 1, 1) for p in self.nodes}
+        return child, c_ivals, c_alphas, c_betas
+
+    def round(self, q: _DomainStore, k: int, recompute: bool) -> BabResult | tuple[float, float]:
+        """One round: the ``k`` worst domains of ``q`` are split, their children bounded; the
+        children's leaves settled, the open ones back into ``q``. Returns the result when the
+        round decides the search, else the round's seconds (from the bounding on) and the
+        seconds of the boxes' recomputation."""
+        graph, rs, N = self.graph, self.rs, self.N
+        par = q.take(torch.topk(-q.get("low"), k).indices)
+        child, c_ivals, c_alphas, c_betas = self.children(par, k)
+        t_round = time.perf_counter()
+        db = bound_domains(graph, self.inputs, rs, self.root, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
+                           deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast)
+        self.bounded += 2 * k
+        if time.perf_counter() >= self.deadline:  # the round ran into the deadline: its bounds may be vacuous
+            low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
+            return self.result("unknown", "timeout", low)
+        x = self.falsify(_corners(graph, self.inputs, db))
+        if x is not None:
+            return self.result("falsified", "counterexample", -math.inf, x)
+        db.rows = torch.maximum(db.rows, par["rows"].repeat(2, 1))  # a child lies in its parent: the parent's bounds hold
+        m = rs.margin(db.rows)
+        open_ = ~db.infeasible & ~(m > self.margin)
+        cnode, cidx, ct = self.choose(db, child, open_.nonzero().flatten())
+        leaf = torch.tensor([n is None for n in cnode]) & open_
+        for j in leaf.nonzero().flatten().tolist():
+            status, x = self.settle_leaf(child, db, j)
+            if status == "falsified":
+                return self.result("falsified", "counterexample", -math.inf, x)
+            if status == "open":
+                self.worst_leaf = min(self.worst_leaf, float(m[j]))
+        open_ &= ~leaf
+        sel = open_.nonzero().flatten()
+        if sel.numel():
+            betas = {p: (db.betas[p][sel] if p in db.betas else torch.zeros(sel.numel(), N, self.sizes[p])) for p in self.nodes}
+            q.add(self.entries({p: child[p][sel] for p in self.nodes}, {p: (lo[sel], hi[sel]) for p, (lo, hi) in c_ivals.items()},
+                               {r: a[sel] for r, a in db.alphas.items()}, betas, m[sel], db.rows[sel],
+                               ([cnode[i] for i in sel.tolist()], cidx[sel], ct[sel])))
+        self.alpha_names = list(db.alphas)
+        return time.perf_counter() - t_round, db.boxes_s
+
+
 def graph_relu_bab(
     graph: BoundGraph,
     inputs: InputSet,
@@ -547,132 +788,29 @@ def graph_relu_bab(
     float32 for the optimisation steps (:func:`bound_domains`). ``candidates``: ReLUs tried per
     domain by filtered smart branching (:func:`_filtered_smart_branch`; 1: the BaBSR score alone).
     """
-    t0 = time.perf_counter()
-    deadline = t0 + timeout
-    relus = relu_inputs(graph)
-    inodes = [p for _, p in interval_inputs(graph)]
-    if not relus and not inodes:
+    s = _ReluSearch(graph, inputs, rs, root, timeout=timeout, steps=steps, margin=margin, check_point=check_point, fast=fast,
+                    candidates=candidates)
+    if not s.names:
         return BabResult("unknown", None, -math.inf, 0, reason="nothing to split")
-    nodes = [p for _, p in relus]
-    sizes = {p: math.prod(graph.shape(p)) for p in nodes + inodes}
-    N = rs.C.shape[0]
-    # int8 splits, float32 alphas and betas per ReLU input; float64 boxes and float32 slope pairs
-    # per interval-split input; the store's buffers double when full (twice the bytes at worst)
-    per_domain = sum(sizes[p] for p in nodes) * (1 + 8 * N) + sum(sizes[p] for p in inodes) * (16 + 8 * N) + 64
-    max_domains = max(int(max_memory_mb * 2**20 / (2 * per_domain)), 4)
-    batch_size = max(1, min(batch_size, max_domains // 4))  # a round's children fit beside the queue
-
-    falsify = _Candidates(graph, rs, check_point)
-
-    def result(status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
-        return BabResult(status, x, lower, bounded, time.perf_counter() - t0, reason, {"candidates_checked": falsify.checked})
-
-    splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in nodes}
-    ivals = {p: (torch.full((1, sizes[p]), -math.inf, dtype=torch.float64), torch.full((1, sizes[p]), math.inf, dtype=torch.float64))
-             for p in inodes}
-    alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
-    db = bound_domains(graph, inputs, rs, root, splits, alphas0=alphas0, steps=0, deadline=deadline, recompute=False, ivals=ivals)
-    bounded = 1
-    m = rs.margin(db.rows)
-    if bool(db.infeasible[0]) or bool(m[0] > margin):
-        return result("certified", "proved", float(m[0]))
-    x = falsify(_corners(graph, inputs, db))
-    if x is not None:
-        return result("falsified", "counterexample", -math.inf, x)
-    def settle_leaf(sp: dict[str, Tensor], dbs: DomainBounds, j: int) -> tuple[str, Tensor | None]:
-        """Domain ``j`` with every ReLU fixed: "proved" by its exact multipliers, "falsified"
-        (with the point), or "open" (other ops, or no solution in time)."""
-        one = {p: v[j] for p, v in sp.items()}
-        one_boxes = {p: (l[j:j + 1], h[j:j + 1]) for p, (l, h) in dbs.boxes.items()}
-        lp = leaf_multipliers(graph, inputs, rs, one, one_boxes, deadline=deadline) if time.perf_counter() < deadline and not inodes else None
-        if lp is None:
-            return "open", None
-        for xc in lp[1]:
-            if check_point is not None and check_point(xc):
-                return "falsified", xc
-        if float(rs.margin(leaf_bound(graph, inputs, rs, one, one_boxes, lp[0]))) > margin:
-            return "proved", None
-        return "open", None
-
-    scores = relu_scores(graph, db, splits, rs)
-    node, idx, tsplit = _branch(graph, db, splits, rs, scores)
-    if candidates > 1:
-        node, idx, tsplit = _filtered_smart_branch(graph, inputs, rs, db, splits, (node, idx, tsplit), torch.zeros(1, dtype=torch.long),
-                                                   candidates, deadline, scores)
-    if node[0] is None:  # nothing to split at the root
-        status, x = settle_leaf(splits, db, 0)
-        if status == "falsified":
-            return result("falsified", "counterexample", -math.inf, x)
-        return result("certified", "proved", margin) if status == "proved" else result("unknown", "exhausted", float(m[0]))
-    names = nodes + inodes  # a domain's next split: node names[k] (-1: none, a leaf)
-    code = lambda ns: torch.tensor([-1 if n is None else names.index(n) for n in ns], dtype=torch.long)  # noqa: E731
-    q = _DomainStore({**{f"s:{p}": splits[p] for p in nodes}, **{f"l:{p}": ivals[p][0] for p in inodes},
-                      **{f"h:{p}": ivals[p][1] for p in inodes}, **{f"a:{r}": a for r, a in db.alphas.items()},
-                      **{f"b:{p}": torch.zeros(1, N, sizes[p]) for p in nodes}, "low": m, "rows": db.rows, "node": code(node), "idx": idx,
-                      "t": tsplit}, max_n=max_domains + 2 * batch_size)
-    worst_leaf = math.inf
+    max_domains, batch_size = s.store_limits(max_memory_mb, batch_size)
+    q = s.start(root_alphas, max_domains, batch_size)
+    if isinstance(q, BabResult):
+        return q
     last_round = 0.0  # a round starts only if one as long as the last still fits
     recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:
-        Q = q.n
-        if Q == 0:
-            if math.isfinite(worst_leaf):
-                return result("unknown", "exhausted", worst_leaf)
-            return result("certified", "proved", margin)
-        if time.perf_counter() + last_round >= deadline:
-            return result("unknown", "timeout", min(float(q.get("low").min()), worst_leaf))
-        if Q + cap > max_domains:
-            return result("unknown", "memory", min(float(q.get("low").min()), worst_leaf))
-        k = min(cap, Q)
-        par = q.take(torch.topk(-q.get("low"), k).indices)
-        # children: every picked domain twice, the chosen neuron set to +1 / -1
-        child = {p: par[f"s:{p}"].repeat(2, 1) for p in nodes}
-        c_ivals = {p: (par[f"l:{p}"].repeat(2, 1), par[f"h:{p}"].repeat(2, 1)) for p in inodes}
-        for j, (kn, i) in enumerate(zip(par["node"].tolist(), par["idx"].tolist())):
-            p = names[kn]
-            if p in child:  # ReLU: the two signs
-                child[p][j, i] = 1
-                child[p][j + k, i] = -1
-            else:  # another op's input: the two halves of its interval
-                t = float(par["t"][j])
-                c_ivals[p][1][j, i] = t
-                c_ivals[p][0][j + k, i] = t
-        c_alphas = {r: par[f"a:{r}"].repeat(2, 1, 1) for r in db.alphas}
-        c_betas = {p: par[f"b:{p}"].repeat(2, 1, 1) for p in nodes}
-        t_round = time.perf_counter()
-        db = bound_domains(graph, inputs, rs, root, child, alphas0=c_alphas, betas0=c_betas, steps=steps, deadline=deadline,
-                           recompute=recompute, ivals=c_ivals, fast=fast)
-        bounded += 2 * k
-        if time.perf_counter() >= deadline:  # the round ran into the deadline: its bounds may be vacuous
-            return result("unknown", "timeout", min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, worst_leaf))
-        x = falsify(_corners(graph, inputs, db))
-        if x is not None:
-            return result("falsified", "counterexample", -math.inf, x)
-        db.rows = torch.maximum(db.rows, par["rows"].repeat(2, 1))  # a child lies in its parent: the parent's bounds hold
-        m = rs.margin(db.rows)
-        open_ = ~db.infeasible & ~(m > margin)
-        scores = relu_scores(graph, db, child, rs)
-        cnode, cidx, ct = _branch(graph, db, child, rs, scores)
-        if candidates > 1:
-            cnode, cidx, ct = _filtered_smart_branch(graph, inputs, rs, db, child, (cnode, cidx, ct), open_.nonzero().flatten(),
-                                                     candidates, deadline, scores)
-        leaf = torch.tensor([n is None for n in cnode]) & open_
-        for j in leaf.nonzero().flatten().tolist():
-            status, x = settle_leaf(child, db, j)
-            if status == "falsified":
-                return result("falsified", "counterexample", -math.inf, x)
-            if status == "open":
-                worst_leaf = min(worst_leaf, float(m[j]))
-        open_ &= ~leaf
-        sel = open_.nonzero().flatten()
-        if sel.numel():
-            q.add({**{f"s:{p}": child[p][sel] for p in nodes}, **{f"l:{p}": c_ivals[p][0][sel] for p in inodes},
-                   **{f"h:{p}": c_ivals[p][1][sel] for p in inodes}, **{f"a:{r}": a[sel] for r, a in db.alphas.items()},
-                   **{f"b:{p}": (db.betas[p][sel] if p in db.betas else torch.zeros(sel.numel(), N, sizes[p])) for p in nodes},
-                   "low": m[sel], "rows": db.rows[sel], "node": code([cnode[i] for i in sel.tolist()]), "idx": cidx[sel], "t": ct[sel]})
-        last_round = time.perf_counter() - t_round
-        if recompute and (last_round > 0.05 * timeout or db.boxes_s > 0.5 * last_round):
+        if q.n == 0:
+            return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", margin)
+        if time.perf_counter() + last_round >= s.deadline:
+            return s.result("unknown", "timeout", min(float(q.get("low").min()), s.worst_leaf))
+        if q.n + cap > max_domains:
+            return s.result("unknown", "memory", min(float(q.get("low").min()), s.worst_leaf))
+        done = s.round(q, min(cap, q.n), recompute)
+        if isinstance(done, BabResult):
+            return done
+        last_round, boxes_s = done
+        if recompute and (last_round > 0.05 * timeout or boxes_s > 0.5 * last_round):
             recompute = False  # large networks: more domains with the root's boxes pay better
         elif last_round < 0.02 * timeout:
             cap = min(batch_size, 2 * cap)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -211,6 +212,108 @@ def _alpha_nearest(
     return lower, spec.margin(lower)
 
 
+@dataclass
+class _BoxBatch:
+    """Boxes and their bounds: ``lo, hi [B, n_0]``, the rows' lower bounds ``low [B, N]``, the
+    rows' input coefficients ``A [B, N, n_0]`` and the intermediate boxes ``pre``."""
+
+    lo: Tensor
+    hi: Tensor
+    low: Tensor
+    A: Tensor
+    pre: Bounds
+
+    def __len__(self) -> int:
+        return self.lo.shape[0]
+
+    def pick(self, idx: Tensor | slice) -> "_BoxBatch":
+        return _BoxBatch(self.lo[idx], self.hi[idx], self.low[idx], self.A[idx], [(l[idx], u[idx]) for l, u in self.pre])
+
+    def cat(self, other: "_BoxBatch") -> "_BoxBatch":
+        return _BoxBatch(torch.cat([self.lo, other.lo]), torch.cat([self.hi, other.hi]), torch.cat([self.low, other.low]),
+                         torch.cat([self.A, other.A]),
+                         [(torch.cat([ql, l]), torch.cat([qu, u])) for (ql, qu), (l, u) in zip(self.pre, other.pre)])
+
+
+def _children(net: GraphBoxes, spec: RowSpec, par: _BoxBatch, branching: str, root_w: Tensor, max_aspect: float) -> _BoxBatch:
+    """The ``2k`` children of the ``k`` boxes ``par``, bounded (:func:`_split`); ``"mixed"``:
+    strong branching on the first quarter (the worst boxes), smear on the rest."""
+    if branching != "mixed":
+        return _BoxBatch(*_split(net, spec, par.lo, par.hi, par.low, par.A, par.pre, branching, root_w, max_aspect))
+    k = len(par)
+    ks = max(1, k // 4)
+    parts = [_BoxBatch(*_split(net, spec, p.lo, p.hi, p.low, p.A, p.pre, br, root_w, max_aspect))
+             for sl, br in ((slice(0, ks), "strong"), (slice(ks, k), "smear")) if sl.stop > sl.start
+             for p in [par.pick(sl)]]
+    return parts[0] if len(parts) == 1 else parts[0].cat(parts[1])
+
+
+class _InputSearch:
+    """The bookkeeping of one :func:`input_bab` run: the boxes bounded, the rounds, the
+    candidate counterexamples ``check`` rejected, and the PGD generator."""
+
+    def __init__(self, net: GraphBoxes, spec: RowSpec, check_point, seed: int) -> None:
+        self.t0 = time.perf_counter()
+        self.net, self.spec = net, spec
+        self.gen = torch.Generator().manual_seed(seed)
+        self.check = check_point or (lambda x: bool(spec.margin(spec.values(net.forward(x.unsqueeze(0))))[0] <= 0))
+        self.rejected = 0
+        self.n_bounded, self.rounds = 0, 0
+
+    def finish(self, status: str, reason: str, lower: float, cex: Tensor | None = None) -> BabResult:
+        return BabResult(status, cex, lower, self.n_bounded, time.perf_counter() - self.t0, reason,
+                         {"rounds": self.rounds, "rejected_cex": self.rejected})
+
+    def try_points(self, xs: Tensor, ms: Tensor) -> Tensor | None:
+        """The first of the (at most 8) most violating points ``xs`` (margins ``ms``) that
+        ``check`` confirms, or None."""
+        cand = (ms <= 0).nonzero().squeeze(1)
+        for i in cand[torch.argsort(ms[cand])][:8].tolist():
+            if self.check(xs[i]):
+                return xs[i]
+            self.rejected += 1
+        return None
+
+    def root(self, lo: Tensor, hi: Tensor, margin: float, deadline: float) -> BabResult | _BoxBatch:
+        """Bound and attack the whole box: the result when that decides, else the box as the queue."""
+        net, spec = self.net, self.spec
+        with torch.no_grad():
+            lower, A, pre = net.bound(spec, lo, hi, None)
+        self.n_bounded += 1
+        m = spec.margin(lower)
+        if bool(m[0] > margin):
+            return self.finish("certified", "proved", float(m[0]))
+        if time.perf_counter() >= deadline:  # a large network's root pass used the whole budget
+            return self.finish("unknown", "timeout", float(m[0]))
+        x, xm = pgd_boxes(net, spec, lo, hi, steps=50, restarts=5, generator=self.gen)
+        cex = self.try_points(x, xm)
+        if cex is not None:
+            return self.finish("falsified", "counterexample", -math.inf, cex)
+        return _BoxBatch(lo, hi, lower, A, pre)
+
+    def falsify(self, kids: _BoxBatch, cm: Tensor, open_: Tensor, pgd: bool) -> Tensor | None:
+        """A confirmed counterexample among the open children ``open_ [2k]`` (margins ``cm``):
+        their centres and the minimiser corners of their rows' linear bounds, then (``pgd``)
+        PGD on the 64 worst; or None."""
+        net, spec = self.net, self.spec
+        with torch.no_grad():
+            if open_.any():
+                idx = open_.nonzero().squeeze(1)
+                a = kids.A[idx]  # [b, N, n0]
+                corners = torch.where(a > 0, kids.lo[idx].unsqueeze(1), kids.hi[idx].unsqueeze(1))  # [b, N, n0]
+                pts = torch.cat([(kids.lo[idx] + kids.hi[idx]) / 2, corners.reshape(-1, corners.shape[-1])])
+                pm = spec.margin(spec.values(net.forward(pts)))
+                cex = self.try_points(pts, pm)
+                if cex is not None:
+                    return cex
+        if pgd and open_.any():
+            idx = open_.nonzero().squeeze(1)
+            worst = idx[torch.argsort(cm[idx])[:64]]
+            x, xm = pgd_boxes(net, spec, kids.lo[worst], kids.hi[worst], steps=20, restarts=1, generator=self.gen)
+            return self.try_points(x, xm)
+        return None
+
+
 def input_bab(
     net: GraphBoxes,
     spec: RowSpec,
@@ -254,105 +357,37 @@ def input_bab(
     Returns:
         :class:`BabResult`; ``falsified`` only with a counterexample ``check_point`` accepted.
     """
-    t0 = time.perf_counter()
-    deadline = t0 + timeout
-    gen = torch.Generator().manual_seed(seed)
-    dt = net.dtype
-    spec = spec.to(dt)
-    lo, hi = lo.to(dt).reshape(1, -1), hi.to(dt).reshape(1, -1)
-    check = check_point or (lambda x: bool(spec.margin(spec.values(net.forward(x.unsqueeze(0))))[0] <= 0))
-    rejected = 0
-
-    def try_points(xs: Tensor, ms: Tensor) -> Tensor | None:
-        nonlocal rejected
-        cand = (ms <= 0).nonzero().squeeze(1)
-        for i in cand[torch.argsort(ms[cand])][:8].tolist():
-            if check(xs[i]):
-                return xs[i]
-            rejected += 1
-        return None
-
-    def finish(status: str, reason: str, lower: float, cex: Tensor | None = None) -> BabResult:
-        return BabResult(status, cex, lower, n_bounded, time.perf_counter() - t0, reason, {"rounds": rounds, "rejected_cex": rejected})
-
-    n_bounded, rounds = 0, 0
-    # root: bound, attack
-    with torch.no_grad():
-        lower, A, pre = net.bound(spec, lo, hi, None)
-    n_bounded += 1
-    m = spec.margin(lower)
-    if bool(m[0] > margin):
-        return finish("certified", "proved", float(m[0]))
-    if time.perf_counter() >= deadline:  # a large network's root pass used the whole budget
-        return finish("unknown", "timeout", float(m[0]))
-    x, xm = pgd_boxes(net, spec, lo, hi, steps=50, restarts=5, generator=gen)
-    cex = try_points(x, xm)
-    if cex is not None:
-        return finish("falsified", "counterexample", -math.inf, cex)
-
-    # queue: boxes, their margin bound, and their intermediate bounds (priors for children)
-    q_lo, q_hi, q_low, q_A, q_pre = lo, hi, lower, A, pre
+    s = _InputSearch(net, spec.to(net.dtype), check_point, seed)
+    deadline = s.t0 + timeout
+    spec = s.spec
+    lo, hi = lo.to(net.dtype).reshape(1, -1), hi.to(net.dtype).reshape(1, -1)
+    queue = s.root(lo, hi, margin, deadline)  # boxes, their bounds and intermediate boxes (priors for children)
+    if isinstance(queue, BabResult):
+        return queue
+    root_w = hi - lo
     round_s, t_round = 0.0, None  # a round starts only if one as long as the last still fits
     while True:
         if t_round is not None:
             round_s = time.perf_counter() - t_round
-        if q_lo.shape[0] == 0:
-            return finish("certified", "proved", margin)
+        if len(queue) == 0:
+            return s.finish("certified", "proved", margin)
         if time.perf_counter() + round_s > deadline:
-            return finish("unknown", "timeout", float(spec.margin(q_low).min()))
+            return s.finish("unknown", "timeout", float(spec.margin(queue.low).min()))
         t_round = time.perf_counter()
-        if q_lo.shape[0] > max_domains:
-            return finish("unknown", "memory", float(spec.margin(q_low).min()))
-        rounds += 1
-        k = min(batch_size, q_lo.shape[0])
-        order = torch.argsort(spec.margin(q_low))
-        take, keep = order[:k], order[k:]
-        p_lo, p_hi, p_low, p_A = q_lo[take], q_hi[take], q_low[take], q_A[take]
-        p_pre = [(l[take], u[take]) for l, u in q_pre]
-        q_lo, q_hi, q_low, q_A = q_lo[keep], q_hi[keep], q_low[keep], q_A[keep]
-        q_pre = [(l[keep], u[keep]) for l, u in q_pre]
-
+        if len(queue) > max_domains:
+            return s.finish("unknown", "memory", float(spec.margin(queue.low).min()))
+        s.rounds += 1
+        k = min(batch_size, len(queue))
+        order = torch.argsort(spec.margin(queue.low))
+        parents, queue = queue.pick(order[:k]), queue.pick(order[k:])
         with torch.no_grad():
-            if branching == "mixed":  # strong branching on the worst quarter, smear on the rest
-                ks = max(1, k // 4)
-                parts = [
-                    _split(net, spec, p_lo[sl], p_hi[sl], p_low[sl], p_A[sl], [(l[sl], u[sl]) for l, u in p_pre], br, hi - lo, max_aspect)
-                    for sl, br in ((slice(0, ks), "strong"), (slice(ks, k), "smear"))
-                    if sl.stop > sl.start
-                ]
-                quads = [pt[:4] for pt in parts]  # (lo, hi, lower, A) of each part
-                c_lo, c_hi, lower, A = (torch.cat([q[i] for q in quads]) for i in range(4))
-                pre = [(torch.cat([pt[4][j][0] for pt in parts]), torch.cat([pt[4][j][1] for pt in parts])) for j in range(len(p_pre))]
-            else:
-                c_lo, c_hi, lower, A, pre = _split(net, spec, p_lo, p_hi, p_low, p_A, p_pre, branching, hi - lo, max_aspect)
-        n_bounded += c_lo.shape[0]
-        cm = spec.margin(lower)
+            kids = _children(net, spec, parents, branching, root_w, max_aspect)
+        s.n_bounded += len(kids)
+        cm = spec.margin(kids.low)
         if alpha_steps > 0:
-            lower, cm = _alpha_nearest(net, spec, c_lo, c_hi, pre, lower, cm, margin, alpha_frac, alpha_steps)
-
-        # counterexample candidates: centres and the minimiser corners of the worst rows
-        with torch.no_grad():
-            open_ = ~(cm > margin)
-            if open_.any():
-                idx = open_.nonzero().squeeze(1)
-                a = A[idx]  # [b, N, n0]
-                corners = torch.where(a > 0, c_lo[idx].unsqueeze(1), c_hi[idx].unsqueeze(1))  # [b, N, n0]
-                pts = torch.cat([(c_lo[idx] + c_hi[idx]) / 2, corners.reshape(-1, corners.shape[-1])])
-                pm = spec.margin(spec.values(net.forward(pts)))
-                cex = try_points(pts, pm)
-                if cex is not None:
-                    return finish("falsified", "counterexample", -math.inf, cex)
-        if pgd_every and rounds % pgd_every == 0 and open_.any():
-            idx = open_.nonzero().squeeze(1)
-            worst = idx[torch.argsort(cm[idx])[:64]]
-            x, xm = pgd_boxes(net, spec, c_lo[worst], c_hi[worst], steps=20, restarts=1, generator=gen)
-            cex = try_points(x, xm)
-            if cex is not None:
-                return finish("falsified", "counterexample", -math.inf, cex)
-
-        keep_c = open_.nonzero().squeeze(1)
-        q_lo = torch.cat([q_lo, c_lo[keep_c]])
-        q_hi = torch.cat([q_hi, c_hi[keep_c]])
-        q_low = torch.cat([q_low, lower[keep_c]])
-        q_A = torch.cat([q_A, A[keep_c]])
-        q_pre = [(torch.cat([ql, l[keep_c]]), torch.cat([qu, u[keep_c]])) for (ql, qu), (l, u) in zip(q_pre, pre)]
+            kids.low, cm = _alpha_nearest(net, spec, kids.lo, kids.hi, kids.pre, kids.low, cm, margin, alpha_frac, alpha_steps)
+        open_ = ~(cm > margin)
+        cex = s.falsify(kids, cm, open_, pgd=bool(pgd_every) and s.rounds % pgd_every == 0)
+        if cex is not None:
+            return s.finish("falsified", "counterexample", -math.inf, cex)
+        queue = queue.cat(kids.pick(open_.nonzero().squeeze(1)))

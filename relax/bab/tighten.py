@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,26 +105,18 @@ def refine_bounds(
                    "stopped_by_check": False, "unstable_per_layer_before": [int(((l < 0) & (u > 0)).sum()) for l, u in pre]}
     if not todo:
         return pre, {**stats, "time_s": 0.0}
-    region = InputRegion(lo.detach().double().cpu().reshape(-1).numpy(), hi.detach().double().cpu().reshape(-1).numpy())
-    ff = net
+    region = InputRegion(_numpy(lo), _numpy(hi))
     out: Bounds = list(pre)
     for k in todo:
         if deadline is not None and time.perf_counter() > deadline:
             stats["stopped_at_deadline"] = True
             break
-        b64 = [(l.detach().double().cpu().reshape(-1).numpy(), u.detach().double().cpu().reshape(-1).numpy()) for l, u in out]
-        prio: list[np.ndarray | None] | None = None if priority is None else [p.detach().double().cpu().reshape(-1).numpy() for p in priority(out)]
-        new, st = tighten_bounds(ff, region, b64, solver=solver, layers=[k], deadline=deadline, integer=integer,
-                                 solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4, workers=workers,
-                                 priority=prio)
-        (l, u), (nl, nu) = out[k], new[k]
-        nl_t = _outward(torch.from_numpy(np.ascontiguousarray(nl)), l.dtype, down=True).reshape(l.shape).to(l.device)
-        nu_t = _outward(torch.from_numpy(np.ascontiguousarray(nu)), u.dtype, down=False).reshape(u.shape).to(u.device)
-        out[k] = (torch.maximum(l, nl_t), torch.minimum(u, nu_t))
-        for key in ("lps", "time_limited", "stopped_stable"):
-            stats[key] += st[key]
-        stats["solvers"] = sorted(set(stats["solvers"]) | set(st["solvers"]))
-        stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
+        prio: list[np.ndarray | None] | None = None if priority is None else [_numpy(p) for p in priority(out)]
+        new, st = tighten_bounds(net, region, [(_numpy(l), _numpy(u)) for l, u in out], solver=solver, layers=[k], deadline=deadline,
+                                 integer=integer, solve_time_limit=solve_time_limit, order="score", rel_gap=rel_gap, abs_gap=1e-4,
+                                 workers=workers, priority=prio)
+        out[k] = _intersect(out[k], new[k])
+        _add_layer_stats(stats, st)
         if recompute is not None and k + 1 < len(out):
             out = recompute(out, k)
         if stop_if is not None and k != todo[-1] and not st["stopped_at_deadline"] and stop_if(out):
@@ -133,6 +125,28 @@ def refine_bounds(
     stats["unstable_per_layer_after"] = [int(((l < 0) & (u > 0)).sum()) for l, u in out]
     stats["time_s"] = time.perf_counter() - t0
     return out, stats
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """``t`` flat, float64, as a numpy array."""
+    return t.detach().double().cpu().reshape(-1).numpy()
+
+
+def _intersect(old: tuple[Tensor, Tensor], new: tuple[np.ndarray, np.ndarray]) -> tuple[Tensor, Tensor]:
+    """The box ``old`` (``[1, n]`` each) intersected with the float64 bounds ``new`` (``[n]``),
+    rounded outwards to ``old``'s dtype."""
+    (l, u), (nl, nu) = old, new
+    nl_t = _outward(torch.from_numpy(np.ascontiguousarray(nl)), l.dtype, down=True).reshape(l.shape).to(l.device)
+    nu_t = _outward(torch.from_numpy(np.ascontiguousarray(nu)), u.dtype, down=False).reshape(u.shape).to(u.device)
+    return torch.maximum(l, nl_t), torch.minimum(u, nu_t)
+
+
+def _add_layer_stats(stats: dict, st: dict) -> None:
+    """Add one layer's :func:`relax.exact.lp.tighten_bounds` stats ``st`` to ``stats``."""
+    for key in ("lps", "time_limited", "stopped_stable"):
+        stats[key] += st[key]
+    stats["solvers"] = sorted(set(stats["solvers"]) | set(st["solvers"]))
+    stats["stopped_at_deadline"] |= st["stopped_at_deadline"]
 
 
 def refine_graph_root(
@@ -174,15 +188,27 @@ def refine_graph_root(
         ``(boxes, alphas, root margin lower bound, stats)``, or None when the network has no
         dense ReLU view matching its graph (residual connections, other activations).
     """
-    from verify.deadline import Deadline
-
-    from relax.ir.dense import NotFeedForwardError, to_feedforward
-    from relax.bounds.alpha import alpha_crown
-    from relax.bab.activation_split import bound_domains, interval_inputs, relu_inputs, relu_scores
+    from relax.bab.activation_split import interval_inputs, relu_inputs
 
     nodes = [p for _, p in relu_inputs(graph)]
     if interval_inputs(graph) or not nodes:
         return None
+    ff = _dense_view(graph, model, nodes, dense_limit)
+    if ff is None:
+        return None
+    r = _GraphRoot(graph, x_set, rs, nodes, root, root_alphas, margin=margin, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline)
+    lo, hi = x_set.bounds()
+    pre = [(root[p][0].reshape(1, -1), root[p][1].reshape(1, -1)) for p in nodes]
+    out, stats = refine_bounds(ff, lo.reshape(1, -1), hi.reshape(1, -1), pre, layers=layers, deadline=deadline,
+                               solve_time_limit=solve_time_limit, workers=workers, stop_if=lambda b: r.lower > margin,
+                               priority=r.priority, recompute=r.recompute)
+    return r.as_boxes(out), r.alphas, r.lower, stats
+
+
+def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: int) -> FeedForwardNet | None:
+    """The dense ReLU view of ``model`` whose hidden layers are the graph's ReLU inputs
+    ``nodes``, or None (no such view, or a matrix over ``dense_limit`` numbers)."""
+    from relax.ir.dense import NotFeedForwardError, to_feedforward
     from relax.lipschitz import dense_size
 
     if not isinstance(model, torch.fx.GraphModule):
@@ -195,36 +221,56 @@ def refine_graph_root(
         return None
     if ff.activations != ["relu"] * len(nodes) or [layer.n_out for layer in ff.layers[:-1]] != [math.prod(graph.shape(p)) for p in nodes]:
         return None
-    shapes = {p: graph.shape(p) for p in nodes}
-    C, d = rs.batch(1)
-    C, d = C.to(graph.dtype), d.to(graph.dtype)
-    state: dict[str, Any] = {"alphas": root_alphas, "lower": -math.inf, "boxes": dict(root)}
+    return ff
 
-    def as_boxes(b: Bounds) -> dict[str, tuple[Tensor, Tensor]]:
-        boxes = dict(state["boxes"])
-        boxes.update({p: (l.reshape(1, *shapes[p]), u.reshape(1, *shapes[p])) for p, (l, u) in zip(nodes, b)})
+
+class _GraphRoot:
+    """The root on the bound graph while :func:`refine_graph_root` refines it: its boxes
+    ``{pre-activation node: (lo, hi) [1, *shape]}`` (tightened by every recomputation), spec-row
+    slopes and best margin lower bound; the dense view's bounds ``[(l [1, n_k], u)]`` per ReLU
+    input ``nodes`` map onto the boxes (:meth:`as_boxes`)."""
+
+    def __init__(self, graph, x_set, rs, nodes: list[str], root: dict[str, tuple[Tensor, Tensor]],
+                 root_alphas: dict[str, Tensor] | None, *, margin: float, alpha_steps: int, alpha_deadline: float) -> None:
+        self.graph, self.x_set, self.rs, self.nodes = graph, x_set, rs, nodes
+        self.margin, self.alpha_steps, self.alpha_deadline = margin, alpha_steps, alpha_deadline
+        self.shapes = {p: graph.shape(p) for p in nodes}
+        C, d = rs.batch(1)
+        self.C, self.d = C.to(graph.dtype), d.to(graph.dtype)
+        self.alphas = root_alphas
+        self.lower = -math.inf
+        self.boxes = dict(root)
+
+    def as_boxes(self, b: Bounds) -> dict[str, tuple[Tensor, Tensor]]:
+        boxes = dict(self.boxes)
+        boxes.update({p: (l.reshape(1, *self.shapes[p]), u.reshape(1, *self.shapes[p])) for p, (l, u) in zip(self.nodes, b)})
         return boxes
 
-    def recompute(b: Bounds, k: int) -> Bounds:
-        res = alpha_crown(graph, x_set, C, iterations=alpha_steps, bound_overrides=as_boxes(b), early_stop=True,
-                          stop_fn=lambda low: rs.margin(low + d) > margin, deadline=Deadline(max(0.0, alpha_deadline - time.perf_counter())))
-        state["lower"] = max(state["lower"], float(rs.margin(res.lower + d)[0]))  # every pass bounds the same root
-        state["alphas"] = res.alphas.get("__out__", state["alphas"])
-        state["boxes"].update({p: (torch.maximum(state["boxes"][p][0], l), torch.minimum(state["boxes"][p][1], h))
-                               for p, (l, h) in res.intermediate.items() if p in state["boxes"]})
-        return [(torch.maximum(l, state["boxes"][p][0].reshape(1, -1)), torch.minimum(u, state["boxes"][p][1].reshape(1, -1)))
-                for p, (l, u) in zip(nodes, b)]
+    def recompute(self, b: Bounds, k: int) -> Bounds:
+        """alpha-CROWN within the bounds ``b``: the root's margin bound, slopes and boxes, and
+        ``b`` intersected with the boxes (:func:`refine_bounds`'s ``recompute``)."""
+        from verify.deadline import Deadline
 
-    def priority(b: Bounds) -> list[Tensor]:
-        splits = {p: torch.zeros(1, math.prod(shapes[p]), dtype=torch.int8) for p in nodes}
-        al = None if state["alphas"] is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in state["alphas"].items()}
-        db = bound_domains(graph, x_set, rs, as_boxes(b), splits, alphas0=al, steps=0, recompute=False)
+        from relax.bounds.alpha import alpha_crown
+
+        rs, d = self.rs, self.d
+        res = alpha_crown(self.graph, self.x_set, self.C, iterations=self.alpha_steps, bound_overrides=self.as_boxes(b), early_stop=True,
+                          stop_fn=lambda low: rs.margin(low + d) > self.margin,
+                          deadline=Deadline(max(0.0, self.alpha_deadline - time.perf_counter())))
+        self.lower = max(self.lower, float(rs.margin(res.lower + d)[0]))  # every pass bounds the same root
+        self.alphas = res.alphas.get("__out__", self.alphas)
+        self.boxes.update({p: (torch.maximum(self.boxes[p][0], l), torch.minimum(self.boxes[p][1], h))
+                           for p, (l, h) in res.intermediate.items() if p in self.boxes})
+        return [(torch.maximum(l, self.boxes[p][0].reshape(1, -1)), torch.minimum(u, self.boxes[p][1].reshape(1, -1)))
+                for p, (l, u) in zip(self.nodes, b)]
+
+    def priority(self, b: Bounds) -> list[Tensor]:
+        """The ReLUs' branching scores at the root within ``b`` (-1: stable), ``[1, n_k]`` per node."""
+        from relax.bab.activation_split import bound_domains, relu_scores
+
+        shapes, graph, rs = self.shapes, self.graph, self.rs
+        splits = {p: torch.zeros(1, math.prod(shapes[p]), dtype=torch.int8) for p in self.nodes}
+        al = None if self.alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in self.alphas.items()}
+        db = bound_domains(graph, self.x_set, rs, self.as_boxes(b), splits, alphas0=al, steps=0, recompute=False)
         sc = relu_scores(graph, db, splits, rs)
-        return [sc.get(p, torch.full((1, math.prod(shapes[p])), -1.0, dtype=torch.float64)) for p in nodes]
-
-    lo, hi = x_set.bounds()
-    pre = [(root[p][0].reshape(1, -1), root[p][1].reshape(1, -1)) for p in nodes]
-    out, stats = refine_bounds(ff, lo.reshape(1, -1), hi.reshape(1, -1), pre, layers=layers, deadline=deadline,
-                               solve_time_limit=solve_time_limit, workers=workers, stop_if=lambda b: state["lower"] > margin,
-                               priority=priority, recompute=recompute)
-    return as_boxes(out), state["alphas"], state["lower"], stats
+        return [sc.get(p, torch.full((1, math.prod(shapes[p])), -1.0, dtype=torch.float64)) for p in self.nodes]

@@ -35,7 +35,7 @@ from verify.spec import InputSet
 from relax.bounds.adam import ProjectedAdam
 from relax.ir.graph import BoundGraph
 from relax.ir.prune import dead_relus, prune_boxes, prune_graph
-from relax.bounds.crown import CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
+from relax.bounds.crown import AlphaFn, CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
 
@@ -114,34 +114,59 @@ def alpha_crown(
     done_b = stop_fn(best) if early_stop else torch.zeros(best.shape[0], dtype=torch.bool, device=best.device)
     if iterations <= 0 or not relus or bool(done_b.all()):
         return AlphaResult(best, crown_lower, 0, init.intermediate)
-
     # fixed bounds: the CROWN boxes (and the user's overrides) are intersected every iteration
     fixed = dict(init.intermediate)
-    plan: dict[str, tuple[Tensor, Tensor]] = {}
-    starts = ["__out__"]
-    if optimize_intermediate:
-        for p in graph.preactivations():
-            if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set):
-                continue
-            idx, bidx = rows_needed(graph, p, *fixed[p])
-            if idx.shape[0] > 0:
-                plan[p] = (idx, bidx)
-                starts.append(p)
+    plan = _intermediate_rows(graph, input_set, fixed) if optimize_intermediate else {}
+    alphas = _start_slopes(graph, init, relus, plan, C.shape[1], max_elements)
+    params = [a for per_start in alphas.values() for a in per_start.values()]
+    if not params:
+        return AlphaResult(best, crown_lower, 0, init.intermediate)
+    overrides = {**fixed, **{k: b for k, b in (bound_overrides or {}).items() if k not in fixed}}
+    # with the boxes fixed, every step's relaxations, round-off weights and interval bound of the
+    # rows are the same: computed on the first step, reused after (relax.bounds.crown.crown's ``fixed``)
+    step_pass = _StepPass(graph, input_set, C, max_elements, overrides, None if optimize_intermediate else fixed, plan,
+                          fixed_pass if fixed_pass is not None else ({} if not optimize_intermediate else None), init.weights,
+                          deadline, _slope_lookup(alphas))
+    ascent = _Ascent(best, done_b, dict(init.intermediate), optimize_intermediate, stop_fn if early_stop else None, stall)
+    ascent.run(step_pass, ProjectedAdam(params, lr, lr_decay), params, iterations, deadline)
+    return AlphaResult(ascent.best, crown_lower, ascent.done, ascent.boxes, alphas)
 
-    N = C.shape[1]
+
+def _intermediate_rows(graph: BoundGraph, input_set: InputSet, boxes: dict[str, tuple[Tensor, Tensor]]
+                       ) -> dict[str, tuple[Tensor, Tensor]]:
+    """The rows whose bounds are optimised, ``{pre-activation node: (idx, bidx)}``: the neurons
+    unstable under the CROWN ``boxes`` (:func:`relax.bounds.crown.rows_needed`) of every node
+    whose box comes from linear bounds (graph order; nodes without such neurons left out)."""
+    plan: dict[str, tuple[Tensor, Tensor]] = {}
+    for p in graph.preactivations():
+        if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set):
+            continue
+        idx, bidx = rows_needed(graph, p, *boxes[p])
+        if idx.shape[0] > 0:
+            plan[p] = (idx, bidx)
+    return plan
+
+
+def _start_slopes(graph: BoundGraph, init: CrownResult, relus: list[str], plan: dict[str, tuple[Tensor, Tensor]], N: int,
+                  max_elements: int) -> dict[str, dict[str, Tensor]]:
+    """The slopes to optimise (leaves with gradients), from the relaxations of the CROWN pass
+    ``init``: ``{start: {activation node: slopes}}``, start ``"__out__"`` (the ``N`` spec rows,
+    ``[N, B, *shape(, 2)]``) then each pre-activation of ``plan`` (``[2, T, *shape(, 2)]``: its
+    ``+e_j`` / ``-e_j`` rows over the virtual batch of its ``T`` (neuron, batch element) pairs).
+
+    Memory cap: per-row slopes of the spec rows while the slopes so far fit in ``max_elements``,
+    else one set shared by all rows (``[1, B, ...]``); an intermediate start whose slopes do not
+    fit keeps CROWN's slopes (no entry).
+    """
     alphas: dict[str, dict[str, Tensor]] = {}
-    params = []
     used = 0  # slope elements so far (the optimiser keeps two more copies)
-    for s in starts:
+    for s in ["__out__", *plan]:
         alphas[s] = {}
         node = graph.output if s == "__out__" else s
         for act in _acts_before(graph, node):
             if act not in relus:
                 continue
             lw = graph.by_name[act].op.alpha_init(init.relaxations[act]).detach()  # [B, *shape(, 2)]
-            # memory bound: slopes per spec row while they fit in max_elements, else one set
-            # shared by all rows ([1, B, ...]); an intermediate start whose per-row slopes do
-            # not fit keeps CROWN's slopes
             if s == "__out__":
                 rows = N if used + N * lw.numel() <= max_elements else 1
                 a = lw.unsqueeze(0).expand(rows, *lw.shape).clone()
@@ -153,10 +178,11 @@ def alpha_crown(
             used += a.numel()
             a.requires_grad_(True)
             alphas[s][act] = a
-            params.append(a)
-    if not params:
-        return AlphaResult(best, crown_lower, 0, init.intermediate)
+    return alphas
 
+
+def _slope_lookup(alphas: dict[str, dict[str, Tensor]]) -> AlphaFn:
+    """:func:`relax.bounds.crown.crown`'s ``alpha_fn`` over the slopes of :func:`_start_slopes`."""
     def alpha_fn(start: str, act: str, sl: slice | None):
         a = alphas.get(start, {}).get(act)
         if a is None:
@@ -165,44 +191,71 @@ def alpha_crown(
             return a if a.shape[0] == 1 else a[sl]  # one shared set broadcasts over the rows
         return a[:, sl]
 
-    overrides = dict(fixed)
-    if bound_overrides:
-        for k, (l, h) in bound_overrides.items():
-            if k not in overrides:
-                overrides[k] = (l, h)
-    # with the boxes fixed, every step's relaxations, round-off weights and interval bound of the
-    # rows are the same: computed on the first step, reused after (relax.bounds.crown.crown's ``fixed``)
-    step_cache = fixed_pass if fixed_pass is not None else ({} if not optimize_intermediate else None)
-    opt = ProjectedAdam(params, lr, lr_decay)
-    done = 0
-    boxes = dict(init.intermediate)  # tightened by every step (each step's boxes are sound)
-    shortfall: list[float] = []  # sum(min(best, 0)) after each step, for ``stall``
-    for it in range(iterations):
-        if deadline is not None and deadline.expired():
-            break
-        with torch.enable_grad():
-            res = crown(
-                graph, input_set, C, "crown", max_elements=max_elements,
-                bound_overrides=overrides,
-                intermediate=None if optimize_intermediate else fixed,
-                alpha_fn=alpha_fn, rows=plan, fixed=step_cache, roundoff_weights=init.weights, deadline=deadline,
-            )
-            low = res.spec_lower()
-            if optimize_intermediate:
-                boxes = {k: (torch.maximum(boxes[k][0], l.detach()), torch.minimum(boxes[k][1], h.detach()))
-                         for k, (l, h) in res.intermediate.items() if k in boxes}
-            best = torch.where(done_b.unsqueeze(1), best, torch.maximum(best, low.detach()))
-            done = it + 1
-            if early_stop:
-                done_b = done_b | stop_fn(best)
-                if bool(done_b.all()):
-                    break
-            if it == iterations - 1 or _stalled(shortfall, best, stall):
+    return alpha_fn
+
+
+@dataclass
+class _StepPass:
+    """The CROWN pass of an optimisation step: everything but the slopes' values fixed.
+    ``intermediate``: the boxes used as given (only the spec rows optimised), else ``None`` (the
+    boxes recomputed with ``plan``'s rows); ``cache``: :func:`relax.bounds.crown.crown`'s
+    ``fixed``; ``weights``: the first pass's round-off weights."""
+
+    graph: BoundGraph
+    input_set: InputSet
+    C: Tensor
+    max_elements: int
+    overrides: dict[str, tuple[Tensor, Tensor]]
+    intermediate: dict[str, tuple[Tensor, Tensor]] | None
+    plan: dict[str, tuple[Tensor, Tensor]]
+    cache: dict | None
+    weights: dict[str, Tensor | None]
+    deadline: Deadline | None
+    alpha_fn: AlphaFn
+
+    def __call__(self) -> CrownResult:
+        return crown(self.graph, self.input_set, self.C, "crown", max_elements=self.max_elements, bound_overrides=self.overrides,
+                     intermediate=self.intermediate, alpha_fn=self.alpha_fn, rows=self.plan, fixed=self.cache,
+                     roundoff_weights=self.weights, deadline=self.deadline)
+
+
+@dataclass
+class _Ascent:
+    """Projected Adam on the slopes: the best bounds ``[B, N]`` so far (iteration 0: CROWN's),
+    the batch elements done ``[B]`` (their bounds frozen), the steps run, and the boxes
+    (intersected with every step's when ``tighten_boxes``). ``stop_fn``: the early-stop test
+    (``None``: no early stop); ``stall``: as in :func:`alpha_crown`."""
+
+    best: Tensor
+    done_b: Tensor
+    boxes: dict[str, tuple[Tensor, Tensor]]
+    tighten_boxes: bool
+    stop_fn: Callable[[Tensor], Tensor] | None
+    stall: tuple[int, float] | None
+    done: int = 0
+
+    def run(self, step_pass: _StepPass, opt: ProjectedAdam, params: list[Tensor], iterations: int, deadline: Deadline | None) -> None:
+        shortfall: list[float] = []  # sum(min(best, 0)) after each step, for ``stall``
+        for it in range(iterations):
+            if deadline is not None and deadline.expired():
                 break
-            loss = -(low * (~done_b).unsqueeze(1)).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        opt.step(grads)
-    return AlphaResult(best, crown_lower, done, boxes, alphas)
+            with torch.enable_grad():
+                res = step_pass()
+                low = res.spec_lower()
+                if self.tighten_boxes:
+                    self.boxes = {k: (torch.maximum(self.boxes[k][0], l.detach()), torch.minimum(self.boxes[k][1], h.detach()))
+                                  for k, (l, h) in res.intermediate.items() if k in self.boxes}
+                self.best = torch.where(self.done_b.unsqueeze(1), self.best, torch.maximum(self.best, low.detach()))
+                self.done = it + 1
+                if self.stop_fn is not None:
+                    self.done_b = self.done_b | self.stop_fn(self.best)
+                    if bool(self.done_b.all()):
+                        break
+                if it == iterations - 1 or _stalled(shortfall, self.best, self.stall):
+                    break
+                loss = -(low * (~self.done_b).unsqueeze(1)).sum()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            opt.step(grads)
 
 
 def _stalled(history: list[float], best: Tensor, stall: tuple[int, float] | None) -> bool:

@@ -45,7 +45,7 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import InputSet, LpBall, dual_norm
 
-from relax.ir.graph import BoundGraph
+from relax.ir.graph import BNode, BoundGraph
 from relax.bounds.interval import interval_bounds
 from relax.ir.ops import Relaxation, ReLU
 from relax.ir.ops.base import sum_rows
@@ -202,26 +202,7 @@ def backward(
             (:func:`concretize`).
     """
     anc = _ancestors(graph, start)
-    As: dict[str, Tensor] = {}
-    bias = None
-    err = None
-    node = graph.by_name[start]
-    start_done = False
-    if isinstance(A0, Rows):
-        rows_fn = getattr(node.op, "backward_rows", None)
-        got = rows_fn(A0.idx, A0.sign) if rows_fn is not None else None
-        if got is not None:  # rows of the op's matrix directly: no one-hot product
-            (A_in,), bias = got
-            As[node.inputs[0]] = A_in
-            start_done = True
-            w = None if weights is None else weights.get(start)
-            if w is not None:
-                w = w.reshape(w.shape[0], -1)
-                err = w.expand(A0.idx.shape[1], -1).gather(1, A0.idx.t()).t()  # a batch of one serves every row
-        else:
-            As[start] = A0.dense(node.shape, graph.dtype)
-    else:
-        As[start] = A0
+    As, bias, err, start_done = _start_coefficients(graph, start, A0, weights)
     for n in reversed(graph.nodes):
         if n.name not in anc or (start_done and n.name == start):
             continue
@@ -236,12 +217,7 @@ def backward(
         if w is not None:
             e = sum_rows(A.detach().abs() * w)
             err = e if err is None else err + e
-        if n.op.nonlinear:
-            alpha = None if alphas is None else alphas.get(n.name)
-            A_in, b = n.op.backward_relaxed(A, relax[n.name], alpha)
-            A_ins = A_in if isinstance(A_in, list) else [A_in]
-        else:
-            A_ins, b = n.op.backward(A)
+        A_ins, b = _through(n, A, relax, alphas)
         if b is not None:
             bias = b if bias is None else bias + b
         for name, Ai in zip(n.inputs, A_ins):
@@ -260,6 +236,39 @@ def backward(
             err = err.expand(S, B).reshape(S * B, 1)
         return backward_tail(A_in, bias, err, input_set, clipped_ball, weights is not None).view(S, B)
     return backward_tail(A_in, bias, err, input_set, clipped_ball, weights is not None)
+
+
+def _start_coefficients(graph: BoundGraph, start: str, A0: Tensor | Rows, weights: dict[str, Tensor | None] | None
+                        ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None, bool]:
+    """:func:`backward`'s first step: the coefficients ``{node: [S, B, *shape]}`` the pass starts
+    from, the bias ``[S, B]`` and round-off ``[S, B]`` so far (or None), and whether the start
+    node's op is already applied (:class:`Rows` of an op with ``backward_rows``: the rows of its
+    matrix directly, no one-hot product)."""
+    node = graph.by_name[start]
+    if not isinstance(A0, Rows):
+        return {start: A0}, None, None, False
+    rows_fn = getattr(node.op, "backward_rows", None)
+    got = rows_fn(A0.idx, A0.sign) if rows_fn is not None else None
+    if got is None:
+        return {start: A0.dense(node.shape, graph.dtype)}, None, None, False
+    (A_in,), bias = got
+    err = None
+    w = None if weights is None else weights.get(start)
+    if w is not None:
+        w = w.reshape(w.shape[0], -1)
+        err = w.expand(A0.idx.shape[1], -1).gather(1, A0.idx.t()).t()  # a batch of one serves every row
+    return {node.inputs[0]: A_in}, bias, err, True
+
+
+def _through(n: BNode, A: Tensor, relax: dict[str, Relaxation], alphas: dict[str, Tensor] | None
+             ) -> tuple[list[Tensor | None], Tensor | None]:
+    """The coefficients ``A`` on node ``n``'s output mapped onto its inputs (a nonlinear op
+    through its relaxation, with ``alphas``' lower slopes when given) and the bias it adds."""
+    if n.op.nonlinear:
+        alpha = None if alphas is None else alphas.get(n.name)
+        A_in, b = n.op.backward_relaxed(A, relax[n.name], alpha)
+        return (A_in if isinstance(A_in, list) else [A_in]), b
+    return n.op.backward(A)
 
 
 def backward_tail(A_in: Tensor, bias: Tensor, err: Tensor | None, input_set: InputSet, clipped_ball: bool, rounded: bool) -> Tensor:
@@ -538,54 +547,93 @@ def crown(
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
                   or roundoff_weights is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
-    lo_in, hi_in = input_set.bounds()
-    known: dict[str, tuple[Tensor, Tensor]] = {}
-    ov = bound_overrides or {}
-    relax: dict[str, Relaxation] = {}
-    relax_full: dict[str, Relaxation] = {}  # as built, before any pruning (returned)
-    inter: dict[str, tuple[Tensor, Tensor]] = {}
-    weights: dict[str, Tensor | None] = dict(roundoff_weights or {})
-    ibp: dict[str, tuple[Tensor, Tensor]] = {}  # interval boxes computed so far
-    full_graph = graph
-    for p in full_graph.preactivations():
-        if intermediate is not None and p in intermediate:
-            l, h = intermediate[p]
+    bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
+                  alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline)
+    for p in graph.preactivations():
+        bp.keep(p, *bp.box(p))
+        if prune:
+            bp.graph = _prune_dead(bp.graph, p, bp.known, bp.relax, bp.weights, bp.ibp)
+    if C is None:
+        return CrownResult(None, bp.inter, bp.relax_full, bp.weights)
+    return bp.spec(C, fixed, out_extra, out_record)
+
+
+class _BoxPass:
+    """A CROWN pass's pre-activation boxes, computed in graph order (:meth:`box`, then
+    :meth:`keep`), then its spec rows (:meth:`spec`).
+
+    State: ``graph`` (pruned as the pass goes when :func:`crown` prunes), the boxes so far
+    ``known`` (of the current graph) and ``inter`` (as computed, returned), the relaxations
+    ``relax`` (current graph) and ``relax_full`` (as built, returned), the round-off
+    ``weights`` and the interval boxes ``ibp`` computed so far; the other fields are
+    :func:`crown`'s arguments.
+    """
+
+    def __init__(self, graph: BoundGraph, input_set: InputSet, mode: str, *, max_elements: int,
+                 overrides: dict[str, tuple[Tensor, Tensor]], intermediate: dict[str, tuple[Tensor, Tensor]] | None,
+                 alpha_fn: AlphaFn | None, rows: dict[str, tuple[Tensor, Tensor]] | None,
+                 roundoff_weights: dict[str, Tensor | None] | None, deadline: Deadline | None) -> None:
+        self.graph, self.input_set, self.mode = graph, input_set, mode
+        self.max_elements, self.ov, self.intermediate = max_elements, overrides, intermediate
+        self.alpha_fn, self.rows, self.deadline = alpha_fn, rows, deadline
+        self.lo_in, self.hi_in = input_set.bounds()
+        self.known: dict[str, tuple[Tensor, Tensor]] = {}
+        self.relax: dict[str, Relaxation] = {}
+        self.relax_full: dict[str, Relaxation] = {}  # as built, before any pruning (returned)
+        self.inter: dict[str, tuple[Tensor, Tensor]] = {}
+        self.weights: dict[str, Tensor | None] = dict(roundoff_weights or {})
+        self.ibp: dict[str, tuple[Tensor, Tensor]] = {}  # interval boxes computed so far
+
+    def box(self, p: str) -> tuple[Tensor, Tensor]:
+        """Pre-activation ``p``'s box ``[B, *shape]``: given, the input set's, the interval box
+        (when that is exact or as tight), else linear bounds within the interval box; intersected
+        with the override."""
+        graph, ov = self.graph, self.ov
+        if self.intermediate is not None and p in self.intermediate:
+            l, h = self.intermediate[p]
         elif p == graph.input_name:
-            l, h = lo_in, hi_in
-        elif ibp_is_exact(graph, p, input_set) or _monotone_of_known(graph, p, known):
-            ibp = interval_bounds(graph, lo_in, hi_in, known=known, upto=p, done=ibp)
-            l, h = ibp[p]
+            l, h = self.lo_in, self.hi_in
+        elif ibp_is_exact(graph, p, self.input_set) or _monotone_of_known(graph, p, self.known):
+            self.ibp = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
+            l, h = self.ibp[p]
         else:
-            boxes = ibp = interval_bounds(graph, lo_in, hi_in, known=known, upto=p, done=ibp)
-            node_weights(graph, boxes, weights)
+            boxes = self.ibp = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
+            node_weights(graph, boxes, self.weights)
             l, h = boxes[p]
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
-            l, h = bound_node(graph, p, l, h, relax, input_set, max_elements,
-                              rows=None if rows is None else rows.get(p), alpha_fn=alpha_fn, weights=weights, deadline=deadline)
+            l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
+                              rows=None if self.rows is None else self.rows.get(p), alpha_fn=self.alpha_fn, weights=self.weights,
+                              deadline=self.deadline)
         if p in ov:
             l, h = intersect_keeping_gradient(l, h, *ov[p])
-        known[p] = (l, h)
-        inter[p] = (l, h)
-        if p in ibp:  # no box computed so far depends on p's (topological order)
-            ibp[p] = (l, h)
-        for c in graph.consumers[p]:
-            cn = graph.by_name[c]
-            if cn.op.nonlinear and all(i in known for i in cn.inputs):  # a product waits for both inputs
-                relax[c] = relax_full[c] = cn.op.relax_inputs([known[i] for i in cn.inputs], mode)
-        if prune:
-            graph = _prune_dead(graph, p, known, relax, weights, ibp)
-    if C is None:
-        return CrownResult(None, inter, relax_full, weights)
-    out = graph.output
-    boxes = interval_bounds(graph, lo_in, hi_in, known=known, done=ibp)
-    node_weights(graph, boxes, weights)
-    ibp_low = box_row_bounds(C, *boxes[out])
-    if fixed is not None and intermediate is not None and all(p in intermediate for p in graph.preactivations()):
-        fixed.update(relax=relax, weights=weights, inter=inter, ibp_low=ibp_low)
-    res = _spec_rows(graph, input_set, C, relax, weights, inter, ibp_low, max_elements, alpha_fn, out_extra, out_record)
-    res.relaxations, res.weights = relax_full, weights
-    return res
+        return l, h
+
+    def keep(self, p: str, l: Tensor, h: Tensor) -> None:
+        """Record ``p``'s box and relax the nonlinear ops whose inputs are now all known."""
+        self.known[p] = (l, h)
+        self.inter[p] = (l, h)
+        if p in self.ibp:  # no box computed so far depends on p's (topological order)
+            self.ibp[p] = (l, h)
+        for c in self.graph.consumers[p]:
+            cn = self.graph.by_name[c]
+            if cn.op.nonlinear and all(i in self.known for i in cn.inputs):  # a product waits for both inputs
+                self.relax[c] = self.relax_full[c] = cn.op.relax_inputs([self.known[i] for i in cn.inputs], self.mode)
+
+    def spec(self, C: Tensor, fixed: dict | None, out_extra: dict[str, Tensor] | None,
+             out_record: dict[str, Tensor | None] | None) -> CrownResult:
+        """The spec rows ``C [B, N, K]`` after every box: the interval bound of the rows, then
+        their backward pass (:func:`_spec_rows`); fills ``fixed`` when every box was given."""
+        graph = self.graph
+        boxes = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, done=self.ibp)
+        node_weights(graph, boxes, self.weights)
+        ibp_low = box_row_bounds(C, *boxes[graph.output])
+        if fixed is not None and self.intermediate is not None and all(p in self.intermediate for p in graph.preactivations()):
+            fixed.update(relax=self.relax, weights=self.weights, inter=self.inter, ibp_low=ibp_low)
+        res = _spec_rows(graph, self.input_set, C, self.relax, self.weights, self.inter, ibp_low, self.max_elements, self.alpha_fn,
+                         out_extra, out_record)
+        res.relaxations, res.weights = self.relax_full, self.weights
+        return res
 
 
 def _prune_dead(graph: BoundGraph, p: str, known: dict[str, tuple[Tensor, Tensor]], relax: dict[str, Relaxation],

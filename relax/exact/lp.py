@@ -352,30 +352,7 @@ def encode(
     n_hidden = L if n_hidden is None else n_hidden
     bld = _Builder()
     x_cols = bld.cols(region.lo, region.hi)
-    n0 = len(x_cols)
-    eps_col = -1
-    l1 = None
-    if distortion is not None:
-        p, emax = distortion
-        if region.center is None:
-            raise ValueError("encode: distortion needs a region with a center")
-        eps_col = int(bld.cols([0.0], [emax])[0])
-        c = region.center
-        I = np.arange(n0)
-        if math.isinf(p):
-            # x_i - eps <= c_i  and  x_i + eps >= c_i
-            M1 = sp.coo_matrix((np.r_[np.ones(n0), -np.ones(n0)], (np.r_[I, I], np.r_[x_cols, np.full(n0, eps_col)])), shape=(n0, bld.n))
-            bld.rows(M1, -np.inf, c)
-            M2 = sp.coo_matrix((np.r_[np.ones(n0), np.ones(n0)], (np.r_[I, I], np.r_[x_cols, np.full(n0, eps_col)])), shape=(n0, bld.n))
-            bld.rows(M2, c, np.inf)
-        elif p == 1.0:
-            l1 = _l1_rows(bld, x_cols, c, emax, eps_col)
-        else:
-            raise ValueError(f"encode: distortion norm must be inf or 1, got {p}")
-    elif region.p == 1.0:
-        assert region.center is not None and region.eps is not None  # an l_1 ball
-        l1 = _l1_rows(bld, x_cols, region.center, region.eps, -1)
-
+    eps_col, l1 = _input_rows(bld, region, x_cols, distortion)
     act_cols: list[np.ndarray] = []
     z_cols: list[np.ndarray] = []
     d_cols: list[np.ndarray] = []
@@ -383,48 +360,10 @@ def encode(
     n_unstable = 0
     prev = x_cols
     for k in range(n_hidden):
-        W = net.layers[k].W.numpy()
-        b = net.layers[k].b.numpy()
         l, u = (np.asarray(t, dtype=np.float64) for t in bounds[k])
         used.append((l, u))
-        alive = prev >= 0
-        Wa = sp.csr_matrix(W[:, alive])
-        pc = prev[alive]
-        n_k = W.shape[0]
-        act = np.full(n_k, -1, dtype=np.int64)
-        zc = np.full(n_k, -1, dtype=np.int64)
-        dc = np.full(n_k, -1, dtype=np.int64)
-        on = l >= 0
-        unst = (l < 0) & (u > 0)
-        n_unstable += int(unst.sum())
-        # stably active: a = W a_prev + b, a in [l, u]
-        ja = np.flatnonzero(on)
-        if len(ja):
-            act[ja] = bld.cols(l[ja], u[ja])
-            M = _with_unit(Wa[ja], pc, act[ja], -1.0, bld.n)
-            bld.rows(M, b[ja], b[ja])  # a - W a_prev = b
-        ju = np.flatnonzero(unst)
-        if len(ju):
-            lu, uu = l[ju], u[ju]
-            zc[ju] = bld.cols(lu, uu)
-            act[ju] = bld.cols(np.zeros(len(ju)), uu)
-            r = np.arange(len(ju))
-            bld.rows(_with_unit(Wa[ju], pc, zc[ju], -1.0, bld.n), b[ju], b[ju])  # z - W a_prev = b
-            # a - z >= 0
-            bld.rows(sp.coo_matrix((np.r_[np.ones(len(ju)), -np.ones(len(ju))], (np.r_[r, r], np.r_[act[ju], zc[ju]])), shape=(len(ju), bld.n)), 0.0, np.inf)
-            if integer:
-                dc[ju] = bld.cols(np.zeros(len(ju)), np.ones(len(ju)), integer=True)
-                # a - z - l delta <= -l      (a <= z - l (1 - delta))
-                M = sp.coo_matrix((np.r_[np.ones(len(ju)), -np.ones(len(ju)), -lu], (np.r_[r, r, r], np.r_[act[ju], zc[ju], dc[ju]])), shape=(len(ju), bld.n))
-                bld.rows(M, -np.inf, -lu)
-                # a - u delta <= 0
-                M = sp.coo_matrix((np.r_[np.ones(len(ju)), -uu], (np.r_[r, r], np.r_[act[ju], dc[ju]])), shape=(len(ju), bld.n))
-                bld.rows(M, -np.inf, 0.0)
-            else:
-                s = uu / (uu - lu)
-                # a - s z <= -s l
-                M = sp.coo_matrix((np.r_[np.ones(len(ju)), -s], (np.r_[r, r], np.r_[act[ju], zc[ju]])), shape=(len(ju), bld.n))
-                bld.rows(M, -np.inf, -s * lu)
+        act, zc, dc = _encode_layer(bld, net.layers[k].W.numpy(), net.layers[k].b.numpy(), l, u, prev, integer)
+        n_unstable += int(((l < 0) & (u > 0)).sum())
         act_cols.append(act)
         z_cols.append(zc)
         d_cols.append(dc)
@@ -433,6 +372,79 @@ def encode(
     enc = NetEncoding(lp, x_cols, act_cols, z_cols, d_cols, eps_col, l1, used, n_hidden, region.center)
     enc.stats = {"columns": lp.num_cols, "rows": lp.num_rows, "nonzeros": int(lp.A.nnz), "unstable": n_unstable}
     return enc
+
+
+def _input_rows(bld: _Builder, region: InputRegion, x_cols: np.ndarray, distortion: tuple[float, float] | None
+                ) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+    """The input set's constraints beyond the input columns' bounds: with ``distortion``
+    ``(p, eps_max)`` a radius column and ``||x - center||_p <= eps`` (p = inf or 1), else an l_1
+    ball's rows. Returns the radius column (-1: none) and the l_1 rows' ``(p, q)`` columns."""
+    n0 = len(x_cols)
+    if distortion is None:
+        if region.p == 1.0:
+            assert region.center is not None and region.eps is not None  # an l_1 ball
+            return -1, _l1_rows(bld, x_cols, region.center, region.eps, -1)
+        return -1, None
+    p, emax = distortion
+    if region.center is None:
+        raise ValueError("encode: distortion needs a region with a center")
+    eps_col = int(bld.cols([0.0], [emax])[0])
+    c = region.center
+    I = np.arange(n0)
+    if math.isinf(p):
+        # x_i - eps <= c_i  and  x_i + eps >= c_i
+        M1 = sp.coo_matrix((np.r_[np.ones(n0), -np.ones(n0)], (np.r_[I, I], np.r_[x_cols, np.full(n0, eps_col)])), shape=(n0, bld.n))
+        bld.rows(M1, -np.inf, c)
+        M2 = sp.coo_matrix((np.r_[np.ones(n0), np.ones(n0)], (np.r_[I, I], np.r_[x_cols, np.full(n0, eps_col)])), shape=(n0, bld.n))
+        bld.rows(M2, c, np.inf)
+        return eps_col, None
+    if p == 1.0:
+        return eps_col, _l1_rows(bld, x_cols, c, emax, eps_col)
+    raise ValueError(f"encode: distortion norm must be inf or 1, got {p}")
+
+
+def _encode_layer(bld: _Builder, W: np.ndarray, b: np.ndarray, l: np.ndarray, u: np.ndarray, prev: np.ndarray,
+                  integer: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One hidden layer ``a = relu(W a_prev + b)`` with bounds ``l <= z <= u`` (``[n_k]``) on the
+    previous layer's columns ``prev`` (-1: a zero); returns the columns ``[n_k]`` (-1: none) of
+    ``a``, of ``z`` (unstable neurons) and of ``delta`` (unstable, MILP)."""
+    alive = prev >= 0
+    Wa = sp.csr_matrix(W[:, alive])
+    pc = prev[alive]
+    n_k = W.shape[0]
+    act = np.full(n_k, -1, dtype=np.int64)
+    zc = np.full(n_k, -1, dtype=np.int64)
+    dc = np.full(n_k, -1, dtype=np.int64)
+    # stably active: a = W a_prev + b, a in [l, u]
+    ja = np.flatnonzero(l >= 0)
+    if len(ja):
+        act[ja] = bld.cols(l[ja], u[ja])
+        M = _with_unit(Wa[ja], pc, act[ja], -1.0, bld.n)
+        bld.rows(M, b[ja], b[ja])  # a - W a_prev = b
+    ju = np.flatnonzero((l < 0) & (u > 0))
+    if not len(ju):
+        return act, zc, dc
+    lu, uu = l[ju], u[ju]
+    zc[ju] = bld.cols(lu, uu)
+    act[ju] = bld.cols(np.zeros(len(ju)), uu)
+    r = np.arange(len(ju))
+    bld.rows(_with_unit(Wa[ju], pc, zc[ju], -1.0, bld.n), b[ju], b[ju])  # z - W a_prev = b
+    # a - z >= 0
+    bld.rows(sp.coo_matrix((np.r_[np.ones(len(ju)), -np.ones(len(ju))], (np.r_[r, r], np.r_[act[ju], zc[ju]])), shape=(len(ju), bld.n)), 0.0, np.inf)
+    if integer:
+        dc[ju] = bld.cols(np.zeros(len(ju)), np.ones(len(ju)), integer=True)
+        # a - z - l delta <= -l      (a <= z - l (1 - delta))
+        M = sp.coo_matrix((np.r_[np.ones(len(ju)), -np.ones(len(ju)), -lu], (np.r_[r, r, r], np.r_[act[ju], zc[ju], dc[ju]])), shape=(len(ju), bld.n))
+        bld.rows(M, -np.inf, -lu)
+        # a - u delta <= 0
+        M = sp.coo_matrix((np.r_[np.ones(len(ju)), -uu], (np.r_[r, r], np.r_[act[ju], dc[ju]])), shape=(len(ju), bld.n))
+        bld.rows(M, -np.inf, 0.0)
+    else:
+        s = uu / (uu - lu)
+        # a - s z <= -s l
+        M = sp.coo_matrix((np.r_[np.ones(len(ju)), -s], (np.r_[r, r], np.r_[act[ju], zc[ju]])), shape=(len(ju), bld.n))
+        bld.rows(M, -np.inf, -s * lu)
+    return act, zc, dc
 
 
 def _with_unit(Wsub: sp.csr_matrix, prev_cols: np.ndarray, unit_cols: np.ndarray, sign: float, n: int) -> sp.coo_matrix:
@@ -544,11 +556,7 @@ def tighten_bounds(
         unst = np.flatnonzero((l < 0) & (u > 0))
         if len(unst) == 0:
             continue
-        if order == "score":
-            unst = unst[np.argsort(-(-l[unst] * u[unst]), kind="stable")]
-        prio_k = None if priority is None else priority[k]
-        if prio_k is not None:
-            unst = unst[np.argsort(-prio_k[unst], kind="stable")]
+        unst = _solve_order(unst, l, u, order, None if priority is None else priority[k])
         enc = encode(net, region, bounds, n_hidden=k, integer=integer)
         M, const = enc.expr(k, net.layers[k].W.numpy(), net.layers[k].b.numpy())
         todo = iter(unst.tolist())
@@ -563,6 +571,17 @@ def tighten_bounds(
         "unstable_per_layer_before": per_layer_before, "unstable_per_layer_after": per_layer_after,
         "solvers": sorted(solves.solvers), "stopped_at_deadline": stopped, "time_s": time.perf_counter() - t0,
     }
+
+
+def _solve_order(unst: np.ndarray, l: np.ndarray, u: np.ndarray, order: str, priority: np.ndarray | None) -> np.ndarray:
+    """The unstable neurons ``unst`` of a layer (bounds ``l``, ``u``) in the order they are
+    solved: by index, or (``"score"``) the largest ``-l u`` first; then, when given, by
+    decreasing ``priority`` (ties keep the order)."""
+    if order == "score":
+        unst = unst[np.argsort(-(-l[unst] * u[unst]), kind="stable")]
+    if priority is not None:
+        unst = unst[np.argsort(-priority[unst], kind="stable")]
+    return unst
 
 
 def _unstable_count(lu: tuple[np.ndarray, np.ndarray]) -> int:
@@ -723,36 +742,48 @@ def lp_lower_bounds(
             bnds, det["refine"] = tighten_bounds(net, reg, bnds, solver=solver, deadline=ex_deadline)
         enc = encode(net, reg, bnds)
         det["lp"] = enc.stats
-        Cw, cd = _output_rows(net, C[bi], d[bi])
-        M, const = enc.expr(len(net.layers) - 1, Cw, cd)
-        be = make_backend(enc.lp, solver)  # "auto": Gurobi if the LP fits its licence, else HiGHS
-        det["solver"] = be.name
-        statuses, messages = [], set()
-        pts = np.tile((reg.lo + reg.hi) / 2, (N, 1))
-        for i in range(N):
-            if ex_deadline is not None and time.perf_counter() >= ex_deadline:
-                statuses.append("time_limit")  # not solved: the row keeps -inf
-                continue
-            be.set_objective(M.getrow(i).toarray().ravel(), const[i])
-            rest = None if ex_deadline is None else max(ex_deadline - time.perf_counter(), 1e-3)
-            r = be.solve(time_limit=rest)
-            statuses.append(r.status)
-            if r.status == "error" and r.message:
-                messages.add(r.message)
-            if r.status == "optimal":
-                assert r.x is not None  # an optimal solve has its point
-                lower[bi, i] = r.bound
-                pts[i] = np.clip(r.x[enc.x_cols], reg.lo, reg.hi)
-            elif r.status == "infeasible":
-                # an empty relaxation means the input set is empty or the bounds are wrong:
-                # never read as a proof
-                lower[bi, i] = -np.inf
-        det["lp_status"] = sorted(set(statuses))
-        if any(s != "optimal" for s in statuses):
-            det["reason"] = f"LP status {', '.join(sorted(set(statuses)))} on some rows (their bound is -inf)" + (
-                f": {'; '.join(sorted(messages))}" if messages else "")
+        pts = _solve_rows(net, enc, reg, C[bi], d[bi], solver, ex_deadline, lower[bi], det)
         det["time_s"] = time.perf_counter() - t0
         details.append(det)
         all_bounds.append(bnds)
         points.append(pts)
     return LpResult(torch.from_numpy(lower), details, all_bounds, points)
+
+
+def _solve_rows(net: FeedForwardNet, enc: NetEncoding, reg: InputRegion, C: np.ndarray, d: np.ndarray, solver: str,
+                deadline: float | None, lower: np.ndarray, det: dict) -> np.ndarray:
+    """Minimise each property row ``C y + d`` (``C [N, K]``, ``d [N]``) over one example's LP
+    ``enc``, one warm-started solve per row, none started after ``deadline``: the safe dual
+    bounds go into ``lower [N]`` (rows not solved optimally keep ``-inf``), the solver's name and
+    the statuses into ``det``. Returns ``[N, n0]``: the input part of each row's optimum (the
+    midpoint of the box for the others)."""
+    N = len(d)
+    Cw, cd = _output_rows(net, C, d)
+    M, const = enc.expr(len(net.layers) - 1, Cw, cd)
+    be = make_backend(enc.lp, solver)  # "auto": Gurobi if the LP fits its licence, else HiGHS
+    det["solver"] = be.name
+    statuses, messages = [], set()
+    pts = np.tile((reg.lo + reg.hi) / 2, (N, 1))
+    for i in range(N):
+        if deadline is not None and time.perf_counter() >= deadline:
+            statuses.append("time_limit")  # not solved: the row keeps -inf
+            continue
+        be.set_objective(M.getrow(i).toarray().ravel(), const[i])
+        rest = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+        r = be.solve(time_limit=rest)
+        statuses.append(r.status)
+        if r.status == "error" and r.message:
+            messages.add(r.message)
+        if r.status == "optimal":
+            assert r.x is not None  # an optimal solve has its point
+            lower[i] = r.bound
+            pts[i] = np.clip(r.x[enc.x_cols], reg.lo, reg.hi)
+        elif r.status == "infeasible":
+            # an empty relaxation means the input set is empty or the bounds are wrong:
+            # never read as a proof
+            lower[i] = -np.inf
+    det["lp_status"] = sorted(set(statuses))
+    if any(s != "optimal" for s in statuses):
+        det["reason"] = f"LP status {', '.join(sorted(set(statuses)))} on some rows (their bound is -inf)" + (
+            f": {'; '.join(sorted(messages))}" if messages else "")
+    return pts

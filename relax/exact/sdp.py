@@ -275,7 +275,7 @@ def sdp_lower_bounds(
     Returns:
         :class:`SdpResult` with ``lower [B, N]`` (``-inf`` where the solver failed).
     """
-    import cvxpy as cp
+    import cvxpy  # noqa: F401 -- first, as its seconds are budgeted (cvxpy_import_estimate)
 
     if solver not in SDP_SOLVERS:
         raise ValueError(f"sdp solver must be one of {SDP_SOLVERS}, got {solver!r}")
@@ -290,7 +290,6 @@ def sdp_lower_bounds(
     C = spec.C.detach().double().cpu().numpy()
     d = spec.d.detach().double().cpu().numpy()
     B, N = d.shape
-    WL, bL = net.layers[-1].W.numpy(), net.layers[-1].b.numpy()
     lower = np.full((B, N), -np.inf)
     details = []
     batch_deadline = Deadline.of(deadline)
@@ -304,55 +303,90 @@ def sdp_lower_bounds(
         n_est = 1 + reg.lo.size + sum(int(((l < 0) & (u > 0)).sum()) for l, u in bnds)
         if not mine.affords(sdp_setup_estimate(n_est)):
             det["reason"] = f"not run: the SDP (n ~ {n_est}) needs about {sdp_setup_estimate(n_est):.1f} s, {mine.remaining():.1f} s left"
-            det["time_s"] = time.perf_counter() - t0
-            details.append(det)
-            continue
-        prob = build_sdp(net, reg.lo, reg.hi, bnds, triangle)
-        det["sdp"] = prob.stats
-        n = prob.n
-        P = cp.Variable((n, n), PSD=True)
-        p = cp.vec(P, order="F")
-        cpar = cp.Parameter(n * n)
-        cons = [prob.E @ p == prob.e, prob.G @ p <= prob.h]
-        problem = cp.Problem(cp.Minimize(cpar @ p), cons)
-        rowsC = C[bi] @ WL  # [N, n_{L-1}]
-        const = C[bi] @ bL + d[bi]
-        obj = prob.last.T @ rowsC.T  # [n, N]: row i of the spec as a function of v = P[:, 0]
-        use = solver if solver != "auto" else ("clarabel" if n <= AUTO_CLARABEL_MAX_N else "scs")
-        det["solver"] = use
-        kw = {"solver": cp.CLARABEL} if use == "clarabel" else {"solver": cp.SCS, **SCS_OPTIONS}
-        statuses = []
-        skip = np.zeros(N, dtype=bool)
-        if lp_first:
-            from relax.exact.lp import lp_lower_bounds
-
-            lpl = lp_lower_bounds(net, inputs.select([bi]), spec.select([bi]), net=net, bounds=[bnds], deadline=mine).lower[0].numpy()
-            skip = lpl > LP_FIRST_MARGIN
-            lower[bi, skip] = lpl[skip]
-            det["rows_proved_by_lp"] = int(skip.sum())
-        for i in range(N):
-            if skip[i]:
-                continue
-            if mine.expired():
-                statuses.append("not run (time limit)")
-                continue
-            c0 = np.zeros(n * n)
-            c0[:n] = obj[:, i]  # column 0 of P (column-major vec)
-            cpar.value = c0
-            try:
-                with warnings.catch_warnings():  # "inaccurate" is fine: the bound is verified
-                    warnings.simplefilter("ignore")
-                    problem.solve(**kw, **_time_limit_kw(use, mine.limit()))
-                st = problem.status
-            except cp.error.SolverError as e:
-                st = f"solver error: {e}"
-            statuses.append(st)
-            nu, lam = cons[0].dual_value, cons[1].dual_value
-            if nu is None or lam is None:
-                continue
-            bound = max(_dual_bound(prob, c0, nu, lam), _dual_bound(prob, c0, -np.asarray(nu), lam))
-            lower[bi, i] = bound + const[i]
-        det["status"] = sorted(set(statuses))
+        else:
+            prob = build_sdp(net, reg.lo, reg.hi, bnds, triangle)
+            det["sdp"] = prob.stats
+            sdp = _CvxpySdp(prob, solver)
+            det["solver"] = sdp.solver
+            skip = np.zeros(N, dtype=bool)
+            if lp_first:
+                skip = _lp_first(net, inputs, spec, bi, bnds, mine, lower[bi], det)
+            _solve_rows(sdp, net, C[bi], d[bi], skip, mine, lower[bi], det)
         det["time_s"] = time.perf_counter() - t0
         details.append(det)
     return SdpResult(torch.from_numpy(lower), details)
+
+
+def _lp_first(net: FeedForwardNet, inputs: InputSet, spec: LinearSpec, bi: int, bnds: list[tuple[np.ndarray, np.ndarray]],
+              deadline: Deadline, lower: np.ndarray, det: dict) -> np.ndarray:
+    """The triangle LP's bounds of example ``bi``'s rows: the rows it proves (``[N]`` bool) get
+    its bound in ``lower [N]``."""
+    from relax.exact.lp import lp_lower_bounds
+
+    lpl = lp_lower_bounds(net, inputs.select([bi]), spec.select([bi]), net=net, bounds=[bnds], deadline=deadline).lower[0].numpy()
+    skip = lpl > LP_FIRST_MARGIN
+    lower[skip] = lpl[skip]
+    det["rows_proved_by_lp"] = int(skip.sum())
+    return skip
+
+
+class _CvxpySdp:
+    """One example's SDP in cvxpy, ``min <c0, vec(P)>`` over its constraints and ``P`` PSD, with
+    the cost ``c0`` a parameter (built once, solved per row); ``solver``: the one used."""
+
+    def __init__(self, prob: SdpProblem, solver: str) -> None:
+        import cvxpy as cp
+
+        self.prob = prob
+        n = prob.n
+        P = cp.Variable((n, n), PSD=True)
+        p = cp.vec(P, order="F")
+        self.cost = cp.Parameter(n * n)
+        self.cons = [prob.E @ p == prob.e, prob.G @ p <= prob.h]
+        self.problem = cp.Problem(cp.Minimize(self.cost @ p), self.cons)
+        self.solver = solver if solver != "auto" else ("clarabel" if n <= AUTO_CLARABEL_MAX_N else "scs")
+        self.kw = {"solver": cp.CLARABEL} if self.solver == "clarabel" else {"solver": cp.SCS, **SCS_OPTIONS}
+
+    def bound(self, c0: np.ndarray, deadline: Deadline) -> tuple[str, float | None]:
+        """The solve's status and the sound lower bound of ``min <c0, P>`` from its multipliers
+        (None without them); the solve's time limit is what ``deadline`` leaves."""
+        import cvxpy as cp
+
+        self.cost.value = c0
+        try:
+            with warnings.catch_warnings():  # "inaccurate" is fine: the bound is verified
+                warnings.simplefilter("ignore")
+                self.problem.solve(**self.kw, **_time_limit_kw(self.solver, deadline.limit()))
+            st = self.problem.status
+        except cp.error.SolverError as e:
+            st = f"solver error: {e}"
+        nu, lam = self.cons[0].dual_value, self.cons[1].dual_value
+        if nu is None or lam is None:
+            return st, None
+        return st, max(_dual_bound(self.prob, c0, nu, lam), _dual_bound(self.prob, c0, -np.asarray(nu), lam))
+
+
+def _solve_rows(sdp: _CvxpySdp, net: FeedForwardNet, C: np.ndarray, d: np.ndarray, skip: np.ndarray, deadline: Deadline,
+                lower: np.ndarray, det: dict) -> None:
+    """Minimise each property row ``C y + d`` (``C [N, K]``, ``d [N]``) not in ``skip`` over
+    ``sdp``, none started after ``deadline``: the sound bounds go into ``lower [N]``, the
+    statuses into ``det``."""
+    n = sdp.prob.n
+    WL, bL = net.layers[-1].W.numpy(), net.layers[-1].b.numpy()
+    rowsC = C @ WL  # [N, n_{L-1}]
+    const = C @ bL + d
+    obj = sdp.prob.last.T @ rowsC.T  # [n, N]: row i of the spec as a function of v = P[:, 0]
+    statuses = []
+    for i in range(len(d)):
+        if skip[i]:
+            continue
+        if deadline.expired():
+            statuses.append("not run (time limit)")
+            continue
+        c0 = np.zeros(n * n)
+        c0[:n] = obj[:, i]  # column 0 of P (column-major vec)
+        st, bound = sdp.bound(c0, deadline)
+        statuses.append(st)
+        if bound is not None:
+            lower[i] = bound + const[i]
+    det["status"] = sorted(set(statuses))

@@ -146,22 +146,15 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     Raises:
         UnsupportedOperatorError: an op without a rule, naming op and node.
     """
-    from relax.ir import ops as _ops
     if not isinstance(gm, torch.fx.GraphModule):
         gm = torch.fx.symbolic_trace(gm)
     params = list(gm.parameters()) + list(gm.buffers())
     if dtype is None:
         dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    device = params[0].device if params else torch.device("cpu")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedOperatorError(f"the graph must have exactly one input, found {len(placeholders)}")
-    example = torch.rand((2, *input_shape), device=device, dtype=next((p.dtype for p in params if p.is_floating_point()), torch.float32))
-    rec = _Recorder(gm)
-    with torch.no_grad():
-        rec.run(example)
-    values = rec.values
-
+    values = _example_values(gm, input_shape, params)
     variable: set[str] = set()
     nodes: list[BNode] = []
     input_name = placeholders[0].name
@@ -169,59 +162,94 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             variable.add(n.name)
-            continue
-        if n.op == "output":
-            out = n.args[0]
-            if isinstance(out, (tuple, list)):
-                if len(out) != 1:
-                    raise UnsupportedOperatorError(f"the graph must have one output, found {len(out)}")
-                out = out[0]
-            if not isinstance(out, torch.fx.Node) or out.name not in variable:
-                raise UnsupportedOperatorError("the graph output does not depend on the input")
-            output_name = out.name
-            continue
-        deps = [a for a in n.all_input_nodes if a.name in variable]
-        if not deps or (n.op == "call_method" and n.target == "size") or (
-            n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape"
-        ):
-            continue  # a constant: its recorded value is used where needed
-        val = values[n.name]
-        if not isinstance(val, Tensor):
-            raise UnsupportedOperatorError(f"{_node_desc(n, gm)} returns a non-tensor that depends on the input")
-        if val.dim() == 0 or val.shape[0] != 2:
-            raise UnsupportedOperatorError(f"{_node_desc(n, gm)} changes the batch dimension")
-        variable.add(n.name)
-        rule = _ops.lookup_rule(n, gm)
-        if rule is None:
-            raise UnsupportedOperatorError(f"unsupported operator: {_node_desc(n, gm)}")
-        ctx = _ops.BuildContext(
-            node=n,
-            gm=gm,
-            values=values,
-            variable=variable,
-            out_shape=tuple(val.shape[1:]),
-            in_shapes={a.name: tuple(values[a.name].shape[1:]) for a in deps},
-            dtype=dtype,
-            desc=_node_desc(n, gm),
-        )
-        built = rule(ctx)
-        if isinstance(built, _ops.Expansion):
-            nodes.extend(_expand(n.name, built))
-        else:
-            op, inputs = built
-            nodes.append(BNode(n.name, op, inputs, tuple(val.shape[1:])))
+        elif n.op == "output":
+            output_name = _output_name(n, variable)
+        elif not _is_constant(n, variable):
+            variable.add(n.name)
+            nodes.extend(_bound_nodes(n, gm, values, variable, dtype))
     if output_name is None:
         raise UnsupportedOperatorError("the graph has no output")
     if output_name == input_name:
         raise UnsupportedOperatorError("the graph output is its input")
-    # flatten the output to [K]
+    nodes, output_name = _flat_output(nodes, output_name)
+    g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype)
+    return g
+
+
+def _example_values(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], params: list[Tensor]) -> dict[str, Any]:
+    """Every node's value on a random example batch of two (``[2, *input_shape]``, the
+    parameters' device and floating dtype)."""
+    device = params[0].device if params else torch.device("cpu")
+    example = torch.rand((2, *input_shape), device=device, dtype=next((p.dtype for p in params if p.is_floating_point()), torch.float32))
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(example)
+    return rec.values
+
+
+def _output_name(n: torch.fx.Node, variable: set[str]) -> str:
+    """The name of the node the output node ``n`` returns (one, depending on the input)."""
+    out = n.args[0]
+    if isinstance(out, (tuple, list)):
+        if len(out) != 1:
+            raise UnsupportedOperatorError(f"the graph must have one output, found {len(out)}")
+        out = out[0]
+    if not isinstance(out, torch.fx.Node) or out.name not in variable:
+        raise UnsupportedOperatorError("the graph output does not depend on the input")
+    return out.name
+
+
+def _is_constant(n: torch.fx.Node, variable: set[str]) -> bool:
+    """Whether ``n`` does not depend on the input (or is a shape query): its recorded value is
+    used where needed."""
+    deps = [a for a in n.all_input_nodes if a.name in variable]
+    return not deps or (n.op == "call_method" and n.target == "size") or (
+        n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] == "shape"
+    )
+
+
+def _bound_nodes(n: torch.fx.Node, gm: torch.fx.GraphModule, values: dict[str, Any], variable: set[str],
+                 dtype: torch.dtype) -> list[BNode]:
+    """The bound node(s) of the input-dependent node ``n`` by its op's rule (``variable``: the
+    input-dependent nodes so far, ``n`` included)."""
+    from relax.ir import ops as _ops
+
+    val = values[n.name]
+    if not isinstance(val, Tensor):
+        raise UnsupportedOperatorError(f"{_node_desc(n, gm)} returns a non-tensor that depends on the input")
+    if val.dim() == 0 or val.shape[0] != 2:
+        raise UnsupportedOperatorError(f"{_node_desc(n, gm)} changes the batch dimension")
+    rule = _ops.lookup_rule(n, gm)
+    if rule is None:
+        raise UnsupportedOperatorError(f"unsupported operator: {_node_desc(n, gm)}")
+    deps = [a for a in n.all_input_nodes if a.name in variable]
+    ctx = _ops.BuildContext(
+        node=n,
+        gm=gm,
+        values=values,
+        variable=variable,
+        out_shape=tuple(val.shape[1:]),
+        in_shapes={a.name: tuple(values[a.name].shape[1:]) for a in deps},
+        dtype=dtype,
+        desc=_node_desc(n, gm),
+    )
+    built = rule(ctx)
+    if isinstance(built, _ops.Expansion):
+        return _expand(n.name, built)
+    op, inputs = built
+    return [BNode(n.name, op, inputs, tuple(val.shape[1:]))]
+
+
+def _flat_output(nodes: list[BNode], output_name: str) -> tuple[list[BNode], str]:
+    """``nodes`` and the output's name, with a reshape to ``[K]`` appended when the output is
+    not flat."""
+    from relax.ir import ops as _ops
+
     last = nodes[-1] if nodes and nodes[-1].name == output_name else next(m for m in nodes if m.name == output_name)
     if len(last.shape) != 1:
         flat = BNode(output_name + "__flat", _ops.Reshape(last.shape, (last.numel,)), [output_name], (last.numel,))
-        nodes.append(flat)
-        output_name = flat.name
-    g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype)
-    return g
+        return nodes + [flat], flat.name
+    return nodes, output_name
 
 
 def _expand(name: str, e: "Any") -> list[BNode]:

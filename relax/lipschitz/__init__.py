@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -504,71 +505,102 @@ def module_global_lipschitz(model: torch.fx.GraphModule, input_shape: tuple[int,
     modules = dict(gm.named_modules())
     dt = next(iter(gm.parameters())).dtype
     ShapeProp(gm).propagate(torch.zeros(1, *input_shape, dtype=dt))
-    head = 1.0  # product over finished runs and activations
-    run = 1.0  # norm bound of the current affine run
-    run_abs = 1.0  # bound on the norm of the run with |W| in place of W (for its round-off)
-    steps, widest = 0, 1  # products in the current run, longest sum they form
-    last_act = None
+    prod = _ChainProduct()
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
         meta = node.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
-            widest = max(widest, int(np.prod(meta.shape[1:])))
+            prod.widest = max(prod.widest, int(np.prod(meta.shape[1:])))
         act = _activation_of(node, modules)
         if act is not None:
-            head *= run * ACT_LIPSCHITZ[act]
-            run, run_abs, steps = 1.0, 1.0, 0
-            last_act = node
+            prod.activation(node, act)
             continue
         in_node = node.args[0] if node.args else None
         in_shape = tuple(in_node.meta["tensor_meta"].shape[1:]) if isinstance(in_node, torch.fx.Node) and "tensor_meta" in in_node.meta else ()
         if in_shape:
-            widest = max(widest, int(np.prod(in_shape)))
-        if node.op == "call_module":
-            norm = _module_norm(modules[node.target], in_shape, p, conv_bound)
-            run *= norm
-            # || |W| ||_{p->p} = ||W||_{p->p} for p = 1, inf; for p = 2 it is at most
-            # ||W||_F <= sqrt(rank) ||W||_2
-            run_abs *= norm * (math.sqrt(max(1, int(np.prod(in_shape)) if in_shape else widest)) if p == 2.0 else 1.0)
-            steps += 1
-        elif node.op == "call_function" and node.target in _SHAPE_FUNCS:
-            pass
-        elif node.op == "call_method" and node.target in _SHAPE_METHODS:
-            pass
-        elif node.op == "call_function" and node.target in (operator.mul, torch.mul, operator.truediv, torch.div, operator.add, torch.add, operator.sub, torch.sub):
-            nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
-            consts = [a for a in node.args if not isinstance(a, torch.fx.Node)]
-            if len(nodes) != 1:
-                raise NotImplementedError(f"node {node.name!r}: {node.target} of two tensors (a residual?) is not supported by the module-level bound")
-            if node.target in (operator.mul, torch.mul):
-                f = float(torch.as_tensor(consts[0]).abs().max())
-                run, run_abs, steps = run * f, run_abs * f, steps + 1
-            elif node.target in (operator.truediv, torch.div):
-                if node.args[0] is not nodes[0]:
-                    raise NotImplementedError(f"node {node.name!r}: division by a tensor is not affine")
-                f = 1.0 / float(torch.as_tensor(consts[0]).abs().min())
-                run, run_abs, steps = run * f, run_abs * f, steps + 1
-        else:
-            raise NotImplementedError(f"node {node.name!r} ({node.op} {node.target}) not supported by the module-level bound")
-    # exact J^T c of the tail by autograd in float64
-    import copy
-
-    g64 = copy.deepcopy(gm).double().eval()
-    a_shape = tuple(last_act.meta["tensor_meta"].shape[1:]) if last_act is not None else tuple(input_shape)
+            prod.widest = max(prod.widest, int(np.prod(in_shape)))
+        factor = _affine_factor(node, modules, in_shape, prod.widest, p, conv_bound)
+        if factor is not None:
+            prod.affine(*factor)
     Cf = C.reshape(-1, C.shape[-1]).double()
-    a = torch.zeros(Cf.shape[0], *a_shape, dtype=torch.float64, requires_grad=True)
-    out = _run_tail(g64, last_act.name if last_act is not None else None, a)
-    (out * Cf).sum().backward()
-    assert a.grad is not None
-    V = a.grad.reshape(Cf.shape[0], -1)
+    V = _tail_rows(gm, prod.last_act, input_shape, Cf)
     q = dual_norm(p)
     # the vector-Jacobian product is a chain of `steps` products: its round-off is at most
     # steps gamma_n |W_1|^T ... |W_m|^T |c| (Higham Eq. 3.5 per product), in norm at most
     # steps gamma_n run_abs ||c||_q, added to the computed norm
-    vjp_err = SAFETY * max(steps, 1) * gamma(widest + 2, torch.float64) * run_abs * _vec_norm(Cf, q)
-    L = (_vec_norm(V.detach(), q) + vjp_err) * head * (1 + 4 * ROUND_UP)
+    vjp_err = SAFETY * max(prod.steps, 1) * gamma(prod.widest + 2, torch.float64) * prod.run_abs * _vec_norm(Cf, q)
+    L = (_vec_norm(V, q) + vjp_err) * prod.head * (1 + 4 * ROUND_UP)
     return L.reshape(C.shape[:-1])
+
+
+@dataclass
+class _ChainProduct:
+    """:func:`module_global_lipschitz`'s product along the chain: ``head`` over the finished
+    affine runs and activations, the current run's norm bound ``run`` and ``run_abs`` (the same
+    with ``|W|`` in place of ``W``, for its round-off), the products in the run ``steps``, the
+    widest layer so far (the longest sum the products form) and the last activation node."""
+
+    head: float = 1.0
+    run: float = 1.0
+    run_abs: float = 1.0
+    steps: int = 0
+    widest: int = 1
+    last_act: torch.fx.Node | None = None
+
+    def activation(self, node: torch.fx.Node, act: str) -> None:
+        """The run ends at activation ``act`` (node ``node``)."""
+        self.head *= self.run * ACT_LIPSCHITZ[act]
+        self.run, self.run_abs, self.steps = 1.0, 1.0, 0
+        self.last_act = node
+
+    def affine(self, norm: float, abs_factor: float) -> None:
+        """One more affine op in the run: its norm bound, and ``|W|``'s over it."""
+        self.run *= norm
+        self.run_abs *= norm * abs_factor
+        self.steps += 1
+
+
+def _affine_factor(node: torch.fx.Node, modules: dict[str, nn.Module], in_shape: tuple[int, ...], widest: int, p: float,
+                   conv_bound: str) -> tuple[float, float] | None:
+    """An affine node's ``(norm bound, bound of ||abs(W)|| / norm bound)`` (a module, or a
+    multiplication / division by a constant); None for reshapes and additions of a constant
+    (norm 1, no product). Raises ``NotImplementedError`` for anything else."""
+    if node.op == "call_module":
+        assert isinstance(node.target, str)  # a module's qualified name
+        norm = _module_norm(modules[node.target], in_shape, p, conv_bound)
+        # || |W| ||_{p->p} = ||W||_{p->p} for p = 1, inf; for p = 2 it is at most
+        # ||W||_F <= sqrt(rank) ||W||_2
+        return norm, (math.sqrt(max(1, int(np.prod(in_shape)) if in_shape else widest)) if p == 2.0 else 1.0)
+    if (node.op == "call_function" and node.target in _SHAPE_FUNCS) or (node.op == "call_method" and node.target in _SHAPE_METHODS):
+        return None
+    if node.op == "call_function" and node.target in (operator.mul, torch.mul, operator.truediv, torch.div, operator.add, torch.add, operator.sub, torch.sub):
+        nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        consts = [a for a in node.args if not isinstance(a, torch.fx.Node)]
+        if len(nodes) != 1:
+            raise NotImplementedError(f"node {node.name!r}: {node.target} of two tensors (a residual?) is not supported by the module-level bound")
+        if node.target in (operator.mul, torch.mul):
+            return float(torch.as_tensor(consts[0]).abs().max()), 1.0
+        if node.target in (operator.truediv, torch.div):
+            if node.args[0] is not nodes[0]:
+                raise NotImplementedError(f"node {node.name!r}: division by a tensor is not affine")
+            return 1.0 / float(torch.as_tensor(consts[0]).abs().min()), 1.0
+        return None
+    raise NotImplementedError(f"node {node.name!r} ({node.op} {node.target}) not supported by the module-level bound")
+
+
+def _tail_rows(gm: torch.fx.GraphModule, last_act: torch.fx.Node | None, input_shape: tuple[int, ...], Cf: Tensor) -> Tensor:
+    """``[M, n]``: the rows ``Cf [M, K]`` through the transposed Jacobian of the affine tail
+    after ``last_act`` (from the input without one), by autograd on a float64 copy."""
+    import copy
+
+    g64 = copy.deepcopy(gm).double().eval()
+    a_shape = tuple(last_act.meta["tensor_meta"].shape[1:]) if last_act is not None else tuple(input_shape)
+    a = torch.zeros(Cf.shape[0], *a_shape, dtype=torch.float64, requires_grad=True)
+    out = _run_tail(g64, last_act.name if last_act is not None else None, a)
+    (out * Cf).sum().backward()
+    assert a.grad is not None
+    return a.grad.reshape(Cf.shape[0], -1).detach()
 
 
 def _run_tail(gm: torch.fx.GraphModule, start: str | None, value: Tensor) -> Tensor:
