@@ -24,6 +24,7 @@ from conftest import err_line
 from smoothing.methods_tasks import checked_radii, largest_certified_radius, row_bounds
 from smoothing.regression import order_statistic_indices, percentile_bounds
 from smoothing.stats import SmoothingConfigError, cp_interval
+from smoothing_helpers import Projection
 from verify import certify
 from verify.certificate import Certificate, CertificateTable
 from verify.cli import main
@@ -31,16 +32,11 @@ from verify.registry import get_method, list_methods
 from verify.spec import Box, Linear, LpBall, OutputBounds, Robust, SpecError, TopK
 
 
-class _Affine(nn.Module):
+class _Affine(Projection):
     """``y = [w.x + 1, -2 w.x]``: two outputs whose medians under noise are their values."""
 
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = w
-
-    def forward(self, x):
-        s = x.reshape(x.shape[0], -1) @ self.w
-        return torch.stack([s + 1.0, -2.0 * s], 1)
+    def heads(self, s: torch.Tensor) -> list[torch.Tensor]:
+        return [s + 1.0, -2.0 * s]
 
 
 class _Threshold(nn.Module):
