@@ -20,7 +20,7 @@ from scipy.stats import binom, binomtest
 from scipy.stats import norm as normal
 from torch import nn
 
-from conftest import err_line
+from conftest import cli_error
 from smoothing.methods_tasks import checked_radii, largest_certified_radius, row_bounds
 from smoothing.regression import order_statistic_indices, percentile_bounds
 from smoothing.stats import SmoothingConfigError, cp_interval
@@ -367,8 +367,8 @@ def test_cli_regressor_with_an_output_interval(tmp_path, capsys):
     ],
 )
 def test_cli_bad_inputs_one_line(capsys, extra, cause):
-    assert main(["run", "--model", "digits-mlp-noise", "--data", "digits", "--limit", "2", "--out", "", *extra]) == 2
-    assert cause in err_line(capsys)
+    argv = ["run", "--model", "digits-mlp-noise", "--data", "digits", "--limit", "2", "--out", "", *extra]
+    assert cause in cli_error(capsys, argv)
 
 
 def test_cli_invariance_refuses_a_vnnlib_property(tmp_path, capsys):
@@ -378,8 +378,8 @@ def test_cli_invariance_refuses_a_vnnlib_property(tmp_path, capsys):
     lines.append("(assert (<= Y_0 Y_1))")
     spec = tmp_path / "p.vnnlib"
     spec.write_text("\n".join(lines))
-    assert main(["run", "--model", "digits-mlp-noise", "--spec", str(spec), "--method", "smoothing-invariance", "--out", ""]) == 2
-    assert "needs a Robust" in err_line(capsys)
+    argv = ["run", "--model", "digits-mlp-noise", "--spec", str(spec), "--method", "smoothing-invariance", "--out", ""]
+    assert "needs a Robust" in cli_error(capsys, argv)
 
 
 # ------------------------------------------------------------------------ certificate fields
