@@ -40,6 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the packages, not benchmarks/smoothing.py
+
+from benchmarks.report_file import publish  # noqa: E402
+
 NETS = ("small", "medium", "large", "cnn", "cifar", "cifar-wide")
 ONNX = {"medium": "mnist-net_256x2.onnx", "large": "mnist-net_256x6.onnx"}
 #: convolutional nets (not in the default run): the box of a VNN-COMP 2021 property as the input set
@@ -248,11 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- process start-up (python, imports of every method family, model load), not in the times above: "
         f"median {sorted(ups)[len(ups) // 2]:.1f} s, max {max(ups):.1f} s" if ups else "- no start-up measured",
     ]) + "\n"
-    print()
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

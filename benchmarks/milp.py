@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.report_file import publish  # noqa: E402
 from relax.methods.solvers import MilpMethod  # noqa: E402
 from verify.model import load_model  # noqa: E402
 from verify.vnnlib import parse_vnnlib, read_instances  # noqa: E402
@@ -165,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- bounds: {rows[0]['bounds'] if rows else ''}; torch threads 1, solver threads 1",
     ]
     text = "\n".join(lines) + "\n"
-    print()
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -456,6 +456,20 @@ def _pyplot():
     return plt
 
 
+def _figure(height: float) -> tuple[Any, Any]:
+    """A new figure ``5.5 x height`` inches with one axes: ``(fig, ax)``."""
+    return _pyplot().subplots(figsize=(5.5, height), dpi=100)
+
+
+def _style(ax, title_size: int | None = 9, **grid: Any) -> None:
+    """The figures' common look: the title's font size (``None``: as it is), a small legend and
+    a light grid (``grid``: more options of ``ax.grid``)."""
+    if title_size is not None:
+        ax.title.set_fontsize(title_size)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, **grid)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -466,8 +480,7 @@ def _save(fig, path: Path) -> Path:
 
 def figure_linear(res: dict[str, Any], path: Path) -> Path:
     """Certified radius against the exact distance, one marker per ``n``, and the diagonal."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    fig, ax = _figure(4.2)
     dmax = max(r["distance"] for r in res["rows"])
     ax.plot([0, dmax], [0, dmax], "k-", lw=1, label="exact |w.x+b| / ||w||")
     for n in sorted({r["n"] for r in res["rows"]}):
@@ -475,31 +488,25 @@ def figure_linear(res: dict[str, Any], path: Path) -> Path:
         ax.plot([r["distance"] for r in rows], [r["radius"] for r in rows], "o", ms=4, label=f"CERTIFY, n={n:,}")
     ax.set(xlabel="exact l2 distance to the decision boundary", ylabel="certified l2 radius of g",
            title=f"Claim 1: linear classifier, sigma={res['sigma']:g}, d={res['d']}, alpha={ALPHA:g}")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _style(ax)
     return _save(fig, path)
 
 
 def figure_rmax(res: dict[str, Any], path: Path) -> Path:
     """``R_max / sigma`` against ``n``: the suite's CERTIFY and the closed form."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    fig, ax = _figure(4.0)
     ns = np.logspace(np.log10(min(r["n"] for r in res["rows"])), np.log10(max(r["n"] for r in res["rows"])), 100)
     ax.plot(ns, [rmax_closed_form(int(n), res["alpha"], 1.0)[1] for n in ns], "k-", lw=1, label="Phi^-1(alpha^(1/n))")
     ax.plot([r["n"] for r in res["rows"]], [r["radius"] / res["sigma"] for r in res["rows"]], "o", label="CERTIFY, all n correct")
     ax.set_xscale("log")
     ax.set(xlabel="samples n", ylabel="largest certifiable radius / sigma", title=f"Claim 2: R_max against n (alpha={res['alpha']:g})")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _style(ax)
     return _save(fig, path)
 
 
 def figure_dimension(res: dict[str, Any], path: Path) -> Path:
     """Log-log ``R_inf`` against ``d`` per distance, with ``R_2 / sqrt(d)`` and the exact l_inf distance."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    fig, ax = _figure(4.2)
     for dist in sorted({r["distance"] for r in res["rows"]}):
         rows = sorted((r for r in res["rows"] if r["distance"] == dist), key=lambda r: r["d"])
         dims = [r["d"] for r in rows]
@@ -509,24 +516,19 @@ def figure_dimension(res: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set(xlabel="input dimension d", ylabel="l_inf radius",
            title=f"Claim 3: R_inf = R_2 / sqrt(d) (dotted: exact l_inf distance), sigma={res['sigma']:g}, n={res['n']:,}")
-    ax.title.set_fontsize(8)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    _style(ax, 8, which="both")
     return _save(fig, path)
 
 
 def figure_topk(res: dict[str, Any], path: Path) -> Path:
     """Certified accuracy against the l2 radius: top-1 (smoothing-gaussian) and top-k."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=100)
+    fig, ax = _figure(4.0)
     ax.plot(res["radii"], res["top1"], "k-o", ms=3, label="top-1 (smoothing-gaussian)")
     for k, acc in sorted(res["topk"].items()):
         ax.plot(res["radii"], acc, "--o", ms=3, label=f"top-{k} (smoothing-topk)")
     ax.set(xlabel="l2 radius", ylabel="certified accuracy of g", ylim=(-0.02, 1.02),
            title=f"Claim 4: digits MLP (noise), {res['inputs']} digits, sigma={res['sigma']:g}, n={res['n']:,}")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    _style(ax)
     return _save(fig, path)
 
 
@@ -542,8 +544,7 @@ def figure_lipschitz(res: dict[str, Any], path: Path) -> Path:
         for m in res["methods"]:
             ax.plot([r["upper"] for r in rows], [r["radius"][m] for r in rows], "o", ms=4, label=m)
         ax.set(xlabel=f"exact minimum distortion ({nm})", ylabel="certified radius", title=f"Claim 5: {nm}")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        _style(ax, title_size=None)
     return _save(fig, path)
 
 

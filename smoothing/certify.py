@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .noise import Noise
 from .sampling import Perturb, count_classes
-from .stats import check_n_alpha, cp_lower, cp_upper, predict_pvalue
+from .stats import check_n_alpha, cp_lower, cp_upper, label_counts, predict_pvalue
 
 __all__ = ["CertifyResult", "PredictResult", "certify", "predict", "probability_bounds"]
 
@@ -77,19 +77,14 @@ class PredictResult:
 def probability_bounds(counts: Tensor | np.ndarray, top: Tensor | np.ndarray, n: int, alpha: float, pb_bound: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(pA_lower [B], pB_upper [B])`` from estimation counts ``[B, K]`` and the selected
     classes ``top [B]`` (see the module docstring for the levels)."""
-    c = np.asarray(counts.cpu() if isinstance(counts, Tensor) else counts, dtype=np.int64)
-    t = np.asarray(top.cpu() if isinstance(top, Tensor) else top, dtype=np.int64)
-    B, K = c.shape
-    n_a = c[np.arange(B), t]
+    n_a, others = label_counts(counts, top)
     if not pb_bound:
         pa = cp_lower(n_a, n, alpha)
         return pa, 1.0 - pa
     pa = cp_lower(n_a, n, alpha / 2)
-    others = c.copy()
-    others[np.arange(B), t] = -1
-    n_b = others.max(axis=1) if K > 1 else np.zeros(B, dtype=np.int64)
+    B, K = others.shape[0], others.shape[1] + 1
     # cp_upper is increasing in the count, so the max over classes is at the largest count
-    pb = cp_upper(np.maximum(n_b, 0), n, alpha / (2 * max(K - 1, 1))) if K > 1 else np.zeros(B)
+    pb = cp_upper(others.max(axis=1), n, alpha / (2 * (K - 1))) if K > 1 else np.zeros(B)
     return pa, np.minimum(pb, 1.0 - pa)
 
 

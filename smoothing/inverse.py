@@ -30,7 +30,7 @@ from torch import Tensor
 from verify.spec import Box, InputSet, LpBall
 
 from .sampling import count_classes
-from .stats import cp_interval, cp_lower
+from .stats import cp_interval, cp_lower, label_counts
 
 __all__ = ["InvarianceEstimate", "UnitSampler", "estimate_invariance"]
 
@@ -153,7 +153,6 @@ def estimate_invariance(
         model, packed, sampler, [n], seed=seed, streams=["inverse"], batch_size=batch_size, memory_mb=memory_mb,
         share_noise=share_noise, perturb=perturb, param_shape=(sampler.param_dim,), deadline=deadline,
     )[0]
-    ref = reference.to(counts.device).reshape(-1).long()
-    agree = counts.gather(1, ref.view(-1, 1)).squeeze(1).cpu().numpy()
+    agree, _ = label_counts(counts, reference)
     lo, hi = cp_interval(agree, n, alpha)
     return InvarianceEstimate(agree / n, lo, hi, cp_lower(agree, n, alpha), agree, reference, n, alpha, desc)

@@ -106,6 +106,14 @@ def sample_outputs(
     return store["y"].double().sort(dim=1).values.cpu().numpy()
 
 
+def _check_percentile_eps(percentile: float, eps: float) -> None:
+    """Reject a percentile outside (0, 1) and a negative radius."""
+    if not 0 < percentile < 1:
+        raise ValueError(f"percentile must be in (0, 1), got {percentile}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
 def bounds_from_samples(y: np.ndarray, sigma: float, eps: float, percentile: float, alpha: float) -> RegressionBounds:
     """Chiang et al. 2020, Thm. 1 with order-statistic confidence bounds, from sorted samples.
 
@@ -115,10 +123,7 @@ def bounds_from_samples(y: np.ndarray, sigma: float, eps: float, percentile: flo
         alpha: the ``2 m`` one-sided bounds of all ``B`` inputs' outputs hold together with
             probability ``>= 1 - alpha`` per input (``alpha / (2 m)`` each).
     """
-    if not 0 < percentile < 1:
-        raise ValueError(f"percentile must be in (0, 1), got {percentile}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_percentile_eps(percentile, eps)
     B, n, m = y.shape
     z = _normal.ppf(percentile)
     p_low = float(_normal.cdf(z - eps / sigma))
@@ -155,10 +160,7 @@ def percentile_bounds(
         percentile: ``p`` in (0, 1); 0.5 is median smoothing.
         n: samples per input.
     """
-    if not 0 < percentile < 1:
-        raise ValueError(f"percentile must be in (0, 1), got {percentile}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_percentile_eps(percentile, eps)
     y = sample_outputs(model, x, sigma, n, seed=seed, batch_size=batch_size, memory_mb=memory_mb,
                        share_noise=share_noise, deadline=deadline)
     return bounds_from_samples(y, sigma, eps, percentile, alpha)

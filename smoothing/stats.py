@@ -7,6 +7,7 @@ All probabilities here are computed in float64 (numpy / scipy), never in the mod
 * :func:`cp_interval`: the two-sided interval (statsmodels ``proportion_confint(method="beta")``).
 * :func:`predict_pvalue`: the two-sided binomial test of Cohen et al. 2019, Alg. "PREDICT".
 * :func:`check_n_alpha` / :func:`min_samples`: the sample sizes that can never certify.
+* :func:`label_counts`: a label's count and the other classes' counts, the bounds' inputs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import math
 
 import numpy as np
 from scipy.stats import beta, binomtest
+from torch import Tensor
 
 __all__ = [
     "SmoothingConfigError",
@@ -24,12 +26,29 @@ __all__ = [
     "max_lower_bound",
     "min_samples",
     "check_n_alpha",
+    "label_counts",
 ]
 
 
 class SmoothingConfigError(ValueError):
     """Options of a smoothing method that cannot work (e.g. an (n, alpha) pair that can
     never certify, a non-positive sigma)."""
+
+
+def _host_int64(a: np.ndarray | Tensor) -> np.ndarray:
+    """A host int64 numpy copy (or view) of a tensor or array."""
+    return np.asarray(a.cpu() if isinstance(a, Tensor) else a, dtype=np.int64)
+
+
+def label_counts(counts: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Split class counts ``[B, K]`` at ``labels [B]``: the label's count ``[B]`` and the other
+    classes' counts ``[B, K-1]`` (in increasing class order), int64 on the host."""
+    c = _host_int64(counts)
+    lab = _host_int64(labels).reshape(-1)
+    B, K = c.shape
+    mask = np.ones_like(c, dtype=bool)
+    mask[np.arange(B), lab] = False
+    return c[np.arange(B), lab], c[mask].reshape(B, K - 1)
 
 
 def _arr(k) -> np.ndarray:

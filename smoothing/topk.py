@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .noise import FLOAT_MARGIN, GaussianNoise
 from .sampling import count_classes
-from .stats import cp_lower, cp_upper
+from .stats import cp_lower, cp_upper, label_counts
 
 __all__ = ["topk_radius", "topk_bounds", "certify_topk"]
 
@@ -79,14 +79,10 @@ def topk_radius(pl_lower: np.ndarray, p_upper: np.ndarray, k: int, sigma: float,
 def topk_bounds(counts: np.ndarray | Tensor, labels: np.ndarray | Tensor, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Simultaneous bounds from counts ``[B, K]``: ``pl_lower [B]`` and ``p_upper [B, K-1]``
     (the other classes in increasing class order), each one-sided at ``alpha / K``."""
-    c = np.asarray(counts.cpu() if isinstance(counts, Tensor) else counts, dtype=np.int64)
-    lab = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64).reshape(-1)
-    B, K = c.shape
+    n_l, others = label_counts(counts, labels)
+    K = others.shape[1] + 1
     a = alpha / K
-    pl = cp_lower(c[np.arange(B), lab], n, a)
-    mask = np.ones_like(c, dtype=bool)
-    mask[np.arange(B), lab] = False
-    others = c[mask].reshape(B, K - 1)
+    pl = cp_lower(n_l, n, a)
     pu = np.minimum(cp_upper(others, n, a), (1.0 - pl)[:, None])
     return pl, pu
 

@@ -46,6 +46,14 @@ def err_line(capsys) -> str:
     return err[0]
 
 
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``certify argv``: it exits with status 2; its one error line (see :func:`err_line`)."""
+    from verify.cli import main
+
+    assert main(argv) == 2
+    return err_line(capsys)
+
+
 def load_fuzz():
     """``benchmarks/fuzz_soundness.py`` as a module (the generator and judge of the soundness
     fuzz, used by the fuzz slice and the conformance suite)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import err_line as _err_line
+from conftest import cli_error
 from verify.cli import main
 from verify.digits_model import load_digits_mlp
 from verify.options import Options, option
@@ -196,8 +196,8 @@ def test_run_vnnlib_per_box_csv_is_written_as_it_goes(model_pt, tmp_path, capsys
 
 
 def test_per_box_needs_spec(model_pt, capsys):
-    assert main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", METHOD, "--per-box"]) == 2
-    assert "--per-box is for --spec runs" in _err_line(capsys)
+    argv = ["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", METHOD, "--per-box"]
+    assert "--per-box is for --spec runs" in cli_error(capsys, argv)
 
 
 @pytest.mark.parametrize(
@@ -215,23 +215,21 @@ def test_per_box_needs_spec(model_pt, capsys):
 )
 def test_run_errors_one_line(model_pt, capsys, args, cause):
     args = [a.replace("{pt}", str(model_pt)) for a in args]
-    assert main(["run", "--method", METHOD, *args]) == 2
-    assert cause in _err_line(capsys)
+    assert cause in cli_error(capsys, ["run", "--method", METHOD, *args])
 
 
 def test_other_errors_one_line(model_pt, tmp_path, capsys):
-    assert main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", "no-such-method"]) == 2
-    assert "unknown method 'no-such-method'" in _err_line(capsys)
+    argv = ["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--method", "no-such-method"]
+    assert "unknown method 'no-such-method'" in cli_error(capsys, argv)
     bad = tmp_path / "bad.vnnlib"
     bad.write_text("(declare-const X_0 Real)\n(assert (<= X_0 oops))\n")
-    assert main(["run", "--model", str(model_pt), "--spec", str(bad), "--method", METHOD]) == 2
-    assert "bad.vnnlib" in _err_line(capsys)
-    assert main(["frobnicate"]) == 2
-    _err_line(capsys)
+    assert "bad.vnnlib" in cli_error(capsys, ["run", "--model", str(model_pt), "--spec", str(bad), "--method", METHOD])
+    cli_error(capsys, ["frobnicate"])
     with pytest.MonkeyPatch.context() as mp:  # ray absent: a one-line error naming the extra
         mp.setitem(sys.modules, "ray", None)
-        assert main(["compare", "--model", str(model_pt), "--data", "digits", "--radii", "0,0.1", "--executor", "ray", "--methods", METHOD]) == 2
-        assert "certify[ray]" in _err_line(capsys)
+        argv = ["compare", "--model", str(model_pt), "--data", "digits", "--radii", "0,0.1", "--executor", "ray",
+                "--methods", METHOD]
+        assert "certify[ray]" in cli_error(capsys, argv)
     with pytest.raises(ValueError):  # --debug: the traceback is not swallowed
         main(["run", "--model", str(model_pt), "--data", "digits", "--eps", "0.1", "--norm", "l3", "--method", METHOD, "--debug"])
 

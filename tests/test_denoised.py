@@ -18,6 +18,7 @@ from smoothing.denoiser import (
     BUNDLED, ResidualDenoiser, denoiser_mse, load_denoiser, save_denoiser, stability_objective, train_denoiser,
 )
 from smoothing.stats import SmoothingConfigError
+from smoothing_helpers import Projection
 from verify import certify
 from verify.cli import main
 from verify.data import digits
@@ -146,16 +147,11 @@ def _linear_denoiser(d: int, seed: int) -> tuple[ResidualDenoiser, torch.Tensor]
     return den.eval(), torch.eye(d) - w2 @ w1
 
 
-class _Sign(nn.Module):
+class _Sign(Projection):
     """Class 1 iff ``w . u > 0``."""
 
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = w
-
-    def forward(self, u):
-        s = u.reshape(u.shape[0], -1) @ self.w
-        return torch.stack([torch.zeros_like(s), s], dim=1)
+    def heads(self, s: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.zeros_like(s), s]
 
 
 def test_certified_radius_of_f_after_d_exceeds_the_closed_form_in_at_most_alpha_of_trials(tmp_path):

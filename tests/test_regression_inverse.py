@@ -20,10 +20,11 @@ from scipy.stats import binom, binomtest
 from scipy.stats import norm as normal
 from torch import nn
 
-from conftest import err_line
+from conftest import cli_error
 from smoothing.methods_tasks import checked_radii, largest_certified_radius, row_bounds
 from smoothing.regression import order_statistic_indices, percentile_bounds
 from smoothing.stats import cp_interval
+from smoothing_helpers import Projection
 from verify import certify
 from verify.certificate import Certificate, CertificateTable
 from verify.cli import main
@@ -32,16 +33,11 @@ from verify.registry import get_method, list_methods
 from verify.spec import Box, Linear, LpBall, OutputBounds, Robust, SpecError, TopK
 
 
-class _Affine(nn.Module):
+class _Affine(Projection):
     """``y = [w.x + 1, -2 w.x]``: two outputs whose medians under noise are their values."""
 
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = w
-
-    def forward(self, x):
-        s = x.reshape(x.shape[0], -1) @ self.w
-        return torch.stack([s + 1.0, -2.0 * s], 1)
+    def heads(self, s: torch.Tensor) -> list[torch.Tensor]:
+        return [s + 1.0, -2.0 * s]
 
 
 class _Threshold(nn.Module):
@@ -372,8 +368,8 @@ def test_cli_regressor_with_an_output_interval(tmp_path, capsys):
     ],
 )
 def test_cli_bad_inputs_one_line(capsys, extra, cause):
-    assert main(["run", "--model", "digits-mlp-noise", "--data", "digits", "--limit", "2", "--out", "", *extra]) == 2
-    assert cause in err_line(capsys)
+    argv = ["run", "--model", "digits-mlp-noise", "--data", "digits", "--limit", "2", "--out", "", *extra]
+    assert cause in cli_error(capsys, argv)
 
 
 def test_cli_invariance_refuses_a_vnnlib_property(tmp_path, capsys):
@@ -383,8 +379,8 @@ def test_cli_invariance_refuses_a_vnnlib_property(tmp_path, capsys):
     lines.append("(assert (<= Y_0 Y_1))")
     spec = tmp_path / "p.vnnlib"
     spec.write_text("\n".join(lines))
-    assert main(["run", "--model", "digits-mlp-noise", "--spec", str(spec), "--method", "smoothing-invariance", "--out", ""]) == 2
-    assert "needs a Robust" in err_line(capsys)
+    argv = ["run", "--model", "digits-mlp-noise", "--spec", str(spec), "--method", "smoothing-invariance", "--out", ""]
+    assert "needs a Robust" in cli_error(capsys, argv)
 
 
 # ------------------------------------------------------------------------ certificate fields

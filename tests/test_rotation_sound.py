@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from smoothing.rotation_error import _box_bounds, composition_error, exceed_probability, rotation_error_bound, rotation_error_search
 from smoothing.semantic import certify_rotation_sound, rotate, sound_rotation_radius
+from smoothing_helpers import Energy, assert_certificates_hold, check_method_details
 from verify.data import load_data
 from verify.deadline import Deadline
 from verify.registry import get_method
@@ -85,73 +85,21 @@ def test_sound_radius_formula():
     assert sound_rotation_radius(pa, 0.05, np.array([0.1] * 3), 10.0, 0.5)[0] < r[0]
 
 
-class _Energy(nn.Module):
-    """Class 1 iff ||z||_2^2 > t: interpolation blur lowers the energy, so the attacked image
-    is genuinely harder than the clean one rotated once."""
-
-    def __init__(self, t: float) -> None:
-        super().__init__()
-        self.t = t
-
-    def forward(self, z):
-        e = z.flatten(1).pow(2).sum(1)
-        return torch.stack([self.t - e, e - self.t], 1)
-
-
-def _p_class(model, z: torch.Tensor, c: int, sigma: float, sigma_l2: float, n: int, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    beta = torch.randn(n, generator=g) * sigma
-    zs = rotate(z.unsqueeze(0).expand(n, *z.shape), beta) + sigma_l2 * torch.randn(n, *z.shape, generator=g)
-    return float((model(zs).argmax(1) == c).double().mean())
-
-
-def _violations(f, xi: torch.Tensor, c: int, r: float, sigma: float, sl2: float, seed: int) -> int:
-    """Grid points gamma in [-r, r] where the smoothed classifier of the real attacked image
-    R_gamma(x) (20k samples, 0.01 slack) does not give ``c``."""
-    bad = 0
-    for gam in np.linspace(-r, r, 5):
-        z = rotate(xi.unsqueeze(0), torch.tensor([gam], dtype=torch.float32))[0]
-        bad += _p_class(f, z, c, sigma, sl2, 20000, seed) < 0.5 - 0.01
-    return bad
+def _arc(r: float) -> torch.Tensor:
+    """Angles ``[5, 1]`` on a grid of ``[-r, r]``."""
+    return torch.tensor(np.linspace(-r, r, 5), dtype=torch.float32).reshape(-1, 1)
 
 
 def test_certificate_holds_on_the_real_attacked_image():
     """Where the certificate says cA up to radius r, the smoothed classifier of R_gamma(x)
-    gives cA for gamma on a grid of [-r, r]; the same check flags an over-claimed radius."""
-    x = _digits(6)
-    sigma, sl2 = 5.0, 0.3
-    wrong, certified, caught = 0, 0, 0
-    for i in range(6):
-        xi = x[i]
-        base = float(xi.pow(2).sum()) + 64 * sl2 ** 2
-        f = _Energy(base - 8.5)  # class 1 at x with a margin the certificate can use
-        res = certify_rotation_sound(f, xi.unsqueeze(0), sigma, sl2, np.array([4.0]), n0=50, n=2000, alpha=0.01, n_err=200)
-        r, c = float(res.radius[0]), int(res.prediction[0])
-        if r > 0:
-            certified += 1
-            wrong += _violations(f, xi, c, r, sigma, sl2, 1 + i)
-        # negative control: a thin margin and a claimed 25 degrees are caught by the same check
-        caught += _violations(_Energy(base - 4.0), xi, 1, 25.0, sigma, sl2, 1 + i) > 0
-    assert certified >= 2
-    assert wrong == 0
-    assert caught >= 2
+    gives cA for gamma on a grid of [-r, r]; the same check flags an over-claimed radius
+    (a thin margin and a claimed 25 degrees)."""
+    assert_certificates_hold(certify_rotation_sound, _digits(6), 4.0, rotate, _arc, margin=8.5, thin_margin=4.0,
+                             claim=_arc(25.0), sigma=5.0, sl2=0.3)
 
 
 def test_method_details_and_old_behaviour():
-    x, y = load_data("digits", limit=2)
-    from verify.digits_model import load_digits_mlp
-
-    m = load_digits_mlp("noise").eval()
-    snd = get_method("smoothing-rotation", n=500, n0=50, alpha=0.01, n_err=50).certify(m, LpBall(x, 1.0, 2), Robust(y))
-    old = get_method("smoothing-rotation", n=500, n0=50, alpha=0.01, sound=False).certify(m, LpBall(x, 1.0, 2), Robust(y))
-    d = snd[0].details
-    assert d["sound"] and "R_gamma(x)" in d["certifies_exactly"] and d["E"] >= d["E_lower"] > 0
-    assert d["alpha_pA"] + d["alpha_error"] == pytest.approx(0.01) and snd[0].confidence == pytest.approx(0.99)
-    assert all(c.radius <= 1.0 for c in snd)  # capped at the bounded range
-    assert "NOT the smoothed" in old[0].details["certifies_exactly"] and "E" not in old[0].details
-    with pytest.raises(ValueError):
-        get_method("smoothing-rotation", interpolation="nearest")
-    get_method("smoothing-rotation", interpolation="nearest", sound=False)
+    check_method_details("smoothing-rotation", 1.0, "R_gamma(x)")
 
 
 # --- the deadline covers the error search (issue 20, item 3)
@@ -198,7 +146,7 @@ def test_sound_mode_answers_within_its_timeout(name):
     model = load_digits_mlp("noise").eval()
     fast = dict(n=500, n0=50, alpha=0.01)
     slow = get_method(name, n_err=200_000, **fast)
-    const = _Energy(-1.0)  # always class 1: pA is high, only the error search can stop a certificate
+    const = Energy(-1.0)  # always class 1: pA is high, only the error search can stop a certificate
     ones = torch.ones(3, dtype=torch.long)
     _timed_certify(slow, const, x[:1], ones[:1], 0.01)  # lazy imports out of the measurement
     for timeout in (0.05, 0.2, 0.5):
