@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Unpack
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .noise import Noise
-from .sampling import Perturb, count_classes
+from .sampling import Perturb, SamplingOptions, count_classes
 from .stats import check_n_alpha, cp_lower, cp_upper, label_counts, predict_pvalue
 
 __all__ = ["CertifyResult", "PredictResult", "certify", "predict", "probability_bounds"]
@@ -98,14 +99,10 @@ def certify(
     alpha: float = 0.001,
     norm: str = "l2",
     pb_bound: bool = False,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
     perturb: Perturb | None = None,
     param_shape: tuple[int, ...] | None = None,
     dim: int | None = None,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> CertifyResult:
     """CERTIFY for a batch ``x [B, *shape]`` (Cohen et al. 2019, Alg. CERTIFY).
 
@@ -118,9 +115,10 @@ def certify(
         norm: the norm of the returned radius (``"l1"``, ``"l2"``, ``"linf"``).
         pb_bound: bound ``pB`` separately (Bonferroni ``alpha/2`` each), a larger radius
             when the probability mass is not all on two classes.
-        seed, batch_size, memory_mb, share_noise, deadline: see :func:`smoothing.sampling.monte_carlo`.
         perturb, param_shape: a non-additive perturbation (semantic smoothing).
         dim: dimension for the radius conversions (default ``prod(param_shape)``).
+        sampling: ``seed``, ``batch_size``, ``memory_mb``, ``share_noise``, ``deadline``
+            (:class:`~smoothing.sampling.SamplingOptions`).
 
     Raises:
         SmoothingConfigError: an ``(n, alpha)`` pair that can never certify.
@@ -129,8 +127,7 @@ def certify(
         raise ValueError(f"n0 must be >= 1, got {n0}")
     check_n_alpha(n, alpha, pb_bound=pb_bound)
     counts = count_classes(
-        model, x, noise, [n0, n], seed=seed, streams=["select", "estimate"], batch_size=batch_size,
-        memory_mb=memory_mb, share_noise=share_noise, perturb=perturb, param_shape=param_shape, deadline=deadline,
+        model, x, noise, [n0, n], streams=["select", "estimate"], perturb=perturb, param_shape=param_shape, **sampling,
     )
     c0, c = counts[0], counts[1]
     K = c.shape[1]
@@ -152,21 +149,16 @@ def predict(
     *,
     n: int = 100_000,
     alpha: float = 0.001,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
     perturb: Perturb | None = None,
     param_shape: tuple[int, ...] | None = None,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> PredictResult:
     """PREDICT for a batch (Cohen et al. 2019, Alg. PREDICT): the top class ``cA`` when the
     two-sided binomial test of ``nA`` vs ``nA + nB`` (top two counts) at ``1/2`` has
     p-value ``<= alpha``, else ``-1``. Returns a wrong class with probability ``<= alpha``
-    (Cohen et al. 2019, Prop. 1)."""
+    (Cohen et al. 2019, Prop. 1). Arguments as :func:`certify`'s."""
     counts = count_classes(
-        model, x, noise, [n], seed=seed, streams=["predict"], batch_size=batch_size, memory_mb=memory_mb,
-        share_noise=share_noise, perturb=perturb, param_shape=param_shape, deadline=deadline,
+        model, x, noise, [n], streams=["predict"], perturb=perturb, param_shape=param_shape, **sampling,
     )[0]
     K = counts.shape[1]
     k = min(2, K)

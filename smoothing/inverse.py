@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from verify.spec import Box, InputSet, LpBall
 
-from .sampling import count_classes
+from .sampling import SamplingOptions, count_classes
 from .stats import cp_interval, cp_lower, label_counts
 
 __all__ = ["InvarianceEstimate", "UnitSampler", "estimate_invariance"]
@@ -115,11 +116,7 @@ def estimate_invariance(
     reference: Tensor | None = None,
     n: int = 10_000,
     alpha: float = 0.001,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> InvarianceEstimate:
     """Estimate ``P_{x' ~ D(S)}(argmax f(x') = reference)`` for every set of the batch.
 
@@ -129,9 +126,9 @@ def estimate_invariance(
         reference: ``[B]`` classes (default: ``argmax f`` at the midpoint / centre).
         n: samples per set.
         alpha: the interval holds with probability ``>= 1 - alpha`` per input.
-        share_noise: the inputs of the batch use the same uniform draws (default; each
-            interval keeps its level, see :mod:`smoothing.sampling`); ``False``: independent
-            draws per input.
+        sampling: see :class:`~smoothing.sampling.SamplingOptions`; with ``share_noise`` (the
+            default) the inputs of the batch use the same uniform draws (each interval keeps
+            its level), ``False``: independent draws per input.
     """
     packed, kind, desc = _pack(inputs)
     shape = tuple(inputs.shape)
@@ -150,8 +147,7 @@ def estimate_invariance(
         return pts.reshape(rows.shape[0], *shape)
 
     counts = count_classes(
-        model, packed, sampler, [n], seed=seed, streams=["inverse"], batch_size=batch_size, memory_mb=memory_mb,
-        share_noise=share_noise, perturb=perturb, param_shape=(sampler.param_dim,), deadline=deadline,
+        model, packed, sampler, [n], streams=["inverse"], perturb=perturb, param_shape=(sampler.param_dim,), **sampling,
     )[0]
     agree, _ = label_counts(counts, reference)
     lo, hi = cp_interval(agree, n, alpha)

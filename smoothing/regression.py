@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from scipy.stats import norm as _normal
 from torch import Tensor
 
 from .noise import GaussianNoise
-from .sampling import monte_carlo
+from .sampling import SamplingOptions, monte_carlo
 
 __all__ = ["RegressionBounds", "order_statistic_indices", "sample_outputs", "bounds_from_samples", "percentile_bounds"]
 
@@ -72,18 +73,14 @@ def sample_outputs(
     x: Tensor,
     sigma: float,
     n: int,
-    *,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> np.ndarray:
     """The outputs ``f(x + delta)``, ``delta ~ N(0, sigma^2 I)``, sorted per input and output.
 
     Args:
         model: regressor ``[S, *shape] -> [S, m]`` (or ``[S]``).
         x: ``[B, *shape]``.
+        sampling: see :class:`~smoothing.sampling.SamplingOptions`.
 
     Returns:
         ``[B, n, m]`` float64, ascending along the sample axis (the order statistics
@@ -101,8 +98,7 @@ def sample_outputs(
         store["y"][slot, pos] = out
 
     with torch.inference_mode():
-        monte_carlo(model, x, noise, [n], consume, seed=seed, streams=["regression"], batch_size=batch_size,
-                    memory_mb=memory_mb, share_noise=share_noise, deadline=deadline)
+        monte_carlo(model, x, noise, [n], consume, streams=["regression"], **sampling)
     return store["y"].double().sort(dim=1).values.cpu().numpy()
 
 
@@ -144,11 +140,7 @@ def percentile_bounds(
     percentile: float = 0.5,
     n: int = 10_000,
     alpha: float = 0.001,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> RegressionBounds:
     """Certified bounds on the percentile-smoothed regressor over the l2 ball of radius ``eps``.
 
@@ -159,8 +151,8 @@ def percentile_bounds(
         eps: l2 radius of the perturbations (0: bounds on ``h_p(x)`` itself).
         percentile: ``p`` in (0, 1); 0.5 is median smoothing.
         n: samples per input.
+        sampling: see :class:`~smoothing.sampling.SamplingOptions`.
     """
     _check_percentile_eps(percentile, eps)
-    y = sample_outputs(model, x, sigma, n, seed=seed, batch_size=batch_size, memory_mb=memory_mb,
-                       share_noise=share_noise, deadline=deadline)
+    y = sample_outputs(model, x, sigma, n, **sampling)
     return bounds_from_samples(y, sigma, eps, percentile, alpha)

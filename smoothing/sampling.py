@@ -48,7 +48,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ __all__ = [
     "seed_generator",
     "input_generators",
     "Perturb",
+    "SamplingOptions",
     "monte_carlo",
     "count_classes",
 ]
@@ -122,6 +123,29 @@ def input_generators(x: Tensor, seed: int, stream: str) -> list[torch.Generator]
 Perturb = Callable[[Tensor, Tensor], Tensor]
 
 
+class SamplingOptions(TypedDict, total=False):
+    """The keyword options of the Monte Carlo that every smoothing entry point (``certify``,
+    ``predict``, ``certify_topk``, ``certify_semantic``, the sound semantic certificates,
+    ``sample_outputs``, ``percentile_bounds``, ``estimate_invariance``) passes on to
+    :func:`monte_carlo` unchanged (``**sampling``); one not given takes :func:`monte_carlo`'s
+    default.
+
+    Keys:
+        seed: base seed of the noise streams (default 0).
+        batch_size, memory_mb: rows per forward pass, see :func:`chunk_size` (1000, ``None``).
+        share_noise: one noise stream for the whole batch (default ``True``; see the module
+            docstring); ``False``: independent noise per input.
+        deadline: ``time.perf_counter()`` value after which :class:`SamplingTimeout` is raised
+            (default ``None``: none).
+    """
+
+    seed: int
+    batch_size: int
+    memory_mb: float | None
+    share_noise: bool
+    deadline: float | None
+
+
 @dataclass
 class _Block:
     slot: int  # accumulator row (stream * B + b)
@@ -139,13 +163,13 @@ def monte_carlo(
     nums: Sequence[int],
     consume: Callable[[Tensor, Tensor, Tensor], None],
     *,
-    seed: int = 0,
     streams: Sequence[str] | None = None,
+    perturb: Perturb | None = None,
+    param_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
     batch_size: int = 1000,
     memory_mb: float | None = None,
     share_noise: bool = True,
-    perturb: Perturb | None = None,
-    param_shape: tuple[int, ...] | None = None,
     deadline: float | None = None,
 ) -> None:
     """Run the base model on noisy copies of every input, streaming outputs to ``consume``.
@@ -160,13 +184,10 @@ def monte_carlo(
             pass; ``pos`` is the index of each row's sample within its slot. ``out`` may
             share memory with the reused input buffer (e.g. an identity model): copy what
             you keep beyond the call.
-        seed: base seed; streams are named ``streams[s]`` (default ``"s0", "s1", ...``).
-        batch_size, memory_mb: rows per forward pass, see :func:`chunk_size`.
-        share_noise: one noise stream for the whole batch (default; see module docstring);
-            ``False``: independent noise per input.
+        streams: the streams' names, seeded from ``(seed, streams[s])`` (default ``"s0", "s1", ...``).
         perturb: how a noise sample acts on an input (default: added).
         param_shape: shape of one noise sample (default ``x.shape[1:]``).
-        deadline: ``time.perf_counter()`` value after which :class:`SamplingTimeout` is raised.
+        seed, batch_size, memory_mb, share_noise, deadline: see :class:`SamplingOptions`.
     """
     shape = tuple(x.shape[1:])
     pshape = shape if param_shape is None else tuple(param_shape)
@@ -265,16 +286,12 @@ def count_classes(
     noise: NoiseSource,
     nums: Sequence[int],
     *,
-    seed: int = 0,
     streams: Sequence[str] | None = None,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
     perturb: Perturb | None = None,
     param_shape: tuple[int, ...] | None = None,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> Tensor:
-    """Class counts of the base model's argmax under noise.
+    """Class counts of the base model's argmax under noise (arguments as :func:`monte_carlo`'s).
 
     Returns:
         ``[len(nums), B, K]`` int64 counts on ``x.device``: ``counts[s, b, c]`` is how many of
@@ -292,10 +309,7 @@ def count_classes(
         acc["c"] += torch.bincount(slot * K + pred, minlength=S * B * K)
 
     with torch.inference_mode():
-        monte_carlo(
-            model, x, noise, nums, consume, seed=seed, streams=streams, batch_size=batch_size, memory_mb=memory_mb,
-            share_noise=share_noise, perturb=perturb, param_shape=param_shape, deadline=deadline,
-        )
+        monte_carlo(model, x, noise, nums, consume, streams=streams, perturb=perturb, param_shape=param_shape, **sampling)
     if "c" not in acc:  # no samples at all: K from one clean forward pass
         with torch.inference_mode():
             K = model(x[:1]).reshape(1, -1).shape[1]

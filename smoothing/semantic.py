@@ -29,7 +29,7 @@ the pixels shifted out of the frame); sub-pixel ones do not (0.3 px then 0.4 px 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Unpack
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from verify.deadline import Deadline
 from .certify import CertifyResult, certify
 from .noise import GaussianNoise
 from .rotation_error import ErrorSearch, exceed_probability, rotation_error_search
+from .sampling import SamplingOptions
 from .translation_error import translation_error_search
 
 __all__ = ["SemanticTransform", "Rotation", "Translation", "rotate", "translate", "certify_semantic", "certify_rotation_sound",
@@ -149,11 +150,7 @@ def certify_semantic(
     alpha: float = 0.001,
     norm: str = "l2",
     pb_bound: bool = False,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> CertifyResult:
     """CERTIFY in the parameter space of ``transform`` (``sigma`` in degrees or pixels).
 
@@ -161,14 +158,15 @@ def certify_semantic(
         x: images ``[B, C, H, W]`` (or ``[B, H, W]``).
         norm: norm of the parameter vector (``"l2"``; for translations ``"linf"`` gives
             ``R_2 / sqrt(2)``).
+        n0, n, alpha, pb_bound: as in :func:`~smoothing.certify.certify`.
+        sampling: see :class:`~smoothing.sampling.SamplingOptions`.
     Returns:
         a :class:`~smoothing.certify.CertifyResult` whose ``radius`` is in the transform's unit.
     """
     noise = GaussianNoise(sigma=sigma)
     return certify(
-        model, x, noise, n0=n0, n=n, alpha=alpha, norm=norm, pb_bound=pb_bound, seed=seed, batch_size=batch_size,
-        memory_mb=memory_mb, share_noise=share_noise, perturb=transform.apply, param_shape=(transform.params,),
-        dim=transform.params, deadline=deadline,
+        model, x, noise, n0=n0, n=n, alpha=alpha, norm=norm, pb_bound=pb_bound, perturb=transform.apply,
+        param_shape=(transform.params,), dim=transform.params, **sampling,
     )
 
 
@@ -212,17 +210,14 @@ def _certify_sound(
     n: int,
     alpha: float,
     n_err: int,
-    seed: int,
-    batch_size: int,
-    memory_mb: float | None,
-    share_noise: bool,
-    deadline: float | None,
     scale: float = 1.0,
+    **sampling: Unpack[SamplingOptions],
 ) -> CertifyResult:
     """The combined (parameter, l2) smoothing certificate of Fischer et al. 2020, Sec. 4-5, for
     any transform whose composition error ``error(x [C, H, W], betas [n_err, P], range, deadline)``
-    bounds; see :func:`certify_rotation_sound`. The whole call, sampling and every error search,
-    shares ``deadline``: sampling past it raises :class:`~smoothing.sampling.SamplingTimeout`; an
+    bounds; see :func:`certify_rotation_sound`. ``sampling``'s ``seed`` also seeds the error
+    statement's parameter draws. The whole call, sampling and every error search, shares
+    ``sampling``'s ``deadline``: sampling past it raises :class:`~smoothing.sampling.SamplingTimeout`; an
     error search past it leaves its inputs with ``E = inf``, radius 0 and
     ``extra["searches"][b].complete`` False (no certificate rests on a partial bound). ``scale`` multiplies the l2 radius before
     the cap at ``max_range`` (``1 / sqrt(2)`` for an linf radius of a 2-d shift)."""
@@ -234,12 +229,11 @@ def _certify_sound(
         moved = transform.apply(rows.reshape(-1, *shape), u[:, :P] * sigma)
         return (moved + sigma_l2 * u[:, P:].reshape(-1, *shape)).reshape(rows.shape)
 
-    res = certify(model, x, GaussianNoise(sigma=1.0), n0=n0, n=n, alpha=alpha / 2, seed=seed, batch_size=batch_size,
-                  memory_mb=memory_mb, share_noise=share_noise, perturb=perturb, param_shape=(P + d,), dim=P + d,
-                  deadline=deadline)
+    res = certify(model, x, GaussianNoise(sigma=1.0), n0=n0, n=n, alpha=alpha / 2, perturb=perturb, param_shape=(P + d,),
+                  dim=P + d, **sampling)
     q = exceed_probability(n_err, alpha / 2)
-    dl = Deadline.until(deadline)
-    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    dl = Deadline.until(sampling.get("deadline"))
+    gen = torch.Generator().manual_seed(int(sampling.get("seed", 0)) + 7919)  # monte_carlo's default seed
     searches = []
     for b in range(len(x4)):
         if dl.expired():  # not even the set-up of the remaining searches
@@ -267,11 +261,7 @@ def certify_rotation_sound(
     alpha: float = 0.001,
     n_err: int = 1000,
     err_tol: float = 0.02,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> CertifyResult:
     """Rotation certificate valid on the real, interpolated image ``R_gamma(x)``, every
     ``|gamma| <= max_angle`` (Fischer et al. 2020, Sec. 4-5, individual guarantee).
@@ -285,7 +275,8 @@ def certify_rotation_sound(
     Args:
         x: clean images ``[B, C, H, W]`` (or ``[B, H, W]``).
         max_angle: ``[B]`` the attacker's range (degrees) over which the error is bounded.
-        deadline: ``time.perf_counter()`` value for the whole call (sampling and error search).
+        sampling: see :class:`~smoothing.sampling.SamplingOptions`; its ``deadline`` covers the
+            whole call (sampling and error search).
     Returns:
         a :class:`~smoothing.certify.CertifyResult` with ``radius`` in degrees, capped at
         ``max_angle``; ``extra`` holds ``E [B]`` (``inf`` where the search did not finish),
@@ -296,7 +287,7 @@ def certify_rotation_sound(
         return rotation_error_search(img, betas, rng, tol=err_tol, deadline=dl)
 
     res = _certify_sound(model, x, Rotation(), error, sigma, sigma_l2, max_angle, n0=n0, n=n, alpha=alpha, n_err=n_err,
-                         seed=seed, batch_size=batch_size, memory_mb=memory_mb, share_noise=share_noise, deadline=deadline)
+                         **sampling)
     res.norm = "rotation-deg"
     return res
 
@@ -313,11 +304,7 @@ def certify_translation_sound(
     n: int = 100_000,
     alpha: float = 0.001,
     n_err: int = 1000,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> CertifyResult:
     """Translation certificate valid on the real, interpolated image ``T_gamma(x)`` (bilinear,
     zero padding), every shift ``gamma`` with ``||gamma|| <= radius <= max_shift`` (Fischer et al.
@@ -334,7 +321,7 @@ def certify_translation_sound(
         x: clean images ``[B, C, H, W]`` (or ``[B, H, W]``).
         max_shift: ``[B]`` the attacker's range (pixels, per axis).
         norm: ``"l2"`` or ``"linf"``, the norm of the shift vector the radius is stated in.
-        deadline: ``time.perf_counter()`` value for the whole call (sampling and error search).
+        sampling: as in :func:`certify_rotation_sound`.
     Returns:
         a :class:`~smoothing.certify.CertifyResult` with ``radius`` in pixels, capped at
         ``max_shift``; ``extra`` as in :func:`certify_rotation_sound`.
@@ -346,7 +333,6 @@ def certify_translation_sound(
         return translation_error_search(img, betas, rng, deadline=dl)
 
     res = _certify_sound(model, x, Translation(), error, sigma, sigma_l2, max_shift, n0=n0, n=n, alpha=alpha, n_err=n_err,
-                         seed=seed, batch_size=batch_size, memory_mb=memory_mb, share_noise=share_noise, deadline=deadline,
-                         scale=1.0 if norm == "l2" else 1 / math.sqrt(2))
+                         scale=1.0 if norm == "l2" else 1 / math.sqrt(2), **sampling)
     res.norm = "translation-px" + ("" if norm == "l2" else "-linf")
     return res

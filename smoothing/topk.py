@@ -18,13 +18,15 @@ the ``K`` classes (Bonferroni), as in Jia et al.'s experiments.
 """
 from __future__ import annotations
 
+from typing import Unpack
+
 import numpy as np
 import torch
 from scipy.stats import norm as _normal
 from torch import Tensor
 
 from .noise import FLOAT_MARGIN, GaussianNoise
-from .sampling import count_classes
+from .sampling import SamplingOptions, count_classes
 from .stats import cp_lower, cp_upper, label_counts
 
 __all__ = ["topk_radius", "topk_bounds", "certify_topk"]
@@ -96,25 +98,19 @@ def certify_topk(
     *,
     n: int = 100_000,
     alpha: float = 0.001,
-    seed: int = 0,
-    batch_size: int = 1000,
-    memory_mb: float | None = None,
-    share_noise: bool = True,
-    deadline: float | None = None,
+    **sampling: Unpack[SamplingOptions],
 ) -> dict[str, np.ndarray | Tensor]:
     """Certify that ``labels[b]`` is in the top-k of the Gaussian-smoothed classifier.
 
     Args:
         x: ``[B, *shape]``; labels: ``[B]`` long.
+        sampling: see :class:`~smoothing.sampling.SamplingOptions`.
     Returns:
         dict with ``radius [B]`` (l2), ``pl_lower [B]``, ``p_upper [B, K-1]``,
         ``counts [B, K]``, ``top1 [B]`` (argmax of the counts).
     """
     noise = GaussianNoise(sigma=sigma)
-    counts = count_classes(
-        model, x, noise, [n], seed=seed, streams=["topk"], batch_size=batch_size, memory_mb=memory_mb,
-        share_noise=share_noise, deadline=deadline,
-    )[0]
+    counts = count_classes(model, x, noise, [n], streams=["topk"], **sampling)[0]
     pl, pu = topk_bounds(counts, labels, n, alpha)
     r = topk_radius(pl, pu, k, sigma)
     return {"radius": r, "pl_lower": pl, "p_upper": pu, "counts": counts, "top1": counts.argmax(dim=1)}
