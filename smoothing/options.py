@@ -106,9 +106,8 @@ class TranslationOptions(SemanticOptions):
 class _TaskOptions(SamplingOptions):
     """The sampled tasks check a grid of radii with one sample set."""
 
-    n: int = option(10_000, "samples per input (shared by every checked radius)", positive=True)
-    alpha: float = option(0.001, "failure probability of the whole certificate (split over the checked radii)",
-                          interval=(0.0, 1.0, "open"))
+    n: int = option(10_000, "samples per input (shared by every checked radius; alpha is split over them)",
+                    positive=True)
     radius_steps: int = option(8, "grid radii checked by find_radius", positive=True)
 
 

@@ -184,6 +184,14 @@ class CertifyCall:
             return None
         return int(self._labels[b] if len(self._labels) > 1 else self._labels[0])
 
+    def clean_verdict(self) -> tuple[Tensor, Tensor, Tensor, LinearSpec]:
+        """At the sets' centres: ``x0 [B, *shape]``, the predicted class ``[B]``, whether the
+        property holds there ``[B]`` (a batched pass: a near-tie is confirmed one input at a
+        time by the status rule) and the property's rows."""
+        x0, y0 = self.clean()
+        spec = self.spec()
+        return x0, y0.argmax(dim=1), spec.holds(y0), spec
+
     def centre_outputs(self) -> Tensor | None:
         """``y0`` when a method already computed it (for the status rule), else ``None``."""
         return None if self._clean is None else self._clean[1]
@@ -421,10 +429,7 @@ class BoundMethod(Method):
         t0 = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
-        x0, y0 = call.clean()
-        spec = call.spec()
-        pred = y0.argmax(dim=1)
-        clean_ok = spec.holds(y0)
+        x0, pred, clean_ok, spec = call.clean_verdict()
         ball = inputs if isinstance(inputs, LpBall) else None
 
         lower, proved = self.checked_bounds(model, inputs, spec)

@@ -168,10 +168,7 @@ class MilpMethod(Method):
         t_all = deadline.start
         self.check_input_set(inputs)
         B = inputs.batch_size
-        x0, y0 = call.clean()
-        spec = call.spec()
-        pred = y0.argmax(dim=1)
-        clean_ok = spec.holds(y0)
+        x0, pred, clean_ok, spec = call.clean_verdict()
         clean_bad = ~clean_ok  # confirmed one input at a time (own dtype and float64)
         if bool(clean_bad.any()):
             from verify.attack import confirm_counterexample

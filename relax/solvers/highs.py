@@ -112,20 +112,20 @@ class HighsBackend(Backend):
         self.lp.offset = float(offset)
 
     def set_col_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
-        idx = np.asarray(idx, dtype=np.int32)
-        lo = np.asarray(lo, dtype=np.float64)
-        hi = np.asarray(hi, dtype=np.float64)
-        self.h.changeColsBounds(len(idx), idx, lo, hi)
-        self.lp.col_lo[idx] = lo
-        self.lp.col_hi[idx] = hi
+        self._set_bounds(self.h.changeColsBounds, self.lp.col_lo, self.lp.col_hi, idx, lo, hi)
 
-    def set_row_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    def set_row_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
+        self._set_bounds(self.h.changeRowsBounds, self.lp.row_lo, self.lp.row_hi, idx, lo, hi)
+
+    @staticmethod
+    def _set_bounds(change, lows: np.ndarray, highs: np.ndarray, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
+        """Bounds ``lo, hi`` of the columns or rows ``idx``, in HiGHS (``change``) and in our copy."""
         idx = np.asarray(idx, dtype=np.int32)
         lo = np.asarray(lo, dtype=np.float64)
         hi = np.asarray(hi, dtype=np.float64)
-        self.h.changeRowsBounds(len(idx), idx, lo, hi)
-        self.lp.row_lo[idx] = lo
-        self.lp.row_hi[idx] = hi
+        change(len(idx), idx, lo, hi)
+        lows[idx] = lo
+        highs[idx] = hi
 
     def _interrupt(self, e) -> None:
         # highspy keeps data_in.user_interrupt between runs: set it explicitly on every call

@@ -315,16 +315,21 @@ def b_neg(ctx):
 
 
 # ---------------------------------------------------------------- pooling
-def b_avgpool(ctx):
+def _pool_args(ctx, names: list[str], defaults: list) -> list:
+    """A pooling node's arguments ``names`` (after ``input``): the module's attributes of the same
+    names, or the function call's positional / keyword arguments with ``defaults``."""
     n = ctx.node
     if n.op == "call_module":
         m = ctx.module()
-        k, s, p, ceil, cip, div = m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
-    else:
-        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
-        defaults = [None, None, None, 0, False, True, None]
-        v = {k_: (n.args[i] if i < len(n.args) else n.kwargs.get(k_, defaults[i])) for i, k_ in enumerate(names)}
-        k, s, p, ceil, cip, div = (ctx.const(v[x]) for x in names[1:])
+        return [getattr(m, name) for name in names]
+    full = ["input", *names]
+    given = {k_: (n.args[i] if i < len(n.args) else n.kwargs.get(k_, ([None] + defaults)[i])) for i, k_ in enumerate(full)}
+    return [ctx.const(given[name]) for name in names]
+
+
+def b_avgpool(ctx):
+    k, s, p, ceil, cip, div = _pool_args(ctx, ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                               "divisor_override"], [None, None, 0, False, True, None])
     k = _pair(k)
     s = _pair(s) if s not in (None, []) else k
     p = _pair(p)
@@ -340,15 +345,8 @@ def b_avgpool(ctx):
 
 
 def b_maxpool(ctx):
-    n = ctx.node
-    if n.op == "call_module":
-        m = ctx.module()
-        k, s, p, d, ceil, ri = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
-    else:
-        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
-        defaults = [None, None, None, 0, 1, False, False]
-        v = {k_: (n.args[i] if i < len(n.args) else n.kwargs.get(k_, defaults[i])) for i, k_ in enumerate(names)}
-        k, s, p, d, ceil, ri = (ctx.const(v[x]) for x in names[1:])
+    k, s, p, d, ceil, ri = _pool_args(ctx, ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+                                      [None, None, 0, 1, False, False])
     if ri:
         raise ctx.fail("MaxPool2d with return_indices")
     k = _pair(k)
