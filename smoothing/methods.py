@@ -67,22 +67,14 @@ class _Smoothing(Method):
     guarantee = "probabilistic"
     certifies = "smoothed"
     noise_cls: ClassVar[type[Noise] | None] = None
-    Options = ClassifierOptions
-    sigma: float
-    n0: int
-    n: int
-    alpha: float
-    batch_size: int
-    memory_mb: float | None
-    seed: int
-    share_noise: bool
+    opts: ClassifierOptions
 
     def setup(self) -> None:
         """Refuse a sigma of inf and ``(n, alpha)`` pairs that can never certify
         (:func:`smoothing.stats.check_n_alpha`); types and ranges are the Options' checks."""
-        if not math.isfinite(self.sigma):
-            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.sigma!r}")
-        check_n_alpha(int(self.n), float(self.alpha), pb_bound=bool(getattr(self, "pb_bound", False)))
+        if not math.isfinite(self.opts.sigma):
+            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.opts.sigma!r}")
+        check_n_alpha(int(self.opts.n), float(self.opts.alpha), pb_bound=bool(getattr(self, "pb_bound", False)))
 
     # --- helpers
     def _ball(self, inputs: InputSet) -> LpBall:
@@ -106,10 +98,10 @@ class _Smoothing(Method):
     def _sampling(self, *, selection: bool = True) -> dict[str, Any]:
         """The sampling options as keywords of the smoothing functions (``n0`` with
         ``selection``)."""
-        kw: dict[str, Any] = {"n": int(self.n), "alpha": float(self.alpha), "seed": int(self.seed),
-                              "batch_size": int(self.batch_size), "memory_mb": self.memory_mb,
-                              "share_noise": bool(self.share_noise)}
-        return {"n0": int(self.n0), **kw} if selection else kw
+        kw: dict[str, Any] = {"n": int(self.opts.n), "alpha": float(self.opts.alpha), "seed": int(self.opts.seed),
+                              "batch_size": int(self.opts.batch_size), "memory_mb": self.opts.memory_mb,
+                              "share_noise": bool(self.opts.share_noise)}
+        return {"n0": int(self.opts.n0), **kw} if selection else kw
 
     def _base_details(self) -> dict[str, Any]:
         return {
@@ -117,13 +109,13 @@ class _Smoothing(Method):
             "sigma_space": "model input space",
             "float_soundness": FLOAT_NOTE,
             "noise_streams": ("shared by the inputs of the batch: each certificate holds with probability 1 - alpha, "
-                              "failures of different inputs are correlated") if self.share_noise else "independent per input",
+                              "failures of different inputs are correlated") if self.opts.share_noise else "independent per input",
         }
 
     def _timeout_certs(self, B, labels, eps, norm, elapsed, extra) -> list[Certificate]:
         return [
             Certificate(
-                method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.alpha),
+                method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.opts.alpha),
                 status="unknown", index=b, label=int(labels[b]), prediction=None, norm=norm, eps=float(eps[b]),
                 radius=0.0, time_s=elapsed / B, details={**self._base_details(), **extra, "reason": "timeout"},
             )
@@ -164,7 +156,7 @@ class _Smoothing(Method):
                 det["reason"] = reason
             certs.append(
                 Certificate(
-                    method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.alpha),
+                    method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.opts.alpha),
                     status=status, index=b, label=lab, prediction=pred, norm=norm, eps=e, radius=r,
                     time_s=elapsed / B, details=det,
                 )
@@ -179,12 +171,11 @@ class _NoiseSmoothing(_Smoothing):
     each); :mod:`smoothing.sampling` explains the two kinds of noise streams (``share_noise``).
     """
 
-    Options = NoiseOptions
-    pb_bound: bool
+    opts: NoiseOptions
 
     def noise(self) -> Noise:
         assert self.noise_cls is not None
-        return self.noise_cls(sigma=float(self.sigma))
+        return self.noise_cls(sigma=float(self.opts.sigma))
 
     def base_classifier(self, model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The base classifier that is smoothed, ``[S, *shape] -> [S, K]``, and the details it
@@ -206,7 +197,7 @@ class _NoiseSmoothing(_Smoothing):
                  "radius_from": norm if norm in nz.direct_norms else f"{'/'.join(nz.direct_norms)} via dimension factor"}
         try:
             res = _certify(
-                model, x, nz, norm=norm, pb_bound=bool(self.pb_bound), **self._sampling(),
+                model, x, nz, norm=norm, pb_bound=bool(self.opts.pb_bound), **self._sampling(),
                 deadline=None if timeout is None else t0 + float(timeout),
             )
         except SamplingTimeout:
@@ -255,14 +246,13 @@ class SmoothingDenoised(_NoiseSmoothing):
     summary = "denoised smoothing (Salman et al. 2020): Gaussian smoothing of f(D(.)), a denoiser before f; l2 (l1, linf by conversion)"
     norms = ("l2", "linf", "l1")
     noise_cls = GaussianNoise
-    denoiser: str
 
-    Options = DenoisedOptions
+    opts: DenoisedOptions
 
     def setup(self) -> None:
         super().setup()
         try:
-            self._denoiser, self._denoiser_meta = load_denoiser(self.denoiser)
+            self._denoiser, self._denoiser_meta = load_denoiser(self.opts.denoiser)
         except ValueError as e:
             raise SmoothingConfigError(f"{self.name}: option denoiser: {e}") from None
 
@@ -272,14 +262,14 @@ class SmoothingDenoised(_NoiseSmoothing):
         meta = self._denoiser_meta
         shape = meta.get("input_shape")
         if shape is not None and tuple(x.shape[1:]) != tuple(shape):
-            raise SpecError(f"{self.name}: denoiser {self.denoiser!r} takes inputs of shape {tuple(shape)}, got "
+            raise SpecError(f"{self.name}: denoiser {self.opts.denoiser!r} takes inputs of shape {tuple(shape)}, got "
                             f"{tuple(x.shape[1:])}; give denoiser=identity or a denoiser file made for this shape")
         den = self._denoiser.to(device=x.device, dtype=x.dtype)
         details: dict[str, Any] = {"base_classifier": "f(D(x + delta)): the model after the denoiser D",
                                    "denoiser": {k: v for k, v in meta.items() if k != "input_shape"}}
         trained = meta.get("sigma")
-        if trained is not None and not math.isclose(float(trained), float(self.sigma)):
-            details["denoiser_note"] = (f"D was trained at sigma {trained:g}, smoothing uses sigma {self.sigma:g}: "
+        if trained is not None and not math.isclose(float(trained), float(self.opts.sigma)):
+            details["denoiser_note"] = (f"D was trained at sigma {trained:g}, smoothing uses sigma {self.opts.sigma:g}: "
                                         "the certificate holds for any D, the accuracy may suffer")
         return torch.nn.Sequential(den, model), details
 
@@ -327,26 +317,23 @@ class SmoothingZhang(_NoiseSmoothing):
     summary = "randomized smoothing, ||z||^-k exp(-||z||^2/2s^2) noise (Zhang et al. 2020), functional-optimisation bound; l2 (linf, l1 by conversion)"
     norms = ("l2", "linf", "l1")
     noise_cls = ZhangNoise
-    k: int
-    grid_intervals: int
-    grid_cells: int
 
-    Options = ZhangOptions
+    opts: ZhangOptions
 
     def setup(self) -> None:
         super().setup()
-        if int(self.grid_cells) < 8:
-            raise SmoothingConfigError(f"{self.name}: grid_cells must be >= 8, got {self.grid_cells}")
+        if int(self.opts.grid_cells) < 8:
+            raise SmoothingConfigError(f"{self.name}: grid_cells must be >= 8, got {self.opts.grid_cells}")
 
     def noise(self) -> Noise:
-        grid = ZhangGrid(radius_cells=max(8, int(self.grid_cells) // 6), t_cells=int(self.grid_cells),
-                         intervals=int(self.grid_intervals))
-        return ZhangNoise(sigma=float(self.sigma), k=int(self.k), grid=grid)
+        grid = ZhangGrid(radius_cells=max(8, int(self.opts.grid_cells) // 6), t_cells=int(self.opts.grid_cells),
+                         intervals=int(self.opts.grid_intervals))
+        return ZhangNoise(sigma=float(self.opts.sigma), k=int(self.opts.k), grid=grid)
 
     def decide(self, model, inputs, prop, call):
         d = math.prod(self._ball(inputs).center.shape[1:])
-        if not d - int(self.k) > 1:
-            raise SpecError(f"{self.name}: k={self.k} needs inputs of more than k + 1 coordinates, got {d}")
+        if not d - int(self.opts.k) > 1:
+            raise SpecError(f"{self.name}: k={self.opts.k} needs inputs of more than k + 1 coordinates, got {d}")
         return super().decide(model, inputs, prop, call)
 
 
@@ -379,10 +366,10 @@ class SmoothingTopK(_Smoothing):
         labels = self._labels(prop, B)
         eps = ball.eps.detach().double().cpu().numpy()
         d = math.prod(x.shape[1:])
-        extra = {"noise": "gaussian", "sigma": float(self.sigma), "k": k}
+        extra = {"noise": "gaussian", "sigma": float(self.opts.sigma), "k": k}
         try:
             out = certify_topk(
-                model, x, labels.to(x.device), k, float(self.sigma), **self._sampling(selection=False),
+                model, x, labels.to(x.device), k, float(self.opts.sigma), **self._sampling(selection=False),
                 deadline=None if timeout is None else t0 + float(timeout),
             )
         except SamplingTimeout:
@@ -401,13 +388,13 @@ class SmoothingTopK(_Smoothing):
                 "p_upper_max": float(np.max(out["p_upper"][b])),
                 "counts": _sparse_counts(out["counts"][b]),
                 "top1": int(out["top1"][b]),
-                "n": int(self.n), "alpha": float(self.alpha), "radius_uncapped": r_unc,
+                "n": int(self.opts.n), "alpha": float(self.opts.alpha), "radius_uncapped": r_unc,
             }
             if not ok:
                 det["reason"] = f"label {lab} certified in the top-{k} only up to radius {r:.6g} < eps {e:.6g}" if r > 0 else f"label {lab} not certified in the top-{k}"
             certs.append(
                 Certificate(
-                    method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.alpha),
+                    method=self.name, guarantee="probabilistic", certifies="smoothed", confidence=1 - float(self.opts.alpha),
                     status="certified" if ok else "unknown", index=b, label=lab,
                     prediction=lab if ok else int(out["top1"][b]), norm=norm, eps=e, radius=r, time_s=elapsed / B, details=det,
                 )
@@ -423,9 +410,6 @@ class _SemanticSmoothing(_Smoothing):
     #: no l_p ball of the *input* is certified: ``eps`` and the radius live in the transform's
     #: parameter space (the ball's ``p`` is the norm of the parameter vector)
     norms = ()
-    interpolation: str
-    padding: str
-    pb_bound: bool
 
     def _ball(self, inputs: InputSet) -> LpBall:
         if not isinstance(inputs, LpBall):
@@ -433,14 +417,14 @@ class _SemanticSmoothing(_Smoothing):
                             f"{self.transform_cls.name} asked about ({self.transform_cls.unit})")
         return inputs
 
-    Options = SemanticOptions
+    opts: SemanticOptions
 
     def decide(self, model, inputs, prop, call):
         from .semantic import certify_semantic
 
         t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
         ball = self._ball(inputs)
-        tr = self.transform_cls(self.interpolation, self.padding)
+        tr = self.transform_cls(self.opts.interpolation, self.opts.padding)
         pnorm = norm_name(ball.p)
         norm = f"{tr.name}-{tr.unit}" + ("" if tr.params == 1 or pnorm == "l2" else f"-{pnorm}")
         x = ball.center
@@ -449,14 +433,14 @@ class _SemanticSmoothing(_Smoothing):
         B = x.shape[0]
         labels = self._labels(prop, B)
         eps = ball.eps.detach().double().cpu().numpy()
-        extra = {"noise": "gaussian", "sigma": float(self.sigma), "sigma_unit": tr.unit, **tr.describe(),
+        extra = {"noise": "gaussian", "sigma": float(self.opts.sigma), "sigma_unit": tr.unit, **tr.describe(),
                  "certifies_exactly": "argmax_c P_gamma(f(T_{theta+gamma}(x)) = c) is constant for |theta| < radius: the clean "
                  "image transformed once by theta+gamma with this interpolation, then classified; NOT the smoothed "
                  "classifier of an already-transformed image (no interpolation-error bound; sound=True has "
                  "one, Fischer et al. 2020 Sec. 4-5)"}
         try:
             res = certify_semantic(
-                model, x, tr, float(self.sigma), norm=pnorm, pb_bound=bool(self.pb_bound), **self._sampling(),
+                model, x, tr, float(self.opts.sigma), norm=pnorm, pb_bound=bool(self.opts.pb_bound), **self._sampling(),
                 deadline=None if timeout is None else t0 + float(timeout),
             )
         except SamplingTimeout:
@@ -476,32 +460,29 @@ class _SoundSemantic(_SemanticSmoothing):
     the input ``unknown`` (radius 0, ``E = inf``, reason "timeout"), never certified on part of a
     bound. Bilinear, zero padding only."""
 
-    sound: bool
-    sigma_l2: float
-    n_err: int
     #: the option naming the attacker's range the error is bounded on
     range_option: ClassVar[str]
 
     def setup(self) -> None:
         super().setup()
-        if self.sound:
+        if self.opts.sound:
             self._check_sound()
 
     def _check_sound(self) -> None:
-        if self.interpolation != "bilinear" or self.padding != "zeros":
+        if self.opts.interpolation != "bilinear" or self.opts.padding != "zeros":
             raise ValueError(f"{self.name} sound=True bounds the error of bilinear {self.transform_cls.name} with zero padding "
-                             f"only (got {self.interpolation!r}, {self.padding!r}); use sound=False for the single-transform "
+                             f"only (got {self.opts.interpolation!r}, {self.opts.padding!r}); use sound=False for the single-transform "
                              "certificate")
-        if not (isinstance(self.sigma_l2, (int, float)) and self.sigma_l2 > 0 and math.isfinite(self.sigma_l2)):
-            raise SmoothingConfigError(f"{self.name}: sigma_l2 must be a positive number, got {self.sigma_l2!r}")
-        if int(self.n_err) < 1 or not getattr(self, "err_tol", 1.0) > 0:
+        if not (isinstance(self.opts.sigma_l2, (int, float)) and self.opts.sigma_l2 > 0 and math.isfinite(self.opts.sigma_l2)):
+            raise SmoothingConfigError(f"{self.name}: sigma_l2 must be a positive number, got {self.opts.sigma_l2!r}")
+        if int(self.opts.n_err) < 1 or not getattr(self, "err_tol", 1.0) > 0:
             raise SmoothingConfigError(f"{self.name}: n_err must be >= 1 and err_tol > 0")
-        if self.pb_bound:
+        if self.opts.pb_bound:
             raise SmoothingConfigError(f"{self.name}: sound=True uses the one-sided pA bound (pb_bound=False)")
-        check_n_alpha(int(self.n), float(self.alpha) / 2)
+        check_n_alpha(int(self.opts.n), float(self.opts.alpha) / 2)
 
     def decide(self, model, inputs, prop, call):
-        if not self.sound:
+        if not self.opts.sound:
             return super().decide(model, inputs, prop, call)
         return self._certify_sound(model, inputs, prop, call.max_radius, call.timeout, call.deadline.start)
 
@@ -524,7 +505,7 @@ class _SoundSemantic(_SemanticSmoothing):
 
     def _run_sound(self, model, x: torch.Tensor, rng: np.ndarray, pnorm: str, deadline: float | None):
         """The certificate computation: a CertifyResult whose ``extra`` has ``searches``."""
-        return self._sound_function()(model, x, float(self.sigma), float(self.sigma_l2), rng, n_err=int(self.n_err),
+        return self._sound_function()(model, x, float(self.opts.sigma), float(self.opts.sigma_l2), rng, n_err=int(self.opts.n_err),
                                       **self._sound_keywords(pnorm), **self._sampling(), deadline=deadline)
 
     def _certify_sound(self, model, inputs, prop, max_radius, timeout, t0: float) -> list[Certificate]:
@@ -532,7 +513,7 @@ class _SoundSemantic(_SemanticSmoothing):
         x = ball.center
         if x.dim() not in (3, 4):
             raise SpecError(f"{self.name} needs images [B, C, H, W] or [B, H, W], got shape {tuple(x.shape)}")
-        tr = self.transform_cls(self.interpolation, self.padding)
+        tr = self.transform_cls(self.opts.interpolation, self.opts.padding)
         pnorm = norm_name(ball.p)
         if tr.params > 1 and pnorm not in ("l2", "linf"):
             raise SpecError(f"{self.name} sound=True states the radius in l2 or linf of the shift, got {pnorm}")
@@ -541,7 +522,7 @@ class _SoundSemantic(_SemanticSmoothing):
         labels = self._labels(prop, B)
         eps = ball.eps.detach().double().cpu().numpy() * np.ones(B)
         rng = np.maximum(eps, float(getattr(self, self.range_option) or 0.0))
-        extra = {"sigma": float(self.sigma), "sigma_unit": tr.unit, "sigma_l2": float(self.sigma_l2), "sound": True,
+        extra = {"sigma": float(self.opts.sigma), "sigma_unit": tr.unit, "sigma_l2": float(self.opts.sigma_l2), "sound": True,
                  **tr.describe(), **self._sound_extra()}
         try:
             res = self._run_sound(model, x, rng, pnorm, None if timeout is None else t0 + float(timeout))
@@ -552,7 +533,7 @@ class _SoundSemantic(_SemanticSmoothing):
         for b, c in enumerate(certs):
             srch = res.extra["searches"][b]
             c.details.update({"sigma_space": f"transform parameter ({tr.unit}) and model input space (l2)",
-                              "alpha": float(self.alpha), "alpha_pA": float(self.alpha) / 2, "alpha_error": float(self.alpha) / 2,
+                              "alpha": float(self.opts.alpha), "alpha_pA": float(self.opts.alpha) / 2, "alpha_error": float(self.opts.alpha) / 2,
                               "E": float(srch.E), "E_lower": float(srch.lower), "q": float(res.extra["q"]),
                               f"error_range_{tr.unit}": float(rng[b]), "error_bound_complete": bool(srch.complete),
                               "error_search": srch.progress})
@@ -584,10 +565,8 @@ class SmoothingRotation(_SoundSemantic):
     summary = "smoothing over the rotation angle (Fischer et al. 2020) with the interpolation-error bound; radius in degrees"
     transform_cls = Rotation
     range_option = "max_angle"
-    err_tol: float
-    max_angle: float | None
 
-    Options = RotationOptions
+    opts: RotationOptions
 
     sound_noise = "gaussian angle + gaussian l2"
     sound_statement = (
@@ -598,7 +577,7 @@ class SmoothingRotation(_SoundSemantic):
         "statement; radius capped at the bounded range")
 
     def _sound_keywords(self, pnorm: str) -> dict[str, Any]:
-        return {"err_tol": float(self.err_tol)}
+        return {"err_tol": float(self.opts.err_tol)}
 
     @staticmethod
     def _sound_function() -> Any:
@@ -625,9 +604,8 @@ class SmoothingTranslation(_SoundSemantic):
     summary = "smoothing over the translation (Fischer et al. 2020) with the interpolation-error bound; radius in pixels"
     transform_cls = Translation
     range_option = "max_shift"
-    max_shift: float | None
 
-    Options = TranslationOptions
+    opts: TranslationOptions
 
     sound_noise = "gaussian shift + gaussian l2"
     sound_statement = (

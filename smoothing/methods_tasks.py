@@ -44,7 +44,7 @@ from verify.registry import Method, float_safety_margin, register
 from verify.spec import InputSet, LinearSpec, LpBall, OutputProperty, Robust, SpecError, norm_name
 
 from .inverse import estimate_invariance
-from .options import InvarianceOptions, RegressionOptions
+from .options import InvarianceOptions, RegressionOptions, TaskOptions
 from .regression import bounds_from_samples, sample_outputs
 from .sampling import SamplingTimeout
 from .stats import SmoothingConfigError, cp_interval
@@ -112,27 +112,21 @@ class _SampledTask(Method):
     """Options and Certificate assembly shared by the two methods."""
 
     guarantee = "probabilistic"
-    n: int
-    alpha: float
-    radius_steps: int
-    batch_size: int
-    memory_mb: float | None
-    seed: int
-    share_noise: bool
+    opts: TaskOptions
 
     def _base_details(self, radii_count: int) -> dict[str, Any]:
         return {
             "options": self.options(),
             "float_soundness": SAMPLING_NOTE,
-            "alpha": float(self.alpha),
-            "alpha_per_radius": float(self.alpha) / radii_count,
+            "alpha": float(self.opts.alpha),
+            "alpha_per_radius": float(self.opts.alpha) / radii_count,
             "noise_streams": ("shared by the inputs of the batch: each certificate holds with probability 1 - alpha, "
-                              "failures of different inputs are correlated") if self.share_noise else "independent per input",
+                              "failures of different inputs are correlated") if self.opts.share_noise else "independent per input",
         }
 
     def _timeout_certs(self, B: int, labels: list[int | None], eps: list[float | None], norm: str, elapsed: float) -> list[Certificate]:
         return [
-            self.make_certificate("unknown", b, confidence=1 - float(self.alpha), label=labels[b], norm=norm, eps=eps[b],
+            self.make_certificate("unknown", b, confidence=1 - float(self.opts.alpha), label=labels[b], norm=norm, eps=eps[b],
                                   time_s=elapsed / B, details={"options": self.options(), "reason": "timeout"})
             for b in range(B)
         ]
@@ -154,14 +148,12 @@ class SmoothingRegression(_SampledTask):
     certifies = "smoothed"
     summary = "median smoothing of the outputs (Chiang et al. 2020): output bounds over an l2 ball; certified when they imply the property"
     norms = ("l2",)
-    sigma: float
-    percentile: float
 
-    Options = RegressionOptions
+    opts: RegressionOptions
 
     def setup(self) -> None:
-        if not math.isfinite(self.sigma):
-            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.sigma!r}")
+        if not math.isfinite(self.opts.sigma):
+            raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.opts.sigma!r}")
 
     def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``inputs`` is an l2 :class:`LpBall`."""
@@ -177,10 +169,10 @@ class SmoothingRegression(_SampledTask):
         spec = prop.linear(B, y.shape[2], dtype=torch.float64)
         groups: dict[tuple[float, ...], list[int]] = {}  # inputs that check the same radii
         for b in range(B):
-            groups.setdefault(tuple(checked_radii(eps[b], find_radius, max_radius, int(self.radius_steps))), []).append(b)
+            groups.setdefault(tuple(checked_radii(eps[b], find_radius, max_radius, int(self.opts.radius_steps))), []).append(b)
         per_radius: dict[int, tuple[list[float], list[dict[str, Any]]]] = {}
         for radii, idx in groups.items():
-            res = [self._at(y[idx], spec.select(idx), r, float(self.alpha) / len(radii)) for r in radii]
+            res = [self._at(y[idx], spec.select(idx), r, float(self.opts.alpha) / len(radii)) for r in radii]
             per_radius.update({b: (list(radii), [_row(p, j) for p in res]) for j, b in enumerate(idx)})
         elapsed = time.perf_counter() - t0
         return [self._certificate(b, labels[b], eps[b], *per_radius[b], find_radius, elapsed / B) for b in range(B)]
@@ -189,10 +181,10 @@ class SmoothingRegression(_SampledTask):
         """Sorted outputs ``[B, n, K]`` (sampled in sub-batches that keep the store bounded)."""
         with torch.inference_mode():
             K = int(model(x[:1]).reshape(1, -1).shape[1])
-        step = max(1, REGRESSION_MAX_STORED // (int(self.n) * K))
+        step = max(1, REGRESSION_MAX_STORED // (int(self.opts.n) * K))
         parts = [
-            sample_outputs(model, x[s : s + step], float(self.sigma), int(self.n), seed=int(self.seed),
-                           batch_size=int(self.batch_size), memory_mb=self.memory_mb, share_noise=bool(self.share_noise),
+            sample_outputs(model, x[s : s + step], float(self.opts.sigma), int(self.opts.n), seed=int(self.opts.seed),
+                           batch_size=int(self.opts.batch_size), memory_mb=self.opts.memory_mb, share_noise=bool(self.opts.share_noise),
                            deadline=deadline)
             for s in range(0, x.shape[0], step)
         ]
@@ -201,7 +193,7 @@ class SmoothingRegression(_SampledTask):
     def _at(self, y: np.ndarray, spec: LinearSpec, r: float, a: float) -> dict[str, Any]:
         """Output bounds ``[G, K]``, row bounds ``[G, N]`` and certified ``[G]`` at radius ``r``
         (failure probability ``a`` per input) from the sorted samples ``y [G, n, K]``."""
-        bnd = bounds_from_samples(y, float(self.sigma), r, float(self.percentile), a)
+        bnd = bounds_from_samples(y, float(self.opts.sigma), r, float(self.opts.percentile), a)
         rows_lo, rows_hi = row_bounds(spec, torch.from_numpy(bnd.lower), torch.from_numpy(bnd.upper))
         # a row counts when its float64 bound clears the float-safety margin (round-off of the sums)
         signs = torch.where(rows_lo > float_safety_margin(rows_lo), 1.0, -1.0).to(rows_lo.dtype)
@@ -218,7 +210,7 @@ class SmoothingRegression(_SampledTask):
             radius = eps if at["certified"] else 0.0
         det = {**self._base_details(len(radii)), **self._describe(at, radii, ok)}
         return self.make_certificate(
-            "certified" if at["certified"] else "unknown", b, confidence=1 - float(self.alpha), label=label,
+            "certified" if at["certified"] else "unknown", b, confidence=1 - float(self.opts.alpha), label=label,
             prediction=int(np.argmax(at["estimate"])) if label is not None else None, norm="l2", eps=eps, radius=radius,
             lower=at["rows_lo"], upper=at["rows_hi"], output_lower=at["lower"], output_upper=at["upper"], time_s=time_s,
             details=det,
@@ -226,8 +218,8 @@ class SmoothingRegression(_SampledTask):
 
     def _describe(self, at: dict[str, Any], radii: list[float], ok: list[bool]) -> dict[str, Any]:
         det: dict[str, Any] = {
-            "noise": "gaussian", "sigma": float(self.sigma), "sigma_space": "model input space", "percentile": float(self.percentile),
-            "n": int(self.n), "k_low": at["k_low"], "k_up": at["k_up"], "percentile_at_x": at["estimate"].tolist(),
+            "noise": "gaussian", "sigma": float(self.opts.sigma), "sigma_space": "model input space", "percentile": float(self.opts.percentile),
+            "n": int(self.opts.n), "k_low": at["k_low"], "k_up": at["k_up"], "percentile_at_x": at["estimate"].tolist(),
             "radii_checked": radii, "certified_at": ok,
             "certifies_exactly": "h_p(x')_k = the p-percentile of f(x' + N(0, sigma^2 I))_k per output k; for every "
             "||x' - x||_2 <= eps, output_lower <= h_p(x') <= output_upper (Chiang et al. 2020, Thm. 1), all outputs and checked "
@@ -239,7 +231,7 @@ class SmoothingRegression(_SampledTask):
 
     def _reason(self, at: dict[str, Any]) -> str:
         if at["k_low"] is None or at["k_up"] is None:
-            return (f"n = {self.n} samples are too few for eps {at['eps']:.6g} at sigma {self.sigma:g}: no order statistic "
+            return (f"n = {self.opts.n} samples are too few for eps {at['eps']:.6g} at sigma {self.opts.sigma:g}: no order statistic "
                     f"bounds the percentile on one side (its output bounds are infinite)")
         return "the output bounds do not imply the property"
 
@@ -271,9 +263,8 @@ class SmoothingInvariance(_SampledTask):
     summary = "the inverse task: P(f keeps the label at a uniform random point of the set) with a Clopper-Pearson interval"
     norms = ("linf", "l2", "l1", "box")
 
-    min_probability: float
 
-    Options = InvarianceOptions
+    opts: InvarianceOptions
 
     def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``prop`` is :class:`~verify.spec.Robust`."""
@@ -289,7 +280,7 @@ class SmoothingInvariance(_SampledTask):
         is_ball = isinstance(inputs, LpBall)
         norm = norm_name(inputs.p) if is_ball else "box"
         eps = [float(e) for e in inputs.eps.double().cpu()] if is_ball else [None] * B
-        radii = [checked_radii(e, find_radius, max_radius, int(self.radius_steps)) if is_ball else [None] for e in eps]
+        radii = [checked_radii(e, find_radius, max_radius, int(self.opts.radius_steps)) if is_ball else [None] for e in eps]
         try:
             results = self._estimates(model, inputs, labels, radii, self._deadline(t0, timeout))
         except SamplingTimeout:
@@ -316,9 +307,9 @@ class SmoothingInvariance(_SampledTask):
             ball = sub.with_eps(r) if r is not None and isinstance(sub, LpBall) else None  # radii belong to balls
             sets = sub if ball is None else ball
             est = estimate_invariance(
-                model, sets, reference=torch.tensor([labels[b] for b in idx]), n=int(self.n), alpha=float(self.alpha) / count,
-                seed=int(self.seed), batch_size=int(self.batch_size), memory_mb=self.memory_mb,
-                share_noise=bool(self.share_noise), deadline=deadline,
+                model, sets, reference=torch.tensor([labels[b] for b in idx]), n=int(self.opts.n), alpha=float(self.opts.alpha) / count,
+                seed=int(self.opts.seed), batch_size=int(self.opts.batch_size), memory_mb=self.opts.memory_mb,
+                share_noise=bool(self.opts.share_noise), deadline=deadline,
             )
             used = [float(e) for e in ball.eps.double().cpu()] if ball is not None else [None] * len(idx)
             for j, b in enumerate(idx):
@@ -331,7 +322,7 @@ class SmoothingInvariance(_SampledTask):
                      res: dict, find_radius: bool, time_s: float) -> Certificate:
         """One input's certificate from its results at every checked radius (``res`` by radius)."""
         at = res[radii[0] if eps is None else eps]
-        mp = float(self.min_probability)
+        mp = float(self.opts.min_probability)
         ok = [res[r]["lower"] >= mp for r in radii]
         certified = at["lower"] >= mp
         used = [res[r]["eps"] for r in radii]
@@ -343,14 +334,14 @@ class SmoothingInvariance(_SampledTask):
             radius = at["eps"] if certified else 0.0
         det = {**self._base_details(len(radii)), **self._describe(at, radii, res, ok, certified)}
         return self.make_certificate(
-            "certified" if certified else "unknown", b, confidence=1 - float(self.alpha), label=label, prediction=pred,
+            "certified" if certified else "unknown", b, confidence=1 - float(self.opts.alpha), label=label, prediction=pred,
             norm=norm, eps=at["eps"], radius=radius, estimate=at["estimate"], estimate_lower=at["lower"],
             estimate_upper=at["upper"], time_s=time_s, details=det,
         )
 
     def _describe(self, at: dict, radii: list, res: dict, ok: list[bool], certified: bool) -> dict[str, Any]:
         det: dict[str, Any] = {
-            "min_probability": float(self.min_probability), "n": int(self.n), "agree": at["agree"],
+            "min_probability": float(self.opts.min_probability), "n": int(self.opts.n), "agree": at["agree"],
             "lower_one_sided": at["lower_one_sided"], "distribution": at["distribution"],
             "radii_checked": [res[r]["eps"] for r in radii], "certified_at": ok,
             "per_radius": [{k: res[r][k] for k in ("eps", "estimate", "lower", "upper")} for r in radii],
@@ -363,8 +354,8 @@ class SmoothingInvariance(_SampledTask):
         return det
 
     def _reason(self, lower: float, count: int) -> str:
-        n, mp = int(self.n), float(self.min_probability)
-        best = float(cp_interval(np.array([n]), n, float(self.alpha) / count)[0][0])
+        n, mp = int(self.opts.n), float(self.opts.min_probability)
+        best = float(cp_interval(np.array([n]), n, float(self.opts.alpha) / count)[0][0])
         if best < mp:
             return (f"n = {n} samples are too few: even {n} of {n} agreeing gives a lower confidence bound "
                     f"{best:.6g} < min_probability {mp:g}")

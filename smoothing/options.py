@@ -21,6 +21,7 @@ __all__ = [
     "SemanticOptions",
     "RotationOptions",
     "TranslationOptions",
+    "TaskOptions",
     "RegressionOptions",
     "InvarianceOptions",
 ]
@@ -103,7 +104,7 @@ class TranslationOptions(SemanticOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class _TaskOptions(SamplingOptions):
+class TaskOptions(SamplingOptions):
     """The sampled tasks check a grid of radii with one sample set."""
 
     n: int = option(10_000, "samples per input (shared by every checked radius; alpha is split over them)",
@@ -112,13 +113,13 @@ class _TaskOptions(SamplingOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class RegressionOptions(_TaskOptions):
+class RegressionOptions(TaskOptions):
     sigma: float = option(0.25, "Gaussian noise std in the model's input space", positive=True)
     percentile: float = option(0.5, "p of the smoothed percentile h_p; 0.5 is median smoothing",
                                interval=(0.0, 1.0, "open"))
 
 
 @dataclass(frozen=True, kw_only=True)
-class InvarianceOptions(_TaskOptions):
+class InvarianceOptions(TaskOptions):
     min_probability: float = option(0.99, "the level the probability's lower confidence end must reach for certified",
                                     interval=(0.0, 1.0, "open"))

@@ -32,7 +32,7 @@ class _TestInterval(BoundMethod):
     summary = "interval bounds for Linear/ReLU chains (tests only)"
     norms = ("linf", "l2", "box")
 
-    Options = _ScaleOptions
+    opts: _ScaleOptions
 
     def lower_bounds(self, model, inputs, spec):
         lo, hi = inputs.bounds()

@@ -88,6 +88,23 @@ def test_a_method_with_its_own_init_is_refused():
                 self.steps = steps
 
 
+def test_options_are_declared_once_as_the_opts_annotation():
+    """``opts: X`` is the declaration: the registry, the signature and the typed attribute read it."""
+    with pytest.raises(TypeError, match="declare the options as the annotation 'opts: <Options class>'"):
+        class _Twice(BoundMethod):  # noqa: F841
+            Options = _Sample
+
+    class _Once(BoundMethod):
+        name = "once"
+        opts: _Sample
+
+    assert _Once.Options is _Sample and _Once.option_names() == ["steps", "rate", "limit", "mode", "flag"]
+    assert _Once(steps=4).opts == _Sample(steps=4)
+    with pytest.raises(TypeError, match="must be annotated with a verify.options.Options subclass"):
+        class _Wrong(BoundMethod):  # noqa: F841
+            opts: int
+
+
 def test_cli_text_becomes_the_declared_type():
     opts = parse_options(["refine_layers=2", "refine_workers=none", "margin=1e-5", "split=relu",
                           "refine_after=0"], ["bab"])["bab"]

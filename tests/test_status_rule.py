@@ -35,7 +35,7 @@ class Rogue(Method):
 
     name = "rogue"
 
-    Options = _AnswerOptions
+    opts: _AnswerOptions
 
     def decide(self, model, inputs, prop, call):
         return [Certificate(method=self.name, guarantee="deterministic" if how == "base" else "probabilistic",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import time
 import typing
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from torch import Tensor
 from .certificate import Certificate
 from .deadline import Deadline
 from .options import Options
+from .options import Options as OptionsBase  # the annotation of Method.opts (Options is also a class attribute)
 from .spec import InputSet, LinearSpec, LpBall, OutputProperty, SpecError, norm_name
 from .status_rule import enforce_status_rule
 
@@ -197,6 +199,19 @@ class CertifyCall:
         return None if self._clean is None else self._clean[1]
 
 
+def _declared_options(cls: type) -> type[Options] | None:
+    """The Options class of a method class's own ``opts: X`` annotation (``None`` without one);
+    a string annotation (``from __future__ import annotations``) is resolved in its module."""
+    ann = cls.__dict__.get("__annotations__", {}).get("opts")
+    if ann is None:
+        return None
+    if isinstance(ann, str):
+        ann = eval(ann, vars(sys.modules[cls.__module__]))  # noqa: S307  # a class name written in the source
+    if not (isinstance(ann, type) and issubclass(ann, Options)):
+        raise TypeError(f"{cls.__name__}.opts must be annotated with a verify.options.Options subclass, got {ann!r}")
+    return ann
+
+
 def _signature(options: type[Options]) -> inspect.Signature:
     """The keyword-only signature ``(*, name=default, ...)`` of a method with these options."""
     return inspect.Signature([inspect.Parameter(i.name, inspect.Parameter.KEYWORD_ONLY, default=i.default, annotation=i.type)
@@ -225,6 +240,11 @@ class Method:
         if "__init__" in cls.__dict__:
             raise TypeError(f"{cls.__name__}: declare the options in an Options dataclass and checks in setup(), "
                             "not an __init__ (verify.options)")
+        if "Options" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: declare the options as the annotation 'opts: <Options class>'")
+        declared = _declared_options(cls)
+        if declared is not None:
+            cls.Options = declared
         cls.__signature__ = _signature(cls.Options)  # type: ignore[attr-defined]  # help(), IDEs
 
     name: ClassVar[str] = ""
@@ -241,13 +261,16 @@ class Method:
     complete: ClassVar[bool] = False
 
     #: the method's options (a frozen dataclass; :mod:`verify.options`): names, types,
-    #: defaults, ranges and help text are read from it by the registry and the CLI
+    #: defaults, ranges and help text are read from it by the registry and the CLI. A subclass
+    #: declares them once, as the annotation ``opts: MyOptions``; this is set from it
     Options: ClassVar[type[Options]] = Options
+    opts: OptionsBase
 
     def __init__(self, **options: Any) -> None:
         """Build the method from its keyword options: they are checked against :attr:`Options`
         (type, range; :class:`~verify.errors.OptionError` naming the option), kept as
-        ``self.opts`` and stored under their own names (``self.sigma``), then :meth:`setup`
+        ``self.opts`` (what the method's code reads, typed by the subclass's ``opts:``
+        annotation) and, for users, as plain attributes (``method.sigma``); then :meth:`setup`
         runs."""
         try:
             opts = self.Options(**options)

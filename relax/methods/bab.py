@@ -110,24 +110,7 @@ class BabMethod(Method):
                "sigmoid / tanh / max-pooling inputs split by intervals (unknown possible)")
     norms = ("linf", "l2", "l1", "box")
 
-    Options = BabOptions
-    split: str
-    batch_size: int | None
-    input_split_max_dim: int
-    attack_steps: int
-    attack_restarts: int
-    random_samples: int
-    relu_steps: int
-    branch_candidates: int
-    margin: float
-    seed: int
-    refine_layers: int | None
-    refine_min_depth: int
-    refine_fraction: float
-    refine_solve_time: float
-    refine_after: float
-    refine_workers: int | None
-    dense_limit: int
+    opts: BabOptions
 
     def decide(self, model, inputs: InputSet, prop: OutputProperty, call: CertifyCall) -> list[Certificate]:
         if call.find_radius:
@@ -141,7 +124,7 @@ class BabMethod(Method):
         for b in range(B):
             left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
             tb = time.perf_counter() if b else t0  # the first input's time includes the set-up
-            res = run_bab(model, inputs.select([b]), spec.select([b]), self, timeout=left)
+            res = run_bab(model, inputs.select([b]), spec.select([b]), self.opts, timeout=left)
             status, eps = res.status, call.eps(b)
             certs.append(self.make_certificate(
                 status, b, label=call.label(b), prediction=int(y0[b].argmax()), norm=call.norm, eps=eps,
@@ -157,7 +140,7 @@ class BabMethod(Method):
         return certs
 
 
-def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabMethod, timeout: float | None = None) -> BabResult:
+def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, timeout: float | None = None) -> BabResult:
     """The full pipeline on one input set (batch of one) and its ``LinearSpec``.
 
     Returns:
@@ -231,7 +214,7 @@ class _GraphModule(torch.nn.Module):
         return self.graph.forward(x.to(self.graph.dtype)).reshape(x.shape[0], -1)
 
 
-def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opts: BabMethod, time_left: float,
+def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opts: BabOptions, time_left: float,
                check_point=None) -> BabResult:
     """Branch-and-bound on the bound graph: input splitting (:mod:`relax.bab.input_split`) for boxes
     of at most ``input_split_max_dim`` coordinates; else alpha-CROWN at the root, then ReLU-sign
@@ -271,7 +254,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     return search.refine_then_branch(deadline, boxes, root_alphas, low, refine, extra)
 
 
-def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, deadline: float, check_point) -> BabResult:
+def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, deadline: float, check_point) -> BabResult:
     """Input splitting from CROWN on the whole box (alpha-CROWN's root costs more than the first
     rounds of splitting), until the ``perf_counter`` value ``deadline``."""
     from relax.bab.input_split import GraphBoxes, input_bab
@@ -283,7 +266,7 @@ def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, deadl
     return res
 
 
-def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, time_left: float):
+def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, time_left: float):
     """The root's alpha-CROWN. With ReLUs to split: 20 steps in at most 30 % of the budget (the
     search does the rest). Without (sigmoid / tanh nets: only interval splits, which gain little
     on wide layers), the root's optimised intermediate bounds are the main lever: up to 200 steps
@@ -303,7 +286,7 @@ class _ActivationSearch:
     """ReLU-sign and interval splitting from a root (its intermediate boxes and output slopes),
     optionally after MILP refinement of the root's boxes."""
 
-    def __init__(self, model, graph, x_set: InputSet, rs: RowSpec, opts: BabMethod, check_point) -> None:
+    def __init__(self, model, graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, check_point) -> None:
         from relax.ir.graph import get_graph
 
         self.model, self.graph, self.x_set, self.rs, self.opts, self.check_point = model, graph, x_set, rs, opts, check_point

@@ -61,20 +61,18 @@ class AlphaCrownOptions(BoundOptions):
 
 class _Relax(BoundMethod):
     _method = ""
-    Options = BoundOptions
+    opts: BoundOptions
     # options of every subclass
-    dtype: torch.dtype | str | None
-    max_elements: int
 
     def setup(self) -> None:
-        if isinstance(self.dtype, str) and self.dtype not in _DTYPES:
+        if isinstance(self.opts.dtype, str) and self.opts.dtype not in _DTYPES:
             raise OptionError(f"option dtype of {self.name}: expected one of {', '.join(_DTYPES)} or a torch dtype, "
-                              f"got {self.dtype!r}")
+                              f"got {self.opts.dtype!r}")
 
     def _lower(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, **kw) -> Tensor:
-        graph, inputs = prepare(model, inputs, _dtype(self.dtype) or torch.float64)
+        graph, inputs = prepare(model, inputs, _dtype(self.opts.dtype) or torch.float64)
         C = spec.C.to(graph.dtype)
-        low = lower_bounds(graph, inputs, C, self._method, max_elements=self.max_elements, **kw)
+        low = lower_bounds(graph, inputs, C, self._method, max_elements=self.opts.max_elements, **kw)
         return low + spec.d.to(graph.dtype)
 
     def lower_bounds(self, model, inputs, spec):
@@ -123,11 +121,7 @@ class AlphaCrownMethod(_Relax):
     name = "alpha-crown"
     summary = "alpha-CROWN: CROWN with ReLU lower slopes optimised by gradient ascent (never looser than CROWN)"
     _method = "alpha-crown"
-    Options = AlphaCrownOptions
-    iterations: int
-    lr: float
-    optimize_intermediate: bool
-    early_stop: bool
+    opts: AlphaCrownOptions
 
     def lower_bounds(self, model, inputs, spec):
         d = spec.d
@@ -135,6 +129,6 @@ class AlphaCrownMethod(_Relax):
         def stop_fn(low: Tensor) -> Tensor:  # the property is proved for this input
             return self.proves(low + d.to(low.dtype), spec)
 
-        return self._lower(model, inputs, spec, iterations=self.iterations, lr=self.lr,
-                           optimize_intermediate=self.optimize_intermediate, early_stop=self.early_stop,
+        return self._lower(model, inputs, spec, iterations=self.opts.iterations, lr=self.opts.lr,
+                           optimize_intermediate=self.opts.optimize_intermediate, early_stop=self.opts.early_stop,
                            stop_fn=stop_fn, deadline=self.deadline)

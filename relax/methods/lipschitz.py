@@ -239,28 +239,25 @@ class LipschitzGlobal(_LipschitzMethod):
     summary = "margin / product of exact layer norms (difference row in the last layer)"
     norms = ("linf", "l2", "l1", "box")
 
-    Options = LipschitzGlobalOptions
-    conv_bound: str
-    dense_limit: int
-    combine_norms: bool
+    opts: LipschitzGlobalOptions
 
     def use_dense(self, model, input_shape) -> bool:
-        if self.conv_bound == "exact-dense":
+        if self.opts.conv_bound == "exact-dense":
             return True
-        if self.conv_bound in ("fourier", "gram"):
+        if self.opts.conv_bound in ("fourier", "gram"):
             return False
         size = _cached(model, ("size", input_shape), lambda: lip.dense_size(model, input_shape))
-        return size <= self.dense_limit
+        return size <= self.opts.dense_limit
 
     def row_lipschitz(self, model, inputs, spec, p, margins=None):
         C = spec.C
         shape = _input_shape(model, inputs)
         if self.use_dense(model, shape):
             net = self.dense(model, shape)
-            L = lip.global_lipschitz(net, C, p, combine=self.combine_norms)
+            L = lip.global_lipschitz(net, C, p, combine=self.opts.combine_norms)
             return L.cpu(), {"bound": "global-dense"}
-        cb = "fourier" if self.conv_bound == "auto" else self.conv_bound
-        if self.combine_norms:
+        cb = "fourier" if self.opts.conv_bound == "auto" else self.opts.conv_bound
+        if self.opts.combine_norms:
             chains = {r: lip.module_global_lipschitz(model, shape, C, r, cb) for r in (1.0, 2.0, math.inf)}
             n_in = int(math.prod(shape))
             L = lip.combine_norms(chains, n_in)[float(p)]
@@ -295,9 +292,7 @@ class LipschitzLocal(_LipschitzMethod):
     norms = ("linf", "l2", "l1", "box")
     eps_independent = False
 
-    Options = LipschitzLocalOptions
-    bounds: str
-    bisection_steps: int  # an option here, a class default in BoundMethod
+    opts: LipschitzLocalOptions
 
     def pre_bounds(self, model, net: FeedForwardNet, inputs: InputSet) -> list[tuple[Tensor, Tensor]]:
         """Pre-activation boxes ``[B, n_{k+1}]`` (float64, CPU) valid on the convex hull of the
@@ -310,7 +305,7 @@ class LipschitzLocal(_LipschitzMethod):
         x0 = inputs.midpoint()
         lo, hi = torch.minimum(lo, x0).double().cpu(), torch.maximum(hi, x0).double().cpu()
         pre = lip.interval_bounds(net, lo, hi)
-        if self.bounds == "crown":
+        if self.opts.bounds == "crown":
             try:
                 from relax.bounds import intermediate_bounds
 
@@ -337,7 +332,7 @@ class LipschitzLocal(_LipschitzMethod):
         Lg = lip.global_lipschitz(net, C, p)
         pre = self.pre_bounds(model, net, inputs)
         Ll = lip.local_lipschitz(net, C, p, pre) * (1 + lip.ROUND_UP)
-        return torch.minimum(Ll, Lg).cpu(), {"bound": f"local-{self.bounds}"}
+        return torch.minimum(Ll, Lg).cpu(), {"bound": f"local-{self.opts.bounds}"}
 
     def search_radius(self, model, inputs, spec64, m, clean_ok, known, max_radius, timeout, t0):
         shape = _input_shape(model, inputs)
@@ -354,7 +349,7 @@ class LipschitzLocal(_LipschitzMethod):
         active = clean_ok.clone() & (hi > lo)
         lo = torch.where(clean_ok, lo, torch.zeros_like(lo))
         L_at = Lg.clone()
-        for _ in range(self.bisection_steps):
+        for _ in range(self.opts.bisection_steps):
             if not active.any() or (timeout is not None and time.perf_counter() - t0 > timeout):
                 break
             mid = torch.where(active, (lo + hi) / 2, lo)
@@ -412,24 +407,17 @@ class LipschitzSDP(_LipschitzMethod):
     summary = "margin / LipSDP-Neuron per property row (verified), min with the global bound"
     norms = ("linf", "l2", "l1", "box")
 
-    Options = LipschitzSdpOptions
-    solver: str
-    eps: float | None
-    max_iters: int
-    polish_iters: int | None
-    lazy: bool
-    max_lmi_size: int
-    time_limit: float | None
+    opts: LipschitzSdpOptions
 
     def _row_solver(self, model, net: FeedForwardNet, shape):
         from relax.lipschitz.sdp import RowSolver
 
         size = sum(l.n_out for l in net.layers[:-1]) + 1
-        solver = self.solver
+        solver = self.opts.solver
         if solver == "auto":
             solver = "clarabel" if size <= 60 else ("scs" if size <= 300 else "first-order")
-        key = ("sdp", shape, solver, self.eps, self.max_iters, self.polish_iters)
-        build = lambda: RowSolver(net, solver=solver, eps=self.eps, max_iters=self.max_iters, polish_iters=self.polish_iters)  # noqa: E731
+        key = ("sdp", shape, solver, self.opts.eps, self.opts.max_iters, self.opts.polish_iters)
+        build = lambda: RowSolver(net, solver=solver, eps=self.opts.eps, max_iters=self.opts.max_iters, polish_iters=self.opts.polish_iters)  # noqa: E731
         return _cached(model, key, build), size, solver
 
     def row_lipschitz(self, model, inputs, spec, p, margins=None):
@@ -449,8 +437,8 @@ class LipschitzSDP(_LipschitzMethod):
             return combined(None), {"bound": "global (affine network)"}
         bad = [a for a in net.activations if a not in lip.ACT_LIPSCHITZ]
         rs, size, solver = self._row_solver(model, net, shape)
-        if bad or size > self.max_lmi_size:
-            return combined(None), {"bound": f"global (LMI size {size} > max_lmi_size {self.max_lmi_size})"}
+        if bad or size > self.opts.max_lmi_size:
+            return combined(None), {"bound": f"global (LMI size {size} > max_lmi_size {self.opts.max_lmi_size})"}
         if solver != "first-order" and rs._prob is None and not self.deadline.affords(cvxpy_import_estimate()):
             return combined(None), {"bound": "global (no time left to import cvxpy for LipSDP)"}
         flat = C.reshape(B * N, K)
@@ -460,9 +448,9 @@ class LipschitzSDP(_LipschitzMethod):
 
         # the certify() deadline and the time_limit option, whichever comes first
         dl = self.deadline
-        if self.time_limit is not None:
-            dl = Deadline.until(min(t0 + self.time_limit, dl.at if dl.at is not None else math.inf))
-        if not self.lazy or margins is None:
+        if self.opts.time_limit is not None:
+            dl = Deadline.until(min(t0 + self.opts.time_limit, dl.at if dl.at is not None else math.inf))
+        if not self.opts.lazy or margins is None:
             todo = torch.ones(B * N, dtype=torch.bool)
             if margins is not None:
                 todo = (margins.reshape(-1) > 0)

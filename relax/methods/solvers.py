@@ -86,16 +86,12 @@ class LpMethod(BoundMethod):
     norms = ("linf", "l1", "box")
     bisection_steps = 10
 
-    Options = LpOptions
-    bounds_method: str
-    refine: bool
-    solver: str
-    time_limit: float | None
+    opts: LpOptions
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
-        res = lp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, solver=self.solver,
-                              time_limit=self.time_limit, net=net, deadline=self.deadline)
+        res = lp_lower_bounds(model, inputs, spec, bounds_method=self.opts.bounds_method, refine=self.opts.refine, solver=self.opts.solver,
+                              time_limit=self.opts.time_limit, net=net, deadline=self.deadline)
         return res.lower.to(device=spec.C.device)
 
 
@@ -112,16 +108,11 @@ class SdpMethod(BoundMethod):
     norms = ("linf", "box")
     bisection_steps = 8
 
-    Options = SdpOptions
-    solver: str
-    bounds_method: str
-    refine: bool
-    triangle: bool
-    lp_first: bool
+    opts: SdpOptions
 
     def lower_bounds(self, model, inputs, spec):
         net = _net_for(self, model, inputs.shape)
-        res = sdp_lower_bounds(model, inputs, spec, bounds_method=self.bounds_method, refine=self.refine, triangle=self.triangle, solver=self.solver, lp_first=self.lp_first, net=net,
+        res = sdp_lower_bounds(model, inputs, spec, bounds_method=self.opts.bounds_method, refine=self.opts.refine, triangle=self.opts.triangle, solver=self.opts.solver, lp_first=self.opts.lp_first, net=net,
                                deadline=self.deadline)
         return res.lower.to(device=spec.C.device)
 
@@ -154,14 +145,7 @@ class MilpMethod(Method):
     certifies = "base"
     summary = "exact MILP (Tjeng et al. 2019), HiGHS/Gurobi; find_radius = exact minimum distortion; l2 = MIQP (Gurobi)"
     norms = ("linf", "l2", "l1", "box")
-    Options = MilpOptions
-    solver: str
-    bounds_method: str
-    refine: bool
-    time_limit: float | None
-    attack: bool
-    margin: float
-    threads: int
+    opts: MilpOptions
 
     def decide(self, model, inputs, prop, call):
         find_radius, max_radius, deadline = call.find_radius, call.max_radius, call.deadline
@@ -183,7 +167,7 @@ class MilpMethod(Method):
         for b in range(B):
             t0 = time.perf_counter() if b else t_all  # the set-up counts towards the first example
             mine = deadline.share(B - b)  # this example's share of the time left
-            tl = mine.limit(self.time_limit)
+            tl = mine.limit(self.opts.time_limit)
             in_b = inputs.select([b])
             spec_b = spec.select([b])
             det: dict = {"options": self.options()}
@@ -199,8 +183,8 @@ class MilpMethod(Method):
             else:
                 try:
                     out = milp_verify(
-                        model, in_b, spec_b, bounds_method=self.bounds_method, refine=self.refine, solver=self.solver,
-                        time_limit=tl, attack=self.attack, margin=self.margin, threads=self.threads, net=net,
+                        model, in_b, spec_b, bounds_method=self.opts.bounds_method, refine=self.opts.refine, solver=self.opts.solver,
+                        time_limit=tl, attack=self.opts.attack, margin=self.opts.margin, threads=self.opts.threads, net=net,
                     )[0]
                     status, cex, lower = out.status, out.counterexample, out.row_lower
                     det.update(out.details)
@@ -214,7 +198,7 @@ class MilpMethod(Method):
                 if find_radius and mine.expired():
                     det["exact_radius"] = {"error": "time limit before the radius search"}
                 elif find_radius:
-                    r = self._distortion(model, inputs, spec_b, b, mine.limit(self.time_limit), max_radius, det)
+                    r = self._distortion(model, inputs, spec_b, b, mine.limit(self.opts.time_limit), max_radius, det)
                     if r is not None:
                         radius = max(radius, self._certified_radius(r, max_radius))
             certs.append(
@@ -270,8 +254,8 @@ class MilpMethod(Method):
             _, res = minimum_distortion(
                 model, inputs.center[b : b + 1], prop, norm=inputs.p,
                 domain=None if dom is None else (dom[0][b : b + 1], dom[1][b : b + 1]),
-                timeout=tl, solver=self.solver, bounds_method=self.bounds_method, refine=self.refine,
-                eps_max=eps_max, threads=self.threads, return_details=True,
+                timeout=tl, solver=self.opts.solver, bounds_method=self.opts.bounds_method, refine=self.opts.refine,
+                eps_max=eps_max, threads=self.opts.threads, return_details=True,
             )
         except (SolverError, ValueError) as e:
             det["exact_radius"] = {"error": str(e)}
