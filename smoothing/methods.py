@@ -320,11 +320,6 @@ class SmoothingZhang(_NoiseSmoothing):
 
     opts: ZhangOptions
 
-    def setup(self) -> None:
-        super().setup()
-        if int(self.opts.grid_cells) < 8:
-            raise SmoothingConfigError(f"{self.name}: grid_cells must be >= 8, got {self.opts.grid_cells}")
-
     def noise(self) -> Noise:
         grid = ZhangGrid(radius_cells=max(8, int(self.opts.grid_cells) // 6), t_cells=int(self.opts.grid_cells),
                          intervals=int(self.opts.grid_intervals))

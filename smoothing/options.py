@@ -8,6 +8,7 @@ help texts below.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from verify.options import Options, option
@@ -69,8 +70,8 @@ class ZhangOptions(NoiseOptions):
     k: int = option(0, "exponent of ||z||^-k in the noise density (0: Gaussian); k < d - 1")
     grid_intervals: int = option(150, "l2 radius intervals of the bound's discretisation (finer: slower, slightly "
                                  "larger radii, never less sound)", positive=True)
-    grid_cells: int = option(1000, "cells of the cosine in the bound's discretisation (grid_cells // 6 of the norm); "
-                             ">= 8", positive=True)
+    grid_cells: int = option(1000, "cells of the cosine in the bound's discretisation (grid_cells // 6 of the norm)",
+                             interval=(8, math.inf, "right-open"))
 
 
 @dataclass(frozen=True, kw_only=True)
