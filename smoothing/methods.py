@@ -74,7 +74,7 @@ class _Smoothing(Method):
         (:func:`smoothing.stats.check_n_alpha`); types and ranges are the Options' checks."""
         if not math.isfinite(self.opts.sigma):
             raise SmoothingConfigError(f"{self.name}: sigma must be a positive number, got {self.opts.sigma!r}")
-        check_n_alpha(int(self.opts.n), float(self.opts.alpha), pb_bound=bool(getattr(self, "pb_bound", False)))
+        check_n_alpha(int(self.opts.n), float(self.opts.alpha), pb_bound=bool(getattr(self.opts, "pb_bound", False)))
 
     # --- helpers
     def _ball(self, inputs: InputSet) -> LpBall:
@@ -184,7 +184,7 @@ class _NoiseSmoothing(_Smoothing):
         return model, {}
 
     def decide(self, model, inputs, prop, call):
-        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
+        t0, max_radius = call.deadline.start, call.max_radius
         ball = self._ball(inputs)
         norm = norm_name(ball.p)
         x = ball.center
@@ -198,7 +198,7 @@ class _NoiseSmoothing(_Smoothing):
         try:
             res = _certify(
                 model, x, nz, norm=norm, pb_bound=bool(self.opts.pb_bound), **self._sampling(),
-                deadline=None if timeout is None else t0 + float(timeout),
+                deadline=call.deadline.at,
             )
         except SamplingTimeout:
             return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
@@ -347,7 +347,7 @@ class SmoothingTopK(_Smoothing):
     def decide(self, model, inputs, prop, call):
         from .noise import convert_radius
 
-        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
+        t0, max_radius = call.deadline.start, call.max_radius
         ball = self._ball(inputs)
         norm = norm_name(ball.p)
         x = ball.center
@@ -365,7 +365,7 @@ class SmoothingTopK(_Smoothing):
         try:
             out = certify_topk(
                 model, x, labels.to(x.device), k, float(self.opts.sigma), **self._sampling(selection=False),
-                deadline=None if timeout is None else t0 + float(timeout),
+                deadline=call.deadline.at,
             )
         except SamplingTimeout:
             return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
@@ -417,7 +417,7 @@ class _SemanticSmoothing(_Smoothing):
     def decide(self, model, inputs, prop, call):
         from .semantic import certify_semantic
 
-        t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
+        t0, max_radius = call.deadline.start, call.max_radius
         ball = self._ball(inputs)
         tr = self.transform_cls(self.opts.interpolation, self.opts.padding)
         pnorm = norm_name(ball.p)
@@ -436,7 +436,7 @@ class _SemanticSmoothing(_Smoothing):
         try:
             res = certify_semantic(
                 model, x, tr, float(self.opts.sigma), norm=pnorm, pb_bound=bool(self.opts.pb_bound), **self._sampling(),
-                deadline=None if timeout is None else t0 + float(timeout),
+                deadline=call.deadline.at,
             )
         except SamplingTimeout:
             return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, extra)
@@ -470,7 +470,7 @@ class _SoundSemantic(_SemanticSmoothing):
                              "certificate")
         if not (isinstance(self.opts.sigma_l2, (int, float)) and self.opts.sigma_l2 > 0 and math.isfinite(self.opts.sigma_l2)):
             raise SmoothingConfigError(f"{self.name}: sigma_l2 must be a positive number, got {self.opts.sigma_l2!r}")
-        if int(self.opts.n_err) < 1 or not getattr(self, "err_tol", 1.0) > 0:
+        if int(self.opts.n_err) < 1 or not getattr(self.opts, "err_tol", 1.0) > 0:
             raise SmoothingConfigError(f"{self.name}: n_err must be >= 1 and err_tol > 0")
         if self.opts.pb_bound:
             raise SmoothingConfigError(f"{self.name}: sound=True uses the one-sided pA bound (pb_bound=False)")
@@ -479,7 +479,7 @@ class _SoundSemantic(_SemanticSmoothing):
     def decide(self, model, inputs, prop, call):
         if not self.opts.sound:
             return super().decide(model, inputs, prop, call)
-        return self._certify_sound(model, inputs, prop, call.max_radius, call.timeout, call.deadline.start)
+        return self._certify_sound(model, inputs, prop, call)
 
     #: the ``noise`` and ``certifies_exactly`` entries of every sound-mode certificate
     sound_noise: ClassVar[str]
@@ -503,7 +503,8 @@ class _SoundSemantic(_SemanticSmoothing):
         return self._sound_function()(model, x, float(self.opts.sigma), float(self.opts.sigma_l2), rng, n_err=int(self.opts.n_err),
                                       **self._sound_keywords(pnorm), **self._sampling(), deadline=deadline)
 
-    def _certify_sound(self, model, inputs, prop, max_radius, timeout, t0: float) -> list[Certificate]:
+    def _certify_sound(self, model, inputs, prop, call) -> list[Certificate]:
+        t0, max_radius = call.deadline.start, call.max_radius
         ball = self._ball(inputs)
         x = ball.center
         if x.dim() not in (3, 4):
@@ -516,11 +517,11 @@ class _SoundSemantic(_SemanticSmoothing):
         B = x.shape[0]
         labels = self._labels(prop, B)
         eps = ball.eps.detach().double().cpu().numpy() * np.ones(B)
-        rng = np.maximum(eps, float(getattr(self, self.range_option) or 0.0))
+        rng = np.maximum(eps, float(getattr(self.opts, self.range_option) or 0.0))
         extra = {"sigma": float(self.opts.sigma), "sigma_unit": tr.unit, "sigma_l2": float(self.opts.sigma_l2), "sound": True,
                  **tr.describe(), **self._sound_extra()}
         try:
-            res = self._run_sound(model, x, rng, pnorm, None if timeout is None else t0 + float(timeout))
+            res = self._run_sound(model, x, rng, pnorm, call.deadline.at)
         except SamplingTimeout:
             cut = {**extra, "error_search": "not started", "error_bound_complete": False}
             return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0, cut)

@@ -131,9 +131,6 @@ class _SampledTask(Method):
             for b in range(B)
         ]
 
-    @staticmethod
-    def _deadline(t0: float, timeout: float | None) -> float | None:
-        return None if timeout is None else t0 + float(timeout)
 
 
 @register
@@ -157,13 +154,13 @@ class SmoothingRegression(_SampledTask):
 
     def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``inputs`` is an l2 :class:`LpBall`."""
-        t0, timeout, find_radius, max_radius = call.deadline.start, call.timeout, call.find_radius, call.max_radius
+        t0, find_radius, max_radius = call.deadline.start, call.find_radius, call.max_radius
         ball = _l2_ball(self, inputs)
         B = ball.batch_size
         labels = _labels_or_none(prop, B)
         eps = [float(e) for e in ball.eps.double().cpu()]
         try:
-            y = self._samples(model, ball.center, self._deadline(t0, timeout))
+            y = self._samples(model, ball.center, call.deadline.at)
         except SamplingTimeout:
             return self._timeout_certs(B, labels, eps, "l2", time.perf_counter() - t0)
         spec = prop.linear(B, y.shape[2], dtype=torch.float64)
@@ -268,7 +265,7 @@ class SmoothingInvariance(_SampledTask):
 
     def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``prop`` is :class:`~verify.spec.Robust`."""
-        t0, timeout, find_radius, max_radius = call.deadline.start, call.timeout, call.find_radius, call.max_radius
+        t0, find_radius, max_radius = call.deadline.start, call.find_radius, call.max_radius
         self.check_input_set(inputs)
         if not isinstance(prop, Robust):
             raise SpecError(f"{self.name} needs a Robust(label) property (the class whose probability is estimated), "
@@ -282,7 +279,7 @@ class SmoothingInvariance(_SampledTask):
         eps = [float(e) for e in inputs.eps.double().cpu()] if is_ball else [None] * B
         radii = [checked_radii(e, find_radius, max_radius, int(self.opts.radius_steps)) if is_ball else [None] for e in eps]
         try:
-            results = self._estimates(model, inputs, labels, radii, self._deadline(t0, timeout))
+            results = self._estimates(model, inputs, labels, radii, call.deadline.at)
         except SamplingTimeout:
             return self._timeout_certs(B, labels, eps, norm, time.perf_counter() - t0)
         with torch.inference_mode():

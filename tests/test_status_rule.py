@@ -41,7 +41,7 @@ class Rogue(Method):
         return [Certificate(method=self.name, guarantee="deterministic" if how == "base" else "probabilistic",
                             confidence=1.0 if how == "base" else 0.999, certifies=how, status=status, index=b,
                             counterexample=cex)
-                for b, (status, cex, how) in enumerate(self.answers)]
+                for b, (status, cex, how) in enumerate(self.opts.answers)]
 
 
 class RogueChild(Rogue):

@@ -221,9 +221,9 @@ def _signature(options: type[Options]) -> inspect.Signature:
 class Method:
     """Base class of all certification methods.
 
-    Subclasses set the class attributes and declare their options as a frozen dataclass
-    ``Options`` (:mod:`verify.options`; scikit-learn style: each is stored under its own name,
-    ``self.sigma``); checks that involve several options go in :meth:`setup`.
+    Subclasses set the class attributes and declare their options once, as the annotation
+    ``opts: XOptions`` of a frozen dataclass (:mod:`verify.options`; read as ``self.opts.sigma``);
+    checks that involve several options go in :meth:`setup`.
 
     ``certify`` is the one pipeline and is not overridden: it starts the deadline, hands a
     :class:`CertifyCall` to the method's :meth:`decide`, and passes the answers through
@@ -269,9 +269,8 @@ class Method:
     def __init__(self, **options: Any) -> None:
         """Build the method from its keyword options: they are checked against :attr:`Options`
         (type, range; :class:`~verify.errors.OptionError` naming the option), kept as
-        ``self.opts`` (what the method's code reads, typed by the subclass's ``opts:``
-        annotation) and, for users, as plain attributes (``method.sigma``); then :meth:`setup`
-        runs."""
+        ``self.opts`` (the one store of the options, typed by the subclass's ``opts:``
+        annotation: ``method.opts.sigma``); then :meth:`setup` runs."""
         try:
             opts = self.Options(**options)
         except TypeError as e:  # an unknown keyword
@@ -279,8 +278,6 @@ class Method:
                             f"{', '.join(self.option_names()) or '(none)'}") from None
         opts.check(self.name or type(self).__name__)
         self.opts = opts
-        for key, value in opts.as_dict().items():
-            setattr(self, key, value)
         self.setup()
 
     def setup(self) -> None:

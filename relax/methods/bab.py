@@ -115,14 +115,14 @@ class BabMethod(Method):
     def decide(self, model, inputs: InputSet, prop: OutputProperty, call: CertifyCall) -> list[Certificate]:
         if call.find_radius:
             raise SpecError("method 'bab' decides one input set; it does not search radii (use eps)")
-        t0, timeout = call.deadline.start, call.timeout  # the set-up below (forward pass, dense form) is in the budget
+        t0 = call.deadline.start  # the set-up below (forward pass, dense form) is in the budget
         self.check_input_set(inputs)
         B = inputs.batch_size
         _, y0 = call.clean()
         spec = call.spec()
         certs = []
         for b in range(B):
-            left = None if timeout is None else max(0.0, timeout - (time.perf_counter() - t0)) / (B - b)
+            left = call.deadline.share(B - b).seconds  # this input's share of the time left
             tb = time.perf_counter() if b else t0  # the first input's time includes the set-up
             res = run_bab(model, inputs.select([b]), spec.select([b]), self.opts, timeout=left)
             status, eps = res.status, call.eps(b)
