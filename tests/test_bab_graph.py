@@ -569,3 +569,38 @@ def test_filtered_smart_branching_in_chunks_chooses_as_in_one_pass(monkeypatch):
     monkeypatch.setattr(bg, "FSB_CHILDREN_PER_PASS", 6)  # one domain a pass
     chunked = bg._filtered_smart_branch(graph, xs, rs, db, splits, plain, torch.arange(D), 3, math.inf)
     assert whole[0] == chunked[0] and torch.equal(whole[1], chunked[1])
+
+
+def test_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
+    """With the domain queue capped far below what best-first search holds, the search splits
+    the domains closest to proved first and still decides (0.95 d* certified, 1.05 d* not, d*
+    the exact MILP distance), holding fewer domains than best-first; without the fallback the
+    same cap ends the search as unknown ("memory")."""
+    import relax.bab.activation_split as search
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    _spread(net[0], 16.0)
+    torch.manual_seed(100)
+    d = None
+    for _ in range(20):
+        x0 = torch.rand(1, 6)
+        label = int(net(x0).argmax())
+        d = _exact_distance(net, x0, label)
+        if d is not None:
+            break
+    assert d is not None
+
+    def run(f: float, mb: float):
+        return certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                       method_options={"split": "relu", "queue_memory_mb": mb, "branch_candidates": 1})[0]
+
+    free = run(0.95, 1500.0)
+    assert free.status == "certified" and free.details["domains"] > 100, free.details
+    capped = run(0.95, 0.02)
+    assert capped.status == "certified", capped.details
+    assert capped.details["queue_peak"] < free.details["queue_peak"]
+    assert run(1.05, 0.02).status != "certified"
+    monkeypatch.setattr(search, "FULL_QUEUE", math.inf)  # best-first to the cap
+    stuck = run(0.95, 0.02)
+    assert stuck.status == "unknown" and stuck.details["reason"] == "memory"

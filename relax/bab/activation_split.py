@@ -32,7 +32,10 @@ sigmoid / tanh inputs score ``|A_j|`` times their relaxation's gap, max-pooling 
 width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab.input_split`).
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
-bound, or when the domain queue exceeds its memory cap. A round starts only when one as long as
+bound. The domain queue is held under a memory cap: while it is more than ``FULL_QUEUE`` full,
+the domains closest to proved are split first (their children mostly close, so the queue
+shrinks; best-first again below), and only a queue that still reaches the cap stops the search
+(``unknown``, reason "memory"). A round starts only when one as long as
 the last still fits before the deadline; rounds start with one domain and double up to
 ``batch_size`` while they take under 2 % of the budget, and the per-domain recomputation of the
 boxes is dropped once a round takes over 5 % or the recomputation over half a round (large
@@ -438,6 +441,9 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     return best_node, best_idx, best_t
 
 
+#: the share of the queue's memory cap above which the domains closest to proved go first
+FULL_QUEUE = 0.8
+
 #: children bounded in one pass of filtered smart branching (a round bounds up to 2 x 64)
 FSB_CHILDREN_PER_PASS = 128
 
@@ -617,11 +623,12 @@ class _ReluSearch:
         self.falsify = _Candidates(graph, rs, check_point)
         self.bounded = 0
         self.worst_leaf = math.inf  # the smallest margin of a fully split domain left open
+        self.queue_peak = 1  # the most open domains held at once (the root)
         self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
 
     def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
         return BabResult(status, x, lower, self.bounded, time.perf_counter() - self.t0, reason,
-                         {"candidates_checked": self.falsify.checked})
+                         {"candidates_checked": self.falsify.checked, "queue_peak": self.queue_peak})
 
     def store_limits(self, max_memory_mb: float, batch_size: int) -> tuple[int, int]:
         """``(max_domains, batch_size)``: the open domains that fit in ``max_memory_mb`` and the
@@ -720,13 +727,14 @@ class _ReluSearch:
         c_betas = {p: par[f"b:{p}"].repeat(2, 1, 1) for p in self.nodes}
         return child, c_ivals, c_alphas, c_betas
 
-    def round(self, q: _DomainStore, k: int, recompute: bool) -> BabResult | tuple[float, float]:
-        """One round: the ``k`` worst domains of ``q`` are split, their children bounded; the
-        children's leaves settled, the open ones back into ``q``. Returns the result when the
-        round decides the search, else the round's seconds (from the bounding on) and the
-        seconds of the boxes' recomputation."""
+    def round(self, q: _DomainStore, k: int, recompute: bool, nearest: bool = False) -> BabResult | tuple[float, float]:
+        """One round: the ``k`` worst domains of ``q`` are split (``nearest``: the ``k`` closest
+        to proved, whose children are the likeliest to be proved, so that the queue shrinks),
+        their children bounded; the children's leaves settled, the open ones back into ``q``.
+        Returns the result when the round decides the search, else the round's seconds (from
+        the bounding on) and the seconds of the boxes' recomputation."""
         graph, rs, N = self.graph, self.rs, self.N
-        par = q.take(torch.topk(-q.get("low"), k).indices)
+        par = q.take(torch.topk(q.get("low") if nearest else -q.get("low"), k).indices)
         child, c_ivals, c_alphas, c_betas = self.children(par, k)
         t_round = time.perf_counter()
         db = bound_domains(graph, self.inputs, rs, self.root, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
@@ -756,6 +764,7 @@ class _ReluSearch:
             q.add(self.entries({p: child[p][sel] for p in self.nodes}, {p: (lo[sel], hi[sel]) for p, (lo, hi) in c_ivals.items()},
                                {r: a[sel] for r, a in db.alphas.items()}, betas, m[sel], db.rows[sel],
                                ([cnode[i] for i in sel.tolist()], cidx[sel], ct[sel])))
+            self.queue_peak = max(self.queue_peak, q.n)
         self.alpha_names = list(db.alphas)
         return time.perf_counter() - t_round, db.boxes_s
 
@@ -804,9 +813,11 @@ def graph_relu_bab(
             return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", margin)
         if time.perf_counter() + last_round >= s.deadline:
             return s.result("unknown", "timeout", min(float(q.get("low").min()), s.worst_leaf))
-        if q.n + cap > max_domains:
+        k = min(cap, q.n, max_domains - q.n)  # a round of k domains adds at most k to the queue
+        if k < 1:
             return s.result("unknown", "memory", min(float(q.get("low").min()), s.worst_leaf))
-        done = s.round(q, min(cap, q.n), recompute)
+        # best-first; near the memory cap the domains closest to proved first (depth-first)
+        done = s.round(q, k, recompute, nearest=q.n + 2 * k > FULL_QUEUE * max_domains)
         if isinstance(done, BabResult):
             return done
         last_round, boxes_s = done

@@ -68,6 +68,8 @@ class BabOptions(Options):
     refine_workers: int | None = option(None, "MILPs of the refinement solved in parallel (none: one per usable "
                                         "core, at most 4)", positive=True)
     dense_limit: int = option(2**24, "largest matrix (numbers) of the dense view the refinement builds", positive=True)
+    queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
+                                    "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
 
 
 @register
@@ -98,6 +100,9 @@ class BabMethod(Method):
             builds; networks with larger affine runs are not refined.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
+        queue_memory_mb: memory cap of the queue of open domains (both kinds of splitting);
+            above ``FULL_QUEUE`` of it the domains closest to proved are split first (a
+            depth-first fallback that shrinks the queue); one that reaches it stops the search.
     """
 
     name = "bab"
@@ -134,7 +139,7 @@ class BabMethod(Method):
                 details={
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
-                    **{k: res.details[k] for k in ("refine", "plain_bab_first") if k in res.details},
+                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak") if k in res.details},
                 },
             ))
         return certs
@@ -303,7 +308,7 @@ class _ActivationSearch:
         alphas = None if root_alphas is None else {r: (a[..., keep[r]] if r in keep else a) for r, a in root_alphas.items()}
         r = graph_relu_bab(prune_graph(graph, keep), self.x_set, self.rs, prune_boxes(graph, keep, boxes),
                            timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64, root_alphas=alphas,
-                           steps=opts.relu_steps, margin=opts.margin, check_point=self.check_point,
+                           steps=opts.relu_steps, margin=opts.margin, check_point=self.check_point, max_memory_mb=opts.queue_memory_mb,
                            fast=None if self.fast is None else prune_graph(self.fast, keep), candidates=opts.branch_candidates)
         r.details["stage"] = "graph-bab"
         return r
