@@ -597,10 +597,52 @@ def test_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
 
     free = run(0.95, 1500.0)
     assert free.status == "certified" and free.details["domains"] > 100, free.details
-    capped = run(0.95, 0.02)
+    capped = run(0.95, 0.05)
     assert capped.status == "certified", capped.details
     assert capped.details["queue_peak"] < free.details["queue_peak"]
-    assert run(1.05, 0.02).status != "certified"
+    assert run(1.05, 0.05).status != "certified"
     monkeypatch.setattr(search, "FULL_QUEUE", math.inf)  # best-first to the cap
-    stuck = run(0.95, 0.02)
+    stuck = run(0.95, 0.05)
     assert stuck.status == "unknown" and stuck.details["reason"] == "memory"
+
+
+def test_boxes_kept_per_domain_contain_every_sample_of_the_domain(monkeypatch):
+    """The search hands each domain's pre-activation boxes (float32, rounded outwards) to its
+    children and recomputes only after the newest split: every box a round starts from and every
+    box it ends with contains the pre-activations of the sampled inputs that obey the domain's
+    splits (residual net, float64 graph, a margin no domain reaches so that the search keeps
+    splitting)."""
+    import relax.bab.activation_split as search
+
+    torch.manual_seed(7)
+    r = _Residual(4, 8, 3).eval().double()
+    x0 = torch.full((1, 4), 0.5, dtype=torch.float64)
+    graph, xs, C, rs, root = _root(r, x0, 0.3)
+    seen = []
+    bound = search.bound_domains
+
+    def spy(graph, inputs, rs, start, splits, **kw):
+        db = bound(graph, inputs, rs, start, splits, **kw)
+        seen.append(({p: s.clone() for p, s in splits.items()}, dict(start), db.boxes))
+        return db
+
+    monkeypatch.setattr(search, "bound_domains", spy)
+    res = search.graph_relu_bab(graph, xs, rs, root, timeout=5.0, margin=1e9, candidates=1)
+    assert res.status == "unknown" and res.domains > 20 and len(seen) > 5
+    x = 0.2 + 0.6 * torch.rand(20000, 4, dtype=torch.float64)
+    pre_a = r.a(x)
+    pre_b = r.b(torch.relu(pre_a))
+    relus = [p for _, p in search.relu_inputs(graph)]
+    pres = dict(zip(relus, [pre_a, pre_b]))
+    checked = 0
+    for splits, start, boxes in seen:
+        D = next(iter(splits.values())).shape[0]
+        for dom in range(D):
+            inside = _obeys(splits, pres, dom, x.shape[0])
+            for p in relus:
+                z = pres[p][inside]
+                for lo, hi in (start[p], boxes[p]):
+                    lo, hi = lo[min(dom, lo.shape[0] - 1)].reshape(-1), hi[min(dom, hi.shape[0] - 1)].reshape(-1)
+                    assert (z >= lo - 1e-12).all() and (z <= hi + 1e-12).all()
+            checked += int(inside.sum())
+    assert checked > 1000

@@ -311,3 +311,25 @@ def test_counterexample_lies_in_the_float64_box_the_user_gave(method):
     if c.status == "falsified":
         x = float(torch.as_tensor(c.counterexample, dtype=torch.float64).reshape(-1)[0])
         assert 0.3 <= x <= 0.5, x
+
+
+def test_round_outward_keeps_bounds_on_the_right_side():
+    """A float64 bound cast to float32 moves down (a lower bound) or up (an upper bound) where the
+    cast went the wrong way, by at most one float32 step; exact values, infinities and casts to a
+    wider type stay as they are."""
+    import math
+
+    from relax.bounds.roundoff import round_outward
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.cat([torch.randn(10000, dtype=torch.float64, generator=g) * 10.0 ** torch.randint(-30, 30, (10000,), generator=g),
+                   torch.tensor([0.0, 1.0, -0.5, math.inf, -math.inf], dtype=torch.float64)])
+    lo, hi = round_outward(t, torch.float32, down=True), round_outward(t, torch.float32, down=False)
+    assert lo.dtype == hi.dtype == torch.float32
+    assert (lo.double() <= t).all() and (hi.double() >= t).all()
+    f = t.isfinite()  # the largest float32 below / the smallest above: not one step further
+    assert (torch.nextafter(lo, torch.tensor(math.inf)).double() > t)[f].all()
+    assert (torch.nextafter(hi, torch.tensor(-math.inf)).double() < t)[f].all()
+    exact = t[-5:]
+    assert torch.equal(lo[-5:].double(), exact) and torch.equal(hi[-5:].double(), exact)
+    assert torch.equal(round_outward(t, torch.float64, down=True), t)

@@ -7,8 +7,11 @@ the ReLU is the identity) or ``s_j = -1`` (``z_j <= 0``, it is zero); the input 
 tanh or max-pooling gets half of its interval. Domains are bounded in batches along the graph
 engine's batch dimension (:func:`relax.bounds.crown.crown`, one batch element per domain):
 
-* every pre-activation box is the root's (alpha-CROWN) box intersected with the domain's
-  splits, then, while affordable, recomputed by CROWN within them (the later layers tighten);
+* every pre-activation box is the parent domain's box (at the root: alpha-CROWN's)
+  intersected with the domain's splits, then, while affordable, recomputed by CROWN within
+  them from the earliest split of the round on (the boxes before it cannot change: they
+  depend on no split below them); each open domain keeps its boxes in the queue (float32,
+  rounded outwards) for its children, so the boxes tighten down the tree;
 * the spec rows are bounded by CROWN with optimised slopes (alpha: ReLU, sigmoid, tanh) and,
   for each ReLU split, a Lagrange multiplier ``beta_j >= 0`` of its constraint ``s_j z_j >= 0``
   (beta-CROWN, Wang et al. 2021, Eq. 6): the bound of ``c^T f(x) - sum_j beta_j s_j z_j(x)`` is a
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +62,7 @@ from relax.bab import BabResult, RowSpec
 from relax.bab.leaf import leaf_multipliers, leaf_bound
 from relax.ir.graph import BoundGraph
 from relax.bounds.crown import crown
+from relax.bounds.roundoff import round_outward
 from relax.ir.ops import ReLU
 
 __all__ = ["graph_relu_bab", "bound_domains", "relu_inputs", "interval_inputs", "relu_scores"]
@@ -122,9 +127,10 @@ class _Pass:
 
 def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[str, tuple[Tensor, Tensor]],
                  splits: dict[str, Tensor], ivals: dict[str, tuple[Tensor, Tensor]] | None, recompute: bool,
-                 deadline: float) -> tuple[_Pass, Tensor, float]:
-    """The domains' :class:`_Pass` (boxes: the root's within the splits, recomputed by CROWN when
-    ``recompute``), ``infeasible [D]`` (an empty box somewhere) and the recomputation's seconds."""
+                 deadline: float, settled: Sequence[str] = ()) -> tuple[_Pass, Tensor, float]:
+    """The domains' :class:`_Pass` (boxes: ``root``'s within the splits, recomputed by CROWN when
+    ``recompute``, except the ``settled`` ones), ``infeasible [D]`` (an empty box somewhere) and
+    the recomputation's seconds."""
     if splits:
         D = next(iter(splits.values())).shape[0]
     else:
@@ -142,7 +148,7 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
     t_boxes = time.perf_counter()
     if recompute:
         with torch.no_grad():
-            boxes = crown(graph, x_set, None, bound_overrides=boxes,
+            boxes = crown(graph, x_set, None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
                           deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
@@ -278,13 +284,15 @@ def bound_domains(
     recompute: bool = True,
     ivals: dict[str, tuple[Tensor, Tensor]] | None = None,
     fast: BoundGraph | None = None,
+    settled: Sequence[str] = (),
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
     Args:
         inputs: the input set, batch of one.
         rs: the property rows (``C [N, K]``, ``d [N]``).
-        root: root pre-activation boxes ``{node: (lo, hi)}``, ``[1, *shape]``.
+        root: pre-activation boxes ``{node: (lo, hi)}``, ``[1, *shape]`` (the root's) or
+            ``[D, *shape]`` (each domain's parent's).
         splits: ``{relu input node: [D, n] int8}`` split signs (0 = not split).
         alphas0, betas0: starting slopes ``{activation node: [D, N, n]}`` (``n`` the numbers
             per row: a ReLU's slopes, a sigmoid's / tanh's slope pairs) and multipliers
@@ -294,6 +302,8 @@ def bound_domains(
         recompute: recompute the pre-activation boxes of every domain by CROWN within its
             split boxes (tighter, one linear pass per unstable neuron); else use the split
             root boxes as they are.
+        settled: pre-activations whose boxes (``root``'s within the splits) the recomputation
+            keeps as they are: those before every domain's newest split.
         ivals: interval splits ``{input node of a sigmoid / tanh / max-pooling: (lo [D, n],
             hi [D, n])}`` intersected with the boxes.
         fast: the same network in a faster dtype (float32) for the optimisation steps; the
@@ -302,7 +312,7 @@ def bound_domains(
     Returns:
         :class:`DomainBounds`.
     """
-    exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline)
+    exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline, settled)
     D, N = exact.C.shape[:2]
     # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
     # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
@@ -619,6 +629,8 @@ class _ReluSearch:
         self.inodes = [p for _, p in interval_inputs(graph)]
         self.names = self.nodes + self.inodes
         self.sizes = {p: math.prod(graph.shape(p)) for p in self.names}
+        self.order = graph.preactivations()  # topological
+        self.box_nodes = [p for p in self.order if p in root and p != graph.input_name]  # boxes kept per domain
         self.N = rs.C.shape[0]
         self.falsify = _Candidates(graph, rs, check_point)
         self.bounded = 0
@@ -635,8 +647,10 @@ class _ReluSearch:
         domains per round (a round's children fit beside the queue)."""
         sizes, N = self.sizes, self.N
         # int8 splits, float32 alphas and betas per ReLU input; float64 boxes and float32 slope pairs
-        # per interval-split input; the store's buffers double when full (twice the bytes at worst)
-        per_domain = sum(sizes[p] for p in self.nodes) * (1 + 8 * N) + sum(sizes[p] for p in self.inodes) * (16 + 8 * N) + 64
+        # per interval-split input; float32 boxes of every pre-activation; the store's buffers
+        # double when full (twice the bytes at worst)
+        per_domain = (sum(sizes[p] for p in self.nodes) * (1 + 8 * N) + sum(sizes[p] for p in self.inodes) * (16 + 8 * N)
+                      + sum(8 * math.prod(self.graph.shape(p)) for p in self.box_nodes) + 64)
         max_domains = max(int(max_memory_mb * 2**20 / (2 * per_domain)), 4)
         return max_domains, max(1, min(batch_size, max_domains // 4))
 
@@ -645,12 +659,16 @@ class _ReluSearch:
         return torch.tensor([-1 if n is None else self.names.index(n) for n in ns], dtype=torch.long)
 
     def entries(self, splits: dict[str, Tensor], ivals: dict[str, tuple[Tensor, Tensor]], alphas: dict[str, Tensor],
-                betas: dict[str, Tensor], low: Tensor, rows: Tensor, choice: tuple[list[str | None], Tensor, Tensor]
-                ) -> dict[str, Tensor]:
+                betas: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]], low: Tensor, rows: Tensor,
+                choice: tuple[list[str | None], Tensor, Tensor]) -> dict[str, Tensor]:
         """The store's fields of some domains (first dimension: domain): splits, interval splits,
-        slopes, multipliers (every ReLU input), margin ``low``, ``rows`` bounds and next split."""
+        slopes, multipliers (every ReLU input), pre-activation boxes (float32, rounded outwards),
+        margin ``low``, ``rows`` bounds and next split."""
         node, idx, t = choice
+        kept = {p: (round_outward(boxes[p][0], torch.float32, down=True), round_outward(boxes[p][1], torch.float32, down=False))
+                for p in self.box_nodes}
         return {**{f"s:{p}": splits[p] for p in self.nodes}, **{f"l:{p}": ivals[p][0] for p in self.inodes},
+                **{f"bl:{p}": lh[0] for p, lh in kept.items()}, **{f"bh:{p}": lh[1] for p, lh in kept.items()},
                 **{f"h:{p}": ivals[p][1] for p in self.inodes}, **{f"a:{r}": a for r, a in alphas.items()},
                 **{f"b:{p}": betas[p] for p in self.nodes}, "low": low, "rows": rows, "node": self.code(node), "idx": idx, "t": t}
 
@@ -703,15 +721,16 @@ class _ReluSearch:
             if status == "falsified":
                 return self.result("falsified", "counterexample", -math.inf, x)
             return self.result("certified", "proved", self.margin) if status == "proved" else self.result("unknown", "exhausted", float(m[0]))
-        return _DomainStore(self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p]) for p in self.nodes}, m, db.rows,
-                                         choice), max_n=max_domains + 2 * batch_size)
+        return _DomainStore(self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p]) for p in self.nodes}, db.boxes,
+                                         m, db.rows, choice), max_n=max_domains + 2 * batch_size)
 
-    def children(self, par: dict[str, Tensor], k: int
-                 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor], dict[str, Tensor]]:
+    def children(self, par: dict[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor],
+                                                               dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], list[str]]:
         """The ``2k`` children of the ``k`` domains ``par`` (the store's fields): every domain
         twice, its chosen ReLU set to +1 / -1 or its chosen interval halved (first copies: the
-        lower half), with their parent's slopes and multipliers. Returns the splits, interval
-        splits, slopes and multipliers (``[2k, ...]``)."""
+        lower half), with their parent's slopes, multipliers and boxes. Returns the splits,
+        interval splits, slopes, multipliers, boxes (``[2k, ...]``; the input's: the root's) and
+        the pre-activations up to the earliest new split (their boxes cannot change)."""
         child = {p: par[f"s:{p}"].repeat(2, 1) for p in self.nodes}
         c_ivals = {p: (par[f"l:{p}"].repeat(2, 1), par[f"h:{p}"].repeat(2, 1)) for p in self.inodes}
         for j, (kn, i) in enumerate(zip(par["node"].tolist(), par["idx"].tolist())):
@@ -725,7 +744,11 @@ class _ReluSearch:
                 c_ivals[p][0][j + k, i] = t
         c_alphas = {r: par[f"a:{r}"].repeat(2, 1, 1) for r in self.alpha_names}
         c_betas = {p: par[f"b:{p}"].repeat(2, 1, 1) for p in self.nodes}
-        return child, c_ivals, c_alphas, c_betas
+        dt = self.graph.dtype
+        c_boxes = {p: (torch.cat([par[f"bl:{p}"]] * 2).to(dt), torch.cat([par[f"bh:{p}"]] * 2).to(dt)) for p in self.box_nodes}
+        c_boxes = {p: c_boxes.get(p, self.root[p]) for p in self.root}
+        first = min(self.order.index(self.names[kn]) for kn in par["node"].tolist())
+        return child, c_ivals, c_alphas, c_betas, c_boxes, self.order[: first + 1]
 
     def round(self, q: _DomainStore, k: int, recompute: bool, nearest: bool = False) -> BabResult | tuple[float, float]:
         """One round: the ``k`` worst domains of ``q`` are split (``nearest``: the ``k`` closest
@@ -735,10 +758,10 @@ class _ReluSearch:
         the bounding on) and the seconds of the boxes' recomputation."""
         graph, rs, N = self.graph, self.rs, self.N
         par = q.take(torch.topk(q.get("low") if nearest else -q.get("low"), k).indices)
-        child, c_ivals, c_alphas, c_betas = self.children(par, k)
+        child, c_ivals, c_alphas, c_betas, c_boxes, settled = self.children(par, k)
         t_round = time.perf_counter()
-        db = bound_domains(graph, self.inputs, rs, self.root, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
-                           deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast)
+        db = bound_domains(graph, self.inputs, rs, c_boxes, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
+                           deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled)
         self.bounded += 2 * k
         if time.perf_counter() >= self.deadline:  # the round ran into the deadline: its bounds may be vacuous
             low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
@@ -762,7 +785,8 @@ class _ReluSearch:
         if sel.numel():
             betas = {p: (db.betas[p][sel] if p in db.betas else torch.zeros(sel.numel(), N, self.sizes[p])) for p in self.nodes}
             q.add(self.entries({p: child[p][sel] for p in self.nodes}, {p: (lo[sel], hi[sel]) for p, (lo, hi) in c_ivals.items()},
-                               {r: a[sel] for r, a in db.alphas.items()}, betas, m[sel], db.rows[sel],
+                               {r: a[sel] for r, a in db.alphas.items()}, betas,
+                               {p: (lo[sel], hi[sel]) for p, (lo, hi) in db.boxes.items()}, m[sel], db.rows[sel],
                                ([cnode[i] for i in sel.tolist()], cidx[sel], ct[sel])))
             self.queue_peak = max(self.queue_peak, q.n)
         self.alpha_names = list(db.alphas)

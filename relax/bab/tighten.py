@@ -32,21 +32,12 @@ from torch import Tensor
 
 from relax.ir.dense import FeedForwardNet
 from relax.exact.lp import InputRegion, tighten_bounds
+from relax.bounds.roundoff import round_outward
 
 #: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
 Bounds = list[tuple[Tensor, Tensor]]
 
 __all__ = ["refine_bounds", "refine_graph_root"]
-
-
-def _outward(t64: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
-    """``t64`` in ``dtype``, rounded down (``down``) or up, so that the bound stays valid."""
-    t = t64.to(dtype)
-    if dtype == torch.float64:
-        return t
-    inf = torch.tensor(-torch.inf if down else torch.inf, dtype=dtype)
-    bad = (t.double() > t64) if down else (t.double() < t64)
-    return torch.where(bad, torch.nextafter(t, inf), t)
 
 
 def refine_bounds(
@@ -136,8 +127,8 @@ def _intersect(old: tuple[Tensor, Tensor], new: tuple[np.ndarray, np.ndarray]) -
     """The box ``old`` (``[1, n]`` each) intersected with the float64 bounds ``new`` (``[n]``),
     rounded outwards to ``old``'s dtype."""
     (l, u), (nl, nu) = old, new
-    nl_t = _outward(torch.from_numpy(np.ascontiguousarray(nl)), l.dtype, down=True).reshape(l.shape).to(l.device)
-    nu_t = _outward(torch.from_numpy(np.ascontiguousarray(nu)), u.dtype, down=False).reshape(u.shape).to(u.device)
+    nl_t = round_outward(torch.from_numpy(np.ascontiguousarray(nl)), l.dtype, down=True).reshape(l.shape).to(l.device)
+    nu_t = round_outward(torch.from_numpy(np.ascontiguousarray(nu)), u.dtype, down=False).reshape(u.shape).to(u.device)
     return torch.maximum(l, nl_t), torch.minimum(u, nu_t)
 
 

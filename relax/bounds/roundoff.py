@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SAFETY", "unit_roundoff", "gamma", "sum_length", "term_magnitude", "forward_error", "backward_weight",
-           "concretize_error", "max_abs"]
+           "concretize_error", "max_abs", "round_outward"]
 
 #: factor on the summed per-node error terms (see the module docstring)
 SAFETY = 3.0
@@ -51,6 +51,17 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     """``gamma_n = n u / (1 - n u)`` (infinite once ``n u >= 1/2``: no useful bound)."""
     nu = (n + 2) * unit_roundoff(dtype)
     return math.inf if nu >= 0.5 else nu / (1 - nu)
+
+
+def round_outward(t: Tensor, dtype: torch.dtype, down: bool) -> Tensor:
+    """``t`` (any shape) in ``dtype``, rounded down (``down``: a lower bound) or up (an upper
+    bound) where the cast moved it the wrong way, so that a bound stays a bound."""
+    out = t.to(dtype)
+    if torch.finfo(dtype).bits >= torch.finfo(t.dtype).bits:
+        return out
+    toward = torch.tensor(-math.inf if down else math.inf, dtype=dtype, device=t.device)
+    wrong = (out.to(t.dtype) > t) if down else (out.to(t.dtype) < t)
+    return torch.where(wrong, torch.nextafter(out, toward), out)
 
 
 def max_abs(lo: Tensor, hi: Tensor) -> Tensor:
