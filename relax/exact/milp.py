@@ -60,6 +60,7 @@ from relax.exact.lp import (
     lp_lower_bounds,
     regions_of,
     relu_net,
+    spec_rows,
     tighten_bounds,
 )
 from relax.solvers import GurobiBackend, LinearProgram, SolverError, make_backend, resolve_solver
@@ -298,9 +299,10 @@ def milp_verify(
             gm_att = _margins(model, attacked.x_adv, spec, torch.float64).cpu().numpy()  # [B, G]
     ib, used = initial_bounds(model, net, inputs, bounds_method)
     groups = spec.groups.cpu().numpy()
+    C, d = spec_rows(spec)
     run = _MilpRun(
         model=model, net=net, inputs=inputs, spec=spec, groups=groups, G=int(groups.max()) + 1 if len(groups) else 0,
-        C=spec.C.detach().double().cpu().numpy(), d=spec.d.detach().double().cpu().numpy(), regions=regions_of(inputs),
+        C=C, d=d, regions=regions_of(inputs),
         solver=solver, solver_name=solver_name, margin=margin, exact=exact, refine=refine, threads=threads,
         attack=attack, attacked=attacked, gm_att=gm_att, initial=ib, bounds_used=used,
     )
