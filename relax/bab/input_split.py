@@ -64,9 +64,7 @@ class GraphBoxes(torch.nn.Module):
         """``[B, n_0] -> [B, K]`` (``x`` converted to the graph's dtype)."""
         return self.graph.forward(x.to(self.dtype).reshape(x.shape[0], *self.graph.input_shape)).reshape(x.shape[0], -1)
 
-    def _set(self, lo: Tensor, hi: Tensor):
-        from verify.spec import Box
-
+    def _set(self, lo: Tensor, hi: Tensor) -> Box:
         shape = self.graph.input_shape
         return Box(lo.reshape(lo.shape[0], *shape), hi.reshape(hi.shape[0], *shape))
 
