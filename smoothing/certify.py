@@ -35,7 +35,20 @@ from .noise import Noise
 from .sampling import Perturb, SamplingOptions, count_classes
 from .stats import check_n_alpha, cp_lower, cp_upper, label_counts, predict_pvalue
 
-__all__ = ["CertifyResult", "PredictResult", "certify", "predict", "probability_bounds"]
+__all__ = ["CertifyOptions", "CertifyResult", "PredictResult", "certify", "predict", "probability_bounds"]
+
+
+class CertifyOptions(SamplingOptions, total=False):
+    """The keyword options of :func:`certify` that an entry point built on it passes on
+    unchanged (``**options``; :func:`smoothing.semantic.certify_semantic`): the sampling ones
+    (:class:`~smoothing.sampling.SamplingOptions`) and ``n0``, ``n``, ``alpha``, ``norm``,
+    ``pb_bound``; one not given takes :func:`certify`'s default."""
+
+    n0: int
+    n: int
+    alpha: float
+    norm: str
+    pb_bound: bool
 
 
 @dataclass

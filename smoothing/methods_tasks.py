@@ -266,12 +266,10 @@ class SmoothingInvariance(_SampledTask):
     def decide(self, model, inputs, prop, call):
         """See :meth:`verify.registry.Method.certify`; ``prop`` is :class:`~verify.spec.Robust`."""
         t0, find_radius, max_radius = call.deadline.start, call.find_radius, call.max_radius
-        self.check_input_set(inputs)
+        self.check_input_set(inputs, find_radius)
         if not isinstance(prop, Robust):
             raise SpecError(f"{self.name} needs a Robust(label) property (the class whose probability is estimated), "
                             f"got {type(prop).__name__}")
-        if find_radius and not isinstance(inputs, LpBall):
-            raise SpecError("find_radius needs an l_p ball input set")
         B = inputs.batch_size
         labels = _labels_or_none(prop, B)
         is_ball = isinstance(inputs, LpBall)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from verify.deadline import Deadline
 
-from .certify import CertifyResult, certify
+from .certify import CertifyOptions, CertifyResult, certify
 from .noise import GaussianNoise
 from .rotation_error import ErrorSearch, exceed_probability, rotation_error_search
 from .sampling import SamplingOptions
@@ -144,30 +144,20 @@ def certify_semantic(
     x: Tensor,
     transform: SemanticTransform,
     sigma: float,
-    *,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    norm: str = "l2",
-    pb_bound: bool = False,
-    **sampling: Unpack[SamplingOptions],
+    **options: Unpack[CertifyOptions],
 ) -> CertifyResult:
     """CERTIFY in the parameter space of ``transform`` (``sigma`` in degrees or pixels).
 
     Args:
         x: images ``[B, C, H, W]`` (or ``[B, H, W]``).
-        norm: norm of the parameter vector (``"l2"``; for translations ``"linf"`` gives
-            ``R_2 / sqrt(2)``).
-        n0, n, alpha, pb_bound: as in :func:`~smoothing.certify.certify`.
-        sampling: see :class:`~smoothing.sampling.SamplingOptions`.
+        options: :func:`~smoothing.certify.certify`'s (:class:`~smoothing.certify.CertifyOptions`,
+            its defaults); ``norm`` is the norm of the parameter vector (``"l2"``; for
+            translations ``"linf"`` gives ``R_2 / sqrt(2)``).
     Returns:
         a :class:`~smoothing.certify.CertifyResult` whose ``radius`` is in the transform's unit.
     """
-    noise = GaussianNoise(sigma=sigma)
-    return certify(
-        model, x, noise, n0=n0, n=n, alpha=alpha, norm=norm, pb_bound=pb_bound, perturb=transform.apply,
-        param_shape=(transform.params,), dim=transform.params, **sampling,
-    )
+    return certify(model, x, GaussianNoise(sigma=sigma), perturb=transform.apply, param_shape=(transform.params,),
+                   dim=transform.params, **options)
 
 
 def sound_rotation_radius(pa_lower: np.ndarray, q: float, E: np.ndarray, sigma: float, sigma_l2: float) -> np.ndarray:

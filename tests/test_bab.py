@@ -152,6 +152,35 @@ def test_bab_method_never_certifies_a_falsifiable_property():
         assert c.status in ("certified", "falsified")
 
 
+def test_input_split_pgd_is_the_falsifier():
+    """Input splitting's PGD is verify.attack.pgd_attack on a batch of boxes (each its own set):
+    it finds a violation of a property whose grid minimum is negative and whose box centres are
+    not violated, returns a float64 point inside its box, and a seeded search repeats it."""
+    from relax.bab.input_split import _InputSearch
+
+    model = _mlp(1)
+    net = _dense(model, 2)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    lo, hi = -torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    boxes_lo = torch.stack([lo, torch.tensor([0.0, -1.0], dtype=torch.float64)])
+    boxes_hi = torch.stack([torch.tensor([0.0, 1.0], dtype=torch.float64), hi])
+    rs0 = RowSpec(C, torch.zeros(2, dtype=torch.float64), torch.tensor([0, 0]))
+    centres = rs0.margin(rs0.values(net.forward((boxes_lo + boxes_hi) / 2)))
+    # the rows shifted so that both centres hold by 0.05 and a part of the grid violates
+    d = torch.full((2,), 0.05 - float(centres.min()), dtype=torch.float64)
+    rs = RowSpec(C, d, torch.tensor([0, 0]))
+    m, _, _ = _grid_truth(net, model, C, d, torch.tensor([0, 0]), lo, hi)
+    assert float(m.min()) < 0 < float(rs.margin(rs.values(net.forward((boxes_lo + boxes_hi) / 2))).min())
+    found = []
+    for _ in range(2):
+        cex = _InputSearch(net, rs, None, seed=3).pgd(boxes_lo, boxes_hi, steps=20, restarts=2)
+        assert cex is not None and cex.dtype == torch.float64
+        assert any(bool(((cex >= l) & (cex <= h)).all()) for l, h in zip(boxes_lo, boxes_hi))
+        assert float(rs.margin(rs.values(net.forward(cex[None])))[0]) <= 0
+        found.append(cex)
+    assert torch.equal(found[0], found[1])
+
+
 def test_timeout_gives_unknown_with_best_bound():
     model = _mlp(5, (10, 64, 64, 2))
     net = _dense(model, 10)

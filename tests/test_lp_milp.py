@@ -15,7 +15,7 @@ from relax import solvers
 from relax.exact.lp import lp_lower_bounds
 from relax.exact.milp import milp_verify, minimum_distortion
 from relax.solvers import LinearProgram, SolverError, make_backend, resolve_solver, safe_dual_bound
-from verify.attack import AttackResult, pgd_attack
+from verify.attack import AttackResult, confirm_counterexample, pgd_attack
 from verify.registry import get_method, list_methods
 from verify.spec import Box, Linear, LinearSpec, LpBall, Robust
 
@@ -201,9 +201,10 @@ def test_falsified_counterexample_is_confirmed_and_in_the_set():
     for i, o in enumerate(out):
         if o.status == "falsified":
             xc = o.counterexample.reshape(1, 4)
+            assert xc.dtype == torch.float64  # the point as confirmed, not rounded to the model's float32
             assert bool(ball.select([i]).contains(xc, tol=1e-7)[0])
-            with torch.no_grad():
-                assert not bool(spec.select([i]).holds(gm(xc).double())[0])
+            # violated by the float32 model run on the point in its own dtype, and in float64
+            assert bool(confirm_counterexample(gm, ball.select([i]), spec.select([i]), xc)[0])
 
 
 # ------------------------------------------------------------------------------------------

@@ -78,6 +78,19 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
+def _work_dtype(model: torch.nn.Module, inputs: InputSet) -> torch.dtype:
+    """The attacks' working dtype: the model's floating dtype (the inputs' for a model without
+    floating tensors)."""
+    return _model_dtype(model) or inputs.bounds()[0].dtype
+
+
+def _working(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> tuple[torch.dtype, InputSet, LinearSpec]:
+    """The working dtype (:func:`_work_dtype`) and the sets ``[B, *shape]`` and the spec rows
+    ``C [B, N, K]`` in it."""
+    wdtype = _work_dtype(model, inputs)
+    return wdtype, inputs.to(dtype=wdtype), spec.to(dtype=wdtype)
+
+
 def _float64_model(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` itself when all its floating tensors are float64, else a float64 deep copy
     (the caller's model is left untouched)."""
@@ -361,10 +374,7 @@ def pgd_attack(
     t0 = time.perf_counter()
     if restarts < 1 or steps < 0:
         raise ValueError(f"need restarts >= 1 and steps >= 0, got {restarts}, {steps}")
-    in_dtype = inputs.bounds()[0].dtype
-    wdtype = _model_dtype(model) or in_dtype
-    work = inputs.to(dtype=wdtype)
-    spec_w = spec.to(dtype=wdtype)
+    wdtype, work, spec_w = _working(model, inputs, spec)
     x, target = _start_lanes(work, spec_w.num_groups, restarts, targeted, seed, starts, start_groups)  # [L, B, *shape]
     lanes = _PgdLanes(model, work, spec_w, x, target, wdtype, _BestPoints(model, inputs, spec))
     lanes.descend(steps, float(step_size) if step_size is not None else 5.0 / max(steps, 1), t0, timeout)
@@ -495,7 +505,7 @@ class _BestPoints:
 
     def __init__(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> None:
         self.model, self.model64 = model, _float64_model(model)
-        self.dtype = _model_dtype(model) or inputs.bounds()[0].dtype  # the attacks' working dtype
+        self.dtype = _work_dtype(model, inputs)
         self.inputs, self.spec = inputs, spec
         self.x = project_into(inputs, inputs.midpoint())
         B, dev = inputs.batch_size, self.x.device
@@ -604,10 +614,7 @@ def random_attack(
     """
     if samples < 1 or chunk < 1:
         raise ValueError(f"need samples >= 1 and chunk >= 1, got {samples}, {chunk}")
-    in_dtype = inputs.bounds()[0].dtype
-    wdtype = _model_dtype(model) or in_dtype
-    work = inputs.to(dtype=wdtype)
-    spec_w = spec.to(dtype=wdtype)
+    wdtype, work, spec_w = _working(model, inputs, spec)
     dev = work.bounds()[0].device
     B, shape = work.batch_size, work.shape
     gen = torch.Generator(device=dev).manual_seed(seed)

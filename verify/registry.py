@@ -304,10 +304,14 @@ class Method:
         from the class; ``fields`` are the other Certificate fields."""
         return Certificate(method=self.name, guarantee=self.guarantee, certifies=self.certifies, status=status, index=index, **fields)
 
-    def check_input_set(self, inputs: InputSet) -> None:
+    def check_input_set(self, inputs: InputSet, find_radius: bool = False) -> None:
+        """``SpecError`` for an input set of a kind not in ``norms``, and for a radius search
+        (``find_radius``) on anything but an l_p ball."""
         kind = norm_name(inputs.p) if isinstance(inputs, LpBall) else "box"
         if kind not in self.norms:
             raise SpecError(f"method {self.name!r} does not support {kind} input sets (supports {', '.join(self.norms)})")
+        if find_radius and not isinstance(inputs, LpBall):
+            raise SpecError("find_radius needs an l_p ball input set")
 
     @typing.final
     def certify(
@@ -447,7 +451,7 @@ class BoundMethod(Method):
         model, inputs, find_radius, max_radius, deadline = (
             call.model, call.inputs, call.find_radius, call.max_radius, call.deadline)
         t0 = deadline.start
-        self.check_input_set(inputs)
+        self.check_input_set(inputs, find_radius)
         B = inputs.batch_size
         x0, pred, clean_ok, spec = call.clean_verdict()
         ball = inputs if isinstance(inputs, LpBall) else None
@@ -463,8 +467,7 @@ class BoundMethod(Method):
         if asked_eps is not None:  # a ball
             radius = torch.where(proved.cpu(), asked_eps.double().cpu(), radius)
         if find_radius:
-            if ball is None or asked_eps is None:
-                raise SpecError("find_radius needs an l_p ball input set")
+            assert ball is not None and asked_eps is not None  # check_input_set: a radius search needs a ball
             hi_r = float(max_radius) if max_radius is not None else float(max(asked_eps.max().item() * 4, 1.0))
             radius = self.bisect_radius(model, ball, spec, clean_ok, hi_r, radius)
 

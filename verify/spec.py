@@ -120,10 +120,21 @@ def _describe(v: Tensor | None) -> str:
 
 
 class InputSet:
-    """Base class of batched input sets. Subclasses implement the methods below."""
+    """Base class of batched input sets. Subclasses implement the methods below (``batch_size``
+    and ``shape`` come from :meth:`_batched`)."""
 
-    batch_size: int
-    shape: tuple[int, ...]  # per-example input shape
+    def _batched(self) -> Tensor:
+        """A ``[B, *shape]`` tensor of the set (a box's ``lo``, a ball's ``center``)."""
+        raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        return self._batched().shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The per-example input shape."""
+        return tuple(self._batched().shape[1:])
 
     def bounds(self) -> tuple[Tensor, Tensor]:
         """Elementwise box enclosure ``(lo, hi)``, each ``[B, *shape]``."""
@@ -178,13 +189,8 @@ class Box(InputSet):
             n = int((self.lo > self.hi).sum())
             raise SpecError(f"Box: lo > hi in {n} coordinates (empty box)")
 
-    @property
-    def batch_size(self) -> int:  # type: ignore[override]
-        return self.lo.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return tuple(self.lo.shape[1:])
+    def _batched(self) -> Tensor:
+        return self.lo
 
     def bounds(self) -> tuple[Tensor, Tensor]:
         return self.lo, self.hi
@@ -261,13 +267,8 @@ class LpBall(InputSet):
             raise SpecError("LpBall: domain_lo > domain_hi")
         _check_meets_domain(self)
 
-    @property
-    def batch_size(self) -> int:  # type: ignore[override]
-        return self.center.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return tuple(self.center.shape[1:])
+    def _batched(self) -> Tensor:
+        return self.center
 
     def _eps_view(self) -> Tensor:
         return self.eps.view(-1, *([1] * (self.center.dim() - 1)))

@@ -1,5 +1,5 @@
-"""Branch-and-bound (complete verification): the shared result type, the property in tensor
-form, batched counterexample search on a dense ReLU net.
+"""Branch-and-bound (complete verification): the shared result type and the property in tensor
+form. (Counterexamples are sought with the project's falsifier, :mod:`verify.attack`.)
 
 Conventions (see :class:`verify.spec.LinearSpec`): rows ``C y + d`` (``C [N, K]``, ``d [N]``)
 with a group per row; the property holds at ``y`` iff every group has a row ``> 0``. The
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 
-__all__ = ["BabResult", "RowSpec", "pgd_boxes"]
+__all__ = ["BabResult", "RowSpec"]
 
 
 @dataclass
@@ -95,45 +95,3 @@ class RowSpec:
                 d.append(self.d[c].mean(0, keepdim=True))
                 g.append(torch.tensor([grp]))
         return RowSpec(torch.cat(C), torch.cat(d), torch.cat(g))
-
-
-def pgd_boxes(
-    net,
-    spec: RowSpec,
-    lo: Tensor,
-    hi: Tensor,
-    steps: int = 20,
-    restarts: int = 1,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Projected signed-gradient descent on the property margin inside each box.
-
-    Args:
-        lo, hi: ``[B, n_0]`` boxes.
-
-    Returns:
-        ``x [B, n_0]`` the best point found per box and its exact margin ``[B]`` (``<= 0``:
-        a counterexample, still to be confirmed on the original model).
-    """
-    best_x = (lo + hi) / 2
-    with torch.no_grad():
-        best_m = spec.margin(spec.values(net.forward(best_x)))
-    width = hi - lo
-    for _ in range(restarts):
-        x = lo + torch.rand(lo.shape, dtype=lo.dtype, generator=generator) * width
-        for t in range(steps):
-            x = x.detach().requires_grad_(True)
-            m = spec.margin(spec.values(net.forward(x)))
-            (g,) = torch.autograd.grad(m.sum(), x)
-            with torch.no_grad():
-                better = m < best_m
-                best_m = torch.where(better, m.detach(), best_m)
-                best_x = torch.where(better.unsqueeze(1), x.detach(), best_x)
-                step = width * (0.25 * (1 - t / steps) + 0.01)
-                x = torch.min(torch.max(x - step * g.sign(), lo), hi)
-        with torch.no_grad():
-            m = spec.margin(spec.values(net.forward(x)))
-            better = m < best_m
-            best_m = torch.where(better, m, best_m)
-            best_x = torch.where(better.unsqueeze(1), x, best_x)
-    return best_x.detach(), best_m.detach()

@@ -4,7 +4,8 @@ A domain is a sub-box of the input box. Each round pops the ``batch_size`` worst
 (smallest margin lower bound), halves each along one dimension, bounds all children in one
 batch and drops the proved ones; the rest go back to the queue. Counterexamples are sought
 on the way: the centre and the CROWN minimiser corner of every child are evaluated exactly,
-and PGD runs on the worst boxes every few rounds.
+and PGD (the project's falsifier, :func:`verify.attack.pgd_attack`, each box its own set) runs
+on the worst boxes every few rounds.
 
 Bounds per child, on the bound graph (:class:`GraphBoxes`): CROWN intermediate boxes (linear
 bounds only for the neurons unstable under the interval boxes) intersected with the parent's
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from relax.bab import BabResult, RowSpec, pgd_boxes
+from relax.bab import BabResult, RowSpec
+from verify.attack import pgd_attack
+from verify.spec import Box, LinearSpec
 
 #: intermediate boxes of a batch of boxes: per pre-activation node (graph order), ``(lo, hi)``
 #: flattened to ``[B, n]``
@@ -34,14 +37,17 @@ Bounds = list[tuple[Tensor, Tensor]]
 __all__ = ["input_bab", "GraphBoxes"]
 
 
-class GraphBoxes:
+class GraphBoxes(torch.nn.Module):
     """A bound graph as the input-split search sees a network: ``forward`` on flat inputs
-    ``[B, n_0]``, CROWN bounds of the property rows over a batch of boxes (:meth:`bound`) and
-    a few alpha-CROWN steps on given rows over given intermediate boxes (:meth:`optimize`).
-    Intermediate boxes travel as a list over ``graph.preactivations()`` of flat ``[B, n]``
-    pairs (a child's prior is its parent's boxes)."""
+    ``[B, n_0]`` (a module without parameters, run in the graph's dtype: the attacks of
+    :mod:`verify.attack` take it as the model and work in the dtype of the boxes), CROWN bounds
+    of the property rows over a batch of boxes (:meth:`bound`) and a few alpha-CROWN steps on
+    given rows over given intermediate boxes (:meth:`optimize`). Intermediate boxes travel as a
+    list over ``graph.preactivations()`` of flat ``[B, n]`` pairs (a child's prior is its
+    parent's boxes)."""
 
     def __init__(self, graph, deadline: float = math.inf) -> None:
+        super().__init__()
         self.graph = graph
         self.dtype = graph.dtype
         self.names = graph.preactivations()
@@ -55,11 +61,10 @@ class GraphBoxes:
         return None if math.isinf(self.deadline) else Deadline.until(self.deadline)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.graph.forward(x.reshape(x.shape[0], *self.graph.input_shape)).reshape(x.shape[0], -1)
+        """``[B, n_0] -> [B, K]`` (``x`` converted to the graph's dtype)."""
+        return self.graph.forward(x.to(self.dtype).reshape(x.shape[0], *self.graph.input_shape)).reshape(x.shape[0], -1)
 
-    def _set(self, lo: Tensor, hi: Tensor):
-        from verify.spec import Box
-
+    def _set(self, lo: Tensor, hi: Tensor) -> Box:
         shape = self.graph.input_shape
         return Box(lo.reshape(lo.shape[0], *shape), hi.reshape(hi.shape[0], *shape))
 
@@ -250,7 +255,7 @@ def _children(net: GraphBoxes, spec: RowSpec, par: _BoxBatch, branching: str, ro
 
 class _InputSearch:
     """The bookkeeping of one :func:`input_bab` run: the boxes bounded, the rounds, the
-    candidate counterexamples ``check`` rejected, and the PGD generator."""
+    candidate counterexamples ``check`` rejected, and the generator of PGD's seeds."""
 
     def __init__(self, net: GraphBoxes, spec: RowSpec, check_point, seed: int) -> None:
         self.t0 = time.perf_counter()
@@ -285,8 +290,7 @@ class _InputSearch:
             return self.finish("certified", "proved", float(m[0]))
         if time.perf_counter() >= deadline:  # a large network's root pass used the whole budget
             return self.finish("unknown", "timeout", float(m[0]))
-        x, xm = pgd_boxes(net, spec, lo, hi, steps=50, restarts=5, generator=self.gen)
-        cex = self.try_points(x, xm)
+        cex = self.pgd(lo, hi, steps=50, restarts=5)
         if cex is not None:
             return self.finish("falsified", "counterexample", -math.inf, cex)
         return _BoxBatch(lo, hi, lower, A, pre)
@@ -309,9 +313,20 @@ class _InputSearch:
         if pgd and open_.any():
             idx = open_.nonzero().squeeze(1)
             worst = idx[torch.argsort(cm[idx])[:64]]
-            x, xm = pgd_boxes(net, spec, kids.lo[worst], kids.hi[worst], steps=20, restarts=1, generator=self.gen)
-            return self.try_points(x, xm)
+            return self.pgd(kids.lo[worst], kids.hi[worst], steps=20, restarts=1)
         return None
+
+    def pgd(self, lo: Tensor, hi: Tensor, steps: int, restarts: int) -> Tensor | None:
+        """PGD (:func:`verify.attack.pgd_attack`) in the boxes ``lo, hi [b, n_0]``, each box its
+        own set: per box a lane from its centre and ``restarts`` from random points (seeded from
+        the search's generator, so every call starts elsewhere), ``steps`` signed-gradient steps
+        starting at half the box's half-width (then the cosine schedule). The first of the
+        boxes' confirmed points that ``check`` also accepts (:meth:`try_points`), or None."""
+        C, d = self.spec.batch(lo.shape[0])
+        seed = int(torch.randint(2**62, (1,), generator=self.gen))
+        r = pgd_attack(self.net, Box(lo, hi), LinearSpec(C, d, self.spec.groups), steps=steps, restarts=restarts + 1,
+                       step_size=0.5, seed=seed)
+        return self.try_points(r.x_adv, torch.where(r.found, r.margin, math.inf))
 
 
 def input_bab(

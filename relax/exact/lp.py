@@ -54,6 +54,7 @@ __all__ = [
     "InputRegion",
     "NetEncoding",
     "regions_of",
+    "spec_rows",
     "relu_net",
     "interval_bounds",
     "initial_bounds",
@@ -102,6 +103,11 @@ def regions_of(inputs: InputSet) -> list[InputRegion]:
         eps = inputs.eps.detach().double().cpu().numpy()
         return [InputRegion(lo[b], hi[b], inputs.p, c[b], float(eps[b])) for b in range(lo.shape[0])]
     return [InputRegion(lo[b], hi[b]) for b in range(lo.shape[0])]
+
+
+def spec_rows(spec: LinearSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The property rows as float64 arrays: ``C [B, N, K]``, ``d [B, N]``."""
+    return spec.C.detach().double().cpu().numpy(), spec.d.detach().double().cpu().numpy()
 
 
 def relu_net(model: torch.nn.Module | FeedForwardNet, input_shape: tuple[int, ...]) -> FeedForwardNet:
@@ -716,15 +722,12 @@ def lp_lower_bounds(
     solver_name = resolve_solver(solver)
     if net is None:
         net = relu_net(model, inputs.shape)
-    if isinstance(model, FeedForwardNet):
-        bounds_method = "interval"
     regions = regions_of(inputs)
-    if bounds is None:
+    if bounds is None:  # interval bounds for a FeedForwardNet model (initial_bounds)
         ib, used = initial_bounds(model, net, inputs, bounds_method)
     else:
         used = "given"
-    C = spec.C.detach().double().cpu().numpy()
-    d = spec.d.detach().double().cpu().numpy()
+    C, d = spec_rows(spec)
     B, N = d.shape
     lower = np.full((B, N), -np.inf)
     details, all_bounds, points = [], [], []

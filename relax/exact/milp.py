@@ -60,6 +60,7 @@ from relax.exact.lp import (
     lp_lower_bounds,
     regions_of,
     relu_net,
+    spec_rows,
     tighten_bounds,
 )
 from relax.solvers import GurobiBackend, LinearProgram, SolverError, make_backend, resolve_solver
@@ -137,7 +138,7 @@ class MilpOutcome:
         group_upper: ``[G]`` values of the best solutions found (``inf`` if none).
         row_lower: ``[N]`` sound per-row lower bounds (LP safe bounds, raised to the MILP bound for
             single-row groups).
-        counterexample: ``[*shape]`` confirmed violating input, or ``None``.
+        counterexample: ``[*shape]`` float64 confirmed violating input (inside the set), or ``None``.
         details: JSON-serialisable facts (bounds, sizes, per-group solver status, reasons).
     """
 
@@ -298,9 +299,10 @@ def milp_verify(
             gm_att = _margins(model, attacked.x_adv, spec, torch.float64).cpu().numpy()  # [B, G]
     ib, used = initial_bounds(model, net, inputs, bounds_method)
     groups = spec.groups.cpu().numpy()
+    C, d = spec_rows(spec)
     run = _MilpRun(
         model=model, net=net, inputs=inputs, spec=spec, groups=groups, G=int(groups.max()) + 1 if len(groups) else 0,
-        C=spec.C.detach().double().cpu().numpy(), d=spec.d.detach().double().cpu().numpy(), regions=regions_of(inputs),
+        C=C, d=d, regions=regions_of(inputs),
         solver=solver, solver_name=solver_name, margin=margin, exact=exact, refine=refine, threads=threads,
         attack=attack, attacked=attacked, gm_att=gm_att, initial=ib, bounds_used=used,
     )
@@ -387,7 +389,7 @@ def _falsified(run: _MilpRun, ex: _Example, x: Tensor, found_by: str, row_lower:
     gmx = _margins(run.model, x, ex.spec_b, torch.float64)[0].cpu().numpy()
     ex.gu = np.minimum(ex.gu, gmx)
     ex.det.update(found_by=found_by, note="confirmed")
-    return ex.outcome("falsified", row_lower, x[0].float().cpu())
+    return ex.outcome("falsified", row_lower, x[0].double().cpu())
 
 
 def _lp_screen(run: _MilpRun, ex: _Example) -> tuple[list, Any, float] | None:
@@ -530,7 +532,7 @@ class _GroupLoop:
             xs = torch.from_numpy(r.x[self.enc.x_cols]).reshape(1, *run.inputs.shape)
             ok, xc, note = repair_counterexample(run.model, ex.in_b, ex.spec_b, xs, group=g)
             if ok:
-                self.cex, self.status = xc[0].float().cpu(), "falsified"
+                self.cex, self.status = xc[0].double().cpu(), "falsified"
                 ex.det.update(found_by="milp", note=note)
                 return run.exact
             self.reasons.append(f"group {g}: {note}")

@@ -49,7 +49,7 @@ from verify.deadline import Deadline
 from verify.spec import InputSet, LinearSpec, LpBall
 
 from relax.ir.dense import FeedForwardNet
-from relax.exact.lp import UnsupportedNetworkError, initial_bounds, regions_of, relu_net, tighten_bounds
+from relax.exact.lp import UnsupportedNetworkError, initial_bounds, regions_of, relu_net, spec_rows, tighten_bounds
 
 __all__ = ["SdpResult", "SdpProblem", "sdp_lower_bounds", "SDP_SOLVERS"]
 
@@ -283,12 +283,9 @@ def sdp_lower_bounds(
         raise UnsupportedNetworkError("the SDP relaxation here handles boxes and l_inf balls only")
     if net is None:
         net = relu_net(model, inputs.shape)
-    if isinstance(model, FeedForwardNet):
-        bounds_method = "interval"
-    ib, used = initial_bounds(model, net, inputs, bounds_method)
+    ib, used = initial_bounds(model, net, inputs, bounds_method)  # interval bounds for a FeedForwardNet model
     regions = regions_of(inputs)
-    C = spec.C.detach().double().cpu().numpy()
-    d = spec.d.detach().double().cpu().numpy()
+    C, d = spec_rows(spec)
     B, N = d.shape
     lower = np.full((B, N), -np.inf)
     details = []

@@ -34,7 +34,7 @@ from verify.deadline import Deadline
 from verify.errors import UnsupportedOperatorError
 from verify.options import Options, option
 from verify.registry import BoundMethod, CertifyCall, register
-from verify.spec import InputSet, LinearSpec, LpBall, SpecError, norm_name
+from verify.spec import InputSet, LinearSpec, LpBall, norm_name
 
 from relax import lipschitz as lip
 from relax.ir.dense import FeedForwardNet, to_feedforward
@@ -171,9 +171,7 @@ class _LipschitzMethod(BoundMethod):
     def _certify_lipschitz(self, call: CertifyCall) -> list[Certificate]:
         model, inputs, find_radius = call.model, call.inputs, call.find_radius
         t0, timeout, max_radius = call.deadline.start, call.timeout, call.max_radius
-        self.check_input_set(inputs)
-        if find_radius and not isinstance(inputs, LpBall):
-            raise SpecError("find_radius needs an l_p ball input set")
+        self.check_input_set(inputs, find_radius)
         B = inputs.batch_size
         x0, eps, p = _ball_view(inputs)
         _, y_nat = call.clean()  # at the same centres: _ball_view's x0 is inputs.midpoint()

@@ -14,7 +14,7 @@ from torch import Tensor
 from verify.certificate import Certificate
 from verify.options import Options, option
 from verify.registry import BoundMethod, Method, register
-from verify.spec import InputSet, Linear, LinearSpec, LpBall, SpecError
+from verify.spec import InputSet, Linear, LinearSpec, LpBall
 
 from relax.exact.lp import lp_lower_bounds, relu_net
 from relax.exact.milp import milp_verify, minimum_distortion
@@ -150,7 +150,7 @@ class MilpMethod(Method):
     def decide(self, model, inputs, prop, call):
         find_radius, max_radius, deadline = call.find_radius, call.max_radius, call.deadline
         t_all = deadline.start
-        self.check_input_set(inputs)
+        self.check_input_set(inputs, find_radius)
         B = inputs.batch_size
         x0, pred, clean_ok, spec = call.clean_verdict()
         clean_bad = ~clean_ok  # confirmed one input at a time (own dtype and float64)
@@ -160,8 +160,6 @@ class MilpMethod(Method):
             clean_bad = clean_bad & confirm_counterexample(model, inputs, spec, x0).to(clean_bad.device)
         is_ball = isinstance(inputs, LpBall)
         l2 = is_ball and inputs.p == 2.0
-        if find_radius and not is_ball:
-            raise SpecError("find_radius needs an l_p ball input set")
         net = _net_for(self, model, inputs.shape)
         certs: list[Certificate] = []
         for b in range(B):
