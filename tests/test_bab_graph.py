@@ -646,3 +646,34 @@ def test_boxes_kept_per_domain_contain_every_sample_of_the_domain(monkeypatch):
                     assert (z >= lo - 1e-12).all() and (z <= hi + 1e-12).all()
             checked += int(inside.sum())
     assert checked > 1000
+
+
+def test_input_split_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
+    """Input splitting on a 2-input net: with the queue capped below what best-first search
+    holds, the boxes closest to proved go first and ``y_0 - y_1 >= m`` is still proved (``m``
+    just below the minimum on a fine grid), while the same cap ends best-first search as
+    unknown ("memory"); ``m`` above that minimum is never proved."""
+    from verify.spec import Box, Linear
+    import relax.bab.input_split as search
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                        nn.Linear(48, 2)).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(4.0)
+        g = torch.linspace(-1, 1, 801)
+        v = net(torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)) @ torch.tensor([1.0, -1.0])
+    box, C = Box(-torch.ones(1, 2), torch.ones(1, 2)), torch.tensor([[1.0, -1.0]])
+
+    def run(shift: float, mb: float):
+        d = torch.tensor([-float(v.min()) + shift * float(v.max() - v.min())])
+        return certify(net, box, Linear(C, d), "bab", timeout=30, method_options={"queue_memory_mb": mb})[0]
+
+    free = run(0.002, 1500.0)
+    capped = run(0.002, 0.05)
+    assert free.status == capped.status == "certified", (free.details, capped.details)
+    assert capped.details["stage"] == "graph-bab-input" and capped.details["queue_peak"] < free.details["queue_peak"]
+    assert run(-0.002, 0.05).status == "falsified"
+    monkeypatch.setattr(search, "FULL_QUEUE", math.inf)  # best-first to the cap
+    stuck = run(0.002, 0.05)
+    assert stuck.status == "unknown" and stuck.details["reason"] == "memory"

@@ -36,6 +36,9 @@ Bounds = list[tuple[Tensor, Tensor]]
 
 __all__ = ["input_bab", "GraphBoxes"]
 
+#: the share of the queue's memory cap above which the boxes closest to proved go first
+FULL_QUEUE = 0.8
+
 
 class GraphBoxes(torch.nn.Module):
     """A bound graph as the input-split search sees a network: ``forward`` on flat inputs
@@ -231,6 +234,12 @@ class _BoxBatch:
     def __len__(self) -> int:
         return self.lo.shape[0]
 
+    def fitting(self, memory_mb: float) -> int:
+        """How many boxes like these fit in ``memory_mb`` (the queue is copied when it grows:
+        twice the bytes at worst)."""
+        per_box = sum(t[0].numel() * t.element_size() for t in [self.lo, self.hi, self.low, self.A, *(b for lu in self.pre for b in lu)])
+        return max(int(memory_mb * 2**20 / (2 * per_box)), 4)
+
     def pick(self, idx: Tensor | slice) -> "_BoxBatch":
         return _BoxBatch(self.lo[idx], self.hi[idx], self.low[idx], self.A[idx], [(l[idx], u[idx]) for l, u in self.pre])
 
@@ -264,10 +273,11 @@ class _InputSearch:
         self.check = check_point or (lambda x: bool(spec.margin(spec.values(net.forward(x.unsqueeze(0))))[0] <= 0))
         self.rejected = 0
         self.n_bounded, self.rounds = 0, 0
+        self.queue_peak = 1  # the most open boxes held at once (the root)
 
     def finish(self, status: str, reason: str, lower: float, cex: Tensor | None = None) -> BabResult:
         return BabResult(status, cex, lower, self.n_bounded, time.perf_counter() - self.t0, reason,
-                         {"rounds": self.rounds, "rejected_cex": self.rejected})
+                         {"rounds": self.rounds, "rejected_cex": self.rejected, "queue_peak": self.queue_peak})
 
     def try_points(self, xs: Tensor, ms: Tensor) -> Tensor | None:
         """The first of the (at most 8) most violating points ``xs`` (margins ``ms``) that
@@ -337,7 +347,7 @@ def input_bab(
     *,
     timeout: float = 60.0,
     batch_size: int = 512,
-    max_domains: int = 300_000,
+    max_memory_mb: float = 1500.0,
     margin: float = 1e-9,
     pgd_every: int = 5,
     branching: str = "mixed",
@@ -354,7 +364,10 @@ def input_bab(
         spec: the property rows.
         timeout: seconds; past it the result is ``unknown`` with the best bound.
         batch_size: boxes popped per round (each gives two children).
-        max_domains: queue limit; beyond it the search stops with ``unknown``.
+        max_memory_mb: memory cap of the queue of open boxes (with their bounds and intermediate
+            boxes); above :data:`FULL_QUEUE` of it the boxes closest to proved are split first
+            (their children mostly close, so the queue shrinks), and a queue that still reaches
+            it stops the search with ``unknown`` (reason "memory").
         margin: a box is proved when its margin lower bound exceeds this.
         branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
             for the worst quarter of each batch, smear for the rest).
@@ -380,6 +393,7 @@ def input_bab(
     if isinstance(queue, BabResult):
         return queue
     root_w = hi - lo
+    max_domains = queue.fitting(max_memory_mb)
     round_s, t_round = 0.0, None  # a round starts only if one as long as the last still fits
     while True:
         if t_round is not None:
@@ -389,11 +403,12 @@ def input_bab(
         if time.perf_counter() + round_s > deadline:
             return s.finish("unknown", "timeout", float(spec.margin(queue.low).min()))
         t_round = time.perf_counter()
-        if len(queue) > max_domains:
+        k = min(batch_size, len(queue), max_domains - len(queue))  # a round of k boxes adds at most k to the queue
+        if k < 1:
             return s.finish("unknown", "memory", float(spec.margin(queue.low).min()))
         s.rounds += 1
-        k = min(batch_size, len(queue))
-        order = torch.argsort(spec.margin(queue.low))
+        # best-first; near the memory cap the boxes closest to proved first (depth-first)
+        order = torch.argsort(spec.margin(queue.low), descending=len(queue) + k > FULL_QUEUE * max_domains)
         parents, queue = queue.pick(order[:k]), queue.pick(order[k:])
         with torch.no_grad():
             kids = _children(net, spec, parents, branching, root_w, max_aspect)
@@ -406,3 +421,4 @@ def input_bab(
         if cex is not None:
             return s.finish("falsified", "counterexample", -math.inf, cex)
         queue = queue.cat(kids.pick(open_.nonzero().squeeze(1)))
+        s.queue_peak = max(s.queue_peak, len(queue))

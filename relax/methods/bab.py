@@ -266,7 +266,8 @@ def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, dead
 
     lo, hi = (b.reshape(-1) for b in x_set.bounds())
     res = input_bab(GraphBoxes(graph, deadline=deadline), rs, lo, hi, timeout=max(0.0, deadline - time.perf_counter()),
-                    batch_size=opts.batch_size or 512, margin=opts.margin, check_point=check_point, seed=opts.seed)
+                    batch_size=opts.batch_size or 512, margin=opts.margin, check_point=check_point, seed=opts.seed,
+                    max_memory_mb=opts.queue_memory_mb)
     res.details["stage"] = "graph-bab-input" if res.domains > 1 else "graph-crown"
     return res
 
