@@ -364,10 +364,8 @@ def input_bab(
         spec: the property rows.
         timeout: seconds; past it the result is ``unknown`` with the best bound.
         batch_size: boxes popped per round (each gives two children).
-        max_memory_mb: memory cap of the queue of open boxes (with their bounds and intermediate
-            boxes); above :data:`FULL_QUEUE` of it the boxes closest to proved are split first
-            (their children mostly close, so the queue shrinks), and a queue that still reaches
-            it stops the search with ``unknown`` (reason "memory").
+        max_memory_mb: cap of the queue (boxes, bounds, intermediate boxes); above :data:`FULL_QUEUE`
+            of it the boxes closest to proved go first; at it: ``unknown`` ("memory").
         margin: a box is proved when its margin lower bound exceeds this.
         branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
             for the worst quarter of each batch, smear for the rest).
@@ -379,8 +377,7 @@ def input_bab(
             what CROWN alone left open after 400 s.
         pgd_every: run PGD on the worst boxes every this many rounds (0: never).
         check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original
-            model (default: the dense net itself).
-        seed: for the random restarts of PGD.
+            model (default: the graph itself). seed: for the random restarts of PGD.
 
     Returns:
         :class:`BabResult`; ``falsified`` only with a counterexample ``check_point`` accepted.
