@@ -134,3 +134,20 @@ def test_the_architecture_page_shows_every_layer():
     diagram = page[page.index("**The import rule**"):]
     for name, _ in LAYERS:
         assert name in diagram, f"layer {name!r} missing from the diagram in docs/ARCHITECTURE.md"
+
+
+#: the longest function (lines from ``def`` to its end, docstring included) the packages may hold
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_the_limit():
+    """Functions stay short enough to read in one screen: split by the algorithm's stages."""
+    long = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over the limit: " + "; ".join(long)
