@@ -240,8 +240,10 @@ def test_minimum_distortion_matches_a_dense_grid_on_2d(norm):
             assert vals[b] >= grid - (2 if norm == 1 else 1) * (1 / 400) - 1e-9
             # the returned example really is adversarial at that distance
             xc = det[b].counterexample.reshape(1, 2)
-            with torch.no_grad():
-                assert int(gm(xc).argmax(1)) != int(lab[b]) or float(gm(xc)[0, lab[b]] - gm(xc)[0].topk(2).values[1]) <= 0
+            assert xc.dtype == torch.float64  # the point as confirmed, not rounded to the model's float32
+            # adversarial for the float32 model run on the point in its own dtype, and in float64
+            ball = LpBall(x[b:b + 1].double(), float(vals[b]) * (1 + 1e-9) + 1e-12, math.inf if norm == "inf" else 1.0, 0.0, 1.0)
+            assert bool(confirm_counterexample(gm, ball, Robust(lab[b:b + 1]).linear(1, 3), xc)[0])
             d = (xc[0].double() - x[b].double()).abs()
             assert float(d.max() if norm == "inf" else d.sum()) == pytest.approx(float(vals[b]), abs=1e-6)
             checked += 1

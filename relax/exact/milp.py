@@ -582,7 +582,8 @@ class DistortionResult:
             "unconfirmed" (a MILP optimum closer than ``value`` failed the forward-pass check:
             ``[lower, value]`` still brackets ``d*``) or "error" (solver / licence error, reason in
             ``details``).
-        counterexample: ``[*shape]`` the adversarial input at distance ``value``.
+        counterexample: ``[*shape]`` float64, the adversarial input at distance ``value`` (as confirmed,
+            not rounded to the model's dtype).
     """
 
     value: float
@@ -750,7 +751,7 @@ def _distortion_one(model, net, x, spec, p, dl, dh, timeout, solver_name, bounds
     except SolverError as e:
         det["reason"] = f"solver: {e}"
         det["time_s"] = time.perf_counter() - t0
-        return DistortionResult(best_val, 0.0, emax, "error", None if best_x is None else best_x[0].float().cpu(), det)
+        return DistortionResult(best_val, 0.0, emax, "error", None if best_x is None else best_x[0].double().cpu(), det)
     # one MILP per group (measured on the digits MLP: a single MILP over all groups with a
     # binary per group is up to 5x faster on some l_inf inputs but far slower on others, and
     # its big-M output rows make the l_2 MIQP time out; per group is the predictable choice)
@@ -922,4 +923,4 @@ class _DistortionSearch:
             status = "unconfirmed"
             det["reason"] = "a MILP solution closer than any confirmed adversarial example was not confirmed by a forward pass"
         det["groups"] = {str(k): v for k, v in self.per_group.items()}
-        return DistortionResult(best_val, lower, emax, status, None if self.best_x is None else self.best_x[0].float().cpu(), det)
+        return DistortionResult(best_val, lower, emax, status, None if self.best_x is None else self.best_x[0].double().cpu(), det)
