@@ -20,6 +20,9 @@ from verify.onnx_import import import_onnx
 WIDTH = 8
 #: the overshoot allowed past a deadline: one node's work plus a busy machine's scheduling
 MARGIN_S = 0.25
+#: tries of a timed call: on a shared machine one try can lose the CPU for longer than the
+#: margin; a loader that ignores its deadline overshoots by ~4x the budget in every try
+TRIES = 3
 
 
 def _chain(layers: int, seed: int = 0) -> onnx.ModelProto:
@@ -52,10 +55,16 @@ def big(tmp_path_factory):
 def test_tiny_deadline_stops_the_conversion_between_nodes(big):
     path, _, full = big
     budget = full / 5  # inside the node loop
-    t = time.perf_counter()
-    with pytest.raises(ModelLoadTimeout, match=r"chain.onnx: not converted by the deadline \(stopped (at node|after)"):
-        load_model(str(path), deadline=t + budget)
-    assert time.perf_counter() - t < budget + MARGIN_S
+    late = []
+    for _ in range(TRIES):
+        t = time.perf_counter()
+        with pytest.raises(ModelLoadTimeout, match=r"chain.onnx: not converted by the deadline \(stopped (at node|after)"):
+            load_model(str(path), deadline=t + budget)
+        if time.perf_counter() - t < budget + MARGIN_S:
+            break
+        late.append(round(time.perf_counter() - t - budget, 3))
+    else:
+        raise AssertionError(f"past the {budget:.3f} s budget by {late} s in every try")
 
 
 def test_passed_deadline_stops_before_converting():
@@ -89,11 +98,17 @@ def test_run_instance_answers_timeout_on_time_while_loading(big, tmp_path, raise
     within the budget plus a small margin (also where errors are raised, as for ``run --spec``)."""
     path, _, full = big
     budget = full / 5
-    t = time.perf_counter()
-    res = run_instance(str(path), _spec(tmp_path), budget, method="interval", raise_errors=raise_errors)
-    elapsed = time.perf_counter() - t
-    assert res.result == "timeout" and res.stage == "load" and "not converted by the deadline" in res.detail
-    assert res.time_s < budget + MARGIN_S and elapsed < budget + MARGIN_S
+    late = []
+    for _ in range(TRIES):
+        t = time.perf_counter()
+        res = run_instance(str(path), _spec(tmp_path), budget, method="interval", raise_errors=raise_errors)
+        elapsed = time.perf_counter() - t
+        assert res.result == "timeout" and res.stage == "load" and "not converted by the deadline" in res.detail
+        if res.time_s < budget + MARGIN_S and elapsed < budget + MARGIN_S:
+            break
+        late.append(round(elapsed - budget, 3))
+    else:
+        raise AssertionError(f"past the {budget:.3f} s budget by {late} s in every try")
 
 
 def test_run_spec_prints_the_load_timeout(big, tmp_path, capsys):
