@@ -630,6 +630,7 @@ class _ReluSearch:
         self.names = self.nodes + self.inodes
         self.sizes = {p: math.prod(graph.shape(p)) for p in self.names}
         self.order = graph.preactivations()  # topological
+        self.position = {p: i for i, p in enumerate(self.order)}
         self.box_nodes = [p for p in self.order if p in root and p != graph.input_name]  # boxes kept per domain
         self.N = rs.C.shape[0]
         self.falsify = _Candidates(graph, rs, check_point)
@@ -645,12 +646,12 @@ class _ReluSearch:
     def store_limits(self, max_memory_mb: float, batch_size: int) -> tuple[int, int]:
         """``(max_domains, batch_size)``: the open domains that fit in ``max_memory_mb`` and the
         domains per round (a round's children fit beside the queue)."""
-        sizes, N = self.sizes, self.N
+        sizes, N, graph = self.sizes, self.N, self.graph
         # int8 splits, float32 alphas and betas per ReLU input; float64 boxes and float32 slope pairs
         # per interval-split input; float32 boxes of every pre-activation; the store's buffers
         # double when full (twice the bytes at worst)
         per_domain = (sum(sizes[p] for p in self.nodes) * (1 + 8 * N) + sum(sizes[p] for p in self.inodes) * (16 + 8 * N)
-                      + sum(8 * math.prod(self.graph.shape(p)) for p in self.box_nodes) + 64)
+                      + sum(8 * math.prod(graph.shape(p)) for p in self.box_nodes) + 64)
         max_domains = max(int(max_memory_mb * 2**20 / (2 * per_domain)), 4)
         return max_domains, max(1, min(batch_size, max_domains // 4))
 
@@ -745,9 +746,9 @@ class _ReluSearch:
         c_alphas = {r: par[f"a:{r}"].repeat(2, 1, 1) for r in self.alpha_names}
         c_betas = {p: par[f"b:{p}"].repeat(2, 1, 1) for p in self.nodes}
         dt = self.graph.dtype
-        c_boxes = {p: (torch.cat([par[f"bl:{p}"]] * 2).to(dt), torch.cat([par[f"bh:{p}"]] * 2).to(dt)) for p in self.box_nodes}
-        c_boxes = {p: c_boxes.get(p, self.root[p]) for p in self.root}
-        first = min(self.order.index(self.names[kn]) for kn in par["node"].tolist())
+        c_boxes = {p: (torch.cat([par[f"bl:{p}"]] * 2).to(dt), torch.cat([par[f"bh:{p}"]] * 2).to(dt)) if p in self.box_nodes
+                   else self.root[p] for p in self.root}
+        first = min(self.position[self.names[kn]] for kn in par["node"].tolist())
         return child, c_ivals, c_alphas, c_betas, c_boxes, self.order[: first + 1]
 
     def round(self, q: _DomainStore, k: int, recompute: bool, nearest: bool = False) -> BabResult | tuple[float, float]:
