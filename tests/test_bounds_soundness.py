@@ -18,6 +18,8 @@ What is guaranteed (tested strictly) and what is not:
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -392,6 +394,53 @@ def test_graph_forward_matches_module():
         g, _ = prepare(net, Box(x, x))
         with torch.no_grad():
             assert torch.allclose(g.forward(x), net(x).reshape(4, -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_conv_backward_by_matrix_equals_transposed_conv(transpose):
+    """The two backward paths of a convolution (its dense matrix, used only in float64 when it
+    costs little more, and the adjoint convolution) and the one-hot rows agree, and each is the
+    adjoint of the forward map: <A, W x> = <A W, x>."""
+    from relax.ir.ops.affine import Conv, ConvTranspose
+
+    torch.manual_seed(0)
+    if transpose:
+        W, in_shape, out_shape = torch.randn(3, 2, 3, 3, dtype=torch.float64), (3, 4, 4), (2, 8, 8)
+        op = ConvTranspose(W, torch.randn(2, dtype=torch.float64), (2, 2), (1, 1), (1, 1), (1, 1), 1, in_shape, out_shape)
+    else:
+        W, in_shape, out_shape = torch.randn(4, 3, 3, 3, dtype=torch.float64), (3, 6, 6), (4, 3, 3)
+        op = Conv(W, torch.randn(4, dtype=torch.float64), (2, 2), (1, 1), (1, 1), 1, in_shape, out_shape)
+    x = torch.randn(1, *in_shape, dtype=torch.float64)
+    assert op.forward(x).shape[1:] == out_shape
+    A = torch.randn(5, 2, *out_shape, dtype=torch.float64)
+    got = {}
+    for dense in (True, False):
+        op.use_dense = dense
+        (A_in,), bias = op.backward(A)
+        got[dense] = A_in
+        lhs = (A * op.forward(x).unsqueeze(0)).flatten(2).sum(-1)
+        assert torch.allclose(lhs, (A_in * x.unsqueeze(0)).flatten(2).sum(-1) + bias, atol=1e-10)
+    assert torch.allclose(got[True], got[False], atol=1e-10)
+    idx = torch.tensor([[0, 7], [5, 3]])
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64)  # one sign per start row s
+    (rows,), _ = op.backward_rows(idx, sign)
+    onehot = torch.zeros(2, 2, math.prod(out_shape), dtype=torch.float64)
+    onehot.scatter_(2, idx.unsqueeze(-1), sign.view(2, 1, 1).expand(2, 2, 1))
+    (full,), _ = op.backward(onehot.view(2, 2, *out_shape))
+    assert torch.allclose(rows, full, atol=1e-12)
+
+
+def test_conv_backward_uses_the_matrix_only_in_float64_and_when_it_is_cheap():
+    from relax.ir.ops.affine import Conv
+
+    def op(W, in_shape, out_shape, stride=1, pad=1):
+        return Conv(W, None, (stride, stride), (pad, pad), (1, 1), 1, in_shape, out_shape)
+
+    W = torch.randn(32, 32, 3, 3, dtype=torch.float64)
+    assert op(W, (32, 4, 4), (32, 4, 4)).use_dense  # 512 inputs, 288 weights per output
+    assert not op(W.float(), (32, 4, 4), (32, 4, 4)).use_dense  # float32: the transposed conv
+    assert not op(W[:, :, :1, :1], (32, 4, 4), (32, 4, 4), pad=0).use_dense  # 1x1: 16x the work as a matrix
+    assert op(W[:, :, :1, :1], (32, 4, 4), (32, 4, 4), pad=0).rows_dense  # its rows are still gathered
 
 
 def test_chunking_gives_the_same_bounds():

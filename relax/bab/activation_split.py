@@ -460,7 +460,8 @@ FSB_CHILDREN_PER_PASS = 128
 
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
                            choice: tuple[list[str | None], Tensor, Tensor], domains: Tensor, candidates: int,
-                           deadline: float, scores: dict[str, Tensor] | None = None) -> tuple[list[str | None], Tensor, Tensor]:
+                           deadline: float, scores: dict[str, Tensor] | None = None,
+                           fast: BoundGraph | None = None) -> tuple[list[str | None], Tensor, Tensor]:
     """Filtered smart branching (De Palma et al. 2021, "Improved branch and bound for neural
     network verification via Lagrangian decomposition", Sec. 5): for each of ``domains`` whose
     choice is a ReLU, the ``candidates`` unsplit ReLUs with the largest BaBSR scores are tried,
@@ -468,7 +469,9 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     parent's last slopes and multipliers (no optimisation; one batch of ``2 * candidates`` per
     domain); the candidate whose worse child has the larger margin is taken. Infeasible children
     count as proved. Returns ``choice`` with those domains' ReLU choices replaced. ``scores``:
-    :func:`relu_scores` of ``db`` when the caller has them (as :func:`_branch` did)."""
+    :func:`relu_scores` of ``db`` when the caller has them (as :func:`_branch` did). ``fast``:
+    the network in float32, on which the trial bounds are computed (they only rank the
+    candidates: no bound of theirs is kept)."""
     node, idx, tsplit = choice
     sel = [d for d in domains.tolist() if node[d] is not None and node[d] in splits]
     per_pass = max(1, FSB_CHILDREN_PER_PASS // (2 * max(1, candidates)))
@@ -477,7 +480,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     if len(sel) > per_pass:  # the children of one pass stay as many as a round's
         for start in range(0, len(sel), per_pass):
             choice = _filtered_smart_branch(graph, inputs, rs, db, splits, choice, torch.tensor(sel[start:start + per_pass]),
-                                            candidates, deadline, scores)
+                                            candidates, deadline, scores, fast)
         return choice
     if not sel or not scores or candidates < 2 or time.perf_counter() >= deadline:
         return choice
@@ -501,7 +504,9 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
             child_splits[p][base, i] = 1
             child_splits[p][base + 1, i] = -1
         where.append(row)
-    boxes = {p: (l[rep], h[rep]) for p, (l, h) in db.boxes.items()}
+    trial = graph if fast is None else fast
+    dt = trial.dtype
+    boxes = {p: (l[rep].to(dt), h[rep].to(dt)) for p, (l, h) in db.boxes.items()}
     alphas0 = {r: a[rep] for r, a in db.alphas.items()}
     betas0 = {p: b[rep] for p, b in db.betas.items()}
     ivals = None
@@ -509,7 +514,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     if inodes:  # the domains' interval splits are already in their boxes
         ivals = {q: (boxes[q][0].reshape(len(rep), -1), boxes[q][1].reshape(len(rep), -1)) for q in inodes}
     with torch.no_grad():
-        kids = bound_domains(graph, inputs, rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
+        kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
                              deadline=deadline, recompute=False, ivals=ivals)
     if time.perf_counter() >= deadline:
         return choice
@@ -679,7 +684,7 @@ class _ReluSearch:
         choice = _branch(self.graph, db, splits, self.rs, scores)
         if self.candidates > 1:
             choice = _filtered_smart_branch(self.graph, self.inputs, self.rs, db, splits, choice, domains, self.candidates,
-                                            self.deadline, scores)
+                                            self.deadline, scores, self.fast)
         return choice
 
     def settle_leaf(self, sp: dict[str, Tensor], dbs: "DomainBounds", j: int) -> tuple[str, Tensor | None]:

@@ -94,11 +94,20 @@ class Conv(Op):
         self._absW: Tensor | None = None
         self._dense: Tensor | None = None
         n_in, n_out = _prod(in_shape), _prod(out_shape)
-        self.use_dense = n_in * n_out <= self.DENSE_LIMIT
+        self.rows_dense = n_in * n_out <= self.DENSE_LIMIT
+        # multiply-adds of the convolution (and of its adjoint): each output of a Conv (each
+        # input of a ConvTranspose) meets ``W.shape[1:]`` weights
+        macs = (n_in if self.kind == "conv_transpose" else n_out) * _prod(W.shape[1:])
+        self.use_dense = self.rows_dense and W.dtype == torch.float64 and n_in * n_out <= self.DENSE_MAC_RATIO * macs
 
-    #: small convolutions are applied as a dense [out, in] matrix in the backward pass
-    #: (a matmul beats conv_transpose on CPU by ~5x there)
+    #: largest convolution (``n_in * n_out``) kept as a dense ``[out, in]`` matrix: its rows
+    #: give the one-hot backward of intermediate bounds by indexing (``backward_rows``)
     DENSE_LIMIT = 2**20
+    #: the backward pass uses the matrix instead of the transposed convolution only in float64
+    #: and only when the matrix has at most this many times the convolution's multiply-adds
+    #: (one thread, torch 2.13, 9-1152 rows: float64 transposed convolutions run ~9x slower per
+    #: multiply-add than a matmul, float32 ones as fast, so float32 never gains from the matrix)
+    DENSE_MAC_RATIO = 4
 
     def dense(self) -> Tensor:
         """The convolution (without bias) as a matrix ``[out, in]``."""
@@ -109,7 +118,7 @@ class Conv(Op):
         return self._dense
 
     def backward_rows(self, idx: Tensor, sign: Tensor):
-        if not self.use_dense:
+        if not self.rows_dense:
             return None
         M = self.dense()
         sg = sign.to(M.dtype).view(-1, 1)
