@@ -1,9 +1,11 @@
 """Two versions of `certify run` (two source trees, or one tree with two option sets) on the same
 VNN-COMP instances, alternated per instance so that both meet the same machine load.
 
-Each instance runs once per arm in a fresh process (`python -m verify.cli run -q --method M
---timeout T`; M is `--method`, default bab), the arm that goes first alternating from one instance to the next; a line per run
-goes to the output CSV at once (instance, arm, status, process wall seconds, `time_s` reported),
+Each instance runs once per arm in a fresh process (`python -m verify.cli run -q --per-box --method M
+--timeout T`; M is `--method`, default bab), the arm that goes first alternating from one instance to
+the next; a line per run goes to the output CSV at once (instance, arm, status, process wall
+seconds, `time_s` reported, and from the boxes' certificates the domains bounded in all, the
+smallest margin lower bound reached (how far an undecided search got) and the boxes' own seconds),
 and a summary per arm is printed at the end.
 
 Usage (from the repository root; an old tree from `git worktree add /tmp/old <commit>`)::
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,39 +61,64 @@ def read_list(path: Path, every: int, start: int) -> list[tuple[Path, Path, floa
 
 
 def run_one(tree: Path, options: list[str], onnx: Path, vnnlib: Path, timeout: float, python: str,
-            method: str = "bab") -> tuple[str, float, str]:
-    """One `certify run` in ``tree``: (status, process wall seconds, reported time_s)."""
+            method: str = "bab") -> tuple[str, float, str, str, str, str]:
+    """One `certify run` in ``tree``: (status, process wall seconds, reported time_s, domains,
+    smallest margin lower bound, the boxes' summed time_s; "" where the run did not report one)."""
+    cli = tree / "verify" / "cli.py"
+    per_box = cli.exists() and "--per-box" in cli.read_text()  # older trees write a row per box anyway
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.csv"
-        cmd = [python, "-m", "verify.cli", "run", "-q", "--model", str(onnx), "--spec", str(vnnlib), "--method", method,
-               "--timeout", f"{timeout:g}", "--out", str(out), *options]
+        cmd = [python, "-m", "verify.cli", "run", "-q", *(["--per-box"] if per_box else []), "--model", str(onnx),
+               "--spec", str(vnnlib), "--method", method, "--timeout", f"{timeout:g}", "--out", str(out), *options]
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
         t0 = time.perf_counter()
         try:
-            subprocess.run(cmd, cwd=tree, env=env, capture_output=True, timeout=3 * timeout + 60)
+            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3 * timeout + 60)
         except subprocess.TimeoutExpired:
-            return "killed", time.perf_counter() - t0, ""
+            return "killed", time.perf_counter() - t0, "", "", "", ""
         wall = time.perf_counter() - t0
-        if not out.exists():
-            return "error", wall, ""
-        with open(out, newline="") as f:
-            rows = list(csv.DictReader(f))
+        domains, margin, box_s = _box_details(out)
+        found = re.search(r"^result: (\w+) in ([0-9.]+) s", proc.stdout, re.M)
+        if found is not None:
+            return _AS_STATUS.get(found[1], "?"), wall, found[2], domains, margin, box_s
+        rows = []  # a tree without the instance line: its first box's row
+        if out.exists():
+            with open(out, newline="") as f:
+                rows = list(csv.DictReader(f))
         if not rows:
-            return "error", wall, ""
-        return _status(rows[0]), wall, rows[0].get("time_s", "")
+            return "error", wall, "", "", "", ""
+        return rows[0].get("status", "?"), wall, rows[0].get("time_s", ""), domains, margin, box_s
 
 
-#: the instance answer of `run --spec` (one row per instance since 5e5d887) in the words of the
-#: per-box certificate rows that older trees write
+def _box_details(path: Path) -> tuple[str, str, str]:
+    """The per-box rows' domains (summed), smallest ``margin_lower`` and summed ``time_s`` (the
+    methods' own time, without loading: the one time that trees before and after the instance
+    line report alike); "" when absent."""
+    if not path.exists():
+        return "", "", ""
+    domains, margins, box_s = [], [], 0.0
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                box_s += float(row.get("time_s") or 0.0)
+            except ValueError:
+                pass
+            try:
+                det = json.loads(row.get("details") or "{}")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(det.get("domains"), int):
+                domains.append(det["domains"])
+            try:
+                margins.append(float(det["margin_lower"]))
+            except (KeyError, TypeError, ValueError):
+                pass
+    return (str(sum(domains)) if domains else ""), (f"{min(margins):.6g}" if margins else ""), f"{box_s:.3f}"
+
+
+#: the instance answer that `run --spec` prints (``result: <answer> in <t> s``) in the words of
+#: the certificates
 _AS_STATUS = {"unsat": "certified", "sat": "falsified", "timeout": "unknown", "unknown": "unknown", "error": "error"}
-
-
-def _status(row: dict[str, str]) -> str:
-    """A result row's status: an instance row's ``result`` as a certificate status, or (older
-    trees) the first box's ``status``."""
-    if "result" in row:
-        return _AS_STATUS.get(row["result"], "?")
-    return row.get("status", "?")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,18 +140,20 @@ def main(argv: list[str] | None = None) -> None:
     totals: dict[str, dict[str, float]] = {name: {} for name, _, _ in arms}
     with open(a.out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["instance", "onnx", "vnnlib", "arm", "status", "wall_s", "time_s", "timeout_s", "started_utc"])
+        w.writerow(["instance", "onnx", "vnnlib", "arm", "status", "wall_s", "time_s", "timeout_s", "started_utc", "domains",
+                    "margin_lower", "box_s"])
         for i, (onnx, vnn, t_list) in enumerate(rows):
             T = a.timeout if a.timeout is not None else t_list * a.timeout_scale
             for name, tree, opts in rotated(arms, i):
                 started = time.strftime("%H:%M:%S", time.gmtime())
-                status, wall, time_s = run_one(tree, opts, onnx, vnn, T, a.python, a.method)
-                w.writerow([i, onnx.name, vnn.name, name, status, f"{wall:.2f}", time_s, f"{T:g}", started])
+                status, wall, time_s, domains, margin, box_s = run_one(tree, opts, onnx, vnn, T, a.python, a.method)
+                w.writerow([i, onnx.name, vnn.name, name, status, f"{wall:.2f}", time_s, f"{T:g}", started, domains, margin,
+                            box_s])
                 f.flush()
                 tot = totals[name]
                 tot[status] = tot.get(status, 0) + 1
                 tot["wall_s"] = tot.get("wall_s", 0.0) + wall
-                print(f"{i} {name} {vnn.name} {status} {wall:.1f}s", flush=True)
+                print(f"{i} {name} {vnn.name} {status} {wall:.1f}s {domains} domains, margin {margin}", flush=True)
     for name, tot in totals.items():
         counts = ", ".join(f"{k} {int(v)}" for k, v in sorted(tot.items()) if k != "wall_s")
         print(f"{name}: {counts}; process wall {tot.get('wall_s', 0.0):.1f} s")
