@@ -201,6 +201,24 @@ def test_cli_hooks(bench, tmp_path, capsys):
     assert rf.read_text() == "unsat\n"
 
 
+def test_certify_run_takes_a_gzipped_model_by_its_plain_name(bench, capsys):
+    """VNN-COMP lists name ``net.onnx`` where the folder holds ``net.onnx.gz`` only (as the
+    VNN-LIB files): `certify run --model net.onnx` reads the ``.gz``."""
+    import gzip
+
+    from verify.cli import main as cli_main
+
+    plain = bench / "net0.onnx"
+    (bench / "net0.onnx.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
+    assert cli_main(["run", "-q", "--model", str(plain), "--spec", str(bench / "unsat.vnnlib"), "--method", "bab",
+                     "--timeout", "20", "--out", ""]) == 0
+    assert capsys.readouterr().out.startswith("result: unsat in ")
+    assert cli_main(["run", "-q", "--model", str(bench / "net9.onnx"), "--spec", str(bench / "unsat.vnnlib"),
+                     "--method", "bab", "--out", ""]) != 0
+    assert "model file not found" in capsys.readouterr().err
+
+
 def test_run_instance_sh(bench, tmp_path):
     rf = tmp_path / "sh.txt"
     script = REPO / "benchmarks" / "vnncomp" / "run_instance.sh"

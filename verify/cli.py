@@ -126,12 +126,15 @@ def _limits(text: str | None, methods: Sequence[str]) -> dict[str, int]:
 
 
 def _resolve_model(spec: str) -> Any:
-    """A model path (must exist) or a built-in name (``digits-mlp``, ``digits-mlp-noise``)."""
+    """A model path (must exist; ``X`` names ``X.gz`` when only that exists, as VNN-COMP lists
+    do) or a built-in name (``digits-mlp``, ``digits-mlp-noise``)."""
     if spec in BUILTIN_MODELS:
         from .digits_model import load_digits_mlp
 
         return load_digits_mlp(BUILTIN_MODELS[spec])
-    p = Path(spec)
+    from .vnnlib import resolve_maybe_gz
+
+    p = resolve_maybe_gz(spec)
     if p.is_dir():
         raise CLIError(f"the model path is a directory, not a file: {spec} (give a .onnx or .pt file)")
     if not p.is_file():
