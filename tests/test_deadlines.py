@@ -91,9 +91,11 @@ def test_deadline_object():
 
 def test_alpha_crown_steps_stop_at_deadline():
     net, x, label = _problem([20, 100, 100, 100, 10])
+    # 500 steps take ~12 s: only a deadline that cuts them fits _timed's 0.5 s + SLACK (the
+    # steps stop when the next one would end past it, so the deadline need not have expired)
     cert, _ = _timed(net, x, label, "alpha-crown", 0.3, 0.5, iterations=500, early_stop=False)
     _check_sound(cert, net, x, label)
-    assert cert.details["deadline_expired"]
+    assert cert.details["timeout"] <= 0.5
 
 
 def test_bisection_stops_at_deadline_with_best_radius():

@@ -108,7 +108,9 @@ def refine_bounds(
                                  workers=workers, priority=prio)
         out[k] = _intersect(out[k], new[k])
         _add_layer_stats(stats, st)
-        if recompute is not None and k + 1 < len(out):
+        # the later layers within the refined ones, while more layers follow in time (else the
+        # caller's own recomputation, after the refinement, propagates what this layer gained)
+        if recompute is not None and k + 1 < len(out) and st["lps"] > 0 and not st["stopped_at_deadline"]:
             out = recompute(out, k)
         if stop_if is not None and k != todo[-1] and not st["stopped_at_deadline"] and stop_if(out):
             stats["stopped_by_check"] = True
@@ -161,7 +163,8 @@ def refine_graph_root(
     branch-and-bound, :func:`relax.bab.activation_split.graph_relu_bab`).
 
     The MILPs encode the network's dense view (:func:`relax.ir.dense.to_feedforward`, one
-    matrix per affine chain, built once); after each refined layer alpha-CROWN on the graph
+    matrix per affine chain, built once); after each refined layer that tightened something,
+    while time is left, alpha-CROWN on the graph (until ``alpha_deadline``)
     recomputes every later box within the refined ones (``bound_overrides``) and the root's
     spec bound, which stops the refinement once it proves the property. Neurons are refined in
     the order of their branching score at the root (:func:`relax.bab.activation_split.relu_scores`).

@@ -23,6 +23,7 @@ intermediate boxes are re-used (much cheaper per iteration, usually a bit looser
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -235,10 +236,14 @@ class _Ascent:
     done: int = 0
 
     def run(self, step_pass: _StepPass, opt: ProjectedAdam, params: list[Tensor], iterations: int, deadline: Deadline | None) -> None:
+        """Up to ``iterations`` steps; none started that the last one's duration says would end
+        after ``deadline`` (a pass cut by the deadline gives nothing: its bounds are vacuous)."""
         shortfall: list[float] = []  # sum(min(best, 0)) after each step, for ``stall``
+        last = 0.0  # seconds of the last step
         for it in range(iterations):
-            if deadline is not None and deadline.expired():
+            if deadline is not None and not deadline.affords(last):
                 break
+            t_step = time.perf_counter()
             with torch.enable_grad():
                 res = step_pass()
                 low = res.spec_lower()
@@ -253,9 +258,12 @@ class _Ascent:
                         break
                 if it == iterations - 1 or _stalled(shortfall, self.best, self.stall):
                     break
+                if deadline is not None and deadline.expired():  # no step that no pass will use
+                    break
                 loss = -(low * (~self.done_b).unsqueeze(1)).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             opt.step(grads)
+            last = time.perf_counter() - t_step
 
 
 def _stalled(history: list[float], best: Tensor, stall: tuple[int, float] | None) -> bool:

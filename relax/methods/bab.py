@@ -40,6 +40,10 @@ from relax.bab import BabResult, RowSpec
 
 __all__ = ["BabMethod", "BabOptions", "run_bab"]
 
+#: the share of the time left that alpha-CROWN may take at the root of a ReLU-split search (and
+#: again after a MILP refinement of the root's boxes): the search gets the rest
+ROOT_ALPHA_SHARE = 0.3
+
 
 @dataclass(frozen=True, kw_only=True)
 class BabOptions(Options):
@@ -284,7 +288,7 @@ def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, tim
     splits_relus = bool(relu_inputs(graph))
     return alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20 if splits_relus else 200, early_stop=True,
                        stop_fn=lambda low: rs.margin(low + d) > opts.margin,
-                       deadline=Deadline((0.3 if splits_relus else 0.7) * time_left),
+                       deadline=Deadline((ROOT_ALPHA_SHARE if splits_relus else 0.7) * time_left),
                        stall=None if splits_relus else (10, 0.01))
 
 
@@ -324,15 +328,16 @@ class _ActivationSearch:
         C, d = rs.batch(1)
         stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
         got = refine_graph_root(graph, self.model, x_set, rs, boxes, root_alphas, layers=layers, deadline=stop,
-                                alpha_deadline=deadline, margin=opts.margin, solve_time_limit=opts.refine_solve_time,
+                                alpha_deadline=stop, margin=opts.margin, solve_time_limit=opts.refine_solve_time,
                                 workers=opts.refine_workers or usable_cores(4), dense_limit=opts.dense_limit)
         if got is not None:
             boxes, root_alphas, refined_low, extra["refine"] = got
             low = max(low, refined_low)
-            if low <= opts.margin and time.perf_counter() < deadline:  # the root within the refined boxes
+            if low <= opts.margin and extra["refine"]["lps"] > 0 and time.perf_counter() < deadline:
+                # the root within the refined boxes, in at most the root's share of the time left
                 again = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True, bound_overrides=boxes,
                                     stop_fn=lambda lw: rs.margin(lw + d) > opts.margin,
-                                    deadline=Deadline(max(0.0, deadline - time.perf_counter())))
+                                    deadline=Deadline(ROOT_ALPHA_SHARE * max(0.0, deadline - time.perf_counter())))
                 low = max(low, float(rs.margin(again.lower + d)[0]))
                 boxes = {**boxes, **{p: (torch.maximum(boxes[p][0], l), torch.minimum(boxes[p][1], h))
                                      for p, (l, h) in again.intermediate.items() if p in boxes}}
