@@ -163,7 +163,7 @@ def refine_graph_root(
     branch-and-bound, :func:`relax.bab.activation_split.graph_relu_bab`).
 
     The MILPs encode the network's dense view (:func:`relax.ir.dense.to_feedforward`, one
-    matrix per affine chain, built once); after each refined layer that tightened something,
+    matrix per affine chain, built once); after each refined layer with solved MILPs,
     while time is left, alpha-CROWN on the graph (until ``alpha_deadline``)
     recomputes every later box within the refined ones (``bound_overrides``) and the root's
     spec bound, which stops the refinement once it proves the property. Neurons are refined in
