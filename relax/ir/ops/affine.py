@@ -95,9 +95,7 @@ class Conv(Op):
         self._dense: Tensor | None = None
         n_in, n_out = _prod(in_shape), _prod(out_shape)
         self.rows_dense = n_in * n_out <= self.DENSE_LIMIT
-        # multiply-adds of the convolution (and of its adjoint): each output of a Conv (each
-        # input of a ConvTranspose) meets ``W.shape[1:]`` weights
-        macs = (n_in if self.kind == "conv_transpose" else n_out) * _prod(W.shape[1:])
+        macs = self._multiply_adds(n_in, n_out)
         self.use_dense = self.rows_dense and W.dtype == torch.float64 and n_in * n_out <= self.DENSE_MAC_RATIO * macs
 
     #: largest convolution (``n_in * n_out``) kept as a dense ``[out, in]`` matrix: its rows
@@ -108,6 +106,10 @@ class Conv(Op):
     #: (one thread, torch 2.13, 9-1152 rows: float64 transposed convolutions run ~9x slower per
     #: multiply-add than a matmul, float32 ones as fast, so float32 never gains from the matrix)
     DENSE_MAC_RATIO = 4
+
+    def _multiply_adds(self, n_in: int, n_out: int) -> int:
+        """Multiply-adds of the convolution (and of its adjoint): each output meets ``W.shape[1:]`` weights."""
+        return n_out * _prod(self.W.shape[1:])
 
     def dense(self) -> Tensor:
         """The convolution (without bias) as a matrix ``[out, in]``."""
@@ -168,6 +170,10 @@ class ConvTranspose(Conv):
 
     def _c(self, x, W, b):
         return F.conv_transpose2d(x, W, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+    def _multiply_adds(self, n_in: int, n_out: int) -> int:
+        """Each input of the transposed convolution meets ``W.shape[1:]`` weights."""
+        return n_in * _prod(self.W.shape[1:])
 
     def backward(self, A):
         S, B = A.shape[:2]
