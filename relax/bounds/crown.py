@@ -49,6 +49,7 @@ from relax.ir.graph import BNode, BoundGraph
 from relax.bounds.interval import interval_bounds
 from relax.ir.ops import Relaxation, ReLU
 from relax.ir.ops.base import sum_rows
+from relax.bounds.dot import batch_first_dot, rowwise_dot
 from relax.bounds.roundoff import SAFETY, backward_weight, concretize_error, gamma, max_abs, sum_length
 
 __all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "skips_linear_bounds",
@@ -104,12 +105,12 @@ def concretize(A: Tensor, bias: Tensor, input_set: InputSet, clipped_ball: bool 
     A2 = A.reshape(S, B, -1)
     lo, hi = input_set.bounds()
     m, r = ((hi + lo) / 2).reshape(B, -1), ((hi - lo) / 2).reshape(B, -1)
-    val = torch.einsum("sbn,bn->sb", A2, m) - torch.einsum("sbn,bn->sb", A2.abs(), r)
+    val = rowwise_dot(A2, m) - rowwise_dot(A2.abs(), r)
     if isinstance(input_set, LpBall) and not math.isinf(input_set.p):
         q = dual_norm(input_set.p)
         c = input_set.center.reshape(B, -1).to(A.dtype)
         nq = A2.abs().amax(-1) if math.isinf(q) else A2.norm(p=q, dim=-1)
-        ball = torch.einsum("sbn,bn->sb", A2, c) - input_set.eps.to(A.dtype).view(1, B) * nq
+        ball = rowwise_dot(A2, c) - input_set.eps.to(A.dtype).view(1, B) * nq
         val = torch.maximum(val, ball)
         if clipped_ball and (input_set.domain_lo is not None or input_set.domain_hi is not None):
             eps = input_set.eps.to(A.dtype).view(1, B, 1)
@@ -301,8 +302,8 @@ def box_row_bounds(C: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Lower bounds ``[B, N]`` of ``C y`` over ``y`` in ``[lo, hi]`` (``C [B, N, K]``, boxes
     ``[B, K]``), lowered by the round-off bound of the two sums."""
     m, r = (hi + lo) / 2, (hi - lo) / 2
-    low = torch.einsum("bnk,bk->bn", C, m) - torch.einsum("bnk,bk->bn", C.abs(), r)
-    err = gamma(C.shape[-1] + 2, C.dtype) * torch.einsum("bnk,bk->bn", C.abs(), max_abs(lo, hi))
+    low = batch_first_dot(C, m) - batch_first_dot(C.abs(), r)
+    err = gamma(C.shape[-1] + 2, C.dtype) * batch_first_dot(C.abs(), max_abs(lo, hi))
     low = low - SAFETY * err - torch.finfo(low.dtype).tiny
     return torch.nan_to_num(low, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # unbounded boxes: inf - inf
 

@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor
 
+from relax.bounds.dot import rowwise_dot
+
 __all__ = ["SAFETY", "unit_roundoff", "gamma", "sum_length", "term_magnitude", "forward_error", "backward_weight",
            "concretize_error", "max_abs", "round_outward"]
 
@@ -123,4 +125,4 @@ def concretize_error(absA: Tensor, lo: Tensor, hi: Tensor, eps: Tensor | None = 
     M = max_abs(lo, hi)
     if eps is not None:
         M = M + eps.view(-1, 1).to(M.dtype)
-    return gamma(absA.shape[-1], absA.dtype) * torch.einsum("sbn,bn->sb", absA, M)
+    return gamma(absA.shape[-1], absA.dtype) * rowwise_dot(absA, M)
