@@ -199,6 +199,8 @@ class _SplitLagrangian:
     N: int
     D: int
 
+    rigorous: bool = True  # False: bounds for ranking only (crown's ``rigorous``)
+
     def lower(self, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
               record: dict[str, Tensor | None] | None = None) -> Tensor:
         """``[D, N]`` lower bounds of the rows ``C y + d``; ``fixed``: :func:`crown`'s cache of the
@@ -208,7 +210,7 @@ class _SplitLagrangian:
         extra = {p: -(b * self.signs[p].to(b.dtype)).reshape(N, D, *self.shapes[p]) for p, b in betas.items()}
         afn = lambda start, act, sl: None if (act not in alphas or start != "__out__") else alphas[act][sl]  # noqa: E731
         return crown(ps.graph, ps.x_set, ps.C, intermediate=ps.boxes, alpha_fn=afn, out_extra=extra, out_record=record,
-                     fixed=fixed).spec_lower() + ps.d
+                     fixed=fixed, rigorous=self.rigorous).spec_lower() + ps.d
 
 
 def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
@@ -285,6 +287,7 @@ def bound_domains(
     ivals: dict[str, tuple[Tensor, Tensor]] | None = None,
     fast: BoundGraph | None = None,
     settled: Sequence[str] = (),
+    rigorous: bool = True,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -308,6 +311,9 @@ def bound_domains(
             hi [D, n])}`` intersected with the boxes.
         fast: the same network in a faster dtype (float32) for the optimisation steps; the
             returned bounds are then one pass of ``graph`` with each row's best parameters.
+        rigorous: False: ``rows`` without round-off allowance or interval bound, **not bounds
+            of the network** (filtered smart branching's trials only rank candidates; the
+            boxes and ``infeasible`` stay sound).
 
     Returns:
         :class:`DomainBounds`.
@@ -321,7 +327,7 @@ def bound_domains(
     alphas = _start_slopes(ps, alphas0, N, D)
     betas = _start_multipliers(splits, betas0, N, D, ps.graph.dtype)
     lagrangian = _SplitLagrangian({p: splits[p].to(ps.graph.dtype).unsqueeze(0) for p in betas},
-                                  {p: graph.shape(p) for p in betas}, N, D)
+                                  {p: graph.shape(p) for p in betas}, N, D, rigorous)
     record: dict[str, Tensor | None] = {r: None for r, _ in relu_inputs(graph) + interval_inputs(graph)}
     record[graph.input_name] = None
     if time.perf_counter() >= deadline:  # the boxes took the budget: vacuous bounds, no more passes
@@ -470,8 +476,8 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     domain); the candidate whose worse child has the larger margin is taken. Infeasible children
     count as proved. Returns ``choice`` with those domains' ReLU choices replaced. ``scores``:
     :func:`relu_scores` of ``db`` when the caller has them (as :func:`_branch` did). ``fast``:
-    the network in float32, on which the trial bounds are computed (they only rank the
-    candidates: no bound of theirs is kept)."""
+    the network in float32, on which the trial bounds are computed without round-off allowance
+    (they only rank the candidates: no bound of theirs is kept)."""
     node, idx, tsplit = choice
     sel = [d for d in domains.tolist() if node[d] is not None and node[d] in splits]
     per_pass = max(1, FSB_CHILDREN_PER_PASS // (2 * max(1, candidates)))
@@ -492,18 +498,14 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     S = len(sel)
     rep = torch.tensor(sel).repeat_interleave(2 * k)  # child j of domain s at s * 2k + j
     child_splits = {p: splits[p][rep].clone() for p in splits}
-    where = []  # (node, neuron) per candidate, [S][k]
-    for a in range(S):
-        row = []
-        for c in range(k):
-            f = int(top_i[a, c])
-            n_ = int(torch.searchsorted(offsets, f, right=True)) - 1
-            p, i = names[n_], f - int(offsets[n_])
-            row.append((p, i))
-            base = a * 2 * k + 2 * c
-            child_splits[p][base, i] = 1
-            child_splits[p][base + 1, i] = -1
-        where.append(row)
+    which = torch.searchsorted(offsets, top_i, right=True) - 1  # [S, k]: candidate's node in names
+    neuron = top_i - offsets[which]  # [S, k]: its neuron there
+    row = torch.arange(S * k).view(S, k) // k * 2 * k + 2 * torch.arange(k)  # the first child's line
+    for n_, p in enumerate(names):
+        at = which == n_
+        if bool(at.any()):
+            child_splits[p][row[at], neuron[at]] = 1
+            child_splits[p][row[at] + 1, neuron[at]] = -1
     trial = graph if fast is None else fast
     dt = trial.dtype
     boxes = {p: (l[rep].to(dt), h[rep].to(dt)) for p, (l, h) in db.boxes.items()}
@@ -515,7 +517,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
         ivals = {q: (boxes[q][0].reshape(len(rep), -1), boxes[q][1].reshape(len(rep), -1)) for q in inodes}
     with torch.no_grad():
         kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
-                             deadline=deadline, recompute=False, ivals=ivals)
+                             deadline=deadline, recompute=False, ivals=ivals, rigorous=False)
     if time.perf_counter() >= deadline:
         return choice
     m = rs.margin(kids.rows).double()
@@ -523,10 +525,12 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     worse = m.min(2).values.masked_fill(top_s <= 0, -math.inf)  # [S, k]; only real candidates
     best = worse.argmax(1)
     node, idx = list(node), idx.clone()
+    real = (worse.gather(1, best.unsqueeze(1)).squeeze(1) > -math.inf).tolist()  # else (vacuous bounds) BaBSR's choice stays
+    best_node = which.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+    best_neuron = neuron.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
     for a, d in enumerate(sel):
-        if float(worse[a, best[a]]) > -math.inf:  # else (vacuous bounds) the BaBSR choice stays
-            p, i = where[a][int(best[a])]
-            node[d], idx[d] = p, i
+        if real[a]:
+            node[d], idx[d] = names[best_node[a]], best_neuron[a]
     return node, idx, tsplit
 
 

@@ -506,6 +506,7 @@ def crown(
     prune: bool = False,
     roundoff_weights: dict[str, Tensor | None] | None = None,
     deadline: Deadline | None = None,
+    rigorous: bool = True,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -536,6 +537,9 @@ def crown(
             magnitudes, so they stay upper bounds; alpha-CROWN's steps reuse the first pass's).
         deadline: after it, no more linear bounds of intermediate neurons are computed (those
             not reached keep their interval boxes: sound, looser); the spec rows' pass still runs.
+        rigorous: False: the spec rows' bound without its round-off allowance and without the
+            interval bound beside it (cheaper; **not a bound of the exact network**: only for
+            ranking, as filtered smart branching ranks its candidates).
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -556,7 +560,7 @@ def crown(
             bp.graph = _prune_dead(bp.graph, p, bp.known, bp.relax, bp.weights, bp.ibp)
     if C is None:
         return CrownResult(None, bp.inter, bp.relax_full, bp.weights)
-    return bp.spec(C, fixed, out_extra, out_record)
+    return bp.spec(C, fixed, out_extra, out_record, rigorous)
 
 
 class _BoxPass:
@@ -622,16 +626,22 @@ class _BoxPass:
                 self.relax[c] = self.relax_full[c] = cn.op.relax_inputs([self.known[i] for i in cn.inputs], self.mode)
 
     def spec(self, C: Tensor, fixed: dict | None, out_extra: dict[str, Tensor] | None,
-             out_record: dict[str, Tensor | None] | None) -> CrownResult:
+             out_record: dict[str, Tensor | None] | None, rigorous: bool = True) -> CrownResult:
         """The spec rows ``C [B, N, K]`` after every box: the interval bound of the rows, then
-        their backward pass (:func:`_spec_rows`); fills ``fixed`` when every box was given."""
+        their backward pass (:func:`_spec_rows`); fills ``fixed`` when every box was given.
+        Not ``rigorous``: no interval bound and no round-off allowance (see :func:`crown`)."""
         graph = self.graph
-        boxes = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, done=self.ibp)
-        node_weights(graph, boxes, self.weights)
-        ibp_low = box_row_bounds(C, *boxes[graph.output])
+        weights: dict[str, Tensor | None] | None = None
+        if rigorous:
+            boxes = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, done=self.ibp)
+            node_weights(graph, boxes, self.weights)
+            ibp_low = box_row_bounds(C, *boxes[graph.output])
+            weights = self.weights
+        else:
+            ibp_low = torch.full(C.shape[:2], -math.inf, dtype=C.dtype, device=C.device)
         if fixed is not None and self.intermediate is not None and all(p in self.intermediate for p in graph.preactivations()):
-            fixed.update(relax=self.relax, weights=self.weights, inter=self.inter, ibp_low=ibp_low)
-        res = _spec_rows(graph, self.input_set, C, self.relax, self.weights, self.inter, ibp_low, self.max_elements, self.alpha_fn,
+            fixed.update(relax=self.relax, weights=weights, inter=self.inter, ibp_low=ibp_low)
+        res = _spec_rows(graph, self.input_set, C, self.relax, weights, self.inter, ibp_low, self.max_elements, self.alpha_fn,
                          out_extra, out_record)
         res.relaxations, res.weights = self.relax_full, self.weights
         return res
@@ -672,11 +682,12 @@ def _keep_neurons(r: Relaxation, keep: Tensor) -> Relaxation:
     return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
 
 
-def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None],
+def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
                inter: dict[str, tuple[Tensor, Tensor]], ibp_low: Tensor, max_elements: int, alpha_fn: AlphaFn | None,
                out_extra: dict[str, Tensor] | None, out_record: dict[str, Tensor | None] | None) -> CrownResult:
     """:func:`crown`'s last step: the backward pass of the spec rows ``C [B, N, K]`` (in chunks),
-    intersected with their interval bound ``ibp_low [B, N]``."""
+    intersected with their interval bound ``ibp_low [B, N]``; lowered by the round-off bound
+    unless ``weights`` is None."""
     B, N, K = C.shape
     out = graph.output
     At = C.transpose(0, 1)  # [N, B, K]
