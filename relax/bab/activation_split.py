@@ -108,8 +108,9 @@ def _split_boxes(root: dict[str, tuple[Tensor, Tensor]], splits: dict[str, Tenso
 
 @dataclass
 class _Pass:
-    """What a bounding pass over ``D`` domains needs: the graph, the input set repeated ``D``
-    times, the pre-activation boxes ``{node: (lo, hi)}`` (``[D, *shape]``) and the property rows
+    """What a bounding pass over ``D`` domains needs: the graph, the input set (a batch of one:
+    every domain's; the passes concretise all domains' rows with one matrix-vector product),
+    the pre-activation boxes ``{node: (lo, hi)}`` (``[D, *shape]``) and the property rows
     ``C [D, N, K]``, ``d [D, N]`` (all in the graph's dtype)."""
 
     graph: BoundGraph
@@ -142,17 +143,16 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
     for l, h in boxes.values():
         infeasible |= (l > h).reshape(l.shape[0], -1).any(1).expand(D)
     boxes = {p: (l.expand(D, *l.shape[1:]), h.expand(D, *h.shape[1:])) for p, (l, h) in boxes.items()}
-    x_set = inputs.select(torch.zeros(D, dtype=torch.long))
     C, d = rs.batch(D)
     C, d = C.to(graph.dtype), d.to(graph.dtype)
     t_boxes = time.perf_counter()
     if recompute:
         with torch.no_grad():
-            boxes = crown(graph, x_set, None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
+            boxes = crown(graph, inputs.select(torch.zeros(D, dtype=torch.long)), None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
                           deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
-    return _Pass(graph, x_set, boxes, C, d), infeasible, time.perf_counter() - t_boxes
+    return _Pass(graph, inputs, boxes, C, d), infeasible, time.perf_counter() - t_boxes
 
 
 def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) -> dict[str, Tensor]:
