@@ -333,3 +333,28 @@ def test_round_outward_keeps_bounds_on_the_right_side():
     exact = t[-5:]
     assert torch.equal(lo[-5:].double(), exact) and torch.equal(hi[-5:].double(), exact)
     assert torch.equal(round_outward(t, torch.float64, down=True), t)
+
+
+def test_ranking_passes_drop_only_the_allowance_and_never_serve_a_bound():
+    """``crown(rigorous=False)`` (filtered smart branching's trial bounds) is the rigorous bound
+    plus its round-off allowance, on cancelling weights where the allowance is large; a cache
+    filled by one kind of pass refuses the other."""
+    from relax.bounds.crown import crown
+    from relax.ir.graph import build_graph
+
+    big = 1e6
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[big, -big, 1.0], [1.0, 2.0, -1.0], [-big, big, 0.5], [0.3, -0.2, 0.1]]))
+        net[0].bias.zero_()
+    g = build_graph(torch.fx.symbolic_trace(net.eval()), (3,), torch.float32)
+    x = LpBall(torch.tensor([[0.2, 0.2, 0.1]]), 0.05, math.inf)
+    C = torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]])
+    boxes = crown(g, x, None).intermediate
+    sound = crown(g, x, C, intermediate=boxes).spec_lower()
+    rank = crown(g, x, C, intermediate=boxes, rigorous=False).spec_lower()
+    assert (rank >= sound).all() and (rank > sound).any()
+    fixed: dict = {}
+    crown(g, x, C, intermediate=boxes, fixed=fixed, rigorous=False)
+    with pytest.raises(ValueError, match="rigorous"):
+        crown(g, x, C, intermediate=boxes, fixed=fixed)

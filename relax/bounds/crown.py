@@ -547,6 +547,8 @@ def crown(
     """
     if fixed is not None and "relax" in fixed:
         assert C is not None  # fixed is filled by a call with spec rows, and the calls differ in alpha_fn / out_extra only
+        if fixed["rigorous"] != rigorous:  # a ranking pass's cache must never serve a bound
+            raise ValueError("crown: `fixed` was filled with another `rigorous`")
         return _spec_rows(graph, input_set, C, fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"], max_elements,
                           alpha_fn, out_extra, out_record)
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
@@ -640,7 +642,7 @@ class _BoxPass:
         else:
             ibp_low = torch.full(C.shape[:2], -math.inf, dtype=C.dtype, device=C.device)
         if fixed is not None and self.intermediate is not None and all(p in self.intermediate for p in graph.preactivations()):
-            fixed.update(relax=self.relax, weights=weights, inter=self.inter, ibp_low=ibp_low)
+            fixed.update(relax=self.relax, weights=weights, inter=self.inter, ibp_low=ibp_low, rigorous=rigorous)
         res = _spec_rows(graph, self.input_set, C, self.relax, weights, self.inter, ibp_low, self.max_elements, self.alpha_fn,
                          out_extra, out_record)
         res.relaxations, res.weights = self.relax_full, self.weights
