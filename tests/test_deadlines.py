@@ -259,10 +259,11 @@ def test_one_crown_pass_stops_tightening_at_its_deadline():
     from relax.bounds.crown import crown
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(8, 2 * 6 * 6), torch.nn.ReLU(), torch.nn.Unflatten(1, (2, 6, 6)),
-                              torch.nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 12 * 12, 3)).double().eval()
+    # large enough that the full pass (0.1-0.2 s here) dwarfs the cut pass's fixed costs (~10 ms)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4 * 6 * 6), torch.nn.ReLU(), torch.nn.Unflatten(1, (4, 6, 6)),
+                              torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 12 * 12, 3)).double().eval()
     x = torch.rand(1, 8, dtype=torch.float64)
     graph, s = prepare(net, LpBall(x, 0.3, "inf"), torch.float64)
     C = torch.eye(3, dtype=torch.float64).unsqueeze(0)
