@@ -166,6 +166,7 @@ def test_spent_budget_leaves_later_boxes_unstarted(ulp_instance, tmp_path, monke
     r = run_instance(str(onnx_path), str(spec), 0.5)
     assert r.result == "timeout" and len(calls) == 1
     assert [c.details["vnncomp_result"] for c in r.certificates] == ["timeout", "timeout"]
+    assert r.detail == "open: timeout, not started"  # why it stayed open, for the results' detail column
 
 
 def test_unconfirmed_counterexample_is_no_claim(ulp_instance, monkeypatch, capsys):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,20 @@ def decide(
         answers.append(_box_answer(c.status, c.details.get("reason")))
     else:
         res.result, res.stage = _overall(answers), ",".join(sorted(set(stages)))
+        if res.result in ("unknown", "timeout") and not res.detail:
+            res.detail = _open_reasons(res.per_box, len(props))
     res.time_s = time.perf_counter() - t0
     return res
+
+
+def _open_reasons(per_box: list[dict], n_boxes: int) -> str:
+    """Why an instance stayed open, for the results' ``detail``: the reasons of its boxes not
+    proved (a method's ``details["reason"]``: ``timeout``, ``memory``, ``exhausted``, ...) and
+    the boxes never started, e.g. ``"open: memory"`` or ``"open: timeout, not started x3"``."""
+    counts = Counter(str(b.get("reason") or b["status"]) for b in per_box if b["status"] != "certified")
+    if n_boxes > len(per_box):
+        counts["not started"] = n_boxes - len(per_box)
+    return "open: " + ", ".join(r if k == 1 else f"{r} x{k}" for r, k in counts.items())
 
 
 def _record(res: InstanceResult, c: Any, on_box: Callable[[Any], None] | None) -> None:
