@@ -148,7 +148,8 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
     t_boxes = time.perf_counter()
     if recompute:
         with torch.no_grad():
-            boxes = crown(graph, inputs.select(torch.zeros(D, dtype=torch.long)), None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
+            x_all = inputs.select(torch.zeros(D, dtype=torch.long))  # per-domain rows need the set per domain
+            boxes = crown(graph, x_all, None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
                           deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
