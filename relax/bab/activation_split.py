@@ -493,7 +493,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
         return choice
     names = list(scores)
     flat = torch.cat([scores[p] for p in names], dim=1)[sel]  # [S, sum n]
-    offsets = torch.tensor([0] + [scores[p].shape[1] for p in names]).cumsum(0)
+    offsets = torch.tensor([0] + [scores[p].shape[1] for p in names], device=flat.device).cumsum(0)
     k = min(candidates, flat.shape[1])
     top_s, top_i = flat.topk(k, dim=1)  # [S, k]
     S = len(sel)
@@ -501,12 +501,14 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     child_splits = {p: splits[p][rep].clone() for p in splits}
     which = torch.searchsorted(offsets, top_i, right=True) - 1  # [S, k]: candidate's node in names
     neuron = top_i - offsets[which]  # [S, k]: its neuron there
-    row = torch.arange(S * k).view(S, k) // k * 2 * k + 2 * torch.arange(k)  # the first child's line
+    row = torch.arange(S * k, device=flat.device).view(S, k) // k * 2 * k + 2 * torch.arange(k, device=flat.device)  # first child
     for n_, p in enumerate(names):
         at = which == n_
         if bool(at.any()):
-            child_splits[p][row[at], neuron[at]] = 1
-            child_splits[p][row[at] + 1, neuron[at]] = -1
+            dev = child_splits[p].device
+            r_, i_ = row[at].to(dev), neuron[at].to(dev)
+            child_splits[p][r_, i_] = 1
+            child_splits[p][r_ + 1, i_] = -1
     trial = graph if fast is None else fast
     dt = trial.dtype
     boxes = {p: (l[rep].to(dt), h[rep].to(dt)) for p, (l, h) in db.boxes.items()}
