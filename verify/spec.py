@@ -157,7 +157,7 @@ class InputSet:
         """``n`` points per example drawn inside the set, ``[n, B, *shape]``."""
         raise NotImplementedError
 
-    def select(self, index: Tensor | list[int]) -> "InputSet":
+    def select(self, index: Tensor | list[int] | slice) -> "InputSet":
         """The sub-batch at ``index``."""
         raise NotImplementedError
 

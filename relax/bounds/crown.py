@@ -17,6 +17,11 @@ inputs, all neurons. The (neuron, batch element) pairs form a virtual batch (no 
 pre-activation one affine layer from a box input keeps its (exact) IBP box.
 
 Memory: rows are processed in chunks so that no coefficient tensor exceeds ``max_elements``.
+On the CPU the chunks are smaller still, :data:`CACHE_ELEMENTS` (rows and, for the spec rows,
+batch elements): a backward step reads and writes its coefficients several times (the
+relaxation, the round-off term, the transposed op), and a chunk that stays in a core's cache
+makes those passes 1.3-2.5x faster than one tensor of all rows (ACAS Xu input splitting, a
+CIFAR CNN's and a ResNet's CROWN pass, a batch of MLP domains; ``benchmarks/RESULTS.md``).
 
 **Round-off.** Every bound returned here holds for the exact network on the exact input set: each
 backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.bounds.roundoff.backward_weight`,
@@ -37,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -437,7 +442,7 @@ def bound_node(
     if T == 0:
         return lo, hi
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
-    step = max(1, min(T, max_elements // max(1, 2 * _max_width(graph, node))))
+    step = max(1, min(T, _chunk_limit(max_elements, lo.device) // max(1, 2 * _max_width(graph, node))))
     acts = _acts_before(graph, node)
     # one input: its relaxations, round-off weights and input set serve every row by broadcasting
     shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
@@ -482,6 +487,19 @@ def bound_node(
     l2 = l2.index_put((bidx, idx), nl)
     h2 = h2.index_put((bidx, idx), nh)
     return l2.view_as(lo), h2.view_as(hi)
+
+
+#: on the CPU, the largest coefficient tensor of one chunk of a backward pass (2 MiB in float64:
+#: it and the temporaries of a backward step stay in a core's L2 / L3 cache); measured on one
+#: thread of a 2-core EPYC (1 MiB L2 per core, 32 MiB L3), 2**17-2**18 best, both ways 1.2-2x
+#: faster than 2**25 on ACAS Xu, CIFAR CNN and ResNet passes (``benchmarks/RESULTS.md``)
+CACHE_ELEMENTS = 2**18
+
+
+def _chunk_limit(max_elements: int, device: torch.device) -> int:
+    """The elements one chunk of coefficients may hold: ``max_elements``, and on the CPU at most
+    :data:`CACHE_ELEMENTS` (a GPU wants large kernels instead)."""
+    return min(max_elements, CACHE_ELEMENTS) if device.type == "cpu" else max_elements
 
 
 def _acts_before(graph: BoundGraph, node: str) -> list[str]:
@@ -684,32 +702,89 @@ def _keep_neurons(r: Relaxation, keep: Tensor) -> Relaxation:
     return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
 
 
+@dataclass
+class _BatchSlice:
+    """Batch elements ``b0:b1`` of a pass over ``B``: tensors whose batch dimension has size ``B``
+    are sliced, size-1 (broadcast) ones kept."""
+
+    B: int
+    b0: int
+    b1: int
+
+    def dim0(self, v: Any) -> Any:
+        return v[self.b0:self.b1] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == self.B else v
+
+    def dim1(self, v: Any) -> Any:
+        return v[:, self.b0:self.b1] if isinstance(v, Tensor) and v.dim() > 1 and v.shape[1] == self.B else v
+
+    def input_set(self, s: InputSet) -> InputSet:
+        return s.select(slice(self.b0, self.b1)) if s.batch_size == self.B else s
+
+
+def _slice_relaxation(part: _BatchSlice, r: Relaxation) -> Relaxation:
+    """``r`` (fields ``[B, *shape]``, as :func:`_select_relax` assumes) for the batch slice ``part``."""
+    def sel(v):
+        if isinstance(v, tuple):
+            return tuple(sel(x) for x in v)
+        return part.dim0(v)
+
+    return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
+
+
+def _sliced(d: dict[str, Tensor] | None, part: _BatchSlice | None, dim: int) -> dict[str, Tensor] | None:
+    """``d``'s tensors sliced along their batch dimension ``dim`` (0 or 1), or ``d`` itself
+    without a slice."""
+    if d is None or part is None:
+        return d
+    fn = part.dim0 if dim == 0 else part.dim1
+    return {k: fn(v) for k, v in d.items()}
+
+
 def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
                inter: dict[str, tuple[Tensor, Tensor]], ibp_low: Tensor, max_elements: int, alpha_fn: AlphaFn | None,
                out_extra: dict[str, Tensor] | None, out_record: dict[str, Tensor | None] | None) -> CrownResult:
-    """:func:`crown`'s last step: the backward pass of the spec rows ``C [B, N, K]`` (in chunks),
-    intersected with their interval bound ``ibp_low [B, N]``; lowered by the round-off bound
-    unless ``weights`` is None."""
+    """:func:`crown`'s last step: the backward pass of the spec rows ``C [B, N, K]``, intersected
+    with their interval bound ``ibp_low [B, N]``; lowered by the round-off bound unless ``weights``
+    is None. Chunks of at most :func:`_chunk_limit` coefficients: all rows of a batch slice when
+    they fit (the relaxations are then read once), else fewer rows; the batch sliced as needed."""
     B, N, K = C.shape
     out = graph.output
     At = C.transpose(0, 1)  # [N, B, K]
-    step = max(1, min(N, max_elements // max(1, B * _max_width(graph, out))))
-    parts = []
-    for s0 in range(0, N, step):
-        s1 = min(N, s0 + step)
-        alphas = None
+    cells = max(1, _chunk_limit(max_elements, C.device) // max(1, _max_width(graph, out)))  # rows x batch elements
+    s_step = min(N, cells)
+    b_step = max(1, min(B, cells // s_step))
+    acts = _acts_before(graph, out)
+    parts: list[Tensor] = []
+    for s0 in range(0, N, s_step):
+        s1 = min(N, s0 + s_step)
+        alphas_s = None
         if alpha_fn is not None:
-            alphas = {}
-            for act in _acts_before(graph, out):
+            alphas_s = {}
+            for act in acts:
                 a = alpha_fn("__out__", act, slice(s0, s1))
                 if a is not None:
-                    alphas[act] = a
-        ex = None if out_extra is None else {k: v[s0:s1] for k, v in out_extra.items()}
-        rec = None if out_record is None else dict.fromkeys(out_record)
-        parts.append(backward(graph, out, At[s0:s1], relax, input_set, alphas, weights, ex, rec, clipped_ball=True))
-        if rec is not None and out_record is not None:  # rec is None iff out_record is
-            for k, v in rec.items():
-                if v is not None:
+                    alphas_s[act] = a
+        ex_s = None if out_extra is None else {k: v[s0:s1] for k, v in out_extra.items()}
+        cols, recs = [], []
+        for b0 in range(0, B, b_step):
+            b1 = min(B, b0 + b_step)
+            part = _BatchSlice(B, b0, b1) if b_step < B else None
+            rec = None if out_record is None else dict.fromkeys(out_record)
+            if part is None:
+                rel, x_part, w_part = relax, input_set, weights
+            else:
+                rel = {k: _slice_relaxation(part, r) for k, r in relax.items()}
+                x_part = part.input_set(input_set)
+                w_part = None if weights is None else {k: part.dim0(w) for k, w in weights.items()}
+            cols.append(backward(graph, out, At[s0:s1, b0:b1], rel, x_part, _sliced(alphas_s, part, 1), w_part,
+                                 _sliced(ex_s, part, 1), rec, clipped_ball=True))
+            recs.append(rec)
+        parts.append(cols[0] if len(cols) == 1 else torch.cat(cols, 1))
+        if out_record is not None:
+            for k in out_record:
+                got: list[Tensor] = [v for r in recs if r is not None and (v := r[k]) is not None]
+                if got:
+                    v = got[0] if len(got) == 1 else torch.cat(got, 1)
                     prev = out_record[k]
                     out_record[k] = v if prev is None or s0 == 0 else torch.cat([prev, v])
     low = torch.cat(parts, 0).t()
