@@ -59,7 +59,11 @@ class Linear(Op):
 
     def backward(self, A):
         A_in = A @ self.W
-        bias = None if self.b is None else sum_rows(A * self.b)
+        if self.b is None:
+            return [A_in], None
+        # A . b: a matrix-vector product over the last dim (no [S, B, *out] temporary), then the
+        # leading positions of a [..., out] input
+        bias = A @ self.b if A.dim() == 3 else sum_rows(A @ self.b)
         return [A_in], bias
 
     def backward_rows(self, idx: Tensor, sign: Tensor):
