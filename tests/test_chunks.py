@@ -1,8 +1,8 @@
 """A CROWN pass cut into chunks (rows of intermediate bounds; spec rows and batch elements) gives
 the bounds of the pass in one piece: chunking only reorders the same per-row computations.
 
-On the CPU the engine cuts every pass into chunks of at most ``CACHE_ELEMENTS`` coefficients;
-here the limit is set tiny so that every chunking path runs (several row chunks, several batch
+On the CPU the engine cuts every pass into chunks of at most ``CACHE_ELEMENTS`` coefficients
+(``CACHE_ELEMENTS_GRAD`` when it records gradients); here the limits are set tiny so that every chunking path runs (several row chunks, several batch
 slices of one row, relaxations / round-off weights / input sets / slopes / Lagrangian terms
 sliced along the batch), and the results are compared with the unchunked pass: bounds,
 intermediate boxes, recorded coefficients and gradients.
@@ -34,6 +34,7 @@ def _mlp() -> nn.Module:
 
 def _pass(model, x_set, C, monkeypatch, cache: int, **kw):
     monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS", cache)
+    monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS_GRAD", cache)
     graph, x_set = prepare(model, x_set)
     return crown(graph, x_set, C, **kw)
 
@@ -75,6 +76,7 @@ def test_chunked_spec_rows_with_slopes_terms_and_record(cache, monkeypatch):
 
     def run(cache: int):
         monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS", cache)
+        monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS_GRAD", cache)  # this pass records gradients
         alphas = {a: v.clone().requires_grad_() for a, v in alpha0.items()}
         extra = {k: v.clone().requires_grad_() for k, v in extra0.items()}
         afn = lambda start, act, sl: None if start != "__out__" else alphas[act][sl]  # noqa: E731

@@ -20,8 +20,9 @@ Memory: rows are processed in chunks so that no coefficient tensor exceeds ``max
 On the CPU the chunks are smaller still, :data:`CACHE_ELEMENTS` (rows and, for the spec rows,
 batch elements): a backward step reads and writes its coefficients several times (the
 relaxation, the round-off term, the transposed op), and a chunk that stays in a core's cache
-makes those passes 1.3-2.5x faster than one tensor of all rows (ACAS Xu input splitting, a
-CIFAR CNN's and a ResNet's CROWN pass, a batch of MLP domains; ``benchmarks/RESULTS.md``).
+makes those passes 1.6-2.5x faster than one tensor of all rows (ACAS Xu input splitting, a
+CIFAR CNN's and a ResNet's CROWN pass; ``benchmarks/RESULTS.md``). A pass that records an
+autograd graph keeps every chunk alive anyway; it gets larger chunks (:data:`CACHE_ELEMENTS_GRAD`).
 
 **Round-off.** Every bound returned here holds for the exact network on the exact input set: each
 backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.bounds.roundoff.backward_weight`,
@@ -442,7 +443,8 @@ def bound_node(
     if T == 0:
         return lo, hi
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
-    step = max(1, min(T, _chunk_limit(max_elements, lo.device) // max(1, 2 * _max_width(graph, node))))
+    grad = torch.is_grad_enabled() and alpha_fn is not None
+    step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * _max_width(graph, node))))
     acts = _acts_before(graph, node)
     # one input: its relaxations, round-off weights and input set serve every row by broadcasting
     shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
@@ -491,15 +493,22 @@ def bound_node(
 
 #: on the CPU, the largest coefficient tensor of one chunk of a backward pass (2 MiB in float64:
 #: it and the temporaries of a backward step stay in a core's L2 / L3 cache); measured on one
-#: thread of a 2-core EPYC (1 MiB L2 per core, 32 MiB L3), 2**17-2**18 best, both ways 1.2-2x
-#: faster than 2**25 on ACAS Xu, CIFAR CNN and ResNet passes (``benchmarks/RESULTS.md``)
+#: thread of a 2-core EPYC (1 MiB L2 per core, 32 MiB L3): 2**18 best, 1.6-2.5x faster than 2**25
+#: on ACAS Xu, CIFAR CNN and ResNet CROWN passes (``benchmarks/RESULTS.md``)
 CACHE_ELEMENTS = 2**18
+#: the same for a pass that records an autograd graph (alpha / beta steps): every chunk's
+#: tensors stay alive for the backward anyway, and many small chunks cost more autograd nodes;
+#: 2**20 beat both 2**18 and one chunk (a CIFAR CNN's and a 9x200 MLP's domain batches)
+CACHE_ELEMENTS_GRAD = 2**20
 
 
-def _chunk_limit(max_elements: int, device: torch.device) -> int:
+def _chunk_limit(max_elements: int, device: torch.device, grad: bool = False) -> int:
     """The elements one chunk of coefficients may hold: ``max_elements``, and on the CPU at most
-    :data:`CACHE_ELEMENTS` (a GPU wants large kernels instead)."""
-    return min(max_elements, CACHE_ELEMENTS) if device.type == "cpu" else max_elements
+    :data:`CACHE_ELEMENTS` (:data:`CACHE_ELEMENTS_GRAD` for a pass that builds an autograd graph,
+    ``grad``); a GPU wants large kernels instead."""
+    if device.type != "cpu":
+        return max_elements
+    return min(max_elements, CACHE_ELEMENTS_GRAD if grad else CACHE_ELEMENTS)
 
 
 def _acts_before(graph: BoundGraph, node: str) -> list[str]:
@@ -750,7 +759,8 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
     B, N, K = C.shape
     out = graph.output
     At = C.transpose(0, 1)  # [N, B, K]
-    cells = max(1, _chunk_limit(max_elements, C.device) // max(1, _max_width(graph, out)))  # rows x batch elements
+    grad = torch.is_grad_enabled() and (alpha_fn is not None or out_extra is not None or C.requires_grad)
+    cells = max(1, _chunk_limit(max_elements, C.device, grad) // max(1, _max_width(graph, out)))  # rows x batch elements
     s_step = min(N, cells)
     b_step = max(1, min(B, cells // s_step))
     acts = _acts_before(graph, out)
