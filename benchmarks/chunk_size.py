@@ -10,7 +10,9 @@ bound graph, the instance's first box) three passes, each timed with every chunk
 * ``boxes`` (inputs of at most 16 numbers): CROWN over ``--boxes`` sub-boxes of the input box
   (each coordinate's interval halved at random, 3 times), no gradients: input splitting's pass;
 * ``domains``: the spec rows of ``--domains`` copies of the root's boxes with per-row slopes
-  that record gradients, forward and backward: a beta-CROWN step on a batch of domains.
+  that record gradients, forward and backward: a beta-CROWN step on a batch of domains. The
+  engine cuts such passes by ``max_elements`` alone; here ``max_elements`` is set to each size,
+  to show what cache-sized chunks would cost them.
 
 ``2**25`` is the memory cap alone (no cache chunking). Prints a markdown table (seconds).
 
@@ -85,6 +87,8 @@ def main() -> None:
         N = rs.C.shape[0]
         slopes0 = {a: torch.rand(N, D, *graph.shape(a), generator=gen, dtype=torch.float64) for a in acts}
 
+        size = [2**25]  # the domains pass's max_elements
+
         def root_pass() -> None:
             with torch.no_grad():
                 crown(graph, x_set, rs.batch(1)[0])
@@ -96,7 +100,7 @@ def main() -> None:
         def domain_pass() -> None:
             slopes = {a: v.clone().requires_grad_() for a, v in slopes0.items()}
             fn = lambda start, act, sl: None if start != "__out__" else slopes[act][sl]  # noqa: E731
-            crown(graph, x_set, rs.batch(D)[0], intermediate=dom_boxes, alpha_fn=fn).spec_lower().sum().backward()
+            crown(graph, x_set, rs.batch(D)[0], intermediate=dom_boxes, alpha_fn=fn, max_elements=size[0]).spec_lower().sum().backward()
 
         passes = [("root", root_pass), ("domains", domain_pass)]
         if lo.numel() <= 16:  # input splitting's inputs (``input_split_max_dim``)
@@ -105,7 +109,7 @@ def main() -> None:
             times: dict[int, list[float]] = {s: [] for s in sizes}
             for _ in range(args.repeats):
                 for s in sizes:
-                    crown_mod.CACHE_ELEMENTS = crown_mod.CACHE_ELEMENTS_GRAD = s
+                    crown_mod.CACHE_ELEMENTS = size[0] = s
                     t = time.perf_counter()
                     fn()
                     times[s].append(time.perf_counter() - t)

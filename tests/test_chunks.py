@@ -1,9 +1,9 @@
 """A CROWN pass cut into chunks (rows of intermediate bounds; spec rows and batch elements) gives
 the bounds of the pass in one piece: chunking only reorders the same per-row computations.
 
-On the CPU the engine cuts every pass into chunks of at most ``CACHE_ELEMENTS`` coefficients
-(``CACHE_ELEMENTS_GRAD`` when it records gradients); here the limits are set tiny so that every chunking path runs (several row chunks, several batch
-slices of one row, relaxations / round-off weights / input sets / slopes / Lagrangian terms
+On the CPU the engine cuts every pass that records no gradients into chunks of at most
+``CACHE_ELEMENTS`` coefficients (``max_elements`` alone cuts the others); here the limits are set
+tiny so that every chunking path runs (several row chunks, several batch slices of one row, relaxations / round-off weights / input sets / slopes / Lagrangian terms
 sliced along the batch), and the results are compared with the unchunked pass: bounds,
 intermediate boxes, recorded coefficients and gradients.
 """
@@ -34,7 +34,6 @@ def _mlp() -> nn.Module:
 
 def _pass(model, x_set, C, monkeypatch, cache: int, **kw):
     monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS", cache)
-    monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS_GRAD", cache)
     graph, x_set = prepare(model, x_set)
     return crown(graph, x_set, C, **kw)
 
@@ -74,14 +73,13 @@ def test_chunked_spec_rows_with_slopes_terms_and_record(cache, monkeypatch):
     alpha0 = {a: torch.rand(N, B, *graph.shape(a), generator=g, dtype=DT) for a in acts}
     extra0 = {relu_in[a]: torch.randn(N, B, *graph.shape(relu_in[a]), generator=g, dtype=DT) * 0.1 for a in acts}
 
-    def run(cache: int):
-        monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS", cache)
-        monkeypatch.setattr(crown_mod, "CACHE_ELEMENTS_GRAD", cache)  # this pass records gradients
+    def run(cache: int):  # a pass that records gradients is cut by max_elements alone
         alphas = {a: v.clone().requires_grad_() for a, v in alpha0.items()}
         extra = {k: v.clone().requires_grad_() for k, v in extra0.items()}
         afn = lambda start, act, sl: None if start != "__out__" else alphas[act][sl]  # noqa: E731
         rec: dict = {graph.input_name: None, relu_in[acts[0]]: None}
-        low = crown(graph, x_set, C, intermediate=boxes, alpha_fn=afn, out_extra=extra, out_record=rec).spec_lower()
+        low = crown(graph, x_set, C, intermediate=boxes, alpha_fn=afn, out_extra=extra, out_record=rec,
+                    max_elements=cache).spec_lower()
         low.sum().backward()
         return low.detach(), rec, {a: v.grad for a, v in alphas.items()}, {k: v.grad for k, v in extra.items()}
 

@@ -22,7 +22,7 @@ batch elements): a backward step reads and writes its coefficients several times
 relaxation, the round-off term, the transposed op), and a chunk that stays in a core's cache
 makes those passes 1.6-2.5x faster than one tensor of all rows (ACAS Xu input splitting, a
 CIFAR CNN's and a ResNet's CROWN pass; ``benchmarks/RESULTS.md``). A pass that records an
-autograd graph keeps every chunk alive anyway; it gets larger chunks (:data:`CACHE_ELEMENTS_GRAD`).
+autograd graph (alpha / beta steps) is cut by ``max_elements`` alone (see :func:`_chunk_limit`).
 
 **Round-off.** Every bound returned here holds for the exact network on the exact input set: each
 backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.bounds.roundoff.backward_weight`,
@@ -496,19 +496,17 @@ def bound_node(
 #: thread of a 2-core EPYC (1 MiB L2 per core, 32 MiB L3): 2**18 best, 1.6-2.5x faster than 2**25
 #: on ACAS Xu, CIFAR CNN and ResNet CROWN passes (``benchmarks/RESULTS.md``)
 CACHE_ELEMENTS = 2**18
-#: the same for a pass that records an autograd graph (alpha / beta steps): every chunk's
-#: tensors stay alive for the backward anyway, and many small chunks cost more autograd nodes;
-#: 2**20 beat both 2**18 and one chunk (a CIFAR CNN's and a 9x200 MLP's domain batches)
-CACHE_ELEMENTS_GRAD = 2**20
 
 
 def _chunk_limit(max_elements: int, device: torch.device, grad: bool = False) -> int:
     """The elements one chunk of coefficients may hold: ``max_elements``, and on the CPU at most
-    :data:`CACHE_ELEMENTS` (:data:`CACHE_ELEMENTS_GRAD` for a pass that builds an autograd graph,
-    ``grad``); a GPU wants large kernels instead."""
-    if device.type != "cpu":
+    :data:`CACHE_ELEMENTS` unless the pass records an autograd graph (``grad``): its chunks'
+    tensors all stay alive for the backward anyway, and each chunk's slice of a slope tensor
+    sends back a gradient of the whole tensor (verivital's CNN: a batch of 256 domains took 4x
+    longer at 2**20 than in one piece); a GPU wants large kernels."""
+    if device.type != "cpu" or grad:
         return max_elements
-    return min(max_elements, CACHE_ELEMENTS_GRAD if grad else CACHE_ELEMENTS)
+    return min(max_elements, CACHE_ELEMENTS)
 
 
 def _acts_before(graph: BoundGraph, node: str) -> list[str]:
