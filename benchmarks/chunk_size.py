@@ -9,6 +9,9 @@ bound graph, the instance's first box) three passes, each timed with every chunk
 * ``root``: one CROWN pass of the property rows (intermediate bounds included), no gradients;
 * ``boxes`` (inputs of at most 16 numbers): CROWN over ``--boxes`` sub-boxes of the input box
   (each coordinate's interval halved at random, 3 times), no gradients: input splitting's pass;
+* ``recompute``: the intermediate boxes of ``--domains`` domains from the root's boxes, each
+  domain its own batch element (ReLU splitting's recomputation below a split, and filtered smart
+  branching's trial passes: a virtual batch of (neuron, domain) rows), no gradients;
 * ``domains``: the spec rows of ``--domains`` copies of the root's boxes with per-row slopes
   that record gradients, forward and backward: a beta-CROWN step on a batch of domains. The
   engine cuts such passes by ``max_elements`` alone; here ``max_elements`` is set to each size,
@@ -97,12 +100,18 @@ def main() -> None:
             with torch.no_grad():
                 crown(graph, sub, rs.batch(args.boxes)[0])
 
+        x_all = x_set.select(torch.zeros(D, dtype=torch.long))
+
+        def recompute_pass() -> None:
+            with torch.no_grad():
+                crown(graph, x_all, None, bound_overrides=dom_boxes)
+
         def domain_pass() -> None:
             slopes = {a: v.clone().requires_grad_() for a, v in slopes0.items()}
             fn = lambda start, act, sl: None if start != "__out__" else slopes[act][sl]  # noqa: E731
             crown(graph, x_set, rs.batch(D)[0], intermediate=dom_boxes, alpha_fn=fn, max_elements=size[0]).spec_lower().sum().backward()
 
-        passes = [("root", root_pass), ("domains", domain_pass)]
+        passes = [("root", root_pass), ("recompute", recompute_pass), ("domains", domain_pass)]
         if lo.numel() <= 16:  # input splitting's inputs (``input_split_max_dim``)
             passes.insert(1, ("boxes", box_pass))
         for label, fn in passes:
