@@ -356,15 +356,22 @@ def rows_needed(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor) -> tuple[T
     return idx, bidx
 
 
-def _select_relax(r: Relaxation, bidx: Tensor) -> Relaxation:
+def _map_batch(r: Relaxation, fn: Callable[[Tensor], Tensor]) -> Relaxation:
+    """``r`` with ``fn`` applied to every tensor field (and the tensors of a tuple ``extra``);
+    the fields are ``[B, *shape]``, so ``fn`` selects batch elements."""
     def sel(v):
         if isinstance(v, Tensor):
-            return v[bidx]
+            return fn(v)
         if isinstance(v, tuple):
             return tuple(sel(x) for x in v)
         return v
 
     return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
+
+
+def _select_relax(r: Relaxation, bidx: Tensor) -> Relaxation:
+    """``r`` at the batch elements ``bidx`` (one per row of a virtual batch)."""
+    return _map_batch(r, lambda v: v[bidx])
 
 
 def _max_width(graph: BoundGraph, start: str) -> int:
@@ -728,16 +735,6 @@ class _BatchSlice:
         return s.select(slice(self.b0, self.b1)) if s.batch_size == self.B else s
 
 
-def _slice_relaxation(part: _BatchSlice, r: Relaxation) -> Relaxation:
-    """``r`` (fields ``[B, *shape]``, as :func:`_select_relax` assumes) for the batch slice ``part``."""
-    def sel(v):
-        if isinstance(v, tuple):
-            return tuple(sel(x) for x in v)
-        return part.dim0(v)
-
-    return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
-
-
 def _sliced(d: dict[str, Tensor] | None, part: _BatchSlice | None, dim: int) -> dict[str, Tensor] | None:
     """``d``'s tensors sliced along their batch dimension ``dim`` (0 or 1), or ``d`` itself
     without a slice."""
@@ -781,7 +778,7 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
             if part is None:
                 rel, x_part, w_part = relax, input_set, weights
             else:
-                rel = {k: _slice_relaxation(part, r) for k, r in relax.items()}
+                rel = {k: _map_batch(r, part.dim0) for k, r in relax.items()}
                 x_part = part.input_set(input_set)
                 w_part = None if weights is None else {k: part.dim0(w) for k, w in weights.items()}
             cols.append(backward(graph, out, At[s0:s1, b0:b1], rel, x_part, _sliced(alphas_s, part, 1), w_part,
