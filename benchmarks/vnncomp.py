@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/vnncomp_<benchmark>.csv")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--option", action="append", default=[], metavar="K=V", help="an option of method bab (repeatable), e.g. refine_layers=0")
+    ap.add_argument("--device", default="cpu", help="where the bounds are computed: cpu (default), cuda, ...")
     args = ap.parse_args()
     from verify.cli import parse_options
 
@@ -53,7 +54,7 @@ def main() -> int:
     claims = sh / "benchmarks" / "vnncomp2021_instance_claims.csv"
     rows = run_benchmark(folder, out=out, timeout_scale=args.timeout_scale, limit=args.limit, resume=args.resume,
                          claims=claims if args.year == "2021" and claims.is_file() else None, select=args.select,
-                         options=options)
+                         options=options, device=args.device)
     s = summarize_rows(rows)
     print(format_summary(s))
     print(f"results: {out}")

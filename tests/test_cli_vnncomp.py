@@ -24,3 +24,15 @@ def test_vnncomp_takes_the_common_options(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err == "certify: error: --threads must be >= 1, got 0"
+
+
+def test_vnncomp_device_not_available_is_a_one_line_error(tmp_path, capsys):
+    """``--device`` names where the bounds run; one that this machine lacks is refused up front."""
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        return
+    code = main(["vnncomp", str(tmp_path), "--device", "cuda:7", "-q"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("certify: error: device 'cuda:7' requested")

@@ -358,3 +358,37 @@ def test_ranking_passes_drop_only_the_allowance_and_never_serve_a_bound():
     crown(g, x, C, intermediate=boxes, fixed=fixed, rigorous=False)
     with pytest.raises(ValueError, match="rigorous"):
         crown(g, x, C, intermediate=boxes, fixed=fixed)
+
+
+def test_methods_run_with_tf32_off_and_the_settings_come_back():
+    """On CUDA, float32 products and convolutions may run in TF32 (round-off 2^-11): every method
+    runs inside ``ieee_float32``, which turns TF32 off and restores the user's settings, also
+    after an exception. (The numbers on a GPU: tests/test_cuda.py.)"""
+    import verify
+    from verify.precision import ieee_float32
+
+    mm, cv = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (mm.allow_tf32, cv.allow_tf32)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append((mm.allow_tf32, cv.allow_tf32))
+            return self.lin(x)
+
+    try:
+        mm.allow_tf32, cv.allow_tf32 = True, True
+        verify.certify(Spy(), torch.rand(2, 4), 0, "crown", eps=0.01)
+        assert seen and all(s == (False, False) for s in seen)
+        assert (mm.allow_tf32, cv.allow_tf32) == (True, True)
+        with pytest.raises(RuntimeError):
+            with ieee_float32():
+                assert (mm.allow_tf32, cv.allow_tf32) == (False, False)
+                raise RuntimeError("inside")
+        assert (mm.allow_tf32, cv.allow_tf32) == (True, True)
+    finally:
+        mm.allow_tf32, cv.allow_tf32 = before

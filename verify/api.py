@@ -63,6 +63,17 @@ def certify(
     Returns:
         A :class:`CertificateTable` with one Certificate per input, ``index`` = position.
     """
+    from .precision import ieee_float32
+
+    with ieee_float32():  # the engines' round-off allowances assume IEEE float32 on CUDA too
+        return _certify(model, inputs, prop, method, eps=eps, norm=norm, domain=domain, find_radius=find_radius,
+                        max_radius=max_radius, timeout=timeout, batch_size=batch_size, device=device, dtype=dtype,
+                        method_options=method_options, options=options)
+
+
+def _certify(model, inputs, prop, method, *, eps, norm, domain, find_radius, max_radius, timeout, batch_size, device, dtype,
+             method_options, options) -> CertificateTable:
+    """:func:`certify` with TF32 already off."""
     from .model import load_model  # local: keeps `import verify.api` light
 
     t_entry = time.perf_counter()  # set-up (method modules, model loading) is inside the budget

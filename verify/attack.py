@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .precision import ieee_float32
 from .spec import Box, InputSet, LinearSpec, LpBall, SpecError
 
 __all__ = [
@@ -174,7 +175,7 @@ def own_dtype_margins(
     out = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
     s64 = spec.to(dtype=torch.float64)
     idx = range(x.shape[0]) if which is None else which.nonzero().flatten().tolist()
-    with torch.no_grad():
+    with torch.no_grad(), ieee_float32():
         for b in idx:
             y = _forward(model, x[b : b + 1].detach().to(device=dev, dtype=dtype)).double().cpu()
             out[b] = s64.select([b]).to(device="cpu").violation_margin(y)[0]

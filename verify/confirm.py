@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .precision import ieee_float32
+
 __all__ = ["VNNCOMP_ATOL", "VNNCOMP_RTOL", "Runner", "onnx_runner", "torch_runner", "Confirmation", "project_into_box", "confirm"]
 
 #: VNN-COMP checker: absolute tolerance on the input box and on the violated property
@@ -82,7 +84,7 @@ def torch_runner(net: torch.nn.Module, input_shape: tuple[int, ...]) -> Runner:
     dev = next((t.device for t in net.parameters()), torch.device("cpu"))
 
     def fn(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32():
             y = net(torch.from_numpy(np.asarray(x)).to(device=dev, dtype=dt).reshape(1, *input_shape))
         return y.detach().to("cpu", torch.float64).reshape(1, -1).numpy()
 

@@ -39,6 +39,7 @@ import torch
 
 from .confirm import Confirmation, Runner, confirm, onnx_runner, torch_runner
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
+from .precision import ieee_float32
 from .vnnlib import VnnlibTimeout
 
 __all__ = [
@@ -313,17 +314,8 @@ def run_instance(
     t0 = time.perf_counter()
     deadline = None if timeout is None else t0 + timeout
     try:
-        try:
-            net, props, runner = _prepare(model, vnnlib, device, deadline)
-        except IntegerInputsNeeded as e:  # not one static graph: one per integer value of some inputs
-            if not _is_onnx(model):
-                raise
-            from .integer_inputs import decide_by_cases
-
-            return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0,
-                                   needed=e, on_box=on_box)
-        return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0,
-                      on_box=on_box)
+        with ieee_float32():  # see verify.precision: every bound and forward pass in IEEE float32 on CUDA
+            return _run_instance(model, vnnlib, method, options, device, deadline, t0, on_box)
     except VnnlibTimeout:  # the file was not read in time
         return InstanceResult("timeout", time.perf_counter() - t0, stage="read",
                               detail="the VNN-LIB file was not read within the time budget")
@@ -333,6 +325,22 @@ def run_instance(
         if raise_errors:
             raise
         return InstanceResult("error", time.perf_counter() - t0, detail=" ".join(f"{type(e).__name__}: {e}".split())[:300])
+
+
+def _run_instance(model: Any, vnnlib: Any, method: str, options: dict | None, device: str, deadline: float | None, t0: float,
+                  on_box: Callable[[Any], None] | None) -> InstanceResult:
+    """:func:`run_instance` past its set-up: load, then decide (the caller maps errors to answers)."""
+    try:
+        net, props, runner = _prepare(model, vnnlib, device, deadline)
+    except IntegerInputsNeeded as e:  # not one static graph: one per integer value of some inputs
+        if not _is_onnx(model):
+            raise
+        from .integer_inputs import decide_by_cases
+
+        return decide_by_cases(model, vnnlib, method=method, options=options, deadline=deadline, device=device, t0=t0,
+                               needed=e, on_box=on_box)
+    return decide(net, props, runner, method=method, options=options, deadline=deadline, device=device, t0=t0,
+                  on_box=on_box)
 
 
 # ----------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ def run_benchmark(
     options: dict | None = None,
     progress: bool = True,
     threads: int = 1,
+    device: str = "cpu",
 ) -> list[dict]:
     """Run every instance of a benchmark, appending a row to ``out`` after each one.
 
@@ -147,6 +148,7 @@ def run_benchmark(
         claims: published per-instance claims CSV to compare with.
         select: keep only instances whose ``onnx,vnnlib`` names contain this substring.
         options: options of the ``bab`` method.
+        device: where the bounds are computed (``cpu``, ``cuda``, ``cuda:1``).
 
     Returns:
         The rows written in this run (dicts keyed by :data:`CSV_COLUMNS`).
@@ -171,7 +173,8 @@ def run_benchmark(
             f.flush()
         bar = tqdm(rows, desc=bench, unit="inst", file=sys.stderr, disable=not progress)
         for onnx, vnnlib, to in bar:
-            row, res = _run_row(bench, out, onnx, vnnlib, to * timeout_scale, claim_of.get(_key(onnx, vnnlib), ""), options, threads)
+            row, res = _run_row(bench, out, onnx, vnnlib, to * timeout_scale, claim_of.get(_key(onnx, vnnlib), ""), options, threads,
+                               device)
             w.writerow(row)
             f.flush()
             os.fsync(f.fileno())
@@ -201,11 +204,11 @@ def _instances_to_run(csv_path: Path, out: Path, *, select: str | None, resume: 
 
 
 def _run_row(bench: str, out: Path, onnx: str, vnnlib: str, timeout: float, claim: str, options: dict | None,
-             threads: int) -> tuple[dict, InstanceResult]:
+             threads: int, device: str = "cpu") -> tuple[dict, InstanceResult]:
     """Run one instance (an exception becomes an ``error`` result): its CSV row (keyed by
     :data:`CSV_COLUMNS`) and result; a ``sat`` answer's result file is written next to ``out``."""
     try:
-        res = run_instance(onnx, vnnlib, timeout, options=options, threads=threads)
+        res = run_instance(onnx, vnnlib, timeout, options=options, threads=threads, device=device)
     except Exception as e:  # never let one instance end the run
         res = InstanceResult("error", 0.0, detail=f"{type(e).__name__}: {e} | {traceback.format_exc(limit=2)[-200:]}")
     row = {
@@ -268,6 +271,7 @@ def add_vnncomp_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentPars
     p.add_argument("--resume", action="store_true", help="skip instances already in --out")
     p.add_argument("--select", default=None, help="only instances whose 'onnx,vnnlib' names contain this text")
     p.add_argument("--claims", default=None, help="published per-instance claims CSV to compare with")
+    p.add_argument("--device", default="cpu", help="where the bounds are computed: cpu (default), cuda, cuda:1, ...")
     if not parents:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
         p.add_argument("--threads", type=int, default=1, help="torch threads per instance (default 1)")
@@ -283,9 +287,18 @@ def run_vnncomp_command(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print(f"certify: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
+    from .errors import ModelLoadError
+    from .model import check_device
+
+    try:
+        check_device(args.device)
+    except ModelLoadError as e:
+        print(f"certify: error: {e}", file=sys.stderr)
+        return 2
     try:
         rows = run_benchmark(args.path, out=args.out, timeout_scale=args.timeout_scale, limit=args.limit, resume=args.resume,
-                             claims=args.claims, select=args.select, progress=not args.quiet, threads=args.threads)
+                             claims=args.claims, select=args.select, progress=not args.quiet, threads=args.threads,
+                             device=args.device)
     except (FileNotFoundError, FileExistsError) as e:
         print(f"certify: error: {e}", file=sys.stderr)
         return 2
