@@ -118,7 +118,7 @@ def project_into(inputs: InputSet, x: Tensor) -> Tensor:
     (``c -/+ eps`` computed in float64, then the domain), pulled towards the centre of an l_1 /
     l_2 ball that it leaves (then clamped into the domain, which holds the centre). Points
     inside stay where they are (up to the float64 conversion)."""
-    x = x.detach().double()
+    x = x.detach().double().to(inputs.bounds()[0].device)
     if isinstance(inputs, Box):
         return torch.minimum(torch.maximum(x, inputs.lo.double()), inputs.hi.double())
     assert isinstance(inputs, LpBall)
@@ -126,9 +126,9 @@ def project_into(inputs: InputSet, x: Tensor) -> Tensor:
     eps = inputs.eps.double().view(-1, *([1] * (c.dim() - 1)))
     lo, hi = c - eps, c + eps
     if inputs.domain_lo is not None:
-        lo = torch.maximum(lo, torch.as_tensor(inputs.domain_lo, dtype=torch.float64).expand_as(c))
+        lo = torch.maximum(lo, torch.as_tensor(inputs.domain_lo, dtype=torch.float64, device=c.device).expand_as(c))
     if inputs.domain_hi is not None:
-        hi = torch.minimum(hi, torch.as_tensor(inputs.domain_hi, dtype=torch.float64).expand_as(c))
+        hi = torch.minimum(hi, torch.as_tensor(inputs.domain_hi, dtype=torch.float64, device=c.device).expand_as(c))
     if not math.isinf(inputs.p):
         d = (x - c).flatten(1)
         n = d.norm(p=inputs.p, dim=1).view_as(eps)
@@ -139,11 +139,13 @@ def project_into(inputs: InputSet, x: Tensor) -> Tensor:
 
 def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(inside [B] bool, margin [B] float64)`` of points ``x [B, *shape]`` (membership in float64)."""
-    inside = inputs.to(dtype=torch.float64).contains(x.detach().double(), tol=_contains_tol(inputs))
+    set_dev = inputs.bounds()[0].device
+    inside = inputs.to(dtype=torch.float64).contains(x.detach().double().to(set_dev), tol=_contains_tol(inputs))
+    dev = next((t.device for t in list(model64.parameters()) + list(model64.buffers())), x.device)
     with torch.no_grad():
-        y = _forward(model64, x.detach().double())
-    margin = spec.to(dtype=torch.float64).violation_margin(y)
-    return inside, margin
+        y = _forward(model64, x.detach().double().to(dev))
+    margin = spec.to(device=y.device, dtype=torch.float64).violation_margin(y)
+    return inside, margin.to(inside.device)
 
 
 def confirm_counterexample(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> Tensor:
@@ -160,7 +162,7 @@ def confirm_counterexample(model: torch.nn.Module, inputs: InputSet, spec: Linea
     ok = inside & (margin <= 0)
     if bool(ok.any()):
         own = own_dtype_margins(model, spec, x, ok)
-        ok = ok & (own <= 0)
+        ok = ok & (own.to(ok.device) <= 0)
     return ok
 
 

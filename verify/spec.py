@@ -465,7 +465,7 @@ class LinearSpec:
 
     def values(self, y: Tensor) -> Tensor:
         """Row values ``C y + d`` for outputs ``y [B, K]`` (or ``[S, B, K]``) -> ``[B, N]`` (``[S, B, N]``)."""
-        return torch.einsum("bnk,...bk->...bn", self.C.to(y.dtype), y) + self.d.to(y.dtype)
+        return torch.einsum("bnk,...bk->...bn", self.C.to(y), y) + self.d.to(y)
 
     def group_max(self, rows: Tensor) -> Tensor:
         """Max over the rows of each group: ``[..., N] -> [..., G]``."""

@@ -184,10 +184,10 @@ def pgd_train_attack(net: nn.Module, x: Tensor, y: Tensor, eps: float, norm: flo
     B = x.shape[0]
     view = (B,) + (1,) * (x.dim() - 1)
     if math.isinf(norm):
-        start = (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * eps
+        start = ((2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1) * eps).to(x.device)
     else:
-        d = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-        u = torch.rand(B, generator=gen, dtype=x.dtype) ** (1.0 / x[0].numel())
+        d = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        u = (torch.rand(B, generator=gen, dtype=x.dtype) ** (1.0 / x[0].numel())).to(x.device)
         start = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(view) * (eps * u).view(view)
     xa = _project(x, x + start, eps, norm, domain)
     alpha = 2.5 * eps / steps
@@ -220,7 +220,7 @@ def _batch_loss(net: nn.Module, cfg: TrainConfig, xb: Tensor, yb: Tensor, gen: t
     m = cfg.method
     eps_t, kappa, beta = schedule(cfg, progress)
     if m == "noise":
-        xb = xb + cfg.sigma * torch.randn(xb.shape, generator=gen)
+        xb = xb + cfg.sigma * torch.randn(xb.shape, generator=gen).to(xb)
     elif m == "smoothadv":
         return _smoothadv_loss(net, cfg, xb, yb, gen, eps_t)
     elif m == "pgd" and eps_t > 0:
@@ -246,7 +246,7 @@ def _smoothadv_loss(net: nn.Module, cfg: TrainConfig, xb: Tensor, yb: Tensor, ge
     from smoothing.training import smoothadv_attack
 
     k, B = cfg.noise_samples, xb.shape[0]
-    delta = cfg.sigma * torch.randn((k, *xb.shape), generator=gen)
+    delta = cfg.sigma * torch.randn((k, *xb.shape), generator=gen).to(xb)
     if eps_t > 0:
         net.eval()
         xb = smoothadv_attack(net, xb, yb, delta, eps_t, cfg.attack_steps, cfg.domain)
@@ -255,10 +255,12 @@ def _smoothadv_loss(net: nn.Module, cfg: TrainConfig, xb: Tensor, yb: Tensor, ge
     return F.cross_entropy(logits, yb.repeat(k)), logits
 
 
-def train_model(net: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *, progress: bool = False) -> dict[str, list[float]]:
+def train_model(net: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *, progress: bool = False,
+                device: torch.device | str = "cpu") -> dict[str, list[float]]:
     """Train ``net`` in place on ``(x [N, *shape], y [N])`` with ``cfg.method`` (module docstring).
 
-    Runs on the CPU (the batch order, noise and attack starts come from a CPU generator).
+    Runs on ``device`` (``net`` is moved there; the batch order, noise and attack starts come
+    from a seeded CPU generator, so that a run repeats on any device up to the device's sums).
     Certified methods need an MLP chain (:func:`verify.train_bounds.mlp_layers`). ``progress``:
     a tqdm bar over the steps on stderr. Returns ``{"loss", "accuracy", "time_s"}`` per epoch
     (mean batch loss, accuracy of the logits trained on); ``net`` is left in eval mode.
@@ -267,6 +269,8 @@ def train_model(net: nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, *, progr
     if cfg.method in _CERTIFIED:
         mlp_layers(net)
     gen = torch.Generator().manual_seed(cfg.seed)
+    net.to(device)
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(y) / cfg.batch_size)
     hist: dict[str, list[float]] = {"loss": [], "accuracy": [], "time_s": []}

@@ -49,6 +49,7 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentP
     s.add_argument("--warmup-epochs", type=int, help="epochs of clean training before the radius ramp (default 10%% of --epochs)")
     s.add_argument("--ramp-epochs", type=int, help="epochs over which eps grows 0 -> --eps (default 50%% of --epochs)")
     s.add_argument("--kappa-end", type=float, default=d.kappa_end, help="ibp / crown-ibp: final weight of the clean loss (default 0.5)")
+    s.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda, cuda:1, ... (the saved model is on the CPU)")
     s.add_argument("--out", default="model.pt", help="output model file, .pt or .pth (default model.pt)")
     s.set_defaults(func=cmd_train)
     return s
@@ -118,14 +119,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import build_mlp, train_model
 
+    from .model import check_device
+
     _flag_values(args)
     cfg = _config(args)
+    device = check_device(args.device)
     hidden = _hidden(args.hidden)
     data, x, y, test, xt, yt = _load(args)
     classes = max(int(y.max()) + 1, 2 if yt is None else int(yt.max()) + 1)
     net = build_mlp(tuple(x.shape[1:]), classes, hidden, seed=cfg.seed)
     t0 = time.perf_counter()
-    hist = train_model(net, x, y, cfg, progress=not args.quiet)
+    hist = train_model(net, x, y, cfg, progress=not args.quiet, device=device)
+    net.cpu()
     sizes = "-".join(str(s) for s in [math.prod(x.shape[1:]), *hidden, classes])
     print(f"trained {cfg.method} mlp {sizes} on {len(y)} inputs of {data}: {cfg.epochs} epochs in "
           f"{time.perf_counter() - t0:.1f} s, last epoch loss {hist['loss'][-1]:.4f}")

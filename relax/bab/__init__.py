@@ -57,8 +57,8 @@ class RowSpec:
 
     def group_max(self, rows: Tensor) -> Tensor:
         """``[..., N] -> [..., G]``: max of the rows of each group."""
-        out = torch.full((*rows.shape[:-1], self.num_groups), -math.inf, dtype=rows.dtype)
-        return out.scatter_reduce(-1, self.groups.expand_as(rows), rows, reduce="amax")
+        out = torch.full((*rows.shape[:-1], self.num_groups), -math.inf, dtype=rows.dtype, device=rows.device)
+        return out.scatter_reduce(-1, self.groups.to(rows.device).expand_as(rows), rows, reduce="amax")
 
     def margin(self, rows: Tensor) -> Tensor:
         """``[..., N] -> [...]``: min over groups of the group max (> 0 iff it holds)."""
@@ -93,5 +93,5 @@ class RowSpec:
             for c in combos:
                 C.append(self.C[c].mean(0, keepdim=True))
                 d.append(self.d[c].mean(0, keepdim=True))
-                g.append(torch.tensor([grp]))
+                g.append(torch.tensor([grp], device=self.groups.device))
         return RowSpec(torch.cat(C), torch.cat(d), torch.cat(g))

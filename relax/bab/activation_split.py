@@ -139,7 +139,7 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
         D = next(iter(ivals.values()))[0].shape[0]
     shapes = {p: graph.shape(p) for p in root}
     boxes = _split_boxes(root, splits, shapes, ivals)
-    infeasible = torch.zeros(D, dtype=torch.bool)
+    infeasible = torch.zeros(D, dtype=torch.bool, device=graph.device)
     for l, h in boxes.values():
         infeasible |= (l > h).reshape(l.shape[0], -1).any(1).expand(D)
     boxes = {p: (l.expand(D, *l.shape[1:]), h.expand(D, *h.shape[1:])) for p, (l, h) in boxes.items()}
@@ -148,7 +148,7 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
     t_boxes = time.perf_counter()
     if recompute:
         with torch.no_grad():
-            x_all = inputs.select(torch.zeros(D, dtype=torch.long))  # per-domain rows need the set per domain
+            x_all = inputs.select(torch.zeros(D, dtype=torch.long, device=graph.device))  # per-domain rows need the set per domain
             boxes = crown(graph, x_all, None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
                           deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
         for l, h in boxes.values():
@@ -184,7 +184,7 @@ def _start_multipliers(splits: dict[str, Tensor], betas0: dict[str, Tensor] | No
     for p, sp in splits.items():
         if not bool((sp != 0).any()):
             continue
-        b = betas0[p].to(dt).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=dt)
+        b = betas0[p].to(dt).transpose(0, 1) if betas0 is not None and p in betas0 else torch.zeros(N, D, sp.shape[1], dtype=dt, device=sp.device)
         betas[p] = (b * (sp != 0).unsqueeze(0)).clone().requires_grad_(True)
     return betas
 
@@ -332,7 +332,7 @@ def bound_domains(
     record: dict[str, Tensor | None] = {r: None for r, _ in relu_inputs(graph) + interval_inputs(graph)}
     record[graph.input_name] = None
     if time.perf_counter() >= deadline:  # the boxes took the budget: vacuous bounds, no more passes
-        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype), infeasible, record, exact.boxes,
+        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device), infeasible, record, exact.boxes,
                             *_domain_major(alphas, betas, N, D), boxes_s)
     fixed: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
     best, best_a, best_b = _ascend(lagrangian, ps, alphas, betas, fixed, record, steps=steps, lr_alpha=lr_alpha,
@@ -413,9 +413,9 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     weight = _unproved_rows(db, rs)
     if scores is None:
         scores = relu_scores(graph, db, splits, rs, weight)
-    best_score = torch.full((D,), -1.0, dtype=torch.float64)
+    best_score = torch.full((D,), -1.0, dtype=torch.float64, device=graph.device)
     best_node: list[str | None] = [None] * D
-    best_idx = torch.zeros(D, dtype=torch.long)
+    best_idx = torch.zeros(D, dtype=torch.long, device=graph.device)
     for p, score in scores.items():
         sc, idx = score.max(1)
         better = sc > best_score
@@ -423,7 +423,7 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
         best_idx = torch.where(better, idx, best_idx)
         for dd in better.nonzero().flatten().tolist():
             best_node[dd] = p
-    best_t = torch.full((D,), math.nan, dtype=torch.float64)
+    best_t = torch.full((D,), math.nan, dtype=torch.float64, device=graph.device)
     for a, p in interval_inputs(graph):
         l, h = db.boxes[p]
         l, h = l.reshape(D, -1).double(), h.reshape(D, -1).double()
@@ -441,7 +441,7 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
             gap = torch.maximum(dw * l + db_, dw * h + db_).clamp_min(0)
             score = Aa.abs().sum(0) * gap
         else:
-            a_mean = torch.zeros(D, 1, dtype=torch.float64) if Aa is None else Aa.abs().sum(0).mean(1, keepdim=True)
+            a_mean = torch.zeros(D, 1, dtype=torch.float64, device=graph.device) if Aa is None else Aa.abs().sum(0).mean(1, keepdim=True)
             score = a_mean * width
         score = torch.where(splittable, score + 1e-12 * width, torch.full_like(score, -1.0))
         sc, idx = score.max(1)
@@ -486,7 +486,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
         scores = relu_scores(graph, db, splits, rs)
     if len(sel) > per_pass:  # the children of one pass stay as many as a round's
         for start in range(0, len(sel), per_pass):
-            choice = _filtered_smart_branch(graph, inputs, rs, db, splits, choice, torch.tensor(sel[start:start + per_pass]),
+            choice = _filtered_smart_branch(graph, inputs, rs, db, splits, choice, torch.tensor(sel[start:start + per_pass], device=graph.device),
                                             candidates, deadline, scores, fast)
         return choice
     if not sel or not scores or candidates < 2 or time.perf_counter() >= deadline:
@@ -497,7 +497,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     k = min(candidates, flat.shape[1])
     top_s, top_i = flat.topk(k, dim=1)  # [S, k]
     S = len(sel)
-    rep = torch.tensor(sel).repeat_interleave(2 * k)  # child j of domain s at s * 2k + j
+    rep = torch.tensor(sel, device=graph.device).repeat_interleave(2 * k)  # child j of domain s at s * 2k + j
     child_splits = {p: splits[p][rep].clone() for p in splits}
     which = torch.searchsorted(offsets, top_i, right=True) - 1  # [S, k]: candidate's node in names
     neuron = top_i - offsets[which]  # [S, k]: its neuron there
@@ -580,7 +580,8 @@ def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
         else:
             i = A.abs().argmax(1)
             x = c.expand_as(A).clone()
-            x[torch.arange(A.shape[0]), i] -= eps * A[torch.arange(A.shape[0]), i].sign()
+            rows = torch.arange(A.shape[0], device=A.device)
+            x[rows, i] -= eps * A[rows, i].sign()
         return torch.minimum(torch.maximum(x, lo), hi).reshape(-1, *graph.input_shape)
     return torch.where(A > 0, lo, hi).reshape(-1, *graph.input_shape)
 
@@ -603,7 +604,7 @@ class _DomainStore:
         """The entries ``idx`` (distinct), removed from the store."""
         out = {k: v[idx] for k, v in self.buf.items()}
         k, n = idx.numel(), self.n
-        gone = torch.zeros(n, dtype=torch.bool)
+        gone = torch.zeros(n, dtype=torch.bool, device=idx.device)
         gone[idx] = True
         holes = idx[idx < n - k]
         movers = (n - k) + (~gone[n - k:]).nonzero().flatten()
@@ -669,7 +670,7 @@ class _ReluSearch:
 
     def code(self, ns: list[str | None]) -> Tensor:
         """``[D]``: the index in ``names`` of each domain's next split node (-1: none)."""
-        return torch.tensor([-1 if n is None else self.names.index(n) for n in ns], dtype=torch.long)
+        return torch.tensor([-1 if n is None else self.names.index(n) for n in ns], dtype=torch.long, device=self.graph.device)
 
     def entries(self, splits: dict[str, Tensor], ivals: dict[str, tuple[Tensor, Tensor]], alphas: dict[str, Tensor],
                 betas: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]], low: Tensor, rows: Tensor,
@@ -714,8 +715,10 @@ class _ReluSearch:
     def start(self, root_alphas: dict[str, Tensor] | None, max_domains: int, batch_size: int) -> BabResult | _DomainStore:
         """Bound the root domain: its result when that decides, else the store with it."""
         sizes, N = self.sizes, self.N
-        splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8) for p in self.nodes}
-        ivals = {p: (torch.full((1, sizes[p]), -math.inf, dtype=torch.float64), torch.full((1, sizes[p]), math.inf, dtype=torch.float64))
+        dev = self.graph.device
+        splits = {p: torch.zeros(1, sizes[p], dtype=torch.int8, device=dev) for p in self.nodes}
+        ivals = {p: (torch.full((1, sizes[p]), -math.inf, dtype=torch.float64, device=dev),
+                     torch.full((1, sizes[p]), math.inf, dtype=torch.float64, device=dev))
                  for p in self.inodes}
         alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
         db = bound_domains(self.graph, self.inputs, self.rs, self.root, splits, alphas0=alphas0, steps=0, deadline=self.deadline,
@@ -728,13 +731,13 @@ class _ReluSearch:
         x = self.falsify(_corners(self.graph, self.inputs, db))
         if x is not None:
             return self.result("falsified", "counterexample", -math.inf, x)
-        choice = self.choose(db, splits, torch.zeros(1, dtype=torch.long))
+        choice = self.choose(db, splits, torch.zeros(1, dtype=torch.long, device=dev))
         if choice[0][0] is None:  # nothing to split at the root
             status, x = self.settle_leaf(splits, db, 0)
             if status == "falsified":
                 return self.result("falsified", "counterexample", -math.inf, x)
             return self.result("certified", "proved", self.margin) if status == "proved" else self.result("unknown", "exhausted", float(m[0]))
-        return _DomainStore(self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p]) for p in self.nodes}, db.boxes,
+        return _DomainStore(self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p], device=dev) for p in self.nodes}, db.boxes,
                                          m, db.rows, choice), max_n=max_domains + 2 * batch_size)
 
     def children(self, par: dict[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor],
@@ -786,7 +789,7 @@ class _ReluSearch:
         m = rs.margin(db.rows)
         open_ = ~db.infeasible & ~(m > self.margin)
         cnode, cidx, ct = self.choose(db, child, open_.nonzero().flatten())
-        leaf = torch.tensor([n is None for n in cnode]) & open_
+        leaf = torch.tensor([n is None for n in cnode], device=open_.device) & open_
         for j in leaf.nonzero().flatten().tolist():
             status, x = self.settle_leaf(child, db, j)
             if status == "falsified":
@@ -796,7 +799,7 @@ class _ReluSearch:
         open_ &= ~leaf
         sel = open_.nonzero().flatten()
         if sel.numel():
-            betas = {p: (db.betas[p][sel] if p in db.betas else torch.zeros(sel.numel(), N, self.sizes[p])) for p in self.nodes}
+            betas = {p: (db.betas[p][sel] if p in db.betas else torch.zeros(sel.numel(), N, self.sizes[p], device=sel.device)) for p in self.nodes}
             q.add(self.entries({p: child[p][sel] for p in self.nodes}, {p: (lo[sel], hi[sel]) for p, (lo, hi) in c_ivals.items()},
                                {r: a[sel] for r, a in db.alphas.items()}, betas,
                                {p: (lo[sel], hi[sel]) for p, (lo, hi) in db.boxes.items()}, m[sel], db.rows[sel],

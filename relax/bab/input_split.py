@@ -122,7 +122,7 @@ def _branch_dim(
     g_worst = gmax.argmin(-1)  # [B]
     in_group = spec.groups.unsqueeze(0) == g_worst.unsqueeze(1)  # [B, N]
     row = torch.where(in_group, lower, torch.full_like(lower, -math.inf)).argmax(-1)  # [B]
-    a = A[torch.arange(A.shape[0]), row]  # [B, n_0]
+    a = A[torch.arange(A.shape[0], device=A.device), row]  # [B, n_0]
     w = hi - lo
     smear = a.abs() * w
     rel = _rel_width(lo, hi, root_w)
@@ -154,7 +154,7 @@ def _split(
         cand = _branch_dim(spec, p_low, p_A, p_lo, p_hi, root_w, max_aspect=max_aspect).unsqueeze(0)  # [1, k]
     elif branching == "strong":
         if n0 <= 8:
-            cand = torch.arange(n0).unsqueeze(1).expand(n0, k)
+            cand = torch.arange(n0, device=p_lo.device).unsqueeze(1).expand(n0, k)
         else:
             sm = (p_A.abs().amax(1) * (p_hi - p_lo))
             top = sm.topk(min(3, n0), dim=1).indices.T
@@ -164,10 +164,10 @@ def _split(
     D = cand.shape[0]
     dims = cand.reshape(-1)  # [D*k]
     lo_r, hi_r = p_lo.repeat(D, 1), p_hi.repeat(D, 1)
-    mid = (lo_r[torch.arange(D * k), dims] + hi_r[torch.arange(D * k), dims]) / 2
+    j = torch.arange(D * k, device=lo_r.device)
+    mid = (lo_r[j, dims] + hi_r[j, dims]) / 2
     c_lo = torch.cat([lo_r, lo_r.clone()])
     c_hi = torch.cat([hi_r.clone(), hi_r])
-    j = torch.arange(D * k)
     c_hi[j, dims] = mid
     c_lo[D * k + j, dims] = mid
     c_prior = [(l.repeat(2 * D, 1), u.repeat(2 * D, 1)) for l, u in p_pre]
@@ -181,7 +181,8 @@ def _split(
         flat = ((p_hi - p_lo).T.gather(0, cand) <= 0) | (c_rel * max_aspect < rel.amax(1).unsqueeze(0))
         score = torch.where(flat, torch.full_like(score, -math.inf), score)
         best = score.argmax(0)  # [k]
-        pick = torch.cat([best * k + torch.arange(k), D * k + best * k + torch.arange(k)])
+        ks = torch.arange(k, device=best.device)
+        pick = torch.cat([best * k + ks, D * k + best * k + ks])
         c_lo, c_hi, lower, A = c_lo[pick], c_hi[pick], lower[pick], A[pick]
         pre = [(l[pick], u[pick]) for l, u in pre]
     return c_lo, c_hi, lower, A, pre

@@ -66,7 +66,7 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
         l = boxes[p][0].reshape(-1)
         s = split[p]
         masks[r] = ((s > 0) | ((s == 0) & (l >= 0))).to(graph.dtype)
-    X = torch.cat([torch.zeros(1, n_in, dtype=graph.dtype), torch.eye(n_in, dtype=graph.dtype)]).reshape(n_in + 1, *graph.input_shape)
+    X = torch.cat([torch.zeros(1, n_in, dtype=graph.dtype, device=graph.device), torch.eye(n_in, dtype=graph.dtype, device=graph.device)]).reshape(n_in + 1, *graph.input_shape)
     vals = {graph.input_name: X}
     with torch.no_grad():
         for n in graph.nodes:
@@ -76,23 +76,23 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
                 vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
     rows_A, rows_b, where = [], [], []
     for p, sp in split.items():
-        P = vals[p].reshape(n_in + 1, -1).double()
+        P = vals[p].reshape(n_in + 1, -1).double().cpu()
         for j in (sp != 0).nonzero().flatten().tolist():
             sj = float(sp[j])
             rows_A.append((-sj * (P[1:, j] - P[0, j])).numpy())
             rows_b.append(sj * float(P[0, j]))
             where.append((p, j))
-    Y = vals[graph.output].reshape(n_in + 1, -1).double()
-    lo, hi = (b.reshape(-1).double().numpy() for b in inputs.bounds())
+    Y = vals[graph.output].reshape(n_in + 1, -1).double().cpu()
+    lo, hi = (b.reshape(-1).double().cpu().numpy() for b in inputs.bounds())
     ball = None
     if isinstance(inputs, LpBall) and not math.isinf(inputs.p):
-        ball = (inputs.center.reshape(-1).double().numpy(), float(inputs.eps.reshape(-1)[0]), float(inputs.p))
+        ball = (inputs.center.reshape(-1).double().cpu().numpy(), float(inputs.eps.reshape(-1)[0]), float(inputs.p))
     A_ub = np.array(rows_A) if rows_A else None
     b_ub = np.array(rows_b) if rows_b else None
-    betas = {p: torch.zeros(rs.C.shape[0], sp.numel(), dtype=graph.dtype) for p, sp in split.items()}
+    betas = {p: torch.zeros(rs.C.shape[0], sp.numel(), dtype=graph.dtype) for p, sp in split.items()}  # CPU, moved at the end
     cands = []
     for i in range(rs.C.shape[0]):
-        c_row = rs.C[i].double()
+        c_row = rs.C[i].double().cpu()
         obj = ((Y[1:] - Y[0]) @ c_row).numpy()
         const = float(Y[0] @ c_row + rs.d[i])
         res = _solve_leaf(obj, A_ub, b_ub, lo, hi, ball, deadline=deadline)
@@ -112,8 +112,8 @@ def leaf_multipliers(graph: BoundGraph, inputs: InputSet, rs: RowSpec, split: di
             for (p, j), v in zip(where, res.lam):
                 betas[p][i, j] = float(v)
         if res.fun + const <= 0:
-            cands.append(torch.as_tensor(res.x, dtype=torch.float64))
-    return betas, cands
+            cands.append(torch.as_tensor(res.x, dtype=torch.float64, device=graph.device))
+    return {p: b.to(graph.device) for p, b in betas.items()}, cands
 
 
 @dataclass

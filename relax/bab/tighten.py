@@ -263,8 +263,8 @@ class _GraphRoot:
         from relax.bab.activation_split import bound_domains, relu_scores
 
         shapes, graph, rs = self.shapes, self.graph, self.rs
-        splits = {p: torch.zeros(1, math.prod(shapes[p]), dtype=torch.int8) for p in self.nodes}
+        splits = {p: torch.zeros(1, math.prod(shapes[p]), dtype=torch.int8, device=graph.device) for p in self.nodes}
         al = None if self.alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in self.alphas.items()}
         db = bound_domains(graph, self.x_set, rs, self.as_boxes(b), splits, alphas0=al, steps=0, recompute=False)
         sc = relu_scores(graph, db, splits, rs)
-        return [sc.get(p, torch.full((1, math.prod(shapes[p])), -1.0, dtype=torch.float64)) for p in self.nodes]
+        return [sc.get(p, torch.full((1, math.prod(shapes[p])), -1.0, dtype=torch.float64, device=graph.device)) for p in self.nodes]

@@ -702,7 +702,7 @@ def _attack_radius(model, x, spec, p, top, dl, dh, c) -> tuple[float, Tensor | N
     radii = [top * 2.0**-k for k in range(10, -1, -1)]
     for rnd in range(2):
         R = len(radii)
-        ball = LpBall(x.expand(R, *x.shape[1:]).clone(), torch.tensor(radii, dtype=x.dtype), p, dl, dh)
+        ball = LpBall(x.expand(R, *x.shape[1:]).clone(), torch.tensor(radii, dtype=x.dtype, device=x.device), p, dl, dh)
         specR = LinearSpec(spec.C.expand(R, -1, -1), spec.d.expand(R, -1), spec.groups)
         with _one_thread():
             res = pgd_attack(model, ball, specR, steps=40, restarts=2, seed=0)

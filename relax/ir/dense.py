@@ -150,6 +150,8 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
         if not input_shape:
             raise ValueError("to_feedforward: give input_shape (the model has no input_shape attribute)")
     graph = get_graph(model, tuple(input_shape), torch.float64)
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    device = torch.device("cpu") if first is None else first.device  # the graph's constants live there
     names = {n.name: _activation_name(n.op, n.name) for n in graph.nodes}  # refuse before any work
     layers: list[AffineLayer] = []
     acts: list[str] = []
@@ -159,18 +161,19 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
         if act is None:
             run.append(n)
             continue
-        layers.append(_dense_run(run, src, shape, n.inputs[0]))
+        layers.append(_dense_run(run, src, shape, n.inputs[0], device))
         acts.append(act)
         src, shape, run = n.name, n.shape, []
-    layers.append(_dense_run(run, src, shape, graph.output))
+    layers.append(_dense_run(run, src, shape, graph.output, device))
+    layers = [AffineLayer(L.W.cpu(), L.b.cpu(), L.out_shape) for L in layers]  # a view for the CPU solvers
     _check_affine_runs(graph, model, layers, acts, tuple(input_shape))
     return FeedForwardNet(tuple(input_shape), layers, acts)
 
 
-def _dense_run(run: list, src: str, shape: tuple[int, ...], out: str) -> AffineLayer:
+def _dense_run(run: list, src: str, shape: tuple[int, ...], out: str, device: torch.device) -> AffineLayer:
     """The affine map from ``src`` (``shape``) to ``out`` computed by the ops of ``run``: on the
     input basis (``W e_i = g(e_i) - g(0)``) when it is at most as wide as the output, else by
-    batched vector-Jacobian products of the output basis (the rows of ``W``)."""
+    batched vector-Jacobian products of the output basis (the rows of ``W``); on ``device``."""
 
     def g(z: Tensor) -> Tensor:
         env = {src: z}
@@ -187,15 +190,16 @@ def _dense_run(run: list, src: str, shape: tuple[int, ...], out: str) -> AffineL
     if len(run) == 1 and run[0].name == out and _is_dense(run[0].op) and len(shape) == 1:  # W itself
         W = run[0].op.W.to(torch.float64)
         b = run[0].op.b
-        return AffineLayer(W.clone(), torch.zeros(W.shape[0], dtype=torch.float64) if b is None else b.to(torch.float64).clone(),
+        return AffineLayer(W.clone(), torch.zeros(W.shape[0], dtype=torch.float64, device=W.device) if b is None
+                           else b.to(torch.float64).clone(),
                            tuple(run[0].shape))
     n_out = math.prod(next((n.shape for n in run if n.name == out), shape))
     if n_out >= math.prod(shape):
-        return _extract(g(_basis(shape)))
+        return _extract(g(_basis(shape).to(device)))
     with torch.enable_grad():
-        z = torch.zeros(1, *shape, dtype=torch.float64, requires_grad=True)
+        z = torch.zeros(1, *shape, dtype=torch.float64, device=device, requires_grad=True)
         y = g(z)
-        rows = torch.eye(n_out, dtype=torch.float64).reshape(n_out, 1, *y.shape[1:])
+        rows = torch.eye(n_out, dtype=torch.float64, device=device).reshape(n_out, 1, *y.shape[1:])
         (Wt,) = torch.autograd.grad(y, z, grad_outputs=rows, is_grads_batched=True)
     return AffineLayer(Wt.reshape(n_out, -1).contiguous(), y.detach().reshape(-1).clone(), tuple(y.shape[1:]))
 
@@ -231,10 +235,11 @@ def _check_affine_runs(graph, model: nn.Module, layers, acts, input_shape) -> No
     net = FeedForwardNet(input_shape, layers, acts)
     got = net.forward(x)
     p = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    dev = torch.device("cpu") if p is None else p.device
     with torch.no_grad():
-        checks = [graph.forward(x).reshape(4, -1)]
+        checks = [graph.forward(x.to(dev)).reshape(4, -1).cpu()]
         if p is not None and p.dtype == torch.float64:
-            checks.append(model(x).reshape(4, -1))
+            checks.append(model(x.to(dev)).reshape(4, -1).cpu())
     for ref in checks:
         rel = 1e-9
         err = (ref - got).abs().max().item()

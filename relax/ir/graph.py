@@ -56,6 +56,7 @@ class BoundGraph:
         nodes: variable nodes in topological order (the input is not among them).
         output: name of the output node (its shape is ``[K]``).
         dtype: dtype of the folded constants.
+        device: where the constants live (the model's device); passes run there.
     """
 
     input_name: str
@@ -63,6 +64,7 @@ class BoundGraph:
     nodes: list[BNode]
     output: str
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
     by_name: dict[str, BNode] = field(default_factory=dict)
     consumers: dict[str, list[str]] = field(default_factory=dict)
 
@@ -172,8 +174,16 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     if output_name == input_name:
         raise UnsupportedOperatorError("the graph output is its input")
     nodes, output_name = _flat_output(nodes, output_name)
-    g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype)
+    device = params[0].device if params else torch.device("cpu")
+    if device.type != "cpu":  # rules may create constants on the CPU: every op's on the model's device
+        nodes = [BNode(n.name, n.op.to_device(device), n.inputs, n.shape) for n in nodes]
+    g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype, device)
     return g
+
+
+def _device_of(values: dict[str, Any]) -> torch.device:
+    """The device of the recorded example values (the model's)."""
+    return next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
 
 
 def _example_values(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], params: list[Tensor]) -> dict[str, Any]:
@@ -232,6 +242,7 @@ def _bound_nodes(n: torch.fx.Node, gm: torch.fx.GraphModule, values: dict[str, A
         in_shapes={a.name: tuple(values[a.name].shape[1:]) for a in deps},
         dtype=dtype,
         desc=_node_desc(n, gm),
+        device=_device_of(values),
     )
     built = rule(ctx)
     if isinstance(built, _ops.Expansion):
@@ -284,10 +295,11 @@ def _version(model: torch.nn.Module) -> tuple:
 
 
 def get_graph(model: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> BoundGraph:
-    """:func:`build_graph`, cached per (model, input shape, dtype); rebuilt when a parameter
+    """:func:`build_graph`, cached per (model, input shape, dtype, device); rebuilt when a parameter
     or buffer of the model was modified in place (tensor version counters) or replaced."""
     per = _CACHE.setdefault(model, {})
-    key = (tuple(input_shape), dtype)
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    key = (tuple(input_shape), dtype, None if first is None else first.device)  # model.to(device) keeps the parameters' ids
     ver = _version(model)
     hit = per.get(key)
     if hit is not None and hit[0] == ver and hit[2] == model.training:

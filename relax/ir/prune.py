@@ -83,7 +83,7 @@ def prune_graph(graph: BoundGraph, keep: dict[str, Tensor]) -> BoundGraph:
         elif n.name in keep:
             shape = (int(keep[n.name].sum()),)
         nodes.append(BNode(n.name, op, list(n.inputs), shape))
-    return BoundGraph(graph.input_name, graph.input_shape, nodes, graph.output, graph.dtype)
+    return BoundGraph(graph.input_name, graph.input_shape, nodes, graph.output, graph.dtype, graph.device)
 
 
 def prune_boxes(graph: BoundGraph, keep: dict[str, Tensor], boxes: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:

@@ -344,7 +344,7 @@ def certified_radius(margin: Tensor, L: Tensor, groups: Tensor, safety: Tensor |
     r = torch.where(L > 0, m / L.clamp_min(1e-300), torch.where(m > 0, torch.full_like(m, math.inf), torch.zeros_like(m)))
     r = r.clamp_min(0.0)
     G = int(groups.max()) + 1 if groups.numel() else 0
-    out = torch.full((r.shape[0], G), -math.inf, dtype=r.dtype)
+    out = torch.full((r.shape[0], G), -math.inf, dtype=r.dtype, device=r.device)
     out = out.scatter_reduce(1, groups.to(r.device).expand_as(r), r, reduce="amax")
     rad = out.amin(dim=1) if G else torch.full((r.shape[0],), math.inf, dtype=r.dtype)
     return (rad * (1 - 1e-12)).clamp_min(0.0)
@@ -361,7 +361,8 @@ def dense_size(model: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> int
     from relax.ir.dense import _activation_of
 
     gm = model
-    x = torch.zeros(1, *input_shape, dtype=next(iter(gm.parameters()), torch.zeros(())).dtype)
+    p0 = next(iter(gm.parameters()), torch.zeros(()))
+    x = torch.zeros(1, *input_shape, dtype=p0.dtype, device=p0.device)
     sizes: dict[str, int] = {}
 
     class _Sizes(torch.fx.Interpreter):  # a plain run recording each node's per-example size

@@ -217,7 +217,7 @@ class _GraphModule(torch.nn.Module):
     def __init__(self, graph) -> None:
         super().__init__()
         self.graph = graph
-        self.register_buffer("_dtype_tag", torch.zeros((), dtype=graph.dtype))  # gives the attacks the module's dtype
+        self.register_buffer("_dtype_tag", torch.zeros((), dtype=graph.dtype, device=graph.device))  # gives the attacks the module's dtype
 
     def forward(self, x: Tensor) -> Tensor:
         return self.graph.forward(x.to(self.graph.dtype)).reshape(x.shape[0], -1)

@@ -472,7 +472,8 @@ def _deciding_rows(m: Tensor, L: Tensor, groups: Tensor, solved: Tensor) -> Tens
     each input's radius (the group with the smallest ``max_row m / L``)."""
     r = torch.where(m > 0, m / L.clamp_min(1e-300), torch.zeros_like(m))
     G = int(groups.max()) + 1
-    gval = torch.full((m.shape[0], G), -math.inf, dtype=r.dtype).scatter_reduce(1, groups.expand_as(r), r, reduce="amax")
+    groups = groups.to(r.device)
+    gval = torch.full((m.shape[0], G), -math.inf, dtype=r.dtype, device=r.device).scatter_reduce(1, groups.expand_as(r), r, reduce="amax")
     g_star = gval.argmin(dim=1)  # [B]
     in_g = groups.unsqueeze(0) == g_star.unsqueeze(1)  # [B, N]
     decided = gval.gather(1, g_star.unsqueeze(1)).squeeze(1) <= 0  # no positive row: radius 0 anyway

@@ -129,13 +129,13 @@ def b_select(ctx):
             raise ctx.fail("mixes the examples of a batch")
         return out[0]
 
-    pos = torch.arange(sum(sizes), dtype=torch.float64)
+    pos = torch.arange(sum(sizes), dtype=torch.float64, device=ctx.device)
     a, b = run(pos), run(pos + _PROBE_SHIFT)
     from_input = (b - a) == _PROBE_SHIFT
     index = torch.where(from_input, a, torch.zeros_like(a))
     bad = bool(((index != index.round()) | (index < 0) | (index >= sum(sizes))).any())
     if not bad:  # a third probe, shuffled: a selection must move its values the same way
-        shuffled = torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 3 + 0.5
+        shuffled = torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(0)).to(pos) * 3 + 0.5
         c = run(shuffled)
         bad = not torch.equal(torch.where(from_input, shuffled[index.long()], a), c)
     if bad:

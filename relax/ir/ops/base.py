@@ -16,6 +16,7 @@ Conventions (per example shapes ``*in``/``*out``, batch ``B``, spec rows ``S``):
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,8 +66,30 @@ class Op:
         the graph's dtype already)."""
         return self
 
+    def to_device(self, device: torch.device) -> "Op":
+        """A shallow copy whose tensors (attributes, and those inside lists, tuples, dicts and
+        nested ops) are on ``device``: the graph builder puts every op's constants on the
+        model's device, wherever a rule created them."""
+        new = copy.copy(self)
+        for k, v in vars(self).items():
+            setattr(new, k, _on_device(v, device))
+        return new
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _on_device(v: Any, device: torch.device) -> Any:
+    """``v`` with its tensors on ``device`` (containers and ops rebuilt, other values as they are)."""
+    if isinstance(v, Tensor):
+        return v.to(device)
+    if isinstance(v, Op):
+        return v.to_device(device)
+    if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+        return type(v)(_on_device(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _on_device(x, device) for k, x in v.items()}
+    return v
 
 
 @dataclass
@@ -129,6 +152,8 @@ class BuildContext:
     in_shapes: dict[str, tuple[int, ...]]
     dtype: torch.dtype
     desc: str
+    #: where the model's parameters live (build-time probes run there)
+    device: torch.device = torch.device("cpu")
 
     def is_var(self, a: Any) -> bool:
         return isinstance(a, torch.fx.Node) and a.name in self.variable
