@@ -328,3 +328,23 @@ def test_on_box_gets_each_box_as_it_is_decided(ulp_instance):
     seen: list = []
     res = run_instance(str(onnx_path), str(spec), 20, method="bab", on_box=lambda c: seen.append((c.index, c.details["vnncomp_result"])))
     assert res.result == "sat" and seen == [(c.index, c.details["vnncomp_result"]) for c in res.certificates] and seen[-1][1] == "sat"
+
+
+def test_competition_entry_takes_the_device_from_the_environment(ulp_instance, tmp_path, monkeypatch, capsys):
+    """``run_instance.sh`` has fixed arguments: ``$CERTIFY_DEVICE`` names the device; one this
+    machine lacks makes the answer ``error`` naming it (never a guess)."""
+    import torch
+
+    from verify.vnncomp import main
+
+    if torch.cuda.device_count() > 9:
+        return
+    onnx_path, spec = ulp_instance
+    monkeypatch.setenv("CERTIFY_DEVICE", "cuda:9")
+    out = tmp_path / "r.txt"
+    assert main(["instance", str(onnx_path), str(spec), str(out), "30"]) == 0
+    assert out.read_text().strip() == "error"
+    assert "cuda:9" in capsys.readouterr().out
+    monkeypatch.setenv("CERTIFY_DEVICE", "cpu")
+    assert main(["instance", str(onnx_path), str(spec), str(out), "30"]) == 0
+    assert out.read_text().startswith("sat")

@@ -314,7 +314,8 @@ def run_vnncomp_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m verify.vnncomp instance ONNX VNNLIB RESULT_FILE TIMEOUT`` or
+    """``python -m verify.vnncomp instance ONNX VNNLIB RESULT_FILE TIMEOUT`` (on ``$CERTIFY_DEVICE``,
+    default ``cpu``) or
     ``python -m verify.vnncomp run PATH [options]`` (same as ``certify vnncomp``)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "instance":
@@ -322,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: python -m verify.vnncomp instance ONNX VNNLIB RESULT_FILE TIMEOUT", file=sys.stderr)
             return 2
         onnx, vnnlib, result_file, timeout = argv[1:]
-        try:
-            res = run_instance(onnx, vnnlib, float(timeout))
+        try:  # the competition's scripts take fixed arguments: the device comes from the environment
+            res = run_instance(onnx, vnnlib, float(timeout), device=os.environ.get("CERTIFY_DEVICE", "cpu"))
         except Exception as e:
             res = InstanceResult("error", 0.0, detail=f"{type(e).__name__}: {e}")
         write_result_file(result_file, res)

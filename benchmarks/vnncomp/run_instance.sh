@@ -1,7 +1,8 @@
 #!/bin/bash
 # VNN-COMP interface: run_instance.sh v1 <category> <onnx> <vnnlib> <result_file> <timeout>
 # Writes sat/unsat/timeout/unknown/error on the result file's first line (and the
-# counterexample after sat). Runs the repository's venv python if there is one.
+# counterexample after sat). Runs the repository's venv python if there is one; CERTIFY_DEVICE=cuda
+# computes the bounds on the GPU (default cpu).
 set -u
 if [ "$#" -ne 6 ]; then
     echo "usage: $0 v1 <category> <onnx> <vnnlib> <result_file> <timeout>" >&2
