@@ -279,3 +279,27 @@ def test_one_crown_pass_stops_tightening_at_its_deadline():
     with torch.no_grad():
         ys = net(pts.reshape(-1, 8))
     assert (ys >= cut.lower - 1e-9).all()
+
+
+def test_beta_ascent_starts_no_step_it_cannot_finish():
+    """ReLU splitting's alpha / beta ascent predicts each step by the last one and keeps the
+    caller's exact pass (``reserve_s``) before the deadline: with 0.12 s steps and 0.3 s left it
+    stops after the steps that fit, never past the deadline (the old rule, no step started after
+    the deadline, ran a third one to 0.36 s)."""
+    from relax.bab.activation_split import _ascend
+
+    class SlowLagrangian:
+        N, D = 2, 3
+
+        def lower(self, ps, alphas, betas, fixed, record):
+            time.sleep(0.12)
+            return alphas["r"].sum(-1).t() * 1.0  # [D, N], differentiable in the slopes
+
+    alphas = {"r": torch.full((2, 3, 4), 0.5, requires_grad=True)}
+    for reserve, most in ((0.0, 0.3), (0.1, 0.3), (None, 0.3)):
+        t0 = time.perf_counter()
+        best, _, _ = _ascend(SlowLagrangian(), None, alphas, {}, {}, {}, steps=50, lr_alpha=0.1, lr_beta=0.1,
+                             deadline=t0 + 0.3, keep_params=True, reserve_s=reserve)
+        took = time.perf_counter() - t0
+        assert best.shape == (3, 2)
+        assert took <= most + 0.04, (reserve, took)

@@ -216,11 +216,13 @@ class _SplitLagrangian:
 
 def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
             record: dict[str, Tensor | None], *, steps: int, lr_alpha: float, lr_beta: float, deadline: float,
-            keep_params: bool) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+            keep_params: bool, reserve_s: float | None = 0.0) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     """Adam ascent of the bound on the slopes and multipliers (in place; no learning-rate decay:
     children go on from their parents' last iterate): ``steps`` updates, each followed by an
-    evaluation, none started after ``deadline``; the last evaluation fills ``record`` (the
-    branching scores use the last iterate's coefficients).
+    evaluation, none started unless it is expected to end before ``deadline`` with ``reserve_s``
+    seconds to spare (the last step's duration predicts the next; ``reserve_s``: the caller's pass
+    after the ascent, None: unknown, one step's duration); the last evaluation fills ``record`` (the branching scores use the last
+    iterate's coefficients).
 
     Returns:
         each row's best bound ``[D, N]`` over the evaluations and, with ``keep_params``, each
@@ -234,8 +236,10 @@ def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], 
     best: Tensor | None = None
     best_a: dict[str, Tensor] = {}  # set by the first evaluation (with keep_params)
     best_b: dict[str, Tensor] = {}
+    step_s = 0.0  # the last step's duration
     for i in range(n_steps + 1):
-        if i > 0 and time.perf_counter() >= deadline:
+        t_step = time.perf_counter()
+        if i > 0 and t_step + step_s + (step_s if reserve_s is None else reserve_s) >= deadline:
             break
         update = i < n_steps
         with torch.enable_grad() if update else torch.no_grad():
@@ -259,6 +263,7 @@ def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], 
             opt_a.step(grads[: len(alphas)])
             if opt_b is not None:
                 opt_b.step(grads[len(alphas):])
+        step_s = time.perf_counter() - t_step
     assert best is not None  # the first evaluation always runs
     return best, best_a, best_b
 
@@ -289,6 +294,7 @@ def bound_domains(
     fast: BoundGraph | None = None,
     settled: Sequence[str] = (),
     rigorous: bool = True,
+    exact_s: float = 0.0,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -315,6 +321,8 @@ def bound_domains(
         rigorous: False: ``rows`` without round-off allowance or interval bound, **not bounds
             of the network** (filtered smart branching's trials only rank candidates; the
             boxes and ``infeasible`` stay sound).
+        exact_s: with ``fast``, the expected seconds of the last pass on ``graph`` (a previous
+            round's :attr:`DomainBounds.exact_s`): the ascent leaves them before ``deadline``.
 
     Returns:
         :class:`DomainBounds`.
@@ -336,7 +344,14 @@ def bound_domains(
                             *_domain_major(alphas, betas, N, D), boxes_s)
     fixed: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
     best, best_a, best_b = _ascend(lagrangian, ps, alphas, betas, fixed, record, steps=steps, lr_alpha=lr_alpha,
-                                   lr_beta=lr_beta, deadline=deadline, keep_params=fast is not None)
+                                   lr_beta=lr_beta, deadline=deadline, keep_params=fast is not None,
+                                   reserve_s=(exact_s or None) if fast is not None else 0.0)
+    if time.perf_counter() >= deadline and (fast is not None or record[graph.input_name] is None):
+        # no time for the pass that gives sound bounds / the record: vacuous bounds, on time
+        # (a round past its deadline is discarded: ``_ReluSearch.round``)
+        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device), infeasible, record, exact.boxes,
+                            *_domain_major(alphas, betas, N, D), boxes_s)
+    t_exact = time.perf_counter()
     if fast is not None:  # the sound bound: each row's best parameters on the network itself
         with torch.no_grad():
             best = lagrangian.lower(exact, {r: a.to(graph.dtype) for r, a in best_a.items()},
@@ -346,7 +361,8 @@ def bound_domains(
         with torch.no_grad():
             lagrangian.lower(exact, alphas, betas, fixed, record)
     # children go on from the last iterate (Adam's progress), the proving bound uses each row's best
-    return DomainBounds(best, infeasible, record, exact.boxes, *_domain_major(alphas, betas, N, D), boxes_s)
+    return DomainBounds(best, infeasible, record, exact.boxes, *_domain_major(alphas, betas, N, D), boxes_s,
+                        time.perf_counter() - t_exact if fast is not None else 0.0)
 
 
 @dataclass
@@ -365,6 +381,7 @@ class DomainBounds:
     alphas: dict[str, Tensor]
     betas: dict[str, Tensor]
     boxes_s: float = 0.0  # seconds spent recomputing the boxes
+    exact_s: float = 0.0  # seconds of the last pass on the network itself (after optimising on ``fast``)
 
 
 def _unproved_rows(db: "DomainBounds", rs: RowSpec) -> Tensor:
@@ -619,10 +636,18 @@ class _DomainStore:
             cap = max(2 * (self.n + m), 64)
             if self.max_n is not None:
                 cap = max(self.n + m, min(cap, self.max_n))
-            self.buf = {k: torch.cat([v[: self.n], v.new_empty((cap - self.n, *v.shape[1:]))]) for k, v in self.buf.items()}
+            self.buf = {k: _grown(v, self.n, cap) for k, v in self.buf.items()}
         for k, v in fields.items():
             self.buf[k][self.n: self.n + m] = v
         self.n += m
+
+
+def _grown(v: Tensor, n: int, cap: int) -> Tensor:
+    """A buffer of ``cap`` entries holding ``v[:n]`` first; only those are copied (the rest stays
+    unwritten, so its pages are not touched until used)."""
+    out = v.new_empty((cap, *v.shape[1:]))
+    out[:n] = v[:n]
+    return out
 
 
 class _ReluSearch:
@@ -650,6 +675,7 @@ class _ReluSearch:
         self.bounded = 0
         self.worst_leaf = math.inf  # the smallest margin of a fully split domain left open
         self.queue_peak = 1  # the most open domains held at once (the root)
+        self.exact_per_domain = 0.0  # the last round's exact pass (:attr:`DomainBounds.exact_s`) per domain
         self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
 
     def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
@@ -777,14 +803,20 @@ class _ReluSearch:
         child, c_ivals, c_alphas, c_betas, c_boxes, settled = self.children(par, k)
         t_round = time.perf_counter()
         db = bound_domains(graph, self.inputs, rs, c_boxes, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
-                           deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled)
+                           deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled,
+                           exact_s=self.exact_per_domain * 2 * k)
+        if db.exact_s:  # per domain: the rounds' batches grow
+            self.exact_per_domain = db.exact_s / (2 * k)
         self.bounded += 2 * k
         if time.perf_counter() >= self.deadline:  # the round ran into the deadline: its bounds may be vacuous
             low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
             return self.result("unknown", "timeout", low)
-        x = self.falsify(_corners(graph, self.inputs, db))
+        x = self.falsify(_corners(graph, self.inputs, db)) if time.perf_counter() < self.deadline else None
         if x is not None:
             return self.result("falsified", "counterexample", -math.inf, x)
+        if time.perf_counter() >= self.deadline:  # the rest of the round would end after it
+            low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
+            return self.result("unknown", "timeout", low)
         db.rows = torch.maximum(db.rows, par["rows"].repeat(2, 1))  # a child lies in its parent: the parent's bounds hold
         m = rs.margin(db.rows)
         open_ = ~db.infeasible & ~(m > self.margin)
