@@ -221,8 +221,8 @@ def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], 
     children go on from their parents' last iterate): ``steps`` updates, each followed by an
     evaluation, none started unless it is expected to end before ``deadline`` with ``reserve_s``
     seconds to spare (the last step's duration predicts the next; ``reserve_s``: the caller's pass
-    after the ascent, None: unknown, one step's duration); the last evaluation fills ``record`` (the branching scores use the last
-    iterate's coefficients).
+    after the ascent, None: unknown, one step's duration); the last evaluation fills ``record``
+    (the branching scores use the last iterate's coefficients).
 
     Returns:
         each row's best bound ``[D, N]`` over the evaluations and, with ``keep_params``, each
