@@ -36,16 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.bab_prepare import SETS, first_instance  # noqa: E402
-
-
-def _sub_boxes(lo: torch.Tensor, hi: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` boxes inside ``[lo, hi]`` (``[1, *shape]``): every coordinate halved 3 times, a random half each time."""
-    lo, hi = lo.expand(n, *lo.shape[1:]).clone(), hi.expand(n, *hi.shape[1:]).clone()
-    for _ in range(3):
-        mid = (lo + hi) / 2
-        upper = torch.rand(lo.shape, generator=gen, dtype=lo.dtype) < 0.5
-        lo, hi = torch.where(upper, mid, lo), torch.where(upper, hi, mid)
-    return lo, hi
+from benchmarks.device_passes import _passes  # noqa: E402
 
 
 def main() -> None:
@@ -59,12 +50,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     import relax.bounds.crown as crown_mod
-    from relax.bab import RowSpec
-    from relax.bounds import prepare
-    from relax.bounds.crown import crown
-    from verify.model import load_model
-    from verify.spec import Box
-    from verify.vnnlib import parse_vnnlib
 
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(args.shared) / "benchmarks" / "vnncomp" / "2021"
@@ -74,46 +59,8 @@ def main() -> None:
         if not (root / name).is_dir():
             continue
         onnx, spec = first_instance(root, name)
-        model = load_model(onnx)
-        prop = parse_vnnlib(spec)[0]
-        graph, x_set = prepare(model, prop.box(model.input_shape), torch.float64)
-        lin = prop.spec.linear(1, prop.num_outputs, dtype=torch.float64)
-        rs = RowSpec(lin.C[0], lin.d[0], lin.groups)
-        with torch.no_grad():
-            boxes = crown(graph, x_set, None).intermediate
-        gen = torch.Generator().manual_seed(0)
-        lo, hi = x_set.bounds()
-        sub = Box(*_sub_boxes(lo, hi, args.boxes, gen))
-        D = args.domains
-        dom_boxes = {p: (l.expand(D, *l.shape[1:]), h.expand(D, *h.shape[1:])) for p, (l, h) in boxes.items()}
-        acts = [n.name for n in graph.activations()]
-        N = rs.C.shape[0]
-        slopes0 = {a: torch.rand(N, D, *graph.shape(a), generator=gen, dtype=torch.float64) for a in acts}
-
         size = [2**25]  # the domains pass's max_elements
-
-        def root_pass() -> None:
-            with torch.no_grad():
-                crown(graph, x_set, rs.batch(1)[0])
-
-        def box_pass() -> None:
-            with torch.no_grad():
-                crown(graph, sub, rs.batch(args.boxes)[0])
-
-        x_all = x_set.select(torch.zeros(D, dtype=torch.long))
-
-        def recompute_pass() -> None:
-            with torch.no_grad():
-                crown(graph, x_all, None, bound_overrides=dom_boxes)
-
-        def domain_pass() -> None:
-            slopes = {a: v.clone().requires_grad_() for a, v in slopes0.items()}
-            fn = lambda start, act, sl: None if start != "__out__" else slopes[act][sl]  # noqa: E731
-            crown(graph, x_set, rs.batch(D)[0], intermediate=dom_boxes, alpha_fn=fn, max_elements=size[0]).spec_lower().sum().backward()
-
-        passes = [("root", root_pass), ("recompute", recompute_pass), ("domains", domain_pass)]
-        if lo.numel() <= 16:  # input splitting's inputs (``input_split_max_dim``)
-            passes.insert(1, ("boxes", box_pass))
+        passes = _passes(onnx, spec, "cpu", args.boxes, args.domains, size)
         for label, fn in passes:
             times: dict[int, list[float]] = {s: [] for s in sizes}
             for _ in range(args.repeats):

@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,11 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.bab_prepare import SETS, first_instance  # noqa: E402
-from benchmarks.chunk_size import _sub_boxes  # noqa: E402
 
 
-def _passes(onnx: Path, spec: Path, device: str, n_boxes: int, D: int) -> list[tuple[str, object]]:
-    """The timed passes of one instance on ``device`` (closures; the set-up is not timed)."""
+def _sub_boxes(lo: torch.Tensor, hi: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` boxes inside ``[lo, hi]`` (``[1, *shape]``): every coordinate halved 3 times, a random half each time."""
+    lo, hi = lo.expand(n, *lo.shape[1:]).clone(), hi.expand(n, *hi.shape[1:]).clone()
+    for _ in range(3):
+        mid = (lo + hi) / 2
+        upper = torch.rand(lo.shape, generator=gen, dtype=lo.dtype) < 0.5
+        lo, hi = torch.where(upper, mid, lo), torch.where(upper, hi, mid)
+    return lo, hi
+
+
+def _passes(onnx: Path, spec: Path, device: str, n_boxes: int, D: int, max_elements: list[int] | None = None
+            ) -> list[tuple[str, Callable[[], None]]]:
+    """The timed passes of one instance on ``device`` (closures; the set-up is not timed).
+    ``max_elements``: a one-element list read by the ``domains`` pass at each call (its chunk
+    limit; default the engine's)."""
     from relax.bab import RowSpec
     from relax.bounds import prepare
     from relax.bounds.crown import crown
@@ -76,9 +89,10 @@ def _passes(onnx: Path, spec: Path, device: str, n_boxes: int, D: int) -> list[t
     def domain_pass() -> None:
         slopes = {a: v.clone().requires_grad_() for a, v in slopes0.items()}
         fn = lambda start, act, sl: None if start != "__out__" else slopes[act][sl]  # noqa: E731
-        crown(graph, x_set, rs.batch(D)[0], intermediate=dom_boxes, alpha_fn=fn).spec_lower().sum().backward()
+        kw = {} if max_elements is None else {"max_elements": max_elements[0]}
+        crown(graph, x_set, rs.batch(D)[0], intermediate=dom_boxes, alpha_fn=fn, **kw).spec_lower().sum().backward()
 
-    out: list[tuple[str, object]] = [("root", root_pass), ("recompute", recompute_pass), ("domains", domain_pass)]
+    out: list[tuple[str, Callable[[], None]]] = [("root", root_pass), ("recompute", recompute_pass), ("domains", domain_pass)]
     if lo.numel() <= 16:  # input splitting's inputs (``input_split_max_dim``)
         out.insert(1, ("boxes", box_pass))
     return out
