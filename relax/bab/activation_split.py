@@ -339,9 +339,9 @@ def bound_domains(
                                   {p: graph.shape(p) for p in betas}, N, D, rigorous)
     record: dict[str, Tensor | None] = {r: None for r, _ in relu_inputs(graph) + interval_inputs(graph)}
     record[graph.input_name] = None
+    vacuous = torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device)
     if time.perf_counter() >= deadline:  # the boxes took the budget: vacuous bounds, no more passes
-        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device), infeasible, record, exact.boxes,
-                            *_domain_major(alphas, betas, N, D), boxes_s)
+        return DomainBounds(vacuous, infeasible, record, exact.boxes, *_domain_major(alphas, betas, N, D), boxes_s)
     fixed: dict = {}  # relaxations, round-off weights, interval rows: the boxes do not change across the steps
     best, best_a, best_b = _ascend(lagrangian, ps, alphas, betas, fixed, record, steps=steps, lr_alpha=lr_alpha,
                                    lr_beta=lr_beta, deadline=deadline, keep_params=fast is not None,
@@ -349,20 +349,29 @@ def bound_domains(
     if time.perf_counter() >= deadline and (fast is not None or record[graph.input_name] is None):
         # no time for the pass that gives sound bounds / the record: vacuous bounds, on time
         # (a round past its deadline is discarded: ``_ReluSearch.round``)
-        return DomainBounds(torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device), infeasible, record, exact.boxes,
-                            *_domain_major(alphas, betas, N, D), boxes_s)
+        best = vacuous
     t_exact = time.perf_counter()
-    if fast is not None:  # the sound bound: each row's best parameters on the network itself
-        with torch.no_grad():
-            best = lagrangian.lower(exact, {r: a.to(graph.dtype) for r, a in best_a.items()},
-                                    {p: b.to(graph.dtype) for p, b in best_b.items()}, {},
-                                    record if record[graph.input_name] is None else None)
-    elif record[graph.input_name] is None:  # stopped by the deadline before the last evaluation
-        with torch.no_grad():
-            lagrangian.lower(exact, alphas, betas, fixed, record)
+    if best is not vacuous:
+        best = _last_pass(lagrangian, exact, best, best_a, best_b, alphas, betas, fixed, record, fast is not None)
     # children go on from the last iterate (Adam's progress), the proving bound uses each row's best
     return DomainBounds(best, infeasible, record, exact.boxes, *_domain_major(alphas, betas, N, D), boxes_s,
-                        time.perf_counter() - t_exact if fast is not None else 0.0)
+                        time.perf_counter() - t_exact if fast is not None and best is not vacuous else 0.0)
+
+
+@torch.no_grad()
+def _last_pass(lagrangian: _SplitLagrangian, exact: _Pass, best: Tensor, best_a: dict[str, Tensor], best_b: dict[str, Tensor],
+               alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict, record: dict[str, Tensor | None],
+               optimised_fast: bool) -> Tensor:
+    """After the ascent: with ``optimised_fast`` the sound bound ``[D, N]``, each row's best
+    parameters on the network itself (filling ``record`` if the ascent did not); else ``best``,
+    after filling ``record`` from the last iterate when the deadline stopped the ascent first."""
+    dt, first = exact.graph.dtype, exact.graph.input_name
+    if optimised_fast:
+        return lagrangian.lower(exact, {r: a.to(dt) for r, a in best_a.items()}, {p: b.to(dt) for p, b in best_b.items()}, {},
+                                record if record[first] is None else None)
+    if record[first] is None:
+        lagrangian.lower(exact, alphas, betas, fixed, record)
+    return best
 
 
 @dataclass
