@@ -50,10 +50,6 @@ def _both(method: str, net, x, y, **kw):
     return [certify(net, x, y, method, device=dev, **kw) for dev in ("cpu", DEVICE)]
 
 
-def _lower(c) -> list[float]:
-    return [v for v in (c.lower or [])]
-
-
 DETERMINISTIC = [
     ("interval", {}), ("crown", {}), ("deeppoly", {}), ("alpha-crown", {"iterations": 5}),
     ("lipschitz-global", {}), ("lipschitz-local", {}), ("lp", {}), ("milp", {}), ("bab", {}),
@@ -75,7 +71,7 @@ def test_deterministic_methods_agree_with_the_cpu(digits, method, opts, norm, ep
     cpu, dev = _both(method, net, x[:k], y[:k], eps=eps, norm=norm, timeout=120, **opts)
     for a, b in zip(cpu, dev):
         assert b.status == a.status, (method, a.index, a.status, b.status)
-        la, lb = _lower(a), _lower(b)
+        la, lb = list(a.lower or []), list(b.lower or [])
         assert len(la) == len(lb)
         for u, v in zip(la, lb):
             if method not in ("lp", "milp", "bab", "sdp", "lipschitz-sdp"):  # solvers / searches: status only

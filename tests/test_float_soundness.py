@@ -392,3 +392,29 @@ def test_methods_run_with_tf32_off_and_the_settings_come_back():
         assert (mm.allow_tf32, cv.allow_tf32) == (True, True)
     finally:
         mm.allow_tf32, cv.allow_tf32 = before
+
+
+def test_the_bound_engine_itself_runs_with_tf32_off(monkeypatch):
+    """Library users who call the engine directly (``relax.bounds.bounds`` / ``crown``) get IEEE
+    float32 too: the guard sits on the engine's entry points, not only on ``certify``."""
+    import relax.bounds.crown as crown_mod
+    from relax.bounds import bounds
+
+    mm, cv = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (mm.allow_tf32, cv.allow_tf32)
+    seen = []
+    inner = crown_mod.interval_bounds
+
+    def spy(*a, **k):
+        seen.append((mm.allow_tf32, cv.allow_tf32))
+        return inner(*a, **k)
+
+    monkeypatch.setattr(crown_mod, "interval_bounds", spy)
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    try:
+        mm.allow_tf32, cv.allow_tf32 = True, True
+        bounds(net, LpBall(torch.rand(2, 4), 0.1, math.inf), method="crown")
+        assert seen and all(s == (False, False) for s in seen)
+        assert (mm.allow_tf32, cv.allow_tf32) == (True, True)
+    finally:
+        mm.allow_tf32, cv.allow_tf32 = before

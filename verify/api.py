@@ -117,7 +117,7 @@ def _confirm_in_user_set(net: torch.nn.Module, user_set: InputSet, prop: OutputP
     from .attack import confirm_counterexample, project_into
 
     x = torch.as_tensor(cert.counterexample, dtype=torch.float64).reshape(1, *user_set.shape)
-    xp = project_into(user_set, x.to(user_set.bounds()[0].device))
+    xp = project_into(user_set, x.to(user_set.device))
     spec = prop.linear(1, K, dtype=torch.float64)
     if bool(confirm_counterexample(net, user_set, spec, xp)[0]):
         cert.counterexample = xp.reshape(user_set.shape).cpu().tolist()

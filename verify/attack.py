@@ -72,6 +72,11 @@ class AttackResult:
 # checks
 
 
+def _model_device(model: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where ``model``'s parameters / buffers live (``default`` when it has none)."""
+    return next((t.device for t in list(model.parameters()) + list(model.buffers())), default)
+
+
 def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
     for t in list(model.parameters()) + list(model.buffers()):
         if torch.is_floating_point(t):
@@ -118,7 +123,7 @@ def project_into(inputs: InputSet, x: Tensor) -> Tensor:
     (``c -/+ eps`` computed in float64, then the domain), pulled towards the centre of an l_1 /
     l_2 ball that it leaves (then clamped into the domain, which holds the centre). Points
     inside stay where they are (up to the float64 conversion)."""
-    x = x.detach().double().to(inputs.bounds()[0].device)
+    x = x.detach().double().to(inputs.device)
     if isinstance(inputs, Box):
         return torch.minimum(torch.maximum(x, inputs.lo.double()), inputs.hi.double())
     assert isinstance(inputs, LpBall)
@@ -139,9 +144,8 @@ def project_into(inputs: InputSet, x: Tensor) -> Tensor:
 
 def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(inside [B] bool, margin [B] float64)`` of points ``x [B, *shape]`` (membership in float64)."""
-    set_dev = inputs.bounds()[0].device
-    inside = inputs.to(dtype=torch.float64).contains(x.detach().double().to(set_dev), tol=_contains_tol(inputs))
-    dev = next((t.device for t in list(model64.parameters()) + list(model64.buffers())), x.device)
+    inside = inputs.to(dtype=torch.float64).contains(x.detach().double().to(inputs.device), tol=_contains_tol(inputs))
+    dev = _model_device(model64, x.device)
     with torch.no_grad():
         y = _forward(model64, x.detach().double().to(dev))
     margin = spec.to(device=y.device, dtype=torch.float64).violation_margin(y)
@@ -173,7 +177,7 @@ def own_dtype_margins(
     in its own dtype and device, one input per forward pass; entries not in ``which`` are
     ``+inf``. ``dtype``: the dtype of a model without floating tensors (default float32)."""
     dtype = _model_dtype(model) or dtype or torch.float32
-    dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), x.device)
+    dev = _model_device(model, x.device)
     out = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
     s64 = spec.to(dtype=torch.float64)
     idx = range(x.shape[0]) if which is None else which.nonzero().flatten().tolist()
@@ -204,7 +208,7 @@ def repair_counterexample(
         ``(confirmed, point [1, *shape] float64, note)``; the point is the last one tried when
         nothing was confirmed.
     """
-    dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), x.device)
+    dev = _model_device(model, x.device)
     x, spec = x.detach().to(device=dev, dtype=torch.float64), spec.to(device=dev)
     if inputs is None:
         ok = bool(confirm_counterexample(model, Box(x, x), spec, x)[0])
@@ -403,7 +407,7 @@ class _PgdLanes:
     def __init__(self, model: torch.nn.Module, work: InputSet, spec: LinearSpec, x: Tensor, target: Tensor | None,
                  wdtype: torch.dtype, record: "_BestPoints") -> None:
         self.model, self.work, self.spec, self.x, self.target, self.record = model, work, spec, x, target, record
-        self.dev = work.bounds()[0].device
+        self.dev = work.device
         L, B = x.shape[0], work.batch_size
         self.best_m = torch.full((L, B), math.inf, dtype=wdtype, device=self.dev)
         self.best_x = x.clone()
@@ -456,7 +460,7 @@ def _start_lanes(work: InputSet, G: int, restarts: int, targeted: bool, seed: in
     """The lanes' start points ``[L, B, *shape]`` and the group each lane descends (``[L]``, or
     ``None``: the margin): given ``starts`` projected into the sets, else per restart one lane per
     group (``targeted``) or one lane, restart 0 at the midpoint and the others at random points."""
-    dev, shape, B = work.bounds()[0].device, work.shape, work.batch_size
+    dev, shape, B = work.device, work.shape, work.batch_size
     if starts is not None:
         L = starts.shape[0]
         target = None if start_groups is None else torch.as_tensor(list(start_groups), dtype=torch.long, device=dev)
@@ -618,7 +622,7 @@ def random_attack(
     if samples < 1 or chunk < 1:
         raise ValueError(f"need samples >= 1 and chunk >= 1, got {samples}, {chunk}")
     wdtype, work, spec_w = _working(model, inputs, spec)
-    dev = work.bounds()[0].device
+    dev = work.device
     B, shape = work.batch_size, work.shape
     gen = torch.Generator(device=dev).manual_seed(seed)
     best_m = torch.full((B,), math.inf, dtype=wdtype, device=dev)

@@ -136,6 +136,11 @@ class InputSet:
         """The per-example input shape."""
         return tuple(self._batched().shape[1:])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the set's tensors live."""
+        return self._batched().device
+
     def bounds(self) -> tuple[Tensor, Tensor]:
         """Elementwise box enclosure ``(lo, hi)``, each ``[B, *shape]``."""
         raise NotImplementedError

@@ -817,15 +817,19 @@ class _ReluSearch:
         if db.exact_s:  # per domain: the rounds' batches grow
             self.exact_per_domain = db.exact_s / (2 * k)
         self.bounded += 2 * k
-        if time.perf_counter() >= self.deadline:  # the round ran into the deadline: its bounds may be vacuous
+        # past the deadline (its bounds may be vacuous, or the rest of the round would end after it):
+        # unknown with the parents' bounds (a child lies in its parent)
+        def timeout() -> BabResult:
             low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
             return self.result("unknown", "timeout", low)
-        x = self.falsify(_corners(graph, self.inputs, db)) if time.perf_counter() < self.deadline else None
+
+        if time.perf_counter() >= self.deadline:
+            return timeout()
+        x = self.falsify(_corners(graph, self.inputs, db))
         if x is not None:
             return self.result("falsified", "counterexample", -math.inf, x)
-        if time.perf_counter() >= self.deadline:  # the rest of the round would end after it
-            low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
-            return self.result("unknown", "timeout", low)
+        if time.perf_counter() >= self.deadline:
+            return timeout()
         db.rows = torch.maximum(db.rows, par["rows"].repeat(2, 1))  # a child lies in its parent: the parent's bounds hold
         m = rs.margin(db.rows)
         open_ = ~db.infeasible & ~(m > self.margin)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from verify.deadline import Deadline
+from verify.precision import ieee_float32
 from verify.spec import InputSet
 
 from relax.ir.graph import BoundGraph, get_graph
@@ -80,7 +81,7 @@ def _spec(graph: BoundGraph, input_set: InputSet, C: Tensor | None, d: Tensor | 
     dt = graph.dtype
     B = input_set.batch_size
     K = graph.by_name[graph.output].shape[0]
-    dev = input_set.bounds()[0].device
+    dev = input_set.device
     if C is None:
         C = torch.eye(K, dtype=dt, device=dev).expand(B, K, K)
     C = C.to(dtype=dt, device=dev)
@@ -92,6 +93,7 @@ def _spec(graph: BoundGraph, input_set: InputSet, C: Tensor | None, d: Tensor | 
     return C, d
 
 
+@ieee_float32()  # the round-off allowances assume IEEE arithmetic (no TF32 on a GPU)
 def lower_bounds(
     graph: BoundGraph,
     input_set: InputSet,
@@ -157,7 +159,7 @@ def _one_at_a_time(graph: BoundGraph, input_set: InputSet) -> bool:
     from relax.ir.prune import prunable_relus
     from relax.ir.ops import Linear
 
-    if input_set.batch_size <= 1 or input_set.bounds()[0].device.type != "cpu" or not prunable_relus(graph):
+    if input_set.batch_size <= 1 or input_set.device.type != "cpu" or not prunable_relus(graph):
         return False
     return sum(n.op.W.numel() for n in graph.nodes if isinstance(n.op, Linear)) >= PER_INPUT_MIN_WEIGHTS
 

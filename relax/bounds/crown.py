@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from verify.deadline import Deadline
+from verify.precision import ieee_float32
 from verify.spec import InputSet, LpBall, dual_norm
 
 from relax.ir.graph import BNode, BoundGraph
@@ -521,6 +522,7 @@ def _acts_before(graph: BoundGraph, node: str) -> list[str]:
     return [n.name for n in graph.activations() if n.name in anc]
 
 
+@ieee_float32()  # the round-off allowances assume IEEE arithmetic (no TF32 on a GPU)
 def crown(
     graph: BoundGraph,
     input_set: InputSet,

@@ -150,8 +150,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
         if not input_shape:
             raise ValueError("to_feedforward: give input_shape (the model has no input_shape attribute)")
     graph = get_graph(model, tuple(input_shape), torch.float64)
-    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
-    device = torch.device("cpu") if first is None else first.device  # the graph's constants live there
+    device = graph.device  # the graph's constants live there
     names = {n.name: _activation_name(n.op, n.name) for n in graph.nodes}  # refuse before any work
     layers: list[AffineLayer] = []
     acts: list[str] = []

@@ -156,7 +156,8 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedOperatorError(f"the graph must have exactly one input, found {len(placeholders)}")
-    values = _example_values(gm, input_shape, params)
+    device = params[0].device if params else torch.device("cpu")
+    values = _example_values(gm, input_shape, params, device)
     variable: set[str] = set()
     nodes: list[BNode] = []
     input_name = placeholders[0].name
@@ -168,28 +169,22 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
             output_name = _output_name(n, variable)
         elif not _is_constant(n, variable):
             variable.add(n.name)
-            nodes.extend(_bound_nodes(n, gm, values, variable, dtype))
+            nodes.extend(_bound_nodes(n, gm, values, variable, dtype, device))
     if output_name is None:
         raise UnsupportedOperatorError("the graph has no output")
     if output_name == input_name:
         raise UnsupportedOperatorError("the graph output is its input")
     nodes, output_name = _flat_output(nodes, output_name)
-    device = params[0].device if params else torch.device("cpu")
     if device.type != "cpu":  # rules may create constants on the CPU: every op's on the model's device
         nodes = [BNode(n.name, n.op.to_device(device), n.inputs, n.shape) for n in nodes]
     g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype, device)
     return g
 
 
-def _device_of(values: dict[str, Any]) -> torch.device:
-    """The device of the recorded example values (the model's)."""
-    return next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
-
-
-def _example_values(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], params: list[Tensor]) -> dict[str, Any]:
-    """Every node's value on a random example batch of two (``[2, *input_shape]``, the
-    parameters' device and floating dtype)."""
-    device = params[0].device if params else torch.device("cpu")
+def _example_values(gm: torch.fx.GraphModule, input_shape: tuple[int, ...], params: list[Tensor],
+                    device: torch.device) -> dict[str, Any]:
+    """Every node's value on a random example batch of two (``[2, *input_shape]``, on ``device``,
+    in the parameters' floating dtype)."""
     example = torch.rand((2, *input_shape), device=device, dtype=next((p.dtype for p in params if p.is_floating_point()), torch.float32))
     rec = _Recorder(gm)
     with torch.no_grad():
@@ -219,9 +214,9 @@ def _is_constant(n: torch.fx.Node, variable: set[str]) -> bool:
 
 
 def _bound_nodes(n: torch.fx.Node, gm: torch.fx.GraphModule, values: dict[str, Any], variable: set[str],
-                 dtype: torch.dtype) -> list[BNode]:
+                 dtype: torch.dtype, device: torch.device) -> list[BNode]:
     """The bound node(s) of the input-dependent node ``n`` by its op's rule (``variable``: the
-    input-dependent nodes so far, ``n`` included)."""
+    input-dependent nodes so far, ``n`` included; ``device``: the model's)."""
     from relax.ir import ops as _ops
 
     val = values[n.name]
@@ -242,7 +237,7 @@ def _bound_nodes(n: torch.fx.Node, gm: torch.fx.GraphModule, values: dict[str, A
         in_shapes={a.name: tuple(values[a.name].shape[1:]) for a in deps},
         dtype=dtype,
         desc=_node_desc(n, gm),
-        device=_device_of(values),
+        device=device,
     )
     built = rule(ctx)
     if isinstance(built, _ops.Expansion):
