@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verify vocabulary", ("verify.spec", "verify.errors", "verify.deadline", "verify.certificate",
                            "verify.resources", "verify.options", "verify.precision")),
     ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.model")),
-    ("verify base", ("verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
+    ("verify base", ("verify.surrogate", "verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
     ("relax.ir", ("relax.ir",)),
     ("relax.bounds", ("relax.bounds", "relax.solvers")),
     ("relax.exact", ("relax.exact", "relax.lipschitz")),

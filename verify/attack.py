@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .precision import ieee_float32
 from .spec import Box, InputSet, LinearSpec, LpBall, SpecError
+from .surrogate import attack_surrogate
 
 __all__ = [
     "AttackResult",
@@ -354,7 +355,10 @@ def pgd_attack(
 
     Lanes of restart 0 start at the set's midpoint (the clean input of a ball), the others
     at random points of the set (:func:`_shared_points`). The steps, the confirmation of
-    violating points and when the run stops: :class:`_PgdLanes`.
+    violating points and when the run stops: :class:`_PgdLanes`. The steps' gradients come
+    from :func:`verify.surrogate.attack_surrogate` (the model itself unless it has ``sign`` /
+    rounding nodes or a softmax output that the property compares pairwise); every candidate
+    is confirmed on ``model``.
 
     Args:
         model: network ``[n, *shape] -> [n, K]``; the attack runs in its floating dtype on
@@ -383,7 +387,8 @@ def pgd_attack(
         raise ValueError(f"need restarts >= 1 and steps >= 0, got {restarts}, {steps}")
     wdtype, work, spec_w = _working(model, inputs, spec)
     x, target = _start_lanes(work, spec_w.num_groups, restarts, targeted, seed, starts, start_groups)  # [L, B, *shape]
-    lanes = _PgdLanes(model, work, spec_w, x, target, wdtype, _BestPoints(model, inputs, spec))
+    steps_on = attack_surrogate(model, spec)  # gradients through sign / a saturated softmax (BPDA)
+    lanes = _PgdLanes(steps_on, work, spec_w, x, target, wdtype, _BestPoints(model, inputs, spec))
     lanes.descend(steps, float(step_size) if step_size is not None else 5.0 / max(steps, 1), t0, timeout)
     return _settle(lanes.record, lanes.best_x, lanes.best_m)
 

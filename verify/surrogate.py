@@ -1,0 +1,141 @@
+"""Gradients for attacks where the model's own gradient is zero or underflows.
+
+``sign``, ``floor``, ``round`` and ``ceil`` have a zero derivative almost everywhere, so gradient
+steps on a binarised network (VNN-COMP 2023's traffic-sign nets: convolutions followed by
+``sign``) never move; and a softmax output that saturates (probabilities 1 and 1e-234) makes every
+margin gradient underflow. Following the backward-pass differentiable approximation (BPDA) of
+Athalye, Carlini & Wagner (ICML 2018, Sec. 4.1), an attack takes its steps on a *surrogate* of
+the model (:func:`attack_surrogate`) whose forward values are the model's and whose backward pass
+replaces those derivatives:
+
+* ``sign(x)`` back-propagates as ``tanh(x / s)``, ``s`` the median ``|x|`` of each sample at that
+  node -- the straight-through estimator used to train binarised networks (Bengio et al. 2013;
+  Hubara et al. 2016), with a width that follows the layer's own scale;
+* ``floor``, ``round`` and ``ceil`` back-propagate as the identity;
+* a softmax at the output is left out when every property row compares two outputs (``c (y_a -
+  y_b)`` with ``c > 0`` and no offset): softmax keeps the order of the entries it normalises, so
+  such a row has the same sign on the logits.
+
+Only the attack's steps use the surrogate: every candidate is confirmed on the model itself
+(:func:`verify.attack.confirm_counterexample`).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from .spec import LinearSpec
+
+__all__ = ["attack_surrogate", "pairwise_rows"]
+
+#: functions whose derivative is zero almost everywhere and that pass the gradient straight through
+_ROUNDING = (torch.floor, torch.round, torch.ceil)
+_SOFTMAX = (torch.softmax, torch.nn.functional.softmax)
+
+
+class _SignSurrogate(torch.autograd.Function):
+    """``sign(x)`` forward; backward the derivative of ``tanh(x / s)``, ``s`` = per-sample median
+    of ``|x|`` over all but the first dimension (the whole tensor for ``x`` of one dimension)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        a = x.detach().abs()
+        if a.dim() >= 2:
+            s = a.flatten(1).median(dim=1).values.view(-1, *([1] * (a.dim() - 1)))
+        else:
+            s = a.median() if a.numel() else a.new_ones(())
+        ctx.save_for_backward(x, s.clamp_min(torch.finfo(a.dtype).tiny ** 0.5))
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        x, s = ctx.saved_tensors
+        return g * (1 - torch.tanh(x / s) ** 2) / s
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``fn(x)`` forward (a rounding function), identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn) -> Tensor:  # type: ignore[override]
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g, None
+
+
+def sign_surrogate(x: Tensor) -> Tensor:
+    """``sign(x)`` with the gradient of :class:`_SignSurrogate`."""
+    return _SignSurrogate.apply(x)
+
+
+def rounding_surrogate(x: Tensor, fn) -> Tensor:
+    """``fn(x)`` (floor / round / ceil) with the identity as its gradient."""
+    return _StraightThrough.apply(x, fn)
+
+
+def logits_output(z: Tensor, dim: int) -> Tensor:
+    """The softmax input ``z`` itself when the softmax normalises the class dimension of a
+    ``[n, K]`` output (row order kept), else ``softmax(z, dim)``."""
+    if z.dim() == 2 and dim in (1, -1):
+        return z
+    return torch.softmax(z, dim)
+
+
+def pairwise_rows(spec: LinearSpec) -> bool:
+    """Every row of ``spec`` (``C [B, N, K]``, ``d [B, N]``) is ``c (y_a - y_b)`` with ``c > 0``
+    and ``d = 0``: its sign is the same on the logits as on a softmax of them."""
+    C, d = spec.C, spec.d
+    if C.numel() == 0 or bool((d != 0).any()):
+        return False
+    nonzero = C != 0
+    if not bool((nonzero.sum(dim=-1) == 2).all()):
+        return False
+    return bool((C.sum(dim=-1) == 0).all())  # two nonzeros summing to zero: +c and -c
+
+
+#: surrogates built so far, per model and whether the output softmax is dropped (the model's
+#: parameters are shared, not copied)
+_BUILT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, torch.nn.Module | None]]" = weakref.WeakKeyDictionary()
+
+
+def attack_surrogate(model: torch.nn.Module, spec: LinearSpec) -> torch.nn.Module:
+    """The module an attack takes its gradient steps on (see the module docstring): ``model``
+    itself unless it is a ``torch.fx.GraphModule`` with ``sign`` / rounding nodes, or with a
+    softmax output and a property of :func:`pairwise_rows`. The surrogate shares the model's
+    parameters; its outputs are the model's (the logits where the softmax was left out)."""
+    if not isinstance(model, fx.GraphModule):
+        return model
+    drop_softmax = pairwise_rows(spec)
+    per_model = _BUILT.setdefault(model, {})
+    if drop_softmax not in per_model:  # None: nothing to change (no reference back to the key)
+        per_model[drop_softmax] = _build(model, drop_softmax)
+    built = per_model[drop_softmax]
+    return model if built is None else built
+
+
+def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
+    graph = copy.deepcopy(model.graph)
+    changed = False
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.sign and len(node.args) == 1 and not node.kwargs:
+            node.target, changed = sign_surrogate, True
+        elif node.target in _ROUNDING and len(node.args) == 1 and not node.kwargs:
+            node.args, node.target, changed = (node.args[0], node.target), rounding_surrogate, True
+    out = next(n for n in graph.nodes if n.op == "output")
+    last = out.args[0]
+    if drop_softmax and isinstance(last, fx.Node) and last.op == "call_function" and last.target in _SOFTMAX:
+        dim = last.kwargs.get("dim", last.args[1] if len(last.args) > 1 else None)
+        if isinstance(dim, int) and not last.kwargs.keys() - {"dim"} and len(last.args) <= 2:
+            last.target, last.args, last.kwargs, changed = logits_output, (last.args[0], dim), {}, True
+    if not changed:
+        return None
+    graph.lint()
+    return fx.GraphModule(model, graph)
