@@ -1,0 +1,132 @@
+"""Attacks on networks whose gradient is zero (sign, floor) or underflows (a saturated softmax
+output): the surrogate keeps the model's values, and PGD finds counterexamples there that it
+cannot find on the model's own gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+from verify import attack, surrogate
+from verify.attack import confirm_counterexample, pgd_attack
+from verify.spec import Box, LinearSpec, LpBall
+
+D = 40  # inputs; a counterexample needs nearly all of them above THRESHOLD
+THRESHOLD = 0.9
+
+
+class StepVotes(torch.nn.Module):
+    """``[n, D] -> [n, 2]``: logit 0 is the sum of ``sign(x_i - THRESHOLD)``, logit 1 the constant
+    ``D - 3.5``; both times ``scale``, then a softmax (probabilities 0 / 1 at
+    ``scale = 1000``). Class 0 wins only when at least ``D - 1`` inputs exceed THRESHOLD: a
+    uniform point of ``[-1, 1]^D`` does so with probability below ``1e-45``."""
+
+    def __init__(self, scale: float = 1000.0) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(D, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.stack([torch.ones(D), torch.zeros(D)]) * scale)
+            self.head.bias.copy_(torch.tensor([0.0, D - 2.0 - 1.5]) * scale)
+
+    def forward(self, x):
+        return torch.softmax(self.head(torch.sign(x - THRESHOLD)), 1)
+
+
+def _property(B: int = 1) -> LinearSpec:
+    """Violated when class 0 reaches class 1: row ``y_1 - y_0 <= 0``."""
+    C = torch.tensor([[-1.0, 1.0]]).expand(B, 1, 2).clone()
+    return LinearSpec(C, torch.zeros(B, 1), torch.zeros(1, dtype=torch.long))
+
+
+def _box(B: int = 1) -> Box:
+    return Box(-torch.ones(B, D), torch.ones(B, D))
+
+
+def test_the_surrogate_keeps_the_models_values():
+    net = fx.symbolic_trace(StepVotes(scale=1.0))
+    x = torch.rand(16, D) * 2 - 1
+    sur = surrogate.attack_surrogate(net, _property())
+    assert sur is not net
+    logits = sur(x)
+    assert torch.equal(torch.softmax(logits, 1), net(x))  # softmax left out, nothing else changed
+    assert not any(n.target is torch.sign for n in sur.graph.nodes if n.op == "call_function")
+    # a property with an offset is not order-preserving under softmax: the softmax stays
+    offset = LinearSpec(_property().C, torch.full((1, 1), 0.1), torch.zeros(1, dtype=torch.long))
+    assert torch.equal(surrogate.attack_surrogate(net, offset)(x), net(x))
+
+
+def test_the_sign_surrogate_has_a_gradient_where_sign_has_none():
+    x = torch.tensor([[-3.0, -0.5, 0.2, 4.0]], requires_grad=True)
+    y = surrogate.sign_surrogate(x)
+    assert torch.equal(y, torch.sign(x.detach()))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert bool((g > 0).all())
+    assert g[0, 2] > g[0, 3] and g[0, 1] > g[0, 0]  # largest near 0, where the sign flips
+    # the rounding functions pass the gradient straight through
+    z = torch.tensor([0.3, 1.7], requires_grad=True)
+    (gz,) = torch.autograd.grad(surrogate.rounding_surrogate(z, torch.floor).sum(), z)
+    assert torch.equal(gz, torch.ones(2))
+
+
+@pytest.mark.parametrize("C, d, expected", [
+    ([[1.0, -1.0, 0.0]], [0.0], True),
+    ([[0.0, 2.5, -2.5]], [0.0], True),
+    ([[1.0, -2.0, 0.0]], [0.0], False),  # unequal weights: the order of two entries is not enough
+    ([[1.0, -1.0, 0.0]], [0.5], False),  # an offset compares against a probability level
+    ([[1.0, 0.0, 0.0]], [-0.5], False),
+    ([[1.0, -1.0, 1.0]], [0.0], False),
+])
+def test_pairwise_rows(C, d, expected):
+    spec = LinearSpec(torch.tensor([C]), torch.tensor([d]), torch.zeros(len(C), dtype=torch.long))
+    assert surrogate.pairwise_rows(spec) is expected
+
+
+def test_a_softmax_of_another_shape_is_kept():
+    z = torch.randn(2, 3, 4)
+    assert torch.equal(surrogate.logits_output(z, 2), torch.softmax(z, 2))
+    assert torch.equal(surrogate.logits_output(z[:, 0], 0), torch.softmax(z[:, 0], 0))
+    assert torch.equal(surrogate.logits_output(z[:, 0], 1), z[:, 0])
+
+
+def test_models_without_such_nodes_are_attacked_as_they_are():
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    assert surrogate.attack_surrogate(lin, _property()) is lin  # not an fx graph
+    traced = fx.symbolic_trace(lin)
+    assert surrogate.attack_surrogate(traced, _property()) is traced
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_pgd_finds_what_only_a_surrogate_gradient_reaches(monkeypatch, scale):
+    net = fx.symbolic_trace(StepVotes(scale))
+    spec, box = _property(), _box()
+    r = pgd_attack(net, box, spec, steps=30, restarts=2, seed=0)
+    assert bool(r.found[0])
+    x = r.x_adv[0]
+    assert bool(box.contains(x.unsqueeze(0))[0])
+    with torch.no_grad():
+        y = net(x.unsqueeze(0).float())
+    assert float(y[0, 0]) >= float(y[0, 1])  # the plain forward pass confirms it
+    assert bool(confirm_counterexample(net, box, spec, x.unsqueeze(0))[0])
+    # on the model's own gradient (zero through sign) the same attack finds nothing
+    monkeypatch.setattr(attack, "attack_surrogate", lambda model, spec: model)
+    assert not bool(pgd_attack(net, box, spec, steps=30, restarts=2, seed=0).found[0])
+
+
+def test_the_surrogate_never_makes_a_safe_set_falsified():
+    """Inputs capped below THRESHOLD: no point of the ball violates; the surrogate's steps find
+    none either (every candidate is confirmed on the model)."""
+    net = fx.symbolic_trace(StepVotes(1000.0))
+    ball = LpBall(torch.zeros(3, D), torch.tensor([0.5, 0.8, 0.89]), float("inf"))
+    r = pgd_attack(net, ball, _property(3), steps=30, restarts=3, seed=0)
+    assert not bool(r.found.any())
+
+
+def test_bab_falsifies_a_binarised_network_by_its_attack():
+    from verify.api import certify  # the front door, as a user calls it
+
+    net = fx.symbolic_trace(StepVotes(1000.0))
+    [c] = certify(net, Box(-torch.ones(1, D), torch.ones(1, D)), torch.tensor([1]), "bab", timeout=30)
+    assert c.status == "falsified" and c.details["stage"] == "attack"
+    x = torch.as_tensor(c.counterexample).reshape(1, D).float()
+    assert float(x.abs().max()) <= 1.0
+    assert int(net(x).argmax()) == 0
