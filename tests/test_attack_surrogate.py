@@ -130,3 +130,15 @@ def test_bab_falsifies_a_binarised_network_by_its_attack():
     x = torch.as_tensor(c.counterexample).reshape(1, D).float()
     assert float(x.abs().max()) <= 1.0
     assert int(net(x).argmax()) == 0
+
+
+def test_a_model_moved_to_another_dtype_gets_its_own_surrogate():
+    net = fx.symbolic_trace(StepVotes(1.0))
+    sur32 = surrogate.attack_surrogate(net, _property())
+    assert surrogate.attack_surrogate(net, _property()) is sur32  # built once
+    net.double()
+    sur64 = surrogate.attack_surrogate(net, _property())
+    assert sur64 is not sur32
+    x = torch.rand(4, D, dtype=torch.float64)
+    assert sur64(x).dtype == torch.float64
+    assert torch.equal(torch.softmax(sur64(x), 1), net(x))

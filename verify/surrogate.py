@@ -99,9 +99,9 @@ def pairwise_rows(spec: LinearSpec) -> bool:
     return bool((C.sum(dim=-1) == 0).all())  # two nonzeros summing to zero: +c and -c
 
 
-#: surrogates built so far, per model and whether the output softmax is dropped (the model's
-#: parameters are shared, not copied)
-_BUILT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, torch.nn.Module | None]]" = weakref.WeakKeyDictionary()
+#: surrogates built so far, per model, whether the output softmax is dropped and the model's
+#: device and dtype (the model's parameters are shared, not copied)
+_BUILT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, torch.nn.Module | None]]" = weakref.WeakKeyDictionary()
 
 
 def attack_surrogate(model: torch.nn.Module, spec: LinearSpec) -> torch.nn.Module:
@@ -112,10 +112,13 @@ def attack_surrogate(model: torch.nn.Module, spec: LinearSpec) -> torch.nn.Modul
     if not isinstance(model, fx.GraphModule):
         return model
     drop_softmax = pairwise_rows(spec)
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    # keyed by where the model is: ``model.to()`` replaces buffer objects, which a copy would miss
+    key = (drop_softmax, None if first is None else (first.device, first.dtype))
     per_model = _BUILT.setdefault(model, {})
-    if drop_softmax not in per_model:  # None: nothing to change (no reference back to the key)
-        per_model[drop_softmax] = _build(model, drop_softmax)
-    built = per_model[drop_softmax]
+    if key not in per_model:  # None: nothing to change (no reference back to the model)
+        per_model[key] = _build(model, drop_softmax)
+    built = per_model[key]
     return model if built is None else built
 
 
