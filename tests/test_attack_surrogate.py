@@ -64,8 +64,27 @@ def test_the_sign_surrogate_has_a_gradient_where_sign_has_none():
     assert g[0, 2] > g[0, 3] and g[0, 1] > g[0, 0]  # largest near 0, where the sign flips
     # the rounding functions pass the gradient straight through
     z = torch.tensor([0.3, 1.7], requires_grad=True)
-    (gz,) = torch.autograd.grad(surrogate.rounding_surrogate(z, torch.floor).sum(), z)
-    assert torch.equal(gz, torch.ones(2))
+    for fn, sur in [(torch.floor, surrogate.floor_surrogate), (torch.round, surrogate.round_surrogate),
+                    (torch.ceil, surrogate.ceil_surrogate)]:
+        out = sur(z)
+        assert torch.equal(out, fn(z.detach()))
+        (gz,) = torch.autograd.grad(out.sum(), z)
+        assert torch.equal(gz, torch.ones(2))
+
+
+class Rounded(torch.nn.Module):
+    def forward(self, x):
+        return torch.stack([torch.floor(x[:, 0] * 3), torch.round(x[:, 1]) + torch.ceil(x[:, 2]), torch.sign(x[:, 0])], 1)
+
+
+def test_graphs_with_rounding_nodes_get_a_working_surrogate():
+    net = fx.symbolic_trace(Rounded())
+    sur = surrogate.attack_surrogate(net, _property())
+    assert sur is not net
+    x = (torch.rand(8, 3) * 4 - 2).requires_grad_(True)
+    assert torch.equal(sur(x), net(x))
+    (g,) = torch.autograd.grad(sur(x).sum(), x)
+    assert bool((g != 0).all())
 
 
 @pytest.mark.parametrize("C, d, expected", [

@@ -32,8 +32,6 @@ from .spec import LinearSpec
 
 __all__ = ["attack_surrogate", "pairwise_rows"]
 
-#: functions whose derivative is zero almost everywhere and that pass the gradient straight through
-_ROUNDING = (torch.floor, torch.round, torch.ceil)
 _SOFTMAX = (torch.softmax, torch.nn.functional.softmax)
 
 
@@ -74,9 +72,25 @@ def sign_surrogate(x: Tensor) -> Tensor:
     return _SignSurrogate.apply(x)
 
 
-def rounding_surrogate(x: Tensor, fn) -> Tensor:
-    """``fn(x)`` (floor / round / ceil) with the identity as its gradient."""
-    return _StraightThrough.apply(x, fn)
+def floor_surrogate(x: Tensor) -> Tensor:
+    """``floor(x)`` with the identity as its gradient."""
+    return _StraightThrough.apply(x, torch.floor)
+
+
+def round_surrogate(x: Tensor) -> Tensor:
+    """``round(x)`` with the identity as its gradient."""
+    return _StraightThrough.apply(x, torch.round)
+
+
+def ceil_surrogate(x: Tensor) -> Tensor:
+    """``ceil(x)`` with the identity as its gradient."""
+    return _StraightThrough.apply(x, torch.ceil)
+
+
+#: the surrogate of each function whose derivative is zero almost everywhere (functions of one
+#: tensor; the graph calls them by name, so each is a module-level function)
+_SURROGATES = {torch.sign: sign_surrogate, torch.floor: floor_surrogate, torch.round: round_surrogate,
+               torch.ceil: ceil_surrogate}
 
 
 def logits_output(z: Tensor, dim: int) -> Tensor:
@@ -128,10 +142,8 @@ def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is torch.sign and len(node.args) == 1 and not node.kwargs:
-            node.target, changed = sign_surrogate, True
-        elif node.target in _ROUNDING and len(node.args) == 1 and not node.kwargs:
-            node.args, node.target, changed = (node.args[0], node.target), rounding_surrogate, True
+        if node.target in _SURROGATES and len(node.args) == 1 and not node.kwargs:
+            node.target, changed = _SURROGATES[node.target], True
     out = next(n for n in graph.nodes if n.op == "output")
     last = out.args[0]
     if drop_softmax and isinstance(last, fx.Node) and last.op == "call_function" and last.target in _SOFTMAX:
