@@ -40,7 +40,7 @@ class _SignSurrogate(torch.autograd.Function):
     of ``|x|`` over all but the first dimension (the whole tensor for ``x`` of one dimension)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor) -> Tensor:
         a = x.detach().abs()
         if a.dim() >= 2:
             s = a.flatten(1).median(dim=1).values.view(-1, *([1] * (a.dim() - 1)))
@@ -50,7 +50,7 @@ class _SignSurrogate(torch.autograd.Function):
         return torch.sign(x)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, g: Tensor) -> Tensor:
         x, s = ctx.saved_tensors
         return g * (1 - torch.tanh(x / s) ** 2) / s
 
@@ -59,11 +59,11 @@ class _StraightThrough(torch.autograd.Function):
     """``fn(x)`` forward (a rounding function), identity backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, fn) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, fn) -> Tensor:
         return fn(x)
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         return g, None
 
 
