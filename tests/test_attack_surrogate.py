@@ -62,6 +62,10 @@ def test_the_sign_surrogate_has_a_gradient_where_sign_has_none():
     (g,) = torch.autograd.grad(y.sum(), x)
     assert bool((g > 0).all())
     assert g[0, 2] > g[0, 3] and g[0, 1] > g[0, 0]  # largest near 0, where the sign flips
+    for empty in (torch.zeros(0, 3), torch.zeros(2, 0), torch.zeros(0)):  # no median to take
+        e = empty.requires_grad_(True)
+        (ge,) = torch.autograd.grad(surrogate.sign_surrogate(e).sum(), e)
+        assert ge.shape == e.shape
     # the rounding functions pass the gradient straight through
     z = torch.tensor([0.3, 1.7], requires_grad=True)
     for fn, sur in [(torch.floor, surrogate.floor_surrogate), (torch.round, surrogate.round_surrogate),

@@ -42,10 +42,12 @@ class _SignSurrogate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         a = x.detach().abs()
-        if a.dim() >= 2:
+        if a.numel() == 0:
+            s = a.new_ones(())
+        elif a.dim() >= 2:
             s = a.flatten(1).median(dim=1).values.view(-1, *([1] * (a.dim() - 1)))
         else:
-            s = a.median() if a.numel() else a.new_ones(())
+            s = a.median()
         ctx.save_for_backward(x, s.clamp_min(torch.finfo(a.dtype).tiny ** 0.5))
         return torch.sign(x)
 
