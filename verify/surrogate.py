@@ -127,7 +127,7 @@ def attack_surrogate(model: torch.nn.Module, spec: LinearSpec) -> torch.nn.Modul
     parameters; its outputs are the model's (the logits where the softmax was left out)."""
     if not isinstance(model, fx.GraphModule):
         return model
-    drop_softmax = pairwise_rows(spec)
+    drop_softmax = _softmax_output(model.graph) is not None and pairwise_rows(spec)  # the rows' check only then
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     # keyed by where the model is: ``model.to()`` replaces buffer objects, which a copy would miss
     key = (drop_softmax, None if first is None else (first.device, first.dtype))
@@ -138,6 +138,15 @@ def attack_surrogate(model: torch.nn.Module, spec: LinearSpec) -> torch.nn.Modul
     return model if built is None else built
 
 
+def _softmax_output(graph: fx.Graph) -> fx.Node | None:
+    """The softmax node whose value the graph returns, if it returns one."""
+    out = next(reversed(graph.nodes))  # fx keeps the output node last
+    last = out.args[0] if out.op == "output" and out.args else None
+    if isinstance(last, fx.Node) and last.op == "call_function" and last.target in _SOFTMAX:
+        return last
+    return None
+
+
 def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
     graph = copy.deepcopy(model.graph)
     changed = False
@@ -146,9 +155,8 @@ def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
             continue
         if node.target in _SURROGATES and len(node.args) == 1 and not node.kwargs:
             node.target, changed = _SURROGATES[node.target], True
-    out = next(n for n in graph.nodes if n.op == "output")
-    last = out.args[0]
-    if drop_softmax and isinstance(last, fx.Node) and last.op == "call_function" and last.target in _SOFTMAX:
+    last = _softmax_output(graph) if drop_softmax else None
+    if last is not None:
         dim = last.kwargs.get("dim", last.args[1] if len(last.args) > 1 else None)
         if isinstance(dim, int) and not last.kwargs.keys() - {"dim"} and len(last.args) <= 2:
             last.target, last.args, last.kwargs, changed = logits_output, (last.args[0], dim), {}, True
