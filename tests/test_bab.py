@@ -257,3 +257,29 @@ def test_group_averages_keep_the_margin():
     assert torch.allclose(m.clamp(max=0), ma.clamp(max=0))
 
 
+
+
+def test_open_part_drops_only_the_proved_groups():
+    """Groups whose root bound is positive leave the search; the rest keep their rows (with the
+    group averages), renumbered, and the property's margin is the smaller of the open spec's and
+    the dropped groups' floor wherever the dropped rows obey their bounds."""
+    g = torch.Generator().manual_seed(5)
+    C = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    d = torch.randn(7, generator=g, dtype=torch.float64)
+    rs = RowSpec(C, d, torch.tensor([0, 0, 0, 1, 2, 2, 2])).with_averages()
+    root = torch.full((rs.C.shape[0],), -1.0, dtype=torch.float64)
+    root[(rs.groups == 1).nonzero().squeeze(1)] = 0.25  # group 1 proved
+    root[0] = 1e-7  # ... and one row of group 0 positive but below the margin: open
+    op, rows, floor = rs.open_part(root, 1e-6)
+    assert floor == 0.25 and op.num_groups == 2
+    assert torch.equal(rows, (rs.groups != 1).nonzero().squeeze(1))
+    assert torch.equal(op.groups, torch.where(rs.groups[rows] == 2, 1, 0))
+    assert torch.equal(op.C, rs.C[rows]) and torch.equal(op.d, rs.d[rows])
+    y = torch.randn(2000, 5, generator=g, dtype=torch.float64)
+    vals = rs.values(y)
+    ok = (vals[:, rs.groups == 1] >= 0.25).all(1)  # points where the dropped group obeys its bound
+    both = torch.minimum(op.margin(vals[:, rows]), torch.tensor(floor, dtype=torch.float64))
+    assert bool(ok.any())
+    assert torch.equal(rs.margin(vals)[ok] > 0, both[ok] > 0)
+    nothing, rows0, floor0 = rs.open_part(torch.full_like(root, -1.0), 1e-6)
+    assert math.isinf(floor0) and torch.equal(rows0, torch.arange(rs.C.shape[0])) and torch.equal(nothing.groups, rs.groups)

@@ -677,3 +677,35 @@ def test_input_split_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
     monkeypatch.setattr(search, "FULL_QUEUE", math.inf)  # best-first to the cap
     stuck = run(0.002, 0.05)
     assert stuck.status == "unknown" and stuck.details["reason"] == "memory"
+
+
+def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
+    """A class that never wins (bias -1e3): its row is proved at the root and the ReLU-split search
+    bounds only the other row; the answers still match the exact MILP distance (0.97 / 1.03 d*)."""
+    import relax.bab.activation_split as act
+
+    seen: list[int] = []
+    real = act.graph_relu_bab
+
+    def spy(graph, inputs, rs, *a, **k):
+        seen.append(rs.C.shape[0])
+        return real(graph, inputs, rs, *a, **k)
+
+    monkeypatch.setattr(act, "graph_relu_bab", spy)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+        _spread(net[0], 16.0)
+        with torch.no_grad():
+            net[4].bias[1] -= 1e3
+        x0 = torch.rand(1, 6)
+        label = int(net(x0).argmax())
+        d = _exact_distance(net, x0, label)
+        assert d is not None and label != 1
+        for f in (0.97, 1.03):
+            c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                        method_options={"split": "relu"})[0]
+            assert c.status == ("certified" if f < 1 else "falsified"), (seed, f, c.status, c.details.get("reason"))
+            if c.status == "certified":
+                assert 0 < c.details["margin_lower"] < 1e2  # the margin includes the proved row's floor (about 1e3) as a min
+    assert seen and set(seen) == {1}, seen  # the row against class 1 never reached the search

@@ -75,6 +75,21 @@ class RowSpec:
     def to(self, dtype: torch.dtype) -> "RowSpec":
         return RowSpec(self.C.to(dtype), self.d.to(dtype), self.groups)
 
+    def open_part(self, rows: Tensor, margin: float) -> tuple["RowSpec", Tensor, float]:
+        """The property without the groups that lower bounds ``rows [N]`` (valid on the whole
+        input set) already prove (group max ``> margin``): each domain of the set lies in it, so
+        those groups hold on every domain and the search need not bound them again.
+
+        Returns the spec of the open groups (renumbered ``0..G'-1``), the indices ``[N']`` of its
+        rows in this spec, and the least group max of the dropped groups (``inf`` if none): the
+        property's margin on a domain is the smaller of that and the open spec's margin."""
+        gmax = self.group_max(rows.to(self.C.dtype).reshape(-1))
+        open_ = ~(gmax > margin)
+        keep = open_[self.groups].nonzero().squeeze(1)
+        renumber = torch.cumsum(open_.long(), 0) - 1
+        floor = float(gmax[~open_].min()) if bool((~open_).any()) else math.inf
+        return RowSpec(self.C[keep], self.d[keep], renumber[self.groups[keep]]), keep, floor
+
     def with_averages(self, max_rows: int = 6) -> "RowSpec":
         """The same property with extra rows: in every group of 2..``max_rows`` rows, the
         average of each pair and of the whole group (just the whole group's average for larger

@@ -255,8 +255,24 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
     deadline = time.perf_counter() + left
+    # the groups the root proves hold on every domain: the search bounds only the open ones
+    rs, rows, proved_floor = rs.open_part((root.lower + rs.batch(1)[1])[0], opts.margin)
     search = _ActivationSearch(model, graph, x_set, rs, opts, check_point)
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
+    if root_alphas is not None:
+        root_alphas = {r: a[rows.to(a.device)] for r, a in root_alphas.items()}
+    res = _search(search, opts, deadline, left, boxes, root_alphas, low)
+    if res.status == "certified":
+        res.lower = min(res.lower, proved_floor)
+    return res
+
+
+def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas, low: float) -> BabResult:
+    """Branch from the root (:meth:`_ActivationSearch.branch`), for deep ReLU nets after MILP
+    refinement of the root's boxes once plain branching has had ``refine_after`` of the time."""
+    from relax.bab.activation_split import interval_inputs, relu_inputs
+
+    graph = search.graph
     hidden = len(relu_inputs(graph))
     refine = opts.refine_layers
     if refine is None:
