@@ -454,3 +454,24 @@ def test_pgd_from_given_starts_projects_them_and_descends_the_chosen_group():
     assert float(res.margin[0]) <= 0
     res_other = pgd_attack(model, s, spec, steps=0, starts=s.center.unsqueeze(0), start_groups=[1])
     assert float(res_other.margin[0]) >= float(res.margin[0])
+
+
+def test_restarts_without_the_midpoint_start_at_random_points():
+    """``from_midpoint=False`` (bab's second PGD, after restart 0 ran alone): no lane starts at the
+    midpoint; the default starts one lane per group there; both keep the lane count and targets."""
+    from verify.attack import _start_lanes
+
+    gen = torch.Generator().manual_seed(8)
+    s = make_set("linf", 3, gen)
+    mid = s.midpoint()
+    with_mid, t1 = _start_lanes(s, 4, 3, True, 0, None, None)
+    without, t2 = _start_lanes(s, 4, 3, True, 0, None, None, from_midpoint=False)
+    assert with_mid.shape == without.shape == (12, *mid.shape) and torch.equal(t1, t2)
+    assert all(torch.equal(with_mid[i], mid) for i in range(4))
+    assert not any(torch.equal(without[i, b], mid[b]) for i in range(12) for b in range(mid.shape[0]))
+    lo, hi = s.bounds()
+    assert ((without >= lo) & (without <= hi)).all()
+    model = mlp(2)
+    spec = robust_spec(model, s.midpoint())
+    res = pgd_attack(model, s, spec, steps=10, restarts=2, seed=3, from_midpoint=False)
+    assert confirm_counterexample(model, s, spec, res.x_adv).tolist() == res.found.tolist()

@@ -343,6 +343,7 @@ def pgd_attack(
     targeted: bool = True,
     starts: Tensor | None = None,
     start_groups: Sequence[int] | None = None,
+    from_midpoint: bool = True,
 ) -> AttackResult:
     """Projected gradient descent on the violation margin, batched over inputs and restarts.
 
@@ -354,7 +355,8 @@ def pgd_attack(
     the margin itself. The best point of every lane is judged by the full margin.
 
     Lanes of restart 0 start at the set's midpoint (the clean input of a ball), the others
-    at random points of the set (:func:`_shared_points`). The steps, the confirmation of
+    at random points of the set (:func:`_shared_points`); without ``from_midpoint`` every
+    restart starts at random points (for a caller that has already run restart 0). The steps, the confirmation of
     violating points and when the run stops: :class:`_PgdLanes`. The steps' gradients come
     from :func:`verify.surrogate.attack_surrogate` (the model itself unless it has ``sign`` /
     rounding nodes or a softmax output that the property compares pairwise); every candidate
@@ -377,6 +379,7 @@ def pgd_attack(
             restarts (``restarts`` and ``targeted`` are then ignored): ``L = S`` lanes.
         start_groups: with ``starts``, ``[S]`` group that lane ``s`` descends (its largest
             row); default: every lane descends the margin.
+        from_midpoint: restart 0 starts at the midpoint (else at random points like the others).
 
     Returns:
         :class:`AttackResult`; ``found`` only with a point that passes
@@ -386,7 +389,7 @@ def pgd_attack(
     if restarts < 1 or steps < 0:
         raise ValueError(f"need restarts >= 1 and steps >= 0, got {restarts}, {steps}")
     wdtype, work, spec_w = _working(model, inputs, spec)
-    x, target = _start_lanes(work, spec_w.num_groups, restarts, targeted, seed, starts, start_groups)  # [L, B, *shape]
+    x, target = _start_lanes(work, spec_w.num_groups, restarts, targeted, seed, starts, start_groups, from_midpoint)  # [L, B, *shape]
     steps_on = attack_surrogate(model, spec)  # gradients through sign / a saturated softmax (BPDA)
     lanes = _PgdLanes(steps_on, work, spec_w, x, target, wdtype, _BestPoints(model, inputs, spec))
     lanes.descend(steps, float(step_size) if step_size is not None else 5.0 / max(steps, 1), t0, timeout)
@@ -461,10 +464,11 @@ class _PgdLanes:
 
 
 def _start_lanes(work: InputSet, G: int, restarts: int, targeted: bool, seed: int, starts: Tensor | None,
-                 start_groups: Sequence[int] | None) -> tuple[Tensor, Tensor | None]:
+                 start_groups: Sequence[int] | None, from_midpoint: bool = True) -> tuple[Tensor, Tensor | None]:
     """The lanes' start points ``[L, B, *shape]`` and the group each lane descends (``[L]``, or
     ``None``: the margin): given ``starts`` projected into the sets, else per restart one lane per
-    group (``targeted``) or one lane, restart 0 at the midpoint and the others at random points."""
+    group (``targeted``) or one lane, restart 0 at the midpoint (``from_midpoint``) and the
+    others at random points."""
     dev, shape, B = work.device, work.shape, work.batch_size
     if starts is not None:
         L = starts.shape[0]
@@ -475,6 +479,8 @@ def _start_lanes(work: InputSet, G: int, restarts: int, targeted: bool, seed: in
     L = restarts * per
     target = (torch.arange(L, device=dev) % G) if per > 1 else None
     gen = torch.Generator(device=dev).manual_seed(seed)
+    if not from_midpoint:
+        return _shared_points(work, L, gen).detach().clone(), target
     first = [work.midpoint().unsqueeze(0).expand(per, *work.midpoint().shape)]
     if restarts > 1:
         first.append(_shared_points(work, L - per, gen))

@@ -192,9 +192,9 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
         elif kind == "pgd-midpoint":  # restart 0 alone: the lanes from the set's midpoint
             r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=1, seed=opts.seed,
                            timeout=min(left() * EARLY_PGD_SHARE, 5.0))
-        else:
+        else:  # restart 0 (from the midpoint) ran before the bounds: the random restarts only
             r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=opts.attack_restarts, seed=opts.seed,
-                           timeout=min(left() * 0.05, 5.0))
+                           timeout=min(left() * 0.05, 5.0), from_midpoint=False)
         if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
             return BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample")
         return None
