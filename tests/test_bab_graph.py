@@ -709,3 +709,39 @@ def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
             if c.status == "certified":
                 assert 0 < c.details["margin_lower"] < 1e2  # the margin includes the proved row's floor (about 1e3) as a min
     assert seen and set(seen) == {1}, seen  # the row against class 1 never reached the search
+
+
+def test_one_relu_layer_is_recognised():
+    from relax.bounds import prepare
+    from relax.methods.bab import _one_relu_layer
+
+    x = LpBall(torch.zeros(1, 1, 6, 6), 0.1, math.inf, -1.0, 1.0)
+    conv = nn.Sequential(nn.Conv2d(1, 3, 2), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)).eval()
+    two = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    sig = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.Sigmoid(), nn.Linear(8, 3)).eval()
+    both = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    got = [_one_relu_layer(prepare(m, x, torch.float64)[0]) for m in (conv, two, sig, both)]
+    assert got == [True, False, False, False]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_layer_nets_decided_by_the_exact_milp_stage(seed):
+    """One ReLU layer: after ``milp_after`` of the search the exact MILP takes over; against the
+    exact MILP distance d*: certified at 0.97 d*, and at 1.03 d*, with no attack before the search,
+    falsified by the MILP's own counterexample (confirmed by a forward pass)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    _spread(net[0], 16.0)
+    x0 = torch.rand(1, 6)
+    label = int(net(x0).argmax())
+    d = _exact_distance(net, x0, label)
+    assert d is not None
+    opts = {"split": "relu", "milp_after": 0.0, "random_samples": 0, "attack_restarts": 0}  # no attack at all
+    for f in (0.97, 1.03):
+        c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                    method_options=opts)[0]
+        assert c.status == ("certified" if f < 1 else "falsified"), (seed, f, c.status, c.details)
+        if c.status == "falsified":
+            x = torch.as_tensor(c.counterexample).reshape(1, 6).float()
+            assert (x - x0).abs().max() <= d * f + 1e-6 and int(net(x).argmax()) != label
+        assert c.details["stage"] == "graph-milp", c.details["stage"]  # 0.97 d* is beyond alpha-CROWN on these spread nets

@@ -58,8 +58,9 @@ class BabOptions(Options):
     batch_size: int | None = option(None, "domains bounded per round (none: 512 boxes with input split, 64 domains with relu split)", positive=True)
     input_split_max_dim: int = option(16, "largest input dimension for which split=auto splits inputs", positive=True)
     attack_steps: int = option(50, "PGD steps before branching")
-    attack_restarts: int = option(5, "PGD restarts before branching")
-    random_samples: int = option(1000, "random-attack samples before PGD")
+    attack_restarts: int = option(5, "PGD restarts before branching (the first from the set's midpoint, before the "
+                                  "first CROWN pass; the others from random points after it; 0: no PGD)")
+    random_samples: int = option(1000, "random-attack samples before PGD (0: none)")
     relu_steps: int = option(10, "alpha / beta optimisation steps per ReLU-split round")
     branch_candidates: int = option(3, "ReLUs whose children are bounded before one is split (filtered smart "
                                     "branching); 1: the BaBSR-style score alone", positive=True)
@@ -76,6 +77,9 @@ class BabOptions(Options):
     refine_workers: int | None = option(None, "MILPs of the refinement solved in parallel (none: one per usable "
                                         "core, at most 4)", positive=True)
     dense_limit: int = option(2**24, "largest matrix (numbers) of the dense view the refinement builds", positive=True)
+    milp_after: float = option(0.1, "relu split on networks with one ReLU layer: share of the search time given to "
+                               "branching before the exact MILP takes the rest (1: branching only)",
+                               interval=(0.0, 1.0, "closed"))
     queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
                                     "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
 
@@ -106,6 +110,13 @@ class BabMethod(Method):
             once); then the root is refined and branching restarts from it.
         dense_limit: largest matrix (numbers) of the dense view that the MILP refinement
             builds; networks with larger affine runs are not refined.
+        milp_after: ReLU split on a network whose only nonlinear node is one ReLU layer (every
+            ReLU input an affine function of the input, so the root's boxes are exact and the
+            MILP with them is the exact problem with the tightest big-M): the share of the
+            search time first given to branching; then the exact MILP
+            (:func:`relax.exact.milp.milp_verify`, HiGHS / Gurobi branch-and-cut) takes the rest
+            (1: never). Its proofs keep the MILP method's margins; its counterexamples are
+            confirmed like the search's.
         margin: a domain counts as proved when its margin lower bound exceeds this.
         seed: seeds the attacks.
         queue_memory_mb: memory cap of the queue of open domains (both kinds of splitting);
@@ -186,14 +197,18 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     graph, x64 = prepare(model, inputs, torch.float64)
 
     def attack(kind: str) -> BabResult | None:
+        # restart 0 (from the midpoint) runs before the bounds, the other restarts after them
+        runs = {"random": opts.random_samples, "pgd-midpoint": min(opts.attack_restarts, 1), "pgd": opts.attack_restarts - 1}
+        if runs[kind] <= 0:
+            return None
         if kind == "random":
             r = random_attack(_GraphModule(graph), x64, spec, samples=opts.random_samples, seed=opts.seed,
                               timeout=min(left() * 0.05, 5.0))
         elif kind == "pgd-midpoint":  # restart 0 alone: the lanes from the set's midpoint
             r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=1, seed=opts.seed,
                            timeout=min(left() * EARLY_PGD_SHARE, 5.0))
-        else:  # restart 0 (from the midpoint) ran before the bounds: the random restarts only
-            r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=opts.attack_restarts, seed=opts.seed,
+        else:
+            r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=runs[kind], seed=opts.seed,
                            timeout=min(left() * 0.05, 5.0), from_midpoint=False)
         if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
             return BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample")
@@ -273,6 +288,12 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
     from relax.bab.activation_split import interval_inputs, relu_inputs
 
     graph = search.graph
+    if opts.milp_after < 1 and _one_relu_layer(graph) and not (isinstance(search.x_set, LpBall) and search.x_set.p == 2.0):
+        first = search.branch(time.perf_counter() + opts.milp_after * left, boxes, root_alphas)
+        if first.status != "unknown" or time.perf_counter() >= deadline:
+            return first
+        exact = search.exact_milp(deadline, first)
+        return exact if exact is not None else search.branch(deadline, boxes, root_alphas)
     hidden = len(relu_inputs(graph))
     refine = opts.refine_layers
     if refine is None:
@@ -317,6 +338,14 @@ def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, tim
                        stall=None if splits_relus else (10, 0.01))
 
 
+def _one_relu_layer(graph) -> bool:
+    """The graph's only nonlinear node is one ReLU: every ReLU input is an affine function of
+    the network's input, so its root box is exact."""
+    from relax.bab.activation_split import relu_inputs
+
+    return len(graph.activations()) == 1 and len(relu_inputs(graph)) == 1
+
+
 class _ActivationSearch:
     """ReLU-sign and interval splitting from a root (its intermediate boxes and output slopes),
     optionally after MILP refinement of the root's boxes."""
@@ -342,6 +371,34 @@ class _ActivationSearch:
                            fast=None if self.fast is None else prune_graph(self.fast, keep), candidates=opts.branch_candidates)
         r.details["stage"] = "graph-bab"
         return r
+
+    def exact_milp(self, deadline: float, first: BabResult) -> BabResult | None:
+        """The exact MILP of the open groups until the ``perf_counter`` value ``deadline``
+        (:func:`relax.exact.milp.milp_verify`; ``first``: the branching before it, whose bound
+        and domains carry over). ``None`` when the network has no MILP encoding."""
+        from relax.exact.lp import UnsupportedNetworkError
+        from relax.exact.milp import milp_verify
+        from relax.solvers.program import SolverError
+        from verify.spec import LinearSpec
+
+        rs, t0 = self.rs, time.perf_counter()
+        spec = LinearSpec(rs.C.unsqueeze(0), rs.d.unsqueeze(0), rs.groups)
+        try:
+            out = milp_verify(self.model, self.x_set, spec, refine=False, attack=False, time_limit=max(0.0, deadline - t0))[0]
+        except (UnsupportedNetworkError, SolverError) as e:
+            first.details["milp"] = f"not run: {e}"
+            return None
+        details = {"stage": "graph-milp", "bab_first": {"time_s": round(first.time_s, 3), "domains": first.domains,
+                                                        "margin_lower": first.lower},
+                   "milp": {k: out.details[k] for k in ("reason", "note", "found_by") if k in out.details}}
+        domains, took = first.domains, time.perf_counter() - t0 + first.time_s
+        if out.status == "falsified" and out.counterexample is not None and self.check_point is not None \
+                and self.check_point(out.counterexample.reshape(-1)):
+            return BabResult("falsified", out.counterexample.double().reshape(-1), -math.inf, domains, took, "counterexample", details)
+        low = max(first.lower, float(out.group_lower.min()))
+        if out.status == "certified":
+            return BabResult("certified", None, low, domains, took, "proved", details)
+        return BabResult("unknown", None, low, domains, took, "timeout" if time.perf_counter() >= deadline else "incomplete", details)
 
     def refine_then_branch(self, deadline: float, boxes, root_alphas, low: float, layers: int, extra: dict) -> BabResult:
         """MILP-refine the root's boxes of the first ``layers`` hidden layers (within
