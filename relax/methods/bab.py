@@ -15,7 +15,10 @@ Per input of the batch, within the time budget (``timeout`` split evenly over th
    tanh / max-pooling inputs (:func:`relax.bab.activation_split.graph_relu_bab`) on the graph without
    the ReLUs dead at the root (:mod:`relax.ir.prune`); for networks of at least
    ``refine_min_depth`` ReLU layers, after ``refine_after`` of the budget, the root boxes are
-   tightened by MILP (:func:`relax.bab.tighten.refine_graph_root`) and the search restarts.
+   tightened by MILP (:func:`relax.bab.tighten.refine_graph_root`) and the search restarts;
+   for networks with one ReLU layer (exact root boxes), after ``milp_after`` of the search the
+   exact MILP (:func:`relax.exact.milp.milp_verify`) takes the rest. The search and the MILP
+   bound only the groups of rows that the root leaves open.
 
 ``falsified`` only with a counterexample that a float64 forward pass of the model confirms
 (:func:`verify.attack.confirm_counterexample`); ``certified`` only when every BaB domain is
@@ -130,7 +133,8 @@ class BabMethod(Method):
     guarantee = "deterministic"
     certifies = "base"
     summary = ("complete for ReLU networks (l_inf, l_1, l_2 balls, boxes): attack, alpha-CROWN, then input-split "
-               "or beta-CROWN ReLU-split branch-and-bound on the bound graph (MILP-refined roots for deep nets); "
+               "or beta-CROWN ReLU-split branch-and-bound on the bound graph (MILP-refined roots for deep nets, the exact "
+               "MILP for one ReLU layer); "
                "sigmoid / tanh / max-pooling inputs split by intervals (unknown possible)")
     norms = ("linf", "l2", "l1", "box")
 
