@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))  # before this folder: benchmarks/smoothing.py is 
 from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
-FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention")
+FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -125,6 +125,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "residual":
         shape = (3,)
         net = _Residual(3, 6, 3)
+    elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
+        shape = (20,)
+        net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))
     elif family in ("smooth", "attention"):
         shape = (3,)
         net = _Smooth(3, 3) if family == "smooth" else _Attention(3, 3)
@@ -231,7 +234,7 @@ def find_witness(gm: nn.Module, family: str, x0: torch.Tensor, prop: Robust, p: 
     """The closest violating point we can find (see the module docstring)."""
     if _violates(gm, prop, x0):
         return Witness(x0.double(), 0.0, 0.0, "clean")
-    if family in ("mlp", "bn") and not p == 2.0:
+    if family in ("mlp", "bn", "shallow") and not p == 2.0:
         try:
             from relax.exact.milp import minimum_distortion
 
@@ -345,7 +348,7 @@ def run(n_nets: int, seed: int = 0, methods: list[str] | None = None, out=None, 
                     table[name]["witness_inside"] += 1
                 table[name][cert.status] += 1
                 row = dict(method=name, family=fam, scale=scale, seed=nseed, centre=ckind, norm=norm, eps=eps,
-                           witness_dist=w.dist, witness=w.source, exact_lower=w.exact_lower, status=cert.status, verdict=verdict)
+                           witness_dist=w.dist, witness=w.source, exact_lower=w.exact_lower, status=cert.status, stage=cert.details.get("stage"), verdict=verdict)
                 if verdict != "ok":
                     table[name][verdict] += 1
                     false.append(row)

@@ -21,3 +21,15 @@ def test_no_false_answer_on_a_fuzz_slice():
     cases = sum(c["cases"] for c in res.values())
     # the slice has teeth: many balls hold a counterexample (a method certifying one fails)
     assert cases > 200 and inside > 30, (cases, inside)
+
+
+@pytest.mark.slow
+def test_bab_gives_no_false_answer_on_one_relu_layer_nets():
+    """ReLU splitting on 20 inputs, the groups the root proves left out, and the exact-MILP stage
+    of one-ReLU-layer networks (witnesses: exact MILP distances for l_inf / l_1)."""
+    fz = _fuzz()
+    res = fz.run(2, seed=5, methods=["bab"], scales=(1.0, 1e3), families=("shallow",), slow_every=1)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    c = res["bab"]
+    assert c["cases"] >= 40 and c["witness_inside"] >= 10 and c["certified"] > 0 and c["falsified"] > 0, c
