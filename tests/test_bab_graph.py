@@ -745,3 +745,20 @@ def test_one_layer_nets_decided_by_the_exact_milp_stage(seed):
             x = torch.as_tensor(c.counterexample).reshape(1, 6).float()
             assert (x - x0).abs().max() <= d * f + 1e-6 and int(net(x).argmax()) != label
         assert c.details["stage"] == "graph-milp", c.details["stage"]  # 0.97 d* is beyond alpha-CROWN on these spread nets
+
+
+def test_exact_milp_stage_skipped_above_its_dense_limit(monkeypatch):
+    """A dense view over ``MILP_DENSE_LIMIT`` numbers is not built: branching goes on alone."""
+    import relax.methods.bab as bab
+
+    monkeypatch.setattr(bab, "MILP_DENSE_LIMIT", 24 * 6 - 1)  # the net's first matrix is 24 x 6
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    _spread(net[0], 16.0)
+    x0 = torch.rand(1, 6)
+    label = int(net(x0).argmax())
+    d = _exact_distance(net, x0, label)
+    assert d is not None
+    c = certify(net, LpBall(x0, d * 0.97, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                method_options={"split": "relu", "milp_after": 0.0})[0]
+    assert c.status == "certified" and c.details["stage"] == "graph-bab", (c.status, c.details["stage"])

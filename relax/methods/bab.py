@@ -47,6 +47,9 @@ __all__ = ["BabMethod", "BabOptions", "run_bab"]
 
 #: the share of the time left that the first PGD restart may take (before the first CROWN pass)
 EARLY_PGD_SHARE = 0.02
+#: largest matrix (numbers) of the dense view that the exact-MILP stage of one-ReLU-layer networks
+#: builds (512 MB in float64; a convolution on 28 x 28 inputs with 32 channels needs 18.3 M)
+MILP_DENSE_LIMIT = 2**26
 #: the share of the time left that alpha-CROWN may take at the root of a ReLU-split search (and
 #: again after a MILP refinement of the root's boxes): the search gets the rest
 ROOT_ALPHA_SHARE = 0.3
@@ -385,15 +388,22 @@ class _ActivationSearch:
         from relax.solvers.program import SolverError
         from verify.spec import LinearSpec
 
+        from relax.bab.activation_split import relu_inputs
+
         rs, t0 = self.rs, time.perf_counter()
         spec = LinearSpec(rs.C.unsqueeze(0), rs.d.unsqueeze(0), rs.groups)
+        hidden = math.prod(self.graph.shape(relu_inputs(self.graph)[0][1]))
+        size = hidden * max(math.prod(self.graph.input_shape), rs.C.shape[1])  # the two matrices of the dense view
+        if size > MILP_DENSE_LIMIT:
+            first.details["milp"] = f"not run: a dense matrix of {size} numbers (limit {MILP_DENSE_LIMIT})"
+            return None
         try:
             out = milp_verify(self.model, self.x_set, spec, refine=False, attack=False, time_limit=max(0.0, deadline - t0))[0]
         except (UnsupportedNetworkError, SolverError) as e:
             first.details["milp"] = f"not run: {e}"
             return None
         details = {"stage": "graph-milp", "bab_first": {"time_s": round(first.time_s, 3), "domains": first.domains,
-                                                        "margin_lower": first.lower},
+                                                        "margin_lower": first.lower if math.isfinite(first.lower) else str(first.lower)},
                    "milp": {k: out.details[k] for k in ("reason", "note", "found_by") if k in out.details}}
         domains, took = first.domains, time.perf_counter() - t0 + first.time_s
         if out.status == "falsified" and out.counterexample is not None and self.check_point is not None \
