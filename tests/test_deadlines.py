@@ -303,3 +303,15 @@ def test_beta_ascent_starts_no_step_it_cannot_finish():
         took = time.perf_counter() - t0
         assert best.shape == (3, 2)
         assert took <= most + 0.04, (reserve, took)
+
+
+def test_bab_exact_milp_stage_counts_the_dense_view_in_its_deadline(monkeypatch):
+    """One ReLU layer: the exact-MILP stage gets the time left after its dense view is built (a
+    slow build must not push the MILP past the deadline)."""
+    import relax.exact.lp as lp
+
+    _slowed(monkeypatch, lp, "relu_net", 1.5)
+    net, x, label = _problem([40, 600, 10])  # at eps 0.045 the MILP proves it in about 9 s
+    cert, wall = _timed(net, x, label, "bab", 0.045, 3.0, method_options={"milp_after": 0.0})
+    assert cert.details["stage"] == "graph-milp", cert.details["stage"]
+    _check_sound(cert, net, x, label)

@@ -300,7 +300,12 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
         if first.status != "unknown" or time.perf_counter() >= deadline:
             return first
         exact = search.exact_milp(deadline, first)
-        return exact if exact is not None else search.branch(deadline, boxes, root_alphas)
+        if exact is not None and (exact.status != "unknown" or deadline - time.perf_counter() < 0.05 * left):
+            return exact
+        again = search.branch(deadline, boxes, root_alphas)  # no MILP, or one that stopped early: branching
+        if exact is not None and again.status == "unknown":
+            again.lower = max(again.lower, exact.lower)
+        return again
     hidden = len(relu_inputs(graph))
     refine = opts.refine_layers
     if refine is None:
@@ -383,7 +388,7 @@ class _ActivationSearch:
         """The exact MILP of the open groups until the ``perf_counter`` value ``deadline``
         (:func:`relax.exact.milp.milp_verify`; ``first``: the branching before it, whose bound
         and domains carry over). ``None`` when the network has no MILP encoding."""
-        from relax.exact.lp import UnsupportedNetworkError
+        from relax.exact.lp import relu_net
         from relax.exact.milp import milp_verify
         from relax.solvers.program import SolverError
         from verify.spec import LinearSpec
@@ -397,9 +402,15 @@ class _ActivationSearch:
         if size > MILP_DENSE_LIMIT:
             first.details["milp"] = f"not run: a dense matrix of {size} numbers (limit {MILP_DENSE_LIMIT})"
             return None
+        try:  # the dense view first (not interruptible: about 1 s for 18 M numbers), then the MILP in the time left
+            net = relu_net(self.model, tuple(self.graph.input_shape))
+        except ValueError as e:  # UnsupportedNetworkError, NotFeedForwardError: no MILP encoding
+            first.details["milp"] = f"not run: {e}"
+            return None
         try:
-            out = milp_verify(self.model, self.x_set, spec, refine=False, attack=False, time_limit=max(0.0, deadline - t0))[0]
-        except (UnsupportedNetworkError, SolverError) as e:
+            out = milp_verify(self.model, self.x_set, spec, refine=False, attack=False, net=net,
+                              time_limit=max(0.0, deadline - time.perf_counter()))[0]
+        except SolverError as e:
             first.details["milp"] = f"not run: {e}"
             return None
         details = {"stage": "graph-milp", "bab_first": {"time_s": round(first.time_s, 3), "domains": first.domains,
