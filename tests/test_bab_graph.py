@@ -762,3 +762,4 @@ def test_exact_milp_stage_skipped_above_its_dense_limit(monkeypatch):
     c = certify(net, LpBall(x0, d * 0.97, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
                 method_options={"split": "relu", "milp_after": 0.0})[0]
     assert c.status == "certified" and c.details["stage"] == "graph-bab", (c.status, c.details["stage"])
+    assert c.details["milp"].startswith("not run: a dense matrix of 144 numbers"), c.details["milp"]

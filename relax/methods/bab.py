@@ -165,7 +165,7 @@ class BabMethod(Method):
                 details={
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
-                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak") if k in res.details},
+                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak", "milp", "bab_first") if k in res.details},
                 },
             ))
         return certs
@@ -290,22 +290,14 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
 
 
 def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas, low: float) -> BabResult:
-    """Branch from the root (:meth:`_ActivationSearch.branch`), for deep ReLU nets after MILP
+    """Branch from the root (:meth:`_ActivationSearch.branch`): for one-ReLU-layer nets the exact
+    MILP after ``milp_after`` of the time (:func:`_branch_then_milp`), for deep ReLU nets MILP
     refinement of the root's boxes once plain branching has had ``refine_after`` of the time."""
     from relax.bab.activation_split import interval_inputs, relu_inputs
 
     graph = search.graph
     if opts.milp_after < 1 and _one_relu_layer(graph) and not (isinstance(search.x_set, LpBall) and search.x_set.p == 2.0):
-        first = search.branch(time.perf_counter() + opts.milp_after * left, boxes, root_alphas)
-        if first.status != "unknown" or time.perf_counter() >= deadline:
-            return first
-        exact = search.exact_milp(deadline, first)
-        if exact is not None and (exact.status != "unknown" or deadline - time.perf_counter() < 0.05 * left):
-            return exact
-        again = search.branch(deadline, boxes, root_alphas)  # no MILP, or one that stopped early: branching
-        if exact is not None and again.status == "unknown":
-            again.lower = max(again.lower, exact.lower)
-        return again
+        return _branch_then_milp(search, opts, deadline, left, boxes, root_alphas)
     hidden = len(relu_inputs(graph))
     refine = opts.refine_layers
     if refine is None:
@@ -348,6 +340,22 @@ def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, tim
                        stop_fn=lambda low: rs.margin(low + d) > opts.margin,
                        deadline=Deadline((ROOT_ALPHA_SHARE if splits_relus else 0.7) * time_left),
                        stall=None if splits_relus else (10, 0.01))
+
+
+def _branch_then_milp(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas) -> BabResult:
+    """Branching for ``milp_after`` of the time ``left``, then the exact MILP until ``deadline``;
+    branching again (from the root) when the MILP cannot be built or stops early with time left."""
+    first = search.branch(time.perf_counter() + opts.milp_after * left, boxes, root_alphas)
+    if first.status != "unknown" or time.perf_counter() >= deadline:
+        return first
+    exact = search.exact_milp(deadline, first)
+    if exact is not None and (exact.status != "unknown" or deadline - time.perf_counter() < 0.05 * left):
+        return exact
+    again = search.branch(deadline, boxes, root_alphas)
+    again.details["milp"] = first.details.get("milp") if exact is None else {"stopped": exact.reason, **exact.details["milp"]}
+    if exact is not None and again.status == "unknown":
+        again.lower = max(again.lower, exact.lower)
+    return again
 
 
 def _one_relu_layer(graph) -> bool:
