@@ -29,7 +29,7 @@ PACKAGES = ("verify", "relax", "smoothing")
 # (layer name, module prefixes); lowest first. Modules in one tuple share a layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verify vocabulary", ("verify.spec", "verify.errors", "verify.deadline", "verify.certificate",
-                           "verify.resources", "verify.options", "verify.precision")),
+                           "verify.resources", "verify.options", "verify.precision", "verify.placement")),
     ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.model")),
     ("verify base", ("verify.surrogate", "verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
     ("relax.ir", ("relax.ir",)),

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .placement import model_device, model_float_dtype, model_tensors
 from .precision import ieee_float32
 from .spec import Box, InputSet, LinearSpec, LpBall, SpecError
 from .surrogate import attack_surrogate
@@ -73,22 +74,10 @@ class AttackResult:
 # checks
 
 
-def _model_device(model: torch.nn.Module, default: torch.device) -> torch.device:
-    """Where ``model``'s parameters / buffers live (``default`` when it has none)."""
-    return next((t.device for t in list(model.parameters()) + list(model.buffers())), default)
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if torch.is_floating_point(t):
-            return t.dtype
-    return None
-
-
 def _work_dtype(model: torch.nn.Module, inputs: InputSet) -> torch.dtype:
     """The attacks' working dtype: the model's floating dtype (the inputs' for a model without
     floating tensors)."""
-    return _model_dtype(model) or inputs.bounds()[0].dtype
+    return model_float_dtype(model) or inputs.bounds()[0].dtype
 
 
 def _working(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> tuple[torch.dtype, InputSet, LinearSpec]:
@@ -101,8 +90,7 @@ def _working(model: torch.nn.Module, inputs: InputSet, spec: LinearSpec) -> tupl
 def _float64_model(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` itself when all its floating tensors are float64, else a float64 deep copy
     (the caller's model is left untouched)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    if all(t.dtype == torch.float64 for t in tensors if torch.is_floating_point(t)):
+    if all(t.dtype == torch.float64 for t in model_tensors(model) if torch.is_floating_point(t)):
         return model
     return copy.deepcopy(model).double()
 
@@ -146,7 +134,7 @@ def project_into(inputs: InputSet, x: Tensor) -> Tensor:
 def _check(model64: torch.nn.Module, inputs: InputSet, spec: LinearSpec, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(inside [B] bool, margin [B] float64)`` of points ``x [B, *shape]`` (membership in float64)."""
     inside = inputs.to(dtype=torch.float64).contains(x.detach().double().to(inputs.device), tol=_contains_tol(inputs))
-    dev = _model_device(model64, x.device)
+    dev = model_device(model64, x.device)
     with torch.no_grad():
         y = _forward(model64, x.detach().double().to(dev))
     margin = spec.to(device=y.device, dtype=torch.float64).violation_margin(y)
@@ -177,8 +165,8 @@ def own_dtype_margins(
     """Violation margins ``[B]`` (float64; ``<= 0``: violated) of ``x [B, *shape]`` by the model
     in its own dtype and device, one input per forward pass; entries not in ``which`` are
     ``+inf``. ``dtype``: the dtype of a model without floating tensors (default float32)."""
-    dtype = _model_dtype(model) or dtype or torch.float32
-    dev = _model_device(model, x.device)
+    dtype = model_float_dtype(model) or dtype or torch.float32
+    dev = model_device(model, x.device)
     out = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
     s64 = spec.to(dtype=torch.float64)
     idx = range(x.shape[0]) if which is None else which.nonzero().flatten().tolist()
@@ -209,7 +197,7 @@ def repair_counterexample(
         ``(confirmed, point [1, *shape] float64, note)``; the point is the last one tried when
         nothing was confirmed.
     """
-    dev = _model_device(model, x.device)
+    dev = model_device(model, x.device)
     x, spec = x.detach().to(device=dev, dtype=torch.float64), spec.to(device=dev)
     if inputs is None:
         ok = bool(confirm_counterexample(model, Box(x, x), spec, x)[0])

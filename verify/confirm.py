@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .placement import model_device, model_float_dtype
 from .precision import ieee_float32
 
 __all__ = ["VNNCOMP_ATOL", "VNNCOMP_RTOL", "Runner", "onnx_runner", "torch_runner", "Confirmation", "project_into_box", "confirm"]
@@ -80,8 +81,8 @@ def onnx_runner(onnx_path: str | os.PathLike) -> Runner:
 
 def torch_runner(net: torch.nn.Module, input_shape: tuple[int, ...]) -> Runner:
     """A torch model, one input at a time in the dtype of its parameters (no ONNX file)."""
-    dt = next((t.dtype for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()), torch.float32)
-    dev = next((t.device for t in net.parameters()), torch.device("cpu"))
+    dt = model_float_dtype(net) or torch.float32
+    dev = model_device(net)
 
     def fn(x: np.ndarray) -> np.ndarray:
         with torch.no_grad(), ieee_float32():

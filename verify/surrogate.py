@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from .placement import model_tensors
 from .spec import LinearSpec
 
 __all__ = ["attack_surrogate", "pairwise_rows"]
@@ -128,7 +129,7 @@ def attack_surrogate(model: torch.nn.Module, spec: LinearSpec) -> torch.nn.Modul
     if not isinstance(model, fx.GraphModule):
         return model
     drop_softmax = _softmax_output(model.graph) is not None and pairwise_rows(spec)  # the rows' check only then
-    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    first = next(iter(model_tensors(model)), None)
     # keyed by where the model is: ``model.to()`` replaces buffer objects, which a copy would miss
     key = (drop_softmax, None if first is None else (first.device, first.dtype))
     per_model = _BUILT.setdefault(model, {})
