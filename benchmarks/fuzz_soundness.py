@@ -304,7 +304,7 @@ def cases(n_nets: int, seed: int, scales: tuple[float, ...] = SCALES,
     k = 0
     for i in range(n_nets):
         fam = families[i % len(families)]
-        scale = scales[(i // len(families) + i) % len(scales)]
+        scale = scales[(i // len(families) + i % len(families)) % len(scales)]  # every family meets every scale
         for c in CENTRES:
             p = NORMS[k % len(NORMS)]
             k += 1

@@ -33,3 +33,11 @@ def test_bab_gives_no_false_answer_on_one_relu_layer_nets():
     assert not false, f"false answers: {false[:5]}"
     c = res["bab"]
     assert c["cases"] >= 40 and c["witness_inside"] >= 10 and c["certified"] > 0 and c["falsified"] > 0, c
+
+
+def test_every_family_meets_every_scale():
+    """One family alone, or nine beside four scales: each family gets each scale."""
+    fz = _fuzz()
+    for families in (("shallow",), fz.FAMILIES, ("mlp", "cnn")):
+        seen = {(fam, scale) for fam, scale, *_ in fz.cases(len(families) * len(fz.SCALES), 0, families=families)}
+        assert seen == {(f, s) for f in families for s in fz.SCALES}, (families, sorted(seen))
