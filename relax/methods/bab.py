@@ -396,12 +396,11 @@ class _ActivationSearch:
         """The exact MILP of the open groups until the ``perf_counter`` value ``deadline``
         (:func:`relax.exact.milp.milp_verify`; ``first``: the branching before it, whose bound
         and domains carry over). ``None`` when the network has no MILP encoding."""
+        from relax.bab.activation_split import relu_inputs
         from relax.exact.lp import relu_net
         from relax.exact.milp import milp_verify
         from relax.solvers.program import SolverError
         from verify.spec import LinearSpec
-
-        from relax.bab.activation_split import relu_inputs
 
         rs, t0 = self.rs, time.perf_counter()
         spec = LinearSpec(rs.C.unsqueeze(0), rs.d.unsqueeze(0), rs.groups)
