@@ -724,11 +724,8 @@ def test_one_relu_layer_is_recognised():
     assert got == [True, False, False, False]
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_one_layer_nets_decided_by_the_exact_milp_stage(seed):
-    """One ReLU layer: after ``milp_after`` of the search the exact MILP takes over; against the
-    exact MILP distance d*: certified at 0.97 d*, and at 1.03 d*, with no attack before the search,
-    falsified by the MILP's own counterexample (confirmed by a forward pass)."""
+def _one_layer_case(seed: int):
+    """A spread 6-24-3 ReLU net, a centre, its label and the exact l_inf distance d* to another class."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
     _spread(net[0], 16.0)
@@ -736,6 +733,15 @@ def test_one_layer_nets_decided_by_the_exact_milp_stage(seed):
     label = int(net(x0).argmax())
     d = _exact_distance(net, x0, label)
     assert d is not None
+    return net, x0, label, d
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_layer_nets_decided_by_the_exact_milp_stage(seed):
+    """One ReLU layer: after ``milp_after`` of the search the exact MILP takes over; against the
+    exact MILP distance d*: certified at 0.97 d*, and at 1.03 d*, with no attack before the search,
+    falsified by the MILP's own counterexample (confirmed by a forward pass)."""
+    net, x0, label, d = _one_layer_case(seed)
     opts = {"split": "relu", "milp_after": 0.0, "random_samples": 0, "attack_restarts": 0}  # no attack at all
     for f in (0.97, 1.03):
         c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
@@ -752,13 +758,7 @@ def test_exact_milp_stage_skipped_above_its_dense_limit(monkeypatch):
     import relax.methods.bab as bab
 
     monkeypatch.setattr(bab, "MILP_DENSE_LIMIT", 24 * 6 - 1)  # the net's first matrix is 24 x 6
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
-    _spread(net[0], 16.0)
-    x0 = torch.rand(1, 6)
-    label = int(net(x0).argmax())
-    d = _exact_distance(net, x0, label)
-    assert d is not None
+    net, x0, label, d = _one_layer_case(0)
     c = certify(net, LpBall(x0, d * 0.97, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
                 method_options={"split": "relu", "milp_after": 0.0})[0]
     assert c.status == "certified" and c.details["stage"] == "graph-bab", (c.status, c.details["stage"])

@@ -270,7 +270,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     if box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
         return _input_split_bab(graph, x_set, rs, opts, t0 + time_left, check_point)
     root = _root_alpha_crown(graph, x_set, rs, opts, time_left)
-    low = float(rs.margin(root.lower + rs.batch(1)[1])[0])
+    root_rows = (root.lower + rs.batch(1)[1])[0]  # [N] lower bounds of the rows on the whole set
+    low = float(rs.margin(root_rows))
     if low > opts.margin:
         return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
     left = time_left - (time.perf_counter() - t0)
@@ -278,7 +279,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
     deadline = time.perf_counter() + left
     # the groups the root proves hold on every domain: the search bounds only the open ones
-    rs, rows, proved_floor = rs.open_part((root.lower + rs.batch(1)[1])[0], opts.margin)
+    rs, rows, proved_floor = rs.open_part(root_rows, opts.margin)
     search = _ActivationSearch(model, graph, x_set, rs, opts, check_point)
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
     if root_alphas is not None:
