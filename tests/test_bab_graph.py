@@ -322,7 +322,7 @@ def test_ball_clipped_by_the_domain_is_concretised_exactly(p):
     minimum (LP / SOCP) and within 1e-6 of it."""
     cp = pytest.importorskip("cvxpy")
 
-    from relax.bounds.crown import ball_box_dual
+    from relax.bounds.concretize import ball_box_dual
 
     g = torch.Generator().manual_seed(int(p))
     n, S, B = 12, 5, 3

@@ -50,14 +50,16 @@ from torch import Tensor
 
 from verify.deadline import Deadline
 from verify.precision import ieee_float32
-from verify.spec import InputSet, LpBall, dual_norm
+from verify.spec import InputSet, LpBall
 
 from relax.ir.graph import BNode, BoundGraph
 from relax.bounds.interval import interval_bounds
 from relax.ir.ops import Relaxation, ReLU
 from relax.ir.ops.base import sum_rows
-from relax.bounds.dot import batch_first_dot, rowwise_dot
-from relax.bounds.roundoff import SAFETY, backward_weight, concretize_error, gamma, max_abs, sum_length
+from relax.bounds.concretize import concretize, concretize_rows
+from relax.bounds.dot import batch_first_dot
+from relax.bounds.pairwise import PairwiseRows
+from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, sum_length
 
 __all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "skips_linear_bounds",
            "Rows", "AlphaFn"]
@@ -99,88 +101,6 @@ class CrownResult:
         return self.lower
 
 
-def concretize(A: Tensor, bias: Tensor, input_set: InputSet, clipped_ball: bool = False) -> Tensor:
-    """``min over x in input_set of A . x + bias``: ``A [S, B, *in]``, ``bias [S, B]`` -> ``[S, B]``.
-
-    Box / l_inf ball: ``A . m - |A| . r`` on the (domain-clipped) box. l_p ball (p = 1, 2):
-    Hoelder, ``A . c - eps ||A||_q`` with ``1/p + 1/q = 1``, the box bound on the enclosing
-    clipped box and, with ``clipped_ball`` (the spec rows' pass: the intermediate rows are too
-    many for its cost) when a domain clips the ball, the dual bound on ball and box together
-    (:func:`ball_box_dual`); the largest (all sound: the set lies in each).
-    """
-    S, B = A.shape[:2]
-    A2 = A.reshape(S, B, -1)
-    lo, hi = input_set.bounds()
-    m, r = ((hi + lo) / 2).reshape(B, -1), ((hi - lo) / 2).reshape(B, -1)
-    val = rowwise_dot(A2, m) - rowwise_dot(A2.abs(), r)
-    if isinstance(input_set, LpBall) and not math.isinf(input_set.p):
-        q = dual_norm(input_set.p)
-        c = input_set.center.reshape(B, -1).to(A.dtype)
-        nq = A2.abs().amax(-1) if math.isinf(q) else A2.norm(p=q, dim=-1)
-        ball = rowwise_dot(A2, c) - input_set.eps.to(A.dtype).view(1, B) * nq
-        val = torch.maximum(val, ball)
-        if clipped_ball and (input_set.domain_lo is not None or input_set.domain_hi is not None):
-            eps = input_set.eps.to(A.dtype).view(1, B, 1)
-            val = torch.maximum(val, ball_box_dual(A2, c, eps, lo.reshape(B, -1).to(A.dtype), hi.reshape(B, -1).to(A.dtype), input_set.p))
-    return val + bias
-
-
-def ball_box_dual(A: Tensor, c: Tensor, eps: Tensor, lo: Tensor, hi: Tensor, p: float) -> Tensor:
-    """Lower bound ``[S, B]`` of ``min A . x`` over the l_p ball ``||x - c||_p <= eps`` *intersected*
-    with the box ``[lo, hi]`` (a ball clipped by the input domain), by Lagrangian duality: for
-    any ``mu >= 0``
-
-    * ``p = 1``: ``sum_i min_{x_i in [lo_i, hi_i]} (a_i x_i + mu |x_i - c_i|) - mu eps``
-      (each term at ``lo_i``, ``hi_i`` or the clamped centre); ``mu`` is the ``|a_i|`` at which the
-      greedy fill of the budget ``eps`` (largest ``|a_i|`` first, each up to its bound) stops,
-      which makes the bound the exact minimum;
-    * ``p = 2``: ``sum_i min_{x_i} (a_i x_i + mu (x_i - c_i)^2) - mu eps^2`` with the minimiser
-      ``clamp(c_i - a_i / (2 mu), lo_i, hi_i)``; ``mu`` by bisection on ``||x(mu) - c|| = eps``.
-
-    Any ``mu`` gives a sound bound (weak duality), so ``mu`` is chosen without gradients. Shapes:
-    ``A [S, B, n]``, ``c, lo, hi [B, n]``, ``eps [1, B, 1]``. The round-off of the sums
-    (``gamma_n`` times their terms' magnitudes) is subtracted.
-    """
-    from relax.bounds.roundoff import gamma as _gamma
-
-    n = A.shape[-1]
-    c, lo, hi = c.unsqueeze(0), lo.unsqueeze(0), hi.unsqueeze(0)
-    cc = torch.minimum(torch.maximum(c, lo), hi)
-    zero = eps <= 0  # a point: the plain ball bound is exact there; -inf here (computed with eps 1, kept finite)
-    eps = torch.where(zero, torch.ones_like(eps), eps)
-    with torch.no_grad():
-        Ad = A.detach()
-        if p == 1.0:
-            cap = torch.where(Ad > 0, cc - lo, hi - cc).clamp_min(0) + (cc - c).abs()
-            a_abs, order = Ad.abs().sort(-1, descending=True)
-            filled = cap.expand_as(Ad).gather(-1, order).cumsum(-1)
-            k = (filled < eps).sum(-1, keepdim=True).clamp(max=n - 1)
-            mu = torch.where((filled[..., -1:] < eps), torch.zeros_like(k, dtype=A.dtype), a_abs.gather(-1, k))
-        else:
-            tiny = torch.finfo(A.dtype).tiny
-            lo_mu = torch.full(Ad.shape[:-1] + (1,), tiny, dtype=A.dtype, device=A.device).log()
-            hi_mu = (Ad.norm(dim=-1, keepdim=True) / (2 * eps.clamp_min(tiny)) + tiny).log() + 1.0
-            for _ in range(40):
-                mid = (lo_mu + hi_mu) / 2
-                x = torch.minimum(torch.maximum(c - Ad / (2 * mid.exp()), lo), hi)
-                big = ((x - c) ** 2).sum(-1, keepdim=True) > eps ** 2  # mu too small
-                lo_mu = torch.where(big, mid, lo_mu)
-                hi_mu = torch.where(big, hi_mu, mid)
-            mu = hi_mu.exp()
-    if p == 1.0:
-        cand = torch.stack([A * lo + mu * (lo - c).abs(), A * hi + mu * (hi - c).abs(), A * cc + mu * (cc - c).abs()])
-        terms = cand.amin(0)
-        val = terms.sum(-1) - (mu * eps).squeeze(-1)
-        mag = terms.abs().sum(-1) + (mu * eps).squeeze(-1)
-    else:
-        x = torch.minimum(torch.maximum(c - A.detach() / (2 * mu), lo), hi)
-        terms = A * x + mu * (x - c) ** 2
-        val = terms.sum(-1) - (mu * eps ** 2).squeeze(-1)
-        mag = (A * x).abs().sum(-1) + (mu * (x - c) ** 2).sum(-1) + (mu * eps ** 2).squeeze(-1)
-    val = val - 3 * _gamma(n + 4, A.dtype) * mag.detach()
-    return torch.where(zero.squeeze(-1), torch.full_like(val, -math.inf), val)
-
-
 def backward(
     graph: BoundGraph,
     start: str,
@@ -209,6 +129,24 @@ def backward(
         clipped_ball: concretise l_1 / l_2 balls clipped by their domain exactly
             (:func:`concretize`).
     """
+    A_in, bias, err = backward_form(graph, start, A0, relax, alphas, weights, extra, record)
+    return concretize_rows(A_in, bias, err, input_set, clipped_ball, weights is not None)
+
+
+def backward_form(
+    graph: BoundGraph,
+    start: str,
+    A0: Tensor | Rows,
+    relax: dict[str, Relaxation],
+    alphas: dict[str, Tensor] | None = None,
+    weights: dict[str, Tensor | None] | None = None,
+    extra: dict[str, Tensor] | None = None,
+    record: dict[str, Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`backward` before the concretisation: the linear lower bound
+    ``A0 . z_start >= A_in . x + bias - err`` as ``A_in [S, B, *in]``, ``bias [S, B]`` and the
+    round-off ``err`` (``[S, B]`` or broadcastable; ``None`` without ``weights``) of the steps so
+    far (the concretisation's own is not in it)."""
     anc = _ancestors(graph, start)
     As, bias, err, start_done = _start_coefficients(graph, start, A0, weights)
     for n in reversed(graph.nodes):
@@ -237,13 +175,7 @@ def backward(
         record[graph.input_name] = A_in.detach()
     if bias is None:
         bias = torch.zeros(A_in.shape[:2], dtype=A_in.dtype, device=A_in.device)
-    S, B = A_in.shape[:2]
-    if input_set.batch_size == 1 and B > 1:  # rows of one input (a virtual batch): fold them into S
-        A_in, bias = A_in.reshape(S * B, 1, *A_in.shape[2:]), bias.reshape(S * B, 1)
-        if err is not None:
-            err = err.expand(S, B).reshape(S * B, 1)
-        return backward_tail(A_in, bias, err, input_set, clipped_ball, weights is not None).view(S, B)
-    return backward_tail(A_in, bias, err, input_set, clipped_ball, weights is not None)
+    return A_in, bias, err
 
 
 def _start_coefficients(graph: BoundGraph, start: str, A0: Tensor | Rows, weights: dict[str, Tensor | None] | None
@@ -277,21 +209,6 @@ def _through(n: BNode, A: Tensor, relax: dict[str, Relaxation], alphas: dict[str
         A_in, b = n.op.backward_relaxed(A, relax[n.name], alpha)
         return (A_in if isinstance(A_in, list) else [A_in]), b
     return n.op.backward(A)
-
-
-def backward_tail(A_in: Tensor, bias: Tensor, err: Tensor | None, input_set: InputSet, clipped_ball: bool, rounded: bool) -> Tensor:
-    """:func:`backward`'s last step: ``A_in . x + bias`` (``A_in [S, B, *in]``, ``bias [S, B]``)
-    concretised over the input set, lowered by the round-off ``err [S, B]`` accumulated so far
-    and the concretisation's own when ``rounded``."""
-    low = concretize(A_in, bias, input_set, clipped_ball)
-    if not rounded:
-        return low
-    S, B = A_in.shape[:2]
-    lo, hi = input_set.bounds()
-    eps = input_set.eps if isinstance(input_set, LpBall) and not math.isinf(input_set.p) else None
-    e = concretize_error(A_in.detach().abs().reshape(S, B, -1), lo.reshape(B, -1), hi.reshape(B, -1), eps)
-    err = e if err is None else err + e
-    return low - SAFETY * err - torch.finfo(low.dtype).tiny
 
 
 def node_weights(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], weights: dict[str, Tensor | None]) -> None:
@@ -435,10 +352,13 @@ def bound_node(
     alpha_fn: AlphaFn | None = None,
     weights: dict[str, Tensor | None] | None = None,
     deadline: Deadline | None = None,
+    pairs: PairwiseRows | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
     :func:`rows_needed` picks (or ``rows``). Returns the intersected box. No chunk of rows starts
-    after ``deadline`` (the rows not reached keep their given box).
+    after ``deadline`` (the rows not reached keep their given box). ``pairs``: also collect the
+    bounds of a linear map of the node's entries from their linear bounds
+    (:class:`~relax.bounds.pairwise.PairwiseRows`; used only when every entry has a row).
 
     The ``T`` (neuron, batch element) pairs form a *virtual batch*: rows ``+e`` and ``-e`` of
     pair ``t`` are ``A0[0, t]`` and ``A0[1, t]``, with the relaxations and the input set
@@ -451,6 +371,8 @@ def bound_node(
     if T == 0:
         return lo, hi
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
+    if pairs is not None and not (T == l2.numel() and torch.equal(idx, torch.arange(l2.shape[1], device=idx.device).repeat(B))):
+        pairs = None  # the groups need every entry's row, in order
     grad = torch.is_grad_enabled() and alpha_fn is not None
     step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * _max_width(graph, node))))
     acts = _acts_before(graph, node)
@@ -461,6 +383,8 @@ def bound_node(
     t0, max_step = 0, step
     if deadline is not None and deadline.seconds is not None:
         step = min(step, 8)  # under a deadline chunks start small and grow while they stay short
+    if pairs is not None:
+        step, max_step = pairs.group(step), pairs.group(max_step)
     while t0 < T:
         if deadline is not None and deadline.expired():
             break
@@ -477,14 +401,19 @@ def bound_node(
                     alphas[act] = a
         sub = idx[t0:t1]
         wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
-        low = backward(graph, node, Rows(torch.stack([sub, sub]), sign), rel, input_set if shared else input_set.select(bsel),
-                       alphas, weights if shared else wsel)  # [2, c]
+        iset = input_set if shared else input_set.select(bsel)
+        form = backward_form(graph, node, Rows(torch.stack([sub, sub]), sign), rel, alphas, weights if shared else wsel)
+        low = concretize_rows(*form, iset, False, weights is not None)  # [2, c]
+        if pairs is not None:
+            pairs.add(*form, iset, weights is not None)
         new_l.append(low[0])
         new_h.append(-low[1])
         if deadline is not None and deadline.seconds is not None:  # chunks of at most ~1 s (or 5 % of what is left)
             per_row = (time.perf_counter() - t_chunk) / (t1 - t0)
             target = min(1.0, 0.05 * deadline.remaining())
             step = int(max(1, min(max_step, target / max(per_row, 1e-9))))
+            if pairs is not None:
+                step = pairs.group(step)
         t0 = t1
     if not new_l:
         return lo, hi
@@ -624,6 +553,7 @@ class _BoxPass:
         self.inter: dict[str, tuple[Tensor, Tensor]] = {}
         self.weights: dict[str, Tensor | None] = dict(roundoff_weights or {})
         self.ibp: dict[str, tuple[Tensor, Tensor]] = {}  # interval boxes computed so far
+        self.pair_boxes: dict[str, tuple[Tensor, Tensor]] = {}  # boxes of box_from_input nodes from their input's forms
 
     def box(self, p: str) -> tuple[Tensor, Tensor]:
         """Pre-activation ``p``'s box ``[B, *shape]``: given, the input set's, the interval box
@@ -637,18 +567,38 @@ class _BoxPass:
         elif ibp_is_exact(graph, p, self.input_set) or _monotone_of_known(graph, p, self.known):
             self.ibp = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
             l, h = self.ibp[p]
+            if p in self.pair_boxes:  # pairwise combinations of the input's linear bounds
+                pl, ph = self.pair_boxes.pop(p)
+                l, h = torch.maximum(l, pl), torch.minimum(h, ph)
         else:
             boxes = self.ibp = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
             node_weights(graph, boxes, self.weights)
             l, h = boxes[p]
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
+            pairs, target = self._pairwise_consumer(p, l.shape[0])
             l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
                               rows=None if self.rows is None else self.rows.get(p), alpha_fn=self.alpha_fn, weights=self.weights,
-                              deadline=self.deadline)
+                              deadline=self.deadline, pairs=pairs)
+            if pairs is not None and pairs.lows:
+                self.pair_boxes[target] = pairs.box(l.dtype, l.device)
         if p in ov:
             l, h = intersect_keeping_gradient(l, h, *ov[p])
         return l, h
+
+    def _pairwise_consumer(self, p: str, B: int) -> tuple[PairwiseRows | None, str]:
+        """The collector for ``p``'s only consumer when that is a linear map of the last dim
+        bounded from its input (``box_from_input``: softmax's differences), else ``(None, "")``."""
+        consumers = self.graph.consumers[p]
+        if len(consumers) != 1:
+            return None, ""
+        c = self.graph.by_name[consumers[0]]
+        W = getattr(c.op, "W", None)
+        if not getattr(c.op, "box_from_input", False) or not isinstance(W, Tensor) or not PairwiseRows.fits(W, c_shape := self.graph.by_name[p].shape):
+            return None, ""
+        grad = torch.is_grad_enabled() and self.alpha_fn is not None
+        limit = _chunk_limit(self.max_elements, self.lo_in.device, grad)
+        return PairwiseRows(W, getattr(c.op, "b", None), c_shape, B, limit), c.name
 
     def keep(self, p: str, l: Tensor, h: Tensor) -> None:
         """Record ``p``'s box and relax the nonlinear ops whose inputs are now all known."""
