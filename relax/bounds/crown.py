@@ -328,7 +328,8 @@ def _monotone_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Ten
     the op's relaxation (whose lines stay above ``f`` up to ``u`` and below it down to ``l``),
     so none are computed (e.g. a ReLU output feeding a max-pooling). Likewise an op marked
     ``box_from_input`` (softmax's pairwise differences: n - 1 times the rows of their input)
-    takes the interval image of its input's linear bounds."""
+    takes the interval image of its input's box, intersected with the box
+    :class:`~relax.bounds.pairwise.PairwiseRows` got from its input's linear bounds."""
     n = graph.by_name[node]
     cheap = getattr(n.op, "monotone", False) or getattr(n.op, "box_from_input", False)
     return cheap and len(n.inputs) == 1 and n.inputs[0] in known

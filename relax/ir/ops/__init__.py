@@ -474,7 +474,7 @@ def b_softmax(ctx):
         src = "__last"
     pair = sl[:-1] + (n * (n - 1),)
     diff = Linear(W.reshape(n * (n - 1), n), None, len(sl))
-    diff.box_from_input = True  # bound the n scores linearly, their n (n - 1) differences by intervals
+    diff.box_from_input = True  # bound the n scores linearly; their n (n - 1) differences from those forms (relax.bounds.pairwise)
     grid = sl[:-1] + (n, n - 1)
     steps += [
         ("diff", diff, [src], pair),
