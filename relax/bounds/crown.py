@@ -393,13 +393,7 @@ def bound_node(
         t1 = min(T, t0 + step)
         bsel = bidx[t0:t1]
         rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
-        alphas = None
-        if alpha_fn is not None:
-            alphas = {}
-            for act in acts:
-                a = alpha_fn(node, act, slice(t0, t1))
-                if a is not None:
-                    alphas[act] = a
+        alphas = _chunk_alphas(alpha_fn, node, acts, slice(t0, t1))
         sub = idx[t0:t1]
         wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
         iset = input_set if shared else input_set.select(bsel)
@@ -411,10 +405,8 @@ def bound_node(
         new_h.append(-low[1])
         if deadline is not None and deadline.seconds is not None:  # chunks of at most ~1 s (or 5 % of what is left)
             per_row = (time.perf_counter() - t_chunk) / (t1 - t0)
-            target = min(1.0, 0.05 * deadline.remaining())
-            step = int(max(1, min(max_step, target / max(per_row, 1e-9))))
-            if pairs is not None:
-                step = pairs.group(step)
+            step = int(max(1, min(max_step, min(1.0, 0.05 * deadline.remaining()) / max(per_row, 1e-9))))
+            step = step if pairs is None else pairs.group(step)
         t0 = t1
     if not new_l:
         return lo, hi
@@ -427,6 +419,18 @@ def bound_node(
     l2 = l2.index_put((bidx, idx), nl)
     h2 = h2.index_put((bidx, idx), nh)
     return l2.view_as(lo), h2.view_as(hi)
+
+
+def _chunk_alphas(alpha_fn: AlphaFn | None, node: str, acts: list[str], rows: slice) -> dict[str, Tensor] | None:
+    """The slopes alpha-CROWN gives the rows ``rows`` of ``node``'s pass, per activation."""
+    if alpha_fn is None:
+        return None
+    alphas = {}
+    for act in acts:
+        a = alpha_fn(node, act, rows)
+        if a is not None:
+            alphas[act] = a
+    return alphas
 
 
 #: on the CPU, the largest coefficient tensor of one chunk of a backward pass (2 MiB in float64:
