@@ -130,10 +130,21 @@ def test_product_planes_and_interval_enclose_samples(matmul):
     assert (il <= z.amin(0) + 1e-12).all() and (ih >= z.amax(0) - 1e-12).all()
     r = op.relax_inputs([(lx, ux), (ly, uy)])
     A = torch.randn(S, B, *z.shape[2:], generator=g, dtype=D)
-    (Ax, Ay), bias = op.backward_relaxed(A, r)
     low = torch.einsum("sb...,nb...->nsb", A, z)
-    lin = torch.einsum("sb...,nb...->nsb", Ax, xs) + torch.einsum("sb...,nb...->nsb", Ay, ys) + bias
-    assert (lin <= low + 1e-10).all()
+    ones = op.alpha_init(r).expand(S, *z.shape[1:])
+    mixes = {"fixed": None, "first planes": ones, "second planes": 0 * ones,
+             "random": torch.rand(S, *z.shape[1:], generator=g, dtype=D)}
+    got = {}
+    for name, alpha in mixes.items():  # alpha-CROWN's weights of the two McCormick planes
+        (Ax, Ay), bias = op.backward_relaxed(A, r, alpha)
+        lin = torch.einsum("sb...,nb...->nsb", Ax, xs) + torch.einsum("sb...,nb...->nsb", Ay, ys) + bias
+        assert (lin <= low + 1e-10).all(), name
+        got[name] = lin
+    assert torch.allclose(got["fixed"], got["first planes"], atol=1e-12)
+    assert not torch.allclose(got["fixed"], got["second planes"])
+    # each plane pair is exact on its own corners: the first at (lx, ly), the second at (ux, uy)
+    k = xs.shape[0]
+    assert torch.allclose(got["first planes"][k - 4], low[k - 4]) and torch.allclose(got["second planes"][k - 1], low[k - 1])
 
 
 def test_softmax_bounds_enclose_samples_and_stay_in_unit_interval():

@@ -166,7 +166,7 @@ def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) 
         if not n.op.optimisable:
             continue
         with torch.no_grad():
-            init = n.op.alpha_init(n.op.relax(*ps.boxes[n.inputs[0]]))  # [D, *shape(, 2)]
+            init = n.op.alpha_init(n.op.relax_inputs([ps.boxes[i] for i in n.inputs]))  # [D, *shape(, 2)]
         if alphas0 is not None and n.name in alphas0:
             a0 = alphas0[n.name].to(dt).transpose(0, 1)  # [N or 1, D, n]
             a = a0.expand(N, *a0.shape[1:]).reshape(N, D, *init.shape[1:])

@@ -90,8 +90,8 @@ def term_magnitude(op, in_boxes: list[tuple[Tensor, Tensor]]) -> Tensor:
     with torch.no_grad():
         l, h = op.interval(*[(-m, m) for m in mags])
     T = max_abs(l, h)
-    if op.nonlinear and len(in_boxes) > 1:  # a product: planes of both operands and their intercepts
-        T = 3 * T
+    if op.nonlinear and len(in_boxes) > 1:  # a product: planes of both operands and their intercepts,
+        T = 6 * T  # two planes per bound when alpha-CROWN mixes them
     elif op.nonlinear:
         T = T + (mags[0] if mags[0].shape == T.shape else T)
     return T

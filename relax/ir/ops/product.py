@@ -15,6 +15,16 @@ with a bound in place of one operand: coefficient of ``x`` ``= A+ (.) ly + A- (.
 ``= A (.) lx``, bias ``-A+ . (lx (.) ly) - A- . (lx (.) uy)``, where ``(.)`` is ``*`` or the
 matrix product's adjoint. The interval rule is exact for ``*`` (the four corners) and the
 midpoint-radius enclosure ``|mx| ry + rx |my| + rx ry`` around ``mx @ my`` for ``@``.
+
+Each bound has a second McCormick plane, exact on the other two edges of the box:
+
+    x y >= uy x + ux y - ux uy        ((x - ux)(y - uy) >= 0)
+    x y <= ly x + ux y - ux ly        ((x - ux)(y - ly) <= 0)
+
+and any convex combination of a bound's two planes is a bound. alpha-CROWN optimises the
+weight ``alpha`` in ``[0, 1]`` of the first plane per output entry and row (for ``@`` one weight
+serves the terms of an entry, so the step stays two matrix products per operand); ``alpha = 1``
+is the fixed rule above. Where a bound is infinite the fixed rule is used.
 """
 from __future__ import annotations
 
@@ -78,12 +88,35 @@ class Product(Activation):
             return unbroadcast(torch.matmul(x.transpose(-1, -2), A), self.y_shape)
         return unbroadcast(A * x, self.y_shape)
 
+    optimisable = True
+
+    def alpha_init(self, r: Relaxation) -> Tensor:
+        """The first planes' weight, 1 (the fixed rule), per output entry ``[B, *out]``."""
+        lx, _, ly, _ = r.extra
+        return torch.ones_like(self._f(lx, ly))
+
     def backward_relaxed(self, A, r, alpha=None):
         lx, ux, ly, uy = r.extra
         Ap, An = A.clamp(min=0), A.clamp(max=0)
+        if alpha is not None and all(bool(torch.isfinite(t).all()) for t in (lx, ux, ly, uy)):
+            return self._mixed_planes(Ap, An, alpha, lx, ux, ly, uy)
         A_x = self._adjoint_x(Ap, ly) + self._adjoint_x(An, uy)
         A_y = self._adjoint_y(A, lx)
         bias = -sum_rows(Ap * self._f(lx, ly)) - sum_rows(An * self._f(lx, uy))
+        return [A_x, A_y], bias
+
+    def _mixed_planes(self, Ap: Tensor, An: Tensor, alpha: Tensor, lx: Tensor, ux: Tensor, ly: Tensor, uy: Tensor
+                      ) -> tuple[list[Tensor], Tensor]:
+        """The backward step with ``alpha`` of the first plane and ``1 - alpha`` of the second:
+        lower ``alpha (ly, lx, lx ly) + (1 - alpha) (uy, ux, ux uy)`` where ``A >= 0``, upper
+        ``alpha (uy, lx, lx uy) + (1 - alpha) (ly, ux, ux ly)`` where ``A < 0`` (coefficients of
+        ``x``, of ``y``, the product subtracted)."""
+        a = alpha.clamp(0, 1)
+        P1, P2, Q1, Q2 = Ap * a, Ap * (1 - a), An * a, An * (1 - a)
+        A_x = self._adjoint_x(P1 + Q2, ly) + self._adjoint_x(P2 + Q1, uy)
+        A_y = self._adjoint_y(P1 + Q1, lx) + self._adjoint_y(P2 + Q2, ux)
+        bias = -(sum_rows(P1 * self._f(lx, ly)) + sum_rows(P2 * self._f(ux, uy))
+                 + sum_rows(Q1 * self._f(lx, uy)) + sum_rows(Q2 * self._f(ux, ly)))
         return [A_x, A_y], bias
 
     def __repr__(self) -> str:
