@@ -144,9 +144,10 @@ def backward_form(
     record: dict[str, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`backward` before the concretisation: the linear lower bound
-    ``A0 . z_start >= A_in . x + bias - err`` as ``A_in [S, B, *in]``, ``bias [S, B]`` and the
-    round-off ``err`` (``[S, B]`` or broadcastable; ``None`` without ``weights``) of the steps so
-    far (the concretisation's own is not in it)."""
+    ``A0 . z_start >= A_in . x + bias - SAFETY * err`` on the input set, as ``A_in [S, B, *in]``,
+    ``bias [S, B]`` and the round-off ``err`` (``[S, B]`` or broadcastable; ``None`` without
+    ``weights``) of the steps so far (:func:`relax.bounds.concretize.backward_tail` adds the
+    concretisation's own and subtracts the total)."""
     anc = _ancestors(graph, start)
     As, bias, err, start_done = _start_coefficients(graph, start, A0, weights)
     for n in reversed(graph.nodes):
