@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))  # before this folder: benchmarks/smoothing.py is 
 from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
-FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow")
+FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -102,6 +102,24 @@ class _Attention(nn.Module):
         return self.out(torch.matmul(att, self.v(t)).flatten(1))
 
 
+class _Block(nn.Module):
+    """A transformer block on four tokens of width 3: attention with a residual connection, then
+    a ReLU MLP with one (the structure of vit_2023's blocks, normalisation left out)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(n_in, 12)
+        self.q, self.k, self.v = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.up, self.down = nn.Linear(3, 6), nn.Linear(6, 3)
+        self.out = nn.Linear(12, n_out)
+
+    def forward(self, x):
+        t = self.inp(x).view(-1, 4, 3)
+        t = t + torch.matmul(torch.softmax(torch.matmul(self.q(t), self.k(t).transpose(1, 2)), dim=-1), self.v(t))
+        t = t + self.down(torch.relu(self.up(t)))
+        return self.out(t.flatten(1))
+
+
 def make_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:
     """A random float32 network of ``family`` with every weight and bias multiplied by
     ``scale`` (outputs then scale like ``scale ** depth``): ``(traced module, input shape)``.
@@ -128,9 +146,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))
-    elif family in ("smooth", "attention"):
+    elif family in ("smooth", "attention", "transformer"):
         shape = (3,)
-        net = _Smooth(3, 3) if family == "smooth" else _Attention(3, 3)
+        net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block}[family](3, 3)
     else:
         shape = (3,)
         act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(family, nn.ReLU)

@@ -36,8 +36,19 @@ def test_bab_gives_no_false_answer_on_one_relu_layer_nets():
 
 
 def test_every_family_meets_every_scale():
-    """One family alone, or nine beside four scales: each family gets each scale."""
+    """One family alone, or all of them beside four scales: each family gets each scale."""
     fz = _fuzz()
     for families in (("shallow",), fz.FAMILIES, ("mlp", "cnn")):
         seen = {(fam, scale) for fam, scale, *_ in fz.cases(len(families) * len(fz.SCALES), 0, families=families)}
         assert seen == {(f, s) for f in families for s in fz.SCALES}, (families, sorted(seen))
+
+
+@pytest.mark.slow
+def test_no_false_answer_on_transformer_blocks():
+    """Attention with a residual connection and a ReLU MLP (softmax differences from the scores'
+    linear bounds, optimised McCormick planes, ReLU splitting) at weight scales 1 and 1e2."""
+    fz = _fuzz()
+    res = fz.run(1, seed=7, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e2), families=("transformer",), slow_every=1)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert res["bab"]["witness_inside"] >= 10 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
