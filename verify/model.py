@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ModelLoadError, ModelLoadTimeout, UnsupportedOperatorError
+from .placement import model_device, model_float_dtype, model_tensors
 
 __all__ = [
     "load_model",
@@ -184,7 +185,7 @@ def _would_change(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 
 def _needs_move(model: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    tensors = list(model.parameters()) + list(model.buffers())
+    tensors = model_tensors(model)
     return any(t.device.type != device.type or (t.is_floating_point() and t.dtype != dtype) for t in tensors)
 
 
@@ -230,10 +231,7 @@ def check_against_onnxruntime(gm: fx.GraphModule, onnx_path: str | os.PathLike, 
 
 def _device_dtype(gm: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the first float parameter or buffer (cpu / float32 if none)."""
-    for t in list(gm.parameters()) + list(gm.buffers()):
-        if t.is_floating_point():
-            return t.device, t.dtype
-    return torch.device("cpu"), torch.float32
+    return model_device(gm), model_float_dtype(gm) or torch.float32
 
 
 # ---------------------------------------------------------------------------------------------

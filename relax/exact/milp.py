@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from verify.attack import AttackResult, pgd_attack, repair_counterexample
+from verify.placement import model_device, model_float_dtype
 from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall, OutputProperty, Robust, parse_norm
 
@@ -93,10 +94,7 @@ def _double(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_dtype(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
-    for p in list(model.parameters()) + list(model.buffers()):
-        if torch.is_floating_point(p):
-            return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
+    return model_float_dtype(model) or torch.float32, model_device(model)
 
 
 def _margins(model: torch.nn.Module, x: Tensor, spec: LinearSpec, dtype: torch.dtype) -> Tensor:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from verify.placement import model_tensors
+
 __all__ = ["AffineLayer", "FeedForwardNet", "NotFeedForwardError", "to_feedforward"]
 
 
@@ -233,7 +235,7 @@ def _check_affine_runs(graph, model: nn.Module, layers, acts, input_shape) -> No
     x = torch.rand(4, *input_shape, dtype=torch.float64) * 2 - 1
     net = FeedForwardNet(input_shape, layers, acts)
     got = net.forward(x)
-    p = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    p = next(iter(model_tensors(model)), None)
     dev = torch.device("cpu") if p is None else p.device
     with torch.no_grad():
         checks = [graph.forward(x.to(dev)).reshape(4, -1).cpu()]

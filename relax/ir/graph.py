@@ -26,6 +26,7 @@ __all__ = ["UnsupportedOperatorError", "BNode", "BoundGraph", "build_graph", "ge
 # the project's shared error type (a ValueError), re-exported here: the graph contains an op
 # that :mod:`relax` has no bound rule for; the message names the op and the node
 from verify.errors import UnsupportedOperatorError  # noqa: E402
+from verify.placement import model_float_dtype, model_tensors  # noqa: E402
 
 
 @dataclass
@@ -150,9 +151,9 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         gm = torch.fx.symbolic_trace(gm)
-    params = list(gm.parameters()) + list(gm.buffers())
+    params = model_tensors(gm)
     if dtype is None:
-        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        dtype = model_float_dtype(gm) or torch.float32
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedOperatorError(f"the graph must have exactly one input, found {len(placeholders)}")
@@ -286,14 +287,14 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDict
 
 
 def _version(model: torch.nn.Module) -> tuple:
-    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+    return tuple((id(t), t._version) for t in model_tensors(model))
 
 
 def get_graph(model: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> BoundGraph:
     """:func:`build_graph`, cached per (model, input shape, dtype, device); rebuilt when a parameter
     or buffer of the model was modified in place (tensor version counters) or replaced."""
     per = _CACHE.setdefault(model, {})
-    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    first = next(iter(model_tensors(model)), None)
     key = (tuple(input_shape), dtype, None if first is None else first.device)  # model.to(device) keeps the parameters' ids
     ver = _version(model)
     hit = per.get(key)
