@@ -135,3 +135,28 @@ def test_only_the_differences_and_what_follows_them_change():
         assert torch.equal(with_pairs[k][0], without[k][0]) and torch.equal(with_pairs[k][1], without[k][1]), k
     (lo, hi), (lo0, hi0) = with_pairs[diff], without[diff]
     assert (lo >= lo0).all() and (hi <= hi0).all() and (hi - lo).sum() < 0.9 * (hi0 - lo0).sum()
+
+
+def test_pair_rows_take_gathers_equal_to_the_dense_contraction():
+    """Rows ``e_j - e_i`` are combined by two gathers; the result equals the dense contraction
+    (which any other ``W`` takes), bounds and allowances alike."""
+    torch.manual_seed(11)
+    n = 4
+    W = torch.zeros(n * (n - 1), n, dtype=torch.float64)
+    k = 0
+    for i in range(n):
+        for j in range(n):
+            if j != i:
+                W[k, j], W[k, i] = 1.0, -1.0
+                k += 1
+    ball = LpBall(torch.randn(1, 6, dtype=torch.float64), torch.full((1,), 0.3, dtype=torch.float64), float("inf"))
+    A = torch.randn(2, 3 * n, 6, dtype=torch.float64)  # three groups
+    bias, err = torch.randn(2, 3 * n, dtype=torch.float64), torch.rand(2, 3 * n, dtype=torch.float64) * 1e-9
+    fast, dense = PairwiseRows(W, None, (3, n), 1, 2**18), PairwiseRows(W, None, (3, n), 1, 2**18)
+    assert fast._pairs is not None
+    dense._pairs = None
+    for pr in (fast, dense):
+        pr.add(A, bias, err, ball, True)
+    (lf, hf), (ld, hd) = fast.box(torch.float64, torch.device("cpu")), dense.box(torch.float64, torch.device("cpu"))
+    assert torch.allclose(lf, ld, rtol=0, atol=1e-12) and torch.allclose(hf, hd, rtol=0, atol=1e-12)
+    assert torch.isfinite(lf).all() and torch.isfinite(hf).all()

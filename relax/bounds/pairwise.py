@@ -43,6 +43,7 @@ class PairwiseRows:
         self.max_elements = max_elements
         self.lows: list[Tensor] = []
         self.highs: list[Tensor] = []
+        self._pairs = _pair_columns(W)
 
     @staticmethod
     def fits(W: Tensor, shape: tuple[int, ...]) -> bool:
@@ -75,35 +76,51 @@ class PairwiseRows:
             self.lows.append(low)
             self.highs.append(high)
 
+    def _combine(self, Wp: Tensor, Wm: Tensor, P: Tensor, N: Tensor) -> Tensor:
+        """``W+ P + W- N`` over the entries: ``P, N [g, n, in]`` -> ``[m, g, in]``. Rows with one
+        positive and one negative entry (softmax's differences) are two gathers; any other
+        ``W`` is a dense contraction."""
+        if self._pairs is not None:
+            jp, vp, jm, vm = self._pairs
+            Pt, Nt = P.transpose(0, 1), N.transpose(0, 1)  # [n, g, in] views
+            return Pt.index_select(0, jp) * vp.view(-1, 1, 1).to(P.dtype) + Nt.index_select(0, jm) * vm.view(-1, 1, 1).to(P.dtype)
+        return torch.einsum("mn,gni->mgi", Wp, P) + torch.einsum("mn,gni->mgi", Wm, N)
+
     def _chunk(self, Lf: Tensor, Uf: Tensor, Lb: Tensor, Ub: Tensor, eL: Tensor, eU: Tensor, iset: InputSet, rounded: bool
                ) -> tuple[Tensor, Tensor]:
         """Lower and upper bounds ``[g, m]`` of the ``m`` combinations of ``g`` groups
         (forms ``[g, n, in]``, biases and allowances ``[g, n]``)."""
         Wp, Wm = self.W.clamp(min=0).to(Lf.dtype), self.W.clamp(max=0).to(Lf.dtype)
         # lower: W+ L + W- U; the upper bound of z W^T is minus the lower bound of z (-W)^T = W- L + W+ U
-        A_lo = torch.einsum("mn,gni->mgi", Wp, Lf) + torch.einsum("mn,gni->mgi", Wm, Uf)
-        A_up = torch.einsum("mn,gni->mgi", -Wm, Lf) + torch.einsum("mn,gni->mgi", -Wp, Uf)
+        A_lo = self._combine(Wp, Wm, Lf, Uf)
+        A_up = -self._combine(Wp, Wm, Uf, Lf) if self._pairs is None else self._combine_upper(Lf, Uf)
         b_lo = (Lb @ Wp.t() + Ub @ Wm.t()).t()  # [m, g]
         b_up = (-(Lb @ Wm.t()) - Ub @ Wp.t()).t()
         A = torch.stack([A_lo, A_up]).reshape(2 * self.m, Lf.shape[0], -1)
         bias = torch.stack([b_lo, b_up]).reshape(2 * self.m, -1)
         err = None
         if rounded:
-            # the forms' allowances and, through the concretisation's term, the summed magnitudes
+            # the forms' own allowances, and the concretisation's over the summed magnitudes
+            # |W+| |L| + |W-| |U| (a sum of the entries' terms, so the entries' dot products with the
+            # set's magnitude combine; concretize_rows adds its own over |A| <= that on top)
+            ce = _entry_allowance(torch.stack([Lf.detach().abs(), Uf.detach().abs()]), iset)  # [2, g, n]
+            eL, eU = eL.detach() + ce[0], eU.detach() + ce[1]
             aWp, aWm = Wp, -Wm
-            eL, eU = eL.detach(), eU.detach()
             err_lo = (eL @ aWp.t() + eU @ aWm.t()).t()
             err_up = (eL @ aWm.t() + eU @ aWp.t()).t()
-            aL, aU = Lf.detach().abs(), Uf.detach().abs()
-            mag_lo = torch.einsum("mn,gni->mgi", aWp, aL) + torch.einsum("mn,gni->mgi", aWm, aU)
-            mag_up = torch.einsum("mn,gni->mgi", aWm, aL) + torch.einsum("mn,gni->mgi", aWp, aU)
-            extra = _concretize_allowance(torch.stack([mag_lo, mag_up]).reshape(2 * self.m, Lf.shape[0], -1), A, iset)
-            err = torch.stack([err_lo, err_up]).reshape(2 * self.m, -1) + extra
+            err = torch.stack([err_lo, err_up]).reshape(2 * self.m, -1)
         low = concretize_rows(A, bias, err, iset, False, rounded).view(2, self.m, -1)
         lower, upper = low[0].t(), -low[1].t()  # [g, m]
         if self.b is not None:
             lower, upper = lower + self.b, upper + self.b
         return lower, upper
+
+    def _combine_upper(self, Lf: Tensor, Uf: Tensor) -> Tensor:
+        """``-(W- L + W+ U)`` by gathers (pair rows only)."""
+        assert self._pairs is not None
+        jp, vp, jm, vm = self._pairs
+        Lt, Ut = Lf.transpose(0, 1), Uf.transpose(0, 1)
+        return -(Lt.index_select(0, jm) * vm.view(-1, 1, 1).to(Lf.dtype) + Ut.index_select(0, jp) * vp.view(-1, 1, 1).to(Lf.dtype))
 
     def box(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(lo, hi)`` ``[B, *shape[:-1], m]`` of the combinations; ``-inf`` / ``inf`` past the
@@ -121,16 +138,26 @@ class PairwiseRows:
         return lo.reshape(out), hi.reshape(out)
 
 
-def _concretize_allowance(mag: Tensor, A: Tensor, iset: InputSet) -> Tensor:
-    """The concretisation's round-off over the summed magnitudes ``mag [S, g, in]`` less the one
-    :func:`concretize_rows` adds itself over ``|A|`` (``|A| <= mag``, so never negative): ``[S, g]``."""
+def _entry_allowance(absF: Tensor, iset: InputSet) -> Tensor:
+    """:func:`relax.bounds.roundoff.concretize_error` of each entry's form: ``absF [2, g, n, in]``
+    (``|L|``, ``|U|``) -> ``[2, g, n]``, for the groups' input sets (or one for all)."""
     lo, hi = iset.bounds()
-    S, g = A.shape[:2]
+    two, g, n = absF.shape[:3]
     eps = iset.eps if isinstance(iset, LpBall) and not math.isinf(iset.p) else None
     Bi = lo.shape[0]
     lo2, hi2 = lo.reshape(Bi, -1), hi.reshape(Bi, -1)
-    absA = A.detach().abs()
-    if Bi == 1 and g > 1:  # one input for every group: the rows fold into one batch element
-        mag, absA = mag.reshape(S * g, 1, -1), absA.reshape(S * g, 1, -1)
-        return (concretize_error(mag, lo2, hi2, eps) - concretize_error(absA, lo2, hi2, eps)).view(S, g)
-    return concretize_error(mag, lo2, hi2, eps) - concretize_error(absA, lo2, hi2, eps)
+    if Bi == 1:  # one input for every group: fold the groups into the rows
+        return concretize_error(absF.reshape(two * g * n, 1, -1), lo2, hi2, eps).view(two, g, n)
+    F = absF.permute(0, 2, 1, 3).reshape(two * n, g, -1)  # [2 n, g, in]: batch = the groups
+    return concretize_error(F, lo2, hi2, eps).view(two, n, g).transpose(1, 2)
+
+
+def _pair_columns(W: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """For a ``W [m, n]`` whose every row has exactly one positive and one negative entry:
+    the positive entries' columns and values, then the negative ones' (each ``[m]``); else None."""
+    pos, neg = W > 0, W < 0
+    if W.dim() != 2 or not (bool((pos.sum(1) == 1).all()) and bool((neg.sum(1) == 1).all())):
+        return None
+    jp, jm = pos.float().argmax(1), neg.float().argmax(1)
+    rows = torch.arange(W.shape[0], device=W.device)
+    return jp, W[rows, jp], jm, W[rows, jm]
