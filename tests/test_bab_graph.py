@@ -711,6 +711,39 @@ def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
     assert seen and set(seen) == {1}, seen  # the row against class 1 never reached the search
 
 
+def test_root_slopes_shared_by_all_rows_survive_dropping_proved_groups(monkeypatch):
+    """alpha-CROWN's memory cap gives the spec rows one shared set of slopes (``[1, ...]``); when
+    the root proves a group that is not the last, the search keeps the shared set as it is
+    (it crashed indexing it by the kept rows: ml4acopf 300-bus prop4)."""
+    import relax.bounds.alpha as alpha_mod
+
+    real = alpha_mod.alpha_crown
+
+    def capped(*a, **k):
+        k["max_elements"] = 1  # every start's slopes over the cap: one shared set
+        return real(*a, **k)
+
+    monkeypatch.setattr(alpha_mod, "alpha_crown", capped)
+    hit = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+        _spread(net[0], 16.0)
+        with torch.no_grad():
+            net[4].bias[1] -= 1e3
+        x0 = torch.rand(1, 6)
+        label = int(net(x0).argmax())
+        if label != 0:  # the proved row (against class 1) must come before an open one
+            continue
+        hit += 1
+        d = _exact_distance(net, x0, label)
+        for f in (0.97, 1.03):
+            c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                        method_options={"split": "relu"})[0]
+            assert c.status == ("certified" if f < 1 else "falsified"), (seed, f, c.status, c.details.get("reason"))
+    assert hit > 0
+
+
 def test_one_relu_layer_is_recognised():
     from relax.bounds import prepare
     from relax.methods.bab import _one_relu_layer

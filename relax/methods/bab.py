@@ -282,8 +282,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     rs, rows, proved_floor = rs.open_part(root_rows, opts.margin)
     search = _ActivationSearch(model, graph, x_set, rs, opts, check_point)
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
-    if root_alphas is not None:
-        root_alphas = {r: a[rows.to(a.device)] for r, a in root_alphas.items()}
+    if root_alphas is not None:  # per-row slopes follow the kept rows; one shared set (memory cap) serves them all
+        root_alphas = {r: (a if a.shape[0] == 1 else a[rows.to(a.device)]) for r, a in root_alphas.items()}
     res = _search(search, opts, deadline, left, boxes, root_alphas, low)
     if res.status == "certified":
         res.lower = min(res.lower, proved_floor)
