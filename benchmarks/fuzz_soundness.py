@@ -330,10 +330,10 @@ def cases(n_nets: int, seed: int, scales: tuple[float, ...] = SCALES,
 
 
 def run(n_nets: int, seed: int = 0, methods: list[str] | None = None, out=None, log=None, slow_every: int = 3,
-        scales: tuple[float, ...] = SCALES, families: tuple[str, ...] = FAMILIES) -> dict:
-    """Run the fuzz; return ``{method: Counter}`` of outcomes (``cases``, ``certified``,
-    ``falsified``, ``false_certified``, ``false_falsified``, ``refused``) plus ``"_details"``:
-    the list of false answers."""
+        scales: tuple[float, ...] = SCALES, families: tuple[str, ...] = FAMILIES, timeout: float = 30.0) -> dict:
+    """Run the fuzz (``timeout`` seconds per method call); return ``{method: Counter}`` of
+    outcomes (``cases``, ``certified``, ``falsified``, ``false_certified``, ``false_falsified``,
+    ``refused``) plus ``"_details"``: the list of false answers."""
     all_det = [n for n, c in list_methods().items() if c.guarantee == "deterministic"]
     methods = methods or all_det
     table: dict = defaultdict(Counter)
@@ -354,7 +354,7 @@ def run(n_nets: int, seed: int = 0, methods: list[str] | None = None, out=None, 
                     continue
                 opts = {k: v for k, v in FAST_OPTIONS.get(name, {}).items() if k in cls.option_names()}
                 try:
-                    cert = get_method(name, **opts).certify(gm, ball, prop, timeout=30.0)[0]
+                    cert = get_method(name, **opts).certify(gm, ball, prop, timeout=timeout)[0]
                 except Exception as e:  # noqa: BLE001 - a refusal (unsupported net) is not an answer
                     table[name]["refused"] += 1
                     if log:

@@ -48,7 +48,8 @@ def test_no_false_answer_on_transformer_blocks():
     """Attention with a residual connection and a ReLU MLP (softmax differences from the scores'
     linear bounds, optimised McCormick planes, ReLU splitting) at weight scales 1 and 1e2."""
     fz = _fuzz()
-    res = fz.run(1, seed=7, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e2), families=("transformer",), slow_every=1)
+    res = fz.run(1, seed=7, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e2), families=("transformer",), slow_every=1,
+                 timeout=5.0)
     false = res.pop("_details")
     assert not false, f"false answers: {false[:5]}"
     assert res["bab"]["witness_inside"] >= 10 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
