@@ -494,7 +494,7 @@ FSB_CHILDREN_PER_PASS = 128
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
                            choice: tuple[list[str | None], Tensor, Tensor], domains: Tensor, candidates: int,
                            deadline: float, scores: dict[str, Tensor] | None = None,
-                           fast: BoundGraph | None = None) -> tuple[list[str | None], Tensor, Tensor]:
+                           fast: BoundGraph | None = None, clock: "TrialClock | None" = None) -> tuple[list[str | None], Tensor, Tensor]:
     """Filtered smart branching (De Palma et al. 2021, "Improved branch and bound for neural
     network verification via Lagrangian decomposition", Sec. 5): for each of ``domains`` whose
     choice is a ReLU, the ``candidates`` unsplit ReLUs with the largest BaBSR scores are tried,
@@ -504,7 +504,8 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     count as proved. Returns ``choice`` with those domains' ReLU choices replaced. ``scores``:
     :func:`relu_scores` of ``db`` when the caller has them (as :func:`_branch` did). ``fast``:
     the network in float32, on which the trial bounds are computed without round-off allowance
-    (they only rank the candidates: no bound of theirs is kept)."""
+    (they only rank the candidates: no bound of theirs is kept). ``clock``: a pass of trials that
+    would end past the deadline at its measured pace is not started (a pass does not stop inside)."""
     node, idx, tsplit = choice
     sel = [d for d in domains.tolist() if node[d] is not None and node[d] in splits]
     per_pass = max(1, FSB_CHILDREN_PER_PASS // (2 * max(1, candidates)))
@@ -513,7 +514,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     if len(sel) > per_pass:  # the children of one pass stay as many as a round's
         for start in range(0, len(sel), per_pass):
             choice = _filtered_smart_branch(graph, inputs, rs, db, splits, choice, torch.tensor(sel[start:start + per_pass], device=graph.device),
-                                            candidates, deadline, scores, fast)
+                                            candidates, deadline, scores, fast, clock)
         return choice
     if not sel or not scores or candidates < 2 or time.perf_counter() >= deadline:
         return choice
@@ -544,9 +545,14 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     inodes = [q for _, q in interval_inputs(graph)]
     if inodes:  # the domains' interval splits are already in their boxes
         ivals = {q: (boxes[q][0].reshape(len(rep), -1), boxes[q][1].reshape(len(rep), -1)) for q in inodes}
+    if clock is not None and not clock.fits(len(rep), deadline):
+        return choice
+    t = time.perf_counter()
     with torch.no_grad():
         kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
                              deadline=deadline, recompute=False, ivals=ivals, rigorous=False)
+    if clock is not None:
+        clock.record(len(rep), time.perf_counter() - t)
     if time.perf_counter() >= deadline:
         return choice
     m = rs.margin(kids.rows).double()
@@ -561,6 +567,21 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
         if real[a]:
             node[d], idx[d] = names[best_node[a]], best_neuron[a]
     return node, idx, tsplit
+
+
+@dataclass
+class TrialClock:
+    """The measured pace of smart-branching trial passes: seconds per child of the last pass
+    (first: the root domain's pass alone, an upper bound of a child's share in a batch)."""
+
+    per_child: float = 0.0
+
+    def fits(self, children: int, deadline: float) -> bool:
+        """Whether a pass of ``children`` at this pace ends before ``deadline``."""
+        return time.perf_counter() + children * self.per_child < deadline
+
+    def record(self, children: int, seconds: float) -> None:
+        self.per_child = seconds / max(1, children)
 
 
 class _Candidates:
@@ -686,6 +707,7 @@ class _ReluSearch:
         self.queue_peak = 1  # the most open domains held at once (the root)
         self.exact_per_domain = 0.0  # the last round's exact pass (:attr:`DomainBounds.exact_s`) per domain
         self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
+        self.trials = TrialClock()  # seconds per child of a smart-branching trial pass
 
     def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
         return BabResult(status, x, lower, self.bounded, time.perf_counter() - self.t0, reason,
@@ -727,7 +749,7 @@ class _ReluSearch:
         choice = _branch(self.graph, db, splits, self.rs, scores)
         if self.candidates > 1:
             choice = _filtered_smart_branch(self.graph, self.inputs, self.rs, db, splits, choice, domains, self.candidates,
-                                            self.deadline, scores, self.fast)
+                                            self.deadline, scores, self.fast, self.trials)
         return choice
 
     def settle_leaf(self, sp: dict[str, Tensor], dbs: "DomainBounds", j: int) -> tuple[str, Tensor | None]:
@@ -756,8 +778,10 @@ class _ReluSearch:
                      torch.full((1, sizes[p]), math.inf, dtype=torch.float64, device=dev))
                  for p in self.inodes}
         alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
+        t = time.perf_counter()
         db = bound_domains(self.graph, self.inputs, self.rs, self.root, splits, alphas0=alphas0, steps=0, deadline=self.deadline,
                            recompute=False, ivals=ivals)
+        self.trials.record(1, time.perf_counter() - t)  # a trial child's pass is the same kind (in a batch: cheaper each)
         self.bounded = 1
         self.alpha_names = list(db.alphas)
         m = self.rs.margin(db.rows)
@@ -890,7 +914,9 @@ def graph_relu_bab(
     q = s.start(root_alphas, max_domains, batch_size)
     if isinstance(q, BabResult):
         return q
-    last_round = 0.0  # a round starts only if one as long as the last still fits
+    # a round starts only if one as long as the last still fits; the first bounds the root's two
+    # children, each at least a pass like the root's (or a smart-branching trial child's)
+    last_round = 2 * s.trials.per_child
     recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:
