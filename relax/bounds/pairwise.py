@@ -13,7 +13,8 @@ bound on the input, ``L_j(x) <= s_j <= U_j(x)`` (:func:`relax.bounds.crown.backw
 is a linear function of ``x``, concretised over the input set like any backward row. No extra
 backward pass: the scores' forms are combined chunk by chunk (each chunk holds whole softmax
 rows) and dropped. Round-off: the forms' own allowances add up with the weights ``|W|``, and the
-concretisation's is taken over ``|W+| |L| + |W-| |U|`` (the summed terms, not the result).
+concretisation's is taken over ``|W+| |L| + |W-| |U|`` (the summed terms, not the result; the
+one over the combined ``|A|`` that every concretisation adds comes on top).
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class PairwiseRows:
         Wp, Wm = self.W.clamp(min=0).to(Lf.dtype), self.W.clamp(max=0).to(Lf.dtype)
         # lower: W+ L + W- U; the upper bound of z W^T is minus the lower bound of z (-W)^T = W- L + W+ U
         A_lo = self._combine(Wp, Wm, Lf, Uf)
-        A_up = -self._combine(Wp, Wm, Uf, Lf) if self._pairs is None else self._combine_upper(Lf, Uf)
+        A_up = -self._combine(Wp, Wm, Uf, Lf)
         b_lo = (Lb @ Wp.t() + Ub @ Wm.t()).t()  # [m, g]
         b_up = (-(Lb @ Wm.t()) - Ub @ Wp.t()).t()
         A = torch.stack([A_lo, A_up]).reshape(2 * self.m, Lf.shape[0], -1)
@@ -114,13 +115,6 @@ class PairwiseRows:
         if self.b is not None:
             lower, upper = lower + self.b, upper + self.b
         return lower, upper
-
-    def _combine_upper(self, Lf: Tensor, Uf: Tensor) -> Tensor:
-        """``-(W- L + W+ U)`` by gathers (pair rows only)."""
-        assert self._pairs is not None
-        jp, vp, jm, vm = self._pairs
-        Lt, Ut = Lf.transpose(0, 1), Uf.transpose(0, 1)
-        return -(Lt.index_select(0, jm) * vm.view(-1, 1, 1).to(Lf.dtype) + Ut.index_select(0, jp) * vp.view(-1, 1, 1).to(Lf.dtype))
 
     def box(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(lo, hi)`` ``[B, *shape[:-1], m]`` of the combinations; ``-inf`` / ``inf`` past the
