@@ -38,10 +38,10 @@ The search is anytime: it stops at the deadline with the smallest domain bound a
 bound. The domain queue is held under a memory cap: while it is more than ``FULL_QUEUE`` full,
 the domains closest to proved are split first (their children mostly close, so the queue
 shrinks; best-first again below), and only a queue that still reaches the cap stops the search
-(``unknown``, reason "memory"). A round starts only when one as long as
-the last (the first: two children at the root's pace) still fits before the deadline, and a
-pass of smart-branching trials only when it ends before it at the last pass's pace; rounds start with one domain and double up to
-``batch_size`` while they take under 2 % of the budget, and the per-domain recomputation of the
+(``unknown``, reason "memory"). A round starts only when one as long as the last (the first:
+two children at the root's pace) still fits before the deadline, and a pass of smart-branching
+trials only when it ends before it at the last pass's pace; rounds start with one domain and
+double up to ``batch_size`` while they take under 2 % of the budget, and the per-domain recomputation of the
 boxes is dropped once a round takes over 5 % or the recomputation over half a round (large
 networks, where more domains on the root's boxes pay better).
 """
