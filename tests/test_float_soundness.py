@@ -418,3 +418,18 @@ def test_the_bound_engine_itself_runs_with_tf32_off(monkeypatch):
         assert (mm.allow_tf32, cv.allow_tf32) == (True, True)
     finally:
         mm.allow_tf32, cv.allow_tf32 = before
+
+
+@pytest.mark.parametrize("w_batch", [1, 3, None])
+def test_step_error_is_the_weighted_sum_of_absolute_coefficients(w_batch):
+    """The round-off bound of a backward step, ``sum(|A| * w)`` per row and batch entry, for a
+    weight shared by the batch, one per entry, and a broadcast one (last dim only)."""
+    from relax.bounds.roundoff import step_error
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 3, 4, 6, generator=g, dtype=torch.float64)
+    w = torch.rand(*((w_batch, 4, 6) if w_batch else (6,)), generator=g, dtype=torch.float64)
+    want = (A.abs() * w).sum(dim=(2, 3))
+    got = step_error(A, w)
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)

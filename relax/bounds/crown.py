@@ -55,11 +55,10 @@ from verify.spec import InputSet, LpBall
 from relax.ir.graph import BNode, BoundGraph
 from relax.bounds.interval import interval_bounds
 from relax.ir.ops import Relaxation, ReLU
-from relax.ir.ops.base import sum_rows
 from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.pairwise import PairwiseRows
-from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, sum_length
+from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
 
 __all__ = ["CrownResult", "crown", "backward", "concretize", "rows_needed", "bound_node", "ibp_is_exact", "skips_linear_bounds",
            "Rows", "AlphaFn"]
@@ -162,7 +161,7 @@ def backward_form(
             record[n.name] = A.detach()
         w = None if weights is None else weights.get(n.name)
         if w is not None:
-            e = sum_rows(A.detach().abs() * w)
+            e = step_error(A.detach(), w)
             err = e if err is None else err + e
         A_ins, b = _through(n, A, relax, alphas)
         if b is not None:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from relax.bounds.dot import rowwise_dot
 
-__all__ = ["SAFETY", "unit_roundoff", "gamma", "sum_length", "term_magnitude", "forward_error", "backward_weight",
+__all__ = ["SAFETY", "unit_roundoff", "gamma", "sum_length", "term_magnitude", "forward_error", "backward_weight", "step_error",
            "concretize_error", "max_abs", "round_outward"]
 
 #: factor on the summed per-node error terms (see the module docstring)
@@ -117,6 +117,16 @@ def backward_weight(op, in_boxes: list[tuple[Tensor, Tensor]], n: int, dtype: to
     # an infinite weight (a pole in the box) comes with infinite intercepts, which make every
     # bound with a nonzero coefficient there -inf already; a finite stand-in avoids 0 * inf
     return torch.nan_to_num(w, nan=torch.finfo(w.dtype).max, posinf=torch.finfo(w.dtype).max)
+
+
+def step_error(A: Tensor, w: Tensor) -> Tensor:
+    """``sum(|A| * w)`` over all dims after the first two: the round-off bound ``[S, B]`` of a
+    backward step with coefficients ``A [S, B, *shape]`` and weight ``w`` (:func:`backward_weight`,
+    ``[B, *shape]`` or ``[1, *shape]``; other broadcastable shapes are summed elementwise)."""
+    S, B = A.shape[:2]
+    if w.dim() == A.dim() - 1 and w.shape[1:] == A.shape[2:] and w.shape[0] in (1, B):
+        return rowwise_dot(A.abs().reshape(S, B, -1), w.reshape(w.shape[0], -1))
+    return (A.abs() * w).reshape(S, B, -1).sum(-1)
 
 
 def concretize_error(absA: Tensor, lo: Tensor, hi: Tensor, eps: Tensor | None = None) -> Tensor:

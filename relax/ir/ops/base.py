@@ -38,6 +38,19 @@ def sum_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
 
 
+def select_lines(A: Tensor, lw: Tensor, lb: Tensor, uw: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+    """CROWN's backward step through ``lw x + lb <= f(x) <= uw x + ub``: coefficients
+    ``A [S, B, *shape]`` take the lower line where positive and the upper where negative;
+    returns ``A_in [S, B, *shape]`` and the bias ``[S, B]``. Lines broadcast to ``A``.
+    An infinite intercept counts only where its line is used (``0 * inf`` is 0 here)."""
+    pos = A > 0
+    if bool(torch.isfinite(lb).all()) and bool(torch.isfinite(ub).all()):  # one select, one product each
+        b = torch.where(pos, lb, ub)
+    else:
+        b = torch.where(pos, lb, torch.where(A < 0, ub, torch.zeros((), dtype=A.dtype, device=A.device)))
+    return A * torch.where(pos, lw, uw), sum_rows(A * b)
+
+
 class Op:
     """A bound rule for one op type."""
 
@@ -126,10 +139,7 @@ class Activation(Op):
         """Lower bound of ``A . f(x)``: positive entries of ``A`` take the lower line, negative
         ones the upper line. ``alpha`` (``[S, B, *shape]``) replaces ``lw`` when given."""
         lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
-        Ap, An = A.clamp(min=0), A.clamp(max=0)
-        A_in = Ap * lw + An * r.uw
-        bias = sum_rows(Ap * r.lb + An * r.ub)
-        return A_in, bias
+        return select_lines(A, lw, r.lb, r.uw, r.ub)
 
     def alpha_slope(self, alpha: Tensor, r: Relaxation) -> Tensor:
         raise NotImplementedError

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Activation, Relaxation, sum_rows
+from .base import Activation, Relaxation, select_lines
 
 __all__ = ["Elementwise", "Exp", "Log", "Reciprocal", "Sqrt", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip", "Sign",
            "Floor"]
@@ -161,10 +161,7 @@ class Elementwise(Activation):
             kmn, kmx = self.extremes(k, lo, hi)
             lw, lb = torch.where(curv > 0, k, lw), torch.where(curv > 0, kmn, lb)
             uw, ub = torch.where(curv < 0, k, uw), torch.where(curv < 0, kmx, ub)
-        Ap, An = A.clamp(min=0), A.clamp(max=0)
-        # 0 * inf is 0 here: an unbounded intercept counts only where its line is used
-        bias = torch.where(Ap > 0, Ap * lb, torch.zeros_like(Ap)) + torch.where(An < 0, An * ub, torch.zeros_like(An))
-        return Ap * lw + An * uw, sum_rows(bias)
+        return select_lines(A, lw, lb, uw, ub)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
