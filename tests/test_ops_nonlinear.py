@@ -172,3 +172,35 @@ def test_python_scalar_constants_keep_float64_digits():
     x = torch.rand(3, 5, dtype=D)
     g = build_graph(torch.fx.symbolic_trace(Scale()), (5,), D)
     assert torch.allclose(g.forward(x), Scale()(x), rtol=1e-15, atol=0)
+
+
+def test_elementwise_op_of_a_known_box_takes_its_exact_image(monkeypatch):
+    """A chain tanh -> exp -> 1/x -> ReLU on an l_2 ball: only the first pre-activation gets
+    linear bounds; the others are exact images of their input's box (``exact_image``), which
+    no line through the op can beat. The boxes are the images and hold 20,000 samples."""
+    import relax.bounds.crown as crown_mod
+    from verify.spec import LpBall
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(torch.reciprocal(torch.exp(torch.tanh(self.fc1(x))))))
+
+    torch.manual_seed(0)
+    net = Chain().double()
+    g = build_graph(torch.fx.symbolic_trace(net), (3,), D)
+    ball = LpBall(torch.rand(1, 3, dtype=D), 0.3, 2.0, -math.inf, math.inf)
+    started = []
+    real = crown_mod.bound_node
+    monkeypatch.setattr(crown_mod, "bound_node", lambda graph, node, *a, **k: started.append(node) or real(graph, node, *a, **k))
+    res = crown_mod.crown(g, ball, None)
+    assert len(started) == 1 and len(res.intermediate) == 4
+    pts = ball.sample(20000, generator=torch.Generator().manual_seed(1)).reshape(-1, 3)
+    with torch.no_grad():
+        values = [torch.tanh(net.fc1(pts))]
+        values += [torch.exp(values[0]), torch.exp(-values[0])]
+    for (lo, hi), v in zip(list(res.intermediate.values())[1:], values):
+        assert (lo <= v.amin(0) + 1e-12).all() and (hi >= v.amax(0) - 1e-12).all()

@@ -322,23 +322,24 @@ def ibp_is_exact(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
     return mixing <= 1
 
 
-def _monotone_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Tensor, Tensor]] | set[str]") -> bool:
-    """``node`` is a monotone elementwise op (ReLU, sigmoid, tanh) of a node whose box is
-    known: its interval box ``[f(l), f(u)]`` is then at least as tight as linear bounds through
-    the op's relaxation (whose lines stay above ``f`` up to ``u`` and below it down to ``l``),
-    so none are computed (e.g. a ReLU output feeding a max-pooling). Likewise an op marked
+def _image_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Tensor, Tensor]] | set[str]") -> bool:
+    """``node`` is an elementwise op whose interval rule is the exact image of a box (ReLU,
+    sigmoid, tanh, exp, reciprocal, ...: ``exact_image``) of a node whose box is known: that
+    image is then at least as tight as linear bounds through the op's relaxation, so none are
+    computed (e.g. a ReLU output feeding a max-pooling, softmax's reciprocal feeding the
+    product with the values). Likewise an op marked
     ``box_from_input`` (softmax's pairwise differences: n - 1 times the rows of their input)
     takes the interval image of its input's box, intersected with the box
     :class:`~relax.bounds.pairwise.PairwiseRows` got from its input's linear bounds."""
     n = graph.by_name[node]
-    cheap = getattr(n.op, "monotone", False) or getattr(n.op, "box_from_input", False)
+    cheap = getattr(n.op, "exact_image", False) or getattr(n.op, "box_from_input", False)
     return cheap and len(n.inputs) == 1 and n.inputs[0] in known
 
 
 def skips_linear_bounds(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
     """Whether :func:`crown` takes ``node``'s box from the interval rule alone (so alpha-CROWN
     plans no rows for it)."""
-    return ibp_is_exact(graph, node, input_set) or _monotone_of_known(graph, node, set(graph.preactivations()))
+    return ibp_is_exact(graph, node, input_set) or _image_of_known(graph, node, set(graph.preactivations()))
 
 
 def bound_node(
@@ -569,7 +570,7 @@ class _BoxPass:
             l, h = self.intermediate[p]
         elif p == graph.input_name:
             l, h = self.lo_in, self.hi_in
-        elif ibp_is_exact(graph, p, self.input_set) or _monotone_of_known(graph, p, self.known):
+        elif ibp_is_exact(graph, p, self.input_set) or _image_of_known(graph, p, self.known):
             self.ibp = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
             l, h = self.ibp[p]
             if p in self.pair_boxes:  # pairwise combinations of the input's linear bounds

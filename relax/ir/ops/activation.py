@@ -48,7 +48,7 @@ __all__ = ["ReLU", "Sigmoid", "Tanh"]
 class ReLU(Activation):
     kind = "relu"
     exact_forward = True
-    monotone = True
+    exact_image = True
     optimisable = True
 
     def forward(self, x):
@@ -82,7 +82,7 @@ class _SShaped(Activation):
     """Common relaxation of sigmoid and tanh (see module docstring)."""
 
     fprime0 = 1.0  # f'(0), the largest slope
-    monotone = True
+    exact_image = True
 
     def f(self, x: Tensor) -> Tensor:
         raise NotImplementedError

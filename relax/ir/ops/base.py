@@ -60,10 +60,11 @@ class Op:
     exact_forward = False
     #: the backward rule only rearranges coefficients (no sums)
     moves_only = False
-    #: elementwise and nondecreasing, with relaxation lines that never cross the function: the
-    #: interval rule on its input's box is then at least as tight as any linear bound
-    #: through the op (so the engine does not compute linear bounds for its output)
-    monotone = False
+    #: elementwise (output ``j`` depends on input ``j`` only) with an ``interval`` rule that gives
+    #: the exact image of a box (up to round-off): once its input's box is known, no linear
+    #: bound through the op is tighter (any sound line, concretised over a box that contains the
+    #: input's, stays below the function's minimum there), so the engine computes none
+    exact_image = False
 
     def forward(self, *xs: Any, **kwargs: Any) -> Tensor:  # each op takes its own number of tensors
         raise NotImplementedError

@@ -45,6 +45,8 @@ class Elementwise(Activation):
 
     #: the interval rule widens each end by its own round-off (relax.bounds.roundoff adds nothing)
     interval_rounded = True
+    #: :meth:`interval` is the extremes of ``f`` over the box (ends and stationary points)
+    exact_image = True
 
     def f(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -179,7 +181,6 @@ class _Concave(Elementwise):
 
 class Exp(_Convex):
     kind = "exp"
-    monotone = True
     nonnegative = True
 
     def f(self, x):
@@ -196,7 +197,6 @@ class Log(_Concave):
     """Natural logarithm; unbounded below where ``lo <= 0``."""
 
     kind = "log"
-    monotone = True
 
     def f(self, x):
         return torch.log(x)
@@ -210,7 +210,6 @@ class Log(_Concave):
 
 class Sqrt(_Concave):
     kind = "sqrt"
-    monotone = True
     nonnegative = True
 
     def f(self, x):
@@ -259,7 +258,6 @@ class Power(Elementwise):
         if int(n) != n or n < 2:
             raise ValueError(f"Power needs an integer exponent >= 2, got {n}")
         self.n = int(n)
-        self.monotone = self.n % 2 == 1
         self.nonnegative = self.n % 2 == 0
 
     def f(self, x):
@@ -359,7 +357,6 @@ class LeakyReLU(Elementwise):
 
     def __init__(self, slope: float):
         self.slope = float(slope)
-        self.monotone = self.slope >= 0
 
     def f(self, x):
         return torch.where(x >= 0, x, self.slope * x)
@@ -382,7 +379,6 @@ class Clip(Elementwise):
 
     kind = "clip"
     exact_forward = True
-    monotone = True
 
     def __init__(self, low: float | None, high: float | None):
         self.low, self.high = low, high
@@ -412,7 +408,6 @@ class Sign(Elementwise):
 
     kind = "sign"
     exact_forward = True
-    monotone = True
 
     def f(self, x):
         return torch.sign(x)
@@ -444,7 +439,6 @@ class Floor(Elementwise):
 
     kind = "floor"
     exact_forward = True
-    monotone = True
 
     def f(self, x):
         return torch.floor(x)
