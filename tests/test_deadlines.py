@@ -234,12 +234,12 @@ def test_relu_output_bounds_come_from_the_interval_rule():
     inputs = LpBall(torch.rand(2, 1, 28, 28, dtype=torch.float64), 0.02, math.inf, 0.0, 1.0)
     C = torch.eye(10, dtype=torch.float64)[None].expand(2, 10, 10)
     fast = linear.crown(g, inputs, C).lower
-    orig = linear._monotone_of_known
+    orig = linear._image_of_known
     try:
-        linear._monotone_of_known = lambda *a: False
+        linear._image_of_known = lambda *a: False
         slow = linear.crown(g, inputs, C).lower
     finally:
-        linear._monotone_of_known = orig
+        linear._image_of_known = orig
     assert (fast >= slow - 1e-9).all()
     with torch.no_grad():  # sampled outputs inside the ball respect the bound
         xs = inputs.sample(200) if hasattr(inputs, "sample") else None
