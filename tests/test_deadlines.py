@@ -340,3 +340,31 @@ def test_bab_starts_no_smart_branching_trials_it_cannot_finish(monkeypatch):
     cert, wall = _timed(net, x, label, "bab", 0.1, 2.0, method_options={"split": "relu", "attack_restarts": 0, "random_samples": 0})
     assert cert.status in ("unknown", "certified"), cert.status
     assert cert.time_s <= 2.0 + 0.1, (cert.time_s, trials)
+
+
+def test_bab_does_not_branch_again_after_refinement_without_room_for_a_round(monkeypatch):
+    """After the root's MILP refinement, branching starts again (re-bounding the root, then a
+    round of two children) only if three root passes of the plain branching still fit; else the
+    answer is unknown with the refined bound, on time (ml4acopf 300-bus: 1.1-1.3 s late)."""
+    import relax.bab.tighten as tighten
+    from relax.bab import BabResult
+    from relax.methods.bab import BabOptions, _ActivationSearch
+
+    monkeypatch.setattr(tighten, "refine_graph_root", lambda *a, **k: None)
+    calls = []
+
+    class Search:
+        graph = x_set = model = None
+        rs = type("Rows", (), {"batch": staticmethod(lambda n: (torch.zeros(1, 1), torch.zeros(1)))})()
+        opts = BabOptions()
+
+        def branch(self, until, boxes, alphas):
+            calls.append(until)
+            return BabResult("unknown", None, -0.5, 9, reason="timeout")
+
+    extra = {"plain_bab_first": {"domains": 7, "root_pass_s": 2.0}}
+    now = time.perf_counter()
+    res = _ActivationSearch.refine_then_branch(Search(), now + 5.0, {}, None, -1.0, 3, dict(extra))
+    assert not calls and (res.status, res.reason, res.lower, res.domains) == ("unknown", "timeout", -1.0, 7)
+    res = _ActivationSearch.refine_then_branch(Search(), now + 60.0, {}, None, -1.0, 3, dict(extra))
+    assert len(calls) == 1 and res.domains == 9

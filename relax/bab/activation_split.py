@@ -709,10 +709,13 @@ class _ReluSearch:
         self.exact_per_domain = 0.0  # the last round's exact pass (:attr:`DomainBounds.exact_s`) per domain
         self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
         self.trials = TrialClock()  # seconds per child of a smart-branching trial pass
+        self.root_pass_s: float | None = None  # the root domain's pass (:meth:`start`)
 
     def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
-        return BabResult(status, x, lower, self.bounded, time.perf_counter() - self.t0, reason,
-                         {"candidates_checked": self.falsify.checked, "queue_peak": self.queue_peak})
+        details: dict[str, float] = {"candidates_checked": self.falsify.checked, "queue_peak": self.queue_peak}
+        if self.root_pass_s is not None:
+            details["root_pass_s"] = round(self.root_pass_s, 4)
+        return BabResult(status, x, lower, self.bounded, time.perf_counter() - self.t0, reason, details)
 
     def store_limits(self, max_memory_mb: float, batch_size: int) -> tuple[int, int]:
         """``(max_domains, batch_size)``: the open domains that fit in ``max_memory_mb`` and the
@@ -782,7 +785,8 @@ class _ReluSearch:
         t = time.perf_counter()
         db = bound_domains(self.graph, self.inputs, self.rs, self.root, splits, alphas0=alphas0, steps=0, deadline=self.deadline,
                            recompute=False, ivals=ivals)
-        self.trials.record(1, time.perf_counter() - t)  # a trial child's pass is the same kind (in a batch: cheaper each)
+        self.root_pass_s = time.perf_counter() - t
+        self.trials.record(1, self.root_pass_s)  # a trial child's pass is the same kind (in a batch: cheaper each)
         self.bounded = 1
         self.alpha_names = list(db.alphas)
         m = self.rs.margin(db.rows)

@@ -310,7 +310,8 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
         first = search.branch(time.perf_counter() + opts.refine_after * left, boxes, root_alphas)
         if first.status != "unknown" or time.perf_counter() >= deadline:
             return first
-        extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains}
+        extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains,
+                                    "root_pass_s": first.details.get("root_pass_s", 0.0)}
     return search.refine_then_branch(deadline, boxes, root_alphas, low, refine, extra)
 
 
@@ -459,6 +460,11 @@ class _ActivationSearch:
                 root_alphas = again.alphas.get("__out__", root_alphas)
             if low > opts.margin:
                 return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-refine", **extra})
+        # branching again re-bounds the root and needs a first round of two children at that pace:
+        # with less time left than three root passes of the plain branching it would only overrun
+        first = extra.get("plain_bab_first", {})
+        if deadline - time.perf_counter() < 3 * first.get("root_pass_s", 0.0):
+            return BabResult("unknown", None, low, first.get("domains", 0), reason="timeout", details={"stage": "graph-refine", **extra})
         res = self.branch(deadline, boxes, root_alphas)
         res.details.update(extra)
         return res
