@@ -679,6 +679,18 @@ def test_input_split_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
     assert stuck.status == "unknown" and stuck.details["reason"] == "memory"
 
 
+def _far_class_net(seed: int) -> tuple[nn.Module, torch.Tensor, int]:
+    """A 6-12-12-3 ReLU MLP whose class 1 is 1e3 below the others (the root proves that row),
+    a clean input and its label."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    _spread(net[0], 16.0)
+    with torch.no_grad():
+        net[4].bias[1] -= 1e3
+    x0 = torch.rand(1, 6)
+    return net, x0, int(net(x0).argmax())
+
+
 def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
     """A class that never wins (bias -1e3): its row is proved at the root and the ReLU-split search
     bounds only the other row; the answers still match the exact MILP distance (0.97 / 1.03 d*)."""
@@ -693,13 +705,7 @@ def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
 
     monkeypatch.setattr(act, "graph_relu_bab", spy)
     for seed in range(4):
-        torch.manual_seed(seed)
-        net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
-        _spread(net[0], 16.0)
-        with torch.no_grad():
-            net[4].bias[1] -= 1e3
-        x0 = torch.rand(1, 6)
-        label = int(net(x0).argmax())
+        net, x0, label = _far_class_net(seed)
         d = _exact_distance(net, x0, label)
         assert d is not None and label != 1
         for f in (0.97, 1.03):
@@ -726,13 +732,7 @@ def test_root_slopes_shared_by_all_rows_survive_dropping_proved_groups(monkeypat
     monkeypatch.setattr(alpha_mod, "alpha_crown", capped)
     hit = 0
     for seed in range(6):
-        torch.manual_seed(seed)
-        net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
-        _spread(net[0], 16.0)
-        with torch.no_grad():
-            net[4].bias[1] -= 1e3
-        x0 = torch.rand(1, 6)
-        label = int(net(x0).argmax())
+        net, x0, label = _far_class_net(seed)
         if label != 0:  # the proved row (against class 1) must come before an open one
             continue
         hit += 1
