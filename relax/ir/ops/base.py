@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -38,13 +39,22 @@ def sum_rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
 
 
-def select_lines(A: Tensor, lw: Tensor, lb: Tensor, uw: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+def finite(*ts: Tensor) -> bool:
+    """Whether every entry of the tensors is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+def select_lines(A: Tensor, lw: Tensor, lb: Tensor, uw: Tensor, ub: Tensor, finite_intercepts: bool | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """CROWN's backward step through ``lw x + lb <= f(x) <= uw x + ub``: coefficients
     ``A [S, B, *shape]`` take the lower line where positive and the upper where negative;
     returns ``A_in [S, B, *shape]`` and the bias ``[S, B]``. Lines broadcast to ``A``.
-    An infinite intercept counts only where its line is used (``0 * inf`` is 0 here)."""
+    An infinite intercept counts only where its line is used (``0 * inf`` is 0 here);
+    ``finite_intercepts``: whether ``lb`` and ``ub`` are finite, when the caller knows."""
     pos = A > 0
-    if bool(torch.isfinite(lb).all()) and bool(torch.isfinite(ub).all()):  # one select, one product each
+    if finite_intercepts is None:
+        finite_intercepts = finite(lb, ub)
+    if finite_intercepts:  # one select, one product each
         b = torch.where(pos, lb, ub)
     else:
         b = torch.where(pos, lb, torch.where(A < 0, ub, torch.zeros((), dtype=A.dtype, device=A.device)))
@@ -117,6 +127,11 @@ class Relaxation:
     ub: Tensor
     extra: Any = None
 
+    @cached_property
+    def finite_intercepts(self) -> bool:
+        """Whether ``lb`` and ``ub`` are finite (checked once: every backward step reads it)."""
+        return finite(self.lb, self.ub)
+
 
 class Activation(Op):
     """A nonlinear op relaxed by linear bounds (elementwise unless overridden)."""
@@ -140,7 +155,7 @@ class Activation(Op):
         """Lower bound of ``A . f(x)``: positive entries of ``A`` take the lower line, negative
         ones the upper line. ``alpha`` (``[S, B, *shape]``) replaces ``lw`` when given."""
         lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
-        return select_lines(A, lw, r.lb, r.uw, r.ub)
+        return select_lines(A, lw, r.lb, r.uw, r.ub, r.finite_intercepts)
 
     def alpha_slope(self, alpha: Tensor, r: Relaxation) -> Tensor:
         raise NotImplementedError

@@ -156,13 +156,13 @@ class Elementwise(Activation):
                            torch.full_like(k, 0.5)).clamp(0, 1)
 
     def backward_relaxed(self, A, r, alpha=None):
-        lw, lb, uw, ub = r.lw, r.lb, r.uw, r.ub
-        if alpha is not None:
-            lo, hi, curv, kmin, kmax = r.extra
-            k = kmin + alpha * (kmax - kmin)  # [S, B, *shape]
-            kmn, kmx = self.extremes(k, lo, hi)
-            lw, lb = torch.where(curv > 0, k, lw), torch.where(curv > 0, kmn, lb)
-            uw, ub = torch.where(curv < 0, k, uw), torch.where(curv < 0, kmx, ub)
+        if alpha is None:
+            return select_lines(A, r.lw, r.lb, r.uw, r.ub, r.finite_intercepts)
+        lo, hi, curv, kmin, kmax = r.extra
+        k = kmin + alpha * (kmax - kmin)  # [S, B, *shape]
+        kmn, kmx = self.extremes(k, lo, hi)
+        lw, lb = torch.where(curv > 0, k, r.lw), torch.where(curv > 0, kmn, r.lb)
+        uw, ub = torch.where(curv < 0, k, r.uw), torch.where(curv < 0, kmx, r.ub)
         return select_lines(A, lw, lb, uw, ub)
 
     def __repr__(self) -> str:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .affine import unbroadcast
-from .base import Activation, Relaxation, sum_rows
+from .base import Activation, Relaxation, finite, sum_rows
 
 __all__ = ["Product"]
 
@@ -98,7 +98,7 @@ class Product(Activation):
     def backward_relaxed(self, A, r, alpha=None):
         lx, ux, ly, uy = r.extra
         Ap, An = A.clamp(min=0), A.clamp(max=0)
-        if alpha is not None and all(bool(torch.isfinite(t).all()) for t in (lx, ux, ly, uy)):
+        if alpha is not None and finite(lx, ux, ly, uy):
             return self._mixed_planes(Ap, An, alpha, lx, ux, ly, uy)
         A_x = self._adjoint_x(Ap, ly) + self._adjoint_x(An, uy)
         A_y = self._adjoint_y(A, lx)
