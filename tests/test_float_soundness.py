@@ -433,3 +433,89 @@ def test_step_error_is_the_weighted_sum_of_absolute_coefficients(w_batch):
     got = step_error(A, w)
     assert got.shape == (5, 3)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+
+
+def _cancelling_hidden_net(seed: int, margin_at: float | None = None):
+    """``x [2] -> relu(W0 x + 40) [4] -> a . h``: rows of ``W0`` in pairs equal to 1e-6 and ``a``
+    in pairs ``(s, -s)`` with ``s ~ 1e8``, so the backward step's ``a W0`` cancels to ~1e2 and its
+    float32 round-off (~1e1 per entry) moves the bound by ~1e2 on the box ``[-11, -10]^2`` (every
+    ReLU active: CROWN is exact there in real arithmetic). Returns the traced net, the box, and
+    the exact minimum of ``a . h`` (rational arithmetic on the float32 weights). With
+    ``margin_at``, a second output is the constant ``margin_at`` (a robustness spec on class 0)."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(seed)
+    W0 = 0.5 + torch.rand(4, 2, generator=g)
+    W0[1] = W0[0] * (1 + 1e-6 * torch.rand(2, generator=g))
+    W0[3] = W0[2] * (1 + 1e-6 * torch.rand(2, generator=g))
+    s = 1e8 * (1 + torch.rand(2, generator=g))
+    a = torch.stack([s[0], -s[0], s[1], -s[1]])
+    n_out = 1 if margin_at is None else 2
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, n_out))
+    with torch.no_grad():
+        net[0].weight.copy_(W0)
+        net[0].bias.fill_(40.0)
+        net[2].weight.zero_()
+        net[2].weight[0].copy_(a)
+        net[2].bias.zero_()
+        if margin_at is not None:
+            net[2].bias[1] = margin_at
+    gm = torch.fx.symbolic_trace(net.eval())
+    gm.input_shape = (2,)
+    ball = LpBall(torch.full((1, 2), -10.5), 0.5, math.inf)
+    Wq = [[Fraction(float(v)) for v in row] for row in net[0].weight.detach()]
+    aq = [Fraction(float(v)) for v in net[2].weight.detach()[0]]
+    Ax = [sum(aq[i] * Wq[i][j] for i in range(4)) for j in range(2)]
+    corner = [Fraction(-11) if c > 0 else Fraction(-10) for c in Ax]
+    exact = sum(aq) * 40 + sum(c * x for c, x in zip(Ax, corner))
+    return gm, ball, float(exact)
+
+
+def test_backward_steps_cover_the_round_off_of_cancelling_coefficients():
+    """The coefficients ``a W0`` of a backward step cancel (terms ~1e8, result ~1e2): without
+    the steps' round-off allowance (``rigorous=False``) float32 CROWN lies above the exact
+    minimum on most seeds by up to ~2e2; the rigorous bound never does. (Zeroing
+    ``step_error`` makes this fail: the concretisation's own allowance scales with the small
+    result, not with the cancelled terms.)"""
+    from relax.bounds.crown import crown
+    from relax.ir.graph import build_graph
+
+    above = 0
+    for seed in range(10):
+        gm, ball, exact = _cancelling_hidden_net(seed)
+        g = build_graph(gm, (2,), torch.float32)
+        C = torch.ones(1, 1, 1)
+        boxes = crown(g, ball, None).intermediate
+        sound = float(crown(g, ball, C, intermediate=boxes).spec_lower())
+        loose = float(crown(g, ball, C, intermediate=boxes, rigorous=False).spec_lower())
+        above += loose > exact
+        assert sound <= exact, f"seed {seed}: bound {sound} above the exact minimum {exact}"
+    assert above >= 3, "float32 round-off no longer moves the allowance-free bound: the case is not real"
+
+
+@pytest.mark.parametrize("method", ["crown", "deeppoly", "alpha-crown", "bab"])
+def test_cancelling_coefficients_do_not_certify(method):
+    """End to end: class 1 is a constant between the exact minimum of class 0's logit and the
+    allowance-free float32 CROWN bound, so the allowance-free margin bound is positive while a
+    point of the box has a negative exact margin. (Two guards keep this from certifying: the
+    steps' allowance, tested alone above, and the methods' forward-pass check of points found.)"""
+    from relax.bounds.crown import crown
+    from relax.ir.graph import build_graph
+
+    seed = next(s for s in range(10) if _is_moved_up(s))
+    gm, ball, exact = _cancelling_hidden_net(seed)
+    loose = float(crown(build_graph(gm, (2,), torch.float32), ball, torch.ones(1, 1, 1), rigorous=False).spec_lower())
+    gm, ball, exact = _cancelling_hidden_net(seed, margin_at=(exact + loose) / 2)
+    rows = torch.tensor([[[1.0, -1.0]]])
+    assert float(crown(build_graph(gm, (2,), torch.float32), ball, rows, rigorous=False).spec_lower()) > 0
+    cert = get_method(method).certify(gm, ball, Robust(torch.tensor([0])))[0]
+    assert cert.status != "certified"
+
+
+def _is_moved_up(seed: int) -> bool:
+    from relax.bounds.crown import crown
+    from relax.ir.graph import build_graph
+
+    gm, ball, exact = _cancelling_hidden_net(seed)
+    loose = crown(build_graph(gm, (2,), torch.float32), ball, torch.ones(1, 1, 1), rigorous=False).spec_lower()
+    return float(loose) > exact + 20
