@@ -368,3 +368,52 @@ def test_bab_does_not_branch_again_after_refinement_without_room_for_a_round(mon
     assert not calls and (res.status, res.reason, res.lower, res.domains) == ("unknown", "timeout", -1.0, 7)
     res = _ActivationSearch.refine_then_branch(Search(), now + 60.0, {}, None, -1.0, 3, dict(extra))
     assert len(calls) == 1 and res.domains == 9
+
+
+def test_a_spec_row_pass_with_a_hard_deadline_stops_at_it():
+    """``crown(stop_at=...)``: a pass that reaches a node after the hard deadline raises (branch-
+    and-bound discards such bounds); one with time enough gives the same bounds as without."""
+    from relax.bounds import prepare
+    from relax.bounds.crown import crown
+
+    net = _mlp([6, 20, 20, 3]).double()
+    graph, s = prepare(net, LpBall(torch.rand(1, 6, dtype=torch.float64), 0.1, math.inf), torch.float64)
+    C = torch.eye(3, dtype=torch.float64).unsqueeze(0)
+    boxes = crown(graph, s, None).intermediate
+    with pytest.raises(DeadlineExpired, match="past its deadline"):
+        crown(graph, s, C, intermediate=boxes, stop_at=time.perf_counter())
+    free = crown(graph, s, C, intermediate=boxes).spec_lower()
+    assert torch.equal(crown(graph, s, C, intermediate=boxes, stop_at=time.perf_counter() + 60).spec_lower(), free)
+
+
+def test_relu_search_abandons_a_root_pass_that_runs_past_its_deadline(monkeypatch):
+    """ReLU splitting re-bounds its root domain before it branches; on a large network that pass
+    can take longer than the time left (ml4acopf's 300-bus nets: 1.6 s started 1.3 s before the
+    deadline). Each backward step slowed to 40 ms (about 0.3 s a pass): with 0.15 s the search
+    answers ``unknown`` at the deadline (the old code ran the whole pass and the branching choice
+    after it), and with 5 s it runs as before."""
+    import relax.bounds.crown as crown_mod
+    from relax.bab import RowSpec
+    from relax.bab.activation_split import graph_relu_bab
+    from relax.bounds import prepare
+
+    net = _mlp([6, 20, 20, 20, 3], seed=2).double()
+    x0 = torch.full((1, 6), 0.5, dtype=torch.float64)
+    graph, xs = prepare(net, LpBall(x0, 0.4, math.inf, 0.0, 1.0), torch.float64)
+    rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                 torch.tensor([0, 1]))
+    root = crown_mod.crown(graph, xs, None).intermediate
+    real = crown_mod._through
+
+    def slow(*a, **k):
+        time.sleep(0.04)
+        return real(*a, **k)
+
+    monkeypatch.setattr(crown_mod, "_through", slow)
+    t0 = time.perf_counter()
+    res = graph_relu_bab(graph, xs, rs, root, timeout=0.15, margin=1e9, candidates=1)
+    took = time.perf_counter() - t0
+    assert (res.status, res.reason) == ("unknown", "timeout")
+    assert took <= 0.15 + 0.06, took
+    res = graph_relu_bab(graph, xs, rs, root, timeout=5.0, margin=1e9, candidates=1)
+    assert res.domains > 1  # the root pass ran and the search branched

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verify.deadline import Deadline
+from verify.deadline import Deadline, DeadlineExpired
 from verify.spec import InputSet, LpBall
 
 from relax.bounds.adam import ProjectedAdam
@@ -202,6 +202,7 @@ class _SplitLagrangian:
     D: int
 
     rigorous: bool = True  # False: bounds for ranking only (crown's ``rigorous``)
+    stop_at: float | None = None  # a hard deadline of every pass (crown's ``stop_at``)
 
     def lower(self, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
               record: dict[str, Tensor | None] | None = None) -> Tensor:
@@ -212,7 +213,7 @@ class _SplitLagrangian:
         extra = {p: -(b * self.signs[p].to(b.dtype)).reshape(N, D, *self.shapes[p]) for p, b in betas.items()}
         afn = lambda start, act, sl: None if (act not in alphas or start != "__out__") else alphas[act][sl]  # noqa: E731
         return crown(ps.graph, ps.x_set, ps.C, intermediate=ps.boxes, alpha_fn=afn, out_extra=extra, out_record=record,
-                     fixed=fixed, rigorous=self.rigorous).spec_lower() + ps.d
+                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at).spec_lower() + ps.d
 
 
 def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
@@ -231,9 +232,9 @@ def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], 
     """
     N, D = lagrangian.N, lagrangian.D
     params = list(alphas.values()) + list(betas.values())
-    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 1.0)
-    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 1.0, upper=None) if betas else None
     n_steps = steps if params else 0
+    opt_a = ProjectedAdam(list(alphas.values()), lr_alpha, 1.0) if n_steps else None  # their moments cost a pass's memory traffic
+    opt_b = ProjectedAdam(list(betas.values()), lr_beta, 1.0, upper=None) if betas and n_steps else None
     best: Tensor | None = None
     best_a: dict[str, Tensor] = {}  # set by the first evaluation (with keep_params)
     best_b: dict[str, Tensor] = {}
@@ -260,7 +261,7 @@ def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], 
                 for p, b in betas.items():
                     best_b[p] = torch.where(better.view(N, D, 1), b.detach(), best_b[p])
         if update:
-            assert grads is not None
+            assert grads is not None and opt_a is not None
             opt_a.step(grads[: len(alphas)])
             if opt_b is not None:
                 opt_b.step(grads[len(alphas):])
@@ -296,6 +297,7 @@ def bound_domains(
     settled: Sequence[str] = (),
     rigorous: bool = True,
     exact_s: float = 0.0,
+    hard: bool = False,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -324,6 +326,8 @@ def bound_domains(
             boxes and ``infeasible`` stay sound).
         exact_s: with ``fast``, the expected seconds of the last pass on ``graph`` (a previous
             round's :attr:`DomainBounds.exact_s`): the ascent leaves them before ``deadline``.
+        hard: ``deadline`` is hard: a spec-row pass still running at it raises
+            :class:`verify.deadline.DeadlineExpired` (for callers that discard late bounds).
 
     Returns:
         :class:`DomainBounds`.
@@ -337,7 +341,8 @@ def bound_domains(
     alphas = _start_slopes(ps, alphas0, N, D)
     betas = _start_multipliers(splits, betas0, N, D, ps.graph.dtype)
     lagrangian = _SplitLagrangian({p: splits[p].to(ps.graph.dtype).unsqueeze(0) for p in betas},
-                                  {p: graph.shape(p) for p in betas}, N, D, rigorous)
+                                  {p: graph.shape(p) for p in betas}, N, D, rigorous,
+                                  deadline if hard and math.isfinite(deadline) else None)
     record: dict[str, Tensor | None] = {r: None for r, _ in relu_inputs(graph) + interval_inputs(graph)}
     record[graph.input_name] = None
     vacuous = torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device)
@@ -783,8 +788,12 @@ class _ReluSearch:
                  for p in self.inodes}
         alphas0 = None if root_alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in root_alphas.items()}
         t = time.perf_counter()
-        db = bound_domains(self.graph, self.inputs, self.rs, self.root, splits, alphas0=alphas0, steps=0, deadline=self.deadline,
-                           recompute=False, ivals=ivals)
+        try:  # a root pass past the deadline is abandoned (the caller has the root's bound)
+            db = bound_domains(self.graph, self.inputs, self.rs, self.root, splits, alphas0=alphas0, steps=0, deadline=self.deadline,
+                               recompute=False, ivals=ivals, hard=True)
+        except DeadlineExpired:
+            self.root_pass_s = time.perf_counter() - t  # at least this long
+            return self.result("unknown", "timeout", -math.inf)
         self.root_pass_s = time.perf_counter() - t
         self.trials.record(1, self.root_pass_s)  # a trial child's pass is the same kind (in a batch: cheaper each)
         self.bounded = 1
@@ -795,6 +804,8 @@ class _ReluSearch:
         x = self.falsify(_corners(self.graph, self.inputs, db))
         if x is not None:
             return self.result("falsified", "counterexample", -math.inf, x)
+        if time.perf_counter() + 2 * self.trials.per_child >= self.deadline:  # no time for the first round (:func:`graph_relu_bab`)
+            return self.result("unknown", "timeout", float(m[0]))
         choice = self.choose(db, splits, torch.zeros(1, dtype=torch.long, device=dev))
         if choice[0][0] is None:  # nothing to split at the root
             status, x = self.settle_leaf(splits, db, 0)
@@ -840,18 +851,22 @@ class _ReluSearch:
         par = q.take(torch.topk(q.get("low") if nearest else -q.get("low"), k).indices)
         child, c_ivals, c_alphas, c_betas, c_boxes, settled = self.children(par, k)
         t_round = time.perf_counter()
-        db = bound_domains(graph, self.inputs, rs, c_boxes, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
-                           deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled,
-                           exact_s=self.exact_per_domain * 2 * k)
-        if db.exact_s:  # per domain: the rounds' batches grow
-            self.exact_per_domain = db.exact_s / (2 * k)
-        self.bounded += 2 * k
+
         # past the deadline (its bounds may be vacuous, or the rest of the round would end after it):
         # unknown with the parents' bounds (a child lies in its parent)
         def timeout() -> BabResult:
             low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
             return self.result("unknown", "timeout", low)
 
+        try:
+            db = bound_domains(graph, self.inputs, rs, c_boxes, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
+                               deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled,
+                               exact_s=self.exact_per_domain * 2 * k, hard=True)
+        except DeadlineExpired:  # a pass still running at the deadline: abandoned
+            return timeout()
+        if db.exact_s:  # per domain: the rounds' batches grow
+            self.exact_per_domain = db.exact_s / (2 * k)
+        self.bounded += 2 * k
         if time.perf_counter() >= self.deadline:
             return timeout()
         x = self.falsify(_corners(graph, self.inputs, db))

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from verify.deadline import Deadline
+from verify.deadline import Deadline, DeadlineExpired
 from verify.precision import ieee_float32
 from verify.spec import InputSet, LpBall
 
@@ -111,6 +111,7 @@ def backward(
     extra: dict[str, Tensor] | None = None,
     record: dict[str, Tensor | None] | None = None,
     clipped_ball: bool = False,
+    stop_at: float | None = None,
 ) -> Tensor:
     """Lower bounds ``[S, B]`` of ``A0 . z_start + sum_p extra[p] . z_p`` over the input set.
 
@@ -127,8 +128,10 @@ def backward(
             reaching each listed node (branching scores).
         clipped_ball: concretise l_1 / l_2 balls clipped by their domain exactly
             (:func:`concretize`).
+        stop_at: a hard deadline (``perf_counter`` value): :class:`DeadlineExpired` at the first
+            node the pass reaches after it (for callers that discard a late bound).
     """
-    A_in, bias, err = backward_form(graph, start, A0, relax, alphas, weights, extra, record)
+    A_in, bias, err = backward_form(graph, start, A0, relax, alphas, weights, extra, record, stop_at)
     return concretize_rows(A_in, bias, err, input_set, clipped_ball, weights is not None)
 
 
@@ -141,6 +144,7 @@ def backward_form(
     weights: dict[str, Tensor | None] | None = None,
     extra: dict[str, Tensor] | None = None,
     record: dict[str, Tensor | None] | None = None,
+    stop_at: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`backward` before the concretisation: the linear lower bound
     ``A0 . z_start >= A_in . x + bias - SAFETY * err`` on the input set, as ``A_in [S, B, *in]``,
@@ -157,6 +161,8 @@ def backward_form(
             A = extra[n.name] if A is None else A + extra[n.name]
         if A is None:
             continue
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            raise DeadlineExpired(f"backward pass stopped at node {n.name!r}: past its deadline")
         if record is not None and n.name in record:
             record[n.name] = A.detach()
         w = None if weights is None else weights.get(n.name)
@@ -476,6 +482,7 @@ def crown(
     roundoff_weights: dict[str, Tensor | None] | None = None,
     deadline: Deadline | None = None,
     rigorous: bool = True,
+    stop_at: float | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -509,6 +516,9 @@ def crown(
         rigorous: False: the spec rows' bound without its round-off allowance and without the
             interval bound beside it (cheaper; **not a bound of the exact network**: only for
             ranking, as filtered smart branching ranks its candidates).
+        stop_at: a hard deadline of the spec rows' pass (``perf_counter`` value): it raises
+            :class:`DeadlineExpired` at the first node reached after it, for callers that
+            discard a late bound anyway (branch-and-bound's domains).
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -519,7 +529,7 @@ def crown(
         if fixed["rigorous"] != rigorous:  # a ranking pass's cache must never serve a bound
             raise ValueError("crown: `fixed` was filled with another `rigorous`")
         return _spec_rows(graph, input_set, C, fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"], max_elements,
-                          alpha_fn, out_extra, out_record)
+                          alpha_fn, out_extra, out_record, stop_at)
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
                   or roundoff_weights is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
@@ -531,7 +541,7 @@ def crown(
             bp.graph = _prune_dead(bp.graph, p, bp.known, bp.relax, bp.weights, bp.ibp)
     if C is None:
         return CrownResult(None, bp.inter, bp.relax_full, bp.weights)
-    return bp.spec(C, fixed, out_extra, out_record, rigorous)
+    return bp.spec(C, fixed, out_extra, out_record, rigorous, stop_at)
 
 
 class _BoxPass:
@@ -618,7 +628,7 @@ class _BoxPass:
                 self.relax[c] = self.relax_full[c] = cn.op.relax_inputs([self.known[i] for i in cn.inputs], self.mode)
 
     def spec(self, C: Tensor, fixed: dict | None, out_extra: dict[str, Tensor] | None,
-             out_record: dict[str, Tensor | None] | None, rigorous: bool = True) -> CrownResult:
+             out_record: dict[str, Tensor | None] | None, rigorous: bool = True, stop_at: float | None = None) -> CrownResult:
         """The spec rows ``C [B, N, K]`` after every box: the interval bound of the rows, then
         their backward pass (:func:`_spec_rows`); fills ``fixed`` when every box was given.
         Not ``rigorous``: no interval bound and no round-off allowance (see :func:`crown`)."""
@@ -634,7 +644,7 @@ class _BoxPass:
         if fixed is not None and self.intermediate is not None and all(p in self.intermediate for p in graph.preactivations()):
             fixed.update(relax=self.relax, weights=weights, inter=self.inter, ibp_low=ibp_low, rigorous=rigorous)
         res = _spec_rows(graph, self.input_set, C, self.relax, weights, self.inter, ibp_low, self.max_elements, self.alpha_fn,
-                         out_extra, out_record)
+                         out_extra, out_record, stop_at)
         res.relaxations, res.weights = self.relax_full, self.weights
         return res
 
@@ -704,7 +714,8 @@ def _sliced(d: dict[str, Tensor] | None, part: _BatchSlice | None, dim: int) -> 
 
 def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
                inter: dict[str, tuple[Tensor, Tensor]], ibp_low: Tensor, max_elements: int, alpha_fn: AlphaFn | None,
-               out_extra: dict[str, Tensor] | None, out_record: dict[str, Tensor | None] | None) -> CrownResult:
+               out_extra: dict[str, Tensor] | None, out_record: dict[str, Tensor | None] | None,
+               stop_at: float | None = None) -> CrownResult:
     """:func:`crown`'s last step: the backward pass of the spec rows ``C [B, N, K]``, intersected
     with their interval bound ``ibp_low [B, N]``; lowered by the round-off bound unless ``weights``
     is None. Chunks of at most :func:`_chunk_limit` coefficients: all rows of a batch slice when
@@ -718,6 +729,7 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
     b_step = max(1, min(B, cells // s_step))
     acts = _acts_before(graph, out)
     parts: list[Tensor] = []
+    recorded: dict[str, list[Tensor]] = {k: [] for k in out_record} if out_record is not None else {}  # per node: the chunks' rows
     for s0 in range(0, N, s_step):
         s1 = min(N, s0 + s_step)
         alphas_s = None
@@ -740,16 +752,16 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
                 x_part = part.input_set(input_set)
                 w_part = None if weights is None else {k: part.dim0(w) for k, w in weights.items()}
             cols.append(backward(graph, out, At[s0:s1, b0:b1], rel, x_part, _sliced(alphas_s, part, 1), w_part,
-                                 _sliced(ex_s, part, 1), rec, clipped_ball=True))
+                                 _sliced(ex_s, part, 1), rec, clipped_ball=True, stop_at=stop_at))
             recs.append(rec)
         parts.append(cols[0] if len(cols) == 1 else torch.cat(cols, 1))
-        if out_record is not None:
-            for k in out_record:
-                got: list[Tensor] = [v for r in recs if r is not None and (v := r[k]) is not None]
-                if got:
-                    v = got[0] if len(got) == 1 else torch.cat(got, 1)
-                    prev = out_record[k]
-                    out_record[k] = v if prev is None or s0 == 0 else torch.cat([prev, v])
+        for k in recorded:
+            got: list[Tensor] = [v for r in recs if r is not None and (v := r[k]) is not None]
+            if got:
+                recorded[k].append(got[0] if len(got) == 1 else torch.cat(got, 1))
+    for k, vs in recorded.items():  # one concatenation per node (not one per chunk: quadratic in the chunks)
+        if vs:
+            out_record[k] = vs[0] if len(vs) == 1 else torch.cat(vs)  # type: ignore[index]
     low = torch.cat(parts, 0).t()
     # the value is max(linear, interval); the gradient always that of the linear bound, so that an
     # optimiser of slopes / multipliers is not stuck where the interval bound is ahead at the start

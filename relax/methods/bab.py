@@ -287,6 +287,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     res = _search(search, opts, deadline, left, boxes, root_alphas, low)
     if res.status == "certified":
         res.lower = min(res.lower, proved_floor)
+    elif res.status == "unknown":  # the root's bound holds too (a search stopped in its first pass has none)
+        res.lower = max(low, min(res.lower, proved_floor))
     return res
 
 
