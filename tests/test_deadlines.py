@@ -417,3 +417,25 @@ def test_relu_search_abandons_a_root_pass_that_runs_past_its_deadline(monkeypatc
     assert took <= 0.15 + 0.06, took
     res = graph_relu_bab(graph, xs, rs, root, timeout=5.0, margin=1e9, candidates=1)
     assert res.domains > 1  # the root pass ran and the search branched
+
+
+def test_a_search_stopped_in_its_first_pass_reports_the_roots_bound(monkeypatch):
+    """A ReLU search abandoned in its root pass has no bound of its own (``-inf``): the answer's
+    ``margin_lower`` is then the root alpha-CROWN's, a bound on the whole set."""
+    import relax.methods.bab as bab_mod
+    from relax.bab import BabResult, RowSpec
+    from relax.bounds import prepare
+
+    net = _mlp([6, 20, 20, 3], seed=2).double()
+    x0 = torch.full((1, 6), 0.5, dtype=torch.float64)
+    graph, xs = prepare(net, LpBall(x0, 0.4, math.inf, 0.0, 1.0), torch.float64)
+    rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                 torch.tensor([0, 1]))
+    monkeypatch.setattr(bab_mod, "_search", lambda *a, **k: BabResult("unknown", None, -math.inf, 0, reason="timeout"))
+    opts = bab_mod.BabOptions(split="relu")
+    root = bab_mod._root_alpha_crown(graph, xs, rs.with_averages(), opts, 30.0)
+    low = float(rs.with_averages().margin((root.lower + rs.with_averages().batch(1)[1])[0]))
+    assert low < 0  # the root does not prove it: the search runs
+    res = bab_mod._graph_bab(net, graph, xs, xs, rs.with_averages(), opts, 30.0)
+    assert (res.status, res.reason) == ("unknown", "timeout")
+    assert math.isfinite(res.lower) and abs(res.lower - low) < 1e-6 * (1 + abs(low)), (res.lower, low)
