@@ -288,16 +288,13 @@ def bound_domains(
     alphas0: dict[str, Tensor] | None = None,
     betas0: dict[str, Tensor] | None = None,
     steps: int = 10,
-    lr_alpha: float = 0.1,
-    lr_beta: float = 0.05,
+    lr_alpha: float = 0.1, lr_beta: float = 0.05,
     deadline: float = math.inf,
     recompute: bool = True,
     ivals: dict[str, tuple[Tensor, Tensor]] | None = None,
     fast: BoundGraph | None = None,
     settled: Sequence[str] = (),
-    rigorous: bool = True,
-    exact_s: float = 0.0,
-    hard: bool = False,
+    rigorous: bool = True, exact_s: float = 0.0, hard: bool = False,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -310,8 +307,7 @@ def bound_domains(
         alphas0, betas0: starting slopes ``{activation node: [D, N, n]}`` (``n`` the numbers
             per row: a ReLU's slopes, a sigmoid's / tanh's slope pairs) and multipliers
             ``{relu input node: [D, N, n]}`` (the parents'; default CROWN's slopes and 0).
-        steps: alpha/beta Adam steps after the first pass (stopped at ``deadline``,
-            a ``time.perf_counter()`` value).
+        steps: alpha/beta Adam steps after the first pass (until ``deadline``, a ``perf_counter`` value).
         recompute: recompute the pre-activation boxes of every domain by CROWN within its
             split boxes (tighter, one linear pass per unstable neuron); else use the split
             root boxes as they are.
@@ -343,8 +339,7 @@ def bound_domains(
     lagrangian = _SplitLagrangian({p: splits[p].to(ps.graph.dtype).unsqueeze(0) for p in betas},
                                   {p: graph.shape(p) for p in betas}, N, D, rigorous,
                                   deadline if hard and math.isfinite(deadline) else None)
-    record: dict[str, Tensor | None] = {r: None for r, _ in relu_inputs(graph) + interval_inputs(graph)}
-    record[graph.input_name] = None
+    record: dict[str, Tensor | None] = dict.fromkeys([r for r, _ in relu_inputs(graph) + interval_inputs(graph)] + [graph.input_name])
     vacuous = torch.full((D, N), -math.inf, dtype=graph.dtype, device=graph.device)
     if time.perf_counter() >= deadline:  # the boxes took the budget: vacuous bounds, no more passes
         return DomainBounds(vacuous, infeasible, record, exact.boxes, *_domain_major(alphas, betas, N, D), boxes_s)
