@@ -85,7 +85,8 @@ class GraphBoxes(torch.nn.Module):
         g, B = self.graph, lo.shape[0]
         C, d = spec.batch(B)
         rec: dict[str, Tensor | None] = {g.input_name: None}
-        res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec, deadline=self._deadline())
+        res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec, deadline=self._deadline(),
+                    forward=True)
         A_rec = rec[g.input_name]
         assert A_rec is not None  # every pass records the input's coefficients
         A = A_rec.reshape(C.shape[1], B, -1).transpose(0, 1)

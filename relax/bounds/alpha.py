@@ -76,6 +76,7 @@ def alpha_crown(
     intermediate: dict[str, tuple[Tensor, Tensor]] | None = None,
     prune: bool = False,
     stall: tuple[int, float] | None = None,
+    forward: bool = False,
 ) -> AlphaResult:
     """Optimised lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``).
 
@@ -98,13 +99,15 @@ def alpha_crown(
             from the graph before the optimisation (:func:`relax.bounds.crown.crown`'s ``prune``; the
             same bounds, smaller products). The result's ``intermediate`` and ``alphas`` are
             then those of the pruned graph.
+        forward: the first CROWN pass within forward linear bounds' boxes (:func:`relax.bounds.crown.crown`'s
+            ``forward``: networks of few inputs).
     """
     fixed_pass: dict | None = None
     if intermediate is not None:
         optimize_intermediate, fixed_pass = False, {}
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides,
-                     intermediate=intermediate, fixed=fixed_pass, prune=prune, deadline=deadline)
+                     intermediate=intermediate, fixed=fixed_pass, prune=prune, deadline=deadline, forward=forward)
     if prune:
         graph, init, bound_overrides = _pruned(graph, init, bound_overrides)
     crown_lower = init.spec_lower()

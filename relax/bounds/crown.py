@@ -57,6 +57,7 @@ from relax.bounds.interval import interval_bounds
 from relax.ir.ops import Relaxation, ReLU
 from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.dot import batch_first_dot
+from relax.bounds.forward import forward_boxes
 from relax.bounds.pairwise import PairwiseRows
 from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
 
@@ -483,6 +484,7 @@ def crown(
     deadline: Deadline | None = None,
     rigorous: bool = True,
     stop_at: float | None = None,
+    forward: bool = False,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -519,6 +521,10 @@ def crown(
         stop_at: a hard deadline of the spec rows' pass (``perf_counter`` value): it raises
             :class:`DeadlineExpired` at the first node reached after it, for callers that
             discard a late bound anyway (branch-and-bound's domains).
+        forward: for a network of at most :data:`relax.bounds.forward.MAX_INPUTS` inputs, first
+            the forward linear bounds' boxes (:mod:`relax.bounds.forward`: ``n_0 + 1`` columns
+            per node), intersected with ``bound_overrides``: CROWN's intermediate bounds are then
+            needed only for the neurons those leave unstable, and the boxes are at least as tight.
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -533,6 +539,8 @@ def crown(
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
                   or roundoff_weights is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
+    if forward and intermediate is None:  # a network of few inputs: forward linear bounds first (cheap), CROWN's within them
+        bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides)
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
                   alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline)
     for p in graph.preactivations():
@@ -542,6 +550,23 @@ def crown(
     if C is None:
         return CrownResult(None, bp.inter, bp.relax_full, bp.weights)
     return bp.spec(C, fixed, out_extra, out_record, rigorous, stop_at)
+
+
+def _with_forward_boxes(graph: BoundGraph, input_set: InputSet, overrides: dict[str, tuple[Tensor, Tensor]] | None
+                        ) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """``overrides`` intersected with the forward linear bounds' boxes of the pre-activations
+    (:func:`relax.bounds.forward.forward_boxes`; unchanged for networks of many inputs)."""
+    lo, hi = input_set.bounds()
+    fwd = forward_boxes(graph, lo.detach(), hi.detach(), None if overrides is None else
+                        {k: (l.detach(), h.detach()) for k, (l, h) in overrides.items()})
+    if fwd is None:
+        return overrides
+    out = dict(overrides or {})
+    for p, (l, h) in fwd.items():
+        if p == graph.input_name:
+            continue
+        out[p] = (torch.maximum(out[p][0], l), torch.minimum(out[p][1], h)) if p in out else (l, h)
+    return out
 
 
 class _BoxPass:

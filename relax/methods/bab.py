@@ -232,7 +232,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
     with torch.no_grad():  # a large network's pass stops tightening at a third of the budget
-        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() / 3)).spec_lower() + d)[0])
+        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() / 3), forward=True).spec_lower() + d)[0])
     if low > opts.margin:
         return done(BabResult("certified", None, low, 1, reason="proved"), "crown")
     res = attack("pgd")
@@ -343,7 +343,7 @@ def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, tim
     return alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20 if splits_relus else 200, early_stop=True,
                        stop_fn=lambda low: rs.margin(low + d) > opts.margin,
                        deadline=Deadline((ROOT_ALPHA_SHARE if splits_relus else 0.7) * time_left),
-                       stall=None if splits_relus else (10, 0.01))
+                       stall=None if splits_relus else (10, 0.01), forward=True)
 
 
 def _branch_then_milp(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas) -> BabResult:
