@@ -283,3 +283,39 @@ def test_open_part_drops_only_the_proved_groups():
     assert torch.equal(rs.margin(vals)[ok] > 0, both[ok] > 0)
     nothing, rows0, floor0 = rs.open_part(torch.full_like(root, -1.0), 1e-6)
     assert math.isinf(floor0) and torch.equal(rows0, torch.arange(rs.C.shape[0])) and torch.equal(nothing.groups, rs.groups)
+
+
+def test_input_split_drops_strong_branching_when_root_passes_are_slow(monkeypatch):
+    """Strong branching bounds ``2 n_0`` children per box: with a root pass slowed to 0.1 s and a
+    2 s budget, 6 such passes exceed 5 % of it, so every round branches by smear; when they fit
+    (the unslowed pass against a 50 % share) the first round branches strongly."""
+    import relax.bab.input_split as isp
+
+    model = _mlp(3, (3, 16, 16, 3))
+    net = _dense(model, 3)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    rs = RowSpec(C, torch.full((2,), 5.0, dtype=torch.float64), torch.tensor([0, 1]))  # a margin the root cannot prove
+    seen: list[str] = []
+    real_children = isp._children
+
+    def spy(net_, spec, par, branching, *a):
+        seen.append(branching)
+        return real_children(net_, spec, par, branching, *a)
+
+    monkeypatch.setattr(isp, "_children", spy)
+    lo, hi = -torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    monkeypatch.setattr(isp, "STRONG_BRANCHING_SHARE", 0.5)  # the unslowed root pass (a few ms) fits
+    isp.input_bab(net, rs, lo, hi, timeout=2.0, branching="mixed", check_point=lambda x: False)
+    assert seen and seen[0] == "mixed"
+    monkeypatch.setattr(isp, "STRONG_BRANCHING_SHARE", 0.05)
+    real_bound = GraphBoxes.bound
+
+    def slow(self, *a, **k):
+        if a[3] is None:  # the root (no prior boxes)
+            time.sleep(0.1)
+        return real_bound(self, *a, **k)
+
+    monkeypatch.setattr(GraphBoxes, "bound", slow)
+    seen.clear()
+    isp.input_bab(net, rs, lo, hi, timeout=2.0, branching="mixed", check_point=lambda x: False)
+    assert seen and set(seen) == {"smear"}

@@ -38,6 +38,10 @@ __all__ = ["input_bab", "GraphBoxes"]
 
 #: the share of the queue's memory cap above which the boxes closest to proved go first
 FULL_QUEUE = 0.8
+#: strong branching bounds ``2 n_0`` children per box: it is replaced by smear branching when that
+#: many passes at the root's pace would take more than this share of the budget (a large network:
+#: the cGAN generators' root pass takes seconds, ACAS Xu's milliseconds)
+STRONG_BRANCHING_SHARE = 0.05
 
 
 class GraphBoxes(torch.nn.Module):
@@ -276,6 +280,7 @@ class _InputSearch:
         self.rejected = 0
         self.n_bounded, self.rounds = 0, 0
         self.queue_peak = 1  # the most open boxes held at once (the root)
+        self.root_pass_s = 0.0  # the root box's bound (:meth:`root`)
 
     def finish(self, status: str, reason: str, lower: float, cex: Tensor | None = None) -> BabResult:
         return BabResult(status, cex, lower, self.n_bounded, time.perf_counter() - self.t0, reason,
@@ -294,8 +299,10 @@ class _InputSearch:
     def root(self, lo: Tensor, hi: Tensor, margin: float, deadline: float) -> BabResult | _BoxBatch:
         """Bound and attack the whole box: the result when that decides, else the box as the queue."""
         net, spec = self.net, self.spec
+        t = time.perf_counter()
         with torch.no_grad():
             lower, A, pre = net.bound(spec, lo, hi, None)
+        self.root_pass_s = time.perf_counter() - t
         self.n_bounded += 1
         m = spec.margin(lower)
         if bool(m[0] > margin):
@@ -370,7 +377,8 @@ def input_bab(
             of it the boxes closest to proved go first; at it: ``unknown`` ("memory").
         margin: a box is proved when its margin lower bound exceeds this.
         branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
-            for the worst quarter of each batch, smear for the rest).
+            for the worst quarter of each batch, smear for the rest); smear when ``2 n_0`` root
+            passes exceed :data:`STRONG_BRANCHING_SHARE` of ``timeout``.
         max_aspect: largest ratio of two relative widths of a box before its relatively
             widest dimension is split regardless of the branching score (see :func:`_branch_dim`).
         alpha_steps, alpha_frac: alpha-CROWN with this many steps on the ``alpha_frac`` of
@@ -391,6 +399,8 @@ def input_bab(
     queue = s.root(lo, hi, margin, deadline)  # boxes, their bounds and intermediate boxes (priors for children)
     if isinstance(queue, BabResult):
         return queue
+    if branching != "smear" and 2 * lo.shape[1] * s.root_pass_s > STRONG_BRANCHING_SHARE * timeout:
+        branching = "smear"
     root_w = hi - lo
     max_domains = queue.fitting(max_memory_mb)
     round_s, t_round = 0.0, None  # a round starts only if one as long as the last still fits
