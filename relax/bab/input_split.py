@@ -376,15 +376,13 @@ def input_bab(
         max_memory_mb: cap of the queue (boxes, bounds, intermediate boxes); above :data:`FULL_QUEUE`
             of it the boxes closest to proved go first; at it: ``unknown`` ("memory").
         margin: a box is proved when its margin lower bound exceeds this.
-        branching: ``"strong"``, ``"smear"`` (see :func:`_split`) or ``"mixed"`` (strong
-            for the worst quarter of each batch, smear for the rest); smear when ``2 n_0`` root
-            passes exceed :data:`STRONG_BRANCHING_SHARE` of ``timeout``.
+        branching: ``"strong"``, ``"smear"`` (:func:`_split`) or ``"mixed"`` (strong for the worst quarter
+            of each batch); smear when ``2 n_0`` root passes exceed :data:`STRONG_BRANCHING_SHARE` of ``timeout``.
         max_aspect: largest ratio of two relative widths of a box before its relatively
             widest dimension is split regardless of the branching score (see :func:`_branch_dim`).
-        alpha_steps, alpha_frac: alpha-CROWN with this many steps on the ``alpha_frac`` of
-            the open children closest to proved, for the best row of each group (0: CROWN
-            only). A few steps pay: on ACAS Xu prop_2 (3_3, 4_2) 3 steps decide in 30-50 s
-            what CROWN alone left open after 400 s.
+        alpha_steps, alpha_frac: alpha-CROWN with this many steps on the ``alpha_frac`` of the open
+            children closest to proved, for the best row of each group (0: CROWN only). A few steps
+            pay: on ACAS Xu prop_2 (3_3, 4_2) 3 steps decide in 30-50 s what CROWN left open after 400 s.
         pgd_every: run PGD on the worst boxes every this many rounds (0: never).
         check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original
             model (default: the graph itself). seed: for the random restarts of PGD.
@@ -399,8 +397,7 @@ def input_bab(
     queue = s.root(lo, hi, margin, deadline)  # boxes, their bounds and intermediate boxes (priors for children)
     if isinstance(queue, BabResult):
         return queue
-    if branching != "smear" and 2 * lo.shape[1] * s.root_pass_s > STRONG_BRANCHING_SHARE * timeout:
-        branching = "smear"
+    branching = "smear" if 2 * lo.shape[1] * s.root_pass_s > STRONG_BRANCHING_SHARE * timeout else branching
     root_w = hi - lo
     max_domains = queue.fitting(max_memory_mb)
     round_s, t_round = 0.0, None  # a round starts only if one as long as the last still fits

@@ -506,10 +506,9 @@ def crown(
             pre-activation box: the relaxations, round-off weights and interval bound of the
             rows are computed on the first call and reused (they depend on the boxes only).
         prune: drop each ReLU neuron dead in every batch element (``u <= 0``) from the graph as
-            soon as its box is known (:mod:`relax.ir.prune`), so that the later layers' passes
-            multiply smaller matrices (one input at a time: its own dead neurons). The bounds
-            are the same (a dead ReLU is an exact zero); not with ``alpha_fn`` / ``rows`` /
-            ``out_extra`` / ``out_record`` / ``fixed`` (their tensors have the full shapes).
+            soon as its box is known (:mod:`relax.ir.prune`): later passes multiply smaller
+            matrices, the bounds are the same (a dead ReLU is an exact zero); not with ``alpha_fn``
+            / ``rows`` / ``out_extra`` / ``out_record`` / ``fixed`` (their tensors have the full shapes).
         roundoff_weights: round-off weights to use instead of computing them (a result's
             ``weights`` from boxes that contain this pass's: the weights grow with the boxes'
             magnitudes, so they stay upper bounds; alpha-CROWN's steps reuse the first pass's).
@@ -518,13 +517,10 @@ def crown(
         rigorous: False: the spec rows' bound without its round-off allowance and without the
             interval bound beside it (cheaper; **not a bound of the exact network**: only for
             ranking, as filtered smart branching ranks its candidates).
-        stop_at: a hard deadline of the spec rows' pass (``perf_counter`` value): it raises
-            :class:`DeadlineExpired` at the first node reached after it, for callers that
-            discard a late bound anyway (branch-and-bound's domains).
-        forward: for a network of at most :data:`relax.bounds.forward.MAX_INPUTS` inputs, first
-            the forward linear bounds' boxes (:mod:`relax.bounds.forward`: ``n_0 + 1`` columns
-            per node), intersected with ``bound_overrides``: CROWN's intermediate bounds are then
-            needed only for the neurons those leave unstable, and the boxes are at least as tight.
+        stop_at: a hard deadline of the spec rows' pass (``perf_counter`` value): :class:`DeadlineExpired`
+            at the first node reached after it (for callers that discard late bounds: bab's domains).
+        forward: the forward linear bounds' boxes (:func:`relax.bounds.forward.forward_boxes`: few inputs,
+            wide layers) join the overrides, so CROWN bounds only the neurons they leave unstable.
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -539,8 +535,7 @@ def crown(
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
                   or roundoff_weights is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
-    if forward and intermediate is None:  # a network of few inputs: forward linear bounds first (cheap), CROWN's within them
-        bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides)
+    bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides) if forward and intermediate is None else bound_overrides
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
                   alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline)
     for p in graph.preactivations():
