@@ -714,6 +714,11 @@ class _ReluSearch:
         self.trials = TrialClock()  # seconds per child of a smart-branching trial pass
         self.root_pass_s: float | None = None  # the root domain's pass (:meth:`start`)
 
+    def first_round_s(self) -> float:
+        """The first round's expected seconds: the root's two children, each at least a pass like
+        the root's (or a smart-branching trial child's)."""
+        return 2 * self.trials.per_child
+
     def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
         details: dict[str, float] = {"candidates_checked": self.falsify.checked, "queue_peak": self.queue_peak}
         if self.root_pass_s is not None:
@@ -802,7 +807,7 @@ class _ReluSearch:
         x = self.falsify(_corners(self.graph, self.inputs, db))
         if x is not None:
             return self.result("falsified", "counterexample", -math.inf, x)
-        if time.perf_counter() + 2 * self.trials.per_child >= self.deadline:  # no time for the first round (:func:`graph_relu_bab`)
+        if time.perf_counter() + self.first_round_s() >= self.deadline:  # the search would stop before its first round
             return self.result("unknown", "timeout", float(m[0]))
         choice = self.choose(db, splits, torch.zeros(1, dtype=torch.long, device=dev))
         if choice[0][0] is None:  # nothing to split at the root
@@ -932,9 +937,7 @@ def graph_relu_bab(
     q = s.start(root_alphas, max_domains, batch_size)
     if isinstance(q, BabResult):
         return q
-    # a round starts only if one as long as the last still fits; the first bounds the root's two
-    # children, each at least a pass like the root's (or a smart-branching trial child's)
-    last_round = 2 * s.trials.per_child
+    last_round = s.first_round_s()  # a round starts only if one as long as the last still fits
     recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from relax.bounds.roundoff import SAFETY, forward_error, gamma, max_abs, sum_length, term_magnitude
+from relax.bounds.interval import node_box
+from relax.bounds.roundoff import SAFETY, gamma, max_abs, sum_length, term_magnitude
 from relax.ir.graph import BoundGraph
+from relax.ir.ops.base import finite
 
 __all__ = ["forward_bounds", "FORWARD_KINDS"]
 
@@ -60,12 +62,7 @@ def forward_bounds(graph: BoundGraph, lo: Tensor, hi: Tensor,
     boxes = {graph.input_name: (lo, hi)}
     for n in graph.nodes:
         ins = [boxes[i] for i in n.inputs]
-        l, h = n.op.interval(*ins)
-        err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))
-        if err is not None:
-            l, h = l - err, h + err
-        l = torch.nan_to_num(l, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-        h = torch.nan_to_num(h, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+        l, h = node_box(n, ins)
         got = _step(n, [forms[i] for i in n.inputs], ins, mx, n0)
         if got is not None:
             fl, fh = _concretize(got, lo_f, hi_f, mx, n0)
@@ -109,14 +106,10 @@ def _concretize(f: Forms, lo: Tensor, hi: Tensor, mx: Tensor, n0: int) -> tuple[
     return torch.nan_to_num(low, nan=-math.inf), torch.nan_to_num(up, nan=math.inf)
 
 
-def _finite(*fs: Forms) -> bool:
-    return all(bool(torch.isfinite(t).all()) for f in fs for t in f)
-
-
 def _step(n, ins: list[Forms], in_boxes: list[tuple[Tensor, Tensor]], mx: Tensor, n0: int) -> Forms | None:
     """The node's forms from its inputs' (None: the op is not handled, or a form is not finite)."""
     op = n.op
-    if not _finite(*ins):
+    if not finite(*[t for f in ins for t in f]):
         return None
     if op.nonlinear:
         if not getattr(op, "elementwise", False) or len(ins) != 1:
@@ -195,10 +188,10 @@ def _pad(t: Tensor, rank: int) -> Tensor:
 def _activation(n, f: Forms, box: tuple[Tensor, Tensor], mx: Tensor, n0: int) -> Forms | None:
     """Through an elementwise activation's relaxation lines on the input's box."""
     l, h = box
-    if not (bool(torch.isfinite(l).all()) and bool(torch.isfinite(h).all())):
+    if not finite(l, h):
         return None
     r = n.op.relax(l, h, "crown")
-    if not all(bool(torch.isfinite(t).all()) for t in (r.lw, r.lb, r.uw, r.ub)):
+    if not finite(r.lw, r.lb, r.uw, r.ub):
         return None
     L, U = f
     lw, uw = r.lw.unsqueeze(1), r.uw.unsqueeze(1)

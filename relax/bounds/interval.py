@@ -12,7 +12,7 @@ from torch import Tensor
 from relax.ir.graph import BoundGraph
 from relax.bounds.roundoff import forward_error, sum_length
 
-__all__ = ["interval_bounds"]
+__all__ = ["interval_bounds", "node_box"]
 
 
 def interval_bounds(
@@ -43,14 +43,7 @@ def interval_bounds(
             if n.name == upto:
                 break
             continue
-        ins = [out[i] for i in n.inputs]
-        l, h = n.op.interval(*ins)
-        err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))
-        if err is not None:
-            l, h = l - err, h + err
-        if n.op.nonlinear or not getattr(n.op, "exact_forward", False):  # inf - inf (unbounded inputs) is unbounded
-            l = torch.nan_to_num(l, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-            h = torch.nan_to_num(h, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+        l, h = node_box(n, [out[i] for i in n.inputs])
         if known is not None and n.name in known:
             kl, kh = known[n.name]
             l, h = l.maximum(kl), h.minimum(kh)
@@ -58,3 +51,16 @@ def interval_bounds(
         if n.name == upto:
             break
     return out
+
+
+def node_box(n, ins: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Node ``n``'s box ``[B, *shape]`` from its inputs' boxes ``ins``: its interval rule, widened
+    by the rule's round-off (:func:`relax.bounds.roundoff.forward_error`)."""
+    l, h = n.op.interval(*ins)
+    err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))
+    if err is not None:
+        l, h = l - err, h + err
+    if n.op.nonlinear or not getattr(n.op, "exact_forward", False):  # inf - inf (unbounded inputs) is unbounded
+        l = torch.nan_to_num(l, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        h = torch.nan_to_num(h, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return l, h
