@@ -108,13 +108,15 @@ def lower_bounds(
     stop_fn=None,
     bound_overrides: dict[str, tuple[Tensor, Tensor]] | None = None,
     deadline: Deadline | None = None,
+    forward: bool = False,
 ) -> Tensor:
     """Lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``) on a prepared graph (see
     :func:`prepare`); the other arguments as in :func:`bounds`. ``early_stop`` (alpha-CROWN):
     stop optimising an input once ``stop_fn(lower [B, N]) -> Bool [B]`` (default: every row
     positive). ``deadline``: no alpha-CROWN step starts after it (the bounds are then the best
     of the steps done, at least CROWN's), and a CROWN pass stops tightening intermediate boxes
-    there (the rest keep their interval boxes)."""
+    there (the rest keep their interval boxes). ``forward``: CROWN within the forward linear
+    bounds' boxes (:func:`relax.bounds.crown.crown`'s ``forward``: networks of few inputs)."""
     if method not in METHODS:
         raise ValueError(f"unknown bound method {method!r}; use one of {', '.join(METHODS)}")
     if method == "interval":
@@ -139,15 +141,16 @@ def lower_bounds(
             ov = None if bound_overrides is None else {k: (l[b:b + 1], h[b:b + 1]) for k, (l, h) in bound_overrides.items()}
             parts.append(lower_bounds(graph, input_set.select([b]), C[b:b + 1], method, max_elements=max_elements,
                                       iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
-                                      early_stop=early_stop, stop_fn=stop_b, bound_overrides=ov, deadline=deadline))
+                                      early_stop=early_stop, stop_fn=stop_b, bound_overrides=ov, deadline=deadline,
+                                      forward=forward))
         return torch.cat(parts)
     if method in ("crown", "deeppoly"):  # DeepPoly's ReLU slopes are CROWN's
         with torch.no_grad():
             return crown(graph, input_set, C, mode=method, max_elements=max_elements, bound_overrides=bound_overrides, prune=True,
-                         deadline=deadline).spec_lower()
+                         deadline=deadline, forward=forward).spec_lower()
     return alpha_crown(graph, input_set, C, iterations=iterations, lr=lr, optimize_intermediate=optimize_intermediate,
                        max_elements=max_elements, early_stop=early_stop, stop_fn=stop_fn, bound_overrides=bound_overrides,
-                       deadline=deadline, prune=True).lower.detach()
+                       deadline=deadline, prune=True, forward=forward).lower.detach()
 
 
 #: graphs with at least this many weights in dense layers are bounded one input at a time on

@@ -60,17 +60,22 @@ def forward_bounds(graph: BoundGraph, lo: Tensor, hi: Tensor,
     ident = torch.cat([eye, torch.zeros(B, 1, *graph.input_shape, dtype=lo.dtype, device=lo.device)], 1)
     forms: dict[str, Forms] = {graph.input_name: (ident, ident)}
     boxes = {graph.input_name: (lo, hi)}
-    for n in graph.nodes:
+    last_use = {i: k for k, n in enumerate(graph.nodes) for i in n.inputs}  # forms are freed after their last consumer
+    for k, n in enumerate(graph.nodes):
         ins = [boxes[i] for i in n.inputs]
         l, h = node_box(n, ins)
         got = _step(n, [forms[i] for i in n.inputs], ins, mx, n0)
+        for i in set(n.inputs):
+            if last_use[i] == k:
+                del forms[i]
         if got is not None:
             fl, fh = _concretize(got, lo_f, hi_f, mx, n0)
             l, h = torch.maximum(l, fl), torch.minimum(h, fh)
         if known is not None and n.name in known:
             l, h = torch.maximum(l, known[n.name][0]), torch.minimum(h, known[n.name][1])
         boxes[n.name] = (l, h)
-        forms[n.name] = got if got is not None else _constant(l, h, n0)
+        if n.name in last_use:
+            forms[n.name] = got if got is not None else _constant(l, h, n0)
     return boxes
 
 

@@ -25,7 +25,7 @@ from verify.spec import InputSet, LinearSpec
 
 from relax.bounds import lower_bounds, prepare
 
-__all__ = ["IntervalMethod", "CrownMethod", "DeepPolyMethod", "AlphaCrownMethod", "BoundOptions", "AlphaCrownOptions"]
+__all__ = ["IntervalMethod", "CrownMethod", "DeepPolyMethod", "AlphaCrownMethod", "BoundOptions", "CrownOptions", "AlphaCrownOptions"]
 
 
 _DTYPES = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}
@@ -49,7 +49,16 @@ class BoundOptions(Options):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AlphaCrownOptions(BoundOptions):
+class CrownOptions(BoundOptions):
+    """Options of the backward linear-bound methods (CROWN, DeepPoly, alpha-CROWN)."""
+
+    forward: bool = option(False, "for networks of at most 32 inputs with wide layers: intermediate boxes also from "
+                           "forward linear bounds (n_0 + 1 columns per node), CROWN's own passes only for the neurons "
+                           "they leave unstable (faster there; the ReLU slopes can differ from textbook CROWN's)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaCrownOptions(CrownOptions):
     """alpha-CROWN's optimisation (Xu et al. 2021)."""
 
     iterations: int = option(20, "Adam steps on the ReLU lower slopes")
@@ -72,6 +81,8 @@ class _Relax(BoundMethod):
     def _lower(self, model: torch.nn.Module, inputs: InputSet, spec: LinearSpec, **kw) -> Tensor:
         graph, inputs = prepare(model, inputs, _dtype(self.opts.dtype) or torch.float64)
         C = spec.C.to(graph.dtype)
+        if isinstance(self.opts, CrownOptions):
+            kw["forward"] = self.opts.forward
         low = lower_bounds(graph, inputs, C, self._method, max_elements=self.opts.max_elements, **kw)
         return low + spec.d.to(graph.dtype)
 
@@ -95,6 +106,7 @@ class CrownMethod(_Relax):
     name = "crown"
     summary = "CROWN linear bound propagation (backward, adaptive ReLU slopes, spec matrix pushed in)"
     _method = "crown"
+    opts: CrownOptions
 
 
 @register
@@ -104,6 +116,7 @@ class DeepPolyMethod(_Relax):
     name = "deeppoly"
     summary = "DeepPoly back-substitution (CROWN pass with DeepPoly's ReLU/sigmoid/tanh slope rules)"
     _method = "deeppoly"
+    opts: CrownOptions
 
 
 @register
