@@ -58,6 +58,7 @@ from relax.ir.ops import Relaxation, ReLU
 from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.forward import forward_boxes
+from relax.bounds.patches import patch_lower_bounds, patch_plan
 from relax.bounds.pairwise import PairwiseRows
 from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
 
@@ -383,7 +384,9 @@ def bound_node(
     if pairs is not None and not (T == l2.numel() and torch.equal(idx, torch.arange(l2.shape[1], device=idx.device).repeat(B))):
         pairs = None  # the groups need every entry's row, in order
     grad = torch.is_grad_enabled() and alpha_fn is not None
-    step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * _max_width(graph, node))))
+    plan = patch_plan(graph, node, input_set) if alpha_fn is None and pairs is None else None
+    width = plan.width if plan is not None else _max_width(graph, node)
+    step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * width)))
     acts = _acts_before(graph, node)
     # one input: its relaxations, round-off weights and input set serve every row by broadcasting
     shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
@@ -399,22 +402,22 @@ def bound_node(
             break
         t_chunk = time.perf_counter()
         t1 = min(T, t0 + step)
-        bsel = bidx[t0:t1]
-        rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
-        alphas = _chunk_alphas(alpha_fn, node, acts, slice(t0, t1))
-        sub = idx[t0:t1]
-        wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
-        iset = input_set if shared else input_set.select(bsel)
-        form = backward_form(graph, node, Rows(torch.stack([sub, sub]), sign), rel, alphas, weights if shared else wsel)
-        low = concretize_rows(*form, iset, False, weights is not None)  # [2, c]
-        if pairs is not None:
-            pairs.add(*form, iset, weights is not None)
+        bsel, sub = bidx[t0:t1], idx[t0:t1]
+        if plan is not None:  # convolutional layers: each row's coefficients in its receptive field only
+            low = patch_lower_bounds(graph, plan, sub.repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
+                                     relax, weights, input_set).view(2, -1)
+        else:
+            rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
+            wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
+            iset = input_set if shared else input_set.select(bsel)
+            form = backward_form(graph, node, Rows(torch.stack([sub, sub]), sign), rel, _chunk_alphas(alpha_fn, node, acts, slice(t0, t1)),
+                                 weights if shared else wsel)
+            low = concretize_rows(*form, iset, False, weights is not None)  # [2, c]
+            if pairs is not None:
+                pairs.add(*form, iset, weights is not None)
         new_l.append(low[0])
         new_h.append(-low[1])
-        if deadline is not None and deadline.seconds is not None:  # chunks of at most ~1 s (or 5 % of what is left)
-            per_row = (time.perf_counter() - t_chunk) / (t1 - t0)
-            step = int(max(1, min(max_step, min(1.0, 0.05 * deadline.remaining()) / max(per_row, 1e-9))))
-            step = step if pairs is None else pairs.group(step)
+        step = _next_step(step, max_step, t1 - t0, t_chunk, deadline, pairs)
         t0 = t1
     if not new_l:
         return lo, hi
@@ -427,6 +430,16 @@ def bound_node(
     l2 = l2.index_put((bidx, idx), nl)
     h2 = h2.index_put((bidx, idx), nh)
     return l2.view_as(lo), h2.view_as(hi)
+
+
+def _next_step(step: int, max_step: int, done: int, t_chunk: float, deadline: Deadline | None, pairs: PairwiseRows | None) -> int:
+    """Rows of :func:`bound_node`'s next chunk: under a deadline, chunks of at most ~1 s (or 5 %
+    of what is left) predicted by the last chunk's time per row."""
+    if deadline is None or deadline.seconds is None:
+        return step
+    per_row = (time.perf_counter() - t_chunk) / done
+    step = int(max(1, min(max_step, min(1.0, 0.05 * deadline.remaining()) / max(per_row, 1e-9))))
+    return step if pairs is None else pairs.group(step)
 
 
 def _chunk_alphas(alpha_fn: AlphaFn | None, node: str, acts: list[str], rows: slice) -> dict[str, Tensor] | None:

@@ -1,0 +1,217 @@
+"""CROWN's intermediate bounds of convolutional layers with patch-shaped coefficients.
+
+A backward pass started at one neuron of a convolutional layer only ever reaches that neuron's
+receptive field: after ``L`` 3x3 convolutions its coefficients on a ``[C, H, W]`` node are
+nonzero in a ``C x (2L + 1) x (2L + 1)`` window. :func:`crown`'s dense rows ``[S, B, C, H, W]``
+carry (and transpose-convolve) the zeros of the whole map; here each row keeps only its window,
+a *patch* ``[R, C, kh, kw]``, and the window's place follows from the row's position (the
+"patches" mode of auto_LiRPA: Xu et al. 2020, "Automatic perturbation analysis for scalable
+certified robustness and beyond", Appendix on convolutional layers). The bounds are the dense
+pass's (same relaxations, same terms, same round-off allowance): only the zeros are skipped.
+
+Geometry: row ``r`` starts at position ``(y_r, x_r)`` of the start node; on a node reached with
+stride ``s`` and offset ``p`` (per spatial dim) its patch entry ``(i, j)`` is the coefficient of
+position ``(y_r s - p + i, x_r s - p + j)``. A convolution ``(stride t, padding q, dilation d,
+kernel K)`` maps ``(s, p, k)`` to ``(s t, p t + q, (k - 1) t + d (K - 1) + 1)`` (its transposed
+convolution of the patch, no padding); entries that fall on the zero padding are masked when the
+pass reaches a node. Per-position tensors (relaxation lines, round-off weights, scales, the
+input box) are gathered into the patch layout by ``F.unfold``.
+
+Ops: 2-D convolutions (any stride, padding, dilation, groups), elementwise affine maps,
+additions of same-shaped nodes and elementwise activations, on ``[C, H, W]`` nodes from a
+``[C, H, W]`` input box (boxes and l_inf balls). Anything else: :func:`patch_plan` is None and
+:func:`crown` keeps its dense rows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from relax.bounds.roundoff import SAFETY, gamma, max_abs
+from relax.ir.graph import BoundGraph
+from relax.ir.ops import Relaxation
+from verify.spec import InputSet, LpBall
+
+__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds"]
+
+#: patches are used when their numbers, summed over the nodes of the pass, are below this share
+#: of the dense rows': each step also gathers the relaxation lines (and round-off weights) into
+#: the windows, so near the maps' size patches cost more than dense rows (time per row measured
+#: at 16-64 rows, float64, one thread: TinyYOLO share 0.18: 7.1 vs 20.7 ms dense, share 0.50:
+#: 33.7 vs 24.0 ms; cifar10_resnet resnet_2b share 0.34: 0.2 vs 1.6 ms, share 0.57: 0.4 vs 0.4 ms)
+MAX_PATCH_SHARE = 0.4
+
+#: per spatial dim: (stride s, offset p, patch size k)
+Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
+
+
+@dataclass
+class PatchPlan:
+    """The nodes a pass from ``start`` visits (reverse topological order, ``start`` first) and
+    each one's patch geometry; ``width``: the largest patch ``C kh kw`` (numbers per row)."""
+
+    start: str
+    order: list[str]
+    geometry: dict[str, Geometry]
+    width: int
+
+
+def _conv_ok(op) -> bool:
+    return (op.kind == "conv" and getattr(op, "nd", 0) == 2 and all(isinstance(v, int) for v in (*op.stride, *op.padding, *op.dilation)))
+
+
+def _node_ok(graph: BoundGraph, name: str) -> bool:
+    n = graph.by_name[name]
+    op = n.op
+    if len(n.shape) != 3:
+        return False
+    if op.nonlinear:
+        return bool(getattr(op, "elementwise", False)) and len(n.inputs) == 1
+    if op.kind == "add":
+        return all(tuple(s) == tuple(n.shape) for s in op.in_shapes)
+    if op.kind == "elementwise affine":
+        return tuple(op.in_shape) == tuple(n.shape) and all(v is None or v.dim() <= 3 for v in (op.scale, op.shift))
+    return _conv_ok(op)
+
+
+def _through(op, g: Geometry) -> Geometry:
+    if op.kind != "conv" or op.nonlinear:
+        return g
+    return tuple((s * t, p * t + q, (k - 1) * t + d * (K - 1) + 1)  # type: ignore[return-value]
+                 for (s, p, k), t, q, d, K in zip(g, op.stride, op.padding, op.dilation, op.W.shape[2:]))
+
+
+def _union(a: Geometry, b: Geometry) -> Geometry | None:
+    out = []
+    for (s1, p1, k1), (s2, p2, k2) in zip(a, b):
+        if s1 != s2:
+            return None
+        p = max(p1, p2)
+        out.append((s1, p, p + max(k1 - p1, k2 - p2)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan | None:
+    """The plan of a patch pass from ``start``, or None when some node on the way is not one of
+    the supported ops, the input set is not a box, or the patches would not be smaller than
+    :data:`MAX_PATCH_SHARE` of the dense rows (summed over the nodes)."""
+    if len(graph.input_shape) != 3 or (isinstance(input_set, LpBall) and not math.isinf(input_set.p)):
+        return None
+    anc = {start}
+    order = []
+    for n in reversed(graph.nodes):
+        if n.name in anc:
+            order.append(n.name)
+            anc.update(n.inputs)
+    geometry: dict[str, Geometry] = {start: ((1, 0, 1), (1, 0, 1))}
+    for name in order:
+        if not _node_ok(graph, name):
+            return None
+        n = graph.by_name[name]
+        g = _through(n.op, geometry[name])
+        for i in n.inputs:
+            u = _union(geometry[i], g) if i in geometry else g
+            if u is None:
+                return None
+            geometry[i] = u
+    shapes = {k: (graph.input_shape if k == graph.input_name else graph.shape(k)) for k in geometry}
+    width = max(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
+    patch = sum(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
+    dense = sum(math.prod(shapes[k]) for k in geometry)
+    return PatchPlan(start, order, geometry, width) if patch < MAX_PATCH_SHARE * dense else None
+
+
+def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
+    """``t [B or 1, C, H, W]`` in each row's window: ``[R, C, kh, kw]`` (zero outside the map);
+    ``out_hw``: the start node's ``(H0, W0)``, ``bidx, pos [R]``: each row's batch element and
+    flat start position."""
+    (s1, p1, k1), (s2, p2, k2) = g
+    H0, W0 = out_hw
+    C, H, W = t.shape[1:]
+    r1, r2 = max(0, (H0 - 1) * s1 + k1 - p1 - H), max(0, (W0 - 1) * s2 + k2 - p2 - W)
+    tp = F.pad(t, (p2, r2, p1, r1))
+    cols = F.unfold(tp, (k1, k2), stride=(s1, s2))  # [B, C k1 k2, L1 L2]
+    L1, L2 = (tp.shape[2] - k1) // s1 + 1, (tp.shape[3] - k2) // s2 + 1
+    cols = cols.view(t.shape[0], C * k1 * k2, L1, L2)[:, :, :H0, :W0].reshape(t.shape[0], C * k1 * k2, H0 * W0)
+    b = bidx if t.shape[0] > 1 else torch.zeros_like(bidx)
+    return cols[b, :, pos].view(-1, C, k1, k2)
+
+
+def _aligned(A: Tensor, g: Geometry, to: Geometry) -> Tensor:
+    """Patches ``A`` of geometry ``g`` padded to the (larger) window of ``to``."""
+    (_, p1, k1), (_, p2, k2) = g
+    (_, q1, m1), (_, q2, m2) = to
+    return F.pad(A, (q2 - p2, m2 - k2 - (q2 - p2), q1 - p1, m1 - k1 - (q1 - p1)))
+
+
+def _step(graph: BoundGraph, name: str, A: Tensor, plan: PatchPlan, relax: dict[str, Relaxation], at) -> tuple[Tensor, Tensor | None]:
+    """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto its input(s) (the same tensor for
+    every input of an add, signed) and the bias ``[R]`` the step adds; ``at(t)`` gathers a
+    per-position tensor ``[B, C, H, W]`` of this node into the rows' windows."""
+    op = graph.by_name[name].op
+    shape = graph.shape(name)
+    if op.nonlinear:
+        r = relax[name]
+        lw, lb, uw, ub = (at(_full(v.to(A.dtype), shape)) for v in (r.lw, r.lb, r.uw, r.ub))
+        pos = A > 0
+        zero = torch.zeros((), dtype=A.dtype, device=A.device)
+        b = torch.where(pos, lb, torch.where(A < 0, ub, zero))
+        return A * torch.where(pos, lw, uw), (A * b).sum((1, 2, 3))
+    if op.kind == "add":
+        return A, None
+    if op.kind == "elementwise affine":
+        A_in = A if op.scale is None else A * at(_full(op.scale.to(A.dtype), shape))
+        return A_in, None if op.shift is None else (A * at(_full(op.shift.to(A.dtype), shape))).sum((1, 2, 3))
+    bias = None if op.b is None else (A.sum((2, 3)) * op.b.to(A.dtype)).sum(1)
+    return F.conv_transpose2d(A, op.W.to(A.dtype), None, op.stride, 0, 0, op.groups, op.dilation), bias
+
+
+def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A per-position tensor broadcast to ``[B or 1, *shape]``."""
+    return v.expand(v.shape[0], *shape) if v.dim() == len(shape) + 1 else v.expand(shape).unsqueeze(0)
+
+
+def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
+                       relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet) -> Tensor:
+    """Lower bounds ``[R]`` of ``sign_r * z[bidx_r, idx_r]`` (``z``: the plan's start node, ``idx``
+    flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
+    :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
+    and, with ``weights``, its round-off allowance (then a bound of the exact network)."""
+    C0, H0, W0 = graph.shape(plan.start)
+    dt, dev, R = graph.dtype, idx.device, idx.shape[0]
+    pos = idx % (H0 * W0)
+    A = torch.zeros(R, C0, 1, 1, dtype=dt, device=dev)
+    A[torch.arange(R, device=dev), idx // (H0 * W0), 0, 0] = sign.to(dt)
+    As = {plan.start: A}
+    bias = torch.zeros(R, dtype=dt, device=dev)
+    err = torch.zeros(R, dtype=dt, device=dev)
+    for name in plan.order:
+        g, shape, node = plan.geometry[name], graph.shape(name), graph.by_name[name]
+        at = lambda t, g=g: _gather(t, g, (H0, W0), bidx, pos)  # noqa: E731
+        A = As.pop(name) * at(torch.ones(1, 1, *shape[1:], dtype=dt, device=dev))  # nothing on the zero padding
+        w = None if weights is None else weights.get(name)
+        if w is not None:
+            err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
+        A_in, b = _step(graph, name, A, plan, relax, at)
+        if b is not None:
+            bias = bias + b
+        own = _through(node.op, g)
+        signs = node.op.signs if node.op.kind == "add" and not node.op.nonlinear else [1.0] * len(node.inputs)
+        for i, s in zip(node.inputs, signs):
+            Ai = _aligned(A_in if s > 0 else -A_in, own, plan.geometry[i])
+            As[i] = Ai if i not in As else As[i] + Ai
+    g = plan.geometry[graph.input_name]
+    def at_in(t: Tensor) -> Tensor:
+        return _gather(t, g, (H0, W0), bidx, pos)
+
+    A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *graph.input_shape[1:], dtype=dt, device=dev))
+    lo, hi = (t.to(dt) for t in input_set.bounds())
+    low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
+    if weights is None:
+        return low
+    err = err + gamma(math.prod(graph.input_shape), dt) * (A.abs() * at_in(max_abs(lo, hi))).sum((1, 2, 3))
+    return low - SAFETY * err - torch.finfo(dt).tiny

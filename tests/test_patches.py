@@ -1,0 +1,135 @@
+"""Patch-shaped coefficients for convolutional layers (:mod:`relax.bounds.patches`).
+
+The patch pass must give CROWN's dense bounds (the same terms, only the zeros skipped): equal
+in float64 up to summation order on a network with every supported op (padding, two
+convolutions in a row, stride 2, average pooling, dilation, groups, BatchNorm, a residual add, ReLU and sigmoid), for a batch of
+one and a virtual batch of several inputs; its boxes must enclose 10,000 samples and the corners
+of the box in float32 too; and the plan falls back to dense rows wherever it does not apply.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import relax.bounds.crown as crown_mod
+import relax.bounds.patches as patches
+from relax.bounds.crown import crown
+from relax.ir.graph import build_graph
+from verify.spec import Box, LpBall
+
+
+class _ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c5, self.bn, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool, self.c3 = nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.c4, self.cg = nn.Conv2d(16, 16, 5, padding=2), nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=4)
+        self.fc = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c0(x))
+        h = torch.relu(self.c2(torch.relu(self.bn(self.c5(self.c1(h))))) - h)  # conv -> conv: biases on the padding
+        h = torch.relu(self.c3(self.pool(h)))
+        h = torch.relu(self.cg(torch.sigmoid(self.c4(h))))
+        return self.fc(h.flatten(1))
+
+
+def _net(seed: int) -> torch.fx.GraphModule:
+    torch.manual_seed(seed)
+    net = _ResNet().eval()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    return torch.fx.symbolic_trace(net)
+
+
+def _both(graph, S, C, monkeypatch):
+    """CROWN's result with patches forced on every conv-chain node, and with dense rows only."""
+    used = []
+    real = patches.patch_plan
+
+    def spy(*a):
+        plan = real(*a)
+        used.append(plan is not None)
+        return plan
+
+    monkeypatch.setattr(patches, "MAX_PATCH_SHARE", math.inf)
+    monkeypatch.setattr(crown_mod, "patch_plan", spy)
+    with_patches = crown(graph, S, C)
+    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a: None)
+    dense = crown(graph, S, C)
+    return with_patches, dense, used
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patch_bounds_equal_the_dense_pass_in_float64(batch, monkeypatch):
+    graph = build_graph(_net(0), (3, 16, 16), torch.float64)
+    g = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, 3, 16, 16, generator=g, dtype=torch.float64)
+    S = Box(x - 0.03, x + 0.03)
+    C = torch.randn(batch, 4, 5, generator=g, dtype=torch.float64)
+    got, ref, used = _both(graph, S, C, monkeypatch)
+    assert sum(used) >= 4  # the conv-chain nodes by patches
+    for p, (l0, h0) in ref.intermediate.items():
+        l1, h1 = got.intermediate[p]
+        scale = 1e-12 * (1 + float((h0 - l0).abs().max()))
+        assert (l1 - l0).abs().max() <= scale and (h1 - h0).abs().max() <= scale, p
+    assert torch.allclose(got.spec_lower(), ref.spec_lower(), rtol=0, atol=1e-12)
+
+
+def test_patch_bounds_keep_the_dense_round_off_allowance_in_float32(monkeypatch):
+    """In float32 the round-off allowance (about ``gamma_n`` times the terms) is far larger than
+    the summation-order differences of the two passes: equal to 1e-5 of the widths, so a patch
+    pass that dropped a step's allowance would differ."""
+    graph = build_graph(_net(2), (3, 16, 16), torch.float32)
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    got, ref, used = _both(graph, Box(x - 0.03, x + 0.03), torch.randn(2, 4, 5, generator=g), monkeypatch)
+    assert sum(used) >= 4
+    for p, (l0, h0) in ref.intermediate.items():
+        l1, h1 = got.intermediate[p]
+        tol = 1e-5 * float((h0 - l0).abs().max())
+        assert (l1 - l0).abs().max() <= tol and (h1 - h0).abs().max() <= tol, p
+
+
+def _node_values(graph, x):
+    vals = {graph.input_name: x}
+    with torch.no_grad():
+        for n in graph.nodes:
+            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+    return vals
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_patch_boxes_enclose_samples_and_corners(dtype, monkeypatch):
+    gm = _net(1)
+    graph, exact = build_graph(gm, (3, 16, 16), dtype), build_graph(gm, (3, 16, 16), torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(1, 3, 16, 16, generator=g, dtype=torch.float64)
+    lo, hi = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    monkeypatch.setattr(patches, "MAX_PATCH_SHARE", math.inf)
+    res = crown(graph, Box(lo.to(dtype), hi.to(dtype)), torch.eye(5, dtype=dtype).unsqueeze(0))
+    u = torch.rand(10_000, 3, 16, 16, generator=g, dtype=torch.float64)
+    corners = (torch.rand(64, 3, 16, 16, generator=g) < 0.5).double()
+    vals = _node_values(exact, torch.cat([lo + (hi - lo) * u, lo + (hi - lo) * corners]))
+    for p, (l, h) in res.intermediate.items():
+        v = vals[p]
+        assert (v >= l.double()).all() and (v <= h.double()).all(), p
+    assert (vals[graph.output] >= res.spec_lower().double()).all()
+
+
+def test_patch_plan_falls_back_where_it_does_not_apply():
+    graph = build_graph(_net(0), (3, 16, 16), torch.float64)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    box = Box(x - 0.1, x + 0.1)
+    add = next(n.name for n in graph.nodes if n.op.kind == "add")
+    assert patches.patch_plan(graph, add, box) is not None
+    assert patches.patch_plan(graph, add, LpBall(x, 0.5, 2.0, 0.0, 1.0)) is None  # l_2: the dense concretisation
+    assert patches.patch_plan(graph, "fc", box) is None  # a flat node
+    pooled = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3)))
+    pg = build_graph(pooled, (3, 16, 16), torch.float64)
+    last = pg.nodes[-1].name
+    assert patches.patch_plan(pg, last, box) is None  # max pooling: no patch rule
