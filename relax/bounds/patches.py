@@ -15,7 +15,7 @@ position ``(y_r s - p + i, x_r s - p + j)``. A convolution ``(stride t, padding 
 kernel K)`` maps ``(s, p, k)`` to ``(s t, p t + q, (k - 1) t + d (K - 1) + 1)`` (its transposed
 convolution of the patch, no padding); entries that fall on the zero padding are masked when the
 pass reaches a node. Per-position tensors (relaxation lines, round-off weights, scales, the
-input box) are gathered into the patch layout by ``F.unfold``.
+input box) are gathered into the rows' windows by index.
 
 Ops: 2-D convolutions (any stride, padding, dilation, groups), elementwise affine maps,
 additions of same-shaped nodes and elementwise activations, on ``[C, H, W]`` nodes from a
@@ -128,17 +128,19 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
 def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
     """``t [B or 1, C, H, W]`` in each row's window: ``[R, C, kh, kw]`` (zero outside the map);
     ``out_hw``: the start node's ``(H0, W0)``, ``bidx, pos [R]``: each row's batch element and
-    flat start position."""
+    flat start position. Only the windows are read (an index per window entry)."""
     (s1, p1, k1), (s2, p2, k2) = g
     H0, W0 = out_hw
-    C, H, W = t.shape[1:]
+    B, C, H, W = t.shape
     r1, r2 = max(0, (H0 - 1) * s1 + k1 - p1 - H), max(0, (W0 - 1) * s2 + k2 - p2 - W)
-    tp = F.pad(t, (p2, r2, p1, r1))
-    cols = F.unfold(tp, (k1, k2), stride=(s1, s2))  # [B, C k1 k2, L1 L2]
-    L1, L2 = (tp.shape[2] - k1) // s1 + 1, (tp.shape[3] - k2) // s2 + 1
-    cols = cols.view(t.shape[0], C * k1 * k2, L1, L2)[:, :, :H0, :W0].reshape(t.shape[0], C * k1 * k2, H0 * W0)
-    b = bidx if t.shape[0] > 1 else torch.zeros_like(bidx)
-    return cols[b, :, pos].view(-1, C, k1, k2)
+    tp = F.pad(t, (p2, r2, p1, r1))  # window corners at (y s1, x s2) of the padded map
+    Wp = tp.shape[3]
+    ii = torch.arange(k1, device=t.device).view(1, k1, 1)
+    jj = torch.arange(k2, device=t.device).view(1, 1, k2)
+    flat = ((pos // W0).view(-1, 1, 1) * s1 + ii) * Wp + (pos % W0).view(-1, 1, 1) * s2 + jj  # [R, kh, kw]
+    b = bidx if B > 1 else torch.zeros_like(bidx)
+    cols = tp.reshape(B, C, -1).transpose(1, 2)  # [B, Hp Wp, C]
+    return cols[b.view(-1, 1), flat.view(flat.shape[0], -1)].transpose(1, 2).reshape(-1, C, k1, k2)
 
 
 def _aligned(A: Tensor, g: Geometry, to: Geometry) -> Tensor:
