@@ -439,3 +439,30 @@ def test_a_search_stopped_in_its_first_pass_reports_the_roots_bound(monkeypatch)
     res = bab_mod._graph_bab(net, graph, xs, xs, rs.with_averages(), opts, 30.0)
     assert (res.status, res.reason) == ("unknown", "timeout")
     assert math.isfinite(res.lower) and abs(res.lower - low) < 1e-6 * (1 + abs(low)), (res.lower, low)
+
+
+def test_bab_first_crown_pass_may_take_most_of_the_budget(monkeypatch):
+    """``bab``'s first CROWN pass tightens boxes until ``FIRST_PASS_SHARE`` (0.7) of the budget: a
+    network whose pass takes half of it (here: 3 s of 6, slowed) is proved by that pass (stage
+    ``crown``); stopped at a third, the last hidden layer kept its interval box, which does not
+    prove it (CROWN's margin 0.012, with that interval box -0.12)."""
+    import relax.bounds.crown as crown_mod
+    import relax.methods.bab as bab_mod
+    from verify.spec import LinearSpec
+
+    net = _mlp([6, 40, 40, 3], seed=1).double()
+    x0 = torch.full((1, 6), 0.5, dtype=torch.float64)
+    C = torch.tensor([[[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]]], dtype=torch.float64)  # label 0
+    spec = LinearSpec(C, torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0, 1]))
+    real = crown_mod.bound_node
+    first = []
+
+    def slow(*a, **k):
+        if not first:  # the first CROWN pass's one linear-bound node
+            first.append(1)
+            time.sleep(3.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(crown_mod, "bound_node", slow)
+    res = bab_mod.run_bab(net, LpBall(x0, 0.1, math.inf, 0.0, 1.0), spec, bab_mod.BabOptions(), timeout=6.0)
+    assert res.status == "certified" and res.details["stage"] == "crown", (res.status, res.details)

@@ -47,6 +47,11 @@ __all__ = ["BabMethod", "BabOptions", "run_bab"]
 
 #: the share of the time left that the first PGD restart may take (before the first CROWN pass)
 EARLY_PGD_SHARE = 0.02
+#: the share of the time left after it within which the first CROWN pass tightens intermediate
+#: boxes (the rest keep their interval boxes): a network whose pass needs more than that leaves
+#: the later stages, which start with such a pass (alpha-CROWN) or many (the search), no chance
+#: either (TinyYOLO: one pass 170 s of a 300 s budget)
+FIRST_PASS_SHARE = 0.7
 #: largest matrix (numbers) of the dense view that the exact-MILP stage of one-ReLU-layer networks
 #: builds (512 MB in float64; a convolution on 28 x 28 inputs with 32 channels needs 18.3 M)
 MILP_DENSE_LIMIT = 2**26
@@ -231,8 +236,8 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
 
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
-    with torch.no_grad():  # a large network's pass stops tightening at a third of the budget
-        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() / 3), forward=True).spec_lower() + d)[0])
+    with torch.no_grad():  # a large network's pass stops tightening at FIRST_PASS_SHARE of the budget
+        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() * FIRST_PASS_SHARE), forward=True).spec_lower() + d)[0])
     if low > opts.margin:
         return done(BabResult("certified", None, low, 1, reason="proved"), "crown")
     res = attack("pgd")
