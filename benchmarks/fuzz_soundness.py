@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))  # before this folder: benchmarks/smoothing.py is 
 from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
-FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer")
+FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -73,6 +73,22 @@ class _Residual(nn.Module):
     def forward(self, x):
         h = torch.relu(self.inp(x))
         return self.out(h + torch.relu(self.mid(h)))
+
+
+class _ConvNet(nn.Module):
+    """Two convolutions in a row, BatchNorm, a residual add, average pooling and a padded
+    convolution on 8 x 8 maps: the patch pass of :mod:`relax.bounds.patches` bounds its layers."""
+
+    def __init__(self, n_out: int) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn, self.pool, self.c4 = nn.BatchNorm2d(4), nn.AvgPool2d(2), nn.Conv2d(4, 4, 3, padding=1)
+        self.out = nn.Linear(4 * 4 * 4, n_out)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c2(self.c1(x))))
+        h = self.pool(torch.relu(h + self.c3(h)))
+        return self.out(torch.relu(self.c4(h)).flatten(1))
 
 
 class _Smooth(nn.Module):
@@ -143,6 +159,12 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "residual":
         shape = (3,)
         net = _Residual(3, 6, 3)
+    elif family == "convnet":
+        shape = (2, 8, 8)
+        net = _ConvNet(3)
+        with torch.no_grad():
+            net.bn.running_mean.copy_(torch.randn(4, generator=g) * scale)
+            net.bn.running_var.copy_((torch.rand(4, generator=g) + 0.5) * scale**2)
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))

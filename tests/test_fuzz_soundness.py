@@ -53,3 +53,20 @@ def test_no_false_answer_on_transformer_blocks():
     false = res.pop("_details")
     assert not false, f"false answers: {false[:5]}"
     assert res["bab"]["witness_inside"] >= 10 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
+
+
+def test_no_false_answer_on_convolutional_layers_bounded_by_patches(monkeypatch):
+    """The conv family (two convolutions in a row, BatchNorm, a residual add, pooling) at weight
+    scale 1e3: CROWN's intermediate rows go through the patch pass (checked), and neither CROWN
+    nor ``bab`` gives a false answer against the witnesses."""
+    import relax.bounds.crown as crown_mod
+
+    fz = _fuzz()
+    used = []
+    real = crown_mod.patch_plan
+    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a: (lambda plan: used.append(plan is not None) or plan)(real(*a)))
+    res = fz.run(1, seed=11, methods=["crown", "bab"], scales=(1e3,), families=("convnet",), slow_every=1, timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert any(used), "no patch pass"
+    assert res["crown"]["certified"] > 0 and res["bab"]["witness_inside"] >= 5 and res["bab"]["falsified"] > 0, res
