@@ -23,6 +23,8 @@ relaxation, the round-off term, the transposed op), and a chunk that stays in a 
 makes those passes 1.6-2.5x faster than one tensor of all rows (ACAS Xu input splitting, a
 CIFAR CNN's and a ResNet's CROWN pass; ``benchmarks/RESULTS.md``). A pass that records an
 autograd graph (alpha / beta steps) is cut by ``max_elements`` alone (see :func:`_chunk_limit`).
+The intermediate rows of convolutional layers are carried as patches (each row's receptive field
+only, :mod:`relax.bounds.patches`) where those are much smaller than the maps; same bounds.
 
 **Round-off.** Every bound returned here holds for the exact network on the exact input set: each
 backward step adds its round-off bound ``sum(|A| * weight)`` (:func:`relax.bounds.roundoff.backward_weight`,
