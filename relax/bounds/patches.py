@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +151,7 @@ def _aligned(A: Tensor, g: Geometry, to: Geometry) -> Tensor:
     return F.pad(A, (q2 - p2, m2 - k2 - (q2 - p2), q1 - p1, m1 - k1 - (q1 - p1)))
 
 
-def _step(graph: BoundGraph, name: str, A: Tensor, plan: PatchPlan, relax: dict[str, Relaxation], at) -> tuple[Tensor, Tensor | None]:
+def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
     """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto its input(s) (the same tensor for
     every input of an add, signed) and the bias ``[R]`` the step adds; ``at(t)`` gathers a
     per-position tensor ``[B, C, H, W]`` of this node into the rows' windows."""
@@ -198,7 +199,7 @@ def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Te
         w = None if weights is None else weights.get(name)
         if w is not None:
             err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
-        A_in, b = _step(graph, name, A, plan, relax, at)
+        A_in, b = _step(graph, name, A, relax, at)
         if b is not None:
             bias = bias + b
         own = _through(node.op, g)
