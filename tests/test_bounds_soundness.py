@@ -290,9 +290,11 @@ def test_crown_below_brute_force_grid_minimum(seed):
 
 
 def _node_values(graph, x):
+    """Every node's values ``{name: [n, *shape]}`` on the points ``x`` (no autograd)."""
     vals = {graph.input_name: x}
-    for n in graph.nodes:
-        vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+    with torch.no_grad():
+        for n in graph.nodes:
+            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
     return vals
 
 

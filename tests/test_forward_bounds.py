@@ -9,6 +9,7 @@ encloses the samples.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -20,16 +21,8 @@ from relax.bounds.forward import forward_bounds
 from relax.bounds.interval import interval_bounds
 from relax.bounds.roundoff import round_outward
 from relax.ir.graph import build_graph
-from test_bounds_soundness import NETS
+from test_bounds_soundness import NETS, _node_values
 from verify.spec import Box, LpBall
-
-
-def _node_values(graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    vals = {graph.input_name: x}
-    with torch.no_grad():
-        for n in graph.nodes:
-            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
-    return vals
 
 
 def _points(lo: torch.Tensor, hi: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -170,11 +163,11 @@ def test_bound_methods_with_the_forward_option_are_sound_and_use_the_forward_box
     spec = LinearSpec(C, torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
     low = get_method(method, forward=True).lower_bounds(net, S, spec).double()
     assert calls, "the forward boxes were not computed"
+    net64 = copy.deepcopy(net).double()
     for b in range(2):
         pts = _points(S.lo[b:b + 1].double(), S.hi[b:b + 1].double(), 10_000, 4 + b)
         with torch.no_grad():
-            vals = net.double()(pts) @ C[b].double().t()
-        net.float()
+            vals = net64(pts) @ C[b].double().t()
         assert (vals >= low[b] - 1e-6).all()
     del calls[:]
     get_method(method).lower_bounds(net, S, spec)

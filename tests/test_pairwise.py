@@ -11,6 +11,7 @@ import torch.nn as nn
 from relax.bounds import bounds, intermediate_bounds, prepare
 from relax.bounds.crown import crown
 from relax.bounds.pairwise import PairwiseRows
+from test_bounds_soundness import _node_values
 from verify.spec import LpBall
 
 
@@ -28,13 +29,6 @@ class Head(nn.Module):
         z = torch.relu(self.emb(x.view(-1, self.t, self.d)))
         att = torch.softmax(torch.matmul(self.q(z), self.k(z).transpose(1, 2)), dim=-1)
         return self.fc(torch.matmul(att, self.v(z)).flatten(1))
-
-
-def _node_values(graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    vals = {graph.input_name: x}
-    for n in graph.nodes:
-        vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
-    return vals
 
 
 def _diff_node(graph) -> str:

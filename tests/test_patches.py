@@ -18,6 +18,7 @@ import relax.bounds.crown as crown_mod
 import relax.bounds.patches as patches
 from relax.bounds.crown import crown
 from relax.ir.graph import build_graph
+from test_bounds_soundness import _node_values
 from verify.spec import Box, LpBall
 
 
@@ -93,14 +94,6 @@ def test_patch_bounds_keep_the_dense_round_off_allowance_in_float32(monkeypatch)
         l1, h1 = got.intermediate[p]
         tol = 1e-5 * float((h0 - l0).abs().max())
         assert (l1 - l0).abs().max() <= tol and (h1 - h0).abs().max() <= tol, p
-
-
-def _node_values(graph, x):
-    vals = {graph.input_name: x}
-    with torch.no_grad():
-        for n in graph.nodes:
-            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
-    return vals
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -119,7 +119,7 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
             if u is None:
                 return None
             geometry[i] = u
-    shapes = {k: (graph.input_shape if k == graph.input_name else graph.shape(k)) for k in geometry}
+    shapes = {k: graph.shape(k) for k in geometry}
     width = max(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     patch = sum(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     dense = sum(math.prod(shapes[k]) for k in geometry)
