@@ -46,6 +46,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="where the bounds are computed: cpu (default), cuda, ...")
     args = ap.parse_args()
     from verify.cli import parse_options
+    from verify.heap import bound_heap_growth
+
+    bound_heap_growth()
 
     options = parse_options(args.option, ["bab"])["bab"]
     sh = shared_dir()

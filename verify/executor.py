@@ -151,7 +151,11 @@ def _grid_certify(task: Task) -> list[Certificate]:
 
 
 def _init_worker(threads: int, parent: int | None = None) -> None:
-    """Set the worker's torch threads and tie its life to the parent process ``parent``."""
+    """Set the worker's torch threads and heap policy (:mod:`verify.heap`) and tie its life to
+    the parent process ``parent``."""
+    from .heap import bound_heap_growth
+
+    bound_heap_growth()
     torch.set_num_threads(threads)
     if parent is not None:
         die_with_parent(parent)
