@@ -46,9 +46,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="where the bounds are computed: cpu (default), cuda, ...")
     args = ap.parse_args()
     from verify.cli import parse_options
-    from verify.heap import bound_heap_growth
+    from verify.heap import start_heap_trimmer
 
-    bound_heap_growth()
+    start_heap_trimmer()
 
     options = parse_options(args.option, ["bab"])["bab"]
     sh = shared_dir()

@@ -622,9 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "methods":
             import torch
 
-            from .heap import bound_heap_growth
+            from .heap import start_heap_trimmer
 
-            bound_heap_growth()
+            start_heap_trimmer()
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help

@@ -153,9 +153,9 @@ def _grid_certify(task: Task) -> list[Certificate]:
 def _init_worker(threads: int, parent: int | None = None) -> None:
     """Set the worker's torch threads and heap policy (:mod:`verify.heap`) and tie its life to
     the parent process ``parent``."""
-    from .heap import bound_heap_growth
+    from .heap import start_heap_trimmer
 
-    bound_heap_growth()
+    start_heap_trimmer()
     torch.set_num_threads(threads)
     if parent is not None:
         die_with_parent(parent)
