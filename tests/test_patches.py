@@ -47,6 +47,23 @@ def _net(seed: int) -> torch.fx.GraphModule:
     return torch.fx.symbolic_trace(net)
 
 
+class _UNetLike(nn.Module):
+    """A channel slice of the input, a node ``[1, C, H, W]`` between reshapes, a channel gather
+    and a concatenation along channels (as in carvana's UNets and many exported nets), and an
+    activation after a transpose to channels-last (its rows start at the convolution's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+        self.c, self.fc = nn.Conv2d(8, 5, 3, padding=1), nn.Linear(5 * 10 * 10, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x[:, :3]))
+        g = torch.relu(self.b(h).unsqueeze(1)).squeeze(1)
+        z = self.c(torch.cat([g, h[:, [4, 1, 4]], x[:, 3:]], 1)).permute(0, 2, 3, 1)  # channels last
+        return self.fc(torch.sigmoid(z).flatten(1))
+
+
 def _both(graph, S, C, monkeypatch):
     """CROWN's result with patches forced on every conv-chain node, and with dense rows only."""
     used = []
@@ -79,6 +96,34 @@ def test_patch_bounds_equal_the_dense_pass_in_float64(batch, monkeypatch):
         scale = 1e-12 * (1 + float((h0 - l0).abs().max()))
         assert (l1 - l0).abs().max() <= scale and (h1 - h0).abs().max() <= scale, p
     assert torch.allclose(got.spec_lower(), ref.spec_lower(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channel_selections_and_reshapes_keep_the_dense_bounds(dtype, monkeypatch):
+    torch.manual_seed(3)
+    gm = torch.fx.symbolic_trace(_UNetLike())
+    graph, exact = build_graph(gm, (4, 10, 10), dtype), build_graph(gm, (4, 10, 10), torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 4, 10, 10, generator=g, dtype=torch.float64)
+    lo, hi = x - 0.05, x + 0.05
+    C = torch.randn(2, 3, 3, generator=g, dtype=dtype)
+    moved = []
+    real = crown_mod._bound_moved
+    monkeypatch.setattr(crown_mod, "_bound_moved", lambda g, node, *a: moved.append(node) or real(g, node, *a))
+    got, ref, used = _both(graph, Box(lo.to(dtype), hi.to(dtype)), C, monkeypatch)
+    assert len(used) >= 3 and all(used)  # every pre-activation node through the selections by patches
+    assert moved == ["unsqueeze", "permute"]  # the ReLU and sigmoid inputs: rows from the convolutions
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for p, (l0, h0) in ref.intermediate.items():
+        l1, h1 = got.intermediate[p]
+        scale = tol * (1 + float((h0 - l0).abs().max()))
+        assert (l1 - l0).abs().max() <= scale and (h1 - h0).abs().max() <= scale, p
+    u = torch.rand(5_000, 1, 4, 10, 10, generator=g, dtype=torch.float64)
+    samples = (lo + (hi - lo) * u).reshape(-1, 4, 10, 10)  # 5,000 per input, in turn
+    vals = _node_values(exact, samples)
+    for p, (l, h) in got.intermediate.items():
+        v = vals[p].reshape(5_000, 2, *vals[p].shape[1:])
+        assert (v >= l.double()).all() and (v <= h.double()).all(), p
 
 
 def test_patch_bounds_keep_the_dense_round_off_allowance_in_float32(monkeypatch):
@@ -126,3 +171,16 @@ def test_patch_plan_falls_back_where_it_does_not_apply():
     pg = build_graph(pooled, (3, 16, 16), torch.float64)
     last = pg.nodes[-1].name
     assert patches.patch_plan(pg, last, box) is None  # max pooling: no patch rule
+    rows = torch.fx.symbolic_trace(_Rows())
+    rg = build_graph(rows, (3, 16, 16), torch.float64)
+    assert rg.nodes[0].op.kind == "select"
+    assert patches.patch_plan(rg, "c", box) is None  # selections that move rows move the windows: no rule
+
+
+class _Rows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.c(x[:, :, list(range(15, -1, -1))]))  # the same shape, rows reversed

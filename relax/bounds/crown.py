@@ -382,6 +382,9 @@ def bound_node(
     T = idx.shape[0]
     if T == 0:
         return lo, hi
+    moved = _moved_source(graph, node) if alpha_fn is None and pairs is None else None
+    if moved is not None and patch_plan(graph, moved[0], input_set) is not None:
+        return _bound_moved(graph, node, lo, hi, (idx, bidx), moved, relax, input_set, max_elements, weights, deadline)
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
     if pairs is not None and not (T == l2.numel() and torch.equal(idx, torch.arange(l2.shape[1], device=idx.device).repeat(B))):
         pairs = None  # the groups need every entry's row, in order
@@ -432,6 +435,35 @@ def bound_node(
     l2 = l2.index_put((bidx, idx), nl)
     h2 = h2.index_put((bidx, idx), nh)
     return l2.view_as(lo), h2.view_as(hi)
+
+
+def _moved_source(graph: BoundGraph, node: str) -> tuple[str, Tensor] | None:
+    """For a node that only moves the entries of its one input (a transpose, a reshape, a slice or
+    gather without repeats): that input and the input entry ``[n]`` (flat) of each of its
+    entries, read off the op's forward pass on the entries' numbers; else None."""
+    n = graph.by_name[node]
+    if n.op.nonlinear or not getattr(n.op, "moves_only", False) or len(n.inputs) != 1 or n.inputs[0] == graph.input_name:
+        return None
+    shape = graph.shape(n.inputs[0])
+    numbers = torch.arange(math.prod(shape), dtype=torch.float64).reshape(1, *shape)
+    return n.inputs[0], n.op.forward(numbers).reshape(-1).long()
+
+
+def _bound_moved(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor, rows: tuple[Tensor, Tensor], moved: tuple[str, Tensor],
+                 relax: dict[str, Relaxation], input_set: InputSet, max_elements: int, weights: dict[str, Tensor | None] | None,
+                 deadline: Deadline | None) -> tuple[Tensor, Tensor]:
+    """:func:`bound_node` of a node that moves its input's entries (:func:`_moved_source`): the
+    rows start at the entries they come from (where the patch pass applies: a transposed or
+    reshaped convolution output), the same bounds."""
+    (idx, bidx), (src, where) = rows, moved
+    B, shape = lo.shape[0], graph.shape(src)
+    at = where.to(idx.device)[idx]
+    lo_s = lo.new_full((B, math.prod(shape)), -math.inf).index_put((bidx, at), lo.reshape(B, -1)[bidx, idx])
+    hi_s = hi.new_full((B, math.prod(shape)), math.inf).index_put((bidx, at), hi.reshape(B, -1)[bidx, idx])
+    l_s, h_s = bound_node(graph, src, lo_s.view(B, *shape), hi_s.view(B, *shape), relax, input_set, max_elements,
+                          (at, bidx), None, weights, deadline)
+    nl, nh = l_s.reshape(B, -1)[bidx, at], h_s.reshape(B, -1)[bidx, at]
+    return lo.reshape(B, -1).index_put((bidx, idx), nl).view_as(lo), hi.reshape(B, -1).index_put((bidx, idx), nh).view_as(hi)
 
 
 def _next_step(step: int, max_step: int, done: int, t_chunk: float, deadline: Deadline | None, pairs: PairwiseRows | None) -> int:

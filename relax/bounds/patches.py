@@ -18,9 +18,11 @@ pass reaches a node. Per-position tensors (relaxation lines, round-off weights, 
 input box) are gathered into the rows' windows by index.
 
 Ops: 2-D convolutions (any stride, padding, dilation, groups), elementwise affine maps,
-additions of same-shaped nodes and elementwise activations, on ``[C, H, W]`` nodes from a
-``[C, H, W]`` input box (boxes and l_inf balls). Anything else: :func:`patch_plan` is None and
-:func:`crown` keeps its dense rows.
+additions of same-shaped nodes, elementwise activations, reshapes that only add or drop leading
+1s, and selections of whole channels (slices, gathers and concatenations along the channel axis:
+the coefficients go back to their channels, the window stays), on ``[C, H, W]`` nodes (or
+``[1, ..., 1, C, H, W]``) from a ``[C, H, W]`` input box (boxes and l_inf balls). Anything
+else: :func:`patch_plan` is None and :func:`crown` keeps its dense rows.
 """
 from __future__ import annotations
 
@@ -53,12 +55,37 @@ Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
 @dataclass
 class PatchPlan:
     """The nodes a pass from ``start`` visits (reverse topological order, ``start`` first) and
-    each one's patch geometry; ``width``: the largest patch ``C kh kw`` (numbers per row)."""
+    each one's patch geometry; ``width``: the largest patch ``C kh kw`` (numbers per row);
+    ``channels``: for each channel selection, the input channel (counted over its inputs in
+    order) of each of its output channels."""
 
     start: str
     order: list[str]
     geometry: dict[str, Geometry]
     width: int
+    channels: dict[str, Tensor]
+
+
+def _chw(shape) -> tuple[int, ...]:
+    """``shape`` without its leading 1s beyond three dims (a ``[1, C, H, W]`` node is a map)."""
+    s = tuple(shape)
+    while len(s) > 3 and s[0] == 1:
+        s = s[1:]
+    return s
+
+
+def _channel_map(op, out_shape: tuple[int, ...]) -> Tensor | None:
+    """A selection that copies whole ``H x W`` channels of its (concatenated) inputs: the input
+    channel ``[C_out]`` of each output channel; None for any other selection."""
+    chw = _chw(out_shape)
+    if op.const_pos.numel() or len(chw) != 3 or any(_chw(s)[1:] != chw[1:] or len(_chw(s)) != 3 for s in op.in_shapes):
+        return None
+    hw = chw[1] * chw[2]
+    blocks = op.index.reshape(chw[0], hw)
+    base = blocks[:, :1]
+    if (base % hw).any() or not torch.equal(blocks, base + torch.arange(hw, device=blocks.device)):
+        return None
+    return (base[:, 0] // hw).long()
 
 
 def _conv_ok(op) -> bool:
@@ -68,14 +95,18 @@ def _conv_ok(op) -> bool:
 def _node_ok(graph: BoundGraph, name: str) -> bool:
     n = graph.by_name[name]
     op = n.op
-    if len(n.shape) != 3:
+    if len(_chw(n.shape)) != 3:
         return False
     if op.nonlinear:
         return bool(getattr(op, "elementwise", False)) and len(n.inputs) == 1
     if op.kind == "add":
         return all(tuple(s) == tuple(n.shape) for s in op.in_shapes)
     if op.kind == "elementwise affine":
-        return tuple(op.in_shape) == tuple(n.shape) and all(v is None or v.dim() <= 3 for v in (op.scale, op.shift))
+        return tuple(op.in_shape) == tuple(n.shape) and all(v is None or v.dim() <= len(n.shape) for v in (op.scale, op.shift))
+    if op.kind == "reshape":
+        return _chw(op.in_shape) == _chw(op.out_shape)
+    if op.kind == "select":
+        return _channel_map(op, n.shape) is not None
     return _conv_ok(op)
 
 
@@ -100,7 +131,7 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
     """The plan of a patch pass from ``start``, or None when some node on the way is not one of
     the supported ops, the input set is not a box, or the patches would not be smaller than
     :data:`MAX_PATCH_SHARE` of the dense rows (summed over the nodes)."""
-    if len(graph.input_shape) != 3 or (isinstance(input_set, LpBall) and not math.isinf(input_set.p)):
+    if len(_chw(graph.input_shape)) != 3 or (isinstance(input_set, LpBall) and not math.isinf(input_set.p)):
         return None
     anc = {start}
     order = []
@@ -119,11 +150,14 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
             if u is None:
                 return None
             geometry[i] = u
-    shapes = {k: graph.shape(k) for k in geometry}
+    shapes = {k: _chw(graph.shape(k)) for k in geometry}
     width = max(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     patch = sum(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     dense = sum(math.prod(shapes[k]) for k in geometry)
-    return PatchPlan(start, order, geometry, width) if patch < MAX_PATCH_SHARE * dense else None
+    if patch >= MAX_PATCH_SHARE * dense:
+        return None
+    channels = {k: _channel_map(graph.by_name[k].op, graph.shape(k)) for k in order if graph.by_name[k].op.kind == "select"}
+    return PatchPlan(start, order, geometry, width, channels)  # type: ignore[arg-type]
 
 
 def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
@@ -151,26 +185,39 @@ def _aligned(A: Tensor, g: Geometry, to: Geometry) -> Tensor:
     return F.pad(A, (q2 - p2, m2 - k2 - (q2 - p2), q1 - p1, m1 - k1 - (q1 - p1)))
 
 
-def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor | None]:
-    """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto its input(s) (the same tensor for
-    every input of an add, signed) and the bias ``[R]`` the step adds; ``at(t)`` gathers a
-    per-position tensor ``[B, C, H, W]`` of this node into the rows' windows."""
-    op = graph.by_name[name].op
-    shape = graph.shape(name)
+def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[[Tensor], Tensor],
+          channels: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
+    """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto each of its inputs and the bias
+    ``[R]`` the step adds; ``at(t)`` gathers a per-position tensor ``[B, *shape]`` of this node
+    into the rows' windows; ``channels``: a channel selection's map (:func:`_channel_map`)."""
+    n = graph.by_name[name]
+    op, shape = n.op, n.shape
     if op.nonlinear:
         r = relax[name]
         lw, lb, uw, ub = (at(_full(v.to(A.dtype), shape)) for v in (r.lw, r.lb, r.uw, r.ub))
         pos = A > 0
         zero = torch.zeros((), dtype=A.dtype, device=A.device)
         b = torch.where(pos, lb, torch.where(A < 0, ub, zero))
-        return A * torch.where(pos, lw, uw), (A * b).sum((1, 2, 3))
+        return [A * torch.where(pos, lw, uw)], (A * b).sum((1, 2, 3))
     if op.kind == "add":
-        return A, None
+        return [A * s for s in op.signs], None
+    if op.kind == "reshape":
+        return [A], None
+    if op.kind == "select":
+        counts = [_chw(s)[0] for s in op.in_shapes]
+        full = A.new_zeros(A.shape[0], sum(counts), *A.shape[2:]).index_add_(1, channels, A)  # type: ignore[arg-type]
+        return list(full.split(counts, 1)), None
     if op.kind == "elementwise affine":
         A_in = A if op.scale is None else A * at(_full(op.scale.to(A.dtype), shape))
-        return A_in, None if op.shift is None else (A * at(_full(op.shift.to(A.dtype), shape))).sum((1, 2, 3))
+        return [A_in], None if op.shift is None else (A * at(_full(op.shift.to(A.dtype), shape))).sum((1, 2, 3))
     bias = None if op.b is None else (A.sum((2, 3)) * op.b.to(A.dtype)).sum(1)
-    return F.conv_transpose2d(A, op.W.to(A.dtype), None, op.stride, 0, 0, op.groups, op.dilation), bias
+    return [F.conv_transpose2d(A, op.W.to(A.dtype), None, op.stride, 0, 0, op.groups, op.dilation)], bias
+
+
+def _window_gather(g: Geometry, chw: tuple[int, ...], out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Callable[[Tensor], Tensor]:
+    """``t [B or 1, *shape]`` (or ``[B or 1, 1, H, W]``) of a node whose map is ``chw`` ->
+    :func:`_gather` of it into the rows' windows."""
+    return lambda t: _gather(t.reshape(t.shape[0], -1, *chw[1:]), g, out_hw, bidx, pos)
 
 
 def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -184,7 +231,7 @@ def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Te
     flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
     :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
     and, with ``weights``, its round-off allowance (then a bound of the exact network)."""
-    C0, H0, W0 = graph.shape(plan.start)
+    C0, H0, W0 = _chw(graph.shape(plan.start))
     dt, dev, R = graph.dtype, idx.device, idx.shape[0]
     pos = idx % (H0 * W0)
     A = torch.zeros(R, C0, 1, 1, dtype=dt, device=dev)
@@ -194,24 +241,21 @@ def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Te
     err = torch.zeros(R, dtype=dt, device=dev)
     for name in plan.order:
         g, shape, node = plan.geometry[name], graph.shape(name), graph.by_name[name]
-        at = lambda t, g=g: _gather(t, g, (H0, W0), bidx, pos)  # noqa: E731
-        A = As.pop(name) * at(torch.ones(1, 1, *shape[1:], dtype=dt, device=dev))  # nothing on the zero padding
+        at = _window_gather(g, _chw(shape), (H0, W0), bidx, pos)
+        A = As.pop(name) * at(torch.ones(1, 1, *_chw(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding
         w = None if weights is None else weights.get(name)
         if w is not None:
             err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
-        A_in, b = _step(graph, name, A, relax, at)
+        A_ins, b = _step(graph, name, A, relax, at, plan.channels.get(name))
         if b is not None:
             bias = bias + b
         own = _through(node.op, g)
-        signs = node.op.signs if node.op.kind == "add" and not node.op.nonlinear else [1.0] * len(node.inputs)
-        for i, s in zip(node.inputs, signs):
-            Ai = _aligned(A_in if s > 0 else -A_in, own, plan.geometry[i])
+        for i, A_in in zip(node.inputs, A_ins):
+            Ai = _aligned(A_in, own, plan.geometry[i])
             As[i] = Ai if i not in As else As[i] + Ai
-    g = plan.geometry[graph.input_name]
-    def at_in(t: Tensor) -> Tensor:
-        return _gather(t, g, (H0, W0), bidx, pos)
-
-    A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *graph.input_shape[1:], dtype=dt, device=dev))
+    chw = _chw(graph.input_shape)
+    at_in = _window_gather(plan.geometry[graph.input_name], chw, (H0, W0), bidx, pos)
+    A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *chw[1:], dtype=dt, device=dev))
     lo, hi = (t.to(dt) for t in input_set.bounds())
     low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
     if weights is None:
