@@ -50,7 +50,8 @@ def _net(seed: int) -> torch.fx.GraphModule:
 class _UNetLike(nn.Module):
     """A channel slice of the input, a node ``[1, C, H, W]`` between reshapes, a channel gather
     and a concatenation along channels (as in carvana's UNets and many exported nets), and an
-    activation after a transpose to channels-last (its rows start at the convolution's output)."""
+    softmax over the channels after a transpose to channels-last (its scores' rows start at the
+    convolution's output; its differences are bounded from the scores' linear bounds)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,7 +62,7 @@ class _UNetLike(nn.Module):
         h = torch.relu(self.a(x[:, :3]))
         g = torch.relu(self.b(h).unsqueeze(1)).squeeze(1)
         z = self.c(torch.cat([g, h[:, [4, 1, 4]], x[:, 3:]], 1)).permute(0, 2, 3, 1)  # channels last
-        return self.fc(torch.sigmoid(z).flatten(1))
+        return self.fc(torch.softmax(z, -1).flatten(1))
 
 
 def _both(graph, S, C, monkeypatch):
@@ -108,11 +109,14 @@ def test_channel_selections_and_reshapes_keep_the_dense_bounds(dtype, monkeypatc
     lo, hi = x - 0.05, x + 0.05
     C = torch.randn(2, 3, 3, generator=g, dtype=dtype)
     moved = []
-    real = crown_mod._bound_moved
-    monkeypatch.setattr(crown_mod, "_bound_moved", lambda g, node, *a: moved.append(node) or real(g, node, *a))
+    real = crown_mod._moved_source
+    monkeypatch.setattr(crown_mod, "_moved_source", lambda g, node: (r := real(g, node))[0] != node and moved.append(node) or r)
+    paired = []
+    real_rows = crown_mod.patch_input_rows
+    monkeypatch.setattr(crown_mod, "patch_input_rows", lambda *a: paired.append(1) or real_rows(*a))
     got, ref, used = _both(graph, Box(lo.to(dtype), hi.to(dtype)), C, monkeypatch)
-    assert len(used) >= 3 and all(used)  # every pre-activation node through the selections by patches
-    assert moved == ["unsqueeze", "permute"]  # the ReLU and sigmoid inputs: rows from the convolutions
+    assert sum(used) >= 3  # the convolutions' pre-activation nodes through the selections by patches
+    assert set(moved) == {"unsqueeze", "permute"} and paired  # ReLU and softmax inputs: rows from the convolutions
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for p, (l0, h0) in ref.intermediate.items():
         l1, h1 = got.intermediate[p]

@@ -60,7 +60,7 @@ from relax.ir.ops import Relaxation, ReLU
 from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.forward import forward_boxes
-from relax.bounds.patches import patch_lower_bounds, patch_plan
+from relax.bounds.patches import patch_input_rows, patch_lower_bounds, patch_plan
 from relax.bounds.pairwise import PairwiseRows
 from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
 
@@ -382,14 +382,13 @@ def bound_node(
     T = idx.shape[0]
     if T == 0:
         return lo, hi
-    moved = _moved_source(graph, node) if alpha_fn is None and pairs is None else None
-    if moved is not None and patch_plan(graph, moved[0], input_set) is not None:
-        return _bound_moved(graph, node, lo, hi, (idx, bidx), moved, relax, input_set, max_elements, weights, deadline)
     l2, h2 = lo.reshape(B, -1), hi.reshape(B, -1)
     if pairs is not None and not (T == l2.numel() and torch.equal(idx, torch.arange(l2.shape[1], device=idx.device).repeat(B))):
         pairs = None  # the groups need every entry's row, in order
     grad = torch.is_grad_enabled() and alpha_fn is not None
-    plan = patch_plan(graph, node, input_set) if alpha_fn is None and pairs is None else None
+    start, where = _moved_source(graph, node)  # rows of a transposed / reshaped node start where its entries come from
+    where = where.to(idx.device)
+    plan = patch_plan(graph, start, input_set) if alpha_fn is None else None
     width = plan.width if plan is not None else _max_width(graph, node)
     step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * width)))
     acts = _acts_before(graph, node)
@@ -408,9 +407,15 @@ def bound_node(
         t_chunk = time.perf_counter()
         t1 = min(T, t0 + step)
         bsel, sub = bidx[t0:t1], idx[t0:t1]
-        if plan is not None:  # convolutional layers: each row's coefficients in its receptive field only
-            low = patch_lower_bounds(graph, plan, sub.repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
+        if plan is not None and pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
+            low = patch_lower_bounds(graph, plan, where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
                                      relax, weights, input_set).view(2, -1)
+        elif plan is not None and pairs is not None:  # the same rows as dense linear bounds on the input, for the pairs
+            A, b, e = patch_input_rows(graph, plan, where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0), relax, weights)
+            form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
+            iset = input_set if B == 1 else input_set.select(bsel)
+            low = concretize_rows(*form, iset, False, weights is not None)
+            pairs.add(*form, iset, weights is not None)
         else:
             rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
             wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
@@ -437,33 +442,19 @@ def bound_node(
     return l2.view_as(lo), h2.view_as(hi)
 
 
-def _moved_source(graph: BoundGraph, node: str) -> tuple[str, Tensor] | None:
-    """For a node that only moves the entries of its one input (a transpose, a reshape, a slice or
-    gather without repeats): that input and the input entry ``[n]`` (flat) of each of its
-    entries, read off the op's forward pass on the entries' numbers; else None."""
+def _moved_source(graph: BoundGraph, node: str) -> tuple[str, Tensor]:
+    """The node whose entries ``node``'s are, through ops that only move the entries of their one
+    input (transposes, reshapes, slices or gathers without repeats), and where each of ``node``'s
+    entries is in it (flat ``[n]``, read off the ops' forward passes on the entries' numbers);
+    ``(node, arange)`` when ``node`` is not such an op."""
+    where = torch.arange(math.prod(graph.shape(node)))
     n = graph.by_name[node]
-    if n.op.nonlinear or not getattr(n.op, "moves_only", False) or len(n.inputs) != 1 or n.inputs[0] == graph.input_name:
-        return None
-    shape = graph.shape(n.inputs[0])
-    numbers = torch.arange(math.prod(shape), dtype=torch.float64).reshape(1, *shape)
-    return n.inputs[0], n.op.forward(numbers).reshape(-1).long()
-
-
-def _bound_moved(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor, rows: tuple[Tensor, Tensor], moved: tuple[str, Tensor],
-                 relax: dict[str, Relaxation], input_set: InputSet, max_elements: int, weights: dict[str, Tensor | None] | None,
-                 deadline: Deadline | None) -> tuple[Tensor, Tensor]:
-    """:func:`bound_node` of a node that moves its input's entries (:func:`_moved_source`): the
-    rows start at the entries they come from (where the patch pass applies: a transposed or
-    reshaped convolution output), the same bounds."""
-    (idx, bidx), (src, where) = rows, moved
-    B, shape = lo.shape[0], graph.shape(src)
-    at = where.to(idx.device)[idx]
-    lo_s = lo.new_full((B, math.prod(shape)), -math.inf).index_put((bidx, at), lo.reshape(B, -1)[bidx, idx])
-    hi_s = hi.new_full((B, math.prod(shape)), math.inf).index_put((bidx, at), hi.reshape(B, -1)[bidx, idx])
-    l_s, h_s = bound_node(graph, src, lo_s.view(B, *shape), hi_s.view(B, *shape), relax, input_set, max_elements,
-                          (at, bidx), None, weights, deadline)
-    nl, nh = l_s.reshape(B, -1)[bidx, at], h_s.reshape(B, -1)[bidx, at]
-    return lo.reshape(B, -1).index_put((bidx, idx), nl).view_as(lo), hi.reshape(B, -1).index_put((bidx, idx), nh).view_as(hi)
+    while not n.op.nonlinear and getattr(n.op, "moves_only", False) and len(n.inputs) == 1 and n.inputs[0] != graph.input_name:
+        shape = graph.shape(n.inputs[0])
+        numbers = torch.arange(math.prod(shape), dtype=torch.float64).reshape(1, *shape)
+        where = n.op.forward(numbers).reshape(-1).long()[where]
+        n = graph.by_name[n.inputs[0]]
+    return n.name, where
 
 
 def _next_step(step: int, max_step: int, done: int, t_chunk: float, deadline: Deadline | None, pairs: PairwiseRows | None) -> int:

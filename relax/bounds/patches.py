@@ -39,7 +39,7 @@ from relax.ir.graph import BoundGraph
 from relax.ir.ops import Relaxation
 from verify.spec import InputSet, LpBall
 
-__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds"]
+__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows"]
 
 #: patches are used when their numbers, summed over the nodes of the pass, are below this share
 #: of the dense rows': each step also gathers the relaxation lines (and round-off weights) into
@@ -160,22 +160,39 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
     return PatchPlan(start, order, geometry, width, channels)  # type: ignore[arg-type]
 
 
+def _windows(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], pos: Tensor) -> tuple[tuple[int, int, int, int], Tensor]:
+    """The padding ``(left, right, top, bottom)`` that holds every window of a ``hw`` map, and
+    each row's window entries as flat indices ``[R, kh, kw]`` into the padded map (``out_hw``:
+    the start node's ``(H0, W0)``; ``pos [R]``: each row's flat start position)."""
+    (s1, p1, k1), (s2, p2, k2) = g
+    (H0, W0), (H, W) = out_hw, hw
+    r1, r2 = max(0, (H0 - 1) * s1 + k1 - p1 - H), max(0, (W0 - 1) * s2 + k2 - p2 - W)
+    Wp = W + p2 + r2
+    ii = torch.arange(k1, device=pos.device).view(1, k1, 1)
+    jj = torch.arange(k2, device=pos.device).view(1, 1, k2)
+    return (p2, r2, p1, r1), ((pos // W0).view(-1, 1, 1) * s1 + ii) * Wp + (pos % W0).view(-1, 1, 1) * s2 + jj
+
+
 def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
     """``t [B or 1, C, H, W]`` in each row's window: ``[R, C, kh, kw]`` (zero outside the map);
-    ``out_hw``: the start node's ``(H0, W0)``, ``bidx, pos [R]``: each row's batch element and
-    flat start position. Only the windows are read (an index per window entry)."""
-    (s1, p1, k1), (s2, p2, k2) = g
-    H0, W0 = out_hw
+    ``bidx [R]``: each row's batch element; the rest as in :func:`_windows`. Only the windows
+    are read (an index per window entry)."""
     B, C, H, W = t.shape
-    r1, r2 = max(0, (H0 - 1) * s1 + k1 - p1 - H), max(0, (W0 - 1) * s2 + k2 - p2 - W)
-    tp = F.pad(t, (p2, r2, p1, r1))  # window corners at (y s1, x s2) of the padded map
-    Wp = tp.shape[3]
-    ii = torch.arange(k1, device=t.device).view(1, k1, 1)
-    jj = torch.arange(k2, device=t.device).view(1, 1, k2)
-    flat = ((pos // W0).view(-1, 1, 1) * s1 + ii) * Wp + (pos % W0).view(-1, 1, 1) * s2 + jj  # [R, kh, kw]
+    pads, flat = _windows(g, out_hw, (H, W), pos)
+    tp = F.pad(t, pads)  # window corners at (y s1, x s2) of the padded map
     b = bidx if B > 1 else torch.zeros_like(bidx)
     cols = tp.reshape(B, C, -1).transpose(1, 2)  # [B, Hp Wp, C]
-    return cols[b.view(-1, 1), flat.view(flat.shape[0], -1)].transpose(1, 2).reshape(-1, C, k1, k2)
+    return cols[b.view(-1, 1), flat.view(flat.shape[0], -1)].transpose(1, 2).reshape(-1, C, *flat.shape[1:])
+
+
+def _scatter(A: Tensor, g: Geometry, out_hw: tuple[int, int], pos: Tensor, chw: tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`_gather` for coefficients: patches ``A [R, C, kh, kw]`` placed in
+    zero maps ``[R, C, H, W]`` (entries on the padding must be zero already)."""
+    R, C = A.shape[:2]
+    (left, right, top, bottom), flat = _windows(g, out_hw, chw[1:], pos)  # type: ignore[arg-type]
+    Hp, Wp = chw[1] + top + bottom, chw[2] + left + right
+    out = A.new_zeros(R, C, Hp * Wp).scatter_(2, flat.view(R, 1, -1).expand(R, C, -1), A.reshape(R, C, -1))
+    return out.view(R, C, Hp, Wp)[:, :, top:top + chw[1], left:left + chw[2]]
 
 
 def _aligned(A: Tensor, g: Geometry, to: Geometry) -> Tensor:
@@ -231,6 +248,31 @@ def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Te
     flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
     :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
     and, with ``weights``, its round-off allowance (then a bound of the exact network)."""
+    A, bias, err, at_in = _input_patches(graph, plan, idx, bidx, sign, relax, weights)
+    lo, hi = (t.to(A.dtype) for t in input_set.bounds())
+    low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
+    if err is None:
+        return low
+    err = err + gamma(math.prod(graph.input_shape), A.dtype) * (A.abs() * at_in(max_abs(lo, hi))).sum((1, 2, 3))
+    return low - SAFETY * err - torch.finfo(A.dtype).tiny
+
+
+def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
+                     relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rows of :func:`patch_lower_bounds` before their concretisation, as dense linear bounds on
+    the input: ``A [R, *input_shape]``, ``bias [R]`` and the steps' round-off ``err [R]`` (None
+    without ``weights``), the terms of :func:`relax.bounds.crown.backward_form`'s rows."""
+    A, bias, err, _ = _input_patches(graph, plan, idx, bidx, sign, relax, weights)
+    C0, H0, W0 = _chw(graph.shape(plan.start))
+    dense = _scatter(A, plan.geometry[graph.input_name], (H0, W0), idx % (H0 * W0), _chw(graph.input_shape))
+    return dense.reshape(A.shape[0], *graph.input_shape), bias, err
+
+
+def _input_patches(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor, relax: dict[str, Relaxation],
+                   weights: dict[str, Tensor | None] | None) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
+    """The backward pass of :func:`patch_lower_bounds` down to the input: the input patches
+    ``[R, C, kh, kw]`` (zero on the padding), the bias ``[R]``, the steps' round-off ``[R]`` (None
+    without ``weights``) and the gather of input-shaped tensors into the rows' windows."""
     C0, H0, W0 = _chw(graph.shape(plan.start))
     dt, dev, R = graph.dtype, idx.device, idx.shape[0]
     pos = idx % (H0 * W0)
@@ -256,9 +298,4 @@ def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Te
     chw = _chw(graph.input_shape)
     at_in = _window_gather(plan.geometry[graph.input_name], chw, (H0, W0), bidx, pos)
     A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *chw[1:], dtype=dt, device=dev))
-    lo, hi = (t.to(dt) for t in input_set.bounds())
-    low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
-    if weights is None:
-        return low
-    err = err + gamma(math.prod(graph.input_shape), dt) * (A.abs() * at_in(max_abs(lo, hi))).sum((1, 2, 3))
-    return low - SAFETY * err - torch.finfo(dt).tiny
+    return A, bias, err if weights is not None else None, at_in
