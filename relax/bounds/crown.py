@@ -60,7 +60,7 @@ from relax.ir.ops import Relaxation, ReLU
 from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.forward import forward_boxes
-from relax.bounds.patches import patch_input_rows, patch_lower_bounds, patch_plan
+from relax.bounds.patches import PatchPlan, chw_shape, dense_to_patches, patch_input_rows, patch_lower_bounds, patch_plan, patch_rows_lower_bounds
 from relax.bounds.pairwise import PairwiseRows
 from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
 
@@ -149,18 +149,24 @@ def backward_form(
     extra: dict[str, Tensor] | None = None,
     record: dict[str, Tensor | None] | None = None,
     stop_at: float | None = None,
+    until: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`backward` before the concretisation: the linear lower bound
     ``A0 . z_start >= A_in . x + bias - SAFETY * err`` on the input set, as ``A_in [S, B, *in]``,
     ``bias [S, B]`` and the round-off ``err`` (``[S, B]`` or broadcastable; ``None`` without
     ``weights``) of the steps so far (:func:`relax.bounds.concretize.backward_tail` adds the
-    concretisation's own and subtracts the total)."""
+    concretisation's own and subtracts the total). ``until``: a node on every path from
+    ``start`` to the input (:func:`_patch_cut`); the pass stops there and ``A_in`` is its
+    coefficients."""
     anc = _ancestors(graph, start)
     As, bias, err, start_done = _start_coefficients(graph, start, A0, weights)
     for n in reversed(graph.nodes):
         if n.name not in anc or (start_done and n.name == start):
             continue
         A = As.pop(n.name, None)
+        if n.name == until and A is not None:
+            As[graph.input_name] = A
+            break
         if extra is not None and n.name in extra:
             A = extra[n.name] if A is None else A + extra[n.name]
         if A is None:
@@ -389,6 +395,8 @@ def bound_node(
     start, where = _moved_source(graph, node)  # rows of a transposed / reshaped node start where its entries come from
     where = where.to(idx.device)
     plan = patch_plan(graph, start, input_set) if alpha_fn is None else None
+    cut = _patch_cut(graph, node, input_set) if plan is None and alpha_fn is None and pairs is None else None
+    cut_plans: dict[tuple[int, int], PatchPlan | None] = {}
     width = plan.width if plan is not None else _max_width(graph, node)
     step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * width)))
     acts = _acts_before(graph, node)
@@ -407,7 +415,10 @@ def bound_node(
         t_chunk = time.perf_counter()
         t1 = min(T, t0 + step)
         bsel, sub = bidx[t0:t1], idx[t0:t1]
-        if plan is not None and pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
+        low = None if cut is None else _through_cut(graph, node, cut, cut_plans, sub, bsel, relax, weights, input_set, shared)
+        if low is not None:  # dense rows down to a cut node, then patches
+            pass
+        elif plan is not None and pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
             low = patch_lower_bounds(graph, plan, where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
                                      relax, weights, input_set).view(2, -1)
         elif plan is not None and pairs is not None:  # the same rows as dense linear bounds on the input, for the pairs
@@ -440,6 +451,47 @@ def bound_node(
     l2 = l2.index_put((bidx, idx), nl)
     h2 = h2.index_put((bidx, idx), nh)
     return l2.view_as(lo), h2.view_as(hi)
+
+
+def _patch_cut(graph: BoundGraph, node: str, input_set: InputSet) -> str | None:
+    """The node nearest to ``node`` that lies on every path from ``node`` to the input and from
+    which a patch pass can start (:func:`relax.bounds.patches.patch_plan`), or None: the rows
+    of a node behind per-position ops (a softmax over channels, an argmax, a one-hot) go dense
+    down to it, then as patches."""
+    anc = _ancestors(graph, node)
+    pending = set(graph.by_name[node].inputs)
+    for n in reversed(graph.nodes):
+        if n.name == node or n.name not in anc:
+            continue
+        if pending == {n.name} and patch_plan(graph, n.name, input_set) is not None:
+            return n.name
+        pending.discard(n.name)
+        pending.update(n.inputs)
+    return None
+
+
+def _through_cut(graph: BoundGraph, node: str, cut: str, plans: dict[tuple[int, int], PatchPlan | None], sub: Tensor, bsel: Tensor,
+                 relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet, shared: bool) -> Tensor | None:
+    """Lower bounds ``[2, c]`` of the rows ``+-e_sub`` of ``node`` (batch elements ``bsel``): the
+    dense pass down to ``cut`` (:func:`_patch_cut`), then the patch pass from there; None when
+    the rows' coefficients at ``cut`` do not fit a small window (the caller goes dense)."""
+    c = sub.shape[0]
+    acts = _acts_before(graph, node)
+    rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
+    w = weights if shared or weights is None else {k: (None if v is None else v[bsel]) for k, v in weights.items()}
+    sign = torch.tensor([1.0, -1.0], device=sub.device)
+    A, bias, err = backward_form(graph, node, Rows(torch.stack([sub, sub]), sign), rel, None, w, until=cut)
+    got = dense_to_patches(A.reshape(2 * c, *graph.shape(cut)), chw_shape(graph.shape(cut)))
+    if got is None:
+        return None
+    A0, pos, window = got
+    if window not in plans:
+        plans[window] = patch_plan(graph, cut, input_set, window)
+    plan = plans[window]
+    if plan is None:
+        return None
+    err0 = None if err is None else err.expand(2, c).reshape(-1)
+    return patch_rows_lower_bounds(graph, plan, A0, pos, bsel.repeat(2), relax, weights, input_set, bias.reshape(-1), err0).view(2, c)
 
 
 def _moved_source(graph: BoundGraph, node: str) -> tuple[str, Tensor]:

@@ -39,7 +39,7 @@ from relax.ir.graph import BoundGraph
 from relax.ir.ops import Relaxation
 from verify.spec import InputSet, LpBall
 
-__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows"]
+__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape"]
 
 #: patches are used when their numbers, summed over the nodes of the pass, are below this share
 #: of the dense rows': each step also gathers the relaxation lines (and round-off weights) into
@@ -66,7 +66,7 @@ class PatchPlan:
     channels: dict[str, Tensor]
 
 
-def _chw(shape) -> tuple[int, ...]:
+def chw_shape(shape) -> tuple[int, ...]:
     """``shape`` without its leading 1s beyond three dims (a ``[1, C, H, W]`` node is a map)."""
     s = tuple(shape)
     while len(s) > 3 and s[0] == 1:
@@ -77,8 +77,8 @@ def _chw(shape) -> tuple[int, ...]:
 def _channel_map(op, out_shape: tuple[int, ...]) -> Tensor | None:
     """A selection that copies whole ``H x W`` channels of its (concatenated) inputs: the input
     channel ``[C_out]`` of each output channel; None for any other selection."""
-    chw = _chw(out_shape)
-    if op.const_pos.numel() or len(chw) != 3 or any(_chw(s)[1:] != chw[1:] or len(_chw(s)) != 3 for s in op.in_shapes):
+    chw = chw_shape(out_shape)
+    if op.const_pos.numel() or len(chw) != 3 or any(chw_shape(s)[1:] != chw[1:] or len(chw_shape(s)) != 3 for s in op.in_shapes):
         return None
     hw = chw[1] * chw[2]
     blocks = op.index.reshape(chw[0], hw)
@@ -95,7 +95,7 @@ def _conv_ok(op) -> bool:
 def _node_ok(graph: BoundGraph, name: str) -> bool:
     n = graph.by_name[name]
     op = n.op
-    if len(_chw(n.shape)) != 3:
+    if len(chw_shape(n.shape)) != 3:
         return False
     if op.nonlinear:
         return bool(getattr(op, "elementwise", False)) and len(n.inputs) == 1
@@ -104,7 +104,7 @@ def _node_ok(graph: BoundGraph, name: str) -> bool:
     if op.kind == "elementwise affine":
         return tuple(op.in_shape) == tuple(n.shape) and all(v is None or v.dim() <= len(n.shape) for v in (op.scale, op.shift))
     if op.kind == "reshape":
-        return _chw(op.in_shape) == _chw(op.out_shape)
+        return chw_shape(op.in_shape) == chw_shape(op.out_shape)
     if op.kind == "select":
         return _channel_map(op, n.shape) is not None
     return _conv_ok(op)
@@ -127,11 +127,12 @@ def _union(a: Geometry, b: Geometry) -> Geometry | None:
     return tuple(out)  # type: ignore[return-value]
 
 
-def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan | None:
-    """The plan of a patch pass from ``start``, or None when some node on the way is not one of
-    the supported ops, the input set is not a box, or the patches would not be smaller than
+def patch_plan(graph: BoundGraph, start: str, input_set: InputSet, window: tuple[int, int] = (1, 1)) -> PatchPlan | None:
+    """The plan of a patch pass from ``start`` (rows whose coefficients there fill a ``window``
+    whose corner is the row's position), or None when some node on the way is not one of the
+    supported ops, the input set is not a box, or the patches would not be smaller than
     :data:`MAX_PATCH_SHARE` of the dense rows (summed over the nodes)."""
-    if len(_chw(graph.input_shape)) != 3 or (isinstance(input_set, LpBall) and not math.isinf(input_set.p)):
+    if len(chw_shape(graph.input_shape)) != 3 or (isinstance(input_set, LpBall) and not math.isinf(input_set.p)):
         return None
     anc = {start}
     order = []
@@ -139,7 +140,7 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
         if n.name in anc:
             order.append(n.name)
             anc.update(n.inputs)
-    geometry: dict[str, Geometry] = {start: ((1, 0, 1), (1, 0, 1))}
+    geometry: dict[str, Geometry] = {start: ((1, 0, window[0]), (1, 0, window[1]))}
     for name in order:
         if not _node_ok(graph, name):
             return None
@@ -150,7 +151,7 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet) -> PatchPlan 
             if u is None:
                 return None
             geometry[i] = u
-    shapes = {k: _chw(graph.shape(k)) for k in geometry}
+    shapes = {k: chw_shape(graph.shape(k)) for k in geometry}
     width = max(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     patch = sum(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     dense = sum(math.prod(shapes[k]) for k in geometry)
@@ -221,7 +222,7 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
     if op.kind == "reshape":
         return [A], None
     if op.kind == "select":
-        counts = [_chw(s)[0] for s in op.in_shapes]
+        counts = [chw_shape(s)[0] for s in op.in_shapes]
         full = A.new_zeros(A.shape[0], sum(counts), *A.shape[2:]).index_add_(1, channels, A)  # type: ignore[arg-type]
         return list(full.split(counts, 1)), None
     if op.kind == "elementwise affine":
@@ -248,7 +249,18 @@ def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Te
     flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
     :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
     and, with ``weights``, its round-off allowance (then a bound of the exact network)."""
-    A, bias, err, at_in = _input_patches(graph, plan, idx, bidx, sign, relax, weights)
+    return patch_rows_lower_bounds(graph, plan, *_unit_rows(graph, plan, idx, sign), bidx, relax, weights, input_set)
+
+
+def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
+                            weights: dict[str, Tensor | None] | None, input_set: InputSet,
+                            bias0: Tensor | None = None, err0: Tensor | None = None) -> Tensor:
+    """:func:`patch_lower_bounds` of rows given as patches ``A0 [R, C, kh, kw]`` of the plan's
+    start node (the plan's window; ``pos [R]``: each window's corner, flat), plus a bias and a
+    round-off ``[R]`` carried from the part of the pass before the start node."""
+    A, bias, err, at_in = _input_patches(graph, plan, A0, pos, bidx, relax, weights)
+    bias = bias if bias0 is None else bias + bias0
+    err = err if err is None or err0 is None else err + err0
     lo, hi = (t.to(A.dtype) for t in input_set.bounds())
     low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
     if err is None:
@@ -262,29 +274,57 @@ def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tens
     """The rows of :func:`patch_lower_bounds` before their concretisation, as dense linear bounds on
     the input: ``A [R, *input_shape]``, ``bias [R]`` and the steps' round-off ``err [R]`` (None
     without ``weights``), the terms of :func:`relax.bounds.crown.backward_form`'s rows."""
-    A, bias, err, _ = _input_patches(graph, plan, idx, bidx, sign, relax, weights)
-    C0, H0, W0 = _chw(graph.shape(plan.start))
-    dense = _scatter(A, plan.geometry[graph.input_name], (H0, W0), idx % (H0 * W0), _chw(graph.input_shape))
+    A0, pos = _unit_rows(graph, plan, idx, sign)
+    A, bias, err, _ = _input_patches(graph, plan, A0, pos, bidx, relax, weights)
+    C0, H0, W0 = chw_shape(graph.shape(plan.start))
+    dense = _scatter(A, plan.geometry[graph.input_name], (H0, W0), pos, chw_shape(graph.input_shape))
     return dense.reshape(A.shape[0], *graph.input_shape), bias, err
 
 
-def _input_patches(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor, relax: dict[str, Relaxation],
+def _unit_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``sign_r e_{idx_r}`` of the start node as 1x1 patches ``[R, C, 1, 1]`` and positions."""
+    C0, H0, W0 = chw_shape(graph.shape(plan.start))
+    R = idx.shape[0]
+    A = torch.zeros(R, C0, 1, 1, dtype=graph.dtype, device=idx.device)
+    A[torch.arange(R, device=idx.device), idx // (H0 * W0), 0, 0] = sign.to(graph.dtype)
+    return A, idx % (H0 * W0)
+
+
+def dense_to_patches(A: Tensor, chw: tuple[int, ...], max_share: float = MAX_PATCH_SHARE) -> tuple[Tensor, Tensor, tuple[int, int]] | None:
+    """Rows ``A [R, *shape]`` of a ``chw`` map as patches: ``[R, C, kh, kw]`` over the smallest
+    window that holds every row's nonzero entries, each row's corner ``pos [R]`` (flat) and the
+    window; None when the window is not below ``max_share`` of the map."""
+    R, (C, H, W) = A.shape[0], chw
+    A = A.reshape(R, C, H, W)
+    support = (A != 0).any(1)  # [R, H, W]
+    rows_on, cols_on = support.any(2), support.any(1)
+    hh, ww = torch.arange(H, device=A.device), torch.arange(W, device=A.device)
+    y0 = torch.where(rows_on, hh, H).amin(1).clamp(max=H - 1)
+    x0 = torch.where(cols_on, ww, W).amin(1).clamp(max=W - 1)
+    kh = max(1, int((torch.where(rows_on, hh, -1).amax(1) - y0).max()) + 1)
+    kw = max(1, int((torch.where(cols_on, ww, -1).amax(1) - x0).max()) + 1)
+    if kh * kw >= max_share * H * W:
+        return None
+    pos = y0 * W + x0
+    g: Geometry = ((1, 0, kh), (1, 0, kw))
+    return _gather(A, g, (H, W), torch.arange(R, device=A.device), pos), pos, (kh, kw)
+
+
+def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
                    weights: dict[str, Tensor | None] | None) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
-    """The backward pass of :func:`patch_lower_bounds` down to the input: the input patches
-    ``[R, C, kh, kw]`` (zero on the padding), the bias ``[R]``, the steps' round-off ``[R]`` (None
-    without ``weights``) and the gather of input-shaped tensors into the rows' windows."""
-    C0, H0, W0 = _chw(graph.shape(plan.start))
-    dt, dev, R = graph.dtype, idx.device, idx.shape[0]
-    pos = idx % (H0 * W0)
-    A = torch.zeros(R, C0, 1, 1, dtype=dt, device=dev)
-    A[torch.arange(R, device=dev), idx // (H0 * W0), 0, 0] = sign.to(dt)
-    As = {plan.start: A}
+    """The backward pass of :func:`patch_lower_bounds` from the start patches ``A0 [R, C, kh, kw]``
+    (corners ``pos [R]``) down to the input: the input patches (zero on the padding), the bias
+    ``[R]``, the steps' round-off ``[R]`` (None without ``weights``) and the gather of
+    input-shaped tensors into the rows' windows."""
+    C0, H0, W0 = chw_shape(graph.shape(plan.start))
+    dt, dev, R = graph.dtype, A0.device, A0.shape[0]
+    As = {plan.start: A0}
     bias = torch.zeros(R, dtype=dt, device=dev)
     err = torch.zeros(R, dtype=dt, device=dev)
     for name in plan.order:
         g, shape, node = plan.geometry[name], graph.shape(name), graph.by_name[name]
-        at = _window_gather(g, _chw(shape), (H0, W0), bidx, pos)
-        A = As.pop(name) * at(torch.ones(1, 1, *_chw(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding
+        at = _window_gather(g, chw_shape(shape), (H0, W0), bidx, pos)
+        A = As.pop(name) * at(torch.ones(1, 1, *chw_shape(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding
         w = None if weights is None else weights.get(name)
         if w is not None:
             err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
@@ -295,7 +335,7 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor
         for i, A_in in zip(node.inputs, A_ins):
             Ai = _aligned(A_in, own, plan.geometry[i])
             As[i] = Ai if i not in As else As[i] + Ai
-    chw = _chw(graph.input_shape)
+    chw = chw_shape(graph.input_shape)
     at_in = _window_gather(plan.geometry[graph.input_name], chw, (H0, W0), bidx, pos)
     A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *chw[1:], dtype=dt, device=dev))
     return A, bias, err if weights is not None else None, at_in
