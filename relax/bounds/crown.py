@@ -392,17 +392,9 @@ def bound_node(
     if pairs is not None and not (T == l2.numel() and torch.equal(idx, torch.arange(l2.shape[1], device=idx.device).repeat(B))):
         pairs = None  # the groups need every entry's row, in order
     grad = torch.is_grad_enabled() and alpha_fn is not None
-    start, where = _moved_source(graph, node)  # rows of a transposed / reshaped node start where its entries come from
-    where = where.to(idx.device)
-    plan = patch_plan(graph, start, input_set) if alpha_fn is None else None
-    cut = _patch_cut(graph, node, input_set) if plan is None and alpha_fn is None and pairs is None else None
-    cut_plans: dict[tuple[int, int], PatchPlan | None] = {}
-    width = plan.width if plan is not None else _max_width(graph, node)
+    rp = _RowPass.of(graph, node, relax, weights, input_set, alpha_fn, pairs, B, idx.device)
+    width = rp.plan.width if rp.plan is not None else _max_width(graph, node)
     step = max(1, min(T, _chunk_limit(max_elements, lo.device, grad) // max(1, 2 * width)))
-    acts = _acts_before(graph, node)
-    # one input: its relaxations, round-off weights and input set serve every row by broadcasting
-    shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
-    sign = torch.tensor([1.0, -1.0], device=lo.device)
     new_l, new_h = [], []
     t0, max_step = 0, step
     if deadline is not None and deadline.seconds is not None:
@@ -414,28 +406,7 @@ def bound_node(
             break
         t_chunk = time.perf_counter()
         t1 = min(T, t0 + step)
-        bsel, sub = bidx[t0:t1], idx[t0:t1]
-        low = None if cut is None else _through_cut(graph, node, cut, cut_plans, sub, bsel, relax, weights, input_set, shared)
-        if low is not None:  # dense rows down to a cut node, then patches
-            pass
-        elif plan is not None and pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
-            low = patch_lower_bounds(graph, plan, where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
-                                     relax, weights, input_set).view(2, -1)
-        elif plan is not None and pairs is not None:  # the same rows as dense linear bounds on the input, for the pairs
-            A, b, e = patch_input_rows(graph, plan, where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0), relax, weights)
-            form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
-            iset = input_set if B == 1 else input_set.select(bsel)
-            low = concretize_rows(*form, iset, False, weights is not None)
-            pairs.add(*form, iset, weights is not None)
-        else:
-            rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
-            wsel = None if weights is None or shared else {k: (None if w is None else w[bsel]) for k, w in weights.items()}
-            iset = input_set if shared else input_set.select(bsel)
-            form = backward_form(graph, node, Rows(torch.stack([sub, sub]), sign), rel, _chunk_alphas(alpha_fn, node, acts, slice(t0, t1)),
-                                 weights if shared else wsel)
-            low = concretize_rows(*form, iset, False, weights is not None)  # [2, c]
-            if pairs is not None:
-                pairs.add(*form, iset, weights is not None)
+        low = rp.lower(t0, t1, idx[t0:t1], bidx[t0:t1])  # [2, c]
         new_l.append(low[0])
         new_h.append(-low[1])
         step = _next_step(step, max_step, t1 - t0, t_chunk, deadline, pairs)
@@ -451,6 +422,65 @@ def bound_node(
     l2 = l2.index_put((bidx, idx), nl)
     h2 = h2.index_put((bidx, idx), nh)
     return l2.view_as(lo), h2.view_as(hi)
+
+
+@dataclass
+class _RowPass:
+    """How :func:`bound_node` bounds a chunk of its rows ``+e, -e``: as patches from the entries
+    they come from (``plan``, ``where``: :func:`_moved_source`), dense down to a cut node and then
+    as patches (``cut``: :func:`_patch_cut`), or dense; ``shared``: one input whose relaxations,
+    round-off weights and input set serve every row by broadcasting."""
+
+    graph: BoundGraph
+    node: str
+    relax: dict[str, Relaxation]
+    weights: dict[str, Tensor | None] | None
+    input_set: InputSet
+    alpha_fn: AlphaFn | None
+    pairs: PairwiseRows | None
+    acts: list[str]
+    shared: bool
+    where: Tensor
+    plan: PatchPlan | None
+    cut: str | None
+    cut_plans: dict[tuple[int, int], PatchPlan | None]
+
+    @classmethod
+    def of(cls, graph: BoundGraph, node: str, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet,
+           alpha_fn: AlphaFn | None, pairs: PairwiseRows | None, B: int, device: torch.device) -> "_RowPass":
+        acts = _acts_before(graph, node)
+        shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
+        start, where = _moved_source(graph, node)
+        plan = patch_plan(graph, start, input_set) if alpha_fn is None else None
+        cut = _patch_cut(graph, node, input_set) if plan is None and alpha_fn is None and pairs is None else None
+        return cls(graph, node, relax, weights, input_set, alpha_fn, pairs, acts, shared, where.to(device), plan, cut, {})
+
+    def lower(self, t0: int, t1: int, sub: Tensor, bsel: Tensor) -> Tensor:
+        """Lower bounds ``[2, c]`` of rows ``t0:t1`` (entries ``sub`` of batch elements ``bsel``)."""
+        g, w, rounded = self.graph, self.weights, self.weights is not None
+        if self.cut is not None:
+            low = _through_cut(g, self.node, self.cut, self.cut_plans, sub, bsel, self.relax, w, self.input_set, self.shared)
+            if low is not None:
+                return low
+            self.cut = None  # the rows' coefficients there are not local: dense rows for the rest of the node
+        sign = torch.tensor([1.0, -1.0], device=sub.device)
+        if self.plan is not None and self.pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
+            return patch_lower_bounds(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
+                                      self.relax, w, self.input_set).view(2, -1)
+        if self.plan is not None:  # the same rows as dense linear bounds on the input, for the pairs
+            A, b, e = patch_input_rows(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0), self.relax, w)
+            form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
+            iset = self.input_set if self.input_set.batch_size == 1 else self.input_set.select(bsel)
+        else:
+            rel = {a: (self.relax[a] if self.shared else _select_relax(self.relax[a], bsel)) for a in self.acts}
+            wsel = w if self.shared or w is None else {k: (None if v is None else v[bsel]) for k, v in w.items()}
+            iset = self.input_set if self.shared else self.input_set.select(bsel)
+            form = backward_form(g, self.node, Rows(torch.stack([sub, sub]), sign), rel,
+                                 _chunk_alphas(self.alpha_fn, self.node, self.acts, slice(t0, t1)), wsel)
+        low = concretize_rows(*form, iset, False, rounded)
+        if self.pairs is not None:
+            self.pairs.add(*form, iset, rounded)
+        return low
 
 
 def _patch_cut(graph: BoundGraph, node: str, input_set: InputSet) -> str | None:
