@@ -70,15 +70,15 @@ def _both(graph, S, C, monkeypatch):
     used = []
     real = patches.patch_plan
 
-    def spy(*a):
-        plan = real(*a)
+    def spy(*a, **k):
+        plan = real(*a, **k)
         used.append(plan is not None)
         return plan
 
     monkeypatch.setattr(patches, "MAX_PATCH_SHARE", math.inf)
     monkeypatch.setattr(crown_mod, "patch_plan", spy)
     with_patches = crown(graph, S, C)
-    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a: None)
+    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a, **k: None)
     dense = crown(graph, S, C)
     return with_patches, dense, used
 
@@ -190,3 +190,17 @@ class _Rows(nn.Module):
 
     def forward(self, x):
         return torch.relu(self.c(x[:, :, list(range(15, -1, -1))]))  # the same shape, rows reversed
+
+
+def test_dense_rows_where_patches_reach_but_cost_more(monkeypatch):
+    """A node the patch rules reach but whose patches are not below MAX_PATCH_SHARE keeps its dense
+    rows: no search for a cut below it (that would bypass the share)."""
+    graph = build_graph(_net(0), (3, 16, 16), torch.float64)
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    box = Box(x - 0.03, x + 0.03)
+    searched = []
+    real = crown_mod._patch_cut
+    monkeypatch.setattr(crown_mod, "_patch_cut", lambda g, node, s: searched.append(node) or real(g, node, s))
+    monkeypatch.setattr(patches, "MAX_PATCH_SHARE", 1e-9)  # every plan too large
+    crown(graph, box, torch.randn(1, 4, 5, dtype=torch.float64))
+    assert all(patches.patch_plan(graph, n, box, max_share=math.inf) is None for n in searched)

@@ -452,7 +452,9 @@ class _RowPass:
         shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
         start, where = _moved_source(graph, node)
         plan = patch_plan(graph, start, input_set) if alpha_fn is None else None
-        cut = _patch_cut(graph, node, input_set) if plan is None and alpha_fn is None and pairs is None else None
+        # a cut only for nodes the patch rules do not reach; where they do but dense rows are cheaper, dense rows
+        reachable = plan is not None or patch_plan(graph, start, input_set, max_share=math.inf) is not None
+        cut = _patch_cut(graph, node, input_set) if not reachable and alpha_fn is None and pairs is None else None
         return cls(graph, node, relax, weights, input_set, alpha_fn, pairs, acts, shared, where.to(device), plan, cut, {})
 
     def lower(self, t0: int, t1: int, sub: Tensor, bsel: Tensor) -> Tensor:

@@ -127,11 +127,13 @@ def _union(a: Geometry, b: Geometry) -> Geometry | None:
     return tuple(out)  # type: ignore[return-value]
 
 
-def patch_plan(graph: BoundGraph, start: str, input_set: InputSet, window: tuple[int, int] = (1, 1)) -> PatchPlan | None:
+def patch_plan(graph: BoundGraph, start: str, input_set: InputSet, window: tuple[int, int] = (1, 1),
+               max_share: float | None = None) -> PatchPlan | None:
     """The plan of a patch pass from ``start`` (rows whose coefficients there fill a ``window``
     whose corner is the row's position), or None when some node on the way is not one of the
     supported ops, the input set is not a box, or the patches would not be smaller than
-    :data:`MAX_PATCH_SHARE` of the dense rows (summed over the nodes)."""
+    ``max_share`` (default :data:`MAX_PATCH_SHARE`; ``inf``: any size) of the dense rows (summed
+    over the nodes)."""
     if len(chw_shape(graph.input_shape)) != 3 or (isinstance(input_set, LpBall) and not math.isinf(input_set.p)):
         return None
     anc = {start}
@@ -155,7 +157,7 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet, window: tuple
     width = max(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     patch = sum(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
     dense = sum(math.prod(shapes[k]) for k in geometry)
-    if patch >= MAX_PATCH_SHARE * dense:
+    if patch >= (MAX_PATCH_SHARE if max_share is None else max_share) * dense:
         return None
     channels = {k: _channel_map(graph.by_name[k].op, graph.shape(k)) for k in order if graph.by_name[k].op.kind == "select"}
     return PatchPlan(start, order, geometry, width, channels)  # type: ignore[arg-type]
