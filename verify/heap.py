@@ -15,8 +15,8 @@ touch: TinyYOLO's patch pass took 278 s instead of 174 s with a 4 MB threshold o
 So the heap keeps glibc's policy and a watcher thread (:func:`start_heap_trimmer`) checks once per
 ``period_s`` how much resident memory is neither in use by malloc (``mallinfo2``: ``uordblks +
 hblkhd``) nor there when it started; above ``excess_mb`` it calls ``malloc_trim(0)``, which
-releases the whole free pages of every heap hole (``madvise(MADV_DONTNEED)``; 313 MB in 21 ms in
-tests/test_heap.py's pattern). A run that does not fragment never trims. The holes' addresses
+releases the whole free pages of every heap hole (``madvise(MADV_DONTNEED)``; 313 MB of torch
+tensors' holes in 21 ms here). A run that does not fragment never trims. The holes' addresses
 stay reserved (virtual size still grows; only resident memory is bounded).
 
 The entry points that run verification in a process of their own (the ``certify`` command, the
