@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))  # before this folder: benchmarks/smoothing.py is 
 from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
-FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet")
+FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -89,6 +89,23 @@ class _ConvNet(nn.Module):
         h = torch.relu(self.bn(self.c2(self.c1(x))))
         h = self.pool(torch.relu(h + self.c3(h)))
         return self.out(torch.relu(self.c4(h)).flatten(1))
+
+
+class _Channels(nn.Module):
+    """Channel slices, a channel gather with a repeat and a concatenation along channels between
+    convolutions, then a transpose to channels-last and a softmax over the channels (as in
+    carvana's UNet): patches through selections, rows moved to their sources, dense rows to a cut."""
+
+    def __init__(self, n_out: int) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(7, 2, 3, padding=1)
+        self.out = nn.Linear(2 * 6 * 6, n_out)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x[:, :2]))
+        g = torch.relu(self.c2(h))
+        z = self.c3(torch.cat([g, h[:, [3, 0, 3]], x[:, 2:]], 1)).permute(0, 2, 3, 1)
+        return self.out(torch.softmax(z, -1).flatten(1))
 
 
 class _Smooth(nn.Module):
@@ -165,6 +182,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
         with torch.no_grad():
             net.bn.running_mean.copy_(torch.randn(4, generator=g) * scale)
             net.bn.running_var.copy_((torch.rand(4, generator=g) + 0.5) * scale**2)
+    elif family == "channels":
+        shape = (3, 6, 6)
+        net = _Channels(3)
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))

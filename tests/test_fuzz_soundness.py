@@ -64,9 +64,27 @@ def test_no_false_answer_on_convolutional_layers_bounded_by_patches(monkeypatch)
     fz = _fuzz()
     used = []
     real = crown_mod.patch_plan
-    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a: (lambda plan: used.append(plan is not None) or plan)(real(*a)))
+    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a, **k: (lambda plan: used.append(plan is not None) or plan)(real(*a, **k)))
     res = fz.run(1, seed=11, methods=["crown", "bab"], scales=(1e3,), families=("convnet",), slow_every=1, timeout=5.0)
     false = res.pop("_details")
     assert not false, f"false answers: {false[:5]}"
     assert any(used), "no patch pass"
     assert res["crown"]["certified"] > 0 and res["bab"]["witness_inside"] >= 5 and res["bab"]["falsified"] > 0, res
+
+
+def test_no_false_answer_through_channel_selections_moves_and_cuts(monkeypatch):
+    """The channels family (slices, gather, concat, transpose to channels-last, softmax over the
+    channels) at weight scale 1e3: patches through the selections, the transposed scores' rows
+    moved to the convolution and the softmax's inner rows dense down to a cut (each checked
+    used), and no false answer from CROWN or ``bab``."""
+    import relax.bounds.crown as crown_mod
+
+    fz = _fuzz()
+    cut = []
+    real = crown_mod._through_cut
+    monkeypatch.setattr(crown_mod, "_through_cut", lambda g, node, *a: (r := real(g, node, *a)) is not None and cut.append(node) or r)
+    res = fz.run(1, seed=12, methods=["crown", "bab"], scales=(1e3,), families=("channels",), slow_every=1, timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert cut, "no cut pass"
+    assert res["crown"]["cases"] > 0 and res["bab"]["witness_inside"] >= 5, res
