@@ -88,3 +88,4 @@ def test_no_false_answer_through_channel_selections_moves_and_cuts(monkeypatch):
     assert not false, f"false answers: {false[:5]}"
     assert cut, "no cut pass"
     assert res["crown"]["cases"] > 0 and res["bab"]["witness_inside"] >= 5, res
+    assert not res["bab"]["refused"] and not res["crown"]["refused"], res  # a concat of a domain batch and the input's box

@@ -97,3 +97,22 @@ def test_leading_dim_above_one_is_data_not_batch(tmp_path):
                                                "ax": np.array([0], I64)})
     gm = assert_matches_ort(path)
     assert gm.input_shape == (3, 4)
+
+
+def test_a_concat_of_a_domain_batch_and_the_input_box():
+    """``bab`` bounds a batch of domains whose boxes beside the input set's own (a batch of one):
+    a concatenation of both serves each domain the one input box (it indexed past the end)."""
+    from relax.ir.graph import build_graph
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.relu(x[:, :2]), x[:, 2:]], 1)
+
+    graph = build_graph(torch.fx.symbolic_trace(Net()), (3, 4, 4), torch.float64)
+    cat = next(n for n in graph.nodes if len(n.inputs) == 2)
+    g = torch.Generator().manual_seed(0)
+    domains = (torch.rand(5, 2, 4, 4, generator=g, dtype=torch.float64),) * 2
+    one = torch.rand(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    lo, hi = cat.op.interval(domains, (one, one + 1))
+    want = torch.cat([domains[0], one.expand(5, 1, 4, 4)], 1)
+    assert torch.equal(lo, want) and torch.equal(hi, torch.cat([domains[0], one.expand(5, 1, 4, 4) + 1], 1))

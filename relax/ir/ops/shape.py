@@ -83,8 +83,8 @@ class Select(Op):
         return Select(self.index, self.from_input, self.const.to(dtype), self.in_shapes, self.out_shape)
 
     def _gather(self, xs: tuple[Tensor, ...]) -> Tensor:
-        B = xs[0].shape[0]
-        flat = torch.cat([x.reshape(B, -1) for x in xs], 1) if len(xs) > 1 else xs[0].reshape(B, -1)
+        B = max(x.shape[0] for x in xs)  # an input of batch 1 (the input set's box beside a batch of domains) serves every element
+        flat = torch.cat([x.expand(B, *x.shape[1:]).reshape(B, -1) for x in xs], 1) if len(xs) > 1 else xs[0].reshape(B, -1)
         dev = flat.device
         out = flat[:, self.index.clamp(min=0).to(dev)]
         if self.const_pos.numel():
