@@ -81,8 +81,8 @@ def test_no_false_answer_through_channel_selections_moves_and_cuts(monkeypatch):
 
     fz = _fuzz()
     cut = []
-    real = crown_mod._through_cut
-    monkeypatch.setattr(crown_mod, "_through_cut", lambda g, node, *a: (r := real(g, node, *a)) is not None and cut.append(node) or r)
+    real = crown_mod._RowPass._through_cut
+    monkeypatch.setattr(crown_mod._RowPass, "_through_cut", lambda rp, *a: (r := real(rp, *a)) is not None and cut.append(rp.node) or r)
     res = fz.run(1, seed=12, methods=["crown", "bab"], scales=(1e3,), families=("channels",), slow_every=1, timeout=5.0)
     false = res.pop("_details")
     assert not false, f"false answers: {false[:5]}"

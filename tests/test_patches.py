@@ -112,9 +112,9 @@ def test_channel_selections_and_reshapes_keep_the_dense_bounds(dtype, monkeypatc
     real = crown_mod._moved_source
     monkeypatch.setattr(crown_mod, "_moved_source", lambda g, node: (r := real(g, node))[0] != node and moved.append(node) or r)
     paired, cut = [], []
-    real_rows, real_cut = crown_mod.patch_input_rows, crown_mod._through_cut
+    real_rows, real_cut = crown_mod.patch_input_rows, crown_mod._RowPass._through_cut
     monkeypatch.setattr(crown_mod, "patch_input_rows", lambda *a: paired.append(1) or real_rows(*a))
-    monkeypatch.setattr(crown_mod, "_through_cut", lambda g, node, *a: (r := real_cut(g, node, *a)) is not None and cut.append(node) or r)
+    monkeypatch.setattr(crown_mod._RowPass, "_through_cut", lambda rp, *a: (r := real_cut(rp, *a)) is not None and cut.append(rp.node) or r)
     got, ref, used = _both(graph, Box(lo.to(dtype), hi.to(dtype)), C, monkeypatch)
     assert sum(used) >= 3  # the convolutions' pre-activation nodes through the selections by patches
     assert set(moved) == {"unsqueeze", "permute"} and paired  # ReLU and softmax inputs: rows from the convolutions

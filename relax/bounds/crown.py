@@ -461,7 +461,7 @@ class _RowPass:
         """Lower bounds ``[2, c]`` of rows ``t0:t1`` (entries ``sub`` of batch elements ``bsel``)."""
         g, w, rounded = self.graph, self.weights, self.weights is not None
         if self.cut is not None:
-            low = _through_cut(g, self.node, self.cut, self.cut_plans, sub, bsel, self.relax, w, self.input_set, self.shared)
+            low = self._through_cut(self.cut, sub, bsel)
             if low is not None:
                 return low
             self.cut = None  # the rows' coefficients there are not local: dense rows for the rest of the node
@@ -474,15 +474,41 @@ class _RowPass:
             form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
             iset = self.input_set if self.input_set.batch_size == 1 else self.input_set.select(bsel)
         else:
-            rel = {a: (self.relax[a] if self.shared else _select_relax(self.relax[a], bsel)) for a in self.acts}
-            wsel = w if self.shared or w is None else {k: (None if v is None else v[bsel]) for k, v in w.items()}
+            form = self._dense_form(sub, bsel, _chunk_alphas(self.alpha_fn, self.node, self.acts, slice(t0, t1)))
             iset = self.input_set if self.shared else self.input_set.select(bsel)
-            form = backward_form(g, self.node, Rows(torch.stack([sub, sub]), sign), rel,
-                                 _chunk_alphas(self.alpha_fn, self.node, self.acts, slice(t0, t1)), wsel)
         low = concretize_rows(*form, iset, False, rounded)
         if self.pairs is not None:
             self.pairs.add(*form, iset, rounded)
         return low
+
+    def _dense_form(self, sub: Tensor, bsel: Tensor, alphas: dict[str, Tensor] | None, until: str | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:func:`backward_form` of the rows ``+-e_sub`` (batch elements ``bsel``), down to the
+        input or to the node ``until``."""
+        rel = {a: (self.relax[a] if self.shared else _select_relax(self.relax[a], bsel)) for a in self.acts}
+        w = self.weights
+        wsel = w if self.shared or w is None else {k: (None if v is None else v[bsel]) for k, v in w.items()}
+        sign = torch.tensor([1.0, -1.0], device=sub.device)
+        return backward_form(self.graph, self.node, Rows(torch.stack([sub, sub]), sign), rel, alphas, wsel, until=until)
+
+    def _through_cut(self, cut: str, sub: Tensor, bsel: Tensor) -> Tensor | None:
+        """Lower bounds ``[2, c]`` of the rows ``+-e_sub``: the dense pass down to ``cut``
+        (:func:`_patch_cut`), then the patch pass from there; None when the rows' coefficients at
+        ``cut`` do not fit a small window (the caller goes dense)."""
+        c, g = sub.shape[0], self.graph
+        A, bias, err = self._dense_form(sub, bsel, None, until=cut)
+        got = dense_to_patches(A.reshape(2 * c, *g.shape(cut)), chw_shape(g.shape(cut)))
+        if got is None:
+            return None
+        A0, pos, window = got
+        if window not in self.cut_plans:
+            self.cut_plans[window] = patch_plan(g, cut, self.input_set, window)
+        plan = self.cut_plans[window]
+        if plan is None:
+            return None
+        err0 = None if err is None else err.expand(2, c).reshape(-1)
+        return patch_rows_lower_bounds(g, plan, A0, pos, bsel.repeat(2), self.relax, self.weights, self.input_set,
+                                       bias.reshape(-1), err0).view(2, c)
 
 
 def _patch_cut(graph: BoundGraph, node: str, input_set: InputSet) -> str | None:
@@ -502,35 +528,18 @@ def _patch_cut(graph: BoundGraph, node: str, input_set: InputSet) -> str | None:
     return None
 
 
-def _through_cut(graph: BoundGraph, node: str, cut: str, plans: dict[tuple[int, int], PatchPlan | None], sub: Tensor, bsel: Tensor,
-                 relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet, shared: bool) -> Tensor | None:
-    """Lower bounds ``[2, c]`` of the rows ``+-e_sub`` of ``node`` (batch elements ``bsel``): the
-    dense pass down to ``cut`` (:func:`_patch_cut`), then the patch pass from there; None when
-    the rows' coefficients at ``cut`` do not fit a small window (the caller goes dense)."""
-    c = sub.shape[0]
-    acts = _acts_before(graph, node)
-    rel = {a: (relax[a] if shared else _select_relax(relax[a], bsel)) for a in acts}
-    w = weights if shared or weights is None else {k: (None if v is None else v[bsel]) for k, v in weights.items()}
-    sign = torch.tensor([1.0, -1.0], device=sub.device)
-    A, bias, err = backward_form(graph, node, Rows(torch.stack([sub, sub]), sign), rel, None, w, until=cut)
-    got = dense_to_patches(A.reshape(2 * c, *graph.shape(cut)), chw_shape(graph.shape(cut)))
-    if got is None:
-        return None
-    A0, pos, window = got
-    if window not in plans:
-        plans[window] = patch_plan(graph, cut, input_set, window)
-    plan = plans[window]
-    if plan is None:
-        return None
-    err0 = None if err is None else err.expand(2, c).reshape(-1)
-    return patch_rows_lower_bounds(graph, plan, A0, pos, bsel.repeat(2), relax, weights, input_set, bias.reshape(-1), err0).view(2, c)
-
-
 def _moved_source(graph: BoundGraph, node: str) -> tuple[str, Tensor]:
     """The node whose entries ``node``'s are, through ops that only move the entries of their one
     input (transposes, reshapes, slices or gathers without repeats), and where each of ``node``'s
     entries is in it (flat ``[n]``, read off the ops' forward passes on the entries' numbers);
     ``(node, arange)`` when ``node`` is not such an op."""
+    cache = graph.__dict__.setdefault("_moved_cache", {})
+    if node not in cache:
+        cache[node] = _trace_moves(graph, node)
+    return cache[node]
+
+
+def _trace_moves(graph: BoundGraph, node: str) -> tuple[str, Tensor]:
     where = torch.arange(math.prod(graph.shape(node)))
     n = graph.by_name[node]
     while not n.op.nonlinear and getattr(n.op, "moves_only", False) and len(n.inputs) == 1 and n.inputs[0] != graph.input_name:
