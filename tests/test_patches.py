@@ -204,3 +204,82 @@ def test_dense_rows_where_patches_reach_but_cost_more(monkeypatch):
     monkeypatch.setattr(patches, "MAX_PATCH_SHARE", 1e-9)  # every plan too large
     crown(graph, box, torch.randn(1, 4, 5, dtype=torch.float64))
     assert all(patches.patch_plan(graph, n, box, max_share=math.inf) is None for n in searched)
+
+
+class _ReluConvNet(nn.Module):
+    """Convolutions, a residual add and ReLUs only: every pre-activation's rows can carry
+    alpha-CROWN's slopes as patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.c2, self.fc = nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.Linear(8 * 5 * 5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c0(x))
+        h = torch.relu(self.c1(h) + h)
+        return self.fc(torch.relu(self.c2(h)).flatten(1))
+
+
+def _slopes_pass(graph, S, C, seed):
+    """One alpha-CROWN pass (intermediate rows and spec rows) with random slopes in [0, 1]: the
+    spec bounds, the boxes and the gradient of their sum with respect to every slope."""
+    from relax.bounds.alpha import _intermediate_rows, _slope_lookup, _start_slopes
+
+    init = crown(graph, S, C)
+    relus = [n.name for n in graph.activations() if n.op.optimisable]
+    plan = _intermediate_rows(graph, S, dict(init.intermediate))
+    alphas = _start_slopes(graph, init, relus, plan, C.shape[1], 2**25)
+    g = torch.Generator().manual_seed(seed)
+    params = [a for per in alphas.values() for a in per.values()]
+    with torch.no_grad():
+        for a in params:
+            a.copy_(torch.rand(a.shape, generator=g, dtype=a.dtype))
+    with torch.enable_grad():
+        res = crown(graph, S, C, alpha_fn=_slope_lookup(alphas), rows=plan)
+        total = res.spec_lower().sum() + sum((h - l).sum() for l, h in res.intermediate.values())
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+    res.intermediate = {p: (l.detach(), h.detach()) for p, (l, h) in res.intermediate.items()}
+    return res, [torch.zeros_like(a) if d is None else d for a, d in zip(params, grads)]
+
+
+@pytest.mark.parametrize("net", ["relu", "sigmoid"])
+def test_alpha_crown_rows_as_patches_keep_the_dense_bounds(net, monkeypatch):
+    """alpha-CROWN's intermediate rows carry per-row slopes; with patches each row's slopes are
+    gathered into its window. For the same slopes a pass gives the dense pass's bounds and the
+    same gradients (float64); the sigmoid net's later rows (slopes the patch step cannot gather)
+    stay dense. alpha-CROWN itself then keeps every sample inside its boxes."""
+    from relax.bounds.alpha import alpha_crown
+
+    torch.manual_seed(11)
+    gm = torch.fx.symbolic_trace(_ReluConvNet()) if net == "relu" else _net(4)
+    shape = (3, 10, 10) if net == "relu" else (3, 16, 16)
+    graph, exact = build_graph(gm, shape, torch.float64), build_graph(gm, shape, torch.float64)
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(2, *shape, generator=g, dtype=torch.float64)
+    lo, hi = x - 0.04, x + 0.04
+    C = torch.randn(2, 3, 4 if net == "relu" else 5, generator=g, dtype=torch.float64)
+    with_alpha = []
+    real = patches._step
+    monkeypatch.setattr(patches, "_step", lambda *a: (with_alpha.append(a[-1] is not None), real(*a))[1])
+    monkeypatch.setattr(patches, "MAX_PATCH_SHARE", math.inf)
+    got, got_grads = _slopes_pass(graph, Box(lo, hi), C, 13)
+    assert any(with_alpha)  # rows with their own slopes went through the patch pass
+    fitted = alpha_crown(graph, Box(lo, hi), C, iterations=6)
+    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a, **k: None)
+    ref, ref_grads = _slopes_pass(graph, Box(lo, hi), C, 13)
+    assert torch.allclose(got.spec_lower(), ref.spec_lower(), rtol=0, atol=1e-12)
+    for p, (l0, h0) in ref.intermediate.items():
+        l1, h1 = got.intermediate[p]
+        tol = 1e-12 * (1 + float((h0 - l0).abs().max()))
+        assert (l1 - l0).abs().max() <= tol and (h1 - h0).abs().max() <= tol, p
+    assert any(float(d.abs().max()) > 0 for d in ref_grads)
+    for d1, d0 in zip(got_grads, ref_grads):
+        assert float((d1 - d0).abs().max()) <= 1e-10 * (1 + float(d0.abs().max()))  # summation order only
+    u = torch.rand(5_000, 1, *shape, generator=g, dtype=torch.float64)
+    vals = _node_values(exact, (lo + (hi - lo) * u).reshape(-1, *shape))
+    for p, (l, h) in fitted.intermediate.items():
+        v = vals[p].reshape(5_000, 2, *vals[p].shape[1:])
+        assert (v >= l).all() and (v <= h).all(), p
+    spec = torch.einsum("sbk,bnk->sbn", vals[graph.output].reshape(5_000, 2, -1), C)
+    assert (spec >= fitted.lower - 1e-12).all()

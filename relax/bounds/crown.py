@@ -60,7 +60,8 @@ from relax.ir.ops import Relaxation, ReLU
 from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.forward import forward_boxes
-from relax.bounds.patches import PatchPlan, chw_shape, dense_to_patches, patch_input_rows, patch_lower_bounds, patch_plan, patch_rows_lower_bounds
+from relax.bounds.patches import (PatchPlan, chw_shape, dense_to_patches, patch_input_rows, patch_lower_bounds, patch_plan,
+                                  patch_rows_lower_bounds, slopes_gatherable)
 from relax.bounds.pairwise import PairwiseRows
 from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
 
@@ -451,7 +452,8 @@ class _RowPass:
         acts = _acts_before(graph, node)
         shared = B == 1 and all(graph.by_name[a].op.elementwise for a in acts)
         start, where = _moved_source(graph, node)
-        plan = patch_plan(graph, start, input_set) if alpha_fn is None else None
+        # with alpha-CROWN's slopes: patches where each row's slopes can be gathered into its window
+        plan = patch_plan(graph, start, input_set) if alpha_fn is None or slopes_gatherable(graph, acts) else None
         # a cut only for nodes the patch rules do not reach; where they do but dense rows are cheaper, dense rows
         reachable = plan is not None or patch_plan(graph, start, input_set, max_share=math.inf) is not None
         cut = _patch_cut(graph, node, input_set) if not reachable and alpha_fn is None and pairs is None else None
@@ -466,15 +468,19 @@ class _RowPass:
                 return low
             self.cut = None  # the rows' coefficients there are not local: dense rows for the rest of the node
         sign = torch.tensor([1.0, -1.0], device=sub.device)
+        alphas = _chunk_alphas(self.alpha_fn, self.node, self.acts, slice(t0, t1))
+        if self.plan is not None:  # the rows +e then -e, each with its own slopes
+            alphas = None if not alphas else {a: v.reshape(2 * (t1 - t0), *v.shape[2:]) for a, v in alphas.items()}
         if self.plan is not None and self.pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
             return patch_lower_bounds(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
-                                      self.relax, w, self.input_set).view(2, -1)
+                                      self.relax, w, self.input_set, alphas).view(2, -1)
         if self.plan is not None:  # the same rows as dense linear bounds on the input, for the pairs
-            A, b, e = patch_input_rows(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0), self.relax, w)
+            A, b, e = patch_input_rows(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
+                                       self.relax, w, alphas)
             form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
             iset = self.input_set if self.input_set.batch_size == 1 else self.input_set.select(bsel)
         else:
-            form = self._dense_form(sub, bsel, _chunk_alphas(self.alpha_fn, self.node, self.acts, slice(t0, t1)))
+            form = self._dense_form(sub, bsel, alphas)
             iset = self.input_set if self.shared else self.input_set.select(bsel)
         low = concretize_rows(*form, iset, False, rounded)
         if self.pairs is not None:

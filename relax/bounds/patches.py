@@ -22,7 +22,9 @@ additions of same-shaped nodes, elementwise activations, reshapes that only add 
 1s, and selections of whole channels (slices, gathers and concatenations along the channel axis:
 the coefficients go back to their channels, the window stays), on ``[C, H, W]`` nodes (or
 ``[1, ..., 1, C, H, W]``) from a ``[C, H, W]`` input box (boxes and l_inf balls). Anything
-else: :func:`patch_plan` is None and :func:`crown` keeps its dense rows.
+else: :func:`patch_plan` is None and :func:`crown` keeps its dense rows. alpha-CROWN's per-row
+slopes (``[R, *shape]``) are gathered into each row's window where an activation's slope only
+replaces its lower line (:func:`slopes_gatherable`: ReLU).
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ from torch import Tensor
 from relax.bounds.roundoff import SAFETY, gamma, max_abs
 from relax.ir.graph import BoundGraph
 from relax.ir.ops import Relaxation
+from relax.ir.ops.base import Activation
 from verify.spec import InputSet, LpBall
 
-__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape"]
+__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape",
+           "slopes_gatherable"]
 
 #: patches are used when their numbers, summed over the nodes of the pass, are below this share
 #: of the dense rows': each step also gathers the relaxation lines (and round-off weights) into
@@ -205,16 +209,30 @@ def _aligned(A: Tensor, g: Geometry, to: Geometry) -> Tensor:
     return F.pad(A, (q2 - p2, m2 - k2 - (q2 - p2), q1 - p1, m1 - k1 - (q1 - p1)))
 
 
+def slopes_gatherable(graph: BoundGraph, acts: list[str]) -> bool:
+    """Whether alpha-CROWN's per-row slopes of the activations ``acts`` can be gathered into
+    patches: each optimisable one replaces its lower slope only (:meth:`Activation.alpha_slope`,
+    e.g. ReLU), so its lines stay the relaxation's, gathered by position (ops that rebuild their
+    lines from the slopes, sigmoid and tanh, keep dense rows)."""
+    return all(not graph.by_name[a].op.optimisable or type(graph.by_name[a].op).alpha_slope is not Activation.alpha_slope
+               for a in acts)
+
+
 def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[[Tensor], Tensor],
-          channels: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
+          channels: Tensor | None, alpha: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
     """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto each of its inputs and the bias
     ``[R]`` the step adds; ``at(t)`` gathers a per-position tensor ``[B, *shape]`` of this node
-    into the rows' windows; ``channels``: a channel selection's map (:func:`_channel_map`)."""
+    into the rows' windows; ``channels``: a channel selection's map (:func:`_channel_map`);
+    ``alpha``: alpha-CROWN's lower slopes of each row, already in its window ``[R, C, kh, kw]``
+    (:func:`slopes_gatherable` ops only)."""
     n = graph.by_name[name]
     op, shape = n.op, n.shape
     if op.nonlinear:
         r = relax[name]
         lw, lb, uw, ub = (at(_full(v.to(A.dtype), shape)) for v in (r.lw, r.lb, r.uw, r.ub))
+        if alpha is not None:  # the op's own rule (ReLU: the slope where the neuron is unstable), per window entry
+            extra = at(_full(r.extra.to(A.dtype), shape)) > 0.5 if r.extra.dtype == torch.bool else at(_full(r.extra.to(A.dtype), shape))
+            lw = op.alpha_slope(alpha, Relaxation(lw, lb, uw, ub, extra=extra))
         pos = A > 0
         zero = torch.zeros((), dtype=A.dtype, device=A.device)
         b = torch.where(pos, lb, torch.where(A < 0, ub, zero))
@@ -246,21 +264,25 @@ def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
-                       relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet) -> Tensor:
+                       relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet,
+                       alphas: dict[str, Tensor] | None = None) -> Tensor:
     """Lower bounds ``[R]`` of ``sign_r * z[bidx_r, idx_r]`` (``z``: the plan's start node, ``idx``
     flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
     :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
-    and, with ``weights``, its round-off allowance (then a bound of the exact network)."""
-    return patch_rows_lower_bounds(graph, plan, *_unit_rows(graph, plan, idx, sign), bidx, relax, weights, input_set)
+    and, with ``weights``, its round-off allowance (then a bound of the exact network);
+    ``alphas``: alpha-CROWN's lower slopes of each row, ``{activation: [R, *shape]}``
+    (:func:`slopes_gatherable` ops)."""
+    A0, pos = _unit_rows(graph, plan, idx, sign)
+    return patch_rows_lower_bounds(graph, plan, A0, pos, bidx, relax, weights, input_set, alphas=alphas)
 
 
 def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
                             weights: dict[str, Tensor | None] | None, input_set: InputSet,
-                            bias0: Tensor | None = None, err0: Tensor | None = None) -> Tensor:
+                            bias0: Tensor | None = None, err0: Tensor | None = None, alphas: dict[str, Tensor] | None = None) -> Tensor:
     """:func:`patch_lower_bounds` of rows given as patches ``A0 [R, C, kh, kw]`` of the plan's
     start node (the plan's window; ``pos [R]``: each window's corner, flat), plus a bias and a
     round-off ``[R]`` carried from the part of the pass before the start node."""
-    A, bias, err, at_in = _input_patches(graph, plan, A0, pos, bidx, relax, weights)
+    A, bias, err, at_in = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas)
     bias = bias if bias0 is None else bias + bias0
     err = err if err is None or err0 is None else err + err0
     lo, hi = (t.to(A.dtype) for t in input_set.bounds())
@@ -272,12 +294,13 @@ def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos:
 
 
 def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
-                     relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None) -> tuple[Tensor, Tensor, Tensor | None]:
+                     relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
+                     alphas: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The rows of :func:`patch_lower_bounds` before their concretisation, as dense linear bounds on
     the input: ``A [R, *input_shape]``, ``bias [R]`` and the steps' round-off ``err [R]`` (None
     without ``weights``), the terms of :func:`relax.bounds.crown.backward_form`'s rows."""
     A0, pos = _unit_rows(graph, plan, idx, sign)
-    A, bias, err, _ = _input_patches(graph, plan, A0, pos, bidx, relax, weights)
+    A, bias, err, _ = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas)
     C0, H0, W0 = chw_shape(graph.shape(plan.start))
     dense = _scatter(A, plan.geometry[graph.input_name], (H0, W0), pos, chw_shape(graph.input_shape))
     return dense.reshape(A.shape[0], *graph.input_shape), bias, err
@@ -313,13 +336,16 @@ def dense_to_patches(A: Tensor, chw: tuple[int, ...], max_share: float = MAX_PAT
 
 
 def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
-                   weights: dict[str, Tensor | None] | None) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
+                   weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
     """The backward pass of :func:`patch_lower_bounds` from the start patches ``A0 [R, C, kh, kw]``
     (corners ``pos [R]``) down to the input: the input patches (zero on the padding), the bias
     ``[R]``, the steps' round-off ``[R]`` (None without ``weights``) and the gather of
-    input-shaped tensors into the rows' windows."""
+    input-shaped tensors into the rows' windows. ``alphas``: per-row slopes ``{activation:
+    [R, *shape]}``, gathered into the windows row by row."""
     C0, H0, W0 = chw_shape(graph.shape(plan.start))
     dt, dev, R = graph.dtype, A0.device, A0.shape[0]
+    own_rows = torch.arange(R, device=dev)
     As = {plan.start: A0}
     bias = torch.zeros(R, dtype=dt, device=dev)
     err = torch.zeros(R, dtype=dt, device=dev)
@@ -330,7 +356,9 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, 
         w = None if weights is None else weights.get(name)
         if w is not None:
             err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
-        A_ins, b = _step(graph, name, A, relax, at, plan.channels.get(name))
+        alpha = None if alphas is None or name not in alphas else \
+            _window_gather(g, chw_shape(shape), (H0, W0), own_rows, pos)(alphas[name].to(dt))
+        A_ins, b = _step(graph, name, A, relax, at, plan.channels.get(name), alpha)
         if b is not None:
             bias = bias + b
         own = _through(node.op, g)
