@@ -441,6 +441,40 @@ def test_a_search_stopped_in_its_first_pass_reports_the_roots_bound(monkeypatch)
     assert math.isfinite(res.lower) and abs(res.lower - low) < 1e-6 * (1 + abs(low)), (res.lower, low)
 
 
+def test_root_alpha_crown_keeps_the_first_passs_boxes_when_passes_are_too_slow(monkeypatch):
+    """When fewer than ``ROOT_PASSES_MIN`` passes of the pipeline's first CROWN pass fit the root
+    alpha-CROWN's share, it keeps that pass's boxes (no intermediate row is bounded again: a
+    large network's second pass would take the budget) and optimises the spec rows only, a
+    bound that still holds for every sample; with a fast first pass the boxes are optimised."""
+    import relax.bounds.crown as crown_mod
+    import relax.methods.bab as bab_mod
+    from relax.bab import RowSpec
+    from relax.bounds import prepare
+
+    net = _mlp([6, 20, 20, 3], seed=2).double()
+    x0 = torch.full((1, 6), 0.5, dtype=torch.float64)
+    graph, xs = prepare(net, LpBall(x0, 0.4, math.inf, 0.0, 1.0), torch.float64)
+    rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                 torch.tensor([0, 1])).with_averages()
+    C, d = rs.batch(1)
+    first = crown_mod.crown(graph, xs, C)
+    calls = []
+    real = crown_mod.bound_node
+    monkeypatch.setattr(crown_mod, "bound_node", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    opts = bab_mod.BabOptions(split="relu")
+    slow = bab_mod._root_alpha_crown(graph, xs, rs, opts, 30.0, bab_mod.FirstPass(first.intermediate, 30.0))
+    assert not calls  # the first pass's boxes, as they were
+    assert all(torch.equal(slow.intermediate[p][0], lo) and torch.equal(slow.intermediate[p][1], hi)
+               for p, (lo, hi) in first.intermediate.items())
+    assert (slow.lower >= first.spec_lower() - 1e-12).all()  # the spec rows' slopes start from CROWN's
+    fast = bab_mod._root_alpha_crown(graph, xs, rs, opts, 30.0, bab_mod.FirstPass(first.intermediate, 1e-3))
+    assert calls  # the intermediate rows optimised
+    g = torch.Generator().manual_seed(0)
+    x = (x0 + 0.4 * (2 * torch.rand(20_000, 6, generator=g, dtype=torch.float64) - 1)).clamp(0, 1)
+    rows = net(x) @ C[0].t() + d[0]
+    assert (rows >= slow.lower[0]).all() and (rows >= fast.lower[0]).all()
+
+
 def test_bab_first_crown_pass_may_take_most_of_the_budget(monkeypatch):
     """``bab``'s first CROWN pass tightens boxes until ``FIRST_PASS_SHARE`` (0.7) of the budget: a
     network whose pass takes half of it (here: 3 s of 6, slowed) is proved by that pass (stage

@@ -58,6 +58,11 @@ MILP_DENSE_LIMIT = 2**26
 #: the share of the time left that alpha-CROWN may take at the root of a ReLU-split search (and
 #: again after a MILP refinement of the root's boxes): the search gets the rest
 ROOT_ALPHA_SHARE = 0.3
+#: the root's alpha-CROWN optimises the intermediate boxes' slopes only if that many CROWN passes
+#: (the first pass's time each: its own first pass, then steps of at least a pass) fit its share;
+#: else it keeps the first pass's boxes and optimises the spec rows' slopes (TinyYOLO: one pass
+#: 170 s of a 300 s budget, which a second pass would repeat)
+ROOT_PASSES_MIN = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -236,14 +241,17 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
 
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
+    t_pass = time.perf_counter()
     with torch.no_grad():  # a large network's pass stops tightening at FIRST_PASS_SHARE of the budget
-        low = float(rs.margin(crown(graph, x64, C, deadline=Deadline(left() * FIRST_PASS_SHARE), forward=True).spec_lower() + d)[0])
+        first = crown(graph, x64, C, deadline=Deadline(left() * FIRST_PASS_SHARE), forward=True)
+    first_pass = FirstPass(first.intermediate, time.perf_counter() - t_pass)
+    low = float(rs.margin(first.spec_lower() + d)[0])
     if low > opts.margin:
         return done(BabResult("certified", None, low, 1, reason="proved"), "crown")
     res = attack("pgd")
     if res is not None:
         return done(res, "attack")
-    res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check)
+    res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check, first_pass)
     return done(res, res.details.get("stage", "graph-bab"))
 
 
@@ -259,8 +267,17 @@ class _GraphModule(torch.nn.Module):
         return self.graph.forward(x.to(self.graph.dtype)).reshape(x.shape[0], -1)
 
 
+@dataclass(frozen=True)
+class FirstPass:
+    """The pipeline's first CROWN pass: its pre-activation boxes (``{node: (lo, hi)}``, ``[1,
+    *shape]``) and its seconds."""
+
+    boxes: dict[str, tuple[Tensor, Tensor]]
+    seconds: float
+
+
 def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opts: BabOptions, time_left: float,
-               check_point=None) -> BabResult:
+               check_point=None, first_pass: FirstPass | None = None) -> BabResult:
     """Branch-and-bound on the bound graph: input splitting (:mod:`relax.bab.input_split`) for boxes
     of at most ``input_split_max_dim`` coordinates; else alpha-CROWN at the root, then ReLU-sign
     and interval splitting with beta-CROWN bounds (:mod:`relax.bab.activation_split`), for deep ReLU nets
@@ -274,7 +291,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
     if box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
         return _input_split_bab(graph, x_set, rs, opts, t0 + time_left, check_point)
-    root = _root_alpha_crown(graph, x_set, rs, opts, time_left)
+    root = _root_alpha_crown(graph, x_set, rs, opts, time_left, first_pass)
     root_rows = (root.lower + rs.batch(1)[1])[0]  # [N] lower bounds of the rows on the whole set
     low = float(rs.margin(root_rows))
     if low > opts.margin:
@@ -335,20 +352,24 @@ def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, dead
     return res
 
 
-def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, time_left: float):
+def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, time_left: float, first_pass: FirstPass | None = None):
     """The root's alpha-CROWN. With ReLUs to split: 20 steps in at most 30 % of the budget (the
     search does the rest). Without (sigmoid / tanh nets: only interval splits, which gain little
     on wide layers), the root's optimised intermediate bounds are the main lever: up to 200 steps
-    in at most 70 % of the budget, until the bound stops improving."""
+    in at most 70 % of the budget, until the bound stops improving. When fewer than
+    :data:`ROOT_PASSES_MIN` passes of the pipeline's ``first_pass`` fit that share, the first
+    pass's boxes are kept and only the spec rows' slopes optimised."""
     from relax.bab.activation_split import relu_inputs
     from relax.bounds.alpha import alpha_crown
 
     C, d = rs.batch(1)
     splits_relus = bool(relu_inputs(graph))
+    share = (ROOT_ALPHA_SHARE if splits_relus else 0.7) * time_left
+    fixed = first_pass is not None and ROOT_PASSES_MIN * first_pass.seconds > share
     return alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20 if splits_relus else 200, early_stop=True,
-                       stop_fn=lambda low: rs.margin(low + d) > opts.margin,
-                       deadline=Deadline((ROOT_ALPHA_SHARE if splits_relus else 0.7) * time_left),
-                       stall=None if splits_relus else (10, 0.01), forward=True)
+                       stop_fn=lambda low: rs.margin(low + d) > opts.margin, deadline=Deadline(share),
+                       stall=None if splits_relus else (10, 0.01), forward=True,
+                       intermediate=first_pass.boxes if fixed and first_pass is not None else None)
 
 
 def _branch_then_milp(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas) -> BabResult:
