@@ -28,6 +28,7 @@ from torch import Tensor
 
 from relax.bab import BabResult, RowSpec
 from verify.attack import pgd_attack
+from verify.deadline import DeadlineExpired
 from verify.spec import Box, LinearSpec
 
 #: intermediate boxes of a batch of boxes: per pre-activation node (graph order), ``(lo, hi)``
@@ -67,6 +68,11 @@ class GraphBoxes(torch.nn.Module):
 
         return None if math.isinf(self.deadline) else Deadline.until(self.deadline)
 
+    def _stop_at(self) -> float | None:
+        """The hard deadline of the passes' spec rows (:class:`verify.deadline.DeadlineExpired`
+        past it: :func:`input_bab` then answers with the bounds it has)."""
+        return None if math.isinf(self.deadline) else self.deadline
+
     def forward(self, x: Tensor) -> Tensor:
         """``[B, n_0] -> [B, K]`` (``x`` converted to the graph's dtype)."""
         return self.graph.forward(x.to(self.dtype).reshape(x.shape[0], *self.graph.input_shape)).reshape(x.shape[0], -1)
@@ -90,7 +96,7 @@ class GraphBoxes(torch.nn.Module):
         C, d = spec.batch(B)
         rec: dict[str, Tensor | None] = {g.input_name: None}
         res = crown(g, self._set(lo, hi), C.to(g.dtype), bound_overrides=self._boxes(prior), out_record=rec, deadline=self._deadline(),
-                    forward=True)
+                    forward=True, stop_at=self._stop_at())
         A_rec = rec[g.input_name]
         assert A_rec is not None  # every pass records the input's coefficients
         A = A_rec.reshape(C.shape[1], B, -1).transpose(0, 1)
@@ -103,7 +109,7 @@ class GraphBoxes(torch.nn.Module):
         from relax.bounds.alpha import alpha_crown
 
         res = alpha_crown(self.graph, self._set(lo, hi), C.to(self.dtype), iterations=steps, lr=lr, intermediate=self._boxes(pre),
-                          deadline=self._deadline())
+                          deadline=self._deadline(), stop_at=self._stop_at())
         return res.lower.detach() + d.to(self.dtype)
 
 
@@ -300,8 +306,11 @@ class _InputSearch:
         """Bound and attack the whole box: the result when that decides, else the box as the queue."""
         net, spec = self.net, self.spec
         t = time.perf_counter()
-        with torch.no_grad():
-            lower, A, pre = net.bound(spec, lo, hi, None)
+        try:
+            with torch.no_grad():
+                lower, A, pre = net.bound(spec, lo, hi, None)
+        except DeadlineExpired:  # the root's pass still running at the deadline: no bound
+            return self.finish("unknown", "timeout", -math.inf)
         self.root_pass_s = time.perf_counter() - t
         self.n_bounded += 1
         m = spec.margin(lower)
@@ -309,7 +318,7 @@ class _InputSearch:
             return self.finish("certified", "proved", float(m[0]))
         if time.perf_counter() >= deadline:  # a large network's root pass used the whole budget
             return self.finish("unknown", "timeout", float(m[0]))
-        cex = self.pgd(lo, hi, steps=50, restarts=5)
+        cex = self.pgd(lo, hi, steps=50, restarts=5, deadline=deadline)
         if cex is not None:
             return self.finish("falsified", "counterexample", -math.inf, cex)
         return _BoxBatch(lo, hi, lower, A, pre)
@@ -335,16 +344,17 @@ class _InputSearch:
             return self.pgd(kids.lo[worst], kids.hi[worst], steps=20, restarts=1)
         return None
 
-    def pgd(self, lo: Tensor, hi: Tensor, steps: int, restarts: int) -> Tensor | None:
+    def pgd(self, lo: Tensor, hi: Tensor, steps: int, restarts: int, deadline: float = math.inf) -> Tensor | None:
         """PGD (:func:`verify.attack.pgd_attack`) in the boxes ``lo, hi [b, n_0]``, each box its
         own set: per box a lane from its centre and ``restarts`` from random points (seeded from
         the search's generator, so every call starts elsewhere), ``steps`` signed-gradient steps
         starting at half the box's half-width (then the cosine schedule). The first of the
-        boxes' confirmed points that ``check`` also accepts (:meth:`try_points`), or None."""
+        boxes' confirmed points that ``check`` also accepts (:meth:`try_points`), or None.
+        No step after the ``perf_counter`` value ``deadline``."""
         C, d = self.spec.batch(lo.shape[0])
         seed = int(torch.randint(2**62, (1,), generator=self.gen))
         r = pgd_attack(self.net, Box(lo, hi), LinearSpec(C, d, self.spec.groups), steps=steps, restarts=restarts + 1,
-                       step_size=0.5, seed=seed)
+                       step_size=0.5, seed=seed, timeout=None if math.isinf(deadline) else max(0.0, deadline - time.perf_counter()))
         return self.try_points(r.x_adv, torch.where(r.found, r.margin, math.inf))
 
 
@@ -416,12 +426,15 @@ def input_bab(
         # best-first; near the memory cap the boxes closest to proved first (depth-first)
         order = torch.argsort(spec.margin(queue.low), descending=len(queue) + k > FULL_QUEUE * max_domains)
         parents, queue = queue.pick(order[:k]), queue.pick(order[k:])
-        with torch.no_grad():
-            kids = _children(net, spec, parents, branching, root_w, max_aspect)
-        s.n_bounded += len(kids)
-        cm = spec.margin(kids.low)
-        if alpha_steps > 0:
-            kids.low, cm = _alpha_nearest(net, spec, kids.lo, kids.hi, kids.pre, kids.low, cm, margin, alpha_frac, alpha_steps)
+        try:
+            with torch.no_grad():
+                kids = _children(net, spec, parents, branching, root_w, max_aspect)
+            s.n_bounded += len(kids)
+            cm = spec.margin(kids.low)
+            if alpha_steps > 0:
+                kids.low, cm = _alpha_nearest(net, spec, kids.lo, kids.hi, kids.pre, kids.low, cm, margin, alpha_frac, alpha_steps)
+        except DeadlineExpired:  # a pass still running at the deadline: the parents' bounds stand
+            return s.finish("unknown", "timeout", float(spec.margin(torch.cat([queue.low, parents.low])).min()))
         open_ = ~(cm > margin)
         cex = s.falsify(kids, cm, open_, pgd=bool(pgd_every) and s.rounds % pgd_every == 0)
         if cex is not None:

@@ -77,6 +77,7 @@ def alpha_crown(
     prune: bool = False,
     stall: tuple[int, float] | None = None,
     forward: bool = False,
+    stop_at: float | None = None,
 ) -> AlphaResult:
     """Optimised lower bounds ``[B, N]`` of ``C y`` (``C [B, N, K]``).
 
@@ -101,13 +102,17 @@ def alpha_crown(
             then those of the pruned graph.
         forward: the first CROWN pass within forward linear bounds' boxes (:func:`relax.bounds.crown.crown`'s
             ``forward``: networks of few inputs).
+        stop_at: a hard deadline (``perf_counter`` value) of the first CROWN pass's spec rows:
+            :class:`verify.deadline.DeadlineExpired` when that pass is still running then (the
+            steps after it start only where ``deadline`` affords them).
     """
     fixed_pass: dict | None = None
     if intermediate is not None:
         optimize_intermediate, fixed_pass = False, {}
     with torch.no_grad():
         init = crown(graph, input_set, C, "crown", max_elements=max_elements, bound_overrides=bound_overrides,
-                     intermediate=intermediate, fixed=fixed_pass, prune=prune, deadline=deadline, forward=forward)
+                     intermediate=intermediate, fixed=fixed_pass, prune=prune, deadline=deadline, forward=forward,
+                     stop_at=stop_at)
     if prune:
         graph, init, bound_overrides = _pruned(graph, init, bound_overrides)
     crown_lower = init.spec_lower()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verify.deadline import Deadline
+from verify.deadline import Deadline, DeadlineExpired
 from verify.resources import usable_cores
 from verify.options import Options, option
 from verify.certificate import Certificate
@@ -242,8 +242,12 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
     C, d = rs.batch(1)
     t_pass = time.perf_counter()
-    with torch.no_grad():  # a large network's pass stops tightening at FIRST_PASS_SHARE of the budget
-        first = crown(graph, x64, C, deadline=Deadline(left() * FIRST_PASS_SHARE), forward=True)
+    try:  # a large network's pass stops tightening at FIRST_PASS_SHARE of the budget; its spec rows stop at the deadline
+        with torch.no_grad():
+            first = crown(graph, x64, C, deadline=Deadline(left() * FIRST_PASS_SHARE), forward=True,
+                          stop_at=None if math.isinf(deadline) else deadline)
+    except DeadlineExpired:
+        return done(BabResult("unknown", None, -math.inf, 1, reason="timeout"), "crown")
     first_pass = FirstPass(first.intermediate, time.perf_counter() - t_pass)
     low = float(rs.margin(first.spec_lower() + d)[0])
     if low > opts.margin:
@@ -252,6 +256,8 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     if res is not None:
         return done(res, "attack")
     res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check, first_pass)
+    if res.status == "unknown":  # the first pass's bound holds on the whole set too
+        res.lower = max(res.lower, low)
     return done(res, res.details.get("stage", "graph-bab"))
 
 
@@ -291,7 +297,10 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     box_like = not isinstance(inputs, LpBall) or math.isinf(inputs.p)
     if box_like and (opts.split == "input" or (opts.split == "auto" and n_in <= opts.input_split_max_dim)):
         return _input_split_bab(graph, x_set, rs, opts, t0 + time_left, check_point)
-    root = _root_alpha_crown(graph, x_set, rs, opts, time_left, first_pass)
+    try:
+        root = _root_alpha_crown(graph, x_set, rs, opts, time_left, first_pass, stop_at=t0 + time_left)
+    except DeadlineExpired:  # its first pass still running at the deadline
+        return BabResult("unknown", None, -math.inf, 1, reason="timeout", details={"stage": "graph-alpha-crown"})
     root_rows = (root.lower + rs.batch(1)[1])[0]  # [N] lower bounds of the rows on the whole set
     low = float(rs.margin(root_rows))
     if low > opts.margin:
@@ -352,13 +361,15 @@ def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, dead
     return res
 
 
-def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, time_left: float, first_pass: FirstPass | None = None):
+def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, time_left: float, first_pass: FirstPass | None = None,
+                      stop_at: float | None = None):
     """The root's alpha-CROWN. With ReLUs to split: 20 steps in at most 30 % of the budget (the
     search does the rest). Without (sigmoid / tanh nets: only interval splits, which gain little
     on wide layers), the root's optimised intermediate bounds are the main lever: up to 200 steps
     in at most 70 % of the budget, until the bound stops improving. When fewer than
     :data:`ROOT_PASSES_MIN` passes of the pipeline's ``first_pass`` fit that share, the first
-    pass's boxes are kept and only the spec rows' slopes optimised."""
+    pass's boxes are kept and only the spec rows' slopes optimised. ``stop_at``: the hard
+    deadline of its first pass (:class:`verify.deadline.DeadlineExpired` past it)."""
     from relax.bab.activation_split import relu_inputs
     from relax.bounds.alpha import alpha_crown
 
@@ -369,7 +380,7 @@ def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, tim
     return alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20 if splits_relus else 200, early_stop=True,
                        stop_fn=lambda low: rs.margin(low + d) > opts.margin, deadline=Deadline(share),
                        stall=None if splits_relus else (10, 0.01), forward=True,
-                       intermediate=first_pass.boxes if fixed and first_pass is not None else None)
+                       intermediate=first_pass.boxes if fixed and first_pass is not None else None, stop_at=stop_at)
 
 
 def _branch_then_milp(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas) -> BabResult:
