@@ -432,6 +432,34 @@ def test_conv_backward_by_matrix_equals_transposed_conv(transpose):
     assert torch.allclose(rows, full, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["conv_down", "conv_same", "conv_groups_dilated", "conv1d", "transpose_up", "transpose_down"])
+def test_conv_matrix_built_from_the_smaller_side_is_the_same(case):
+    """``Conv.dense()`` builds the ``[out, in]`` matrix from unit outputs through the adjoint when
+    the output is the smaller side (a patch embedding: 192 adjoint images instead of 3,072
+    convolutions), else from unit inputs: both give exactly the matrix of the other way (each
+    entry is one weight or zero), for plain, grouped / dilated, 1-D and transposed convolutions."""
+    from relax.ir.ops.affine import Conv, ConvTranspose
+
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    ops = {
+        "conv_down": lambda: Conv(rnd(6, 3, 4, 4), None, (4, 4), (0, 0), (1, 1), 1, (3, 16, 16), (6, 4, 4)),
+        "conv_same": lambda: Conv(rnd(4, 4, 3, 3), None, (1, 1), (1, 1), (1, 1), 1, (4, 5, 5), (4, 5, 5)),
+        "conv_groups_dilated": lambda: Conv(rnd(4, 2, 3, 3), None, (2, 2), (2, 2), (2, 2), 2, (4, 9, 9), (4, 5, 5)),
+        "conv1d": lambda: Conv(rnd(2, 3, 5), None, (3,), (1,), (1,), 1, (3, 20), (2, 6)),
+        "transpose_up": lambda: ConvTranspose(rnd(3, 2, 3, 3), None, (2, 2), (1, 1), (1, 1), (1, 1), 1, (3, 4, 4), (2, 8, 8)),
+        "transpose_down": lambda: ConvTranspose(rnd(8, 1, 2, 2), None, (2, 2), (0, 0), (0, 0), (1, 1), 1, (8, 3, 3), (1, 6, 6)),
+    }
+    op = ops[case]()
+    n_in, n_out = math.prod(op.in_shape), math.prod(op.out_shape)
+    assert (n_out < n_in) == (case in ("conv_down", "conv_groups_dilated", "conv1d", "transpose_down"))
+    cols = op.forward(torch.eye(n_in, dtype=torch.float64).view(n_in, *op.in_shape)).reshape(n_in, n_out).t()
+    rows = op._adjoint(torch.eye(n_out, dtype=torch.float64).view(n_out, *op.out_shape)).reshape(n_out, n_in)
+    assert torch.equal(cols, rows) and torch.equal(op.dense(), cols)
+    x = rnd(2, *op.in_shape)
+    assert torch.allclose(op.forward(x).reshape(2, -1), x.reshape(2, -1) @ op.dense().t(), atol=1e-12)
+
+
 def test_conv_backward_uses_the_matrix_only_in_float64_and_when_it_is_cheap():
     from relax.ir.ops.affine import Conv
 

@@ -372,10 +372,13 @@ def bound_node(
     weights: dict[str, Tensor | None] | None = None,
     deadline: Deadline | None = None,
     pairs: PairwiseRows | None = None,
+    stop_at: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
     :func:`rows_needed` picks (or ``rows``). Returns the intersected box. No chunk of rows starts
-    after ``deadline`` (the rows not reached keep their given box). ``pairs``: also collect the
+    after ``deadline`` (the rows not reached keep their given box); a chunk still running at the
+    hard deadline ``stop_at`` (``perf_counter`` value) is abandoned at its next backward step (its
+    rows keep their given box too). ``pairs``: also collect the
     bounds of a linear map of the node's entries from their linear bounds
     (:class:`~relax.bounds.pairwise.PairwiseRows`; used only when every entry has a row).
 
@@ -407,7 +410,10 @@ def bound_node(
             break
         t_chunk = time.perf_counter()
         t1 = min(T, t0 + step)
-        low = rp.lower(t0, t1, idx[t0:t1], bidx[t0:t1])  # [2, c]
+        try:
+            low = rp.lower(t0, t1, idx[t0:t1], bidx[t0:t1], stop_at)  # [2, c]
+        except DeadlineExpired:
+            break
         new_l.append(low[0])
         new_h.append(-low[1])
         step = _next_step(step, max_step, t1 - t0, t_chunk, deadline, pairs)
@@ -459,8 +465,9 @@ class _RowPass:
         cut = _patch_cut(graph, node, input_set) if not reachable and alpha_fn is None and pairs is None else None
         return cls(graph, node, relax, weights, input_set, alpha_fn, pairs, acts, shared, where.to(device), plan, cut, {})
 
-    def lower(self, t0: int, t1: int, sub: Tensor, bsel: Tensor) -> Tensor:
-        """Lower bounds ``[2, c]`` of rows ``t0:t1`` (entries ``sub`` of batch elements ``bsel``)."""
+    def lower(self, t0: int, t1: int, sub: Tensor, bsel: Tensor, stop_at: float | None = None) -> Tensor:
+        """Lower bounds ``[2, c]`` of rows ``t0:t1`` (entries ``sub`` of batch elements ``bsel``);
+        dense rows raise :class:`DeadlineExpired` at a backward step after ``stop_at``."""
         g, w, rounded = self.graph, self.weights, self.weights is not None
         if self.cut is not None:
             low = self._through_cut(self.cut, sub, bsel)
@@ -480,22 +487,23 @@ class _RowPass:
             form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
             iset = self.input_set if self.input_set.batch_size == 1 else self.input_set.select(bsel)
         else:
-            form = self._dense_form(sub, bsel, alphas)
+            form = self._dense_form(sub, bsel, alphas, stop_at=stop_at)
             iset = self.input_set if self.shared else self.input_set.select(bsel)
         low = concretize_rows(*form, iset, False, rounded)
         if self.pairs is not None:
             self.pairs.add(*form, iset, rounded)
         return low
 
-    def _dense_form(self, sub: Tensor, bsel: Tensor, alphas: dict[str, Tensor] | None, until: str | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _dense_form(self, sub: Tensor, bsel: Tensor, alphas: dict[str, Tensor] | None, until: str | None = None,
+                    stop_at: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """:func:`backward_form` of the rows ``+-e_sub`` (batch elements ``bsel``), down to the
         input or to the node ``until``."""
         rel = {a: (self.relax[a] if self.shared else _select_relax(self.relax[a], bsel)) for a in self.acts}
         w = self.weights
         wsel = w if self.shared or w is None else {k: (None if v is None else v[bsel]) for k, v in w.items()}
         sign = torch.tensor([1.0, -1.0], device=sub.device)
-        return backward_form(self.graph, self.node, Rows(torch.stack([sub, sub]), sign), rel, alphas, wsel, until=until)
+        return backward_form(self.graph, self.node, Rows(torch.stack([sub, sub]), sign), rel, alphas, wsel, until=until,
+                             stop_at=stop_at)
 
     def _through_cut(self, cut: str, sub: Tensor, bsel: Tensor) -> Tensor | None:
         """Lower bounds ``[2, c]`` of the rows ``+-e_sub``: the dense pass down to ``cut``
@@ -654,8 +662,10 @@ def crown(
         rigorous: False: the spec rows' bound without its round-off allowance and without the
             interval bound beside it (cheaper; **not a bound of the exact network**: only for
             ranking, as filtered smart branching ranks its candidates).
-        stop_at: a hard deadline of the spec rows' pass (``perf_counter`` value): :class:`DeadlineExpired`
-            at the first node reached after it (for callers that discard late bounds: bab's domains).
+        stop_at: a hard deadline (``perf_counter`` value): an intermediate chunk of rows still
+            running then is abandoned at its next backward step (those rows keep their interval
+            boxes), and the spec rows' pass raises :class:`DeadlineExpired` at the first node
+            reached after it (for callers that discard late bounds: bab's passes).
         forward: the forward linear bounds' boxes (:func:`relax.bounds.forward.forward_boxes`: few inputs,
             wide layers) join the overrides, so CROWN bounds only the neurons they leave unstable.
 
@@ -674,7 +684,7 @@ def crown(
         raise ValueError("crown: prune=True works with plain CROWN passes only")
     bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides) if forward and intermediate is None else bound_overrides
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
-                  alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline)
+                  alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline, stop_at=stop_at)
     for p in graph.preactivations():
         bp.keep(p, *bp.box(p))
         if prune:
@@ -715,8 +725,10 @@ class _BoxPass:
     def __init__(self, graph: BoundGraph, input_set: InputSet, mode: str, *, max_elements: int,
                  overrides: dict[str, tuple[Tensor, Tensor]], intermediate: dict[str, tuple[Tensor, Tensor]] | None,
                  alpha_fn: AlphaFn | None, rows: dict[str, tuple[Tensor, Tensor]] | None,
-                 roundoff_weights: dict[str, Tensor | None] | None, deadline: Deadline | None) -> None:
+                 roundoff_weights: dict[str, Tensor | None] | None, deadline: Deadline | None,
+                 stop_at: float | None = None) -> None:
         self.graph, self.input_set, self.mode = graph, input_set, mode
+        self.stop_at = stop_at
         self.max_elements, self.ov, self.intermediate = max_elements, overrides, intermediate
         self.alpha_fn, self.rows, self.deadline = alpha_fn, rows, deadline
         self.lo_in, self.hi_in = input_set.bounds()
@@ -752,7 +764,7 @@ class _BoxPass:
             pairs, target = self._pairwise_consumer(p, l.shape[0])
             l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
                               rows=None if self.rows is None else self.rows.get(p), alpha_fn=self.alpha_fn, weights=self.weights,
-                              deadline=self.deadline, pairs=pairs)
+                              deadline=self.deadline, pairs=pairs, stop_at=self.stop_at)
             if pairs is not None and pairs.lows:
                 self.pair_boxes[target] = pairs.box(l.dtype, l.device)
         if p in ov:
