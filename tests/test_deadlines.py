@@ -544,3 +544,40 @@ def test_bab_spec_row_passes_stop_at_the_deadline(monkeypatch, split):
         assert res.status == "unknown" and took <= timeout + 0.03 + 0.05, (timeout, took, res.details)  # a step + overhead
     res = bab_mod.run_bab(net, box, spec, opts, timeout=20.0)
     assert res.status == "unknown" and res.lower > 900  # the first pass's bound on the whole set (rows + 1e3)
+
+
+def test_intermediate_rows_stop_at_the_hard_deadline(monkeypatch):
+    """``crown(stop_at=...)`` also abandons an intermediate chunk of rows at its next backward
+    step after the hard deadline (vit_2023: one chunk's first step took 0.5 s past it); the rows
+    not bounded keep their interval boxes, which contain the full pass's and every sample."""
+    import relax.bounds.crown as crown_mod
+    from relax.bounds import prepare
+
+    net = _mlp([6, 30, 30, 30, 30, 30, 3], seed=4).double()
+    x0 = torch.full((1, 6), 0.5, dtype=torch.float64)
+    graph, s = prepare(net, LpBall(x0, 0.3, math.inf, 0.0, 1.0), torch.float64)
+    full = crown_mod.crown(graph, s, None).intermediate
+    real = crown_mod._through
+
+    def slow(*a, **k):
+        time.sleep(0.03)
+        return real(*a, **k)
+
+    monkeypatch.setattr(crown_mod, "_through", slow)
+    t0 = time.perf_counter()
+    cut = crown_mod.crown(graph, s, None, stop_at=t0 + 0.05).intermediate
+    took = time.perf_counter() - t0
+    assert took <= 0.05 + 0.03 + 0.07, took  # one step past the deadline, plus the pass's own work (without the stop: 0.6 s)
+    looser = [p for p in full if not torch.equal(cut[p][0], full[p][0]) or not torch.equal(cut[p][1], full[p][1])]
+    assert looser  # some rows were not bounded
+    x = (x0 + 0.3 * (2 * torch.rand(5000, 6, dtype=torch.float64) - 1)).clamp(0, 1)
+    acts = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, k=k: acts.__setitem__(k, o)) for k, m in enumerate(net) if isinstance(m, torch.nn.Linear)]
+    net(x)
+    for h in hooks:
+        h.remove()
+    for p in full:  # every box of the cut pass contains the full pass's box
+        assert (cut[p][0] <= full[p][0] + 1e-12).all() and (cut[p][1] >= full[p][1] - 1e-12).all()
+    z = [acts[k] for k in sorted(acts)][:len(full)]
+    for (lo, hi), v in zip((cut[p] for p in graph.preactivations()), z):
+        assert (v >= lo.reshape(1, -1) - 1e-12).all() and (v <= hi.reshape(1, -1) + 1e-12).all()
