@@ -491,6 +491,12 @@ FULL_QUEUE = 0.8
 #: children bounded in one pass of filtered smart branching (a round bounds up to 2 x 64)
 FSB_CHILDREN_PER_PASS = 128
 
+#: the domains' boxes are recomputed by CROWN only while a round stays within this share of
+#: the search's time and its boxes take at most half of it; before the first round, two whole
+#: CROWN passes (its two children) must fit the share (vit's IBP-trained net: one pass 15-25 s
+#: of 100, whose first round recomputed boxes for 65 s under load)
+RECOMPUTE_ROUND_SHARE = 0.05
+
 
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
                            choice: tuple[list[str | None], Tensor, Tensor], domains: Tensor, candidates: int,
@@ -916,6 +922,7 @@ def graph_relu_bab(
     check_point=None,
     fast: BoundGraph | None = None,
     candidates: int = 3,
+    box_pass_s: float | None = None,
 ) -> BabResult:
     """ReLU-split BaB from the root boxes ``root`` (``[1, *shape]``) and slopes ``root_alphas``
     (``{relu node: [N, 1, *shape]}``, alpha-CROWN's for the spec rows; optional).
@@ -928,6 +935,8 @@ def graph_relu_bab(
     slopes and multipliers (the new split's multiplier starts at 0). ``fast``: the network in
     float32 for the optimisation steps (:func:`bound_domains`). ``candidates``: ReLUs tried per
     domain by filtered smart branching (:func:`_filtered_smart_branch`; 1: the BaBSR score alone).
+    ``box_pass_s``: seconds of one CROWN pass through the whole network (the pipeline's first),
+    the cost of recomputing one domain's boxes (:data:`RECOMPUTE_ROUND_SHARE`).
     """
     s = _ReluSearch(graph, inputs, rs, root, timeout=timeout, steps=steps, margin=margin, check_point=check_point, fast=fast,
                     candidates=candidates)
@@ -938,7 +947,8 @@ def graph_relu_bab(
     if isinstance(q, BabResult):
         return q
     last_round = s.first_round_s()  # a round starts only if one as long as the last still fits
-    recompute = True  # per-domain CROWN boxes, while they cost less than the rest of a round
+    # per-domain CROWN boxes, while they cost less than the rest of a round
+    recompute = box_pass_s is None or 2 * box_pass_s <= RECOMPUTE_ROUND_SHARE * timeout
     cap = 1  # domains per round: doubled up to batch_size while rounds stay short
     while True:
         if q.n == 0:
@@ -953,7 +963,7 @@ def graph_relu_bab(
         if isinstance(done, BabResult):
             return done
         last_round, boxes_s = done
-        if recompute and (last_round > 0.05 * timeout or boxes_s > 0.5 * last_round):
+        if recompute and (last_round > RECOMPUTE_ROUND_SHARE * timeout or boxes_s > 0.5 * last_round):
             recompute = False  # large networks: more domains with the root's boxes pay better
         elif last_round < 0.02 * timeout:
             cap = min(batch_size, 2 * cap)

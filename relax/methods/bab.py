@@ -311,7 +311,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     deadline = time.perf_counter() + left
     # the groups the root proves hold on every domain: the search bounds only the open ones
     rs, rows, proved_floor = rs.open_part(root_rows, opts.margin)
-    search = _ActivationSearch(model, graph, x_set, rs, opts, check_point)
+    search = _ActivationSearch(model, graph, x_set, rs, opts, check_point, None if first_pass is None else first_pass.seconds)
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
     if root_alphas is not None:  # per-row slopes follow the kept rows; one shared set (memory cap) serves them all
         root_alphas = {r: (a if a.shape[0] == 1 else a[rows.to(a.device)]) for r, a in root_alphas.items()}
@@ -411,10 +411,12 @@ class _ActivationSearch:
     """ReLU-sign and interval splitting from a root (its intermediate boxes and output slopes),
     optionally after MILP refinement of the root's boxes."""
 
-    def __init__(self, model, graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, check_point) -> None:
+    def __init__(self, model, graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, check_point,
+                 box_pass_s: float | None = None) -> None:
         from relax.ir.graph import get_graph
 
         self.model, self.graph, self.x_set, self.rs, self.opts, self.check_point = model, graph, x_set, rs, opts, check_point
+        self.box_pass_s = box_pass_s  # one CROWN pass through the network (the pipeline's first): a domain's boxes
         self.fast = get_graph(model, tuple(graph.input_shape), torch.float32) if graph.dtype == torch.float64 else None
 
     def branch(self, until: float, boxes, root_alphas) -> BabResult:
@@ -429,7 +431,8 @@ class _ActivationSearch:
         r = graph_relu_bab(prune_graph(graph, keep), self.x_set, self.rs, prune_boxes(graph, keep, boxes),
                            timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64, root_alphas=alphas,
                            steps=opts.relu_steps, margin=opts.margin, check_point=self.check_point, max_memory_mb=opts.queue_memory_mb,
-                           fast=None if self.fast is None else prune_graph(self.fast, keep), candidates=opts.branch_candidates)
+                           fast=None if self.fast is None else prune_graph(self.fast, keep), candidates=opts.branch_candidates,
+                           box_pass_s=self.box_pass_s)
         r.details["stage"] = "graph-bab"
         return r
 
