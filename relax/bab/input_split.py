@@ -388,14 +388,11 @@ def input_bab(
         margin: a box is proved when its margin lower bound exceeds this.
         branching: ``"strong"``, ``"smear"`` (:func:`_split`) or ``"mixed"`` (strong for the worst quarter
             of each batch); smear when ``2 n_0`` root passes exceed :data:`STRONG_BRANCHING_SHARE` of ``timeout``.
-        max_aspect: largest ratio of two relative widths of a box before its relatively
-            widest dimension is split regardless of the branching score (see :func:`_branch_dim`).
-        alpha_steps, alpha_frac: alpha-CROWN with this many steps on the ``alpha_frac`` of the open
-            children closest to proved, for the best row of each group (0: CROWN only). A few steps
-            pay: on ACAS Xu prop_2 (3_3, 4_2) 3 steps decide in 30-50 s what CROWN left open after 400 s.
-        pgd_every: run PGD on the worst boxes every this many rounds (0: never).
-        check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the original
-            model (default: the graph itself). seed: for the random restarts of PGD.
+        max_aspect: the largest ratio of a box's relative widths before its widest is split (:func:`_branch_dim`).
+        alpha_steps, alpha_frac: alpha-CROWN steps on the ``alpha_frac`` of the open children closest to
+            proved (0: CROWN only); on ACAS Xu prop_2 (3_3, 4_2) 3 steps decide in 30-50 s what CROWN did not in 400 s.
+        pgd_every: run PGD on the worst boxes every this many rounds (0: never). seed: its restarts'.
+        check_point: ``f(x [n_0]) -> bool`` confirming a counterexample on the model (default: the graph).
 
     Returns:
         :class:`BabResult`; ``falsified`` only with a counterexample ``check_point`` accepted.

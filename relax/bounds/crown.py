@@ -659,13 +659,11 @@ def crown(
             magnitudes, so they stay upper bounds; alpha-CROWN's steps reuse the first pass's).
         deadline: after it, no more linear bounds of intermediate neurons are computed (those
             not reached keep their interval boxes: sound, looser); the spec rows' pass still runs.
-        rigorous: False: the spec rows' bound without its round-off allowance and without the
-            interval bound beside it (cheaper; **not a bound of the exact network**: only for
-            ranking, as filtered smart branching ranks its candidates).
-        stop_at: a hard deadline (``perf_counter`` value): an intermediate chunk of rows still
-            running then is abandoned at its next backward step (those rows keep their interval
-            boxes), and the spec rows' pass raises :class:`DeadlineExpired` at the first node
-            reached after it (for callers that discard late bounds: bab's passes).
+        rigorous: False: the spec rows' bound without its round-off allowance and the interval bound
+            (cheaper; **not a bound of the exact network**: only for ranking, as FSB ranks candidates).
+        stop_at: a hard deadline (``perf_counter`` value): an intermediate chunk of rows then keeps its
+            interval boxes from its next backward step on, and the spec rows' pass raises
+            :class:`DeadlineExpired` at the next node (for callers that discard late bounds: bab).
         forward: the forward linear bounds' boxes (:func:`relax.bounds.forward.forward_boxes`: few inputs,
             wide layers) join the overrides, so CROWN bounds only the neurons they leave unstable.
 
