@@ -497,6 +497,11 @@ FSB_CHILDREN_PER_PASS = 128
 #: of 100, whose first round recomputed boxes for 65 s under load)
 RECOMPUTE_ROUND_SHARE = 0.05
 
+#: when a round as long as the last no longer fits before the deadline, the search runs a smaller
+#: one: its domains at the last round's pace per domain fill this share of the time left (smaller
+#: batches cost more per domain; a round still running at the deadline is abandoned)
+LAST_ROUND_MARGIN = 0.5
+
 
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
                            choice: tuple[list[str | None], Tensor, Tensor], domains: Tensor, candidates: int,
@@ -949,20 +954,23 @@ def graph_relu_bab(
     last_round = s.first_round_s()  # a round starts only if one as long as the last still fits
     # per-domain CROWN boxes, while they cost less than the rest of a round
     recompute = box_pass_s is None or 2 * box_pass_s <= RECOMPUTE_ROUND_SHARE * timeout
-    cap = 1  # domains per round: doubled up to batch_size while rounds stay short
+    cap, last_k = 1, 1  # domains per round: doubled up to batch_size while rounds stay short; the last round's
     while True:
         if q.n == 0:
             return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", margin)
-        if time.perf_counter() + last_round >= s.deadline:
-            return s.result("unknown", "timeout", min(float(q.get("low").min()), s.worst_leaf))
         k = min(cap, q.n, max_domains - q.n)  # a round of k domains adds at most k to the queue
+        left = s.deadline - time.perf_counter()
+        if last_round >= left:  # a round as long as the last does not fit: a smaller one at its pace, with a margin
+            k = min(k, int(LAST_ROUND_MARGIN * last_k * left / last_round))
+            if k < 1:
+                return s.result("unknown", "timeout", min(float(q.get("low").min()), s.worst_leaf))
         if k < 1:
             return s.result("unknown", "memory", min(float(q.get("low").min()), s.worst_leaf))
         # best-first; near the memory cap the domains closest to proved first (depth-first)
         done = s.round(q, k, recompute, nearest=q.n + 2 * k > FULL_QUEUE * max_domains)
         if isinstance(done, BabResult):
             return done
-        last_round, boxes_s = done
+        (last_round, boxes_s), last_k = done, k
         if recompute and (last_round > RECOMPUTE_ROUND_SHARE * timeout or boxes_s > 0.5 * last_round):
             recompute = False  # large networks: more domains with the root's boxes pay better
         elif last_round < 0.02 * timeout:
