@@ -912,6 +912,13 @@ class _ReluSearch:
         return time.perf_counter() - t_round, db.boxes_s
 
 
+def smaller_round(k: int, left: float, last_round: float, last_k: int) -> int:
+    """Domains of a round that must fit in ``left`` seconds when the last round (``last_k``
+    domains) took ``last_round``: as many as fill :data:`LAST_ROUND_MARGIN` of ``left`` at its pace
+    per domain, at most ``k`` (0: not even one)."""
+    return min(k, int(LAST_ROUND_MARGIN * last_k * left / last_round))
+
+
 def graph_relu_bab(
     graph: BoundGraph,
     inputs: InputSet,
@@ -960,8 +967,8 @@ def graph_relu_bab(
             return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", margin)
         k = min(cap, q.n, max_domains - q.n)  # a round of k domains adds at most k to the queue
         left = s.deadline - time.perf_counter()
-        if last_round >= left:  # a round as long as the last does not fit: a smaller one at its pace, with a margin
-            k = min(k, int(LAST_ROUND_MARGIN * last_k * left / last_round))
+        if last_round >= left:  # a round as long as the last does not fit: a smaller one, if one fits
+            k = smaller_round(k, left, last_round, last_k)
             if k < 1:
                 return s.result("unknown", "timeout", min(float(q.get("low").min()), s.worst_leaf))
         if k < 1:
