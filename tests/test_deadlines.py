@@ -163,7 +163,7 @@ def test_smoothing_sampling_stops_at_deadline():
 
 
 def _slowed(monkeypatch, owner, name: str, seconds: float) -> None:
-    """Make ``owner.name`` (a set-up step) take ``seconds`` longer."""
+    """Make ``owner.name`` (a set-up step, a backward step) take ``seconds`` longer."""
     fn = getattr(owner, name)
 
     def slow(*a, **k):
@@ -403,13 +403,7 @@ def test_relu_search_abandons_a_root_pass_that_runs_past_its_deadline(monkeypatc
     rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
                  torch.tensor([0, 1]))
     root = crown_mod.crown(graph, xs, None).intermediate
-    real = crown_mod._through
-
-    def slow(*a, **k):
-        time.sleep(0.04)
-        return real(*a, **k)
-
-    monkeypatch.setattr(crown_mod, "_through", slow)
+    _slowed(monkeypatch, crown_mod, "_through", 0.04)
     t0 = time.perf_counter()
     res = graph_relu_bab(graph, xs, rs, root, timeout=0.15, margin=1e9, candidates=1)
     took = time.perf_counter() - t0
@@ -557,13 +551,7 @@ def test_intermediate_rows_stop_at_the_hard_deadline(monkeypatch):
     x0 = torch.full((1, 6), 0.5, dtype=torch.float64)
     graph, s = prepare(net, LpBall(x0, 0.3, math.inf, 0.0, 1.0), torch.float64)
     full = crown_mod.crown(graph, s, None).intermediate
-    real = crown_mod._through
-
-    def slow(*a, **k):
-        time.sleep(0.03)
-        return real(*a, **k)
-
-    monkeypatch.setattr(crown_mod, "_through", slow)
+    _slowed(monkeypatch, crown_mod, "_through", 0.03)
     t0 = time.perf_counter()
     cut = crown_mod.crown(graph, s, None, stop_at=t0 + 0.05).intermediate
     took = time.perf_counter() - t0
