@@ -376,9 +376,9 @@ def bound_node(
 ) -> tuple[Tensor, Tensor]:
     """Tighten the box ``(lo, hi)`` ``[B, *shape]`` of ``node`` with linear bounds on the rows
     :func:`rows_needed` picks (or ``rows``). Returns the intersected box. No chunk of rows starts
-    after ``deadline`` (the rows not reached keep their given box); a chunk still running at the
-    hard deadline ``stop_at`` (``perf_counter`` value) is abandoned at its next backward step (its
-    rows keep their given box too). ``pairs``: also collect the
+    after ``deadline`` (the rows not reached keep their given box); a chunk of dense rows still
+    running at the hard deadline ``stop_at`` (``perf_counter`` value) is abandoned at its next
+    backward step (its rows keep their given box too; chunks of patches run to their end). ``pairs``: also collect the
     bounds of a linear map of the node's entries from their linear bounds
     (:class:`~relax.bounds.pairwise.PairwiseRows`; used only when every entry has a row).
 
@@ -661,7 +661,7 @@ def crown(
             not reached keep their interval boxes: sound, looser); the spec rows' pass still runs.
         rigorous: False: the spec rows' bound without its round-off allowance and the interval bound
             (cheaper; **not a bound of the exact network**: only for ranking, as FSB ranks candidates).
-        stop_at: a hard deadline (``perf_counter`` value): an intermediate chunk of rows then keeps its
+        stop_at: a hard deadline (``perf_counter`` value): a dense intermediate chunk then keeps its
             interval boxes from its next backward step on, and the spec rows' pass raises
             :class:`DeadlineExpired` at the next node (for callers that discard late bounds: bab).
         forward: the forward linear bounds' boxes (:func:`relax.bounds.forward.forward_boxes`: few inputs,
