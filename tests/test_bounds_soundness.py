@@ -130,6 +130,28 @@ class Attention(nn.Module):
         return self.fc(torch.cat([o.flatten(1), g + m, r, z.mean(dim=2)], 1))
 
 
+class Normalizations(nn.Module):
+    """``x / sum(x)`` and ``x / mean(x)`` (relax.ir.ops.Normalize): a weighted average of
+    positive weights (cubes of ReLUs, as in the pensieve policies), weights of mixed sign whose
+    sum stays positive, and groups along the middle dim of a 3-D tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 16)
+        self.register_buffer("v", torch.linspace(1.0, 8.0, 6).view(6, 1))
+        self.fc = nn.Linear(1 + 4 + 6, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        p = torch.relu(h[:, :6] + 1.0) ** 3 + 0.5
+        avg = torch.matmul(p / p.sum(dim=1, keepdim=True), self.v)  # [1]
+        q = h[:, 6:10] * 0.2 + 1.0  # entries may be negative, their sum stays > 0
+        mixed = q / q.mean(dim=1, keepdim=True)
+        g = (torch.exp(h[:, 10:16]) + 0.1).view(-1, 2, 3)
+        grouped = (g / g.sum(dim=1, keepdim=True)).flatten(1)
+        return self.fc(torch.cat([avg, mixed, grouped], 1))
+
+
 def make_nets():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -160,6 +182,7 @@ def make_nets():
         "functional": (fun, (12,)),
         "smooth": (Smooth(), (5,)),
         "attention": (Attention(), (12,)),
+        "normalizations": (Normalizations(), (6,)),
     }
     return {k: (torch.fx.symbolic_trace(m.eval()), s) for k, (m, s) in nets.items()}
 

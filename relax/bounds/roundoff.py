@@ -83,9 +83,9 @@ def term_magnitude(op, in_boxes: list[tuple[Tensor, Tensor]]) -> Tensor:
     ops also carry relaxation intercepts of the size of their input: ``T`` gains ``M`` (or,
     when the shape changes, ``T`` is doubled)."""
     own = getattr(op, "term_magnitude", None)
-    if own is not None and len(in_boxes) == 1:  # an elementwise function with its own bound
+    if own is not None:  # an elementwise function (its box's ends) or an op of several inputs (their boxes)
         with torch.no_grad():
-            return own(*in_boxes[0])
+            return own(*in_boxes[0]) if len(in_boxes) == 1 else own(*in_boxes)
     mags = [max_abs(l, h) for l, h in in_boxes]
     with torch.no_grad():
         l, h = op.interval(*[(-m, m) for m in mags])

@@ -178,7 +178,7 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     nodes, output_name = _flat_output(nodes, output_name)
     if device.type != "cpu":  # rules may create constants on the CPU: every op's on the model's device
         nodes = [BNode(n.name, n.op.to_device(device), n.inputs, n.shape) for n in nodes]
-    g = BoundGraph(input_name, tuple(input_shape), _prune(nodes, output_name), output_name, dtype, device)
+    g = BoundGraph(input_name, tuple(input_shape), _prune(_fuse_normalizations(nodes), output_name), output_name, dtype, device)
     return g
 
 
@@ -266,6 +266,27 @@ def _expand(name: str, e: "Any") -> list[BNode]:
         own = name if i == len(e.steps) - 1 else f"{name}__{suffix}"
         ins = [f"{name}{k}" if k.startswith("__") else k for k in inputs]
         out.append(BNode(own, op, ins, tuple(shape)))
+    return out
+
+
+def _fuse_normalizations(nodes: list[BNode]) -> list[BNode]:
+    """``x * (1 / (s * sum(x)))`` (the bound nodes of ``x / ReduceSum(x)``, either operand order)
+    as one :class:`relax.ir.ops.Normalize` node on ``x`` and the sum, whose relaxation keeps the
+    ratio (the reciprocal node stays only if something else reads it; :func:`_prune` drops it)."""
+    from relax.ir.ops import Normalize, Product, Reciprocal, Reduce
+
+    by = {n.name: n for n in nodes}
+    out = []
+    for n in nodes:
+        if isinstance(n.op, Product) and not n.op.matmul and len(n.inputs) == 2:
+            for x, r in (n.inputs, n.inputs[::-1]):
+                rn = by.get(r)
+                sn = by.get(rn.inputs[0]) if rn is not None and isinstance(rn.op, Reciprocal) else None
+                if (sn is not None and isinstance(sn.op, Reduce) and sn.inputs == [x] and x in by
+                        and by[x].shape == n.shape and sn.op.in_shape == n.shape):
+                    n = BNode(n.name, Normalize(sn.op.dims, sn.op.keepdim, sn.op.scale, n.shape), [x, sn.name], n.shape)
+                    break
+        out.append(n)
     return out
 
 
