@@ -1,5 +1,6 @@
 """ONNX nonlinear operators of the 2022-2024 networks: Exp, Log, Sqrt, Reciprocal, Pow, Sin, Cos,
-Abs, Sign, Floor, Clip, LeakyRelu, Max / Min, Softmax, ReduceSum / ReduceMean, and Mul / Div /
+Abs, Sign, Floor, Clip, LeakyRelu, Max / Min, Softmax, ReduceSum / ReduceMean, Div by a ReduceSum of
+the dividend (a normalisation), and Mul / Div /
 MatMul of two input-dependent tensors (attention): converted graph == onnxruntime, and CROWN's
 bounds on the converted graph contain 5,000 sampled outputs (the relaxations themselves:
 tests/test_ops_nonlinear.py; with PGD: the smooth / attention nets of test_bounds_soundness)."""
@@ -55,6 +56,9 @@ CASES = {
     "broadcast-ranks": ([node("ReduceSum", ["t", "rax"], ["r"], keepdims=0), node("Mul", ["t", "r"], ["a"]),
                          node("Add", ["r", "t"], ["b"]), node("Max", ["t", "r"], ["c"]), node("Concat", ["a", "b", "c"], ["y"], axis=1)],
                         {"rax": np.array([1], I64)}),
+    # pensieve's parallel policies: Pow, then Div by its own ReduceSum (fused into one Normalize node)
+    "normalize": ([node("Exp", ["t"], ["e"]), node("Pow", ["e", "three"], ["p"]), node("ReduceSum", ["p", "rax"], ["s"], keepdims=1),
+                   node("Div", ["p", "s"], ["y"])], {"three": np.array(3.0, F32), "rax": np.array([2], I64)}),
     "attention": ([node("Transpose", ["t"], ["tt"], perm=[0, 2, 1]), node("MatMul", ["t", "tt"], ["qk"]),
                    node("Softmax", ["qk"], ["att"], axis=2), node("MatMul", ["att", "t"], ["y"])], {}),
 }
@@ -65,7 +69,13 @@ def test_converts_and_bounds_soundly(tmp_path, case):
     head, inits = _head()
     nodes, extra = CASES[case]
     path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, **extra}, opset=13)
-    assert_crown_holds(assert_matches_ort(path), 0.05)
+    gm = assert_matches_ort(path)
+    assert_crown_holds(gm, 0.05)
+    if case == "normalize":
+        from relax.ir.graph import build_graph
+        from relax.ir.ops import Normalize
+
+        assert any(isinstance(n.op, Normalize) for n in build_graph(gm, gm.input_shape).nodes)
 
 
 def test_softmax_before_opset13_flattens_the_trailing_axes(tmp_path):
