@@ -571,6 +571,42 @@ def test_intermediate_rows_stop_at_the_hard_deadline(monkeypatch):
         assert (v >= lo.reshape(1, -1) - 1e-12).all() and (v <= hi.reshape(1, -1) + 1e-12).all()
 
 
+def test_intermediate_patch_rows_stop_at_the_hard_deadline(monkeypatch):
+    """The same for rows bounded as patches (convolutional layers): a chunk still running at the
+    hard deadline is abandoned at its next patch step; its rows keep boxes that contain the full
+    pass's and every sample's values."""
+    import relax.bounds.crown as crown_mod
+    import relax.bounds.patches as patches_mod
+    from relax.bounds import prepare
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(6 * 256, 3)).double().eval()
+    x0 = torch.full((1, 1, 16, 16), 0.5, dtype=torch.float64)  # large enough for patches to beat dense rows
+    graph, s = prepare(torch.fx.symbolic_trace(net), LpBall(x0, 0.2, math.inf, 0.0, 1.0), torch.float64)
+    full = crown_mod.crown(graph, s, None).intermediate
+    calls = []
+    real = patches_mod._input_patches
+    monkeypatch.setattr(patches_mod, "_input_patches", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _slowed(monkeypatch, patches_mod, "_step", 0.15)
+    t0 = time.perf_counter()
+    cut = crown_mod.crown(graph, s, None, stop_at=t0 + 0.05).intermediate
+    took = time.perf_counter() - t0
+    assert calls, "the rows did not go through patches"
+    assert took <= 0.05 + 0.15 + 0.15, took  # one step past the deadline, plus the pass's own work (running on: 6.6 s)
+    assert any(not torch.equal(cut[p][0], full[p][0]) or not torch.equal(cut[p][1], full[p][1]) for p in full)
+    for p in full:
+        assert (cut[p][0] <= full[p][0] + 1e-12).all() and (cut[p][1] >= full[p][1] - 1e-12).all()
+    x = (x0 + 0.2 * (2 * torch.rand(3000, 1, 16, 16, dtype=torch.float64) - 1)).clamp(0, 1)
+    vals = {graph.input_name: x}
+    with torch.no_grad():
+        for n in graph.nodes:
+            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+    for p, (lo, hi) in cut.items():
+        assert (vals[p] >= lo - 1e-12).all() and (vals[p] <= hi + 1e-12).all(), p
+
+
 def test_relu_search_skips_box_recomputation_when_one_pass_is_too_slow(monkeypatch):
     """ReLU splitting recomputes its domains' boxes by CROWN while a round stays within
     ``RECOMPUTE_ROUND_SHARE`` of the time; before the first round it knows only the pipeline's

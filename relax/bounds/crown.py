@@ -378,7 +378,7 @@ def bound_node(
     :func:`rows_needed` picks (or ``rows``). Returns the intersected box. No chunk of rows starts
     after ``deadline`` (the rows not reached keep their given box); a chunk of dense rows still
     running at the hard deadline ``stop_at`` (``perf_counter`` value) is abandoned at its next
-    backward step (its rows keep their given box too; chunks of patches run to their end). ``pairs``: also collect the
+    backward step, dense or patch (its rows keep their given box too). ``pairs``: also collect the
     bounds of a linear map of the node's entries from their linear bounds
     (:class:`~relax.bounds.pairwise.PairwiseRows`; used only when every entry has a row).
 
@@ -467,10 +467,10 @@ class _RowPass:
 
     def lower(self, t0: int, t1: int, sub: Tensor, bsel: Tensor, stop_at: float | None = None) -> Tensor:
         """Lower bounds ``[2, c]`` of rows ``t0:t1`` (entries ``sub`` of batch elements ``bsel``);
-        dense rows raise :class:`DeadlineExpired` at a backward step after ``stop_at``."""
+        rows raise :class:`DeadlineExpired` at a backward step after ``stop_at``."""
         g, w, rounded = self.graph, self.weights, self.weights is not None
         if self.cut is not None:
-            low = self._through_cut(self.cut, sub, bsel)
+            low = self._through_cut(self.cut, sub, bsel, stop_at)
             if low is not None:
                 return low
             self.cut = None  # the rows' coefficients there are not local: dense rows for the rest of the node
@@ -480,10 +480,10 @@ class _RowPass:
             alphas = None if not alphas else {a: v.reshape(2 * (t1 - t0), *v.shape[2:]) for a, v in alphas.items()}
         if self.plan is not None and self.pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
             return patch_lower_bounds(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
-                                      self.relax, w, self.input_set, alphas).view(2, -1)
+                                      self.relax, w, self.input_set, alphas, stop_at).view(2, -1)
         if self.plan is not None:  # the same rows as dense linear bounds on the input, for the pairs
             A, b, e = patch_input_rows(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
-                                       self.relax, w, alphas)
+                                       self.relax, w, alphas, stop_at)
             form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
             iset = self.input_set if self.input_set.batch_size == 1 else self.input_set.select(bsel)
         else:
@@ -505,12 +505,12 @@ class _RowPass:
         return backward_form(self.graph, self.node, Rows(torch.stack([sub, sub]), sign), rel, alphas, wsel, until=until,
                              stop_at=stop_at)
 
-    def _through_cut(self, cut: str, sub: Tensor, bsel: Tensor) -> Tensor | None:
+    def _through_cut(self, cut: str, sub: Tensor, bsel: Tensor, stop_at: float | None = None) -> Tensor | None:
         """Lower bounds ``[2, c]`` of the rows ``+-e_sub``: the dense pass down to ``cut``
         (:func:`_patch_cut`), then the patch pass from there; None when the rows' coefficients at
         ``cut`` do not fit a small window (the caller goes dense)."""
         c, g = sub.shape[0], self.graph
-        A, bias, err = self._dense_form(sub, bsel, None, until=cut)
+        A, bias, err = self._dense_form(sub, bsel, None, until=cut, stop_at=stop_at)
         got = dense_to_patches(A.reshape(2 * c, *g.shape(cut)), chw_shape(g.shape(cut)))
         if got is None:
             return None
@@ -522,7 +522,7 @@ class _RowPass:
             return None
         err0 = None if err is None else err.expand(2, c).reshape(-1)
         return patch_rows_lower_bounds(g, plan, A0, pos, bsel.repeat(2), self.relax, self.weights, self.input_set,
-                                       bias.reshape(-1), err0).view(2, c)
+                                       bias.reshape(-1), err0, stop_at=stop_at).view(2, c)
 
 
 def _patch_cut(graph: BoundGraph, node: str, input_set: InputSet) -> str | None:

@@ -29,6 +29,7 @@ replaces its lower line (:func:`slopes_gatherable`: ReLU).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ from relax.bounds.roundoff import SAFETY, gamma, max_abs
 from relax.ir.graph import BoundGraph
 from relax.ir.ops import Relaxation
 from relax.ir.ops.base import Activation
+from verify.deadline import DeadlineExpired
 from verify.spec import InputSet, LpBall
 
 __all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape",
@@ -265,24 +267,26 @@ def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
                        relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet,
-                       alphas: dict[str, Tensor] | None = None) -> Tensor:
+                       alphas: dict[str, Tensor] | None = None, stop_at: float | None = None) -> Tensor:
     """Lower bounds ``[R]`` of ``sign_r * z[bidx_r, idx_r]`` (``z``: the plan's start node, ``idx``
     flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
     :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
     and, with ``weights``, its round-off allowance (then a bound of the exact network);
     ``alphas``: alpha-CROWN's lower slopes of each row, ``{activation: [R, *shape]}``
-    (:func:`slopes_gatherable` ops)."""
+    (:func:`slopes_gatherable` ops); ``stop_at``: a hard deadline (``perf_counter`` value), past
+    which the pass raises :class:`verify.deadline.DeadlineExpired` at its next step."""
     A0, pos = _unit_rows(graph, plan, idx, sign)
-    return patch_rows_lower_bounds(graph, plan, A0, pos, bidx, relax, weights, input_set, alphas=alphas)
+    return patch_rows_lower_bounds(graph, plan, A0, pos, bidx, relax, weights, input_set, alphas=alphas, stop_at=stop_at)
 
 
 def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
                             weights: dict[str, Tensor | None] | None, input_set: InputSet,
-                            bias0: Tensor | None = None, err0: Tensor | None = None, alphas: dict[str, Tensor] | None = None) -> Tensor:
+                            bias0: Tensor | None = None, err0: Tensor | None = None, alphas: dict[str, Tensor] | None = None,
+                            stop_at: float | None = None) -> Tensor:
     """:func:`patch_lower_bounds` of rows given as patches ``A0 [R, C, kh, kw]`` of the plan's
     start node (the plan's window; ``pos [R]``: each window's corner, flat), plus a bias and a
     round-off ``[R]`` carried from the part of the pass before the start node."""
-    A, bias, err, at_in = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas)
+    A, bias, err, at_in = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at)
     bias = bias if bias0 is None else bias + bias0
     err = err if err is None or err0 is None else err + err0
     lo, hi = (t.to(A.dtype) for t in input_set.bounds())
@@ -295,12 +299,12 @@ def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos:
 
 def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
                      relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
-                     alphas: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                     alphas: dict[str, Tensor] | None = None, stop_at: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The rows of :func:`patch_lower_bounds` before their concretisation, as dense linear bounds on
     the input: ``A [R, *input_shape]``, ``bias [R]`` and the steps' round-off ``err [R]`` (None
     without ``weights``), the terms of :func:`relax.bounds.crown.backward_form`'s rows."""
     A0, pos = _unit_rows(graph, plan, idx, sign)
-    A, bias, err, _ = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas)
+    A, bias, err, _ = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at)
     C0, H0, W0 = chw_shape(graph.shape(plan.start))
     dense = _scatter(A, plan.geometry[graph.input_name], (H0, W0), pos, chw_shape(graph.input_shape))
     return dense.reshape(A.shape[0], *graph.input_shape), bias, err
@@ -336,13 +340,13 @@ def dense_to_patches(A: Tensor, chw: tuple[int, ...], max_share: float = MAX_PAT
 
 
 def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
-                   weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None = None
+                   weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None = None, stop_at: float | None = None
                    ) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
     """The backward pass of :func:`patch_lower_bounds` from the start patches ``A0 [R, C, kh, kw]``
     (corners ``pos [R]``) down to the input: the input patches (zero on the padding), the bias
     ``[R]``, the steps' round-off ``[R]`` (None without ``weights``) and the gather of
     input-shaped tensors into the rows' windows. ``alphas``: per-row slopes ``{activation:
-    [R, *shape]}``, gathered into the windows row by row."""
+    [R, *shape]}``, gathered into the windows row by row. ``stop_at``: as in :func:`patch_lower_bounds`."""
     C0, H0, W0 = chw_shape(graph.shape(plan.start))
     dt, dev, R = graph.dtype, A0.device, A0.shape[0]
     own_rows = torch.arange(R, device=dev)
@@ -350,6 +354,8 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, 
     bias = torch.zeros(R, dtype=dt, device=dev)
     err = torch.zeros(R, dtype=dt, device=dev)
     for name in plan.order:
+        if stop_at is not None and time.perf_counter() >= stop_at:
+            raise DeadlineExpired(f"patch pass stopped at node {name!r}: past its deadline")
         g, shape, node = plan.geometry[name], graph.shape(name), graph.by_name[name]
         at = _window_gather(g, chw_shape(shape), (H0, W0), bidx, pos)
         A = As.pop(name) * at(torch.ones(1, 1, *chw_shape(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding
