@@ -319,3 +319,48 @@ def test_input_split_drops_strong_branching_when_root_passes_are_slow(monkeypatc
     seen.clear()
     isp.input_bab(net, rs, lo, hi, timeout=2.0, branching="mixed", check_point=lambda x: False)
     assert seen and set(seen) == {"smear"}
+
+
+@pytest.mark.parametrize("seed", [0, 4, 5])  # nets where some boxes fail, some hold and some are clipped
+def test_clipped_boxes_keep_every_violating_point(seed):
+    """Input-domain clipping (:func:`relax.bab.input_split.clip_to_violations`) from the CROWN
+    bounds of 64 sub-boxes of a 4-input net: every one of 20,000 points per box whose property
+    fails (two groups, one of two rows) lies in its clipped box, and a box called proved has none."""
+    from relax.bab.input_split import clip_to_violations
+
+    model = _mlp(30 + seed, (4, 24, 24, 3))
+    net = _dense(model, 4)
+    g = torch.Generator().manual_seed(seed)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+    rs = RowSpec(C, torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64), torch.tensor([0, 0, 1]))
+    lo = torch.rand((64, 4), generator=g, dtype=torch.float64) * 1.6 - 1
+    hi = lo + torch.rand((64, 4), generator=g, dtype=torch.float64) * 0.4
+    with torch.no_grad():
+        low, A, _ = net.bound(rs, lo, hi, None)
+    clo, chi, proved = clip_to_violations(rs, lo, hi, low, A, 0.0)
+    assert (clo >= lo).all() and (chi <= hi).all() and (clo <= chi).all()
+    x = lo + (hi - lo) * torch.rand((20_000, 64, 4), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        fails = rs.margin(rs.values(net.forward(x.reshape(-1, 4)))).reshape(20_000, 64) <= 0
+    inside = ((x >= clo) & (x <= chi)).all(2)
+    assert not (fails & ~inside).any()
+    assert not fails[:, proved].any()
+    shrunk = ((chi - clo) < (hi - lo) - 1e-9).any(1) | proved
+    assert int(shrunk.sum()) >= 5, int(shrunk.sum())  # the test exercises clipping (measured: 7 to 16 boxes)
+
+
+def test_clipping_proves_a_disjunction_no_row_proves():
+    """``x >= 0.5 or x <= 0.6`` on ``[0, 1]`` (exact linear rows): neither row's minimum is
+    positive, but the group fails only where both half-spaces meet, which is empty; with 0.7 in
+    place of 0.5 it fails on ``[0.6, 0.7]``, which the clipped box keeps (and little more)."""
+    from relax.bab.input_split import clip_to_violations
+
+    C, groups = torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.tensor([0, 0])
+    lo, hi = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    A = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
+    _, _, proved = clip_to_violations(RowSpec(C, torch.tensor([-0.5, 0.6], dtype=torch.float64), groups), lo, hi,
+                                      torch.tensor([[-0.5, -0.4]], dtype=torch.float64), A, 0.0)
+    assert bool(proved[0])
+    clo, chi, proved2 = clip_to_violations(RowSpec(C, torch.tensor([-0.7, 0.6], dtype=torch.float64), groups), lo, hi,
+                                           torch.tensor([[-0.7, -0.4]], dtype=torch.float64), A, 0.0)
+    assert not bool(proved2[0]) and float(clo) <= 0.6 and float(chi) >= 0.7 and float(chi - clo) < 0.11
