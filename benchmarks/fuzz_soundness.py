@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO))  # before this folder: benchmarks/smoothing.py is 
 from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
-FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels")
+FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
+            "normalize")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -153,6 +154,19 @@ class _Block(nn.Module):
         return self.out(t.flatten(1))
 
 
+class _Normalized(nn.Module):
+    """Weighted averages: squares of ReLUs normalised by their own sum in two groups of four
+    (``x / x.sum()``, bounded as a ratio by relax.ir.ops.Normalize), then a linear layer."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(n_in, 8), nn.Linear(8, n_out)
+
+    def forward(self, x):
+        p = (torch.relu(self.inp(x)) ** 2 + 1e-3).view(-1, 2, 4)
+        return self.out((p / p.sum(2, keepdim=True)).flatten(1))
+
+
 def make_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:
     """A random float32 network of ``family`` with every weight and bias multiplied by
     ``scale`` (outputs then scale like ``scale ** depth``): ``(traced module, input shape)``.
@@ -188,9 +202,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))
-    elif family in ("smooth", "attention", "transformer"):
+    elif family in ("smooth", "attention", "transformer", "normalize"):
         shape = (3,)
-        net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block}[family](3, 3)
+        net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block, "normalize": _Normalized}[family](3, 3)
     else:
         shape = (3,)
         act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(family, nn.ReLU)

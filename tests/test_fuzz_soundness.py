@@ -55,6 +55,17 @@ def test_no_false_answer_on_transformer_blocks():
     assert res["bab"]["witness_inside"] >= 10 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
 
 
+def test_no_false_answer_on_normalizations():
+    """Weighted averages ``p / p.sum()`` (relax.ir.ops.Normalize) at weight scales 1 and 1e3:
+    CROWN, alpha-CROWN and ``bab`` against the witnesses."""
+    fz = _fuzz()
+    res = fz.run(1, seed=13, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e3), families=("normalize",), slow_every=1,
+                 timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert res["crown"]["witness_inside"] >= 5 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
+
+
 def test_no_false_answer_on_convolutional_layers_bounded_by_patches(monkeypatch):
     """The conv family (two convolutions in a row, BatchNorm, a residual add, pooling) at weight
     scale 1e3: CROWN's intermediate rows go through the patch pass (checked), and neither CROWN
