@@ -133,3 +133,26 @@ def test_fused_normalization_is_tighter_than_the_product_of_a_reciprocal(monkeyp
     lo_p, hi_p = bounds(plain, S, method="crown")
     assert float(lo_p) <= float(lo) and float(hi_p) >= float(hi)
     assert ymin - float(lo) <= 0.7 * (ymin - float(lo_p)) and float(hi) - ymax <= 0.7 * (float(hi_p) - ymax)
+
+
+class _InputAverage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("v", torch.tensor([[1.0], [2.0], [3.0]]))
+
+    def forward(self, x):
+        return torch.matmul(x / x.sum(1, keepdim=True), self.v)
+
+
+def test_normalization_of_the_input_itself_is_fused_and_exact():
+    """``x / x.sum()`` straight on the input: one Normalize node, and CROWN's bounds are the
+    least and greatest ratio over the box's vertices (the ratio is linear-fractional)."""
+    net = torch.fx.symbolic_trace(_InputAverage().double().eval())
+    assert [type(n.op).__name__ for n in build_graph(net, (3,), torch.float64).nodes] == ["Reduce", "Normalize", "Linear"]
+    lo = torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64)
+    hi = lo + 0.5
+    low, up = bounds(net, Box(lo, hi), method="crown")
+    v = torch.tensor([[int(b) for b in f"{k:03b}"] for k in range(8)], dtype=torch.float64)
+    with torch.no_grad():
+        y = net(lo + v * (hi - lo))
+    assert float(y.min()) - 1e-9 <= float(low) <= float(y.min()) and float(y.max()) <= float(up) <= float(y.max()) + 1e-9

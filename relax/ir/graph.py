@@ -282,8 +282,7 @@ def _fuse_normalizations(nodes: list[BNode]) -> list[BNode]:
             for x, r in (n.inputs, n.inputs[::-1]):
                 rn = by.get(r)
                 sn = by.get(rn.inputs[0]) if rn is not None and isinstance(rn.op, Reciprocal) else None
-                if (sn is not None and isinstance(sn.op, Reduce) and sn.inputs == [x] and x in by
-                        and by[x].shape == n.shape and sn.op.in_shape == n.shape):
+                if sn is not None and isinstance(sn.op, Reduce) and sn.inputs == [x] and sn.op.in_shape == n.shape:
                     n = BNode(n.name, Normalize(sn.op.dims, sn.op.keepdim, sn.op.scale, n.shape), [x, sn.name], n.shape)
                     break
         out.append(n)
