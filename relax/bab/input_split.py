@@ -317,6 +317,22 @@ def _children(net: GraphBoxes, spec: RowSpec, par: _BoxBatch, branching: str, ro
     return parts[0] if len(parts) == 1 else parts[0].cat(parts[1])
 
 
+def _bounded_children(net: GraphBoxes, spec: RowSpec, parents: _BoxBatch, split: tuple[str, Tensor, float], margin: float,
+                      clip: bool, alpha_steps: int, alpha_frac: float) -> tuple[_BoxBatch, Tensor]:
+    """The children of ``parents`` (:func:`_children` with ``split = (branching, root widths,
+    max aspect)``), CROWN-bounded, clipped (:func:`clip_to_violations`), then alpha-stepped
+    (:func:`_alpha_nearest`); with their margins ``[2k]`` (``inf`` where clipping proved them)."""
+    with torch.no_grad():
+        kids = _children(net, spec, parents, *split)
+    cm = spec.margin(kids.low)
+    if clip:
+        kids.lo, kids.hi, proved = clip_to_violations(spec, kids.lo, kids.hi, kids.low, kids.A, margin)
+        cm = torch.where(proved, math.inf, cm)
+    if alpha_steps > 0:
+        kids.low, cm = _alpha_nearest(net, spec, kids.lo, kids.hi, kids.pre, kids.low, cm, margin, alpha_frac, alpha_steps)
+    return kids, cm
+
+
 class _InputSearch:
     """The bookkeeping of one :func:`input_bab` run: the boxes bounded, the rounds, the
     candidate counterexamples ``check`` rejected, and the generator of PGD's seeds."""
@@ -470,17 +486,10 @@ def input_bab(
         order = torch.argsort(spec.margin(queue.low), descending=len(queue) + k > FULL_QUEUE * max_domains)
         parents, queue = queue.pick(order[:k]), queue.pick(order[k:])
         try:
-            with torch.no_grad():
-                kids = _children(net, spec, parents, branching, root_w, max_aspect)
-            s.n_bounded += len(kids)
-            cm = spec.margin(kids.low)
-            if clip:
-                kids.lo, kids.hi, proved = clip_to_violations(spec, kids.lo, kids.hi, kids.low, kids.A, margin)
-                cm = torch.where(proved, math.inf, cm)
-            if alpha_steps > 0:
-                kids.low, cm = _alpha_nearest(net, spec, kids.lo, kids.hi, kids.pre, kids.low, cm, margin, alpha_frac, alpha_steps)
+            kids, cm = _bounded_children(net, spec, parents, (branching, root_w, max_aspect), margin, clip, alpha_steps, alpha_frac)
         except DeadlineExpired:  # a pass still running at the deadline: the parents' bounds stand
             return s.finish("unknown", "timeout", float(spec.margin(torch.cat([queue.low, parents.low])).min()))
+        s.n_bounded += len(kids)
         open_ = ~(cm > margin)
         cex = s.falsify(kids, cm, open_, pgd=bool(pgd_every) and s.rounds % pgd_every == 0)
         if cex is not None:
