@@ -796,3 +796,38 @@ def test_exact_milp_stage_skipped_above_its_dense_limit(monkeypatch):
                 method_options={"split": "relu", "milp_after": 0.0})[0]
     assert c.status == "certified" and c.details["stage"] == "graph-bab", (c.status, c.details["stage"])
     assert c.details["milp"].startswith("not run: a dense matrix of 144 numbers"), c.details["milp"]
+
+
+def test_inputs_pinned_by_the_box_do_not_count_towards_input_splitting():
+    """A box on 40 inputs that leaves 3 free (the others pinned, each rounded outward by a few
+    ulps as a VNN-LIB file's would be): ``split=auto`` splits the 3 free inputs, and proves a
+    margin just below the minimum on a grid as the ReLU search does; with 20 free it splits ReLUs."""
+    from relax.methods.bab import free_inputs
+    from verify.spec import Box, Linear
+
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 2)).eval()
+    x0 = torch.rand(1, 40)
+    lo, hi = x0.clone(), x0.clone()
+    lo[0, :3] -= 0.5
+    hi[0, :3] += 0.5
+    lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
+    assert free_inputs(Box(lo, hi)) == 3
+    t = torch.linspace(0, 1, 41)
+    grid = x0.repeat(41**3, 1)
+    grid[:, :3] = lo[0, :3] + torch.cartesian_prod(t, t, t) * (hi[0, :3] - lo[0, :3])
+    with torch.no_grad():
+        y0 = net(x0)[0]
+        k = int(y0.argmax())
+        gap = net(grid) @ torch.tensor([1.0, -1.0] if k == 0 else [-1.0, 1.0])
+    C = torch.zeros(1, 2)
+    C[0, k], C[0, 1 - k] = 1.0, -1.0
+    spec = Linear(C, torch.tensor([-float(gap.min()) + 0.02 * float(gap.max() - gap.min())]))  # holds just below the grid's minimum
+    by_input = certify(net, Box(lo, hi), spec, "bab", timeout=30)[0]
+    by_relu = certify(net, Box(lo, hi), spec, "bab", timeout=30, method_options={"split": "relu"})[0]
+    assert by_input.details["stage"] == "graph-bab-input" and by_relu.details["stage"] != "graph-bab-input"
+    assert by_input.status == by_relu.status == "certified"
+    wide_lo, wide_hi = lo.clone(), hi.clone()
+    wide_lo[0, :20], wide_hi[0, :20] = x0[0, :20] - 0.01, x0[0, :20] + 0.01
+    assert free_inputs(Box(wide_lo, wide_hi)) == 20
+    assert certify(net, Box(wide_lo, wide_hi), spec, "bab", timeout=30)[0].details["stage"] != "graph-bab-input"
