@@ -116,7 +116,7 @@ def test_alpha_on_open_boxes_only_raises_bounds_and_stays_sound():
     g = torch.Generator().manual_seed(2)
     lo = torch.rand(32, 3, generator=g, dtype=torch.float64) * 2 - 1
     hi = lo + 0.4 * torch.rand(32, 3, generator=g, dtype=torch.float64)
-    lower, _, pre = net.bound(rs, lo, hi, None)
+    lower, _, pre, _ = net.bound(rs, lo, hi, None)
     cm = rs.margin(lower)
     new, ncm = _alpha_nearest(net, rs, lo, hi, pre, lower, cm, 0.0, 1.0, 10)
     assert (new >= lower).all() and (ncm >= cm).all()
@@ -336,8 +336,8 @@ def test_clipped_boxes_keep_every_violating_point(seed):
     lo = torch.rand((64, 4), generator=g, dtype=torch.float64) * 1.6 - 1
     hi = lo + torch.rand((64, 4), generator=g, dtype=torch.float64) * 0.4
     with torch.no_grad():
-        low, A, _ = net.bound(rs, lo, hi, None)
-    clo, chi, proved = clip_to_violations(rs, lo, hi, low, A, 0.0)
+        low, A, _, lin = net.bound(rs, lo, hi, None)
+    clo, chi, proved = clip_to_violations(rs, lo, hi, low, A, lin, 0.0)
     assert (clo >= lo).all() and (chi <= hi).all() and (clo <= chi).all()
     x = lo + (hi - lo) * torch.rand((20_000, 64, 4), generator=g, dtype=torch.float64)
     with torch.no_grad():
@@ -358,9 +358,24 @@ def test_clipping_proves_a_disjunction_no_row_proves():
     C, groups = torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.tensor([0, 0])
     lo, hi = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
     A = torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64)
-    _, _, proved = clip_to_violations(RowSpec(C, torch.tensor([-0.5, 0.6], dtype=torch.float64), groups), lo, hi,
-                                      torch.tensor([[-0.5, -0.4]], dtype=torch.float64), A, 0.0)
+    low = torch.tensor([[-0.5, -0.4]], dtype=torch.float64)
+    _, _, proved = clip_to_violations(RowSpec(C, torch.tensor([-0.5, 0.6], dtype=torch.float64), groups), lo, hi, low, A, low, 0.0)
     assert bool(proved[0])
-    clo, chi, proved2 = clip_to_violations(RowSpec(C, torch.tensor([-0.7, 0.6], dtype=torch.float64), groups), lo, hi,
-                                           torch.tensor([[-0.7, -0.4]], dtype=torch.float64), A, 0.0)
+    low = torch.tensor([[-0.7, -0.4]], dtype=torch.float64)
+    clo, chi, proved2 = clip_to_violations(RowSpec(C, torch.tensor([-0.7, 0.6], dtype=torch.float64), groups), lo, hi, low, A, low, 0.0)
     assert not bool(proved2[0]) and float(clo) <= 0.6 and float(chi) >= 0.7 and float(chi - clo) < 0.11
+
+
+def test_clipping_takes_the_linear_bound_not_a_higher_interval_bound():
+    """``r(x) = x^2 - 0.01`` on ``[-1, 1]`` fails on ``[-0.1, 0.1]``. Its linear bound ``x - 1.01``
+    (minimum -2.01) and its interval bound -0.01 are both sound, but only the linear one goes with
+    the coefficient: a constant recovered from the interval bound (``x + 0.99 <= 0``) would cut
+    the box to ``[-1, -0.99]`` and lose every failing point."""
+    from relax.bab.input_split import clip_to_violations
+
+    rs = RowSpec(torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.tensor([0]))
+    lo, hi = -torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    A = torch.ones(1, 1, 1, dtype=torch.float64)
+    clo, chi, proved = clip_to_violations(rs, lo, hi, torch.tensor([[-0.01]], dtype=torch.float64), A,
+                                          torch.tensor([[-2.01]], dtype=torch.float64), 0.0)
+    assert not bool(proved[0]) and float(clo) <= -0.1 and float(chi) >= 0.1

@@ -87,9 +87,11 @@ class GraphBoxes(torch.nn.Module):
         g = self.graph
         return {p: (l.reshape(l.shape[0], *g.shape(p)), u.reshape(u.shape[0], *g.shape(p))) for p, (l, u) in zip(self.names, pre)}
 
-    def bound(self, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None) -> tuple[Tensor, Tensor, Bounds]:
+    def bound(self, spec: RowSpec, lo: Tensor, hi: Tensor, prior: Bounds | None) -> tuple[Tensor, Tensor, Bounds, Tensor]:
         """``lower [B, N]`` of the rows over each box, ``A_in [B, N, n_0]`` (the rows' input
-        coefficients), and the boxes' intermediate bounds (intersected with ``prior``)."""
+        coefficients), the boxes' intermediate bounds (intersected with ``prior``), and ``linear
+        [B, N]``: the rows' linear bounds alone, ``min_box A_in . x + c`` (``lower`` may be higher,
+        from the interval bound: only ``linear`` goes with ``A_in``)."""
         from relax.bounds.crown import crown
 
         g, B = self.graph, lo.shape[0]
@@ -101,7 +103,8 @@ class GraphBoxes(torch.nn.Module):
         assert A_rec is not None  # every pass records the input's coefficients
         A = A_rec.reshape(C.shape[1], B, -1).transpose(0, 1)
         pre = [(res.intermediate[p][0].reshape(B, -1), res.intermediate[p][1].reshape(B, -1)) for p in self.names]
-        return res.spec_lower() + d.to(g.dtype), A, pre
+        assert res.linear_lower is not None
+        return res.spec_lower() + d.to(g.dtype), A, pre, res.linear_lower + d.to(g.dtype)
 
     def optimize(self, C: Tensor, d: Tensor, lo: Tensor, hi: Tensor, pre: Bounds, steps: int, lr: float) -> Tensor:
         """alpha-CROWN lower bounds ``[B, R]`` of the rows ``C [B, R, K] y + d`` over the boxes
@@ -147,7 +150,7 @@ def _branch_dim(
 def _split(
     net: GraphBoxes, spec: RowSpec, p_lo: Tensor, p_hi: Tensor, p_low: Tensor, p_A: Tensor, p_pre: Bounds, branching: str, root_w: Tensor,
     max_aspect: float = 64.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Bounds]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Bounds, Tensor]:
     """Halve each of the ``k`` boxes along one dimension and bound the ``2k`` children.
 
     ``branching="smear"`` picks the dimension by :func:`_branch_dim`; ``"strong"`` bounds the
@@ -158,7 +161,8 @@ def _split(
     than the box's widest is not split.
 
     Returns:
-        children ``lo, hi [2k, n_0]``, their ``lower [2k, N]``, ``A_in`` and intermediate bounds.
+        children ``lo, hi [2k, n_0]``, their ``lower [2k, N]``, ``A_in``, intermediate bounds and
+        linear bounds (:meth:`GraphBoxes.bound`).
     """
     k, n0 = p_lo.shape
     if branching == "smear":
@@ -182,7 +186,7 @@ def _split(
     c_hi[j, dims] = mid
     c_lo[D * k + j, dims] = mid
     c_prior = [(l.repeat(2 * D, 1), u.repeat(2 * D, 1)) for l, u in p_pre]
-    lower, A, pre = net.bound(spec, c_lo, c_hi, c_prior)
+    lower, A, pre, lin = net.bound(spec, c_lo, c_hi, c_prior)
     if D > 1:
         cm = spec.margin(lower).view(2, D, k)
         score = torch.minimum(cm[0], cm[1]) + 1e-3 * torch.maximum(cm[0], cm[1])
@@ -194,9 +198,9 @@ def _split(
         best = score.argmax(0)  # [k]
         ks = torch.arange(k, device=best.device)
         pick = torch.cat([best * k + ks, D * k + best * k + ks])
-        c_lo, c_hi, lower, A = c_lo[pick], c_hi[pick], lower[pick], A[pick]
+        c_lo, c_hi, lower, A, lin = c_lo[pick], c_hi[pick], lower[pick], A[pick], lin[pick]
         pre = [(l[pick], u[pick]) for l, u in pre]
-    return c_lo, c_hi, lower, A, pre
+    return c_lo, c_hi, lower, A, pre, lin
 
 
 def _alpha_nearest(
@@ -232,18 +236,22 @@ def _alpha_nearest(
     return lower, spec.margin(lower)
 
 
-def clip_to_violations(spec: RowSpec, lo: Tensor, hi: Tensor, low: Tensor, A: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor]:
+def clip_to_violations(spec: RowSpec, lo: Tensor, hi: Tensor, low: Tensor, A: Tensor, lin: Tensor, margin: float
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     """The boxes shrunk to the part where the property can fail ("input domain clipping", as in
     alpha-beta-CROWN's input split), from each row's linear lower bound on its box.
 
-    Row ``r``'s bound ``A_r . x + c_r <= r(x)`` on the box (``c_r`` recovered from the row's
-    ``low`` minus the minimum of ``A_r . x``, less that sum's round-off) confines the points where
-    ``r(x) <= margin`` to the half-space ``A_r . x + c_r <= margin``. A group fails only where all
-    its rows do: its box is clipped by each row's half-space in turn (per coordinate, the least
-    the other terms can be); the property fails only in the hull of the groups' boxes.
+    Row ``r``'s linear bound ``A_r . x + c_r <= r(x)`` on the box (``c_r`` recovered from its
+    minimum ``lin_r`` minus the minimum of ``A_r . x``, less that sum's round-off) confines the
+    points where ``r(x) <= margin`` to the half-space ``A_r . x + c_r <= margin``; a row whose
+    lower bound ``low_r`` (perhaps an interval bound, higher than ``lin_r``) exceeds ``margin``
+    never fails. A group fails only where all its rows do: its box is clipped by each row's
+    half-space in turn (per coordinate, the least the other terms can be); the property fails
+    only in the hull of the groups' boxes.
 
     Args:
-        lo, hi: ``[B, n_0]``; low: the rows' lower bounds ``[B, N]``; A: their input coefficients ``[B, N, n_0]``.
+        lo, hi: ``[B, n_0]``; low: the rows' lower bounds ``[B, N]``; A: their linear bounds'
+            input coefficients ``[B, N, n_0]``; lin: those linear bounds' minima on the boxes ``[B, N]``.
 
     Returns:
         ``lo, hi`` clipped and ``proved [B]`` (every group's box empty: the property holds there).
@@ -253,8 +261,8 @@ def clip_to_violations(spec: RowSpec, lo: Tensor, hi: Tensor, low: Tensor, A: Te
     n0 = lo.shape[1]
     g_n = 2 * gamma(n0 + 2, lo.dtype)
     mag = torch.maximum(lo.abs(), hi.abs())  # [B, n0]
-    slack = g_n * ((A.abs() * mag.unsqueeze(1)).sum(2) + low.abs() + abs(margin))  # [B, N] round-off allowance
-    c = low - torch.minimum(A * lo.unsqueeze(1), A * hi.unsqueeze(1)).sum(2) - slack  # [B, N]
+    slack = g_n * ((A.abs() * mag.unsqueeze(1)).sum(2) + lin.abs() + abs(margin))  # [B, N] round-off allowance
+    c = lin - torch.minimum(A * lo.unsqueeze(1), A * hi.unsqueeze(1)).sum(2) - slack  # [B, N]
     out_lo, out_hi = torch.full_like(lo, math.inf), torch.full_like(hi, -math.inf)
     for g in range(spec.num_groups):
         gl, gh = lo.clone(), hi.clone()
@@ -268,7 +276,8 @@ def clip_to_violations(spec: RowSpec, lo: Tensor, hi: Tensor, low: Tensor, A: Te
             bound = bound + torch.where(a > 0, 1.0, -1.0) * 4 * torch.finfo(lo.dtype).eps * bound.abs()
             gh = torch.where(a > 0, torch.minimum(gh, bound), gh)
             gl = torch.where(a < 0, torch.maximum(gl, bound), gl)
-        empty = (gl > gh).any(1, keepdim=True)
+        rows = (spec.groups == g).to(low.device)
+        empty = (gl > gh).any(1, keepdim=True) | (low[:, rows] > margin).any(1, keepdim=True)
         out_lo = torch.where(empty, out_lo, torch.minimum(out_lo, gl))
         out_hi = torch.where(empty, out_hi, torch.maximum(out_hi, gh))
     proved = (out_lo > out_hi).any(1)
@@ -278,13 +287,15 @@ def clip_to_violations(spec: RowSpec, lo: Tensor, hi: Tensor, low: Tensor, A: Te
 @dataclass
 class _BoxBatch:
     """Boxes and their bounds: ``lo, hi [B, n_0]``, the rows' lower bounds ``low [B, N]``, the
-    rows' input coefficients ``A [B, N, n_0]`` and the intermediate boxes ``pre``."""
+    rows' input coefficients ``A [B, N, n_0]``, the intermediate boxes ``pre`` and the rows'
+    linear bounds that go with ``A``, ``lin [B, N]`` (:meth:`GraphBoxes.bound`)."""
 
     lo: Tensor
     hi: Tensor
     low: Tensor
     A: Tensor
     pre: Bounds
+    lin: Tensor
 
     def __len__(self) -> int:
         return self.lo.shape[0]
@@ -292,16 +303,17 @@ class _BoxBatch:
     def fitting(self, memory_mb: float) -> int:
         """How many boxes like these fit in ``memory_mb`` (the queue is copied when it grows:
         twice the bytes at worst)."""
-        per_box = sum(t[0].numel() * t.element_size() for t in [self.lo, self.hi, self.low, self.A, *(b for lu in self.pre for b in lu)])
+        per_box = sum(t[0].numel() * t.element_size() for t in [self.lo, self.hi, self.low, self.A, self.lin, *(b for lu in self.pre for b in lu)])
         return max(int(memory_mb * 2**20 / (2 * per_box)), 4)
 
     def pick(self, idx: Tensor | slice) -> "_BoxBatch":
-        return _BoxBatch(self.lo[idx], self.hi[idx], self.low[idx], self.A[idx], [(l[idx], u[idx]) for l, u in self.pre])
+        return _BoxBatch(self.lo[idx], self.hi[idx], self.low[idx], self.A[idx], [(l[idx], u[idx]) for l, u in self.pre], self.lin[idx])
 
     def cat(self, other: "_BoxBatch") -> "_BoxBatch":
         return _BoxBatch(torch.cat([self.lo, other.lo]), torch.cat([self.hi, other.hi]), torch.cat([self.low, other.low]),
                          torch.cat([self.A, other.A]),
-                         [(torch.cat([ql, l]), torch.cat([qu, u])) for (ql, qu), (l, u) in zip(self.pre, other.pre)])
+                         [(torch.cat([ql, l]), torch.cat([qu, u])) for (ql, qu), (l, u) in zip(self.pre, other.pre)],
+                         torch.cat([self.lin, other.lin]))
 
 
 def _children(net: GraphBoxes, spec: RowSpec, par: _BoxBatch, branching: str, root_w: Tensor, max_aspect: float) -> _BoxBatch:
@@ -326,7 +338,7 @@ def _bounded_children(net: GraphBoxes, spec: RowSpec, parents: _BoxBatch, split:
         kids = _children(net, spec, parents, *split)
     cm = spec.margin(kids.low)
     if clip:
-        kids.lo, kids.hi, proved = clip_to_violations(spec, kids.lo, kids.hi, kids.low, kids.A, margin)
+        kids.lo, kids.hi, proved = clip_to_violations(spec, kids.lo, kids.hi, kids.low, kids.A, kids.lin, margin)
         cm = torch.where(proved, math.inf, cm)
     if alpha_steps > 0:
         kids.low, cm = _alpha_nearest(net, spec, kids.lo, kids.hi, kids.pre, kids.low, cm, margin, alpha_frac, alpha_steps)
@@ -367,7 +379,7 @@ class _InputSearch:
         t = time.perf_counter()
         try:
             with torch.no_grad():
-                lower, A, pre = net.bound(spec, lo, hi, None)
+                lower, A, pre, lin = net.bound(spec, lo, hi, None)
         except DeadlineExpired:  # the root's pass still running at the deadline: no bound
             return self.finish("unknown", "timeout", -math.inf)
         self.root_pass_s = time.perf_counter() - t
@@ -380,7 +392,7 @@ class _InputSearch:
         cex = self.pgd(lo, hi, steps=50, restarts=5, deadline=deadline)
         if cex is not None:
             return self.finish("falsified", "counterexample", -math.inf, cex)
-        return _BoxBatch(lo, hi, lower, A, pre)
+        return _BoxBatch(lo, hi, lower, A, pre, lin)
 
     def falsify(self, kids: _BoxBatch, cm: Tensor, open_: Tensor, pgd: bool) -> Tensor | None:
         """A confirmed counterexample among the open children ``open_ [2k]`` (margins ``cm``):

@@ -98,6 +98,9 @@ class CrownResult:
     relaxations: dict[str, Relaxation] = field(default_factory=dict)
     #: the round-off weights of the nodes (:func:`node_weights`) of the graph the pass ended on
     weights: dict[str, Tensor | None] = field(default_factory=dict)
+    #: ``[B, N]``: the spec rows' linear bound alone (``lower`` is its max with the interval bound),
+    #: the constant that goes with the input coefficients a pass records (``out_record``)
+    linear_lower: Tensor | None = None
 
     def spec_lower(self) -> Tensor:
         """``lower`` of a pass that had spec rows ``C``."""
@@ -934,4 +937,4 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
     # optimiser of slopes / multipliers is not stuck where the interval bound is ahead at the start
     # (x - x is exactly 0 for finite x: the value is the max itself, not a re-rounded sum)
     grad_path = torch.where(torch.isfinite(low), low - low.detach(), torch.zeros_like(low))
-    return CrownResult(torch.maximum(low, ibp_low).detach() + grad_path, inter, relax)
+    return CrownResult(torch.maximum(low, ibp_low).detach() + grad_path, inter, relax, linear_lower=low.detach())
