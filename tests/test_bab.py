@@ -379,3 +379,15 @@ def test_clipping_takes_the_linear_bound_not_a_higher_interval_bound():
     clo, chi, proved = clip_to_violations(rs, lo, hi, torch.tensor([[-0.01]], dtype=torch.float64), A,
                                           torch.tensor([[-2.01]], dtype=torch.float64), 0.0)
     assert not bool(proved[0]) and float(clo) <= -0.1 and float(chi) >= 0.1
+
+
+def test_clipping_skips_an_undefined_bound():
+    """A row whose linear bound is undefined (NaN, e.g. ``inf - inf`` somewhere in the pass)
+    clips nothing: the box stays whole and unproved, never NaN."""
+    from relax.bab.input_split import clip_to_violations
+
+    rs = RowSpec(torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.tensor([0]))
+    lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    nan = torch.full((1, 1), math.nan, dtype=torch.float64)
+    clo, chi, proved = clip_to_violations(rs, lo, hi, nan, torch.ones(1, 1, 2, dtype=torch.float64), nan, 0.0)
+    assert torch.equal(clo, lo) and torch.equal(chi, hi) and not bool(proved[0])

@@ -19,6 +19,13 @@ class DeadlineExpired(RuntimeError):
     """Raised by :meth:`Deadline.check` once the deadline has passed."""
 
 
+def stop_past(stop_at: float | None, where: str) -> None:
+    """Raise :class:`DeadlineExpired` once the hard deadline ``stop_at`` (a ``perf_counter``
+    value; None: none) has passed: the step check of the backward passes (``where`` names the step)."""
+    if stop_at is not None and time.perf_counter() >= stop_at:
+        raise DeadlineExpired(f"{where}: past its deadline")
+
+
 class Deadline:
     """Seconds from now (``None``: no deadline), measured with ``time.perf_counter``.
 

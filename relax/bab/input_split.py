@@ -274,8 +274,9 @@ def clip_to_violations(spec: RowSpec, lo: Tensor, hi: Tensor, low: Tensor, A: Te
             safe = torch.where(a != 0, a, torch.ones_like(a))
             bound = (rest + err) / safe  # widened outward by the sums' round-off (then one relative ulp)
             bound = bound + torch.where(a > 0, 1.0, -1.0) * 4 * torch.finfo(lo.dtype).eps * bound.abs()
-            gh = torch.where(a > 0, torch.minimum(gh, bound), gh)
-            gl = torch.where(a < 0, torch.maximum(gl, bound), gl)
+            usable = torch.isfinite(bound)  # a NaN (an undefined bound) or an infinite cut clips nothing
+            gh = torch.where((a > 0) & usable, torch.minimum(gh, bound), gh)
+            gl = torch.where((a < 0) & usable, torch.maximum(gl, bound), gl)
         rows = (spec.groups == g).to(low.device)
         empty = (gl > gh).any(1, keepdim=True) | (low[:, rows] > margin).any(1, keepdim=True)
         out_lo = torch.where(empty, out_lo, torch.minimum(out_lo, gl))

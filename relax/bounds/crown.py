@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from verify.deadline import Deadline, DeadlineExpired
+from verify.deadline import Deadline, DeadlineExpired, stop_past
 from verify.precision import ieee_float32
 from verify.spec import InputSet, LpBall
 
@@ -175,8 +175,7 @@ def backward_form(
             A = extra[n.name] if A is None else A + extra[n.name]
         if A is None:
             continue
-        if stop_at is not None and time.perf_counter() >= stop_at:
-            raise DeadlineExpired(f"backward pass stopped at node {n.name!r}: past its deadline")
+        stop_past(stop_at, f"backward pass stopped at node {n.name!r}")
         if record is not None and n.name in record:
             record[n.name] = A.detach()
         w = None if weights is None else weights.get(n.name)

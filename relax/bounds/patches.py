@@ -29,7 +29,6 @@ replaces its lower line (:func:`slopes_gatherable`: ReLU).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,7 +40,7 @@ from relax.bounds.roundoff import SAFETY, gamma, max_abs
 from relax.ir.graph import BoundGraph
 from relax.ir.ops import Relaxation
 from relax.ir.ops.base import Activation
-from verify.deadline import DeadlineExpired
+from verify.deadline import stop_past
 from verify.spec import InputSet, LpBall
 
 __all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape",
@@ -354,8 +353,7 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, 
     bias = torch.zeros(R, dtype=dt, device=dev)
     err = torch.zeros(R, dtype=dt, device=dev)
     for name in plan.order:
-        if stop_at is not None and time.perf_counter() >= stop_at:
-            raise DeadlineExpired(f"patch pass stopped at node {name!r}: past its deadline")
+        stop_past(stop_at, f"patch pass stopped at node {name!r}")
         g, shape, node = plan.geometry[name], graph.shape(name), graph.by_name[name]
         at = _window_gather(g, chw_shape(shape), (H0, W0), bidx, pos)
         A = As.pop(name) * at(torch.ones(1, 1, *chw_shape(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding

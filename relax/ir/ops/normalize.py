@@ -99,9 +99,9 @@ class Normalize(Activation):
 
     def _ratio(self, c: Tensor, lx: Tensor, ux: Tensor) -> Tensor:
         """``t [S, B, *kept]``: about the largest ``t`` with ``min_box (c - t s) . x >= 0``."""
-        s = self.scale
-        t_lo, t_hi = (c / s).amin(dim=tuple(d + 2 for d in self.dims), keepdim=True), (c / s).amax(
-            dim=tuple(d + 2 for d in self.dims), keepdim=True)
+        s, dims = self.scale, tuple(d + 2 for d in self.dims)
+        q = c / s
+        t_lo, t_hi = q.amin(dim=dims, keepdim=True), q.amax(dim=dims, keepdim=True)
         for _ in range(BISECTION_STEPS):
             t = (t_lo + t_hi) / 2
             a = c - t * s
