@@ -535,3 +535,24 @@ def test_alpha_crown_with_shared_slopes_under_a_memory_cap(net_name):
         assert (small.lower <= v.amin(0) + 1e-9).all()
     finally:
         net.float()
+
+
+def test_alpha_crown_keeps_its_best_bound_when_a_step_is_undefined():
+    """The normalisation net at weight scale 10 on a box 1e-7 wide in float32: some alpha-CROWN
+    step's bounds are NaN (0/0 in a relaxation of a near-point box); the best bound kept is still
+    finite, at least CROWN's and sound on sampled points (before: NaN)."""
+    torch.manual_seed(0)
+    net = Normalizations()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(10.0)
+    net = torch.fx.symbolic_trace(net.eval())
+    torch.manual_seed(1)
+    x = torch.rand(2, 6)
+    S = Box(x - 1e-7, x + 1e-7)
+    C, d = spec_rows(3, 2, torch.float32)
+    lo_c, hi_c = bounds(net, S, C, d, method="crown", dtype=torch.float32)
+    lo, hi = bounds(net, S, C, d, method="alpha-crown", iterations=4, dtype=torch.float32)
+    assert torch.isfinite(lo).all() and torch.isfinite(hi).all()
+    assert (lo >= lo_c).all() and (hi <= hi_c).all()
+    check_sound(net, S, C, d, lo, hi, 0.0)

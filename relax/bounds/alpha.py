@@ -255,10 +255,11 @@ class _Ascent:
             with torch.enable_grad():
                 res = step_pass()
                 low = res.spec_lower()
+                # fmax / fmin: a step's undefined (NaN) bound is no information, not a bound that replaces the best
                 if self.tighten_boxes:
-                    self.boxes = {k: (torch.maximum(self.boxes[k][0], l.detach()), torch.minimum(self.boxes[k][1], h.detach()))
+                    self.boxes = {k: (torch.fmax(self.boxes[k][0], l.detach()), torch.fmin(self.boxes[k][1], h.detach()))
                                   for k, (l, h) in res.intermediate.items() if k in self.boxes}
-                self.best = torch.where(self.done_b.unsqueeze(1), self.best, torch.maximum(self.best, low.detach()))
+                self.best = torch.where(self.done_b.unsqueeze(1), self.best, torch.fmax(self.best, low.detach()))
                 self.done = it + 1
                 if self.stop_fn is not None:
                     self.done_b = self.done_b | self.stop_fn(self.best)
