@@ -683,3 +683,33 @@ def test_relu_search_fills_the_end_of_its_budget_with_smaller_rounds(monkeypatch
     # the rule itself: a round as long as the last (0.4 s for 16 domains) with 0.33 s left -> 6 domains; 0.02 s -> none
     assert act.smaller_round(16, 0.33, 0.4, 16) == 6 and act.smaller_round(4, 0.33, 0.4, 16) == 4
     assert act.smaller_round(16, 0.02, 0.4, 16) == 0
+
+
+def test_spec_pass_interval_bounds_and_roundoff_weights_stop_at_the_hard_deadline(monkeypatch):
+    """The rigorous spec pass computes the interval bounds and round-off weights of the nodes
+    not yet boxed before its backward pass; with a hard deadline that work stops at the first
+    node after it (carvana's UNet: 0.05-0.25 s of interval rules ran past a 6-s budget), raising
+    :class:`DeadlineExpired` like the backward steps do."""
+    import relax.bounds.crown as crown_mod
+    import relax.bounds.interval as interval_mod
+    from relax.bounds import prepare
+
+    torch.manual_seed(4)
+    layers: list[torch.nn.Module] = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(8, 8), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(8, 3)).double().eval()
+    x0 = torch.zeros(1, 8, dtype=torch.float64)
+    graph, _ = prepare(torch.fx.symbolic_trace(net), LpBall(x0, 0.1, math.inf), torch.float64)
+    boxes = interval_mod.interval_bounds(graph, x0 - 0.1, x0 + 0.1)
+    weights: dict = {}
+    crown_mod.node_weights(graph, boxes, weights)  # no deadline: every node's weight
+    assert set(weights) == {n.name for n in graph.nodes}
+    _slowed(monkeypatch, interval_mod, "node_box", 0.1)
+    _slowed(monkeypatch, crown_mod, "backward_weight", 0.1)
+    for step in (lambda at: interval_mod.interval_bounds(graph, x0 - 0.1, x0 + 0.1, stop_at=at),
+                 lambda at: crown_mod.node_weights(graph, boxes, {}, stop_at=at)):
+        t0 = time.perf_counter()
+        with pytest.raises(DeadlineExpired):
+            step(t0 + 0.05)
+        assert time.perf_counter() - t0 < 0.05 + 0.1 + 0.15  # one node past the deadline (running on: 13 nodes, 1.3 s)

@@ -230,12 +230,15 @@ def _through(n: BNode, A: Tensor, relax: dict[str, Relaxation], alphas: dict[str
     return n.op.backward(A)
 
 
-def node_weights(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], weights: dict[str, Tensor | None]) -> None:
+def node_weights(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], weights: dict[str, Tensor | None],
+                 stop_at: float | None = None) -> None:
     """Add to ``weights`` the round-off weight (:func:`relax.bounds.roundoff.backward_weight`) of every
-    node whose own and input boxes are in ``boxes`` and that has none yet."""
+    node whose own and input boxes are in ``boxes`` and that has none yet (``stop_at``: a hard
+    deadline, :class:`DeadlineExpired` before the first weight computed after it)."""
     for n in graph.nodes:
         if n.name in weights or n.name not in boxes or any(i not in boxes for i in n.inputs):
             continue
+        stop_past(stop_at, f"round-off weights stopped at node {n.name!r}")
         ins = [boxes[i] for i in n.inputs]
         n_terms = sum_length([b[0].shape[1:] for b in ins], n.shape)
         weights[n.name] = backward_weight(n.op, ins, n_terms, ins[0][0].dtype)
@@ -804,8 +807,8 @@ class _BoxPass:
         graph = self.graph
         weights: dict[str, Tensor | None] | None = None
         if rigorous:
-            boxes = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, done=self.ibp)
-            node_weights(graph, boxes, self.weights)
+            boxes = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, done=self.ibp, stop_at=stop_at)
+            node_weights(graph, boxes, self.weights, stop_at)
             ibp_low = box_row_bounds(C, *boxes[graph.output])
             weights = self.weights
         else:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from relax.ir.graph import BoundGraph
 from relax.bounds.roundoff import forward_error, sum_length
+from verify.deadline import stop_past
 
 __all__ = ["interval_bounds", "node_box"]
 
@@ -22,6 +23,7 @@ def interval_bounds(
     known: dict[str, tuple[Tensor, Tensor]] | None = None,
     upto: str | None = None,
     done: dict[str, tuple[Tensor, Tensor]] | None = None,
+    stop_at: float | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Boxes of every node.
 
@@ -32,6 +34,8 @@ def interval_bounds(
             the propagated ones (sound: both enclose the node's values).
         upto: stop after this node.
         done: boxes of nodes computed before (an earlier call's result), taken as they are.
+        stop_at: a hard deadline (``perf_counter`` value): :class:`verify.deadline.DeadlineExpired`
+            before the first node computed after it.
 
     Returns:
         ``{node: (lo, hi)}`` for the input and every node, each ``[B, *shape]``.
@@ -43,6 +47,7 @@ def interval_bounds(
             if n.name == upto:
                 break
             continue
+        stop_past(stop_at, f"interval bounds stopped at node {n.name!r}")
         l, h = node_box(n, [out[i] for i in n.inputs])
         if known is not None and n.name in known:
             kl, kh = known[n.name]
