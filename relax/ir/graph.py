@@ -12,6 +12,7 @@ flattened to ``[K]``. Unknown ops raise :class:`UnsupportedOperatorError` naming
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,18 @@ class BoundGraph:
                     seen.add(i)
                     todo.append(i)
         return seen
+
+    def prefix(self, name: str) -> "BoundGraph":
+        """The graph of node ``name``'s ancestors whose output is ``name``'s value, flattened
+        (``[N, *input_shape] -> [N, numel]``; the same ops, so the same values and bounds)."""
+        from relax.ir.ops.shape import Reshape
+
+        keep = self.ancestors(name)
+        shape = self.shape(name)
+        numel = math.prod(shape)
+        flat = BNode(f"{name}__flat", Reshape(shape, (numel,)), [name], (numel,))
+        return BoundGraph(self.input_name, self.input_shape, [n for n in self.nodes if n.name in keep] + [flat], flat.name,
+                          self.dtype, self.device)
 
     def forward(self, x: Tensor) -> Tensor:
         """Concrete evaluation of the bound graph, ``[N, *input_shape] -> [N, K]`` (a check

@@ -96,6 +96,10 @@ class BabOptions(Options):
     milp_after: float = option(0.1, "relu split on networks with one ReLU layer: share of the search time given to "
                                "branching before the exact MILP takes the rest (1: branching only)",
                                interval=(0.0, 1.0, "closed"))
+    narrow_max: int = option(16, "relu split: pre-activation layers of at most this many neurons, after unstable ReLUs "
+                             "and loose at the root, get their boxes tightened by input splitting first (0: never)")
+    narrow_share: float = option(0.3, "share of the time left that tightening narrow layers may use",
+                                 interval=(0.0, 1.0, "closed"))
     queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
                                     "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
 
@@ -304,6 +308,14 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     low = float(rs.margin(root_rows))
     if low > opts.margin:
         return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
+    narrow: dict = {}
+    if box_like and opts.narrow_max > 0 and opts.narrow_share > 0:
+        try:
+            root, root_rows, low, narrow = _narrowed_root(graph, x_set, rs, opts, root, root_rows, low, t0 + time_left)
+        except DeadlineExpired:
+            return BabResult("unknown", None, low, 1, reason="timeout", details={"stage": "graph-narrow-boxes"})
+        if low > opts.margin:
+            return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-narrow-boxes", "narrow": narrow})
     left = time_left - (time.perf_counter() - t0)
     if not (relu_inputs(graph) or interval_inputs(graph)) or left <= 0:
         return BabResult("unknown", None, low, 1, reason="timeout" if left <= 0 else "incomplete", details={"stage": "graph-alpha-crown"})
@@ -315,6 +327,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     if root_alphas is not None:  # per-row slopes follow the kept rows; one shared set (memory cap) serves them all
         root_alphas = {r: (a if a.shape[0] == 1 else a[rows.to(a.device)]) for r, a in root_alphas.items()}
     res = _search(search, opts, deadline, left, boxes, root_alphas, low)
+    if narrow:
+        res.details["narrow"] = narrow
     if res.status == "certified":
         res.lower = min(res.lower, proved_floor)
     elif res.status == "unknown":  # the root's bound holds too (a search stopped in its first pass has none)
@@ -366,6 +380,29 @@ def free_inputs(x_set: InputSet) -> int:
     collins_rul_cnn frees 2-16 of 400-800, nn4sys' pensieve 32 of 96)."""
     lo, hi = (b.reshape(b.shape[0], -1) for b in x_set.bounds())
     return int(((hi - lo) > 1e-6 * (1 + ((hi + lo) / 2).abs())).sum(1).max())
+
+
+def _narrowed_root(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, root, root_rows: Tensor, low: float, deadline: float):
+    """The root after tightening its narrow layers' boxes (:mod:`relax.bab.narrow_boxes`, in
+    ``narrow_share`` of the time left), then alpha-CROWN again within them (``bound_overrides``);
+    ``(root, root_rows, low, stats)``, the given root when no layer qualifies. Each row keeps the
+    better of its two bounds (both hold)."""
+    from relax.bab.narrow_boxes import refine_narrow_boxes
+    from relax.bounds.alpha import alpha_crown
+
+    now = time.perf_counter()
+    lo, hi = (b.reshape(-1) for b in x_set.bounds())
+    found = refine_narrow_boxes(graph, lo.to(graph.dtype), hi.to(graph.dtype), root.intermediate,
+                                now + opts.narrow_share * (deadline - now), max_neurons=opts.narrow_max, seed=opts.seed)
+    if not found.boxes:
+        return root, root_rows, low, {}
+    C, d = rs.batch(1)
+    left = deadline - time.perf_counter()
+    again = alpha_crown(graph, x_set, C.to(graph.dtype), iterations=20, early_stop=True,
+                        stop_fn=lambda lw: rs.margin(lw + d) > opts.margin, deadline=Deadline(ROOT_ALPHA_SHARE * left),
+                        forward=True, bound_overrides=found.boxes, stop_at=deadline)
+    rows = torch.maximum((again.lower + d)[0], root_rows)
+    return again, rows, max(low, float(rs.margin(rows))), found.stats
 
 
 def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, time_left: float, first_pass: FirstPass | None = None,

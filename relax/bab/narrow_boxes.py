@@ -1,0 +1,180 @@
+"""Tighter root boxes for narrow pre-activation layers, by input splitting on each of their neurons.
+
+CROWN's box of a pre-activation node ``z`` that comes after many unstable ReLUs can be several
+times wider than the values ``z`` takes, and every relaxation after ``z`` inherits that width
+(nn4sys's pensieve: the 6 logits before ``relu(z)^3`` and a weighted average, boxes 5x wider than
+their sampled ranges under 336 unstable convolution ReLUs; with the sampled ranges as boxes CROWN
+proves the property). When ``z`` has few neurons, each of its bounds is a small branch-and-bound
+problem of its own: on the graph prefix that ends at ``z`` (:meth:`relax.ir.graph.BoundGraph.prefix`)
+and over the same input box, input splitting (:func:`relax.bab.input_split.input_bab`) decides
+``z_i > t`` for ``t`` a little below the least value of ``z_i`` sampled (and ``z_i < t`` above the
+greatest). A proof gives the bound ``t`` on the whole box; a search stopped at its time share still
+gives its best lower bound; a counterexample (a point past ``t``) moves ``t`` past it and the
+search runs again. The caller intersects the boxes with the computed ones (both hold).
+
+Which nodes: inputs of nonlinear ops of at most ``max_neurons`` numbers, after at least one ReLU
+unstable at the root, whose root box is wider than :data:`LOOSE_RATIO` times their sampled range;
+of those, only the ones no other such node precedes (the later ones follow from them).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from relax.bab import RowSpec
+
+__all__ = ["NarrowBoxes", "narrow_nodes", "refine_narrow_boxes", "LOOSE_RATIO"]
+
+#: a node is refined only if its root box is wider than this many times its sampled range
+LOOSE_RATIO = 2.0
+#: random points of the input box that give the sampled ranges (and the first targets)
+SAMPLES = 512
+#: searches per bound: the first target, then targets past the counterexamples found
+TRIES = 3
+
+
+@dataclass
+class NarrowBoxes:
+    """What :func:`refine_narrow_boxes` found: ``boxes {node: (lo, hi) [1, *shape]}`` (only the
+    refined nodes; each box inside the root's), and ``stats`` (nodes, bounds proved / bounded /
+    left, searches retargeted past a counterexample, domains, seconds)."""
+
+    boxes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+def _values(graph, x: Tensor) -> dict[str, Tensor]:
+    """Every node's value at the inputs ``x [S, *input_shape]``."""
+    vals = {graph.input_name: x}
+    with torch.no_grad():
+        for n in graph.nodes:
+            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+    return vals
+
+
+def _unstable_relu_inputs(graph, boxes: dict[str, tuple[Tensor, Tensor]]) -> set[str]:
+    """ReLU input nodes whose root box crosses 0 (or that have no box)."""
+    from relax.bab.activation_split import relu_inputs
+
+    out = set()
+    for r, _ in relu_inputs(graph):
+        b = boxes.get(r)
+        if b is None or bool(((b[0] < 0) & (b[1] > 0)).any()):
+            out.add(r)
+    return out
+
+
+def narrow_nodes(graph, boxes: dict[str, tuple[Tensor, Tensor]], vals: dict[str, Tensor], max_neurons: int) -> list[str]:
+    """The nodes to refine (module docstring), in topological order; ``boxes``: the root's
+    boxes ``[1, *shape]``; ``vals``: sampled values ``[S, *shape]`` of every node."""
+    unstable = _unstable_relu_inputs(graph, boxes)
+    chosen: list[str] = []
+    for p in graph.preactivations():
+        if p == graph.input_name or p not in boxes or math.prod(graph.shape(p)) > max_neurons:
+            continue
+        anc = graph.ancestors(p)
+        if not (anc & unstable) or any(c in anc for c in chosen):
+            continue
+        lo, hi = boxes[p]
+        v = vals[p]
+        sampled = (v.amax(0) - v.amin(0)).reshape(-1)
+        width = (hi - lo).reshape(-1)
+        if bool((width > LOOSE_RATIO * sampled + 1e-9 * (1 + v.abs().amax(0).reshape(-1))).any()):
+            chosen.append(p)
+    return chosen
+
+
+def _outward(value: float, up: bool) -> float:
+    """``value`` moved two float64 steps away from the bound's side (the sum that made it rounded once)."""
+    to = math.inf if up else -math.inf
+    return float(np.nextafter(np.nextafter(value, to), to))
+
+
+def _one_bound(prefix, lo: Tensor, hi: Tensor, i: int, up: bool, extreme: float, spread: float, tol: float,
+               deadline: float, seed: int, stats: dict) -> float | None:
+    """A sound bound of neuron ``i`` of ``prefix``'s output over ``[lo, hi]``: below its values
+    (``up`` False) or above (True); None when no search bounded it. ``extreme``: the least
+    (greatest) value seen; ``spread``: the sampled range, which sets the target's distance."""
+    from relax.bab.input_split import GraphBoxes, input_bab
+
+    sgn = -1.0 if up else 1.0
+    K = math.prod(prefix.shape(prefix.output))
+    C = torch.zeros(1, K, dtype=prefix.dtype, device=lo.device)
+    C[0, i] = sgn
+    gap = tol * max(spread, 1e-6 * (1.0 + abs(extreme)))
+    for _ in range(TRIES):
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return None
+        t = extreme - sgn * gap  # the property sgn * (z_i - t) > 0
+        rs = RowSpec(C, torch.tensor([-sgn * t], dtype=prefix.dtype, device=lo.device), torch.zeros(1, dtype=torch.long))
+        res = input_bab(GraphBoxes(prefix, deadline=deadline), rs, lo, hi, timeout=left, margin=0.0, seed=seed)
+        stats["domains"] += res.domains
+        if res.status == "certified":  # sgn * (z_i - t) > 0 on the whole box
+            stats["proved"] += 1
+            return _outward(t, up)
+        if res.status == "falsified" and res.counterexample is not None:  # a point past t: aim past it
+            with torch.no_grad():
+                v = float(prefix.forward(res.counterexample.to(prefix.dtype).reshape(1, *prefix.input_shape)).reshape(-1)[i])
+            extreme = max(extreme, v) if up else min(extreme, v)
+            gap *= 2
+            stats["retargeted"] += 1
+            continue
+        if math.isfinite(res.lower):  # sgn * (z_i - t) >= lower on the whole box
+            stats["bounded"] += 1
+            return _outward(t + sgn * res.lower, up)
+        return None
+    return None
+
+
+def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Tensor, Tensor]], deadline: float, *,
+                        max_neurons: int = 16, tol: float = 0.03, seed: int = 0) -> NarrowBoxes:
+    """Refined root boxes of the narrow nodes (module docstring) by ``deadline`` (a
+    ``perf_counter`` value; each bound gets an equal share of the time left).
+
+    Args:
+        graph: the bound graph; lo, hi: the input box ``[n_0]`` (flat).
+        boxes: the root's boxes ``{node: (lo, hi) [1, *shape]}`` (CROWN / alpha-CROWN).
+        max_neurons: largest node refined; tol: a target's distance past the sampled extreme,
+            as a share of the sampled range.
+
+    Returns:
+        :class:`NarrowBoxes` (empty boxes when no node qualifies).
+    """
+    t0 = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.rand(SAMPLES, lo.numel(), generator=gen, dtype=lo.dtype).to(lo.device)
+    x = (lo + (hi - lo) * u).to(graph.dtype).reshape(SAMPLES, *graph.input_shape)
+    vals = _values(graph, x)
+    nodes = narrow_nodes(graph, boxes, vals, max_neurons)
+    out = NarrowBoxes(stats={"nodes": nodes, "proved": 0, "bounded": 0, "retargeted": 0, "domains": 0})
+    rows = [(p, i, up) for p in nodes for i in range(math.prod(graph.shape(p))) for up in (False, True)]
+    done = 0
+    for p in nodes:
+        prefix = graph.prefix(p)
+        v = vals[p].reshape(SAMPLES, -1)
+        vmin, vmax = v.amin(0), v.amax(0)
+        blo, bhi = (b.reshape(-1).clone() for b in boxes[p])
+        for i in range(v.shape[1]):
+            for up in (False, True):
+                share = (deadline - time.perf_counter()) / max(len(rows) - done, 1)
+                done += 1
+                spread = float(vmax[i] - vmin[i])
+                b = _one_bound(prefix, lo, hi, i, up, float(vmax[i] if up else vmin[i]), spread, tol,
+                               time.perf_counter() + share, seed, out.stats)
+                if b is None:
+                    continue
+                if up:
+                    bhi[i] = min(float(bhi[i]), b)
+                else:
+                    blo[i] = max(float(blo[i]), b)
+        shape = boxes[p][0].shape
+        out.boxes[p] = (blo.reshape(shape), bhi.reshape(shape))
+    out.stats["left"] = 2 * sum(math.prod(graph.shape(p)) for p in nodes) - out.stats["proved"] - out.stats["bounded"]
+    out.stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
