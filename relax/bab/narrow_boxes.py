@@ -34,6 +34,8 @@ __all__ = ["NarrowBoxes", "narrow_nodes", "refine_narrow_boxes", "LOOSE_RATIO"]
 LOOSE_RATIO = 2.0
 #: random points of the input box that give the sampled ranges (and the first targets)
 SAMPLES = 512
+#: most numbers the samples' node values may take (2**24: 128 MB in float64)
+SAMPLE_NUMBERS = 2**24
 #: searches per bound: the first target, then targets past the counterexamples found
 TRIES = 3
 
@@ -48,12 +50,13 @@ class NarrowBoxes:
     stats: dict = field(default_factory=dict)
 
 
-def _values(graph, x: Tensor) -> dict[str, Tensor]:
-    """Every node's value at the inputs ``x [S, *input_shape]``."""
+def _values(graph, x: Tensor, names: set[str]) -> dict[str, Tensor]:
+    """The values of the nodes ``names`` (closed under ancestors) at the inputs ``x [S, *input_shape]``."""
     vals = {graph.input_name: x}
     with torch.no_grad():
         for n in graph.nodes:
-            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+            if n.name in names:
+                vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
     return vals
 
 
@@ -69,16 +72,21 @@ def _unstable_relu_inputs(graph, boxes: dict[str, tuple[Tensor, Tensor]]) -> set
     return out
 
 
+def _structural(graph, boxes: dict[str, tuple[Tensor, Tensor]], max_neurons: int) -> list[str]:
+    """Pre-activation nodes of at most ``max_neurons`` numbers with a root box and a ReLU
+    unstable at the root among their ancestors, in topological order."""
+    unstable = _unstable_relu_inputs(graph, boxes)
+    return [p for p in graph.preactivations() if p != graph.input_name and p in boxes
+            and math.prod(graph.shape(p)) <= max_neurons and graph.ancestors(p) & unstable]
+
+
 def narrow_nodes(graph, boxes: dict[str, tuple[Tensor, Tensor]], vals: dict[str, Tensor], max_neurons: int) -> list[str]:
     """The nodes to refine (module docstring), in topological order; ``boxes``: the root's
-    boxes ``[1, *shape]``; ``vals``: sampled values ``[S, *shape]`` of every node."""
-    unstable = _unstable_relu_inputs(graph, boxes)
+    boxes ``[1, *shape]``; ``vals``: sampled values ``[S, *shape]`` of (at least) the nodes of
+    :func:`_structural`."""
     chosen: list[str] = []
-    for p in graph.preactivations():
-        if p == graph.input_name or p not in boxes or math.prod(graph.shape(p)) > max_neurons:
-            continue
-        anc = graph.ancestors(p)
-        if not (anc & unstable) or any(c in anc for c in chosen):
+    for p in _structural(graph, boxes, max_neurons):
+        if any(c in graph.ancestors(p) for c in chosen):
             continue
         lo, hi = boxes[p]
         v = vals[p]
@@ -147,17 +155,24 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
         :class:`NarrowBoxes` (empty boxes when no node qualifies).
     """
     t0 = time.perf_counter()
+    structural = _structural(graph, boxes, max_neurons)
+    if not structural:  # most networks: no sampling, no cost
+        return NarrowBoxes()
+    # the samples' values of the prefix that holds every candidate, at most SAMPLE_NUMBERS numbers in all
+    prefix_nodes = set().union(*(graph.ancestors(p) for p in structural))
+    per_sample = sum(n.numel for n in graph.nodes if n.name in prefix_nodes)
+    S = min(SAMPLES, max(16, SAMPLE_NUMBERS // max(per_sample, 1)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    u = torch.rand(SAMPLES, lo.numel(), generator=gen, dtype=lo.dtype).to(lo.device)
-    x = (lo + (hi - lo) * u).to(graph.dtype).reshape(SAMPLES, *graph.input_shape)
-    vals = _values(graph, x)
+    u = torch.rand(S, lo.numel(), generator=gen, dtype=lo.dtype).to(lo.device)
+    x = (lo + (hi - lo) * u).to(graph.dtype).reshape(S, *graph.input_shape)
+    vals = _values(graph, x, prefix_nodes)
     nodes = narrow_nodes(graph, boxes, vals, max_neurons)
     out = NarrowBoxes(stats={"nodes": nodes, "proved": 0, "bounded": 0, "retargeted": 0, "domains": 0})
     rows = [(p, i, up) for p in nodes for i in range(math.prod(graph.shape(p))) for up in (False, True)]
     done = 0
     for p in nodes:
         prefix = graph.prefix(p)
-        v = vals[p].reshape(SAMPLES, -1)
+        v = vals[p].reshape(S, -1)
         vmin, vmax = v.amin(0), v.amax(0)
         blo, bhi = (b.reshape(-1).clone() for b in boxes[p])
         for i in range(v.shape[1]):
