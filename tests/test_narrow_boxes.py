@@ -82,8 +82,16 @@ def test_refined_boxes_contain_samples_and_pgd_points(monkeypatch, case, seed):
     graph, lo, hi, boxes = _root(net, torch.rand(1, 6, dtype=torch.float64), 0.25)
     if case == "few_samples":
         monkeypatch.setattr(narrow_boxes, "SAMPLES", 2)
-    budget = 0.3 if case == "little_time" else 20.0
-    found = refine_narrow_boxes(graph, lo, hi, boxes, time.perf_counter() + budget, seed=seed)
+    if case != "searched":  # every bound searched (no giving up), whatever its searches' end
+        monkeypatch.setattr(narrow_boxes, "GIVE_UP_AFTER", 10**6)
+    if case == "little_time":  # each search stopped after 0.05 s: its best bound, not a proof, is used
+        import relax.bab.input_split as input_split
+
+        real = input_split.input_bab
+        monkeypatch.setattr(input_split, "input_bab", lambda *a, timeout, **k: real(*a, timeout=min(timeout, 0.05), **k))
+    found = refine_narrow_boxes(graph, lo, hi, boxes, time.perf_counter() + 20.0, seed=seed)
+    if case == "little_time":
+        assert found.stats["bounded"] > 0, found.stats
     assert len(found.boxes) == 1, found.stats  # z only: the sigmoid's output is no pre-activation after it
     (name, (blo, bhi)), = found.boxes.items()
     vals = _extremes(net, lo, hi)
@@ -95,6 +103,28 @@ def test_refined_boxes_contain_samples_and_pgd_points(monkeypatch, case, seed):
     if case == "searched":  # much tighter than CROWN's: within a few per cent of the points' range
         assert found.stats["proved"] >= 6, found.stats
         assert float((bhi - blo).sum()) < 0.6 * float((chi - clo).sum()), ((bhi - blo), (chi - clo))
+
+
+def test_stage_gives_its_time_back_when_the_first_searches_prove_nothing(monkeypatch):
+    """Searches that never prove (an input too wide for splitting): after ``GIVE_UP_AFTER`` of
+    them the stage stops, long before its deadline, and returns no box."""
+    import relax.bab.input_split as input_split
+    from relax.bab import BabResult
+
+    net = _Bottleneck(0).double()
+    graph, lo, hi, boxes = _root(net, torch.rand(1, 6, dtype=torch.float64), 0.25)
+    calls = []
+
+    def stuck(net_, spec, lo_, hi_, *, timeout, **kw):
+        calls.append(timeout)
+        time.sleep(0.05)
+        return BabResult("unknown", None, -math.inf, 7, reason="timeout")
+
+    monkeypatch.setattr(input_split, "input_bab", stuck)
+    t0 = time.perf_counter()
+    found = refine_narrow_boxes(graph, lo, hi, boxes, t0 + 30.0)
+    assert time.perf_counter() - t0 < 3.0 and len(calls) == narrow_boxes.GIVE_UP_AFTER
+    assert found.stats["given_up"] and not found.boxes, found.stats
 
 
 def _min_by_pgd(net: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> float:

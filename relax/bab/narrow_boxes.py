@@ -10,7 +10,9 @@ and over the same input box, input splitting (:func:`relax.bab.input_split.input
 ``z_i > t`` for ``t`` a little below the least value of ``z_i`` sampled (and ``z_i < t`` above the
 greatest). A proof gives the bound ``t`` on the whole box; a search stopped at its time share still
 gives its best lower bound; a counterexample (a point past ``t``) moves ``t`` past it and the
-search runs again. The caller intersects the boxes with the computed ones (both hold).
+search runs again. The caller intersects the boxes with the computed ones (both hold). When the
+first :data:`GIVE_UP_AFTER` searches prove nothing, the stage stops and leaves its time to the
+caller (the searches split the input: on wide inputs they rarely close).
 
 Which nodes: inputs of nonlinear ops of at most ``max_neurons`` numbers, after at least one ReLU
 unstable at the root, whose root box is wider than :data:`LOOSE_RATIO` times their sampled range;
@@ -36,6 +38,8 @@ LOOSE_RATIO = 2.0
 SAMPLES = 512
 #: most numbers the samples' node values may take (2**24: 128 MB in float64)
 SAMPLE_NUMBERS = 2**24
+#: bounds searched without a proof after which the stage stops (the rest of its time goes back)
+GIVE_UP_AFTER = 2
 #: searches per bound: the first target, then targets past the counterexamples found
 TRIES = 3
 
@@ -43,7 +47,7 @@ TRIES = 3
 @dataclass
 class NarrowBoxes:
     """What :func:`refine_narrow_boxes` found: ``boxes {node: (lo, hi) [1, *shape]}`` (only the
-    refined nodes; each box inside the root's), and ``stats`` (nodes, bounds proved / bounded /
+    nodes with a bound tighter than the root's; each box inside the root's), and ``stats`` (nodes, bounds proved / bounded /
     left, searches retargeted past a counterexample, domains, seconds)."""
 
     boxes: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -129,8 +133,9 @@ def _one_bound(prefix, lo: Tensor, hi: Tensor, i: int, up: bool, extreme: float,
         if res.status == "falsified" and res.counterexample is not None:  # a point past t: aim past it
             with torch.no_grad():
                 v = float(prefix.forward(res.counterexample.to(prefix.dtype).reshape(1, *prefix.input_shape)).reshape(-1)[i])
+            moved = abs(v - extreme)
             extreme = max(extreme, v) if up else min(extreme, v)
-            gap *= 2
+            gap = 2 * gap + moved  # aim as far past the new extreme as it moved
             stats["retargeted"] += 1
             continue
         if math.isfinite(res.lower):  # sgn * (z_i - t) >= lower on the whole box
@@ -171,12 +176,19 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
     rows = [(p, i, up) for p in nodes for i in range(math.prod(graph.shape(p))) for up in (False, True)]
     done = 0
     for p in nodes:
+        if done >= GIVE_UP_AFTER and not out.stats["proved"]:  # the searches do not close here: leave the time to the caller
+            out.stats["given_up"] = True
+            break
         prefix = graph.prefix(p)
         v = vals[p].reshape(S, -1)
         vmin, vmax = v.amin(0), v.amax(0)
         blo, bhi = (b.reshape(-1).clone() for b in boxes[p])
+        improved = False
         for i in range(v.shape[1]):
             for up in (False, True):
+                if done >= GIVE_UP_AFTER and not out.stats["proved"]:
+                    out.stats["given_up"] = True
+                    break
                 share = (deadline - time.perf_counter()) / max(len(rows) - done, 1)
                 done += 1
                 spread = float(vmax[i] - vmin[i])
@@ -184,12 +196,14 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
                                time.perf_counter() + share, seed, out.stats)
                 if b is None:
                     continue
+                improved |= b < float(bhi[i]) if up else b > float(blo[i])
                 if up:
                     bhi[i] = min(float(bhi[i]), b)
                 else:
                     blo[i] = max(float(blo[i]), b)
-        shape = boxes[p][0].shape
-        out.boxes[p] = (blo.reshape(shape), bhi.reshape(shape))
+        if improved:
+            shape = boxes[p][0].shape
+            out.boxes[p] = (blo.reshape(shape), bhi.reshape(shape))
     out.stats["left"] = 2 * sum(math.prod(graph.shape(p)) for p in nodes) - out.stats["proved"] - out.stats["bounded"]
     out.stats["seconds"] = round(time.perf_counter() - t0, 3)
     return out

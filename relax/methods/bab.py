@@ -100,6 +100,8 @@ class BabOptions(Options):
                              "and loose at the root, get their boxes tightened by input splitting first (0: never)")
     narrow_share: float = option(0.3, "share of the time left that tightening narrow layers may use",
                                  interval=(0.0, 1.0, "closed"))
+    narrow_max_inputs: int = option(64, "most free input coordinates for which narrow layers are tightened (their "
+                                    "searches split the input)", positive=True)
     queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
                                     "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
 
@@ -309,7 +311,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     if low > opts.margin:
         return BabResult("certified", None, low, 1, reason="proved", details={"stage": "graph-alpha-crown"})
     narrow: dict = {}
-    if box_like and opts.narrow_max > 0 and opts.narrow_share > 0:
+    if box_like and opts.narrow_max > 0 and opts.narrow_share > 0 and free_inputs(x_set) <= opts.narrow_max_inputs:
         try:
             root, root_rows, low, narrow = _narrowed_root(graph, x_set, rs, opts, root, root_rows, low, t0 + time_left)
         except DeadlineExpired:
