@@ -47,7 +47,7 @@ from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
 FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
-            "normalize")
+            "normalize", "bottleneck")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -202,6 +202,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))
+    elif family == "bottleneck":  # 20 inputs, ReLU layers of 12, a 4-neuron layer before a sigmoid: bab tightens narrow boxes
+        shape = (20,)
+        net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4), nn.Sigmoid(), nn.Linear(4, 3))
     elif family in ("smooth", "attention", "transformer", "normalize"):
         shape = (3,)
         net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block, "normalize": _Normalized}[family](3, 3)

@@ -66,6 +66,22 @@ def test_no_false_answer_on_normalizations():
     assert res["crown"]["witness_inside"] >= 5 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
 
 
+def test_no_false_answer_with_narrow_layers_tightened(monkeypatch):
+    """20 inputs, ReLU layers of 12 and a 4-neuron layer before a sigmoid (the ``bottleneck``
+    family) at weight scales 1 and 1e2: ``bab`` splits ReLUs after tightening the narrow layers'
+    boxes by input splitting (the stage ran: counted), and gives no false answer."""
+    import relax.bab.narrow_boxes as narrow_boxes
+
+    ran = []
+    real = narrow_boxes.refine_narrow_boxes
+    monkeypatch.setattr(narrow_boxes, "refine_narrow_boxes", lambda *a, **k: ran.append(1) or real(*a, **k))
+    fz = _fuzz()
+    res = fz.run(3, seed=69, methods=["bab"], scales=(1.0, 1e2), families=("bottleneck",), slow_every=1, timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0 and ran, (res, len(ran))
+
+
 def test_no_false_answer_on_convolutional_layers_bounded_by_patches(monkeypatch):
     """The conv family (two convolutions in a row, BatchNorm, a residual add, pooling) at weight
     scale 1e3: CROWN's intermediate rows go through the patch pass (checked), and neither CROWN
