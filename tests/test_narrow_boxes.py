@@ -71,18 +71,24 @@ def test_prefix_graph_gives_the_node_values():
         assert torch.allclose(graph.prefix(z_node).forward(x), net.z(torch.relu(net.b(torch.relu(net.a(x))))), atol=1e-12)
 
 
-@pytest.mark.parametrize("case", ["searched", "few_samples", "little_time"])
+@pytest.mark.parametrize("case", ["searched", "few_samples", "little_time", "scale_1e3"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_refined_boxes_contain_samples_and_pgd_points(monkeypatch, case, seed):
     """Proofs (``searched``), targets past a counterexample (``few_samples``: 2 samples set the
     first targets, so the searches start below the true extremes) and searches stopped by the
     time share (``little_time``: their best bounds) all give boxes around every point."""
     net = _Bottleneck(seed).double()
+    if case == "scale_1e3":  # weights and biases 1000x: the bounds and their round-off grow with them
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.mul_(1e3)
+                    m.bias.mul_(1e3)
     torch.manual_seed(seed + 10)
     graph, lo, hi, boxes = _root(net, torch.rand(1, 6, dtype=torch.float64), 0.25)
     if case == "few_samples":
         monkeypatch.setattr(narrow_boxes, "SAMPLES", 2)
-    if case != "searched":  # every bound searched (no giving up), whatever its searches' end
+    if case in ("few_samples", "little_time"):  # every bound searched (no giving up), whatever its searches' end
         monkeypatch.setattr(narrow_boxes, "GIVE_UP_AFTER", 10**6)
     if case == "little_time":  # each search stopped after 0.05 s: its best bound, not a proof, is used
         import relax.bab.input_split as input_split
@@ -100,7 +106,7 @@ def test_refined_boxes_contain_samples_and_pgd_points(monkeypatch, case, seed):
     assert (blo >= clo).all() and (bhi <= chi).all()
     if case == "few_samples":  # the first targets were past the extremes: counterexamples moved them
         assert found.stats["retargeted"] > 0, found.stats
-    if case == "searched":  # much tighter than CROWN's: within a few per cent of the points' range
+    if case in ("searched", "scale_1e3"):  # much tighter than CROWN's: within a few per cent of the points' range
         assert found.stats["proved"] >= 6, found.stats
         assert float((bhi - blo).sum()) < 0.6 * float((chi - clo).sum()), ((bhi - blo), (chi - clo))
 

@@ -24,7 +24,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,16 +53,6 @@ class NarrowBoxes:
     stats: dict = field(default_factory=dict)
 
 
-def _values(graph, x: Tensor, names: set[str]) -> dict[str, Tensor]:
-    """The values of the nodes ``names`` (closed under ancestors) at the inputs ``x [S, *input_shape]``."""
-    vals = {graph.input_name: x}
-    with torch.no_grad():
-        for n in graph.nodes:
-            if n.name in names:
-                vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
-    return vals
-
-
 def _unstable_relu_inputs(graph, boxes: dict[str, tuple[Tensor, Tensor]]) -> set[str]:
     """ReLU input nodes whose root box crosses 0 (or that have no box)."""
     from relax.bab.activation_split import relu_inputs
@@ -76,21 +65,22 @@ def _unstable_relu_inputs(graph, boxes: dict[str, tuple[Tensor, Tensor]]) -> set
     return out
 
 
-def _structural(graph, boxes: dict[str, tuple[Tensor, Tensor]], max_neurons: int) -> list[str]:
+def _structural(graph, boxes: dict[str, tuple[Tensor, Tensor]], max_neurons: int) -> dict[str, set[str]]:
     """Pre-activation nodes of at most ``max_neurons`` numbers with a root box and a ReLU
-    unstable at the root among their ancestors, in topological order."""
+    unstable at the root among their ancestors, in topological order, with their ancestors."""
     unstable = _unstable_relu_inputs(graph, boxes)
-    return [p for p in graph.preactivations() if p != graph.input_name and p in boxes
-            and math.prod(graph.shape(p)) <= max_neurons and graph.ancestors(p) & unstable]
+    small = [p for p in graph.preactivations() if p != graph.input_name and p in boxes and math.prod(graph.shape(p)) <= max_neurons]
+    return {p: anc for p in small if (anc := graph.ancestors(p)) & unstable}
 
 
-def narrow_nodes(graph, boxes: dict[str, tuple[Tensor, Tensor]], vals: dict[str, Tensor], max_neurons: int) -> list[str]:
+def narrow_nodes(graph, boxes: dict[str, tuple[Tensor, Tensor]], vals: dict[str, Tensor], max_neurons: int,
+                 structural: dict[str, set[str]] | None = None) -> list[str]:
     """The nodes to refine (module docstring), in topological order; ``boxes``: the root's
     boxes ``[1, *shape]``; ``vals``: sampled values ``[S, *shape]`` of (at least) the nodes of
-    :func:`_structural`."""
+    :func:`_structural` (``structural``: its result, if computed already)."""
     chosen: list[str] = []
-    for p in _structural(graph, boxes, max_neurons):
-        if any(c in graph.ancestors(p) for c in chosen):
+    for p, anc in (structural if structural is not None else _structural(graph, boxes, max_neurons)).items():
+        if any(c in anc for c in chosen):
             continue
         lo, hi = boxes[p]
         v = vals[p]
@@ -104,7 +94,7 @@ def narrow_nodes(graph, boxes: dict[str, tuple[Tensor, Tensor]], vals: dict[str,
 def _outward(value: float, up: bool) -> float:
     """``value`` moved two float64 steps away from the bound's side (the sum that made it rounded once)."""
     to = math.inf if up else -math.inf
-    return float(np.nextafter(np.nextafter(value, to), to))
+    return math.nextafter(math.nextafter(value, to), to)
 
 
 def _one_bound(prefix, lo: Tensor, hi: Tensor, i: int, up: bool, extreme: float, spread: float, tol: float,
@@ -164,16 +154,17 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
     if not structural:  # most networks: no sampling, no cost
         return NarrowBoxes()
     # the samples' values of the prefix that holds every candidate, at most SAMPLE_NUMBERS numbers in all
-    prefix_nodes = set().union(*(graph.ancestors(p) for p in structural))
+    prefix_nodes = set().union(*structural.values())
     per_sample = sum(n.numel for n in graph.nodes if n.name in prefix_nodes)
     S = min(SAMPLES, max(16, SAMPLE_NUMBERS // max(per_sample, 1)))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     u = torch.rand(S, lo.numel(), generator=gen, dtype=lo.dtype).to(lo.device)
     x = (lo + (hi - lo) * u).to(graph.dtype).reshape(S, *graph.input_shape)
-    vals = _values(graph, x, prefix_nodes)
-    nodes = narrow_nodes(graph, boxes, vals, max_neurons)
+    with torch.no_grad():
+        vals = graph.values(x, prefix_nodes)
+    nodes = narrow_nodes(graph, boxes, vals, max_neurons, structural)
     out = NarrowBoxes(stats={"nodes": nodes, "proved": 0, "bounded": 0, "retargeted": 0, "domains": 0})
-    rows = [(p, i, up) for p in nodes for i in range(math.prod(graph.shape(p))) for up in (False, True)]
+    n_bounds = 2 * sum(math.prod(graph.shape(p)) for p in nodes)
     done = 0
     for p in nodes:
         if done >= GIVE_UP_AFTER and not out.stats["proved"]:  # the searches do not close here: leave the time to the caller
@@ -189,7 +180,7 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
                 if done >= GIVE_UP_AFTER and not out.stats["proved"]:
                     out.stats["given_up"] = True
                     break
-                share = (deadline - time.perf_counter()) / max(len(rows) - done, 1)
+                share = (deadline - time.perf_counter()) / max(n_bounds - done, 1)
                 done += 1
                 spread = float(vmax[i] - vmin[i])
                 b = _one_bound(prefix, lo, hi, i, up, float(vmax[i] if up else vmin[i]), spread, tol,
@@ -204,6 +195,6 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
         if improved:
             shape = boxes[p][0].shape
             out.boxes[p] = (blo.reshape(shape), bhi.reshape(shape))
-    out.stats["left"] = 2 * sum(math.prod(graph.shape(p)) for p in nodes) - out.stats["proved"] - out.stats["bounded"]
+    out.stats["left"] = n_bounds - out.stats["proved"] - out.stats["bounded"]
     out.stats["seconds"] = round(time.perf_counter() - t0, 3)
     return out

@@ -117,13 +117,19 @@ class BoundGraph:
         return BoundGraph(self.input_name, self.input_shape, [n for n in self.nodes if n.name in keep] + [flat], flat.name,
                           self.dtype, self.device)
 
+    def values(self, x: Tensor, names: set[str] | None = None) -> dict[str, Tensor]:
+        """Every node's value at the inputs ``x [N, *input_shape]`` (``names``: only these nodes,
+        a set closed under :meth:`ancestors`), the input's included."""
+        vals = {self.input_name: x}
+        for n in self.nodes:
+            if names is None or n.name in names:
+                vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
+        return vals
+
     def forward(self, x: Tensor) -> Tensor:
         """Concrete evaluation of the bound graph, ``[N, *input_shape] -> [N, K]`` (a check
         that the graph means the same as the module)."""
-        vals = {self.input_name: x}
-        for n in self.nodes:
-            vals[n.name] = n.op.forward(*[vals[i] for i in n.inputs])
-        return vals[self.output]
+        return self.values(x)[self.output]
 
 
 class _Recorder(torch.fx.Interpreter):
