@@ -269,9 +269,10 @@ def test_run_spec_with_a_torch_model_confirms_in_its_dtype(ulp_instance, tmp_pat
 
 @pytest.mark.parametrize("with_violation", [False, True])
 def test_many_boxes_are_bounded_together_first(tmp_path, with_violation):
-    """An instance with many boxes (nn4sys: up to 60,000) is first bounded by CROWN on all boxes
-    at once; what that proves is unsat without a per-box search, and a box that holds a
-    violation is still found (sat, confirmed)."""
+    """An instance with many boxes (nn4sys: up to 60,000) of few free inputs is first split and
+    bounded on all boxes at once (:mod:`relax.bab.many_boxes`); what that proves is unsat without
+    a per-box search, and a box that holds a violation is found there (sat, confirmed by
+    onnxruntime)."""
     onnx_path = _onnx_identity(tmp_path / "id.onnx")
     boxes = [(float(k), k + 0.5) for k in range(30)]
     if with_violation:
@@ -279,12 +280,39 @@ def test_many_boxes_are_bounded_together_first(tmp_path, with_violation):
     spec = tmp_path / "many.vnnlib"
     spec.write_text(_spec(boxes, "(>= Y_0 50.0)"))
     res = run_instance(onnx_path, spec, 60)
+    stages = [c.details.get("stage") for c in res.certificates]
     if with_violation:
-        assert res.result == "sat" and 100.0 <= res.x[0] <= 101.0
-        assert [c.details.get("stage") for c in res.certificates[:17]] == ["batched-crown"] * 17
+        assert res.result == "sat" and 100.0 <= res.x[0] <= 101.0 and res.stage == "batched-split"
+        assert stages == ["batched-split"] * 18 and res.certificates[-1].details["confirmed_by"] == "onnxruntime"
     else:
-        assert res.result == "unsat"
-        assert len(res.certificates) == 30 and all(c.details.get("stage") == "batched-crown" for c in res.certificates)
+        assert res.result == "unsat" and len(res.certificates) == 30 and stages == ["batched-split"] * 30
+
+
+@pytest.mark.parametrize("with_violation", [False, True])
+def test_many_boxes_of_many_free_inputs_are_bounded_together_by_crown(with_violation):
+    """Boxes with more free inputs than the batched splitting serves (8 > ``SPLIT_MAX_FREE``) are
+    bounded by CROWN all at once instead; a violating box is still found by its own search."""
+    from verify.instance import SPLIT_MAX_FREE
+
+    net = torch.nn.Linear(8, 2)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.weight[0, 0] = 1.0
+        net.bias.zero_()
+    n = 8
+    assert n > SPLIT_MAX_FREE
+    boxes = [(float(k), k + 0.5) for k in range(30)]
+    if with_violation:
+        boxes[17] = (100.0, 101.0)
+    txt = "".join(f"(declare-const X_{i} Real)\n" for i in range(n)) + "(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+    txt += "(assert (or " + " ".join("(and " + " ".join(f"(>= X_{i} {lo}) (<= X_{i} {hi})" for i in range(n)) + ")"
+                                     for lo, hi in boxes) + "))\n(assert (>= Y_0 50.0))\n"
+    res = run_instance(net, txt, 60)
+    stages = [c.details.get("stage") for c in res.certificates]
+    if with_violation:
+        assert res.result == "sat" and 100.0 <= res.x[0] <= 101.0 and stages[:17] == ["batched-crown"] * 17
+    else:
+        assert res.result == "unsat" and stages == ["batched-crown"] * 30
 
 
 class _SlowMatch:

@@ -133,14 +133,27 @@ def decide(
     answers: list[str] = []
     stages: list[str] = []
     res = InstanceResult("unknown", 0.0, boxes=len(props))
-    proved = _batched_crown(net, props, shape, device, deadline) if method == "bab" and len(props) >= BATCHED_MIN_BOXES else {}
+    proved: dict[int, Any] = {}
+    candidates: dict[int, torch.Tensor] = {}
+    if method == "bab" and len(props) >= BATCHED_MIN_BOXES:
+        few, many = _by_free_inputs(props)
+        proved, candidates = _split_boxes(net, few, shape, device, deadline, (options or {}).get("margin", 1e-6))
+        proved.update(_batched_crown(net, many, shape, device, deadline))
     for i in range(len(props)):
         if i in proved:
             _record(res, proved[i], on_box)
             res.per_box.append({"status": "certified", "reason": None, "time_s": round(proved[i].time_s, 3)})
-            stages.append("batched-crown")
+            stages.append(str(proved[i].details["stage"]))
             answers.append("unsat")
             continue
+        if i in candidates:
+            c, ok = _confirmed_candidate(props[i], candidates[i], runner, method, i, shape)
+            if ok is not None:
+                assert ok.y is not None
+                _record(res, c, on_box)
+                res.per_box.append({"status": c.status, "reason": None, "time_s": 0.0})
+                res.result, res.x, res.y, res.stage = "sat", ok.x.tolist(), ok.y.tolist(), SPLIT_STAGE
+                break
         share = None
         if deadline is not None:
             left = deadline - time.perf_counter()
@@ -188,26 +201,89 @@ def _record(res: InstanceResult, c: Any, on_box: Callable[[Any], None] | None) -
         on_box(c)
 
 
-#: an instance with at least this many boxes first bounds them all together by CROWN
+#: an instance with at least this many boxes first bounds them all together (split or by CROWN)
 BATCHED_MIN_BOXES = 8
 #: the most boxes per batched CROWN call
 BATCHED_CHUNK = 4096
+#: the share of the time left that the batched stages may take (the rest: the per-box searches)
+BATCHED_SHARE = 0.8
+#: the most pieces a box is split into by the batched input splitting (:mod:`relax.bab.many_boxes`)
+SPLIT_MAX_PIECES = 64
+#: ... which serves boxes of at most this many free inputs: log2 of the pieces, so that each free
+#: input can be halved at least once; boxes with more go to the batched CROWN pass
+SPLIT_MAX_FREE = int(math.log2(SPLIT_MAX_PIECES))
+SPLIT_STAGE = "batched-split"
 
 
-def _batched_crown(net: torch.nn.Module, props: Sequence[Any], shape: tuple[int, ...], device: str,
-                   deadline: float | None) -> dict[int, Any]:
-    """CROWN on all boxes of an instance at once (chunks of a batch of boxes with the same spec
-    rows, :class:`~verify.vnnlib.VnnlibBoxes`), within 80 % of the time left: ``{box index:
-    certified Certificate}``. The boxes it proves need no per-box search (nn4sys: 10,000-60,000
-    boxes a file, each a few milliseconds alone)."""
-    from .api import certify
+def _by_free_inputs(props: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """The batches of boxes (:class:`~verify.vnnlib.VnnlibBoxes`) with at most
+    :data:`SPLIT_MAX_FREE` free inputs (``lo < hi``) and the others."""
+    from relax.bounds.forward import free_count
     from .vnnlib import VnnlibProperties
 
+    few: list[Any] = []
+    many: list[Any] = []
+    for b in VnnlibProperties.from_properties(props).batches:
+        (few if free_count(b.input_lo, b.input_hi) <= SPLIT_MAX_FREE else many).append(b)
+    return few, many
+
+
+def _split_boxes(net: torch.nn.Module, batches: Sequence[Any], shape: tuple[int, ...], device: str, deadline: float | None,
+                 margin: float) -> tuple[dict[int, Any], dict[int, torch.Tensor]]:
+    """Input splitting of all boxes of ``batches`` together (:func:`relax.bab.many_boxes.split_many_boxes`,
+    float64) within :data:`BATCHED_SHARE` of the time left: ``{box index: certified Certificate}``
+    and ``{box index: candidate counterexample [n_in]}`` (unconfirmed)."""
+    from relax.bab.many_boxes import split_many_boxes
+    from relax.ir.graph import get_graph
+    from .certificate import Certificate
+
     t0 = time.perf_counter()
-    budget = None if deadline is None else 0.8 * (deadline - t0)
+    stop_at = math.inf if deadline is None else t0 + BATCHED_SHARE * (deadline - t0)
+    proved: dict[int, Any] = {}
+    cands: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        if time.perf_counter() >= stop_at:
+            break
+        graph = get_graph(net, shape, torch.float64)
+        t_b = time.perf_counter()
+        r = split_many_boxes(graph, batch.input_lo.to(device), batch.input_hi.to(device), batch.C.to(device),
+                             batch.d.to(device), batch.groups, stop_at=stop_at, margin=margin, max_pieces=SPLIT_MAX_PIECES)
+        each = (time.perf_counter() - t_b) / max(1, len(batch))
+        for m in r.proved.nonzero().flatten().tolist():
+            i = int(batch.index[m])
+            proved[i] = Certificate(method="bab", guarantee="deterministic", status="certified", index=i, norm="box",
+                                    time_s=each, details={"stage": SPLIT_STAGE, "reason": "proved"})
+        cands.update({int(batch.index[m]): x.cpu() for m, x in r.candidates.items()})
+    return proved, cands
+
+
+def _confirmed_candidate(p: Any, x: torch.Tensor, runner: Runner, method: str, i: int, shape: tuple[int, ...]
+                         ) -> tuple[Any, Confirmation | None]:
+    """A box's candidate counterexample from :func:`_split_boxes`, confirmed by ``runner``: the
+    falsified certificate and the confirmation, or ``(None, None)``."""
+    from .certificate import Certificate
+
+    ok = confirm(runner, x, p.input_lo, p.input_hi, p.spec)
+    if not ok.ok:
+        return None, None
+    c = Certificate(method=method, guarantee="deterministic", status="falsified", index=i, norm="box",
+                    counterexample=ok.x.reshape(shape).tolist(), details={"stage": SPLIT_STAGE, "confirmed_by": runner.kind})
+    return c, ok
+
+
+def _batched_crown(net: torch.nn.Module, batches: Sequence[Any], shape: tuple[int, ...], device: str,
+                   deadline: float | None) -> dict[int, Any]:
+    """CROWN on all boxes of ``batches`` at once (chunks of a batch of boxes with the same spec
+    rows, :class:`~verify.vnnlib.VnnlibBoxes`), within :data:`BATCHED_SHARE` of the time left:
+    ``{box index: certified Certificate}``. The boxes it proves need no per-box search (nn4sys:
+    10,000-60,000 boxes a file, each a few milliseconds alone)."""
+    from .api import certify
+
+    t0 = time.perf_counter()
+    budget = None if deadline is None else BATCHED_SHARE * (deadline - t0)
     out: dict[int, Any] = {}
     size = 16  # chunks start small and grow while they take at most a fifth of what is left
-    for batch in VnnlibProperties.from_properties(props).batches:
+    for batch in batches:
         s = 0
         while s < len(batch):
             left = None if budget is None else budget - (time.perf_counter() - t0)

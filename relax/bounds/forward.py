@@ -43,21 +43,49 @@ __all__ = ["forward_bounds", "FORWARD_KINDS"]
 #: affine op kinds whose linear part this module applies to coefficient columns
 FORWARD_KINDS = ("linear", "conv", "conv_transpose", "elementwise affine", "add", "reduce", "reshape", "permute", "select")
 
-#: a node's forms ``(L, U)``, each ``[B, n_0 + 1, *shape]``: the input's coefficients, then the constant
+#: a node's forms ``(L, U)``, each ``[B, n_0 + 1, *shape]``: the coefficients of the ``n_0`` free
+#: inputs (:func:`free_columns`), then the constant
 Forms = tuple[Tensor, Tensor]
+
+
+def free_count(lo: Tensor, hi: Tensor) -> int:
+    """The most free inputs (``lo < hi``) of any box of the batch ``lo, hi [B, *input_shape]``."""
+    return int((hi > lo).reshape(lo.shape[0], -1).sum(1).max()) if lo.numel() else 0
+
+
+def free_columns(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The input's forms over its free inputs: ``(ident [B, k + 1, *input_shape], zlo, zhi [B, k])``
+    with ``k`` = :func:`free_count`. Column ``j < k`` of box ``b`` is the unit vector of its
+    ``j``-th free input (zero past its own count), whose range is ``[zlo, zhi][b, j]`` (0 for the
+    padding); the last column holds the fixed inputs' values (``lo = hi``) and 0 at the free ones,
+    so ``x = sum_j ident[:, j] z_j + ident[:, k]`` exactly. VNN-COMP's nn4sys boxes fix 151-153
+    of 154 inputs; an l_inf ball frees every input (``k = n``, the identity)."""
+    B, shape = lo.shape[0], lo.shape[1:]
+    lo_f, hi_f = lo.reshape(B, -1), hi.reshape(B, -1)
+    free = hi_f > lo_f
+    k = free_count(lo, hi)
+    order = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :k]  # each box's free inputs first, in order
+    used = torch.gather(free, 1, order)  # [B, k]: a real column, not padding
+    cols = torch.zeros(B, k, lo_f.shape[1], dtype=lo.dtype, device=lo.device)
+    cols.scatter_(2, order.unsqueeze(2), used.to(lo.dtype).unsqueeze(2))
+    const = torch.where(free, torch.zeros_like(lo_f), lo_f).unsqueeze(1)
+    zero = torch.zeros((), dtype=lo.dtype, device=lo.device)
+    zlo = torch.where(used, torch.gather(lo_f, 1, order), zero)
+    zhi = torch.where(used, torch.gather(hi_f, 1, order), zero)
+    return torch.cat([cols, const], 1).reshape(B, k + 1, *shape), zlo, zhi
 
 
 def forward_bounds(graph: BoundGraph, lo: Tensor, hi: Tensor,
                    known: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Boxes ``{node: (lo, hi)}`` (``[B, *shape]``) of the input and every node from forward
     linear bounds over the input box ``lo, hi [B, *input_shape]``, each intersected with the
-    node's interval box and with ``known`` (tighter boxes, e.g. branch-and-bound's)."""
-    B = lo.shape[0]
-    n0 = math.prod(graph.input_shape)
-    lo_f, hi_f = lo.reshape(B, n0), hi.reshape(B, n0)
+    node's interval box and with ``known`` (tighter boxes, e.g. branch-and-bound's).
+
+    The forms' columns are the box's *free* inputs (``lo < hi``; :func:`free_columns`): an input
+    fixed by its box is a number, folded into the constant column."""
+    ident, lo_f, hi_f = free_columns(lo, hi)
+    n0 = lo_f.shape[1]
     mx = max_abs(lo_f, hi_f)
-    eye = torch.eye(n0, dtype=lo.dtype, device=lo.device).reshape(1, n0, *graph.input_shape).expand(B, -1, *graph.input_shape)
-    ident = torch.cat([eye, torch.zeros(B, 1, *graph.input_shape, dtype=lo.dtype, device=lo.device)], 1)
     forms: dict[str, Forms] = {graph.input_name: (ident, ident)}
     boxes = {graph.input_name: (lo, hi)}
     last_use = {i: k for k, n in enumerate(graph.nodes) for i in n.inputs}  # forms are freed after their last consumer
@@ -116,6 +144,8 @@ def _step(n, ins: list[Forms], in_boxes: list[tuple[Tensor, Tensor]], mx: Tensor
     op = n.op
     if not finite(*[t for f in ins for t in f]):
         return None
+    if op.kind == "product":
+        return None if op.matmul else _product(n, ins, in_boxes, mx, n0)
     if op.nonlinear:
         if not getattr(op, "elementwise", False) or len(ins) != 1:
             return None
@@ -190,6 +220,33 @@ def _pad(t: Tensor, rank: int) -> Tensor:
     return t.reshape(t.shape[0], t.shape[1], *([1] * (rank - (t.dim() - 2))), *t.shape[2:])
 
 
+def _per_example(t: Tensor, rank: int) -> Tensor:
+    """A box ``[B, *shape]`` as ``[B, 1, *ones, *shape]`` with ``rank`` per-example dims (broadcasts against forms)."""
+    return t.reshape(t.shape[0], 1, *([1] * (rank - (t.dim() - 1))), *t.shape[1:])
+
+
+def _product(n, ins: list[Forms], in_boxes: list[tuple[Tensor, Tensor]], mx: Tensor, n0: int) -> Forms | None:
+    """Through an elementwise product ``x * y`` (broadcasting) by its McCormick planes on the
+    inputs' boxes (:mod:`relax.ir.ops.product`): ``x y >= ly x + lx y - lx ly`` and
+    ``x y <= uy x + lx y - lx uy``, each term's sign choosing which form of ``x`` / ``y`` bounds it."""
+    (lx, ux), (ly, uy) = in_boxes
+    if not finite(lx, ux, ly, uy):
+        return None
+    r = len(n.shape)
+    (Lx, Ux), (Ly, Uy) = ((_pad(L, r), _pad(U, r)) for L, U in ins)
+    lx_, ly_, uy_ = (_per_example(t, r) for t in (lx, ly, uy))
+    pos = lambda t: t.clamp(min=0)  # noqa: E731
+    neg = lambda t: t.clamp(max=0)  # noqa: E731
+    Ln = pos(ly_) * Lx + neg(ly_) * Ux + pos(lx_) * Ly + neg(lx_) * Uy
+    Un = pos(uy_) * Ux + neg(uy_) * Lx + pos(lx_) * Uy + neg(lx_) * Ly
+    Ln[:, n0] = Ln[:, n0] - (lx_ * ly_)[:, 0]
+    Un[:, n0] = Un[:, n0] - (lx_ * uy_)[:, 0]
+    # each number is a sum of at most three rounded products: gamma_3 times the terms' sizes over the box
+    sx, sy = (_per_example(_size(f, mx, n0), r)[:, 0] for f in ins)
+    a, c = _per_example(torch.maximum(ly.abs(), uy.abs()), r)[:, 0], lx_[:, 0].abs()
+    return _widen(Ln, Un, SAFETY * gamma(3, Ln.dtype) * (a * sx + c * sy + c * a), n0)
+
+
 def _activation(n, f: Forms, box: tuple[Tensor, Tensor], mx: Tensor, n0: int) -> Forms | None:
     """Through an elementwise activation's relaxation lines on the input's box."""
     l, h = box
@@ -210,7 +267,7 @@ def _activation(n, f: Forms, box: tuple[Tensor, Tensor], mx: Tensor, n0: int) ->
     return _widen(Ln, Un, SAFETY * g * (slope * _size(f, mx, n0) + r.lb.abs() + r.ub.abs() + max_abs(l, h)), n0)
 
 
-#: forward bounds serve as a CROWN pass's boxes when the input has at most this many numbers
+#: forward bounds serve as a CROWN pass's boxes when the boxes have at most this many free inputs
 #: (``n_0 + 1`` columns per node against one backward pass per unstable neuron)
 MAX_INPUTS = 32
 #: ... and some pre-activation has at least this many neurons per column: below, CROWN's own
@@ -225,11 +282,12 @@ CHUNK_ELEMENTS = 2**22
 
 def forward_boxes(graph: BoundGraph, lo: Tensor, hi: Tensor, known: dict[str, tuple[Tensor, Tensor]] | None = None
                   ) -> dict[str, tuple[Tensor, Tensor]] | None:
-    """:func:`forward_bounds` of the pre-activations for networks with at most :data:`MAX_INPUTS`
-    inputs, some nonlinear op and a pre-activation of at least :data:`MIN_WIDTH_PER_COLUMN`
-    ``* (n_0 + 1)`` neurons (else None), computed in chunks of the batch; ``known``: boxes
-    ``[B, *shape]`` to intersect with."""
-    n0 = math.prod(graph.input_shape)
+    """:func:`forward_bounds` of the pre-activations for boxes with at most :data:`MAX_INPUTS`
+    free inputs (``n_0``, :func:`free_count`: the others fixed by the box) on networks with some
+    nonlinear op and a pre-activation of at least :data:`MIN_WIDTH_PER_COLUMN` ``* (n_0 + 1)``
+    neurons (else None), computed in chunks of the batch; ``known``: boxes ``[B, *shape]`` to
+    intersect with."""
+    n0 = free_count(lo, hi)
     if n0 > MAX_INPUTS or not graph.activations():
         return None
     if max(math.prod(graph.shape(p)) for p in graph.preactivations()) < MIN_WIDTH_PER_COLUMN * (n0 + 1):
