@@ -8,8 +8,10 @@ a search's set-up per box. Here the pieces of every box travel together:
 * each round bounds every open piece in chunks of one batch: forward linear bounds over the
   piece's *free* inputs (:func:`relax.bounds.forward.forward_bounds`, a few columns per node),
   whose boxes serve one CROWN pass of the property rows (``crown(..., intermediate=...)``: no
-  intermediate backward pass); measured on mscn_128d 2 ms a piece against 15-35 ms for a CROWN
-  pass, and as tight on pieces of a split box (the same 120 boxes proved at 16 pieces each);
+  intermediate backward pass), or a CROWN pass, whichever was faster on the first chunk
+  (:func:`_faster_way`); measured on mscn_128d the former takes 2 ms a piece against 23-35 ms for
+  a CROWN pass, and is as tight on pieces of a split box (the same 120 boxes proved at 16 pieces
+  each);
 * a piece is proved when its margin lower bound (:class:`~relax.bab.RowSpec`: every group has
   a row ``> 0``) exceeds ``margin``; the others are evaluated at their centre (a centre whose
   output violates the property is a *candidate* counterexample of its box, for the caller to
@@ -34,6 +36,7 @@ from relax.bab import RowSpec
 from relax.bounds.crown import crown
 from relax.bounds.forward import forward_bounds
 from relax.ir.graph import BoundGraph
+from verify.deadline import DeadlineExpired
 from verify.spec import Box
 
 __all__ = ["ManyBoxesResult", "split_many_boxes", "bound_pieces"]
@@ -55,13 +58,36 @@ class ManyBoxesResult:
     rounds: int = 0
 
 
-def bound_pieces(graph: BoundGraph, lo: Tensor, hi: Tensor, C: Tensor, d: Tensor) -> Tensor:
+def bound_pieces(graph: BoundGraph, lo: Tensor, hi: Tensor, C: Tensor, d: Tensor, how: str = "forward",
+                 stop_at: float | None = None) -> Tensor:
     """Rigorous lower bounds ``[P, N]`` of ``C y + d`` (``C [P, N, K]``, ``d [P, N]``) over the boxes
-    ``lo, hi [P, *input_shape]``: forward linear bounds' boxes, then one CROWN pass of the rows."""
+    ``lo, hi [P, *input_shape]``. ``how``: ``"forward"``, forward linear bounds' boxes and one
+    CROWN pass of the rows within them; ``"crown"``, a CROWN pass (each pre-activation bounded by
+    its own backward rows, dead ReLUs pruned). ``stop_at``: :class:`~verify.deadline.DeadlineExpired`
+    from a CROWN pass still running then."""
     with torch.no_grad():
+        if how == "crown":
+            return crown(graph, Box(lo, hi), C, prune=True, stop_at=stop_at).spec_lower() + d
         boxes = forward_bounds(graph, lo, hi)
         inter = {p: boxes[p] for p in graph.preactivations() if p != graph.input_name}
-        return crown(graph, Box(lo, hi), C, intermediate=inter).spec_lower() + d
+        return crown(graph, Box(lo, hi), C, intermediate=inter, stop_at=stop_at).spec_lower() + d
+
+
+def _faster_way(graph: BoundGraph, lo: Tensor, hi: Tensor, C: Tensor, d: Tensor, stop_at: float) -> tuple[str, Tensor]:
+    """Bound the pieces both ways of :func:`bound_pieces`, the CROWN pass stopped once it takes
+    longer than the forward one: the faster way and the larger of the bounds ``[P, N]`` (both
+    sound). Which is faster depends on the network: lindex (one input, 128-neuron layers) 0.09 ms a
+    box by CROWN against 0.23 ms forward; mscn_128d (154 inputs, 1-3 free; products by masks) 23-35
+    ms against 2 ms."""
+    t0 = time.perf_counter()
+    low = bound_pieces(graph, lo, hi, C, d, "forward", stop_at)
+    t1 = time.perf_counter()
+    try:
+        low_c = bound_pieces(graph, lo, hi, C, d, "crown", min(stop_at, t1 + (t1 - t0)))
+    except DeadlineExpired:
+        return "forward", low
+    way = "crown" if time.perf_counter() - t1 < t1 - t0 else "forward"
+    return way, torch.maximum(low, low_c)
 
 
 def split_many_boxes(
@@ -80,52 +106,87 @@ def split_many_boxes(
     ``groups [N]``) by splitting them together until ``stop_at`` (``perf_counter`` value); see the
     module docstring. Boxes still open at ``stop_at`` are neither proved nor given up."""
     M = lo.shape[0]
-    dev, dt = lo.device, graph.dtype
-    spec = RowSpec(C[0], d[0], groups.to(dev)) if M else None
-    lo, hi, C, d = lo.to(dt), hi.to(dt), C.to(dt), d.to(dt)
-    root_w = hi - lo
-    owner = torch.arange(M, device=dev)
-    plo, phi = lo, hi
-    alive = torch.ones(M, dtype=torch.bool, device=dev)  # not yet given up nor falsified
-    given_up = torch.zeros(M, dtype=torch.bool, device=dev)
-    cands: dict[int, Tensor] = {}
-    pieces = rounds = 0
+    dt = graph.dtype
+    s = _Search(graph, C.to(dt), d.to(dt), groups.to(lo.device), stop_at, margin, M)
+    root_w = (hi - lo).to(dt)
+    plo, phi, owner = lo.to(dt), hi.to(dt), torch.arange(M, device=lo.device)
+    given_up = torch.zeros(M, dtype=torch.bool, device=lo.device)
+    rounds = 0
     while owner.numel() and time.perf_counter() < stop_at:
         rounds += 1
-        by_free = torch.argsort((phi > plo).sum(1), stable=True)  # a chunk's forms have as many columns as its freest piece
-        plo, phi, owner = plo[by_free], phi[by_free], owner[by_free]
-        keep_lo, keep_hi, keep_own = [], [], []
-        for s in range(0, owner.numel(), CHUNK):
-            if time.perf_counter() >= stop_at:
-                keep_lo.append(plo[s:])
-                keep_hi.append(phi[s:])
-                keep_own.append(owner[s:])
-                break
-            o, l, h = owner[s:s + CHUNK], plo[s:s + CHUNK], phi[s:s + CHUNK]
-            low = bound_pieces(graph, l.reshape(-1, *graph.input_shape), h.reshape(-1, *graph.input_shape), C[o], d[o])
-            pieces += o.numel()
-            open_ = ~(_margin(spec, low) > margin)
-            o, l, h = o[open_], l[open_], h[open_]
-            bad = _violating_centres(graph, spec, l, h, C[o], d[o])
-            for i in torch.unique(o[bad]).tolist():
-                if alive[i]:
-                    cands[i] = ((l + h) / 2)[bad & (o == i)][0]
-                    alive[i] = False
-            keep_lo.append(l)
-            keep_hi.append(h)
-            keep_own.append(o)
-        plo, phi, owner = torch.cat(keep_lo), torch.cat(keep_hi), torch.cat(keep_own)
-        plo, phi, owner = _drop(plo, phi, owner, alive)
+        plo, phi, owner = s.round(plo, phi, owner)
         if time.perf_counter() >= stop_at:
             break
         plo, phi, owner, stuck = _halve(plo, phi, owner, root_w)
         over = torch.bincount(owner, minlength=M) > max_pieces
         over[stuck] = True
-        given_up |= over & alive
-        alive &= ~over
-        plo, phi, owner = _drop(plo, phi, owner, alive)
+        given_up |= over & s.alive
+        s.alive &= ~over
+        plo, phi, owner = _drop(plo, phi, owner, s.alive)
     has_open = torch.bincount(owner, minlength=M) > 0
-    return ManyBoxesResult(alive & ~has_open, cands, given_up, pieces, rounds)
+    return ManyBoxesResult(s.alive & ~has_open, s.cands, given_up, s.pieces, rounds)
+
+
+#: the first chunk's pieces (both ways of bounding are timed on it); later chunks grow to a tenth
+#: of the time left at the last chunk's pace, up to CHUNK
+FIRST_CHUNK = 128
+
+
+class _Search:
+    """The state shared by the rounds: the rows of every box, which boxes are still ``alive``
+    (not given up, no candidate found), the candidates, the way of bounding and the pace."""
+
+    def __init__(self, graph: BoundGraph, C: Tensor, d: Tensor, groups: Tensor, stop_at: float, margin: float, M: int):
+        self.graph, self.C, self.d, self.stop_at, self.margin = graph, C, d, stop_at, margin
+        self.spec = RowSpec(C[0], d[0], groups) if M else None
+        self.alive = torch.ones(M, dtype=torch.bool, device=groups.device)
+        self.cands: dict[int, Tensor] = {}
+        self.way: str | None = None  # chosen on the first chunk (_faster_way)
+        self.pieces = 0
+        self.chunk = FIRST_CHUNK
+
+    def round(self, plo: Tensor, phi: Tensor, owner: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Bound every piece ``[P, n_in]`` (chunks, until ``stop_at``): the pieces still open, of
+        the boxes still alive (those not reached by ``stop_at`` included)."""
+        by_free = torch.argsort((phi > plo).sum(1), stable=True)  # a chunk's forms have as many columns as its freest piece
+        plo, phi, owner = plo[by_free], phi[by_free], owner[by_free]
+        kept: list[tuple[Tensor, Tensor, Tensor]] = []
+        s = 0
+        while s < owner.numel():
+            t0 = time.perf_counter()
+            e = s + self.chunk
+            got = self._chunk(plo[s:e], phi[s:e], owner[s:e]) if t0 < self.stop_at else None
+            if got is None:  # past the deadline: the rest stays open
+                kept.append((plo[s:], phi[s:], owner[s:]))
+                break
+            kept.append(got)
+            pace = (time.perf_counter() - t0) / max(1, min(e, owner.numel()) - s)
+            self.chunk = int(min(CHUNK, max(FIRST_CHUNK, 0.1 * (self.stop_at - time.perf_counter()) / max(pace, 1e-9))))
+            s = e
+        plo, phi, owner = (torch.cat(t) for t in zip(*kept))
+        return _drop(plo, phi, owner, self.alive)
+
+    def _chunk(self, l: Tensor, h: Tensor, o: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The open pieces of one chunk (None: stopped by the deadline); violating centres become
+        their boxes' candidates."""
+        g, C, d = self.graph, self.C[o], self.d[o]
+        lo_s, hi_s = l.reshape(-1, *g.input_shape), h.reshape(-1, *g.input_shape)
+        try:
+            if self.way is None:
+                self.way, low = _faster_way(g, lo_s, hi_s, C, d, self.stop_at)
+            else:
+                low = bound_pieces(g, lo_s, hi_s, C, d, self.way, self.stop_at)
+        except DeadlineExpired:
+            return None
+        self.pieces += o.numel()
+        open_ = ~(_margin(self.spec, low) > self.margin)
+        o, l, h = o[open_], l[open_], h[open_]
+        bad = _violating_centres(g, self.spec, l, h, self.C[o], self.d[o])
+        for i in torch.unique(o[bad]).tolist():
+            if self.alive[i]:
+                self.cands[i] = ((l + h) / 2)[bad & (o == i)][0]
+                self.alive[i] = False
+        return l, h, o
 
 
 def _margin(spec: RowSpec | None, low: Tensor) -> Tensor:
