@@ -114,18 +114,23 @@ def test_crown_within_forward_boxes_is_sound(name, monkeypatch):
 
 def test_forward_boxes_only_for_few_inputs_and_wide_layers():
     """The size rule: an ACAS-Xu-sized MLP (5 inputs, 50-neuron layers) keeps plain CROWN; the
-    same inputs before a 2,000-neuron layer get forward boxes; 40 inputs never do."""
+    same inputs before a 2,000-neuron layer get forward boxes; 40 free inputs never do, 40 inputs
+    of which the box fixes 35 do."""
     from relax.bounds.forward import forward_boxes
 
-    def boxes(n_in: int, width: int):
+    def boxes(n_in: int, width: int, free: int | None = None):
         net = nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, 3)).double().eval()
         graph = build_graph(torch.fx.symbolic_trace(net), (n_in,), torch.float64)
         lo = torch.zeros(1, n_in, dtype=torch.float64)
-        return forward_boxes(graph, lo, lo + 0.1)
+        hi = lo + 0.1
+        if free is not None:  # the box fixes the other inputs
+            hi[:, free:] = lo[:, free:]
+        return forward_boxes(graph, lo, hi)
 
     assert boxes(5, 50) is None
     assert boxes(5, 2000) is not None
     assert boxes(40, 20000) is None
+    assert boxes(40, 2000, free=5) is not None  # the rule counts the free inputs
 
 
 def test_forward_boxes_serve_a_ball_by_its_bounding_box(monkeypatch):

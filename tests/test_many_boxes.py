@@ -172,3 +172,24 @@ def test_a_past_deadline_proves_nothing_and_returns_at_once():
     r = split_many_boxes(graph, lo, hi, torch.ones(16, 1, 1, dtype=torch.float64), torch.full((16, 1), 1e9, dtype=torch.float64),
                          torch.zeros(1, dtype=torch.long), stop_at=t0)
     assert time.perf_counter() - t0 < 0.5 and not r.proved.any() and r.pieces == 0
+
+
+def test_boxes_at_float_resolution_are_never_proved_wrongly():
+    """Boxes whose free inputs are a few ulps wide (float64), with ``t`` just above the output at
+    the box's centre: the property is false at the centre, so the box must never be proved; the
+    centre (or a piece's) is a candidate, or the box is given up when its pieces cannot be halved."""
+    net, graph = _graph(1e3)
+    lo, _ = _boxes(12, 9)
+    hi = lo.clone()
+    for m in range(12):
+        j = 3 + m % 2  # a free feature of the first row
+        hi[m, j] = lo[m, j]
+        for _ in range(4):
+            hi[m, j] = torch.nextafter(hi[m, j], torch.tensor(10.0, dtype=torch.float64))
+    with torch.no_grad():
+        y = net(((lo + hi) / 2).reshape(-1, 4, 5)).squeeze(1)
+    t = y + torch.finfo(torch.float64).eps * y.abs().clamp(min=1.0) * 4
+    r = split_many_boxes(graph, lo, hi, torch.ones(12, 1, 1, dtype=torch.float64), -t.unsqueeze(1),
+                         torch.zeros(1, dtype=torch.long), stop_at=time.perf_counter() + 30)
+    assert not r.proved.any()
+    assert (r.given_up | torch.tensor([m in r.candidates for m in range(12)])).all()

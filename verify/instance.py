@@ -137,7 +137,7 @@ def decide(
     candidates: dict[int, torch.Tensor] = {}
     if method == "bab" and len(props) >= BATCHED_MIN_BOXES:
         few, many = _by_free_inputs(props)
-        proved, candidates = _split_boxes(net, few, shape, device, deadline, (options or {}).get("margin", 1e-6))
+        proved, candidates = _split_boxes(net, few, shape, device, deadline, options)
         proved.update(_batched_crown(net, many, shape, device, deadline))
     for i in range(len(props)):
         if i in proved:
@@ -229,13 +229,17 @@ def _by_free_inputs(props: Sequence[Any]) -> tuple[list[Any], list[Any]]:
 
 
 def _split_boxes(net: torch.nn.Module, batches: Sequence[Any], shape: tuple[int, ...], device: str, deadline: float | None,
-                 margin: float) -> tuple[dict[int, Any], dict[int, torch.Tensor]]:
+                 options: dict | None) -> tuple[dict[int, Any], dict[int, torch.Tensor]]:
     """Input splitting of all boxes of ``batches`` together (:func:`relax.bab.many_boxes.split_many_boxes`,
-    float64) within :data:`BATCHED_SHARE` of the time left: ``{box index: certified Certificate}``
-    and ``{box index: candidate counterexample [n_in]}`` (unconfirmed)."""
+    float64, with ``bab``'s ``margin`` option) within :data:`BATCHED_SHARE` of the time left:
+    ``{box index: certified Certificate}`` and ``{box index: candidate counterexample [n_in]}``
+    (unconfirmed)."""
     from relax.bab.many_boxes import split_many_boxes
     from relax.ir.graph import get_graph
+    from relax.methods.bab import BabOptions
     from .certificate import Certificate
+
+    margin = float((options or {}).get("margin", BabOptions.defaults()["margin"]))
 
     t0 = time.perf_counter()
     stop_at = math.inf if deadline is None else t0 + BATCHED_SHARE * (deadline - t0)
