@@ -193,3 +193,26 @@ def test_boxes_at_float_resolution_are_never_proved_wrongly():
                          torch.zeros(1, dtype=torch.long), stop_at=time.perf_counter() + 30)
     assert not r.proved.any()
     assert (r.given_up | torch.tensor([m in r.candidates for m in range(12)])).all()
+
+
+def test_chunks_keep_the_forward_forms_within_the_element_cap(monkeypatch):
+    """Large networks get small chunks: with the cap lowered to 2,000 numbers every batch of
+    pieces has at most ``cap / ((free + 1) * widest node)`` pieces (at least one), and the boxes
+    proved are those of the uncapped run."""
+    import relax.bab.many_boxes as mb
+
+    net, graph = _graph()
+    M = 12
+    lo, hi = _boxes(M, 11)
+    ymin, _ = _thresholds(net, lo, hi, 300)
+    C, d = torch.ones(M, 1, 1, dtype=torch.float64), -(ymin - 0.05).unsqueeze(1)
+    groups = torch.zeros(1, dtype=torch.long)
+    free_run = split_many_boxes(graph, lo, hi, C, d, groups, stop_at=time.perf_counter() + 60)
+    sizes = []
+    real = mb.bound_pieces
+    monkeypatch.setattr(mb, "bound_pieces", lambda g, l, h, *a, **k: sizes.append((l.shape[0], free_count(l, h))) or real(g, l, h, *a, **k))
+    monkeypatch.setattr(mb, "CHUNK_ELEMENTS", 2_000)
+    capped = split_many_boxes(graph, lo, hi, C, d, groups, stop_at=time.perf_counter() + 60)
+    widest = max(n.numel for n in graph.nodes)
+    assert sizes and all(p == 1 or p * (k + 1) * widest <= 2_000 for p, k in sizes)
+    assert torch.equal(capped.proved, free_run.proved) and int(capped.proved.sum()) > 0

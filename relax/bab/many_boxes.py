@@ -34,14 +34,15 @@ from torch import Tensor
 
 from relax.bab import RowSpec
 from relax.bounds.crown import crown
-from relax.bounds.forward import forward_bounds
+from relax.bounds.forward import CHUNK_ELEMENTS, forward_bounds
 from relax.ir.graph import BoundGraph
 from verify.deadline import DeadlineExpired
 from verify.spec import Box
 
 __all__ = ["ManyBoxesResult", "split_many_boxes", "bound_pieces"]
 
-#: pieces bounded per batch (forward forms ``[chunk, free + 1, widest node]``)
+#: the most pieces bounded per batch (and the forward forms ``[chunk, free + 1, widest node]`` at most
+#: :data:`relax.bounds.forward.CHUNK_ELEMENTS` numbers)
 CHUNK = 1024
 
 
@@ -144,17 +145,21 @@ class _Search:
         self.way: str | None = None  # chosen on the first chunk (_faster_way)
         self.pieces = 0
         self.chunk = FIRST_CHUNK
+        self.widest = max([math.prod(graph.input_shape)] + [n.numel for n in graph.nodes])
 
     def round(self, plo: Tensor, phi: Tensor, owner: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Bound every piece ``[P, n_in]`` (chunks, until ``stop_at``): the pieces still open, of
         the boxes still alive (those not reached by ``stop_at`` included)."""
-        by_free = torch.argsort((phi > plo).sum(1), stable=True)  # a chunk's forms have as many columns as its freest piece
+        free = (phi > plo).sum(1)
+        by_free = torch.argsort(free, stable=True)  # a chunk's forms have as many columns as its freest piece
         plo, phi, owner = plo[by_free], phi[by_free], owner[by_free]
+        # the forms of the widest node stay within CHUNK_ELEMENTS numbers (large networks: small chunks)
+        cap = max(1, CHUNK_ELEMENTS // ((int(free.max()) + 1) * self.widest)) if owner.numel() else 1
         kept: list[tuple[Tensor, Tensor, Tensor]] = []
         s = 0
         while s < owner.numel():
             t0 = time.perf_counter()
-            e = s + self.chunk
+            e = s + min(self.chunk, cap)
             got = self._chunk(plo[s:e], phi[s:e], owner[s:e]) if t0 < self.stop_at else None
             if got is None:  # past the deadline: the rest stays open
                 kept.append((plo[s:], phi[s:], owner[s:]))
