@@ -321,6 +321,31 @@ def test_input_split_drops_strong_branching_when_root_passes_are_slow(monkeypatc
     assert seen and set(seen) == {"smear"}
 
 
+def test_strong_branching_bounds_only_the_free_inputs_children(monkeypatch):
+    """A box that fixes one of three inputs: strong branching bounds the children of the two free
+    inputs only (4 per box, not 6), and no child is split along the fixed input."""
+    import relax.bab.input_split as isp
+
+    model = _mlp(3, (3, 16, 16, 3))
+    net = _dense(model, 3)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    rs = RowSpec(C, torch.full((2,), 5.0, dtype=torch.float64), torch.tensor([0, 1]))  # a margin the root cannot prove
+    sizes: list[int] = []
+    real_bound = GraphBoxes.bound
+
+    def spy(self, spec, lo, hi, prior):
+        if prior is not None:
+            sizes.append(lo.shape[0])
+            assert torch.equal(lo[:, 1], hi[:, 1])  # the fixed input stays fixed
+        return real_bound(self, spec, lo, hi, prior)
+
+    monkeypatch.setattr(GraphBoxes, "bound", spy)
+    lo = torch.tensor([-1.0, 0.25, -1.0], dtype=torch.float64)
+    hi = torch.tensor([1.0, 0.25, 1.0], dtype=torch.float64)
+    isp.input_bab(net, rs, lo, hi, timeout=1.0, branching="strong", batch_size=1, check_point=lambda x: False)
+    assert sizes and set(sizes) == {4}
+
+
 @pytest.mark.parametrize("seed", [0, 4, 5])  # nets where some boxes fail, some hold and some are clipped
 def test_clipped_boxes_keep_every_violating_point(seed):
     """Input-domain clipping (:func:`relax.bab.input_split.clip_to_violations`) from the CROWN

@@ -39,7 +39,7 @@ __all__ = ["input_bab", "GraphBoxes"]
 
 #: the share of the queue's memory cap above which the boxes closest to proved go first
 FULL_QUEUE = 0.8
-#: strong branching bounds ``2 n_0`` children per box: it is replaced by smear branching when that
+#: strong branching bounds ``2 n_0`` children per box (``n_0`` free inputs): it is replaced by smear branching when that
 #: many passes at the root's pace would take more than this share of the budget (a large network:
 #: the cGAN generators' root pass takes seconds, ACAS Xu's milliseconds)
 STRONG_BRANCHING_SHARE = 0.05
@@ -154,8 +154,8 @@ def _split(
     """Halve each of the ``k`` boxes along one dimension and bound the ``2k`` children.
 
     ``branching="smear"`` picks the dimension by :func:`_branch_dim`; ``"strong"`` bounds the
-    children of every candidate dimension (all of them for ``n_0 <= 8``, else the 3 best by
-    smear plus the relatively widest), bounds all their children and keeps the split whose
+    children of every candidate dimension (every free input of the root box when there are at most
+    8, else the 3 best by smear plus the relatively widest), bounds all their children and keeps the split whose
     worse child is best (strong branching; the chosen children keep the bounds computed here).
     Either way a dimension more than ``max_aspect`` times narrower (relative to the root box)
     than the box's widest is not split.
@@ -168,8 +168,11 @@ def _split(
     if branching == "smear":
         cand = _branch_dim(spec, p_low, p_A, p_lo, p_hi, root_w, max_aspect=max_aspect).unsqueeze(0)  # [1, k]
     elif branching == "strong":
-        if n0 <= 8:
-            cand = torch.arange(n0, device=p_lo.device).unsqueeze(1).expand(n0, k)
+        free = (root_w.reshape(-1) > 0).nonzero().flatten()  # inputs the box fixes are never candidates
+        if free.numel() == 0:
+            free = torch.arange(n0, device=p_lo.device)
+        if free.numel() <= 8:
+            cand = free.unsqueeze(1).expand(free.numel(), k)
         else:
             sm = (p_A.abs().amax(1) * (p_hi - p_lo))
             top = sm.topk(min(3, n0), dim=1).indices.T
@@ -479,7 +482,7 @@ def input_bab(
     queue = s.root(lo, hi, margin, deadline)  # boxes, their bounds and intermediate boxes (priors for children)
     if isinstance(queue, BabResult):
         return queue
-    branching = "smear" if 2 * lo.shape[1] * s.root_pass_s > STRONG_BRANCHING_SHARE * timeout else branching
+    branching = "smear" if 2 * max(1, int((hi > lo).sum())) * s.root_pass_s > STRONG_BRANCHING_SHARE * timeout else branching
     root_w = hi - lo
     max_domains = queue.fitting(max_memory_mb)
     round_s, t_round = 0.0, None  # a round starts only if one as long as the last still fits
