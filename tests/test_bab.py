@@ -285,16 +285,20 @@ def test_open_part_drops_only_the_proved_groups():
     assert math.isinf(floor0) and torch.equal(rows0, torch.arange(rs.C.shape[0])) and torch.equal(nothing.groups, rs.groups)
 
 
+def _three_input_net_and_unprovable_rows() -> tuple[GraphBoxes, RowSpec]:
+    """A 3-input MLP as :class:`GraphBoxes` and two rows with a margin its root cannot prove."""
+    net = _dense(_mlp(3, (3, 16, 16, 3)), 3)
+    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    return net, RowSpec(C, torch.full((2,), 5.0, dtype=torch.float64), torch.tensor([0, 1]))
+
+
 def test_input_split_drops_strong_branching_when_root_passes_are_slow(monkeypatch):
     """Strong branching bounds ``2 n_0`` children per box: with a root pass slowed to 0.1 s and a
     2 s budget, 6 such passes exceed 5 % of it, so every round branches by smear; when they fit
     (the unslowed pass against a 50 % share) the first round branches strongly."""
     import relax.bab.input_split as isp
 
-    model = _mlp(3, (3, 16, 16, 3))
-    net = _dense(model, 3)
-    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
-    rs = RowSpec(C, torch.full((2,), 5.0, dtype=torch.float64), torch.tensor([0, 1]))  # a margin the root cannot prove
+    net, rs = _three_input_net_and_unprovable_rows()
     seen: list[str] = []
     real_children = isp._children
 
@@ -326,10 +330,7 @@ def test_strong_branching_bounds_only_the_free_inputs_children(monkeypatch):
     inputs only (4 per box, not 6), and no child is split along the fixed input."""
     import relax.bab.input_split as isp
 
-    model = _mlp(3, (3, 16, 16, 3))
-    net = _dense(model, 3)
-    C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
-    rs = RowSpec(C, torch.full((2,), 5.0, dtype=torch.float64), torch.tensor([0, 1]))  # a margin the root cannot prove
+    net, rs = _three_input_net_and_unprovable_rows()
     sizes: list[int] = []
     real_bound = GraphBoxes.bound
 

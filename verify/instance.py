@@ -245,10 +245,12 @@ def _split_boxes(net: torch.nn.Module, batches: Sequence[Any], shape: tuple[int,
     stop_at = math.inf if deadline is None else t0 + BATCHED_SHARE * (deadline - t0)
     proved: dict[int, Any] = {}
     cands: dict[int, torch.Tensor] = {}
+    if not batches:
+        return proved, cands
+    graph = get_graph(net, shape, torch.float64)
     for batch in batches:
         if time.perf_counter() >= stop_at:
             break
-        graph = get_graph(net, shape, torch.float64)
         t_b = time.perf_counter()
         r = split_many_boxes(graph, batch.input_lo.to(device), batch.input_hi.to(device), batch.C.to(device),
                              batch.d.to(device), batch.groups, stop_at=stop_at, margin=margin, max_pieces=SPLIT_MAX_PIECES)

@@ -139,7 +139,8 @@ class _Search:
 
     def __init__(self, graph: BoundGraph, C: Tensor, d: Tensor, groups: Tensor, stop_at: float, margin: float, M: int):
         self.graph, self.C, self.d, self.stop_at, self.margin = graph, C, d, stop_at, margin
-        self.spec = RowSpec(C[0], d[0], groups) if M else None
+        # the groups' margins only (RowSpec.margin reads the groups); each piece's rows are C[owner], d[owner]
+        self.spec = RowSpec(C.new_zeros(C.shape[1:]), d.new_zeros(d.shape[1:]), groups)
         self.alive = torch.ones(M, dtype=torch.bool, device=groups.device)
         self.cands: dict[int, Tensor] = {}
         self.way: str | None = None  # chosen on the first chunk (_faster_way)
@@ -184,7 +185,7 @@ class _Search:
         except DeadlineExpired:
             return None
         self.pieces += o.numel()
-        open_ = ~(_margin(self.spec, low) > self.margin)
+        open_ = ~(self.spec.margin(low) > self.margin)
         o, l, h = o[open_], l[open_], h[open_]
         bad = _violating_centres(g, self.spec, l, h, self.C[o], self.d[o])
         for i in torch.unique(o[bad]).tolist():
@@ -194,18 +195,13 @@ class _Search:
         return l, h, o
 
 
-def _margin(spec: RowSpec | None, low: Tensor) -> Tensor:
-    assert spec is not None
-    return spec.margin(low)
-
-
 def _drop(plo: Tensor, phi: Tensor, owner: Tensor, alive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The pieces of the boxes still ``alive``."""
     keep = alive[owner]
     return plo[keep], phi[keep], owner[keep]
 
 
-def _violating_centres(graph: BoundGraph, spec: RowSpec | None, lo: Tensor, hi: Tensor, C: Tensor, d: Tensor) -> Tensor:
+def _violating_centres(graph: BoundGraph, spec: RowSpec, lo: Tensor, hi: Tensor, C: Tensor, d: Tensor) -> Tensor:
     """``[P]`` bool: the pieces whose centre's output (the graph's forward pass) violates the rows
     ``C [P, N, K]``, ``d [P, N]`` (some group with no row ``> 0``)."""
     if lo.shape[0] == 0:
@@ -213,7 +209,7 @@ def _violating_centres(graph: BoundGraph, spec: RowSpec | None, lo: Tensor, hi: 
     with torch.no_grad():
         y = graph.forward(((lo + hi) / 2).reshape(-1, *graph.input_shape)).reshape(lo.shape[0], -1)
     rows = torch.einsum("pnk,pk->pn", C, y.to(C.dtype)) + d
-    return _margin(spec, rows) <= 0
+    return spec.margin(rows) <= 0
 
 
 def _halve(plo: Tensor, phi: Tensor, owner: Tensor, root_w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
