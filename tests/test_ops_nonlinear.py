@@ -13,6 +13,7 @@ import torch.nn as nn
 from relax.bounds import bounds
 from relax.ir.graph import build_graph
 from relax.ir.ops import Abs, Clip, Cos, Exp, Floor, LeakyReLU, Log, Power, Product, Reciprocal, Sign, Sin, Sqrt
+from relax.ir.ops.elementwise import Elementwise
 from verify.spec import Box
 
 D = torch.float64
@@ -204,3 +205,41 @@ def test_elementwise_op_of_a_known_box_takes_its_exact_image(monkeypatch):
         values += [torch.exp(values[0]), torch.exp(-values[0])]
     for (lo, hi), v in zip(list(res.intermediate.values())[1:], values):
         assert (lo <= v.amin(0) + 1e-12).all() and (hi >= v.amax(0) - 1e-12).all()
+
+
+def _special_intervals() -> tuple[torch.Tensor, torch.Tensor]:
+    """Ends that make some candidate value special: infinite ends (``0 * inf`` at slope 0),
+    overflow of ``exp`` / ``x ** n``, poles and points outside a domain, besides ordinary ones."""
+    inf = math.inf
+    lo = torch.tensor([-inf, -inf, 0.0, -1.0, 700.0, -2.0, 1e200, -1e-300, 0.0, 3.0, -5.0, 1e-3], dtype=D)
+    hi = torch.tensor([inf, 0.0, inf, 1.0, 800.0, -1.0, 1e300, 1e-300, 0.0, 4.0, 5.0, 2e-3], dtype=D)
+    return lo, hi
+
+
+@pytest.mark.parametrize("name", [n for n, (op, _) in OPS.items() if not isinstance(op, (Sign, Floor))])
+def test_fast_extremes_equal_the_careful_rule_point_by_point(name):
+    """``extremes`` takes the widened values at the candidate points in one pass and leaves only
+    the entries where some value is NaN to the careful rule; it, ``lowest`` and ``highest`` must
+    equal that rule everywhere (ordinary, infinite, overflowing and undefined cases; slope 0 too)."""
+    op, positive = OPS[name]
+    lo, hi = _intervals(positive)
+    slo, shi = _special_intervals()
+    lo, hi = torch.cat([lo, slo]), torch.cat([hi, shi])
+    g = torch.Generator().manual_seed(5)
+    for scale in (0.0, 0.5, 3.0, 1e300):
+        k = torch.randn(lo.shape, generator=g, dtype=D) * scale
+        want = op._careful_extremes(k, lo, hi)
+        if isinstance(op, Reciprocal):  # its poles are unbounded on top of the careful rule
+            pole = (lo <= 0) & (hi >= 0)
+            want = (torch.where(pole, -math.inf, want[0]), torch.where(pole, math.inf, want[1]))
+        got = Elementwise.extremes(op, k, lo, hi)  # sin / cos add the crude bound |f| <= 1 on top of it
+        for side, (w, x) in enumerate(zip(want, got)):
+            assert torch.equal(w, x), (name, scale, side, lo[w != x], hi[w != x], w[w != x], x[w != x])
+        if isinstance(op, (Sin, Cos)):
+            continue
+        low, high = op.lowest(k, lo, hi), op.highest(k, lo, hi)
+        # a convex (concave) function's g = f - k x is largest (least) at an end: that side skips the candidates
+        assert torch.equal(low, got[0]) if op.end_side != "min" else bool((low >= got[0]).all())
+        assert torch.equal(high, got[1]) if op.end_side != "max" else bool((high <= got[1]).all())
+        ordinary = torch.isfinite(lo) & torch.isfinite(hi) & (hi - lo < 1e3)
+        _check_lines(op, lo[ordinary], hi[ordinary], k[ordinary], low[ordinary], high[ordinary])

@@ -18,6 +18,12 @@ convex function); mirrored where concave; otherwise both lines take the secant s
 Poles and domains: ``1/x`` on an interval containing 0, ``log`` / ``sqrt`` below 0 give unbounded
 lines (``-inf`` / ``+inf`` intercepts, never NaN), so bounds through them are vacuous, not wrong.
 Round-off: each value of ``g`` is widened by ``8 eps`` times the magnitude of its two terms.
+
+Cost: the relaxations are recomputed for every branch-and-bound domain and, with optimised
+slopes, for every spec row, so the values are folded point by point into a running minimum /
+maximum (one pass, no stacked copies), each side is computed only where it is used
+(:meth:`Elementwise.lowest` / :meth:`Elementwise.highest`), and the entry-by-entry rules for
+special values (:meth:`Elementwise._careful_extremes`) run only where a value came out NaN.
 """
 from __future__ import annotations
 
@@ -67,28 +73,83 @@ class Elementwise(Activation):
         return self.f(x)
 
     # ------------------------------------------------------------------ extremes of f - k x
+    #: ``"max"`` where ``f`` is convex everywhere (``f - k x`` then takes its maximum over an
+    #: interval at an end), ``"min"`` where concave everywhere: that side needs no candidates
+    end_side: str | None = None
+
     def extremes(self, k: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         """``(min, max)`` of ``f(x) - k x`` over ``[lo, hi]`` (broadcast shapes), widened by the
         round-off allowance; ``-inf`` / ``+inf`` where unbounded or undefined."""
-        def kx(x):  # 0 * inf is 0 here (the slope-0 line of the interval rule)
-            return torch.where(k == 0, torch.zeros_like(k), k * x)
+        gmin, gmax = self._fold(k, lo, hi, True, True)
+        assert gmin is not None and gmax is not None
+        return self._settle(gmin, k, lo, hi, False), self._settle(gmax, k, lo, hi, True)
 
-        def g(x):
-            return self.f(x) - kx(x)
+    def lowest(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """The first half of :meth:`extremes` alone (about half its work)."""
+        if type(self).extremes is not Elementwise.extremes:
+            return self.extremes(k, lo, hi)[0]
+        gmin, _ = self._fold(k, lo, hi, True, False)
+        assert gmin is not None
+        return self._settle(gmin, k, lo, hi, False)
 
+    def highest(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """The second half of :meth:`extremes` alone."""
+        if type(self).extremes is not Elementwise.extremes:
+            return self.extremes(k, lo, hi)[1]
+        _, gmax = self._fold(k, lo, hi, False, True)
+        assert gmax is not None
+        return self._settle(gmax, k, lo, hi, True)
+
+    def _points(self, k: Tensor, lo: Tensor, hi: Tensor, ends_only: bool = False) -> list[Tensor]:
+        """``lo``, ``hi`` and the candidate points inside ``[lo, hi]`` (``lo`` stands for one outside)."""
         pts = [lo, hi]
-        for c in self.candidates(k, lo, hi):
+        for c in [] if ends_only else self.candidates(k, lo, hi):
             inside = (c >= lo) & (c <= hi)  # NaN is never inside
             pts.append(torch.where(inside, c, lo))
+        return pts
+
+    def _fold(self, k: Tensor, lo: Tensor, hi: Tensor, want_min: bool, want_max: bool) -> tuple[Tensor | None, Tensor | None]:
+        """The least and the largest value of ``g = f - k x`` at the points of :meth:`_points`,
+        each widened by its round-off (``8 eps`` times the magnitude of its two terms); NaN
+        wherever some value is NaN (``torch.minimum`` / ``maximum`` propagate it)."""
+        eps8 = 8 * torch.finfo(lo.dtype).eps
+        ends_only = (want_min != want_max) and self.end_side == ("min" if want_min else "max")
+        gmin: Tensor | None = None
+        gmax: Tensor | None = None
+        for x in self._points(k, lo, hi, ends_only):
+            fx, kxx = self.f(x), k * x
+            g, tol = fx - kxx, (fx.abs() + kxx.abs()) * eps8
+            if want_min:
+                gmin = g - tol if gmin is None else torch.minimum(gmin, g - tol)
+            if want_max:
+                gmax = g + tol if gmax is None else torch.maximum(gmax, g + tol)
+        return gmin, gmax
+
+    def _settle(self, out: Tensor, k: Tensor, lo: Tensor, hi: Tensor, upper: bool) -> Tensor:
+        """:meth:`_fold`'s value plus / minus the smallest normal number; where it is NaN (a value
+        undefined outside the domain, ``0 * inf``, or an overflowed value widened: ``inf - inf``)
+        the careful rule of :meth:`_careful_extremes` decides."""
+        tiny = torch.finfo(out.dtype).tiny
+        out = out + tiny if upper else out - tiny
+        bad = torch.isnan(out)
+        if bool(bad.any()):
+            out = torch.where(bad, self._careful_extremes(k, lo, hi)[1 if upper else 0], out)
+        return out
+
+    def _careful_extremes(self, k: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`extremes` with every special value decided point by point: ``0 * inf`` is 0 (the
+        slope-0 line of the interval rule), an overflowed value is bounded by the largest float on
+        its side, an undefined one is unbounded."""
+        def kx(x):
+            return torch.where(k == 0, torch.zeros_like(k), k * x)
+
         eps = 8 * torch.finfo(lo.dtype).eps
-        lows, highs = [], []
         big = torch.finfo(lo.dtype).max
-        for x in pts:  # each value widened by its own round-off (ulps of its two terms)
+        lows, highs = [], []
+        for x in self._points(k, lo, hi):
             fx, kxx = self.f(x), kx(x)
             gx, tol = fx - kxx, eps * (fx.abs() + kxx.abs())
             low, high = gx - tol, gx + tol
-            # an overflowed value (+-inf, widened: NaN) is bounded by the largest float on its
-            # side; an undefined one (NaN itself: outside the domain) is unbounded
             lows.append(torch.where(torch.isnan(gx), -math.inf, torch.where(torch.isnan(low), big, low)))
             highs.append(torch.where(torch.isnan(gx), math.inf, torch.where(torch.isnan(high), -big, high)))
         gmin = torch.stack(torch.broadcast_tensors(*lows)).amin(0)
@@ -130,8 +191,7 @@ class Elementwise(Activation):
         tan = _finite(self.df((lo + hi) / 2))
         kl = torch.where(curv > 0, tan, sec)
         ku = torch.where(curv < 0, tan, sec)
-        lb, _ = self.extremes(kl, lo, hi)
-        _, ub = self.extremes(ku, lo, hi)
+        lb, ub = self.lowest(kl, lo, hi), self.highest(ku, lo, hi)
         kmin, kmax = self._slope_range(lo, hi)
         return Relaxation(kl, lb, ku, ub, extra=(lo, hi, curv, kmin, kmax))
 
@@ -160,9 +220,12 @@ class Elementwise(Activation):
             return select_lines(A, r.lw, r.lb, r.uw, r.ub, r.finite_intercepts)
         lo, hi, curv, kmin, kmax = r.extra
         k = kmin + alpha * (kmax - kmin)  # [S, B, *shape]
-        kmn, kmx = self.extremes(k, lo, hi)
-        lw, lb = torch.where(curv > 0, k, r.lw), torch.where(curv > 0, kmn, r.lb)
-        uw, ub = torch.where(curv < 0, k, r.uw), torch.where(curv < 0, kmx, r.ub)
+        lw, lb, uw, ub = r.lw, r.lb, r.uw, r.ub
+        convex, concave = curv > 0, curv < 0
+        if bool(convex.any()):  # the optimised tangent is the lower line where convex
+            lw, lb = torch.where(convex, k, r.lw), torch.where(convex, self.lowest(k, lo, hi), r.lb)
+        if bool(concave.any()):
+            uw, ub = torch.where(concave, k, r.uw), torch.where(concave, self.highest(k, lo, hi), r.ub)
         return select_lines(A, lw, lb, uw, ub)
 
     def __repr__(self) -> str:
@@ -170,11 +233,15 @@ class Elementwise(Activation):
 
 
 class _Convex(Elementwise):
+    end_side = "max"
+
     def curvature(self, lo, hi):
         return torch.ones_like(lo)
 
 
 class _Concave(Elementwise):
+    end_side = "min"
+
     def curvature(self, lo, hi):
         return -torch.ones_like(lo)
 
@@ -241,11 +308,10 @@ class Reciprocal(Elementwise):
     def curvature(self, lo, hi):
         return torch.where(lo > 0, 1.0, torch.where(hi < 0, -1.0, 0.0)).to(lo.dtype)
 
-    def extremes(self, k, lo, hi):
-        gmin, gmax = super().extremes(k, lo, hi)
-        pole = (lo <= 0) & (hi >= 0)
-        inf = torch.full_like(gmin, math.inf)
-        return torch.where(pole, -inf, gmin), torch.where(pole, inf, gmax)
+    def _settle(self, out, k, lo, hi, upper):
+        out = super()._settle(out, k, lo, hi, upper)
+        pole = (lo <= 0) & (hi >= 0)  # unbounded on both sides
+        return torch.where(pole, math.inf if upper else -math.inf, out)
 
 
 class Power(Elementwise):
