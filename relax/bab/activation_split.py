@@ -166,12 +166,12 @@ def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) 
     for n in ps.graph.activations():
         if not n.op.optimisable:
             continue
-        with torch.no_grad():
-            init = n.op.alpha_init(n.op.relax_inputs([ps.boxes[i] for i in n.inputs]))  # [D, *shape(, 2)]
-        if alphas0 is not None and n.name in alphas0:
+        if alphas0 is not None and n.name in alphas0:  # no relaxation needed: only the slopes' shape
             a0 = alphas0[n.name].to(dt).transpose(0, 1)  # [N or 1, D, n]
-            a = a0.expand(N, *a0.shape[1:]).reshape(N, D, *init.shape[1:])
+            a = a0.expand(N, *a0.shape[1:]).reshape(N, D, *ps.graph.shape(n.name), *n.op.slope_pair)
         else:
+            with torch.no_grad():
+                init = n.op.alpha_init(n.op.relax_inputs([ps.boxes[i] for i in n.inputs]))  # [D, *shape(, 2)]
             a = init.unsqueeze(0).expand(N, *init.shape)
         alphas[n.name] = a.clone().requires_grad_(True)
     return alphas

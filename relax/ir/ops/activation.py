@@ -83,6 +83,7 @@ class _SShaped(Activation):
 
     fprime0 = 1.0  # f'(0), the largest slope
     exact_image = True
+    slope_pair = (2,)
 
     def f(self, x: Tensor) -> Tensor:
         raise NotImplementedError

@@ -141,6 +141,9 @@ class Activation(Op):
     elementwise = True
     #: whether alpha-CROWN has a free lower-slope parameter for this op
     optimisable = False
+    #: the trailing dim of :meth:`alpha_init` beyond the op's output shape (``(2,)``: a lower and
+    #: an upper slope per entry)
+    slope_pair: tuple[int, ...] = ()
 
     def relax(self, lo: Tensor, hi: Tensor, mode: str = "crown") -> Relaxation:
         raise NotImplementedError
