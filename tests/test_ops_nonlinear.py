@@ -243,3 +243,21 @@ def test_fast_extremes_equal_the_careful_rule_point_by_point(name):
         assert torch.equal(high, got[1]) if op.end_side != "max" else bool((high <= got[1]).all())
         ordinary = torch.isfinite(lo) & torch.isfinite(hi) & (hi - lo < 1e3)
         _check_lines(op, lo[ordinary], hi[ordinary], k[ordinary], low[ordinary], high[ordinary])
+
+
+def test_alpha_crown_runs_when_no_entry_has_an_optimisable_side():
+    """1 / x on boxes that all contain 0 has no convex or concave entry: alpha-CROWN's slopes
+    then change no line, and its steps must still run (the slopes stay in the autograd graph)."""
+    net = nn.Sequential(nn.Linear(2, 3), _Recip(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        net[0].bias.zero_()
+    box = Box(torch.full((1, 2), -1.0, dtype=D), torch.full((1, 2), 1.0, dtype=D))
+    lo, hi = bounds(net, box, method="alpha-crown", iterations=3)
+    assert not torch.isnan(lo).any() and not torch.isnan(hi).any()
+    assert torch.isinf(lo).all() and torch.isinf(hi).all()  # a pole inside every box: vacuous, not wrong
+
+
+class _Recip(nn.Module):
+    def forward(self, x):
+        return torch.reciprocal(x)

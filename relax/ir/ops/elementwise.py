@@ -220,12 +220,10 @@ class Elementwise(Activation):
             return select_lines(A, r.lw, r.lb, r.uw, r.ub, r.finite_intercepts)
         lo, hi, curv, kmin, kmax = r.extra
         k = kmin + alpha * (kmax - kmin)  # [S, B, *shape]
-        lw, lb, uw, ub = r.lw, r.lb, r.uw, r.ub
-        convex, concave = curv > 0, curv < 0
-        if bool(convex.any()):  # the optimised tangent is the lower line where convex
-            lw, lb = torch.where(convex, k, r.lw), torch.where(convex, self.lowest(k, lo, hi), r.lb)
-        if bool(concave.any()):
-            uw, ub = torch.where(concave, k, r.uw), torch.where(concave, self.highest(k, lo, hi), r.ub)
+        convex, concave = curv > 0, curv < 0  # the optimised tangent: the lower line where convex, the upper where concave
+        lw, uw = torch.where(convex, k, r.lw), torch.where(concave, k, r.uw)  # the slopes stay in the graph either way
+        lb = torch.where(convex, self.lowest(k, lo, hi), r.lb) if bool(convex.any()) else r.lb
+        ub = torch.where(concave, self.highest(k, lo, hi), r.ub) if bool(concave.any()) else r.ub
         return select_lines(A, lw, lb, uw, ub)
 
     def __repr__(self) -> str:
