@@ -86,19 +86,19 @@ class Elementwise(Activation):
 
     def lowest(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """The first half of :meth:`extremes` alone (about half its work)."""
-        if type(self).extremes is not Elementwise.extremes:
-            return self.extremes(k, lo, hi)[0]
-        gmin, _ = self._fold(k, lo, hi, True, False)
-        assert gmin is not None
-        return self._settle(gmin, k, lo, hi, False)
+        return self._one_side(k, lo, hi, False)
 
     def highest(self, k: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
         """The second half of :meth:`extremes` alone."""
-        if type(self).extremes is not Elementwise.extremes:
-            return self.extremes(k, lo, hi)[1]
-        _, gmax = self._fold(k, lo, hi, False, True)
-        assert gmax is not None
-        return self._settle(gmax, k, lo, hi, True)
+        return self._one_side(k, lo, hi, True)
+
+    def _one_side(self, k: Tensor, lo: Tensor, hi: Tensor, upper: bool) -> Tensor:
+        if type(self).extremes is not Elementwise.extremes:  # an override's rule holds both sides
+            return self.extremes(k, lo, hi)[int(upper)]
+        gmin, gmax = self._fold(k, lo, hi, not upper, upper)
+        out = gmax if upper else gmin
+        assert out is not None
+        return self._settle(out, k, lo, hi, upper)
 
     def _points(self, k: Tensor, lo: Tensor, hi: Tensor, ends_only: bool = False) -> list[Tensor]:
         """``lo``, ``hi`` and the candidate points inside ``[lo, hi]`` (``lo`` stands for one outside)."""
