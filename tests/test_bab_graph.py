@@ -552,6 +552,59 @@ def test_mlp_decided_against_exact_milp_with_babsr_alone(seed):
     _check(net, net, 6, seed, {"split": "relu", "branch_candidates": 1})
 
 
+class _TanhBeside(nn.Module):
+    """A ReLU and a tanh read the same pre-activation; a sigmoid reads a node no ReLU reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l2b, self.l3 = nn.Linear(6, 10), nn.Linear(10, 8), nn.Linear(10, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        z = self.l2(torch.relu(h)) + self.l2b(torch.tanh(h))
+        return self.l3(torch.sigmoid(z))
+
+
+@pytest.mark.parametrize("rigorous", [False, True])
+def test_children_bounded_with_their_parents_relaxations_bit_for_bit(rigorous):
+    """Smart branching's trials bound ``2 k`` children of a domain: the relaxations of nodes the
+    splits leave alone, built once per parent and repeated, give the very bounds of relaxing each
+    child; a node that reads a split pre-activation (the tanh beside the ReLU) is relaxed per
+    child (sharing it as well changes the bounds: the test sees the difference)."""
+    from relax.bab.activation_split import bound_domains, relu_inputs, shared_relaxations
+
+    torch.manual_seed(5)
+    net = _TanhBeside().eval().double()
+    graph, xs, C, rs, root = _root(net, torch.full((1, 6), 0.5, dtype=torch.float64), 0.3)
+    (_, h), = relu_inputs(graph)
+    parents = {h: torch.zeros(2, math.prod(graph.shape(h)), dtype=torch.int8)}
+    l, u = (b.reshape(-1) for b in root[h])
+    unstable = ((l < 0) & (u > 0)).nonzero().flatten().tolist()
+    assert len(unstable) >= 4
+    parents[h][1, unstable.pop(0)] = -1
+    db = bound_domains(graph, xs, rs, root, parents, steps=0)  # boxes recomputed within the splits: the parents' differ
+    (z_lo, _), = [db.boxes[n.inputs[0]] for n in graph.nodes if type(n.op).__name__ == "Sigmoid"]
+    assert not torch.equal(z_lo[0], z_lo[1])
+    rep = torch.tensor([0, 0, 1, 1, 0, 1])
+    kids = {h: parents[h][rep].clone()}
+    for c, i in enumerate([unstable[0], unstable[0], unstable[1], unstable[1], unstable[2], unstable[2]]):
+        kids[h][c, i] = 1 if c % 2 == 0 else -1
+    boxes = {p: (lo[rep], hi[rep]) for p, (lo, hi) in db.boxes.items()}
+    start = dict(alphas0={r: a[rep] for r, a in db.alphas.items()}, betas0={p: b[rep] for p, b in db.betas.items()})
+
+    def rows(relaxations):
+        return bound_domains(graph, xs, rs, boxes, kids, steps=0, recompute=False, rigorous=rigorous, relaxations=relaxations,
+                             **start).rows
+
+    shared = shared_relaxations(graph, db.boxes, rep, kids)
+    kinds = {type(graph.by_name[n].op).__name__ for n in shared}
+    assert kinds == {"Sigmoid"}, kinds
+    assert torch.equal(rows(shared), rows(None))
+    wrong = shared_relaxations(graph, db.boxes, rep, ())
+    assert {type(graph.by_name[n].op).__name__ for n in wrong} >= {"Tanh", "ReLU"}
+    assert not torch.equal(rows(wrong), rows(None))
+
+
 def test_filtered_smart_branching_in_chunks_chooses_as_in_one_pass(monkeypatch):
     import relax.bab.activation_split as bg
 

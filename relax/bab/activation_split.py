@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +64,7 @@ from relax.bab.leaf import leaf_multipliers, leaf_bound
 from relax.ir.graph import BoundGraph
 from relax.bounds.crown import crown
 from relax.bounds.roundoff import round_outward
-from relax.ir.ops import ReLU
+from relax.ir.ops import Relaxation, ReLU
 
 __all__ = ["graph_relu_bab", "bound_domains", "relu_inputs", "interval_inputs", "relu_scores"]
 
@@ -119,9 +119,10 @@ class _Pass:
     boxes: dict[str, tuple[Tensor, Tensor]]
     C: Tensor
     d: Tensor
+    relaxations: dict[str, Relaxation] | None = None  # some nodes' relaxations of ``boxes``, built already
 
     def on(self, fast: BoundGraph) -> "_Pass":
-        """The same pass on ``fast`` (the network in another dtype)."""
+        """The same pass on ``fast`` (the network in another dtype; its relaxations built there)."""
         dt = fast.dtype
         return _Pass(fast, self.x_set.to(dtype=dt), {p: (l.to(dt), h.to(dt)) for p, (l, h) in self.boxes.items()},
                      self.C.to(dt), self.d.to(dt))
@@ -155,6 +156,24 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
     return _Pass(graph, inputs, boxes, C, d), infeasible, time.perf_counter() - t_boxes
+
+
+def shared_relaxations(graph: BoundGraph, parent_boxes: dict[str, tuple[Tensor, Tensor]], children: Tensor,
+                       changed: Iterable[str], mode: str = "crown") -> dict[str, Relaxation]:
+    """The relaxations that children share with their parents, built once per parent:
+    ``{nonlinear node: Relaxation [D, *shape]}`` for every node none of whose inputs is in
+    ``changed`` (the nodes whose boxes the children's splits narrow). ``parent_boxes``: the
+    parents' pre-activation boxes ``[P, *shape]``; ``children [D]``: each child's parent. A relaxation
+    acts per batch element, so the children's equal their parents' bit for bit; smart branching's
+    trials bound ``2 k`` children of each domain whose softmax, exp or products keep their boxes."""
+    changed = set(changed)
+    P = next(iter(parent_boxes.values()))[0].shape[0]
+    out = {}
+    for n in graph.nodes:
+        if not n.op.nonlinear or any(i in changed or i not in parent_boxes for i in n.inputs):
+            continue
+        out[n.name] = n.op.relax_inputs([parent_boxes[i] for i in n.inputs], mode).select(children, P)
+    return out
 
 
 def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) -> dict[str, Tensor]:
@@ -213,7 +232,7 @@ class _SplitLagrangian:
         extra = {p: -(b * self.signs[p].to(b.dtype)).reshape(N, D, *self.shapes[p]) for p, b in betas.items()}
         afn = lambda start, act, sl: None if (act not in alphas or start != "__out__") else alphas[act][sl]  # noqa: E731
         return crown(ps.graph, ps.x_set, ps.C, intermediate=ps.boxes, alpha_fn=afn, out_extra=extra, out_record=record,
-                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at).spec_lower() + ps.d
+                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at, relaxations=ps.relaxations).spec_lower() + ps.d
 
 
 def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
@@ -295,6 +314,7 @@ def bound_domains(
     fast: BoundGraph | None = None,
     settled: Sequence[str] = (),
     rigorous: bool = True, exact_s: float = 0.0, hard: bool = False,
+    relaxations: dict[str, Relaxation] | None = None,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -324,11 +344,16 @@ def bound_domains(
             round's :attr:`DomainBounds.exact_s`): the ascent leaves them before ``deadline``.
         hard: ``deadline`` is hard: a spec-row pass still running at it raises
             :class:`verify.deadline.DeadlineExpired` (for callers that discard late bounds).
+        relaxations: some nonlinear nodes' relaxations of these domains' boxes, built already
+            (:func:`shared_relaxations`; only without ``recompute``, which changes the boxes).
 
     Returns:
         :class:`DomainBounds`.
     """
+    if recompute and relaxations is not None:
+        raise ValueError("bound_domains: relaxations of the boxes given, but the boxes are to be recomputed")
     exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline, settled)
+    exact.relaxations = relaxations
     D, N = exact.C.shape[:2]
     # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
     # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
@@ -551,6 +576,10 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     trial = graph if fast is None else fast
     dt = trial.dtype
     boxes = {p: (l[rep].to(dt), h[rep].to(dt)) for p, (l, h) in db.boxes.items()}
+    parents = torch.tensor(sel, device=graph.device)
+    with torch.no_grad():
+        shared = shared_relaxations(trial, {p: (l[parents].to(dt), h[parents].to(dt)) for p, (l, h) in db.boxes.items()},
+                                    torch.arange(S, device=graph.device).repeat_interleave(2 * k), splits)
     alphas0 = {r: a[rep] for r, a in db.alphas.items()}
     betas0 = {p: b[rep] for p, b in db.betas.items()}
     ivals = None
@@ -563,7 +592,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     try:
         with torch.no_grad():
             kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
-                                 deadline=deadline, recompute=False, ivals=ivals, rigorous=False, hard=True)
+                                 deadline=deadline, recompute=False, ivals=ivals, rigorous=False, hard=True, relaxations=shared)
     except DeadlineExpired:  # still running at the deadline: BaBSR's choice stays
         kids = None
     if clock is not None:  # (an abandoned pass: at least this pace)

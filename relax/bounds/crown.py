@@ -635,6 +635,7 @@ def crown(
     rigorous: bool = True,
     stop_at: float | None = None,
     forward: bool = False,
+    relaxations: dict[str, Relaxation] | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -671,6 +672,10 @@ def crown(
             :class:`DeadlineExpired` at the next node (for callers that discard late bounds: bab).
         forward: the forward linear bounds' boxes (:func:`relax.bounds.forward.forward_boxes`: few inputs,
             wide layers) join the overrides, so CROWN bounds only the neurons they leave unstable.
+        relaxations: ``{nonlinear node: Relaxation [B, *shape]}`` used as given instead of relaxing
+            the node's input boxes; the caller guarantees they were built by ``mode`` from the very
+            boxes this pass has (e.g. a parent domain's, repeated for children whose splits leave
+            that node's inputs alone: :func:`relax.bab.activation_split.shared_relaxations`).
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -683,11 +688,12 @@ def crown(
         return _spec_rows(graph, input_set, C, fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"], max_elements,
                           alpha_fn, out_extra, out_record, stop_at)
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
-                  or roundoff_weights is not None):
+                  or roundoff_weights is not None or relaxations is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
     bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides) if forward and intermediate is None else bound_overrides
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
-                  alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline, stop_at=stop_at)
+                  alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline, stop_at=stop_at,
+                  given=relaxations)
     for p in graph.preactivations():
         bp.keep(p, *bp.box(p))
         if prune:
@@ -729,8 +735,9 @@ class _BoxPass:
                  overrides: dict[str, tuple[Tensor, Tensor]], intermediate: dict[str, tuple[Tensor, Tensor]] | None,
                  alpha_fn: AlphaFn | None, rows: dict[str, tuple[Tensor, Tensor]] | None,
                  roundoff_weights: dict[str, Tensor | None] | None, deadline: Deadline | None,
-                 stop_at: float | None = None) -> None:
+                 stop_at: float | None = None, given: dict[str, Relaxation] | None = None) -> None:
         self.graph, self.input_set, self.mode = graph, input_set, mode
+        self.given = given or {}
         self.stop_at = stop_at
         self.max_elements, self.ov, self.intermediate = max_elements, overrides, intermediate
         self.alpha_fn, self.rows, self.deadline = alpha_fn, rows, deadline
@@ -797,7 +804,10 @@ class _BoxPass:
         for c in self.graph.consumers[p]:
             cn = self.graph.by_name[c]
             if cn.op.nonlinear and all(i in self.known for i in cn.inputs):  # a product waits for both inputs
-                self.relax[c] = self.relax_full[c] = cn.op.relax_inputs([self.known[i] for i in cn.inputs], self.mode)
+                r = self.given.get(c)
+                if r is None:
+                    r = cn.op.relax_inputs([self.known[i] for i in cn.inputs], self.mode)
+                self.relax[c] = self.relax_full[c] = r
 
     def spec(self, C: Tensor, fixed: dict | None, out_extra: dict[str, Tensor] | None,
              out_record: dict[str, Tensor | None] | None, rigorous: bool = True, stop_at: float | None = None) -> CrownResult:
