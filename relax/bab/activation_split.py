@@ -576,10 +576,6 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     trial = graph if fast is None else fast
     dt = trial.dtype
     boxes = {p: (l[rep].to(dt), h[rep].to(dt)) for p, (l, h) in db.boxes.items()}
-    parents = torch.tensor(sel, device=graph.device)
-    with torch.no_grad():
-        shared = shared_relaxations(trial, {p: (l[parents].to(dt), h[parents].to(dt)) for p, (l, h) in db.boxes.items()},
-                                    torch.arange(S, device=graph.device).repeat_interleave(2 * k), splits)
     alphas0 = {r: a[rep] for r, a in db.alphas.items()}
     betas0 = {p: b[rep] for p, b in db.betas.items()}
     ivals = None
@@ -589,8 +585,11 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     if clock is not None and not clock.fits(len(rep), deadline):
         return choice
     t = time.perf_counter()
+    parents = torch.tensor(sel, device=graph.device)
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # the nodes the splits leave alone: relaxed once per domain, not once per child
+            shared = shared_relaxations(trial, {p: (l[parents].to(dt), h[parents].to(dt)) for p, (l, h) in db.boxes.items()},
+                                        torch.arange(S, device=graph.device).repeat_interleave(2 * k), splits)
             kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
                                  deadline=deadline, recompute=False, ivals=ivals, rigorous=False, hard=True, relaxations=shared)
     except DeadlineExpired:  # still running at the deadline: BaBSR's choice stays
