@@ -571,7 +571,7 @@ def test_children_bounded_with_their_parents_relaxations_bit_for_bit(rigorous):
     splits leave alone, built once per parent and repeated, give the very bounds of relaxing each
     child; a node that reads a split pre-activation (the tanh beside the ReLU) is relaxed per
     child (sharing it as well changes the bounds: the test sees the difference)."""
-    from relax.bab.activation_split import bound_domains, relu_inputs, shared_relaxations
+    from relax.bab.activation_split import ParentBoxes, bound_domains, relu_inputs, shared_relaxations
 
     torch.manual_seed(5)
     net = _TanhBeside().eval().double()
@@ -592,17 +592,46 @@ def test_children_bounded_with_their_parents_relaxations_bit_for_bit(rigorous):
     boxes = {p: (lo[rep], hi[rep]) for p, (lo, hi) in db.boxes.items()}
     start = dict(alphas0={r: a[rep] for r, a in db.alphas.items()}, betas0={p: b[rep] for p, b in db.betas.items()})
 
-    def rows(relaxations):
-        return bound_domains(graph, xs, rs, boxes, kids, steps=0, recompute=False, rigorous=rigorous, relaxations=relaxations,
-                             **start).rows
+    def rows(parents):
+        return bound_domains(graph, xs, rs, boxes, kids, steps=0, recompute=False, rigorous=rigorous, parents=parents, **start).rows
 
     shared = shared_relaxations(graph, db.boxes, rep, kids)
     kinds = {type(graph.by_name[n].op).__name__ for n in shared}
     assert kinds == {"Sigmoid"}, kinds
-    assert torch.equal(rows(shared), rows(None))
+    assert torch.equal(rows(ParentBoxes(db.boxes, rep, frozenset(kids))), rows(None))
     wrong = shared_relaxations(graph, db.boxes, rep, ())
     assert {type(graph.by_name[n].op).__name__ for n in wrong} >= {"Tanh", "ReLU"}
-    assert not torch.equal(rows(wrong), rows(None))
+    assert not torch.equal(rows(ParentBoxes(db.boxes, rep, frozenset())), rows(None))
+
+
+def test_search_rounds_on_the_root_boxes_share_relaxations_bit_for_bit(monkeypatch):
+    """Rounds that keep the parents' boxes (large networks: no recomputation after the first round) bound their children
+    with the parents' relaxations of the nodes no split touches: every such round's bounds (after
+    the slopes' and multipliers' ascent on float32 and the last float64 pass) equal relaxing each
+    child, and so do the smart-branching trials'."""
+    import time
+
+    import relax.bab.activation_split as act
+
+    torch.manual_seed(5)
+    net = _TanhBeside().eval().double()
+    graph, xs, C, rs, root = _root(net, torch.full((1, 6), 0.5, dtype=torch.float64), 0.3)
+    real = act.bound_domains
+    checked = {"round": 0, "trial": 0}
+
+    def both(*args, parents=None, **kw):
+        early = kw["deadline"] - time.perf_counter() > 2.0  # no step of either is cut by the deadline
+        got = real(*args, parents=parents, **kw)
+        if parents is not None and early:
+            assert torch.equal(got.rows, real(*args, **kw).rows)
+            checked["trial" if kw.get("rigorous") is False else "round"] += 1
+        return got
+
+    monkeypatch.setattr(act, "bound_domains", both)
+    monkeypatch.setattr(act, "RECOMPUTE_ROUND_SHARE", 1e-9)  # the first round recomputes the boxes (the domains' differ), no later one
+    res = act.graph_relu_bab(graph, xs, rs, root, timeout=6.0, margin=1e9, candidates=2)
+    assert res.status == "unknown"
+    assert checked["round"] >= 3 and checked["trial"] >= 3, checked
 
 
 def test_filtered_smart_branching_in_chunks_chooses_as_in_one_pass(monkeypatch):

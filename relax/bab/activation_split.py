@@ -176,6 +176,24 @@ def shared_relaxations(graph: BoundGraph, parent_boxes: dict[str, tuple[Tensor, 
     return out
 
 
+@dataclass
+class ParentBoxes:
+    """What children share with their parents when their boxes are not recomputed: the parents'
+    pre-activation boxes ``{node: (lo, hi)}`` (``[P, *shape]``), each child's parent
+    (``children [D]``) and the nodes whose boxes the children's splits narrow (``changed``)."""
+
+    boxes: dict[str, tuple[Tensor, Tensor]]
+    children: Tensor
+    changed: frozenset[str]
+
+    def relaxations(self, graph: BoundGraph) -> dict[str, Relaxation]:
+        """:func:`shared_relaxations` on ``graph`` (the boxes in its dtype)."""
+        dt = graph.dtype
+        with torch.no_grad():
+            return shared_relaxations(graph, {p: (l.to(dt), h.to(dt)) for p, (l, h) in self.boxes.items()}, self.children,
+                                      self.changed)
+
+
 def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) -> dict[str, Tensor]:
     """The slopes to optimise, ``{activation node: [N, D, *shape(, 2)]}`` (ReLU slopes, sigmoid /
     tanh slope pairs; leaves with gradients): the parents' ``alphas0`` (``[D, N or 1, n]``; one
@@ -314,7 +332,7 @@ def bound_domains(
     fast: BoundGraph | None = None,
     settled: Sequence[str] = (),
     rigorous: bool = True, exact_s: float = 0.0, hard: bool = False,
-    relaxations: dict[str, Relaxation] | None = None,
+    parents: ParentBoxes | None = None,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -344,21 +362,23 @@ def bound_domains(
             round's :attr:`DomainBounds.exact_s`): the ascent leaves them before ``deadline``.
         hard: ``deadline`` is hard: a spec-row pass still running at it raises
             :class:`verify.deadline.DeadlineExpired` (for callers that discard late bounds).
-        relaxations: some nonlinear nodes' relaxations of these domains' boxes, built already
-            (:func:`shared_relaxations`; only without ``recompute``, which changes the boxes).
+        parents: the domains' parents, whose relaxations they share where their splits leave a
+            node's inputs alone (:class:`ParentBoxes`; only without ``recompute``, which changes the boxes).
 
     Returns:
         :class:`DomainBounds`.
     """
-    if recompute and relaxations is not None:
-        raise ValueError("bound_domains: relaxations of the boxes given, but the boxes are to be recomputed")
+    if recompute and parents is not None:
+        raise ValueError("bound_domains: relaxations shared with the parents, but the boxes are to be recomputed")
     exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline, settled)
-    exact.relaxations = relaxations
+    exact.relaxations = None if parents is None else parents.relaxations(graph)
     D, N = exact.C.shape[:2]
     # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
     # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
     # that counts is one last pass on ``graph`` with each row's best parameters
     ps = exact if fast is None else exact.on(fast)
+    if parents is not None and fast is not None:
+        ps.relaxations = parents.relaxations(fast)
     alphas = _start_slopes(ps, alphas0, N, D)
     betas = _start_multipliers(splits, betas0, N, D, ps.graph.dtype)
     lagrangian = _SplitLagrangian({p: splits[p].to(ps.graph.dtype).unsqueeze(0) for p in betas},
@@ -585,13 +605,13 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     if clock is not None and not clock.fits(len(rep), deadline):
         return choice
     t = time.perf_counter()
-    parents = torch.tensor(sel, device=graph.device)
+    at = torch.tensor(sel, device=graph.device)  # the nodes the splits leave alone: relaxed once per domain, not per child
+    parents = ParentBoxes({p: (l[at], h[at]) for p, (l, h) in db.boxes.items()},
+                          torch.arange(S, device=graph.device).repeat_interleave(2 * k), frozenset(splits))
     try:
-        with torch.no_grad():  # the nodes the splits leave alone: relaxed once per domain, not once per child
-            shared = shared_relaxations(trial, {p: (l[parents].to(dt), h[parents].to(dt)) for p, (l, h) in db.boxes.items()},
-                                        torch.arange(S, device=graph.device).repeat_interleave(2 * k), splits)
+        with torch.no_grad():
             kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,
-                                 deadline=deadline, recompute=False, ivals=ivals, rigorous=False, hard=True, relaxations=shared)
+                                 deadline=deadline, recompute=False, ivals=ivals, rigorous=False, hard=True, parents=parents)
     except DeadlineExpired:  # still running at the deadline: BaBSR's choice stays
         kids = None
     if clock is not None:  # (an abandoned pass: at least this pace)
@@ -883,6 +903,20 @@ class _ReluSearch:
         first = min(self.position[self.names[kn]] for kn in par["node"].tolist())
         return child, c_ivals, c_alphas, c_betas, c_boxes, self.order[: first + 1]
 
+    def parents(self, par: dict[str, Tensor], k: int) -> ParentBoxes:
+        """The boxes of the ``k`` domains ``par`` as their children (:meth:`children`: child ``j``
+        and ``j + k`` of domain ``j``) have them where this round's splits do not reach: within
+        the domains' interval splits; changed are the ReLU inputs and the nodes split by halving
+        in this round."""
+        dt = self.graph.dtype
+        raw = {p: (par[f"bl:{p}"].to(dt), par[f"bh:{p}"].to(dt)) if p in self.box_nodes
+               else (self.root[p][0].expand(k, *self.root[p][0].shape[1:]), self.root[p][1].expand(k, *self.root[p][1].shape[1:]))
+               for p in self.root}
+        ivals = {p: (par[f"l:{p}"], par[f"h:{p}"]) for p in self.inodes}
+        boxes = _split_boxes(raw, {}, {p: self.graph.shape(p) for p in raw}, ivals)
+        changed = frozenset(self.nodes) | {self.names[kn] for kn in par["node"].tolist()}
+        return ParentBoxes(boxes, torch.arange(k, device=self.graph.device).repeat(2), changed)
+
     def round(self, q: _DomainStore, k: int, recompute: bool, nearest: bool = False) -> BabResult | tuple[float, float]:
         """One round: the ``k`` worst domains of ``q`` are split (``nearest``: the ``k`` closest
         to proved, whose children are the likeliest to be proved, so that the queue shrinks),
@@ -900,10 +934,11 @@ class _ReluSearch:
             low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
             return self.result("unknown", "timeout", low)
 
+        parents = None if recompute else self.parents(par, k)
         try:
             db = bound_domains(graph, self.inputs, rs, c_boxes, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
                                deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled,
-                               exact_s=self.exact_per_domain * 2 * k, hard=True)
+                               exact_s=self.exact_per_domain * 2 * k, hard=True, parents=parents)
         except DeadlineExpired:  # a pass still running at the deadline: abandoned
             return timeout()
         if db.exact_s:  # per domain: the rounds' batches grow
