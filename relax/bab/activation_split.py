@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -119,13 +119,21 @@ class _Pass:
     boxes: dict[str, tuple[Tensor, Tensor]]
     C: Tensor
     d: Tensor
-    relaxations: dict[str, Relaxation] | None = None  # some nodes' relaxations of ``boxes``, built already
+    parents: "ParentBoxes | None" = None  # the domains' parents, whose relaxations they share where they can
+    _shared: dict[str, Relaxation] | None = field(default=None, repr=False)
 
     def on(self, fast: BoundGraph) -> "_Pass":
-        """The same pass on ``fast`` (the network in another dtype; its relaxations built there)."""
+        """The same pass on ``fast`` (the network in another dtype)."""
         dt = fast.dtype
         return _Pass(fast, self.x_set.to(dtype=dt), {p: (l.to(dt), h.to(dt)) for p, (l, h) in self.boxes.items()},
-                     self.C.to(dt), self.d.to(dt))
+                     self.C.to(dt), self.d.to(dt), self.parents)
+
+    def shared(self) -> dict[str, Relaxation] | None:
+        """The relaxations the domains share with their parents, on this pass's graph (built on
+        first use: a pass the deadline skips builds none)."""
+        if self.parents is not None and self._shared is None:
+            self._shared = self.parents.relaxations(self.graph)
+        return self._shared
 
 
 def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[str, tuple[Tensor, Tensor]],
@@ -250,7 +258,8 @@ class _SplitLagrangian:
         extra = {p: -(b * self.signs[p].to(b.dtype)).reshape(N, D, *self.shapes[p]) for p, b in betas.items()}
         afn = lambda start, act, sl: None if (act not in alphas or start != "__out__") else alphas[act][sl]  # noqa: E731
         return crown(ps.graph, ps.x_set, ps.C, intermediate=ps.boxes, alpha_fn=afn, out_extra=extra, out_record=record,
-                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at, relaxations=ps.relaxations).spec_lower() + ps.d
+                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at,
+                     relaxations=None if "relax" in fixed else ps.shared()).spec_lower() + ps.d
 
 
 def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
@@ -371,14 +380,12 @@ def bound_domains(
     if recompute and parents is not None:
         raise ValueError("bound_domains: relaxations shared with the parents, but the boxes are to be recomputed")
     exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline, settled)
-    exact.relaxations = None if parents is None else parents.relaxations(graph)
+    exact.parents = parents
     D, N = exact.C.shape[:2]
     # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
     # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
     # that counts is one last pass on ``graph`` with each row's best parameters
     ps = exact if fast is None else exact.on(fast)
-    if parents is not None and fast is not None:
-        ps.relaxations = parents.relaxations(fast)
     alphas = _start_slopes(ps, alphas0, N, D)
     betas = _start_multipliers(splits, betas0, N, D, ps.graph.dtype)
     lagrangian = _SplitLagrangian({p: splits[p].to(ps.graph.dtype).unsqueeze(0) for p in betas},
