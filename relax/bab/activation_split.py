@@ -22,6 +22,10 @@ engine's batch dimension (:func:`relax.bounds.crown.crown`, one batch element pe
   with each row's best parameters;
 * ReLUs dead at the root (``u <= 0``) are removed from the graph before the search
   (:mod:`relax.ir.prune`, done by the caller);
+* where a domain's boxes are not recomputed (smart-branching trials; rounds of large networks),
+  its children keep their parent's boxes except at the split nodes, so the relaxations of every
+  other nonlinear node (a softmax's exp and 1/x, attention's products) are built once per parent
+  and repeated for its children (:class:`ParentBoxes`; the bounds are the same bit for bit);
 * a domain whose box becomes empty somewhere is infeasible and is dropped;
 * a domain whose ReLUs are all fixed is affine: :mod:`relax.bab.leaf` solves its LP (SOCP for
   l_2) for the exact multipliers, which the engine turns into the domain's bound (LP duality:
