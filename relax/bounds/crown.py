@@ -299,14 +299,7 @@ def rows_needed(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor) -> tuple[T
 def _map_batch(r: Relaxation, fn: Callable[[Tensor], Tensor]) -> Relaxation:
     """``r`` with ``fn`` applied to every tensor field (and the tensors of a tuple ``extra``);
     the fields are ``[B, *shape]``, so ``fn`` selects batch elements."""
-    def sel(v):
-        if isinstance(v, Tensor):
-            return fn(v)
-        if isinstance(v, tuple):
-            return tuple(sel(x) for x in v)
-        return v
-
-    return Relaxation(sel(r.lw), sel(r.lb), sel(r.uw), sel(r.ub), sel(r.extra))
+    return r.map(fn)
 
 
 def _select_relax(r: Relaxation, bidx: Tensor) -> Relaxation:

@@ -132,18 +132,22 @@ class Relaxation:
         """Whether ``lb`` and ``ub`` are finite (checked once: every backward step reads it)."""
         return finite(self.lb, self.ub)
 
-    def select(self, idx: Tensor, batch: int) -> "Relaxation":
-        """The relaxation of the batch elements ``idx [D]`` (indices into the batch of ``batch``
-        elements, repeats allowed): every tensor field (and those in a tuple ``extra``) whose first
-        dim is ``batch`` indexed along it; others (a broadcast batch dim of 1) stay as they are."""
-        def sel(v: Any) -> Any:
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Relaxation":
+        """``fn`` applied to every tensor field (and to the tensors of a tuple ``extra``)."""
+        def each(v: Any) -> Any:
             if isinstance(v, Tensor):
-                return v[idx] if v.dim() > 0 and v.shape[0] == batch else v
+                return fn(v)
             if isinstance(v, tuple):
-                return tuple(sel(x) for x in v)
+                return tuple(each(x) for x in v)
             return v
 
-        return Relaxation(sel(self.lw), sel(self.lb), sel(self.uw), sel(self.ub), sel(self.extra))
+        return Relaxation(each(self.lw), each(self.lb), each(self.uw), each(self.ub), each(self.extra))
+
+    def select(self, idx: Tensor, batch: int) -> "Relaxation":
+        """The relaxation of the batch elements ``idx [D]`` (indices into the batch of ``batch``
+        elements, repeats allowed): every tensor field whose first dim is ``batch`` indexed along
+        it; others (a broadcast batch dim of 1) stay as they are."""
+        return self.map(lambda v: v[idx] if v.dim() > 0 and v.shape[0] == batch else v)
 
 
 class Activation(Op):
