@@ -142,10 +142,13 @@ class _Pass:
 
 def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[str, tuple[Tensor, Tensor]],
                  splits: dict[str, Tensor], ivals: dict[str, tuple[Tensor, Tensor]] | None, recompute: bool,
-                 deadline: float, settled: Sequence[str] = ()) -> tuple[_Pass, Tensor, float]:
+                 deadline: float, settled: Sequence[str] = (), parents: "ParentBoxes | None" = None) -> tuple[_Pass, Tensor, float]:
     """The domains' :class:`_Pass` (boxes: ``root``'s within the splits, recomputed by CROWN when
-    ``recompute``, except the ``settled`` ones), ``infeasible [D]`` (an empty box somewhere) and
-    the recomputation's seconds."""
+    ``recompute``, except the ``settled`` ones; sharing relaxations with ``parents``, which only
+    boxes that are not recomputed allow), ``infeasible [D]`` (an empty box somewhere) and the
+    recomputation's seconds."""
+    if recompute and parents is not None:
+        raise ValueError("bound_domains: relaxations shared with the parents, but the boxes are to be recomputed")
     if splits:
         D = next(iter(splits.values())).shape[0]
     else:
@@ -167,7 +170,7 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
                           deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
-    return _Pass(graph, inputs, boxes, C, d), infeasible, time.perf_counter() - t_boxes
+    return _Pass(graph, inputs, boxes, C, d, parents), infeasible, time.perf_counter() - t_boxes
 
 
 def shared_relaxations(graph: BoundGraph, parent_boxes: dict[str, tuple[Tensor, Tensor]], children: Tensor,
@@ -197,6 +200,14 @@ class ParentBoxes:
     boxes: dict[str, tuple[Tensor, Tensor]]
     children: Tensor
     changed: frozenset[str]
+
+    @classmethod
+    def repeated(cls, boxes: dict[str, tuple[Tensor, Tensor]], domains: list[int], copies: int, changed: Iterable[str]) -> "ParentBoxes":
+        """The ``domains`` of ``boxes`` (``[D, *shape]``) as parents of ``copies`` children each, in a
+        row (smart branching's trials)."""
+        at = torch.tensor(domains, device=next(iter(boxes.values()))[0].device)
+        return cls({p: (l[at], h[at]) for p, (l, h) in boxes.items()},
+                   torch.arange(len(domains), device=at.device).repeat_interleave(copies), frozenset(changed))
 
     def relaxations(self, graph: BoundGraph) -> dict[str, Relaxation]:
         """:func:`shared_relaxations` on ``graph`` (the boxes in its dtype)."""
@@ -344,8 +355,7 @@ def bound_domains(
     ivals: dict[str, tuple[Tensor, Tensor]] | None = None,
     fast: BoundGraph | None = None,
     settled: Sequence[str] = (),
-    rigorous: bool = True, exact_s: float = 0.0, hard: bool = False,
-    parents: ParentBoxes | None = None,
+    rigorous: bool = True, exact_s: float = 0.0, hard: bool = False, parents: ParentBoxes | None = None,
 ) -> "DomainBounds":
     """Bounds of the spec rows on ``D`` domains.
 
@@ -377,14 +387,8 @@ def bound_domains(
             :class:`verify.deadline.DeadlineExpired` (for callers that discard late bounds).
         parents: the domains' parents, whose relaxations they share where their splits leave a
             node's inputs alone (:class:`ParentBoxes`; only without ``recompute``, which changes the boxes).
-
-    Returns:
-        :class:`DomainBounds`.
     """
-    if recompute and parents is not None:
-        raise ValueError("bound_domains: relaxations shared with the parents, but the boxes are to be recomputed")
-    exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline, settled)
-    exact.parents = parents
+    exact, infeasible, boxes_s = _domain_pass(graph, inputs, rs, root, splits, ivals, recompute, deadline, settled, parents)
     D, N = exact.C.shape[:2]
     # the slopes and multipliers are optimised on ``fast`` (the same network in float32: about
     # twice as fast); any slopes in range and multipliers >= 0 give a sound bound, so the bound
@@ -616,9 +620,7 @@ def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db:
     if clock is not None and not clock.fits(len(rep), deadline):
         return choice
     t = time.perf_counter()
-    at = torch.tensor(sel, device=graph.device)  # the nodes the splits leave alone: relaxed once per domain, not per child
-    parents = ParentBoxes({p: (l[at], h[at]) for p, (l, h) in db.boxes.items()},
-                          torch.arange(S, device=graph.device).repeat_interleave(2 * k), frozenset(splits))
+    parents = ParentBoxes.repeated(db.boxes, sel, 2 * k, splits)  # what the splits leave alone: relaxed once per domain
     try:
         with torch.no_grad():
             kids = bound_domains(trial, inputs.to(dtype=dt), rs, boxes, child_splits, alphas0=alphas0, betas0=betas0, steps=0,

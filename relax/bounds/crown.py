@@ -665,21 +665,15 @@ def crown(
             :class:`DeadlineExpired` at the next node (for callers that discard late bounds: bab).
         forward: the forward linear bounds' boxes (:func:`relax.bounds.forward.forward_boxes`: few inputs,
             wide layers) join the overrides, so CROWN bounds only the neurons they leave unstable.
-        relaxations: ``{nonlinear node: Relaxation [B, *shape]}`` used as given instead of relaxing
-            the node's input boxes; the caller guarantees they were built by ``mode`` from the very
-            boxes this pass has (e.g. a parent domain's, repeated for children whose splits leave
-            that node's inputs alone: :func:`relax.bab.activation_split.shared_relaxations`).
+        relaxations: ``{nonlinear node: Relaxation [B, *shape]}`` used as given, built by ``mode`` from
+            this pass's very boxes (a parent's for its children: :class:`relax.bab.activation_split.ParentBoxes`).
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
         (with the linear bound's gradient).
     """
     if fixed is not None and "relax" in fixed:
-        assert C is not None  # fixed is filled by a call with spec rows, and the calls differ in alpha_fn / out_extra only
-        if fixed["rigorous"] != rigorous:  # a ranking pass's cache must never serve a bound
-            raise ValueError("crown: `fixed` was filled with another `rigorous`")
-        return _spec_rows(graph, input_set, C, fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"], max_elements,
-                          alpha_fn, out_extra, out_record, stop_at)
+        return _spec_rows_from(fixed, graph, input_set, C, rigorous, max_elements, alpha_fn, out_extra, out_record, stop_at)
     if prune and (alpha_fn is not None or rows is not None or out_extra is not None or out_record is not None or fixed is not None
                   or roundoff_weights is not None or relaxations is not None):
         raise ValueError("crown: prune=True works with plain CROWN passes only")
@@ -694,6 +688,18 @@ def crown(
     if C is None:
         return CrownResult(None, bp.inter, bp.relax_full, bp.weights)
     return bp.spec(C, fixed, out_extra, out_record, rigorous, stop_at)
+
+
+def _spec_rows_from(fixed: dict, graph: BoundGraph, input_set: InputSet, C: Tensor | None, rigorous: bool, max_elements: int,
+                    alpha_fn: AlphaFn | None, out_extra: dict[str, Tensor] | None, out_record: dict[str, Tensor | None] | None,
+                    stop_at: float | None) -> CrownResult:
+    """:func:`crown`'s spec rows on the relaxations, round-off weights, boxes and interval bound a
+    first call left in ``fixed``."""
+    assert C is not None  # fixed is filled by a call with spec rows, and the calls differ in alpha_fn / out_extra only
+    if fixed["rigorous"] != rigorous:  # a ranking pass's cache must never serve a bound
+        raise ValueError("crown: `fixed` was filled with another `rigorous`")
+    return _spec_rows(graph, input_set, C, fixed["relax"], fixed["weights"], fixed["inter"], fixed["ibp_low"], max_elements,
+                      alpha_fn, out_extra, out_record, stop_at)
 
 
 def _with_forward_boxes(graph: BoundGraph, input_set: InputSet, overrides: dict[str, tuple[Tensor, Tensor]] | None
