@@ -178,7 +178,7 @@ def shared_relaxations(graph: BoundGraph, parent_boxes: dict[str, tuple[Tensor, 
     """The relaxations that children share with their parents, built once per parent:
     ``{nonlinear node: Relaxation [D, *shape]}`` for every node none of whose inputs is in
     ``changed`` (the nodes whose boxes the children's splits narrow). ``parent_boxes``: the
-    parents' pre-activation boxes ``[P, *shape]``; ``children [D]``: each child's parent. A relaxation
+    parents' pre-activation boxes ``[P, *shape]`` (taken in ``graph``'s dtype); ``children [D]``: each child's parent. A relaxation
     acts per batch element, so the children's equal their parents' bit for bit; smart branching's
     trials bound ``2 k`` children of each domain whose softmax, exp or products keep their boxes."""
     changed = set(changed)
@@ -187,7 +187,8 @@ def shared_relaxations(graph: BoundGraph, parent_boxes: dict[str, tuple[Tensor, 
     for n in graph.nodes:
         if not n.op.nonlinear or any(i in changed or i not in parent_boxes for i in n.inputs):
             continue
-        out[n.name] = n.op.relax_inputs([parent_boxes[i] for i in n.inputs], mode).select(children, P)
+        boxes = [(parent_boxes[i][0].to(graph.dtype), parent_boxes[i][1].to(graph.dtype)) for i in n.inputs]
+        out[n.name] = n.op.relax_inputs(boxes, mode).select(children, P)
     return out
 
 
@@ -210,11 +211,9 @@ class ParentBoxes:
                    torch.arange(len(domains), device=at.device).repeat_interleave(copies), frozenset(changed))
 
     def relaxations(self, graph: BoundGraph) -> dict[str, Relaxation]:
-        """:func:`shared_relaxations` on ``graph`` (the boxes in its dtype)."""
-        dt = graph.dtype
+        """:func:`shared_relaxations` on ``graph``."""
         with torch.no_grad():
-            return shared_relaxations(graph, {p: (l.to(dt), h.to(dt)) for p, (l, h) in self.boxes.items()}, self.children,
-                                      self.changed)
+            return shared_relaxations(graph, self.boxes, self.children, self.changed)
 
 
 def _start_slopes(ps: _Pass, alphas0: dict[str, Tensor] | None, N: int, D: int) -> dict[str, Tensor]:
@@ -273,8 +272,7 @@ class _SplitLagrangian:
         extra = {p: -(b * self.signs[p].to(b.dtype)).reshape(N, D, *self.shapes[p]) for p, b in betas.items()}
         afn = lambda start, act, sl: None if (act not in alphas or start != "__out__") else alphas[act][sl]  # noqa: E731
         return crown(ps.graph, ps.x_set, ps.C, intermediate=ps.boxes, alpha_fn=afn, out_extra=extra, out_record=record,
-                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at,
-                     relaxations=None if "relax" in fixed else ps.shared()).spec_lower() + ps.d
+                     fixed=fixed, rigorous=self.rigorous, stop_at=self.stop_at, relaxations=ps.shared()).spec_lower() + ps.d
 
 
 def _ascend(lagrangian: _SplitLagrangian, ps: _Pass, alphas: dict[str, Tensor], betas: dict[str, Tensor], fixed: dict,
@@ -916,15 +914,13 @@ class _ReluSearch:
         first = min(self.position[self.names[kn]] for kn in par["node"].tolist())
         return child, c_ivals, c_alphas, c_betas, c_boxes, self.order[: first + 1]
 
-    def parents(self, par: dict[str, Tensor], k: int) -> ParentBoxes:
+    def parents(self, par: dict[str, Tensor], k: int, c_boxes: dict[str, tuple[Tensor, Tensor]]) -> ParentBoxes:
         """The boxes of the ``k`` domains ``par`` as their children (:meth:`children`: child ``j``
-        and ``j + k`` of domain ``j``) have them where this round's splits do not reach: within
-        the domains' interval splits; changed are the ReLU inputs and the nodes split by halving
-        in this round."""
-        dt = self.graph.dtype
-        raw = {p: (par[f"bl:{p}"].to(dt), par[f"bh:{p}"].to(dt)) if p in self.box_nodes
-               else (self.root[p][0].expand(k, *self.root[p][0].shape[1:]), self.root[p][1].expand(k, *self.root[p][1].shape[1:]))
-               for p in self.root}
+        and ``j + k`` of domain ``j``, boxes ``c_boxes``) have them where this round's splits do not
+        reach: within the domains' interval splits; changed are the ReLU inputs and the nodes
+        split by halving in this round."""
+        raw = {p: (l[:k], h[:k]) if p in self.box_nodes else (l.expand(k, *l.shape[1:]), h.expand(k, *h.shape[1:]))
+               for p, (l, h) in c_boxes.items()}
         ivals = {p: (par[f"l:{p}"], par[f"h:{p}"]) for p in self.inodes}
         boxes = _split_boxes(raw, {}, {p: self.graph.shape(p) for p in raw}, ivals)
         changed = frozenset(self.nodes) | {self.names[kn] for kn in par["node"].tolist()}
@@ -947,7 +943,7 @@ class _ReluSearch:
             low = min(float(par["low"].min()), float(q.get("low").min()) if q.n else math.inf, self.worst_leaf)
             return self.result("unknown", "timeout", low)
 
-        parents = None if recompute else self.parents(par, k)
+        parents = None if recompute else self.parents(par, k, c_boxes)
         try:
             db = bound_domains(graph, self.inputs, rs, c_boxes, child, alphas0=c_alphas, betas0=c_betas, steps=self.steps,
                                deadline=self.deadline, recompute=recompute, ivals=c_ivals, fast=self.fast, settled=settled,

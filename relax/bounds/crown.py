@@ -296,15 +296,9 @@ def rows_needed(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor) -> tuple[T
     return idx, bidx
 
 
-def _map_batch(r: Relaxation, fn: Callable[[Tensor], Tensor]) -> Relaxation:
-    """``r`` with ``fn`` applied to every tensor field (and the tensors of a tuple ``extra``);
-    the fields are ``[B, *shape]``, so ``fn`` selects batch elements."""
-    return r.map(fn)
-
-
 def _select_relax(r: Relaxation, bidx: Tensor) -> Relaxation:
     """``r`` at the batch elements ``bidx`` (one per row of a virtual batch)."""
-    return _map_batch(r, lambda v: v[bidx])
+    return r.map(lambda v: v[bidx])
 
 
 def _max_width(graph: BoundGraph, start: str) -> int:
@@ -929,7 +923,7 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
             if part is None:
                 rel, x_part, w_part = relax, input_set, weights
             else:
-                rel = {k: _map_batch(r, part.dim0) for k, r in relax.items()}
+                rel = {k: r.map(part.dim0) for k, r in relax.items()}
                 x_part = part.input_set(input_set)
                 w_part = None if weights is None else {k: part.dim0(w) for k, w in weights.items()}
             cols.append(backward(graph, out, At[s0:s1, b0:b1], rel, x_part, _sliced(alphas_s, part, 1), w_part,
