@@ -152,6 +152,44 @@ def test_bab_method_never_certifies_a_falsifiable_property():
         assert c.status in ("certified", "falsified")
 
 
+class _Capped(nn.Module):
+    """``min(body(x), cap)`` written as ``cap - relu(cap - body(x))``: the output sits exactly at
+    ``cap`` wherever the body exceeds it (as ml4acopf's clamped generator outputs do)."""
+
+    def __init__(self, body: nn.Module, cap: float) -> None:
+        super().__init__()
+        self.body, self.cap = body, cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cap - torch.relu(self.cap - self.body(x))
+
+
+@pytest.mark.parametrize("split", ["auto", "relu"])
+def test_bab_decides_a_property_at_its_own_tolerance(split):
+    """VNN-COMP specs state tolerances of 1e-6 (ml4acopf: ``Y >= 0.300001`` is the violation of
+    an output clamped at 0.3): the true margin is the tolerance itself, so ``bab`` proves such a
+    property with the float64 safety margin (1e-10) of every bound method, as ``crown`` does (a
+    1e-6 threshold left ml4acopf's instances open), and still falsifies the property one 1e-9
+    below the cap, with a counterexample at the cap."""
+    body = _mlp(3, (2, 16, 16, 1)).double()
+    lo, hi = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    with torch.no_grad():
+        hs = body(lo + torch.rand(20000, 2, dtype=torch.float64) * (hi - lo))
+    cap = float(hs.min() + hs.max()) / 2  # reached on part of the box
+    net = _Capped(body, cap).eval()
+    C = torch.tensor([[-1.0]], dtype=torch.float64)  # property: cap + gap - y > 0
+    for gap in (1e-6, 1e-8):
+        c = certify(net, Box(lo, hi), Linear(C, torch.tensor([cap + gap], dtype=torch.float64)), "bab", split=split,
+                    timeout=20, dtype=torch.float64)[0]
+        assert c.status == "certified", (gap, c.details)
+    c = certify(net, Box(lo, hi), Linear(C, torch.tensor([cap - 1e-9], dtype=torch.float64)), "bab", split=split,
+                timeout=20, dtype=torch.float64)[0]
+    assert c.status == "falsified"
+    x = torch.tensor(c.counterexample, dtype=torch.float64).reshape(1, 2)
+    with torch.no_grad():
+        assert float(net(x)[0, 0]) >= cap - 1e-9 and bool(((x >= lo) & (x <= hi)).all())
+
+
 def test_input_split_pgd_is_the_falsifier():
     """Input splitting's PGD is verify.attack.pgd_attack on a batch of boxes (each its own set):
     it finds a violation of a property whose grid minimum is negative and whose box centres are

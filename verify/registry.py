@@ -347,6 +347,14 @@ class Method:
         raise NotImplementedError
 
 
+#: a float64 lower bound proves a row when it exceeds ``FLOAT64_PROOF_MARGIN (1 + |lower|)``
+#: (:func:`float_safety_margin`); for a borderline bound (``|lower|`` near 0) that is this number
+#: itself, the threshold ``bab`` uses for its domains (its bounds are float64 too)
+FLOAT64_PROOF_MARGIN = 1e-10
+#: the same for bounds computed in float32 (or narrower)
+FLOAT32_PROOF_MARGIN = 1e-5
+
+
 def float_safety_margin(lower: Tensor) -> Tensor:
     """The amount a lower bound must exceed 0 by before it counts as a proof.
 
@@ -355,7 +363,7 @@ def float_safety_margin(lower: Tensor) -> Tensor:
     float64. Methods that track their own round-off may override
     :meth:`BoundMethod.safety_margin`.
     """
-    rel = 1e-5 if lower.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+    rel = FLOAT32_PROOF_MARGIN if lower.dtype in (torch.float32, torch.float16, torch.bfloat16) else FLOAT64_PROOF_MARGIN
     return rel * (1.0 + lower.abs())
 
 

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from verify.deadline import Deadline, DeadlineExpired
+from verify.registry import FLOAT64_PROOF_MARGIN
 from verify.spec import InputSet, LpBall
 
 from relax.bounds.adam import ProjectedAdam
@@ -1001,7 +1002,7 @@ def graph_relu_bab(
     root_alphas: dict[str, Tensor] | None = None,
     batch_size: int = 32,
     steps: int = 10,
-    margin: float = 1e-6,
+    margin: float = FLOAT64_PROOF_MARGIN,
     max_memory_mb: float = 1500.0,
     check_point=None,
     fast: BoundGraph | None = None,

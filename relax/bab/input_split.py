@@ -29,6 +29,7 @@ from torch import Tensor
 from relax.bab import BabResult, RowSpec
 from verify.attack import pgd_attack
 from verify.deadline import DeadlineExpired
+from verify.registry import FLOAT64_PROOF_MARGIN
 from verify.spec import Box, LinearSpec
 
 #: intermediate boxes of a batch of boxes: per pre-activation node (graph order), ``(lo, hi)``
@@ -442,7 +443,7 @@ def input_bab(
     timeout: float = 60.0,
     batch_size: int = 512,
     max_memory_mb: float = 1500.0,
-    margin: float = 1e-9,
+    margin: float = FLOAT64_PROOF_MARGIN,
     pgd_every: int = 5,
     branching: str = "mixed",
     max_aspect: float = 64.0,

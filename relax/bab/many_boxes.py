@@ -37,6 +37,7 @@ from relax.bounds.crown import crown
 from relax.bounds.forward import CHUNK_ELEMENTS, forward_bounds
 from relax.ir.graph import BoundGraph
 from verify.deadline import DeadlineExpired
+from verify.registry import FLOAT64_PROOF_MARGIN
 from verify.spec import Box
 
 __all__ = ["ManyBoxesResult", "split_many_boxes", "bound_pieces"]
@@ -100,7 +101,7 @@ def split_many_boxes(
     groups: Tensor,
     *,
     stop_at: float = math.inf,
-    margin: float = 1e-6,
+    margin: float = FLOAT64_PROOF_MARGIN,
     max_pieces: int = 64,
 ) -> ManyBoxesResult:
     """Decide the boxes ``lo, hi [M, n_in]`` (flat inputs; their rows ``C [M, N, K]``, ``d [M, N]``,

@@ -38,7 +38,7 @@ from verify.deadline import Deadline, DeadlineExpired
 from verify.resources import usable_cores
 from verify.options import Options, option
 from verify.certificate import Certificate
-from verify.registry import CertifyCall, Method, register
+from verify.registry import FLOAT64_PROOF_MARGIN, CertifyCall, Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError
 
 from relax.bab import BabResult, RowSpec
@@ -80,7 +80,9 @@ class BabOptions(Options):
     relu_steps: int = option(10, "alpha / beta optimisation steps per ReLU-split round")
     branch_candidates: int = option(3, "ReLUs whose children are bounded before one is split (filtered smart "
                                     "branching); 1: the BaBSR-style score alone", positive=True)
-    margin: float = option(1e-6, "a domain counts as proved when its margin lower bound exceeds this")
+    margin: float = option(FLOAT64_PROOF_MARGIN, "a domain counts as proved when its margin lower bound exceeds this (the "
+                           "bounds are float64 with their round-off accounted for; the default is every bound "
+                           "method's float64 safety margin)")
     seed: int = option(0, "seeds the attacks")
     refine_layers: int | None = option(None, "relu split: hidden layers whose root bounds MILP tightens first (none: "
                                        "3 for nets of at least refine_min_depth hidden layers, else 0)")
@@ -139,7 +141,12 @@ class BabMethod(Method):
             (:func:`relax.exact.milp.milp_verify`, HiGHS / Gurobi branch-and-cut) takes the rest
             (1: never). Its proofs keep the MILP method's margins; its counterexamples are
             confirmed like the search's.
-        margin: a domain counts as proved when its margin lower bound exceeds this.
+        margin: a domain counts as proved when its margin lower bound exceeds this. The bounds
+            are float64 and hold for the exact network (their round-off is in them,
+            :mod:`relax.bounds.roundoff`), so the default is the float64 safety margin of every
+            bound method (:data:`verify.registry.FLOAT64_PROOF_MARGIN`): properties whose own
+            tolerance is ``1e-6`` (ml4acopf's ``Y >= 0.300001`` on an output clamped at 0.3) are
+            decided like the ``crown`` method decides them.
         seed: seeds the attacks.
         queue_memory_mb: memory cap of the queue of open domains (both kinds of splitting);
             above ``FULL_QUEUE`` of it the domains closest to proved are split first (a
