@@ -163,6 +163,33 @@ def test_softmax_bounds_enclose_samples_and_stay_in_unit_interval():
     assert torch.allclose(g.forward(x), net(x), rtol=0, atol=1e-15)
 
 
+def test_a_tensor_times_itself_is_bounded_as_its_square():
+    """``x * x`` (ml4acopf's power-flow nets write ``p^2 + q^2`` so) is the square: its graph node
+    is ``Power(2)``, its interval is ``[0, max(l^2, u^2)]`` across 0 (the product rule of two
+    independent factors gives ``l u < 0``), and CROWN's bounds of ``x * x - 2 x`` still enclose
+    10,000 samples while beating the independent-factor product's."""
+    class Square(nn.Module):
+        def __init__(self, same: bool):
+            super().__init__()
+            self.same = same
+
+        def forward(self, x):
+            h = torch.tanh(x) * 3 - 1  # a variable node, not the input itself
+            return h * (h if self.same else h + 0.0) - 2 * h
+
+    lo, hi = torch.tensor([[-1.0, -0.2, 0.3]], dtype=D), torch.tensor([[1.0, 0.4, 0.9]], dtype=D)
+    g = build_graph(torch.fx.symbolic_trace(Square(True)), (3,), D)
+    assert any(isinstance(n.op, Power) and n.op.n == 2 for n in g.nodes)
+    x = lo + (hi - lo) * torch.rand(10_000, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    y = Square(True)(x)
+    assert torch.allclose(g.forward(x), y, rtol=0, atol=1e-14)
+    for method in ("interval", "crown"):
+        l_sq, h_sq = bounds(Square(True), Box(lo, hi), method=method, dtype=D)
+        l_pr, h_pr = bounds(Square(False), Box(lo, hi), method=method, dtype=D)
+        assert (l_sq[0] <= y.amin(0) + 1e-12).all() and (h_sq[0] >= y.amax(0) - 1e-12).all()
+        assert (l_sq >= l_pr - 1e-12).all() and (h_sq <= h_pr + 1e-12).all() and bool((l_sq > l_pr + 0.1).any())
+
+
 def test_python_scalar_constants_keep_float64_digits():
     """``x * 0.3`` in a float64 graph multiplies by the float64 0.3, not float32's (which
     differs by 1e-8 relative; dividing by a constant multiplies by its reciprocal: one ulp)."""

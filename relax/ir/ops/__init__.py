@@ -283,6 +283,8 @@ def b_binary(ctx):
         if name in ("add", "sub"):
             return Add([1.0, 1.0 if name == "add" else -1.0], [ctx.in_shapes[a.name], ctx.in_shapes[b.name]]), [a.name, b.name]
         if name == "mul":
+            if a.name == b.name:  # x * x: the square, convex and >= 0 (McCormick's planes treat the factors as independent)
+                return Power(2), [a.name]
             return _product(ctx, a, b, matmul=False)
         if name == "div":  # a * (1 / b)
             sb = ctx.in_shapes[b.name]
