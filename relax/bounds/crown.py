@@ -296,11 +296,6 @@ def rows_needed(graph: BoundGraph, node: str, lo: Tensor, hi: Tensor) -> tuple[T
     return idx, bidx
 
 
-def _select_relax(r: Relaxation, bidx: Tensor) -> Relaxation:
-    """``r`` at the batch elements ``bidx`` (one per row of a virtual batch)."""
-    return r.map(lambda v: v[bidx])
-
-
 def _max_width(graph: BoundGraph, start: str) -> int:
     anc = _ancestors(graph, start)
     w = math.prod(graph.input_shape)
@@ -490,7 +485,7 @@ class _RowPass:
                     stop_at: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """:func:`backward_form` of the rows ``+-e_sub`` (batch elements ``bsel``), down to the
         input or to the node ``until``."""
-        rel = {a: (self.relax[a] if self.shared else _select_relax(self.relax[a], bsel)) for a in self.acts}
+        rel = {a: (self.relax[a] if self.shared else self.relax[a].map(lambda v: v[bsel])) for a in self.acts}  # one element per row
         w = self.weights
         wsel = w if self.shared or w is None else {k: (None if v is None else v[bsel]) for k, v in w.items()}
         sign = torch.tensor([1.0, -1.0], device=sub.device)
