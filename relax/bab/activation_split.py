@@ -1027,31 +1027,66 @@ def graph_relu_bab(
                     candidates=candidates)
     if not s.names:
         return BabResult("unknown", None, -math.inf, 0, reason="nothing to split")
-    max_domains, batch_size = s.store_limits(max_memory_mb, batch_size)
-    q = s.start(root_alphas, max_domains, batch_size)
-    if isinstance(q, BabResult):
-        return q
-    last_round = s.first_round_s()  # a round starts only if one as long as the last still fits
-    # per-domain CROWN boxes, while they cost less than the rest of a round
-    recompute = box_pass_s is None or 2 * box_pass_s <= RECOMPUTE_ROUND_SHARE * timeout
-    cap, last_k = 1, 1  # domains per round: doubled up to batch_size while rounds stay short; the last round's
-    while True:
+    run = SearchRun(s, max_memory_mb, batch_size, box_pass_s)
+    done = run.begin(root_alphas)
+    while done is None:
+        done = run.step()
+    return done
+
+
+class SearchRun:
+    """One activation-split search that advances a round at a time (:meth:`step`), so that
+    several can share one deadline and one memory cap (:mod:`relax.bab.group_split`).
+
+    Rounds start with one domain and double up to ``batch_size`` while they take under 2 % of
+    the budget; the per-domain recomputation of the boxes is dropped once a round takes over
+    :data:`RECOMPUTE_ROUND_SHARE` of the budget or the recomputation over half a round."""
+
+    def __init__(self, s: "_ReluSearch", max_memory_mb: float, batch_size: int, box_pass_s: float | None) -> None:
+        self.s = s
+        self.max_domains, self.batch_size = s.store_limits(max_memory_mb, batch_size)
+        self.timeout = s.deadline - s.t0
+        self.last_round = s.first_round_s()  # a round starts only if one as long as the last still fits
+        # per-domain CROWN boxes, while they cost less than the rest of a round
+        self.recompute = box_pass_s is None or 2 * box_pass_s <= RECOMPUTE_ROUND_SHARE * self.timeout
+        self.cap, self.last_k = 1, 1  # domains per round (doubled up to batch_size while rounds stay short); the last round's
+        self.q: _DomainStore | None = None
+
+    def begin(self, root_alphas: dict[str, Tensor] | None) -> BabResult | None:
+        """Bound the root: its result when that decides, else None (the search goes on)."""
+        q = self.s.start(root_alphas, self.max_domains, self.batch_size)
+        if isinstance(q, BabResult):
+            return q
+        self.q = q
+        self.last_round = self.s.first_round_s()
+        return None
+
+    def lowest(self) -> float:
+        """The smallest bound of an open domain (or fully split one left open)."""
+        assert self.q is not None
+        return min(float(self.q.get("low").min()) if self.q.n else math.inf, self.s.worst_leaf)
+
+    def step(self) -> BabResult | None:
+        """One round (best-first; near the memory cap the domains closest to proved first, whose
+        children mostly close, so that the queue shrinks). The result when the search ends."""
+        s, q, timeout = self.s, self.q, self.timeout
+        assert q is not None
         if q.n == 0:
-            return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", margin)
-        k = min(cap, q.n, max_domains - q.n)  # a round of k domains adds at most k to the queue
+            return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", s.margin)
+        k = min(self.cap, q.n, self.max_domains - q.n)  # a round of k domains adds at most k to the queue
         left = s.deadline - time.perf_counter()
-        if last_round >= left:  # a round as long as the last does not fit: a smaller one, if one fits
-            k = smaller_round(k, left, last_round, last_k)
+        if self.last_round >= left:  # a round as long as the last does not fit: a smaller one, if one fits
+            k = smaller_round(k, left, self.last_round, self.last_k)
             if k < 1:
-                return s.result("unknown", "timeout", min(float(q.get("low").min()), s.worst_leaf))
+                return s.result("unknown", "timeout", self.lowest())
         if k < 1:
-            return s.result("unknown", "memory", min(float(q.get("low").min()), s.worst_leaf))
-        # best-first; near the memory cap the domains closest to proved first (depth-first)
-        done = s.round(q, k, recompute, nearest=q.n + 2 * k > FULL_QUEUE * max_domains)
+            return s.result("unknown", "memory", self.lowest())
+        done = s.round(q, k, self.recompute, nearest=q.n + 2 * k > FULL_QUEUE * self.max_domains)
         if isinstance(done, BabResult):
             return done
-        (last_round, boxes_s), last_k = done, k
-        if recompute and (last_round > RECOMPUTE_ROUND_SHARE * timeout or boxes_s > 0.5 * last_round):
-            recompute = False  # large networks: more domains with the root's boxes pay better
-        elif last_round < 0.02 * timeout:
-            cap = min(batch_size, 2 * cap)
+        (self.last_round, boxes_s), self.last_k = done, k
+        if self.recompute and (self.last_round > RECOMPUTE_ROUND_SHARE * timeout or boxes_s > 0.5 * self.last_round):
+            self.recompute = False  # large networks: more domains with the root's boxes pay better
+        elif self.last_round < 0.02 * timeout:
+            self.cap = min(self.batch_size, 2 * self.cap)
+        return None
