@@ -913,3 +913,78 @@ def test_inputs_pinned_by_the_box_do_not_count_towards_input_splitting():
     wide_lo[0, :20], wide_hi[0, :20] = x0[0, :20] - 0.01, x0[0, :20] + 0.01
     assert free_inputs(Box(wide_lo, wide_hi)) == 20
     assert certify(net, Box(wide_lo, wide_hi), spec, "bab", timeout=30)[0].details["stage"] != "graph-bab-input"
+
+
+def _many_class_case(seed: int, classes: int = 6):
+    """A 6-16-16-``classes`` ReLU MLP spread over several classes, a centre with an adversarial
+    example in [0, 1]^6, its label and the exact l_inf distance ``d*`` (MILP)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, classes)).eval()
+    _spread(net[0], 16.0)
+    for _ in range(20):
+        x0 = torch.rand(1, 6)
+        label = int(net(x0).argmax())
+        d = _exact_distance(net, x0, label)
+        if d is not None:
+            return net, x0, label, d
+    raise AssertionError("no centre with an adversarial example")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_each_group_and_joint_search_decide_alike_against_exact_milp(seed):
+    """A classifier's robustness is an OR of one group per other class: one search per open group
+    (``groups="each"``, the default) and one joint search both certify 0.95 d* and never 1.05 d*."""
+    net, x0, label, d = _many_class_case(seed)
+    for groups in ("each", "joint"):
+        for f in (0.95, 1.05):
+            c = certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                        method_options={"split": "relu", "groups": groups})[0]
+            if f > 1:
+                assert c.status != "certified", (seed, groups)
+            else:
+                assert c.status == "certified", (seed, groups, c.status, c.details.get("reason"))
+
+
+def _two_blocks(seed: int) -> nn.Sequential:
+    """A 6-24-24-3 ReLU MLP made of two independent nets on the two halves of the input
+    (block-diagonal weights): ``y = (0, f(x[:3]), g(x[3:]))``."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        for layer, (r, c) in ((net[0], (12, 3)), (net[2], (12, 12))):
+            layer.weight[:r, c:] = 0.0
+            layer.weight[r:, :c] = 0.0
+            layer.weight[r:, c:] = layer.weight[:r, :c]  # g = f: both groups as hard at a symmetric centre
+            layer.bias[r:] = layer.bias[:r]
+        _spread(net[0], 8.0)
+        net[4].weight[0] = 0.0
+        net[4].bias[0] = 0.0
+        net[4].weight[1, 12:] = 0.0
+        net[4].weight[2, :12] = net[4].weight[1, :12]
+        net[4].weight[2, 12:] = 0.0
+        net[4].weight[2] = net[4].weight[2].roll(12)
+        net[4].weight.mul_(20.0)
+    return net
+
+
+def test_groups_needing_different_splits_take_fewer_domains_each_on_its_own():
+    """Class 0 against two classes computed by disjoint ReLUs (at a symmetric centre, as close to
+    the boundary): a joint domain is proved only when both rows are, so the splits each row
+    needs multiply; searching each group on its own adds them. Both searches certify 0.98 d*
+    (d* the exact MILP distance), the groupwise one with fewer domains."""
+    from relax.exact.milp import minimum_distortion
+
+    for seed in (0, 3, 9, 10):  # nets whose joint search branches (10 to 400 domains)
+        net = _two_blocks(seed)
+        torch.manual_seed(seed)
+        x0 = torch.rand(1, 3).repeat(1, 2)
+        with torch.no_grad():  # class 0 wins at x0 by 0.2 against each block
+            net[4].bias[1:] -= net(x0)[0, 1:] + 0.2
+        vals, res = minimum_distortion(net, x0, Robust(torch.tensor([0])), math.inf, (0.0, 1.0), timeout=60, return_details=True)
+        assert res[0].status == "optimal"
+        ball = LpBall(x0, 0.98 * float(res[0].lower), math.inf, 0.0, 1.0)
+        runs = {g: certify(net, ball, Robust(torch.tensor([0])), "bab", timeout=60,
+                           method_options={"split": "relu", "groups": g, "branch_candidates": 1})[0] for g in ("each", "joint")}
+        assert all(c.status == "certified" for c in runs.values()), {g: c.status for g, c in runs.items()}
+        assert runs["joint"].details["domains"] >= 10, (seed, runs["joint"].details)
+        assert runs["each"].details["domains"] < runs["joint"].details["domains"], (seed, runs["each"].details, runs["joint"].details)

@@ -85,10 +85,16 @@ class RowSpec:
         property's margin on a domain is the smaller of that and the open spec's margin."""
         gmax = self.group_max(rows.to(self.C.dtype).reshape(-1))
         open_ = ~(gmax > margin)
-        keep = open_[self.groups].nonzero().squeeze(1)
-        renumber = torch.cumsum(open_.long(), 0) - 1
         floor = float(gmax[~open_].min()) if bool((~open_).any()) else math.inf
-        return RowSpec(self.C[keep], self.d[keep], renumber[self.groups[keep]]), keep, floor
+        return (*self.select_groups(open_), floor)
+
+    def select_groups(self, chosen: Tensor) -> tuple["RowSpec", Tensor]:
+        """The property of the groups with ``chosen [G]`` true (renumbered ``0..G'-1`` in order)
+        and the indices ``[N']`` of its rows in this spec."""
+        chosen = chosen.to(self.groups.device)
+        keep = chosen[self.groups].nonzero().squeeze(1)
+        renumber = torch.cumsum(chosen.long(), 0) - 1
+        return RowSpec(self.C[keep], self.d[keep], renumber[self.groups[keep]]), keep
 
     def with_averages(self, max_rows: int = 6) -> "RowSpec":
         """The same property with extra rows: in every group of 2..``max_rows`` rows, the

@@ -104,6 +104,10 @@ class BabOptions(Options):
                                  interval=(0.0, 1.0, "closed"))
     narrow_max_inputs: int = option(64, "most free input coordinates for which narrow layers are tightened (their "
                                     "searches split the input)", positive=True)
+    groups: str = option("each", "activation split of a property whose open part is an OR of several groups (a "
+                         "classifier's other classes, many output limits): each (one search per group, the "
+                         "weakest-bounded first; every domain bounds one group) or joint (one search whose domains "
+                         "bound every group)", choices=("each", "joint"))
     queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
                                     "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
 
@@ -148,6 +152,10 @@ class BabMethod(Method):
             tolerance is ``1e-6`` (ml4acopf's ``Y >= 0.300001`` on an output clamped at 0.3) are
             decided like the ``crown`` method decides them.
         seed: seeds the attacks.
+        groups: activation split of a property that is an OR of groups (a classifier's other
+            classes; ml4acopf's 216 output limits): ``"each"`` searches every group the root
+            leaves open on its own (the weakest-bounded first), as alpha-beta-CROWN keeps one
+            OR-clause per domain; ``"joint"`` runs one search whose domains bound all open groups.
         queue_memory_mb: memory cap of the queue of open domains (both kinds of splitting);
             above ``FULL_QUEUE`` of it the domains closest to proved are split first (a
             depth-first fallback that shrinks the queue); one that reaches it stops the search.
@@ -188,7 +196,8 @@ class BabMethod(Method):
                 details={
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
-                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak", "milp", "bab_first") if k in res.details},
+                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak", "groups", "groups_proved", "milp", "bab_first")
+                       if k in res.details},
                 },
             ))
         return certs
@@ -331,7 +340,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     deadline = time.perf_counter() + left
     # the groups the root proves hold on every domain: the search bounds only the open ones
     rs, rows, proved_floor = rs.open_part(root_rows, opts.margin)
-    search = _ActivationSearch(model, graph, x_set, rs, opts, check_point, None if first_pass is None else first_pass.seconds)
+    search = _ActivationSearch(model, graph, x_set, rs, opts, check_point, None if first_pass is None else first_pass.seconds,
+                               group_low=rs.group_max(root_rows[rows.to(root_rows.device)]))
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
     if root_alphas is not None:  # per-row slopes follow the kept rows; one shared set (memory cap) serves them all
         root_alphas = {r: (a if a.shape[0] == 1 else a[rows.to(a.device)]) for r, a in root_alphas.items()}
@@ -465,29 +475,44 @@ class _ActivationSearch:
     optionally after MILP refinement of the root's boxes."""
 
     def __init__(self, model, graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, check_point,
-                 box_pass_s: float | None = None) -> None:
+                 box_pass_s: float | None = None, group_low: Tensor | None = None) -> None:
         from relax.ir.graph import get_graph
 
         self.model, self.graph, self.x_set, self.rs, self.opts, self.check_point = model, graph, x_set, rs, opts, check_point
         self.box_pass_s = box_pass_s  # one CROWN pass through the network (the pipeline's first): a domain's boxes
         self.fast = get_graph(model, tuple(graph.input_shape), torch.float32) if graph.dtype == torch.float64 else None
+        self.group_low = group_low  # [G] the root's lower bound of each group's max (the search order of ``groups="each"``)
 
     def branch(self, until: float, boxes, root_alphas) -> BabResult:
         """Branch until the ``perf_counter`` value ``until`` on the graph pruned of the ReLUs dead
-        at the root (dead there: dead in every domain)."""
-        from relax.bab.activation_split import graph_relu_bab
+        at the root (dead there: dead in every domain): one search, or with ``groups="each"`` one
+        per group of the property (:func:`relax.bab.group_split.groupwise_relu_bab`)."""
         from relax.ir.prune import dead_relus, prune_boxes, prune_graph
 
-        graph, opts = self.graph, self.opts
+        graph = self.graph
         keep = dead_relus(graph, boxes)
         alphas = None if root_alphas is None else {r: (a[..., keep[r]] if r in keep else a) for r, a in root_alphas.items()}
-        r = graph_relu_bab(prune_graph(graph, keep), self.x_set, self.rs, prune_boxes(graph, keep, boxes),
-                           timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64, root_alphas=alphas,
-                           steps=opts.relu_steps, margin=opts.margin, check_point=self.check_point, max_memory_mb=opts.queue_memory_mb,
-                           fast=None if self.fast is None else prune_graph(self.fast, keep), candidates=opts.branch_candidates,
-                           box_pass_s=self.box_pass_s)
+        pruned = (prune_graph(graph, keep), prune_boxes(graph, keep, boxes), None if self.fast is None else prune_graph(self.fast, keep))
+        r = self.search(until, pruned, self.rs, alphas, each=self.opts.groups == "each" and self.rs.num_groups > 1)
         r.details["stage"] = "graph-bab"
         return r
+
+    def search(self, until: float, pruned, rs: RowSpec, alphas, each: bool = False) -> BabResult:
+        """One activation-split search (:func:`graph_relu_bab`) of the rows ``rs`` on the pruned
+        ``(graph, boxes, fast graph)`` from the root slopes ``alphas``; with ``each``, one per
+        group of ``rs``, the weakest-bounded at the root first (:func:`groupwise_relu_bab`)."""
+        from relax.bab.activation_split import graph_relu_bab
+        from relax.bab.group_split import groupwise_relu_bab
+
+        opts = self.opts
+        graph, boxes, fast = pruned
+        kw = dict(timeout=max(0.0, until - time.perf_counter()), batch_size=opts.batch_size or 64, root_alphas=alphas,
+                  steps=opts.relu_steps, margin=opts.margin, check_point=self.check_point, max_memory_mb=opts.queue_memory_mb,
+                  fast=fast, candidates=opts.branch_candidates, box_pass_s=self.box_pass_s)
+        if not each:
+            return graph_relu_bab(graph, self.x_set, rs, boxes, **kw)
+        order = None if self.group_low is None else torch.argsort(self.group_low.cpu()).tolist()
+        return groupwise_relu_bab(graph, self.x_set, rs, boxes, order=order, **kw)
 
     def exact_milp(self, deadline: float, first: BabResult) -> BabResult | None:
         """The exact MILP of the open groups until the ``perf_counter`` value ``deadline``
