@@ -197,7 +197,7 @@ def build_graph(gm: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.
     nodes, output_name = _flat_output(nodes, output_name)
     if device.type != "cpu":  # rules may create constants on the CPU: every op's on the model's device
         nodes = [BNode(n.name, n.op.to_device(device), n.inputs, n.shape) for n in nodes]
-    g = BoundGraph(input_name, tuple(input_shape), _prune(_fuse_normalizations(nodes), output_name), output_name, dtype, device)
+    g = BoundGraph(input_name, tuple(input_shape), _prune(_fuse_lookup_tables(_fuse_normalizations(nodes)), output_name), output_name, dtype, device)
     return g
 
 
@@ -304,6 +304,37 @@ def _fuse_normalizations(nodes: list[BNode]) -> list[BNode]:
                 if sn is not None and isinstance(sn.op, Reduce) and sn.inputs == [x] and sn.op.in_shape == n.shape:
                     n = BNode(n.name, Normalize(sn.op.dims, sn.op.keepdim, sn.op.scale, n.shape), [x, sn.name], n.shape)
                     break
+        out.append(n)
+    return out
+
+
+def _fuse_lookup_tables(nodes: list[BNode]) -> list[BNode]:
+    """``reshape(relu(reshape(x)[..., None] - t) @ w + c)`` (the bound nodes of a lookup table: ``K``
+    ReLUs on shifted copies of each entry of ``x``, summed with weights ``w [K]``; ml4acopf's
+    sigmoids) as one :class:`relax.ir.ops.PiecewiseLinear` node on ``x`` (the inner nodes stay only
+    if something else reads them; :func:`_prune` drops them)."""
+    from relax.ir.ops import ElemAffine, Linear, PiecewiseLinear, ReLU, Reshape
+
+    by = {n.name: n for n in nodes}
+
+    def only(n: BNode | None, kind: type) -> BNode | None:  # ``n``'s single input, if it has rule ``kind``
+        p = by.get(n.inputs[0]) if n is not None and len(n.inputs) == 1 else None
+        return p if p is not None and isinstance(p.op, kind) else None
+
+    out = []
+    for n in nodes:
+        lin = only(n, Linear) if isinstance(n.op, Reshape) else None
+        relu = only(lin, ReLU)
+        shift = only(relu, ElemAffine)
+        split = only(shift, Reshape)
+        if split is not None and lin is not None and shift is not None and shift.op.scale is None and shift.op.shift is not None:
+            K = shift.shape[-1]
+            W, b = lin.op.W, lin.op.b
+            table = (*n.shape, K)
+            if (tuple(W.shape) == (1, K) and shift.op.shift.numel() == K and shift.shape == table
+                    and split.shape == (*n.shape, 1) and split.op.in_shape == n.shape and lin.shape == (*n.shape, 1)):
+                c = 0.0 if b is None else float(b.reshape(-1)[0])
+                n = BNode(n.name, PiecewiseLinear(-shift.op.shift.reshape(-1), W.reshape(-1), c), [split.inputs[0]], n.shape)
         out.append(n)
     return out
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .activation import ReLU, Sigmoid, Tanh
 from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear, Reduce
 from .base import Activation, BuildContext, Expansion, Op, Relaxation, as_const
-from .elementwise import Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, Power, Reciprocal, Sign, Sin, Sqrt
+from .elementwise import Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign, Sin, Sqrt
 from .pool import MaxPool2d, avgpool_conv
 from .normalize import Normalize
 from .product import Product
@@ -30,7 +30,7 @@ from .shape import Permute, Reshape, Select
 
 __all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Expansion", "Linear", "Conv",
            "ConvTranspose", "ElemAffine", "Add", "Reduce", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh",
-           "MaxPool2d", "Elementwise", "Exp", "Log", "Sqrt", "Reciprocal", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip",
+           "MaxPool2d", "Elementwise", "Exp", "Log", "Sqrt", "Reciprocal", "Power", "PiecewiseLinear", "Sin", "Cos", "Abs", "LeakyReLU", "Clip",
            "Sign", "Floor", "Product", "Normalize"]
 
 

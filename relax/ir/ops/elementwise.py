@@ -35,7 +35,7 @@ from torch import Tensor
 from .base import Activation, Relaxation, select_lines
 
 __all__ = ["Elementwise", "Exp", "Log", "Reciprocal", "Sqrt", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip", "Sign",
-           "Floor"]
+           "Floor", "PiecewiseLinear"]
 
 _TWO_PI = 2 * math.pi
 
@@ -68,6 +68,11 @@ class Elementwise(Activation):
     def curvature(self, lo: Tensor, hi: Tensor) -> Tensor:
         """``+1`` where ``f`` is convex on ``[lo, hi]``, ``-1`` where concave, ``0`` otherwise."""
         return torch.zeros_like(lo)
+
+    def f_magnitude(self, x: Tensor, fx: Tensor) -> Tensor:
+        """The magnitude whose ``8 eps`` bounds the round-off of the computed ``f(x)`` (``fx``):
+        ``|f(x)|`` for a function evaluated to a few ulps; a sum of many terms overrides it."""
+        return fx.abs()
 
     def forward(self, x):
         return self.f(x)
@@ -118,7 +123,7 @@ class Elementwise(Activation):
         gmax: Tensor | None = None
         for x in self._points(k, lo, hi, ends_only):
             fx, kxx = self.f(x), k * x
-            g, tol = fx - kxx, (fx.abs() + kxx.abs()) * eps8
+            g, tol = fx - kxx, (self.f_magnitude(x, fx) + kxx.abs()) * eps8
             if want_min:
                 gmin = g - tol if gmin is None else torch.minimum(gmin, g - tol)
             if want_max:
@@ -148,7 +153,7 @@ class Elementwise(Activation):
         lows, highs = [], []
         for x in self._points(k, lo, hi):
             fx, kxx = self.f(x), kx(x)
-            gx, tol = fx - kxx, eps * (fx.abs() + kxx.abs())
+            gx, tol = fx - kxx, eps * (self.f_magnitude(x, fx) + kxx.abs())
             low, high = gx - tol, gx + tol
             lows.append(torch.where(torch.isnan(gx), -math.inf, torch.where(torch.isnan(low), big, low)))
             highs.append(torch.where(torch.isnan(gx), math.inf, torch.where(torch.isnan(high), -big, high)))
@@ -341,6 +346,51 @@ class Power(Elementwise):
 
     def __repr__(self) -> str:
         return f"Power({self.n})"
+
+
+class PiecewiseLinear(Elementwise):
+    """``f(x) = c + sum_k w_k relu(x - t_k)``: a continuous piecewise-linear function of one
+    variable with kinks ``t [K]`` and slope changes ``w [K]``, applied to every entry (the
+    sigmoid lookup tables of ml4acopf's networks: 54 ReLUs on shifted copies of each entry,
+    summed by a MatMul, fused by :func:`relax.ir.graph._fuse_lookup_tables`). Relaxed as one
+    function, whose lines follow its shape on the box, instead of ``K`` separate ReLU triangles
+    whose gaps add up; branch-and-bound halves the input interval instead of splitting ``K``
+    ReLUs. The extremes of ``f - k x`` lie at the ends and the kinks; ``f`` is convex on a box
+    where every kink inside has ``w_k >= 0``, concave where every one has ``w_k <= 0``."""
+
+    kind = "piecewise linear"
+
+    def __init__(self, t: Tensor, w: Tensor, c: float = 0.0):
+        if t.dim() != 1 or t.shape != w.shape:
+            raise ValueError(f"PiecewiseLinear needs kinks and slope changes of one shape [K], got {tuple(t.shape)}, {tuple(w.shape)}")
+        self.t, self.w, self.c = t, w, float(c)
+        self._abs_c = abs(self.c)
+        self._terms = t.numel() + 3  # the summed terms: c and K products of a difference (gamma_{K+3})
+
+    def _each(self, x: Tensor) -> Tensor:
+        return torch.relu(x.unsqueeze(-1) - self.t.to(x.dtype))  # [*, K]
+
+    def f(self, x):
+        return self._each(x) @ self.w.to(x.dtype) + self.c
+
+    def df(self, x):
+        return (x.unsqueeze(-1) >= self.t.to(x.dtype)).to(x.dtype) @ self.w.to(x.dtype)
+
+    def f_magnitude(self, x, fx):
+        # recursive summation of c and K terms w_k (x - t_k)_+, each a rounded difference and product
+        return (self._terms / 8.0) * (self._each(x) @ self.w.abs().to(x.dtype) + self._abs_c + fx.abs())
+
+    def candidates(self, k, lo, hi):
+        return [torch.full_like(lo, float(tk)) for tk in self.t.tolist()]
+
+    def curvature(self, lo, hi):
+        t, w = self.t.to(lo.dtype), self.w.to(lo.dtype)
+        inside = (t > lo.unsqueeze(-1)) & (t < hi.unsqueeze(-1))  # [*, K]
+        bends_up, bends_down = (inside & (w > 0)).any(-1), (inside & (w < 0)).any(-1)
+        return torch.where(~bends_down, 1.0, torch.where(~bends_up, -1.0, 0.0)).to(lo.dtype)
+
+    def __repr__(self) -> str:
+        return f"PiecewiseLinear({self.t.numel()} kinks)"
 
 
 class _Periodic(Elementwise):
