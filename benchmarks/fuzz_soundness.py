@@ -47,7 +47,7 @@ from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
 FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
-            "normalize", "bottleneck")
+            "normalize", "bottleneck", "lookup")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -107,6 +107,21 @@ class _Channels(nn.Module):
         g = torch.relu(self.c2(h))
         z = self.c3(torch.cat([g, h[:, [3, 0, 3]], x[:, 2:]], 1)).permute(0, 2, 3, 1)
         return self.out(torch.softmax(z, -1).flatten(1))
+
+
+class _Table(nn.Module):
+    """A random continuous piecewise-linear function of each entry written as a lookup table of
+    ReLUs, ``relu(x[..., None] - t) @ w + c`` (kinks spread like the pre-activations, slope
+    changes of both signs), as ml4acopf's ONNX networks write their sigmoids."""
+
+    def __init__(self, g: torch.Generator, scale: float, kinks: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("t", (torch.randn(kinks, generator=g) * 2 * scale).sort().values)
+        self.register_buffer("w", torch.randn(kinks, 1, generator=g))
+        self.c = float(torch.randn(1, generator=g))
+
+    def forward(self, x):
+        return (torch.relu(x.unsqueeze(-1) - self.t) @ self.w).reshape(x.shape) + self.c
 
 
 class _Smooth(nn.Module):
@@ -205,6 +220,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "bottleneck":  # 20 inputs, ReLU layers of 12, a 4-neuron layer before a sigmoid: bab tightens narrow boxes
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4), nn.Sigmoid(), nn.Linear(4, 3))
+    elif family == "lookup":  # ReLU lookup tables (ml4acopf's sigmoids): fused into one piecewise-linear node
+        shape = (3,)
+        net = nn.Sequential(nn.Linear(3, 8), _Table(g, scale), nn.Linear(8, 8), _Table(g, scale), nn.Linear(8, 3))
     elif family in ("smooth", "attention", "transformer", "normalize"):
         shape = (3,)
         net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block, "normalize": _Normalized}[family](3, 3)
