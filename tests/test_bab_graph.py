@@ -988,3 +988,21 @@ def test_groups_needing_different_splits_take_fewer_domains_each_on_its_own():
         assert all(c.status == "certified" for c in runs.values()), {g: c.status for g, c in runs.items()}
         assert runs["joint"].details["domains"] >= 10, (seed, runs["joint"].details)
         assert runs["each"].details["domains"] < runs["joint"].details["domains"], (seed, runs["each"].details, runs["joint"].details)
+
+
+def test_groups_not_reached_leave_no_bound_behind(monkeypatch):
+    """A group search that stops at its root (no time for a first round) reports its own bound
+    only when no group is left unsearched: the others' bounds are not known there, so the
+    property's bound is -inf (the caller keeps the root's)."""
+    import relax.bab.group_split as gs
+    from relax.bab import BabResult
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    graph, xs, C, rs, boxes = _root(net, torch.rand(1, 4), 0.3)
+    monkeypatch.setattr(gs.SearchRun, "begin", lambda self, alphas: BabResult("unknown", None, 5.0, 1, reason="timeout"))
+    both = gs.groupwise_relu_bab(graph, xs, rs, boxes, timeout=10)
+    assert both.status == "unknown" and both.lower == -math.inf
+    one, _ = rs.select_groups(torch.tensor([False, True]))
+    last = gs.groupwise_relu_bab(graph, xs, one, boxes, timeout=10)
+    assert last.status == "unknown" and last.lower == 5.0

@@ -84,7 +84,8 @@ def groupwise_relu_bab(
         res.details.update(groups=G, groups_proved=proved, queue_peak=max(peak, 1))
         return res
 
-    for g in (range(G) if order is None else order):
+    order = list(range(G)) if order is None else list(order)
+    for at, g in enumerate(order):
         rs_g, rows = rs.select_groups(torch.arange(G, device=rs.groups.device) == g)
         s = _ReluSearch(graph, inputs, rs_g, root, timeout=max(0.0, deadline - time.perf_counter()), steps=steps, margin=margin,
                         check_point=check_point, fast=fast, candidates=candidates)
@@ -97,6 +98,8 @@ def groupwise_relu_bab(
         elif done.status == "certified":
             bounded, proved_low, proved = bounded + s.bounded, min(proved_low, done.lower), proved + 1
         else:  # a counterexample, or no time for the root pass or a first round
+            if at + 1 < len(order):  # groups not reached have no bound here (the caller keeps the root's)
+                done.lower = -math.inf
             return finish(done, runs)
     full = [r.max_domains for r in runs]
     i = 0
