@@ -331,7 +331,7 @@ def _fuse_lookup_tables(nodes: list[BNode]) -> list[BNode]:
             K = shift.shape[-1]
             W, b = lin.op.W, lin.op.b
             table = (*n.shape, K)
-            if (tuple(W.shape) == (1, K) and shift.op.shift.numel() == K and shift.shape == table
+            if (tuple(W.shape) == (1, K) and shift.op.shift.numel() == K and shift.op.shift.shape[-1:] == (K,) and shift.shape == table
                     and split.shape == (*n.shape, 1) and split.op.in_shape == n.shape and lin.shape == (*n.shape, 1)):
                 c = 0.0 if b is None else float(b.reshape(-1)[0])
                 n = BNode(n.name, PiecewiseLinear(-shift.op.shift.reshape(-1), W.reshape(-1), c), [split.inputs[0]], n.shape)
