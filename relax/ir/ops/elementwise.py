@@ -116,50 +116,37 @@ class Elementwise(Activation):
     def _fold(self, k: Tensor, lo: Tensor, hi: Tensor, want_min: bool, want_max: bool) -> tuple[Tensor | None, Tensor | None]:
         """The least and the largest value of ``g = f - k x`` at the points of :meth:`_points`,
         each widened by its round-off (``8 eps`` times the magnitude of its two terms); NaN
-        wherever some value is NaN (``torch.minimum`` / ``maximum`` propagate it)."""
-        if k.requires_grad and torch.is_grad_enabled():
-            return self._fold_with_grad(k, lo, hi, want_min, want_max)
-        eps8 = 8 * torch.finfo(lo.dtype).eps
-        ends_only = (want_min != want_max) and self.end_side == ("min" if want_min else "max")
-        gmin: Tensor | None = None
-        gmax: Tensor | None = None
-        for x in self._points(k, lo, hi, ends_only):
-            fx, kxx = self.f(x), k * x
-            g, tol = fx - kxx, (self.f_magnitude(x, fx) + kxx.abs()) * eps8
-            if want_min:
-                gmin = g - tol if gmin is None else torch.minimum(gmin, g - tol)
-            if want_max:
-                gmax = g + tol if gmax is None else torch.maximum(gmax, g + tol)
-        return gmin, gmax
+        wherever some value is NaN (``torch.minimum`` / ``maximum`` propagate it).
 
-    def _fold_with_grad(self, k: Tensor, lo: Tensor, hi: Tensor, want_min: bool,
-                        want_max: bool) -> tuple[Tensor | None, Tensor | None]:
-        """:meth:`_fold` for slopes ``k`` that alpha-CROWN differentiates: the same values (folded
-        without gradients), with the gradient of ``g`` at each entry's extreme point (the
-        envelope theorem; the plain fold would keep every candidate point's graph: 56 of them for
-        a 54-kink lookup table, gigabytes over a layer's optimised rows)."""
+        Slopes that alpha-CROWN differentiates get the same values (folded without gradients)
+        with the gradient of ``g`` at each entry's extreme point (the envelope theorem; a fold
+        with gradients would keep every candidate point's graph: 56 for a 54-kink lookup table,
+        gigabytes over a layer's optimised rows)."""
+        grad = k.requires_grad and torch.is_grad_enabled()
         eps8 = 8 * torch.finfo(lo.dtype).eps
         ends_only = (want_min != want_max) and self.end_side == ("min" if want_min else "max")
         sides = [s for s, want in ((-1.0, want_min), (1.0, want_max)) if want]
-        best: dict[float, list[Tensor]] = {}  # side -> [value, point]
+        best: dict[float, list[Tensor]] = {}  # side -> [value, its point (with ``grad``)]
         with torch.no_grad():
             kd = k.detach()
             for x in self._points(kd, lo, hi, ends_only):
-                fx = self.f(x)
-                kxx = kd * x
+                fx, kxx = self.f(x), kd * x
                 g, tol = fx - kxx, (self.f_magnitude(x, fx) + kxx.abs()) * eps8
                 for side in sides:
                     v = g + side * tol
                     if side not in best:
-                        best[side] = [v, x.expand_as(v)]
+                        best[side] = [v, x.expand_as(v)] if grad else [v]
                         continue
                     b = best[side]
-                    b[1] = torch.where(v < b[0] if side < 0 else v > b[0], x, b[1])
+                    if grad:
+                        b[1] = torch.where(v < b[0] if side < 0 else v > b[0], x, b[1])
                     b[0] = torch.minimum(b[0], v) if side < 0 else torch.maximum(b[0], v)
-            # d/dk of g -+ tol at the point: -x -+ 8 eps sign(k x) x
-            slopes = {side: -x + side * eps8 * torch.sign(kd * x) * x for side, (_, x) in best.items()}
-        out = {side: v + (k - kd) * torch.where(torch.isfinite(slopes[side]), slopes[side], torch.zeros_like(v))
-               for side, (v, _) in best.items()}  # k - kd is 0: the values are the fold's
+            if grad:  # d/dk of g -+ tol at the point: -x -+ 8 eps sign(k x) x
+                for side, b in best.items():
+                    slope = -b[1] + side * eps8 * torch.sign(kd * b[1]) * b[1]
+                    b[1] = torch.where(torch.isfinite(slope), slope, torch.zeros_like(slope))
+        # k - kd is 0: the values are the fold's, the gradient the slope's
+        out = {side: (b[0] + (k - kd) * b[1]) if grad else b[0] for side, b in best.items()}
         return out.get(-1.0), out.get(1.0)
 
     def _settle(self, out: Tensor, k: Tensor, lo: Tensor, hi: Tensor, upper: bool) -> Tensor:
