@@ -386,6 +386,46 @@ def test_domain_store_keeps_every_entry():
         assert torch.equal(q.get("v")[:, 0], q.get("id").double())
 
 
+def test_demoted_domains_come_back_with_their_light_fields_and_the_templates_others():
+    """A store holding at most 6 whole entries demotes the ones with the largest ``low``: taken
+    back, they carry their own light fields (their slopes within half a uint8 step), the first
+    entry's other fields and ``restored``; whole entries come back exactly."""
+    from relax.bab.activation_split import _DomainStore
+
+    g = torch.Generator().manual_seed(5)
+
+    def entries(ids: Tensor) -> dict[str, Tensor]:
+        m = ids.numel()
+        return {"low": ids.double(), "s:x": (ids % 100).to(torch.int8).unsqueeze(1).repeat(1, 4),
+                "a:r": torch.rand(m, 2, 4, generator=g), "b:x": ids.float().view(m, 1, 1).repeat(1, 2, 4) + 0.5}
+
+    first = entries(torch.arange(1))
+    q = _DomainStore(first, light=["low", "s:x", "a:r"], full_max=6, light_ratio=0.2, fractions=["a:r"])
+    slopes = {0: first["a:r"][0]}
+    nxt, restored = 1, 0
+    for _ in range(60):
+        if q.n and int(torch.randint(0, 2, (1,), generator=g)):
+            got = q.take(torch.randperm(q.n, generator=g)[: int(torch.randint(1, q.n + 1, (1,), generator=g))])
+            for j, i in enumerate(got["low"].long().tolist()):
+                assert (got["s:x"][j] == i % 100).all()
+                a = slopes.pop(i)
+                if got["restored"][j]:
+                    restored += 1
+                    assert (got["a:r"][j] - a).abs().max() <= 0.5 / 255 + 1e-7
+                    assert torch.equal(got["b:x"][j], first["b:x"][0])
+                else:
+                    assert torch.equal(got["a:r"][j], a) and float(got["b:x"][j, 0, 0]) == i + 0.5
+        m = int(torch.randint(1, 5, (1,), generator=g))
+        new = entries(torch.arange(nxt, nxt + m))
+        slopes.update({i: new["a:r"][j] for j, i in enumerate(range(nxt, nxt + m))})
+        q.add(new)
+        nxt += m
+        assert q.full.n <= 6 and q.n == len(slopes)
+        assert abs(q.load - (q.full.n + 0.2 * (q.n - q.full.n))) < 1e-9
+        assert sorted(q.get("low").long().tolist()) == sorted(slopes)
+    assert q.demotions > 0 and restored > 0
+
+
 def test_graph_root_refinement_contains_every_sample():
     """MILP refinement of the root boxes on the graph (dense view for the MILPs, alpha-CROWN on
     the graph in between): the refined boxes lie inside the old ones, contain the pre-activations
@@ -684,8 +724,44 @@ def test_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
     assert capped.details["queue_peak"] < free.details["queue_peak"]
     assert run(1.05, 0.05).status != "certified"
     monkeypatch.setattr(search, "FULL_QUEUE", math.inf)  # best-first to the cap
+    monkeypatch.setattr(search, "FULL_ENTRY_SHARE", 1.0)  # every domain with all its fields
     stuck = run(0.95, 0.05)
     assert stuck.status == "unknown" and stuck.details["reason"] == "memory"
+
+
+def test_queue_past_its_full_share_keeps_splits_only_and_still_decides(monkeypatch):
+    """Best-first to a memory cap that domains with their slopes, multipliers and boxes outgrow:
+    with every domain kept whole the search stops ("memory"); with the domains closest to proved
+    demoted to their splits, uint8 slopes and bounds, the same cap holds the queue, and the search
+    decides alike against the exact MILP distance d* (0.95 d* certified, 1.05 d* not)."""
+    import relax.bab.activation_split as search
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    _spread(net[0], 16.0)
+    torch.manual_seed(100)
+    d = None
+    for _ in range(20):
+        x0 = torch.rand(1, 6)
+        label = int(net(x0).argmax())
+        d = _exact_distance(net, x0, label)
+        if d is not None:
+            break
+    assert d is not None
+
+    def run(f: float):
+        return certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
+                       method_options={"split": "relu", "queue_memory_mb": 0.1, "branch_candidates": 1})[0]
+
+    monkeypatch.setattr(search, "FULL_QUEUE", math.inf)  # no depth-first fallback
+    monkeypatch.setattr(search, "FULL_ENTRY_SHARE", 1.0)
+    whole = run(0.95)
+    assert whole.status == "unknown" and whole.details["reason"] == "memory", whole.details
+    monkeypatch.setattr(search, "FULL_ENTRY_SHARE", 0.5)
+    tiered = run(0.95)
+    assert tiered.status == "certified" and tiered.details["demoted"] > 0, tiered.details
+    assert tiered.details["queue_peak"] > whole.details["queue_peak"]
+    assert run(1.05).status != "certified"
 
 
 def test_boxes_kept_per_domain_contain_every_sample_of_the_domain(monkeypatch):

@@ -39,10 +39,12 @@ sigmoid / tanh inputs score ``|A_j|`` times their relaxation's gap, max-pooling 
 width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab.input_split`).
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
-bound. The domain queue is held under a memory cap: while it is more than ``FULL_QUEUE`` full,
-the domains closest to proved are split first (their children mostly close, so the queue
-shrinks; best-first again below), and only a queue that still reaches the cap stops the search
-(``unknown``, reason "memory"). A round starts only when one as long as the last (the first:
+bound. The domain queue is held under a memory cap. Past ``FULL_ENTRY_SHARE`` of it, the domains
+closest to proved keep only their splits and bounds (a small fraction of their bytes: slopes,
+multipliers and boxes are dropped, and their children start again from the root's); while the
+queue is more than ``FULL_QUEUE`` full, the domains closest to proved are split first (their
+children mostly close, so the queue shrinks; best-first again below), and only a queue that
+still reaches the cap stops the search (``unknown``, reason "memory"). A round starts only when one as long as the last (the first:
 two children at the root's pace) still fits before the deadline, and a pass of smart-branching
 trials only when it ends before it at the last pass's pace; rounds start with one domain and
 double up to ``batch_size`` while they take under 2 % of the budget, and the per-domain recomputation of the
@@ -547,6 +549,11 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
 #: the share of the queue's memory cap above which the domains closest to proved go first
 FULL_QUEUE = 0.8
 
+#: the share of the queue's memory cap that domains with all their fields (slopes, multipliers,
+#: boxes) may fill; beyond it, the ones closest to proved keep their splits and bounds only
+#: (:class:`_DomainStore`), and their children start from the root's slopes and boxes
+FULL_ENTRY_SHARE = 0.5
+
 #: children bounded in one pass of filtered smart branching (a round bounds up to 2 x 64)
 FSB_CHILDREN_PER_PASS = 128
 
@@ -708,22 +715,21 @@ def _corners(graph: BoundGraph, inputs: InputSet, db: "DomainBounds") -> Tensor:
     return torch.where(A > 0, lo, hi).reshape(-1, *graph.input_shape)
 
 
-class _DomainStore:
-    """The open domains' tensors (first dimension: domain) in buffers that double when full:
-    :meth:`take` removes entries by moving the last ones into their places and :meth:`add`
-    appends, so a round costs O(domains moved), not O(queue) (a queue of 10^5 domains is
-    otherwise copied every round)."""
+class _Buffers:
+    """Tensors (first dimension: entry) in buffers that double when full: :meth:`take` removes
+    entries by moving the last ones into their places and :meth:`add` appends, so a round costs
+    O(entries moved), not O(queue) (a queue of 10^5 domains is otherwise copied every round)."""
 
     def __init__(self, fields: dict[str, Tensor], max_n: int | None = None) -> None:
         self.n = next(iter(fields.values())).shape[0]
-        self.max_n = max_n  # the buffers never grow beyond this many domains
+        self.max_n = max_n  # the buffers never grow beyond this many entries
         self.buf = {k: v.clone() for k, v in fields.items()}
 
     def get(self, key: str) -> Tensor:
         return self.buf[key][: self.n]
 
     def take(self, idx: Tensor) -> dict[str, Tensor]:
-        """The entries ``idx`` (distinct), removed from the store."""
+        """The entries ``idx`` (distinct), removed."""
         out = {k: v[idx] for k, v in self.buf.items()}
         k, n = idx.numel(), self.n
         gone = torch.zeros(n, dtype=torch.bool, device=idx.device)
@@ -755,6 +761,72 @@ def _grown(v: Tensor, n: int, cap: int) -> Tensor:
     return out
 
 
+class _DomainStore:
+    """The open domains, in two tiers. A *full* entry keeps all of a domain's fields (its splits,
+    slopes, multipliers, boxes, bounds); past ``full_max`` entries, the full entries closest to
+    proved (largest ``low``) are *demoted*: only the fields ``light`` are kept, those in
+    ``fractions`` (slopes, in ``[0, 1]``) as uint8 (``round(255 v)``), and :meth:`take` gives a
+    demoted domain the ``template``'s other fields (the root's multipliers, 0, and boxes: sound for
+    every domain, whose splits are applied to the boxes when it is bounded; any slope in ``[0, 1]``
+    is sound). So a search whose queue outgrows the memory cap goes on with looser starting points
+    for the domains it would split last, instead of stopping.
+
+    Entries are indexed full first, then demoted (:meth:`get`, :meth:`take`); :attr:`load` is
+    the memory held, in full entries."""
+
+    def __init__(self, fields: dict[str, Tensor], max_n: int | None = None, light: Iterable[str] | None = None,
+                 full_max: int | None = None, light_ratio: float = 0.0, fractions: Iterable[str] = ()) -> None:
+        self.full = _Buffers(fields, max_n)
+        self.light = [k for k in fields if light is not None and k in set(light)]
+        self.fractions = set(fractions) & set(self.light)  # fields in [0, 1], kept as uint8 when demoted
+        self.template = {k: v[:1].clone() for k, v in fields.items() if k not in self.light}
+        self.full_max = full_max if light is not None else None
+        self.light_ratio = light_ratio  # a demoted entry's bytes / a full entry's
+        self.demoted: _Buffers | None = None
+        self.demotions = 0  # entries demoted so far
+
+    @property
+    def n(self) -> int:
+        return self.full.n + (self.demoted.n if self.demoted is not None else 0)
+
+    @property
+    def load(self) -> float:
+        return self.full.n + (self.light_ratio * self.demoted.n if self.demoted is not None else 0.0)
+
+    def get(self, key: str) -> Tensor:
+        if self.demoted is None or not self.demoted.n:
+            return self.full.get(key)
+        return torch.cat([self.full.get(key), self.demoted.get(key)])
+
+    def take(self, idx: Tensor) -> dict[str, Tensor]:
+        """The entries ``idx`` (distinct), removed; demoted ones with the template's fields. The
+        field ``"restored"`` (bool) marks those."""
+        nf = self.full.n
+        out = self.full.take(idx[idx < nf])
+        out["restored"] = torch.zeros(next(iter(out.values())).shape[0], dtype=torch.bool, device=idx.device)
+        if self.demoted is None or not bool((idx >= nf).any()):
+            return out
+        back = self.demoted.take(idx[idx >= nf] - nf)
+        for k in self.fractions:
+            back[k] = back[k].to(out[k].dtype) / 255
+        m = next(iter(back.values())).shape[0]
+        back.update({k: v.expand(m, *v.shape[1:]) for k, v in self.template.items()})
+        back["restored"] = torch.ones(m, dtype=torch.bool, device=idx.device)
+        return {k: torch.cat([v, back[k]]) for k, v in out.items()}
+
+    def add(self, fields: dict[str, Tensor]) -> None:
+        self.full.add(fields)
+        over = self.full.n - self.full_max if self.full_max is not None else 0
+        if over > 0:  # the full entries closest to proved keep their splits and bounds only
+            gone = self.full.take(torch.topk(self.full.get("low"), over).indices)
+            kept = {k: (gone[k].clamp(0, 1) * 255).round().to(torch.uint8) if k in self.fractions else gone[k] for k in self.light}
+            if self.demoted is None:
+                self.demoted = _Buffers(kept)
+            else:
+                self.demoted.add(kept)
+            self.demotions += over
+
+
 class _ReluSearch:
     """The state of one :func:`graph_relu_bab` run: the split nodes, the deadline, the domains
     bounded, the worst fully split domain left open, and the result's bookkeeping.
@@ -780,6 +852,7 @@ class _ReluSearch:
         self.bounded = 0
         self.worst_leaf = math.inf  # the smallest margin of a fully split domain left open
         self.queue_peak = 1  # the most open domains held at once (the root)
+        self.demoted = 0  # domains whose slopes, multipliers and boxes the store dropped (:class:`_DomainStore`)
         self.exact_per_domain = 0.0  # the last round's exact pass (:attr:`DomainBounds.exact_s`) per domain
         self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
         self.trials = TrialClock()  # seconds per child of a smart-branching trial pass
@@ -792,6 +865,8 @@ class _ReluSearch:
 
     def result(self, status: str, reason: str, lower: float, x: Tensor | None = None) -> BabResult:
         details: dict[str, float] = {"candidates_checked": self.falsify.checked, "queue_peak": self.queue_peak}
+        if self.demoted:
+            details["demoted"] = self.demoted
         if self.root_pass_s is not None:
             details["root_pass_s"] = round(self.root_pass_s, 4)
         return BabResult(status, x, lower, self.bounded, time.perf_counter() - self.t0, reason, details)
@@ -799,14 +874,20 @@ class _ReluSearch:
     def store_limits(self, max_memory_mb: float, batch_size: int) -> tuple[int, int]:
         """``(max_domains, batch_size)``: the open domains that fit in ``max_memory_mb`` and the
         domains per round (a round's children fit beside the queue)."""
-        sizes, N, graph = self.sizes, self.N, self.graph
-        # int8 splits, float32 alphas and betas per ReLU input; float64 boxes and float32 slope pairs
-        # per interval-split input; float32 boxes of every pre-activation; the store's buffers
-        # double when full (twice the bytes at worst)
-        per_domain = (sum(sizes[p] for p in self.nodes) * (1 + 8 * N) + sum(sizes[p] for p in self.inodes) * (16 + 8 * N)
-                      + sum(8 * math.prod(graph.shape(p)) for p in self.box_nodes) + 64)
-        max_domains = max(int(max_memory_mb * 2**20 / (2 * per_domain)), 4)
+        # the store's buffers double when full (twice the bytes at worst)
+        max_domains = max(int(max_memory_mb * 2**20 / (2 * self.domain_bytes())), 4)
         return max_domains, max(1, min(batch_size, max_domains // 4))
+
+    def domain_bytes(self, light: bool = False) -> int:
+        """Bytes of one domain in the store: int8 splits, float32 alphas and betas per ReLU
+        input; float64 boxes and float32 slope pairs per interval-split input; float32 boxes of
+        every pre-activation; ``light``: a demoted domain's (the splits, uint8 alphas, bounds)."""
+        sizes, N = self.sizes, self.N
+        relus, ivals = sum(sizes[p] for p in self.nodes), sum(sizes[p] for p in self.inodes)
+        if light:  # uint8 alphas (2 per interval-split input)
+            return relus * (1 + N) + ivals * (16 + 2 * N) + 8 * N + 64
+        return (relus * (1 + 8 * N) + ivals * (16 + 8 * N)
+                + sum(8 * math.prod(self.graph.shape(p)) for p in self.box_nodes) + 64)
 
     def code(self, ns: list[str | None]) -> Tensor:
         """``[D]``: the index in ``names`` of each domain's next split node (-1: none)."""
@@ -886,8 +967,11 @@ class _ReluSearch:
             if status == "falsified":
                 return self.result("falsified", "counterexample", -math.inf, x)
             return self.result("certified", "proved", self.margin) if status == "proved" else self.result("unknown", "exhausted", float(m[0]))
-        return _DomainStore(self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p], device=dev) for p in self.nodes}, db.boxes,
-                                         m, db.rows, choice), max_n=max_domains + 2 * batch_size)
+        fields = self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p], device=dev) for p in self.nodes}, db.boxes,
+                              m, db.rows, choice)
+        light = [k for k in fields if k[:2] in ("s:", "l:", "h:", "a:") or k in ("low", "rows", "node", "idx", "t")]
+        return _DomainStore(fields, max_n=max_domains + 2 * batch_size, light=light, full_max=int(FULL_ENTRY_SHARE * max_domains),
+                            light_ratio=self.domain_bytes(light=True) / self.domain_bytes(), fractions=[k for k in light if k[:2] == "a:"])
 
     def children(self, par: dict[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor],
                                                                dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], list[str]]:
@@ -912,7 +996,8 @@ class _ReluSearch:
         dt = self.graph.dtype
         c_boxes = {p: (torch.cat([par[f"bl:{p}"]] * 2).to(dt), torch.cat([par[f"bh:{p}"]] * 2).to(dt)) if p in self.box_nodes
                    else self.root[p] for p in self.root}
-        first = min(self.position[self.names[kn]] for kn in par["node"].tolist())
+        # a restored domain has the root's boxes: recomputed from the first node on
+        first = 0 if bool(par["restored"].any()) else min(self.position[self.names[kn]] for kn in par["node"].tolist())
         return child, c_ivals, c_alphas, c_betas, c_boxes, self.order[: first + 1]
 
     def parents(self, par: dict[str, Tensor], k: int, c_boxes: dict[str, tuple[Tensor, Tensor]]) -> ParentBoxes:
@@ -1071,9 +1156,11 @@ class SearchRun:
         children mostly close, so that the queue shrinks). The result when the search ends."""
         s, q, timeout = self.s, self.q, self.timeout
         assert q is not None
+        s.demoted = q.demotions
+        q.full_max = int(FULL_ENTRY_SHARE * self.max_domains)  # the cap shrinks while other groups' searches hold more
         if q.n == 0:
             return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", s.margin)
-        k = min(self.cap, q.n, self.max_domains - q.n)  # a round of k domains adds at most k to the queue
+        k = min(self.cap, q.n, int(self.max_domains - q.load))  # a round of k domains adds at most k full entries
         left = s.deadline - time.perf_counter()
         if self.last_round >= left:  # a round as long as the last does not fit: a smaller one, if one fits
             k = smaller_round(k, left, self.last_round, self.last_k)
@@ -1081,7 +1168,7 @@ class SearchRun:
                 return s.result("unknown", "timeout", self.lowest())
         if k < 1:
             return s.result("unknown", "memory", self.lowest())
-        done = s.round(q, k, self.recompute, nearest=q.n + 2 * k > FULL_QUEUE * self.max_domains)
+        done = s.round(q, k, self.recompute, nearest=q.load + 2 * k > FULL_QUEUE * self.max_domains)
         if isinstance(done, BabResult):
             return done
         (self.last_round, boxes_s), self.last_k = done, k

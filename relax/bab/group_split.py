@@ -40,7 +40,7 @@ def _group_alphas(alphas: dict[str, Tensor] | None, rows: Tensor) -> dict[str, T
 def _share_memory(runs: list[SearchRun], full: list[int], i: int) -> None:
     """Run ``i``'s room: its domains at the whole cap (``full[i]``) times the share of the cap
     the other runs' queues leave free."""
-    used = sum(r.q.n / f for j, (r, f) in enumerate(zip(runs, full)) if j != i and r.q is not None)
+    used = sum(r.q.load / f for j, (r, f) in enumerate(zip(runs, full)) if j != i and r.q is not None)
     runs[i].max_domains = max(int(full[i] * (1.0 - used)), 0)
 
 
@@ -72,7 +72,7 @@ def groupwise_relu_bab(
     deadline = t0 + timeout
     G = rs.num_groups
     runs: list[SearchRun] = []
-    proved_low, proved, bounded, peak = math.inf, 0, 0, 0  # over the proved groups; the most domains held at once
+    proved_low, proved, bounded, peak, demoted = math.inf, 0, 0, 0, 0  # over the proved groups; the most domains held at once
 
     def finish(res: BabResult, others: list[SearchRun]) -> BabResult:
         """``res`` (a search's end) for the whole property: the least bound over the groups, the
@@ -82,6 +82,9 @@ def groupwise_relu_bab(
         res.domains += bounded + sum(r.s.bounded for r in others)
         res.time_s = time.perf_counter() - t0
         res.details.update(groups=G, groups_proved=proved, queue_peak=max(peak, 1))
+        total = res.details.get("demoted", 0) + demoted + sum(r.s.demoted for r in others)  # the deciding run's own, if any
+        if total:
+            res.details["demoted"] = total
         return res
 
     order = list(range(G)) if order is None else list(order)
@@ -112,6 +115,7 @@ def groupwise_relu_bab(
             i += 1
         elif done.status == "certified":
             bounded, proved_low, proved = bounded + runs[i].s.bounded, min(proved_low, done.lower), proved + 1
+            demoted += runs[i].s.demoted
             del runs[i], full[i]
         else:
             return finish(done, runs[:i] + runs[i + 1:])
