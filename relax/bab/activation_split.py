@@ -40,12 +40,12 @@ width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab.in
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
 bound. The domain queue is held under a memory cap. Past ``FULL_ENTRY_SHARE`` of it, the domains
-closest to proved keep only their splits and bounds (a small fraction of their bytes: slopes,
-multipliers and boxes are dropped, and their children start again from the root's); while the
-queue is more than ``FULL_QUEUE`` full, the domains closest to proved are split first (their
-children mostly close, so the queue shrinks; best-first again below), and only a queue that
-still reaches the cap stops the search (``unknown``, reason "memory"). A round starts only when one as long as the last (the first:
-two children at the root's pace) still fits before the deadline, and a pass of smart-branching
+closest to proved keep only their splits, bounds and slopes (uint8): a small fraction of their
+bytes; their multipliers and boxes are dropped and start again from the root's. While the queue
+is more than ``FULL_QUEUE`` full, the domains closest to proved are split first (their children
+mostly close, so the queue shrinks; best-first again below), and only a queue that still
+reaches the cap stops the search (``unknown``, reason "memory"). A round starts only when one
+as long as the last (the first: two children at the root's pace) still fits before the deadline, and a pass of smart-branching
 trials only when it ends before it at the last pass's pace; rounds start with one domain and
 double up to ``batch_size`` while they take under 2 % of the budget, and the per-domain recomputation of the
 boxes is dropped once a round takes over 5 % or the recomputation over half a round (large
@@ -550,8 +550,8 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
 FULL_QUEUE = 0.8
 
 #: the share of the queue's memory cap that domains with all their fields (slopes, multipliers,
-#: boxes) may fill; beyond it, the ones closest to proved keep their splits and bounds only
-#: (:class:`_DomainStore`), and their children start from the root's slopes and boxes
+#: boxes) may fill; beyond it, the ones closest to proved keep their splits, bounds and uint8
+#: slopes (:class:`_DomainStore`), and their children start from the root's multipliers and boxes
 FULL_ENTRY_SHARE = 0.5
 
 #: children bounded in one pass of filtered smart branching (a round bounds up to 2 x 64)
@@ -817,7 +817,7 @@ class _DomainStore:
     def add(self, fields: dict[str, Tensor]) -> None:
         self.full.add(fields)
         over = self.full.n - self.full_max if self.full_max is not None else 0
-        if over > 0:  # the full entries closest to proved keep their splits and bounds only
+        if over > 0:  # the full entries closest to proved keep their light fields only
             gone = self.full.take(torch.topk(self.full.get("low"), over).indices)
             kept = {k: (gone[k].clamp(0, 1) * 255).round().to(torch.uint8) if k in self.fractions else gone[k] for k in self.light}
             if self.demoted is None:
