@@ -394,7 +394,7 @@ def test_demoted_domains_come_back_with_their_light_fields_and_the_templates_oth
 
     g = torch.Generator().manual_seed(5)
 
-    def entries(ids: Tensor) -> dict[str, Tensor]:
+    def entries(ids: torch.Tensor) -> dict[str, torch.Tensor]:
         m = ids.numel()
         return {"low": ids.double(), "s:x": (ids % 100).to(torch.int8).unsqueeze(1).repeat(1, 4),
                 "a:r": torch.rand(m, 2, 4, generator=g), "b:x": ids.float().view(m, 1, 1).repeat(1, 2, 4) + 0.5}

@@ -358,8 +358,26 @@ def test_slopes_with_gradients_fold_to_the_same_values(name):
         got = (op.highest if upper else op.lowest)(k, lo, hi)
         assert torch.equal(got.detach(), want)
         (grad,) = torch.autograd.grad(got.sum(), k)
-        pts = torch.stack(torch.broadcast_tensors(*op._points(k.detach(), lo, hi), k.detach())[:-1])  # [P, 3, n]
+        pts = torch.stack(torch.broadcast_tensors(*[x for x, _, _ in op._points(k.detach(), lo, hi)], k.detach())[:-1])  # [P, 3, n]
         g = op.forward(pts) - k.detach() * pts
         at = pts.gather(0, (g.argmax(0) if upper else g.argmin(0)).unsqueeze(0))[0]
         ok = torch.isfinite(want)
         assert torch.allclose(grad[ok], -at[ok], rtol=1e-6, atol=1e-9), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lookup_table_kink_values_match_evaluating_f_there(dtype):
+    """A lookup table's extremes take ``f`` at its kinks from values computed once
+    (``PiecewiseLinear.candidate_values``): the same extremes as evaluating ``f`` at every kink of
+    every entry, to the last bits of a sum's order."""
+    class Evaluated(PiecewiseLinear):
+        def candidate_values(self, k, lo, hi):
+            return Elementwise.candidate_values(self, k, lo, hi)
+
+    table = _sigmoid_table()
+    fast, plain = PiecewiseLinear(*table), Evaluated(*table)
+    lo, hi = (v.to(dtype) for v in _intervals(False))
+    k = torch.randn(3, lo.numel(), generator=torch.Generator().manual_seed(6), dtype=dtype)
+    for a, b in zip(fast.extremes(k, lo, hi), plain.extremes(k, lo, hi)):
+        scale = 1 + b.abs()
+        assert bool(((a - b).abs() <= 64 * torch.finfo(dtype).eps * scale).all())

@@ -28,6 +28,7 @@ special values (:meth:`Elementwise._careful_extremes`) run only where a value ca
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -105,13 +106,27 @@ class Elementwise(Activation):
         assert out is not None
         return self._settle(out, k, lo, hi, upper)
 
-    def _points(self, k: Tensor, lo: Tensor, hi: Tensor, ends_only: bool = False) -> list[Tensor]:
-        """``lo``, ``hi`` and the candidate points inside ``[lo, hi]`` (``lo`` stands for one outside)."""
-        pts = [lo, hi]
-        for c in [] if ends_only else self.candidates(k, lo, hi):
+    def candidate_values(self, k: Tensor, lo: Tensor, hi: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """:meth:`candidates` with ``f`` and :meth:`f_magnitude` at each where an op knows them
+        without evaluating ``f`` there (fixed points: a lookup table's kinks), else None."""
+        return [(c, None, None) for c in self.candidates(k, lo, hi)]
+
+    def _points(self, k: Tensor, lo: Tensor, hi: Tensor, ends_only: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(x, f(x), f_magnitude)`` at ``lo``, ``hi`` and the candidate points inside ``[lo, hi]``
+        (``lo`` stands for one outside)."""
+        f_lo = self.f(lo)
+        m_lo = self.f_magnitude(lo, f_lo)
+        yield lo, f_lo, m_lo
+        f_hi = self.f(hi)
+        yield hi, f_hi, self.f_magnitude(hi, f_hi)
+        for c, fc, mc in [] if ends_only else self.candidate_values(k, lo, hi):
             inside = (c >= lo) & (c <= hi)  # NaN is never inside
-            pts.append(torch.where(inside, c, lo))
-        return pts
+            x = torch.where(inside, c, lo)
+            if fc is None or mc is None:
+                fx = self.f(x)
+                yield x, fx, self.f_magnitude(x, fx)
+            else:
+                yield x, torch.where(inside, fc, f_lo), torch.where(inside, mc, m_lo)
 
     def _fold(self, k: Tensor, lo: Tensor, hi: Tensor, want_min: bool, want_max: bool) -> tuple[Tensor | None, Tensor | None]:
         """The least and the largest value of ``g = f - k x`` at the points of :meth:`_points`,
@@ -129,9 +144,9 @@ class Elementwise(Activation):
         best: dict[float, list[Tensor]] = {}  # side -> [value, its point (with ``grad``)]
         with torch.no_grad():
             kd = k.detach()
-            for x in self._points(kd, lo, hi, ends_only):
-                fx, kxx = self.f(x), kd * x
-                g, tol = fx - kxx, (self.f_magnitude(x, fx) + kxx.abs()) * eps8
+            for x, fx, mag in self._points(kd, lo, hi, ends_only):
+                kxx = kd * x
+                g, tol = fx - kxx, (mag + kxx.abs()) * eps8
                 for side in sides:
                     v = g + side * tol
                     if side not in best:
@@ -170,9 +185,9 @@ class Elementwise(Activation):
         eps = 8 * torch.finfo(lo.dtype).eps
         big = torch.finfo(lo.dtype).max
         lows, highs = [], []
-        for x in self._points(k, lo, hi):
-            fx, kxx = self.f(x), kx(x)
-            gx, tol = fx - kxx, eps * (self.f_magnitude(x, fx) + kxx.abs())
+        for x, fx, mag in self._points(k, lo, hi):
+            kxx = kx(x)
+            gx, tol = fx - kxx, eps * (mag + kxx.abs())
             low, high = gx - tol, gx + tol
             lows.append(torch.where(torch.isnan(gx), -math.inf, torch.where(torch.isnan(low), big, low)))
             highs.append(torch.where(torch.isnan(gx), math.inf, torch.where(torch.isnan(high), -big, high)))
@@ -385,6 +400,7 @@ class PiecewiseLinear(Elementwise):
         self.t, self.w, self.c = t, w, float(c)
         self._abs_c = abs(self.c)
         self._terms = t.numel() + 3  # the summed terms: c and K products of a difference (gamma_{K+3})
+        self._at_kinks: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
 
     def _each(self, x: Tensor) -> Tensor:
         return torch.relu(x.unsqueeze(-1) - self.t.to(x.dtype))  # [*, K]
@@ -401,6 +417,17 @@ class PiecewiseLinear(Elementwise):
 
     def candidates(self, k, lo, hi):
         return [torch.full_like(lo, float(tk)) for tk in self.t.tolist()]
+
+    def candidate_values(self, k, lo, hi):
+        # f and its magnitude at the kinks, computed once per dtype and device by the same
+        # functions (K x K numbers instead of K per entry and kink)
+        key = (lo.dtype, lo.device)
+        if key not in self._at_kinks:
+            t = self.t.to(device=lo.device, dtype=lo.dtype)
+            ft = self.f(t)
+            self._at_kinks[key] = (t, ft, self.f_magnitude(t, ft))
+        t, ft, mt = self._at_kinks[key]
+        return [(t[j].expand_as(lo), ft[j], mt[j]) for j in range(t.numel())]
 
     def curvature(self, lo, hi):
         t, w = self.t.to(lo.dtype), self.w.to(lo.dtype)
