@@ -63,9 +63,10 @@ def read_list(path: Path, every: int, start: int) -> list[tuple[Path, Path, floa
 
 
 def run_one(tree: Path, options: list[str], onnx: Path, vnnlib: Path, timeout: float, python: str,
-            method: str = "bab") -> tuple[str, float, str, str, str, str]:
+            method: str = "bab") -> tuple[str, float, str, str, str, str, str]:
     """One `certify run` in ``tree``: (status, process wall seconds, reported time_s, domains,
-    smallest margin lower bound, the boxes' summed time_s; "" where the run did not report one)."""
+    smallest margin lower bound, the boxes' summed time_s, the boxes' reasons and demoted domains;
+    "" where the run did not report one)."""
     cli = tree / "verify" / "cli.py"
     per_box = cli.exists() and "--per-box" in cli.read_text()  # older trees write a row per box anyway
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,28 +78,29 @@ def run_one(tree: Path, options: list[str], onnx: Path, vnnlib: Path, timeout: f
         try:
             proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3 * timeout + 60)
         except subprocess.TimeoutExpired:
-            return "killed", time.perf_counter() - t0, "", "", "", ""
+            return "killed", time.perf_counter() - t0, "", "", "", "", ""
         wall = time.perf_counter() - t0
-        domains, margin, box_s = _box_details(out)
+        domains, margin, box_s, notes = _box_details(out)
         found = re.search(r"^result: (\w+) in ([0-9.]+) s", proc.stdout, re.M)
         if found is not None:
-            return _AS_STATUS.get(found[1], "?"), wall, found[2], domains, margin, box_s
+            return _AS_STATUS.get(found[1], "?"), wall, found[2], domains, margin, box_s, notes
         rows = []  # a tree without the instance line: its first box's row
         if out.exists():
             with open(out, newline="") as f:
                 rows = list(csv.DictReader(f))
         if not rows:
-            return "error", wall, "", "", "", ""
-        return rows[0].get("status", "?"), wall, rows[0].get("time_s", ""), domains, margin, box_s
+            return "error", wall, "", "", "", "", ""
+        return rows[0].get("status", "?"), wall, rows[0].get("time_s", ""), domains, margin, box_s, notes
 
 
-def _box_details(path: Path) -> tuple[str, str, str]:
+def _box_details(path: Path) -> tuple[str, str, str, str]:
     """The per-box rows' domains (summed), smallest ``margin_lower`` and summed ``time_s`` (the
     methods' own time, without loading: the one time that trees before and after the instance
-    line report alike); "" when absent."""
+    line report alike), and the boxes' reasons with the domains the queue demoted (bab's
+    ``reason`` and ``demoted`` details); "" when absent."""
     if not path.exists():
-        return "", "", ""
-    domains, margins, box_s = [], [], 0.0
+        return "", "", "", ""
+    domains, margins, box_s, reasons, demoted = [], [], 0.0, set(), 0
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             try:
@@ -111,11 +113,16 @@ def _box_details(path: Path) -> tuple[str, str, str]:
                 continue
             if isinstance(det.get("domains"), int):
                 domains.append(det["domains"])
+            if det.get("reason"):
+                reasons.add(str(det["reason"]))
+            if isinstance(det.get("demoted"), int):
+                demoted += det["demoted"]
             try:
                 margins.append(float(det["margin_lower"]))
             except (KeyError, TypeError, ValueError):
                 pass
-    return (str(sum(domains)) if domains else ""), (f"{min(margins):.6g}" if margins else ""), f"{box_s:.3f}"
+    notes = ";".join(sorted(reasons)) + (f";demoted {demoted}" if demoted else "")
+    return (str(sum(domains)) if domains else ""), (f"{min(margins):.6g}" if margins else ""), f"{box_s:.3f}", notes
 
 
 #: the instance answer that `run --spec` prints (``result: <answer> in <t> s``) in the words of
@@ -143,19 +150,19 @@ def main(argv: list[str] | None = None) -> None:
     with open(a.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["instance", "onnx", "vnnlib", "arm", "status", "wall_s", "time_s", "timeout_s", "started_utc", "domains",
-                    "margin_lower", "box_s"])
+                    "margin_lower", "box_s", "notes"])
         for i, (onnx, vnn, t_list) in enumerate(rows):
             T = a.timeout if a.timeout is not None else t_list * a.timeout_scale
             for name, tree, opts in rotated(arms, i):
                 started = time.strftime("%H:%M:%S", time.gmtime())
-                status, wall, time_s, domains, margin, box_s = run_one(tree, opts, onnx, vnn, T, a.python, a.method)
+                status, wall, time_s, domains, margin, box_s, notes = run_one(tree, opts, onnx, vnn, T, a.python, a.method)
                 w.writerow([i, onnx.name, vnn.name, name, status, f"{wall:.2f}", time_s, f"{T:g}", started, domains, margin,
-                            box_s])
+                            box_s, notes])
                 f.flush()
                 tot = totals[name]
                 tot[status] = tot.get(status, 0) + 1
                 tot["wall_s"] = tot.get("wall_s", 0.0) + wall
-                print(f"{i} {name} {vnn.name} {status} {wall:.1f}s {domains} domains, margin {margin}", flush=True)
+                print(f"{i} {name} {vnn.name} {status} {wall:.1f}s {domains} domains, margin {margin} {notes}", flush=True)
     for name, tot in totals.items():
         counts = ", ".join(f"{k} {int(v)}" for k, v in sorted(tot.items()) if k != "wall_s")
         print(f"{name}: {counts}; process wall {tot.get('wall_s', 0.0):.1f} s")
