@@ -70,10 +70,11 @@ class Elementwise(Activation):
         """``+1`` where ``f`` is convex on ``[lo, hi]``, ``-1`` where concave, ``0`` otherwise."""
         return torch.zeros_like(lo)
 
-    def f_magnitude(self, x: Tensor, fx: Tensor) -> Tensor:
-        """The magnitude whose ``8 eps`` bounds the round-off of the computed ``f(x)`` (``fx``):
+    def f_with_magnitude(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``f(x)`` and the magnitude whose ``8 eps`` bounds the round-off of that computed value:
         ``|f(x)|`` for a function evaluated to a few ulps; a sum of many terms overrides it."""
-        return fx.abs()
+        fx = self.f(x)
+        return fx, fx.abs()
 
     def forward(self, x):
         return self.f(x)
@@ -107,24 +108,21 @@ class Elementwise(Activation):
         return self._settle(out, k, lo, hi, upper)
 
     def candidate_values(self, k: Tensor, lo: Tensor, hi: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
-        """:meth:`candidates` with ``f`` and :meth:`f_magnitude` at each where an op knows them
+        """:meth:`candidates` with ``f`` and the magnitude of :meth:`f_with_magnitude` at each where an op knows them
         without evaluating ``f`` there (fixed points: a lookup table's kinks), else None."""
         return [(c, None, None) for c in self.candidates(k, lo, hi)]
 
     def _points(self, k: Tensor, lo: Tensor, hi: Tensor, ends_only: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """``(x, f(x), f_magnitude)`` at ``lo``, ``hi`` and the candidate points inside ``[lo, hi]``
+        """``(x, f(x), its round-off magnitude)`` at ``lo``, ``hi`` and the candidate points inside ``[lo, hi]``
         (``lo`` stands for one outside)."""
-        f_lo = self.f(lo)
-        m_lo = self.f_magnitude(lo, f_lo)
+        f_lo, m_lo = self.f_with_magnitude(lo)
         yield lo, f_lo, m_lo
-        f_hi = self.f(hi)
-        yield hi, f_hi, self.f_magnitude(hi, f_hi)
+        yield hi, *self.f_with_magnitude(hi)
         for c, fc, mc in [] if ends_only else self.candidate_values(k, lo, hi):
             inside = (c >= lo) & (c <= hi)  # NaN is never inside
             x = torch.where(inside, c, lo)
             if fc is None or mc is None:
-                fx = self.f(x)
-                yield x, fx, self.f_magnitude(x, fx)
+                yield x, *self.f_with_magnitude(x)
             else:
                 yield x, torch.where(inside, fc, f_lo), torch.where(inside, mc, m_lo)
 
@@ -411,9 +409,11 @@ class PiecewiseLinear(Elementwise):
     def df(self, x):
         return (x.unsqueeze(-1) >= self.t.to(x.dtype)).to(x.dtype) @ self.w.to(x.dtype)
 
-    def f_magnitude(self, x, fx):
+    def f_with_magnitude(self, x):
         # recursive summation of c and K terms w_k (x - t_k)_+, each a rounded difference and product
-        return (self._terms / 8.0) * (self._each(x) @ self.w.abs().to(x.dtype) + self._abs_c + fx.abs())
+        each = self._each(x)
+        fx = each @ self.w.to(x.dtype) + self.c
+        return fx, (self._terms / 8.0) * (each @ self.w.abs().to(x.dtype) + self._abs_c + fx.abs())
 
     def candidates(self, k, lo, hi):
         return [torch.full_like(lo, float(tk)) for tk in self.t.tolist()]
@@ -424,8 +424,7 @@ class PiecewiseLinear(Elementwise):
         key = (lo.dtype, lo.device)
         if key not in self._at_kinks:
             t = self.t.to(device=lo.device, dtype=lo.dtype)
-            ft = self.f(t)
-            self._at_kinks[key] = (t, ft, self.f_magnitude(t, ft))
+            self._at_kinks[key] = (t, *self.f_with_magnitude(t))
         t, ft, mt = self._at_kinks[key]
         return [(t[j].expand_as(lo), ft[j], mt[j]) for j in range(t.numel())]
 
