@@ -426,11 +426,7 @@ class PiecewiseLinear(Elementwise):
             t = self.t.to(device=lo.device, dtype=lo.dtype)
             self._at_kinks[key] = (t, *self.f_with_magnitude(t))
         t, ft, mt = self._at_kinks[key]
-        # only the kinks inside some entry's interval (the others would stand in for ``lo``): one
-        # [K, entries] mask, one transfer to the host
-        lo_f, hi_f = (v.reshape(1, -1) for v in torch.broadcast_tensors(lo, hi))
-        near = ((t.unsqueeze(1) >= lo_f) & (t.unsqueeze(1) <= hi_f)).any(1).nonzero().flatten().tolist()
-        return [(t[j].expand_as(lo), ft[j], mt[j]) for j in near]
+        return [(t[j].expand_as(lo), ft[j], mt[j]) for j in range(t.numel())]
 
     def curvature(self, lo, hi):
         t, w = self.t.to(lo.dtype), self.w.to(lo.dtype)
