@@ -388,19 +388,23 @@ def test_domain_store_keeps_every_entry():
 
 def test_demoted_domains_come_back_with_their_light_fields_and_the_templates_others():
     """A store holding at most 6 whole entries demotes the ones with the largest ``low``: taken
-    back, they carry their own light fields (their slopes within half a uint8 step), the first
-    entry's other fields and ``restored``; whole entries come back exactly."""
+    back, they carry their own light fields (their slopes within half a uint8 step, their interval
+    ends widened to float32), the first entry's other fields and ``restored``; whole entries come
+    back exactly."""
     from relax.bab.activation_split import _DomainStore
 
     g = torch.Generator().manual_seed(5)
 
     def entries(ids: torch.Tensor) -> dict[str, torch.Tensor]:
         m = ids.numel()
+        ends = ids.double().unsqueeze(1) / 3 + torch.tensor([-math.inf, 0.1, 1e-30])
         return {"low": ids.double(), "s:x": (ids % 100).to(torch.int8).unsqueeze(1).repeat(1, 4),
-                "a:r": torch.rand(m, 2, 4, generator=g), "b:x": ids.float().view(m, 1, 1).repeat(1, 2, 4) + 0.5}
+                "a:r": torch.rand(m, 2, 4, generator=g), "b:x": ids.float().view(m, 1, 1).repeat(1, 2, 4) + 0.5,
+                "l:y": ends, "h:y": ends + 1e-9}
 
     first = entries(torch.arange(1))
-    q = _DomainStore(first, light=["low", "s:x", "a:r"], full_max=6, light_ratio=0.2, fractions=["a:r"])
+    q = _DomainStore(first, light=["low", "s:x", "a:r", "l:y", "h:y"], full_max=6, light_ratio=0.2, fractions=["a:r"],
+                     lower_ends=["l:y"], upper_ends=["h:y"])
     slopes = {0: first["a:r"][0]}
     nxt, restored = 1, 0
     for _ in range(60):
@@ -409,12 +413,17 @@ def test_demoted_domains_come_back_with_their_light_fields_and_the_templates_oth
             for j, i in enumerate(got["low"].long().tolist()):
                 assert (got["s:x"][j] == i % 100).all()
                 a = slopes.pop(i)
-                if got["restored"][j]:
+                want = entries(torch.tensor([i]))
+                if got["restored"][j]:  # interval ends widened to float32, never narrowed
                     restored += 1
+                    assert got["l:y"].dtype == torch.float64 and (got["l:y"][j] <= want["l:y"][0]).all()
+                    fin = torch.isfinite(want["h:y"][0])
+                    assert (got["h:y"][j] >= want["h:y"][0]).all() and (got["h:y"][j] - want["h:y"][0])[fin].max() <= 1e-6 * (1 + i)
                     assert (got["a:r"][j] - a).abs().max() <= 0.5 / 255 + 1e-7
                     assert torch.equal(got["b:x"][j], first["b:x"][0])
                 else:
                     assert torch.equal(got["a:r"][j], a) and float(got["b:x"][j, 0, 0]) == i + 0.5
+                    assert torch.equal(got["l:y"][j], want["l:y"][0]) and torch.equal(got["h:y"][j], want["h:y"][0])
         m = int(torch.randint(1, 5, (1,), generator=g))
         new = entries(torch.arange(nxt, nxt + m))
         slopes.update({i: new["a:r"][j] for j, i in enumerate(range(nxt, nxt + m))})

@@ -765,7 +765,8 @@ class _DomainStore:
     """The open domains, in two tiers. A *full* entry keeps all of a domain's fields (its splits,
     slopes, multipliers, boxes, bounds); past ``full_max`` entries, the full entries closest to
     proved (largest ``low``) are *demoted*: only the fields ``light`` are kept, those in
-    ``fractions`` (slopes, in ``[0, 1]``) as uint8 (``round(255 v)``), and :meth:`take` gives a
+    ``fractions`` (slopes, in ``[0, 1]``) as uint8 (``round(255 v)``), those in ``lower_ends`` /
+    ``upper_ends`` (interval splits' ends) as float32 rounded outwards, and :meth:`take` gives a
     demoted domain the ``template``'s other fields (the root's multipliers, 0, and boxes: sound for
     every domain, whose splits are applied to the boxes when it is bounded; any slope in ``[0, 1]``
     is sound). So a search whose queue outgrows the memory cap goes on with looser starting points
@@ -775,10 +776,13 @@ class _DomainStore:
     the memory held, in full entries."""
 
     def __init__(self, fields: dict[str, Tensor], max_n: int | None = None, light: Iterable[str] | None = None,
-                 full_max: int | None = None, light_ratio: float = 0.0, fractions: Iterable[str] = ()) -> None:
+                 full_max: int | None = None, light_ratio: float = 0.0, fractions: Iterable[str] = (),
+                 lower_ends: Iterable[str] = (), upper_ends: Iterable[str] = ()) -> None:
         self.full = _Buffers(fields, max_n)
         self.light = [k for k in fields if light is not None and k in set(light)]
         self.fractions = set(fractions) & set(self.light)  # fields in [0, 1], kept as uint8 when demoted
+        # float64 interval ends, kept as float32 rounded outwards (the domain can only grow: sound)
+        self.ends = {k: True for k in lower_ends if k in self.light} | {k: False for k in upper_ends if k in self.light}
         self.template = {k: v[:1].clone() for k, v in fields.items() if k not in self.light}
         self.full_max = full_max if light is not None else None
         self.light_ratio = light_ratio  # a demoted entry's bytes / a full entry's
@@ -809,6 +813,8 @@ class _DomainStore:
         back = self.demoted.take(idx[idx >= nf] - nf)
         for k in self.fractions:
             back[k] = back[k].to(out[k].dtype) / 255
+        for k in self.ends:
+            back[k] = back[k].to(out[k].dtype)
         m = next(iter(back.values())).shape[0]
         back.update({k: v.expand(m, *v.shape[1:]) for k, v in self.template.items()})
         back["restored"] = torch.ones(m, dtype=torch.bool, device=idx.device)
@@ -819,7 +825,8 @@ class _DomainStore:
         over = self.full.n - self.full_max if self.full_max is not None else 0
         if over > 0:  # the full entries closest to proved keep their light fields only
             gone = self.full.take(torch.topk(self.full.get("low"), over).indices)
-            kept = {k: (gone[k].clamp(0, 1) * 255).round().to(torch.uint8) if k in self.fractions else gone[k] for k in self.light}
+            kept = {k: (gone[k].clamp(0, 1) * 255).round().to(torch.uint8) if k in self.fractions
+                    else round_outward(gone[k], torch.float32, down=self.ends[k]) if k in self.ends else gone[k] for k in self.light}
             if self.demoted is None:
                 self.demoted = _Buffers(kept)
             else:
@@ -881,11 +888,12 @@ class _ReluSearch:
     def domain_bytes(self, light: bool = False) -> int:
         """Bytes of one domain in the store: int8 splits, float32 alphas and betas per ReLU
         input; float64 boxes and float32 slope pairs per interval-split input; float32 boxes of
-        every pre-activation; ``light``: a demoted domain's (the splits, uint8 alphas, bounds)."""
+        every pre-activation; ``light``: a demoted domain's (the splits, float32 interval ends, uint8
+        alphas, bounds)."""
         sizes, N = self.sizes, self.N
         relus, ivals = sum(sizes[p] for p in self.nodes), sum(sizes[p] for p in self.inodes)
-        if light:  # uint8 alphas (2 per interval-split input)
-            return relus * (1 + N) + ivals * (16 + 2 * N) + 8 * N + 64
+        if light:  # uint8 alphas (2 per interval-split input), float32 interval ends
+            return relus * (1 + N) + ivals * (8 + 2 * N) + 8 * N + 64
         return (relus * (1 + 8 * N) + ivals * (16 + 8 * N)
                 + sum(8 * math.prod(self.graph.shape(p)) for p in self.box_nodes) + 64)
 
@@ -971,7 +979,8 @@ class _ReluSearch:
                               m, db.rows, choice)
         light = [k for k in fields if k[:2] in ("s:", "l:", "h:", "a:") or k in ("low", "rows", "node", "idx", "t")]
         return _DomainStore(fields, max_n=max_domains + 2 * batch_size, light=light, full_max=int(FULL_ENTRY_SHARE * max_domains),
-                            light_ratio=self.domain_bytes(light=True) / self.domain_bytes(), fractions=[k for k in light if k[:2] == "a:"])
+                            light_ratio=self.domain_bytes(light=True) / self.domain_bytes(), fractions=[k for k in light if k[:2] == "a:"],
+                            lower_ends=[f"l:{p}" for p in self.inodes], upper_ends=[f"h:{p}" for p in self.inodes])
 
     def children(self, par: dict[str, Tensor], k: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], dict[str, Tensor],
                                                                dict[str, Tensor], dict[str, tuple[Tensor, Tensor]], list[str]]:
