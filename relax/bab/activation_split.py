@@ -40,8 +40,9 @@ width. Inputs of at most a few coordinates are split instead (:mod:`relax.bab.in
 
 The search is anytime: it stops at the deadline with the smallest domain bound as the best
 bound. The domain queue is held under a memory cap. Past ``FULL_ENTRY_SHARE`` of it, the domains
-closest to proved keep only their splits, bounds and slopes (uint8): a small fraction of their
-bytes; their multipliers and boxes are dropped and start again from the root's. While the queue
+closest to proved keep only their splits (interval ends as float32 rounded outwards), bounds and
+slopes (uint8): a fraction of their bytes; their multipliers and boxes are dropped and start
+again from the root's. While the queue
 is more than ``FULL_QUEUE`` full, the domains closest to proved are split first (their children
 mostly close, so the queue shrinks; best-first again below), and only a queue that still
 reaches the cap stops the search (``unknown``, reason "memory"). A round starts only when one
