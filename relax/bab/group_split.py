@@ -82,7 +82,8 @@ def groupwise_relu_bab(
         res.domains += bounded + sum(r.s.bounded for r in others)
         res.time_s = time.perf_counter() - t0
         res.details.update(groups=G, groups_proved=proved, queue_peak=max(peak, 1))
-        total = res.details.get("demoted", 0) + demoted + sum(r.s.demoted for r in others)  # the deciding run's own, if any
+        # the deciding run's own count (in its result), the proved runs', the other runs' stores'
+        total = res.details.get("demoted", 0) + demoted + sum(r.q.demotions for r in others if r.q is not None)
         if total:
             res.details["demoted"] = total
         return res
