@@ -702,6 +702,22 @@ def test_filtered_smart_branching_in_chunks_chooses_as_in_one_pass(monkeypatch):
     assert whole[0] == chunked[0] and torch.equal(whole[1], chunked[1])
 
 
+def _queue_case() -> tuple[nn.Module, torch.Tensor, int, float]:
+    """A 6-24-24-3 ReLU net spread over several classes, a centre and its exact MILP distance
+    ``d*`` (l_inf): a search of about 900 domains at 0.95 d*, for the queue's memory tests."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
+    _spread(net[0], 16.0)
+    torch.manual_seed(100)
+    for _ in range(20):
+        x0 = torch.rand(1, 6)
+        label = int(net(x0).argmax())
+        d = _exact_distance(net, x0, label)
+        if d is not None:
+            return net, x0, label, d
+    raise AssertionError("no centre with a counterexample in [0, 1]^6")
+
+
 def test_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
     """With the domain queue capped far below what best-first search holds, the search splits
     the domains closest to proved first and still decides (0.95 d* certified, 1.05 d* not, d*
@@ -709,18 +725,7 @@ def test_queue_near_its_memory_cap_goes_depth_first(monkeypatch):
     same cap ends the search as unknown ("memory")."""
     import relax.bab.activation_split as search
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
-    _spread(net[0], 16.0)
-    torch.manual_seed(100)
-    d = None
-    for _ in range(20):
-        x0 = torch.rand(1, 6)
-        label = int(net(x0).argmax())
-        d = _exact_distance(net, x0, label)
-        if d is not None:
-            break
-    assert d is not None
+    net, x0, label, d = _queue_case()
 
     def run(f: float, mb: float):
         return certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
@@ -745,18 +750,7 @@ def test_queue_past_its_full_share_keeps_splits_only_and_still_decides(monkeypat
     decides alike against the exact MILP distance d* (0.95 d* certified, 1.05 d* not)."""
     import relax.bab.activation_split as search
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 3)).eval()
-    _spread(net[0], 16.0)
-    torch.manual_seed(100)
-    d = None
-    for _ in range(20):
-        x0 = torch.rand(1, 6)
-        label = int(net(x0).argmax())
-        d = _exact_distance(net, x0, label)
-        if d is not None:
-            break
-    assert d is not None
+    net, x0, label, d = _queue_case()
 
     def run(f: float):
         return certify(net, LpBall(x0, d * f, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
