@@ -8,9 +8,17 @@ Athalye, Carlini & Wagner (ICML 2018, Sec. 4.1), an attack takes its steps on a 
 the model (:func:`attack_surrogate`) whose forward values are the model's and whose backward pass
 replaces those derivatives:
 
-* ``sign(x)`` back-propagates as ``tanh(x / s)``, ``s`` the median ``|x|`` of each sample at that
-  node -- the straight-through estimator used to train binarised networks (Bengio et al. 2013;
-  Hubara et al. 2016), with a width that follows the layer's own scale;
+* ``sign(x)`` back-propagates as ``(tanh(x / s) + tanh(x / (s / NARROW))) / 2``, ``s`` the median
+  ``|x|`` of each sample at that node -- the straight-through estimator used to train binarised
+  networks (Bengio et al. 2013; Hubara et al. 2016), with widths that follow the layer's own
+  scale. The narrow term puts most of the gradient on the units closest to flipping, the only
+  ones a small input set can flip (on VNN-COMP 2023's traffic-sign nets at eps 1, a width of the
+  median alone spreads it over units that cannot flip and PGD stalls); the wide term keeps a
+  direction where no unit is close;
+* ``sign`` of a value that is already a sign (``sign(sign(x) + 0.1)``, the binarised nets' way of
+  mapping 0 to +1, possibly through other constant shifts or scalings) back-propagates as the
+  identity: its input takes two or three values, all far from 0 at the layer's scale, so a
+  kernel of that scale would give it no gradient;
 * ``floor``, ``round`` and ``ceil`` back-propagate as the identity;
 * a softmax at the output is left out when every property row compares two outputs (``c (y_a -
   y_b)`` with ``c > 0`` and no offset): softmax keeps the order of the entries it normalises, so
@@ -22,6 +30,7 @@ Only the attack's steps use the surrogate: every candidate is confirmed on the m
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 
 import torch
@@ -36,9 +45,14 @@ __all__ = ["attack_surrogate", "pairwise_rows"]
 _SOFTMAX = (torch.softmax, torch.nn.functional.softmax)
 
 
+#: how many times narrower the second kernel of the sign surrogate is than the layer's median
+NARROW = 10.0
+
+
 class _SignSurrogate(torch.autograd.Function):
-    """``sign(x)`` forward; backward the derivative of ``tanh(x / s)``, ``s`` = per-sample median
-    of ``|x|`` over all but the first dimension (the whole tensor for ``x`` of one dimension)."""
+    """``sign(x)`` forward; backward the derivative of ``(tanh(x / s) + tanh(NARROW x / s)) / 2``,
+    ``s`` = per-sample median of ``|x|`` over all but the first dimension (the whole tensor for
+    ``x`` of one dimension)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -55,7 +69,8 @@ class _SignSurrogate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
         x, s = ctx.saved_tensors
-        return g * (1 - torch.tanh(x / s) ** 2) / s
+        n = s / NARROW
+        return g * 0.5 * ((1 - torch.tanh(x / s) ** 2) / s + (1 - torch.tanh(x / n) ** 2) / n)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -73,6 +88,12 @@ class _StraightThrough(torch.autograd.Function):
 def sign_surrogate(x: Tensor) -> Tensor:
     """``sign(x)`` with the gradient of :class:`_SignSurrogate`."""
     return _SignSurrogate.apply(x)
+
+
+def resign_surrogate(x: Tensor) -> Tensor:
+    """``sign(x)`` with the identity as its gradient: for ``x`` that is already a sign, shifted or
+    scaled by constants."""
+    return _StraightThrough.apply(x, torch.sign)
 
 
 def floor_surrogate(x: Tensor) -> Tensor:
@@ -148,6 +169,25 @@ def _softmax_output(graph: fx.Graph) -> fx.Node | None:
     return None
 
 
+#: elementwise maps that keep a two-valued tensor two-valued when their other operand is a constant
+_SHIFTS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div)
+
+
+def _is_a_sign(arg) -> bool:
+    """``arg`` is a graph value ``sign(...)`` (its original or its surrogate), possibly shifted or
+    scaled by constants (numbers; a graph operand counts only as that sign's own value)."""
+    while isinstance(arg, fx.Node) and arg.op == "call_function":
+        if arg.target in (torch.sign, sign_surrogate, resign_surrogate):
+            return True
+        if arg.target not in _SHIFTS or arg.kwargs:
+            return False
+        nodes = [a for a in arg.args if isinstance(a, fx.Node)]
+        if len(nodes) != 1 or not all(isinstance(a, (int, float, fx.Node)) for a in arg.args):
+            return False
+        arg = nodes[0]
+    return False
+
+
 def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
     graph = copy.deepcopy(model.graph)
     changed = False
@@ -155,7 +195,8 @@ def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
         if node.op != "call_function":
             continue
         if node.target in _SURROGATES and len(node.args) == 1 and not node.kwargs:
-            node.target, changed = _SURROGATES[node.target], True
+            resign = node.target is torch.sign and _is_a_sign(node.args[0])
+            node.target, changed = resign_surrogate if resign else _SURROGATES[node.target], True
     last = _softmax_output(graph) if drop_softmax else None
     if last is not None:
         dim = last.kwargs.get("dim", last.args[1] if len(last.args) > 1 else None)
