@@ -3,6 +3,8 @@ output): the surrogate keeps the model's values, and PGD finds counterexamples t
 cannot find on the model's own gradient."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.fx as fx
@@ -222,3 +224,41 @@ def test_pgd_falsifies_a_traffic_sign_net_that_needs_the_narrow_kernel(shared_di
     with torch.no_grad():
         y = model(r.x_adv.float())
     assert bool(((spec.C[0] @ y[0] + spec.d[0]) <= 0).any())  # some class reaches class 5
+
+
+@pytest.mark.parametrize("reason", ["exhausted", "memory"])
+def test_a_search_that_ends_exhausted_leaves_its_time_to_attacks(monkeypatch, reason):
+    """The pipeline's attacks before the search are switched off and the search stubbed to end at
+    once: "exhausted" (every open domain fully split) hands the time left to PGD restarts, which
+    falsify; any other early stop ("memory") keeps its unknown answer and returns at once."""
+    import relax.methods.bab as bab
+    from relax.bab import BabResult
+
+    def stub(*args, **kwargs):
+        return BabResult("unknown", None, -1.0, 1, reason=reason)
+
+    monkeypatch.setattr(bab, "EARLY_PGD_SHARE", 0.0)
+    monkeypatch.setattr(bab, "_graph_bab", stub)
+    net = fx.symbolic_trace(StepVotes(1000.0))
+    opts = bab.BabOptions(attack_restarts=1, random_samples=0)  # no restart after the CROWN pass either
+    t0 = time.perf_counter()
+    res = bab.run_bab(net, _box(), _property(), opts, timeout=30)
+    if reason == "memory":
+        assert res.status == "unknown" and time.perf_counter() - t0 < 15
+        return
+    assert res.status == "falsified" and res.details["stage"] == "attack"
+    x = res.counterexample.reshape(1, D).float()
+    assert float(x.abs().max()) <= 1.0 and int(net(x).argmax()) == 0  # the plain forward pass confirms it
+
+
+def test_the_late_attack_stops_before_its_deadline():
+    import relax.methods.bab as bab
+
+    net = fx.symbolic_trace(StepVotes(1000.0))
+    details: dict = {}
+    never = lambda x: False  # noqa: E731  (no candidate confirmed: the attack runs to its deadline)
+    t0 = time.perf_counter()
+    out = bab.attack_until(net, _box(), _property(), bab.BabOptions(), t0 + 3.0, never, details)
+    assert out is None and time.perf_counter() - t0 <= 3.0
+    assert 0.5 < details["attack_after_search_s"] <= 3.0
+    assert bab.attack_until(net, _box(), _property(), bab.BabOptions(), time.perf_counter(), never, {}) is None

@@ -52,6 +52,11 @@ EARLY_PGD_SHARE = 0.02
 #: the later stages, which start with such a pass (alpha-CROWN) or many (the search), no chance
 #: either (TinyYOLO: one pass 170 s of a 300 s budget)
 FIRST_PASS_SHARE = 0.7
+#: a search that ends exhausted with more than this many seconds left hands them to PGD restarts
+#: (:func:`attack_until`), which stop this many seconds before the deadline (a PGD step, which
+#: the attack's timeout does not interrupt, takes up to about a second on the largest nets here)
+LATE_ATTACK_MIN_S = 1.0
+LATE_ATTACK_GUARD_S = 1.0
 #: largest matrix (numbers) of the dense view that the exact-MILP stage of one-ReLU-layer networks
 #: builds (512 MB in float64; a convolution on 28 x 28 inputs with 32 channels needs 18.3 M)
 MILP_DENSE_LIMIT = 2**26
@@ -280,7 +285,34 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check, first_pass)
     if res.status == "unknown":  # the first pass's bound holds on the whole set too
         res.lower = max(res.lower, low)
+        if res.reason == "exhausted":  # no split left that could prove it: the time left goes to attacks
+            found = attack_until(model, inputs, spec, opts, deadline, check, res.details)
+            if found is not None:
+                return done(found, "attack")
     return done(res, res.details.get("stage", "graph-bab"))
+
+
+def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, deadline: float, check,
+                 details: dict) -> BabResult | None:
+    """PGD restarts from random points of the set, new seeds each round, until ``deadline``
+    (a ``perf_counter`` value) less :data:`LATE_ATTACK_GUARD_S`: a search whose unproved domains
+    are all fully split (reason "exhausted") cannot use the time, an attack can (binarised nets:
+    their sign layers' bounds stay loose however far they are split). The falsified
+    result, confirmed by ``check``, or None; ``details`` gets the seconds spent."""
+    from verify.attack import pgd_attack
+
+    t0, seed = time.perf_counter(), opts.seed + 1
+    budget = lambda: deadline - LATE_ATTACK_GUARD_S - time.perf_counter()  # noqa: E731
+    found = None
+    while found is None and budget() > LATE_ATTACK_MIN_S and opts.attack_steps > 0:
+        r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=max(opts.attack_restarts, 1), seed=seed,
+                       timeout=budget(), from_midpoint=False)
+        if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
+            found = BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample")
+        seed += 1
+    if time.perf_counter() > t0 + 0.01:
+        details["attack_after_search_s"] = round(time.perf_counter() - t0, 3)
+    return found
 
 
 class _GraphModule(torch.nn.Module):
