@@ -174,8 +174,9 @@ _SHIFTS = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add
 
 
 def _is_a_sign(arg) -> bool:
-    """``arg`` is a graph value ``sign(...)`` (its original or its surrogate), possibly shifted or
-    scaled by constants (numbers; a graph operand counts only as that sign's own value)."""
+    """``arg`` is a graph value ``sign(...)`` (the original or a surrogate), possibly shifted or
+    scaled by numbers: each step on the way has the sign as its one graph operand, every other
+    operand a Python number."""
     while isinstance(arg, fx.Node) and arg.op == "call_function":
         if arg.target in (torch.sign, sign_surrogate, resign_surrogate):
             return True
