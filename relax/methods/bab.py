@@ -287,9 +287,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     if res.status == "unknown":  # the first pass's bound holds on the whole set too
         res.lower = max(res.lower, low)
         if res.reason == "exhausted":  # no split left that could prove it: the time left goes to attacks
-            found = attack_until(model, inputs, spec, opts, deadline, check, res.details)
-            if found is not None:
-                return done(found, "attack")
+            res = attack_until(model, inputs, spec, opts, deadline, check, res.details) or res
     return done(res, res.details.get("stage", "graph-bab"))
 
 
@@ -299,7 +297,8 @@ def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOption
     (a ``perf_counter`` value) less :data:`LATE_ATTACK_GUARD_S`: a search whose unproved domains
     are all fully split (reason "exhausted") cannot use the time, an attack can (binarised nets:
     their sign layers' bounds stay loose however far they are split). The falsified
-    result, confirmed by ``check``, or None; its details (else ``details``) get the seconds spent."""
+    result (stage "attack"), confirmed by ``check``, or None; its details (else ``details``) get the
+    seconds spent."""
     from verify.attack import pgd_attack
 
     t0, seed = time.perf_counter(), opts.seed + 1
@@ -309,7 +308,8 @@ def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOption
         r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=max(opts.attack_restarts, 1), seed=seed,
                        timeout=budget(), from_midpoint=False)
         if bool(r.found[0]) and check(r.x_adv[0].detach().double()):
-            found = BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample")
+            found = BabResult("falsified", r.x_adv[0].detach().double().reshape(-1), -math.inf, reason="counterexample",
+                              details={"stage": "attack"})
         seed += 1
     if time.perf_counter() > t0 + 0.01:
         (details if found is None else found.details)["attack_after_search_s"] = round(time.perf_counter() - t0, 3)
