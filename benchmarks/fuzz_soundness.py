@@ -47,7 +47,7 @@ from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
 FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
-            "normalize", "bottleneck", "lookup")
+            "normalize", "bottleneck", "lookup", "binarised")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -122,6 +122,20 @@ class _Table(nn.Module):
 
     def forward(self, x):
         return (torch.relu(x.unsqueeze(-1) - self.t) @ self.w).reshape(x.shape) + self.c
+
+
+class _Binarised(nn.Module):
+    """Two binarised layers written as VNN-COMP 2023's traffic-sign nets write them,
+    ``sign(sign(z) + 0.1)`` (0 maps to +1), between affine layers."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(n_in, 8), nn.Linear(8, 8), nn.Linear(8, n_out)
+
+    def forward(self, x):
+        h = torch.sign(torch.sign(self.inp(x)) + 0.1)
+        h = torch.sign(torch.sign(self.mid(h)) + 0.1)
+        return self.out(h)
 
 
 class _Smooth(nn.Module):
@@ -223,9 +237,10 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "lookup":  # ReLU lookup tables (ml4acopf's sigmoids): fused into one piecewise-linear node
         shape = (3,)
         net = nn.Sequential(nn.Linear(3, 8), _Table(g, scale), nn.Linear(8, 8), _Table(g, scale), nn.Linear(8, 3))
-    elif family in ("smooth", "attention", "transformer", "normalize"):
+    elif family in ("smooth", "attention", "transformer", "normalize", "binarised"):
         shape = (3,)
-        net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block, "normalize": _Normalized}[family](3, 3)
+        net = {"smooth": _Smooth, "attention": _Attention, "transformer": _Block, "normalize": _Normalized,
+               "binarised": _Binarised}[family](3, 3)
     else:
         shape = (3,)
         act = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}.get(family, nn.ReLU)

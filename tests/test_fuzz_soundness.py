@@ -116,3 +116,15 @@ def test_no_false_answer_through_channel_selections_moves_and_cuts(monkeypatch):
     assert cut, "no cut pass"
     assert res["crown"]["cases"] > 0 and res["bab"]["witness_inside"] >= 5, res
     assert not res["bab"]["refused"] and not res["crown"]["refused"], res  # a concat of a domain batch and the input's box
+
+
+def test_no_false_answer_on_binarised_layers():
+    """``sign(sign(z) + 0.1)`` layers (the ``binarised`` family, as the traffic-sign nets write
+    them) at weight scales 1 and 1e3: CROWN, alpha-CROWN and ``bab`` (whose attacks step on the
+    sign surrogate) against the witnesses; ``bab`` both proves and falsifies some."""
+    fz = _fuzz()
+    res = fz.run(1, seed=17, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e3), families=("binarised",), slow_every=1,
+                 timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert res["bab"]["witness_inside"] >= 5 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
