@@ -18,7 +18,9 @@ Per input of the batch, within the time budget (``timeout`` split evenly over th
    tightened by MILP (:func:`relax.bab.tighten.refine_graph_root`) and the search restarts;
    for networks with one ReLU layer (exact root boxes), after ``milp_after`` of the search the
    exact MILP (:func:`relax.exact.milp.milp_verify`) takes the rest. The search and the MILP
-   bound only the groups of rows that the root leaves open.
+   bound only the groups of rows that the root leaves open;
+4. a search that ends ``exhausted`` (every open domain fully split, unproved) before the
+   deadline leaves the time to PGD restarts with new seeds (:func:`attack_until`).
 
 ``falsified`` only with a counterexample that a float64 forward pass of the model confirms
 (:func:`verify.attack.confirm_counterexample`); ``certified`` only when every BaB domain is
