@@ -43,26 +43,28 @@ def test_every_family_meets_every_scale():
         assert seen == {(f, s) for f in families for s in fz.SCALES}, (families, sorted(seen))
 
 
+def _bound_methods_on_one_net(family: str, seed: int, scales: tuple[float, ...]) -> dict:
+    """CROWN, alpha-CROWN and ``bab`` on one net of ``family`` at ``scales`` (5 s each): the
+    per-method counts, after asserting that no answer was false."""
+    res = _fuzz().run(1, seed=seed, methods=["crown", "alpha-crown", "bab"], scales=scales, families=(family,), slow_every=1,
+                      timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    return res
+
+
 @pytest.mark.slow
 def test_no_false_answer_on_transformer_blocks():
     """Attention with a residual connection and a ReLU MLP (softmax differences from the scores'
     linear bounds, optimised McCormick planes, ReLU splitting) at weight scales 1 and 1e2."""
-    fz = _fuzz()
-    res = fz.run(1, seed=7, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e2), families=("transformer",), slow_every=1,
-                 timeout=5.0)
-    false = res.pop("_details")
-    assert not false, f"false answers: {false[:5]}"
+    res = _bound_methods_on_one_net("transformer", seed=7, scales=(1.0, 1e2))
     assert res["bab"]["witness_inside"] >= 10 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
 
 
 def test_no_false_answer_on_normalizations():
     """Weighted averages ``p / p.sum()`` (relax.ir.ops.Normalize) at weight scales 1 and 1e3:
     CROWN, alpha-CROWN and ``bab`` against the witnesses."""
-    fz = _fuzz()
-    res = fz.run(1, seed=13, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e3), families=("normalize",), slow_every=1,
-                 timeout=5.0)
-    false = res.pop("_details")
-    assert not false, f"false answers: {false[:5]}"
+    res = _bound_methods_on_one_net("normalize", seed=13, scales=(1.0, 1e3))
     assert res["crown"]["witness_inside"] >= 5 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
 
 
@@ -122,9 +124,5 @@ def test_no_false_answer_on_binarised_layers():
     """``sign(sign(z) + 0.1)`` layers (the ``binarised`` family, as the traffic-sign nets write
     them) at weight scales 1 and 1e3: CROWN, alpha-CROWN and ``bab`` (whose attacks step on the
     sign surrogate) against the witnesses; ``bab`` both proves and falsifies some."""
-    fz = _fuzz()
-    res = fz.run(1, seed=17, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e3), families=("binarised",), slow_every=1,
-                 timeout=5.0)
-    false = res.pop("_details")
-    assert not false, f"false answers: {false[:5]}"
+    res = _bound_methods_on_one_net("binarised", seed=17, scales=(1.0, 1e3))
     assert res["bab"]["witness_inside"] >= 5 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
