@@ -381,3 +381,51 @@ def test_lookup_table_kink_values_match_evaluating_f_there(dtype):
     for a, b in zip(fast.extremes(k, lo, hi), plain.extremes(k, lo, hi)):
         scale = 1 + b.abs()
         assert bool(((a - b).abs() <= 64 * torch.finfo(dtype).eps * scale).all())
+
+
+def test_sigmoid_and_tanh_lines_on_unbounded_boxes_are_finite_and_enclose():
+    """A box with an infinite end (a pre-activation behind an overflowed exp) gives lines without
+    NaN (``0 * inf`` is 0 for a slope-0 line) that still enclose the function; an unbounded box is
+    the interval ``[f(-inf), f(inf)]``."""
+    from relax.ir.ops.activation import Sigmoid, Tanh
+
+    inf = math.inf
+    lo = torch.tensor([[-inf, -3.0, -inf, -5.0, 2.0]], dtype=D)
+    hi = torch.tensor([[inf, inf, 4.0, 1e300, 3.0]], dtype=D)
+    x = torch.cat([torch.linspace(-50, 50, 2001, dtype=D), torch.tensor([-1e300, 1e300], dtype=D)]).view(-1, 1)
+    for op in (Sigmoid(), Tanh()):
+        r = op.relax(lo, hi)
+        for t in (r.lw, r.lb, r.uw, r.ub):
+            assert not torch.isnan(t).any(), (op, t)
+        assert r.lb[0, 0] <= op.f(torch.tensor(-inf, dtype=D)) and r.ub[0, 0] >= op.f(torch.tensor(inf, dtype=D))
+        assert r.lb[0, 0] > -1.5 and r.ub[0, 0] < 1.5  # the interval, not unbounded
+        inside = (x >= lo) & (x <= hi)
+        fx = op.f(x)
+        assert ((r.lw * x + r.lb <= fx + 1e-12) | ~inside | torch.isnan(r.lw * x)).all(), op
+        assert ((r.uw * x + r.ub >= fx - 1e-12) | ~inside | torch.isnan(r.uw * x)).all(), op
+
+
+def test_a_sum_of_overflowed_terms_keeps_finite_sound_ends():
+    """ReduceSum of terms whose lower ends are the largest float (an exp that overflowed): the
+    lower end of the sum stays a finite lower bound (was ``inf - inf`` -> unbounded), and a
+    softmax over scores 1e6 apart keeps its outputs in [0, 1] (was [-inf, inf])."""
+    from relax.bounds.interval import interval_bounds
+    from relax.ir.ops.affine import Reduce
+
+    big = torch.finfo(D).max
+    lo = torch.tensor([[big, big, 0.0]], dtype=D)
+    hi = torch.tensor([[math.inf, math.inf, 1.0]], dtype=D)
+    l, h = Reduce((0,), False, 1.0, (3,)).interval((lo, hi))
+    assert torch.isfinite(l).all() and l.item() > 1e300 and h.item() == math.inf
+
+    class Soft(nn.Module):
+        def forward(self, x):
+            return torch.softmax(x * 1e6, dim=1)
+
+    g = build_graph(Soft(), (3,), D)
+    x = torch.tensor([[0.0, 1.0, 2.0]], dtype=D)
+    boxes = interval_bounds(g, x - 1.0, x + 1.0)
+    l, h = boxes[g.output]
+    assert (l >= -1e-12).all() and (h <= 1 + 1e-12).all(), (l, h)
+    lo, hi = bounds(Soft().double(), Box(x - 1.0, x + 1.0), method="crown")
+    assert torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo >= -1e-12).all() and (hi <= 1 + 1e-12).all()

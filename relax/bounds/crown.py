@@ -933,6 +933,8 @@ def _spec_rows(graph: BoundGraph, input_set: InputSet, C: Tensor, relax: dict[st
         if vs:
             out_record[k] = vs[0] if len(vs) == 1 else torch.cat(vs)  # type: ignore[index]
     low = torch.cat(parts, 0).t()
+    # an undefined value (inf - inf, 0 * inf) carries no information: -inf, never a NaN bound
+    low = torch.nan_to_num(low, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     # the value is max(linear, interval); the gradient always that of the linear bound, so that an
     # optimiser of slopes / multipliers is not stuck where the interval bound is ahead at the start
     # (x - x is exactly 0 for finite x: the value is the max itself, not a re-rounded sum)

@@ -78,6 +78,11 @@ class ReLU(Activation):
         return r.lw.clone()
 
 
+def _times(k: Tensor, x: Tensor) -> Tensor:
+    """``k x`` with ``0 * inf = 0`` (a slope-0 line is the interval bound, also on an unbounded box)."""
+    return torch.where(k == 0, torch.zeros_like(k), k * x)
+
+
 class _SShaped(Activation):
     """Common relaxation of sigmoid and tanh (see module docstring)."""
 
@@ -110,14 +115,14 @@ class _SShaped(Activation):
         """``min`` (``lower``) or ``max`` of ``g(x) = f(x) - k x`` over ``[lo, hi]``: the ends and
         the turning point ``x1 = -x2 < 0`` (a minimum of ``g``) or ``x2 > 0`` (a maximum) where it
         lies in the interval; widened by a round-off allowance."""
-        g_lo, g_hi = self.f(lo) - k * lo, self.f(hi) - k * hi
+        g_lo, g_hi = self.f(lo) - _times(k, lo), self.f(hi) - _times(k, hi)
         inner = (k > 0) & (k < self.fprime0)
         x = self.turning(torch.where(inner, k, torch.full_like(k, self.fprime0 / 2)))
         if lower:
             x = -x
         g_x = self.f(x) - k * x
         use = inner & (x >= lo) & (x <= hi)
-        tol = 4 * torch.finfo(k.dtype).eps * (1 + self.fprime0 + k.abs() * torch.maximum(lo.abs(), hi.abs()))
+        tol = 4 * torch.finfo(k.dtype).eps * (1 + self.fprime0 + _times(k.abs(), torch.maximum(lo.abs(), hi.abs())))
         if lower:
             return torch.minimum(torch.minimum(g_lo, g_hi), torch.where(use, g_x, torch.full_like(k, float("inf")))) - tol
         return torch.maximum(torch.maximum(g_lo, g_hi), torch.where(use, g_x, torch.full_like(k, -float("inf")))) + tol
@@ -161,6 +166,7 @@ class _SShaped(Activation):
             ok_sec_l = secant <= self.df(lo)
             dl = self._tangent_through(lo, hi, hi, "lower")
             kl = torch.where(lo >= 0, secant, torch.where(hi <= 0, tan_m, torch.where(ok_sec_l, secant, self.df(dl))))
+        kl, ku = (torch.where(torch.isnan(k), torch.zeros_like(k), k) for k in (kl, ku))  # an unbounded box's midpoint is NaN
         lb = self.intercept(kl, lo, hi, lower=True)
         ub = self.intercept(ku, lo, hi, lower=False)
         kmin = torch.minimum(self.df(lo), self.df(hi))

@@ -282,6 +282,10 @@ class Reduce(Op):
         n = math.prod(self.in_shape[d] for d in self.dims) + 2
         u = torch.finfo(lo.dtype).eps / 2
         g = 2 * n * u / (1 - n * u)  # twice gamma_n (Higham Eq. (3.5)) for the sum and the scaling
+        # terms beyond max / n moved toward 0 (sound for each end): the lower end's sum cannot overflow
+        # to +inf, nor the upper's to -inf (huge terms, e.g. exp's overflowed lower ends in a softmax)
+        big = torch.finfo(lo.dtype).max / n
+        lo, hi = lo.clamp(max=big), hi.clamp(min=-big)
         return self._sum(lo, 1) - g * self._sum(lo.abs(), 1), self._sum(hi, 1) + g * self._sum(hi.abs(), 1)
 
     def backward(self, A):
