@@ -47,7 +47,7 @@ from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
 FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
-            "normalize", "bottleneck", "lookup", "binarised")
+            "normalize", "bottleneck", "lookup", "binarised", "onnx")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -196,6 +196,18 @@ class _Normalized(nn.Module):
         return self.out((p / p.sum(2, keepdim=True)).flatten(1))
 
 
+def load_onnx_nets():
+    """``benchmarks/fuzz_onnx_nets.py`` (the ``onnx`` family's graphs) as a module, also when this
+    file was loaded by path (tests/conftest.py) rather than run from its folder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_onnx_nets", Path(__file__).with_name("fuzz_onnx_nets.py"))
+    assert spec is not None and spec.loader is not None
+    nets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nets)
+    return nets
+
+
 def make_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:
     """A random float32 network of ``family`` with every weight and bias multiplied by
     ``scale`` (outputs then scale like ``scale ** depth``): ``(traced module, input shape)``.
@@ -210,6 +222,12 @@ def make_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModule
 
 
 def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:
+    if family == "onnx":  # built as an ONNX graph from the 2022-2024 sets' operators, through the importer
+        from verify.model import load_model
+        from verify.onnx_import import import_onnx
+
+        gm = load_model(import_onnx(load_onnx_nets().make_onnx_net(scale, seed)))
+        return gm, tuple(gm.input_shape)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if family == "cnn":

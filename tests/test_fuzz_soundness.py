@@ -126,3 +126,19 @@ def test_no_false_answer_on_binarised_layers():
     sign surrogate) against the witnesses; ``bab`` both proves and falsifies some."""
     res = _bound_methods_on_one_net("binarised", seed=17, scales=(1.0, 1e3))
     assert res["bab"]["witness_inside"] >= 5 and res["bab"]["certified"] > 0 and res["bab"]["falsified"] > 0, res
+
+
+@pytest.mark.slow
+def test_no_false_answer_on_onnx_imported_nets():
+    """A network of the ``onnx`` family (built as an ONNX graph, converted by the importer): here
+    an explicit Pad before a convolution, then a softmax over channels between transposes whose
+    scores lie 1e6 apart at weight scale 1e3, so that exp overflows inside the bounds (CROWN's
+    bounds were NaN there). CROWN, alpha-CROWN and ``bab`` against the witnesses."""
+    fz = _fuzz()
+    nets = fz.load_onnx_nets()
+    ops = {n.op_type for n in nets.make_onnx_net(1e3, 2000).graph.node}  # seed 2 -> net seed 2000: (pad, softmax)
+    assert {"Pad", "Softmax", "Transpose"} <= ops, ops
+    res = fz.run(1, seed=2, methods=["crown", "alpha-crown", "bab"], scales=(1e3,), families=("onnx",), slow_every=1, timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert not any(c["refused"] for c in res.values()) and res["bab"]["witness_inside"] >= 3, res
