@@ -249,7 +249,7 @@ _CONST_FUNCTIONS = {F.linear}
 # elementwise functions with a relaxation (relax.ir.ops.elementwise), reductions, softmax
 _NONLINEAR_FUNCTIONS = {
     torch.exp, torch.log, torch.sqrt, torch.reciprocal, torch.sin, torch.cos, torch.abs, torch.sign, torch.floor,
-    torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip, F.hardtanh, torch.sum, torch.mean, torch.softmax,
+    torch.erf, torch.special.erf, torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip, F.hardtanh, torch.sum, torch.mean, torch.softmax,
     F.softmax,
 }
 _SHAPE_FUNCTIONS = {
@@ -261,7 +261,7 @@ _SHAPE_FUNCTIONS = {
 }
 CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
                      "expand", "narrow", "flip", "index_select", "repeat", "exp", "log", "sqrt", "reciprocal", "sin",
-                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax"}
+                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax", "erf"}
 
 
 def check_canonical(gm: fx.GraphModule) -> None:

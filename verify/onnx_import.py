@@ -49,6 +49,7 @@ from torch import Tensor, fx, nn
 from .deadline import Deadline
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
+from .onnx_composite import CONVERTERS as _COMPOSITE
 
 __all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
 
@@ -1436,6 +1437,7 @@ _CONVERTERS: dict[str, Callable] = {
     "LessOrEqual": _compare(False, False),
     "Not": _not,
 }
+_CONVERTERS.update(_COMPOSITE)  # operators written as compositions of the ones above (verify.onnx_composite)
 
 #: ops that only move entries of their first operand (their folds apply to index arrays too)
 _MOVES_ENTRIES = {"Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Identity", "Dropout", "Cast"}

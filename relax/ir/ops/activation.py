@@ -1,4 +1,4 @@
-"""Elementwise activations: ReLU, Sigmoid, Tanh.
+"""Elementwise activations: ReLU, Sigmoid, Tanh, Erf.
 
 ReLU on ``[l, u]`` (Zhang et al. 2018, CROWN, Sec. 3.2 and Fig. 1; Singh et al. 2019,
 DeepPoly, Sec. 4): stable neurons are exact; an unstable one (``l < 0 < u``) gets the upper line
@@ -6,7 +6,7 @@ DeepPoly, Sec. 4): stable neurons are exact; an unstable one (``l < 0 < u``) get
 and DeepPoly both take ``alpha = 1 if u > -l else 0`` (the smaller-area choice; DeepPoly
 Eq. (2)); alpha-CROWN optimises alpha (Xu et al. 2021, Eq. (5)).
 
-Sigmoid / Tanh (S-shaped: convex for ``x < 0``, concave for ``x > 0``). A slope ``k`` is chosen
+Sigmoid / Tanh / Erf (S-shaped: convex for ``x < 0``, concave for ``x > 0``). A slope ``k`` is chosen
 by a heuristic, then the intercept is the *exact* extreme of ``g(x) = f(x) - k x`` over
 ``[l, u]``: ``g`` decreases, increases, decreases with turning points ``x1 < 0 < x2`` where
 ``f'(x) = k`` (closed form), so ``min g = min(g(l), g(u), g(x1) if x1 in [l, u])`` and
@@ -37,12 +37,14 @@ intercepts.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .base import Activation, Relaxation, sum_rows
 
-__all__ = ["ReLU", "Sigmoid", "Tanh"]
+__all__ = ["ReLU", "Sigmoid", "Tanh", "Erf"]
 
 
 class ReLU(Activation):
@@ -234,3 +236,21 @@ class Tanh(_SShaped):
         # 1 - t = k / (1 + t) without cancellation.
         t = torch.sqrt((1 - k).clamp(min=0))
         return 0.5 * (torch.log1p(t) - torch.log(k / (1 + t)))
+
+
+class Erf(_SShaped):
+    """The error function (GELU's ``x Phi(x) = x (1 + erf(x / sqrt 2)) / 2``): odd and S-shaped like
+    tanh, ``erf'(x) = 2 / sqrt(pi) exp(-x^2)``."""
+
+    kind = "erf"
+    fprime0 = 2.0 / math.sqrt(math.pi)
+
+    def f(self, x):
+        return torch.erf(x)
+
+    def df(self, x):
+        return self.fprime0 * torch.exp(-x * x)
+
+    def turning(self, k):
+        # 2 / sqrt(pi) exp(-x^2) = k: x2 = sqrt(log(f'(0) / k))
+        return torch.sqrt(torch.log(self.fprime0 / k).clamp(min=0))

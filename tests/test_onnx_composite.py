@@ -1,0 +1,110 @@
+"""ONNX operators converted as compositions (verify.onnx_composite) and the Erf bound rule: each
+converted graph equals onnxruntime, and CROWN's bounds on it contain sampled outputs (and the
+outputs at the boxes' corners); the Erf relaxation encloses erf on dense grids of any interval."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_model import assert_matches_ort, make_onnx, node, rand
+
+from relax.bounds import bounds
+from relax.ir.ops import Erf
+from verify.model import UnsupportedOperatorError, load_model
+from verify.spec import Box
+
+I64 = np.int64
+D = torch.float64
+
+
+def _head():
+    """x [1, 12] -> MatMul -> Add (values of both signs, about 3 wide) -> reshape [1, 3, 2, 2] ``t``."""
+    nodes = [node("MatMul", ["x", "W"], ["m"]), node("Add", ["m", "b"], ["a"]), node("Reshape", ["a", "shp"], ["t"])]
+    return nodes, {"W": rand(12, 12) * 2, "b": rand(12), "shp": np.array([1, 3, 2, 2], I64)}
+
+
+CASES = {
+    "prelu-per-channel": ([node("PRelu", ["t", "s"], ["y"])], {"s": np.array([0.1, -0.5, 1.7], np.float32).reshape(3, 1, 1)}, 17),
+    "prelu-scalar": ([node("PRelu", ["t", "s"], ["y"])], {"s": np.array([0.25], np.float32)}, 17),
+    "elu": ([node("Elu", ["t"], ["y"], alpha=0.7)], {}, 17),
+    "selu": ([node("Selu", ["t"], ["y"])], {}, 17),
+    "celu": ([node("Celu", ["t"], ["y"], alpha=2.0)], {}, 17),
+    "softplus": ([node("Softplus", ["t"], ["y"])], {}, 17),
+    "softsign": ([node("Softsign", ["t"], ["y"])], {}, 17),
+    "hard-sigmoid": ([node("HardSigmoid", ["t"], ["y"], alpha=0.3, beta=0.4)], {}, 17),
+    "hard-swish": ([node("HardSwish", ["t"], ["y"])], {}, 17),
+    "thresholded-relu": ([node("ThresholdedRelu", ["t"], ["y"], alpha=0.5)], {}, 17),
+    "erf": ([node("Erf", ["t"], ["y"])], {}, 17),
+    "gelu": ([node("Gelu", ["t"], ["y"])], {}, 20),
+    "gelu-tanh": ([node("Gelu", ["t"], ["y"], approximate="tanh")], {}, 20),
+    "ceil": ([node("Ceil", ["t"], ["y"])], {}, 17),
+    "layer-norm": ([node("LayerNormalization", ["t", "g", "bb"], ["y"], axis=-2, epsilon=1e-3)],
+                   {"g": rand(2, 2), "bb": rand(2, 2)}, 17),
+    "instance-norm": ([node("InstanceNormalization", ["t", "g", "bb"], ["y"], epsilon=1e-3)], {"g": rand(3), "bb": rand(3)}, 17),
+    "reduce-max": ([node("ReduceMax", ["t"], ["y"], axes=[1, 3], keepdims=1)], {}, 17),
+    "reduce-min-opset18": ([node("ReduceMin", ["t", "ax"], ["y"], keepdims=0)], {"ax": np.array([2], I64)}, 18),
+    "reduce-l2": ([node("ReduceL2", ["t"], ["y"], axes=[1], keepdims=0)], {}, 17),
+    "reduce-l1": ([node("ReduceL1", ["t"], ["y"], axes=[2, 3], keepdims=1)], {}, 17),
+    "reduce-sum-square": ([node("ReduceSumSquare", ["t"], ["y"], axes=[1])], {}, 17),
+    "sum-with-constant": ([node("Relu", ["t"], ["r"]), node("Sum", ["t", "r", "c"], ["y"])], {"c": rand(2, 2)}, 17),
+    "mean": ([node("Relu", ["t"], ["r"]), node("Mean", ["t", "r"], ["y"])], {}, 17),
+    "tile": ([node("Tile", ["t", "rep"], ["y"])], {"rep": np.array([1, 2, 1, 3], I64)}, 17),
+    "where-constant-branch": ([node("Where", ["cond", "t", "c"], ["y"])],
+                              {"cond": np.array([[True, False], [False, True]]), "c": rand(2, 2)}, 17),
+    "where-two-branches": ([node("Relu", ["t"], ["r"]), node("Where", ["cond", "r", "t"], ["y"])],
+                           {"cond": np.array([True, False, True]).reshape(3, 1, 1)}, 17),
+}
+
+
+def _model(tmp_path, case: str):
+    head, inits = _head()
+    nodes, extra, opset = CASES[case]
+    path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, **extra}, opset=opset)
+    if opset >= 19:  # onnxruntime reads opset 20 from IR version 9 on
+        m = onnx.load(str(path))
+        m.ir_version = 9
+        onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_composite_operator_matches_onnxruntime_and_bounds_soundly(tmp_path, case):
+    gm = assert_matches_ort(_model(tmp_path, case))
+    net = gm.double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 12, generator=g, dtype=D)
+    r = 0.2
+    lo, hi = bounds(net, Box(x - r, x + r), method="crown")
+    assert torch.isfinite(lo).all() and torch.isfinite(hi).all()
+    pts = x + (torch.rand(4000, 2, 12, generator=g, dtype=D) * 2 - 1) * r
+    corners = x + r * torch.where(torch.rand(256, 2, 12, generator=g) < 0.5, -1.0, 1.0).to(D)  # r in float64: on the box
+    with torch.no_grad():
+        ys = net(torch.cat([pts, corners]).reshape(-1, 12)).reshape(-1, 2, lo.shape[1])
+    tol = 1e-9 * (1 + ys.abs())
+    assert (ys >= lo - tol).all() and (ys <= hi + tol).all(), (case, float((lo - ys).max()), float((ys - hi).max()))
+
+
+def test_where_with_an_input_dependent_condition_is_refused(tmp_path):
+    head, inits = _head()
+    nodes = [node("Greater", ["t", "z"], ["cond"]), node("Where", ["cond", "t", "z"], ["y"])]
+    path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, "z": np.zeros((1,), np.float32)}, opset=17)
+    with pytest.raises(UnsupportedOperatorError, match="Where.*condition that depends on the network input"):
+        load_model(path)
+
+
+def test_erf_lines_enclose_erf_on_every_interval():
+    g = torch.Generator().manual_seed(0)
+    lo = torch.randn(1, 2000, generator=g, dtype=D) * 3
+    hi = lo + torch.rand(1, 2000, generator=g, dtype=D) * torch.tensor([1e-3, 1.0, 5.0, 40.0], dtype=D).repeat(500)
+    op = Erf()
+    x = lo + (hi - lo) * torch.linspace(0, 1, 401, dtype=D).view(-1, 1, 1)
+    fx = torch.erf(x)
+    r = op.relax(lo, hi)
+    assert (r.lw * x + r.lb <= fx + 1e-12).all() and (r.uw * x + r.ub >= fx - 1e-12).all()
+    assert float(((r.uw * x + r.ub) - (r.lw * x + r.lb)).median()) < 0.05  # tight, not the [-1, 1] box
+    for a in (0.0, 0.4, 1.0):  # alpha-CROWN's slopes: any fraction of [k_min, k_max] is sound
+        k_lo, k_hi = r.extra[2], r.extra[3]
+        k = k_lo + a * (k_hi - k_lo)
+        low, high = op.intercept(k, lo, hi, lower=True), op.intercept(k, lo, hi, lower=False)
+        assert (k * x + low <= fx + 1e-12).all() and (k * x + high >= fx - 1e-12).all()

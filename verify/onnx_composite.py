@@ -1,0 +1,340 @@
+"""ONNX operators converted as exact compositions of operators the bound engine already relaxes.
+
+Each converter below writes one ONNX operator with the functions of the canonical graph (ReLU,
+clamp, exp, log, abs, reciprocal, sqrt, erf, products, sums, selections), so that it needs no
+bound rule of its own: the composition is equal to the operator on every input (identities in
+each docstring), and its bounds are those of the parts. Registered in
+:data:`verify.onnx_import._CONVERTERS` (:data:`CONVERTERS`).
+
+* activations: PRelu ``s x + (1 - s) relu(x)`` (one ReLU, any slope), Elu / Selu / Celu,
+  Softplus ``relu(x) + log(1 + exp(-|x|))`` (no overflow), Softsign, HardSigmoid, HardSwish,
+  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil;
+* normalisations: LayerNormalization (opset 17), InstanceNormalization;
+* reductions and n-ary ops: ReduceMax / ReduceMin (pairwise maxima), ReduceL1 / ReduceL2 /
+  ReduceSumSquare, Sum / Mean of several inputs;
+* indexing: Tile, Where with a constant condition.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+if TYPE_CHECKING:  # the converter class lives in verify.onnx_import, which imports this module
+    from .onnx_import import _Converter
+
+__all__ = ["CONVERTERS", "REDUCE_MAX_ENTRIES"]
+
+#: the most entries ReduceMax / ReduceMin compares (one maximum node per entry)
+REDUCE_MAX_ENTRIES = 256
+
+
+def _hint(node) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def _relu(cv: "_Converter", x: fx.Node, h: str) -> fx.Node:
+    return cv.fn(torch.relu, x, hint=h)
+
+
+def _mul(cv: "_Converter", x: fx.Node, c: Any, h: str) -> fx.Node:
+    return cv.fn(operator.mul, x, c, hint=h)
+
+
+def _add(cv: "_Converter", x: Any, y: Any, h: str) -> fx.Node:
+    return cv.fn(operator.add, x, y, hint=h)
+
+
+def _neg_part(cv: "_Converter", x: fx.Node, h: str) -> fx.Node:
+    """``min(x, 0) = -relu(-x)``."""
+    return _mul(cv, _relu(cv, _mul(cv, x, -1.0, h), h), -1.0, h)
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+def _prelu(cv: "_Converter", node, a) -> fx.Node:
+    """``PRelu(x) = s x + (1 - s) relu(x)`` for any slope ``s`` (one ReLU per entry: for ``x >= 0``
+    ``s x + (1 - s) x = x``, below 0 ``s x``)."""
+    x, h = cv.dyn(node), _hint(node)
+    slope = cv.const(node, 1)  # broadcast to x as ONNX does (trailing dims; per channel: [C, 1, 1])
+    r = len(cv.shape(x))
+    s = cv.operand(node, slope, r)
+    one_minus = 1.0 - s if isinstance(s, float) else cv.operand(node, 1.0 - slope, r)
+    return _add(cv, _mul(cv, x, s, h), _mul(cv, _relu(cv, x, h), one_minus, h), h)
+
+
+def _elu_like(alpha_default: float, gamma_default: float | None, celu: bool = False) -> Callable:
+    """Elu ``relu(x) + alpha (exp(min(x, 0)) - 1)``; Selu ``gamma`` times that; Celu with
+    ``exp(min(x, 0) / alpha)``."""
+    def convert(cv: "_Converter", node, a) -> fx.Node:
+        x, h = cv.dyn(node), _hint(node)
+        alpha = float(a.get("alpha", alpha_default))
+        neg = _neg_part(cv, x, h)
+        if celu:
+            neg = _mul(cv, neg, 1.0 / alpha, h)
+        e = _add(cv, cv.fn(torch.exp, neg, hint=h), -1.0, h)
+        y = _add(cv, _relu(cv, x, h), _mul(cv, e, alpha, h), h)
+        if gamma_default is not None:
+            y = _mul(cv, y, float(a.get("gamma", gamma_default)), h)
+        return y
+
+    return convert
+
+
+def _softplus(cv: "_Converter", node, a) -> fx.Node:
+    """``log(1 + exp(x)) = relu(x) + log(1 + exp(-|x|))`` (exact; exp never overflows)."""
+    x, h = cv.dyn(node), _hint(node)
+    e = cv.fn(torch.exp, _mul(cv, cv.fn(torch.abs, x, hint=h), -1.0, h), hint=h)
+    return _add(cv, _relu(cv, x, h), cv.fn(torch.log, _add(cv, e, 1.0, h), hint=h), h)
+
+
+def _softsign(cv: "_Converter", node, a) -> fx.Node:
+    """``x / (1 + |x|)``: ``x`` times a reciprocal (a product of two activations)."""
+    x, h = cv.dyn(node), _hint(node)
+    r = cv.fn(torch.reciprocal, _add(cv, cv.fn(torch.abs, x, hint=h), 1.0, h), hint=h)
+    return cv.fn(operator.mul, x, r, hint=h)
+
+
+def _hard_sigmoid_of(cv: "_Converter", x: fx.Node, alpha: float, beta: float, h: str) -> fx.Node:
+    return cv.fn(torch.clamp, _add(cv, _mul(cv, x, alpha, h), beta, h), 0.0, 1.0, hint=h)
+
+
+def _hard_sigmoid(cv: "_Converter", node, a) -> fx.Node:
+    """``clamp(alpha x + beta, 0, 1)``."""
+    return _hard_sigmoid_of(cv, cv.dyn(node), float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)), _hint(node))
+
+
+def _hard_swish(cv: "_Converter", node, a) -> fx.Node:
+    """``x HardSigmoid(x)`` with ``alpha = 1/6, beta = 1/2`` (a product of two activations)."""
+    x, h = cv.dyn(node), _hint(node)
+    return cv.fn(operator.mul, x, _hard_sigmoid_of(cv, x, 1.0 / 6.0, 0.5, h), hint=h)
+
+
+def _thresholded_relu(cv: "_Converter", node, a) -> fx.Node:
+    """``x [x > alpha]``: ``x`` times the step ``relu(sign(x - alpha))``."""
+    x, h = cv.dyn(node), _hint(node)
+    step = _relu(cv, cv.fn(torch.sign, _add(cv, x, -float(a.get("alpha", 1.0)), h), hint=h), h)
+    return cv.fn(operator.mul, x, step, hint=h)
+
+
+def _erf(cv: "_Converter", node, a) -> fx.Node:
+    return cv.fn(torch.erf, cv.dyn(node), hint=_hint(node))
+
+
+def _gelu(cv: "_Converter", node, a) -> fx.Node:
+    """Gelu (opset 20): ``x (1 + erf(x / sqrt 2)) / 2``, or with ``approximate="tanh"``
+    ``x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2`` (products of activations)."""
+    x, h = cv.dyn(node), _hint(node)
+    mode = a.get("approximate", "none")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "tanh":
+        cube = cv.fn(torch.pow, x, 3.0, hint=h)
+        inner = _mul(cv, _add(cv, x, _mul(cv, cube, 0.044715, h), h), math.sqrt(2.0 / math.pi), h)
+        s = cv.fn(torch.tanh, inner, hint=h)
+    elif mode == "none":
+        s = cv.fn(torch.erf, _mul(cv, x, 1.0 / math.sqrt(2.0), h), hint=h)
+    else:
+        raise cv.unsupported(node, f"approximate={mode!r}")
+    half = _add(cv, _mul(cv, s, 0.5, h), 0.5, h)
+    return cv.fn(operator.mul, x, half, hint=h)
+
+
+def _ceil(cv: "_Converter", node, a) -> fx.Node:
+    """``ceil(x) = -floor(-x)``."""
+    x, h = cv.dyn(node), _hint(node)
+    y = _mul(cv, cv.fn(torch.floor, _mul(cv, x, -1.0, h), hint=h), -1.0, h)
+    cv.integral.add(y)
+    return y
+
+
+# ------------------------------------------------------------------------------ normalisations
+
+
+def _normalise(cv: "_Converter", x: fx.Node, dims: tuple[int, ...], eps: float, h: str) -> fx.Node:
+    """``(x - mean) / sqrt(var + eps)`` over torch dims ``dims`` (biased variance, as ONNX)."""
+    d = cv.fn(operator.sub, x, cv.fn(torch.mean, x, dims, True, hint=h), hint=h)
+    var = cv.fn(torch.mean, cv.fn(operator.mul, d, d, hint=h), dims, True, hint=h)
+    return cv.fn(operator.truediv, d, cv.fn(torch.sqrt, _add(cv, var, eps, h), hint=h), hint=h)
+
+
+def _affine_tail(cv: "_Converter", node, y: fx.Node, scale: np.ndarray | None, bias: np.ndarray | None, rank: int) -> fx.Node:
+    h = _hint(node)
+    if scale is not None and not np.all(scale == 1):
+        y = _mul(cv, y, cv.operand(node, scale, rank), h)
+    if bias is not None and not np.all(bias == 0):
+        y = _add(cv, y, cv.operand(node, bias, rank), h)
+    return y
+
+
+def _layer_norm(cv: "_Converter", node, a) -> fx.Node:
+    """LayerNormalization (opset 17) over the axes from ``axis`` on, then ``* scale + B``."""
+    x = cv.dyn(node)
+    r = len(cv.shape(x))
+    axis = int(a.get("axis", -1)) % r
+    dims = tuple(cv.axis(node, k, r) for k in range(axis, r))
+    if int(a.get("stash_type", 1)) != 1:
+        raise cv.unsupported(node, f"stash_type={a.get('stash_type')}")
+    y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), _hint(node))
+    return _affine_tail(cv, node, y, cv.const(node, 1), cv.const(node, 2, optional=True), r)
+
+
+def _instance_norm(cv: "_Converter", node, a) -> fx.Node:
+    """InstanceNormalization: each channel of each example over its spatial dims, then the
+    per-channel ``scale`` and ``B``."""
+    x = cv.dyn(node)
+    cv.require_batched(node, x, (2, 3, 4))
+    r = len(cv.shape(x))
+    dims = tuple(cv.axis(node, k, r) for k in range(2, r))  # the spatial dims
+    y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), _hint(node))
+    per_channel = (1, -1) + (1,) * (r - 2)  # [1, C, 1, ...]
+    scale, bias = cv.const(node, 1), cv.const(node, 2)
+    return _affine_tail(cv, node, y, scale.reshape(per_channel), bias.reshape(per_channel), r)
+
+
+# ------------------------------------------------------------------------------ reductions
+
+
+def _reduce_axes(cv: "_Converter", node, a, x: fx.Node) -> tuple[int, ...] | None:
+    """Torch dims of a Reduce* node (attribute before opset 18, input after); None: none (a no-op)."""
+    r = len(cv.shape(x))
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = [int(v) for v in np.ravel(cv.const(node, 1))]
+    if axes is None or len(axes) == 0:
+        if a.get("noop_with_empty_axes", 0):
+            return None
+        axes = list(range(r))
+    return tuple(sorted(cv.axis(node, int(ax), r) for ax in axes))
+
+
+def _reduce_extreme(largest: bool) -> Callable:
+    """ReduceMax / ReduceMin: the entries along each axis folded with ``maximum`` / ``minimum``
+    (each ``a + relu(b - a)``), at most :data:`REDUCE_MAX_ENTRIES` entries per output."""
+    f = torch.maximum if largest else torch.minimum
+
+    def convert(cv: "_Converter", node, a) -> fx.Node:
+        x, h = cv.dyn(node), _hint(node)
+        dims = _reduce_axes(cv, node, a, x)
+        if dims is None:
+            return x
+        shape = cv.example[x].shape
+        n = math.prod(int(shape[d]) for d in dims)
+        if n > REDUCE_MAX_ENTRIES:
+            raise cv.unsupported(node, f"{n} entries per output (at most {REDUCE_MAX_ENTRIES})")
+        for d in dims:
+            parts = [cv.fn(torch.narrow, x, d, k, 1, hint=h) for k in range(int(shape[d]))]
+            while len(parts) > 1:  # a balanced tree of maxima
+                parts = [cv.fn(f, parts[k], parts[k + 1], hint=h) if k + 1 < len(parts) else parts[k]
+                         for k in range(0, len(parts), 2)]
+            x = parts[0]
+        if not a.get("keepdims", 1):
+            for d in reversed(dims):
+                x = cv.fn(torch.squeeze, x, d, hint=h)
+        return x
+
+    return convert
+
+
+def _reduce_of(kind: str) -> Callable:
+    """ReduceSumSquare ``sum x^2``, ReduceL2 ``sqrt(sum x^2)``, ReduceL1 ``sum |x|``."""
+    def convert(cv: "_Converter", node, a) -> fx.Node:
+        x, h = cv.dyn(node), _hint(node)
+        dims = _reduce_axes(cv, node, a, x)
+        keep = bool(a.get("keepdims", 1))
+        t = cv.fn(torch.abs, x, hint=h) if kind == "l1" else cv.fn(operator.mul, x, x, hint=h)
+        if dims is None:
+            return cv.fn(torch.sqrt, t, hint=h) if kind == "l2" else t
+        s = cv.fn(torch.sum, t, dims, keep, hint=h)
+        return cv.fn(torch.sqrt, s, hint=h) if kind == "l2" else s
+
+    return convert
+
+
+def _sum_mean(mean: bool) -> Callable:
+    """Sum / Mean of several inputs (numpy broadcasting; a constant operand allowed)."""
+    def convert(cv: "_Converter", node, a) -> fx.Node:
+        h = _hint(node)
+        vals = [cv.arg(node, i) for i in range(len(node.input))]
+        dyn = [v for v in vals if isinstance(v, fx.Node)]
+        const = [v for v in vals if isinstance(v, np.ndarray)]
+        y = dyn[0]
+        for v in dyn[1:]:
+            y = cv.fn(operator.add, *cv.align(y, v, h), hint=h)
+        if const:
+            total = np.sum(np.broadcast_arrays(*const), axis=0) if len(const) > 1 else const[0]
+            y = _add(cv, y, cv.operand(node, np.asarray(total), len(cv.shape(y))), h)
+        return _mul(cv, y, 1.0 / len(vals), h) if mean else y
+
+    return convert
+
+
+# ------------------------------------------------------------------------------ indexing
+
+
+def _tile(cv: "_Converter", node, a) -> fx.Node:
+    """Tile by constant repeats (the batch axis repeated once)."""
+    x = cv.dyn(node)
+    reps = [int(v) for v in np.ravel(cv.const(node, 1))]
+    r = len(cv.shape(x))
+    if len(reps) != r or min(reps) < 1:
+        raise cv.unsupported(node, f"repeats {reps} for rank {r}")
+    if cv.batched and reps[0] != 1:
+        raise cv.unsupported(node, "it repeats the batch dimension")
+    full = ([1] * cv.offset + reps[cv.offset:]) if cv.batched else ([1] * cv.offset + reps)
+    return cv.fn(torch.tile, x, tuple(full), hint=_hint(node))
+
+
+def _where(cv: "_Converter", node, a) -> fx.Node:
+    """Where with a constant condition: ``x m + y (1 - m)`` (``m`` the 0 / 1 mask; one branch may
+    be a constant)."""
+    cond = cv.arg(node, 0)
+    if not isinstance(cond, np.ndarray):
+        raise cv.unsupported(node, "a condition that depends on the network input")
+    h = _hint(node)
+    m = cond.astype(np.float64)
+    parts: list[Any] = []
+    for v, mask in ((cv.arg(node, 1), m), (cv.arg(node, 2), 1.0 - m)):
+        if isinstance(v, fx.Node):
+            if mask.ndim > len(cv.shape(v)):
+                raise cv.unsupported(node, f"a condition of rank {mask.ndim} above its branch's {len(cv.shape(v))}")
+            parts.append(_mul(cv, v, cv.operand(node, mask, len(cv.shape(v))), h))
+        else:
+            parts.append(np.asarray(v, dtype=np.float64) * mask)
+    nodes = [p for p in parts if isinstance(p, fx.Node)]
+    out = nodes[0] if len(nodes) == 1 else cv.fn(operator.add, *cv.align(nodes[0], nodes[1], h), hint=h)
+    for c in (p for p in parts if isinstance(p, np.ndarray)):
+        out = _add(cv, out, cv.operand(node, c, len(cv.shape(out))), h)
+    return out
+
+
+#: ONNX op type -> converter
+CONVERTERS: dict[str, Callable] = {
+    "PRelu": _prelu,
+    "Elu": _elu_like(1.0, None),
+    "Selu": _elu_like(1.67326319217681884765625, 1.05070102214813232421875),
+    "Celu": _elu_like(1.0, None, celu=True),
+    "Softplus": _softplus,
+    "Softsign": _softsign,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish,
+    "ThresholdedRelu": _thresholded_relu,
+    "Erf": _erf,
+    "Gelu": _gelu,
+    "Ceil": _ceil,
+    "LayerNormalization": _layer_norm,
+    "InstanceNormalization": _instance_norm,
+    "ReduceMax": _reduce_extreme(True),
+    "ReduceMin": _reduce_extreme(False),
+    "ReduceSumSquare": _reduce_of("sum_square"),
+    "ReduceL2": _reduce_of("l2"),
+    "ReduceL1": _reduce_of("l1"),
+    "Sum": _sum_mean(False),
+    "Mean": _sum_mean(True),
+    "Tile": _tile,
+    "Where": _where,
+}
