@@ -22,7 +22,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 #: the blocks, by name (each a function of the builder, the input name and the depth so far)
-BLOCKS = ("conv_transpose", "resize", "pad", "select", "maxmin", "product", "softmax", "step", "reduce")
+BLOCKS = ("conv_transpose", "resize", "pad", "select", "maxmin", "product", "softmax", "step", "reduce", "layernorm", "softplus",
+          "trig", "floor_sign", "reciprocal", "attention", "argmax", "split_pow", "maxpool", "gemm", "gelu", "activations")
 
 C, H, W = 3, 4, 4
 
@@ -110,6 +111,70 @@ def _block(b: _Builder, kind: str, t: str, depth: int) -> tuple[str, int]:
         u = b.conv(t, 3, pads=[1, 1, 1, 1])
         m = b.op("ReduceMean", [u], axes=[2, 3], keepdims=1)
         return b.op("Relu", [b.op("Sub", [u, m])]), depth + 1
+    return _block_more(b, kind, t, depth)
+
+
+def _scalar(b: _Builder, v: float) -> str:
+    return b.const(np.array(v, np.float32))
+
+
+def _block_more(b: _Builder, kind: str, t: str, depth: int) -> tuple[str, int]:
+    """The blocks of nonlinear functions, normalisations and index ops (see :func:`_block`)."""
+    lv = b.level(depth + 1)
+    if kind == "layernorm":  # over channels: (u - mean) / sqrt(var + eps) (Div of two activations)
+        u = b.conv(t, 1)
+        d = b.op("Sub", [u, b.op("ReduceMean", [u], axes=[1], keepdims=1)])
+        var = b.op("ReduceMean", [b.op("Mul", [d, d])], axes=[1], keepdims=1)
+        y = b.op("Div", [d, b.op("Sqrt", [b.op("Add", [var, _scalar(b, 1e-3 * lv**2)])])])
+        beta = b.const((b.rng.standard_normal((1, C, 1, 1)) * 0.3).astype(np.float32))
+        return b.op("Add", [b.op("Mul", [y, b.weight(1, C, 1, 1, fan_in=1)]), beta]), depth + 1
+    if kind == "softplus":  # relu(u) + log(1 + exp(-|u|)) with Exp, Log, Abs, Neg
+        u = b.conv(t, 3, pads=[1, 1, 1, 1])
+        e = b.op("Exp", [b.op("Neg", [b.op("Abs", [u])])])
+        return b.op("Add", [b.op("Relu", [u]), b.op("Log", [b.op("Add", [e, _scalar(b, 1.0)])])]), depth + 1
+    if kind == "trig":  # sin(u) cos(v) (a product of two periodic functions; arguments of size 1: float32's
+        u, v = (b.op("Div", [b.conv(t, 1), _scalar(b, lv)]) for _ in range(2))  # sin(1e6) is round-off alone)
+        return b.op("Mul", [b.op("Sin", [u]), b.op("Cos", [v])]), depth + 1
+    if kind == "floor_sign":  # floor(u / level) + sign(v)
+        u, v = b.conv(t, 1), b.conv(t, 3, pads=[1, 1, 1, 1])
+        return b.op("Add", [b.op("Floor", [b.op("Div", [u, _scalar(b, lv)])]), b.op("Sign", [v])]), depth + 1
+    if kind == "reciprocal":  # level / (relu(u) + level)
+        u = b.op("Add", [b.op("Relu", [b.conv(t, 1)]), _scalar(b, lv)])
+        return b.op("Mul", [b.op("Reciprocal", [u]), _scalar(b, lv)]), depth + 1
+    if kind == "attention":  # softmax(T T^T / level) T on the 3 channels as tokens of width 16
+        tok = b.op("Reshape", [t, b.const(np.array([1, C, H * W], np.int64))])
+        q = b.op("MatMul", [tok, b.weight(H * W, H * W, fan_in=H * W)])
+        s_ = b.op("Div", [b.op("MatMul", [q, b.op("Transpose", [tok], perm=[0, 2, 1])]), _scalar(b, b.level(depth) * lv)])
+        y = b.op("MatMul", [b.op("Softmax", [s_], axis=-1), tok])
+        return b.op("Reshape", [y, b.const(np.array([1, C, H, W], np.int64))]), depth + 1
+    if kind == "argmax":  # t where the argmax over channels of u is channel 1, plus a convolution
+        idx = b.op("ArgMax", [b.conv(t, 1)], axis=1, keepdims=1)
+        hit = b.op("Cast", [b.op("Equal", [idx, b.const(np.array(1, np.int64))])], to=TensorProto.FLOAT)
+        return b.op("Add", [b.op("Mul", [t, hit]), b.conv(t, 1)]), depth + 1
+    if kind == "split_pow":  # Split channels, Concat in the other order, plus u^2 / level
+        a1, a2 = b.name("split"), b.name("split")
+        b.nodes.append(helper.make_node("Split", [t, b.const(np.array([1, 2], np.int64))], [a1, a2], name=a1, axis=1))
+        sq = b.op("Div", [b.op("Pow", [b.conv(t, 1), _scalar(b, 2.0)]), _scalar(b, lv)])
+        return b.op("Add", [b.op("Concat", [a2, a1], axis=1), sq]), depth + 1
+    if kind == "maxpool":  # a convolution, then max pooling 3x3 with stride 1 and padding 1
+        return b.op("MaxPool", [b.conv(t, 3, pads=[1, 1, 1, 1])], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), depth + 1
+    if kind == "gemm":  # Flatten, Gemm with a transposed weight, ReLU, Reshape back
+        f = b.op("Flatten", [t], axis=1)
+        g = b.op("Gemm", [f, b.weight(C * H * W, C * H * W, fan_in=C * H * W), b.bias(C * H * W)], transB=1)
+        return b.op("Reshape", [b.op("Relu", [g]), b.const(np.array([1, C, H, W], np.int64))]), depth + 1
+    if kind == "gelu":  # x (1 + erf(x / sqrt 2)) / 2 written out, as exporters do
+        u = b.conv(t, 3, pads=[1, 1, 1, 1])
+        e = b.op("Erf", [b.op("Div", [u, _scalar(b, math.sqrt(2.0))])])
+        return b.op("Mul", [u, b.op("Add", [b.op("Mul", [e, _scalar(b, 0.5)]), _scalar(b, 0.5)])]), depth + 1
+    if kind == "activations":  # PRelu (per channel), Elu, Softplus, HardSwish and Selu, summed
+        slope = b.const((b.rng.standard_normal((C, 1, 1)) * 0.5).astype(np.float32))
+        p = b.op("PRelu", [b.conv(t, 1), slope])
+        e = b.op("Elu", [b.op("Div", [b.conv(t, 1), _scalar(b, lv)])], alpha=0.7)
+        sp = b.op("Softplus", [b.op("Div", [b.conv(t, 1), _scalar(b, lv)])])
+        hs = b.op("HardSwish", [b.op("Div", [b.conv(t, 1), _scalar(b, lv)])])
+        se = b.op("Selu", [b.op("Div", [b.conv(t, 1), _scalar(b, lv)])])
+        small = b.op("Mul", [b.op("Sum", [e, sp, hs, se]), _scalar(b, lv)])
+        return b.op("Add", [p, small]), depth + 1
     raise ValueError(f"unknown block {kind!r}")
 
 
@@ -134,7 +199,7 @@ def make_onnx_net(scale: float, seed: int, blocks: tuple[str, str] | None = None
     graph = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
                               initializer=[numpy_helper.from_array(v, k) for k, v in b.inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])  # HardSwish: 14
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model

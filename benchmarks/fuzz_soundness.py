@@ -468,7 +468,11 @@ def run(n_nets: int, seed: int = 0, methods: list[str] | None = None, out=None, 
                 except Exception as e:  # noqa: BLE001 - a refusal (unsupported net) is not an answer
                     table[name]["refused"] += 1
                     if log:
-                        print(f"{name} refused {fam}: {type(e).__name__}: {str(e)[:100]}", file=log)
+                        import traceback
+
+                        where = traceback.extract_tb(e.__traceback__)[-1]  # a crash, not a refusal, names its line
+                        print(f"{name} refused {fam} (net seed {nseed}, scale {scale}, {ckind} centre, l{p}, radius {eps:.3g}): "
+                              f"{type(e).__name__}: {str(e)[:100]} [{Path(where.filename).name}:{where.lineno}]", file=log)
                     continue
                 verdict = judge(cert.status, cert.counterexample, ball, gm, prop, w, eps)
                 table[name]["cases"] += 1
