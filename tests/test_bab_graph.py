@@ -1085,3 +1085,32 @@ def test_groups_not_reached_leave_no_bound_behind(monkeypatch):
     one, _ = rs.select_groups(torch.tensor([False, True]))
     last = gs.groupwise_relu_bab(graph, xs, one, boxes, timeout=10)
     assert last.status == "unknown" and last.lower == 5.0
+
+
+class _SizeKeepingPool(nn.Module):
+    """A max-pooling of stride 1 and padding 1 keeps its input's size (48 -> 48 entries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.conv, self.out = nn.Linear(6, 48), nn.Conv2d(3, 3, 3, padding=1), nn.Linear(48, 3)
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x)).view(-1, 3, 4, 4)
+        return self.out(self.pool(self.conv(h)).flatten(1))
+
+
+def test_size_keeping_max_pooling_is_branched_on_as_a_pooling():
+    """The branching scores took a nonlinear op whose input and output have as many entries for an
+    elementwise one and relaxed the max-pooling's flattened box (a crash, found by the ONNX fuzz
+    family). On an l_2 ball the search now splits and proves; 20,000 samples of the ball agree."""
+    torch.manual_seed(5)
+    net = _SizeKeepingPool().eval()
+    x0 = torch.rand(1, 6)
+    label = net(x0).argmax(1)
+    cert = certify(net, LpBall(x0, 0.4, 2.0), Robust(label), method="bab", timeout=20)[0]
+    assert cert.status == "certified" and cert.details["domains"] > 1, cert.details
+    d = torch.randn(20_000, 6)
+    pts = x0 + 0.4 * d / d.norm(dim=1, keepdim=True) * torch.rand(20_000, 1) ** (1 / 6)
+    with torch.no_grad():
+        assert (net(pts).argmax(1) == label).all()

@@ -523,7 +523,7 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
         Aa = db.record.get(a)
         Aa = None if Aa is None else Aa.reshape(Aa.shape[0], D, -1).double() * weight.t().unsqueeze(-1)
         op = graph.by_name[a].op
-        if Aa is not None and Aa.shape[-1] == l.shape[1]:  # elementwise
+        if Aa is not None and op.elementwise:  # (a max-pooling of stride 1 keeps the size too)
             r = op.relax(l, h)
             dw = (r.uw - r.lw).double()
             db_ = (r.ub - r.lb).double()
