@@ -11,7 +11,6 @@ from test_model import assert_matches_ort, make_onnx, node, rand
 
 from relax.bounds import bounds
 from relax.ir.ops import Erf
-from verify.model import UnsupportedOperatorError, load_model
 from verify.spec import Box
 
 I64 = np.int64
@@ -54,6 +53,12 @@ CASES = {
                               {"cond": np.array([[True, False], [False, True]]), "c": rand(2, 2)}, 17),
     "where-two-branches": ([node("Relu", ["t"], ["r"]), node("Where", ["cond", "r", "t"], ["y"])],
                            {"cond": np.array([True, False, True]).reshape(3, 1, 1)}, 17),
+    "where-comparison-abs": ([node("Greater", ["t", "z"], ["cond"]), node("Neg", ["t"], ["n"]), node("Where", ["cond", "t", "n"], ["y"])],
+                             {"z": np.zeros((1,), np.float32)}, 17),
+    "where-comparison-constants": ([node("Less", ["t", "c1"], ["cond"]), node("Where", ["cond", "c2", "c3"], ["w"]),
+                                    node("Add", ["w", "t"], ["y"])], {"c1": rand(2, 2), "c2": rand(2), "c3": rand(1)}, 17),
+    "where-comparison-one-branch": ([node("GreaterOrEqual", ["t", "z"], ["cond"]), node("Where", ["cond", "z", "t"], ["y"])],
+                                    {"z": np.full((1,), 0.3, np.float32)}, 17),
 }
 
 
@@ -83,14 +88,6 @@ def test_composite_operator_matches_onnxruntime_and_bounds_soundly(tmp_path, cas
         ys = net(torch.cat([pts, corners]).reshape(-1, 12)).reshape(-1, 2, lo.shape[1])
     tol = 1e-9 * (1 + ys.abs())
     assert (ys >= lo - tol).all() and (ys <= hi + tol).all(), (case, float((lo - ys).max()), float((ys - hi).max()))
-
-
-def test_where_with_an_input_dependent_condition_is_refused(tmp_path):
-    head, inits = _head()
-    nodes = [node("Greater", ["t", "z"], ["cond"]), node("Where", ["cond", "t", "z"], ["y"])]
-    path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, "z": np.zeros((1,), np.float32)}, opset=17)
-    with pytest.raises(UnsupportedOperatorError, match="Where.*condition that depends on the network input"):
-        load_model(path)
 
 
 def test_erf_lines_enclose_erf_on_every_interval():

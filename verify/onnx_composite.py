@@ -12,7 +12,7 @@ each docstring), and its bounds are those of the parts. Registered in
 * normalisations: LayerNormalization (opset 17), InstanceNormalization;
 * reductions and n-ary ops: ReduceMax / ReduceMin (pairwise maxima), ReduceL1 / ReduceL2 /
   ReduceSumSquare, Sum / Mean of several inputs;
-* indexing: Tile, Where with a constant condition.
+* indexing: Tile, Where (a constant condition: a mask; a comparison's output: ``y + c (x - y)``).
 """
 from __future__ import annotations
 
@@ -291,12 +291,13 @@ def _tile(cv: "_Converter", node, a) -> fx.Node:
 
 def _where(cv: "_Converter", node, a) -> fx.Node:
     """Where with a constant condition: ``x m + y (1 - m)`` (``m`` the 0 / 1 mask; one branch may
-    be a constant)."""
+    be a constant); with an input-dependent one (a comparison's 0 / 1 values):
+    ``y + c (x - y)``, a product of two activations where ``x - y`` depends on the input."""
     cond = cv.arg(node, 0)
-    if not isinstance(cond, np.ndarray):
-        raise cv.unsupported(node, "a condition that depends on the network input")
+    if isinstance(cond, fx.Node):
+        return _where_dynamic(cv, node, cond)
     h = _hint(node)
-    m = cond.astype(np.float64)
+    m = cv.const(node, 0).astype(np.float64)
     parts: list[Any] = []
     for v, mask in ((cv.arg(node, 1), m), (cv.arg(node, 2), 1.0 - m)):
         if isinstance(v, fx.Node):
@@ -310,6 +311,32 @@ def _where(cv: "_Converter", node, a) -> fx.Node:
     for c in (p for p in parts if isinstance(p, np.ndarray)):
         out = _add(cv, out, cv.operand(node, c, len(cv.shape(out))), h)
     return out
+
+
+def _where_dynamic(cv: "_Converter", node, c: fx.Node) -> fx.Node:
+    h = _hint(node)
+    if c not in cv.integral:
+        raise cv.unsupported(node, "a condition that is not known to hold 0 / 1 (not a comparison's output)")
+    x, y = (cv.arg(node, i) for i in (1, 2))
+    if x is None or y is None:
+        raise cv.unsupported(node, "a missing branch")
+    rank = max([len(cv.shape(c))] + [len(cv.shape(v)) for v in (x, y) if isinstance(v, fx.Node)]
+               + [np.ndim(v) for v in (x, y) if not isinstance(v, fx.Node)])
+
+    def lift(v: Any) -> Any:  # a node of full rank, or a constant operand
+        if isinstance(v, fx.Node):
+            for _ in range(rank - len(cv.shape(v))):
+                v = cv.fn(torch.unsqueeze, v, 1, hint=h)
+            return v
+        return cv.operand(node, np.asarray(v, dtype=np.float64), rank)
+
+    cl, xl, yl = lift(c), lift(x), lift(y)
+    if not isinstance(xl, fx.Node) and not isinstance(yl, fx.Node):  # c x + (1 - c) y with constants
+        diff = cv.operand(node, np.asarray(x, np.float64) - np.asarray(y, np.float64), rank)
+        return _add(cv, _mul(cv, cl, diff, h), yl, h)
+    d = cv.fn(operator.sub, xl, yl, hint=h)
+    return cv.fn(operator.add, yl, cv.fn(operator.mul, cl, d, hint=h), hint=h) if isinstance(yl, fx.Node) \
+        else _add(cv, cv.fn(operator.mul, cl, d, hint=h), yl, h)
 
 
 #: ONNX op type -> converter
