@@ -60,6 +60,16 @@ CASES = {
     "where-comparison-one-branch": ([node("GreaterOrEqual", ["t", "z"], ["cond"]), node("Where", ["cond", "z", "t"], ["y"])],
                                     {"z": np.full((1,), 0.3, np.float32)}, 17),
 }
+for _ctm in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"):
+    CASES[f"resize-linear-{_ctm}"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear", coordinate_transformation_mode=_ctm)],
+                                      {"sc": np.array([1, 1, 2.5, 1.5], np.float32)}, 17)
+CASES["resize-linear-sizes-down"] = ([node("Resize", ["t", "", "", "sz"], ["u"], mode="linear"),
+                                      node("Resize", ["u", "", "", "sz2"], ["y"], mode="linear")],
+                                     {"sz": np.array([1, 3, 7, 5], I64), "sz2": np.array([1, 3, 3, 2], I64)}, 17)
+CASES["resize-linear-half_pixel_symmetric"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear",
+                                                     coordinate_transformation_mode="half_pixel_symmetric")],
+                                               {"sc": np.array([1, 1, 2.5, 0.5], np.float32)}, 19)
+CASES["upsample-bilinear-opset9"] = ([node("Upsample", ["t", "sc"], ["y"], mode="linear")], {"sc": np.array([1, 1, 2, 3], np.float32)}, 9)
 
 
 def _model(tmp_path, case: str):

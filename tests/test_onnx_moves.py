@@ -70,7 +70,7 @@ def test_upsample_opset9(tmp_path):
     assert_matches_ort(path)
 
 
-@pytest.mark.parametrize("attrs, why", [(dict(mode="linear"), "mode=linear"),
+@pytest.mark.parametrize("attrs, why", [(dict(mode="cubic"), "mode=cubic"),
                                         (dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="ceil"), "is not i // 2")])
 def test_resize_that_is_not_a_selection_is_refused(tmp_path, attrs, why):
     head, inits = _head()

@@ -12,6 +12,7 @@ each docstring), and its bounds are those of the parts. Registered in
 * normalisations: LayerNormalization (opset 17), InstanceNormalization;
 * reductions and n-ary ops: ReduceMax / ReduceMin (pairwise maxima), ReduceL1 / ReduceL2 /
   ReduceSumSquare, Sum / Mean of several inputs;
+* linear maps: Resize with ``mode="linear"`` (bilinear: two constant matrices);
 * indexing: Tile, Where (a constant condition: a mask; a comparison's output: ``y + c (x - y)``).
 """
 from __future__ import annotations
@@ -337,6 +338,65 @@ def _where_dynamic(cv: "_Converter", node, c: fx.Node) -> fx.Node:
     d = cv.fn(operator.sub, xl, yl, hint=h)
     return cv.fn(operator.add, yl, cv.fn(operator.mul, cl, d, hint=h), hint=h) if isinstance(yl, fx.Node) \
         else _add(cv, cv.fn(operator.mul, cl, d, hint=h), yl, h)
+
+
+def _linear_weights(n_in: int, n_out: int, scale: float, ctm: str) -> np.ndarray | None:
+    """``[n_out, n_in]``: ONNX Resize's linear interpolation along one axis (its coordinate rule,
+    the source coordinate clamped to ``[0, n_in - 1]``, two neighbours); None for an unknown rule."""
+    i = np.arange(n_out, dtype=np.float64)
+    if ctm == "half_pixel":
+        xo = (i + 0.5) / scale - 0.5
+    elif ctm == "pytorch_half_pixel":
+        xo = (i + 0.5) / scale - 0.5 if n_out > 1 else np.zeros(n_out)
+    elif ctm == "align_corners":
+        xo = i * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(n_out)
+    elif ctm == "asymmetric":
+        xo = i / scale
+    elif ctm == "half_pixel_symmetric":
+        adjustment = n_out / (scale * n_in)
+        xo = n_in / 2 * (1 - adjustment) + (i + 0.5) / scale - 0.5
+    else:
+        return None
+    xo = np.clip(xo, 0, n_in - 1)
+    x0 = np.floor(xo).astype(np.int64)
+    x1 = np.minimum(x0 + 1, n_in - 1)
+    w1 = xo - x0
+    M = np.zeros((n_out, n_in))
+    np.add.at(M, (np.arange(n_out), x0), 1 - w1)
+    np.add.at(M, (np.arange(n_out), x1), w1)
+    return M
+
+
+def resize_linear(cv: "_Converter", node, a, x: fx.Node, out: list[int], scales: list[float] | None) -> fx.Node:
+    """Resize with ``mode="linear"`` of the two spatial dims of an NCHW tensor: bilinear
+    interpolation is a fixed linear map of each channel, ``Y = M_h X M_w^T``, written as two
+    bias-free linear layers (the last axis, then axis -2 between transposes)."""
+    h = _hint(node)
+    ctm = a.get("coordinate_transformation_mode", b"half_pixel" if node.op_type == "Resize" else b"asymmetric")
+    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    if a.get("antialias", 0) or a.get("axes") is not None:
+        raise cv.unsupported(node, "antialias or axes with mode=linear")
+    policy = a.get("keep_aspect_ratio_policy", b"stretch")
+    if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
+        raise cv.unsupported(node, f"keep_aspect_ratio_policy={policy}")
+    s = cv.shape(x)
+    mats = []
+    for k, (n_in, n_out) in enumerate(zip(s[2:], out[2:])):
+        scale = float(scales[k + 2]) if scales is not None else n_out / n_in
+        M = _linear_weights(n_in, n_out, scale, ctm)
+        if M is None:
+            raise cv.unsupported(node, f"coordinate_transformation_mode={ctm} with mode=linear")
+        mats.append(M)
+
+    def linear(M: np.ndarray) -> torch.nn.Linear:
+        lin = torch.nn.Linear(M.shape[1], M.shape[0], bias=False).to(torch.float64)
+        lin.weight = torch.nn.Parameter(torch.as_tensor(M))
+        return lin
+
+    y = cv.module(linear(mats[1]), x, h)  # along W
+    y = cv.fn(torch.transpose, y, -1, -2, hint=h)
+    y = cv.module(linear(mats[0]), y, h)  # along H
+    return cv.fn(torch.transpose, y, -1, -2, hint=h)
 
 
 #: ONNX op type -> converter

@@ -50,6 +50,7 @@ from .deadline import Deadline
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 from .onnx_composite import CONVERTERS as _COMPOSITE
+from .onnx_composite import resize_linear
 
 __all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
 
@@ -1332,7 +1333,8 @@ def _nearest_factors(cv: _Converter, node, a, in_sizes, out_sizes) -> list[int]:
 
 
 def _resize(cv: _Converter, node, a) -> fx.Node:
-    """Resize / Upsample, nearest neighbour with integer factors on the spatial dims."""
+    """Resize / Upsample of the spatial dims: nearest neighbour with integer factors (a selection),
+    or linear (bilinear: :func:`verify.onnx_composite.resize_linear`)."""
     x = cv.dyn(node)
     s = cv.shape(x)
     if node.op_type == "Upsample":
@@ -1351,6 +1353,9 @@ def _resize(cv: _Converter, node, a) -> fx.Node:
         raise cv.unsupported(node, "neither scales nor sizes")
     if len(out) != len(s) or not cv.batched or len(s) != 4 or out[:2] != list(s[:2]):
         raise cv.unsupported(node, f"resizing {list(s)} to {out} (only the spatial dims of an NCHW tensor)")
+    mode = a.get("mode", b"nearest")
+    if (mode.decode() if isinstance(mode, bytes) else mode) in ("linear", "bilinear"):
+        return resize_linear(cv, node, a, x, out, None if scales is None else [float(v) for v in np.ravel(scales)])
     f = _nearest_factors(cv, node, a, s[2:], out[2:])
     return cv.fn(F.interpolate, x, None, tuple(float(v) for v in f), "nearest", hint=_label(node))
 
