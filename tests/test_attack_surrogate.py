@@ -262,3 +262,29 @@ def test_the_late_attack_stops_before_its_deadline():
     assert out is None and time.perf_counter() - t0 <= 3.0
     assert 0.5 < details["attack_after_search_s"] <= 3.0
     assert bab.attack_until(net, _box(), _property(), bab.BabOptions(), time.perf_counter(), never, {}) is None
+
+
+class HeavisideVotes(torch.nn.Module):
+    """StepVotes with ``[x_i > THRESHOLD]`` (the importer's comparisons) instead of the sign."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = StepVotes()
+        self.register_buffer("zero", torch.tensor(0.0))
+
+    def forward(self, x):
+        return torch.softmax(self.inner.head(torch.heaviside(x - THRESHOLD, self.zero)), 1)
+
+
+def test_the_heaviside_surrogate_moves_units_below_the_step_and_pgd_finds_the_point():
+    """Every input below the threshold: ``relu(sign(.))`` (the importer's step before) has no
+    gradient there at all; the heaviside surrogate has one on every input, with the model's
+    values, and PGD reaches the corner where class 0 wins."""
+    net = fx.symbolic_trace(HeavisideVotes())
+    sur = surrogate.attack_surrogate(net, _property())
+    x = (torch.rand(4, D) * 0.5 - 0.5).requires_grad_(True)
+    assert torch.equal(torch.softmax(sur(x), 1), net(x))
+    (g,) = torch.autograd.grad(sur(x)[:, 0].sum(), x)
+    assert (g > 0).all()
+    res = pgd_attack(net, _box(), _property(), steps=60, restarts=2, seed=0)
+    assert bool(res.found[0]) and bool(confirm_counterexample(net, _box(), _property(), res.x_adv)[0])

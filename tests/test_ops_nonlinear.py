@@ -429,3 +429,64 @@ def test_a_sum_of_overflowed_terms_keeps_finite_sound_ends():
     assert (l >= -1e-12).all() and (h <= 1 + 1e-12).all(), (l, h)
     lo, hi = bounds(Soft().double(), Box(x - 1.0, x + 1.0), method="crown")
     assert torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo >= -1e-12).all() and (hi <= 1 + 1e-12).all()
+
+
+@pytest.mark.parametrize("at_zero", [0.0, 1.0, 0.5])
+def test_step_lines_of_any_slope_fraction_enclose_the_step(at_zero):
+    """The Heaviside step's CROWN lines and alpha-CROWN's lines (slope fractions inside and
+    outside [0, 1]) enclose it on grids holding 0 itself, with ends at 0 and at -inf; the
+    interval rule contains every value."""
+    from relax.ir.ops import Step
+
+    g = torch.Generator().manual_seed(0)
+    lo = torch.randn(1, 3000, generator=g, dtype=D) * 2
+    hi = lo + torch.rand(1, 3000, generator=g, dtype=D) * 4
+    lo[0, :5] = torch.tensor([0.0, -1.0, -2.0, 0.0, -math.inf], dtype=D)
+    hi[0, :5] = torch.tensor([1.0, 0.0, 3.0, 0.0, 2.0], dtype=D)
+    x = lo.clamp_min(-50) + (hi - lo.clamp_min(-50)) * torch.linspace(0, 1, 401, dtype=D).view(-1, 1, 1)
+    x = torch.cat([x, torch.zeros(1, 1, 3000, dtype=D)])
+    inside = (x >= lo) & (x <= hi)
+    op = Step(at_zero)
+    fx = op.f(x)
+    r = op.relax(lo, hi)
+    lines = [(r.lw, r.lb, r.uw, r.ub)]
+    for a in (0.0, 0.3, 1.0, 1.7):
+        kl, ku = min(a, 1.0) * r.extra[2], min(a, 1.0) * r.extra[3]
+        lines.append((kl, op.lowest(kl, lo, hi), ku, op.highest(ku, lo, hi)))
+    for lw, lb, uw, ub in lines:
+        assert not torch.isnan(lb).any() and not torch.isnan(ub).any()
+        assert ((lw * x + lb <= fx + 1e-12) | ~inside).all() and ((uw * x + ub >= fx - 1e-12) | ~inside).all()
+    il, ih = op.interval((lo, hi))
+    assert ((fx >= il) | ~inside).all() and ((fx <= ih) | ~inside).all()
+
+
+def test_a_count_of_steps_is_bounded_tighter_than_by_relu_of_sign():
+    """``sum_i [z_i > 0]`` over a box: the Step rule's lines through the step's corners give a
+    higher lower bound than the composition ``relu(sign(z))`` the importer used before (which
+    loses up to 1/2 per unstable step); both contain 20,000 samples."""
+
+    class Count(nn.Module):
+        def __init__(self, step):
+            super().__init__()
+            self.lin, self.step = nn.Linear(3, 40), step
+            self.register_buffer("zero", torch.tensor(0.0))
+
+        def forward(self, x):
+            z = self.lin(x)
+            s = torch.heaviside(z, self.zero) if self.step else torch.relu(torch.sign(z))
+            return s.sum(1, keepdim=True)
+
+    torch.manual_seed(3)
+    new, old = Count(True).double(), Count(False).double()
+    old.load_state_dict(new.state_dict())
+    x = torch.rand(1, 3, dtype=D)
+    box = Box(x - 0.6, x + 0.6)
+    pts = x + (torch.rand(20_000, 3, dtype=D) - 0.5) * 1.2
+    with torch.no_grad():
+        counts = new(pts)
+        assert torch.equal(counts, old(pts))
+    low = {}
+    for method in ("crown", "alpha-crown"):
+        low[method] = float(bounds(new, box, method=method)[0]), float(bounds(old, box, method=method)[0])
+        assert float(counts.min()) >= max(low[method]) - 1e-9, (method, low[method])
+    assert low["crown"][0] > low["crown"][1] + 0.5 and low["alpha-crown"][0] > low["alpha-crown"][1] + 2.0, low

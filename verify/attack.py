@@ -210,10 +210,13 @@ def repair_counterexample(
     width = float((hi - lo).abs().max()) or 1.0
     model64, s64 = _float64_model(model), spec.to(dtype=torch.float64)
     xg = xp.clone().requires_grad_(True)
-    with torch.enable_grad():
-        gm = s64.group_max(s64.values(_forward(model64, xg)))
-        objective = gm[0, group] if group is not None else gm[0].min()
-        (g,) = torch.autograd.grad(objective, xg)
+    try:
+        with torch.enable_grad():
+            gm = s64.group_max(s64.values(_forward(model64, xg)))
+            objective = gm[0, group] if group is not None else gm[0].min()
+            (g,) = torch.autograd.grad(objective, xg)
+    except RuntimeError as e:  # an op without a derivative (torch.heaviside): no repair step
+        return False, xp, f"not confirmed; no gradient for a repair step ({' '.join(str(e).split())[:80]})"
     for step in REPAIR_STEPS:
         xc = project_into(sets, xp - step * width * g.sign())
         if bool(confirm_counterexample(model, sets, spec, xc)[0]):

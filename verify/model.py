@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from relax.ir.ops.elementwise import step
+
 from .errors import ModelLoadError, ModelLoadTimeout, UnsupportedOperatorError
 from .placement import model_device, model_float_dtype, model_tensors
 
@@ -249,7 +251,7 @@ _CONST_FUNCTIONS = {F.linear}
 # elementwise functions with a relaxation (relax.ir.ops.elementwise), reductions, softmax
 _NONLINEAR_FUNCTIONS = {
     torch.exp, torch.log, torch.sqrt, torch.reciprocal, torch.sin, torch.cos, torch.abs, torch.sign, torch.floor,
-    torch.erf, torch.special.erf, torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip, F.hardtanh, torch.sum, torch.mean, torch.softmax,
+    torch.erf, torch.special.erf, torch.heaviside, step, torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip, F.hardtanh, torch.sum, torch.mean, torch.softmax,
     F.softmax,
 }
 _SHAPE_FUNCTIONS = {
@@ -261,7 +263,7 @@ _SHAPE_FUNCTIONS = {
 }
 CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
                      "expand", "narrow", "flip", "index_select", "repeat", "exp", "log", "sqrt", "reciprocal", "sin",
-                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax", "erf"}
+                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax", "erf", "heaviside"}
 
 
 def check_canonical(gm: fx.GraphModule) -> None:

@@ -46,6 +46,8 @@ from onnx import helper, numpy_helper
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from relax.ir.ops.elementwise import step
+
 from .deadline import Deadline
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
@@ -991,7 +993,7 @@ def _passthrough(cv: _Converter, node, a) -> fx.Node:
 # ONNX integer and bool tensors that depend on the input are carried as float tensors holding
 # their values (a bool as 0 / 1); ``cv.integral`` remembers which dynamic values hold integers.
 # Each op below is a composition of relaxed elementwise functions that is exact on every input:
-#   [t > 0] = relu(sign(t)),  [t >= 0] = 1 - relu(sign(-t)),  trunc(x) = floor(relu(x)) - floor(relu(-x)),
+#   [t > 0] = heaviside(t, 0),  [t >= 0] = heaviside(t, 1),  trunc(x) = floor(relu(x)) - floor(relu(-x)),
 #   [a == b] = 1 - min(|a - b|, 1) for integers, 1 - |sign(a - b)| for any floats.
 
 
@@ -1011,11 +1013,10 @@ def _one_minus(cv: _Converter, x: fx.Node, hint: str) -> fx.Node:
 
 
 def _step(cv: _Converter, t: fx.Node, strict: bool, hint: str) -> fx.Node:
-    """``[t > 0]`` (strict) or ``[t >= 0]`` as 0 / 1."""
-    if strict:
-        return _integral(cv, cv.fn(torch.relu, cv.fn(torch.sign, t, hint=hint), hint=hint))
-    neg = cv.fn(torch.sign, cv.fn(operator.mul, t, -1.0, hint=hint), hint=hint)
-    return _integral(cv, _one_minus(cv, cv.fn(torch.relu, neg, hint=hint), hint))
+    """``[t > 0]`` (strict) or ``[t >= 0]`` as 0 / 1: ``step(t, 0)`` / ``step(t, 1)`` (one relaxed
+    Heaviside step, :class:`relax.ir.ops.Step`)."""
+    at_zero = cv.const_node(np.array(0.0 if strict else 1.0), hint)
+    return _integral(cv, cv.fn(step, t, at_zero, hint=hint))
 
 
 def _nonzero(cv: _Converter, d: fx.Node, integers: bool, hint: str) -> fx.Node:

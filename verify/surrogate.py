@@ -19,6 +19,7 @@ replaces those derivatives:
   mapping 0 to +1, possibly through other constant shifts or scalings) back-propagates as the
   identity: its input takes two or three values, all far from 0 at the layer's scale, so a
   kernel of that scale would give it no gradient;
+* the Heaviside step (the importer's comparisons) back-propagates as half the sign's surrogate;
 * ``floor``, ``round`` and ``ceil`` back-propagate as the identity;
 * a softmax at the output is left out when every property row compares two outputs (``c (y_a -
   y_b)`` with ``c > 0`` and no offset): softmax keeps the order of the entries it normalises, so
@@ -36,6 +37,8 @@ import weakref
 import torch
 import torch.fx as fx
 from torch import Tensor
+
+from relax.ir.ops.elementwise import step
 
 from .placement import model_tensors
 from .spec import LinearSpec
@@ -94,6 +97,13 @@ def resign_surrogate(x: Tensor) -> Tensor:
     """``sign(x)`` with the identity as its gradient: for ``x`` that is already a sign, shifted or
     scaled by constants."""
     return _StraightThrough.apply(x, torch.sign)
+
+
+def heaviside_surrogate(x: Tensor, values: Tensor) -> Tensor:
+    """``heaviside(x, values)`` with half the gradient of :func:`sign_surrogate` (``[x > 0] =
+    (sign(x) + 1) / 2`` away from 0)."""
+    s = sign_surrogate(x)
+    return torch.heaviside(x.detach(), values.to(x.dtype)) + 0.5 * (s - s.detach())
 
 
 def floor_surrogate(x: Tensor) -> Tensor:
@@ -195,7 +205,9 @@ def _build(model: fx.GraphModule, drop_softmax: bool) -> torch.nn.Module | None:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target in _SURROGATES and len(node.args) == 1 and not node.kwargs:
+        if node.target in (torch.heaviside, step) and len(node.args) == 2 and not node.kwargs:
+            node.target, changed = heaviside_surrogate, True
+        elif node.target in _SURROGATES and len(node.args) == 1 and not node.kwargs:
             resign = node.target is torch.sign and _is_a_sign(node.args[0])
             node.target, changed = resign_surrogate if resign else _SURROGATES[node.target], True
     last = _softmax_output(graph) if drop_softmax else None

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .activation import Erf, ReLU, Sigmoid, Tanh
 from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear, Reduce
 from .base import Activation, BuildContext, Expansion, Op, Relaxation, as_const
-from .elementwise import Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign, Sin, Sqrt
+from .elementwise import (Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign, Sin, Sqrt,
+                          Step, step)
 from .pool import MaxPool2d, avgpool_conv
 from .normalize import Normalize
 from .product import Product
@@ -31,7 +32,7 @@ from .shape import Permute, Reshape, Select
 __all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Expansion", "Linear", "Conv",
            "ConvTranspose", "ElemAffine", "Add", "Reduce", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh", "Erf",
            "MaxPool2d", "Elementwise", "Exp", "Log", "Sqrt", "Reciprocal", "Power", "PiecewiseLinear", "Sin", "Cos", "Abs", "LeakyReLU", "Clip",
-           "Sign", "Floor", "Product", "Normalize"]
+           "Sign", "Step", "Floor", "Product", "Normalize"]
 
 
 def _pair(v: Any, n: int = 2) -> tuple[int, ...]:
@@ -376,6 +377,16 @@ b_exp, b_log, b_sqrt, b_reciprocal = _act(Exp), _act(Log), _act(Sqrt), _act(Reci
 b_sin, b_cos, b_abs, b_sign, b_floor = _act(Sin), _act(Cos), _act(Abs), _act(Sign), _act(Floor)
 
 
+def b_heaviside(ctx):
+    """``torch.heaviside(x, v)`` or :func:`relax.ir.ops.elementwise.step` for a constant scalar ``v``
+    (the value at 0)."""
+    x = _single_var(ctx)
+    v = as_const(ctx.const(_arg(ctx, 1, "values")), torch.float64).reshape(-1)
+    if v.numel() == 0 or not bool((v == v[0]).all()):
+        raise ctx.fail("a value at 0 that is not one number")
+    return Step(float(v[0])), [x]
+
+
 def _arg(ctx, i: int, name: str, default: Any = None) -> Any:
     n = ctx.node
     return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
@@ -563,7 +574,7 @@ RULES: dict[Any, Any] = {
     nn.Upsample: b_select, nn.ZeroPad2d: b_select, nn.ConstantPad1d: b_select, nn.ConstantPad2d: b_select,
     torch.Tensor.expand: b_select,
     torch.exp: b_exp, torch.log: b_log, torch.sqrt: b_sqrt, torch.reciprocal: b_reciprocal, torch.sin: b_sin,
-    torch.cos: b_cos, torch.abs: b_abs, torch.sign: b_sign, torch.floor: b_floor, torch.pow: b_pow, operator.pow: b_pow,
+    torch.cos: b_cos, torch.abs: b_abs, torch.sign: b_sign, torch.heaviside: b_heaviside, step: b_heaviside, torch.floor: b_floor, torch.pow: b_pow, operator.pow: b_pow,
     F.leaky_relu: b_leaky_relu, torch.clamp: b_clamp, torch.clip: b_clamp, F.hardtanh: b_clamp,
     torch.sum: b_reduce, torch.mean: b_reduce, torch.softmax: b_softmax, F.softmax: b_softmax,
     torch.maximum: b_max_min, torch.minimum: b_max_min,
@@ -577,7 +588,7 @@ RULES: dict[Any, Any] = {
     "unsqueeze": b_reshape, "contiguous": b_reshape, "view_as": b_reshape, "reshape_as": b_reshape,
     "permute": b_permute, "transpose": b_permute,
     "exp": b_exp, "log": b_log, "sqrt": b_sqrt, "reciprocal": b_reciprocal, "sin": b_sin, "cos": b_cos, "abs": b_abs,
-    "sign": b_sign, "floor": b_floor, "pow": b_pow, "clamp": b_clamp, "clip": b_clamp, "sum": b_reduce, "mean": b_reduce,
+    "sign": b_sign, "heaviside": b_heaviside, "floor": b_floor, "pow": b_pow, "clamp": b_clamp, "clip": b_clamp, "sum": b_reduce, "mean": b_reduce,
     "softmax": b_softmax, "maximum": b_max_min, "minimum": b_max_min, "matmul": b_matmul,
 }
 

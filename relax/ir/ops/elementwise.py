@@ -1,5 +1,5 @@
 """Elementwise nonlinear functions beyond ReLU / sigmoid / tanh: exp, log, reciprocal, sqrt,
-integer powers, sin, cos, abs, leaky ReLU, clip, sign and floor.
+integer powers, sin, cos, abs, leaky ReLU, clip, sign, the Heaviside step and floor.
 
 **One recipe for every relaxation.** A slope ``k`` is chosen by a heuristic, then the intercepts
 are the *exact* minimum and maximum of ``g(x) = f(x) - k x`` over ``[l, u]`` (:meth:`Elementwise.extremes`):
@@ -36,7 +36,7 @@ from torch import Tensor
 from .base import Activation, Relaxation, select_lines
 
 __all__ = ["Elementwise", "Exp", "Log", "Reciprocal", "Sqrt", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip", "Sign",
-           "Floor", "PiecewiseLinear"]
+           "Step", "step", "Floor", "PiecewiseLinear"]
 
 _TWO_PI = 2 * math.pi
 
@@ -590,6 +590,116 @@ class Sign(Elementwise):
     def interval(self, bnd):
         lo, hi = bnd
         return torch.sign(lo), torch.sign(hi)  # nondecreasing, exact
+
+
+def _times(k: Tensor, x: Tensor) -> Tensor:
+    """``k x`` with ``0 * inf = 0`` (a slope-0 line on an unbounded box)."""
+    return torch.where(k == 0, torch.zeros_like(k), k * x)
+
+
+class _Heaviside(torch.autograd.Function):
+    """``torch.heaviside`` with a zero derivative (as ``sign``'s): torch defines none, and attacks
+    and Jacobians take gradients through the model."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, at_zero: Tensor) -> Tensor:
+        return torch.heaviside(x, at_zero.to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return torch.zeros_like(g), None
+
+
+def step(x: Tensor, at_zero: Tensor) -> Tensor:
+    """``[x > 0] + v [x = 0]`` (``v = at_zero``, a scalar tensor) with a zero derivative: the
+    graph function of :class:`Step` (the ONNX importer writes comparisons with it)."""
+    return _Heaviside.apply(x, at_zero)
+
+
+class Step(Elementwise):
+    """The Heaviside step ``[x > 0] + v [x = 0]`` (``v = 0``: ``x > 0``; ``v = 1``: ``x >= 0``;
+    comparisons, ArgMax and Where conditions of ONNX graphs). On each side of 0 ``f - k x`` is
+    linear, so its extremes are at ``lo``, ``hi`` and the values ``0``, ``v``, ``1`` at 0.
+
+    Lines where ``lo < 0 < hi`` (the tightest through the step's corners): lower ``k x`` with
+    ``k in [0, 1 / hi]``, upper ``1 + k x`` with ``k in [0, 1 / -lo]``. CROWN takes the end of
+    each range with the smaller area between line and step (``1 / hi`` when ``hi > -lo``, as a
+    ReLU's lower slope; ``1 / -lo`` when ``-lo > hi``); alpha-CROWN optimises both as fractions
+    of their ranges (any slope in them, or out of them, is sound: the intercepts are exact). A
+    composition ``relu(sign(x))`` loses up to 1/2 of this lower line at ``hi``."""
+
+    kind = "step"
+    exact_forward = True
+    slope_pair = (2,)
+
+    def __init__(self, at_zero: float = 0.0):
+        self.at_zero = float(at_zero)
+
+    def f(self, x):
+        return torch.where(x > 0, torch.ones_like(x), torch.where(x == 0, torch.full_like(x, self.at_zero), torch.zeros_like(x)))
+
+    def df(self, x):
+        return torch.zeros_like(x)
+
+    def extremes(self, k, lo, hi):
+        g_lo, g_hi = self.f(lo) - _times(k, lo), self.f(hi) - _times(k, hi)
+        gmin, gmax = torch.minimum(g_lo, g_hi), torch.maximum(g_lo, g_hi)
+        zero_in = (lo <= 0) & (hi >= 0)
+        for present, value in ((zero_in & (lo < 0), 0.0), (zero_in, self.at_zero), (zero_in & (hi > 0), 1.0)):
+            v = torch.full_like(gmin, value)
+            gmin = torch.where(present, torch.minimum(gmin, v), gmin)
+            gmax = torch.where(present, torch.maximum(gmax, v), gmax)
+        mag = 1 + abs(self.at_zero) + torch.maximum(_times(k, lo).abs(), _times(k, hi).abs())
+        return self._widen(gmin, gmax, mag)
+
+    def interval(self, bnd):
+        lo, hi = bnd
+        if 0.0 <= self.at_zero <= 1.0:  # nondecreasing: exact
+            return self.f(lo), self.f(hi)
+        return super().interval(bnd)
+
+    @staticmethod
+    def _ranges(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """The largest lower and upper slopes (``1 / hi``, ``1 / -lo``) where the box holds 0 inside, else 0."""
+        cross = (lo < 0) & (hi > 0)
+        one = torch.ones_like(lo)
+        return torch.where(cross, one / torch.where(cross, hi, one), 0 * one), torch.where(cross, one / torch.where(cross, -lo, one), 0 * one)
+
+    def relax(self, lo, hi, mode="crown"):
+        kl_max, ku_max = self._ranges(lo, hi)
+        kl = torch.where(hi > -lo, kl_max, torch.zeros_like(kl_max))
+        ku = torch.where(-lo > hi, ku_max, torch.zeros_like(ku_max))
+        return Relaxation(kl, self.lowest(kl, lo, hi), ku, self.highest(ku, lo, hi), extra=(lo, hi, kl_max, ku_max))
+
+    def term_magnitude(self, lo, hi):
+        kl_max, ku_max = self._ranges(lo, hi)
+        return 1 + abs(self.at_zero) + torch.maximum(kl_max, ku_max) * torch.maximum(lo.abs(), hi.abs())
+
+    @property
+    def optimisable(self) -> bool:  # type: ignore[override]
+        return True
+
+    def alpha_init(self, r: Relaxation) -> Tensor:
+        """Both slopes as fractions of their ranges, ``[B, *shape, 2]`` (lower, upper)."""
+        _, _, kl_max, ku_max = r.extra
+        frac = lambda k, m: torch.where(m > 0, k / torch.where(m > 0, m, torch.ones_like(m)), torch.zeros_like(m))  # noqa: E731
+        return torch.stack([frac(r.lw, kl_max), frac(r.uw, ku_max)], -1)
+
+    def backward_relaxed(self, A, r, alpha=None):
+        if alpha is None:
+            return select_lines(A, r.lw, r.lb, r.uw, r.ub, r.finite_intercepts)
+        lo, hi, kl_max, ku_max = r.extra
+        kl, ku = alpha[..., 0].clamp(0, 1) * kl_max, alpha[..., 1].clamp(0, 1) * ku_max  # [S, B, *shape]
+        return select_lines(A, kl, self.lowest(kl, lo, hi), ku, self.highest(ku, lo, hi))
+
+    def __repr__(self) -> str:
+        return f"Step(at_zero={self.at_zero})"
 
 
 class Floor(Elementwise):
