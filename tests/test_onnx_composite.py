@@ -115,3 +115,48 @@ def test_erf_lines_enclose_erf_on_every_interval():
         k = k_lo + a * (k_hi - k_lo)
         low, high = op.intercept(k, lo, hi, lower=True), op.intercept(k, lo, hi, lower=False)
         assert (k * x + low <= fx + 1e-12).all() and (k * x + high >= fx - 1e-12).all()
+
+
+class _ExportedBlock(torch.nn.Module):
+    """The blocks of MobileNetV3 / ConvNeXt / ViT that torch's exporter writes with the operators
+    above: HardSwish, a squeeze-excitation with SiLU and HardSigmoid, bilinear upsampling, channels-
+    last LayerNorm and GELU (Erf)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.se1, self.se2, self.ln, self.fc = nn.Linear(8, 4), nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        h = F.hardswish(self.bn(self.conv(x)))
+        h = h * F.hardsigmoid(self.se2(F.silu(self.se1(h.mean((2, 3))))))[:, :, None, None]
+        h = F.avg_pool2d(F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False), 2)
+        return self.fc(F.gelu(self.ln(h.permute(0, 2, 3, 1))).flatten(1))
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_a_block_exported_by_torch_loads_matches_onnxruntime_and_bounds_soundly(tmp_path, opset):
+    """torch's TorchScript exporter writes HardSwish as HardSigmoid and Mul (opset 13) or
+    HardSwish, LayerNorm as ReduceMean / Pow / Sqrt / Div (13) or LayerNormalization (17), GELU as
+    Erf, upsampling as Resize linear."""
+    import warnings
+
+    torch.manual_seed(0)
+    block = _ExportedBlock().eval()
+    path = tmp_path / "block.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(block, (torch.rand(1, 3, 4, 4),), str(path), opset_version=opset, dynamo=False)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Erf", "Resize", "HardSigmoid"} <= ops and ("LayerNormalization" in ops) == (opset == 17), ops
+    net = assert_matches_ort(path).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 4, 4, generator=g, dtype=D)
+    for method in ("crown", "alpha-crown"):
+        lo, hi = bounds(net, Box(x - 0.05, x + 0.05), method=method)
+        pts = x + (torch.rand(3000, *x.shape, generator=g, dtype=D) - 0.5) * 0.1
+        with torch.no_grad():
+            ys = net(pts.reshape(-1, 3, 4, 4)).reshape(3000, 2, -1)
+        assert (ys >= lo - 1e-9).all() and (ys <= hi + 1e-9).all(), method
