@@ -59,6 +59,15 @@ CASES = {
                                     node("Add", ["w", "t"], ["y"])], {"c1": rand(2, 2), "c2": rand(2), "c3": rand(1)}, 17),
     "where-comparison-one-branch": ([node("GreaterOrEqual", ["t", "z"], ["cond"]), node("Where", ["cond", "z", "t"], ["y"])],
                                     {"z": np.full((1,), 0.3, np.float32)}, 17),
+    "max-of-three": ([node("Relu", ["t"], ["r"]), node("Max", ["t", "c", "r"], ["y"])], {"c": rand(2, 2)}, 17),
+    "min-of-three": ([node("Relu", ["t"], ["r"]), node("Min", ["t", "r", "c", "c2"], ["y"])], {"c": rand(2), "c2": rand(1)}, 17),
+    "log-softmax": ([node("LogSoftmax", ["t"], ["y"], axis=1)], {}, 17),
+    "mish": ([node("Mish", ["t"], ["y"])], {}, 18),
+    "depth-to-space-dcr": ([node("Reshape", ["t", "s12"], ["u"]), node("DepthToSpace", ["u"], ["y"], blocksize=2)],
+                           {"s12": np.array([1, 12, 1, 1], I64)}, 17),
+    "depth-to-space-crd": ([node("Reshape", ["t", "s12"], ["u"]), node("DepthToSpace", ["u"], ["y"], blocksize=2, mode="CRD")],
+                           {"s12": np.array([1, 12, 1, 1], I64)}, 17),
+    "space-to-depth": ([node("SpaceToDepth", ["t"], ["y"], blocksize=2)], {}, 17),
 }
 for _ctm in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"):
     CASES[f"resize-linear-{_ctm}"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear", coordinate_transformation_mode=_ctm)],

@@ -7,12 +7,13 @@ each docstring), and its bounds are those of the parts. Registered in
 :data:`verify.onnx_import._CONVERTERS` (:data:`CONVERTERS`).
 
 * activations: PRelu ``s x + (1 - s) relu(x)`` (one ReLU, any slope), Elu / Selu / Celu,
-  Softplus ``relu(x) + log(1 + exp(-|x|))`` (no overflow), Softsign, HardSigmoid, HardSwish,
-  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil;
+  Softplus ``relu(x) + log(1 + exp(-|x|))`` (no overflow), Mish, Softsign, HardSigmoid, HardSwish,
+  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil, LogSoftmax ``log(softmax)``;
 * normalisations: LayerNormalization (opset 17), InstanceNormalization;
 * reductions and n-ary ops: ReduceMax / ReduceMin (pairwise maxima), ReduceL1 / ReduceL2 /
   ReduceSumSquare, Sum / Mean of several inputs;
 * linear maps: Resize with ``mode="linear"`` (bilinear: two constant matrices);
+* moves: DepthToSpace / SpaceToDepth (reshape, transpose, reshape);
 * indexing: Tile, Where (a constant condition: a mask; a comparison's output: ``y + c (x - y)``).
 """
 from __future__ import annotations
@@ -89,11 +90,27 @@ def _elu_like(alpha_default: float, gamma_default: float | None, celu: bool = Fa
     return convert
 
 
-def _softplus(cv: "_Converter", node, a) -> fx.Node:
-    """``log(1 + exp(x)) = relu(x) + log(1 + exp(-|x|))`` (exact; exp never overflows)."""
-    x, h = cv.dyn(node), _hint(node)
+def _softplus_of(cv: "_Converter", x: fx.Node, h: str) -> fx.Node:
     e = cv.fn(torch.exp, _mul(cv, cv.fn(torch.abs, x, hint=h), -1.0, h), hint=h)
     return _add(cv, _relu(cv, x, h), cv.fn(torch.log, _add(cv, e, 1.0, h), hint=h), h)
+
+
+def _softplus(cv: "_Converter", node, a) -> fx.Node:
+    """``log(1 + exp(x)) = relu(x) + log(1 + exp(-|x|))`` (exact; exp never overflows)."""
+    return _softplus_of(cv, cv.dyn(node), _hint(node))
+
+
+def _mish(cv: "_Converter", node, a) -> fx.Node:
+    """``x tanh(softplus(x))`` (a product of two activations)."""
+    x, h = cv.dyn(node), _hint(node)
+    return cv.fn(operator.mul, x, cv.fn(torch.tanh, _softplus_of(cv, x, h), hint=h), hint=h)
+
+
+def _log_softmax(cv: "_Converter", node, a) -> fx.Node:
+    """``log(softmax(x))`` (the softmax as for Softmax: its differences, exp, a sum, a reciprocal)."""
+    from .onnx_import import _softmax  # the converter module imports this one
+
+    return cv.fn(torch.log, _softmax(cv, node, a), hint=_hint(node))
 
 
 def _softsign(cv: "_Converter", node, a) -> fx.Node:
@@ -279,6 +296,30 @@ def _sum_mean(mean: bool) -> Callable:
 # ------------------------------------------------------------------------------ indexing
 
 
+def _depth_to_space(cv: "_Converter", node, a) -> fx.Node:
+    """DepthToSpace (pixel shuffle; modes DCR and CRD) and SpaceToDepth: a reshape, a transpose
+    and a reshape of an NCHW tensor (moves only)."""
+    x = cv.dyn(node)
+    cv.require_batched(node, x, (4,))
+    b = int(a["blocksize"])
+    _, c, hh, ww = cv.shape(x)
+    h = _hint(node)
+    if node.op_type == "SpaceToDepth":
+        if hh % b or ww % b:
+            raise cv.unsupported(node, f"blocksize {b} does not divide {hh} x {ww}")
+        mid, perm, out = (1, c, hh // b, b, ww // b, b), (0, 3, 5, 1, 2, 4), (1, c * b * b, hh // b, ww // b)
+    else:
+        if c % (b * b):
+            raise cv.unsupported(node, f"blocksize {b}: {c} channels are not a multiple of {b * b}")
+        if a.get("mode", "DCR") == "CRD":
+            mid, perm = (1, c // (b * b), b, b, hh, ww), (0, 1, 4, 2, 5, 3)
+        else:
+            mid, perm = (1, b, b, c // (b * b), hh, ww), (0, 3, 4, 1, 5, 2)
+        out = (1, c // (b * b), hh * b, ww * b)
+    y = cv.fn(torch.permute, cv.reshape(node, x, mid), perm, hint=h)
+    return cv.reshape(node, y, out)
+
+
 def _tile(cv: "_Converter", node, a) -> fx.Node:
     """Tile by constant repeats (the batch axis repeated once)."""
     x = cv.dyn(node)
@@ -408,6 +449,10 @@ CONVERTERS: dict[str, Callable] = {
     "Selu": _elu_like(1.67326319217681884765625, 1.05070102214813232421875),
     "Celu": _elu_like(1.0, None, celu=True),
     "Softplus": _softplus,
+    "Mish": _mish,
+    "LogSoftmax": _log_softmax,
+    "DepthToSpace": _depth_to_space,
+    "SpaceToDepth": _depth_to_space,
     "Softsign": _softsign,
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,

@@ -764,22 +764,25 @@ def _reduce(f: Callable) -> Callable:
 
 
 def _max_min(f: Callable) -> Callable:
-    """Max / Min of two tensors (one may be a constant)."""
+    """Max / Min of any number of tensors (constants among them folded into one)."""
     def convert(cv: _Converter, node, a) -> fx.Node:
-        if len(node.input) != 2:
-            raise cv.unsupported(node, f"{len(node.input)} operands (two are supported)")
-        x, y = cv.arg(node, 0), cv.arg(node, 1)
-        if not isinstance(x, fx.Node):
-            x, y = y, x
-        assert isinstance(x, fx.Node)  # not folded: an operand depends on the input
-        if isinstance(y, fx.Node):
-            return cv.fn(f, *cv.align(x, y, _label(node)), hint=_label(node))
-        assert isinstance(y, np.ndarray)
-        c = cv.operand(node, y, len(cv.shape(x)))
-        if isinstance(c, float):  # max(x, c) = clamp(x, min=c)
-            bounds = (c, None) if f is torch.maximum else (None, c)
+        vals = [cv.arg(node, i) for i in range(len(node.input))]
+        dyn = [v for v in vals if isinstance(v, fx.Node)]
+        consts = [v for v in vals if isinstance(v, np.ndarray)]
+        assert dyn  # not folded: an operand depends on the input
+        x = dyn[0]
+        for v in dyn[1:]:
+            x = cv.fn(f, *cv.align(x, v, _label(node)), hint=_label(node))
+        if not consts:
+            return x
+        y = consts[0]
+        for c in consts[1:]:
+            y = np.maximum(y, c) if f is torch.maximum else np.minimum(y, c)
+        c_op = cv.operand(node, y, len(cv.shape(x)))
+        if isinstance(c_op, float):  # max(x, c) = clamp(x, min=c)
+            bounds = (c_op, None) if f is torch.maximum else (None, c_op)
             return cv.fn(torch.clamp, x, *bounds, hint=_label(node))
-        return cv.fn(f, x, c, hint=_label(node))
+        return cv.fn(f, x, c_op, hint=_label(node))
 
     return convert
 
