@@ -89,7 +89,8 @@ def _block(b: _Builder, kind: str, t: str, depth: int) -> tuple[str, int]:
         u = b.op("Abs", [b.conv(p, 3)])
         return b.op("Sub", [u, b.const((rng.random((1, C, 1, 1)) * b.level(depth + 1)).astype(np.float32))]), depth + 1
     if kind == "select":  # channel Slice + Gather + Concat (a permutation), Sigmoid or Tanh
-        s = b.op("Slice", [t, b.const(np.array([0], np.int64)), b.const(np.array([2], np.int64)), b.const(np.array([1], np.int64))])
+        start_end_axis = [b.const(np.array([v], np.int64)) for v in (0, 2, 1)]
+        s = b.op("Slice", [t, *start_end_axis])
         g = b.op("Gather", [t, b.const(np.array([2], np.int64))], axis=1)
         u = b.conv(b.op("Concat", [g, s], axis=1), 1)
         return b.op("Tanh" if rng.random() < 0.5 else "Sigmoid", [u]), depth + 1
@@ -157,7 +158,8 @@ def _block_more(b: _Builder, kind: str, t: str, depth: int) -> tuple[str, int]:
         sq = b.op("Div", [b.op("Pow", [b.conv(t, 1), _scalar(b, 2.0)]), _scalar(b, lv)])
         return b.op("Add", [b.op("Concat", [a2, a1], axis=1), sq]), depth + 1
     if kind == "maxpool":  # a convolution, then max pooling 3x3 with stride 1 and padding 1
-        return b.op("MaxPool", [b.conv(t, 3, pads=[1, 1, 1, 1])], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), depth + 1
+        u = b.conv(t, 3, pads=[1, 1, 1, 1])
+        return b.op("MaxPool", [u], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]), depth + 1
     if kind == "gemm":  # Flatten, Gemm with a transposed weight, ReLU, Reshape back
         f = b.op("Flatten", [t], axis=1)
         g = b.op("Gemm", [f, b.weight(C * H * W, C * H * W, fan_in=C * H * W), b.bias(C * H * W)], transB=1)

@@ -28,10 +28,12 @@ runs :func:`run` with a few networks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
 import time
+import types
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,9 +198,10 @@ class _Normalized(nn.Module):
         return self.out((p / p.sum(2, keepdim=True)).flatten(1))
 
 
-def load_onnx_nets():
+@functools.lru_cache(maxsize=1)
+def load_onnx_nets() -> types.ModuleType:
     """``benchmarks/fuzz_onnx_nets.py`` (the ``onnx`` family's graphs) as a module, also when this
-    file was loaded by path (tests/conftest.py) rather than run from its folder."""
+    file was loaded by path (tests/conftest.py) rather than run from its folder; loaded once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("fuzz_onnx_nets", Path(__file__).with_name("fuzz_onnx_nets.py"))

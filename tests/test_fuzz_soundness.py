@@ -137,9 +137,11 @@ def test_no_false_answer_on_onnx_imported_nets():
     fz = _fuzz()
     nets = fz.load_onnx_nets()
     # the first run seed whose net (net seed 1000 x run seed) has a softmax between transposes after a Pad
-    seed = next(s for s in range(1, 500) if {"Pad", "Softmax", "Transpose"} <= {n.op_type for n in nets.make_onnx_net(1e3, 1000 * s).graph.node})
+    wanted = {"Pad", "Softmax", "Transpose"}
+    seed = next(s for s in range(1, 500) if wanted <= {n.op_type for n in nets.make_onnx_net(1e3, 1000 * s).graph.node})
     assert any("softmax" in n.name for n in fz.make_net("onnx", 1e3, 1000 * seed)[0].graph.nodes)  # not redrawn without it
-    res = fz.run(1, seed=seed, methods=["crown", "alpha-crown", "bab"], scales=(1e3,), families=("onnx",), slow_every=1, timeout=5.0)
+    res = fz.run(1, seed=seed, methods=["crown", "alpha-crown", "bab"], scales=(1e3,), families=("onnx",), slow_every=1,
+                 timeout=5.0)
     false = res.pop("_details")
     assert not false, f"false answers: {false[:5]}"
     assert not any(c["refused"] for c in res.values()) and res["bab"]["witness_inside"] >= 3, res

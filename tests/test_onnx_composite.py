@@ -53,32 +53,39 @@ CASES = {
                               {"cond": np.array([[True, False], [False, True]]), "c": rand(2, 2)}, 17),
     "where-two-branches": ([node("Relu", ["t"], ["r"]), node("Where", ["cond", "r", "t"], ["y"])],
                            {"cond": np.array([True, False, True]).reshape(3, 1, 1)}, 17),
-    "where-comparison-abs": ([node("Greater", ["t", "z"], ["cond"]), node("Neg", ["t"], ["n"]), node("Where", ["cond", "t", "n"], ["y"])],
-                             {"z": np.zeros((1,), np.float32)}, 17),
+    "where-comparison-abs": ([node("Greater", ["t", "z"], ["cond"]), node("Neg", ["t"], ["n"]),
+                              node("Where", ["cond", "t", "n"], ["y"])], {"z": np.zeros((1,), np.float32)}, 17),
+    "where-mask-minus-inf-then-softmax": ([node("Where", ["cond", "t", "ninf"], ["w"]), node("Softmax", ["w"], ["y"], axis=3)],
+                                          {"cond": np.array([[True, False], [True, True]]), "ninf": np.array(-np.inf, np.float32)}, 17),
+    "sum-of-constants-in-a-shape": ([node("Sum", ["c1", "c2"], ["s"]), node("Cast", ["s"], ["si"], to=7), node("Tile", ["t", "si"], ["y"])],
+                                    {"c1": np.array([1, 1, 0, 1], np.float32), "c2": np.array([0, 0, 2, 1], np.float32)}, 17),
     "where-comparison-constants": ([node("Less", ["t", "c1"], ["cond"]), node("Where", ["cond", "c2", "c3"], ["w"]),
                                     node("Add", ["w", "t"], ["y"])], {"c1": rand(2, 2), "c2": rand(2), "c3": rand(1)}, 17),
     "where-comparison-one-branch": ([node("GreaterOrEqual", ["t", "z"], ["cond"]), node("Where", ["cond", "z", "t"], ["y"])],
                                     {"z": np.full((1,), 0.3, np.float32)}, 17),
     "max-of-three": ([node("Relu", ["t"], ["r"]), node("Max", ["t", "c", "r"], ["y"])], {"c": rand(2, 2)}, 17),
     "min-of-three": ([node("Relu", ["t"], ["r"]), node("Min", ["t", "r", "c", "c2"], ["y"])], {"c": rand(2), "c2": rand(1)}, 17),
-    "log-softmax": ([node("LogSoftmax", ["t"], ["y"], axis=1)], {}, 17),
+    "log-softmax": ([node("Mul", ["t", "k"], ["u"]), node("LogSoftmax", ["u"], ["y"], axis=1)],  # log(softmax) underflows
+                    {"k": np.array(30.0, np.float32)}, 17),
     "mish": ([node("Mish", ["t"], ["y"])], {}, 18),
-    "depth-to-space-dcr": ([node("Reshape", ["t", "s12"], ["u"]), node("DepthToSpace", ["u"], ["y"], blocksize=2)],
-                           {"s12": np.array([1, 12, 1, 1], I64)}, 17),
-    "depth-to-space-crd": ([node("Reshape", ["t", "s12"], ["u"]), node("DepthToSpace", ["u"], ["y"], blocksize=2, mode="CRD")],
-                           {"s12": np.array([1, 12, 1, 1], I64)}, 17),
-    "space-to-depth": ([node("SpaceToDepth", ["t"], ["y"], blocksize=2)], {}, 17),
+    "depth-to-space-dcr": ([node("Reshape", ["t", "s4"], ["u"]), node("DepthToSpace", ["u"], ["y"], blocksize=2)],
+                           {"s4": np.array([1, 4, 1, 3], I64)}, 17),  # three pixels: block offsets interleave with them
+    "depth-to-space-crd": ([node("Reshape", ["t", "s4"], ["u"]), node("DepthToSpace", ["u"], ["y"], blocksize=2, mode="CRD")],
+                           {"s4": np.array([1, 4, 1, 3], I64)}, 17),
+    "space-to-depth": ([node("Reshape", ["t", "s1"], ["u"]), node("SpaceToDepth", ["u"], ["y"], blocksize=2)],
+                       {"s1": np.array([1, 1, 2, 6], I64)}, 17),
 }
 for _ctm in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"):
-    CASES[f"resize-linear-{_ctm}"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear", coordinate_transformation_mode=_ctm)],
-                                      {"sc": np.array([1, 1, 2.5, 1.5], np.float32)}, 17)
+    CASES[f"resize-linear-{_ctm}"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear",
+                                            coordinate_transformation_mode=_ctm)], {"sc": np.array([1, 1, 2.5, 1.5], np.float32)}, 17)
 CASES["resize-linear-sizes-down"] = ([node("Resize", ["t", "", "", "sz"], ["u"], mode="linear"),
                                       node("Resize", ["u", "", "", "sz2"], ["y"], mode="linear")],
                                      {"sz": np.array([1, 3, 7, 5], I64), "sz2": np.array([1, 3, 3, 2], I64)}, 17)
 CASES["resize-linear-half_pixel_symmetric"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear",
                                                      coordinate_transformation_mode="half_pixel_symmetric")],
                                                {"sc": np.array([1, 1, 2.5, 0.5], np.float32)}, 19)
-CASES["upsample-bilinear-opset9"] = ([node("Upsample", ["t", "sc"], ["y"], mode="linear")], {"sc": np.array([1, 1, 2, 3], np.float32)}, 9)
+CASES["upsample-bilinear-opset9"] = ([node("Upsample", ["t", "sc"], ["y"], mode="linear")],
+                                     {"sc": np.array([1, 1, 2, 3], np.float32)}, 9)
 
 
 def _model(tmp_path, case: str):

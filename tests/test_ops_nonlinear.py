@@ -387,13 +387,13 @@ def test_sigmoid_and_tanh_lines_on_unbounded_boxes_are_finite_and_enclose():
     """A box with an infinite end (a pre-activation behind an overflowed exp) gives lines without
     NaN (``0 * inf`` is 0 for a slope-0 line) that still enclose the function; an unbounded box is
     the interval ``[f(-inf), f(inf)]``."""
-    from relax.ir.ops.activation import Sigmoid, Tanh
+    from relax.ir.ops.activation import Erf, Sigmoid, Tanh
 
     inf = math.inf
     lo = torch.tensor([[-inf, -3.0, -inf, -5.0, 2.0]], dtype=D)
     hi = torch.tensor([[inf, inf, 4.0, 1e300, 3.0]], dtype=D)
     x = torch.cat([torch.linspace(-50, 50, 2001, dtype=D), torch.tensor([-1e300, 1e300], dtype=D)]).view(-1, 1)
-    for op in (Sigmoid(), Tanh()):
+    for op in (Sigmoid(), Tanh(), Erf()):
         r = op.relax(lo, hi)
         for t in (r.lw, r.lb, r.uw, r.ub):
             assert not torch.isnan(t).any(), (op, t)
@@ -450,12 +450,13 @@ def test_step_lines_of_any_slope_fraction_enclose_the_step(at_zero):
     fx = op.f(x)
     r = op.relax(lo, hi)
     lines = [(r.lw, r.lb, r.uw, r.ub)]
-    for a in (0.0, 0.3, 1.0, 1.7):
-        kl, ku = min(a, 1.0) * r.extra[2], min(a, 1.0) * r.extra[3]
+    for a in (-0.5, 0.0, 0.3, 1.0, 1.7):  # any slope gives a sound line (the intercepts are exact)
+        kl, ku = a * r.extra[2], a * r.extra[3]
         lines.append((kl, op.lowest(kl, lo, hi), ku, op.highest(ku, lo, hi)))
     for lw, lb, uw, ub in lines:
         assert not torch.isnan(lb).any() and not torch.isnan(ub).any()
-        assert ((lw * x + lb <= fx + 1e-12) | ~inside).all() and ((uw * x + ub >= fx - 1e-12) | ~inside).all()
+        low, up = lw * x + lb, uw * x + ub  # NaN only as 0 * inf outside the box
+        assert ((low <= fx + 1e-12) | ~inside).all() and ((up >= fx - 1e-12) | ~inside).all()
     il, ih = op.interval((lo, hi))
     assert ((fx >= il) | ~inside).all() and ((fx <= ih) | ~inside).all()
 

@@ -216,6 +216,8 @@ def repair_counterexample(
             objective = gm[0, group] if group is not None else gm[0].min()
             (g,) = torch.autograd.grad(objective, xg)
     except RuntimeError as e:  # an op without a derivative (torch.heaviside): no repair step
+        if "derivative" not in str(e):
+            raise
         return False, xp, f"not confirmed; no gradient for a repair step ({' '.join(str(e).split())[:80]})"
     for step in REPAIR_STEPS:
         xc = project_into(sets, xp - step * width * g.sign())

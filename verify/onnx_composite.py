@@ -8,7 +8,7 @@ each docstring), and its bounds are those of the parts. Registered in
 
 * activations: PRelu ``s x + (1 - s) relu(x)`` (one ReLU, any slope), Elu / Selu / Celu,
   Softplus ``relu(x) + log(1 + exp(-|x|))`` (no overflow), Mish, Softsign, HardSigmoid, HardSwish,
-  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil, LogSoftmax ``log(softmax)``;
+  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil;
 * normalisations: LayerNormalization (opset 17), InstanceNormalization;
 * reductions and n-ary ops: ReduceMax / ReduceMin (pairwise maxima), ReduceL1 / ReduceL2 /
   ReduceSumSquare, Sum / Mean of several inputs;
@@ -29,9 +29,11 @@ import torch.fx as fx
 from relax.ir.ops.elementwise import step as heaviside_step
 
 if TYPE_CHECKING:  # the converter class lives in verify.onnx_import, which imports this module
+    import onnx
+
     from .onnx_import import _Converter
 
-__all__ = ["CONVERTERS", "REDUCE_MAX_ENTRIES"]
+__all__ = ["CONVERTERS", "FOLDS", "REDUCE_MAX_ENTRIES", "reduce_axes", "resize_linear"]
 
 #: the most entries ReduceMax / ReduceMin compares (one maximum node per entry)
 REDUCE_MAX_ENTRIES = 256
@@ -104,13 +106,6 @@ def _mish(cv: "_Converter", node, a) -> fx.Node:
     """``x tanh(softplus(x))`` (a product of two activations)."""
     x, h = cv.dyn(node), _hint(node)
     return cv.fn(operator.mul, x, cv.fn(torch.tanh, _softplus_of(cv, x, h), hint=h), hint=h)
-
-
-def _log_softmax(cv: "_Converter", node, a) -> fx.Node:
-    """``log(softmax(x))`` (the softmax as for Softmax: its differences, exp, a sum, a reciprocal)."""
-    from .onnx_import import _softmax  # the converter module imports this one
-
-    return cv.fn(torch.log, _softmax(cv, node, a), hint=_hint(node))
 
 
 def _softsign(cv: "_Converter", node, a) -> fx.Node:
@@ -207,7 +202,7 @@ def _instance_norm(cv: "_Converter", node, a) -> fx.Node:
     """InstanceNormalization: each channel of each example over its spatial dims, then the
     per-channel ``scale`` and ``B``."""
     x = cv.dyn(node)
-    cv.require_batched(node, x, (2, 3, 4))
+    cv.require_batched(node, x, (3, 4, 5))
     r = len(cv.shape(x))
     dims = tuple(cv.axis(node, k, r) for k in range(2, r))  # the spatial dims
     y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), _hint(node))
@@ -219,7 +214,7 @@ def _instance_norm(cv: "_Converter", node, a) -> fx.Node:
 # ------------------------------------------------------------------------------ reductions
 
 
-def _reduce_axes(cv: "_Converter", node, a, x: fx.Node) -> tuple[int, ...] | None:
+def reduce_axes(cv: "_Converter", node: "onnx.NodeProto", a: dict, x: fx.Node) -> tuple[int, ...] | None:
     """Torch dims of a Reduce* node (attribute before opset 18, input after); None: none (a no-op)."""
     r = len(cv.shape(x))
     axes = a.get("axes")
@@ -239,7 +234,7 @@ def _reduce_extreme(largest: bool) -> Callable:
 
     def convert(cv: "_Converter", node, a) -> fx.Node:
         x, h = cv.dyn(node), _hint(node)
-        dims = _reduce_axes(cv, node, a, x)
+        dims = reduce_axes(cv, node, a, x)
         if dims is None:
             return x
         shape = cv.example[x].shape
@@ -264,7 +259,7 @@ def _reduce_of(kind: str) -> Callable:
     """ReduceSumSquare ``sum x^2``, ReduceL2 ``sqrt(sum x^2)``, ReduceL1 ``sum |x|``."""
     def convert(cv: "_Converter", node, a) -> fx.Node:
         x, h = cv.dyn(node), _hint(node)
-        dims = _reduce_axes(cv, node, a, x)
+        dims = reduce_axes(cv, node, a, x)
         keep = bool(a.get("keepdims", 1))
         t = cv.fn(torch.abs, x, hint=h) if kind == "l1" else cv.fn(operator.mul, x, x, hint=h)
         if dims is None:
@@ -348,8 +343,8 @@ def _where(cv: "_Converter", node, a) -> fx.Node:
             if mask.ndim > len(cv.shape(v)):
                 raise cv.unsupported(node, f"a condition of rank {mask.ndim} above its branch's {len(cv.shape(v))}")
             parts.append(_mul(cv, v, cv.operand(node, mask, len(cv.shape(v))), h))
-        else:
-            parts.append(np.asarray(v, dtype=np.float64) * mask)
+        else:  # where the mask is 0 the branch is not taken (an infinite constant there is not 0 * inf)
+            parts.append(np.where(mask != 0, np.asarray(v, dtype=np.float64), 0.0))
     nodes = [p for p in parts if isinstance(p, fx.Node)]
     out = nodes[0] if len(nodes) == 1 else cv.fn(operator.add, *cv.align(nodes[0], nodes[1], h), hint=h)
     for c in (p for p in parts if isinstance(p, np.ndarray)):
@@ -374,6 +369,9 @@ def _where_dynamic(cv: "_Converter", node, c: fx.Node) -> fx.Node:
             return v
         return cv.operand(node, np.asarray(v, dtype=np.float64), rank)
 
+    for v in (x, y):
+        if not isinstance(v, fx.Node) and not np.all(np.isfinite(np.asarray(v, dtype=np.float64))):
+            raise cv.unsupported(node, "an infinite constant branch with an input-dependent condition (inf - inf)")
     cl, xl, yl = lift(c), lift(x), lift(y)
     if not isinstance(xl, fx.Node) and not isinstance(yl, fx.Node):  # c x + (1 - c) y with constants
         diff = cv.operand(node, np.asarray(x, np.float64) - np.asarray(y, np.float64), rank)
@@ -410,17 +408,17 @@ def _linear_weights(n_in: int, n_out: int, scale: float, ctm: str) -> np.ndarray
     return M
 
 
-def resize_linear(cv: "_Converter", node, a, x: fx.Node, out: list[int], scales: list[float] | None) -> fx.Node:
+def resize_linear(cv: "_Converter", node: "onnx.NodeProto", a: dict, x: fx.Node, out: list[int],
+                  scales: list[float] | None) -> fx.Node:
     """Resize with ``mode="linear"`` of the two spatial dims of an NCHW tensor: bilinear
     interpolation is a fixed linear map of each channel, ``Y = M_h X M_w^T``, written as two
     bias-free linear layers (the last axis, then axis -2 between transposes)."""
     h = _hint(node)
-    ctm = a.get("coordinate_transformation_mode", b"half_pixel" if node.op_type == "Resize" else b"asymmetric")
-    ctm = ctm.decode() if isinstance(ctm, bytes) else ctm
+    ctm = a.get("coordinate_transformation_mode", "half_pixel" if node.op_type == "Resize" else "asymmetric")
     if a.get("antialias", 0) or a.get("axes") is not None:
         raise cv.unsupported(node, "antialias or axes with mode=linear")
-    policy = a.get("keep_aspect_ratio_policy", b"stretch")
-    if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
+    policy = a.get("keep_aspect_ratio_policy", "stretch")
+    if policy != "stretch":
         raise cv.unsupported(node, f"keep_aspect_ratio_policy={policy}")
     s = cv.shape(x)
     mats = []
@@ -442,6 +440,33 @@ def resize_linear(cv: "_Converter", node, a, x: fx.Node, out: list[int], scales:
     return cv.fn(torch.transpose, y, -1, -2, hint=h)
 
 
+def _fold_reduce(f: Callable) -> Callable:
+    """A Reduce* node of a constant (shape subgraphs): numpy's reduction over its axes."""
+    def fold(cv: "_Converter", node, a, ins: list) -> np.ndarray:
+        axes = a.get("axes")
+        if axes is None and len(ins) > 1 and ins[1] is not None:
+            axes = [int(v) for v in np.ravel(ins[1])]
+        if axes is None or len(axes) == 0:
+            if a.get("noop_with_empty_axes", 0):
+                return ins[0]
+            axes = list(range(np.ndim(ins[0])))
+        return f(ins[0], axis=tuple(int(v) for v in axes), keepdims=bool(a.get("keepdims", 1)))
+
+    return fold
+
+
+#: constant folds of the operators above (their inputs all constants: shape subgraphs)
+FOLDS: dict[str, Callable] = {
+    "Sum": lambda cv, n, a, ins: np.sum(np.broadcast_arrays(*ins), axis=0),
+    "Mean": lambda cv, n, a, ins: np.mean(np.broadcast_arrays(*ins), axis=0),
+    "Tile": lambda cv, n, a, ins: np.tile(ins[0], [int(v) for v in np.ravel(ins[1])]),
+    "Ceil": lambda cv, n, a, ins: np.ceil(ins[0]),
+    "ReduceMax": _fold_reduce(np.max),
+    "ReduceMin": _fold_reduce(np.min),
+    "ReduceSum": _fold_reduce(np.sum),
+    "ReduceMean": _fold_reduce(np.mean),
+}
+
 #: ONNX op type -> converter
 CONVERTERS: dict[str, Callable] = {
     "PRelu": _prelu,
@@ -450,7 +475,6 @@ CONVERTERS: dict[str, Callable] = {
     "Celu": _elu_like(1.0, None, celu=True),
     "Softplus": _softplus,
     "Mish": _mish,
-    "LogSoftmax": _log_softmax,
     "DepthToSpace": _depth_to_space,
     "SpaceToDepth": _depth_to_space,
     "Softsign": _softsign,

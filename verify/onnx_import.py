@@ -52,7 +52,8 @@ from .deadline import Deadline
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 from .onnx_composite import CONVERTERS as _COMPOSITE
-from .onnx_composite import resize_linear
+from .onnx_composite import FOLDS as _COMPOSITE_FOLDS
+from .onnx_composite import reduce_axes, resize_linear
 
 __all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
 
@@ -733,15 +734,18 @@ def _leaky_relu(cv: _Converter, node, a) -> fx.Node:
 
 
 def _softmax(cv: _Converter, node, a) -> fx.Node:
-    """Softmax over one axis (opset >= 13), or over the flattened axes from ``axis`` on (before)."""
+    """Softmax / LogSoftmax over one axis (opset >= 13), or over the flattened axes from ``axis``
+    on (before); LogSoftmax as ``torch.log_softmax`` (no underflow: ``log(softmax)`` of logits 180
+    apart in float32 is ``-inf``)."""
+    f = torch.log_softmax if node.op_type == "LogSoftmax" else torch.softmax
     x = cv.dyn(node)
     r = len(cv.shape(x))
     axis = a.get("axis", -1 if cv.opset >= 13 else 1) % r
     t = cv.axis(node, axis, r)
     if cv.opset >= 13 or axis == r - 1:
-        return cv.fn(torch.softmax, x, t, hint=_label(node))
+        return cv.fn(f, x, t, hint=_label(node))
     flat = cv.fn(torch.flatten, x, t, hint=_label(node))
-    y = cv.fn(torch.softmax, flat, -1, hint=_label(node))
+    y = cv.fn(f, flat, -1, hint=_label(node))
     return cv.fn(torch.reshape, y, (-1, *cv.example[x].shape[1:]), hint=_label(node))
 
 
@@ -749,15 +753,9 @@ def _reduce(f: Callable) -> Callable:
     """ReduceSum / ReduceMean over constant axes (never the batch)."""
     def convert(cv: _Converter, node, a) -> fx.Node:
         x = cv.dyn(node)
-        r = len(cv.shape(x))
-        axes = a.get("axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = [int(v) for v in np.ravel(cv.const(node, 1))]
-        if axes is None or len(axes) == 0:
-            if a.get("noop_with_empty_axes", 0):
-                return x
-            axes = list(range(r))
-        dims = tuple(cv.axis(node, int(ax), r) for ax in axes)
+        dims = reduce_axes(cv, node, a, x)
+        if dims is None:
+            return x
         return cv.fn(f, x, dims, bool(a.get("keepdims", 1)), hint=_label(node))
 
     return convert
@@ -1357,8 +1355,7 @@ def _resize(cv: _Converter, node, a) -> fx.Node:
         raise cv.unsupported(node, "neither scales nor sizes")
     if len(out) != len(s) or not cv.batched or len(s) != 4 or out[:2] != list(s[:2]):
         raise cv.unsupported(node, f"resizing {list(s)} to {out} (only the spatial dims of an NCHW tensor)")
-    mode = a.get("mode", b"nearest")
-    if (mode.decode() if isinstance(mode, bytes) else mode) in ("linear", "bilinear"):
+    if a.get("mode", "nearest") in ("linear", "bilinear"):
         return resize_linear(cv, node, a, x, out, None if scales is None else [float(v) for v in np.ravel(scales)])
     f = _nearest_factors(cv, node, a, s[2:], out[2:])
     return cv.fn(F.interpolate, x, None, tuple(float(v) for v in f), "nearest", hint=_label(node))
@@ -1433,6 +1430,7 @@ _CONVERTERS: dict[str, Callable] = {
     "Clip": _clip,
     "LeakyRelu": _leaky_relu,
     "Softmax": _softmax,
+    "LogSoftmax": _softmax,
     "ReduceSum": _reduce(torch.sum),
     "ReduceMean": _reduce(torch.mean),
     "Max": _max_min(torch.maximum),
@@ -1577,3 +1575,4 @@ _FOLD: dict[str, Callable] = {
     "ConstantOfShape": _fold_constant_of_shape,
     "ScatterND": _fold_scatternd,
 }
+_FOLD.update(_COMPOSITE_FOLDS)  # Sum, Mean, Tile, Ceil and reductions of constants (verify.onnx_composite)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from .activation import Erf, ReLU, Sigmoid, Tanh
 from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear, Reduce
 from .base import Activation, BuildContext, Expansion, Op, Relaxation, as_const
-from .elementwise import (Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign, Sin, Sqrt,
-                          Step, step)
+from .elementwise import (Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign,
+                          Sin, Sqrt, Step, step)
 from .pool import MaxPool2d, avgpool_conv
 from .normalize import Normalize
 from .product import Product
@@ -452,12 +452,13 @@ def b_reduce(ctx):
     return Reduce(tuple(dims), keepdim, scale, shape), [x]
 
 
-def b_softmax(ctx):
+def b_softmax(ctx, log=False):
     """``softmax(x)_i = 1 / (1 + sum_{j != i} exp(x_j - x_i))`` along one dim: the differences
     are one linear map (no diagonal: the ``exp(0) = 1`` term is the constant 1, so even the
     interval rule keeps the sum ``>= 1``), then exp, a sum and a reciprocal -- no product of two
     bounded quantities, hence tighter than ``exp(x_i) / sum_j exp(x_j)`` (Wei et al. 2023,
-    "Convex bounds on the softmax function")."""
+    "Convex bounds on the softmax function"). ``log``: ``log_softmax(x)_i = -log(1 + sum_{j != i}
+    exp(x_j - x_i))``, the same steps with ``-log`` for the reciprocal."""
     x = _single_var(ctx)
     s = ctx.in_shapes[x]
     if ctx.node.op == "call_module":
@@ -470,8 +471,9 @@ def b_softmax(ctx):
     if d < 0:
         raise ctx.fail("softmax over the batch dimension")
     n = s[d]
-    if n == 1:
-        return Expansion([("one", ElemAffine(torch.zeros((), dtype=ctx.dtype), torch.ones((), dtype=ctx.dtype), s), [x], s)])
+    if n == 1:  # softmax 1, log_softmax 0
+        value = torch.full((), 0.0 if log else 1.0, dtype=ctx.dtype)
+        return Expansion([("one", ElemAffine(torch.zeros((), dtype=ctx.dtype), value, s), [x], s)])
     W = torch.zeros(n, n - 1, n, dtype=ctx.dtype)  # row (i, k): x_j - x_i for the k-th j != i
     for i in range(n):
         others = [j for j in range(n) if j != i]
@@ -496,11 +498,18 @@ def b_softmax(ctx):
         ("grid", Reshape(pair, grid), ["__exp"], grid),
         ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__grid"], sl),
         ("plus1", ElemAffine(None, torch.ones((), dtype=ctx.dtype), sl), ["__sum"], sl),
-        ("recip", Reciprocal(), ["__plus1"], sl),
     ]
+    if log:
+        steps += [("log", Log(), ["__plus1"], sl), ("neg", ElemAffine(-torch.ones((), dtype=ctx.dtype), None, sl), ["__log"], sl)]
+    else:
+        steps.append(("recip", Reciprocal(), ["__plus1"], sl))
     if d != len(s) - 1:
-        steps.append(("back", Permute(inv), ["__recip"], s))
+        steps.append(("back", Permute(inv), ["__neg" if log else "__recip"], s))
     return Expansion(steps)
+
+
+def b_log_softmax(ctx):
+    return b_softmax(ctx, log=True)
 
 
 def b_max_min(ctx):
@@ -574,9 +583,11 @@ RULES: dict[Any, Any] = {
     nn.Upsample: b_select, nn.ZeroPad2d: b_select, nn.ConstantPad1d: b_select, nn.ConstantPad2d: b_select,
     torch.Tensor.expand: b_select,
     torch.exp: b_exp, torch.log: b_log, torch.sqrt: b_sqrt, torch.reciprocal: b_reciprocal, torch.sin: b_sin,
-    torch.cos: b_cos, torch.abs: b_abs, torch.sign: b_sign, torch.heaviside: b_heaviside, step: b_heaviside, torch.floor: b_floor, torch.pow: b_pow, operator.pow: b_pow,
+    torch.cos: b_cos, torch.abs: b_abs, torch.sign: b_sign,
+    torch.heaviside: b_heaviside, step: b_heaviside, torch.floor: b_floor, torch.pow: b_pow, operator.pow: b_pow,
     F.leaky_relu: b_leaky_relu, torch.clamp: b_clamp, torch.clip: b_clamp, F.hardtanh: b_clamp,
     torch.sum: b_reduce, torch.mean: b_reduce, torch.softmax: b_softmax, F.softmax: b_softmax,
+    torch.log_softmax: b_log_softmax, F.log_softmax: b_log_softmax,
     torch.maximum: b_max_min, torch.minimum: b_max_min,
     # methods
     "expand": b_select, "expand_as": b_select, "repeat": b_select, "narrow": b_select, "flip": b_select,
@@ -588,8 +599,9 @@ RULES: dict[Any, Any] = {
     "unsqueeze": b_reshape, "contiguous": b_reshape, "view_as": b_reshape, "reshape_as": b_reshape,
     "permute": b_permute, "transpose": b_permute,
     "exp": b_exp, "log": b_log, "sqrt": b_sqrt, "reciprocal": b_reciprocal, "sin": b_sin, "cos": b_cos, "abs": b_abs,
-    "sign": b_sign, "heaviside": b_heaviside, "floor": b_floor, "pow": b_pow, "clamp": b_clamp, "clip": b_clamp, "sum": b_reduce, "mean": b_reduce,
-    "softmax": b_softmax, "maximum": b_max_min, "minimum": b_max_min, "matmul": b_matmul,
+    "sign": b_sign, "heaviside": b_heaviside, "floor": b_floor, "pow": b_pow, "clamp": b_clamp, "clip": b_clamp,
+    "sum": b_reduce, "mean": b_reduce,
+    "softmax": b_softmax, "log_softmax": b_log_softmax, "maximum": b_max_min, "minimum": b_max_min, "matmul": b_matmul,
 }
 
 

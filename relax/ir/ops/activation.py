@@ -42,7 +42,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Activation, Relaxation, sum_rows
+from .base import Activation, Relaxation, sum_rows, times
 
 __all__ = ["ReLU", "Sigmoid", "Tanh", "Erf"]
 
@@ -80,11 +80,6 @@ class ReLU(Activation):
         return r.lw.clone()
 
 
-def _times(k: Tensor, x: Tensor) -> Tensor:
-    """``k x`` with ``0 * inf = 0`` (a slope-0 line is the interval bound, also on an unbounded box)."""
-    return torch.where(k == 0, torch.zeros_like(k), k * x)
-
-
 class _SShaped(Activation):
     """Common relaxation of sigmoid and tanh (see module docstring)."""
 
@@ -117,14 +112,14 @@ class _SShaped(Activation):
         """``min`` (``lower``) or ``max`` of ``g(x) = f(x) - k x`` over ``[lo, hi]``: the ends and
         the turning point ``x1 = -x2 < 0`` (a minimum of ``g``) or ``x2 > 0`` (a maximum) where it
         lies in the interval; widened by a round-off allowance."""
-        g_lo, g_hi = self.f(lo) - _times(k, lo), self.f(hi) - _times(k, hi)
+        g_lo, g_hi = self.f(lo) - times(k, lo), self.f(hi) - times(k, hi)
         inner = (k > 0) & (k < self.fprime0)
         x = self.turning(torch.where(inner, k, torch.full_like(k, self.fprime0 / 2)))
         if lower:
             x = -x
         g_x = self.f(x) - k * x
         use = inner & (x >= lo) & (x <= hi)
-        tol = 4 * torch.finfo(k.dtype).eps * (1 + self.fprime0 + _times(k.abs(), torch.maximum(lo.abs(), hi.abs())))
+        tol = 4 * torch.finfo(k.dtype).eps * (1 + self.fprime0 + times(k.abs(), torch.maximum(lo.abs(), hi.abs())))
         if lower:
             return torch.minimum(torch.minimum(g_lo, g_hi), torch.where(use, g_x, torch.full_like(k, float("inf")))) - tol
         return torch.maximum(torch.maximum(g_lo, g_hi), torch.where(use, g_x, torch.full_like(k, -float("inf")))) + tol

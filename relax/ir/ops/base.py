@@ -44,6 +44,11 @@ def finite(*ts: Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
+def times(k: Tensor, x: Tensor) -> Tensor:
+    """``k x`` with ``0 * inf = 0``: a slope-0 line is the interval bound, also on an unbounded box."""
+    return torch.where(k == 0, torch.zeros_like(k), k * x)
+
+
 def select_lines(A: Tensor, lw: Tensor, lb: Tensor, uw: Tensor, ub: Tensor, finite_intercepts: bool | None = None
                  ) -> tuple[Tensor, Tensor]:
     """CROWN's backward step through ``lw x + lb <= f(x) <= uw x + ub``: coefficients

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .base import Activation, Relaxation, select_lines
+from .base import Activation, Relaxation, select_lines, times
 
 __all__ = ["Elementwise", "Exp", "Log", "Reciprocal", "Sqrt", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip", "Sign",
            "Step", "step", "Floor", "PiecewiseLinear"]
@@ -177,14 +177,11 @@ class Elementwise(Activation):
         """:meth:`extremes` with every special value decided point by point: ``0 * inf`` is 0 (the
         slope-0 line of the interval rule), an overflowed value is bounded by the largest float on
         its side, an undefined one is unbounded."""
-        def kx(x):
-            return torch.where(k == 0, torch.zeros_like(k), k * x)
-
         eps = 8 * torch.finfo(lo.dtype).eps
         big = torch.finfo(lo.dtype).max
         lows, highs = [], []
         for x, fx, mag in self._points(k, lo, hi):
-            kxx = kx(x)
+            kxx = times(k, x)
             gx, tol = fx - kxx, eps * (mag + kxx.abs())
             low, high = gx - tol, gx + tol
             lows.append(torch.where(torch.isnan(gx), -math.inf, torch.where(torch.isnan(low), big, low)))
@@ -592,11 +589,6 @@ class Sign(Elementwise):
         return torch.sign(lo), torch.sign(hi)  # nondecreasing, exact
 
 
-def _times(k: Tensor, x: Tensor) -> Tensor:
-    """``k x`` with ``0 * inf = 0`` (a slope-0 line on an unbounded box)."""
-    return torch.where(k == 0, torch.zeros_like(k), k * x)
-
-
 class _Heaviside(torch.autograd.Function):
     """``torch.heaviside`` with a zero derivative (as ``sign``'s): torch defines none, and attacks
     and Jacobians take gradients through the model."""
@@ -648,14 +640,14 @@ class Step(Elementwise):
         return torch.zeros_like(x)
 
     def extremes(self, k, lo, hi):
-        g_lo, g_hi = self.f(lo) - _times(k, lo), self.f(hi) - _times(k, hi)
+        g_lo, g_hi = self.f(lo) - times(k, lo), self.f(hi) - times(k, hi)
         gmin, gmax = torch.minimum(g_lo, g_hi), torch.maximum(g_lo, g_hi)
         zero_in = (lo <= 0) & (hi >= 0)
         for present, value in ((zero_in & (lo < 0), 0.0), (zero_in, self.at_zero), (zero_in & (hi > 0), 1.0)):
             v = torch.full_like(gmin, value)
             gmin = torch.where(present, torch.minimum(gmin, v), gmin)
             gmax = torch.where(present, torch.maximum(gmax, v), gmax)
-        mag = 1 + abs(self.at_zero) + torch.maximum(_times(k, lo).abs(), _times(k, hi).abs())
+        mag = 1 + abs(self.at_zero) + torch.maximum(times(k, lo).abs(), times(k, hi).abs())
         return self._widen(gmin, gmax, mag)
 
     def interval(self, bnd):
@@ -669,7 +661,8 @@ class Step(Elementwise):
         """The largest lower and upper slopes (``1 / hi``, ``1 / -lo``) where the box holds 0 inside, else 0."""
         cross = (lo < 0) & (hi > 0)
         one = torch.ones_like(lo)
-        return torch.where(cross, one / torch.where(cross, hi, one), 0 * one), torch.where(cross, one / torch.where(cross, -lo, one), 0 * one)
+        lower = torch.where(cross, one / torch.where(cross, hi, one), 0 * one)
+        return lower, torch.where(cross, one / torch.where(cross, -lo, one), 0 * one)
 
     def relax(self, lo, hi, mode="crown"):
         kl_max, ku_max = self._ranges(lo, hi)
