@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 #: the blocks, by name (each a function of the builder, the input name and the depth so far)
 BLOCKS = ("conv_transpose", "resize", "pad", "select", "maxmin", "product", "softmax", "step", "reduce", "layernorm", "softplus",
-          "trig", "floor_sign", "reciprocal", "attention", "argmax", "split_pow", "maxpool", "gemm", "gelu", "activations")
+          "trig", "floor_sign", "reciprocal", "attention", "argmax", "split_pow", "maxpool", "gemm", "gelu", "activations", "exported")
 
 C, H, W = 3, 4, 4
 
@@ -177,6 +177,16 @@ def _block_more(b: _Builder, kind: str, t: str, depth: int) -> tuple[str, int]:
         se = b.op("Selu", [b.op("Div", [b.conv(t, 1), _scalar(b, lv)])])
         small = b.op("Mul", [b.op("Sum", [e, sp, hs, se]), _scalar(b, lv)])
         return b.op("Add", [p, small]), depth + 1
+    if kind == "exported":  # operators torch's exporter writes: bilinear Resize, LayerNormalization, Softsign,
+        u = b.op("Resize", [b.conv(t, 1), "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="linear")  # Where, ReduceMax
+        u = b.op("AveragePool", [u], kernel_shape=[2, 2], strides=[2, 2])
+        ln = b.op("LayerNormalization", [u, b.const(b.rng.standard_normal((C, H, W)).astype(np.float32)),
+                                         b.const((b.rng.standard_normal((C, H, W)) * 0.3).astype(np.float32))], axis=1)
+        m = b.op("Softsign", [ln])
+        z = b.const(np.zeros((1,), np.float32))
+        w = b.op("Where", [b.op("Greater", [u, z]), u, b.op("Mul", [u, _scalar(b, 0.1)])])
+        top = b.op("ReduceMax", [w], axes=[1], keepdims=1)
+        return b.op("Add", [b.op("Mul", [m, _scalar(b, lv)]), b.op("ThresholdedRelu", [b.op("Sub", [w, top])], alpha=-lv)]), depth + 1
     raise ValueError(f"unknown block {kind!r}")
 
 
@@ -201,7 +211,7 @@ def make_onnx_net(scale: float, seed: int, blocks: tuple[str, str] | None = None
     graph = helper.make_graph(b.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
                               initializer=[numpy_helper.from_array(v, k) for k, v in b.inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])  # HardSwish: 14
-    model.ir_version = 7
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # LayerNormalization: 17
+    model.ir_version = 8
     onnx.checker.check_model(model)
     return model
