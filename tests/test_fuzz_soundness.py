@@ -130,14 +130,15 @@ def test_no_false_answer_on_binarised_layers():
 
 @pytest.mark.slow
 def test_no_false_answer_on_onnx_imported_nets():
-    """A network of the ``onnx`` family (built as an ONNX graph, converted by the importer): here
-    an explicit Pad before a convolution, then a softmax over channels between transposes whose
-    scores lie 1e6 apart at weight scale 1e3, so that exp overflows inside the bounds (CROWN's
-    bounds were NaN there). CROWN, alpha-CROWN and ``bab`` against the witnesses."""
+    """A network of the ``onnx`` family (built as an ONNX graph, converted by the importer) with
+    a softmax over channels between transposes whose scores' differences reach 4.7e6 in their
+    interval boxes at weight scale 1e3, so that exp overflows inside the bounds (the NaN cases
+    themselves are pinned by tests/test_ops_nonlinear.py). CROWN, alpha-CROWN and ``bab`` against
+    the witnesses."""
     fz = _fuzz()
     nets = fz.load_onnx_nets()
-    # the first run seed whose net (net seed 1000 x run seed) has a softmax between transposes after a Pad
-    wanted = {"Pad", "Softmax", "Transpose"}
+    # the first run seed whose net (net seed 1000 x run seed) has the softmax block
+    wanted = {"Softmax", "Transpose"}
     seed = next(s for s in range(1, 500) if wanted <= {n.op_type for n in nets.make_onnx_net(1e3, 1000 * s).graph.node})
     assert any("softmax" in n.name for n in fz.make_net("onnx", 1e3, 1000 * seed)[0].graph.nodes)  # not redrawn without it
     res = fz.run(1, seed=seed, methods=["crown", "alpha-crown", "bab"], scales=(1e3,), families=("onnx",), slow_every=1,
