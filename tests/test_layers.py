@@ -5,7 +5,8 @@ The layers, lowest first (a module belongs to the first layer with a matching pr
 
     verify vocabulary   verify.spec, verify.errors, verify.deadline, verify.certificate,
                         verify.resources, verify.options
-    verify loading      verify.vnnlib, verify.onnx_import, verify.model
+    verify loading      verify.vnnlib, verify.onnx_import, verify.onnx_composite, verify.graph_functions,
+                        verify.model
     verify base         verify.attack (the one falsifier), verify.confirm (the user's check),
                         verify.status_rule, verify.registry
     relax.ir            the bound graph, its op rules, pruning, the dense view
@@ -30,7 +31,7 @@ PACKAGES = ("verify", "relax", "smoothing")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verify vocabulary", ("verify.spec", "verify.errors", "verify.deadline", "verify.certificate",
                            "verify.resources", "verify.options", "verify.precision", "verify.placement")),
-    ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.model")),
+    ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.onnx_composite", "verify.graph_functions", "verify.model")),
     ("verify base", ("verify.surrogate", "verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
     ("relax.ir", ("relax.ir",)),
     ("relax.bounds", ("relax.bounds", "relax.solvers")),

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from relax.ir.ops.elementwise import step
-
 from .errors import ModelLoadError, ModelLoadTimeout, UnsupportedOperatorError
+from .graph_functions import step
 from .placement import model_device, model_float_dtype, model_tensors
 
 __all__ = [

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from relax.ir.ops.elementwise import step as heaviside_step
+from .graph_functions import step as heaviside_step
 
 if TYPE_CHECKING:  # the converter class lives in verify.onnx_import, which imports this module
     import onnx
@@ -131,7 +131,7 @@ def _hard_swish(cv: "_Converter", node, a) -> fx.Node:
 
 
 def _thresholded_relu(cv: "_Converter", node, a) -> fx.Node:
-    """``x [x > alpha]``: ``x`` times the step ``[x - alpha > 0]`` (:func:`relax.ir.ops.step`)."""
+    """``x [x > alpha]``: ``x`` times the step ``[x - alpha > 0]`` (:func:`verify.graph_functions.step`)."""
     x, h = cv.dyn(node), _hint(node)
     step = cv.fn(heaviside_step, _add(cv, x, -float(a.get("alpha", 1.0)), h), cv.const_node(np.array(0.0), h), hint=h)
     return cv.fn(operator.mul, x, step, hint=h)

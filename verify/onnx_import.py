@@ -46,10 +46,9 @@ from onnx import helper, numpy_helper
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from relax.ir.ops.elementwise import step
-
 from .deadline import Deadline
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
+from .graph_functions import step
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 from .onnx_composite import CONVERTERS as _COMPOSITE
 from .onnx_composite import FOLDS as _COMPOSITE_FOLDS

@@ -38,8 +38,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from relax.ir.ops.elementwise import step
-
+from .graph_functions import step
 from .placement import model_tensors
 from .spec import LinearSpec
 

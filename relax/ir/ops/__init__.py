@@ -378,7 +378,7 @@ b_sin, b_cos, b_abs, b_sign, b_floor = _act(Sin), _act(Cos), _act(Abs), _act(Sig
 
 
 def b_heaviside(ctx):
-    """``torch.heaviside(x, v)`` or :func:`relax.ir.ops.elementwise.step` for a constant scalar ``v``
+    """``torch.heaviside(x, v)`` or :func:`verify.graph_functions.step` for a constant scalar ``v``
     (the value at 0)."""
     x = _single_var(ctx)
     v = as_const(ctx.const(_arg(ctx, 1, "values")), torch.float64).reshape(-1)

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from verify.graph_functions import step
+
 from .base import Activation, Relaxation, select_lines, times
 
 __all__ = ["Elementwise", "Exp", "Log", "Reciprocal", "Sqrt", "Power", "Sin", "Cos", "Abs", "LeakyReLU", "Clip", "Sign",
@@ -587,31 +589,6 @@ class Sign(Elementwise):
     def interval(self, bnd):
         lo, hi = bnd
         return torch.sign(lo), torch.sign(hi)  # nondecreasing, exact
-
-
-class _Heaviside(torch.autograd.Function):
-    """``torch.heaviside`` with a zero derivative (as ``sign``'s): torch defines none, and attacks
-    and Jacobians take gradients through the model."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, at_zero: Tensor) -> Tensor:
-        return torch.heaviside(x, at_zero.to(x.dtype))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        return torch.zeros_like(g), None
-
-
-def step(x: Tensor, at_zero: Tensor) -> Tensor:
-    """``[x > 0] + v [x = 0]`` (``v = at_zero``, a scalar tensor) with a zero derivative: the
-    graph function of :class:`Step` (the ONNX importer writes comparisons with it)."""
-    return _Heaviside.apply(x, at_zero)
 
 
 class Step(Elementwise):
