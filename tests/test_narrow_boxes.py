@@ -90,11 +90,11 @@ def test_refined_boxes_contain_samples_and_pgd_points(monkeypatch, case, seed):
         monkeypatch.setattr(narrow_boxes, "SAMPLES", 2)
     if case in ("few_samples", "little_time"):  # every bound searched (no giving up), whatever its searches' end
         monkeypatch.setattr(narrow_boxes, "GIVE_UP_AFTER", 10**6)
-    if case == "little_time":  # each search stopped after 0.2 s: its best bound, not a proof, is used (0.05 s left some
-        import relax.bab.input_split as input_split  # searches no time to pass their root under load 5, so no box at all)
+    if case == "little_time":  # each search stopped after 0.05 s: its best bound, not a proof, is used
+        import relax.bab.input_split as input_split
 
         real = input_split.input_bab
-        monkeypatch.setattr(input_split, "input_bab", lambda *a, timeout, **k: real(*a, timeout=min(timeout, 0.2), **k))
+        monkeypatch.setattr(input_split, "input_bab", lambda *a, timeout, **k: real(*a, timeout=min(timeout, 0.05), **k))
     found = refine_narrow_boxes(graph, lo, hi, boxes, time.perf_counter() + 20.0, seed=seed)
     if case == "little_time":
         assert found.stats["bounded"] > 0, found.stats
