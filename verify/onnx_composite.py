@@ -33,13 +33,14 @@ if TYPE_CHECKING:  # the converter class lives in verify.onnx_import, which impo
 
     from .onnx_import import _Converter
 
-__all__ = ["CONVERTERS", "FOLDS", "REDUCE_MAX_ENTRIES", "reduce_axes", "resize_linear"]
+__all__ = ["CONVERTERS", "FOLDS", "REDUCE_MAX_ENTRIES", "node_label", "reduce_axes", "resize_linear"]
 
 #: the most entries ReduceMax / ReduceMin compares (one maximum node per entry)
 REDUCE_MAX_ENTRIES = 256
 
 
-def _hint(node) -> str:
+def node_label(node) -> str:
+    """How errors name an ONNX node: its name, else its first output, else its operator."""
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
@@ -66,7 +67,7 @@ def _neg_part(cv: "_Converter", x: fx.Node, h: str) -> fx.Node:
 def _prelu(cv: "_Converter", node, a) -> fx.Node:
     """``PRelu(x) = s x + (1 - s) relu(x)`` for any slope ``s`` (one ReLU per entry: for ``x >= 0``
     ``s x + (1 - s) x = x``, below 0 ``s x``)."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     slope = cv.const(node, 1)  # broadcast to x as ONNX does (trailing dims; per channel: [C, 1, 1])
     r = len(cv.shape(x))
     s = cv.operand(node, slope, r)
@@ -78,7 +79,7 @@ def _elu_like(alpha_default: float, gamma_default: float | None, celu: bool = Fa
     """Elu ``relu(x) + alpha (exp(min(x, 0)) - 1)``; Selu ``gamma`` times that; Celu with
     ``exp(min(x, 0) / alpha)``."""
     def convert(cv: "_Converter", node, a) -> fx.Node:
-        x, h = cv.dyn(node), _hint(node)
+        x, h = cv.dyn(node), node_label(node)
         alpha = float(a.get("alpha", alpha_default))
         neg = _neg_part(cv, x, h)
         if celu:
@@ -99,18 +100,18 @@ def _softplus_of(cv: "_Converter", x: fx.Node, h: str) -> fx.Node:
 
 def _softplus(cv: "_Converter", node, a) -> fx.Node:
     """``log(1 + exp(x)) = relu(x) + log(1 + exp(-|x|))`` (exact; exp never overflows)."""
-    return _softplus_of(cv, cv.dyn(node), _hint(node))
+    return _softplus_of(cv, cv.dyn(node), node_label(node))
 
 
 def _mish(cv: "_Converter", node, a) -> fx.Node:
     """``x tanh(softplus(x))`` (a product of two activations)."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     return cv.fn(operator.mul, x, cv.fn(torch.tanh, _softplus_of(cv, x, h), hint=h), hint=h)
 
 
 def _softsign(cv: "_Converter", node, a) -> fx.Node:
     """``x / (1 + |x|)``: ``x`` times a reciprocal (a product of two activations)."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     r = cv.fn(torch.reciprocal, _add(cv, cv.fn(torch.abs, x, hint=h), 1.0, h), hint=h)
     return cv.fn(operator.mul, x, r, hint=h)
 
@@ -121,30 +122,30 @@ def _hard_sigmoid_of(cv: "_Converter", x: fx.Node, alpha: float, beta: float, h:
 
 def _hard_sigmoid(cv: "_Converter", node, a) -> fx.Node:
     """``clamp(alpha x + beta, 0, 1)``."""
-    return _hard_sigmoid_of(cv, cv.dyn(node), float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)), _hint(node))
+    return _hard_sigmoid_of(cv, cv.dyn(node), float(a.get("alpha", 0.2)), float(a.get("beta", 0.5)), node_label(node))
 
 
 def _hard_swish(cv: "_Converter", node, a) -> fx.Node:
     """``x HardSigmoid(x)`` with ``alpha = 1/6, beta = 1/2`` (a product of two activations)."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     return cv.fn(operator.mul, x, _hard_sigmoid_of(cv, x, 1.0 / 6.0, 0.5, h), hint=h)
 
 
 def _thresholded_relu(cv: "_Converter", node, a) -> fx.Node:
     """``x [x > alpha]``: ``x`` times the step ``[x - alpha > 0]`` (:func:`verify.graph_functions.step`)."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     step = cv.fn(heaviside_step, _add(cv, x, -float(a.get("alpha", 1.0)), h), cv.const_node(np.array(0.0), h), hint=h)
     return cv.fn(operator.mul, x, step, hint=h)
 
 
 def _erf(cv: "_Converter", node, a) -> fx.Node:
-    return cv.fn(torch.erf, cv.dyn(node), hint=_hint(node))
+    return cv.fn(torch.erf, cv.dyn(node), hint=node_label(node))
 
 
 def _gelu(cv: "_Converter", node, a) -> fx.Node:
     """Gelu (opset 20): ``x (1 + erf(x / sqrt 2)) / 2``, or with ``approximate="tanh"``
     ``x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) / 2`` (products of activations)."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     mode = a.get("approximate", "none")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode == "tanh":
@@ -161,7 +162,7 @@ def _gelu(cv: "_Converter", node, a) -> fx.Node:
 
 def _ceil(cv: "_Converter", node, a) -> fx.Node:
     """``ceil(x) = -floor(-x)``."""
-    x, h = cv.dyn(node), _hint(node)
+    x, h = cv.dyn(node), node_label(node)
     y = _mul(cv, cv.fn(torch.floor, _mul(cv, x, -1.0, h), hint=h), -1.0, h)
     cv.integral.add(y)
     return y
@@ -178,7 +179,7 @@ def _normalise(cv: "_Converter", x: fx.Node, dims: tuple[int, ...], eps: float, 
 
 
 def _affine_tail(cv: "_Converter", node, y: fx.Node, scale: np.ndarray | None, bias: np.ndarray | None, rank: int) -> fx.Node:
-    h = _hint(node)
+    h = node_label(node)
     if scale is not None and not np.all(scale == 1):
         y = _mul(cv, y, cv.operand(node, scale, rank), h)
     if bias is not None and not np.all(bias == 0):
@@ -194,7 +195,7 @@ def _layer_norm(cv: "_Converter", node, a) -> fx.Node:
     dims = tuple(cv.axis(node, k, r) for k in range(axis, r))
     if int(a.get("stash_type", 1)) != 1:
         raise cv.unsupported(node, f"stash_type={a.get('stash_type')}")
-    y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), _hint(node))
+    y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), node_label(node))
     return _affine_tail(cv, node, y, cv.const(node, 1), cv.const(node, 2, optional=True), r)
 
 
@@ -205,7 +206,7 @@ def _instance_norm(cv: "_Converter", node, a) -> fx.Node:
     cv.require_batched(node, x, (3, 4, 5))
     r = len(cv.shape(x))
     dims = tuple(cv.axis(node, k, r) for k in range(2, r))  # the spatial dims
-    y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), _hint(node))
+    y = _normalise(cv, x, dims, float(a.get("epsilon", 1e-5)), node_label(node))
     per_channel = (1, -1) + (1,) * (r - 2)  # [1, C, 1, ...]
     scale, bias = cv.const(node, 1), cv.const(node, 2)
     return _affine_tail(cv, node, y, scale.reshape(per_channel), bias.reshape(per_channel), r)
@@ -233,7 +234,7 @@ def _reduce_extreme(largest: bool) -> Callable:
     f = torch.maximum if largest else torch.minimum
 
     def convert(cv: "_Converter", node, a) -> fx.Node:
-        x, h = cv.dyn(node), _hint(node)
+        x, h = cv.dyn(node), node_label(node)
         dims = reduce_axes(cv, node, a, x)
         if dims is None:
             return x
@@ -258,7 +259,7 @@ def _reduce_extreme(largest: bool) -> Callable:
 def _reduce_of(kind: str) -> Callable:
     """ReduceSumSquare ``sum x^2``, ReduceL2 ``sqrt(sum x^2)``, ReduceL1 ``sum |x|``."""
     def convert(cv: "_Converter", node, a) -> fx.Node:
-        x, h = cv.dyn(node), _hint(node)
+        x, h = cv.dyn(node), node_label(node)
         dims = reduce_axes(cv, node, a, x)
         keep = bool(a.get("keepdims", 1))
         t = cv.fn(torch.abs, x, hint=h) if kind == "l1" else cv.fn(operator.mul, x, x, hint=h)
@@ -273,7 +274,7 @@ def _reduce_of(kind: str) -> Callable:
 def _sum_mean(mean: bool) -> Callable:
     """Sum / Mean of several inputs (numpy broadcasting; a constant operand allowed)."""
     def convert(cv: "_Converter", node, a) -> fx.Node:
-        h = _hint(node)
+        h = node_label(node)
         vals = [cv.arg(node, i) for i in range(len(node.input))]
         dyn = [v for v in vals if isinstance(v, fx.Node)]
         const = [v for v in vals if isinstance(v, np.ndarray)]
@@ -298,7 +299,7 @@ def _depth_to_space(cv: "_Converter", node, a) -> fx.Node:
     cv.require_batched(node, x, (4,))
     b = int(a["blocksize"])
     _, c, hh, ww = cv.shape(x)
-    h = _hint(node)
+    h = node_label(node)
     if node.op_type == "SpaceToDepth":
         if hh % b or ww % b:
             raise cv.unsupported(node, f"blocksize {b} does not divide {hh} x {ww}")
@@ -325,7 +326,7 @@ def _tile(cv: "_Converter", node, a) -> fx.Node:
     if cv.batched and reps[0] != 1:
         raise cv.unsupported(node, "it repeats the batch dimension")
     full = ([1] * cv.offset + reps[cv.offset:]) if cv.batched else ([1] * cv.offset + reps)
-    return cv.fn(torch.tile, x, tuple(full), hint=_hint(node))
+    return cv.fn(torch.tile, x, tuple(full), hint=node_label(node))
 
 
 def _where(cv: "_Converter", node, a) -> fx.Node:
@@ -335,7 +336,7 @@ def _where(cv: "_Converter", node, a) -> fx.Node:
     cond = cv.arg(node, 0)
     if isinstance(cond, fx.Node):
         return _where_dynamic(cv, node, cond)
-    h = _hint(node)
+    h = node_label(node)
     m = cv.const(node, 0).astype(np.float64)
     parts: list[Any] = []
     for v, mask in ((cv.arg(node, 1), m), (cv.arg(node, 2), 1.0 - m)):
@@ -353,7 +354,7 @@ def _where(cv: "_Converter", node, a) -> fx.Node:
 
 
 def _where_dynamic(cv: "_Converter", node, c: fx.Node) -> fx.Node:
-    h = _hint(node)
+    h = node_label(node)
     if c not in cv.integral:
         raise cv.unsupported(node, "a condition that is not known to hold 0 / 1 (not a comparison's output)")
     x, y = (cv.arg(node, i) for i in (1, 2))
@@ -413,7 +414,7 @@ def resize_linear(cv: "_Converter", node: "onnx.NodeProto", a: dict, x: fx.Node,
     """Resize with ``mode="linear"`` of the two spatial dims of an NCHW tensor: bilinear
     interpolation is a fixed linear map of each channel, ``Y = M_h X M_w^T``, written as two
     bias-free linear layers (the last axis, then axis -2 between transposes)."""
-    h = _hint(node)
+    h = node_label(node)
     ctm = a.get("coordinate_transformation_mode", "half_pixel" if node.op_type == "Resize" else "asymmetric")
     if a.get("antialias", 0) or a.get("axes") is not None:
         raise cv.unsupported(node, "antialias or axes with mode=linear")

@@ -52,6 +52,7 @@ from .graph_functions import step
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
 from .onnx_composite import CONVERTERS as _COMPOSITE
 from .onnx_composite import FOLDS as _COMPOSITE_FOLDS
+from .onnx_composite import node_label as _label
 from .onnx_composite import reduce_axes, resize_linear
 
 __all__ = ["import_onnx", "read_onnx", "input_shape_of", "run_onnxruntime", "OnnxRuntimeModel"]
@@ -547,10 +548,6 @@ def _bit_mask(indices: np.ndarray) -> int:
     bits = np.zeros(int(indices.max()) + 1, dtype=bool)
     bits[indices.ravel()] = True
     return int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little")
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or (node.output[0] if node.output else node.op_type)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
