@@ -23,7 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 #: the blocks, by name (each a function of the builder, the input name and the depth so far)
 BLOCKS = ("conv_transpose", "resize", "pad", "select", "maxmin", "product", "softmax", "step", "reduce", "layernorm", "softplus",
-          "trig", "floor_sign", "reciprocal", "attention", "argmax", "split_pow", "maxpool", "gemm", "gelu", "activations", "exported")
+          "trig", "floor_sign", "reciprocal", "attention", "argmax", "split_pow", "maxpool", "gemm", "gelu", "activations", "exported",
+          "logic_atan")
 
 C, H, W = 3, 4, 4
 
@@ -187,6 +188,18 @@ def _block_more(b: _Builder, kind: str, t: str, depth: int) -> tuple[str, int]:
         w = b.op("Where", [b.op("Greater", [u, z]), u, b.op("Mul", [u, _scalar(b, 0.1)])])
         top = b.op("ReduceMax", [w], axes=[1], keepdims=1)
         return b.op("Add", [b.op("Mul", [m, _scalar(b, lv)]), b.op("ThresholdedRelu", [b.op("Sub", [w, top])], alpha=-lv)]), depth + 1
+    if kind == "logic_atan":  # Atan, Shrink, And / Or / Xor of comparisons, ArgMin, Sinh
+        u = b.conv(t, 1)
+        a = b.op("Mul", [b.op("Atan", [b.op("Div", [u, _scalar(b, lv)])]), _scalar(b, lv)])
+        lam = abs(float(b.rng.standard_normal())) * 0.5 * lv
+        s = b.op("Shrink", [b.conv(t, 3, pads=[1, 1, 1, 1])], lambd=lam, bias=lam * float(b.rng.random()))
+        z = b.const(np.zeros((1,), np.float32))
+        p, q = b.op("Greater", [u, z]), b.op("Less", [s, z])
+        logic = b.op("Cast", [b.op("Xor", [b.op("And", [p, q]), b.op("Or", [p, q])])], to=TensorProto.FLOAT)
+        idx = b.op("Cast", [b.op("ArgMin", [u], axis=1, keepdims=1)], to=TensorProto.FLOAT)
+        sh = b.op("Sinh", [b.op("Atan", [b.op("Div", [b.conv(t, 1), _scalar(b, lv)])])])  # atan first: no overflow
+        small = b.op("Mul", [b.op("Add", [b.op("Sum", [logic, sh]), idx]), _scalar(b, lv)])
+        return b.op("Add", [b.op("Add", [a, s]), small]), depth + 1
     raise ValueError(f"unknown block {kind!r}")
 
 

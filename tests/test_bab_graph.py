@@ -269,9 +269,14 @@ def _decided_against_the_grid(act: type, p: float, seed0: int) -> int:
     return decided
 
 
-@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.ReLU])
+class _Atan(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.atan(x)
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.ReLU, _Atan])
 def test_low_dimensional_nets_are_split_on_the_input(act):
-    """2 inputs: the graph input split decides sigmoid / tanh / ReLU nets: it never certifies a
+    """2 inputs: the graph input split decides sigmoid / tanh / ReLU / atan nets: it never certifies a
     ball that holds a violating grid point, and decides the ball of half that radius."""
     assert _decided_against_the_grid(act, math.inf, 50) >= 2
 

@@ -92,12 +92,12 @@ class Moves(nn.Module):
 
 class Smooth(nn.Module):
     """The elementwise functions of relax.ir.ops.elementwise (exp, log, sqrt, reciprocal, powers,
-    sin, cos, abs, leaky ReLU, clamp, sign, floor), each on a slice of one hidden layer."""
+    sin, cos, abs, leaky ReLU, clamp, sign, floor) and atan, each on a slice of one hidden layer."""
 
     def __init__(self):
         super().__init__()
-        self.lin = nn.Linear(5, 24)
-        self.fc = nn.Linear(24, 4)
+        self.lin = nn.Linear(5, 26)
+        self.fc = nn.Linear(26, 4)
 
     def forward(self, x):
         h = self.lin(x) * 1.5
@@ -105,7 +105,7 @@ class Smooth(nn.Module):
             torch.exp(h[:, 0:2]), torch.log(1.5 + h[:, 2:4].abs()), torch.sqrt(h[:, 4:6] ** 2 + 0.5),
             torch.reciprocal(2.0 + torch.sin(h[:, 6:8])), h[:, 8:10] ** 3, torch.cos(3 * h[:, 10:12]),
             F.leaky_relu(h[:, 12:14], 0.2), torch.clamp(h[:, 14:16], -0.3, 0.4), torch.sign(h[:, 16:18]),
-            torch.floor(2 * h[:, 18:20]), torch.abs(h[:, 20:22]), (h[:, 22:24] - 0.2).pow(2),
+            torch.floor(2 * h[:, 18:20]), torch.abs(h[:, 20:22]), (h[:, 22:24] - 0.2).pow(2), torch.atan(3 * h[:, 24:26]),
         ]
         return self.fc(torch.cat(parts, 1))
 
@@ -386,16 +386,16 @@ def test_sigmoid_tanh_relaxation_sound_on_dense_grid():
 
 
 def test_unsupported_operator_names_op_and_node():
-    class Atan(nn.Module):
+    class Asinh(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
-            return self.fc(torch.atan(x))
+            return self.fc(torch.asinh(x))
 
-    with pytest.raises(UnsupportedOperatorError, match=r"atan.*node 'atan'"):
-        build_graph(torch.fx.symbolic_trace(Atan()), (3,))
+    with pytest.raises(UnsupportedOperatorError, match=r"asinh.*node 'asinh'"):
+        build_graph(torch.fx.symbolic_trace(Asinh()), (3,))
 
     class Cumsum(nn.Module):
         def forward(self, x):

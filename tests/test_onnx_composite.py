@@ -1,6 +1,6 @@
 """ONNX operators converted as compositions (verify.onnx_composite) and the Erf bound rule: each
 converted graph equals onnxruntime, and CROWN's bounds on it contain sampled outputs (and the
-outputs at the boxes' corners); the Erf relaxation encloses erf on dense grids of any interval."""
+outputs at the boxes' corners); the Erf and Atan relaxations enclose their functions on dense grids of any interval."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from test_model import assert_matches_ort, make_onnx, node, rand
 
 from relax.bounds import bounds
-from relax.ir.ops import Erf
+from relax.ir.ops import Atan, Erf
 from verify.spec import Box
 
 I64 = np.int64
@@ -74,6 +74,25 @@ CASES = {
                            {"s4": np.array([1, 4, 1, 3], I64)}, 17),
     "space-to-depth": ([node("Reshape", ["t", "s1"], ["u"]), node("SpaceToDepth", ["u"], ["y"], blocksize=2)],
                        {"s1": np.array([1, 1, 2, 6], I64)}, 17),
+    "atan": ([node("Mul", ["t", "k"], ["u"]), node("Atan", ["u"], ["y"])], {"k": np.array(3.0, np.float32)}, 17),
+    "sinh": ([node("Sinh", ["t"], ["y"])], {}, 17),
+    "cosh": ([node("Cosh", ["t"], ["y"])], {}, 17),
+    "shrink": ([node("Shrink", ["t"], ["y"], lambd=0.6, bias=0.2)], {}, 17),
+    "shrink-soft": ([node("Shrink", ["t"], ["y"], lambd=0.4, bias=0.4)], {}, 17),
+    "group-norm-opset18-per-group": ([node("GroupNormalization", ["t", "g", "bb"], ["y"], num_groups=3, epsilon=1e-3)],
+                                     {"g": rand(3), "bb": rand(3)}, 18),
+    "group-norm-opset21-one-group": ([node("GroupNormalization", ["t", "g", "bb"], ["y"], num_groups=1)],
+                                     {"g": rand(3), "bb": rand(3)}, 21),
+    "and-or-xor": ([node("Greater", ["t", "z"], ["p"]), node("Less", ["t", "z2"], ["q"]), node("And", ["p", "q"], ["pq"]),
+                    node("Or", ["p", "mask"], ["o"]), node("Xor", ["pq", "o"], ["x1"]), node("Xor", ["x1", "mask"], ["x2"]),
+                    node("Cast", ["x2"], ["f"], to=1), node("Add", ["f", "t"], ["y"])],
+                   {"z": np.full((1,), -0.3, np.float32), "z2": np.full((1,), 0.4, np.float32),
+                    "mask": np.array([[True, False], [False, True]])}, 17),
+    "argmin": ([node("ArgMin", ["t"], ["i"], axis=1, keepdims=1), node("Cast", ["i"], ["f"], to=1),
+                node("Add", ["f", "t"], ["y"])], {}, 17),
+    "cast-like": ([node("CastLike", ["k", "t"], ["kf"]), node("Mul", ["t", "kf"], ["u"]), node("CastLike", ["u", "f32"], ["y"])],
+                  {"k": np.array(1.5, np.float32), "f32": np.zeros(1, np.float32)}, 21),
+    "swish": ([node("Swish", ["t"], ["y"], alpha=1.5)], {}, 24),
 }
 for _ctm in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"):
     CASES[f"resize-linear-{_ctm}"] = ([node("Resize", ["t", "", "sc"], ["y"], mode="linear",
@@ -92,9 +111,9 @@ def _model(tmp_path, case: str):
     head, inits = _head()
     nodes, extra, opset = CASES[case]
     path = make_onnx(tmp_path, head + nodes, [1, 12], {**inits, **extra}, opset=opset)
-    if opset >= 19:  # onnxruntime reads opset 20 from IR version 9 on
+    if opset >= 19:  # onnxruntime reads opset 20 from IR version 9 on, opset 21 from 10, opset 24 from 11
         m = onnx.load(str(path))
-        m.ir_version = 9
+        m.ir_version = 9 if opset <= 20 else 10 if opset <= 22 else 11
         onnx.save(m, str(path))
     return path
 
@@ -116,16 +135,16 @@ def test_composite_operator_matches_onnxruntime_and_bounds_soundly(tmp_path, cas
     assert (ys >= lo - tol).all() and (ys <= hi + tol).all(), (case, float((lo - ys).max()), float((ys - hi).max()))
 
 
-def test_erf_lines_enclose_erf_on_every_interval():
+@pytest.mark.parametrize("op", [Erf(), Atan()], ids=["erf", "atan"])
+def test_s_shaped_lines_enclose_the_function_on_every_interval(op):
     g = torch.Generator().manual_seed(0)
     lo = torch.randn(1, 2000, generator=g, dtype=D) * 3
     hi = lo + torch.rand(1, 2000, generator=g, dtype=D) * torch.tensor([1e-3, 1.0, 5.0, 40.0], dtype=D).repeat(500)
-    op = Erf()
     x = lo + (hi - lo) * torch.linspace(0, 1, 401, dtype=D).view(-1, 1, 1)
-    fx = torch.erf(x)
+    fx = op.f(x)
     r = op.relax(lo, hi)
     assert (r.lw * x + r.lb <= fx + 1e-12).all() and (r.uw * x + r.ub >= fx - 1e-12).all()
-    assert float(((r.uw * x + r.ub) - (r.lw * x + r.lb)).median()) < 0.05  # tight, not the [-1, 1] box
+    assert float(((r.uw * x + r.ub) - (r.lw * x + r.lb)).median()) < 0.05  # tight, not the function's range
     for a in (0.0, 0.4, 1.0):  # alpha-CROWN's slopes: any fraction of [k_min, k_max] is sound
         k_lo, k_hi = r.extra[2], r.extra[3]
         k = k_lo + a * (k_hi - k_lo)

@@ -250,7 +250,7 @@ _CONST_FUNCTIONS = {F.linear}
 # elementwise functions with a relaxation (relax.ir.ops.elementwise), reductions, softmax
 _NONLINEAR_FUNCTIONS = {
     torch.exp, torch.log, torch.sqrt, torch.reciprocal, torch.sin, torch.cos, torch.abs, torch.sign, torch.floor,
-    torch.erf, torch.special.erf, torch.heaviside, step, torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip,
+    torch.erf, torch.special.erf, torch.atan, torch.arctan, torch.heaviside, step, torch.pow, operator.pow, F.leaky_relu, torch.clamp, torch.clip,
     F.hardtanh, torch.sum, torch.mean, torch.softmax, F.softmax, torch.log_softmax, F.log_softmax,
 }
 _SHAPE_FUNCTIONS = {
@@ -262,7 +262,7 @@ _SHAPE_FUNCTIONS = {
 }
 CANONICAL_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
                      "expand", "narrow", "flip", "index_select", "repeat", "exp", "log", "sqrt", "reciprocal", "sin",
-                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax", "log_softmax", "erf", "heaviside"}
+                     "cos", "abs", "sign", "floor", "pow", "clamp", "sum", "mean", "softmax", "log_softmax", "erf", "atan", "arctan", "heaviside"}
 
 
 def check_canonical(gm: fx.GraphModule) -> None:

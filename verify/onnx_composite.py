@@ -8,8 +8,10 @@ each docstring), and its bounds are those of the parts. Registered in
 
 * activations: PRelu ``s x + (1 - s) relu(x)`` (one ReLU, any slope), Elu / Selu / Celu,
   Softplus ``relu(x) + log(1 + exp(-|x|))`` (no overflow), Mish, Softsign, HardSigmoid, HardSwish,
-  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil;
-* normalisations: LayerNormalization (opset 17), InstanceNormalization;
+  ThresholdedRelu, Gelu (opset 20, exact and tanh forms), Erf, Ceil, Sinh / Cosh (two exps),
+  Shrink (two ReLUs and two steps), Swish (opset 24);
+* normalisations: LayerNormalization (opset 17), InstanceNormalization, GroupNormalization
+  (opsets 18 and 21);
 * reductions and n-ary ops: ReduceMax / ReduceMin (pairwise maxima), ReduceL1 / ReduceL2 /
   ReduceSumSquare, Sum / Mean of several inputs;
 * linear maps: Resize with ``mode="linear"`` (bilinear: two constant matrices);
@@ -160,6 +162,35 @@ def _gelu(cv: "_Converter", node, a) -> fx.Node:
     return cv.fn(operator.mul, x, half, hint=h)
 
 
+def _hyperbolic(cv: "_Converter", node, a) -> fx.Node:
+    """Sinh / Cosh: ``(exp(x) -/+ exp(-x)) / 2``."""
+    x, h = cv.dyn(node), node_label(node)
+    up, down = cv.fn(torch.exp, x, hint=h), cv.fn(torch.exp, _mul(cv, x, -1.0, h), hint=h)
+    return _mul(cv, cv.fn(operator.sub if node.op_type == "Sinh" else operator.add, up, down, hint=h), 0.5, h)
+
+
+def _shrink(cv: "_Converter", node, a) -> fx.Node:
+    """Shrink: ``x - bias`` above ``lambd``, ``x + bias`` below ``-lambd``, else 0; that is
+    ``relu(x - lambd) - relu(-x - lambd) + (lambd - bias) ([x - lambd > 0] - [-x - lambd > 0])``
+    (the steps only where ``bias != lambd``)."""
+    x, h = cv.dyn(node), node_label(node)
+    lambd, bias = float(a.get("lambd", 0.5)), float(a.get("bias", 0.0))
+    above, below = _add(cv, x, -lambd, h), _add(cv, _mul(cv, x, -1.0, h), -lambd, h)
+    y = cv.fn(operator.sub, _relu(cv, above, h), _relu(cv, below, h), hint=h)
+    if lambd != bias:
+        zero = cv.const_node(np.array(0.0), h)
+        jump = cv.fn(operator.sub, cv.fn(heaviside_step, above, zero, hint=h), cv.fn(heaviside_step, below, zero, hint=h), hint=h)
+        y = _add(cv, y, _mul(cv, jump, lambd - bias, h), h)
+    return y
+
+
+def _swish(cv: "_Converter", node, a) -> fx.Node:
+    """Swish (opset 24): ``x sigmoid(alpha x)`` (a product of two activations)."""
+    x, h = cv.dyn(node), node_label(node)
+    alpha = float(a.get("alpha", 1.0))
+    return cv.fn(operator.mul, x, cv.fn(torch.sigmoid, _mul(cv, x, alpha, h) if alpha != 1.0 else x, hint=h), hint=h)
+
+
 def _ceil(cv: "_Converter", node, a) -> fx.Node:
     """``ceil(x) = -floor(-x)``."""
     x, h = cv.dyn(node), node_label(node)
@@ -210,6 +241,28 @@ def _instance_norm(cv: "_Converter", node, a) -> fx.Node:
     per_channel = (1, -1) + (1,) * (r - 2)  # [1, C, 1, ...]
     scale, bias = cv.const(node, 1), cv.const(node, 2)
     return _affine_tail(cv, node, y, scale.reshape(per_channel), bias.reshape(per_channel), r)
+
+
+def _group_norm(cv: "_Converter", node, a) -> fx.Node:
+    """GroupNormalization: the channels in ``num_groups`` groups, each group of each example
+    normalised over its channels and spatial dims, then ``scale`` and ``bias`` per channel
+    (opset 21) or per group (opset 18, each group's value on its channels)."""
+    x = cv.dyn(node)
+    cv.require_batched(node, x, (3, 4, 5))
+    shape = cv.shape(x)
+    c, g = shape[1], int(a["num_groups"])
+    h = node_label(node)
+    if g < 1 or c % g:
+        raise cv.unsupported(node, f"{g} groups of {c} channels")
+    if int(a.get("stash_type", 1)) != 1:
+        raise cv.unsupported(node, f"stash_type={a.get('stash_type')}")
+    grouped = cv.reshape(node, x, (1, g, (c // g) * math.prod(shape[2:])))
+    y = cv.reshape(node, _normalise(cv, grouped, (2,), float(a.get("epsilon", 1e-5)), h), (1, *shape[1:]))
+    scale, bias = (np.ravel(cv.const(node, i)) for i in (1, 2))
+    if scale.size == g and g != c:  # per group (opset 18)
+        scale, bias = np.repeat(scale, c // g), np.repeat(bias, c // g)
+    per_channel = (1, -1) + (1,) * (len(shape) - 2)
+    return _affine_tail(cv, node, y, scale.reshape(per_channel), bias.reshape(per_channel), len(shape))
 
 
 # ------------------------------------------------------------------------------ reductions
@@ -462,6 +515,8 @@ FOLDS: dict[str, Callable] = {
     "Mean": lambda cv, n, a, ins: np.mean(np.broadcast_arrays(*ins), axis=0),
     "Tile": lambda cv, n, a, ins: np.tile(ins[0], [int(v) for v in np.ravel(ins[1])]),
     "Ceil": lambda cv, n, a, ins: np.ceil(ins[0]),
+    "Sinh": lambda cv, n, a, ins: np.sinh(ins[0]),
+    "Cosh": lambda cv, n, a, ins: np.cosh(ins[0]),
     "ReduceMax": _fold_reduce(np.max),
     "ReduceMin": _fold_reduce(np.min),
     "ReduceSum": _fold_reduce(np.sum),
@@ -485,6 +540,11 @@ CONVERTERS: dict[str, Callable] = {
     "Erf": _erf,
     "Gelu": _gelu,
     "Ceil": _ceil,
+    "Sinh": _hyperbolic,
+    "Cosh": _hyperbolic,
+    "Shrink": _shrink,
+    "Swish": _swish,
+    "GroupNormalization": _group_norm,
     "LayerNormalization": _layer_norm,
     "InstanceNormalization": _instance_norm,
     "ReduceMax": _reduce_extreme(True),

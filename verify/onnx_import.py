@@ -255,11 +255,26 @@ class _Converter:
         self.env: dict[str, Value] = {}
         self.example: dict[fx.Node, Tensor] = {}
         self.integral: set[fx.Node] = set()  # dynamic values known to hold integers (ONNX int / bool types)
+        self._types: dict[str, np.dtype] | None = None  # element types of named values (CastLike's targets)
         self.uses = Counter(i for n in model.graph.node for i in n.input if i)
         self.uses.update(o.name for o in model.graph.output)
         self.input_shape = input_shape_of(model)
         batched = has_batch_dim(_dims(_graph_input(model))) and not leading_is_data
         self.offset = 0 if batched else 1  # torch axis = ONNX axis + offset
+
+    def element_type(self, name: str) -> np.dtype | None:
+        """The ONNX element type of value ``name``: declared in the file, else from onnx's shape
+        inference (run once, when first needed); None when neither knows it."""
+        if self._types is None:
+            model = self.model
+            try:
+                model = onnx.shape_inference.infer_shapes(model)
+            except Exception:  # noqa: BLE001 - inference is optional here (large or odd files): declared types only
+                pass
+            self._types = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+                           for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output)
+                           if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+        return self._types.get(name)
 
     @property
     def batched(self) -> bool:
@@ -1095,6 +1110,56 @@ def _not(cv: _Converter, node, a) -> fx.Node:
     return _integral(cv, _one_minus(cv, cv.dyn(node), _label(node)))
 
 
+def _logical(kind: str) -> Callable:
+    """And / Or / Xor of 0 / 1 values (ONNX bools), exact on {0, 1}: with ``s = a + b`` and
+    ``both = relu(s - 1)``, And = ``both``, Or = ``s - both``, Xor = ``s - 2 both``; against a
+    constant ``c``: And = ``a c``, Or = ``a (1 - c) + c``, Xor = ``a (1 - 2 c) + c`` (linear)."""
+    def convert(cv: _Converter, node, a) -> fx.Node:
+        x, y = cv.arg(node, 0), cv.arg(node, 1)
+        if not isinstance(x, fx.Node):
+            x, y = y, x
+        assert isinstance(x, fx.Node)  # not folded: an operand depends on the input
+        hint = _label(node)
+        for v in (x, y):
+            if isinstance(v, fx.Node) and v not in cv.integral:
+                raise cv.unsupported(node, "an operand that is not known to hold 0 / 1 (not a comparison's output)")
+        if isinstance(y, fx.Node):
+            s = cv.fn(operator.add, *cv.align(x, y, hint), hint=hint)
+            both = cv.fn(torch.relu, cv.fn(operator.sub, s, 1.0, hint=hint), hint=hint)
+            if kind == "And":
+                return _integral(cv, both)
+            return _integral(cv, cv.fn(operator.sub, s, both if kind == "Or" else cv.fn(operator.mul, both, 2.0, hint=hint), hint=hint))
+        assert isinstance(y, np.ndarray)
+        c = (y != 0).astype(np.float64)
+        slope = {"And": c, "Or": 1.0 - c, "Xor": 1.0 - 2.0 * c}[kind]
+        r = max(len(cv.shape(x)), c.ndim)
+        while len(cv.shape(x)) < r:
+            x = cv.fn(torch.unsqueeze, x, 1, hint=hint)
+        out = cv.fn(operator.mul, x, cv.operand(node, slope, r), hint=hint)
+        if kind != "And":
+            out = cv.fn(operator.add, out, cv.operand(node, c, r), hint=hint)
+        return _integral(cv, out)
+
+    return convert
+
+
+def _cast_like(cv: _Converter, node, a) -> Value:
+    """CastLike (opset 15): Cast to the element type of input 1 (a constant's dtype; a computed
+    value's declared or inferred type)."""
+    target = cv.arg(node, 1)
+    if isinstance(target, np.ndarray):
+        to = target.dtype
+    else:
+        declared = cv.element_type(node.input[1])
+        if declared is None:
+            raise cv.unsupported(node, f"the element type of '{node.input[1]}' is neither declared nor inferred")
+        to = declared
+    src = cv.arg(node, 0)
+    if isinstance(src, np.ndarray):
+        return src.astype(to)
+    return _cast(cv, node, {"to": helper.np_dtype_to_tensor_dtype(to)})
+
+
 #: the most classes ArgMax compares pairwise (C (C - 1) steps)
 ARGMAX_MAX_CLASSES = 64
 
@@ -1102,8 +1167,11 @@ ARGMAX_MAX_CLASSES = 64
 def _argmax(cv: _Converter, node, a) -> fx.Node:
     """ArgMax along one axis: ``sum_k k [x_k wins]``, where ``x_k`` wins when it is at least every
     other entry and strictly above those of lower index (the first maximum; the last one with
-    ``select_last_index``); "wins" is the AND ``relu(sum of bits - (C - 2))`` of its C - 1 steps."""
+    ``select_last_index``); "wins" is the AND ``relu(sum of bits - (C - 2))`` of its C - 1 steps.
+    ArgMin is ArgMax of ``-x`` (the same first / last rule)."""
     x = cv.dyn(node)
+    if node.op_type == "ArgMin":
+        x = cv.fn(operator.mul, x, -1.0, hint=_label(node))
     s = cv.shape(x)
     ax = int(a.get("axis", 0))
     t = cv.axis(node, ax, len(s))
@@ -1439,6 +1507,12 @@ _CONVERTERS: dict[str, Callable] = {
     "Less": _compare(False, True),
     "LessOrEqual": _compare(False, False),
     "Not": _not,
+    "And": _logical("And"),
+    "Or": _logical("Or"),
+    "Xor": _logical("Xor"),
+    "ArgMin": _argmax,
+    "CastLike": _cast_like,
+    "Atan": _unary(torch.atan),
 }
 _CONVERTERS.update(_COMPOSITE)  # operators written as compositions of the ones above (verify.onnx_composite)
 
@@ -1546,6 +1620,12 @@ _FOLD: dict[str, Callable] = {
     "Log": lambda cv, n, a, ins: np.log(ins[0]),
     "Sin": lambda cv, n, a, ins: np.sin(ins[0]),
     "Cos": lambda cv, n, a, ins: np.cos(ins[0]),
+    "Atan": lambda cv, n, a, ins: np.arctan(ins[0]),
+    "CastLike": lambda cv, n, a, ins: ins[0].astype(ins[1].dtype),
+    "And": lambda cv, n, a, ins: np.logical_and(ins[0], ins[1]),
+    "Or": lambda cv, n, a, ins: np.logical_or(ins[0], ins[1]),
+    "Xor": lambda cv, n, a, ins: np.logical_xor(ins[0], ins[1]),
+    "Not": lambda cv, n, a, ins: np.logical_not(ins[0]),
     "Abs": lambda cv, n, a, ins: np.abs(ins[0]),
     "Sign": lambda cv, n, a, ins: np.sign(ins[0]),
     "Floor": lambda cv, n, a, ins: np.floor(ins[0]),

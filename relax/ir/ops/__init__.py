@@ -19,7 +19,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activation import Erf, ReLU, Sigmoid, Tanh
+from .activation import Atan, Erf, ReLU, Sigmoid, Tanh
 from .affine import Add, Conv, ConvTranspose, ElemAffine, Linear, Reduce
 from .base import Activation, BuildContext, Expansion, Op, Relaxation, as_const
 from .elementwise import (Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign,
@@ -30,7 +30,7 @@ from .product import Product
 from .shape import Permute, Reshape, Select
 
 __all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Expansion", "Linear", "Conv",
-           "ConvTranspose", "ElemAffine", "Add", "Reduce", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh", "Erf",
+           "ConvTranspose", "ElemAffine", "Add", "Reduce", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh", "Erf", "Atan",
            "MaxPool2d", "Elementwise", "Exp", "Log", "Sqrt", "Reciprocal", "Power", "PiecewiseLinear", "Sin", "Cos", "Abs", "LeakyReLU", "Clip",
            "Sign", "Step", "Floor", "Product", "Normalize"]
 
@@ -372,7 +372,7 @@ def _act(cls):
     return build
 
 
-b_relu, b_sigmoid, b_tanh, b_erf = _act(ReLU), _act(Sigmoid), _act(Tanh), _act(Erf)
+b_relu, b_sigmoid, b_tanh, b_erf, b_atan = _act(ReLU), _act(Sigmoid), _act(Tanh), _act(Erf), _act(Atan)
 b_exp, b_log, b_sqrt, b_reciprocal = _act(Exp), _act(Log), _act(Sqrt), _act(Reciprocal)
 b_sin, b_cos, b_abs, b_sign, b_floor = _act(Sin), _act(Cos), _act(Abs), _act(Sign), _act(Floor)
 
@@ -571,6 +571,7 @@ RULES: dict[Any, Any] = {
     torch.relu: b_relu, F.relu: b_relu,
     torch.sigmoid: b_sigmoid, F.sigmoid: b_sigmoid,
     torch.tanh: b_tanh, F.tanh: b_tanh, torch.erf: b_erf, torch.special.erf: b_erf,
+    torch.atan: b_atan, torch.arctan: b_atan,
     torch.flatten: b_reshape, torch.reshape: b_reshape, torch.squeeze: b_reshape, torch.unsqueeze: b_reshape,
     torch.permute: b_permute, torch.transpose: b_permute,
     F.linear: b_linear_fn, torch.matmul: b_matmul, operator.matmul: b_matmul,
@@ -594,7 +595,7 @@ RULES: dict[Any, Any] = {
     "index_select": b_select, "__getitem__": b_select,
     "add": b_binary, "sub": b_binary, "mul": b_binary, "div": b_binary, "truediv": b_binary,
     "neg": b_neg,
-    "relu": b_relu, "sigmoid": b_sigmoid, "tanh": b_tanh, "erf": b_erf,
+    "relu": b_relu, "sigmoid": b_sigmoid, "tanh": b_tanh, "erf": b_erf, "atan": b_atan, "arctan": b_atan,
     "view": b_reshape, "reshape": b_reshape, "flatten": b_reshape, "squeeze": b_reshape,
     "unsqueeze": b_reshape, "contiguous": b_reshape, "view_as": b_reshape, "reshape_as": b_reshape,
     "permute": b_permute, "transpose": b_permute,

@@ -1,4 +1,4 @@
-"""Elementwise activations: ReLU, Sigmoid, Tanh, Erf.
+"""Elementwise activations: ReLU, Sigmoid, Tanh, Erf, Atan.
 
 ReLU on ``[l, u]`` (Zhang et al. 2018, CROWN, Sec. 3.2 and Fig. 1; Singh et al. 2019,
 DeepPoly, Sec. 4): stable neurons are exact; an unstable one (``l < 0 < u``) gets the upper line
@@ -6,7 +6,7 @@ DeepPoly, Sec. 4): stable neurons are exact; an unstable one (``l < 0 < u``) get
 and DeepPoly both take ``alpha = 1 if u > -l else 0`` (the smaller-area choice; DeepPoly
 Eq. (2)); alpha-CROWN optimises alpha (Xu et al. 2021, Eq. (5)).
 
-Sigmoid / Tanh / Erf (S-shaped: convex for ``x < 0``, concave for ``x > 0``). A slope ``k`` is chosen
+Sigmoid / Tanh / Erf / Atan (S-shaped: convex for ``x < 0``, concave for ``x > 0``). A slope ``k`` is chosen
 by a heuristic, then the intercept is the *exact* extreme of ``g(x) = f(x) - k x`` over
 ``[l, u]``: ``g`` decreases, increases, decreases with turning points ``x1 < 0 < x2`` where
 ``f'(x) = k`` (closed form), so ``min g = min(g(l), g(u), g(x1) if x1 in [l, u])`` and
@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .base import Activation, Relaxation, sum_rows, times
 
-__all__ = ["ReLU", "Sigmoid", "Tanh", "Erf"]
+__all__ = ["ReLU", "Sigmoid", "Tanh", "Erf", "Atan"]
 
 
 class ReLU(Activation):
@@ -249,3 +249,21 @@ class Erf(_SShaped):
     def turning(self, k):
         # 2 / sqrt(pi) exp(-x^2) = k: x2 = sqrt(log(f'(0) / k))
         return torch.sqrt(torch.log(self.fprime0 / k).clamp(min=0))
+
+
+class Atan(_SShaped):
+    """The arctangent: odd and S-shaped, bounded by ``pi / 2`` (within the ``1 + f'(0)`` of the
+    round-off allowance), ``atan'(x) = 1 / (1 + x^2)``."""
+
+    kind = "atan"
+    fprime0 = 1.0
+
+    def f(self, x):
+        return torch.atan(x)
+
+    def df(self, x):
+        return 1.0 / (1.0 + x * x)
+
+    def turning(self, k):
+        # 1 / (1 + x^2) = k: x2 = sqrt(1 / k - 1)
+        return torch.sqrt((1.0 / k - 1.0).clamp(min=0))
