@@ -241,7 +241,7 @@ def _device_dtype(gm: nn.Module) -> tuple[torch.device, torch.dtype]:
 CANONICAL_MODULES = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.ReLU, nn.Sigmoid, nn.Tanh, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ConvTranspose2d, nn.Upsample,
-    nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Softmax,
+    nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Softmax, nn.LogSoftmax,
 )
 # tensor op tensor allowed: sums, and products / quotients (relax.ir.ops.Product, bilinear planes)
 _LINEAR_FUNCTIONS = {operator.add, operator.sub, torch.add, torch.sub, operator.mul, operator.truediv, torch.mul, torch.div,

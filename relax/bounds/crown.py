@@ -770,15 +770,17 @@ class _BoxPass:
         return l, h
 
     def _pairwise_consumer(self, p: str, B: int) -> tuple[PairwiseRows | None, str]:
-        """The collector for ``p``'s only consumer when that is a linear map of the last dim
-        bounded from its input (``box_from_input``: softmax's differences), else ``(None, "")``."""
-        consumers = self.graph.consumers[p]
-        if len(consumers) != 1:
+        """The collector for ``p``'s consumer that is a linear map of the last dim bounded from its
+        input (``box_from_input``: softmax's differences; one such consumer, whatever the others:
+        a log-softmax's scores also feed its join), else ``(None, "")``."""
+        c_shape = self.graph.by_name[p].shape
+        fitting = [c for c in (self.graph.by_name[k] for k in self.graph.consumers[p])
+                   if getattr(c.op, "box_from_input", False) and isinstance(getattr(c.op, "W", None), Tensor)
+                   and PairwiseRows.fits(c.op.W, c_shape)]
+        if len(fitting) != 1:
             return None, ""
-        c = self.graph.by_name[consumers[0]]
-        W = getattr(c.op, "W", None)
-        if not getattr(c.op, "box_from_input", False) or not isinstance(W, Tensor) or not PairwiseRows.fits(W, c_shape := self.graph.by_name[p].shape):
-            return None, ""
+        c = fitting[0]
+        W = c.op.W
         grad = torch.is_grad_enabled() and self.alpha_fn is not None
         limit = _chunk_limit(self.max_elements, self.lo_in.device, grad)
         return PairwiseRows(W, getattr(c.op, "b", None), c_shape, B, limit), c.name

@@ -45,6 +45,7 @@ from verify.registry import FLOAT64_PROOF_MARGIN, CertifyCall, Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError
 
 from relax.bab import BabResult, RowSpec
+from relax.ir.heads import without_log_softmax
 
 __all__ = ["BabMethod", "BabOptions", "run_bab"]
 
@@ -177,7 +178,8 @@ class BabMethod(Method):
     summary = ("complete for ReLU networks (l_inf, l_1, l_2 balls, boxes): attack, alpha-CROWN, then input-split "
                "or beta-CROWN ReLU-split branch-and-bound on the bound graph (MILP-refined roots for deep nets, the exact "
                "MILP for one ReLU layer); "
-               "sigmoid / tanh / max-pooling inputs split by intervals (unknown possible)")
+               "inputs of the other nonlinear ops (sigmoid, tanh, erf, atan, max-pooling, ...) split by intervals "
+               "(unknown possible)")
     norms = ("linf", "l2", "l1", "box")
 
     opts: BabOptions
@@ -270,7 +272,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     from relax.bounds.crown import crown
 
     rs = RowSpec(spec.C[0].double(), spec.d[0].double(), spec.groups).with_averages()
-    C, d = rs.batch(1)
+    graph, (C, d) = without_log_softmax(graph, rs.C), rs.batch(1)  # rows a final log-softmax leaves as they are: on the scores
     t_pass = time.perf_counter()
     try:  # a large network's pass stops tightening at FIRST_PASS_SHARE of the budget; its spec rows stop at the deadline
         with torch.no_grad():
@@ -505,6 +507,15 @@ def _one_relu_layer(graph) -> bool:
     return len(graph.activations()) == 1 and len(relu_inputs(graph)) == 1
 
 
+def _same_nodes(fast, graph, rs: RowSpec):
+    """The float32 graph ``fast`` with the nodes of ``graph`` (which may have lost its log-softmax
+    head: :func:`relax.ir.heads.without_log_softmax`), or None when they cannot be matched."""
+    names = lambda g: [n.name for n in g.nodes]  # noqa: E731
+    if names(fast) != names(graph):
+        fast = without_log_softmax(fast, rs.C)
+    return fast if names(fast) == names(graph) else None
+
+
 class _ActivationSearch:
     """ReLU-sign and interval splitting from a root (its intermediate boxes and output slopes),
     optionally after MILP refinement of the root's boxes."""
@@ -515,7 +526,7 @@ class _ActivationSearch:
 
         self.model, self.graph, self.x_set, self.rs, self.opts, self.check_point = model, graph, x_set, rs, opts, check_point
         self.box_pass_s = box_pass_s  # one CROWN pass through the network (the pipeline's first): a domain's boxes
-        self.fast = get_graph(model, tuple(graph.input_shape), torch.float32) if graph.dtype == torch.float64 else None
+        self.fast = None if graph.dtype != torch.float64 else _same_nodes(get_graph(model, tuple(graph.input_shape), torch.float32), graph, rs)
         self.group_low = group_low  # [G] the root's lower bound of each group's max (the search order of ``groups="each"``)
 
     def branch(self, until: float, boxes, root_alphas) -> BabResult:

@@ -25,6 +25,7 @@ from .base import Activation, BuildContext, Expansion, Op, Relaxation, as_const
 from .elementwise import (Abs, Clip, Cos, Elementwise, Exp, Floor, LeakyReLU, Log, PiecewiseLinear, Power, Reciprocal, Sign,
                           Sin, Sqrt, Step, step)
 from .pool import MaxPool2d, avgpool_conv
+from .log_softmax import LogSoftmaxRows
 from .normalize import Normalize
 from .product import Product
 from .shape import Permute, Reshape, Select
@@ -32,7 +33,7 @@ from .shape import Permute, Reshape, Select
 __all__ = ["RULES", "lookup_rule", "Op", "Activation", "Relaxation", "BuildContext", "Expansion", "Linear", "Conv",
            "ConvTranspose", "ElemAffine", "Add", "Reduce", "Reshape", "Permute", "Select", "ReLU", "Sigmoid", "Tanh", "Erf", "Atan",
            "MaxPool2d", "Elementwise", "Exp", "Log", "Sqrt", "Reciprocal", "Power", "PiecewiseLinear", "Sin", "Cos", "Abs", "LeakyReLU", "Clip",
-           "Sign", "Step", "Floor", "Product", "Normalize"]
+           "Sign", "Step", "Floor", "Product", "Normalize", "LogSoftmaxRows"]
 
 
 def _pair(v: Any, n: int = 2) -> tuple[int, ...]:
@@ -457,8 +458,7 @@ def b_softmax(ctx, log=False):
     are one linear map (no diagonal: the ``exp(0) = 1`` term is the constant 1, so even the
     interval rule keeps the sum ``>= 1``), then exp, a sum and a reciprocal -- no product of two
     bounded quantities, hence tighter than ``exp(x_i) / sum_j exp(x_j)`` (Wei et al. 2023,
-    "Convex bounds on the softmax function"). ``log``: ``log_softmax(x)_i = -log(1 + sum_{j != i}
-    exp(x_j - x_i))``, the same steps with ``-log`` for the reciprocal."""
+    "Convex bounds on the softmax function"). ``log``: :func:`_log_softmax_steps`."""
     x = _single_var(ctx)
     s = ctx.in_shapes[x]
     if ctx.node.op == "call_module":
@@ -474,11 +474,6 @@ def b_softmax(ctx, log=False):
     if n == 1:  # softmax 1, log_softmax 0
         value = torch.full((), 0.0 if log else 1.0, dtype=ctx.dtype)
         return Expansion([("one", ElemAffine(torch.zeros((), dtype=ctx.dtype), value, s), [x], s)])
-    W = torch.zeros(n, n - 1, n, dtype=ctx.dtype)  # row (i, k): x_j - x_i for the k-th j != i
-    for i in range(n):
-        others = [j for j in range(n) if j != i]
-        W[i, torch.arange(n - 1), torch.tensor(others)] = 1.0
-        W[i, :, i] = -1.0
     perm = list(range(len(s)))
     perm.append(perm.pop(d))  # softmax dim last
     inv = [perm.index(k) for k in range(len(s))]
@@ -488,8 +483,13 @@ def b_softmax(ctx, log=False):
     if d != len(s) - 1:
         steps.append(("last", Permute(perm), [x], sl))
         src = "__last"
+    if log:
+        steps += _log_softmax_steps(src, sl, ctx.dtype)
+        if d != len(s) - 1:
+            steps.append(("back", Permute(inv), ["__out"], s))
+        return Expansion(steps)
     pair = sl[:-1] + (n * (n - 1),)
-    diff = Linear(W.reshape(n * (n - 1), n), None, len(sl))
+    diff = Linear(_pairwise_differences(n, ctx.dtype), None, len(sl))
     diff.box_from_input = True  # bound the n scores linearly; their n (n - 1) differences from those forms (relax.bounds.pairwise)
     grid = sl[:-1] + (n, n - 1)
     steps += [
@@ -498,14 +498,43 @@ def b_softmax(ctx, log=False):
         ("grid", Reshape(pair, grid), ["__exp"], grid),
         ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__grid"], sl),
         ("plus1", ElemAffine(None, torch.ones((), dtype=ctx.dtype), sl), ["__sum"], sl),
+        ("recip", Reciprocal(), ["__plus1"], sl),
     ]
-    if log:
-        steps += [("log", Log(), ["__plus1"], sl), ("neg", ElemAffine(-torch.ones((), dtype=ctx.dtype), None, sl), ["__log"], sl)]
-    else:
-        steps.append(("recip", Reciprocal(), ["__plus1"], sl))
     if d != len(s) - 1:
-        steps.append(("back", Permute(inv), ["__neg" if log else "__recip"], s))
+        steps.append(("back", Permute(inv), ["__recip"], s))
     return Expansion(steps)
+
+
+def _pairwise_differences(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[n (n - 1), n]``: row ``(i, k)`` is ``x_j - x_i`` for the ``k``-th ``j != i``."""
+    W = torch.zeros(n, n - 1, n, dtype=dtype)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        W[i, torch.arange(n - 1), torch.tensor(others)] = 1.0
+        W[i, :, i] = -1.0
+    return W.reshape(n * (n - 1), n)
+
+
+def _log_softmax_steps(src: str, sl: tuple[int, ...], dtype: torch.dtype) -> list:
+    """``log_softmax(x)_i = -log(1 + sum_{j != i} exp(x_j - x_i))`` over the last dim of ``sl``
+    (``[..., n]``: softmax's steps with ``-log`` for the reciprocal), joined with the scores ``x``
+    in :class:`~relax.ir.ops.log_softmax.LogSoftmaxRows`, which bounds a row whose coefficients sum
+    to 0 (a difference of two outputs) through the scores exactly; the last step is named ``out``."""
+    n = sl[-1]
+    pair = sl[:-1] + (n * (n - 1),)
+    grid = sl[:-1] + (n, n - 1)
+    diff = Linear(_pairwise_differences(n, dtype), None, len(sl))
+    diff.box_from_input = True  # the differences bounded from the scores' linear forms (relax.bounds.pairwise)
+    return [
+        ("diff", diff, [src], pair),
+        ("exp", Exp(), ["__diff"], pair),
+        ("grid", Reshape(pair, grid), ["__exp"], grid),
+        ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__grid"], sl),
+        ("plus1", ElemAffine(None, torch.ones((), dtype=dtype), sl), ["__sum"], sl),
+        ("log", Log(), ["__plus1"], sl),
+        ("neg", ElemAffine(-torch.ones((), dtype=dtype), None, sl), ["__log"], sl),
+        ("out", LogSoftmaxRows(sl), [src, "__neg"], sl),
+    ]
 
 
 def b_log_softmax(ctx):
@@ -561,7 +590,7 @@ RULES: dict[Any, Any] = {
     nn.LeakyReLU: b_leaky_relu,
     nn.Hardtanh: b_clamp,
     nn.ReLU6: b_clamp,
-    nn.Softmax: b_softmax,
+    nn.Softmax: b_softmax, nn.LogSoftmax: b_log_softmax,
     # functions
     operator.add: b_binary, operator.sub: b_binary, operator.mul: b_binary, operator.truediv: b_binary,
     operator.iadd: b_binary, operator.isub: b_binary, operator.imul: b_binary, operator.itruediv: b_binary,

@@ -40,6 +40,8 @@ class Linear(Op):
     """``y = x W^T + b`` on the last dim; ``W: [out, in]``, ``b: [out]`` or ``None``."""
 
     kind = "linear"
+    #: its box is taken from its input's linear bounds (softmax's pairwise differences, relax.bounds.pairwise)
+    box_from_input = False
 
     def __init__(self, W: Tensor, b: Tensor | None, in_rank: int = 1):
         self.W, self.b, self.in_rank = W, b, in_rank

@@ -1,0 +1,58 @@
+"""The output of a log-softmax, seen two ways at once.
+
+``log_softmax(x)_i = x_i - LSE(x)`` with ``LSE(x) = log sum_j exp(x_j)`` over the softmax dim, and
+the graph computes each entry as ``y_i = -log(1 + sum_{j != i} exp(x_j - x_i))`` (relaxed around
+its own entry: the tightest single-entry bounds). :class:`LogSoftmaxRows` takes both the scores
+``x`` and those entries ``y`` and returns ``y``; its backward step uses the identity
+``y_i - y_k = x_i - x_k``. A row ``a`` on ``y`` is split as ``a = p + q`` with
+``q = (sum_i a_i) e_k`` (``k`` the entry of ``a`` largest in magnitude) and ``sum_i p_i = 0``, so
+
+    a . y = p . x + q . y        (exact: ``p . y = p . x - (sum_i p_i) LSE(x)``)
+
+A difference of two outputs (``sum_i a_i = 0``: every robustness row) is thus bounded through the
+scores alone, exactly as on the logits, and a single entry (``a = e_i``) through its own relaxed
+form. The interval rule returns the entries' box.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Op
+
+__all__ = ["LogSoftmaxRows"]
+
+
+class LogSoftmaxRows(Op):
+    """``(x [.., n], y [.., n]) -> y``, where ``y = log_softmax(x)`` over the last dim (module
+    docstring); per-example shape ``shape`` (softmax dim last)."""
+
+    kind = "log-softmax rows"
+    #: the interval rule returns an input's box (no arithmetic)
+    exact_forward = True
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return y
+
+    def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return bounds[1]  # the entries' box
+
+    def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
+        """``A [S, B, *shape]`` -> ``[p, q]`` on ``(x, y)`` (module docstring), no bias."""
+        total = A.sum(-1, keepdim=True)  # [S, B, .., 1]
+        k = A.abs().argmax(-1, keepdim=True)
+        q = torch.zeros_like(A).scatter_(-1, k, total)
+        return [A - q, q], None
+
+    def term_magnitude(self, bx: tuple[Tensor, Tensor], by: tuple[Tensor, Tensor]) -> Tensor:
+        """``[B, *shape]``: per unit of a row's coefficient, a bound on what the backward step's
+        sum and subtraction move: ``max |x| + max |y|`` over the softmax group."""
+        mx = torch.maximum(bx[0].abs(), bx[1].abs()).amax(-1, keepdim=True)
+        my = torch.maximum(by[0].abs(), by[1].abs()).amax(-1, keepdim=True)
+        return (mx + my).expand_as(by[0])
+
+    def __repr__(self) -> str:
+        return f"LogSoftmaxRows(shape={list(self.shape)})"
