@@ -55,6 +55,24 @@ def test_head_dropped_only_for_rows_that_sum_to_zero_in_every_group(dim):
     assert torch.allclose(kept.forward(x) @ c, g.forward(x) @ c, rtol=0, atol=1e-12)
     for entries in (across, {4: 1.0}, {0: 1.0, 1: -0.5}):
         assert without_log_softmax(g, _row(entries)) is g
+    if dim == 1:  # 2^60 + 1 - 2^60 rounds to 0 in a float sum; its exact sum is 1
+        assert without_log_softmax(g, _row({0: 2.0**60, 2: 1.0, 4: -(2.0**60)})) is g
+
+
+def test_head_kept_when_entries_are_selected_after_it():
+    """A slice after the head (entries dropped, padding possible in general): no trimming."""
+    class Sliced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return torch.log_softmax(self.lin(x), dim=1)[:, 1:4]
+
+    g = build_graph(torch.fx.symbolic_trace(Sliced().double()), (6,), D)
+    c = torch.zeros(1, 1, 3, dtype=D)
+    c[0, 0, 0], c[0, 0, 1] = 1.0, -1.0
+    assert without_log_softmax(g, c) is g
 
 
 def test_bab_answers_on_a_log_softmax_head_as_on_the_logits():

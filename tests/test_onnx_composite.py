@@ -199,3 +199,16 @@ def test_a_block_exported_by_torch_loads_matches_onnxruntime_and_bounds_soundly(
         with torch.no_grad():
             ys = net(pts.reshape(-1, 3, 4, 4)).reshape(3000, 2, -1)
         assert (ys >= lo - 1e-9).all() and (ys <= hi + 1e-9).all(), method
+
+
+def test_shrink_with_a_negative_threshold_is_refused(tmp_path):
+    """``lambd < 0``: onnxruntime's branches overlap (``x + bias`` wins), which the two-ReLU
+    composition does not write; the importer names the node instead of converting it wrongly."""
+    from test_model import load_model
+
+    from verify.errors import UnsupportedOperatorError
+
+    head, inits = _head()
+    path = make_onnx(tmp_path, head + [node("Shrink", ["t"], ["y"], lambd=-1.0, bias=0.3)], [1, 12], inits, opset=17)
+    with pytest.raises(UnsupportedOperatorError, match="Shrink.*lambd=-1 < 0"):
+        load_model(path)

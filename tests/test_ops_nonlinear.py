@@ -214,6 +214,32 @@ def test_log_softmax_differences_are_bounded_as_the_logits_and_rows_enclose_samp
     assert bool((lo <= hi).all()) and bool(torch.isfinite(lo).all())
 
 
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_log_softmax_differences_stay_the_logits_where_exp_overflows(method):
+    """Logits 1000x: the entries' boxes are unbounded (an exp of a difference past 709 at a box
+    end), yet a difference of two outputs is bounded as on the logits (linear and interval
+    parts), and contains the sampled values."""
+    torch.manual_seed(0)
+    net = _LogSoftmaxHead(2).double().eval()
+    with torch.no_grad():
+        net.b.weight.mul_(1000.0)
+        net.b.bias.mul_(1000.0)
+    logits = _LogSoftmaxHead(None).double().eval()
+    logits.load_state_dict(net.state_dict())
+    x = torch.rand(2, 6, dtype=D)
+    S = Box(x - 0.5, x + 0.5)
+    C = torch.zeros(2, 3, 10, dtype=D)
+    for r, (i, j) in enumerate([(0, 1), (3, 2), (8, 9)]):
+        C[:, r, i], C[:, r, j] = 1.0, -1.0
+    lo_ls, _ = bounds(net, S, C, method=method)
+    lo_lg, _ = bounds(logits, S, C, method=method)
+    assert torch.isfinite(lo_ls).all()
+    assert torch.allclose(lo_ls, lo_lg, rtol=1e-9, atol=1e-9), (lo_ls, lo_lg)
+    with torch.no_grad():
+        v = torch.einsum("nbk,bjk->nbj", net(S.sample(5000, generator=torch.Generator().manual_seed(6)).reshape(-1, 6)).reshape(5000, 2, 10), C)
+    assert (v >= lo_ls - 1e-6).all()
+
+
 def test_a_tensor_times_itself_is_bounded_as_its_square():
     """``x * x`` (ml4acopf's power-flow nets write ``p^2 + q^2`` so) is the square: its graph node
     is ``Power(2)``, its interval is ``[0, max(l^2, u^2)]`` across 0 (the product rule of two

@@ -175,6 +175,8 @@ def _shrink(cv: "_Converter", node, a) -> fx.Node:
     (the steps only where ``bias != lambd``)."""
     x, h = cv.dyn(node), node_label(node)
     lambd, bias = float(a.get("lambd", 0.5)), float(a.get("bias", 0.0))
+    if lambd < 0:  # the two branches overlap (onnxruntime takes x + bias first): not this composition
+        raise cv.unsupported(node, f"lambd={lambd:g} < 0")
     above, below = _add(cv, x, -lambd, h), _add(cv, _mul(cv, x, -1.0, h), -lambd, h)
     y = cv.fn(operator.sub, _relu(cv, above, h), _relu(cv, below, h), hint=h)
     if lambd != bias:

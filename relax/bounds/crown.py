@@ -254,6 +254,25 @@ def box_row_bounds(C: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return torch.nan_to_num(low, nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # unbounded boxes: inf - inf
 
 
+def _rows_through_inputs(n: BNode, C: Tensor, boxes: dict[str, tuple[Tensor, Tensor]], w: Tensor | None) -> Tensor:
+    """Lower bounds ``[B, N]`` of the rows ``C [B, N, K]`` on the output of an affine op of several
+    inputs (``rows_through_inputs``: a log-softmax's join) from its inputs' boxes: the op's
+    backward step maps the rows onto each input (a difference of two log-softmax outputs onto the
+    scores alone), each input's part is bounded on its box (an input without coefficients in a
+    row adds 0 there, whatever its box), less the step's round-off (``w``: its weight)."""
+    A_ins, bias = n.op.backward(C.transpose(0, 1))  # the rows as [N, B, K]
+    low = torch.zeros(C.shape[:2], dtype=C.dtype, device=C.device) if bias is None else bias.transpose(0, 1)
+    for A, name in zip(A_ins, n.inputs):
+        if A is None:
+            continue
+        A = A.transpose(0, 1)
+        used = (A != 0).any(-1)
+        low = low + torch.where(used, box_row_bounds(A, *boxes[name]), torch.zeros_like(low))
+    if w is not None:
+        low = low - SAFETY * step_error(C.transpose(0, 1), w).transpose(0, 1)
+    return low
+
+
 def intersect_keeping_gradient(lo: Tensor, hi: Tensor, lo_known: Tensor, hi_known: Tensor) -> tuple[Tensor, Tensor]:
     """The box ``[max(lo, lo_known), min(hi, hi_known)]`` (all ``[...]``, broadcastable) whose
     gradient is that of ``(lo, hi)`` (straight through the intersection).
@@ -810,6 +829,9 @@ class _BoxPass:
             boxes = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, done=self.ibp, stop_at=stop_at)
             node_weights(graph, boxes, self.weights, stop_at)
             ibp_low = box_row_bounds(C, *boxes[graph.output])
+            out = graph.by_name.get(graph.output)
+            if out is not None and getattr(out.op, "rows_through_inputs", False):
+                ibp_low = torch.maximum(ibp_low, _rows_through_inputs(out, C, boxes, self.weights.get(out.name)))
             weights = self.weights
         else:
             ibp_low = torch.full(C.shape[:2], -math.inf, dtype=C.dtype, device=C.device)

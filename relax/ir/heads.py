@@ -14,18 +14,21 @@ import torch
 from torch import Tensor
 
 from relax.ir.graph import BNode, BoundGraph
-from relax.ir.ops import LogSoftmaxRows, Reshape
+from relax.ir.ops import LogSoftmaxRows, Permute, Reshape
 
 __all__ = ["without_log_softmax"]
 
 
 def _head_chain(graph: BoundGraph) -> list[str] | None:
-    """``[join, move, ..., output]``: the :class:`LogSoftmaxRows` node and the single-input moves
-    (reshapes, permutations) from it to the output, or None when the output is not such a chain."""
+    """``[join, move, ..., output]``: the :class:`LogSoftmaxRows` node and the reshapes and
+    permutations from it to the output (no selection or padding: every output entry is one entry
+    of the head), or None when the output is not such a chain."""
+    if graph.output not in graph.by_name:  # the output is the input itself
+        return None
     chain = [graph.output]
     while not isinstance(graph.by_name[chain[0]].op, LogSoftmaxRows):
         n = graph.by_name[chain[0]]
-        if not getattr(n.op, "moves_only", False) or len(n.inputs) != 1 or n.inputs[0] == graph.input_name:
+        if not isinstance(n.op, (Reshape, Permute)) or n.inputs[0] == graph.input_name:  # entries reordered, none added
             return None
         if graph.consumers[n.inputs[0]] != [n.name]:
             return None
@@ -42,16 +45,23 @@ def _groups(graph: BoundGraph, chain: list[str]) -> Tensor:
     return ids.reshape(-1).long()
 
 
+def _sums_vanish(rows: Tensor, groups: Tensor) -> bool:
+    """Whether every row of ``rows [R, K]`` sums to exactly 0 over each group (``groups [K]``):
+    ``math.fsum`` is the exact sum correctly rounded, 0 only for an exact 0 (a float sum can
+    cancel ``2^60 + 1 - 2^60`` to 0)."""
+    terms: dict[tuple[int, int], list[float]] = {}
+    for r, k in rows.nonzero().tolist():
+        terms.setdefault((r, int(groups[k])), []).append(float(rows[r, k]))
+    return all(math.fsum(v) == 0.0 for v in terms.values())
+
+
 def without_log_softmax(graph: BoundGraph, C: Tensor) -> BoundGraph:
     """``graph`` with its final log-softmax replaced by the softmax's scores when every row of
     ``C [..., N, K]`` sums to exactly 0 over each softmax group (module docstring), else ``graph``."""
     chain = _head_chain(graph)
     if chain is None:
         return graph
-    groups = _groups(graph, chain).to(C.device)
-    rows = C.reshape(-1, C.shape[-1]).to(torch.float64)
-    sums = torch.zeros(rows.shape[0], int(groups.max()) + 1, dtype=torch.float64, device=C.device).index_add_(1, groups, rows)
-    if not bool((sums == 0).all()):
+    if not _sums_vanish(C.reshape(-1, C.shape[-1]).to(torch.float64).cpu(), _groups(graph, chain)):
         return graph
     join = graph.by_name[chain[0]]
     scores = join.inputs[0]

@@ -15,6 +15,8 @@ form. The interval rule returns the entries' box.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,8 @@ class LogSoftmaxRows(Op):
     kind = "log-softmax rows"
     #: the interval rule returns an input's box (no arithmetic)
     exact_forward = True
+    #: as the output, rows are bounded on its inputs' boxes too (relax.bounds.crown._rows_through_inputs)
+    rows_through_inputs = True
 
     def __init__(self, shape: tuple[int, ...]):
         self.shape = tuple(shape)
@@ -41,18 +45,24 @@ class LogSoftmaxRows(Op):
         return bounds[1]  # the entries' box
 
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
-        """``A [S, B, *shape]`` -> ``[p, q]`` on ``(x, y)`` (module docstring), no bias."""
+        """``A [S, B, *shape]`` -> ``[p, q]`` on ``(x, y)`` (module docstring), no bias; ``q`` is
+        None when every row's coefficients sum to 0 (the entries' relaxations are then not visited:
+        their boxes may be unbounded where an exp overflowed)."""
         total = A.sum(-1, keepdim=True)  # [S, B, .., 1]
+        if not bool(total.any()):
+            return [A, None], None
         k = A.abs().argmax(-1, keepdim=True)
         q = torch.zeros_like(A).scatter_(-1, k, total)
         return [A - q, q], None
 
     def term_magnitude(self, bx: tuple[Tensor, Tensor], by: tuple[Tensor, Tensor]) -> Tensor:
-        """``[B, *shape]``: per unit of a row's coefficient, a bound on what the backward step's
-        sum and subtraction move: ``max |x| + max |y|`` over the softmax group."""
+        """``[B, *shape]``: per unit of ``sum |a|``, a bound on the error of the split. With the
+        rounded sum ``t = sum a + e`` (``|e| <= gamma_n sum |a|``) and the rounded ``a_k - t``
+        (error ``d``, ``|d| <= 2 u sum |a|``), ``p . x + q . y`` differs from ``a . y`` by
+        ``d x_k - e LSE(x)``, and ``|LSE(x)| <= max |x| + log n``: so ``2 max |x| + log n`` over the
+        group (the entries' box, infinite where an exp overflowed, does not enter)."""
         mx = torch.maximum(bx[0].abs(), bx[1].abs()).amax(-1, keepdim=True)
-        my = torch.maximum(by[0].abs(), by[1].abs()).amax(-1, keepdim=True)
-        return (mx + my).expand_as(by[0])
+        return (2 * mx + math.log(self.shape[-1])).expand_as(by[0])
 
     def __repr__(self) -> str:
         return f"LogSoftmaxRows(shape={list(self.shape)})"
