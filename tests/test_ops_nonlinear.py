@@ -216,9 +216,9 @@ def test_log_softmax_differences_are_bounded_as_the_logits_and_rows_enclose_samp
 
 @pytest.mark.parametrize("method", ["crown", "alpha-crown"])
 def test_log_softmax_differences_stay_the_logits_where_exp_overflows(method):
-    """Logits 1000x: the entries' boxes are unbounded (an exp of a difference past 709 at a box
-    end), yet a difference of two outputs is bounded as on the logits (linear and interval
-    parts), and contains the sampled values."""
+    """Logits 1000x: the entries' forms overflow (an exp of a difference past 709 at a box end),
+    yet a difference of two outputs is bounded as on the logits (linear and interval parts), each
+    entry gets finite bounds (``x_i - LSE(x)`` on the scores' box), and both contain the samples."""
     torch.manual_seed(0)
     net = _LogSoftmaxHead(2).double().eval()
     with torch.no_grad():
@@ -236,8 +236,12 @@ def test_log_softmax_differences_stay_the_logits_where_exp_overflows(method):
     assert torch.isfinite(lo_ls).all()
     assert torch.allclose(lo_ls, lo_lg, rtol=1e-9, atol=1e-9), (lo_ls, lo_lg)
     with torch.no_grad():
-        v = torch.einsum("nbk,bjk->nbj", net(S.sample(5000, generator=torch.Generator().manual_seed(6)).reshape(-1, 6)).reshape(5000, 2, 10), C)
+        y = net(S.sample(5000, generator=torch.Generator().manual_seed(6)).reshape(-1, 6)).reshape(5000, 2, 10)
+    v = torch.einsum("nbk,bjk->nbj", y, C)
     assert (v >= lo_ls - 1e-6).all()
+    lo, hi = bounds(net, S, method=method)  # single entries: finite from the scores' box (x_i - LSE(x))
+    assert torch.isfinite(lo).all() and (hi <= 1e-9).all()  # log-probabilities (0 plus the round-off allowance)
+    assert (y >= lo - 1e-6).all() and (y <= hi + 1e-6).all()
 
 
 def test_a_tensor_times_itself_is_bounded_as_its_square():

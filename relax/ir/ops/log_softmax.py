@@ -30,8 +30,8 @@ class LogSoftmaxRows(Op):
     docstring); per-example shape ``shape`` (softmax dim last)."""
 
     kind = "log-softmax rows"
-    #: the interval rule returns an input's box (no arithmetic)
-    exact_forward = True
+    #: the interval rule widens its own ends by their round-off
+    interval_rounded = True
     #: as the output, rows are bounded on its inputs' boxes too (relax.bounds.crown._rows_through_inputs)
     rows_through_inputs = True
 
@@ -42,7 +42,19 @@ class LogSoftmaxRows(Op):
         return y
 
     def interval(self, *bounds: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return bounds[1]  # the entries' box
+        """The entries' box intersected with ``x_i - LSE(x)`` for ``LSE(x)`` in
+        ``[max_j x_j, max_j x_j + log n]`` and with ``y <= 0``: finite wherever the scores' box
+        is, also where an exp of the entries' forms overflowed. Each end is moved outward by
+        ``4 u`` of its terms (two roundings)."""
+        (lx, hx), (ly, hy) = bounds
+        u = torch.finfo(lx.dtype).eps / 2
+        top_hi, top_lo = hx.amax(-1, keepdim=True), lx.amax(-1, keepdim=True)
+        log_n = math.log(self.shape[-1])
+        lo = lx - top_hi - log_n
+        lo = lo - 4 * u * (lx.abs() + top_hi.abs() + log_n)
+        hi = (hx - top_lo) + 4 * u * (hx.abs() + top_lo.abs())
+        lo, hi = torch.nan_to_num(lo, nan=-math.inf), torch.nan_to_num(hi, nan=math.inf)
+        return torch.maximum(ly, lo), torch.minimum(torch.minimum(hy, hi), torch.zeros_like(hy))
 
     def backward(self, A: Tensor) -> tuple[list[Tensor | None], Tensor | None]:
         """``A [S, B, *shape]`` -> ``[p, q]`` on ``(x, y)`` (module docstring), no bias; ``q`` is
