@@ -267,10 +267,12 @@ class _Converter:
         inference (run once, when first needed); None when neither knows it."""
         if self._types is None:
             model = self.model
+            self.clock.tick(lambda: f"before inferring the type of '{name}'")
             try:
                 model = onnx.shape_inference.infer_shapes(model)
             except Exception:  # noqa: BLE001 - inference is optional here (large or odd files): declared types only
                 pass
+            self.clock.tick(lambda: f"after inferring the type of '{name}'")
             self._types = {vi.name: np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
                            for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output)
                            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}

@@ -458,7 +458,8 @@ def b_softmax(ctx, log=False):
     are one linear map (no diagonal: the ``exp(0) = 1`` term is the constant 1, so even the
     interval rule keeps the sum ``>= 1``), then exp, a sum and a reciprocal -- no product of two
     bounded quantities, hence tighter than ``exp(x_i) / sum_j exp(x_j)`` (Wei et al. 2023,
-    "Convex bounds on the softmax function"). ``log``: :func:`_log_softmax_steps`."""
+    "Convex bounds on the softmax function"). ``log``: ``log_softmax(x)_i = -log(1 + sum_{j != i}
+    exp(x_j - x_i))``, joined with the scores in :class:`~relax.ir.ops.log_softmax.LogSoftmaxRows`."""
     x = _single_var(ctx)
     s = ctx.in_shapes[x]
     if ctx.node.op == "call_module":
@@ -483,25 +484,14 @@ def b_softmax(ctx, log=False):
     if d != len(s) - 1:
         steps.append(("last", Permute(perm), [x], sl))
         src = "__last"
-    if log:
-        steps += _log_softmax_steps(src, sl, ctx.dtype)
-        if d != len(s) - 1:
-            steps.append(("back", Permute(inv), ["__out"], s))
-        return Expansion(steps)
-    pair = sl[:-1] + (n * (n - 1),)
-    diff = Linear(_pairwise_differences(n, ctx.dtype), None, len(sl))
-    diff.box_from_input = True  # bound the n scores linearly; their n (n - 1) differences from those forms (relax.bounds.pairwise)
-    grid = sl[:-1] + (n, n - 1)
-    steps += [
-        ("diff", diff, [src], pair),
-        ("exp", Exp(), ["__diff"], pair),
-        ("grid", Reshape(pair, grid), ["__exp"], grid),
-        ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__grid"], sl),
-        ("plus1", ElemAffine(None, torch.ones((), dtype=ctx.dtype), sl), ["__sum"], sl),
-        ("recip", Reciprocal(), ["__plus1"], sl),
-    ]
+    steps += _denominator_steps(src, sl, ctx.dtype)
+    if log:  # -log of it, joined with the scores (LogSoftmaxRows: differences of outputs bounded through the scores)
+        steps += [("log", Log(), ["__plus1"], sl), ("neg", ElemAffine(-torch.ones((), dtype=ctx.dtype), None, sl), ["__log"], sl),
+                  ("out", LogSoftmaxRows(sl), [src, "__neg"], sl)]
+    else:
+        steps.append(("recip", Reciprocal(), ["__plus1"], sl))
     if d != len(s) - 1:
-        steps.append(("back", Permute(inv), ["__recip"], s))
+        steps.append(("back", Permute(inv), ["__out" if log else "__recip"], s))
     return Expansion(steps)
 
 
@@ -515,25 +505,21 @@ def _pairwise_differences(n: int, dtype: torch.dtype) -> torch.Tensor:
     return W.reshape(n * (n - 1), n)
 
 
-def _log_softmax_steps(src: str, sl: tuple[int, ...], dtype: torch.dtype) -> list:
-    """``log_softmax(x)_i = -log(1 + sum_{j != i} exp(x_j - x_i))`` over the last dim of ``sl``
-    (``[..., n]``: softmax's steps with ``-log`` for the reciprocal), joined with the scores ``x``
-    in :class:`~relax.ir.ops.log_softmax.LogSoftmaxRows`, which bounds a row whose coefficients sum
-    to 0 (a difference of two outputs) through the scores exactly; the last step is named ``out``."""
+def _denominator_steps(src: str, sl: tuple[int, ...], dtype: torch.dtype) -> list:
+    """``1 + sum_{j != i} exp(x_j - x_i)`` for every entry ``i`` of the last dim of ``sl``
+    (``[..., n]``): the pairwise differences (their boxes from the scores' linear forms,
+    :mod:`relax.bounds.pairwise`), exp, a sum and ``+1``; the last step is named ``plus1``."""
     n = sl[-1]
     pair = sl[:-1] + (n * (n - 1),)
     grid = sl[:-1] + (n, n - 1)
     diff = Linear(_pairwise_differences(n, dtype), None, len(sl))
-    diff.box_from_input = True  # the differences bounded from the scores' linear forms (relax.bounds.pairwise)
+    diff.box_from_input = True
     return [
         ("diff", diff, [src], pair),
         ("exp", Exp(), ["__diff"], pair),
         ("grid", Reshape(pair, grid), ["__exp"], grid),
         ("sum", Reduce((len(grid) - 1,), False, 1.0, grid), ["__grid"], sl),
         ("plus1", ElemAffine(None, torch.ones((), dtype=dtype), sl), ["__sum"], sl),
-        ("log", Log(), ["__plus1"], sl),
-        ("neg", ElemAffine(-torch.ones((), dtype=dtype), None, sl), ["__log"], sl),
-        ("out", LogSoftmaxRows(sl), [src, "__neg"], sl),
     ]
 
 
