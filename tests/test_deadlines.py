@@ -20,6 +20,20 @@ from verify.deadline import Deadline, DeadlineExpired
 from verify.registry import get_method, list_methods
 from verify.spec import LpBall, Robust
 
+
+def _run_timed(run, limit: float):
+    """``run()``'s result and seconds; run once more when it took over ``limit`` seconds. A path
+    that ignores a deadline is late on every run; a stall of the shared CI machine is not (one
+    run of 0.19 s over its 0.6 s budget, the other 1,400 tests on time)."""
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = run()
+        took = time.perf_counter() - t0
+        if took <= limit:
+            break
+    return out, took
+
+
 #: allowed time past the deadline (the issue's target: 1 s or 5 %)
 SLACK = 1.0
 
@@ -297,10 +311,9 @@ def test_beta_ascent_starts_no_step_it_cannot_finish():
 
     alphas = {"r": torch.full((2, 3, 4), 0.5, requires_grad=True)}
     for reserve, most in ((0.0, 0.3), (0.1, 0.3), (None, 0.3)):
-        t0 = time.perf_counter()
-        best, _, _ = _ascend(SlowLagrangian(), None, alphas, {}, {}, {}, steps=50, lr_alpha=0.1, lr_beta=0.1,
-                             deadline=t0 + 0.3, keep_params=True, reserve_s=reserve)
-        took = time.perf_counter() - t0
+        (best, _, _), took = _run_timed(lambda: _ascend(SlowLagrangian(), None, alphas, {}, {}, {}, steps=50, lr_alpha=0.1, lr_beta=0.1,
+                                                    deadline=time.perf_counter() + 0.3, keep_params=True, reserve_s=reserve),
+                                    most + 0.04)
         assert best.shape == (3, 2)
         assert took <= most + 0.04, (reserve, took)
 
@@ -404,9 +417,7 @@ def test_relu_search_abandons_a_root_pass_that_runs_past_its_deadline(monkeypatc
                  torch.tensor([0, 1]))
     root = crown_mod.crown(graph, xs, None).intermediate
     _slowed(monkeypatch, crown_mod, "_through", 0.04)
-    t0 = time.perf_counter()
-    res = graph_relu_bab(graph, xs, rs, root, timeout=0.15, margin=1e9, candidates=1)
-    took = time.perf_counter() - t0
+    res, took = _run_timed(lambda: graph_relu_bab(graph, xs, rs, root, timeout=0.15, margin=1e9, candidates=1), 0.15 + 0.06)
     assert (res.status, res.reason) == ("unknown", "timeout")
     assert took <= 0.15 + 0.06, took
     res = graph_relu_bab(graph, xs, rs, root, timeout=5.0, margin=1e9, candidates=1)
@@ -532,10 +543,9 @@ def test_bab_spec_row_passes_stop_at_the_deadline(monkeypatch, split):
     monkeypatch.setattr(crown_mod, "_through", slow)
     box = LpBall(x0, 0.1, math.inf, 0.0, 1.0)
     for timeout in (0.05, 0.2, 0.35, 0.6):
-        t0 = time.perf_counter()
-        res = bab_mod.run_bab(net, box, spec, opts, timeout=timeout)
-        took = time.perf_counter() - t0
-        assert res.status == "unknown" and took <= timeout + 0.03 + 0.12, (timeout, took, res.details)  # a step + overhead (was +0.45)
+        limit = timeout + 0.03 + 0.12  # a step + overhead (was +0.45)
+        res, took = _run_timed(lambda: bab_mod.run_bab(net, box, spec, opts, timeout=timeout), limit)
+        assert res.status == "unknown" and took <= limit, (timeout, took, res.details)
     res = bab_mod.run_bab(net, box, spec, opts, timeout=3.0)
     assert res.status == "unknown" and res.lower > 900  # the first pass's bound on the whole set (rows + 1e3)
 
@@ -552,9 +562,7 @@ def test_intermediate_rows_stop_at_the_hard_deadline(monkeypatch):
     graph, s = prepare(net, LpBall(x0, 0.3, math.inf, 0.0, 1.0), torch.float64)
     full = crown_mod.crown(graph, s, None).intermediate
     _slowed(monkeypatch, crown_mod, "_through", 0.03)
-    t0 = time.perf_counter()
-    cut = crown_mod.crown(graph, s, None, stop_at=t0 + 0.05).intermediate
-    took = time.perf_counter() - t0
+    cut, took = _run_timed(lambda: crown_mod.crown(graph, s, None, stop_at=time.perf_counter() + 0.05).intermediate, 0.05 + 0.03 + 0.12)
     assert took <= 0.05 + 0.03 + 0.12, took  # one step past the deadline, plus the pass's own work (without the stop: 0.6 s)
     looser = [p for p in full if not torch.equal(cut[p][0], full[p][0]) or not torch.equal(cut[p][1], full[p][1])]
     assert looser  # some rows were not bounded
@@ -590,9 +598,7 @@ def test_intermediate_patch_rows_stop_at_the_hard_deadline(monkeypatch):
     real = patches_mod._input_patches
     monkeypatch.setattr(patches_mod, "_input_patches", lambda *a, **k: calls.append(1) or real(*a, **k))
     _slowed(monkeypatch, patches_mod, "_step", 0.15)
-    t0 = time.perf_counter()
-    cut = crown_mod.crown(graph, s, None, stop_at=t0 + 0.05).intermediate
-    took = time.perf_counter() - t0
+    cut, took = _run_timed(lambda: crown_mod.crown(graph, s, None, stop_at=time.perf_counter() + 0.05).intermediate, 0.05 + 0.15 + 0.15)
     assert calls, "the rows did not go through patches"
     assert took <= 0.05 + 0.15 + 0.15, took  # one step past the deadline, plus the pass's own work (running on: 6.6 s)
     assert any(not torch.equal(cut[p][0], full[p][0]) or not torch.equal(cut[p][1], full[p][1]) for p in full)
