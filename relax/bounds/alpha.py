@@ -36,6 +36,7 @@ from verify.spec import InputSet
 from relax.bounds.adam import ProjectedAdam
 from relax.ir.graph import BoundGraph
 from relax.ir.prune import dead_relus, prune_boxes, prune_graph
+from relax.bounds.cone import cone_rows, spec_cone
 from relax.bounds.crown import AlphaFn, CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
@@ -125,7 +126,7 @@ def alpha_crown(
         return AlphaResult(best, crown_lower, 0, init.intermediate)
     # fixed bounds: the CROWN boxes (and the user's overrides) are intersected every iteration
     fixed = dict(init.intermediate)
-    plan = _intermediate_rows(graph, input_set, fixed) if optimize_intermediate else {}
+    plan = _intermediate_rows(graph, input_set, fixed, spec_cone(graph, C)) if optimize_intermediate else {}
     alphas = _start_slopes(graph, init, relus, plan, C.shape[1], max_elements)
     params = [a for per_start in alphas.values() for a in per_start.values()]
     if not params:
@@ -141,16 +142,17 @@ def alpha_crown(
     return AlphaResult(ascent.best, crown_lower, ascent.done, ascent.boxes, alphas)
 
 
-def _intermediate_rows(graph: BoundGraph, input_set: InputSet, boxes: dict[str, tuple[Tensor, Tensor]]
-                       ) -> dict[str, tuple[Tensor, Tensor]]:
+def _intermediate_rows(graph: BoundGraph, input_set: InputSet, boxes: dict[str, tuple[Tensor, Tensor]],
+                       cone: dict[str, Tensor] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """The rows whose bounds are optimised, ``{pre-activation node: (idx, bidx)}``: the neurons
     unstable under the CROWN ``boxes`` (:func:`relax.bounds.crown.rows_needed`) of every node
-    whose box comes from linear bounds (graph order; nodes without such neurons left out)."""
+    whose box comes from linear bounds (graph order; nodes without such neurons left out), inside
+    the spec rows' ``cone`` (:func:`relax.bounds.cone.spec_cone`) when given."""
     plan: dict[str, tuple[Tensor, Tensor]] = {}
     for p in graph.preactivations():
         if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set):
             continue
-        idx, bidx = rows_needed(graph, p, *boxes[p])
+        idx, bidx = cone_rows(cone or {}, p, *rows_needed(graph, p, *boxes[p]))
         if idx.shape[0] > 0:
             plan[p] = (idx, bidx)
     return plan

@@ -58,6 +58,7 @@ from relax.ir.graph import BNode, BoundGraph
 from relax.bounds.interval import interval_bounds
 from relax.ir.ops import Relaxation, ReLU
 from relax.bounds.concretize import concretize, concretize_rows
+from relax.bounds.cone import cone_rows, spec_cone
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.forward import forward_boxes
 from relax.bounds.patches import (PatchPlan, chw_shape, dense_to_patches, patch_input_rows, patch_lower_bounds, patch_plan,
@@ -688,7 +689,7 @@ def crown(
     bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides) if forward and intermediate is None else bound_overrides
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
                   alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline, stop_at=stop_at,
-                  given=relaxations)
+                  given=relaxations, cone=spec_cone(graph, C) if C is not None and rows is None else None)
     for p in graph.preactivations():
         bp.keep(p, *bp.box(p))
         if prune:
@@ -742,8 +743,10 @@ class _BoxPass:
                  overrides: dict[str, tuple[Tensor, Tensor]], intermediate: dict[str, tuple[Tensor, Tensor]] | None,
                  alpha_fn: AlphaFn | None, rows: dict[str, tuple[Tensor, Tensor]] | None,
                  roundoff_weights: dict[str, Tensor | None] | None, deadline: Deadline | None,
-                 stop_at: float | None = None, given: dict[str, Relaxation] | None = None) -> None:
+                 stop_at: float | None = None, given: dict[str, Relaxation] | None = None,
+                 cone: dict[str, Tensor] | None = None) -> None:
         self.graph, self.input_set, self.mode = graph, input_set, mode
+        self.cone = cone or {}  # the spec rows' cone of influence (relax.bounds.cone): rows only inside it
         self.given = given or {}
         self.stop_at = stop_at
         self.max_elements, self.ov, self.intermediate = max_elements, overrides, intermediate
@@ -779,8 +782,10 @@ class _BoxPass:
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
             pairs, target = self._pairwise_consumer(p, l.shape[0])
+            rows = self.rows.get(p) if self.rows is not None else (cone_rows(self.cone, p, *rows_needed(graph, p, l, h))
+                                                                    if p in self.cone else None)
             l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
-                              rows=None if self.rows is None else self.rows.get(p), alpha_fn=self.alpha_fn, weights=self.weights,
+                              rows=rows, alpha_fn=self.alpha_fn, weights=self.weights,
                               deadline=self.deadline, pairs=pairs, stop_at=self.stop_at)
             if pairs is not None and pairs.lows:
                 self.pair_boxes[target] = pairs.box(l.dtype, l.device)
