@@ -70,6 +70,7 @@ from relax.bounds.adam import ProjectedAdam
 from relax.bab import BabResult, RowSpec
 from relax.bab.leaf import leaf_multipliers, leaf_bound
 from relax.ir.graph import BoundGraph
+from relax.bounds.cone import spec_cone
 from relax.bounds.crown import crown
 from relax.bounds.roundoff import round_outward
 from relax.ir.ops import Relaxation, ReLU
@@ -469,11 +470,12 @@ def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor]
     :func:`_unproved_rows` when the caller has it."""
     D = db.rows.shape[0]
     weight = _unproved_rows(db, rs) if weight is None else weight
+    cone = spec_cone(graph, rs.C.unsqueeze(0))  # a neuron outside it cannot move the rows: never split
     out = {}
     for r, p in relu_inputs(graph):
         l, h = db.boxes[p]
         l, h = l.reshape(D, -1).double(), h.reshape(D, -1).double()
-        unstable = (l < 0) & (h > 0) & (splits[p] == 0)
+        unstable = (l < 0) & (h > 0) & (splits[p] == 0) & _in_cone(cone, p, l.shape[1], l.device)
         if not bool(unstable.any()):
             continue
         Ar = db.record.get(r)
@@ -488,6 +490,13 @@ def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor]
     return out
 
 
+def _in_cone(cone: dict[str, Tensor], p: str, n: int, device: torch.device) -> Tensor | bool:
+    """``[n]`` mask of node ``p``'s neurons in the spec rows' cone (:func:`relax.bounds.cone.spec_cone`),
+    True when it has no mask of that size."""
+    m = cone.get(p)
+    return True if m is None or m.numel() != n else m.to(device)
+
+
 def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec,
             scores: dict[str, Tensor] | None = None) -> tuple[list[str | None], Tensor, Tensor]:
     """Per domain the (node, neuron) to split next and where: ``([D] node names or None,
@@ -500,6 +509,7 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
     groups already proved do not count. ``scores``: :func:`relu_scores` when the caller has them."""
     D = db.rows.shape[0]
     weight = _unproved_rows(db, rs)
+    cone = spec_cone(graph, rs.C.unsqueeze(0))
     if scores is None:
         scores = relu_scores(graph, db, splits, rs, weight)
     best_score = torch.full((D,), -1.0, dtype=torch.float64, device=graph.device)
@@ -517,7 +527,7 @@ def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs
         l, h = db.boxes[p]
         l, h = l.reshape(D, -1).double(), h.reshape(D, -1).double()
         width = h - l
-        splittable = width > 1e-7 * (1 + torch.maximum(l.abs(), h.abs()))
+        splittable = (width > 1e-7 * (1 + torch.maximum(l.abs(), h.abs()))) & _in_cone(cone, p, l.shape[1], l.device)
         if not bool(splittable.any()):
             continue
         Aa = db.record.get(a)

@@ -152,7 +152,7 @@ def _intermediate_rows(graph: BoundGraph, input_set: InputSet, boxes: dict[str, 
     for p in graph.preactivations():
         if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set):
             continue
-        idx, bidx = cone_rows(cone or {}, p, *rows_needed(graph, p, *boxes[p]))
+        idx, bidx = cone_rows(cone or {}, p, *rows_needed(graph, p, *boxes[p]), boxes[p][0][0].numel())
         if idx.shape[0] > 0:
             plan[p] = (idx, bidx)
     return plan

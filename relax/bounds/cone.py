@@ -47,10 +47,11 @@ def spec_cone(graph: BoundGraph, C: Tensor) -> dict[str, Tensor]:
     return cache[key]
 
 
-def cone_rows(cone: dict[str, Tensor], node: str, idx: Tensor, bidx: Tensor) -> tuple[Tensor, Tensor]:
-    """The (neuron ``idx [T]``, batch element ``bidx [T]``) pairs of ``node`` inside the cone."""
+def cone_rows(cone: dict[str, Tensor], node: str, idx: Tensor, bidx: Tensor, numel: int) -> tuple[Tensor, Tensor]:
+    """The (neuron ``idx [T]``, batch element ``bidx [T]``) pairs of ``node`` (``numel`` neurons per
+    batch element) inside the cone; all of them when its mask is of another size (a pruned graph)."""
     mask = cone.get(node)
-    if mask is None or idx.numel() == 0:
+    if mask is None or idx.numel() == 0 or mask.numel() != numel:
         return idx, bidx
     inside = mask.to(idx.device)[idx]
     return idx[inside], bidx[inside]

@@ -782,7 +782,7 @@ class _BoxPass:
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
             pairs, target = self._pairwise_consumer(p, l.shape[0])
-            rows = self.rows.get(p) if self.rows is not None else (cone_rows(self.cone, p, *rows_needed(graph, p, l, h))
+            rows = self.rows.get(p) if self.rows is not None else (cone_rows(self.cone, p, *rows_needed(graph, p, l, h), l[0].numel())
                                                                     if p in self.cone else None)
             l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
                               rows=rows, alpha_fn=self.alpha_fn, weights=self.weights,
