@@ -173,3 +173,33 @@ def test_relu_search_splits_only_neurons_in_the_cone(monkeypatch):
         rs = RowSpec(C[0], torch.tensor([d - res.lower + 1e-3], dtype=torch.float64), torch.tensor([0]))
         res = act.graph_relu_bab(g, xs, rs, crown(g, xs, C).intermediate, timeout=30.0, candidates=1)
         assert res.status == "certified", (res.status, res.reason, res.lower, res.domains)
+
+
+def test_an_overflow_outside_the_cone_leaves_the_rows_bounded():
+    """Boxes that overflow to +-inf far from the cell read (an input corner of +-1e306 through
+    weights of 1e4): rows with coefficient 0 there add 0, not ``0 * inf`` = NaN (ReLU's chord
+    on an unbounded box, a round-off weight of inf), with or without the cone; the bound holds
+    on samples, corners included."""
+    from verify.spec import Box
+
+    net = _conv_head(0)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(1e4)
+    torch.manual_seed(0)
+    x0 = torch.rand(1, 2, 9, 9, dtype=torch.float64)
+    lo, hi = x0 - 0.05, x0 + 0.05
+    lo[0, :, 0, 0], hi[0, :, 0, 0] = -1e306, 1e306
+    g, xs = prepare(torch.fx.symbolic_trace(net), Box(lo, hi), torch.float64)
+    C = _rows_reading([4 * 9 + 4, 81 + 4 * 9 + 4])
+    with torch.no_grad():
+        low = crown(g, xs, C).spec_lower()
+        assert not all(bool(torch.isfinite(b).all()) for b in crown(g, xs, None).intermediate["_0"])  # it does overflow
+        x = lo + (hi - lo) * torch.rand(3000, 2, 9, 9, dtype=torch.float64)
+        x[:1000, :, 0, 0] = torch.where(torch.rand(1000, 2, dtype=torch.float64) < 0.5, lo[0, :, 0, 0], hi[0, :, 0, 0])
+        y = net(x)
+    assert bool(torch.isfinite(low).all()), low
+    cells = [4 * 9 + 4, 81 + 4 * 9 + 4]  # the outputs at the overflowing corner are NaN: read the two cells alone
+    rows = y[:, cells] * C[0][:, cells].diagonal()
+    assert bool(torch.isfinite(rows).all()) and (rows >= low - 1e-6 * low.abs()).all()

@@ -125,8 +125,12 @@ def step_error(A: Tensor, w: Tensor) -> Tensor:
     ``[B, *shape]`` or ``[1, *shape]``; other broadcastable shapes are summed elementwise)."""
     S, B = A.shape[:2]
     if w.dim() == A.dim() - 1 and w.shape[1:] == A.shape[2:] and w.shape[0] in (1, B):
-        return rowwise_dot(A.abs().reshape(S, B, -1), w.reshape(w.shape[0], -1))
-    return (A.abs() * w).reshape(S, B, -1).sum(-1)
+        err = rowwise_dot(A.abs().reshape(S, B, -1), w.reshape(w.shape[0], -1))
+    else:
+        err = (A.abs() * w).reshape(S, B, -1).sum(-1)
+    if bool(err.isnan().any()):  # an infinite weight (an unbounded box) where a row has coefficient 0: adds 0
+        err = torch.where(A != 0, A.abs() * w, torch.zeros((), dtype=A.dtype, device=A.device)).reshape(S, B, -1).sum(-1)
+    return err
 
 
 def concretize_error(absA: Tensor, lo: Tensor, hi: Tensor, eps: Tensor | None = None) -> Tensor:

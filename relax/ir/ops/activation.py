@@ -66,18 +66,33 @@ class ReLU(Activation):
         denom = torch.where(unstable, hi - lo, torch.ones_like(hi))
         uw = torch.where(unstable, hi / denom, active.to(hi.dtype))
         ub = torch.where(unstable, -lo * uw, torch.zeros_like(hi))
+        if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):  # the chord's limits
+            uw, ub = _unbounded_chords(lo, hi, unstable, uw, ub)
         lw = torch.where(unstable, (hi > -lo).to(hi.dtype), active.to(hi.dtype))
         return Relaxation(lw, torch.zeros_like(lw), uw, ub, extra=unstable)
 
     def backward_relaxed(self, A, r, alpha=None):
         lw = r.lw if alpha is None else self.alpha_slope(alpha, r)
-        return A * torch.where(A < 0, r.uw, lw), sum_rows(A.clamp(max=0) * r.ub)
+        up = A.clamp(max=0) * r.ub if r.finite_intercepts else torch.where(A < 0, A * r.ub, torch.zeros((), dtype=A.dtype, device=A.device))
+        return A * torch.where(A < 0, r.uw, lw), sum_rows(up)
 
     def alpha_slope(self, alpha, r):
         return torch.where(r.extra, alpha, r.lw)
 
     def alpha_init(self, r):
         return r.lw.clone()
+
+
+def _unbounded_chords(lo: Tensor, hi: Tensor, unstable: Tensor, uw: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+    """ReLU's upper line on unstable boxes with an infinite end (the chord's limit; ``inf / inf``
+    and ``inf * 0`` would make it NaN): ``x - lo`` when only ``hi`` is infinite, the constant
+    ``hi`` when only ``lo`` is, the constant ``+inf`` when both are (a row that takes it is
+    unbounded; a row with coefficient 0 there is not touched: :meth:`ReLU.backward_relaxed`)."""
+    inf_hi, inf_lo = unstable & torch.isinf(hi), unstable & torch.isinf(lo)
+    one, zero = torch.ones_like(hi), torch.zeros_like(hi)
+    uw = torch.where(inf_hi & ~inf_lo, one, torch.where(inf_lo, zero, uw))
+    ub = torch.where(inf_hi & ~inf_lo, -lo, torch.where(inf_lo & ~inf_hi, hi, torch.where(inf_lo, torch.full_like(hi, math.inf), ub)))
+    return uw, ub
 
 
 class _SShaped(Activation):
