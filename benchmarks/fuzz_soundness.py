@@ -49,7 +49,7 @@ from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
 FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
-            "normalize", "bottleneck", "lookup", "binarised", "onnx")
+            "normalize", "bottleneck", "lookup", "binarised", "onnx", "cell")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -109,6 +109,23 @@ class _Channels(nn.Module):
         g = torch.relu(self.c2(h))
         z = self.c3(torch.cat([g, h[:, [3, 0, 3]], x[:, 2:]], 1)).permute(0, 2, 3, 1)
         return self.out(torch.softmax(z, -1).flatten(1))
+
+
+class _Cell(nn.Module):
+    """3 x 3 convolutions (padding 1) with a residual add and a 1 x 1 head on 8 x 8 maps, of which
+    the output reads one cell (as yolo_2023's properties read one cell of its grid): CROWN,
+    alpha-CROWN and the search bound and split only the neurons in the spec rows' cone
+    (:mod:`relax.bounds.cone`), the rest keep their interval boxes."""
+
+    def __init__(self, n_out: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head, self.act = nn.Conv2d(4, n_out, 1), act()
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        h = self.act(h + self.c2(h))
+        return self.head(self.act(self.c3(h)))[:, :, 5, 2]
 
 
 class _Table(nn.Module):
@@ -249,6 +266,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "channels":
         shape = (3, 6, 6)
         net = _Channels(3)
+    elif family == "cell":
+        shape = (2, 8, 8)
+        net = _Cell(3, (nn.ReLU, nn.Sigmoid, nn.LeakyReLU)[seed % 3])
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))

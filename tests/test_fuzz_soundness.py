@@ -120,6 +120,24 @@ def test_no_false_answer_through_channel_selections_moves_and_cuts(monkeypatch):
     assert not res["bab"]["refused"] and not res["crown"]["refused"], res  # a concat of a domain batch and the input's box
 
 
+def test_no_false_answer_when_the_output_reads_one_cell(monkeypatch):
+    """The cell family (convolutions whose output reads one cell of the map, ReLU / sigmoid /
+    leaky ReLU by net seed) at weight scales 1 and 1e3: the spec rows' cone leaves neurons out
+    (checked), and no false answer from CROWN, alpha-CROWN or ``bab``."""
+    import relax.bounds.crown as crown_mod
+
+    fz = _fuzz()
+    masked = []
+    real = crown_mod.spec_cone
+    monkeypatch.setattr(crown_mod, "spec_cone", lambda g, C: (lambda c: masked.append(bool(c)) or c)(real(g, C)))
+    res = fz.run(2, seed=13, methods=["crown", "alpha-crown", "bab"], scales=(1.0, 1e3), families=("cell",), slow_every=1,
+                 timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert any(masked), "no cone"
+    assert res["bab"]["witness_inside"] >= 5 and res["crown"]["certified"] > 0, res
+
+
 def test_no_false_answer_on_binarised_layers():
     """``sign(sign(z) + 0.1)`` layers (the ``binarised`` family, as the traffic-sign nets write
     them) at weight scales 1 and 1e3: CROWN, alpha-CROWN and ``bab`` (whose attacks step on the
