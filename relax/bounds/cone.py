@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from relax.ir.graph import BoundGraph
-from relax.ir.ops import Activation, ReLU
+from relax.ir.graph import BNode, BoundGraph
+from relax.ir.ops import Activation, Op, ReLU
 from relax.ir.ops.activation import _SShaped
 from relax.ir.ops.elementwise import Elementwise
 
@@ -79,7 +79,7 @@ def _cone(graph: BoundGraph, used: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def _input_masks(graph: BoundGraph, n, mask: Tensor, gen: torch.Generator) -> list[Tensor]:
+def _input_masks(graph: BoundGraph, n: BNode, mask: Tensor, gen: torch.Generator) -> list[Tensor]:
     """For node ``n`` whose output entries ``mask [numel]`` are in the cone: its inputs' masks."""
     sizes = [graph.by_name[i].numel if i != graph.input_name else _numel(graph.input_shape) for i in n.inputs]
     everything = [torch.ones(s, dtype=torch.bool) for s in sizes]
@@ -108,14 +108,14 @@ def _input_masks(graph: BoundGraph, n, mask: Tensor, gen: torch.Generator) -> li
     return out
 
 
-def _numel(shape) -> int:
+def _numel(shape: tuple[int, ...]) -> int:
     k = 1
     for s in shape:
         k *= int(s)
     return k
 
 
-def _device(op) -> torch.device:
+def _device(op: Op) -> torch.device:
     """The device of an op's constants (the CPU when it has none)."""
     for v in vars(op).values():
         if isinstance(v, Tensor):
