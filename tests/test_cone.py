@@ -121,7 +121,21 @@ def test_alpha_crown_optimises_only_rows_in_the_cone_and_stays_sound(monkeypatch
     net = _conv_head(3)
     g, xs, x0 = _graph(net, 3)
     C = _rows_reading([4 * 9 + 4, 81 + 4 * 9 + 4])
+    cone, outside = spec_cone(g, C), []
+    real = crown_mod.bound_node
+
+    def checked(graph, node, *a, **k):  # every pass of every step: rows only inside the cone
+        rows = k.get("rows")
+        if node in cone:
+            outside.append(rows is None or not bool(cone[node][rows[0]].all()))
+        return real(graph, node, *a, **k)
+
+    monkeypatch.setattr(crown_mod, "bound_node", checked)
     cut = alpha_crown(g, xs, C, iterations=15, optimize_intermediate=True)
+    with torch.no_grad():  # a node without planned rows (its unstable neurons all outside the cone) gets none either
+        crown(g, xs, C, rows={})
+    assert outside and not any(outside)
+    monkeypatch.setattr(crown_mod, "bound_node", real)
     monkeypatch.setattr("relax.bounds.alpha.spec_cone", lambda graph, C: {})
     monkeypatch.setattr(crown_mod, "spec_cone", lambda graph, C: {})
     full = alpha_crown(g, xs, C, iterations=15, optimize_intermediate=True)

@@ -689,7 +689,7 @@ def crown(
     bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides) if forward and intermediate is None else bound_overrides
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
                   alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline, stop_at=stop_at,
-                  given=relaxations, cone=spec_cone(graph, C) if C is not None and rows is None else None)
+                  given=relaxations, cone=spec_cone(graph, C) if C is not None else None)
     for p in graph.preactivations():
         bp.keep(p, *bp.box(p))
         if prune:
@@ -782,8 +782,10 @@ class _BoxPass:
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
             pairs, target = self._pairwise_consumer(p, l.shape[0])
-            rows = self.rows.get(p) if self.rows is not None else (cone_rows(self.cone, p, *rows_needed(graph, p, l, h), l[0].numel())
-                                                                    if p in self.cone else None)
+            if self.rows is not None and p in self.rows:
+                rows = self.rows[p]
+            else:  # a node alpha-CROWN plans no rows for (none unstable in the cone) gets none either
+                rows = cone_rows(self.cone, p, *rows_needed(graph, p, l, h), l[0].numel()) if p in self.cone else None
             l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
                               rows=rows, alpha_fn=self.alpha_fn, weights=self.weights,
                               deadline=self.deadline, pairs=pairs, stop_at=self.stop_at)
