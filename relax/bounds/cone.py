@@ -93,7 +93,7 @@ def _input_masks(graph: BoundGraph, n: BNode, mask: Tensor, gen: torch.Generator
     try:
         with torch.no_grad():
             A_ins, _ = n.op.backward(row)
-    except (RuntimeError, ValueError, NotImplementedError, IndexError):  # an op whose step wants other rows: all inputs
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, IndexError):  # a step that wants other rows: all inputs
         return everything
     out = []
     for A, s, every in zip(A_ins, sizes, everything):
