@@ -1119,3 +1119,25 @@ def test_size_keeping_max_pooling_is_branched_on_as_a_pooling():
     pts = x0 + 0.4 * d / d.norm(dim=1, keepdim=True) * torch.rand(20_000, 1) ** (1 / 6)
     with torch.no_grad():
         assert (net(pts).argmax(1) == label).all()
+
+
+@pytest.mark.parametrize("undefined", [-math.inf, math.nan])
+def test_open_leaves_with_no_bound_are_never_certified(monkeypatch, undefined):
+    """A fully split domain left open whose margin is -inf or NaN (an unbounded or undefined
+    bound) keeps the search from "certified": the old end test took a non-finite worst leaf
+    for "no leaf left open" (NaN was even dropped by ``min``). Every margin here is forced to
+    ``undefined`` and every leaf left open, on a property that is false."""
+    import relax.bab.activation_split as act
+    from relax.bab import RowSpec
+    from relax.bounds import prepare
+    from relax.bounds.crown import crown
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double().eval()
+    g, xs = prepare(net, LpBall(torch.zeros(1, 2, dtype=torch.float64), 1.0, math.inf), torch.float64)
+    rs = RowSpec(torch.ones(1, 1, dtype=torch.float64), torch.tensor([-1e6], dtype=torch.float64), torch.tensor([0]))
+    monkeypatch.setattr(RowSpec, "margin", lambda self, rows: torch.full(rows.shape[:-1], undefined, dtype=rows.dtype, device=rows.device))
+    monkeypatch.setattr(act._ReluSearch, "settle_leaf",
+                        lambda self, sp, dbs, j: ("open", None))
+    res = act.graph_relu_bab(g, xs, rs, crown(g, xs, None).intermediate, timeout=10.0, candidates=1)
+    assert res.status != "certified", (res.status, res.reason, res.domains)

@@ -1075,8 +1075,9 @@ class _ReluSearch:
             status, x = self.settle_leaf(child, db, j)
             if status == "falsified":
                 return self.result("falsified", "counterexample", -math.inf, x)
-            if status == "open":
-                self.worst_leaf = min(self.worst_leaf, float(m[j]))
+            if status == "open":  # an undefined (NaN) margin proves nothing: -inf
+                v = float(m[j])
+                self.worst_leaf = min(self.worst_leaf, v if v == v else -math.inf)
         open_ &= ~leaf
         sel = open_.nonzero().flatten()
         if sel.numel():
@@ -1179,7 +1180,8 @@ class SearchRun:
         s.demoted = q.demotions
         q.full_max = int(FULL_ENTRY_SHARE * self.max_domains)  # the cap shrinks while other groups' searches hold more
         if q.n == 0:
-            return s.result("unknown", "exhausted", s.worst_leaf) if math.isfinite(s.worst_leaf) else s.result("certified", "proved", s.margin)
+            # proved only when no fully split domain was left open (an open one of margin -inf too)
+            return s.result("unknown", "exhausted", s.worst_leaf) if s.worst_leaf < math.inf else s.result("certified", "proved", s.margin)
         k = min(self.cap, q.n, int(self.max_domains - q.load))  # a round of k domains adds at most k full entries
         left = s.deadline - time.perf_counter()
         if self.last_round >= left:  # a round as long as the last does not fit: a smaller one, if one fits
