@@ -178,8 +178,18 @@ def test_relu_search_splits_only_neurons_in_the_cone(monkeypatch):
         return out
 
     monkeypatch.setattr(act, "relu_scores", checked)
+    outside, real_bound = [], crown_mod.bound_node
+
+    def rows_checked(graph, node, *a, **k):  # the domains' box passes too: rows only inside the cone
+        rows = k.get("rows")
+        if node in cone:
+            outside.append(rows is None or not bool(cone[node][rows[0]].all()))
+        return real_bound(graph, node, *a, **k)
+
+    monkeypatch.setattr(crown_mod, "bound_node", rows_checked)
     res = act.graph_relu_bab(g, xs, rs, crown(g, xs, C).intermediate, timeout=30.0, candidates=1)
     assert seen and max(seen) > 0
+    assert outside and not any(outside)
     # the search ends (one without the cone kept splitting neurons outside it until its deadline:
     # 15,000 domains in 20 s against 379 here); exhausted: the open leaves' exact LP bounds, whose
     # smallest is the rows' minimum; shifted above it, the property holds and the search proves it
@@ -218,3 +228,28 @@ def test_an_overflow_outside_the_cone_leaves_the_rows_bounded():
     cells = [4 * 9 + 4, 81 + 4 * 9 + 4]  # the outputs at the overflowing corner are NaN: read the two cells alone
     rows = y[:, cells] * C[0][:, cells].diagonal()
     assert bool(torch.isfinite(rows).all()) and (rows >= low - 1e-6 * low.abs()).all()
+
+
+def test_a_log_softmax_head_keeps_every_row_its_neurons(monkeypatch):
+    """A per-position log-softmax over the channels (its backward splits each row by the row's
+    own sum, so one random row does not show every input a row reaches): rows that read two
+    channels of one cell (not summing to 0) get the same bound as the pass over every neuron."""
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(*list(_conv_head(5))[:-1])  # without its flatten
+
+        def forward(self, x):
+            return torch.log_softmax(self.body(x), dim=1).flatten(1)
+
+    net = Head().double().eval()
+    g, xs, _ = _graph(net, 5, eps=0.1)
+    cell = 4 * 9 + 4
+    C = torch.zeros(1, 2, 3 * 81, dtype=torch.float64)
+    C[0, 0, cell], C[0, 0, 81 + cell] = 1.0, 1.0  # y_0 + y_1 at the cell
+    C[0, 1, 2 * 81 + cell] = 1.0  # y_2 alone
+    with torch.no_grad():
+        cut = crown(g, xs, C).spec_lower()
+        monkeypatch.setattr(crown_mod, "spec_cone", lambda graph, C: {})
+        full = crown(g, xs, C).spec_lower()
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-12)

@@ -172,7 +172,7 @@ def _domain_pass(graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[st
         with torch.no_grad():
             x_all = inputs.select(torch.zeros(D, dtype=torch.long, device=graph.device))  # per-domain rows need the set per domain
             boxes = crown(graph, x_all, None, bound_overrides=boxes, intermediate={p: boxes[p] for p in settled if p in boxes} or None,
-                          deadline=Deadline.until(None if math.isinf(deadline) else deadline)).intermediate
+                          deadline=Deadline.until(None if math.isinf(deadline) else deadline), cone_of=C[:1]).intermediate
         for l, h in boxes.values():
             infeasible |= (l > h).reshape(D, -1).any(1)
     return _Pass(graph, inputs, boxes, C, d, parents), infeasible, time.perf_counter() - t_boxes

@@ -136,7 +136,7 @@ def _one_bound(prefix, lo: Tensor, hi: Tensor, i: int, up: bool, extreme: float,
 
 
 def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Tensor, Tensor]], deadline: float, *,
-                        max_neurons: int = 16, tol: float = 0.03, seed: int = 0) -> NarrowBoxes:
+                        max_neurons: int = 16, tol: float = 0.03, seed: int = 0, cone: dict[str, Tensor] | None = None) -> NarrowBoxes:
     """Refined root boxes of the narrow nodes (module docstring) by ``deadline`` (a
     ``perf_counter`` value; each bound gets an equal share of the time left).
 
@@ -145,12 +145,15 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
         boxes: the root's boxes ``{node: (lo, hi) [1, *shape]}`` (CROWN / alpha-CROWN).
         max_neurons: largest node refined; tol: a target's distance past the sampled extreme,
             as a share of the sampled range.
+        cone: the property's cone of influence (:func:`relax.bounds.cone.spec_cone`): neurons
+            outside it are not refined (no bound the property needs reads their boxes).
 
     Returns:
         :class:`NarrowBoxes` (empty boxes when no node qualifies).
     """
     t0 = time.perf_counter()
-    structural = _structural(graph, boxes, max_neurons)
+    cone = cone or {}
+    structural = {p: anc for p, anc in _structural(graph, boxes, max_neurons).items() if p not in cone or bool(cone[p].any())}
     if not structural:  # most networks: no sampling, no cost
         return NarrowBoxes()
     # the samples' values of the prefix that holds every candidate, at most SAMPLE_NUMBERS numbers in all
@@ -163,6 +166,7 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
     with torch.no_grad():
         vals = graph.values(x, prefix_nodes)
     nodes = narrow_nodes(graph, boxes, vals, max_neurons, structural)
+    outside = {p: ~cone[p].cpu() if p in cone and cone[p].numel() == math.prod(graph.shape(p)) else None for p in nodes}
     out = NarrowBoxes(stats={"nodes": nodes, "proved": 0, "bounded": 0, "retargeted": 0, "domains": 0})
     n_bounds = 2 * sum(math.prod(graph.shape(p)) for p in nodes)
     done = 0
@@ -176,6 +180,9 @@ def refine_narrow_boxes(graph, lo: Tensor, hi: Tensor, boxes: dict[str, tuple[Te
         blo, bhi = (b.reshape(-1).clone() for b in boxes[p])
         improved = False
         for i in range(v.shape[1]):
+            skip = outside[p]
+            if skip is not None and bool(skip[i]):
+                continue
             for up in (False, True):
                 if done >= GIVE_UP_AFTER and not out.stats["proved"]:
                     out.stats["given_up"] = True

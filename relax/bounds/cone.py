@@ -12,7 +12,8 @@ The cone is structural, a superset of the exact one: linear ops map a positive r
 through their own backward step (an entry of the input gets a nonzero coefficient unless every
 weight linking it to the row is 0, or, with probability 0, random positive coefficients cancel:
 then the neuron just keeps its interval box), elementwise activations keep the mask, and every
-other nonlinear op (max-pooling, products, normalisations) marks all of its inputs.
+other nonlinear op (max-pooling, products, normalisations) and every op whose backward step is
+not linear in the row (a log-softmax's join) marks all of its inputs.
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def _input_masks(graph: BoundGraph, n: BNode, mask: Tensor, gen: torch.Generator
     if isinstance(n.op, Activation):
         if isinstance(n.op, _PER_ENTRY) and len(sizes) == 1 and sizes[0] == mask.numel():
             return [mask]
+        return everything
+    if not getattr(n.op, "backward_linear", True):  # which inputs a row reaches depends on its values
         return everything
     dev = _device(n.op)
     row = torch.where(mask, 1.0 + torch.rand(mask.shape, generator=gen, dtype=torch.float64), torch.zeros((), dtype=torch.float64))

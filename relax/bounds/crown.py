@@ -637,7 +637,7 @@ def crown(
     rigorous: bool = True,
     stop_at: float | None = None,
     forward: bool = False,
-    relaxations: dict[str, Relaxation] | None = None,
+    relaxations: dict[str, Relaxation] | None = None, cone_of: Tensor | None = None,
 ) -> CrownResult:
     """CROWN (``mode="crown"``) or DeepPoly (``mode="deeppoly"``) bounds.
 
@@ -676,6 +676,7 @@ def crown(
             wide layers) join the overrides, so CROWN bounds only the neurons they leave unstable.
         relaxations: ``{nonlinear node: Relaxation [B, *shape]}`` used as given, built by ``mode`` from
             this pass's very boxes (a parent's for its children: :class:`relax.bab.activation_split.ParentBoxes`).
+        cone_of: rows ``[B, N, K]`` whose cone (:mod:`relax.bounds.cone`) limits a pass without ``C``.
 
     Returns:
         :class:`CrownResult`. ``lower`` is the larger of the linear and the IBP bound of ``C y``
@@ -689,14 +690,17 @@ def crown(
     bound_overrides = _with_forward_boxes(graph, input_set, bound_overrides) if forward and intermediate is None else bound_overrides
     bp = _BoxPass(graph, input_set, mode, max_elements=max_elements, overrides=bound_overrides or {}, intermediate=intermediate,
                   alpha_fn=alpha_fn, rows=rows, roundoff_weights=roundoff_weights, deadline=deadline, stop_at=stop_at,
-                  given=relaxations, cone=spec_cone(graph, C) if C is not None else None)
+                  given=relaxations, cone=_cone(graph, C if C is not None else cone_of))  # only the rows' cone is bounded
     for p in graph.preactivations():
         bp.keep(p, *bp.box(p))
         if prune:
             bp.graph = _prune_dead(bp.graph, p, bp.known, bp.relax, bp.weights, bp.ibp)
-    if C is None:
-        return CrownResult(None, bp.inter, bp.relax_full, bp.weights)
-    return bp.spec(C, fixed, out_extra, out_record, rigorous, stop_at)
+    return CrownResult(None, bp.inter, bp.relax_full, bp.weights) if C is None else bp.spec(C, fixed, out_extra, out_record, rigorous, stop_at)
+
+
+def _cone(graph: BoundGraph, rows: Tensor | None) -> dict[str, Tensor] | None:
+    """The cone of influence of ``rows`` (:func:`relax.bounds.cone.spec_cone`), None without rows."""
+    return None if rows is None else spec_cone(graph, rows)
 
 
 def _spec_rows_from(fixed: dict, graph: BoundGraph, input_set: InputSet, C: Tensor | None, rigorous: bool, max_elements: int,
@@ -782,10 +786,12 @@ class _BoxPass:
             if p in ov:
                 l, h = l.maximum(ov[p][0]), h.minimum(ov[p][1])
             pairs, target = self._pairwise_consumer(p, l.shape[0])
+            rows: tuple[Tensor, Tensor] | None = None
             if self.rows is not None and p in self.rows:
                 rows = self.rows[p]
-            else:  # a node alpha-CROWN plans no rows for (none unstable in the cone) gets none either
-                rows = cone_rows(self.cone, p, *rows_needed(graph, p, l, h), l[0].numel()) if p in self.cone else None
+            elif p in self.cone and pairs is None:  # (softmax's pairwise boxes need every entry's row)
+                # a node alpha-CROWN plans no rows for (none unstable in the cone) gets none either
+                rows = cone_rows(self.cone, p, *rows_needed(graph, p, l, h), l[0].numel())
             l, h = bound_node(graph, p, l, h, self.relax, self.input_set, self.max_elements,
                               rows=rows, alpha_fn=self.alpha_fn, weights=self.weights,
                               deadline=self.deadline, pairs=pairs, stop_at=self.stop_at)

@@ -444,12 +444,14 @@ def _narrowed_root(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, root, 
     ``(root, root_rows, low, stats)``, the given root when no layer qualifies. Each row keeps the
     better of its two bounds (both hold)."""
     from relax.bab.narrow_boxes import refine_narrow_boxes
+    from relax.bounds.cone import spec_cone
     from relax.bounds.alpha import alpha_crown
 
     now = time.perf_counter()
     lo, hi = (b.reshape(-1) for b in x_set.bounds())
     found = refine_narrow_boxes(graph, lo.to(graph.dtype), hi.to(graph.dtype), root.intermediate,
-                                now + opts.narrow_share * (deadline - now), max_neurons=opts.narrow_max, seed=opts.seed)
+                                now + opts.narrow_share * (deadline - now), max_neurons=opts.narrow_max, seed=opts.seed,
+                                cone=spec_cone(graph, rs.C.unsqueeze(0).to(graph.dtype)))
     if not found.boxes:
         return root, root_rows, low, {}
     C, d = rs.batch(1)

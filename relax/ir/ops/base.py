@@ -80,6 +80,9 @@ class Op:
     #: bound through the op is tighter (any sound line, concretised over a box that contains the
     #: input's, stays below the function's minimum there), so the engine computes none
     exact_image = False
+    #: ``backward(A)`` is linear in ``A`` (its coefficients reach the same inputs whatever the
+    #: row's values: :mod:`relax.bounds.cone` maps one row through it)
+    backward_linear = True
 
     def forward(self, *xs: Any, **kwargs: Any) -> Tensor:  # each op takes its own number of tensors
         raise NotImplementedError

@@ -34,6 +34,8 @@ class LogSoftmaxRows(Op):
     interval_rounded = True
     #: as the output, rows are bounded on its inputs' boxes too (relax.bounds.crown._rows_through_inputs)
     rows_through_inputs = True
+    #: a row is split by its own sum (the part ``(sum a) e_k`` lands on the largest entry)
+    backward_linear = False
 
     def __init__(self, shape: tuple[int, ...]):
         self.shape = tuple(shape)
