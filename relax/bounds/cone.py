@@ -17,6 +17,8 @@ not linear in the row (a log-softmax's join) marks all of its inputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -82,7 +84,7 @@ def _cone(graph: BoundGraph, used: Tensor) -> dict[str, Tensor]:
 
 def _input_masks(graph: BoundGraph, n: BNode, mask: Tensor, gen: torch.Generator) -> list[Tensor]:
     """For node ``n`` whose output entries ``mask [numel]`` are in the cone: its inputs' masks."""
-    sizes = [graph.by_name[i].numel if i != graph.input_name else _numel(graph.input_shape) for i in n.inputs]
+    sizes = [math.prod(graph.shape(i)) for i in n.inputs]
     everything = [torch.ones(s, dtype=torch.bool) for s in sizes]
     if isinstance(n.op, Activation):
         if isinstance(n.op, _PER_ENTRY) and len(sizes) == 1 and sizes[0] == mask.numel():
@@ -109,13 +111,6 @@ def _input_masks(graph: BoundGraph, n: BNode, mask: Tensor, gen: torch.Generator
         flat = A.reshape(-1, s)
         out.append(((flat != 0) | flat.isnan()).any(0).cpu())
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    k = 1
-    for s in shape:
-        k *= int(s)
-    return k
 
 
 def _device(op: Op) -> torch.device:
