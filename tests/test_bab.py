@@ -455,3 +455,21 @@ def test_clipping_skips_an_undefined_bound():
     nan = torch.full((1, 1), math.nan, dtype=torch.float64)
     clo, chi, proved = clip_to_violations(rs, lo, hi, nan, torch.ones(1, 1, 2, dtype=torch.float64), nan, 0.0)
     assert torch.equal(clo, lo) and torch.equal(chi, hi) and not bool(proved[0])
+
+
+def test_best_rows_keeps_each_groups_highest_rows():
+    """``best_rows`` keeps the ``k`` rows of each group with the highest bounds (an undefined bound
+    last), in their order; any kept row's bound still proves its group."""
+    C = torch.eye(6, dtype=torch.float64)
+    rs = RowSpec(C, torch.zeros(6, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 2]))
+    low = torch.tensor([1.0, 3.0, 2.0, float("nan"), 0.0, -5.0], dtype=torch.float64)
+    two, kept2 = rs.best_rows(low, 2)
+    assert kept2.tolist() == [1, 2, 3, 4, 5]
+    assert torch.equal(two.C, C[kept2]) and torch.equal(two.groups, rs.groups[kept2])
+    one, kept1 = rs.best_rows(low, 1)
+    assert kept1.tolist() == [1, 4, 5] and one.groups.tolist() == [0, 1, 2]
+    # each group's best row stays: the margin of the bounds that chose the rows is unchanged
+    low = low.nan_to_num(nan=-math.inf)
+    for k in (1, 2, 3):
+        sub, kept = rs.best_rows(low, k)
+        assert float(sub.margin(low[kept])) == float(rs.margin(low)) == -5.0

@@ -1141,3 +1141,53 @@ def test_open_leaves_with_no_bound_are_never_certified(monkeypatch, undefined):
                         lambda self, sp, dbs, j: ("open", None))
     res = act.graph_relu_bab(g, xs, rs, crown(g, xs, None).intermediate, timeout=10.0, candidates=1)
     assert res.status != "certified", (res.status, res.reason, res.domains)
+
+
+def _any_output_above(seed: int, f: float):
+    """A 6-16-16-4 ReLU MLP, a box of half-width 0.08 in [0, 1]^6 and the property "some output
+    exceeds t" (one group of four rows), with ``t`` a share ``f`` away from the least largest
+    output of 20,000 samples (``f < 0``: below it, often true)."""
+    from verify.spec import Box, Linear
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    _spread(net[0])
+    x0 = torch.rand(1, 6)
+    lo, hi = (x0 - 0.08).clamp(0, 1), (x0 + 0.08).clamp(0, 1)
+    with torch.no_grad():
+        m = float(net(lo + (hi - lo) * torch.rand(20000, 6)).max(1).values.min())
+    t = m + f * abs(m)
+    spec = Linear(torch.eye(4, dtype=torch.float64), torch.full((4,), -t, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    return net, Box(lo, hi), spec
+
+
+def test_search_on_each_groups_best_rows_agrees_with_exact_milp(monkeypatch):
+    """``search_rows`` (rows per group the activation search bounds, the highest at the root):
+    with 1 or 2 of a group's 10 rows (four outputs and their averages) the search never
+    contradicts the exact MILP, the search is handed only those rows, and with 2 it still proves
+    the true cases that need a second row (where a single row leaves domains it cannot prove)."""
+    import relax.bab.activation_split as act
+
+    seen: list[int] = []
+    real = act.graph_relu_bab
+
+    def spy(graph, inputs, rs, *a, **k):
+        seen.append(rs.C.shape[0])
+        return real(graph, inputs, rs, *a, **k)
+
+    monkeypatch.setattr(act, "graph_relu_bab", spy)
+    proved, searched = {1: 0, 2: 0}, 0
+    for seed, f in ((0, -0.3), (2, -0.3), (3, -0.05), (3, 0.0)):
+        net, box, spec = _any_output_above(seed, f)
+        exact = certify(net, box, spec, "milp", timeout=60)[0]
+        assert exact.status in ("certified", "falsified")
+        for k in (1, 2):
+            seen.clear()
+            c = certify(net, box, spec, "bab", timeout=20 if k == 2 else 4, method_options={"split": "relu", "search_rows": k})[0]
+            assert c.status in (exact.status, "unknown"), (seed, f, k, c.status, exact.status)
+            assert set(seen) <= {k}, seen
+            searched += bool(seen)
+            proved[k] += c.status == "certified"
+            if k == 2 and exact.status == "certified":
+                assert c.status == "certified", (seed, f, c.details.get("reason"))
+    assert proved[2] == 3 and proved[1] < 3 and searched >= 4

@@ -88,6 +88,21 @@ class RowSpec:
         floor = float(gmax[~open_].min()) if bool((~open_).any()) else math.inf
         return (*self.select_groups(open_), floor)
 
+    def best_rows(self, rows: Tensor, k: int) -> tuple["RowSpec", Tensor]:
+        """The property with only the ``k`` rows of each group whose lower bounds ``rows [N]`` are
+        highest (an undefined bound counts as ``-inf``), in their order, and their indices ``[N']`` in this spec.
+
+        Sound on any subset: a group holds where one of its rows is ``> 0``, so the max of the
+        kept rows' lower bounds is still a lower bound that proves the group. What is lost is
+        only the chance that a dropped row becomes its group's best on some domain."""
+        r = rows.to(self.C.dtype).reshape(-1).to(self.groups.device).nan_to_num(nan=-math.inf)
+        keep = []
+        for grp in range(self.num_groups):
+            idx = (self.groups == grp).nonzero().squeeze(1)
+            keep.append(idx[torch.topk(r[idx], min(k, idx.numel()), sorted=False).indices])
+        chosen = torch.sort(torch.cat(keep)).values
+        return RowSpec(self.C[chosen], self.d[chosen], self.groups[chosen]), chosen
+
     def select_groups(self, chosen: Tensor) -> tuple["RowSpec", Tensor]:
         """The property of the groups with ``chosen [G]`` true (renumbered ``0..G'-1`` in order)
         and the indices ``[N']`` of its rows in this spec."""

@@ -30,6 +30,7 @@ proved with the margin ``margin``; otherwise ``unknown`` with the best margin lo
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ ROOT_ALPHA_SHARE = 0.3
 #: else it keeps the first pass's boxes and optimises the spec rows' slopes (TinyYOLO: one pass
 #: 170 s of a 300 s budget, which a second pass would repeat)
 ROOT_PASSES_MIN = 4
+#: rows per group that the activation search keeps (those highest at the root) on networks whose
+#: one CROWN pass is expensive (:func:`_search_rows`): a group of five output limits with its
+#: averages has 16 rows, and each step of the search bounds every row on every domain
+EXPENSIVE_SEARCH_ROWS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +122,9 @@ class BabOptions(Options):
                          "classifier's other classes, many output limits): each (one search per group, the "
                          "weakest-bounded first; every domain bounds one group) or joint (one search whose domains "
                          "bound every group)", choices=("each", "joint"))
+    search_rows: int | None = option(None, "relu split: rows per group of the property that the search bounds, the "
+                                     "highest at the root (group averages included); none: all, or 2 where one CROWN "
+                                     "pass of the network takes over 2.5 % of the search's time", positive=True)
     queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
                                     "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
 
@@ -165,6 +173,10 @@ class BabMethod(Method):
             classes; ml4acopf's 216 output limits): ``"each"`` searches every group the root
             leaves open on its own (the weakest-bounded first), as alpha-beta-CROWN keeps one
             OR-clause per domain; ``"joint"`` runs one search whose domains bound all open groups.
+        search_rows: rows per group (its rows and their averages, any of which proves it) that
+            the activation search bounds, the highest at the root; ``None``: all of them, or
+            :data:`EXPENSIVE_SEARCH_ROWS` on networks whose one CROWN pass is expensive
+            (:func:`_search_rows`; TinyYOLO's groups of five output limits have 16 rows).
         queue_memory_mb: memory cap of the queue of open domains (both kinds of splitting);
             above ``FULL_QUEUE`` of it the domains closest to proved are split first (a
             depth-first fallback that shrinks the queue); one that reaches it stops the search.
@@ -377,6 +389,10 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     deadline = time.perf_counter() + left
     # the groups the root proves hold on every domain: the search bounds only the open ones
     rs, rows, proved_floor = rs.open_part(root_rows, opts.margin)
+    keep = _search_rows(opts, first_pass, left)
+    if keep < int(torch.bincount(rs.groups).max()):  # each group's best rows at the root
+        rs, kept = rs.best_rows(root_rows[rows.to(root_rows.device)], keep)
+        rows = rows[kept.to(rows.device)]
     search = _ActivationSearch(model, graph, x_set, rs, opts, check_point, None if first_pass is None else first_pass.seconds,
                                group_low=rs.group_max(root_rows[rows.to(root_rows.device)]))
     boxes, root_alphas = root.intermediate, root.alphas.get("__out__")
@@ -390,6 +406,20 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     elif res.status == "unknown":  # the root's bound holds too (a search stopped in its first pass has none)
         res.lower = max(low, min(res.lower, proved_floor))
     return res
+
+
+def _search_rows(opts: BabOptions, first_pass: FirstPass | None, left: float) -> int:
+    """Rows per group that the activation search bounds: ``search_rows``, else all of them
+    unless one CROWN pass of the network costs more than :data:`RECOMPUTE_ROUND_SHARE` of half
+    the search's time (the rule that also stops recomputing each domain's boxes): then each
+    row costs about as much as a domain, and :data:`EXPENSIVE_SEARCH_ROWS` of them are kept."""
+    from relax.bab.activation_split import RECOMPUTE_ROUND_SHARE
+
+    if opts.search_rows is not None:
+        return opts.search_rows
+    if first_pass is not None and 2 * first_pass.seconds > RECOMPUTE_ROUND_SHARE * left:
+        return EXPENSIVE_SEARCH_ROWS
+    return sys.maxsize
 
 
 def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas, low: float) -> BabResult:
