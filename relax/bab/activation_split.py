@@ -70,7 +70,7 @@ from relax.bounds.adam import ProjectedAdam
 from relax.bab import BabResult, RowSpec
 from relax.bab.leaf import leaf_multipliers, leaf_bound
 from relax.ir.graph import BoundGraph
-from relax.bounds.cone import spec_cone
+from relax.bounds.cone import in_cone, spec_cone
 from relax.bounds.crown import crown
 from relax.bounds.roundoff import round_outward
 from relax.ir.ops import Relaxation, ReLU
@@ -491,10 +491,9 @@ def relu_scores(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor]
 
 
 def _in_cone(cone: dict[str, Tensor], p: str, n: int, device: torch.device) -> Tensor | bool:
-    """``[n]`` mask of node ``p``'s neurons in the spec rows' cone (:func:`relax.bounds.cone.spec_cone`),
-    True when it has no mask of that size."""
-    m = cone.get(p)
-    return True if m is None or m.numel() != n else m.to(device)
+    """:func:`relax.bounds.cone.in_cone` with True for "every neuron" (to ``&`` with a mask)."""
+    mask = in_cone(cone, p, n, device)
+    return True if mask is None else mask
 
 
 def _branch(graph: BoundGraph, db: "DomainBounds", splits: dict[str, Tensor], rs: RowSpec,

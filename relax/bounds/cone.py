@@ -27,7 +27,7 @@ from relax.ir.ops import Activation, Op, ReLU
 from relax.ir.ops.activation import _SShaped
 from relax.ir.ops.elementwise import Elementwise
 
-__all__ = ["spec_cone", "cone_rows"]
+__all__ = ["spec_cone", "cone_rows", "in_cone"]
 
 #: activations whose output entry ``j`` depends on input entry ``j`` alone
 _PER_ENTRY = (ReLU, _SShaped, Elementwise)
@@ -50,13 +50,20 @@ def spec_cone(graph: BoundGraph, C: Tensor) -> dict[str, Tensor]:
     return cache[key]
 
 
+def in_cone(cone: dict[str, Tensor], node: str, numel: int, device: torch.device) -> Tensor | None:
+    """``[numel]`` mask of ``node``'s neurons inside the cone (on ``device``); None (every neuron
+    counts) when the node has no mask of that size (a pruned graph)."""
+    mask = cone.get(node)
+    return None if mask is None or mask.numel() != numel else mask.to(device)
+
+
 def cone_rows(cone: dict[str, Tensor], node: str, idx: Tensor, bidx: Tensor, numel: int) -> tuple[Tensor, Tensor]:
     """The (neuron ``idx [T]``, batch element ``bidx [T]``) pairs of ``node`` (``numel`` neurons per
-    batch element) inside the cone; all of them when its mask is of another size (a pruned graph)."""
-    mask = cone.get(node)
-    if mask is None or idx.numel() == 0 or mask.numel() != numel:
+    batch element) inside the cone; all of them when it has no mask of that size."""
+    mask = in_cone(cone, node, numel, idx.device)
+    if mask is None or idx.numel() == 0:
         return idx, bidx
-    inside = mask.to(idx.device)[idx]
+    inside = mask[idx]
     return idx[inside], bidx[inside]
 
 
