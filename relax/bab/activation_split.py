@@ -577,6 +577,10 @@ RECOMPUTE_ROUND_SHARE = 0.05
 #: one: its domains at the last round's pace per domain fill this share of the time left (smaller
 #: batches cost more per domain; a round still running at the deadline is abandoned)
 LAST_ROUND_MARGIN = 0.5
+#: seconds per GB of the queue's buffers that freeing them takes (about 0.1 s per GB measured on
+#: a loaded two-core machine; twice that): the rounds stop that much before the search's end, so
+#: that a search returning at its deadline with a full queue still answers on time
+RELEASE_S_PER_GB = 0.2
 
 
 def _filtered_smart_branch(graph: BoundGraph, inputs: InputSet, rs: RowSpec, db: "DomainBounds", splits: dict[str, Tensor],
@@ -738,6 +742,11 @@ class _Buffers:
     def get(self, key: str) -> Tensor:
         return self.buf[key][: self.n]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold (their capacity)."""
+        return sum(v.numel() * v.element_size() for v in self.buf.values())
+
     def take(self, idx: Tensor) -> dict[str, Tensor]:
         """The entries ``idx`` (distinct), removed."""
         out = {k: v[idx] for k, v in self.buf.items()}
@@ -807,6 +816,11 @@ class _DomainStore:
     def load(self) -> float:
         return self.full.n + (self.light_ratio * self.demoted.n if self.demoted is not None else 0.0)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the two tiers' buffers hold."""
+        return self.full.nbytes + (self.demoted.nbytes if self.demoted is not None else 0)
+
     def get(self, key: str) -> Tensor:
         if self.demoted is None or not self.demoted.n:
             return self.full.get(key)
@@ -854,7 +868,7 @@ class _ReluSearch:
     def __init__(self, graph: BoundGraph, inputs: InputSet, rs: RowSpec, root: dict[str, tuple[Tensor, Tensor]], *,
                  timeout: float, steps: int, margin: float, check_point, fast: BoundGraph | None, candidates: int) -> None:
         self.t0 = time.perf_counter()
-        self.deadline = self.t0 + timeout
+        self.end = self.deadline = self.t0 + timeout  # the search's rounds stop by ``deadline`` (:meth:`SearchRun.step`)
         self.graph, self.inputs, self.rs, self.root = graph, inputs, rs, root
         self.steps, self.margin, self.check_point, self.fast, self.candidates = steps, margin, check_point, fast, candidates
         self.nodes = [p for _, p in relu_inputs(graph)]
@@ -1176,6 +1190,7 @@ class SearchRun:
         children mostly close, so that the queue shrinks). The result when the search ends."""
         s, q, timeout = self.s, self.q, self.timeout
         assert q is not None
+        s.deadline = s.end - RELEASE_S_PER_GB * q.nbytes / 2**30  # freeing the queue when the search returns takes time too
         s.demoted = q.demotions
         q.full_max = int(FULL_ENTRY_SHARE * self.max_domains)  # the cap shrinks while other groups' searches hold more
         if q.n == 0:
