@@ -888,6 +888,7 @@ class _ReluSearch:
         self.alpha_names: list[str] = []  # the slopes' nodes of the last bounding (the store's "a:" fields)
         self.trials = TrialClock()  # seconds per child of a smart-branching trial pass
         self.root_pass_s: float | None = None  # the root domain's pass (:meth:`start`)
+        self.tail_s = 0.0  # the last round's seconds after its bounding (candidates, branching choices, queue)
 
     def first_round_s(self) -> float:
         """The first round's expected seconds: the root's two children, each at least a pass like
@@ -1072,6 +1073,7 @@ class _ReluSearch:
         if db.exact_s:  # per domain: the rounds' batches grow
             self.exact_per_domain = db.exact_s / (2 * k)
         self.bounded += 2 * k
+        t_tail = time.perf_counter()  # from here the round does not stop at the deadline: its seconds are kept
         if time.perf_counter() >= self.deadline:
             return timeout()
         x = self.falsify(_corners(graph, self.inputs, db))
@@ -1101,6 +1103,7 @@ class _ReluSearch:
                                ([cnode[i] for i in sel.tolist()], cidx[sel], ct[sel])))
             self.queue_peak = max(self.queue_peak, q.n)
         self.alpha_names = list(db.alphas)
+        self.tail_s = time.perf_counter() - t_tail
         return time.perf_counter() - t_round, db.boxes_s
 
 
@@ -1190,7 +1193,8 @@ class SearchRun:
         children mostly close, so that the queue shrinks). The result when the search ends."""
         s, q, timeout = self.s, self.q, self.timeout
         assert q is not None
-        s.deadline = s.end - RELEASE_S_PER_GB * q.nbytes / 2**30  # freeing the queue when the search returns takes time too
+        # a round's bounding stops at ``s.deadline``; what follows it, and freeing the queue when the search returns, take time too
+        s.deadline = s.end - 2 * s.tail_s - RELEASE_S_PER_GB * q.nbytes / 2**30
         s.demoted = q.demotions
         q.full_max = int(FULL_ENTRY_SHARE * self.max_domains)  # the cap shrinks while other groups' searches hold more
         if q.n == 0:
