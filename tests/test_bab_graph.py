@@ -1163,7 +1163,7 @@ def _any_output_above(seed: int, f: float):
 
 def test_search_on_each_groups_best_rows_agrees_with_exact_milp(monkeypatch):
     """``search_rows`` (rows per group the activation search bounds, the highest at the root):
-    with 1 or 2 of a group's 10 rows (four outputs and their averages) the search never
+    with 1 or 2 of a group's 11 rows (four outputs and their averages) the search never
     contradicts the exact MILP, the search is handed only those rows, and with 2 it still proves
     the true cases that need a second row (where a single row leaves domains it cannot prove)."""
     import relax.bab.activation_split as act
@@ -1186,6 +1186,8 @@ def test_search_on_each_groups_best_rows_agrees_with_exact_milp(monkeypatch):
             c = certify(net, box, spec, "bab", timeout=20 if k == 2 else 4, method_options={"split": "relu", "search_rows": k})[0]
             assert c.status in (exact.status, "unknown"), (seed, f, k, c.status, exact.status)
             assert set(seen) <= {k}, seen
+            if seen:  # the answer says how many of the open rows the search bounded (four outputs, six pairs, one whole)
+                assert c.details.get("search_rows") == f"{k} of 11", c.details
             searched += bool(seen)
             proved[k] += c.status == "certified"
             if k == 2 and exact.status == "certified":

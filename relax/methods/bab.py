@@ -218,7 +218,8 @@ class BabMethod(Method):
                 details={
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
-                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak", "demoted", "groups", "groups_proved", "milp", "bab_first")
+                    **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak", "demoted", "groups", "groups_proved", "milp", "bab_first",
+                                                    "search_rows")
                        if k in res.details},
                 },
             ))
@@ -389,7 +390,7 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     deadline = time.perf_counter() + left
     # the groups the root proves hold on every domain: the search bounds only the open ones
     rs, rows, proved_floor = rs.open_part(root_rows, opts.margin)
-    keep = _search_rows(opts, first_pass, left)
+    keep, open_rows = _search_rows(opts, first_pass, left), rs.C.shape[0]
     if keep < int(torch.bincount(rs.groups).max()):  # each group's best rows at the root
         rs, kept = rs.best_rows(root_rows[rows.to(root_rows.device)], keep)
         rows = rows[kept.to(rows.device)]
@@ -399,6 +400,8 @@ def _graph_bab(model, graph, x_set: InputSet, inputs: InputSet, rs: RowSpec, opt
     if root_alphas is not None:  # per-row slopes follow the kept rows; one shared set (memory cap) serves them all
         root_alphas = {r: (a if a.shape[0] == 1 else a[rows.to(a.device)]) for r, a in root_alphas.items()}
     res = _search(search, opts, deadline, left, boxes, root_alphas, low)
+    if rs.C.shape[0] < open_rows:
+        res.details["search_rows"] = f"{rs.C.shape[0]} of {open_rows}"
     if narrow:
         res.details["narrow"] = narrow
     if res.status == "certified":
