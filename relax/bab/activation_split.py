@@ -983,6 +983,7 @@ class _ReluSearch:
             self.root_pass_s = time.perf_counter() - t  # at least this long
             return self.result("unknown", "timeout", -math.inf)
         self.root_pass_s = time.perf_counter() - t
+        t_tail = time.perf_counter()  # the root's candidates and first choice: the first round's tail until it has its own
         self.trials.record(1, self.root_pass_s)  # a trial child's pass is the same kind (in a batch: cheaper each)
         self.bounded = 1
         self.alpha_names = list(db.alphas)
@@ -1003,6 +1004,7 @@ class _ReluSearch:
         fields = self.entries(splits, ivals, db.alphas, {p: torch.zeros(1, N, sizes[p], device=dev) for p in self.nodes}, db.boxes,
                               m, db.rows, choice)
         light = [k for k in fields if k[:2] in ("s:", "l:", "h:", "a:") or k in ("low", "rows", "node", "idx", "t")]
+        self.tail_s = time.perf_counter() - t_tail
         return _DomainStore(fields, max_n=max_domains + 2 * batch_size, light=light, full_max=int(FULL_ENTRY_SHARE * max_domains),
                             light_ratio=self.domain_bytes(light=True) / self.domain_bytes(), fractions=[k for k in light if k[:2] == "a:"],
                             lower_ends=[f"l:{p}" for p in self.inodes], upper_ends=[f"h:{p}" for p in self.inodes])
