@@ -857,9 +857,8 @@ def _far_class_net(seed: int) -> tuple[nn.Module, torch.Tensor, int]:
     return net, x0, int(net(x0).argmax())
 
 
-def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
-    """A class that never wins (bias -1e3): its row is proved at the root and the ReLU-split search
-    bounds only the other row; the answers still match the exact MILP distance (0.97 / 1.03 d*)."""
+def _searched_rows(monkeypatch) -> list[int]:
+    """The number of rows each activation search (:func:`graph_relu_bab`) is handed, as it runs."""
     import relax.bab.activation_split as act
 
     seen: list[int] = []
@@ -870,6 +869,13 @@ def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
         return real(graph, inputs, rs, *a, **k)
 
     monkeypatch.setattr(act, "graph_relu_bab", spy)
+    return seen
+
+
+def test_groups_proved_at_the_root_leave_the_search(monkeypatch):
+    """A class that never wins (bias -1e3): its row is proved at the root and the ReLU-split search
+    bounds only the other row; the answers still match the exact MILP distance (0.97 / 1.03 d*)."""
+    seen = _searched_rows(monkeypatch)
     for seed in range(4):
         net, x0, label = _far_class_net(seed)
         d = _exact_distance(net, x0, label)
@@ -1166,16 +1172,7 @@ def test_search_on_each_groups_best_rows_agrees_with_exact_milp(monkeypatch):
     with 1 or 2 of a group's 11 rows (four outputs and their averages) the search never
     contradicts the exact MILP, the search is handed only those rows, and with 2 it still proves
     the true cases that need a second row (where a single row leaves domains it cannot prove)."""
-    import relax.bab.activation_split as act
-
-    seen: list[int] = []
-    real = act.graph_relu_bab
-
-    def spy(graph, inputs, rs, *a, **k):
-        seen.append(rs.C.shape[0])
-        return real(graph, inputs, rs, *a, **k)
-
-    monkeypatch.setattr(act, "graph_relu_bab", spy)
+    seen = _searched_rows(monkeypatch)
     proved, searched = {1: 0, 2: 0}, 0
     for seed, f in ((0, -0.3), (2, -0.3), (3, -0.05), (3, 0.0)):
         net, box, spec = _any_output_above(seed, f)
