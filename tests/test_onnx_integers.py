@@ -106,3 +106,32 @@ def test_pool_and_batchnorm_after_the_batch_is_gathered(tmp_path):
     lo, hi = bounds(gm.double(), Box(x - 0.01, x + 0.01), method="crown")
     y = gm.double()(x)
     assert (lo <= y).all() and (y <= hi).all() and torch.isfinite(lo).all()
+
+
+#: ArgMax of a softmax moved by transposes and gathers that keep the softmax axis (taken on the
+#: scores: ``verify/onnx_argmax.py``), and heads where it must stay on the softmax's output
+SOFTMAX_HEADS = {
+    "transposed": ([node("Softmax", ["t"], ["p"], axis=2), node("Transpose", ["p"], ["q"], perm=[0, 2, 1]),
+                    node("ArgMax", ["q"], ["a"], axis=1, keepdims=0)], {}, 13, True),
+    "log-softmax-gathered": ([node("LogSoftmax", ["t"], ["p"], axis=-1), node("Gather", ["p", "rows"], ["q"], axis=1),
+                              node("ArgMin", ["q"], ["a"], axis=2, keepdims=1, select_last_index=1)],
+                             {"rows": np.array([2, 0], I64)}, 13, True),
+    "opset-11-last-axis": ([node("Softmax", ["t"], ["p"], axis=2), node("ArgMax", ["p"], ["a"], axis=2, keepdims=0)], {}, 11, True),
+    "other-axis": ([node("Softmax", ["t"], ["p"], axis=1), node("ArgMax", ["p"], ["a"], axis=2, keepdims=0)], {}, 13, False),
+    "gather-cuts-the-axis": ([node("Softmax", ["t"], ["p"], axis=2), node("Gather", ["p", "cols"], ["q"], axis=2),
+                              node("ArgMax", ["q"], ["a"], axis=2, keepdims=0)], {"cols": np.array([3, 1, 2], I64)}, 13, False),
+    "opset-11-flattened": ([node("Softmax", ["t"], ["p"], axis=1), node("ArgMax", ["p"], ["a"], axis=2, keepdims=0)], {}, 11, False),
+}
+
+
+@pytest.mark.parametrize("case", list(SOFTMAX_HEADS))
+def test_argmax_of_a_softmax_is_taken_on_its_scores(tmp_path, case):
+    """The converted head equals onnxruntime and CROWN's bounds hold; the softmax is gone exactly
+    where its groups lie along the ArgMax's axis (a gather of some of the group's entries, another
+    axis, or opset 11's flattened groups keep it)."""
+    head, inits = _head()
+    nodes, extra, opset, peeled = SOFTMAX_HEADS[case]
+    path = make_onnx(tmp_path, head + nodes + _to_float("a"), [1, 12], {**inits, **extra}, opset=opset)
+    gm = assert_matches_ort(path)
+    assert ("softmax" not in gm.code) == peeled
+    assert_crown_holds(gm, 0.05)

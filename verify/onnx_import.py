@@ -50,6 +50,7 @@ from .deadline import Deadline
 from .errors import IntegerInputsNeeded, ModelLoadTimeout
 from .graph_functions import step
 from .model import ModelLoadError, UnsupportedOperatorError, set_attributes
+from .onnx_argmax import scores_before_softmax
 from .onnx_composite import CONVERTERS as _COMPOSITE
 from .onnx_composite import FOLDS as _COMPOSITE_FOLDS
 from .onnx_composite import node_label as _label
@@ -1170,8 +1171,10 @@ def _argmax(cv: _Converter, node, a) -> fx.Node:
     """ArgMax along one axis: ``sum_k k [x_k wins]``, where ``x_k`` wins when it is at least every
     other entry and strictly above those of lower index (the first maximum; the last one with
     ``select_last_index``); "wins" is the AND ``relu(sum of bits - (C - 2))`` of its C - 1 steps.
-    ArgMin is ArgMax of ``-x`` (the same first / last rule)."""
-    x = cv.dyn(node)
+    ArgMin is ArgMax of ``-x`` (the same first / last rule). Of a softmax's output: of its input
+    (:func:`verify.onnx_argmax.scores_before_softmax`)."""
+    scores = scores_before_softmax(cv, node)
+    x = cv.dyn(node) if scores is None else scores
     if node.op_type == "ArgMin":
         x = cv.fn(operator.mul, x, -1.0, hint=_label(node))
     s = cv.shape(x)

@@ -37,6 +37,7 @@ from relax.bounds.adam import ProjectedAdam
 from relax.ir.graph import BoundGraph
 from relax.ir.prune import dead_relus, prune_boxes, prune_graph
 from relax.bounds.cone import cone_rows, spec_cone
+from relax.bounds.interval import interval_bounds
 from relax.bounds.crown import AlphaFn, CrownResult, _acts_before, _keep_neurons, crown, rows_needed, skips_linear_bounds
 
 __all__ = ["AlphaResult", "alpha_crown", "all_rows_positive"]
@@ -149,8 +150,9 @@ def _intermediate_rows(graph: BoundGraph, input_set: InputSet, boxes: dict[str, 
     whose box comes from linear bounds (graph order; nodes without such neurons left out), inside
     the spec rows' ``cone`` (:func:`relax.bounds.cone.spec_cone`) when given."""
     plan: dict[str, tuple[Tensor, Tensor]] = {}
+    every = interval_bounds(graph, *input_set.bounds(), known=boxes)  # which sums are constant offsets
     for p in graph.preactivations():
-        if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set):
+        if p == graph.input_name or not _acts_before(graph, p) or skips_linear_bounds(graph, p, input_set, every):
             continue
         idx, bidx = cone_rows(cone or {}, p, *rows_needed(graph, p, *boxes[p]), boxes[p][0][0].numel())
         if idx.shape[0] > 0:

@@ -346,24 +346,75 @@ def ibp_is_exact(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
     return mixing <= 1
 
 
-def _image_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Tensor, Tensor]] | set[str]") -> bool:
-    """``node`` is an elementwise op whose interval rule is the exact image of a box (ReLU,
-    sigmoid, tanh, exp, reciprocal, ...: ``exact_image``) of a node whose box is known: that
-    image is then at least as tight as linear bounds through the op's relaxation, so none are
-    computed (e.g. a ReLU output feeding a max-pooling, softmax's reciprocal feeding the
-    product with the values). Likewise an op marked
+def _image_of_known(graph: BoundGraph, node: str, known: "dict[str, tuple[Tensor, Tensor]] | set[str]",
+                    boxes: dict[str, tuple[Tensor, Tensor]] | None = None) -> bool:
+    """Whether ``node``'s interval box is the exact image of boxes already known, so that no
+    linear bound of it is tighter and none is computed. True when ``node``'s op computes each
+    output entry from one entry of a single input whose box is exact (:func:`_exact_box`): an
+    ``exact_image`` function (ReLU, sigmoid, tanh, exp, reciprocal, ...), an elementwise affine
+    map or a move (reshape, transpose, selection), e.g. a ReLU output feeding a max-pooling,
+    softmax's reciprocal feeding the product with the values, the affine and absolute-value
+    steps of an imported OneHot. Any sound line through such a chain, concretised over a box
+    that contains the known one, stays below the chain's minimum there, so the image is at
+    least as tight (the box the engine would get is the same). Likewise an op marked
     ``box_from_input`` (softmax's pairwise differences: n - 1 times the rows of their input)
     takes the interval image of its input's box, intersected with the box
-    :class:`~relax.bounds.pairwise.PairwiseRows` got from its input's linear bounds."""
+    :class:`~relax.bounds.pairwise.PairwiseRows` got from its input's linear bounds.
+    ``boxes``: the interval boxes so far, where a sum of inputs of which all but one are single
+    points (a constant offset) also counts as a move."""
     n = graph.by_name[node]
-    cheap = getattr(n.op, "exact_image", False) or getattr(n.op, "box_from_input", False)
-    return cheap and len(n.inputs) == 1 and n.inputs[0] in known
+    if getattr(n.op, "box_from_input", False):
+        return len(n.inputs) == 1 and n.inputs[0] in known
+    ins = _per_entry(graph, n, boxes)
+    return ins is not None and all(_exact_box(graph, i, known, boxes, {}) for i in ins)
 
 
-def skips_linear_bounds(graph: BoundGraph, node: str, input_set: InputSet) -> bool:
+def _per_entry(graph: BoundGraph, n: BNode, boxes: dict[str, tuple[Tensor, Tensor]] | None) -> list[str] | None:
+    """The inputs of ``n`` whose boxes decide its box entry by entry (each output entry one
+    input entry's image), or None when ``n`` is not such an op. A sum counts when all its
+    inputs but one are constant offsets (:func:`_constant`): a linear bound of ``x + c`` is then
+    below ``lo_x + hi_c`` (its part in ``x`` below ``lo_x``, which is as tight as any), so the
+    image ``lo_x + lo_c`` gives up at most the width of ``c``'s box."""
+    from relax.ir.ops import Add, ElemAffine, Select
+
+    op = n.op
+    if len(n.inputs) == 1 and (getattr(op, "exact_image", False) or isinstance(op, ElemAffine) or op.moves_only):
+        return list(n.inputs)
+    if isinstance(op, Select):
+        return list(n.inputs)
+    if isinstance(op, Add) and boxes is not None and all(i in boxes for i in n.inputs):
+        varying = [i for i in n.inputs if not _constant(*boxes[i])]
+        return varying if len(varying) <= 1 else None
+    return None
+
+
+def _constant(lo: Tensor, hi: Tensor) -> bool:
+    """Whether every entry of the box ``[lo, hi]`` is a single value up to the round-off
+    widening of interval rules (a width within 64 ulps of its magnitude: a mask the input box
+    fixes, a comparison decided everywhere)."""
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        return False
+    tol = 64 * torch.finfo(lo.dtype).eps * (1 + torch.maximum(lo.abs(), hi.abs()))
+    return bool(((hi - lo) <= tol).all())
+
+
+def _exact_box(graph: BoundGraph, name: str, known: "dict[str, tuple[Tensor, Tensor]] | set[str]",
+               boxes: dict[str, tuple[Tensor, Tensor]] | None, memo: dict[str, bool]) -> bool:
+    """Whether the interval box of ``name`` is as tight as any linear bound of it: the input's,
+    a known box, or the per-entry image (:func:`_per_entry`) of such boxes."""
+    if name == graph.input_name or name in known:
+        return True
+    if name not in memo:
+        memo[name] = False  # (a graph has no cycles; this only stops a repeated walk)
+        ins = _per_entry(graph, graph.by_name[name], boxes)
+        memo[name] = ins is not None and all(_exact_box(graph, i, known, boxes, memo) for i in ins)
+    return memo[name]
+
+
+def skips_linear_bounds(graph: BoundGraph, node: str, input_set: InputSet, boxes: dict[str, tuple[Tensor, Tensor]] | None = None) -> bool:
     """Whether :func:`crown` takes ``node``'s box from the interval rule alone (so alpha-CROWN
-    plans no rows for it)."""
-    return ibp_is_exact(graph, node, input_set) or _image_of_known(graph, node, set(graph.preactivations()))
+    plans no rows for it); ``boxes``: the pass's boxes (see :func:`_image_of_known`)."""
+    return ibp_is_exact(graph, node, input_set) or _image_of_known(graph, node, set(graph.preactivations()), boxes)
 
 
 def bound_node(
@@ -773,9 +824,8 @@ class _BoxPass:
             l, h = self.intermediate[p]
         elif p == graph.input_name:
             l, h = self.lo_in, self.hi_in
-        elif ibp_is_exact(graph, p, self.input_set) or _image_of_known(graph, p, self.known):
-            self.ibp = interval_bounds(graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
-            l, h = self.ibp[p]
+        elif ibp_is_exact(graph, p, self.input_set) or _image_of_known(graph, p, self.known, self._boxes_upto(p)):
+            l, h = self._boxes_upto(p)[p]
             if p in self.pair_boxes:  # pairwise combinations of the input's linear bounds
                 pl, ph = self.pair_boxes.pop(p)
                 l, h = torch.maximum(l, pl), torch.minimum(h, ph)
@@ -800,6 +850,11 @@ class _BoxPass:
         if p in ov:
             l, h = intersect_keeping_gradient(l, h, *ov[p])
         return l, h
+
+    def _boxes_upto(self, p: str) -> dict[str, tuple[Tensor, Tensor]]:
+        """The interval boxes up to ``p`` (computed once per node, kept in ``self.ibp``)."""
+        self.ibp = interval_bounds(self.graph, self.lo_in, self.hi_in, known=self.known, upto=p, done=self.ibp)
+        return self.ibp
 
     def _pairwise_consumer(self, p: str, B: int) -> tuple[PairwiseRows | None, str]:
         """The collector for ``p``'s consumer that is a linear map of the last dim bounded from its
