@@ -241,7 +241,7 @@ def node_weights(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], wei
             continue
         stop_past(stop_at, f"round-off weights stopped at node {n.name!r}")
         ins = [boxes[i] for i in n.inputs]
-        n_terms = sum_length([b[0].shape[1:] for b in ins], n.shape)
+        n_terms = sum_length([b[0].shape[1:] for b in ins], n.shape, n.op)
         weights[n.name] = backward_weight(n.op, ins, n_terms, ins[0][0].dtype)
 
 

@@ -155,7 +155,7 @@ def _step(n, ins: list[Forms], in_boxes: list[tuple[Tensor, Tensor]], mx: Tensor
     L, U = _affine(op, ins, n.shape, n0)
     if getattr(op, "moves_only", False):
         return L, U
-    nsum = sum_length([b[0].shape[1:] for b in in_boxes], n.shape)
+    nsum = sum_length([b[0].shape[1:] for b in in_boxes], n.shape, op)
     sizes = [_size(f, mx, n0) for f in ins]
     return _widen(L, U, SAFETY * gamma(nsum, L.dtype) * term_magnitude(op, [(-s, s) for s in sizes]), n0)
 

@@ -62,7 +62,7 @@ def node_box(n, ins: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Node ``n``'s box ``[B, *shape]`` from its inputs' boxes ``ins``: its interval rule, widened
     by the rule's round-off (:func:`relax.bounds.roundoff.forward_error`)."""
     l, h = n.op.interval(*ins)
-    err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape))
+    err = forward_error(n.op, ins, (l, h), sum_length([b[0].shape[1:] for b in ins], n.shape, n.op))
     if err is not None:
         l, h = l - err, h + err
     if n.op.nonlinear or not getattr(n.op, "exact_forward", False):  # inf - inf (unbounded inputs) is unbounded

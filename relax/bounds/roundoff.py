@@ -70,9 +70,13 @@ def max_abs(lo: Tensor, hi: Tensor) -> Tensor:
     return torch.maximum(lo.abs(), hi.abs())
 
 
-def sum_length(in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> int:
+def sum_length(in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], op=None) -> int:
     """An upper bound on the number of terms of any sum a node's rules form: its fan-in and
-    fan-out are at most the size of its input and output, a bias sum runs over its output."""
+    fan-out are at most the size of its input and output, a bias sum runs over its output; an
+    op that knows its sums better says so (``sum_terms``: a sum of tensors adds one term per input)."""
+    own = getattr(op, "sum_terms", None)
+    if own is not None:
+        return max(int(own(in_shapes, out_shape)), 1)
     return max([math.prod(s) for s in in_shapes] + [math.prod(out_shape), 1])
 
 

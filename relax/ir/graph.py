@@ -363,6 +363,9 @@ def _version(model: torch.nn.Module) -> tuple:
 def get_graph(model: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> BoundGraph:
     """:func:`build_graph`, cached per (model, input shape, dtype, device); rebuilt when a parameter
     or buffer of the model was modified in place (tensor version counters) or replaced."""
+    prebuilt = getattr(model, "bound_graphs", None)  # a module that carries its graphs (relax.bab.entry_proofs.RestrictedModel)
+    if isinstance(prebuilt, dict) and dtype in prebuilt:
+        return prebuilt[dtype]
     per = _CACHE.setdefault(model, {})
     first = next(iter(model_tensors(model)), None)
     key = (tuple(input_shape), dtype, None if first is None else first.device)  # model.to(device) keeps the parameters' ids

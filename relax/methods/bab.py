@@ -127,6 +127,9 @@ class BabOptions(Options):
                                      "pass of the network takes over 2.5 % of the search's time", positive=True)
     queue_memory_mb: float = option(1500.0, "memory cap of the open domains (MB): near it the domains closest to proved "
                                     "are split first; a queue that still reaches it stops the search (unknown)", positive=True)
+    entry_proofs: float = option(0.9, "share of the time left after the first CROWN pass that proving the undecided "
+                                 "inputs of step functions one entry at a time may use, each on the input entries it "
+                                 "depends on (a pixel count of a segmentation head; 0: never)", interval=(0.0, 1.0, "closed"))
 
 
 @register
@@ -180,6 +183,12 @@ class BabMethod(Method):
         queue_memory_mb: memory cap of the queue of open domains (both kinds of splitting);
             above ``FULL_QUEUE`` of it the domains closest to proved are split first (a
             depth-first fallback that shrinks the queue); one that reaches it stops the search.
+        entry_proofs: share of the time left after the first CROWN pass that the entry stage
+            may use (:mod:`relax.bab.entry_proofs`): where the property would hold were every
+            undecided input of a step function on the side it has at the set's centre (a
+            segmentation head's pixel count), each such entry is proved on its own receptive
+            field (:mod:`relax.ir.restrict`) by this pipeline, until the property's bound with the
+            proved entries proves it. 0: never.
     """
 
     name = "bab"
@@ -300,12 +309,34 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     res = attack("pgd")
     if res is not None:
         return done(res, "attack")
+    entries = _entry_stage(model, graph, x64, rs, first_pass, opts, time.perf_counter() + opts.entry_proofs * left())
+    if entries is not None and entries.status == "certified":
+        return done(entries, "entries")
     res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check, first_pass)
+    if entries is not None:
+        res.details.update(entries.details)
+        low = max(low, entries.lower)
     if res.status == "unknown":  # the first pass's bound holds on the whole set too
         res.lower = max(res.lower, low)
         if res.reason == "exhausted":  # no split left that could prove it: the time left goes to attacks
             res = attack_until(model, inputs, spec, opts, deadline, check, res.details) or res
     return done(res, res.details.get("stage", "graph-bab"))
+
+
+def _entry_stage(model, graph, x64: InputSet, rs: RowSpec, first_pass: FirstPass, opts: BabOptions, until: float) -> BabResult | None:
+    """:func:`relax.bab.entry_proofs.prove_entries` until the ``perf_counter`` value ``until``,
+    each entry decided by this pipeline (its own entry stage off); None when it does not apply."""
+    if opts.entry_proofs <= 0 or not any(type(n.op).__name__ == "Step" for n in graph.nodes):
+        return None
+    import dataclasses
+
+    from relax.bab.entry_proofs import prove_entries
+    from relax.ir.graph import get_graph
+
+    sub = dataclasses.replace(opts, entry_proofs=0.0)
+    fast = _same_nodes(get_graph(model, tuple(graph.input_shape), torch.float32), graph, rs)
+    return prove_entries(graph, x64, rs, first_pass.boxes, lambda m, box, spec, s: run_bab(m, box, spec, sub, timeout=s),
+                         until, opts.margin, fast=fast)
 
 
 def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, deadline: float,

@@ -258,6 +258,12 @@ class Add(Op):
     def backward(self, A):
         return [unbroadcast(A if s > 0 else -A, sh) for s, sh in zip(self.signs, self.in_shapes)], None
 
+    def sum_terms(self, in_shapes: list[tuple[int, ...]], out_shape: tuple[int, ...]) -> int:
+        """Terms of its longest sum: each output entry adds one entry of every input; the backward
+        rule sums a broadcast input's coefficients over the entries it was copied to."""
+        n_out = math.prod(out_shape)
+        return max([len(in_shapes)] + [n_out // max(math.prod(s), 1) for s in in_shapes])
+
 
 class Reduce(Op):
     """``y = scale * sum of x over dims`` (per-example ``dims``; ``keepdim`` as in ``torch.sum``):

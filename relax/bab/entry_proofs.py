@@ -1,0 +1,242 @@
+"""Deciding the undecided inputs of a network's step functions one entry at a time, each on the
+input entries it depends on.
+
+A segmentation property counts pixels: carvana_unet_2022's ``#{pixels whose argmax equals the
+mask} > T`` is a sum of steps of the pixels' logit margins (``verify/onnx_argmax.py`` takes the
+argmax on the logits). CROWN on the whole image decides most margins and the property then hangs
+on the others: one linear relaxation of a 31 x 47 image is too loose for them, but each margin on
+its own receptive field (:func:`relax.ir.restrict.restrict`: 147 inputs, a few thousand ReLUs) is
+a small problem that alpha-CROWN or branch-and-bound decides in about a second.
+
+The stage (:func:`prove_entries`) takes the undecided entries of every step's input (box
+``lo <= 0 <= hi``), proves each on the side it has at the centre of the input set, the nearest to
+proved first, and bounds the property again with the proved entries' boxes (a step whose input
+lies on one side of 0 is exact; the ops after it take the images of those boxes) after as many
+proofs as the last bounds suggest are still needed, until the property is proved or the stage's
+time is up. It starts only when the property would be proved were every undecided entry on its
+centre's side (one CROWN pass with those boxes): otherwise no set of these proofs can prove it.
+
+Sound: an entry's box is narrowed only by a completed proof of ``decide`` on the restricted graph
+(exactly the entry's function of the input entries it depends on, on the projection of the input
+set onto them), and the property's bound is CROWN's with boxes that enclose every entry's values.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from verify.spec import Box, InputSet, LinearSpec
+
+from relax.bab import BabResult, RowSpec
+from relax.ir.graph import BoundGraph
+from relax.ir.ops.elementwise import Step
+from relax.ir.restrict import Restriction, restrict
+
+__all__ = ["EntryProblem", "RestrictedModel", "property_bound", "prove_entries", "undecided_steps"]
+
+#: a proved entry's side of 0 is kept at least this far from it (a step's input strictly positive / negative)
+SIDE_GAP = 1e-12
+#: proofs before the property is first bounded again
+FIRST_CHECK = 16
+
+
+class RestrictedModel(torch.nn.Module):
+    """A restricted graph as a module ``[B, n] -> [B, K]`` (float64 forward) that hands the engine
+    its prebuilt bound graphs (``bound_graphs``, by dtype: :func:`relax.ir.graph.get_graph`)."""
+
+    def __init__(self, graphs: dict[torch.dtype, BoundGraph]) -> None:
+        super().__init__()
+        self.bound_graphs = graphs
+        self.input_shape = graphs[torch.float64].input_shape
+        self.register_buffer("_dtype_tag", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.bound_graphs[torch.float64]
+        return g.forward(x.to(torch.float64)).reshape(x.shape[0], -1)
+
+
+@dataclass
+class EntryProblem:
+    """One undecided entry: ``node``'s flat entry ``index``, the ``side`` (+1 / -1) to prove, and
+    its current box's distance from that side (``gap >= 0``)."""
+
+    node: str
+    index: int
+    side: float
+    gap: float
+
+
+def undecided_steps(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], x_mid: Tensor) -> list[EntryProblem]:
+    """The entries of the steps' inputs whose boxes ``[1, *shape]`` hold 0 (and more), each with
+    the side it has at the input set's centre ``x_mid [1, *input]`` (entries exactly 0 there are
+    left out), nearest to proved first."""
+    nodes = sorted({n.inputs[0] for n in graph.nodes if isinstance(n.op, Step) and n.inputs[0] in boxes})
+    if not nodes:
+        return []
+    values = graph.values(x_mid.to(graph.dtype), set().union(*(graph.ancestors(p) for p in nodes)))
+    out = []
+    for p in nodes:
+        lo, hi = (t.reshape(-1).cpu() for t in boxes[p])
+        v = values[p].reshape(-1).cpu()
+        open_ = ((lo <= 0) & (hi >= 0) & (lo < hi) & (v != 0)).nonzero().flatten().tolist()
+        for j in open_:
+            side = 1.0 if v[j] > 0 else -1.0
+            out.append(EntryProblem(p, j, side, float(-lo[j] if side > 0 else hi[j])))
+    out.sort(key=lambda e: e.gap)
+    return out
+
+
+def _with_sides(boxes: dict[str, tuple[Tensor, Tensor]], sides: list[tuple[EntryProblem, float]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``boxes`` with each entry moved to its side: ``lo >= bound`` (side +1) or ``hi <= -bound``."""
+    out = dict(boxes)
+    by_node: dict[str, list[tuple[EntryProblem, float]]] = {}
+    for e, b in sides:
+        by_node.setdefault(e.node, []).append((e, b))
+    for p, items in by_node.items():
+        lo, hi = (t.clone() for t in out[p])
+        lf, hf = lo.view(-1), hi.view(-1)
+        for e, b in items:
+            b = max(b, SIDE_GAP)
+            if e.side > 0:
+                lf[e.index] = max(float(lf[e.index]), b)
+            else:
+                hf[e.index] = min(float(hf[e.index]), -b)
+        out[p] = (lo, hi)
+    return out
+
+
+def _after(graph: BoundGraph, names: set[str]) -> set[str]:
+    """The nodes that depend on any of ``names`` (not ``names`` themselves)."""
+    seen: set[str] = set()
+    todo = [c for n in names for c in graph.consumers[n]]
+    while todo:
+        k = todo.pop()
+        if k not in seen:
+            seen.add(k)
+            todo.extend(graph.consumers[k])
+    return seen - names
+
+
+@dataclass
+class _Stage:
+    """The state of one :func:`prove_entries` run."""
+
+    graph: BoundGraph
+    x_set: InputSet
+    rs: RowSpec
+    boxes: dict[str, tuple[Tensor, Tensor]]
+    bound: Callable[[dict[str, tuple[Tensor, Tensor]]], float]
+    proved: list[tuple[EntryProblem, float]] = field(default_factory=list)
+    falsified: int = 0
+    unrestricted: int = 0
+    checks: int = 0
+
+    def restricted(self, e: EntryProblem, fast: BoundGraph | None) -> tuple[RestrictedModel, Box, LinearSpec] | None:
+        """Entry ``e`` as its own problem: the model of its restricted graph, the projection of
+        the input box onto the entries it depends on, and the row ``side * entry > 0``."""
+        idx = torch.tensor([e.index])
+        r: Restriction | None = restrict(self.graph, e.node, idx)
+        if r is None:
+            return None
+        graphs = {torch.float64: r.graph}
+        if fast is not None:  # the searches' optimisation steps run in float32 when both graphs exist
+            r32 = restrict(fast, e.node, idx)
+            if r32 is None or not torch.equal(r32.input_index, r.input_index):
+                return None
+            graphs[fast.dtype] = r32.graph
+        lo, hi = self.x_set.bounds()
+        sel = r.input_index.to(lo.device)
+        box = Box(lo.reshape(1, -1)[:, sel], hi.reshape(1, -1)[:, sel])
+        spec = LinearSpec(torch.tensor([[[e.side]]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long))
+        return RestrictedModel(graphs), box, spec
+
+
+def property_bound(graph: BoundGraph, x_set: InputSet, rs: RowSpec, nodes: set[str], deadline: float
+                   ) -> Callable[[dict[str, tuple[Tensor, Tensor]]], float]:
+    """``bound(boxes)``: the margin lower bound of ``rs`` by CROWN with the pre-activation
+    ``boxes`` as given, except those after ``nodes`` (bounded again from the given ones: a step's
+    consumers take the images of its decided entries); ``-inf`` past ``deadline``."""
+    from relax.bounds.crown import crown
+    from verify.deadline import DeadlineExpired
+
+    after = _after(graph, nodes)
+    C, d = rs.batch(1)
+
+    def bound(boxes: dict[str, tuple[Tensor, Tensor]]) -> float:
+        given = {k: v for k, v in boxes.items() if k not in after}
+        try:
+            with torch.no_grad():
+                low = crown(graph, x_set, C.to(graph.dtype), intermediate=given, stop_at=deadline).spec_lower()
+        except DeadlineExpired:
+            return -math.inf
+        return float(rs.margin(low + d.to(low.dtype))[0])
+
+    return bound
+
+
+def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[str, tuple[Tensor, Tensor]],
+                  decide: Callable[[torch.nn.Module, Box, LinearSpec, float], BabResult], deadline: float, margin: float,
+                  fast: BoundGraph | None = None) -> BabResult | None:
+    """The stage of the module docstring on the property ``rs`` over ``x_set`` (a box), from the
+    first CROWN pass's pre-activation ``boxes`` (``[1, *shape]``); ``decide(model, box, spec,
+    seconds)``: a complete search of one entry's problem (branch-and-bound); ``fast``: the graph in
+    float32 (for the searches' optimisation steps). Returns the certified result, an unknown one
+    with the best bound when the stage ran out of time, or None when it does not apply (no
+    undecided step, an entry whose graph cannot be restricted, or a property that the centre's
+    sides would not prove)."""
+    if not isinstance(x_set, Box) and not math.isinf(getattr(x_set, "p", math.inf)):
+        return None
+    lo, hi = x_set.bounds()
+    todo = undecided_steps(graph, boxes, (lo + hi) / 2)
+    if not todo or time.perf_counter() >= deadline:
+        return None
+    bound = property_bound(graph, x_set, rs, {e.node for e in todo}, deadline)
+    st = _Stage(graph, x_set, rs, boxes, bound)
+    t0 = time.perf_counter()
+    if bound(_with_sides(boxes, [(e, SIDE_GAP) for e in todo])) <= margin:
+        return None
+    low = bound(boxes)
+    st.checks = 2
+    next_check, since = FIRST_CHECK, 0
+    cap = max(2.0, 0.05 * (deadline - t0))
+    for e in todo:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        problem = st.restricted(e, fast)
+        if problem is None:
+            st.unrestricted += 1
+            if not st.proved:
+                return None
+            continue
+        res = decide(*problem, min(cap, left))
+        if res.status == "certified":
+            st.proved.append((e, max(float(res.lower), SIDE_GAP)))
+            since += 1
+        elif res.status == "falsified":
+            st.falsified += 1
+        if since >= next_check:
+            new = bound(_with_sides(boxes, st.proved))
+            st.checks += 1
+            if new > margin:
+                return _result(st, "certified", new, t0)
+            gained = (new - low) / since if new > low else 0.0
+            next_check = max(1, int(0.9 * (margin - new) / gained)) if gained > 0 else FIRST_CHECK
+            low, since = new, 0
+    if since and time.perf_counter() < deadline:
+        low = max(low, bound(_with_sides(boxes, st.proved)))
+        st.checks += 1
+        if low > margin:
+            return _result(st, "certified", low, t0)
+    return _result(st, "unknown", low, t0)
+
+
+def _result(st: _Stage, status: str, low: float, t0: float) -> BabResult:
+    details = {"entries": {"proved": len(st.proved), "falsified": st.falsified, "unrestricted": st.unrestricted,
+                           "bounds": st.checks, "seconds": round(time.perf_counter() - t0, 3)}}
+    return BabResult(status, None, low, len(st.proved), reason="proved" if status == "certified" else "timeout", details=details)

@@ -1,0 +1,250 @@
+"""The part of a bound graph that computes a few entries of one node: a small graph on the input
+entries they depend on.
+
+An entry of a convolutional network's layer depends on its receptive field only: a pixel of a
+segmentation head on a 7 x 7 window of a 31 x 47 image, through 1,600 + 1,152 + 64 neurons
+instead of the layers' 93,000 - 186,000. :func:`restrict` keeps, for every node, the entries the
+chosen ones depend on (walking the ops' structure backward) and rewrites each op on those entries
+alone, as a flat vector: a convolution or a linear layer becomes the dense matrix between the
+kept entries (each entry of it one weight, placed by index arithmetic: no convolution is
+evaluated), per-entry ops (activations, elementwise affine maps, sums, moves and selections) act
+on the kept entries in the order of their outputs. The small graph computes exactly the chosen
+entries from the kept input entries (the others cannot change them), so its bounds and searches
+decide those entries on the whole input set: branch-and-bound then splits a few thousand ReLUs of
+one receptive field (:mod:`relax.bab.entry_proofs`).
+
+Ops without a rule here (pooling, normalisations, products, reductions, transposed
+convolutions) make :func:`restrict` return None.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from relax.ir.graph import BNode, BoundGraph
+from relax.ir.ops import Activation, Add, Conv, ConvTranspose, ElemAffine, Linear, Permute, Reshape, Select
+
+__all__ = ["Restriction", "restrict", "needed_entries"]
+
+#: the most nonzero weights a restricted affine op may hold (its dense matrix: kept outputs x kept inputs)
+MAX_DENSE_ENTRIES = 2**24
+
+
+@dataclass
+class Restriction:
+    """``graph`` maps the input entries ``input_index [n]`` (flat indices of the original input,
+    ascending) to the chosen entries of the node (its output ``[len(entries)]``, in the order asked)."""
+
+    graph: BoundGraph
+    input_index: Tensor
+
+
+def _broadcast_source(in_shape: tuple[int, ...], out_shape: tuple[int, ...], E: Tensor) -> Tensor:
+    """Flat indices into ``in_shape`` of the output entries ``E`` of a broadcast to ``out_shape``."""
+    src = torch.arange(math.prod(in_shape)).reshape(in_shape) if in_shape else torch.zeros((), dtype=torch.long)
+    return src.broadcast_to(out_shape).reshape(-1)[E]
+
+
+def _move_source(op, in_shape: tuple[int, ...], E: Tensor) -> Tensor:
+    """Flat input index of each output entry ``E`` of a reshape or a permutation (the op applied
+    to the indices themselves, exact in float64 up to 2^53 entries)."""
+    idx = torch.arange(math.prod(in_shape), dtype=torch.float64).reshape(1, *in_shape)
+    return op.forward(idx).reshape(-1)[E].round().long()
+
+
+def _conv_taps(op: Conv, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For the output entries ``E [n]`` of a 1-d / 2-d convolution: ``(inputs [n, T], weights [n,
+    T], valid [n, T])``, the flat input index and weight of each of the ``T`` taps of the entry's
+    kernel (``Cin/groups`` channels x kernel positions) and whether the tap lies inside the input
+    (a tap on the zero padding adds nothing)."""
+    W = op.W
+    c_out, spatial_out = op.out_shape[0], op.out_shape[1:]
+    spatial_in = op.in_shape[1:]
+    n_sp = math.prod(spatial_out)
+    co, rest = E // n_sp, E % n_sp
+    pos_out: list[Tensor] = []
+    for s in reversed(spatial_out):
+        pos_out.insert(0, rest % s)
+        rest = rest // s
+    cin_g, ksize = W.shape[1], W.shape[2:]
+    group = co // (c_out // op.groups)
+    # every tap: (channel in group, kernel offsets) -> [T] each
+    grids = torch.meshgrid(torch.arange(cin_g), *[torch.arange(k) for k in ksize], indexing="ij")
+    c_tap, k_taps = grids[0].reshape(-1), [g.reshape(-1) for g in grids[1:]]
+    valid = torch.ones(E.numel(), c_tap.numel(), dtype=torch.bool)
+    flat = (group[:, None] * cin_g + c_tap[None, :])  # input channel [n, T]
+    for i, s_in in enumerate(spatial_in):
+        p = pos_out[i][:, None] * op.stride[i] - op.padding[i] + k_taps[i][None, :] * op.dilation[i]
+        valid &= (p >= 0) & (p < s_in)
+        flat = flat * s_in + p.clamp(0, s_in - 1)
+    weights = W.reshape(c_out, -1).cpu()[co]  # W[co, c, k...] in the taps. order
+    return flat, weights, valid
+
+
+def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
+    """The entries of each input of ``n`` that its output entries ``E`` depend on (flat, maybe
+    repeated), or None when ``n`` has no rule here."""
+    op = n.op
+    shapes = [graph.shape(i) for i in n.inputs]
+    if isinstance(op, (Reshape, Permute)):
+        return [_move_source(op, shapes[0], E)]
+    if isinstance(op, Select):
+        g = op.index[E][op.from_input[E]]
+        offsets = [0]
+        for s in op.sizes:
+            offsets.append(offsets[-1] + s)
+        return [g[(g >= offsets[k]) & (g < offsets[k + 1])] - offsets[k] for k in range(len(shapes))]
+    if isinstance(op, ElemAffine):
+        return [_broadcast_source(op.in_shape, n.shape, E)]
+    if isinstance(op, Add):
+        return [_broadcast_source(tuple(s), n.shape, E) for s in op.in_shapes]
+    if isinstance(op, Conv) and not isinstance(op, ConvTranspose) and op.nd in (1, 2):
+        flat, _, valid = _conv_taps(op, E)
+        return [flat[valid]]
+    if isinstance(op, Linear) and op.W.dim() == 2 and len(shapes[0]) == 1 and len(n.shape) == 1:
+        return [(op.W[E] != 0).any(0).nonzero().flatten().cpu()]
+    if _per_entry_activation(graph, n):
+        return [E]
+    return None
+
+
+def _per_entry_activation(graph: BoundGraph, n: BNode) -> bool:
+    """An elementwise activation of one input of its own size whose constants are scalars (the
+    same op then serves any subset of its entries)."""
+    op = n.op
+    if not isinstance(op, Activation) or not getattr(op, "elementwise", False) or len(n.inputs) != 1:
+        return False
+    if math.prod(graph.shape(n.inputs[0])) != n.numel:
+        return False
+    return all(not isinstance(v, Tensor) or v.numel() <= 1 for v in vars(op).values())
+
+
+def needed_entries(graph: BoundGraph, node: str, entries: Tensor) -> dict[str, Tensor] | None:
+    """``{name: ascending flat indices}``: the entries of every node (and of the input) that
+    ``node``'s ``entries`` depend on; None when an op on the way has no rule here."""
+    masks: dict[str, Tensor] = {}
+
+    def mark(name: str, idx: Tensor) -> None:
+        if name not in masks:
+            masks[name] = torch.zeros(math.prod(graph.shape(name)), dtype=torch.bool)
+        masks[name][idx] = True
+
+    mark(node, entries.cpu().long())
+    need: dict[str, Tensor] = {}
+    for n in reversed(graph.nodes):
+        if n.name not in masks:
+            continue
+        need[n.name] = E = masks.pop(n.name).nonzero().flatten()
+        ins = _inputs_of(graph, n, E)
+        if ins is None:
+            return None
+        for name, idx in zip(n.inputs, ins):
+            mark(name, idx)
+    if graph.input_name not in masks:
+        return None
+    need[graph.input_name] = masks[graph.input_name].nonzero().flatten()
+    return need
+
+
+def _aligned(name: str, src: str, positions: Tensor, n_src: int, dtype: torch.dtype) -> BNode:
+    """A selection node: entry ``k`` is entry ``positions[k]`` of ``src`` (``n_src`` entries)."""
+    n = positions.numel()
+    op = Select(positions, torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=dtype), [(n_src,)], (n,))
+    return BNode(name, op, [src], (n,))
+
+
+def _position(need: dict[str, Tensor], name: str, flat: Tensor) -> Tensor:
+    """Where the flat indices ``flat`` of node ``name`` lie in its kept entries."""
+    return torch.searchsorted(need[name], flat)
+
+
+def _dense_conv(op: Conv, E: Tensor, kept_in: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    """The convolution between its output entries ``E`` and input entries ``kept_in`` as a matrix
+    ``[len(E), len(kept_in)]`` and the bias of ``E`` (None past :data:`MAX_DENSE_ENTRIES`)."""
+    if E.numel() * kept_in.numel() > MAX_DENSE_ENTRIES:
+        return None
+    flat, weights, valid = _conv_taps(op, E)
+    M = torch.zeros(E.numel(), kept_in.numel(), dtype=op.W.dtype)
+    rows = torch.arange(E.numel())[:, None].expand_as(flat)
+    M[rows[valid], torch.searchsorted(kept_in, flat[valid])] = weights.cpu()[valid]
+    b = None if op.b is None else op.b.reshape(-1).cpu()[E // math.prod(op.out_shape[1:])]
+    return M, b
+
+
+def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BNode] | None:
+    """``n`` on its kept entries (a flat vector in ascending flat order), with the selection
+    nodes that line its inputs up; None when it does not fit (a matrix too large)."""
+    op, E = n.op, need[n.name]
+    size = lambda name: need[name].numel()  # noqa: E731
+    dt = graph.dtype
+    if isinstance(op, (Reshape, Permute)):
+        src = _move_source(op, graph.shape(n.inputs[0]), E)
+        return [_aligned(n.name, n.inputs[0], _position(need, n.inputs[0], src), size(n.inputs[0]), dt)]
+    if isinstance(op, Select):
+        offsets, pos_off, parts = 0, 0, torch.zeros(E.numel(), dtype=torch.long)
+        g, take = op.index[E], op.from_input[E]
+        for name, s in zip(n.inputs, op.sizes):
+            mine = take & (g >= offsets) & (g < offsets + s)
+            parts[mine] = _position(need, name, g[mine] - offsets) + pos_off
+            offsets, pos_off = offsets + s, pos_off + size(name)
+        sel = Select(parts, take.clone(), op.const[E].clone(), [(size(i),) for i in n.inputs], (E.numel(),))
+        return [BNode(n.name, sel, list(n.inputs), (E.numel(),))]
+    if isinstance(op, (ElemAffine, Add)) or _per_entry_activation(graph, n):
+        shapes: list[tuple[int, ...]] = [tuple(t) for t in op.in_shapes] if isinstance(op, Add) else \
+            [op.in_shape if isinstance(op, ElemAffine) else graph.shape(n.inputs[0])]
+        nodes, lined = [], []
+        for k, (name, shp) in enumerate(zip(n.inputs, shapes)):
+            pos = _position(need, name, _broadcast_source(shp, n.shape, E) if not _per_entry_activation(graph, n) else E)
+            if pos.numel() == size(name) and torch.equal(pos, torch.arange(pos.numel())):
+                lined.append(name)
+                continue
+            nodes.append(_aligned(f"{n.name}__in{k}", name, pos, size(name), dt))
+            lined.append(nodes[-1].name)
+        m = E.numel()
+        if isinstance(op, ElemAffine):
+            pick = lambda t: None if t is None else t.broadcast_to(n.shape).reshape(-1)[E.to(t.device)].clone()  # noqa: E731
+            new: object = ElemAffine(pick(op.scale), pick(op.shift), (m,))
+        elif isinstance(op, Add):
+            new = Add(list(op.signs), [(m,)] * len(lined))
+        else:
+            new = op
+        return nodes + [BNode(n.name, new, lined, (m,))]
+    if isinstance(op, Conv):
+        mb = _dense_conv(op, E, need[n.inputs[0]])
+        return None if mb is None else [BNode(n.name, Linear(mb[0].to(op.W.device), None if mb[1] is None else mb[1].to(op.W.device)),
+                                              list(n.inputs), (E.numel(),))]
+    if isinstance(op, Linear):
+        kept = need[n.inputs[0]].to(op.W.device)
+        W = op.W[E.to(op.W.device)][:, kept]
+        return [BNode(n.name, Linear(W.clone(), None if op.b is None else op.b[E.to(op.b.device)].clone()), list(n.inputs), (E.numel(),))]
+    return None
+
+
+def restrict(graph: BoundGraph, node: str, entries: Tensor) -> Restriction | None:
+    """The graph of ``node``'s ``entries`` (flat indices) on the input entries they depend on
+    (module docstring), or None when an op on the way has no rule here or a restricted matrix
+    would exceed :data:`MAX_DENSE_ENTRIES`. The output lists the entries in the order given."""
+    entries = entries.cpu().long()
+    need = needed_entries(graph, node, entries)
+    if need is None:
+        return None
+    nodes: list[BNode] = []
+    for n in graph.nodes:
+        if n.name not in need:
+            continue
+        built = _build_node(graph, n, need)
+        if built is None:
+            return None
+        nodes.extend(built)
+        if n.name == node:
+            break
+    out = node
+    order = torch.searchsorted(need[node], entries)
+    if not torch.equal(order, torch.arange(need[node].numel())):
+        nodes.append(_aligned(f"{node}__entries", node, order, need[node].numel(), graph.dtype))
+        out = nodes[-1].name
+    sub = BoundGraph(graph.input_name, (need[graph.input_name].numel(),), nodes, out, graph.dtype, graph.device)
+    return Restriction(sub, need[graph.input_name])

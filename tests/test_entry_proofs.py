@@ -1,0 +1,98 @@
+"""The entry stage of ``bab`` (``relax/bab/entry_proofs.py``) on a small segmentation head whose
+property counts the pixels that keep the mask's class (carvana_unet_2022's form): each pixel's
+exact robustness comes from the ``milp`` method on that pixel's margin alone. The count of the
+robust pixels is certified (where the first CROWN pass cannot: the stage decides it); one more
+than a count that a sampled point reaches is never certified."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from verify import certify
+from verify.spec import Box, Linear
+
+D = torch.float64
+H = W = 5
+
+
+class Margins(nn.Module):
+    """``[B, 2, H, W]`` image -> ``[B, H W]`` logit margins (class 1 minus class 0) per pixel."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.c2 = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 2, 3, padding=1)
+
+    def forward(self, x):
+        z = self.c2(torch.relu(self.c1(x)))
+        return (z[:, 1] - z[:, 0]).flatten(1)
+
+
+class Count(nn.Module):
+    """``[B, 3, H, W]`` (image and a 0/1 mask channel) -> ``[B, 1]``: the pixels whose class
+    (1 where the margin is positive) equals the mask."""
+
+    def __init__(self, margins: Margins):
+        super().__init__()
+        self.margins = margins
+        self.register_buffer("at_zero", torch.tensor(0.0))
+
+    def forward(self, x):
+        cls = torch.heaviside(self.margins(x[:, :2]), self.at_zero)
+        agree = 1.0 - torch.abs(cls - x[:, 2].flatten(1))
+        return agree.sum(1, keepdim=True)
+
+
+class Pixel(nn.Module):
+    def __init__(self, margins: Margins, j: int):
+        super().__init__()
+        self.margins, self.j = margins, j
+
+    def forward(self, x):
+        return self.margins(x)[:, self.j:self.j + 1]
+
+
+def _instance(seed: int, eps: float):
+    margins = Margins(seed).double()
+    img = torch.rand(1, 2, H, W, dtype=D)
+    with torch.no_grad():
+        m0 = margins(img)[0]
+    mask = (m0 > 0).to(D).reshape(1, 1, H, W)
+    lo, hi = torch.cat([img - eps, mask], 1), torch.cat([img + eps, mask], 1)
+    return margins, m0, lo, hi
+
+
+def _robust_pixels(margins: Margins, m0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int:
+    """Pixels whose class cannot change in the box, by the exact MILP of each pixel's margin."""
+    n = 0
+    for j in range(H * W):
+        side = 1.0 if m0[j] > 0 else -1.0
+        c = certify(Pixel(margins, j), Box(lo[:, :2], hi[:, :2]), Linear(torch.tensor([[side]], dtype=D)), "milp", dtype=D, timeout=30)
+        assert c[0].status in ("certified", "falsified")
+        n += c[0].status == "certified"
+    return n
+
+
+def _count_property(threshold: int) -> Linear:
+    return Linear(torch.tensor([[1.0]], dtype=D), torch.tensor([-(threshold - 0.5)], dtype=D))
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.04), (3, 0.12)])
+def test_the_robust_pixels_count_is_certified_and_one_more_is_not(seed, eps):
+    margins, m0, lo, hi = _instance(seed, eps)
+    net = Count(margins).double()
+    robust = _robust_pixels(margins, m0, lo, hi)
+    assert 0 < robust < H * W  # some pixels flip, some do not
+    crown = certify(net, Box(lo, hi), _count_property(robust), "crown", dtype=D)
+    assert crown[0].status == "unknown"  # the whole image's relaxation does not decide enough pixels
+    c = certify(net, Box(lo, hi), _count_property(robust), "bab", timeout=60)
+    assert c[0].status == "certified" and c[0].details["stage"] == "entries", c[0].details
+    # a count below ``robust + 1`` is reached where the flippable pixels flip together, or not:
+    # in no case may more than the robust pixels be certified with a sampled point below it
+    pts = lo + (hi - lo) * torch.rand(20000, *lo.shape[1:], dtype=D)
+    with torch.no_grad():
+        reached = int(net(pts).min())
+    assert reached >= robust
+    bad = certify(net, Box(lo, hi), _count_property(reached + 1), "bab", timeout=30)
+    assert bad[0].status != "certified"

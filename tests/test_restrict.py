@@ -1,0 +1,96 @@
+"""A few entries of a node on the input entries they depend on (``relax/ir/restrict.py``): the
+restricted graph computes exactly those entries (convolutions of every stride / padding /
+dilation / grouping, 1-d and 2-d, at the border and inside; residual sums, per-channel affine maps,
+transposes, selections and steps on the way), its CROWN bounds on the projected box contain the
+full network's values, and ops without a rule give None."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from relax.bab.entry_proofs import RestrictedModel
+from relax.bounds import bounds
+from relax.ir.graph import build_graph
+from relax.ir.restrict import restrict
+from verify.spec import Box
+
+D = torch.float64
+
+
+class SegHead(nn.Module):
+    """``[B, 2, 7, 9]`` -> per-pixel logit margins ``[B, 63]`` through strided, dilated, grouped
+    and padded convolutions, a residual sum, a per-channel affine map, a transpose and a step."""
+
+    def __init__(self, stride: int, dilation: int, groups: int):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=dilation, dilation=dilation)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, groups=groups)
+        self.c3 = nn.Conv2d(4, 2, 1, stride=stride)
+        self.scale = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.register_buffer("at_zero", torch.tensor(0.0))
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h) + h) * self.scale + 0.1
+        z = self.c3(h).permute(0, 2, 3, 1)  # [B, H, W, 2]
+        m = z[..., 1] - z[..., 0]
+        return (m + torch.heaviside(m, self.at_zero)).flatten(1)
+
+
+class Signal(nn.Module):
+    """1-d: ``[B, 3, 12]`` -> ``[B, 2 * 6]`` (stride 2, no padding on one side after a Linear-free chain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 5, 3, padding=1)
+        self.c2 = nn.Conv1d(5, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.c2(torch.tanh(self.c1(x))).flatten(1)
+
+
+def _check(net: nn.Module, in_shape: tuple[int, ...], entries: list[int]) -> None:
+    torch.manual_seed(1)
+    g = build_graph(torch.fx.symbolic_trace(net), in_shape, D)
+    x = torch.rand(64, *in_shape, dtype=D)
+    full = g.forward(x)
+    sizes = []
+    for j in entries:
+        r = restrict(g, g.output, torch.tensor([j]))
+        assert r is not None
+        y = r.graph.forward(x.reshape(64, -1)[:, r.input_index])
+        assert torch.allclose(y.reshape(-1), full[:, j], rtol=0, atol=1e-12), j
+        sizes.append(r.input_index.numel())
+        # CROWN on the projection of a box contains the full network's values there
+        lo = torch.rand(1, *in_shape, dtype=D)
+        hi = lo + 0.2
+        sub_lo, sub_hi = bounds(RestrictedModel({D: r.graph}), Box(lo.reshape(1, -1)[:, r.input_index], hi.reshape(1, -1)[:, r.input_index]), method="crown")
+        pts = lo + (hi - lo) * torch.rand(2000, *in_shape, dtype=D)
+        vals = g.forward(pts)[:, j]
+        assert (vals >= sub_lo.reshape(-1) - 1e-9).all() and (vals <= sub_hi.reshape(-1) + 1e-9).all()
+    assert min(sizes) < x[0].numel()  # a corner entry depends on part of the input
+
+
+@pytest.mark.parametrize("stride,dilation,groups", [(1, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_restricted_conv_head_computes_the_entry(stride, dilation, groups):
+    torch.manual_seed(0)
+    net = SegHead(stride, dilation, groups).double()
+    n_out = net(torch.rand(1, 2, 7, 9, dtype=D)).shape[1]
+    _check(net, (2, 7, 9), [0, 1, n_out // 2, n_out - 1])
+
+
+def test_restricted_1d_conv_and_several_entries_in_the_order_asked():
+    torch.manual_seed(0)
+    net = Signal().double()
+    _check(net, (3, 12), [0, 5, 11])
+    g = build_graph(torch.fx.symbolic_trace(net), (3, 12), D)
+    r = restrict(g, g.output, torch.tensor([7, 2, 9]))
+    x = torch.rand(5, 3, 12, dtype=D)
+    assert torch.allclose(r.graph.forward(x.reshape(5, -1)[:, r.input_index]), g.forward(x)[:, [7, 2, 9]], atol=1e-12, rtol=0)
+
+
+def test_an_op_without_a_rule_gives_none():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()).double()
+    g = build_graph(torch.fx.symbolic_trace(net), (1, 8, 8), D)
+    assert restrict(g, g.output, torch.tensor([0])) is None
