@@ -12,7 +12,7 @@ import torch.nn as nn
 from relax.bab.entry_proofs import RestrictedModel
 from relax.bounds import bounds
 from relax.ir.graph import build_graph
-from relax.ir.restrict import restrict
+from relax.ir.restrict import cast, restrict
 from verify.spec import Box
 
 D = torch.float64
@@ -61,6 +61,8 @@ def _check(net: nn.Module, in_shape: tuple[int, ...], entries: list[int]) -> Non
         assert r is not None
         y = r.graph.forward(x.reshape(64, -1)[:, r.input_index])
         assert torch.allclose(y.reshape(-1), full[:, j], rtol=0, atol=1e-12), j
+        y32 = cast(r.graph, torch.float32).forward(x.reshape(64, -1)[:, r.input_index].float())
+        assert y32.dtype == torch.float32 and torch.allclose(y32.double().reshape(-1), full[:, j], rtol=0, atol=1e-4)
         sizes.append(r.input_index.numel())
         # CROWN on the projection of a box contains the full network's values there
         lo = torch.rand(1, *in_shape, dtype=D)

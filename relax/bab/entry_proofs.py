@@ -35,7 +35,7 @@ from verify.spec import Box, InputSet, LinearSpec
 from relax.bab import BabResult, RowSpec
 from relax.ir.graph import BoundGraph
 from relax.ir.ops.elementwise import Step
-from relax.ir.restrict import Restriction, restrict
+from relax.ir.restrict import Restriction, cast, restrict
 
 __all__ = ["EntryProblem", "RestrictedModel", "property_bound", "prove_entries", "undecided_steps"]
 
@@ -136,19 +136,14 @@ class _Stage:
     unrestricted: int = 0
     checks: int = 0
 
-    def restricted(self, e: EntryProblem, fast: BoundGraph | None) -> tuple[RestrictedModel, Box, LinearSpec] | None:
-        """Entry ``e`` as its own problem: the model of its restricted graph, the projection of
-        the input box onto the entries it depends on, and the row ``side * entry > 0``."""
-        idx = torch.tensor([e.index])
-        r: Restriction | None = restrict(self.graph, e.node, idx)
+    def restricted(self, e: EntryProblem) -> tuple[RestrictedModel, Box, LinearSpec] | None:
+        """Entry ``e`` as its own problem: the model of its restricted graph (float64, and float32
+        for the searches' optimisation steps), the projection of the input box onto the entries it
+        depends on, and the row ``side * entry > 0``."""
+        r: Restriction | None = restrict(self.graph, e.node, torch.tensor([e.index]))
         if r is None:
             return None
-        graphs = {torch.float64: r.graph}
-        if fast is not None:  # the searches' optimisation steps run in float32 when both graphs exist
-            r32 = restrict(fast, e.node, idx)
-            if r32 is None or not torch.equal(r32.input_index, r.input_index):
-                return None
-            graphs[fast.dtype] = r32.graph
+        graphs = {torch.float64: r.graph, torch.float32: cast(r.graph, torch.float32)}
         lo, hi = self.x_set.bounds()
         sel = r.input_index.to(lo.device)
         box = Box(lo.reshape(1, -1)[:, sel], hi.reshape(1, -1)[:, sel])
@@ -180,12 +175,12 @@ def property_bound(graph: BoundGraph, x_set: InputSet, rs: RowSpec, nodes: set[s
 
 
 def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[str, tuple[Tensor, Tensor]],
-                  decide: Callable[[torch.nn.Module, Box, LinearSpec, float], BabResult], deadline: float, margin: float,
-                  fast: BoundGraph | None = None) -> BabResult | None:
+                  decide: Callable[[torch.nn.Module, Box, LinearSpec, float], BabResult], deadline: float,
+                  margin: float) -> BabResult | None:
     """The stage of the module docstring on the property ``rs`` over ``x_set`` (a box), from the
     first CROWN pass's pre-activation ``boxes`` (``[1, *shape]``); ``decide(model, box, spec,
-    seconds)``: a complete search of one entry's problem (branch-and-bound); ``fast``: the graph in
-    float32 (for the searches' optimisation steps). Returns the certified result, an unknown one
+    seconds)``: a complete search of one entry's problem (branch-and-bound). Returns the certified
+    result, an unknown one
     with the best bound when the stage ran out of time, or None when it does not apply (no
     undecided step, an entry whose graph cannot be restricted, or a property that the centre's
     sides would not prove)."""
@@ -208,7 +203,7 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
         left = deadline - time.perf_counter()
         if left <= 0:
             break
-        problem = st.restricted(e, fast)
+        problem = st.restricted(e)
         if problem is None:
             st.unrestricted += 1
             if not st.proved:

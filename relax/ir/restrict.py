@@ -27,7 +27,7 @@ from torch import Tensor
 from relax.ir.graph import BNode, BoundGraph
 from relax.ir.ops import Activation, Add, Conv, ConvTranspose, ElemAffine, Linear, Permute, Reshape, Select
 
-__all__ = ["Restriction", "restrict", "needed_entries"]
+__all__ = ["Restriction", "cast", "restrict", "needed_entries"]
 
 #: the most nonzero weights a restricted affine op may hold (its dense matrix: kept outputs x kept inputs)
 MAX_DENSE_ENTRIES = 2**24
@@ -112,14 +112,14 @@ def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
 
 
 def _per_entry_activation(graph: BoundGraph, n: BNode) -> bool:
-    """An elementwise activation of one input of its own size whose constants are scalars (the
-    same op then serves any subset of its entries)."""
+    """An elementwise activation of one input of its own size without tensor constants (the
+    same op then serves any subset of its entries, in any dtype)."""
     op = n.op
     if not isinstance(op, Activation) or not getattr(op, "elementwise", False) or len(n.inputs) != 1:
         return False
     if math.prod(graph.shape(n.inputs[0])) != n.numel:
         return False
-    return all(not isinstance(v, Tensor) or v.numel() <= 1 for v in vars(op).values())
+    return not any(isinstance(v, Tensor) for v in vars(op).values())
 
 
 def needed_entries(graph: BoundGraph, node: str, entries: Tensor) -> dict[str, Tensor] | None:
@@ -221,6 +221,22 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
         W = op.W[E.to(op.W.device)][:, kept]
         return [BNode(n.name, Linear(W.clone(), None if op.b is None else op.b[E.to(op.b.device)].clone()), list(n.inputs), (E.numel(),))]
     return None
+
+
+def cast(graph: BoundGraph, dtype: torch.dtype) -> BoundGraph:
+    """A restricted graph (:func:`restrict`: linear maps, selections, elementwise affine maps,
+    sums and activations without tensor constants) with its constants in ``dtype``."""
+    nodes = []
+    for n in graph.nodes:
+        op = n.op
+        if isinstance(op, Linear):
+            op = Linear(op.W.to(dtype), None if op.b is None else op.b.to(dtype))
+        elif isinstance(op, Select):
+            op = op.to(dtype)
+        elif isinstance(op, ElemAffine):
+            op = ElemAffine(None if op.scale is None else op.scale.to(dtype), None if op.shift is None else op.shift.to(dtype), op.in_shape)
+        nodes.append(BNode(n.name, op, list(n.inputs), n.shape))
+    return BoundGraph(graph.input_name, graph.input_shape, nodes, graph.output, dtype, graph.device)
 
 
 def restrict(graph: BoundGraph, node: str, entries: Tensor) -> Restriction | None:

@@ -331,12 +331,10 @@ def _entry_stage(model, graph, x64: InputSet, rs: RowSpec, first_pass: FirstPass
     import dataclasses
 
     from relax.bab.entry_proofs import prove_entries
-    from relax.ir.graph import get_graph
 
     sub = dataclasses.replace(opts, entry_proofs=0.0)
-    fast = _same_nodes(get_graph(model, tuple(graph.input_shape), torch.float32), graph, rs)
     return prove_entries(graph, x64, rs, first_pass.boxes, lambda m, box, spec, s: run_bab(m, box, spec, sub, timeout=s),
-                         until, opts.margin, fast=fast)
+                         until, opts.margin)
 
 
 def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, deadline: float,
