@@ -43,6 +43,8 @@ __all__ = ["EntryProblem", "RestrictedModel", "property_bound", "prove_entries",
 SIDE_GAP = 1e-12
 #: proofs before the property is first bounded again
 FIRST_CHECK = 16
+#: one entry's seconds: this share of the stage, at most this many median proofs, at least this
+CAP_SHARE, CAP_MEDIANS, CAP_MIN_S = 0.05, 3.0, 2.0
 
 
 class RestrictedModel(torch.nn.Module):
@@ -132,23 +134,48 @@ class _Stage:
     boxes: dict[str, tuple[Tensor, Tensor]]
     bound: Callable[[dict[str, tuple[Tensor, Tensor]]], float]
     proved: list[tuple[EntryProblem, float]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds of each proof
     falsified: int = 0
     unrestricted: int = 0
     checks: int = 0
+    bound_s: float = 0.0  # the longest bound of the property so far
 
-    def restricted(self, e: EntryProblem) -> tuple[RestrictedModel, Box, LinearSpec] | None:
+    def check(self, proved: list[tuple[EntryProblem, float]]) -> float:
+        """The property's bound with the ``proved`` entries' boxes (timed)."""
+        t = time.perf_counter()
+        low = self.bound(_with_sides(self.boxes, proved))
+        self.bound_s, self.checks = max(self.bound_s, time.perf_counter() - t), self.checks + 1
+        return low
+
+    def cap(self, stage_s: float) -> float:
+        """Seconds one entry may take: :data:`CAP_SHARE` of the stage, or :data:`CAP_MEDIANS` times
+        the median proof once there are a few (an entry far harder than the others waits), at
+        least :data:`CAP_MIN_S`."""
+        c = CAP_SHARE * stage_s
+        if len(self.times) >= 4:
+            c = min(c, CAP_MEDIANS * sorted(self.times)[len(self.times) // 2])
+        return max(CAP_MIN_S, c)
+
+    def restricted(self, e: EntryProblem) -> tuple[RestrictedModel, Box, LinearSpec, dict[str, tuple[Tensor, Tensor]]] | None:
         """Entry ``e`` as its own problem: the model of its restricted graph (float64, and float32
         for the searches' optimisation steps), the projection of the input box onto the entries it
-        depends on, and the row ``side * entry > 0``."""
+        depends on, the row ``side * entry > 0``, and the boxes of the restricted graph's
+        pre-activations that the whole network's pass gave (the same neurons on the same set)."""
         r: Restriction | None = restrict(self.graph, e.node, torch.tensor([e.index]))
         if r is None:
             return None
         graphs = {torch.float64: r.graph, torch.float32: cast(r.graph, torch.float32)}
+        known: dict[str, tuple[Tensor, Tensor]] = {}
+        for p in r.graph.preactivations():
+            if p in self.boxes and p in r.entries and p != r.graph.input_name:
+                sel = r.entries[p].to(self.boxes[p][0].device)
+                lo_p, hi_p = self.boxes[p]
+                known[p] = (lo_p.reshape(1, -1)[:, sel].double(), hi_p.reshape(1, -1)[:, sel].double())
         lo, hi = self.x_set.bounds()
         sel = r.input_index.to(lo.device)
         box = Box(lo.reshape(1, -1)[:, sel], hi.reshape(1, -1)[:, sel])
         spec = LinearSpec(torch.tensor([[[e.side]]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long))
-        return RestrictedModel(graphs), box, spec
+        return RestrictedModel(graphs), box, spec, known
 
 
 def property_bound(graph: BoundGraph, x_set: InputSet, rs: RowSpec, nodes: set[str], deadline: float
@@ -175,11 +202,12 @@ def property_bound(graph: BoundGraph, x_set: InputSet, rs: RowSpec, nodes: set[s
 
 
 def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[str, tuple[Tensor, Tensor]],
-                  decide: Callable[[torch.nn.Module, Box, LinearSpec, float], BabResult], deadline: float,
+                  decide: Callable[[torch.nn.Module, Box, LinearSpec, float, dict], BabResult], deadline: float,
                   margin: float) -> BabResult | None:
     """The stage of the module docstring on the property ``rs`` over ``x_set`` (a box), from the
     first CROWN pass's pre-activation ``boxes`` (``[1, *shape]``); ``decide(model, box, spec,
-    seconds)``: a complete search of one entry's problem (branch-and-bound). Returns the certified
+    seconds, boxes)``: a complete search of one entry's problem (branch-and-bound) from the
+    restricted graph's known pre-activation boxes. Returns the certified
     result, an unknown one
     with the best bound when the stage ran out of time, or None when it does not apply (no
     undecided step, an entry whose graph cannot be restricted, or a property that the centre's
@@ -195,12 +223,10 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
     t0 = time.perf_counter()
     if bound(_with_sides(boxes, [(e, SIDE_GAP) for e in todo])) <= margin:
         return None
-    low = bound(boxes)
-    st.checks = 2
+    low = st.check([])
     next_check, since = FIRST_CHECK, 0
-    cap = max(2.0, 0.05 * (deadline - t0))
     for e in todo:
-        left = deadline - time.perf_counter()
+        left = deadline - time.perf_counter() - 2 * st.bound_s  # the last bound must fit
         if left <= 0:
             break
         problem = st.restricted(e)
@@ -209,23 +235,24 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
             if not st.proved:
                 return None
             continue
-        res = decide(*problem, min(cap, left))
+        model, box, spec, known = problem
+        t_e = time.perf_counter()
+        res = decide(model, box, spec, min(st.cap(deadline - t0), left), known)
         if res.status == "certified":
             st.proved.append((e, max(float(res.lower), SIDE_GAP)))
+            st.times.append(time.perf_counter() - t_e)
             since += 1
         elif res.status == "falsified":
             st.falsified += 1
         if since >= next_check:
-            new = bound(_with_sides(boxes, st.proved))
-            st.checks += 1
+            new = st.check(st.proved)
             if new > margin:
                 return _result(st, "certified", new, t0)
             gained = (new - low) / since if new > low else 0.0
             next_check = max(1, int(0.9 * (margin - new) / gained)) if gained > 0 else FIRST_CHECK
             low, since = new, 0
     if since and time.perf_counter() < deadline:
-        low = max(low, bound(_with_sides(boxes, st.proved)))
-        st.checks += 1
+        low = max(low, st.check(st.proved))
         if low > margin:
             return _result(st, "certified", low, t0)
     return _result(st, "unknown", low, t0)

@@ -36,10 +36,13 @@ MAX_DENSE_ENTRIES = 2**24
 @dataclass
 class Restriction:
     """``graph`` maps the input entries ``input_index [n]`` (flat indices of the original input,
-    ascending) to the chosen entries of the node (its output ``[len(entries)]``, in the order asked)."""
+    ascending) to the chosen entries of the node (its output, in the order asked)."""
 
     graph: BoundGraph
     input_index: Tensor
+    #: ``{original node: its kept entries (flat, ascending)}``: a restricted node of the same name
+    #: holds exactly these entries of the original (in this order)
+    entries: dict[str, Tensor]
 
 
 def _broadcast_source(in_shape: tuple[int, ...], out_shape: tuple[int, ...], E: Tensor) -> Tensor:
@@ -263,4 +266,4 @@ def restrict(graph: BoundGraph, node: str, entries: Tensor) -> Restriction | Non
         nodes.append(_aligned(f"{node}__entries", node, order, need[node].numel(), graph.dtype))
         out = nodes[-1].name
     sub = BoundGraph(graph.input_name, (need[graph.input_name].numel(),), nodes, out, graph.dtype, graph.device)
-    return Restriction(sub, need[graph.input_name])
+    return Restriction(sub, need[graph.input_name], need)

@@ -235,8 +235,11 @@ class BabMethod(Method):
         return certs
 
 
-def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, timeout: float | None = None) -> BabResult:
-    """The full pipeline on one input set (batch of one) and its ``LinearSpec``.
+def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, timeout: float | None = None,
+            root_boxes: dict[str, tuple[Tensor, Tensor]] | None = None) -> BabResult:
+    """The full pipeline on one input set (batch of one) and its ``LinearSpec``; ``root_boxes``:
+    pre-activation boxes ``[1, *shape]`` known to hold on the whole set (the entry stage's, from
+    the whole network's pass), which the first CROWN pass takes as they are.
 
     Returns:
         :class:`BabResult` with ``details["stage"]`` naming the step that decided.
@@ -299,7 +302,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     try:  # a large network's pass stops tightening at FIRST_PASS_SHARE of the budget; its spec rows stop at the deadline
         with torch.no_grad():
             first = crown(graph, x64, C, deadline=Deadline(left() * FIRST_PASS_SHARE), forward=True,
-                          stop_at=None if math.isinf(deadline) else deadline)
+                          stop_at=None if math.isinf(deadline) else deadline, intermediate=root_boxes)
     except DeadlineExpired:
         return done(BabResult("unknown", None, -math.inf, 1, reason="timeout"), "crown")
     first_pass = FirstPass(first.intermediate, time.perf_counter() - t_pass)
@@ -323,6 +326,11 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     return done(res, res.details.get("stage", "graph-bab"))
 
 
+#: PGD restarts and steps of each entry's own pipeline in the entry stage (one restart from the
+#: midpoint, one after its first CROWN pass: most entries hold, and one that flips mostly does so at once)
+ENTRY_ATTACK_RESTARTS, ENTRY_ATTACK_STEPS = 2, 20
+
+
 def _entry_stage(model, graph, x64: InputSet, rs: RowSpec, first_pass: FirstPass, opts: BabOptions, until: float) -> BabResult | None:
     """:func:`relax.bab.entry_proofs.prove_entries` until the ``perf_counter`` value ``until``,
     each entry decided by this pipeline (its own entry stage off); None when it does not apply."""
@@ -332,9 +340,10 @@ def _entry_stage(model, graph, x64: InputSet, rs: RowSpec, first_pass: FirstPass
 
     from relax.bab.entry_proofs import prove_entries
 
-    sub = dataclasses.replace(opts, entry_proofs=0.0)
-    return prove_entries(graph, x64, rs, first_pass.boxes, lambda m, box, spec, s: run_bab(m, box, spec, sub, timeout=s),
-                         until, opts.margin)
+    sub = dataclasses.replace(opts, entry_proofs=0.0, attack_restarts=min(opts.attack_restarts, ENTRY_ATTACK_RESTARTS),
+                              attack_steps=min(opts.attack_steps, ENTRY_ATTACK_STEPS))
+    return prove_entries(graph, x64, rs, first_pass.boxes,
+                         lambda m, box, spec, s, boxes: run_bab(m, box, spec, sub, timeout=s, root_boxes=boxes), until, opts.margin)
 
 
 def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, deadline: float,
