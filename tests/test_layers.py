@@ -5,7 +5,7 @@ The layers, lowest first (a module belongs to the first layer with a matching pr
 
     verify vocabulary   verify.spec, verify.errors, verify.deadline, verify.certificate,
                         verify.resources, verify.options
-    verify loading      verify.vnnlib, verify.onnx_import, verify.onnx_composite, verify.graph_functions,
+    verify loading      verify.vnnlib, verify.onnx_import, verify.onnx_composite, verify.onnx_argmax, verify.graph_functions,
                         verify.model
     verify base         verify.attack (the one falsifier), verify.confirm (the user's check),
                         verify.status_rule, verify.registry
@@ -31,7 +31,8 @@ PACKAGES = ("verify", "relax", "smoothing")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verify vocabulary", ("verify.spec", "verify.errors", "verify.deadline", "verify.certificate",
                            "verify.resources", "verify.options", "verify.precision", "verify.placement")),
-    ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.onnx_composite", "verify.graph_functions", "verify.model")),
+    ("verify loading", ("verify.vnnlib", "verify.onnx_import", "verify.onnx_composite", "verify.onnx_argmax", "verify.graph_functions",
+                        "verify.model")),
     ("verify base", ("verify.surrogate", "verify.attack", "verify.confirm", "verify.status_rule", "verify.registry")),
     ("relax.ir", ("relax.ir",)),
     ("relax.bounds", ("relax.bounds", "relax.solvers")),

@@ -237,9 +237,8 @@ class BabMethod(Method):
 
 def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, timeout: float | None = None,
             root_boxes: dict[str, tuple[Tensor, Tensor]] | None = None) -> BabResult:
-    """The full pipeline on one input set (batch of one) and its ``LinearSpec``; ``root_boxes``:
-    pre-activation boxes ``[1, *shape]`` known to hold on the whole set (the entry stage's, from
-    the whole network's pass), which the first CROWN pass takes as they are.
+    """The full pipeline on one input set (batch of one) and its ``LinearSpec``; the first CROWN
+    pass takes ``root_boxes`` (pre-activation boxes ``[1, *shape]`` that hold on the set) as they are.
 
     Returns:
         :class:`BabResult` with ``details["stage"]`` naming the step that decided.
@@ -312,18 +311,29 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     res = attack("pgd")
     if res is not None:
         return done(res, "attack")
+    res = _entries_then_search(model, graph, x64, inputs, rs, opts, deadline, check, first_pass, low)
+    if res.status == "unknown" and res.reason == "exhausted":  # no split left that could prove it: attacks get the time
+        res = attack_until(model, inputs, spec, opts, deadline, check, res.details) or res
+    return done(res, res.details.get("stage", "graph-bab"))
+
+
+def _entries_then_search(model, graph, x64: InputSet, inputs: InputSet, rs: RowSpec, opts: BabOptions, deadline: float,
+                         check, first_pass: FirstPass, low: float) -> BabResult:
+    """After the first CROWN pass (its margin bound ``low``): the entry stage in its share of the
+    time, then (unless it proved the property) the search until ``deadline``; an unknown answer
+    keeps the best bound of the three."""
+    left = lambda: max(0.0, deadline - time.perf_counter())  # noqa: E731
     entries = _entry_stage(model, graph, x64, rs, first_pass, opts, time.perf_counter() + opts.entry_proofs * left())
     if entries is not None and entries.status == "certified":
-        return done(entries, "entries")
+        entries.details["stage"] = "entries"
+        return entries
     res = _graph_bab(model, graph, x64, inputs, rs, opts, left(), check, first_pass)
     if entries is not None:
         res.details.update(entries.details)
         low = max(low, entries.lower)
     if res.status == "unknown":  # the first pass's bound holds on the whole set too
         res.lower = max(res.lower, low)
-        if res.reason == "exhausted":  # no split left that could prove it: the time left goes to attacks
-            res = attack_until(model, inputs, spec, opts, deadline, check, res.details) or res
-    return done(res, res.details.get("stage", "graph-bab"))
+    return res
 
 
 #: PGD restarts and steps of each entry's own pipeline in the entry stage (one restart from the
