@@ -96,3 +96,30 @@ def test_the_robust_pixels_count_is_certified_and_one_more_is_not(seed, eps):
     assert reached >= robust
     bad = certify(net, Box(lo, hi), _count_property(reached + 1), "bab", timeout=30)
     assert bad[0].status != "certified"
+
+
+class Transposed(nn.Module):
+    """``[B, 2, 8]`` -> the count of positions where ``relu(conv(relu(conv(x))))``, transposed to
+    ``[B, 8, 2]``, exceeds 0.1: the steps' inputs are a transpose of ReLU outputs (strided boxes)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c, self.d = nn.Conv1d(2, 6, 3, padding=1), nn.Conv1d(6, 2, 3, padding=1)
+        self.register_buffer("at_zero", torch.tensor(0.0))
+
+    def forward(self, x):
+        h = torch.relu(self.d(torch.relu(self.c(x)))).permute(0, 2, 1) - 0.1
+        return torch.heaviside(h, self.at_zero).sum((1, 2)).unsqueeze(1)
+
+
+def test_steps_of_a_transposed_layer_are_decided_and_a_reached_count_plus_one_is_not():
+    net = Transposed(0).double()
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 8, dtype=D)
+    lo, hi = x - 0.1, x + 0.1
+    with torch.no_grad():
+        reached = int(net(lo + (hi - lo) * torch.rand(20000, 2, 8, dtype=D)).min())
+    assert certify(net, Box(lo, hi), _count_property(reached + 1), "bab", timeout=30)[0].status != "certified"
+    c = certify(net, Box(lo, hi), _count_property(reached - 3), "bab", timeout=30)[0]
+    assert c.status in ("certified", "unknown") and "error" not in c.details

@@ -92,6 +92,24 @@ def test_restricted_1d_conv_and_several_entries_in_the_order_asked():
     assert torch.allclose(r.graph.forward(x.reshape(5, -1)[:, r.input_index]), g.forward(x)[:, [7, 2, 9]], atol=1e-12, rtol=0)
 
 
+class PadBranch(nn.Module):
+    """``[B, 1, 6, 6]``: an unpadded convolution padded back to 6 x 6 (its border constants), a 1 x 1
+    convolution, beside a padded convolution of the input; a corner reads only constants in the
+    first branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Conv2d(1, 3, 3), nn.Conv2d(3, 2, 1), nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return (self.c(nn.functional.pad(torch.relu(self.a(x)), (1, 1, 1, 1))) + self.b(x)).flatten(1)
+
+
+def test_restricted_padding_border_and_interior():
+    torch.manual_seed(0)
+    _check(PadBranch().double(), (1, 6, 6), [0, 7, 14, 71])
+
+
 def test_an_op_without_a_rule_gives_none():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()).double()
     g = build_graph(torch.fx.symbolic_trace(net), (1, 8, 8), D)

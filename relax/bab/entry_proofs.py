@@ -39,10 +39,12 @@ from relax.ir.restrict import Restriction, cast, restrict
 
 __all__ = ["EntryProblem", "RestrictedModel", "property_bound", "prove_entries", "undecided_steps"]
 
-#: a proved entry's side of 0 is kept at least this far from it (a step's input strictly positive / negative)
+#: how far past 0 the optimistic bound puts each undecided entry (a step's input strictly on its side)
 SIDE_GAP = 1e-12
 #: proofs before the property is first bounded again
 FIRST_CHECK = 16
+#: entries that cannot be restricted before the first proof that end the stage
+UNRESTRICTED_STOP = 4
 #: one entry's seconds: this share of the stage, at most this many median proofs, at least this
 CAP_SHARE, CAP_MEDIANS, CAP_MIN_S = 0.05, 3.0, 2.0
 
@@ -94,16 +96,16 @@ def undecided_steps(graph: BoundGraph, boxes: dict[str, tuple[Tensor, Tensor]], 
 
 
 def _with_sides(boxes: dict[str, tuple[Tensor, Tensor]], sides: list[tuple[EntryProblem, float]]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``boxes`` with each entry moved to its side: ``lo >= bound`` (side +1) or ``hi <= -bound``."""
+    """``boxes`` with each entry moved to its side: ``lo >= bound`` (side +1) or ``hi <= -bound``
+    (``bound > 0``: the step's input strictly on that side)."""
     out = dict(boxes)
     by_node: dict[str, list[tuple[EntryProblem, float]]] = {}
     for e, b in sides:
         by_node.setdefault(e.node, []).append((e, b))
     for p, items in by_node.items():
-        lo, hi = (t.clone() for t in out[p])
+        lo, hi = (t.clone(memory_format=torch.contiguous_format) for t in out[p])  # (an image of a transpose is strided)
         lf, hf = lo.view(-1), hi.view(-1)
         for e, b in items:
-            b = max(b, SIDE_GAP)
             if e.side > 0:
                 lf[e.index] = max(float(lf[e.index]), b)
             else:
@@ -207,8 +209,7 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
     """The stage of the module docstring on the property ``rs`` over ``x_set`` (a box), from the
     first CROWN pass's pre-activation ``boxes`` (``[1, *shape]``); ``decide(model, box, spec,
     seconds, boxes)``: a complete search of one entry's problem (branch-and-bound) from the
-    restricted graph's known pre-activation boxes. Returns the certified
-    result, an unknown one
+    restricted graph's known pre-activation boxes. Returns the certified result, an unknown one
     with the best bound when the stage ran out of time, or None when it does not apply (no
     undecided step, an entry whose graph cannot be restricted, or a property that the centre's
     sides would not prove)."""
@@ -230,16 +231,16 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
         if left <= 0:
             break
         problem = st.restricted(e)
-        if problem is None:
+        if problem is None:  # an op without a restriction rule (the stage stops when the first few all have one)
             st.unrestricted += 1
-            if not st.proved:
+            if not st.proved and st.unrestricted >= UNRESTRICTED_STOP:
                 return None
             continue
         model, box, spec, known = problem
         t_e = time.perf_counter()
         res = decide(model, box, spec, min(st.cap(deadline - t0), left), known)
-        if res.status == "certified":
-            st.proved.append((e, max(float(res.lower), SIDE_GAP)))
+        if res.status == "certified" and float(res.lower) > 0:  # side * entry >= lower > 0 on the whole set
+            st.proved.append((e, float(res.lower)))
             st.times.append(time.perf_counter() - t_e)
             since += 1
         elif res.status == "falsified":

@@ -95,7 +95,9 @@ def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
     if isinstance(op, (Reshape, Permute)):
         return [_move_source(op, shapes[0], E)]
     if isinstance(op, Select):
-        g = op.index[E][op.from_input[E]]
+        g = op.index.cpu()[E][op.from_input.cpu()[E]]
+        if g.numel() == 0:  # constants only (the border of a padding): one entry of the first input keeps the node an op
+            g = torch.zeros(1, dtype=torch.long)
         offsets = [0]
         for s in op.sizes:
             offsets.append(offsets[-1] + s)
@@ -131,6 +133,8 @@ def needed_entries(graph: BoundGraph, node: str, entries: Tensor) -> dict[str, T
     masks: dict[str, Tensor] = {}
 
     def mark(name: str, idx: Tensor) -> None:
+        if idx.numel() == 0:  # no entry of it is needed (a selection's constants alone)
+            return
         if name not in masks:
             masks[name] = torch.zeros(math.prod(graph.shape(name)), dtype=torch.bool)
         masks[name][idx] = True
@@ -181,6 +185,8 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
     """``n`` on its kept entries (a flat vector in ascending flat order), with the selection
     nodes that line its inputs up; None when it does not fit (a matrix too large)."""
     op, E = n.op, need[n.name]
+    if not isinstance(op, Select) and any(i not in need for i in n.inputs):  # an input it reads nothing of
+        return None
     size = lambda name: need[name].numel()  # noqa: E731
     dt = graph.dtype
     if isinstance(op, (Reshape, Permute)):
@@ -188,13 +194,18 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
         return [_aligned(n.name, n.inputs[0], _position(need, n.inputs[0], src), size(n.inputs[0]), dt)]
     if isinstance(op, Select):
         offsets, pos_off, parts = 0, 0, torch.zeros(E.numel(), dtype=torch.long)
-        g, take = op.index[E], op.from_input[E]
+        g, take = op.index.cpu()[E], op.from_input.cpu()[E]
+        kept_in = [name for name in n.inputs if name in need]  # an input none of whose entries is read is left out
+        if not kept_in:
+            return None
         for name, s in zip(n.inputs, op.sizes):
-            mine = take & (g >= offsets) & (g < offsets + s)
-            parts[mine] = _position(need, name, g[mine] - offsets) + pos_off
-            offsets, pos_off = offsets + s, pos_off + size(name)
-        sel = Select(parts, take.clone(), op.const[E].clone(), [(size(i),) for i in n.inputs], (E.numel(),))
-        return [BNode(n.name, sel, list(n.inputs), (E.numel(),))]
+            if name in need:
+                mine = take & (g >= offsets) & (g < offsets + s)
+                parts[mine] = _position(need, name, g[mine] - offsets) + pos_off
+                pos_off += size(name)
+            offsets += s
+        sel = Select(parts, take.clone(), op.const.cpu()[E].clone(), [(size(i),) for i in kept_in], (E.numel(),))
+        return [BNode(n.name, sel, kept_in, (E.numel(),))]
     if isinstance(op, (ElemAffine, Add)) or _per_entry_activation(graph, n):
         shapes: list[tuple[int, ...]] = [tuple(t) for t in op.in_shapes] if isinstance(op, Add) else \
             [op.in_shape if isinstance(op, ElemAffine) else graph.shape(n.inputs[0])]
