@@ -206,12 +206,13 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
             offsets += s
         sel = Select(parts, take.clone(), op.const.cpu()[E].clone(), [(size(i),) for i in kept_in], (E.numel(),))
         return [BNode(n.name, sel, kept_in, (E.numel(),))]
-    if isinstance(op, (ElemAffine, Add)) or _per_entry_activation(graph, n):
+    activation = _per_entry_activation(graph, n)
+    if isinstance(op, (ElemAffine, Add)) or activation:
         shapes: list[tuple[int, ...]] = [tuple(t) for t in op.in_shapes] if isinstance(op, Add) else \
             [op.in_shape if isinstance(op, ElemAffine) else graph.shape(n.inputs[0])]
         nodes, lined = [], []
         for k, (name, shp) in enumerate(zip(n.inputs, shapes)):
-            pos = _position(need, name, _broadcast_source(shp, n.shape, E) if not _per_entry_activation(graph, n) else E)
+            pos = _position(need, name, E if activation else _broadcast_source(shp, n.shape, E))
             if pos.numel() == size(name) and torch.equal(pos, torch.arange(pos.numel())):
                 lined.append(name)
                 continue

@@ -344,7 +344,9 @@ ENTRY_ATTACK_RESTARTS, ENTRY_ATTACK_STEPS = 2, 20
 def _entry_stage(model, graph, x64: InputSet, rs: RowSpec, first_pass: FirstPass, opts: BabOptions, until: float) -> BabResult | None:
     """:func:`relax.bab.entry_proofs.prove_entries` until the ``perf_counter`` value ``until``,
     each entry decided by this pipeline (its own entry stage off); None when it does not apply."""
-    if opts.entry_proofs <= 0 or not any(type(n.op).__name__ == "Step" for n in graph.nodes):
+    from relax.ir.ops.elementwise import Step
+
+    if opts.entry_proofs <= 0 or not any(isinstance(n.op, Step) for n in graph.nodes):
         return None
     import dataclasses
 
