@@ -123,3 +123,31 @@ def test_steps_of_a_transposed_layer_are_decided_and_a_reached_count_plus_one_is
     assert certify(net, Box(lo, hi), _count_property(reached + 1), "bab", timeout=30)[0].status != "certified"
     c = certify(net, Box(lo, hi), _count_property(reached - 3), "bab", timeout=30)[0]
     assert c.status in ("certified", "unknown") and "error" not in c.details
+
+
+def test_the_stage_ends_on_time_when_every_entry_search_uses_its_whole_budget(monkeypatch):
+    """Each entry's search sleeps through the seconds it is given and proves nothing: the stage
+    must hand out budgets that end by its own deadline, and ``bab`` answers by its timeout."""
+    import time
+
+    import relax.methods.bab as bab_method
+    from relax.bab import BabResult
+
+    margins, m0, lo, hi = _instance(0, 0.04)
+    robust = _robust_pixels(margins, m0, lo, hi)
+    real, given = bab_method.run_bab, []
+
+    def slow(model, inputs, spec, opts, timeout=None, root_boxes=None):
+        if root_boxes is None:
+            return real(model, inputs, spec, opts, timeout=timeout, root_boxes=root_boxes)
+        given.append(timeout)
+        time.sleep(timeout)
+        return BabResult("unknown", None, -1.0, 1, reason="timeout")
+
+    monkeypatch.setattr(bab_method, "run_bab", slow)
+    t0 = time.perf_counter()
+    c = certify(Count(margins).double(), Box(lo, hi), _count_property(robust), "bab", timeout=4)[0]
+    elapsed = time.perf_counter() - t0
+    assert given, "the entry stage did not start"
+    assert c.status == "unknown" and c.details["entries"]["proved"] == 0, c.details
+    assert all(s > 0 for s in given) and elapsed < 4 + 0.5, (elapsed, given)

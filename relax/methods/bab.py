@@ -228,7 +228,7 @@ class BabMethod(Method):
                     "options": self.options(), "stage": res.details.get("stage", ""), "reason": res.reason,
                     "margin_lower": res.lower if math.isfinite(res.lower) else str(res.lower), "domains": res.domains,
                     **{k: res.details[k] for k in ("refine", "plain_bab_first", "queue_peak", "demoted", "groups", "groups_proved", "milp", "bab_first",
-                                                    "search_rows")
+                                                    "search_rows", "entries")
                        if k in res.details},
                 },
             ))
