@@ -114,3 +114,36 @@ def test_an_op_without_a_rule_gives_none():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()).double()
     g = build_graph(torch.fx.symbolic_trace(net), (1, 8, 8), D)
     assert restrict(g, g.output, torch.tensor([0])) is None
+
+
+class MiniUNet(nn.Module):
+    """``[B, 2, 8, 10]`` -> per-pixel margins ``[B, 80]``: a convolution, 2 x 2 average pooling, a
+    convolution, a transposed convolution back to 8 x 10 (``kernel, stride, padding,
+    output_padding, dilation, groups``), its concatenation with the first layer, a 3 x 3 head."""
+
+    def __init__(self, k: int, s: int, p: int, op: int, d: int, groups: int):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, k, stride=s, padding=p, output_padding=op, dilation=d, groups=groups)
+        self.head = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        u = self.up(torch.relu(self.c2(nn.functional.avg_pool2d(h, 2))))
+        z = self.head(torch.relu(torch.cat([h, u], 1)))
+        return (z[:, 1] - z[:, 0]).flatten(1)
+
+
+@pytest.mark.parametrize("tap_sums", [False, True])
+@pytest.mark.parametrize("k,s,p,op,d,groups", [(2, 2, 0, 0, 1, 1), (3, 2, 1, 1, 1, 2), (2, 2, 1, 1, 2, 2)])
+def test_restricted_transposed_convolution_and_pooling_as_tap_sums(monkeypatch, tap_sums, k, s, p, op, d, groups):
+    import relax.ir.restrict as restrict_module
+
+    if tap_sums:  # the pooling (4 taps) as a sum of its taps instead of a dense matrix
+        monkeypatch.setattr(restrict_module, "TAP_SUM_MIN_DENSE", 0)
+    torch.manual_seed(0)
+    net = MiniUNet(k, s, p, op, d, groups).double()
+    _check(net, (2, 8, 10), [0, 9, 34, 45, 79])
+    g = build_graph(torch.fx.symbolic_trace(net), (2, 8, 10), D)
+    r = restrict(g, g.output, torch.tensor([45]))
+    assert any(n.name.endswith("__tap0") for n in r.graph.nodes) == tap_sums

@@ -13,8 +13,10 @@ entries from the kept input entries (the others cannot change them), so its boun
 decide those entries on the whole input set: branch-and-bound then splits a few thousand ReLUs of
 one receptive field (:mod:`relax.bab.entry_proofs`).
 
-Ops without a rule here (pooling, normalisations, products, reductions, transposed
-convolutions) make :func:`restrict` return None.
+A convolution of few taps per entry (average pooling, depthwise) whose dense matrix would be large
+becomes a sum of its taps: a selection and a weight per tap. Transposed convolutions take the
+same index arithmetic, read backward. Ops without a rule here (max-pooling, normalisations,
+products, reductions) make :func:`restrict` return None.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ __all__ = ["Restriction", "cast", "restrict", "needed_entries"]
 
 #: the most nonzero weights a restricted affine op may hold (its dense matrix: kept outputs x kept inputs)
 MAX_DENSE_ENTRIES = 2**24
+#: a convolution of at most this many taps per output entry (pooling, depthwise) whose dense
+#: matrix would exceed this many entries is restricted as a sum of its taps (:func:`_tap_sum`)
+TAP_SUM_MAX_TAPS, TAP_SUM_MIN_DENSE = 16, 2**20
 
 
 @dataclass
@@ -58,33 +63,69 @@ def _move_source(op, in_shape: tuple[int, ...], E: Tensor) -> Tensor:
     return op.forward(idx).reshape(-1)[E].round().long()
 
 
-def _conv_taps(op: Conv, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For the output entries ``E [n]`` of a 1-d / 2-d convolution: ``(inputs [n, T], weights [n,
-    T], valid [n, T])``, the flat input index and weight of each of the ``T`` taps of the entry's
-    kernel (``Cin/groups`` channels x kernel positions) and whether the tap lies inside the input
-    (a tap on the zero padding adds nothing)."""
-    W = op.W
-    c_out, spatial_out = op.out_shape[0], op.out_shape[1:]
-    spatial_in = op.in_shape[1:]
+def _out_positions(op: Conv, E: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Output channel ``[n]`` and spatial position per dim (``[n]`` each) of the flat output entries ``E``."""
+    spatial_out = op.out_shape[1:]
     n_sp = math.prod(spatial_out)
     co, rest = E // n_sp, E % n_sp
     pos_out: list[Tensor] = []
     for s in reversed(spatial_out):
         pos_out.insert(0, rest % s)
         rest = rest // s
-    cin_g, ksize = W.shape[1], W.shape[2:]
-    group = co // (c_out // op.groups)
-    # every tap: (channel in group, kernel offsets) -> [T] each
+    return co, pos_out
+
+
+def _tap_grid(cin_g: int, ksize: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+    """Every tap of a kernel as (channel in its group ``[T]``, offset per dim ``[T]`` each), channel first."""
     grids = torch.meshgrid(torch.arange(cin_g), *[torch.arange(k) for k in ksize], indexing="ij")
-    c_tap, k_taps = grids[0].reshape(-1), [g.reshape(-1) for g in grids[1:]]
+    return grids[0].reshape(-1), [g.reshape(-1) for g in grids[1:]]
+
+
+def _conv_taps(op: Conv, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For the output entries ``E [n]`` of a 1-d / 2-d convolution: ``(inputs [n, T], weights [n,
+    T], valid [n, T])``, the flat input index and weight of each of the ``T`` taps of the entry's
+    kernel (``Cin/groups`` channels x kernel positions) and whether the tap lies inside the input
+    (a tap on the zero padding adds nothing)."""
+    W = op.W
+    co, pos_out = _out_positions(op, E)
+    cin_g = W.shape[1]
+    group = co // (op.out_shape[0] // op.groups)
+    c_tap, k_taps = _tap_grid(cin_g, tuple(W.shape[2:]))
     valid = torch.ones(E.numel(), c_tap.numel(), dtype=torch.bool)
     flat = (group[:, None] * cin_g + c_tap[None, :])  # input channel [n, T]
-    for i, s_in in enumerate(spatial_in):
+    for i, s_in in enumerate(op.in_shape[1:]):
         p = pos_out[i][:, None] * op.stride[i] - op.padding[i] + k_taps[i][None, :] * op.dilation[i]
         valid &= (p >= 0) & (p < s_in)
         flat = flat * s_in + p.clamp(0, s_in - 1)
-    weights = W.reshape(c_out, -1).cpu()[co]  # W[co, c, k...] in the taps. order
+    weights = W.reshape(W.shape[0], -1).cpu()[co]  # W[co, c, k...] in the taps. order
     return flat, weights, valid
+
+
+def _conv_transpose_taps(op: ConvTranspose, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_conv_taps` of a transposed convolution (``W [Cin, Cout/groups, *k]``): output
+    position ``o`` meets input position ``i`` through kernel offset ``k`` where ``i stride = o +
+    padding - k dilation`` (the transpose of a convolution's ``o stride - padding + k dilation``),
+    a tap being valid where ``i`` is a whole position inside the input."""
+    W = op.W
+    co, pos_out = _out_positions(op, E)
+    cout_g, cin_g = W.shape[1], W.shape[0] // op.groups
+    group = co // cout_g
+    c_tap, k_taps = _tap_grid(cin_g, tuple(W.shape[2:]))
+    valid = torch.ones(E.numel(), c_tap.numel(), dtype=torch.bool)
+    flat = group[:, None] * cin_g + c_tap[None, :]
+    for i, s_in in enumerate(op.in_shape[1:]):
+        num = pos_out[i][:, None] + op.padding[i] - k_taps[i][None, :] * op.dilation[i]
+        p = torch.div(num, op.stride[i], rounding_mode="floor")
+        valid &= (num % op.stride[i] == 0) & (p >= 0) & (p < s_in)
+        flat = flat * s_in + p.clamp(0, s_in - 1)
+    # W[g cin_g + c, j, k...] for output channel co = g cout_g + j, in the taps' (c, k...) order
+    per_out = W.reshape(op.groups, cin_g, cout_g, -1).permute(0, 2, 1, 3).reshape(op.groups * cout_g, -1)
+    return flat, per_out.cpu()[co], valid
+
+
+def _taps(op: Conv, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The taps of a convolution's output entries ``E``, plain or transposed."""
+    return _conv_transpose_taps(op, E) if isinstance(op, ConvTranspose) else _conv_taps(op, E)
 
 
 def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
@@ -106,8 +147,8 @@ def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
         return [_broadcast_source(op.in_shape, n.shape, E)]
     if isinstance(op, Add):
         return [_broadcast_source(tuple(s), n.shape, E) for s in op.in_shapes]
-    if isinstance(op, Conv) and not isinstance(op, ConvTranspose) and op.nd in (1, 2):
-        flat, _, valid = _conv_taps(op, E)
+    if isinstance(op, Conv) and op.nd in (1, 2):
+        flat, _, valid = _taps(op, E)
         return [flat[valid]]
     if isinstance(op, Linear) and op.W.dim() == 2 and len(shapes[0]) == 1 and len(n.shape) == 1:
         return [(op.W[E] != 0).any(0).nonzero().flatten().cpu()]
@@ -168,17 +209,39 @@ def _position(need: dict[str, Tensor], name: str, flat: Tensor) -> Tensor:
     return torch.searchsorted(need[name], flat)
 
 
+def _conv_bias(op: Conv, E: Tensor) -> Tensor | None:
+    """The bias of the output entries ``E`` (its output channel's), on the CPU."""
+    return None if op.b is None else op.b.reshape(-1).cpu()[E // math.prod(op.out_shape[1:])]
+
+
 def _dense_conv(op: Conv, E: Tensor, kept_in: Tensor) -> tuple[Tensor, Tensor | None] | None:
     """The convolution between its output entries ``E`` and input entries ``kept_in`` as a matrix
     ``[len(E), len(kept_in)]`` and the bias of ``E`` (None past :data:`MAX_DENSE_ENTRIES`)."""
     if E.numel() * kept_in.numel() > MAX_DENSE_ENTRIES:
         return None
-    flat, weights, valid = _conv_taps(op, E)
+    flat, weights, valid = _taps(op, E)
     M = torch.zeros(E.numel(), kept_in.numel(), dtype=op.W.dtype)
     rows = torch.arange(E.numel())[:, None].expand_as(flat)
     M[rows[valid], torch.searchsorted(kept_in, flat[valid])] = weights.cpu()[valid]
-    b = None if op.b is None else op.b.reshape(-1).cpu()[E // math.prod(op.out_shape[1:])]
-    return M, b
+    return M, _conv_bias(op, E)
+
+
+def _tap_sum(name: str, op: Conv, E: Tensor, src: str, kept_in: Tensor, dtype: torch.dtype) -> list[BNode]:
+    """A convolution of few taps per entry (pooling, depthwise) on its output entries ``E`` as the
+    sum over its ``T`` taps of each tap's input entry (a selection, 0 on the padding) times its
+    weight (an elementwise affine map, the bias on the first): ``T`` vectors of ``len(E)`` where
+    the dense matrix would hold ``len(E) x len(kept_in)`` mostly zero entries."""
+    flat, weights, valid = _taps(op, E)
+    bias, m, nodes = _conv_bias(op, E), E.numel(), []
+    for t in range(flat.shape[1]):
+        pos = torch.where(valid[:, t], torch.searchsorted(kept_in, flat[:, t].contiguous()), torch.zeros_like(flat[:, t]))
+        sel = Select(pos, valid[:, t].clone(), torch.zeros(m, dtype=dtype), [(kept_in.numel(),)], (m,))
+        nodes.append(BNode(f"{name}__tap{t}", sel, [src], (m,)))
+        w = weights[:, t].to(dtype=dtype, device=op.W.device).clone()
+        shift = None if bias is None or t > 0 else bias.to(dtype=dtype, device=op.W.device).clone()
+        nodes.append(BNode(f"{name}__times{t}", ElemAffine(w, shift, (m,)), [nodes[-1].name], (m,)))
+    terms = [n.name for n in nodes[1::2]]
+    return nodes + [BNode(name, Add([1.0] * len(terms), [(m,)] * len(terms)), terms, (m,))]
 
 
 def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BNode] | None:
@@ -228,7 +291,11 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
             new = op
         return nodes + [BNode(n.name, new, lined, (m,))]
     if isinstance(op, Conv):
-        mb = _dense_conv(op, E, need[n.inputs[0]])
+        read = need[n.inputs[0]]
+        taps = math.prod(op.W.shape[1:]) if not isinstance(op, ConvTranspose) else (op.W.shape[0] // op.groups) * math.prod(op.W.shape[2:])
+        if taps <= TAP_SUM_MAX_TAPS and E.numel() * read.numel() > TAP_SUM_MIN_DENSE:
+            return _tap_sum(n.name, op, E, n.inputs[0], read, dt)
+        mb = _dense_conv(op, E, read)
         return None if mb is None else [BNode(n.name, Linear(mb[0].to(op.W.device), None if mb[1] is None else mb[1].to(op.W.device)),
                                               list(n.inputs), (E.numel(),))]
     if isinstance(op, Linear):
