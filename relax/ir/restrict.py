@@ -233,12 +233,13 @@ def _tap_sum(name: str, op: Conv, E: Tensor, src: str, kept_in: Tensor, dtype: t
     the dense matrix would hold ``len(E) x len(kept_in)`` mostly zero entries."""
     flat, weights, valid = _taps(op, E)
     bias, m, nodes = _conv_bias(op, E), E.numel(), []
-    for t in range(flat.shape[1]):
+    used = [t for t in range(flat.shape[1]) if bool(valid[:, t].any())] or [0]  # a tap on the padding alone adds nothing
+    for k, t in enumerate(used):
         pos = torch.where(valid[:, t], torch.searchsorted(kept_in, flat[:, t].contiguous()), torch.zeros_like(flat[:, t]))
         sel = Select(pos, valid[:, t].clone(), torch.zeros(m, dtype=dtype), [(kept_in.numel(),)], (m,))
         nodes.append(BNode(f"{name}__tap{t}", sel, [src], (m,)))
         w = weights[:, t].to(dtype=dtype, device=op.W.device).clone()
-        shift = None if bias is None or t > 0 else bias.to(dtype=dtype, device=op.W.device).clone()
+        shift = None if bias is None or k > 0 else bias.to(dtype=dtype, device=op.W.device).clone()
         nodes.append(BNode(f"{name}__times{t}", ElemAffine(w, shift, (m,)), [nodes[-1].name], (m,)))
     terms = [n.name for n in nodes[1::2]]
     return nodes + [BNode(name, Add([1.0] * len(terms), [(m,)] * len(terms)), terms, (m,))]
