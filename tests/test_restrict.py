@@ -78,7 +78,7 @@ def _check(net: nn.Module, in_shape: tuple[int, ...], entries: list[int]) -> Non
 def test_restricted_conv_head_computes_the_entry(monkeypatch, stride, dilation, groups, tap_sums):
     import relax.ir.restrict as restrict_module
 
-    if tap_sums:  # the depthwise convolution (9 taps, 4 of them on the padding at a corner) as a sum of its taps
+    if tap_sums:  # the depthwise convolution (9 taps, 5 of them on the padding at a corner) as a sum of its taps
         monkeypatch.setattr(restrict_module, "TAP_SUM_MIN_DENSE", 0)
     torch.manual_seed(0)
     net = SegHead(stride, dilation, groups).double()
@@ -151,3 +151,41 @@ def test_restricted_transposed_convolution_and_pooling_as_tap_sums(monkeypatch, 
     g = build_graph(torch.fx.symbolic_trace(net), (2, 8, 10), D)
     r = restrict(g, g.output, torch.tensor([45]))
     assert any("__tap" in n.name for n in r.graph.nodes) == tap_sums
+
+
+def test_the_dense_view_of_a_restricted_model_is_refused_not_raised(monkeypatch):
+    """``bab``'s MILP refinement of deep ReLU nets asks for a dense view of the model; a restricted
+    graph's model (selections whose batch sizes fx cannot trace) has none: None, not an error
+    (carvana's upsampling UNet, four ReLU layers per pixel, ended its instance with a TraceError)."""
+    import relax.ir.restrict as restrict_module
+    from relax.bab.activation_split import relu_inputs
+    from relax.bab.tighten import _dense_view
+
+    monkeypatch.setattr(restrict_module, "TAP_SUM_MIN_DENSE", 0)
+    torch.manual_seed(0)
+    g = build_graph(torch.fx.symbolic_trace(MiniUNet(2, 2, 0, 0, 1, 1).double()), (2, 8, 10), D)
+    r = restrict(g, g.output, torch.tensor([45]))
+    assert any(type(n.op).__name__ == "Select" for n in r.graph.nodes)
+    assert _dense_view(r.graph, RestrictedModel({D: r.graph}), relu_inputs(r.graph), 10**8) is None
+
+
+class Collide(nn.Module):
+    """A pooling beside a convolution named as the pooling's first tap would be (``pool__tap0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool, self.pool__tap0 = nn.AvgPool2d(2), nn.Conv2d(1, 1, 1)
+
+    def forward(self, x):
+        return (torch.relu(self.pool(x)) + torch.relu(self.pool__tap0(x)[:, :, :3, :3])).flatten(1)
+
+
+def test_a_made_up_name_the_network_already_uses_gives_none(monkeypatch):
+    import relax.ir.restrict as restrict_module
+
+    monkeypatch.setattr(restrict_module, "TAP_SUM_MIN_DENSE", 0)
+    g = build_graph(torch.fx.symbolic_trace(Collide().double()), (1, 6, 6), D)
+    assert "pool__tap0" in g.by_name
+    assert restrict(g, g.output, torch.tensor([4])) is None
+    monkeypatch.setattr(restrict_module, "TAP_SUM_MIN_DENSE", 2**20)  # as a dense matrix: no made-up name
+    assert restrict(g, g.output, torch.tensor([4])) is not None

@@ -206,7 +206,10 @@ def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: in
     from relax.lipschitz import dense_size
 
     if not isinstance(model, torch.fx.GraphModule):
-        model = torch.fx.symbolic_trace(model)
+        try:
+            model = torch.fx.symbolic_trace(model)
+        except Exception:  # fx raises TraceError, TypeError, ... on control flow (a restricted graph's selections): no view
+            return None
     try:
         if dense_size(model, tuple(graph.input_shape)) > dense_limit:
             return None

@@ -345,5 +345,8 @@ def restrict(graph: BoundGraph, node: str, entries: Tensor) -> Restriction | Non
     if not torch.equal(order, torch.arange(need[node].numel())):
         nodes.append(_aligned(f"{node}__entries", node, order, need[node].numel(), graph.dtype))
         out = nodes[-1].name
+    names = [n.name for n in nodes] + [graph.input_name]
+    if len(set(names)) < len(names):  # a made-up name (``__tap0``, ``__in0``) that the network already uses
+        return None
     sub = BoundGraph(graph.input_name, (need[graph.input_name].numel(),), nodes, out, graph.dtype, graph.device)
     return Restriction(sub, need[graph.input_name], need)
