@@ -151,3 +151,29 @@ def test_the_stage_ends_on_time_when_every_entry_search_uses_its_whole_budget(mo
     assert given, "the entry stage did not start"
     assert c.status == "unknown" and c.details["entries"]["proved"] == 0, c.details
     assert all(s > 0 for s in given) and elapsed < 4 + 0.5, (elapsed, given)
+
+
+def test_a_search_given_its_boxes_keeps_them_at_the_root_and_one_not_given_tightens_them():
+    """``run_bab(..., root_boxes=)`` (the entry stage's sub-searches): the root alpha-CROWN keeps the
+    boxes it was given (``FirstPass.given``); a pass of its own optimises them, and both hold."""
+    from relax.bab import RowSpec
+    from relax.bounds import prepare
+    from relax.bounds.crown import crown
+    from relax.methods.bab import BabOptions, FirstPass, _root_alpha_crown
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 1)).double()
+    x = torch.rand(1, 4, dtype=D)
+    graph, x_set = prepare(net, Box(x - 0.4, x + 0.4), D)
+    rs = RowSpec(torch.ones(1, 1, dtype=D), torch.zeros(1, dtype=D), torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        boxes = crown(graph, x_set, rs.batch(1)[0]).intermediate
+    deeper = graph.preactivations()[-1]  # the second ReLU's input: alpha-CROWN's own pass tightens it
+    kept = _root_alpha_crown(graph, x_set, rs, BabOptions(), 10.0, FirstPass(boxes, 0.0, given=True)).intermediate
+    own = _root_alpha_crown(graph, x_set, rs, BabOptions(), 10.0, FirstPass(boxes, 0.0)).intermediate
+    assert all(torch.equal(kept[k][i], boxes[k][i]) for k in boxes for i in (0, 1))
+    assert float((own[deeper][1] - own[deeper][0]).sum()) < float((boxes[deeper][1] - boxes[deeper][0]).sum())
+    pts = (x - 0.4) + 0.8 * torch.rand(5000, 4, dtype=D)
+    inner = net[2](net[1](net[0](pts)))
+    for lo, hi in (kept[deeper], own[deeper]):
+        assert (inner >= lo - 1e-9).all() and (inner <= hi + 1e-9).all()

@@ -189,3 +189,17 @@ def test_a_made_up_name_the_network_already_uses_gives_none(monkeypatch):
     assert restrict(g, g.output, torch.tensor([4])) is None
     monkeypatch.setattr(restrict_module, "TAP_SUM_MIN_DENSE", 2**20)  # as a dense matrix: no made-up name
     assert restrict(g, g.output, torch.tensor([4])) is not None
+
+
+@pytest.mark.parametrize("k,s,p,op,d,groups", [(3, 3, 0, 0, 1, 1), (3, 2, 0, 1, 1, 3), (2, 3, 1, 2, 2, 1), (3, 2, 2, 1, 2, 3)])
+def test_restricted_transposed_convolution_alone(k, s, p, op, d, groups):
+    """Strides 2 and 3, padding, output padding, dilation and groups of one transposed convolution."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(3, 6, k, stride=s, padding=p, output_padding=op, dilation=d, groups=groups), nn.Flatten()).double()
+    with torch.no_grad():
+        y = net(torch.rand(2, 3, 3, 4, dtype=D))
+    varying = (y[0] != y[1]).nonzero().flatten().tolist()  # an entry no tap reaches is its bias alone
+    _check(net, (3, 3, 4), [varying[0], varying[1], varying[len(varying) // 3], varying[len(varying) // 2], varying[-1]])
+    g = build_graph(torch.fx.symbolic_trace(net), (3, 3, 4), D)
+    for j in sorted(set(range(y.shape[1])) - set(varying))[:3]:
+        assert restrict(g, g.output, torch.tensor([j])) is None  # depends on no input entry
