@@ -226,9 +226,9 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
         return None
     low = st.check([])
     next_check, since = FIRST_CHECK, 0
+    left = lambda: deadline - time.perf_counter() - 2 * st.bound_s  # noqa: E731  (the last bound must fit)
     for e in todo:
-        left = deadline - time.perf_counter() - 2 * st.bound_s  # the last bound must fit
-        if left <= 0:
+        if left() <= 0:
             break
         problem = st.restricted(e)
         if problem is None:  # an op without a restriction rule (the stage stops when the first few all have one)
@@ -237,8 +237,10 @@ def prove_entries(graph: BoundGraph, x_set: InputSet, rs: RowSpec, boxes: dict[s
                 return None
             continue
         model, box, spec, known = problem
-        t_e = time.perf_counter()
-        res = decide(model, box, spec, min(st.cap(deadline - t0), left), known)
+        t_e, budget = time.perf_counter(), min(st.cap(deadline - t0), left())  # after the restriction's own time
+        if budget <= 0:
+            break
+        res = decide(model, box, spec, budget, known)
         if res.status == "certified" and float(res.lower) > 0:  # side * entry >= lower > 0 on the whole set
             st.proved.append((e, float(res.lower)))
             st.times.append(time.perf_counter() - t_e)

@@ -123,6 +123,12 @@ def _conv_transpose_taps(op: ConvTranspose, E: Tensor) -> tuple[Tensor, Tensor, 
     return flat, per_out.cpu()[co], valid
 
 
+def _taps_per_entry(op: Conv) -> int:
+    """``T`` of :func:`_taps`: the input channels of an entry's group times the kernel's positions."""
+    cin_g = op.W.shape[0] // op.groups if isinstance(op, ConvTranspose) else op.W.shape[1]
+    return cin_g * math.prod(op.W.shape[2:])
+
+
 def _taps(op: Conv, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The taps of a convolution's output entries ``E``, plain or transposed."""
     return _conv_transpose_taps(op, E) if isinstance(op, ConvTranspose) else _conv_taps(op, E)
@@ -293,8 +299,7 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
         return nodes + [BNode(n.name, new, lined, (m,))]
     if isinstance(op, Conv):
         read = need[n.inputs[0]]
-        taps = math.prod(op.W.shape[1:]) if not isinstance(op, ConvTranspose) else (op.W.shape[0] // op.groups) * math.prod(op.W.shape[2:])
-        if taps <= TAP_SUM_MAX_TAPS and E.numel() * read.numel() > TAP_SUM_MIN_DENSE:
+        if _taps_per_entry(op) <= TAP_SUM_MAX_TAPS and E.numel() * read.numel() > TAP_SUM_MIN_DENSE:
             return _tap_sum(n.name, op, E, n.inputs[0], read, dt)
         mb = _dense_conv(op, E, read)
         return None if mb is None else [BNode(n.name, Linear(mb[0].to(op.W.device), None if mb[1] is None else mb[1].to(op.W.device)),
