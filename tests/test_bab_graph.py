@@ -1192,3 +1192,52 @@ def test_search_on_each_groups_best_rows_agrees_with_exact_milp(monkeypatch):
             if k == 2 and exact.status == "certified":
                 assert c.status == "certified", (seed, f, c.details.get("reason"))
     assert proved[2] == 3 and proved[1] < 3 and searched >= 4
+
+
+class _DeepResidual(nn.Module):
+    """Four ReLU layers with skip connections: deep enough for the root's MILP refinement, no dense view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.o = (nn.Linear(6, 12), nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12),
+                                                  nn.Linear(12, 3))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h + torch.relu(self.b(h))
+        h = h + torch.relu(self.c(h))
+        return self.o(h + torch.relu(self.d(h)))
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_one_search_when_the_root_cannot_be_refined(monkeypatch, residual):
+    """A network deep enough for the root's MILP refinement but without a dense ReLU view (a
+    ResNet) gets one search for its whole time: no plain branching first whose domains the
+    refinement would throw away. An MLP of the same depth still branches, refines, branches."""
+    from relax.methods.bab import _ActivationSearch
+
+    calls = []
+    real = _ActivationSearch.branch
+
+    def counted(self, until, boxes, alphas):
+        calls.append(until)
+        return real(self, until, boxes, alphas)
+
+    monkeypatch.setattr(_ActivationSearch, "branch", counted)
+    torch.manual_seed(5)
+    net = _DeepResidual() if residual else nn.Sequential(*[m for w in (6, 12, 12, 12) for m in (nn.Linear(w, 12), nn.ReLU())],
+                                                        nn.Linear(12, 3))
+    net = net.eval()
+    x0 = torch.rand(1, 6)
+    with torch.no_grad():
+        label = int(net(x0).argmax())
+    # a margin no domain reaches: the search runs to its deadline (the attacks off: nothing to find)
+    c = certify(net, LpBall(x0, 0.3, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=3,
+                method_options={"split": "relu", "margin": 1e6, "random_samples": 0, "attack_restarts": 0, "refine_after": 0.2})[0]
+    assert c.status == "unknown"
+    if residual:
+        assert len(calls) == 1 and "plain_bab_first" not in c.details, (calls, c.details)
+        assert c.details["refine"] == "not run: no dense ReLU view of the network"
+    else:
+        assert len(calls) == 2 and "plain_bab_first" in c.details, (calls, c.details)
+        assert isinstance(c.details["refine"], dict)

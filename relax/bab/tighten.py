@@ -37,7 +37,7 @@ from relax.bounds.roundoff import round_outward
 #: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
 Bounds = list[tuple[Tensor, Tensor]]
 
-__all__ = ["refine_bounds", "refine_graph_root"]
+__all__ = ["dense_relu_view", "refine_bounds", "refine_graph_root"]
 
 
 def refine_bounds(
@@ -158,6 +158,7 @@ def refine_graph_root(
     workers: int = 1,
     alpha_steps: int = 20,
     dense_limit: int = 2**24,
+    view: FeedForwardNet | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor] | None, float, dict] | None:
     """MILP refinement of the root boxes of a ReLU network on the bound graph (before
     branch-and-bound, :func:`relax.bab.activation_split.graph_relu_bab`).
@@ -177,19 +178,18 @@ def refine_graph_root(
         alpha_deadline: for the recomputation; margin: a bound above it proves the root.
         dense_limit: largest matrix (numbers) of the dense view; larger networks (wide
             convolutions, whose expansion alone takes seconds) are not refined.
+        view: the dense view when the caller has built it (:func:`dense_relu_view`).
 
     Returns:
         ``(boxes, alphas, root margin lower bound, stats)``, or None when the network has no
         dense ReLU view matching its graph (residual connections, other activations).
     """
-    from relax.bab.activation_split import interval_inputs, relu_inputs
+    from relax.bab.activation_split import relu_inputs
 
-    nodes = [p for _, p in relu_inputs(graph)]
-    if interval_inputs(graph) or not nodes:
-        return None
-    ff = _dense_view(graph, model, nodes, dense_limit)
+    ff = view if view is not None else dense_relu_view(graph, model, dense_limit)
     if ff is None:
         return None
+    nodes = [p for _, p in relu_inputs(graph)]
     r = _GraphRoot(graph, x_set, rs, nodes, root, root_alphas, margin=margin, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline)
     lo, hi = x_set.bounds()
     pre = [(root[p][0].reshape(1, -1), root[p][1].reshape(1, -1)) for p in nodes]
@@ -197,6 +197,18 @@ def refine_graph_root(
                                solve_time_limit=solve_time_limit, workers=workers, stop_if=lambda b: r.lower > margin,
                                priority=r.priority, recompute=r.recompute)
     return r.as_boxes(out), r.alphas, r.lower, stats
+
+
+def dense_relu_view(graph, model: torch.nn.Module, dense_limit: int) -> FeedForwardNet | None:
+    """The dense view that :func:`refine_graph_root` encodes, or None when the network has none
+    (interval-split activations, residual connections, no ReLU, a matrix over ``dense_limit``
+    numbers): then the root cannot be refined."""
+    from relax.bab.activation_split import interval_inputs, relu_inputs
+
+    nodes = [p for _, p in relu_inputs(graph)]
+    if interval_inputs(graph) or not nodes:
+        return None
+    return _dense_view(graph, model, nodes, dense_limit)
 
 
 def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: int) -> FeedForwardNet | None:

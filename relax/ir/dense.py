@@ -154,6 +154,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     graph = get_graph(model, tuple(input_shape), torch.float64)
     device = graph.device  # the graph's constants live there
     names = {n.name: _activation_name(n.op, n.name) for n in graph.nodes}  # refuse before any work
+    _check_chain(graph, names)
     layers: list[AffineLayer] = []
     acts: list[str] = []
     src, shape, run = graph.input_name, tuple(input_shape), []  # the chain value and the run after it
@@ -169,6 +170,21 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     layers = [AffineLayer(L.W.cpu(), L.b.cpu(), L.out_shape) for L in layers]  # a view for the CPU solvers
     _check_affine_runs(graph, model, layers, acts, tuple(input_shape))
     return FeedForwardNet(tuple(input_shape), layers, acts)
+
+
+def _check_chain(graph, names: dict[str, str | None]) -> None:
+    """Raise :class:`NotFeedForwardError` when a node uses a value from before the last activation
+    (a skip connection, as in a ResNet), from the graph's structure alone: :func:`_dense_run`
+    would find it only after evaluating the runs before it (1.2 s on cifar10_resnet's resnet_4b)."""
+    live = {graph.input_name}  # the chain value and the run computed from it
+    for n in graph.nodes:
+        missing = [i for i in n.inputs if i not in live]
+        if missing:
+            raise NotFeedForwardError(f"node {n.name!r} uses {missing[0]!r} from before an activation (a skip connection); "
+                                      "not a chain")
+        live = {n.name} if names[n.name] is not None else live | {n.name}
+    if graph.output not in live:
+        raise NotFeedForwardError(f"{graph.output!r} is computed from before the last activation; not a chain")
 
 
 def _dense_run(run: list, src: str, shape: tuple[int, ...], out: str, device: torch.device) -> AffineLayer:
