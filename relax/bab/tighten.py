@@ -37,7 +37,7 @@ from relax.bounds.roundoff import round_outward
 #: pre-activation bounds of one domain per hidden layer: ``[(l_k [1, n_k], u_k [1, n_k])]``
 Bounds = list[tuple[Tensor, Tensor]]
 
-__all__ = ["dense_relu_view", "refine_bounds", "refine_graph_root"]
+__all__ = ["has_dense_relu_view", "refine_bounds", "refine_graph_root"]
 
 
 def refine_bounds(
@@ -158,7 +158,6 @@ def refine_graph_root(
     workers: int = 1,
     alpha_steps: int = 20,
     dense_limit: int = 2**24,
-    view: FeedForwardNet | None = None,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor] | None, float, dict] | None:
     """MILP refinement of the root boxes of a ReLU network on the bound graph (before
     branch-and-bound, :func:`relax.bab.activation_split.graph_relu_bab`).
@@ -178,18 +177,19 @@ def refine_graph_root(
         alpha_deadline: for the recomputation; margin: a bound above it proves the root.
         dense_limit: largest matrix (numbers) of the dense view; larger networks (wide
             convolutions, whose expansion alone takes seconds) are not refined.
-        view: the dense view when the caller has built it (:func:`dense_relu_view`).
 
     Returns:
         ``(boxes, alphas, root margin lower bound, stats)``, or None when the network has no
         dense ReLU view matching its graph (residual connections, other activations).
     """
-    from relax.bab.activation_split import relu_inputs
+    from relax.bab.activation_split import interval_inputs, relu_inputs
 
-    ff = view if view is not None else dense_relu_view(graph, model, dense_limit)
+    nodes = [p for _, p in relu_inputs(graph)]
+    if interval_inputs(graph) or not nodes:
+        return None
+    ff = _dense_view(graph, model, nodes, dense_limit)
     if ff is None:
         return None
-    nodes = [p for _, p in relu_inputs(graph)]
     r = _GraphRoot(graph, x_set, rs, nodes, root, root_alphas, margin=margin, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline)
     lo, hi = x_set.bounds()
     pre = [(root[p][0].reshape(1, -1), root[p][1].reshape(1, -1)) for p in nodes]
@@ -199,16 +199,31 @@ def refine_graph_root(
     return r.as_boxes(out), r.alphas, r.lower, stats
 
 
-def dense_relu_view(graph, model: torch.nn.Module, dense_limit: int) -> FeedForwardNet | None:
-    """The dense view that :func:`refine_graph_root` encodes, or None when the network has none
-    (interval-split activations, residual connections, no ReLU, a matrix over ``dense_limit``
-    numbers): then the root cannot be refined."""
+def has_dense_relu_view(graph, model: torch.nn.Module, dense_limit: int) -> bool:
+    """Whether :func:`refine_graph_root` can encode the network, from its structure and shapes
+    alone (no matrix built): a chain of affine runs and ReLUs (no skip connection, no other
+    activation) whose matrices have at most ``dense_limit`` numbers."""
     from relax.bab.activation_split import interval_inputs, relu_inputs
+    from relax.ir.dense import NotFeedForwardError, check_feedforward
+    from relax.lipschitz import dense_size
 
-    nodes = [p for _, p in relu_inputs(graph)]
-    if interval_inputs(graph) or not nodes:
-        return None
-    return _dense_view(graph, model, nodes, dense_limit)
+    if interval_inputs(graph) or not relu_inputs(graph):
+        return False
+    try:
+        names = check_feedforward(graph)
+    except NotFeedForwardError:
+        return False
+    if any(a not in (None, "relu") for a in names.values()):
+        return False
+    if not isinstance(model, torch.fx.GraphModule):
+        try:
+            model = torch.fx.symbolic_trace(model)
+        except Exception:  # fx raises TraceError, TypeError, ... on control flow (a restricted graph's selections)
+            return False
+    try:
+        return dense_size(model, tuple(graph.input_shape)) <= dense_limit
+    except (NotFeedForwardError, ValueError):
+        return False
 
 
 def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: int) -> FeedForwardNet | None:

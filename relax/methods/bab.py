@@ -15,7 +15,8 @@ Per input of the batch, within the time budget (``timeout`` split evenly over th
    tanh / max-pooling inputs (:func:`relax.bab.activation_split.graph_relu_bab`) on the graph without
    the ReLUs dead at the root (:mod:`relax.ir.prune`); for networks of at least
    ``refine_min_depth`` ReLU layers, after ``refine_after`` of the budget, the root boxes are
-   tightened by MILP (:func:`relax.bab.tighten.refine_graph_root`) and the search restarts;
+   tightened by MILP (:func:`relax.bab.tighten.refine_graph_root`) and the search restarts
+   (networks without a dense ReLU view, such as ResNets, branch for the whole time instead);
    for networks with one ReLU layer (exact root boxes), after ``milp_after`` of the search the
    exact MILP (:func:`relax.exact.milp.milp_verify`) takes the rest. The search and the MILP
    bound only the groups of rows that the root leaves open;
@@ -495,10 +496,10 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
         refine = 3 if (hidden >= opts.refine_min_depth and not interval_inputs(graph)) else 0
     if refine <= 0:
         return search.branch(deadline, boxes, root_alphas)
-    from relax.bab.tighten import dense_relu_view
+    from relax.bab.tighten import has_dense_relu_view
 
-    view = dense_relu_view(graph, search.model, opts.dense_limit)
-    if view is None:  # nothing to refine (a ResNet, a wide CNN): one search for the whole time, none thrown away
+    if not has_dense_relu_view(graph, search.model, opts.dense_limit):  # nothing to refine (a ResNet, a wide CNN):
+        # one search for the whole time, none thrown away
         res = search.branch(deadline, boxes, root_alphas)
         res.details["refine"] = "not run: no dense ReLU view of the network"
         return res
@@ -509,7 +510,7 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
             return first
         extra["plain_bab_first"] = {"reason": first.reason, "time_s": round(first.time_s, 3), "domains": first.domains,
                                     "root_pass_s": first.details.get("root_pass_s", 0.0)}
-    return search.refine_then_branch(deadline, boxes, root_alphas, low, refine, extra, view)
+    return search.refine_then_branch(deadline, boxes, root_alphas, low, refine, extra)
 
 
 def _input_split_bab(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, deadline: float, check_point) -> BabResult:
@@ -700,11 +701,9 @@ class _ActivationSearch:
             return BabResult("certified", None, low, domains, took, "proved", details)
         return BabResult("unknown", None, low, domains, took, "timeout" if time.perf_counter() >= deadline else "incomplete", details)
 
-    def refine_then_branch(self, deadline: float, boxes, root_alphas, low: float, layers: int, extra: dict,
-                           view=None) -> BabResult:
+    def refine_then_branch(self, deadline: float, boxes, root_alphas, low: float, layers: int, extra: dict) -> BabResult:
         """MILP-refine the root's boxes of the first ``layers`` hidden layers (within
-        ``refine_fraction`` of the time left), re-run alpha-CROWN inside them, then branch;
-        ``view``: the network's dense view (:func:`relax.bab.tighten.dense_relu_view`) when built."""
+        ``refine_fraction`` of the time left), re-run alpha-CROWN inside them, then branch."""
         from relax.bab.tighten import refine_graph_root
         from relax.bounds.alpha import alpha_crown
 
@@ -713,7 +712,7 @@ class _ActivationSearch:
         stop = time.perf_counter() + opts.refine_fraction * max(0.0, deadline - time.perf_counter())
         got = refine_graph_root(graph, self.model, x_set, rs, boxes, root_alphas, layers=layers, deadline=stop,
                                 alpha_deadline=stop, margin=opts.margin, solve_time_limit=opts.refine_solve_time,
-                                workers=opts.refine_workers or usable_cores(4), dense_limit=opts.dense_limit, view=view)
+                                workers=opts.refine_workers or usable_cores(4), dense_limit=opts.dense_limit)
         if got is not None:
             boxes, root_alphas, refined_low, extra["refine"] = got
             low = max(low, refined_low)
