@@ -959,15 +959,20 @@ def test_one_layer_nets_decided_by_the_exact_milp_stage(seed):
 
 
 def test_exact_milp_stage_skipped_above_its_dense_limit(monkeypatch):
-    """A dense view over ``MILP_DENSE_LIMIT`` numbers is not built: branching goes on alone."""
+    """A dense view over ``MILP_DENSE_LIMIT`` numbers is not built: branching goes on alone, in
+    one search for the whole time (none started and dropped for a MILP that cannot run)."""
     import relax.methods.bab as bab
 
+    calls = []
+    real = bab._ActivationSearch.branch
+    monkeypatch.setattr(bab._ActivationSearch, "branch", lambda self, *a: calls.append(a[0]) or real(self, *a))
     monkeypatch.setattr(bab, "MILP_DENSE_LIMIT", 24 * 6 - 1)  # the net's first matrix is 24 x 6
     net, x0, label, d = _one_layer_case(0)
     c = certify(net, LpBall(x0, d * 0.97, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=60,
-                method_options={"split": "relu", "milp_after": 0.0})[0]
+                method_options={"split": "relu", "milp_after": 0.5})[0]
     assert c.status == "certified" and c.details["stage"] == "graph-bab", (c.status, c.details["stage"])
     assert c.details["milp"].startswith("not run: a dense matrix of 144 numbers"), c.details["milp"]
+    assert len(calls) == 1, calls
 
 
 def test_inputs_pinned_by_the_box_do_not_count_towards_input_splitting():

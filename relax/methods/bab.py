@@ -586,7 +586,13 @@ def _root_alpha_crown(graph, x_set: InputSet, rs: RowSpec, opts: BabOptions, tim
 
 def _branch_then_milp(search: "_ActivationSearch", opts: BabOptions, deadline: float, left: float, boxes, root_alphas) -> BabResult:
     """Branching for ``milp_after`` of the time ``left``, then the exact MILP until ``deadline``;
-    branching again (from the root) when the MILP cannot be built or stops early with time left."""
+    branching again (from the root) when the MILP cannot be built or stops early with time left.
+    A network that the structure and shapes show has no MILP here branches for the whole time."""
+    refused = search.milp_refusal()
+    if refused is not None:
+        res = search.branch(deadline, boxes, root_alphas)
+        res.details["milp"] = refused
+        return res
     first = search.branch(time.perf_counter() + opts.milp_after * left, boxes, root_alphas)
     if first.status != "unknown" or time.perf_counter() >= deadline:
         return first
@@ -661,11 +667,27 @@ class _ActivationSearch:
         order = None if self.group_low is None else torch.argsort(self.group_low.cpu()).tolist()
         return groupwise_relu_bab(graph, self.x_set, rs, boxes, order=order, **kw)
 
+    def milp_refusal(self) -> str | None:
+        """Why :meth:`exact_milp` cannot encode this one-ReLU-layer network, from its shapes and
+        structure (no matrix built), or None: a dense view over :data:`MILP_DENSE_LIMIT` numbers, or
+        a graph that is not a chain (a skip connection around the ReLU)."""
+        from relax.bab.activation_split import relu_inputs
+        from relax.ir.dense import NotFeedForwardError, check_feedforward
+
+        hidden = math.prod(self.graph.shape(relu_inputs(self.graph)[0][1]))
+        size = hidden * max(math.prod(self.graph.input_shape), self.rs.C.shape[1])  # the two matrices of the dense view
+        if size > MILP_DENSE_LIMIT:
+            return f"not run: a dense matrix of {size} numbers (limit {MILP_DENSE_LIMIT})"
+        try:
+            check_feedforward(self.graph)
+        except NotFeedForwardError as e:
+            return f"not run: {e}"
+        return None
+
     def exact_milp(self, deadline: float, first: BabResult) -> BabResult | None:
         """The exact MILP of the open groups until the ``perf_counter`` value ``deadline``
         (:func:`relax.exact.milp.milp_verify`; ``first``: the branching before it, whose bound
         and domains carry over). ``None`` when the network has no MILP encoding."""
-        from relax.bab.activation_split import relu_inputs
         from relax.exact.lp import relu_net
         from relax.exact.milp import milp_verify
         from relax.solvers.program import SolverError
@@ -673,10 +695,9 @@ class _ActivationSearch:
 
         rs, t0 = self.rs, time.perf_counter()
         spec = LinearSpec(rs.C.unsqueeze(0), rs.d.unsqueeze(0), rs.groups)
-        hidden = math.prod(self.graph.shape(relu_inputs(self.graph)[0][1]))
-        size = hidden * max(math.prod(self.graph.input_shape), rs.C.shape[1])  # the two matrices of the dense view
-        if size > MILP_DENSE_LIMIT:
-            first.details["milp"] = f"not run: a dense matrix of {size} numbers (limit {MILP_DENSE_LIMIT})"
+        refused = self.milp_refusal()
+        if refused is not None:
+            first.details["milp"] = refused
             return None
         try:  # the dense view first (not interruptible: about 1 s for 18 M numbers), then the MILP in the time left
             net = relu_net(self.model, tuple(self.graph.input_shape))
