@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from relax.bab.entry_proofs import RestrictedModel
 from relax.bounds import bounds
-from relax.ir.graph import build_graph
+from relax.ir.graph import BoundGraphModule, build_graph
 from relax.ir.restrict import cast, restrict
 from verify.spec import Box
 
@@ -67,7 +66,7 @@ def _check(net: nn.Module, in_shape: tuple[int, ...], entries: list[int]) -> Non
         # CROWN on the projection of a box contains the full network's values there
         lo = torch.rand(1, *in_shape, dtype=D)
         hi = lo + 0.2
-        sub_lo, sub_hi = bounds(RestrictedModel({D: r.graph}), Box(lo.reshape(1, -1)[:, r.input_index], hi.reshape(1, -1)[:, r.input_index]), method="crown")
+        sub_lo, sub_hi = bounds(BoundGraphModule({D: r.graph}), Box(lo.reshape(1, -1)[:, r.input_index], hi.reshape(1, -1)[:, r.input_index]), method="crown")
         pts = lo + (hi - lo) * torch.rand(2000, *in_shape, dtype=D)
         vals = g.forward(pts)[:, j]
         assert (vals >= sub_lo.reshape(-1) - 1e-9).all() and (vals <= sub_hi.reshape(-1) + 1e-9).all()
@@ -166,7 +165,7 @@ def test_the_dense_view_of_a_restricted_model_is_refused_not_raised(monkeypatch)
     g = build_graph(torch.fx.symbolic_trace(MiniUNet(2, 2, 0, 0, 1, 1).double()), (2, 8, 10), D)
     r = restrict(g, g.output, torch.tensor([45]))
     assert any(type(n.op).__name__ == "Select" for n in r.graph.nodes)
-    assert _dense_view(r.graph, RestrictedModel({D: r.graph}), relu_inputs(r.graph), 10**8) is None
+    assert _dense_view(r.graph, BoundGraphModule({D: r.graph}), relu_inputs(r.graph), 10**8) is None
 
 
 class Collide(nn.Module):

@@ -33,11 +33,11 @@ from torch import Tensor
 from verify.spec import Box, InputSet, LinearSpec
 
 from relax.bab import BabResult, RowSpec
-from relax.ir.graph import BoundGraph
+from relax.ir.graph import BoundGraph, BoundGraphModule
 from relax.ir.ops.elementwise import Step
 from relax.ir.restrict import Restriction, cast, restrict
 
-__all__ = ["EntryProblem", "RestrictedModel", "property_bound", "prove_entries", "undecided_steps"]
+__all__ = ["EntryProblem", "property_bound", "prove_entries", "undecided_steps"]
 
 #: how far past 0 the optimistic bound puts each undecided entry (a step's input strictly on its side)
 SIDE_GAP = 1e-12
@@ -47,21 +47,6 @@ FIRST_CHECK = 16
 UNRESTRICTED_STOP = 4
 #: one entry's seconds: this share of the stage, at most this many median proofs, at least this
 CAP_SHARE, CAP_MEDIANS, CAP_MIN_S = 0.05, 3.0, 2.0
-
-
-class RestrictedModel(torch.nn.Module):
-    """A restricted graph as a module ``[B, n] -> [B, K]`` (float64 forward) that hands the engine
-    its prebuilt bound graphs (``bound_graphs``, by dtype: :func:`relax.ir.graph.get_graph`)."""
-
-    def __init__(self, graphs: dict[torch.dtype, BoundGraph]) -> None:
-        super().__init__()
-        self.bound_graphs = graphs
-        self.input_shape = graphs[torch.float64].input_shape
-        self.register_buffer("_dtype_tag", torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x: Tensor) -> Tensor:
-        g = self.bound_graphs[torch.float64]
-        return g.forward(x.to(torch.float64)).reshape(x.shape[0], -1)
 
 
 @dataclass
@@ -158,7 +143,7 @@ class _Stage:
             c = min(c, CAP_MEDIANS * sorted(self.times)[len(self.times) // 2])
         return max(CAP_MIN_S, c)
 
-    def restricted(self, e: EntryProblem) -> tuple[RestrictedModel, Box, LinearSpec, dict[str, tuple[Tensor, Tensor]]] | None:
+    def restricted(self, e: EntryProblem) -> tuple[BoundGraphModule, Box, LinearSpec, dict[str, tuple[Tensor, Tensor]]] | None:
         """Entry ``e`` as its own problem: the model of its restricted graph (float64, and float32
         for the searches' optimisation steps), the projection of the input box onto the entries it
         depends on, the row ``side * entry > 0``, and the boxes of the restricted graph's
@@ -177,7 +162,7 @@ class _Stage:
         sel = r.input_index.to(lo.device)
         box = Box(lo.reshape(1, -1)[:, sel], hi.reshape(1, -1)[:, sel])
         spec = LinearSpec(torch.tensor([[[e.side]]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long))
-        return RestrictedModel(graphs), box, spec, known
+        return BoundGraphModule(graphs, torch.float64), box, spec, known
 
 
 def property_bound(graph: BoundGraph, x_set: InputSet, rs: RowSpec, nodes: set[str], deadline: float

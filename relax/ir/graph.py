@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
-__all__ = ["UnsupportedOperatorError", "BNode", "BoundGraph", "build_graph", "get_graph"]
+__all__ = ["UnsupportedOperatorError", "BNode", "BoundGraph", "BoundGraphModule", "build_graph", "get_graph"]
 
 
 # the project's shared error type (a ValueError), re-exported here: the graph contains an op
@@ -360,10 +360,29 @@ def _version(model: torch.nn.Module) -> tuple:
     return tuple((id(t), t._version) for t in model_tensors(model))
 
 
+class BoundGraphModule(torch.nn.Module):
+    """Bound graphs as a module ``[B, *input_shape] -> [B, K]`` (for attacks, and for a restricted
+    graph as its own problem): the forward pass runs the graph of ``dtype`` (default: the first
+    given) in its dtype; :func:`get_graph` takes the graphs ``bound_graphs`` (by dtype) as they are,
+    so a graph built here is never traced from a module again."""
+
+    def __init__(self, graphs: dict[torch.dtype, "BoundGraph"], dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.bound_graphs = graphs
+        self.forward_dtype = next(iter(graphs)) if dtype is None else dtype
+        g = graphs[self.forward_dtype]
+        self.input_shape = g.input_shape
+        self.register_buffer("_dtype_tag", torch.zeros((), dtype=g.dtype, device=g.device))  # the module's dtype, for the attacks
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.bound_graphs[self.forward_dtype]
+        return g.forward(x.to(g.dtype)).reshape(x.shape[0], -1)
+
+
 def get_graph(model: torch.nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> BoundGraph:
     """:func:`build_graph`, cached per (model, input shape, dtype, device); rebuilt when a parameter
     or buffer of the model was modified in place (tensor version counters) or replaced."""
-    prebuilt = getattr(model, "bound_graphs", None)  # a module that carries its graphs (relax.bab.entry_proofs.RestrictedModel)
+    prebuilt = getattr(model, "bound_graphs", None)  # a module that carries its graphs (BoundGraphModule)
     if isinstance(prebuilt, dict) and dtype in prebuilt:
         return prebuilt[dtype]
     per = _CACHE.setdefault(model, {})

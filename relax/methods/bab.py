@@ -267,6 +267,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     # violation of 1e-7 away: ACAS Xu prop_7); PGD's gradient steps run on the model itself
     # (float64 convolutions cost 2-3x); whatever they find is confirmed on the model
     from relax.bounds import prepare
+    from relax.ir.graph import BoundGraphModule
 
     graph, x64 = prepare(model, inputs, torch.float64)
 
@@ -276,7 +277,7 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
         if runs[kind] <= 0:
             return None
         if kind == "random":
-            r = random_attack(_GraphModule(graph), x64, spec, samples=opts.random_samples, seed=opts.seed,
+            r = random_attack(BoundGraphModule({graph.dtype: graph}), x64, spec, samples=opts.random_samples, seed=opts.seed,
                               timeout=min(left() * 0.05, 5.0))
         elif kind == "pgd-midpoint":  # restart 0 alone: the lanes from the set's midpoint
             r = pgd_attack(model, inputs, spec, steps=opts.attack_steps, restarts=1, seed=opts.seed,
@@ -385,18 +386,6 @@ def attack_until(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOption
     if time.perf_counter() > t0 + 0.01:
         (details if found is None else found.details)["attack_after_search_s"] = round(time.perf_counter() - t0, 3)
     return found
-
-
-class _GraphModule(torch.nn.Module):
-    """A bound graph as a module ``[B, *shape] -> [B, K]`` in the graph's dtype (for attacks)."""
-
-    def __init__(self, graph) -> None:
-        super().__init__()
-        self.graph = graph
-        self.register_buffer("_dtype_tag", torch.zeros((), dtype=graph.dtype, device=graph.device))  # gives the attacks the module's dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.graph.forward(x.to(self.graph.dtype)).reshape(x.shape[0], -1)
 
 
 @dataclass(frozen=True)
