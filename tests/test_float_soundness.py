@@ -519,3 +519,32 @@ def _is_moved_up(seed: int) -> bool:
     gm, ball, exact = _cancelling_hidden_net(seed)
     loose = crown(build_graph(gm, (2,), torch.float32), ball, torch.ones(1, 1, 1), rigorous=False).spec_lower()
     return float(loose) > exact + 20
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear3d", "conv", "conv_nobias", "conv_transpose"])
+def test_affine_term_magnitude_is_the_interval_rule_on_the_symmetric_box(kind):
+    """Linear and convolution ops give their round-off term magnitude ``|W| M + |b|`` in one product
+    (their own ``term_magnitude``); it equals the generic rule, the interval rule on ``[-M, M]``,
+    which the round-off bounds of every engine are built on, on boxes of mixed signs."""
+    from relax.bounds.roundoff import max_abs, term_magnitude
+    from relax.ir.ops.affine import Conv, ConvTranspose, Linear
+
+    g = torch.Generator().manual_seed(7)
+    D = torch.float64
+    if kind.startswith("linear"):
+        W, b = torch.randn(5, 4, generator=g, dtype=D), torch.randn(5, generator=g, dtype=D)
+        op, shape = Linear(W, b), ((3, 4) if kind == "linear3d" else (4,))
+    elif kind == "conv_transpose":
+        W, b = torch.randn(2, 3, 3, 3, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+        op, shape = ConvTranspose(W, b, (2, 2), (1, 1), (1, 1), (1, 1), 1, (2, 4, 4), (3, 8, 8)), (2, 4, 4)
+    else:
+        W, b = torch.randn(4, 2, 3, 3, generator=g, dtype=D), torch.randn(4, generator=g, dtype=D)
+        op, shape = Conv(W, None if kind == "conv_nobias" else b, (2, 2), (1, 1), (1, 1), 1, (2, 6, 6), (4, 3, 3)), (2, 6, 6)
+    lo = torch.randn(3, *shape, generator=g, dtype=D) * 10
+    hi = lo + torch.rand(3, *shape, generator=g, dtype=D) * 5
+    assert hasattr(op, "term_magnitude")  # the op's own rule, not the generic one, is what is checked
+    own = term_magnitude(op, [(lo, hi)])
+    M = max_abs(lo, hi)
+    generic = max_abs(*op.interval((-M, M)))
+    assert own.shape == generic.shape == op.forward(lo).shape
+    assert torch.allclose(own, generic, rtol=1e-12, atol=0.0)

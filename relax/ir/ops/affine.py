@@ -59,6 +59,15 @@ class Linear(Op):
         d = r @ self._absWt
         return c - d, c + d
 
+    def term_magnitude(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``|W| M + |b|`` with ``M = max(|lo|, |hi|)``, ``[B, *out]``: the interval rule on the
+        symmetric box ``[-M, M]`` (:func:`relax.bounds.roundoff.term_magnitude`) without its centre,
+        which is ``b`` there (one product instead of two)."""
+        if self._absWt is None:
+            self._absWt = self.W.abs().t().contiguous()
+        T = torch.maximum(lo.abs(), hi.abs()) @ self._absWt
+        return T if self.b is None else T + self.b.abs()
+
     def backward(self, A):
         A_in = A @ self.W
         if self.b is None:
@@ -153,6 +162,14 @@ class Conv(Op):
 
     def forward(self, x):
         return self._c(x, self.W, self.b)
+
+    def term_magnitude(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """``|W| * M + |b|`` with ``M = max(|lo|, |hi|)``, ``[B, *out]``: the interval rule on the
+        symmetric box ``[-M, M]`` (:func:`relax.bounds.roundoff.term_magnitude`) in one
+        convolution instead of two (its centre is ``b`` there)."""
+        if self._absW is None:
+            self._absW = self.W.abs()
+        return self._c(torch.maximum(lo.abs(), hi.abs()), self._absW, None if self.b is None else self.b.abs())
 
     def interval(self, bnd):
         lo, hi = bnd
