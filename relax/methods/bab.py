@@ -47,6 +47,7 @@ from verify.registry import FLOAT64_PROOF_MARGIN, CertifyCall, Method, register
 from verify.spec import InputSet, LpBall, OutputProperty, SpecError
 
 from relax.bab import BabResult, RowSpec
+from relax.ir.graph import BoundGraphModule
 from relax.ir.heads import without_log_softmax
 
 __all__ = ["BabMethod", "BabOptions", "run_bab"]
@@ -267,7 +268,6 @@ def run_bab(model: torch.nn.Module, inputs: InputSet, spec, opts: BabOptions, ti
     # violation of 1e-7 away: ACAS Xu prop_7); PGD's gradient steps run on the model itself
     # (float64 convolutions cost 2-3x); whatever they find is confirmed on the model
     from relax.bounds import prepare
-    from relax.ir.graph import BoundGraphModule
 
     graph, x64 = prepare(model, inputs, torch.float64)
 
