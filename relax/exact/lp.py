@@ -310,6 +310,34 @@ class NetEncoding:
         M = sp.csr_matrix((M.data, cols[alive][M.indices], M.indptr), shape=(Wa.shape[0], self.lp.num_cols))
         return M, np.asarray(b, dtype=np.float64).copy()
 
+    def binaries(self) -> np.ndarray:
+        """The binary columns of every encoded layer (empty for an LP)."""
+        return np.concatenate([d[d >= 0] for d in self.delta_cols]) if self.delta_cols else np.zeros(0, dtype=np.int64)
+
+    def binaries_to_relax(self, rows: sp.spmatrix) -> np.ndarray:
+        """Binary columns that may be made continuous without changing the optimum of a MILP that
+        minimises over ``rows`` (``[r, n_cols]``: the objective, or the rows bounded above).
+
+        A neuron ``j`` of the last encoded layer whose post-activation ``a_j`` enters every row
+        with a coefficient ``>= 0``: with ``delta_j`` continuous its encoding is the triangle
+        ``a_j >= max(z_j, 0)``, ``a_j <= chord`` (Ehlers 2017), and lowering ``a_j`` of any such
+        point to ``max(z_j, 0)`` gives a point of the network that no row holds higher. So the
+        relaxed minimum equals the exact one, and every relaxed solution's input is a network
+        input whose rows are at most the solution's (Tjeng et al. 2019 branch on all unstable
+        ReLUs; on a one-hidden-layer net this removes the binaries of about half of them). Valid
+        only while ``a_j`` enters no other active row (true for the last encoded layer when the
+        other property rows are free). Relaxing is always a relaxation: the MILP's dual bound
+        stays a lower bound whatever ``rows`` are."""
+        if not self.n_hidden:
+            return np.zeros(0, dtype=np.int64)
+        act, dc = self.act_cols[self.n_hidden - 1], self.delta_cols[self.n_hidden - 1]
+        unst = np.flatnonzero(dc >= 0)
+        if not len(unst):
+            return np.zeros(0, dtype=np.int64)
+        coef = sp.csc_matrix(rows)[:, act[unst]]
+        lowest = np.asarray(coef.min(axis=0).toarray()).ravel() if coef.shape[0] else np.zeros(len(unst))
+        return dc[unst[lowest >= 0]]
+
     def point(self, net: FeedForwardNet, x: np.ndarray, eps: float | None = None, extra: dict[int, float] | None = None) -> np.ndarray:
         """A full column assignment for input ``x [n0]`` (an MILP start): activations by a
         forward pass, ``delta = [z > 0]``, ``p, q`` from ``x - c``; ``extra`` sets more columns."""
@@ -568,7 +596,7 @@ def tighten_bounds(
         todo = iter(unst.tolist())
         n_workers = max(1, min(int(workers), len(unst)))
         with ThreadPoolExecutor(n_workers) as pool:  # the solvers release the GIL while solving
-            finished = list(pool.map(lambda _: solves.worker(enc.lp, M, const, l, u, todo), range(n_workers)))
+            finished = list(pool.map(lambda _: solves.worker(enc, M, const, l, u, todo), range(n_workers)))
         stopped = not all(finished)
         bounds[k] = (l, np.maximum(u, l))
     per_layer_after = [_unstable_count(b) for b in bounds]
@@ -631,15 +659,18 @@ class _NeuronSolves:
             return rest
         return self.solve_time_limit if rest is None else min(self.solve_time_limit, rest)
 
-    def _solve(self, be: Any, row: np.ndarray, c: float) -> float | None:
+    def _solve(self, be: Any, enc: NetEncoding, row: np.ndarray, c: float) -> float | None:
         be.set_objective(row, c)
+        if self.integer:  # binaries of the neurons the objective pushes down are not needed
+            keep = enc.binaries()
+            be.set_integer(keep, ~np.isin(keep, enc.binaries_to_relax(sp.csr_matrix(row))))
         return self.new_bound(be.solve(time_limit=self.limit(), rel_gap=self.rel_gap, abs_gap=self.abs_gap,
                                        stop_bound_above=self.stop_stable))
 
-    def worker(self, lp: LinearProgram, M: Any, const: np.ndarray, l: np.ndarray, u: np.ndarray, todo: Any) -> bool:
+    def worker(self, enc: NetEncoding, M: Any, const: np.ndarray, l: np.ndarray, u: np.ndarray, todo: Any) -> bool:
         """Bound the neurons ``todo`` yields (shared by the workers of a layer) on a model of its
         own, tightening ``l``, ``u`` in place; ``False`` when the deadline stopped it."""
-        be = make_backend(lp, self.solver, bound_focus=self.integer)  # only the dual bound of each MILP is used
+        be = make_backend(enc.lp, self.solver, bound_focus=self.integer)  # only the dual bound of each MILP is used
         with self.lock:
             self.solvers.add(be.name)
         try:
@@ -651,12 +682,12 @@ class _NeuronSolves:
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     return False
                 row = M.getrow(j).toarray().ravel()
-                v = self._solve(be, -row, -const[j])  # max z_j = -min(-z_j)
+                v = self._solve(be, enc, -row, -const[j])  # max z_j = -min(-z_j)
                 if v is not None:
                     u[j] = min(u[j], -v)
                 if u[j] <= 0:
                     continue
-                v = self._solve(be, row, const[j])  # min z_j
+                v = self._solve(be, enc, row, const[j])  # min z_j
                 if v is not None:
                     l[j] = max(l[j], v)
         finally:

@@ -181,6 +181,16 @@ def _add_spec_rows(enc: NetEncoding, net: FeedForwardNet, C: np.ndarray, d: np.n
     return new, rows, t_col, M, const
 
 
+def _set_needed_binaries(be: Any, enc: NetEncoding, rows: sp.spmatrix) -> int:
+    """Make integer only the binaries of ``enc`` that a MILP minimising over ``rows`` (the rows of
+    the group it solves; the others free) needs (:meth:`NetEncoding.binaries_to_relax`); returns
+    how many stay integer."""
+    binaries = enc.binaries()
+    relaxed = enc.binaries_to_relax(rows)
+    be.set_integer(binaries, ~np.isin(binaries, relaxed))
+    return len(binaries) - len(relaxed)
+
+
 def _join_errors(errors: list[tuple[int, str]]) -> str:
     """``"groups 0, 1: <message>; group 3: <other message>"`` (one entry per distinct message)."""
     by: dict[str, list[int]] = {}
@@ -473,6 +483,7 @@ class _GroupLoop:
                  enc: NetEncoding, v_start: np.ndarray, lp_proved: np.ndarray) -> None:
         self.run, self.ex, self.be, self.rows, self.t_col, self.const = run, ex, be, rows, t_col, const
         self.enc, self.v_start, self.lp_proved = enc, v_start, lp_proved
+        self.M = M
         self.row_vals = np.asarray(M @ v_start + const).ravel()
         self.row_floor = _interval_rows(M, const, enc.lp)  # valid lower bounds of every row
         self.gmargin = _group_margins(M, const, enc.lp, run.groups, run.margin)
@@ -490,6 +501,7 @@ class _GroupLoop:
         be.set_row_bounds(rows, np.full(len(rows), -np.inf), np.full(len(rows), np.inf))
         be.set_row_bounds(rows[sel], np.full(len(sel), -np.inf), -self.const[sel])
         be.set_col_bounds([self.t_col], [t_lo], [np.inf])
+        self.per_group[g] = {"binaries": _set_needed_binaries(be, self.enc, self.M[sel])}  # other groups' rows are free
         t_start = max(self.row_vals[sel].max(), t_lo)
         if self.run.exact:
             return be.solve(time_limit=rest, start=np.r_[self.v_start, t_start], rel_gap=0.0, abs_gap=1e-9)
@@ -510,7 +522,8 @@ class _GroupLoop:
             self.reasons.append("time limit before all groups were solved")
             return False
         r = self._run_milp(g, rest)
-        self.per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
+        self.per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3),
+                             **self.per_group.get(g, {}), **r.extra}
         if r.status in ("infeasible", "error"):
             # the encoding holds a point of the set (checked before): an empty MILP means solver
             # trouble; report, never prove
@@ -794,7 +807,7 @@ class _DistortionSearch:
             bnds, ref = tighten_bounds(net, reg, bnds, solver=self.solver_name, deadline=self.deadline)
         enc = encode(net, reg, bnds, integer=True) if p == 2.0 else encode(net, reg, bnds, integer=True, distortion=(p, radius))
         self._check_probes(enc, bnds, radius)
-        lp, rows, _, _, const = _add_spec_rows(enc, net, self.C, self.d, with_t=False)
+        lp, rows, _, self.M, const = _add_spec_rows(enc, net, self.C, self.d, with_t=False)
         be = make_backend(lp, self.solver_name, threads=self.threads, keep=enc.x_cols, quadratic=p == 2.0)
         cost = np.zeros(lp.num_cols)
         if p == 2.0:
@@ -844,6 +857,7 @@ class _DistortionSearch:
         cutoff = min(self.best_val, self.R)
         if p != 2.0:
             be.set_col_bounds([self.enc.eps_col], [0.0], [cutoff])
+        binaries = _set_needed_binaries(be, self.enc, self.M[sel])
         start = self._start(g, sel)
         rest = None if self.deadline is None else self.deadline - time.perf_counter()
         if rest is not None and rest <= 0:
@@ -854,7 +868,8 @@ class _DistortionSearch:
         # bounds may not hold, outside the l_2 ball of radius R) are pruned by the solver
         # (the l_2 cutoff is widened by 1e-6 so that points at distance exactly R stay in)
         r = be.solve(time_limit=rest, start=start, rel_gap=1e-5, abs_gap=1e-7, cutoff=(cutoff * (1 + 1e-6) + 1e-9) ** 2 if p == 2.0 else None)
-        self.per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3), **r.extra}
+        self.per_group[g] = {"status": r.status, "bound": r.bound, "objective": r.objective, "time_s": round(r.time_s, 3),
+                             "binaries": binaries, **r.extra}
         if r.status in ("infeasible", "cutoff"):
             self.glow[g] = cutoff
             return

@@ -144,7 +144,15 @@ class Backend:
     name: str = ""
 
     def __init__(self, lp: LinearProgram) -> None:
-        self.lp = lp
+        # a private copy of what the backend changes (costs, bounds, integrality): several
+        # backends may be built on one problem (parallel workers), and each one's safe dual
+        # bound must read its own costs and bounds; ``A`` is shared (never changed)
+        self.lp = LinearProgram(
+            A=lp.A, row_lo=np.array(lp.row_lo, dtype=np.float64), row_hi=np.array(lp.row_hi, dtype=np.float64),
+            col_lo=np.array(lp.col_lo, dtype=np.float64), col_hi=np.array(lp.col_hi, dtype=np.float64),
+            c=np.array(lp.c, dtype=np.float64), offset=float(lp.offset),
+            integer=None if lp.integer is None else np.array(lp.integer, dtype=bool),
+        )
 
     def set_objective(self, c: np.ndarray, offset: float = 0.0, qdiag: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Cost ``c [n]`` and constant ``offset``; ``qdiag = (cols, w)`` adds ``sum_j w_j x_j^2``
@@ -162,6 +170,11 @@ class Backend:
         """Free the solver's model (optional)."""
 
     def set_row_bounds(self, idx: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def set_integer(self, idx: ArrayLike, integer: ArrayLike) -> None:
+        """Mark the columns ``idx`` integer (``True``) or continuous (``False``); a problem
+        whose integer columns are all made continuous is solved as an LP (safe dual bound)."""
         raise NotImplementedError
 
     def solve(
