@@ -170,3 +170,18 @@ def test_backends_keep_a_private_problem_and_solve_an_all_continuous_one_as_an_l
     b1.set_integer(np.arange(3), np.ones(3, bool))
     r_back = b1.solve(rel_gap=0.0, abs_gap=0.0)
     assert r_back.objective == pytest.approx(r_int.objective, abs=1e-7)
+
+
+def test_highs_models_of_other_thread_counts_solve_in_one_process():
+    """HiGHS sizes one thread scheduler per process at its first solve; a later model asking
+    for more threads must still solve (it failed with status "Not Set" before)."""
+    rng = np.random.default_rng(1)
+    n, m = 6, 5
+    lp = LinearProgram(sp.csr_matrix(rng.normal(size=(m, n))), np.full(m, -1.0), np.full(m, 1.0), np.zeros(n), np.ones(n),
+                       rng.normal(size=n), integer=np.r_[np.ones(3, bool), np.zeros(3, bool)])
+    objectives = []
+    for threads in (1, 2, 1, 3):
+        r = make_backend(lp, "highs", threads=threads).solve(rel_gap=0.0, abs_gap=0.0)
+        assert r.status == "optimal", (threads, r.status, r.message)
+        objectives.append(r.objective)
+    assert max(objectives) - min(objectives) < 1e-9

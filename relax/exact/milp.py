@@ -5,7 +5,10 @@ exact minimum adversarial distortion for l_inf / l_1 (l_2 with an MIQP solver).
 Encoding (see :func:`relax.exact.lp.encode` with ``integer=True``): big-M constraints per unstable ReLU
 with the tightest pre-activation bounds available (CROWN when ``relax.bounds`` is present, then
 LP re-tightening, :func:`relax.exact.lp.tighten_bounds`); stable neurons are fixed (inactive ones
-removed, active ones linear). Max-pooling is not encoded (the dense form rejects it).
+removed, active ones linear). Max-pooling is not encoded (the dense form rejects it). Per solve,
+the binaries of last-layer ReLUs that every active row weighs with a coefficient ``>= 0`` are made
+continuous (:meth:`relax.exact.lp.NetEncoding.binaries_to_relax`: the optimum is unchanged, about
+half the binaries of a one-hidden-layer net go).
 
 Groups (``LinearSpec`` semantics): the property is violated iff some group ``g`` has every row
 ``C_i y + d_i <= 0``. For each group one MILP decides it::

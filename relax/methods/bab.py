@@ -114,6 +114,8 @@ class BabOptions(Options):
     milp_after: float = option(0.1, "relu split on networks with one ReLU layer: share of the search time given to "
                                "branching before the exact MILP takes the rest (1: branching only)",
                                interval=(0.0, 1.0, "closed"))
+    milp_threads: int | None = option(None, "solver threads of that exact MILP (none: one per usable core, at most 4)",
+                                      positive=True)
     narrow_max: int = option(16, "relu split: pre-activation layers of at most this many neurons, after unstable ReLUs "
                              "and loose at the root, get their boxes tightened by input splitting first (0: never)")
     narrow_share: float = option(0.3, "share of the time left that tightening narrow layers may use",
@@ -167,6 +169,9 @@ class BabMethod(Method):
             (:func:`relax.exact.milp.milp_verify`, HiGHS / Gurobi branch-and-cut) takes the rest
             (1: never). Its proofs keep the MILP method's margins; its counterexamples are
             confirmed like the search's.
+        milp_threads: solver threads of that MILP (``None``: one per CPU core this process may
+            use, at most 4; the search is over by then. Gurobi proved the open safenlp lines
+            1.8-1.9x faster on 2 threads than on 1, HiGHS 1.3-1.4x: benchmarks/RESULTS.md).
         margin: a domain counts as proved when its margin lower bound exceeds this. The bounds
             are float64 and hold for the exact network (their round-off is in them,
             :mod:`relax.bounds.roundoff`), so the default is the float64 safety margin of every
@@ -585,7 +590,7 @@ def _branch_then_milp(search: "_ActivationSearch", opts: BabOptions, deadline: f
     first = search.branch(time.perf_counter() + opts.milp_after * left, boxes, root_alphas)
     if first.status != "unknown" or time.perf_counter() >= deadline:
         return first
-    exact = search.exact_milp(deadline, first)
+    exact = search.exact_milp(deadline, first, threads=opts.milp_threads or usable_cores(4))
     if exact is not None and (exact.status != "unknown" or deadline - time.perf_counter() < 0.05 * left):
         return exact
     again = search.branch(deadline, boxes, root_alphas)
@@ -673,10 +678,11 @@ class _ActivationSearch:
             return f"not run: {e}"
         return None
 
-    def exact_milp(self, deadline: float, first: BabResult) -> BabResult | None:
+    def exact_milp(self, deadline: float, first: BabResult, threads: int = 1) -> BabResult | None:
         """The exact MILP of the open groups until the ``perf_counter`` value ``deadline``
-        (:func:`relax.exact.milp.milp_verify`; ``first``: the branching before it, whose bound
-        and domains carry over). ``None`` when the network has no MILP encoding."""
+        (:func:`relax.exact.milp.milp_verify` on ``threads`` solver threads; ``first``: the
+        branching before it, whose bound and domains carry over). ``None`` when the network has
+        no MILP encoding."""
         from relax.exact.lp import relu_net
         from relax.exact.milp import milp_verify
         from relax.solvers.program import SolverError
@@ -694,7 +700,7 @@ class _ActivationSearch:
             first.details["milp"] = f"not run: {e}"
             return None
         try:
-            out = milp_verify(self.model, self.x_set, spec, refine=False, attack=False, net=net,
+            out = milp_verify(self.model, self.x_set, spec, refine=False, attack=False, net=net, threads=threads,
                               time_limit=max(0.0, deadline - time.perf_counter()))[0]
         except SolverError as e:
             first.details["milp"] = f"not run: {e}"

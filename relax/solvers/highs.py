@@ -64,7 +64,7 @@ def _highs_status(st, is_mip: bool) -> str:
 
 
 class HighsBackend(Backend):
-    """HiGHS through highspy; one ``Highs`` object per model (basis kept between solves)."""
+    """HiGHS through highspy; one ``Highs`` object per model (basis kept between solves), on one thread."""
 
     name = "highs"
 
@@ -74,7 +74,11 @@ class HighsBackend(Backend):
         super().__init__(lp)
         self._hp = highspy
         h = _new_highs()
-        h.setOptionValue("threads", int(threads))
+        # HiGHS runs one thread scheduler per process, sized by the first solve; a later model
+        # asking for another size fails ("Not Set"), and resizing it would disturb solves running
+        # in other threads (the refinement's workers). So every model runs on one thread, the
+        # size the first solve fixes; ``threads`` is for the Gurobi backend.
+        h.setOptionValue("threads", 1)
         # keep the MILP's dual bound honest where it matters: tighter integrality tolerance
         h.setOptionValue("mip_feasibility_tolerance", 1e-7)
         A = sp.csc_matrix(lp.A, dtype=np.float64)
