@@ -172,14 +172,8 @@ def test_recomputation_between_layers_keeps_bounds_valid(case):
     assert sum(_unstable(new)[3:]) < sum(_unstable(plain)[3:])  # layer 3 (not refined) tightened
 
 
-@pytest.mark.parametrize("solver", ["highs", "auto"])
-def test_early_stop_once_stable_keeps_the_verdicts(case, solver, monkeypatch):
-    """A MILP stops once its dual bound proves the neuron stable: the same neurons end up
-    stable as when every solve runs to optimality, and the bounds stay valid."""
-    net, lo, hi, pre, zs, extrema = case
-    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
-    assert st["stopped_stable"] > 0
-    _check_contains(new, zs, extrema)
+def _no_early_stop(monkeypatch) -> None:
+    """Every refinement MILP runs to optimality: no stop once its neuron is proved stable."""
     original = lp_mod.make_backend
 
     def no_early_stop(lp, solver="auto", **kw):
@@ -189,6 +183,17 @@ def test_early_stop_once_stable_keeps_the_verdicts(case, solver, monkeypatch):
         return be
 
     monkeypatch.setattr(lp_mod, "make_backend", no_early_stop)
+
+
+@pytest.mark.parametrize("solver", ["highs", "auto"])
+def test_early_stop_once_stable_keeps_the_verdicts(case, solver, monkeypatch):
+    """A MILP stops once its dual bound proves the neuron stable: the same neurons end up
+    stable as when every solve runs to optimality, and the bounds stay valid."""
+    net, lo, hi, pre, zs, extrema = case
+    new, st = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
+    assert st["stopped_stable"] > 0
+    _check_contains(new, zs, extrema)
+    _no_early_stop(monkeypatch)
     full, st_full = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
     assert st_full["stopped_stable"] == 0
     for (l, u), (lf, uf) in zip(new, full):
@@ -204,16 +209,8 @@ def test_parallel_workers_give_the_serial_bounds(case, solver, monkeypatch):
     stable ends wherever the solver's callback first saw the bound, which depends on timing
     (the early stop is checked in the test above)."""
     net, lo, hi, pre, zs, extrema = case
-    original = lp_mod.make_backend
-
-    def no_early_stop(lp, solver="auto", **kw):
-        be = original(lp, solver, **kw)
-        solve = be.solve
-        be.solve = lambda **k: solve(**{**k, "stop_bound_above": None})
-        return be
-
     with monkeypatch.context() as m:
-        m.setattr(lp_mod, "make_backend", no_early_stop)
+        _no_early_stop(m)
         serial, st1 = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0)
         par, st2 = refine_bounds(_feedforward(net), lo, hi, pre, layers=3, solver=solver, rel_gap=0.0, workers=2)
     assert st2["lps"] == st1["lps"] > 0 and not st2["stopped_at_deadline"]

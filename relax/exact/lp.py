@@ -659,11 +659,10 @@ class _NeuronSolves:
             return rest
         return self.solve_time_limit if rest is None else min(self.solve_time_limit, rest)
 
-    def _solve(self, be: Any, enc: NetEncoding, row: np.ndarray, c: float) -> float | None:
+    def _solve(self, be: Any, enc: NetEncoding, binaries: np.ndarray, row: np.ndarray, c: float) -> float | None:
         be.set_objective(row, c)
         if self.integer:  # binaries of the neurons the objective pushes down are not needed
-            keep = enc.binaries()
-            be.set_integer(keep, ~np.isin(keep, enc.binaries_to_relax(sp.csr_matrix(row))))
+            be.set_integer(binaries, ~np.isin(binaries, enc.binaries_to_relax(sp.csr_matrix(row))))
         return self.new_bound(be.solve(time_limit=self.limit(), rel_gap=self.rel_gap, abs_gap=self.abs_gap,
                                        stop_bound_above=self.stop_stable))
 
@@ -671,6 +670,7 @@ class _NeuronSolves:
         """Bound the neurons ``todo`` yields (shared by the workers of a layer) on a model of its
         own, tightening ``l``, ``u`` in place; ``False`` when the deadline stopped it."""
         be = make_backend(enc.lp, self.solver, bound_focus=self.integer)  # only the dual bound of each MILP is used
+        binaries = enc.binaries()
         with self.lock:
             self.solvers.add(be.name)
         try:
@@ -682,12 +682,12 @@ class _NeuronSolves:
                 if self.deadline is not None and time.perf_counter() > self.deadline:
                     return False
                 row = M.getrow(j).toarray().ravel()
-                v = self._solve(be, enc, -row, -const[j])  # max z_j = -min(-z_j)
+                v = self._solve(be, enc, binaries, -row, -const[j])  # max z_j = -min(-z_j)
                 if v is not None:
                     u[j] = min(u[j], -v)
                 if u[j] <= 0:
                     continue
-                v = self._solve(be, enc, row, const[j])  # min z_j
+                v = self._solve(be, enc, binaries, row, const[j])  # min z_j
                 if v is not None:
                     l[j] = max(l[j], v)
         finally:

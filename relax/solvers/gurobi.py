@@ -362,19 +362,12 @@ class GurobiBackend(Backend):
                 r = self._row_of[int(j)]
                 self._set_row(r, float(self.lp.col_lo[j] - self.s0[j]), float(self.lp.col_hi[j] - self.s0[j]))
 
-    def set_integer(self, idx, integer):
-        idx = np.asarray(idx, dtype=np.int64)
-        flags = np.asarray(integer, dtype=bool)
-        if self.lp.integer is None:
-            if not flags.any():
-                return
-            self.lp.integer = np.zeros(self.lp.num_cols, dtype=bool)
+    def _change_integrality(self, idx, flags):
         rc = self.pos[idx]
         if np.any(rc < 0):
             raise SolverError("internal: the integrality of an eliminated column cannot change")
         GRB = self._GRB
         self.m.setAttr("VType", [self._vars[int(i)] for i in rc], [GRB.BINARY if f else GRB.CONTINUOUS for f in flags])
-        self.lp.integer[idx] = flags
 
     def set_row_bounds(self, idx, lo, hi):
         idx = np.asarray(idx, dtype=np.int64)

@@ -121,16 +121,9 @@ class HighsBackend(Backend):
     def set_row_bounds(self, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:
         self._set_bounds(self.h.changeRowsBounds, self.lp.row_lo, self.lp.row_hi, idx, lo, hi)
 
-    def set_integer(self, idx: ArrayLike, integer: ArrayLike) -> None:
-        idx = np.asarray(idx, dtype=np.int32)
-        flags = np.asarray(integer, dtype=bool)
-        if self.lp.integer is None:
-            if not flags.any():
-                return
-            self.lp.integer = np.zeros(self.lp.num_cols, dtype=bool)
+    def _change_integrality(self, idx: np.ndarray, flags: np.ndarray) -> None:
         V = self._hp.HighsVarType
-        self.h.changeColsIntegrality(len(idx), idx, np.array([V.kInteger if f else V.kContinuous for f in flags]))
-        self.lp.integer[idx] = flags
+        self.h.changeColsIntegrality(len(idx), idx.astype(np.int32), np.array([V.kInteger if f else V.kContinuous for f in flags]))
 
     @staticmethod
     def _set_bounds(change, lows: np.ndarray, highs: np.ndarray, idx: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> None:

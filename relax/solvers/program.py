@@ -175,6 +175,17 @@ class Backend:
     def set_integer(self, idx: ArrayLike, integer: ArrayLike) -> None:
         """Mark the columns ``idx`` integer (``True``) or continuous (``False``); a problem
         whose integer columns are all made continuous is solved as an LP (safe dual bound)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        flags = np.asarray(integer, dtype=bool)
+        if self.lp.integer is None:
+            if not flags.any():
+                return
+            self.lp.integer = np.zeros(self.lp.num_cols, dtype=bool)
+        self._change_integrality(idx, flags)
+        self.lp.integer[idx] = flags
+
+    def _change_integrality(self, idx: np.ndarray, flags: np.ndarray) -> None:
+        """The solver's side of :meth:`set_integer` (``idx [k]`` int64, ``flags [k]`` bool)."""
         raise NotImplementedError
 
     def solve(
