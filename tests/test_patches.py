@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import relax.bounds.crown as crown_mod
@@ -283,3 +284,69 @@ def test_alpha_crown_rows_as_patches_keep_the_dense_bounds(net, monkeypatch):
         assert (v >= l).all() and (v <= h).all(), p
     spec = torch.einsum("sbk,bnk->sbn", vals[graph.output].reshape(5_000, 2, -1), C)
     assert (spec >= fitted.lower - 1e-12).all()
+
+
+class _UpNet(nn.Module):
+    """A UNet's up path: average pooling, a transposed convolution (the variants of ``up``:
+    stride 2 with kernel 1 (holes), 2, 3 and 4, padding, output padding, groups), a spatial
+    padding or crop back to the skip's size (constants 0 or not), a concatenation with the skip,
+    and a convolution; ``nested``: two transposed convolutions in a row (4 x 4 phases)."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        self.variant = variant
+        self.a, self.pool = nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(2)
+        self.b = nn.Conv2d(4, 6, 3, padding=1)
+        up = {"k2": dict(kernel_size=2, stride=2), "k3": dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+              "k4": dict(kernel_size=4, stride=2, padding=1, groups=2), "k1": dict(kernel_size=1, stride=2),
+              "crop": dict(kernel_size=3, stride=2), "nested": dict(kernel_size=2, stride=2)}[variant]
+        self.up = nn.ConvTranspose2d(6, 4, **up)
+        self.up2 = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        self.c = nn.Conv2d(8, 5, 3, padding=1)
+        self.fc = nn.Linear(5 * (16 * 16 if variant == "nested" else 11 * 13), 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        d = torch.relu(self.b(self.pool(h)))
+        if self.variant == "nested":
+            u = self.up2(torch.relu(self.up(self.pool(d))))  # 16 -> 8 -> 4 -> 8 -> 16
+        elif self.variant == "k1":
+            u = F.pad(self.up(d), (1, 1, 1, 1), value=0.5)  # 9 x 11 -> 11 x 13
+        elif self.variant == "crop":
+            u = F.pad(self.up(d)[:, :, 1:, 1:], (0, 1, 1, 0), value=-0.25)  # 11 x 13 -> 10 x 12 -> 11 x 13
+        else:
+            u = F.pad(self.up(d), (0, 1, 1, 0))  # 10 x 12 -> 11 x 13
+        z = torch.relu(self.c(torch.cat([h, u], 1)))
+        return self.fc(z.flatten(1))
+
+
+@pytest.mark.parametrize("variant", ["k2", "k3", "k4", "k1", "crop", "nested"])
+def test_transposed_convolutions_and_paddings_keep_the_dense_bounds(variant, monkeypatch):
+    """The rows of the convolution after the up path go through the transposed convolution and
+    the padding as patches, one pass per phase of their positions, and give the dense pass's
+    bounds (float64); the samples of the box stay inside."""
+    torch.manual_seed(21)
+    shape = (3, 16, 16) if variant == "nested" else (3, 11, 13)
+    gm = torch.fx.symbolic_trace(_UpNet(variant))
+    graph = build_graph(gm, shape, torch.float64)
+    g = torch.Generator().manual_seed(22)
+    x = torch.rand(2, *shape, generator=g, dtype=torch.float64)
+    S = Box(x - 0.02, x + 0.02)
+    C = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    plans = []
+    real = patches.patch_plan
+    monkeypatch.setattr(patches, "patch_plan", lambda *a, **k: (lambda p: plans.append(p) or p)(real(*a, **k)))
+    got, ref, _ = _both(graph, S, C, monkeypatch)
+    phased = [p for p in plans if p is not None and p.phase != (1, 1)]
+    assert phased and {p.phase for p in phased} == ({(2, 2), (4, 4)} if variant == "nested" else {(2, 2)})
+    assert any(graph.by_name[n].op.kind == "conv_transpose" for p in phased for n in p.order)
+    for p, (l0, h0) in ref.intermediate.items():
+        l1, h1 = got.intermediate[p]
+        scale = 1e-12 * (1 + float((h0 - l0).abs().max()))
+        assert (l1 - l0).abs().max() <= scale and (h1 - h0).abs().max() <= scale, p
+    assert torch.allclose(got.spec_lower(), ref.spec_lower(), rtol=0, atol=1e-12)
+    u = torch.rand(2_000, 2, *shape, generator=g, dtype=torch.float64)
+    vals = _node_values(graph, (x - 0.02 + 0.04 * u).reshape(-1, *shape))
+    for p, (l, h) in got.intermediate.items():
+        v = vals[p].reshape(2_000, 2, *vals[p].shape[1:])
+        assert (v >= l - 1e-12).all() and (v <= h + 1e-12).all(), p

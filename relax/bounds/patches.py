@@ -17,7 +17,15 @@ convolution of the patch, no padding); entries that fall on the zero padding are
 pass reaches a node. Per-position tensors (relaxation lines, round-off weights, scales, the
 input box) are gathered into the rows' windows by index.
 
-Ops: 2-D convolutions (any stride, padding, dilation, groups), elementwise affine maps,
+Transposed convolutions (stride ``t``) map a row's window back to a ``t`` times coarser grid, where
+a row's corner would fall between grid points: the rows are split into the ``P x P`` *phases*
+of their start position (``P``: the product of the pass's transposed strides), and each phase
+has its own plan in the coarse position ``y' = y // P`` (corner ``y' s - p``, ``s`` a multiple
+of every ``t`` met), so the geometry stays integer (:func:`_phase_groups`).
+
+Ops: 2-D convolutions and transposed convolutions (any stride, padding, dilation, groups),
+spatial paddings and crops of whole maps (a selection that shifts every channel: the window
+shifts, padding constants add to the bias), elementwise affine maps,
 additions of same-shaped nodes, elementwise activations, reshapes that only add or drop leading
 1s, and selections of whole channels (slices, gathers and concatenations along the channel axis:
 the coefficients go back to their channels, the window stays), on ``[C, H, W]`` nodes (or
@@ -53,6 +61,9 @@ __all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", 
 #: 33.7 vs 24.0 ms; cifar10_resnet resnet_2b share 0.34: 0.2 vs 1.6 ms, share 0.57: 0.4 vs 0.4 ms)
 MAX_PATCH_SHARE = 0.4
 
+#: at most this many phases (``P_h P_w``, :class:`PatchPlan`): each runs its own pass on its rows
+MAX_PHASES = 16
+
 #: per spatial dim: (stride s, offset p, patch size k)
 Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
 
@@ -60,15 +71,18 @@ Geometry = tuple[tuple[int, int, int], tuple[int, int, int]]
 @dataclass
 class PatchPlan:
     """The nodes a pass from ``start`` visits (reverse topological order, ``start`` first) and
-    each one's patch geometry; ``width``: the largest patch ``C kh kw`` (numbers per row);
-    ``channels``: for each channel selection, the input channel (counted over its inputs in
-    order) of each of its output channels."""
+    each one's patch geometry per phase ``(a, b)`` of the rows' start positions (``phase``:
+    ``(P_h, P_w)``, ``(1, 1)`` without transposed convolutions; a row at ``(y, x)`` is in phase
+    ``(y % P_h, x % P_w)`` at coarse position ``(y // P_h, x // P_w)``); ``width``: the largest
+    patch ``C kh kw`` (numbers per row); ``channels``: for each channel selection, the input
+    channel (counted over its inputs in order) of each of its output channels."""
 
     start: str
     order: list[str]
-    geometry: dict[str, Geometry]
+    geometries: dict[tuple[int, int], dict[str, Geometry]]
     width: int
     channels: dict[str, Tensor]
+    phase: tuple[int, int] = (1, 1)
 
 
 def chw_shape(shape) -> tuple[int, ...]:
@@ -93,8 +107,33 @@ def _channel_map(op, out_shape: tuple[int, ...]) -> Tensor | None:
     return (base[:, 0] // hw).long()
 
 
+def _spatial_shift(op, out_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """A selection of one ``[C, H_in, W_in]`` input that pads or crops every channel alike
+    (``y[c, i, j] = x[c, i - top, j - left]`` inside ``x``, a constant elsewhere): ``(top,
+    left)``; None for any other selection. Cached on the op."""
+    cached = op.__dict__.get("_patch_shift", False)
+    if cached is not False:
+        return cached
+    op._patch_shift = None
+    chw = chw_shape(out_shape)
+    cin = chw_shape(op.in_shapes[0]) if len(op.in_shapes) == 1 else ()
+    if len(chw) != 3 or len(cin) != 3 or cin[0] != chw[0] or not op.var_pos.numel():
+        return None
+    C, H, W = chw
+    Hi, Wi = cin[1:]
+    f, i = int(op.var_pos[0]), int(op.index[op.var_pos[0]])
+    top, left = (f % (H * W)) // W - (i % (Hi * Wi)) // Wi, f % W - i % Wi
+    c, y, x = torch.meshgrid(torch.arange(C), torch.arange(H) - top, torch.arange(W) - left, indexing="ij")
+    inside = ((y >= 0) & (y < Hi) & (x >= 0) & (x < Wi)).reshape(-1)
+    expected = (c * Hi * Wi + y * Wi + x).reshape(-1)
+    if torch.equal(inside, op.from_input.reshape(-1).cpu()) and torch.equal(op.index.reshape(-1).cpu()[inside], expected[inside]):
+        op._patch_shift = (int(top), int(left))
+    return op._patch_shift
+
+
 def _conv_ok(op) -> bool:
-    return (op.kind == "conv" and getattr(op, "nd", 0) == 2 and all(isinstance(v, int) for v in (*op.stride, *op.padding, *op.dilation)))
+    return (op.kind in ("conv", "conv_transpose") and getattr(op, "nd", 0) == 2
+            and all(isinstance(v, int) for v in (*op.stride, *op.padding, *op.dilation)))
 
 
 def _node_ok(graph: BoundGraph, name: str) -> bool:
@@ -111,15 +150,46 @@ def _node_ok(graph: BoundGraph, name: str) -> bool:
     if op.kind == "reshape":
         return chw_shape(op.in_shape) == chw_shape(op.out_shape)
     if op.kind == "select":
-        return _channel_map(op, n.shape) is not None
+        return _channel_map(op, n.shape) is not None or _spatial_shift(op, n.shape) is not None
     return _conv_ok(op)
 
 
-def _through(op, g: Geometry) -> Geometry:
-    if op.kind != "conv" or op.nonlinear:
+def _through(op, g: Geometry) -> Geometry | None:
+    """The geometry of the rows' coefficients on ``op``'s input(s), from that on its output;
+    None where a transposed convolution's stride does not divide the rows' stride."""
+    if op.nonlinear:
+        return g
+    if op.kind == "select":
+        shift = _spatial_shift(op, op.out_shape)
+        return g if shift is None else tuple((s, p + o, k) for (s, p, k), o in zip(g, shift))  # type: ignore[return-value]
+    if op.kind == "conv_transpose":
+        out = []
+        for (s, p, k), t, q, d, K in zip(g, op.stride, op.padding, op.dilation, op.W.shape[2:]):
+            if s % t:
+                return None
+            first = -((p - q + d * (K - 1)) // t)  # ceil((q - p - d (K - 1)) / t): the first input reached
+            out.append((s // t, -first, (k - 1 + q - p) // t - first + 1))
+        return tuple(out)  # type: ignore[return-value]
+    if op.kind != "conv":
         return g
     return tuple((s * t, p * t + q, (k - 1) * t + d * (K - 1) + 1)  # type: ignore[return-value]
                  for (s, p, k), t, q, d, K in zip(g, op.stride, op.padding, op.dilation, op.W.shape[2:]))
+
+
+def _transposed_back(op, A: Tensor, g: Geometry, g_in: Geometry) -> Tensor:
+    """Patches ``A [R, C_out, kh, kw]`` (geometry ``g``) of a transposed convolution's output
+    onto its input (geometry ``g_in``: :func:`_through`): input entry ``i`` of a window meets
+    output entries ``i t + kk d + delta`` (``delta = p - q - p_in t``), the convolution of the
+    shifted patch with the weights (the transposed convolution's adjoint)."""
+    pads, ks = [], []
+    for (s, p, k), (_, p_in, k_in), t, q, d, K in zip(g, g_in, op.stride, op.padding, op.dilation, op.W.shape[2:]):
+        delta = p - q - p_in * t
+        need = (k_in - 1) * t + d * (K - 1) + 1  # the input length the k_in outputs read
+        pads.append((-delta, need - (k - delta)))
+        ks.append(k_in)
+    (t0, b0), (l0, r0) = pads
+    Ap = F.pad(A, (l0, r0, t0, b0))
+    return F.conv2d(Ap, op.W.to(A.dtype), None, op.stride, 0, op.dilation, op.groups)[:, :, :ks[0], :ks[1]]
 
 
 def _union(a: Geometry, b: Geometry) -> Geometry | None:
@@ -147,25 +217,71 @@ def patch_plan(graph: BoundGraph, start: str, input_set: InputSet, window: tuple
         if n.name in anc:
             order.append(n.name)
             anc.update(n.inputs)
-    geometry: dict[str, Geometry] = {start: ((1, 0, window[0]), (1, 0, window[1]))}
+    if not all(_node_ok(graph, name) for name in order):
+        return None
+    phase = tuple(math.prod(graph.by_name[k].op.stride[d] for k in order if graph.by_name[k].op.kind == "conv_transpose")
+                  for d in range(2))
+    if phase[0] * phase[1] > MAX_PHASES:
+        return None
+    geometries = {}
+    for a in range(phase[0]):
+        for b in range(phase[1]):
+            geometry = _phase_geometry(graph, order, ((phase[0], -a, window[0]), (phase[1], -b, window[1])))
+            if geometry is None:
+                return None
+            geometries[(a, b)] = geometry
+    shapes = {k: chw_shape(graph.shape(k)) for k in geometries[(0, 0)]}
+    sizes = [{k: shapes[k][0] * g[0][2] * g[1][2] for k, g in geo.items()} for geo in geometries.values()]
+    width = max(max(z.values()) for z in sizes)
+    patch = max(sum(z.values()) for z in sizes)
+    dense = sum(math.prod(shapes[k]) for k in shapes)
+    if patch >= (MAX_PATCH_SHARE if max_share is None else max_share) * dense:
+        return None
+    channels = {k: _channel_map(graph.by_name[k].op, graph.shape(k)) for k in order if graph.by_name[k].op.kind == "select"}
+    return PatchPlan(start, order, geometries, width, channels, phase)  # type: ignore[arg-type]
+
+
+def _phase_geometry(graph: BoundGraph, order: list[str], first: Geometry) -> dict[str, Geometry] | None:
+    """Each node's geometry for rows whose window on ``order[0]`` is ``first``; None where a
+    transposed convolution does not fit (:func:`_through`) or paths meet at different strides."""
+    geometry: dict[str, Geometry] = {order[0]: first}
     for name in order:
-        if not _node_ok(graph, name):
-            return None
         n = graph.by_name[name]
         g = _through(n.op, geometry[name])
+        if g is None:
+            return None
         for i in n.inputs:
             u = _union(geometry[i], g) if i in geometry else g
             if u is None:
                 return None
             geometry[i] = u
-    shapes = {k: chw_shape(graph.shape(k)) for k in geometry}
-    width = max(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
-    patch = sum(shapes[k][0] * g[0][2] * g[1][2] for k, g in geometry.items())
-    dense = sum(math.prod(shapes[k]) for k in geometry)
-    if patch >= (MAX_PATCH_SHARE if max_share is None else max_share) * dense:
-        return None
-    channels = {k: _channel_map(graph.by_name[k].op, graph.shape(k)) for k in order if graph.by_name[k].op.kind == "select"}
-    return PatchPlan(start, order, geometry, width, channels)  # type: ignore[arg-type]
+    return geometry
+
+
+def _phase_groups(graph: BoundGraph, plan: PatchPlan, pos: Tensor):
+    """The rows of each phase of ``plan``: ``(geometry, coarse (H0, W0), rows [r] or None for all,
+    coarse positions [r])`` for every phase that has rows (``pos [R]``: flat positions on the
+    start node)."""
+    C0, H0, W0 = chw_shape(graph.shape(plan.start))
+    Ph, Pw = plan.phase
+    if plan.phase == (1, 1):
+        yield plan.geometries[(0, 0)], (H0, W0), None, pos
+        return
+    y, x = pos // W0, pos % W0
+    Hc, Wc = -(-H0 // Ph), -(-W0 // Pw)
+    key = (y % Ph) * Pw + x % Pw
+    for (a, b), geometry in plan.geometries.items():
+        rows = (key == a * Pw + b).nonzero().flatten()
+        if rows.numel():
+            yield geometry, (Hc, Wc), rows, (y[rows] // Ph) * Wc + x[rows] // Pw
+
+
+def _in_row_order(parts: list[Tensor], rows: list[Tensor | None]) -> Tensor:
+    """The phases' results ``parts`` (rows ``rows``) back in the rows' order."""
+    if rows == [None]:
+        return parts[0]
+    order = torch.cat(rows)  # type: ignore[arg-type]
+    return torch.cat(parts)[torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))]
 
 
 def _windows(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], pos: Tensor) -> tuple[tuple[int, int, int, int], Tensor]:
@@ -175,21 +291,26 @@ def _windows(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], pos: Ten
     (s1, p1, k1), (s2, p2, k2) = g
     (H0, W0), (H, W) = out_hw, hw
     r1, r2 = max(0, (H0 - 1) * s1 + k1 - p1 - H), max(0, (W0 - 1) * s2 + k2 - p2 - W)
-    Wp = W + p2 + r2
-    ii = torch.arange(k1, device=pos.device).view(1, k1, 1)
-    jj = torch.arange(k2, device=pos.device).view(1, 1, k2)
-    return (p2, r2, p1, r1), ((pos // W0).view(-1, 1, 1) * s1 + ii) * Wp + (pos % W0).view(-1, 1, 1) * s2 + jj
+    t1, t2 = max(0, p1), max(0, p2)  # a negative offset (a phase's first rows) needs no padding: the corners move in
+    Wp = W + t2 + r2
+    ii = torch.arange(k1, device=pos.device).view(1, k1, 1) + (t1 - p1)
+    jj = torch.arange(k2, device=pos.device).view(1, 1, k2) + (t2 - p2)
+    return (t2, r2, t1, r1), ((pos // W0).view(-1, 1, 1) * s1 + ii) * Wp + (pos % W0).view(-1, 1, 1) * s2 + jj
 
 
 def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
     """``t [B or 1, C, H, W]`` in each row's window: ``[R, C, kh, kw]`` (zero outside the map);
     ``bidx [R]``: each row's batch element; the rest as in :func:`_windows`. Only the windows
     are read (an index per window entry)."""
-    B, C, H, W = t.shape
-    pads, flat = _windows(g, out_hw, (H, W), pos)
+    return _gather_windows(t, *_windows(g, out_hw, t.shape[2:], pos), bidx)  # type: ignore[arg-type]
+
+
+def _gather_windows(t: Tensor, pads: tuple[int, int, int, int], flat: Tensor, bidx: Tensor) -> Tensor:
+    """:func:`_gather` with the windows of :func:`_windows` given."""
+    B, C = t.shape[:2]
     tp = F.pad(t, pads)  # window corners at (y s1, x s2) of the padded map
     b = bidx if B > 1 else torch.zeros_like(bidx)
-    cols = tp.reshape(B, C, -1).transpose(1, 2)  # [B, Hp Wp, C]
+    cols = tp.reshape(B, C, -1).transpose(1, 2)  # [B, Hp Wp, C]: each window entry's channels read together
     return cols[b.view(-1, 1), flat.view(flat.shape[0], -1)].transpose(1, 2).reshape(-1, C, *flat.shape[1:])
 
 
@@ -220,10 +341,11 @@ def slopes_gatherable(graph: BoundGraph, acts: list[str]) -> bool:
 
 
 def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[[Tensor], Tensor],
-          channels: Tensor | None, alpha: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+          channels: Tensor | None, geometry: tuple[Geometry, Geometry], alpha: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
     """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto each of its inputs and the bias
     ``[R]`` the step adds; ``at(t)`` gathers a per-position tensor ``[B, *shape]`` of this node
     into the rows' windows; ``channels``: a channel selection's map (:func:`_channel_map`);
+    ``geometry``: the rows' geometry on the node and on its input (:func:`_through`);
     ``alpha``: alpha-CROWN's lower slopes of each row, already in its window ``[R, C, kh, kw]``
     (:func:`slopes_gatherable` ops only)."""
     n = graph.by_name[name]
@@ -242,6 +364,9 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
         return [A * s for s in op.signs], None
     if op.kind == "reshape":
         return [A], None
+    if op.kind == "select" and channels is None:  # a padding or crop (:func:`_spatial_shift`): the window moved
+        const = torch.where(op.from_input, 0.0, op.const.to(torch.float64)).to(device=A.device, dtype=A.dtype)
+        return [A], (A * at(_full(const.reshape(shape), shape))).sum((1, 2, 3)) if bool(const.any()) else None
     if op.kind == "select":
         counts = [chw_shape(s)[0] for s in op.in_shapes]
         full = A.new_zeros(A.shape[0], sum(counts), *A.shape[2:]).index_add_(1, channels, A)  # type: ignore[arg-type]
@@ -250,13 +375,16 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
         A_in = A if op.scale is None else A * at(_full(op.scale.to(A.dtype), shape))
         return [A_in], None if op.shift is None else (A * at(_full(op.shift.to(A.dtype), shape))).sum((1, 2, 3))
     bias = None if op.b is None else (A.sum((2, 3)) * op.b.to(A.dtype)).sum(1)
+    if op.kind == "conv_transpose":
+        return [_transposed_back(op, A, *geometry)], bias
     return [F.conv_transpose2d(A, op.W.to(A.dtype), None, op.stride, 0, 0, op.groups, op.dilation)], bias
 
 
 def _window_gather(g: Geometry, chw: tuple[int, ...], out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Callable[[Tensor], Tensor]:
     """``t [B or 1, *shape]`` (or ``[B or 1, 1, H, W]``) of a node whose map is ``chw`` ->
     :func:`_gather` of it into the rows' windows."""
-    return lambda t: _gather(t.reshape(t.shape[0], -1, *chw[1:]), g, out_hw, bidx, pos)
+    pads, flat = _windows(g, out_hw, chw[1:], pos)  # type: ignore[arg-type]  # once for every tensor of the node
+    return lambda t: _gather_windows(t.reshape(t.shape[0], -1, *chw[1:]), pads, flat, bidx)
 
 
 def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -285,15 +413,25 @@ def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos:
     """:func:`patch_lower_bounds` of rows given as patches ``A0 [R, C, kh, kw]`` of the plan's
     start node (the plan's window; ``pos [R]``: each window's corner, flat), plus a bias and a
     round-off ``[R]`` carried from the part of the pass before the start node."""
-    A, bias, err, at_in = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at)
-    bias = bias if bias0 is None else bias + bias0
-    err = err if err is None or err0 is None else err + err0
-    lo, hi = (t.to(A.dtype) for t in input_set.bounds())
-    low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
-    if err is None:
-        return low
-    err = err + gamma(math.prod(graph.input_shape), A.dtype) * (A.abs() * at_in(max_abs(lo, hi))).sum((1, 2, 3))
-    return low - SAFETY * err - torch.finfo(A.dtype).tiny
+    lo, hi = (t.to(A0.dtype) for t in input_set.bounds())
+    parts, order = [], []
+    for geometry, out_hw, rows, cpos in _phase_groups(graph, plan, pos):
+        sel = _rows_of(rows)
+        A, bias, err, at_in = _input_patches(graph, plan, geometry, out_hw, sel(A0), cpos, sel(bidx), relax, weights,
+                                             None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at)
+        bias = bias if bias0 is None else bias + sel(bias0)
+        err = err if err is None or err0 is None else err + sel(err0)
+        low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
+        if err is not None:
+            err = err + gamma(math.prod(graph.input_shape), A.dtype) * (A.abs() * at_in(max_abs(lo, hi))).sum((1, 2, 3))
+            low = low - SAFETY * err - torch.finfo(A.dtype).tiny
+        parts.append(low)
+        order.append(rows)
+    return _in_row_order(parts, order)
+
+
+def _rows_of(rows: Tensor | None) -> Callable[[Tensor], Tensor]:
+    return (lambda v: v) if rows is None else (lambda v: v[rows])
 
 
 def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
@@ -303,10 +441,18 @@ def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tens
     the input: ``A [R, *input_shape]``, ``bias [R]`` and the steps' round-off ``err [R]`` (None
     without ``weights``), the terms of :func:`relax.bounds.crown.backward_form`'s rows."""
     A0, pos = _unit_rows(graph, plan, idx, sign)
-    A, bias, err, _ = _input_patches(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at)
-    C0, H0, W0 = chw_shape(graph.shape(plan.start))
-    dense = _scatter(A, plan.geometry[graph.input_name], (H0, W0), pos, chw_shape(graph.input_shape))
-    return dense.reshape(A.shape[0], *graph.input_shape), bias, err
+    parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    order = []
+    for geometry, out_hw, rows, cpos in _phase_groups(graph, plan, pos):
+        sel = _rows_of(rows)
+        A, bias, err, _ = _input_patches(graph, plan, geometry, out_hw, sel(A0), cpos, sel(bidx), relax, weights,
+                                         None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at)
+        dense = _scatter(A, geometry[graph.input_name], out_hw, cpos, chw_shape(graph.input_shape))
+        for part, v in zip(parts, (dense.reshape(A.shape[0], *graph.input_shape), bias, err)):
+            if v is not None:
+                part.append(v)
+        order.append(rows)
+    return _in_row_order(parts[0], order), _in_row_order(parts[1], order), _in_row_order(parts[2], order) if parts[2] else None
 
 
 def _unit_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
@@ -338,15 +484,16 @@ def dense_to_patches(A: Tensor, chw: tuple[int, ...], max_share: float = MAX_PAT
     return _gather(A, g, (H, W), torch.arange(R, device=A.device), pos), pos, (kh, kw)
 
 
-def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
-                   weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None = None, stop_at: float | None = None
+def _input_patches(graph: BoundGraph, plan: PatchPlan, geometry: dict[str, Geometry], out_hw: tuple[int, int], A0: Tensor, pos: Tensor,
+                   bidx: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
+                   alphas: dict[str, Tensor] | None = None, stop_at: float | None = None
                    ) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
     """The backward pass of :func:`patch_lower_bounds` from the start patches ``A0 [R, C, kh, kw]``
-    (corners ``pos [R]``) down to the input: the input patches (zero on the padding), the bias
+    (corners ``pos [R]`` on the ``out_hw`` grid of one phase, whose ``geometry`` the rows have)
+    down to the input: the input patches (zero on the padding), the bias
     ``[R]``, the steps' round-off ``[R]`` (None without ``weights``) and the gather of
     input-shaped tensors into the rows' windows. ``alphas``: per-row slopes ``{activation:
     [R, *shape]}``, gathered into the windows row by row. ``stop_at``: as in :func:`patch_lower_bounds`."""
-    C0, H0, W0 = chw_shape(graph.shape(plan.start))
     dt, dev, R = graph.dtype, A0.device, A0.shape[0]
     own_rows = torch.arange(R, device=dev)
     As = {plan.start: A0}
@@ -354,22 +501,23 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, 
     err = torch.zeros(R, dtype=dt, device=dev)
     for name in plan.order:
         stop_past(stop_at, f"patch pass stopped at node {name!r}")
-        g, shape, node = plan.geometry[name], graph.shape(name), graph.by_name[name]
-        at = _window_gather(g, chw_shape(shape), (H0, W0), bidx, pos)
+        g, shape, node = geometry[name], graph.shape(name), graph.by_name[name]
+        at = _window_gather(g, chw_shape(shape), out_hw, bidx, pos)
         A = As.pop(name) * at(torch.ones(1, 1, *chw_shape(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding
         w = None if weights is None else weights.get(name)
         if w is not None:
             err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
         alpha = None if alphas is None or name not in alphas else \
-            _window_gather(g, chw_shape(shape), (H0, W0), own_rows, pos)(alphas[name].to(dt))
-        A_ins, b = _step(graph, name, A, relax, at, plan.channels.get(name), alpha)
+            _window_gather(g, chw_shape(shape), out_hw, own_rows, pos)(alphas[name].to(dt))
+        own = _through(node.op, g)
+        assert own is not None  # the plan checked every node
+        A_ins, b = _step(graph, name, A, relax, at, plan.channels.get(name), (g, own), alpha)
         if b is not None:
             bias = bias + b
-        own = _through(node.op, g)
         for i, A_in in zip(node.inputs, A_ins):
-            Ai = _aligned(A_in, own, plan.geometry[i])
+            Ai = _aligned(A_in, own, geometry[i])
             As[i] = Ai if i not in As else As[i] + Ai
     chw = chw_shape(graph.input_shape)
-    at_in = _window_gather(plan.geometry[graph.input_name], chw, (H0, W0), bidx, pos)
+    at_in = _window_gather(geometry[graph.input_name], chw, out_hw, bidx, pos)
     A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *chw[1:], dtype=dt, device=dev))
     return A, bias, err if weights is not None else None, at_in
