@@ -65,9 +65,10 @@ class Margins(nn.Module):
 
 
 class Count(nn.Module):
-    """``[B, 3, H, W]`` (image and a 0/1 mask channel) -> ``[B, 1]``: pixels whose class equals the mask."""
+    """``[B, 3, H, W]`` (image and a 0/1 mask channel) -> ``[B, 1]``: pixels whose class (1 where
+    the margin is positive) equals the mask; ``margins`` as in :class:`Margins`."""
 
-    def __init__(self, margins: Margins):
+    def __init__(self, margins: nn.Module):
         super().__init__()
         self.margins = margins
         self.register_buffer("at_zero", torch.tensor(0.0))
@@ -78,7 +79,9 @@ class Count(nn.Module):
 
 
 class Pixel(nn.Module):
-    def __init__(self, margins: Margins, j: int):
+    """Pixel ``j``'s margin ``[B, 1]``."""
+
+    def __init__(self, margins: nn.Module, j: int):
         super().__init__()
         self.margins, self.j = margins, j
 
@@ -106,10 +109,11 @@ def instance(seed: int, scale: float, eps: float) -> tuple[Margins, torch.Tensor
     return margins, m0, torch.cat([img - eps, mask], 1), torch.cat([img + eps, mask], 1)
 
 
-def exact_robust(margins: Margins, m0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int | None:
-    """Pixels whose class cannot change in the box (each pixel's exact MILP), None if one stayed open."""
+def exact_robust(margins: nn.Module, m0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int | None:
+    """Pixels whose class cannot change in the box (each pixel's exact MILP), None if one stayed open;
+    ``margins``: image ``[B, 2, H, W]`` -> per-pixel margins ``[B, H W]``, ``m0 [H W]`` its centre's."""
     robust = 0
-    for j in range(H * W):
+    for j in range(m0.numel()):
         side = 1.0 if m0[j] > 0 else -1.0
         c = certify(Pixel(margins, j), Box(lo[:, :2], hi[:, :2]), Linear(torch.tensor([[side]], dtype=D)), "milp",
                     dtype=D, timeout=30, method_options={"margin": 1e-9})[0]

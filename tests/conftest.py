@@ -54,17 +54,22 @@ def cli_error(capsys, argv: list[str]) -> str:
     return err_line(capsys)
 
 
-def load_fuzz():
-    """``benchmarks/fuzz_soundness.py`` as a module (the generator and judge of the soundness
-    fuzz, used by the fuzz slice and the conformance suite)."""
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (scripts whose generators and judges tests share)."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("fuzz_soundness", REPO / "benchmarks" / "fuzz_soundness.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_soundness"] = mod  # dataclasses look their module up there
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_fuzz():
+    """``benchmarks/fuzz_soundness.py`` as a module (the generator and judge of the soundness
+    fuzz, used by the fuzz slice and the conformance suite)."""
+    return load_benchmark("fuzz_soundness")
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import load_benchmark
 from verify import certify
-from verify.spec import Box, Linear
+from verify.spec import Box
+
+stage_soundness = load_benchmark("entry_stage_soundness")  # the heads' count, pixels and exact robustness
+Count = stage_soundness.Count
 
 D = torch.float64
 H = W = 5
@@ -29,30 +33,6 @@ class Margins(nn.Module):
         return (z[:, 1] - z[:, 0]).flatten(1)
 
 
-class Count(nn.Module):
-    """``[B, 3, H, W]`` (image and a 0/1 mask channel) -> ``[B, 1]``: the pixels whose class
-    (1 where the margin is positive) equals the mask."""
-
-    def __init__(self, margins: Margins):
-        super().__init__()
-        self.margins = margins
-        self.register_buffer("at_zero", torch.tensor(0.0))
-
-    def forward(self, x):
-        cls = torch.heaviside(self.margins(x[:, :2]), self.at_zero)
-        agree = 1.0 - torch.abs(cls - x[:, 2].flatten(1))
-        return agree.sum(1, keepdim=True)
-
-
-class Pixel(nn.Module):
-    def __init__(self, margins: Margins, j: int):
-        super().__init__()
-        self.margins, self.j = margins, j
-
-    def forward(self, x):
-        return self.margins(x)[:, self.j:self.j + 1]
-
-
 def _instance(seed: int, eps: float):
     margins = Margins(seed).double()
     img = torch.rand(1, 2, H, W, dtype=D)
@@ -63,30 +43,16 @@ def _instance(seed: int, eps: float):
     return margins, m0, lo, hi
 
 
-def _robust_pixels(margins: Margins, m0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> int:
-    """Pixels whose class cannot change in the box, by the exact MILP of each pixel's margin."""
-    n = 0
-    for j in range(H * W):
-        side = 1.0 if m0[j] > 0 else -1.0
-        c = certify(Pixel(margins, j), Box(lo[:, :2], hi[:, :2]), Linear(torch.tensor([[side]], dtype=D)), "milp", dtype=D, timeout=30)
-        assert c[0].status in ("certified", "falsified")
-        n += c[0].status == "certified"
-    return n
-
-
-def _count_property(threshold: int) -> Linear:
-    return Linear(torch.tensor([[1.0]], dtype=D), torch.tensor([-(threshold - 0.5)], dtype=D))
-
-
 @pytest.mark.parametrize("seed,eps", [(0, 0.04), (3, 0.12)])
 def test_the_robust_pixels_count_is_certified_and_one_more_is_not(seed, eps):
     margins, m0, lo, hi = _instance(seed, eps)
     net = Count(margins).double()
-    robust = _robust_pixels(margins, m0, lo, hi)
+    robust = stage_soundness.exact_robust(margins, m0, lo, hi)
+    assert robust is not None  # every pixel's MILP decided
     assert 0 < robust < H * W  # some pixels flip, some do not
-    crown = certify(net, Box(lo, hi), _count_property(robust), "crown", dtype=D)
+    crown = certify(net, Box(lo, hi), stage_soundness.at_least(robust), "crown", dtype=D)
     assert crown[0].status == "unknown"  # the whole image's relaxation does not decide enough pixels
-    c = certify(net, Box(lo, hi), _count_property(robust), "bab", timeout=60)
+    c = certify(net, Box(lo, hi), stage_soundness.at_least(robust), "bab", timeout=60)
     assert c[0].status == "certified" and c[0].details["stage"] == "entries", c[0].details
     # a count below ``robust + 1`` is reached where the flippable pixels flip together, or not:
     # in no case may more than the robust pixels be certified with a sampled point below it
@@ -94,7 +60,7 @@ def test_the_robust_pixels_count_is_certified_and_one_more_is_not(seed, eps):
     with torch.no_grad():
         reached = int(net(pts).min())
     assert reached >= robust
-    bad = certify(net, Box(lo, hi), _count_property(reached + 1), "bab", timeout=30)
+    bad = certify(net, Box(lo, hi), stage_soundness.at_least(reached + 1), "bab", timeout=30)
     assert bad[0].status != "certified"
 
 
@@ -120,8 +86,8 @@ def test_steps_of_a_transposed_layer_are_decided_and_a_reached_count_plus_one_is
     lo, hi = x - 0.1, x + 0.1
     with torch.no_grad():
         reached = int(net(lo + (hi - lo) * torch.rand(20000, 2, 8, dtype=D)).min())
-    assert certify(net, Box(lo, hi), _count_property(reached + 1), "bab", timeout=30)[0].status != "certified"
-    c = certify(net, Box(lo, hi), _count_property(reached - 3), "bab", timeout=30)[0]
+    assert certify(net, Box(lo, hi), stage_soundness.at_least(reached + 1), "bab", timeout=30)[0].status != "certified"
+    c = certify(net, Box(lo, hi), stage_soundness.at_least(reached - 3), "bab", timeout=30)[0]
     assert c.status in ("certified", "unknown") and "error" not in c.details
 
 
@@ -134,7 +100,8 @@ def test_the_stage_ends_on_time_when_every_entry_search_uses_its_whole_budget(mo
     from relax.bab import BabResult
 
     margins, m0, lo, hi = _instance(0, 0.04)
-    robust = _robust_pixels(margins, m0, lo, hi)
+    robust = stage_soundness.exact_robust(margins, m0, lo, hi)
+    assert robust is not None  # every pixel's MILP decided
     real, given = bab_method.run_bab, []
 
     def slow(model, inputs, spec, opts, timeout=None, root_boxes=None):
@@ -146,7 +113,7 @@ def test_the_stage_ends_on_time_when_every_entry_search_uses_its_whole_budget(mo
 
     monkeypatch.setattr(bab_method, "run_bab", slow)
     t0 = time.perf_counter()
-    c = certify(Count(margins).double(), Box(lo, hi), _count_property(robust), "bab", timeout=4)[0]
+    c = certify(Count(margins).double(), Box(lo, hi), stage_soundness.at_least(robust), "bab", timeout=4)[0]
     elapsed = time.perf_counter() - t0
     assert given, "the entry stage did not start"
     assert c.status == "unknown" and c.details["entries"]["proved"] == 0, c.details

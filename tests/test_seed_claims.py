@@ -4,24 +4,13 @@ quick run's own results with one number changed)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("seed_claims", REPO / "benchmarks" / "seed_claims.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["seed_claims"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sc = _load()
+sc = load_benchmark("seed_claims")
 
 
 @pytest.fixture(scope="module")
