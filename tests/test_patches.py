@@ -350,3 +350,13 @@ def test_transposed_convolutions_and_paddings_keep_the_dense_bounds(variant, mon
     for p, (l, h) in got.intermediate.items():
         v = vals[p].reshape(2_000, 2, *vals[p].shape[1:])
         assert (v >= l - 1e-12).all() and (v <= h + 1e-12).all(), p
+
+
+@pytest.mark.parametrize("stride,dilation,k", [(1, 1, 1), (2, 1, 3), (1, 2, 4), (3, 2, 2)])
+def test_a_convolution_step_by_matrix_product_and_fold_is_the_transposed_convolution(stride, dilation, k):
+    g = torch.Generator().manual_seed(stride * 10 + dilation)
+    A = torch.randn(7, 5, k, k + 1, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 3, 3, 2, generator=g, dtype=torch.float64)
+    got = patches._conv_back_by_fold(A, W, (stride, stride), (dilation, dilation))
+    ref = F.conv_transpose2d(A, W, None, stride, 0, 0, 1, dilation)
+    assert got.shape == ref.shape and torch.allclose(got, ref, rtol=0, atol=1e-12)
