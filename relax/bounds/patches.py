@@ -61,10 +61,15 @@ __all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", 
 #: 33.7 vs 24.0 ms; cifar10_resnet resnet_2b share 0.34: 0.2 vs 1.6 ms, share 0.57: 0.4 vs 0.4 ms)
 MAX_PATCH_SHARE = 0.4
 
-#: a convolution's step on patches of at most this many positions (``kh kw``) is one matrix
-#: product and a fold: 2-5x faster than ``conv_transpose2d`` on windows up to 4 x 4, slower from
-#: 5 x 5 on (float64, one thread, 28-162 rows of 64-128 channels, ``benchmarks/RESULTS.md``)
+#: a convolution's step on patches of at most ``FOLD_MAX_WINDOW`` positions (``kh kw``) is one
+#: matrix product and a fold (:func:`_conv_back_by_fold`) when the product's inner dimension (the
+#: output channels) is at least ``FOLD_MIN_CHANNELS`` or its column buffer (``R kh kw C_in K K``)
+#: at most ``FOLD_SMALL_COLUMNS`` numbers; float64, one thread (``benchmarks/RESULTS.md``): 64-256
+#: channels 1.1-9x faster than ``conv_transpose2d`` at 64-1,024 rows, windows of 5 x 5 and more
+#: slower; 16-32 channels faster only while the buffer is small (at 1,024-4,096 rows up to 5x slower)
 FOLD_MAX_WINDOW = 16
+FOLD_MIN_CHANNELS = 64
+FOLD_SMALL_COLUMNS = 2**18
 
 #: at most this many phases (``P_h P_w``, :class:`PatchPlan`): each runs its own pass on its rows
 MAX_PHASES = 16
@@ -382,7 +387,8 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
     bias = None if op.b is None else (A.sum((2, 3)) * op.b.to(A.dtype)).sum(1)
     if op.kind == "conv_transpose":
         return [_transposed_back(op, A, *geometry)], bias
-    if op.groups == 1 and A.shape[2] * A.shape[3] <= FOLD_MAX_WINDOW:
+    if op.groups == 1 and A.shape[2] * A.shape[3] <= FOLD_MAX_WINDOW and \
+            (A.shape[1] >= FOLD_MIN_CHANNELS or A.shape[0] * A.shape[2] * A.shape[3] * op.W[0].numel() <= FOLD_SMALL_COLUMNS):
         return [_conv_back_by_fold(A, op.W.to(A.dtype), op.stride, op.dilation)], bias
     return [F.conv_transpose2d(A, op.W.to(A.dtype), None, op.stride, 0, 0, op.groups, op.dilation)], bias
 
