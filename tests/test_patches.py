@@ -290,7 +290,9 @@ class _UpNet(nn.Module):
     """A UNet's up path: average pooling, a transposed convolution (the variants of ``up``:
     stride 2 with kernel 1 (holes), 2, 3 and 4, padding, output padding, groups), a spatial
     padding or crop back to the skip's size (constants 0 or not), a concatenation with the skip,
-    and a convolution; ``nested``: two transposed convolutions in a row (4 x 4 phases)."""
+    and a convolution; ``nested``: two transposed convolutions in a row (4 x 4 phases);
+    ``softmax``: a softmax over the last convolution's channels (its rows go to the pairwise
+    differences as dense input forms, phase by phase)."""
 
     def __init__(self, variant: str) -> None:
         super().__init__()
@@ -299,7 +301,8 @@ class _UpNet(nn.Module):
         self.b = nn.Conv2d(4, 6, 3, padding=1)
         up = {"k2": dict(kernel_size=2, stride=2), "k3": dict(kernel_size=3, stride=2, padding=1, output_padding=1),
               "k4": dict(kernel_size=4, stride=2, padding=1, groups=2), "k1": dict(kernel_size=1, stride=2),
-              "crop": dict(kernel_size=3, stride=2), "nested": dict(kernel_size=2, stride=2)}[variant]
+              "crop": dict(kernel_size=3, stride=2), "nested": dict(kernel_size=2, stride=2),
+              "softmax": dict(kernel_size=2, stride=2)}[variant]
         self.up = nn.ConvTranspose2d(6, 4, **up)
         self.up2 = nn.ConvTranspose2d(4, 4, 2, stride=2)
         self.c = nn.Conv2d(8, 5, 3, padding=1)
@@ -316,11 +319,13 @@ class _UpNet(nn.Module):
             u = F.pad(self.up(d)[:, :, 1:, 1:], (0, 1, 1, 0), value=-0.25)  # 11 x 13 -> 10 x 12 -> 11 x 13
         else:
             u = F.pad(self.up(d), (0, 1, 1, 0))  # 10 x 12 -> 11 x 13
-        z = torch.relu(self.c(torch.cat([h, u], 1)))
-        return self.fc(z.flatten(1))
+        z = self.c(torch.cat([h, u], 1))
+        if self.variant == "softmax":  # the scores' rows as dense input forms for the pairwise differences
+            return self.fc(torch.softmax(z.permute(0, 2, 3, 1), -1).flatten(1))
+        return self.fc(torch.relu(z).flatten(1))
 
 
-@pytest.mark.parametrize("variant", ["k2", "k3", "k4", "k1", "crop", "nested"])
+@pytest.mark.parametrize("variant", ["k2", "k3", "k4", "k1", "crop", "nested", "softmax"])
 def test_transposed_convolutions_and_paddings_keep_the_dense_bounds(variant, monkeypatch):
     """The rows of the convolution after the up path go through the transposed convolution and
     the padding as patches, one pass per phase of their positions, and give the dense pass's
@@ -336,7 +341,11 @@ def test_transposed_convolutions_and_paddings_keep_the_dense_bounds(variant, mon
     plans = []
     real = patches.patch_plan
     monkeypatch.setattr(patches, "patch_plan", lambda *a, **k: (lambda p: plans.append(p) or p)(real(*a, **k)))
+    paired = []
+    real_rows = crown_mod.patch_input_rows
+    monkeypatch.setattr(crown_mod, "patch_input_rows", lambda g, plan, *a: paired.append(plan.phase) or real_rows(g, plan, *a))
     got, ref, _ = _both(graph, S, C, monkeypatch)
+    assert ((2, 2) in paired) == (variant == "softmax")
     phased = [p for p in plans if p is not None and p.phase != (1, 1)]
     assert phased and {p.phase for p in phased} == ({(2, 2), (4, 4)} if variant == "nested" else {(2, 2)})
     assert any(graph.by_name[n].op.kind == "conv_transpose" for p in phased for n in p.order)

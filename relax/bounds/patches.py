@@ -440,10 +440,7 @@ def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos:
     round-off ``[R]`` carried from the part of the pass before the start node."""
     lo, hi = (t.to(A0.dtype) for t in input_set.bounds())
     parts, order = [], []
-    for geometry, out_hw, rows, cpos in _phase_groups(graph, plan, pos):
-        sel = _rows_of(rows)
-        A, bias, err, at_in = _input_patches(graph, plan, geometry, out_hw, sel(A0), cpos, sel(bidx), relax, weights,
-                                             None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at)
+    for rows, sel, (A, bias, err, at_in), _ in _phase_passes(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at):
         bias = bias if bias0 is None else bias + sel(bias0)
         err = err if err is None or err0 is None else err + sel(err0)
         low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
@@ -455,8 +452,16 @@ def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos:
     return _in_row_order(parts, order)
 
 
-def _rows_of(rows: Tensor | None) -> Callable[[Tensor], Tensor]:
-    return (lambda v: v) if rows is None else (lambda v: v[rows])
+def _phase_passes(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
+                  weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None, stop_at: float | None):
+    """:func:`_input_patches` of each phase's rows (:func:`_phase_groups`): ``(rows, the selection
+    of those rows from any ``[R, ...]`` tensor, the pass's result, (geometry, coarse grid, coarse
+    positions))``."""
+    for geometry, out_hw, rows, cpos in _phase_groups(graph, plan, pos):
+        sel: Callable[[Tensor], Tensor] = (lambda v: v) if rows is None else (lambda v, r=rows: v[r])  # type: ignore[misc]
+        got = _input_patches(graph, plan, geometry, out_hw, sel(A0), cpos, sel(bidx), relax, weights,
+                             None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at)
+        yield rows, sel, got, (geometry, out_hw, cpos)
 
 
 def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
@@ -468,10 +473,7 @@ def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tens
     A0, pos = _unit_rows(graph, plan, idx, sign)
     parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     order = []
-    for geometry, out_hw, rows, cpos in _phase_groups(graph, plan, pos):
-        sel = _rows_of(rows)
-        A, bias, err, _ = _input_patches(graph, plan, geometry, out_hw, sel(A0), cpos, sel(bidx), relax, weights,
-                                         None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at)
+    for rows, _, (A, bias, err, _), (geometry, out_hw, cpos) in _phase_passes(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at):
         dense = _scatter(A, geometry[graph.input_name], out_hw, cpos, chw_shape(graph.input_shape))
         for part, v in zip(parts, (dense.reshape(A.shape[0], *graph.input_shape), bias, err)):
             if v is not None:
