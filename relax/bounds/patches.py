@@ -117,15 +117,16 @@ def _channel_map(op, out_shape: tuple[int, ...]) -> Tensor | None:
     return (base[:, 0] // hw).long()
 
 
-def _spatial_shift(op, out_shape: tuple[int, ...]) -> tuple[int, int] | None:
+def _spatial_shift(op) -> tuple[int, int] | None:
     """A selection of one ``[C, H_in, W_in]`` input that pads or crops every channel alike
     (``y[c, i, j] = x[c, i - top, j - left]`` inside ``x``, a constant elsewhere): ``(top,
-    left)``; None for any other selection. Cached on the op."""
+    left)``; None for any other selection. Cached on the op, with its padding constants
+    (:func:`_padding_constants`)."""
     cached = op.__dict__.get("_patch_shift", False)
     if cached is not False:
         return cached
     op._patch_shift = None
-    chw = chw_shape(out_shape)
+    chw = chw_shape(op.out_shape)
     cin = chw_shape(op.in_shapes[0]) if len(op.in_shapes) == 1 else ()
     if len(chw) != 3 or len(cin) != 3 or cin[0] != chw[0] or not op.var_pos.numel():
         return None
@@ -138,7 +139,16 @@ def _spatial_shift(op, out_shape: tuple[int, ...]) -> tuple[int, int] | None:
     expected = (c * Hi * Wi + y * Wi + x).reshape(-1)
     if torch.equal(inside, op.from_input.reshape(-1).cpu()) and torch.equal(op.index.reshape(-1).cpu()[inside], expected[inside]):
         op._patch_shift = (int(top), int(left))
+        const = torch.where(op.from_input, 0.0, op.const.to(torch.float64)).reshape(op.out_shape)
+        op._patch_constants = const if bool(const.any()) else None
     return op._patch_shift
+
+
+def _padding_constants(op) -> Tensor | None:
+    """A padding's constants as a map of its output shape (0 where it copies its input), None
+    when they are all 0 (:func:`_spatial_shift` found the op a padding)."""
+    _spatial_shift(op)  # finds and caches them
+    return op.__dict__.get("_patch_constants")
 
 
 def _conv_ok(op) -> bool:
@@ -160,7 +170,7 @@ def _node_ok(graph: BoundGraph, name: str) -> bool:
     if op.kind == "reshape":
         return chw_shape(op.in_shape) == chw_shape(op.out_shape)
     if op.kind == "select":
-        return _channel_map(op, n.shape) is not None or _spatial_shift(op, n.shape) is not None
+        return _channel_map(op, n.shape) is not None or _spatial_shift(op) is not None
     return _conv_ok(op)
 
 
@@ -170,7 +180,7 @@ def _through(op, g: Geometry) -> Geometry | None:
     if op.nonlinear:
         return g
     if op.kind == "select":
-        shift = _spatial_shift(op, op.out_shape)
+        shift = _spatial_shift(op)
         return g if shift is None else tuple((s, p + o, k) for (s, p, k), o in zip(g, shift))  # type: ignore[return-value]
     if op.kind == "conv_transpose":
         out = []
@@ -290,8 +300,7 @@ def _in_row_order(parts: list[Tensor], rows: list[Tensor | None]) -> Tensor:
     """The phases' results ``parts`` (rows ``rows``) back in the rows' order."""
     if rows == [None]:
         return parts[0]
-    order = torch.cat(rows)  # type: ignore[arg-type]
-    return torch.cat(parts)[torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))]
+    return torch.cat(parts)[torch.argsort(torch.cat(rows))]  # type: ignore[arg-type]
 
 
 def _windows(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], pos: Tensor) -> tuple[tuple[int, int, int, int], Tensor]:
@@ -375,8 +384,8 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
     if op.kind == "reshape":
         return [A], None
     if op.kind == "select" and channels is None:  # a padding or crop (:func:`_spatial_shift`): the window moved
-        const = torch.where(op.from_input, 0.0, op.const.to(torch.float64)).to(device=A.device, dtype=A.dtype)
-        return [A], (A * at(_full(const.reshape(shape), shape))).sum((1, 2, 3)) if bool(const.any()) else None
+        const = _padding_constants(op)
+        return [A], None if const is None else (A * at(_full(const.to(device=A.device, dtype=A.dtype), shape))).sum((1, 2, 3))
     if op.kind == "select":
         counts = [chw_shape(s)[0] for s in op.in_shapes]
         full = A.new_zeros(A.shape[0], sum(counts), *A.shape[2:]).index_add_(1, channels, A)  # type: ignore[arg-type]
