@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ from verify.registry import get_method, list_methods  # noqa: E402
 from verify.spec import LpBall, Robust  # noqa: E402
 
 FAMILIES = ("mlp", "bn", "cnn", "residual", "sigmoid", "tanh", "smooth", "attention", "shallow", "transformer", "convnet", "channels",
-            "normalize", "bottleneck", "lookup", "binarised", "onnx", "cell")
+            "normalize", "bottleneck", "lookup", "binarised", "onnx", "cell", "unet")
 SCALES = (1e-2, 1.0, 1e2, 1e3)
 CENTRES = ("random", "corner", "face", "tie")
 NORMS = (math.inf, 2.0, 1.0)
@@ -126,6 +127,30 @@ class _Cell(nn.Module):
         h = self.act(self.c1(x))
         h = self.act(h + self.c2(h))
         return self.head(self.act(self.c3(h)))[:, :, 5, 2]
+
+
+class _UNet(nn.Module):
+    """A UNet's down and up path on 16 x 16 maps, as carvana's ``unet_upsample_small`` has it: a
+    convolution, average pooling, a convolution, a stride-2 transposed convolution (by net seed:
+    kernel 2; kernel 3 with padding and output padding; kernel 3 then a crop and a padding with a
+    nonzero constant back to the skip's size), a concatenation with the skip and a convolution;
+    the output reads one cell of a 1 x 1 head. The rows after the concatenation go through the
+    transposed convolution as patches, one pass per phase of their positions."""
+
+    def __init__(self, n_out: int, variant: int) -> None:
+        super().__init__()
+        self.variant = variant
+        self.c1, self.pool, self.c2 = nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(3, 4, 3, padding=1)
+        up = (dict(kernel_size=2), dict(kernel_size=3, padding=1, output_padding=1), dict(kernel_size=3))[variant]
+        self.up = nn.ConvTranspose2d(4, 3, stride=2, **up)
+        self.c3, self.head = nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(4, n_out, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        u = self.up(torch.relu(self.c2(self.pool(h))))
+        if self.variant == 2:  # 17 x 17 -> 15 x 15 -> 16 x 16
+            u = F.pad(u[:, :, 1:-1, 1:-1], (1, 0, 0, 1), value=0.25)
+        return self.head(torch.relu(self.c3(torch.cat([h, u], 1))))[:, :, 9, 6]
 
 
 class _Table(nn.Module):
@@ -269,6 +294,9 @@ def _draw_net(family: str, scale: float, seed: int) -> tuple[torch.fx.GraphModul
     elif family == "cell":
         shape = (2, 8, 8)
         net = _Cell(3, (nn.ReLU, nn.Sigmoid, nn.LeakyReLU)[seed % 3])
+    elif family == "unet":
+        shape = (2, 16, 16)
+        net = _UNet(3, seed % 3)
     elif family == "shallow":  # one ReLU layer on 20 inputs: bab splits ReLUs and hands over to the exact MILP
         shape = (20,)
         net = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 3))

@@ -138,6 +138,25 @@ def test_no_false_answer_when_the_output_reads_one_cell(monkeypatch):
     assert res["bab"]["witness_inside"] >= 5 and res["crown"]["certified"] > 0, res
 
 
+def test_no_false_answer_through_a_unets_up_path(monkeypatch):
+    """The unet family (average pooling, a stride-2 transposed convolution, a crop and a padding
+    with a constant, a concatenation with the skip) at weight scales 1 and 1e3: the rows after the
+    concatenation go through the transposed convolution as patches in 2 x 2 phases (checked
+    used), and neither CROWN nor ``bab`` gives a false answer against the witnesses (a window
+    shifted by one in the transposed step certifies 3 balls that hold a witness)."""
+    import relax.bounds.crown as crown_mod
+
+    fz = _fuzz()
+    phases = []
+    real = crown_mod.patch_plan
+    monkeypatch.setattr(crown_mod, "patch_plan", lambda *a, **k: (lambda plan: phases.append(plan and plan.phase) or plan)(real(*a, **k)))
+    res = fz.run(3, seed=14, methods=["crown", "bab"], scales=(1.0, 1e3), families=("unet",), slow_every=2, timeout=5.0)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert (2, 2) in phases, "no phased patch pass"
+    assert res["crown"]["certified"] > 0 and res["bab"]["witness_inside"] >= 5 and res["bab"]["falsified"] > 0, res
+
+
 def test_no_false_answer_on_binarised_layers():
     """``sign(sign(z) + 0.1)`` layers (the ``binarised`` family, as the traffic-sign nets write
     them) at weight scales 1 and 1e3: CROWN, alpha-CROWN and ``bab`` (whose attacks step on the
