@@ -61,7 +61,7 @@ from relax.bounds.concretize import concretize, concretize_rows
 from relax.bounds.cone import cone_rows, spec_cone
 from relax.bounds.dot import batch_first_dot
 from relax.bounds.forward import forward_boxes
-from relax.bounds.patches import (PatchPlan, chw_shape, dense_to_patches, patch_input_rows, patch_lower_bounds, patch_plan,
+from relax.bounds.patches import (PaddedMaps, PatchPlan, chw_shape, dense_to_patches, patch_input_rows, patch_lower_bounds, patch_plan,
                                   patch_rows_lower_bounds, slopes_gatherable)
 from relax.bounds.pairwise import PairwiseRows
 from relax.bounds.roundoff import SAFETY, backward_weight, gamma, max_abs, step_error, sum_length
@@ -509,6 +509,7 @@ class _RowPass:
     plan: PatchPlan | None
     cut: str | None
     cut_plans: dict[tuple[int, int], PatchPlan | None]
+    maps: PaddedMaps = field(default_factory=PaddedMaps)  # the patch passes' padded maps, kept across chunks
 
     @classmethod
     def of(cls, graph: BoundGraph, node: str, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet,
@@ -538,10 +539,10 @@ class _RowPass:
             alphas = None if not alphas else {a: v.reshape(2 * (t1 - t0), *v.shape[2:]) for a, v in alphas.items()}
         if self.plan is not None and self.pairs is None:  # convolutional layers: each row's coefficients in its receptive field only
             return patch_lower_bounds(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
-                                      self.relax, w, self.input_set, alphas, stop_at).view(2, -1)
+                                      self.relax, w, self.input_set, alphas, stop_at, self.maps).view(2, -1)
         if self.plan is not None:  # the same rows as dense linear bounds on the input, for the pairs
             A, b, e = patch_input_rows(g, self.plan, self.where[sub].repeat(2), bsel.repeat(2), sign.repeat_interleave(t1 - t0),
-                                       self.relax, w, alphas, stop_at)
+                                       self.relax, w, alphas, stop_at, self.maps)
             form = (A.view(2, t1 - t0, *A.shape[1:]), b.view(2, -1), None if e is None else e.view(2, -1))
             iset = self.input_set if self.input_set.batch_size == 1 else self.input_set.select(bsel)
         else:
@@ -580,7 +581,7 @@ class _RowPass:
             return None
         err0 = None if err is None else err.expand(2, c).reshape(-1)
         return patch_rows_lower_bounds(g, plan, A0, pos, bsel.repeat(2), self.relax, self.weights, self.input_set,
-                                       bias.reshape(-1), err0, stop_at=stop_at).view(2, c)
+                                       bias.reshape(-1), err0, stop_at=stop_at, maps=self.maps).view(2, c)
 
 
 def _patch_cut(graph: BoundGraph, node: str, input_set: InputSet) -> str | None:

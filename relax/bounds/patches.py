@@ -36,6 +36,7 @@ replaces its lower line (:func:`slopes_gatherable`: ReLU).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -51,7 +52,7 @@ from relax.ir.ops.base import Activation
 from verify.deadline import stop_past
 from verify.spec import InputSet, LpBall
 
-__all__ = ["patch_plan", "PatchPlan", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape",
+__all__ = ["patch_plan", "PatchPlan", "PaddedMaps", "patch_lower_bounds", "patch_input_rows", "dense_to_patches", "patch_rows_lower_bounds", "chw_shape",
            "slopes_gatherable"]
 
 #: patches are used when their numbers, summed over the nodes of the pass, are below this share
@@ -70,6 +71,9 @@ MAX_PATCH_SHARE = 0.4
 FOLD_MAX_WINDOW = 16
 FOLD_MIN_CHANNELS = 64
 FOLD_SMALL_COLUMNS = 2**18
+
+#: :class:`PaddedMaps` keeps at most this many numbers (128 MB in float64)
+PADDED_BUDGET = 2**24
 
 #: at most this many phases (``P_h P_w``, :class:`PatchPlan`): each runs its own pass on its rows
 MAX_PHASES = 16
@@ -307,14 +311,25 @@ def _windows(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], pos: Ten
     """The padding ``(left, right, top, bottom)`` that holds every window of a ``hw`` map, and
     each row's window entries as flat indices ``[R, kh, kw]`` into the padded map (``out_hw``:
     the start node's ``(H0, W0)``; ``pos [R]``: each row's flat start position)."""
+    pads, base, corner = _window_base(g, out_hw, hw, pos.device)
+    (s1, s2), W0, Wp = corner
+    return pads, ((pos // W0) * (s1 * Wp) + (pos % W0) * s2).view(-1, 1, 1) + base
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_base(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], device: torch.device
+                 ) -> tuple[tuple[int, int, int, int], Tensor, tuple[tuple[int, int], int, int]]:
+    """:func:`_windows`' parts that do not depend on the rows: the padding, the flat offsets of a
+    window's entries from its corner ``[1, kh, kw]``, and ``((s1, s2), W0, Wp)`` for the corners
+    (built once per geometry: a pass makes them at every node of every chunk)."""
     (s1, p1, k1), (s2, p2, k2) = g
     (H0, W0), (H, W) = out_hw, hw
     r1, r2 = max(0, (H0 - 1) * s1 + k1 - p1 - H), max(0, (W0 - 1) * s2 + k2 - p2 - W)
     t1, t2 = max(0, p1), max(0, p2)  # a negative offset (a phase's first rows) needs no padding: the corners move in
     Wp = W + t2 + r2
-    ii = torch.arange(k1, device=pos.device).view(1, k1, 1) + (t1 - p1)
-    jj = torch.arange(k2, device=pos.device).view(1, 1, k2) + (t2 - p2)
-    return (t2, r2, t1, r1), ((pos // W0).view(-1, 1, 1) * s1 + ii) * Wp + (pos % W0).view(-1, 1, 1) * s2 + jj
+    ii = torch.arange(k1, device=device).view(1, k1, 1) + (t1 - p1)
+    jj = torch.arange(k2, device=device).view(1, 1, k2) + (t2 - p2)
+    return (t2, r2, t1, r1), ii * Wp + jj, ((s1, s2), W0, Wp)
 
 
 def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
@@ -326,11 +341,44 @@ def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: 
 
 def _gather_windows(t: Tensor, pads: tuple[int, int, int, int], flat: Tensor, bidx: Tensor) -> Tensor:
     """:func:`_gather` with the windows of :func:`_windows` given."""
+    return _gather_cols(_padded_cols(t, pads), flat, bidx)
+
+
+def _padded_cols(t: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
+    """``t [B, C, H, W]`` zero-padded by ``pads``, as ``[B, Hp Wp, C]`` (each window entry's channels
+    read together; window corners at ``(y s1, x s2)`` of the padded map)."""
     B, C = t.shape[:2]
-    tp = F.pad(t, pads)  # window corners at (y s1, x s2) of the padded map
-    b = bidx if B > 1 else torch.zeros_like(bidx)
-    cols = tp.reshape(B, C, -1).transpose(1, 2)  # [B, Hp Wp, C]: each window entry's channels read together
-    return cols[b.view(-1, 1), flat.view(flat.shape[0], -1)].transpose(1, 2).reshape(-1, C, *flat.shape[1:])
+    return F.pad(t, pads).reshape(B, C, -1).transpose(1, 2)
+
+
+def _gather_cols(cols: Tensor, flat: Tensor, bidx: Tensor) -> Tensor:
+    """The windows ``flat [R, kh, kw]`` of :func:`_padded_cols`' map, ``[R, C, kh, kw]``."""
+    b = bidx if cols.shape[0] > 1 else torch.zeros_like(bidx)
+    R, C = flat.shape[0], cols.shape[2]
+    return cols[b.view(-1, 1), flat.reshape(R, -1)].transpose(1, 2).reshape(R, C, *flat.shape[1:])
+
+
+class PaddedMaps:
+    """The per-position maps that one node's rows gather into their windows (relaxation lines,
+    round-off weights, constants, the input box), padded once and kept across the chunks and
+    phases of the rows (a chunk of a few rows otherwise pads each whole map again: on carvana's
+    UNet a third of the pass). Keyed by ``(node, what, padding)``: valid while those maps do not
+    change, i.e. for the rows of one node's box (:func:`relax.bounds.crown.bound_node`). Holds at
+    most ``budget`` numbers; past it, maps are padded at each use."""
+
+    def __init__(self, budget: int = PADDED_BUDGET) -> None:
+        self.maps: dict[tuple, Tensor] = {}
+        self.left = budget
+
+    def cols(self, key: tuple, t: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
+        """:func:`_padded_cols` of ``t`` (the map named ``key``), from the store or padded now."""
+        got = self.maps.get((key, pads))
+        if got is None:
+            got = _padded_cols(t, pads)
+            if got.numel() <= self.left:
+                got = self.maps[(key, pads)] = got.contiguous()  # (each entry's channels next to each other: a faster gather)
+                self.left -= got.numel()
+        return got
 
 
 def _scatter(A: Tensor, g: Geometry, out_hw: tuple[int, int], pos: Tensor, chw: tuple[int, ...]) -> Tensor:
@@ -359,11 +407,11 @@ def slopes_gatherable(graph: BoundGraph, acts: list[str]) -> bool:
                for a in acts)
 
 
-def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[[Tensor], Tensor],
+def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation], at: Callable[..., Tensor],
           channels: Tensor | None, geometry: tuple[Geometry, Geometry], alpha: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
     """Node ``name``'s coefficients ``A [R, C, kh, kw]`` onto each of its inputs and the bias
-    ``[R]`` the step adds; ``at(t)`` gathers a per-position tensor ``[B, *shape]`` of this node
-    into the rows' windows; ``channels``: a channel selection's map (:func:`_channel_map`);
+    ``[R]`` the step adds; ``at(t, what)`` gathers a per-position tensor ``[B, *shape]`` of this node
+    (named ``what`` among its maps) into the rows' windows; ``channels``: a channel selection's map (:func:`_channel_map`);
     ``geometry``: the rows' geometry on the node and on its input (:func:`_through`);
     ``alpha``: alpha-CROWN's lower slopes of each row, already in its window ``[R, C, kh, kw]``
     (:func:`slopes_gatherable` ops only)."""
@@ -371,9 +419,10 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
     op, shape = n.op, n.shape
     if op.nonlinear:
         r = relax[name]
-        lw, lb, uw, ub = (at(_full(v.to(A.dtype), shape)) for v in (r.lw, r.lb, r.uw, r.ub))
+        lw, lb, uw, ub = (at(_full(v.to(A.dtype), shape), k) for v, k in zip((r.lw, r.lb, r.uw, r.ub), ("lw", "lb", "uw", "ub")))
         if alpha is not None:  # the op's own rule (ReLU: the slope where the neuron is unstable), per window entry
-            extra = at(_full(r.extra.to(A.dtype), shape)) > 0.5 if r.extra.dtype == torch.bool else at(_full(r.extra.to(A.dtype), shape))
+            extra = at(_full(r.extra.to(A.dtype), shape), "extra")
+            extra = extra > 0.5 if r.extra.dtype == torch.bool else extra
             lw = op.alpha_slope(alpha, Relaxation(lw, lb, uw, ub, extra=extra))
         pos = A > 0
         zero = torch.zeros((), dtype=A.dtype, device=A.device)
@@ -385,14 +434,14 @@ def _step(graph: BoundGraph, name: str, A: Tensor, relax: dict[str, Relaxation],
         return [A], None
     if op.kind == "select" and channels is None:  # a padding or crop (:func:`_spatial_shift`): the window moved
         const = _padding_constants(op)
-        return [A], None if const is None else (A * at(_full(const.to(device=A.device, dtype=A.dtype), shape))).sum((1, 2, 3))
+        return [A], None if const is None else (A * at(_full(const.to(device=A.device, dtype=A.dtype), shape), "constant")).sum((1, 2, 3))
     if op.kind == "select":
         counts = [chw_shape(s)[0] for s in op.in_shapes]
         full = A.new_zeros(A.shape[0], sum(counts), *A.shape[2:]).index_add_(1, channels, A)  # type: ignore[arg-type]
         return list(full.split(counts, 1)), None
     if op.kind == "elementwise affine":
-        A_in = A if op.scale is None else A * at(_full(op.scale.to(A.dtype), shape))
-        return [A_in], None if op.shift is None else (A * at(_full(op.shift.to(A.dtype), shape))).sum((1, 2, 3))
+        A_in = A if op.scale is None else A * at(_full(op.scale.to(A.dtype), shape), "scale")
+        return [A_in], None if op.shift is None else (A * at(_full(op.shift.to(A.dtype), shape), "shift")).sum((1, 2, 3))
     bias = None if op.b is None else (A.sum((2, 3)) * op.b.to(A.dtype)).sum(1)
     if op.kind == "conv_transpose":
         return [_transposed_back(op, A, *geometry)], bias
@@ -414,11 +463,18 @@ def _conv_back_by_fold(A: Tensor, W: Tensor, stride: tuple[int, int], dilation: 
     return F.fold(cols, out, (K1, K2), dilation=dilation, stride=stride)
 
 
-def _window_gather(g: Geometry, chw: tuple[int, ...], out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Callable[[Tensor], Tensor]:
-    """``t [B or 1, *shape]`` (or ``[B or 1, 1, H, W]``) of a node whose map is ``chw`` ->
-    :func:`_gather` of it into the rows' windows."""
+def _window_gather(g: Geometry, chw: tuple[int, ...], out_hw: tuple[int, int], bidx: Tensor, pos: Tensor,
+                   maps: PaddedMaps | None = None, node: str = "") -> Callable[..., Tensor]:
+    """``at(t, what=None)``: ``t [B or 1, *shape]`` (or ``[B or 1, 1, H, W]``) of a node whose map is
+    ``chw`` -> :func:`_gather` of it into the rows' windows; with ``maps`` and a name ``what``
+    for ``t`` among the node's maps, its padded map is kept in ``maps`` (:class:`PaddedMaps`)."""
     pads, flat = _windows(g, out_hw, chw[1:], pos)  # type: ignore[arg-type]  # once for every tensor of the node
-    return lambda t: _gather_windows(t.reshape(t.shape[0], -1, *chw[1:]), pads, flat, bidx)
+
+    def at(t: Tensor, what: str | None = None) -> Tensor:
+        t = t.reshape(t.shape[0], -1, *chw[1:])
+        cols = _padded_cols(t, pads) if maps is None or what is None else maps.cols((node, what), t, pads)
+        return _gather_cols(cols, flat, bidx)
+    return at
 
 
 def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -428,33 +484,35 @@ def _full(v: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 def patch_lower_bounds(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
                        relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None, input_set: InputSet,
-                       alphas: dict[str, Tensor] | None = None, stop_at: float | None = None) -> Tensor:
+                       alphas: dict[str, Tensor] | None = None, stop_at: float | None = None,
+                       maps: PaddedMaps | None = None) -> Tensor:
     """Lower bounds ``[R]`` of ``sign_r * z[bidx_r, idx_r]`` (``z``: the plan's start node, ``idx``
     flat indices into its ``[C, H, W]``) over the input set: the CROWN pass of
     :func:`relax.bounds.crown.backward` with the relaxations ``relax`` (``[B or 1, *shape]``)
     and, with ``weights``, its round-off allowance (then a bound of the exact network);
     ``alphas``: alpha-CROWN's lower slopes of each row, ``{activation: [R, *shape]}``
     (:func:`slopes_gatherable` ops); ``stop_at``: a hard deadline (``perf_counter`` value), past
-    which the pass raises :class:`verify.deadline.DeadlineExpired` at its next step."""
+    which the pass raises :class:`verify.deadline.DeadlineExpired` at its next step; ``maps``: the
+    padded maps kept across the chunks of one node's rows (:class:`PaddedMaps`)."""
     A0, pos = _unit_rows(graph, plan, idx, sign)
-    return patch_rows_lower_bounds(graph, plan, A0, pos, bidx, relax, weights, input_set, alphas=alphas, stop_at=stop_at)
+    return patch_rows_lower_bounds(graph, plan, A0, pos, bidx, relax, weights, input_set, alphas=alphas, stop_at=stop_at, maps=maps)
 
 
 def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
                             weights: dict[str, Tensor | None] | None, input_set: InputSet,
                             bias0: Tensor | None = None, err0: Tensor | None = None, alphas: dict[str, Tensor] | None = None,
-                            stop_at: float | None = None) -> Tensor:
+                            stop_at: float | None = None, maps: PaddedMaps | None = None) -> Tensor:
     """:func:`patch_lower_bounds` of rows given as patches ``A0 [R, C, kh, kw]`` of the plan's
     start node (the plan's window; ``pos [R]``: each window's corner, flat), plus a bias and a
     round-off ``[R]`` carried from the part of the pass before the start node."""
     lo, hi = (t.to(A0.dtype) for t in input_set.bounds())
     parts, order = [], []
-    for rows, sel, (A, bias, err, at_in), _ in _phase_passes(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at):
+    for rows, sel, (A, bias, err, at_in), _ in _phase_passes(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at, maps):
         bias = bias if bias0 is None else bias + sel(bias0)
         err = err if err is None or err0 is None else err + sel(err0)
-        low = (A * at_in((hi + lo) / 2)).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2)).sum((1, 2, 3)) + bias
+        low = (A * at_in((hi + lo) / 2, "centre")).sum((1, 2, 3)) - (A.abs() * at_in((hi - lo) / 2, "radius")).sum((1, 2, 3)) + bias
         if err is not None:
-            err = err + gamma(math.prod(graph.input_shape), A.dtype) * (A.abs() * at_in(max_abs(lo, hi))).sum((1, 2, 3))
+            err = err + gamma(math.prod(graph.input_shape), A.dtype) * (A.abs() * at_in(max_abs(lo, hi), "magnitude")).sum((1, 2, 3))
             low = low - SAFETY * err - torch.finfo(A.dtype).tiny
         parts.append(low)
         order.append(rows)
@@ -462,27 +520,30 @@ def patch_rows_lower_bounds(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos:
 
 
 def _phase_passes(graph: BoundGraph, plan: PatchPlan, A0: Tensor, pos: Tensor, bidx: Tensor, relax: dict[str, Relaxation],
-                  weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None, stop_at: float | None):
+                  weights: dict[str, Tensor | None] | None, alphas: dict[str, Tensor] | None, stop_at: float | None,
+                  maps: PaddedMaps | None = None):
     """:func:`_input_patches` of each phase's rows (:func:`_phase_groups`): ``(rows, the selection
     of those rows from any ``[R, ...]`` tensor, the pass's result, (geometry, coarse grid, coarse
     positions))``."""
     for geometry, out_hw, rows, cpos in _phase_groups(graph, plan, pos):
         sel: Callable[[Tensor], Tensor] = (lambda v: v) if rows is None else (lambda v, r=rows: v[r])  # type: ignore[misc]
         got = _input_patches(graph, plan, geometry, out_hw, sel(A0), cpos, sel(bidx), relax, weights,
-                             None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at)
+                             None if alphas is None else {k: sel(v) for k, v in alphas.items()}, stop_at, maps)
         yield rows, sel, got, (geometry, out_hw, cpos)
 
 
 def patch_input_rows(graph: BoundGraph, plan: PatchPlan, idx: Tensor, bidx: Tensor, sign: Tensor,
                      relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
-                     alphas: dict[str, Tensor] | None = None, stop_at: float | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                     alphas: dict[str, Tensor] | None = None, stop_at: float | None = None,
+                     maps: PaddedMaps | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """The rows of :func:`patch_lower_bounds` before their concretisation, as dense linear bounds on
     the input: ``A [R, *input_shape]``, ``bias [R]`` and the steps' round-off ``err [R]`` (None
     without ``weights``), the terms of :func:`relax.bounds.crown.backward_form`'s rows."""
     A0, pos = _unit_rows(graph, plan, idx, sign)
     parts: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     order = []
-    for rows, _, (A, bias, err, _), (geometry, out_hw, cpos) in _phase_passes(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at):
+    for rows, _, (A, bias, err, _), (geometry, out_hw, cpos) in _phase_passes(graph, plan, A0, pos, bidx, relax, weights, alphas, stop_at,
+                                                                              maps):
         dense = _scatter(A, geometry[graph.input_name], out_hw, cpos, chw_shape(graph.input_shape))
         for part, v in zip(parts, (dense.reshape(A.shape[0], *graph.input_shape), bias, err)):
             if v is not None:
@@ -522,14 +583,14 @@ def dense_to_patches(A: Tensor, chw: tuple[int, ...], max_share: float = MAX_PAT
 
 def _input_patches(graph: BoundGraph, plan: PatchPlan, geometry: dict[str, Geometry], out_hw: tuple[int, int], A0: Tensor, pos: Tensor,
                    bidx: Tensor, relax: dict[str, Relaxation], weights: dict[str, Tensor | None] | None,
-                   alphas: dict[str, Tensor] | None = None, stop_at: float | None = None
-                   ) -> tuple[Tensor, Tensor, Tensor | None, Callable[[Tensor], Tensor]]:
+                   alphas: dict[str, Tensor] | None = None, stop_at: float | None = None, maps: PaddedMaps | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Callable[..., Tensor]]:
     """The backward pass of :func:`patch_lower_bounds` from the start patches ``A0 [R, C, kh, kw]``
     (corners ``pos [R]`` on the ``out_hw`` grid of one phase, whose ``geometry`` the rows have)
     down to the input: the input patches (zero on the padding), the bias
     ``[R]``, the steps' round-off ``[R]`` (None without ``weights``) and the gather of
     input-shaped tensors into the rows' windows. ``alphas``: per-row slopes ``{activation:
-    [R, *shape]}``, gathered into the windows row by row. ``stop_at``: as in :func:`patch_lower_bounds`."""
+    [R, *shape]}``, gathered into the windows row by row. ``stop_at``, ``maps``: as in :func:`patch_lower_bounds`."""
     dt, dev, R = graph.dtype, A0.device, A0.shape[0]
     own_rows = torch.arange(R, device=dev)
     As = {plan.start: A0}
@@ -538,11 +599,11 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, geometry: dict[str, Geome
     for name in plan.order:
         stop_past(stop_at, f"patch pass stopped at node {name!r}")
         g, shape, node = geometry[name], graph.shape(name), graph.by_name[name]
-        at = _window_gather(g, chw_shape(shape), out_hw, bidx, pos)
-        A = As.pop(name) * at(torch.ones(1, 1, *chw_shape(shape)[1:], dtype=dt, device=dev))  # nothing on the zero padding
+        at = _window_gather(g, chw_shape(shape), out_hw, bidx, pos, maps, name)
+        A = As.pop(name) * at(torch.ones(1, 1, *chw_shape(shape)[1:], dtype=dt, device=dev), "on the map")  # nothing on the zero padding
         w = None if weights is None else weights.get(name)
         if w is not None:
-            err = err + (A.abs() * at(_full(w.to(dt), shape))).sum((1, 2, 3))
+            err = err + (A.abs() * at(_full(w.to(dt), shape), "round-off")).sum((1, 2, 3))
         alpha = None if alphas is None or name not in alphas else \
             _window_gather(g, chw_shape(shape), out_hw, own_rows, pos)(alphas[name].to(dt))
         own = _through(node.op, g)
@@ -554,6 +615,6 @@ def _input_patches(graph: BoundGraph, plan: PatchPlan, geometry: dict[str, Geome
             Ai = _aligned(A_in, own, geometry[i])
             As[i] = Ai if i not in As else As[i] + Ai
     chw = chw_shape(graph.input_shape)
-    at_in = _window_gather(geometry[graph.input_name], chw, out_hw, bidx, pos)
-    A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *chw[1:], dtype=dt, device=dev))
+    at_in = _window_gather(geometry[graph.input_name], chw, out_hw, bidx, pos, maps, graph.input_name)
+    A = As.pop(graph.input_name) * at_in(torch.ones(1, 1, *chw[1:], dtype=dt, device=dev), "on the map")
     return A, bias, err if weights is not None else None, at_in
