@@ -353,9 +353,12 @@ def _padded_cols(t: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
 
 def _gather_cols(cols: Tensor, flat: Tensor, bidx: Tensor) -> Tensor:
     """The windows ``flat [R, kh, kw]`` of :func:`_padded_cols`' map, ``[R, C, kh, kw]``."""
-    b = bidx if cols.shape[0] > 1 else torch.zeros_like(bidx)
     R, C = flat.shape[0], cols.shape[2]
-    return cols[b.view(-1, 1), flat.reshape(R, -1)].transpose(1, 2).reshape(R, C, *flat.shape[1:])
+    if cols.shape[0] == 1:  # one map for every row: a plain index_select of its entries
+        got = cols[0].index_select(0, flat.reshape(-1)).view(R, -1, C)
+    else:
+        got = cols[bidx.view(-1, 1), flat.reshape(R, -1)]
+    return got.transpose(1, 2).reshape(R, C, *flat.shape[1:])
 
 
 class PaddedMaps:
