@@ -336,11 +336,7 @@ def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: 
     """``t [B or 1, C, H, W]`` in each row's window: ``[R, C, kh, kw]`` (zero outside the map);
     ``bidx [R]``: each row's batch element; the rest as in :func:`_windows`. Only the windows
     are read (an index per window entry)."""
-    return _gather_windows(t, *_windows(g, out_hw, t.shape[2:], pos), bidx)  # type: ignore[arg-type]
-
-
-def _gather_windows(t: Tensor, pads: tuple[int, int, int, int], flat: Tensor, bidx: Tensor) -> Tensor:
-    """:func:`_gather` with the windows of :func:`_windows` given."""
+    pads, flat = _windows(g, out_hw, t.shape[2:], pos)  # type: ignore[arg-type]
     return _gather_cols(_padded_cols(t, pads), flat, bidx)
 
 
@@ -364,8 +360,8 @@ def _gather_cols(cols: Tensor, flat: Tensor, bidx: Tensor) -> Tensor:
 class PaddedMaps:
     """The per-position maps that one node's rows gather into their windows (relaxation lines,
     round-off weights, constants, the input box), padded once and kept across the chunks and
-    phases of the rows (a chunk of a few rows otherwise pads each whole map again: on carvana's
-    UNet a third of the pass). Keyed by ``(node, what, padding)``: valid while those maps do not
+    phases of the rows (a chunk of a few rows otherwise pads each whole map again; carvana's
+    upsample net: 9 % of its widest node's rows, ``benchmarks/RESULTS.md``). Keyed by ``(node, what, padding)``: valid while those maps do not
     change, i.e. for the rows of one node's box (:func:`relax.bounds.crown.bound_node`). Holds at
     most ``budget`` numbers; past it, maps are padded at each use."""
 
