@@ -33,6 +33,9 @@ __all__ = ["Restriction", "cast", "restrict", "needed_entries"]
 
 #: the most nonzero weights a restricted affine op may hold (its dense matrix: kept outputs x kept inputs)
 MAX_DENSE_ENTRIES = 2**24
+#: the taps a restriction found per convolution: ``{id(op): (op, entries, (flat, weights, valid))}``
+Taps = dict[int, tuple[Conv, Tensor, tuple[Tensor, Tensor, Tensor]]]
+
 #: a convolution of at most this many taps per output entry (pooling, depthwise) whose dense
 #: matrix would exceed this many entries is restricted as a sum of its taps (:func:`_tap_sum`)
 TAP_SUM_MAX_TAPS, TAP_SUM_MIN_DENSE = 16, 2**20
@@ -129,12 +132,22 @@ def _taps_per_entry(op: Conv) -> int:
     return cin_g * math.prod(op.W.shape[2:])
 
 
-def _taps(op: Conv, E: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The taps of a convolution's output entries ``E``, plain or transposed."""
-    return _conv_transpose_taps(op, E) if isinstance(op, ConvTranspose) else _conv_taps(op, E)
+def _taps(op: Conv, E: Tensor, known: Taps | None = None
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """The taps of a convolution's output entries ``E``, plain or transposed; ``known``: the taps
+    found before, by op (:func:`restrict` finds the entries a node needs, then builds the node on
+    the same entries), used when their entries equal ``E``."""
+    hit = None if known is None else known.get(id(op))
+    if hit is not None and hit[0] is op and torch.equal(hit[1], E):
+        return hit[2]
+    got = _conv_transpose_taps(op, E) if isinstance(op, ConvTranspose) else _conv_taps(op, E)
+    if known is not None:
+        known[id(op)] = (op, E, got)
+    return got
 
 
-def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
+def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor, taps: Taps | None = None
+               ) -> list[Tensor] | None:
     """The entries of each input of ``n`` that its output entries ``E`` depend on (flat, maybe
     repeated), or None when ``n`` has no rule here."""
     op = n.op
@@ -154,7 +167,7 @@ def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor) -> list[Tensor] | None:
     if isinstance(op, Add):
         return [_broadcast_source(tuple(s), n.shape, E) for s in op.in_shapes]
     if isinstance(op, Conv) and op.nd in (1, 2):
-        flat, _, valid = _taps(op, E)
+        flat, _, valid = _taps(op, E, taps)
         return [flat[valid]]
     if isinstance(op, Linear) and op.W.dim() == 2 and len(shapes[0]) == 1 and len(n.shape) == 1:
         return [(op.W[E] != 0).any(0).nonzero().flatten().cpu()]
@@ -174,9 +187,11 @@ def _per_entry_activation(graph: BoundGraph, n: BNode) -> bool:
     return not any(isinstance(v, Tensor) for v in vars(op).values())
 
 
-def needed_entries(graph: BoundGraph, node: str, entries: Tensor) -> dict[str, Tensor] | None:
+def needed_entries(graph: BoundGraph, node: str, entries: Tensor, taps: Taps | None = None
+                   ) -> dict[str, Tensor] | None:
     """``{name: ascending flat indices}``: the entries of every node (and of the input) that
-    ``node``'s ``entries`` depend on; None when an op on the way has no rule here."""
+    ``node``'s ``entries`` depend on; None when an op on the way has no rule here. ``taps``: filled
+    with the convolutions' taps of those entries (:func:`_taps`)."""
     masks: dict[str, Tensor] = {}
 
     def mark(name: str, idx: Tensor) -> None:
@@ -192,7 +207,7 @@ def needed_entries(graph: BoundGraph, node: str, entries: Tensor) -> dict[str, T
         if n.name not in masks:
             continue
         need[n.name] = E = masks.pop(n.name).nonzero().flatten()
-        ins = _inputs_of(graph, n, E)
+        ins = _inputs_of(graph, n, E, taps)
         if ins is None:
             return None
         for name, idx in zip(n.inputs, ins):
@@ -220,24 +235,26 @@ def _conv_bias(op: Conv, E: Tensor) -> Tensor | None:
     return None if op.b is None else op.b.reshape(-1).cpu()[E // math.prod(op.out_shape[1:])]
 
 
-def _dense_conv(op: Conv, E: Tensor, kept_in: Tensor) -> tuple[Tensor, Tensor | None] | None:
+def _dense_conv(op: Conv, E: Tensor, kept_in: Tensor, taps: Taps | None = None
+                ) -> tuple[Tensor, Tensor | None] | None:
     """The convolution between its output entries ``E`` and input entries ``kept_in`` as a matrix
     ``[len(E), len(kept_in)]`` and the bias of ``E`` (None past :data:`MAX_DENSE_ENTRIES`)."""
     if E.numel() * kept_in.numel() > MAX_DENSE_ENTRIES:
         return None
-    flat, weights, valid = _taps(op, E)
+    flat, weights, valid = _taps(op, E, taps)
     M = torch.zeros(E.numel(), kept_in.numel(), dtype=op.W.dtype)
     rows = torch.arange(E.numel())[:, None].expand_as(flat)
     M[rows[valid], torch.searchsorted(kept_in, flat[valid])] = weights.cpu()[valid]
     return M, _conv_bias(op, E)
 
 
-def _tap_sum(name: str, op: Conv, E: Tensor, src: str, kept_in: Tensor, dtype: torch.dtype) -> list[BNode]:
+def _tap_sum(name: str, op: Conv, E: Tensor, src: str, kept_in: Tensor, dtype: torch.dtype,
+             taps: Taps | None = None) -> list[BNode]:
     """A convolution of few taps per entry (pooling, depthwise) on its output entries ``E`` as the
     sum over its ``T`` taps of each tap's input entry (a selection, 0 on the padding) times its
     weight (an elementwise affine map, the bias on the first): ``T`` vectors of ``len(E)`` where
     the dense matrix would hold ``len(E) x len(kept_in)`` mostly zero entries."""
-    flat, weights, valid = _taps(op, E)
+    flat, weights, valid = _taps(op, E, taps)
     bias, m, nodes = _conv_bias(op, E), E.numel(), []
     used = [t for t in range(flat.shape[1]) if bool(valid[:, t].any())] or [0]  # a tap on the padding alone adds nothing
     for k, t in enumerate(used):
@@ -251,9 +268,11 @@ def _tap_sum(name: str, op: Conv, E: Tensor, src: str, kept_in: Tensor, dtype: t
     return nodes + [BNode(name, Add([1.0] * len(terms), [(m,)] * len(terms)), terms, (m,))]
 
 
-def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BNode] | None:
+def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor], taps: Taps | None = None
+                ) -> list[BNode] | None:
     """``n`` on its kept entries (a flat vector in ascending flat order), with the selection
-    nodes that line its inputs up; None when it does not fit (a matrix too large)."""
+    nodes that line its inputs up; None when it does not fit (a matrix too large); ``taps``: as
+    :func:`needed_entries` left them."""
     op, E = n.op, need[n.name]
     if not isinstance(op, Select) and any(i not in need for i in n.inputs):  # an input it reads nothing of
         return None
@@ -300,8 +319,8 @@ def _build_node(graph: BoundGraph, n: BNode, need: dict[str, Tensor]) -> list[BN
     if isinstance(op, Conv):
         read = need[n.inputs[0]]
         if _taps_per_entry(op) <= TAP_SUM_MAX_TAPS and E.numel() * read.numel() > TAP_SUM_MIN_DENSE:
-            return _tap_sum(n.name, op, E, n.inputs[0], read, dt)
-        mb = _dense_conv(op, E, read)
+            return _tap_sum(n.name, op, E, n.inputs[0], read, dt, taps)
+        mb = _dense_conv(op, E, read, taps)
         return None if mb is None else [BNode(n.name, Linear(mb[0].to(op.W.device), None if mb[1] is None else mb[1].to(op.W.device)),
                                               list(n.inputs), (E.numel(),))]
     if isinstance(op, Linear):
@@ -332,14 +351,15 @@ def restrict(graph: BoundGraph, node: str, entries: Tensor) -> Restriction | Non
     (module docstring), or None when an op on the way has no rule here or a restricted matrix
     would exceed :data:`MAX_DENSE_ENTRIES`. The output lists the entries in the order given."""
     entries = entries.cpu().long()
-    need = needed_entries(graph, node, entries)
+    taps: Taps = {}  # each convolution's taps, found once
+    need = needed_entries(graph, node, entries, taps)
     if need is None:
         return None
     nodes: list[BNode] = []
     for n in graph.nodes:
         if n.name not in need:
             continue
-        built = _build_node(graph, n, need)
+        built = _build_node(graph, n, need, taps)
         if built is None:
             return None
         nodes.extend(built)
