@@ -132,8 +132,7 @@ def _taps_per_entry(op: Conv) -> int:
     return cin_g * math.prod(op.W.shape[2:])
 
 
-def _taps(op: Conv, E: Tensor, known: Taps | None = None
-          ) -> tuple[Tensor, Tensor, Tensor]:
+def _taps(op: Conv, E: Tensor, known: Taps | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The taps of a convolution's output entries ``E``, plain or transposed; ``known``: the taps
     found before, by op (:func:`restrict` finds the entries a node needs, then builds the node on
     the same entries), used when their entries equal ``E``."""
@@ -146,8 +145,7 @@ def _taps(op: Conv, E: Tensor, known: Taps | None = None
     return got
 
 
-def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor, taps: Taps | None = None
-               ) -> list[Tensor] | None:
+def _inputs_of(graph: BoundGraph, n: BNode, E: Tensor, taps: Taps | None = None) -> list[Tensor] | None:
     """The entries of each input of ``n`` that its output entries ``E`` depend on (flat, maybe
     repeated), or None when ``n`` has no rule here."""
     op = n.op
@@ -187,8 +185,7 @@ def _per_entry_activation(graph: BoundGraph, n: BNode) -> bool:
     return not any(isinstance(v, Tensor) for v in vars(op).values())
 
 
-def needed_entries(graph: BoundGraph, node: str, entries: Tensor, taps: Taps | None = None
-                   ) -> dict[str, Tensor] | None:
+def needed_entries(graph: BoundGraph, node: str, entries: Tensor, taps: Taps | None = None) -> dict[str, Tensor] | None:
     """``{name: ascending flat indices}``: the entries of every node (and of the input) that
     ``node``'s ``entries`` depend on; None when an op on the way has no rule here. ``taps``: filled
     with the convolutions' taps of those entries (:func:`_taps`)."""
@@ -235,8 +232,7 @@ def _conv_bias(op: Conv, E: Tensor) -> Tensor | None:
     return None if op.b is None else op.b.reshape(-1).cpu()[E // math.prod(op.out_shape[1:])]
 
 
-def _dense_conv(op: Conv, E: Tensor, kept_in: Tensor, taps: Taps | None = None
-                ) -> tuple[Tensor, Tensor | None] | None:
+def _dense_conv(op: Conv, E: Tensor, kept_in: Tensor, taps: Taps | None = None) -> tuple[Tensor, Tensor | None] | None:
     """The convolution between its output entries ``E`` and input entries ``kept_in`` as a matrix
     ``[len(E), len(kept_in)]`` and the bias of ``E`` (None past :data:`MAX_DENSE_ENTRIES`)."""
     if E.numel() * kept_in.numel() > MAX_DENSE_ENTRIES:
