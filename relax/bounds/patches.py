@@ -332,14 +332,6 @@ def _window_base(g: Geometry, out_hw: tuple[int, int], hw: tuple[int, int], devi
     return (t2, r2, t1, r1), ii * Wp + jj, ((s1, s2), W0, Wp)
 
 
-def _gather(t: Tensor, g: Geometry, out_hw: tuple[int, int], bidx: Tensor, pos: Tensor) -> Tensor:
-    """``t [B or 1, C, H, W]`` in each row's window: ``[R, C, kh, kw]`` (zero outside the map);
-    ``bidx [R]``: each row's batch element; the rest as in :func:`_windows`. Only the windows
-    are read (an index per window entry)."""
-    pads, flat = _windows(g, out_hw, t.shape[2:], pos)  # type: ignore[arg-type]
-    return _gather_cols(_padded_cols(t, pads), flat, bidx)
-
-
 def _padded_cols(t: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
     """``t [B, C, H, W]`` zero-padded by ``pads``, as ``[B, Hp Wp, C]`` (each window entry's channels
     read together; window corners at ``(y s1, x s2)`` of the padded map)."""
@@ -361,9 +353,10 @@ class PaddedMaps:
     """The per-position maps that one node's rows gather into their windows (relaxation lines,
     round-off weights, constants, the input box), padded once and kept across the chunks and
     phases of the rows (a chunk of a few rows otherwise pads each whole map again; carvana's
-    upsample net: 9 % of its widest node's rows, ``benchmarks/RESULTS.md``). Keyed by ``(node, what, padding)``: valid while those maps do not
-    change, i.e. for the rows of one node's box (:func:`relax.bounds.crown.bound_node`). Holds at
-    most ``budget`` numbers; past it, maps are padded at each use."""
+    upsample net: 9 % of its widest node's rows, ``benchmarks/RESULTS.md``). Keyed by ``(node,
+    what, padding)``: valid while those maps do not change, i.e. for the rows of one node's box
+    (:func:`relax.bounds.crown.bound_node`). Holds at most ``budget`` numbers; past it, maps are
+    padded at each use."""
 
     def __init__(self, budget: int = PADDED_BUDGET) -> None:
         self.maps: dict[tuple, Tensor] = {}
@@ -381,7 +374,7 @@ class PaddedMaps:
 
 
 def _scatter(A: Tensor, g: Geometry, out_hw: tuple[int, int], pos: Tensor, chw: tuple[int, ...]) -> Tensor:
-    """The inverse of :func:`_gather` for coefficients: patches ``A [R, C, kh, kw]`` placed in
+    """The inverse of :func:`_window_gather` for coefficients: patches ``A [R, C, kh, kw]`` placed in
     zero maps ``[R, C, H, W]`` (entries on the padding must be zero already)."""
     R, C = A.shape[:2]
     (left, right, top, bottom), flat = _windows(g, out_hw, chw[1:], pos)  # type: ignore[arg-type]
@@ -465,7 +458,9 @@ def _conv_back_by_fold(A: Tensor, W: Tensor, stride: tuple[int, int], dilation: 
 def _window_gather(g: Geometry, chw: tuple[int, ...], out_hw: tuple[int, int], bidx: Tensor, pos: Tensor,
                    maps: PaddedMaps | None = None, node: str = "") -> Callable[..., Tensor]:
     """``at(t, what=None)``: ``t [B or 1, *shape]`` (or ``[B or 1, 1, H, W]``) of a node whose map is
-    ``chw`` -> :func:`_gather` of it into the rows' windows; with ``maps`` and a name ``what``
+    ``chw`` -> ``[R, C, kh, kw]``, ``t`` in each row's window (zero outside the map; ``bidx [R]``:
+    each row's batch element; the rest as in :func:`_windows`; only the windows are read, an index
+    per window entry); with ``maps`` and a name ``what``
     for ``t`` among the node's maps, its padded map is kept in ``maps`` (:class:`PaddedMaps`)."""
     pads, flat = _windows(g, out_hw, chw[1:], pos)  # type: ignore[arg-type]  # once for every tensor of the node
 
@@ -577,7 +572,7 @@ def dense_to_patches(A: Tensor, chw: tuple[int, ...], max_share: float = MAX_PAT
         return None
     pos = y0 * W + x0
     g: Geometry = ((1, 0, kh), (1, 0, kw))
-    return _gather(A, g, (H, W), torch.arange(R, device=A.device), pos), pos, (kh, kw)
+    return _window_gather(g, (C, H, W), (H, W), torch.arange(R, device=A.device), pos)(A), pos, (kh, kw)
 
 
 def _input_patches(graph: BoundGraph, plan: PatchPlan, geometry: dict[str, Geometry], out_hw: tuple[int, int], A0: Tensor, pos: Tensor,
