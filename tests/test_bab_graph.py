@@ -1200,7 +1200,8 @@ def test_search_on_each_groups_best_rows_agrees_with_exact_milp(monkeypatch):
 
 
 class _DeepResidual(nn.Module):
-    """Four ReLU layers with skip connections: deep enough for the root's MILP refinement, no dense view."""
+    """Four ReLU layers with skip connections: deep enough for the root's MILP refinement, whose dense
+    view carries the skips across the ReLU layers."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1214,11 +1215,52 @@ class _DeepResidual(nn.Module):
         return self.o(h + torch.relu(self.d(h)))
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_one_search_when_the_root_cannot_be_refined(monkeypatch, residual):
-    """A network deep enough for the root's MILP refinement but without a dense ReLU view (a
-    ResNet) gets one search for its whole time: no plain branching first whose domains the
-    refinement would throw away. An MLP of the same depth still branches, refines, branches."""
+def test_graph_root_refinement_across_skip_connections_contains_every_sample():
+    """The root refinement of a ResNet-style MLP: its dense view holds carried skip values beside
+    the ReLU inputs; the refined boxes of every ReLU input lie inside the old ones, contain the
+    pre-activations of sampled inputs, and are tighter somewhere."""
+    from relax.bab import RowSpec
+    from relax.bounds import prepare
+    from relax.bounds.crown import crown
+    from relax.bab.tighten import refine_graph_root
+    import time
+
+    torch.manual_seed(3)
+    net = _DeepResidual().eval().double()
+    gm = torch.fx.symbolic_trace(net)
+    ball = LpBall(torch.full((1, 6), 0.5, dtype=torch.float64), 0.4, math.inf, 0.0, 1.0)
+    graph, xs = prepare(gm, ball, torch.float64)
+    rs = RowSpec(torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.tensor([0]))
+    root = crown(graph, xs, None).intermediate
+    far = time.perf_counter() + 60
+    got = refine_graph_root(graph, gm, xs, rs, root, None, layers=3, deadline=far, alpha_deadline=far, margin=1e9)
+    assert got is not None
+    boxes, _, _, stats = got
+    assert stats["lps"] > 0
+    x = 0.1 + 0.8 * torch.rand(20000, 6, dtype=torch.float64)
+    with torch.no_grad():
+        h = torch.relu(net.a(x))
+        pres = [net.a(x), net.b(h)]
+        h = h + torch.relu(pres[-1])
+        pres.append(net.c(h))
+        h = h + torch.relu(pres[-1])
+        pres.append(net.d(h))
+    nodes = [n.inputs[0] for n in graph.activations()]
+    tighter = False
+    for p, z in zip(nodes, pres):
+        (l0, h0), (l1, h1) = root[p], boxes[p]
+        assert (l1 >= l0).all() and (h1 <= h0).all()
+        assert (z >= l1 - 1e-9).all() and (z <= h1 + 1e-9).all()
+        tighter |= bool((l1 > l0 + 1e-6).any() or (h1 < h0 - 1e-6).any())
+    assert tighter
+
+
+@pytest.mark.parametrize("net_kind,view", [("mlp", True), ("residual", True), ("residual", False)])
+def test_one_search_when_the_root_cannot_be_refined(monkeypatch, net_kind, view):
+    """A network deep enough for the root's MILP refinement but without a dense ReLU view (here:
+    a dense matrix over ``dense_limit``) gets one search for its whole time: no plain branching
+    first whose domains the refinement would throw away. With a view -- an MLP, or a ResNet whose
+    skips the view carries across the ReLU layers -- it branches, refines, branches."""
     from relax.methods.bab import _ActivationSearch
 
     calls = []
@@ -1230,19 +1272,20 @@ def test_one_search_when_the_root_cannot_be_refined(monkeypatch, residual):
 
     monkeypatch.setattr(_ActivationSearch, "branch", counted)
     torch.manual_seed(5)
-    net = _DeepResidual() if residual else nn.Sequential(*[m for w in (6, 12, 12, 12) for m in (nn.Linear(w, 12), nn.ReLU())],
-                                                        nn.Linear(12, 3))
+    net = _DeepResidual() if net_kind == "residual" else nn.Sequential(*[m for w in (6, 12, 12, 12) for m in (nn.Linear(w, 12), nn.ReLU())],
+                                                                      nn.Linear(12, 3))
     net = net.eval()
     x0 = torch.rand(1, 6)
     with torch.no_grad():
         label = int(net(x0).argmax())
     # a margin no domain reaches: the search runs to its deadline (the attacks off: nothing to find)
     c = certify(net, LpBall(x0, 0.3, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=3,
-                method_options={"split": "relu", "margin": 1e6, "random_samples": 0, "attack_restarts": 0, "refine_after": 0.2})[0]
+                method_options={"split": "relu", "margin": 1e6, "random_samples": 0, "attack_restarts": 0, "refine_after": 0.2,
+                                "dense_limit": 2**24 if view else 100})[0]
     assert c.status == "unknown"
-    if residual:
+    if not view:
         assert len(calls) == 1 and "plain_bab_first" not in c.details, (calls, c.details)
         assert c.details["refine"] == "not run: no dense ReLU view of the network"
     else:
         assert len(calls) == 2 and "plain_bab_first" in c.details, (calls, c.details)
-        assert isinstance(c.details["refine"], dict)
+        assert isinstance(c.details["refine"], dict) and c.details["refine"]["lps"] > 0, c.details["refine"]

@@ -35,6 +35,23 @@ def test_bab_gives_no_false_answer_on_one_relu_layer_nets():
     assert c["cases"] >= 40 and c["witness_inside"] >= 10 and c["certified"] > 0 and c["falsified"] > 0, c
 
 
+@pytest.mark.slow
+def test_exact_methods_give_no_false_answer_across_a_skip_connection(monkeypatch):
+    """The residual family (a ReLU output added after the next ReLU layer) at weight scales 1 and
+    1e3 in the dense view that carries the skip across (:func:`relax.ir.dense.to_feedforward`):
+    the witnesses are exact MILP distances (l_inf / l_1), and neither LP nor MILP nor CROWN gives
+    a false answer; the MILP decides balls on both sides of the exact distance."""
+    fz = _fuzz()
+    sources = []
+    real = fz.find_witness
+    monkeypatch.setattr(fz, "find_witness", lambda *a, **k: (lambda w: sources.append(w.source) or w)(real(*a, **k)))
+    res = fz.run(2, seed=15, methods=["crown", "lp", "milp"], scales=(1.0, 1e3), families=("residual",), slow_every=1)
+    false = res.pop("_details")
+    assert not false, f"false answers: {false[:5]}"
+    assert "milp" in sources, sources
+    assert res["milp"]["refused"] == 0 and res["milp"]["certified"] > 0 and res["milp"]["falsified"] > 0, res
+
+
 def test_every_family_meets_every_scale():
     """One family alone, or all of them beside four scales: each family gets each scale."""
     fz = _fuzz()

@@ -363,3 +363,70 @@ def test_an_unconfirmed_milp_solution_never_reads_as_no_adversarial(monkeypatch)
             continue
         assert det[b].status == "unconfirmed" and math.isinf(vals[b])
         assert det[b].lower <= exact[b] + 1e-9 and det[b].certified_radius <= exact[b]
+
+
+class _SkipMLP(nn.Module):
+    """Skips around ReLU layers: a ReLU output two layers on, and the signed input to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.o = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        g = torch.relu(self.b(h))
+        return self.o(torch.relu(self.c(g) + h)) + 0.5 * x[:, :3]
+
+
+class _TinyUNet(nn.Module):
+    """A down path, a transposed convolution up, and the concatenation with the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 2, 3, padding=1)
+        self.mid = nn.Conv2d(2, 2, 3, padding=1)
+        self.up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+        self.dec = nn.Conv2d(4, 2, 3, padding=1)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        s = torch.relu(self.enc(x))
+        u = torch.relu(self.up(torch.relu(self.mid(nn.functional.avg_pool2d(s, 2)))))
+        return self.head(torch.relu(self.dec(torch.cat([u, s], 1))).flatten(1))
+
+
+@pytest.mark.parametrize("make,shape", [(_SkipMLP, (4,)), (_TinyUNet, (1, 4, 4))])
+def test_lp_and_milp_on_skip_connections_are_sound_and_exact(make, shape):
+    """Networks whose values skip over ReLU layers (a ResNet's shortcut, a UNet's concatenation)
+    have a dense view that carries the values across (:func:`relax.ir.dense.to_feedforward`):
+    CROWN <= LP <= MILP = the value at the MILP's own witness, the CROWN boxes of the carried
+    values are used (not the interval fallback), and no sampled or PGD point goes below the
+    exact minimum."""
+    from relax.exact.lp import initial_bounds, relu_net
+
+    for seed in range(2):
+        torch.manual_seed(seed)
+        gm = torch.fx.symbolic_trace(make().eval())
+        gm.input_shape = shape
+        x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
+        spec, _ = _spec(gm, x)
+        ball = LpBall(x, 0.2, math.inf, 0.0, 1.0)
+        net = relu_net(gm, shape)
+        assert any(b.carry for bl in net.blocks for b in bl)
+        assert initial_bounds(gm, net, ball)[1] == "crown+interval"
+        crown = get_method("crown").lower_bounds(gm, ball, spec).double().cpu()
+        lp = lp_lower_bounds(gm, ball, spec).lower
+        ex = milp_verify(gm, ball, spec, exact=True, attack=False)
+        exact = torch.tensor(np.stack([o.group_lower for o in ex]))
+        achieved = torch.tensor(np.stack([o.group_upper for o in ex]))
+        assert (crown <= lp + 1e-5).all(), (crown, lp)
+        assert (lp <= exact + 1e-6).all()
+        assert (achieved - exact).abs().max() < 1e-5
+        s = ball.sample(4000, generator=torch.Generator().manual_seed(1))
+        adv = pgd_attack(gm.double(), ball, spec, steps=30, restarts=2)
+        with torch.no_grad():
+            vals = spec.values(gm(s.double().reshape(-1, *shape)).reshape(4000, 2, -1))
+            at_adv = spec.values(gm(adv.x_adv.double()))
+        gm.float()
+        assert (vals.amin(0) >= exact - 1e-7).all()
+        assert (at_adv >= exact - 1e-7).all()

@@ -190,9 +190,9 @@ def refine_graph_root(
     ff = _dense_view(graph, model, nodes, dense_limit)
     if ff is None:
         return None
-    r = _GraphRoot(graph, x_set, rs, nodes, root, root_alphas, margin=margin, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline)
+    r = _GraphRoot(graph, ff, x_set, rs, root, root_alphas, margin=margin, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline)
     lo, hi = x_set.bounds()
-    pre = [(root[p][0].reshape(1, -1), root[p][1].reshape(1, -1)) for p in nodes]
+    pre = r.layers(root)
     out, stats = refine_bounds(ff, lo.reshape(1, -1), hi.reshape(1, -1), pre, layers=layers, deadline=deadline,
                                solve_time_limit=solve_time_limit, workers=workers, stop_if=lambda b: r.lower > margin,
                                priority=r.priority, recompute=r.recompute)
@@ -201,36 +201,26 @@ def refine_graph_root(
 
 def has_dense_relu_view(graph, model: torch.nn.Module, dense_limit: int) -> bool:
     """Whether :func:`refine_graph_root` can encode the network, from its structure and shapes
-    alone (no matrix built): a chain of affine runs and ReLUs (no skip connection, no other
-    activation) whose matrices have at most ``dense_limit`` numbers."""
+    alone (no matrix built): ReLUs only, a dense view (:func:`relax.ir.dense.dense_plan`; skip
+    connections carried across the ReLU layers) whose matrices have at most ``dense_limit``
+    numbers."""
     from relax.bab.activation_split import interval_inputs, relu_inputs
-    from relax.ir.dense import NotFeedForwardError, check_feedforward
-    from relax.lipschitz import dense_size
+    from relax.ir.dense import NotFeedForwardError, dense_plan, dense_size
 
     if interval_inputs(graph) or not relu_inputs(graph):
         return False
     try:
-        names = check_feedforward(graph)
+        plan = dense_plan(graph)
+        return all(a == "relu" for a in plan.acts) and dense_size(graph) <= dense_limit
     except NotFeedForwardError:
-        return False
-    if any(a not in (None, "relu") for a in names.values()):
-        return False
-    if not isinstance(model, torch.fx.GraphModule):
-        try:
-            model = torch.fx.symbolic_trace(model)
-        except Exception:  # fx raises TraceError, TypeError, ... on control flow (a restricted graph's selections)
-            return False
-    try:
-        return dense_size(model, tuple(graph.input_shape)) <= dense_limit
-    except (NotFeedForwardError, ValueError):
         return False
 
 
 def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: int) -> FeedForwardNet | None:
-    """The dense ReLU view of ``model`` whose hidden layers are the graph's ReLU inputs
-    ``nodes``, or None (no such view, or a matrix over ``dense_limit`` numbers)."""
-    from relax.ir.dense import NotFeedForwardError, to_feedforward
-    from relax.lipschitz import dense_size
+    """The dense ReLU view of ``model`` whose hidden layers hold the graph's ReLU inputs
+    ``nodes`` (and carried skip values), or None (no such view, or a matrix over ``dense_limit``
+    numbers)."""
+    from relax.ir.dense import NotFeedForwardError, dense_size, to_feedforward
 
     if not isinstance(model, torch.fx.GraphModule):
         try:
@@ -238,12 +228,13 @@ def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: in
         except Exception:  # fx raises TraceError, TypeError, ... on control flow (a restricted graph's selections): no view
             return None
     try:
-        if dense_size(model, tuple(graph.input_shape)) > dense_limit:
+        if dense_size(graph) > dense_limit:
             return None
         ff = to_feedforward(model, tuple(graph.input_shape))
     except (NotFeedForwardError, ValueError):
         return None
-    if ff.activations != ["relu"] * len(nodes) or [layer.n_out for layer in ff.layers[:-1]] != [math.prod(graph.shape(p)) for p in nodes]:
+    held = sorted(b.node for blocks in ff.blocks for b in blocks if not b.carry)
+    if any(a != "relu" for a in ff.activations) or held != sorted(nodes):
         return None
     return ff
 
@@ -251,23 +242,39 @@ def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: in
 class _GraphRoot:
     """The root on the bound graph while :func:`refine_graph_root` refines it: its boxes
     ``{pre-activation node: (lo, hi) [1, *shape]}`` (tightened by every recomputation), spec-row
-    slopes and best margin lower bound; the dense view's bounds ``[(l [1, n_k], u)]`` per ReLU
-    input ``nodes`` map onto the boxes (:meth:`as_boxes`)."""
+    slopes and best margin lower bound. The dense view's bounds ``[(l [1, n_k], u)]`` (float64,
+    CPU) map onto the boxes by its blocks (:meth:`as_boxes`; :meth:`layers` the other way)."""
 
-    def __init__(self, graph, x_set, rs, nodes: list[str], root: dict[str, tuple[Tensor, Tensor]],
+    def __init__(self, graph, ff: FeedForwardNet, x_set, rs, root: dict[str, tuple[Tensor, Tensor]],
                  root_alphas: dict[str, Tensor] | None, *, margin: float, alpha_steps: int, alpha_deadline: float) -> None:
-        self.graph, self.x_set, self.rs, self.nodes = graph, x_set, rs, nodes
+        self.graph, self.ff, self.x_set, self.rs = graph, ff, x_set, rs
         self.margin, self.alpha_steps, self.alpha_deadline = margin, alpha_steps, alpha_deadline
-        self.shapes = {p: graph.shape(p) for p in nodes}
+        self.held = [[b for b in blocks if not b.carry] for blocks in ff.blocks]  # per dense layer, its graph ReLU inputs
         C, d = rs.batch(1)
         self.C, self.d = C.to(graph.dtype), d.to(graph.dtype)
         self.alphas = root_alphas
         self.lower = -math.inf
         self.boxes = dict(root)
 
+    def layers(self, boxes: dict[str, tuple[Tensor, Tensor]]) -> Bounds:
+        """The dense layers' bounds from graph boxes (:func:`relax.ir.dense.layer_boxes`)."""
+        from relax.ir.dense import layer_boxes
+
+        lo, hi = self.x_set.bounds()
+        got = layer_boxes(self.ff, boxes, lo, hi)
+        assert got is not None, "the dense view holds every ReLU input (_dense_view)"
+        return got
+
     def as_boxes(self, b: Bounds) -> dict[str, tuple[Tensor, Tensor]]:
+        """The root boxes with the ReLU inputs' rows of ``b``, rounded outwards to the graph's dtype."""
+        g = self.graph
         boxes = dict(self.boxes)
-        boxes.update({p: (l.reshape(1, *self.shapes[p]), u.reshape(1, *self.shapes[p])) for p, (l, u) in zip(self.nodes, b)})
+        for (l, u), held in zip(b, self.held):
+            for blk in held:
+                shape = (1, *g.shape(blk.node))
+                rows = slice(blk.start, blk.start + blk.size)
+                boxes[blk.node] = (round_outward(l[:, rows], g.dtype, down=True).reshape(shape).to(g.device),
+                                   round_outward(u[:, rows], g.dtype, down=False).reshape(shape).to(g.device))
         return boxes
 
     def recompute(self, b: Bounds, k: int) -> Bounds:
@@ -285,16 +292,23 @@ class _GraphRoot:
         self.alphas = res.alphas.get("__out__", self.alphas)
         self.boxes.update({p: (torch.maximum(self.boxes[p][0], l), torch.minimum(self.boxes[p][1], h))
                            for p, (l, h) in res.intermediate.items() if p in self.boxes})
-        return [(torch.maximum(l, self.boxes[p][0].reshape(1, -1)), torch.minimum(u, self.boxes[p][1].reshape(1, -1)))
-                for p, (l, u) in zip(self.nodes, b)]
+        return [(torch.maximum(l, nl), torch.minimum(u, nu)) for (l, u), (nl, nu) in zip(b, self.layers(self.boxes))]
 
     def priority(self, b: Bounds) -> list[Tensor]:
         """The ReLUs' branching scores at the root within ``b`` (-1: stable), ``[1, n_k]`` per node."""
         from relax.bab.activation_split import bound_domains, relu_scores
 
-        shapes, graph, rs = self.shapes, self.graph, self.rs
-        splits = {p: torch.zeros(1, math.prod(shapes[p]), dtype=torch.int8, device=graph.device) for p in self.nodes}
+        graph, rs = self.graph, self.rs
+        nodes = [blk.node for held in self.held for blk in held]
+        splits = {p: torch.zeros(1, math.prod(graph.shape(p)), dtype=torch.int8, device=graph.device) for p in nodes}
         al = None if self.alphas is None else {r: a.reshape(a.shape[0], 1, -1).transpose(0, 1).float() for r, a in self.alphas.items()}
         db = bound_domains(graph, self.x_set, rs, self.as_boxes(b), splits, alphas0=al, steps=0, recompute=False)
         sc = relu_scores(graph, db, splits, rs)
-        return [sc.get(p, torch.full((1, math.prod(shapes[p])), -1.0, dtype=torch.float64, device=graph.device)) for p in self.nodes]
+        out = []
+        for (l, _), held in zip(b, self.held):  # -1 for a carried row (stable) and a node without a score
+            score = torch.full(l.shape, -1.0, dtype=torch.float64)
+            for blk in held:
+                if blk.node in sc:
+                    score[:, blk.start:blk.start + blk.size] = sc[blk.node].reshape(1, -1).double().cpu()
+            out.append(score)
+        return out

@@ -46,7 +46,7 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall
 
-from relax.ir.dense import FeedForwardNet, to_feedforward
+from relax.ir.dense import FeedForwardNet, layer_boxes, to_feedforward
 from relax.solvers import LinearProgram, make_backend, resolve_solver
 
 __all__ = [
@@ -165,9 +165,9 @@ def initial_bounds(
     the method that produced them.
 
     ``method="interval"`` uses :func:`interval_bounds` only. Otherwise ``method`` ("crown",
-    "alpha-crown", ...) is passed to ``relax.bounds.intermediate_bounds`` (the k-th pre-activation
-    node of the graph is the k-th activation of ``net``); its float32 bounds are widened by
-    ``1e-6 (1 + |b|)`` and intersected with the interval bounds. If that module is missing or
+    "alpha-crown", ...) is passed to ``relax.bounds.intermediate_bounds``, whose boxes are widened by
+    ``1e-6 (1 + |b|)``, mapped onto ``net``'s layers (:func:`relax.ir.dense.layer_boxes`: carried
+    skip values included) and intersected with the interval bounds. If that module is missing or
     fails, the interval bounds are used and the returned name says why. ``inputs`` may be an
     l_2 ball (for the minimum l_2 distortion): the interval bounds then use its box enclosure.
     A :class:`FeedForwardNet` ``model`` (no graph to run the bound engine on) gets the interval
@@ -191,19 +191,14 @@ def initial_bounds(
         used = f"crown (for {method})"
         method = "crown"
     try:
-        got = list(intermediate_bounds(model, inputs, method=method, dtype=torch.float64).values())
+        got = intermediate_bounds(model, inputs, method=method, dtype=torch.float64)
     except Exception as e:  # a bound engine failure must not stop an exact method: fall back
         return ib, f"interval ({method} failed: {type(e).__name__}: {e})"
-    if len(got) != len(ib):
-        return ib, f"interval ({method} gave {len(got)} pre-activation boxes for {len(ib)} activations)"
-    out = []
-    B = ib[0][0].shape[0] if ib else 0
-    for (l0, u0), (l1, u1) in zip(ib, got):
-        l1 = _widen(l1.detach().cpu().reshape(B, -1), True)
-        u1 = _widen(u1.detach().cpu().reshape(B, -1), False)
-        if l1.shape != l0.shape:
-            return ib, f"interval ({method} bounds have shape {tuple(l1.shape)}, expected {tuple(l0.shape)})"
-        out.append((torch.maximum(l0, l1), torch.minimum(u0, u1)))
+    lo, hi = inputs.bounds()
+    mapped = layer_boxes(net, {k: (_widen(l, True), _widen(u, False)) for k, (l, u) in got.items()}, lo, hi)
+    if mapped is None:
+        return ib, f"interval ({method}'s pre-activation boxes do not match the dense layers)"
+    out = [(torch.maximum(l0, l1), torch.minimum(u0, u1)) for (l0, u0), (l1, u1) in zip(ib, mapped)]
     return out, f"{used}+interval"
 
 

@@ -354,36 +354,14 @@ def certified_radius(margin: Tensor, L: Tensor, groups: Tensor, safety: Tensor |
 # module-level bounds for networks too large for the dense form
 
 
-def dense_size(model: torch.fx.GraphModule, input_shape: tuple[int, ...]) -> int:
-    """Largest ``n_in * n_out`` of an affine run's dense matrix, or of the basis batch
-    ``n * n`` it is evaluated on (what :func:`to_feedforward` would allocate per layer), from
-    one shape-propagating forward pass."""
-    from relax.ir.dense import _activation_of
+def dense_size(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """The most numbers :func:`relax.ir.dense.to_feedforward` would allocate for one layer
+    (:func:`relax.ir.dense.dense_size` on the model's bound graph, from its shapes alone)."""
+    from relax.ir import dense
+    from relax.ir.graph import get_graph
 
-    gm = model
-    p0 = next(iter(gm.parameters()), torch.zeros(()))
-    x = torch.zeros(1, *input_shape, dtype=p0.dtype, device=p0.device)
-    sizes: dict[str, int] = {}
-
-    class _Sizes(torch.fx.Interpreter):  # a plain run recording each node's per-example size
-        def run_node(self, n):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor) and out.dim() >= 1:
-                sizes[n.name] = int(np.prod(out.shape[1:]))
-            return out
-
-    with torch.no_grad():
-        _Sizes(gm).run(x)
-    modules = dict(gm.named_modules())
-    n_run_in = int(np.prod(input_shape))
-    worst = 0
-    for node in gm.graph.nodes:
-        numel = sizes.get(node.name, 0)
-        worst = max(worst, numel * n_run_in)
-        if _activation_of(node, modules) is not None:
-            n_run_in = numel
-            worst = max(worst, numel * numel)
-    return worst
+    p0 = next(iter(model.parameters()), None)
+    return dense.dense_size(get_graph(model, tuple(input_shape), torch.float32 if p0 is None else p0.dtype))
 
 
 def conv_fourier_norm(weight: Tensor, in_hw: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...] = (1, 1),

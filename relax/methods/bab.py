@@ -492,7 +492,7 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
         return search.branch(deadline, boxes, root_alphas)
     from relax.bab.tighten import has_dense_relu_view
 
-    if not has_dense_relu_view(graph, search.model, opts.dense_limit):  # nothing to refine (a ResNet, a wide CNN):
+    if not has_dense_relu_view(graph, search.model, opts.dense_limit):  # nothing to refine (a wide CNN, a sigmoid):
         # one search for the whole time, none thrown away
         res = search.branch(deadline, boxes, root_alphas)
         res.details["refine"] = "not run: no dense ReLU view of the network"
@@ -664,18 +664,15 @@ class _ActivationSearch:
     def milp_refusal(self) -> str | None:
         """Why :meth:`exact_milp` cannot encode this one-ReLU-layer network, from its shapes and
         structure (no matrix built), or None: a dense view over :data:`MILP_DENSE_LIMIT` numbers, or
-        a graph that is not a chain (a skip connection around the ReLU)."""
-        from relax.bab.activation_split import relu_inputs
-        from relax.ir.dense import NotFeedForwardError, check_feedforward
+        a graph without one (:func:`relax.ir.dense.dense_plan`)."""
+        from relax.ir.dense import NotFeedForwardError, dense_size
 
-        hidden = math.prod(self.graph.shape(relu_inputs(self.graph)[0][1]))
-        size = hidden * max(math.prod(self.graph.input_shape), self.rs.C.shape[1])  # the two matrices of the dense view
-        if size > MILP_DENSE_LIMIT:
-            return f"not run: a dense matrix of {size} numbers (limit {MILP_DENSE_LIMIT})"
         try:
-            check_feedforward(self.graph)
+            size = dense_size(self.graph)
         except NotFeedForwardError as e:
             return f"not run: {e}"
+        if size > MILP_DENSE_LIMIT:
+            return f"not run: a dense matrix of {size} numbers (limit {MILP_DENSE_LIMIT})"
         return None
 
     def exact_milp(self, deadline: float, first: BabResult, threads: int = 1) -> BabResult | None:

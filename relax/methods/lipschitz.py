@@ -37,7 +37,7 @@ from verify.registry import BoundMethod, CertifyCall, register
 from verify.spec import InputSet, LinearSpec, LpBall, norm_name
 
 from relax import lipschitz as lip
-from relax.ir.dense import FeedForwardNet, to_feedforward
+from relax.ir.dense import FeedForwardNet, layer_boxes, to_feedforward
 from relax.exact.sdp import cvxpy_import_estimate
 
 __all__ = ["LipschitzGlobal", "LipschitzSDP", "LipschitzLocal"]
@@ -310,17 +310,9 @@ class LipschitzLocal(_LipschitzMethod):
                 ib = intermediate_bounds(model, inputs, "crown", dtype=torch.float64)
             except (ImportError, NotImplementedError, ValueError):
                 ib = None
-            if ib is not None and len(ib) == len(pre):
-                out = []
-                for (l, u), (cl, cu) in zip(pre, ib.values()):
-                    cl = cl.reshape(cl.shape[0], -1).double().cpu()
-                    cu = cu.reshape(cu.shape[0], -1).double().cpu()
-                    if cl.shape != l.shape:
-                        out = pre
-                        break
-                    out.append((torch.maximum(l, cl), torch.minimum(u, cu)))
-                else:
-                    pre = out
+            mapped = None if ib is None else layer_boxes(net, ib, lo, hi)
+            if mapped is not None:
+                pre = [(torch.maximum(l, cl), torch.minimum(u, cu)) for (l, u), (cl, cu) in zip(pre, mapped)]
         return pre
 
     def row_lipschitz(self, model, inputs, spec, p, margins=None):

@@ -1,6 +1,7 @@
 """Registered solver-based methods: ``lp`` (triangle LP), ``milp`` (exact, Tjeng et al. 2019) and
-``sdp`` (Raghunathan et al. 2018). All three take the network in dense chain form
-(:func:`relax.ir.dense.to_feedforward`) and support ReLU networks only.
+``sdp`` (Raghunathan et al. 2018). All three take the network in dense layered form
+(:func:`relax.ir.dense.to_feedforward`: skip connections carried across the ReLU layers) and
+support ReLU networks only.
 """
 from __future__ import annotations
 
