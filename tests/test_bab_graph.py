@@ -1255,12 +1255,14 @@ def test_graph_root_refinement_across_skip_connections_contains_every_sample():
     assert tighter
 
 
-@pytest.mark.parametrize("net_kind,view", [("mlp", True), ("residual", True), ("residual", False)])
-def test_one_search_when_the_root_cannot_be_refined(monkeypatch, net_kind, view):
-    """A network deep enough for the root's MILP refinement but without a dense ReLU view (here:
-    a dense matrix over ``dense_limit``) gets one search for its whole time: no plain branching
-    first whose domains the refinement would throw away. With a view -- an MLP, or a ResNet whose
-    skips the view carries across the ReLU layers -- it branches, refines, branches."""
+@pytest.mark.parametrize("net_kind,refine_layers,view", [("mlp", None, True), ("residual", None, False), ("residual", 3, True),
+                                                         ("mlp", None, False)])
+def test_one_search_when_the_root_cannot_be_refined(monkeypatch, net_kind, refine_layers, view):
+    """A network deep enough for the root's MILP refinement but without a dense ReLU view it may
+    refine (a matrix over ``dense_limit``; for "auto" refinement also a ResNet, whose skips the
+    view carries but whose MILPs cost more than they gain on cifar10_resnet) gets one search for
+    its whole time: no plain branching first whose domains the refinement would throw away. With
+    one -- an MLP, or a ResNet with ``refine_layers`` given -- it branches, refines, branches."""
     from relax.methods.bab import _ActivationSearch
 
     calls = []
@@ -1281,7 +1283,7 @@ def test_one_search_when_the_root_cannot_be_refined(monkeypatch, net_kind, view)
     # a margin no domain reaches: the search runs to its deadline (the attacks off: nothing to find)
     c = certify(net, LpBall(x0, 0.3, math.inf, 0.0, 1.0), Robust(torch.tensor([label])), "bab", timeout=3,
                 method_options={"split": "relu", "margin": 1e6, "random_samples": 0, "attack_restarts": 0, "refine_after": 0.2,
-                                "dense_limit": 2**24 if view else 100})[0]
+                                "refine_layers": refine_layers, "dense_limit": 2**24 if view or net_kind == "residual" else 100})[0]
     assert c.status == "unknown"
     if not view:
         assert len(calls) == 1 and "plain_bab_first" not in c.details, (calls, c.details)

@@ -199,11 +199,12 @@ def refine_graph_root(
     return r.as_boxes(out), r.alphas, r.lower, stats
 
 
-def has_dense_relu_view(graph, model: torch.nn.Module, dense_limit: int) -> bool:
+def has_dense_relu_view(graph, model: torch.nn.Module, dense_limit: int, *, chain: bool = False) -> bool:
     """Whether :func:`refine_graph_root` can encode the network, from its structure and shapes
     alone (no matrix built): ReLUs only, a dense view (:func:`relax.ir.dense.dense_plan`; skip
     connections carried across the ReLU layers) whose matrices have at most ``dense_limit``
-    numbers."""
+    numbers; with ``chain``, also one ReLU node per layer and nothing carried (no skip connection
+    around a ReLU)."""
     from relax.bab.activation_split import interval_inputs, relu_inputs
     from relax.ir.dense import NotFeedForwardError, dense_plan, dense_size
 
@@ -211,6 +212,8 @@ def has_dense_relu_view(graph, model: torch.nn.Module, dense_limit: int) -> bool
         return False
     try:
         plan = dense_plan(graph)
+        if chain and (any(len(L) != 1 for L in plan.layers) or any(plan.carried)):
+            return False
         return all(a == "relu" for a in plan.acts) and dense_size(graph) <= dense_limit
     except NotFeedForwardError:
         return False

@@ -40,6 +40,8 @@ class NotFeedForwardError(ValueError):
 
 #: elementwise activations recognised between affine runs, by name
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
+#: those whose outputs are nonnegative: carried across a ReLU layer as themselves (one row each)
+NONNEGATIVE = ("relu", "sigmoid")
 
 
 @dataclass
@@ -197,10 +199,6 @@ class DensePlan:
     carried: list[list[str]]
     acts: list[str]
 
-    @property
-    def is_chain(self) -> bool:
-        return all(len(L) == 1 for L in self.layers) and not any(self.carried)
-
 
 def dense_plan(graph) -> DensePlan:
     """The :class:`DensePlan` of a bound graph, from its structure alone (no matrix built).
@@ -238,27 +236,18 @@ def dense_plan(graph) -> DensePlan:
                 if depth[s] < k < last_use.get(s, 0)] for k in range(1, D + 1)]
     acts = []
     for k, L in enumerate(layers):
-        kinds = sorted({str(names[a]) for a in L})
+        first: dict[str, str] = {}  # one node per activation kind
+        for a in L:
+            first.setdefault(str(names[a]), a)
+        kinds = sorted(first)
         if len(kinds) > 1:
-            raise NotFeedForwardError(f"activations {L[0]!r} and {L[-1]!r} of different kinds ({', '.join(kinds)}) at one depth; "
-                                      "not supported in the dense form")
+            raise NotFeedForwardError(f"the {kinds[0]} node {first[kinds[0]]!r} and the {kinds[1]} node {first[kinds[1]]!r} are at one "
+                                      "depth; not supported in the dense form")
         if kinds[0] != "relu" and carried[k]:
             raise NotFeedForwardError(f"{carried[k][0]!r} is used after the {kinds[0]} node {L[0]!r} (a skip connection around it); "
                                       "only ReLUs pass a value through in the dense form")
         acts.append(kinds[0])
     return DensePlan(names, layers, carried, acts)
-
-
-def check_feedforward(graph) -> dict[str, str | None]:
-    """Each node's activation name (None: affine) when the bound graph is a chain (no skip
-    connection around an activation); else :class:`NotFeedForwardError`. From the graph's
-    structure alone (:func:`dense_plan`)."""
-    plan = dense_plan(graph)
-    if not plan.is_chain:
-        where = next((c[0] for c in plan.carried if c), None)
-        raise NotFeedForwardError(f"{where!r} is used after a later activation (a skip connection); not a chain" if where else
-                                  f"activations {next(L for L in plan.layers if len(L) > 1)[:2]} at one depth; not a chain")
-    return plan.names
 
 
 def dense_size(graph) -> int:
@@ -276,7 +265,7 @@ def dense_size(graph) -> int:
     def width(k: int) -> int:  # of the vector after depth k's activations
         if k == 0:
             return numel(graph.input_name)
-        carried = sum(numel(v) * (1 if names.get(v) in ("relu", "sigmoid") else 2) for v in plan.carried[k - 1])
+        carried = sum(numel(v) * (1 if names.get(v) in NONNEGATIVE else 2) for v in plan.carried[k - 1])
         return sum(numel(pre_of[a]) for a in plan.layers[k - 1]) + carried
 
     def widest_op(values: list[str]) -> int:  # the widest affine op between them and the state values
@@ -326,7 +315,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     layers: list[AffineLayer] = []
     blocks: list[list[Block]] = []
     state = [_Entry(graph.input_name, tuple(input_shape), 0)]
-    for k, L in enumerate(plan.layers):
+    for k in range(len(plan.layers)):
         targets, layer_blocks, next_state = _layer_targets(graph, plan, k, state)
         layers.append(_dense_map(graph, state, targets))
         blocks.append(layer_blocks)
@@ -405,7 +394,7 @@ def _layer_targets(graph, plan: DensePlan, k: int, state: list[_Entry]) -> tuple
             blocks += [Block(v, at, size, True, 1, True, pre, act), Block(v, at + size, size, True, -1, True, pre, act)]
             nxt.append(_Entry(v, shape, at, at + size))
             at += 2 * size
-        elif act in ("relu", "sigmoid"):  # nonnegative: relu(v) = v
+        elif act in NONNEGATIVE:  # relu(v) = v
             targets.append(("value", v, 1))
             blocks.append(Block(v, at, size, True, 1, False, pre, act))
             nxt.append(_Entry(v, shape, at))

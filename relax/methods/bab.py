@@ -101,7 +101,7 @@ class BabOptions(Options):
                            "method's float64 safety margin)")
     seed: int = option(0, "seeds the attacks")
     refine_layers: int | None = option(None, "relu split: hidden layers whose root bounds MILP tightens first (none: "
-                                       "3 for nets of at least refine_min_depth hidden layers, else 0)")
+                                       "3 for chains of at least refine_min_depth hidden layers, else 0)")
     refine_min_depth: int = option(4, "hidden layers from which refine_layers=none refines")
     refine_fraction: float = option(0.5, "share of the time left that the refinement may use",
                                     interval=(0.0, 1.0, "closed"))
@@ -151,7 +151,8 @@ class BabMethod(Method):
             smart branching, De Palma et al. 2021); 1: the BaBSR-style score alone.
         refine_layers: ReLU split only: tighten the root's pre-activation bounds of hidden
             layers ``1..refine_layers`` by MILP before branching (:mod:`relax.bab.tighten`); ``None``
-            ("auto"): 3 for nets with at least ``refine_min_depth`` hidden layers, else 0 (off).
+            ("auto"): 3 for chains (no skip connection around a ReLU) with at least
+            ``refine_min_depth`` hidden layers, else 0 (off); a number refines ResNets too.
         refine_min_depth: hidden layers from which "auto" refines.
         refine_fraction: share of the time left when refinement starts that it may use.
         refine_solve_time: seconds per MILP of the refinement.
@@ -492,7 +493,9 @@ def _search(search: "_ActivationSearch", opts: BabOptions, deadline: float, left
         return search.branch(deadline, boxes, root_alphas)
     from relax.bab.tighten import has_dense_relu_view
 
-    if not has_dense_relu_view(graph, search.model, opts.dense_limit):  # nothing to refine (a wide CNN, a sigmoid):
+    # "auto" refines chains only: on cifar10_resnet's resnet_2b (a dense view with skips) the
+    # MILPs took the time of the search that decides it (benchmarks/RESULTS.md, section 13)
+    if not has_dense_relu_view(graph, search.model, opts.dense_limit, chain=opts.refine_layers is None):  # nothing to refine:
         # one search for the whole time, none thrown away
         res = search.branch(deadline, boxes, root_alphas)
         res.details["refine"] = "not run: no dense ReLU view of the network"
