@@ -435,7 +435,8 @@ def _dense_map(graph, state: list[_Entry], targets: list[_Target]) -> AffineLaye
             if missing:  # the plan puts every value a layer needs into its input vector
                 raise NotFeedForwardError(f"node {n.name!r} uses {missing[0]!r}, which is not in its layer's input; not a chain")
             env[n.name] = n.op.forward(*[env[i] for i in n.inputs])
-        parts = [(t[2] * env[t[1]]).reshape(B, -1) if t[0] == "value" else z[:, t[1]:t[1] + t[2]] for t in targets]
+        parts = [z[:, t[1]:t[1] + t[2]] if t[0] == "copy" else env[t[1]].reshape(B, -1) if t[2] > 0 else -env[t[1]].reshape(B, -1)
+                 for t in targets]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     one = len(targets) == 1 and targets[0][0] == "value" and targets[0][2] == 1
