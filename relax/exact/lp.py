@@ -46,7 +46,9 @@ from torch import Tensor
 from verify.deadline import Deadline
 from verify.spec import Box, InputSet, LinearSpec, LpBall
 
+from relax.bounds.roundoff import SAFETY, gamma
 from relax.ir.dense import FeedForwardNet, layer_boxes, to_feedforward
+from relax.ir.dense import interval_bounds as dense_interval_bounds
 from relax.solvers import LinearProgram, make_backend, resolve_solver
 
 __all__ = [
@@ -128,28 +130,24 @@ def relu_net(model: torch.nn.Module | FeedForwardNet, input_shape: tuple[int, ..
 
 
 def interval_bounds(net: FeedForwardNet, regions: list[InputRegion]) -> list[tuple[Tensor, Tensor]]:
-    """Interval (IBP) bounds of every hidden pre-activation, ``[(l_k [B, n_k], u_k)]``, float64.
+    """Interval (IBP) bounds of every hidden pre-activation, ``[(l_k [B, n_k], u_k)]``, float64
+    (:func:`relax.ir.dense.interval_bounds`, widened by their round-off).
 
-    For an l_1 ball the first layer also uses ``|W (x - c)| <= eps max_j |W_ij|``."""
+    For an l_1 ball the first layer also uses ``|W (x - c)| <= eps max_j |W_ij|``, widened by
+    the round-off of ``W c + b`` and of the product ``eps max_j |W_ij|``."""
     lo = torch.from_numpy(np.stack([r.lo for r in regions]))
     hi = torch.from_numpy(np.stack([r.hi for r in regions]))
-    out = []
-    for k, layer in enumerate(net.layers[:-1]):
-        W, b = layer.W, layer.b
-        mid, rad = (lo + hi) / 2, (hi - lo) / 2
-        zc = mid @ W.T + b
-        zr = rad @ W.abs().T
-        zl, zu = zc - zr, zc + zr
-        if k == 0:
-            for i, r in enumerate(regions):
-                if r.p == 1.0 and r.center is not None and r.eps is not None:
-                    c = torch.from_numpy(r.center) @ W.T + b
-                    e = r.eps * W.abs().amax(dim=1)
-                    zl[i] = torch.maximum(zl[i], c - e)
-                    zu[i] = torch.minimum(zu[i], c + e)
-        out.append((zl, zu))
-        lo, hi = torch.relu(zl), torch.relu(zu)
-    return out
+    W, b = net.layers[0].W.double(), net.layers[0].b.double()
+    fl = torch.full((len(regions), W.shape[0]), -math.inf, dtype=torch.float64)
+    fu = torch.full_like(fl, math.inf)
+    for i, r in enumerate(regions):
+        if r.p == 1.0 and r.center is not None and r.eps is not None:
+            c0 = torch.from_numpy(r.center)
+            c = c0 @ W.T + b
+            e = r.eps * W.abs().amax(dim=1)
+            slack = SAFETY * gamma(W.shape[1] + 2, W.dtype) * (c0.abs() @ W.abs().T + b.abs() + e) + 1e-300
+            fl[i], fu[i] = c - e - slack, c + e + slack
+    return dense_interval_bounds(net, lo, hi, first=(fl, fu))
 
 
 def _widen(t: Tensor, down: bool) -> Tensor:

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from relax.bounds.roundoff import SAFETY, gamma
 from verify.placement import model_tensors
 
-__all__ = ["AffineLayer", "Block", "DensePlan", "FeedForwardNet", "NotFeedForwardError", "dense_plan", "dense_size", "layer_boxes", "to_feedforward"]
+__all__ = ["AffineLayer", "Block", "DensePlan", "FeedForwardNet", "NotFeedForwardError", "dense_plan", "dense_size", "interval_bounds", "layer_boxes", "to_feedforward"]
 
 
 class NotFeedForwardError(ValueError):
@@ -324,6 +325,40 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     layers = [AffineLayer(L.W.cpu(), L.b.cpu(), L.out_shape) for L in layers]  # a view for the CPU solvers
     _check_affine_runs(graph, model, layers, plan.acts, tuple(input_shape))
     return FeedForwardNet(tuple(input_shape), layers, plan.acts, blocks)
+
+
+def interval_bounds(net: FeedForwardNet, lo: Tensor, hi: Tensor, first: tuple[Tensor, Tensor] | None = None
+                    ) -> list[tuple[Tensor, Tensor]]:
+    """Interval (IBP) bounds on the pre-activations ``W_k z_k + b_k`` of every hidden layer: the
+    one interval routine of the dense view (LP, MILP, SDP and the Lipschitz methods).
+
+    Args:
+        lo, hi: ``[B, n_0]`` (or ``[B, *input_shape]``) input box, float64.
+        first: ``[B, n_1]`` bounds the first layer's box is intersected with before it is
+            propagated (e.g. an l_1 ball's, :func:`relax.exact.lp.interval_bounds`).
+    Returns:
+        ``[(l_k, u_k)]`` for ``k < L``, each ``[B, n_{k+1}]``, float64. Directed rounding is not
+        used; each layer's box is widened by ``SAFETY gamma_{n+2} (|W| max(|l|, |u|) + |b|)``, a
+        bound on the round-off of its sums that scales with the summed terms
+        (:mod:`relax.bounds.roundoff`), plus ``1e-300``.
+    """
+    l = lo.reshape(lo.shape[0], -1).double()
+    u = hi.reshape(hi.shape[0], -1).double()
+    out = []
+    for k, act in enumerate(net.activations):
+        W, b = net.layers[k].W.to(l), net.layers[k].b.to(l)
+        mid, rad = (u + l) / 2, (u - l) / 2
+        absW = W.abs()
+        c = mid @ W.T + b
+        r = rad @ absW.T
+        terms = torch.maximum(l.abs(), u.abs()) @ absW.T + b.abs()
+        slack = SAFETY * gamma(W.shape[1] + 2, l.dtype) * terms + 1e-300
+        pl, pu = c - r - slack, c + r + slack
+        if k == 0 and first is not None:
+            pl, pu = torch.maximum(pl, first[0].to(pl)), torch.minimum(pu, first[1].to(pu))
+        out.append((pl, pu))
+        l, u = _apply_activation(act, pl), _apply_activation(act, pu)  # all three activations are monotone
+    return out
 
 
 def layer_boxes(net: FeedForwardNet, boxes: Mapping[str, tuple[Tensor, Tensor]], lo: Tensor, hi: Tensor

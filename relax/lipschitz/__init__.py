@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from relax.ir.dense import FeedForwardNet
+from relax.ir.dense import FeedForwardNet, interval_bounds
 from relax.bounds.roundoff import SAFETY, gamma
 
 __all__ = [
@@ -189,34 +189,6 @@ def global_lipschitz(net: FeedForwardNet, C: Tensor, p: float, *, combine: bool 
 
 # ------------------------------------------------------------------------------------------
 # local bounds
-
-
-def interval_bounds(net: FeedForwardNet, lo: Tensor, hi: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Interval (IBP) bounds on the pre-activations ``W_k z_k + b_k`` of every hidden layer.
-
-    Args:
-        lo, hi: ``[B, n_0]`` (or ``[B, *input_shape]``) input box, float64.
-    Returns:
-        ``[(l_k, u_k)]`` for ``k < L``, each ``[B, n_{k+1}]``, float64. Directed rounding is not
-        used; each layer's box is widened by ``SAFETY gamma_{n+2} (|W| max(|l|, |u|) + |b|)``, a
-        bound on the round-off of its sums that scales with the summed terms
-        (:mod:`relax.bounds.roundoff`), plus ``1e-300``.
-    """
-    l = lo.reshape(lo.shape[0], -1).double()
-    u = hi.reshape(hi.shape[0], -1).double()
-    out = []
-    for k, act in enumerate(net.activations):
-        W, b = net.layers[k].W.to(l), net.layers[k].b.to(l)
-        mid, rad = (u + l) / 2, (u - l) / 2
-        absW = W.abs()
-        c = mid @ W.T + b
-        r = rad @ absW.T
-        terms = torch.maximum(l.abs(), u.abs()) @ absW.T + b.abs()
-        slack = SAFETY * gamma(W.shape[1] + 2, l.dtype) * terms + 1e-300
-        pl, pu = c - r - slack, c + r + slack
-        out.append((pl, pu))
-        l, u = _act(act, pl), _act(act, pu)  # all three activations are monotone
-    return out
 
 
 def _act(name: str, z: Tensor) -> Tensor:
