@@ -5,7 +5,7 @@ points, on corners and faces of the domain [0, 1] and near decision ties, l_inf 
 balls with radii from 0 and 1e-9 up to just above the distance of the closest known
 counterexample. A *witness* is a point of the domain that violates the property in a float64
 forward pass (and in the model's own dtype): the exact MILP minimum distortion's point for
-ReLU MLPs, also with a skip connection, under l_inf / l_1
+ReLU MLPs (also with a skip connection) and small average-pooling CNNs under l_inf / l_1
 (:func:`relax.exact.milp.minimum_distortion`), else the closest point a
 PGD radius search finds. With ``r`` the witness's distance, every ball of radius ``>= r``
 contains it, so
@@ -414,7 +414,7 @@ def find_witness(gm: nn.Module, family: str, x0: torch.Tensor, prop: Robust, p: 
     """The closest violating point we can find (see the module docstring)."""
     if _violates(gm, prop, x0):
         return Witness(x0.double(), 0.0, 0.0, "clean")
-    if family in ("mlp", "bn", "shallow", "residual") and not p == 2.0:
+    if family in ("mlp", "bn", "shallow", "residual", "cnn") and not p == 2.0:  # a max-pooling cnn falls back
         try:
             from relax.exact.milp import minimum_distortion
 
