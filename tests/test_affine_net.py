@@ -95,3 +95,13 @@ def test_maxpool_is_rejected_with_node_name():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(NotFeedForwardError, match="max-pool.*'"):
         to_feedforward(torch.fx.symbolic_trace(net), (1, 6, 6))
+
+
+def test_a_view_over_the_size_limit_is_refused_before_any_layer_is_built(monkeypatch):
+    """A layer over ``max_numbers`` (TinyYOLO's view would take 6.1 G numbers) is refused with the
+    size, from the shapes alone."""
+    import relax.ir.dense as dense
+
+    monkeypatch.setattr(dense, "_dense_map", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a layer was built")))
+    with pytest.raises(NotFeedForwardError, match=r"needs [0-9,]+ numbers .*limit 1,000"):
+        to_feedforward(torch.fx.symbolic_trace(_nets()[1][0]), (1, 6, 6), max_numbers=1000)

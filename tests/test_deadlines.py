@@ -330,6 +330,18 @@ def test_bab_exact_milp_stage_counts_the_dense_view_in_its_deadline(monkeypatch)
     _check_sound(cert, net, x, label)
 
 
+@pytest.mark.parametrize("method", ["lp", "sdp", "milp"])
+def test_solver_methods_build_their_dense_view_within_the_deadline(monkeypatch, method):
+    """Each layer of the dense view (here 0.4 s) is built only before the deadline: a build the
+    deadline cuts answers unknown on time instead of after the whole view."""
+    import relax.ir.dense as dense
+
+    _slowed(monkeypatch, dense, "_dense_map", 0.4)
+    net, x, label = _problem([6, 8, 8, 8, 8, 8, 3])  # six layers: 2.4 s of building
+    cert, wall = _timed(net, x, label, method, 0.01, 0.6)
+    assert cert.status == "unknown" and wall < 0.6 + 0.5, (cert.status, wall)
+
+
 def test_bab_starts_no_smart_branching_trials_it_cannot_finish(monkeypatch):
     """A pass of smart-branching trials does not stop inside; one that would end past the
     deadline at the measured pace is skipped, and the first round needs room for two children

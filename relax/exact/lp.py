@@ -112,10 +112,11 @@ def spec_rows(spec: LinearSpec) -> tuple[np.ndarray, np.ndarray]:
     return spec.C.detach().double().cpu().numpy(), spec.d.detach().double().cpu().numpy()
 
 
-def relu_net(model: torch.nn.Module | FeedForwardNet, input_shape: tuple[int, ...]) -> FeedForwardNet:
-    """The dense float64 form of ``model``; raises :class:`UnsupportedNetworkError` unless every
+def relu_net(model: torch.nn.Module | FeedForwardNet, input_shape: tuple[int, ...], stop_at: float | None = None) -> FeedForwardNet:
+    """The dense float64 form of ``model`` (built until the hard deadline ``stop_at``,
+    :func:`relax.ir.dense.to_feedforward`); raises :class:`UnsupportedNetworkError` unless every
     activation is a ReLU."""
-    net = model if isinstance(model, FeedForwardNet) else to_feedforward(model, tuple(input_shape))
+    net = model if isinstance(model, FeedForwardNet) else to_feedforward(model, tuple(input_shape), stop_at=stop_at)
     bad = sorted({a for a in net.activations if a != "relu"})
     if bad:
         raise UnsupportedNetworkError(f"only ReLU networks are encoded exactly; this one has {', '.join(bad)}")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from relax.bounds.roundoff import SAFETY, gamma
+from verify.deadline import stop_past
 from verify.placement import model_tensors
 
 __all__ = ["AffineLayer", "Block", "DensePlan", "FeedForwardNet", "NotFeedForwardError", "dense_plan", "dense_size", "interval_bounds", "layer_boxes", "to_feedforward"]
@@ -43,6 +44,9 @@ class NotFeedForwardError(ValueError):
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 #: those whose outputs are nonnegative: carried across a ReLU layer as themselves (one row each)
 NONNEGATIVE = ("relu", "sigmoid")
+#: the most numbers :func:`to_feedforward` allocates for one layer by default (1 GiB of float64;
+#: cifar10_resnet's resnet_4b needs 25 M and 7 s, TinyYOLO 6.1 G)
+DENSE_MAX = 2**27
 
 
 @dataclass
@@ -290,7 +294,8 @@ def dense_size(graph) -> int:
 
 
 @torch.no_grad()  # a dense view of constants: no autograd graph over the basis evaluation
-def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[int, ...] | None = None) -> FeedForwardNet:
+def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[int, ...] | None = None, *,
+                   max_numbers: int = DENSE_MAX, stop_at: float | None = None) -> FeedForwardNet:
     """The network as dense affine layers and activations (float64), by the layering of
     :func:`dense_plan`: layer ``k``'s matrix maps the values after layer ``k - 1`` (activation
     outputs and carried values) to layer ``k``'s pre-activations and carries, evaluated on basis
@@ -300,10 +305,14 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     Args:
         model: a canonical module mapping ``[B, *input_shape] -> [B, K]``.
         input_shape: per-example input shape; defaults to ``model.input_shape``.
+        max_numbers: the most numbers one layer may allocate (:func:`dense_size`).
+        stop_at: a hard deadline (``perf_counter`` value) checked before each layer.
 
     Raises:
-        NotFeedForwardError: a max-pool, another nonlinear op than ReLU / sigmoid / tanh, or a
-            skip connection around a sigmoid / tanh (:func:`dense_plan`).
+        NotFeedForwardError: a max-pool, another nonlinear op than ReLU / sigmoid / tanh, a
+            skip connection around a sigmoid / tanh (:func:`dense_plan`), or a layer over
+            ``max_numbers``; all before any layer is built.
+        verify.deadline.DeadlineExpired: past ``stop_at`` before the last layer.
     """
     from relax.ir.graph import get_graph
 
@@ -313,10 +322,14 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
             raise ValueError("to_feedforward: give input_shape (the model has no input_shape attribute)")
     graph = get_graph(model, tuple(input_shape), torch.float64)
     plan = dense_plan(graph)  # refuse before any work
+    size = dense_size(graph)
+    if size > max_numbers:
+        raise NotFeedForwardError(f"the dense view needs {size:,} numbers for one layer (limit {max_numbers:,})")
     layers: list[AffineLayer] = []
     blocks: list[list[Block]] = []
     state = [_Entry(graph.input_name, tuple(input_shape), 0)]
     for k in range(len(plan.layers)):
+        stop_past(stop_at, "the dense view")
         targets, layer_blocks, next_state = _layer_targets(graph, plan, k, state)
         layers.append(_dense_map(graph, state, targets))
         blocks.append(layer_blocks)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from verify.certificate import Certificate
+from verify.deadline import DeadlineExpired
 from verify.options import Options, option
 from verify.registry import BoundMethod, Method, register
 from verify.spec import InputSet, Linear, LinearSpec, LpBall
@@ -60,13 +61,14 @@ class SdpOptions(Options):
     lp_first: bool = option(True, "rows the triangle LP proves keep its safe bound and skip the SDP")
 
 
-def _net_for(method, model, shape):
-    """Dense form cached on the method instance for the last model (bisection calls again)."""
+def _net_for(method, model, shape, stop_at: float | None):
+    """Dense form cached on the method instance for the last model (bisection calls again),
+    built until the hard deadline ``stop_at`` (:class:`verify.deadline.DeadlineExpired` past it)."""
     key = (id(model), tuple(shape))
     cache = getattr(method, "_net_cache", None)
     if cache is not None and cache[0] == key and cache[1] is model:
         return cache[2]
-    net = relu_net(model, shape)
+    net = relu_net(model, shape, stop_at=stop_at)
     method._net_cache = (key, model, net)
     return net
 
@@ -90,7 +92,10 @@ class LpMethod(BoundMethod):
     opts: LpOptions
 
     def lower_bounds(self, model, inputs, spec):
-        net = _net_for(self, model, inputs.shape)
+        try:
+            net = _net_for(self, model, inputs.shape, self.deadline.at)
+        except DeadlineExpired:  # no bound in time: unknown
+            return torch.full(spec.C.shape[:2], -math.inf, dtype=torch.float64, device=spec.C.device)
         res = lp_lower_bounds(model, inputs, spec, bounds_method=self.opts.bounds_method, refine=self.opts.refine, solver=self.opts.solver,
                               time_limit=self.opts.time_limit, net=net, deadline=self.deadline)
         return res.lower.to(device=spec.C.device)
@@ -112,7 +117,10 @@ class SdpMethod(BoundMethod):
     opts: SdpOptions
 
     def lower_bounds(self, model, inputs, spec):
-        net = _net_for(self, model, inputs.shape)
+        try:
+            net = _net_for(self, model, inputs.shape, self.deadline.at)
+        except DeadlineExpired:  # no bound in time: unknown
+            return torch.full(spec.C.shape[:2], -math.inf, dtype=torch.float64, device=spec.C.device)
         res = sdp_lower_bounds(model, inputs, spec, bounds_method=self.opts.bounds_method, refine=self.opts.refine, triangle=self.opts.triangle, solver=self.opts.solver, lp_first=self.opts.lp_first, net=net,
                                deadline=self.deadline)
         return res.lower.to(device=spec.C.device)
@@ -161,7 +169,10 @@ class MilpMethod(Method):
             clean_bad = clean_bad & confirm_counterexample(model, inputs, spec, x0).to(clean_bad.device)
         is_ball = isinstance(inputs, LpBall)
         l2 = is_ball and inputs.p == 2.0
-        net = _net_for(self, model, inputs.shape)
+        try:
+            net = _net_for(self, model, inputs.shape, deadline.at)
+        except DeadlineExpired:
+            net = None
         certs: list[Certificate] = []
         for b in range(B):
             t0 = time.perf_counter() if b else t_all  # the set-up counts towards the first example
@@ -177,6 +188,9 @@ class MilpMethod(Method):
             if bool(clean_bad[b]):
                 status, cex = "falsified", x0[b].detach().cpu()
                 det["reason"] = "the clean input violates the property"
+            elif net is None:
+                status = "unknown"
+                det["reason"] = "the deadline passed while the dense view was built"
             elif l2:
                 status, cex, radius = self._l2(model, inputs, in_b, spec_b, b, eps, tl, find_radius, max_radius, det)
             else:
