@@ -191,10 +191,6 @@ def global_lipschitz(net: FeedForwardNet, C: Tensor, p: float, *, combine: bool 
 # local bounds
 
 
-def _act(name: str, z: Tensor) -> Tensor:
-    return {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[name](z)
-
-
 def _act_slope(name: str, z: Tensor) -> Tensor:
     if name == "sigmoid":
         s = torch.sigmoid(z)
