@@ -68,7 +68,7 @@ __all__ = [
 
 
 class UnsupportedNetworkError(ValueError):
-    """The network is not a chain of affine layers and ReLUs (what LP/MILP/SDP encode)."""
+    """The network has no dense form of affine layers and ReLUs (what LP/MILP/SDP encode)."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ __all__ = ["AffineLayer", "Block", "DensePlan", "FeedForwardNet", "NotFeedForwar
 
 
 class NotFeedForwardError(ValueError):
-    """The graph is not a chain of affine runs separated by elementwise activations."""
+    """The graph has no dense layered form (:func:`dense_plan`: an op other than an affine one or
+    a ReLU / sigmoid / tanh, a skip around a sigmoid or tanh, a layer over the size limit)."""
 
 
 #: elementwise activations recognised between affine runs, by name
@@ -481,7 +482,7 @@ def _dense_map(graph, state: list[_Entry], targets: list[_Target]) -> AffineLaye
         for n in run:
             missing = [i for i in n.inputs if i not in env]
             if missing:  # the plan puts every value a layer needs into its input vector
-                raise NotFeedForwardError(f"node {n.name!r} uses {missing[0]!r}, which is not in its layer's input; not a chain")
+                raise NotFeedForwardError(f"node {n.name!r} uses {missing[0]!r}, which is not in its layer's input (the layering missed it)")
             env[n.name] = n.op.forward(*[env[i] for i in n.inputs])
         parts = [z[:, t[1]:t[1] + t[2]] if t[0] == "copy" else env[t[1]].reshape(B, -1) if t[2] > 0 else -env[t[1]].reshape(B, -1)
                  for t in targets]
@@ -551,4 +552,4 @@ def _check_affine_runs(graph, model: nn.Module, layers, acts, input_shape) -> No
         err = (ref - got).abs().max().item()
         scale = 1.0 + ref.abs().max().item()
         if not err <= rel * scale * max(1, len(layers)) * 100:
-            raise NotFeedForwardError(f"the dense form differs from the network by {err:.3g}: not a chain of affine maps and activations")
+            raise NotFeedForwardError(f"the dense form differs from the network by {err:.3g}: not affine layers and activations")
