@@ -256,12 +256,12 @@ def dense_plan(graph) -> DensePlan:
     return DensePlan(names, layers, carried, acts)
 
 
-def dense_size(graph) -> int:
+def dense_size(graph, plan: DensePlan | None = None) -> int:
     """The most numbers :func:`to_feedforward` allocates for one layer of this bound graph: its
     matrix ``n_in * n_out``, or the basis batch its affine ops are evaluated on (``min(n_in,
-    n_out)`` rows of each op's output), from the shapes alone. Raises :class:`NotFeedForwardError`
-    as :func:`dense_plan` does."""
-    plan = dense_plan(graph)
+    n_out)`` rows of each op's output), from the shapes alone (``plan``: the graph's
+    :func:`dense_plan`, else made here, with its :class:`NotFeedForwardError`)."""
+    plan = dense_plan(graph) if plan is None else plan
     names = plan.names
     pre_of = {n.name: n.inputs[0] for n in graph.nodes if names[n.name] is not None}
 
@@ -323,7 +323,7 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
             raise ValueError("to_feedforward: give input_shape (the model has no input_shape attribute)")
     graph = get_graph(model, tuple(input_shape), torch.float64)
     plan = dense_plan(graph)  # refuse before any work
-    size = dense_size(graph)
+    size = dense_size(graph, plan)
     if size > max_numbers:
         raise NotFeedForwardError(f"the dense view needs {size:,} numbers for one layer (limit {max_numbers:,})")
     layers: list[AffineLayer] = []
