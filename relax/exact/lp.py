@@ -48,7 +48,7 @@ from verify.spec import Box, InputSet, LinearSpec, LpBall
 
 from relax.bounds.roundoff import SAFETY, gamma
 from relax.ir.dense import FeedForwardNet, layer_boxes, to_feedforward
-from relax.ir.dense import interval_bounds as dense_interval_bounds
+from relax.bounds.interval import dense_interval_bounds
 from relax.solvers import LinearProgram, make_backend, resolve_solver
 
 __all__ = [
@@ -132,7 +132,7 @@ def relu_net(model: torch.nn.Module | FeedForwardNet, input_shape: tuple[int, ..
 
 def interval_bounds(net: FeedForwardNet, regions: list[InputRegion]) -> list[tuple[Tensor, Tensor]]:
     """Interval (IBP) bounds of every hidden pre-activation, ``[(l_k [B, n_k], u_k)]``, float64
-    (:func:`relax.ir.dense.interval_bounds`, widened by their round-off).
+    (:func:`relax.bounds.interval.dense_interval_bounds`, widened by their round-off).
 
     For an l_1 ball the first layer also uses ``|W (x - c)| <= eps max_j |W_ij|``, widened by
     the round-off of ``W c + b`` and of the product ``eps max_j |W_ij|``."""

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from relax.bounds.roundoff import SAFETY, gamma
 from verify.deadline import stop_past
 from verify.placement import model_tensors
 
-__all__ = ["AffineLayer", "Block", "DensePlan", "FeedForwardNet", "NotFeedForwardError", "dense_plan", "dense_size", "interval_bounds", "layer_boxes", "to_feedforward"]
+__all__ = ["AffineLayer", "Block", "DensePlan", "FeedForwardNet", "NotFeedForwardError", "dense_plan", "dense_size", "layer_boxes", "to_feedforward"]
 
 
 class NotFeedForwardError(ValueError):
@@ -95,7 +94,7 @@ class FeedForwardNet:
         for k, layer in enumerate(self.layers):
             z = z @ layer.W.T + layer.b
             if k < len(self.activations):
-                z = _apply_activation(self.activations[k], z)
+                z = apply_activation(self.activations[k], z)
         return z
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "FeedForwardNet":
@@ -103,7 +102,7 @@ class FeedForwardNet:
         return FeedForwardNet(self.input_shape, layers, list(self.activations), list(self.blocks))
 
 
-def _apply_activation(name: str, z: Tensor) -> Tensor:
+def apply_activation(name: str, z: Tensor) -> Tensor:
     return {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[name](z)
 
 
@@ -341,40 +340,6 @@ def to_feedforward(model: torch.fx.GraphModule | nn.Module, input_shape: tuple[i
     return FeedForwardNet(tuple(input_shape), layers, plan.acts, blocks)
 
 
-def interval_bounds(net: FeedForwardNet, lo: Tensor, hi: Tensor, first: tuple[Tensor, Tensor] | None = None
-                    ) -> list[tuple[Tensor, Tensor]]:
-    """Interval (IBP) bounds on the pre-activations ``W_k z_k + b_k`` of every hidden layer: the
-    one interval routine of the dense view (LP, MILP, SDP and the Lipschitz methods).
-
-    Args:
-        lo, hi: ``[B, n_0]`` (or ``[B, *input_shape]``) input box, float64.
-        first: ``[B, n_1]`` bounds the first layer's box is intersected with before it is
-            propagated (e.g. an l_1 ball's, :func:`relax.exact.lp.interval_bounds`).
-    Returns:
-        ``[(l_k, u_k)]`` for ``k < L``, each ``[B, n_{k+1}]``, float64. Directed rounding is not
-        used; each layer's box is widened by ``SAFETY gamma_{n+2} (|W| max(|l|, |u|) + |b|)``, a
-        bound on the round-off of its sums that scales with the summed terms
-        (:mod:`relax.bounds.roundoff`), plus ``1e-300``.
-    """
-    l = lo.reshape(lo.shape[0], -1).double()
-    u = hi.reshape(hi.shape[0], -1).double()
-    out = []
-    for k, act in enumerate(net.activations):
-        W, b = net.layers[k].W.to(l), net.layers[k].b.to(l)
-        mid, rad = (u + l) / 2, (u - l) / 2
-        absW = W.abs()
-        c = mid @ W.T + b
-        r = rad @ absW.T
-        terms = torch.maximum(l.abs(), u.abs()) @ absW.T + b.abs()
-        slack = SAFETY * gamma(W.shape[1] + 2, l.dtype) * terms + 1e-300
-        pl, pu = c - r - slack, c + r + slack
-        if k == 0 and first is not None:
-            pl, pu = torch.maximum(pl, first[0].to(pl)), torch.minimum(pu, first[1].to(pu))
-        out.append((pl, pu))
-        l, u = _apply_activation(act, pl), _apply_activation(act, pu)  # all three activations are monotone
-    return out
-
-
 def layer_boxes(net: FeedForwardNet, boxes: Mapping[str, tuple[Tensor, Tensor]], lo: Tensor, hi: Tensor
                 ) -> list[tuple[Tensor, Tensor]] | None:
     """Bounds ``[(l_k [B, n_k], u_k)]`` (float64, CPU) of every hidden layer's rows from the bound
@@ -404,7 +369,7 @@ def layer_boxes(net: FeedForwardNet, boxes: Mapping[str, tuple[Tensor, Tensor]],
             if l.shape[1] != b.size:
                 return None
             if b.carry and b.act is not None:  # the activation's output
-                l, u = _apply_activation(b.act, l), _apply_activation(b.act, u)
+                l, u = apply_activation(b.act, l), apply_activation(b.act, u)
             if b.sign < 0:
                 l, u = -u, -l
             if b.rectified:

@@ -60,7 +60,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from relax.ir.dense import FeedForwardNet, interval_bounds
+from relax.ir.dense import FeedForwardNet
+from relax.bounds.interval import dense_interval_bounds as interval_bounds
 from relax.bounds.roundoff import SAFETY, gamma
 
 __all__ = [
