@@ -223,17 +223,15 @@ def _dense_view(graph, model: torch.nn.Module, nodes: list[str], dense_limit: in
     """The dense ReLU view of ``model`` whose hidden layers hold the graph's ReLU inputs
     ``nodes`` (and carried skip values), or None (no such view, or a matrix over ``dense_limit``
     numbers)."""
-    from relax.ir.dense import NotFeedForwardError, dense_size, to_feedforward
+    from relax.ir.dense import NotFeedForwardError, to_feedforward
 
     if not isinstance(model, torch.fx.GraphModule):
         try:
             model = torch.fx.symbolic_trace(model)
         except Exception:  # fx raises TraceError, TypeError, ... on control flow (a restricted graph's selections): no view
             return None
-    try:
-        if dense_size(graph) > dense_limit:
-            return None
-        ff = to_feedforward(model, tuple(graph.input_shape))
+    try:  # a layer over dense_limit numbers is refused from the shapes, before any is built
+        ff = to_feedforward(model, tuple(graph.input_shape), max_numbers=dense_limit)
     except (NotFeedForwardError, ValueError):
         return None
     held = sorted(b.node for blocks in ff.blocks for b in blocks if not b.carry)

@@ -77,7 +77,7 @@ class FeedForwardNet:
     layers: list[AffineLayer]
     activations: list[str] = field(default_factory=list)
     #: per hidden layer, the graph nodes its rows hold (:func:`to_feedforward`; empty for a net
-    #: built by hand, whose layer ``k`` is then taken for the graph's ``k``-th pre-activation)
+    #: built by hand, which then gets no engine boxes, :func:`layer_boxes`)
     blocks: list[list["Block"]] = field(default_factory=list)
 
     @property
@@ -346,17 +346,15 @@ def layer_boxes(net: FeedForwardNet, boxes: Mapping[str, tuple[Tensor, Tensor]],
     engine's boxes ``{pre-activation node: (lo, hi) [B, *shape]}`` and the input box ``lo, hi``
     (``[B, *input_shape]``). A carried value's box is its activation's image of its
     pre-activation's box (ReLU, sigmoid and tanh are monotone), negated and rectified as its
-    :class:`Block` says. A net without blocks takes the boxes in order, one per hidden layer.
-    None when a box is missing or its width does not match its rows."""
+    :class:`Block` says. None when a box is missing or its width does not match its rows, or the
+    net has no blocks (one built by hand)."""
     B = lo.shape[0]
 
     def flat(t: Tensor) -> Tensor:
         return t.detach().double().cpu().reshape(B, -1)
 
-    if not net.blocks:
-        got = [(flat(l), flat(u)) for l, u in boxes.values()]
-        ok = len(got) == len(net.layers) - 1 and all(l.shape[1] == L.n_out for (l, _), L in zip(got, net.layers))
-        return got if ok else None
+    if len(net.blocks) != len(net.layers) - 1:
+        return None
     out = []
     for layer, blocks in zip(net.layers, net.blocks):
         l_k = torch.empty(B, layer.n_out, dtype=torch.float64)
